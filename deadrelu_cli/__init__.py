@@ -1,0 +1,27 @@
+"""deadrelu: find dead ReLU units in saved checkpoints.
+
+The public Python API is small and lazy (importing this package does not import torch):
+
+    from deadrelu_cli import scan
+    report = scan("model.pt", data="calib.npz", arch="arch.py:build")
+    print(report.summary())
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:  # pragma: no cover
+    from deadrelu_cli.report.model import Report
+
+
+def scan(model: str, data: str, **options: Any) -> Report:
+    """Scan MODEL on the calibration DATA and return the Report (see `deadrelu scan --help` for options)."""
+    from deadrelu_cli.engine import ScanOptions, run_scan
+
+    return run_scan(ScanOptions(model=model, data=data, **options))
+
+
+__all__ = ["__version__", "scan"]

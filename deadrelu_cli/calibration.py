@@ -1,0 +1,239 @@
+"""Calibration data: .npz / .npy / .pt / .safetensors -> a stream of batches (numpy arrays).
+
+First axis = samples. Nothing is read whole that can be streamed: .npy is memory-mapped, .npz
+members are read row-block by row-block from the zip stream, safetensors by slices. Pickles are
+never allowed (numpy allow_pickle=False, torch weights_only=True).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders.detect import check_readable_file
+
+NUMERIC_KINDS = "biuf"  # bool, int, unsigned, float
+
+
+class ArraySource(Protocol):
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def rows(self, start: int, stop: int) -> np.ndarray: ...
+
+
+@dataclass
+class InMemorySource:
+    name: str
+    array: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.array[start:stop])
+
+
+class NpzMemberSource:
+    """One array inside an .npz, read sequentially from the (possibly compressed) zip member."""
+
+    def __init__(self, path: Path, member: str, name: str) -> None:
+        self.path, self.member, self.name = path, member, name
+        with zipfile.ZipFile(path) as archive, archive.open(member) as stream:
+            self.shape, fortran, self.dtype = _read_npy_header(stream, f"{path}:{name}")
+        if fortran and len(self.shape) > 1:
+            raise UserError(f"{path}: array {name!r} is stored in Fortran order; save it C-contiguous (np.ascontiguousarray)")
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._archive = None
+        self._stream = None
+        self._position = 0
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        if self._stream is None or start < self._position:
+            self.close()
+            self._archive = zipfile.ZipFile(self.path)
+            self._stream = self._archive.open(self.member)
+            _read_npy_header(self._stream, self.name)
+            self._position = 0
+        if start > self._position:
+            self._stream.read((start - self._position) * self._row_bytes)
+            self._position = start
+        count = stop - start
+        raw = self._stream.read(count * self._row_bytes)
+        if len(raw) != count * self._row_bytes:
+            raise UserError(f"{self.path}: array {self.name!r} is truncated (the file is damaged)")
+        self._position = stop
+        return np.frombuffer(raw, dtype=self.dtype).reshape((count, *self.shape[1:]))
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._archive.close()
+            self._stream = self._archive = None
+
+
+class SafetensorsSource:
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.name, self.shape, self.dtype = path, name, shape, dtype
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="np") as handle:
+            return np.asarray(handle.get_slice(self.name)[start:stop])
+
+
+def _read_npy_header(stream, label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    from numpy.lib import format as npy
+
+    try:
+        version = npy.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = npy.read_array_header_1_0(stream)
+        else:
+            shape, fortran, dtype = npy.read_array_header_2_0(stream)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{label}: not a valid .npy array ({exc})") from None
+    return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype)
+
+
+@dataclass
+class CalibrationData:
+    path: str
+    sources: list[ArraySource]
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    @property
+    def samples(self) -> int:
+        return self.sources[0].shape[0]
+
+    def batches(self, batch_size: int, limit: int | None = None, allow_nonfinite: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        total = self.samples if limit is None else min(limit, self.samples)
+        for start in range(0, total, batch_size):
+            stop = min(start + batch_size, total)
+            batch = {}
+            for source in self.sources:
+                rows = source.rows(start, stop)
+                if not allow_nonfinite and rows.dtype.kind == "f" and not np.isfinite(rows).all():
+                    bad = start + int(np.flatnonzero(~np.isfinite(rows.reshape(rows.shape[0], -1)).all(axis=1))[0])
+                    raise UserError(
+                        f"{self.path}: array {source.name!r} has NaN or Inf at sample {bad}; "
+                        "clean the data or pass --allow-nonfinite"
+                    )
+                batch[source.name] = rows
+            yield batch
+
+
+def _validate(path: str, sources: list[ArraySource]) -> CalibrationData:
+    if not sources:
+        raise UserError(f"{path}: holds no arrays")
+    for source in sources:
+        if source.dtype.kind not in NUMERIC_KINDS:
+            raise UserError(f"{path}: array {source.name!r} has dtype {source.dtype}, expected numbers (float, int or bool)")
+        if len(source.shape) == 0:
+            raise UserError(f"{path}: array {source.name!r} is a scalar; the first axis must be samples")
+        if source.shape[0] == 0:
+            raise UserError(f"{path}: array {source.name!r} has zero samples")
+    counts = {s.name: s.shape[0] for s in sources}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        raise UserError(f"{path}: arrays have different sample counts ({listed}); the first axis must be samples")
+    return CalibrationData(path=path, sources=sources)
+
+
+def _open_npy(path: Path) -> list[ArraySource]:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise UserError(f"{path}: cannot read .npy ({exc}); object arrays are not accepted") from None
+    except (OSError, EOFError) as exc:
+        raise UserError(f"{path}: cannot read .npy ({exc}); the file is truncated or not .npy") from None
+    return [InMemorySource("input", array)]
+
+
+def _open_npz(path: Path) -> list[ArraySource]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.namelist() if m.endswith(".npy")]
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"{path}: not a valid .npz archive ({exc})") from None
+    return [NpzMemberSource(path, m, m[: -len(".npy")]) for m in members]
+
+
+def _open_pt(path: Path) -> list[ArraySource]:
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: refused to unpickle data: it holds more than tensors; save a tensor or a dict of tensors") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read tensor file ({type(exc).__name__}); it is truncated or not torch.save data") from None
+
+    def to_numpy(value, key):
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{path}: entry {key!r} is a {type(value).__name__}, expected a tensor")
+        if value.dtype == torch.bfloat16:
+            value = value.float()
+        return value.detach().cpu().numpy()
+
+    if isinstance(obj, torch.Tensor):
+        return [InMemorySource("input", to_numpy(obj, "input"))]
+    if isinstance(obj, dict):
+        return [InMemorySource(str(k), to_numpy(v, k)) for k, v in obj.items()]
+    if isinstance(obj, list | tuple):
+        return [InMemorySource(f"input{i}", to_numpy(v, i)) for i, v in enumerate(obj)]
+    raise UserError(f"{path}: holds a {type(obj).__name__}; expected a tensor or a dict of tensors")
+
+
+def _open_safetensors(path: Path) -> list[ArraySource]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            sources = []
+            for key in handle.keys():
+                sl = handle.get_slice(key)
+                dtype_name = sl.get_dtype().lower()
+                mapping = {"f32": "float32", "f64": "float64", "f16": "float16", "i64": "int64", "i32": "int32",
+                           "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool"}
+                np_dtype = np.dtype(mapping.get(dtype_name, dtype_name))
+                sources.append(SafetensorsSource(path, key, tuple(sl.get_shape()), np_dtype))
+    except (SafetensorError, OSError, TypeError) as exc:
+        raise UserError(f"{path}: cannot read safetensors data ({exc})") from None
+    return sources
+
+
+def open_calibration(path: str) -> CalibrationData:
+    p = check_readable_file(path, "data")
+    with open(p, "rb") as handle:
+        head = handle.read(8)
+    suffix = p.suffix.lower()
+    if head.startswith(b"\x93NUMPY"):
+        sources = _open_npy(p)
+    elif head.startswith(b"PK") and suffix != ".pt" and suffix != ".pth":
+        sources = _open_npz(p)
+    elif suffix in (".pt", ".pth") or head.startswith(b"PK") or head[:1] == b"\x80":
+        sources = _open_pt(p)
+    elif suffix == ".safetensors" or head[:8] != b"" and len(head) == 8:
+        sources = _open_safetensors(p)
+    else:
+        raise UserError(f"{path}: unsupported data format; use .npz, .npy, .pt or .safetensors with samples on the first axis")
+    return _validate(str(path), sources)

@@ -1,0 +1,88 @@
+"""The `deadrelu` command: a thin Typer app. Heavy modules (torch, onnx) are imported inside commands."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+
+import typer
+from rich.console import Console
+
+from deadrelu_cli import __version__
+from deadrelu_cli.errors import EXIT_INTERNAL, DeadreluError, one_line
+
+app = typer.Typer(
+    name="deadrelu",
+    help="Find dead ReLU units in saved checkpoints (PyTorch, safetensors, TorchScript, torch.export, ONNX).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"deadrelu {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Exit codes: 0 ok, 1 gate failed, 2 usage or input error, 3 internal error. Add --debug for tracebacks."""
+
+
+def _register() -> None:
+    from deadrelu_cli.cli import inspect_cmd, scan_cmd
+
+    scan_cmd.register(app)
+    inspect_cmd.register(app)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("DEADRELU_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        code = app(args=args, prog_name="deadrelu", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except DeadreluError as exc:
+        if debug:
+            traceback.print_exc()
+        err.print(f"deadrelu: error: {one_line(str(exc))}", markup=False)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("deadrelu: aborted", markup=False)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("deadrelu: interrupted", markup=False)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(0)
+    except Exception as exc:  # click usage errors come here too
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if debug:
+            traceback.print_exc()
+        with tempfile.NamedTemporaryFile("w", prefix="deadrelu-crash-", suffix=".log", delete=False) as log:
+            traceback.print_exc(file=log)
+        err.print(
+            f"deadrelu: internal error: {type(exc).__name__}: {one_line(str(exc), 200)} "
+            f"(traceback in {log.name}; please report it with that file)",
+            markup=False,
+        )
+        sys.exit(EXIT_INTERNAL)

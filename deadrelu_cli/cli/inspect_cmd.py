@@ -1,0 +1,38 @@
+"""`deadrelu inspect`: list the activation sites of a model, without data."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from deadrelu_cli.cli import options as opt
+
+InputShape = opt.Annotated[str | None, typer.Option("--input-shape", help="e.g. 3x32x32: run one zero sample to find functional activations too.")]
+
+
+def inspect(
+    model: opt.Model,
+    arch: opt.Arch = None,
+    trust_pickle: opt.TrustPickle = False,
+    ops: opt.Ops = None,
+    input_shape: InputShape = None,
+) -> None:
+    """List the activation call sites of MODEL (name, op, module type) without running data."""
+    from deadrelu_cli.probe.ops import parse_ops
+    from deadrelu_cli.sites import list_sites
+
+    sites, note = list_sites(model, arch, trust_pickle, parse_ops(ops), input_shape)
+    table = Table(title=f"{model}: {len(sites)} activation sites", title_justify="left", header_style="bold")
+    for column in ("#", "Layer", "Op", "Module type", "Producer"):
+        table.add_column(column)
+    for i, site in enumerate(sites, 1):
+        table.add_row(str(i), site.name, site.op, site.module_type, site.producer or "–")
+    console = Console(highlight=False)
+    console.print(table)
+    if note:
+        console.print(f"note: {note}", style="dim")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect", no_args_is_help=True)(inspect)

@@ -1,0 +1,28 @@
+"""Option definitions shared by every command (defined once, like Polygraphy's argument groups)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Model = Annotated[str, typer.Argument(help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export) or .onnx.", show_default=False)]
+Data = Annotated[str, typer.Option("--data", "-d", help="Calibration data: .npz, .npy (memory-mapped), .pt or .safetensors; first axis = samples.", show_default=False)]
+Arch = Annotated[str | None, typer.Option("--arch", help="MODULE:FACTORY that builds the model for a state_dict (MODULE = importable name or path to a .py file).")]
+TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow full unpickling (runs code from the file). Only for checkpoints you trust.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch (does not change the result).")]
+Limit = Annotated[int | None, typer.Option("--limit", min=1, help="Use only the first N samples.")]
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+Threshold = Annotated[float, typer.Option("--threshold", help="A unit fires when its pre-activation exceeds this.")]
+Dying = Annotated[float, typer.Option("--dying", help="Dying: active rate above 0 but below this.")]
+Tau = Annotated[float, typer.Option("--tau", help="Dormant (ReDo): mean|act| / layer mean at most this.")]
+ChannelDim = Annotated[int | None, typer.Option("--channel-dim", help="Unit axis of every activation (default: 1 for conv outputs, last for Linear).")]
+Ops = Annotated[str | None, typer.Option("--ops", help="Comma-separated activation ops to report: relu, relu6 (default), leaky_relu, elu, gelu, silu.")]
+AllowNonfinite = Annotated[bool, typer.Option("--allow-nonfinite", help="Accept NaN/Inf in the data instead of stopping.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+JsonOut = Annotated[str | None, typer.Option("--json", help="Write the JSON report here ('-' = stdout, and nothing else on stdout).")]
+LayerName = Annotated[str | None, typer.Option("--layer", help="Show one row per unit of this layer.")]
+MaxDead = Annotated[float | None, typer.Option("--max-dead", min=0.0, max=1.0, help="Gate: exit 1 when the dead fraction of the model is above this.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+ReportPath = Annotated[Path, typer.Argument(help="A JSON report written by `deadrelu scan --json`.", show_default=False)]

@@ -1,0 +1,222 @@
+"""The scan: load the model and the data, replay the data through a probe, build the Report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deadrelu_cli.calibration import CalibrationData, open_calibration
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders import LoadedModel, LoadOptions, load_model
+from deadrelu_cli.probe.ops import DEFAULT_OPS
+from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings
+
+ProgressCallback = Callable[[int, int], None]  # (samples done, samples total)
+
+
+@dataclass
+class ScanOptions:
+    model: str
+    data: str
+    arch: str | None = None
+    trust_pickle: bool = False
+    batch_size: int = 64
+    limit: int | None = None
+    device: str = "auto"
+    threshold: float = 0.0
+    dying: float = 0.01
+    tau: float = 0.1
+    channel_dim: int | None = None
+    ops: tuple[str, ...] = DEFAULT_OPS
+    allow_nonfinite: bool = False
+    progress: ProgressCallback | None = field(default=None, repr=False)
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    requested = (requested or "auto").lower()
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: no CUDA device is available here; use --device cpu or auto")
+        return requested
+    if requested != "cpu":
+        raise UserError(f"--device {requested!r}: choose auto, cpu or cuda")
+    return requested
+
+
+def match_inputs(model: LoadedModel, data: CalibrationData) -> list[str]:
+    """Order the data's arrays as the model's positional inputs."""
+    names = data.names
+    wanted = [spec.name for spec in model.inputs]
+    if len(names) == 1 and len(wanted) <= 1:
+        return names
+    if wanted and all(n in names for n in wanted):
+        extra = [n for n in names if n not in wanted]
+        if extra:
+            raise UserError(f"{data.path}: arrays {', '.join(extra)} match no model input (inputs: {', '.join(wanted)})")
+        return wanted
+    described = ", ".join(
+        f"{s.name}{list(s.shape) if s.shape else ''}{' ' + s.dtype if s.dtype else ''}" for s in model.inputs
+    ) or "unknown"
+    raise UserError(f"{data.path}: arrays {', '.join(names)} do not match the model inputs ({described}); name the arrays after the inputs")
+
+
+def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) -> None:
+    by_name = {s.name: s for s in data.sources}
+    for spec, name in zip(model.inputs, order, strict=False):
+        if spec.shape is None:
+            continue
+        got = by_name[name].shape
+        expected = tuple(spec.shape)
+        if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected[1:], got[1:], strict=False)):
+            shown = "x".join("?" if e is None else str(e) for e in expected)
+            raise UserError(f"{data.path}: array {name!r} has shape {list(got)}, the model input {spec.name!r} expects {shown} (first axis = samples)")
+
+
+def _first_layer_check(model: LoadedModel, data: CalibrationData) -> None:
+    """For a single-input eager model whose first layer is Linear/Conv, catch a wrong feature size early."""
+    from torch import nn
+
+    if model.kind != "eager" or len(data.sources) != 1:
+        return
+    first = next((m for m in model.runnable.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)), None)
+    shape = data.sources[0].shape
+    if isinstance(first, nn.Linear) and len(shape) >= 2 and data.sources[0].dtype.kind == "f" and shape[-1] != first.in_features:
+        raise UserError(f"{data.path}: samples have {shape[-1]} features (shape {list(shape)}) but the model's first Linear expects {first.in_features}")
+    if isinstance(first, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        rank = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(first)] if type(first) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else None
+        if rank and len(shape) == rank and shape[1] != first.in_channels:
+            raise UserError(f"{data.path}: samples have {shape[1]} channels (shape {list(shape)}) but the model's first Conv expects {first.in_channels}")
+
+
+def to_tensor(array: np.ndarray, float_dtype: str, device: str):
+    import torch
+
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.array(array, order="C")  # torch wants writable memory; the batch is small
+
+    if array.dtype.kind == "f":
+        tensor = torch.from_numpy(array)
+        return tensor.to(device=device, dtype=getattr(torch, float_dtype))
+    if array.dtype.kind in "iu":
+        return torch.from_numpy(array.astype(np.int64, copy=False)).to(device)
+    return torch.from_numpy(array).to(device)
+
+
+def make_probe(model: LoadedModel, settings):
+    if model.kind == "eager":
+        from deadrelu_cli.probe.eager import EagerProbe
+
+        return EagerProbe(model.runnable, settings)
+    if model.kind == "exported":
+        from deadrelu_cli.probe.exported import ExportedProbe
+
+        return ExportedProbe(model.runnable, settings)
+    if model.kind == "torchscript":
+        from deadrelu_cli.probe.torchscript import TorchScriptProbe
+
+        return TorchScriptProbe(model.runnable, settings)
+    raise AssertionError(model.kind)
+
+
+def attach_biases(model: LoadedModel, layers) -> None:
+    """Copy each unit's bias (of the producing Linear/Conv/BN) into the stats, for the drill-down."""
+    import torch
+
+    params = {}
+    runnable = model.runnable
+    if hasattr(runnable, "named_parameters"):
+        params.update(dict(runnable.named_parameters()))
+    if hasattr(runnable, "named_buffers"):
+        params.update({k: v for k, v in runnable.named_buffers() if k not in params})
+    for layer in layers:
+        if layer.producer is None:
+            continue
+        bias = params.get(f"{layer.producer}.bias")
+        if isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.shape[0] == layer.units:
+            layer.bias = bias.detach().float().cpu().numpy().astype(np.float64)
+        else:
+            layer.producer = None
+
+
+def scan_torch(model: LoadedModel, data: CalibrationData, options: ScanOptions, device: str) -> list:
+    import torch
+
+    from deadrelu_cli.probe.base import ProbeSettings
+
+    order = match_inputs(model, data)
+    check_shapes(model, data, order)
+    _first_layer_check(model, data)
+    settings = ProbeSettings(threshold=options.threshold, channel_dim=options.channel_dim, ops=options.ops)
+    probe = make_probe(model, settings)
+    batch_size = options.batch_size
+    total = data.samples if options.limit is None else min(options.limit, data.samples)
+    if model.fixed_batch is not None and model.fixed_batch != batch_size:
+        if total % model.fixed_batch:
+            raise UserError(
+                f"{model.path}: exported with a fixed batch size of {model.fixed_batch}, and {total} samples is not a "
+                f"multiple of it; re-export with a dynamic batch dim or pass --limit {total - total % model.fixed_batch}"
+            )
+        batch_size = model.fixed_batch
+    done = 0
+    context = probe.attached() if hasattr(probe, "attached") else _null()
+    with context, torch.inference_mode():
+        for index, batch in enumerate(data.batches(batch_size, options.limit, options.allow_nonfinite)):
+            inputs = tuple(to_tensor(batch[name], model.float_dtype, device) for name in order)
+            try:
+                probe.run(inputs)
+            except UserError:
+                raise
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                if index == 0:
+                    shapes = ", ".join(f"{n}{list(batch[n].shape)}" for n in order)
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise UserError(f"the model failed on the first batch ({shapes}): {first}; check that --data fits the model's input") from exc
+                raise
+            done += inputs[0].shape[0] if inputs and inputs[0].dim() else 0
+            if options.progress:
+                options.progress(done, total)
+    layers = probe.registry.layer_stats()
+    attach_biases(model, layers)
+    return layers
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_scan(options: ScanOptions) -> Report:
+    if options.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if options.limit is not None and options.limit < 1:
+        raise UserError("--limit must be at least 1")
+    data = open_calibration(options.data)
+    from deadrelu_cli.loaders.detect import detect_format
+
+    fmt = detect_format(options.model)
+    if fmt == "onnx":
+        from deadrelu_cli.onnx_scan import scan_onnx
+
+        device = options.device if options.device != "auto" else "cpu"
+        model, layers = scan_onnx(options, data, device)
+    else:
+        device = resolve_device(options.device)
+        model = load_model(LoadOptions(options.model, options.arch, options.trust_pickle, device))
+        layers = scan_torch(model, data, options, device)
+    samples = data.samples if options.limit is None else min(options.limit, data.samples)
+    return Report(
+        model=ModelInfo(path=str(options.model), format=model.format, sha256=model.sha256),
+        data=DataInfo(path=str(options.data), samples=samples),
+        settings=Settings(options.threshold, options.dying, options.tau, options.channel_dim, device, tuple(options.ops)),
+        layers=layers,
+        notes=list(model.notes),
+    )

@@ -1,0 +1,75 @@
+"""Tell checkpoint formats apart by their content (the extension is only a hint)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+from deadrelu_cli.errors import UserError
+
+TORCH_ZIP = "torch_zip"  # torch.save archive: a state_dict, a checkpoint dict, or a pickled module
+TORCH_LEGACY = "torch_legacy"  # pre-1.6 torch.save (a raw pickle stream)
+
+
+def check_readable_file(path: str | Path, what: str = "model") -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: no such file; check the {what} path")
+    if p.is_dir():
+        raise UserError(f"{path}: is a directory; give the {what} file itself")
+    try:
+        with open(p, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    if p.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty")
+    return p
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 10:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return 2 <= header_len <= size - 8 and head[8:9] == b"{"
+
+
+def detect_format(path: str | Path) -> str:
+    """One of: torch_zip, torch_legacy, torchscript, exported_program, safetensors, onnx."""
+    p = check_readable_file(path)
+    size = p.stat().st_size
+    with open(p, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(p) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise UserError(f"{path}: a damaged zip archive ({exc}); the checkpoint is truncated or corrupted") from None
+        if any(name.endswith("serialized_exported_program.json") or "/models/" in name and name.endswith(".json")
+               for name in names):
+            return "exported_program"
+        if any("/code/" in name or name.endswith("constants.pkl") for name in names):
+            return "torchscript"
+        if any(name.endswith("data.pkl") for name in names):
+            return TORCH_ZIP
+        raise UserError(f"{path}: a zip archive that is neither a torch.save checkpoint, TorchScript nor a .pt2 ExportedProgram")
+    if head[:1] == b"\x80" and p.suffix.lower() not in (".onnx",):
+        return TORCH_LEGACY
+    if _looks_like_safetensors(head, size):
+        return "safetensors"
+    if p.suffix.lower() == ".onnx" or head[:1] == b"\x08":
+        return "onnx"
+    if p.suffix.lower() == ".safetensors":
+        raise UserError(f"{path}: not a valid safetensors file (bad header); the file is truncated or not safetensors")
+    try:
+        json.loads(p.read_bytes()[:1 << 16])
+        kind = "a JSON file"
+    except (ValueError, UnicodeDecodeError):
+        kind = "an unknown format"
+    raise UserError(
+        f"{path}: {kind}, not a model; deadrelu reads torch.save checkpoints (.pt/.pth/.bin), safetensors, "
+        "TorchScript, torch.export (.pt2) and ONNX files"
+    )

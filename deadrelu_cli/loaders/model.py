@@ -1,0 +1,48 @@
+"""What a loader returns: the model ready to run a batch, whatever the file format was."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    path: str
+    arch: str | None = None
+    trust_pickle: bool = False
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, shape (None for a dynamic axis), dtype name ('float32', 'int64', …)."""
+
+    name: str
+    shape: tuple[int | None, ...] | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    format: str  # one of report.model.MODEL_FORMATS
+    sha256: str
+    backend: str  # "torch" or "onnx"
+    runnable: Any  # nn.Module / ScriptModule / GraphModule / onnx ModelProto
+    kind: str  # "eager", "torchscript", "exported", "onnx"
+    inputs: list[InputSpec] = field(default_factory=list)
+    float_dtype: str = "float32"
+    fixed_batch: int | None = None  # graphs exported with a static batch size
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,206 @@
+"""Torch loaders: state_dict / checkpoint dicts, safetensors, TorchScript, ExportedProgram, pickled modules.
+
+Every torch.load is weights_only=True unless the user passed --trust-pickle.
+"""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders.arch import build_from_arch
+from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP
+from deadrelu_cli.loaders.model import InputSpec, LoadedModel, LoadOptions, file_sha256
+
+# Keys under which training scripts nest the weights (timm, Lightning, torchvision references, …).
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema", "ema", "net", "module")
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+def _torch_load(path: Path, device: str, trust_pickle: bool):
+    try:
+        return torch.load(path, map_location=device, weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        if trust_pickle:
+            raise UserError(f"{path}: cannot unpickle ({exc})") from exc
+        detail = str(exc).split("\n")[0]
+        for line in str(exc).splitlines():
+            if "Unsupported global" in line or "GLOBAL" in line:
+                detail = line.strip()
+                break
+        raise UserError(
+            f"{path}: refused to unpickle: the file needs more than weights ({detail}); "
+            "if you trust its source, pass --trust-pickle (it can run code)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError) as exc:
+        raise UserError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated, corrupted or not a torch checkpoint") from None
+
+
+def _is_tensor_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def unwrap_checkpoint(obj):
+    """Return the state_dict (or the nn.Module) inside a checkpoint dict."""
+    if isinstance(obj, nn.Module) or _is_tensor_dict(obj):
+        return obj
+    if isinstance(obj, Mapping):
+        for key in STATE_DICT_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module) or _is_tensor_dict(inner):
+                return inner
+            if isinstance(inner, Mapping) and inner and _is_tensor_dict({k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}):
+                return {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+        raise UserError(f"checkpoint dict has no weights under any of {', '.join(STATE_DICT_KEYS)} (keys: {', '.join(map(str, list(obj)[:8]))})")
+    raise UserError(f"checkpoint holds a {type(obj).__name__}, not a state_dict or a model")
+
+
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Strip DataParallel `module.`, Lightning `model.` and torch.compile `_orig_mod.` prefixes when that fits better."""
+    state = dict(state)
+    while True:
+        matches = len(expected & state.keys())
+        best = None
+        for prefix in WRAPPER_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                candidate = {k[len(prefix):]: v for k, v in state.items()}
+                if len(expected & candidate.keys()) > matches:
+                    best = candidate
+                    break
+        if best is None:
+            return state
+        state = best
+
+
+def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    expected = set(model.state_dict().keys())
+    state = strip_wrapper_prefixes(state, expected)
+    missing = sorted(expected - state.keys())
+    unexpected = sorted(state.keys() - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise UserError(f"{source}: weights do not fit --arch: {'; '.join(parts)}; check that --arch builds the same architecture")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc).splitlines()[0])
+        raise UserError(f"{source}: weights do not fit --arch: {first}") from None
+
+
+def _forward_inputs(model: nn.Module) -> list[InputSpec]:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return [InputSpec(name) for name in names]
+
+
+def _float_dtype(model: nn.Module) -> str:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return str(tensor.dtype).replace("torch.", "")
+    return "float32"
+
+
+def _eager(path: Path, fmt: str, model: nn.Module, sha: str, device: str) -> LoadedModel:
+    model = model.to(device)
+    return LoadedModel(path=path, format=fmt, sha256=sha, backend="torch", runnable=model, kind="eager",
+                       inputs=_forward_inputs(model), float_dtype=_float_dtype(model))
+
+
+def _exported(path: Path, sha: str, device: str) -> LoadedModel:
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise UserError(f"{path}: cannot load the ExportedProgram ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated or from an incompatible torch") from None
+    graph_module = program.module()
+    # Keep the exported module-stack names (module() keeps the node order and names).
+    by_name = {node.name: node.meta.get("nn_module_stack") for node in program.graph.nodes}
+    for node in graph_module.graph.nodes:
+        if "nn_module_stack" not in node.meta and by_name.get(node.name):
+            node.meta["nn_module_stack"] = by_name[node.name]
+    graph_module = graph_module.to(device)
+    inputs, fixed_batch = [], None
+    user_inputs = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for spec in user_inputs:
+        node = placeholders.get(spec.arg.name)
+        val = node.meta.get("val") if node is not None else None
+        shape = dtype = None
+        if isinstance(val, torch.Tensor):
+            shape = tuple(int(d) if isinstance(d, int) else None for d in val.shape)
+            dtype = str(val.dtype).replace("torch.", "")
+            if shape and shape[0] is not None and fixed_batch is None:
+                fixed_batch = shape[0]
+        inputs.append(InputSpec(spec.arg.name, shape, dtype))
+    float_dtype = next((i.dtype for i in inputs if i.dtype and i.dtype.startswith(("float", "bfloat"))), "float32")
+    return LoadedModel(path=path, format="exported_program", sha256=sha, backend="torch", runnable=graph_module,
+                       kind="exported", inputs=inputs, float_dtype=float_dtype, fixed_batch=fixed_batch,
+                       extra={"program": program})
+
+
+def _torchscript(path: Path, sha: str, device: str) -> LoadedModel:
+    try:
+        module = torch.jit.load(str(path), map_location=device)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot load the TorchScript archive ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    inputs = []
+    try:
+        schema = module.forward.schema
+        inputs = [InputSpec(a.name) for a in schema.arguments[1:] if not a.has_default_value()]
+    except Exception:  # noqa: BLE001 - schema is a nicety for input matching
+        pass
+    dtype = "float32"
+    for tensor in module.parameters():
+        if tensor.is_floating_point():
+            dtype = str(tensor.dtype).replace("torch.", "")
+            break
+    return LoadedModel(path=path, format="torchscript", sha256=sha, backend="torch", runnable=module,
+                       kind="torchscript", inputs=inputs, float_dtype=dtype)
+
+
+def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
+    path = Path(options.path)
+    sha = file_sha256(path)
+    device = options.device
+    if fmt == "exported_program":
+        return _exported(path, sha, device)
+    if fmt == "torchscript":
+        return _torchscript(path, sha, device)
+    if fmt == "safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device=device)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{path}: cannot read safetensors ({exc}); the file is truncated or corrupted") from None
+        if not options.arch:
+            raise UserError(f"{path}: safetensors holds weights only; pass --arch MODULE:FACTORY that builds the model")
+        model = build_from_arch(options.arch)
+        load_state_into(model, state, str(path))
+        return _eager(path, "safetensors", model, sha, device)
+    if fmt in (TORCH_ZIP, TORCH_LEGACY):
+        obj = unwrap_checkpoint(_torch_load(path, device, options.trust_pickle))
+        if isinstance(obj, nn.Module):
+            return _eager(path, "module", obj, sha, device)
+        if not options.arch:
+            raise UserError(f"{path}: holds a state_dict (weights only); pass --arch MODULE:FACTORY that builds the model, e.g. --arch models.py:build")
+        model = build_from_arch(options.arch)
+        load_state_into(model, obj, str(path))
+        return _eager(path, "state_dict", model, sha, device)
+    raise UserError(f"{path}: unsupported model format {fmt}")

@@ -1,0 +1,159 @@
+"""Call-site probe for eager nn.Modules.
+
+A TorchFunctionMode sees every activation *call* — nn.ReLU modules (which call F.relu), functional
+F.relu / torch.relu / Tensor.relu and their in-place forms — so nothing is missed and a module
+reused at several places gives one layer per call. Module forward hooks only keep track of which
+module is running (for names) and which Linear/Conv/BN ran last (for the unit axis and the bias).
+Hooks are always removed and the train/eval mode restored, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, infer_channel_dim
+from deadrelu_cli.probe.ops import SiteNamer, is_activation_module_type
+
+CHANNEL_FIRST_TYPES: tuple[type, ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+)
+PRODUCER_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+
+
+@dataclass(frozen=True)
+class _FunctionSpec:
+    op: str
+    in_place_arg: int | None  # position of the `inplace` argument, if any
+    always_in_place: bool = False
+
+
+def _function_table() -> dict[Callable, _FunctionSpec]:
+    table: dict[Callable, _FunctionSpec] = {
+        F.relu: _FunctionSpec("relu", 1),
+        torch.relu: _FunctionSpec("relu", None),
+        torch.Tensor.relu: _FunctionSpec("relu", None),
+        F.relu_: _FunctionSpec("relu", None, True),
+        torch.relu_: _FunctionSpec("relu", None, True),
+        torch.Tensor.relu_: _FunctionSpec("relu", None, True),
+        F.relu6: _FunctionSpec("relu6", 1),
+        F.hardtanh: _FunctionSpec("relu6", 3),  # only when bounds are (0, 6): checked at call time
+        F.hardtanh_: _FunctionSpec("relu6", None, True),
+        F.leaky_relu: _FunctionSpec("leaky_relu", 2),
+        F.leaky_relu_: _FunctionSpec("leaky_relu", None, True),
+        F.elu: _FunctionSpec("elu", 2),
+        F.elu_: _FunctionSpec("elu", None, True),
+        F.gelu: _FunctionSpec("gelu", None),
+        F.silu: _FunctionSpec("silu", 1),
+    }
+    return table
+
+
+def _hardtanh_bounds(args: tuple, kwargs: dict) -> tuple[float, float]:
+    lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+    hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+    return float(lo), float(hi)
+
+
+class _CallSiteMode(TorchFunctionMode):
+    def __init__(self, probe: EagerProbe) -> None:
+        super().__init__()
+        self.probe = probe
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        spec = self.probe.functions.get(func)
+        if spec is None or not args or not isinstance(args[0], torch.Tensor):
+            return func(*args, **kwargs)
+        if func in (F.hardtanh, F.hardtanh_) and _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
+            return func(*args, **kwargs)
+        if spec.op not in self.probe.settings.ops or not args[0].is_floating_point():
+            return func(*args, **kwargs)
+        in_place = spec.always_in_place or bool(
+            kwargs.get("inplace", args[spec.in_place_arg] if spec.in_place_arg is not None and len(args) > spec.in_place_arg else False)
+        )
+        return call_and_record(
+            func, args, kwargs, spec.op, in_place, lambda pre, out: self.probe.observe(spec.op, pre, out)
+        )
+
+
+class EagerProbe:
+    """Records per-unit counts for every activation call site of an nn.Module."""
+
+    def __init__(self, model: nn.Module, settings: ProbeSettings) -> None:
+        self.model = model
+        self.settings = settings
+        self.registry = SiteRegistry(settings)
+        self.functions = _function_table()
+        self._namer = SiteNamer()
+        self._stack: list[tuple[str, nn.Module]] = []
+        self._last_producer: tuple[str, nn.Module] | None = None
+        self._module_names = {id(m): name for name, m in model.named_modules()}
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _pre_hook(self, module: nn.Module, _args) -> None:
+        self._stack.append((self._module_names.get(id(module), ""), module))
+
+    def _post_hook(self, module: nn.Module, _args, _output) -> None:
+        if self._stack and self._stack[-1][1] is module:
+            self._stack.pop()
+        if isinstance(module, PRODUCER_TYPES) or (
+            not any(True for _ in module.children()) and isinstance(getattr(module, "bias", None), torch.Tensor)
+        ):
+            self._last_producer = (self._module_names.get(id(module), ""), module)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[EagerProbe]:
+        handles = []
+        was_training = {m: m.training for m in self.model.modules()}
+        try:
+            for module in self.model.modules():
+                handles.append(module.register_forward_pre_hook(self._pre_hook))
+                handles.append(module.register_forward_hook(self._post_hook, always_call=True))
+            self.model.eval()
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, mode in was_training.items():
+                module.train(mode)
+
+    def run(self, inputs: tuple, kwargs: dict | None = None):
+        """One forward pass under the call-site mode."""
+        self._namer.reset()
+        self._stack.clear()
+        self._last_producer = None
+        with _CallSiteMode(self):
+            return self.model(*inputs, **(kwargs or {}))
+
+    # -- recording -----------------------------------------------------------------------------
+    def observe(self, op: str, pre: torch.Tensor, post: torch.Tensor | None) -> None:
+        path, module = self._stack[-1] if self._stack else ("", self.model)
+        module_type = f"{type(module).__module__}.{type(module).__qualname__}"
+        is_activation = is_activation_module_type(module_type)
+        name = self._namer.name(path, op, is_activation)
+        producer_name, producer = self._last_producer if self._last_producer else (None, None)
+        channel_first = isinstance(producer, CHANNEL_FIRST_TYPES) if producer is not None else None
+        inferred = infer_channel_dim(pre.dim(), channel_first)
+        units = pre.shape[inferred] if pre.dim() > 1 else pre.shape[0]
+        bias = getattr(producer, "bias", None) if producer is not None else None
+        if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != units:
+            producer_name = None
+        self.registry.record(
+            name,
+            op,
+            pre,
+            post,
+            inferred,
+            module_type=type(module).__name__ if is_activation else "functional",
+            producer=producer_name,
+        )

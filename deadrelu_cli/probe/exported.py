@@ -1,0 +1,122 @@
+"""Probe for torch.export ExportedPrograms: the FX graph is rewritten so that each activation node
+calls a recorder, so the site is known by node identity (exact, and compatible with torch.compile).
+Names follow the eager rules, using each node's `nn_module_stack`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, infer_channel_dim
+from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, is_activation_module_type
+
+# Ops a pre-activation flows through on its way from the Linear/Conv/BN that produced it.
+_PASS_THROUGH = {
+    "add", "add_", "sub", "mul", "mul_", "div", "clone", "contiguous", "dropout", "to", "_to_copy",
+    "getitem", "alias", "detach", "type_as", "identity", "native_dropout",
+}
+_CHANNEL_FIRST = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
+                  "conv_transpose2d", "conv_transpose3d", "batch_norm", "_native_batch_norm_legit_no_training",
+                  "_native_batch_norm_legit", "native_batch_norm", "instance_norm", "group_norm"}
+_LAST_DIM = {"linear", "addmm", "mm", "matmul", "bmm", "layer_norm", "native_layer_norm", "embedding"}
+# Index of the bias argument of each producer op.
+_BIAS_ARG = {"conv1d": 2, "conv2d": 2, "conv3d": 2, "convolution": 2, "_convolution": 2, "linear": 2, "addmm": 0,
+             "batch_norm": 2, "_native_batch_norm_legit_no_training": 2, "_native_batch_norm_legit": 2,
+             "native_batch_norm": 2}
+
+
+@dataclass(frozen=True)
+class StaticSite:
+    """An activation site found in a graph before anything runs."""
+
+    name: str
+    op: str
+    in_place: bool
+    module_type: str
+    channel_first: bool | None
+    producer: str | None
+
+
+def _op_base(target) -> str:
+    if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+        return target.__name__.split(".")[0]
+    if target is getattr(__import__("operator"), "getitem"):
+        return "getitem"
+    return getattr(target, "__name__", str(target))
+
+
+def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
+    """Walk back from an activation's input to the op that produced it."""
+    seen = 0
+    current = node.args[0] if node.args else None
+    while isinstance(current, fx.Node) and seen < 32:
+        seen += 1
+        base = _op_base(current.target) if current.op == "call_function" else ""
+        if base in _CHANNEL_FIRST or base in _LAST_DIM:
+            producer = None
+            index = _BIAS_ARG.get(base)
+            if index is not None and len(current.args) > index:
+                bias = current.args[index]
+                if isinstance(bias, fx.Node) and bias.op == "get_attr" and str(bias.target).endswith(".bias"):
+                    producer = str(bias.target)[: -len(".bias")]
+            return base in _CHANNEL_FIRST, producer
+        if base in _PASS_THROUGH and current.args and isinstance(current.args[0], fx.Node):
+            current = current.args[0]
+            continue
+        break
+    return None, None
+
+
+def find_sites(graph: fx.Graph, ops: tuple[str, ...]) -> Iterator[tuple[fx.Node, StaticSite]]:
+    namer = SiteNamer()
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        kind = aten_op_kind(node.target.name(), tuple(node.args))
+        if kind is None or kind[0] not in ops:
+            continue
+        op, in_place = kind
+        stack = node.meta.get("nn_module_stack") or {}
+        path, qualified_type = ("", "")
+        if stack:
+            path, module_cls = list(stack.values())[-1]
+            qualified_type = module_cls if isinstance(module_cls, str) else f"{module_cls.__module__}.{module_cls.__qualname__}"
+        is_activation = is_activation_module_type(qualified_type)
+        name = namer.name(path, op, is_activation)
+        channel_first, producer = _trace_producer(node)
+        module_type = qualified_type.rsplit(".", 1)[-1] if is_activation else "functional"
+        yield node, StaticSite(name, op, in_place, module_type, channel_first, producer)
+
+
+class ExportedProbe:
+    """Runs an ExportedProgram's graph module with a recorder call at every activation node."""
+
+    def __init__(self, graph_module: fx.GraphModule, settings: ProbeSettings) -> None:
+        self.settings = settings
+        self.registry = SiteRegistry(settings)
+        self.sites: list[StaticSite] = []
+        self.graph_module = graph_module
+        for node, site in list(find_sites(graph_module.graph, settings.ops)):
+            self.sites.append(site)
+            self.registry.declare(site.name, site.op, site.module_type, site.producer)
+            node.target = self._recorder(site, node.target)
+        graph_module.recompile()
+
+    def _recorder(self, site: StaticSite, original):
+        registry = self.registry
+
+        def record(pre: torch.Tensor, out: torch.Tensor | None) -> None:
+            registry.record(site.name, site.op, pre, out, infer_channel_dim(pre.dim(), site.channel_first),
+                            site.module_type, site.producer)
+
+        def deadrelu_site(*args, **kwargs):
+            return call_and_record(original, args, kwargs, site.op, site.in_place, record)
+
+        return deadrelu_site
+
+    def run(self, inputs: tuple, kwargs: dict | None = None):
+        return self.graph_module(*inputs, **(kwargs or {}))

@@ -1,0 +1,219 @@
+"""Probe for TorchScript archives.
+
+TorchScript runs in C++, so neither hooks nor a TorchFunctionMode see inside it. The sites are
+read statically from the module's graphs (following calls into submodules, resolving `if` on
+module attributes and constants, naming them like the eager probe), and at run time a
+TorchDispatchMode sees the activation ops in execution order: the k-th activation op of a forward
+is the k-th static site. If the two disagree (data-dependent control flow around an activation),
+the scan stops with a clear error rather than attribute counts to the wrong layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, infer_channel_dim
+from deadrelu_cli.probe.exported import StaticSite
+from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, is_activation_module_type
+
+_FUNCTIONS = {"relu": "relu", "relu6": "relu6", "hardtanh": "relu6", "leaky_relu": "leaky_relu", "elu": "elu",
+              "gelu": "gelu", "silu": "silu", "relu_": "relu", "hardtanh_": "relu6"}
+_CHANNEL_FIRST_MODULES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+                          "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d",
+                          "InstanceNorm2d", "InstanceNorm3d")
+_PRODUCER_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
+_CHANNEL_FIRST_OPS = ("aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::batch_norm")
+_LAST_DIM_OPS = ("aten::linear", "aten::addmm", "aten::matmul", "aten::layer_norm")
+_PASS_THROUGH_OPS = ("aten::add", "aten::add_", "aten::mul", "aten::sub", "aten::div", "aten::dropout",
+                     "aten::contiguous", "aten::clone")
+
+
+class _Dynamic(Exception):
+    pass
+
+
+def _type_name(module) -> str:
+    return module._c._type().qualified_name().replace("__torch__.", "")
+
+
+class _Walker:
+    def __init__(self, root, ops: tuple[str, ...]) -> None:
+        self.root = root
+        self.ops = ops
+        self.paths = {id(m): name for name, m in root.named_modules()}
+        self.namer = SiteNamer()
+        self.sites: list[StaticSite] = []
+        self._calls: list[tuple[object, object]] = []  # (CallMethod node, caller module)
+
+    def walk_method(self, module, method: str, call=None) -> None:
+        graph = getattr(module, method).graph
+        env = {next(iter(graph.inputs())).debugName(): module}
+        self._calls.append(call)
+        try:
+            self._walk_block(graph, module, env)
+        finally:
+            self._calls.pop()
+
+    def _value(self, env: dict, value):
+        node = value.node()
+        if node.kind() == "prim::Constant":
+            try:
+                return value.toIValue()
+            except Exception:
+                return None
+        return env.get(value.debugName())
+
+    def _walk_block(self, block, module, env: dict) -> None:
+        for node in block.nodes():
+            kind = node.kind()
+            if kind == "prim::GetAttr":
+                owner = env.get(node.inputsAt(0).debugName())
+                if owner is not None and hasattr(owner, node.s("name")):
+                    env[node.output().debugName()] = getattr(owner, node.s("name"))
+            elif kind == "prim::CallMethod":
+                target = env.get(node.inputsAt(0).debugName())
+                if isinstance(target, torch.jit.ScriptModule):
+                    self.walk_method(target, node.s("name"), (node, module))
+            elif kind == "prim::CallFunction":
+                fn = node.inputsAt(0).node()
+                fname = fn.s("name") if fn.hasAttribute("name") else ""
+                if fname in _FUNCTIONS:
+                    args = tuple(self._value(env, v) for v in list(node.inputs())[1:])
+                    op = _FUNCTIONS[fname]
+                    if fname.startswith("hardtanh") and tuple(float(a) if a is not None else None for a in args[1:3]) != (0.0, 6.0):
+                        continue
+                    in_place = fname.endswith("_") or (bool(args) and args[-1] is True)
+                    self._add(module, node, op, in_place)
+            elif kind == "prim::If":
+                cond = self._value(env, node.inputsAt(0))
+                blocks = list(node.blocks())
+                if isinstance(cond, bool):
+                    self._walk_block(blocks[0] if cond else blocks[1], module, env)
+                else:
+                    before = len(self.sites)
+                    saved = self.namer._seen.copy()
+                    self._walk_block(blocks[0], module, env)
+                    first = self.sites[before:]
+                    del self.sites[before:]
+                    self.namer._seen = saved.copy()
+                    self._walk_block(blocks[1], module, env)
+                    second = self.sites[before:]
+                    if [(s.name, s.op) for s in first] != [(s.name, s.op) for s in second]:
+                        raise _Dynamic("an `if` whose branches run different activations")
+            elif kind == "prim::Loop":
+                before = len(self.sites)
+                for inner in node.blocks():
+                    self._walk_block(inner, module, env)
+                if len(self.sites) > before:
+                    raise _Dynamic("a loop that runs activations")
+            elif kind.startswith("aten::"):
+                args = tuple(self._value(env, v) for v in node.inputs())
+                kind_op = aten_op_kind(kind, args)
+                if kind_op is not None and kind_op[0] in self.ops:
+                    self._add(module, node, kind_op[0], kind_op[1])
+
+    def _add(self, module, node, op: str, in_place: bool) -> None:
+        if op not in self.ops:
+            return
+        path = self.paths.get(id(module), "")
+        qualified = _type_name(module)
+        is_activation = is_activation_module_type(qualified)
+        name = self.namer.name(path, op, is_activation)
+        caller = self._calls[-1] if self._calls else None
+        if is_activation and caller is not None:
+            # The pre-activation is the module's argument: trace it in the caller's graph.
+            channel_first, producer = self._producer(caller[0].inputsAt(1), caller[1])
+        else:
+            value = node.inputsAt(1) if node.kind() == "prim::CallFunction" else node.inputsAt(0)
+            channel_first, producer = self._producer(value, module)
+        module_type = qualified.rsplit(".", 1)[-1] if is_activation else "functional"
+        self.sites.append(StaticSite(name, op, in_place, module_type, channel_first, producer))
+
+    def _producer(self, value, module) -> tuple[bool | None, str | None]:
+        for _ in range(32):
+            src = value.node()
+            kind = src.kind()
+            if kind == "prim::CallMethod":
+                owner = src.inputsAt(0)
+                target = None
+                getattr_node = owner.node()
+                if getattr_node.kind() == "prim::GetAttr" and hasattr(module, getattr_node.s("name")):
+                    target = getattr(module, getattr_node.s("name"))
+                if target is None:
+                    return None, None
+                type_name = _type_name(target).rsplit(".", 1)[-1]
+                producer = self.paths.get(id(target)) if type_name in _PRODUCER_MODULES else None
+                if type_name in _CHANNEL_FIRST_MODULES:
+                    return True, producer
+                if type_name in ("Linear", "LayerNorm", "Embedding"):
+                    return False, producer
+                return None, None
+            if kind in _CHANNEL_FIRST_OPS:
+                return True, None
+            if kind in _LAST_DIM_OPS:
+                return False, None
+            if kind in _PASS_THROUGH_OPS:
+                value = src.inputsAt(0)
+                continue
+            return None, None
+        return None, None
+
+
+class _OrderedDispatch(TorchDispatchMode):
+    def __init__(self, probe: TorchScriptProbe) -> None:
+        super().__init__()
+        self.probe = probe
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = aten_op_kind(func.name(), tuple(args))
+        if kind is None or kind[0] not in self.probe.settings.ops:
+            return func(*args, **kwargs)
+        return self.probe.on_activation(func, args, kwargs, kind[0], kind[1])
+
+
+class TorchScriptProbe:
+    def __init__(self, script_module, settings: ProbeSettings) -> None:
+        self.module = script_module
+        self.settings = settings
+        self.registry = SiteRegistry(settings)
+        walker = _Walker(script_module, settings.ops)
+        try:
+            walker.walk_method(script_module, "forward")
+        except _Dynamic as exc:
+            raise UserError(
+                f"this TorchScript model has {exc}; its activations cannot be matched to layers by order. "
+                "Scan the state_dict with --arch, or an ExportedProgram (.pt2), instead"
+            ) from None
+        self.sites = walker.sites
+        for site in self.sites:
+            self.registry.declare(site.name, site.op, site.module_type, site.producer)
+        self._position = 0
+
+    def on_activation(self, func, args, kwargs, op: str, in_place: bool):
+        if self._position >= len(self.sites) or self.sites[self._position].op != op:
+            raise UserError(
+                f"this TorchScript model ran an unexpected {op} (activation #{self._position + 1} of this forward; "
+                f"{len(self.sites)} found in its code); scan the state_dict with --arch or an ExportedProgram instead"
+            )
+        site = self.sites[self._position]
+        self._position += 1
+
+        def record(pre: torch.Tensor, out: torch.Tensor | None) -> None:
+            self.registry.record(site.name, site.op, pre, out, infer_channel_dim(pre.dim(), site.channel_first),
+                                 site.module_type, site.producer)
+
+        return call_and_record(func, args, kwargs, op, in_place, record)
+
+    def run(self, inputs: tuple, kwargs: dict | None = None):
+        self._position = 0
+        with _OrderedDispatch(self):
+            out = self.module(*inputs, **(kwargs or {}))
+        if self._position != len(self.sites):
+            raise UserError(
+                f"this TorchScript model ran {self._position} activations but its code has {len(self.sites)}; "
+                "scan the state_dict with --arch or an ExportedProgram instead"
+            )
+        return out

@@ -1,0 +1,249 @@
+"""The report: one dataclass for every backend, JSON schema version 1 (docs/report-schema.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deadrelu_cli import __version__
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.stats import LayerStats, Thresholds, merge_layer
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("schema_v1.json")
+MODEL_FORMATS = ("state_dict", "safetensors", "torchscript", "exported_program", "module", "onnx")
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    format: str
+    sha256: str
+
+
+@dataclass
+class DataInfo:
+    path: str
+    samples: int
+
+
+@dataclass
+class Settings:
+    threshold: float = 0.0
+    dying: float = 0.01
+    tau: float = 0.1
+    channel_dim: int | None = None  # None = per site (inferred)
+    device: str = "cpu"
+    ops: tuple[str, ...] = ("relu", "relu6")
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.threshold, self.dying, self.tau)
+
+
+@dataclass
+class Summary:
+    layers: int
+    units: int
+    dead: int
+    dead_fraction: float
+    dying: int
+    dormant: int
+    layers_with_dead: int
+    saturated: int
+
+
+@dataclass
+class Report:
+    model: ModelInfo
+    data: DataInfo
+    settings: Settings
+    layers: list[LayerStats]
+    tool: dict[str, str] = field(default_factory=lambda: {"name": "deadrelu", "version": __version__})
+    notes: list[str] = field(default_factory=list)
+
+    def layer(self, name: str) -> LayerStats:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        names = ", ".join(layer.name for layer in self.layers[:8])
+        raise UserError(f"no layer named {name!r}; layers are: {names}{' …' if len(self.layers) > 8 else ''}")
+
+    def summary(self) -> Summary:
+        s = self.settings
+        ran = [layer for layer in self.layers if layer.ran]
+        units = sum(layer.units for layer in ran)
+        dead = sum(int(layer.dead_mask().sum()) for layer in ran)
+        return Summary(
+            layers=len(self.layers),
+            units=units,
+            dead=dead,
+            dead_fraction=(dead / units) if units else 0.0,
+            dying=sum(int(layer.dying_mask(s.dying).sum()) for layer in ran),
+            dormant=sum(int(layer.dormant_mask(s.tau).sum()) for layer in ran),
+            layers_with_dead=sum(1 for layer in ran if layer.dead_mask().any()),
+            saturated=sum(int(layer.saturated_mask().sum()) for layer in ran),
+        )
+
+
+def _finite_or_none(values: np.ndarray) -> list[float | None]:
+    return [float(v) if math.isfinite(v) else None for v in values.tolist()]
+
+
+def _indices(mask: np.ndarray) -> list[int]:
+    return np.flatnonzero(mask).astype(int).tolist()
+
+
+def layer_to_dict(layer: LayerStats, settings: Settings) -> dict[str, Any]:
+    dead = layer.dead_mask()
+    out: dict[str, Any] = {
+        "name": layer.name,
+        "op": layer.op,
+        "module_type": layer.module_type,
+        "units": layer.units,
+        "channel_dim": layer.channel_dim,
+        "ran": layer.ran,
+        "elements_per_unit": int(layer.elements_per_unit),
+        "dead": int(dead.sum()),
+        "dead_fraction": (float(dead.sum()) / layer.units) if layer.units and layer.ran else 0.0,
+        "dead_indices": _indices(dead),
+        "dying_indices": _indices(layer.dying_mask(settings.dying)),
+        "dormant_indices": _indices(layer.dormant_mask(settings.tau)),
+        "positive_counts": layer.positive_counts.astype(int).tolist(),
+        "active_rate": layer.active_rate().tolist(),
+        "max_preactivation": _finite_or_none(layer.max_preactivation),
+        "sum_abs": layer.sum_abs.tolist(),
+        "producer": layer.producer,
+        "bias": None if layer.bias is None else layer.bias.astype(float).tolist(),
+    }
+    if layer.saturated_counts is not None:
+        out["saturated_counts"] = layer.saturated_counts.astype(int).tolist()
+        out["saturated_indices"] = _indices(layer.saturated_mask())
+    if layer.extra:
+        out["extra"] = layer.extra
+    return out
+
+
+def report_to_dict(report: Report) -> dict[str, Any]:
+    s = report.settings
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": dict(report.tool),
+        "model": vars(report.model).copy(),
+        "data": vars(report.data).copy(),
+        "settings": {
+            "threshold": s.threshold,
+            "dying": s.dying,
+            "tau": s.tau,
+            "channel_dim": s.channel_dim,
+            "device": s.device,
+            "ops": list(s.ops),
+        },
+        "summary": vars(report.summary()).copy(),
+        "notes": list(report.notes),
+        "layers": [layer_to_dict(layer, s) for layer in report.layers],
+    }
+
+
+def report_to_json(report: Report) -> str:
+    return json.dumps(report_to_dict(report), indent=2, allow_nan=False) + "\n"
+
+
+def layer_from_dict(d: dict[str, Any]) -> LayerStats:
+    max_pre = np.array([-np.inf if v is None else v for v in d["max_preactivation"]], dtype=np.float64)
+    sat = d.get("saturated_counts")
+    bias = d.get("bias")
+    return LayerStats(
+        name=d["name"],
+        op=d["op"],
+        channel_dim=int(d["channel_dim"]),
+        positive_counts=np.asarray(d["positive_counts"], dtype=np.int64),
+        elements_per_unit=int(d["elements_per_unit"]),
+        max_preactivation=max_pre,
+        sum_abs=np.asarray(d["sum_abs"], dtype=np.float64),
+        saturated_counts=None if sat is None else np.asarray(sat, dtype=np.int64),
+        module_type=d.get("module_type"),
+        producer=d.get("producer"),
+        bias=None if bias is None else np.asarray(bias, dtype=np.float64),
+        extra=d.get("extra") or {},
+    )
+
+
+def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
+    version = d.get("schema_version") if isinstance(d, dict) else None
+    if version != SCHEMA_VERSION:
+        raise UserError(
+            f"{source}: not a deadrelu report of schema version {SCHEMA_VERSION} (found {version!r}); "
+            "re-create it with `deadrelu scan … --json`"
+        )
+    try:
+        st = d["settings"]
+        settings = Settings(
+            threshold=float(st["threshold"]),
+            dying=float(st["dying"]),
+            tau=float(st["tau"]),
+            channel_dim=st.get("channel_dim"),
+            device=st.get("device", "cpu"),
+            ops=tuple(st.get("ops", ("relu", "relu6"))),
+        )
+        return Report(
+            model=ModelInfo(**d["model"]),
+            data=DataInfo(**d["data"]),
+            settings=settings,
+            layers=[layer_from_dict(layer) for layer in d["layers"]],
+            tool=d.get("tool", {}),
+            notes=list(d.get("notes", [])),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{source}: malformed deadrelu report ({exc!r}); re-create it with `deadrelu scan … --json`") from exc
+
+
+def load_report(path: str | Path) -> Report:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such report file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a JSON report") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read report ({exc})") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); expected a deadrelu --json report") from exc
+    return report_from_dict(data, source=str(path))
+
+
+def merge_reports(reports: list[Report]) -> Report:
+    """Exact merge of reports of the same model over disjoint data."""
+    if not reports:
+        raise UserError("nothing to merge: give at least one report")
+    first = reports[0]
+    for other in reports[1:]:
+        if other.model.sha256 != first.model.sha256:
+            raise UserError(
+                f"cannot merge reports of different models ({first.model.path} sha256 {first.model.sha256[:12]}… "
+                f"vs {other.model.path} sha256 {other.model.sha256[:12]}…)"
+            )
+        a, b = first.settings, other.settings
+        if (a.threshold, a.channel_dim, tuple(a.ops)) != (b.threshold, b.channel_dim, tuple(b.ops)):
+            raise UserError("cannot merge reports made with different --threshold, --channel-dim or --ops")
+        if [layer.name for layer in other.layers] != [layer.name for layer in first.layers]:
+            raise UserError("cannot merge: the reports list different layers (different models or --ops)")
+    layers = list(first.layers)
+    for other in reports[1:]:
+        layers = [merge_layer(x, y) for x, y in zip(layers, other.layers, strict=True)]
+    data_paths = sorted({r.data.path for r in reports})
+    return Report(
+        model=first.model,
+        data=DataInfo(path=",".join(data_paths), samples=sum(r.data.samples for r in reports)),
+        settings=first.settings,
+        layers=layers,
+        notes=sorted({n for r in reports for n in r.notes}),
+    )

@@ -1,0 +1,106 @@
+"""Rich rendering of a Report: the per-layer table, the summary line, the per-unit drill-down."""
+
+from __future__ import annotations
+
+import numpy as np
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from deadrelu_cli.report.model import Report
+from deadrelu_cli.stats import LayerStats
+
+WARN_FRACTION = 0.20  # CS231n: "as much as 40%" dead after a bad learning rate
+CRITICAL_FRACTION = 0.40
+BAR_WIDTH = 12
+
+
+def severity_style(fraction: float) -> str:
+    if fraction >= CRITICAL_FRACTION:
+        return "bold red"
+    if fraction > WARN_FRACTION:
+        return "yellow"
+    return ""
+
+
+def _bar(fraction: float) -> Text:
+    filled = int(round(fraction * BAR_WIDTH))
+    return Text("█" * filled + "·" * (BAR_WIDTH - filled), style=severity_style(fraction) or "green")
+
+
+def summary_line(report: Report) -> str:
+    s = report.summary()
+    text = f"Dead units: {s.dead}/{s.units} ({100 * s.dead_fraction:.1f}%) in {s.layers_with_dead} of {s.layers} layers"
+    extras = [f"dying {s.dying}", f"dormant {s.dormant}"]
+    if s.saturated:
+        extras.append(f"saturated {s.saturated}")
+    return f"{text} · {', '.join(extras)}"
+
+
+def layers_table(report: Report) -> Table:
+    settings = report.settings
+    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False)
+    table.add_column("Layer", overflow="fold", min_width=8)
+    for column in ("Op", "Units", "Dead", "Dead %", "Dying", "Dormant", "Median act"):
+        table.add_column(column, justify="left" if column == "Op" else "right", no_wrap=True, min_width=len(column))
+    table.add_column("", no_wrap=True, width=BAR_WIDTH)
+    for layer in report.layers:
+        if not layer.ran:
+            table.add_row(escape(layer.name), layer.op, "–", "–", "not run", "–", "–", "–", "", style="dim")
+            continue
+        dead = int(layer.dead_mask().sum())
+        fraction = dead / layer.units if layer.units else 0.0
+        style = severity_style(fraction)
+        table.add_row(
+            layer.name, layer.op, str(layer.units), str(dead), f"{100 * fraction:.1f}%",
+            str(int(layer.dying_mask(settings.dying).sum())), str(int(layer.dormant_mask(settings.tau).sum())),
+            f"{100 * float(np.median(layer.active_rate())):.1f}%", _bar(fraction), style=style,
+        )
+    return table
+
+
+def unit_status(layer: LayerStats, index: int, dying: float) -> str:
+    if not layer.ran:
+        return "not run"
+    if layer.positive_counts[index] == 0:
+        return "DEAD"
+    if layer.saturated_counts is not None and layer.saturated_counts[index] == layer.elements_per_unit:
+        return "saturated"
+    if layer.active_rate()[index] < dying:
+        return "dying"
+    return "alive"
+
+
+def units_table(report: Report, layer: LayerStats) -> Table:
+    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False)
+    bias_title = f"Bias ({layer.producer})" if layer.producer else "Bias"
+    for column in ("Unit", bias_title, "Active %", "Max pre-act", "Mean |act|", "Status"):
+        table.add_column(column, justify="left" if column == "Status" else "right")
+    rates = layer.active_rate()
+    mean_abs = layer.mean_abs()
+    for i in range(layer.units):
+        status = unit_status(layer, i, report.settings.dying)
+        style = {"DEAD": "bold red", "dying": "yellow", "saturated": "magenta"}.get(status, "")
+        bias = "–" if layer.bias is None else f"{layer.bias[i]:.4g}"
+        table.add_row(str(i), bias, f"{100 * rates[i]:.2f}%", f"{layer.max_preactivation[i]:.4g}",
+                      f"{mean_abs[i]:.4g}", status, style=style)
+    return table
+
+
+def header_line(report: Report) -> str:
+    return f"{report.model.path} ({report.model.format}) · {report.data.path} · {report.data.samples} samples"
+
+
+def print_report(report: Report, console: Console, layer_name: str | None = None) -> None:
+    console.print(header_line(report), markup=False)
+    if layer_name:
+        layer = report.layer(layer_name)
+        console.print(f"{layer.name}: {layer.op}, {layer.units} units on axis {layer.channel_dim}", markup=False)
+        console.print(units_table(report, layer))
+    else:
+        console.print(layers_table(report))
+    console.print(summary_line(report), markup=False)
+    for note in report.notes:
+        console.print(f"note: {note}", style="dim", markup=False)

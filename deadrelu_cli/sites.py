@@ -1,0 +1,71 @@
+"""The activation sites of a model without calibration data (for `deadrelu inspect`)."""
+
+from __future__ import annotations
+
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.probe.exported import StaticSite
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(part) for part in text.lower().replace(",", "x").split("x") if part)
+    except ValueError:
+        raise UserError(f"--input-shape {text!r}: expected sizes like 3x32x32 (one sample, no batch axis)") from None
+    if not dims or any(d < 1 for d in dims):
+        raise UserError(f"--input-shape {text!r}: sizes must be positive")
+    return dims
+
+
+def _eager_sites(model, ops, input_shape: tuple[int, ...] | None) -> tuple[list[StaticSite], str | None]:
+    import torch
+    from torch import nn
+
+    from deadrelu_cli.probe.base import ProbeSettings
+    from deadrelu_cli.probe.eager import EagerProbe
+    from deadrelu_cli.probe.ops import is_activation_module_type
+
+    module = model.runnable
+    if input_shape is None:
+        first = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
+        first_any = next((m for m in module.modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd | nn.Embedding)), None)
+        if first is not None and first is first_any:
+            input_shape = (first.in_features,)
+    if input_shape is not None:
+        probe = EagerProbe(module, ProbeSettings(ops=ops))
+        sample = torch.zeros((1, *input_shape), dtype=getattr(torch, model.float_dtype), device=next(iter(module.parameters()), torch.zeros(0)).device)
+        with probe.attached(), torch.inference_mode():
+            try:
+                probe.run((sample,))
+            except Exception as exc:
+                raise UserError(f"a zero sample of shape {list(sample.shape)} failed in the model ({str(exc).splitlines()[0]}); check --input-shape") from None
+        return [StaticSite(s.name, s.op, False, s.module_type or "", None, s.producer) for s in probe.registry.sites.values()], None
+    sites = []
+    for name, sub in module.named_modules():
+        qualified = f"{type(sub).__module__}.{type(sub).__qualname__}"
+        if is_activation_module_type(qualified):
+            op = {"ReLU": "relu", "ReLU6": "relu6", "LeakyReLU": "leaky_relu", "ELU": "elu", "GELU": "gelu", "SiLU": "silu"}.get(type(sub).__name__)
+            if op in ops:
+                sites.append(StaticSite(name, op, False, type(sub).__name__, None, None))
+    return sites, "activation modules only: functional relus and reuse at several call sites show once a forward runs; pass --input-shape"
+
+
+def list_sites(path: str, arch: str | None, trust_pickle: bool, ops: tuple[str, ...], input_shape: str | None):
+    from deadrelu_cli.loaders import LoadOptions, detect_format, load_model
+
+    if detect_format(path) == "onnx":
+        from deadrelu_cli.probe.onnx_graph import onnx_sites
+
+        return onnx_sites(path, ops), None
+    model = load_model(LoadOptions(path, arch, trust_pickle, "cpu"))
+    shape = parse_shape(input_shape) if input_shape else None
+    if model.kind == "eager":
+        return _eager_sites(model, ops, shape)
+    from deadrelu_cli.probe.base import ProbeSettings
+
+    if model.kind == "exported":
+        from deadrelu_cli.probe.exported import find_sites
+
+        return [site for _, site in find_sites(model.runnable.graph, ops)], None
+    from deadrelu_cli.probe.torchscript import TorchScriptProbe
+
+    return TorchScriptProbe(model.runnable, ProbeSettings(ops=ops)).sites, None

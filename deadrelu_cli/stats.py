@@ -1,0 +1,116 @@
+"""Per-unit statistics of one activation site, as raw counts, and what derives from them.
+
+Backend-free (numpy only): the torch and ONNX probes fill these, the report, gate, merge and
+renderers read them. Everything derived (dead, dying, dormant, rates) is computed from the raw
+counts, so two reports of disjoint data merge into exactly the report of their union.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deadrelu_cli.errors import UserError
+
+# Ops whose output is capped above: a unit pinned at the cap is "saturated" (also gradient-free).
+CAPPED_OPS = {"relu6": 6.0}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What counts as firing, dying and dormant."""
+
+    threshold: float = 0.0
+    dying: float = 0.01
+    tau: float = 0.1
+
+
+@dataclass
+class LayerStats:
+    """Raw per-unit counts for one activation call site."""
+
+    name: str
+    op: str
+    channel_dim: int
+    positive_counts: np.ndarray  # int64[units]: elements > threshold
+    elements_per_unit: int  # elements seen per unit (same for every unit of a site)
+    max_preactivation: np.ndarray  # float64[units]; -inf where nothing was seen
+    sum_abs: np.ndarray  # float64[units]: sum of |activation|
+    saturated_counts: np.ndarray | None = None  # int64[units], capped ops only: elements >= cap
+    module_type: str | None = None
+    producer: str | None = None  # module whose .bias is this unit's bias (Linear/Conv/BN)
+    bias: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def units(self) -> int:
+        return int(self.positive_counts.shape[0])
+
+    @property
+    def ran(self) -> bool:
+        """False for a site that no sample reached (an untaken branch): never reported as dead."""
+        return self.elements_per_unit > 0
+
+    def active_rate(self) -> np.ndarray:
+        if not self.ran:
+            return np.zeros(self.units, dtype=np.float64)
+        return self.positive_counts / float(self.elements_per_unit)
+
+    def dead_mask(self) -> np.ndarray:
+        return (self.positive_counts == 0) & self.ran
+
+    def dying_mask(self, dying: float) -> np.ndarray:
+        rate = self.active_rate()
+        return (self.positive_counts > 0) & (rate < dying)
+
+    def dormant_scores(self) -> np.ndarray:
+        """ReDo score s_i = mean|h_i| / mean over the layer of mean|h_j| (Sokar et al. 2023)."""
+        if not self.ran:
+            return np.full(self.units, np.nan)
+        mean_abs = self.sum_abs / float(self.elements_per_unit)
+        layer_mean = float(mean_abs.mean()) if self.units else 0.0
+        if layer_mean <= 0.0:
+            return np.zeros(self.units, dtype=np.float64)
+        return mean_abs / layer_mean
+
+    def dormant_mask(self, tau: float) -> np.ndarray:
+        if not self.ran:
+            return np.zeros(self.units, dtype=bool)
+        return self.dormant_scores() <= tau
+
+    def saturated_mask(self) -> np.ndarray:
+        if self.saturated_counts is None or not self.ran:
+            return np.zeros(self.units, dtype=bool)
+        return self.saturated_counts == self.elements_per_unit
+
+    def mean_abs(self) -> np.ndarray:
+        if not self.ran:
+            return np.zeros(self.units, dtype=np.float64)
+        return self.sum_abs / float(self.elements_per_unit)
+
+
+def merge_layer(a: LayerStats, b: LayerStats) -> LayerStats:
+    """Exact union of two disjoint-data statistics of the same site."""
+    if (a.name, a.op, a.units) != (b.name, b.op, b.units):
+        raise UserError(
+            f"cannot merge layer {a.name!r} ({a.op}, {a.units} units) with {b.name!r} ({b.op}, {b.units} units): "
+            "the reports come from different models"
+        )
+    saturated = None
+    if a.saturated_counts is not None and b.saturated_counts is not None:
+        saturated = a.saturated_counts + b.saturated_counts
+    return LayerStats(
+        name=a.name,
+        op=a.op,
+        channel_dim=a.channel_dim,
+        positive_counts=a.positive_counts + b.positive_counts,
+        elements_per_unit=a.elements_per_unit + b.elements_per_unit,
+        max_preactivation=np.maximum(a.max_preactivation, b.max_preactivation),
+        sum_abs=a.sum_abs + b.sum_abs,
+        saturated_counts=saturated,
+        module_type=a.module_type or b.module_type,
+        producer=a.producer or b.producer,
+        bias=a.bias if a.bias is not None else b.bias,
+        extra={**b.extra, **a.extra},
+    )
