@@ -14,7 +14,7 @@ from deadrelu_cli.stats import LayerStats
 
 WARN_FRACTION = 0.20  # CS231n: "as much as 40%" dead after a bad learning rate
 CRITICAL_FRACTION = 0.40
-BAR_WIDTH = 12
+BAR_WIDTH = 10
 
 
 def severity_style(fraction: float) -> str:
@@ -43,7 +43,7 @@ def layers_table(report: Report) -> Table:
     settings = report.settings
     table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False)
     table.add_column("Layer", overflow="fold", min_width=8)
-    for column in ("Op", "Units", "Dead", "Dead %", "Dying", "Dormant", "Median act"):
+    for column in ("Op", "Units", "Dead", "Dead %", "Dying", "Dormant", "Median"):
         table.add_column(column, justify="left" if column == "Op" else "right", no_wrap=True, min_width=len(column))
     table.add_column("", no_wrap=True, width=BAR_WIDTH)
     for layer in report.layers:

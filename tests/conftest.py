@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PLANTED = ROOT / "tests" / "planted.py"
+sys.path.insert(0, str(ROOT / "tests"))
+
+import planted  # noqa: E402
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def json(self):
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `deadrelu ARGS…` in-process through the real entry point (exit-code mapping included)."""
+    from deadrelu_cli.cli.app import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def save_state_dict(model: torch.nn.Module, path: Path) -> Path:
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def arch(factory: str) -> str:
+    return f"{PLANTED}:{factory}"
+
+
+def counts_from_pre(pre: torch.Tensor, dim: int, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray, int]:
+    """Ground truth, counted in numpy: positives per unit, max pre-activation per unit, elements per unit."""
+    a = np.moveaxis(pre.detach().cpu().numpy().astype(np.float64), dim, -1)
+    a = a.reshape(-1, a.shape[-1])
+    return (a > threshold).sum(axis=0), a.max(axis=0), a.shape[0]
+
+
+@pytest.fixture
+def planted_module():
+    return planted

@@ -1,0 +1,130 @@
+"""Planted models with known dead units. Used as --arch tests/planted.py:FACTORY and by the tests.
+
+Every factory is deterministic (fixed seed), so the same weights come back each time.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EIGHT_BIASES = [0.5, -0.2, -8.0, 0.1, -10.0, 0.3, -15.0, -0.1]
+
+
+class EightNeuron(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.relu = nn.ReLU()
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.relu(self.fc(x)))
+
+
+def eight_neuron() -> nn.Module:
+    torch.manual_seed(0)
+    model = EightNeuron()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.randn(8, 4) * 0.3)
+        model.fc.bias.copy_(torch.tensor(EIGHT_BIASES))
+    return model
+
+
+class SharedAndFunctional(nn.Module):
+    """One nn.ReLU(inplace) used at two places, plus F.relu, torch.relu, Tensor.relu_ and an inplace F.relu."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 10)
+        self.fc2 = nn.Linear(10, 10)
+        self.fc3 = nn.Linear(10, 10)
+        self.fc4 = nn.Linear(10, 10)
+        self.fc5 = nn.Linear(10, 3)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.relu(self.fc1(x))
+        x = self.relu(self.fc2(x))
+        x = F.relu(self.fc3(x))
+        x = torch.relu(self.fc4(x))
+        x = self.fc5(x).relu_()
+        return F.relu(x - 0.5, inplace=True)
+
+
+def shared_and_functional() -> nn.Module:
+    torch.manual_seed(1)
+    model = SharedAndFunctional()
+    with torch.no_grad():
+        model.fc1.bias[[0, 7]] = -20.0
+        model.fc2.bias[[3]] = -20.0
+        model.fc3.bias[[1, 2, 9]] = -20.0
+        model.fc4.bias[[5]] = -20.0
+    return model
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.act = nn.ReLU()
+        self.conv1d = nn.Conv1d(6, 4, 1)
+        self.act1d = nn.ReLU()
+
+    def forward(self, x):
+        x = self.act(self.bn(self.conv(x)))
+        x = x.flatten(2)  # [N, 6, H*W]
+        return self.act1d(self.conv1d(x))  # rank 3 from a Conv1d: units on dim 1
+
+
+def conv_bn() -> nn.Module:
+    torch.manual_seed(2)
+    model = ConvBN()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.1, 0.1)
+        model.bn.running_var.uniform_(0.8, 1.2)
+        model.bn.weight[[2, 4]] = 0.0
+        model.bn.bias[[2, 4]] = -1.0  # gamma 0, beta < 0: dead for every input
+        model.conv1d.bias[[1]] = -50.0
+    return model
+
+
+class Relu6Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.act = nn.ReLU6()
+        self.fc2 = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return F.relu6(self.fc2(self.act(self.fc(x))))
+
+
+def relu6_model() -> nn.Module:
+    torch.manual_seed(3)
+    model = Relu6Model()
+    with torch.no_grad():
+        model.fc.bias[[0]] = -100.0  # dead
+        model.fc.bias[[1]] = 100.0  # saturated at 6
+        model.fc2.bias[[2]] = -100.0
+    return model
+
+
+class Tokens(nn.Module):
+    """[B, T, F] Linear outputs: units on the last axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(F.relu(self.up(x)))
+
+
+def tokens() -> nn.Module:
+    torch.manual_seed(4)
+    model = Tokens()
+    with torch.no_grad():
+        model.up.bias[[0, 5, 6]] = -40.0
+    return model
