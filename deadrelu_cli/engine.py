@@ -199,10 +199,10 @@ def run_scan(options: ScanOptions) -> Report:
         raise UserError("--batch-size must be at least 1")
     if options.limit is not None and options.limit < 1:
         raise UserError("--limit must be at least 1")
-    data = open_calibration(options.data)
     from deadrelu_cli.loaders.detect import detect_format
 
     fmt = detect_format(options.model)
+    data = open_calibration(options.data)
     if fmt == "onnx":
         from deadrelu_cli.onnx_scan import scan_onnx
 

@@ -128,3 +128,18 @@ def tokens() -> nn.Module:
     with torch.no_grad():
         model.up.bias[[0, 5, 6]] = -40.0
     return model
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(2, 4)
+
+    def forward(self, image, extra):
+        return torch.relu(self.a(image) + self.b(extra))
+
+
+def two_inputs() -> nn.Module:
+    torch.manual_seed(5)
+    return TwoInputs()

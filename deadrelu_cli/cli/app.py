@@ -52,30 +52,20 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        code = app(args=args, prog_name="deadrelu", standalone_mode=False)
-        sys.exit(code if isinstance(code, int) else 0)
+        # standalone mode: Typer/Click handle --help and usage errors (exit 2) and call sys.exit themselves
+        app(args=args, prog_name="deadrelu")
     except DeadreluError as exc:
         if debug:
             traceback.print_exc()
         err.print(f"deadrelu: error: {one_line(str(exc))}", markup=False)
         sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err.print("deadrelu: aborted", markup=False)
-        sys.exit(130)
     except KeyboardInterrupt:
         err.print("deadrelu: interrupted", markup=False)
         sys.exit(130)
     except BrokenPipeError:
         sys.stderr.close()
         sys.exit(0)
-    except Exception as exc:  # click usage errors come here too
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
         if debug:
             traceback.print_exc()
         with tempfile.NamedTemporaryFile("w", prefix="deadrelu-crash-", suffix=".log", delete=False) as log:

@@ -6,6 +6,7 @@ Every torch.load is weights_only=True unless the user passed --trust-pickle.
 from __future__ import annotations
 
 import inspect
+import re
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,11 +30,8 @@ def _torch_load(path: Path, device: str, trust_pickle: bool):
     except pickle.UnpicklingError as exc:
         if trust_pickle:
             raise UserError(f"{path}: cannot unpickle ({exc})") from exc
-        detail = str(exc).split("\n")[0]
-        for line in str(exc).splitlines():
-            if "Unsupported global" in line or "GLOBAL" in line:
-                detail = line.strip()
-                break
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        detail = f"it references {found.group(1)}" if found else "it is not a plain weights file"
         raise UserError(
             f"{path}: refused to unpickle: the file needs more than weights ({detail}); "
             "if you trust its source, pass --trust-pickle (it can run code)"

@@ -10,6 +10,7 @@ Hooks are always removed and the train/eval mode restored, whatever happens.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -64,6 +65,14 @@ def _hardtanh_bounds(args: tuple, kwargs: dict) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _pass_through_functions() -> set:
+    """Ops a pre-activation may flow through from its Linear/Conv/BN (the graph probes follow the same ones)."""
+    T = torch.Tensor
+    return {T.__add__, T.__radd__, T.__iadd__, T.__sub__, T.__isub__, T.__mul__, T.__rmul__, T.__imul__,
+            T.__truediv__, T.__itruediv__, T.add, T.add_, T.sub, T.sub_, T.mul, T.mul_, T.div, T.div_, T.clone,
+            T.contiguous, torch.add, torch.sub, torch.mul, torch.div, torch.clone, F.dropout}
+
+
 class _CallSiteMode(TorchFunctionMode):
     def __init__(self, probe: EagerProbe) -> None:
         super().__init__()
@@ -73,7 +82,11 @@ class _CallSiteMode(TorchFunctionMode):
         kwargs = kwargs or {}
         spec = self.probe.functions.get(func)
         if spec is None or not args or not isinstance(args[0], torch.Tensor):
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if func in self.probe.pass_through and args and isinstance(out, torch.Tensor):
+                others = list(args[1:]) + list(kwargs.values())
+                self.probe.propagate(args[0], out, keep_producer=not any(isinstance(a, torch.Tensor) for a in others))
+            return out
         if func in (F.hardtanh, F.hardtanh_) and _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
             return func(*args, **kwargs)
         if spec.op not in self.probe.settings.ops or not args[0].is_floating_point():
@@ -81,9 +94,12 @@ class _CallSiteMode(TorchFunctionMode):
         in_place = spec.always_in_place or bool(
             kwargs.get("inplace", args[spec.in_place_arg] if spec.in_place_arg is not None and len(args) > spec.in_place_arg else False)
         )
-        return call_and_record(
+        out = call_and_record(
             func, args, kwargs, spec.op, in_place, lambda pre, out: self.probe.observe(spec.op, pre, out)
         )
+        if in_place:  # the tensor now holds activations, no longer its producer's output
+            self.probe.forget(args[0])
+        return out
 
 
 class EagerProbe:
@@ -96,20 +112,39 @@ class EagerProbe:
         self.functions = _function_table()
         self._namer = SiteNamer()
         self._stack: list[tuple[str, nn.Module]] = []
-        self._last_producer: tuple[str, nn.Module] | None = None
+        # id(tensor) -> (weakref, producer name or None, producer module or None, channel-first?)
+        self._produced: dict[int, tuple[weakref.ref, str | None, nn.Module | None, bool]] = {}
+        self.pass_through = _pass_through_functions()
         self._module_names = {id(m): name for name, m in model.named_modules()}
 
     # -- hooks -------------------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, _args) -> None:
         self._stack.append((self._module_names.get(id(module), ""), module))
 
-    def _post_hook(self, module: nn.Module, _args, _output) -> None:
+    def _post_hook(self, module: nn.Module, _args, output) -> None:
         if self._stack and self._stack[-1][1] is module:
             self._stack.pop()
-        if isinstance(module, PRODUCER_TYPES) or (
-            not any(True for _ in module.children()) and isinstance(getattr(module, "bias", None), torch.Tensor)
-        ):
-            self._last_producer = (self._module_names.get(id(module), ""), module)
+        if isinstance(output, torch.Tensor) and isinstance(module, PRODUCER_TYPES + CHANNEL_FIRST_TYPES):
+            is_producer = isinstance(module, PRODUCER_TYPES)
+            self._produced[id(output)] = (weakref.ref(output), self._module_names.get(id(module), "") if is_producer else None,
+                                          module if is_producer else None, isinstance(module, CHANNEL_FIRST_TYPES))
+
+    def origin_of(self, tensor: torch.Tensor) -> tuple[str | None, nn.Module | None, bool] | None:
+        """(producer name, producer module, channel-first) of a tensor, or None when unknown."""
+        entry = self._produced.get(id(tensor))
+        if entry is None or entry[0]() is not tensor:  # ids are reused once a tensor is freed
+            return None
+        return entry[1], entry[2], entry[3]
+
+    def forget(self, tensor: torch.Tensor) -> None:
+        self._produced.pop(id(tensor), None)
+
+    def propagate(self, source: torch.Tensor, result: torch.Tensor, keep_producer: bool) -> None:
+        """Carry the origin through an elementwise op; the bias stays meaningful only with a scalar operand."""
+        found = self.origin_of(source)
+        if found is not None:
+            name, module, channel_first = found if keep_producer else (None, None, found[2])
+            self._produced[id(result)] = (weakref.ref(result), name, module, channel_first)
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[EagerProbe]:
@@ -131,7 +166,7 @@ class EagerProbe:
         """One forward pass under the call-site mode."""
         self._namer.reset()
         self._stack.clear()
-        self._last_producer = None
+        self._produced.clear()
         with _CallSiteMode(self):
             return self.model(*inputs, **(kwargs or {}))
 
@@ -141,8 +176,7 @@ class EagerProbe:
         module_type = f"{type(module).__module__}.{type(module).__qualname__}"
         is_activation = is_activation_module_type(module_type)
         name = self._namer.name(path, op, is_activation)
-        producer_name, producer = self._last_producer if self._last_producer else (None, None)
-        channel_first = isinstance(producer, CHANNEL_FIRST_TYPES) if producer is not None else None
+        producer_name, producer, channel_first = self.origin_of(pre) or (None, None, None)
         inferred = infer_channel_dim(pre.dim(), channel_first)
         units = pre.shape[inferred] if pre.dim() > 1 else pre.shape[0]
         bias = getattr(producer, "bias", None) if producer is not None else None

@@ -50,8 +50,13 @@ def _op_base(target) -> str:
 
 
 def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
-    """Walk back from an activation's input to the op that produced it."""
+    """Walk back from an activation's input to the op that produced it.
+
+    The unit axis follows any elementwise op; the bias only ops whose other operands are scalars
+    (x + y of two tensors has no single bias). The eager probe applies the same rule.
+    """
     seen = 0
+    keep_producer = True
     current = node.args[0] if node.args else None
     while isinstance(current, fx.Node) and seen < 32:
         seen += 1
@@ -59,12 +64,14 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
         if base in _CHANNEL_FIRST or base in _LAST_DIM:
             producer = None
             index = _BIAS_ARG.get(base)
-            if index is not None and len(current.args) > index:
+            if keep_producer and index is not None and len(current.args) > index:
                 bias = current.args[index]
                 if isinstance(bias, fx.Node) and bias.op == "get_attr" and str(bias.target).endswith(".bias"):
                     producer = str(bias.target)[: -len(".bias")]
             return base in _CHANNEL_FIRST, producer
         if base in _PASS_THROUGH and current.args and isinstance(current.args[0], fx.Node):
+            if base != "getitem" and any(isinstance(a, fx.Node) for a in current.args[1:]):
+                keep_producer = False
             current = current.args[0]
             continue
         break

@@ -132,6 +132,8 @@ class _Walker:
         self.sites.append(StaticSite(name, op, in_place, module_type, channel_first, producer))
 
     def _producer(self, value, module) -> tuple[bool | None, str | None]:
+        """Same rule as the FX probe: the unit axis follows elementwise ops, the bias only scalar ones."""
+        keep_producer = True
         for _ in range(32):
             src = value.node()
             kind = src.kind()
@@ -144,7 +146,7 @@ class _Walker:
                 if target is None:
                     return None, None
                 type_name = _type_name(target).rsplit(".", 1)[-1]
-                producer = self.paths.get(id(target)) if type_name in _PRODUCER_MODULES else None
+                producer = self.paths.get(id(target)) if type_name in _PRODUCER_MODULES and keep_producer else None
                 if type_name in _CHANNEL_FIRST_MODULES:
                     return True, producer
                 if type_name in ("Linear", "LayerNorm", "Embedding"):
@@ -155,6 +157,8 @@ class _Walker:
             if kind in _LAST_DIM_OPS:
                 return False, None
             if kind in _PASS_THROUGH_OPS:
+                if any(str(v.type()).startswith("Tensor") for v in list(src.inputs())[1:]):
+                    keep_producer = False
                 value = src.inputsAt(0)
                 continue
             return None, None

@@ -26,7 +26,7 @@ def severity_style(fraction: float) -> str:
 
 
 def _bar(fraction: float) -> Text:
-    filled = int(round(fraction * BAR_WIDTH))
+    filled = min(BAR_WIDTH, int(fraction * BAR_WIDTH + 0.5))
     return Text("█" * filled + "·" * (BAR_WIDTH - filled), style=severity_style(fraction) or "green")
 
 
