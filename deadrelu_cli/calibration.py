@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +28,8 @@ class ArraySource(Protocol):
 
     def rows(self, start: int, stop: int) -> np.ndarray: ...
 
+    def whole(self) -> np.ndarray: ...
+
 
 @dataclass
 class InMemorySource:
@@ -44,6 +46,9 @@ class InMemorySource:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.array[start:stop])
+
+    def whole(self) -> np.ndarray:
+        return np.asarray(self.array)
 
 
 class NpzMemberSource:
@@ -77,6 +82,10 @@ class NpzMemberSource:
         self._position = stop
         return np.frombuffer(raw, dtype=self.dtype).reshape((count, *self.shape[1:]))
 
+    def whole(self) -> np.ndarray:
+        with zipfile.ZipFile(self.path) as archive, archive.open(self.member) as stream:
+            return np.lib.format.read_array(stream, allow_pickle=False)
+
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
@@ -93,6 +102,12 @@ class SafetensorsSource:
 
         with safe_open(str(self.path), framework="np") as handle:
             return np.asarray(handle.get_slice(self.name)[start:stop])
+
+    def whole(self) -> np.ndarray:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="np") as handle:
+            return handle.get_tensor(self.name)
 
 
 def _read_npy_header(stream, label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -111,26 +126,67 @@ def _read_npy_header(stream, label: str) -> tuple[tuple[int, ...], bool, np.dtyp
 
 @dataclass
 class CalibrationData:
+    """The arrays of a data file. Batched arrays have samples on `batch_axes[name]` (default 0);
+    `consts` are fed whole to every batch (a sample rate, a mask, an initial state)."""
+
     path: str
     sources: list[ArraySource]
+    batch_axes: dict[str, int] = field(default_factory=dict)
+    consts: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.sources]
 
+    def configure(self, batch_axes: dict[str, int] | None = None, consts: tuple[str, ...] = ()) -> CalibrationData:
+        for name in list(batch_axes or {}) + list(consts):
+            if name not in self.names:
+                raise UserError(f"{self.path}: no array named {name!r} (arrays: {', '.join(self.names)})")
+        self.batch_axes = dict(batch_axes or {})
+        self.consts = tuple(consts)
+        batched = self._batched()
+        if not batched:
+            raise UserError(f"{self.path}: every array is --const; at least one must hold samples")
+        counts = {}
+        for source in batched:
+            axis = self.batch_axes.get(source.name, 0)
+            if len(source.shape) == 0:
+                raise UserError(f"{self.path}: array {source.name!r} is a scalar; the first axis must be samples (or pass --const {source.name})")
+            if not -len(source.shape) <= axis < len(source.shape):
+                raise UserError(f"--batch-axis {source.name}={axis}: the array has only {len(source.shape)} axes")
+            counts[source.name] = source.shape[axis]
+            if source.shape[axis] == 0:
+                raise UserError(f"{self.path}: array {source.name!r} has zero samples")
+        if len(set(counts.values())) > 1:
+            listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
+            raise UserError(f"{self.path}: arrays have different sample counts ({listed}); the first axis must be samples "
+                            "(use --const NAME for an array fed whole, --batch-axis NAME=AXIS for another sample axis)")
+        return self
+
+    def _batched(self) -> list[ArraySource]:
+        return [s for s in self.sources if s.name not in self.consts]
+
     @property
     def samples(self) -> int:
-        return self.sources[0].shape[0]
+        first = self._batched()[0]
+        return first.shape[self.batch_axes.get(first.name, 0)]
 
     def batches(self, batch_size: int, limit: int | None = None, allow_nonfinite: bool = False) -> Iterator[dict[str, np.ndarray]]:
         total = self.samples if limit is None else min(limit, self.samples)
+        constants = {s.name: s.whole() for s in self.sources if s.name in self.consts}
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
-            batch = {}
-            for source in self.sources:
-                rows = source.rows(start, stop)
+            batch = dict(constants)
+            for source in self._batched():
+                axis = self.batch_axes.get(source.name, 0)
+                if axis % len(source.shape) == 0:
+                    rows = source.rows(start, stop)
+                else:
+                    # samples on another axis (e.g. an RNN state [layers, B, H]): read whole, take the slice
+                    rows = np.take(source.whole(), np.arange(start, stop), axis=axis)
                 if not allow_nonfinite and rows.dtype.kind == "f" and not np.isfinite(rows).all():
-                    bad = start + int(np.flatnonzero(~np.isfinite(rows.reshape(rows.shape[0], -1)).all(axis=1))[0])
+                    moved = np.moveaxis(rows, axis, 0).reshape(stop - start, -1)
+                    bad = start + int(np.flatnonzero(~np.isfinite(moved).all(axis=1))[0])
                     raise UserError(
                         f"{self.path}: array {source.name!r} has NaN or Inf at sample {bad}; "
                         "clean the data or pass --allow-nonfinite"
@@ -139,21 +195,13 @@ class CalibrationData:
             yield batch
 
 
-def _validate(path: str, sources: list[ArraySource]) -> CalibrationData:
+def _validate(path: str, sources: list[ArraySource], batch_axes: dict[str, int] | None, consts: tuple[str, ...]) -> CalibrationData:
     if not sources:
         raise UserError(f"{path}: holds no arrays")
     for source in sources:
         if source.dtype.kind not in NUMERIC_KINDS:
             raise UserError(f"{path}: array {source.name!r} has dtype {source.dtype}, expected numbers (float, int or bool)")
-        if len(source.shape) == 0:
-            raise UserError(f"{path}: array {source.name!r} is a scalar; the first axis must be samples")
-        if source.shape[0] == 0:
-            raise UserError(f"{path}: array {source.name!r} has zero samples")
-    counts = {s.name: s.shape[0] for s in sources}
-    if len(set(counts.values())) > 1:
-        listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
-        raise UserError(f"{path}: arrays have different sample counts ({listed}); the first axis must be samples")
-    return CalibrationData(path=path, sources=sources)
+    return CalibrationData(path=path, sources=sources).configure(batch_axes, consts)
 
 
 def _open_npy(path: Path) -> list[ArraySource]:
@@ -221,7 +269,7 @@ def _open_safetensors(path: Path) -> list[ArraySource]:
     return sources
 
 
-def open_calibration(path: str) -> CalibrationData:
+def open_calibration(path: str, batch_axes: dict[str, int] | None = None, consts: tuple[str, ...] = ()) -> CalibrationData:
     p = check_readable_file(path, "data")
     with open(p, "rb") as handle:
         head = handle.read(8)
@@ -236,4 +284,4 @@ def open_calibration(path: str) -> CalibrationData:
         sources = _open_safetensors(p)
     else:
         raise UserError(f"{path}: unsupported data format; use .npz, .npy, .pt or .safetensors with samples on the first axis")
-    return _validate(str(path), sources)
+    return _validate(str(path), sources, batch_axes, consts)

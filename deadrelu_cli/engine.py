@@ -31,6 +31,8 @@ class ScanOptions:
     channel_dim: int | None = None
     ops: tuple[str, ...] = DEFAULT_OPS
     allow_nonfinite: bool = False
+    consts: tuple[str, ...] = ()  # arrays fed whole to every batch
+    batch_axes: dict[str, int] = field(default_factory=dict)  # arrays whose samples are not on axis 0
     progress: ProgressCallback | None = field(default=None, repr=False)
 
 
@@ -202,7 +204,7 @@ def run_scan(options: ScanOptions) -> Report:
     from deadrelu_cli.loaders.detect import detect_format
 
     fmt = detect_format(options.model)
-    data = open_calibration(options.data)
+    data = open_calibration(options.data, options.batch_axes, options.consts)
     if fmt == "onnx":
         from deadrelu_cli.onnx_scan import scan_onnx
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -23,12 +24,13 @@ def inspect(
     from deadrelu_cli.sites import list_sites
 
     sites, note = list_sites(model, arch, trust_pickle, parse_ops(ops), input_shape)
-    table = Table(title=f"{model}: {len(sites)} activation sites", title_justify="left", header_style="bold")
+    console = Console(highlight=False)
+    console.print(f"{model}: {len(sites)} activation sites", markup=False)
+    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False)
     for column in ("#", "Layer", "Op", "Module type", "Producer"):
         table.add_column(column)
     for i, site in enumerate(sites, 1):
         table.add_row(str(i), site.name, site.op, site.module_type, site.producer or "–")
-    console = Console(highlight=False)
     console.print(table)
     if note:
         console.print(f"note: {note}", style="dim")

@@ -1,0 +1,76 @@
+"""ONNX loader: read (external data only from inside the model's folder), check, infer shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders.detect import check_readable_file
+from deadrelu_cli.loaders.model import InputSpec, LoadedModel, LoadOptions, file_sha256
+
+
+def _check_external_locations(model, base: Path) -> None:
+    from onnx import TensorProto
+    from onnx.external_data_helper import _get_all_tensors
+
+    root = base.resolve()
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (root / location).resolve()
+        if Path(location).is_absolute() or not target.is_relative_to(root):
+            raise UserError(f"{base}: tensor {tensor.name!r} points outside the model's folder ({location}); refusing to read it")
+        if not target.is_file():
+            raise UserError(f"external data file {location} of tensor {tensor.name!r} is missing next to the model")
+
+
+def read_onnx(path: str):
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    p = check_readable_file(path)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise UserError(f"{path}: not a valid ONNX model ({type(exc).__name__}); the file is truncated or not ONNX") from None
+    if not model.graph.node:
+        raise UserError(f"{path}: not a valid ONNX model (the graph has no nodes)")
+    _check_external_locations(model, p.parent)
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read its external data ({exc})") from None
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid graph"
+        raise UserError(f"{path}: the ONNX graph fails onnx.checker ({first})") from None
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - shapes are a help, the graph runs without them
+        pass
+    return model
+
+
+def input_specs(model) -> list[InputSpec]:
+    import onnx
+
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)) if tensor_type.elem_type else None
+        specs.append(InputSpec(value.name, shape, dtype))
+    return specs
+
+
+def load_onnx(options: LoadOptions) -> LoadedModel:
+    model = read_onnx(options.path)
+    specs = input_specs(model)
+    float_dtype = next((s.dtype for s in specs if s.dtype and s.dtype.startswith("float")), "float32")
+    return LoadedModel(path=Path(options.path), format="onnx", sha256=file_sha256(options.path), backend="onnx",
+                       runnable=model, kind="onnx", inputs=specs, float_dtype=float_dtype)

@@ -1,0 +1,168 @@
+"""The ONNX backend of the scan: instrument the graph, run it with onnxruntime, sum the [C] vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deadrelu_cli.calibration import CalibrationData
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
+from deadrelu_cli.probe.onnx_graph import OnnxSite, find_sites, instrument
+from deadrelu_cli.stats import LayerStats
+
+
+def make_session(model_bytes: bytes, device: str, notes: list[str]):
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            notes.append("--device cuda: onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu); ran on CPU")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"onnxruntime cannot load this model: {first}") from None
+
+
+def feed_order(model: LoadedModel, data: CalibrationData) -> dict[str, str]:
+    """model input name -> data array name."""
+    wanted = [spec.name for spec in model.inputs]
+    names = data.names
+    if len(wanted) == 1 and len(names) == 1:
+        return {wanted[0]: names[0]}
+    missing = [w for w in wanted if w not in names]
+    if missing:
+        described = ", ".join(f"{s.name}{list(s.shape) if s.shape else ''} {s.dtype or ''}".strip() for s in model.inputs)
+        raise UserError(f"{data.path}: no array for model input(s) {', '.join(missing)}; the model's inputs are: {described}")
+    extra = [n for n in names if n not in wanted]
+    if extra:
+        raise UserError(f"{data.path}: arrays {', '.join(extra)} match no model input (inputs: {', '.join(wanted)})")
+    return {w: w for w in wanted}
+
+
+def _discover_ranks(model, sites: list[OnnxSite], data: CalibrationData, order: dict[str, str], dtypes: dict, device: str) -> None:
+    """Sites whose rank shape inference could not tell: run one batch exposing Shape(x) only."""
+    from onnx import TensorProto, helper
+
+    unknown = [s for s in sites if s.rank is None and not s.graph_path]
+    if not unknown:
+        return
+    probe = type(model)()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    for i, site in enumerate(unknown):
+        name = f"deadrelu_rank_{i}"
+        probe.graph.node.append(helper.make_node("Shape", [site.input_name], [name], name=name))
+        probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, None))
+    session = make_session(probe.SerializeToString(), device, [])
+    batch = next(data.batches(1))
+    feeds = {inp: _as_input(batch[arr], dtypes[inp]) for inp, arr in order.items()}
+    for site, shape in zip(unknown, session.run(None, feeds), strict=True):
+        site.rank = int(np.asarray(shape).shape[0])
+
+
+def _as_input(array: np.ndarray, dtype: str | None) -> np.ndarray:
+    if dtype is None or array.dtype == np.dtype(dtype):
+        return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array.astype(dtype))
+
+
+class _HostAccumulator:
+    def __init__(self, site: OnnxSite) -> None:
+        self.site = site
+        self.positive = self.max_pre = self.sum_abs = self.saturated = None
+        self.elements = 0
+
+    def add(self, values: dict[str, np.ndarray]) -> None:
+        pos, mx, sm, size = (np.asarray(values[k]) for k in ("pos", "max", "sum", "size"))
+        sat = np.asarray(values["sat"]) if "sat" in values else None
+        if self.site.in_loop:  # per-iteration scan outputs: fold the iterations
+            iterations = [i for i in range(pos.shape[0]) if pos[i].size] if pos.ndim == 2 else []
+            if not iterations:
+                return
+            pos, sm = pos[iterations].sum(0), sm[iterations].sum(0)
+            mx = mx[iterations].max(0)
+            sat = sat[iterations].sum(0) if sat is not None else None
+            size = int(np.asarray(size).sum())
+        size = int(size)
+        if size == 0 or pos.size == 0:  # the site did not run on this batch (untaken If branch)
+            return
+        pos = pos.reshape(-1)
+        units = pos.shape[0]
+        if self.positive is None:
+            self.positive = np.zeros(units, np.int64)
+            self.max_pre = np.full(units, -np.inf)
+            self.sum_abs = np.zeros(units)
+            self.saturated = np.zeros(units, np.int64) if sat is not None else None
+        elif units != self.positive.shape[0]:
+            raise UserError(f"ONNX layer {self.site.name} produced {units} units on one batch and {self.positive.shape[0]} on another; pass --channel-dim")
+        self.positive += pos.astype(np.int64)
+        self.max_pre = np.maximum(self.max_pre, mx.reshape(-1))
+        self.sum_abs += sm.reshape(-1)
+        if self.saturated is not None and sat is not None:
+            self.saturated += sat.reshape(-1).astype(np.int64)
+        self.elements += size // units
+
+    def layer_stats(self) -> LayerStats:
+        site = self.site
+        if self.positive is None:
+            empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0)
+            return LayerStats(site.name, site.op, site.channel_dim, empty_i, 0, empty_f, empty_f,
+                              module_type="Relu" if site.op == "relu" else "Clip", producer=site.producer)
+        bias = None
+        if site.bias is not None and np.asarray(site.bias).reshape(-1).shape[0] == self.positive.shape[0]:
+            bias = np.asarray(site.bias, dtype=np.float64).reshape(-1)
+        return LayerStats(
+            name=site.name, op=site.op, channel_dim=site.channel_dim, positive_counts=self.positive,
+            elements_per_unit=self.elements, max_preactivation=self.max_pre, sum_abs=self.sum_abs,
+            saturated_counts=self.saturated, module_type="Relu" if site.op == "relu" else "Clip",
+            producer=site.producer if bias is not None else None, bias=bias,
+        )
+
+
+def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel, list[LayerStats]]:
+    from deadrelu_cli.loaders.onnx_model import load_onnx
+
+    loaded = load_onnx(LoadOptions(options.model, device=device))
+    order = feed_order(loaded, data)
+    dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
+    for spec in loaded.inputs:
+        source = next(s for s in data.sources if s.name == order[spec.name])
+        if spec.dtype and source.dtype.kind == "f" and spec.dtype.startswith("float") and source.dtype != np.dtype(spec.dtype):
+            loaded.notes.append(f"input {spec.name}: data {source.dtype} converted to the model's {spec.dtype}")
+        if spec.shape and source.name not in data.consts:
+            got = source.shape
+            if len(got) != len(spec.shape) or any(e is not None and g != e for e, g in zip(spec.shape[1:], got[1:], strict=False)):
+                if source.name not in data.batch_axes:
+                    shown = "x".join("?" if e is None else str(e) for e in spec.shape)
+                    raise UserError(f"{data.path}: array {source.name!r} has shape {list(got)}, model input {spec.name!r} expects {shown} {spec.dtype}")
+    sites = find_sites(loaded.runnable, options.ops)
+    _discover_ranks(loaded.runnable, sites, data, order, dtypes, device)
+    instrumented = instrument(loaded.runnable, sites, options.threshold, options.channel_dim)
+    session = make_session(instrumented.SerializeToString(), device, loaded.notes)
+    output_names = [o.name for o in session.get_outputs()]
+    accumulators = [_HostAccumulator(site) for site in sites]
+    total = data.samples if options.limit is None else min(options.limit, data.samples)
+    done = 0
+    for index, batch in enumerate(data.batches(options.batch_size, options.limit, options.allow_nonfinite)):
+        feeds = {inp: _as_input(batch[arr], dtypes.get(inp)) for inp, arr in order.items()}
+        try:
+            results = dict(zip(output_names, session.run(output_names, feeds), strict=True))
+        except Exception as exc:  # onnxruntime's own exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if index == 0:
+                raise UserError(f"onnxruntime failed on the first batch: {first}; check that --data fits the model's inputs") from None
+            raise
+        for acc in accumulators:
+            acc.add({key: results[name] for key, name in acc.site.outputs.items()})
+        first_batched = next(n for n in order.values() if n not in data.consts)
+        axis = data.batch_axes.get(first_batched, 0)
+        done += batch[first_batched].shape[axis]
+        if options.progress:
+            options.progress(done, total)
+    return loaded, [acc.layer_stats() for acc in accumulators]

@@ -1,0 +1,386 @@
+"""ONNX graph probe: find activation sites (subgraphs included) and instrument the graph in memory.
+
+After every site the graph gets per-channel reductions, so only [C]-sized vectors leave it per
+batch, whatever the activation size:
+  positives = ReduceSum(Cast(Greater(x, threshold), int64))   over every axis but the channel axis
+  max_pre   = ReduceMax(x)
+  sum_abs   = ReduceSum(Cast(y, double))                      y = the activation's output (>= 0)
+  size      = Size(x)                                         elements, to derive elements per unit
+  saturated = ReduceSum(Cast(x >= 6, int64))                  relu6 only
+Sites inside If/Loop/Scan bodies are exposed through extra outputs of those nodes: an If branch
+that does not hold the site yields empty vectors (the site did not run), a Loop/Scan body yields
+per-iteration scan outputs that are summed on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from deadrelu_cli.errors import UserError
+
+SUBGRAPH_OPS = ("If", "Loop", "Scan")
+CHANNEL_FIRST_OPS = ("Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "GroupNormalization")
+LAST_DIM_OPS = ("MatMul", "Gemm", "LayerNormalization")
+PASS_THROUGH_OPS = ("Add", "Mul", "Sub", "Div", "BatchNormalization", "Identity", "Dropout", "Cast")
+STAT_KEYS = ("pos", "max", "sum", "size", "sat")
+
+
+@dataclass
+class OnnxSite:
+    name: str
+    op: str  # relu, relu6, clip, leaky_relu, … or hardswish_part (never a layer by default)
+    node_name: str
+    input_name: str
+    output_name: str
+    graph_path: tuple[str, ...]  # () for the main graph, else the chain of subgraph attribute paths
+    rank: int | None = None
+    channel_first: bool | None = None
+    producer: str | None = None
+    bias: np.ndarray | None = None
+    clip_max: float | None = None
+    outputs: dict[str, str] = field(default_factory=dict)  # stat key -> graph output name
+    in_loop: bool = False
+    channel_dim: int = -1
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return 1
+
+
+class _GraphIndex:
+    """Producers, consumers and constants of one graph (plus the constants of enclosing graphs)."""
+
+    def __init__(self, graph: onnx.GraphProto, outer: _GraphIndex | None = None) -> None:
+        self.graph = graph
+        self.outer = outer
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.value_info = {vi.name: vi for vi in list(graph.value_info) + list(graph.input) + list(graph.output)}
+
+    def constant(self, name: str) -> np.ndarray | None:
+        if not name:
+            return None
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+                if attr.name == "value_float":
+                    return np.array(attr.f, dtype=np.float32)
+                if attr.name == "value_int":
+                    return np.array(attr.i, dtype=np.int64)
+        return self.outer.constant(name) if self.outer is not None else None
+
+    def rank(self, name: str) -> int | None:
+        vi = self.value_info.get(name)
+        if vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            return len(vi.type.tensor_type.shape.dim)
+        return self.outer.rank(name) if self.outer is not None else None
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _clip_bounds(node: onnx.NodeProto, index: _GraphIndex) -> tuple[float | None, float | None]:
+    if len(node.input) > 1 or _attr(node, "min") is None:
+        lo = index.constant(node.input[1]) if len(node.input) > 1 else None
+        hi = index.constant(node.input[2]) if len(node.input) > 2 else None
+        return (None if lo is None else float(lo)), (None if hi is None else float(hi))
+    return float(_attr(node, "min", -np.inf)), float(_attr(node, "max", np.inf))
+
+
+def _is_hard_sigmoid_part(node: onnx.NodeProto, index: _GraphIndex) -> bool:
+    """Clip(x + 3, 0, 6) followed by / 6 (or * 1/6): the decomposed HardSigmoid / HardSwish."""
+    source = index.producer.get(node.input[0])
+    if source is None or source.op_type != "Add":
+        return False
+    if not any(v is not None and np.allclose(v, 3.0) for v in (index.constant(i) for i in source.input)):
+        return False
+    for consumer in index.consumers.get(node.output[0], []):
+        consts = [index.constant(i) for i in consumer.input]
+        if consumer.op_type == "Div" and any(c is not None and np.allclose(c, 6.0) for c in consts):
+            return True
+        if consumer.op_type == "Mul" and any(c is not None and np.allclose(c, 1 / 6.0, rtol=1e-3) for c in consts):
+            return True
+    return False
+
+
+def classify(node: onnx.NodeProto, index: _GraphIndex) -> tuple[str, float | None] | None:
+    if node.op_type == "Relu":
+        return "relu", None
+    if node.op_type == "Clip":
+        lo, hi = _clip_bounds(node, index)
+        if lo is None or lo != 0.0:
+            return None
+        if _is_hard_sigmoid_part(node, index):
+            return "hardswish_part", hi
+        if hi == 6.0:
+            return "relu6", 6.0
+        return "clip", hi
+    if node.op_type == "LeakyRelu":
+        return "leaky_relu", None
+    if node.op_type == "Elu":
+        return "elu", None
+    if node.op_type == "Gelu":
+        return "gelu", None
+    return None
+
+
+def _trace(site: OnnxSite, index: _GraphIndex) -> None:
+    """Unit axis and bias from the op that produced the pre-activation (through Add/Mul/BN/bias)."""
+    name = site.input_name
+    keep_producer = True
+    for _ in range(32):
+        node = index.producer.get(name)
+        if node is None:
+            return
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+            site.channel_first = node.op_type != "Gemm"
+            if keep_producer and len(node.input) > 2:
+                site.bias = index.constant(node.input[2])
+                site.producer = node.name or node.output[0]
+            return
+        if node.op_type == "MatMul":
+            site.channel_first = False
+            return
+        if node.op_type in CHANNEL_FIRST_OPS:
+            site.channel_first = True
+            if node.op_type == "BatchNormalization" and keep_producer:
+                site.bias = index.constant(node.input[2])
+                site.producer = node.name or node.output[0]
+            return
+        if node.op_type in LAST_DIM_OPS:
+            site.channel_first = False
+            return
+        if node.op_type in PASS_THROUGH_OPS:
+            data_inputs = [i for i in node.input if i and index.constant(i) is None]
+            if node.op_type == "Add" and len(data_inputs) == 1 and keep_producer:
+                # MatMul + bias: the constant operand is the bias
+                other = next((index.constant(i) for i in node.input if index.constant(i) is not None), None)
+                upstream = index.producer.get(data_inputs[0])
+                if upstream is not None and upstream.op_type == "MatMul" and other is not None and other.ndim == 1:
+                    site.channel_first = False
+                    site.bias = other
+                    site.producer = node.name or node.output[0]
+                    return
+            if len(data_inputs) != 1:
+                keep_producer = False
+            if not data_inputs:
+                return
+            name = data_inputs[0]
+            continue
+        return
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    return [(attr.name, attr.g) for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH]
+
+
+def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool = False) -> list[OnnxSite]:
+    """Activation sites in topological (node) order; subgraph sites named with their path."""
+    sites: list[OnnxSite] = []
+
+    def walk(graph: onnx.GraphProto, path: tuple[str, ...], prefix: str, outer: _GraphIndex | None, in_loop: bool):
+        index = _GraphIndex(graph, outer)
+        for node in graph.node:
+            kind = classify(node, index)
+            if kind is not None and (include_all or kind[0] in ops):
+                base = node.name or node.output[0]
+                site = OnnxSite(name=f"{prefix}{base}", op=kind[0], node_name=node.name, input_name=node.input[0],
+                                output_name=node.output[0], graph_path=path, rank=index.rank(node.input[0]),
+                                clip_max=kind[1], in_loop=in_loop)
+                _trace(site, index)
+                sites.append(site)
+            for attr_name, sub in _subgraphs(node):
+                label = node.name or node.output[0]
+                walk(sub, (*path, f"{label}:{attr_name}"), f"{prefix}{label}/{attr_name}/", index,
+                     in_loop or node.op_type in ("Loop", "Scan"))
+
+    walk(model.graph, (), "", None, False)
+    return sites
+
+
+def onnx_sites(path: str, ops: tuple[str, ...]):
+    """For `deadrelu inspect`: the sites as StaticSite rows."""
+    from deadrelu_cli.loaders.onnx_model import read_onnx
+    from deadrelu_cli.probe.exported import StaticSite
+
+    model = read_onnx(path)
+    return [StaticSite(s.name, s.op, False, "Relu" if s.op == "relu" else s.op, s.channel_first, s.producer)
+            for s in find_sites(model, ops, include_all=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# instrumentation
+
+
+class _Builder:
+    """Adds reduction nodes to one graph, respecting the opset's form of the Reduce* axes."""
+
+    def __init__(self, graph: onnx.GraphProto, opset: int, tag: str) -> None:
+        self.graph, self.opset, self.tag = graph, opset, tag
+        self.count = 0
+
+    def fresh(self, stem: str) -> str:
+        self.count += 1
+        return f"deadrelu_{self.tag}_{stem}_{self.count}"
+
+    def node(self, op: str, inputs: list[str], stem: str, **attrs) -> str:
+        out = self.fresh(stem)
+        self.graph.node.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def const(self, array: np.ndarray, stem: str) -> str:
+        name = self.fresh(stem)
+        self.graph.node.append(helper.make_node("Constant", [], [name], name=name,
+                                                value=numpy_helper.from_array(array, name)))
+        return name
+
+    def reduce(self, op: str, x: str, axes: list[int], stem: str) -> str:
+        axes_from_input = (op == "ReduceSum" and self.opset >= 13) or (op == "ReduceMax" and self.opset >= 18)
+        if not axes:
+            return self.node("Identity", [x], stem)
+        if axes_from_input:
+            return self.node(op, [x, self.const(np.array(axes, dtype=np.int64), "axes")], stem, keepdims=0)
+        return self.node(op, [x], stem, axes=axes, keepdims=0)
+
+
+def _float_type(index: _GraphIndex, name: str) -> int:
+    vi = index.value_info.get(name)
+    if vi is not None and vi.type.HasField("tensor_type"):
+        return vi.type.tensor_type.elem_type
+    return TensorProto.FLOAT
+
+
+def _add_reductions(builder: _Builder, site: OnnxSite, channel_dim: int, threshold: float, elem_type: int) -> dict[str, str]:
+    """Per-channel statistics of one site. Full-size intermediates stay 4 bytes per element
+    (int32 / float); only the [C] results are widened to int64 / double."""
+    rank = site.rank or 0
+    axes = [d for d in range(rank) if d != channel_dim] if rank > 1 else []
+    np_type = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    x, y = site.input_name, site.output_name
+    if elem_type not in (TensorProto.FLOAT, TensorProto.DOUBLE):  # fp16/bf16: reduce in float32
+        x = builder.node("Cast", [x], "xf", to=TensorProto.FLOAT)
+        y = builder.node("Cast", [y], "yf", to=TensorProto.FLOAT)
+        np_type = np.float32
+
+    def widen(name: str, to: int, stem: str) -> str:
+        return builder.node("Cast", [name], stem, to=to)
+
+    thr = builder.const(np.array(threshold, dtype=np_type), "threshold")
+    fired = builder.node("Cast", [builder.node("Greater", [x, thr], "gt")], "cast", to=TensorProto.INT32)
+    out = {
+        "pos": widen(builder.reduce("ReduceSum", fired, axes, "pos32"), TensorProto.INT64, "pos"),
+        "max": widen(builder.reduce("ReduceMax", x, axes, "maxf"), TensorProto.DOUBLE, "max"),
+        "sum": widen(builder.reduce("ReduceSum", y, axes, "sumf"), TensorProto.DOUBLE, "sum"),
+        "size": builder.node("Size", [site.input_name], "size"),
+    }
+    if site.op in ("relu6", "clip") and site.clip_max is not None:
+        cap = builder.const(np.array(site.clip_max, dtype=np_type), "cap")
+        at_cap = builder.node("Not", [builder.node("Less", [x, cap], "below")], "atcap")
+        at_cap32 = builder.node("Cast", [at_cap], "casts", to=TensorProto.INT32)
+        out["sat"] = widen(builder.reduce("ReduceSum", at_cap32, axes, "sat32"), TensorProto.INT64, "sat")
+    return out
+
+
+_STAT_TYPES = {"pos": TensorProto.INT64, "max": TensorProto.DOUBLE, "sum": TensorProto.DOUBLE,
+               "size": TensorProto.INT64, "sat": TensorProto.INT64}
+
+
+def _empty_like_stat(builder: _Builder, key: str) -> str:
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(_STAT_TYPES[key])
+    if key == "size":
+        return builder.const(np.array(0, dtype=dtype), "zero")
+    return builder.const(np.zeros((0,), dtype=dtype), "empty")
+
+
+def instrument(model: onnx.ModelProto, sites: list[OnnxSite], threshold: float, channel_dim_override: int | None,
+               keep_outputs: bool = False) -> onnx.ModelProto:
+    """A copy of the model whose outputs are the per-site statistics (and the original outputs if asked)."""
+    from deadrelu_cli.probe.accumulator import resolve_channel_dim
+
+    inst = onnx.ModelProto()
+    inst.CopyFrom(model)
+    opset = opset_version(inst)
+    if not keep_outputs:
+        del inst.graph.output[:]
+    # Resolve each graph path to the GraphProto inside the copy.
+    graphs: dict[tuple[str, ...], onnx.GraphProto] = {(): inst.graph}
+    owners: dict[tuple[str, ...], tuple[tuple[str, ...], onnx.NodeProto, str]] = {}
+
+    def collect(graph: onnx.GraphProto, path: tuple[str, ...]) -> None:
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    sub_path = (*path, f"{node.name or node.output[0]}:{attr.name}")
+                    graphs[sub_path] = attr.g
+                    owners[sub_path] = (path, node, attr.name)
+                    collect(attr.g, sub_path)
+
+    collect(inst.graph, ())
+    indexes = {path: _GraphIndex(g) for path, g in graphs.items()}
+    for i, site in enumerate(sites):
+        if site.rank is None:
+            raise UserError(f"ONNX layer {site.name}: the rank of its input is unknown; run onnx shape inference on the model first")
+        dim = resolve_channel_dim(site.rank, 1 if (site.channel_first or (site.channel_first is None and site.rank >= 4)) else -1,
+                                  channel_dim_override) if site.rank > 1 else 0
+        site.channel_dim = dim
+        graph = graphs[site.graph_path]
+        builder = _Builder(graph, opset, f"s{i}")
+        stats = _add_reductions(builder, site, dim, threshold, _float_type(indexes[site.graph_path], site.input_name))
+        # Lift the statistics out through each enclosing If/Loop/Scan up to the main graph.
+        path = site.graph_path
+        names = dict(stats)
+        while path:
+            parent_path, owner, attr_name = owners[path]
+            body = graphs[path]
+            for key, value in names.items():
+                body.output.append(helper.make_tensor_value_info(value, _STAT_TYPES[key], None))
+            if owner.op_type == "If":
+                other_attr = "else_branch" if attr_name == "then_branch" else "then_branch"
+                other = next(a.g for a in owner.attribute if a.name == other_attr)
+                filler = _Builder(other, opset, f"s{i}f")
+                for key in names:
+                    value = _empty_like_stat(filler, key)
+                    other.output.append(helper.make_tensor_value_info(value, _STAT_TYPES[key], None))
+                lifted = {}
+                for key in names:
+                    out_name = f"deadrelu_s{i}_{key}_if{len(path)}"
+                    owner.output.append(out_name)
+                    lifted[key] = out_name
+                names = lifted
+            elif owner.op_type in ("Loop", "Scan"):
+                # extra body outputs become scan outputs, stacked per iteration: [iterations, C]
+                lifted = {}
+                for key in names:
+                    out_name = f"deadrelu_s{i}_{key}_loop{len(path)}"
+                    owner.output.append(out_name)
+                    lifted[key] = out_name
+                for attr in owner.attribute:  # keep Scan's per-output lists the right length
+                    if attr.name in ("scan_output_axes", "scan_output_directions"):
+                        attr.ints.extend([0] * len(names))
+                names = lifted
+            else:
+                raise UserError(f"ONNX layer {site.name}: subgraphs of {owner.op_type} nodes are not supported")
+            path = parent_path
+        site.outputs = names
+        for key, value in names.items():
+            inst.graph.output.append(helper.make_tensor_value_info(value, _STAT_TYPES[key], None))
+    return inst
