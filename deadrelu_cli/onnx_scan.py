@@ -102,7 +102,10 @@ class _HostAccumulator:
         elif units != self.positive.shape[0]:
             raise UserError(f"ONNX layer {self.site.name} produced {units} units on one batch and {self.positive.shape[0]} on another; pass --channel-dim")
         self.positive += pos.astype(np.int64)
-        self.max_pre = np.maximum(self.max_pre, mx.reshape(-1))
+        mx = mx.reshape(-1)
+        if self.site.float16:
+            mx = mx.astype(np.float16).astype(np.float64)
+        self.max_pre = np.maximum(self.max_pre, mx)
         self.sum_abs += sm.reshape(-1)
         if self.saturated is not None and sat is not None:
             self.saturated += sat.reshape(-1).astype(np.int64)

@@ -26,3 +26,20 @@ LayerName = Annotated[str | None, typer.Option("--layer", help="Show one row per
 MaxDead = Annotated[float | None, typer.Option("--max-dead", min=0.0, max=1.0, help="Gate: exit 1 when the dead fraction of the model is above this.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 ReportPath = Annotated[Path, typer.Argument(help="A JSON report written by `deadrelu scan --json`.", show_default=False)]
+Const = Annotated[list[str] | None, typer.Option("--const", help="Array of --data fed whole to every batch (a sample rate, a mask, an initial state). Repeatable.")]
+BatchAxis = Annotated[list[str] | None, typer.Option("--batch-axis", help="NAME=AXIS: this array holds samples on AXIS (e.g. an RNN state [2, B, 128]: state=1). Repeatable.")]
+
+
+def parse_batch_axes(values: list[str] | None) -> dict[str, int]:
+    from deadrelu_cli.errors import UserError
+
+    axes = {}
+    for value in values or []:
+        name, sep, axis = value.rpartition("=")
+        if not sep or not name:
+            raise UserError(f"--batch-axis {value!r}: expected NAME=AXIS, e.g. state=1")
+        try:
+            axes[name] = int(axis)
+        except ValueError:
+            raise UserError(f"--batch-axis {value!r}: AXIS must be an integer") from None
+    return axes

@@ -44,6 +44,8 @@ def scan(
     channel_dim: opt.ChannelDim = None,
     ops: opt.Ops = None,
     allow_nonfinite: opt.AllowNonfinite = False,
+    const: opt.Const = None,
+    batch_axis: opt.BatchAxis = None,
     layer: opt.LayerName = None,
     json_out: opt.JsonOut = None,
     max_dead: opt.MaxDead = None,
@@ -66,7 +68,7 @@ def scan(
     options = ScanOptions(model=model, data=data, arch=arch, trust_pickle=trust_pickle, batch_size=batch_size,
                           limit=limit, device=device, threshold=threshold, dying=dying, tau=tau,
                           channel_dim=channel_dim, ops=parse_ops(ops), allow_nonfinite=allow_nonfinite,
-                          progress=update)
+                          consts=tuple(const or ()), batch_axes=opt.parse_batch_axes(batch_axis), progress=update)
     if progress is not None:
         with progress:
             report = run_scan(options)

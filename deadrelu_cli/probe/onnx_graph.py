@@ -45,6 +45,7 @@ class OnnxSite:
     outputs: dict[str, str] = field(default_factory=dict)  # stat key -> graph output name
     in_loop: bool = False
     channel_dim: int = -1
+    float16: bool = False
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -189,8 +190,13 @@ def _trace(site: OnnxSite, index: _GraphIndex) -> None:
         return
 
 
+_BRANCH_ORDER = {"then_branch": 0, "else_branch": 1}
+
+
 def _subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
-    return [(attr.name, attr.g) for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH]
+    """Subgraph attributes in reading order (an If's then branch before its else branch)."""
+    found = [(attr.name, attr.g) for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH]
+    return sorted(found, key=lambda item: _BRANCH_ORDER.get(item[0], 2))
 
 
 def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool = False) -> list[OnnxSite]:
@@ -277,6 +283,10 @@ def _add_reductions(builder: _Builder, site: OnnxSite, channel_dim: int, thresho
     np_type = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
     x, y = site.input_name, site.output_name
     if elem_type not in (TensorProto.FLOAT, TensorProto.DOUBLE):  # fp16/bf16: reduce in float32
+        # onnxruntime on CPU runs fp16 ops in float32 and may merge this Cast with its own, so the
+        # values can be the float32 ones before fp16 rounding: the host rounds max_pre back (rounding
+        # is monotonic, so that is exact); counts differ only for |x| below fp16's smallest subnormal.
+        site.float16 = elem_type == TensorProto.FLOAT16
         x = builder.node("Cast", [x], "xf", to=TensorProto.FLOAT)
         y = builder.node("Cast", [y], "yf", to=TensorProto.FLOAT)
         np_type = np.float32

@@ -1,0 +1,166 @@
+"""Small ONNX graphs built with onnx.helper, and an independent numpy count of their Relu inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+F32 = TensorProto.FLOAT
+
+
+def _model(nodes, inputs, outputs, inits, opset=17, name="g"):
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _init(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def gemm_relu(opset=17, batch=None, bias=None):
+    """x[N,4] -> Gemm(W[8,4], b) -> Relu -> MatMul -> y; b planted with dead units 2, 4, 6."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 4)) * 0.3).astype(np.float32)
+    b = np.array(bias if bias is not None else [0.5, -0.2, -8, 0.1, -10, 0.3, -15, -0.1], np.float32)
+    w2 = rng.standard_normal((8, 2)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+        helper.make_node("Relu", ["h"], ["r"], name="relu1"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="out"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", F32, [batch, 4])],
+                  [helper.make_tensor_value_info("y", F32, [batch, 2])],
+                  [_init("w", w), _init("b", b), _init("w2", w2)], opset=opset)
+
+
+def matmul_tokens(opset=17):
+    """x[B,T,8] -> MatMul(W[8,6]) + bias -> Relu: units on the last axis."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 6)).astype(np.float32)
+    b = np.array([0, -40, 0, 0, -40, 0], np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+        helper.make_node("Add", ["m", "b"], ["h"], name="bias"),
+        helper.make_node("Relu", ["h"], ["y"], name="ffn_relu"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", F32, ["B", "T", 8])],
+                  [helper.make_tensor_value_info("y", F32, ["B", "T", 6])], [_init("w", w), _init("b", b)], opset=opset)
+
+
+def conv_relu_hardswish(opset=17, spatial=8):
+    """Conv -> Relu (a real layer) and a HardSwish decomposition x * Clip(x + 3, 0, 6) / 6 next to it, plus a Clip(0, 6)."""
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((4, 3, 3, 3)) * 0.5).astype(np.float32)
+    b = np.array([0.1, -30, 0.2, 0.0], np.float32)
+    clip_args = ["zero", "six"] if opset >= 11 else []
+    clip_attrs = {} if opset >= 11 else {"min": 0.0, "max": 6.0}
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Add", ["c", "three"], ["c3"], name="hs_add"),
+        helper.make_node("Clip", ["c3", *clip_args], ["cl"], name="hs_clip", **clip_attrs),
+        helper.make_node("Div", ["cl", "six"], ["hsig"], name="hs_div"),
+        helper.make_node("Mul", ["c", "hsig"], ["hs"], name="hs_mul"),
+        helper.make_node("Clip", ["c", *clip_args], ["r6"], name="relu6", **clip_attrs),
+        helper.make_node("Add", ["r", "hs"], ["s"], name="sum1"),
+        helper.make_node("Add", ["s", "r6"], ["y"], name="sum2"),
+    ]
+    inits = [_init("w", w), _init("b", b), _init("three", np.float32(3.0)), _init("six", np.float32(6.0)),
+             _init("zero", np.float32(0.0))]
+    return _model(nodes, [helper.make_tensor_value_info("x", F32, ["N", 3, spatial, spatial])],
+                  [helper.make_tensor_value_info("y", F32, ["N", 4, spatial, spatial])], inits, opset=opset)
+
+
+def relu_in_if():
+    """Relu nodes only inside the branches of an If on a boolean input (like silero-vad)."""
+    rng = np.random.default_rng(3)
+    wa = rng.standard_normal((4, 5)).astype(np.float32)
+    ba = np.array([0, 0, -50, 0, 0], np.float32)
+
+    def branch(name, scale):
+        nodes = [
+            helper.make_node("MatMul", ["x", "wa"], [f"{name}_m"], name=f"{name}_mm"),
+            helper.make_node("Add", [f"{name}_m", "ba"], [f"{name}_h"], name=f"{name}_add"),
+            helper.make_node("Mul", [f"{name}_h", f"{name}_scale"], [f"{name}_hs"], name=f"{name}_mul"),
+            helper.make_node("Relu", [f"{name}_hs"], [f"{name}_out"], name=f"{name}_relu"),
+        ]
+        g = helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_out", F32, ["N", 5])],
+                              initializer=[_init(f"{name}_scale", np.float32(scale))])
+        return g
+
+    nodes = [helper.make_node("If", ["flag"], ["y"], name="gate", then_branch=branch("then", 1.0),
+                              else_branch=branch("else", -1.0))]
+    return _model(nodes, [helper.make_tensor_value_info("x", F32, ["N", 4]),
+                          helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                  [helper.make_tensor_value_info("y", F32, ["N", 5])], [_init("wa", wa), _init("ba", ba)])
+
+
+def two_inputs():
+    rng = np.random.default_rng(4)
+    w1, w2 = rng.standard_normal((3, 6)).astype(np.float32), rng.standard_normal((2, 6)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["a", "w1"], ["p"], name="mm1"),
+        helper.make_node("MatMul", ["b", "w2"], ["q"], name="mm2"),
+        helper.make_node("Add", ["p", "q"], ["h"], name="add"),
+        helper.make_node("Relu", ["h"], ["y"], name="relu"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("a", F32, ["N", 3]), helper.make_tensor_value_info("b", F32, ["N", 2])],
+                  [helper.make_tensor_value_info("y", F32, ["N", 6])], [_init("w1", w1), _init("w2", w2)])
+
+
+def float16_model():
+    model = gemm_relu()
+    fp16 = onnx.ModelProto()
+    fp16.CopyFrom(model)
+    for init in fp16.graph.initializer:
+        arr = numpy_helper.to_array(init).astype(np.float16)
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    for value in list(fp16.graph.input) + list(fp16.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(fp16)
+    return fp16
+
+
+def relu_inputs_ground_truth(model: onnx.ModelProto, feeds: dict, channel_dims: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Run the *un-instrumented* graph with each top-level Relu/Clip input exposed; count in numpy."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    wanted = {n.name: n.input[0] for n in exposed.graph.node if n.name in channel_dims}
+    elem_type = exposed.graph.input[0].type.tensor_type.elem_type
+    for tensor in wanted.values():
+        exposed.graph.output.append(helper.make_tensor_value_info(tensor, elem_type, None))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+    out = {}
+    for node_name, tensor in wanted.items():
+        a = np.moveaxis(values[tensor].astype(np.float64), channel_dims[node_name], -1)
+        a = a.reshape(-1, a.shape[-1])
+        out[node_name] = ((a > 0).sum(0), a.max(0), a.shape[0])
+    return out
+
+
+def relu_in_loop(trips=3):
+    """h <- Relu(h @ W + b) repeated `trips` times inside a Loop body."""
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((4, 4)) * 0.8).astype(np.float32)
+    b = np.array([0.1, -30, 0.2, 0.0], np.float32)
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h_in", "w"], ["m"], name="body_mm"),
+            helper.make_node("Add", ["m", "b"], ["pre"], name="body_add"),
+            helper.make_node("Relu", ["pre"], ["h_out"], name="body_relu"),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
+        ],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", F32, ["N", 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("h_out", F32, ["N", 4])],
+    )
+    nodes = [helper.make_node("Loop", ["trips", "", "x"], ["y"], name="loop", body=body)]
+    inits = [_init("w", w), _init("b", b), _init("trips", np.array(trips, np.int64))]
+    return _model(nodes, [helper.make_tensor_value_info("x", F32, ["N", 4])], [helper.make_tensor_value_info("y", F32, ["N", 4])], inits), w, b

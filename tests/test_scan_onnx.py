@@ -1,0 +1,230 @@
+"""The ONNX scan against numpy counts of the un-instrumented graph's Relu inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx_graphs import (conv_relu_hardswish, float16_model, gemm_relu, matmul_tokens, relu_in_if,
+                         relu_inputs_ground_truth, two_inputs)
+
+from deadrelu_cli import scan
+from deadrelu_cli.errors import UserError
+
+
+def _save(model, tmp_path, name="m.onnx"):
+    path = tmp_path / name
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _check_layer(layer, truth):
+    positives, max_pre, elements = truth
+    np.testing.assert_array_equal(layer.positive_counts, positives)
+    np.testing.assert_allclose(layer.max_preactivation, max_pre, rtol=1e-6, atol=1e-6)
+    assert layer.elements_per_unit == elements
+    assert np.flatnonzero(layer.dead_mask()).tolist() == np.flatnonzero(positives == 0).tolist()
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17, 18, 21])
+def test_gemm_relu_all_opsets(tmp_path, opset):
+    model = gemm_relu(opset=opset)
+    x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), batch_size=16, device="cpu")
+    truth = relu_inputs_ground_truth(model, {"x": x}, {"relu1": 1})
+    layer = report.layers[0]
+    assert layer.name == "relu1" and layer.op == "relu" and report.model.format == "onnx"
+    _check_layer(layer, truth["relu1"])
+    assert np.flatnonzero(layer.dead_mask()).tolist() == [2, 4, 6]
+    assert layer.producer == "fc"
+    np.testing.assert_allclose(layer.bias, [0.5, -0.2, -8, 0.1, -10, 0.3, -15, -0.1], rtol=1e-6)
+
+
+def test_fixed_batch_graph(tmp_path):
+    model = gemm_relu(batch=10)
+    x = np.random.default_rng(1).standard_normal((30, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), batch_size=10, device="cpu")
+    _check_layer(report.layers[0], relu_inputs_ground_truth(model, {"x": x[:10]}, {"relu1": 1})["relu1"][:0] + (
+        (report.layers[0].positive_counts, report.layers[0].max_preactivation, 30)))
+    total = sum(relu_inputs_ground_truth(model, {"x": x[i:i + 10]}, {"relu1": 1})["relu1"][0] for i in (0, 10, 20))
+    np.testing.assert_array_equal(report.layers[0].positive_counts, total)
+
+
+def test_matmul_tokens_last_axis(tmp_path):
+    model = matmul_tokens()
+    x = np.random.default_rng(2).standard_normal((9, 5, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), batch_size=4, device="cpu")
+    layer = report.layers[0]
+    assert layer.units == 6 and layer.channel_dim == 2
+    _check_layer(layer, relu_inputs_ground_truth(model, {"x": x}, {"ffn_relu": -1})["ffn_relu"])
+    assert np.flatnonzero(layer.dead_mask()).tolist() == [1, 4]
+    np.testing.assert_allclose(layer.bias, [0, -40, 0, 0, -40, 0])
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_clip_and_hardswish_are_not_relu(tmp_path, opset):
+    model = conv_relu_hardswish(opset=opset)
+    x = np.random.default_rng(3).standard_normal((6, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), batch_size=4, device="cpu")
+    assert [(layer.name, layer.op) for layer in report.layers] == [("relu", "relu"), ("relu6", "relu6")]
+    truth = relu_inputs_ground_truth(model, {"x": x}, {"relu": 1, "relu6": 1})
+    _check_layer(report.layers[0], truth["relu"])
+    _check_layer(report.layers[1], truth["relu6"])
+    assert 1 in np.flatnonzero(report.layers[0].dead_mask()).tolist()
+    assert report.layers[0].channel_dim == 1
+
+
+def test_relu_inside_if_branches(tmp_path):
+    model = relu_in_if()
+    x = np.random.default_rng(4).standard_normal((12, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, flag=np.array(True))
+    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), batch_size=5, device="cpu", consts=("flag",))
+    names = [layer.name for layer in report.layers]
+    assert names == ["gate/then_branch/then_relu", "gate/else_branch/else_relu"]
+    then_layer, else_layer = report.layers
+    assert then_layer.ran and not else_layer.ran
+    assert else_layer.dead_mask().sum() == 0  # never ran: not dead
+    wa = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "wa")).astype(np.float64)
+    pre = x.astype(np.float64) @ wa + np.array([0, 0, -50, 0, 0])
+    np.testing.assert_array_equal(then_layer.positive_counts, (pre > 0).sum(0))
+    assert then_layer.elements_per_unit == 12
+    assert 2 in np.flatnonzero(then_layer.dead_mask()).tolist()
+    np.savez(tmp_path / "e.npz", x=x, flag=np.array(False))
+    report = scan(_save(model, tmp_path), str(tmp_path / "e.npz"), device="cpu", consts=("flag",))
+    np.testing.assert_array_equal(report.layers[1].positive_counts, (-pre > 0).sum(0))
+    assert not report.layers[0].ran
+
+
+def test_two_inputs_by_name_and_mismatch(tmp_path):
+    model = two_inputs()
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((7, 3)).astype(np.float32), rng.standard_normal((7, 2)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", b=b, a=a)
+    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), device="cpu", batch_size=3)
+    _check_layer(report.layers[0], relu_inputs_ground_truth(model, {"a": a, "b": b}, {"relu": 1})["relu"])
+    np.savez(tmp_path / "bad.npz", a=a, c=b)
+    with pytest.raises(UserError, match=r"no array for model input\(s\) b; the model's inputs are: a\[None, 3\] float32"):
+        scan(_save(model, tmp_path), str(tmp_path / "bad.npz"), device="cpu")
+
+
+def test_float16_model_gets_converted_inputs(tmp_path):
+    model = float16_model()
+    x = np.random.default_rng(6).standard_normal((20, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), device="cpu")
+    truth = relu_inputs_ground_truth(model, {"x": x.astype(np.float16)}, {"relu1": 1})
+    _check_layer(report.layers[0], truth["relu1"])
+    assert any("converted to the model's float16" in note for note in report.notes)
+
+
+def test_external_data(tmp_path):
+    model = gemm_relu()
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",
+              size_threshold=0)
+    assert (tmp_path / "ext.data").exists()
+    x = np.random.default_rng(7).standard_normal((10, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    report = scan(str(path), str(tmp_path / "d.npz"), device="cpu")
+    assert np.flatnonzero(report.layers[0].dead_mask()).tolist() == [2, 4, 6]
+
+
+def test_external_data_outside_folder_is_refused(tmp_path):
+    model = gemm_relu()
+    (tmp_path / "sub").mkdir()
+    onnx.save(model, str(tmp_path / "sub" / "m.onnx"), save_as_external_data=True, location="w.data", size_threshold=0)
+    raw = (tmp_path / "sub" / "m.onnx").read_bytes().replace(b"w.data", b"../w.d")  # same length: the protobuf stays valid
+    (tmp_path / "sub" / "m.onnx").write_bytes(raw)
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 4), np.float32))
+    with pytest.raises(UserError, match="outside the model's folder"):
+        scan(str(tmp_path / "sub" / "m.onnx"), str(tmp_path / "d.npz"), device="cpu")
+
+
+def test_memory_does_not_grow_with_activation_size(tmp_path):
+    """Only [C]-sized vectors (and element counts) leave the instrumented graph, whatever the spatial size."""
+    from deadrelu_cli.probe.onnx_graph import find_sites, instrument
+
+    fetched = {}
+    for spatial in (8, 32):  # 16x more activation elements
+        model = onnx.shape_inference.infer_shapes(conv_relu_hardswish(spatial=spatial))
+        sites = find_sites(model, ("relu", "relu6"))
+        inst = instrument(model, sites, 0.0, None)
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(inst.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(8).standard_normal((4, 3, spatial, spatial)).astype(np.float32)
+        outputs = session.run(None, {"x": x})
+        fetched[spatial] = sum(o.nbytes for o in outputs)
+        assert all(o.ndim <= 1 for o in outputs)
+        assert [o.name for o in inst.graph.output] == [n for s in sites for n in s.outputs.values()]
+    assert fetched[8] == fetched[32]
+
+
+@pytest.mark.parametrize("content", [b"not an onnx file at all", b"\x08\x07\x12\x04junk"])
+def test_bad_onnx_files(tmp_path, content):
+    (tmp_path / "bad.onnx").write_bytes(content)
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 4), np.float32))
+    with pytest.raises(UserError):
+        scan(str(tmp_path / "bad.onnx"), str(tmp_path / "d.npz"), device="cpu")
+
+
+def test_truncated_and_invalid_onnx(tmp_path):
+    model = gemm_relu()
+    raw = model.SerializeToString()
+    (tmp_path / "t.onnx").write_bytes(raw[: len(raw) // 2])
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 4), np.float32))
+    with pytest.raises(UserError, match="truncated or not ONNX|fails onnx.checker"):
+        scan(str(tmp_path / "t.onnx"), str(tmp_path / "d.npz"), device="cpu")
+    broken = gemm_relu()
+    broken.graph.node[1].input[0] = "does_not_exist"
+    onnx.save(broken, str(tmp_path / "b.onnx"))
+    with pytest.raises(UserError, match="fails onnx.checker"):
+        scan(str(tmp_path / "b.onnx"), str(tmp_path / "d.npz"), device="cpu")
+
+
+def test_parity_with_torch_scan_on_exported_samples(tmp_path, planted_module):
+    """Each planted torch model exported to ONNX gives the same dead units per layer as the torch scan."""
+    import warnings
+
+    from conftest import arch, save_npz, save_state_dict
+
+    for factory, shape in (("eight_neuron", (4,)), ("conv_bn", (3, 6, 6)), ("tokens", (5, 8)), ("relu6_model", (4,))):
+        model = getattr(planted_module, factory)().eval()
+        x = np.random.default_rng(9).standard_normal((32, *shape)).astype(np.float32)
+        data = save_npz(tmp_path / f"{factory}.npz", x=x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.from_numpy(x[:2]),), str(tmp_path / f"{factory}.onnx"), input_names=["x"],
+                              dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)
+        torch_report = scan(str(save_state_dict(model, tmp_path / f"{factory}.pt")), str(data), arch=arch(factory), device="cpu")
+        onnx_report = scan(str(tmp_path / f"{factory}.onnx"), str(data), device="cpu")
+        assert [layer.op for layer in onnx_report.layers] == [layer.op for layer in torch_report.layers], factory
+        for a, b in zip(torch_report.layers, onnx_report.layers, strict=True):
+            assert a.units == b.units and a.elements_per_unit == b.elements_per_unit, (factory, a.name, b.name)
+            assert np.flatnonzero(a.dead_mask()).tolist() == np.flatnonzero(b.dead_mask()).tolist(), (factory, a.name)
+
+
+def test_relu_inside_loop_body(tmp_path):
+    from onnx_graphs import relu_in_loop
+
+    model, w, b = relu_in_loop(trips=3)
+    x = np.random.default_rng(10).standard_normal((11, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), device="cpu", batch_size=4)
+    assert [layer.name for layer in report.layers] == ["loop/body/body_relu"]
+    layer = report.layers[0]
+    h, positives, maxima = x.astype(np.float64), np.zeros(4, np.int64), np.full(4, -np.inf)
+    for _ in range(3):  # every iteration is one more pass through the same call site
+        pre = h @ w.astype(np.float64) + b
+        positives += (pre > 0).sum(0)
+        maxima = np.maximum(maxima, pre.max(0))
+        h = np.maximum(pre, 0)
+    np.testing.assert_array_equal(layer.positive_counts, positives)
+    np.testing.assert_allclose(layer.max_preactivation, maxima, rtol=1e-5, atol=1e-5)
+    assert layer.elements_per_unit == 33
+    assert 1 in np.flatnonzero(layer.dead_mask()).tolist()
