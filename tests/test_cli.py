@@ -71,7 +71,8 @@ def test_max_dead_gate(cli, limit, code):
     result = cli("scan", *MLP, "--max-dead", limit)
     assert result.code == code
     if code:
-        assert "gate failed: 15.0% of units are dead" in result.err
+        assert "model: 15.0% of units are dead (6/40), above the limit 10.0%" in result.err
+        assert "gate failed: 1 limit(s) exceeded" in result.err
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ app = typer.Typer(
     name="deadrelu",
     help="Find dead ReLU units in saved checkpoints (PyTorch, safetensors, TorchScript, torch.export, ONNX).",
     no_args_is_help=True,
+    epilog="Exit codes: 0 ok, 1 gate failed, 2 usage or input error, 3 internal error. Add --debug for tracebacks.",
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -37,10 +38,11 @@ def _root(
 
 
 def _register() -> None:
-    from deadrelu_cli.cli import inspect_cmd, scan_cmd
+    from deadrelu_cli.cli import inspect_cmd, report_cmds, scan_cmd
 
     scan_cmd.register(app)
     inspect_cmd.register(app)
+    report_cmds.register(app)
 
 
 _register()

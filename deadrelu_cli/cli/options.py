@@ -9,6 +9,8 @@ import typer
 
 Model = Annotated[str, typer.Argument(help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export) or .onnx.", show_default=False)]
 Data = Annotated[str, typer.Option("--data", "-d", help="Calibration data: .npz, .npy (memory-mapped), .pt or .safetensors; first axis = samples.", show_default=False)]
+OptionalModel = Annotated[str | None, typer.Argument(help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export) or .onnx.", show_default=False)]
+OptionalData = Annotated[str | None, typer.Option("--data", "-d", help="Calibration data: .npz, .npy (memory-mapped), .pt or .safetensors; first axis = samples.", show_default=False)]
 Arch = Annotated[str | None, typer.Option("--arch", help="MODULE:FACTORY that builds the model for a state_dict (MODULE = importable name or path to a .py file).")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow full unpickling (runs code from the file). Only for checkpoints you trust.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch (does not change the result).")]
@@ -43,3 +45,12 @@ def parse_batch_axes(values: list[str] | None) -> dict[str, int]:
         except ValueError:
             raise UserError(f"--batch-axis {value!r}: AXIS must be an integer") from None
     return axes
+MaxDeadLayer = Annotated[float | None, typer.Option("--max-dead-layer", min=0.0, max=1.0, help="Gate: exit 1 when any layer's dead fraction is above this.")]
+LayerLimit = Annotated[list[str] | None, typer.Option("--layer-limit", help="Gate: GLOB=FRACTION limit for matching layers, e.g. 'encoder.*=0.3' (first match wins). Repeatable.")]
+MaxDeadUnits = Annotated[int | None, typer.Option("--max-dead-units", min=0, help="Gate: exit 1 when more units than this are dead.")]
+Baseline = Annotated[str | None, typer.Option("--baseline", help="Gate: an earlier JSON report; fail when dead fractions grew by more than --max-increase.")]
+MaxIncrease = Annotated[float | None, typer.Option("--max-increase", min=0.0, max=1.0, help="Gate: allowed growth of a dead fraction over --baseline (default 0).")]
+Junit = Annotated[str | None, typer.Option("--junit", help="Write JUnit XML (one testcase per layer) here.")]
+Markdown = Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary here (also appended to $GITHUB_STEP_SUMMARY when set).")]
+ConfigPath = Annotated[str | None, typer.Option("--config", help="Settings file (default: nearest deadrelu.toml or pyproject.toml with [tool.deadrelu]).")]
+ShowConfig = Annotated[bool, typer.Option("--show-config", help="Print the effective settings and where each came from, then exit.")]

@@ -1,4 +1,4 @@
-"""`deadrelu scan`: replay calibration data, report dead units per call site."""
+"""`deadrelu scan`: replay calibration data, report dead units per call site, gate the result."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from deadrelu_cli.cli import options as opt
+from deadrelu_cli.cli.gating import gate_config, merge_settings, run_gate, show_config
 
 
 def _progress_callback(quiet: bool, err: Console):
@@ -31,8 +32,9 @@ def _progress_callback(quiet: bool, err: Console):
 
 
 def scan(
-    model: opt.Model,
-    data: opt.Data,
+    ctx: typer.Context,
+    model: opt.OptionalModel = None,
+    data: opt.OptionalData = None,
     arch: opt.Arch = None,
     trust_pickle: opt.TrustPickle = False,
     batch_size: opt.BatchSize = 64,
@@ -49,45 +51,69 @@ def scan(
     layer: opt.LayerName = None,
     json_out: opt.JsonOut = None,
     max_dead: opt.MaxDead = None,
+    max_dead_layer: opt.MaxDeadLayer = None,
+    layer_limit: opt.LayerLimit = None,
+    max_dead_units: opt.MaxDeadUnits = None,
+    baseline: opt.Baseline = None,
+    max_increase: opt.MaxIncrease = None,
+    junit: opt.Junit = None,
+    markdown: opt.Markdown = None,
+    config: opt.ConfigPath = None,
+    show_config_flag: opt.ShowConfig = False,
     quiet: opt.Quiet = False,
 ) -> None:
-    """Scan MODEL on the calibration data: per-unit activation rates at every ReLU call site."""
+    """Scan MODEL on the calibration data: per-unit activation rates at every ReLU call site.
+
+    Settings not given as flags come from [tool.deadrelu] in the nearest pyproject.toml (or deadrelu.toml).
+    """
     from deadrelu_cli.engine import ScanOptions, run_scan
-    from deadrelu_cli.errors import GateFailed
+    from deadrelu_cli.errors import UserError
     from deadrelu_cli.files import refuse_overwrite_of_inputs, write_text_atomic
     from deadrelu_cli.probe.ops import parse_ops
     from deadrelu_cli.report.model import report_to_json
     from deadrelu_cli.report.table import print_report
 
-    json_to_stdout = json_out == "-"
+    params = {k: v for k, v in locals().items() if k in ctx.params}
+    params, sources, _ = merge_settings(ctx, params, config)
+    if show_config_flag:
+        show_config(params, sources, Console(highlight=False))
+        return
+    p = params
+    if not p["model"]:
+        raise UserError("missing MODEL: deadrelu scan MODEL --data DATA (see --help)")
+    if not p["data"]:
+        raise UserError("missing --data: the calibration data to replay (.npz, .npy, .pt or .safetensors)")
+    json_to_stdout = p["json_out"] == "-"
     out = Console(stderr=json_to_stdout, highlight=False)
-    err = Console(stderr=True, highlight=False)
-    if json_out and not json_to_stdout:
-        refuse_overwrite_of_inputs(json_out, [model, data])
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    inputs = [p["model"], p["data"]]
+    for target in (p["json_out"], p["junit"], p["markdown"]):
+        if target and target != "-":
+            refuse_overwrite_of_inputs(target, inputs)
+    gate = gate_config(p["max_dead"], p["max_dead_layer"], p["layer_limit"], p["max_dead_units"], p["baseline"], p["max_increase"])
     progress, update = _progress_callback(quiet, err)
-    options = ScanOptions(model=model, data=data, arch=arch, trust_pickle=trust_pickle, batch_size=batch_size,
-                          limit=limit, device=device, threshold=threshold, dying=dying, tau=tau,
-                          channel_dim=channel_dim, ops=parse_ops(ops), allow_nonfinite=allow_nonfinite,
-                          consts=tuple(const or ()), batch_axes=opt.parse_batch_axes(batch_axis), progress=update)
+    options = ScanOptions(
+        model=p["model"], data=p["data"], arch=p["arch"], trust_pickle=p["trust_pickle"], batch_size=p["batch_size"],
+        limit=p["limit"], device=p["device"], threshold=p["threshold"], dying=p["dying"], tau=p["tau"],
+        channel_dim=p["channel_dim"], ops=parse_ops(p["ops"]), allow_nonfinite=p["allow_nonfinite"],
+        consts=tuple(p["const"] or ()), batch_axes=opt.parse_batch_axes(p["batch_axis"]), progress=update,
+    )
     if progress is not None:
         with progress:
             report = run_scan(options)
     else:
         report = run_scan(options)
+    if p["layer"]:
+        report.layer(p["layer"])  # a wrong name is a usage error, also with --json -
     if json_to_stdout:
         sys.stdout.write(report_to_json(report))
         sys.stdout.flush()
     else:
-        print_report(report, out, layer)
-        if json_out:
-            write_text_atomic(json_out, report_to_json(report))
-    if layer and json_to_stdout:
-        report.layer(layer)  # still validate the name
-    if max_dead is not None:
-        summary = report.summary()
-        if summary.dead_fraction > max_dead:
-            raise GateFailed(f"gate failed: {100 * summary.dead_fraction:.1f}% of units are dead, above --max-dead {100 * max_dead:.1f}%")
+        print_report(report, out, p["layer"])
+        if p["json_out"]:
+            write_text_atomic(p["json_out"], report_to_json(report))
+    run_gate(report, gate, p["junit"], p["markdown"], err, inputs)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("scan", no_args_is_help=True)(scan)
+    app.command("scan")(scan)

@@ -1,0 +1,108 @@
+"""What `scan` and `gate` share: settings from config files, the gate, and the CI outputs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from deadrelu_cli.config import FileConfig, load_config
+from deadrelu_cli.errors import GateFailed
+
+GATE_PARAMS = ("max_dead", "max_dead_layer", "layer_limit", "max_dead_units", "baseline", "max_increase", "junit", "markdown")
+
+
+def merge_settings(ctx: typer.Context, params: dict[str, Any], config_path: str | None) -> tuple[dict[str, Any], dict[str, str], FileConfig]:
+    """Fill every parameter not given on the command line from the config file; say where each came from."""
+    file_config = load_config(config_path)
+    sources = {}
+    for name in params:
+        source = ctx.get_parameter_source(name)
+        given = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+        if not given and name in file_config.values:
+            params[name] = file_config.values[name]
+            sources[name] = _relative(file_config.path)
+        else:
+            sources[name] = "command line" if given else "default"
+    return params, sources, file_config
+
+
+def _relative(path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+def show_config(params: dict[str, Any], sources: dict[str, str], console: Console) -> None:
+    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False)
+    for column in ("Setting", "Value", "From"):
+        table.add_column(column, overflow="fold")
+    for name, value in params.items():
+        if name in ("show_config_flag", "config", "model", "data"):
+            continue
+        table.add_row("--" + name.replace("_", "-"), "–" if value is None else str(value), sources.get(name, "default"))
+    console.print(table)
+
+
+def gate_config(max_dead, max_dead_layer, layer_limit, max_dead_units, baseline, max_increase):
+    from deadrelu_cli.gate import GateConfig, parse_layer_limits
+    from deadrelu_cli.report.model import load_report
+
+    return GateConfig(
+        max_dead=max_dead,
+        max_dead_layer=max_dead_layer,
+        layer_limits=parse_layer_limits(layer_limit),
+        max_dead_units=max_dead_units,
+        baseline=load_report(baseline) if baseline else None,
+        max_increase=max_increase,
+    )
+
+
+def _annotate_github(result, report, err: Console) -> None:
+    """GitHub workflow commands (read from the job log) for each failure."""
+    for message in result.failures:
+        err.print(f"::error title=deadrelu {report.model.path}::{message}", markup=False, highlight=False, soft_wrap=True)
+    for name in result.added:
+        err.print(f"::notice title=deadrelu::layer {name} is not in the baseline", markup=False, soft_wrap=True)
+    for name in result.removed:
+        err.print(f"::warning title=deadrelu::baseline layer {name} is gone", markup=False, soft_wrap=True)
+
+
+def run_gate(report, config, junit: str | None, markdown: str | None, err: Console, inputs: list[str]) -> None:
+    """Evaluate the gate, write the CI outputs, print the verdict on stderr; raise GateFailed (exit 1) on failure."""
+    from deadrelu_cli.files import refuse_overwrite_of_inputs, write_text_atomic
+    from deadrelu_cli.gate import evaluate
+    from deadrelu_cli.report.junit import render_junit
+    from deadrelu_cli.report.markdown import render_markdown
+
+    result = evaluate(report, config)
+    if junit:
+        refuse_overwrite_of_inputs(junit, inputs)
+        write_text_atomic(junit, render_junit(report, result))
+    text = render_markdown(report, result) if (markdown or os.environ.get("GITHUB_STEP_SUMMARY")) else None
+    if markdown:
+        refuse_overwrite_of_inputs(markdown, inputs)
+        write_text_atomic(markdown, text)
+    summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary_file and text:
+        with open(summary_file, "a", encoding="utf-8") as handle:  # GitHub's own file: append, as documented
+            handle.write(text)
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        _annotate_github(result, report, err)
+    for name in result.added:
+        err.print(f"note: layer {name} is not in the baseline", markup=False, style="dim")
+    for name in result.removed:
+        err.print(f"note: baseline layer {name} is not in this report", markup=False, style="dim")
+    if not result.checked:
+        return
+    if result.passed:
+        err.print("gate passed", markup=False, style="green")
+        return
+    for message in result.failures:
+        err.print(f"gate: {message}", markup=False)
+    raise GateFailed(f"gate failed: {len(result.failures)} limit(s) exceeded")

@@ -1,0 +1,91 @@
+"""Settings from `[tool.deadrelu]` in the nearest pyproject.toml, or a deadrelu.toml; flags override them."""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deadrelu_cli.errors import UserError
+
+# key in the file -> (parameter name in the CLI, expected type)
+KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
+    "max-dead": ("max_dead", (int, float)),
+    "max-dead-layer": ("max_dead_layer", (int, float)),
+    "layer-limits": ("layer_limit", dict),
+    "max-dead-units": ("max_dead_units", int),
+    "baseline": ("baseline", str),
+    "max-increase": ("max_increase", (int, float)),
+    "batch-size": ("batch_size", int),
+    "limit": ("limit", int),
+    "device": ("device", str),
+    "threshold": ("threshold", (int, float)),
+    "dying": ("dying", (int, float)),
+    "tau": ("tau", (int, float)),
+    "ops": ("ops", (str, list)),
+    "channel-dim": ("channel_dim", int),
+    "junit": ("junit", str),
+    "markdown": ("markdown", str),
+}
+
+
+@dataclass
+class FileConfig:
+    path: Path | None = None
+    values: dict[str, Any] = field(default_factory=dict)  # CLI parameter name -> value
+
+
+def find_config(start: Path | None = None) -> Path | None:
+    """The nearest deadrelu.toml, or pyproject.toml that has a [tool.deadrelu] table, from START upwards."""
+    directory = (start or Path.cwd()).resolve()
+    for folder in (directory, *directory.parents):
+        own = folder / "deadrelu.toml"
+        if own.is_file():
+            return own
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file() and _table(pyproject, required=False) is not None:
+            return pyproject
+    return None
+
+
+def _table(path: Path, required: bool = True) -> dict | None:
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: invalid TOML ({exc})") from None
+    table = document.get("tool", {}).get("deadrelu")
+    if table is None and path.name == "deadrelu.toml":
+        table = {k: v for k, v in document.items() if k != "tool"}
+    if table is None and required:
+        raise UserError(f"{path}: has no [tool.deadrelu] table")
+    return table
+
+
+def load_config(explicit: str | None = None, start: Path | None = None) -> FileConfig:
+    path = Path(explicit) if explicit else find_config(start)
+    if path is None:
+        return FileConfig()
+    if not path.is_file():
+        raise UserError(f"--config {explicit}: no such file")
+    table = _table(path) or {}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in KEYS:
+            close = difflib.get_close_matches(key.replace("_", "-"), list(KEYS), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(KEYS)}"
+            raise UserError(f"{path}: unknown key {key!r} in [tool.deadrelu]{hint}")
+        name, expected = KEYS[key]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise UserError(f"{path}: {key} = {value!r} has the wrong type")
+        if key == "layer-limits":
+            value = [f"{glob}={limit}" for glob, limit in value.items()]
+        if key == "ops" and isinstance(value, list):
+            value = ",".join(value)
+        if key in ("baseline", "junit", "markdown"):  # paths are relative to the config file
+            value = str((path.parent / value)) if not Path(value).is_absolute() else value
+        values[name] = value
+    return FileConfig(path=path, values=values)

@@ -1,0 +1,130 @@
+"""The CI gate: limits on dead units, per layer and for the model, and against a baseline report."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.report.model import Report
+
+
+@dataclass
+class GateConfig:
+    max_dead: float | None = None  # fraction of the whole model
+    max_dead_layer: float | None = None  # fraction of any one layer
+    layer_limits: list[tuple[str, float]] = field(default_factory=list)  # (glob, fraction), first match wins
+    max_dead_units: int | None = None
+    baseline: Report | None = None
+    max_increase: float | None = None  # with a baseline; None means 0
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.max_dead, self.max_dead_layer, self.max_dead_units, self.baseline)) or bool(self.layer_limits)
+
+
+@dataclass
+class LayerVerdict:
+    name: str
+    op: str
+    units: int
+    dead: int
+    fraction: float
+    limit: float | None
+    baseline_fraction: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class GateResult:
+    layers: list[LayerVerdict]
+    model_failures: list[str]
+    added: list[str] = field(default_factory=list)  # layers not in the baseline
+    removed: list[str] = field(default_factory=list)  # baseline layers gone from this report
+    dead_fraction: float = 0.0
+    baseline_dead_fraction: float | None = None
+    checked: bool = True
+
+    @property
+    def failures(self) -> list[str]:
+        return self.model_failures + [f for layer in self.layers for f in layer.failures]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def parse_layer_limits(values: list[str] | None) -> list[tuple[str, float]]:
+    limits = []
+    for value in values or []:
+        glob, sep, number = value.rpartition("=")
+        if not sep or not glob:
+            raise UserError(f"--layer-limit {value!r}: expected GLOB=FRACTION, e.g. 'encoder.*=0.3'")
+        try:
+            fraction = float(number)
+        except ValueError:
+            raise UserError(f"--layer-limit {value!r}: FRACTION must be a number between 0 and 1") from None
+        if not 0.0 <= fraction <= 1.0:
+            raise UserError(f"--layer-limit {value!r}: FRACTION must be between 0 and 1")
+        limits.append((glob, fraction))
+    return limits
+
+
+def layer_limit(name: str, config: GateConfig) -> float | None:
+    for glob, fraction in config.layer_limits:
+        if fnmatch.fnmatchcase(name, glob):
+            return fraction
+    return config.max_dead_layer
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:.1f}%"
+
+
+def evaluate(report: Report, config: GateConfig) -> GateResult:
+    summary = report.summary()
+    model_failures: list[str] = []
+    if config.max_dead is not None and summary.dead_fraction > config.max_dead:
+        model_failures.append(f"model: {_pct(summary.dead_fraction)} of units are dead ({summary.dead}/{summary.units}), above the limit {_pct(config.max_dead)}")
+    if config.max_dead_units is not None and summary.dead > config.max_dead_units:
+        model_failures.append(f"model: {summary.dead} dead units, above the limit {config.max_dead_units}")
+
+    old_layers = {layer.name: layer for layer in config.baseline.layers} if config.baseline else {}
+    increase = config.max_increase if config.max_increase is not None else 0.0
+    verdicts = []
+    for layer in report.layers:
+        dead = int(layer.dead_mask().sum())
+        fraction = dead / layer.units if layer.units and layer.ran else 0.0
+        limit = layer_limit(layer.name, config)
+        verdict = LayerVerdict(layer.name, layer.op, layer.units, dead, fraction, limit)
+        if layer.ran and limit is not None and fraction > limit:
+            verdict.failures.append(f"layer {layer.name}: {_pct(fraction)} dead ({dead}/{layer.units}), above the limit {_pct(limit)}")
+        old = old_layers.get(layer.name)
+        if old is not None and old.ran and layer.ran:
+            old_fraction = int(old.dead_mask().sum()) / old.units if old.units else 0.0
+            verdict.baseline_fraction = old_fraction
+            if fraction - old_fraction > increase + 1e-12:
+                verdict.failures.append(
+                    f"layer {layer.name}: dead fraction grew from {_pct(old_fraction)} to {_pct(fraction)} "
+                    f"(+{100 * (fraction - old_fraction):.1f} points, allowed +{100 * increase:.1f})"
+                )
+        verdicts.append(verdict)
+
+    result = GateResult(layers=verdicts, model_failures=model_failures, dead_fraction=summary.dead_fraction,
+                        checked=config.active)
+    if config.baseline is not None:
+        names = {layer.name for layer in report.layers}
+        result.added = [layer.name for layer in report.layers if layer.name not in old_layers]
+        result.removed = [name for name in old_layers if name not in names]
+        old_summary = config.baseline.summary()
+        result.baseline_dead_fraction = old_summary.dead_fraction
+        if summary.dead_fraction - old_summary.dead_fraction > increase + 1e-12:
+            model_failures.append(
+                f"model: dead fraction grew from {_pct(old_summary.dead_fraction)} to {_pct(summary.dead_fraction)} "
+                f"(+{100 * (summary.dead_fraction - old_summary.dead_fraction):.1f} points, allowed +{100 * increase:.1f})"
+            )
+    return result

@@ -1,0 +1,68 @@
+"""Differences between two reports, layer by layer (matched by name)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from deadrelu_cli.report.model import Report
+
+
+@dataclass
+class LayerDiff:
+    name: str
+    old_dead: int | None
+    new_dead: int | None
+    units: int
+    revived: list[int]
+    newly_dead: list[int]
+
+    @property
+    def delta(self) -> int:
+        return (self.new_dead or 0) - (self.old_dead or 0)
+
+    @property
+    def unchanged(self) -> bool:
+        return self.old_dead == self.new_dead and not self.revived and not self.newly_dead
+
+    def _text(self, dead: int | None) -> str:
+        return "–" if dead is None else f"{dead}/{self.units} ({100 * dead / self.units:.1f}%)" if self.units else "0"
+
+    @property
+    def old_text(self) -> str:
+        return self._text(self.old_dead) if self.old_dead is not None else "(absent)"
+
+    @property
+    def new_text(self) -> str:
+        return self._text(self.new_dead) if self.new_dead is not None else "(absent)"
+
+    @property
+    def change_text(self) -> str:
+        if self.old_dead is None:
+            return "added"
+        if self.new_dead is None:
+            return "removed"
+        return f"{self.delta:+d}"
+
+
+def diff_reports(old: Report, new: Report) -> tuple[list[LayerDiff], str]:
+    old_layers = {layer.name: layer for layer in old.layers}
+    new_names = {layer.name for layer in new.layers}
+    rows = []
+    for layer in new.layers:
+        before = old_layers.get(layer.name)
+        new_dead = set(np.flatnonzero(layer.dead_mask()).tolist())
+        if before is None or before.units != layer.units:
+            rows.append(LayerDiff(layer.name, None, len(new_dead), layer.units, [], []))
+            continue
+        old_dead = set(np.flatnonzero(before.dead_mask()).tolist())
+        rows.append(LayerDiff(layer.name, len(old_dead), len(new_dead), layer.units,
+                              sorted(old_dead - new_dead), sorted(new_dead - old_dead)))
+    for layer in old.layers:
+        if layer.name not in new_names:
+            rows.append(LayerDiff(layer.name, int(layer.dead_mask().sum()), None, layer.units, [], []))
+    a, b = old.summary(), new.summary()
+    summary = (f"Dead units: {a.dead}/{a.units} ({100 * a.dead_fraction:.1f}%) → {b.dead}/{b.units} "
+               f"({100 * b.dead_fraction:.1f}%), {sum(1 for r in rows if not r.unchanged)} layers changed")
+    return rows, summary
