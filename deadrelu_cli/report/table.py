@@ -41,7 +41,7 @@ def summary_line(report: Report) -> str:
 
 def layers_table(report: Report) -> Table:
     settings = report.settings
-    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False)
+    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
     table.add_column("Layer", overflow="fold", min_width=8)
     for column in ("Op", "Units", "Dead", "Dead %", "Dying", "Dormant", "Median"):
         table.add_column(column, justify="left" if column == "Op" else "right", no_wrap=True, min_width=len(column))
@@ -74,7 +74,7 @@ def unit_status(layer: LayerStats, index: int, dying: float) -> str:
 
 
 def units_table(report: Report, layer: LayerStats) -> Table:
-    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False)
+    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
     bias_title = f"Bias ({layer.producer})" if layer.producer else "Bias"
     for column in ("Unit", bias_title, "Active %", "Max pre-act", "Mean |act|", "Status"):
         table.add_column(column, justify="left" if column == "Status" else "right")
