@@ -146,7 +146,9 @@ def attach_biases(model: LoadedModel, layers) -> None:
             layer.producer = None
 
 
-def scan_torch(model: LoadedModel, data: CalibrationData, options: ScanOptions, device: str) -> list:
+def scan_torch(model: LoadedModel, data: CalibrationData, options: ScanOptions, device: str,
+               collectors: dict | None = None) -> tuple[list, object]:
+    """Replay the data through a probe of the model; returns the layer statistics and the probe."""
     import torch
 
     from deadrelu_cli.probe.base import ProbeSettings
@@ -156,6 +158,7 @@ def scan_torch(model: LoadedModel, data: CalibrationData, options: ScanOptions, 
     _first_layer_check(model, data)
     settings = ProbeSettings(threshold=options.threshold, channel_dim=options.channel_dim, ops=options.ops)
     probe = make_probe(model, settings)
+    probe.registry.collectors.update(collectors or {})
     batch_size = options.batch_size
     total = data.samples if options.limit is None else min(options.limit, data.samples)
     if model.fixed_batch is not None and model.fixed_batch != batch_size:
@@ -185,7 +188,7 @@ def scan_torch(model: LoadedModel, data: CalibrationData, options: ScanOptions, 
                 options.progress(done, total)
     layers = probe.registry.layer_stats()
     attach_biases(model, layers)
-    return layers
+    return layers, probe
 
 
 class _null:
@@ -196,7 +199,20 @@ class _null:
         return False
 
 
+@dataclass
+class ScanResult:
+    report: Report
+    model: LoadedModel
+    data: CalibrationData
+    device: str
+    probe: object | None = None  # torch probes: consumers and producer links, for fixes
+
+
 def run_scan(options: ScanOptions) -> Report:
+    return run_scan_detailed(options).report
+
+
+def run_scan_detailed(options: ScanOptions) -> ScanResult:
     if options.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if options.limit is not None and options.limit < 1:
@@ -210,15 +226,17 @@ def run_scan(options: ScanOptions) -> Report:
 
         device = options.device if options.device != "auto" else "cpu"
         model, layers = scan_onnx(options, data, device)
+        probe = None
     else:
         device = resolve_device(options.device)
         model = load_model(LoadOptions(options.model, options.arch, options.trust_pickle, device))
-        layers = scan_torch(model, data, options, device)
+        layers, probe = scan_torch(model, data, options, device)
     samples = data.samples if options.limit is None else min(options.limit, data.samples)
-    return Report(
+    report = Report(
         model=ModelInfo(path=str(options.model), format=model.format, sha256=model.sha256),
         data=DataInfo(path=str(options.data), samples=samples),
         settings=Settings(options.threshold, options.dying, options.tau, options.channel_dim, device, tuple(options.ops)),
         layers=layers,
         notes=list(model.notes),
     )
+    return ScanResult(report, model, data, device, probe)

@@ -145,6 +145,9 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                     shown = "x".join("?" if e is None else str(e) for e in spec.shape)
                     raise UserError(f"{data.path}: array {source.name!r} has shape {list(got)}, model input {spec.name!r} expects {shown} {spec.dtype}")
     sites = find_sites(loaded.runnable, options.ops)
+    if not sites:
+        loaded.notes.append(f"the graph has no {'/'.join(options.ops)} nodes")
+        return loaded, []
     _discover_ranks(loaded.runnable, sites, data, order, dtypes, device)
     instrumented = instrument(loaded.runnable, sites, options.threshold, options.channel_dim)
     session = make_session(instrumented.SerializeToString(), device, loaded.notes)

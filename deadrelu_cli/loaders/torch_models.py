@@ -115,7 +115,7 @@ def _float_dtype(model: nn.Module) -> str:
 
 
 def _eager(path: Path, fmt: str, model: nn.Module, sha: str, device: str) -> LoadedModel:
-    model = model.to(device)
+    model = model.to(device).eval()  # inference semantics (BatchNorm running stats, no dropout) everywhere
     return LoadedModel(path=path, format=fmt, sha256=sha, backend="torch", runnable=model, kind="eager",
                        inputs=_forward_inputs(model), float_dtype=_float_dtype(model))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,8 @@ class SiteRegistry:
     def __init__(self, settings: ProbeSettings) -> None:
         self.settings = settings
         self.sites: dict[str, SiteAccumulator] = {}
+        # site name -> callback(pre-activation): for fixes that need the values of a few units
+        self.collectors: dict[str, Callable[[torch.Tensor, int], None]] = {}
 
     def record(
         self,
@@ -42,6 +45,9 @@ class SiteRegistry:
         if site.positive is None:
             site.channel_dim = resolve_channel_dim(pre.dim(), inferred_channel_dim, self.settings.channel_dim)
         site.update(pre, post, self.settings.threshold)
+        collector = self.collectors.get(name)
+        if collector is not None:
+            collector(pre, site.channel_dim)
 
     def declare(self, name: str, op: str, module_type: str | None, producer: str | None) -> None:
         """Make a site known before it runs, so that a site no sample reaches is reported as not run."""

@@ -73,6 +73,21 @@ def _pass_through_functions() -> set:
             T.contiguous, torch.add, torch.sub, torch.mul, torch.div, torch.clone, F.dropout}
 
 
+def _unit_preserving_functions() -> set:
+    """Ops after an activation that keep each unit's values in their own slot (for finding its consumer)."""
+    T = torch.Tensor
+    return {torch.flatten, T.flatten, T.view, T.reshape, torch.reshape, F.dropout, F.max_pool1d, F.max_pool2d,
+            F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+            F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, T.contiguous, T.clone}
+
+
+UNIT_PRESERVING_MODULES: tuple[type, ...] = (
+    nn.Dropout, nn.Identity, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
+)
+CONSUMER_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+
 class _CallSiteMode(TorchFunctionMode):
     def __init__(self, probe: EagerProbe) -> None:
         super().__init__()
@@ -83,9 +98,15 @@ class _CallSiteMode(TorchFunctionMode):
         spec = self.probe.functions.get(func)
         if spec is None or not args or not isinstance(args[0], torch.Tensor):
             out = func(*args, **kwargs)
-            if func in self.probe.pass_through and args and isinstance(out, torch.Tensor):
-                others = list(args[1:]) + list(kwargs.values())
-                self.probe.propagate(args[0], out, keep_producer=not any(isinstance(a, torch.Tensor) for a in others))
+            if args and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor):
+                if func in self.probe.pass_through:
+                    others = list(args[1:]) + list(kwargs.values())
+                    self.probe.propagate(args[0], out, keep_producer=not any(isinstance(a, torch.Tensor) for a in others))
+                elif func in self.probe.unit_preserving:
+                    self.probe.carry_site_output(args[0], out)
+                    return out
+            if self.probe._site_outputs:
+                self.probe.note_other_use(func, args)
             return out
         if func in (F.hardtanh, F.hardtanh_) and _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
             return func(*args, **kwargs)
@@ -94,11 +115,17 @@ class _CallSiteMode(TorchFunctionMode):
         in_place = spec.always_in_place or bool(
             kwargs.get("inplace", args[spec.in_place_arg] if spec.in_place_arg is not None and len(args) > spec.in_place_arg else False)
         )
+        name = self.probe.next_site_name(spec.op)
+        substitute = self.probe.substitutes.get(name)
+        if substitute is not None:  # a patched site (deadrelu fix --strategy leaky, patch_module)
+            return substitute(args[0])
         out = call_and_record(
-            func, args, kwargs, spec.op, in_place, lambda pre, out: self.probe.observe(spec.op, pre, out)
+            func, args, kwargs, spec.op, in_place, lambda pre, out: self.probe.observe(name, spec.op, pre, out)
         )
         if in_place:  # the tensor now holds activations, no longer its producer's output
             self.probe.forget(args[0])
+        if isinstance(out, torch.Tensor):
+            self.probe.mark_site_output(out, name)
         return out
 
 
@@ -115,15 +142,53 @@ class EagerProbe:
         # id(tensor) -> (weakref, producer name or None, producer module or None, channel-first?)
         self._produced: dict[int, tuple[weakref.ref, str | None, nn.Module | None, bool]] = {}
         self.pass_through = _pass_through_functions()
+        self.unit_preserving = _unit_preserving_functions()
+        # activation outputs (and unit-preserving views of them): id -> (weakref, site name)
+        self._site_outputs: dict[int, tuple[weakref.ref, str]] = {}
+        self.consumers: dict[str, set[str]] = {}  # site -> Linear/Conv modules that read its output
+        self.upstream: dict[str, str] = {}  # producer -> the producer feeding it (BN -> its Conv)
+        self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement activation
         self._module_names = {id(m): name for name, m in model.named_modules()}
 
     # -- hooks -------------------------------------------------------------------------------
-    def _pre_hook(self, module: nn.Module, _args) -> None:
+    def _pre_hook(self, module: nn.Module, args) -> None:
         self._stack.append((self._module_names.get(id(module), ""), module))
+        if isinstance(module, PRODUCER_TYPES) and args and isinstance(args[0], torch.Tensor):
+            origin = self.origin_of(args[0])
+            if origin is not None and origin[0] is not None:  # e.g. the Conv before a BatchNorm
+                self.upstream[self._module_names.get(id(module), "")] = origin[0]
+        if isinstance(module, CONSUMER_TYPES) and args and isinstance(args[0], torch.Tensor):
+            site = self.site_of(args[0])
+            if site is not None:
+                self.consumers.setdefault(site, set()).add(self._module_names.get(id(module), ""))
 
-    def _post_hook(self, module: nn.Module, _args, output) -> None:
+    def note_other_use(self, func, args: tuple) -> None:
+        """An activation output read by anything but a Linear/Conv or a unit-preserving op (residual add, …)."""
+        if self._stack and isinstance(self._stack[-1][1], CONSUMER_TYPES):
+            return
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                site = self.site_of(arg)
+                if site is not None:
+                    self.consumers.setdefault(site, set()).add(f"<{getattr(func, '__name__', 'op')}>")
+
+    def site_of(self, tensor: torch.Tensor) -> str | None:
+        entry = self._site_outputs.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def mark_site_output(self, tensor: torch.Tensor, site: str) -> None:
+        self._site_outputs[id(tensor)] = (weakref.ref(tensor), site)
+
+    def carry_site_output(self, source: torch.Tensor, result: torch.Tensor) -> None:
+        site = self.site_of(source)
+        if site is not None:
+            self.mark_site_output(result, site)
+
+    def _post_hook(self, module: nn.Module, args, output) -> None:
         if self._stack and self._stack[-1][1] is module:
             self._stack.pop()
+        if isinstance(module, UNIT_PRESERVING_MODULES) and args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            self.carry_site_output(args[0], output)
         if isinstance(output, torch.Tensor) and isinstance(module, PRODUCER_TYPES + CHANNEL_FIRST_TYPES):
             is_producer = isinstance(module, PRODUCER_TYPES)
             self._produced[id(output)] = (weakref.ref(output), self._module_names.get(id(module), "") if is_producer else None,
@@ -146,14 +211,20 @@ class EagerProbe:
             name, module, channel_first = found if keep_producer else (None, None, found[2])
             self._produced[id(result)] = (weakref.ref(result), name, module, channel_first)
 
+    def attach(self) -> list:
+        """Register the hooks; returns their handles (see `attached` for the usual, scoped use)."""
+        handles = []
+        for module in self.model.modules():
+            handles.append(module.register_forward_pre_hook(self._pre_hook))
+            handles.append(module.register_forward_hook(self._post_hook, always_call=True))
+        return handles
+
     @contextlib.contextmanager
     def attached(self) -> Iterator[EagerProbe]:
         handles = []
         was_training = {m: m.training for m in self.model.modules()}
         try:
-            for module in self.model.modules():
-                handles.append(module.register_forward_pre_hook(self._pre_hook))
-                handles.append(module.register_forward_hook(self._post_hook, always_call=True))
+            handles = self.attach()
             self.model.eval()
             yield self
         finally:
@@ -162,20 +233,32 @@ class EagerProbe:
             for module, mode in was_training.items():
                 module.train(mode)
 
-    def run(self, inputs: tuple, kwargs: dict | None = None):
-        """One forward pass under the call-site mode."""
+    def begin_forward(self) -> None:
         self._namer.reset()
         self._stack.clear()
         self._produced.clear()
+        self._site_outputs.clear()
+
+    def mode(self) -> TorchFunctionMode:
+        return _CallSiteMode(self)
+
+    def run(self, inputs: tuple, kwargs: dict | None = None):
+        """One forward pass under the call-site mode."""
+        self.begin_forward()
         with _CallSiteMode(self):
             return self.model(*inputs, **(kwargs or {}))
 
     # -- recording -----------------------------------------------------------------------------
-    def observe(self, op: str, pre: torch.Tensor, post: torch.Tensor | None) -> None:
+    def _current_module(self) -> tuple[str, nn.Module, bool]:
         path, module = self._stack[-1] if self._stack else ("", self.model)
-        module_type = f"{type(module).__module__}.{type(module).__qualname__}"
-        is_activation = is_activation_module_type(module_type)
-        name = self._namer.name(path, op, is_activation)
+        return path, module, is_activation_module_type(f"{type(module).__module__}.{type(module).__qualname__}")
+
+    def next_site_name(self, op: str) -> str:
+        path, _, is_activation = self._current_module()
+        return self._namer.name(path, op, is_activation)
+
+    def observe(self, name: str, op: str, pre: torch.Tensor, post: torch.Tensor | None) -> None:
+        _, module, is_activation = self._current_module()
         producer_name, producer, channel_first = self.origin_of(pre) or (None, None, None)
         inferred = infer_channel_dim(pre.dim(), channel_first)
         units = pre.shape[inferred] if pre.dim() > 1 else pre.shape[0]

@@ -321,11 +321,19 @@ def _empty_like_stat(builder: _Builder, key: str) -> str:
     return builder.const(np.zeros((0,), dtype=dtype), "empty")
 
 
+def site_channel_dim(site: OnnxSite, override: int | None) -> int:
+    """Dim 1 for conv-like outputs, the last dim for MatMul/Gemm outputs; `override` wins."""
+    from deadrelu_cli.probe.accumulator import resolve_channel_dim
+
+    if not site.rank or site.rank <= 1:
+        return 0
+    inferred = 1 if (site.channel_first or (site.channel_first is None and site.rank >= 4)) else -1
+    return resolve_channel_dim(site.rank, inferred, override)
+
+
 def instrument(model: onnx.ModelProto, sites: list[OnnxSite], threshold: float, channel_dim_override: int | None,
                keep_outputs: bool = False) -> onnx.ModelProto:
     """A copy of the model whose outputs are the per-site statistics (and the original outputs if asked)."""
-    from deadrelu_cli.probe.accumulator import resolve_channel_dim
-
     inst = onnx.ModelProto()
     inst.CopyFrom(model)
     opset = opset_version(inst)
@@ -349,8 +357,7 @@ def instrument(model: onnx.ModelProto, sites: list[OnnxSite], threshold: float, 
     for i, site in enumerate(sites):
         if site.rank is None:
             raise UserError(f"ONNX layer {site.name}: the rank of its input is unknown; run onnx shape inference on the model first")
-        dim = resolve_channel_dim(site.rank, 1 if (site.channel_first or (site.channel_first is None and site.rank >= 4)) else -1,
-                                  channel_dim_override) if site.rank > 1 else 0
+        dim = site_channel_dim(site, channel_dim_override)
         site.channel_dim = dim
         graph = graphs[site.graph_path]
         builder = _Builder(graph, opset, f"s{i}")

@@ -42,7 +42,8 @@ def summary_line(report: Report) -> str:
 def layers_table(report: Report) -> Table:
     settings = report.settings
     table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
-    table.add_column("Layer", overflow="fold", min_width=8)
+    longest = max((len(layer.name) for layer in report.layers), default=8)
+    table.add_column("Layer", overflow="fold", min_width=min(max(longest, 5), 40))
     for column in ("Op", "Units", "Dead", "Dead %", "Dying", "Dormant", "Median"):
         table.add_column(column, justify="left" if column == "Op" else "right", no_wrap=True, min_width=len(column))
     table.add_column("", no_wrap=True, width=BAR_WIDTH)

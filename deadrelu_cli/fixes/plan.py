@@ -1,0 +1,108 @@
+"""What a fix touches and what it reports, whatever the backend."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.report.model import Report
+
+STRATEGIES = ("leaky", "elu", "reinit", "bias-shift", "prune")
+EXACT_STRATEGIES = ("reinit", "prune")  # outputs on the calibration data must not change
+
+
+@dataclass
+class FixOptions:
+    strategy: str
+    output: str
+    layers: tuple[str, ...] = ()  # globs; empty = every layer with dead units
+    slope: float = 0.01
+    seed: int = 0
+    target_rate: float = 0.01
+    tolerance: float = 1e-5  # relative, for the exact strategies
+    force: bool = False
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    units: list[int]  # the units to act on (dead ones)
+    all_units: int
+
+
+@dataclass
+class LayerOutcome:
+    name: str
+    units: list[int]
+    action: str  # what was done, or why it was skipped
+    applied: bool
+    dead_before: int
+    dead_after: int | None = None
+    units_after: int | None = None
+    rates_after: list[float] | None = None  # active rate of the acted-on units after the fix (same widths only)
+
+
+@dataclass
+class FixResult:
+    strategy: str
+    output: str
+    layers: list[LayerOutcome] = field(default_factory=list)
+    max_abs_diff: float = 0.0
+    max_rel_diff: float = 0.0
+    params_before: int | None = None
+    params_after: int | None = None
+    flops_before: int | None = None
+    flops_after: int | None = None
+    verified: bool = False
+    written: bool = False
+    notes: list[str] = field(default_factory=list)
+    new_widths: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "output": self.output,
+            "written": self.written,
+            "verified": self.verified,
+            "max_abs_diff": self.max_abs_diff,
+            "max_rel_diff": self.max_rel_diff,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "flops_before": self.flops_before,
+            "flops_after": self.flops_after,
+            "new_widths": self.new_widths,
+            "notes": self.notes,
+            "layers": [vars(layer).copy() for layer in self.layers],
+        }
+
+
+def plan_layers(report: Report, globs: tuple[str, ...]) -> list[LayerPlan]:
+    """Layers with dead units (optionally only those matching the globs) and their dead units."""
+    plans = []
+    matched_any = False
+    for layer in report.layers:
+        if globs and not any(fnmatch.fnmatchcase(layer.name, g) for g in globs):
+            continue
+        matched_any = True
+        dead = np.flatnonzero(layer.dead_mask()).astype(int).tolist()
+        if dead:
+            plans.append(LayerPlan(layer.name, dead, layer.units))
+    if globs and not matched_any:
+        names = ", ".join(layer.name for layer in report.layers[:8])
+        raise UserError(f"--layers {' '.join(globs)} matches no layer; layers are: {names}")
+    return plans
+
+
+def firing_thresholds(values: np.ndarray, target_rate: float) -> np.ndarray:
+    """Per column, the value that exactly k = max(1, round(target_rate * n)) values exceed (ties aside).
+
+    Shifting a unit's bias by minus this makes it fire on about `target_rate` of the data it saw.
+    """
+    n = values.shape[0]
+    k = min(n, max(1, int(round(target_rate * n))))
+    if k >= n:
+        return values.min(axis=0) - 1.0
+    return np.partition(values, n - k - 1, axis=0)[n - k - 1]

@@ -1,0 +1,319 @@
+"""Fixes on eager nn.Modules (state_dict + --arch, safetensors, pickled modules).
+
+reinit and bias-shift change parameters only (state_dict in, state_dict out); prune changes layer
+widths, and leaky/elu change the activation, so those produce a self-contained artifact (.pt2, .onnx, .ts).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_thresholds
+from deadrelu_cli.probe.base import ProbeSettings
+from deadrelu_cli.probe.eager import EagerProbe
+
+LINEAR_OR_CONV = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCH_NORM = nn.modules.batchnorm._BatchNorm
+
+
+def install_substitutes(model: nn.Module, substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> nn.Module:
+    """Make the named activation call sites of `model` run another function, in place.
+
+    Root forward hooks switch the call-site mode on and off around every forward, so the module
+    keeps its own structure and names (and torch.export traces the substituted calls).
+    """
+    probe = EagerProbe(model, ProbeSettings())
+    probe.substitutes = dict(substitutes)
+    probe.attach()  # the hooks stay for the module's lifetime
+    active = []
+
+    def start(_module, _args):
+        probe.begin_forward()
+        mode = probe.mode()
+        mode.__enter__()
+        active.append(mode)
+
+    def stop(_module, _args, _output):
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    model.register_forward_pre_hook(start, prepend=True)
+    model.register_forward_hook(stop, always_call=True)
+    return model
+
+
+def substitute_for(strategy: str, slope: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    if strategy == "elu":
+        return lambda x: F.elu(x)
+    return lambda x: F.leaky_relu(x, slope)
+
+
+def patch_module(module: nn.Module, layers: list[str], strategy: str = "leaky", slope: float = 0.01) -> nn.Module:
+    """Public API: the module with the given call sites switched to LeakyReLU(slope) (or ELU); the
+    original module is not modified. Site names are those of `deadrelu scan`."""
+    return install_substitutes(copy.deepcopy(module), {name: substitute_for(strategy, slope) for name in layers})
+
+
+def _single_consumer(probe: EagerProbe, site: str, model: nn.Module) -> tuple[str | None, str]:
+    consumers = probe.consumers.get(site, set())
+    if len(consumers) != 1:
+        uses = ", ".join(sorted(consumers)) or "nothing"
+        return None, f"skipped: its output goes to {uses}, not to exactly one Linear/Conv"
+    name = next(iter(consumers))
+    if name.startswith("<"):
+        return None, f"skipped: its output goes to {name.strip('<>')} (e.g. a residual add), not to a Linear/Conv"
+    module = model.get_submodule(name)
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
+        return None, f"skipped: consumer {name} is a grouped convolution"
+    return name, ""
+
+
+def _consumer_slices(consumer: nn.Module, units: int) -> int:
+    """How many input columns of the consumer each unit feeds (1, or H*W after a flatten)."""
+    fan_in = consumer.in_features if isinstance(consumer, nn.Linear) else consumer.in_channels
+    if fan_in % units:
+        raise ValueError(f"consumer fan-in {fan_in} is not a multiple of {units} units")
+    return fan_in // units
+
+
+def _input_columns(units_idx: list[int], per_unit: int) -> list[int]:
+    return [u * per_unit + j for u in units_idx for j in range(per_unit)]
+
+
+def _producers(model: nn.Module, probe: EagerProbe, producer: str) -> tuple[nn.Module | None, nn.Module | None, str]:
+    """(Linear/Conv whose rows make the unit, BatchNorm after it or None, name of the Linear/Conv)."""
+    module = model.get_submodule(producer)
+    if isinstance(module, BATCH_NORM):
+        upstream = probe.upstream.get(producer)
+        conv = model.get_submodule(upstream) if upstream else None
+        if conv is not None and isinstance(conv, LINEAR_OR_CONV):
+            return conv, module, upstream
+        return None, module, ""
+    if isinstance(module, LINEAR_OR_CONV):
+        return module, None, producer
+    return None, None, ""
+
+
+def _fresh_rows(weight: torch.Tensor, seed: int) -> torch.Tensor:
+    """Rows drawn like nn.Linear/nn.ConvNd's default init (kaiming_uniform with a=sqrt(5))."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    fresh = torch.empty(weight.shape, dtype=torch.float32)
+    fan_in = int(np.prod(weight.shape[1:]))
+    bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
+    fresh.uniform_(-bound, bound, generator=generator)  # = kaiming_uniform_(a=sqrt(5)) bound
+    return fresh.to(device=weight.device, dtype=weight.dtype)
+
+
+def reinit(model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan], options: FixOptions) -> list[LayerOutcome]:
+    """ReDo: re-initialise dead units' incoming weights, zero their bias and their outgoing weights."""
+    outcomes = []
+    with torch.no_grad():
+        for index, plan in enumerate(plans):
+            layer = report.layer(plan.name)
+            outcome = LayerOutcome(plan.name, plan.units, "", False, len(plan.units))
+            outcomes.append(outcome)
+            if layer.producer is None:
+                outcome.action = "skipped: no single Linear/Conv/BatchNorm produces this activation"
+                continue
+            consumer_name, why = _single_consumer(probe, plan.name, model)
+            if consumer_name is None:
+                outcome.action = why
+                continue
+            incoming, bn, incoming_name = _producers(model, probe, layer.producer)
+            if incoming is None:
+                outcome.action = f"skipped: producer {layer.producer} is not a Linear/Conv (or BN after one)"
+                continue
+            consumer = model.get_submodule(consumer_name)
+            per_unit = _consumer_slices(consumer, plan.all_units)
+            units = torch.tensor(plan.units, dtype=torch.long, device=incoming.weight.device)
+            fresh = _fresh_rows(incoming.weight, options.seed * 7919 + index)
+            incoming.weight[units] = fresh[units]
+            if incoming.bias is not None:
+                incoming.bias[units] = 0.0
+            if bn is not None:
+                bn.weight[units] = 1.0
+                bn.bias[units] = 0.0
+                bn.running_mean[units] = 0.0
+                bn.running_var[units] = 1.0
+            columns = torch.tensor(_input_columns(plan.units, per_unit), dtype=torch.long, device=consumer.weight.device)
+            consumer.weight[:, columns] = 0.0
+            outcome.applied = True
+            what = f"{incoming_name} rows re-initialised" + (f", {layer.producer} reset" if bn is not None else "")
+            outcome.action = f"{what}; {consumer_name} inputs zeroed"
+    return outcomes
+
+
+def collect_quantiles(result, plans: list[LayerPlan], target_rate: float, seed: int, options_for_scan) -> dict[str, np.ndarray]:
+    """For each planned unit, the pre-activation value exceeded by `target_rate` of the data."""
+    from deadrelu_cli.engine import scan_torch
+
+    limit_per_unit = 200_000
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[np.ndarray]] = {plan.name: [] for plan in plans}
+    counts = dict.fromkeys(samples, 0)
+    units = {plan.name: plan.units for plan in plans}
+
+    def collector(name):
+        def collect(pre: torch.Tensor, channel_dim: int) -> None:
+            values = pre.detach().movedim(channel_dim, -1)[..., units[name]].reshape(-1, len(units[name]))
+            values = values.float().cpu().numpy()
+            if counts[name] + len(values) > limit_per_unit:  # keep a uniform subsample, bounded memory
+                keep = max(1, limit_per_unit * len(values) // max(1, counts[name] + len(values)))
+                values = values[rng.choice(len(values), size=min(keep, len(values)), replace=False)]
+            samples[name].append(values)
+            counts[name] += len(values)
+        return collect
+
+    scan_torch(result.model, result.data, options_for_scan, result.device,
+               collectors={plan.name: collector(plan.name) for plan in plans})
+    quantiles = {}
+    for name, chunks in samples.items():
+        values = np.concatenate(chunks, axis=0)
+        quantiles[name] = firing_thresholds(values, target_rate)
+    return quantiles
+
+
+def bias_shift(model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan], options: FixOptions,
+               quantiles: dict[str, np.ndarray]) -> list[LayerOutcome]:
+    """Raise each dead unit's bias (BN beta) so that about `target_rate` of its values exceed 0."""
+    outcomes = []
+    with torch.no_grad():
+        for plan in plans:
+            layer = report.layer(plan.name)
+            outcome = LayerOutcome(plan.name, plan.units, "", False, len(plan.units))
+            outcomes.append(outcome)
+            module = model.get_submodule(layer.producer) if layer.producer else None
+            bias = getattr(module, "bias", None)
+            if not isinstance(bias, torch.Tensor):
+                outcome.action = "skipped: no bias to shift (no single producer, or it has bias=False)"
+                continue
+            q = torch.tensor(quantiles[plan.name], dtype=torch.float64)
+            # after the shift, exactly the values above the quantile are > 0
+            shift = (-q).to(bias.dtype)
+            units = torch.tensor(plan.units, dtype=torch.long)
+            bias[units] = bias[units] + shift.to(bias.device)
+            outcome.applied = True
+            outcome.action = f"{layer.producer}.bias raised by {float(shift.min()):.4g}…{float(shift.max()):.4g}"
+    return outcomes
+
+
+def _rebuild(module: nn.Module, keep_out: list[int] | None, keep_in: list[int] | None) -> nn.Module:
+    """A copy of a Linear/Conv/BatchNorm with only the kept output units / input columns."""
+    return _narrowed(module, keep_out, keep_in).train(module.training)
+
+
+def _narrowed(module: nn.Module, keep_out: list[int] | None, keep_in: list[int] | None) -> nn.Module:
+    with torch.no_grad():
+        if isinstance(module, BATCH_NORM):
+            idx = torch.tensor(keep_out, dtype=torch.long)
+            new = type(module)(len(keep_out), eps=module.eps, momentum=module.momentum, affine=module.affine,
+                               track_running_stats=module.track_running_stats)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                src = getattr(module, name)
+                if src is not None:
+                    getattr(new, name).copy_(src[idx])
+            new.num_batches_tracked = module.num_batches_tracked
+            return new.to(module.weight.device if module.weight is not None else "cpu")
+        weight = module.weight
+        if keep_out is not None:
+            weight = weight[torch.tensor(keep_out, dtype=torch.long)]
+        if keep_in is not None:
+            weight = weight[:, torch.tensor(keep_in, dtype=torch.long)]
+        bias = module.bias
+        if bias is not None and keep_out is not None:
+            bias = bias[torch.tensor(keep_out, dtype=torch.long)]
+        if isinstance(module, nn.Linear):
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        else:
+            new = type(module)(weight.shape[1], weight.shape[0], module.kernel_size, stride=module.stride,
+                               padding=module.padding, dilation=module.dilation, groups=1, bias=bias is not None,
+                               padding_mode=module.padding_mode)
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+        return new.to(device=module.weight.device, dtype=module.weight.dtype)
+
+
+def prune(model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan]) -> tuple[list[LayerOutcome], dict[str, int]]:
+    """Remove dead units: their producer rows (and BN channels) and the matching consumer inputs."""
+    keep_out: dict[str, set[int]] = {}
+    keep_in: dict[str, set[int]] = {}
+    outcomes = []
+    for plan in plans:
+        layer = report.layer(plan.name)
+        outcome = LayerOutcome(plan.name, plan.units, "", False, len(plan.units))
+        outcomes.append(outcome)
+        if layer.op != "relu":
+            outcome.action = f"skipped: only relu units are exactly zero when dead ({layer.op})"
+            continue
+        if layer.producer is None:
+            outcome.action = "skipped: no single Linear/Conv/BatchNorm produces this activation"
+            continue
+        consumer_name, why = _single_consumer(probe, plan.name, model)
+        if consumer_name is None:
+            outcome.action = why
+            continue
+        incoming, bn, incoming_name = _producers(model, probe, layer.producer)
+        if incoming is None or (isinstance(incoming, nn.modules.conv._ConvNd) and incoming.groups != 1):
+            outcome.action = f"skipped: producer {layer.producer} is not a plain Linear/Conv (or BN after one)"
+            continue
+        if len(plan.units) == plan.all_units:
+            outcome.action = "skipped: every unit is dead; removing the whole layer changes the architecture too much"
+            continue
+        consumer = model.get_submodule(consumer_name)
+        per_unit = _consumer_slices(consumer, plan.all_units)
+        kept = [u for u in range(plan.all_units) if u not in set(plan.units)]
+        for name in [incoming_name] + ([layer.producer] if bn is not None else []):
+            keep_out[name] = keep_out.get(name, set(range(plan.all_units))) & set(kept)
+        fan_in = plan.all_units * per_unit
+        keep_in[consumer_name] = keep_in.get(consumer_name, set(range(fan_in))) & set(_input_columns(kept, per_unit))
+        outcome.applied = True
+        outcome.units_after = len(kept)
+        outcome.action = f"{incoming_name}{' + ' + layer.producer if bn is not None else ''} narrowed to {len(kept)}; {consumer_name} inputs removed"
+    widths = {}
+    for name in sorted(set(keep_out) | set(keep_in)):
+        module = model.get_submodule(name)
+        out = sorted(keep_out[name]) if name in keep_out else None
+        inp = sorted(keep_in[name]) if name in keep_in else None
+        new = _rebuild(module, out, inp if not isinstance(module, BATCH_NORM) else None)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        widths[name] = len(out) if out is not None else (module.out_features if isinstance(module, nn.Linear) else getattr(module, "out_channels", 0))
+    return outcomes, widths
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def linear_conv_flops(model: nn.Module, example: tuple) -> int:
+    """Multiply-accumulates of Linear/Conv layers for one sample (what pruning removes)."""
+    total = 0
+
+    def hook(module, _inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features * (output.numel() // output.shape[0] // module.out_features)
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            per_out = module.in_channels // module.groups * int(np.prod(module.kernel_size))
+            total += per_out * (output.numel() // output.shape[0])
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LINEAR_OR_CONV)]
+    try:
+        with torch.inference_mode():
+            model(*[x[:1] for x in example])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return int(total)
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

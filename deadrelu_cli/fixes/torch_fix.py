@@ -1,0 +1,127 @@
+"""The torch side of `deadrelu fix`: patch a copy of the model and write the artifact OUT asks for."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deadrelu_cli.engine import match_inputs, to_tensor
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.fixes import torch_eager as eager
+from deadrelu_cli.fixes.plan import FixOptions, FixResult, LayerOutcome, LayerPlan
+from deadrelu_cli.loaders import LoadOptions, load_model
+
+ARCHITECTURE_CHANGING = ("prune", "leaky", "elu")
+
+
+def torch_runner(loaded, order: list[str], device: str):
+    def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        inputs = tuple(to_tensor(batch[name], loaded.float_dtype, device) for name in order)
+        with torch.inference_mode():
+            out = loaded.runnable(*inputs)
+        leaves = torch.utils._pytree.tree_leaves(out)
+        return [leaf.detach().float().cpu().numpy() for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+    return run
+
+
+def _example(scanned, order: list[str], device: str) -> tuple:
+    batch = next(scanned.data.batches(2))
+    return tuple(to_tensor(batch[name], scanned.model.float_dtype, device) for name in order)
+
+
+def write_artifact(module: torch.nn.Module, example: tuple, path: Path, suffix: str) -> None:
+    """A self-contained model file (.pt2 ExportedProgram, .onnx, TorchScript .ts/.jit) with a dynamic batch."""
+    module = module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if suffix == ".pt2":
+            batch = torch.export.Dim("batch", min=1)
+            shapes = tuple({0: batch} for _ in example)
+            program = torch.export.export(module, example, dynamic_shapes=shapes)
+            torch.export.save(program, str(path))
+        elif suffix == ".onnx":
+            names = [f"input{i}" if len(example) > 1 else "input" for i in range(len(example))]
+            torch.onnx.export(module, example, str(path), input_names=names, dynamo=False, opset_version=17,
+                              dynamic_axes={n: {0: "batch"} for n in names})
+        else:
+            torch.jit.trace(module, example).save(str(path))
+
+
+def _write_state(model: torch.nn.Module, path: Path, suffix: str, whole_module: bool) -> None:
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+    elif whole_module:
+        torch.save(model, path)
+    else:
+        torch.save(model.state_dict(), path)
+
+
+def apply_torch(scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult):
+    from deadrelu_cli.fixes.run import ARTIFACT_SUFFIXES, STATE_SUFFIXES
+
+    loaded = scanned.model
+    if loaded.kind != "eager":
+        raise UserError(
+            f"deadrelu fix on a {loaded.format} file is not supported yet; fix the state_dict with --arch "
+            "(or the ONNX export) instead"
+        )
+    suffix = Path(options.output).suffix.lower()
+    if suffix not in ARTIFACT_SUFFIXES and suffix not in STATE_SUFFIXES:
+        raise UserError(f"--output {options.output}: unknown extension; use .pt/.pth/.safetensors (weights), .pt2, .onnx or .ts")
+    if options.strategy in ARCHITECTURE_CHANGING and suffix in STATE_SUFFIXES:
+        raise UserError(
+            f"--strategy {options.strategy} changes the {'layer widths' if options.strategy == 'prune' else 'activation'}, "
+            "which a state_dict cannot hold; write OUT.pt2 (ExportedProgram), OUT.onnx or OUT.ts (TorchScript), "
+            "or use deadrelu_cli.fixes.patch_module on your live nn.Module"
+        )
+    device = scanned.device
+    order = match_inputs(loaded, scanned.data)
+    example = _example(scanned, order, device)
+    original = loaded.runnable
+    model = eager.clone(original)
+    probe = scanned.probe
+    report = scanned.report
+    result.params_before = eager.count_params(original)
+    result.flops_before = eager.linear_conv_flops(original, example)
+    if options.strategy == "reinit":
+        outcomes = eager.reinit(model, probe, report, plans, options)
+    elif options.strategy == "bias-shift":
+        quantiles = eager.collect_quantiles(scanned, plans, options.target_rate, options.seed,
+                                            replace(scan_options, progress=None))
+        outcomes = eager.bias_shift(model, probe, report, plans, options, quantiles)
+    elif options.strategy == "prune":
+        outcomes, result.new_widths = eager.prune(model, probe, report, plans)
+    else:
+        outcomes = []
+        substitutes = {}
+        for plan in plans:
+            op = report.layer(plan.name).op
+            applied = op == "relu"
+            if applied:
+                substitutes[plan.name] = eager.substitute_for(options.strategy, options.slope)
+            action = (f"ReLU → {'ELU' if options.strategy == 'elu' else f'LeakyReLU({options.slope:g})'}" if applied
+                      else f"skipped: {op} is not a plain relu")
+            outcomes.append(LayerOutcome(plan.name, plan.units, action, applied, len(plan.units)))
+        model = eager.install_substitutes(model, substitutes)
+    if any(o.applied for o in outcomes):
+        if suffix in ARTIFACT_SUFFIXES:
+            write_artifact(model, example, temp, suffix)
+        else:
+            _write_state(model, temp, suffix, whole_module=loaded.format == "module")
+    result.params_after = eager.count_params(model)
+    result.flops_after = eager.linear_conv_flops(model, example)
+
+    def patched_runner():
+        from deadrelu_cli.fixes.run import runner_for
+
+        return runner_for(load_model(LoadOptions(str(temp), scan_options.arch, scan_options.trust_pickle, device)),
+                          scanned.data, device)
+
+    return torch_runner(loaded, order, device), patched_runner, outcomes
