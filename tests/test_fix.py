@@ -1,0 +1,189 @@
+"""deadrelu fix: every strategy, torch and ONNX, checked against plain torch / onnxruntime runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import ROOT
+
+from deadrelu_cli import scan
+
+CNN = ROOT / "sample_models" / "cnn"
+MLP = ROOT / "sample_models" / "mlp"
+
+
+def _arch(folder):
+    return str(folder / "arch.py") + ":build"
+
+
+def _load_cnn(state_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cnn_arch_for_test", CNN / "arch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.SmallCNN()
+    model.load_state_dict(torch.load(state_path, weights_only=True), strict=True)  # strict: same architecture
+    return model.eval()
+
+
+def _x():
+    return torch.from_numpy(np.load(CNN / "calib.npz")["input"])
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def work(tmp_path):
+    for name in ("model.pt", "model.onnx", "calib.npz", "arch.py"):
+        shutil.copy(CNN / name, tmp_path / name)
+    return tmp_path
+
+
+def test_reinit_state_dict_keeps_outputs_and_revives(cli, work):
+    before = _sha(work / "model.pt")
+    result = cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", "--strategy", "reinit",
+                 "--output", work / "fixed.pt", "--json", work / "fix.json")
+    assert result.code == 0, result.err
+    assert _sha(work / "model.pt") == before
+    original, fixed = _load_cnn(work / "model.pt"), _load_cnn(work / "fixed.pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(fixed(_x()).numpy(), original(_x()).numpy(), rtol=1e-5, atol=1e-6)
+    old = scan(str(work / "model.pt"), str(work / "calib.npz"), arch=_arch(work), device="cpu")
+    new = scan(str(work / "fixed.pt"), str(work / "calib.npz"), arch=_arch(work), device="cpu")
+    dead_before = sum(int(layer.dead_mask().sum()) for layer in old.layers)
+    revived = sum(int((a.dead_mask() & ~b.dead_mask()).sum()) for a, b in zip(old.layers, new.layers, strict=True))
+    assert dead_before == 8 and revived >= 0.8 * dead_before
+    report = json.loads((work / "fix.json").read_text())
+    assert report["strategy"] == "reinit" and report["written"] and report["max_abs_diff"] <= 1e-5
+
+
+def test_prune_to_pt2_is_exact_and_smaller(cli, work):
+    result = cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", "--strategy", "prune",
+                 "--output", work / "pruned.pt2")
+    assert result.code == 0, result.err
+    program = torch.export.load(str(work / "pruned.pt2"))
+    pruned = program.module()
+    original = _load_cnn(work / "model.pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(pruned(_x()).numpy(), original(_x()).numpy(), rtol=1e-5, atol=1e-5)
+    n_pruned = sum(v.numel() for v in program.state_dict.values() if v.is_floating_point())
+    n_original = sum(p.numel() for p in original.state_dict().values() if p.is_floating_point())
+    assert n_pruned < n_original
+    assert "new widths:" in result.out and "conv1=6" in result.out
+
+
+def test_prune_refuses_state_dict_output(cli, work):
+    result = cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", "--strategy", "prune",
+                 "--output", work / "pruned.pt")
+    assert result.code == 2 and "a state_dict cannot hold" in result.err
+    assert not (work / "pruned.pt").exists()
+
+
+def test_leaky_pt2_has_no_relu_at_patched_sites(cli, work):
+    result = cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", "--strategy", "leaky",
+                 "--slope", "0.1", "--output", work / "leaky.pt2")
+    assert result.code == 0, result.err
+    program = torch.export.load(str(work / "leaky.pt2"))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert not any("relu" in t and "leaky" not in t for t in targets)
+    assert sum("leaky_relu" in t for t in targets) == 3
+    m = _load_cnn(work / "model.pt")
+    leaky = torch.nn.functional.leaky_relu
+    with torch.no_grad():  # the same network written out by hand with LeakyReLU(0.1)
+        h = leaky(m.bn1(m.conv1(_x())), 0.1)
+        h = leaky(m.bn2(m.conv2(h)), 0.1)
+        expected = m.head(leaky(m.fc(torch.flatten(m.pool(h), 1)), 0.1))
+        np.testing.assert_allclose(program.module()(_x()).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+        assert (expected - m(_x())).abs().max() > 0.01  # and it is not the ReLU network
+
+
+def test_bias_shift_reaches_target_rate(cli, work):
+    result = cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", "--strategy", "bias-shift",
+                 "--layers", "relu#2", "--target-rate", "0.05", "--output", work / "shifted.safetensors")
+    assert result.code == 0, result.err
+    fixed = scan(str(work / "shifted.safetensors"), str(work / "calib.npz"), arch=_arch(work), device="cpu")
+    layer = next(layer for layer in fixed.layers if layer.name == "relu#2")
+    rates = layer.active_rate()[[0, 7, 8, 15]]
+    n = layer.elements_per_unit
+    assert np.all(np.abs(rates - 0.05) <= 2 / n), rates  # within rounding of the boundary value
+    untouched = next(layer for layer in fixed.layers if layer.name == "relu")
+    assert untouched.dead_mask().sum() == 2
+
+
+def test_verification_failure_writes_nothing(cli, work):
+    result = cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", "--strategy", "reinit",
+                 "--tolerance", "-1", "--output", work / "fixed.pt")
+    assert result.code == 1 and "nothing written" in result.err
+    assert sorted(p.name for p in work.iterdir()) == ["arch.py", "calib.npz", "model.onnx", "model.pt"]
+
+
+def test_output_equal_to_model_is_refused(cli, work):
+    before = _sha(work / "model.pt")
+    result = cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", "--strategy", "reinit",
+                 "--output", work / "model.pt")
+    assert result.code == 2 and "refusing to overwrite" in result.err
+    assert _sha(work / "model.pt") == before
+
+
+def _ort(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("strategy", ["reinit", "prune"])
+def test_onnx_exact_strategies(cli, work, strategy):
+    before = _sha(work / "model.onnx")
+    out = work / f"{strategy}.onnx"
+    result = cli("fix", work / "model.onnx", "--data", work / "calib.npz", "--strategy", strategy, "--output", out)
+    assert result.code == 0, result.err
+    assert _sha(work / "model.onnx") == before
+    x = _x().numpy()
+    np.testing.assert_allclose(_ort(out, x), _ort(work / "model.onnx", x), rtol=1e-5, atol=1e-5)
+    params = {p: sum(int(np.prod(i.dims)) for i in onnx.load(str(p)).graph.initializer) for p in (out, work / "model.onnx")}
+    if strategy == "prune":
+        assert params[out] < params[work / "model.onnx"]
+    else:
+        fixed = scan(str(out), str(work / "calib.npz"), device="cpu")
+        assert sum(int(layer.dead_mask().sum()) for layer in fixed.layers) <= 1  # ≥ 80% of 8 revived
+
+
+def test_onnx_leaky_swaps_nodes(cli, work):
+    out = work / "leaky.onnx"
+    assert cli("fix", work / "model.onnx", "--data", work / "calib.npz", "--strategy", "leaky", "--output", out).code == 0
+    ops = [node.op_type for node in onnx.load(str(out)).graph.node]
+    assert "Relu" not in ops and ops.count("LeakyRelu") == 3
+
+
+def test_onnx_bias_shift_rate(cli, work):
+    out = work / "shift.onnx"
+    assert cli("fix", work / "model.onnx", "--data", work / "calib.npz", "--strategy", "bias-shift", "--layers", "/relu_1/Relu",
+               "--target-rate", "0.02", "--output", out).code == 0
+    layer = next(layer for layer in scan(str(out), str(work / "calib.npz"), device="cpu").layers if layer.name == "/relu_1/Relu")
+    assert np.all(np.abs(layer.active_rate()[[0, 7, 8, 15]] - 0.02) <= 2 / layer.elements_per_unit)
+
+
+def test_patch_module_api(planted_module):
+    from deadrelu_cli.fixes import patch_module
+
+    model = planted_module.shared_and_functional().eval()
+    patched = patch_module(model, ["relu#2", "relu()"], slope=0.2)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        p1 = model.fc1(x).clamp(min=0)
+        p2 = torch.nn.functional.leaky_relu(model.fc2(p1), 0.2)
+        p3 = torch.nn.functional.leaky_relu(model.fc3(p2), 0.2)
+        p4 = torch.relu(model.fc4(p3))
+        p5 = model.fc5(p4).clamp(min=0)
+        expected = torch.relu(p5 - 0.5)
+        np.testing.assert_allclose(patched(x).numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+        assert isinstance(model.relu, torch.nn.ReLU)  # the original is untouched
