@@ -285,3 +285,48 @@ def open_calibration(path: str, batch_axes: dict[str, int] | None = None, consts
     else:
         raise UserError(f"{path}: unsupported data format; use .npz, .npy, .pt or .safetensors with samples on the first axis")
     return _validate(str(path), sources, batch_axes, consts)
+
+
+def prefetched(iterable, depth: int = 2, enabled: bool = True):
+    """Yield from `iterable`, producing the next items in a background thread (reading and checking
+    batch k+1 overlaps the model running batch k). Exceptions are re-raised in the caller.
+
+    Worth it when the model runs elsewhere (CUDA); on a CPU-only run the thread would compete with the
+    model's own threads for the same cores, so callers pass enabled=False there."""
+    if not enabled:
+        yield from iterable
+        return
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                if stop.is_set():
+                    return
+                items.put((True, item))
+            items.put((True, done))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            items.put((False, exc))
+
+    thread = threading.Thread(target=produce, name="deadrelu-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = items.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)

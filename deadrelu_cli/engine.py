@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from deadrelu_cli.calibration import CalibrationData, open_calibration
+from deadrelu_cli.calibration import CalibrationData, open_calibration, prefetched
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders import LoadedModel, LoadOptions, load_model
 from deadrelu_cli.probe.ops import DEFAULT_OPS
@@ -170,9 +170,12 @@ def scan_torch(model: LoadedModel, data: CalibrationData, options: ScanOptions, 
         batch_size = model.fixed_batch
     done = 0
     context = probe.attached() if hasattr(probe, "attached") else _null()
+    def tensors():
+        for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
+            yield batch, tuple(to_tensor(batch[name], model.float_dtype, device) for name in order)
+
     with context, torch.inference_mode():
-        for index, batch in enumerate(data.batches(batch_size, options.limit, options.allow_nonfinite)):
-            inputs = tuple(to_tensor(batch[name], model.float_dtype, device) for name in order)
+        for index, (batch, inputs) in enumerate(prefetched(tensors(), enabled=device != "cpu")):
             try:
                 probe.run(inputs)
             except UserError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deadrelu_cli.calibration import CalibrationData
+from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
 from deadrelu_cli.probe.onnx_graph import OnnxSite, find_sites, instrument
@@ -72,6 +72,24 @@ def _as_input(array: np.ndarray, dtype: str | None) -> np.ndarray:
     return np.ascontiguousarray(array.astype(dtype))
 
 
+def _from_pooled(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-(sample, channel) means from the global pools -> per-channel counts and sums of the batch."""
+    size = int(np.asarray(values["size"]))
+    pos_nc = np.asarray(values["pos_nc"], dtype=np.float64)
+    n, c = pos_nc.shape[0], pos_nc.shape[1]
+    positions = size // (n * c) if n * c else 0
+    out = {
+        "size": np.asarray(size),
+        # a mean of 0/1 values times the positions is an integer up to float32 rounding: round it back
+        "pos": np.rint(pos_nc.reshape(n, c) * positions).astype(np.int64).sum(axis=0),
+        "sum": (np.asarray(values["sum_nc"], dtype=np.float64).reshape(n, c) * positions).sum(axis=0),
+        "max": np.asarray(values["max_nc"], dtype=np.float64).reshape(n, c).max(axis=0),
+    }
+    if "sat_nc" in values:
+        out["sat"] = np.rint(np.asarray(values["sat_nc"], dtype=np.float64).reshape(n, c) * positions).astype(np.int64).sum(axis=0)
+    return out
+
+
 class _HostAccumulator:
     def __init__(self, site: OnnxSite) -> None:
         self.site = site
@@ -79,6 +97,8 @@ class _HostAccumulator:
         self.elements = 0
 
     def add(self, values: dict[str, np.ndarray]) -> None:
+        if "pos_nc" in values:
+            values = _from_pooled(values)
         pos, mx, sm, size = (np.asarray(values[k]) for k in ("pos", "max", "sum", "size"))
         sat = np.asarray(values["sat"]) if "sat" in values else None
         if self.site.in_loop:  # per-iteration scan outputs: fold the iterations
@@ -155,8 +175,11 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     accumulators = [_HostAccumulator(site) for site in sites]
     total = data.samples if options.limit is None else min(options.limit, data.samples)
     done = 0
-    for index, batch in enumerate(data.batches(options.batch_size, options.limit, options.allow_nonfinite)):
-        feeds = {inp: _as_input(batch[arr], dtypes.get(inp)) for inp, arr in order.items()}
+    def feeds_of():
+        for batch in data.batches(options.batch_size, options.limit, options.allow_nonfinite):
+            yield batch, {inp: _as_input(batch[arr], dtypes.get(inp)) for inp, arr in order.items()}
+
+    for index, (batch, feeds) in enumerate(prefetched(feeds_of(), enabled=device != "cpu")):
         try:
             results = dict(zip(output_names, session.run(output_names, feeds), strict=True))
         except Exception as exc:  # onnxruntime's own exception types

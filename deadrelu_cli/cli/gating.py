@@ -106,3 +106,16 @@ def run_gate(report, config, junit: str | None, markdown: str | None, err: Conso
     for message in result.failures:
         err.print(f"gate: {message}", markup=False)
     raise GateFailed(f"gate failed: {len(result.failures)} limit(s) exceeded")
+
+
+def write_html(path: str, report, config=None, baseline=None) -> None:
+    """The HTML report, with the gate verdict when limits were given."""
+    from deadrelu_cli.files import write_text_atomic
+    from deadrelu_cli.gate import evaluate
+    from deadrelu_cli.report.html import GateSummary, render_html
+
+    verdict = None
+    if config is not None and config.active:
+        result = evaluate(report, config)
+        verdict = GateSummary(result.passed, result.failures)
+    write_text_atomic(path, render_html(report, baseline if baseline is not None else getattr(config, "baseline", None), verdict))

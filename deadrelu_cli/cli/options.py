@@ -54,3 +54,4 @@ Junit = Annotated[str | None, typer.Option("--junit", help="Write JUnit XML (one
 Markdown = Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary here (also appended to $GITHUB_STEP_SUMMARY when set).")]
 ConfigPath = Annotated[str | None, typer.Option("--config", help="Settings file (default: nearest deadrelu.toml or pyproject.toml with [tool.deadrelu]).")]
 ShowConfig = Annotated[bool, typer.Option("--show-config", help="Print the effective settings and where each came from, then exit.")]
+HtmlOut = Annotated[str | None, typer.Option("--html", help="Write a self-contained HTML report (plots inline, works offline) here.")]

@@ -91,6 +91,35 @@ def diff(
     console.print(summary, markup=False)
 
 
+def report(
+    report_path: opt.ReportPath,
+    html_out: opt.HtmlOut = None,
+    baseline: opt.Baseline = None,
+    json_out: opt.JsonOut = None,
+    layer: opt.LayerName = None,
+) -> None:
+    """Render a saved JSON report: the table (or one layer), an HTML page, or the JSON again."""
+    from deadrelu_cli.cli.gating import write_html
+    from deadrelu_cli.files import refuse_overwrite_of_inputs, write_text_atomic
+    from deadrelu_cli.report.model import report_to_json
+    from deadrelu_cli.report.table import print_report
+
+    saved = load(report_path)
+    old = load(baseline) if baseline else None
+    inputs = [str(report_path)] + ([baseline] if baseline else [])
+    if json_out == "-":
+        sys.stdout.write(report_to_json(saved))
+    else:
+        print_report(saved, Console(highlight=False), layer)
+        if json_out:
+            refuse_overwrite_of_inputs(json_out, inputs)
+            write_text_atomic(json_out, report_to_json(saved))
+    if html_out:
+        refuse_overwrite_of_inputs(html_out, inputs)
+        write_html(html_out, saved, baseline=old)
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"wrote {html_out}", markup=False)
+
+
 def load(path):
     from deadrelu_cli.report.model import load_report
 
@@ -101,3 +130,4 @@ def register(app: typer.Typer) -> None:
     app.command("gate")(gate)
     app.command("merge")(merge)
     app.command("diff")(diff)
+    app.command("report")(report)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from deadrelu_cli.cli import options as opt
-from deadrelu_cli.cli.gating import gate_config, merge_settings, run_gate, show_config
+from deadrelu_cli.cli.gating import gate_config, merge_settings, run_gate, show_config, write_html
 
 
 def _progress_callback(quiet: bool, err: Console):
@@ -50,6 +50,7 @@ def scan(
     batch_axis: opt.BatchAxis = None,
     layer: opt.LayerName = None,
     json_out: opt.JsonOut = None,
+    html_out: opt.HtmlOut = None,
     max_dead: opt.MaxDead = None,
     max_dead_layer: opt.MaxDeadLayer = None,
     layer_limit: opt.LayerLimit = None,
@@ -87,7 +88,7 @@ def scan(
     out = Console(stderr=json_to_stdout, highlight=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     inputs = [p["model"], p["data"]]
-    for target in (p["json_out"], p["junit"], p["markdown"]):
+    for target in (p["json_out"], p["junit"], p["markdown"], p["html_out"]):
         if target and target != "-":
             refuse_overwrite_of_inputs(target, inputs)
     gate = gate_config(p["max_dead"], p["max_dead_layer"], p["layer_limit"], p["max_dead_units"], p["baseline"], p["max_increase"])
@@ -112,7 +113,11 @@ def scan(
         print_report(report, out, p["layer"])
         if p["json_out"]:
             write_text_atomic(p["json_out"], report_to_json(report))
-    run_gate(report, gate, p["junit"], p["markdown"], err, inputs)
+    try:
+        run_gate(report, gate, p["junit"], p["markdown"], err, inputs)
+    finally:  # the picture is written whether the gate passed or not
+        if p["html_out"]:
+            write_html(p["html_out"], report, gate)
 
 
 def register(app: typer.Typer) -> None:

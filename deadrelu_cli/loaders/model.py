@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ class InputSpec:
 class LoadedModel:
     path: Path
     format: str  # one of report.model.MODEL_FORMATS
-    sha256: str
+    digest: str | Future  # sha256 of the file, computed in the background while the scan runs
     backend: str  # "torch" or "onnx"
     runnable: Any  # nn.Module / ScriptModule / GraphModule / onnx ModelProto
     kind: str  # "eager", "torchscript", "exported", "onnx"
@@ -38,6 +39,18 @@ class LoadedModel:
     fixed_batch: int | None = None  # graphs exported with a static batch size
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        return self.digest.result() if isinstance(self.digest, Future) else self.digest
+
+
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deadrelu-sha256")
+
+
+def file_sha256_async(path: str | Path) -> Future:
+    """sha256 of a file in a background thread (hashlib releases the GIL), overlapping the scan."""
+    return _HASHER.submit(file_sha256, path)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -17,7 +17,7 @@ from torch import nn
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.arch import build_from_arch
 from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP
-from deadrelu_cli.loaders.model import InputSpec, LoadedModel, LoadOptions, file_sha256
+from deadrelu_cli.loaders.model import InputSpec, LoadedModel, LoadOptions, file_sha256_async
 
 # Keys under which training scripts nest the weights (timm, Lightning, torchvision references, …).
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema", "ema", "net", "module")
@@ -114,13 +114,13 @@ def _float_dtype(model: nn.Module) -> str:
     return "float32"
 
 
-def _eager(path: Path, fmt: str, model: nn.Module, sha: str, device: str) -> LoadedModel:
+def _eager(path: Path, fmt: str, model: nn.Module, sha, device: str) -> LoadedModel:
     model = model.to(device).eval()  # inference semantics (BatchNorm running stats, no dropout) everywhere
-    return LoadedModel(path=path, format=fmt, sha256=sha, backend="torch", runnable=model, kind="eager",
+    return LoadedModel(path=path, format=fmt, digest=sha, backend="torch", runnable=model, kind="eager",
                        inputs=_forward_inputs(model), float_dtype=_float_dtype(model))
 
 
-def _exported(path: Path, sha: str, device: str) -> LoadedModel:
+def _exported(path: Path, sha, device: str) -> LoadedModel:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
@@ -146,12 +146,12 @@ def _exported(path: Path, sha: str, device: str) -> LoadedModel:
                 fixed_batch = shape[0]
         inputs.append(InputSpec(spec.arg.name, shape, dtype))
     float_dtype = next((i.dtype for i in inputs if i.dtype and i.dtype.startswith(("float", "bfloat"))), "float32")
-    return LoadedModel(path=path, format="exported_program", sha256=sha, backend="torch", runnable=graph_module,
+    return LoadedModel(path=path, format="exported_program", digest=sha, backend="torch", runnable=graph_module,
                        kind="exported", inputs=inputs, float_dtype=float_dtype, fixed_batch=fixed_batch,
                        extra={"program": program})
 
 
-def _torchscript(path: Path, sha: str, device: str) -> LoadedModel:
+def _torchscript(path: Path, sha, device: str) -> LoadedModel:
     try:
         module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:
@@ -167,13 +167,13 @@ def _torchscript(path: Path, sha: str, device: str) -> LoadedModel:
         if tensor.is_floating_point():
             dtype = str(tensor.dtype).replace("torch.", "")
             break
-    return LoadedModel(path=path, format="torchscript", sha256=sha, backend="torch", runnable=module,
+    return LoadedModel(path=path, format="torchscript", digest=sha, backend="torch", runnable=module,
                        kind="torchscript", inputs=inputs, float_dtype=dtype)
 
 
 def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
     path = Path(options.path)
-    sha = file_sha256(path)
+    sha = file_sha256_async(path)
     device = options.device
     if fmt == "exported_program":
         return _exported(path, sha, device)

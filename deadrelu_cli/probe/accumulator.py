@@ -38,21 +38,34 @@ class SiteAccumulator:
     saturated: torch.Tensor | None = None
     elements_per_unit: int = 0
     extra: dict = field(default_factory=dict)
+    _nan_in_batch: bool = False
 
-    def update(self, pre: torch.Tensor, post: torch.Tensor | None, threshold: float) -> None:
-        """Count one batch. `pre` is the pre-activation; `post` the output, or None to derive it from `pre`."""
+    def _allocate(self, units: int, device) -> None:
+        self.positive = torch.zeros(units, dtype=torch.int64, device=device)
+        self.max_pre = torch.full((units,), -torch.inf, dtype=torch.float64, device=device)
+        self.sum_abs = torch.zeros(units, dtype=torch.float64, device=device)
+        if self.op in CAPPED_OPS:
+            self.saturated = torch.zeros(units, dtype=torch.int64, device=device)
+
+    def _reduce_dims(self, tensor: torch.Tensor) -> list[int]:
+        dim = self.channel_dim if tensor.dim() > 1 else 0
+        return [d for d in range(tensor.dim()) if d != dim]
+
+    def _as_reducible(self, tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Units on the last axis of a contiguous tensor ([B, T, F]): view it as [B*T, F] and reduce dim 0,
+        which PyTorch's CPU kernels do several times faster than a multi-dim reduction."""
+        if tensor.dim() > 2 and self.channel_dim == tensor.dim() - 1 and tensor.is_contiguous():
+            return tensor.view(-1, tensor.shape[-1]), [0]
+        return tensor, self._reduce_dims(tensor)
+
+    def observe_pre(self, pre: torch.Tensor, threshold: float) -> None:
+        """The part that needs the pre-activation (before an in-place op overwrites it): the max,
+        and the counts when they cannot be read off the output."""
         pre = pre.detach()
-        rank = pre.dim()
-        dim = self.channel_dim if rank > 1 else 0
-        reduce_dims = [d for d in range(rank) if d != dim]
-        units = pre.shape[dim]
+        dim = self.channel_dim if pre.dim() > 1 else 0
+        units = pre.shape[dim] if pre.dim() else 1
         if self.positive is None:
-            device = pre.device
-            self.positive = torch.zeros(units, dtype=torch.int64, device=device)
-            self.max_pre = torch.full((units,), -torch.inf, dtype=torch.float64, device=device)
-            self.sum_abs = torch.zeros(units, dtype=torch.float64, device=device)
-            if self.op in CAPPED_OPS:
-                self.saturated = torch.zeros(units, dtype=torch.int64, device=device)
+            self._allocate(units, pre.device)
         elif self.positive.shape[0] != units:
             raise UserError(
                 f"layer {self.name} produced {units} units on this batch but {self.positive.shape[0]} before; "
@@ -60,21 +73,42 @@ class SiteAccumulator:
             )
         if pre.numel() == 0:
             return
-        if post is None:
-            post = _apply(self.op, pre)
-        if reduce_dims:
-            self.positive += (pre > threshold).sum(dim=reduce_dims)
-            self.max_pre = torch.maximum(self.max_pre, pre.amax(dim=reduce_dims).to(torch.float64))
-            self.sum_abs += post.abs().sum(dim=reduce_dims, dtype=torch.float64)
-            if self.saturated is not None:
-                self.saturated += (pre >= CAPPED_OPS[self.op]).sum(dim=reduce_dims)
-        else:
-            self.positive += pre > threshold
-            self.max_pre = torch.maximum(self.max_pre, pre.to(torch.float64))
-            self.sum_abs += post.abs().to(torch.float64)
-            if self.saturated is not None:
-                self.saturated += pre >= CAPPED_OPS[self.op]
+        pre, dims = self._as_reducible(pre)
+        batch_max = pre.amax(dim=dims) if dims else pre
+        # amax propagates NaN: remember it, so that the fast count below (which would count a NaN as
+        # fired) is replaced by the exact comparison for this batch
+        # (only on CPU, where reading the flag costs nothing; on CUDA the exact count is used: no sync)
+        self._nan_in_batch = (pre.device.type != "cpu" or bool(torch.isnan(batch_max).any())) if pre.is_floating_point() else False
+        self.max_pre = torch.maximum(self.max_pre, batch_max.to(torch.float64))
+        if not counts_from_output(self.op, threshold):
+            self.positive += _count(pre > threshold, dims)
         self.elements_per_unit += pre.numel() // units
+
+    def observe_post(self, post: torch.Tensor, threshold: float) -> None:
+        """Counts and sums from the activation's output (relu/relu6: y > t exactly when x > t, t >= 0)."""
+        post = post.detach()
+        if post.numel() == 0:
+            return
+        post, dims = self._as_reducible(post)
+        if counts_from_output(self.op, threshold):
+            if (threshold == 0.0 and post.is_floating_point() and not self._nan_in_batch
+                    and post.numel() // max(1, self.positive.shape[0]) < 2**24):
+                # for y >= 0 (and no NaN), y.bool() is y > 0; summing its bytes as float32 is exact below
+                # 2**24 per unit and batch, and about 4x faster than (y > 0).sum()
+                self.positive += _sum(post.bool().view(torch.uint8), dims, torch.float32).to(torch.int64)
+            else:
+                self.positive += _count(post > threshold, dims)
+            total = _sum(post, dims)  # y >= 0: |y| = y
+        else:
+            total = _sum(post.abs(), dims)
+        self.sum_abs += total.to(torch.float64)
+        if self.saturated is not None:
+            self.saturated += _count(post >= CAPPED_OPS[self.op], dims)
+
+    def update(self, pre: torch.Tensor, post: torch.Tensor | None, threshold: float) -> None:
+        """Count one batch. `pre` is the pre-activation; `post` the output, or None to derive it from `pre`."""
+        self.observe_pre(pre, threshold)
+        self.observe_post(_apply(self.op, pre) if post is None else post, threshold)
 
     def to_layer_stats(self) -> LayerStats:
         def host(t: torch.Tensor | None, dtype) -> np.ndarray | None:
@@ -93,6 +127,25 @@ class SiteAccumulator:
             producer=self.producer,
             extra=dict(self.extra),
         )
+
+
+def counts_from_output(op: str, threshold: float) -> bool:
+    """Whether `pre > threshold` can be read off the output (then no pass over the input is needed)."""
+    if op == "relu":
+        return threshold >= 0.0
+    if op == "relu6":
+        return 0.0 <= threshold < 6.0
+    return False
+
+
+def _sum(tensor: torch.Tensor, dims: list[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+    if not dims:
+        return tensor.to(dtype) if dtype is not None else tensor
+    return tensor.sum(dim=dims, dtype=dtype)
+
+
+def _count(mask: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    return (mask.sum(dim=dims, dtype=torch.int64) if dims else mask.to(torch.int64))
 
 
 def _apply(op: str, pre: torch.Tensor) -> torch.Tensor:

@@ -28,26 +28,32 @@ class SiteRegistry:
         # site name -> callback(pre-activation): for fixes that need the values of a few units
         self.collectors: dict[str, Callable[[torch.Tensor, int], None]] = {}
 
-    def record(
-        self,
-        name: str,
-        op: str,
-        pre: torch.Tensor,
-        post: torch.Tensor | None,
-        inferred_channel_dim: int,
-        module_type: str | None = None,
-        producer: str | None = None,
-    ) -> None:
+    def _site(self, name, op, pre, inferred_channel_dim, module_type, producer) -> SiteAccumulator:
         site = self.sites.get(name)
         if site is None:
             site = SiteAccumulator(name=name, op=op, channel_dim=-1, module_type=module_type, producer=producer)
             self.sites[name] = site
         if site.positive is None:
             site.channel_dim = resolve_channel_dim(pre.dim(), inferred_channel_dim, self.settings.channel_dim)
-        site.update(pre, post, self.settings.threshold)
+        return site
+
+    def record_pre(self, name: str, op: str, pre: torch.Tensor, inferred_channel_dim: int,
+                   module_type: str | None = None, producer: str | None = None) -> None:
+        """First half of a batch at a site, while the pre-activation is intact."""
+        site = self._site(name, op, pre, inferred_channel_dim, module_type, producer)
+        site.observe_pre(pre, self.settings.threshold)
         collector = self.collectors.get(name)
         if collector is not None:
             collector(pre, site.channel_dim)
+
+    def record_post(self, name: str, post: torch.Tensor) -> None:
+        """Second half: counts and sums from the activation's output."""
+        self.sites[name].observe_post(post, self.settings.threshold)
+
+    def record(self, name: str, op: str, pre: torch.Tensor, post: torch.Tensor | None, inferred_channel_dim: int,
+               module_type: str | None = None, producer: str | None = None) -> None:
+        self.record_pre(name, op, pre, inferred_channel_dim, module_type, producer)
+        self.record_post(name, post if post is not None else _derived_output(op, pre))
 
     def declare(self, name: str, op: str, module_type: str | None, producer: str | None) -> None:
         """Make a site known before it runs, so that a site no sample reaches is reported as not run."""
@@ -87,18 +93,40 @@ def infer_channel_dim(rank: int, producer_is_channel_first: bool | None) -> int:
     return -1
 
 
-def call_and_record(func, args: tuple, kwargs: dict, op: str, in_place: bool, record) -> object:
-    """Run an activation and hand (pre-activation, output) to `record`, right even when in place.
+def _derived_output(op: str, pre: torch.Tensor) -> torch.Tensor:
+    from deadrelu_cli.probe.accumulator import _apply
 
-    An in-place op overwrites its input: relu/relu6 are counted from the input before the call
-    (their output is derived), other ops keep a copy of the input.
+    return _apply(op, pre)
+
+
+def call_and_record(func, args: tuple, kwargs: dict, op: str, in_place: bool,
+                    before: Callable[[torch.Tensor], None], after: Callable[[torch.Tensor], None]) -> object:
+    """Run an activation, handing its pre-activation to `before` and its output to `after`.
+
+    Right even in place: `before` runs before the op overwrites its input (ops other than
+    relu/relu6 get a copy of the input, as their counts need it).
     """
     pre = args[0]
-    if in_place:
-        if op in ("relu", "relu6"):
-            record(pre, None)
-            return func(*args, **kwargs)
+    if in_place and op not in ("relu", "relu6"):
         pre = pre.clone()
-    out = func(*args, **kwargs)
-    record(pre, out)
+    if in_place:
+        before(pre)
+        out = func(*args, **kwargs)
+    else:
+        out = func(*args, **kwargs)
+        before(pre)
+    after(out)
     return out
+
+
+def static_site_hooks(registry: SiteRegistry, site) -> tuple[Callable, Callable]:
+    """`before`/`after` for a site known from a graph (ExportedProgram, TorchScript)."""
+
+    def before(pre: torch.Tensor) -> None:
+        registry.record_pre(site.name, site.op, pre, infer_channel_dim(pre.dim(), site.channel_first),
+                            site.module_type, site.producer)
+
+    def after(out: torch.Tensor) -> None:
+        registry.record_post(site.name, out)
+
+    return before, after

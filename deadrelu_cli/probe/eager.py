@@ -120,7 +120,9 @@ class _CallSiteMode(TorchFunctionMode):
         if substitute is not None:  # a patched site (deadrelu fix --strategy leaky, patch_module)
             return substitute(args[0])
         out = call_and_record(
-            func, args, kwargs, spec.op, in_place, lambda pre, out: self.probe.observe(name, spec.op, pre, out)
+            func, args, kwargs, spec.op, in_place,
+            lambda pre: self.probe.observe(name, spec.op, pre),
+            lambda post: self.probe.registry.record_post(name, post),
         )
         if in_place:  # the tensor now holds activations, no longer its producer's output
             self.probe.forget(args[0])
@@ -257,7 +259,7 @@ class EagerProbe:
         path, _, is_activation = self._current_module()
         return self._namer.name(path, op, is_activation)
 
-    def observe(self, name: str, op: str, pre: torch.Tensor, post: torch.Tensor | None) -> None:
+    def observe(self, name: str, op: str, pre: torch.Tensor) -> None:
         _, module, is_activation = self._current_module()
         producer_name, producer, channel_first = self.origin_of(pre) or (None, None, None)
         inferred = infer_channel_dim(pre.dim(), channel_first)
@@ -265,12 +267,5 @@ class EagerProbe:
         bias = getattr(producer, "bias", None) if producer is not None else None
         if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != units:
             producer_name = None
-        self.registry.record(
-            name,
-            op,
-            pre,
-            post,
-            inferred,
-            module_type=type(module).__name__ if is_activation else "functional",
-            producer=producer_name,
-        )
+        self.registry.record_pre(name, op, pre, inferred, type(module).__name__ if is_activation else "functional",
+                                 producer_name)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, infer_channel_dim
+from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, static_site_hooks
 from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, is_activation_module_type
 
 # Ops a pre-activation flows through on its way from the Linear/Conv/BN that produced it.
@@ -114,14 +114,10 @@ class ExportedProbe:
         graph_module.recompile()
 
     def _recorder(self, site: StaticSite, original):
-        registry = self.registry
-
-        def record(pre: torch.Tensor, out: torch.Tensor | None) -> None:
-            registry.record(site.name, site.op, pre, out, infer_channel_dim(pre.dim(), site.channel_first),
-                            site.module_type, site.producer)
+        before, after = static_site_hooks(self.registry, site)
 
         def deadrelu_site(*args, **kwargs):
-            return call_and_record(original, args, kwargs, site.op, site.in_place, record)
+            return call_and_record(original, args, kwargs, site.op, site.in_place, before, after)
 
         return deadrelu_site
 

@@ -294,24 +294,42 @@ def _add_reductions(builder: _Builder, site: OnnxSite, channel_dim: int, thresho
     def widen(name: str, to: int, stem: str) -> str:
         return builder.node("Cast", [name], stem, to=to)
 
+    from deadrelu_cli.probe.accumulator import counts_from_output
+
+    from_output = counts_from_output(site.op, threshold) or (site.op == "clip" and 0.0 <= threshold < (site.clip_max or np.inf))
+    nonnegative = site.op in ("relu", "relu6", "clip")
+    magnitude = y if nonnegative else builder.node("Abs", [y], "abs")
+    source = y if from_output else x  # reading y only keeps onnxruntime's Conv+Relu fusion for everything but the max
     thr = builder.const(np.array(threshold, dtype=np_type), "threshold")
-    fired = builder.node("Cast", [builder.node("Greater", [x, thr], "gt")], "cast", to=TensorProto.INT32)
-    out = {
-        "pos": widen(builder.reduce("ReduceSum", fired, axes, "pos32"), TensorProto.INT64, "pos"),
-        "max": widen(builder.reduce("ReduceMax", x, axes, "maxf"), TensorProto.DOUBLE, "max"),
-        "sum": widen(builder.reduce("ReduceSum", y, axes, "sumf"), TensorProto.DOUBLE, "sum"),
-        "size": builder.node("Size", [site.input_name], "size"),
-    }
+    fired = builder.node("Cast", [builder.node("Greater", [source, thr], "gt")], "cast", to=TensorProto.FLOAT)
+    at_cap = None
     if site.op in ("relu6", "clip") and site.clip_max is not None:
         cap = builder.const(np.array(site.clip_max, dtype=np_type), "cap")
-        at_cap = builder.node("Not", [builder.node("Less", [x, cap], "below")], "atcap")
-        at_cap32 = builder.node("Cast", [at_cap], "casts", to=TensorProto.INT32)
+        at_cap = builder.node("Cast", [builder.node("Not", [builder.node("Less", [y, cap], "below")], "atcap")], "casts",
+                              to=TensorProto.FLOAT)
+    out = {"size": builder.node("Size", [site.input_name], "size")}
+    if channel_dim == 1 and rank >= 3 and not site.graph_path:
+        # NCHW-like: the global pools are onnxruntime's fastest reductions; they give per-(sample, channel)
+        # means, which the host turns back into exact counts (means of 0/1 times H*W, rounded) and sums.
+        out["pos_nc"] = builder.node("GlobalAveragePool", [fired], "pos_nc")
+        out["sum_nc"] = builder.node("GlobalAveragePool", [magnitude], "sum_nc")
+        out["max_nc"] = builder.node("GlobalMaxPool", [x], "max_nc")
+        if at_cap is not None:
+            out["sat_nc"] = builder.node("GlobalAveragePool", [at_cap], "sat_nc")
+        return out
+    fired32 = builder.node("Cast", [fired], "fired32", to=TensorProto.INT32)
+    out["pos"] = widen(builder.reduce("ReduceSum", fired32, axes, "pos32"), TensorProto.INT64, "pos")
+    out["max"] = widen(builder.reduce("ReduceMax", x, axes, "maxf"), TensorProto.DOUBLE, "max")
+    out["sum"] = widen(builder.reduce("ReduceSum", magnitude, axes, "sumf"), TensorProto.DOUBLE, "sum")
+    if at_cap is not None:
+        at_cap32 = builder.node("Cast", [at_cap], "sat_i32", to=TensorProto.INT32)
         out["sat"] = widen(builder.reduce("ReduceSum", at_cap32, axes, "sat32"), TensorProto.INT64, "sat")
     return out
 
 
 _STAT_TYPES = {"pos": TensorProto.INT64, "max": TensorProto.DOUBLE, "sum": TensorProto.DOUBLE,
-               "size": TensorProto.INT64, "sat": TensorProto.INT64}
+               "size": TensorProto.INT64, "sat": TensorProto.INT64, "pos_nc": TensorProto.FLOAT,
+               "sum_nc": TensorProto.FLOAT, "max_nc": TensorProto.FLOAT, "sat_nc": TensorProto.FLOAT}
 
 
 def _empty_like_stat(builder: _Builder, key: str) -> str:

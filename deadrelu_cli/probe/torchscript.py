@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, infer_channel_dim
+from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, static_site_hooks
 from deadrelu_cli.probe.exported import StaticSite
 from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, is_activation_module_type
 
@@ -205,11 +205,7 @@ class TorchScriptProbe:
         site = self.sites[self._position]
         self._position += 1
 
-        def record(pre: torch.Tensor, out: torch.Tensor | None) -> None:
-            self.registry.record(site.name, site.op, pre, out, infer_channel_dim(pre.dim(), site.channel_first),
-                                 site.module_type, site.producer)
-
-        return call_and_record(func, args, kwargs, op, in_place, record)
+        return call_and_record(func, args, kwargs, op, in_place, *static_site_hooks(self.registry, site))
 
     def run(self, inputs: tuple, kwargs: dict | None = None):
         self._position = 0
