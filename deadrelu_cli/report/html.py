@@ -28,7 +28,8 @@ def _svg(figure) -> str:
     import matplotlib.pyplot as plt
 
     buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    # no metadata block: it only carries RDF namespace URIs and a date (reports stay reproducible)
+    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
     plt.close(figure)
     text = buffer.getvalue()
     return text[text.index("<svg"):]  # drop the XML prologue and DOCTYPE: inline SVG in HTML
@@ -87,7 +88,11 @@ def layer_svg(layer: LayerStats, settings) -> str:
     hist.bar(bins[:-1] + 0.025, counts, width=0.045, color=COLORS["alive"], label="firing")
     hist.bar([-0.05], [int(dead.sum())], width=0.045, color=COLORS["dead"], label="dead")
     if counts.any() or dead.any():
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
         hist.set_yscale("log")
+        hist.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+        hist.yaxis.set_minor_formatter(NullFormatter())
     hist.set_xlim(-0.1, 1.02)
     hist.set_xlabel("active rate")
     hist.set_ylabel("units")
@@ -95,7 +100,7 @@ def layer_svg(layer: LayerStats, settings) -> str:
     maxima = np.where(np.isfinite(layer.max_preactivation), layer.max_preactivation, np.nan)
     units = np.arange(layer.units)
     status_colors = np.where(dead, COLORS["dead"], np.where(layer.dying_mask(settings.dying), COLORS["dying"], COLORS["alive"]))
-    strip.scatter(units, maxima, s=4, c=list(status_colors), linewidths=0)
+    strip.scatter(units, maxima, s=12 if layer.units <= 128 else 4, c=list(status_colors), linewidths=0)
     strip.axhline(settings.threshold, color="#555", linewidth=0.6, linestyle="--")
     strip.set_xlabel("unit")
     strip.set_ylabel("max pre-activation")
@@ -114,7 +119,7 @@ h1{font-size:20px;margin:4px 0}h2{font-size:17px;margin:22px 0 6px}h3{font-size:
 table{border-collapse:collapse;width:100%;font-size:13px}th,td{padding:3px 6px;border-bottom:1px solid #eee;text-align:right}
 th{cursor:pointer;background:#fafafa;position:sticky;top:0}td:first-child,th:first-child{text-align:left}
 tr.warn{background:#fff3e0}tr.crit{background:#ffebee}tr.notrun{color:#999}
-.DEAD{color:#c62828;font-weight:600}.dying{color:#ef6c00}.saturated{color:#6a1b9a}
+.DEAD{color:#c62828;font-weight:600}.dying{color:#ef6c00}.dormant{color:#8d6e63}.saturated{color:#6a1b9a}
 details{border:1px solid #eee;border-radius:6px;margin:8px 0;padding:4px 8px}summary{cursor:pointer}
 input[type=search]{width:100%;max-width:360px;padding:4px;margin:4px 0}
 .scroll{overflow-x:auto}
@@ -235,8 +240,10 @@ def _layer_section(report: Report, layer: LayerStats, index: int) -> str:
     rates = layer.active_rate()
     mean_abs = layer.mean_abs()
     rows = []
+    dormant = layer.dormant_mask(settings.tau)
     for i in interesting:
         status = unit_status(layer, i, settings.dying)
+        status = "dormant" if status == "alive" and dormant[i] else status
         bias = "–" if layer.bias is None else f"{layer.bias[i]:.4g}"
         maximum = layer.max_preactivation[i]
         rows.append(f'<tr><td>{i}</td><td>{bias}</td><td data-v="{rates[i]:.8f}">{100 * rates[i]:.2f}%</td>'
