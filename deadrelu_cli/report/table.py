@@ -14,7 +14,7 @@ from deadrelu_cli.stats import LayerStats
 
 WARN_FRACTION = 0.20  # CS231n: "as much as 40%" dead after a bad learning rate
 CRITICAL_FRACTION = 0.40
-BAR_WIDTH = 10
+BAR_WIDTH = 8
 
 
 def severity_style(fraction: float) -> str:
@@ -30,6 +30,18 @@ def _bar(fraction: float) -> Text:
     return Text("█" * filled + "·" * (BAR_WIDTH - filled), style=severity_style(fraction) or "green")
 
 
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(rates: np.ndarray, bins: int = 8) -> str:
+    """Distribution of a layer's active rates over [0, 1] in `bins` characters (dead units in the first)."""
+    if rates.size == 0:
+        return ""
+    counts, _ = np.histogram(rates, bins=bins, range=(0.0, 1.0))
+    top = counts.max()
+    return "".join(" " if c == 0 else SPARK[min(len(SPARK) - 1, int(c * (len(SPARK) - 1) / top + 0.5))] for c in counts)
+
+
 def summary_line(report: Report) -> str:
     s = report.summary()
     text = f"Dead units: {s.dead}/{s.units} ({100 * s.dead_fraction:.1f}%) in {s.layers_with_dead} of {s.layers} layers"
@@ -41,15 +53,16 @@ def summary_line(report: Report) -> str:
 
 def layers_table(report: Report) -> Table:
     settings = report.settings
-    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
+    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
     longest = max((len(layer.name) for layer in report.layers), default=8)
     table.add_column("Layer", overflow="fold", min_width=min(max(longest, 5), 40))
     for column in ("Op", "Units", "Dead", "Dead %", "Dying", "Dormant", "Median"):
         table.add_column(column, justify="left" if column == "Op" else "right", no_wrap=True, min_width=len(column))
     table.add_column("", no_wrap=True, width=BAR_WIDTH)
+    table.add_column("Rates", no_wrap=True, width=8)
     for layer in report.layers:
         if not layer.ran:
-            table.add_row(escape(layer.name), layer.op, "–", "–", "not run", "–", "–", "–", "", style="dim")
+            table.add_row(escape(layer.name), layer.op, "–", "–", "not run", "–", "–", "–", "", "", style="dim")
             continue
         dead = int(layer.dead_mask().sum())
         fraction = dead / layer.units if layer.units else 0.0
@@ -57,7 +70,7 @@ def layers_table(report: Report) -> Table:
         table.add_row(
             layer.name, layer.op, str(layer.units), str(dead), f"{100 * fraction:.1f}%",
             str(int(layer.dying_mask(settings.dying).sum())), str(int(layer.dormant_mask(settings.tau).sum())),
-            f"{100 * float(np.median(layer.active_rate())):.1f}%", _bar(fraction), style=style,
+            f"{100 * float(np.median(layer.active_rate())):.1f}%", _bar(fraction), sparkline(layer.active_rate()), style=style,
         )
     return table
 
@@ -75,7 +88,7 @@ def unit_status(layer: LayerStats, index: int, dying: float) -> str:
 
 
 def units_table(report: Report, layer: LayerStats) -> Table:
-    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
+    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
     bias_title = f"Bias ({layer.producer})" if layer.producer else "Bias"
     for column in ("Unit", bias_title, "Active %", "Max pre-act", "Mean |act|", "Status"):
         table.add_column(column, justify="left" if column == "Status" else "right")
