@@ -8,6 +8,7 @@ never allowed (numpy allow_pickle=False, torch weights_only=True).
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,28 @@ class InMemorySource:
         return np.asarray(self.array)
 
 
+def available_memory() -> int:
+    """Bytes of memory this process could still use (MemAvailable; a generous default elsewhere)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 40
+
+
+def check_fits_in_memory(shape: tuple[int, ...], dtype: np.dtype, label: str) -> None:
+    """Refuse, before allocating, an array whose declared size cannot fit in memory."""
+    size = int(np.prod([int(d) for d in shape], dtype=object)) * np.dtype(dtype).itemsize
+    if size > available_memory():
+        raise UserError(
+            f"{label} declares {size / 2**30:.1f} GiB ({list(shape)} {dtype}), more than the memory available; "
+            "the file is damaged or not meant to be read whole"
+        )
+
+
 class NpzMemberSource:
     """One array inside an .npz, read sequentially from the (possibly compressed) zip member."""
 
@@ -59,8 +82,21 @@ class NpzMemberSource:
         with zipfile.ZipFile(path) as archive, archive.open(member) as stream:
             self.shape, fortran, self.dtype = _read_npy_header(stream, f"{path}:{name}")
         if fortran and len(self.shape) > 1:
-            raise UserError(f"{path}: array {name!r} is stored in Fortran order; save it C-contiguous (np.ascontiguousarray)")
-        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+            raise UserError(
+                f"{path}: array {name!r} is stored in Fortran order; save it C-contiguous (np.ascontiguousarray)"
+            )
+        self._row_bytes = (
+            int(np.prod(self.shape[1:], dtype=object)) * self.dtype.itemsize
+            if self.shape
+            else self.dtype.itemsize
+        )
+        declared = self._row_bytes * (self.shape[0] if self.shape else 1)
+        with zipfile.ZipFile(path) as archive:
+            stored = archive.getinfo(member).file_size
+        if declared > stored:  # a header promising more data than the member holds (or a bomb of a shape)
+            raise UserError(
+                f"{path}: array {name!r} declares shape {list(self.shape)} but holds only {stored} bytes; the file is damaged"
+            )
         self._archive = None
         self._stream = None
         self._position = 0
@@ -73,18 +109,29 @@ class NpzMemberSource:
             _read_npy_header(self._stream, self.name)
             self._position = 0
         if start > self._position:
-            self._stream.read((start - self._position) * self._row_bytes)
-            self._position = start
+            self.rows(self._position, start)  # skip forward through the stream
         count = stop - start
-        raw = self._stream.read(count * self._row_bytes)
+        try:
+            raw = self._stream.read(count * self._row_bytes)
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+            self.close()
+            raise UserError(
+                f"{self.path}: array {self.name!r} is damaged ({exc}); re-create the .npz"
+            ) from None
         if len(raw) != count * self._row_bytes:
             raise UserError(f"{self.path}: array {self.name!r} is truncated (the file is damaged)")
         self._position = stop
         return np.frombuffer(raw, dtype=self.dtype).reshape((count, *self.shape[1:]))
 
     def whole(self) -> np.ndarray:
-        with zipfile.ZipFile(self.path) as archive, archive.open(self.member) as stream:
-            return np.lib.format.read_array(stream, allow_pickle=False)
+        check_fits_in_memory(self.shape, self.dtype, f"{self.path}: array {self.name!r}")
+        try:
+            with zipfile.ZipFile(self.path) as archive, archive.open(self.member) as stream:
+                return np.lib.format.read_array(stream, allow_pickle=False)
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
+            raise UserError(
+                f"{self.path}: array {self.name!r} is damaged ({exc}); re-create the .npz"
+            ) from None
 
     def close(self) -> None:
         if self._stream is not None:
@@ -138,7 +185,9 @@ class CalibrationData:
     def names(self) -> list[str]:
         return [s.name for s in self.sources]
 
-    def configure(self, batch_axes: dict[str, int] | None = None, consts: tuple[str, ...] = ()) -> CalibrationData:
+    def configure(
+        self, batch_axes: dict[str, int] | None = None, consts: tuple[str, ...] = ()
+    ) -> CalibrationData:
         for name in list(batch_axes or {}) + list(consts):
             if name not in self.names:
                 raise UserError(f"{self.path}: no array named {name!r} (arrays: {', '.join(self.names)})")
@@ -151,16 +200,22 @@ class CalibrationData:
         for source in batched:
             axis = self.batch_axes.get(source.name, 0)
             if len(source.shape) == 0:
-                raise UserError(f"{self.path}: array {source.name!r} is a scalar; the first axis must be samples (or pass --const {source.name})")
+                raise UserError(
+                    f"{self.path}: array {source.name!r} is a scalar; the first axis must be samples (or pass --const {source.name})"
+                )
             if not -len(source.shape) <= axis < len(source.shape):
-                raise UserError(f"--batch-axis {source.name}={axis}: the array has only {len(source.shape)} axes")
+                raise UserError(
+                    f"--batch-axis {source.name}={axis}: the array has only {len(source.shape)} axes"
+                )
             counts[source.name] = source.shape[axis]
             if source.shape[axis] == 0:
                 raise UserError(f"{self.path}: array {source.name!r} has zero samples")
         if len(set(counts.values())) > 1:
             listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
-            raise UserError(f"{self.path}: arrays have different sample counts ({listed}); the first axis must be samples "
-                            "(use --const NAME for an array fed whole, --batch-axis NAME=AXIS for another sample axis)")
+            raise UserError(
+                f"{self.path}: arrays have different sample counts ({listed}); the first axis must be samples "
+                "(use --const NAME for an array fed whole, --batch-axis NAME=AXIS for another sample axis)"
+            )
         return self
 
     def _batched(self) -> list[ArraySource]:
@@ -171,7 +226,9 @@ class CalibrationData:
         first = self._batched()[0]
         return first.shape[self.batch_axes.get(first.name, 0)]
 
-    def batches(self, batch_size: int, limit: int | None = None, allow_nonfinite: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    def batches(
+        self, batch_size: int, limit: int | None = None, allow_nonfinite: bool = False
+    ) -> Iterator[dict[str, np.ndarray]]:
         total = self.samples if limit is None else min(limit, self.samples)
         constants = {s.name: s.whole() for s in self.sources if s.name in self.consts}
         for start in range(0, total, batch_size):
@@ -195,12 +252,16 @@ class CalibrationData:
             yield batch
 
 
-def _validate(path: str, sources: list[ArraySource], batch_axes: dict[str, int] | None, consts: tuple[str, ...]) -> CalibrationData:
+def _validate(
+    path: str, sources: list[ArraySource], batch_axes: dict[str, int] | None, consts: tuple[str, ...]
+) -> CalibrationData:
     if not sources:
         raise UserError(f"{path}: holds no arrays")
     for source in sources:
         if source.dtype.kind not in NUMERIC_KINDS:
-            raise UserError(f"{path}: array {source.name!r} has dtype {source.dtype}, expected numbers (float, int or bool)")
+            raise UserError(
+                f"{path}: array {source.name!r} has dtype {source.dtype}, expected numbers (float, int or bool)"
+            )
     return CalibrationData(path=path, sources=sources).configure(batch_axes, consts)
 
 
@@ -231,9 +292,13 @@ def _open_pt(path: Path) -> list[ArraySource]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise UserError(f"{path}: refused to unpickle data: it holds more than tensors; save a tensor or a dict of tensors") from None
+        raise UserError(
+            f"{path}: refused to unpickle data: it holds more than tensors; save a tensor or a dict of tensors"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read tensor file ({type(exc).__name__}); it is truncated or not torch.save data") from None
+        raise UserError(
+            f"{path}: cannot read tensor file ({type(exc).__name__}); it is truncated or not torch.save data"
+        ) from None
 
     def to_numpy(value, key):
         if not isinstance(value, torch.Tensor):
@@ -260,8 +325,17 @@ def _open_safetensors(path: Path) -> list[ArraySource]:
             for key in handle.keys():
                 sl = handle.get_slice(key)
                 dtype_name = sl.get_dtype().lower()
-                mapping = {"f32": "float32", "f64": "float64", "f16": "float16", "i64": "int64", "i32": "int32",
-                           "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool"}
+                mapping = {
+                    "f32": "float32",
+                    "f64": "float64",
+                    "f16": "float16",
+                    "i64": "int64",
+                    "i32": "int32",
+                    "i16": "int16",
+                    "i8": "int8",
+                    "u8": "uint8",
+                    "bool": "bool",
+                }
                 np_dtype = np.dtype(mapping.get(dtype_name, dtype_name))
                 sources.append(SafetensorsSource(path, key, tuple(sl.get_shape()), np_dtype))
     except (SafetensorError, OSError, TypeError) as exc:
@@ -269,7 +343,9 @@ def _open_safetensors(path: Path) -> list[ArraySource]:
     return sources
 
 
-def open_calibration(path: str, batch_axes: dict[str, int] | None = None, consts: tuple[str, ...] = ()) -> CalibrationData:
+def open_calibration(
+    path: str, batch_axes: dict[str, int] | None = None, consts: tuple[str, ...] = ()
+) -> CalibrationData:
     p = check_readable_file(path, "data")
     with open(p, "rb") as handle:
         head = handle.read(8)
@@ -283,7 +359,9 @@ def open_calibration(path: str, batch_axes: dict[str, int] | None = None, consts
     elif suffix == ".safetensors" or head[:8] != b"" and len(head) == 8:
         sources = _open_safetensors(p)
     else:
-        raise UserError(f"{path}: unsupported data format; use .npz, .npy, .pt or .safetensors with samples on the first axis")
+        raise UserError(
+            f"{path}: unsupported data format; use .npz, .npy, .pt or .safetensors with samples on the first axis"
+        )
     return _validate(str(path), sources, batch_axes, consts)
 
 

@@ -86,6 +86,6 @@ def load_config(explicit: str | None = None, start: Path | None = None) -> FileC
         if key == "ops" and isinstance(value, list):
             value = ",".join(value)
         if key in ("baseline", "junit", "markdown"):  # paths are relative to the config file
-            value = str((path.parent / value)) if not Path(value).is_absolute() else value
+            value = str(path.parent / value) if not Path(value).is_absolute() else value
         values[name] = value
     return FileConfig(path=path, values=values)

@@ -44,7 +44,9 @@ def resolve_device(requested: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"--device {requested}: no CUDA device is available here; use --device cpu or auto")
+            raise UserError(
+                f"--device {requested}: no CUDA device is available here; use --device cpu or auto"
+            )
         return requested
     if requested != "cpu":
         raise UserError(f"--device {requested!r}: choose auto, cpu or cuda")
@@ -60,12 +62,20 @@ def match_inputs(model: LoadedModel, data: CalibrationData) -> list[str]:
     if wanted and all(n in names for n in wanted):
         extra = [n for n in names if n not in wanted]
         if extra:
-            raise UserError(f"{data.path}: arrays {', '.join(extra)} match no model input (inputs: {', '.join(wanted)})")
+            raise UserError(
+                f"{data.path}: arrays {', '.join(extra)} match no model input (inputs: {', '.join(wanted)})"
+            )
         return wanted
-    described = ", ".join(
-        f"{s.name}{list(s.shape) if s.shape else ''}{' ' + s.dtype if s.dtype else ''}" for s in model.inputs
-    ) or "unknown"
-    raise UserError(f"{data.path}: arrays {', '.join(names)} do not match the model inputs ({described}); name the arrays after the inputs")
+    described = (
+        ", ".join(
+            f"{s.name}{list(s.shape) if s.shape else ''}{' ' + s.dtype if s.dtype else ''}"
+            for s in model.inputs
+        )
+        or "unknown"
+    )
+    raise UserError(
+        f"{data.path}: arrays {', '.join(names)} do not match the model inputs ({described}); name the arrays after the inputs"
+    )
 
 
 def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) -> None:
@@ -75,9 +85,13 @@ def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) ->
             continue
         got = by_name[name].shape
         expected = tuple(spec.shape)
-        if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected[1:], got[1:], strict=False)):
+        if len(got) != len(expected) or any(
+            e is not None and e != g for e, g in zip(expected[1:], got[1:], strict=False)
+        ):
             shown = "x".join("?" if e is None else str(e) for e in expected)
-            raise UserError(f"{data.path}: array {name!r} has shape {list(got)}, the model input {spec.name!r} expects {shown} (first axis = samples)")
+            raise UserError(
+                f"{data.path}: array {name!r} has shape {list(got)}, the model input {spec.name!r} expects {shown} (first axis = samples)"
+            )
 
 
 def _first_layer_check(model: LoadedModel, data: CalibrationData) -> None:
@@ -86,14 +100,30 @@ def _first_layer_check(model: LoadedModel, data: CalibrationData) -> None:
 
     if model.kind != "eager" or len(data.sources) != 1:
         return
-    first = next((m for m in model.runnable.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)), None)
+    first = next(
+        (m for m in model.runnable.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)),
+        None,
+    )
     shape = data.sources[0].shape
-    if isinstance(first, nn.Linear) and len(shape) >= 2 and data.sources[0].dtype.kind == "f" and shape[-1] != first.in_features:
-        raise UserError(f"{data.path}: samples have {shape[-1]} features (shape {list(shape)}) but the model's first Linear expects {first.in_features}")
+    if (
+        isinstance(first, nn.Linear)
+        and len(shape) >= 2
+        and data.sources[0].dtype.kind == "f"
+        and shape[-1] != first.in_features
+    ):
+        raise UserError(
+            f"{data.path}: samples have {shape[-1]} features (shape {list(shape)}) but the model's first Linear expects {first.in_features}"
+        )
     if isinstance(first, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-        rank = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(first)] if type(first) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else None
+        rank = (
+            {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(first)]
+            if type(first) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+            else None
+        )
         if rank and len(shape) == rank and shape[1] != first.in_channels:
-            raise UserError(f"{data.path}: samples have {shape[1]} channels (shape {list(shape)}) but the model's first Conv expects {first.in_channels}")
+            raise UserError(
+                f"{data.path}: samples have {shape[1]} channels (shape {list(shape)}) but the model's first Conv expects {first.in_channels}"
+            )
 
 
 def to_tensor(array: np.ndarray, float_dtype: str, device: str):
@@ -146,8 +176,13 @@ def attach_biases(model: LoadedModel, layers) -> None:
             layer.producer = None
 
 
-def scan_torch(model: LoadedModel, data: CalibrationData, options: ScanOptions, device: str,
-               collectors: dict | None = None) -> tuple[list, object]:
+def scan_torch(
+    model: LoadedModel,
+    data: CalibrationData,
+    options: ScanOptions,
+    device: str,
+    collectors: dict | None = None,
+) -> tuple[list, object]:
     """Replay the data through a probe of the model; returns the layer statistics and the probe."""
     import torch
 
@@ -170,6 +205,7 @@ def scan_torch(model: LoadedModel, data: CalibrationData, options: ScanOptions, 
         batch_size = model.fixed_batch
     done = 0
     context = probe.attached() if hasattr(probe, "attached") else _null()
+
     def tensors():
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
             yield batch, tuple(to_tensor(batch[name], model.float_dtype, device) for name in order)
@@ -184,7 +220,9 @@ def scan_torch(model: LoadedModel, data: CalibrationData, options: ScanOptions, 
                 if index == 0:
                     shapes = ", ".join(f"{n}{list(batch[n].shape)}" for n in order)
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise UserError(f"the model failed on the first batch ({shapes}): {first}; check that --data fits the model's input") from exc
+                    raise UserError(
+                        f"the model failed on the first batch ({shapes}): {first}; check that --data fits the model's input"
+                    ) from exc
                 raise
             done += inputs[0].shape[0] if inputs and inputs[0].dim() else 0
             if options.progress:
@@ -238,7 +276,9 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
     report = Report(
         model=ModelInfo(path=str(options.model), format=model.format, sha256=model.sha256),
         data=DataInfo(path=str(options.data), samples=samples),
-        settings=Settings(options.threshold, options.dying, options.tau, options.channel_dim, device, tuple(options.ops)),
+        settings=Settings(
+            options.threshold, options.dying, options.tau, options.channel_dim, device, tuple(options.ops)
+        ),
         layers=layers,
         notes=list(model.notes),
     )

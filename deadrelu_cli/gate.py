@@ -20,7 +20,9 @@ class GateConfig:
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in (self.max_dead, self.max_dead_layer, self.max_dead_units, self.baseline)) or bool(self.layer_limits)
+        return any(
+            v is not None for v in (self.max_dead, self.max_dead_layer, self.max_dead_units, self.baseline)
+        ) or bool(self.layer_limits)
 
 
 @dataclass
@@ -89,7 +91,9 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
     summary = report.summary()
     model_failures: list[str] = []
     if config.max_dead is not None and summary.dead_fraction > config.max_dead:
-        model_failures.append(f"model: {_pct(summary.dead_fraction)} of units are dead ({summary.dead}/{summary.units}), above the limit {_pct(config.max_dead)}")
+        model_failures.append(
+            f"model: {_pct(summary.dead_fraction)} of units are dead ({summary.dead}/{summary.units}), above the limit {_pct(config.max_dead)}"
+        )
     if config.max_dead_units is not None and summary.dead > config.max_dead_units:
         model_failures.append(f"model: {summary.dead} dead units, above the limit {config.max_dead_units}")
 
@@ -102,7 +106,9 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
         limit = layer_limit(layer.name, config)
         verdict = LayerVerdict(layer.name, layer.op, layer.units, dead, fraction, limit)
         if layer.ran and limit is not None and fraction > limit:
-            verdict.failures.append(f"layer {layer.name}: {_pct(fraction)} dead ({dead}/{layer.units}), above the limit {_pct(limit)}")
+            verdict.failures.append(
+                f"layer {layer.name}: {_pct(fraction)} dead ({dead}/{layer.units}), above the limit {_pct(limit)}"
+            )
         old = old_layers.get(layer.name)
         if old is not None and old.ran and layer.ran:
             old_fraction = int(old.dead_mask().sum()) / old.units if old.units else 0.0
@@ -114,8 +120,12 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
                 )
         verdicts.append(verdict)
 
-    result = GateResult(layers=verdicts, model_failures=model_failures, dead_fraction=summary.dead_fraction,
-                        checked=config.active)
+    result = GateResult(
+        layers=verdicts,
+        model_failures=model_failures,
+        dead_fraction=summary.dead_fraction,
+        checked=config.active,
+    )
     if config.baseline is not None:
         names = {layer.name for layer in report.layers}
         result.added = [layer.name for layer in report.layers if layer.name not in old_layers]

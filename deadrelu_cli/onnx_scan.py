@@ -19,7 +19,9 @@ def make_session(model_bytes: bytes, device: str, notes: list[str]):
         if "CUDAExecutionProvider" in ort.get_available_providers():
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
-            notes.append("--device cuda: onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu); ran on CPU")
+            notes.append(
+                "--device cuda: onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu); ran on CPU"
+            )
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
@@ -37,15 +39,23 @@ def feed_order(model: LoadedModel, data: CalibrationData) -> dict[str, str]:
         return {wanted[0]: names[0]}
     missing = [w for w in wanted if w not in names]
     if missing:
-        described = ", ".join(f"{s.name}{list(s.shape) if s.shape else ''} {s.dtype or ''}".strip() for s in model.inputs)
-        raise UserError(f"{data.path}: no array for model input(s) {', '.join(missing)}; the model's inputs are: {described}")
+        described = ", ".join(
+            f"{s.name}{list(s.shape) if s.shape else ''} {s.dtype or ''}".strip() for s in model.inputs
+        )
+        raise UserError(
+            f"{data.path}: no array for model input(s) {', '.join(missing)}; the model's inputs are: {described}"
+        )
     extra = [n for n in names if n not in wanted]
     if extra:
-        raise UserError(f"{data.path}: arrays {', '.join(extra)} match no model input (inputs: {', '.join(wanted)})")
+        raise UserError(
+            f"{data.path}: arrays {', '.join(extra)} match no model input (inputs: {', '.join(wanted)})"
+        )
     return {w: w for w in wanted}
 
 
-def _discover_ranks(model, sites: list[OnnxSite], data: CalibrationData, order: dict[str, str], dtypes: dict, device: str) -> None:
+def _discover_ranks(
+    model, sites: list[OnnxSite], data: CalibrationData, order: dict[str, str], dtypes: dict, device: str
+) -> None:
     """Sites whose rank shape inference could not tell: run one batch exposing Shape(x) only."""
     from onnx import TensorProto, helper
 
@@ -86,7 +96,11 @@ def _from_pooled(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "max": np.asarray(values["max_nc"], dtype=np.float64).reshape(n, c).max(axis=0),
     }
     if "sat_nc" in values:
-        out["sat"] = np.rint(np.asarray(values["sat_nc"], dtype=np.float64).reshape(n, c) * positions).astype(np.int64).sum(axis=0)
+        out["sat"] = (
+            np.rint(np.asarray(values["sat_nc"], dtype=np.float64).reshape(n, c) * positions)
+            .astype(np.int64)
+            .sum(axis=0)
+        )
     return out
 
 
@@ -120,7 +134,9 @@ class _HostAccumulator:
             self.sum_abs = np.zeros(units)
             self.saturated = np.zeros(units, np.int64) if sat is not None else None
         elif units != self.positive.shape[0]:
-            raise UserError(f"ONNX layer {self.site.name} produced {units} units on one batch and {self.positive.shape[0]} on another; pass --channel-dim")
+            raise UserError(
+                f"ONNX layer {self.site.name} produced {units} units on one batch and {self.positive.shape[0]} on another; pass --channel-dim"
+            )
         self.positive += pos.astype(np.int64)
         mx = mx.reshape(-1)
         if self.site.float16:
@@ -135,16 +151,32 @@ class _HostAccumulator:
         site = self.site
         if self.positive is None:
             empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0)
-            return LayerStats(site.name, site.op, site.channel_dim, empty_i, 0, empty_f, empty_f,
-                              module_type="Relu" if site.op == "relu" else "Clip", producer=site.producer)
+            return LayerStats(
+                site.name,
+                site.op,
+                site.channel_dim,
+                empty_i,
+                0,
+                empty_f,
+                empty_f,
+                module_type="Relu" if site.op == "relu" else "Clip",
+                producer=site.producer,
+            )
         bias = None
         if site.bias is not None and np.asarray(site.bias).reshape(-1).shape[0] == self.positive.shape[0]:
             bias = np.asarray(site.bias, dtype=np.float64).reshape(-1)
         return LayerStats(
-            name=site.name, op=site.op, channel_dim=site.channel_dim, positive_counts=self.positive,
-            elements_per_unit=self.elements, max_preactivation=self.max_pre, sum_abs=self.sum_abs,
-            saturated_counts=self.saturated, module_type="Relu" if site.op == "relu" else "Clip",
-            producer=site.producer if bias is not None else None, bias=bias,
+            name=site.name,
+            op=site.op,
+            channel_dim=site.channel_dim,
+            positive_counts=self.positive,
+            elements_per_unit=self.elements,
+            max_preactivation=self.max_pre,
+            sum_abs=self.sum_abs,
+            saturated_counts=self.saturated,
+            module_type="Relu" if site.op == "relu" else "Clip",
+            producer=site.producer if bias is not None else None,
+            bias=bias,
         )
 
 
@@ -156,14 +188,25 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
     for spec in loaded.inputs:
         source = next(s for s in data.sources if s.name == order[spec.name])
-        if spec.dtype and source.dtype.kind == "f" and spec.dtype.startswith("float") and source.dtype != np.dtype(spec.dtype):
-            loaded.notes.append(f"input {spec.name}: data {source.dtype} converted to the model's {spec.dtype}")
+        if (
+            spec.dtype
+            and source.dtype.kind == "f"
+            and spec.dtype.startswith("float")
+            and source.dtype != np.dtype(spec.dtype)
+        ):
+            loaded.notes.append(
+                f"input {spec.name}: data {source.dtype} converted to the model's {spec.dtype}"
+            )
         if spec.shape and source.name not in data.consts:
             got = source.shape
-            if len(got) != len(spec.shape) or any(e is not None and g != e for e, g in zip(spec.shape[1:], got[1:], strict=False)):
+            if len(got) != len(spec.shape) or any(
+                e is not None and g != e for e, g in zip(spec.shape[1:], got[1:], strict=False)
+            ):
                 if source.name not in data.batch_axes:
                     shown = "x".join("?" if e is None else str(e) for e in spec.shape)
-                    raise UserError(f"{data.path}: array {source.name!r} has shape {list(got)}, model input {spec.name!r} expects {shown} {spec.dtype}")
+                    raise UserError(
+                        f"{data.path}: array {source.name!r} has shape {list(got)}, model input {spec.name!r} expects {shown} {spec.dtype}"
+                    )
     sites = find_sites(loaded.runnable, options.ops)
     if not sites:
         loaded.notes.append(f"the graph has no {'/'.join(options.ops)} nodes")
@@ -175,6 +218,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     accumulators = [_HostAccumulator(site) for site in sites]
     total = data.samples if options.limit is None else min(options.limit, data.samples)
     done = 0
+
     def feeds_of():
         for batch in data.batches(options.batch_size, options.limit, options.allow_nonfinite):
             yield batch, {inp: _as_input(batch[arr], dtypes.get(inp)) for inp, arr in order.items()}
@@ -185,7 +229,9 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         except Exception as exc:  # onnxruntime's own exception types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if index == 0:
-                raise UserError(f"onnxruntime failed on the first batch: {first}; check that --data fits the model's inputs") from None
+                raise UserError(
+                    f"onnxruntime failed on the first batch: {first}; check that --data fits the model's inputs"
+                ) from None
             raise
         for acc in accumulators:
             acc.add({key: results[name] for key, name in acc.site.outputs.items()})

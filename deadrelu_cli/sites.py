@@ -10,7 +10,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(part) for part in text.lower().replace(",", "x").split("x") if part)
     except ValueError:
-        raise UserError(f"--input-shape {text!r}: expected sizes like 3x32x32 (one sample, no batch axis)") from None
+        raise UserError(
+            f"--input-shape {text!r}: expected sizes like 3x32x32 (one sample, no batch axis)"
+        ) from None
     if not dims or any(d < 1 for d in dims):
         raise UserError(f"--input-shape {text!r}: sizes must be positive")
     return dims
@@ -27,29 +29,57 @@ def _eager_sites(model, ops, input_shape: tuple[int, ...] | None) -> tuple[list[
     module = model.runnable
     if input_shape is None:
         first = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
-        first_any = next((m for m in module.modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd | nn.Embedding)), None)
+        first_any = next(
+            (
+                m
+                for m in module.modules()
+                if isinstance(m, nn.Linear | nn.modules.conv._ConvNd | nn.Embedding)
+            ),
+            None,
+        )
         if first is not None and first is first_any:
             input_shape = (first.in_features,)
     if input_shape is not None:
         probe = EagerProbe(module, ProbeSettings(ops=ops))
-        sample = torch.zeros((1, *input_shape), dtype=getattr(torch, model.float_dtype), device=next(iter(module.parameters()), torch.zeros(0)).device)
+        sample = torch.zeros(
+            (1, *input_shape),
+            dtype=getattr(torch, model.float_dtype),
+            device=next(iter(module.parameters()), torch.zeros(0)).device,
+        )
         with probe.attached(), torch.inference_mode():
             try:
                 probe.run((sample,))
             except Exception as exc:
-                raise UserError(f"a zero sample of shape {list(sample.shape)} failed in the model ({str(exc).splitlines()[0]}); check --input-shape") from None
-        return [StaticSite(s.name, s.op, False, s.module_type or "", None, s.producer) for s in probe.registry.sites.values()], None
+                raise UserError(
+                    f"a zero sample of shape {list(sample.shape)} failed in the model ({str(exc).splitlines()[0]}); check --input-shape"
+                ) from None
+        return [
+            StaticSite(s.name, s.op, False, s.module_type or "", None, s.producer)
+            for s in probe.registry.sites.values()
+        ], None
     sites = []
     for name, sub in module.named_modules():
         qualified = f"{type(sub).__module__}.{type(sub).__qualname__}"
         if is_activation_module_type(qualified):
-            op = {"ReLU": "relu", "ReLU6": "relu6", "LeakyReLU": "leaky_relu", "ELU": "elu", "GELU": "gelu", "SiLU": "silu"}.get(type(sub).__name__)
+            op = {
+                "ReLU": "relu",
+                "ReLU6": "relu6",
+                "LeakyReLU": "leaky_relu",
+                "ELU": "elu",
+                "GELU": "gelu",
+                "SiLU": "silu",
+            }.get(type(sub).__name__)
             if op in ops:
                 sites.append(StaticSite(name, op, False, type(sub).__name__, None, None))
-    return sites, "activation modules only: functional relus and reuse at several call sites show once a forward runs; pass --input-shape"
+    return (
+        sites,
+        "activation modules only: functional relus and reuse at several call sites show once a forward runs; pass --input-shape",
+    )
 
 
-def list_sites(path: str, arch: str | None, trust_pickle: bool, ops: tuple[str, ...], input_shape: str | None):
+def list_sites(
+    path: str, arch: str | None, trust_pickle: bool, ops: tuple[str, ...], input_shape: str | None
+):
     from deadrelu_cli.loaders import LoadOptions, detect_format, load_model
 
     if detect_format(path) == "onnx":

@@ -78,8 +78,10 @@ class MLPBlock(nn.Module):
 
     def __init__(self, width: int = 512, hidden: int = 2048, depth: int = 4) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
+            for _ in range(depth)
+        )
 
     def forward(self, x):
         for block in self.blocks:
@@ -121,13 +123,20 @@ def torch_pair(name, factory, data_path: Path, batch: int, workdir: Path, device
         array = np.load(data_path, mmap_mode="r")
         with torch.inference_mode():
             for i in range(0, len(array), batch):
-                net(torch.from_numpy(np.array(array[i:i + batch])).to(device))
+                net(torch.from_numpy(np.array(array[i : i + batch])).to(device))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
     def scan():
-        run_scan(ScanOptions(model=str(workdir / f"{name}.pt"), data=str(data_path), arch=f"{__file__}:{factory}",
-                             batch_size=batch, device=device))
+        run_scan(
+            ScanOptions(
+                model=str(workdir / f"{name}.pt"),
+                data=str(data_path),
+                arch=f"{__file__}:{factory}",
+                batch_size=batch,
+                device=device,
+            )
+        )
 
     return plain, scan
 
@@ -141,7 +150,7 @@ def onnx_pair(name, data_path: Path, batch: int, workdir: Path):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         array = np.load(data_path, mmap_mode="r")
         for i in range(0, len(array), batch):
-            session.run(None, {"input": np.array(array[i:i + batch])})
+            session.run(None, {"input": np.array(array[i : i + batch])})
 
     def scan():
         run_scan(ScanOptions(model=str(path), data=str(data_path), batch_size=batch, device="cpu"))
@@ -158,9 +167,18 @@ def measure(name, device, make_pair, data: np.ndarray, batch: int, reps: int, wo
     np.save(large, np.concatenate([data, data, data]))
     plain_n, scan_n = _median_pair(*make_pair(small), reps)
     plain_3n, scan_3n = _median_pair(*make_pair(large), reps)
-    return {"case": name, "device": device, "samples": 3 * n, "batch": batch, "plain_s": plain_3n, "scan_s": scan_3n,
-            "ratio": scan_3n / plain_3n, "marginal_ratio": (scan_3n - scan_n) / (plain_3n - plain_n),
-            "plain_per_s": 3 * n / plain_3n, "scan_per_s": 3 * n / scan_3n}
+    return {
+        "case": name,
+        "device": device,
+        "samples": 3 * n,
+        "batch": batch,
+        "plain_s": plain_3n,
+        "scan_s": scan_3n,
+        "ratio": scan_3n / plain_3n,
+        "marginal_ratio": (scan_3n - scan_n) / (plain_3n - plain_n),
+        "plain_per_s": 3 * n / plain_3n,
+        "scan_per_s": 3 * n / scan_3n,
+    }
 
 
 def main() -> None:
@@ -178,25 +196,76 @@ def main() -> None:
         work = Path(tmp)
         torch.save(build_resnet18().state_dict(), work / "resnet18.pt")
         torch.save(build_mlp_block().state_dict(), work / "mlp.pt")
-        torch.onnx.export(build_resnet18(), (torch.from_numpy(images[:2]),), str(work / "resnet18.onnx"),
-                          input_names=["input"], dynamo=False, dynamic_axes={"input": {0: "batch"}}, opset_version=17)
-        rows.append(measure("resnet18 eager", "cpu", lambda p: torch_pair("resnet18", "build_resnet18", p, 16, work),
-                            images, 16, args.reps, work))
-        rows.append(measure("resnet18 onnx", "cpu (onnxruntime)", lambda p: onnx_pair("resnet18", p, 16, work),
-                            images, 16, args.reps, work))
-        rows.append(measure("mlp block [B,T,F]", "cpu", lambda p: torch_pair("mlp", "build_mlp_block", p, 8, work),
-                            tokens, 8, args.reps, work))
+        torch.onnx.export(
+            build_resnet18(),
+            (torch.from_numpy(images[:2]),),
+            str(work / "resnet18.onnx"),
+            input_names=["input"],
+            dynamo=False,
+            dynamic_axes={"input": {0: "batch"}},
+            opset_version=17,
+        )
+        rows.append(
+            measure(
+                "resnet18 eager",
+                "cpu",
+                lambda p: torch_pair("resnet18", "build_resnet18", p, 16, work),
+                images,
+                16,
+                args.reps,
+                work,
+            )
+        )
+        rows.append(
+            measure(
+                "resnet18 onnx",
+                "cpu (onnxruntime)",
+                lambda p: onnx_pair("resnet18", p, 16, work),
+                images,
+                16,
+                args.reps,
+                work,
+            )
+        )
+        rows.append(
+            measure(
+                "mlp block [B,T,F]",
+                "cpu",
+                lambda p: torch_pair("mlp", "build_mlp_block", p, 8, work),
+                tokens,
+                8,
+                args.reps,
+                work,
+            )
+        )
         if torch.cuda.is_available():
             big = rng.standard_normal((512, 3, 224, 224)).astype(np.float32)
-            rows.append(measure("resnet18 eager", "cuda", lambda p: torch_pair("resnet18", "build_resnet18", p, 128, work, "cuda"),
-                                big, 128, args.reps, work))
-    machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-               "processor": platform.processor() or platform.machine(),
-               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    print(f"{'case':<20} {'device':<18} {'samples':>7} {'plain/s':>9} {'scan/s':>9} {'scan/plain':>11} {'marginal':>9}")
+            rows.append(
+                measure(
+                    "resnet18 eager",
+                    "cuda",
+                    lambda p: torch_pair("resnet18", "build_resnet18", p, 128, work, "cuda"),
+                    big,
+                    128,
+                    args.reps,
+                    work,
+                )
+            )
+    machine = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    print(
+        f"{'case':<20} {'device':<18} {'samples':>7} {'plain/s':>9} {'scan/s':>9} {'scan/plain':>11} {'marginal':>9}"
+    )
     for row in rows:
-        print(f"{row['case']:<20} {row['device']:<18} {row['samples']:>7} {row['plain_per_s']:>9.1f} {row['scan_per_s']:>9.1f} "
-              f"{row['ratio']:>10.3f}x {row['marginal_ratio']:>8.3f}x")
+        print(
+            f"{row['case']:<20} {row['device']:<18} {row['samples']:>7} {row['plain_per_s']:>9.1f} {row['scan_per_s']:>9.1f} "
+            f"{row['ratio']:>10.3f}x {row['marginal_ratio']:>8.3f}x"
+        )
     args.out.write_text(json.dumps({"machine": machine, "reps": args.reps, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 

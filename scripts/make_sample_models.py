@@ -79,8 +79,16 @@ def save_all(model: torch.nn.Module, data: np.ndarray, out: Path) -> None:
         batch = torch.export.Dim("batch", min=1)
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
         torch.export.save(program, str(out / "model.pt2"))
-        torch.onnx.export(model, (example,), str(out / "model.onnx"), input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17, dynamo=False)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(out / "model.onnx"),
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
 
 
 def main() -> None:

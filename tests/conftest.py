@@ -55,7 +55,9 @@ def arch(factory: str) -> str:
     return f"{PLANTED}:{factory}"
 
 
-def counts_from_pre(pre: torch.Tensor, dim: int, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray, int]:
+def counts_from_pre(
+    pre: torch.Tensor, dim: int, threshold: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Ground truth, counted in numpy: positives per unit, max pre-activation per unit, elements per unit."""
     a = np.moveaxis(pre.detach().cpu().numpy().astype(np.float64), dim, -1)
     a = a.reshape(-1, a.shape[-1])

@@ -33,9 +33,13 @@ def gemm_relu(opset=17, batch=None, bias=None):
         helper.make_node("Relu", ["h"], ["r"], name="relu1"),
         helper.make_node("MatMul", ["r", "w2"], ["y"], name="out"),
     ]
-    return _model(nodes, [helper.make_tensor_value_info("x", F32, [batch, 4])],
-                  [helper.make_tensor_value_info("y", F32, [batch, 2])],
-                  [_init("w", w), _init("b", b), _init("w2", w2)], opset=opset)
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F32, [batch, 4])],
+        [helper.make_tensor_value_info("y", F32, [batch, 2])],
+        [_init("w", w), _init("b", b), _init("w2", w2)],
+        opset=opset,
+    )
 
 
 def matmul_tokens(opset=17):
@@ -48,8 +52,13 @@ def matmul_tokens(opset=17):
         helper.make_node("Add", ["m", "b"], ["h"], name="bias"),
         helper.make_node("Relu", ["h"], ["y"], name="ffn_relu"),
     ]
-    return _model(nodes, [helper.make_tensor_value_info("x", F32, ["B", "T", 8])],
-                  [helper.make_tensor_value_info("y", F32, ["B", "T", 6])], [_init("w", w), _init("b", b)], opset=opset)
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F32, ["B", "T", 8])],
+        [helper.make_tensor_value_info("y", F32, ["B", "T", 6])],
+        [_init("w", w), _init("b", b)],
+        opset=opset,
+    )
 
 
 def conv_relu_hardswish(opset=17, spatial=8):
@@ -70,10 +79,20 @@ def conv_relu_hardswish(opset=17, spatial=8):
         helper.make_node("Add", ["r", "hs"], ["s"], name="sum1"),
         helper.make_node("Add", ["s", "r6"], ["y"], name="sum2"),
     ]
-    inits = [_init("w", w), _init("b", b), _init("three", np.float32(3.0)), _init("six", np.float32(6.0)),
-             _init("zero", np.float32(0.0))]
-    return _model(nodes, [helper.make_tensor_value_info("x", F32, ["N", 3, spatial, spatial])],
-                  [helper.make_tensor_value_info("y", F32, ["N", 4, spatial, spatial])], inits, opset=opset)
+    inits = [
+        _init("w", w),
+        _init("b", b),
+        _init("three", np.float32(3.0)),
+        _init("six", np.float32(6.0)),
+        _init("zero", np.float32(0.0)),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F32, ["N", 3, spatial, spatial])],
+        [helper.make_tensor_value_info("y", F32, ["N", 4, spatial, spatial])],
+        inits,
+        opset=opset,
+    )
 
 
 def relu_in_if():
@@ -89,15 +108,34 @@ def relu_in_if():
             helper.make_node("Mul", [f"{name}_h", f"{name}_scale"], [f"{name}_hs"], name=f"{name}_mul"),
             helper.make_node("Relu", [f"{name}_hs"], [f"{name}_out"], name=f"{name}_relu"),
         ]
-        g = helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_out", F32, ["N", 5])],
-                              initializer=[_init(f"{name}_scale", np.float32(scale))])
+        g = helper.make_graph(
+            nodes,
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_out", F32, ["N", 5])],
+            initializer=[_init(f"{name}_scale", np.float32(scale))],
+        )
         return g
 
-    nodes = [helper.make_node("If", ["flag"], ["y"], name="gate", then_branch=branch("then", 1.0),
-                              else_branch=branch("else", -1.0))]
-    return _model(nodes, [helper.make_tensor_value_info("x", F32, ["N", 4]),
-                          helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
-                  [helper.make_tensor_value_info("y", F32, ["N", 5])], [_init("wa", wa), _init("ba", ba)])
+    nodes = [
+        helper.make_node(
+            "If",
+            ["flag"],
+            ["y"],
+            name="gate",
+            then_branch=branch("then", 1.0),
+            else_branch=branch("else", -1.0),
+        )
+    ]
+    return _model(
+        nodes,
+        [
+            helper.make_tensor_value_info("x", F32, ["N", 4]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", F32, ["N", 5])],
+        [_init("wa", wa), _init("ba", ba)],
+    )
 
 
 def two_inputs():
@@ -109,8 +147,15 @@ def two_inputs():
         helper.make_node("Add", ["p", "q"], ["h"], name="add"),
         helper.make_node("Relu", ["h"], ["y"], name="relu"),
     ]
-    return _model(nodes, [helper.make_tensor_value_info("a", F32, ["N", 3]), helper.make_tensor_value_info("b", F32, ["N", 2])],
-                  [helper.make_tensor_value_info("y", F32, ["N", 6])], [_init("w1", w1), _init("w2", w2)])
+    return _model(
+        nodes,
+        [
+            helper.make_tensor_value_info("a", F32, ["N", 3]),
+            helper.make_tensor_value_info("b", F32, ["N", 2]),
+        ],
+        [helper.make_tensor_value_info("y", F32, ["N", 6])],
+        [_init("w1", w1), _init("w2", w2)],
+    )
 
 
 def float16_model():
@@ -126,7 +171,9 @@ def float16_model():
     return fp16
 
 
-def relu_inputs_ground_truth(model: onnx.ModelProto, feeds: dict, channel_dims: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+def relu_inputs_ground_truth(
+    model: onnx.ModelProto, feeds: dict, channel_dims: dict[str, int]
+) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
     """Run the *un-instrumented* graph with each top-level Relu/Clip input exposed; count in numpy."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
@@ -157,10 +204,25 @@ def relu_in_loop(trips=3):
             helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
         ],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_in", F32, ["N", 4])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("h_out", F32, ["N", 4])],
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", F32, ["N", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", F32, ["N", 4]),
+        ],
     )
     nodes = [helper.make_node("Loop", ["trips", "", "x"], ["y"], name="loop", body=body)]
     inits = [_init("w", w), _init("b", b), _init("trips", np.array(trips, np.int64))]
-    return _model(nodes, [helper.make_tensor_value_info("x", F32, ["N", 4])], [helper.make_tensor_value_info("y", F32, ["N", 4])], inits), w, b
+    return (
+        _model(
+            nodes,
+            [helper.make_tensor_value_info("x", F32, ["N", 4])],
+            [helper.make_tensor_value_info("y", F32, ["N", 4])],
+            inits,
+        ),
+        w,
+        b,
+    )

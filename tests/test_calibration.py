@@ -34,7 +34,9 @@ def test_every_data_format_gives_the_same_batches(tmp_path, x):
         assert data.samples == 37
         batches = list(data.batches(batch_size=10))
         assert [len(next(iter(b.values()))) for b in batches] == [10, 10, 10, 7]
-        np.testing.assert_array_equal(np.concatenate([next(iter(b.values())) for b in batches]), x, err_msg=name)
+        np.testing.assert_array_equal(
+            np.concatenate([next(iter(b.values())) for b in batches]), x, err_msg=name
+        )
 
 
 def test_every_data_format_gives_the_same_report(tmp_path, x, planted_module):
@@ -93,7 +95,10 @@ def test_truncated_npz(tmp_path, x):
 def test_inputs_matched_by_name(tmp_path, planted_module):
     model = planted_module.two_inputs().eval()
     rng = np.random.default_rng(0)
-    image, extra = rng.standard_normal((9, 3)).astype(np.float32), rng.standard_normal((9, 2)).astype(np.float32)
+    image, extra = (
+        rng.standard_normal((9, 3)).astype(np.float32),
+        rng.standard_normal((9, 2)).astype(np.float32),
+    )
     ckpt = save_state_dict(model, tmp_path / "m.pt")
     save_npz(tmp_path / "d.npz", extra=extra, image=image)  # not in forward order
     report = scan(str(ckpt), str(tmp_path / "d.npz"), arch=arch("two_inputs"), device="cpu")

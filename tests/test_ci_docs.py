@@ -32,7 +32,9 @@ def test_doc_commands_run(cli, tmp_path, monkeypatch):
     shutil.copy(sample / "model.onnx", tmp_path / "model.onnx")
     shutil.copy(sample / "calib.npz", tmp_path / "calib.npz")
     monkeypatch.chdir(tmp_path)
-    assert cli("scan", "model.onnx", "--data", "calib.npz", "--json", "main.json").code == 0  # the main branch's report
+    assert (
+        cli("scan", "model.onnx", "--data", "calib.npz", "--json", "main.json").code == 0
+    )  # the main branch's report
     for command in dict.fromkeys(_doc_commands()):
         args = shlex.split(command)[1:]
         result = cli(*args)

@@ -14,8 +14,13 @@ import torch
 from conftest import ROOT, arch, save_npz, save_state_dict
 
 SAMPLES = ROOT / "sample_models"
-MLP = [str(SAMPLES / "mlp" / "model.pt"), "--arch", str(SAMPLES / "mlp" / "arch.py") + ":build",
-       "--data", str(SAMPLES / "mlp" / "calib.npz")]
+MLP = [
+    str(SAMPLES / "mlp" / "model.pt"),
+    "--arch",
+    str(SAMPLES / "mlp" / "arch.py") + ":build",
+    "--data",
+    str(SAMPLES / "mlp" / "calib.npz"),
+]
 
 
 def test_scan_prints_table_and_summary(cli):
@@ -79,10 +84,43 @@ def test_max_dead_gate(cli, limit, code):
     ("args", "message"),
     [
         (["scan", "missing.pt", "--data", "x.npz"], "no such file"),
-        (["scan", str(SAMPLES / "mlp" / "model.pt"), "--data", str(SAMPLES / "mlp" / "calib.npz")], "pass --arch"),
-        (["scan", str(SAMPLES / "mlp" / "model.pt"), "--arch", "nowhere_module_xyz:build", "--data", str(SAMPLES / "mlp" / "calib.npz")], "cannot import module"),
-        (["scan", str(SAMPLES / "mlp" / "model.pt"), "--arch", str(SAMPLES / "mlp" / "arch.py") + ":nothing", "--data", str(SAMPLES / "mlp" / "calib.npz")], "no callable 'nothing'"),
-        (["scan", str(SAMPLES / "mlp" / "model.pt"), "--arch", str(SAMPLES / "cnn" / "arch.py") + ":build", "--data", str(SAMPLES / "mlp" / "calib.npz")], "weights do not fit --arch"),
+        (
+            ["scan", str(SAMPLES / "mlp" / "model.pt"), "--data", str(SAMPLES / "mlp" / "calib.npz")],
+            "pass --arch",
+        ),
+        (
+            [
+                "scan",
+                str(SAMPLES / "mlp" / "model.pt"),
+                "--arch",
+                "nowhere_module_xyz:build",
+                "--data",
+                str(SAMPLES / "mlp" / "calib.npz"),
+            ],
+            "cannot import module",
+        ),
+        (
+            [
+                "scan",
+                str(SAMPLES / "mlp" / "model.pt"),
+                "--arch",
+                str(SAMPLES / "mlp" / "arch.py") + ":nothing",
+                "--data",
+                str(SAMPLES / "mlp" / "calib.npz"),
+            ],
+            "no callable 'nothing'",
+        ),
+        (
+            [
+                "scan",
+                str(SAMPLES / "mlp" / "model.pt"),
+                "--arch",
+                str(SAMPLES / "cnn" / "arch.py") + ":build",
+                "--data",
+                str(SAMPLES / "mlp" / "calib.npz"),
+            ],
+            "weights do not fit --arch",
+        ),
         (["scan", *MLP, "--device", "tpu"], "choose auto, cpu or cuda"),
         (["scan", str(SAMPLES), "--data", "x.npz"], "is a directory"),
     ],
@@ -132,7 +170,9 @@ def test_nan_in_data(cli, tmp_path, planted_module):
     ckpt = save_state_dict(planted_module.eight_neuron(), tmp_path / "m.pt")
     result = cli("scan", ckpt, "--arch", arch("eight_neuron"), "--data", save_npz(tmp_path / "d.npz", x=x))
     assert result.code == 2 and "NaN or Inf at sample 3" in result.err
-    result = cli("scan", ckpt, "--arch", arch("eight_neuron"), "--data", tmp_path / "d.npz", "--allow-nonfinite")
+    result = cli(
+        "scan", ckpt, "--arch", arch("eight_neuron"), "--data", tmp_path / "d.npz", "--allow-nonfinite"
+    )
     assert result.code == 0
 
 
@@ -149,7 +189,14 @@ def test_inspect_lists_sites(cli):
     assert result.code == 0, result.err
     for name in ("relu", "relu#2", "relu()"):
         assert name in result.out
-    eager = cli("inspect", str(SAMPLES / "cnn" / "model.pt"), "--arch", str(SAMPLES / "cnn" / "arch.py") + ":build", "--input-shape", "3x16x16")
+    eager = cli(
+        "inspect",
+        str(SAMPLES / "cnn" / "model.pt"),
+        "--arch",
+        str(SAMPLES / "cnn" / "arch.py") + ":build",
+        "--input-shape",
+        "3x16x16",
+    )
     assert eager.code == 0 and "relu#2" in eager.out and "bn2" in eager.out
 
 
@@ -175,8 +222,12 @@ def test_help_does_not_import_torch():
 
 
 def test_console_script_and_module_entry_points():
-    proc = subprocess.run([sys.executable, "-m", "deadrelu_cli", "--version"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deadrelu_cli", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and "deadrelu" in proc.stdout
     script = Path(sys.executable).parent / "deadrelu"
-    proc = subprocess.run([str(script), "scan", "nope.pt", "--data", "x.npz"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(script), "scan", "nope.pt", "--data", "x.npz"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("deadrelu: error:")

@@ -51,8 +51,20 @@ def work(tmp_path):
 
 def test_reinit_state_dict_keeps_outputs_and_revives(cli, work):
     before = _sha(work / "model.pt")
-    result = cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", "--strategy", "reinit",
-                 "--output", work / "fixed.pt", "--json", work / "fix.json")
+    result = cli(
+        "fix",
+        work / "model.pt",
+        "--arch",
+        _arch(work),
+        "--data",
+        work / "calib.npz",
+        "--strategy",
+        "reinit",
+        "--output",
+        work / "fixed.pt",
+        "--json",
+        work / "fix.json",
+    )
     assert result.code == 0, result.err
     assert _sha(work / "model.pt") == before
     original, fixed = _load_cnn(work / "model.pt"), _load_cnn(work / "fixed.pt")
@@ -61,15 +73,27 @@ def test_reinit_state_dict_keeps_outputs_and_revives(cli, work):
     old = scan(str(work / "model.pt"), str(work / "calib.npz"), arch=_arch(work), device="cpu")
     new = scan(str(work / "fixed.pt"), str(work / "calib.npz"), arch=_arch(work), device="cpu")
     dead_before = sum(int(layer.dead_mask().sum()) for layer in old.layers)
-    revived = sum(int((a.dead_mask() & ~b.dead_mask()).sum()) for a, b in zip(old.layers, new.layers, strict=True))
+    revived = sum(
+        int((a.dead_mask() & ~b.dead_mask()).sum()) for a, b in zip(old.layers, new.layers, strict=True)
+    )
     assert dead_before == 8 and revived >= 0.8 * dead_before
     report = json.loads((work / "fix.json").read_text())
     assert report["strategy"] == "reinit" and report["written"] and report["max_abs_diff"] <= 1e-5
 
 
 def test_prune_to_pt2_is_exact_and_smaller(cli, work):
-    result = cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", "--strategy", "prune",
-                 "--output", work / "pruned.pt2")
+    result = cli(
+        "fix",
+        work / "model.pt",
+        "--arch",
+        _arch(work),
+        "--data",
+        work / "calib.npz",
+        "--strategy",
+        "prune",
+        "--output",
+        work / "pruned.pt2",
+    )
     assert result.code == 0, result.err
     program = torch.export.load(str(work / "pruned.pt2"))
     pruned = program.module()
@@ -83,15 +107,37 @@ def test_prune_to_pt2_is_exact_and_smaller(cli, work):
 
 
 def test_prune_refuses_state_dict_output(cli, work):
-    result = cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", "--strategy", "prune",
-                 "--output", work / "pruned.pt")
+    result = cli(
+        "fix",
+        work / "model.pt",
+        "--arch",
+        _arch(work),
+        "--data",
+        work / "calib.npz",
+        "--strategy",
+        "prune",
+        "--output",
+        work / "pruned.pt",
+    )
     assert result.code == 2 and "a state_dict cannot hold" in result.err
     assert not (work / "pruned.pt").exists()
 
 
 def test_leaky_pt2_has_no_relu_at_patched_sites(cli, work):
-    result = cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", "--strategy", "leaky",
-                 "--slope", "0.1", "--output", work / "leaky.pt2")
+    result = cli(
+        "fix",
+        work / "model.pt",
+        "--arch",
+        _arch(work),
+        "--data",
+        work / "calib.npz",
+        "--strategy",
+        "leaky",
+        "--slope",
+        "0.1",
+        "--output",
+        work / "leaky.pt2",
+    )
     assert result.code == 0, result.err
     program = torch.export.load(str(work / "leaky.pt2"))
     targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
@@ -108,8 +154,22 @@ def test_leaky_pt2_has_no_relu_at_patched_sites(cli, work):
 
 
 def test_bias_shift_reaches_target_rate(cli, work):
-    result = cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", "--strategy", "bias-shift",
-                 "--layers", "relu#2", "--target-rate", "0.05", "--output", work / "shifted.safetensors")
+    result = cli(
+        "fix",
+        work / "model.pt",
+        "--arch",
+        _arch(work),
+        "--data",
+        work / "calib.npz",
+        "--strategy",
+        "bias-shift",
+        "--layers",
+        "relu#2",
+        "--target-rate",
+        "0.05",
+        "--output",
+        work / "shifted.safetensors",
+    )
     assert result.code == 0, result.err
     fixed = scan(str(work / "shifted.safetensors"), str(work / "calib.npz"), arch=_arch(work), device="cpu")
     layer = next(layer for layer in fixed.layers if layer.name == "relu#2")
@@ -121,16 +181,38 @@ def test_bias_shift_reaches_target_rate(cli, work):
 
 
 def test_verification_failure_writes_nothing(cli, work):
-    result = cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", "--strategy", "reinit",
-                 "--tolerance", "-1", "--output", work / "fixed.pt")
+    result = cli(
+        "fix",
+        work / "model.pt",
+        "--arch",
+        _arch(work),
+        "--data",
+        work / "calib.npz",
+        "--strategy",
+        "reinit",
+        "--tolerance",
+        "-1",
+        "--output",
+        work / "fixed.pt",
+    )
     assert result.code == 1 and "nothing written" in result.err
     assert sorted(p.name for p in work.iterdir()) == ["arch.py", "calib.npz", "model.onnx", "model.pt"]
 
 
 def test_output_equal_to_model_is_refused(cli, work):
     before = _sha(work / "model.pt")
-    result = cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", "--strategy", "reinit",
-                 "--output", work / "model.pt")
+    result = cli(
+        "fix",
+        work / "model.pt",
+        "--arch",
+        _arch(work),
+        "--data",
+        work / "calib.npz",
+        "--strategy",
+        "reinit",
+        "--output",
+        work / "model.pt",
+    )
     assert result.code == 2 and "refusing to overwrite" in result.err
     assert _sha(work / "model.pt") == before
 
@@ -144,12 +226,17 @@ def _ort(path, x):
 def test_onnx_exact_strategies(cli, work, strategy):
     before = _sha(work / "model.onnx")
     out = work / f"{strategy}.onnx"
-    result = cli("fix", work / "model.onnx", "--data", work / "calib.npz", "--strategy", strategy, "--output", out)
+    result = cli(
+        "fix", work / "model.onnx", "--data", work / "calib.npz", "--strategy", strategy, "--output", out
+    )
     assert result.code == 0, result.err
     assert _sha(work / "model.onnx") == before
     x = _x().numpy()
     np.testing.assert_allclose(_ort(out, x), _ort(work / "model.onnx", x), rtol=1e-5, atol=1e-5)
-    params = {p: sum(int(np.prod(i.dims)) for i in onnx.load(str(p)).graph.initializer) for p in (out, work / "model.onnx")}
+    params = {
+        p: sum(int(np.prod(i.dims)) for i in onnx.load(str(p)).graph.initializer)
+        for p in (out, work / "model.onnx")
+    }
     if strategy == "prune":
         assert params[out] < params[work / "model.onnx"]
     else:
@@ -159,16 +246,40 @@ def test_onnx_exact_strategies(cli, work, strategy):
 
 def test_onnx_leaky_swaps_nodes(cli, work):
     out = work / "leaky.onnx"
-    assert cli("fix", work / "model.onnx", "--data", work / "calib.npz", "--strategy", "leaky", "--output", out).code == 0
+    assert (
+        cli(
+            "fix", work / "model.onnx", "--data", work / "calib.npz", "--strategy", "leaky", "--output", out
+        ).code
+        == 0
+    )
     ops = [node.op_type for node in onnx.load(str(out)).graph.node]
     assert "Relu" not in ops and ops.count("LeakyRelu") == 3
 
 
 def test_onnx_bias_shift_rate(cli, work):
     out = work / "shift.onnx"
-    assert cli("fix", work / "model.onnx", "--data", work / "calib.npz", "--strategy", "bias-shift", "--layers", "/relu_1/Relu",
-               "--target-rate", "0.02", "--output", out).code == 0
-    layer = next(layer for layer in scan(str(out), str(work / "calib.npz"), device="cpu").layers if layer.name == "/relu_1/Relu")
+    assert (
+        cli(
+            "fix",
+            work / "model.onnx",
+            "--data",
+            work / "calib.npz",
+            "--strategy",
+            "bias-shift",
+            "--layers",
+            "/relu_1/Relu",
+            "--target-rate",
+            "0.02",
+            "--output",
+            out,
+        ).code
+        == 0
+    )
+    layer = next(
+        layer
+        for layer in scan(str(out), str(work / "calib.npz"), device="cpu").layers
+        if layer.name == "/relu_1/Relu"
+    )
     assert np.all(np.abs(layer.active_rate()[[0, 7, 8, 15]] - 0.02) <= 2 / layer.elements_per_unit)
 
 

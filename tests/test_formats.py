@@ -14,14 +14,23 @@ from deadrelu_cli import scan
 from deadrelu_cli.errors import UserError
 
 FACTORIES = ["eight_neuron", "shared_and_functional", "conv_bn", "relu6_model", "tokens"]
-INPUTS = {"eight_neuron": (4,), "shared_and_functional": (6,), "conv_bn": (3, 6, 6), "relu6_model": (4,), "tokens": (5, 8)}
+INPUTS = {
+    "eight_neuron": (4,),
+    "shared_and_functional": (6,),
+    "conv_bn": (3, 6, 6),
+    "relu6_model": (4,),
+    "tokens": (5, 8),
+}
 
 
 def _save_formats(model, example, tmp_path):
     paths = {}
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     paths["state_dict"] = tmp_path / "sd.pt"
-    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ckpt.pth")
+    torch.save(
+        {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
+        tmp_path / "ckpt.pth",
+    )
     paths["checkpoint_dict"] = tmp_path / "ckpt.pth"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
     paths["safetensors"] = tmp_path / "m.safetensors"
@@ -29,7 +38,9 @@ def _save_formats(model, example, tmp_path):
         warnings.simplefilter("ignore")
         torch.jit.script(model).save(str(tmp_path / "script.pt"))
         torch.jit.trace(model, example).save(str(tmp_path / "traced.pt"))
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        program = torch.export.export(
+            model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+        )
         torch.export.save(program, str(tmp_path / "m.pt2"))
     paths["torchscript"] = tmp_path / "script.pt"
     paths["traced"] = tmp_path / "traced.pt"
@@ -48,15 +59,22 @@ def test_all_formats_agree(tmp_path, planted_module, factory):
     paths = _save_formats(model, example, tmp_path)
     reports = {}
     for kind, path in paths.items():
-        reports[kind] = scan(str(path), str(data), arch=arch(factory), device="cpu", batch_size=5,
-                             trust_pickle=(kind == "module"))
+        reports[kind] = scan(
+            str(path),
+            str(data),
+            arch=arch(factory),
+            device="cpu",
+            batch_size=5,
+            trust_pickle=(kind == "module"),
+        )
     reference = reports["state_dict"]
     assert reports["exported_program"].model.format == "exported_program"
     assert reports["torchscript"].model.format == "torchscript"
     assert reports["module"].model.format == "module"
     for kind, report in reports.items():
         assert [(lay.name, lay.op, lay.units) for lay in report.layers] == [
-            (lay.name, lay.op, lay.units) for lay in reference.layers], kind
+            (lay.name, lay.op, lay.units) for lay in reference.layers
+        ], kind
         for a, b in zip(reference.layers, report.layers, strict=True):
             np.testing.assert_array_equal(a.positive_counts, b.positive_counts, err_msg=f"{kind} {a.name}")
             assert a.elements_per_unit == b.elements_per_unit
@@ -85,7 +103,9 @@ def test_state_dict_key_mismatch_lists_keys(tmp_path, planted_module):
 
 def test_lightning_prefix_and_ema_key_are_unwrapped(tmp_path, planted_module):
     model = planted_module.eight_neuron()
-    torch.save({"model_ema": {f"model.{k}": v for k, v in model.state_dict().items()}, "step": 10}, tmp_path / "c.pt")
+    torch.save(
+        {"model_ema": {f"model.{k}": v for k, v in model.state_dict().items()}, "step": 10}, tmp_path / "c.pt"
+    )
     data = save_npz(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((9, 4)).astype(np.float32))
     report = scan(str(tmp_path / "c.pt"), str(data), arch=arch("eight_neuron"), device="cpu")
     assert np.flatnonzero(report.layers[0].dead_mask()).tolist() == [2, 4, 6]

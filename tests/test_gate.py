@@ -46,7 +46,11 @@ def test_reports_differ_as_planted(reports):
         (["--max-dead", "0.1"], 1, "model: 15.0% of units are dead (6/40), above the limit 10.0%"),
         (["--max-dead-layer", "0.4"], 0, "gate passed"),
         (["--max-dead-layer", "0.3"], 1, "layer relu(): 37.5% dead (3/8), above the limit 30.0%"),
-        (["--layer-limit", "relu*=0.5", "--max-dead-layer", "0.05"], 1, "layer act1: 9.4% dead (3/32), above the limit 5.0%"),
+        (
+            ["--layer-limit", "relu*=0.5", "--max-dead-layer", "0.05"],
+            1,
+            "layer act1: 9.4% dead (3/32), above the limit 5.0%",
+        ),
         (["--layer-limit", "relu*=0.5", "--layer-limit", "act*=0.1"], 0, "gate passed"),
         (["--max-dead-units", "6"], 0, "gate passed"),
         (["--max-dead-units", "5"], 1, "model: 6 dead units, above the limit 5"),
@@ -73,7 +77,9 @@ def test_baseline_names_the_layer_that_got_worse(cli, reports):
 def test_scan_with_baseline_and_junit(cli, reports, tmp_path):
     base, _ = reports
     junit = tmp_path / "out.xml"
-    result = cli("scan", tmp_path / "worse.pt", "--arch", ARCH, "--data", DATA, "--baseline", base, "--junit", junit)
+    result = cli(
+        "scan", tmp_path / "worse.pt", "--arch", ARCH, "--data", DATA, "--baseline", base, "--junit", junit
+    )
     assert result.code == 1
     root = ET.parse(junit).getroot()
     assert root.tag == "testsuites" and root.get("failures") == "2"
@@ -100,12 +106,27 @@ def test_json_stdout_stays_pure_with_gate_and_github(cli, reports, tmp_path, mon
     summary.write_text("earlier step\n")
     monkeypatch.setenv("GITHUB_ACTIONS", "true")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    result = cli("scan", SAMPLES / "mlp" / "model.pt", "--arch", ARCH, "--data", DATA, "--json", "-", "--max-dead", "0.1")
+    result = cli(
+        "scan",
+        SAMPLES / "mlp" / "model.pt",
+        "--arch",
+        ARCH,
+        "--data",
+        DATA,
+        "--json",
+        "-",
+        "--max-dead",
+        "0.1",
+    )
     assert result.code == 1
     assert json.loads(result.out)["summary"]["dead"] == 6  # nothing but JSON on stdout
     assert "::error title=deadrelu" in result.err and "15.0% of units are dead" in result.err
     text = summary.read_text()
-    assert text.startswith("earlier step\n") and "| `relu()` | relu | 8 | 3 | 37.5% |" in text and "❌" not in text.split("**Failures**")[0].split("`act1`")[0]
+    assert (
+        text.startswith("earlier step\n")
+        and "| `relu()` | relu | 8 | 3 | 37.5% |" in text
+        and "❌" not in text.split("**Failures**")[0].split("`act1`")[0]
+    )
 
 
 def test_markdown_file(cli, reports, tmp_path):
@@ -121,11 +142,16 @@ def test_config_in_pyproject_and_flag_override(cli, reports, tmp_path, monkeypat
     base, _ = reports
     project = tmp_path / "proj"
     (project / "sub").mkdir(parents=True)
-    (project / "pyproject.toml").write_text('[tool.deadrelu]\nmax-dead = 0.1\nlayer-limits = {"relu*" = 0.3}\n')
+    (project / "pyproject.toml").write_text(
+        '[tool.deadrelu]\nmax-dead = 0.1\nlayer-limits = {"relu*" = 0.3}\n'
+    )
     monkeypatch.chdir(project / "sub")  # nearest pyproject.toml upwards
     result = cli("gate", base)
     assert result.code == 1
-    assert "above the limit 10.0%" in result.err and "layer relu(): 37.5% dead (3/8), above the limit 30.0%" in result.err
+    assert (
+        "above the limit 10.0%" in result.err
+        and "layer relu(): 37.5% dead (3/8), above the limit 30.0%" in result.err
+    )
     result = cli("gate", base, "--max-dead", "0.5", "--layer-limit", "relu*=0.5")
     assert result.code == 0, result.err
     shown = cli("gate", base, "--max-dead", "0.5", "--show-config")
@@ -140,7 +166,9 @@ def test_deadrelu_toml_and_bad_keys(cli, reports, tmp_path, monkeypatch):
     assert cli("gate", base).code == 1
     (tmp_path / "deadrelu.toml").write_text("max_dead = 0.1\n")
     result = cli("gate", base)
-    assert result.code == 2 and "unknown key 'max_dead'" in result.err and "did you mean max-dead?" in result.err
+    assert (
+        result.code == 2 and "unknown key 'max_dead'" in result.err and "did you mean max-dead?" in result.err
+    )
 
 
 def test_scan_config_sets_batch_size(cli, tmp_path, monkeypatch):
@@ -173,14 +201,34 @@ def test_merge_of_halves_equals_full_scan(cli, tmp_path):
     np.savez(tmp_path / "b.npz", input=x[200:])
     model = SAMPLES / "mlp" / "model.pt"
     for name in ("a", "b"):
-        assert cli("scan", model, "--arch", ARCH, "--data", tmp_path / f"{name}.npz", "--json", tmp_path / f"{name}.json").code == 0
+        assert (
+            cli(
+                "scan",
+                model,
+                "--arch",
+                ARCH,
+                "--data",
+                tmp_path / f"{name}.npz",
+                "--json",
+                tmp_path / f"{name}.json",
+            ).code
+            == 0
+        )
     assert cli("scan", model, "--arch", ARCH, "--data", DATA, "--json", tmp_path / "full.json").code == 0
-    assert cli("merge", tmp_path / "a.json", tmp_path / "b.json", "--json", tmp_path / "merged.json").code == 0
+    assert (
+        cli("merge", tmp_path / "a.json", tmp_path / "b.json", "--json", tmp_path / "merged.json").code == 0
+    )
     merged, full = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("merged", "full"))
     assert merged["data"]["samples"] == full["data"]["samples"] == 512
     assert merged["summary"] == full["summary"]
     for a, b in zip(merged["layers"], full["layers"], strict=True):
-        for key in ("dead_indices", "positive_counts", "elements_per_unit", "max_preactivation", "dying_indices"):
+        for key in (
+            "dead_indices",
+            "positive_counts",
+            "elements_per_unit",
+            "max_preactivation",
+            "dying_indices",
+        ):
             assert a[key] == b[key], key
         np.testing.assert_allclose(a["sum_abs"], b["sum_abs"], rtol=1e-6)
 

@@ -55,8 +55,20 @@ class _Collect(HTMLParser):
 @pytest.fixture
 def report_files(cli, tmp_path):
     html_path, json_path = tmp_path / "report.html", tmp_path / "report.json"
-    result = cli("scan", CNN / "model.pt", "--arch", str(CNN / "arch.py") + ":build", "--data", CNN / "calib.npz",
-                 "--html", html_path, "--json", json_path, "--max-dead", "0.3")
+    result = cli(
+        "scan",
+        CNN / "model.pt",
+        "--arch",
+        str(CNN / "arch.py") + ":build",
+        "--data",
+        CNN / "calib.npz",
+        "--html",
+        html_path,
+        "--json",
+        json_path,
+        "--max-dead",
+        "0.3",
+    )
     assert result.code == 0, result.err
     return html_path, json.loads(json_path.read_text())
 
@@ -73,7 +85,10 @@ def test_every_layer_with_its_numbers(report_files):
         assert cells[4] == f"{100 * layer['dead'] / layer['units']:.1f}%"
     text = html_path.read_text()
     summary = report["summary"]
-    assert f"<b>{summary['dead']}</b>dead" in text and f"<b>{100 * summary['dead_fraction']:.1f}%</b>dead %" in text
+    assert (
+        f"<b>{summary['dead']}</b>dead" in text
+        and f"<b>{100 * summary['dead_fraction']:.1f}%</b>dead %" in text
+    )
     assert "<b>passed</b>gate" in text
     assert report["model"]["sha256"] in text
 
@@ -102,7 +117,10 @@ def test_report_command_with_baseline(cli, report_files, tmp_path):
     assert result.code == 0, result.err
     text = out.read_text()
     assert "Baseline dead %" in text and "baseline dead %" in text
-    assert f"{100 * report['summary']['dead_fraction']:.1f}% → {100 * (report['summary']['dead'] + 1) / report['summary']['units']:.1f}%" in text
+    assert (
+        f"{100 * report['summary']['dead_fraction']:.1f}% → {100 * (report['summary']['dead'] + 1) / report['summary']['units']:.1f}%"
+        in text
+    )
 
 
 def _chromium() -> str | None:
@@ -113,18 +131,34 @@ def _chromium() -> str | None:
 def test_renders_in_headless_chromium(report_files, tmp_path):
     browser = _chromium()
     if browser is None:
-        pytest.skip("no Chromium on this machine: install Debian's `chromium` package (apt-get install -y chromium) to run the browser test")
+        pytest.skip(
+            "no Chromium on this machine: install Debian's `chromium` package (apt-get install -y chromium) to run the browser test"
+        )
     html_path, report = report_files
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([browser, *flags, "--dump-dom", html_path.as_uri()], capture_output=True, text=True, timeout=120)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", html_path.as_uri()], capture_output=True, text=True, timeout=120
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'id="layer-table"' in dom.stdout
     for layer in report["layers"]:
         assert f'data-layer="{layer["name"]}"' in dom.stdout
     shot = tmp_path / "shot.png"
-    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1000,1400", html_path.as_uri()],
-                   capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        [browser, *flags, f"--screenshot={shot}", "--window-size=1000,1400", html_path.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shot.exists() and shot.stat().st_size > 10_000
     from matplotlib.image import imread
 

@@ -6,8 +6,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx_graphs import (conv_relu_hardswish, float16_model, gemm_relu, matmul_tokens, relu_in_if,
-                         relu_inputs_ground_truth, two_inputs)
+from onnx_graphs import (
+    conv_relu_hardswish,
+    float16_model,
+    gemm_relu,
+    matmul_tokens,
+    relu_in_if,
+    relu_inputs_ground_truth,
+    two_inputs,
+)
 
 from deadrelu_cli import scan
 from deadrelu_cli.errors import UserError
@@ -47,9 +54,14 @@ def test_fixed_batch_graph(tmp_path):
     x = np.random.default_rng(1).standard_normal((30, 4)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x)
     report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), batch_size=10, device="cpu")
-    _check_layer(report.layers[0], relu_inputs_ground_truth(model, {"x": x[:10]}, {"relu1": 1})["relu1"][:0] + (
-        (report.layers[0].positive_counts, report.layers[0].max_preactivation, 30)))
-    total = sum(relu_inputs_ground_truth(model, {"x": x[i:i + 10]}, {"relu1": 1})["relu1"][0] for i in (0, 10, 20))
+    _check_layer(
+        report.layers[0],
+        relu_inputs_ground_truth(model, {"x": x[:10]}, {"relu1": 1})["relu1"][:0]
+        + ((report.layers[0].positive_counts, report.layers[0].max_preactivation, 30)),
+    )
+    total = sum(
+        relu_inputs_ground_truth(model, {"x": x[i : i + 10]}, {"relu1": 1})["relu1"][0] for i in (0, 10, 20)
+    )
     np.testing.assert_array_equal(report.layers[0].positive_counts, total)
 
 
@@ -83,13 +95,17 @@ def test_relu_inside_if_branches(tmp_path):
     model = relu_in_if()
     x = np.random.default_rng(4).standard_normal((12, 4)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, flag=np.array(True))
-    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), batch_size=5, device="cpu", consts=("flag",))
+    report = scan(
+        _save(model, tmp_path), str(tmp_path / "d.npz"), batch_size=5, device="cpu", consts=("flag",)
+    )
     names = [layer.name for layer in report.layers]
     assert names == ["gate/then_branch/then_relu", "gate/else_branch/else_relu"]
     then_layer, else_layer = report.layers
     assert then_layer.ran and not else_layer.ran
     assert else_layer.dead_mask().sum() == 0  # never ran: not dead
-    wa = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "wa")).astype(np.float64)
+    wa = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "wa")).astype(
+        np.float64
+    )
     pre = x.astype(np.float64) @ wa + np.array([0, 0, -50, 0, 0])
     np.testing.assert_array_equal(then_layer.positive_counts, (pre > 0).sum(0))
     assert then_layer.elements_per_unit == 12
@@ -108,7 +124,9 @@ def test_two_inputs_by_name_and_mismatch(tmp_path):
     report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), device="cpu", batch_size=3)
     _check_layer(report.layers[0], relu_inputs_ground_truth(model, {"a": a, "b": b}, {"relu": 1})["relu"])
     np.savez(tmp_path / "bad.npz", a=a, c=b)
-    with pytest.raises(UserError, match=r"no array for model input\(s\) b; the model's inputs are: a\[None, 3\] float32"):
+    with pytest.raises(
+        UserError, match=r"no array for model input\(s\) b; the model's inputs are: a\[None, 3\] float32"
+    ):
         scan(_save(model, tmp_path), str(tmp_path / "bad.npz"), device="cpu")
 
 
@@ -125,8 +143,14 @@ def test_float16_model_gets_converted_inputs(tmp_path):
 def test_external_data(tmp_path):
     model = gemm_relu()
     path = tmp_path / "ext.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",
-              size_threshold=0)
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.data",
+        size_threshold=0,
+    )
     assert (tmp_path / "ext.data").exists()
     x = np.random.default_rng(7).standard_normal((10, 4)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x)
@@ -137,8 +161,16 @@ def test_external_data(tmp_path):
 def test_external_data_outside_folder_is_refused(tmp_path):
     model = gemm_relu()
     (tmp_path / "sub").mkdir()
-    onnx.save(model, str(tmp_path / "sub" / "m.onnx"), save_as_external_data=True, location="w.data", size_threshold=0)
-    raw = (tmp_path / "sub" / "m.onnx").read_bytes().replace(b"w.data", b"../w.d")  # same length: the protobuf stays valid
+    onnx.save(
+        model,
+        str(tmp_path / "sub" / "m.onnx"),
+        save_as_external_data=True,
+        location="w.data",
+        size_threshold=0,
+    )
+    raw = (
+        (tmp_path / "sub" / "m.onnx").read_bytes().replace(b"w.data", b"../w.d")
+    )  # same length: the protobuf stays valid
     (tmp_path / "sub" / "m.onnx").write_bytes(raw)
     np.savez(tmp_path / "d.npz", x=np.zeros((2, 4), np.float32))
     with pytest.raises(UserError, match="outside the model's folder"):
@@ -194,20 +226,46 @@ def test_parity_with_torch_scan_on_exported_samples(tmp_path, planted_module):
 
     from conftest import arch, save_npz, save_state_dict
 
-    for factory, shape in (("eight_neuron", (4,)), ("conv_bn", (3, 6, 6)), ("tokens", (5, 8)), ("relu6_model", (4,))):
+    for factory, shape in (
+        ("eight_neuron", (4,)),
+        ("conv_bn", (3, 6, 6)),
+        ("tokens", (5, 8)),
+        ("relu6_model", (4,)),
+    ):
         model = getattr(planted_module, factory)().eval()
         x = np.random.default_rng(9).standard_normal((32, *shape)).astype(np.float32)
         data = save_npz(tmp_path / f"{factory}.npz", x=x)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (torch.from_numpy(x[:2]),), str(tmp_path / f"{factory}.onnx"), input_names=["x"],
-                              dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)
-        torch_report = scan(str(save_state_dict(model, tmp_path / f"{factory}.pt")), str(data), arch=arch(factory), device="cpu")
+            torch.onnx.export(
+                model,
+                (torch.from_numpy(x[:2]),),
+                str(tmp_path / f"{factory}.onnx"),
+                input_names=["x"],
+                dynamic_axes={"x": {0: "n"}},
+                opset_version=17,
+                dynamo=False,
+            )
+        torch_report = scan(
+            str(save_state_dict(model, tmp_path / f"{factory}.pt")),
+            str(data),
+            arch=arch(factory),
+            device="cpu",
+        )
         onnx_report = scan(str(tmp_path / f"{factory}.onnx"), str(data), device="cpu")
-        assert [layer.op for layer in onnx_report.layers] == [layer.op for layer in torch_report.layers], factory
+        assert [layer.op for layer in onnx_report.layers] == [layer.op for layer in torch_report.layers], (
+            factory
+        )
         for a, b in zip(torch_report.layers, onnx_report.layers, strict=True):
-            assert a.units == b.units and a.elements_per_unit == b.elements_per_unit, (factory, a.name, b.name)
-            assert np.flatnonzero(a.dead_mask()).tolist() == np.flatnonzero(b.dead_mask()).tolist(), (factory, a.name)
+            assert a.units == b.units and a.elements_per_unit == b.elements_per_unit, (
+                factory,
+                a.name,
+                b.name,
+            )
+            assert np.flatnonzero(a.dead_mask()).tolist() == np.flatnonzero(b.dead_mask()).tolist(), (
+                factory,
+                a.name,
+            )
 
 
 def test_relu_inside_loop_body(tmp_path):

@@ -39,8 +39,13 @@ def test_eight_neuron_example(tmp_path, planted_module):
 def test_shared_module_functional_and_inplace_sites(tmp_path, planted_module):
     model = planted_module.shared_and_functional().eval()
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((200, 6)).astype(np.float32))
-    report = scan(str(save_state_dict(model, tmp_path / "m.pt")), str(save_npz(tmp_path / "d.npz", x=x.numpy())),
-                  arch=arch("shared_and_functional"), device="cpu", batch_size=13)
+    report = scan(
+        str(save_state_dict(model, tmp_path / "m.pt")),
+        str(save_npz(tmp_path / "d.npz", x=x.numpy())),
+        arch=arch("shared_and_functional"),
+        device="cpu",
+        batch_size=13,
+    )
     # ground truth: the pre-activations, recomputed step by step without any hook
     with torch.no_grad():
         p1 = model.fc1(x)
@@ -67,8 +72,13 @@ def test_shared_module_functional_and_inplace_sites(tmp_path, planted_module):
 def test_conv_bn_relu_channels(tmp_path, planted_module):
     model = planted_module.conv_bn().eval()
     x = torch.from_numpy(np.random.default_rng(2).standard_normal((40, 3, 8, 8)).astype(np.float32))
-    report = scan(str(save_state_dict(model, tmp_path / "m.pt")), str(save_npz(tmp_path / "d.npz", x=x.numpy())),
-                  arch=arch("conv_bn"), device="cpu", batch_size=16)
+    report = scan(
+        str(save_state_dict(model, tmp_path / "m.pt")),
+        str(save_npz(tmp_path / "d.npz", x=x.numpy())),
+        arch=arch("conv_bn"),
+        device="cpu",
+        batch_size=16,
+    )
     with torch.no_grad():
         pre1 = model.bn(model.conv(x))
         pre2 = model.conv1d(pre1.clamp(min=0).flatten(2))
@@ -92,15 +102,27 @@ def test_conv_bn_relu_channels(tmp_path, planted_module):
 def test_relu6_dead_and_saturated(tmp_path, planted_module):
     model = planted_module.relu6_model().eval()
     x = torch.from_numpy(np.random.default_rng(3).standard_normal((64, 4)).astype(np.float32))
-    report = scan(str(save_state_dict(model, tmp_path / "m.pt")), str(save_npz(tmp_path / "d.npz", x=x.numpy())),
-                  arch=arch("relu6_model"), device="cpu")
+    report = scan(
+        str(save_state_dict(model, tmp_path / "m.pt")),
+        str(save_npz(tmp_path / "d.npz", x=x.numpy())),
+        arch=arch("relu6_model"),
+        device="cpu",
+    )
     assert [(layer.name, layer.op) for layer in report.layers] == [("act", "relu6"), ("relu6()", "relu6")]
     with torch.no_grad():
         pre1 = model.fc(x)
         pre2 = model.fc2(pre1.clamp(0, 6))
     act = _layer(report, "act")
-    assert np.flatnonzero(act.dead_mask()).tolist() == np.flatnonzero((pre1 > 0).sum(0).numpy() == 0).tolist() == [0]
-    assert np.flatnonzero(act.saturated_mask()).tolist() == np.flatnonzero((pre1 >= 6).all(0).numpy()).tolist() == [1]
+    assert (
+        np.flatnonzero(act.dead_mask()).tolist()
+        == np.flatnonzero((pre1 > 0).sum(0).numpy() == 0).tolist()
+        == [0]
+    )
+    assert (
+        np.flatnonzero(act.saturated_mask()).tolist()
+        == np.flatnonzero((pre1 >= 6).all(0).numpy()).tolist()
+        == [1]
+    )
     np.testing.assert_allclose(act.sum_abs, pre1.clamp(0, 6).sum(0).double().numpy(), rtol=1e-5)
     assert 2 in np.flatnonzero(_layer(report, "relu6()").dead_mask()).tolist()
     np.testing.assert_array_equal(_layer(report, "relu6()").positive_counts, (pre2 > 0).sum(0).numpy())
@@ -109,8 +131,13 @@ def test_relu6_dead_and_saturated(tmp_path, planted_module):
 def test_token_shaped_linear_uses_last_axis(tmp_path, planted_module):
     model = planted_module.tokens().eval()
     x = torch.from_numpy(np.random.default_rng(4).standard_normal((20, 7, 8)).astype(np.float32))
-    report = scan(str(save_state_dict(model, tmp_path / "m.pt")), str(save_npz(tmp_path / "d.npz", x=x.numpy())),
-                  arch=arch("tokens"), device="cpu", batch_size=3)
+    report = scan(
+        str(save_state_dict(model, tmp_path / "m.pt")),
+        str(save_npz(tmp_path / "d.npz", x=x.numpy())),
+        arch=arch("tokens"),
+        device="cpu",
+        batch_size=3,
+    )
     layer = report.layers[0]
     with torch.no_grad():
         pre = model.up(x)
@@ -123,8 +150,13 @@ def test_token_shaped_linear_uses_last_axis(tmp_path, planted_module):
 def test_channel_dim_override(tmp_path, planted_module):
     model = planted_module.tokens().eval()
     x = np.random.default_rng(5).standard_normal((10, 7, 8)).astype(np.float32)
-    report = scan(str(save_state_dict(model, tmp_path / "m.pt")), str(save_npz(tmp_path / "d.npz", x=x)),
-                  arch=arch("tokens"), device="cpu", channel_dim=1)
+    report = scan(
+        str(save_state_dict(model, tmp_path / "m.pt")),
+        str(save_npz(tmp_path / "d.npz", x=x)),
+        arch=arch("tokens"),
+        device="cpu",
+        channel_dim=1,
+    )
     with torch.no_grad():
         pre = model.up(torch.from_numpy(x))
     assert report.layers[0].units == 7
@@ -149,8 +181,13 @@ def test_batch_size_does_not_change_counts(tmp_path, planted_module, batch_size)
 def test_threshold_counts_elements_above_it(tmp_path, planted_module):
     model = planted_module.eight_neuron().eval()
     x = np.random.default_rng(7).standard_normal((100, 4)).astype(np.float32)
-    report = scan(str(save_state_dict(model, tmp_path / "m.pt")), str(save_npz(tmp_path / "d.npz", x=x)),
-                  arch=arch("eight_neuron"), device="cpu", threshold=0.3)
+    report = scan(
+        str(save_state_dict(model, tmp_path / "m.pt")),
+        str(save_npz(tmp_path / "d.npz", x=x)),
+        arch=arch("eight_neuron"),
+        device="cpu",
+        threshold=0.3,
+    )
     with torch.no_grad():
         pre = model.fc(torch.from_numpy(x))
     np.testing.assert_array_equal(report.layers[0].positive_counts, (pre > 0.3).sum(0).numpy())
@@ -159,8 +196,14 @@ def test_threshold_counts_elements_above_it(tmp_path, planted_module):
 def test_limit_uses_first_samples(tmp_path, planted_module):
     model = planted_module.eight_neuron().eval()
     x = np.random.default_rng(8).standard_normal((100, 4)).astype(np.float32)
-    report = scan(str(save_state_dict(model, tmp_path / "m.pt")), str(save_npz(tmp_path / "d.npz", x=x)),
-                  arch=arch("eight_neuron"), device="cpu", limit=30, batch_size=8)
+    report = scan(
+        str(save_state_dict(model, tmp_path / "m.pt")),
+        str(save_npz(tmp_path / "d.npz", x=x)),
+        arch=arch("eight_neuron"),
+        device="cpu",
+        limit=30,
+        batch_size=8,
+    )
     with torch.no_grad():
         pre = model.fc(torch.from_numpy(x[:30]))
     assert report.data.samples == 30 and report.layers[0].elements_per_unit == 30
@@ -187,8 +230,12 @@ def test_functional_relu_missed_by_module_hooks_is_found(tmp_path, planted_modul
     module_relus = [m for m in model.modules() if isinstance(m, torch.nn.ReLU)]
     assert len(module_relus) == 1  # hooks would report one layer
     x = np.random.default_rng(9).standard_normal((10, 6)).astype(np.float32)
-    report = scan(str(save_state_dict(model, tmp_path / "m.pt")), str(save_npz(tmp_path / "d.npz", x=x)),
-                  arch=arch("shared_and_functional"), device="cpu")
+    report = scan(
+        str(save_state_dict(model, tmp_path / "m.pt")),
+        str(save_npz(tmp_path / "d.npz", x=x)),
+        arch=arch("shared_and_functional"),
+        device="cpu",
+    )
     assert len(report.layers) == 6
     assert F.relu is not None
 

@@ -15,10 +15,16 @@ SAMPLES = ROOT / "sample_models"
 
 
 def _render(layer: str | None = None) -> str:
-    report = scan(str(SAMPLES / "cnn" / "model.pt"), str(SAMPLES / "cnn" / "calib.npz"),
-                  arch=str(SAMPLES / "cnn" / "arch.py") + ":build", device="cpu")
+    report = scan(
+        str(SAMPLES / "cnn" / "model.pt"),
+        str(SAMPLES / "cnn" / "calib.npz"),
+        arch=str(SAMPLES / "cnn" / "arch.py") + ":build",
+        device="cpu",
+    )
     report.model.path, report.data.path = "model.pt", "calib.npz"
-    console = Console(width=100, record=True, color_system=None, force_terminal=False, file=open(os.devnull, "w"))
+    console = Console(
+        width=100, record=True, color_system=None, force_terminal=False, file=open(os.devnull, "w")
+    )
     print_report(report, console, layer)
     return console.export_text()
 

@@ -12,9 +12,24 @@ from rich.table import Table
 
 from deadrelu_cli.cli import options as opt
 
-Strategy = opt.Annotated[str, typer.Option("--strategy", "-s", help="leaky | elu | reinit (ReDo) | bias-shift | prune.", show_default=False)]
-Output = opt.Annotated[str, typer.Option("--output", "-o", help="Where to write the patched model (never over MODEL).", show_default=False)]
-Layers = opt.Annotated[list[str] | None, typer.Option("--layers", help="Only layers matching this glob (repeatable; default: every layer with dead units).")]
+Strategy = opt.Annotated[
+    str,
+    typer.Option(
+        "--strategy", "-s", help="leaky | elu | reinit (ReDo) | bias-shift | prune.", show_default=False
+    ),
+]
+Output = opt.Annotated[
+    str,
+    typer.Option(
+        "--output", "-o", help="Where to write the patched model (never over MODEL).", show_default=False
+    ),
+]
+Layers = opt.Annotated[
+    list[str] | None,
+    typer.Option(
+        "--layers", help="Only layers matching this glob (repeatable; default: every layer with dead units)."
+    ),
+]
 
 
 def fix(
@@ -26,9 +41,19 @@ def fix(
     trust_pickle: opt.TrustPickle = False,
     layers: Layers = None,
     slope: float = typer.Option(0.01, "--slope", help="Negative slope for --strategy leaky."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the re-initialisation (reinit) and sampling (bias-shift)."),
-    target_rate: float = typer.Option(0.01, "--target-rate", min=0.0, max=1.0, help="bias-shift: fraction of the data each revived unit fires on."),
-    tolerance: float = typer.Option(1e-5, "--tolerance", help="Allowed relative output change for reinit and prune."),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the re-initialisation (reinit) and sampling (bias-shift)."
+    ),
+    target_rate: float = typer.Option(
+        0.01,
+        "--target-rate",
+        min=0.0,
+        max=1.0,
+        help="bias-shift: fraction of the data each revived unit fires on.",
+    ),
+    tolerance: float = typer.Option(
+        1e-5, "--tolerance", help="Allowed relative output change for reinit and prune."
+    ),
     force: bool = typer.Option(False, "--force", help="Write even when verification fails."),
     batch_size: opt.BatchSize = 64,
     limit: opt.Limit = None,
@@ -46,30 +71,71 @@ def fix(
     from deadrelu_cli.fixes.plan import FixOptions
     from deadrelu_cli.fixes.run import run_fix
 
-    scan_options = ScanOptions(model=model, data=data, arch=arch, trust_pickle=trust_pickle, batch_size=batch_size,
-                               limit=limit, device=device, threshold=threshold, channel_dim=channel_dim,
-                               consts=tuple(const or ()), batch_axes=opt.parse_batch_axes(batch_axis))
-    fix_options = FixOptions(strategy=strategy, output=output, layers=tuple(layers or ()), slope=slope, seed=seed,
-                             target_rate=target_rate, tolerance=tolerance, force=force)
+    scan_options = ScanOptions(
+        model=model,
+        data=data,
+        arch=arch,
+        trust_pickle=trust_pickle,
+        batch_size=batch_size,
+        limit=limit,
+        device=device,
+        threshold=threshold,
+        channel_dim=channel_dim,
+        consts=tuple(const or ()),
+        batch_axes=opt.parse_batch_axes(batch_axis),
+    )
+    fix_options = FixOptions(
+        strategy=strategy,
+        output=output,
+        layers=tuple(layers or ()),
+        slope=slope,
+        seed=seed,
+        target_rate=target_rate,
+        tolerance=tolerance,
+        force=force,
+    )
     result = run_fix(scan_options, fix_options)
     console = Console(stderr=json_out == "-", highlight=False)
     table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
     for column in ("Layer", "Dead before", "Dead after", "Fixed units fire", "Action"):
         table.add_column(column, justify="right" if column.startswith("Dead") else "left", overflow="fold")
     for layer in result.layers:
-        after = "–" if layer.dead_after is None else f"{layer.dead_after}" + (f"/{layer.units_after}" if layer.units_after is not None else "")
+        after = (
+            "–"
+            if layer.dead_after is None
+            else f"{layer.dead_after}" + (f"/{layer.units_after}" if layer.units_after is not None else "")
+        )
         rates = layer.rates_after if layer.applied and layer.rates_after else None
         fire = "–" if not rates else f"{100 * min(rates):.1f}–{100 * max(rates):.1f}%"
-        table.add_row(layer.name, str(layer.dead_before), after, fire, layer.action, style="" if layer.applied else "dim")
+        table.add_row(
+            layer.name,
+            str(layer.dead_before),
+            after,
+            fire,
+            layer.action,
+            style="" if layer.applied else "dim",
+        )
     console.print(f"{model} → {output} ({strategy})", markup=False)
     console.print(table)
-    console.print(f"outputs on {data}: max |Δ| = {result.max_abs_diff:.3g}, relative {result.max_rel_diff:.3g}", markup=False)
-    if result.params_before is not None and result.params_after is not None and result.params_before != result.params_after:
-        macs = (f"; Linear/Conv MACs per sample {result.flops_before:,} → {result.flops_after:,}"
-                if result.flops_before is not None and result.flops_after is not None else "")
+    console.print(
+        f"outputs on {data}: max |Δ| = {result.max_abs_diff:.3g}, relative {result.max_rel_diff:.3g}",
+        markup=False,
+    )
+    if (
+        result.params_before is not None
+        and result.params_after is not None
+        and result.params_before != result.params_after
+    ):
+        macs = (
+            f"; Linear/Conv MACs per sample {result.flops_before:,} → {result.flops_after:,}"
+            if result.flops_before is not None and result.flops_after is not None
+            else ""
+        )
         console.print(f"parameters {result.params_before:,} → {result.params_after:,}{macs}", markup=False)
     if result.new_widths:
-        console.print("new widths: " + ", ".join(f"{k}={v}" for k, v in result.new_widths.items()), markup=False)
+        console.print(
+            "new widths: " + ", ".join(f"{k}={v}" for k, v in result.new_widths.items()), markup=False
+        )
     for note in result.notes:
         console.print(f"note: {note}", markup=False, style="dim")
     if json_out:
@@ -80,7 +146,10 @@ def fix(
             write_text_atomic(json_out, text)
     if not result.written:
         raise GateFailed(f"verification failed: nothing written to {output} (use --force to write anyway)")
-    console.print(("written" if result.verified else "written despite failed verification (--force)") + f": {output}", markup=False)
+    console.print(
+        ("written" if result.verified else "written despite failed verification (--force)") + f": {output}",
+        markup=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -13,10 +13,21 @@ from rich.table import Table
 from deadrelu_cli.config import FileConfig, load_config
 from deadrelu_cli.errors import GateFailed
 
-GATE_PARAMS = ("max_dead", "max_dead_layer", "layer_limit", "max_dead_units", "baseline", "max_increase", "junit", "markdown")
+GATE_PARAMS = (
+    "max_dead",
+    "max_dead_layer",
+    "layer_limit",
+    "max_dead_units",
+    "baseline",
+    "max_increase",
+    "junit",
+    "markdown",
+)
 
 
-def merge_settings(ctx: typer.Context, params: dict[str, Any], config_path: str | None) -> tuple[dict[str, Any], dict[str, str], FileConfig]:
+def merge_settings(
+    ctx: typer.Context, params: dict[str, Any], config_path: str | None
+) -> tuple[dict[str, Any], dict[str, str], FileConfig]:
     """Fill every parameter not given on the command line from the config file; say where each came from."""
     file_config = load_config(config_path)
     sources = {}
@@ -45,7 +56,9 @@ def show_config(params: dict[str, Any], sources: dict[str, str], console: Consol
     for name, value in params.items():
         if name in ("show_config_flag", "config", "model", "data"):
             continue
-        table.add_row("--" + name.replace("_", "-"), "–" if value is None else str(value), sources.get(name, "default"))
+        table.add_row(
+            "--" + name.replace("_", "-"), "–" if value is None else str(value), sources.get(name, "default")
+        )
     console.print(table)
 
 
@@ -66,14 +79,23 @@ def gate_config(max_dead, max_dead_layer, layer_limit, max_dead_units, baseline,
 def _annotate_github(result, report, err: Console) -> None:
     """GitHub workflow commands (read from the job log) for each failure."""
     for message in result.failures:
-        err.print(f"::error title=deadrelu {report.model.path}::{message}", markup=False, highlight=False, soft_wrap=True)
+        err.print(
+            f"::error title=deadrelu {report.model.path}::{message}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     for name in result.added:
-        err.print(f"::notice title=deadrelu::layer {name} is not in the baseline", markup=False, soft_wrap=True)
+        err.print(
+            f"::notice title=deadrelu::layer {name} is not in the baseline", markup=False, soft_wrap=True
+        )
     for name in result.removed:
         err.print(f"::warning title=deadrelu::baseline layer {name} is gone", markup=False, soft_wrap=True)
 
 
-def run_gate(report, config, junit: str | None, markdown: str | None, err: Console, inputs: list[str]) -> None:
+def run_gate(
+    report, config, junit: str | None, markdown: str | None, err: Console, inputs: list[str]
+) -> None:
     """Evaluate the gate, write the CI outputs, print the verdict on stderr; raise GateFailed (exit 1) on failure."""
     from deadrelu_cli.files import refuse_overwrite_of_inputs, write_text_atomic
     from deadrelu_cli.gate import evaluate
@@ -118,4 +140,7 @@ def write_html(path: str, report, config=None, baseline=None) -> None:
     if config is not None and config.active:
         result = evaluate(report, config)
         verdict = GateSummary(result.passed, result.failures)
-    write_text_atomic(path, render_html(report, baseline if baseline is not None else getattr(config, "baseline", None), verdict))
+    write_text_atomic(
+        path,
+        render_html(report, baseline if baseline is not None else getattr(config, "baseline", None), verdict),
+    )

@@ -9,7 +9,12 @@ from rich.table import Table
 
 from deadrelu_cli.cli import options as opt
 
-InputShape = opt.Annotated[str | None, typer.Option("--input-shape", help="e.g. 3x32x32: run one zero sample to find functional activations too.")]
+InputShape = opt.Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape", help="e.g. 3x32x32: run one zero sample to find functional activations too."
+    ),
+]
 
 
 def inspect(

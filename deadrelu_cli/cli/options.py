@@ -7,29 +7,108 @@ from typing import Annotated
 
 import typer
 
-Model = Annotated[str, typer.Argument(help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export) or .onnx.", show_default=False)]
-Data = Annotated[str, typer.Option("--data", "-d", help="Calibration data: .npz, .npy (memory-mapped), .pt or .safetensors; first axis = samples.", show_default=False)]
-OptionalModel = Annotated[str | None, typer.Argument(help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export) or .onnx.", show_default=False)]
-OptionalData = Annotated[str | None, typer.Option("--data", "-d", help="Calibration data: .npz, .npy (memory-mapped), .pt or .safetensors; first axis = samples.", show_default=False)]
-Arch = Annotated[str | None, typer.Option("--arch", help="MODULE:FACTORY that builds the model for a state_dict (MODULE = importable name or path to a .py file).")]
-TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow full unpickling (runs code from the file). Only for checkpoints you trust.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch (does not change the result).")]
+Model = Annotated[
+    str,
+    typer.Argument(
+        help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export) or .onnx.",
+        show_default=False,
+    ),
+]
+Data = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        "-d",
+        help="Calibration data: .npz, .npy (memory-mapped), .pt or .safetensors; first axis = samples.",
+        show_default=False,
+    ),
+]
+OptionalModel = Annotated[
+    str | None,
+    typer.Argument(
+        help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export) or .onnx.",
+        show_default=False,
+    ),
+]
+OptionalData = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        "-d",
+        help="Calibration data: .npz, .npy (memory-mapped), .pt or .safetensors; first axis = samples.",
+        show_default=False,
+    ),
+]
+Arch = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="MODULE:FACTORY that builds the model for a state_dict (MODULE = importable name or path to a .py file).",
+    ),
+]
+TrustPickle = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow full unpickling (runs code from the file). Only for checkpoints you trust.",
+    ),
+]
+BatchSize = Annotated[
+    int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch (does not change the result).")
+]
 Limit = Annotated[int | None, typer.Option("--limit", min=1, help="Use only the first N samples.")]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
-Threshold = Annotated[float, typer.Option("--threshold", help="A unit fires when its pre-activation exceeds this.")]
+Threshold = Annotated[
+    float, typer.Option("--threshold", help="A unit fires when its pre-activation exceeds this.")
+]
 Dying = Annotated[float, typer.Option("--dying", help="Dying: active rate above 0 but below this.")]
 Tau = Annotated[float, typer.Option("--tau", help="Dormant (ReDo): mean|act| / layer mean at most this.")]
-ChannelDim = Annotated[int | None, typer.Option("--channel-dim", help="Unit axis of every activation (default: 1 for conv outputs, last for Linear).")]
-Ops = Annotated[str | None, typer.Option("--ops", help="Comma-separated activation ops to report: relu, relu6 (default), leaky_relu, elu, gelu, silu.")]
-AllowNonfinite = Annotated[bool, typer.Option("--allow-nonfinite", help="Accept NaN/Inf in the data instead of stopping.")]
+ChannelDim = Annotated[
+    int | None,
+    typer.Option(
+        "--channel-dim", help="Unit axis of every activation (default: 1 for conv outputs, last for Linear)."
+    ),
+]
+Ops = Annotated[
+    str | None,
+    typer.Option(
+        "--ops",
+        help="Comma-separated activation ops to report: relu, relu6 (default), leaky_relu, elu, gelu, silu.",
+    ),
+]
+AllowNonfinite = Annotated[
+    bool, typer.Option("--allow-nonfinite", help="Accept NaN/Inf in the data instead of stopping.")
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-JsonOut = Annotated[str | None, typer.Option("--json", help="Write the JSON report here ('-' = stdout, and nothing else on stdout).")]
+JsonOut = Annotated[
+    str | None,
+    typer.Option("--json", help="Write the JSON report here ('-' = stdout, and nothing else on stdout)."),
+]
 LayerName = Annotated[str | None, typer.Option("--layer", help="Show one row per unit of this layer.")]
-MaxDead = Annotated[float | None, typer.Option("--max-dead", min=0.0, max=1.0, help="Gate: exit 1 when the dead fraction of the model is above this.")]
+MaxDead = Annotated[
+    float | None,
+    typer.Option(
+        "--max-dead", min=0.0, max=1.0, help="Gate: exit 1 when the dead fraction of the model is above this."
+    ),
+]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
-ReportPath = Annotated[Path, typer.Argument(help="A JSON report written by `deadrelu scan --json`.", show_default=False)]
-Const = Annotated[list[str] | None, typer.Option("--const", help="Array of --data fed whole to every batch (a sample rate, a mask, an initial state). Repeatable.")]
-BatchAxis = Annotated[list[str] | None, typer.Option("--batch-axis", help="NAME=AXIS: this array holds samples on AXIS (e.g. an RNN state [2, B, 128]: state=1). Repeatable.")]
+ReportPath = Annotated[
+    Path, typer.Argument(help="A JSON report written by `deadrelu scan --json`.", show_default=False)
+]
+Const = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--const",
+        help="Array of --data fed whole to every batch (a sample rate, a mask, an initial state). Repeatable.",
+    ),
+]
+BatchAxis = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--batch-axis",
+        help="NAME=AXIS: this array holds samples on AXIS (e.g. an RNN state [2, B, 128]: state=1). Repeatable.",
+    ),
+]
 
 
 def parse_batch_axes(values: list[str] | None) -> dict[str, int]:
@@ -45,13 +124,63 @@ def parse_batch_axes(values: list[str] | None) -> dict[str, int]:
         except ValueError:
             raise UserError(f"--batch-axis {value!r}: AXIS must be an integer") from None
     return axes
-MaxDeadLayer = Annotated[float | None, typer.Option("--max-dead-layer", min=0.0, max=1.0, help="Gate: exit 1 when any layer's dead fraction is above this.")]
-LayerLimit = Annotated[list[str] | None, typer.Option("--layer-limit", help="Gate: GLOB=FRACTION limit for matching layers, e.g. 'encoder.*=0.3' (first match wins). Repeatable.")]
-MaxDeadUnits = Annotated[int | None, typer.Option("--max-dead-units", min=0, help="Gate: exit 1 when more units than this are dead.")]
-Baseline = Annotated[str | None, typer.Option("--baseline", help="Gate: an earlier JSON report; fail when dead fractions grew by more than --max-increase.")]
-MaxIncrease = Annotated[float | None, typer.Option("--max-increase", min=0.0, max=1.0, help="Gate: allowed growth of a dead fraction over --baseline (default 0).")]
+
+
+MaxDeadLayer = Annotated[
+    float | None,
+    typer.Option(
+        "--max-dead-layer",
+        min=0.0,
+        max=1.0,
+        help="Gate: exit 1 when any layer's dead fraction is above this.",
+    ),
+]
+LayerLimit = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--layer-limit",
+        help="Gate: GLOB=FRACTION limit for matching layers, e.g. 'encoder.*=0.3' (first match wins). Repeatable.",
+    ),
+]
+MaxDeadUnits = Annotated[
+    int | None,
+    typer.Option("--max-dead-units", min=0, help="Gate: exit 1 when more units than this are dead."),
+]
+Baseline = Annotated[
+    str | None,
+    typer.Option(
+        "--baseline",
+        help="Gate: an earlier JSON report; fail when dead fractions grew by more than --max-increase.",
+    ),
+]
+MaxIncrease = Annotated[
+    float | None,
+    typer.Option(
+        "--max-increase",
+        min=0.0,
+        max=1.0,
+        help="Gate: allowed growth of a dead fraction over --baseline (default 0).",
+    ),
+]
 Junit = Annotated[str | None, typer.Option("--junit", help="Write JUnit XML (one testcase per layer) here.")]
-Markdown = Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary here (also appended to $GITHUB_STEP_SUMMARY when set).")]
-ConfigPath = Annotated[str | None, typer.Option("--config", help="Settings file (default: nearest deadrelu.toml or pyproject.toml with [tool.deadrelu]).")]
-ShowConfig = Annotated[bool, typer.Option("--show-config", help="Print the effective settings and where each came from, then exit.")]
-HtmlOut = Annotated[str | None, typer.Option("--html", help="Write a self-contained HTML report (plots inline, works offline) here.")]
+Markdown = Annotated[
+    str | None,
+    typer.Option(
+        "--markdown", help="Write a Markdown summary here (also appended to $GITHUB_STEP_SUMMARY when set)."
+    ),
+]
+ConfigPath = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        help="Settings file (default: nearest deadrelu.toml or pyproject.toml with [tool.deadrelu]).",
+    ),
+]
+ShowConfig = Annotated[
+    bool,
+    typer.Option("--show-config", help="Print the effective settings and where each came from, then exit."),
+]
+HtmlOut = Annotated[
+    str | None,
+    typer.Option("--html", help="Write a self-contained HTML report (plots inline, works offline) here."),
+]

@@ -42,16 +42,27 @@ def gate(
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if not quiet:
         print_report(report, Console(highlight=False))
-    config_ = gate_config(p["max_dead"], p["max_dead_layer"], p["layer_limit"], p["max_dead_units"], p["baseline"], p["max_increase"])
+    config_ = gate_config(
+        p["max_dead"],
+        p["max_dead_layer"],
+        p["layer_limit"],
+        p["max_dead_units"],
+        p["baseline"],
+        p["max_increase"],
+    )
     if not config_.active:
         from deadrelu_cli.errors import UserError
 
-        raise UserError("no gate limit given: pass --max-dead, --max-dead-layer, --layer-limit, --max-dead-units or --baseline (or set them in [tool.deadrelu])")
+        raise UserError(
+            "no gate limit given: pass --max-dead, --max-dead-layer, --layer-limit, --max-dead-units or --baseline (or set them in [tool.deadrelu])"
+        )
     run_gate(report, config_, p["junit"], p["markdown"], err, [str(p["report_path"])])
 
 
 def merge(
-    reports: list[str] = typer.Argument(..., help="Partial JSON reports of the same model over disjoint data."),
+    reports: list[str] = typer.Argument(
+        ..., help="Partial JSON reports of the same model over disjoint data."
+    ),
     json_out: opt.JsonOut = "-",
 ) -> None:
     """Merge partial reports (same model, disjoint data) into exactly the report of the union."""
@@ -66,7 +77,10 @@ def merge(
         return
     refuse_overwrite_of_inputs(json_out, reports)
     write_text_atomic(json_out, text)
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"merged {len(reports)} reports, {merged.data.samples} samples → {json_out}\n{summary_line(merged)}", markup=False)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"merged {len(reports)} reports, {merged.data.samples} samples → {json_out}\n{summary_line(merged)}",
+        markup=False,
+    )
 
 
 def diff(
@@ -85,7 +99,15 @@ def diff(
         if not all_layers and row.unchanged:
             continue
         style = "red" if row.delta > 0 else ("green" if row.delta < 0 else "")
-        table.add_row(row.name, row.old_text, row.new_text, row.change_text, str(len(row.revived)), str(len(row.newly_dead)), style=style)
+        table.add_row(
+            row.name,
+            row.old_text,
+            row.new_text,
+            row.change_text,
+            str(len(row.revived)),
+            str(len(row.newly_dead)),
+            style=style,
+        )
     console = Console(highlight=False)
     console.print(table)
     console.print(summary, markup=False)

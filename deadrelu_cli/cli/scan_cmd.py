@@ -18,8 +18,16 @@ def _progress_callback(quiet: bool, err: Console):
         return None, None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
-                        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err, transient=True)
+    progress = Progress(
+        TextColumn("scanning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("samples"),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
     task = progress.add_task("scan", total=None, rate="")
     started = time.perf_counter()
 
@@ -91,13 +99,32 @@ def scan(
     for target in (p["json_out"], p["junit"], p["markdown"], p["html_out"]):
         if target and target != "-":
             refuse_overwrite_of_inputs(target, inputs)
-    gate = gate_config(p["max_dead"], p["max_dead_layer"], p["layer_limit"], p["max_dead_units"], p["baseline"], p["max_increase"])
+    gate = gate_config(
+        p["max_dead"],
+        p["max_dead_layer"],
+        p["layer_limit"],
+        p["max_dead_units"],
+        p["baseline"],
+        p["max_increase"],
+    )
     progress, update = _progress_callback(quiet, err)
     options = ScanOptions(
-        model=p["model"], data=p["data"], arch=p["arch"], trust_pickle=p["trust_pickle"], batch_size=p["batch_size"],
-        limit=p["limit"], device=p["device"], threshold=p["threshold"], dying=p["dying"], tau=p["tau"],
-        channel_dim=p["channel_dim"], ops=parse_ops(p["ops"]), allow_nonfinite=p["allow_nonfinite"],
-        consts=tuple(p["const"] or ()), batch_axes=opt.parse_batch_axes(p["batch_axis"]), progress=update,
+        model=p["model"],
+        data=p["data"],
+        arch=p["arch"],
+        trust_pickle=p["trust_pickle"],
+        batch_size=p["batch_size"],
+        limit=p["limit"],
+        device=p["device"],
+        threshold=p["threshold"],
+        dying=p["dying"],
+        tau=p["tau"],
+        channel_dim=p["channel_dim"],
+        ops=parse_ops(p["ops"]),
+        allow_nonfinite=p["allow_nonfinite"],
+        consts=tuple(p["const"] or ()),
+        batch_axes=opt.parse_batch_axes(p["batch_axis"]),
+        progress=update,
     )
     if progress is not None:
         with progress:

@@ -18,7 +18,15 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.fixes.plan import FixOptions, FixResult, LayerOutcome, LayerPlan, firing_thresholds
 from deadrelu_cli.probe.onnx_graph import _float_type, _GraphIndex, find_sites, site_channel_dim
 
-UNIT_PRESERVING = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Dropout", "Identity")
+UNIT_PRESERVING = (
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "Flatten",
+    "Dropout",
+    "Identity",
+)
 
 
 @dataclass
@@ -61,7 +69,12 @@ def wiring(model: onnx.ModelProto, site) -> Wiring:
         data = [i for i in node.input if _initializer(index, i) is None]
         bias = [i for i in node.input if _initializer(index, i) is not None]
         upstream = index.producer.get(data[0]) if len(data) == 1 else None
-        if upstream is not None and upstream.op_type == "MatMul" and len(bias) == 1 and _initializer(index, bias[0]).ndim == 1:
+        if (
+            upstream is not None
+            and upstream.op_type == "MatMul"
+            and len(bias) == 1
+            and _initializer(index, bias[0]).ndim == 1
+        ):
             if _initializer(index, upstream.input[1]) is not None:
                 wire.incoming = Weight(upstream.input[1], 1)
                 wire.bias = bias[0]
@@ -73,7 +86,13 @@ def wiring(model: onnx.ModelProto, site) -> Wiring:
         if _initializer(index, node.input[1]) is not None:
             wire.incoming = Weight(node.input[1], 0 if _attr(node, "transB", 0) else 1)
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            wire.bias = bias if bias is not None and _initializer(index, bias) is not None and _initializer(index, bias).ndim == 1 else None
+            wire.bias = (
+                bias
+                if bias is not None
+                and _initializer(index, bias) is not None
+                and _initializer(index, bias).ndim == 1
+                else None
+            )
     if wire.incoming is None:
         wire.why = "skipped: not produced by a Conv, Gemm or MatMul+bias with initializer weights"
         return wire
@@ -85,7 +104,9 @@ def wiring(model: onnx.ModelProto, site) -> Wiring:
     for _ in range(8):
         consumers = index.consumers.get(name, [])
         if len(consumers) != 1 or any(o.name == name for o in model.graph.output):
-            wire.why = f"skipped: its output goes to {len(consumers)} nodes, not to exactly one Conv/Gemm/MatMul"
+            wire.why = (
+                f"skipped: its output goes to {len(consumers)} nodes, not to exactly one Conv/Gemm/MatMul"
+            )
             return wire
         consumer = consumers[0]
         if consumer.op_type in UNIT_PRESERVING:
@@ -134,7 +155,9 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
     sites = {site.name: site for site in find_sites(model, scan_options.ops)}
     nodes = {n.name or n.output[0]: n for n in model.graph.node}
     outcomes = []
-    quantiles = _quantiles(scanned, plans, sites, options, scan_options) if options.strategy == "bias-shift" else {}
+    quantiles = (
+        _quantiles(scanned, plans, sites, options, scan_options) if options.strategy == "bias-shift" else {}
+    )
     rng = np.random.default_rng(options.seed)
     for plan in plans:
         site = sites.get(plan.name)
@@ -150,7 +173,9 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             node = nodes[site.node_name or site.output_name]
             node.op_type = "LeakyRelu" if options.strategy == "leaky" else "Elu"
             del node.attribute[:]
-            node.attribute.append(helper.make_attribute("alpha", options.slope if options.strategy == "leaky" else 1.0))
+            node.attribute.append(
+                helper.make_attribute("alpha", options.slope if options.strategy == "leaky" else 1.0)
+            )
             outcome.applied, outcome.action = True, f"Relu → {node.op_type}({node.attribute[0].f:g})"
             continue
         wire = wiring(model, site)
@@ -161,7 +186,10 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             bias = _get(model, wire.bias)
             bias[plan.units] = bias[plan.units] - quantiles[plan.name].astype(bias.dtype)
             _set(model, wire.bias, bias)
-            outcome.applied, outcome.action = True, f"{wire.bias} raised by {float(-quantiles[plan.name].max()):.4g}…{float(-quantiles[plan.name].min()):.4g}"
+            outcome.applied, outcome.action = (
+                True,
+                f"{wire.bias} raised by {float(-quantiles[plan.name].max()):.4g}…{float(-quantiles[plan.name].min()):.4g}",
+            )
             continue
         if wire.incoming is None or wire.outgoing is None:
             outcome.action = wire.why
@@ -182,7 +210,10 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 bias = _get(model, wire.bias)
                 bias[plan.units] = 0.0
                 _set(model, wire.bias, bias)
-            outcome.applied, outcome.action = True, f"{wire.incoming.name} re-initialised; {wire.outgoing.name} inputs zeroed"
+            outcome.applied, outcome.action = (
+                True,
+                f"{wire.incoming.name} re-initialised; {wire.outgoing.name} inputs zeroed",
+            )
         elif options.strategy == "prune":
             if site.op != "relu":
                 outcome.action = f"skipped: only relu units are exactly zero when dead ({site.op})"
@@ -195,7 +226,10 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             _set(model, wire.outgoing.name, np.take(w_out, _columns(kept, per_unit), axis=wire.outgoing.axis))
             if wire.bias:
                 _set(model, wire.bias, _get(model, wire.bias)[kept])
-            outcome.applied, outcome.action = True, f"{wire.incoming.name} narrowed to {len(kept)}; {wire.outgoing.name} inputs removed"
+            outcome.applied, outcome.action = (
+                True,
+                f"{wire.incoming.name} narrowed to {len(kept)}; {wire.outgoing.name} inputs removed",
+            )
             outcome.units_after = len(kept)
             result.new_widths[plan.name] = len(kept)
     if options.strategy == "prune":
@@ -235,10 +269,15 @@ def _quantiles(scanned, plans, sites, options: FixOptions, scan_options) -> dict
     order = feed_order(scanned.model, scanned.data)
     dtypes = {spec.name: spec.dtype for spec in scanned.model.inputs}
     values: dict[str, list[np.ndarray]] = {plan.name: [] for plan in wanted}
-    for batch in scanned.data.batches(scan_options.batch_size, scan_options.limit, scan_options.allow_nonfinite):
+    for batch in scanned.data.batches(
+        scan_options.batch_size, scan_options.limit, scan_options.allow_nonfinite
+    ):
         outs = session.run(None, {i: _as_input(batch[a], dtypes.get(i)) for i, a in order.items()})
         for plan, out in zip(wanted, outs, strict=True):
             dim = site_channel_dim(sites[plan.name], scan_options.channel_dim)
             moved = np.moveaxis(out, dim, -1)[..., plan.units].reshape(-1, len(plan.units))
             values[plan.name].append(moved.astype(np.float64))
-    return {name: firing_thresholds(np.concatenate(chunks), options.target_rate) for name, chunks in values.items()}
+    return {
+        name: firing_thresholds(np.concatenate(chunks), options.target_rate)
+        for name, chunks in values.items()
+    }

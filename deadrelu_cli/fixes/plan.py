@@ -42,7 +42,9 @@ class LayerOutcome:
     dead_before: int
     dead_after: int | None = None
     units_after: int | None = None
-    rates_after: list[float] | None = None  # active rate of the acted-on units after the fix (same widths only)
+    rates_after: list[float] | None = (
+        None  # active rate of the acted-on units after the fix (same widths only)
+    )
 
 
 @dataclass

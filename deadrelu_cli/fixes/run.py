@@ -45,7 +45,10 @@ def runner_for(loaded, data, device: str):
         dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
 
         def run(batch):
-            return [np.asarray(o) for o in session.run(None, {i: _as_input(batch[a], dtypes.get(i)) for i, a in order.items()})]
+            return [
+                np.asarray(o)
+                for o in session.run(None, {i: _as_input(batch[a], dtypes.get(i)) for i, a in order.items()})
+            ]
 
         return run
     from deadrelu_cli.engine import match_inputs
@@ -55,7 +58,10 @@ def runner_for(loaded, data, device: str):
 
 
 def _outputs_of(runner, data, scan_options: ScanOptions) -> list[list[np.ndarray]]:
-    return [runner(batch) for batch in data.batches(scan_options.batch_size, scan_options.limit, scan_options.allow_nonfinite)]
+    return [
+        runner(batch)
+        for batch in data.batches(scan_options.batch_size, scan_options.limit, scan_options.allow_nonfinite)
+    ]
 
 
 def compare(before: list[list[np.ndarray]], after: list[list[np.ndarray]]) -> tuple[float, float]:
@@ -66,7 +72,9 @@ def compare(before: list[list[np.ndarray]], after: list[list[np.ndarray]]) -> tu
             raise UserError("the patched model returns a different number of outputs")
         for a, b in zip(a_batch, b_batch, strict=True):
             if a.shape != b.shape:
-                raise UserError(f"the patched model's output has shape {list(b.shape)}, the original {list(a.shape)}")
+                raise UserError(
+                    f"the patched model's output has shape {list(b.shape)}, the original {list(a.shape)}"
+                )
             a64, b64 = a.astype(np.float64), b.astype(np.float64)
             max_abs = max(max_abs, float(np.max(np.abs(a64 - b64))) if a.size else 0.0)
             scale = max(scale, float(np.max(np.abs(a64))) if a.size else 0.0)
@@ -84,7 +92,11 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
     plans = plan_layers(scanned.report, options.layers)
     result = FixResult(strategy=options.strategy, output=str(output))
     if not plans:
-        raise UserError("no dead units to fix" + (f" in layers matching {' '.join(options.layers)}" if options.layers else "") + "; nothing written")
+        raise UserError(
+            "no dead units to fix"
+            + (f" in layers matching {' '.join(options.layers)}" if options.layers else "")
+            + "; nothing written"
+        )
     if scanned.model.backend == "onnx":
         from deadrelu_cli.fixes.onnx_fix import apply_onnx as apply
     else:
@@ -94,7 +106,9 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
         original_runner, patched_runner, outcomes = apply(scanned, plans, options, scan_options, temp, result)
         result.layers = outcomes
         if not any(outcome.applied for outcome in outcomes):
-            raise UserError("no layer could be patched: " + "; ".join(f"{o.name}: {o.action}" for o in outcomes))
+            raise UserError(
+                "no layer could be patched: " + "; ".join(f"{o.name}: {o.action}" for o in outcomes)
+            )
         before = _outputs_of(original_runner, scanned.data, scan_options)
         after = _outputs_of(patched_runner(), scanned.data, scan_options)
         result.max_abs_diff, result.max_rel_diff = compare(before, after)
@@ -115,7 +129,9 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
         exact = options.strategy in EXACT_STRATEGIES
         result.verified = (result.max_rel_diff <= options.tolerance) if exact else True
         if exact and not result.verified:
-            result.notes.append(f"outputs changed by {result.max_rel_diff:.3g} relative (> {options.tolerance:g})")
+            result.notes.append(
+                f"outputs changed by {result.max_rel_diff:.3g} relative (> {options.tolerance:g})"
+            )
         if result.verified or options.force:
             os.replace(temp, output)
             result.written = True

@@ -23,7 +23,9 @@ LINEAR_OR_CONV = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCH_NORM = nn.modules.batchnorm._BatchNorm
 
 
-def install_substitutes(model: nn.Module, substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> nn.Module:
+def install_substitutes(
+    model: nn.Module, substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]]
+) -> nn.Module:
     """Make the named activation call sites of `model` run another function, in place.
 
     Root forward hooks switch the call-site mode on and off around every forward, so the module
@@ -55,10 +57,14 @@ def substitute_for(strategy: str, slope: float) -> Callable[[torch.Tensor], torc
     return lambda x: F.leaky_relu(x, slope)
 
 
-def patch_module(module: nn.Module, layers: list[str], strategy: str = "leaky", slope: float = 0.01) -> nn.Module:
+def patch_module(
+    module: nn.Module, layers: list[str], strategy: str = "leaky", slope: float = 0.01
+) -> nn.Module:
     """Public API: the module with the given call sites switched to LeakyReLU(slope) (or ELU); the
     original module is not modified. Site names are those of `deadrelu scan`."""
-    return install_substitutes(copy.deepcopy(module), {name: substitute_for(strategy, slope) for name in layers})
+    return install_substitutes(
+        copy.deepcopy(module), {name: substitute_for(strategy, slope) for name in layers}
+    )
 
 
 def _single_consumer(probe: EagerProbe, site: str, model: nn.Module) -> tuple[str | None, str]:
@@ -68,7 +74,10 @@ def _single_consumer(probe: EagerProbe, site: str, model: nn.Module) -> tuple[st
         return None, f"skipped: its output goes to {uses}, not to exactly one Linear/Conv"
     name = next(iter(consumers))
     if name.startswith("<"):
-        return None, f"skipped: its output goes to {name.strip('<>')} (e.g. a residual add), not to a Linear/Conv"
+        return (
+            None,
+            f"skipped: its output goes to {name.strip('<>')} (e.g. a residual add), not to a Linear/Conv",
+        )
     module = model.get_submodule(name)
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
         return None, f"skipped: consumer {name} is a grouped convolution"
@@ -87,7 +96,9 @@ def _input_columns(units_idx: list[int], per_unit: int) -> list[int]:
     return [u * per_unit + j for u in units_idx for j in range(per_unit)]
 
 
-def _producers(model: nn.Module, probe: EagerProbe, producer: str) -> tuple[nn.Module | None, nn.Module | None, str]:
+def _producers(
+    model: nn.Module, probe: EagerProbe, producer: str
+) -> tuple[nn.Module | None, nn.Module | None, str]:
     """(Linear/Conv whose rows make the unit, BatchNorm after it or None, name of the Linear/Conv)."""
     module = model.get_submodule(producer)
     if isinstance(module, BATCH_NORM):
@@ -111,7 +122,9 @@ def _fresh_rows(weight: torch.Tensor, seed: int) -> torch.Tensor:
     return fresh.to(device=weight.device, dtype=weight.dtype)
 
 
-def reinit(model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan], options: FixOptions) -> list[LayerOutcome]:
+def reinit(
+    model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan], options: FixOptions
+) -> list[LayerOutcome]:
     """ReDo: re-initialise dead units' incoming weights, zero their bias and their outgoing weights."""
     outcomes = []
     with torch.no_grad():
@@ -142,15 +155,21 @@ def reinit(model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan], 
                 bn.bias[units] = 0.0
                 bn.running_mean[units] = 0.0
                 bn.running_var[units] = 1.0
-            columns = torch.tensor(_input_columns(plan.units, per_unit), dtype=torch.long, device=consumer.weight.device)
+            columns = torch.tensor(
+                _input_columns(plan.units, per_unit), dtype=torch.long, device=consumer.weight.device
+            )
             consumer.weight[:, columns] = 0.0
             outcome.applied = True
-            what = f"{incoming_name} rows re-initialised" + (f", {layer.producer} reset" if bn is not None else "")
+            what = f"{incoming_name} rows re-initialised" + (
+                f", {layer.producer} reset" if bn is not None else ""
+            )
             outcome.action = f"{what}; {consumer_name} inputs zeroed"
     return outcomes
 
 
-def collect_quantiles(result, plans: list[LayerPlan], target_rate: float, seed: int, options_for_scan) -> dict[str, np.ndarray]:
+def collect_quantiles(
+    result, plans: list[LayerPlan], target_rate: float, seed: int, options_for_scan
+) -> dict[str, np.ndarray]:
     """For each planned unit, the pre-activation value exceeded by `target_rate` of the data."""
     from deadrelu_cli.engine import scan_torch
 
@@ -169,10 +188,16 @@ def collect_quantiles(result, plans: list[LayerPlan], target_rate: float, seed: 
                 values = values[rng.choice(len(values), size=min(keep, len(values)), replace=False)]
             samples[name].append(values)
             counts[name] += len(values)
+
         return collect
 
-    scan_torch(result.model, result.data, options_for_scan, result.device,
-               collectors={plan.name: collector(plan.name) for plan in plans})
+    scan_torch(
+        result.model,
+        result.data,
+        options_for_scan,
+        result.device,
+        collectors={plan.name: collector(plan.name) for plan in plans},
+    )
     quantiles = {}
     for name, chunks in samples.items():
         values = np.concatenate(chunks, axis=0)
@@ -180,8 +205,14 @@ def collect_quantiles(result, plans: list[LayerPlan], target_rate: float, seed: 
     return quantiles
 
 
-def bias_shift(model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan], options: FixOptions,
-               quantiles: dict[str, np.ndarray]) -> list[LayerOutcome]:
+def bias_shift(
+    model: nn.Module,
+    probe: EagerProbe,
+    report,
+    plans: list[LayerPlan],
+    options: FixOptions,
+    quantiles: dict[str, np.ndarray],
+) -> list[LayerOutcome]:
     """Raise each dead unit's bias (BN beta) so that about `target_rate` of its values exceed 0."""
     outcomes = []
     with torch.no_grad():
@@ -200,7 +231,9 @@ def bias_shift(model: nn.Module, probe: EagerProbe, report, plans: list[LayerPla
             units = torch.tensor(plan.units, dtype=torch.long)
             bias[units] = bias[units] + shift.to(bias.device)
             outcome.applied = True
-            outcome.action = f"{layer.producer}.bias raised by {float(shift.min()):.4g}…{float(shift.max()):.4g}"
+            outcome.action = (
+                f"{layer.producer}.bias raised by {float(shift.min()):.4g}…{float(shift.max()):.4g}"
+            )
     return outcomes
 
 
@@ -213,8 +246,13 @@ def _narrowed(module: nn.Module, keep_out: list[int] | None, keep_in: list[int] 
     with torch.no_grad():
         if isinstance(module, BATCH_NORM):
             idx = torch.tensor(keep_out, dtype=torch.long)
-            new = type(module)(len(keep_out), eps=module.eps, momentum=module.momentum, affine=module.affine,
-                               track_running_stats=module.track_running_stats)
+            new = type(module)(
+                len(keep_out),
+                eps=module.eps,
+                momentum=module.momentum,
+                affine=module.affine,
+                track_running_stats=module.track_running_stats,
+            )
             for name in ("weight", "bias", "running_mean", "running_var"):
                 src = getattr(module, name)
                 if src is not None:
@@ -232,16 +270,26 @@ def _narrowed(module: nn.Module, keep_out: list[int] | None, keep_in: list[int] 
         if isinstance(module, nn.Linear):
             new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         else:
-            new = type(module)(weight.shape[1], weight.shape[0], module.kernel_size, stride=module.stride,
-                               padding=module.padding, dilation=module.dilation, groups=1, bias=bias is not None,
-                               padding_mode=module.padding_mode)
+            new = type(module)(
+                weight.shape[1],
+                weight.shape[0],
+                module.kernel_size,
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                groups=1,
+                bias=bias is not None,
+                padding_mode=module.padding_mode,
+            )
         new.weight.copy_(weight)
         if bias is not None:
             new.bias.copy_(bias)
         return new.to(device=module.weight.device, dtype=module.weight.dtype)
 
 
-def prune(model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan]) -> tuple[list[LayerOutcome], dict[str, int]]:
+def prune(
+    model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan]
+) -> tuple[list[LayerOutcome], dict[str, int]]:
     """Remove dead units: their producer rows (and BN channels) and the matching consumer inputs."""
     keep_out: dict[str, set[int]] = {}
     keep_in: dict[str, set[int]] = {}
@@ -262,10 +310,14 @@ def prune(model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan]) -
             continue
         incoming, bn, incoming_name = _producers(model, probe, layer.producer)
         if incoming is None or (isinstance(incoming, nn.modules.conv._ConvNd) and incoming.groups != 1):
-            outcome.action = f"skipped: producer {layer.producer} is not a plain Linear/Conv (or BN after one)"
+            outcome.action = (
+                f"skipped: producer {layer.producer} is not a plain Linear/Conv (or BN after one)"
+            )
             continue
         if len(plan.units) == plan.all_units:
-            outcome.action = "skipped: every unit is dead; removing the whole layer changes the architecture too much"
+            outcome.action = (
+                "skipped: every unit is dead; removing the whole layer changes the architecture too much"
+            )
             continue
         consumer = model.get_submodule(consumer_name)
         per_unit = _consumer_slices(consumer, plan.all_units)
@@ -273,7 +325,9 @@ def prune(model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan]) -
         for name in [incoming_name] + ([layer.producer] if bn is not None else []):
             keep_out[name] = keep_out.get(name, set(range(plan.all_units))) & set(kept)
         fan_in = plan.all_units * per_unit
-        keep_in[consumer_name] = keep_in.get(consumer_name, set(range(fan_in))) & set(_input_columns(kept, per_unit))
+        keep_in[consumer_name] = keep_in.get(consumer_name, set(range(fan_in))) & set(
+            _input_columns(kept, per_unit)
+        )
         outcome.applied = True
         outcome.units_after = len(kept)
         outcome.action = f"{incoming_name}{' + ' + layer.producer if bn is not None else ''} narrowed to {len(kept)}; {consumer_name} inputs removed"
@@ -285,7 +339,13 @@ def prune(model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan]) -
         new = _rebuild(module, out, inp if not isinstance(module, BATCH_NORM) else None)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        widths[name] = len(out) if out is not None else (module.out_features if isinstance(module, nn.Linear) else getattr(module, "out_channels", 0))
+        widths[name] = (
+            len(out)
+            if out is not None
+            else (
+                module.out_features if isinstance(module, nn.Linear) else getattr(module, "out_channels", 0)
+            )
+        )
     return outcomes, widths
 
 
@@ -300,7 +360,11 @@ def linear_conv_flops(model: nn.Module, example: tuple) -> int:
     def hook(module, _inputs, output):
         nonlocal total
         if isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features * (output.numel() // output.shape[0] // module.out_features)
+            total += (
+                module.in_features
+                * module.out_features
+                * (output.numel() // output.shape[0] // module.out_features)
+            )
         elif isinstance(module, nn.modules.conv._ConvNd):
             per_out = module.in_channels // module.groups * int(np.prod(module.kernel_size))
             total += per_out * (output.numel() // output.shape[0])

@@ -46,8 +46,15 @@ def write_artifact(module: torch.nn.Module, example: tuple, path: Path, suffix: 
             torch.export.save(program, str(path))
         elif suffix == ".onnx":
             names = [f"input{i}" if len(example) > 1 else "input" for i in range(len(example))]
-            torch.onnx.export(module, example, str(path), input_names=names, dynamo=False, opset_version=17,
-                              dynamic_axes={n: {0: "batch"} for n in names})
+            torch.onnx.export(
+                module,
+                example,
+                str(path),
+                input_names=names,
+                dynamo=False,
+                opset_version=17,
+                dynamic_axes={n: {0: "batch"} for n in names},
+            )
         else:
             torch.jit.trace(module, example).save(str(path))
 
@@ -63,7 +70,9 @@ def _write_state(model: torch.nn.Module, path: Path, suffix: str, whole_module: 
         torch.save(model.state_dict(), path)
 
 
-def apply_torch(scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult):
+def apply_torch(
+    scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult
+):
     from deadrelu_cli.fixes.run import ARTIFACT_SUFFIXES, STATE_SUFFIXES
 
     loaded = scanned.model
@@ -74,7 +83,9 @@ def apply_torch(scanned, plans: list[LayerPlan], options: FixOptions, scan_optio
         )
     suffix = Path(options.output).suffix.lower()
     if suffix not in ARTIFACT_SUFFIXES and suffix not in STATE_SUFFIXES:
-        raise UserError(f"--output {options.output}: unknown extension; use .pt/.pth/.safetensors (weights), .pt2, .onnx or .ts")
+        raise UserError(
+            f"--output {options.output}: unknown extension; use .pt/.pth/.safetensors (weights), .pt2, .onnx or .ts"
+        )
     if options.strategy in ARCHITECTURE_CHANGING and suffix in STATE_SUFFIXES:
         raise UserError(
             f"--strategy {options.strategy} changes the {'layer widths' if options.strategy == 'prune' else 'activation'}, "
@@ -93,8 +104,9 @@ def apply_torch(scanned, plans: list[LayerPlan], options: FixOptions, scan_optio
     if options.strategy == "reinit":
         outcomes = eager.reinit(model, probe, report, plans, options)
     elif options.strategy == "bias-shift":
-        quantiles = eager.collect_quantiles(scanned, plans, options.target_rate, options.seed,
-                                            replace(scan_options, progress=None))
+        quantiles = eager.collect_quantiles(
+            scanned, plans, options.target_rate, options.seed, replace(scan_options, progress=None)
+        )
         outcomes = eager.bias_shift(model, probe, report, plans, options, quantiles)
     elif options.strategy == "prune":
         outcomes, result.new_widths = eager.prune(model, probe, report, plans)
@@ -106,8 +118,11 @@ def apply_torch(scanned, plans: list[LayerPlan], options: FixOptions, scan_optio
             applied = op == "relu"
             if applied:
                 substitutes[plan.name] = eager.substitute_for(options.strategy, options.slope)
-            action = (f"ReLU → {'ELU' if options.strategy == 'elu' else f'LeakyReLU({options.slope:g})'}" if applied
-                      else f"skipped: {op} is not a plain relu")
+            action = (
+                f"ReLU → {'ELU' if options.strategy == 'elu' else f'LeakyReLU({options.slope:g})'}"
+                if applied
+                else f"skipped: {op} is not a plain relu"
+            )
             outcomes.append(LayerOutcome(plan.name, plan.units, action, applied, len(plan.units)))
         model = eager.install_substitutes(model, substitutes)
     if any(o.applied for o in outcomes):
@@ -121,7 +136,10 @@ def apply_torch(scanned, plans: list[LayerPlan], options: FixOptions, scan_optio
     def patched_runner():
         from deadrelu_cli.fixes.run import runner_for
 
-        return runner_for(load_model(LoadOptions(str(temp), scan_options.arch, scan_options.trust_pickle, device)),
-                          scanned.data, device)
+        return runner_for(
+            load_model(LoadOptions(str(temp), scan_options.arch, scan_options.trust_pickle, device)),
+            scanned.data,
+            device,
+        )
 
     return torch_runner(loaded, order, device), patched_runner, outcomes

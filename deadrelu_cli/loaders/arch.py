@@ -31,7 +31,9 @@ def _import_module(spec: str):
     try:
         return importlib.import_module(spec)
     except ModuleNotFoundError as exc:
-        raise UserError(f"--arch: cannot import module {spec!r} ({exc}); give an importable name or a path to a .py file") from exc
+        raise UserError(
+            f"--arch: cannot import module {spec!r} ({exc}); give an importable name or a path to a .py file"
+        ) from exc
     except Exception as exc:
         raise UserError(f"--arch: importing {spec} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -42,12 +44,18 @@ def build_from_arch(arch: str):
 
     module_part, sep, factory_name = arch.rpartition(":")
     if not sep or not module_part or not factory_name:
-        raise UserError(f"--arch {arch!r}: expected MODULE:FACTORY, e.g. models.py:build or torchvision.models:resnet18")
+        raise UserError(
+            f"--arch {arch!r}: expected MODULE:FACTORY, e.g. models.py:build or torchvision.models:resnet18"
+        )
     module = _import_module(module_part)
     factory = getattr(module, factory_name, None)
     if factory is None or not callable(factory):
-        available = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))[:8]
-        raise UserError(f"--arch: {module_part} has no callable {factory_name!r} (callables there: {', '.join(available)})")
+        available = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))[
+            :8
+        ]
+        raise UserError(
+            f"--arch: {module_part} has no callable {factory_name!r} (callables there: {', '.join(available)})"
+        )
     try:
         model = factory()
     except Exception as exc:

@@ -36,6 +36,43 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return 2 <= header_len <= size - 8 and head[8:9] == b"{"
 
 
+def check_archive(path: Path, max_ratio: int = 2000) -> list[str]:
+    """Look at a zip archive (torch.save, TorchScript, .pt2) before any loader touches it: readable
+    central directory, member names inside the archive, and no zip bomb (a member that would expand
+    past the memory available, or more than `max_ratio` times its compressed size)."""
+    from deadrelu_cli.calibration import available_memory
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise UserError(
+            f"{path}: a damaged zip archive ({exc}); the checkpoint is truncated or corrupted"
+        ) from None
+    total = 0
+    for info in infos:
+        name = info.filename
+        if name.startswith(("/", "\\")) or ".." in Path(name).parts:
+            raise UserError(
+                f"{path}: archive member {name!r} points outside the archive; refusing to load it"
+            )
+        total += info.file_size
+        if (
+            info.compress_size
+            and info.file_size > max_ratio * info.compress_size
+            and info.file_size > (64 << 20)
+        ):
+            raise UserError(
+                f"{path}: archive member {name!r} expands {info.file_size // max(1, info.compress_size)}x; "
+                "refusing a likely zip bomb"
+            )
+    if total > available_memory():
+        raise UserError(
+            f"{path}: the archive expands to {total / 2**30:.1f} GiB, more than the memory available"
+        )
+    return [info.filename for info in infos]
+
+
 def detect_format(path: str | Path) -> str:
     """One of: torch_zip, torch_legacy, torchscript, exported_program, safetensors, onnx."""
     p = check_readable_file(path)
@@ -43,19 +80,19 @@ def detect_format(path: str | Path) -> str:
     with open(p, "rb") as handle:
         head = handle.read(16)
     if head.startswith(b"PK"):
-        try:
-            with zipfile.ZipFile(p) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise UserError(f"{path}: a damaged zip archive ({exc}); the checkpoint is truncated or corrupted") from None
-        if any(name.endswith("serialized_exported_program.json") or "/models/" in name and name.endswith(".json")
-               for name in names):
+        names = check_archive(p)
+        if any(
+            name.endswith("serialized_exported_program.json") or "/models/" in name and name.endswith(".json")
+            for name in names
+        ):
             return "exported_program"
         if any("/code/" in name or name.endswith("constants.pkl") for name in names):
             return "torchscript"
         if any(name.endswith("data.pkl") for name in names):
             return TORCH_ZIP
-        raise UserError(f"{path}: a zip archive that is neither a torch.save checkpoint, TorchScript nor a .pt2 ExportedProgram")
+        raise UserError(
+            f"{path}: a zip archive that is neither a torch.save checkpoint, TorchScript nor a .pt2 ExportedProgram"
+        )
     if head[:1] == b"\x80" and p.suffix.lower() not in (".onnx",):
         return TORCH_LEGACY
     if _looks_like_safetensors(head, size):
@@ -63,9 +100,11 @@ def detect_format(path: str | Path) -> str:
     if p.suffix.lower() == ".onnx" or head[:1] == b"\x08":
         return "onnx"
     if p.suffix.lower() == ".safetensors":
-        raise UserError(f"{path}: not a valid safetensors file (bad header); the file is truncated or not safetensors")
+        raise UserError(
+            f"{path}: not a valid safetensors file (bad header); the file is truncated or not safetensors"
+        )
     try:
-        json.loads(p.read_bytes()[:1 << 16])
+        json.loads(p.read_bytes()[: 1 << 16])
         kind = "a JSON file"
     except (ValueError, UnicodeDecodeError):
         kind = "an unknown format"

@@ -20,9 +20,13 @@ def _check_external_locations(model, base: Path) -> None:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (root / location).resolve()
         if Path(location).is_absolute() or not target.is_relative_to(root):
-            raise UserError(f"{base}: tensor {tensor.name!r} points outside the model's folder ({location}); refusing to read it")
+            raise UserError(
+                f"{base}: tensor {tensor.name!r} points outside the model's folder ({location}); refusing to read it"
+            )
         if not target.is_file():
-            raise UserError(f"external data file {location} of tensor {tensor.name!r} is missing next to the model")
+            raise UserError(
+                f"external data file {location} of tensor {tensor.name!r} is missing next to the model"
+            )
 
 
 def read_onnx(path: str):
@@ -33,7 +37,9 @@ def read_onnx(path: str):
     try:
         model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise UserError(f"{path}: not a valid ONNX model ({type(exc).__name__}); the file is truncated or not ONNX") from None
+        raise UserError(
+            f"{path}: not a valid ONNX model ({type(exc).__name__}); the file is truncated or not ONNX"
+        ) from None
     if not model.graph.node:
         raise UserError(f"{path}: not a valid ONNX model (the graph has no nodes)")
     _check_external_locations(model, p.parent)
@@ -65,7 +71,9 @@ def add_inferred_shapes(model) -> None:
     known = {value.name for value in model.graph.input}
     for init in model.graph.initializer:
         if init.name not in known:
-            skeleton.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+            skeleton.graph.input.append(
+                helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+            )
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton)
     except Exception:  # noqa: BLE001 - shapes are a help, the graph runs without them
@@ -87,7 +95,11 @@ def input_specs(model) -> list[InputSpec]:
             continue
         tensor_type = value.type.tensor_type
         shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
-        dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)) if tensor_type.elem_type else None
+        dtype = (
+            str(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+            if tensor_type.elem_type
+            else None
+        )
         specs.append(InputSpec(value.name, shape, dtype))
     return specs
 
@@ -96,5 +108,13 @@ def load_onnx(options: LoadOptions) -> LoadedModel:
     model = read_onnx(options.path)
     specs = input_specs(model)
     float_dtype = next((s.dtype for s in specs if s.dtype and s.dtype.startswith("float")), "float32")
-    return LoadedModel(path=Path(options.path), format="onnx", digest=file_sha256_async(options.path), backend="onnx",
-                       runnable=model, kind="onnx", inputs=specs, float_dtype=float_dtype)
+    return LoadedModel(
+        path=Path(options.path),
+        format="onnx",
+        digest=file_sha256_async(options.path),
+        backend="onnx",
+        runnable=model,
+        kind="onnx",
+        inputs=specs,
+        float_dtype=float_dtype,
+    )

@@ -6,8 +6,8 @@ Every torch.load is weights_only=True unless the user passed --trust-pickle.
 from __future__ import annotations
 
 import inspect
-import re
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,7 +20,16 @@ from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP
 from deadrelu_cli.loaders.model import InputSpec, LoadedModel, LoadOptions, file_sha256_async
 
 # Keys under which training scripts nest the weights (timm, Lightning, torchvision references, …).
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema", "ema", "net", "module")
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "state_dict_ema",
+    "model_ema",
+    "ema",
+    "net",
+    "module",
+)
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
@@ -37,7 +46,9 @@ def _torch_load(path: Path, device: str, trust_pickle: bool):
             "if you trust its source, pass --trust-pickle (it can run code)"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError) as exc:
-        raise UserError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated, corrupted or not a torch checkpoint") from None
+        raise UserError(
+            f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated, corrupted or not a torch checkpoint"
+        ) from None
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -53,12 +64,18 @@ def unwrap_checkpoint(obj):
             inner = obj.get(key)
             if isinstance(inner, nn.Module) or _is_tensor_dict(inner):
                 return inner
-            if isinstance(inner, Mapping) and inner and _is_tensor_dict({k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}):
+            if (
+                isinstance(inner, Mapping)
+                and inner
+                and _is_tensor_dict({k: v for k, v in inner.items() if isinstance(v, torch.Tensor)})
+            ):
                 return {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
-        raise UserError(f"checkpoint dict has no weights under any of {', '.join(STATE_DICT_KEYS)} (keys: {', '.join(map(str, list(obj)[:8]))})")
+        raise UserError(
+            f"checkpoint dict has no weights under any of {', '.join(STATE_DICT_KEYS)} (keys: {', '.join(map(str, list(obj)[:8]))})"
+        )
     raise UserError(f"checkpoint holds a {type(obj).__name__}, not a state_dict or a model")
 
 
@@ -70,7 +87,7 @@ def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor], expected: set[str]
         best = None
         for prefix in WRAPPER_PREFIXES:
             if state and all(k.startswith(prefix) for k in state):
-                candidate = {k[len(prefix):]: v for k, v in state.items()}
+                candidate = {k[len(prefix) :]: v for k, v in state.items()}
                 if len(expected & candidate.keys()) > matches:
                     best = candidate
                     break
@@ -90,11 +107,16 @@ def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], source:
             parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise UserError(f"{source}: weights do not fit --arch: {'; '.join(parts)}; check that --arch builds the same architecture")
+        raise UserError(
+            f"{source}: weights do not fit --arch: {'; '.join(parts)}; check that --arch builds the same architecture"
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc).splitlines()[0])
+        first = next(
+            (line.strip() for line in str(exc).splitlines() if "size mismatch" in line),
+            str(exc).splitlines()[0],
+        )
         raise UserError(f"{source}: weights do not fit --arch: {first}") from None
 
 
@@ -103,7 +125,11 @@ def _forward_inputs(model: nn.Module) -> list[InputSpec]:
         params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
         return []
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    names = [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
     return [InputSpec(name) for name in names]
 
 
@@ -116,15 +142,25 @@ def _float_dtype(model: nn.Module) -> str:
 
 def _eager(path: Path, fmt: str, model: nn.Module, sha, device: str) -> LoadedModel:
     model = model.to(device).eval()  # inference semantics (BatchNorm running stats, no dropout) everywhere
-    return LoadedModel(path=path, format=fmt, digest=sha, backend="torch", runnable=model, kind="eager",
-                       inputs=_forward_inputs(model), float_dtype=_float_dtype(model))
+    return LoadedModel(
+        path=path,
+        format=fmt,
+        digest=sha,
+        backend="torch",
+        runnable=model,
+        kind="eager",
+        inputs=_forward_inputs(model),
+        float_dtype=_float_dtype(model),
+    )
 
 
 def _exported(path: Path, sha, device: str) -> LoadedModel:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
-        raise UserError(f"{path}: cannot load the ExportedProgram ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated or from an incompatible torch") from None
+        raise UserError(
+            f"{path}: cannot load the ExportedProgram ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated or from an incompatible torch"
+        ) from None
     graph_module = program.module()
     # Keep the exported module-stack names (module() keeps the node order and names).
     by_name = {node.name: node.meta.get("nn_module_stack") for node in program.graph.nodes}
@@ -145,17 +181,30 @@ def _exported(path: Path, sha, device: str) -> LoadedModel:
             if shape and shape[0] is not None and fixed_batch is None:
                 fixed_batch = shape[0]
         inputs.append(InputSpec(spec.arg.name, shape, dtype))
-    float_dtype = next((i.dtype for i in inputs if i.dtype and i.dtype.startswith(("float", "bfloat"))), "float32")
-    return LoadedModel(path=path, format="exported_program", digest=sha, backend="torch", runnable=graph_module,
-                       kind="exported", inputs=inputs, float_dtype=float_dtype, fixed_batch=fixed_batch,
-                       extra={"program": program})
+    float_dtype = next(
+        (i.dtype for i in inputs if i.dtype and i.dtype.startswith(("float", "bfloat"))), "float32"
+    )
+    return LoadedModel(
+        path=path,
+        format="exported_program",
+        digest=sha,
+        backend="torch",
+        runnable=graph_module,
+        kind="exported",
+        inputs=inputs,
+        float_dtype=float_dtype,
+        fixed_batch=fixed_batch,
+        extra={"program": program},
+    )
 
 
 def _torchscript(path: Path, sha, device: str) -> LoadedModel:
     try:
         module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:
-        raise UserError(f"{path}: cannot load the TorchScript archive ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise UserError(
+            f"{path}: cannot load the TorchScript archive ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     inputs = []
     try:
         schema = module.forward.schema
@@ -167,8 +216,16 @@ def _torchscript(path: Path, sha, device: str) -> LoadedModel:
         if tensor.is_floating_point():
             dtype = str(tensor.dtype).replace("torch.", "")
             break
-    return LoadedModel(path=path, format="torchscript", digest=sha, backend="torch", runnable=module,
-                       kind="torchscript", inputs=inputs, float_dtype=dtype)
+    return LoadedModel(
+        path=path,
+        format="torchscript",
+        digest=sha,
+        backend="torch",
+        runnable=module,
+        kind="torchscript",
+        inputs=inputs,
+        float_dtype=dtype,
+    )
 
 
 def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
@@ -186,9 +243,13 @@ def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
         try:
             state = load_file(str(path), device=device)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"{path}: cannot read safetensors ({exc}); the file is truncated or corrupted") from None
+            raise UserError(
+                f"{path}: cannot read safetensors ({exc}); the file is truncated or corrupted"
+            ) from None
         if not options.arch:
-            raise UserError(f"{path}: safetensors holds weights only; pass --arch MODULE:FACTORY that builds the model")
+            raise UserError(
+                f"{path}: safetensors holds weights only; pass --arch MODULE:FACTORY that builds the model"
+            )
         model = build_from_arch(options.arch)
         load_state_into(model, state, str(path))
         return _eager(path, "safetensors", model, sha, device)
@@ -197,7 +258,9 @@ def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
         if isinstance(obj, nn.Module):
             return _eager(path, "module", obj, sha, device)
         if not options.arch:
-            raise UserError(f"{path}: holds a state_dict (weights only); pass --arch MODULE:FACTORY that builds the model, e.g. --arch models.py:build")
+            raise UserError(
+                f"{path}: holds a state_dict (weights only); pass --arch MODULE:FACTORY that builds the model, e.g. --arch models.py:build"
+            )
         model = build_from_arch(options.arch)
         load_state_into(model, obj, str(path))
         return _eager(path, "state_dict", model, sha, device)

@@ -78,7 +78,11 @@ class SiteAccumulator:
         # amax propagates NaN: remember it, so that the fast count below (which would count a NaN as
         # fired) is replaced by the exact comparison for this batch
         # (only on CPU, where reading the flag costs nothing; on CUDA the exact count is used: no sync)
-        self._nan_in_batch = (pre.device.type != "cpu" or bool(torch.isnan(batch_max).any())) if pre.is_floating_point() else False
+        self._nan_in_batch = (
+            (pre.device.type != "cpu" or bool(torch.isnan(batch_max).any()))
+            if pre.is_floating_point()
+            else False
+        )
         self.max_pre = torch.maximum(self.max_pre, batch_max.to(torch.float64))
         if not counts_from_output(self.op, threshold):
             self.positive += _count(pre > threshold, dims)
@@ -91,8 +95,12 @@ class SiteAccumulator:
             return
         post, dims = self._as_reducible(post)
         if counts_from_output(self.op, threshold):
-            if (threshold == 0.0 and post.is_floating_point() and not self._nan_in_batch
-                    and post.numel() // max(1, self.positive.shape[0]) < 2**24):
+            if (
+                threshold == 0.0
+                and post.is_floating_point()
+                and not self._nan_in_batch
+                and post.numel() // max(1, self.positive.shape[0]) < 2**24
+            ):
                 # for y >= 0 (and no NaN), y.bool() is y > 0; summing its bytes as float32 is exact below
                 # 2**24 per unit and batch, and about 4x faster than (y > 0).sum()
                 self.positive += _sum(post.bool().view(torch.uint8), dims, torch.float32).to(torch.int64)
@@ -145,7 +153,7 @@ def _sum(tensor: torch.Tensor, dims: list[int], dtype: torch.dtype | None = None
 
 
 def _count(mask: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    return (mask.sum(dim=dims, dtype=torch.int64) if dims else mask.to(torch.int64))
+    return mask.sum(dim=dims, dtype=torch.int64) if dims else mask.to(torch.int64)
 
 
 def _apply(op: str, pre: torch.Tensor) -> torch.Tensor:

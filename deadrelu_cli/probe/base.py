@@ -31,14 +31,23 @@ class SiteRegistry:
     def _site(self, name, op, pre, inferred_channel_dim, module_type, producer) -> SiteAccumulator:
         site = self.sites.get(name)
         if site is None:
-            site = SiteAccumulator(name=name, op=op, channel_dim=-1, module_type=module_type, producer=producer)
+            site = SiteAccumulator(
+                name=name, op=op, channel_dim=-1, module_type=module_type, producer=producer
+            )
             self.sites[name] = site
         if site.positive is None:
             site.channel_dim = resolve_channel_dim(pre.dim(), inferred_channel_dim, self.settings.channel_dim)
         return site
 
-    def record_pre(self, name: str, op: str, pre: torch.Tensor, inferred_channel_dim: int,
-                   module_type: str | None = None, producer: str | None = None) -> None:
+    def record_pre(
+        self,
+        name: str,
+        op: str,
+        pre: torch.Tensor,
+        inferred_channel_dim: int,
+        module_type: str | None = None,
+        producer: str | None = None,
+    ) -> None:
         """First half of a batch at a site, while the pre-activation is intact."""
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer)
         site.observe_pre(pre, self.settings.threshold)
@@ -50,8 +59,16 @@ class SiteRegistry:
         """Second half: counts and sums from the activation's output."""
         self.sites[name].observe_post(post, self.settings.threshold)
 
-    def record(self, name: str, op: str, pre: torch.Tensor, post: torch.Tensor | None, inferred_channel_dim: int,
-               module_type: str | None = None, producer: str | None = None) -> None:
+    def record(
+        self,
+        name: str,
+        op: str,
+        pre: torch.Tensor,
+        post: torch.Tensor | None,
+        inferred_channel_dim: int,
+        module_type: str | None = None,
+        producer: str | None = None,
+    ) -> None:
         self.record_pre(name, op, pre, inferred_channel_dim, module_type, producer)
         self.record_post(name, post if post is not None else _derived_output(op, pre))
 
@@ -99,8 +116,15 @@ def _derived_output(op: str, pre: torch.Tensor) -> torch.Tensor:
     return _apply(op, pre)
 
 
-def call_and_record(func, args: tuple, kwargs: dict, op: str, in_place: bool,
-                    before: Callable[[torch.Tensor], None], after: Callable[[torch.Tensor], None]) -> object:
+def call_and_record(
+    func,
+    args: tuple,
+    kwargs: dict,
+    op: str,
+    in_place: bool,
+    before: Callable[[torch.Tensor], None],
+    after: Callable[[torch.Tensor], None],
+) -> object:
     """Run an activation, handing its pre-activation to `before` and its output to `after`.
 
     Right even in place: `before` runs before the op overwrites its input (ops other than
@@ -123,8 +147,14 @@ def static_site_hooks(registry: SiteRegistry, site) -> tuple[Callable, Callable]
     """`before`/`after` for a site known from a graph (ExportedProgram, TorchScript)."""
 
     def before(pre: torch.Tensor) -> None:
-        registry.record_pre(site.name, site.op, pre, infer_channel_dim(pre.dim(), site.channel_first),
-                            site.module_type, site.producer)
+        registry.record_pre(
+            site.name,
+            site.op,
+            pre,
+            infer_channel_dim(pre.dim(), site.channel_first),
+            site.module_type,
+            site.producer,
+        )
 
     def after(out: torch.Tensor) -> None:
         registry.record_post(site.name, out)

@@ -68,22 +68,76 @@ def _hardtanh_bounds(args: tuple, kwargs: dict) -> tuple[float, float]:
 def _pass_through_functions() -> set:
     """Ops a pre-activation may flow through from its Linear/Conv/BN (the graph probes follow the same ones)."""
     T = torch.Tensor
-    return {T.__add__, T.__radd__, T.__iadd__, T.__sub__, T.__isub__, T.__mul__, T.__rmul__, T.__imul__,
-            T.__truediv__, T.__itruediv__, T.add, T.add_, T.sub, T.sub_, T.mul, T.mul_, T.div, T.div_, T.clone,
-            T.contiguous, torch.add, torch.sub, torch.mul, torch.div, torch.clone, F.dropout}
+    return {
+        T.__add__,
+        T.__radd__,
+        T.__iadd__,
+        T.__sub__,
+        T.__isub__,
+        T.__mul__,
+        T.__rmul__,
+        T.__imul__,
+        T.__truediv__,
+        T.__itruediv__,
+        T.add,
+        T.add_,
+        T.sub,
+        T.sub_,
+        T.mul,
+        T.mul_,
+        T.div,
+        T.div_,
+        T.clone,
+        T.contiguous,
+        torch.add,
+        torch.sub,
+        torch.mul,
+        torch.div,
+        torch.clone,
+        F.dropout,
+    }
 
 
 def _unit_preserving_functions() -> set:
     """Ops after an activation that keep each unit's values in their own slot (for finding its consumer)."""
     T = torch.Tensor
-    return {torch.flatten, T.flatten, T.view, T.reshape, torch.reshape, F.dropout, F.max_pool1d, F.max_pool2d,
-            F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-            F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, T.contiguous, T.clone}
+    return {
+        torch.flatten,
+        T.flatten,
+        T.view,
+        T.reshape,
+        torch.reshape,
+        F.dropout,
+        F.max_pool1d,
+        F.max_pool2d,
+        F.max_pool3d,
+        F.avg_pool1d,
+        F.avg_pool2d,
+        F.avg_pool3d,
+        F.adaptive_avg_pool1d,
+        F.adaptive_avg_pool2d,
+        F.adaptive_avg_pool3d,
+        F.adaptive_max_pool1d,
+        F.adaptive_max_pool2d,
+        T.contiguous,
+        T.clone,
+    }
 
 
 UNIT_PRESERVING_MODULES: tuple[type, ...] = (
-    nn.Dropout, nn.Identity, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
+    nn.Dropout,
+    nn.Identity,
+    nn.Flatten,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool2d,
 )
 CONSUMER_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -101,7 +155,9 @@ class _CallSiteMode(TorchFunctionMode):
             if args and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor):
                 if func in self.probe.pass_through:
                     others = list(args[1:]) + list(kwargs.values())
-                    self.probe.propagate(args[0], out, keep_producer=not any(isinstance(a, torch.Tensor) for a in others))
+                    self.probe.propagate(
+                        args[0], out, keep_producer=not any(isinstance(a, torch.Tensor) for a in others)
+                    )
                 elif func in self.probe.unit_preserving:
                     self.probe.carry_site_output(args[0], out)
                     return out
@@ -113,14 +169,23 @@ class _CallSiteMode(TorchFunctionMode):
         if spec.op not in self.probe.settings.ops or not args[0].is_floating_point():
             return func(*args, **kwargs)
         in_place = spec.always_in_place or bool(
-            kwargs.get("inplace", args[spec.in_place_arg] if spec.in_place_arg is not None and len(args) > spec.in_place_arg else False)
+            kwargs.get(
+                "inplace",
+                args[spec.in_place_arg]
+                if spec.in_place_arg is not None and len(args) > spec.in_place_arg
+                else False,
+            )
         )
         name = self.probe.next_site_name(spec.op)
         substitute = self.probe.substitutes.get(name)
         if substitute is not None:  # a patched site (deadrelu fix --strategy leaky, patch_module)
             return substitute(args[0])
         out = call_and_record(
-            func, args, kwargs, spec.op, in_place,
+            func,
+            args,
+            kwargs,
+            spec.op,
+            in_place,
             lambda pre: self.probe.observe(name, spec.op, pre),
             lambda post: self.probe.registry.record_post(name, post),
         )
@@ -149,7 +214,9 @@ class EagerProbe:
         self._site_outputs: dict[int, tuple[weakref.ref, str]] = {}
         self.consumers: dict[str, set[str]] = {}  # site -> Linear/Conv modules that read its output
         self.upstream: dict[str, str] = {}  # producer -> the producer feeding it (BN -> its Conv)
-        self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement activation
+        self.substitutes: dict[
+            str, Callable[[torch.Tensor], torch.Tensor]
+        ] = {}  # site -> replacement activation
         self._module_names = {id(m): name for name, m in model.named_modules()}
 
     # -- hooks -------------------------------------------------------------------------------
@@ -189,12 +256,21 @@ class EagerProbe:
     def _post_hook(self, module: nn.Module, args, output) -> None:
         if self._stack and self._stack[-1][1] is module:
             self._stack.pop()
-        if isinstance(module, UNIT_PRESERVING_MODULES) and args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+        if (
+            isinstance(module, UNIT_PRESERVING_MODULES)
+            and args
+            and isinstance(args[0], torch.Tensor)
+            and isinstance(output, torch.Tensor)
+        ):
             self.carry_site_output(args[0], output)
         if isinstance(output, torch.Tensor) and isinstance(module, PRODUCER_TYPES + CHANNEL_FIRST_TYPES):
             is_producer = isinstance(module, PRODUCER_TYPES)
-            self._produced[id(output)] = (weakref.ref(output), self._module_names.get(id(module), "") if is_producer else None,
-                                          module if is_producer else None, isinstance(module, CHANNEL_FIRST_TYPES))
+            self._produced[id(output)] = (
+                weakref.ref(output),
+                self._module_names.get(id(module), "") if is_producer else None,
+                module if is_producer else None,
+                isinstance(module, CHANNEL_FIRST_TYPES),
+            )
 
     def origin_of(self, tensor: torch.Tensor) -> tuple[str | None, nn.Module | None, bool] | None:
         """(producer name, producer module, channel-first) of a tensor, or None when unknown."""
@@ -253,7 +329,11 @@ class EagerProbe:
     # -- recording -----------------------------------------------------------------------------
     def _current_module(self) -> tuple[str, nn.Module, bool]:
         path, module = self._stack[-1] if self._stack else ("", self.model)
-        return path, module, is_activation_module_type(f"{type(module).__module__}.{type(module).__qualname__}")
+        return (
+            path,
+            module,
+            is_activation_module_type(f"{type(module).__module__}.{type(module).__qualname__}"),
+        )
 
     def next_site_name(self, op: str) -> str:
         path, _, is_activation = self._current_module()
@@ -267,5 +347,6 @@ class EagerProbe:
         bias = getattr(producer, "bias", None) if producer is not None else None
         if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != units:
             producer_name = None
-        self.registry.record_pre(name, op, pre, inferred, type(module).__name__ if is_activation else "functional",
-                                 producer_name)
+        self.registry.record_pre(
+            name, op, pre, inferred, type(module).__name__ if is_activation else "functional", producer_name
+        )

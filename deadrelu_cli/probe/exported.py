@@ -16,17 +16,55 @@ from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, is_activation_module
 
 # Ops a pre-activation flows through on its way from the Linear/Conv/BN that produced it.
 _PASS_THROUGH = {
-    "add", "add_", "sub", "mul", "mul_", "div", "clone", "contiguous", "dropout", "to", "_to_copy",
-    "getitem", "alias", "detach", "type_as", "identity", "native_dropout",
+    "add",
+    "add_",
+    "sub",
+    "mul",
+    "mul_",
+    "div",
+    "clone",
+    "contiguous",
+    "dropout",
+    "to",
+    "_to_copy",
+    "getitem",
+    "alias",
+    "detach",
+    "type_as",
+    "identity",
+    "native_dropout",
 }
-_CHANNEL_FIRST = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
-                  "conv_transpose2d", "conv_transpose3d", "batch_norm", "_native_batch_norm_legit_no_training",
-                  "_native_batch_norm_legit", "native_batch_norm", "instance_norm", "group_norm"}
+_CHANNEL_FIRST = {
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "convolution",
+    "_convolution",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "batch_norm",
+    "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit",
+    "native_batch_norm",
+    "instance_norm",
+    "group_norm",
+}
 _LAST_DIM = {"linear", "addmm", "mm", "matmul", "bmm", "layer_norm", "native_layer_norm", "embedding"}
 # Index of the bias argument of each producer op.
-_BIAS_ARG = {"conv1d": 2, "conv2d": 2, "conv3d": 2, "convolution": 2, "_convolution": 2, "linear": 2, "addmm": 0,
-             "batch_norm": 2, "_native_batch_norm_legit_no_training": 2, "_native_batch_norm_legit": 2,
-             "native_batch_norm": 2}
+_BIAS_ARG = {
+    "conv1d": 2,
+    "conv2d": 2,
+    "conv3d": 2,
+    "convolution": 2,
+    "_convolution": 2,
+    "linear": 2,
+    "addmm": 0,
+    "batch_norm": 2,
+    "_native_batch_norm_legit_no_training": 2,
+    "_native_batch_norm_legit": 2,
+    "native_batch_norm": 2,
+}
 
 
 @dataclass(frozen=True)
@@ -44,7 +82,7 @@ class StaticSite:
 def _op_base(target) -> str:
     if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
         return target.__name__.split(".")[0]
-    if target is getattr(__import__("operator"), "getitem"):
+    if target is __import__("operator").getitem:
         return "getitem"
     return getattr(target, "__name__", str(target))
 
@@ -91,7 +129,11 @@ def find_sites(graph: fx.Graph, ops: tuple[str, ...]) -> Iterator[tuple[fx.Node,
         path, qualified_type = ("", "")
         if stack:
             path, module_cls = list(stack.values())[-1]
-            qualified_type = module_cls if isinstance(module_cls, str) else f"{module_cls.__module__}.{module_cls.__qualname__}"
+            qualified_type = (
+                module_cls
+                if isinstance(module_cls, str)
+                else f"{module_cls.__module__}.{module_cls.__qualname__}"
+            )
         is_activation = is_activation_module_type(qualified_type)
         name = namer.name(path, op, is_activation)
         channel_first, producer = _trace_producer(node)

@@ -23,7 +23,13 @@ from onnx import TensorProto, helper, numpy_helper
 from deadrelu_cli.errors import UserError
 
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
-CHANNEL_FIRST_OPS = ("Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "GroupNormalization")
+CHANNEL_FIRST_OPS = (
+    "Conv",
+    "ConvTranspose",
+    "BatchNormalization",
+    "InstanceNormalization",
+    "GroupNormalization",
+)
 LAST_DIM_OPS = ("MatMul", "Gemm", "LayerNormalization")
 PASS_THROUGH_OPS = ("Add", "Mul", "Sub", "Div", "BatchNormalization", "Identity", "Dropout", "Cast")
 STAT_KEYS = ("pos", "max", "sum", "size", "sat")
@@ -67,7 +73,9 @@ class _GraphIndex:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.initializers = {init.name: init for init in graph.initializer}
-        self.value_info = {vi.name: vi for vi in list(graph.value_info) + list(graph.input) + list(graph.output)}
+        self.value_info = {
+            vi.name: vi for vi in list(graph.value_info) + list(graph.input) + list(graph.output)
+        }
 
     def constant(self, name: str) -> np.ndarray | None:
         if not name:
@@ -118,7 +126,9 @@ def _is_hard_sigmoid_part(node: onnx.NodeProto, index: _GraphIndex) -> bool:
         consts = [index.constant(i) for i in consumer.input]
         if consumer.op_type == "Div" and any(c is not None and np.allclose(c, 6.0) for c in consts):
             return True
-        if consumer.op_type == "Mul" and any(c is not None and np.allclose(c, 1 / 6.0, rtol=1e-3) for c in consts):
+        if consumer.op_type == "Mul" and any(
+            c is not None and np.allclose(c, 1 / 6.0, rtol=1e-3) for c in consts
+        ):
             return True
     return False
 
@@ -176,7 +186,12 @@ def _trace(site: OnnxSite, index: _GraphIndex) -> None:
                 # MatMul + bias: the constant operand is the bias
                 other = next((index.constant(i) for i in node.input if index.constant(i) is not None), None)
                 upstream = index.producer.get(data_inputs[0])
-                if upstream is not None and upstream.op_type == "MatMul" and other is not None and other.ndim == 1:
+                if (
+                    upstream is not None
+                    and upstream.op_type == "MatMul"
+                    and other is not None
+                    and other.ndim == 1
+                ):
                     site.channel_first = False
                     site.bias = other
                     site.producer = node.name or node.output[0]
@@ -203,21 +218,36 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
     """Activation sites in topological (node) order; subgraph sites named with their path."""
     sites: list[OnnxSite] = []
 
-    def walk(graph: onnx.GraphProto, path: tuple[str, ...], prefix: str, outer: _GraphIndex | None, in_loop: bool):
+    def walk(
+        graph: onnx.GraphProto, path: tuple[str, ...], prefix: str, outer: _GraphIndex | None, in_loop: bool
+    ):
         index = _GraphIndex(graph, outer)
         for node in graph.node:
             kind = classify(node, index)
             if kind is not None and (include_all or kind[0] in ops):
                 base = node.name or node.output[0]
-                site = OnnxSite(name=f"{prefix}{base}", op=kind[0], node_name=node.name, input_name=node.input[0],
-                                output_name=node.output[0], graph_path=path, rank=index.rank(node.input[0]),
-                                clip_max=kind[1], in_loop=in_loop)
+                site = OnnxSite(
+                    name=f"{prefix}{base}",
+                    op=kind[0],
+                    node_name=node.name,
+                    input_name=node.input[0],
+                    output_name=node.output[0],
+                    graph_path=path,
+                    rank=index.rank(node.input[0]),
+                    clip_max=kind[1],
+                    in_loop=in_loop,
+                )
                 _trace(site, index)
                 sites.append(site)
             for attr_name, sub in _subgraphs(node):
                 label = node.name or node.output[0]
-                walk(sub, (*path, f"{label}:{attr_name}"), f"{prefix}{label}/{attr_name}/", index,
-                     in_loop or node.op_type in ("Loop", "Scan"))
+                walk(
+                    sub,
+                    (*path, f"{label}:{attr_name}"),
+                    f"{prefix}{label}/{attr_name}/",
+                    index,
+                    in_loop or node.op_type in ("Loop", "Scan"),
+                )
 
     walk(model.graph, (), "", None, False)
     return sites
@@ -229,8 +259,10 @@ def onnx_sites(path: str, ops: tuple[str, ...]):
     from deadrelu_cli.probe.exported import StaticSite
 
     model = read_onnx(path)
-    return [StaticSite(s.name, s.op, False, "Relu" if s.op == "relu" else s.op, s.channel_first, s.producer)
-            for s in find_sites(model, ops, include_all=True)]
+    return [
+        StaticSite(s.name, s.op, False, "Relu" if s.op == "relu" else s.op, s.channel_first, s.producer)
+        for s in find_sites(model, ops, include_all=True)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,8 +287,9 @@ class _Builder:
 
     def const(self, array: np.ndarray, stem: str) -> str:
         name = self.fresh(stem)
-        self.graph.node.append(helper.make_node("Constant", [], [name], name=name,
-                                                value=numpy_helper.from_array(array, name)))
+        self.graph.node.append(
+            helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(array, name))
+        )
         return name
 
     def reduce(self, op: str, x: str, axes: list[int], stem: str) -> str:
@@ -275,7 +308,9 @@ def _float_type(index: _GraphIndex, name: str) -> int:
     return TensorProto.FLOAT
 
 
-def _add_reductions(builder: _Builder, site: OnnxSite, channel_dim: int, threshold: float, elem_type: int) -> dict[str, str]:
+def _add_reductions(
+    builder: _Builder, site: OnnxSite, channel_dim: int, threshold: float, elem_type: int
+) -> dict[str, str]:
     """Per-channel statistics of one site. Full-size intermediates stay 4 bytes per element
     (int32 / float); only the [C] results are widened to int64 / double."""
     rank = site.rank or 0
@@ -296,17 +331,25 @@ def _add_reductions(builder: _Builder, site: OnnxSite, channel_dim: int, thresho
 
     from deadrelu_cli.probe.accumulator import counts_from_output
 
-    from_output = counts_from_output(site.op, threshold) or (site.op == "clip" and 0.0 <= threshold < (site.clip_max or np.inf))
+    from_output = counts_from_output(site.op, threshold) or (
+        site.op == "clip" and 0.0 <= threshold < (site.clip_max or np.inf)
+    )
     nonnegative = site.op in ("relu", "relu6", "clip")
     magnitude = y if nonnegative else builder.node("Abs", [y], "abs")
-    source = y if from_output else x  # reading y only keeps onnxruntime's Conv+Relu fusion for everything but the max
+    source = (
+        y if from_output else x
+    )  # reading y only keeps onnxruntime's Conv+Relu fusion for everything but the max
     thr = builder.const(np.array(threshold, dtype=np_type), "threshold")
     fired = builder.node("Cast", [builder.node("Greater", [source, thr], "gt")], "cast", to=TensorProto.FLOAT)
     at_cap = None
     if site.op in ("relu6", "clip") and site.clip_max is not None:
         cap = builder.const(np.array(site.clip_max, dtype=np_type), "cap")
-        at_cap = builder.node("Cast", [builder.node("Not", [builder.node("Less", [y, cap], "below")], "atcap")], "casts",
-                              to=TensorProto.FLOAT)
+        at_cap = builder.node(
+            "Cast",
+            [builder.node("Not", [builder.node("Less", [y, cap], "below")], "atcap")],
+            "casts",
+            to=TensorProto.FLOAT,
+        )
     out = {"size": builder.node("Size", [site.input_name], "size")}
     if channel_dim == 1 and rank >= 3 and not site.graph_path:
         # NCHW-like: the global pools are onnxruntime's fastest reductions; they give per-(sample, channel)
@@ -327,9 +370,17 @@ def _add_reductions(builder: _Builder, site: OnnxSite, channel_dim: int, thresho
     return out
 
 
-_STAT_TYPES = {"pos": TensorProto.INT64, "max": TensorProto.DOUBLE, "sum": TensorProto.DOUBLE,
-               "size": TensorProto.INT64, "sat": TensorProto.INT64, "pos_nc": TensorProto.FLOAT,
-               "sum_nc": TensorProto.FLOAT, "max_nc": TensorProto.FLOAT, "sat_nc": TensorProto.FLOAT}
+_STAT_TYPES = {
+    "pos": TensorProto.INT64,
+    "max": TensorProto.DOUBLE,
+    "sum": TensorProto.DOUBLE,
+    "size": TensorProto.INT64,
+    "sat": TensorProto.INT64,
+    "pos_nc": TensorProto.FLOAT,
+    "sum_nc": TensorProto.FLOAT,
+    "max_nc": TensorProto.FLOAT,
+    "sat_nc": TensorProto.FLOAT,
+}
 
 
 def _empty_like_stat(builder: _Builder, key: str) -> str:
@@ -349,8 +400,13 @@ def site_channel_dim(site: OnnxSite, override: int | None) -> int:
     return resolve_channel_dim(site.rank, inferred, override)
 
 
-def instrument(model: onnx.ModelProto, sites: list[OnnxSite], threshold: float, channel_dim_override: int | None,
-               keep_outputs: bool = False) -> onnx.ModelProto:
+def instrument(
+    model: onnx.ModelProto,
+    sites: list[OnnxSite],
+    threshold: float,
+    channel_dim_override: int | None,
+    keep_outputs: bool = False,
+) -> onnx.ModelProto:
     """A copy of the model whose outputs are the per-site statistics (and the original outputs if asked)."""
     inst = onnx.ModelProto()
     inst.CopyFrom(model)
@@ -374,12 +430,16 @@ def instrument(model: onnx.ModelProto, sites: list[OnnxSite], threshold: float, 
     indexes = {path: _GraphIndex(g) for path, g in graphs.items()}
     for i, site in enumerate(sites):
         if site.rank is None:
-            raise UserError(f"ONNX layer {site.name}: the rank of its input is unknown; run onnx shape inference on the model first")
+            raise UserError(
+                f"ONNX layer {site.name}: the rank of its input is unknown; run onnx shape inference on the model first"
+            )
         dim = site_channel_dim(site, channel_dim_override)
         site.channel_dim = dim
         graph = graphs[site.graph_path]
         builder = _Builder(graph, opset, f"s{i}")
-        stats = _add_reductions(builder, site, dim, threshold, _float_type(indexes[site.graph_path], site.input_name))
+        stats = _add_reductions(
+            builder, site, dim, threshold, _float_type(indexes[site.graph_path], site.input_name)
+        )
         # Lift the statistics out through each enclosing If/Loop/Scan up to the main graph.
         path = site.graph_path
         names = dict(stats)
@@ -413,7 +473,9 @@ def instrument(model: onnx.ModelProto, sites: list[OnnxSite], threshold: float, 
                         attr.ints.extend([0] * len(names))
                 names = lifted
             else:
-                raise UserError(f"ONNX layer {site.name}: subgraphs of {owner.op_type} nodes are not supported")
+                raise UserError(
+                    f"ONNX layer {site.name}: subgraphs of {owner.op_type} nodes are not supported"
+                )
             path = parent_path
         site.outputs = names
         for key, value in names.items():

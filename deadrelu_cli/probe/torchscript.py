@@ -18,16 +18,51 @@ from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record
 from deadrelu_cli.probe.exported import StaticSite
 from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, is_activation_module_type
 
-_FUNCTIONS = {"relu": "relu", "relu6": "relu6", "hardtanh": "relu6", "leaky_relu": "leaky_relu", "elu": "elu",
-              "gelu": "gelu", "silu": "silu", "relu_": "relu", "hardtanh_": "relu6"}
-_CHANNEL_FIRST_MODULES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-                          "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d",
-                          "InstanceNorm2d", "InstanceNorm3d")
+_FUNCTIONS = {
+    "relu": "relu",
+    "relu6": "relu6",
+    "hardtanh": "relu6",
+    "leaky_relu": "leaky_relu",
+    "elu": "elu",
+    "gelu": "gelu",
+    "silu": "silu",
+    "relu_": "relu",
+    "hardtanh_": "relu6",
+}
+_CHANNEL_FIRST_MODULES = (
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+)
 _PRODUCER_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
-_CHANNEL_FIRST_OPS = ("aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::batch_norm")
+_CHANNEL_FIRST_OPS = (
+    "aten::_convolution",
+    "aten::conv1d",
+    "aten::conv2d",
+    "aten::conv3d",
+    "aten::batch_norm",
+)
 _LAST_DIM_OPS = ("aten::linear", "aten::addmm", "aten::matmul", "aten::layer_norm")
-_PASS_THROUGH_OPS = ("aten::add", "aten::add_", "aten::mul", "aten::sub", "aten::div", "aten::dropout",
-                     "aten::contiguous", "aten::clone")
+_PASS_THROUGH_OPS = (
+    "aten::add",
+    "aten::add_",
+    "aten::mul",
+    "aten::sub",
+    "aten::div",
+    "aten::dropout",
+    "aten::contiguous",
+    "aten::clone",
+)
 
 
 class _Dynamic(Exception):
@@ -82,7 +117,9 @@ class _Walker:
                 if fname in _FUNCTIONS:
                     args = tuple(self._value(env, v) for v in list(node.inputs())[1:])
                     op = _FUNCTIONS[fname]
-                    if fname.startswith("hardtanh") and tuple(float(a) if a is not None else None for a in args[1:3]) != (0.0, 6.0):
+                    if fname.startswith("hardtanh") and tuple(
+                        float(a) if a is not None else None for a in args[1:3]
+                    ) != (0.0, 6.0):
                         continue
                     in_place = fname.endswith("_") or (bool(args) and args[-1] is True)
                     self._add(module, node, op, in_place)
@@ -146,7 +183,9 @@ class _Walker:
                 if target is None:
                     return None, None
                 type_name = _type_name(target).rsplit(".", 1)[-1]
-                producer = self.paths.get(id(target)) if type_name in _PRODUCER_MODULES and keep_producer else None
+                producer = (
+                    self.paths.get(id(target)) if type_name in _PRODUCER_MODULES and keep_producer else None
+                )
                 if type_name in _CHANNEL_FIRST_MODULES:
                     return True, producer
                 if type_name in ("Linear", "LayerNorm", "Embedding"):

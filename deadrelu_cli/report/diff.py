@@ -27,7 +27,13 @@ class LayerDiff:
         return self.old_dead == self.new_dead and not self.revived and not self.newly_dead
 
     def _text(self, dead: int | None) -> str:
-        return "–" if dead is None else f"{dead}/{self.units} ({100 * dead / self.units:.1f}%)" if self.units else "0"
+        return (
+            "–"
+            if dead is None
+            else f"{dead}/{self.units} ({100 * dead / self.units:.1f}%)"
+            if self.units
+            else "0"
+        )
 
     @property
     def old_text(self) -> str:
@@ -57,12 +63,22 @@ def diff_reports(old: Report, new: Report) -> tuple[list[LayerDiff], str]:
             rows.append(LayerDiff(layer.name, None, len(new_dead), layer.units, [], []))
             continue
         old_dead = set(np.flatnonzero(before.dead_mask()).tolist())
-        rows.append(LayerDiff(layer.name, len(old_dead), len(new_dead), layer.units,
-                              sorted(old_dead - new_dead), sorted(new_dead - old_dead)))
+        rows.append(
+            LayerDiff(
+                layer.name,
+                len(old_dead),
+                len(new_dead),
+                layer.units,
+                sorted(old_dead - new_dead),
+                sorted(new_dead - old_dead),
+            )
+        )
     for layer in old.layers:
         if layer.name not in new_names:
             rows.append(LayerDiff(layer.name, int(layer.dead_mask().sum()), None, layer.units, [], []))
     a, b = old.summary(), new.summary()
-    summary = (f"Dead units: {a.dead}/{a.units} ({100 * a.dead_fraction:.1f}%) → {b.dead}/{b.units} "
-               f"({100 * b.dead_fraction:.1f}%), {sum(1 for r in rows if not r.unchanged)} layers changed")
+    summary = (
+        f"Dead units: {a.dead}/{a.units} ({100 * a.dead_fraction:.1f}%) → {b.dead}/{b.units} "
+        f"({100 * b.dead_fraction:.1f}%), {sum(1 for r in rows if not r.unchanged)} layers changed"
+    )
     return rows, summary

@@ -15,7 +15,14 @@ from deadrelu_cli.report.model import Report
 from deadrelu_cli.report.table import CRITICAL_FRACTION, WARN_FRACTION, unit_status
 from deadrelu_cli.stats import LayerStats
 
-COLORS = {"dead": "#c62828", "dying": "#ef6c00", "alive": "#2e7d32", "old": "#9e9e9e", "warn": "#fff3e0", "crit": "#ffebee"}
+COLORS = {
+    "dead": "#c62828",
+    "dying": "#ef6c00",
+    "alive": "#2e7d32",
+    "old": "#9e9e9e",
+    "warn": "#fff3e0",
+    "crit": "#ffebee",
+}
 
 
 @dataclass
@@ -29,10 +36,15 @@ def _svg(figure) -> str:
 
     buffer = io.StringIO()
     # no metadata block: it only carries RDF namespace URIs and a date (reports stay reproducible)
-    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
+    figure.savefig(
+        buffer,
+        format="svg",
+        bbox_inches="tight",
+        metadata={"Creator": None, "Date": None, "Format": None, "Type": None},
+    )
     plt.close(figure)
     text = buffer.getvalue()
-    return text[text.index("<svg"):]  # drop the XML prologue and DOCTYPE: inline SVG in HTML
+    return text[text.index("<svg") :]  # drop the XML prologue and DOCTYPE: inline SVG in HTML
 
 
 def _pyplot():
@@ -41,7 +53,9 @@ def _pyplot():
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"svg.fonttype": "none", "font.size": 8, "axes.spines.top": False, "axes.spines.right": False})
+    plt.rcParams.update(
+        {"svg.fonttype": "none", "font.size": 8, "axes.spines.top": False, "axes.spines.right": False}
+    )
     return plt
 
 
@@ -55,14 +69,28 @@ def dead_by_layer_svg(report: Report, baseline: Report | None) -> str:
     width = max(6.0, min(16.0, 0.22 * len(layers) + 2))
     figure, ax = plt.subplots(figsize=(width, 2.6))
     x = np.arange(len(layers))
-    ax.axhspan(WARN_FRACTION * 100, CRITICAL_FRACTION * 100, color=COLORS["warn"], zorder=0, label="> 20% dead")
+    ax.axhspan(
+        WARN_FRACTION * 100, CRITICAL_FRACTION * 100, color=COLORS["warn"], zorder=0, label="> 20% dead"
+    )
     ax.axhspan(CRITICAL_FRACTION * 100, 100, color=COLORS["crit"], zorder=0, label="≥ 40% dead")
     fractions = np.array([_dead_fraction(layer) * 100 for layer in layers])
-    colors = [COLORS["dead"] if f >= CRITICAL_FRACTION * 100 else COLORS["dying"] if f > WARN_FRACTION * 100 else COLORS["alive"]
-              for f in fractions]
+    colors = [
+        COLORS["dead"]
+        if f >= CRITICAL_FRACTION * 100
+        else COLORS["dying"]
+        if f > WARN_FRACTION * 100
+        else COLORS["alive"]
+        for f in fractions
+    ]
     if baseline is not None:
         old = {layer.name: _dead_fraction(layer) * 100 for layer in baseline.layers}
-        ax.bar(x - 0.2, [old.get(layer.name, 0.0) for layer in layers], width=0.4, color=COLORS["old"], label="baseline")
+        ax.bar(
+            x - 0.2,
+            [old.get(layer.name, 0.0) for layer in layers],
+            width=0.4,
+            color=COLORS["old"],
+            label="baseline",
+        )
         ax.bar(x + 0.2, fractions, width=0.4, color=colors, label="this report")
     else:
         ax.bar(x, fractions, width=0.8, color=colors)
@@ -99,7 +127,9 @@ def layer_svg(layer: LayerStats, settings) -> str:
     hist.legend(fontsize=6, frameon=False)
     maxima = np.where(np.isfinite(layer.max_preactivation), layer.max_preactivation, np.nan)
     units = np.arange(layer.units)
-    status_colors = np.where(dead, COLORS["dead"], np.where(layer.dying_mask(settings.dying), COLORS["dying"], COLORS["alive"]))
+    status_colors = np.where(
+        dead, COLORS["dead"], np.where(layer.dying_mask(settings.dying), COLORS["dying"], COLORS["alive"])
+    )
     strip.scatter(units, maxima, s=12 if layer.units <= 128 else 4, c=list(status_colors), linewidths=0)
     strip.axhline(settings.threshold, color="#555", linewidth=0.6, linestyle="--")
     strip.set_xlabel("unit")
@@ -184,15 +214,22 @@ def render_html(report: Report, baseline: Report | None = None, gate: GateSummar
     ]
     if baseline is not None:
         b = baseline.summary()
-        parts.append(_card("baseline dead %", f"{100 * b.dead_fraction:.1f}% → {100 * s.dead_fraction:.1f}%",
-                           "bad" if s.dead_fraction > b.dead_fraction else "ok"))
+        parts.append(
+            _card(
+                "baseline dead %",
+                f"{100 * b.dead_fraction:.1f}% → {100 * s.dead_fraction:.1f}%",
+                "bad" if s.dead_fraction > b.dead_fraction else "ok",
+            )
+        )
     if gate is not None:
         parts.append(_card("gate", "passed" if gate.passed else "FAILED", "ok" if gate.passed else "bad"))
     parts.append("</div>")
     if gate is not None and gate.failures:
         parts.append("<ul>" + "".join(f"<li>{_e(f)}</li>" for f in gate.failures) + "</ul>")
     parts.append("</section>")
-    parts.append(f'<section id="by-layer"><h2>Dead units by layer</h2><div class="plot">{dead_by_layer_svg(report, baseline)}</div></section>')
+    parts.append(
+        f'<section id="by-layer"><h2>Dead units by layer</h2><div class="plot">{dead_by_layer_svg(report, baseline)}</div></section>'
+    )
     parts.append(_layers_table(report, baseline))
     parts.append('<section id="layers-detail"><h2>Layer by layer</h2>')
     for index, layer in enumerate(report.layers):
@@ -205,28 +242,49 @@ def render_html(report: Report, baseline: Report | None = None, gate: GateSummar
 def _layers_table(report: Report, baseline: Report | None) -> str:
     settings = report.settings
     old = {layer.name: layer for layer in baseline.layers} if baseline is not None else {}
-    head = ["Layer", "Op", "Units", "Dead", "Dead %"] + (["Baseline dead %"] if baseline is not None else []) + ["Dying", "Dormant", "Median active %"]
+    head = (
+        ["Layer", "Op", "Units", "Dead", "Dead %"]
+        + (["Baseline dead %"] if baseline is not None else [])
+        + ["Dying", "Dormant", "Median active %"]
+    )
     rows = []
     for layer in report.layers:
         if not layer.ran:
-            rows.append(f'<tr class="notrun" data-layer="{_e(layer.name)}"><td>{_e(layer.name)}</td><td>{_e(layer.op)}</td>'
-                        + '<td>–</td>' * (len(head) - 2) + "</tr>")
+            rows.append(
+                f'<tr class="notrun" data-layer="{_e(layer.name)}"><td>{_e(layer.name)}</td><td>{_e(layer.op)}</td>'
+                + "<td>–</td>" * (len(head) - 2)
+                + "</tr>"
+            )
             continue
         dead = int(layer.dead_mask().sum())
         fraction = dead / layer.units if layer.units else 0.0
         cls = "crit" if fraction >= CRITICAL_FRACTION else "warn" if fraction > WARN_FRACTION else ""
-        cells = [f'<td><a href="#layer-{report.layers.index(layer)}">{_e(layer.name)}</a></td>', f"<td>{_e(layer.op)}</td>",
-                 f"<td>{layer.units}</td>", f"<td>{dead}</td>", f'<td data-v="{fraction:.6f}">{100 * fraction:.1f}%</td>']
+        cells = [
+            f'<td><a href="#layer-{report.layers.index(layer)}">{_e(layer.name)}</a></td>',
+            f"<td>{_e(layer.op)}</td>",
+            f"<td>{layer.units}</td>",
+            f"<td>{dead}</td>",
+            f'<td data-v="{fraction:.6f}">{100 * fraction:.1f}%</td>',
+        ]
         if baseline is not None:
             before = old.get(layer.name)
-            cells.append(f"<td>{100 * _dead_fraction(before):.1f}%</td>" if before is not None else "<td>(new)</td>")
-        cells += [f"<td>{int(layer.dying_mask(settings.dying).sum())}</td>", f"<td>{int(layer.dormant_mask(settings.tau).sum())}</td>",
-                  f"<td>{100 * float(np.median(layer.active_rate())):.1f}%</td>"]
+            cells.append(
+                f"<td>{100 * _dead_fraction(before):.1f}%</td>" if before is not None else "<td>(new)</td>"
+            )
+        cells += [
+            f"<td>{int(layer.dying_mask(settings.dying).sum())}</td>",
+            f"<td>{int(layer.dormant_mask(settings.tau).sum())}</td>",
+            f"<td>{100 * float(np.median(layer.active_rate())):.1f}%</td>",
+        ]
         rows.append(f'<tr class="{cls}" data-layer="{_e(layer.name)}">' + "".join(cells) + "</tr>")
-    return ('<section id="layers"><h2>Layers</h2><input type="search" placeholder="filter layers" data-filter="#layer-table">'
-            '<div class="scroll"><table id="layer-table" class="sortable"><thead><tr>'
-            + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>" + "\n".join(rows)
-            + "</tbody></table></div></section>")
+    return (
+        '<section id="layers"><h2>Layers</h2><input type="search" placeholder="filter layers" data-filter="#layer-table">'
+        '<div class="scroll"><table id="layer-table" class="sortable"><thead><tr>'
+        + "".join(f"<th>{_e(h)}</th>" for h in head)
+        + "</tr></thead><tbody>"
+        + "\n".join(rows)
+        + "</tbody></table></div></section>"
+    )
 
 
 def _layer_section(report: Report, layer: LayerStats, index: int) -> str:
@@ -235,8 +293,11 @@ def _layer_section(report: Report, layer: LayerStats, index: int) -> str:
         return f'<details id="layer-{index}"><summary><h3>{_e(layer.name)}</h3> — not run on this data</summary></details>'
     dead = int(layer.dead_mask().sum())
     fraction = dead / layer.units if layer.units else 0.0
-    interesting = [i for i in range(layer.units) if unit_status(layer, i, settings.dying) != "alive"
-                   or layer.dormant_mask(settings.tau)[i]]
+    interesting = [
+        i
+        for i in range(layer.units)
+        if unit_status(layer, i, settings.dying) != "alive" or layer.dormant_mask(settings.tau)[i]
+    ]
     rates = layer.active_rate()
     mean_abs = layer.mean_abs()
     rows = []
@@ -246,14 +307,21 @@ def _layer_section(report: Report, layer: LayerStats, index: int) -> str:
         status = "dormant" if status == "alive" and dormant[i] else status
         bias = "–" if layer.bias is None else f"{layer.bias[i]:.4g}"
         maximum = layer.max_preactivation[i]
-        rows.append(f'<tr><td>{i}</td><td>{bias}</td><td data-v="{rates[i]:.8f}">{100 * rates[i]:.2f}%</td>'
-                    f"<td>{maximum:.4g}</td><td>{mean_abs[i]:.4g}</td><td class=\"{status}\">{status}</td></tr>")
+        rows.append(
+            f'<tr><td>{i}</td><td>{bias}</td><td data-v="{rates[i]:.8f}">{100 * rates[i]:.2f}%</td>'
+            f'<td>{maximum:.4g}</td><td>{mean_abs[i]:.4g}</td><td class="{status}">{status}</td></tr>'
+        )
     omitted = layer.units - len(interesting)
-    table = ('<div class="scroll"><table class="sortable units"><thead><tr><th>Unit</th><th>Bias'
-             + (f" ({_e(layer.producer)})" if layer.producer else "") + "</th><th>Active %</th><th>Max pre-act</th>"
-             "<th>Mean |act|</th><th>Status</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
-    note = f"<p class=\"meta\">{omitted} alive units not listed.</p>" if omitted else ""
+    table = (
+        '<div class="scroll"><table class="sortable units"><thead><tr><th>Unit</th><th>Bias'
+        + (f" ({_e(layer.producer)})" if layer.producer else "")
+        + "</th><th>Active %</th><th>Max pre-act</th>"
+        "<th>Mean |act|</th><th>Status</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>"
+    )
+    note = f'<p class="meta">{omitted} alive units not listed.</p>' if omitted else ""
     open_attr = " open" if fraction > WARN_FRACTION else ""
-    return (f'<details id="layer-{index}" data-layer="{_e(layer.name)}"{open_attr}><summary><h3 style="display:inline">{_e(layer.name)}</h3> — '
-            f"{_e(layer.op)}, {dead}/{layer.units} dead ({100 * fraction:.1f}%), unit axis {layer.channel_dim}</summary>"
-            f'<div class="plot">{layer_svg(layer, settings)}</div>{table}{note}</details>')
+    return (
+        f'<details id="layer-{index}" data-layer="{_e(layer.name)}"{open_attr}><summary><h3 style="display:inline">{_e(layer.name)}</h3> — '
+        f"{_e(layer.op)}, {dead}/{layer.units} dead ({100 * fraction:.1f}%), unit axis {layer.channel_dim}</summary>"
+        f'<div class="plot">{layer_svg(layer, settings)}</div>{table}{note}</details>'
+    )

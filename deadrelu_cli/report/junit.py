@@ -24,12 +24,25 @@ def render_junit(report: Report, result: GateResult) -> str:
             ET.SubElement(case, "failure", message=message, type="DeadUnits").text = message
         cases.append(case)
     failures = sum(1 for case in cases if case.find("failure") is not None)
-    suites = ET.Element("testsuites", name="deadrelu", tests=str(len(cases)), failures=str(failures), errors="0")
-    suite = ET.SubElement(suites, "testsuite", name=f"deadrelu {model}", tests=str(len(cases)),
-                          failures=str(failures), errors="0", skipped="0")
+    suites = ET.Element(
+        "testsuites", name="deadrelu", tests=str(len(cases)), failures=str(failures), errors="0"
+    )
+    suite = ET.SubElement(
+        suites,
+        "testsuite",
+        name=f"deadrelu {model}",
+        tests=str(len(cases)),
+        failures=str(failures),
+        errors="0",
+        skipped="0",
+    )
     properties = ET.SubElement(suite, "properties")
-    for key, value in (("model.sha256", report.model.sha256), ("data", report.data.path),
-                       ("samples", str(report.data.samples)), ("dead_fraction", f"{result.dead_fraction:.6f}")):
+    for key, value in (
+        ("model.sha256", report.model.sha256),
+        ("data", report.data.path),
+        ("samples", str(report.data.samples)),
+        ("dead_fraction", f"{result.dead_fraction:.6f}"),
+    ):
         ET.SubElement(properties, "property", name=key, value=value)
     for note in result.added:
         ET.SubElement(properties, "property", name="layer.added", value=note)

@@ -21,16 +21,28 @@ def render_markdown(report: Report, result: GateResult) -> str:
         "",
     ]
     has_baseline = result.baseline_dead_fraction is not None
-    header = "| Layer | Op | Units | Dead | Dead % |" + (" Baseline % |" if has_baseline else "") + " Limit | Status |"
+    header = (
+        "| Layer | Op | Units | Dead | Dead % |"
+        + (" Baseline % |" if has_baseline else "")
+        + " Limit | Status |"
+    )
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for v in result.layers:
-        base = "" if not has_baseline else (" – |" if v.baseline_fraction is None else f" {100 * v.baseline_fraction:.1f}% |")
+        base = (
+            ""
+            if not has_baseline
+            else (" – |" if v.baseline_fraction is None else f" {100 * v.baseline_fraction:.1f}% |")
+        )
         limit = "–" if v.limit is None else f"{100 * v.limit:.1f}%"
         status = "✅" if v.passed else "❌"
-        lines.append(f"| `{_cell(v.name)}` | {v.op} | {v.units} | {v.dead} | {100 * v.fraction:.1f}% |{base} {limit} | {status} |")
+        lines.append(
+            f"| `{_cell(v.name)}` | {v.op} | {v.units} | {v.dead} | {100 * v.fraction:.1f}% |{base} {limit} | {status} |"
+        )
     if result.failures:
         lines += ["", "**Failures**", ""] + [f"- {_cell(f)}" for f in result.failures]
     if result.added or result.removed:
         lines += ["", "**Layers that differ from the baseline**", ""]
-        lines += [f"- added: `{_cell(n)}`" for n in result.added] + [f"- removed: `{_cell(n)}`" for n in result.removed]
+        lines += [f"- added: `{_cell(n)}`" for n in result.added] + [
+            f"- removed: `{_cell(n)}`" for n in result.removed
+        ]
     return "\n".join(lines) + "\n"

@@ -200,7 +200,9 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
             notes=list(d.get("notes", [])),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{source}: malformed deadrelu report ({exc!r}); re-create it with `deadrelu scan … --json`") from exc
+        raise UserError(
+            f"{source}: malformed deadrelu report ({exc!r}); re-create it with `deadrelu scan … --json`"
+        ) from exc
 
 
 def load_report(path: str | Path) -> Report:
@@ -216,7 +218,9 @@ def load_report(path: str | Path) -> Report:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); expected a deadrelu --json report") from exc
+        raise UserError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); expected a deadrelu --json report"
+        ) from exc
     return report_from_dict(data, source=str(path))
 
 

@@ -39,7 +39,9 @@ def sparkline(rates: np.ndarray, bins: int = 8) -> str:
         return ""
     counts, _ = np.histogram(rates, bins=bins, range=(0.0, 1.0))
     top = counts.max()
-    return "".join(" " if c == 0 else SPARK[min(len(SPARK) - 1, int(c * (len(SPARK) - 1) / top + 0.5))] for c in counts)
+    return "".join(
+        " " if c == 0 else SPARK[min(len(SPARK) - 1, int(c * (len(SPARK) - 1) / top + 0.5))] for c in counts
+    )
 
 
 def summary_line(report: Report) -> str:
@@ -53,24 +55,38 @@ def summary_line(report: Report) -> str:
 
 def layers_table(report: Report) -> Table:
     settings = report.settings
-    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
+    table = Table(
+        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
+    )
     longest = max((len(layer.name) for layer in report.layers), default=8)
     table.add_column("Layer", overflow="fold", min_width=min(max(longest, 5), 40))
     for column in ("Op", "Units", "Dead", "Dead %", "Dying", "Dormant", "Median"):
-        table.add_column(column, justify="left" if column == "Op" else "right", no_wrap=True, min_width=len(column))
+        table.add_column(
+            column, justify="left" if column == "Op" else "right", no_wrap=True, min_width=len(column)
+        )
     table.add_column("", no_wrap=True, width=BAR_WIDTH)
     table.add_column("Rates", no_wrap=True, width=8)
     for layer in report.layers:
         if not layer.ran:
-            table.add_row(escape(layer.name), layer.op, "–", "–", "not run", "–", "–", "–", "", "", style="dim")
+            table.add_row(
+                escape(layer.name), layer.op, "–", "–", "not run", "–", "–", "–", "", "", style="dim"
+            )
             continue
         dead = int(layer.dead_mask().sum())
         fraction = dead / layer.units if layer.units else 0.0
         style = severity_style(fraction)
         table.add_row(
-            layer.name, layer.op, str(layer.units), str(dead), f"{100 * fraction:.1f}%",
-            str(int(layer.dying_mask(settings.dying).sum())), str(int(layer.dormant_mask(settings.tau).sum())),
-            f"{100 * float(np.median(layer.active_rate())):.1f}%", _bar(fraction), sparkline(layer.active_rate()), style=style,
+            layer.name,
+            layer.op,
+            str(layer.units),
+            str(dead),
+            f"{100 * fraction:.1f}%",
+            str(int(layer.dying_mask(settings.dying).sum())),
+            str(int(layer.dormant_mask(settings.tau).sum())),
+            f"{100 * float(np.median(layer.active_rate())):.1f}%",
+            _bar(fraction),
+            sparkline(layer.active_rate()),
+            style=style,
         )
     return table
 
@@ -88,7 +104,9 @@ def unit_status(layer: LayerStats, index: int, dying: float) -> str:
 
 
 def units_table(report: Report, layer: LayerStats) -> Table:
-    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
+    table = Table(
+        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
+    )
     bias_title = f"Bias ({layer.producer})" if layer.producer else "Bias"
     for column in ("Unit", bias_title, "Active %", "Max pre-act", "Mean |act|", "Status"):
         table.add_column(column, justify="left" if column == "Status" else "right")
@@ -98,8 +116,15 @@ def units_table(report: Report, layer: LayerStats) -> Table:
         status = unit_status(layer, i, report.settings.dying)
         style = {"DEAD": "bold red", "dying": "yellow", "saturated": "magenta"}.get(status, "")
         bias = "–" if layer.bias is None else f"{layer.bias[i]:.4g}"
-        table.add_row(str(i), bias, f"{100 * rates[i]:.2f}%", f"{layer.max_preactivation[i]:.4g}",
-                      f"{mean_abs[i]:.4g}", status, style=style)
+        table.add_row(
+            str(i),
+            bias,
+            f"{100 * rates[i]:.2f}%",
+            f"{layer.max_preactivation[i]:.4g}",
+            f"{mean_abs[i]:.4g}",
+            status,
+            style=style,
+        )
     return table
 
 
@@ -111,7 +136,9 @@ def print_report(report: Report, console: Console, layer_name: str | None = None
     console.print(header_line(report), markup=False)
     if layer_name:
         layer = report.layer(layer_name)
-        console.print(f"{layer.name}: {layer.op}, {layer.units} units on axis {layer.channel_dim}", markup=False)
+        console.print(
+            f"{layer.name}: {layer.op}, {layer.units} units on axis {layer.channel_dim}", markup=False
+        )
         console.print(units_table(report, layer))
     else:
         console.print(layers_table(report))
