@@ -18,7 +18,7 @@ KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "max-dead-units": ("max_dead_units", int),
     "baseline": ("baseline", str),
     "max-increase": ("max_increase", (int, float)),
-    "batch-size": ("batch_size", int),
+    "batch-size": ("batch_size", (int, str)),
     "limit": ("limit", int),
     "device": ("device", str),
     "threshold": ("threshold", (int, float)),
@@ -85,6 +85,8 @@ def load_config(explicit: str | None = None, start: Path | None = None) -> FileC
             value = [f"{glob}={limit}" for glob, limit in value.items()]
         if key == "ops" and isinstance(value, list):
             value = ",".join(value)
+        if key == "batch-size":
+            value = str(value)
         if key in ("baseline", "junit", "markdown"):  # paths are relative to the config file
             value = str(path.parent / value) if not Path(value).is_absolute() else value
         values[name] = value

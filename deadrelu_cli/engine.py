@@ -22,7 +22,7 @@ class ScanOptions:
     data: str
     arch: str | None = None
     trust_pickle: bool = False
-    batch_size: int = 64
+    batch_size: int | str = 64  # or "auto"
     limit: int | None = None
     device: str = "auto"
     threshold: float = 0.0
@@ -31,6 +31,8 @@ class ScanOptions:
     channel_dim: int | None = None
     ops: tuple[str, ...] = DEFAULT_OPS
     allow_nonfinite: bool = False
+    compile: bool = False  # counting inside the graph, through torch.compile
+    dtype: str | None = None  # run the model in bf16 / fp16 / fp32
     consts: tuple[str, ...] = ()  # arrays fed whole to every batch
     batch_axes: dict[str, int] = field(default_factory=dict)  # arrays whose samples are not on axis 0
     progress: ProgressCallback | None = field(default=None, repr=False)
@@ -140,7 +142,18 @@ def to_tensor(array: np.ndarray, float_dtype: str, device: str):
     return torch.from_numpy(array).to(device)
 
 
-def make_probe(model: LoadedModel, settings):
+def make_probe(model: LoadedModel, settings, compile_graph: bool = False, example: tuple | None = None):
+    if compile_graph:
+        from deadrelu_cli.probe.graph_stats import InGraphProbe, export_for_stats
+
+        if model.kind == "eager":
+            return InGraphProbe(export_for_stats(model.runnable, example), settings, compile_graph=True)
+        if model.kind == "exported":
+            from deadrelu_cli.loaders.torch_models import graph_module_with_stack
+
+            graph_module = graph_module_with_stack(model.extra["program"]).to(next(iter(model.runnable.parameters())).device)
+            return InGraphProbe(graph_module, settings, compile_graph=True)
+        raise UserError("--compile works on state_dict/safetensors (with --arch) and .pt2 models, not TorchScript")
     if model.kind == "eager":
         from deadrelu_cli.probe.eager import EagerProbe
 
@@ -192,9 +205,13 @@ def scan_torch(
     check_shapes(model, data, order)
     _first_layer_check(model, data)
     settings = ProbeSettings(threshold=options.threshold, channel_dim=options.channel_dim, ops=options.ops)
-    probe = make_probe(model, settings)
+    batch_size = resolve_batch_size(options.batch_size, model, data, order, device)
+    example = None
+    if options.compile:
+        first = next(data.batches(min(2, data.samples)))
+        example = tuple(to_tensor(first[name], model.float_dtype, device) for name in order)
+    probe = make_probe(model, settings, options.compile, example)
     probe.registry.collectors.update(collectors or {})
-    batch_size = options.batch_size
     total = data.samples if options.limit is None else min(options.limit, data.samples)
     if model.fixed_batch is not None and model.fixed_batch != batch_size:
         if total % model.fixed_batch:
@@ -232,6 +249,50 @@ def scan_torch(
     return layers, probe
 
 
+def resolve_batch_size(requested: int | str, model: LoadedModel, data: CalibrationData, order: list[str], device: str) -> int:
+    """An int as given; "auto": the largest power of two (up to 1024) whose batch fits comfortably —
+    on CUDA measured from one sample's peak memory, on CPU bounded by 256 MiB of input per batch."""
+    if not isinstance(requested, str):
+        return int(requested)
+    if requested != "auto":
+        raise UserError(f"--batch-size {requested!r}: give a positive integer or auto")
+    per_sample_input = sum(int(np.prod(s.shape[1:], dtype=np.int64)) * 4 for s in data.sources if s.name in order) or 4
+    budget = 256 << 20
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        one = next(data.batches(1))
+        with torch.inference_mode():
+            model.runnable(*(to_tensor(one[name], model.float_dtype, device) for name in order))
+        per_sample = max(1, torch.cuda.max_memory_allocated() - before)
+        free, _total = torch.cuda.mem_get_info()
+        budget = free // 2
+        per_sample_input = max(per_sample_input, per_sample)
+    size = 1
+    while size * 2 <= 1024 and size * 2 * per_sample_input <= budget:
+        size *= 2
+    return size
+
+
+def apply_dtype(model: LoadedModel, dtype: str | None) -> None:
+    """--dtype: run a torch model in bf16/fp16 (or fp32)."""
+    if not dtype:
+        return
+    import torch
+
+    names = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
+    if dtype not in names:
+        raise UserError(f"--dtype {dtype!r}: choose bf16, fp16 or fp32")
+    if model.backend != "torch":
+        raise UserError("--dtype applies to torch models; an ONNX model runs in the types of its graph")
+    model.runnable = model.runnable.to(getattr(torch, names[dtype]))
+    model.float_dtype = names[dtype]
+    if names[dtype] != "float32":
+        model.notes.append(f"ran in {names[dtype]}: values within rounding of the threshold may count differently than in float32")
+
+
 class _null:
     def __enter__(self):
         return self
@@ -254,8 +315,12 @@ def run_scan(options: ScanOptions) -> Report:
 
 
 def run_scan_detailed(options: ScanOptions) -> ScanResult:
-    if options.batch_size < 1:
+    if isinstance(options.batch_size, int) and options.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if options.compile and options.model.lower().endswith(".onnx"):
+        raise UserError("--compile is for torch models; ONNX graphs are already instrumented in-graph")
+    if options.dtype and options.model.lower().endswith(".onnx"):
+        raise UserError("--dtype applies to torch models; an ONNX model runs in the types of its graph")
     if options.limit is not None and options.limit < 1:
         raise UserError("--limit must be at least 1")
     from deadrelu_cli.loaders.detect import detect_format
@@ -271,6 +336,7 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
     else:
         device = resolve_device(options.device)
         model = load_model(LoadOptions(options.model, options.arch, options.trust_pickle, device))
+        apply_dtype(model, options.dtype)
         layers, probe = scan_torch(model, data, options, device)
     samples = data.samples if options.limit is None else min(options.limit, data.samples)
     report = Report(

@@ -219,8 +219,12 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     total = data.samples if options.limit is None else min(options.limit, data.samples)
     done = 0
 
+    from deadrelu_cli.engine import resolve_batch_size
+
+    batch_size = resolve_batch_size(options.batch_size, loaded, data, list(order.values()), "cpu")
+
     def feeds_of():
-        for batch in data.batches(options.batch_size, options.limit, options.allow_nonfinite):
+        for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
             yield batch, {inp: _as_input(batch[arr], dtypes.get(inp)) for inp, arr in order.items()}
 
     for index, (batch, feeds) in enumerate(prefetched(feeds_of(), enabled=device != "cpu")):

@@ -55,7 +55,7 @@ def fix(
         1e-5, "--tolerance", help="Allowed relative output change for reinit and prune."
     ),
     force: bool = typer.Option(False, "--force", help="Write even when verification fails."),
-    batch_size: opt.BatchSize = 64,
+    batch_size: opt.BatchSize = "64",
     limit: opt.Limit = None,
     device: opt.Device = "auto",
     threshold: opt.Threshold = 0.0,
@@ -76,7 +76,7 @@ def fix(
         data=data,
         arch=arch,
         trust_pickle=trust_pickle,
-        batch_size=batch_size,
+        batch_size=opt.parse_batch_size(batch_size),
         limit=limit,
         device=device,
         threshold=threshold,

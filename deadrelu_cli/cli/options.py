@@ -54,8 +54,24 @@ TrustPickle = Annotated[
     ),
 ]
 BatchSize = Annotated[
-    int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch (does not change the result).")
+    str, typer.Option("--batch-size", "-b", help="Samples per batch, or auto (does not change the result).")
 ]
+Compile = Annotated[bool, typer.Option("--compile", help="Count inside the graph and torch.compile it (fastest on CUDA; torch models).")]
+Dtype = Annotated[str | None, typer.Option("--dtype", help="Run a torch model in bf16, fp16 or fp32 (counts near the threshold may shift in low precision).")]
+
+
+def parse_batch_size(value) -> int | str:
+    from deadrelu_cli.errors import UserError
+
+    if isinstance(value, int) or value == "auto":
+        return value
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--batch-size {value!r}: give a positive integer or auto") from None
+    if size < 1:
+        raise UserError("--batch-size must be at least 1")
+    return size
 Limit = Annotated[int | None, typer.Option("--limit", min=1, help="Use only the first N samples.")]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
 Threshold = Annotated[

@@ -89,6 +89,11 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
     if output.exists() and output.is_dir():
         raise UserError(f"--output {output}: is a directory")
     scanned = run_scan_detailed(scan_options)
+    if isinstance(scan_options.batch_size, str):  # "auto": the later passes use the size the scan chose
+        from deadrelu_cli.engine import match_inputs, resolve_batch_size
+
+        order = list(scanned.data.names) if scanned.model.backend == "onnx" else match_inputs(scanned.model, scanned.data)
+        scan_options = replace(scan_options, batch_size=resolve_batch_size("auto", scanned.model, scanned.data, order, scanned.device))
     plans = plan_layers(scanned.report, options.layers)
     result = FixResult(strategy=options.strategy, output=str(output))
     if not plans:

@@ -154,6 +154,16 @@ def _eager(path: Path, fmt: str, model: nn.Module, sha, device: str) -> LoadedMo
     )
 
 
+def graph_module_with_stack(program):
+    """program.module(), with each node's `nn_module_stack` (call-site names) kept from the program."""
+    graph_module = program.module()
+    by_name = {node.name: node.meta.get("nn_module_stack") for node in program.graph.nodes}
+    for node in graph_module.graph.nodes:
+        if "nn_module_stack" not in node.meta and by_name.get(node.name):
+            node.meta["nn_module_stack"] = by_name[node.name]
+    return graph_module
+
+
 def _exported(path: Path, sha, device: str) -> LoadedModel:
     try:
         program = torch.export.load(str(path))
@@ -161,13 +171,7 @@ def _exported(path: Path, sha, device: str) -> LoadedModel:
         raise UserError(
             f"{path}: cannot load the ExportedProgram ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated or from an incompatible torch"
         ) from None
-    graph_module = program.module()
-    # Keep the exported module-stack names (module() keeps the node order and names).
-    by_name = {node.name: node.meta.get("nn_module_stack") for node in program.graph.nodes}
-    for node in graph_module.graph.nodes:
-        if "nn_module_stack" not in node.meta and by_name.get(node.name):
-            node.meta["nn_module_stack"] = by_name[node.name]
-    graph_module = graph_module.to(device)
+    graph_module = graph_module_with_stack(program).to(device)
     inputs, fixed_batch = [], None
     user_inputs = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}

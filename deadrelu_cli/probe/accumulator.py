@@ -113,6 +113,18 @@ class SiteAccumulator:
         if self.saturated is not None:
             self.saturated += _count(post >= CAPPED_OPS[self.op], dims)
 
+    def add_reduced(self, maximum: torch.Tensor, count: torch.Tensor, total: torch.Tensor, numel: int,
+                    saturated: torch.Tensor | None) -> None:
+        units = count.shape[0]
+        if self.positive is None:
+            self._allocate(units, count.device)
+        self.max_pre = torch.maximum(self.max_pre, maximum.to(torch.float64))
+        self.positive += count
+        self.sum_abs += total.to(torch.float64)
+        if self.saturated is not None and saturated is not None:
+            self.saturated += saturated
+        self.elements_per_unit += numel // units if units else 0
+
     def update(self, pre: torch.Tensor, post: torch.Tensor | None, threshold: float) -> None:
         """Count one batch. `pre` is the pre-activation; `post` the output, or None to derive it from `pre`."""
         self.observe_pre(pre, threshold)

@@ -1,0 +1,97 @@
+"""Counting inside the graph (`--compile`): the per-unit reductions become extra outputs of the model's
+FX graph, so torch.compile fuses them into the model's own kernels.
+
+The model is exported with torch.export (an ExportedProgram is used as it is), each activation node
+gets `amax` of its input and the count / sum of its output as new graph nodes, and the graph returns
+(original outputs, statistics). The host only adds the returned [C]-vectors to the counters, on the
+model's device: no Python runs per activation, no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.probe.accumulator import counts_from_output, resolve_channel_dim
+from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, infer_channel_dim
+from deadrelu_cli.probe.exported import StaticSite, find_sites
+from deadrelu_cli.stats import CAPPED_OPS
+
+aten = torch.ops.aten
+
+
+def export_for_stats(module: torch.nn.Module, example: tuple) -> fx.GraphModule:
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        program = torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
+    except Exception as exc:  # torch.export raises many types; the message is what the user needs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--compile needs a model that torch.export can capture, and this one fails: {first}; "
+                        "scan without --compile") from None
+    from deadrelu_cli.loaders.torch_models import graph_module_with_stack
+
+    return graph_module_with_stack(program)
+
+
+class InGraphProbe:
+    def __init__(self, graph_module: fx.GraphModule, settings: ProbeSettings, compile_graph: bool) -> None:
+        self.settings = settings
+        self.registry = SiteRegistry(settings)
+        self.sites: list[tuple[StaticSite, int, bool]] = []  # (site, channel dim, has saturation output)
+        graph = graph_module.graph
+        output = next(node for node in graph.nodes if node.op == "output")
+        stats: list[fx.Node] = []
+        for node, site in list(find_sites(graph, settings.ops)):
+            stats += self._instrument(graph, node, site)
+            self.registry.declare(site.name, site.op, site.module_type, site.producer)
+        graph._codegen = fx.graph.CodeGen()  # plain positional in, (outputs, statistics) out
+        output.args = ((output.args[0], tuple(stats)),)
+        graph_module.recompile()
+        self.graph_module = graph_module
+        self.runner = torch.compile(graph_module, dynamic=True) if compile_graph else graph_module
+
+    def _instrument(self, graph: fx.Graph, node: fx.Node, site: StaticSite) -> list[fx.Node]:
+        pre = node.args[0]
+        value = pre.meta.get("val") if isinstance(pre, fx.Node) else None
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"--compile: the shape of layer {site.name}'s input is unknown; scan without --compile")
+        rank = value.dim()
+        dim = resolve_channel_dim(rank, infer_channel_dim(rank, site.channel_first), self.settings.channel_dim) if rank > 1 else 0
+        dims = [d for d in range(rank) if d != dim]
+        threshold = self.settings.threshold
+        from_output = counts_from_output(site.op, threshold)
+        if site.in_place and not from_output:
+            raise UserError(f"--compile: in-place {site.op} at {site.name} needs its input; scan without --compile")
+        with graph.inserting_before(node):  # before an in-place op overwrites its input
+            maximum = graph.call_function(aten.amax.default, (pre, dims, False))
+            fired_from_input = None if from_output else graph.call_function(aten.gt.Scalar, (pre, threshold))
+        with graph.inserting_after(node):
+            fired = fired_from_input or graph.call_function(aten.gt.Scalar, (node, threshold))
+        with graph.inserting_after(fired):
+            count = graph.call_function(aten.sum.dim_IntList, (fired, dims, False), {"dtype": torch.int64})
+        with graph.inserting_after(count):
+            magnitude = node if site.op in ("relu", "relu6") else graph.call_function(aten.abs.default, (node,))
+        with graph.inserting_after(magnitude):
+            total = graph.call_function(aten.sum.dim_IntList, (magnitude, dims, False), {"dtype": torch.float32})
+        with graph.inserting_after(total):
+            numel = graph.call_function(aten.sym_numel.default, (node,))
+        outputs = [maximum, count, total, numel]
+        if site.op in CAPPED_OPS:
+            with graph.inserting_after(numel):
+                capped = graph.call_function(aten.ge.Scalar, (node, CAPPED_OPS[site.op]))
+            with graph.inserting_after(capped):
+                outputs.append(graph.call_function(aten.sum.dim_IntList, (capped, dims, False), {"dtype": torch.int64}))
+        self.sites.append((site, dim, site.op in CAPPED_OPS))
+        return outputs
+
+    def run(self, inputs: tuple, kwargs: dict | None = None):
+        out, stats = self.runner(*inputs)
+        position = 0
+        for site, dim, capped in self.sites:
+            width = 5 if capped else 4
+            maximum, count, total, numel, *saturated = stats[position:position + width]
+            position += width
+            self.registry.add_batch(site.name, site.op, dim, maximum, count, total, int(numel),
+                                    saturated[0] if saturated else None, site.module_type, site.producer)
+        return out

@@ -1,0 +1,84 @@
+"""The faster paths give the same answers: counting inside a compiled graph, auto batch size, low precision.
+
+(Their speed is measured by scripts/bench.py, not here.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import ROOT, arch, save_npz, save_state_dict
+
+from deadrelu_cli import scan
+
+CNN = ROOT / "sample_models" / "cnn"
+
+
+def _same_counts(a, b):
+    assert [layer.name for layer in a.layers] == [layer.name for layer in b.layers]
+    for x, y in zip(a.layers, b.layers, strict=True):
+        np.testing.assert_array_equal(x.positive_counts, y.positive_counts, err_msg=x.name)
+        assert x.elements_per_unit == y.elements_per_unit
+        np.testing.assert_allclose(x.max_preactivation, y.max_preactivation, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(x.sum_abs, y.sum_abs, rtol=1e-4)
+        assert x.producer == y.producer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_file", ["model.pt", "model.pt2"])
+def test_compiled_in_graph_counting_matches_eager(model_file):
+    eager = scan(str(CNN / model_file), str(CNN / "calib.npz"), arch=str(CNN / "arch.py") + ":build", device="cpu", batch_size=7)
+    compiled = scan(str(CNN / model_file), str(CNN / "calib.npz"), arch=str(CNN / "arch.py") + ":build", device="cpu",
+                    batch_size=7, compile=True)
+    _same_counts(eager, compiled)
+
+
+def test_in_graph_counting_without_compile_matches(tmp_path, planted_module):
+    """The instrumented FX graph itself (what torch.compile receives), run eagerly: relu6, in-place, functional."""
+    import torch
+
+    from deadrelu_cli.probe.base import ProbeSettings
+    from deadrelu_cli.probe.eager import EagerProbe
+    from deadrelu_cli.probe.graph_stats import InGraphProbe, export_for_stats
+
+    for factory, shape in (("shared_and_functional", (6,)), ("relu6_model", (4,)), ("conv_bn", (3, 5, 5)), ("tokens", (4, 8))):
+        model = getattr(planted_module, factory)().eval()
+        x = torch.from_numpy(np.random.default_rng(3).standard_normal((9, *shape)).astype(np.float32))
+        in_graph = InGraphProbe(export_for_stats(model, (x[:2],)), ProbeSettings(), compile_graph=False)
+        eager = EagerProbe(model, ProbeSettings())
+        with torch.inference_mode(), eager.attached():
+            for part in (x[:4], x[4:]):
+                in_graph.run((part,))
+                eager.run((part,))
+        for a, b in zip(eager.registry.layer_stats(), in_graph.registry.layer_stats(), strict=True):
+            assert a.name == b.name, factory
+            np.testing.assert_array_equal(a.positive_counts, b.positive_counts, err_msg=f"{factory} {a.name}")
+            assert a.elements_per_unit == b.elements_per_unit
+            if a.saturated_counts is not None:
+                np.testing.assert_array_equal(a.saturated_counts, b.saturated_counts)
+
+
+def test_batch_size_auto_gives_the_same_report(tmp_path, planted_module):
+    model = planted_module.conv_bn().eval()
+    x = np.random.default_rng(5).standard_normal((40, 3, 6, 6)).astype(np.float32)
+    ckpt, data = str(save_state_dict(model, tmp_path / "m.pt")), str(save_npz(tmp_path / "d.npz", x=x))
+    auto = scan(ckpt, data, arch=arch("conv_bn"), device="cpu", batch_size="auto")
+    fixed = scan(ckpt, data, arch=arch("conv_bn"), device="cpu", batch_size=3)
+    _same_counts(auto, fixed)
+
+
+def test_bf16_runs_and_says_so(tmp_path, planted_module):
+    model = planted_module.eight_neuron().eval()
+    x = np.random.default_rng(6).standard_normal((50, 4)).astype(np.float32)
+    report = scan(str(save_state_dict(model, tmp_path / "m.pt")), str(save_npz(tmp_path / "d.npz", x=x)),
+                  arch=arch("eight_neuron"), device="cpu", dtype="bf16")
+    assert np.flatnonzero(report.layers[0].dead_mask()).tolist() == [2, 4, 6]
+    assert any("bfloat16" in note for note in report.notes)
+
+
+def test_compile_and_dtype_errors(cli):
+    result = cli("scan", CNN / "model.onnx", "--data", CNN / "calib.npz", "--compile")
+    assert result.code == 2 and "--compile is for torch models" in result.err
+    result = cli("scan", CNN / "model.onnx", "--data", CNN / "calib.npz", "--dtype", "bf16")
+    assert result.code == 2 and "--dtype applies to torch models" in result.err
+    result = cli("scan", CNN / "model.onnx", "--data", CNN / "calib.npz", "--batch-size", "lots")
+    assert result.code == 2 and "positive integer or auto" in result.err
