@@ -180,6 +180,15 @@ class CalibrationData:
     sources: list[ArraySource]
     batch_axes: dict[str, int] = field(default_factory=dict)
     consts: tuple[str, ...] = ()
+    window: tuple[int, int] | None = None  # this process's shard of the samples (distributed scans)
+
+    def shard(self, rank: int, world: int, limit: int | None) -> None:
+        total = self.samples if limit is None else min(limit, self.samples)
+        self.window = (rank * total // world, (rank + 1) * total // world)
+
+    @property
+    def local_samples(self) -> int:
+        return self.window[1] - self.window[0] if self.window else self.samples
 
     @property
     def names(self) -> list[str]:
@@ -230,9 +239,10 @@ class CalibrationData:
         self, batch_size: int, limit: int | None = None, allow_nonfinite: bool = False
     ) -> Iterator[dict[str, np.ndarray]]:
         total = self.samples if limit is None else min(limit, self.samples)
+        first, last = self.window if self.window else (0, total)
         constants = {s.name: s.whole() for s in self.sources if s.name in self.consts}
-        for start in range(0, total, batch_size):
-            stop = min(start + batch_size, total)
+        for start in range(first, last, batch_size):
+            stop = min(start + batch_size, last)
             batch = dict(constants)
             for source in self._batched():
                 axis = self.batch_axes.get(source.name, 0)
@@ -252,6 +262,50 @@ class CalibrationData:
             yield batch
 
 
+class MultiFileData:
+    """Several data files with the same arrays (`--data 'calib-*.npy'`), scanned one after another."""
+
+    def __init__(self, pattern: str, parts: list[CalibrationData]) -> None:
+        self.path = pattern
+        self.parts = parts
+        names = parts[0].names
+        for part in parts[1:]:
+            if part.names != names:
+                raise UserError(f"{part.path}: holds arrays {', '.join(part.names)}, {parts[0].path} holds {', '.join(names)}")
+        self.consts = parts[0].consts
+        self.batch_axes = parts[0].batch_axes
+
+    @property
+    def names(self) -> list[str]:
+        return self.parts[0].names
+
+    @property
+    def sources(self) -> list[ArraySource]:
+        return self.parts[0].sources
+
+    @property
+    def samples(self) -> int:
+        return sum(part.samples for part in self.parts)
+
+    @property
+    def local_samples(self) -> int:
+        return self.samples
+
+    def shard(self, rank: int, world: int, limit: int | None) -> None:
+        if limit is not None:
+            raise UserError("--limit with a glob of data files is ambiguous under --distributed; drop one of them")
+        self.parts = self.parts[rank::world]  # files dealt to ranks in sorted order (a rank may get none)
+
+    def batches(self, batch_size: int, limit: int | None = None, allow_nonfinite: bool = False):
+        remaining = limit
+        for part in self.parts:
+            if remaining is not None and remaining <= 0:
+                return
+            yield from part.batches(batch_size, remaining, allow_nonfinite)
+            if remaining is not None:
+                remaining -= part.samples
+
+
 def _validate(
     path: str, sources: list[ArraySource], batch_axes: dict[str, int] | None, consts: tuple[str, ...]
 ) -> CalibrationData:
@@ -269,7 +323,7 @@ def _open_npy(path: Path) -> list[ArraySource]:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
-        raise UserError(f"{path}: cannot read .npy ({exc}); object arrays are not accepted") from None
+        raise UserError(f"{path}: cannot read .npy ({exc}); it is truncated, or holds Python objects (never unpickled)") from None
     except (OSError, EOFError) as exc:
         raise UserError(f"{path}: cannot read .npy ({exc}); the file is truncated or not .npy") from None
     return [InMemorySource("input", array)]
@@ -343,9 +397,17 @@ def _open_safetensors(path: Path) -> list[ArraySource]:
     return sources
 
 
-def open_calibration(
-    path: str, batch_axes: dict[str, int] | None = None, consts: tuple[str, ...] = ()
-) -> CalibrationData:
+def open_calibration(path: str, batch_axes: dict[str, int] | None = None, consts: tuple[str, ...] = ()):
+    """One data file, or every file matching a glob (`calib-*.npy`), scanned in sorted order."""
+    if any(ch in str(path) for ch in "*?[") and not Path(path).exists():
+        import glob
+
+        files = sorted(glob.glob(str(path)))
+        if not files:
+            raise UserError(f"--data {path}: no file matches this pattern")
+        if len(files) > 1:
+            return MultiFileData(str(path), [open_calibration(f, batch_axes, consts) for f in files])
+        path = files[0]
     p = check_readable_file(path, "data")
     with open(p, "rb") as handle:
         head = handle.read(8)

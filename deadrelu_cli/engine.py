@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -35,6 +35,7 @@ class ScanOptions:
     dtype: str | None = None  # run the model in bf16 / fp16 / fp32
     consts: tuple[str, ...] = ()  # arrays fed whole to every batch
     batch_axes: dict[str, int] = field(default_factory=dict)  # arrays whose samples are not on axis 0
+    distributed: bool = False  # under torchrun: scan this rank's shard, all_reduce the counts
     progress: ProgressCallback | None = field(default=None, repr=False)
 
 
@@ -212,7 +213,7 @@ def scan_torch(
         example = tuple(to_tensor(first[name], model.float_dtype, device) for name in order)
     probe = make_probe(model, settings, options.compile, example)
     probe.registry.collectors.update(collectors or {})
-    total = data.samples if options.limit is None else min(options.limit, data.samples)
+    total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     if model.fixed_batch is not None and model.fixed_batch != batch_size:
         if total % model.fixed_batch:
             raise UserError(
@@ -308,6 +309,7 @@ class ScanResult:
     data: CalibrationData
     device: str
     probe: object | None = None  # torch probes: consumers and producer links, for fixes
+    is_main: bool = True  # False on the ranks of a distributed scan that stay quiet
 
 
 def run_scan(options: ScanOptions) -> Report:
@@ -326,19 +328,46 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
     from deadrelu_cli.loaders.detect import detect_format
 
     fmt = detect_format(options.model)
-    data = open_calibration(options.data, options.batch_axes, options.consts)
-    if fmt == "onnx":
-        from deadrelu_cli.onnx_scan import scan_onnx
+    device = (options.device if options.device != "auto" else "cpu") if fmt == "onnx" else resolve_device(options.device)
+    world = None
+    if options.distributed:
+        from deadrelu_cli.distributed import init_world
 
-        device = options.device if options.device != "auto" else "cpu"
-        model, layers = scan_onnx(options, data, device)
-        probe = None
-    else:
-        device = resolve_device(options.device)
-        model = load_model(LoadOptions(options.model, options.arch, options.trust_pickle, device))
-        apply_dtype(model, options.dtype)
-        layers, probe = scan_torch(model, data, options, device)
+        world = init_world(device)
+    data = open_calibration(options.data, options.batch_axes, options.consts)
+    if world is not None:
+        data.shard(world.rank, world.size, options.limit)
+        options = replace(options, limit=None)  # the limit is inside the shard windows now
+    error: BaseException | None = None
+    model = probe = None
+    layers: list = []
+    try:
+        if fmt == "onnx":
+            from deadrelu_cli.loaders.onnx_model import load_onnx
+            from deadrelu_cli.onnx_scan import scan_onnx
+
+            if data.local_samples:
+                model, layers = scan_onnx(options, data, device)
+            else:  # a rank with no samples still takes part in the reduction
+                model = load_onnx(LoadOptions(options.model, device=device))
+        else:
+            model = load_model(LoadOptions(options.model, options.arch, options.trust_pickle, device))
+            apply_dtype(model, options.dtype)
+            if data.local_samples:
+                layers, probe = scan_torch(model, data, options, device)
+    except Exception as exc:  # under --distributed every rank must hear of it before anyone reduces
+        if world is None:
+            raise
+        error = exc
     samples = data.samples if options.limit is None else min(options.limit, data.samples)
+    if world is not None:
+        from deadrelu_cli.distributed import check_all_ranks, finish, reduce_layers
+
+        try:
+            check_all_ranks(world, error)
+            layers, samples = reduce_layers(world, layers, data.local_samples, device)
+        finally:
+            finish(world)
     report = Report(
         model=ModelInfo(path=str(options.model), format=model.format, sha256=model.sha256),
         data=DataInfo(path=str(options.data), samples=samples),
@@ -348,4 +377,4 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         layers=layers,
         notes=list(model.notes),
     )
-    return ScanResult(report, model, data, device, probe)
+    return ScanResult(report, model, data, device, probe, is_main=world is None or world.is_main)

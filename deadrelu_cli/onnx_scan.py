@@ -216,7 +216,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     session = make_session(instrumented.SerializeToString(), device, loaded.notes)
     output_names = [o.name for o in session.get_outputs()]
     accumulators = [_HostAccumulator(site) for site in sites]
-    total = data.samples if options.limit is None else min(options.limit, data.samples)
+    total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     done = 0
 
     from deadrelu_cli.engine import resolve_batch_size

@@ -200,3 +200,4 @@ HtmlOut = Annotated[
     str | None,
     typer.Option("--html", help="Write a self-contained HTML report (plots inline, works offline) here."),
 ]
+Distributed = Annotated[bool, typer.Option("--distributed", help="Under torchrun: each rank scans its shard, counts are all_reduced, rank 0 reports.")]

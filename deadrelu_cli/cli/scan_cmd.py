@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -55,6 +56,7 @@ def scan(
     ops: opt.Ops = None,
     allow_nonfinite: opt.AllowNonfinite = False,
     compile_graph: opt.Compile = False,
+    distributed: opt.Distributed = False,
     dtype: opt.Dtype = None,
     const: opt.Const = None,
     batch_axis: opt.BatchAxis = None,
@@ -77,7 +79,7 @@ def scan(
 
     Settings not given as flags come from [tool.deadrelu] in the nearest pyproject.toml (or deadrelu.toml).
     """
-    from deadrelu_cli.engine import ScanOptions, run_scan
+    from deadrelu_cli.engine import ScanOptions, run_scan_detailed
     from deadrelu_cli.errors import UserError
     from deadrelu_cli.files import refuse_overwrite_of_inputs, write_text_atomic
     from deadrelu_cli.probe.ops import parse_ops
@@ -109,7 +111,7 @@ def scan(
         p["baseline"],
         p["max_increase"],
     )
-    progress, update = _progress_callback(quiet, err)
+    progress, update = _progress_callback(quiet or (distributed and os.environ.get("RANK", "0") != "0"), err)
     options = ScanOptions(
         model=p["model"],
         data=p["data"],
@@ -117,6 +119,7 @@ def scan(
         trust_pickle=p["trust_pickle"],
         batch_size=opt.parse_batch_size(p["batch_size"]),
         compile=p["compile_graph"],
+        distributed=p["distributed"],
         dtype=p["dtype"],
         limit=p["limit"],
         device=p["device"],
@@ -132,9 +135,12 @@ def scan(
     )
     if progress is not None:
         with progress:
-            report = run_scan(options)
+            result = run_scan_detailed(options)
     else:
-        report = run_scan(options)
+        result = run_scan_detailed(options)
+    if not result.is_main:  # other ranks of a distributed scan: rank 0 reports
+        return
+    report = result.report
     if p["layer"]:
         report.layer(p["layer"])  # a wrong name is a usage error, also with --json -
     if json_to_stdout:
