@@ -271,7 +271,9 @@ class MultiFileData:
         names = parts[0].names
         for part in parts[1:]:
             if part.names != names:
-                raise UserError(f"{part.path}: holds arrays {', '.join(part.names)}, {parts[0].path} holds {', '.join(names)}")
+                raise UserError(
+                    f"{part.path}: holds arrays {', '.join(part.names)}, {parts[0].path} holds {', '.join(names)}"
+                )
         self.consts = parts[0].consts
         self.batch_axes = parts[0].batch_axes
 
@@ -293,7 +295,9 @@ class MultiFileData:
 
     def shard(self, rank: int, world: int, limit: int | None) -> None:
         if limit is not None:
-            raise UserError("--limit with a glob of data files is ambiguous under --distributed; drop one of them")
+            raise UserError(
+                "--limit with a glob of data files is ambiguous under --distributed; drop one of them"
+            )
         self.parts = self.parts[rank::world]  # files dealt to ranks in sorted order (a rank may get none)
 
     def batches(self, batch_size: int, limit: int | None = None, allow_nonfinite: bool = False):
@@ -323,7 +327,9 @@ def _open_npy(path: Path) -> list[ArraySource]:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
-        raise UserError(f"{path}: cannot read .npy ({exc}); it is truncated, or holds Python objects (never unpickled)") from None
+        raise UserError(
+            f"{path}: cannot read .npy ({exc}); it is truncated, or holds Python objects (never unpickled)"
+        ) from None
     except (OSError, EOFError) as exc:
         raise UserError(f"{path}: cannot read .npy ({exc}); the file is truncated or not .npy") from None
     return [InMemorySource("input", array)]

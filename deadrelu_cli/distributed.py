@@ -35,8 +35,10 @@ def init_world(device: str) -> World:
     import torch.distributed as dist
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise UserError("--distributed needs torchrun (or RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): "
-                        "torchrun --nproc_per_node N -m deadrelu_cli scan … --distributed")
+        raise UserError(
+            "--distributed needs torchrun (or RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): "
+            "torchrun --nproc_per_node N -m deadrelu_cli scan … --distributed"
+        )
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
@@ -64,11 +66,24 @@ def check_all_ranks(world: World, error: BaseException | None) -> None:
 
 
 def _structure(layers: list[LayerStats]) -> list[tuple]:
-    return [(layer.name, layer.op, layer.units, layer.channel_dim, layer.module_type, layer.producer,
-             layer.saturated_counts is not None) for layer in layers if layer.ran]
+    return [
+        (
+            layer.name,
+            layer.op,
+            layer.units,
+            layer.channel_dim,
+            layer.module_type,
+            layer.producer,
+            layer.saturated_counts is not None,
+        )
+        for layer in layers
+        if layer.ran
+    ]
 
 
-def reduce_layers(world: World, layers: list[LayerStats], samples: int, device: str) -> tuple[list[LayerStats], int]:
+def reduce_layers(
+    world: World, layers: list[LayerStats], samples: int, device: str
+) -> tuple[list[LayerStats], int]:
     """Sum the raw counts of every rank (one all_reduce per statistic); returns the layers of the union."""
     import torch
     import torch.distributed as dist
@@ -102,13 +117,27 @@ def reduce_layers(world: World, layers: list[LayerStats], samples: int, device: 
     positive = flat(lambda lay: lay.positive_counts, 0, np.int64)
     maximum = flat(lambda lay: lay.max_preactivation, -np.inf, np.float64)
     sum_abs = flat(lambda lay: lay.sum_abs, 0.0, np.float64)
-    saturated = flat(lambda lay: lay.saturated_counts if lay.saturated_counts is not None else np.zeros(lay.units), 0, np.int64)
-    elements = torch.tensor([local[name].elements_per_unit if name in local else 0 for name in order] + [samples],
-                            dtype=torch.int64, device=tensor_device)
-    for tensor, op in ((positive, dist.ReduceOp.SUM), (maximum, dist.ReduceOp.MAX), (sum_abs, dist.ReduceOp.SUM),
-                       (saturated, dist.ReduceOp.SUM), (elements, dist.ReduceOp.SUM)):
+    saturated = flat(
+        lambda lay: lay.saturated_counts if lay.saturated_counts is not None else np.zeros(lay.units),
+        0,
+        np.int64,
+    )
+    elements = torch.tensor(
+        [local[name].elements_per_unit if name in local else 0 for name in order] + [samples],
+        dtype=torch.int64,
+        device=tensor_device,
+    )
+    for tensor, op in (
+        (positive, dist.ReduceOp.SUM),
+        (maximum, dist.ReduceOp.MAX),
+        (sum_abs, dist.ReduceOp.SUM),
+        (saturated, dist.ReduceOp.SUM),
+        (elements, dist.ReduceOp.SUM),
+    ):
         dist.all_reduce(tensor, op=op)
-    positive, maximum, sum_abs, saturated, elements = (t.cpu().numpy() for t in (positive, maximum, sum_abs, saturated, elements))
+    positive, maximum, sum_abs, saturated, elements = (
+        t.cpu().numpy() for t in (positive, maximum, sum_abs, saturated, elements)
+    )
     merged = []
     offset = 0
     biases = {layer.name: layer.bias for layer in layers}
@@ -120,12 +149,21 @@ def reduce_layers(world: World, layers: list[LayerStats], samples: int, device: 
             merged.append(LayerStats(name, "relu", -1, np.zeros(0, np.int64), 0, np.zeros(0), np.zeros(0)))
             continue
         _, op, _, channel_dim, module_type, producer, has_saturation = entry
-        merged.append(LayerStats(
-            name=name, op=op, channel_dim=channel_dim, positive_counts=positive[span].astype(np.int64),
-            elements_per_unit=int(elements[index]), max_preactivation=maximum[span], sum_abs=sum_abs[span],
-            saturated_counts=saturated[span].astype(np.int64) if has_saturation else None, module_type=module_type,
-            producer=producer, bias=biases.get(name),
-        ))
+        merged.append(
+            LayerStats(
+                name=name,
+                op=op,
+                channel_dim=channel_dim,
+                positive_counts=positive[span].astype(np.int64),
+                elements_per_unit=int(elements[index]),
+                max_preactivation=maximum[span],
+                sum_abs=sum_abs[span],
+                saturated_counts=saturated[span].astype(np.int64) if has_saturation else None,
+                module_type=module_type,
+                producer=producer,
+                bias=biases.get(name),
+            )
+        )
     return merged, int(elements[-1])
 
 

@@ -19,7 +19,7 @@ ProgressCallback = Callable[[int, int], None]  # (samples done, samples total)
 @dataclass
 class ScanOptions:
     model: str
-    data: str
+    data: str | None
     arch: str | None = None
     trust_pickle: bool = False
     batch_size: int | str = 64  # or "auto"
@@ -36,6 +36,9 @@ class ScanOptions:
     consts: tuple[str, ...] = ()  # arrays fed whole to every batch
     batch_axes: dict[str, int] = field(default_factory=dict)  # arrays whose samples are not on axis 0
     distributed: bool = False  # under torchrun: scan this rank's shard, all_reduce the counts
+    certify: bool = False  # data-free bounds: which units can never fire over the input box
+    input_range: tuple[float, float] | str | None = None  # (LO, HI) or "auto" (min/max of the data)
+    input_shape: str | None = None  # one sample's shape when neither the model nor the data gives it
     progress: ProgressCallback | None = field(default=None, repr=False)
 
 
@@ -152,9 +155,13 @@ def make_probe(model: LoadedModel, settings, compile_graph: bool = False, exampl
         if model.kind == "exported":
             from deadrelu_cli.loaders.torch_models import graph_module_with_stack
 
-            graph_module = graph_module_with_stack(model.extra["program"]).to(next(iter(model.runnable.parameters())).device)
+            graph_module = graph_module_with_stack(model.extra["program"]).to(
+                next(iter(model.runnable.parameters())).device
+            )
             return InGraphProbe(graph_module, settings, compile_graph=True)
-        raise UserError("--compile works on state_dict/safetensors (with --arch) and .pt2 models, not TorchScript")
+        raise UserError(
+            "--compile works on state_dict/safetensors (with --arch) and .pt2 models, not TorchScript"
+        )
     if model.kind == "eager":
         from deadrelu_cli.probe.eager import EagerProbe
 
@@ -250,14 +257,18 @@ def scan_torch(
     return layers, probe
 
 
-def resolve_batch_size(requested: int | str, model: LoadedModel, data: CalibrationData, order: list[str], device: str) -> int:
+def resolve_batch_size(
+    requested: int | str, model: LoadedModel, data: CalibrationData, order: list[str], device: str
+) -> int:
     """An int as given; "auto": the largest power of two (up to 1024) whose batch fits comfortably —
     on CUDA measured from one sample's peak memory, on CPU bounded by 256 MiB of input per batch."""
     if not isinstance(requested, str):
         return int(requested)
     if requested != "auto":
         raise UserError(f"--batch-size {requested!r}: give a positive integer or auto")
-    per_sample_input = sum(int(np.prod(s.shape[1:], dtype=np.int64)) * 4 for s in data.sources if s.name in order) or 4
+    per_sample_input = (
+        sum(int(np.prod(s.shape[1:], dtype=np.int64)) * 4 for s in data.sources if s.name in order) or 4
+    )
     budget = 256 << 20
     if device.startswith("cuda"):
         import torch
@@ -283,7 +294,14 @@ def apply_dtype(model: LoadedModel, dtype: str | None) -> None:
         return
     import torch
 
-    names = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
+    names = {
+        "bf16": "bfloat16",
+        "bfloat16": "bfloat16",
+        "fp16": "float16",
+        "float16": "float16",
+        "fp32": "float32",
+        "float32": "float32",
+    }
     if dtype not in names:
         raise UserError(f"--dtype {dtype!r}: choose bf16, fp16 or fp32")
     if model.backend != "torch":
@@ -291,7 +309,9 @@ def apply_dtype(model: LoadedModel, dtype: str | None) -> None:
     model.runnable = model.runnable.to(getattr(torch, names[dtype]))
     model.float_dtype = names[dtype]
     if names[dtype] != "float32":
-        model.notes.append(f"ran in {names[dtype]}: values within rounding of the threshold may count differently than in float32")
+        model.notes.append(
+            f"ran in {names[dtype]}: values within rounding of the threshold may count differently than in float32"
+        )
 
 
 class _null:
@@ -328,12 +348,22 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
     from deadrelu_cli.loaders.detect import detect_format
 
     fmt = detect_format(options.model)
-    device = (options.device if options.device != "auto" else "cpu") if fmt == "onnx" else resolve_device(options.device)
+    device = (
+        (options.device if options.device != "auto" else "cpu")
+        if fmt == "onnx"
+        else resolve_device(options.device)
+    )
     world = None
     if options.distributed:
         from deadrelu_cli.distributed import init_world
 
         world = init_world(device)
+    if options.data is None:
+        if not options.certify:
+            raise UserError(
+                "missing --data: the calibration data to replay (.npz, .npy, .pt or .safetensors)"
+            )
+        return _certify_only(options, fmt, device)
     data = open_calibration(options.data, options.batch_axes, options.consts)
     if world is not None:
         data.shard(world.rank, world.size, options.limit)
@@ -368,6 +398,8 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
             layers, samples = reduce_layers(world, layers, data.local_samples, device)
         finally:
             finish(world)
+    if options.certify and (world is None or world.is_main):
+        attach_certificates(layers, certify_model(model, options, data, device))
     report = Report(
         model=ModelInfo(path=str(options.model), format=model.format, sha256=model.sha256),
         data=DataInfo(path=str(options.data), samples=samples),
@@ -378,3 +410,89 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         notes=list(model.notes),
     )
     return ScanResult(report, model, data, device, probe, is_main=world is None or world.is_main)
+
+
+def certify_model(model: LoadedModel, options: ScanOptions, data: CalibrationData | None, device: str):
+    """Interval bounds of every activation site over the input box (see certify.py)."""
+    import torch
+
+    from deadrelu_cli.certify import certify_graph, graph_for, input_boxes
+    from deadrelu_cli.sites import guess_input_shape
+
+    if model.backend != "torch":
+        raise UserError(
+            "--certify works on torch models (state_dict + --arch, safetensors, .pt2) for now, not ONNX"
+        )
+    if data is not None:
+        order = match_inputs(model, data)
+        by_name = {s.name: s for s in data.sources}
+        shapes = [tuple(by_name[name].shape[1:]) for name in order]
+    elif options.input_shape:
+        from deadrelu_cli.sites import parse_shape
+
+        shapes = [parse_shape(options.input_shape)]
+    elif model.inputs and all(spec.shape for spec in model.inputs):
+        shapes = [tuple(spec.shape[1:]) for spec in model.inputs]
+    elif model.kind == "eager" and guess_input_shape(model.runnable) is not None:
+        shapes = [guess_input_shape(model.runnable)]
+    else:
+        raise UserError("--certify without --data needs --input-shape (one sample, e.g. 3x32x32)")
+    if any(d is None for shape in shapes for d in shape):
+        raise UserError("--certify: the input shape has dynamic dimensions; pass --input-shape")
+    example = tuple(
+        torch.zeros((2, *shape), dtype=getattr(torch, model.float_dtype), device=device) for shape in shapes
+    )
+    graph = graph_for(model.runnable, model.kind, example, model.extra.get("program")).cpu()
+    boxes = input_boxes(options.input_range, shapes, data)
+    return certify_graph(graph, boxes, options.ops, options.threshold, options.channel_dim)
+
+
+def attach_certificates(layers: list, bounds) -> None:
+    """Put the bounds on the scanned layers (by name); sites no data reached get a layer of their own."""
+    from deadrelu_cli.stats import LayerStats
+
+    by_name = {layer.name: layer for layer in layers}
+    for bound in bounds:
+        layer = by_name.get(bound.name)
+        if layer is None:
+            units = 0 if bound.upper_bound is None else len(bound.upper_bound)
+            layer = LayerStats(
+                bound.name,
+                bound.op,
+                -1,
+                np.zeros(units, np.int64),
+                0,
+                np.full(units, -np.inf),
+                np.zeros(units),
+            )
+            layers.append(layer)
+            by_name[bound.name] = layer
+        if bound.upper_bound is not None and layer.ran and len(bound.upper_bound) != layer.units:
+            layer.certify_note = (
+                f"bounds have {len(bound.upper_bound)} units, the scan {layer.units}: not certified"
+            )
+            continue
+        layer.upper_bound = bound.upper_bound
+        layer.certified_dead = bound.certified_dead
+        layer.certify_note = bound.reason or None
+
+
+def _certify_only(options: ScanOptions, fmt: str, device: str) -> ScanResult:
+    """`scan --certify` without data: layers, units and which of them can never fire."""
+    if fmt == "onnx":
+        raise UserError(
+            "--certify works on torch models (state_dict + --arch, safetensors, .pt2) for now, not ONNX"
+        )
+    model = load_model(LoadOptions(options.model, options.arch, options.trust_pickle, device))
+    layers: list = []
+    attach_certificates(layers, certify_model(model, options, None, device))
+    report = Report(
+        model=ModelInfo(path=str(options.model), format=model.format, sha256=model.sha256),
+        data=DataInfo(path="(none: data-free certification)", samples=0),
+        settings=Settings(
+            options.threshold, options.dying, options.tau, options.channel_dim, device, tuple(options.ops)
+        ),
+        layers=layers,
+        notes=list(model.notes) + [f"input box: {options.input_range}"],
+    )
+    return ScanResult(report, model, None, device, None)

@@ -18,9 +18,19 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def guess_input_shape(module) -> tuple[int, ...] | None:
+    """One sample's shape when the model starts with a Linear (its in_features); None otherwise."""
+    from torch import nn
+
+    first = next(
+        (m for m in module.modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd | nn.Embedding)),
+        None,
+    )
+    return (first.in_features,) if isinstance(first, nn.Linear) else None
+
+
 def _eager_sites(model, ops, input_shape: tuple[int, ...] | None) -> tuple[list[StaticSite], str | None]:
     import torch
-    from torch import nn
 
     from deadrelu_cli.probe.base import ProbeSettings
     from deadrelu_cli.probe.eager import EagerProbe
@@ -28,17 +38,7 @@ def _eager_sites(model, ops, input_shape: tuple[int, ...] | None) -> tuple[list[
 
     module = model.runnable
     if input_shape is None:
-        first = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
-        first_any = next(
-            (
-                m
-                for m in module.modules()
-                if isinstance(m, nn.Linear | nn.modules.conv._ConvNd | nn.Embedding)
-            ),
-            None,
-        )
-        if first is not None and first is first_any:
-            input_shape = (first.in_features,)
+        input_shape = guess_input_shape(module)
     if input_shape is not None:
         probe = EagerProbe(module, ProbeSettings(ops=ops))
         sample = torch.zeros(

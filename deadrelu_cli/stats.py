@@ -42,6 +42,11 @@ class LayerStats:
     producer: str | None = None  # module whose .bias is this unit's bias (Linear/Conv/BN)
     bias: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    # data-free certification (--certify): per-unit upper bound of the pre-activation over the input box,
+    # the units that can never fire, or None with the reason when the layer could not be certified
+    upper_bound: np.ndarray | None = None
+    certified_dead: list[int] | None = None
+    certify_note: str | None = None
 
     @property
     def units(self) -> int:
@@ -113,4 +118,7 @@ def merge_layer(a: LayerStats, b: LayerStats) -> LayerStats:
         producer=a.producer or b.producer,
         bias=a.bias if a.bias is not None else b.bias,
         extra={**b.extra, **a.extra},
+        upper_bound=a.upper_bound if a.upper_bound is not None else b.upper_bound,
+        certified_dead=a.certified_dead if a.certified_dead is not None else b.certified_dead,
+        certify_note=a.certify_note or b.certify_note,
     )

@@ -79,7 +79,7 @@ def test_bad_data(tmp_path, arrays, message):
 
 def test_object_arrays_are_refused_without_unpickling(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
-    with pytest.raises(UserError, match="holds Python objects \(never unpickled\)"):
+    with pytest.raises(UserError, match=r"holds Python objects \(never unpickled\)"):
         open_calibration(str(tmp_path / "obj.npy"))
 
 

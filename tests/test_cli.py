@@ -34,7 +34,7 @@ def test_json_to_stdout_is_pure_json_and_valid(cli):
     result = cli("scan", *MLP, "--json", "-")
     assert result.code == 0, result.err
     report = json.loads(result.out)
-    schema = json.loads((ROOT / "deadrelu_cli" / "report" / "schema_v1.json").read_text())
+    schema = json.loads((ROOT / "deadrelu_cli" / "report" / "schema_v2.json").read_text())
     jsonschema.validate(report, schema)
     layer = report["layers"][1]
     assert layer["name"] == "relu()" and layer["dead_indices"] == [2, 4, 6]
@@ -46,7 +46,7 @@ def test_json_file_written_atomically(cli, tmp_path):
     out = tmp_path / "report.json"
     result = cli("scan", *MLP, "--json", out)
     assert result.code == 0, result.err
-    assert json.loads(out.read_text())["schema_version"] == 1
+    assert json.loads(out.read_text())["schema_version"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp file left
 
 
@@ -158,7 +158,7 @@ def test_internal_error_exit_3(cli, monkeypatch):
     def boom(_options):
         raise ZeroDivisionError("planted")
 
-    monkeypatch.setattr(engine, "run_scan", boom)
+    monkeypatch.setattr(engine, "run_scan_detailed", boom)
     result = cli("scan", *MLP)
     assert result.code == 3
     assert "internal error: ZeroDivisionError: planted" in result.err and "please report" in result.err

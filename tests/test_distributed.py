@@ -15,8 +15,19 @@ ARCH = str(CNN / "arch.py") + ":build"
 
 
 def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "deadrelu_cli", "scan", *map(str, args), "--distributed", "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "deadrelu_cli",
+        "scan",
+        *map(str, args),
+        "--distributed",
+        "--quiet",
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
@@ -31,9 +42,18 @@ def _assert_same(distributed: dict, single: dict) -> None:
     assert distributed["summary"] == single["summary"]
     assert [layer["name"] for layer in distributed["layers"]] == [layer["name"] for layer in single["layers"]]
     for a, b in zip(distributed["layers"], single["layers"], strict=True):
-        for key in ("positive_counts", "dead_indices", "dying_indices", "elements_per_unit", "max_preactivation", "units"):
+        for key in (
+            "positive_counts",
+            "dead_indices",
+            "dying_indices",
+            "elements_per_unit",
+            "max_preactivation",
+            "units",
+        ):
             assert a[key] == b[key], (a["name"], key)
-        np.testing.assert_allclose(a["sum_abs"], b["sum_abs"], rtol=1e-6)  # float32 sums per batch: rounding only
+        np.testing.assert_allclose(
+            a["sum_abs"], b["sum_abs"], rtol=1e-6
+        )  # float32 sums per batch: rounding only
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +69,22 @@ def uneven_data(tmp_path_factory):
 @pytest.mark.slow
 def test_two_ranks_equal_one_process(cli, uneven_data):
     out = uneven_data / "dist.json"
-    run = _torchrun(CNN / "model.pt", "--arch", ARCH, "--data", uneven_data / "all.npy", "--batch-size", "16", "--json", out)
+    run = _torchrun(
+        CNN / "model.pt",
+        "--arch",
+        ARCH,
+        "--data",
+        uneven_data / "all.npy",
+        "--batch-size",
+        "16",
+        "--json",
+        out,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    _assert_same(json.loads(out.read_text()), _single(cli, CNN / "model.pt", "--arch", ARCH, "--data", uneven_data / "all.npy"))
+    _assert_same(
+        json.loads(out.read_text()),
+        _single(cli, CNN / "model.pt", "--arch", ARCH, "--data", uneven_data / "all.npy"),
+    )
 
 
 @pytest.mark.slow
@@ -59,7 +92,9 @@ def test_glob_of_shards_dealt_to_ranks(cli, uneven_data):
     out = uneven_data / "glob.json"
     run = _torchrun(CNN / "model.onnx", "--data", uneven_data / "shard-*.npy", "--json", out)
     assert run.returncode == 0, run.stderr[-3000:]
-    _assert_same(json.loads(out.read_text()), _single(cli, CNN / "model.onnx", "--data", uneven_data / "all.npy"))
+    _assert_same(
+        json.loads(out.read_text()), _single(cli, CNN / "model.onnx", "--data", uneven_data / "all.npy")
+    )
 
 
 @pytest.mark.slow
@@ -84,5 +119,7 @@ def test_distributed_without_torchrun_is_a_usage_error(cli, monkeypatch):
 
 
 def test_glob_data_in_one_process(cli, uneven_data):
-    _assert_same(_single(cli, CNN / "model.pt", "--arch", ARCH, "--data", uneven_data / "shard-*.npy"),
-                 _single(cli, CNN / "model.pt", "--arch", ARCH, "--data", uneven_data / "all.npy"))
+    _assert_same(
+        _single(cli, CNN / "model.pt", "--arch", ARCH, "--data", uneven_data / "shard-*.npy"),
+        _single(cli, CNN / "model.pt", "--arch", ARCH, "--data", uneven_data / "all.npy"),
+    )

@@ -26,9 +26,21 @@ def _same_counts(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("model_file", ["model.pt", "model.pt2"])
 def test_compiled_in_graph_counting_matches_eager(model_file):
-    eager = scan(str(CNN / model_file), str(CNN / "calib.npz"), arch=str(CNN / "arch.py") + ":build", device="cpu", batch_size=7)
-    compiled = scan(str(CNN / model_file), str(CNN / "calib.npz"), arch=str(CNN / "arch.py") + ":build", device="cpu",
-                    batch_size=7, compile=True)
+    eager = scan(
+        str(CNN / model_file),
+        str(CNN / "calib.npz"),
+        arch=str(CNN / "arch.py") + ":build",
+        device="cpu",
+        batch_size=7,
+    )
+    compiled = scan(
+        str(CNN / model_file),
+        str(CNN / "calib.npz"),
+        arch=str(CNN / "arch.py") + ":build",
+        device="cpu",
+        batch_size=7,
+        compile=True,
+    )
     _same_counts(eager, compiled)
 
 
@@ -40,7 +52,12 @@ def test_in_graph_counting_without_compile_matches(tmp_path, planted_module):
     from deadrelu_cli.probe.eager import EagerProbe
     from deadrelu_cli.probe.graph_stats import InGraphProbe, export_for_stats
 
-    for factory, shape in (("shared_and_functional", (6,)), ("relu6_model", (4,)), ("conv_bn", (3, 5, 5)), ("tokens", (4, 8))):
+    for factory, shape in (
+        ("shared_and_functional", (6,)),
+        ("relu6_model", (4,)),
+        ("conv_bn", (3, 5, 5)),
+        ("tokens", (4, 8)),
+    ):
         model = getattr(planted_module, factory)().eval()
         x = torch.from_numpy(np.random.default_rng(3).standard_normal((9, *shape)).astype(np.float32))
         in_graph = InGraphProbe(export_for_stats(model, (x[:2],)), ProbeSettings(), compile_graph=False)
@@ -69,8 +86,13 @@ def test_batch_size_auto_gives_the_same_report(tmp_path, planted_module):
 def test_bf16_runs_and_says_so(tmp_path, planted_module):
     model = planted_module.eight_neuron().eval()
     x = np.random.default_rng(6).standard_normal((50, 4)).astype(np.float32)
-    report = scan(str(save_state_dict(model, tmp_path / "m.pt")), str(save_npz(tmp_path / "d.npz", x=x)),
-                  arch=arch("eight_neuron"), device="cpu", dtype="bf16")
+    report = scan(
+        str(save_state_dict(model, tmp_path / "m.pt")),
+        str(save_npz(tmp_path / "d.npz", x=x)),
+        arch=arch("eight_neuron"),
+        device="cpu",
+        dtype="bf16",
+    )
     assert np.flatnonzero(report.layers[0].dead_mask()).tolist() == [2, 4, 6]
     assert any("bfloat16" in note for note in report.notes)
 

@@ -51,11 +51,43 @@ def _register() -> None:
 _register()
 
 
+def _join_input_range(args: list[str]) -> list[str]:
+    """`--input-range -1 1` (two numbers, the first may look like a flag) -> `--input-range=-1 1`."""
+    out, i = [], 0
+    while i < len(args):
+        if (
+            args[i] == "--input-range"
+            and i + 2 < len(args) + 0
+            and _is_number(args[i + 1])
+            and _is_number(args[i + 2])
+        ):
+            out.append(f"--input-range={args[i + 1]} {args[i + 2]}")
+            i += 3
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = _join_input_range(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args or os.environ.get("DEADRELU_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if not debug:  # library deprecation chatter (torch.jit, pytree, …) is not the user's business
+        import warnings
+
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
     try:
         # standalone mode: Typer/Click handle --help and usage errors (exit 2) and call sys.exit themselves
         app(args=args, prog_name="deadrelu")

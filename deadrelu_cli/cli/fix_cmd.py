@@ -62,6 +62,12 @@ def fix(
     channel_dim: opt.ChannelDim = None,
     const: opt.Const = None,
     batch_axis: opt.BatchAxis = None,
+    certified_only: bool = typer.Option(
+        False,
+        "--certified-only",
+        help="Act only on units proven dead over --input-range (prune is then exact on every input in the box).",
+    ),
+    input_range: opt.InputRange = None,
     json_out: opt.JsonOut = None,
 ) -> None:
     """Patch the dead units of MODEL and write OUT; exit 0 written and verified, 1 verification failed (nothing written)."""
@@ -83,6 +89,8 @@ def fix(
         channel_dim=channel_dim,
         consts=tuple(const or ()),
         batch_axes=opt.parse_batch_axes(batch_axis),
+        certify=input_range is not None,
+        input_range=opt.parse_input_range(input_range),
     )
     fix_options = FixOptions(
         strategy=strategy,
@@ -93,6 +101,7 @@ def fix(
         target_rate=target_rate,
         tolerance=tolerance,
         force=force,
+        certified_only=certified_only,
     )
     result = run_fix(scan_options, fix_options)
     console = Console(stderr=json_out == "-", highlight=False)

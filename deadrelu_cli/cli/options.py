@@ -56,8 +56,19 @@ TrustPickle = Annotated[
 BatchSize = Annotated[
     str, typer.Option("--batch-size", "-b", help="Samples per batch, or auto (does not change the result).")
 ]
-Compile = Annotated[bool, typer.Option("--compile", help="Count inside the graph and torch.compile it (fastest on CUDA; torch models).")]
-Dtype = Annotated[str | None, typer.Option("--dtype", help="Run a torch model in bf16, fp16 or fp32 (counts near the threshold may shift in low precision).")]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile", help="Count inside the graph and torch.compile it (fastest on CUDA; torch models)."
+    ),
+]
+Dtype = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="Run a torch model in bf16, fp16 or fp32 (counts near the threshold may shift in low precision).",
+    ),
+]
 
 
 def parse_batch_size(value) -> int | str:
@@ -72,6 +83,8 @@ def parse_batch_size(value) -> int | str:
     if size < 1:
         raise UserError("--batch-size must be at least 1")
     return size
+
+
 Limit = Annotated[int | None, typer.Option("--limit", min=1, help="Use only the first N samples.")]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
 Threshold = Annotated[
@@ -200,4 +213,49 @@ HtmlOut = Annotated[
     str | None,
     typer.Option("--html", help="Write a self-contained HTML report (plots inline, works offline) here."),
 ]
-Distributed = Annotated[bool, typer.Option("--distributed", help="Under torchrun: each rank scans its shard, counts are all_reduced, rank 0 reports.")]
+Distributed = Annotated[
+    bool,
+    typer.Option(
+        "--distributed",
+        help="Under torchrun: each rank scans its shard, counts are all_reduced, rank 0 reports.",
+    ),
+]
+Certify = Annotated[
+    bool,
+    typer.Option(
+        "--certify",
+        help="Also bound every unit over an input box (interval bound propagation): which units can never fire.",
+    ),
+]
+InputRange = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-range",
+        help="With --certify: LO HI for every input element (give the option twice: --input-range -1 --input-range 1), or auto (min/max per feature of --data).",
+    ),
+]
+InputShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape", help="One sample's shape (e.g. 3x32x32) when neither the model nor --data gives it."
+    ),
+]
+
+
+def parse_input_range(values: list[str] | None):
+    from deadrelu_cli.errors import UserError
+
+    if not values:
+        return None
+    if values == ["auto"]:
+        return "auto"
+    if len(values) == 1 and " " in values[0].strip():
+        values = values[0].split()
+    if len(values) != 2:
+        raise UserError(
+            "--input-range: give LO and HI (e.g. --input-range -1 --input-range 1, or --input-range '-1 1') or auto"
+        )
+    try:
+        return float(values[0]), float(values[1])
+    except ValueError:
+        raise UserError(f"--input-range {' '.join(values)}: LO and HI must be numbers") from None

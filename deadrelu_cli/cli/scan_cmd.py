@@ -57,6 +57,9 @@ def scan(
     allow_nonfinite: opt.AllowNonfinite = False,
     compile_graph: opt.Compile = False,
     distributed: opt.Distributed = False,
+    certify: opt.Certify = False,
+    input_range: opt.InputRange = None,
+    input_shape: opt.InputShapeOpt = None,
     dtype: opt.Dtype = None,
     const: opt.Const = None,
     batch_axis: opt.BatchAxis = None,
@@ -94,12 +97,12 @@ def scan(
     p = params
     if not p["model"]:
         raise UserError("missing MODEL: deadrelu scan MODEL --data DATA (see --help)")
-    if not p["data"]:
+    if not p["data"] and not p["certify"]:
         raise UserError("missing --data: the calibration data to replay (.npz, .npy, .pt or .safetensors)")
     json_to_stdout = p["json_out"] == "-"
     out = Console(stderr=json_to_stdout, highlight=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    inputs = [p["model"], p["data"]]
+    inputs = [p["model"], p["data"] or ""]
     for target in (p["json_out"], p["junit"], p["markdown"], p["html_out"]):
         if target and target != "-":
             refuse_overwrite_of_inputs(target, inputs)
@@ -120,6 +123,9 @@ def scan(
         batch_size=opt.parse_batch_size(p["batch_size"]),
         compile=p["compile_graph"],
         distributed=p["distributed"],
+        certify=p["certify"],
+        input_range=opt.parse_input_range(p["input_range"]),
+        input_shape=p["input_shape"],
         dtype=p["dtype"],
         limit=p["limit"],
         device=p["device"],

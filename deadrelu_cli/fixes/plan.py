@@ -24,6 +24,7 @@ class FixOptions:
     target_rate: float = 0.01
     tolerance: float = 1e-5  # relative, for the exact strategies
     force: bool = False
+    certified_only: bool = False  # act only on units certified dead over the input box (--certify)
 
 
 @dataclass
@@ -81,8 +82,9 @@ class FixResult:
         }
 
 
-def plan_layers(report: Report, globs: tuple[str, ...]) -> list[LayerPlan]:
-    """Layers with dead units (optionally only those matching the globs) and their dead units."""
+def plan_layers(report: Report, globs: tuple[str, ...], certified_only: bool = False) -> list[LayerPlan]:
+    """Layers with dead units (optionally only those matching the globs) and their dead units; with
+    `certified_only`, only the units that are dead for every input of the certified box."""
     plans = []
     matched_any = False
     for layer in report.layers:
@@ -90,6 +92,8 @@ def plan_layers(report: Report, globs: tuple[str, ...]) -> list[LayerPlan]:
             continue
         matched_any = True
         dead = np.flatnonzero(layer.dead_mask()).astype(int).tolist()
+        if certified_only:
+            dead = sorted(set(dead) & set(layer.certified_dead or []))
         if dead:
             plans.append(LayerPlan(layer.name, dead, layer.units))
     if globs and not matched_any:

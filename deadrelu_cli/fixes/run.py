@@ -92,9 +92,18 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
     if isinstance(scan_options.batch_size, str):  # "auto": the later passes use the size the scan chose
         from deadrelu_cli.engine import match_inputs, resolve_batch_size
 
-        order = list(scanned.data.names) if scanned.model.backend == "onnx" else match_inputs(scanned.model, scanned.data)
-        scan_options = replace(scan_options, batch_size=resolve_batch_size("auto", scanned.model, scanned.data, order, scanned.device))
-    plans = plan_layers(scanned.report, options.layers)
+        order = (
+            list(scanned.data.names)
+            if scanned.model.backend == "onnx"
+            else match_inputs(scanned.model, scanned.data)
+        )
+        scan_options = replace(
+            scan_options,
+            batch_size=resolve_batch_size("auto", scanned.model, scanned.data, order, scanned.device),
+        )
+    if options.certified_only and not scan_options.certify:
+        raise UserError("--certified-only needs --input-range (the box over which units are certified dead)")
+    plans = plan_layers(scanned.report, options.layers, options.certified_only)
     result = FixResult(strategy=options.strategy, output=str(output))
     if not plans:
         raise UserError(

@@ -113,8 +113,14 @@ class SiteAccumulator:
         if self.saturated is not None:
             self.saturated += _count(post >= CAPPED_OPS[self.op], dims)
 
-    def add_reduced(self, maximum: torch.Tensor, count: torch.Tensor, total: torch.Tensor, numel: int,
-                    saturated: torch.Tensor | None) -> None:
+    def add_reduced(
+        self,
+        maximum: torch.Tensor,
+        count: torch.Tensor,
+        total: torch.Tensor,
+        numel: int,
+        saturated: torch.Tensor | None,
+    ) -> None:
         units = count.shape[0]
         if self.positive is None:
             self._allocate(units, count.device)

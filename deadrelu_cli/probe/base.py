@@ -72,13 +72,25 @@ class SiteRegistry:
         self.record_pre(name, op, pre, inferred_channel_dim, module_type, producer)
         self.record_post(name, post if post is not None else _derived_output(op, pre))
 
-    def add_batch(self, name: str, op: str, channel_dim: int, maximum: torch.Tensor, count: torch.Tensor,
-                  total: torch.Tensor, numel: int, saturated: torch.Tensor | None, module_type: str | None,
-                  producer: str | None) -> None:
+    def add_batch(
+        self,
+        name: str,
+        op: str,
+        channel_dim: int,
+        maximum: torch.Tensor,
+        count: torch.Tensor,
+        total: torch.Tensor,
+        numel: int,
+        saturated: torch.Tensor | None,
+        module_type: str | None,
+        producer: str | None,
+    ) -> None:
         """A batch whose reductions were computed elsewhere (inside the compiled graph)."""
         site = self.sites.get(name)
         if site is None:
-            site = SiteAccumulator(name=name, op=op, channel_dim=channel_dim, module_type=module_type, producer=producer)
+            site = SiteAccumulator(
+                name=name, op=op, channel_dim=channel_dim, module_type=module_type, producer=producer
+            )
             self.sites[name] = site
         site.channel_dim = channel_dim
         site.add_reduced(maximum, count, total, numel, saturated)

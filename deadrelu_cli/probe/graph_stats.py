@@ -27,8 +27,10 @@ def export_for_stats(module: torch.nn.Module, example: tuple) -> fx.GraphModule:
         program = torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
     except Exception as exc:  # torch.export raises many types; the message is what the user needs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--compile needs a model that torch.export can capture, and this one fails: {first}; "
-                        "scan without --compile") from None
+        raise UserError(
+            f"--compile and --certify need a model that torch.export can capture, and this one fails: {first}; "
+            "scan without them"
+        ) from None
     from deadrelu_cli.loaders.torch_models import graph_module_with_stack
 
     return graph_module_with_stack(program)
@@ -55,14 +57,22 @@ class InGraphProbe:
         pre = node.args[0]
         value = pre.meta.get("val") if isinstance(pre, fx.Node) else None
         if not isinstance(value, torch.Tensor):
-            raise UserError(f"--compile: the shape of layer {site.name}'s input is unknown; scan without --compile")
+            raise UserError(
+                f"--compile: the shape of layer {site.name}'s input is unknown; scan without --compile"
+            )
         rank = value.dim()
-        dim = resolve_channel_dim(rank, infer_channel_dim(rank, site.channel_first), self.settings.channel_dim) if rank > 1 else 0
+        dim = (
+            resolve_channel_dim(rank, infer_channel_dim(rank, site.channel_first), self.settings.channel_dim)
+            if rank > 1
+            else 0
+        )
         dims = [d for d in range(rank) if d != dim]
         threshold = self.settings.threshold
         from_output = counts_from_output(site.op, threshold)
         if site.in_place and not from_output:
-            raise UserError(f"--compile: in-place {site.op} at {site.name} needs its input; scan without --compile")
+            raise UserError(
+                f"--compile: in-place {site.op} at {site.name} needs its input; scan without --compile"
+            )
         with graph.inserting_before(node):  # before an in-place op overwrites its input
             maximum = graph.call_function(aten.amax.default, (pre, dims, False))
             fired_from_input = None if from_output else graph.call_function(aten.gt.Scalar, (pre, threshold))
@@ -71,9 +81,13 @@ class InGraphProbe:
         with graph.inserting_after(fired):
             count = graph.call_function(aten.sum.dim_IntList, (fired, dims, False), {"dtype": torch.int64})
         with graph.inserting_after(count):
-            magnitude = node if site.op in ("relu", "relu6") else graph.call_function(aten.abs.default, (node,))
+            magnitude = (
+                node if site.op in ("relu", "relu6") else graph.call_function(aten.abs.default, (node,))
+            )
         with graph.inserting_after(magnitude):
-            total = graph.call_function(aten.sum.dim_IntList, (magnitude, dims, False), {"dtype": torch.float32})
+            total = graph.call_function(
+                aten.sum.dim_IntList, (magnitude, dims, False), {"dtype": torch.float32}
+            )
         with graph.inserting_after(total):
             numel = graph.call_function(aten.sym_numel.default, (node,))
         outputs = [maximum, count, total, numel]
@@ -81,7 +95,9 @@ class InGraphProbe:
             with graph.inserting_after(numel):
                 capped = graph.call_function(aten.ge.Scalar, (node, CAPPED_OPS[site.op]))
             with graph.inserting_after(capped):
-                outputs.append(graph.call_function(aten.sum.dim_IntList, (capped, dims, False), {"dtype": torch.int64}))
+                outputs.append(
+                    graph.call_function(aten.sum.dim_IntList, (capped, dims, False), {"dtype": torch.int64})
+                )
         self.sites.append((site, dim, site.op in CAPPED_OPS))
         return outputs
 
@@ -90,8 +106,18 @@ class InGraphProbe:
         position = 0
         for site, dim, capped in self.sites:
             width = 5 if capped else 4
-            maximum, count, total, numel, *saturated = stats[position:position + width]
+            maximum, count, total, numel, *saturated = stats[position : position + width]
             position += width
-            self.registry.add_batch(site.name, site.op, dim, maximum, count, total, int(numel),
-                                    saturated[0] if saturated else None, site.module_type, site.producer)
+            self.registry.add_batch(
+                site.name,
+                site.op,
+                dim,
+                maximum,
+                count,
+                total,
+                int(numel),
+                saturated[0] if saturated else None,
+                site.module_type,
+                site.producer,
+            )
         return out

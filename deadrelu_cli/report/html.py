@@ -247,6 +247,9 @@ def _layers_table(report: Report, baseline: Report | None) -> str:
         + (["Baseline dead %"] if baseline is not None else [])
         + ["Dying", "Dormant", "Median active %"]
     )
+    certified = any(layer.upper_bound is not None or layer.certify_note for layer in report.layers)
+    if certified:
+        head.append("Provably dead")
     rows = []
     for layer in report.layers:
         if not layer.ran:
@@ -276,6 +279,12 @@ def _layers_table(report: Report, baseline: Report | None) -> str:
             f"<td>{int(layer.dormant_mask(settings.tau).sum())}</td>",
             f"<td>{100 * float(np.median(layer.active_rate())):.1f}%</td>",
         ]
+        if certified:
+            cells.append(
+                f"<td>{len(layer.certified_dead)}</td>"
+                if layer.certified_dead is not None
+                else f'<td title="{_e(layer.certify_note or "")}">not certified</td>'
+            )
         rows.append(f'<tr class="{cls}" data-layer="{_e(layer.name)}">' + "".join(cells) + "</tr>")
     return (
         '<section id="layers"><h2>Layers</h2><input type="search" placeholder="filter layers" data-filter="#layer-table">'

@@ -14,8 +14,11 @@ from deadrelu_cli import __version__
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.stats import LayerStats, Thresholds, merge_layer
 
-SCHEMA_VERSION = 1
-SCHEMA_PATH = Path(__file__).with_name("schema_v1.json")
+SCHEMA_VERSION = (
+    2  # 2: per-layer certified_dead_indices / upper_bound (--certify); version 1 reports still load
+)
+READABLE_VERSIONS = (1, 2)
+SCHEMA_PATH = Path(__file__).with_name("schema_v2.json")
 MODEL_FORMATS = ("state_dict", "safetensors", "torchscript", "exported_program", "module", "onnx")
 
 
@@ -56,6 +59,7 @@ class Summary:
     dormant: int
     layers_with_dead: int
     saturated: int
+    certified_dead: int | None = None  # None when no layer was certified
 
 
 @dataclass
@@ -88,6 +92,11 @@ class Report:
             dormant=sum(int(layer.dormant_mask(s.tau).sum()) for layer in ran),
             layers_with_dead=sum(1 for layer in ran if layer.dead_mask().any()),
             saturated=sum(int(layer.saturated_mask().sum()) for layer in ran),
+            certified_dead=(
+                sum(len(layer.certified_dead or []) for layer in self.layers)
+                if any(layer.upper_bound is not None or layer.certify_note for layer in self.layers)
+                else None
+            ),
         )
 
 
@@ -124,6 +133,10 @@ def layer_to_dict(layer: LayerStats, settings: Settings) -> dict[str, Any]:
     if layer.saturated_counts is not None:
         out["saturated_counts"] = layer.saturated_counts.astype(int).tolist()
         out["saturated_indices"] = _indices(layer.saturated_mask())
+    out["certified_dead_indices"] = layer.certified_dead
+    out["upper_bound"] = None if layer.upper_bound is None else _finite_or_none(layer.upper_bound)
+    if layer.certify_note:
+        out["certify_note"] = layer.certify_note
     if layer.extra:
         out["extra"] = layer.extra
     return out
@@ -171,14 +184,19 @@ def layer_from_dict(d: dict[str, Any]) -> LayerStats:
         producer=d.get("producer"),
         bias=None if bias is None else np.asarray(bias, dtype=np.float64),
         extra=d.get("extra") or {},
+        upper_bound=None
+        if d.get("upper_bound") is None
+        else np.array([np.inf if v is None else v for v in d["upper_bound"]], dtype=np.float64),
+        certified_dead=d.get("certified_dead_indices"),
+        certify_note=d.get("certify_note"),
     )
 
 
 def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
     version = d.get("schema_version") if isinstance(d, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise UserError(
-            f"{source}: not a deadrelu report of schema version {SCHEMA_VERSION} (found {version!r}); "
+            f"{source}: not a deadrelu report of schema version {' or '.join(map(str, READABLE_VERSIONS))} (found {version!r}); "
             "re-create it with `deadrelu scan … --json`"
         )
     try:

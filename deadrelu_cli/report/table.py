@@ -46,10 +46,20 @@ def sparkline(rates: np.ndarray, bins: int = 8) -> str:
 
 def summary_line(report: Report) -> str:
     s = report.summary()
+    if s.certified_dead is not None and not any(layer.ran for layer in report.layers):
+        units = sum(len(layer.upper_bound) for layer in report.layers if layer.upper_bound is not None)
+        share = 100 * s.certified_dead / units if units else 0.0
+        certified = sum(1 for layer in report.layers if layer.certified_dead is not None)
+        return (
+            f"Provably dead units: {s.certified_dead}/{units} ({share:.1f}%) for every input in the box; "
+            f"{certified} of {s.layers} layers certified"
+        )
     text = f"Dead units: {s.dead}/{s.units} ({100 * s.dead_fraction:.1f}%) in {s.layers_with_dead} of {s.layers} layers"
     extras = [f"dying {s.dying}", f"dormant {s.dormant}"]
     if s.saturated:
         extras.append(f"saturated {s.saturated}")
+    if s.certified_dead is not None:
+        extras.append(f"provably dead {s.certified_dead}")
     return f"{text} · {', '.join(extras)}"
 
 
@@ -64,19 +74,34 @@ def layers_table(report: Report) -> Table:
         table.add_column(
             column, justify="left" if column == "Op" else "right", no_wrap=True, min_width=len(column)
         )
+    certified = any(layer.upper_bound is not None or layer.certify_note for layer in report.layers)
     table.add_column("", no_wrap=True, width=BAR_WIDTH)
-    table.add_column("Rates", no_wrap=True, width=8)
+    if certified:  # the proof column takes the sparkline's place (80 columns)
+        table.add_column("Proven", justify="right", no_wrap=True)
+    else:
+        table.add_column("Rates", no_wrap=True, width=8)
     for layer in report.layers:
+        proof = [_certified_cell(layer)] if certified else []
         if not layer.ran:
+            units = str(len(layer.upper_bound)) if layer.upper_bound is not None else "–"
             table.add_row(
-                escape(layer.name), layer.op, "–", "–", "not run", "–", "–", "–", "", "", style="dim"
+                escape(layer.name),
+                layer.op,
+                units,
+                "–",
+                "not run",
+                "–",
+                "–",
+                "–",
+                "",
+                *(proof or [""]),
+                style="dim",
             )
             continue
         dead = int(layer.dead_mask().sum())
         fraction = dead / layer.units if layer.units else 0.0
-        style = severity_style(fraction)
         table.add_row(
-            layer.name,
+            escape(layer.name),
             layer.op,
             str(layer.units),
             str(dead),
@@ -85,8 +110,45 @@ def layers_table(report: Report) -> Table:
             str(int(layer.dormant_mask(settings.tau).sum())),
             f"{100 * float(np.median(layer.active_rate())):.1f}%",
             _bar(fraction),
-            sparkline(layer.active_rate()),
-            style=style,
+            *(proof or [sparkline(layer.active_rate())]),
+            style=severity_style(fraction),
+        )
+    return table
+
+
+def _certified_cell(layer: LayerStats) -> str:
+    if layer.certified_dead is None:
+        return "n/c"
+    return str(len(layer.certified_dead))
+
+
+def certificate_table(report: Report) -> Table:
+    """Data-free `scan --certify`: per layer, the units that can never fire over the input box."""
+    table = Table(
+        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
+    )
+    longest = max((len(layer.name) for layer in report.layers), default=8)
+    table.add_column("Layer", overflow="fold", min_width=min(max(longest, 5), 40))
+    for column in ("Op", "Units", "Provably dead", "%", "Why not certified"):
+        table.add_column(
+            column, justify="left" if column in ("Op", "Why not certified") else "right", overflow="fold"
+        )
+    for layer in report.layers:
+        if layer.certified_dead is None:
+            table.add_row(
+                escape(layer.name), layer.op, "–", "–", "–", escape(layer.certify_note or ""), style="dim"
+            )
+            continue
+        units = len(layer.upper_bound)
+        fraction = len(layer.certified_dead) / units if units else 0.0
+        table.add_row(
+            escape(layer.name),
+            layer.op,
+            str(units),
+            str(len(layer.certified_dead)),
+            f"{100 * fraction:.1f}%",
+            "",
+            style=severity_style(fraction),
         )
     return table
 
@@ -140,6 +202,12 @@ def print_report(report: Report, console: Console, layer_name: str | None = None
             f"{layer.name}: {layer.op}, {layer.units} units on axis {layer.channel_dim}", markup=False
         )
         console.print(units_table(report, layer))
+    elif (
+        report.layers
+        and not any(layer.ran for layer in report.layers)
+        and report.summary().certified_dead is not None
+    ):
+        console.print(certificate_table(report))
     else:
         console.print(layers_table(report))
     console.print(summary_line(report), markup=False)

@@ -1,0 +1,223 @@
+"""Data-free certification: sound (never claims a unit that fires) and complete on planted cases."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, arch, save_npz, save_state_dict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from deadrelu_cli.certify import certify_graph, graph_for, input_boxes
+
+CNN = ROOT / "sample_models" / "cnn"
+
+
+def _certify(model, shape, lo, hi, ops=("relu", "relu6")):
+    graph = graph_for(model, "eager", (torch.zeros(2, *shape),))
+    return {b.name: b for b in certify_graph(graph, input_boxes((lo, hi), [shape]), ops, 0.0, None)}
+
+
+def _fires(model, shape, lo, hi, samples=4000, seed=0):
+    """Units that fire on random points of the box (corners included), by running the real model."""
+    from deadrelu_cli.probe.base import ProbeSettings
+    from deadrelu_cli.probe.eager import EagerProbe
+
+    generator = torch.Generator().manual_seed(seed)
+    x = lo + (hi - lo) * torch.rand((samples, *shape), generator=generator)
+    x[: samples // 4] = torch.where(torch.rand((samples // 4, *shape), generator=generator) < 0.5, lo, hi)
+    probe = EagerProbe(model, ProbeSettings())
+    with torch.inference_mode(), probe.attached():
+        for chunk in x.split(500):
+            probe.run((chunk,))
+    return {
+        layer.name: set(np.flatnonzero(layer.positive_counts > 0).tolist())
+        for layer in probe.registry.layer_stats()
+    }
+
+
+def test_planted_units_are_certified(planted_module):
+    bounds = _certify(planted_module.eight_neuron().eval(), (4,), -1.0, 1.0)
+    assert bounds["relu"].certified_dead == [2, 4, 6]
+    bounds = _certify(planted_module.conv_bn().eval(), (3, 6, 6), -2.2, 2.7)
+    assert {2, 4} <= set(bounds["act"].certified_dead)  # BN gamma = 0, beta < 0: dead for any input
+    assert 1 in bounds["act1d"].certified_dead
+    bounds = _certify(planted_module.relu6_model().eval(), (4,), -1.0, 1.0)
+    assert 0 in bounds["act"].certified_dead and 1 not in bounds["act"].certified_dead  # bias -100 / +100
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 10**6), width=st.integers(2, 12), shift=st.floats(-3, 1))
+def test_sound_on_random_models(seed, width, shift):
+    """Certified dead ⊆ never fires on many random inputs from the box."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(5, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.BatchNorm1d(width),
+        nn.ReLU(),
+        nn.Linear(width, 3),
+        nn.ReLU6(),
+    ).eval()
+    with torch.no_grad():
+        for module in model:
+            if isinstance(module, nn.Linear):
+                module.bias.add_(shift)
+        model[3].running_mean.uniform_(-1, 1)
+        model[3].running_var.uniform_(0.5, 2)
+    bounds = _certify(model, (5,), -1.5, 1.0)
+    fired = _fires(model, (5,), -1.5, 1.0, samples=2000, seed=seed)
+    for name, bound in bounds.items():
+        assert bound.certified_dead is not None
+        assert not set(bound.certified_dead) & fired.get(name, set()), name
+
+
+def test_unsupported_op_stops_certification_below_it():
+    class WithSigmoid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return torch.relu(self.b(torch.sigmoid(h)))
+
+    bounds = _certify(WithSigmoid().eval(), (3,), -1.0, 1.0)
+    names = list(bounds)
+    assert bounds[names[0]].certified_dead is not None
+    assert bounds[names[1]].certified_dead is None and "sigmoid" in bounds[names[1]].reason
+
+
+def test_data_free_cli_and_json(cli, tmp_path):
+    out = tmp_path / "cert.json"
+    result = cli(
+        "scan",
+        CNN / "model.pt",
+        "--arch",
+        str(CNN / "arch.py") + ":build",
+        "--certify",
+        "--input-range",
+        "-1",
+        "1",
+        "--input-shape",
+        "3x16x16",
+        "--json",
+        out,
+    )
+    assert result.code == 0, result.err
+    assert "Provably dead units: 8/36" in result.out
+    report = json.loads(out.read_text())
+    assert report["schema_version"] == 2 and report["summary"]["certified_dead"] == 8
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert layers["relu"]["certified_dead_indices"] == [1, 5] and len(layers["relu"]["upper_bound"]) == 8
+    assert not layers["relu"]["ran"]
+
+
+def test_with_data_gap_between_dead_and_provably_dead(cli, planted_module, tmp_path):
+    model = planted_module.eight_neuron().eval()
+    x = (
+        np.random.default_rng(0).uniform(-0.2, 0.2, (64, 4)).astype(np.float32)
+    )  # narrow data: more units look dead
+    ckpt, data = save_state_dict(model, tmp_path / "m.pt"), save_npz(tmp_path / "d.npz", x=x)
+    result = cli(
+        "scan",
+        ckpt,
+        "--arch",
+        arch("eight_neuron"),
+        "--data",
+        data,
+        "--certify",
+        "--input-range",
+        "-1",
+        "1",
+        "--json",
+        "-",
+    )
+    layer = json.loads(result.out)["layers"][0]
+    assert set(layer["certified_dead_indices"]) <= set(layer["dead_indices"])
+    assert (
+        layer["certified_dead_indices"] == [2, 4, 6] and len(layer["dead_indices"]) > 3
+    )  # the gap: check with more data
+
+
+def test_certified_prune_equals_original_on_the_whole_box(cli, tmp_path):
+    out = tmp_path / "pruned.pt2"
+    result = cli(
+        "fix",
+        CNN / "model.pt",
+        "--arch",
+        str(CNN / "arch.py") + ":build",
+        "--data",
+        CNN / "calib.npz",
+        "--strategy",
+        "prune",
+        "--certified-only",
+        "--input-range",
+        "-1",
+        "1",
+        "--output",
+        out,
+    )
+    assert result.code == 0, result.err
+    pruned = torch.export.load(str(out)).module()
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cnn_arch_cert", CNN / "arch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    original = module.build()
+    original.load_state_dict(torch.load(CNN / "model.pt", weights_only=True))
+    original.eval()
+    x = (
+        torch.rand((256, 3, 16, 16), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    )  # random points of the box
+    with torch.no_grad():
+        np.testing.assert_allclose(pruned(x).numpy(), original(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_certify_errors(cli):
+    result = cli("scan", CNN / "model.onnx", "--certify", "--input-range", "-1", "1")
+    assert result.code == 2 and "not ONNX" in result.err
+    result = cli("scan", CNN / "model.pt", "--arch", str(CNN / "arch.py") + ":build", "--certify")
+    assert result.code == 2 and "--input-shape" in result.err or "--input-range" in result.err
+    result = cli(
+        "scan",
+        CNN / "model.pt",
+        "--arch",
+        str(CNN / "arch.py") + ":build",
+        "--certify",
+        "--input-range",
+        "auto",
+        "--input-shape",
+        "3x16x16",
+    )
+    assert result.code == 2 and "auto needs --data" in result.err
+
+
+@pytest.mark.parametrize("spec", ["auto"])
+def test_auto_box_from_data(cli, spec):
+    result = cli(
+        "scan",
+        CNN / "model.pt",
+        "--arch",
+        str(CNN / "arch.py") + ":build",
+        "--data",
+        CNN / "calib.npz",
+        "--certify",
+        "--input-range",
+        spec,
+        "--json",
+        "-",
+    )
+    assert result.code == 0, result.err
+    layers = json.loads(result.out)["layers"]
+    for layer in layers:
+        assert set(layer["certified_dead_indices"]) <= set(
+            layer["dead_indices"]
+        )  # sound on the data's own box
