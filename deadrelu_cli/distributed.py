@@ -104,7 +104,6 @@ def reduce_layers(
     local = {layer.name: layer for layer in layers if layer.ran}
     tensor_device = device if world.backend == "nccl" else "cpu"
     widths = [union[name][2] if name in union else 0 for name in order]
-    total = sum(widths)
 
     def flat(getter, fill, dtype):
         parts = []
