@@ -40,12 +40,13 @@ def _root(
 
 
 def _register() -> None:
-    from deadrelu_cli.cli import fix_cmd, inspect_cmd, report_cmds, scan_cmd
+    from deadrelu_cli.cli import fix_cmd, inspect_cmd, report_cmds, scan_cmd, trend_cmd
 
     scan_cmd.register(app)
     fix_cmd.register(app)
     inspect_cmd.register(app)
     report_cmds.register(app)
+    trend_cmd.register(app)
 
 
 _register()

@@ -1,0 +1,165 @@
+"""`deadrelu trend`: dead units across training checkpoints — when each unit died, which revived.
+
+The data is opened once and, for weight-only checkpoints (state_dict / safetensors with --arch), the
+model is built once: only the weights change between checkpoints. Other formats (.pt2, TorchScript,
+ONNX) are scanned file by file with the same data.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.stats import LayerStats
+
+STEP_KEYS = ("global_step", "step", "epoch", "iteration", "iter")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int | None
+    source: str  # where the order came from: a key of the checkpoint, the file name, or the command line
+
+
+@dataclass
+class LayerTrend:
+    name: str
+    units: int
+    dead_fraction: list[float | None]  # per checkpoint (None: the layer did not run there)
+    died_at: dict[int, int] = field(default_factory=dict)  # unit -> index of the checkpoint where it was first dead
+    revived: dict[int, int] = field(default_factory=dict)  # unit -> index of the checkpoint where it came back
+
+
+@dataclass
+class TrendResult:
+    checkpoints: list[Checkpoint]
+    layers: list[LayerTrend]
+    samples: int
+
+    def to_dict(self) -> dict:
+        return {
+            "checkpoints": [{"path": str(c.path), "step": c.step, "order_from": c.source} for c in self.checkpoints],
+            "samples": self.samples,
+            "layers": [
+                {"name": t.name, "units": t.units, "dead_fraction": t.dead_fraction,
+                 "died_at": {str(u): self.checkpoints[i].step if self.checkpoints[i].step is not None else i for u, i in t.died_at.items()},
+                 "revived": {str(u): self.checkpoints[i].step if self.checkpoints[i].step is not None else i for u, i in t.revived.items()}}
+                for t in self.layers
+            ],
+        }
+
+
+def expand_paths(items: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors", ".pt2", ".onnx", ".ckpt"))
+            if not found:
+                raise UserError(f"{item}: no checkpoint files (.pt, .pth, .bin, .ckpt, .safetensors, .pt2, .onnx) in this folder")
+            paths.extend(found)
+        elif any(ch in item for ch in "*?[") and not p.exists():
+            import glob
+
+            matched = sorted(glob.glob(item))
+            if not matched:
+                raise UserError(f"{item}: no file matches this pattern")
+            paths.extend(Path(m) for m in matched)
+        else:
+            paths.append(p)
+    if len(paths) < 2:
+        raise UserError("trend needs at least two checkpoints (files, a glob or a folder)")
+    return paths
+
+
+def _step_from_checkpoint(path: Path) -> int | None:
+    import torch
+
+    from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP, detect_format
+
+    if detect_format(path) not in (TORCH_ZIP, TORCH_LEGACY):
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the scan reports unreadable files with a proper message
+        return None
+    if isinstance(obj, dict):
+        for key in STEP_KEYS:
+            value = obj.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
+
+
+def order_checkpoints(paths: list[Path]) -> list[Checkpoint]:
+    """By the checkpoint's own step/epoch when every file has one, else by a number in the file name, else as given."""
+    steps = [_step_from_checkpoint(p) for p in paths]
+    if all(s is not None for s in steps):
+        return sorted((Checkpoint(p, s, "checkpoint") for p, s in zip(paths, steps, strict=True)), key=lambda c: c.step)
+    numbers = [re.findall(r"\d+", p.stem) for p in paths]
+    if all(numbers):
+        return sorted((Checkpoint(p, int(n[-1]), "file name") for p, n in zip(paths, numbers, strict=True)), key=lambda c: c.step)
+    return [Checkpoint(p, None, "command line") for p in paths]
+
+
+def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerStats]], int]:
+    from deadrelu_cli.calibration import open_calibration
+    from deadrelu_cli.engine import resolve_device, run_scan, scan_torch
+    from deadrelu_cli.loaders import LoadOptions, load_model
+    from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP, detect_format
+    from deadrelu_cli.loaders.torch_models import _torch_load, load_state_into, unwrap_checkpoint
+
+    data = open_calibration(options.data, options.batch_axes, options.consts)
+    weight_only = options.arch and all(detect_format(c.path) in (TORCH_ZIP, TORCH_LEGACY, "safetensors") for c in checkpoints)
+    results = []
+    if weight_only:
+        device = resolve_device(options.device)
+        model = load_model(LoadOptions(str(checkpoints[0].path), options.arch, options.trust_pickle, device))  # built once
+        for checkpoint in checkpoints:
+            if detect_format(checkpoint.path) == "safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(checkpoint.path), device=device)
+            else:
+                state = unwrap_checkpoint(_torch_load(checkpoint.path, device, options.trust_pickle))
+            load_state_into(model.runnable, state, str(checkpoint.path))
+            layers, _ = scan_torch(model, data, options, device)
+            results.append(layers)
+    else:
+        for checkpoint in checkpoints:
+            results.append(run_scan(replace(options, model=str(checkpoint.path))).layers)
+    samples = data.samples if options.limit is None else min(options.limit, data.samples)
+    return results, samples
+
+
+def run_trend(items: list[str], options) -> TrendResult:
+    checkpoints = order_checkpoints(expand_paths(items))
+    scans, samples = _scan_all(checkpoints, options)
+    names: list[str] = []
+    for layers in scans:
+        for layer in layers:
+            if layer.name not in names:
+                names.append(layer.name)
+    trends = []
+    for name in names:
+        per = [next((layer for layer in layers if layer.name == name and layer.ran), None) for layers in scans]
+        units = max((layer.units for layer in per if layer is not None), default=0)
+        trend = LayerTrend(name, units, [None if layer is None else float(layer.dead_mask().mean()) if layer.units else 0.0
+                                        for layer in per])
+        was_dead = np.zeros(units, dtype=bool)
+        for index, layer in enumerate(per):
+            if layer is None or layer.units != units:
+                continue
+            dead = layer.dead_mask()
+            for unit in np.flatnonzero(dead & ~was_dead):
+                trend.died_at.setdefault(int(unit), index)
+            for unit in np.flatnonzero(was_dead & ~dead):
+                trend.revived[int(unit)] = index
+            was_dead = dead
+        trends.append(trend)
+    return TrendResult(checkpoints, trends, samples)
