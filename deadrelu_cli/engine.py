@@ -36,6 +36,7 @@ class ScanOptions:
     consts: tuple[str, ...] = ()  # arrays fed whole to every batch
     batch_axes: dict[str, int] = field(default_factory=dict)  # arrays whose samples are not on axis 0
     distributed: bool = False  # under torchrun: scan this rank's shard, all_reduce the counts
+    explain: bool = False  # the cause of each dead unit, and what to do
     certify: bool = False  # data-free bounds: which units can never fire over the input box
     input_range: tuple[float, float] | str | None = None  # (LO, HI) or "auto" (min/max of the data)
     input_shape: str | None = None  # one sample's shape when neither the model nor the data gives it
@@ -400,6 +401,11 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
             finish(world)
     if options.certify and (world is None or world.is_main):
         attach_certificates(layers, certify_model(model, options, data, device))
+    findings = []
+    if probe is not None and world is None:
+        from deadrelu_cli.causes import structural_checks
+
+        findings = structural_checks(model, probe)
     report = Report(
         model=ModelInfo(path=str(options.model), format=model.format, sha256=model.sha256),
         data=DataInfo(path=str(options.data), samples=samples),
@@ -407,8 +413,12 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
             options.threshold, options.dying, options.tau, options.channel_dim, device, tuple(options.ops)
         ),
         layers=layers,
-        notes=list(model.notes),
+        notes=list(model.notes) + [f"check {f.kind}: {f.message}" for f in findings],
     )
+    if options.explain:
+        from deadrelu_cli.causes import explain
+
+        explain(report, model, probe)
     return ScanResult(report, model, data, device, probe, is_main=world is None or world.is_main)
 
 

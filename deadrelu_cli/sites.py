@@ -53,10 +53,14 @@ def _eager_sites(model, ops, input_shape: tuple[int, ...] | None) -> tuple[list[
                 raise UserError(
                     f"a zero sample of shape {list(sample.shape)} failed in the model ({str(exc).splitlines()[0]}); check --input-shape"
                 ) from None
+        from deadrelu_cli.causes import structural_checks
+
+        findings = structural_checks(model, probe)
+        note = "; ".join(f"{f.kind}: {f.message}" for f in findings) or None
         return [
             StaticSite(s.name, s.op, False, s.module_type or "", None, s.producer)
             for s in probe.registry.sites.values()
-        ], None
+        ], note
     sites = []
     for name, sub in module.named_modules():
         qualified = f"{type(sub).__module__}.{type(sub).__qualname__}"

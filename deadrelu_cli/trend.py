@@ -31,8 +31,12 @@ class LayerTrend:
     name: str
     units: int
     dead_fraction: list[float | None]  # per checkpoint (None: the layer did not run there)
-    died_at: dict[int, int] = field(default_factory=dict)  # unit -> index of the checkpoint where it was first dead
-    revived: dict[int, int] = field(default_factory=dict)  # unit -> index of the checkpoint where it came back
+    died_at: dict[int, int] = field(
+        default_factory=dict
+    )  # unit -> index of the checkpoint where it was first dead
+    revived: dict[int, int] = field(
+        default_factory=dict
+    )  # unit -> index of the checkpoint where it came back
 
 
 @dataclass
@@ -43,12 +47,24 @@ class TrendResult:
 
     def to_dict(self) -> dict:
         return {
-            "checkpoints": [{"path": str(c.path), "step": c.step, "order_from": c.source} for c in self.checkpoints],
+            "checkpoints": [
+                {"path": str(c.path), "step": c.step, "order_from": c.source} for c in self.checkpoints
+            ],
             "samples": self.samples,
             "layers": [
-                {"name": t.name, "units": t.units, "dead_fraction": t.dead_fraction,
-                 "died_at": {str(u): self.checkpoints[i].step if self.checkpoints[i].step is not None else i for u, i in t.died_at.items()},
-                 "revived": {str(u): self.checkpoints[i].step if self.checkpoints[i].step is not None else i for u, i in t.revived.items()}}
+                {
+                    "name": t.name,
+                    "units": t.units,
+                    "dead_fraction": t.dead_fraction,
+                    "died_at": {
+                        str(u): self.checkpoints[i].step if self.checkpoints[i].step is not None else i
+                        for u, i in t.died_at.items()
+                    },
+                    "revived": {
+                        str(u): self.checkpoints[i].step if self.checkpoints[i].step is not None else i
+                        for u, i in t.revived.items()
+                    },
+                }
                 for t in self.layers
             ],
         }
@@ -59,9 +75,15 @@ def expand_paths(items: list[str]) -> list[Path]:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors", ".pt2", ".onnx", ".ckpt"))
+            found = sorted(
+                f
+                for f in p.iterdir()
+                if f.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors", ".pt2", ".onnx", ".ckpt")
+            )
             if not found:
-                raise UserError(f"{item}: no checkpoint files (.pt, .pth, .bin, .ckpt, .safetensors, .pt2, .onnx) in this folder")
+                raise UserError(
+                    f"{item}: no checkpoint files (.pt, .pth, .bin, .ckpt, .safetensors, .pt2, .onnx) in this folder"
+                )
             paths.extend(found)
         elif any(ch in item for ch in "*?[") and not p.exists():
             import glob
@@ -100,10 +122,15 @@ def order_checkpoints(paths: list[Path]) -> list[Checkpoint]:
     """By the checkpoint's own step/epoch when every file has one, else by a number in the file name, else as given."""
     steps = [_step_from_checkpoint(p) for p in paths]
     if all(s is not None for s in steps):
-        return sorted((Checkpoint(p, s, "checkpoint") for p, s in zip(paths, steps, strict=True)), key=lambda c: c.step)
+        return sorted(
+            (Checkpoint(p, s, "checkpoint") for p, s in zip(paths, steps, strict=True)), key=lambda c: c.step
+        )
     numbers = [re.findall(r"\d+", p.stem) for p in paths]
     if all(numbers):
-        return sorted((Checkpoint(p, int(n[-1]), "file name") for p, n in zip(paths, numbers, strict=True)), key=lambda c: c.step)
+        return sorted(
+            (Checkpoint(p, int(n[-1]), "file name") for p, n in zip(paths, numbers, strict=True)),
+            key=lambda c: c.step,
+        )
     return [Checkpoint(p, None, "command line") for p in paths]
 
 
@@ -115,11 +142,15 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
     from deadrelu_cli.loaders.torch_models import _torch_load, load_state_into, unwrap_checkpoint
 
     data = open_calibration(options.data, options.batch_axes, options.consts)
-    weight_only = options.arch and all(detect_format(c.path) in (TORCH_ZIP, TORCH_LEGACY, "safetensors") for c in checkpoints)
+    weight_only = options.arch and all(
+        detect_format(c.path) in (TORCH_ZIP, TORCH_LEGACY, "safetensors") for c in checkpoints
+    )
     results = []
     if weight_only:
         device = resolve_device(options.device)
-        model = load_model(LoadOptions(str(checkpoints[0].path), options.arch, options.trust_pickle, device))  # built once
+        model = load_model(
+            LoadOptions(str(checkpoints[0].path), options.arch, options.trust_pickle, device)
+        )  # built once
         for checkpoint in checkpoints:
             if detect_format(checkpoint.path) == "safetensors":
                 from safetensors.torch import load_file
@@ -147,10 +178,18 @@ def run_trend(items: list[str], options) -> TrendResult:
                 names.append(layer.name)
     trends = []
     for name in names:
-        per = [next((layer for layer in layers if layer.name == name and layer.ran), None) for layers in scans]
+        per = [
+            next((layer for layer in layers if layer.name == name and layer.ran), None) for layers in scans
+        ]
         units = max((layer.units for layer in per if layer is not None), default=0)
-        trend = LayerTrend(name, units, [None if layer is None else float(layer.dead_mask().mean()) if layer.units else 0.0
-                                        for layer in per])
+        trend = LayerTrend(
+            name,
+            units,
+            [
+                None if layer is None else float(layer.dead_mask().mean()) if layer.units else 0.0
+                for layer in per
+            ],
+        )
         was_dead = np.zeros(units, dtype=bool)
         for index, layer in enumerate(per):
             if layer is None or layer.units != units:

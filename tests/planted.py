@@ -143,3 +143,52 @@ class TwoInputs(nn.Module):
 def two_inputs() -> nn.Module:
     torch.manual_seed(5)
     return TwoInputs()
+
+
+class CausesMLP(nn.Module):
+    """One dead unit per cause (data: x in [0, 1]^4). fc1: 0 negative bias, 1 collapsed weights,
+    2 direction (weights point away from the positive data); fc2: unit 0 reads only fc1's dead units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.out(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def causes_mlp() -> nn.Module:
+    torch.manual_seed(6)
+    model = CausesMLP()
+    with torch.no_grad():
+        model.fc1.weight.copy_(
+            torch.rand(8, 4) + 0.2
+        )  # positive weights: every unit fires on positive data...
+        model.fc1.bias.fill_(0.1)
+        model.fc1.bias[0] = -50.0  # ...unless its bias is far negative
+        model.fc1.weight[1] *= 1e-4  # collapsed weights (weight decay's signature)
+        model.fc1.bias[1] = -0.01
+        model.fc1.weight[2] = -model.fc1.weight[2]  # points away from the data
+        model.fc1.bias[2] = 0.0
+        model.fc2.weight.copy_(torch.rand(6, 8) + 0.1)
+        model.fc2.bias.fill_(0.1)
+        model.fc2.weight[0] = 0.0
+        model.fc2.weight[0, :3] = 1.0  # reads only fc1's dead units 0, 1, 2
+        model.fc2.bias[0] = 0.0
+    return model
+
+
+class ReluBeforeSoftmax(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.softmax(torch.relu(self.fc(x)), dim=-1)
+
+
+def relu_before_softmax() -> nn.Module:
+    torch.manual_seed(7)
+    return ReluBeforeSoftmax()

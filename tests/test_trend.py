@@ -17,7 +17,9 @@ def run(tmp_path_factory):
     import importlib.util
 
     folder = tmp_path_factory.mktemp("run")
-    spec = importlib.util.spec_from_file_location("mlp_arch_trend", ROOT / "sample_models" / "mlp" / "arch.py")
+    spec = importlib.util.spec_from_file_location(
+        "mlp_arch_trend", ROOT / "sample_models" / "mlp" / "arch.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     torch.manual_seed(0)
@@ -45,8 +47,10 @@ def _reference_dead(module, state, x):
     with torch.no_grad():
         h1 = model.fc1(x)
         h2 = model.fc2(torch.relu(h1))
-    return {"act1": set(np.flatnonzero((h1 > 0).sum(0).numpy() == 0).tolist()),
-            "relu()": set(np.flatnonzero((h2 > 0).sum(0).numpy() == 0).tolist())}
+    return {
+        "act1": set(np.flatnonzero((h1 > 0).sum(0).numpy() == 0).tolist()),
+        "relu()": set(np.flatnonzero((h2 > 0).sum(0).numpy() == 0).tolist()),
+    }
 
 
 def test_trend_matches_reference(cli, run):

@@ -15,7 +15,10 @@ from deadrelu_cli.cli import options as opt
 Strategy = opt.Annotated[
     str,
     typer.Option(
-        "--strategy", "-s", help="leaky | elu | reinit (ReDo) | bias-shift | prune.", show_default=False
+        "--strategy",
+        "-s",
+        help="leaky | elu | reinit (ReDo) | bias-shift | prune | kick.",
+        show_default=False,
     ),
 ]
 Output = opt.Annotated[
@@ -62,6 +65,9 @@ def fix(
     channel_dim: opt.ChannelDim = None,
     const: opt.Const = None,
     batch_axis: opt.BatchAxis = None,
+    kick_scale: float = typer.Option(
+        0.1, "--kick-scale", help="kick: noise std as a fraction of the layer's weight std."
+    ),
     certified_only: bool = typer.Option(
         False,
         "--certified-only",
@@ -102,6 +108,7 @@ def fix(
         tolerance=tolerance,
         force=force,
         certified_only=certified_only,
+        kick_scale=kick_scale,
     )
     result = run_fix(scan_options, fix_options)
     console = Console(stderr=json_out == "-", highlight=False)

@@ -259,3 +259,12 @@ def parse_input_range(values: list[str] | None):
         return float(values[0]), float(values[1])
     except ValueError:
         raise UserError(f"--input-range {' '.join(values)}: LO and HI must be numbers") from None
+
+
+Explain = Annotated[
+    bool,
+    typer.Option(
+        "--explain",
+        help="Say why each dead unit is dead (negative bias, collapsed weights, BatchNorm shift, starved, direction) and what to do.",
+    ),
+]

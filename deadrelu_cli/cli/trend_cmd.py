@@ -12,7 +12,13 @@ from rich.table import Table
 
 from deadrelu_cli.cli import options as opt
 
-Checkpoints = opt.Annotated[list[str], typer.Argument(help="Checkpoint files, a glob or a folder (ordered by their step/epoch, else by the number in the name).", show_default=False)]
+Checkpoints = opt.Annotated[
+    list[str],
+    typer.Argument(
+        help="Checkpoint files, a glob or a folder (ordered by their step/epoch, else by the number in the name).",
+        show_default=False,
+    ),
+]
 MAX_COLUMNS = 8
 
 
@@ -34,8 +40,17 @@ def trend(
     from deadrelu_cli.report.table import SPARK
     from deadrelu_cli.trend import run_trend
 
-    options = ScanOptions(model="", data=data, arch=arch, trust_pickle=trust_pickle, batch_size=opt.parse_batch_size(batch_size),
-                          limit=limit, device=device, threshold=threshold, channel_dim=channel_dim)
+    options = ScanOptions(
+        model="",
+        data=data,
+        arch=arch,
+        trust_pickle=trust_pickle,
+        batch_size=opt.parse_batch_size(batch_size),
+        limit=limit,
+        device=device,
+        threshold=threshold,
+        channel_dim=channel_dim,
+    )
     result = run_trend(checkpoints, options)
     if json_out:
         text = json.dumps(result.to_dict(), indent=2) + "\n"
@@ -45,9 +60,15 @@ def trend(
         write_text_atomic(json_out, text)
     console = Console(highlight=False)
     steps = [c.step if c.step is not None else i for i, c in enumerate(result.checkpoints)]
-    shown = sorted({round(i * (len(steps) - 1) / (MAX_COLUMNS - 1)) for i in range(MAX_COLUMNS)}) if len(steps) > MAX_COLUMNS else list(range(len(steps)))
+    shown = (
+        sorted({round(i * (len(steps) - 1) / (MAX_COLUMNS - 1)) for i in range(MAX_COLUMNS)})
+        if len(steps) > MAX_COLUMNS
+        else list(range(len(steps)))
+    )
     label = {"checkpoint": "step", "file name": "#", "command line": "#"}[result.checkpoints[0].source]
-    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
+    table = Table(
+        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
+    )
     table.add_column("Layer", overflow="fold")
     for index in shown:
         table.add_column(f"{label} {steps[index]}", justify="right", no_wrap=True)
@@ -55,13 +76,18 @@ def trend(
     table.add_column("Died", no_wrap=True)
     table.add_column("Revived", justify="right")
     for layer in result.layers:
-        cells = ["–" if layer.dead_fraction[i] is None else f"{100 * layer.dead_fraction[i]:.0f}%" for i in shown]
+        cells = [
+            "–" if layer.dead_fraction[i] is None else f"{100 * layer.dead_fraction[i]:.0f}%" for i in shown
+        ]
         values = [v or 0.0 for v in layer.dead_fraction]
         spark = "".join(SPARK[min(len(SPARK) - 1, int(v * (len(SPARK) - 1) + 0.5))] for v in values)
         first = sorted(layer.died_at.values())
         died = f"{len(layer.died_at)}" + (f" ({label} {steps[first[0]]})" if first else "")
         table.add_row(layer.name, *cells, spark, died, str(len(layer.revived)))
-    console.print(f"{len(steps)} checkpoints, ordered by {result.checkpoints[0].source} · {data} · {result.samples} samples", markup=False)
+    console.print(
+        f"{len(steps)} checkpoints, ordered by {result.checkpoints[0].source} · {data} · {result.samples} samples",
+        markup=False,
+    )
     console.print(table)
 
 

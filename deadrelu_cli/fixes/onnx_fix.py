@@ -191,6 +191,26 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 f"{wire.bias} raised by {float(-quantiles[plan.name].max()):.4g}…{float(-quantiles[plan.name].min()):.4g}",
             )
             continue
+        if options.strategy == "kick":
+            if wire.incoming is None:
+                outcome.action = wire.why
+                continue
+            w_in = _get(model, wire.incoming.name)
+            sigma = float(w_in.std()) * options.kick_scale
+            noise = rng.standard_normal(np.take(w_in, plan.units, axis=wire.incoming.axis).shape) * sigma
+            _assign(
+                w_in,
+                wire.incoming.axis,
+                plan.units,
+                np.take(w_in, plan.units, axis=wire.incoming.axis) + noise.astype(w_in.dtype),
+            )
+            _set(model, wire.incoming.name, w_in)
+            if wire.bias:
+                bias = _get(model, wire.bias)
+                bias[plan.units] += np.abs(rng.standard_normal(len(plan.units)) * sigma).astype(bias.dtype)
+                _set(model, wire.bias, bias)
+            outcome.applied, outcome.action = True, f"{wire.incoming.name} kicked (σ = {sigma:.3g})"
+            continue
         if wire.incoming is None or wire.outgoing is None:
             outcome.action = wire.why
             continue

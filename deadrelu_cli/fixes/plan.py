@@ -10,7 +10,7 @@ import numpy as np
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.report.model import Report
 
-STRATEGIES = ("leaky", "elu", "reinit", "bias-shift", "prune")
+STRATEGIES = ("leaky", "elu", "reinit", "bias-shift", "prune", "kick")
 EXACT_STRATEGIES = ("reinit", "prune")  # outputs on the calibration data must not change
 
 
@@ -24,6 +24,7 @@ class FixOptions:
     target_rate: float = 0.01
     tolerance: float = 1e-5  # relative, for the exact strategies
     force: bool = False
+    kick_scale: float = 0.1  # kick: noise std as a fraction of the layer's weight std
     certified_only: bool = False  # act only on units certified dead over the input box (--certify)
 
 

@@ -381,3 +381,34 @@ def linear_conv_flops(model: nn.Module, example: tuple) -> int:
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def kick(
+    model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan], options: FixOptions
+) -> list[LayerOutcome]:
+    """A seeded random push of each dead unit's incoming weights and bias (bias upwards), scaled by
+    `kick_scale` times the layer's weight standard deviation."""
+    outcomes = []
+    generator = torch.Generator().manual_seed(options.seed)
+    with torch.no_grad():
+        for plan in plans:
+            layer = report.layer(plan.name)
+            outcome = LayerOutcome(plan.name, plan.units, "", False, len(plan.units))
+            outcomes.append(outcome)
+            if layer.producer is None:
+                outcome.action = "skipped: no single Linear/Conv/BatchNorm produces this activation"
+                continue
+            incoming, bn, incoming_name = _producers(model, probe, layer.producer)
+            if incoming is None:
+                outcome.action = f"skipped: producer {layer.producer} is not a Linear/Conv (or BN after one)"
+                continue
+            sigma = float(incoming.weight.detach().float().std()) * options.kick_scale
+            units = torch.tensor(plan.units, dtype=torch.long)
+            noise = torch.randn((len(plan.units), *incoming.weight.shape[1:]), generator=generator) * sigma
+            incoming.weight[units] += noise.to(incoming.weight)
+            target = bn.bias if bn is not None else incoming.bias
+            if target is not None:
+                target[units] += (torch.randn(len(plan.units), generator=generator).abs() * sigma).to(target)
+            outcome.applied = True
+            outcome.action = f"{incoming_name} rows{' and ' + layer.producer + ' beta' if bn is not None else ''} kicked (σ = {sigma:.3g})"
+    return outcomes

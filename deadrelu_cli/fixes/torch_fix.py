@@ -108,6 +108,8 @@ def apply_torch(
             scanned, plans, options.target_rate, options.seed, replace(scan_options, progress=None)
         )
         outcomes = eager.bias_shift(model, probe, report, plans, options, quantiles)
+    elif options.strategy == "kick":
+        outcomes = eager.kick(model, probe, report, plans, options)
     elif options.strategy == "prune":
         outcomes, result.new_widths = eager.prune(model, probe, report, plans)
     else:

@@ -214,9 +214,8 @@ class EagerProbe:
         self._site_outputs: dict[int, tuple[weakref.ref, str]] = {}
         self.consumers: dict[str, set[str]] = {}  # site -> Linear/Conv modules that read its output
         self.upstream: dict[str, str] = {}  # producer -> the producer feeding it (BN -> its Conv)
-        self.substitutes: dict[
-            str, Callable[[torch.Tensor], torch.Tensor]
-        ] = {}  # site -> replacement activation
+        self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement
+        self.final_output_sites: set[str] = set()  # sites whose output is returned by the model
         self._module_names = {id(m): name for name, m in model.named_modules()}
 
     # -- hooks -------------------------------------------------------------------------------
@@ -324,7 +323,11 @@ class EagerProbe:
         """One forward pass under the call-site mode."""
         self.begin_forward()
         with _CallSiteMode(self):
-            return self.model(*inputs, **(kwargs or {}))
+            out = self.model(*inputs, **(kwargs or {}))
+        for leaf in torch.utils._pytree.tree_leaves(out):  # an activation returned as the model's output
+            if isinstance(leaf, torch.Tensor) and self.site_of(leaf) is not None:
+                self.final_output_sites.add(self.site_of(leaf))
+        return out
 
     # -- recording -----------------------------------------------------------------------------
     def _current_module(self) -> tuple[str, nn.Module, bool]:

@@ -157,7 +157,8 @@ def unit_status(layer: LayerStats, index: int, dying: float) -> str:
     if not layer.ran:
         return "not run"
     if layer.positive_counts[index] == 0:
-        return "DEAD"
+        cause = layer.extra.get("causes", {}).get(str(index))
+        return f"DEAD ({cause})" if cause else "DEAD"
     if layer.saturated_counts is not None and layer.saturated_counts[index] == layer.elements_per_unit:
         return "saturated"
     if layer.active_rate()[index] < dying:
@@ -176,7 +177,7 @@ def units_table(report: Report, layer: LayerStats) -> Table:
     mean_abs = layer.mean_abs()
     for i in range(layer.units):
         status = unit_status(layer, i, report.settings.dying)
-        style = {"DEAD": "bold red", "dying": "yellow", "saturated": "magenta"}.get(status, "")
+        style = {"DEAD": "bold red", "dying": "yellow", "saturated": "magenta"}.get(status.split(" ")[0], "")
         bias = "–" if layer.bias is None else f"{layer.bias[i]:.4g}"
         table.add_row(
             str(i),
@@ -190,12 +191,36 @@ def units_table(report: Report, layer: LayerStats) -> Table:
     return table
 
 
+def print_causes(report: Report, console: Console) -> None:
+    """--explain: dead units per cause and layer, then what to do about each cause found."""
+    from deadrelu_cli.causes import ADVICE, CAUSES
+
+    found = [c for c in CAUSES if any(c in layer.extra.get("cause_counts", {}) for layer in report.layers)]
+    table = Table(
+        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
+    )
+    table.add_column("Layer", overflow="fold")
+    for cause in found:
+        table.add_column(cause, justify="right")
+    for layer in report.layers:
+        counts = layer.extra.get("cause_counts")
+        if counts:
+            table.add_row(escape(layer.name), *[str(counts.get(c, 0)) for c in found])
+    console.print("Why they are dead (docs/causes.md):", markup=False)
+    console.print(table)
+    for cause in found:
+        console.print(f"{cause}: " + "; ".join(ADVICE[cause]), markup=False)
+
+
 def header_line(report: Report) -> str:
     return f"{report.model.path} ({report.model.format}) · {report.data.path} · {report.data.samples} samples"
 
 
 def print_report(report: Report, console: Console, layer_name: str | None = None) -> None:
     console.print(header_line(report), markup=False)
+    for note in report.notes:  # structural problems first: they matter more than any count
+        if note.startswith("check "):
+            console.print(f"warning: {note.removeprefix('check ')}", style="yellow", markup=False)
     if layer_name:
         layer = report.layer(layer_name)
         console.print(
@@ -211,5 +236,8 @@ def print_report(report: Report, console: Console, layer_name: str | None = None
     else:
         console.print(layers_table(report))
     console.print(summary_line(report), markup=False)
+    if any("cause_counts" in layer.extra for layer in report.layers) and not layer_name:
+        print_causes(report, console)
     for note in report.notes:
-        console.print(f"note: {note}", style="dim", markup=False)
+        if not note.startswith("check "):
+            console.print(f"note: {note}", style="dim", markup=False)

@@ -1,0 +1,100 @@
+"""--explain: planted units of each cause are classified as planted; structural checks; the kick fix."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from conftest import arch, save_npz, save_state_dict
+
+
+def _scan_json(cli, model, factory, x, tmp_path, *extra):
+    ckpt, data = save_state_dict(model, tmp_path / "m.pt"), save_npz(tmp_path / "d.npz", x=x)
+    result = cli("scan", ckpt, "--arch", arch(factory), "--data", data, "--json", "-", *extra)
+    assert result.code == 0, result.err
+    return json.loads(result.out), ckpt, data
+
+
+def test_each_planted_cause(cli, tmp_path, planted_module):
+    x = np.random.default_rng(0).uniform(0, 1, (200, 4)).astype(np.float32)
+    report, *_ = _scan_json(cli, planted_module.causes_mlp().eval(), "causes_mlp", x, tmp_path, "--explain")
+    fc1, fc2 = report["layers"]
+    assert fc1["dead_indices"] == [0, 1, 2]
+    assert fc1["extra"]["causes"] == {"0": "negative bias", "1": "collapsed weights", "2": "direction"}
+    assert fc2["extra"]["causes"]["0"] == "starved"
+    assert fc1["extra"]["cause_counts"] == {"negative bias": 1, "collapsed weights": 1, "direction": 1}
+
+
+def test_batchnorm_shift(cli, tmp_path, planted_module):
+    x = np.random.default_rng(1).standard_normal((20, 3, 5, 5)).astype(np.float32)
+    report, *_ = _scan_json(cli, planted_module.conv_bn().eval(), "conv_bn", x, tmp_path, "--explain")
+    causes = report["layers"][0]["extra"]["causes"]
+    assert causes["2"] == "batchnorm shift" and causes["4"] == "batchnorm shift"
+
+
+def test_table_shows_causes_and_advice(cli, tmp_path, planted_module):
+    x = np.random.default_rng(0).uniform(0, 1, (50, 4)).astype(np.float32)
+    ckpt, data = (
+        save_state_dict(planted_module.causes_mlp().eval(), tmp_path / "m.pt"),
+        save_npz(tmp_path / "d.npz", x=x),
+    )
+    result = cli("scan", ckpt, "--arch", arch("causes_mlp"), "--data", data, "--explain")
+    assert "Why they are dead" in result.out and "exclude biases (and norms) from weight decay" in result.out
+    drill = cli("scan", ckpt, "--arch", arch("causes_mlp"), "--data", data, "--explain", "--layer", "relu()")
+    assert "DEAD (negative bias)" in drill.out and "DEAD (collapsed weights)" in drill.out
+
+
+def test_relu_before_softmax_check(cli, tmp_path, planted_module):
+    x = np.random.default_rng(2).standard_normal((10, 4)).astype(np.float32)
+    report, *_ = _scan_json(
+        cli, planted_module.relu_before_softmax().eval(), "relu_before_softmax", x, tmp_path
+    )
+    assert any(note.startswith("check relu-before-softmax:") for note in report["notes"])
+    clean, *_ = _scan_json(cli, planted_module.causes_mlp().eval(), "causes_mlp", x, tmp_path)
+    assert not any("relu-before-softmax" in note for note in clean["notes"])
+
+
+def test_relu_on_output_and_constant_bn_checks(cli, tmp_path, planted_module):
+    x = np.random.default_rng(3).standard_normal((10, 4)).astype(np.float32)
+    report, *_ = _scan_json(cli, planted_module.relu6_model().eval(), "relu6_model", x, tmp_path)
+    assert any(note.startswith("check relu-on-output:") and "relu6()" in note for note in report["notes"])
+    x = np.random.default_rng(4).standard_normal((10, 3, 5, 5)).astype(np.float32)
+    report, *_ = _scan_json(cli, planted_module.conv_bn().eval(), "conv_bn", x, tmp_path)
+    assert any(note.startswith("check constant-bn:") and "[2, 4]" in note for note in report["notes"])
+
+
+def test_kick_revives_and_is_verified(cli, tmp_path, planted_module):
+    x = np.random.default_rng(0).uniform(0, 1, (200, 4)).astype(np.float32)
+    _, ckpt, data = _scan_json(cli, planted_module.causes_mlp().eval(), "causes_mlp", x, tmp_path)
+    out = tmp_path / "kicked.pt"
+    result = cli(
+        "fix",
+        ckpt,
+        "--arch",
+        arch("causes_mlp"),
+        "--data",
+        data,
+        "--strategy",
+        "kick",
+        "--kick-scale",
+        "2.0",
+        "--layers",
+        "relu()",
+        "--output",
+        out,
+        "--seed",
+        "3",
+    )
+    assert result.code == 0, result.err
+    import torch
+
+    before, after = torch.load(ckpt, weights_only=True), torch.load(out, weights_only=True)
+    changed = (before["fc1.weight"] != after["fc1.weight"]).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [0, 1, 2]  # only the dead units' incoming weights moved
+    assert torch.equal(before["fc2.weight"], after["fc2.weight"])
+
+
+def test_inspect_runs_the_structural_checks(cli, tmp_path, planted_module):
+    ckpt = save_state_dict(planted_module.relu_before_softmax(), tmp_path / "m.pt")
+    result = cli("inspect", ckpt, "--arch", arch("relu_before_softmax"))
+    assert result.code == 0 and "relu-before-softmax" in result.out
