@@ -287,3 +287,37 @@ def test_relu_inside_loop_body(tmp_path):
     np.testing.assert_allclose(layer.max_preactivation, maxima, rtol=1e-5, atol=1e-5)
     assert layer.elements_per_unit == 33
     assert 1 in np.flatnonzero(layer.dead_mask()).tolist()
+
+
+@pytest.mark.parametrize(("factory", "channel_dim"), [("relu_in_if", 1), ("matmul_tokens", -1), ("conv", 1)])
+def test_sites_of_unknown_rank_use_rank_free_reductions(factory, channel_dim):
+    """When shape inference cannot tell a site's rank (seen in silero-vad's If branches), the reductions
+    reshape to [N, C, rest] or [rest, C]; the counts must equal those of the known-rank path."""
+    import onnxruntime as ort
+
+    from deadrelu_cli.onnx_scan import _HostAccumulator
+    from deadrelu_cli.probe.onnx_graph import find_sites, instrument
+
+    model = {"relu_in_if": relu_in_if, "matmul_tokens": matmul_tokens, "conv": conv_relu_hardswish}[factory]()
+    model = onnx.shape_inference.infer_shapes(model)
+    rng = np.random.default_rng(12)
+    feeds = {"relu_in_if": {"x": rng.standard_normal((6, 4)).astype(np.float32), "flag": np.array(True)},
+             "matmul_tokens": {"x": rng.standard_normal((3, 5, 8)).astype(np.float32)},
+             "conv": {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}}[factory]
+    results = []
+    for forget_rank in (False, True):
+        sites = find_sites(model, ("relu",))
+        if forget_rank:
+            for site in sites:
+                site.rank = None
+        inst = instrument(model, sites, 0.0, None)
+        session = ort.InferenceSession(inst.SerializeToString(), providers=["CPUExecutionProvider"])
+        out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+        counts = []
+        for site in sites:
+            acc = _HostAccumulator(site)
+            acc.add({key: out[name] for key, name in site.outputs.items()})
+            counts.append((acc.positive.tolist() if acc.positive is not None else None, acc.elements))
+        results.append(counts)
+    assert results[0] == results[1]
+    assert results[1][0][0] is not None

@@ -33,7 +33,7 @@ def inspect(
     console.print(f"{model}: {len(sites)} activation sites", markup=False)
     table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
     for column in ("#", "Layer", "Op", "Module type", "Producer"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for i, site in enumerate(sites, 1):
         table.add_row(str(i), site.name, site.op, site.module_type, site.producer or "–")
     console.print(table)

@@ -208,6 +208,25 @@ def _trace(site: OnnxSite, index: _GraphIndex) -> None:
 _BRANCH_ORDER = {"then_branch": 0, "else_branch": 1}
 
 
+def _consumer_layout(site: OnnxSite, index: _GraphIndex) -> bool | None:
+    """When the producer does not tell (an LSTM, a Reshape…): the layer that reads the activation does —
+    a Conv reads channels on dim 1, a MatMul/Gemm the last dim."""
+    name = site.output_name
+    for _ in range(8):
+        consumers = index.consumers.get(name, [])
+        if len(consumers) != 1:
+            return None
+        node = consumers[0]
+        if node.op_type in ("Conv", "ConvTranspose"):
+            return True
+        if node.op_type in ("MatMul", "Gemm"):
+            return False
+        if node.op_type not in ("MaxPool", "AveragePool", "Dropout", "Identity", "Cast"):
+            return None
+        name = node.output[0]
+    return None
+
+
 def _subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
     """Subgraph attributes in reading order (an If's then branch before its else branch)."""
     found = [(attr.name, attr.g) for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH]
@@ -238,6 +257,8 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
                     in_loop=in_loop,
                 )
                 _trace(site, index)
+                if site.channel_first is None:
+                    site.channel_first = _consumer_layout(site, index)
                 sites.append(site)
             for attr_name, sub in _subgraphs(node):
                 label = node.name or node.output[0]
@@ -317,6 +338,20 @@ def _add_reductions(
     axes = [d for d in range(rank) if d != channel_dim] if rank > 1 else []
     np_type = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
     x, y = site.input_name, site.output_name
+    if site.rank is None:
+        # Rank unknown (e.g. inside an If branch that shape inference could not see through): view the
+        # tensor as [N, C, rest] (units on dim 1) or [rest, C] (units last); both reshapes work for any rank.
+        if channel_dim == -1:
+            last = builder.node("Slice", [builder.node("Shape", [x], "shape"), builder.const(np.array([-1], np.int64), "m1"),
+                                          builder.const(np.array([np.iinfo(np.int64).max], np.int64), "end")], "lastdim")
+            shape = builder.node("Concat", [builder.const(np.array([-1], np.int64), "minus1"), last], "flatshape", axis=0)
+            axes = [0]
+        else:
+            shape = builder.const(np.array([0, 0, -1], np.int64), "ncrest")
+            axes = [0, 2]
+        x = builder.node("Reshape", [x, shape], "xflat")
+        y = builder.node("Reshape", [y, shape], "yflat")
+        rank = 3 if channel_dim != -1 else 2
     if elem_type not in (TensorProto.FLOAT, TensorProto.DOUBLE):  # fp16/bf16: reduce in float32
         # onnxruntime on CPU runs fp16 ops in float32 and may merge this Cast with its own, so the
         # values can be the float32 ones before fp16 rounding: the host rounds max_pre back (rounding
@@ -391,10 +426,15 @@ def _empty_like_stat(builder: _Builder, key: str) -> str:
 
 
 def site_channel_dim(site: OnnxSite, override: int | None) -> int:
-    """Dim 1 for conv-like outputs, the last dim for MatMul/Gemm outputs; `override` wins."""
+    """Dim 1 for conv-like outputs, the last dim for MatMul/Gemm outputs; `override` wins. With an
+    unknown rank: 1, or -1 (last) when the producer is a MatMul/Gemm."""
     from deadrelu_cli.probe.accumulator import resolve_channel_dim
 
-    if not site.rank or site.rank <= 1:
+    if site.rank is None:
+        if override in (1, -1):
+            return override
+        return -1 if site.channel_first is False else 1
+    if site.rank <= 1:
         return 0
     inferred = 1 if (site.channel_first or (site.channel_first is None and site.rank >= 4)) else -1
     return resolve_channel_dim(site.rank, inferred, override)
@@ -429,10 +469,9 @@ def instrument(
     collect(inst.graph, ())
     indexes = {path: _GraphIndex(g) for path, g in graphs.items()}
     for i, site in enumerate(sites):
-        if site.rank is None:
-            raise UserError(
-                f"ONNX layer {site.name}: the rank of its input is unknown; run onnx shape inference on the model first"
-            )
+        if site.rank is None and channel_dim_override not in (None, 1, -1):
+            raise UserError(f"ONNX layer {site.name}: the rank of its input is unknown, so --channel-dim "
+                            f"{channel_dim_override} cannot be applied; use 1 or -1")
         dim = site_channel_dim(site, channel_dim_override)
         site.channel_dim = dim
         graph = graphs[site.graph_path]
