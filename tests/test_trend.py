@@ -80,3 +80,24 @@ def test_trend_table_and_errors(cli, run):
     assert result.code == 0 and "step 40" in result.out and "ordered by checkpoint" in result.out
     result = cli("trend", folder / "ckpt-00.pt", "--data", folder / "calib.npz", "--arch", MLP_ARCH)
     assert result.code == 2 and "at least two checkpoints" in result.err
+
+
+def test_trend_html(cli, run, tmp_path):
+    folder, *_ = run
+    out = tmp_path / "trend.html"
+    result = cli("trend", folder, "--data", folder / "calib.npz", "--arch", MLP_ARCH, "--html", out)
+    assert result.code == 0, result.err
+    text = out.read_text()
+    assert text.count("<svg") == 1 and 'data-layer="relu()"' in text and "http://" not in text.replace("http://www.w3.org", "")
+
+
+def test_trend_onnx_files(cli, tmp_path):
+    import shutil
+
+    for i in (1, 2):
+        shutil.copy(ROOT / "sample_models" / "cnn" / "model.onnx", tmp_path / f"export-{i}.onnx")
+    result = cli("trend", tmp_path / "export-*.onnx", "--data", ROOT / "sample_models" / "cnn" / "calib.npz", "--json", "-")
+    assert result.code == 0, result.err
+    trend = json.loads(result.out)
+    assert [c["order_from"] for c in trend["checkpoints"]] == ["file name", "file name"]
+    assert trend["layers"][0]["dead_fraction"] == [0.25, 0.25]

@@ -33,6 +33,7 @@ def trend(
     threshold: opt.Threshold = 0.0,
     channel_dim: opt.ChannelDim = None,
     json_out: opt.JsonOut = None,
+    html_out: opt.HtmlOut = None,
 ) -> None:
     """Dead fraction per layer at each checkpoint, when each unit died, and which units revived."""
     from deadrelu_cli.engine import ScanOptions
@@ -52,6 +53,10 @@ def trend(
         channel_dim=channel_dim,
     )
     result = run_trend(checkpoints, options)
+    if html_out:
+        from deadrelu_cli.report.html import render_trend_html
+
+        write_text_atomic(html_out, render_trend_html(result))
     if json_out:
         text = json.dumps(result.to_dict(), indent=2) + "\n"
         if json_out == "-":

@@ -334,3 +334,40 @@ def _layer_section(report: Report, layer: LayerStats, index: int) -> str:
         f"{_e(layer.op)}, {dead}/{layer.units} dead ({100 * fraction:.1f}%), unit axis {layer.channel_dim}</summary>"
         f'<div class="plot">{layer_svg(layer, settings)}</div>{table}{note}</details>'
     )
+
+
+def render_trend_html(result) -> str:
+    """`deadrelu trend --html`: dead fraction per layer across checkpoints, and when units died."""
+    plt = _pyplot()
+    steps = [c.step if c.step is not None else i for i, c in enumerate(result.checkpoints)]
+    figure, ax = plt.subplots(figsize=(7.5, 3.2))
+    for layer in result.layers:
+        values = [np.nan if v is None else 100 * v for v in layer.dead_fraction]
+        ax.plot(steps, values, marker="o", markersize=3, linewidth=1.2, label=layer.name)
+    ax.axhspan(WARN_FRACTION * 100, CRITICAL_FRACTION * 100, color=COLORS["warn"], zorder=0)
+    ax.axhspan(CRITICAL_FRACTION * 100, 100, color=COLORS["crit"], zorder=0)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("step" if result.checkpoints[0].source == "checkpoint" else "checkpoint")
+    ax.set_ylabel("dead units (%)")
+    if len(result.layers) <= 20:
+        ax.legend(fontsize=6, frameon=False, loc="upper left")
+    ax.set_title("Dead fraction by layer across checkpoints")
+    rows = []
+    for layer in result.layers:
+        first = min(layer.died_at.values(), default=None)
+        cells = "".join("<td>–</td>" if v is None else f"<td>{100 * v:.1f}%</td>" for v in layer.dead_fraction)
+        rows.append(f'<tr data-layer="{_e(layer.name)}"><td>{_e(layer.name)}</td>{cells}<td>{len(layer.died_at)}</td>'
+                    f"<td>{'–' if first is None else steps[first]}</td><td>{len(layer.revived)}</td></tr>")
+    head = "".join(f"<th>{_e(s)}</th>" for s in steps)
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>deadrelu trend</title><style>{CSS}</style></head><body>",
+        f"<h1>deadrelu trend: {len(steps)} checkpoints</h1>",
+        f'<p class="meta">ordered by {_e(result.checkpoints[0].source)} · {result.samples} samples</p>',
+        f'<section id="trend"><div class="plot">{_svg(figure)}</div></section>',
+        '<section id="layers"><div class="scroll"><table class="sortable"><thead><tr><th>Layer</th>'
+        f"{head}<th>Died</th><th>First died at</th><th>Revived</th></tr></thead><tbody>" + "\n".join(rows)
+        + "</tbody></table></div></section>",
+        f"<script>{JS}</script></body></html>",
+    ]) + "\n"
