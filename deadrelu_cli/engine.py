@@ -237,7 +237,7 @@ def scan_torch(
             yield batch, tuple(to_tensor(batch[name], model.float_dtype, device) for name in order)
 
     with context, torch.inference_mode():
-        for index, (batch, inputs) in enumerate(prefetched(tensors(), enabled=device != "cpu")):
+        for index, (batch, inputs) in enumerate(prefetched(tensors())):
             try:
                 probe.run(inputs)
             except UserError:

@@ -227,7 +227,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
             yield batch, {inp: _as_input(batch[arr], dtypes.get(inp)) for inp, arr in order.items()}
 
-    for index, (batch, feeds) in enumerate(prefetched(feeds_of(), enabled=device != "cpu")):
+    for index, (batch, feeds) in enumerate(prefetched(feeds_of())):
         try:
             results = dict(zip(output_names, session.run(output_names, feeds), strict=True))
         except Exception as exc:  # onnxruntime's own exception types
