@@ -301,9 +301,11 @@ def test_sites_of_unknown_rank_use_rank_free_reductions(factory, channel_dim):
     model = {"relu_in_if": relu_in_if, "matmul_tokens": matmul_tokens, "conv": conv_relu_hardswish}[factory]()
     model = onnx.shape_inference.infer_shapes(model)
     rng = np.random.default_rng(12)
-    feeds = {"relu_in_if": {"x": rng.standard_normal((6, 4)).astype(np.float32), "flag": np.array(True)},
-             "matmul_tokens": {"x": rng.standard_normal((3, 5, 8)).astype(np.float32)},
-             "conv": {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}}[factory]
+    feeds = {
+        "relu_in_if": {"x": rng.standard_normal((6, 4)).astype(np.float32), "flag": np.array(True)},
+        "matmul_tokens": {"x": rng.standard_normal((3, 5, 8)).astype(np.float32)},
+        "conv": {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)},
+    }[factory]
     results = []
     for forget_rank in (False, True):
         sites = find_sites(model, ("relu",))

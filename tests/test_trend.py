@@ -88,7 +88,11 @@ def test_trend_html(cli, run, tmp_path):
     result = cli("trend", folder, "--data", folder / "calib.npz", "--arch", MLP_ARCH, "--html", out)
     assert result.code == 0, result.err
     text = out.read_text()
-    assert text.count("<svg") == 1 and 'data-layer="relu()"' in text and "http://" not in text.replace("http://www.w3.org", "")
+    assert (
+        text.count("<svg") == 1
+        and 'data-layer="relu()"' in text
+        and "http://" not in text.replace("http://www.w3.org", "")
+    )
 
 
 def test_trend_onnx_files(cli, tmp_path):
@@ -96,7 +100,14 @@ def test_trend_onnx_files(cli, tmp_path):
 
     for i in (1, 2):
         shutil.copy(ROOT / "sample_models" / "cnn" / "model.onnx", tmp_path / f"export-{i}.onnx")
-    result = cli("trend", tmp_path / "export-*.onnx", "--data", ROOT / "sample_models" / "cnn" / "calib.npz", "--json", "-")
+    result = cli(
+        "trend",
+        tmp_path / "export-*.onnx",
+        "--data",
+        ROOT / "sample_models" / "cnn" / "calib.npz",
+        "--json",
+        "-",
+    )
     assert result.code == 0, result.err
     trend = json.loads(result.out)
     assert [c["order_from"] for c in trend["checkpoints"]] == ["file name", "file name"]

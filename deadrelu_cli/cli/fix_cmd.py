@@ -112,7 +112,9 @@ def fix(
     )
     result = run_fix(scan_options, fix_options)
     console = Console(stderr=json_out == "-", highlight=False)
-    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
+    table = Table(
+        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
+    )
     for column in ("Layer", "Dead before", "Dead after", "Fixed units fire", "Action"):
         table.add_column(column, justify="right" if column.startswith("Dead") else "left", overflow="fold")
     for layer in result.layers:

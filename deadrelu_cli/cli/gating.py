@@ -50,7 +50,9 @@ def _relative(path) -> str:
 
 
 def show_config(params: dict[str, Any], sources: dict[str, str], console: Console) -> None:
-    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
+    table = Table(
+        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
+    )
     for column in ("Setting", "Value", "From"):
         table.add_column(column, overflow="fold")
     for name, value in params.items():

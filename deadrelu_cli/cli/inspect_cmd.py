@@ -31,7 +31,9 @@ def inspect(
     sites, note = list_sites(model, arch, trust_pickle, parse_ops(ops), input_shape)
     console = Console(highlight=False)
     console.print(f"{model}: {len(sites)} activation sites", markup=False)
-    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
+    table = Table(
+        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
+    )
     for column in ("#", "Layer", "Op", "Module type", "Producer"):
         table.add_column(column, overflow="fold")
     for i, site in enumerate(sites, 1):

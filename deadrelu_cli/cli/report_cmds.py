@@ -92,7 +92,9 @@ def diff(
     from deadrelu_cli.report.diff import diff_reports
 
     rows, summary = diff_reports(load(old), load(new))
-    table = Table(header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
+    table = Table(
+        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
+    )
     for column in ("Layer", "Old dead", "New dead", "Change", "Revived", "Newly dead"):
         table.add_column(column, justify="left" if column == "Layer" else "right", overflow="fold")
     for row in rows:

@@ -342,9 +342,18 @@ def _add_reductions(
         # Rank unknown (e.g. inside an If branch that shape inference could not see through): view the
         # tensor as [N, C, rest] (units on dim 1) or [rest, C] (units last); both reshapes work for any rank.
         if channel_dim == -1:
-            last = builder.node("Slice", [builder.node("Shape", [x], "shape"), builder.const(np.array([-1], np.int64), "m1"),
-                                          builder.const(np.array([np.iinfo(np.int64).max], np.int64), "end")], "lastdim")
-            shape = builder.node("Concat", [builder.const(np.array([-1], np.int64), "minus1"), last], "flatshape", axis=0)
+            last = builder.node(
+                "Slice",
+                [
+                    builder.node("Shape", [x], "shape"),
+                    builder.const(np.array([-1], np.int64), "m1"),
+                    builder.const(np.array([np.iinfo(np.int64).max], np.int64), "end"),
+                ],
+                "lastdim",
+            )
+            shape = builder.node(
+                "Concat", [builder.const(np.array([-1], np.int64), "minus1"), last], "flatshape", axis=0
+            )
             axes = [0]
         else:
             shape = builder.const(np.array([0, 0, -1], np.int64), "ncrest")
@@ -470,8 +479,10 @@ def instrument(
     indexes = {path: _GraphIndex(g) for path, g in graphs.items()}
     for i, site in enumerate(sites):
         if site.rank is None and channel_dim_override not in (None, 1, -1):
-            raise UserError(f"ONNX layer {site.name}: the rank of its input is unknown, so --channel-dim "
-                            f"{channel_dim_override} cannot be applied; use 1 or -1")
+            raise UserError(
+                f"ONNX layer {site.name}: the rank of its input is unknown, so --channel-dim "
+                f"{channel_dim_override} cannot be applied; use 1 or -1"
+            )
         dim = site_channel_dim(site, channel_dim_override)
         site.channel_dim = dim
         graph = graphs[site.graph_path]

@@ -355,19 +355,30 @@ def render_trend_html(result) -> str:
     rows = []
     for layer in result.layers:
         first = min(layer.died_at.values(), default=None)
-        cells = "".join("<td>–</td>" if v is None else f"<td>{100 * v:.1f}%</td>" for v in layer.dead_fraction)
-        rows.append(f'<tr data-layer="{_e(layer.name)}"><td>{_e(layer.name)}</td>{cells}<td>{len(layer.died_at)}</td>'
-                    f"<td>{'–' if first is None else steps[first]}</td><td>{len(layer.revived)}</td></tr>")
+        cells = "".join(
+            "<td>–</td>" if v is None else f"<td>{100 * v:.1f}%</td>" for v in layer.dead_fraction
+        )
+        rows.append(
+            f'<tr data-layer="{_e(layer.name)}"><td>{_e(layer.name)}</td>{cells}<td>{len(layer.died_at)}</td>'
+            f"<td>{'–' if first is None else steps[first]}</td><td>{len(layer.revived)}</td></tr>"
+        )
     head = "".join(f"<th>{_e(s)}</th>" for s in steps)
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>deadrelu trend</title><style>{CSS}</style></head><body>",
-        f"<h1>deadrelu trend: {len(steps)} checkpoints</h1>",
-        f'<p class="meta">ordered by {_e(result.checkpoints[0].source)} · {result.samples} samples</p>',
-        f'<section id="trend"><div class="plot">{_svg(figure)}</div></section>',
-        '<section id="layers"><div class="scroll"><table class="sortable"><thead><tr><th>Layer</th>'
-        f"{head}<th>Died</th><th>First died at</th><th>Revived</th></tr></thead><tbody>" + "\n".join(rows)
-        + "</tbody></table></div></section>",
-        f"<script>{JS}</script></body></html>",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "<!DOCTYPE html>",
+                '<html lang="en"><head><meta charset="utf-8">',
+                '<meta name="viewport" content="width=device-width, initial-scale=1">',
+                f"<title>deadrelu trend</title><style>{CSS}</style></head><body>",
+                f"<h1>deadrelu trend: {len(steps)} checkpoints</h1>",
+                f'<p class="meta">ordered by {_e(result.checkpoints[0].source)} · {result.samples} samples</p>',
+                f'<section id="trend"><div class="plot">{_svg(figure)}</div></section>',
+                '<section id="layers"><div class="scroll"><table class="sortable"><thead><tr><th>Layer</th>'
+                f"{head}<th>Died</th><th>First died at</th><th>Revived</th></tr></thead><tbody>"
+                + "\n".join(rows)
+                + "</tbody></table></div></section>",
+                f"<script>{JS}</script></body></html>",
+            ]
+        )
+        + "\n"
+    )
