@@ -112,6 +112,20 @@ def _producers(
     return None, None, ""
 
 
+def _unit_wiring(model: nn.Module, probe: EagerProbe, layer) -> tuple | str:
+    """(Linear/Conv making the units, BatchNorm after it or None, its name, the one Linear/Conv reading
+    them) — or why the layer must be skipped."""
+    if layer.producer is None:
+        return "skipped: no single Linear/Conv/BatchNorm produces this activation"
+    consumer_name, why = _single_consumer(probe, layer.name, model)
+    if consumer_name is None:
+        return why
+    incoming, bn, incoming_name = _producers(model, probe, layer.producer)
+    if incoming is None or (isinstance(incoming, nn.modules.conv._ConvNd) and incoming.groups != 1):
+        return f"skipped: producer {layer.producer} is not a plain Linear/Conv (or BN after one)"
+    return incoming, bn, incoming_name, consumer_name
+
+
 def _fresh_rows(weight: torch.Tensor, seed: int) -> torch.Tensor:
     """Rows drawn like nn.Linear/nn.ConvNd's default init (kaiming_uniform with a=sqrt(5))."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -132,17 +146,11 @@ def reinit(
             layer = report.layer(plan.name)
             outcome = LayerOutcome(plan.name, plan.units, "", False, len(plan.units))
             outcomes.append(outcome)
-            if layer.producer is None:
-                outcome.action = "skipped: no single Linear/Conv/BatchNorm produces this activation"
+            wiring = _unit_wiring(model, probe, layer)
+            if isinstance(wiring, str):
+                outcome.action = wiring
                 continue
-            consumer_name, why = _single_consumer(probe, plan.name, model)
-            if consumer_name is None:
-                outcome.action = why
-                continue
-            incoming, bn, incoming_name = _producers(model, probe, layer.producer)
-            if incoming is None:
-                outcome.action = f"skipped: producer {layer.producer} is not a Linear/Conv (or BN after one)"
-                continue
+            incoming, bn, incoming_name, consumer_name = wiring
             consumer = model.get_submodule(consumer_name)
             per_unit = _consumer_slices(consumer, plan.all_units)
             units = torch.tensor(plan.units, dtype=torch.long, device=incoming.weight.device)
@@ -301,19 +309,11 @@ def prune(
         if layer.op != "relu":
             outcome.action = f"skipped: only relu units are exactly zero when dead ({layer.op})"
             continue
-        if layer.producer is None:
-            outcome.action = "skipped: no single Linear/Conv/BatchNorm produces this activation"
+        wiring = _unit_wiring(model, probe, layer)
+        if isinstance(wiring, str):
+            outcome.action = wiring
             continue
-        consumer_name, why = _single_consumer(probe, plan.name, model)
-        if consumer_name is None:
-            outcome.action = why
-            continue
-        incoming, bn, incoming_name = _producers(model, probe, layer.producer)
-        if incoming is None or (isinstance(incoming, nn.modules.conv._ConvNd) and incoming.groups != 1):
-            outcome.action = (
-                f"skipped: producer {layer.producer} is not a plain Linear/Conv (or BN after one)"
-            )
-            continue
+        incoming, bn, incoming_name, consumer_name = wiring
         if len(plan.units) == plan.all_units:
             outcome.action = (
                 "skipped: every unit is dead; removing the whole layer changes the architecture too much"
