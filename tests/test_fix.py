@@ -298,3 +298,22 @@ def test_patch_module_api(planted_module):
         expected = torch.relu(p5 - 0.5)
         np.testing.assert_allclose(patched(x).numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
         assert isinstance(model.relu, torch.nn.ReLU)  # the original is untouched
+
+
+def test_leaky_on_exported_program_input(cli, work):
+    shutil.copy(CNN / "model.pt2", work / "model.pt2")
+    out = work / "leaky_ep.pt2"
+    result = cli("fix", work / "model.pt2", "--data", work / "calib.npz", "--strategy", "leaky", "--slope", "0.1", "--output", out)
+    assert result.code == 0, result.err
+    program = torch.export.load(str(out))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function" and "relu" in str(n.target)]
+    assert targets and all("leaky_relu" in t for t in targets)
+    m = _load_cnn(work / "model.pt")
+    leaky = torch.nn.functional.leaky_relu
+    with torch.no_grad():
+        h = leaky(m.bn1(m.conv1(_x())), 0.1)
+        h = leaky(m.bn2(m.conv2(h)), 0.1)
+        expected = m.head(leaky(m.fc(torch.flatten(m.pool(h), 1)), 0.1))
+        np.testing.assert_allclose(program.module()(_x()).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    result = cli("fix", work / "model.pt2", "--data", work / "calib.npz", "--strategy", "reinit", "--output", work / "x.pt2")
+    assert result.code == 2 and "not supported yet" in result.err

@@ -138,7 +138,8 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
             if layer is not None:
                 outcome.dead_after = int(layer.dead_mask().sum())
                 outcome.units_after = layer.units
-                if layer.units == scanned.report.layer(outcome.name).units and layer.ran:
+                # (for leaky/elu "fires" is not the point: the units now pass gradient below zero)
+                if layer.units == scanned.report.layer(outcome.name).units and layer.ran and options.strategy not in ("leaky", "elu"):
                     outcome.rates_after = [float(r) for r in layer.active_rate()[outcome.units]]
         exact = options.strategy in EXACT_STRATEGIES
         result.verified = (result.max_rel_diff <= options.tolerance) if exact else True

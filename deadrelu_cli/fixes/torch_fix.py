@@ -36,7 +36,10 @@ def _example(scanned, order: list[str], device: str) -> tuple:
 
 def write_artifact(module: torch.nn.Module, example: tuple, path: Path, suffix: str) -> None:
     """A self-contained model file (.pt2 ExportedProgram, .onnx, TorchScript .ts/.jit) with a dynamic batch."""
-    module = module.eval()
+    try:
+        module = module.eval()
+    except NotImplementedError:  # an ExportedProgram's module: already in inference form
+        pass
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if suffix == ".pt2":
@@ -76,10 +79,12 @@ def apply_torch(
     from deadrelu_cli.fixes.run import ARTIFACT_SUFFIXES, STATE_SUFFIXES
 
     loaded = scanned.model
+    if loaded.kind == "exported" and options.strategy in ("leaky", "elu"):
+        return _patch_exported(scanned, plans, options, scan_options, temp, result)
     if loaded.kind != "eager":
         raise UserError(
-            f"deadrelu fix on a {loaded.format} file is not supported yet; fix the state_dict with --arch "
-            "(or the ONNX export) instead"
+            f"--strategy {options.strategy} on a {loaded.format} file is not supported yet (.pt2 files take leaky and elu); "
+            "fix the state_dict with --arch, or the ONNX export, instead"
         )
     suffix = Path(options.output).suffix.lower()
     if suffix not in ARTIFACT_SUFFIXES and suffix not in STATE_SUFFIXES:
@@ -145,3 +150,44 @@ def apply_torch(
         )
 
     return torch_runner(loaded, order, device), patched_runner, outcomes
+
+
+def _patch_exported(scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult):
+    """leaky/elu on an ExportedProgram: swap the activation nodes of the planned sites, re-export, .pt2 out."""
+    from deadrelu_cli.fixes.run import runner_for
+    from deadrelu_cli.loaders.torch_models import graph_module_with_stack
+    from deadrelu_cli.probe.exported import find_sites
+
+    if Path(options.output).suffix.lower() != ".pt2":
+        raise UserError(f"--output {options.output}: an ExportedProgram is patched into an ExportedProgram; use a .pt2 name")
+    loaded = scanned.model
+    graph_module = graph_module_with_stack(loaded.extra["program"]).to(scanned.device)
+    wanted = {plan.name: plan for plan in plans}
+    aten = torch.ops.aten
+    outcomes = []
+    for node, site in list(find_sites(graph_module.graph, scan_options.ops)):
+        plan = wanted.get(site.name)
+        if plan is None:
+            continue
+        if site.op != "relu":
+            outcomes.append(LayerOutcome(plan.name, plan.units, f"skipped: {site.op} is not a plain relu", False, len(plan.units)))
+            continue
+        if options.strategy == "leaky":
+            node.target = aten.leaky_relu_.default if site.in_place else aten.leaky_relu.default
+            node.args = (node.args[0], options.slope)
+            action = f"aten.relu → leaky_relu({options.slope:g})"
+        else:
+            node.target = aten.elu_.default if site.in_place else aten.elu.default
+            node.args = (node.args[0],)
+            action = "aten.relu → elu"
+        outcomes.append(LayerOutcome(plan.name, plan.units, action, True, len(plan.units)))
+    graph_module.recompile()
+    order = match_inputs(loaded, scanned.data)
+    example = _example(scanned, order, scanned.device)
+    write_artifact(graph_module, example, temp, ".pt2")
+    result.params_before = result.params_after = eager.count_params(graph_module)
+
+    def patched_runner():
+        return runner_for(load_model(LoadOptions(str(temp), device=scanned.device)), scanned.data, scanned.device)
+
+    return torch_runner(loaded, order, scanned.device), patched_runner, outcomes
