@@ -429,11 +429,13 @@ def certify_model(model: LoadedModel, options: ScanOptions, data: CalibrationDat
     from deadrelu_cli.certify import certify_graph, graph_for, input_boxes
     from deadrelu_cli.sites import guess_input_shape
 
-    if model.backend != "torch":
-        raise UserError(
-            "--certify works on torch models (state_dict + --arch, safetensors, .pt2) for now, not ONNX"
-        )
-    if data is not None:
+    if data is not None and model.backend == "onnx":
+        from deadrelu_cli.onnx_scan import feed_order
+
+        order = list(feed_order(model, data).values())
+        by_name = {s.name: s for s in data.sources}
+        shapes = [tuple(by_name[name].shape[1:]) for name in order]
+    elif data is not None:
         order = match_inputs(model, data)
         by_name = {s.name: s for s in data.sources}
         shapes = [tuple(by_name[name].shape[1:]) for name in order]
@@ -449,6 +451,11 @@ def certify_model(model: LoadedModel, options: ScanOptions, data: CalibrationDat
         raise UserError("--certify without --data needs --input-shape (one sample, e.g. 3x32x32)")
     if any(d is None for shape in shapes for d in shape):
         raise UserError("--certify: the input shape has dynamic dimensions; pass --input-shape")
+    if model.backend == "onnx":
+        from deadrelu_cli.certify_onnx import certify_onnx
+
+        boxes = input_boxes(options.input_range, shapes, data)
+        return certify_onnx(model.runnable, boxes, options.ops, options.threshold, options.channel_dim)
     example = tuple(
         torch.zeros((2, *shape), dtype=getattr(torch, model.float_dtype), device=device) for shape in shapes
     )
@@ -489,10 +496,6 @@ def attach_certificates(layers: list, bounds) -> None:
 
 def _certify_only(options: ScanOptions, fmt: str, device: str) -> ScanResult:
     """`scan --certify` without data: layers, units and which of them can never fire."""
-    if fmt == "onnx":
-        raise UserError(
-            "--certify works on torch models (state_dict + --arch, safetensors, .pt2) for now, not ONNX"
-        )
     model = load_model(LoadOptions(options.model, options.arch, options.trust_pickle, device))
     layers: list = []
     attach_certificates(layers, certify_model(model, options, None, device))

@@ -182,8 +182,10 @@ def test_certified_prune_equals_original_on_the_whole_box(cli, tmp_path):
 
 
 def test_certify_errors(cli):
-    result = cli("scan", CNN / "model.onnx", "--certify", "--input-range", "-1", "1")
-    assert result.code == 2 and "not ONNX" in result.err
+    result = cli(
+        "scan", CNN / "model.onnx", "--certify", "--input-range", "-1", "1"
+    )  # the shape comes from the graph
+    assert result.code == 0 and "Provably dead units: 8/36" in result.out
     result = cli("scan", CNN / "model.pt", "--arch", str(CNN / "arch.py") + ":build", "--certify")
     assert result.code == 2 and "--input-shape" in result.err or "--input-range" in result.err
     result = cli(
@@ -221,3 +223,69 @@ def test_auto_box_from_data(cli, spec):
         assert set(layer["certified_dead_indices"]) <= set(
             layer["dead_indices"]
         )  # sound on the data's own box
+
+
+def test_onnx_certification_matches_torch(tmp_path, planted_module):
+    """The ONNX export of each planted model certifies exactly the units its torch graph does."""
+    import warnings
+
+    from deadrelu_cli.certify_onnx import certify_onnx
+    from deadrelu_cli.loaders.onnx_model import read_onnx
+
+    for factory, shape in (
+        ("eight_neuron", (4,)),
+        ("conv_bn", (3, 6, 6)),
+        ("relu6_model", (4,)),
+        ("tokens", (5, 8)),
+    ):
+        model = getattr(planted_module, factory)().eval()
+        path = tmp_path / f"{factory}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (torch.zeros(2, *shape),),
+                str(path),
+                input_names=["x"],
+                dynamic_axes={"x": {0: "n"}},
+                opset_version=17,
+                dynamo=False,
+            )
+        from_torch = list(_certify(model, shape, -1.0, 1.0).values())
+        from_onnx = certify_onnx(
+            read_onnx(str(path)), input_boxes((-1.0, 1.0), [shape]), ("relu", "relu6"), 0.0, None
+        )
+        assert [b.certified_dead for b in from_onnx] == [b.certified_dead for b in from_torch], factory
+        for a, b in zip(from_torch, from_onnx, strict=True):
+            np.testing.assert_allclose(a.upper_bound, b.upper_bound, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_graph_ops_and_subgraphs(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import onnx
+    from onnx_graphs import conv_relu_hardswish, gemm_relu, relu_in_if
+
+    from deadrelu_cli.certify_onnx import certify_onnx
+
+    bounds = certify_onnx(
+        onnx.shape_inference.infer_shapes(gemm_relu()), input_boxes((-1.0, 1.0), [(4,)]), ("relu",), 0.0, None
+    )
+    assert bounds[0].certified_dead == [2, 4, 6]
+    bounds = certify_onnx(
+        onnx.shape_inference.infer_shapes(conv_relu_hardswish()),
+        input_boxes((-1.0, 1.0), [(3, 8, 8)]),
+        ("relu", "relu6"),
+        0.0,
+        None,
+    )
+    assert 1 in bounds[0].certified_dead and [b.op for b in bounds] == ["relu", "relu6"]
+    bounds = certify_onnx(
+        onnx.shape_inference.infer_shapes(relu_in_if()),
+        input_boxes((-1.0, 1.0), [(4,)]),
+        ("relu",),
+        0.0,
+        None,
+    )
+    assert all(b.certified_dead is None and "If/Loop/Scan" in b.reason for b in bounds)

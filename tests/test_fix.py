@@ -303,10 +303,23 @@ def test_patch_module_api(planted_module):
 def test_leaky_on_exported_program_input(cli, work):
     shutil.copy(CNN / "model.pt2", work / "model.pt2")
     out = work / "leaky_ep.pt2"
-    result = cli("fix", work / "model.pt2", "--data", work / "calib.npz", "--strategy", "leaky", "--slope", "0.1", "--output", out)
+    result = cli(
+        "fix",
+        work / "model.pt2",
+        "--data",
+        work / "calib.npz",
+        "--strategy",
+        "leaky",
+        "--slope",
+        "0.1",
+        "--output",
+        out,
+    )
     assert result.code == 0, result.err
     program = torch.export.load(str(out))
-    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function" and "relu" in str(n.target)]
+    targets = [
+        str(n.target) for n in program.graph.nodes if n.op == "call_function" and "relu" in str(n.target)
+    ]
     assert targets and all("leaky_relu" in t for t in targets)
     m = _load_cnn(work / "model.pt")
     leaky = torch.nn.functional.leaky_relu
@@ -315,5 +328,14 @@ def test_leaky_on_exported_program_input(cli, work):
         h = leaky(m.bn2(m.conv2(h)), 0.1)
         expected = m.head(leaky(m.fc(torch.flatten(m.pool(h), 1)), 0.1))
         np.testing.assert_allclose(program.module()(_x()).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
-    result = cli("fix", work / "model.pt2", "--data", work / "calib.npz", "--strategy", "reinit", "--output", work / "x.pt2")
+    result = cli(
+        "fix",
+        work / "model.pt2",
+        "--data",
+        work / "calib.npz",
+        "--strategy",
+        "reinit",
+        "--output",
+        work / "x.pt2",
+    )
     assert result.code == 2 and "not supported yet" in result.err

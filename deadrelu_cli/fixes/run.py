@@ -139,7 +139,11 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
                 outcome.dead_after = int(layer.dead_mask().sum())
                 outcome.units_after = layer.units
                 # (for leaky/elu "fires" is not the point: the units now pass gradient below zero)
-                if layer.units == scanned.report.layer(outcome.name).units and layer.ran and options.strategy not in ("leaky", "elu"):
+                if (
+                    layer.units == scanned.report.layer(outcome.name).units
+                    and layer.ran
+                    and options.strategy not in ("leaky", "elu")
+                ):
                     outcome.rates_after = [float(r) for r in layer.active_rate()[outcome.units]]
         exact = options.strategy in EXACT_STRATEGIES
         result.verified = (result.max_rel_diff <= options.tolerance) if exact else True

@@ -152,14 +152,18 @@ def apply_torch(
     return torch_runner(loaded, order, device), patched_runner, outcomes
 
 
-def _patch_exported(scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult):
+def _patch_exported(
+    scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult
+):
     """leaky/elu on an ExportedProgram: swap the activation nodes of the planned sites, re-export, .pt2 out."""
     from deadrelu_cli.fixes.run import runner_for
     from deadrelu_cli.loaders.torch_models import graph_module_with_stack
     from deadrelu_cli.probe.exported import find_sites
 
     if Path(options.output).suffix.lower() != ".pt2":
-        raise UserError(f"--output {options.output}: an ExportedProgram is patched into an ExportedProgram; use a .pt2 name")
+        raise UserError(
+            f"--output {options.output}: an ExportedProgram is patched into an ExportedProgram; use a .pt2 name"
+        )
     loaded = scanned.model
     graph_module = graph_module_with_stack(loaded.extra["program"]).to(scanned.device)
     wanted = {plan.name: plan for plan in plans}
@@ -170,7 +174,11 @@ def _patch_exported(scanned, plans: list[LayerPlan], options: FixOptions, scan_o
         if plan is None:
             continue
         if site.op != "relu":
-            outcomes.append(LayerOutcome(plan.name, plan.units, f"skipped: {site.op} is not a plain relu", False, len(plan.units)))
+            outcomes.append(
+                LayerOutcome(
+                    plan.name, plan.units, f"skipped: {site.op} is not a plain relu", False, len(plan.units)
+                )
+            )
             continue
         if options.strategy == "leaky":
             node.target = aten.leaky_relu_.default if site.in_place else aten.leaky_relu.default
@@ -188,6 +196,8 @@ def _patch_exported(scanned, plans: list[LayerPlan], options: FixOptions, scan_o
     result.params_before = result.params_after = eager.count_params(graph_module)
 
     def patched_runner():
-        return runner_for(load_model(LoadOptions(str(temp), device=scanned.device)), scanned.data, scanned.device)
+        return runner_for(
+            load_model(LoadOptions(str(temp), device=scanned.device)), scanned.data, scanned.device
+        )
 
     return torch_runner(loaded, order, scanned.device), patched_runner, outcomes

@@ -1,0 +1,278 @@
+"""Interval bound propagation through an ONNX graph (the ONNX side of `scan --certify`).
+
+Same contract as certify.py: float64 intervals, a margin for float32 rounding, and any node that is not
+understood makes everything below it "not certified". Nodes whose inputs are all constants (shape
+arithmetic, Constant, …) are evaluated exactly with onnx's reference evaluator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
+
+from deadrelu_cli.certify import Interval, SiteBound, _linear_interval, _scale
+from deadrelu_cli.probe.onnx_graph import _GraphIndex, find_sites, site_channel_dim
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _attr(node, name, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _t(value) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(value, dtype=np.float64))
+
+
+def _conv(node, x: Interval, weight, bias) -> Interval:
+    if (_attr(node, "auto_pad", b"NOTSET") or b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise _Unsupported("Conv auto_pad")
+    spatial = x.lo.dim() - 2
+    strides = _attr(node, "strides", [1] * spatial)
+    dilations = _attr(node, "dilations", [1] * spatial)
+    pads = _attr(node, "pads", [0] * (2 * spatial))
+    group = _attr(node, "group", 1)
+    begins, ends = pads[:spatial], pads[spatial:]
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+
+    def run(t, w, b):
+        if list(begins) != list(ends):
+            flat = []
+            for begin, end in zip(reversed(begins), reversed(ends), strict=True):
+                flat += [begin, end]
+            return conv(F.pad(t, flat), w, b, strides, 0, dilations, group)
+        return conv(t, w, b, strides, list(begins), dilations, group)
+
+    return _linear_interval(x, _t(weight), None if bias is None else _t(bias), run)
+
+
+def _pool(node, x: Interval) -> Interval:
+    op = node.op_type
+    if op == "GlobalAveragePool":
+        return x.map(lambda t: t.mean(dim=tuple(range(2, t.dim())), keepdim=True))
+    if op == "GlobalMaxPool":
+        return x.map(lambda t: t.amax(dim=tuple(range(2, t.dim())), keepdim=True))
+    spatial = x.lo.dim() - 2
+    kernel = _attr(node, "kernel_shape")
+    strides = _attr(node, "strides", [1] * spatial)
+    pads = _attr(node, "pads", [0] * (2 * spatial))
+    if list(pads[:spatial]) != list(pads[spatial:]) or _attr(node, "ceil_mode", 0):
+        raise _Unsupported(f"{op} with asymmetric pads or ceil_mode")
+    if op == "MaxPool":
+        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
+        return x.map(
+            lambda t: pool(t, kernel, strides, list(pads[:spatial]), _attr(node, "dilations", [1] * spatial))
+        )
+    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
+    include = bool(_attr(node, "count_include_pad", 0))
+    return x.map(lambda t: pool(t, kernel, strides, list(pads[:spatial]), count_include_pad=include))
+
+
+def _node_interval(node, values: list, index: _GraphIndex):
+    op = node.op_type
+    x = values[0]
+    constants = [v for v in values[1:] if not isinstance(v, Interval)]
+    if op == "Conv":
+        return _conv(node, x, values[1], values[2] if len(values) > 2 else None)
+    if op == "Gemm":
+        if _attr(node, "transA", 0):
+            raise _Unsupported("Gemm transA")
+        weight = np.asarray(values[1], dtype=np.float64)
+        weight = weight.T if _attr(node, "transB", 0) else weight
+        alpha, beta = _attr(node, "alpha", 1.0), _attr(node, "beta", 1.0)
+        out = _linear_interval(x, _t(weight) * alpha, None, lambda t, w, b: torch.matmul(t, w))
+        if len(values) > 2 and values[2] is not None:
+            c = _t(values[2]) * beta
+            out = out.map(lambda t: t + c)
+        return out
+    if op == "MatMul":
+        if isinstance(values[1], Interval):
+            raise _Unsupported("MatMul of two input-dependent tensors")
+        return _linear_interval(x, _t(values[1]), None, lambda t, w, b: torch.matmul(t, w))
+    if op in ("Add", "Sub", "Mul", "Div"):
+        a, b = values
+        if isinstance(a, Interval) and isinstance(b, Interval):
+            if op == "Add":
+                return Interval(a.lo + b.lo, a.hi + b.hi)
+            if op == "Sub":
+                return Interval(a.lo - b.hi, a.hi - b.lo)
+            raise _Unsupported(f"{op} of two input-dependent tensors")
+        interval, constant = (a, _t(b)) if isinstance(a, Interval) else (b, _t(a))
+        if op == "Add":
+            return interval.map(lambda t: t + constant)
+        if op == "Sub":
+            return (
+                interval.map(lambda t: t - constant)
+                if isinstance(a, Interval)
+                else Interval(constant - interval.hi, constant - interval.lo)
+            )
+        if op == "Mul":
+            return _scale(interval, constant)
+        if not isinstance(a, Interval):
+            raise _Unsupported("Div by an input-dependent tensor")
+        return _scale(interval, 1.0 / constant)
+    if op == "Relu":
+        return x.map(lambda t: t.clamp(min=0))
+    if op == "Clip":
+        lo = (
+            _attr(node, "min")
+            if len(values) < 2
+            else (None if values[1] is None else float(np.asarray(values[1])))
+        )
+        hi = (
+            _attr(node, "max")
+            if len(values) < 3
+            else (None if values[2] is None else float(np.asarray(values[2])))
+        )
+        return x.map(lambda t: t.clamp(min=lo, max=hi))
+    if op == "LeakyRelu":
+        alpha = _attr(node, "alpha", 0.01)
+        return x.map(lambda t: F.leaky_relu(t, alpha))
+    if op == "BatchNormalization":
+        scale, bias, mean, var = (_t(v) for v in values[1:5])
+        eps = _attr(node, "epsilon", 1e-5)
+        shape = [1, -1] + [1] * (x.lo.dim() - 2)
+        factor = scale / torch.sqrt(var + eps)
+        shift = bias - mean * factor
+        return _scale(x, factor.reshape(shape)).map(lambda t: t + shift.reshape(shape))
+    if op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"):
+        return _pool(node, x)
+    if op in ("Identity", "Dropout", "Cast"):
+        return x
+    if op == "Flatten":
+        axis = _attr(node, "axis", 1)
+        return x.map(lambda t: t.reshape(int(np.prod(t.shape[:axis])), -1))
+    if op == "Reshape":
+        target = [int(d) for d in np.asarray(constants[0])]
+
+        def reshape(t):
+            dims = [t.shape[i] if d == 0 else d for i, d in enumerate(target)]
+            return t.reshape(dims)
+
+        return x.map(reshape)
+    if op == "Transpose":
+        perm = _attr(node, "perm") or list(reversed(range(x.lo.dim())))
+        return x.map(lambda t: t.permute(*perm))
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = (
+            _attr(node, "axes")
+            if _attr(node, "axes") is not None
+            else [int(a) for a in np.asarray(constants[0])]
+        )
+        if op == "Squeeze":
+            return x.map(lambda t: t.squeeze(dim=tuple(a % t.dim() for a in axes)))
+
+        def unsqueeze(t):
+            for a in sorted(a % (t.dim() + len(axes)) for a in axes):
+                t = t.unsqueeze(a)
+            return t
+
+        return x.map(unsqueeze)
+    if op == "Concat":
+        axis = _attr(node, "axis", 0)
+        parts = [v if isinstance(v, Interval) else Interval(_t(v), _t(v)) for v in values]
+        return Interval(torch.cat([p.lo for p in parts], axis), torch.cat([p.hi for p in parts], axis))
+    raise _Unsupported(op)
+
+
+def certify_onnx(
+    model, boxes: list[Interval], ops: tuple[str, ...], threshold: float, channel_dim: int | None
+) -> list[SiteBound]:
+    graph = model.graph
+    index = _GraphIndex(graph)
+    sites = find_sites(model, ops)
+    by_input = {}
+    bounds: dict[str, SiteBound] = {}
+    for site in sites:
+        if site.graph_path:
+            bounds[site.name] = SiteBound(
+                site.name, site.op, None, None, "inside an If/Loop/Scan body (not certified yet)"
+            )
+        else:
+            by_input.setdefault(site.node_name or site.output_name, site)
+    env: dict[str, object] = {name: numpy_helper.to_array(init) for name, init in index.initializers.items()}
+    unknown: dict[str, str] = {}
+    initializer_names = set(index.initializers)
+    box_iter = iter(boxes)
+    for value in graph.input:
+        if value.name in initializer_names:
+            continue
+        box = next(box_iter, None)
+        if box is None:
+            unknown[value.name] = "an input without a range"
+        else:
+            env[value.name] = box
+    for node in graph.node:
+        inputs = [name for name in node.input]
+        blocked = next((unknown[n] for n in inputs if n in unknown), None)
+        key = node.name or node.output[0]
+        site = by_input.get(key)
+        if site is not None:
+            pre = env.get(site.input_name)
+            if blocked or not isinstance(pre, Interval):
+                bounds[site.name] = SiteBound(site.name, site.op, None, None, blocked or "input not bounded")
+            else:
+                rank = pre.hi.dim()
+                site.rank = rank
+                dim = site_channel_dim(site, channel_dim)
+                dims = [d for d in range(rank) if d != dim]
+                upper = (pre.hi.amax(dim=dims) if dims else pre.hi).numpy().astype(np.float64)
+                margin = 1e-5 * (1.0 + np.abs(upper))
+                bounds[site.name] = SiteBound(
+                    site.name,
+                    site.op,
+                    upper,
+                    np.flatnonzero(upper + margin <= threshold).astype(int).tolist(),
+                )
+        if blocked:
+            for out in node.output:
+                unknown[out] = blocked
+            continue
+        values = [None if name == "" else env.get(name) for name in inputs]
+        try:
+            if not any(isinstance(v, Interval) for v in values):
+                if node.op_type == "Shape" or any(
+                    v is None and name for v, name in zip(values, inputs, strict=True)
+                ):
+                    raise _Unsupported(node.op_type)
+                for out, result in zip(
+                    node.output, _single_node(node, inputs, values, model.opset_import), strict=False
+                ):
+                    env[out] = result
+                continue
+            if node.op_type == "Shape":
+                env[node.output[0]] = np.array(values[0].lo.shape, dtype=np.int64)
+                continue
+            result = _node_interval(node, values, index)
+            env[node.output[0]] = result
+        except _Unsupported as exc:
+            for out in node.output:
+                unknown[out] = f"unsupported op {exc} at {key}"
+        except Exception as exc:  # noqa: BLE001 - not bounded, never guessed
+            for out in node.output:
+                unknown[out] = f"{type(exc).__name__} at {key}"
+    return [bounds[site.name] for site in sites if site.name in bounds]
+
+
+def _single_node(node, inputs: list[str], values: list, opsets) -> list:
+    """Evaluate one node whose inputs are all constants, exactly as the ONNX reference does."""
+    from onnx import TensorProto
+    from onnx.reference import ReferenceEvaluator
+
+    graph_inputs = [
+        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype), None)
+        for name, v in zip(inputs, values, strict=True)
+        if name
+    ]
+    graph_outputs = [helper.make_tensor_value_info(out, TensorProto.UNDEFINED, None) for out in node.output]
+    graph = helper.make_graph([node], "constant_node", graph_inputs, graph_outputs)
+    evaluator = ReferenceEvaluator(helper.make_model(graph, opset_imports=list(opsets)))
+    feeds = {name: np.asarray(v) for name, v in zip(inputs, values, strict=True) if name}
+    return evaluator.run(None, feeds)
