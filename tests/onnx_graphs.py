@@ -226,3 +226,28 @@ def relu_in_loop(trips=3):
         w,
         b,
     )
+
+
+def relu_in_scan(steps=5):
+    """A Scan over a [T, N, 4] sequence: h_t = Relu(x_t @ W + b + h_{t-1} @ U); per-step h_t as scan output."""
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((4, 3)) * 0.7).astype(np.float32)
+    u = (rng.standard_normal((3, 3)) * 0.3).astype(np.float32)
+    b = np.array([0.1, -40, 0.0], np.float32)
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x_t", "w"], ["xw"], name="scan_xw"),
+            helper.make_node("MatMul", ["h_prev", "u"], ["hu"], name="scan_hu"),
+            helper.make_node("Add", ["xw", "hu"], ["s"], name="scan_sum"),
+            helper.make_node("Add", ["s", "b"], ["pre"], name="scan_bias"),
+            helper.make_node("Relu", ["pre"], ["h_next"], name="scan_relu"),
+            helper.make_node("Identity", ["h_next"], ["y_t"], name="scan_out"),
+        ],
+        "scan_body",
+        [helper.make_tensor_value_info("h_prev", F32, ["N", 3]), helper.make_tensor_value_info("x_t", F32, ["N", 4])],
+        [helper.make_tensor_value_info("h_next", F32, ["N", 3]), helper.make_tensor_value_info("y_t", F32, ["N", 3])],
+    )
+    nodes = [helper.make_node("Scan", ["h0", "seq"], ["h_last", "ys"], name="scan", body=body, num_scan_inputs=1)]
+    return _model(nodes, [helper.make_tensor_value_info("h0", F32, ["N", 3]), helper.make_tensor_value_info("seq", F32, [steps, "N", 4])],
+                  [helper.make_tensor_value_info("h_last", F32, ["N", 3]), helper.make_tensor_value_info("ys", F32, [steps, "N", 3])],
+                  [_init("w", w), _init("u", u), _init("b", b)]), w, u, b

@@ -323,3 +323,24 @@ def test_sites_of_unknown_rank_use_rank_free_reductions(factory, channel_dim):
         results.append(counts)
     assert results[0] == results[1]
     assert results[1][0][0] is not None
+
+
+def test_relu_inside_scan_body(tmp_path):
+    from onnx_graphs import relu_in_scan
+
+    model, w, u, b = relu_in_scan(steps=5)
+    rng = np.random.default_rng(13)
+    seq = rng.standard_normal((5, 7, 4)).astype(np.float32)  # [T, N, 4]: samples on axis 1
+    h0 = np.zeros((7, 3), np.float32)
+    np.savez(tmp_path / "d.npz", seq=seq, h0=h0)
+    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), device="cpu", batch_size=3, batch_axes={"seq": 1})
+    assert [layer.name for layer in report.layers] == ["scan/body/scan_relu"]
+    layer = report.layers[0]
+    h, positives = h0.astype(np.float64), np.zeros(3, np.int64)
+    for t in range(5):  # the recurrence, written out
+        pre = seq[t].astype(np.float64) @ w + h @ u + b
+        positives += (pre > 0).sum(0)
+        h = np.maximum(pre, 0)
+    np.testing.assert_array_equal(layer.positive_counts, positives)
+    assert layer.elements_per_unit == 5 * 7
+    assert 1 in np.flatnonzero(layer.dead_mask()).tolist()
