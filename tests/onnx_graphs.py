@@ -244,10 +244,32 @@ def relu_in_scan(steps=5):
             helper.make_node("Identity", ["h_next"], ["y_t"], name="scan_out"),
         ],
         "scan_body",
-        [helper.make_tensor_value_info("h_prev", F32, ["N", 3]), helper.make_tensor_value_info("x_t", F32, ["N", 4])],
-        [helper.make_tensor_value_info("h_next", F32, ["N", 3]), helper.make_tensor_value_info("y_t", F32, ["N", 3])],
+        [
+            helper.make_tensor_value_info("h_prev", F32, ["N", 3]),
+            helper.make_tensor_value_info("x_t", F32, ["N", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("h_next", F32, ["N", 3]),
+            helper.make_tensor_value_info("y_t", F32, ["N", 3]),
+        ],
     )
-    nodes = [helper.make_node("Scan", ["h0", "seq"], ["h_last", "ys"], name="scan", body=body, num_scan_inputs=1)]
-    return _model(nodes, [helper.make_tensor_value_info("h0", F32, ["N", 3]), helper.make_tensor_value_info("seq", F32, [steps, "N", 4])],
-                  [helper.make_tensor_value_info("h_last", F32, ["N", 3]), helper.make_tensor_value_info("ys", F32, [steps, "N", 3])],
-                  [_init("w", w), _init("u", u), _init("b", b)]), w, u, b
+    nodes = [
+        helper.make_node("Scan", ["h0", "seq"], ["h_last", "ys"], name="scan", body=body, num_scan_inputs=1)
+    ]
+    return (
+        _model(
+            nodes,
+            [
+                helper.make_tensor_value_info("h0", F32, ["N", 3]),
+                helper.make_tensor_value_info("seq", F32, [steps, "N", 4]),
+            ],
+            [
+                helper.make_tensor_value_info("h_last", F32, ["N", 3]),
+                helper.make_tensor_value_info("ys", F32, [steps, "N", 3]),
+            ],
+            [_init("w", w), _init("u", u), _init("b", b)],
+        ),
+        w,
+        u,
+        b,
+    )

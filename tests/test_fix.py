@@ -339,3 +339,30 @@ def test_leaky_on_exported_program_input(cli, work):
         work / "x.pt2",
     )
     assert result.code == 2 and "not supported yet" in result.err
+
+
+def test_leaky_on_torchscript_input_one_site(cli, work):
+    shutil.copy(CNN / "model.torchscript.pt", work / "model.torchscript.pt")
+    out = work / "leaky.ts"
+    result = cli(
+        "fix",
+        work / "model.torchscript.pt",
+        "--data",
+        work / "calib.npz",
+        "--strategy",
+        "leaky",
+        "--slope",
+        "0.2",
+        "--layers",
+        "relu#2",
+        "--output",
+        out,
+    )
+    assert result.code == 0, result.err
+    patched = torch.jit.load(str(out))
+    m = _load_cnn(work / "model.pt")
+    with torch.no_grad():  # only the second call of the shared ReLU becomes leaky
+        h = torch.relu(m.bn1(m.conv1(_x())))
+        h = torch.nn.functional.leaky_relu(m.bn2(m.conv2(h)), 0.2)
+        expected = m.head(torch.relu(m.fc(torch.flatten(m.pool(h), 1))))
+        np.testing.assert_allclose(patched(_x()).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)

@@ -333,7 +333,9 @@ def test_relu_inside_scan_body(tmp_path):
     seq = rng.standard_normal((5, 7, 4)).astype(np.float32)  # [T, N, 4]: samples on axis 1
     h0 = np.zeros((7, 3), np.float32)
     np.savez(tmp_path / "d.npz", seq=seq, h0=h0)
-    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), device="cpu", batch_size=3, batch_axes={"seq": 1})
+    report = scan(
+        _save(model, tmp_path), str(tmp_path / "d.npz"), device="cpu", batch_size=3, batch_axes={"seq": 1}
+    )
     assert [layer.name for layer in report.layers] == ["scan/body/scan_relu"]
     layer = report.layers[0]
     h, positives = h0.astype(np.float64), np.zeros(3, np.int64)

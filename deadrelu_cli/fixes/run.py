@@ -20,6 +20,7 @@ from deadrelu_cli.files import refuse_overwrite_of_inputs
 from deadrelu_cli.fixes.plan import EXACT_STRATEGIES, STRATEGIES, FixOptions, FixResult, plan_layers
 
 ARTIFACT_SUFFIXES = {".pt2": "exported_program", ".onnx": "onnx", ".ts": "torchscript", ".jit": "torchscript"}
+# (a TorchScript input patched with leaky/elu is written as TorchScript whatever OUT's extension)
 STATE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 

@@ -81,9 +81,11 @@ def apply_torch(
     loaded = scanned.model
     if loaded.kind == "exported" and options.strategy in ("leaky", "elu"):
         return _patch_exported(scanned, plans, options, scan_options, temp, result)
+    if loaded.kind == "torchscript" and options.strategy in ("leaky", "elu"):
+        return _patch_torchscript(scanned, plans, options, temp, result)
     if loaded.kind != "eager":
         raise UserError(
-            f"--strategy {options.strategy} on a {loaded.format} file is not supported yet (.pt2 files take leaky and elu); "
+            f"--strategy {options.strategy} on a {loaded.format} file is not supported yet (.pt2 and TorchScript files take leaky and elu); "
             "fix the state_dict with --arch, or the ONNX export, instead"
         )
     suffix = Path(options.output).suffix.lower()
@@ -194,6 +196,84 @@ def _patch_exported(
     example = _example(scanned, order, scanned.device)
     write_artifact(graph_module, example, temp, ".pt2")
     result.params_before = result.params_after = eager.count_params(graph_module)
+
+    def patched_runner():
+        return runner_for(
+            load_model(LoadOptions(str(temp), device=scanned.device)), scanned.data, scanned.device
+        )
+
+    return torch_runner(loaded, order, scanned.device), patched_runner, outcomes
+
+
+_TS_ACTIVATIONS = ("aten::relu", "aten::relu_", "aten::hardtanh", "aten::hardtanh_", "aten::relu6")
+
+
+def _ts_activation_nodes(block) -> list:
+    """Activation nodes of a TorchScript graph in program order (blocks included)."""
+    found = []
+    for node in block.nodes():
+        if node.kind() in _TS_ACTIVATIONS:
+            found.append(node)
+        for inner in node.blocks():
+            found.extend(_ts_activation_nodes(inner))
+    return found
+
+
+def _patch_torchscript(scanned, plans: list[LayerPlan], options: FixOptions, temp: Path, result: FixResult):
+    """leaky/elu on a TorchScript archive: inline forward, swap the planned activation nodes, save TorchScript.
+
+    The k-th activation node of the inlined forward is the k-th call site the scan found (the probe
+    already checked that order against execution); anything else is refused."""
+    from deadrelu_cli.fixes.run import runner_for
+
+    loaded = scanned.model
+    module = torch.jit.load(str(loaded.path), map_location=scanned.device)
+    graph = module.forward.graph
+    torch._C._jit_pass_inline(graph)
+    torch._C._jit_pass_constant_propagation(graph)
+    nodes = _ts_activation_nodes(graph)
+    sites = scanned.probe.sites
+    if len(nodes) != len(sites):
+        raise UserError(
+            f"{loaded.path}: its inlined graph has {len(nodes)} activations but the scan found {len(sites)} "
+            "call sites; patch the state_dict with --arch or the ONNX export instead"
+        )
+    wanted = {plan.name: plan for plan in plans}
+    outcomes = []
+    for node, site in zip(nodes, sites, strict=True):
+        plan = wanted.get(site.name)
+        if plan is None:
+            continue
+        if site.op != "relu" or node.kind() not in ("aten::relu", "aten::relu_"):
+            outcomes.append(
+                LayerOutcome(
+                    plan.name, plan.units, f"skipped: {site.op} is not a plain relu", False, len(plan.units)
+                )
+            )
+            continue
+        with graph.insert_point_guard(node):
+            if options.strategy == "leaky":
+                replacement = graph.create(
+                    "aten::leaky_relu", [node.inputsAt(0), graph.insertConstant(options.slope)]
+                )
+            else:
+                one = graph.insertConstant(1.0)
+                replacement = graph.create("aten::elu", [node.inputsAt(0), one, one, one])
+            graph.insertNode(replacement)
+            replacement.output().setType(node.output().type())
+        node.output().replaceAllUsesWith(replacement.output())
+        node.destroy()
+        outcomes.append(
+            LayerOutcome(
+                plan.name,
+                plan.units,
+                f"aten::relu → {replacement.kind().split('::')[1]}",
+                True,
+                len(plan.units),
+            )
+        )
+    module.save(str(temp))
+    order = match_inputs(loaded, scanned.data)
 
     def patched_runner():
         return runner_for(
