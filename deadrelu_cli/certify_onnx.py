@@ -238,10 +238,8 @@ def certify_onnx(
         values = [None if name == "" else env.get(name) for name in inputs]
         try:
             if not any(isinstance(v, Interval) for v in values):
-                if node.op_type == "Shape" or any(
-                    v is None and name for v, name in zip(values, inputs, strict=True)
-                ):
-                    raise _Unsupported(node.op_type)
+                if any(v is None and name for v, name in zip(values, inputs, strict=True)):
+                    raise _Unsupported(node.op_type)  # an input we have no value for
                 for out, result in zip(
                     node.output, _single_node(node, inputs, values, model.opset_import), strict=False
                 ):
