@@ -256,6 +256,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
         del model.graph.value_info[:]  # shapes changed: let shape inference redo them
     result.params_before = sum(int(np.prod(i.dims)) for i in original.graph.initializer)
     result.params_after = sum(int(np.prod(i.dims)) for i in model.graph.initializer)
+    result.flops_before, result.flops_after = onnx_macs(original), onnx_macs(model)
     if any(o.applied for o in outcomes):
         onnx.save(model, str(temp))
 
@@ -263,6 +264,37 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
         return runner_for(load_model(LoadOptions(str(temp))), scanned.data, scanned.device)
 
     return runner_for(scanned.model, scanned.data, scanned.device), patched_runner, outcomes
+
+
+def onnx_macs(model: onnx.ModelProto) -> int | None:
+    """Multiply-accumulates per sample of the Conv/Gemm/MatMul nodes (None when a shape is unknown)."""
+    from deadrelu_cli.loaders.onnx_model import add_inferred_shapes
+
+    shaped = onnx.ModelProto()
+    shaped.CopyFrom(model)
+    del shaped.graph.value_info[:]
+    add_inferred_shapes(shaped)
+    shapes = {}
+    for value in list(shaped.graph.value_info) + list(shaped.graph.output) + list(shaped.graph.input):
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    index = _GraphIndex(shaped.graph)
+    total = 0
+    for node in shaped.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        out = shapes.get(node.output[0])
+        weight = _initializer(index, node.input[1]) if len(node.input) > 1 else None
+        if out is None or weight is None or any(d is None for d in out[1:]):
+            return None
+        per_sample = int(np.prod(out[1:])) if len(out) > 1 else 1
+        if node.op_type == "Conv":
+            total += per_sample * int(np.prod(weight.shape[1:]))
+        elif node.op_type == "Gemm":
+            total += per_sample * int(weight.shape[1] if _attr(node, "transB", 0) else weight.shape[0])
+        else:
+            total += per_sample * int(weight.shape[0])
+    return total
 
 
 def _assign(array: np.ndarray, axis: int, indices: list[int], values) -> None:
