@@ -74,7 +74,7 @@ class SiteAccumulator:
         if pre.numel() == 0:
             return
         pre, dims = self._as_reducible(pre)
-        batch_max = pre.amax(dim=dims) if dims else pre
+        batch_max = _channel_first_reduce(pre, dims, torch.amax) if dims else pre
         # amax propagates NaN: remember it, so that the fast count below (which would count a NaN as
         # fired) is replaced by the exact comparison for this batch
         # (only on CPU, where reading the flag costs nothing; on CUDA the exact count is used: no sync)
@@ -106,7 +106,7 @@ class SiteAccumulator:
                 self.positive += _sum(post.bool().view(torch.uint8), dims, torch.float32).to(torch.int64)
             else:
                 self.positive += _count(post > threshold, dims)
-            total = _sum(post, dims)  # y >= 0: |y| = y
+            total = _channel_first_reduce(post, dims, torch.sum)  # y >= 0: |y| = y
         else:
             total = _sum(post.abs(), dims)
         self.sum_abs += total.to(torch.float64)
@@ -162,6 +162,20 @@ def counts_from_output(op: str, threshold: float) -> bool:
     if op == "relu6":
         return 0.0 <= threshold < 6.0
     return False
+
+
+def _channel_first_reduce(tensor: torch.Tensor, dims: list[int], reduce) -> torch.Tensor:
+    """Reduce all but dim 1 of a contiguous [N, C, ...] tensor in two steps (the contiguous tail first,
+    then N): about twice as fast on CPU as one reduction over dims (0, 2, 3, …)."""
+    if (
+        dims
+        and dims[0] == 0
+        and dims[1:] == list(range(2, tensor.dim()))
+        and tensor.dim() >= 3
+        and tensor.is_contiguous()
+    ):
+        return reduce(reduce(tensor.view(tensor.shape[0], tensor.shape[1], -1), -1), 0)
+    return reduce(tensor, dims)
 
 
 def _sum(tensor: torch.Tensor, dims: list[int], dtype: torch.dtype | None = None) -> torch.Tensor:
