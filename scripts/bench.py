@@ -113,7 +113,9 @@ def _median_pair(plain, scan, reps: int) -> tuple[float, float]:
     return statistics.median(plain_times), statistics.median(scan_times)
 
 
-def torch_pair(name, factory, data_path: Path, batch: int, workdir: Path, device: str = "cpu"):
+def torch_pair(
+    name, factory, data_path: Path, batch: int, workdir: Path, device: str = "cpu", compile: bool = False
+):
     build = globals()[factory]
 
     def plain():  # what a user's own inference loop costs: load the weights, stream the .npy, run
@@ -135,6 +137,7 @@ def torch_pair(name, factory, data_path: Path, batch: int, workdir: Path, device
                 arch=f"{__file__}:{factory}",
                 batch_size=batch,
                 device=device,
+                compile=compile,
             )
         )
 
@@ -227,6 +230,20 @@ def main() -> None:
                 work,
             )
         )
+        if (
+            not args.quick
+        ):  # counting fused by torch.compile; the first run compiles, the marginal ratio is the steady state
+            rows.append(
+                measure(
+                    "resnet18 --compile",
+                    "cpu",
+                    lambda p: torch_pair("resnet18", "build_resnet18", p, 16, work, compile=True),
+                    images,
+                    16,
+                    args.reps,
+                    work,
+                )
+            )
         rows.append(
             measure(
                 "mlp block [B,T,F]",
