@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -230,7 +231,7 @@ def scan_torch(
             )
         batch_size = model.fixed_batch
     done = 0
-    context = probe.attached() if hasattr(probe, "attached") else _null()
+    context = probe.attached() if hasattr(probe, "attached") else contextlib.nullcontext()
 
     def tensors():
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
@@ -313,14 +314,6 @@ def apply_dtype(model: LoadedModel, dtype: str | None) -> None:
         model.notes.append(
             f"ran in {names[dtype]}: values within rounding of the threshold may count differently than in float32"
         )
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @dataclass
