@@ -148,6 +148,12 @@ def to_tensor(array: np.ndarray, float_dtype: str, device: str):
     return torch.from_numpy(array).to(device)
 
 
+def example_inputs(model: LoadedModel, data: CalibrationData, order: list[str], device: str) -> tuple:
+    """The first (up to) two samples as model inputs: what torch.export traces with."""
+    first = next(data.batches(min(2, data.samples)))
+    return tuple(to_tensor(first[name], model.float_dtype, device) for name in order)
+
+
 def make_probe(model: LoadedModel, settings, compile_graph: bool = False, example: tuple | None = None):
     if compile_graph:
         from deadrelu_cli.probe.graph_stats import InGraphProbe, export_for_stats
@@ -218,8 +224,7 @@ def scan_torch(
     batch_size = resolve_batch_size(options.batch_size, model, data, order, device)
     example = None
     if options.compile:
-        first = next(data.batches(min(2, data.samples)))
-        example = tuple(to_tensor(first[name], model.float_dtype, device) for name in order)
+        example = example_inputs(model, data, order, device)
     probe = make_probe(model, settings, options.compile, example)
     probe.registry.collectors.update(collectors or {})
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)

@@ -38,6 +38,14 @@ def _x():
     return torch.from_numpy(np.load(CNN / "calib.npz")["input"])
 
 
+def _cnn_by_hand(m, first, second, third):
+    """The sample CNN's forward written out, with the activation of each of its three call sites given."""
+    with torch.no_grad():
+        h = first(m.bn1(m.conv1(_x())))
+        h = second(m.bn2(m.conv2(h)))
+        return m.head(third(m.fc(torch.flatten(m.pool(h), 1))))
+
+
 def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -144,11 +152,9 @@ def test_leaky_pt2_has_no_relu_at_patched_sites(cli, work):
     assert not any("relu" in t and "leaky" not in t for t in targets)
     assert sum("leaky_relu" in t for t in targets) == 3
     m = _load_cnn(work / "model.pt")
-    leaky = torch.nn.functional.leaky_relu
-    with torch.no_grad():  # the same network written out by hand with LeakyReLU(0.1)
-        h = leaky(m.bn1(m.conv1(_x())), 0.1)
-        h = leaky(m.bn2(m.conv2(h)), 0.1)
-        expected = m.head(leaky(m.fc(torch.flatten(m.pool(h), 1)), 0.1))
+    leaky = lambda t: torch.nn.functional.leaky_relu(t, 0.1)  # noqa: E731
+    expected = _cnn_by_hand(m, leaky, leaky, leaky)  # the same network written out with LeakyReLU(0.1)
+    with torch.no_grad():
         np.testing.assert_allclose(program.module()(_x()).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
         assert (expected - m(_x())).abs().max() > 0.01  # and it is not the ReLU network
 
@@ -326,11 +332,9 @@ def test_leaky_on_exported_program_input(cli, work):
     ]
     assert targets and all("leaky_relu" in t for t in targets)
     m = _load_cnn(work / "model.pt")
-    leaky = torch.nn.functional.leaky_relu
+    leaky = lambda t: torch.nn.functional.leaky_relu(t, 0.1)  # noqa: E731
+    expected = _cnn_by_hand(m, leaky, leaky, leaky)
     with torch.no_grad():
-        h = leaky(m.bn1(m.conv1(_x())), 0.1)
-        h = leaky(m.bn2(m.conv2(h)), 0.1)
-        expected = m.head(leaky(m.fc(torch.flatten(m.pool(h), 1)), 0.1))
         np.testing.assert_allclose(program.module()(_x()).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
     result = cli(
         "fix",
@@ -365,8 +369,7 @@ def test_leaky_on_torchscript_input_one_site(cli, work):
     assert result.code == 0, result.err
     patched = torch.jit.load(str(out))
     m = _load_cnn(work / "model.pt")
-    with torch.no_grad():  # only the second call of the shared ReLU becomes leaky
-        h = torch.relu(m.bn1(m.conv1(_x())))
-        h = torch.nn.functional.leaky_relu(m.bn2(m.conv2(h)), 0.2)
-        expected = m.head(torch.relu(m.fc(torch.flatten(m.pool(h), 1))))
+    # only the second call of the shared ReLU becomes leaky
+    expected = _cnn_by_hand(m, torch.relu, lambda t: torch.nn.functional.leaky_relu(t, 0.2), torch.relu)
+    with torch.no_grad():
         np.testing.assert_allclose(patched(_x()).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deadrelu_cli.engine import match_inputs, to_tensor
+from deadrelu_cli.engine import example_inputs, match_inputs, to_tensor
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.fixes import torch_eager as eager
 from deadrelu_cli.fixes.plan import FixOptions, FixResult, LayerOutcome, LayerPlan
@@ -27,11 +27,6 @@ def torch_runner(loaded, order: list[str], device: str):
         return [leaf.detach().float().cpu().numpy() for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
     return run
-
-
-def _example(scanned, order: list[str], device: str) -> tuple:
-    batch = next(scanned.data.batches(2))
-    return tuple(to_tensor(batch[name], scanned.model.float_dtype, device) for name in order)
 
 
 def write_artifact(module: torch.nn.Module, example: tuple, path: Path, suffix: str) -> None:
@@ -101,7 +96,7 @@ def apply_torch(
         )
     device = scanned.device
     order = match_inputs(loaded, scanned.data)
-    example = _example(scanned, order, device)
+    example = example_inputs(scanned.model, scanned.data, order, device)
     original = loaded.runnable
     model = eager.clone(original)
     probe = scanned.probe
@@ -193,7 +188,7 @@ def _patch_exported(
         outcomes.append(LayerOutcome(plan.name, plan.units, action, True, len(plan.units)))
     graph_module.recompile()
     order = match_inputs(loaded, scanned.data)
-    example = _example(scanned, order, scanned.device)
+    example = example_inputs(loaded, scanned.data, order, scanned.device)
     write_artifact(graph_module, example, temp, ".pt2")
     result.params_before = result.params_after = eager.count_params(graph_module)
 
