@@ -1,6 +1,6 @@
 """Calibration data: .npz / .npy / .pt / .safetensors -> a stream of batches (numpy arrays).
 
-First axis = samples. Nothing is read whole that can be streamed: .npy is memory-mapped, .npz
+First axis = samples. Nothing is read whole that can be streamed: .npy is read batch by batch, .npz
 members are read row-block by row-block from the zip stream, safetensors by slices. Pickles are
 never allowed (numpy allow_pickle=False, torch weights_only=True).
 """
@@ -138,6 +138,57 @@ class NpzMemberSource:
             self._stream.close()
             self._archive.close()
             self._stream = self._archive = None
+
+
+class NpyFileSource:
+    """A .npy file read row block by row block straight into fresh arrays.
+
+    Not a memory map: the pages of a map that the scan touches count towards the process's resident
+    memory, so a 10x larger dataset would raise peak RSS by its size. Reading each batch into a fresh
+    array keeps memory at one batch (plus the prefetched ones) whatever the file size; the kernel's page
+    cache still serves repeated reads."""
+
+    name = "input"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as handle:
+            self.shape, self.fortran, self.dtype = _read_npy_header(handle, str(path))
+            self._offset = handle.tell()
+        if self.dtype.hasobject:
+            raise UserError(
+                f"{path}: cannot read .npy: it holds Python objects (never unpickled); save numeric arrays"
+            )
+        self._row_bytes = (
+            int(np.prod(self.shape[1:], dtype=object)) * self.dtype.itemsize if self.shape else 0
+        )
+        declared = self._row_bytes * self.shape[0] if self.shape else self.dtype.itemsize
+        stored = path.stat().st_size - self._offset
+        if declared > stored:
+            raise UserError(
+                f"{path}: declares shape {list(self.shape)} {self.dtype} ({declared} bytes) but holds {stored}; "
+                "the file is truncated"
+            )
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        wanted = out.nbytes
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as handle:  # a handle per call: no shared file position
+            handle.seek(self._offset + start * self._row_bytes)
+            done = 0
+            while done < wanted:  # a raw read may return fewer bytes than asked
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise UserError(f"{self.path}: the file ended early (truncated while being read?)")
+                done += got
+        return out
+
+    def whole(self) -> np.ndarray:
+        check_fits_in_memory(self.shape, self.dtype, str(self.path))
+        if not self.shape:
+            return self.rows(0, 1).reshape(())
+        return self.rows(0, self.shape[0])
 
 
 class SafetensorsSource:
@@ -325,14 +376,15 @@ def _validate(
 
 def _open_npy(path: Path) -> list[ArraySource]:
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        raise UserError(
-            f"{path}: cannot read .npy ({exc}); it is truncated, or holds Python objects (never unpickled)"
-        ) from None
+        source = NpyFileSource(path)
     except (OSError, EOFError) as exc:
         raise UserError(f"{path}: cannot read .npy ({exc}); the file is truncated or not .npy") from None
-    return [InMemorySource("input", array)]
+    if source.fortran:  # column-major: rows are not contiguous in the file; numpy's memory map copes
+        try:
+            return [InMemorySource("input", np.load(path, mmap_mode="r", allow_pickle=False))]
+        except ValueError as exc:
+            raise UserError(f"{path}: cannot read .npy ({exc})") from None
+    return [source]
 
 
 def _open_npz(path: Path) -> list[ArraySource]:

@@ -9,7 +9,7 @@ from conftest import arch, save_npz, save_state_dict
 from safetensors.numpy import save_file
 
 from deadrelu_cli import scan
-from deadrelu_cli.calibration import NpzMemberSource, open_calibration
+from deadrelu_cli.calibration import NpyFileSource, NpzMemberSource, open_calibration
 from deadrelu_cli.errors import UserError
 
 
@@ -48,10 +48,28 @@ def test_every_data_format_gives_the_same_report(tmp_path, x, planted_module):
     assert all(c == counts[0] for c in counts)
 
 
-def test_npy_is_memory_mapped(tmp_path, x):
+def test_npy_streams_rows_without_a_memory_map(tmp_path, x):
+    # a memory map would add every page the scan touches to the process's resident memory
     np.save(tmp_path / "d.npy", x)
     source = open_calibration(str(tmp_path / "d.npy")).sources[0]
-    assert isinstance(source.array, np.memmap)
+    assert isinstance(source, NpyFileSource)
+    np.testing.assert_array_equal(source.rows(5, 9), x[5:9])
+    np.testing.assert_array_equal(source.rows(0, 2), x[0:2])
+    np.testing.assert_array_equal(source.whole(), x)
+
+
+def test_fortran_order_npy_still_reads(tmp_path, x):
+    np.save(tmp_path / "f.npy", np.asfortranarray(x))
+    source = open_calibration(str(tmp_path / "f.npy")).sources[0]
+    np.testing.assert_array_equal(source.rows(3, 7), x[3:7])
+
+
+def test_truncated_npy_is_refused_before_reading(tmp_path, x):
+    np.save(tmp_path / "d.npy", x)
+    raw = (tmp_path / "d.npy").read_bytes()
+    (tmp_path / "d.npy").write_bytes(raw[: len(raw) - 10])
+    with pytest.raises(UserError, match="truncated"):
+        open_calibration(str(tmp_path / "d.npy"))
 
 
 def test_npz_member_streams_rows(tmp_path, x):

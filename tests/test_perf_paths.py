@@ -104,3 +104,61 @@ def test_compile_and_dtype_errors(cli):
     assert result.code == 2 and "--dtype applies to torch models" in result.err
     result = cli("scan", CNN / "model.onnx", "--data", CNN / "calib.npz", "--batch-size", "lots")
     assert result.code == 2 and "positive integer or auto" in result.err
+
+
+def _peak_rss_of_scan(args: list[str]) -> int:
+    """Peak resident memory (KiB) of one `deadrelu scan` process, measured by a parent with no other child."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import resource, subprocess, sys;"
+        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, sys.executable, "-m", "deadrelu_cli", "scan", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout.strip())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_peak_memory_is_flat_when_the_data_grows_tenfold(tmp_path, suffix):
+    # 16,384 features per sample: 10x the samples adds ~120 MB of data, which a memory map or a whole-file
+    # read would add to the peak (about +40% over the ~280 MB of a torch process); streaming adds nothing
+    import torch
+    from torch import nn
+
+    width = 16384
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, 32), nn.ReLU(), nn.Linear(32, 4))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    (tmp_path / "arch.py").write_text(
+        f"from torch import nn\ndef build():\n    return nn.Sequential(nn.Linear({width}, 32), nn.ReLU(), nn.Linear(32, 4))\n"
+    )
+    peaks = {}
+    for samples in (200, 2000):
+        data = np.random.default_rng(samples).standard_normal((samples, width), dtype=np.float32)
+        path = tmp_path / f"d{samples}{suffix}"
+        if suffix == ".npy":
+            np.save(path, data)
+        else:
+            np.savez(path, input=data)
+        del data
+        peaks[samples] = _peak_rss_of_scan(
+            [
+                str(tmp_path / "m.pt"),
+                "--arch",
+                f"{tmp_path / 'arch.py'}:build",
+                "--data",
+                str(path),
+                "-b",
+                "50",
+            ]
+        )
+    growth = peaks[2000] / peaks[200] - 1
+    assert growth < 0.05, f"peak RSS {peaks[200]} KiB -> {peaks[2000]} KiB (+{growth:.1%}) for 10x the data"
