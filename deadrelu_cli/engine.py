@@ -34,6 +34,7 @@ class ScanOptions:
     allow_nonfinite: bool = False
     compile: bool = False  # counting inside the graph, through torch.compile
     dtype: str | None = None  # run the model in bf16 / fp16 / fp32
+    channels_last: bool = False  # run conv models (and 4-D inputs) in channels_last memory format
     consts: tuple[str, ...] = ()  # arrays fed whole to every batch
     batch_axes: dict[str, int] = field(default_factory=dict)  # arrays whose samples are not on axis 0
     distributed: bool = False  # under torchrun: scan this rank's shard, all_reduce the counts
@@ -134,7 +135,7 @@ def _first_layer_check(model: LoadedModel, data: CalibrationData) -> None:
             )
 
 
-def to_tensor(array: np.ndarray, float_dtype: str, device: str):
+def to_tensor(array: np.ndarray, float_dtype: str, device: str, channels_last: bool = False):
     """One batch array as a model input on `device`. Runs in the prefetch thread: on CUDA the batch is
     staged in pinned memory and copied asynchronously, then cast on the GPU, so the copy overlaps the
     model running the previous batch and the host never waits for it."""
@@ -151,13 +152,15 @@ def to_tensor(array: np.ndarray, float_dtype: str, device: str):
         tensor = tensor.to(device)
     if array.dtype.kind == "f":
         tensor = tensor.to(getattr(torch, float_dtype))
+    if channels_last and tensor.dim() == 4:
+        tensor = tensor.contiguous(memory_format=torch.channels_last)
     return tensor
 
 
 def example_inputs(model: LoadedModel, data: CalibrationData, order: list[str], device: str) -> tuple:
     """The first (up to) two samples as model inputs: what torch.export traces with."""
     first = next(data.batches(min(2, data.samples)))
-    return tuple(to_tensor(first[name], model.float_dtype, device) for name in order)
+    return tuple(to_tensor(first[name], model.float_dtype, device, model.channels_last) for name in order)
 
 
 def make_probe(model: LoadedModel, settings, compile_graph: bool = False, example: tuple | None = None):
@@ -246,7 +249,12 @@ def scan_torch(
 
     def tensors():
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
-            yield batch, tuple(to_tensor(batch[name], model.float_dtype, device) for name in order)
+            yield (
+                batch,
+                tuple(
+                    to_tensor(batch[name], model.float_dtype, device, model.channels_last) for name in order
+                ),
+            )
 
     with context, torch.inference_mode():
         for index, (batch, inputs) in enumerate(prefetched(tensors())):
@@ -290,7 +298,9 @@ def resolve_batch_size(
         before = torch.cuda.memory_allocated()
         one = next(data.batches(1))
         with torch.inference_mode():
-            model.runnable(*(to_tensor(one[name], model.float_dtype, device) for name in order))
+            model.runnable(
+                *(to_tensor(one[name], model.float_dtype, device, model.channels_last) for name in order)
+            )
         per_sample = max(1, torch.cuda.max_memory_allocated() - before)
         free, _total = torch.cuda.mem_get_info()
         budget = free // 2
@@ -299,6 +309,21 @@ def resolve_batch_size(
     while size * 2 <= 1024 and size * 2 * per_sample_input <= budget:
         size *= 2
     return size
+
+
+def apply_channels_last(model: LoadedModel, enabled: bool) -> None:
+    """--channels-last: NHWC memory format for the model's 4-D weights and inputs (what cuDNN and
+    oneDNN run fastest, above all in bf16). The probe reduces such activations as [N*H*W, C] views."""
+    if not enabled:
+        return
+    import torch
+
+    if model.backend != "torch":
+        raise UserError("--channels-last applies to torch models; onnxruntime picks its own layouts")
+    if not hasattr(model.runnable, "to") or model.kind == "torchscript":
+        raise UserError("--channels-last needs an nn.Module or a .pt2 program, not TorchScript")
+    model.runnable = model.runnable.to(memory_format=torch.channels_last)
+    model.channels_last = True
 
 
 def apply_dtype(model: LoadedModel, dtype: str | None) -> None:
@@ -346,6 +371,8 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         raise UserError("--batch-size must be at least 1")
     if options.compile and options.model.lower().endswith(".onnx"):
         raise UserError("--compile is for torch models; ONNX graphs are already instrumented in-graph")
+    if options.channels_last and options.model.lower().endswith(".onnx"):
+        raise UserError("--channels-last applies to torch models; onnxruntime picks its own layouts")
     if options.dtype and options.model.lower().endswith(".onnx"):
         raise UserError("--dtype applies to torch models; an ONNX model runs in the types of its graph")
     if options.limit is not None and options.limit < 1:
@@ -388,6 +415,7 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         else:
             model = load_model(LoadOptions(options.model, options.arch, options.trust_pickle, device))
             apply_dtype(model, options.dtype)
+            apply_channels_last(model, options.channels_last)
             if data.local_samples:
                 layers, probe = scan_torch(model, data, options, device)
     except Exception as exc:  # under --distributed every rank must hear of it before anyone reduces

@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Benchmark: scan time against plain inference over the same batches, in one run.
 
-Cases: (a) a ResNet-18-sized CNN on CPU (eager), (b) its ONNX export with onnxruntime, (c) a
-transformer-style MLP block on [B, T, F], and (d) on CUDA when available. Both sides are timed end to
+Cases: (a) a ResNet-18-sized CNN on CPU (eager, and --compile against plain eager and plain compiled),
+(b) its ONNX export with onnxruntime, (c) a transformer-style MLP block on [B, T, F], (d) on CUDA when
+available (eager, --compile, bf16 + channels_last), and (e) the peak RSS of a scan when the data grows 10x. Both sides are timed end to
 end from the files (plain: load the weights or create the session, stream the .npy, run every batch;
 scan: `deadrelu scan` on the same files and batch size). Repetitions are interleaved (plain, scan,
 plain, scan, …) and medians compared, so machine noise hits both sides alike. Prints a table and
 writes bench.json.
 
-    python scripts/bench.py [--quick] [--reps 3] [--out bench.json]
+    python scripts/bench.py [--quick] [--reps 3] [--only eager,onnx] [--out bench.json]
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -114,18 +117,35 @@ def _median_pair(plain, scan, reps: int) -> tuple[float, float]:
 
 
 def torch_pair(
-    name, factory, data_path: Path, batch: int, workdir: Path, device: str = "cpu", compile: bool = False
+    name,
+    factory,
+    data_path: Path,
+    batch: int,
+    workdir: Path,
+    device: str = "cpu",
+    compile: bool = False,
+    plain_compiled: bool = False,
+    dtype: str | None = None,
+    channels_last: bool = False,
 ):
+    """(plain, scan) callables. `compile` runs the scan with --compile; `plain_compiled` compiles the plain
+    model with torch.compile (the baseline for "scan --compile vs plain compiled"); `dtype` and
+    `channels_last` apply to both sides."""
     build = globals()[factory]
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: torch.float32}[dtype]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
 
     def plain():  # what a user's own inference loop costs: load the weights, stream the .npy, run
         net = build()
         net.load_state_dict(torch.load(workdir / f"{name}.pt", weights_only=True))
-        net = net.to(device).eval()
+        net = net.to(device=device, dtype=torch_dtype, memory_format=layout).eval()
+        if plain_compiled:
+            net = torch.compile(net, dynamic=True)
         array = np.load(data_path, mmap_mode="r")
         with torch.inference_mode():
             for i in range(0, len(array), batch):
-                net(torch.from_numpy(np.array(array[i : i + batch])).to(device))
+                x = torch.from_numpy(np.array(array[i : i + batch])).to(device)
+                net(x.to(dtype=torch_dtype, memory_format=layout))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
@@ -138,6 +158,8 @@ def torch_pair(
                 batch_size=batch,
                 device=device,
                 compile=compile,
+                dtype=dtype,
+                channels_last=channels_last,
             )
         )
 
@@ -184,11 +206,94 @@ def measure(name, device, make_pair, data: np.ndarray, batch: int, reps: int, wo
     }
 
 
+def build_small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 5, 4, 2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(256, 10),
+        nn.ReLU(),
+    )
+
+
+def peak_rss_kib(command: list[str]) -> int:
+    """Peak resident memory of one process, measured by a parent with no other child."""
+    probe = (
+        "import resource, subprocess, sys;"
+        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, check=True)
+    return int(done.stdout.strip())
+
+
+def measure_memory(workdir: Path, quick: bool) -> dict:
+    """Peak RSS of `deadrelu scan` on N and 10N images (.npy, 112x112): flat when nothing grows with the data."""
+    torch.save(build_small_cnn().state_dict(), workdir / "small.pt")
+    n = 64 if quick else 512
+    peaks = []
+    for samples in (n, 10 * n):
+        path = workdir / f"memory-{samples}.npy"
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(samples, 3, 112, 112))
+        for i in range(0, samples, n):
+            array[i : i + n] = np.random.default_rng(i).standard_normal((n, 3, 112, 112), dtype=np.float32)
+        array.flush()
+        del array
+        command = [
+            sys.executable,
+            "-m",
+            "deadrelu_cli",
+            "scan",
+            str(workdir / "small.pt"),
+            "--data",
+            str(path),
+        ]
+        command += ["--arch", f"{__file__}:build_small_cnn", "-b", "32"]
+        peaks.append(peak_rss_kib(command))
+        path.unlink()
+    return {
+        "case": "peak RSS, 10x data",
+        "device": "cpu",
+        "samples": [n, 10 * n],
+        "data_mib": [round(s * 3 * 112 * 112 * 4 / 2**20, 1) for s in (n, 10 * n)],
+        "peak_rss_mib": [round(p / 1024, 1) for p in peaks],
+        "growth": peaks[1] / peaks[0] - 1,
+    }
+
+
+def cuda_cases(rng, reps: int, workdir: Path) -> dict:
+    """ResNet-18 at 224x224, batch 128: eager, --compile (against plain eager and plain compiled),
+    bf16 + channels_last on both sides."""
+    big = rng.standard_normal((512, 3, 224, 224)).astype(np.float32)
+
+    def case(label: str, **kwargs):
+        return lambda: measure(
+            label,
+            "cuda",
+            lambda p: torch_pair("resnet18", "build_resnet18", p, 128, workdir, "cuda", **kwargs),
+            big,
+            128,
+            reps,
+            workdir,
+        )
+
+    return {
+        "cuda-eager": case("resnet18 eager"),
+        "cuda-compile": case("resnet18 --compile vs eager", compile=True),
+        "cuda-compile-vs-compiled": case("resnet18 --compile vs compiled", compile=True, plain_compiled=True),
+        "cuda-bf16": case("resnet18 bf16 channels_last", dtype="bf16", channels_last=True),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small inputs, for a smoke run")
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    parser.add_argument(
+        "--only", help="comma-separated cases: eager,onnx,compile,mlp,memory (+ cuda-* on a GPU)"
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     side, n_img = (64, 32) if args.quick else (112, 128)
@@ -208,8 +313,8 @@ def main() -> None:
             dynamic_axes={"input": {0: "batch"}},
             opset_version=17,
         )
-        rows.append(
-            measure(
+        cases = {
+            "eager": lambda: measure(
                 "resnet18 eager",
                 "cpu",
                 lambda p: torch_pair("resnet18", "build_resnet18", p, 16, work),
@@ -217,10 +322,8 @@ def main() -> None:
                 16,
                 args.reps,
                 work,
-            )
-        )
-        rows.append(
-            measure(
+            ),
+            "onnx": lambda: measure(
                 "resnet18 onnx",
                 "cpu (onnxruntime)",
                 lambda p: onnx_pair("resnet18", p, 16, work),
@@ -228,24 +331,29 @@ def main() -> None:
                 16,
                 args.reps,
                 work,
-            )
-        )
-        if (
-            not args.quick
-        ):  # counting fused by torch.compile; the first run compiles, the marginal ratio is the steady state
-            rows.append(
-                measure(
-                    "resnet18 --compile",
-                    "cpu",
-                    lambda p: torch_pair("resnet18", "build_resnet18", p, 16, work, compile=True),
-                    images,
-                    16,
-                    args.reps,
-                    work,
-                )
-            )
-        rows.append(
-            measure(
+            ),
+            # counting fused by torch.compile: the first run compiles, the marginal ratio is the steady state
+            "compile": lambda: measure(
+                "resnet18 --compile",
+                "cpu",
+                lambda p: torch_pair("resnet18", "build_resnet18", p, 16, work, compile=True),
+                images,
+                16,
+                args.reps,
+                work,
+            ),
+            "compile-vs-compiled": lambda: measure(
+                "resnet18 --compile vs compiled",
+                "cpu",
+                lambda p: torch_pair(
+                    "resnet18", "build_resnet18", p, 16, work, compile=True, plain_compiled=True
+                ),
+                images,
+                16,
+                args.reps,
+                work,
+            ),
+            "mlp": lambda: measure(
                 "mlp block [B,T,F]",
                 "cpu",
                 lambda p: torch_pair("mlp", "build_mlp_block", p, 8, work),
@@ -253,21 +361,18 @@ def main() -> None:
                 8,
                 args.reps,
                 work,
-            )
-        )
+            ),
+            "memory": lambda: measure_memory(work, args.quick),
+        }
         if torch.cuda.is_available():
-            big = rng.standard_normal((512, 3, 224, 224)).astype(np.float32)
-            rows.append(
-                measure(
-                    "resnet18 eager",
-                    "cuda",
-                    lambda p: torch_pair("resnet18", "build_resnet18", p, 128, work, "cuda"),
-                    big,
-                    128,
-                    args.reps,
-                    work,
-                )
-            )
+            cases.update(cuda_cases(rng, args.reps, work))
+        slow = ("compile", "compile-vs-compiled")  # ~10 s of compiling per run on CPU
+        wanted = args.only.split(",") if args.only else [c for c in cases if not (args.quick and c in slow)]
+        unknown = [c for c in wanted if c not in cases]
+        if unknown:
+            parser.error(f"--only: unknown case(s) {', '.join(unknown)}; choose from {', '.join(cases)}")
+        for case in wanted:
+            rows.append(cases[case]())
     machine = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -276,13 +381,22 @@ def main() -> None:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     print(
-        f"{'case':<20} {'device':<18} {'samples':>7} {'plain/s':>9} {'scan/s':>9} {'scan/plain':>11} {'marginal':>9}"
+        f"{'case':<32} {'device':<18} {'samples':>7} {'plain/s':>9} {'scan/s':>9} {'scan/plain':>11} {'marginal':>9}"
     )
     for row in rows:
+        if "growth" in row:
+            continue
         print(
-            f"{row['case']:<20} {row['device']:<18} {row['samples']:>7} {row['plain_per_s']:>9.1f} {row['scan_per_s']:>9.1f} "
+            f"{row['case']:<32} {row['device']:<18} {row['samples']:>7} {row['plain_per_s']:>9.1f} {row['scan_per_s']:>9.1f} "
             f"{row['ratio']:>10.3f}x {row['marginal_ratio']:>8.3f}x"
         )
+    for row in rows:
+        if "growth" in row:
+            print(
+                f"peak RSS of a scan: {row['peak_rss_mib'][0]} MiB on {row['samples'][0]} images "
+                f"({row['data_mib'][0]} MiB of .npy), {row['peak_rss_mib'][1]} MiB on {row['samples'][1]} "
+                f"({row['data_mib'][1]} MiB): {row['growth']:+.1%}"
+            )
     args.out.write_text(json.dumps({"machine": machine, "reps": args.reps, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -97,11 +97,41 @@ def test_bf16_runs_and_says_so(tmp_path, planted_module):
     assert any("bfloat16" in note for note in report.notes)
 
 
+def test_channels_last_counts_match_a_plain_torch_reference(tmp_path, planted_module):
+    """--channels-last: activations stored NHWC are reduced as [N*H*W, C] views; same counts as computed here."""
+    import torch
+
+    model = planted_module.conv_bn().eval()
+    x = np.random.default_rng(8).standard_normal((30, 3, 6, 6)).astype(np.float32)
+    report = scan(
+        str(save_state_dict(model, tmp_path / "m.pt")),
+        str(save_npz(tmp_path / "d.npz", x=x)),
+        arch=arch("conv_bn"),
+        device="cpu",
+        batch_size=7,
+        channels_last=True,
+    )
+    with torch.no_grad():  # the reference: contiguous tensors, reductions written out
+        pre = model.bn(model.conv(torch.from_numpy(x)))
+        pre1d = model.conv1d(pre.relu().flatten(2))
+    expected = [
+        ((pre > 0).sum((0, 2, 3)), pre.amax((0, 2, 3))),
+        ((pre1d > 0).sum((0, 2)), pre1d.amax((0, 2))),
+    ]
+    assert len(report.layers) == 2
+    for layer, (count, maximum) in zip(report.layers, expected, strict=True):
+        np.testing.assert_array_equal(layer.positive_counts, count.numpy(), err_msg=layer.name)
+        np.testing.assert_allclose(layer.max_preactivation, maximum.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.flatnonzero(report.layers[0].dead_mask()).tolist() == [2, 4]
+
+
 def test_compile_and_dtype_errors(cli):
     result = cli("scan", CNN / "model.onnx", "--data", CNN / "calib.npz", "--compile")
     assert result.code == 2 and "--compile is for torch models" in result.err
     result = cli("scan", CNN / "model.onnx", "--data", CNN / "calib.npz", "--dtype", "bf16")
     assert result.code == 2 and "--dtype applies to torch models" in result.err
+    result = cli("scan", CNN / "model.onnx", "--data", CNN / "calib.npz", "--channels-last")
+    assert result.code == 2 and "--channels-last applies to torch models" in result.err
     result = cli("scan", CNN / "model.onnx", "--data", CNN / "calib.npz", "--batch-size", "lots")
     assert result.code == 2 and "positive integer or auto" in result.err
 

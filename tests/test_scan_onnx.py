@@ -220,6 +220,38 @@ def test_truncated_and_invalid_onnx(tmp_path):
         scan(str(tmp_path / "b.onnx"), str(tmp_path / "d.npz"), device="cpu")
 
 
+def test_initializer_with_missing_bytes_is_refused(tmp_path):
+    model = gemm_relu()
+    weight = model.graph.initializer[0]
+    weight.raw_data = weight.raw_data[:-4]  # one float short of its [8, 4] shape
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 4), np.float32))
+    with pytest.raises(UserError, match="fails onnx.checker.*holds 124 bytes"):
+        scan(_save(model, tmp_path), str(tmp_path / "d.npz"), device="cpu")
+
+
+def test_appended_instrumentation_parses_as_the_instrumented_graph(tmp_path):
+    """The session is built from the file's bytes + a message of appended nodes; protobuf merges them
+    into exactly the graph that instrument() builds (same nodes, same outputs, weights untouched)."""
+    from deadrelu_cli.loaders.model import LoadOptions
+    from deadrelu_cli.loaders.onnx_model import load_onnx
+    from deadrelu_cli.onnx_scan import instrumented_bytes
+    from deadrelu_cli.probe.onnx_graph import find_sites, instrument
+
+    path = _save(conv_relu_hardswish(), tmp_path)
+    loaded = load_onnx(LoadOptions(path, device="cpu"))
+    assert loaded.extra["file_bytes"] == (tmp_path / "m.onnx").read_bytes()
+    sites = find_sites(loaded.runnable, ("relu", "relu6"))
+    merged = onnx.load_from_string(instrumented_bytes(loaded, sites, 0.0, None))
+    expected = instrument(loaded.runnable, sites, 0.0, None, keep_outputs=True)
+    assert [n.SerializeToString() for n in merged.graph.node] == [
+        n.SerializeToString() for n in expected.graph.node
+    ]
+    assert [o.name for o in merged.graph.output] == [o.name for o in expected.graph.output]
+    assert [i.SerializeToString() for i in merged.graph.initializer] == [
+        i.SerializeToString() for i in loaded.runnable.graph.initializer
+    ]
+
+
 def test_parity_with_torch_scan_on_exported_samples(tmp_path, planted_module):
     """Each planted torch model exported to ONNX gives the same dead units per layer as the torch scan."""
     import warnings

@@ -62,6 +62,13 @@ Compile = Annotated[
         "--compile", help="Count inside the graph and torch.compile it (fastest on CUDA; torch models)."
     ),
 ]
+ChannelsLast = Annotated[
+    bool,
+    typer.Option(
+        "--channels-last",
+        help="Run a torch conv model and its 4-D inputs in channels_last (NHWC) memory format; same counts.",
+    ),
+]
 Dtype = Annotated[
     str | None,
     typer.Option(

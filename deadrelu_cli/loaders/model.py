@@ -36,6 +36,7 @@ class LoadedModel:
     kind: str  # "eager", "torchscript", "exported", "onnx"
     inputs: list[InputSpec] = field(default_factory=list)
     float_dtype: str = "float32"
+    channels_last: bool = False  # --channels-last: 4-D inputs are converted to NHWC too
     fixed_batch: int | None = None  # graphs exported with a static batch size
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)

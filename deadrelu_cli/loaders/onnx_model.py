@@ -29,13 +29,17 @@ def _check_external_locations(model, base: Path) -> None:
             )
 
 
-def read_onnx(path: str):
+def read_onnx(path: str, keep_bytes: dict | None = None):
+    """Parse, confine and check an ONNX file. With `keep_bytes` (a dict), the file's bytes are left in
+    it under "file" when the graph is self-contained, for a session built without re-serialising the
+    weights (onnx_scan.session_bytes)."""
     import onnx
     from google.protobuf.message import DecodeError
 
     p = check_readable_file(path)
+    raw = p.read_bytes()
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        model = onnx.load_from_string(raw)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
         raise UserError(
             f"{path}: not a valid ONNX model ({type(exc).__name__}); the file is truncated or not ONNX"
@@ -43,28 +47,65 @@ def read_onnx(path: str):
     if not model.graph.node:
         raise UserError(f"{path}: not a valid ONNX model (the graph has no nodes)")
     _check_external_locations(model, p.parent)
+    external = _has_external_data(model)
+    if external:
+        try:
+            onnx.load_external_data_for_model(model, str(p.parent))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: cannot read its external data ({exc})") from None
+    skeleton = weight_free_skeleton(model)
     try:
-        onnx.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read its external data ({exc})") from None
-    try:
-        onnx.checker.check_model(str(p))  # from the file: no re-serialisation of the weights
+        # The graph is checked on its weight-free skeleton (the full check re-parses every weight, tens
+        # of ms per 100 MB); the weights themselves are checked for size here and by onnxruntime.
+        onnx.checker.check_model(skeleton)
+        _check_initializer_sizes(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid graph"
         raise UserError(f"{path}: the ONNX graph fails onnx.checker ({first})") from None
-    add_inferred_shapes(model)
+    add_inferred_shapes(model, skeleton)
+    if keep_bytes is not None and not external:
+        keep_bytes["file"] = raw
     return model
 
 
-def add_inferred_shapes(model) -> None:
-    """Shape inference on a weight-free skeleton of the graph (milliseconds instead of a pass over
-    every weight), copied back as value_info."""
+def _has_external_data(model) -> bool:
+    from onnx import TensorProto
+    from onnx.external_data_helper import _get_all_tensors
+
+    return any(t.data_location == TensorProto.EXTERNAL for t in _get_all_tensors(model))
+
+
+def _check_initializer_sizes(model) -> None:
+    """Each initializer's stored bytes match its declared shape (what the full checker would refuse)."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    for init in model.graph.initializer:
+        if not init.HasField("raw_data") or init.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+            continue
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue  # 4-bit and other packed types: left to onnxruntime
+        if init.data_type in (TensorProto.INT4, TensorProto.UINT4):
+            continue
+        expected = int(np.prod([int(d) for d in init.dims], dtype=object)) * itemsize
+        if len(init.raw_data) != expected:
+            raise ValueError(
+                f"initializer {init.name!r} holds {len(init.raw_data)} bytes for shape {list(init.dims)}, expected {expected}"
+            )
+
+
+def weight_free_skeleton(model):
+    """The graph with every initializer turned into a typed input: what shape inference and the checker
+    need, without copying a byte of the weights."""
     import onnx
     from onnx import helper
 
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
+    skeleton.graph.name = model.graph.name or "graph"
     skeleton.graph.node.extend(model.graph.node)
     skeleton.graph.input.extend(model.graph.input)
     skeleton.graph.output.extend(model.graph.output)
@@ -74,6 +115,15 @@ def add_inferred_shapes(model) -> None:
             skeleton.graph.input.append(
                 helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
             )
+    return skeleton
+
+
+def add_inferred_shapes(model, skeleton=None) -> None:
+    """Shape inference on a weight-free skeleton of the graph (milliseconds instead of a pass over
+    every weight), copied back as value_info."""
+    import onnx
+
+    skeleton = skeleton if skeleton is not None else weight_free_skeleton(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton)
     except Exception:  # noqa: BLE001 - shapes are a help, the graph runs without them
@@ -105,7 +155,8 @@ def input_specs(model) -> list[InputSpec]:
 
 
 def load_onnx(options: LoadOptions) -> LoadedModel:
-    model = read_onnx(options.path)
+    kept: dict = {}
+    model = read_onnx(options.path, kept)
     specs = input_specs(model)
     float_dtype = next((s.dtype for s in specs if s.dtype and s.dtype.startswith("float")), "float32")
     return LoadedModel(
@@ -117,4 +168,5 @@ def load_onnx(options: LoadOptions) -> LoadedModel:
         kind="onnx",
         inputs=specs,
         float_dtype=float_dtype,
+        extra={"file_bytes": kept["file"]} if "file" in kept else {},
     )
