@@ -229,7 +229,8 @@ def peak_rss_kib(command: list[str]) -> int:
 
 
 def measure_memory(workdir: Path, quick: bool) -> dict:
-    """Peak RSS of `deadrelu scan` on N and 10N images (.npy, 112x112): flat when nothing grows with the data."""
+    """Peak RSS of `deadrelu scan` on N and 10N images (.npy, 112x112), median of 3 processes each: flat
+    when nothing grows with the data."""
     torch.save(build_small_cnn().state_dict(), workdir / "small.pt")
     n = 64 if quick else 512
     peaks = []
@@ -250,7 +251,7 @@ def measure_memory(workdir: Path, quick: bool) -> dict:
             str(path),
         ]
         command += ["--arch", f"{__file__}:build_small_cnn", "-b", "32"]
-        peaks.append(peak_rss_kib(command))
+        peaks.append(statistics.median(peak_rss_kib(command) for _ in range(3)))  # allocator noise: ~±5 MiB
         path.unlink()
     return {
         "case": "peak RSS, 10x data",
@@ -292,13 +293,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small inputs, for a smoke run")
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     parser.add_argument(
+        "--batch",
+        type=int,
+        default=64,
+        help="images per batch (default 64, the scan's default); sequences: half",
+    )
+    parser.add_argument(
+        "--images", type=int, default=256, help="N: the dataset sizes are N and 3N (default 256)"
+    )
+    parser.add_argument(
         "--only", help="comma-separated cases: eager,onnx,compile,mlp,memory (+ cuda-* on a GPU)"
     )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    side, n_img = (64, 32) if args.quick else (112, 128)
+    side, n_img = (64, 32) if args.quick else (112, args.images)
     images = rng.standard_normal((n_img, 3, side, side)).astype(np.float32)
-    tokens = rng.standard_normal((16 if args.quick else 64, 64, 512)).astype(np.float32)
+    tokens = rng.standard_normal((16 if args.quick else args.images // 2, 64, 512)).astype(np.float32)
+    batch = min(args.batch, n_img)  # images per batch, both sides
+    token_batch = max(1, batch // 2)  # sequences of 64 tokens per batch
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -317,18 +329,18 @@ def main() -> None:
             "eager": lambda: measure(
                 "resnet18 eager",
                 "cpu",
-                lambda p: torch_pair("resnet18", "build_resnet18", p, 16, work),
+                lambda p: torch_pair("resnet18", "build_resnet18", p, batch, work),
                 images,
-                16,
+                batch,
                 args.reps,
                 work,
             ),
             "onnx": lambda: measure(
                 "resnet18 onnx",
                 "cpu (onnxruntime)",
-                lambda p: onnx_pair("resnet18", p, 16, work),
+                lambda p: onnx_pair("resnet18", p, batch, work),
                 images,
-                16,
+                batch,
                 args.reps,
                 work,
             ),
@@ -336,9 +348,9 @@ def main() -> None:
             "compile": lambda: measure(
                 "resnet18 --compile",
                 "cpu",
-                lambda p: torch_pair("resnet18", "build_resnet18", p, 16, work, compile=True),
+                lambda p: torch_pair("resnet18", "build_resnet18", p, batch, work, compile=True),
                 images,
-                16,
+                batch,
                 args.reps,
                 work,
             ),
@@ -346,19 +358,19 @@ def main() -> None:
                 "resnet18 --compile vs compiled",
                 "cpu",
                 lambda p: torch_pair(
-                    "resnet18", "build_resnet18", p, 16, work, compile=True, plain_compiled=True
+                    "resnet18", "build_resnet18", p, batch, work, compile=True, plain_compiled=True
                 ),
                 images,
-                16,
+                batch,
                 args.reps,
                 work,
             ),
             "mlp": lambda: measure(
                 "mlp block [B,T,F]",
                 "cpu",
-                lambda p: torch_pair("mlp", "build_mlp_block", p, 8, work),
+                lambda p: torch_pair("mlp", "build_mlp_block", p, token_batch, work),
                 tokens,
-                8,
+                token_batch,
                 args.reps,
                 work,
             ),

@@ -191,4 +191,6 @@ def test_peak_memory_is_flat_when_the_data_grows_tenfold(tmp_path, suffix):
             ]
         )
     growth = peaks[2000] / peaks[200] - 1
-    assert growth < 0.05, f"peak RSS {peaks[200]} KiB -> {peaks[2000]} KiB (+{growth:.1%}) for 10x the data"
+    # reading whole or memory-mapping adds ~+45% here; the allocator's own jitter is a few MiB, so the bar
+    # is 10% (scripts/bench.py measures the 5% target with medians of repeated runs)
+    assert growth < 0.10, f"peak RSS {peaks[200]} KiB -> {peaks[2000]} KiB (+{growth:.1%}) for 10x the data"

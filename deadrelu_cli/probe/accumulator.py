@@ -90,7 +90,7 @@ class SiteAccumulator:
             if pre.is_floating_point()
             else False
         )
-        self.max_pre = torch.maximum(self.max_pre, batch_max.to(torch.float64))
+        torch.maximum(self.max_pre, batch_max, out=self.max_pre)  # promotes to float64 in place
         if not counts_from_output(self.op, threshold):
             self.positive += _count(pre > threshold, dims)
         self.elements_per_unit += pre.numel() // units
@@ -111,17 +111,17 @@ class SiteAccumulator:
                 # for y >= 0 (and no NaN), y.bool() is y > 0; its bytes summed into int32 (exact below 2**31
                 # per unit and batch), in two steps for [N, C, ...], cost about a third of (y > 0).sum()
                 fired = post.bool().view(torch.uint8)
-                self.positive += (
+                self.positive += (  # int32 added into int64 in place
                     _channel_first_reduce(fired, dims, lambda t, d: t.sum(d, dtype=torch.int32))
                     if dims
                     else fired
-                ).to(torch.int64)
+                )
             else:
                 self.positive += _count(post > threshold, dims)
             total = _channel_first_reduce(post, dims, torch.sum)  # y >= 0: |y| = y
         else:
             total = _sum(post.abs(), dims)
-        self.sum_abs += total.to(torch.float64)
+        self.sum_abs += total  # float32 per batch, accumulated in float64
         if self.saturated is not None:
             self.saturated += _count(post >= CAPPED_OPS[self.op], dims)
 

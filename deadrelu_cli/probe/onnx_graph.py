@@ -5,7 +5,7 @@ batch, whatever the activation size:
   positives = ReduceSum(Cast(Greater(x, threshold), int64))   over every axis but the channel axis
   max_pre   = ReduceMax(x)
   sum_abs   = ReduceSum(Cast(y, double))                      y = the activation's output (>= 0)
-  size      = Size(x)                                         elements, to derive elements per unit
+  size      = Size(y)                                         elements, to derive elements per unit
   saturated = ReduceSum(Cast(x >= 6, int64))                  relu6 only
 Sites inside If/Loop/Scan bodies are exposed through extra outputs of those nodes: an If branch
 that does not hold the site yields empty vectors (the site did not run), a Loop/Scan body yields
@@ -394,7 +394,9 @@ def _add_reductions(
             "casts",
             to=TensorProto.FLOAT,
         )
-    out = {"size": builder.node("Size", [site.input_name], "size")}
+    # Size of the output (same shape as the input): onnxruntime has already laid the output out in plain
+    # NCHW for the count, while Size of the conv output would make it re-layout that tensor too (NCHWc)
+    out = {"size": builder.node("Size", [site.output_name], "size")}
     if channel_dim == 1 and rank >= 3 and not site.graph_path:
         # NCHW-like: the global pools are onnxruntime's fastest reductions; they give per-(sample, channel)
         # means, which the host turns back into exact counts (means of 0/1 times H*W, rounded) and sums.
