@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import helper, numpy_helper
 from onnx_graphs import (
     conv_relu_hardswish,
     float16_model,
@@ -227,6 +228,46 @@ def test_initializer_with_missing_bytes_is_refused(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((2, 4), np.float32))
     with pytest.raises(UserError, match="fails onnx.checker.*holds 124 bytes"):
         scan(_save(model, tmp_path), str(tmp_path / "d.npz"), device="cpu")
+
+
+def test_relu_inside_a_model_local_function_is_a_site(tmp_path):
+    """Exporters may wrap blocks in model-local functions; their ReLUs are inlined and counted."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    bias = np.array([0.2, -30.0, 0.1], np.float32)  # unit 1 can never fire on this data
+    block = helper.make_function(
+        "local",
+        "LinRelu",
+        ["x", "w", "b"],
+        ["y"],
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Add", ["h", "b"], ["hb"]),
+            helper.make_node("Relu", ["hb"], ["y"]),
+        ],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("LinRelu", ["x", "w", "b"], ["y"], domain="local", name="block"),
+            helper.make_node("Relu", ["y"], ["z"], name="after"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[block]
+    )
+    x = rng.standard_normal((40, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), batch_size=16, device="cpu")
+    pre = x @ w + bias  # the reference, in numpy
+    assert len(report.layers) == 2
+    np.testing.assert_array_equal(report.layers[0].positive_counts, (pre > 0).sum(0))
+    np.testing.assert_allclose(report.layers[0].max_preactivation, pre.max(0), rtol=1e-5, atol=1e-5)
+    assert np.flatnonzero(report.layers[0].dead_mask()).tolist() == [1]
 
 
 def test_appended_instrumentation_parses_as_the_instrumented_graph(tmp_path):

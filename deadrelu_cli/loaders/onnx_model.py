@@ -53,6 +53,14 @@ def read_onnx(path: str, keep_bytes: dict | None = None):
             onnx.load_external_data_for_model(model, str(p.parent))
         except (OSError, ValueError) as exc:
             raise UserError(f"{path}: cannot read its external data ({exc})") from None
+    inlined = bool(model.functions)
+    if inlined:  # activations inside model-local functions become call sites of the main graph
+        import onnx.inliner
+
+        try:
+            model = onnx.inliner.inline_local_functions(model)
+        except Exception as exc:  # noqa: BLE001 - onnx raises its own types
+            raise UserError(f"{path}: cannot inline the model's local functions ({exc})") from None
     skeleton = weight_free_skeleton(model)
     try:
         # The graph is checked on its weight-free skeleton (the full check re-parses every weight, tens
@@ -63,7 +71,7 @@ def read_onnx(path: str, keep_bytes: dict | None = None):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid graph"
         raise UserError(f"{path}: the ONNX graph fails onnx.checker ({first})") from None
     add_inferred_shapes(model, skeleton)
-    if keep_bytes is not None and not external:
+    if keep_bytes is not None and not external and not inlined:
         keep_bytes["file"] = raw
     return model
 
@@ -105,6 +113,7 @@ def weight_free_skeleton(model):
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)  # model-local functions the nodes may call
     skeleton.graph.name = model.graph.name or "graph"
     skeleton.graph.node.extend(model.graph.node)
     skeleton.graph.input.extend(model.graph.input)
