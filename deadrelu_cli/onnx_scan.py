@@ -110,12 +110,16 @@ def _as_input(array: np.ndarray, dtype: str | None) -> np.ndarray:
     return np.ascontiguousarray(array.astype(dtype))
 
 
-def _from_pooled(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _from_pooled(values: dict[str, np.ndarray], static_positions: int | None) -> dict[str, np.ndarray]:
     """Per-(sample, channel) means from the global pools -> per-channel counts and sums of the batch."""
-    size = int(np.asarray(values["size"]))
     pos_nc = np.asarray(values["pos_nc"], dtype=np.float64)
     n, c = pos_nc.shape[0], pos_nc.shape[1]
-    positions = size // (n * c) if n * c else 0
+    if static_positions is not None:
+        positions = static_positions
+        size = n * c * positions
+    else:
+        size = int(np.asarray(values["size"]))
+        positions = size // (n * c) if n * c else 0
     out = {
         "size": np.asarray(size),
         # a mean of 0/1 values times the positions is an integer up to float32 rounding: round it back
@@ -132,6 +136,41 @@ def _from_pooled(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+class _NanRecount:
+    """The exact-step count (onnx_graph._exact_step) turns a NaN activation into a NaN mean, where
+    Greater counts it as not firing. A batch with NaN in any pooled count is run again through a second
+    session that counts with Greater everywhere, built the first time it is needed."""
+
+    def __init__(self, loaded: LoadedModel, sites: list[OnnxSite], options, device: str) -> None:
+        self.loaded, self.sites, self.options, self.device = loaded, sites, options, device
+        self.session = None
+        self.outputs: list[dict[str, str]] = []
+
+    @staticmethod
+    def needed(per_site: list[dict[str, np.ndarray]]) -> bool:
+        return any("pos_nc" in values and np.isnan(values["pos_nc"]).any() for values in per_site)
+
+    def run(self, feeds: dict) -> list[dict[str, np.ndarray]]:
+        from deadrelu_cli.probe.onnx_graph import instrument
+
+        if self.session is None:
+            kept = [(dict(site.outputs), site.positions) for site in self.sites]
+            plain_count = instrument(
+                self.loaded.runnable,
+                self.sites,
+                self.options.threshold,
+                self.options.channel_dim,
+                exact_step=False,
+            )
+            self.outputs = [dict(site.outputs) for site in self.sites]
+            for site, (outputs, positions) in zip(self.sites, kept, strict=True):
+                site.outputs, site.positions = outputs, positions  # the main session's names
+            self.session = make_session(plain_count.SerializeToString(), self.device, [])
+        names = [name for per_site in self.outputs for name in per_site.values()]
+        results = dict(zip(names, self.session.run(names, feeds), strict=True))
+        return [{key: results[name] for key, name in out.items()} for out in self.outputs]
+
+
 class _HostAccumulator:
     def __init__(self, site: OnnxSite) -> None:
         self.site = site
@@ -140,7 +179,7 @@ class _HostAccumulator:
 
     def add(self, values: dict[str, np.ndarray]) -> None:
         if "pos_nc" in values:
-            values = _from_pooled(values)
+            values = _from_pooled(values, self.site.positions)
         pos, mx, sm, size = (np.asarray(values[k]) for k in ("pos", "max", "sum", "size"))
         sat = np.asarray(values["sat"]) if "sat" in values else None
         if self.site.in_loop:  # per-iteration scan outputs: fold the iterations
@@ -243,7 +282,8 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     model_bytes = instrumented_bytes(loaded, sites, options.threshold, options.channel_dim)
     session = make_session(model_bytes, device, loaded.notes)
     del model_bytes
-    output_names = [name for site in sites for name in site.outputs.values()]
+    outputs = [dict(site.outputs) for site in sites]
+    recount = _NanRecount(loaded, sites, options, device)
     accumulators = [_HostAccumulator(site) for site in sites]
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     done = 0
@@ -258,7 +298,11 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
 
     for index, (batch, feeds) in enumerate(prefetched(feeds_of())):
         try:
-            results = dict(zip(output_names, session.run(output_names, feeds), strict=True))
+            names = [name for per_site in outputs for name in per_site.values()]
+            results = dict(zip(names, session.run(names, feeds), strict=True))
+            per_site = [{key: results[name] for key, name in out.items()} for out in outputs]
+            if recount.needed(per_site):
+                per_site = recount.run(feeds)
         except Exception as exc:  # onnxruntime's own exception types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if index == 0:
@@ -266,8 +310,8 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                     f"onnxruntime failed on the first batch: {first}; check that --data fits the model's inputs"
                 ) from None
             raise
-        for acc in accumulators:
-            acc.add({key: results[name] for key, name in acc.site.outputs.items()})
+        for acc, values in zip(accumulators, per_site, strict=True):
+            acc.add(values)
         first_batched = next(n for n in order.values() if n not in data.consts)
         axis = data.batch_axes.get(first_batched, 0)
         done += batch[first_batched].shape[axis]

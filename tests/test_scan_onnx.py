@@ -270,6 +270,41 @@ def test_relu_inside_a_model_local_function_is_a_site(tmp_path):
     assert np.flatnonzero(report.layers[0].dead_mask()).tolist() == [1]
 
 
+@pytest.mark.parametrize("spatial", [[5, 6], ["H", "W"]])
+def test_exact_step_count_on_extreme_values_and_nan_recount(tmp_path, spatial):
+    """NCHW counts come from a scaled-and-clipped step (no NCHW copy in onnxruntime): every positive
+    float32 counts, subnormals and inf included; a batch with NaN is recounted with Greater (NaN never
+    fires). Static H*W needs no Size output, symbolic H*W does; both are checked against numpy."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["y"], name="act"),
+            helper.make_node("Neg", ["y"], ["z"], name="neg"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 4, *spatial])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [None, 4, *spatial])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(9)
+    x = -np.abs(rng.standard_normal((12, 4, 5, 6))).astype(np.float32)  # nothing fires by default
+    x[0, 0, 0, :4] = [1.4e-45, 1e-40, 1.1754942e-38, np.inf]  # the smallest subnormal, a subnormal, ...
+    x[1, 0, 1, 1] = 3e38
+    x[2, 1, 2, 2] = -0.0
+    x[3, 2] = 0.5  # channel 2 fires everywhere in sample 3
+    x[6, 1, 0, 0] = np.nan  # batch 2 (samples 4-7) holds a NaN
+    x[7, 1, 3, 3] = 2.0
+    np.savez(tmp_path / "d.npz", x=x)
+    report = scan(
+        _save(model, tmp_path), str(tmp_path / "d.npz"), batch_size=4, device="cpu", allow_nonfinite=True
+    )
+    layer = report.layers[0]
+    expected = (x > 0).sum(axis=(0, 2, 3))  # numpy: NaN > 0 is False
+    np.testing.assert_array_equal(layer.positive_counts, expected)
+    assert expected.tolist() == [5, 1, 30, 0]
+    assert layer.elements_per_unit == 12 * 5 * 6
+    assert np.flatnonzero(layer.dead_mask()).tolist() == [3]
+
+
 def test_appended_instrumentation_parses_as_the_instrumented_graph(tmp_path):
     """The session is built from the file's bytes + a message of appended nodes; protobuf merges them
     into exactly the graph that instrument() builds (same nodes, same outputs, weights untouched)."""

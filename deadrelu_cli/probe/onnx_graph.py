@@ -7,6 +7,8 @@ batch, whatever the activation size:
   sum_abs   = ReduceSum(Cast(y, double))                      y = the activation's output (>= 0)
   size      = Size(y)                                         elements, to derive elements per unit
   saturated = ReduceSum(Cast(x >= 6, int64))                  relu6 only
+NCHW-like sites use per-(sample, channel) global pools instead, and count with an exact step built
+from ops onnxruntime keeps in its blocked layout (see _exact_step); static H*W replaces Size.
 Sites inside If/Loop/Scan bodies are exposed through extra outputs of those nodes: an If branch
 that does not hold the site yields empty vectors (the site did not run), a Loop/Scan body yields
 per-iteration scan outputs that are summed on the host.
@@ -52,6 +54,7 @@ class OnnxSite:
     in_loop: bool = False
     channel_dim: int = -1
     float16: bool = False
+    positions: int | None = None  # elements per (sample, unit) when static: no Size output needed
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -329,11 +332,43 @@ def _float_type(index: _GraphIndex, name: str) -> int:
     return TensorProto.FLOAT
 
 
+def _static_shape(index: _GraphIndex, name: str) -> list[int | None] | None:
+    vi = index.value_info.get(name)
+    if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+
+
+def _exact_step(builder: _Builder, y: str, channels: int, rank: int) -> str:
+    """1.0 where y > 0, else 0.0, for y >= 0, built from ops onnxruntime runs in its blocked NCHWc layout
+    (depthwise 1x1 Conv with Clip fused in), so the activation is not copied back to NCHW for a Greater.
+
+    y * 2**127 * 2**22 >= 1 for every positive float32 (the smallest is 2**-149); scaling by powers of two
+    is exact and inf clips to 1, so Clip(., 0, 1) after each scaling gives exactly 1 for y > 0 and 0 for
+    y = 0. A NaN stays NaN (the host then recounts that batch with Greater)."""
+    kernel = [channels, 1] + [1] * (rank - 2)
+    zero = builder.const(np.array(0.0, np.float32), "zero")
+    one = builder.const(np.array(1.0, np.float32), "one")
+    out = y
+    for exponent in (127, 22):
+        weight = builder.const(np.full(kernel, 2.0**exponent, np.float32), f"scale{exponent}")
+        scaled = builder.node("Conv", [out, weight], f"scale{exponent}", group=channels)
+        out = builder.node("Clip", [scaled, zero, one], f"step{exponent}")
+    return out
+
+
 def _add_reductions(
-    builder: _Builder, site: OnnxSite, channel_dim: int, threshold: float, elem_type: int
+    builder: _Builder,
+    site: OnnxSite,
+    channel_dim: int,
+    threshold: float,
+    elem_type: int,
+    shape: list[int | None] | None = None,
+    exact_step: bool = True,
 ) -> dict[str, str]:
     """Per-channel statistics of one site. Full-size intermediates stay 4 bytes per element
     (int32 / float); only the [C] results are widened to int64 / double."""
+    site.positions = None
     rank = site.rank or 0
     axes = [d for d in range(rank) if d != channel_dim] if rank > 1 else []
     np_type = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
@@ -383,8 +418,13 @@ def _add_reductions(
     source = (
         y if from_output else x
     )  # reading y only keeps onnxruntime's Conv+Relu fusion for everything but the max
-    thr = builder.const(np.array(threshold, dtype=np_type), "threshold")
-    fired = builder.node("Cast", [builder.node("Greater", [source, thr], "gt")], "cast", to=TensorProto.FLOAT)
+
+    def greater() -> str:
+        thr = builder.const(np.array(threshold, dtype=np_type), "threshold")
+        return builder.node(
+            "Cast", [builder.node("Greater", [source, thr], "gt")], "cast", to=TensorProto.FLOAT
+        )
+
     at_cap = None
     if site.op in ("relu6", "clip") and site.clip_max is not None:
         cap = builder.const(np.array(site.clip_max, dtype=np_type), "cap")
@@ -396,17 +436,27 @@ def _add_reductions(
         )
     # Size of the output (same shape as the input): onnxruntime has already laid the output out in plain
     # NCHW for the count, while Size of the conv output would make it re-layout that tensor too (NCHWc)
-    out = {"size": builder.node("Size", [site.output_name], "size")}
     if channel_dim == 1 and rank >= 3 and not site.graph_path:
         # NCHW-like: the global pools are onnxruntime's fastest reductions; they give per-(sample, channel)
         # means, which the host turns back into exact counts (means of 0/1 times H*W, rounded) and sums.
+        known = shape if shape is not None and len(shape) == rank and site.rank is not None else None
+        out = {}
+        if known is not None and all(known[2:]):
+            site.positions = int(np.prod(known[2:]))  # static H*W: no Size, which would need the NCHW copy
+        else:
+            out["size"] = builder.node("Size", [site.output_name], "size")
+        channels = known[1] if known is not None else None
+        use_step = exact_step and from_output and threshold == 0.0 and channels and rank <= 5
+        use_step = use_step and elem_type == TensorProto.FLOAT
+        fired = _exact_step(builder, y, channels, rank) if use_step else greater()
         out["pos_nc"] = builder.node("GlobalAveragePool", [fired], "pos_nc")
         out["sum_nc"] = builder.node("GlobalAveragePool", [magnitude], "sum_nc")
         out["max_nc"] = builder.node("GlobalMaxPool", [x], "max_nc")
         if at_cap is not None:
             out["sat_nc"] = builder.node("GlobalAveragePool", [at_cap], "sat_nc")
         return out
-    fired32 = builder.node("Cast", [fired], "fired32", to=TensorProto.INT32)
+    out = {"size": builder.node("Size", [site.output_name], "size")}
+    fired32 = builder.node("Cast", [greater()], "fired32", to=TensorProto.INT32)
     out["pos"] = widen(builder.reduce("ReduceSum", fired32, axes, "pos32"), TensorProto.INT64, "pos")
     out["max"] = widen(builder.reduce("ReduceMax", x, axes, "maxf"), TensorProto.DOUBLE, "max")
     out["sum"] = widen(builder.reduce("ReduceSum", magnitude, axes, "sumf"), TensorProto.DOUBLE, "sum")
@@ -457,8 +507,10 @@ def instrument(
     threshold: float,
     channel_dim_override: int | None,
     keep_outputs: bool = False,
+    exact_step: bool = True,
 ) -> onnx.ModelProto:
-    """A copy of the model whose outputs are the per-site statistics (and the original outputs if asked)."""
+    """A copy of the model whose outputs are the per-site statistics (and the original outputs if asked).
+    `exact_step=False` counts with Greater everywhere (the recount for a batch with NaN activations)."""
     inst = onnx.ModelProto()
     inst.CopyFrom(model)
     opset = opset_version(inst)
@@ -489,8 +541,15 @@ def instrument(
         site.channel_dim = dim
         graph = graphs[site.graph_path]
         builder = _Builder(graph, opset, f"s{i}")
+        index = indexes[site.graph_path]
         stats = _add_reductions(
-            builder, site, dim, threshold, _float_type(indexes[site.graph_path], site.input_name)
+            builder,
+            site,
+            dim,
+            threshold,
+            _float_type(index, site.input_name),
+            _static_shape(index, site.output_name),
+            exact_step,
         )
         # Lift the statistics out through each enclosing If/Loop/Scan up to the main graph.
         path = site.graph_path
