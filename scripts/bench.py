@@ -102,7 +102,7 @@ def build_mlp_block() -> nn.Module:
     return MLPBlock().eval()
 
 
-def _median_pair(plain, scan, reps: int) -> tuple[float, float]:
+def _median_pair(plain, scan, reps: int) -> tuple[float, float, list[float], list[float]]:
     plain()  # warm-up both (allocator, kernels, onnxruntime session)
     scan()
     plain_times, scan_times = [], []
@@ -113,7 +113,7 @@ def _median_pair(plain, scan, reps: int) -> tuple[float, float]:
         start = time.perf_counter()
         scan()
         scan_times.append(time.perf_counter() - start)
-    return statistics.median(plain_times), statistics.median(scan_times)
+    return statistics.median(plain_times), statistics.median(scan_times), plain_times, scan_times
 
 
 def torch_pair(
@@ -190,8 +190,8 @@ def measure(name, device, make_pair, data: np.ndarray, batch: int, reps: int, wo
     small, large = workdir / f"{name}-n.npy", workdir / f"{name}-3n.npy"
     np.save(small, data)
     np.save(large, np.concatenate([data, data, data]))
-    plain_n, scan_n = _median_pair(*make_pair(small), reps)
-    plain_3n, scan_3n = _median_pair(*make_pair(large), reps)
+    plain_n, scan_n, plain_n_all, scan_n_all = _median_pair(*make_pair(small), reps)
+    plain_3n, scan_3n, plain_3n_all, scan_3n_all = _median_pair(*make_pair(large), reps)
     return {
         "case": name,
         "device": device,
@@ -203,6 +203,12 @@ def measure(name, device, make_pair, data: np.ndarray, batch: int, reps: int, wo
         "marginal_ratio": (scan_3n - scan_n) / (plain_3n - plain_n),
         "plain_per_s": 3 * n / plain_3n,
         "scan_per_s": 3 * n / scan_3n,
+        "times_s": {
+            "plain_n": plain_n_all,
+            "scan_n": scan_n_all,
+            "plain_3n": plain_3n_all,
+            "scan_3n": scan_3n_all,
+        },
     }
 
 
