@@ -369,17 +369,18 @@ def run_scan(options: ScanOptions) -> Report:
 def run_scan_detailed(options: ScanOptions) -> ScanResult:
     if isinstance(options.batch_size, int) and options.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    if options.compile and options.model.lower().endswith(".onnx"):
-        raise UserError("--compile is for torch models; ONNX graphs are already instrumented in-graph")
-    if options.channels_last and options.model.lower().endswith(".onnx"):
-        raise UserError("--channels-last applies to torch models; onnxruntime picks its own layouts")
-    if options.dtype and options.model.lower().endswith(".onnx"):
-        raise UserError("--dtype applies to torch models; an ONNX model runs in the types of its graph")
     if options.limit is not None and options.limit < 1:
         raise UserError("--limit must be at least 1")
     from deadrelu_cli.loaders.detect import detect_format
 
     fmt = detect_format(options.model)
+    if fmt == "onnx":  # torch-only options, refused by content (not the file name)
+        if options.compile:
+            raise UserError("--compile is for torch models; ONNX graphs are already instrumented in-graph")
+        if options.channels_last:
+            raise UserError("--channels-last applies to torch models; onnxruntime picks its own layouts")
+        if options.dtype:
+            raise UserError("--dtype applies to torch models; an ONNX model runs in the types of its graph")
     device = (
         (options.device if options.device != "auto" else "cpu")
         if fmt == "onnx"

@@ -434,8 +434,8 @@ def _add_reductions(
             "casts",
             to=TensorProto.FLOAT,
         )
-    # Size of the output (same shape as the input): onnxruntime has already laid the output out in plain
-    # NCHW for the count, while Size of the conv output would make it re-layout that tensor too (NCHWc)
+    # Elements per unit: from a static H*W, else Size of the output (same shape as the input; Size of a
+    # conv output would make onnxruntime copy that tensor out of its blocked NCHWc layout)
     if channel_dim == 1 and rank >= 3 and not site.graph_path:
         # NCHW-like: the global pools are onnxruntime's fastest reductions; they give per-(sample, channel)
         # means, which the host turns back into exact counts (means of 0/1 times H*W, rounded) and sums.
