@@ -194,3 +194,28 @@ def test_peak_memory_is_flat_when_the_data_grows_tenfold(tmp_path, suffix):
     # reading whole or memory-mapping adds ~+45% here; the allocator's own jitter is a few MiB, so the bar
     # is 10% (scripts/bench.py measures the 5% target with medians of repeated runs)
     assert growth < 0.10, f"peak RSS {peaks[200]} KiB -> {peaks[2000]} KiB (+{growth:.1%}) for 10x the data"
+
+
+@pytest.mark.parametrize("shape", [(16, 64, 48, 48), (9, 300, 2048)])
+def test_counts_in_cache_sized_parts_match_plain_reductions(shape):
+    """Large CPU activations are counted in slices of ~2 MiB along the batch (both passes hit cache);
+    counts exact and sums equal to a one-shot torch reduction."""
+    import torch
+
+    from deadrelu_cli.probe.accumulator import CACHE_PART_BYTES, SiteAccumulator, _cache_sized_parts
+
+    gen = torch.Generator().manual_seed(11)
+    pre = torch.randn(*shape, generator=gen) - 0.3
+    channel_dim = 1 if len(shape) == 4 else 2
+    pre.select(channel_dim, 5).fill_(-1.0)  # a dead unit
+    acc = SiteAccumulator("site", "relu", channel_dim)
+    for batch in (pre[: shape[0] // 2], pre[shape[0] // 2 :]):
+        acc.observe_pre(batch, 0.0)
+        post = batch.relu()
+        assert len(_cache_sized_parts(*acc._as_reducible(post))) > 1  # the sliced path is the one tested
+        acc.observe_post(post, 0.0)
+    dims = [d for d in range(len(shape)) if d != channel_dim]
+    np.testing.assert_array_equal(acc.positive.numpy(), (pre > 0).sum(dims).numpy())
+    np.testing.assert_allclose(acc.sum_abs.numpy(), pre.relu().double().sum(dims).numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(acc.max_pre.numpy(), pre.amax(dims).double().numpy())
+    assert acc.positive[5] == 0 and CACHE_PART_BYTES == 2 << 20

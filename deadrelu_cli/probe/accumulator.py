@@ -110,18 +110,23 @@ class SiteAccumulator:
             ):
                 # for y >= 0 (and no NaN), y.bool() is y > 0; its bytes summed into int32 (exact below 2**31
                 # per unit and batch), in two steps for [N, C, ...], cost about a third of (y > 0).sum()
-                fired = post.bool().view(torch.uint8)
-                self.positive += (  # int32 added into int64 in place
-                    _channel_first_reduce(fired, dims, lambda t, d: t.sum(d, dtype=torch.int32))
-                    if dims
-                    else fired
-                )
+                for part in _cache_sized_parts(post, dims):
+                    # per part: the byte mask and the second read of y stay in cache (one pass from memory)
+                    fired = part.bool().view(torch.uint8)
+                    self.positive += (  # int32 added into int64 in place
+                        _channel_first_reduce(fired, dims, lambda t, d: t.sum(d, dtype=torch.int32))
+                        if dims
+                        else fired
+                    )
+                    self.sum_abs += _channel_first_reduce(part, dims, torch.sum)  # y >= 0: |y| = y
+                total = None
             else:
                 self.positive += _count(post > threshold, dims)
-            total = _channel_first_reduce(post, dims, torch.sum)  # y >= 0: |y| = y
+                total = _channel_first_reduce(post, dims, torch.sum)  # y >= 0: |y| = y
         else:
             total = _sum(post.abs(), dims)
-        self.sum_abs += total  # float32 per batch, accumulated in float64
+        if total is not None:
+            self.sum_abs += total  # float32 per batch, accumulated in float64
         if self.saturated is not None:
             self.saturated += _count(post >= CAPPED_OPS[self.op], dims)
 
@@ -174,6 +179,25 @@ def counts_from_output(op: str, threshold: float) -> bool:
     if op == "relu6":
         return 0.0 <= threshold < 6.0
     return False
+
+
+CACHE_PART_BYTES = 2 << 20  # what the count's two passes over one part can share in cache
+
+
+def _cache_sized_parts(tensor: torch.Tensor, dims: list[int]) -> list[torch.Tensor]:
+    """Slices along dim 0 of about CACHE_PART_BYTES each, when dim 0 is reduced, the tensor is large and
+    on the CPU: the passes of the count then read each activation once from memory, not twice."""
+    if (
+        tensor.device.type != "cpu"
+        or not dims
+        or dims[0] != 0
+        or tensor.dim() < 2
+        or tensor.shape[0] < 2
+        or tensor.numel() * tensor.element_size() <= 2 * CACHE_PART_BYTES
+    ):
+        return [tensor]
+    row_bytes = max(1, tensor[0].numel() * tensor.element_size())
+    return list(tensor.split(max(1, CACHE_PART_BYTES // row_bytes)))
 
 
 def _channel_first_reduce(tensor: torch.Tensor, dims: list[int], reduce) -> torch.Tensor:
