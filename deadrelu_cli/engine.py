@@ -318,9 +318,7 @@ def apply_channels_last(model: LoadedModel, enabled: bool) -> None:
         return
     import torch
 
-    if model.backend != "torch":
-        raise UserError("--channels-last applies to torch models; onnxruntime picks its own layouts")
-    if not hasattr(model.runnable, "to") or model.kind == "torchscript":
+    if not hasattr(model.runnable, "to") or model.kind == "torchscript":  # ONNX is refused by run_scan
         raise UserError("--channels-last needs an nn.Module or a .pt2 program, not TorchScript")
     model.runnable = model.runnable.to(memory_format=torch.channels_last)
     model.channels_last = True

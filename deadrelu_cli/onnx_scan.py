@@ -46,18 +46,19 @@ def instrumented_bytes(loaded: LoadedModel, sites: list[OnnxSite], threshold: fl
     parses concatenated messages as one merged message: the file's own bytes followed by a small
     message holding the appended nodes and outputs *are* the instrumented model. That skips
     re-serialising every weight (~0.1 s per 50 MB) and keeps the model's outputs, which plain
-    inference computes too. Otherwise (sites inside If/Loop/Scan bodies, external data), the copy
-    is serialised whole."""
+    inference computes too. Otherwise (graphs with If/Loop/Scan nodes, external data, inlined local
+    functions: the loaded nodes differ from the file's), the copy is serialised whole."""
     import onnx
 
     from deadrelu_cli.probe.onnx_graph import instrument
 
     model = loaded.runnable
     raw = loaded.extra.pop("file_bytes", None)
+    # With subgraphs, shape inference has rewritten the nodes, so they no longer prefix the file's
     has_subgraphs = any(
         attr.type == onnx.AttributeProto.GRAPH for node in model.graph.node for attr in node.attribute
     )
-    if raw is None or has_subgraphs or any(site.graph_path for site in sites):
+    if raw is None or has_subgraphs:
         return instrument(model, sites, threshold, channel_dim).SerializeToString()
     instrumented = instrument(model, sites, threshold, channel_dim, keep_outputs=True)
     appended = onnx.ModelProto()
