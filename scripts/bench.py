@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peak_rss import peak_rss_kib  # scripts/ is on sys.path when this runs as a script
 from torch import nn
 
 from deadrelu_cli.engine import ScanOptions, run_scan
@@ -221,17 +221,6 @@ def build_small_cnn() -> nn.Module:
         nn.Linear(256, 10),
         nn.ReLU(),
     )
-
-
-def peak_rss_kib(command: list[str]) -> int:
-    """Peak resident memory of one process, measured by a parent with no other child."""
-    probe = (
-        "import resource, subprocess, sys;"
-        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-    )
-    done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, check=True)
-    return int(done.stdout.strip())
 
 
 def measure_memory(workdir: Path, quick: bool) -> dict:

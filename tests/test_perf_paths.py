@@ -137,22 +137,15 @@ def test_compile_and_dtype_errors(cli):
 
 
 def _peak_rss_of_scan(args: list[str]) -> int:
-    """Peak resident memory (KiB) of one `deadrelu scan` process, measured by a parent with no other child."""
-    import subprocess
+    """Peak resident memory (KiB) of one `deadrelu scan` process."""
     import sys
 
-    probe = (
-        "import resource, subprocess, sys;"
-        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe, sys.executable, "-m", "deadrelu_cli", "scan", *args],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(done.stdout.strip())
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from peak_rss import peak_rss_kib
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return peak_rss_kib([sys.executable, "-m", "deadrelu_cli", "scan", *args])
 
 
 @pytest.mark.slow
