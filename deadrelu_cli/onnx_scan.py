@@ -39,7 +39,9 @@ def make_session(model_bytes: bytes, device: str, notes: list[str]):
         raise UserError(f"onnxruntime cannot load this model: {first}") from None
 
 
-def instrumented_bytes(loaded: LoadedModel, sites: list[OnnxSite], threshold: float, channel_dim) -> bytes:
+def instrumented_bytes(
+    loaded: LoadedModel, sites: list[OnnxSite], threshold: float, channel_dim, device: str = "cpu"
+) -> bytes:
     """The instrumented model, serialised for onnxruntime.
 
     When every site is in the main graph, instrumenting only appends nodes and outputs, and protobuf
@@ -52,6 +54,9 @@ def instrumented_bytes(loaded: LoadedModel, sites: list[OnnxSite], threshold: fl
 
     from deadrelu_cli.probe.onnx_graph import instrument
 
+    # The exact step avoids copies out of onnxruntime's CPU layout; on CUDA there is no such layout, and
+    # cuDNN may flush subnormals or round through TF32, so Greater counts there.
+    exact_step = not device.startswith("cuda")
     model = loaded.runnable
     raw = loaded.extra.pop("file_bytes", None)
     # With subgraphs, shape inference has rewritten the nodes, so they no longer prefix the file's
@@ -59,8 +64,8 @@ def instrumented_bytes(loaded: LoadedModel, sites: list[OnnxSite], threshold: fl
         attr.type == onnx.AttributeProto.GRAPH for node in model.graph.node for attr in node.attribute
     )
     if raw is None or has_subgraphs:
-        return instrument(model, sites, threshold, channel_dim).SerializeToString()
-    instrumented = instrument(model, sites, threshold, channel_dim, keep_outputs=True)
+        return instrument(model, sites, threshold, channel_dim, exact_step=exact_step).SerializeToString()
+    instrumented = instrument(model, sites, threshold, channel_dim, keep_outputs=True, exact_step=exact_step)
     appended = onnx.ModelProto()
     appended.graph.node.extend(instrumented.graph.node[len(model.graph.node) :])
     appended.graph.initializer.extend(instrumented.graph.initializer[len(model.graph.initializer) :])
@@ -288,7 +293,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         loaded.notes.append(f"the graph has no {'/'.join(options.ops)} nodes")
         return loaded, []
     _discover_ranks(loaded.runnable, sites, data, order, dtypes, device)
-    model_bytes = instrumented_bytes(loaded, sites, options.threshold, options.channel_dim)
+    model_bytes = instrumented_bytes(loaded, sites, options.threshold, options.channel_dim, device)
     session = make_session(model_bytes, device, loaded.notes)
     del model_bytes
     outputs = [dict(site.outputs) for site in sites]

@@ -305,6 +305,24 @@ def test_exact_step_count_on_extreme_values_and_nan_recount(tmp_path, spatial):
     assert np.flatnonzero(layer.dead_mask()).tolist() == [3]
 
 
+def test_exact_step_only_for_the_cpu_provider(tmp_path):
+    """On CUDA (cuDNN may flush subnormals or use TF32) the count stays Greater-based."""
+    from deadrelu_cli.loaders.model import LoadOptions
+    from deadrelu_cli.loaders.onnx_model import load_onnx
+    from deadrelu_cli.onnx_scan import instrumented_bytes
+    from deadrelu_cli.probe.onnx_graph import find_sites
+
+    path = _save(conv_relu_hardswish(), tmp_path)
+    ops = {}
+    for device in ("cpu", "cuda"):
+        loaded = load_onnx(LoadOptions(path, device="cpu"))
+        sites = find_sites(loaded.runnable, ("relu", "relu6"))
+        graph = onnx.load_from_string(instrumented_bytes(loaded, sites, 0.0, None, device)).graph
+        ops[device] = {n.op_type for n in graph.node if n.name.startswith("deadrelu_")}
+    assert "Conv" in ops["cpu"] and "Greater" not in ops["cpu"]
+    assert "Greater" in ops["cuda"] and "Conv" not in ops["cuda"]
+
+
 def test_appended_instrumentation_parses_as_the_instrumented_graph(tmp_path):
     """The session is built from the file's bytes + a message of appended nodes; protobuf merges them
     into exactly the graph that instrument() builds (same nodes, same outputs, weights untouched)."""
