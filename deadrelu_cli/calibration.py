@@ -85,12 +85,7 @@ class NpzMemberSource:
             raise UserError(
                 f"{path}: array {name!r} is stored in Fortran order; save it C-contiguous (np.ascontiguousarray)"
             )
-        self._row_bytes = (
-            int(np.prod(self.shape[1:], dtype=object)) * self.dtype.itemsize
-            if self.shape
-            else self.dtype.itemsize
-        )
-        declared = self._row_bytes * (self.shape[0] if self.shape else 1)
+        self._row_bytes, declared = _row_and_total_bytes(self.shape, self.dtype)
         with zipfile.ZipFile(path) as archive:
             stored = archive.getinfo(member).file_size
         if declared > stored:  # a header promising more data than the member holds (or a bomb of a shape)
@@ -159,10 +154,7 @@ class NpyFileSource:
             raise UserError(
                 f"{path}: cannot read .npy: it holds Python objects (never unpickled); save numeric arrays"
             )
-        self._row_bytes = (
-            int(np.prod(self.shape[1:], dtype=object)) * self.dtype.itemsize if self.shape else 0
-        )
-        declared = self._row_bytes * self.shape[0] if self.shape else self.dtype.itemsize
+        self._row_bytes, declared = _row_and_total_bytes(self.shape, self.dtype)
         stored = path.stat().st_size - self._offset
         if declared > stored:
             raise UserError(
@@ -206,6 +198,12 @@ class SafetensorsSource:
 
         with safe_open(str(self.path), framework="np") as handle:
             return handle.get_tensor(self.name)
+
+
+def _row_and_total_bytes(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, int]:
+    """Bytes per sample (row) and in all, as an .npy header declares them (a scalar is one row)."""
+    row = int(np.prod(shape[1:], dtype=object)) * dtype.itemsize if shape else dtype.itemsize
+    return row, row * (shape[0] if shape else 1)
 
 
 def _read_npy_header(stream, label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
