@@ -96,11 +96,16 @@ class _GraphIndex:
                     return np.array(attr.i, dtype=np.int64)
         return self.outer.constant(name) if self.outer is not None else None
 
-    def rank(self, name: str) -> int | None:
+    def shape(self, name: str) -> list[int | None] | None:
+        """The inferred shape (None for symbolic dims), or None when not even the rank is known."""
         vi = self.value_info.get(name)
         if vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            return len(vi.type.tensor_type.shape.dim)
-        return self.outer.rank(name) if self.outer is not None else None
+            return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        return self.outer.shape(name) if self.outer is not None else None
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -332,13 +337,6 @@ def _float_type(index: _GraphIndex, name: str) -> int:
     return TensorProto.FLOAT
 
 
-def _static_shape(index: _GraphIndex, name: str) -> list[int | None] | None:
-    vi = index.value_info.get(name)
-    if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-
-
 def _exact_step(builder: _Builder, y: str, channels: int, rank: int) -> str:
     """1.0 where y > 0, else 0.0, for y >= 0, built from ops onnxruntime runs in its blocked NCHWc layout
     (depthwise 1x1 Conv with Clip fused in), so the activation is not copied back to NCHW for a Greater.
@@ -548,7 +546,7 @@ def instrument(
             dim,
             threshold,
             _float_type(index, site.input_name),
-            _static_shape(index, site.output_name),
+            index.shape(site.output_name),
             exact_step,
         )
         # Lift the statistics out through each enclosing If/Loop/Scan up to the main graph.
