@@ -61,8 +61,10 @@ def matmul_tokens(opset=17):
     )
 
 
-def conv_relu_hardswish(opset=17, spatial=8):
-    """Conv -> Relu (a real layer) and a HardSwish decomposition x * Clip(x + 3, 0, 6) / 6 next to it, plus a Clip(0, 6)."""
+def conv_relu_hardswish(opset=17, spatial=8, hardswish="scale-first"):
+    """Conv -> Relu (a real layer) and a HardSwish decomposition next to it, plus a Clip(0, 6).
+    hardswish: "scale-first" x * (Clip(x + 3, 0, 6) / 6) (torch's export), "multiply-first"
+    (x * Clip(x + 3, 0, 6)) / 6 (paddle2onnx), "times-a-sixth" (x * Clip(x + 3, 0, 6)) * (1/6)."""
     rng = np.random.default_rng(2)
     w = (rng.standard_normal((4, 3, 3, 3)) * 0.5).astype(np.float32)
     b = np.array([0.1, -30, 0.2, 0.0], np.float32)
@@ -73,8 +75,20 @@ def conv_relu_hardswish(opset=17, spatial=8):
         helper.make_node("Relu", ["c"], ["r"], name="relu"),
         helper.make_node("Add", ["c", "three"], ["c3"], name="hs_add"),
         helper.make_node("Clip", ["c3", *clip_args], ["cl"], name="hs_clip", **clip_attrs),
-        helper.make_node("Div", ["cl", "six"], ["hsig"], name="hs_div"),
-        helper.make_node("Mul", ["c", "hsig"], ["hs"], name="hs_mul"),
+        *{
+            "scale-first": [
+                helper.make_node("Div", ["cl", "six"], ["hsig"], name="hs_div"),
+                helper.make_node("Mul", ["c", "hsig"], ["hs"], name="hs_mul"),
+            ],
+            "multiply-first": [
+                helper.make_node("Mul", ["c", "cl"], ["xcl"], name="hs_mul"),
+                helper.make_node("Div", ["xcl", "six"], ["hs"], name="hs_div"),
+            ],
+            "times-a-sixth": [
+                helper.make_node("Mul", ["cl", "c"], ["xcl"], name="hs_mul"),
+                helper.make_node("Mul", ["xcl", "sixth"], ["hs"], name="hs_scale"),
+            ],
+        }[hardswish],
         helper.make_node("Clip", ["c", *clip_args], ["r6"], name="relu6", **clip_attrs),
         helper.make_node("Add", ["r", "hs"], ["s"], name="sum1"),
         helper.make_node("Add", ["s", "r6"], ["y"], name="sum2"),
@@ -84,12 +98,64 @@ def conv_relu_hardswish(opset=17, spatial=8):
         _init("b", b),
         _init("three", np.float32(3.0)),
         _init("six", np.float32(6.0)),
+        _init("sixth", np.float32(1 / 6)),
         _init("zero", np.float32(0.0)),
     ]
     return _model(
         nodes,
         [helper.make_tensor_value_info("x", F32, ["N", 3, spatial, spatial])],
         [helper.make_tensor_value_info("y", F32, ["N", 4, spatial, spatial])],
+        inits,
+        opset=opset,
+    )
+
+
+def paddle_conv_bn(opset=11, weights_in_constants=False):
+    """paddle2onnx's layout: Conv without bias + Add(Reshape(b, [1, C, 1, 1])) -> Relu, then
+    Conv -> BatchNormalization (unfused) -> Relu, pooled into a Gemm. Unit 1 of the first Relu and
+    unit 2 of the second are dead (bias -40). weights_in_constants: every weight in a Constant node
+    instead of an initializer (older paddle2onnx, e.g. PP-OCR's mobile classifier)."""
+    rng = np.random.default_rng(9)
+    w1 = (rng.standard_normal((4, 3, 3, 3)) * 0.5).astype(np.float32)
+    b1 = np.array([0.1, -40, 0.2, 0.0], np.float32)
+    w2 = (rng.standard_normal((5, 4, 3, 3)) * 0.5).astype(np.float32)
+    scale = np.array([1.0, 0.5, 2.0, 1.5, 1.0], np.float32)
+    shift = np.array([0.1, 0.0, -40, 0.3, 0.2], np.float32)
+    mean = (rng.standard_normal(5) * 0.1).astype(np.float32)
+    var = (rng.random(5) + 0.5).astype(np.float32)
+    wfc = (rng.standard_normal((5, 2)) * 0.5).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["b1", "bias_shape"], ["b1r"], name="bias_reshape"),
+        helper.make_node("Add", ["c1", "b1r"], ["p1"], name="bias_add"),
+        helper.make_node("Relu", ["p1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c2", "scale", "shift", "mean", "var"], ["p2"], name="bn"),
+        helper.make_node("Relu", ["p2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="pool"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wfc"], ["y"], name="fc"),
+    ]
+    inits = [
+        _init("w1", w1),
+        _init("b1", b1),
+        _init("bias_shape", np.array([1, 4, 1, 1], np.int64)),
+        _init("w2", w2),
+        _init("scale", scale),
+        _init("shift", shift),
+        _init("mean", mean),
+        _init("var", var),
+        _init("wfc", wfc),
+    ]
+    if weights_in_constants:
+        nodes = [
+            helper.make_node("Constant", [], [i.name], name=f"const_{i.name}", value=i) for i in inits
+        ] + nodes
+        inits = []
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F32, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", F32, ["N", 2])],
         inits,
         opset=opset,
     )

@@ -293,6 +293,75 @@ def test_onnx_bias_shift_rate(cli, work):
     assert np.all(np.abs(layer.active_rate()[[0, 7, 8, 15]] - 0.02) <= 2 / layer.elements_per_unit)
 
 
+@pytest.fixture(params=[False, True], ids=["initializers", "constant-nodes"])
+def paddle_model(tmp_path, request):
+    from onnx_graphs import paddle_conv_bn
+
+    model = paddle_conv_bn(weights_in_constants=request.param)
+    onnx.save(model, str(tmp_path / "paddle.onnx"))
+    x = np.random.default_rng(5).standard_normal((40, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    return model, tmp_path, x
+
+
+def _inits(path):
+    """Initializers and Constant-node values by name."""
+    graph = onnx.load(str(path)).graph
+    found = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            found[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return found
+
+
+def test_onnx_bias_shift_through_reshaped_bias_and_batchnorm(cli, paddle_model):
+    """The bias read through Reshape(b, [1, C, 1, 1]) and an unfused BatchNormalization's B are shifted
+    for the dead units only, and those units fire at the target rate (checked with onnxruntime)."""
+    from onnx_graphs import relu_inputs_ground_truth
+
+    model, work, x = paddle_model
+    out = work / "shifted.onnx"
+    result = cli(
+        "fix", work / "paddle.onnx", "--data", work / "d.npz", "--strategy", "bias-shift",
+        "--target-rate", "0.05", "--output", out,
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    before, after = _inits(work / "paddle.onnx"), _inits(out)
+    assert np.flatnonzero(after["b1"] != before["b1"]).tolist() == [1] and after["b1"][1] > -40
+    assert np.flatnonzero(after["shift"] != before["shift"]).tolist() == [2] and after["shift"][2] > -40
+    truth = relu_inputs_ground_truth(onnx.load(str(out)), {"x": x}, {"relu1": 1, "relu2": 1})
+    positives, _max, n = truth["relu1"]
+    assert abs(positives[1] / n - 0.05) <= 2 / n  # the first layer's inputs are the data: exact target
+    positives, _max, n = truth["relu2"]
+    assert positives[2] > 0  # its inputs changed with the first layer's revived unit: alive, rate approximate
+
+
+def test_onnx_reinit_and_prune_around_reshaped_bias(cli, paddle_model):
+    model, work, x = paddle_model
+    out = work / "reinit.onnx"
+    result = cli(
+        "fix", work / "paddle.onnx", "--data", work / "d.npz", "--strategy", "reinit", "--output", out
+    )
+    assert result.code == 0, result.err
+    assert "BatchNormalization" in result.out  # the BN-produced layer is skipped, with why
+    np.testing.assert_allclose(_ort(out, x), _ort(work / "paddle.onnx", x), rtol=1e-5, atol=1e-5)
+    before, after = _inits(work / "paddle.onnx"), _inits(out)
+    assert after["b1"][1] == 0 and np.array_equal(np.delete(after["b1"], 1), np.delete(before["b1"], 1))
+    assert not np.array_equal(after["w1"][1], before["w1"][1]) and np.all(after["w2"][:, 1] == 0)
+    result = cli(
+        "fix",
+        work / "paddle.onnx",
+        "--data",
+        work / "d.npz",
+        "--strategy",
+        "prune",
+        "--output",
+        work / "p.onnx",
+    )
+    assert result.code == 2 and "re-shapes its bias" in result.err
+    assert not (work / "p.onnx").exists()
+
+
 def test_patch_module_api(planted_module):
     from deadrelu_cli.fixes import patch_module
 

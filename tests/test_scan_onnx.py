@@ -12,6 +12,7 @@ from onnx_graphs import (
     float16_model,
     gemm_relu,
     matmul_tokens,
+    paddle_conv_bn,
     relu_in_if,
     relu_inputs_ground_truth,
     two_inputs,
@@ -78,9 +79,14 @@ def test_matmul_tokens_last_axis(tmp_path):
     np.testing.assert_allclose(layer.bias, [0, -40, 0, 0, -40, 0])
 
 
-@pytest.mark.parametrize("opset", [11, 17])
-def test_clip_and_hardswish_are_not_relu(tmp_path, opset):
-    model = conv_relu_hardswish(opset=opset)
+@pytest.mark.parametrize(
+    "opset, hardswish",
+    [(11, "scale-first"), (17, "scale-first"), (17, "multiply-first"), (12, "times-a-sixth")],
+)
+def test_clip_and_hardswish_are_not_relu(tmp_path, opset, hardswish):
+    """A HardSwish decomposed by an exporter is not a ReLU6, whichever order it scales in (paddle2onnx
+    multiplies first: PP-OCR's models were reported with 24 false relu6 layers)."""
+    model = conv_relu_hardswish(opset=opset, hardswish=hardswish)
     x = np.random.default_rng(3).standard_normal((6, 3, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x)
     report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), batch_size=4, device="cpu")
@@ -90,6 +96,27 @@ def test_clip_and_hardswish_are_not_relu(tmp_path, opset):
     _check_layer(report.layers[1], truth["relu6"])
     assert 1 in np.flatnonzero(report.layers[0].dead_mask()).tolist()
     assert report.layers[0].channel_dim == 1
+
+
+@pytest.mark.parametrize("weights_in_constants", [False, True])
+def test_reshaped_conv_bias_and_unfused_batchnorm_are_producers(tmp_path, weights_in_constants):
+    """paddle2onnx adds a Conv's bias as Add(Reshape(b, [1, C, 1, 1])) and keeps BatchNormalization:
+    both are the layers' producers, with their biases, as for a Conv with its own bias."""
+    model = paddle_conv_bn(weights_in_constants=weights_in_constants)
+    x = np.random.default_rng(5).standard_normal((10, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), batch_size=4, device="cpu")
+    first, second = report.layers
+    truth = relu_inputs_ground_truth(model, {"x": x}, {"relu1": 1, "relu2": 1})
+    _check_layer(first, truth["relu1"])
+    _check_layer(second, truth["relu2"])
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in paddle_conv_bn().graph.initializer}
+    assert (first.producer, first.channel_dim) == ("bias_add", 1)
+    np.testing.assert_array_equal(first.bias, inits["b1"])
+    assert second.producer == "bn"
+    np.testing.assert_array_equal(second.bias, inits["shift"])
+    assert np.flatnonzero(first.dead_mask()).tolist() == [1]
+    assert np.flatnonzero(second.dead_mask()).tolist() == [2]
 
 
 def test_relu_inside_if_branches(tmp_path):

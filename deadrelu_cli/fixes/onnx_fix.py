@@ -1,14 +1,15 @@
 """The ONNX side of `deadrelu fix`: edit nodes (leaky, elu) or initializers (reinit, bias-shift, prune).
 
-Supported around a Relu: a producer that is a Conv, a Gemm, or a MatMul followed by an Add of a bias
-initializer; a consumer that is one Conv, Gemm or MatMul with an initializer weight, reached directly
-or through unit-preserving nodes (pooling, Flatten, Dropout, Identity). Anything else is skipped with
-the reason in the table.
+Supported around a Relu: a producer that is a Conv, a Gemm, a MatMul followed by an Add of a bias
+initializer, or a Conv without bias followed by an Add of a per-channel bias (re-shaped or not); a
+consumer that is one Conv, Gemm or MatMul with an initializer weight, reached directly or through
+unit-preserving nodes (pooling, Flatten, Dropout, Identity). A BatchNormalization producer is patched
+by bias-shift only (its B). Anything else is skipped with the reason in the table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -16,7 +17,13 @@ from onnx import helper, numpy_helper
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.fixes.plan import FixOptions, FixResult, LayerOutcome, LayerPlan, firing_thresholds
-from deadrelu_cli.probe.onnx_graph import _float_type, _GraphIndex, find_sites, site_channel_dim
+from deadrelu_cli.probe.onnx_graph import (
+    _float_type,
+    _GraphIndex,
+    conv_added_bias,
+    find_sites,
+    site_channel_dim,
+)
 
 UNIT_PRESERVING = (
     "MaxPool",
@@ -40,14 +47,21 @@ class Weight:
 @dataclass
 class Wiring:
     incoming: Weight | None = None
-    bias: str | None = None  # initializer holding the unit biases (1-D)
+    # the bias as the graph reads it, back to the initializer holding one value per unit (last);
+    # longer than one when the graph re-shapes it (Reshape(b, [1, C, 1, 1]))
+    bias_chain: list[str] = field(default_factory=list)
     outgoing: Weight | None = None
     why: str = ""
 
+    @property
+    def bias(self) -> str | None:
+        return self.bias_chain[-1] if self.bias_chain else None
+
 
 def _initializer(index: _GraphIndex, name: str) -> np.ndarray | None:
-    init = index.initializers.get(name)
-    return None if init is None else numpy_helper.to_array(init)
+    """The values of an initializer or of a Constant node's tensor (both are edited in place)."""
+    tensor = index.stored_tensor(name)
+    return None if tensor is None else numpy_helper.to_array(tensor)
 
 
 def _attr(node, name, default=None):
@@ -66,37 +80,54 @@ def wiring(model: onnx.ModelProto, site) -> Wiring:
     wire = Wiring()
     node = index.producer.get(site.input_name)
     if node is not None and node.op_type == "Add":
-        data = [i for i in node.input if _initializer(index, i) is None]
-        bias = [i for i in node.input if _initializer(index, i) is not None]
+        data = [i for i in node.input if index.constant(i) is None]
+        added = [i for i in node.input if index.constant(i) is not None]
         upstream = index.producer.get(data[0]) if len(data) == 1 else None
-        if (
-            upstream is not None
-            and upstream.op_type == "MatMul"
-            and len(bias) == 1
-            and _initializer(index, bias[0]).ndim == 1
-        ):
-            if _initializer(index, upstream.input[1]) is not None:
+        chain = index.reshaped_from(added[0]) if len(added) == 1 else []
+        if upstream is not None and upstream.op_type == "MatMul" and len(chain) == 1:
+            if _initializer(index, upstream.input[1]) is not None and _initializer(index, chain[0]).ndim == 1:
                 wire.incoming = Weight(upstream.input[1], 1)
-                wire.bias = bias[0]
+                wire.bias_chain = chain
+        elif (
+            upstream is not None
+            and upstream.op_type == "Conv"
+            and _attr(upstream, "group", 1) == 1
+            and chain
+            and conv_added_bias(upstream, index.constant(added[0]), index) is not None
+            and _initializer(index, upstream.input[1]) is not None
+            and not (len(upstream.input) > 2 and upstream.input[2])
+        ):
+            # Conv without bias + Add(bias, maybe reshaped to [1, C, 1, 1]): paddle2onnx's layout
+            wire.incoming = Weight(upstream.input[1], 0)
+            wire.bias_chain = chain
     elif node is not None and node.op_type == "Conv" and _attr(node, "group", 1) == 1:
         if _initializer(index, node.input[1]) is not None:
             wire.incoming = Weight(node.input[1], 0)
-            wire.bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            wire.bias_chain = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
     elif node is not None and node.op_type == "Gemm" and not _attr(node, "transA", 0):
         if _initializer(index, node.input[1]) is not None:
             wire.incoming = Weight(node.input[1], 0 if _attr(node, "transB", 0) else 1)
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            wire.bias = (
-                bias
-                if bias is not None
+            if (
+                bias is not None
                 and _initializer(index, bias) is not None
                 and _initializer(index, bias).ndim == 1
-                else None
+            ):
+                wire.bias_chain = [bias]
+    elif node is not None and node.op_type == "BatchNormalization" and len(node.input) > 2:
+        # y = scale * (x - mean) / sqrt(var + eps) + B: shifting B shifts the pre-activation exactly
+        if _initializer(index, node.input[2]) is not None and _uses(index, node.input[2]) == 1:
+            wire.bias_chain = [node.input[2]]
+            wire.why = (
+                "skipped: produced by a BatchNormalization, whose units only bias-shift patches in ONNX"
             )
+            return wire
     if wire.incoming is None:
-        wire.why = "skipped: not produced by a Conv, Gemm or MatMul+bias with initializer weights"
+        wire.why = (
+            "skipped: not produced by a Conv, Gemm, MatMul+bias or BatchNormalization with stored weights"
+        )
         return wire
-    if _uses(index, wire.incoming.name) != 1 or (wire.bias and _uses(index, wire.bias) != 1):
+    if _uses(index, wire.incoming.name) != 1 or any(_uses(index, name) != 1 for name in wire.bias_chain):
         wire.incoming, wire.why = None, "skipped: its weights are shared with other nodes"
         return wire
     # follow the output to its one consumer
@@ -123,20 +154,30 @@ def wiring(model: onnx.ModelProto, site) -> Wiring:
             wire.outgoing = Weight(weight, 0)
         break
     if wire.outgoing is None:
-        wire.why = "skipped: its output does not go to exactly one Conv/Gemm/MatMul with initializer weights"
+        wire.why = "skipped: its output does not go to exactly one Conv/Gemm/MatMul with stored weights"
     return wire
 
 
 def _set(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
-    for init in model.graph.initializer:
-        if init.name == name:
-            init.CopyFrom(numpy_helper.from_array(array.astype(numpy_helper.to_array(init).dtype), name))
-            return
-    raise KeyError(name)
+    tensor = _GraphIndex(model.graph).stored_tensor(name)
+    if tensor is None:
+        raise KeyError(name)
+    tensor.CopyFrom(numpy_helper.from_array(array.astype(numpy_helper.to_array(tensor).dtype), tensor.name))
 
 
 def _get(model: onnx.ModelProto, name: str) -> np.ndarray:
-    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name)).copy()
+    return numpy_helper.to_array(_GraphIndex(model.graph).stored_tensor(name)).copy()
+
+
+def _parameter_count(model: onnx.ModelProto) -> int:
+    stored = list(model.graph.initializer) + [
+        attr.t
+        for node in model.graph.node
+        if node.op_type == "Constant"
+        for attr in node.attribute
+        if attr.name == "value"
+    ]
+    return sum(int(np.prod(tensor.dims)) for tensor in stored)
 
 
 def _columns(units: list[int], per_unit: int) -> list[int]:
@@ -180,11 +221,12 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             continue
         wire = wiring(model, site)
         if options.strategy == "bias-shift":
-            if wire.incoming is None or wire.bias is None:
+            if wire.bias is None:
                 outcome.action = wire.why or "skipped: no bias initializer"
                 continue
             bias = _get(model, wire.bias)
-            bias[plan.units] = bias[plan.units] - quantiles[plan.name].astype(bias.dtype)
+            flat = bias.reshape(-1)  # a view: one value per unit, whatever shape the initializer has
+            flat[plan.units] = flat[plan.units] - quantiles[plan.name].astype(bias.dtype)
             _set(model, wire.bias, bias)
             outcome.applied, outcome.action = (
                 True,
@@ -207,7 +249,9 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             _set(model, wire.incoming.name, w_in)
             if wire.bias:
                 bias = _get(model, wire.bias)
-                bias[plan.units] += np.abs(rng.standard_normal(len(plan.units)) * sigma).astype(bias.dtype)
+                bias.reshape(-1)[plan.units] += np.abs(rng.standard_normal(len(plan.units)) * sigma).astype(
+                    bias.dtype
+                )
                 _set(model, wire.bias, bias)
             outcome.applied, outcome.action = True, f"{wire.incoming.name} kicked (σ = {sigma:.3g})"
             continue
@@ -228,7 +272,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             _set(model, wire.outgoing.name, w_out)
             if wire.bias:
                 bias = _get(model, wire.bias)
-                bias[plan.units] = 0.0
+                bias.reshape(-1)[plan.units] = 0.0
                 _set(model, wire.bias, bias)
             outcome.applied, outcome.action = (
                 True,
@@ -240,6 +284,9 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 continue
             if len(plan.units) == plan.all_units:
                 outcome.action = "skipped: every unit is dead"
+                continue
+            if len(wire.bias_chain) > 1 or (wire.bias and _get(model, wire.bias).ndim != 1):
+                outcome.action = "skipped: the graph re-shapes its bias to the old width (use reinit)"
                 continue
             kept = [u for u in range(plan.all_units) if u not in set(plan.units)]
             _set(model, wire.incoming.name, np.take(w_in, kept, axis=wire.incoming.axis))
@@ -254,8 +301,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             result.new_widths[plan.name] = len(kept)
     if options.strategy == "prune":
         del model.graph.value_info[:]  # shapes changed: let shape inference redo them
-    result.params_before = sum(int(np.prod(i.dims)) for i in original.graph.initializer)
-    result.params_after = sum(int(np.prod(i.dims)) for i in model.graph.initializer)
+    result.params_before, result.params_after = _parameter_count(original), _parameter_count(model)
     result.flops_before, result.flops_after = onnx_macs(original), onnx_macs(model)
     if any(o.applied for o in outcomes):
         onnx.save(model, str(temp))

@@ -34,6 +34,7 @@ CHANNEL_FIRST_OPS = (
 )
 LAST_DIM_OPS = ("MatMul", "Gemm", "LayerNormalization")
 PASS_THROUGH_OPS = ("Add", "Mul", "Sub", "Div", "BatchNormalization", "Identity", "Dropout", "Cast")
+RESHAPING_OPS = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze")  # values kept, in order
 STAT_KEYS = ("pos", "max", "sum", "size", "sat")
 
 
@@ -94,7 +95,66 @@ class _GraphIndex:
                     return np.array(attr.f, dtype=np.float32)
                 if attr.name == "value_int":
                     return np.array(attr.i, dtype=np.int64)
+        if node is not None and node.op_type in RESHAPING_OPS:
+            return self._reshaped_constant(node)
         return self.outer.constant(name) if self.outer is not None else None
+
+    def _reshaped_constant(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """A constant only re-shaped by the graph (paddle2onnx adds a Conv's bias as Reshape(b, [1, C, 1, 1]))."""
+        data = self.constant(node.input[0])
+        if data is None:
+            return None
+        op = node.op_type
+        try:
+            if op == "Identity":
+                return data
+            if op == "Flatten":
+                axis = int(_attr(node, "axis", 1))
+                axis = axis + data.ndim if axis < 0 else axis
+                return data.reshape(int(np.prod(data.shape[:axis], dtype=np.int64)), -1)
+            if op == "Reshape":
+                shape = self.constant(node.input[1]) if len(node.input) > 1 else _attr(node, "shape")
+                if shape is None:
+                    return None
+                keep_zeros = bool(_attr(node, "allowzero", 0))
+                dims = [
+                    data.shape[i] if d == 0 and not keep_zeros else int(d)
+                    for i, d in enumerate(np.ravel(shape))
+                ]
+                return data.reshape(dims)
+            axes = self.constant(node.input[1]) if len(node.input) > 1 else _attr(node, "axes")
+            if op == "Squeeze":
+                return (
+                    np.squeeze(data)
+                    if axes is None
+                    else np.squeeze(data, axis=tuple(int(a) for a in np.ravel(axes)))
+                )
+            if axes is None:  # Unsqueeze needs its axes
+                return None
+            return np.expand_dims(data, tuple(int(a) for a in np.ravel(axes)))
+        except (ValueError, IndexError, TypeError):  # a malformed shape: not a constant we can read
+            return None
+
+    def stored_tensor(self, name: str) -> onnx.TensorProto | None:
+        """The tensor behind `name` when this graph stores it: an initializer, or the value of a Constant
+        node (older exporters, paddle2onnx among them, keep every weight in one)."""
+        if name in self.initializers:
+            return self.initializers[name]
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            return next((attr.t for attr in node.attribute if attr.name == "value"), None)
+        return None
+
+    def reshaped_from(self, name: str) -> list[str]:
+        """[name, …, stored tensor] when `name` is a tensor this graph stores, possibly re-shaped by
+        Identity/Reshape/Flatten/Squeeze/Unsqueeze (its elements in the same order); else []."""
+        chain = [name]
+        while self.stored_tensor(chain[-1]) is None:
+            node = self.producer.get(chain[-1])
+            if node is None or node.op_type not in RESHAPING_OPS or self.constant(chain[-1]) is None:
+                return []
+            chain.append(node.input[0])
+        return chain
 
     def shape(self, name: str) -> list[int | None] | None:
         """The inferred shape (None for symbolic dims), or None when not even the rank is known."""
@@ -124,20 +184,29 @@ def _clip_bounds(node: onnx.NodeProto, index: _GraphIndex) -> tuple[float | None
 
 
 def _is_hard_sigmoid_part(node: onnx.NodeProto, index: _GraphIndex) -> bool:
-    """Clip(x + 3, 0, 6) followed by / 6 (or * 1/6): the decomposed HardSigmoid / HardSwish."""
+    """Clip(x + 3, 0, 6) scaled by 1/6: the decomposed HardSigmoid, or HardSwish either as
+    x * (Clip(x + 3, 0, 6) / 6) or as (x * Clip(x + 3, 0, 6)) / 6 (PaddlePaddle's paddle2onnx)."""
     source = index.producer.get(node.input[0])
     if source is None or source.op_type != "Add":
         return False
     if not any(v is not None and np.allclose(v, 3.0) for v in (index.constant(i) for i in source.input)):
         return False
-    for consumer in index.consumers.get(node.output[0], []):
+    data_inputs = {i for i in source.input if index.constant(i) is None}
+
+    def scales_by_a_sixth(consumer: onnx.NodeProto) -> bool:
         consts = [index.constant(i) for i in consumer.input]
-        if consumer.op_type == "Div" and any(c is not None and np.allclose(c, 6.0) for c in consts):
-            return True
-        if consumer.op_type == "Mul" and any(
+        if consumer.op_type == "Div":
+            return any(c is not None and np.allclose(c, 6.0) for c in consts)
+        return consumer.op_type == "Mul" and any(
             c is not None and np.allclose(c, 1 / 6.0, rtol=1e-3) for c in consts
-        ):
+        )
+
+    for consumer in index.consumers.get(node.output[0], []):
+        if scales_by_a_sixth(consumer):
             return True
+        if consumer.op_type == "Mul" and data_inputs & set(consumer.input):  # x * Clip(x + 3, 0, 6), then / 6
+            if any(scales_by_a_sixth(after) for after in index.consumers.get(consumer.output[0], [])):
+                return True
     return False
 
 
@@ -204,6 +273,17 @@ def _trace(site: OnnxSite, index: _GraphIndex) -> None:
                     site.bias = other
                     site.producer = node.name or node.output[0]
                     return
+                if (
+                    upstream is not None
+                    and upstream.op_type in ("Conv", "ConvTranspose")
+                    and other is not None
+                ):
+                    per_channel = conv_added_bias(upstream, other, index)
+                    if per_channel is not None:  # Conv without bias + Add(b reshaped to [1, C, 1, 1])
+                        site.channel_first = True
+                        site.bias = per_channel
+                        site.producer = node.name or node.output[0]
+                        return
             if len(data_inputs) != 1:
                 keep_producer = False
             if not data_inputs:
@@ -211,6 +291,24 @@ def _trace(site: OnnxSite, index: _GraphIndex) -> None:
             name = data_inputs[0]
             continue
         return
+
+
+def conv_added_bias(conv: onnx.NodeProto, added: np.ndarray, index: _GraphIndex) -> np.ndarray | None:
+    """The per-channel bias of Conv(x) + added, when `added` holds one value per output channel laid
+    out on dim 1 ([C, 1, 1], [1, C, 1, 1], …); the Conv's own bias, if any, included. Else None."""
+    weight = index.constant(conv.input[1]) if len(conv.input) > 1 else None
+    if weight is None or weight.ndim < 3:
+        return None
+    rank = weight.ndim
+    channels = weight.shape[0] if conv.op_type == "Conv" else weight.shape[1] * int(_attr(conv, "group", 1))
+    if added.ndim > rank or added.size != channels:
+        return None
+    aligned = (1,) * (rank - added.ndim) + added.shape
+    if aligned[1] != channels or int(np.prod(aligned)) != channels:
+        return None
+    bias = added.reshape(-1).astype(np.float64)
+    own = index.constant(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+    return bias if own is None else bias + own.reshape(-1)
 
 
 _BRANCH_ORDER = {"then_branch": 0, "else_branch": 1}
