@@ -415,7 +415,29 @@ def test_leaky_on_exported_program_input(cli, work):
         "--output",
         work / "x.pt2",
     )
-    assert result.code == 2 and "not supported yet" in result.err
+    assert result.code == 2 and "not supported yet" in result.err and "bias-shift" in result.err
+
+
+def test_bias_shift_on_exported_program_input(cli, work):
+    """Only the producer's bias of the chosen layer changes in the .pt2 (BatchNorm beta here), and the
+    shifted units fire at the target rate — rates computed from the sample CNN in plain torch."""
+    shutil.copy(CNN / "model.pt2", work / "model.pt2")
+    out = work / "shifted.pt2"
+    result = cli(
+        "fix", work / "model.pt2", "--data", work / "calib.npz", "--strategy", "bias-shift",
+        "--layers", "relu#2", "--target-rate", "0.05", "--output", out,
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    before = torch.export.load(str(work / "model.pt2")).state_dict
+    after = torch.export.load(str(out)).state_dict
+    assert [k for k in before if not torch.equal(before[k], after[k])] == ["bn2.bias"]
+    m = _load_cnn(work / "model.pt")
+    with torch.no_grad():
+        m.bn2.bias.copy_(after["bn2.bias"])
+        pre = m.bn2(m.conv2(torch.relu(m.bn1(m.conv1(_x())))))
+    n = pre.shape[0] * pre.shape[2] * pre.shape[3]
+    rates = (pre > 0).double().mean(dim=(0, 2, 3))[[0, 7, 8, 15]]
+    assert torch.all((rates - 0.05).abs() <= 2 / n), rates
 
 
 def test_leaky_on_torchscript_input_one_site(cli, work):

@@ -214,14 +214,11 @@ def collect_quantiles(
 
 
 def bias_shift(
-    model: nn.Module,
-    probe: EagerProbe,
-    report,
-    plans: list[LayerPlan],
-    options: FixOptions,
-    quantiles: dict[str, np.ndarray],
+    model: nn.Module, report, plans: list[LayerPlan], quantiles: dict[str, np.ndarray]
 ) -> list[LayerOutcome]:
-    """Raise each dead unit's bias (BN beta) so that about `target_rate` of its values exceed 0."""
+    """Raise each dead unit's bias (BN beta) so that about `target_rate` of its values exceed 0
+    (`quantiles`: per unit, the pre-activation value exceeded by that fraction of the data). `model`
+    is an nn.Module, or an ExportedProgram's module, whose parameters keep their original names."""
     outcomes = []
     with torch.no_grad():
         for plan in plans:

@@ -76,11 +76,14 @@ def apply_torch(
     loaded = scanned.model
     if loaded.kind == "exported" and options.strategy in ("leaky", "elu"):
         return _patch_exported(scanned, plans, options, scan_options, temp, result)
+    if loaded.kind == "exported" and options.strategy == "bias-shift":
+        return _bias_shift_exported(scanned, plans, options, scan_options, temp, result)
     if loaded.kind == "torchscript" and options.strategy in ("leaky", "elu"):
         return _patch_torchscript(scanned, plans, options, temp, result)
     if loaded.kind != "eager":
+        takes = "leaky, elu and bias-shift" if loaded.kind == "exported" else "leaky and elu"
         raise UserError(
-            f"--strategy {options.strategy} on a {loaded.format} file is not supported yet (.pt2 and TorchScript files take leaky and elu); "
+            f"--strategy {options.strategy} on a {loaded.format} file is not supported yet (it takes {takes}); "
             "fix the state_dict with --arch, or the ONNX export, instead"
         )
     suffix = Path(options.output).suffix.lower()
@@ -109,7 +112,7 @@ def apply_torch(
         quantiles = eager.collect_quantiles(
             scanned, plans, options.target_rate, options.seed, replace(scan_options, progress=None)
         )
-        outcomes = eager.bias_shift(model, probe, report, plans, options, quantiles)
+        outcomes = eager.bias_shift(model, report, plans, quantiles)
     elif options.strategy == "kick":
         outcomes = eager.kick(model, probe, report, plans, options)
     elif options.strategy == "prune":
@@ -149,20 +152,63 @@ def apply_torch(
     return torch_runner(loaded, order, device), patched_runner, outcomes
 
 
-def _patch_exported(
-    scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult
-):
-    """leaky/elu on an ExportedProgram: swap the activation nodes of the planned sites, re-export, .pt2 out."""
-    from deadrelu_cli.fixes.run import runner_for
+def _program_module(scanned, options: FixOptions) -> torch.fx.GraphModule:
+    """A fresh, unprobed module of a scanned ExportedProgram (the scan's own carries its recorders)."""
     from deadrelu_cli.loaders.torch_models import graph_module_with_stack
-    from deadrelu_cli.probe.exported import find_sites
 
     if Path(options.output).suffix.lower() != ".pt2":
         raise UserError(
             f"--output {options.output}: an ExportedProgram is patched into an ExportedProgram; use a .pt2 name"
         )
+    return graph_module_with_stack(scanned.model.extra["program"]).to(scanned.device)
+
+
+def _exported_runners(
+    scanned, graph_module: torch.fx.GraphModule, temp: Path, result: FixResult, patched: bool = True
+):
+    """Write the patched module as a .pt2 (when anything was patched); the (original, patched) runners."""
+    from deadrelu_cli.fixes.run import runner_for
+
     loaded = scanned.model
-    graph_module = graph_module_with_stack(loaded.extra["program"]).to(scanned.device)
+    order = match_inputs(loaded, scanned.data)
+    example = example_inputs(loaded, scanned.data, order, scanned.device)
+    if patched:
+        write_artifact(graph_module, example, temp, ".pt2")
+    result.params_before = result.params_after = eager.count_params(graph_module)
+
+    def patched_runner():
+        return runner_for(
+            load_model(LoadOptions(str(temp), device=scanned.device)), scanned.data, scanned.device
+        )
+
+    return torch_runner(loaded, order, scanned.device), patched_runner
+
+
+def _bias_shift_exported(
+    scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult
+):
+    """bias-shift on an ExportedProgram: the producers' biases (Linear/Conv bias, BatchNorm beta) are
+    parameters of program.module() under their original names; shift them, re-export, .pt2 out."""
+    graph_module = _program_module(scanned, options)
+    # the quantiles come from a scan of another fresh module: the scan's probe rewrote its own graph
+    rescan = replace(scanned, model=replace(scanned.model, runnable=_program_module(scanned, options)))
+    quantiles = eager.collect_quantiles(
+        rescan, plans, options.target_rate, options.seed, replace(scan_options, progress=None)
+    )
+    outcomes = eager.bias_shift(graph_module, scanned.report, plans, quantiles)
+    return (
+        *_exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes)),
+        outcomes,
+    )
+
+
+def _patch_exported(
+    scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult
+):
+    """leaky/elu on an ExportedProgram: swap the activation nodes of the planned sites, re-export, .pt2 out."""
+    from deadrelu_cli.probe.exported import find_sites
+
+    graph_module = _program_module(scanned, options)
     wanted = {plan.name: plan for plan in plans}
     aten = torch.ops.aten
     outcomes = []
@@ -187,17 +233,7 @@ def _patch_exported(
             action = "aten.relu → elu"
         outcomes.append(LayerOutcome(plan.name, plan.units, action, True, len(plan.units)))
     graph_module.recompile()
-    order = match_inputs(loaded, scanned.data)
-    example = example_inputs(loaded, scanned.data, order, scanned.device)
-    write_artifact(graph_module, example, temp, ".pt2")
-    result.params_before = result.params_after = eager.count_params(graph_module)
-
-    def patched_runner():
-        return runner_for(
-            load_model(LoadOptions(str(temp), device=scanned.device)), scanned.data, scanned.device
-        )
-
-    return torch_runner(loaded, order, scanned.device), patched_runner, outcomes
+    return (*_exported_runners(scanned, graph_module, temp, result), outcomes)
 
 
 _TS_ACTIVATIONS = ("aten::relu", "aten::relu_", "aten::hardtanh", "aten::hardtanh_", "aten::relu6")
