@@ -212,3 +212,62 @@ def test_counts_in_cache_sized_parts_match_plain_reductions(shape):
     np.testing.assert_allclose(acc.sum_abs.numpy(), pre.relu().double().sum(dims).numpy(), rtol=1e-5)
     np.testing.assert_array_equal(acc.max_pre.numpy(), pre.amax(dims).double().numpy())
     assert acc.positive[5] == 0 and CACHE_PART_BYTES == 2 << 20
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "cache-sized-parts"])
+def test_output_counts_are_exact_on_zero_signs_subnormals_and_inf(dtype, sliced):
+    """The fast count (y.bool() summed as bytes, for y >= 0) on -0.0, +0.0, the smallest subnormal, the
+    smallest normal, the largest finite value and +inf, in every float width, whole and in cache-sized
+    parts: checked against (y > 0) computed in float64."""
+    import torch
+
+    from deadrelu_cli.probe.accumulator import SiteAccumulator, _cache_sized_parts
+
+    torch_dtype = getattr(torch, dtype)
+    int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.finfo(torch_dtype).bits // 8]
+    finfo = torch.finfo(torch_dtype)
+    subnormal = torch.ones(1, dtype=int_dtype).view(torch_dtype)[0].item()  # bit pattern 1
+    edge = torch.tensor([-0.0, 0.0, subnormal, finfo.tiny, 1.0, finfo.max, float("inf")], dtype=torch_dtype)
+    assert edge[2] > 0 and edge[0].view(int_dtype) < 0  # a real subnormal; -0.0 has its sign bit set
+    shape = (32, 8, 128, 128) if sliced else (4, 8, 5, 5)
+    gen = torch.Generator().manual_seed(3)
+    post = edge[torch.randint(0, len(edge), shape, generator=gen)]
+    post[:, 3] = edge[torch.randint(0, 2, post[:, 3].shape, generator=gen)]  # unit 3: only -0.0 and +0.0
+    acc = SiteAccumulator("site", "relu", 1)
+    acc.observe_pre(post, 0.0)
+    assert (len(_cache_sized_parts(*acc._as_reducible(post))) > 1) == sliced
+    acc.observe_post(post, 0.0)
+    expected = (post.double() > 0).sum((0, 2, 3))
+    np.testing.assert_array_equal(acc.positive.numpy(), expected.numpy())
+    assert acc.positive[3] == 0 and acc.positive.min() < acc.positive.max()
+
+
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "cache-sized-parts"])
+def test_in_place_relu_max_and_counts_over_batches(sliced):
+    """Max and counts over several batches with the ReLU in place (the input overwritten between the
+    probe's two reads): units that never fire, fire only in the last batch, or only in the first.
+    Checked against amax and (x > 0) of the inputs."""
+    import torch
+
+    from deadrelu_cli.probe.accumulator import SiteAccumulator
+
+    gen = torch.Generator().manual_seed(5)
+    shape = (32, 8, 128, 128) if sliced else (4, 8, 5, 5)
+    batches = [torch.randn(shape, generator=gen) for _ in range(3)]
+    for i, batch in enumerate(batches):
+        batch[:, 0] = -batch[:, 0].abs() - 0.1  # never fires
+        if i < 2:
+            batch[:, 1] = -batch[:, 1].abs() - 0.1  # fires in the last batch only
+        if i > 0:
+            batch[:, 2] = -batch[:, 2].abs() - 0.1  # fires in the first batch only
+    acc = SiteAccumulator("site", "relu", 1)
+    for batch in batches:
+        x = batch.clone()
+        acc.observe_pre(x, 0.0)
+        x.relu_()  # in place, as nn.ReLU(inplace=True)
+        acc.observe_post(x, 0.0)
+    every = torch.cat(batches)
+    np.testing.assert_array_equal(acc.max_pre.numpy(), every.amax((0, 2, 3)).double().numpy())
+    np.testing.assert_array_equal(acc.positive.numpy(), (every > 0).sum((0, 2, 3)).numpy())
+    assert acc.positive[0] == 0 and acc.max_pre[0] < 0 and acc.positive[1] > 0 and acc.positive[2] > 0

@@ -241,13 +241,21 @@ def test_functional_relu_missed_by_module_hooks_is_found(tmp_path, planted_modul
 
 
 def test_nan_activations_are_not_counted_as_firing(tmp_path, planted_module):
-    """The fast count (y.bool()) would count NaN as fired; the probe falls back to y > 0 for such batches."""
+    """The fast count (y.bool()) would count NaN as fired; the probe falls back to y > 0 for such
+    batches, in any batch and whatever the NaN's sign bit."""
     from deadrelu_cli.probe.accumulator import SiteAccumulator
 
     pre = torch.tensor([[1.0, -1.0], [float("nan"), -2.0], [-3.0, 0.5]])
     site = SiteAccumulator("s", "relu", channel_dim=1)
     site.update(pre, torch.relu(pre), 0.0)
     assert site.positive.tolist() == [1, 1]  # NaN > 0 is False
+    later = torch.tensor([[2.0, float("nan")], [-1.0, 1.0]])
+    site.update(later, torch.relu(later), 0.0)
+    assert site.positive.tolist() == [2, 2]
+    assert site.max_pre.isnan().tolist() == [True, True]  # a NaN input makes the max NaN, as amax does
+    negative_nan = torch.tensor([[-float("nan"), 3.0]])
+    site.update(negative_nan, torch.relu(negative_nan), 0.0)
+    assert site.positive.tolist() == [2, 3]
     clean = SiteAccumulator("c", "relu", channel_dim=1)
     clean.update(pre.nan_to_num(-5.0), torch.relu(pre.nan_to_num(-5.0)), 0.0)
     assert clean.positive.tolist() == [1, 1]
