@@ -6,8 +6,9 @@ is below the threshold everywhere cannot fire for ANY input in the box: it is *c
 
 The propagation runs on the torch.export graph (ATen ops) in float64, and a unit counts as certified
 only with a margin for the model's own float32 rounding. Supported: linear / matmul with constant
-weights, convolution, batch norm (eval), relu / relu6 / hardtanh, max and average pooling, flatten /
-view / reshape / permute / transpose, add / sub / mul / div with constants, concatenation. Anything
+weights, convolution, batch norm (eval), relu / relu6 / hardtanh / clamp / sigmoid / tanh /
+hardsigmoid / hardswish, max and average pooling, flatten / view / reshape / permute / transpose,
+add / sub / mul of tensors or constants, div by constants, concatenation. Anything
 else makes its output unknown, and the activation sites that depend on it are reported as
 "not certified" — never guessed.
 """
@@ -54,6 +55,16 @@ def _linear_interval(x: Interval, weight: torch.Tensor, bias: torch.Tensor | Non
     out_mid = fn(mid, weight, bias)
     out_rad = fn(rad, weight.abs(), None)
     return Interval(out_mid - out_rad, out_mid + out_rad)
+
+
+def product(a: Interval, b: Interval) -> Interval:
+    """Elementwise a * b of two intervals (broadcast): its extremes are among the four corner products.
+    Sound, if loose where a and b depend on the same inputs (x * hardsigmoid(x) in a HardSwish)."""
+    corners = torch.stack(torch.broadcast_tensors(a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi))
+    unbounded = corners.isnan().any(0)  # 0 * inf: no finite bound there
+    lo = torch.where(unbounded, -torch.inf, corners.amin(0))
+    hi = torch.where(unbounded, torch.inf, corners.amax(0))
+    return Interval(lo, hi)
 
 
 class _Unsupported(Exception):
@@ -111,6 +122,13 @@ _SHAPE_OPS = {
     "relu_",
     "hardtanh",
     "hardtanh_",
+    "sigmoid",  # elementwise non-decreasing: bounds map to bounds
+    "tanh",
+    "hardsigmoid",
+    "clamp",  # non-decreasing in x and in both bounds
+    "clamp_",
+    "clamp_min",
+    "clamp_max",
     "slice",
     "select",
     "index_select",
@@ -188,10 +206,14 @@ def _apply(target, args, kwargs, env):
         if constant is None:
             raise _Unsupported(name)
         return x.map(lambda t: t + constant * alpha if name == "add" else t - constant * alpha)
+    if name == "hardswish":  # x * hardsigmoid(x): not monotone, bounded as a product
+        return product(x, x.map(F.hardsigmoid))
     if name in ("mul", "div"):
         other = values[1]
         if isinstance(other, Interval):
-            raise _Unsupported(f"{name} of two input-dependent tensors")
+            if name == "mul":
+                return product(x, other)
+            raise _Unsupported("div by an input-dependent tensor")
         constant = _constant(other)
         if constant is None:
             raise _Unsupported(name)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from deadrelu_cli.certify import Interval, SiteBound, _linear_interval, _scale
+from deadrelu_cli.certify import Interval, SiteBound, _linear_interval, _scale, product
 from deadrelu_cli.probe.onnx_graph import _GraphIndex, find_sites, site_channel_dim
 
 
@@ -103,7 +103,9 @@ def _node_interval(node, values: list, index: _GraphIndex):
                 return Interval(a.lo + b.lo, a.hi + b.hi)
             if op == "Sub":
                 return Interval(a.lo - b.hi, a.hi - b.lo)
-            raise _Unsupported(f"{op} of two input-dependent tensors")
+            if op == "Mul":
+                return product(a, b)
+            raise _Unsupported("Div by an input-dependent tensor")
         interval, constant = (a, _t(b)) if isinstance(a, Interval) else (b, _t(a))
         if op == "Add":
             return interval.map(lambda t: t + constant)
@@ -132,6 +134,15 @@ def _node_interval(node, values: list, index: _GraphIndex):
             else (None if values[2] is None else float(np.asarray(values[2])))
         )
         return x.map(lambda t: t.clamp(min=lo, max=hi))
+    if op in ("Sigmoid", "Tanh"):
+        return x.map(torch.sigmoid if op == "Sigmoid" else torch.tanh)
+    if op in ("HardSigmoid", "HardSwish"):
+        alpha, beta = (
+            (_attr(node, "alpha", 0.2), _attr(node, "beta", 0.5)) if op == "HardSigmoid" else (1 / 6, 0.5)
+        )
+        ends = [(t * alpha + beta).clamp(0, 1) for t in (x.lo, x.hi)]
+        gate = Interval(torch.minimum(*ends), torch.maximum(*ends))  # alpha < 0 reverses the order
+        return gate if op == "HardSigmoid" else product(x, gate)
     if op == "LeakyRelu":
         alpha = _attr(node, "alpha", 0.01)
         return x.map(lambda t: F.leaky_relu(t, alpha))

@@ -238,7 +238,7 @@ InputRange = Annotated[
     list[str] | None,
     typer.Option(
         "--input-range",
-        help="With --certify: LO HI for every input element (give the option twice: --input-range -1 --input-range 1), or auto (min/max per feature of --data).",
+        help="The input box to certify over (implies --certify): LO HI for every input element (--input-range -1 1, or the option twice), or auto (min/max per feature of --data).",
     ),
 ]
 InputShapeOpt = Annotated[

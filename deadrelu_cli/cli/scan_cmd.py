@@ -99,6 +99,7 @@ def scan(
     p = params
     if not p["model"]:
         raise UserError("missing MODEL: deadrelu scan MODEL --data DATA (see --help)")
+    p["certify"] = p["certify"] or p["input_range"] is not None  # a box is only for certifying (as in fix)
     if not p["data"] and not p["certify"]:
         raise UserError("missing --data: the calibration data to replay (.npz, .npy, .pt or .safetensors)")
     json_to_stdout = p["json_out"] == "-"
