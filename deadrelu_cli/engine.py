@@ -103,36 +103,25 @@ def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) ->
             )
 
 
-def _first_layer_check(model: LoadedModel, data: CalibrationData) -> None:
-    """For a single-input eager model whose first layer is Linear/Conv, catch a wrong feature size early."""
+def _first_layer_hint(model: LoadedModel, data: CalibrationData) -> str | None:
+    """After the first batch failed: when the model's first registered parametrised layer is a Linear or
+    Conv that the data does not fit, say so (a guess — registration order is not always execution
+    order — so it only words an error that has already happened, never refuses a model that runs)."""
     from torch import nn
 
     if model.kind != "eager" or len(data.sources) != 1:
-        return
+        return None
     first = next(
-        (m for m in model.runnable.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)),
+        (m for m in model.runnable.modules() if any(True for _ in m.parameters(recurse=False))),
         None,
     )
     shape = data.sources[0].shape
-    if (
-        isinstance(first, nn.Linear)
-        and len(shape) >= 2
-        and data.sources[0].dtype.kind == "f"
-        and shape[-1] != first.in_features
-    ):
-        raise UserError(
-            f"{data.path}: samples have {shape[-1]} features (shape {list(shape)}) but the model's first Linear expects {first.in_features}"
-        )
-    if isinstance(first, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-        rank = (
-            {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(first)]
-            if type(first) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-            else None
-        )
-        if rank and len(shape) == rank and shape[1] != first.in_channels:
-            raise UserError(
-                f"{data.path}: samples have {shape[1]} channels (shape {list(shape)}) but the model's first Conv expects {first.in_channels}"
-            )
+    if isinstance(first, nn.Linear) and len(shape) >= 2 and shape[-1] != first.in_features:
+        return f"{data.path}: samples have {shape[-1]} features (shape {list(shape)}) but the model's first Linear expects {first.in_features}"
+    rank = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}.get(type(first))
+    if rank and len(shape) == rank and shape[1] != first.in_channels:
+        return f"{data.path}: samples have {shape[1]} channels (shape {list(shape)}) but the model's first Conv expects {first.in_channels}"
+    return None
 
 
 def to_tensor(array: np.ndarray, float_dtype: str, device: str, channels_last: bool = False):
@@ -228,7 +217,6 @@ def scan_torch(
 
     order = match_inputs(model, data)
     check_shapes(model, data, order)
-    _first_layer_check(model, data)
     settings = ProbeSettings(threshold=options.threshold, channel_dim=options.channel_dim, ops=options.ops)
     batch_size = resolve_batch_size(options.batch_size, model, data, order, device)
     example = None
@@ -267,7 +255,8 @@ def scan_torch(
                     shapes = ", ".join(f"{n}{list(batch[n].shape)}" for n in order)
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     raise UserError(
-                        f"the model failed on the first batch ({shapes}): {first}; check that --data fits the model's input"
+                        _first_layer_hint(model, data)
+                        or f"the model failed on the first batch ({shapes}): {first}; check that --data fits the model's input"
                     ) from exc
                 raise
             done += inputs[0].shape[0] if inputs and inputs[0].dim() else 0

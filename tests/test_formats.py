@@ -101,6 +101,22 @@ def test_state_dict_key_mismatch_lists_keys(tmp_path, planted_module):
         scan(str(tmp_path / "sd.pt"), str(data), arch=arch("eight_neuron"), device="cpu")
 
 
+def test_extra_tensors_are_left_out_with_a_note(tmp_path, planted_module):
+    """A checkpoint with tensors the architecture has no place for (resemblyzer's similarity_weight /
+    similarity_bias, a loss's parameters) loads the rest strictly and says what it left out."""
+    model = planted_module.eight_neuron()
+    state = dict(
+        model.state_dict(), similarity_weight=torch.tensor([10.0]), similarity_bias=torch.tensor([-5.0])
+    )
+    torch.save(state, tmp_path / "extra.pt")
+    data = save_npz(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((9, 4)).astype(np.float32))
+    report = scan(str(tmp_path / "extra.pt"), str(data), arch=arch("eight_neuron"), device="cpu")
+    with torch.no_grad():
+        pre = model.fc(torch.from_numpy(np.load(data)["x"]))
+    np.testing.assert_array_equal(report.layers[0].positive_counts, (pre > 0).sum(0).numpy())
+    assert any("left out: similarity_bias, similarity_weight" in note for note in report.notes)
+
+
 def test_lightning_prefix_and_ema_key_are_unwrapped(tmp_path, planted_module):
     model = planted_module.eight_neuron()
     torch.save(
@@ -109,3 +125,25 @@ def test_lightning_prefix_and_ema_key_are_unwrapped(tmp_path, planted_module):
     data = save_npz(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((9, 4)).astype(np.float32))
     report = scan(str(tmp_path / "c.pt"), str(data), arch=arch("eight_neuron"), device="cpu")
     assert np.flatnonzero(report.layers[0].dead_mask()).tolist() == [2, 4, 6]
+
+
+def test_training_checkpoint_with_its_own_key(tmp_path, planted_module):
+    """{"step", "model_state", "optimizer_state"} (resemblyzer's pretrained.pt) and any other single
+    weight dict under a script's own key are found; two weight dicts are refused, naming both."""
+    model = planted_module.eight_neuron()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()  # a real optimizer state: nested dicts of tensors, not a state_dict
+    data = save_npz(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((9, 4)).astype(np.float32))
+    expected = model.state_dict()
+    for key in ("model_state", "my_weights"):
+        torch.save(
+            {"step": 3, key: expected, "optimizer_state": optimizer.state_dict()}, tmp_path / f"{key}.pt"
+        )
+        report = scan(str(tmp_path / f"{key}.pt"), str(data), arch=arch("eight_neuron"), device="cpu")
+        with torch.no_grad():
+            pre = model.fc(torch.from_numpy(np.load(data)["x"]))
+        np.testing.assert_array_equal(report.layers[0].positive_counts, (pre > 0).sum(0).numpy())
+    torch.save({"generator": expected, "discriminator": expected}, tmp_path / "two.pt")
+    with pytest.raises(UserError, match=r"several weight dicts \(generator, discriminator\)"):
+        scan(str(tmp_path / "two.pt"), str(data), arch=arch("eight_neuron"), device="cpu")

@@ -23,6 +23,7 @@ from deadrelu_cli.loaders.model import InputSpec, LoadedModel, LoadOptions, file
 STATE_DICT_KEYS = (
     "state_dict",
     "model_state_dict",
+    "model_state",
     "model",
     "state_dict_ema",
     "model_ema",
@@ -73,8 +74,14 @@ def unwrap_checkpoint(obj):
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
+        # a training script's own key ({"epoch": …, "weights": {…}, "optim": {…}}): the one tensor dict
+        nested = [key for key, value in obj.items() if _is_tensor_dict(value)]
+        if len(nested) == 1:
+            return obj[nested[0]]
+        found = f"several weight dicts ({', '.join(map(str, nested))})" if nested else "no weights"
         raise UserError(
-            f"checkpoint dict has no weights under any of {', '.join(STATE_DICT_KEYS)} (keys: {', '.join(map(str, list(obj)[:8]))})"
+            f"checkpoint dict has {found} and none under {', '.join(STATE_DICT_KEYS)} "
+            f"(keys: {', '.join(map(str, list(obj)[:8]))}); save the model's state_dict on its own"
         )
     raise UserError(f"checkpoint holds a {type(obj).__name__}, not a state_dict or a model")
 
@@ -96,19 +103,26 @@ def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor], expected: set[str]
         state = best
 
 
-def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> list[str]:
+    """Load every weight the architecture has (strictly: a missing one is an error, never a random init);
+    tensors it has no place for (a training head, a loss's parameters) are left out with a note."""
     expected = set(model.state_dict().keys())
     state = strip_wrapper_prefixes(state, expected)
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if missing:
+        parts = [f"{len(missing)} missing (e.g. {', '.join(missing[:3])})"]
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         raise UserError(
             f"{source}: weights do not fit --arch: {'; '.join(parts)}; check that --arch builds the same architecture"
+        )
+    notes = []
+    if unexpected:
+        state = {k: v for k, v in state.items() if k in expected}
+        notes.append(
+            f"{len(unexpected)} tensor(s) of the checkpoint have no place in --arch and were left out: "
+            f"{', '.join(unexpected[:5])}{', …' if len(unexpected) > 5 else ''}"
         )
     try:
         model.load_state_dict(state, strict=True)
@@ -118,6 +132,12 @@ def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], source:
             str(exc).splitlines()[0],
         )
         raise UserError(f"{source}: weights do not fit --arch: {first}") from None
+    return notes
+
+
+def _with_notes(loaded: LoadedModel, notes: list[str]) -> LoadedModel:
+    loaded.notes.extend(notes)
+    return loaded
 
 
 def _forward_inputs(model: nn.Module) -> list[InputSpec]:
@@ -255,8 +275,8 @@ def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
                 f"{path}: safetensors holds weights only; pass --arch MODULE:FACTORY that builds the model"
             )
         model = build_from_arch(options.arch)
-        load_state_into(model, state, str(path))
-        return _eager(path, "safetensors", model, sha, device)
+        notes = load_state_into(model, state, str(path))
+        return _with_notes(_eager(path, "safetensors", model, sha, device), notes)
     if fmt in (TORCH_ZIP, TORCH_LEGACY):
         obj = unwrap_checkpoint(_torch_load(path, device, options.trust_pickle))
         if isinstance(obj, nn.Module):
@@ -266,6 +286,6 @@ def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
                 f"{path}: holds a state_dict (weights only); pass --arch MODULE:FACTORY that builds the model, e.g. --arch models.py:build"
             )
         model = build_from_arch(options.arch)
-        load_state_into(model, obj, str(path))
-        return _eager(path, "state_dict", model, sha, device)
+        notes = load_state_into(model, obj, str(path))
+        return _with_notes(_eager(path, "state_dict", model, sha, device), notes)
     raise UserError(f"{path}: unsupported model format {fmt}")
