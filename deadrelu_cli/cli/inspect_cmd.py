@@ -34,8 +34,10 @@ def inspect(
     table = Table(
         header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
     )
-    for column in ("#", "Layer", "Op", "Module type", "Producer"):
-        table.add_column(column, overflow="fold")
+    for column in ("#", "Layer", "Op", "Module type"):
+        table.add_column(column, overflow="fold")  # a layer name is what --layers takes: shown whole
+    # tf2onnx names a node after every op it fused ("a/Relu;a/FusedBatchNormV3;a/Conv2D;…"): one line
+    table.add_column("Producer", overflow="ellipsis", no_wrap=True, max_width=48)
     for i, site in enumerate(sites, 1):
         table.add_row(str(i), site.name, site.op, site.module_type, site.producer or "–")
     console.print(table)
