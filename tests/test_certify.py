@@ -294,86 +294,12 @@ def test_onnx_graph_ops_and_subgraphs(tmp_path):
     assert all(b.certified_dead is None and "If/Loop/Scan" in b.reason for b in bounds)
 
 
-class _HandWrittenHardSwish(nn.Module):
-    """Conv -> x * clamp(x + 3, 0, 6) / 6 written out (a product of two input-dependent tensors) ->
-    Conv with a planted dead channel (bias -40) -> ReLU."""
+class _ConvGateConv(nn.Module):
+    """Conv -> a gate (below) -> Conv with a planted dead channel (2: bias -40) -> ReLU."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(4)
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
-        with torch.no_grad():
-            self.conv2.weight.mul_(0.3)
-            self.conv2.bias[2] = -40.0
-        self.act = nn.ReLU()
-
-    def pre_activation(self, x):
-        h = self.conv1(x)
-        return self.conv2(h * (h + 3).clamp(0, 6) / 6)
-
-    def forward(self, x):
-        return self.act(self.pre_activation(x))
-
-
-def test_product_of_two_input_dependent_tensors_is_bounded(tmp_path):
-    """x * hardsigmoid(x): interval product (sound, checked on sampled inputs of the box), the planted
-    unit certified, and the ONNX export (Mul of two tensors) bounded exactly like the torch graph."""
-    import warnings
-
-    from deadrelu_cli.certify_onnx import certify_onnx
-    from deadrelu_cli.loaders.onnx_model import read_onnx
-
-    model, shape = _HandWrittenHardSwish().eval(), (3, 6, 6)
-    bound = _certify(model, shape, -1.0, 1.0)["act"]
-    assert bound.certified_dead is not None and 2 in bound.certified_dead
-    assert not set(bound.certified_dead) & _fires(model, shape, -1.0, 1.0)["act"]
-    generator = torch.Generator().manual_seed(1)
-    x = torch.rand((3000, *shape), generator=generator) * 2 - 1
-    x[:500] = torch.where(torch.rand((500, *shape), generator=generator) < 0.5, -1.0, 1.0)
-    with torch.no_grad():
-        sampled_max = model.pre_activation(x).amax((0, 2, 3)).double().numpy()
-    assert np.all(sampled_max <= bound.upper_bound + 1e-6)
-    path = tmp_path / "hardswish.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (torch.zeros(2, *shape),), str(path), input_names=["x"], opset_version=13, dynamo=False
-        )
-    (from_onnx,) = certify_onnx(read_onnx(str(path)), input_boxes((-1.0, 1.0), [shape]), ("relu",), 0.0, None)
-    assert from_onnx.certified_dead == bound.certified_dead
-    np.testing.assert_allclose(from_onnx.upper_bound, bound.upper_bound, rtol=1e-6)
-
-
-@settings(max_examples=60, deadline=None, derandomize=True)
-@given(
-    ends=st.lists(st.floats(-5, 5, allow_nan=False), min_size=4, max_size=4),
-    samples=st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=1, max_size=20),
-)
-def test_interval_product_is_the_exact_range_of_independent_factors(ends, samples):
-    """[a] * [b] is exactly {x * y : x in [a], y in [b]}: it contains every product of points of the two
-    intervals and both its ends are attained at corners (signs straddling zero included)."""
-    from deadrelu_cli.certify import Interval, product
-
-    a_lo, a_hi, b_lo, b_hi = min(ends[:2]), max(ends[:2]), min(ends[2:]), max(ends[2:])
-    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
-    got = product(Interval(t(a_lo), t(a_hi)), Interval(t(b_lo), t(b_hi)))
-    corners = [a * b for a in (a_lo, a_hi) for b in (b_lo, b_hi)]
-    assert got.lo.item() == min(corners) and got.hi.item() == max(corners)
-    for u, v in samples:
-        x, y = a_lo + u * (a_hi - a_lo), b_lo + v * (b_hi - b_lo)
-        assert got.lo.item() - 1e-12 <= x * y <= got.hi.item() + 1e-12
-    unbounded = product(Interval(t(0.0), t(1.0)), Interval(t(-1.0), t(float("inf"))))
-    assert unbounded.lo.item() == -float("inf") and unbounded.hi.item() == float("inf")
-
-
-class _GatedConvs(nn.Module):
-    """MobileNetV3-style gates: HardSwish, a squeeze-excitation Sigmoid over a global pool, and
-    HardSigmoid(Tanh(.)), multiplied into the features; then a Conv with a planted dead channel -> ReLU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(6)
         self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
@@ -383,26 +309,43 @@ class _GatedConvs(nn.Module):
         self.act = nn.ReLU()
 
     def pre_activation(self, x):
-        h = F.hardswish(self.conv1(x))
-        h = h * torch.sigmoid(self.pool(h)) * F.hardsigmoid(torch.tanh(h))
-        return self.conv2(h)
+        return self.conv2(self.gate(self.conv1(x)))
 
     def forward(self, x):
         return self.act(self.pre_activation(x))
 
 
-def test_gates_are_bounded_alike_in_torch_and_onnx(tmp_path):
-    """hardswish / sigmoid / hardsigmoid / tanh: the planted unit is certified, the bounds hold on sampled
-    inputs of the box, and the ONNX export (HardSwish, Sigmoid, HardSigmoid, Tanh nodes) gives the
-    same bounds as the torch graph (two implementations)."""
+class _HandWrittenHardSwish(_ConvGateConv):
+    def gate(self, h):  # written out: a product of two input-dependent tensors
+        return h * (h + 3).clamp(0, 6) / 6
+
+
+class _GatedConvs(_ConvGateConv):
+    def gate(self, h):  # MobileNetV3-style: HardSwish, a squeeze-excitation Sigmoid, HardSigmoid(Tanh(.))
+        h = F.hardswish(h)
+        return h * torch.sigmoid(self.pool(h)) * F.hardsigmoid(torch.tanh(h))
+
+
+@pytest.mark.parametrize(
+    "factory, opset, onnx_ops",
+    [
+        (_HandWrittenHardSwish, 13, {"Mul", "Clip"}),  # x * clamp(x + 3, 0, 6) / 6: a Mul of two tensors
+        (_GatedConvs, 17, {"HardSwish", "Sigmoid", "HardSigmoid", "Tanh"}),
+    ],
+)
+def test_gates_and_products_are_bounded_alike_in_torch_and_onnx(tmp_path, factory, opset, onnx_ops):
+    """Products of two input-dependent tensors and hardswish / sigmoid / hardsigmoid / tanh gates: the
+    planted unit is certified, no certified unit fires and the bounds hold on sampled inputs of the box,
+    and the ONNX export gives the same bounds as the torch graph (two implementations)."""
     import warnings
 
     from deadrelu_cli.certify_onnx import certify_onnx
     from deadrelu_cli.loaders.onnx_model import read_onnx
 
-    model, shape = _GatedConvs().eval(), (3, 6, 6)
+    model, shape = factory().eval(), (3, 6, 6)
     bound = _certify(model, shape, -1.0, 1.0)["act"]
     assert bound.certified_dead is not None and 2 in bound.certified_dead
+    assert not set(bound.certified_dead) & _fires(model, shape, -1.0, 1.0)["act"]
     generator = torch.Generator().manual_seed(2)
     x = torch.rand((3000, *shape), generator=generator) * 2 - 1
     x[:500] = torch.where(torch.rand((500, *shape), generator=generator) < 0.5, -1.0, 1.0)
@@ -413,10 +356,9 @@ def test_gates_are_bounded_alike_in_torch_and_onnx(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (torch.zeros(2, *shape),), str(path), input_names=["x"], opset_version=17, dynamo=False
+            model, (torch.zeros(2, *shape),), str(path), input_names=["x"], opset_version=opset, dynamo=False
         )
-    ops = {node.op_type for node in read_onnx(str(path)).graph.node}
-    assert {"HardSwish", "Sigmoid", "HardSigmoid", "Tanh"} <= ops
+    assert onnx_ops <= {node.op_type for node in read_onnx(str(path)).graph.node}
     (from_onnx,) = certify_onnx(read_onnx(str(path)), input_boxes((-1.0, 1.0), [shape]), ("relu",), 0.0, None)
     assert from_onnx.certified_dead == bound.certified_dead
     np.testing.assert_allclose(from_onnx.upper_bound, bound.upper_bound, rtol=1e-6)
