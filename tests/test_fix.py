@@ -411,11 +411,11 @@ def test_leaky_on_exported_program_input(cli, work):
         "--data",
         work / "calib.npz",
         "--strategy",
-        "reinit",
+        "prune",
         "--output",
         work / "x.pt2",
     )
-    assert result.code == 2 and "not supported yet" in result.err and "bias-shift" in result.err
+    assert result.code == 2 and "not supported yet" in result.err and "reinit" in result.err
 
 
 def test_bias_shift_on_exported_program_input(cli, work):
@@ -438,6 +438,49 @@ def test_bias_shift_on_exported_program_input(cli, work):
     n = pre.shape[0] * pre.shape[2] * pre.shape[3]
     rates = (pre > 0).double().mean(dim=(0, 2, 3))[[0, 7, 8, 15]]
     assert torch.all((rates - 0.05).abs() <= 2 / n), rates
+
+
+def _fix_both(cli, work, strategy):
+    """The same fix from the .pt2 (graph wiring) and from the state_dict + --arch (module wiring)."""
+    shutil.copy(CNN / "model.pt2", work / "model.pt2")
+    for source, out, extra in (
+        ("model.pt2", f"{strategy}.pt2", ()),
+        ("model.pt", f"{strategy}.pt", ("--arch", _arch(work))),
+    ):
+        result = cli(
+            "fix", work / source, *extra, "--data", work / "calib.npz", "--strategy", strategy,
+            "--output", work / out,
+        )  # fmt: skip
+        assert result.code == 0, result.err
+    return torch.export.load(str(work / f"{strategy}.pt2")), torch.load(
+        work / f"{strategy}.pt", weights_only=True
+    )
+
+
+def test_kick_on_exported_program_input_matches_the_state_dict_path(cli, work):
+    program, from_modules = _fix_both(cli, work, "kick")
+    original = torch.load(work / "model.pt", weights_only=True)
+    assert any(not torch.equal(value, original[key]) for key, value in program.state_dict.items())
+    assert all(torch.equal(value, from_modules[key]) for key, value in program.state_dict.items())
+
+
+def test_reinit_on_exported_program_input_matches_the_state_dict_path(cli, work):
+    """reinit on a .pt2 finds the units' weights in its graph (conv1 + bn1 -> conv2, conv2 + bn2 -> fc,
+    fc -> head): outputs unchanged (plain torch), the revived units fire, and every tensor equals what
+    the same reinit writes from the state_dict + --arch (same seed; modules instead of a graph)."""
+    program, from_modules = _fix_both(cli, work, "reinit")
+    from_graph = program.state_dict
+    assert from_graph.keys() <= from_modules.keys()
+    for key, value in from_graph.items():
+        assert torch.equal(value, from_modules[key]), key
+    original = torch.export.load(str(work / "model.pt2")).state_dict
+    assert not torch.equal(from_graph["conv1.weight"], original["conv1.weight"])
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            program.module()(_x()).numpy(), _load_cnn(work / "model.pt")(_x()).numpy(), rtol=1e-5, atol=1e-6
+        )
+    fixed = scan(str(work / "reinit.pt2"), str(work / "calib.npz"), device="cpu")
+    assert sum(int(layer.dead_mask().sum()) for layer in fixed.layers) == 0
 
 
 def test_leaky_on_torchscript_input_one_site(cli, work):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -84,14 +85,6 @@ def _single_consumer(probe: EagerProbe, site: str, model: nn.Module) -> tuple[st
     return name, ""
 
 
-def _consumer_slices(consumer: nn.Module, units: int) -> int:
-    """How many input columns of the consumer each unit feeds (1, or H*W after a flatten)."""
-    fan_in = consumer.in_features if isinstance(consumer, nn.Linear) else consumer.in_channels
-    if fan_in % units:
-        raise ValueError(f"consumer fan-in {fan_in} is not a multiple of {units} units")
-    return fan_in // units
-
-
 def _input_columns(units_idx: list[int], per_unit: int) -> list[int]:
     return [u * per_unit + j for u in units_idx for j in range(per_unit)]
 
@@ -112,18 +105,57 @@ def _producers(
     return None, None, ""
 
 
-def _unit_wiring(model: nn.Module, probe: EagerProbe, layer) -> tuple | str:
-    """(Linear/Conv making the units, BatchNorm after it or None, its name, the one Linear/Conv reading
-    them) — or why the layer must be skipped."""
+@dataclass
+class UnitWiring:
+    """The tensors behind a layer's units: rows of `weight` (and entries of `bias`) of the Linear/Conv
+    that makes them, the BatchNorm after it, and the input columns of the one Linear/Conv reading them.
+    Built from modules (eager) or from an ExportedProgram's graph (fixes/torch_exported.py)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    weight_name: str
+    bn: dict[str, torch.Tensor | None] | None = None  # weight, bias, running_mean, running_var
+    bn_name: str = ""
+    consumer_weight: torch.Tensor | None = None
+    consumer_name: str = ""
+
+    def per_unit(self, units: int) -> int:
+        """How many input columns of the consumer each unit feeds (1, or H*W after a flatten)."""
+        fan_in = self.consumer_weight.shape[1]
+        if fan_in % units:
+            raise ValueError(f"consumer fan-in {fan_in} is not a multiple of {units} units")
+        return fan_in // units
+
+
+def _unit_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool = True) -> UnitWiring | str:
+    """The layer's UnitWiring from its modules, or why the layer must be skipped."""
     if layer.producer is None:
         return "skipped: no single Linear/Conv/BatchNorm produces this activation"
-    consumer_name, why = _single_consumer(probe, layer.name, model)
-    if consumer_name is None:
-        return why
+    consumer = None
+    if need_consumer:
+        consumer_name, why = _single_consumer(probe, layer.name, model)
+        if consumer_name is None:
+            return why
+        consumer = model.get_submodule(consumer_name)
     incoming, bn, incoming_name = _producers(model, probe, layer.producer)
     if incoming is None or (isinstance(incoming, nn.modules.conv._ConvNd) and incoming.groups != 1):
         return f"skipped: producer {layer.producer} is not a plain Linear/Conv (or BN after one)"
-    return incoming, bn, incoming_name, consumer_name
+    return UnitWiring(
+        incoming.weight,
+        incoming.bias,
+        incoming_name,
+        None
+        if bn is None
+        else {
+            "weight": bn.weight,
+            "bias": bn.bias,
+            "running_mean": bn.running_mean,
+            "running_var": bn.running_var,
+        },
+        layer.producer if bn is not None else "",
+        consumer.weight if consumer is not None else None,
+        consumer_name if consumer is not None else "",
+    )
 
 
 def _fresh_rows(weight: torch.Tensor, seed: int) -> torch.Tensor:
@@ -139,39 +171,50 @@ def _fresh_rows(weight: torch.Tensor, seed: int) -> torch.Tensor:
 def reinit(
     model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan], options: FixOptions
 ) -> list[LayerOutcome]:
-    """ReDo: re-initialise dead units' incoming weights, zero their bias and their outgoing weights."""
+    """ReDo on an nn.Module (see reinit_units)."""
+    return reinit_units(
+        {plan.name: _unit_wiring(model, probe, report.layer(plan.name)) for plan in plans}, plans, options
+    )
+
+
+def reinit_units(
+    wirings: dict[str, UnitWiring | str], plans: list[LayerPlan], options: FixOptions
+) -> list[LayerOutcome]:
+    """ReDo: re-initialise dead units' incoming weights, zero their bias and their outgoing weights
+    (BatchNorm after them reset to identity), so the model's outputs do not change."""
     outcomes = []
     with torch.no_grad():
         for index, plan in enumerate(plans):
-            layer = report.layer(plan.name)
             outcome = LayerOutcome(plan.name, plan.units, "", False, len(plan.units))
             outcomes.append(outcome)
-            wiring = _unit_wiring(model, probe, layer)
-            if isinstance(wiring, str):
-                outcome.action = wiring
+            wire = wirings[plan.name]
+            if isinstance(wire, str):
+                outcome.action = wire
                 continue
-            incoming, bn, incoming_name, consumer_name = wiring
-            consumer = model.get_submodule(consumer_name)
-            per_unit = _consumer_slices(consumer, plan.all_units)
-            units = torch.tensor(plan.units, dtype=torch.long, device=incoming.weight.device)
-            fresh = _fresh_rows(incoming.weight, options.seed * 7919 + index)
-            incoming.weight[units] = fresh[units]
-            if incoming.bias is not None:
-                incoming.bias[units] = 0.0
-            if bn is not None:
-                bn.weight[units] = 1.0
-                bn.bias[units] = 0.0
-                bn.running_mean[units] = 0.0
-                bn.running_var[units] = 1.0
+            per_unit = wire.per_unit(plan.all_units)
+            units = torch.tensor(plan.units, dtype=torch.long, device=wire.weight.device)
+            fresh = _fresh_rows(wire.weight, options.seed * 7919 + index)
+            wire.weight[units] = fresh[units]
+            if wire.bias is not None:
+                wire.bias[units] = 0.0
+            if wire.bn is not None:
+                for key, value in (
+                    ("weight", 1.0),
+                    ("bias", 0.0),
+                    ("running_mean", 0.0),
+                    ("running_var", 1.0),
+                ):
+                    if wire.bn[key] is not None:
+                        wire.bn[key][units] = value
             columns = torch.tensor(
-                _input_columns(plan.units, per_unit), dtype=torch.long, device=consumer.weight.device
+                _input_columns(plan.units, per_unit), dtype=torch.long, device=wire.consumer_weight.device
             )
-            consumer.weight[:, columns] = 0.0
+            wire.consumer_weight[:, columns] = 0.0
             outcome.applied = True
-            what = f"{incoming_name} rows re-initialised" + (
-                f", {layer.producer} reset" if bn is not None else ""
+            what = f"{wire.weight_name} rows re-initialised" + (
+                f", {wire.bn_name} reset" if wire.bn is not None else ""
             )
-            outcome.action = f"{what}; {consumer_name} inputs zeroed"
+            outcome.action = f"{what}; {wire.consumer_name} inputs zeroed"
     return outcomes
 
 
@@ -310,16 +353,19 @@ def prune(
         if isinstance(wiring, str):
             outcome.action = wiring
             continue
-        incoming, bn, incoming_name, consumer_name = wiring
+        incoming_name, consumer_name, with_bn = (
+            wiring.weight_name,
+            wiring.consumer_name,
+            wiring.bn is not None,
+        )
         if len(plan.units) == plan.all_units:
             outcome.action = (
                 "skipped: every unit is dead; removing the whole layer changes the architecture too much"
             )
             continue
-        consumer = model.get_submodule(consumer_name)
-        per_unit = _consumer_slices(consumer, plan.all_units)
+        per_unit = wiring.per_unit(plan.all_units)
         kept = [u for u in range(plan.all_units) if u not in set(plan.units)]
-        for name in [incoming_name] + ([layer.producer] if bn is not None else []):
+        for name in [incoming_name] + ([layer.producer] if with_bn else []):
             keep_out[name] = keep_out.get(name, set(range(plan.all_units))) & set(kept)
         fan_in = plan.all_units * per_unit
         keep_in[consumer_name] = keep_in.get(consumer_name, set(range(fan_in))) & set(
@@ -327,7 +373,7 @@ def prune(
         )
         outcome.applied = True
         outcome.units_after = len(kept)
-        outcome.action = f"{incoming_name}{' + ' + layer.producer if bn is not None else ''} narrowed to {len(kept)}; {consumer_name} inputs removed"
+        outcome.action = f"{incoming_name}{' + ' + layer.producer if with_bn else ''} narrowed to {len(kept)}; {consumer_name} inputs removed"
     widths = {}
     for name in sorted(set(keep_out) | set(keep_in)):
         module = model.get_submodule(name)
@@ -383,29 +429,35 @@ def clone(model: nn.Module) -> nn.Module:
 def kick(
     model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan], options: FixOptions
 ) -> list[LayerOutcome]:
+    """kick on an nn.Module (see kick_units)."""
+    wirings = {
+        plan.name: _unit_wiring(model, probe, report.layer(plan.name), need_consumer=False) for plan in plans
+    }
+    return kick_units(wirings, plans, options)
+
+
+def kick_units(
+    wirings: dict[str, UnitWiring | str], plans: list[LayerPlan], options: FixOptions
+) -> list[LayerOutcome]:
     """A seeded random push of each dead unit's incoming weights and bias (bias upwards), scaled by
     `kick_scale` times the layer's weight standard deviation."""
     outcomes = []
     generator = torch.Generator().manual_seed(options.seed)
     with torch.no_grad():
         for plan in plans:
-            layer = report.layer(plan.name)
             outcome = LayerOutcome(plan.name, plan.units, "", False, len(plan.units))
             outcomes.append(outcome)
-            if layer.producer is None:
-                outcome.action = "skipped: no single Linear/Conv/BatchNorm produces this activation"
+            wire = wirings[plan.name]
+            if isinstance(wire, str):
+                outcome.action = wire
                 continue
-            incoming, bn, incoming_name = _producers(model, probe, layer.producer)
-            if incoming is None:
-                outcome.action = f"skipped: producer {layer.producer} is not a Linear/Conv (or BN after one)"
-                continue
-            sigma = float(incoming.weight.detach().float().std()) * options.kick_scale
+            sigma = float(wire.weight.detach().float().std()) * options.kick_scale
             units = torch.tensor(plan.units, dtype=torch.long)
-            noise = torch.randn((len(plan.units), *incoming.weight.shape[1:]), generator=generator) * sigma
-            incoming.weight[units] += noise.to(incoming.weight)
-            target = bn.bias if bn is not None else incoming.bias
+            noise = torch.randn((len(plan.units), *wire.weight.shape[1:]), generator=generator) * sigma
+            wire.weight[units] += noise.to(wire.weight)
+            target = wire.bn["bias"] if wire.bn is not None else wire.bias
             if target is not None:
                 target[units] += (torch.randn(len(plan.units), generator=generator).abs() * sigma).to(target)
             outcome.applied = True
-            outcome.action = f"{incoming_name} rows{' and ' + layer.producer + ' beta' if bn is not None else ''} kicked (σ = {sigma:.3g})"
+            outcome.action = f"{wire.weight_name} rows{' and ' + wire.bn_name + ' beta' if wire.bn is not None else ''} kicked (σ = {sigma:.3g})"
     return outcomes
