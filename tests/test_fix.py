@@ -405,17 +405,6 @@ def test_leaky_on_exported_program_input(cli, work):
     expected = _cnn_by_hand(m, leaky, leaky, leaky)
     with torch.no_grad():
         np.testing.assert_allclose(program.module()(_x()).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
-    result = cli(
-        "fix",
-        work / "model.pt2",
-        "--data",
-        work / "calib.npz",
-        "--strategy",
-        "prune",
-        "--output",
-        work / "x.pt2",
-    )
-    assert result.code == 2 and "not supported yet" in result.err and "reinit" in result.err
 
 
 def test_bias_shift_on_exported_program_input(cli, work):
@@ -455,6 +444,41 @@ def _fix_both(cli, work, strategy):
     return torch.export.load(str(work / f"{strategy}.pt2")), torch.load(
         work / f"{strategy}.pt", weights_only=True
     )
+
+
+def test_prune_on_exported_program_input_matches_the_module_path(cli, work):
+    """prune on a .pt2 narrows the tensors found in its graph: the same program, tensor for tensor, as
+    pruning the state_dict + --arch into a .pt2 (modules rebuilt), and the same outputs as the original."""
+    shutil.copy(CNN / "model.pt2", work / "model.pt2")
+    for source, out, extra in (
+        ("model.pt2", "graph.pt2", ()),
+        ("model.pt", "modules.pt2", ("--arch", _arch(work))),
+    ):
+        result = cli(
+            "fix",
+            work / source,
+            *extra,
+            "--data",
+            work / "calib.npz",
+            "--strategy",
+            "prune",
+            "--output",
+            work / out,
+        )
+        assert result.code == 0, result.err
+    from_graph = torch.export.load(str(work / "graph.pt2"))
+    from_modules = torch.export.load(str(work / "modules.pt2")).state_dict
+    assert from_graph.state_dict.keys() == from_modules.keys()
+    for key, value in from_graph.state_dict.items():
+        assert torch.equal(value, from_modules[key]), key
+    assert from_graph.state_dict["conv2.weight"].shape == (12, 6, 3, 3)  # 16 -> 12 units, 8 -> 6 inputs
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            from_graph.module()(_x()).numpy(),
+            _load_cnn(work / "model.pt")(_x()).numpy(),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_kick_on_exported_program_input_matches_the_state_dict_path(cli, work):
@@ -501,6 +525,11 @@ def test_leaky_on_torchscript_input_one_site(cli, work):
         out,
     )
     assert result.code == 0, result.err
+    refused = cli(
+        "fix", work / "model.torchscript.pt", "--data", work / "calib.npz", "--strategy", "reinit",
+        "--output", work / "x.ts",
+    )  # fmt: skip
+    assert refused.code == 2 and "not supported yet (it takes leaky and elu)" in refused.err
     patched = torch.jit.load(str(out))
     m = _load_cnn(work / "model.pt")
     # only the second call of the shared ReLU becomes leaky

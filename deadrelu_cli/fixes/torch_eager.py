@@ -335,10 +335,10 @@ def _narrowed(module: nn.Module, keep_out: list[int] | None, keep_in: list[int] 
         return new.to(device=module.weight.device, dtype=module.weight.dtype)
 
 
-def prune(
-    model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan]
-) -> tuple[list[LayerOutcome], dict[str, int]]:
-    """Remove dead units: their producer rows (and BN channels) and the matching consumer inputs."""
+def prune_plan(
+    wirings: dict[str, UnitWiring | str], report, plans: list[LayerPlan]
+) -> tuple[list[LayerOutcome], dict[str, set[int]], dict[str, set[int]]]:
+    """Which output units (of Linear/Conv/BN, by name) and which consumer input columns to keep."""
     keep_out: dict[str, set[int]] = {}
     keep_in: dict[str, set[int]] = {}
     outcomes = []
@@ -349,15 +349,11 @@ def prune(
         if layer.op != "relu":
             outcome.action = f"skipped: only relu units are exactly zero when dead ({layer.op})"
             continue
-        wiring = _unit_wiring(model, probe, layer)
+        wiring = wirings[plan.name]
         if isinstance(wiring, str):
             outcome.action = wiring
             continue
-        incoming_name, consumer_name, with_bn = (
-            wiring.weight_name,
-            wiring.consumer_name,
-            wiring.bn is not None,
-        )
+        incoming_name, consumer_name, bn_name = wiring.weight_name, wiring.consumer_name, wiring.bn_name
         if len(plan.units) == plan.all_units:
             outcome.action = (
                 "skipped: every unit is dead; removing the whole layer changes the architecture too much"
@@ -365,7 +361,7 @@ def prune(
             continue
         per_unit = wiring.per_unit(plan.all_units)
         kept = [u for u in range(plan.all_units) if u not in set(plan.units)]
-        for name in [incoming_name] + ([layer.producer] if with_bn else []):
+        for name in [incoming_name] + ([bn_name] if wiring.bn is not None else []):
             keep_out[name] = keep_out.get(name, set(range(plan.all_units))) & set(kept)
         fan_in = plan.all_units * per_unit
         keep_in[consumer_name] = keep_in.get(consumer_name, set(range(fan_in))) & set(
@@ -373,7 +369,16 @@ def prune(
         )
         outcome.applied = True
         outcome.units_after = len(kept)
-        outcome.action = f"{incoming_name}{' + ' + layer.producer if with_bn else ''} narrowed to {len(kept)}; {consumer_name} inputs removed"
+        outcome.action = f"{incoming_name}{' + ' + bn_name if wiring.bn is not None else ''} narrowed to {len(kept)}; {consumer_name} inputs removed"
+    return outcomes, keep_out, keep_in
+
+
+def prune(
+    model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan]
+) -> tuple[list[LayerOutcome], dict[str, int]]:
+    """Remove dead units: their producer rows (and BN channels) and the matching consumer inputs."""
+    wirings = {plan.name: _unit_wiring(model, probe, report.layer(plan.name)) for plan in plans}
+    outcomes, keep_out, keep_in = prune_plan(wirings, report, plans)
     widths = {}
     for name in sorted(set(keep_out) | set(keep_in)):
         module = model.get_submodule(name)

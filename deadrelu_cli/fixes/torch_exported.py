@@ -108,3 +108,31 @@ def _lookup(graph_module: fx.GraphModule, name: str | None) -> torch.Tensor | No
         return graph_module.get_parameter(name)
     except AttributeError:
         return graph_module.get_buffer(name)
+
+
+def narrow(
+    graph_module: fx.GraphModule, keep_out: dict[str, set[int]], keep_in: dict[str, set[int]]
+) -> dict[str, int]:
+    """prune on a program's module: keep only the listed output units of each named linear/conv/batch_norm
+    (rows of weight, bias, running stats) and input columns of each consumer's weight. The graph's ops
+    take their sizes from these tensors, so re-exporting gives the narrower program."""
+    widths = {}
+    for prefix in sorted(set(keep_out) | set(keep_in)):
+        owner = graph_module.get_submodule(prefix)
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            tensor = getattr(owner, attr, None)
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            new = tensor.detach()
+            if prefix in keep_out:
+                new = new[sorted(keep_out[prefix])]
+            if prefix in keep_in and attr == "weight" and new.dim() > 1:
+                new = new[:, sorted(keep_in[prefix])]
+            if isinstance(tensor, torch.nn.Parameter):
+                setattr(owner, attr, torch.nn.Parameter(new.clone(), requires_grad=tensor.requires_grad))
+            else:
+                owner.register_buffer(attr, new.clone())
+        widths[prefix] = (
+            owner.weight.shape[0] if isinstance(getattr(owner, "weight", None), torch.Tensor) else 0
+        )
+    return widths

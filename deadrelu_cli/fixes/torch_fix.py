@@ -78,12 +78,12 @@ def apply_torch(
         return _patch_exported(scanned, plans, options, scan_options, temp, result)
     if loaded.kind == "exported" and options.strategy == "bias-shift":
         return _bias_shift_exported(scanned, plans, options, scan_options, temp, result)
-    if loaded.kind == "exported" and options.strategy in ("reinit", "kick"):
+    if loaded.kind == "exported" and options.strategy in ("reinit", "kick", "prune"):
         return _reweight_exported(scanned, plans, options, scan_options, temp, result)
     if loaded.kind == "torchscript" and options.strategy in ("leaky", "elu"):
         return _patch_torchscript(scanned, plans, options, temp, result)
     if loaded.kind != "eager":
-        takes = "leaky, elu, bias-shift, reinit and kick" if loaded.kind == "exported" else "leaky and elu"
+        takes = "every strategy" if loaded.kind == "exported" else "leaky and elu"
         raise UserError(
             f"--strategy {options.strategy} on a {loaded.format} file is not supported yet (it takes {takes}); "
             "fix the state_dict with --arch, or the ONNX export, instead"
@@ -207,25 +207,31 @@ def _bias_shift_exported(
 def _reweight_exported(
     scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult
 ):
-    """reinit / kick on an ExportedProgram: the units' weights found in its graph, edited in place, .pt2 out."""
-    from deadrelu_cli.fixes.torch_exported import exported_wiring
+    """reinit / kick / prune on an ExportedProgram: the units' weights found in its graph, edited (or
+    narrowed) in place, re-exported, .pt2 out."""
+    from deadrelu_cli.fixes.torch_exported import exported_wiring, narrow
     from deadrelu_cli.probe.exported import find_sites
 
     graph_module = _program_module(scanned, options)
     wanted = {plan.name for plan in plans}
-    need_consumer = options.strategy == "reinit"
+    need_consumer = options.strategy != "kick"
     wirings = {
         site.name: exported_wiring(graph_module, node, need_consumer)
         for node, site in find_sites(graph_module.graph, scan_options.ops)
         if site.name in wanted
     }
     wirings.update({name: "skipped: not found in the program's graph" for name in wanted - wirings.keys()})
-    apply = eager.reinit_units if options.strategy == "reinit" else eager.kick_units
-    outcomes = apply(wirings, plans, options)
-    return (
-        *_exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes)),
-        outcomes,
-    )
+    params_before = eager.count_params(graph_module)
+    if options.strategy == "prune":
+        outcomes, keep_out, keep_in = eager.prune_plan(wirings, scanned.report, plans)
+        narrow(graph_module, keep_out, keep_in)
+        result.new_widths = {o.name: o.units_after for o in outcomes if o.applied}
+    else:
+        apply = eager.reinit_units if options.strategy == "reinit" else eager.kick_units
+        outcomes = apply(wirings, plans, options)
+    runners = _exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes))
+    result.params_before = params_before  # (_exported_runners counts the patched module for both)
+    return (*runners, outcomes)
 
 
 def _patch_exported(
