@@ -56,32 +56,37 @@ def _median_positive(values: np.ndarray) -> float:
     return float(np.median(values)) if values.size else 0.0
 
 
-def explain_layer(
-    layer, module, model, probe, dead_by_site: dict[str, set[int]], units_by_site: dict[str, int]
-) -> dict[int, str]:
-    """Cause of each dead unit of one layer (eager torch models)."""
-    import torch
-    from torch import nn
+def _named_tensor(model, name: str):
+    """A parameter or buffer by its dotted name (an nn.Module, or a .pt2 program's module), else None."""
+    for getter in (model.get_parameter, model.get_buffer):
+        try:
+            return getter(name)
+        except AttributeError:
+            continue
+    return None
 
+
+def _array(tensor, default: np.ndarray) -> np.ndarray:
+    return default if tensor is None else tensor.detach().double().cpu().numpy()
+
+
+def explain_layer(
+    layer, model, upstream_dead: set[int] | None = None, upstream_units: int = 0
+) -> dict[int, str]:
+    """Cause of each dead unit of one layer, from its producer's tensors (`layer.producer` + ".weight",
+    ".bias", ".running_mean") and, for "starved", the dead units of the layer feeding the producer."""
     dead = np.flatnonzero(layer.dead_mask()).astype(int).tolist()
     if not dead:
         return {}
-    if layer.producer is None or module is None:
+    weight = _named_tensor(model, f"{layer.producer}.weight") if layer.producer else None
+    bias = _named_tensor(model, f"{layer.producer}.bias") if layer.producer else None
+    if layer.producer is None or (weight is None and bias is None):
         return dict.fromkeys(dead, "unknown")
-    producer = model.get_submodule(layer.producer)
     causes: dict[int, str] = {}
     max_pre = layer.max_preactivation
-    if isinstance(producer, nn.modules.batchnorm._BatchNorm):
-        gamma = (
-            producer.weight.detach().double().cpu().numpy()
-            if producer.weight is not None
-            else np.ones(layer.units)
-        )
-        beta = (
-            producer.bias.detach().double().cpu().numpy()
-            if producer.bias is not None
-            else np.zeros(layer.units)
-        )
+    if _named_tensor(model, f"{layer.producer}.running_mean") is not None:  # a BatchNorm
+        gamma = _array(weight, np.ones(layer.units))
+        beta = _array(bias, np.zeros(layer.units))
         tiny = 1e-3 * _median_positive(np.abs(gamma)) + 1e-12
         for unit in dead:
             if beta[unit] <= 0 and (abs(gamma[unit]) <= tiny or max_pre[unit] - beta[unit] > 0):
@@ -89,54 +94,67 @@ def explain_layer(
             else:
                 causes[unit] = "direction"
         return causes
-    if not isinstance(producer, nn.Linear | nn.modules.conv._ConvNd):
+    if weight is None or weight.dim() < 2 or weight.shape[0] != layer.units:  # not a Linear/Conv
         return dict.fromkeys(dead, "unknown")
-    weight = producer.weight.detach().double().cpu()
-    rows = weight.reshape(weight.shape[0], -1)
-    norms = torch.linalg.vector_norm(rows, dim=1).numpy()
-    bias = (
-        producer.bias.detach().double().cpu().numpy() if producer.bias is not None else np.zeros(layer.units)
-    )
+    rows = weight.detach().double().cpu().reshape(weight.shape[0], -1)
+    norms = np.linalg.norm(rows.numpy(), axis=1)
+    bias_values = _array(bias, np.zeros(layer.units))
     median = _median_positive(norms)
-    upstream_site = next(
-        (site for site, consumers in getattr(probe, "consumers", {}).items() if layer.producer in consumers),
-        None,
+    # the input columns each upstream unit feeds: in_features / units (Linear), the kernel (Conv)
+    per_unit = (
+        weight.shape[1] // max(1, upstream_units) if weight.dim() == 2 else int(np.prod(weight.shape[2:]))
     )
-    upstream_dead = dead_by_site.get(upstream_site) if upstream_site else None
-    upstream_units = units_by_site.get(upstream_site, 0) if upstream_site else 0
     for unit in dead:
         if upstream_dead is not None and upstream_units:
             # which upstream units this unit reads (weight != 0): all of them dead -> starved
-            per_unit = (
-                producer.in_features // upstream_units
-                if isinstance(producer, nn.Linear)
-                else int(np.prod(producer.kernel_size))
-            )
-            used = {int(i) // max(1, per_unit) for i in torch.nonzero(rows[unit]).flatten().tolist()}
+            used = {int(i) // max(1, per_unit) for i in np.flatnonzero(rows[unit].numpy())}
             if used <= upstream_dead:
                 causes[unit] = "starved"
                 continue
-        if norms[unit] < 0.1 * median and bias[unit] <= 0:
+        if norms[unit] < 0.1 * median and bias_values[unit] <= 0:
             causes[unit] = "collapsed weights"
-        elif bias[unit] <= 0 and max_pre[unit] - bias[unit] > 0:
+        elif bias_values[unit] <= 0 and max_pre[unit] - bias_values[unit] > 0:
             causes[unit] = "negative bias"
         else:
             causes[unit] = "direction"
     return causes
 
 
+def _tensors_and_consumers(model_loaded, probe) -> tuple[object, dict[str, set[str]]] | None:
+    """The module whose tensors the rules read, and site -> names of the Linear/Conv reading it."""
+    if model_loaded.kind == "eager":
+        return model_loaded.runnable, getattr(probe, "consumers", {})
+    if model_loaded.kind == "exported":
+        from deadrelu_cli.fixes.torch_exported import exported_wiring
+        from deadrelu_cli.loaders.torch_models import graph_module_with_stack
+        from deadrelu_cli.probe.exported import find_sites
+
+        graph_module = graph_module_with_stack(model_loaded.extra["program"])  # unprobed: sites findable
+        consumers = {}
+        for node, site in find_sites(graph_module.graph, tuple(probe.settings.ops)):
+            wiring = exported_wiring(graph_module, node)
+            if not isinstance(wiring, str):
+                consumers[site.name] = {wiring.consumer_name}
+        return graph_module, consumers
+    return None
+
+
 def explain(report, model_loaded, probe) -> None:
     """Store each dead unit's cause in layer.extra['causes'] (unit -> cause) and the counts per cause."""
-    if model_loaded is None or model_loaded.kind != "eager":
+    found = _tensors_and_consumers(model_loaded, probe) if model_loaded is not None else None
+    if found is None:
         report.notes.append(
-            "--explain: causes are worked out for eager models (state_dict/safetensors with --arch)"
+            "--explain: causes are worked out for torch models (state_dict/safetensors with --arch, .pt2)"
         )
         return
-    model = model_loaded.runnable
+    model, consumers = found
     dead_by_site = {layer.name: set(np.flatnonzero(layer.dead_mask()).tolist()) for layer in report.layers}
     units_by_site = {layer.name: layer.units for layer in report.layers}
     for layer in report.layers:
-        causes = explain_layer(layer, model, model, probe, dead_by_site, units_by_site)
+        upstream = next((site for site, names in consumers.items() if layer.producer in names), None)
+        causes = explain_layer(
+            layer, model, dead_by_site.get(upstream) if upstream else None, units_by_site.get(upstream, 0)
+        )
         if causes:
             layer.extra["causes"] = {str(unit): cause for unit, cause in sorted(causes.items())}
             counts: dict[str, int] = {}

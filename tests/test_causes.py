@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import arch, save_npz, save_state_dict
 
 
@@ -23,6 +24,29 @@ def test_each_planted_cause(cli, tmp_path, planted_module):
     assert fc1["extra"]["causes"] == {"0": "negative bias", "1": "collapsed weights", "2": "direction"}
     assert fc2["extra"]["causes"]["0"] == "starved"
     assert fc1["extra"]["cause_counts"] == {"negative bias": 1, "collapsed weights": 1, "direction": 1}
+
+
+@pytest.mark.parametrize("factory, shape", [("causes_mlp", (200, 4)), ("conv_bn", (20, 3, 5, 5))])
+def test_causes_of_an_exported_program_are_the_planted_ones(cli, tmp_path, planted_module, factory, shape):
+    """--explain on a .pt2 reads the same tensors from the program (by name) and the consumers from its
+    graph: the same causes per unit as the state_dict + --arch scan, planted ones included."""
+    import torch
+
+    model = getattr(planted_module, factory)().eval()
+    x = np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)
+    from_modules, _ckpt, data = _scan_json(cli, model, factory, x, tmp_path, "--explain")
+    program = torch.export.export(
+        model, (torch.from_numpy(x[:2]),), dynamic_shapes=({0: torch.export.Dim("n")},)
+    )
+    torch.export.save(program, tmp_path / "m.pt2")
+    result = cli("scan", tmp_path / "m.pt2", "--data", data, "--json", "-", "--explain")
+    assert result.code == 0, result.err
+    from_graph = json.loads(result.out)
+    expected = [layer["extra"].get("causes") for layer in from_modules["layers"]]
+    assert [layer["extra"].get("causes") for layer in from_graph["layers"]] == expected
+    assert any(expected)
+    if factory == "causes_mlp":
+        assert expected[1]["0"] == "starved" and expected[0]["1"] == "collapsed weights"
 
 
 def test_batchnorm_shift(cli, tmp_path, planted_module):
