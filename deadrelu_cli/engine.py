@@ -264,7 +264,39 @@ def scan_torch(
                 options.progress(done, total)
     layers = probe.registry.layer_stats()
     attach_biases(model, layers)
+    if not layers and not any(note.startswith("the model ran no") for note in model.notes):
+        model.notes.append(_no_sites_note(model, options.ops))
     return layers, probe
+
+
+_SMOOTH_ACTIVATIONS = ("SiLU", "GELU", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Mish", "Softplus")
+_OTHER_ACTIVATIONS = ("LeakyReLU", "ELU", "SELU", "PReLU")
+
+
+def _no_sites_note(model: LoadedModel, ops: tuple[str, ...]) -> str:
+    """Say what the model uses instead of ReLUs (its activation modules, or a .pt2 graph's ops)."""
+    from collections import Counter
+
+    found: Counter = Counter()
+    if model.kind == "exported":
+        graph = model.extra["program"].graph
+        wanted = {name.lower() for name in _SMOOTH_ACTIVATIONS + _OTHER_ACTIVATIONS}
+        for node in graph.nodes:
+            base = str(getattr(node.target, "__name__", "")).split(".")[0].rstrip("_")
+            if node.op == "call_function" and base in wanted:
+                found[base] += 1
+    elif hasattr(model.runnable, "modules"):
+        for module in model.runnable.modules():
+            if type(module).__name__ in _SMOOTH_ACTIVATIONS + _OTHER_ACTIVATIONS:
+                found[type(module).__name__] += 1
+    note = f"the model ran no {'/'.join(ops)} call"
+    if found:
+        listed = ", ".join(f"{name} ×{count}" for name, count in found.most_common())
+        note += (
+            f"; its activations: {listed} (SiLU, GELU and other smooth activations are never exactly 0 with "
+            "zero gradient, so no dead units in the ReLU sense; --ops leaky_relu,elu,gelu counts those kinds)"
+        )
+    return note
 
 
 def resolve_batch_size(

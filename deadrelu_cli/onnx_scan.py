@@ -290,7 +290,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                     )
     sites = find_sites(loaded.runnable, options.ops)
     if not sites:
-        loaded.notes.append(f"the graph has no {'/'.join(options.ops)} nodes")
+        loaded.notes.append(_no_sites_note(loaded.runnable, options.ops))
         return loaded, []
     _discover_ranks(loaded.runnable, sites, data, order, dtypes, device)
     model_bytes = instrumented_bytes(loaded, sites, options.threshold, options.channel_dim, device)
@@ -332,3 +332,34 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         if options.progress:
             options.progress(done, total)
     return loaded, [acc.layer_stats() for acc in accumulators]
+
+
+_ACTIVATION_LIKE = (
+    "Sigmoid",
+    "Tanh",
+    "HardSigmoid",
+    "HardSwish",
+    "Gelu",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "PRelu",
+    "Softplus",
+    "Mish",
+    "Clip",
+)
+
+
+def _no_sites_note(model, ops: tuple[str, ...]) -> str:
+    """Say what the graph uses instead (x * Sigmoid(x) is SiLU: a smooth activation has no dead units)."""
+    from collections import Counter
+
+    found = Counter(node.op_type for node in model.graph.node if node.op_type in _ACTIVATION_LIKE)
+    note = f"the graph has no {'/'.join(ops)} nodes"
+    if found:
+        listed = ", ".join(f"{op} ×{count}" for op, count in found.most_common())
+        note += (
+            f"; its activation-like nodes: {listed} (SiLU = x·Sigmoid(x) and GELU are smooth: never exactly 0 "
+            "with zero gradient, so no dead units in the ReLU sense; --ops leaky_relu,elu,gelu counts those kinds)"
+        )
+    return note

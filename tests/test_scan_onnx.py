@@ -119,6 +119,29 @@ def test_reshaped_conv_bias_and_unfused_batchnorm_are_producers(tmp_path, weight
     assert np.flatnonzero(second.dead_mask()).tolist() == [2]
 
 
+def test_a_graph_without_relu_says_what_it_uses_instead(tmp_path):
+    """YOLO-style SiLU (x * Sigmoid(x)): no layers, exit 0, and the note names the Sigmoid nodes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Sigmoid", ["c"], ["s"], name="sig"),
+            helper.make_node("Mul", ["c", "s"], ["y"], name="silu"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 3, 8, 8), np.float32))
+    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), device="cpu")
+    assert report.layers == []
+    assert any("no relu/relu6 nodes" in note and "Sigmoid ×1" in note for note in report.notes)
+
+
 def test_relu_inside_if_branches(tmp_path):
     model = relu_in_if()
     x = np.random.default_rng(4).standard_normal((12, 4)).astype(np.float32)
