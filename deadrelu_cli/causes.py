@@ -56,37 +56,30 @@ def _median_positive(values: np.ndarray) -> float:
     return float(np.median(values)) if values.size else 0.0
 
 
-def _named_tensor(model, name: str):
-    """A parameter or buffer by its dotted name (an nn.Module, or a .pt2 program's module), else None."""
-    for getter in (model.get_parameter, model.get_buffer):
-        try:
-            return getter(name)
-        except AttributeError:
-            continue
-    return None
+@dataclass
+class ProducerTensors:
+    """What the rules read about the op that makes a layer's units, as arrays from any backend."""
 
-
-def _array(tensor, default: np.ndarray) -> np.ndarray:
-    return default if tensor is None else tensor.detach().double().cpu().numpy()
+    batchnorm: bool  # True: weight is gamma, bias beta; False: weight rows [units, fan_in or in, *kernel]
+    weight: np.ndarray | None
+    bias: np.ndarray | None
 
 
 def explain_layer(
-    layer, model, upstream_dead: set[int] | None = None, upstream_units: int = 0
+    layer, producer: ProducerTensors | None, upstream_dead: set[int] | None = None, upstream_units: int = 0
 ) -> dict[int, str]:
-    """Cause of each dead unit of one layer, from its producer's tensors (`layer.producer` + ".weight",
-    ".bias", ".running_mean") and, for "starved", the dead units of the layer feeding the producer."""
+    """Cause of each dead unit of one layer, from its producer's tensors and, for "starved", the dead
+    units of the layer feeding the producer (docs/causes.md)."""
     dead = np.flatnonzero(layer.dead_mask()).astype(int).tolist()
     if not dead:
         return {}
-    weight = _named_tensor(model, f"{layer.producer}.weight") if layer.producer else None
-    bias = _named_tensor(model, f"{layer.producer}.bias") if layer.producer else None
-    if layer.producer is None or (weight is None and bias is None):
+    if producer is None or (producer.weight is None and producer.bias is None):
         return dict.fromkeys(dead, "unknown")
     causes: dict[int, str] = {}
     max_pre = layer.max_preactivation
-    if _named_tensor(model, f"{layer.producer}.running_mean") is not None:  # a BatchNorm
-        gamma = _array(weight, np.ones(layer.units))
-        beta = _array(bias, np.zeros(layer.units))
+    if producer.batchnorm:
+        gamma = producer.weight if producer.weight is not None else np.ones(layer.units)
+        beta = producer.bias if producer.bias is not None else np.zeros(layer.units)
         tiny = 1e-3 * _median_positive(np.abs(gamma)) + 1e-12
         for unit in dead:
             if beta[unit] <= 0 and (abs(gamma[unit]) <= tiny or max_pre[unit] - beta[unit] > 0):
@@ -94,20 +87,21 @@ def explain_layer(
             else:
                 causes[unit] = "direction"
         return causes
-    if weight is None or weight.dim() < 2 or weight.shape[0] != layer.units:  # not a Linear/Conv
+    weight = producer.weight
+    if weight is None or weight.ndim < 2 or weight.shape[0] != layer.units:  # not a Linear/Conv
         return dict.fromkeys(dead, "unknown")
-    rows = weight.detach().double().cpu().reshape(weight.shape[0], -1)
-    norms = np.linalg.norm(rows.numpy(), axis=1)
-    bias_values = _array(bias, np.zeros(layer.units))
+    rows = weight.reshape(weight.shape[0], -1)
+    norms = np.linalg.norm(rows, axis=1)
+    bias_values = producer.bias if producer.bias is not None else np.zeros(layer.units)
     median = _median_positive(norms)
     # the input columns each upstream unit feeds: in_features / units (Linear), the kernel (Conv)
     per_unit = (
-        weight.shape[1] // max(1, upstream_units) if weight.dim() == 2 else int(np.prod(weight.shape[2:]))
+        weight.shape[1] // max(1, upstream_units) if weight.ndim == 2 else int(np.prod(weight.shape[2:]))
     )
     for unit in dead:
         if upstream_dead is not None and upstream_units:
             # which upstream units this unit reads (weight != 0): all of them dead -> starved
-            used = {int(i) // max(1, per_unit) for i in np.flatnonzero(rows[unit].numpy())}
+            used = {int(i) // max(1, per_unit) for i in np.flatnonzero(rows[unit])}
             if used <= upstream_dead:
                 causes[unit] = "starved"
                 continue
@@ -120,40 +114,102 @@ def explain_layer(
     return causes
 
 
-def _tensors_and_consumers(model_loaded, probe) -> tuple[object, dict[str, set[str]]] | None:
-    """The module whose tensors the rules read, and site -> names of the Linear/Conv reading it."""
+def _named_tensor(model, name: str):
+    """A parameter or buffer by its dotted name (an nn.Module, or a .pt2 program's module), else None."""
+    for getter in (model.get_parameter, model.get_buffer):
+        try:
+            return getter(name)
+        except AttributeError:
+            continue
+    return None
+
+
+def _torch_view(model_loaded, probe, report):
+    """Per layer: its producer's tensors (read by name, so modules and .pt2 programs alike) and the
+    layer whose output the producer reads."""
     if model_loaded.kind == "eager":
-        return model_loaded.runnable, getattr(probe, "consumers", {})
-    if model_loaded.kind == "exported":
+        model, consumers = model_loaded.runnable, getattr(probe, "consumers", {})
+    else:
         from deadrelu_cli.fixes.torch_exported import exported_wiring
         from deadrelu_cli.loaders.torch_models import graph_module_with_stack
         from deadrelu_cli.probe.exported import find_sites
 
-        graph_module = graph_module_with_stack(model_loaded.extra["program"])  # unprobed: sites findable
+        model = graph_module_with_stack(model_loaded.extra["program"])  # unprobed: its sites are findable
         consumers = {}
-        for node, site in find_sites(graph_module.graph, tuple(probe.settings.ops)):
-            wiring = exported_wiring(graph_module, node)
+        for node, site in find_sites(model.graph, tuple(probe.settings.ops)):
+            wiring = exported_wiring(model, node)
             if not isinstance(wiring, str):
                 consumers[site.name] = {wiring.consumer_name}
-        return graph_module, consumers
-    return None
 
+    def array(name: str) -> np.ndarray | None:
+        tensor = _named_tensor(model, name)
+        return None if tensor is None else tensor.detach().double().cpu().numpy()
 
-def explain(report, model_loaded, probe) -> None:
-    """Store each dead unit's cause in layer.extra['causes'] (unit -> cause) and the counts per cause."""
-    found = _tensors_and_consumers(model_loaded, probe) if model_loaded is not None else None
-    if found is None:
-        report.notes.append(
-            "--explain: causes are worked out for torch models (state_dict/safetensors with --arch, .pt2)"
+    producers, upstream = {}, {}
+    for layer in report.layers:
+        if layer.producer is None:
+            producers[layer.name] = None
+            continue
+        batchnorm = _named_tensor(model, f"{layer.producer}.running_mean") is not None
+        producers[layer.name] = ProducerTensors(
+            batchnorm, array(f"{layer.producer}.weight"), array(f"{layer.producer}.bias")
         )
+        upstream[layer.name] = next(
+            (site for site, names in consumers.items() if layer.producer in names), None
+        )
+    return producers, upstream
+
+
+def _onnx_view(model_loaded, report, ops: tuple[str, ...]):
+    """The same from an ONNX graph: the producer's stored tensors (Conv/Gemm/MatMul+bias rows, or a
+    BatchNormalization's scale and B) and the layer whose outgoing weight is this one's incoming weight."""
+    from deadrelu_cli.fixes.onnx_fix import _initializer, wiring
+    from deadrelu_cli.probe.onnx_graph import _GraphIndex, find_sites
+
+    model = model_loaded.runnable
+    index = _GraphIndex(model.graph)
+    producers, upstream, incoming, outgoing = {}, {}, {}, {}
+    for site in find_sites(model, ops):
+        if site.graph_path:
+            continue
+        node = index.producer.get(site.input_name)
+        if node is not None and node.op_type == "BatchNormalization" and len(node.input) > 2:
+            scale, shift = _initializer(index, node.input[1]), _initializer(index, node.input[2])
+            producers[site.name] = ProducerTensors(True, scale, shift)
+            continue
+        wire = wiring(model, site)
+        if wire.incoming is None:
+            producers[site.name] = None
+            continue
+        weight = np.moveaxis(_initializer(index, wire.incoming.name), wire.incoming.axis, 0)
+        bias = _initializer(index, wire.bias).reshape(-1) if wire.bias else None
+        producers[site.name] = ProducerTensors(False, weight.astype(np.float64), bias)
+        incoming[site.name] = wire.incoming.name
+        if wire.outgoing is not None:
+            outgoing[wire.outgoing.name] = site.name
+    for layer in report.layers:
+        upstream[layer.name] = outgoing.get(incoming.get(layer.name))
+    return {layer.name: producers.get(layer.name) for layer in report.layers}, upstream
+
+
+def explain(report, model_loaded, probe, ops: tuple[str, ...] = ("relu", "relu6")) -> None:
+    """Store each dead unit's cause in layer.extra['causes'] (unit -> cause) and the counts per cause."""
+    if model_loaded is not None and model_loaded.kind in ("eager", "exported"):
+        producers, upstream = _torch_view(model_loaded, probe, report)
+    elif model_loaded is not None and model_loaded.backend == "onnx":
+        producers, upstream = _onnx_view(model_loaded, report, ops)
+    else:
+        report.notes.append("--explain: causes are not worked out for TorchScript models")
         return
-    model, consumers = found
     dead_by_site = {layer.name: set(np.flatnonzero(layer.dead_mask()).tolist()) for layer in report.layers}
     units_by_site = {layer.name: layer.units for layer in report.layers}
     for layer in report.layers:
-        upstream = next((site for site, names in consumers.items() if layer.producer in names), None)
+        above = upstream.get(layer.name)
         causes = explain_layer(
-            layer, model, dead_by_site.get(upstream) if upstream else None, units_by_site.get(upstream, 0)
+            layer,
+            producers.get(layer.name),
+            dead_by_site.get(above) if above else None,
+            units_by_site.get(above, 0),
         )
         if causes:
             layer.extra["causes"] = {str(unit): cause for unit, cause in sorted(causes.items())}

@@ -470,7 +470,7 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
     if options.explain:
         from deadrelu_cli.causes import explain
 
-        explain(report, model, probe)
+        explain(report, model, probe, tuple(options.ops))
     return ScanResult(report, model, data, device, probe, is_main=world is None or world.is_main)
 
 

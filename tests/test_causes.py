@@ -49,6 +49,38 @@ def test_causes_of_an_exported_program_are_the_planted_ones(cli, tmp_path, plant
         assert expected[1]["0"] == "starved" and expected[0]["1"] == "collapsed weights"
 
 
+def test_causes_from_an_onnx_graph(cli, tmp_path, planted_module):
+    """--explain on ONNX reads the producer's stored tensors (Gemm rows, a reshaped Conv bias, an unfused
+    BatchNormalization's scale and B): the torch scan's causes for the planted MLP's export, and the
+    planted causes of a paddle2onnx-style graph."""
+    import warnings
+
+    import onnx
+    import torch
+    from onnx_graphs import paddle_conv_bn
+
+    model = planted_module.causes_mlp().eval()
+    x = np.random.default_rng(0).uniform(0, 1, (200, 4)).astype(np.float32)
+    from_torch, _ckpt, data = _scan_json(cli, model, "causes_mlp", x, tmp_path, "--explain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 4),), str(tmp_path / "m.onnx"), input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)  # fmt: skip
+    result = cli("scan", tmp_path / "m.onnx", "--data", data, "--json", "-", "--explain")
+    assert result.code == 0, result.err
+    expected = [layer["extra"].get("causes") for layer in from_torch["layers"]]
+    assert [layer["extra"].get("causes") for layer in json.loads(result.out)["layers"]] == expected
+    assert expected[1]["0"] == "starved"
+    onnx.save(paddle_conv_bn(weights_in_constants=True), str(tmp_path / "p.onnx"))
+    images = save_npz(
+        tmp_path / "i.npz", x=np.random.default_rng(5).standard_normal((10, 3, 8, 8)).astype(np.float32)
+    )
+    result = cli("scan", tmp_path / "p.onnx", "--data", images, "--json", "-", "--explain")
+    first, second = json.loads(result.out)["layers"]
+    assert first["extra"]["causes"] == {"1": "negative bias"}
+    assert second["extra"]["causes"] == {"2": "batchnorm shift"}
+
+
 def test_batchnorm_shift(cli, tmp_path, planted_module):
     x = np.random.default_rng(1).standard_normal((20, 3, 5, 5)).astype(np.float32)
     report, *_ = _scan_json(cli, planted_module.conv_bn().eval(), "conv_bn", x, tmp_path, "--explain")
