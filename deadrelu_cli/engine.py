@@ -289,14 +289,9 @@ def _no_sites_note(model: LoadedModel, ops: tuple[str, ...]) -> str:
         for module in model.runnable.modules():
             if type(module).__name__ in _SMOOTH_ACTIVATIONS + _OTHER_ACTIVATIONS:
                 found[type(module).__name__] += 1
-    note = f"the model ran no {'/'.join(ops)} call"
-    if found:
-        listed = ", ".join(f"{name} ×{count}" for name, count in found.most_common())
-        note += (
-            f"; its activations: {listed} (SiLU, GELU and other smooth activations are never exactly 0 with "
-            "zero gradient, so no dead units in the ReLU sense; --ops leaky_relu,elu,gelu counts those kinds)"
-        )
-    return note
+    from deadrelu_cli.probe.ops import no_sites_note
+
+    return no_sites_note(f"the model ran no {'/'.join(ops)} call", found)
 
 
 def resolve_batch_size(

@@ -354,12 +354,7 @@ def _no_sites_note(model, ops: tuple[str, ...]) -> str:
     """Say what the graph uses instead (x * Sigmoid(x) is SiLU: a smooth activation has no dead units)."""
     from collections import Counter
 
+    from deadrelu_cli.probe.ops import no_sites_note
+
     found = Counter(node.op_type for node in model.graph.node if node.op_type in _ACTIVATION_LIKE)
-    note = f"the graph has no {'/'.join(ops)} nodes"
-    if found:
-        listed = ", ".join(f"{op} ×{count}" for op, count in found.most_common())
-        note += (
-            f"; its activation-like nodes: {listed} (SiLU = x·Sigmoid(x) and GELU are smooth: never exactly 0 "
-            "with zero gradient, so no dead units in the ReLU sense; --ops leaky_relu,elu,gelu counts those kinds)"
-        )
-    return note
+    return no_sites_note(f"the graph has no {'/'.join(ops)} nodes", found)

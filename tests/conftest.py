@@ -55,6 +55,17 @@ def arch(factory: str) -> str:
     return f"{PLANTED}:{factory}"
 
 
+def arch_file(path: Path, source: str) -> tuple[torch.nn.Module, str]:
+    """Write an --arch file whose `build()` makes the model: (that model in eval mode, the --arch spec)."""
+    import importlib.util
+
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"arch_for_test_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build().eval(), f"{path}:build"
+
+
 def counts_from_pre(
     pre: torch.Tensor, dim: int, threshold: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, int]:

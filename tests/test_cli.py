@@ -11,7 +11,7 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, arch, save_npz, save_state_dict
+from conftest import ROOT, arch, arch_file, save_npz, save_state_dict
 
 SAMPLES = ROOT / "sample_models"
 MLP = [
@@ -143,7 +143,8 @@ def test_wrong_feature_count(cli, tmp_path):
 def test_recurrent_first_layer_is_not_mistaken_for_the_linear_after_it(cli, tmp_path):
     """resemblyzer's VoiceEncoder: LSTM(40 -> 256) then Linear(256 -> 256) -> ReLU. Its data have 40
     features; the Linear's 256 is no reason to refuse it. Counts checked against plain torch."""
-    (tmp_path / "arch.py").write_text(
+    model, arch_spec = arch_file(
+        tmp_path / "arch.py",
         "import torch\nfrom torch import nn\n\n"
         "class Encoder(nn.Module):\n"
         "    def __init__(self):\n"
@@ -154,18 +155,12 @@ def test_recurrent_first_layer_is_not_mistaken_for_the_linear_after_it(cli, tmp_
         "    def forward(self, mels):\n"
         "        _, (hidden, _) = self.lstm(mels)\n"
         "        return self.relu(self.linear(hidden[-1]))\n\n"
-        "def build():\n    torch.manual_seed(0)\n    return Encoder()\n"
+        "def build():\n    torch.manual_seed(0)\n    return Encoder()\n",
     )
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("encoder_arch_for_test", tmp_path / "arch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.build().eval()
     weights = save_state_dict(model, tmp_path / "enc.pt")
     x = np.random.default_rng(0).standard_normal((10, 12, 40)).astype(np.float32)
     data = save_npz(tmp_path / "mels.npz", mels=x)
-    result = cli("scan", weights, "--arch", f"{tmp_path / 'arch.py'}:build", "--data", data, "--json", "-")
+    result = cli("scan", weights, "--arch", arch_spec, "--data", data, "--json", "-")
     assert result.code == 0, result.err
     with torch.no_grad():
         _, (hidden, _) = model.lstm(torch.from_numpy(x))

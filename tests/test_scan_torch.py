@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import arch, counts_from_pre, save_npz, save_state_dict
+from conftest import arch, arch_file, counts_from_pre, save_npz, save_state_dict
 
 from deadrelu_cli import scan
 
@@ -263,24 +263,19 @@ def test_nan_activations_are_not_counted_as_firing(tmp_path, planted_module):
 
 def test_a_model_without_relu_says_what_it_uses_instead(tmp_path):
     """SiLU/GELU models: no layers, and the note names their activations (modules, or a .pt2's ops)."""
-    (tmp_path / "arch.py").write_text(
+    model, arch_spec = arch_file(
+        tmp_path / "arch.py",
         "import torch\nfrom torch import nn\n\n"
         "def build():\n"
         "    torch.manual_seed(0)\n"
-        "    return nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 2), nn.GELU())\n"
+        "    return nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 2), nn.GELU())\n",
     )
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("silu_arch_for_test", tmp_path / "arch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.build().eval()
     torch.save(model.state_dict(), tmp_path / "m.pt")
     program = torch.export.export(model, (torch.zeros(2, 4),), dynamic_shapes=({0: torch.export.Dim("n")},))
     torch.export.save(program, tmp_path / "m.pt2")
     np.save(tmp_path / "x.npy", np.zeros((3, 4), np.float32))
-    for path, arch_spec in ((tmp_path / "m.pt", f"{tmp_path / 'arch.py'}:build"), (tmp_path / "m.pt2", None)):
-        report = scan(str(path), str(tmp_path / "x.npy"), arch=arch_spec, device="cpu")
+    for path, spec in ((tmp_path / "m.pt", arch_spec), (tmp_path / "m.pt2", None)):
+        report = scan(str(path), str(tmp_path / "x.npy"), arch=spec, device="cpu")
         assert report.layers == []
         (note,) = [n for n in report.notes if n.startswith("the model ran no relu/relu6 call")]
         assert "SiLU ×2, GELU ×1" in note or "silu ×2, gelu ×1" in note, note

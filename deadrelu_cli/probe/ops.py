@@ -78,3 +78,15 @@ class SiteNamer:
         self._seen[base] += 1
         count = self._seen[base]
         return base if count == 1 else f"{base}#{count}"
+
+
+def no_sites_note(what: str, found: Counter) -> str:
+    """The note for a model with no site of the chosen ops: `what` it lacks, and the activations it
+    has instead (SiLU = x·sigmoid(x), GELU, … have no dead units in the ReLU sense)."""
+    if not found:
+        return what
+    listed = ", ".join(f"{name} ×{count}" for name, count in found.most_common())
+    return (
+        f"{what}; its activations: {listed} (SiLU, GELU and other smooth activations are never exactly 0 "
+        "with zero gradient, so no dead units in the ReLU sense; --ops leaky_relu,elu,gelu counts those kinds)"
+    )
