@@ -277,6 +277,8 @@ def _no_sites_note(model: LoadedModel, ops: tuple[str, ...]) -> str:
     """Say what the model uses instead of ReLUs (its activation modules, or a .pt2 graph's ops)."""
     from collections import Counter
 
+    from deadrelu_cli.probe.ops import no_sites_note
+
     found: Counter = Counter()
     if model.kind == "exported":
         graph = model.extra["program"].graph
@@ -289,8 +291,6 @@ def _no_sites_note(model: LoadedModel, ops: tuple[str, ...]) -> str:
         for module in model.runnable.modules():
             if type(module).__name__ in _SMOOTH_ACTIVATIONS + _OTHER_ACTIVATIONS:
                 found[type(module).__name__] += 1
-    from deadrelu_cli.probe.ops import no_sites_note
-
     return no_sites_note(f"the model ran no {'/'.join(ops)} call", found)
 
 
