@@ -114,19 +114,11 @@ def explain_layer(
     return causes
 
 
-def _named_tensor(model, name: str):
-    """A parameter or buffer by its dotted name (an nn.Module, or a .pt2 program's module), else None."""
-    for getter in (model.get_parameter, model.get_buffer):
-        try:
-            return getter(name)
-        except AttributeError:
-            continue
-    return None
-
-
 def _torch_view(model_loaded, probe, report):
     """Per layer: its producer's tensors (read by name, so modules and .pt2 programs alike) and the
     layer whose output the producer reads."""
+    from deadrelu_cli.fixes.torch_exported import named_tensor
+
     if model_loaded.kind == "eager":
         model, consumers = model_loaded.runnable, getattr(probe, "consumers", {})
     else:
@@ -142,7 +134,7 @@ def _torch_view(model_loaded, probe, report):
                 consumers[site.name] = {wiring.consumer_name}
 
     def array(name: str) -> np.ndarray | None:
-        tensor = _named_tensor(model, name)
+        tensor = named_tensor(model, name)
         return None if tensor is None else tensor.detach().double().cpu().numpy()
 
     producers, upstream = {}, {}
@@ -150,7 +142,7 @@ def _torch_view(model_loaded, probe, report):
         if layer.producer is None:
             producers[layer.name] = None
             continue
-        batchnorm = _named_tensor(model, f"{layer.producer}.running_mean") is not None
+        batchnorm = named_tensor(model, f"{layer.producer}.running_mean") is not None
         producers[layer.name] = ProducerTensors(
             batchnorm, array(f"{layer.producer}.weight"), array(f"{layer.producer}.bias")
         )

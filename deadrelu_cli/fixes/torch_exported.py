@@ -12,8 +12,8 @@ import torch
 from torch import fx
 
 from deadrelu_cli.fixes.torch_eager import UnitWiring
+from deadrelu_cli.probe.exported import _op_base
 
-aten = torch.ops.aten
 _LINEAR_OR_CONV = {"linear", "conv1d", "conv2d", "conv3d"}
 _BATCH_NORM = {"batch_norm", "_native_batch_norm_legit_no_training"}
 # ops after an activation that keep each unit's values in their own slots
@@ -38,9 +38,7 @@ _UNIT_PRESERVING = {
 
 
 def _base(node: fx.Node) -> str:
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return ""
-    return node.target.__name__.split(".")[0]
+    return _op_base(node.target) if node.op == "call_function" else ""
 
 
 def _attr_target(arg) -> str | None:
@@ -69,13 +67,13 @@ def exported_wiring(
     if bn is not None:
         names = [_attr_target(a) for a in bn.args[1:5]]
         bn_tensors = {
-            key: _lookup(graph_module, name)
+            key: named_tensor(graph_module, name)
             for key, name in zip(("weight", "bias", "running_mean", "running_var"), names, strict=True)
         }
         bn_name = (names[1] or names[0] or bn.name).rsplit(".", 1)[0]
     wiring = UnitWiring(
-        _lookup(graph_module, weight_name),
-        _lookup(graph_module, bias_name),
+        named_tensor(graph_module, weight_name),
+        named_tensor(graph_module, bias_name),
         weight_name.rsplit(".", 1)[0],
         bn_tensors,
         bn_name,
@@ -95,28 +93,28 @@ def exported_wiring(
             return f"skipped: its output goes to {user.name} (e.g. a residual add), not to a linear/conv"
         if _groups(user) != 1:
             return f"skipped: consumer {consumer_weight} is a grouped convolution"
-        wiring.consumer_weight = _lookup(graph_module, consumer_weight)
+        wiring.consumer_weight = named_tensor(graph_module, consumer_weight)
         wiring.consumer_name = consumer_weight.rsplit(".", 1)[0]
         return wiring
     return "skipped: its output does not reach a linear/conv"
 
 
-def _lookup(graph_module: fx.GraphModule, name: str | None) -> torch.Tensor | None:
+def named_tensor(module: torch.nn.Module, name: str | None) -> torch.Tensor | None:
+    """A parameter or buffer by its dotted name (an nn.Module, or a program's module), else None."""
     if name is None:
         return None
-    try:
-        return graph_module.get_parameter(name)
-    except AttributeError:
-        return graph_module.get_buffer(name)
+    for getter in (module.get_parameter, module.get_buffer):
+        try:
+            return getter(name)
+        except AttributeError:
+            continue
+    return None
 
 
-def narrow(
-    graph_module: fx.GraphModule, keep_out: dict[str, set[int]], keep_in: dict[str, set[int]]
-) -> dict[str, int]:
+def narrow(graph_module: fx.GraphModule, keep_out: dict[str, set[int]], keep_in: dict[str, set[int]]) -> None:
     """prune on a program's module: keep only the listed output units of each named linear/conv/batch_norm
     (rows of weight, bias, running stats) and input columns of each consumer's weight. The graph's ops
     take their sizes from these tensors, so re-exporting gives the narrower program."""
-    widths = {}
     for prefix in sorted(set(keep_out) | set(keep_in)):
         owner = graph_module.get_submodule(prefix)
         for attr in ("weight", "bias", "running_mean", "running_var"):
@@ -132,7 +130,3 @@ def narrow(
                 setattr(owner, attr, torch.nn.Parameter(new.clone(), requires_grad=tensor.requires_grad))
             else:
                 owner.register_buffer(attr, new.clone())
-        widths[prefix] = (
-            owner.weight.shape[0] if isinstance(getattr(owner, "weight", None), torch.Tensor) else 0
-        )
-    return widths
