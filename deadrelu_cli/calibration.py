@@ -18,6 +18,7 @@ import numpy as np
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.detect import check_readable_file
+from deadrelu_cli.memory import check_fits_in_memory
 
 NUMERIC_KINDS = "biuf"  # bool, int, unsigned, float
 
@@ -50,28 +51,6 @@ class InMemorySource:
 
     def whole(self) -> np.ndarray:
         return np.asarray(self.array)
-
-
-def available_memory() -> int:
-    """Bytes of memory this process could still use (MemAvailable; a generous default elsewhere)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 40
-
-
-def check_fits_in_memory(shape: tuple[int, ...], dtype: np.dtype, label: str) -> None:
-    """Refuse, before allocating, an array whose declared size cannot fit in memory."""
-    size = int(np.prod([int(d) for d in shape], dtype=object)) * np.dtype(dtype).itemsize
-    if size > available_memory():
-        raise UserError(
-            f"{label} declares {size / 2**30:.1f} GiB ({list(shape)} {dtype}), more than the memory available; "
-            "the file is damaged or not meant to be read whole"
-        )
 
 
 class NpzMemberSource:

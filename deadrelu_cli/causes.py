@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deadrelu_cli.wiring.model import ProducerTensors, producer_tensors, upstream_sites
+
 CAUSES = ("starved", "collapsed weights", "batchnorm shift", "negative bias", "direction", "unknown")
 
 ADVICE = {
@@ -54,15 +56,6 @@ class Finding:
 
 def _median_positive(values: np.ndarray) -> float:
     return float(np.median(values)) if values.size else 0.0
-
-
-@dataclass
-class ProducerTensors:
-    """What the rules read about the op that makes a layer's units, as arrays from any backend."""
-
-    batchnorm: bool  # True: weight is gamma, bias beta; False: weight rows [units, fan_in or in, *kernel]
-    weight: np.ndarray | None
-    bias: np.ndarray | None
 
 
 def explain_layer(
@@ -154,34 +147,27 @@ def _torch_view(model_loaded, probe, report):
 
 def _onnx_view(model_loaded, report, ops: tuple[str, ...]):
     """The same from an ONNX graph: the producer's stored tensors (Conv/Gemm/MatMul+bias rows, or a
-    BatchNormalization's scale and B) and the layer whose outgoing weight is this one's incoming weight."""
-    from deadrelu_cli.fixes.onnx_fix import _initializer, wiring
-    from deadrelu_cli.probe.onnx_graph import _GraphIndex, find_sites
+    BatchNormalization's scale and B) and the layer whose activation the producer reads."""
+    from deadrelu_cli.probe.onnx_graph import find_sites
+    from deadrelu_cli.wiring.onnx import unit_wiring
+    from deadrelu_cli.wiring.onnx_index import GraphIndex, stored_array
 
     model = model_loaded.runnable
-    index = _GraphIndex(model.graph)
-    producers, upstream, incoming, outgoing = {}, {}, {}, {}
-    for site in find_sites(model, ops):
-        if site.graph_path:
-            continue
-        node = index.producer.get(site.input_name)
-        if node is not None and node.op_type == "BatchNormalization" and len(node.input) > 2:
-            scale, shift = _initializer(index, node.input[1]), _initializer(index, node.input[2])
-            producers[site.name] = ProducerTensors(True, scale, shift)
-            continue
-        wire = wiring(model, site)
-        if wire.incoming is None:
-            producers[site.name] = None
-            continue
-        weight = np.moveaxis(_initializer(index, wire.incoming.name), wire.incoming.axis, 0)
-        bias = _initializer(index, wire.bias).reshape(-1) if wire.bias else None
-        producers[site.name] = ProducerTensors(False, weight.astype(np.float64), bias)
-        incoming[site.name] = wire.incoming.name
-        if wire.outgoing is not None:
-            outgoing[wire.outgoing.name] = site.name
-    for layer in report.layers:
-        upstream[layer.name] = outgoing.get(incoming.get(layer.name))
-    return {layer.name: producers.get(layer.name) for layer in report.layers}, upstream
+    index = GraphIndex(model.graph)
+    wirings = {
+        site.name: unit_wiring(model, site.input_name, site.output_name, index)
+        for site in find_sites(model, ops)
+        if not site.graph_path
+    }
+    upstream = upstream_sites(wirings)
+    producers = {
+        name: producer_tensors(wiring, lambda tensor: stored_array(index, tensor))
+        for name, wiring in wirings.items()
+    }
+    return (
+        {layer.name: producers.get(layer.name) for layer in report.layers},
+        {layer.name: upstream.get(layer.name) for layer in report.layers},
+    )
 
 
 def explain(report, model_loaded, probe, ops: tuple[str, ...] = ("relu", "relu6")) -> None:

@@ -16,7 +16,6 @@ else makes its output unknown, and the activation sites that depend on it are re
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,51 +23,12 @@ import torch.nn.functional as F
 from torch import fx
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.intervals import Interval, SiteBound, Unsupported, linear_interval, product, scale_interval
 from deadrelu_cli.probe.accumulator import resolve_channel_dim
 from deadrelu_cli.probe.base import infer_channel_dim
 from deadrelu_cli.probe.exported import find_sites
 
 aten = torch.ops.aten
-
-
-@dataclass
-class Interval:
-    lo: torch.Tensor
-    hi: torch.Tensor
-
-    def map(self, fn) -> Interval:
-        """A monotonically non-decreasing op applied to both ends."""
-        return Interval(fn(self.lo), fn(self.hi))
-
-
-@dataclass
-class SiteBound:
-    name: str
-    op: str
-    upper_bound: np.ndarray | None  # per unit: max over positions of the pre-activation's upper bound
-    certified_dead: list[int] | None  # None: not certified (an unsupported op upstream)
-    reason: str = ""
-
-
-def _linear_interval(x: Interval, weight: torch.Tensor, bias: torch.Tensor | None, fn) -> Interval:
-    mid, rad = (x.hi + x.lo) / 2, (x.hi - x.lo) / 2
-    out_mid = fn(mid, weight, bias)
-    out_rad = fn(rad, weight.abs(), None)
-    return Interval(out_mid - out_rad, out_mid + out_rad)
-
-
-def product(a: Interval, b: Interval) -> Interval:
-    """Elementwise a * b of two intervals (broadcast): its extremes are among the four corner products.
-    Sound, if loose where a and b depend on the same inputs (x * hardsigmoid(x) in a HardSwish)."""
-    corners = torch.stack(torch.broadcast_tensors(a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi))
-    unbounded = corners.isnan().any(0)  # 0 * inf: no finite bound there
-    lo = torch.where(unbounded, -torch.inf, corners.amin(0))
-    hi = torch.where(unbounded, torch.inf, corners.amax(0))
-    return Interval(lo, hi)
-
-
-class _Unsupported(Exception):
-    pass
 
 
 def _value(env: dict, arg):
@@ -85,11 +45,6 @@ def _constant(value) -> torch.Tensor | float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     return None
-
-
-def _scale(x: Interval, factor) -> Interval:
-    a, b = x.lo * factor, x.hi * factor
-    return Interval(torch.minimum(a, b), torch.maximum(a, b))
 
 
 _SHAPE_OPS = {
@@ -138,7 +93,7 @@ _SHAPE_OPS = {
 
 
 def _apply(target, args, kwargs, env):
-    """The interval of one graph node's output (raises _Unsupported)."""
+    """The interval of one graph node's output (raises Unsupported)."""
     name = (
         target.__name__.split(".")[0]
         if isinstance(target, torch._ops.OpOverload)
@@ -151,40 +106,40 @@ def _apply(target, args, kwargs, env):
         container, index = values
         if isinstance(container, tuple | list):
             return container[index]
-        raise _Unsupported("getitem")
+        raise Unsupported("getitem")
     if not intervals:  # a constant computation (weights, shapes): run it for real
         return target(*values, **kw)
     x = values[0]
     if name in ("linear",):
         weight, bias = values[1], values[2] if len(values) > 2 else None
         if isinstance(weight, Interval) or isinstance(bias, Interval):
-            raise _Unsupported("linear with input-dependent weights")
-        return _linear_interval(x, weight.double(), None if bias is None else bias.double(), F.linear)
+            raise Unsupported("linear with input-dependent weights")
+        return linear_interval(x, weight.double(), None if bias is None else bias.double(), F.linear)
     if name in ("conv2d", "conv1d", "conv3d", "convolution"):
         weight, bias = values[1], values[2]
         rest = values[3:]
         if isinstance(weight, Interval) or isinstance(bias, Interval):
-            raise _Unsupported("convolution with input-dependent weights")
+            raise Unsupported("convolution with input-dependent weights")
         if name == "convolution":
             stride, padding, dilation, transposed, _output_padding, groups = rest
             if transposed:
-                raise _Unsupported("transposed convolution")
+                raise Unsupported("transposed convolution")
         else:
             stride, padding, dilation, groups = (
                 (rest + [1, 0, 1, 1][len(rest) :])[:4] if rest else (1, 0, 1, 1)
             )
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.lo.dim()]
-        return _linear_interval(
+        return linear_interval(
             x,
             weight.double(),
             None if bias is None else bias.double(),
             lambda t, w, b: conv(t, w, b, stride, padding, dilation, groups),
         )
     if name in ("mm", "matmul") and not isinstance(values[1], Interval):
-        return _linear_interval(x, values[1].double(), None, lambda t, w, b: torch.matmul(t, w))
+        return linear_interval(x, values[1].double(), None, lambda t, w, b: torch.matmul(t, w))
     if name == "addmm" and isinstance(values[1], Interval) and not isinstance(values[2], Interval):
         bias, inp, weight = values[0], values[1], values[2]
-        return _linear_interval(inp, weight.double(), None, lambda t, w, b: torch.matmul(t, w)).map(
+        return linear_interval(inp, weight.double(), None, lambda t, w, b: torch.matmul(t, w)).map(
             lambda t: t + bias.double()
         )
     if name in ("_native_batch_norm_legit_no_training", "batch_norm", "native_batch_norm"):
@@ -193,7 +148,7 @@ def _apply(target, args, kwargs, env):
         shape = [1, -1] + [1] * (x.lo.dim() - 2)
         scale = (weight.double() if weight is not None else 1.0) / torch.sqrt(var.double() + eps)
         shift = (bias.double() if bias is not None else 0.0) - mean.double() * scale
-        out = _scale(x, scale.reshape(shape)).map(lambda t: t + shift.reshape(shape))
+        out = scale_interval(x, scale.reshape(shape)).map(lambda t: t + shift.reshape(shape))
         return (out, None, None) if name != "batch_norm" else out
     if name in ("add", "sub"):
         other = values[1]
@@ -204,7 +159,7 @@ def _apply(target, args, kwargs, env):
             return Interval(x.lo - alpha * other.hi, x.hi - alpha * other.lo)
         constant = _constant(other)
         if constant is None:
-            raise _Unsupported(name)
+            raise Unsupported(name)
         return x.map(lambda t: t + constant * alpha if name == "add" else t - constant * alpha)
     if name == "hardswish":  # x * hardsigmoid(x): not monotone, bounded as a product
         return product(x, x.map(F.hardsigmoid))
@@ -213,15 +168,15 @@ def _apply(target, args, kwargs, env):
         if isinstance(other, Interval):
             if name == "mul":
                 return product(x, other)
-            raise _Unsupported("div by an input-dependent tensor")
+            raise Unsupported("div by an input-dependent tensor")
         constant = _constant(other)
         if constant is None:
-            raise _Unsupported(name)
-        return _scale(x, constant if name == "mul" else 1.0 / constant)
+            raise Unsupported(name)
+        return scale_interval(x, constant if name == "mul" else 1.0 / constant)
     if name == "cat":
         parts = values[0]
         if not all(isinstance(p, Interval) for p in parts):
-            raise _Unsupported("cat with constants")
+            raise Unsupported("cat with constants")
         dim = values[1] if len(values) > 1 else kw.get("dim", 0)
         return Interval(torch.cat([p.lo for p in parts], dim), torch.cat([p.hi for p in parts], dim))
     if name in _SHAPE_OPS:
@@ -234,7 +189,7 @@ def _apply(target, args, kwargs, env):
         if isinstance(lo, tuple):  # max_pool2d_with_indices
             return (Interval(lo[0], hi[0]), None)
         return Interval(lo, hi)
-    raise _Unsupported(name or str(target))
+    raise Unsupported(name or str(target))
 
 
 def certify_graph(
@@ -292,7 +247,7 @@ def certify_graph(
             continue
         try:
             env[node.name] = _apply(node.target, node.args, node.kwargs, env)
-        except _Unsupported as exc:
+        except Unsupported as exc:
             unknown[node.name] = f"unsupported op {exc} at {node.name}"
         except Exception as exc:  # noqa: BLE001 - an op we could not evaluate: not bounded, never guessed
             unknown[node.name] = f"{type(exc).__name__} at {node.name}"

@@ -12,19 +12,9 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from deadrelu_cli.certify import Interval, SiteBound, _linear_interval, _scale, product
-from deadrelu_cli.probe.onnx_graph import _GraphIndex, find_sites, site_channel_dim
-
-
-class _Unsupported(Exception):
-    pass
-
-
-def _attr(node, name, default=None):
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
+from deadrelu_cli.intervals import Interval, SiteBound, Unsupported, linear_interval, product, scale_interval
+from deadrelu_cli.probe.onnx_graph import find_sites, site_channel_dim
+from deadrelu_cli.wiring.onnx_index import GraphIndex, attr
 
 
 def _t(value) -> torch.Tensor:
@@ -32,13 +22,13 @@ def _t(value) -> torch.Tensor:
 
 
 def _conv(node, x: Interval, weight, bias) -> Interval:
-    if (_attr(node, "auto_pad", b"NOTSET") or b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise _Unsupported("Conv auto_pad")
+    if (attr(node, "auto_pad", b"NOTSET") or b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise Unsupported("Conv auto_pad")
     spatial = x.lo.dim() - 2
-    strides = _attr(node, "strides", [1] * spatial)
-    dilations = _attr(node, "dilations", [1] * spatial)
-    pads = _attr(node, "pads", [0] * (2 * spatial))
-    group = _attr(node, "group", 1)
+    strides = attr(node, "strides", [1] * spatial)
+    dilations = attr(node, "dilations", [1] * spatial)
+    pads = attr(node, "pads", [0] * (2 * spatial))
+    group = attr(node, "group", 1)
     begins, ends = pads[:spatial], pads[spatial:]
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
 
@@ -50,7 +40,7 @@ def _conv(node, x: Interval, weight, bias) -> Interval:
             return conv(F.pad(t, flat), w, b, strides, 0, dilations, group)
         return conv(t, w, b, strides, list(begins), dilations, group)
 
-    return _linear_interval(x, _t(weight), None if bias is None else _t(bias), run)
+    return linear_interval(x, _t(weight), None if bias is None else _t(bias), run)
 
 
 def _pool(node, x: Interval) -> Interval:
@@ -60,42 +50,42 @@ def _pool(node, x: Interval) -> Interval:
     if op == "GlobalMaxPool":
         return x.map(lambda t: t.amax(dim=tuple(range(2, t.dim())), keepdim=True))
     spatial = x.lo.dim() - 2
-    kernel = _attr(node, "kernel_shape")
-    strides = _attr(node, "strides", [1] * spatial)
-    pads = _attr(node, "pads", [0] * (2 * spatial))
-    if list(pads[:spatial]) != list(pads[spatial:]) or _attr(node, "ceil_mode", 0):
-        raise _Unsupported(f"{op} with asymmetric pads or ceil_mode")
+    kernel = attr(node, "kernel_shape")
+    strides = attr(node, "strides", [1] * spatial)
+    pads = attr(node, "pads", [0] * (2 * spatial))
+    if list(pads[:spatial]) != list(pads[spatial:]) or attr(node, "ceil_mode", 0):
+        raise Unsupported(f"{op} with asymmetric pads or ceil_mode")
     if op == "MaxPool":
         pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
         return x.map(
-            lambda t: pool(t, kernel, strides, list(pads[:spatial]), _attr(node, "dilations", [1] * spatial))
+            lambda t: pool(t, kernel, strides, list(pads[:spatial]), attr(node, "dilations", [1] * spatial))
         )
     pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
-    include = bool(_attr(node, "count_include_pad", 0))
+    include = bool(attr(node, "count_include_pad", 0))
     return x.map(lambda t: pool(t, kernel, strides, list(pads[:spatial]), count_include_pad=include))
 
 
-def _node_interval(node, values: list, index: _GraphIndex):
+def _node_interval(node, values: list, index: GraphIndex):
     op = node.op_type
     x = values[0]
     constants = [v for v in values[1:] if not isinstance(v, Interval)]
     if op == "Conv":
         return _conv(node, x, values[1], values[2] if len(values) > 2 else None)
     if op == "Gemm":
-        if _attr(node, "transA", 0):
-            raise _Unsupported("Gemm transA")
+        if attr(node, "transA", 0):
+            raise Unsupported("Gemm transA")
         weight = np.asarray(values[1], dtype=np.float64)
-        weight = weight.T if _attr(node, "transB", 0) else weight
-        alpha, beta = _attr(node, "alpha", 1.0), _attr(node, "beta", 1.0)
-        out = _linear_interval(x, _t(weight) * alpha, None, lambda t, w, b: torch.matmul(t, w))
+        weight = weight.T if attr(node, "transB", 0) else weight
+        alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+        out = linear_interval(x, _t(weight) * alpha, None, lambda t, w, b: torch.matmul(t, w))
         if len(values) > 2 and values[2] is not None:
             c = _t(values[2]) * beta
             out = out.map(lambda t: t + c)
         return out
     if op == "MatMul":
         if isinstance(values[1], Interval):
-            raise _Unsupported("MatMul of two input-dependent tensors")
-        return _linear_interval(x, _t(values[1]), None, lambda t, w, b: torch.matmul(t, w))
+            raise Unsupported("MatMul of two input-dependent tensors")
+        return linear_interval(x, _t(values[1]), None, lambda t, w, b: torch.matmul(t, w))
     if op in ("Add", "Sub", "Mul", "Div"):
         a, b = values
         if isinstance(a, Interval) and isinstance(b, Interval):
@@ -105,7 +95,7 @@ def _node_interval(node, values: list, index: _GraphIndex):
                 return Interval(a.lo - b.hi, a.hi - b.lo)
             if op == "Mul":
                 return product(a, b)
-            raise _Unsupported("Div by an input-dependent tensor")
+            raise Unsupported("Div by an input-dependent tensor")
         interval, constant = (a, _t(b)) if isinstance(a, Interval) else (b, _t(a))
         if op == "Add":
             return interval.map(lambda t: t + constant)
@@ -116,20 +106,20 @@ def _node_interval(node, values: list, index: _GraphIndex):
                 else Interval(constant - interval.hi, constant - interval.lo)
             )
         if op == "Mul":
-            return _scale(interval, constant)
+            return scale_interval(interval, constant)
         if not isinstance(a, Interval):
-            raise _Unsupported("Div by an input-dependent tensor")
-        return _scale(interval, 1.0 / constant)
+            raise Unsupported("Div by an input-dependent tensor")
+        return scale_interval(interval, 1.0 / constant)
     if op == "Relu":
         return x.map(lambda t: t.clamp(min=0))
     if op == "Clip":
         lo = (
-            _attr(node, "min")
+            attr(node, "min")
             if len(values) < 2
             else (None if values[1] is None else float(np.asarray(values[1])))
         )
         hi = (
-            _attr(node, "max")
+            attr(node, "max")
             if len(values) < 3
             else (None if values[2] is None else float(np.asarray(values[2])))
         )
@@ -138,27 +128,27 @@ def _node_interval(node, values: list, index: _GraphIndex):
         return x.map(torch.sigmoid if op == "Sigmoid" else torch.tanh)
     if op in ("HardSigmoid", "HardSwish"):
         alpha, beta = (
-            (_attr(node, "alpha", 0.2), _attr(node, "beta", 0.5)) if op == "HardSigmoid" else (1 / 6, 0.5)
+            (attr(node, "alpha", 0.2), attr(node, "beta", 0.5)) if op == "HardSigmoid" else (1 / 6, 0.5)
         )
         ends = [(t * alpha + beta).clamp(0, 1) for t in (x.lo, x.hi)]
         gate = Interval(torch.minimum(*ends), torch.maximum(*ends))  # alpha < 0 reverses the order
         return gate if op == "HardSigmoid" else product(x, gate)
     if op == "LeakyRelu":
-        alpha = _attr(node, "alpha", 0.01)
+        alpha = attr(node, "alpha", 0.01)
         return x.map(lambda t: F.leaky_relu(t, alpha))
     if op == "BatchNormalization":
         scale, bias, mean, var = (_t(v) for v in values[1:5])
-        eps = _attr(node, "epsilon", 1e-5)
+        eps = attr(node, "epsilon", 1e-5)
         shape = [1, -1] + [1] * (x.lo.dim() - 2)
         factor = scale / torch.sqrt(var + eps)
         shift = bias - mean * factor
-        return _scale(x, factor.reshape(shape)).map(lambda t: t + shift.reshape(shape))
+        return scale_interval(x, factor.reshape(shape)).map(lambda t: t + shift.reshape(shape))
     if op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"):
         return _pool(node, x)
     if op in ("Identity", "Dropout", "Cast"):
         return x
     if op == "Flatten":
-        axis = _attr(node, "axis", 1)
+        axis = attr(node, "axis", 1)
         return x.map(lambda t: t.reshape(int(np.prod(t.shape[:axis])), -1))
     if op == "Reshape":
         target = [int(d) for d in np.asarray(constants[0])]
@@ -169,12 +159,12 @@ def _node_interval(node, values: list, index: _GraphIndex):
 
         return x.map(reshape)
     if op == "Transpose":
-        perm = _attr(node, "perm") or list(reversed(range(x.lo.dim())))
+        perm = attr(node, "perm") or list(reversed(range(x.lo.dim())))
         return x.map(lambda t: t.permute(*perm))
     if op in ("Squeeze", "Unsqueeze"):
         axes = (
-            _attr(node, "axes")
-            if _attr(node, "axes") is not None
+            attr(node, "axes")
+            if attr(node, "axes") is not None
             else [int(a) for a in np.asarray(constants[0])]
         )
         if op == "Squeeze":
@@ -187,17 +177,17 @@ def _node_interval(node, values: list, index: _GraphIndex):
 
         return x.map(unsqueeze)
     if op == "Concat":
-        axis = _attr(node, "axis", 0)
+        axis = attr(node, "axis", 0)
         parts = [v if isinstance(v, Interval) else Interval(_t(v), _t(v)) for v in values]
         return Interval(torch.cat([p.lo for p in parts], axis), torch.cat([p.hi for p in parts], axis))
-    raise _Unsupported(op)
+    raise Unsupported(op)
 
 
 def certify_onnx(
     model, boxes: list[Interval], ops: tuple[str, ...], threshold: float, channel_dim: int | None
 ) -> list[SiteBound]:
     graph = model.graph
-    index = _GraphIndex(graph)
+    index = GraphIndex(graph)
     sites = find_sites(model, ops)
     by_input = {}
     bounds: dict[str, SiteBound] = {}
@@ -250,7 +240,7 @@ def certify_onnx(
         try:
             if not any(isinstance(v, Interval) for v in values):
                 if any(v is None and name for v, name in zip(values, inputs, strict=True)):
-                    raise _Unsupported(node.op_type)  # an input we have no value for
+                    raise Unsupported(node.op_type)  # an input we have no value for
                 for out, result in zip(
                     node.output, _single_node(node, inputs, values, model.opset_import), strict=False
                 ):
@@ -261,7 +251,7 @@ def certify_onnx(
                 continue
             result = _node_interval(node, values, index)
             env[node.output[0]] = result
-        except _Unsupported as exc:
+        except Unsupported as exc:
             for out in node.output:
                 unknown[out] = f"unsupported op {exc} at {key}"
         except Exception as exc:  # noqa: BLE001 - not bounded, never guessed

@@ -139,7 +139,7 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
     from deadrelu_cli.engine import resolve_device, run_scan, scan_torch
     from deadrelu_cli.loaders import LoadOptions, load_model
     from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP, detect_format
-    from deadrelu_cli.loaders.torch_models import _torch_load, load_state_into, unwrap_checkpoint
+    from deadrelu_cli.loaders.torch_models import load_state_into, torch_load, unwrap_checkpoint
 
     data = open_calibration(options.data, options.batch_axes, options.consts)
     weight_only = options.arch and all(
@@ -157,7 +157,7 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
 
                 state = load_file(str(checkpoint.path), device=device)
             else:
-                state = unwrap_checkpoint(_torch_load(checkpoint.path, device, options.trust_pickle))
+                state = unwrap_checkpoint(torch_load(checkpoint.path, device, options.trust_pickle))
             load_state_into(model.runnable, state, str(checkpoint.path))
             layers, _ = scan_torch(model, data, options, device)
             results.append(layers)

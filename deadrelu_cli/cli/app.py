@@ -10,8 +10,8 @@ import traceback
 import typer
 from rich.console import Console
 
-from deadrelu_cli import __version__
 from deadrelu_cli.errors import EXIT_INTERNAL, DeadreluError, one_line
+from deadrelu_cli.version import __version__
 
 app = typer.Typer(
     name="deadrelu",

@@ -9,164 +9,27 @@ by bias-shift only (its B). Anything else is skipped with the reason in the tabl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.fixes.plan import FixOptions, FixResult, LayerOutcome, LayerPlan, firing_thresholds
-from deadrelu_cli.probe.onnx_graph import (
-    _float_type,
-    _GraphIndex,
-    conv_added_bias,
-    find_sites,
-    site_channel_dim,
-)
-
-UNIT_PRESERVING = (
-    "MaxPool",
-    "AveragePool",
-    "GlobalAveragePool",
-    "GlobalMaxPool",
-    "Flatten",
-    "Dropout",
-    "Identity",
-)
-
-
-@dataclass
-class Weight:
-    """Where a unit's incoming (axis of units) or outgoing weights live in one initializer."""
-
-    name: str
-    axis: int  # the axis along which units (or consumer inputs) are laid out
-
-
-@dataclass
-class Wiring:
-    incoming: Weight | None = None
-    # the bias as the graph reads it, back to the initializer holding one value per unit (last);
-    # longer than one when the graph re-shapes it (Reshape(b, [1, C, 1, 1]))
-    bias_chain: list[str] = field(default_factory=list)
-    outgoing: Weight | None = None
-    why: str = ""
-
-    @property
-    def bias(self) -> str | None:
-        return self.bias_chain[-1] if self.bias_chain else None
-
-
-def _initializer(index: _GraphIndex, name: str) -> np.ndarray | None:
-    """The values of an initializer or of a Constant node's tensor (both are edited in place)."""
-    tensor = index.stored_tensor(name)
-    return None if tensor is None else numpy_helper.to_array(tensor)
-
-
-def _attr(node, name, default=None):
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
-def _uses(index: _GraphIndex, name: str) -> int:
-    return len(index.consumers.get(name, []))
-
-
-def wiring(model: onnx.ModelProto, site) -> Wiring:
-    index = _GraphIndex(model.graph)
-    wire = Wiring()
-    node = index.producer.get(site.input_name)
-    if node is not None and node.op_type == "Add":
-        data = [i for i in node.input if index.constant(i) is None]
-        added = [i for i in node.input if index.constant(i) is not None]
-        upstream = index.producer.get(data[0]) if len(data) == 1 else None
-        chain = index.reshaped_from(added[0]) if len(added) == 1 else []
-        if upstream is not None and upstream.op_type == "MatMul" and len(chain) == 1:
-            if _initializer(index, upstream.input[1]) is not None and _initializer(index, chain[0]).ndim == 1:
-                wire.incoming = Weight(upstream.input[1], 1)
-                wire.bias_chain = chain
-        elif (
-            upstream is not None
-            and upstream.op_type == "Conv"
-            and _attr(upstream, "group", 1) == 1
-            and chain
-            and conv_added_bias(upstream, index.constant(added[0]), index) is not None
-            and _initializer(index, upstream.input[1]) is not None
-            and not (len(upstream.input) > 2 and upstream.input[2])
-        ):
-            # Conv without bias + Add(bias, maybe reshaped to [1, C, 1, 1]): paddle2onnx's layout
-            wire.incoming = Weight(upstream.input[1], 0)
-            wire.bias_chain = chain
-    elif node is not None and node.op_type == "Conv" and _attr(node, "group", 1) == 1:
-        if _initializer(index, node.input[1]) is not None:
-            wire.incoming = Weight(node.input[1], 0)
-            wire.bias_chain = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
-    elif node is not None and node.op_type == "Gemm" and not _attr(node, "transA", 0):
-        if _initializer(index, node.input[1]) is not None:
-            wire.incoming = Weight(node.input[1], 0 if _attr(node, "transB", 0) else 1)
-            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            if (
-                bias is not None
-                and _initializer(index, bias) is not None
-                and _initializer(index, bias).ndim == 1
-            ):
-                wire.bias_chain = [bias]
-    elif node is not None and node.op_type == "BatchNormalization" and len(node.input) > 2:
-        # y = scale * (x - mean) / sqrt(var + eps) + B: shifting B shifts the pre-activation exactly
-        if _initializer(index, node.input[2]) is not None and _uses(index, node.input[2]) == 1:
-            wire.bias_chain = [node.input[2]]
-            wire.why = (
-                "skipped: produced by a BatchNormalization, whose units only bias-shift patches in ONNX"
-            )
-            return wire
-    if wire.incoming is None:
-        wire.why = (
-            "skipped: not produced by a Conv, Gemm, MatMul+bias or BatchNormalization with stored weights"
-        )
-        return wire
-    if _uses(index, wire.incoming.name) != 1 or any(_uses(index, name) != 1 for name in wire.bias_chain):
-        wire.incoming, wire.why = None, "skipped: its weights are shared with other nodes"
-        return wire
-    # follow the output to its one consumer
-    name = site.output_name
-    for _ in range(8):
-        consumers = index.consumers.get(name, [])
-        if len(consumers) != 1 or any(o.name == name for o in model.graph.output):
-            wire.why = (
-                f"skipped: its output goes to {len(consumers)} nodes, not to exactly one Conv/Gemm/MatMul"
-            )
-            return wire
-        consumer = consumers[0]
-        if consumer.op_type in UNIT_PRESERVING:
-            name = consumer.output[0]
-            continue
-        weight = consumer.input[1] if len(consumer.input) > 1 else ""
-        if _initializer(index, weight) is None or consumer.input[0] != name or _uses(index, weight) != 1:
-            break
-        if consumer.op_type == "Conv" and _attr(consumer, "group", 1) == 1:
-            wire.outgoing = Weight(weight, 1)
-        elif consumer.op_type == "Gemm" and not _attr(consumer, "transA", 0):
-            wire.outgoing = Weight(weight, 1 if _attr(consumer, "transB", 0) else 0)
-        elif consumer.op_type == "MatMul":
-            wire.outgoing = Weight(weight, 0)
-        break
-    if wire.outgoing is None:
-        wire.why = "skipped: its output does not go to exactly one Conv/Gemm/MatMul with stored weights"
-    return wire
+from deadrelu_cli.probe.onnx_graph import find_sites, site_channel_dim
+from deadrelu_cli.wiring.model import input_columns
+from deadrelu_cli.wiring.onnx import unit_wiring
+from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, float_type, stored_array, uses
 
 
 def _set(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
-    tensor = _GraphIndex(model.graph).stored_tensor(name)
+    tensor = GraphIndex(model.graph).stored_tensor(name)
     if tensor is None:
         raise KeyError(name)
     tensor.CopyFrom(numpy_helper.from_array(array.astype(numpy_helper.to_array(tensor).dtype), tensor.name))
 
 
 def _get(model: onnx.ModelProto, name: str) -> np.ndarray:
-    return numpy_helper.to_array(_GraphIndex(model.graph).stored_tensor(name)).copy()
+    return numpy_helper.to_array(GraphIndex(model.graph).stored_tensor(name)).copy()
 
 
 def _parameter_count(model: onnx.ModelProto) -> int:
@@ -178,10 +41,6 @@ def _parameter_count(model: onnx.ModelProto) -> int:
         if attr.name == "value"
     ]
     return sum(int(np.prod(tensor.dims)) for tensor in stored)
-
-
-def _columns(units: list[int], per_unit: int) -> list[int]:
-    return [u * per_unit + j for u in units for j in range(per_unit)]
 
 
 def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp, result: FixResult):
@@ -219,64 +78,69 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             )
             outcome.applied, outcome.action = True, f"Relu → {node.op_type}({node.attribute[0].f:g})"
             continue
-        wire = wiring(model, site)
+        wire = unit_wiring(model, site.input_name, site.output_name)
         if options.strategy == "bias-shift":
-            if wire.bias is None:
-                outcome.action = wire.why or "skipped: no bias initializer"
+            shift = wire.shift
+            if shift is None or uses(GraphIndex(model.graph), shift) != 1:
+                outcome.action = (
+                    "skipped: its bias is shared with other nodes"
+                    if shift is not None
+                    else (wire.why or "skipped: no bias initializer")
+                )
                 continue
-            bias = _get(model, wire.bias)
+            bias = _get(model, shift)
             flat = bias.reshape(-1)  # a view: one value per unit, whatever shape the initializer has
             flat[plan.units] = flat[plan.units] - quantiles[plan.name].astype(bias.dtype)
-            _set(model, wire.bias, bias)
+            _set(model, shift, bias)
             outcome.applied, outcome.action = (
                 True,
-                f"{wire.bias} raised by {float(-quantiles[plan.name].max()):.4g}…{float(-quantiles[plan.name].min()):.4g}",
+                f"{shift} raised by {float(-quantiles[plan.name].max()):.4g}…{float(-quantiles[plan.name].min()):.4g}",
             )
             continue
         if options.strategy == "kick":
-            if wire.incoming is None:
+            if wire.weight is None:
                 outcome.action = wire.why
                 continue
-            w_in = _get(model, wire.incoming.name)
+            w_in = _get(model, wire.weight.name)
             sigma = float(w_in.std()) * options.kick_scale
-            noise = rng.standard_normal(np.take(w_in, plan.units, axis=wire.incoming.axis).shape) * sigma
+            noise = rng.standard_normal(np.take(w_in, plan.units, axis=wire.weight.axis).shape) * sigma
             _assign(
                 w_in,
-                wire.incoming.axis,
+                wire.weight.axis,
                 plan.units,
-                np.take(w_in, plan.units, axis=wire.incoming.axis) + noise.astype(w_in.dtype),
+                np.take(w_in, plan.units, axis=wire.weight.axis) + noise.astype(w_in.dtype),
             )
-            _set(model, wire.incoming.name, w_in)
+            _set(model, wire.weight.name, w_in)
             if wire.bias:
                 bias = _get(model, wire.bias)
                 bias.reshape(-1)[plan.units] += np.abs(rng.standard_normal(len(plan.units)) * sigma).astype(
                     bias.dtype
                 )
                 _set(model, wire.bias, bias)
-            outcome.applied, outcome.action = True, f"{wire.incoming.name} kicked (σ = {sigma:.3g})"
+            outcome.applied, outcome.action = True, f"{wire.weight.name} kicked (σ = {sigma:.3g})"
             continue
-        if wire.incoming is None or wire.outgoing is None:
+        if wire.weight is None or wire.consumer_weight is None:
             outcome.action = wire.why
             continue
-        w_in, w_out = _get(model, wire.incoming.name), _get(model, wire.outgoing.name)
-        per_unit = w_out.shape[wire.outgoing.axis] // plan.all_units
-        columns = _columns(plan.units, per_unit)
+        w_in, w_out = _get(model, wire.weight.name), _get(model, wire.consumer_weight.name)
+        per_unit = w_out.shape[wire.consumer_weight.axis] // plan.all_units
+        columns = input_columns(plan.units, per_unit)
         if options.strategy == "reinit":
-            fan_in = int(np.prod(w_in.shape)) // w_in.shape[wire.incoming.axis]
+            fan_in = int(np.prod(w_in.shape)) // w_in.shape[wire.weight.axis]
             bound = 1.0 / np.sqrt(fan_in)
             fresh = rng.uniform(-bound, bound, size=w_in.shape).astype(w_in.dtype)
-            taken = np.take(fresh, plan.units, axis=wire.incoming.axis)
-            _assign(w_in, wire.incoming.axis, plan.units, taken)
-            _assign(w_out, wire.outgoing.axis, columns, 0.0)
-            _set(model, wire.incoming.name, w_in)
-            _set(model, wire.outgoing.name, w_out)
+            taken = np.take(fresh, plan.units, axis=wire.weight.axis)
+            _assign(w_in, wire.weight.axis, plan.units, taken)
+            _assign(w_out, wire.consumer_weight.axis, columns, 0.0)
+            _set(model, wire.weight.name, w_in)
+            _set(model, wire.consumer_weight.name, w_out)
             if wire.bias:
                 bias = _get(model, wire.bias)
                 bias.reshape(-1)[plan.units] = 0.0
                 _set(model, wire.bias, bias)
             outcome.applied, outcome.action = (
                 True,
-                f"{wire.incoming.name} re-initialised; {wire.outgoing.name} inputs zeroed",
+                f"{wire.weight.name} re-initialised; {wire.consumer_weight.name} inputs zeroed",
             )
         elif options.strategy == "prune":
             if site.op != "relu":
@@ -285,17 +149,21 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             if len(plan.units) == plan.all_units:
                 outcome.action = "skipped: every unit is dead"
                 continue
-            if len(wire.bias_chain) > 1 or (wire.bias and _get(model, wire.bias).ndim != 1):
+            if wire.bias_reshaped or (wire.bias and _get(model, wire.bias).ndim != 1):
                 outcome.action = "skipped: the graph re-shapes its bias to the old width (use reinit)"
                 continue
             kept = [u for u in range(plan.all_units) if u not in set(plan.units)]
-            _set(model, wire.incoming.name, np.take(w_in, kept, axis=wire.incoming.axis))
-            _set(model, wire.outgoing.name, np.take(w_out, _columns(kept, per_unit), axis=wire.outgoing.axis))
+            _set(model, wire.weight.name, np.take(w_in, kept, axis=wire.weight.axis))
+            _set(
+                model,
+                wire.consumer_weight.name,
+                np.take(w_out, input_columns(kept, per_unit), axis=wire.consumer_weight.axis),
+            )
             if wire.bias:
                 _set(model, wire.bias, _get(model, wire.bias)[kept])
             outcome.applied, outcome.action = (
                 True,
-                f"{wire.incoming.name} narrowed to {len(kept)}; {wire.outgoing.name} inputs removed",
+                f"{wire.weight.name} narrowed to {len(kept)}; {wire.consumer_weight.name} inputs removed",
             )
             outcome.units_after = len(kept)
             result.new_widths[plan.name] = len(kept)
@@ -324,20 +192,20 @@ def onnx_macs(model: onnx.ModelProto) -> int | None:
     for value in list(shaped.graph.value_info) + list(shaped.graph.output) + list(shaped.graph.input):
         dims = value.type.tensor_type.shape.dim
         shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    index = _GraphIndex(shaped.graph)
+    index = GraphIndex(shaped.graph)
     total = 0
     for node in shaped.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul"):
             continue
         out = shapes.get(node.output[0])
-        weight = _initializer(index, node.input[1]) if len(node.input) > 1 else None
+        weight = stored_array(index, node.input[1]) if len(node.input) > 1 else None
         if out is None or weight is None or any(d is None for d in out[1:]):
             return None
         per_sample = int(np.prod(out[1:])) if len(out) > 1 else 1
         if node.op_type == "Conv":
             total += per_sample * int(np.prod(weight.shape[1:]))
         elif node.op_type == "Gemm":
-            total += per_sample * int(weight.shape[1] if _attr(node, "transB", 0) else weight.shape[0])
+            total += per_sample * int(weight.shape[1] if attr(node, "transB", 0) else weight.shape[0])
         else:
             total += per_sample * int(weight.shape[0])
     return total
@@ -357,10 +225,10 @@ def _quantiles(scanned, plans, sites, options: FixOptions, scan_options) -> dict
     exposed.CopyFrom(scanned.model.runnable)
     del exposed.graph.output[:]
     wanted = [plan for plan in plans if plan.name in sites and not sites[plan.name].graph_path]
-    index = _GraphIndex(exposed.graph)
+    index = GraphIndex(exposed.graph)
     for plan in wanted:
         name = sites[plan.name].input_name
-        exposed.graph.output.append(helper.make_tensor_value_info(name, _float_type(index, name), None))
+        exposed.graph.output.append(helper.make_tensor_value_info(name, float_type(index, name), None))
     if not wanted:
         return {}
     session = make_session(exposed.SerializeToString(), scanned.device, [])

@@ -40,7 +40,7 @@ def check_archive(path: Path, max_ratio: int = 2000) -> list[str]:
     """Look at a zip archive (torch.save, TorchScript, .pt2) before any loader touches it: readable
     central directory, member names inside the archive, and no zip bomb (a member that would expand
     past the memory available, or more than `max_ratio` times its compressed size)."""
-    from deadrelu_cli.calibration import available_memory
+    from deadrelu_cli.memory import available_memory
 
     try:
         with zipfile.ZipFile(path) as archive:

@@ -34,7 +34,7 @@ STATE_DICT_KEYS = (
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
-def _torch_load(path: Path, device: str, trust_pickle: bool):
+def torch_load(path: Path, device: str, trust_pickle: bool):
     try:
         return torch.load(path, map_location=device, weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
@@ -278,7 +278,7 @@ def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
         notes = load_state_into(model, state, str(path))
         return _with_notes(_eager(path, "safetensors", model, sha, device), notes)
     if fmt in (TORCH_ZIP, TORCH_LEGACY):
-        obj = unwrap_checkpoint(_torch_load(path, device, options.trust_pickle))
+        obj = unwrap_checkpoint(torch_load(path, device, options.trust_pickle))
         if isinstance(obj, nn.Module):
             return _eager(path, "module", obj, sha, device)
         if not options.arch:

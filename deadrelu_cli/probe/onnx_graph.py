@@ -23,18 +23,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.wiring.onnx import consumer_layout, trace_producer
+from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, float_type, opset_version
 
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
-CHANNEL_FIRST_OPS = (
-    "Conv",
-    "ConvTranspose",
-    "BatchNormalization",
-    "InstanceNormalization",
-    "GroupNormalization",
-)
-LAST_DIM_OPS = ("MatMul", "Gemm", "LayerNormalization")
-PASS_THROUGH_OPS = ("Add", "Mul", "Sub", "Div", "BatchNormalization", "Identity", "Dropout", "Cast")
-RESHAPING_OPS = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze")  # values kept, in order
 STAT_KEYS = ("pos", "max", "sum", "size", "sat")
 
 
@@ -58,132 +50,15 @@ class OnnxSite:
     positions: int | None = None  # elements per (sample, unit) when static: no Size output needed
 
 
-def opset_version(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    return 1
-
-
-class _GraphIndex:
-    """Producers, consumers and constants of one graph (plus the constants of enclosing graphs)."""
-
-    def __init__(self, graph: onnx.GraphProto, outer: _GraphIndex | None = None) -> None:
-        self.graph = graph
-        self.outer = outer
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.initializers = {init.name: init for init in graph.initializer}
-        self.value_info = {
-            vi.name: vi for vi in list(graph.value_info) + list(graph.input) + list(graph.output)
-        }
-
-    def constant(self, name: str) -> np.ndarray | None:
-        if not name:
-            return None
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return numpy_helper.to_array(attr.t)
-                if attr.name == "value_float":
-                    return np.array(attr.f, dtype=np.float32)
-                if attr.name == "value_int":
-                    return np.array(attr.i, dtype=np.int64)
-        if node is not None and node.op_type in RESHAPING_OPS:
-            return self._reshaped_constant(node)
-        return self.outer.constant(name) if self.outer is not None else None
-
-    def _reshaped_constant(self, node: onnx.NodeProto) -> np.ndarray | None:
-        """A constant only re-shaped by the graph (paddle2onnx adds a Conv's bias as Reshape(b, [1, C, 1, 1]))."""
-        data = self.constant(node.input[0])
-        if data is None:
-            return None
-        op = node.op_type
-        try:
-            if op == "Identity":
-                return data
-            if op == "Flatten":
-                axis = int(_attr(node, "axis", 1))
-                axis = axis + data.ndim if axis < 0 else axis
-                return data.reshape(int(np.prod(data.shape[:axis], dtype=np.int64)), -1)
-            if op == "Reshape":
-                shape = self.constant(node.input[1]) if len(node.input) > 1 else _attr(node, "shape")
-                if shape is None:
-                    return None
-                keep_zeros = bool(_attr(node, "allowzero", 0))
-                dims = [
-                    data.shape[i] if d == 0 and not keep_zeros else int(d)
-                    for i, d in enumerate(np.ravel(shape))
-                ]
-                return data.reshape(dims)
-            axes = self.constant(node.input[1]) if len(node.input) > 1 else _attr(node, "axes")
-            if op == "Squeeze":
-                return (
-                    np.squeeze(data)
-                    if axes is None
-                    else np.squeeze(data, axis=tuple(int(a) for a in np.ravel(axes)))
-                )
-            if axes is None:  # Unsqueeze needs its axes
-                return None
-            return np.expand_dims(data, tuple(int(a) for a in np.ravel(axes)))
-        except (ValueError, IndexError, TypeError):  # a malformed shape: not a constant we can read
-            return None
-
-    def stored_tensor(self, name: str) -> onnx.TensorProto | None:
-        """The tensor behind `name` when this graph stores it: an initializer, or the value of a Constant
-        node (older exporters, paddle2onnx among them, keep every weight in one)."""
-        if name in self.initializers:
-            return self.initializers[name]
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            return next((attr.t for attr in node.attribute if attr.name == "value"), None)
-        return None
-
-    def reshaped_from(self, name: str) -> list[str]:
-        """[name, …, stored tensor] when `name` is a tensor this graph stores, possibly re-shaped by
-        Identity/Reshape/Flatten/Squeeze/Unsqueeze (its elements in the same order); else []."""
-        chain = [name]
-        while self.stored_tensor(chain[-1]) is None:
-            node = self.producer.get(chain[-1])
-            if node is None or node.op_type not in RESHAPING_OPS or self.constant(chain[-1]) is None:
-                return []
-            chain.append(node.input[0])
-        return chain
-
-    def shape(self, name: str) -> list[int | None] | None:
-        """The inferred shape (None for symbolic dims), or None when not even the rank is known."""
-        vi = self.value_info.get(name)
-        if vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-        return self.outer.shape(name) if self.outer is not None else None
-
-    def rank(self, name: str) -> int | None:
-        shape = self.shape(name)
-        return None if shape is None else len(shape)
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
-def _clip_bounds(node: onnx.NodeProto, index: _GraphIndex) -> tuple[float | None, float | None]:
-    if len(node.input) > 1 or _attr(node, "min") is None:
+def _clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, float | None]:
+    if len(node.input) > 1 or attr(node, "min") is None:
         lo = index.constant(node.input[1]) if len(node.input) > 1 else None
         hi = index.constant(node.input[2]) if len(node.input) > 2 else None
         return (None if lo is None else float(lo)), (None if hi is None else float(hi))
-    return float(_attr(node, "min", -np.inf)), float(_attr(node, "max", np.inf))
+    return float(attr(node, "min", -np.inf)), float(attr(node, "max", np.inf))
 
 
-def _is_hard_sigmoid_part(node: onnx.NodeProto, index: _GraphIndex) -> bool:
+def _is_hard_sigmoid_part(node: onnx.NodeProto, index: GraphIndex) -> bool:
     """Clip(x + 3, 0, 6) scaled by 1/6: the decomposed HardSigmoid, or HardSwish either as
     x * (Clip(x + 3, 0, 6) / 6) or as (x * Clip(x + 3, 0, 6)) / 6 (PaddlePaddle's paddle2onnx)."""
     source = index.producer.get(node.input[0])
@@ -210,7 +85,7 @@ def _is_hard_sigmoid_part(node: onnx.NodeProto, index: _GraphIndex) -> bool:
     return False
 
 
-def classify(node: onnx.NodeProto, index: _GraphIndex) -> tuple[str, float | None] | None:
+def classify(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, float | None] | None:
     if node.op_type == "Relu":
         return "relu", None
     if node.op_type == "Clip":
@@ -231,106 +106,7 @@ def classify(node: onnx.NodeProto, index: _GraphIndex) -> tuple[str, float | Non
     return None
 
 
-def _trace(site: OnnxSite, index: _GraphIndex) -> None:
-    """Unit axis and bias from the op that produced the pre-activation (through Add/Mul/BN/bias)."""
-    name = site.input_name
-    keep_producer = True
-    for _ in range(32):
-        node = index.producer.get(name)
-        if node is None:
-            return
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
-            site.channel_first = node.op_type != "Gemm"
-            if keep_producer and len(node.input) > 2:
-                site.bias = index.constant(node.input[2])
-                site.producer = node.name or node.output[0]
-            return
-        if node.op_type == "MatMul":
-            site.channel_first = False
-            return
-        if node.op_type in CHANNEL_FIRST_OPS:
-            site.channel_first = True
-            if node.op_type == "BatchNormalization" and keep_producer:
-                site.bias = index.constant(node.input[2])
-                site.producer = node.name or node.output[0]
-            return
-        if node.op_type in LAST_DIM_OPS:
-            site.channel_first = False
-            return
-        if node.op_type in PASS_THROUGH_OPS:
-            data_inputs = [i for i in node.input if i and index.constant(i) is None]
-            if node.op_type == "Add" and len(data_inputs) == 1 and keep_producer:
-                # MatMul + bias: the constant operand is the bias
-                other = next((index.constant(i) for i in node.input if index.constant(i) is not None), None)
-                upstream = index.producer.get(data_inputs[0])
-                if (
-                    upstream is not None
-                    and upstream.op_type == "MatMul"
-                    and other is not None
-                    and other.ndim == 1
-                ):
-                    site.channel_first = False
-                    site.bias = other
-                    site.producer = node.name or node.output[0]
-                    return
-                if (
-                    upstream is not None
-                    and upstream.op_type in ("Conv", "ConvTranspose")
-                    and other is not None
-                ):
-                    per_channel = conv_added_bias(upstream, other, index)
-                    if per_channel is not None:  # Conv without bias + Add(b reshaped to [1, C, 1, 1])
-                        site.channel_first = True
-                        site.bias = per_channel
-                        site.producer = node.name or node.output[0]
-                        return
-            if len(data_inputs) != 1:
-                keep_producer = False
-            if not data_inputs:
-                return
-            name = data_inputs[0]
-            continue
-        return
-
-
-def conv_added_bias(conv: onnx.NodeProto, added: np.ndarray, index: _GraphIndex) -> np.ndarray | None:
-    """The per-channel bias of Conv(x) + added, when `added` holds one value per output channel laid
-    out on dim 1 ([C, 1, 1], [1, C, 1, 1], …); the Conv's own bias, if any, included. Else None."""
-    weight = index.constant(conv.input[1]) if len(conv.input) > 1 else None
-    if weight is None or weight.ndim < 3:
-        return None
-    rank = weight.ndim
-    channels = weight.shape[0] if conv.op_type == "Conv" else weight.shape[1] * int(_attr(conv, "group", 1))
-    if added.ndim > rank or added.size != channels:
-        return None
-    aligned = (1,) * (rank - added.ndim) + added.shape
-    if aligned[1] != channels or int(np.prod(aligned)) != channels:
-        return None
-    bias = added.reshape(-1).astype(np.float64)
-    own = index.constant(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-    return bias if own is None else bias + own.reshape(-1)
-
-
 _BRANCH_ORDER = {"then_branch": 0, "else_branch": 1}
-
-
-def _consumer_layout(site: OnnxSite, index: _GraphIndex) -> bool | None:
-    """When the producer does not tell (an LSTM, a Reshape…): the layer that reads the activation does —
-    a Conv reads channels on dim 1, a MatMul/Gemm the last dim."""
-    name = site.output_name
-    for _ in range(8):
-        consumers = index.consumers.get(name, [])
-        if len(consumers) != 1:
-            return None
-        node = consumers[0]
-        if node.op_type in ("Conv", "ConvTranspose"):
-            return True
-        if node.op_type in ("MatMul", "Gemm"):
-            return False
-        if node.op_type not in ("MaxPool", "AveragePool", "Dropout", "Identity", "Cast"):
-            return None
-        name = node.output[0]
-    return None
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
@@ -344,9 +120,9 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
     sites: list[OnnxSite] = []
 
     def walk(
-        graph: onnx.GraphProto, path: tuple[str, ...], prefix: str, outer: _GraphIndex | None, in_loop: bool
+        graph: onnx.GraphProto, path: tuple[str, ...], prefix: str, outer: GraphIndex | None, in_loop: bool
     ):
-        index = _GraphIndex(graph, outer)
+        index = GraphIndex(graph, outer)
         for node in graph.node:
             kind = classify(node, index)
             if kind is not None and (include_all or kind[0] in ops):
@@ -362,9 +138,10 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
                     clip_max=kind[1],
                     in_loop=in_loop,
                 )
-                _trace(site, index)
+                trace = trace_producer(index, site.input_name)
+                site.channel_first, site.producer, site.bias = trace.channel_first, trace.producer, trace.bias
                 if site.channel_first is None:
-                    site.channel_first = _consumer_layout(site, index)
+                    site.channel_first = consumer_layout(index, site.output_name)
                 sites.append(site)
             for attr_name, sub in _subgraphs(node):
                 label = node.name or node.output[0]
@@ -426,13 +203,6 @@ class _Builder:
         if axes_from_input:
             return self.node(op, [x, self.const(np.array(axes, dtype=np.int64), "axes")], stem, keepdims=0)
         return self.node(op, [x], stem, axes=axes, keepdims=0)
-
-
-def _float_type(index: _GraphIndex, name: str) -> int:
-    vi = index.value_info.get(name)
-    if vi is not None and vi.type.HasField("tensor_type"):
-        return vi.type.tensor_type.elem_type
-    return TensorProto.FLOAT
 
 
 def _exact_step(builder: _Builder, y: str, channels: int, rank: int) -> str:
@@ -626,7 +396,7 @@ def instrument(
                     collect(attr.g, sub_path)
 
     collect(inst.graph, ())
-    indexes = {path: _GraphIndex(g) for path, g in graphs.items()}
+    indexes = {path: GraphIndex(g) for path, g in graphs.items()}
     for i, site in enumerate(sites):
         if site.rank is None and channel_dim_override not in (None, 1, -1):
             raise UserError(
@@ -643,7 +413,7 @@ def instrument(
             site,
             dim,
             threshold,
-            _float_type(index, site.input_name),
+            float_type(index, site.input_name),
             index.shape(site.output_name),
             exact_step,
         )

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from deadrelu_cli import __version__
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.stats import LayerStats, Thresholds, merge_layer
+from deadrelu_cli.version import __version__
 
 SCHEMA_VERSION = (
     2  # 2: per-layer certified_dead_indices / upper_bound (--certify); version 1 reports still load

@@ -1,0 +1,57 @@
+"""Interval arithmetic shared by the certifiers (`scan --certify`) of torch programs and ONNX graphs.
+
+float64 intervals; ops that are monotone map both ends, linear ops use the midpoint-radius form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Interval:
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    def map(self, fn) -> Interval:
+        """A monotonically non-decreasing op applied to both ends."""
+        return Interval(fn(self.lo), fn(self.hi))
+
+
+@dataclass
+class SiteBound:
+    name: str
+    op: str
+    upper_bound: np.ndarray | None  # per unit: max over positions of the pre-activation's upper bound
+    certified_dead: list[int] | None  # None: not certified (an unsupported op upstream)
+    reason: str = ""
+
+
+def linear_interval(x: Interval, weight: torch.Tensor, bias: torch.Tensor | None, fn) -> Interval:
+    mid, rad = (x.hi + x.lo) / 2, (x.hi - x.lo) / 2
+    out_mid = fn(mid, weight, bias)
+    out_rad = fn(rad, weight.abs(), None)
+    return Interval(out_mid - out_rad, out_mid + out_rad)
+
+
+def product(a: Interval, b: Interval) -> Interval:
+    """Elementwise a * b of two intervals (broadcast): its extremes are among the four corner products.
+    Sound, if loose where a and b depend on the same inputs (x * hardsigmoid(x) in a HardSwish)."""
+    corners = torch.stack(torch.broadcast_tensors(a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi))
+    unbounded = corners.isnan().any(0)  # 0 * inf: no finite bound there
+    lo = torch.where(unbounded, -torch.inf, corners.amin(0))
+    hi = torch.where(unbounded, torch.inf, corners.amax(0))
+    return Interval(lo, hi)
+
+
+class Unsupported(Exception):
+    """An op the propagation does not understand: everything below it is not certified."""
+
+
+def scale_interval(x: Interval, factor) -> Interval:
+    """x * factor for a constant factor of either sign."""
+    a, b = x.lo * factor, x.hi * factor
+    return Interval(torch.minimum(a, b), torch.maximum(a, b))

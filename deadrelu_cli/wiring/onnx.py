@@ -1,0 +1,253 @@
+"""The wiring reader for ONNX graphs: which node and stored tensors make a site's units, and which read them.
+
+Producers recognised: Conv / ConvTranspose / Gemm (their own bias), MatMul + Add(bias), Conv without bias +
+Add(per-channel bias, re-shaped or not: paddle2onnx), BatchNormalization; reached through the
+pass-through ops. Consumers: one Conv / Gemm / MatMul with a stored weight, reached through the
+unit-preserving ops. One list of each kind lives here, for every ONNX reader.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from deadrelu_cli.wiring.model import BatchNormRef, ProducerTrace, TensorRef, UnitWiring
+from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, stored_array, uses
+
+CHANNEL_FIRST_OPS = (
+    "Conv",
+    "ConvTranspose",
+    "BatchNormalization",
+    "InstanceNormalization",
+    "GroupNormalization",
+)
+LAST_DIM_OPS = ("MatMul", "Gemm", "LayerNormalization")
+# ops a pre-activation flows through from its producer (the bias survives only scalar operands)
+PASS_THROUGH_OPS = ("Add", "Mul", "Sub", "Div", "BatchNormalization", "Identity", "Dropout", "Cast")
+# ops after an activation that keep each unit's values in their own slots and its axis where it was
+UNIT_PRESERVING_OPS = (
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "Dropout",
+    "Identity",
+    "Cast",
+)
+# ... and those that also keep the order of the values but move the unit axis (a consumer still reads
+# each unit's values in consecutive columns)
+FLATTENING_OPS = ("Flatten",)
+
+
+def display_name(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+def conv_added_bias(conv: onnx.NodeProto, added: np.ndarray, index: GraphIndex) -> np.ndarray | None:
+    """The per-channel bias of Conv(x) + added, when `added` holds one value per output channel laid
+    out on dim 1 ([C, 1, 1], [1, C, 1, 1], …); the Conv's own bias, if any, included. Else None."""
+    weight = index.constant(conv.input[1]) if len(conv.input) > 1 else None
+    if weight is None or weight.ndim < 3:
+        return None
+    rank = weight.ndim
+    channels = weight.shape[0] if conv.op_type == "Conv" else weight.shape[1] * int(attr(conv, "group", 1))
+    if added.ndim > rank or added.size != channels:
+        return None
+    aligned = (1,) * (rank - added.ndim) + added.shape
+    if aligned[1] != channels or int(np.prod(aligned)) != channels:
+        return None
+    bias = added.reshape(-1).astype(np.float64)
+    own = index.constant(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+    return bias if own is None else bias + own.reshape(-1)
+
+
+def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
+    """Unit axis, producer and bias from the op that produced an activation's input (through
+    Add/Mul/BN/bias)."""
+    trace = ProducerTrace()
+    name = input_name
+    keep_producer = True
+    for _ in range(32):
+        node = index.producer.get(name)
+        if node is None:
+            return trace
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+            trace.channel_first = node.op_type != "Gemm"
+            if keep_producer and len(node.input) > 2:
+                trace.bias = index.constant(node.input[2])
+                trace.producer = display_name(node)
+            return trace
+        if node.op_type == "MatMul":
+            trace.channel_first = False
+            return trace
+        if node.op_type in CHANNEL_FIRST_OPS:
+            trace.channel_first = True
+            if node.op_type == "BatchNormalization" and keep_producer:
+                trace.bias = index.constant(node.input[2])
+                trace.producer = display_name(node)
+            return trace
+        if node.op_type in LAST_DIM_OPS:
+            trace.channel_first = False
+            return trace
+        if node.op_type in PASS_THROUGH_OPS:
+            data_inputs = [i for i in node.input if i and index.constant(i) is None]
+            if node.op_type == "Add" and len(data_inputs) == 1 and keep_producer:
+                other = next((index.constant(i) for i in node.input if index.constant(i) is not None), None)
+                upstream = index.producer.get(data_inputs[0])
+                if (
+                    upstream is not None
+                    and upstream.op_type == "MatMul"
+                    and other is not None
+                    and other.ndim == 1
+                ):  # MatMul + bias: the constant operand is the bias
+                    trace.channel_first = False
+                    trace.bias = other
+                    trace.producer = display_name(node)
+                    return trace
+                if (
+                    upstream is not None
+                    and upstream.op_type in ("Conv", "ConvTranspose")
+                    and other is not None
+                ):
+                    per_channel = conv_added_bias(upstream, other, index)
+                    if per_channel is not None:  # Conv without bias + Add(b reshaped to [1, C, 1, 1])
+                        trace.channel_first = True
+                        trace.bias = per_channel
+                        trace.producer = display_name(node)
+                        return trace
+            if len(data_inputs) != 1:
+                keep_producer = False
+            if not data_inputs:
+                return trace
+            name = data_inputs[0]
+            continue
+        return trace
+    return trace
+
+
+def consumer_layout(index: GraphIndex, output_name: str) -> bool | None:
+    """When the producer does not tell (an LSTM, a Reshape…): the layer that reads the activation does —
+    a Conv reads channels on dim 1, a MatMul/Gemm the last dim."""
+    name = output_name
+    for _ in range(8):
+        consumers = index.consumers.get(name, [])
+        if len(consumers) != 1:
+            return None
+        node = consumers[0]
+        if node.op_type in ("Conv", "ConvTranspose"):
+            return True
+        if node.op_type in ("MatMul", "Gemm"):
+            return False
+        if node.op_type not in UNIT_PRESERVING_OPS:
+            return None
+        name = node.output[0]
+    return None
+
+
+def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
+    """Fill the producer side of `wire`: the weight whose rows make the units, and the bias."""
+    node = index.producer.get(input_name)
+    if node is None:
+        return
+    wire.producer = display_name(node)
+    if node.op_type == "Add":
+        data = [i for i in node.input if index.constant(i) is None]
+        added = [i for i in node.input if index.constant(i) is not None]
+        upstream = index.producer.get(data[0]) if len(data) == 1 else None
+        chain = index.reshaped_from(added[0]) if len(added) == 1 else []
+        if upstream is not None and upstream.op_type == "MatMul" and len(chain) == 1:
+            if stored_array(index, upstream.input[1]) is not None and stored_array(index, chain[0]).ndim == 1:
+                wire.owner = display_name(upstream)
+                wire.weight = TensorRef(upstream.input[1], 1)
+                wire.bias = chain[0]
+        elif (
+            upstream is not None
+            and upstream.op_type == "Conv"
+            and attr(upstream, "group", 1) == 1
+            and chain
+            and conv_added_bias(upstream, index.constant(added[0]), index) is not None
+            and stored_array(index, upstream.input[1]) is not None
+            and not (len(upstream.input) > 2 and upstream.input[2])
+        ):
+            # Conv without bias + Add(bias, maybe reshaped to [1, C, 1, 1]): paddle2onnx's layout
+            wire.owner = display_name(upstream)
+            wire.weight = TensorRef(upstream.input[1], 0)
+            wire.bias, wire.bias_reshaped = chain[-1], len(chain) > 1
+            if any(uses(index, name) != 1 for name in chain):
+                wire.weight, wire.why = None, "skipped: its weights are shared with other nodes"
+    elif node.op_type == "Conv" and attr(node, "group", 1) == 1:
+        if stored_array(index, node.input[1]) is not None:
+            wire.owner = display_name(node)
+            wire.weight = TensorRef(node.input[1], 0)
+            wire.bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    elif node.op_type == "Gemm" and not attr(node, "transA", 0):
+        if stored_array(index, node.input[1]) is not None:
+            wire.owner = display_name(node)
+            wire.weight = TensorRef(node.input[1], 0 if attr(node, "transB", 0) else 1)
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            if (
+                bias is not None
+                and stored_array(index, bias) is not None
+                and stored_array(index, bias).ndim == 1
+            ):
+                wire.bias = bias
+    elif node.op_type == "BatchNormalization" and len(node.input) > 2:
+        # y = scale * (x - mean) / sqrt(var + eps) + B: shifting B shifts the pre-activation exactly
+        if stored_array(index, node.input[2]) is not None:
+            scale, bias, mean, var = (list(node.input[1:5]) + [""] * 4)[:4]
+            wire.batchnorm = BatchNormRef(display_name(node), scale or None, bias, mean or None, var or None)
+
+
+def _outgoing(index: GraphIndex, wire: UnitWiring, output_name: str, graph_outputs: set[str]) -> str:
+    """Fill the consumer side of `wire` (readers always; the consumer's weight when there is exactly
+    one Conv/Gemm/MatMul with a stored weight); return why not, or ""."""
+    name = output_name
+    for _ in range(8):
+        consumers = index.consumers.get(name, [])
+        if len(consumers) != 1 or name in graph_outputs:
+            wire.readers = tuple(display_name(c) for c in consumers)
+            return f"skipped: its output goes to {len(consumers)} nodes, not to exactly one Conv/Gemm/MatMul"
+        consumer = consumers[0]
+        if consumer.op_type in UNIT_PRESERVING_OPS + FLATTENING_OPS:
+            name = consumer.output[0]
+            continue
+        wire.readers = (display_name(consumer),)
+        weight = consumer.input[1] if len(consumer.input) > 1 else ""
+        if stored_array(index, weight) is None or consumer.input[0] != name or uses(index, weight) != 1:
+            break
+        if consumer.op_type == "Conv" and attr(consumer, "group", 1) == 1:
+            wire.consumer_weight = TensorRef(weight, 1)
+        elif consumer.op_type == "Gemm" and not attr(consumer, "transA", 0):
+            wire.consumer_weight = TensorRef(weight, 1 if attr(consumer, "transB", 0) else 0)
+        elif consumer.op_type == "MatMul":
+            wire.consumer_weight = TensorRef(weight, 0)
+        if wire.consumer_weight is not None:
+            wire.consumer = display_name(consumer)
+            return ""
+        break
+    return "skipped: its output does not go to exactly one Conv/Gemm/MatMul with stored weights"
+
+
+def unit_wiring(
+    model: onnx.ModelProto, input_name: str, output_name: str, index: GraphIndex | None = None
+) -> UnitWiring:
+    """The wiring of the activation reading `input_name` and writing `output_name` (main graph)."""
+    index = index or GraphIndex(model.graph)
+    wire = UnitWiring()
+    _incoming(index, wire, input_name)
+    consumer_why = _outgoing(index, wire, output_name, {o.name for o in model.graph.output})
+    if wire.weight is not None and (
+        uses(index, wire.weight.name) != 1 or (wire.bias and uses(index, wire.bias) != 1)
+    ):
+        wire.weight, wire.why = None, "skipped: its weights are shared with other nodes"
+    if wire.why:
+        return wire
+    if wire.weight is None and wire.batchnorm is not None:
+        wire.why = "skipped: produced by a BatchNormalization, whose units only bias-shift patches in ONNX"
+    elif wire.weight is None:
+        wire.why = (
+            "skipped: not produced by a Conv, Gemm, MatMul+bias or BatchNormalization with stored weights"
+        )
+    else:
+        wire.why = consumer_why
+    return wire
