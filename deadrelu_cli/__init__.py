@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def scan(model: str, data: str, **options: Any) -> Report:
     """Scan MODEL on the calibration DATA and return the Report (see `deadrelu scan --help` for options)."""
-    from deadrelu_cli.engine import ScanOptions, run_scan
+    from deadrelu_cli.engine import run_scan
+    from deadrelu_cli.options import ScanOptions
 
     return run_scan(ScanOptions(model=model, data=data, **options))
 

@@ -110,12 +110,12 @@ def explain_layer(
 def _torch_view(model_loaded, probe, report):
     """Per layer: its producer's tensors (read by name, so modules and .pt2 programs alike) and the
     layer whose output the producer reads."""
-    from deadrelu_cli.fixes.torch_exported import named_tensor
+    from deadrelu_cli.backends.torch.program import named_tensor
 
     if model_loaded.kind == "eager":
         model, consumers = model_loaded.runnable, getattr(probe, "consumers", {})
     else:
-        from deadrelu_cli.fixes.torch_exported import exported_wiring
+        from deadrelu_cli.backends.torch.program import exported_wiring
         from deadrelu_cli.loaders.torch_models import graph_module_with_stack
         from deadrelu_cli.probe.exported import find_sites
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from deadrelu_cli.errors import UserError
+
 
 @dataclass
 class Interval:
@@ -55,3 +57,38 @@ def scale_interval(x: Interval, factor) -> Interval:
     """x * factor for a constant factor of either sign."""
     a, b = x.lo * factor, x.hi * factor
     return Interval(torch.minimum(a, b), torch.maximum(a, b))
+
+
+def input_boxes(
+    spec: str | tuple[float, float] | None, shapes: list[tuple[int, ...]], data=None
+) -> list[Interval]:
+    """Boxes of one sample per input: (LO, HI) for every element, or 'auto' = per-element min/max of the data."""
+    boxes = []
+    if spec == "auto":
+        if data is None:
+            raise UserError(
+                "--input-range auto needs --data (the box is the min/max of each input feature over the data)"
+            )
+        lows: dict[str, np.ndarray] = {}
+        highs: dict[str, np.ndarray] = {}
+        for batch in data.batches(256):
+            for name, array in batch.items():
+                a = array.astype(np.float64)
+                lows[name] = np.minimum(lows[name], a.min(0)) if name in lows else a.min(0)
+                highs[name] = np.maximum(highs[name], a.max(0)) if name in highs else a.max(0)
+        for name in data.names:
+            boxes.append(Interval(torch.from_numpy(lows[name])[None], torch.from_numpy(highs[name])[None]))
+        return boxes
+    if spec is None:
+        raise UserError("--certify needs --input-range LO HI (or auto with --data)")
+    lo, hi = spec
+    if lo > hi:
+        raise UserError(f"--input-range {lo} {hi}: LO must not exceed HI")
+    for shape in shapes:
+        boxes.append(
+            Interval(
+                torch.full((1, *shape), float(lo), dtype=torch.float64),
+                torch.full((1, *shape), float(hi), dtype=torch.float64),
+            )
+        )
+    return boxes

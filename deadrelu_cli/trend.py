@@ -135,8 +135,10 @@ def order_checkpoints(paths: list[Path]) -> list[Checkpoint]:
 
 
 def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerStats]], int]:
+    from deadrelu_cli.backends.torch.api import resolve_device
+    from deadrelu_cli.backends.torch.scan import scan_torch
     from deadrelu_cli.calibration import open_calibration
-    from deadrelu_cli.engine import resolve_device, run_scan, scan_torch
+    from deadrelu_cli.engine import run_scan
     from deadrelu_cli.loaders import LoadOptions, load_model
     from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP, detect_format
     from deadrelu_cli.loaders.torch_models import load_state_into, torch_load, unwrap_checkpoint

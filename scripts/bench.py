@@ -29,7 +29,8 @@ import torch
 from peak_rss import peak_rss_kib  # scripts/ is on sys.path when this runs as a script
 from torch import nn
 
-from deadrelu_cli.engine import ScanOptions, run_scan
+from deadrelu_cli.engine import run_scan
+from deadrelu_cli.options import ScanOptions
 
 warnings.filterwarnings("ignore")
 

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from deadrelu_cli.certify import certify_graph, graph_for, input_boxes
+from deadrelu_cli.backends.torch.certify import certify_graph, graph_for
+from deadrelu_cli.intervals import input_boxes
 
 CNN = ROOT / "sample_models" / "cnn"
 
@@ -232,7 +233,7 @@ def test_onnx_certification_matches_torch(tmp_path, planted_module):
     """The ONNX export of each planted model certifies exactly the units its torch graph does."""
     import warnings
 
-    from deadrelu_cli.certify_onnx import certify_onnx
+    from deadrelu_cli.backends.onnx.certify import certify_onnx
     from deadrelu_cli.loaders.onnx_model import read_onnx
 
     for factory, shape in (
@@ -270,7 +271,7 @@ def test_onnx_graph_ops_and_subgraphs(tmp_path):
     import onnx
     from onnx_graphs import conv_relu_hardswish, gemm_relu, relu_in_if
 
-    from deadrelu_cli.certify_onnx import certify_onnx
+    from deadrelu_cli.backends.onnx.certify import certify_onnx
 
     bounds = certify_onnx(
         onnx.shape_inference.infer_shapes(gemm_relu()), input_boxes((-1.0, 1.0), [(4,)]), ("relu",), 0.0, None
@@ -339,7 +340,7 @@ def test_gates_and_products_are_bounded_alike_in_torch_and_onnx(tmp_path, factor
     and the ONNX export gives the same bounds as the torch graph (two implementations)."""
     import warnings
 
-    from deadrelu_cli.certify_onnx import certify_onnx
+    from deadrelu_cli.backends.onnx.certify import certify_onnx
     from deadrelu_cli.loaders.onnx_model import read_onnx
 
     model, shape = factory().eval(), (3, 6, 6)

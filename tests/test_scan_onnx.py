@@ -357,9 +357,9 @@ def test_exact_step_count_on_extreme_values_and_nan_recount(tmp_path, spatial):
 
 def test_exact_step_only_for_the_cpu_provider(tmp_path):
     """On CUDA (cuDNN may flush subnormals or use TF32) the count stays Greater-based."""
+    from deadrelu_cli.backends.onnx.scan import instrumented_bytes
     from deadrelu_cli.loaders.model import LoadOptions
     from deadrelu_cli.loaders.onnx_model import load_onnx
-    from deadrelu_cli.onnx_scan import instrumented_bytes
     from deadrelu_cli.probe.onnx_graph import find_sites
 
     path = _save(conv_relu_hardswish(), tmp_path)
@@ -376,9 +376,9 @@ def test_exact_step_only_for_the_cpu_provider(tmp_path):
 def test_appended_instrumentation_parses_as_the_instrumented_graph(tmp_path):
     """The session is built from the file's bytes + a message of appended nodes; protobuf merges them
     into exactly the graph that instrument() builds (same nodes, same outputs, weights untouched)."""
+    from deadrelu_cli.backends.onnx.scan import instrumented_bytes
     from deadrelu_cli.loaders.model import LoadOptions
     from deadrelu_cli.loaders.onnx_model import load_onnx
-    from deadrelu_cli.onnx_scan import instrumented_bytes
     from deadrelu_cli.probe.onnx_graph import find_sites, instrument
 
     path = _save(conv_relu_hardswish(), tmp_path)
@@ -471,7 +471,7 @@ def test_sites_of_unknown_rank_use_rank_free_reductions(factory, channel_dim):
     reshape to [N, C, rest] or [rest, C]; the counts must equal those of the known-rank path."""
     import onnxruntime as ort
 
-    from deadrelu_cli.onnx_scan import _HostAccumulator
+    from deadrelu_cli.backends.onnx.scan import HostAccumulator
     from deadrelu_cli.probe.onnx_graph import find_sites, instrument
 
     model = {"relu_in_if": relu_in_if, "matmul_tokens": matmul_tokens, "conv": conv_relu_hardswish}[factory]()
@@ -493,7 +493,7 @@ def test_sites_of_unknown_rank_use_rank_free_reductions(factory, channel_dim):
         out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
         counts = []
         for site in sites:
-            acc = _HostAccumulator(site)
+            acc = HostAccumulator(site)
             acc.add({key: out[name] for key, name in site.outputs.items()})
             counts.append((acc.positive.tolist() if acc.positive is not None else None, acc.elements))
         results.append(counts)

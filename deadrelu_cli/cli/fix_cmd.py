@@ -77,11 +77,11 @@ def fix(
     json_out: opt.JsonOut = None,
 ) -> None:
     """Patch the dead units of MODEL and write OUT; exit 0 written and verified, 1 verification failed (nothing written)."""
-    from deadrelu_cli.engine import ScanOptions
     from deadrelu_cli.errors import GateFailed
     from deadrelu_cli.files import write_text_atomic
     from deadrelu_cli.fixes.plan import FixOptions
     from deadrelu_cli.fixes.run import run_fix
+    from deadrelu_cli.options import ScanOptions
 
     scan_options = ScanOptions(
         model=model,

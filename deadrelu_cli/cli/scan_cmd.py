@@ -84,9 +84,10 @@ def scan(
 
     Settings not given as flags come from [tool.deadrelu] in the nearest pyproject.toml (or deadrelu.toml).
     """
-    from deadrelu_cli.engine import ScanOptions, run_scan_detailed
+    from deadrelu_cli.engine import run_scan_detailed
     from deadrelu_cli.errors import UserError
     from deadrelu_cli.files import refuse_overwrite_of_inputs, write_text_atomic
+    from deadrelu_cli.options import ScanOptions
     from deadrelu_cli.probe.ops import parse_ops
     from deadrelu_cli.report.model import report_to_json
     from deadrelu_cli.report.table import print_report

@@ -36,8 +36,8 @@ def trend(
     html_out: opt.HtmlOut = None,
 ) -> None:
     """Dead fraction per layer at each checkpoint, when each unit died, and which units revived."""
-    from deadrelu_cli.engine import ScanOptions
     from deadrelu_cli.files import write_text_atomic
+    from deadrelu_cli.options import ScanOptions
     from deadrelu_cli.report.table import SPARK
     from deadrelu_cli.trend import run_trend
 

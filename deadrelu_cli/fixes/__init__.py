@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 def patch_module(module, layers, strategy: str = "leaky", slope: float = 0.01):
-    from deadrelu_cli.fixes.torch_eager import patch_module as _patch
+    from deadrelu_cli.backends.torch.strategies import patch_module as _patch
 
     return _patch(module, list(layers), strategy, slope)
 

@@ -12,6 +12,9 @@ from deadrelu_cli.report.model import Report
 
 STRATEGIES = ("leaky", "elu", "reinit", "bias-shift", "prune", "kick")
 EXACT_STRATEGIES = ("reinit", "prune")  # outputs on the calibration data must not change
+ARTIFACT_SUFFIXES = {".pt2": "exported_program", ".onnx": "onnx", ".ts": "torchscript", ".jit": "torchscript"}
+# (a TorchScript input patched with leaky/elu is written as TorchScript whatever OUT's extension)
+STATE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 @dataclass

@@ -14,14 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from deadrelu_cli.engine import ScanOptions, run_scan_detailed
+from deadrelu_cli.backends import backend_of
+from deadrelu_cli.engine import run_scan_detailed
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import refuse_overwrite_of_inputs
 from deadrelu_cli.fixes.plan import EXACT_STRATEGIES, STRATEGIES, FixOptions, FixResult, plan_layers
-
-ARTIFACT_SUFFIXES = {".pt2": "exported_program", ".onnx": "onnx", ".ts": "torchscript", ".jit": "torchscript"}
-# (a TorchScript input patched with leaky/elu is written as TorchScript whatever OUT's extension)
-STATE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+from deadrelu_cli.options import ScanOptions
 
 
 def _temp_path(output: Path) -> Path:
@@ -34,28 +32,6 @@ def _temp_path(output: Path) -> Path:
         raise UserError(f"--output {output}: cannot write there ({exc.strerror})") from None
     os.close(handle)
     return Path(name)
-
-
-def runner_for(loaded, data, device: str):
-    """batch -> list of output arrays, for any loaded model (used to compare before and after)."""
-    if loaded.backend == "onnx":
-        from deadrelu_cli.onnx_scan import _as_input, feed_order, make_session
-
-        session = make_session(loaded.runnable.SerializeToString(), device, [])
-        order = feed_order(loaded, data)
-        dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
-
-        def run(batch):
-            return [
-                np.asarray(o)
-                for o in session.run(None, {i: _as_input(batch[a], dtypes.get(i)) for i, a in order.items()})
-            ]
-
-        return run
-    from deadrelu_cli.engine import match_inputs
-    from deadrelu_cli.fixes.torch_fix import torch_runner
-
-    return torch_runner(loaded, match_inputs(loaded, data), device)
 
 
 def _outputs_of(runner, data, scan_options: ScanOptions) -> list[list[np.ndarray]]:
@@ -91,16 +67,9 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
         raise UserError(f"--output {output}: is a directory")
     scanned = run_scan_detailed(scan_options)
     if isinstance(scan_options.batch_size, str):  # "auto": the later passes use the size the scan chose
-        from deadrelu_cli.engine import match_inputs, resolve_batch_size
-
-        order = (
-            list(scanned.data.names)
-            if scanned.model.backend == "onnx"
-            else match_inputs(scanned.model, scanned.data)
-        )
+        backend = backend_of(scanned.model)
         scan_options = replace(
-            scan_options,
-            batch_size=resolve_batch_size("auto", scanned.model, scanned.data, order, scanned.device),
+            scan_options, batch_size=backend.batch_size("auto", scanned.model, scanned.data, scanned.device)
         )
     if options.certified_only and not scan_options.certify:
         raise UserError("--certified-only needs --input-range (the box over which units are certified dead)")
@@ -112,10 +81,7 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
             + (f" in layers matching {' '.join(options.layers)}" if options.layers else "")
             + "; nothing written"
         )
-    if scanned.model.backend == "onnx":
-        from deadrelu_cli.fixes.onnx_fix import apply_onnx as apply
-    else:
-        from deadrelu_cli.fixes.torch_fix import apply_torch as apply
+    apply = backend_of(scanned.model).apply_fix
     temp = _temp_path(output)
     try:
         original_runner, patched_runner, outcomes = apply(scanned, plans, options, scan_options, temp, result)

@@ -32,7 +32,7 @@ def _check_external_locations(model, base: Path) -> None:
 def read_onnx(path: str, keep_bytes: dict | None = None):
     """Parse, confine and check an ONNX file. With `keep_bytes` (a dict), the file's bytes are left in
     it under "file" when the graph is self-contained, for a session built without re-serialising the
-    weights (onnx_scan.instrumented_bytes)."""
+    weights (backends.onnx.scan.instrumented_bytes)."""
     import onnx
     from google.protobuf.message import DecodeError
 

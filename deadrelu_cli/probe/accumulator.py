@@ -151,7 +151,7 @@ class SiteAccumulator:
     def update(self, pre: torch.Tensor, post: torch.Tensor | None, threshold: float) -> None:
         """Count one batch. `pre` is the pre-activation; `post` the output, or None to derive it from `pre`."""
         self.observe_pre(pre, threshold)
-        self.observe_post(_apply(self.op, pre) if post is None else post, threshold)
+        self.observe_post(apply_op(self.op, pre) if post is None else post, threshold)
 
     def to_layer_stats(self) -> LayerStats:
         def host(t: torch.Tensor | None, dtype) -> np.ndarray | None:
@@ -224,7 +224,7 @@ def _count(mask: torch.Tensor, dims: list[int]) -> torch.Tensor:
     return mask.sum(dim=dims, dtype=torch.int64) if dims else mask.to(torch.int64)
 
 
-def _apply(op: str, pre: torch.Tensor) -> torch.Tensor:
+def apply_op(op: str, pre: torch.Tensor) -> torch.Tensor:
     if op == "relu":
         return pre.clamp(min=0)
     if op == "relu6":

@@ -134,9 +134,9 @@ def infer_channel_dim(rank: int, producer_is_channel_first: bool | None) -> int:
 
 
 def _derived_output(op: str, pre: torch.Tensor) -> torch.Tensor:
-    from deadrelu_cli.probe.accumulator import _apply
+    from deadrelu_cli.probe.accumulator import apply_op
 
-    return _apply(op, pre)
+    return apply_op(op, pre)
 
 
 def call_and_record(

@@ -79,7 +79,7 @@ class StaticSite:
     producer: str | None
 
 
-def _op_base(target) -> str:
+def op_base(target) -> str:
     if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
         return target.__name__.split(".")[0]
     if target is __import__("operator").getitem:
@@ -98,7 +98,7 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
     current = node.args[0] if node.args else None
     while isinstance(current, fx.Node) and seen < 32:
         seen += 1
-        base = _op_base(current.target) if current.op == "call_function" else ""
+        base = op_base(current.target) if current.op == "call_function" else ""
         if base in _CHANNEL_FIRST or base in _LAST_DIM:
             producer = None
             index = _BIAS_ARG.get(base)

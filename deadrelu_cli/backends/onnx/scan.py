@@ -113,12 +113,12 @@ def _discover_ranks(
         probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, None))
     session = make_session(probe.SerializeToString(), device, [])
     batch = next(data.batches(1))
-    feeds = {inp: _as_input(batch[arr], dtypes[inp]) for inp, arr in order.items()}
+    feeds = {inp: as_input(batch[arr], dtypes[inp]) for inp, arr in order.items()}
     for site, shape in zip(unknown, session.run(None, feeds), strict=True):
         site.rank = int(np.asarray(shape).shape[0])
 
 
-def _as_input(array: np.ndarray, dtype: str | None) -> np.ndarray:
+def as_input(array: np.ndarray, dtype: str | None) -> np.ndarray:
     if dtype is None or array.dtype == np.dtype(dtype):
         return np.ascontiguousarray(array)
     return np.ascontiguousarray(array.astype(dtype))
@@ -185,7 +185,7 @@ class _NanRecount:
         return [{key: results[name] for key, name in out.items()} for out in self.outputs]
 
 
-class _HostAccumulator:
+class HostAccumulator:
     def __init__(self, site: OnnxSite) -> None:
         self.site = site
         self.positive = self.max_pre = self.sum_abs = self.saturated = None
@@ -299,17 +299,17 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     outputs = [dict(site.outputs) for site in sites]
     output_names = [name for per_site in outputs for name in per_site.values()]
     recount = _NanRecount(loaded, sites, options, device)
-    accumulators = [_HostAccumulator(site) for site in sites]
+    accumulators = [HostAccumulator(site) for site in sites]
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     done = 0
 
-    from deadrelu_cli.engine import resolve_batch_size
+    from deadrelu_cli.inputs import resolve_batch_size
 
-    batch_size = resolve_batch_size(options.batch_size, loaded, data, list(order.values()), "cpu")
+    batch_size = resolve_batch_size(options.batch_size, data, list(order.values()))
 
     def feeds_of():
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
-            yield batch, {inp: _as_input(batch[arr], dtypes.get(inp)) for inp, arr in order.items()}
+            yield batch, {inp: as_input(batch[arr], dtypes.get(inp)) for inp, arr in order.items()}
 
     for index, (batch, feeds) in enumerate(prefetched(feeds_of())):
         try:
@@ -358,3 +358,16 @@ def _no_sites_note(model, ops: tuple[str, ...]) -> str:
 
     found = Counter(node.op_type for node in model.graph.node if node.op_type in _ACTIVATION_LIKE)
     return no_sites_note(f"the graph has no {'/'.join(ops)} nodes", found)
+
+
+def runner(loaded: LoadedModel, data: CalibrationData, device: str):
+    """batch -> list of output arrays of the plain (uninstrumented) graph."""
+    session = make_session(loaded.runnable.SerializeToString(), device, [])
+    order = feed_order(loaded, data)
+    dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
+
+    def run(batch):
+        feeds = {i: as_input(batch[a], dtypes.get(i)) for i, a in order.items()}
+        return [np.asarray(o) for o in session.run(None, feeds)]
+
+    return run

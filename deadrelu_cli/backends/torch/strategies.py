@@ -109,7 +109,7 @@ def _producers(
 class UnitWiring:
     """The tensors behind a layer's units: rows of `weight` (and entries of `bias`) of the Linear/Conv
     that makes them, the BatchNorm after it, and the input columns of the one Linear/Conv reading them.
-    Built from modules (eager) or from an ExportedProgram's graph (fixes/torch_exported.py)."""
+    Built from modules (eager) or from an ExportedProgram's graph (backends/torch/program.py)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -222,7 +222,7 @@ def collect_quantiles(
     result, plans: list[LayerPlan], target_rate: float, seed: int, options_for_scan
 ) -> dict[str, np.ndarray]:
     """For each planned unit, the pre-activation value exceeded by `target_rate` of the data."""
-    from deadrelu_cli.engine import scan_torch
+    from deadrelu_cli.backends.torch.scan import scan_torch
 
     limit_per_unit = 200_000
     rng = np.random.default_rng(seed)

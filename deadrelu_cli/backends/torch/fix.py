@@ -9,10 +9,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deadrelu_cli.engine import example_inputs, match_inputs, to_tensor
+from deadrelu_cli.backends.torch import strategies as eager
+from deadrelu_cli.backends.torch.inputs import example_inputs, to_tensor
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.fixes import torch_eager as eager
-from deadrelu_cli.fixes.plan import FixOptions, FixResult, LayerOutcome, LayerPlan
+from deadrelu_cli.fixes.plan import (
+    ARTIFACT_SUFFIXES,
+    STATE_SUFFIXES,
+    FixOptions,
+    FixResult,
+    LayerOutcome,
+    LayerPlan,
+)
+from deadrelu_cli.inputs import match_inputs
 from deadrelu_cli.loaders import LoadOptions, load_model
 
 ARCHITECTURE_CHANGING = ("prune", "leaky", "elu")
@@ -71,7 +79,6 @@ def _write_state(model: torch.nn.Module, path: Path, suffix: str, whole_module: 
 def apply_torch(
     scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult
 ):
-    from deadrelu_cli.fixes.run import ARTIFACT_SUFFIXES, STATE_SUFFIXES
 
     loaded = scanned.model
     if loaded.kind == "exported" and options.strategy in ("leaky", "elu"):
@@ -143,7 +150,7 @@ def apply_torch(
     result.flops_after = eager.linear_conv_flops(model, example)
 
     def patched_runner():
-        from deadrelu_cli.fixes.run import runner_for
+        from deadrelu_cli.backends import runner_for
 
         return runner_for(
             load_model(LoadOptions(str(temp), scan_options.arch, scan_options.trust_pickle, device)),
@@ -169,7 +176,7 @@ def _exported_runners(
     scanned, graph_module: torch.fx.GraphModule, temp: Path, result: FixResult, patched: bool = True
 ):
     """Write the patched module as a .pt2 (when anything was patched); the (original, patched) runners."""
-    from deadrelu_cli.fixes.run import runner_for
+    from deadrelu_cli.backends import runner_for
 
     loaded = scanned.model
     order = match_inputs(loaded, scanned.data)
@@ -209,7 +216,7 @@ def _reweight_exported(
 ):
     """reinit / kick / prune on an ExportedProgram: the units' weights found in its graph, edited (or
     narrowed) in place, re-exported, .pt2 out."""
-    from deadrelu_cli.fixes.torch_exported import exported_wiring, narrow
+    from deadrelu_cli.backends.torch.program import exported_wiring, narrow
     from deadrelu_cli.probe.exported import find_sites
 
     graph_module = _program_module(scanned, options)
@@ -287,7 +294,7 @@ def _patch_torchscript(scanned, plans: list[LayerPlan], options: FixOptions, tem
 
     The k-th activation node of the inlined forward is the k-th call site the scan found (the probe
     already checked that order against execution); anything else is refused."""
-    from deadrelu_cli.fixes.run import runner_for
+    from deadrelu_cli.backends import runner_for
 
     loaded = scanned.model
     module = torch.jit.load(str(loaded.path), map_location=scanned.device)

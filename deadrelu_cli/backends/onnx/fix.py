@@ -44,7 +44,7 @@ def _parameter_count(model: onnx.ModelProto) -> int:
 
 
 def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp, result: FixResult):
-    from deadrelu_cli.fixes.run import runner_for
+    from deadrelu_cli.backends import runner_for
     from deadrelu_cli.loaders import LoadOptions, load_model
 
     if not str(options.output).lower().endswith(".onnx"):
@@ -219,7 +219,7 @@ def _assign(array: np.ndarray, axis: int, indices: list[int], values) -> None:
 
 def _quantiles(scanned, plans, sites, options: FixOptions, scan_options) -> dict[str, np.ndarray]:
     """The (1 - target_rate) quantile of each planned unit's pre-activation, from a run exposing them."""
-    from deadrelu_cli.onnx_scan import _as_input, feed_order, make_session
+    from deadrelu_cli.backends.onnx.scan import as_input, feed_order, make_session
 
     exposed = onnx.ModelProto()
     exposed.CopyFrom(scanned.model.runnable)
@@ -238,7 +238,7 @@ def _quantiles(scanned, plans, sites, options: FixOptions, scan_options) -> dict
     for batch in scanned.data.batches(
         scan_options.batch_size, scan_options.limit, scan_options.allow_nonfinite
     ):
-        outs = session.run(None, {i: _as_input(batch[a], dtypes.get(i)) for i, a in order.items()})
+        outs = session.run(None, {i: as_input(batch[a], dtypes.get(i)) for i, a in order.items()})
         for plan, out in zip(wanted, outs, strict=True):
             dim = site_channel_dim(sites[plan.name], scan_options.channel_dim)
             moved = np.moveaxis(out, dim, -1)[..., plan.units].reshape(-1, len(plan.units))

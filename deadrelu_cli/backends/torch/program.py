@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from deadrelu_cli.fixes.torch_eager import UnitWiring
-from deadrelu_cli.probe.exported import _op_base
+from deadrelu_cli.backends.torch.strategies import UnitWiring
+from deadrelu_cli.probe.exported import op_base
 
 _LINEAR_OR_CONV = {"linear", "conv1d", "conv2d", "conv3d"}
 _BATCH_NORM = {"batch_norm", "_native_batch_norm_legit_no_training"}
@@ -38,7 +38,7 @@ _UNIT_PRESERVING = {
 
 
 def _base(node: fx.Node) -> str:
-    return _op_base(node.target) if node.op == "call_function" else ""
+    return op_base(node.target) if node.op == "call_function" else ""
 
 
 def _attr_target(arg) -> str | None:

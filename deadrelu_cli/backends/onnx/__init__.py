@@ -1,0 +1,1 @@
+"""The ONNX backend: onnxruntime sessions over an instrumented graph (no torch)."""

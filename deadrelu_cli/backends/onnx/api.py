@@ -1,0 +1,67 @@
+"""The ONNX backend's answers to the engine and to `fix` (see deadrelu_cli/backends/__init__.py)."""
+
+from __future__ import annotations
+
+from deadrelu_cli.calibration import CalibrationData
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
+from deadrelu_cli.options import ScanOptions
+
+
+def check_options(options: ScanOptions) -> None:
+    """Torch-only options, refused by the model's content (not its file name)."""
+    if options.compile:
+        raise UserError("--compile is for torch models; ONNX graphs are already instrumented in-graph")
+    if options.channels_last:
+        raise UserError("--channels-last applies to torch models; onnxruntime picks its own layouts")
+    if options.dtype:
+        raise UserError("--dtype applies to torch models; an ONNX model runs in the types of its graph")
+
+
+def resolve_device(requested: str) -> str:
+    return requested if requested and requested != "auto" else "cpu"
+
+
+def load_and_scan(options: ScanOptions, data: CalibrationData, device: str):
+    """(model, layers, probe): the graph instrumented and replayed; no probe object outlives the scan."""
+    from deadrelu_cli.backends.onnx.scan import scan_onnx
+    from deadrelu_cli.loaders.onnx_model import load_onnx
+
+    if not data.local_samples:
+        return load_onnx(LoadOptions(options.model, device=device)), [], None
+    model, layers = scan_onnx(options, data, device)
+    return model, layers, None
+
+
+def input_order(model: LoadedModel, data: CalibrationData) -> list[str]:
+    """The data arrays in the order of the model's inputs."""
+    from deadrelu_cli.backends.onnx.scan import feed_order
+
+    return list(feed_order(model, data).values())
+
+
+def batch_size(requested, model: LoadedModel, data: CalibrationData, device: str) -> int:
+    from deadrelu_cli.inputs import resolve_batch_size
+
+    return resolve_batch_size(requested, data, input_order(model, data))
+
+
+def certify(model: LoadedModel, options: ScanOptions, shapes: list, data, device: str):
+    from deadrelu_cli.backends.onnx.certify import certify_onnx
+    from deadrelu_cli.intervals import input_boxes
+
+    boxes = input_boxes(options.input_range, shapes, data)
+    return certify_onnx(model.runnable, boxes, options.ops, options.threshold, options.channel_dim)
+
+
+def runner(loaded: LoadedModel, data: CalibrationData, device: str):
+    """batch -> list of output arrays (to compare a model before and after a fix)."""
+    from deadrelu_cli.backends.onnx.scan import runner as make_runner
+
+    return make_runner(loaded, data, device)
+
+
+def apply_fix(scanned, plans, options, scan_options, temp, result):
+    from deadrelu_cli.backends.onnx.fix import apply_onnx
+
+    return apply_onnx(scanned, plans, options, scan_options, temp, result)

@@ -1,0 +1,83 @@
+"""The torch backend's answers to the engine and to `fix` (see deadrelu_cli/backends/__init__.py)."""
+
+from __future__ import annotations
+
+from deadrelu_cli.calibration import CalibrationData
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
+from deadrelu_cli.options import ScanOptions
+
+
+def check_options(options: ScanOptions) -> None:
+    """Every scan option applies to torch models."""
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    requested = (requested or "auto").lower()
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"--device {requested}: no CUDA device is available here; use --device cpu or auto"
+            )
+        return requested
+    if requested != "cpu":
+        raise UserError(f"--device {requested!r}: choose auto, cpu or cuda")
+    return requested
+
+
+def load_and_scan(options: ScanOptions, data: CalibrationData, device: str):
+    """(model, layers, probe): the model loaded, set up as asked, and replayed through a probe."""
+    from deadrelu_cli.backends.torch.inputs import apply_channels_last, apply_dtype
+    from deadrelu_cli.backends.torch.scan import scan_torch
+    from deadrelu_cli.loaders import load_model
+
+    model = load_model(LoadOptions(options.model, options.arch, options.trust_pickle, device))
+    apply_dtype(model, options.dtype)
+    apply_channels_last(model, options.channels_last)
+    if not data.local_samples:
+        return model, [], None
+    layers, probe = scan_torch(model, data, options, device)
+    return model, layers, probe
+
+
+def input_order(model: LoadedModel, data: CalibrationData) -> list[str]:
+    from deadrelu_cli.inputs import match_inputs
+
+    return match_inputs(model, data)
+
+
+def batch_size(requested, model: LoadedModel, data: CalibrationData, device: str) -> int:
+    from deadrelu_cli.backends.torch.scan import batch_size_for
+
+    return batch_size_for(requested, model, data, input_order(model, data), device)
+
+
+def certify(model: LoadedModel, options: ScanOptions, shapes: list, data, device: str):
+    import torch
+
+    from deadrelu_cli.backends.torch.certify import certify_graph, graph_for
+    from deadrelu_cli.intervals import input_boxes
+
+    example = tuple(
+        torch.zeros((2, *shape), dtype=getattr(torch, model.float_dtype), device=device) for shape in shapes
+    )
+    graph = graph_for(model.runnable, model.kind, example, model.extra.get("program")).cpu()
+    boxes = input_boxes(options.input_range, shapes, data)
+    return certify_graph(graph, boxes, options.ops, options.threshold, options.channel_dim)
+
+
+def runner(loaded: LoadedModel, data: CalibrationData, device: str):
+    """batch -> list of output arrays (to compare a model before and after a fix)."""
+    from deadrelu_cli.backends.torch.fix import torch_runner
+
+    return torch_runner(loaded, input_order(loaded, data), device)
+
+
+def apply_fix(scanned, plans, options, scan_options, temp, result):
+    from deadrelu_cli.backends.torch.fix import apply_torch
+
+    return apply_torch(scanned, plans, options, scan_options, temp, result)

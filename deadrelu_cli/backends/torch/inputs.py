@@ -1,0 +1,116 @@
+"""Torch input plumbing: batches as tensors on the device, dtype and memory-format options, hints."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deadrelu_cli.calibration import CalibrationData
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders.model import LoadedModel
+
+
+def first_layer_hint(model: LoadedModel, data: CalibrationData) -> str | None:
+    """After the first batch failed: when the model's first registered parametrised layer is a Linear or
+    Conv that the data does not fit, say so (a guess — registration order is not always execution
+    order — so it only words an error that has already happened, never refuses a model that runs)."""
+    from torch import nn
+
+    if model.kind != "eager" or len(data.sources) != 1:
+        return None
+    first = next(
+        (m for m in model.runnable.modules() if any(True for _ in m.parameters(recurse=False))),
+        None,
+    )
+    shape = data.sources[0].shape
+    if isinstance(first, nn.Linear) and len(shape) >= 2 and shape[-1] != first.in_features:
+        return f"{data.path}: samples have {shape[-1]} features (shape {list(shape)}) but the model's first Linear expects {first.in_features}"
+    rank = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}.get(type(first))
+    if rank and len(shape) == rank and shape[1] != first.in_channels:
+        return f"{data.path}: samples have {shape[1]} channels (shape {list(shape)}) but the model's first Conv expects {first.in_channels}"
+    return None
+
+
+def to_tensor(array: np.ndarray, float_dtype: str, device: str, channels_last: bool = False):
+    """One batch array as a model input on `device`. Runs in the prefetch thread: on CUDA the batch is
+    staged in pinned memory and copied asynchronously, then cast on the GPU, so the copy overlaps the
+    model running the previous batch and the host never waits for it."""
+    import torch
+
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.array(array, order="C")  # torch wants writable memory; the batch is small
+    if array.dtype.kind in "iu":
+        array = array.astype(np.int64, copy=False)
+    tensor = torch.from_numpy(array)
+    if device.startswith("cuda"):
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    else:
+        tensor = tensor.to(device)
+    if array.dtype.kind == "f":
+        tensor = tensor.to(getattr(torch, float_dtype))
+    if channels_last and tensor.dim() == 4:
+        tensor = tensor.contiguous(memory_format=torch.channels_last)
+    return tensor
+
+
+def example_inputs(model: LoadedModel, data: CalibrationData, order: list[str], device: str) -> tuple:
+    """The first (up to) two samples as model inputs: what torch.export traces with."""
+    first = next(data.batches(min(2, data.samples)))
+    return tuple(to_tensor(first[name], model.float_dtype, device, model.channels_last) for name in order)
+
+
+def apply_channels_last(model: LoadedModel, enabled: bool) -> None:
+    """--channels-last: NHWC memory format for the model's 4-D weights and inputs (what cuDNN and
+    oneDNN run fastest, above all in bf16). The probe reduces such activations as [N*H*W, C] views."""
+    if not enabled:
+        return
+    import torch
+
+    if not hasattr(model.runnable, "to") or model.kind == "torchscript":  # ONNX is refused by run_scan
+        raise UserError("--channels-last needs an nn.Module or a .pt2 program, not TorchScript")
+    model.runnable = model.runnable.to(memory_format=torch.channels_last)
+    model.channels_last = True
+
+
+def apply_dtype(model: LoadedModel, dtype: str | None) -> None:
+    """--dtype: run a torch model in bf16/fp16 (or fp32)."""
+    if not dtype:
+        return
+    import torch
+
+    names = {
+        "bf16": "bfloat16",
+        "bfloat16": "bfloat16",
+        "fp16": "float16",
+        "float16": "float16",
+        "fp32": "float32",
+        "float32": "float32",
+    }
+    if dtype not in names:
+        raise UserError(f"--dtype {dtype!r}: choose bf16, fp16 or fp32")
+    if model.backend != "torch":
+        raise UserError("--dtype applies to torch models; an ONNX model runs in the types of its graph")
+    model.runnable = model.runnable.to(getattr(torch, names[dtype]))
+    model.float_dtype = names[dtype]
+    if names[dtype] != "float32":
+        model.notes.append(
+            f"ran in {names[dtype]}: values within rounding of the threshold may count differently than in float32"
+        )
+
+
+def cuda_sample_cost(model: LoadedModel, data: CalibrationData, order: list[str], device: str):
+    """For --batch-size auto on CUDA: () -> (peak bytes of one sample, half the free memory)."""
+
+    def measure() -> tuple[int, int]:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        one = next(data.batches(1))
+        with torch.inference_mode():
+            model.runnable(
+                *(to_tensor(one[name], model.float_dtype, device, model.channels_last) for name in order)
+            )
+        free, _total = torch.cuda.mem_get_info()
+        return max(1, torch.cuda.max_memory_allocated() - before), free // 2
+
+    return measure if device.startswith("cuda") else None

@@ -1,0 +1,162 @@
+"""The torch backend of the scan: a probe on the model (eager, .pt2, TorchScript), the batch loop."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from deadrelu_cli.backends.torch.inputs import cuda_sample_cost, example_inputs, first_layer_hint, to_tensor
+from deadrelu_cli.calibration import CalibrationData, prefetched
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.inputs import check_shapes, match_inputs, resolve_batch_size
+from deadrelu_cli.loaders.model import LoadedModel
+from deadrelu_cli.options import ScanOptions
+
+
+def batch_size_for(
+    requested, model: LoadedModel, data: CalibrationData, order: list[str], device: str
+) -> int:
+    return resolve_batch_size(requested, data, order, cuda_sample_cost(model, data, order, device))
+
+
+def make_probe(model: LoadedModel, settings, compile_graph: bool = False, example: tuple | None = None):
+    if compile_graph:
+        from deadrelu_cli.probe.graph_stats import InGraphProbe, export_for_stats
+
+        if model.kind == "eager":
+            return InGraphProbe(export_for_stats(model.runnable, example), settings, compile_graph=True)
+        if model.kind == "exported":
+            from deadrelu_cli.loaders.torch_models import graph_module_with_stack
+
+            graph_module = graph_module_with_stack(model.extra["program"]).to(
+                next(iter(model.runnable.parameters())).device
+            )
+            return InGraphProbe(graph_module, settings, compile_graph=True)
+        raise UserError(
+            "--compile works on state_dict/safetensors (with --arch) and .pt2 models, not TorchScript"
+        )
+    if model.kind == "eager":
+        from deadrelu_cli.probe.eager import EagerProbe
+
+        return EagerProbe(model.runnable, settings)
+    if model.kind == "exported":
+        from deadrelu_cli.probe.exported import ExportedProbe
+
+        return ExportedProbe(model.runnable, settings)
+    if model.kind == "torchscript":
+        from deadrelu_cli.probe.torchscript import TorchScriptProbe
+
+        return TorchScriptProbe(model.runnable, settings)
+    raise AssertionError(model.kind)
+
+
+def attach_biases(model: LoadedModel, layers) -> None:
+    """Copy each unit's bias (of the producing Linear/Conv/BN) into the stats, for the drill-down."""
+    import torch
+
+    params = {}
+    runnable = model.runnable
+    if hasattr(runnable, "named_parameters"):
+        params.update(dict(runnable.named_parameters()))
+    if hasattr(runnable, "named_buffers"):
+        params.update({k: v for k, v in runnable.named_buffers() if k not in params})
+    for layer in layers:
+        if layer.producer is None:
+            continue
+        bias = params.get(f"{layer.producer}.bias")
+        if isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.shape[0] == layer.units:
+            layer.bias = bias.detach().float().cpu().numpy().astype(np.float64)
+        else:
+            layer.producer = None
+
+
+def scan_torch(
+    model: LoadedModel,
+    data: CalibrationData,
+    options: ScanOptions,
+    device: str,
+    collectors: dict | None = None,
+) -> tuple[list, object]:
+    """Replay the data through a probe of the model; returns the layer statistics and the probe."""
+    import torch
+
+    from deadrelu_cli.probe.base import ProbeSettings
+
+    order = match_inputs(model, data)
+    check_shapes(model, data, order)
+    settings = ProbeSettings(threshold=options.threshold, channel_dim=options.channel_dim, ops=options.ops)
+    batch_size = batch_size_for(options.batch_size, model, data, order, device)
+    example = None
+    if options.compile:
+        example = example_inputs(model, data, order, device)
+    probe = make_probe(model, settings, options.compile, example)
+    probe.registry.collectors.update(collectors or {})
+    total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
+    if model.fixed_batch is not None and model.fixed_batch != batch_size:
+        if total % model.fixed_batch:
+            raise UserError(
+                f"{model.path}: exported with a fixed batch size of {model.fixed_batch}, and {total} samples is not a "
+                f"multiple of it; re-export with a dynamic batch dim or pass --limit {total - total % model.fixed_batch}"
+            )
+        batch_size = model.fixed_batch
+    done = 0
+    context = probe.attached() if hasattr(probe, "attached") else contextlib.nullcontext()
+
+    def tensors():
+        for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
+            yield (
+                batch,
+                tuple(
+                    to_tensor(batch[name], model.float_dtype, device, model.channels_last) for name in order
+                ),
+            )
+
+    with context, torch.inference_mode():
+        for index, (batch, inputs) in enumerate(prefetched(tensors())):
+            try:
+                probe.run(inputs)
+            except UserError:
+                raise
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                if index == 0:
+                    shapes = ", ".join(f"{n}{list(batch[n].shape)}" for n in order)
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise UserError(
+                        first_layer_hint(model, data)
+                        or f"the model failed on the first batch ({shapes}): {first}; check that --data fits the model's input"
+                    ) from exc
+                raise
+            done += inputs[0].shape[0] if inputs and inputs[0].dim() else 0
+            if options.progress:
+                options.progress(done, total)
+    layers = probe.registry.layer_stats()
+    attach_biases(model, layers)
+    if not layers and not any(note.startswith("the model ran no") for note in model.notes):
+        model.notes.append(no_sites_note(model, options.ops))
+    return layers, probe
+
+
+_SMOOTH_ACTIVATIONS = ("SiLU", "GELU", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Mish", "Softplus")
+_OTHER_ACTIVATIONS = ("LeakyReLU", "ELU", "SELU", "PReLU")
+
+
+def no_sites_note(model: LoadedModel, ops: tuple[str, ...]) -> str:
+    """Say what the model uses instead of ReLUs (its activation modules, or a .pt2 graph's ops)."""
+    from collections import Counter
+
+    from deadrelu_cli.probe.ops import no_sites_note as describe
+
+    found: Counter = Counter()
+    if model.kind == "exported":
+        graph = model.extra["program"].graph
+        wanted = {name.lower() for name in _SMOOTH_ACTIVATIONS + _OTHER_ACTIVATIONS}
+        for node in graph.nodes:
+            base = str(getattr(node.target, "__name__", "")).split(".")[0].rstrip("_")
+            if node.op == "call_function" and base in wanted:
+                found[base] += 1
+    elif hasattr(model.runnable, "modules"):
+        for module in model.runnable.modules():
+            if type(module).__name__ in _SMOOTH_ACTIVATIONS + _OTHER_ACTIVATIONS:
+                found[type(module).__name__] += 1
+    return describe(f"the model ran no {'/'.join(ops)} call", found)

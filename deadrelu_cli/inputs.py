@@ -1,0 +1,78 @@
+"""Backend-neutral input plumbing: which data array feeds which model input, shape checks, batch size."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from deadrelu_cli.calibration import CalibrationData
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders.model import LoadedModel
+
+
+def match_inputs(model: LoadedModel, data: CalibrationData) -> list[str]:
+    """Order the data's arrays as the model's positional inputs."""
+    names = data.names
+    wanted = [spec.name for spec in model.inputs]
+    if len(names) == 1 and len(wanted) <= 1:
+        return names
+    if wanted and all(n in names for n in wanted):
+        extra = [n for n in names if n not in wanted]
+        if extra:
+            raise UserError(
+                f"{data.path}: arrays {', '.join(extra)} match no model input (inputs: {', '.join(wanted)})"
+            )
+        return wanted
+    described = (
+        ", ".join(
+            f"{s.name}{list(s.shape) if s.shape else ''}{' ' + s.dtype if s.dtype else ''}"
+            for s in model.inputs
+        )
+        or "unknown"
+    )
+    raise UserError(
+        f"{data.path}: arrays {', '.join(names)} do not match the model inputs ({described}); name the arrays after the inputs"
+    )
+
+
+def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) -> None:
+    by_name = {s.name: s for s in data.sources}
+    for spec, name in zip(model.inputs, order, strict=False):
+        if spec.shape is None:
+            continue
+        got = by_name[name].shape
+        expected = tuple(spec.shape)
+        if len(got) != len(expected) or any(
+            e is not None and e != g for e, g in zip(expected[1:], got[1:], strict=False)
+        ):
+            shown = "x".join("?" if e is None else str(e) for e in expected)
+            raise UserError(
+                f"{data.path}: array {name!r} has shape {list(got)}, the model input {spec.name!r} expects {shown} (first axis = samples)"
+            )
+
+
+def resolve_batch_size(
+    requested: int | str,
+    data: CalibrationData,
+    order: list[str],
+    measure: Callable[[], tuple[int, int]] | None = None,
+) -> int:
+    """An int as given; "auto": the largest power of two (up to 1024) whose batch fits comfortably —
+    on CPU bounded by 256 MiB of input per batch; `measure` (CUDA) gives one sample's
+    peak bytes and the budget instead."""
+    if not isinstance(requested, str):
+        return int(requested)
+    if requested != "auto":
+        raise UserError(f"--batch-size {requested!r}: give a positive integer or auto")
+    per_sample_input = (
+        sum(int(np.prod(s.shape[1:], dtype=np.int64)) * 4 for s in data.sources if s.name in order) or 4
+    )
+    budget = 256 << 20
+    if measure is not None:  # a device that can say what one sample costs (CUDA)
+        per_sample, budget = measure()
+        per_sample_input = max(per_sample_input, per_sample)
+    size = 1
+    while size * 2 <= 1024 and size * 2 * per_sample_input <= budget:
+        size *= 2
+    return size

@@ -1,0 +1,38 @@
+"""What a scan is asked to do: the options every command and the Python API build, in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from deadrelu_cli.probe.ops import DEFAULT_OPS
+
+ProgressCallback = Callable[[int, int], None]  # (samples done, samples total)
+
+
+@dataclass
+class ScanOptions:
+    model: str
+    data: str | None
+    arch: str | None = None
+    trust_pickle: bool = False
+    batch_size: int | str = 64  # or "auto"
+    limit: int | None = None
+    device: str = "auto"
+    threshold: float = 0.0
+    dying: float = 0.01
+    tau: float = 0.1
+    channel_dim: int | None = None
+    ops: tuple[str, ...] = DEFAULT_OPS
+    allow_nonfinite: bool = False
+    compile: bool = False  # counting inside the graph, through torch.compile
+    dtype: str | None = None  # run the model in bf16 / fp16 / fp32
+    channels_last: bool = False  # run conv models (and 4-D inputs) in channels_last memory format
+    consts: tuple[str, ...] = ()  # arrays fed whole to every batch
+    batch_axes: dict[str, int] = field(default_factory=dict)  # arrays whose samples are not on axis 0
+    distributed: bool = False  # under torchrun: scan this rank's shard, all_reduce the counts
+    explain: bool = False  # the cause of each dead unit, and what to do
+    certify: bool = False  # data-free bounds: which units can never fire over the input box
+    input_range: tuple[float, float] | str | None = None  # (LO, HI) or "auto" (min/max of the data)
+    input_shape: str | None = None  # one sample's shape when neither the model nor the data gives it
+    progress: ProgressCallback | None = field(default=None, repr=False)
