@@ -8,19 +8,8 @@ import numpy as np
 import torch
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.probe.ops import counts_from_output
 from deadrelu_cli.stats import CAPPED_OPS, LayerStats
-
-
-def resolve_channel_dim(rank: int, inferred: int, override: int | None) -> int:
-    """The unit axis of an activation of this rank: the user's override, else what the probe inferred."""
-    dim = inferred if override is None else override
-    if rank == 0:
-        raise UserError("an activation site produced a scalar; it has no units to count")
-    if rank == 1:
-        return 0
-    if not -rank <= dim < rank:
-        raise UserError(f"--channel-dim {dim} is out of range for an activation of rank {rank}")
-    return dim % rank
 
 
 @dataclass
@@ -170,15 +159,6 @@ class SiteAccumulator:
             producer=self.producer,
             extra=dict(self.extra),
         )
-
-
-def counts_from_output(op: str, threshold: float) -> bool:
-    """Whether `pre > threshold` can be read off the output (then no pass over the input is needed)."""
-    if op == "relu":
-        return threshold >= 0.0
-    if op == "relu6":
-        return 0.0 <= threshold < 6.0
-    return False
 
 
 CACHE_PART_BYTES = 2 << 20  # what the count's two passes over one part can share in cache

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deadrelu_cli.probe.accumulator import SiteAccumulator, resolve_channel_dim
+from deadrelu_cli.probe.accumulator import SiteAccumulator
+from deadrelu_cli.probe.ops import resolve_channel_dim
 from deadrelu_cli.stats import LayerStats
 
 

@@ -13,9 +13,9 @@ import torch
 from torch import fx
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.probe.accumulator import counts_from_output, resolve_channel_dim
 from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, infer_channel_dim
 from deadrelu_cli.probe.exported import StaticSite, find_sites
+from deadrelu_cli.probe.ops import counts_from_output, resolve_channel_dim
 from deadrelu_cli.stats import CAPPED_OPS
 
 aten = torch.ops.aten

@@ -274,7 +274,7 @@ def _add_reductions(
     def widen(name: str, to: int, stem: str) -> str:
         return builder.node("Cast", [name], stem, to=to)
 
-    from deadrelu_cli.probe.accumulator import counts_from_output
+    from deadrelu_cli.probe.ops import counts_from_output
 
     from_output = counts_from_output(site.op, threshold) or (
         site.op == "clip" and 0.0 <= threshold < (site.clip_max or np.inf)
@@ -355,7 +355,7 @@ def _empty_like_stat(builder: _Builder, key: str) -> str:
 def site_channel_dim(site: OnnxSite, override: int | None) -> int:
     """Dim 1 for conv-like outputs, the last dim for MatMul/Gemm outputs; `override` wins. With an
     unknown rank: 1, or -1 (last) when the producer is a MatMul/Gemm."""
-    from deadrelu_cli.probe.accumulator import resolve_channel_dim
+    from deadrelu_cli.probe.ops import resolve_channel_dim
 
     if site.rank is None:
         if override in (1, -1):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from deadrelu_cli.errors import UserError
+
 DEFAULT_OPS = ("relu", "relu6")
 OPTIONAL_OPS = ("leaky_relu", "elu", "gelu", "silu")
 ALL_OPS = DEFAULT_OPS + OPTIONAL_OPS
@@ -19,7 +21,6 @@ ACTIVATION_MODULE_PREFIX = "torch.nn.modules.activation."
 
 
 def parse_ops(text: str | None) -> tuple[str, ...]:
-    from deadrelu_cli.errors import UserError
 
     if not text:
         return DEFAULT_OPS
@@ -90,3 +91,24 @@ def no_sites_note(what: str, found: Counter) -> str:
         f"{what}; its activations: {listed} (SiLU, GELU and other smooth activations are never exactly 0 "
         "with zero gradient, so no dead units in the ReLU sense; --ops leaky_relu,elu,gelu counts those kinds)"
     )
+
+
+def resolve_channel_dim(rank: int, inferred: int, override: int | None) -> int:
+    """The unit axis of an activation of this rank: the user's override, else what the probe inferred."""
+    dim = inferred if override is None else override
+    if rank == 0:
+        raise UserError("an activation site produced a scalar; it has no units to count")
+    if rank == 1:
+        return 0
+    if not -rank <= dim < rank:
+        raise UserError(f"--channel-dim {dim} is out of range for an activation of rank {rank}")
+    return dim % rank
+
+
+def counts_from_output(op: str, threshold: float) -> bool:
+    """Whether `pre > threshold` can be read off the output (then no pass over the input is needed)."""
+    if op == "relu":
+        return threshold >= 0.0
+    if op == "relu6":
+        return 0.0 <= threshold < 6.0
+    return False

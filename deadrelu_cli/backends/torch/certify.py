@@ -24,9 +24,9 @@ from torch import fx
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.intervals import Interval, SiteBound, Unsupported, linear_interval, product, scale_interval
-from deadrelu_cli.probe.accumulator import resolve_channel_dim
 from deadrelu_cli.probe.base import infer_channel_dim
 from deadrelu_cli.probe.exported import find_sites
+from deadrelu_cli.probe.ops import resolve_channel_dim
 
 aten = torch.ops.aten
 
