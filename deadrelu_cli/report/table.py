@@ -194,7 +194,7 @@ def units_table(report: Report, layer: LayerStats) -> Table:
 
 def print_causes(report: Report, console: Console) -> None:
     """--explain: dead units per cause and layer, then what to do about each cause found."""
-    from deadrelu_cli.causes import ADVICE, CAUSES
+    from deadrelu_cli.report.advice import ADVICE, CAUSES
 
     found = [c for c in CAUSES if any(c in layer.extra.get("cause_counts", {}) for layer in report.layers)]
     table = plain_table()
