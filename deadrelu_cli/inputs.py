@@ -52,27 +52,39 @@ def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) ->
             )
 
 
+# --batch-size auto on the CPU: the batch's activations (every intermediate tensor of one forward
+# pass, summed) stay within this; the input alone within the same. Plain inference holds a few of
+# them at a time, the scan (its probe, onnxruntime's statistics branches) some more, so this bounds
+# both, whatever the model (a 16 kHz audio CNN holds ~100x more per sample than a 112x112 ResNet).
+AUTO_BATCH_BYTES = 256 << 20
+AUTO_MAX_BATCH = 1024
+
+
 def resolve_batch_size(
     requested: int | str,
     data: CalibrationData,
     order: list[str],
     measure: Callable[[], tuple[int, int]] | None = None,
+    activation_bytes: Callable[[], int | None] | None = None,
 ) -> int:
-    """An int as given; "auto": the largest power of two (up to 1024) whose batch fits comfortably —
-    on CPU bounded by 256 MiB of input per batch; `measure` (CUDA) gives one sample's
-    peak bytes and the budget instead."""
+    """An int as given; "auto": the largest power of two (up to 1024) whose batch fits comfortably.
+    On CPU, one sample's input and its activations (`activation_bytes`: bytes per sample, from shape
+    inference or a one-sample pass; None when unknown) times the batch stay within AUTO_BATCH_BYTES;
+    `measure` (CUDA) gives one sample's peak bytes and the budget instead."""
     if not isinstance(requested, str):
         return int(requested)
     if requested != "auto":
         raise UserError(f"--batch-size {requested!r}: give a positive integer or auto")
-    per_sample_input = (
+    per_sample = (
         sum(int(np.prod(s.shape[1:], dtype=np.int64)) * 4 for s in data.sources if s.name in order) or 4
     )
-    budget = 256 << 20
+    budget = AUTO_BATCH_BYTES
     if measure is not None:  # a device that can say what one sample costs (CUDA)
-        per_sample, budget = measure()
-        per_sample_input = max(per_sample_input, per_sample)
+        sample_peak, budget = measure()
+        per_sample = max(per_sample, sample_peak)
+    elif activation_bytes is not None:
+        per_sample = max(per_sample, activation_bytes() or 0)
     size = 1
-    while size * 2 <= 1024 and size * 2 * per_sample_input <= budget:
+    while size * 2 <= AUTO_MAX_BATCH and size * 2 * per_sample <= budget:
         size *= 2
     return size

@@ -19,6 +19,17 @@ def available_memory() -> int:
     return 1 << 40
 
 
+def resident_memory() -> int | None:
+    """Bytes of this process's memory resident now (Linux /proc/self/statm), else None."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            import os
+
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def check_fits_in_memory(shape: tuple[int, ...], dtype: np.dtype, label: str) -> None:
     """Refuse, before allocating, an array whose declared size cannot fit in memory."""
     size = int(np.prod([int(d) for d in shape], dtype=object)) * np.dtype(dtype).itemsize

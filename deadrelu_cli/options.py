@@ -16,7 +16,7 @@ class ScanOptions:
     data: str | None
     arch: str | None = None
     trust_pickle: bool = False
-    batch_size: int | str = 64  # or "auto"
+    batch_size: int | str = "auto"  # or a positive int
     limit: int | None = None
     device: str = "auto"
     threshold: float = 0.0

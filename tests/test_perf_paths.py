@@ -271,3 +271,114 @@ def test_in_place_relu_max_and_counts_over_batches(sliced):
     np.testing.assert_array_equal(acc.max_pre.numpy(), every.amax((0, 2, 3)).double().numpy())
     np.testing.assert_array_equal(acc.positive.numpy(), (every > 0).sum((0, 2, 3)).numpy())
     assert acc.positive[0] == 0 and acc.max_pre[0] < 0 and acc.positive[1] > 0 and acc.positive[2] > 0
+
+
+_BIG_ACTIVATIONS_TORCH = """
+import numpy as np, sys, torch
+from torch import nn
+
+
+def build():
+    # 4x32x32 in, 16x256x256 activations: ~9 MB per sample for 16 KB of input
+    return nn.Sequential(nn.Upsample(scale_factor=8), nn.Conv2d(4, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+
+if __name__ == "__main__":  # plain inference: python arch.py MODEL DATA BATCH
+    net = build()
+    net.load_state_dict(torch.load(sys.argv[1], weights_only=True))
+    x, batch = np.load(sys.argv[2]), int(sys.argv[3])
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            net(torch.from_numpy(x[i : i + batch]))
+"""
+
+_PLAIN_ONNX = """
+import numpy as np, onnxruntime as ort, sys
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+x, batch = np.load(sys.argv[2]), int(sys.argv[3])
+for i in range(0, len(x), batch):
+    session.run(None, {"x": x[i : i + batch]})
+"""
+
+
+def _big_activation_onnx(path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Resize", ["x", "", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Conv", ["up", "w", "b"], ["c"]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((16, 4, 1, 1)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b"),
+        numpy_helper.from_array(np.array([1, 1, 8, 8], np.float32), "scales"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 1, 1])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_default_batch_size_bounds_peak_memory_by_activation_size(tmp_path, backend):
+    """A model with large activations (~9 MB per 16 KB sample): the default batch size (auto) is sized by
+    them, so the scan's peak RSS stays within 1.5x of plain inference at that batch size, and far below
+    a fixed batch of 64 (~600 MB of activations). Shape inference cannot size this graph (Resize scales
+    come from an initializer): the ONNX scan measures one sample's run."""
+    import sys
+
+    import torch
+
+    from deadrelu_cli.calibration import open_calibration
+    from deadrelu_cli.inputs import AUTO_BATCH_BYTES
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from peak_rss import peak_rss_kib
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    x = np.random.default_rng(1).standard_normal((64, 4, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    arch_py = tmp_path / "arch.py"
+    arch_py.write_text(_BIG_ACTIVATIONS_TORCH)
+    if backend == "onnx":
+        model = tmp_path / "m.onnx"
+        _big_activation_onnx(model)
+        (tmp_path / "plain.py").write_text(_PLAIN_ONNX)
+        plain = [sys.executable, str(tmp_path / "plain.py"), str(model), str(tmp_path / "x.npy")]
+        scan_args = [str(model), "--data", str(tmp_path / "x.npy")]
+    else:
+        sys.path.insert(0, str(tmp_path))
+        try:
+            import arch  # noqa: F401 - the file above, as a module
+
+            torch.save(sys.modules["arch"].build().state_dict(), tmp_path / "m.pt")
+        finally:
+            sys.path.remove(str(tmp_path))
+            sys.modules.pop("arch", None)
+        model = tmp_path / "m.pt"
+        plain = [sys.executable, str(arch_py), str(model), str(tmp_path / "x.npy")]
+        scan_args = [str(model), "--arch", f"{arch_py}:build", "--data", str(tmp_path / "x.npy")]
+    # the batch the default picks: activations of 16 x ~9 MB fit the budget, 32 do not
+    per_sample = 16 * 256 * 256 * 4 * 2 + 4 * 256 * 256 * 4
+    expected = 1
+    while expected * 2 * per_sample <= AUTO_BATCH_BYTES:
+        expected *= 2
+    data = open_calibration(str(tmp_path / "x.npy"))
+    assert data.samples == 64
+    scan_peak = peak_rss_kib([sys.executable, "-m", "deadrelu_cli", "scan", *scan_args, "-q"])
+    plain_same = peak_rss_kib([*plain, str(expected)])
+    plain_64 = peak_rss_kib([*plain, "64"])
+    assert scan_peak <= 1.5 * plain_same, (scan_peak, plain_same, expected)
+    assert scan_peak < plain_64, (scan_peak, plain_64)

@@ -59,7 +59,12 @@ TrustPickle = Annotated[
     ),
 ]
 BatchSize = Annotated[
-    str, typer.Option("--batch-size", "-b", help="Samples per batch, or auto (does not change the result).")
+    str,
+    typer.Option(
+        "--batch-size",
+        "-b",
+        help="Samples per batch, or auto: sized by the model's activations (a graph's fixed batch wins); never changes the result.",
+    ),
 ]
 Compile = Annotated[
     bool,
@@ -314,7 +319,7 @@ class Loading(OptionGroup):
 class Running(OptionGroup):
     """How the calibration data is replayed and counted."""
 
-    batch_size: BatchSize = "64"
+    batch_size: BatchSize = "auto"
     limit: Limit = None
     device: Device = "auto"
     threshold: Threshold = 0.0

@@ -41,9 +41,9 @@ def input_order(model: LoadedModel, data: CalibrationData) -> list[str]:
 
 
 def batch_size(requested, model: LoadedModel, data: CalibrationData, device: str) -> int:
-    from deadrelu_cli.inputs import resolve_batch_size
+    from deadrelu_cli.backends.onnx.scan import feed_order, onnx_batch_size
 
-    return resolve_batch_size(requested, data, input_order(model, data))
+    return onnx_batch_size(requested, model, data, feed_order(model, data))
 
 
 def certify(model: LoadedModel, options: ScanOptions, shapes: list, data, device: str):

@@ -80,6 +80,77 @@ def instrumented_bytes(
     return raw + appended.SerializeToString()
 
 
+def activation_bytes_per_sample(model) -> int | None:
+    """One sample's share of every intermediate tensor shape inference sized (all but the first axis
+    static), summed: what --batch-size auto bounds. None when shape inference sized none."""
+    from onnx import helper
+
+    total, sized = 0, False
+    for value in model.graph.value_info:
+        tensor = value.type.tensor_type
+        dims = tensor.shape.dim
+        if not value.type.HasField("tensor_type") or len(dims) < 2 or not tensor.elem_type:
+            continue
+        rest = [d.dim_value if d.HasField("dim_value") else 0 for d in dims[1:]]
+        if not all(rest):
+            continue
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue
+        total += int(np.prod(rest, dtype=np.int64)) * itemsize
+        sized = True
+    return total if sized else None
+
+
+def fixed_batch(loaded: LoadedModel, data: CalibrationData, order: dict[str, str]) -> int | None:
+    """The batch size the graph's inputs fix (exported with batch 1, say), if any."""
+    for spec in loaded.inputs:
+        array = order.get(spec.name)
+        if array is None or array in data.consts or not spec.shape:
+            continue
+        axis = data.batch_axes.get(array, 0)
+        if axis < len(spec.shape) and spec.shape[axis]:
+            return int(spec.shape[axis])
+    return None
+
+
+def onnx_batch_size(
+    requested, loaded: LoadedModel, data: CalibrationData, order: dict[str, str], sample_cost=None
+) -> int:
+    """--batch-size as given; auto: the graph's fixed batch, else sized by its activations: the larger of
+    what one sample's run made the process hold (`sample_cost`) and what shape inference sized."""
+    from deadrelu_cli.inputs import resolve_batch_size
+
+    if requested == "auto":
+        fixed = fixed_batch(loaded, data, order)
+        if fixed is not None:
+            return fixed
+        if "auto_batch_size" in loaded.extra:  # the scan's choice, for the passes after it (fix)
+            return loaded.extra["auto_batch_size"]
+
+    def per_sample() -> int | None:
+        # the larger of the two: the run may reuse memory freed earlier, shape inference may not size all
+        measured = sample_cost() if sample_cost is not None else None
+        return max(measured or 0, activation_bytes_per_sample(loaded.runnable) or 0) or None
+
+    size = resolve_batch_size(requested, data, list(order.values()), activation_bytes=per_sample)
+    if requested == "auto":
+        loaded.extra["auto_batch_size"] = size
+    return size
+
+
+def one_sample_growth(session, output_names: list[str], feeds: dict) -> int | None:
+    """Resident bytes the process gained running one sample (onnxruntime keeps its arena): the scan's
+    memory per sample, measured, for --batch-size auto. None where it cannot be read."""
+    from deadrelu_cli.memory import resident_memory
+
+    before = resident_memory()
+    session.run(output_names, feeds)
+    after = resident_memory()
+    return None if before is None or after is None else max(0, after - before)
+
+
 def feed_order(model: LoadedModel, data: CalibrationData) -> dict[str, str]:
     """model input name -> data array name."""
     wanted = [spec.name for spec in model.inputs]
@@ -310,9 +381,17 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     done = 0
 
-    from deadrelu_cli.inputs import resolve_batch_size
+    def sample_cost() -> int | None:
+        if device.startswith("cuda"):  # host memory says nothing of the GPU's
+            return None
+        one = next(data.batches(1))
+        feeds = {inp: as_input(one[arr], dtypes.get(inp)) for inp, arr in order.items()}
+        try:
+            return one_sample_growth(session, output_names, feeds)
+        except Exception:  # noqa: BLE001 - onnxruntime's own types; the first batch reports it
+            return None
 
-    batch_size = resolve_batch_size(options.batch_size, data, list(order.values()))
+    batch_size = onnx_batch_size(options.batch_size, loaded, data, order, sample_cost)
 
     def feeds_of():
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):

@@ -128,3 +128,37 @@ def torch_runner(loaded: LoadedModel, order: list[str], device: str):
         return [leaf.detach().float().cpu().numpy() for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
     return run
+
+
+def cpu_activation_bytes(model: LoadedModel, data: CalibrationData, order: list[str], device: str):
+    """For --batch-size auto on CPU: () -> bytes of every tensor one sample's forward pass creates (an
+    upper bound of what a batch holds per sample), or None when it cannot be measured (TorchScript,
+    or the sample fails: the scan's first batch then reports the error)."""
+    if device.startswith("cuda") or model.kind == "torchscript":
+        return None
+
+    def measure() -> int | None:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        total = 0
+
+        class Sizes(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                nonlocal total
+                out = func(*args, **(kwargs or {}))
+                for leaf in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(leaf, torch.Tensor):
+                        total += leaf.numel() * leaf.element_size()
+                return out
+
+        one = next(data.batches(1))
+        inputs = tuple(to_tensor(one[name], model.float_dtype, device, model.channels_last) for name in order)
+        try:
+            with torch.inference_mode(), Sizes():
+                model.runnable(*inputs)
+        except Exception:  # noqa: BLE001 - the scan's first batch says what is wrong
+            return None
+        return total
+
+    return measure

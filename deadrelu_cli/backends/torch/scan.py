@@ -6,7 +6,13 @@ import contextlib
 
 import numpy as np
 
-from deadrelu_cli.backends.torch.inputs import cuda_sample_cost, example_inputs, first_layer_hint, to_tensor
+from deadrelu_cli.backends.torch.inputs import (
+    cpu_activation_bytes,
+    cuda_sample_cost,
+    example_inputs,
+    first_layer_hint,
+    to_tensor,
+)
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.inputs import check_shapes, match_inputs, resolve_batch_size
@@ -17,7 +23,15 @@ from deadrelu_cli.options import ScanOptions
 def batch_size_for(
     requested, model: LoadedModel, data: CalibrationData, order: list[str], device: str
 ) -> int:
-    return resolve_batch_size(requested, data, order, cuda_sample_cost(model, data, order, device))
+    if requested == "auto" and model.fixed_batch is not None:
+        return model.fixed_batch
+    return resolve_batch_size(
+        requested,
+        data,
+        order,
+        cuda_sample_cost(model, data, order, device),
+        cpu_activation_bytes(model, data, order, device),
+    )
 
 
 def make_probe(model: LoadedModel, settings, compile_graph: bool = False, example: tuple | None = None):
