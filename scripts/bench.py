@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: scan time against plain inference over the same batches, in one run.
+"""Benchmark: scan time against plain inference and against the recipes users write today, in one run.
 
 Cases: (a) a ResNet-18-sized CNN on CPU (eager, and --compile against plain eager and plain compiled),
 (b) its ONNX export with onnxruntime, (c) a transformer-style MLP block on [B, T, F], (d) on CUDA when
@@ -7,7 +7,11 @@ available (eager, --compile, bf16 + channels_last), and (e) the peak RSS of a sc
 end from the files (plain: load the weights or create the session, stream the .npy, run every batch;
 scan: `deadrelu scan` on the same files and batch size). Repetitions are interleaved (plain, scan,
 plain, scan, …) and medians compared, so machine noise hits both sides alike; "paired" is the median
-of each scan's time over the plain run just before it. Prints a table and writes bench.json.
+of each scan's time over the plain run just before it. Peers, in the same interleaved loop: the
+forward-hook recipe for torch ((y > 0) summed per channel on every nn.ReLU) and the fetch-all recipe for
+ONNX (every Relu output made a graph output, counted in numpy). Whole process: `deadrelu scan` as a
+command against a plain script, as processes, on 1 sample (the fixed cost) and on N samples. Prints a
+table and writes bench.json.
 
     python scripts/bench.py [--quick] [--reps 3] [--only eager,onnx] [--out bench.json]
 """
@@ -18,6 +22,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -103,18 +108,32 @@ def build_mlp_block() -> nn.Module:
     return MLPBlock().eval()
 
 
-def _median_pair(plain, scan, reps: int) -> tuple[float, float, list[float], list[float]]:
-    plain()  # warm-up both (allocator, kernels, onnxruntime session)
-    scan()
-    plain_times, scan_times = [], []
+def _interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
+    """Each callable once as a warm-up (allocator, kernels, sessions), then `reps` rounds of all of them
+    in turn: machine noise hits every side alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {key: [] for key in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        plain()
-        plain_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        scan()
-        scan_times.append(time.perf_counter() - start)
-    return statistics.median(plain_times), statistics.median(scan_times), plain_times, scan_times
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
+def hook_recipe(net: nn.Module) -> dict:
+    """The usual forward-hook script: (y > 0) summed per channel on every nn.ReLU (counts only)."""
+    counts: dict = {}
+
+    def hook(module, args, out):
+        dims = [d for d in range(out.dim()) if d != (1 if out.dim() == 4 else out.dim() - 1)]
+        counts[module] = counts.get(module, 0) + (out > 0).sum(dim=dims)
+
+    for module in net.modules():
+        if isinstance(module, nn.ReLU):
+            module.register_forward_hook(hook)
+    return counts
 
 
 def torch_pair(
@@ -129,17 +148,18 @@ def torch_pair(
     dtype: str | None = None,
     channels_last: bool = False,
 ):
-    """(plain, scan) callables. `compile` runs the scan with --compile; `plain_compiled` compiles the plain
+    """{plain, scan, peer} callables (peer: the forward-hook recipe). `compile` runs the scan with --compile; `plain_compiled` compiles the plain
     model with torch.compile (the baseline for "scan --compile vs plain compiled"); `dtype` and
     `channels_last` apply to both sides."""
     build = globals()[factory]
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: torch.float32}[dtype]
     layout = torch.channels_last if channels_last else torch.contiguous_format
 
-    def plain():  # what a user's own inference loop costs: load the weights, stream the .npy, run
+    def plain(hooks: bool = False):  # a user's own inference loop: load the weights, stream the .npy, run
         net = build()
         net.load_state_dict(torch.load(workdir / f"{name}.pt", weights_only=True))
         net = net.to(device=device, dtype=torch_dtype, memory_format=layout).eval()
+        counts = hook_recipe(net) if hooks else None
         if plain_compiled:
             net = torch.compile(net, dynamic=True)
         array = np.load(data_path, mmap_mode="r")
@@ -147,6 +167,8 @@ def torch_pair(
             for i in range(0, len(array), batch):
                 x = torch.from_numpy(np.array(array[i : i + batch])).to(device)
                 net(x.to(dtype=torch_dtype, memory_format=layout))
+        if counts:
+            [c.cpu() for c in counts.values()]  # the recipe's results, on the host
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
@@ -164,7 +186,23 @@ def torch_pair(
             )
         )
 
-    return plain, scan
+    fns = {"plain": plain, "scan": scan}
+    if not plain_compiled:  # the hook recipe is an eager script
+        fns["peer"] = lambda: plain(hooks=True)
+    return fns
+
+
+def fetch_all_model(path: Path) -> bytes:
+    """The fetch-all recipe's graph: every Relu output added as a graph output."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            model.graph.output.append(
+                onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)
+            )
+    return model.SerializeToString()
 
 
 def onnx_pair(name, data_path: Path, batch: int, workdir: Path):
@@ -172,47 +210,128 @@ def onnx_pair(name, data_path: Path, batch: int, workdir: Path):
 
     path = workdir / f"{name}.onnx"
 
-    def plain():  # a plain onnxruntime loop: create the session, stream the .npy, run
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    def plain(fetch_all: bool = False):  # a plain onnxruntime loop: create the session, stream the .npy, run
+        model = fetch_all_model(path) if fetch_all else str(path)
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
         array = np.load(data_path, mmap_mode="r")
+        counts: dict = {}
         for i in range(0, len(array), batch):
-            session.run(None, {"input": np.array(array[i : i + batch])})
+            outputs = session.run(None, {"input": np.array(array[i : i + batch])})
+            for k, y in enumerate(outputs[1:] if fetch_all else ()):  # the recipe: count in numpy
+                counts[k] = counts.get(k, 0) + (y > 0).sum(axis=(0, 2, 3))
 
     def scan():
         run_scan(ScanOptions(model=str(path), data=str(data_path), batch_size=batch, device="cpu"))
 
-    return plain, scan
+    return {"plain": plain, "scan": scan, "peer": lambda: plain(fetch_all=True)}
 
 
-def measure(name, device, make_pair, data: np.ndarray, batch: int, reps: int, workdir: Path) -> dict:
-    """End to end at N and 3N samples; the marginal ratio (3N - N) cancels the fixed costs
-    (loading, hashing, instrumenting) and is the steady-state cost per sample."""
+def measure(
+    name, device, make_fns, data: np.ndarray, batch: int, reps: int, workdir: Path, process=None
+) -> dict:
+    """End to end at N and 3N samples, in process; the marginal ratio (3N - N) cancels the fixed costs
+    (loading, hashing, instrumenting) and is the steady-state cost per sample. `process(path) -> (plain
+    command, scan command)` adds the whole-process column: both as processes on 1 sample (the fixed cost)
+    and on N samples."""
     n = len(data)
-    small, large = workdir / f"{name}-n.npy", workdir / f"{name}-3n.npy"
+    one, small, large = (workdir / f"{name}-{k}.npy" for k in ("1", "n", "3n"))
+    np.save(one, data[:1])
     np.save(small, data)
     np.save(large, np.concatenate([data, data, data]))
-    plain_n, scan_n, plain_n_all, scan_n_all = _median_pair(*make_pair(small), reps)
-    plain_3n, scan_3n, plain_3n_all, scan_3n_all = _median_pair(*make_pair(large), reps)
-    return {
+    at_n = _interleaved(make_fns(small), reps)
+    at_3n = _interleaved(make_fns(large), reps)
+    med_n = {k: statistics.median(v) for k, v in at_n.items()}
+    med = {k: statistics.median(v) for k, v in at_3n.items()}
+    row = {
         "case": name,
         "device": device,
         "samples": 3 * n,
         "batch": batch,
-        "plain_s": plain_3n,
-        "scan_s": scan_3n,
-        "ratio": scan_3n / plain_3n,
+        "plain_s": med["plain"],
+        "scan_s": med["scan"],
+        "ratio": med["scan"] / med["plain"],
         # each scan against the plain run just before it: slow drift of the machine cancels in each pair
-        "paired_ratio": statistics.median(s / p for s, p in zip(scan_3n_all, plain_3n_all, strict=True)),
-        "marginal_ratio": (scan_3n - scan_n) / (plain_3n - plain_n),
-        "plain_per_s": 3 * n / plain_3n,
-        "scan_per_s": 3 * n / scan_3n,
-        "times_s": {
-            "plain_n": plain_n_all,
-            "scan_n": scan_n_all,
-            "plain_3n": plain_3n_all,
-            "scan_3n": scan_3n_all,
-        },
+        "paired_ratio": statistics.median(s / p for s, p in zip(at_3n["scan"], at_3n["plain"], strict=True)),
+        "marginal_ratio": (med["scan"] - med_n["scan"]) / (med["plain"] - med_n["plain"]),
+        "plain_per_s": 3 * n / med["plain"],
+        "scan_per_s": 3 * n / med["scan"],
+        "times_s": {f"{k}_n": v for k, v in at_n.items()} | {f"{k}_3n": v for k, v in at_3n.items()},
     }
+    if "peer" in med:
+        row["peer_s"] = med["peer"]
+        row["scan_over_peer"] = med["scan"] / med["peer"]
+        row["marginal_over_peer"] = (med["scan"] - med_n["scan"]) / (med["peer"] - med_n["peer"])
+        row["peer_marginal_ratio"] = (med["peer"] - med_n["peer"]) / (med["plain"] - med_n["plain"])
+    if process is not None:
+        runs = {}
+        for label, path in (("1", one), ("n", small)):
+            plain_cmd, scan_cmd = process(path)
+            runs[label] = _interleaved(
+                {
+                    "plain": lambda c=plain_cmd: subprocess.run(c, check=True, stdout=subprocess.DEVNULL),
+                    "scan": lambda c=scan_cmd: subprocess.run(c, check=True, stdout=subprocess.DEVNULL),
+                },
+                reps,
+            )
+        process_med = {
+            f"{k}_{label}": statistics.median(v) for label, r in runs.items() for k, v in r.items()
+        }
+        row["process_s"] = process_med
+        row["process_fixed_s"] = process_med["scan_1"] - process_med["plain_1"]
+        row["process_ratio"] = process_med["scan_n"] / process_med["plain_n"]
+        row["times_s"] |= {f"process_{k}_{label}": v for label, r in runs.items() for k, v in r.items()}
+    return row
+
+
+PLAIN_ONNX_SCRIPT = """
+import sys
+import numpy as np, onnxruntime as ort
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+array, batch = np.load(sys.argv[2], mmap_mode="r"), int(sys.argv[3])
+for i in range(0, len(array), batch):
+    session.run(None, {"input": np.array(array[i : i + batch])})
+"""
+
+PLAIN_TORCH_SCRIPT = """
+import sys
+import numpy as np, torch
+sys.path.insert(0, sys.argv[4])
+from bench import {factory} as build
+net = build()
+net.load_state_dict(torch.load(sys.argv[1], weights_only=True))
+array, batch = np.load(sys.argv[2], mmap_mode="r"), int(sys.argv[3])
+with torch.inference_mode():
+    for i in range(0, len(array), batch):
+        net(torch.from_numpy(np.array(array[i : i + batch])))
+"""
+
+
+def process_commands(kind: str, model: Path, batch: int, workdir: Path, factory: str | None = None):
+    """path -> (plain script command, `deadrelu scan` command), both as fresh processes."""
+    script = workdir / f"plain_{kind}_{factory or 'onnx'}.py"
+    text = PLAIN_ONNX_SCRIPT if kind == "onnx" else PLAIN_TORCH_SCRIPT.format(factory=factory)
+    script.write_text(text)
+    scripts_dir = str(Path(__file__).resolve().parent)
+
+    def commands(path: Path):
+        plain = [sys.executable, str(script), str(model), str(path), str(batch), scripts_dir]
+        scan = [
+            sys.executable,
+            "-m",
+            "deadrelu_cli",
+            "scan",
+            str(model),
+            "--data",
+            str(path),
+            "-b",
+            str(batch),
+            "-q",
+        ]
+        if factory:
+            scan += ["--arch", f"{__file__}:{factory}"]
+        return plain, scan
+
+    return commands
 
 
 def build_small_cnn() -> nn.Module:
@@ -332,6 +451,7 @@ def main() -> None:
                 batch,
                 args.reps,
                 work,
+                process_commands("torch", work / "resnet18.pt", batch, work, "build_resnet18"),
             ),
             "onnx": lambda: measure(
                 "resnet18 onnx",
@@ -341,6 +461,7 @@ def main() -> None:
                 batch,
                 args.reps,
                 work,
+                process_commands("onnx", work / "resnet18.onnx", batch, work),
             ),
             # counting fused by torch.compile: the first run compiles, the marginal ratio is the steady state
             "compile": lambda: measure(
@@ -371,6 +492,7 @@ def main() -> None:
                 token_batch,
                 args.reps,
                 work,
+                process_commands("torch", work / "mlp.pt", token_batch, work, "build_mlp_block"),
             ),
             "memory": lambda: measure_memory(work, args.quick),
         }
@@ -391,14 +513,22 @@ def main() -> None:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     print(
-        f"{'case':<32} {'device':<18} {'samples':>7} {'plain/s':>9} {'scan/s':>9} {'scan/plain':>11} {'paired':>7} {'marginal':>9}"
+        f"{'case':<32} {'device':<18} {'samples':>7} {'plain/s':>8} {'scan/s':>8} {'scan/plain':>10} {'paired':>7} "
+        f"{'marginal':>8} {'peer/plain':>10} {'scan/peer':>9} {'marg/peer':>9} {'fixed s':>8} {'process':>8}"
     )
+
+    def cell(row, key, fmt, width):
+        return f"{row[key]:{width}{fmt}}" if row.get(key) is not None else f"{'-':>{width}}"
+
     for row in rows:
         if "growth" in row:
             continue
         print(
-            f"{row['case']:<32} {row['device']:<18} {row['samples']:>7} {row['plain_per_s']:>9.1f} {row['scan_per_s']:>9.1f} "
-            f"{row['ratio']:>10.3f}x {row['paired_ratio']:>6.3f}x {row['marginal_ratio']:>8.3f}x"
+            f"{row['case']:<32} {row['device']:<18} {row['samples']:>7} {row['plain_per_s']:>8.1f} {row['scan_per_s']:>8.1f} "
+            f"{row['ratio']:>10.3f} {row['paired_ratio']:>7.3f} {row['marginal_ratio']:>8.3f} "
+            f"{cell(row, 'peer_marginal_ratio', '.3f', 10)} {cell(row, 'scan_over_peer', '.3f', 9)} "
+            f"{cell(row, 'marginal_over_peer', '.3f', 9)} {cell(row, 'process_fixed_s', '.2f', 8)} "
+            f"{cell(row, 'process_ratio', '.3f', 8)}"
         )
     for row in rows:
         if "growth" in row:
