@@ -380,10 +380,10 @@ def measure_memory(workdir: Path, quick: bool) -> dict:
     }
 
 
-def cuda_cases(rng, reps: int, workdir: Path) -> dict:
+def cuda_cases(rng, reps: int, workdir: Path, images: int = 512) -> dict:
     """ResNet-18 at 224x224, batch 128: eager, --compile (against plain eager and plain compiled),
     bf16 + channels_last on both sides."""
-    big = rng.standard_normal((512, 3, 224, 224)).astype(np.float32)
+    big = rng.standard_normal((images, 3, 224, 224), dtype=np.float32)
 
     def case(label: str, **kwargs):
         return lambda: measure(
@@ -421,6 +421,7 @@ def main() -> None:
     parser.add_argument(
         "--only", help="comma-separated cases: eager,onnx,compile,mlp,memory (+ cuda-* on a GPU)"
     )
+    parser.add_argument("--cuda-images", type=int, default=512, help="N for the cuda-* cases (224x224)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     side, n_img = (64, 32) if args.quick else (112, args.images)
@@ -497,7 +498,7 @@ def main() -> None:
             "memory": lambda: measure_memory(work, args.quick),
         }
         if torch.cuda.is_available():
-            cases.update(cuda_cases(rng, args.reps, work))
+            cases.update(cuda_cases(rng, args.reps, work, args.cuda_images))
         slow = ("compile", "compile-vs-compiled")  # ~10 s of compiling per run on CPU
         wanted = args.only.split(",") if args.only else [c for c in cases if not (args.quick and c in slow)]
         unknown = [c for c in wanted if c not in cases]

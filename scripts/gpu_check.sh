@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The device check of issue 22, in one call: the CUDA rows of scripts/bench.py (eager, --compile against
+# plain eager and plain compiled, bf16 + channels_last) and a CUDA-against-CPU count check. Installs
+# nothing: the machine's python3 has torch, onnxruntime, numpy. Logs and JSON go to $OUT (default /tmp/out).
+#   bash scripts/gpu_check.sh            (from the repository root)
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" PYTHONDONTWRITEBYTECODE=1
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+py=python3
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  $py -c "import torch, numpy, onnxruntime; print('torch', torch.__version__, torch.cuda.get_device_name(0), 'numpy', numpy.__version__, 'onnxruntime', onnxruntime.__version__)"
+  nproc
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+reps="${REPS:-3}"
+images="${IMAGES:-256}"
+# cheapest and most telling first; each case its own process and time limit, so one overrun loses one row
+for case in cuda-eager cuda-bf16 cuda-compile cuda-compile-vs-compiled; do
+  echo "== $case"
+  timeout "${CASE_LIMIT:-150}" $py scripts/bench.py --reps "$reps" --cuda-images "$images" --only "$case" \
+    --out "$OUT/$case.json" 2>&1 | grep -v Warning | tail -4
+done 2>&1 | tee "$OUT/bench.log"
+echo "== counts: cuda eager / --compile vs cpu" | tee "$OUT/counts.log"
+timeout 120 $py scripts/gpu_counts.py 2>&1 | tail -20 | tee -a "$OUT/counts.log"
