@@ -17,11 +17,16 @@ py=python3
 cat "$OUT/env.txt"
 reps="${REPS:-3}"
 images="${IMAGES:-256}"
-# cheapest and most telling first; each case its own process and time limit, so one overrun loses one row
-for case in cuda-eager cuda-bf16 cuda-compile cuda-compile-vs-compiled; do
-  echo "== $case"
-  timeout "${CASE_LIMIT:-150}" $py scripts/bench.py --reps "$reps" --cuda-images "$images" --only "$case" \
-    --out "$OUT/$case.json" 2>&1 | grep -v Warning | tail -4
-done 2>&1 | tee "$OUT/bench.log"
-echo "== counts: cuda eager / --compile vs cpu" | tee "$OUT/counts.log"
-timeout 120 $py scripts/gpu_counts.py 2>&1 | tail -20 | tee -a "$OUT/counts.log"
+bench() {  # one case, its own process and time limit: an overrun loses one row
+  echo "== $1"
+  timeout "$2" $py scripts/bench.py --reps "$reps" --cuda-images "$images" --only "$1" --out "$OUT/$1.json" 2>&1 |
+    grep -v Warning | tail -3
+}
+{
+  bench cuda-eager 100
+  bench cuda-bf16 100
+  echo "== counts: cuda eager / --compile / bf16 vs cpu"
+  timeout 100 $py scripts/gpu_counts.py 2>&1 | grep -v Warning | tail -4
+  bench cuda-compile 130
+  bench cuda-compile-vs-compiled 130
+} 2>&1 | tee "$OUT/bench.log"

@@ -22,11 +22,19 @@ aten = torch.ops.aten
 
 
 def export_for_stats(module: torch.nn.Module, example: tuple) -> fx.GraphModule:
-    batch = torch.export.Dim("batch", min=1)
-    try:
-        program = torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
-    except Exception as exc:  # torch.export raises many types; the message is what the user needs
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """The module as an FX graph with a dynamic batch axis. Some torch builds (2.11 on CUDA, ResNet-18)
+    guard the batch at >= 2 when traced with two samples: then the batch starts at 2 (the graph itself
+    holds no sizes, so a last batch of 1 still runs)."""
+    program, error = None, None
+    for low in (1, 2):
+        batch = torch.export.Dim("batch", min=low)
+        try:
+            program = torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
+            break
+        except Exception as exc:  # torch.export raises many types; the message is what the user needs
+            error = error or exc
+    if program is None:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
             f"--compile and --certify need a model that torch.export can capture, and this one fails: {first}; "
             "scan without them"
