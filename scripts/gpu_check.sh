@@ -23,6 +23,12 @@ bench() {  # one case, its own process and time limit: an overrun loses one row
     grep -v Warning | tail -3
 }
 {
+  if [ -n "${ONLY_COMPILE:-}" ]; then
+    echo "== export diagnosis"; timeout 60 $py scripts/export_diag.py 2>&1 | grep -v Warning | tail -14
+    bench cuda-compile 150; bench cuda-compile-vs-compiled 150
+    echo "== counts"; timeout 120 $py scripts/gpu_counts.py 2>&1 | grep -v Warning | tail -4
+    exit 0
+  fi
   bench cuda-eager 100
   bench cuda-bf16 100
   echo "== counts: cuda eager / --compile / bf16 vs cpu"
