@@ -22,12 +22,11 @@ aten = torch.ops.aten
 
 
 def export_for_stats(module: torch.nn.Module, example: tuple) -> fx.GraphModule:
-    """The module as an FX graph with a dynamic batch axis. Some torch builds (2.11 on CUDA, ResNet-18)
-    guard the batch at >= 2 when traced with two samples: then the batch starts at 2 (the graph itself
-    holds no sizes, so a last batch of 1 still runs)."""
+    """The module as an FX graph with a dynamic batch axis. On CUDA, torch 2.11 guards convolutions'
+    batch at <= 65535 (cuDNN's limit) and refuses an unbounded Dim: then the range is bounded so."""
     program, error = None, None
-    for low in (1, 2):
-        batch = torch.export.Dim("batch", min=low)
+    for bounds in ({"min": 1}, {"max": 65535}, {"min": 2, "max": 65535}):
+        batch = torch.export.Dim("batch", **bounds)
         try:
             program = torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
             break
