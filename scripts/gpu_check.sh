@@ -23,6 +23,10 @@ bench() {  # one case, its own process and time limit: an overrun loses one row
     grep -v Warning | tail -3
 }
 {
+  if [ -n "${ONLY_STEADY:-}" ]; then
+    echo "== steady state, in process"; timeout 240 $py scripts/gpu_steady.py 2>&1 | grep -v Warning | tail -12
+    exit 0
+  fi
   if [ -n "${ONLY_COMPILE:-}" ]; then
     echo "== export diagnosis"; timeout 60 $py scripts/export_diag.py 2>&1 | grep -v Warning | tail -14
     bench cuda-compile 150; bench cuda-compile-vs-compiled 150
