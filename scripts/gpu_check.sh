@@ -24,7 +24,7 @@ bench() {  # one case, its own process and time limit: an overrun loses one row
 }
 {
   if [ -n "${ONLY_STEADY:-}" ]; then
-    echo "== steady state, in process"; timeout 240 $py scripts/gpu_steady.py 2>&1 | grep -v Warning | tail -12
+    echo "== steady state, in process"; timeout 240 $py scripts/gpu_steady.py 2>&1 | grep -E "ms/batch|Error" | tail -12
     exit 0
   fi
   if [ -n "${ONLY_COMPILE:-}" ]; then
