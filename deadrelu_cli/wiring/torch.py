@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from deadrelu_cli.probe.aten_ops import BATCH_NORM_OPS, LINEAR_OR_CONV_OPS, UNIT_PRESERVING
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.probe.exported import op_base
 from deadrelu_cli.wiring.model import BatchNormRef, TensorRef, UnitWiring
@@ -20,29 +21,6 @@ from deadrelu_cli.wiring.model import BatchNormRef, TensorRef, UnitWiring
 LINEAR_OR_CONV = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCH_NORM = nn.modules.batchnorm._BatchNorm
 BATCH_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
-
-# the same in ATen op names (torch.export graphs)
-LINEAR_OR_CONV_OPS = {"linear", "conv1d", "conv2d", "conv3d"}
-BATCH_NORM_OPS = {"batch_norm", "_native_batch_norm_legit_no_training"}
-# ops after an activation that keep each unit's values in their own slots
-UNIT_PRESERVING_OPS = {
-    "max_pool1d",
-    "max_pool2d",
-    "max_pool3d",
-    "avg_pool1d",
-    "avg_pool2d",
-    "avg_pool3d",
-    "adaptive_avg_pool1d",
-    "adaptive_avg_pool2d",
-    "adaptive_avg_pool3d",
-    "flatten",
-    "view",
-    "reshape",
-    "dropout",
-    "clone",
-    "contiguous",
-    "alias",
-}
 
 
 def named_tensor(module: nn.Module, name: str | None) -> torch.Tensor | None:
@@ -178,7 +156,7 @@ def exported_wiring(
         if len(current.users) != 1:
             return f"skipped: its output goes to {len(current.users)} nodes, not to exactly one linear/conv"
         (user,) = current.users
-        if _base(user) in UNIT_PRESERVING_OPS and user.args[0] is current:
+        if _base(user) in UNIT_PRESERVING and user.args[0] is current:
             current = user
             continue
         consumer_weight = _attr_target(user.args[1]) if len(user.args) > 1 else None
