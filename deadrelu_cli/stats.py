@@ -47,6 +47,13 @@ class LayerStats:
     upper_bound: np.ndarray | None = None
     certified_dead: list[int] | None = None
     certify_note: str | None = None
+    # deployed ONNX graphs: "quantize" (a QuantizeLinear clamping at its zero point) or "fused" (an
+    # activation inside a FusedConv/FusedGemm); the producer's stored weight name, to match layers
+    # of a quantized or optimized graph to the float graph's (report.diff)
+    implicit: str | None = None
+    weight: str | None = None
+    # per-unit minimum of the pre-activation (only with --explain: constant channels)
+    min_preactivation: np.ndarray | None = None
 
     @property
     def units(self) -> int:
@@ -121,4 +128,11 @@ def merge_layer(a: LayerStats, b: LayerStats) -> LayerStats:
         upper_bound=a.upper_bound if a.upper_bound is not None else b.upper_bound,
         certified_dead=a.certified_dead if a.certified_dead is not None else b.certified_dead,
         certify_note=a.certify_note or b.certify_note,
+        implicit=a.implicit or b.implicit,
+        weight=a.weight or b.weight,
+        min_preactivation=(
+            np.minimum(a.min_preactivation, b.min_preactivation)
+            if a.min_preactivation is not None and b.min_preactivation is not None
+            else None
+        ),
     )

@@ -240,8 +240,10 @@ class HostAccumulator:
                 0,
                 empty_f,
                 empty_f,
-                module_type="Relu" if site.op == "relu" else "Clip",
+                module_type=site.module_type or ("Relu" if site.op == "relu" else "Clip"),
                 producer=site.producer,
+                implicit=site.implicit,
+                weight=site.weight,
             )
         bias = None
         if site.bias is not None and np.asarray(site.bias).reshape(-1).shape[0] == self.positive.shape[0]:
@@ -255,9 +257,11 @@ class HostAccumulator:
             max_preactivation=self.max_pre,
             sum_abs=self.sum_abs,
             saturated_counts=self.saturated,
-            module_type="Relu" if site.op == "relu" else "Clip",
+            module_type=site.module_type or ("Relu" if site.op == "relu" else "Clip"),
             producer=site.producer if bias is not None else None,
             bias=bias,
+            implicit=site.implicit,
+            weight=site.weight,
         )
 
 
@@ -288,6 +292,12 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                     raise UserError(
                         f"{data.path}: array {source.name!r} has shape {list(got)}, model input {spec.name!r} expects {shown} {spec.dtype}"
                     )
+    from deadrelu_cli.probe.onnx_deployed import deployed_view
+
+    changed, deployed_notes = deployed_view(loaded.runnable)
+    if changed:  # the graph differs from the file's bytes now
+        loaded.extra.pop("file_bytes", None)
+    loaded.notes.extend(deployed_notes)
     sites = find_sites(loaded.runnable, options.ops)
     if not sites:
         loaded.notes.append(_no_sites_note(loaded.runnable, options.ops))
