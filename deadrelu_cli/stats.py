@@ -96,6 +96,25 @@ class LayerStats:
             return np.zeros(self.units, dtype=bool)
         return self.saturated_counts == self.elements_per_unit
 
+    def constant_masks(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Units whose activation was one value over all the data: (all zero, one other value). The
+        second needs the minimum of the pre-activation (None when it was not recorded)."""
+        none = np.zeros(self.units, dtype=bool)
+        if not self.ran:
+            return none, (None if self.min_preactivation is None else none)
+        high, low = self.max_preactivation, self.min_preactivation
+        clamps_at_zero = self.op in ("relu", "relu6", "clip")
+        if clamps_at_zero:
+            zero = high <= 0.0  # relu(x) is 0 for every x <= 0
+        else:
+            zero = none if low is None else (low == 0.0) & (high == 0.0)
+        if low is None:
+            return zero, None
+        single = (low == high) & ~zero
+        if self.op == "relu6":
+            single |= low >= 6.0  # pinned at the cap
+        return zero, single
+
     def mean_abs(self) -> np.ndarray:
         if not self.ran:
             return np.zeros(self.units, dtype=np.float64)

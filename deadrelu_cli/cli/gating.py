@@ -20,6 +20,7 @@ GATE_PARAMS = (
     "max_dead_units",
     "baseline",
     "max_increase",
+    "allow_no_sites",
     "junit",
     "markdown",
 )
@@ -64,7 +65,9 @@ def show_config(params: dict[str, Any], sources: dict[str, str], console: Consol
     console.print(table)
 
 
-def gate_config(max_dead, max_dead_layer, layer_limit, max_dead_units, baseline, max_increase):
+def gate_config(
+    max_dead, max_dead_layer, layer_limit, max_dead_units, baseline, max_increase, allow_no_sites=False
+):
     from deadrelu_cli.gate import GateConfig, parse_layer_limits
     from deadrelu_cli.report.model import load_report
 
@@ -75,6 +78,7 @@ def gate_config(max_dead, max_dead_layer, layer_limit, max_dead_units, baseline,
         max_dead_units=max_dead_units,
         baseline=load_report(baseline) if baseline else None,
         max_increase=max_increase,
+        allow_no_sites=bool(allow_no_sites),
     )
 
 

@@ -198,6 +198,13 @@ MaxIncrease = Annotated[
         help="Gate: allowed growth of a dead fraction over --baseline (default 0).",
     ),
 ]
+AllowNoSites = Annotated[
+    bool,
+    typer.Option(
+        "--allow-no-sites",
+        help="Gate: pass a model in which no activation site was scanned (by default that fails: nothing was checked).",
+    ),
+]
 Junit = Annotated[str | None, typer.Option("--junit", help="Write JUnit XML (one testcase per layer) here.")]
 Markdown = Annotated[
     str | None,

@@ -22,6 +22,7 @@ def gate(
     max_dead_units: opt.MaxDeadUnits = None,
     baseline: opt.Baseline = None,
     max_increase: opt.MaxIncrease = None,
+    allow_no_sites: opt.AllowNoSites = False,
     junit: opt.Junit = None,
     markdown: opt.Markdown = None,
     config: opt.ConfigPath = None,
@@ -49,6 +50,7 @@ def gate(
         p["max_dead_units"],
         p["baseline"],
         p["max_increase"],
+        p["allow_no_sites"],
     )
     if not config_.active:
         from deadrelu_cli.errors import UserError
@@ -88,7 +90,7 @@ def diff(
     new: opt.ReportPath,
     all_layers: bool = typer.Option(False, "--all", help="Show unchanged layers too."),
 ) -> None:
-    """Per-layer changes in dead units between two reports (matched by layer name)."""
+    """Per-layer changes in dead units between two reports (matched by producer weight, else layer name)."""
     from deadrelu_cli.report.diff import diff_reports
 
     rows, summary = diff_reports(load(old), load(new))
@@ -102,7 +104,7 @@ def diff(
             continue
         style = "red" if row.delta > 0 else ("green" if row.delta < 0 else "")
         table.add_row(
-            row.name,
+            row.name if row.old_name is None else f"{row.name} ← {row.old_name}",
             row.old_text,
             row.new_text,
             row.change_text,

@@ -74,6 +74,7 @@ def scan(
     max_dead_units: opt.MaxDeadUnits = None,
     baseline: opt.Baseline = None,
     max_increase: opt.MaxIncrease = None,
+    allow_no_sites: opt.AllowNoSites = False,
     junit: opt.Junit = None,
     markdown: opt.Markdown = None,
     config: opt.ConfigPath = None,
@@ -117,6 +118,7 @@ def scan(
         p["max_dead_units"],
         p["baseline"],
         p["max_increase"],
+        p["allow_no_sites"],
     )
     progress, update = _progress_callback(quiet or (distributed and os.environ.get("RANK", "0") != "0"), err)
     options = ScanOptions(
@@ -125,6 +127,7 @@ def scan(
         arch=p["arch"],
         trust_pickle=p["trust_pickle"],
         batch_size=opt.parse_batch_size(p["batch_size"]),
+        batch_size_explicit=sources.get("batch_size", "default") != "default",
         compile=p["compile_graph"],
         distributed=p["distributed"],
         explain=p["explain"],

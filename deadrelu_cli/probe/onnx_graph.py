@@ -52,6 +52,7 @@ class OnnxSite:
     implicit: str | None = None  # "quantize" (a zero-point clamp) or "fused" (split from a fused node)
     module_type: str | None = None  # the node type that performs the activation, when not a plain op
     weight: str | None = None  # the producer's stored weight (matches deployed layers to float ones)
+    track_min: bool = False  # also the per-unit minimum of the pre-activation (--explain)
 
 
 def _clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, float | None]:
@@ -233,7 +234,9 @@ class _Builder:
         return name
 
     def reduce(self, op: str, x: str, axes: list[int], stem: str) -> str:
-        axes_from_input = (op == "ReduceSum" and self.opset >= 13) or (op == "ReduceMax" and self.opset >= 18)
+        axes_from_input = (op == "ReduceSum" and self.opset >= 13) or (
+            op in ("ReduceMax", "ReduceMin") and self.opset >= 18
+        )
         if not axes:
             return self.node("Identity", [x], stem)
         if axes_from_input:
@@ -354,6 +357,8 @@ def _add_reductions(
         out["pos_nc"] = builder.node("GlobalAveragePool", [fired], "pos_nc")
         out["sum_nc"] = builder.node("GlobalAveragePool", [magnitude], "sum_nc")
         out["max_nc"] = builder.node("GlobalMaxPool", [x], "max_nc")
+        if site.track_min:  # min = -max(-x): GlobalMaxPool is the pooled reduction onnxruntime has
+            out["min_nc"] = builder.node("GlobalMaxPool", [builder.node("Neg", [x], "neg")], "negmin_nc")
         if at_cap is not None:
             out["sat_nc"] = builder.node("GlobalAveragePool", [at_cap], "sat_nc")
         return out
@@ -361,6 +366,8 @@ def _add_reductions(
     fired32 = builder.node("Cast", [greater()], "fired32", to=TensorProto.INT32)
     out["pos"] = widen(builder.reduce("ReduceSum", fired32, axes, "pos32"), TensorProto.INT64, "pos")
     out["max"] = widen(builder.reduce("ReduceMax", x, axes, "maxf"), TensorProto.DOUBLE, "max")
+    if site.track_min:
+        out["min"] = widen(builder.reduce("ReduceMin", x, axes, "minf"), TensorProto.DOUBLE, "min")
     out["sum"] = widen(builder.reduce("ReduceSum", magnitude, axes, "sumf"), TensorProto.DOUBLE, "sum")
     if at_cap is not None:
         at_cap32 = builder.node("Cast", [at_cap], "sat_i32", to=TensorProto.INT32)
@@ -374,6 +381,8 @@ _STAT_TYPES = {
     "sum": TensorProto.DOUBLE,
     "size": TensorProto.INT64,
     "sat": TensorProto.INT64,
+    "min": TensorProto.DOUBLE,
+    "min_nc": TensorProto.FLOAT,
     "pos_nc": TensorProto.FLOAT,
     "sum_nc": TensorProto.FLOAT,
     "max_nc": TensorProto.FLOAT,
