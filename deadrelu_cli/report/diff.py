@@ -11,17 +11,21 @@ import numpy as np
 from deadrelu_cli.report.model import Report
 from deadrelu_cli.stats import LayerStats
 
-# what quantizers append to a weight's name (onnxruntime: c1.weight -> c1.weight_quantized)
-QUANTIZED_NAME_SUFFIXES = ("_quantized", "_DequantizeLinear_Output", "_dequantized")
+# what quantizers append to a weight's name (onnxruntime: c1.weight -> c1.weight_quantized, and a
+# dynamically quantized Gemm's fc.weight -> fc.weight_Transposed_quantized)
+QUANTIZED_NAME_SUFFIXES = ("_quantized", "_DequantizeLinear_Output", "_dequantized", "_Transposed")
 
 
 def weight_key(name: str | None) -> str | None:
     """A weight name without the suffix quantizers add, to match a deployed layer to its float one."""
     if not name:
         return None
-    for suffix in QUANTIZED_NAME_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in QUANTIZED_NAME_SUFFIXES:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                name, stripped = name[: -len(suffix)], True
     return name
 
 

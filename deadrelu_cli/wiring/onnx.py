@@ -154,25 +154,24 @@ def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
     return trace
 
 
-def producer_weight(index: GraphIndex, input_name: str) -> str | None:
+def producer_weight(index: GraphIndex, input_name: str, depth: int = 0) -> str | None:
     """The stored weight of the Conv/Gemm/MatMul (float, fused or quantized) that produced an
-    activation's input, followed back through the pass-through ops and DequantizeLinear; else None."""
-    name = input_name
-    for _ in range(32):
-        node = index.producer.get(name)
-        if node is None:
-            return None
-        position = WEIGHT_INPUT.get(node.op_type)
-        if node.op_type == "MatMul":
-            position = next((i for i in (1, 0) if index.constant(node.input[i]) is not None), None)
-        if position is not None:
-            return _stored_source(index, node.input[position]) if len(node.input) > position else None
-        if node.op_type not in PASS_THROUGH_OPS:
-            return None
-        data_inputs = [i for i in node.input if i and index.constant(i) is None]
-        if len(data_inputs) != 1:
-            return None
-        name = data_inputs[0]
+    activation's input, followed back through the pass-through ops and DequantizeLinear (and, for
+    dynamically quantized graphs, through ConvInteger's Cast * scale); else None."""
+    node = index.producer.get(input_name)
+    if node is None or depth > 16:
+        return None
+    position = WEIGHT_INPUT.get(node.op_type)
+    if node.op_type == "MatMul":
+        position = next((i for i in (1, 0) if index.constant(node.input[i]) is not None), None)
+    if position is not None:
+        return _stored_source(index, node.input[position]) if len(node.input) > position else None
+    if node.op_type not in PASS_THROUGH_OPS:
+        return None
+    for name in (i for i in node.input if i and index.constant(i) is None):
+        found = producer_weight(index, name, depth + 1)
+        if found is not None:
+            return found
     return None
 
 
