@@ -345,3 +345,71 @@ def test_fix_on_deployed_graphs_refuses_or_works_never_crashes(cli, deployed, tm
     assert fixed.code == 0, fixed.err
     rescanned = _scan(cli, tmp_path, "o", data=root / "data.npz")
     assert [layer["dead"] for layer in rescanned["layers"]][:2] == [0, 0]
+
+
+def test_ci_doc_deployed_section_runs_as_written(cli, tmp_path, monkeypatch):
+    """docs/ci.md 'Gating deployed graphs': its quantize.py and `$ …` commands, on the bundled CNN."""
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "ci.md").read_text()
+    section = text.split("## Gating deployed graphs", 1)[1].split("\n## ", 1)[0]
+    script = section.split("```python\n", 1)[1].split("```", 1)[0]
+    commands = [line[2:] for line in section.splitlines() if line.startswith("$ ")]
+    assert commands[0] == "python quantize.py" and len(commands) == 6
+    for name in ("model.onnx", "calib.npz"):
+        shutil.copy(ROOT / "sample_models" / "cnn" / name, tmp_path / name)
+    (tmp_path / "quantize.py").write_text(script)
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, "quantize.py"], check=True, capture_output=True)
+    for command in commands[1:]:
+        result = cli(*shlex.split(command)[1:])
+        assert result.code == 0, (command, result.err)
+    shown = cli("diff", "float.json", "int8.json", "--all")
+    assert shown.out.count("←") == 3
+    int8 = json.loads((tmp_path / "int8.json").read_text())
+    assert [layer["implicit"] for layer in int8["layers"]] == ["quantize"] * 3
+
+
+def test_explain_constant_channels_of_a_torch_model(cli, tmp_path):
+    """The torch probe records the per-unit minimum under --explain too: a channel with zero weights and
+    a positive bias is constant (one value), checked against the module's own pre-activation."""
+    from conftest import arch_file, save_npz, save_state_dict
+
+    source = (
+        "import torch\nfrom torch import nn\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    m = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU())\n"
+        "    with torch.no_grad():\n"
+        "        m[0].weight[2] = 0.0; m[0].bias[2] = 0.5; m[0].bias[4] = -40.0\n"
+        "    return m\n"
+    )
+    module, spec = arch_file(tmp_path / "arch.py", source)
+    x = np.random.default_rng(1).standard_normal((10, 3, 6, 6)).astype(np.float32)
+    with torch.no_grad():
+        out = _per_unit(module(torch.from_numpy(x)).numpy())
+    constant = out.min(axis=1) == out.max(axis=1)
+    zero = constant & (out.max(axis=1) == 0)
+    result = cli(
+        "scan",
+        save_state_dict(module, tmp_path / "m.pt"),
+        "--arch",
+        spec,
+        "--data",
+        save_npz(tmp_path / "d.npz", x=x),
+        "--explain",
+        "--json",
+        "-",
+    )
+    assert result.code == 0, result.err
+    found = result.json()["layers"][0]["extra"]["constant_channels"]
+    assert found == {
+        "all_zero": np.flatnonzero(zero).tolist(),
+        "single_value": np.flatnonzero(constant & ~zero).tolist(),
+    }
+    assert found == {"all_zero": [4], "single_value": [2]}
