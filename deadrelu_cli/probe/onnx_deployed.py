@@ -206,10 +206,13 @@ def unseen(model: onnx.ModelProto) -> Counter:
     def walk(graph: onnx.GraphProto) -> None:
         for node in graph.node:
             label = f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
-            if node.domain not in STANDARD_DOMAINS:
+            activation = attr(node, "activation")
+            if activation not in (None, b"", ""):  # a fused node left fused (nchwc Conv included)
+                found[f"{label}(activation={activation.decode()})"] += 1
+            elif node.domain == "com.microsoft.nchwc":
+                pass  # onnxruntime's blocked layout: reorders, pools; activations carry the attribute above
+            elif node.domain not in STANDARD_DOMAINS:
                 found[label] += 1
-            elif attr(node, "activation") not in (None, b"", ""):
-                found[f"{label}(activation={attr(node, 'activation').decode()})"] += 1
             elif node.op_type in HIDDEN_ACTIVATIONS:
                 found[label] += 1
             for a in node.attribute:
