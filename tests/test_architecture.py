@@ -25,7 +25,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "loaders.",
             "calibration",
-            "text",
             "inputs",
             "intervals",
             "options",
