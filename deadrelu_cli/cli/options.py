@@ -403,9 +403,8 @@ def command(func: Callable) -> Callable:
     @functools.wraps(func)
     def run(**values: Any) -> None:
         ctx = values.pop("ctx", None)
-        values = {
-            p.name: values[p.name] for p in spread if p.name in values
-        }  # Click gives them in argv order
+        # Click hands them over in command-line order; the signature's order keeps --show-config stable
+        values = {p.name: values[p.name] for p in spread if p.name in values}
         if settings:
             from deadrelu_cli.cli.gating import merge_settings, show_config
 
