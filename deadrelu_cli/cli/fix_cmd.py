@@ -7,10 +7,10 @@ import sys
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from deadrelu_cli.cli import options as opt
+from deadrelu_cli.cli.console import make_console
 
 Strategy = opt.Annotated[
     str,
@@ -111,7 +111,7 @@ def fix(
         kick_scale=kick_scale,
     )
     result = run_fix(scan_options, fix_options)
-    console = Console(stderr=json_out == "-", highlight=False)
+    console = make_console(stderr=json_out == "-")
     table = Table(
         header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
     )
@@ -134,18 +134,19 @@ def fix(
             style="" if layer.applied else "dim",
         )
     console.print(f"{model} → {output} ({strategy})", markup=False)
-    console.print(table)
-    console.print(
-        f"outputs on {data}: max |Δ| = {result.max_abs_diff:.3g}, relative {result.max_rel_diff:.3g}",
-        markup=False,
-    )
+    if not result.nothing_to_fix:
+        console.print(table)
+        console.print(
+            f"outputs on {data}: max |Δ| = {result.max_abs_diff:.3g}, relative {result.max_rel_diff:.3g}",
+            markup=False,
+        )
     if (
         result.params_before is not None
         and result.params_after is not None
         and result.params_before != result.params_after
     ):
         macs = (
-            f"; Linear/Conv MACs per sample {result.flops_before:,} → {result.flops_after:,}"
+            f"; MACs per sample (Conv/Linear/MatMul) {result.flops_before:,} → {result.flops_after:,}"
             if result.flops_before is not None and result.flops_after is not None
             else ""
         )
@@ -162,6 +163,8 @@ def fix(
             sys.stdout.write(text)
         else:
             write_text_atomic(json_out, text)
+    if result.nothing_to_fix:  # a success: MODEL is already what fix would make; OUT is not written
+        return
     if not result.written:
         raise GateFailed(f"verification failed: nothing written to {output} (use --force to write anyway)")
     console.print(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from deadrelu_cli.cli import options as opt
+from deadrelu_cli.cli.console import make_console
 
 InputShape = opt.Annotated[
     str | None,
@@ -29,7 +29,7 @@ def inspect(
     from deadrelu_cli.sites import list_sites
 
     sites, note = list_sites(model, arch, trust_pickle, parse_ops(ops), input_shape)
-    console = Console(highlight=False)
+    console = make_console()
     console.print(f"{model}: {len(sites)} activation sites", markup=False)
     table = Table(
         header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)

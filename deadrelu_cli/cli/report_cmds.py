@@ -6,10 +6,10 @@ import sys
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from deadrelu_cli.cli import options as opt
+from deadrelu_cli.cli.console import make_console
 from deadrelu_cli.cli.gating import gate_config, merge_settings, run_gate, show_config
 
 
@@ -35,13 +35,13 @@ def gate(
     params = {k: v for k, v in locals().items() if k in ctx.params}
     params, sources, _ = merge_settings(ctx, params, config)
     if show_config_flag:
-        show_config(params, sources, Console(highlight=False))
+        show_config(params, sources, make_console())
         return
     p = params
     report = load_report(p["report_path"])
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err = make_console(stderr=True, soft_wrap=True)
     if not quiet:
-        print_report(report, Console(highlight=False))
+        print_report(report, make_console())
     config_ = gate_config(
         p["max_dead"],
         p["max_dead_layer"],
@@ -77,7 +77,7 @@ def merge(
         return
     refuse_overwrite_of_inputs(json_out, reports)
     write_text_atomic(json_out, text)
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
+    make_console(stderr=True, soft_wrap=True).print(
         f"merged {len(reports)} reports, {merged.data.samples} samples → {json_out}\n{summary_line(merged)}",
         markup=False,
     )
@@ -110,7 +110,7 @@ def diff(
             str(len(row.newly_dead)),
             style=style,
         )
-    console = Console(highlight=False)
+    console = make_console()
     console.print(table)
     console.print(summary, markup=False)
 
@@ -134,14 +134,14 @@ def report(
     if json_out == "-":
         sys.stdout.write(report_to_json(saved))
     else:
-        print_report(saved, Console(highlight=False), layer)
+        print_report(saved, make_console(), layer)
         if json_out:
             refuse_overwrite_of_inputs(json_out, inputs)
             write_text_atomic(json_out, report_to_json(saved))
     if html_out:
         refuse_overwrite_of_inputs(html_out, inputs)
         write_html(html_out, saved, baseline=old)
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"wrote {html_out}", markup=False)
+        make_console(stderr=True, soft_wrap=True).print(f"wrote {html_out}", markup=False)
 
 
 def load(path):

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from deadrelu_cli.cli import options as opt
+from deadrelu_cli.cli.console import make_console
 from deadrelu_cli.cli.gating import gate_config, merge_settings, run_gate, show_config, write_html
 
 
@@ -95,7 +96,7 @@ def scan(
     params = {k: v for k, v in locals().items() if k in ctx.params}
     params, sources, _ = merge_settings(ctx, params, config)
     if show_config_flag:
-        show_config(params, sources, Console(highlight=False))
+        show_config(params, sources, make_console())
         return
     p = params
     if not p["model"]:
@@ -104,8 +105,8 @@ def scan(
     if not p["data"] and not p["certify"]:
         raise UserError("missing --data: the calibration data to replay (.npz, .npy, .pt or .safetensors)")
     json_to_stdout = p["json_out"] == "-"
-    out = Console(stderr=json_to_stdout, highlight=False)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    out = make_console(stderr=json_to_stdout)
+    err = make_console(stderr=True, soft_wrap=True)
     inputs = [p["model"], p["data"] or ""]
     for target in (p["json_out"], p["junit"], p["markdown"], p["html_out"]):
         if target and target != "-":

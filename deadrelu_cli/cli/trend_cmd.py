@@ -7,10 +7,10 @@ import sys
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from deadrelu_cli.cli import options as opt
+from deadrelu_cli.cli.console import make_console
 
 Checkpoints = opt.Annotated[
     list[str],
@@ -63,7 +63,7 @@ def trend(
             sys.stdout.write(text)
             return
         write_text_atomic(json_out, text)
-    console = Console(highlight=False)
+    console = make_console()
     steps = [c.step if c.step is not None else i for i, c in enumerate(result.checkpoints)]
     shown = (
         sorted({round(i * (len(steps) - 1) / (MAX_COLUMNS - 1)) for i in range(MAX_COLUMNS)})

@@ -65,6 +65,7 @@ class FixResult:
     flops_after: int | None = None
     verified: bool = False
     written: bool = False
+    nothing_to_fix: bool = False  # no dead units: a success, nothing written
     notes: list[str] = field(default_factory=list)
     new_widths: dict[str, int] = field(default_factory=dict)
 
@@ -73,6 +74,7 @@ class FixResult:
             "strategy": self.strategy,
             "output": self.output,
             "written": self.written,
+            "nothing_to_fix": self.nothing_to_fix,
             "verified": self.verified,
             "max_abs_diff": self.max_abs_diff,
             "max_rel_diff": self.max_rel_diff,

@@ -76,11 +76,17 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
     plans = plan_layers(scanned.report, options.layers, options.certified_only)
     result = FixResult(strategy=options.strategy, output=str(output))
     if not plans:
-        raise UserError(
-            "no dead units to fix"
-            + (f" in layers matching {' '.join(options.layers)}" if options.layers else "")
-            + "; nothing written"
+        ran = [layer for layer in scanned.report.layers if layer.ran]
+        if not ran:  # no silent all-clear: nothing was seen, so nothing is known to be clean
+            raise UserError("no activation site ran on the data: nothing to decide a fix on; nothing written")
+        where = f" in layers matching {' '.join(options.layers)}" if options.layers else ""
+        units = sum(layer.units for layer in ran)
+        result.nothing_to_fix = result.verified = True
+        result.notes.append(
+            f"no {'provably ' if options.certified_only else ''}dead units{where} "
+            f"({units} units in {len(ran)} layers); nothing to fix, nothing written"
         )
+        return result
     apply = backend_of(scanned.model).apply_fix
     temp = _temp_path(output)
     try:

@@ -6,6 +6,7 @@ import numpy as np
 
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.inputs import mismatch
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
 from deadrelu_cli.probe.onnx_graph import OnnxSite, find_sites
 from deadrelu_cli.stats import LayerStats
@@ -81,17 +82,10 @@ def feed_order(model: LoadedModel, data: CalibrationData) -> dict[str, str]:
         return {wanted[0]: names[0]}
     missing = [w for w in wanted if w not in names]
     if missing:
-        described = ", ".join(
-            f"{s.name}{list(s.shape) if s.shape else ''} {s.dtype or ''}".strip() for s in model.inputs
-        )
-        raise UserError(
-            f"{data.path}: no array for model input(s) {', '.join(missing)}; the model's inputs are: {described}"
-        )
+        raise mismatch(data, model, f"no array for model input(s) {', '.join(missing)}")
     extra = [n for n in names if n not in wanted]
     if extra:
-        raise UserError(
-            f"{data.path}: arrays {', '.join(extra)} match no model input (inputs: {', '.join(wanted)})"
-        )
+        raise mismatch(data, model, f"arrays {', '.join(extra)} match no model input")
     return {w: w for w in wanted}
 
 
