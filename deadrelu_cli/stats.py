@@ -47,6 +47,9 @@ class LayerStats:
     upper_bound: np.ndarray | None = None
     certified_dead: list[int] | None = None
     certify_note: str | None = None
+    # samples that reached the site (None: not counted, i.e. every sample); fewer than the data's when
+    # the site sits in a branch that ran on some batches only
+    samples: int | None = None
 
     @property
     def units(self) -> int:
@@ -121,4 +124,5 @@ def merge_layer(a: LayerStats, b: LayerStats) -> LayerStats:
         upper_bound=a.upper_bound if a.upper_bound is not None else b.upper_bound,
         certified_dead=a.certified_dead if a.certified_dead is not None else b.certified_dead,
         certify_note=a.certify_note or b.certify_note,
+        samples=None if a.samples is None or b.samples is None else a.samples + b.samples,
     )

@@ -70,7 +70,7 @@ def trend(
         if len(steps) > MAX_COLUMNS
         else list(range(len(steps)))
     )
-    label = {"checkpoint": "step", "file name": "#", "command line": "#"}[result.checkpoints[0].source]
+    label = "step" if any(c.source == "checkpoint" for c in result.checkpoints) else "#"
     table = Table(
         header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
     )
@@ -90,10 +90,12 @@ def trend(
         died = f"{len(layer.died_at)}" + (f" ({label} {steps[first[0]]})" if first else "")
         table.add_row(layer.name, *cells, spark, died, str(len(layer.revived)))
     console.print(
-        f"{len(steps)} checkpoints, ordered by {result.checkpoints[0].source} · {data} · {result.samples} samples",
+        f"{len(steps)} checkpoints, ordered by {result.order} · {data} · {result.samples} samples",
         markup=False,
     )
     console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", style="dim", markup=False)
 
 
 def register(app: typer.Typer) -> None:

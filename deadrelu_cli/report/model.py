@@ -137,6 +137,8 @@ def layer_to_dict(layer: LayerStats, settings: Settings) -> dict[str, Any]:
     out["upper_bound"] = None if layer.upper_bound is None else _finite_or_none(layer.upper_bound)
     if layer.certify_note:
         out["certify_note"] = layer.certify_note
+    if layer.samples is not None:
+        out["samples"] = int(layer.samples)
     if layer.extra:
         out["extra"] = layer.extra
     return out
@@ -189,6 +191,7 @@ def layer_from_dict(d: dict[str, Any]) -> LayerStats:
         else np.array([np.inf if v is None else v for v in d["upper_bound"]], dtype=np.float64),
         certified_dead=d.get("certified_dead_indices"),
         certify_note=d.get("certify_note"),
+        samples=d.get("samples"),
     )
 
 

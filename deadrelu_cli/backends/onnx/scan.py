@@ -184,8 +184,10 @@ class HostAccumulator:
         self.site = site
         self.positive = self.max_pre = self.sum_abs = self.saturated = None
         self.elements = 0
+        self.samples = 0
 
-    def add(self, values: dict[str, np.ndarray]) -> None:
+    def add(self, values: dict[str, np.ndarray], samples: int = 0) -> None:
+        """One batch's reductions; `samples`: the batch's sample count (counted when the site ran)."""
         if "pos_nc" in values:
             values = _from_pooled(values, self.site.positions)
         pos, mx, sm, size = (np.asarray(values[k]) for k in ("pos", "max", "sum", "size"))
@@ -221,6 +223,7 @@ class HostAccumulator:
         if self.saturated is not None and sat is not None:
             self.saturated += sat.reshape(-1).astype(np.int64)
         self.elements += size // units
+        self.samples += samples
 
     def layer_stats(self) -> LayerStats:
         site = self.site
@@ -236,6 +239,7 @@ class HostAccumulator:
                 empty_f,
                 module_type="Relu" if site.op == "relu" else "Clip",
                 producer=site.producer,
+                samples=0,
             )
         bias = None
         if site.bias is not None and np.asarray(site.bias).reshape(-1).shape[0] == self.positive.shape[0]:
@@ -252,6 +256,7 @@ class HostAccumulator:
             module_type="Relu" if site.op == "relu" else "Clip",
             producer=site.producer if bias is not None else None,
             bias=bias,
+            samples=self.samples,
         )
 
 
@@ -318,11 +323,11 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                     f"onnxruntime failed on the first batch: {first}; check that --data fits the model's inputs"
                 ) from None
             raise
-        for acc, values in zip(accumulators, per_site, strict=True):
-            acc.add(values)
         first_batched = next(n for n in order.values() if n not in data.consts)
-        axis = data.batch_axes.get(first_batched, 0)
-        done += batch[first_batched].shape[axis]
+        samples = batch[first_batched].shape[data.batch_axes.get(first_batched, 0)]
+        for acc, values in zip(accumulators, per_site, strict=True):
+            acc.add(values, samples)
+        done += samples
         if options.progress:
             options.progress(done, total)
     return loaded, [acc.layer_stats() for acc in accumulators]
