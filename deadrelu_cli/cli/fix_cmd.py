@@ -74,6 +74,13 @@ def fix(
         help="Act only on units proven dead over --input-range (prune is then exact on every input in the box).",
     ),
     input_range: opt.InputRange = None,
+    holdout: float | None = typer.Option(
+        None,
+        "--holdout",
+        help="Keep this fraction of the data (its last samples) from the scan and verify the fix on it: "
+        "units dead on the rest may fire there.",
+        show_default=False,
+    ),
     json_out: opt.JsonOut = None,
 ) -> None:
     """Patch the dead units of MODEL and write OUT; exit 0 written and verified, 1 verification failed (nothing written)."""
@@ -109,6 +116,7 @@ def fix(
         force=force,
         certified_only=certified_only,
         kick_scale=kick_scale,
+        holdout=holdout,
     )
     result = run_fix(scan_options, fix_options)
     console = make_console(stderr=json_out == "-")
@@ -138,6 +146,25 @@ def fix(
         console.print(table)
         console.print(
             f"outputs on {data}: max |Δ| = {result.max_abs_diff:.3g}, relative {result.max_rel_diff:.3g}",
+            markup=False,
+        )
+    if result.values_per_unit is not None:
+        console.print(
+            f"evidence: dead on all of {result.scanned_samples:,} samples, at least "
+            f"{result.values_per_unit:,} values per unit"
+            + ("" if holdout else " (add --holdout 0.2 to verify on samples the scan does not see)"),
+            markup=False,
+        )
+    if result.holdout_samples is not None:
+        fired = sum(len(units) for units in result.holdout_fired.values())
+        acted = sum(len(layer.units) for layer in result.layers if layer.applied)
+        where = "; ".join(
+            f"{name}: {', '.join(map(str, units))}" for name, units in result.holdout_fired.items()
+        )
+        console.print(
+            f"hold-out ({result.holdout_samples:,} samples the scan did not see): {fired} of {acted} units fired"
+            + (f" ({where})" if where else "")
+            + f"; outputs max |Δ| = {result.holdout_max_abs_diff:.3g}, relative {result.holdout_max_rel_diff:.3g}",
             markup=False,
         )
     if (
