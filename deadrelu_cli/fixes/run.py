@@ -175,7 +175,11 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
             result.notes.append(
                 f"outputs changed by {result.max_rel_diff:.3g} relative (> {options.tolerance:g})"
             )
-        if exact and (result.holdout_max_rel_diff or 0.0) > options.tolerance:
+        if (
+            exact
+            and result.holdout_max_rel_diff is not None
+            and result.holdout_max_rel_diff > options.tolerance
+        ):
             result.verified = False
             result.notes.append(
                 f"outputs on the hold-out changed by {result.holdout_max_rel_diff:.3g} relative "
