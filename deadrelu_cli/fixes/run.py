@@ -112,9 +112,7 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
         scan_options = replace(
             scan_options, batch_size=backend.batch_size("auto", scanned.model, scanned.data, scanned.device)
         )
-    if (
-        scanned.model.fixed_batch is not None
-    ):  # exported with a static batch: every later pass runs that batch
+    if scanned.model.fixed_batch is not None:  # a static batch: every later pass runs that batch
         scan_options = replace(scan_options, batch_size=scanned.model.fixed_batch)
     if options.certified_only and not scan_options.certify:
         raise UserError("--certified-only needs --input-range (the box over which units are certified dead)")
