@@ -19,7 +19,7 @@ from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.wiring.model import UnitWiring, input_columns
-from deadrelu_cli.wiring.torch import BATCH_NORM, LINEAR_OR_CONV, eager_wiring, named_tensor
+from deadrelu_cli.wiring.torch import BATCH_NORM, eager_wiring, named_tensor
 
 
 def install_substitutes(
