@@ -238,15 +238,17 @@ def expose_nchwc(model: onnx.ModelProto) -> set[str]:
     graph = model.graph
     index = GraphIndex(graph)
     names = {node.name for node in graph.node}
-    added, exposed = [], set()
+    rebuilt, exposed = [], set()
     for node in graph.node:
+        rebuilt.append(node)
         if node.domain != NCHWC or node.op_type != "Conv":
             continue
         channels = _nchwc_channels(index, node.output[0])
         if channels is None or _activation_nodes(node, "") is None:
             continue
         count, nchw = channels
-        # onnxruntime names the nchwc Conv after the tensor the float graph's activation wrote
+        # onnxruntime names the nchwc Conv after the output of the node it replaced (usually the tensor the
+        # float graph's activation wrote, as unfused sites are named)
         shown = node.name.removesuffix("_nchwc") if node.name.endswith("_nchwc") else nchw or node.output[0]
         if shown in names:
             shown = f"{shown}/{NCHWC_CONV}"
@@ -258,15 +260,17 @@ def expose_nchwc(model: onnx.ModelProto) -> set[str]:
         activation = _activation_nodes(node, pre, out=f"{shown}_deadrelu_nchwc", name=shown)
         for tensor in (pre, activation[-1].output[0]):  # NCHW: units on dim 1 (onnxruntime's 2-D convs)
             graph.value_info.append(
-                helper.make_tensor_value_info(tensor, TensorProto.FLOAT, ["N", count, "H", "W"])
+                helper.make_tensor_value_info(tensor, TensorProto.FLOAT, [None, count, None, None])
             )
         for copy in (plain, reorder, *activation):
             copy.doc_string = NCHWC_COPY
-        added += [plain, reorder, *activation]
+        rebuilt += [plain, reorder, *activation]  # right after it: the scan keeps the graph's order
         names.add(shown)
         exposed.add(node.output[0])
-    graph.node.extend(added)  # appended: nothing of the model reads them, so the order stays topological
-    if added and not any(entry.domain in ("", "ai.onnx") for entry in model.opset_import):
+    if exposed:
+        del graph.node[:]
+        graph.node.extend(rebuilt)
+    if exposed and not any(entry.domain in ("", "ai.onnx") for entry in model.opset_import):
         model.opset_import.append(helper.make_opsetid("", 13))
     return exposed
 
