@@ -215,6 +215,13 @@ AllowNoSites = Annotated[
         help="Gate: pass a model in which no activation site was scanned (by default that fails: nothing was checked).",
     ),
 ]
+AllowUnseen = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unseen",
+        help="Gate: pass even though the model has activations the scan could not see (fused, quantized or custom-domain nodes it cannot count; by default that fails).",
+    ),
+]
 Junit = Annotated[str | None, typer.Option("--junit", help="Write JUnit XML (one testcase per layer) here.")]
 Markdown = Annotated[
     str | None,
@@ -352,6 +359,7 @@ class Gating(OptionGroup):
     baseline: Baseline = None
     max_increase: MaxIncrease = None
     allow_no_sites: AllowNoSites = False
+    allow_unseen: AllowUnseen = False
     junit: Junit = None
     markdown: Markdown = None
 
@@ -368,6 +376,7 @@ class Gating(OptionGroup):
             baseline=load_report(self.baseline) if self.baseline else None,
             max_increase=self.max_increase,
             allow_no_sites=bool(self.allow_no_sites),
+            allow_unseen=bool(self.allow_unseen),
         )
 
 

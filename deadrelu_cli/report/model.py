@@ -70,6 +70,7 @@ class Report:
     layers: list[LayerStats]
     tool: dict[str, str] = field(default_factory=lambda: {"name": "deadrelu", "version": __version__})
     notes: list[str] = field(default_factory=list)
+    unseen: dict[str, int] = field(default_factory=dict)  # node type -> count of activations not scanned
 
     def layer(self, name: str) -> LayerStats:
         for layer in self.layers:
@@ -167,6 +168,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         },
         "summary": vars(report.summary()).copy(),
         "notes": list(report.notes),
+        **({"unseen_activations": dict(report.unseen)} if report.unseen else {}),
         "layers": [layer_to_dict(layer, s) for layer in report.layers],
     }
 
@@ -230,6 +232,7 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
             layers=[layer_from_dict(layer) for layer in d["layers"]],
             tool=d.get("tool", {}),
             notes=list(d.get("notes", [])),
+            unseen={str(k): int(v) for k, v in (d.get("unseen_activations") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(
@@ -282,4 +285,6 @@ def merge_reports(reports: list[Report]) -> Report:
         settings=first.settings,
         layers=layers,
         notes=sorted({n for r in reports for n in r.notes}),
+        # the same model in every report: its unseen nodes are the same, not added up
+        unseen={k: max(r.unseen.get(k, 0) for r in reports) for r in reports for k in r.unseen},
     )
