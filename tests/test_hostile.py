@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, arch, save_npz, save_state_dict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from truth import assert_json_matches, capture, onnx_relu_io, truth_of
 
 from deadrelu_cli import scan
 from deadrelu_cli.report.model import merge_reports, report_to_dict
@@ -34,43 +35,145 @@ FUZZ = settings(max_examples=15, deadline=None, derandomize=True, suppress_healt
 def _damage(raw: bytes, mode: str, position: float, flips: list[tuple[float, int]]) -> bytes:
     if mode == "truncate":
         return raw[: int(position * len(raw))]
+    if mode == "one byte":  # the damage most likely to leave a readable file
+        flips = flips[:1]
     data = bytearray(raw)
     for where, value in flips:
         data[int(where * (len(data) - 1))] = value
     return bytes(data)
 
 
+# zip archives carry a CRC-32 per member: a damaged one is refused or reads as the undamaged file
+CHECKSUMMED = {"state_dict", "torchscript", "exported_program", "npz"}
+
+
+def _mlp_data() -> np.ndarray:
+    return np.load(MLP / "calib.npz")["input"]
+
+
+def _truth_of_damaged(kind: str, target: Path, data: np.ndarray) -> dict | None:
+    """safetensors, ONNX and .npy have no checksum: a flipped weight byte is a different (valid) file.
+    Its truth: the file decoded by the format's own library, run in plain torch / onnxruntime, counted
+    in numpy; None when that library cannot read it (then deadrelu must refuse it too)."""
+    try:
+        if kind == "safetensors":
+            from safetensors.torch import load_file
+
+            model = _load_arch(MLP / "arch.py").build()
+            model.load_state_dict(load_file(str(target)), strict=True)
+            sites = capture(model.eval(), [torch.from_numpy(data)], producers={"relu()": ("fc2", "relu")})
+            return {name: truth_of(site, 1) for name, site in sites.items()}
+        if kind == "onnx":
+            import onnx
+
+            model = onnx.load_from_string(target.read_bytes())
+            nodes = [n.name for n in model.graph.node if n.op_type == "Relu"]
+            sites = onnx_relu_io(model, {model.graph.input[0].name: data}, nodes)
+            return {name: truth_of(sites[name], 1) for name in nodes}
+        if kind == "npy":
+            x = np.load(target, allow_pickle=False)
+            if x.dtype.kind not in "fiu" or not np.isfinite(x).all():
+                return None
+            return _truth_of_damaged("onnx", MLP / "model.onnx", np.ascontiguousarray(x, dtype=np.float32))
+    except Exception:  # noqa: BLE001 - whatever the reference library raises: it could not read the file
+        return None
+    raise AssertionError(kind)
+
+
+def _load_arch(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mlp_arch_for_fuzz", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _statistics(report: dict) -> tuple:
+    return json.dumps([report["layers"], report["summary"], report["data"]["samples"]], sort_keys=True)
+
+
 @pytest.mark.parametrize("kind", list(FUZZ_TARGETS))
-def test_damaged_files_give_exit_2_or_a_report(kind, cli, tmp_path_factory):
+def test_damaged_files_are_refused_or_read_exactly(kind, cli, tmp_path_factory):
+    """A damaged file gives exit 2 with one line, or a report: for formats with checksums (zip) exactly
+    the undamaged file's report, for those without (a flipped byte is another valid file) exactly the
+    numbers of that file as its own library reads it. Never a traceback, never a silent wrong number."""
     source, role = FUZZ_TARGETS[kind]
     if source is None:
         folder = tmp_path_factory.mktemp("npy")
         source = folder / "calib.npy"
-        np.save(source, np.load(MLP / "calib.npz")["input"][:64])
+        np.save(source, _mlp_data()[:64])
     raw = Path(source).read_bytes()
+
+    def run(target: Path):
+        if role == "model":
+            return cli("scan", target, *MLP_ARCH, "--data", MLP / "calib.npz", "--json", "-")
+        return cli("scan", MLP / "model.onnx", "--data", target, "--json", "-")
+
+    reference = run(Path(source))
+    assert reference.code == 0, reference.err
+    undamaged = _statistics(reference.json())
 
     @FUZZ
     @given(
-        mode=st.sampled_from(["truncate", "flip"]),
+        mode=st.sampled_from(["truncate", "flip", "one byte"]),
         position=st.floats(0, 0.999),
         flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), min_size=1, max_size=16),
     )
     def check(mode, position, flips):
         folder = tmp_path_factory.mktemp("fuzz")
         target = folder / Path(source).name
-        target.write_bytes(_damage(raw, mode, position, flips))
-        if role == "model":
-            args = ["scan", target, *MLP_ARCH, "--data", MLP / "calib.npz"]
-        else:
-            args = ["scan", MLP / "model.onnx", "--data", target]
-        result = cli(*args)
-        assert result.code in (0, 1, 2), (kind, mode, result.err)
+        damaged = _damage(raw, mode, position, flips)
+        target.write_bytes(damaged)
+        result = run(target)
+        assert result.code in (0, 2), (kind, mode, result.code, result.err)
         assert "Traceback" not in result.err and "internal error" not in result.err, result.err
+        assert Path(source).read_bytes() == raw  # the original is never touched
         if result.code == 2:
             assert len(result.err.strip().splitlines()) == 1
-        assert Path(source).read_bytes() == raw  # the original is never touched
+            return
+        report = result.json()
+        if kind in CHECKSUMMED or damaged == raw:
+            assert _statistics(report) == undamaged, (kind, mode)
+            return
+        data = _mlp_data() if role == "model" else None
+        truth = _truth_of_damaged(kind, target, data)
+        assert truth is not None, f"{kind}: deadrelu read a file its own library refuses"
+        assert_json_matches(report, truth)
 
     check()
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "onnx", "npy"])
+def test_flipped_weight_bytes_without_a_checksum_are_read_exactly(kind, cli, tmp_path):
+    """Formats without a checksum: single bit flips in the tensor bytes (the fuzz above rarely lands
+    there) make another valid file, and its report has exactly that file's numbers (plain torch /
+    onnxruntime + numpy), low mantissa bits and exponent bits alike."""
+    source, role = FUZZ_TARGETS[kind]
+    if source is None:
+        source = tmp_path / "calib.npy"
+        np.save(source, _mlp_data()[:64])
+    raw = Path(source).read_bytes()
+    target = tmp_path / ("damaged" + Path(source).suffix)
+    read = 0
+    for where in np.linspace(0.55, 0.98, 4):
+        for bit in (0x01, 0x20):
+            damaged = bytearray(raw)
+            damaged[int(where * len(raw))] ^= bit
+            target.write_bytes(bytes(damaged))
+            if role == "model":
+                result = cli("scan", target, *MLP_ARCH, "--data", MLP / "calib.npz", "--json", "-")
+            else:
+                result = cli("scan", MLP / "model.onnx", "--data", target, "--json", "-")
+            assert result.code in (0, 2), result.err
+            if result.code == 2:
+                assert len(result.err.strip().splitlines()) == 1 and "internal error" not in result.err
+                continue
+            truth = _truth_of_damaged(kind, target, _mlp_data() if role == "model" else None)
+            assert truth is not None, f"{kind}: deadrelu read a file its own library refuses"
+            assert_json_matches(result.json(), truth)
+            read += 1
+    assert read >= 4  # most flips leave a valid file: the comparison above really ran
 
 
 class _Payload:

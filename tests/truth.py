@@ -224,7 +224,11 @@ def assert_json_matches(
         assert layer["dead_fraction"] == len(t.dead) / t.units, where
         assert layer["dying_indices"] == t.dying, where
         assert layer["dormant_indices"] == t.dormant, where
-        maxima = [math.nan if v is None else v for v in layer["max_preactivation"]]
+        # null in the JSON: a non-finite maximum (or a unit that saw nothing)
+        maxima = [
+            (m if not math.isfinite(m) else math.nan) if v is None else v
+            for v, m in zip(layer["max_preactivation"], t.max_pre.tolist(), strict=True)
+        ]
         np.testing.assert_allclose(maxima, t.max_pre, rtol=rtol, atol=atol, err_msg=where)
         np.testing.assert_allclose(layer["sum_abs"], t.sum_abs, rtol=rtol, atol=atol, err_msg=where)
         if t.saturated is None:

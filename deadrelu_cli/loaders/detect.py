@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 from deadrelu_cli.errors import UserError
@@ -83,7 +84,7 @@ def _check_crcs(path: Path, chunk: int = 1 << 20) -> None:
                 with archive.open(info) as member:
                     while member.read(chunk):
                         pass
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, NotImplementedError) as exc:
         raise UserError(
             f"{path}: a damaged zip archive ({exc}); the checkpoint is truncated or corrupted"
         ) from None
