@@ -107,6 +107,21 @@ class NpzMemberSource:
                 f"{self.path}: array {self.name!r} is damaged ({exc}); re-create the .npz"
             ) from None
 
+    def verify_rest(self, chunk: int = 1 << 20) -> None:
+        """Read the member to its end: zipfile checks the CRC-32 only there, and a scan that stops early
+        (--limit, one rank's shard) must not use damaged rows unnoticed."""
+        if self._stream is None:
+            return
+        try:
+            while self._stream.read(chunk):
+                pass
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+            raise UserError(
+                f"{self.path}: array {self.name!r} is damaged ({exc}); re-create the .npz"
+            ) from None
+        finally:
+            self.close()
+
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
@@ -288,6 +303,9 @@ class CalibrationData:
                     )
                 batch[source.name] = rows
             yield batch
+        for source in self._batched():
+            if isinstance(source, NpzMemberSource):
+                source.verify_rest()
 
 
 class MultiFileData:

@@ -210,19 +210,94 @@ def test_write_into_unwritable_place(cli):
     assert result.code == 2 and "cannot write" in result.err
 
 
-def test_failed_write_keeps_the_old_file(cli, tmp_path, monkeypatch):
-    out = tmp_path / "report.json"
+@pytest.mark.parametrize("flag", ["--json", "--html", "--junit", "--markdown"])
+def test_every_report_writer_is_atomic(cli, tmp_path, monkeypatch, flag):
+    """A write that fails half-way (disk full after some bytes) leaves the previous file intact and no
+    temp file behind, for each of the four report writers."""
+    out = tmp_path / f"report{flag.replace('--', '.')}"
     out.write_text("previous report\n")
+    real_write_text = Path.write_text
 
-    def full_disk(self, *args, **kwargs):
+    def half_then_full(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)  # some bytes reach the disk
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full_disk)
-    result = cli("scan", MLP / "model.onnx", "--data", MLP / "calib.npz", "--json", out)
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    result = cli("scan", MLP / "model.onnx", "--data", MLP / "calib.npz", "--max-dead", "0.9", flag, out)
     monkeypatch.undo()
-    assert result.code == 2 and "No space left on device" in result.err
+    assert result.code == 2 and "No space left on device" in result.err, result.err
     assert out.read_text() == "previous report\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp file left behind
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temp file left behind
+    result = cli("scan", MLP / "model.onnx", "--data", MLP / "calib.npz", "--max-dead", "0.9", flag, out)
+    assert result.code == 0 and out.read_text() != "previous report\n"  # the same write, undisturbed
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def _npz_member_start(path: Path) -> int:
+    """Offset of the first member's bytes in a zip (after its local header)."""
+    import struct
+    import zipfile
+
+    info = zipfile.ZipFile(path).infolist()[0]
+    raw = path.read_bytes()
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
+def test_npz_crc_damage_is_refused_even_when_only_some_rows_are_read(cli, tmp_path, compressed):
+    """One flipped bit in an .npz member fails its CRC-32: refused (exit 2, one line) whether the damage
+    is in the rows scanned or not, with --limit too (zipfile checks the CRC only at the member's end, so
+    a scan stopping early must still read to it); the undamaged file's rows give onnxruntime's numbers."""
+    x = _mlp_data()[:64]
+    save = np.savez_compressed if compressed else np.savez
+    save(tmp_path / "good.npz", input=x)
+    raw = (tmp_path / "good.npz").read_bytes()
+    start = _npz_member_start(tmp_path / "good.npz")
+    header = 128  # the .npy header inside the member (version 1.0, padded to 128 bytes)
+    import zipfile
+
+    size = zipfile.ZipFile(tmp_path / "good.npz").infolist()[0].compress_size
+    cases = {"last row": start + size - 9}
+    if not compressed:
+        cases["row 2"] = start + header + 2 * x.shape[1] * 4 + 3  # inside the first 10 rows
+    for where, offset in cases.items():
+        damaged = bytearray(raw)
+        damaged[offset] ^= 0x40
+        (tmp_path / "bad.npz").write_bytes(bytes(damaged))
+        for extra in ((), ("--limit", "10")):
+            result = cli("scan", MLP / "model.onnx", "--data", tmp_path / "bad.npz", *extra)
+            assert result.code == 2, (where, extra, result.out[-300:])
+            assert "damaged" in result.err and len(result.err.strip().splitlines()) == 1, result.err
+    result = cli("scan", MLP / "model.onnx", "--data", tmp_path / "good.npz", "--limit", "10", "--json", "-")
+    assert result.code == 0, result.err
+    truth = _truth_of_damaged("onnx", MLP / "model.onnx", x[:10])  # the undamaged graph, first 10 rows
+    assert_json_matches(result.json(), truth)
+
+
+def test_internal_error_writes_a_crash_log_with_the_traceback(cli, tmp_path, monkeypatch):
+    """Exit 3: one line on stderr naming the crash log; the log holds the full traceback of the error."""
+    import tempfile
+
+    import deadrelu_cli.engine as engine
+
+    def broken_step(_options):
+        raise ZeroDivisionError("planted for the crash-log test")
+
+    monkeypatch.setattr(engine, "run_scan_detailed", broken_step)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the log goes to the temp dir: this one
+    result = cli("scan", MLP / "model.onnx", "--data", MLP / "calib.npz")
+    assert result.code == 3
+    (log,) = tmp_path.glob("deadrelu-crash-*.log")
+    line = result.err.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert "internal error: ZeroDivisionError: planted for the crash-log test" in line
+    assert f"traceback in {log}" in line
+    text = log.read_text()
+    assert text.startswith("Traceback (most recent call last):")
+    assert "in broken_step" in text and text.rstrip().endswith(
+        "ZeroDivisionError: planted for the crash-log test"
+    )
 
 
 def test_zip_member_escaping_the_archive(cli, tmp_path):
