@@ -249,7 +249,7 @@ def assert_json_matches(
 # -- rendered tables, parsed back into numbers -------------------------------------------------
 
 
-def _close_to_printed(text: str, value: float, digits: int = 4) -> bool:
+def close_to_printed(text: str, value: float, digits: int = 4) -> bool:
     """`text` is `value` printed with `digits` significant digits (the last digit may differ by one
     when the value sits on a rounding boundary and the tool's float rounding differs from ours)."""
     printed = float(text)
@@ -305,10 +305,10 @@ def assert_units_table(text: str, t: Truth, bias: np.ndarray | None, dying: floa
     assert sorted(rows) == list(range(t.units)), sorted(rows)
     for i, cells in rows.items():
         if bias is not None:
-            assert _close_to_printed(cells[1], float(bias[i])), (i, cells[1], bias[i])
+            assert close_to_printed(cells[1], float(bias[i])), (i, cells[1], bias[i])
         assert cells[2] == f"{100 * t.active_rate[i]:.2f}%", (i, cells[2], t.active_rate[i])
-        assert _close_to_printed(cells[3], float(t.max_pre[i])), (i, cells[3], t.max_pre[i])
-        assert _close_to_printed(cells[4], float(t.mean_abs[i])), (i, cells[4], t.mean_abs[i])
+        assert close_to_printed(cells[3], float(t.max_pre[i])), (i, cells[3], t.max_pre[i])
+        assert close_to_printed(cells[4], float(t.mean_abs[i])), (i, cells[4], t.mean_abs[i])
         status = (
             "DEAD"
             if i in t.dead
