@@ -58,8 +58,11 @@ class NpzMemberSource:
 
     def __init__(self, path: Path, member: str, name: str) -> None:
         self.path, self.member, self.name = path, member, name
-        with zipfile.ZipFile(path) as archive, archive.open(member) as stream:
-            self.shape, fortran, self.dtype = _read_npy_header(stream, f"{path}:{name}")
+        try:
+            with zipfile.ZipFile(path) as archive, archive.open(member) as stream:
+                self.shape, fortran, self.dtype = _read_npy_header(stream, f"{path}:{name}")
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:  # e.g. a damaged local header
+            raise UserError(f"{path}: array {name!r} is damaged ({exc}); re-create the .npz") from None
         if fortran and len(self.shape) > 1:
             raise UserError(
                 f"{path}: array {name!r} is stored in Fortran order; save it C-contiguous (np.ascontiguousarray)"
