@@ -236,7 +236,8 @@ def test_auto_box_from_data(cli, spec):
 
 
 def test_onnx_certification_matches_torch(tmp_path, planted_module):
-    """The ONNX export of each planted model certifies exactly the units its torch graph does."""
+    """Consistency (two certifiers): the ONNX export of each planted model certifies exactly the units
+    its torch graph does; soundness itself is judged by plain torch in test_sound_on_random_models."""
     import warnings
 
     from deadrelu_cli.backends.onnx.certify import certify_onnx

@@ -39,6 +39,8 @@ def _single(cli, *args) -> dict:
 
 
 def _assert_same(distributed: dict, single: dict) -> None:
+    """Consistency (distribution invariance): the distributed report equals the single-process one,
+    which test_truth / test_table check against plain torch + numpy."""
     assert distributed["data"]["samples"] == single["data"]["samples"]
     assert distributed["summary"] == single["summary"]
     assert [layer["name"] for layer in distributed["layers"]] == [layer["name"] for layer in single["layers"]]
@@ -69,6 +71,7 @@ def uneven_data(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_process(cli, uneven_data):
+    """Consistency: two ranks on an uneven split equal one process."""
     out = uneven_data / "dist.json"
     run = _torchrun(
         CNN / "model.pt",
@@ -90,6 +93,7 @@ def test_two_ranks_equal_one_process(cli, uneven_data):
 
 @pytest.mark.slow
 def test_glob_of_shards_dealt_to_ranks(cli, uneven_data):
+    """Consistency: shards dealt to ranks equal one process on the whole file."""
     out = uneven_data / "glob.json"
     run = _torchrun(CNN / "model.onnx", "--data", uneven_data / "shard-*.npy", "--json", out)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -182,6 +186,7 @@ def test_distributed_without_torchrun_is_a_usage_error(cli, monkeypatch):
 
 
 def test_glob_data_in_one_process(cli, uneven_data):
+    """Consistency: a glob of shards in one process equals the whole file."""
     _assert_same(
         _single(cli, CNN / "model.pt", "--arch", ARCH, "--data", uneven_data / "shard-*.npy"),
         _single(cli, CNN / "model.pt", "--arch", ARCH, "--data", uneven_data / "all.npy"),

@@ -481,7 +481,8 @@ def _fix_both(cli, work, strategy):
 
 
 def test_prune_on_exported_program_input_matches_the_module_path(cli, work):
-    """prune on a .pt2 narrows the tensors found in its graph: the same program, tensor for tensor, as
+    """Consistency (graph vs module wiring), anchored on outputs: prune on a .pt2 narrows the tensors
+    found in its graph: the same program, tensor for tensor, as
     pruning the state_dict + --arch into a .pt2 (modules rebuilt), and the same outputs as the original."""
     shutil.copy(CNN / "model.pt2", work / "model.pt2")
     for source, out, extra in (
@@ -516,14 +517,25 @@ def test_prune_on_exported_program_input_matches_the_module_path(cli, work):
 
 
 def test_kick_on_exported_program_input_matches_the_state_dict_path(cli, work):
+    """Consistency (graph vs module wiring), anchored: the .pt2 and the state_dict paths write the same
+    tensors, and exactly the planted dead units' incoming rows and BatchNorm beta / bias moved."""
     program, from_modules = _fix_both(cli, work, "kick")
     original = torch.load(work / "model.pt", weights_only=True)
-    assert any(not torch.equal(value, original[key]) for key, value in program.state_dict.items())
+    moved = {
+        key: sorted({int(i) for i in torch.nonzero(value != original[key])[:, 0]})
+        for key, value in program.state_dict.items()
+        if not torch.equal(value, original[key])
+    }
+    assert moved == {
+        "conv1.weight": [1, 5], "bn1.bias": [1, 5],
+        "conv2.weight": [0, 7, 8, 15], "bn2.bias": [0, 7, 8, 15],
+        "fc.weight": [2, 9], "fc.bias": [2, 9],
+    }  # fmt: skip
     assert all(torch.equal(value, from_modules[key]) for key, value in program.state_dict.items())
 
 
 def test_reinit_on_exported_program_input_matches_the_state_dict_path(cli, work):
-    """reinit on a .pt2 finds the units' weights in its graph (conv1 + bn1 -> conv2, conv2 + bn2 -> fc,
+    """Consistency (graph vs module wiring), anchored in plain torch: reinit on a .pt2 finds the units' weights in its graph (conv1 + bn1 -> conv2, conv2 + bn2 -> fc,
     fc -> head): outputs unchanged (plain torch), the revived units fire, and every tensor equals what
     the same reinit writes from the state_dict + --arch (same seed; modules instead of a graph)."""
     program, from_modules = _fix_both(cli, work, "reinit")

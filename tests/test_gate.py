@@ -196,6 +196,7 @@ def test_gate_bad_report(cli, tmp_path):
 
 
 def test_merge_of_halves_equals_full_scan(cli, tmp_path):
+    """Consistency (merge is exact): merging the reports of two halves gives the full scan's report."""
     x = np.load(DATA)["input"]
     np.savez(tmp_path / "a.npz", input=x[:200])
     np.savez(tmp_path / "b.npz", input=x[200:])

@@ -112,6 +112,16 @@ def test_damaged_files_are_refused_or_read_exactly(kind, cli, tmp_path_factory):
 
     reference = run(Path(source))
     assert reference.code == 0, reference.err
+    # the undamaged report is itself checked against plain torch / onnxruntime + numpy
+    if role == "data":
+        anchor = _truth_of_damaged(
+            "onnx", MLP / "model.onnx", np.load(source)["input"] if kind == "npz" else np.load(source)
+        )
+    elif kind == "onnx":
+        anchor = _truth_of_damaged("onnx", MLP / "model.onnx", _mlp_data())
+    else:  # every torch format of the sample holds the same weights as its .safetensors
+        anchor = _truth_of_damaged("safetensors", MLP / "model.safetensors", _mlp_data())
+    assert_json_matches(reference.json(), anchor)
     undamaged = _statistics(reference.json())
 
     @FUZZ
@@ -343,6 +353,7 @@ def _counts(report):
 @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(batch=st.integers(1, 31), seed=st.integers(0, 10**6))
 def test_batch_size_and_order_never_change_counts(conv_case, batch, seed):
+    """Consistency (batch-size and order invariance) against one reference scan."""
     ckpt, x, folder = conv_case
     reference = scan(
         ckpt, str(save_npz(folder / "ref.npz", x=x)), arch=arch("conv_bn"), device="cpu", batch_size=30
@@ -361,6 +372,7 @@ def test_batch_size_and_order_never_change_counts(conv_case, batch, seed):
 @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(cuts=st.lists(st.integers(1, 29), min_size=1, max_size=4, unique=True))
 def test_merge_of_any_split_equals_the_whole(conv_case, cuts):
+    """Consistency (merge is exact over any split)."""
     ckpt, x, folder = conv_case
     edges = [0, *sorted(cuts), len(x)]
     parts = [

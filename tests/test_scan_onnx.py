@@ -399,7 +399,8 @@ def test_appended_instrumentation_parses_as_the_instrumented_graph(tmp_path):
 
 
 def test_parity_with_torch_scan_on_exported_samples(tmp_path, planted_module):
-    """Each planted torch model exported to ONNX gives the same dead units per layer as the torch scan."""
+    """Consistency (torch vs ONNX backends): each planted torch model exported to ONNX gives the same
+    dead units per layer as the torch scan."""
     import warnings
 
     from conftest import arch, save_npz, save_state_dict
