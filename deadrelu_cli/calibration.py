@@ -7,6 +7,7 @@ never allowed (numpy allow_pickle=False, torch weights_only=True).
 
 from __future__ import annotations
 
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -212,7 +213,8 @@ def _read_npy_header(stream, label: str) -> tuple[tuple[int, ...], bool, np.dtyp
             shape, fortran, dtype = npy.read_array_header_1_0(stream)
         else:
             shape, fortran, dtype = npy.read_array_header_2_0(stream)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, tokenize.TokenError, TypeError) as exc:
+        # a damaged header dict: numpy parses it as a Python literal (TokenError when unbalanced)
         raise UserError(f"{label}: not a valid .npy array ({exc})") from None
     return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype)
 

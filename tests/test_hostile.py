@@ -310,6 +310,59 @@ def test_internal_error_writes_a_crash_log_with_the_traceback(cli, tmp_path, mon
     )
 
 
+def test_damage_found_by_the_wider_fuzz_is_refused(cli, tmp_path):
+    """Damage a longer fuzz run (1,050 files) turned into internal errors: each is now exit 2, one line.
+    An .npy header whose dict lost its closing brace; a .pt2 member whose flags now say 'encrypted';
+    weights that became Inf (a valid safetensors file) with a JSON report, which has no Inf."""
+    import struct
+    import zipfile
+
+    np.save(tmp_path / "x.npy", _mlp_data()[:8])
+    raw = bytearray((tmp_path / "x.npy").read_bytes())
+    raw[raw.index(b"}")] = ord(" ")
+    (tmp_path / "unbalanced.npy").write_bytes(bytes(raw))
+    program = bytearray((MLP / "model.pt2").read_bytes())
+    info = zipfile.ZipFile(MLP / "model.pt2").infolist()[-1]
+    central = program.rindex(b"PK\x01\x02")  # the central directory entry of that last member
+    for offset in (info.header_offset + 6, central + 8):  # local and central general-purpose flags
+        flags = struct.unpack("<H", program[offset : offset + 2])[0]
+        program[offset : offset + 2] = struct.pack("<H", flags | 1)
+    (tmp_path / "encrypted.pt2").write_bytes(bytes(program))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(MLP / "model.safetensors"))
+    weights["fc1.weight"][0, 0] = float("inf")
+    save_file(weights, str(tmp_path / "inf.safetensors"))
+    for args, message in (
+        (("scan", MLP / "model.onnx", "--data", tmp_path / "unbalanced.npy"), "not a valid .npy"),
+        (("scan", tmp_path / "encrypted.pt2", "--data", MLP / "calib.npz"), "damaged zip archive"),
+        (
+            (
+                "scan",
+                tmp_path / "inf.safetensors",
+                *MLP_ARCH,
+                "--data",
+                MLP / "calib.npz",
+                "--json",
+                tmp_path / "r.json",
+            ),
+            "NaN or Inf",
+        ),
+        (
+            ("scan", MLP / "model.onnx", "--data", tmp_path / "nan.npy", "--allow-nonfinite", "--json", "-"),
+            "NaN or Inf",
+        ),
+    ):
+        if "nan.npy" in str(args[3]):
+            x = _mlp_data()[:8].copy()
+            x[2, 3] = np.nan
+            np.save(tmp_path / "nan.npy", x)
+        result = cli(*args)
+        assert result.code == 2, (args, result.err)
+        assert message in result.err and len(result.err.strip().splitlines()) == 1, result.err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_zip_member_escaping_the_archive(cli, tmp_path):
     import zipfile
 

@@ -84,7 +84,16 @@ def _check_crcs(path: Path, chunk: int = 1 << 20) -> None:
                 with archive.open(info) as member:
                     while member.read(chunk):
                         pass
-    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, NotImplementedError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        OSError,
+        ValueError,
+        EOFError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:
+        # (RuntimeError: a member flagged as encrypted)
         raise UserError(
             f"{path}: a damaged zip archive ({exc}); the checkpoint is truncated or corrupted"
         ) from None
