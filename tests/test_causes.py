@@ -50,9 +50,10 @@ def test_causes_of_an_exported_program_are_the_planted_ones(cli, tmp_path, plant
 
 
 def test_causes_from_an_onnx_graph(cli, tmp_path, planted_module):
-    """--explain on ONNX reads the producer's stored tensors (Gemm rows, a reshaped Conv bias, an unfused
-    BatchNormalization's scale and B): the torch scan's causes for the planted MLP's export, and the
-    planted causes of a paddle2onnx-style graph."""
+    """Consistency (ONNX vs torch causes), anchored on the planted causes: --explain on ONNX reads the
+    producer's stored tensors (Gemm rows, a reshaped Conv bias, an unfused BatchNormalization's scale
+    and B): the torch scan's causes for the planted MLP's export, and the planted causes of a
+    paddle2onnx-style graph."""
     import warnings
 
     import onnx
@@ -70,6 +71,7 @@ def test_causes_from_an_onnx_graph(cli, tmp_path, planted_module):
     assert result.code == 0, result.err
     expected = [layer["extra"].get("causes") for layer in from_torch["layers"]]
     assert [layer["extra"].get("causes") for layer in json.loads(result.out)["layers"]] == expected
+    assert expected[0] == {"0": "negative bias", "1": "collapsed weights", "2": "direction"}  # as planted
     assert expected[1]["0"] == "starved"
     onnx.save(paddle_conv_bn(weights_in_constants=True), str(tmp_path / "p.onnx"))
     images = save_npz(

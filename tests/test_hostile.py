@@ -96,7 +96,8 @@ def _statistics(report: dict) -> tuple:
 @pytest.mark.parametrize("kind", list(FUZZ_TARGETS))
 def test_damaged_files_are_refused_or_read_exactly(kind, cli, tmp_path_factory):
     """A damaged file gives exit 2 with one line, or a report: for formats with checksums (zip) exactly
-    the undamaged file's report, for those without (a flipped byte is another valid file) exactly the
+    the undamaged file's report (consistency, with the undamaged report anchored to plain torch /
+    onnxruntime below), for those without (a flipped byte is another valid file) exactly the
     numbers of that file as its own library reads it. Never a traceback, never a silent wrong number."""
     source, role = FUZZ_TARGETS[kind]
     if source is None:
