@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import arch, save_npz, save_state_dict
+from conftest import arch, arch_file, save_npz, save_state_dict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -167,3 +167,26 @@ def test_onnx_statistics_from_onnxruntime_outputs(cli, tmp_path):
     assert_layers_table(result.out, truths, {"relu1": "relu"})
     assert_summary_line(result.out, truths)
     assert truths["relu1"].dead == [2, 4, 6]
+
+
+def test_a_layer_that_never_fires_is_dormant_throughout(cli, tmp_path):
+    """docs/report-schema.md: dormant is 'all units when the layer's mean is 0'; the layer after it sees
+    only zeros, so its units sit at their biases (0.5: always active; -0.5: dead, and dormant)."""
+    model, spec = arch_file(
+        tmp_path / "arch.py",
+        "import torch\nfrom torch import nn\n\n"
+        "def build():\n"
+        "    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())\n"
+        "    with torch.no_grad():\n"
+        "        model[0].bias.fill_(-100.0)\n"
+        "        model[2].bias.copy_(torch.tensor([0.5, -0.5]))\n"
+        "    return model\n",
+    )
+    x = np.random.default_rng(14).standard_normal((30, 3)).astype(np.float32)
+    truths = {name: truth_of(site, 1) for name, site in capture(model, [torch.from_numpy(x)]).items()}
+    assert truths["1"].dead == truths["1"].dormant == [0, 1, 2, 3]
+    assert truths["3"].dead == [1] and truths["3"].dormant == [1]
+    ckpt, data = save_state_dict(model, tmp_path / "m.pt"), save_npz(tmp_path / "d.npz", x=x)
+    report, table = _scan_cli(cli, tmp_path, ckpt, spec, data, [])
+    assert_json_matches(report, truths)
+    assert_layers_table(table, truths, {"1": "relu", "3": "relu"})
