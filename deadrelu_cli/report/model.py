@@ -174,6 +174,12 @@ def report_to_dict(report: Report) -> dict[str, Any]:
 
 
 def report_to_json(report: Report) -> str:
+    for layer in report.layers:  # JSON has no NaN/Inf: say which layer and why instead of crashing
+        if not np.isfinite(layer.sum_abs).all():
+            raise UserError(
+                f"layer {layer.name}: the sum of |activation| is NaN or Inf (NaN/Inf or huge values in the "
+                "data or the weights); a JSON report cannot hold it: clean the data or check the weights"
+            )
     return json.dumps(report_to_dict(report), indent=2, allow_nan=False) + "\n"
 
 
