@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Any, get_type_hints
 
 import typer
-from rich.console import Console
 
 Model = Annotated[
     str,
@@ -59,13 +58,14 @@ TrustPickle = Annotated[
     ),
 ]
 BatchSize = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--batch-size",
         "-b",
-        help="Samples per batch, or auto: sized by the model's activations (a graph's fixed batch wins); never changes the result.",
+        help="Samples per batch, or auto (never changes the result). Default: auto, sized by the model's activations, or the batch size an ONNX graph's inputs fix.",
     ),
 ]
+DEFAULT_BATCH_SIZE = "auto"
 Compile = Annotated[
     bool,
     typer.Option(
@@ -208,6 +208,20 @@ MaxIncrease = Annotated[
         help="Gate: allowed growth of a dead fraction over --baseline (default 0).",
     ),
 ]
+AllowNoSites = Annotated[
+    bool,
+    typer.Option(
+        "--allow-no-sites",
+        help="Gate: pass a model in which no activation site was scanned (by default that fails: nothing was checked).",
+    ),
+]
+AllowUnseen = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unseen",
+        help="Gate: pass even though the model has activations the scan could not see (fused, quantized or custom-domain nodes it cannot count; by default that fails).",
+    ),
+]
 Junit = Annotated[str | None, typer.Option("--junit", help="Write JUnit XML (one testcase per layer) here.")]
 Markdown = Annotated[
     str | None,
@@ -319,7 +333,7 @@ class Loading(OptionGroup):
 class Running(OptionGroup):
     """How the calibration data is replayed and counted."""
 
-    batch_size: BatchSize = "auto"
+    batch_size: BatchSize = None  # None: the default (a graph's fixed batch may replace it)
     limit: Limit = None
     device: Device = "auto"
     threshold: Threshold = 0.0
@@ -344,6 +358,8 @@ class Gating(OptionGroup):
     max_dead_units: MaxDeadUnits = None
     baseline: Baseline = None
     max_increase: MaxIncrease = None
+    allow_no_sites: AllowNoSites = False
+    allow_unseen: AllowUnseen = False
     junit: Junit = None
     markdown: Markdown = None
 
@@ -359,6 +375,8 @@ class Gating(OptionGroup):
             max_dead_units=self.max_dead_units,
             baseline=load_report(self.baseline) if self.baseline else None,
             max_increase=self.max_increase,
+            allow_no_sites=bool(self.allow_no_sites),
+            allow_unseen=bool(self.allow_unseen),
         )
 
 
@@ -393,15 +411,15 @@ def command(func: Callable) -> Callable:
     @functools.wraps(func)
     def run(**values: Any) -> None:
         ctx = values.pop("ctx", None)
-        values = {
-            p.name: values[p.name] for p in spread if p.name in values
-        }  # Click gives them in argv order
+        # Click hands them over in command-line order; the signature's order keeps --show-config stable
+        values = {p.name: values[p.name] for p in spread if p.name in values}
         if settings:
+            from deadrelu_cli.cli.console import make_console
             from deadrelu_cli.cli.gating import merge_settings, show_config
 
             values, sources, _ = merge_settings(ctx, values, values["config"])
             if values["show_config_flag"]:
-                show_config(values, sources, Console(highlight=False))
+                show_config(values, sources, make_console())
                 return
         for name, group in groups.items():
             values[name] = group.take(values)
@@ -424,7 +442,8 @@ def scan_options(
         data=data,
         arch=loading.arch,
         trust_pickle=loading.trust_pickle,
-        batch_size=parse_batch_size(running.batch_size),
+        batch_size=parse_batch_size(running.batch_size or DEFAULT_BATCH_SIZE),
+        batch_size_explicit=running.batch_size is not None,
         limit=running.limit,
         device=running.device,
         threshold=running.threshold,

@@ -70,6 +70,7 @@ class Report:
     layers: list[LayerStats]
     tool: dict[str, str] = field(default_factory=lambda: {"name": "deadrelu", "version": __version__})
     notes: list[str] = field(default_factory=list)
+    unseen: dict[str, int] = field(default_factory=dict)  # node type -> count of activations not scanned
 
     def layer(self, name: str) -> LayerStats:
         for layer in self.layers:
@@ -137,6 +138,14 @@ def layer_to_dict(layer: LayerStats, settings: Settings) -> dict[str, Any]:
     out["upper_bound"] = None if layer.upper_bound is None else _finite_or_none(layer.upper_bound)
     if layer.certify_note:
         out["certify_note"] = layer.certify_note
+    if layer.implicit:
+        out["implicit"] = layer.implicit
+    if layer.weight:
+        out["weight"] = layer.weight
+    if layer.min_preactivation is not None:
+        out["min_preactivation"] = _finite_or_none(layer.min_preactivation)
+    if layer.samples is not None:
+        out["samples"] = int(layer.samples)
     if layer.extra:
         out["extra"] = layer.extra
     return out
@@ -159,11 +168,18 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         },
         "summary": vars(report.summary()).copy(),
         "notes": list(report.notes),
+        **({"unseen_activations": dict(report.unseen)} if report.unseen else {}),
         "layers": [layer_to_dict(layer, s) for layer in report.layers],
     }
 
 
 def report_to_json(report: Report) -> str:
+    for layer in report.layers:  # JSON has no NaN/Inf: say which layer and why instead of crashing
+        if not np.isfinite(layer.sum_abs).all():
+            raise UserError(
+                f"layer {layer.name}: the sum of |activation| is NaN or Inf (NaN/Inf or huge values in the "
+                "data or the weights); a JSON report cannot hold it: clean the data or check the weights"
+            )
     return json.dumps(report_to_dict(report), indent=2, allow_nan=False) + "\n"
 
 
@@ -189,6 +205,12 @@ def layer_from_dict(d: dict[str, Any]) -> LayerStats:
         else np.array([np.inf if v is None else v for v in d["upper_bound"]], dtype=np.float64),
         certified_dead=d.get("certified_dead_indices"),
         certify_note=d.get("certify_note"),
+        implicit=d.get("implicit"),
+        weight=d.get("weight"),
+        min_preactivation=None
+        if d.get("min_preactivation") is None
+        else np.array([np.inf if v is None else v for v in d["min_preactivation"]], dtype=np.float64),
+        samples=d.get("samples"),
     )
 
 
@@ -216,6 +238,7 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
             layers=[layer_from_dict(layer) for layer in d["layers"]],
             tool=d.get("tool", {}),
             notes=list(d.get("notes", [])),
+            unseen={str(k): int(v) for k, v in (d.get("unseen_activations") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(
@@ -268,4 +291,6 @@ def merge_reports(reports: list[Report]) -> Report:
         settings=first.settings,
         layers=layers,
         notes=sorted({n for r in reports for n in r.notes}),
+        # the same model in every report: its unseen nodes are the same, not added up
+        unseen={k: max(r.unseen.get(k, 0) for r in reports) for r in reports for k in r.unseen},
     )
