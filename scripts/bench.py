@@ -267,11 +267,7 @@ def measure(
         for label, path in (("1", one), ("n", small)):
             plain_cmd, scan_cmd = process(path)
             runs[label] = _interleaved(
-                {
-                    "plain": lambda c=plain_cmd: subprocess.run(c, check=True, stdout=subprocess.DEVNULL),
-                    "scan": lambda c=scan_cmd: subprocess.run(c, check=True, stdout=subprocess.DEVNULL),
-                },
-                reps,
+                {"plain": lambda c=plain_cmd: _run(c), "scan": lambda c=scan_cmd: _run(c)}, reps
             )
         process_med = {
             f"{k}_{label}": statistics.median(v) for label, r in runs.items() for k, v in r.items()
@@ -281,6 +277,13 @@ def measure(
         row["process_ratio"] = process_med["scan_n"] / process_med["plain_n"]
         row["times_s"] |= {f"process_{k}_{label}": v for label, r in runs.items() for k, v in r.items()}
     return row
+
+
+def _run(command: list[str]) -> None:
+    """A whole process; exit 1 (the scan's gate found dead units) is a finished run too."""
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode not in (0, 1):
+        raise RuntimeError(f"{command} failed ({done.returncode}): {done.stderr[-2000:]}")
 
 
 PLAIN_ONNX_SCRIPT = """
@@ -506,6 +509,7 @@ def main() -> None:
             parser.error(f"--only: unknown case(s) {', '.join(unknown)}; choose from {', '.join(cases)}")
         for case in wanted:
             rows.append(cases[case]())
+            args.out.write_text(json.dumps({"reps": args.reps, "rows": rows}, indent=2) + "\n")  # so far
     machine = {
         "python": platform.python_version(),
         "torch": torch.__version__,
