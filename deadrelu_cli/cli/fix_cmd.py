@@ -43,6 +43,8 @@ def fix(
     arch: opt.Arch = None,
     trust_pickle: opt.TrustPickle = False,
     layers: Layers = None,
+    mask: opt.Mask = None,
+    exclude_token_ids: opt.ExcludeTokenIds = None,
     slope: float = typer.Option(0.01, "--slope", help="Negative slope for --strategy leaky."),
     seed: int = typer.Option(
         0, "--seed", help="Seed of the re-initialisation (reinit) and sampling (bias-shift)."
@@ -95,6 +97,8 @@ def fix(
         channel_dim=channel_dim,
         consts=tuple(const or ()),
         batch_axes=opt.parse_batch_axes(batch_axis),
+        mask=mask,
+        exclude_token_ids=opt.parse_token_ids(exclude_token_ids),
         certify=input_range is not None,
         input_range=opt.parse_input_range(input_range),
     )

@@ -275,3 +275,47 @@ Explain = Annotated[
         help="Say why each dead unit is dead (negative bias, collapsed weights, BatchNorm shift, starved, direction) and what to do.",
     ),
 ]
+Mask = Annotated[
+    str | None,
+    typer.Option(
+        "--mask",
+        help="Array of --data whose nonzero [samples, tokens] positions count (default: attention_mask when "
+        "present; none = every position, padding included).",
+    ),
+]
+ExcludeTokenIds = Annotated[
+    str | None,
+    typer.Option(
+        "--exclude-token-ids",
+        help="Comma-separated token ids whose positions never count (e.g. BOS: --exclude-token-ids 1); needs input_ids.",
+    ),
+]
+Text = Annotated[
+    str | None,
+    typer.Option(
+        "--text",
+        help="Instead of --data: a text file (one document per line) or .jsonl, tokenized with the model folder's tokenizer.",
+    ),
+]
+TextField = Annotated[str, typer.Option("--text-field", help="--text .jsonl: the key holding each document.")]
+SeqLen = Annotated[
+    int, typer.Option("--seq-len", min=1, help="--text: tokens per document (longer ones are truncated).")
+]
+DeviceMap = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="Hugging Face folders: spread the model over devices with accelerate (auto, balanced, cpu).",
+    ),
+]
+
+
+def parse_token_ids(value: str | None) -> tuple[int, ...]:
+    from deadrelu_cli.errors import UserError
+
+    if not value:
+        return ()
+    try:
+        return tuple(int(part) for part in value.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise UserError(f"--exclude-token-ids {value!r}: give comma-separated integers, e.g. 0,2") from None

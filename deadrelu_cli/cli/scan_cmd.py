@@ -65,6 +65,12 @@ def scan(
     channels_last: opt.ChannelsLast = False,
     const: opt.Const = None,
     batch_axis: opt.BatchAxis = None,
+    mask: opt.Mask = None,
+    exclude_token_ids: opt.ExcludeTokenIds = None,
+    text: opt.Text = None,
+    text_field: opt.TextField = "text",
+    seq_len: opt.SeqLen = 128,
+    device_map: opt.DeviceMap = None,
     layer: opt.LayerName = None,
     json_out: opt.JsonOut = None,
     html_out: opt.HtmlOut = None,
@@ -101,12 +107,14 @@ def scan(
     if not p["model"]:
         raise UserError("missing MODEL: deadrelu scan MODEL --data DATA (see --help)")
     p["certify"] = p["certify"] or p["input_range"] is not None  # a box is only for certifying (as in fix)
-    if not p["data"] and not p["certify"]:
-        raise UserError("missing --data: the calibration data to replay (.npz, .npy, .pt or .safetensors)")
+    if not p["data"] and not p["text"] and not p["certify"]:
+        raise UserError(
+            "missing --data: the calibration data to replay (.npz, .npy, .pt or .safetensors), or --text FILE"
+        )
     json_to_stdout = p["json_out"] == "-"
     out = Console(stderr=json_to_stdout, highlight=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    inputs = [p["model"], p["data"] or ""]
+    inputs = [p["model"], p["data"] or "", p["text"] or ""]
     for target in (p["json_out"], p["junit"], p["markdown"], p["html_out"]):
         if target and target != "-":
             refuse_overwrite_of_inputs(target, inputs)
@@ -143,6 +151,12 @@ def scan(
         allow_nonfinite=p["allow_nonfinite"],
         consts=tuple(p["const"] or ()),
         batch_axes=opt.parse_batch_axes(p["batch_axis"]),
+        mask=p["mask"],
+        exclude_token_ids=opt.parse_token_ids(p["exclude_token_ids"]),
+        text=p["text"],
+        text_field=p["text_field"],
+        seq_len=p["seq_len"],
+        device_map=p["device_map"],
         progress=update,
     )
     if progress is not None:

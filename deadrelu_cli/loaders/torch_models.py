@@ -140,17 +140,19 @@ def _with_notes(loaded: LoadedModel, notes: list[str]) -> LoadedModel:
     return loaded
 
 
-def _forward_inputs(model: nn.Module) -> list[InputSpec]:
+def forward_parameters(model: nn.Module) -> tuple[list[InputSpec], tuple[str, ...]]:
+    """forward()'s required positional inputs, and every argument name it takes by keyword."""
     try:
-        params = inspect.signature(model.forward).parameters.values()
+        params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        return []
-    names = [
-        p.name
+        return [], ()
+    required = [
+        InputSpec(p.name)
         for p in params
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
     ]
-    return [InputSpec(name) for name in names]
+    accepted = tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return required, accepted
 
 
 def _float_dtype(model: nn.Module) -> str:
@@ -162,6 +164,7 @@ def _float_dtype(model: nn.Module) -> str:
 
 def _eager(path: Path, fmt: str, model: nn.Module, sha, device: str) -> LoadedModel:
     model = model.to(device).eval()  # inference semantics (BatchNorm running stats, no dropout) everywhere
+    required, accepted = forward_parameters(model)
     return LoadedModel(
         path=path,
         format=fmt,
@@ -169,7 +172,8 @@ def _eager(path: Path, fmt: str, model: nn.Module, sha, device: str) -> LoadedMo
         backend="torch",
         runnable=model,
         kind="eager",
-        inputs=_forward_inputs(model),
+        inputs=required,
+        keyword_inputs=accepted,
         float_dtype=_float_dtype(model),
     )
 

@@ -19,7 +19,15 @@ SCHEMA_VERSION = (
 )
 READABLE_VERSIONS = (1, 2)
 SCHEMA_PATH = Path(__file__).with_name("schema_v2.json")
-MODEL_FORMATS = ("state_dict", "safetensors", "torchscript", "exported_program", "module", "onnx")
+MODEL_FORMATS = (
+    "state_dict",
+    "safetensors",
+    "torchscript",
+    "exported_program",
+    "module",
+    "onnx",
+    "hf_folder",
+)
 
 
 @dataclass
@@ -70,6 +78,8 @@ class Report:
     layers: list[LayerStats]
     tool: dict[str, str] = field(default_factory=lambda: {"name": "deadrelu", "version": __version__})
     notes: list[str] = field(default_factory=list)
+    # the token positions that counted ({"array": "attention_mask", "exclude_token_ids": [...]}), or None
+    mask: dict | None = None
 
     def layer(self, name: str) -> LayerStats:
         for layer in self.layers:
@@ -159,6 +169,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         },
         "summary": vars(report.summary()).copy(),
         "notes": list(report.notes),
+        **({"mask": dict(report.mask)} if report.mask is not None else {}),
         "layers": [layer_to_dict(layer, s) for layer in report.layers],
     }
 
@@ -216,6 +227,7 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
             layers=[layer_from_dict(layer) for layer in d["layers"]],
             tool=d.get("tool", {}),
             notes=list(d.get("notes", [])),
+            mask=d.get("mask"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(
@@ -256,6 +268,10 @@ def merge_reports(reports: list[Report]) -> Report:
         a, b = first.settings, other.settings
         if (a.threshold, a.channel_dim, tuple(a.ops)) != (b.threshold, b.channel_dim, tuple(b.ops)):
             raise UserError("cannot merge reports made with different --threshold, --channel-dim or --ops")
+        if other.mask != first.mask:
+            raise UserError(
+                "cannot merge reports made with different position masks (--mask / --exclude-token-ids)"
+            )
         if [layer.name for layer in other.layers] != [layer.name for layer in first.layers]:
             raise UserError("cannot merge: the reports list different layers (different models or --ops)")
     layers = list(first.layers)
@@ -268,4 +284,5 @@ def merge_reports(reports: list[Report]) -> Report:
         settings=first.settings,
         layers=layers,
         notes=sorted({n for r in reports for n in r.notes}),
+        mask=first.mask,
     )

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from deadrelu_cli.backends.torch import strategies as eager
-from deadrelu_cli.backends.torch.inputs import example_inputs, to_tensor
+from deadrelu_cli.backends.torch.inputs import example_inputs, model_call, to_tensor
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.fixes.plan import (
     ARTIFACT_SUFFIXES,
@@ -29,8 +29,9 @@ ARCHITECTURE_CHANGING = ("prune", "leaky", "elu")
 def torch_runner(loaded, order: list[str], device: str):
     def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
         inputs = tuple(to_tensor(batch[name], loaded.float_dtype, device) for name in order)
+        args, kwargs = model_call(loaded, order, inputs)
         with torch.inference_mode():
-            out = loaded.runnable(*inputs)
+            out = loaded.runnable(*args, **kwargs)
         leaves = torch.utils._pytree.tree_leaves(out)
         return [leaf.detach().float().cpu().numpy() for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
