@@ -58,7 +58,9 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
 
         mask = resolve_mask(options.mask, options.exclude_token_ids, data)
     elif "attention_mask" in data.names and options.mask != "none":
-        extra_notes.append("the data has an attention_mask: an ONNX scan counts every position, padding included")
+        extra_notes.append(
+            "the data has an attention_mask: an ONNX scan counts every position, padding included"
+        )
     if world is not None:
         data.shard(world.rank, world.size, options.limit)
         options = replace(options, limit=None)  # the limit is inside the shard windows now
@@ -95,7 +97,10 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
             options.threshold, options.dying, options.tau, options.channel_dim, device, tuple(options.ops)
         ),
         layers=layers,
-        notes=list(model.notes) + [f"check {f.kind}: {f.message}" for f in findings] + mask_notes(layers, mask) + extra_notes,
+        notes=list(model.notes)
+        + [f"check {f.kind}: {f.message}" for f in findings]
+        + mask_notes(layers, mask)
+        + extra_notes,
         mask=None if mask is None else mask.describe(),
     )
     if options.explain:

@@ -49,7 +49,8 @@ def describe_arrays(data: CalibrationData, names: list[str]) -> str:
 def describe_inputs(model: LoadedModel) -> str:
     if model.inputs and any(s.shape or s.dtype for s in model.inputs):
         return ", ".join(
-            f"{s.name}{list(s.shape) if s.shape else ''}{' ' + s.dtype if s.dtype else ''}" for s in model.inputs
+            f"{s.name}{list(s.shape) if s.shape else ''}{' ' + s.dtype if s.dtype else ''}"
+            for s in model.inputs
         )
     required = [s.name for s in model.inputs]
     optional = [n for n in model.keyword_inputs if n not in required]
@@ -59,7 +60,9 @@ def describe_inputs(model: LoadedModel) -> str:
     if optional:
         shown = optional[:12]
         parts.append(
-            "forward() also takes: " + ", ".join(shown) + (f", … ({len(optional) - 12} more)" if len(optional) > 12 else "")
+            "forward() also takes: "
+            + ", ".join(shown)
+            + (f", … ({len(optional) - 12} more)" if len(optional) > 12 else "")
         )
     return "; ".join(parts) or "unknown"
 
@@ -132,7 +135,9 @@ def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data
     elif requested in names:
         array = requested
     else:
-        raise UserError(f"--mask {requested}: {data.path} has no array of that name (arrays: {', '.join(names)})")
+        raise UserError(
+            f"--mask {requested}: {data.path} has no array of that name (arrays: {', '.join(names)})"
+        )
     if exclude_token_ids and TOKEN_IDS not in names:
         raise UserError(
             f"--exclude-token-ids needs the token ids: {data.path} has no {TOKEN_IDS!r} array (arrays: {', '.join(names)})"

@@ -55,7 +55,9 @@ def tokenized_data(path: str, folder: str, field: str = "text", seq_len: int = 1
         if fallback is None:
             raise UserError(f"{folder}: the tokenizer has no pad, eos or unk token to pad documents with")
         tokenizer.pad_token = fallback  # the attention_mask drops these positions anyway
-    encoded = tokenizer(documents, padding="longest", truncation=True, max_length=seq_len, return_tensors="np")
+    encoded = tokenizer(
+        documents, padding="longest", truncation=True, max_length=seq_len, return_tensors="np"
+    )
     wanted = [
         name
         for name in getattr(tokenizer, "model_input_names", ["input_ids", "attention_mask"])

@@ -82,7 +82,12 @@ def hook_counts(model, ids: np.ndarray, mask: np.ndarray, keep: np.ndarray | Non
     ]
     try:
         with torch.no_grad():
-            model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), use_cache=False, **extra)
+            model(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                use_cache=False,
+                **extra,
+            )
     finally:
         for handle in handles:
             handle.remove()

@@ -89,7 +89,9 @@ class SiteAccumulator:
         self.masked_now = kept is not None
         if mask is not None:
             before = self.extra.get("position_mask")
-            self.extra["position_mask"] = "applied" if kept is not None and before != "no token axis" else "no token axis"
+            self.extra["position_mask"] = (
+                "applied" if kept is not None and before != "no token axis" else "no token axis"
+            )
         return pre if kept is None else kept
 
     def _kept_post(self, post: torch.Tensor, mask: PositionMask | None) -> torch.Tensor:

@@ -116,7 +116,9 @@ def cuda_sample_cost(model: LoadedModel, data: CalibrationData, order: list[str]
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         one = next(data.batches(1))
-        tensors = tuple(to_tensor(one[name], model.float_dtype, device, model.channels_last) for name in order)
+        tensors = tuple(
+            to_tensor(one[name], model.float_dtype, device, model.channels_last) for name in order
+        )
         args, kwargs = model_call(model, order, tensors)
         with torch.inference_mode():
             model.runnable(*args, **kwargs)
