@@ -80,7 +80,7 @@ def detect_format(path: str | Path) -> str:
         if (Path(path) / "config.json").is_file():
             return HF_FOLDER
         raise UserError(
-            f"{path}: a folder without config.json; give a model file, or a Hugging Face model folder "
+            f"{path}: is a directory without config.json; give a model file, or a Hugging Face model folder "
             "(config.json + model.safetensors, as save_pretrained writes it)"
         )
     p = check_readable_file(path)
