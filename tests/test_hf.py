@@ -328,3 +328,92 @@ def test_hf_resnet_pixel_values(cli, tmp_path):
     layers, report = _scan(cli, tmp_path, folder, pixel_values=pixels)
     _assert_matches(layers, truth)
     assert "mask" not in report
+
+
+def _logits(folder_or_model, ids, mask):
+    model = (
+        transformers.AutoModelForCausalLM.from_pretrained(folder_or_model, local_files_only=True)
+        if not isinstance(folder_or_model, torch.nn.Module)
+        else folder_or_model
+    )
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), use_cache=False)
+    return out.logits.numpy()[mask.astype(bool)]  # the counted positions
+
+
+@pytest.mark.parametrize("strategy", ["reinit", "bias-shift", "kick"])
+def test_fix_writes_a_folder_in_the_sources_layout(opt, cli, tmp_path, strategy):
+    from safetensors import safe_open
+
+    folder, model, ids, mask, (site, unit) = opt
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)
+    out = tmp_path / "fixed"
+    changed_any = False
+    result = cli("fix", folder, "--data", tmp_path / "t.npz", "--strategy", strategy, "--output", out)
+    assert result.code == 0, result.err
+    source_files = sorted(p.name for p in folder.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == source_files  # tokenizer, config, shards, index
+    assert (out / "model.safetensors.index.json").read_text() == (
+        folder / "model.safetensors.index.json"
+    ).read_text()
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as a, safe_open(str(out / shard.name), "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            changed = [k for k in a.keys() if not torch.equal(a.get_tensor(k), b.get_tensor(k))]
+            assert all(".fc1." in k or ".fc2." in k for k in changed), changed
+            changed_any = changed_any or bool(changed)
+    assert changed_any
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    if strategy == "reinit":  # exact on the counted positions
+        np.testing.assert_allclose(
+            _logits(reloaded, ids, mask), _logits(model, ids, mask), rtol=1e-5, atol=1e-5
+        )
+        after = hook_counts(reloaded, ids, mask, mask)
+        for layer, units in DEAD.items():
+            counts, _ = after[f"model.decoder.layers.{layer}.activation_fn"]
+            assert (counts[units] > 0).all()  # revived
+    assert not out.with_name(".fixed").exists()
+
+
+def test_prune_and_leaky_on_a_folder_refuse_in_one_line(opt, cli, tmp_path):
+    folder, _, ids, mask, _ = opt
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)
+    for strategy in ("prune", "leaky"):
+        result = cli(
+            "fix", folder, "--data", tmp_path / "t.npz", "--strategy", strategy, "-o", tmp_path / "o"
+        )
+        assert result.code == 2, result.err
+        assert "reinit, bias-shift or kick" in result.err and len(result.err.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    result = cli("fix", folder, "--data", tmp_path / "t.npz", "--strategy", "reinit", "-o", existing)
+    assert result.code == 2 and "already exists" in result.err
+
+
+def test_reinit_state_dict_keeps_the_source_prefix(cli, tmp_path, planted_module):
+    """A state_dict saved from a wrapper (`model.` keys) is written back with the same keys."""
+    from conftest import arch
+
+    model = planted_module.eight_neuron()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state["model.loss.weight"] = torch.ones(3)  # a tensor --arch has no place for: kept as it was
+    torch.save(state, tmp_path / "wrapped.pt")
+    x = np.random.default_rng(0).standard_normal((32, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", input=x)
+    result = cli(
+        "fix",
+        tmp_path / "wrapped.pt",
+        "--arch",
+        arch("eight_neuron"),
+        "--data",
+        tmp_path / "d.npz",
+        "--strategy",
+        "reinit",
+        "-o",
+        tmp_path / "fixed.pt",
+    )
+    assert result.code == 0, result.err
+    fixed = torch.load(tmp_path / "fixed.pt", weights_only=True)
+    assert sorted(fixed) == sorted(state)
+    assert torch.equal(fixed["model.loss.weight"], state["model.loss.weight"])
