@@ -62,6 +62,23 @@ def test_folder_is_sharded_and_scans_without_arch(opt, cli, tmp_path):
         assert set(units) <= dead
     assert unit in layers[site]["dead_indices"]  # fires on padding only: dead where padding is not counted
     assert all(layer["extra"]["position_mask"] == "applied" for layer in layers.values())
+    for name, act in _activations(model, ids, mask).items():  # mean share of inactive units per real token
+        per_token = (act[mask.astype(bool)] <= 0).mean(axis=-1)
+        assert np.isclose(layers[name]["activation_sparsity"], per_token.mean())
+
+
+def _activations(model, ids, mask):
+    seen = {}
+    handles = [
+        m.register_forward_hook(lambda _m, _a, out, name=name: seen.__setitem__(name, out.numpy()))
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.ReLU)
+    ]
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return {name: a.reshape(ids.shape[0], ids.shape[1], -1) for name, a in seen.items()}
 
 
 def test_pad_only_unit_is_alive_without_the_mask(opt, cli, tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.stats import LayerStats, Thresholds, merge_layer
+from deadrelu_cli.stats import FREQUENCY_EDGES, LayerStats, Thresholds, merge_layer
 from deadrelu_cli.version import __version__
 
 SCHEMA_VERSION = (
@@ -68,6 +68,8 @@ class Summary:
     layers_with_dead: int
     saturated: int
     certified_dead: int | None = None  # None when no layer was certified
+    # mean fraction of units inactive per counted position, over every unit of every layer that ran
+    activation_sparsity: float | None = None
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Report:
         ran = [layer for layer in self.layers if layer.ran]
         units = sum(layer.units for layer in ran)
         dead = sum(int(layer.dead_mask().sum()) for layer in ran)
+        inactive = [(layer.activation_sparsity(), layer.units) for layer in ran if layer.units]
         return Summary(
             layers=len(self.layers),
             units=units,
@@ -106,6 +109,9 @@ class Report:
                 sum(len(layer.certified_dead or []) for layer in self.layers)
                 if any(layer.upper_bound is not None or layer.certify_note for layer in self.layers)
                 else None
+            ),
+            activation_sparsity=(
+                sum(f * n for f, n in inactive) / sum(n for _, n in inactive) if inactive else None
             ),
         )
 
@@ -140,6 +146,14 @@ def layer_to_dict(layer: LayerStats, settings: Settings) -> dict[str, Any]:
         "producer": layer.producer,
         "bias": None if layer.bias is None else layer.bias.astype(float).tolist(),
     }
+    out["activation_sparsity"] = layer.activation_sparsity()
+    if layer.ran and layer.units:
+        dead_units, counts = layer.firing_histogram()
+        out["firing_histogram"] = {
+            "log10_edges": [round(float(e), 2) for e in np.log10(FREQUENCY_EDGES)],
+            "counts": counts.astype(int).tolist(),
+            "dead": dead_units,
+        }
     if layer.saturated_counts is not None:
         out["saturated_counts"] = layer.saturated_counts.astype(int).tolist()
         out["saturated_indices"] = _indices(layer.saturated_mask())
