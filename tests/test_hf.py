@@ -434,3 +434,31 @@ def test_reinit_state_dict_keeps_the_source_prefix(cli, tmp_path, planted_module
     fixed = torch.load(tmp_path / "fixed.pt", weights_only=True)
     assert sorted(fixed) == sorted(state)
     assert torch.equal(fixed["model.loss.weight"], state["model.loss.weight"])
+
+
+def test_device_map_through_accelerate(opt, cli, tmp_path):
+    pytest.importorskip("accelerate", reason="--device-map needs accelerate (the transformers extra)")
+    folder, model, ids, mask, _ = opt
+    layers, _ = _scan(cli, tmp_path, folder, "--device-map", "cpu", input_ids=ids, attention_mask=mask)
+    _assert_matches(layers, hook_counts(model, ids, mask, mask))
+
+
+@pytest.mark.slow
+def test_distributed_scan_of_a_folder_equals_one_process(opt, cli, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    folder, model, ids, mask, _ = opt
+    np.savez(tmp_path / "t.npz", input_ids=ids[:11], attention_mask=mask[:11])  # 11 samples: 5 + 6
+    out = tmp_path / "dist.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "deadrelu_cli", "scan", str(folder), "--data", str(tmp_path / "t.npz")]
+    command += ["--distributed", "--quiet", "--json", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    _assert_matches(layers, hook_counts(model, ids[:11], mask[:11], mask[:11]))
+    assert report["mask"]["array"] == "attention_mask"
