@@ -22,7 +22,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("report", ("report.", "gate")),
     (
         "readers",
-        ("loaders.", "calibration", "inputs", "intervals", "options", "wiring.", "probe.", "fixes.plan"),
+        (
+            "loaders.",
+            "calibration",
+            "text",
+            "inputs",
+            "intervals",
+            "options",
+            "wiring.",
+            "probe.",
+            "fixes.plan",
+        ),
     ),
     ("backends", ("backends.", "causes", "sites", "fixes")),
     ("orchestration", ("engine", "distributed", "trend", "fixes.run", "")),

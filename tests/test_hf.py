@@ -462,3 +462,35 @@ def test_distributed_scan_of_a_folder_equals_one_process(opt, cli, tmp_path):
     layers = {layer["name"]: layer for layer in report["layers"]}
     _assert_matches(layers, hook_counts(model, ids[:11], mask[:11], mask[:11]))
     assert report["mask"]["array"] == "attention_mask"
+
+
+@pytest.mark.parametrize("strategy", ["prune", "leaky"])
+def test_architecture_fixes_on_an_arch_built_transformer_never_crash(opt, cli, tmp_path, strategy):
+    """An OPT state_dict with an --arch that builds OPTForCausalLM: prune/leaky to .pt2 either write a
+    loadable program or refuse in one line (exit 2); never an internal error (exit 3)."""
+    folder, model, ids, mask, _ = opt
+    torch.save(model.state_dict(), tmp_path / "opt.pt")
+    (tmp_path / "arch.py").write_text(
+        "import transformers\n"
+        f"def build():\n    return transformers.OPTForCausalLM(transformers.AutoConfig.from_pretrained({str(folder)!r}))\n"
+    )
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)
+    out = tmp_path / "fixed.pt2"
+    result = cli(
+        "fix",
+        tmp_path / "opt.pt",
+        "--arch",
+        f"{tmp_path / 'arch.py'}:build",
+        "--data",
+        tmp_path / "t.npz",
+        "--strategy",
+        strategy,
+        "-o",
+        out,
+    )
+    assert result.code in (0, 1, 2), result.err
+    if strategy == "prune":  # exported with use_cache off, verified on the counted positions
+        assert result.code == 0 and out.is_file(), result.err
+    if result.code == 2:
+        assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
+        assert not out.exists()

@@ -90,8 +90,9 @@ def scan_torch(
     from deadrelu_cli.probe.base import ProbeSettings
 
     mask = resolve_mask(options.mask, options.exclude_token_ids, data)
-    if mask is not None and mask.array is not None and mask.array not in model.keyword_inputs:
-        data.unfed = (mask.array,)  # a mask only for counting (e.g. a loss mask), not a model input
+    model_inputs = set(model.keyword_inputs) | {spec.name for spec in model.inputs}
+    # a mask only for counting (e.g. a loss mask) is not fed; the same data may serve another model later
+    data.unfed = (mask.array,) if mask is not None and mask.array and mask.array not in model_inputs else ()
     if mask is not None and options.compile:
         raise UserError(
             "--compile counts inside the graph, which takes no position mask; drop --compile, or pass --mask none"
