@@ -56,7 +56,7 @@ def describe_inputs(model: LoadedModel) -> str:
     optional = [n for n in model.keyword_inputs if n not in required]
     parts = []
     if required:
-        parts.append("required: " + ", ".join(required))
+        parts.append(", ".join(required))
     if optional:
         shown = optional[:12]
         parts.append(
