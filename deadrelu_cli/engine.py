@@ -102,6 +102,7 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         + mask_notes(layers, mask)
         + extra_notes,
         mask=None if mask is None else mask.describe(),
+        unseen=dict(model.extra.get("unseen", {})),
     )
     if options.explain:
         from deadrelu_cli.causes import explain

@@ -12,6 +12,35 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.model import LoadedModel
 
 
+def describe_model_inputs(model: LoadedModel) -> str:
+    """The model's inputs as `name[dims] dtype`, for messages about data that does not fit them."""
+    described = ", ".join(
+        f"{s.name}{'[' + ', '.join('?' if d is None else str(d) for d in s.shape) + ']' if s.shape else ''}"
+        f"{' ' + str(s.dtype) if s.dtype else ''}"
+        for s in model.inputs
+    )
+    optional = [n for n in model.keyword_inputs if n not in {s.name for s in model.inputs}]
+    if optional:  # an eager model's forward() arguments with defaults (input_ids, attention_mask, …)
+        listed = ", ".join(optional[:12]) + (f", … ({len(optional) - 12} more)" if len(optional) > 12 else "")
+        described = (
+            f"{described}; forward() also takes {listed}" if described else f"forward() takes {listed}"
+        )
+    return described or "unknown (the model does not declare them)"
+
+
+def describe_arrays(data: CalibrationData) -> str:
+    """The data file's arrays as `name[shape] dtype`: the other side of an input mismatch."""
+    return ", ".join(f"{s.name}{list(s.shape)} {np.dtype(s.dtype).name}" for s in data.sources) or "no arrays"
+
+
+def mismatch(data: CalibrationData, model: LoadedModel, what: str) -> UserError:
+    """One message for data that does not fit the model's inputs: what is wrong, and both sides."""
+    return UserError(
+        f"{data.path}: {what}; the file holds {describe_arrays(data)}; the model's inputs are "
+        f"{describe_model_inputs(model)} (name the arrays after the inputs)"
+    )
+
+
 def match_inputs(model: LoadedModel, data: CalibrationData) -> list[str]:
     """Order the data's arrays as the model's inputs: by name when every array names an argument of
     forward() (input_ids, attention_mask, pixel_values, …; see `by_keyword`), else positionally."""
@@ -26,45 +55,17 @@ def match_inputs(model: LoadedModel, data: CalibrationData) -> list[str]:
     if wanted and all(n in names for n in wanted):
         extra = [n for n in names if n not in wanted]
         if extra:
-            raise UserError(
-                f"{data.path}: arrays {', '.join(extra)} match no model input (inputs: {', '.join(wanted)})"
-            )
+            raise mismatch(data, model, f"arrays {', '.join(extra)} match no model input")
         return wanted
-    raise UserError(
-        f"{data.path}: arrays {describe_arrays(data, names)} do not match the model inputs "
-        f"({describe_inputs(model)}); name the arrays after the inputs"
+    missing = [w for w in wanted if w not in names]
+    raise mismatch(
+        data, model, f"no array for model input(s) {', '.join(missing)}" if missing else "arrays do not match"
     )
 
 
 def by_keyword(model: LoadedModel, order: list[str]) -> bool:
     """Whether the arrays go to forward() by name (every one names an argument it takes)."""
     return bool(order) and bool(model.keyword_inputs) and all(n in model.keyword_inputs for n in order)
-
-
-def describe_arrays(data: CalibrationData, names: list[str]) -> str:
-    by_name = {s.name: s for s in data.sources}
-    return ", ".join(f"{n}{list(by_name[n].shape)} {by_name[n].dtype}" for n in names)
-
-
-def describe_inputs(model: LoadedModel) -> str:
-    if model.inputs and any(s.shape or s.dtype for s in model.inputs):
-        return ", ".join(
-            f"{s.name}{list(s.shape) if s.shape else ''}{' ' + s.dtype if s.dtype else ''}"
-            for s in model.inputs
-        )
-    required = [s.name for s in model.inputs]
-    optional = [n for n in model.keyword_inputs if n not in required]
-    parts = []
-    if required:
-        parts.append(", ".join(required))
-    if optional:
-        shown = optional[:12]
-        parts.append(
-            "forward() also takes: "
-            + ", ".join(shown)
-            + (f", … ({len(optional) - 12} more)" if len(optional) > 12 else "")
-        )
-    return "; ".join(parts) or "unknown"
 
 
 def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) -> None:
@@ -78,8 +79,11 @@ def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) ->
             e is not None and e != g for e, g in zip(expected[1:], got[1:], strict=False)
         ):
             shown = "x".join("?" if e is None else str(e) for e in expected)
-            raise UserError(
-                f"{data.path}: array {name!r} has shape {list(got)}, the model input {spec.name!r} expects {shown} (first axis = samples)"
+            raise mismatch(
+                data,
+                model,
+                f"array {name!r} has shape {list(got)}, the model input {spec.name!r} expects {shown} "
+                "(first axis = samples)",
             )
 
 

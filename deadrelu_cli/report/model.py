@@ -82,6 +82,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     # the token positions that counted ({"array": "attention_mask", "exclude_token_ids": [...]}), or None
     mask: dict | None = None
+    unseen: dict[str, int] = field(default_factory=dict)  # node type -> count of activations not scanned
 
     def layer(self, name: str) -> LayerStats:
         for layer in self.layers:
@@ -167,6 +168,8 @@ def layer_to_dict(layer: LayerStats, settings: Settings) -> dict[str, Any]:
         out["weight"] = layer.weight
     if layer.min_preactivation is not None:
         out["min_preactivation"] = _finite_or_none(layer.min_preactivation)
+    if layer.samples is not None:
+        out["samples"] = int(layer.samples)
     if layer.extra:
         out["extra"] = layer.extra
     return out
@@ -190,11 +193,18 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "summary": vars(report.summary()).copy(),
         "notes": list(report.notes),
         **({"mask": dict(report.mask)} if report.mask is not None else {}),
+        **({"unseen_activations": dict(report.unseen)} if report.unseen else {}),
         "layers": [layer_to_dict(layer, s) for layer in report.layers],
     }
 
 
 def report_to_json(report: Report) -> str:
+    for layer in report.layers:  # JSON has no NaN/Inf: say which layer and why instead of crashing
+        if not np.isfinite(layer.sum_abs).all():
+            raise UserError(
+                f"layer {layer.name}: the sum of |activation| is NaN or Inf (NaN/Inf or huge values in the "
+                "data or the weights); a JSON report cannot hold it: clean the data or check the weights"
+            )
     return json.dumps(report_to_dict(report), indent=2, allow_nan=False) + "\n"
 
 
@@ -225,6 +235,7 @@ def layer_from_dict(d: dict[str, Any]) -> LayerStats:
         min_preactivation=None
         if d.get("min_preactivation") is None
         else np.array([np.inf if v is None else v for v in d["min_preactivation"]], dtype=np.float64),
+        samples=d.get("samples"),
     )
 
 
@@ -253,6 +264,7 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
             tool=d.get("tool", {}),
             notes=list(d.get("notes", [])),
             mask=d.get("mask"),
+            unseen={str(k): int(v) for k, v in (d.get("unseen_activations") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(
@@ -310,4 +322,6 @@ def merge_reports(reports: list[Report]) -> Report:
         layers=layers,
         notes=sorted({n for r in reports for n in r.notes}),
         mask=first.mask,
+        # the same model in every report: its unseen nodes are the same, not added up
+        unseen={k: max(r.unseen.get(k, 0) for r in reports) for r in reports for k in r.unseen},
     )

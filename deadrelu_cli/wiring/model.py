@@ -2,8 +2,9 @@
 
 A unit of an activation site is made by rows of one Linear/Conv/Gemm weight (and entries of its bias),
 possibly shifted by a BatchNorm after it, and read by input columns of the weights that consume the
-activation. Each backend has a reader that fills this model from its own graph (`wiring.eager`,
-`wiring.exported`, `wiring.onnx`); causes, fixes and inspection read the model, never a backend's graph.
+activation. Each backend has a reader that fills this model from its own graph (`wiring.torch`:
+`eager_wiring`, `exported_wiring`; `wiring.onnx`: `unit_wiring`); fixes and causes read the model,
+never a backend's graph.
 Tensors are named, not held: each backend resolves a name in its own store (a module's parameters, an
 ONNX graph's initializers).
 """
@@ -75,6 +76,20 @@ class UnitWiring:
         if fan_in % units:
             raise ValueError(f"consumer fan-in {fan_in} is not a multiple of {units} units")
         return fan_in // units
+
+
+def unit_vector_axis(shape: tuple[int, ...]) -> int | None:
+    """The axis along which a stored bias holds one value per unit, when it broadcasts onto the unit
+    axis with 1s elsewhere ([N], [1, N], [1, C, 1, 1]); None for a scalar or a 2-D table."""
+    axes = [i for i, size in enumerate(shape) if size != 1]
+    if len(axes) > 1 or not shape:
+        return None
+    return axes[0] if axes else len(shape) - 1
+
+
+def is_last_axis_vector(shape: tuple[int, ...]) -> bool:
+    """A bias for units on the last axis: [N], [1, N], [1, 1, N] (leading 1s; exporters write either)."""
+    return len(shape) >= 1 and all(size == 1 for size in shape[:-1])
 
 
 def input_columns(units: list[int], per_unit: int) -> list[int]:

@@ -61,9 +61,12 @@ def model_call(model: LoadedModel, order: list[str], tensors: tuple) -> tuple[tu
     return tensors, {}
 
 
-def example_inputs(model: LoadedModel, data: CalibrationData, order: list[str], device: str) -> tuple:
-    """The first (up to) two samples as model inputs: what torch.export traces with."""
-    first = next(data.batches(min(2, data.samples)))
+def example_inputs(
+    model: LoadedModel, data: CalibrationData, order: list[str], device: str, samples: int | None = None
+) -> tuple:
+    """The first (up to) two samples, or `samples` (a static batch), as model inputs: what torch.export
+    traces with."""
+    first = next(data.batches(min(samples or 2, data.samples)))
     return tuple(to_tensor(first[name], model.float_dtype, device, model.channels_last) for name in order)
 
 
