@@ -14,7 +14,7 @@ import typer
 Model = Annotated[
     str,
     typer.Argument(
-        help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export) or .onnx.",
+        help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export), .onnx, or a Hugging Face model folder.",
         show_default=False,
     ),
 ]
@@ -30,7 +30,7 @@ Data = Annotated[
 OptionalModel = Annotated[
     str | None,
     typer.Argument(
-        help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export) or .onnx.",
+        help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export), .onnx, or a Hugging Face model folder.",
         show_default=False,
     ),
 ]
