@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "loaders.",
             "calibration",
+            "text",
             "inputs",
             "intervals",
             "options",
