@@ -50,7 +50,7 @@ TrustPickle = Annotated[
     bool,
     typer.Option(
         "--trust-pickle",
-        help="Allow full unpickling (runs code from the file). Only for checkpoints you trust.",
+        help="Trust the file: allow full unpickling and TorchScript / .pt2 code beyond pure tensor ops (both can run code from the file). Only for checkpoints you trust.",
     ),
 ]
 BatchSize = Annotated[
