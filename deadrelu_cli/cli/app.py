@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from deadrelu_cli.errors import EXIT_INTERNAL, DeadreluError, one_line
+from deadrelu_cli.text import terminal_text
 from deadrelu_cli.version import __version__
 
 app = typer.Typer(
@@ -78,25 +79,47 @@ def _is_number(text: str) -> bool:
     return True
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that every `finally` (temp files) runs as for Ctrl-C."""
+
+
+def _terminate_like_interrupt() -> None:
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():  # signals can only be set there
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _join_input_range(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args or os.environ.get("DEADRELU_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    set_debug = debug and os.environ.get("DEADRELU_DEBUG") != "1"
+    if set_debug:  # for the backends (onnxruntime's own log lines), for this run only
+        os.environ["DEADRELU_DEBUG"] = "1"
     if not debug:  # library deprecation chatter (torch.jit, pytree, …) is not the user's business
         import warnings
 
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+    _terminate_like_interrupt()
     try:
         # standalone mode: Typer/Click handle --help and usage errors (exit 2) and call sys.exit themselves
         app(args=args, prog_name="deadrelu")
     except DeadreluError as exc:
         if debug:
             traceback.print_exc()
-        err.print(f"deadrelu: error: {one_line(str(exc))}", markup=False)
+        err.print(f"deadrelu: error: {one_line(terminal_text(str(exc)))}", markup=False)
         sys.exit(exc.exit_code)
+    except Terminated:
+        err.print("deadrelu: terminated", markup=False)
+        sys.exit(143)
     except KeyboardInterrupt:
         err.print("deadrelu: interrupted", markup=False)
         sys.exit(130)
@@ -114,3 +137,6 @@ def main(argv: list[str] | None = None) -> None:
             markup=False,
         )
         sys.exit(EXIT_INTERNAL)
+    finally:
+        if set_debug:
+            del os.environ["DEADRELU_DEBUG"]

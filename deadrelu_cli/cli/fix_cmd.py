@@ -78,11 +78,17 @@ def fix(
 ) -> None:
     """Patch the dead units of MODEL and write OUT; exit 0 written and verified, 1 verification failed (nothing written)."""
     from deadrelu_cli.errors import GateFailed
-    from deadrelu_cli.files import write_text_atomic
+    from deadrelu_cli.files import guard_outputs, write_text_atomic
     from deadrelu_cli.fixes.plan import FixOptions
     from deadrelu_cli.fixes.run import run_fix
+    from deadrelu_cli.loaders.arch import arch_file
     from deadrelu_cli.options import ScanOptions
+    from deadrelu_cli.text import rich_text, terminal_text
 
+    guard_outputs(
+        [("--output", output), ("--json", json_out)],
+        [("MODEL", model), ("--data", data), ("--arch", arch_file(arch))],
+    )
     scan_options = ScanOptions(
         model=model,
         data=data,
@@ -126,14 +132,14 @@ def fix(
         rates = layer.rates_after if layer.applied and layer.rates_after else None
         fire = "–" if not rates else f"{100 * min(rates):.1f}–{100 * max(rates):.1f}%"
         table.add_row(
-            layer.name,
+            rich_text(layer.name),
             str(layer.dead_before),
             after,
             fire,
-            layer.action,
+            rich_text(layer.action),
             style="" if layer.applied else "dim",
         )
-    console.print(f"{model} → {output} ({strategy})", markup=False)
+    console.print(terminal_text(f"{model} → {output} ({strategy})"), markup=False)
     console.print(table)
     console.print(
         f"outputs on {data}: max |Δ| = {result.max_abs_diff:.3g}, relative {result.max_rel_diff:.3g}",
@@ -152,10 +158,11 @@ def fix(
         console.print(f"parameters {result.params_before:,} → {result.params_after:,}{macs}", markup=False)
     if result.new_widths:
         console.print(
-            "new widths: " + ", ".join(f"{k}={v}" for k, v in result.new_widths.items()), markup=False
+            terminal_text("new widths: " + ", ".join(f"{k}={v}" for k, v in result.new_widths.items())),
+            markup=False,
         )
     for note in result.notes:
-        console.print(f"note: {note}", markup=False, style="dim")
+        console.print(f"note: {terminal_text(note)}", markup=False, style="dim")
     if json_out:
         text = json.dumps(result.to_dict(), indent=2) + "\n"
         if json_out == "-":

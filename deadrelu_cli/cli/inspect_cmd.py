@@ -27,10 +27,11 @@ def inspect(
     """List the activation call sites of MODEL (name, op, module type) without running data."""
     from deadrelu_cli.probe.ops import parse_ops
     from deadrelu_cli.sites import list_sites
+    from deadrelu_cli.text import rich_text, terminal_text
 
     sites, note = list_sites(model, arch, trust_pickle, parse_ops(ops), input_shape)
     console = Console(highlight=False)
-    console.print(f"{model}: {len(sites)} activation sites", markup=False)
+    console.print(terminal_text(f"{model}: {len(sites)} activation sites"), markup=False)
     table = Table(
         header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
     )
@@ -39,10 +40,16 @@ def inspect(
     # tf2onnx names a node after every op it fused ("a/Relu;a/FusedBatchNormV3;a/Conv2D;…"): one line
     table.add_column("Producer", overflow="ellipsis", no_wrap=True, max_width=48)
     for i, site in enumerate(sites, 1):
-        table.add_row(str(i), site.name, site.op, site.module_type, site.producer or "–")
+        table.add_row(
+            str(i),
+            rich_text(site.name),
+            rich_text(site.op),
+            rich_text(site.module_type),
+            rich_text(site.producer or "–"),
+        )
     console.print(table)
     if note:
-        console.print(f"note: {note}", style="dim")
+        console.print(f"note: {terminal_text(note)}", style="dim", markup=False)
 
 
 def register(app: typer.Typer) -> None:

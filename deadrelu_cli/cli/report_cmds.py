@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deadrelu_cli.cli import options as opt
-from deadrelu_cli.cli.gating import gate_config, merge_settings, run_gate, show_config
+from deadrelu_cli.cli.gating import config_file, gate_config, merge_settings, run_gate, show_config
 
 
 def gate(
@@ -29,6 +29,7 @@ def gate(
     quiet: opt.Quiet = False,
 ) -> None:
     """Apply gate limits to a saved REPORT: exit 0 pass, 1 failed, 2 usage or input error."""
+    from deadrelu_cli.files import guard_outputs
     from deadrelu_cli.report.model import load_report
     from deadrelu_cli.report.table import print_report
 
@@ -38,6 +39,10 @@ def gate(
         show_config(params, sources, Console(highlight=False))
         return
     p = params
+    guard_outputs(
+        [("--junit", p["junit"]), ("--markdown", p["markdown"])],
+        [("REPORT", p["report_path"]), ("--baseline", p["baseline"]), ("--config", config_file(p["config"]))],
+    )
     report = load_report(p["report_path"])
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if not quiet:
@@ -56,7 +61,7 @@ def gate(
         raise UserError(
             "no gate limit given: pass --max-dead, --max-dead-layer, --layer-limit, --max-dead-units or --baseline (or set them in [tool.deadrelu])"
         )
-    run_gate(report, config_, p["junit"], p["markdown"], err, [str(p["report_path"])])
+    run_gate(report, config_, p["junit"], p["markdown"], err)
 
 
 def merge(
@@ -66,19 +71,22 @@ def merge(
     json_out: opt.JsonOut = "-",
 ) -> None:
     """Merge partial reports (same model, disjoint data) into exactly the report of the union."""
-    from deadrelu_cli.files import refuse_overwrite_of_inputs, write_text_atomic
-    from deadrelu_cli.report.model import load_report, merge_reports, report_to_json
+    from deadrelu_cli.files import guard_outputs, write_text_atomic
+    from deadrelu_cli.report.model import load_report, merge_reports, refuse_repeated_reports, report_to_json
     from deadrelu_cli.report.table import summary_line
+    from deadrelu_cli.text import terminal_text
 
+    guard_outputs([("--json", json_out)], [("REPORT", path) for path in reports])
+    refuse_repeated_reports(reports)
     merged = merge_reports([load_report(path) for path in reports])
     text = report_to_json(merged)
     if json_out in (None, "-"):
         sys.stdout.write(text)
         return
-    refuse_overwrite_of_inputs(json_out, reports)
     write_text_atomic(json_out, text)
     Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"merged {len(reports)} reports, {merged.data.samples} samples → {json_out}\n{summary_line(merged)}",
+        terminal_text(f"merged {len(reports)} reports, {merged.data.samples} samples → {json_out}")
+        + f"\n{summary_line(merged)}",
         markup=False,
     )
 
@@ -90,6 +98,7 @@ def diff(
 ) -> None:
     """Per-layer changes in dead units between two reports (matched by layer name)."""
     from deadrelu_cli.report.diff import diff_reports
+    from deadrelu_cli.text import rich_text, terminal_text
 
     rows, summary = diff_reports(load(old), load(new))
     table = Table(
@@ -102,7 +111,7 @@ def diff(
             continue
         style = "red" if row.delta > 0 else ("green" if row.delta < 0 else "")
         table.add_row(
-            row.name,
+            rich_text(row.name),
             row.old_text,
             row.new_text,
             row.change_text,
@@ -112,7 +121,7 @@ def diff(
         )
     console = Console(highlight=False)
     console.print(table)
-    console.print(summary, markup=False)
+    console.print(terminal_text(summary), markup=False)
 
 
 def report(
@@ -124,22 +133,22 @@ def report(
 ) -> None:
     """Render a saved JSON report: the table (or one layer), an HTML page, or the JSON again."""
     from deadrelu_cli.cli.gating import write_html
-    from deadrelu_cli.files import refuse_overwrite_of_inputs, write_text_atomic
+    from deadrelu_cli.files import guard_outputs, write_text_atomic
     from deadrelu_cli.report.model import report_to_json
     from deadrelu_cli.report.table import print_report
 
+    guard_outputs(
+        [("--json", json_out), ("--html", html_out)], [("REPORT", report_path), ("--baseline", baseline)]
+    )
     saved = load(report_path)
     old = load(baseline) if baseline else None
-    inputs = [str(report_path)] + ([baseline] if baseline else [])
     if json_out == "-":
         sys.stdout.write(report_to_json(saved))
     else:
         print_report(saved, Console(highlight=False), layer)
         if json_out:
-            refuse_overwrite_of_inputs(json_out, inputs)
             write_text_atomic(json_out, report_to_json(saved))
     if html_out:
-        refuse_overwrite_of_inputs(html_out, inputs)
         write_html(html_out, saved, baseline=old)
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"wrote {html_out}", markup=False)
 

@@ -10,7 +10,14 @@ import typer
 from rich.console import Console
 
 from deadrelu_cli.cli import options as opt
-from deadrelu_cli.cli.gating import gate_config, merge_settings, run_gate, show_config, write_html
+from deadrelu_cli.cli.gating import (
+    config_file,
+    gate_config,
+    merge_settings,
+    run_gate,
+    show_config,
+    write_html,
+)
 
 
 def _progress_callback(quiet: bool, err: Console):
@@ -86,7 +93,8 @@ def scan(
     """
     from deadrelu_cli.engine import run_scan_detailed
     from deadrelu_cli.errors import UserError
-    from deadrelu_cli.files import refuse_overwrite_of_inputs, write_text_atomic
+    from deadrelu_cli.files import guard_outputs, write_text_atomic
+    from deadrelu_cli.loaders.arch import arch_file
     from deadrelu_cli.options import ScanOptions
     from deadrelu_cli.probe.ops import parse_ops
     from deadrelu_cli.report.model import report_to_json
@@ -106,10 +114,21 @@ def scan(
     json_to_stdout = p["json_out"] == "-"
     out = Console(stderr=json_to_stdout, highlight=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    inputs = [p["model"], p["data"] or ""]
-    for target in (p["json_out"], p["junit"], p["markdown"], p["html_out"]):
-        if target and target != "-":
-            refuse_overwrite_of_inputs(target, inputs)
+    guard_outputs(
+        [
+            ("--json", p["json_out"]),
+            ("--junit", p["junit"]),
+            ("--markdown", p["markdown"]),
+            ("--html", p["html_out"]),
+        ],
+        [
+            ("MODEL", p["model"]),
+            ("--data", p["data"]),
+            ("--arch", arch_file(p["arch"])),
+            ("--baseline", p["baseline"]),
+            ("--config", config_file(p["config"])),
+        ],
+    )
     gate = gate_config(
         p["max_dead"],
         p["max_dead_layer"],
@@ -163,7 +182,7 @@ def scan(
         if p["json_out"]:
             write_text_atomic(p["json_out"], report_to_json(report))
     try:
-        run_gate(report, gate, p["junit"], p["markdown"], err, inputs)
+        run_gate(report, gate, p["junit"], p["markdown"], err)
     finally:  # the picture is written whether the gate passed or not
         if p["html_out"]:
             write_html(p["html_out"], report, gate)

@@ -36,10 +36,18 @@ def trend(
     html_out: opt.HtmlOut = None,
 ) -> None:
     """Dead fraction per layer at each checkpoint, when each unit died, and which units revived."""
-    from deadrelu_cli.files import write_text_atomic
+    from deadrelu_cli.files import guard_outputs, write_text_atomic
+    from deadrelu_cli.loaders.arch import arch_file
     from deadrelu_cli.options import ScanOptions
     from deadrelu_cli.report.table import SPARK
-    from deadrelu_cli.trend import run_trend
+    from deadrelu_cli.text import rich_text, terminal_text
+    from deadrelu_cli.trend import expand_paths, run_trend
+
+    guard_outputs(
+        [("--json", json_out), ("--html", html_out)],
+        [("checkpoint", str(path)) for path in expand_paths(checkpoints)]
+        + [("--data", data), ("--arch", arch_file(arch))],
+    )
 
     options = ScanOptions(
         model="",
@@ -88,9 +96,11 @@ def trend(
         spark = "".join(SPARK[min(len(SPARK) - 1, int(v * (len(SPARK) - 1) + 0.5))] for v in values)
         first = sorted(layer.died_at.values())
         died = f"{len(layer.died_at)}" + (f" ({label} {steps[first[0]]})" if first else "")
-        table.add_row(layer.name, *cells, spark, died, str(len(layer.revived)))
+        table.add_row(rich_text(layer.name), *cells, spark, died, str(len(layer.revived)))
     console.print(
-        f"{len(steps)} checkpoints, ordered by {result.checkpoints[0].source} · {data} · {result.samples} samples",
+        terminal_text(
+            f"{len(steps)} checkpoints, ordered by {result.checkpoints[0].source} · {data} · {result.samples} samples"
+        ),
         markup=False,
     )
     console.print(table)

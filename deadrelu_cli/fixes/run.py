@@ -7,8 +7,6 @@ Nothing reaches OUT unless that passes (or --force).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,21 +15,9 @@ import numpy as np
 from deadrelu_cli.backends import backend_of
 from deadrelu_cli.engine import run_scan_detailed
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.files import refuse_overwrite_of_inputs
+from deadrelu_cli.files import commit_temp, guard_outputs, temp_path_for
 from deadrelu_cli.fixes.plan import EXACT_STRATEGIES, STRATEGIES, FixOptions, FixResult, plan_layers
 from deadrelu_cli.options import ScanOptions
-
-
-def _temp_path(output: Path) -> Path:
-    directory = output.parent if str(output.parent) else Path(".")
-    if not directory.is_dir():
-        raise UserError(f"--output {output}: directory {directory} does not exist")
-    try:
-        handle, name = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=output.suffix, dir=directory)
-    except OSError as exc:
-        raise UserError(f"--output {output}: cannot write there ({exc.strerror})") from None
-    os.close(handle)
-    return Path(name)
 
 
 def _outputs_of(runner, data, scan_options: ScanOptions) -> list[list[np.ndarray]]:
@@ -62,7 +48,7 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
     if options.strategy not in STRATEGIES:
         raise UserError(f"--strategy {options.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     output = Path(options.output)
-    refuse_overwrite_of_inputs(output, [scan_options.model, scan_options.data])
+    guard_outputs([("--output", output)], [("MODEL", scan_options.model), ("--data", scan_options.data)])
     if output.exists() and output.is_dir():
         raise UserError(f"--output {output}: is a directory")
     scanned = run_scan_detailed(scan_options)
@@ -82,7 +68,7 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
             + "; nothing written"
         )
     apply = backend_of(scanned.model).apply_fix
-    temp = _temp_path(output)
+    temp = temp_path_for(output, "--output")
     try:
         original_runner, patched_runner, outcomes = apply(scanned, plans, options, scan_options, temp, result)
         result.layers = outcomes
@@ -119,7 +105,7 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
                 f"outputs changed by {result.max_rel_diff:.3g} relative (> {options.tolerance:g})"
             )
         if result.verified or options.force:
-            os.replace(temp, output)
+            commit_temp(temp, output)
             result.written = True
         return result
     finally:

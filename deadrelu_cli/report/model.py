@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import check_regular_file
 from deadrelu_cli.stats import LayerStats, Thresholds, merge_layer
 from deadrelu_cli.version import __version__
 
@@ -224,13 +225,9 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
 
 
 def load_report(path: str | Path) -> Report:
-    p = Path(path)
+    p = check_regular_file(path, "report")
     try:
         text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such report file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a JSON report") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read report ({exc})") from exc
     try:

@@ -14,6 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import write_bytes
 from deadrelu_cli.fixes.plan import FixOptions, FixResult, LayerOutcome, LayerPlan, firing_thresholds
 from deadrelu_cli.probe.onnx_graph import find_sites, site_channel_dim
 from deadrelu_cli.wiring.model import input_columns
@@ -172,7 +173,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
     result.params_before, result.params_after = _parameter_count(original), _parameter_count(model)
     result.flops_before, result.flops_after = onnx_macs(original), onnx_macs(model)
     if any(o.applied for o in outcomes):
-        onnx.save(model, str(temp))
+        write_bytes(temp, model.SerializeToString())
 
     def patched_runner():
         return runner_for(load_model(LoadOptions(str(temp))), scanned.data, scanned.device)

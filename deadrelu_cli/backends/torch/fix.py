@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from deadrelu_cli.backends.torch import strategies as eager
 from deadrelu_cli.backends.torch.inputs import example_inputs, to_tensor
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import write_bytes
 from deadrelu_cli.fixes.plan import (
     ARTIFACT_SUFFIXES,
     STATE_SUFFIXES,
@@ -37,6 +39,14 @@ def torch_runner(loaded, order: list[str], device: str):
     return run
 
 
+def _serialized(save) -> bytes:
+    """What SAVE(buffer) writes, in memory: the file itself is written by files.write_bytes, so a full
+    disk is one line (exit 2) and never torch's C++ writer aborting the process."""
+    buffer = io.BytesIO()
+    save(buffer)
+    return buffer.getvalue()
+
+
 def write_artifact(module: torch.nn.Module, example: tuple, path: Path, suffix: str) -> None:
     """A self-contained model file (.pt2 ExportedProgram, .onnx, TorchScript .ts/.jit) with a dynamic batch."""
     try:
@@ -49,31 +59,34 @@ def write_artifact(module: torch.nn.Module, example: tuple, path: Path, suffix: 
             batch = torch.export.Dim("batch", min=1)
             shapes = tuple({0: batch} for _ in example)
             program = torch.export.export(module, example, dynamic_shapes=shapes)
-            torch.export.save(program, str(path))
+            data = _serialized(lambda buffer: torch.export.save(program, buffer))
         elif suffix == ".onnx":
             names = [f"input{i}" if len(example) > 1 else "input" for i in range(len(example))]
-            torch.onnx.export(
-                module,
-                example,
-                str(path),
-                input_names=names,
-                dynamo=False,
-                opset_version=17,
-                dynamic_axes={n: {0: "batch"} for n in names},
+            data = _serialized(
+                lambda buffer: torch.onnx.export(
+                    module,
+                    example,
+                    buffer,
+                    input_names=names,
+                    dynamo=False,
+                    opset_version=17,
+                    dynamic_axes={n: {0: "batch"} for n in names},
+                )
             )
         else:
-            torch.jit.trace(module, example).save(str(path))
+            traced = torch.jit.trace(module, example)
+            data = _serialized(lambda buffer: torch.jit.save(traced, buffer))
+    write_bytes(path, data)
 
 
 def _write_state(model: torch.nn.Module, path: Path, suffix: str, whole_module: bool) -> None:
     if suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
-    elif whole_module:
-        torch.save(model, path)
+        data = save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
     else:
-        torch.save(model.state_dict(), path)
+        data = _serialized(lambda buffer: torch.save(model if whole_module else model.state_dict(), buffer))
+    write_bytes(path, data)
 
 
 def apply_torch(
@@ -342,7 +355,7 @@ def _patch_torchscript(scanned, plans: list[LayerPlan], options: FixOptions, tem
                 len(plan.units),
             )
         )
-    module.save(str(temp))
+    write_bytes(temp, _serialized(lambda buffer: torch.jit.save(module, buffer)))
     order = match_inputs(loaded, scanned.data)
 
     def patched_runner():
