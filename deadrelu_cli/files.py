@@ -83,6 +83,13 @@ def _expand_input(path: Path) -> Iterable[Path]:
         yield path
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (resolved path, or one inode: symlinks and hard links)."""
+    resolved_a, inode_a = _identity(Path(a))
+    resolved_b, inode_b = _identity(Path(b))
+    return resolved_a == resolved_b or (inode_a is not None and inode_a == inode_b)
+
+
 def guard_outputs(outputs: Sequence[Role], inputs: Sequence[Role]) -> None:
     """Exit 2, before anything is read or written, when an output is one of the inputs (a folder input
     counts file by file) or another output — compared by resolved path (symlinks) and by inode (hard
@@ -104,7 +111,7 @@ def guard_outputs(outputs: Sequence[Role], inputs: Sequence[Role]) -> None:
             if resolved == other_resolved or (inode is not None and inode == other_inode):
                 raise UserError(
                     f"{label} {value}: is the same file as {other_label} {other}; "
-                    "nothing was written; choose another path"
+                    "refusing to overwrite it (nothing was written); choose another path"
                 )
         known.append((label, out, resolved, inode))
 

@@ -82,9 +82,13 @@ def fix(
     from deadrelu_cli.fixes.plan import FixOptions
     from deadrelu_cli.fixes.run import run_fix
     from deadrelu_cli.loaders.arch import arch_file
-    from deadrelu_cli.options import ScanOptions
+    from deadrelu_cli.options import ScanOptions, check_finite
     from deadrelu_cli.text import rich_text, terminal_text
 
+    check_finite("--slope", slope)
+    check_finite("--tolerance", tolerance)  # (a negative one makes every exact fix fail verification)
+    check_finite("--kick-scale", kick_scale, 0.0)
+    check_finite("--target-rate", target_rate, 0.0, 1.0)
     guard_outputs(
         [("--output", output), ("--json", json_out)],
         [("MODEL", model), ("--data", data), ("--arch", arch_file(arch))],

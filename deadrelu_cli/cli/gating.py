@@ -75,7 +75,16 @@ def show_config(params: dict[str, Any], sources: dict[str, str], console: Consol
 
 def gate_config(max_dead, max_dead_layer, layer_limit, max_dead_units, baseline, max_increase):
     from deadrelu_cli.gate import GateConfig, parse_layer_limits
+    from deadrelu_cli.options import check_finite
     from deadrelu_cli.report.model import load_report
+
+    for flag, value in (
+        ("--max-dead", max_dead),
+        ("--max-dead-layer", max_dead_layer),
+        ("--max-increase", max_increase),
+    ):
+        if value is not None:
+            check_finite(flag, value, 0.0, 1.0)
 
     return GateConfig(
         max_dead=max_dead,
