@@ -79,8 +79,9 @@ def _is_number(text: str) -> bool:
     return True
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that every `finally` (temp files) runs as for Ctrl-C."""
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that every `finally` (temp files) runs as for Ctrl-C
+    (not a KeyboardInterrupt: Typer turns those into exit 130)."""
 
 
 def _terminate_like_interrupt() -> None:
