@@ -1,4 +1,5 @@
-"""Why a unit is dead (`scan --explain`), structural checks that need no data, and what to do about both.
+"""Why a unit is dead (`scan --explain`) and structural checks that need no data (the causes' names and
+what to do about each: report/advice.py).
 
 Each rule and its formula is documented in docs/causes.md. The rules read the saved weights and the
 scan's own statistics (max pre-activation), so they cost no extra pass over the data.
@@ -11,38 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from deadrelu_cli.wiring.model import ProducerTensors, producer_tensors, upstream_sites
-
-CAUSES = ("starved", "collapsed weights", "batchnorm shift", "negative bias", "direction", "unknown")
-
-ADVICE = {
-    "negative bias": [
-        "a lower learning rate or a warm-up",
-        "a small positive bias initialisation (e.g. 0.1)",
-        "gradient clipping",
-        "fix: `deadrelu fix … --strategy bias-shift` or `--strategy reinit`",
-    ],
-    "collapsed weights": [
-        "exclude biases (and norms) from weight decay",
-        "a smaller weight decay",
-        "fix: `deadrelu fix … --strategy reinit` (ReDo) or `--strategy kick`",
-    ],
-    "batchnorm shift": [
-        "check BatchNorm's beta/gamma under weight decay",
-        "a lower learning rate",
-        "fix: `deadrelu fix … --strategy bias-shift` (raises beta) or `--strategy reinit`",
-    ],
-    "starved": [
-        "fix the layer feeding it first (its inputs are dead)",
-        "fix: run `deadrelu fix` on the upstream layer",
-    ],
-    "direction": [
-        "He (Kaiming) initialisation",
-        "Leaky ReLU or ELU",
-        "Adam instead of plain SGD",
-        "fix: `deadrelu fix … --strategy leaky` or `--strategy reinit`",
-    ],
-    "unknown": ["Leaky ReLU or ELU", "fix: `deadrelu fix … --strategy leaky`"],
-}
 
 
 @dataclass

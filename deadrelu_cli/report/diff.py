@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from rich.console import Console
 
 from deadrelu_cli.report.model import Report
+from deadrelu_cli.report.table import plain_table
+from deadrelu_cli.text import rich_text, terminal_text
 
 
 @dataclass
@@ -82,3 +85,25 @@ def diff_reports(old: Report, new: Report) -> tuple[list[LayerDiff], str]:
         f"({100 * b.dead_fraction:.1f}%), {sum(1 for r in rows if not r.unchanged)} layers changed"
     )
     return rows, summary
+
+
+def print_diff(rows: list[LayerDiff], summary: str, console: Console, all_layers: bool = False) -> None:
+    """What `deadrelu diff` prints: changed layers (all with ALL_LAYERS), growth red, shrinkage green."""
+    table = plain_table()
+    for column in ("Layer", "Old dead", "New dead", "Change", "Revived", "Newly dead"):
+        table.add_column(column, justify="left" if column == "Layer" else "right", overflow="fold")
+    for row in rows:
+        if not all_layers and row.unchanged:
+            continue
+        style = "red" if row.delta > 0 else ("green" if row.delta < 0 else "")
+        table.add_row(
+            rich_text(row.name),
+            row.old_text,
+            row.new_text,
+            row.change_text,
+            str(len(row.revived)),
+            str(len(row.newly_dead)),
+            style=style,
+        )
+    console.print(table)
+    console.print(terminal_text(summary), markup=False)

@@ -45,7 +45,7 @@ def _parameter_count(model: onnx.ModelProto) -> int:
 
 
 def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp, result: FixResult):
-    from deadrelu_cli.backends import runner_for
+    from deadrelu_cli.backends.runners import runner_for
     from deadrelu_cli.loaders import LoadOptions, load_model
 
     if not str(options.output).lower().endswith(".onnx"):
