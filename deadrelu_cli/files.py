@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -130,8 +131,14 @@ def _umask() -> int:
     return mask
 
 
+TEMP_NAME = re.compile(r"^\.(?P<stem>.*)\.tmp\.[^.]+(?P<suffix>.*)$")  # what temp_path_for makes
+
+
 def _disk_error(path: str | Path, exc: OSError) -> UserError:
-    return UserError(f"{path}: write failed ({exc.strerror or exc}); nothing was written")
+    path = Path(path)
+    temp = TEMP_NAME.match(path.name)
+    shown = path.with_name(temp["stem"] + temp["suffix"]) if temp else path  # the file the user named
+    return UserError(f"{shown}: write failed ({exc.strerror or exc}); nothing was written")
 
 
 def temp_path_for(target: str | Path, label: str = "") -> Path:

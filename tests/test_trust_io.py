@@ -216,35 +216,54 @@ def test_an_npz_glob_closes_each_archive_when_its_part_ends(tmp_path):
     assert len(os.listdir("/proc/self/fd")) <= fds + 2  # 80 members were read; none left open
 
 
-def _run_with_file_size_limit(args: list[str], cwd: Path, limit: int = 256) -> subprocess.CompletedProcess:
-    """The CLI in a child whose writes beyond LIMIT bytes fail in the kernel (EFBIG), as on a full disk."""
-    code = (
-        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
-        "from deadrelu_cli.cli.app import main; main(sys.argv[1:])"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+CHILD = """
+import io, json, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (BYTES, BYTES))
+from deadrelu_cli.cli.app import main
+results = []
+for args in json.loads(sys.argv[1]):
+    sys.stderr = io.StringIO()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    results.append([code, sys.stderr.getvalue()])
+sys.__stdout__.write("RESULTS" + json.dumps(results))
+"""
 
 
 def test_a_full_disk_is_one_line_for_every_writer(work):
-    runs = {
-        "scan": ["scan", "model.onnx", "--data", "calib.npz", "-q", "--max-dead", "1",
-                 "--json", "o.json", "--html", "o.html", "--junit", "o.xml", "--markdown", "o.md"],
-        "fix": ["fix", "model.pt2", "--data", "calib.npz", "-s", "leaky", "-o", "fixed.pt2"],
-        "fix-pt": ["fix", "model.pt", "--arch", MLP_ARCH, "--data", "calib.npz", "-s", "reinit", "-o", "fixed.pt"],
-    }  # fmt: skip
-    for name, args in runs.items():
-        result = _run_with_file_size_limit(args, work)
-        assert result.returncode == 2, (name, result.returncode, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "nothing was written" in lines[0], (name, result.stderr)
-    leftovers = sorted(
+    """Every writer in a child whose file writes past 256 bytes fail in the kernel, as on a full disk."""
+    scan = ["scan", "model.onnx", "--data", "calib.npz", "-q"]
+    runs = [
+        scan + ["--json", "o.json"],
+        scan + ["--html", "o.html"],
+        scan + ["--junit", "o.xml"],
+        scan + ["--markdown", "o.md"],
+        ["fix", "model.pt2", "--data", "calib.npz", "-s", "leaky", "-o", "fixed.pt2"],
+        ["fix", "model.pt", "--arch", MLP_ARCH, "--data", "calib.npz", "-s", "reinit", "-o", "fixed.pt"],
+        ["fix", "model.onnx", "--data", "calib.npz", "-s", "leaky", "-o", "fixed.onnx"],
+    ]
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD.replace("BYTES", "256"), json.dumps(runs)],
+        cwd=work,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    results = json.loads(child.stdout.rpartition("RESULTS")[2])
+    for args, (code, err) in zip(runs, results, strict=True):
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "nothing was written" in lines[0], (args, code, err)
+        assert f"{args[-1]}: write failed" in lines[0], lines[0]  # the file the user named, not the temp
+    left = sorted(
         p.name for p in work.iterdir() if p.name.startswith(".") or p.name.startswith(("o.", "fixed"))
     )
-    assert leftovers == []
+    assert left == []
 
 
 def test_sigterm_removes_the_temp_file_as_sigint_does(cli, work, monkeypatch):
@@ -289,11 +308,23 @@ def test_unsupported_tensor_types_in_pt_data_are_exit_2(cli, work, tensor):
 
 
 def _edited(path: Path, edit) -> Path:
+    path = Path(path)
     document = json.loads(path.read_text())
     edit(document)
     out = path.with_name("edited.json")
     out.write_text(json.dumps(document))
     return out
+
+
+@pytest.fixture(scope="module")
+def saved_report(tmp_path_factory) -> Path:
+    """One real report (scanned once for the module's many edits of it)."""
+    from deadrelu_cli import scan
+    from deadrelu_cli.report.model import report_to_json
+
+    path = tmp_path_factory.mktemp("report") / "good.json"
+    path.write_text(report_to_json(scan(str(MLP / "model.onnx"), str(MLP / "calib.npz"))))
+    return path
 
 
 @pytest.mark.parametrize(
@@ -313,8 +344,8 @@ def _edited(path: Path, edit) -> Path:
     ],
 )
 @pytest.mark.parametrize("command", ["gate", "report", "diff", "merge"])
-def test_inconsistent_reports_are_exit_2_naming_the_field(cli, work, edit, field, command):
-    good = _report(cli, work)
+def test_inconsistent_reports_are_exit_2_naming_the_field(cli, tmp_path, saved_report, edit, field, command):
+    good = shutil.copy(saved_report, tmp_path / "good.json")
     bad = _edited(good, edit)
     args = {
         "gate": ["gate", bad, "--max-dead", "1"],
@@ -325,10 +356,9 @@ def test_inconsistent_reports_are_exit_2_naming_the_field(cli, work, edit, field
     one_line_error(cli(*args), field)
 
 
-def test_nan_in_a_report_is_refused(cli, work):
-    good = _report(cli, work)
-    bad = work / "nan.json"
-    bad.write_text(good.read_text().replace('"threshold": 0.0', '"threshold": NaN'))
+def test_nan_in_a_report_is_refused(cli, tmp_path, saved_report):
+    bad = tmp_path / "nan.json"
+    bad.write_text(saved_report.read_text().replace('"threshold": 0.0', '"threshold": NaN'))
     one_line_error(cli("gate", bad, "--max-dead", "1"), "NaN")
 
 

@@ -15,7 +15,7 @@ plumbing), `ALLOWED_BUILTINS` (names TorchScript source may call), `ALLOWED_PICK
 archive's data.pkl may reference), `ALLOWED_GRAPH_TARGETS` (non-aten targets of a `.pt2` graph).
 Widening it is a security decision: an op belongs here only when it reads and writes nothing but
 tensors and Python scalars (no files, storages, network, processes, Python objects, custom classes).
-docs/security.md in SECURITY.md lists the threat model per format.
+SECURITY.md gives the threat model per format.
 """
 
 from __future__ import annotations
@@ -96,15 +96,15 @@ ALLOWED_ATEN: frozenset[str] = frozenset(
     fft_ifftn fft_rfftn fft_irfftn fft_fft2 fft_ifft2 fft_rfft2 fft_irfft2 fft_fftshift fft_ifftshift
     special_erf special_expit special_logit special_xlog1py
     lift_fresh lift_fresh_copy resolve_conj resolve_neg is_floating_point is_complex is_contiguous
-    is_nonzero is_same_size is_signed item numpy_T size stride dim ndimension len device dtype layout
+    is_nonzero is_same_size is_signed item size stride dim ndimension len device dtype layout
     storage_offset requires_grad_ set_grad_enabled is_grad_enabled detach_ bool Bool Int Float Complex
     ScalarImplicit IntImplicit FloatImplicit ComplexImplicit __and__ __or__ __xor__ __not__ __lshift__
     __rshift__ __contains__ __getitem__ __is__ __isnot__ __round_to_zero_floordiv __range_length
     __derive_index __upsample __upsample_bilinear __interpolate _set_item _get_tracing_state warn
     append extend insert pop clear keys values items get setdefault copy_ list tensors dict str
-    format join split splitlines strip startswith endswith lower upper replace count find index_
-    floordiv mod divmod sqrt_ gcd_ factorial radians degrees isfinite_ Scalar
-    int float complex sorted reverse __getstate__ __setstate__ manual_seed
+    format join split splitlines strip startswith endswith lower upper replace count find
+    floordiv mod divmod factorial radians degrees
+    int float complex sorted reverse __getstate__ __setstate__
     """.split()
 )
 # Trailing-underscore in-place variants of the ops above (relu_, add_, fill_, …) are allowed too: they
