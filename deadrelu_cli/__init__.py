@@ -22,6 +22,7 @@ def scan(model: str, data: str, **options: Any) -> Report:
     from deadrelu_cli.engine import run_scan
     from deadrelu_cli.options import ScanOptions
 
+    options.setdefault("batch_size_explicit", "batch_size" in options)
     return run_scan(ScanOptions(model=model, data=data, **options))
 
 

@@ -140,7 +140,9 @@ def _onnx_view(model_loaded, report, ops: tuple[str, ...]):
 
 
 def explain(report, model_loaded, probe, ops: tuple[str, ...] = ("relu", "relu6")) -> None:
-    """Store each dead unit's cause in layer.extra['causes'] (unit -> cause) and the counts per cause."""
+    """Store each dead unit's cause in layer.extra['causes'] (unit -> cause) and the counts per cause;
+    and the channels constant over the data in layer.extra['constant_channels'], with a note."""
+    constant_channels(report)
     if model_loaded is not None and model_loaded.kind in ("eager", "exported"):
         producers, upstream = _torch_view(model_loaded, probe, report)
     elif model_loaded is not None and model_loaded.backend == "onnx":
@@ -164,6 +166,35 @@ def explain(report, model_loaded, probe, ops: tuple[str, ...] = ("relu", "relu6"
             for cause in causes.values():
                 counts[cause] = counts.get(cause, 0) + 1
             layer.extra["cause_counts"] = counts
+
+
+def constant_channels(report) -> None:
+    """Channels whose activation is one value over all the data (all zero, or a single value): an INT8
+    calibrator cannot give them a range ("tensor is uniformly zero") or wastes one on them."""
+    missing_min = False
+    for layer in report.layers:
+        zero, single = layer.constant_masks()
+        missing_min |= single is None and layer.ran
+        found = {"all_zero": np.flatnonzero(zero).astype(int).tolist()}
+        if single is not None:
+            found["single_value"] = np.flatnonzero(single).astype(int).tolist()
+        if not any(found.values()):
+            continue
+        layer.extra["constant_channels"] = found
+        parts = [f"{kind.replace('_', ' ')}: {_few(units)}" for kind, units in found.items() if units]
+        report.notes.append(
+            f"--explain: layer {layer.name}: {sum(map(len, found.values()))} channel(s) constant over the data "
+            f"({'; '.join(parts)}); INT8 calibration cannot give them a range"
+        )
+    if missing_min:
+        report.notes.append(
+            "--explain: single-value channels need the per-unit minimum, which this run did not record "
+            "(compiled or distributed scans); all-zero channels are listed"
+        )
+
+
+def _few(units: list[int], shown: int = 8) -> str:
+    return ", ".join(map(str, units[:shown])) + (f", … ({len(units)} in all)" if len(units) > shown else "")
 
 
 def structural_checks(model_loaded, probe) -> list[Finding]:

@@ -59,8 +59,14 @@ TrustPickle = Annotated[
     ),
 ]
 BatchSize = Annotated[
-    str, typer.Option("--batch-size", "-b", help="Samples per batch, or auto (does not change the result).")
+    str | None,
+    typer.Option(
+        "--batch-size",
+        "-b",
+        help="Samples per batch, or auto (does not change the result). Default: 64, or the batch size an ONNX graph's inputs fix.",
+    ),
 ]
+DEFAULT_BATCH_SIZE = "64"
 Compile = Annotated[
     bool,
     typer.Option(
@@ -203,6 +209,13 @@ MaxIncrease = Annotated[
         help="Gate: allowed growth of a dead fraction over --baseline (default 0).",
     ),
 ]
+AllowNoSites = Annotated[
+    bool,
+    typer.Option(
+        "--allow-no-sites",
+        help="Gate: pass a model in which no activation site was scanned (by default that fails: nothing was checked).",
+    ),
+]
 Junit = Annotated[str | None, typer.Option("--junit", help="Write JUnit XML (one testcase per layer) here.")]
 Markdown = Annotated[
     str | None,
@@ -314,7 +327,7 @@ class Loading(OptionGroup):
 class Running(OptionGroup):
     """How the calibration data is replayed and counted."""
 
-    batch_size: BatchSize = "64"
+    batch_size: BatchSize = None  # None: the default (a graph's fixed batch may replace it)
     limit: Limit = None
     device: Device = "auto"
     threshold: Threshold = 0.0
@@ -339,6 +352,7 @@ class Gating(OptionGroup):
     max_dead_units: MaxDeadUnits = None
     baseline: Baseline = None
     max_increase: MaxIncrease = None
+    allow_no_sites: AllowNoSites = False
     junit: Junit = None
     markdown: Markdown = None
 
@@ -362,6 +376,7 @@ class Gating(OptionGroup):
             max_dead_units=self.max_dead_units,
             baseline=load_report(self.baseline) if self.baseline else None,
             max_increase=self.max_increase,
+            allow_no_sites=bool(self.allow_no_sites),
         )
 
 
@@ -427,7 +442,8 @@ def scan_options(
         data=data,
         arch=loading.arch,
         trust_pickle=loading.trust_pickle,
-        batch_size=parse_batch_size(running.batch_size),
+        batch_size=parse_batch_size(running.batch_size or DEFAULT_BATCH_SIZE),
+        batch_size_explicit=running.batch_size is not None,
         limit=running.limit,
         device=running.device,
         threshold=running.threshold,

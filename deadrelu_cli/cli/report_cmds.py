@@ -77,7 +77,7 @@ def diff(
     new: opt.ReportPath,
     all_layers: bool = typer.Option(False, "--all", help="Show unchanged layers too."),
 ) -> None:
-    """Per-layer changes in dead units between two reports (matched by layer name)."""
+    """Per-layer changes in dead units between two reports (matched by producer weight, else layer name)."""
     from deadrelu_cli.report.diff import diff_reports, print_diff
 
     rows, summary = diff_reports(load(old), load(new))

@@ -67,6 +67,18 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
         if site is None or site.graph_path:
             outcome.action = "skipped: sites inside If/Loop/Scan bodies are not patched"
             continue
+        if site.implicit == "quantize":
+            outcome.action = (
+                f"skipped: a ReLU folded into a {site.module_type} of a quantized graph (integer weights); "
+                "fix the float model, then quantize it again"
+            )
+            continue
+        if site.implicit == "fused":
+            note = (
+                "fused activations are written unfused (Conv/Gemm + activation); onnxruntime fuses them again"
+            )
+            if note not in result.notes:
+                result.notes.append(note)
         if options.strategy in ("leaky", "elu"):
             if site.op != "relu":
                 outcome.action = f"skipped: {site.op} is not a plain Relu"
