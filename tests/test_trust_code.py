@@ -233,3 +233,42 @@ def test_sample_models_pass_the_allowlist():
     for folder in ("cnn", "mlp"):
         assert list(torchscript_violations(root / folder / "model.torchscript.pt")) == []
         assert list(exported_violations(root / folder / "model.pt2")) == []
+
+
+@pytest.mark.parametrize(
+    "line, named",
+    [
+        ("_x = ops.evil_ns.run(x)", "evil_ns::run"),
+        ("_x = torch.classes.evil.Thing()", "torch.classes.evil.Thing"),
+        ('print("x")', "print"),
+        ("_x = x.untyped_storage()", "untyped_storage"),
+        ('_x = getattr(torch, "from_file")', "getattr on a module"),
+        ("_x = __torch__.not_in_this_archive.f(x)", "__torch__.not_in_this_archive.f"),
+    ],
+)
+def test_hand_edited_torchscript_source_outside_the_allowlist_is_named(tmp_path, line, named):
+    source = tmp_path / "plain.pt"
+    torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU())).save(str(source))
+    edited = tmp_path / "edited.pt"
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(edited, "w") as out:
+        for info in src.infolist():
+            raw = src.read(info.filename)
+            if info.filename.endswith("code/__torch__/torch/nn/modules/container.py"):
+                text = raw.decode()
+                head, sep, tail = text.partition("    input: Tensor) -> Tensor:\n")
+                raw = (head + sep + f"    {line.replace('(x', '(input')}\n" + tail).encode()
+            out.writestr(info, raw)
+    assert any(named in what for what, _ in torchscript_violations(edited))
+
+
+def test_a_pt2_graph_calling_a_custom_namespace_is_refused(tmp_path):
+    base = tmp_path / "base.pt2"
+    torch.export.save(torch.export.export(Plain(), (torch.randn(2, 4),)), str(base))
+
+    def edit(name: str, raw: bytes) -> bytes:
+        if "/models/" in name and name.endswith(".json"):
+            return raw.replace(b"torch.ops.aten.relu.default", b"torch.ops.evil_ns.relu.default")
+        return raw
+
+    edited = _rewrite_pt2(base, tmp_path / "custom.pt2", edit)
+    assert [what for what, _ in exported_violations(edited)] == ["torch.ops.evil_ns.relu.default"]

@@ -145,7 +145,7 @@ ALLOWED_PICKLE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("torch", "device"),
     }
 )
-STORAGE_GLOBAL = re.compile(r"(torch|torch\.cuda)\.?\s*\w*Storage$")
+STORAGE_GLOBAL = re.compile(r"^torch(\.cuda)?\.\w*Storage$")
 
 # Non-aten call targets of a .pt2 graph: Python's own operators on sizes and the symbolic-shape helpers.
 ALLOWED_GRAPH_TARGETS: frozenset[str] = frozenset(
@@ -158,6 +158,8 @@ ALLOWED_GRAPH_TARGETS: frozenset[str] = frozenset(
     torch._sym_sqrt torch.sym_sum
     """.split()
 )
+# Names that TorchScript source uses as modules (everything else with attributes is a value).
+MODULE_ROOTS = ("torch", "ops", "__torch__", "math", "CONSTANTS")
 # Namespaces whose ops TorchScript / torch.export emit for plain models.
 ALLOWED_NAMESPACES = ("aten", "prim")
 
@@ -268,9 +270,15 @@ def _source_violations(
             if isinstance(func, ast.Name):
                 if func.id in ("print", "exec", "eval", "open", "compile", "__import__", "input"):
                     yield (func.id, f"{where}, line {node.lineno}")
+                elif func.id in ("getattr", "hasattr", "setattr") and (
+                    func.id == "setattr"
+                    or not node.args
+                    or (isinstance(node.args[0], ast.Name) and node.args[0].id in MODULE_ROOTS)
+                ):  # an op looked up by name would bypass the attribute checks above
+                    yield (f"{func.id} on a module", f"{where}, line {node.lineno}")
             elif isinstance(func, ast.Attribute):
                 chain = _attribute_chain(func)
-                if chain is None or chain[0] not in ("torch", "ops", "__torch__", "math", "CONSTANTS"):
+                if chain is None or chain[0] not in MODULE_ROOTS:
                     # a method called on a value: a tensor method is an aten op, or a method of this
                     # archive's own classes (forward, …), or a list/dict/str method
                     name = func.attr
