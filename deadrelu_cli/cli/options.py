@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Any, get_type_hints
 
 import typer
-from rich.console import Console
 
 Model = Annotated[
     str,
@@ -415,11 +414,12 @@ def command(func: Callable) -> Callable:
             p.name: values[p.name] for p in spread if p.name in values
         }  # Click gives them in argv order
         if settings:
+            from deadrelu_cli.cli.console import make_console
             from deadrelu_cli.cli.gating import merge_settings, show_config
 
             values, sources, _ = merge_settings(ctx, values, values["config"])
             if values["show_config_flag"]:
-                show_config(values, sources, Console(highlight=False))
+                show_config(values, sources, make_console())
                 return
         for name, group in groups.items():
             values[name] = group.take(values)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 import typer
-from rich.console import Console
 
 from deadrelu_cli.cli import options as opt
+from deadrelu_cli.cli.console import make_console
 from deadrelu_cli.cli.gating import config_file, run_gate
 
 
@@ -32,9 +32,9 @@ def gate(
         ],
     )
     report = load_report(report_path)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err = make_console(stderr=True, soft_wrap=True)
     if not quiet:
-        print_report(report, Console(highlight=False))
+        print_report(report, make_console())
     config = gating.config()
     if not config.active:
         from deadrelu_cli.errors import UserError
@@ -65,7 +65,7 @@ def merge(
         sys.stdout.write(text)
         return
     write_text_atomic(json_out, text)
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
+    make_console(stderr=True, soft_wrap=True).print(
         terminal_text(f"merged {len(reports)} reports, {merged.data.samples} samples → {json_out}")
         + f"\n{summary_line(merged)}",
         markup=False,
@@ -81,7 +81,7 @@ def diff(
     from deadrelu_cli.report.diff import diff_reports, print_diff
 
     rows, summary = diff_reports(load(old), load(new))
-    print_diff(rows, summary, Console(highlight=False), all_layers)
+    print_diff(rows, summary, make_console(), all_layers)
 
 
 def report(
@@ -105,12 +105,12 @@ def report(
     if json_out == "-":
         sys.stdout.write(report_to_json(saved))
     else:
-        print_report(saved, Console(highlight=False), layer)
+        print_report(saved, make_console(), layer)
         if json_out:
             write_text_atomic(json_out, report_to_json(saved))
     if html_out:
         write_html(html_out, saved, baseline=old)
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"wrote {html_out}", markup=False)
+        make_console(stderr=True, soft_wrap=True).print(f"wrote {html_out}", markup=False)
 
 
 def load(path):

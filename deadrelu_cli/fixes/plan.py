@@ -29,6 +29,7 @@ class FixOptions:
     force: bool = False
     kick_scale: float = 0.1  # kick: noise std as a fraction of the layer's weight std
     certified_only: bool = False  # act only on units certified dead over the input box (--certify)
+    holdout: float | None = None  # fraction of the data kept from the scan, to verify the fix on
 
 
 @dataclass
@@ -65,6 +66,15 @@ class FixResult:
     flops_after: int | None = None
     verified: bool = False
     written: bool = False
+    nothing_to_fix: bool = False  # no dead units: a success, nothing written
+    # the evidence the verdict rests on: samples scanned, fewest values any acted-on unit was seen over
+    scanned_samples: int = 0
+    values_per_unit: int | None = None
+    # --holdout: samples the scan did not see; acted-on units that fired there; outputs compared there
+    holdout_samples: int | None = None
+    holdout_fired: dict[str, list[int]] = field(default_factory=dict)
+    holdout_max_abs_diff: float | None = None
+    holdout_max_rel_diff: float | None = None
     notes: list[str] = field(default_factory=list)
     new_widths: dict[str, int] = field(default_factory=dict)
 
@@ -73,6 +83,13 @@ class FixResult:
             "strategy": self.strategy,
             "output": self.output,
             "written": self.written,
+            "nothing_to_fix": self.nothing_to_fix,
+            "scanned_samples": self.scanned_samples,
+            "values_per_unit": self.values_per_unit,
+            "holdout_samples": self.holdout_samples,
+            "holdout_fired": self.holdout_fired,
+            "holdout_max_abs_diff": self.holdout_max_abs_diff,
+            "holdout_max_rel_diff": self.holdout_max_rel_diff,
             "verified": self.verified,
             "max_abs_diff": self.max_abs_diff,
             "max_rel_diff": self.max_rel_diff,

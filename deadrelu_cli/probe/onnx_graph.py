@@ -90,12 +90,47 @@ def _is_hard_sigmoid_part(node: onnx.NodeProto, index: GraphIndex) -> bool:
     return False
 
 
+# ops that take an index / bound tensor at these input positions, and ops an index passes through
+_INDEX_INPUTS = {
+    "Gather": (1,),
+    "GatherElements": (1,),
+    "GatherND": (1,),
+    "ScatterElements": (1,),
+    "ScatterND": (1,),
+    "Slice": (1, 2, 3, 4),
+    "Range": (0, 1, 2),
+    "OneHot": (0,),
+}
+_INDEX_PASS_THROUGH = ("Cast", "Unsqueeze", "Squeeze", "Reshape", "Floor", "Ceil", "Round", "Identity")
+
+
+def _is_index_clamp(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    """Clip(i, 0, n) whose every use is as an index or slice bound (position ids clamped to a table):
+    a guard on indices, not an activation of units."""
+    pending, seen, uses = [node.output[0]], set(), 0
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for consumer in index.consumers.get(name, []):
+            for position, value in enumerate(consumer.input):
+                if value != name:
+                    continue
+                uses += 1
+                if consumer.op_type in _INDEX_PASS_THROUGH and position == 0:
+                    pending.extend(consumer.output)
+                elif position not in _INDEX_INPUTS.get(consumer.op_type, ()):
+                    return False
+    return uses > 0
+
+
 def classify(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, float | None] | None:
     if node.op_type == "Relu":
         return "relu", None
     if node.op_type == "Clip":
         lo, hi = _clip_bounds(node, index)
-        if lo is None or lo != 0.0:
+        if lo is None or lo != 0.0 or _is_index_clamp(node, index):
             return None
         if _is_hard_sigmoid_part(node, index):
             return "hardswish_part", hi

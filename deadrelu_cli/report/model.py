@@ -145,6 +145,8 @@ def layer_to_dict(layer: LayerStats, settings: Settings) -> dict[str, Any]:
         out["weight"] = layer.weight
     if layer.min_preactivation is not None:
         out["min_preactivation"] = _finite_or_none(layer.min_preactivation)
+    if layer.samples is not None:
+        out["samples"] = int(layer.samples)
     if layer.extra:
         out["extra"] = layer.extra
     return out
@@ -202,6 +204,7 @@ def layer_from_dict(d: dict[str, Any]) -> LayerStats:
         min_preactivation=None
         if d.get("min_preactivation") is None
         else np.array([np.inf if v is None else v for v in d["min_preactivation"]], dtype=np.float64),
+        samples=d.get("samples"),
     )
 
 

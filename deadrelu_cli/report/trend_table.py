@@ -18,7 +18,7 @@ def print_trend(result, console: Console, data: str) -> None:
         if len(steps) > MAX_COLUMNS
         else list(range(len(steps)))
     )
-    label = {"checkpoint": "step", "file name": "#", "command line": "#"}[result.checkpoints[0].source]
+    label = "step" if any(c.source == "checkpoint" for c in result.checkpoints) else "#"
     table = plain_table()
     table.add_column("Layer", overflow="fold")
     for index in shown:
@@ -37,8 +37,10 @@ def print_trend(result, console: Console, data: str) -> None:
         table.add_row(rich_text(layer.name), *cells, spark, died, str(len(layer.revived)))
     console.print(
         terminal_text(
-            f"{len(steps)} checkpoints, ordered by {result.checkpoints[0].source} · {data} · {result.samples} samples"
+            f"{len(steps)} checkpoints, ordered by {result.order} · {data} · {result.samples} samples"
         ),
         markup=False,
     )
     console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", style="dim", markup=False)
