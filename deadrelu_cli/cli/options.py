@@ -215,6 +215,13 @@ AllowNoSites = Annotated[
         help="Gate: pass a model in which no activation site was scanned (by default that fails: nothing was checked).",
     ),
 ]
+AllowUnseen = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unseen",
+        help="Gate: pass even though the model has activations the scan could not see (fused, quantized or custom-domain nodes it cannot count; by default that fails).",
+    ),
+]
 Junit = Annotated[str | None, typer.Option("--junit", help="Write JUnit XML (one testcase per layer) here.")]
 Markdown = Annotated[
     str | None,
@@ -352,6 +359,7 @@ class Gating(OptionGroup):
     baseline: Baseline = None
     max_increase: MaxIncrease = None
     allow_no_sites: AllowNoSites = False
+    allow_unseen: AllowUnseen = False
     junit: Junit = None
     markdown: Markdown = None
 
@@ -376,6 +384,7 @@ class Gating(OptionGroup):
             baseline=load_report(self.baseline) if self.baseline else None,
             max_increase=self.max_increase,
             allow_no_sites=bool(self.allow_no_sites),
+            allow_unseen=bool(self.allow_unseen),
         )
 
 
@@ -410,9 +419,8 @@ def command(func: Callable) -> Callable:
     @functools.wraps(func)
     def run(**values: Any) -> None:
         ctx = values.pop("ctx", None)
-        values = {
-            p.name: values[p.name] for p in spread if p.name in values
-        }  # Click gives them in argv order
+        # Click hands them over in command-line order; the signature's order keeps --show-config stable
+        values = {p.name: values[p.name] for p in spread if p.name in values}
         if settings:
             from deadrelu_cli.cli.console import make_console
             from deadrelu_cli.cli.gating import merge_settings, show_config

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 from deadrelu_cli.errors import UserError
@@ -67,7 +68,32 @@ def check_archive(path: Path, max_ratio: int = 2000) -> list[str]:
         raise UserError(
             f"{path}: the archive expands to {total / 2**30:.1f} GiB, more than the memory available"
         )
+    _check_crcs(path)
     return [info.filename for info in infos]
+
+
+def _check_crcs(path: Path, chunk: int = 1 << 20) -> None:
+    """Read every member once, streaming, so that zipfile checks its CRC-32: torch's own zip reader does
+    not, and a flipped byte in a tensor record would load as a different weight without a word."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    while member.read(chunk):
+                        pass
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        OSError,
+        ValueError,
+        EOFError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:
+        # (RuntimeError: a member flagged as encrypted)
+        raise UserError(
+            f"{path}: a damaged zip archive ({exc}); the checkpoint is truncated or corrupted"
+        ) from None
 
 
 def detect_format(path: str | Path) -> str:

@@ -37,6 +37,8 @@ WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
 def torch_load(path: Path, device: str, trust_pickle: bool):
+    from safetensors import SafetensorError
+
     try:
         return torch.load(path, map_location=device, weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
@@ -48,7 +50,10 @@ def torch_load(path: Path, device: str, trust_pickle: bool):
             f"{path}: refused to unpickle: the file needs more than weights ({detail}); "
             "if you trust its source, pass --trust-pickle (it can run code)"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError) as exc:
+    except (
+        RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError,
+        SafetensorError,  # torch.load hands a file it takes for safetensors to that library
+    ) as exc:  # fmt: skip
         raise UserError(
             f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated, corrupted or not a torch checkpoint"
         ) from None

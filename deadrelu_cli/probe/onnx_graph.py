@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.probe.onnx_deployed import fused_origin, implicit_relu
+from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, fused_origin, implicit_relu
 from deadrelu_cli.wiring.onnx import consumer_layout, producer_weight, trace_producer
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, float_type, opset_version
 
@@ -203,6 +203,8 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
                 site.weight = producer_weight(index, site.input_name)
                 trace = trace_producer(index, site.input_name)
                 site.channel_first, site.producer, site.bias = trace.channel_first, trace.producer, trace.bias
+                if site.module_type == NCHWC_CONV:  # reordered back to NCHW: units on dim 1
+                    site.channel_first = True
                 if site.channel_first is None:
                     site.channel_first = consumer_layout(index, site.output_name)
                 sites.append(site)
@@ -227,7 +229,7 @@ def onnx_sites(path: str, ops: tuple[str, ...]):
     from deadrelu_cli.probe.onnx_deployed import deployed_view
 
     model = read_onnx(path)
-    deployed_view(model)
+    deployed_view(model)  # the unseen nodes are a note of the scan; inspect lists what it can see
     return [
         StaticSite(
             s.name,

@@ -72,6 +72,7 @@ class Report:
     layers: list[LayerStats]
     tool: dict[str, str] = field(default_factory=lambda: {"name": "deadrelu", "version": __version__})
     notes: list[str] = field(default_factory=list)
+    unseen: dict[str, int] = field(default_factory=dict)  # node type -> count of activations not scanned
 
     def layer(self, name: str) -> LayerStats:
         for layer in self.layers:
@@ -169,11 +170,18 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         },
         "summary": vars(report.summary()).copy(),
         "notes": list(report.notes),
+        **({"unseen_activations": dict(report.unseen)} if report.unseen else {}),
         "layers": [layer_to_dict(layer, s) for layer in report.layers],
     }
 
 
 def report_to_json(report: Report) -> str:
+    for layer in report.layers:  # JSON has no NaN/Inf: say which layer and why instead of crashing
+        if not np.isfinite(layer.sum_abs).all():
+            raise UserError(
+                f"layer {layer.name}: the sum of |activation| is NaN or Inf (NaN/Inf or huge values in the "
+                "data or the weights); a JSON report cannot hold it: clean the data or check the weights"
+            )
     return json.dumps(report_to_dict(report), indent=2, allow_nan=False) + "\n"
 
 
@@ -233,6 +241,7 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
             layers=[layer_from_dict(layer) for layer in d["layers"]],
             tool=d.get("tool", {}),
             notes=list(d.get("notes", [])),
+            unseen={str(k): int(v) for k, v in (d.get("unseen_activations") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(
@@ -326,4 +335,6 @@ def merge_reports(reports: list[Report]) -> Report:
         settings=first.settings,
         layers=layers,
         notes=sorted({n for r in reports for n in r.notes}),
+        # the same model in every report: its unseen nodes are the same, not added up
+        unseen={k: max(r.unseen.get(k, 0) for r in reports) for r in reports for k in r.unseen},
     )

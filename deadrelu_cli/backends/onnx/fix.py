@@ -17,6 +17,7 @@ from deadrelu_cli.backends.onnx.macs import onnx_macs
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import write_bytes
 from deadrelu_cli.fixes.plan import FixOptions, FixResult, LayerOutcome, LayerPlan, firing_thresholds
+from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, strip_nchwc_copies
 from deadrelu_cli.probe.onnx_graph import find_sites, site_channel_dim
 from deadrelu_cli.wiring.model import input_columns, unit_vector_axis
 from deadrelu_cli.wiring.onnx import unit_wiring
@@ -72,6 +73,12 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             outcome.action = (
                 f"skipped: a ReLU folded into a {site.module_type} of a quantized graph (integer weights); "
                 "fix the float model, then quantize it again"
+            )
+            continue
+        if site.module_type == NCHWC_CONV:
+            outcome.action = (
+                "skipped: a ReLU inside onnxruntime's blocked-layout (nchwc) Conv of an ORT_ENABLE_ALL graph; "
+                "fix the float model, then optimize it again"
             )
             continue
         if site.implicit == "fused":
@@ -182,6 +189,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             )
             outcome.units_after = len(kept)
             result.new_widths[plan.name] = len(kept)
+    strip_nchwc_copies(model)  # the scan's NCHW copies of blocked convolutions: not part of the model
     if options.strategy == "prune":
         del model.graph.value_info[:]  # shapes changed: let shape inference redo them
     result.params_before, result.params_after = _parameter_count(original), _parameter_count(model)

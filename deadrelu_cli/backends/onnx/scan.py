@@ -314,10 +314,11 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                     )
     from deadrelu_cli.probe.onnx_deployed import deployed_view
 
-    changed, deployed_notes = deployed_view(loaded.runnable)
+    changed, deployed_notes, hidden = deployed_view(loaded.runnable)
     if changed:  # the graph differs from the file's bytes now
         loaded.extra.pop("file_bytes", None)
     loaded.notes.extend(deployed_notes)
+    loaded.extra["unseen"] = dict(hidden)  # the report keeps them: a gate fails on them
     sites = find_sites(loaded.runnable, options.ops)
     for site in sites:
         site.track_min = options.explain

@@ -251,8 +251,9 @@ def _reweight_exported(
 ):
     """reinit / kick / prune on an ExportedProgram: the units' weights found in its graph, edited (or
     narrowed) in place, re-exported, .pt2 out."""
-    from deadrelu_cli.backends.torch.program import exported_wiring, narrow
+    from deadrelu_cli.backends.torch.program import narrow
     from deadrelu_cli.probe.exported import find_sites
+    from deadrelu_cli.wiring.torch import exported_wiring
 
     graph_module = _program_module(scanned, options)
     wanted = {plan.name for plan in plans}
@@ -265,12 +266,12 @@ def _reweight_exported(
     wirings.update({name: "skipped: not found in the program's graph" for name in wanted - wirings.keys()})
     params_before = eager.count_params(graph_module)
     if options.strategy == "prune":
-        outcomes, keep_out, keep_in = eager.prune_plan(wirings, scanned.report, plans)
+        outcomes, keep_out, keep_in = eager.prune_plan(graph_module, wirings, scanned.report, plans)
         narrow(graph_module, keep_out, keep_in)
         result.new_widths = {o.name: o.units_after for o in outcomes if o.applied}
     else:
         apply = eager.reinit_units if options.strategy == "reinit" else eager.kick_units
-        outcomes = apply(wirings, plans, options)
+        outcomes = apply(graph_module, wirings, plans, options)
     runners = _exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes))
     result.params_before = params_before  # (_exported_runners counts the patched module for both)
     return (*runners, outcomes)
