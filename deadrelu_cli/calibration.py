@@ -229,6 +229,7 @@ class CalibrationData:
     batch_axes: dict[str, int] = field(default_factory=dict)
     consts: tuple[str, ...] = ()
     window: tuple[int, int] | None = None  # this process's shard of the samples (distributed scans)
+    unfed: tuple[str, ...] = ()  # arrays read for counting only (a --mask that is not a model input)
 
     def shard(self, rank: int, world: int, limit: int | None) -> None:
         total = self.samples if limit is None else min(limit, self.samples)
@@ -345,6 +346,7 @@ class MultiFileData:
                 )
         self.consts = parts[0].consts
         self.batch_axes = parts[0].batch_axes
+        self.unfed: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:

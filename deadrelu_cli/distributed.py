@@ -173,6 +173,7 @@ def reduce_layers(
                 module_type=module_type,
                 producer=producer,
                 bias=biases.get(name),
+                extra=dict(local[name].extra) if name in local else {},  # e.g. how the position mask applied
             )
         )
     return merged, int(elements[-1])

@@ -1,78 +1,67 @@
-"""Untrusted text (layer, node, input and file names from a model or a report) made safe where it is shown.
+"""`--text FILE`: documents tokenized with the model folder's own tokenizer into calibration data.
 
-A name comes from the file being scanned, so it may hold terminal escape sequences, newlines that
-forge a line of CI output (`\\n::warning …`), Rich markup, Markdown or XML-invalid characters. Every
-renderer passes names through the one function for its medium; JSON keeps the exact name.
+Plain text holds one document per line (empty lines skipped); `.jsonl` holds one JSON object per line,
+the document under `--text-field` (default "text"). Documents are truncated to `--seq-len` tokens and
+padded to the longest one (the tokenizer's padding side); the attention_mask that comes with them is
+the position mask of the scan, so padding never counts.
 """
 
 from __future__ import annotations
 
-import unicodedata
+import json
+from pathlib import Path
 
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-# Characters that move the cursor, end a line or reorder text: C0/C1 controls, DEL, format characters
-# (bidi overrides, zero-width), line and paragraph separators.
-_UNSAFE_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
+import numpy as np
 
-
-def _escape_char(ch: str) -> str:
-    if ch in _NAMED:
-        return _NAMED[ch]
-    code = ord(ch)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+from deadrelu_cli.calibration import CalibrationData, InMemorySource
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders.detect import check_readable_file
 
 
-def terminal_text(text: object, keep: str = "") -> str:
-    """TEXT with every control, format and line-separator character written as a visible escape
-    (`\\x1b`, `\\n`, `\\u202e`); characters in KEEP are left as they are."""
-    value = str(text)
-    if value.isprintable() and not keep:  # the common case: nothing to do
-        return value
-    return "".join(
-        _escape_char(ch) if ch not in keep and unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch
-        for ch in value
+def read_documents(path: str, field: str) -> list[str]:
+    p = check_readable_file(path, "text")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if p.suffix.lower() not in (".jsonl", ".ndjson"):
+        return [line for line in lines if line.strip()]
+    documents = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise UserError(f"{path}:{number}: not a JSON object ({exc})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+            raise UserError(f"{path}:{number}: no string field {field!r} (found: {keys}); pass --text-field")
+        documents.append(record[field])
+    return documents
+
+
+def tokenized_data(path: str, folder: str, field: str = "text", seq_len: int = 128) -> CalibrationData:
+    from deadrelu_cli.loaders.hf_folder import load_tokenizer
+
+    if seq_len < 1:
+        raise UserError("--seq-len must be at least 1")
+    documents = read_documents(path, field)
+    if not documents:
+        raise UserError(f"{path}: no documents (one per line, or JSONL with --text-field)")
+    tokenizer = load_tokenizer(folder)
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise UserError(f"{folder}: the tokenizer has no pad, eos or unk token to pad documents with")
+        tokenizer.pad_token = fallback  # the attention_mask drops these positions anyway
+    encoded = tokenizer(
+        documents, padding="longest", truncation=True, max_length=seq_len, return_tensors="np"
     )
-
-
-def rich_text(text: object) -> str:
-    """For a Rich renderable that parses markup (table cells): escaped controls and escaped `[…]`."""
-    from rich.markup import escape
-
-    return escape(terminal_text(text))
-
-
-def markdown_code(text: object) -> str:
-    """A Markdown (GFM table-safe) code span showing TEXT literally."""
-    value = terminal_text(text).replace("|", "\\|")
-    longest = run = 0
-    for ch in value:
-        run = run + 1 if ch == "`" else 0
-        longest = max(longest, run)
-    fence = "`" * (longest + 1)
-    pad = " " if value.startswith("`") or value.endswith("`") else ""
-    return f"{fence}{pad}{value}{pad}{fence}"
-
-
-_MARKDOWN_SPECIAL = set("\\`*_[]<>|~&")  # inline specials (text never starts a line here)
-
-
-def markdown_text(text: object) -> str:
-    """TEXT as literal Markdown prose (every character that Markdown or a GFM table reads is escaped)."""
-    return "".join("\\" + ch if ch in _MARKDOWN_SPECIAL else ch for ch in terminal_text(text))
-
-
-def xml_text(text: object) -> str:
-    """For XML text and attributes (ElementTree escapes <, &, quotes): no characters XML 1.0 forbids."""
-    return terminal_text(text)
-
-
-def github_message(text: object) -> str:
-    """The message of a GitHub workflow command (`::error …::MESSAGE`): %, CR and LF percent-encoded
-    as the runner decodes them, other controls escaped, so nothing starts a new command line."""
-    value = terminal_text(text, keep="\r\n")
-    return value.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def github_property(text: object) -> str:
-    """A property value of a workflow command (`title=…`): as a message, plus `:` and `,` encoded."""
-    return github_message(text).replace(":", "%3A").replace(",", "%2C")
+    wanted = [
+        name
+        for name in getattr(tokenizer, "model_input_names", ["input_ids", "attention_mask"])
+        if name in encoded
+    ]
+    sources = [InMemorySource(name, np.ascontiguousarray(encoded[name]).astype(np.int64)) for name in wanted]
+    return CalibrationData(path=str(Path(path)), sources=sources).configure()

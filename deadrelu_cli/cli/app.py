@@ -10,8 +10,8 @@ import traceback
 import typer
 
 from deadrelu_cli.cli.console import make_console
+from deadrelu_cli.display import terminal_text
 from deadrelu_cli.errors import EXIT_INTERNAL, DeadreluError, one_line
-from deadrelu_cli.text import terminal_text
 from deadrelu_cli.version import __version__
 
 app = typer.Typer(

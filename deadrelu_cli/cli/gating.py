@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 
 from deadrelu_cli.config import FileConfig, load_config
+from deadrelu_cli.display import terminal_text
 from deadrelu_cli.errors import GateFailed
-from deadrelu_cli.text import terminal_text
 
 
 def merge_settings(
@@ -62,8 +62,8 @@ def show_config(params: dict[str, Any], sources: dict[str, str], console: Consol
 
 def _annotate_github(result, report, err: Console) -> None:
     """GitHub workflow commands (read from the job log) for each failure; names are percent-encoded
-    (text.github_*) so that a layer name cannot end the command and forge another line."""
-    from deadrelu_cli.text import github_message, github_property
+    (display.github_*) so that a layer name cannot end the command and forge another line."""
+    from deadrelu_cli.display import github_message, github_property
 
     title = github_property(f"deadrelu {report.model.path}")
     for message in result.failures:

@@ -23,10 +23,10 @@ def inspect(
     input_shape: InputShape = None,
 ) -> None:
     """List the activation call sites of MODEL (name, op, module type) without running data."""
+    from deadrelu_cli.display import rich_text, terminal_text
     from deadrelu_cli.probe.ops import parse_ops
     from deadrelu_cli.report.table import plain_table
     from deadrelu_cli.sites import list_sites
-    from deadrelu_cli.text import rich_text, terminal_text
 
     sites, note = list_sites(model, loading.arch, loading.trust_pickle, parse_ops(ops), input_shape)
     console = make_console()

@@ -52,10 +52,10 @@ def merge(
     json_out: opt.JsonOut = "-",
 ) -> None:
     """Merge partial reports (same model, disjoint data) into exactly the report of the union."""
+    from deadrelu_cli.display import terminal_text
     from deadrelu_cli.files import guard_outputs, write_text_atomic
     from deadrelu_cli.report.model import load_report, merge_reports, refuse_repeated_reports, report_to_json
     from deadrelu_cli.report.table import summary_line
-    from deadrelu_cli.text import terminal_text
 
     guard_outputs([("--json", json_out)], [("REPORT", path) for path in reports])
     refuse_repeated_reports(reports)

@@ -13,6 +13,7 @@ from deadrelu_cli.files import check_regular_file
 
 TORCH_ZIP = "torch_zip"  # torch.save archive: a state_dict, a checkpoint dict, or a pickled module
 TORCH_LEGACY = "torch_legacy"  # pre-1.6 torch.save (a raw pickle stream)
+HF_FOLDER = "hf_folder"  # a Hugging Face model folder (config.json + weights)
 
 
 def check_readable_file(path: str | Path, what: str = "model") -> Path:
@@ -97,7 +98,14 @@ def _check_crcs(path: Path, chunk: int = 1 << 20) -> None:
 
 
 def detect_format(path: str | Path) -> str:
-    """One of: torch_zip, torch_legacy, torchscript, exported_program, safetensors, onnx."""
+    """One of: hf_folder, torch_zip, torch_legacy, torchscript, exported_program, safetensors, onnx."""
+    if Path(path).is_dir():
+        if (Path(path) / "config.json").is_file():
+            return HF_FOLDER
+        raise UserError(
+            f"{path}: is a directory without config.json; give a model file, or a Hugging Face model folder "
+            "(config.json + model.safetensors, as save_pretrained writes it)"
+        )
     p = check_readable_file(path)
     size = p.stat().st_size
     with open(p, "rb") as handle:

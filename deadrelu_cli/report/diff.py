@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 from rich.console import Console
 
+from deadrelu_cli.display import rich_text, terminal_text
 from deadrelu_cli.report.model import Report
 from deadrelu_cli.report.table import plain_table
 from deadrelu_cli.stats import LayerStats
-from deadrelu_cli.text import rich_text, terminal_text
 
 # what quantizers append to a weight's name (onnxruntime: c1.weight -> c1.weight_quantized, and a
 # dynamically quantized Gemm's fc.weight -> fc.weight_Transposed_quantized)

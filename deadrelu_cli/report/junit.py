@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+from deadrelu_cli.display import xml_text
 from deadrelu_cli.gate import GateResult
 from deadrelu_cli.report.model import Report
-from deadrelu_cli.text import xml_text
 
 
 def render_junit(report: Report, result: GateResult) -> str:

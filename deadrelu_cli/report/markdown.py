@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from deadrelu_cli.display import markdown_code, markdown_text
 from deadrelu_cli.gate import GateResult
 from deadrelu_cli.report.model import Report
-from deadrelu_cli.text import markdown_code, markdown_text
 
 
 def render_markdown(report: Report, result: GateResult) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from deadrelu_cli.display import rich_text, terminal_text
 from deadrelu_cli.report.table import SPARK, plain_table
-from deadrelu_cli.text import rich_text, terminal_text
 
 MAX_COLUMNS = 8
 

@@ -67,7 +67,29 @@ def write_artifact(
     module: torch.nn.Module, example: tuple, path: Path, suffix: str, dynamic_shapes: tuple | None = None
 ) -> None:
     """A self-contained model file (.pt2 ExportedProgram, .onnx, TorchScript .ts/.jit) with a dynamic batch
-    (a .pt2: `dynamic_shapes` when given, e.g. the original program's own)."""
+    (a .pt2: `dynamic_shapes` when given, e.g. the original program's own).
+
+    A model that cannot be exported (data-dependent control flow, cache objects in its outputs) is a
+    one-line error naming the format, never an internal error."""
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False  # Hugging Face models: no DynamicCache in the traced outputs
+    try:
+        _export(module, example, path, suffix, dynamic_shapes)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - exporters raise anything; the user gets one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"--output {suffix}: the patched model could not be exported ({type(exc).__name__}: {first[:200]}); "
+            "try another format (.pt2, .onnx, .ts), or reinit/bias-shift/kick, which keep the architecture "
+            "and write weights"
+        ) from exc
+
+
+def _export(
+    module: torch.nn.Module, example: tuple, path: Path, suffix: str, dynamic_shapes: tuple | None
+) -> None:
     try:
         module = module.eval()
     except NotImplementedError:  # an ExportedProgram's module: already in inference form
@@ -98,13 +120,23 @@ def write_artifact(
     write_bytes(path, data)
 
 
-def _write_state(model: torch.nn.Module, path: Path, suffix: str, whole_module: bool) -> None:
+def source_layout_state(model: torch.nn.Module, extra: dict) -> dict[str, torch.Tensor]:
+    """The model's weights under the source checkpoint's own key names: the wrapper prefix the loader
+    stripped (`model.`, `module.`) put back, the tensors --arch had no place for kept as they were."""
+    prefix = extra.get("key_prefix", "")
+    state = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
+    state.update(extra.get("left_out", {}))
+    return state
+
+
+def _write_state(model: torch.nn.Module, path: Path, suffix: str, whole_module: bool, extra: dict) -> None:
     if suffix == ".safetensors":
         from safetensors.torch import save
 
-        data = save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
+        data = save({k: v.detach().contiguous().cpu() for k, v in source_layout_state(model, extra).items()})
     else:
-        data = _serialized(lambda buffer: torch.save(model if whole_module else model.state_dict(), buffer))
+        state = model if whole_module else source_layout_state(model, extra)
+        data = _serialized(lambda buffer: torch.save(state, buffer))
     write_bytes(path, data)
 
 
@@ -128,7 +160,16 @@ def apply_torch(
             "fix the state_dict with --arch, or the ONNX export, instead"
         )
     suffix = Path(options.output).suffix.lower()
-    if suffix not in ARTIFACT_SUFFIXES and suffix not in STATE_SUFFIXES:
+    folder_out = loaded.format == "hf_folder"
+    if folder_out and options.strategy in ARCHITECTURE_CHANGING:
+        raise UserError(
+            f"--strategy {options.strategy} changes the {'layer widths' if options.strategy == 'prune' else 'activation'}, "
+            "which a model folder's config.json cannot express (from_pretrained would rebuild the old model); "
+            "on a model folder use reinit, bias-shift or kick"
+        )
+    if folder_out:
+        pass
+    elif suffix not in ARTIFACT_SUFFIXES and suffix not in STATE_SUFFIXES:
         raise UserError(
             f"--output {options.output}: unknown extension; use .pt/.pth/.safetensors (weights), .pt2, .onnx or .ts"
         )
@@ -174,10 +215,14 @@ def apply_torch(
             outcomes.append(LayerOutcome(plan.name, plan.units, action, applied, len(plan.units)))
         model = eager.install_substitutes(model, substitutes)
     if any(o.applied for o in outcomes):
-        if suffix in ARTIFACT_SUFFIXES:
+        if folder_out:
+            from deadrelu_cli.backends.torch.folder import write_model_folder
+
+            result.notes.extend(write_model_folder(model, loaded.path, temp))
+        elif suffix in ARTIFACT_SUFFIXES:
             write_artifact(model, example, temp, suffix)
         else:
-            _write_state(model, temp, suffix, whole_module=loaded.format == "module")
+            _write_state(model, temp, suffix, loaded.format == "module", loaded.extra)
     result.params_after = eager.count_params(model)
     result.flops_after = eager.linear_conv_flops(model, example)
 
@@ -185,7 +230,16 @@ def apply_torch(
         from deadrelu_cli.backends.runners import runner_for
 
         return runner_for(
-            load_model(LoadOptions(str(temp), scan_options.arch, scan_options.trust_pickle, device)),
+            load_model(
+                LoadOptions(
+                    str(temp),
+                    scan_options.arch,
+                    scan_options.trust_pickle,
+                    device,
+                    scan_options.dtype,
+                    scan_options.device_map,
+                )
+            ),
             scanned.data,
             device,
         )
