@@ -272,10 +272,10 @@ def test_sigterm_removes_the_temp_file_as_sigint_does(cli, work, monkeypatch):
     seen = {}
     original = fix_run._outputs_of
 
-    def terminate_during_verification(runner, data, options):
+    def terminate_during_verification(*args, **kwargs):
         seen["temps"] = [p.name for p in work.iterdir() if ".tmp." in p.name]
         os.kill(os.getpid(), signal.SIGTERM)  # a real signal, delivered to this process
-        return original(runner, data, options)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(fix_run, "_outputs_of", terminate_during_verification)
     previous = signal.getsignal(signal.SIGTERM)
