@@ -141,6 +141,18 @@ def _disk_error(path: str | Path, exc: OSError) -> UserError:
     return UserError(f"{shown}: write failed ({exc.strerror or exc}); nothing was written")
 
 
+def temp_folder_for(target: str | Path) -> Path:
+    """A new empty folder beside TARGET with the permissions a plain mkdir() would give (not mkdtemp's 0700)."""
+    target = Path(target)
+    directory = target.parent if str(target.parent) else Path(".")
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=directory))
+    except OSError as exc:
+        raise UserError(f"--output {target}: cannot write there ({exc.strerror})") from None
+    folder.chmod(0o777 & ~_umask())
+    return folder
+
+
 def temp_path_for(target: str | Path, label: str = "") -> Path:
     """An empty temp file beside TARGET with the permissions a plain open() would give (not mkstemp's 0600)."""
     target = Path(target)

@@ -8,7 +8,6 @@ Nothing reaches OUT unless that passes (or --force).
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from deadrelu_cli.backends import backend_of
 from deadrelu_cli.calibration import CalibrationData, open_calibration
 from deadrelu_cli.engine import run_scan_detailed
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.files import commit_temp, guard_outputs, temp_path_for
+from deadrelu_cli.files import commit_temp, guard_outputs, temp_folder_for, temp_path_for
 from deadrelu_cli.fixes.plan import EXACT_STRATEGIES, STRATEGIES, FixOptions, FixResult, plan_layers
 from deadrelu_cli.options import ScanOptions
 
@@ -30,10 +29,7 @@ def _temp_folder(output: Path) -> Path:
         raise UserError(f"--output {output}: already exists; a model folder is written to a new folder name")
     if not directory.is_dir():
         raise UserError(f"--output {output}: directory {directory} does not exist")
-    try:
-        return Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=directory))
-    except OSError as exc:
-        raise UserError(f"--output {output}: cannot write there ({exc.strerror})") from None
+    return temp_folder_for(output)
 
 
 def _outputs_of(runner, data, scan_options: ScanOptions, mask=None) -> list[list[np.ndarray]]:
