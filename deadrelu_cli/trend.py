@@ -1,5 +1,9 @@
 """`deadrelu trend`: dead units across training checkpoints — when each unit died, which revived.
 
+The inputs may also be JSON reports (those `deadrelu_cli.watch` and its training callbacks write per
+window, or `scan --json` of each checkpoint): then nothing is scanned and no --data is needed; they are
+ordered by the step in their `training` section, else by the number in the file name.
+
 The data is opened once and, for weight-only checkpoints (state_dict / safetensors with --arch), the
 model is built once: only the weights change between checkpoints. Other formats (.pt2, TorchScript,
 ONNX) are scanned file by file with the same data.
@@ -80,9 +84,12 @@ def expand_paths(items: list[str]) -> list[Path]:
                 for f in p.iterdir()
                 if f.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors", ".pt2", ".onnx", ".ckpt")
             )
+            if not found:  # a folder of reports (watch(out_dir=…), the training callbacks)
+                found = sorted(f for f in p.iterdir() if f.suffix.lower() == ".json")
             if not found:
                 raise UserError(
-                    f"{item}: no checkpoint files (.pt, .pth, .bin, .ckpt, .safetensors, .pt2, .onnx) in this folder"
+                    f"{item}: no checkpoint files (.pt, .pth, .bin, .ckpt, .safetensors, .pt2, .onnx) "
+                    "or JSON reports in this folder"
                 )
             paths.extend(found)
         elif any(ch in item for ch in "*?[") and not p.exists():
@@ -118,9 +125,25 @@ def _step_from_checkpoint(path: Path) -> int | None:
     return None
 
 
+def is_report(path: Path) -> bool:
+    return path.suffix.lower() == ".json"
+
+
+def _step_from_report(path: Path) -> int | None:
+    import json
+
+    try:
+        training = json.loads(path.read_text(encoding="utf-8")).get("training")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None  # load_report says what is wrong with it
+    step = training.get("step") if isinstance(training, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def order_checkpoints(paths: list[Path]) -> list[Checkpoint]:
-    """By the checkpoint's own step/epoch when every file has one, else by a number in the file name, else as given."""
-    steps = [_step_from_checkpoint(p) for p in paths]
+    """By the checkpoint's own step/epoch (a report's training step) when every file has one, else by a
+    number in the file name, else as given."""
+    steps = [_step_from_report(p) if is_report(p) else _step_from_checkpoint(p) for p in paths]
     if all(s is not None for s in steps):
         return sorted(
             (Checkpoint(p, s, "checkpoint") for p, s in zip(paths, steps, strict=True)), key=lambda c: c.step
@@ -170,9 +193,24 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
     return results, samples
 
 
+def _read_reports(checkpoints: list[Checkpoint]) -> tuple[list[list[LayerStats]], int]:
+    from deadrelu_cli.report.model import load_report
+
+    reports = [load_report(c.path) for c in checkpoints]
+    return [r.layers for r in reports], max(r.data.samples for r in reports)
+
+
 def run_trend(items: list[str], options) -> TrendResult:
     checkpoints = order_checkpoints(expand_paths(items))
-    scans, samples = _scan_all(checkpoints, options)
+    kinds = {is_report(c.path) for c in checkpoints}
+    if kinds == {True, False}:
+        raise UserError("trend takes checkpoints or JSON reports, not both in one run")
+    if kinds == {True}:
+        scans, samples = _read_reports(checkpoints)
+    elif options.data is None:
+        raise UserError("missing --data: the calibration data to scan each checkpoint with")
+    else:
+        scans, samples = _scan_all(checkpoints, options)
     names: list[str] = []
     for layers in scans:
         for layer in layers:

@@ -15,7 +15,8 @@ from deadrelu_cli.cli import options as opt
 Checkpoints = opt.Annotated[
     list[str],
     typer.Argument(
-        help="Checkpoint files, a glob or a folder (ordered by their step/epoch, else by the number in the name).",
+        help="Checkpoint files, a glob or a folder (ordered by their step/epoch, else by the number in the name); "
+        "or JSON reports (watch(), training callbacks, scan --json): no --data needed.",
         show_default=False,
     ),
 ]
@@ -24,7 +25,12 @@ MAX_COLUMNS = 8
 
 def trend(
     checkpoints: Checkpoints,
-    data: opt.Data,
+    data: opt.Annotated[
+        str | None,
+        typer.Option(
+            "--data", "-d", help="Calibration data (not needed for JSON reports).", show_default=False
+        ),
+    ] = None,
     arch: opt.Arch = None,
     trust_pickle: opt.TrustPickle = False,
     batch_size: opt.BatchSize = "64",
@@ -89,8 +95,9 @@ def trend(
         first = sorted(layer.died_at.values())
         died = f"{len(layer.died_at)}" + (f" ({label} {steps[first[0]]})" if first else "")
         table.add_row(layer.name, *cells, spark, died, str(len(layer.revived)))
+    what = f"{data} · {result.samples} samples" if data else "from reports"
     console.print(
-        f"{len(steps)} checkpoints, ordered by {result.checkpoints[0].source} · {data} · {result.samples} samples",
+        f"{len(steps)} checkpoints, ordered by {result.checkpoints[0].source} · {what}",
         markup=False,
     )
     console.print(table)

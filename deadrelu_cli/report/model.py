@@ -63,6 +63,24 @@ class Summary:
 
 
 @dataclass
+class TrainingInfo:
+    """Where a report made during training (`deadrelu_cli.watch`) sits in the run, and what changed
+    since the previous window: per layer, the units newly dead and revived, and the ReDo persistence
+    (the share of the previous window's dead units still dead; None when none were dead)."""
+
+    step: int  # the last sampled step of the window (what `deadrelu trend` orders by)
+    first_step: int
+    sampled_steps: int
+    every: int
+    window: int  # index of the window, from 0
+    epoch: int | None = None
+    newly_dead: dict[str, list[int]] = field(default_factory=dict)
+    revived: dict[str, list[int]] = field(default_factory=dict)
+    persistence: dict[str, float | None] = field(default_factory=dict)
+    persistence_overall: float | None = None
+
+
+@dataclass
 class Report:
     model: ModelInfo
     data: DataInfo
@@ -70,6 +88,7 @@ class Report:
     layers: list[LayerStats]
     tool: dict[str, str] = field(default_factory=lambda: {"name": "deadrelu", "version": __version__})
     notes: list[str] = field(default_factory=list)
+    training: TrainingInfo | None = None  # reports made while training (watch); None for scans
 
     def layer(self, name: str) -> LayerStats:
         for layer in self.layers:
@@ -160,6 +179,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "summary": vars(report.summary()).copy(),
         "notes": list(report.notes),
         "layers": [layer_to_dict(layer, s) for layer in report.layers],
+        **({"training": vars(report.training).copy()} if report.training is not None else {}),
     }
 
 
@@ -216,6 +236,7 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
             layers=[layer_from_dict(layer) for layer in d["layers"]],
             tool=d.get("tool", {}),
             notes=list(d.get("notes", [])),
+            training=None if d.get("training") is None else TrainingInfo(**d["training"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(
