@@ -171,9 +171,14 @@ class Watch:
         return step % self.every == 0
 
     def step(self, step: int | None = None) -> bool:
-        """A training step begins (before its forward). Returns whether it is sampled."""
-        self.end_step()
+        """A training step begins (before its forward). Returns whether it is sampled. Called again
+        with the same `step` (a trainer's gradient-accumulation micro-batches), it continues that step."""
         current = self._next_step if step is None else int(step)
+        if step is not None and current == self._current:
+            if self.is_sampled(current):
+                self._attach()
+            return self.is_sampled(current)
+        self.end_step()
         self._current = current
         self._next_step = current + 1
         if not self.is_sampled(current):
@@ -181,6 +186,10 @@ class Watch:
         self._attach()
         self._sampled.append(current)
         return True
+
+    def pause(self) -> None:
+        """Take the probe off until the next `step()` (forwards in between, e.g. validation, are not counted)."""
+        self._detach()
 
     def end_step(self) -> Report | None:
         """The step's forwards are done: take the probe off; the window's Report when it is complete."""
@@ -208,6 +217,8 @@ class Watch:
 
     # -- attaching ----------------------------------------------------------------------------------
     def _attach(self) -> None:
+        if self._handles:
+            return
         if self._probe is None:
             self._probe = EagerProbe(
                 self.model,
