@@ -74,6 +74,13 @@ def fix(
         help="Act only on units proven dead over --input-range (prune is then exact on every input in the box).",
     ),
     input_range: opt.InputRange = None,
+    resume_steps: int = typer.Option(
+        10,
+        "--resume-steps",
+        min=0,
+        help="Training checkpoints with optimizer state: optimizer steps taken from the written state "
+        "before counting the fixed units that still fire (0: skip).",
+    ),
     json_out: opt.JsonOut = None,
 ) -> None:
     """Patch the dead units of MODEL and write OUT; exit 0 written and verified, 1 verification failed (nothing written)."""
@@ -109,14 +116,20 @@ def fix(
         force=force,
         certified_only=certified_only,
         kick_scale=kick_scale,
+        resume_steps=resume_steps,
     )
     result = run_fix(scan_options, fix_options)
     console = Console(stderr=json_out == "-", highlight=False)
     table = Table(
         header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
     )
-    for column in ("Layer", "Dead before", "Dead after", "Fixed units fire", "Action"):
-        table.add_column(column, justify="right" if column.startswith("Dead") else "left", overflow="fold")
+    resumed = any(layer.alive_after_resume is not None for layer in result.layers)
+    columns = ("Layer", "Dead before", "Dead after", "Fixed units fire")
+    columns += ("Alive after resume",) if resumed else ()
+    for column in columns + ("Action",):
+        table.add_column(
+            column, justify="right" if column.startswith(("Dead", "Alive")) else "left", overflow="fold"
+        )
     for layer in result.layers:
         after = (
             "–"
@@ -125,11 +138,19 @@ def fix(
         )
         rates = layer.rates_after if layer.applied and layer.rates_after else None
         fire = "–" if not rates else f"{100 * min(rates):.1f}–{100 * max(rates):.1f}%"
+        alive = (
+            ()
+            if not resumed
+            else (
+                "–" if layer.alive_after_resume is None else f"{layer.alive_after_resume}/{len(layer.units)}",
+            )
+        )
         table.add_row(
             layer.name,
             str(layer.dead_before),
             after,
             fire,
+            *alive,
             layer.action,
             style="" if layer.applied else "dim",
         )

@@ -58,6 +58,16 @@ def compare(before: list[list[np.ndarray]], after: list[list[np.ndarray]]) -> tu
     return max_abs, (max_abs / scale if scale > 0 else max_abs)
 
 
+def _move_into_place(companions: list[tuple], copies: list[tuple]) -> None:
+    """Files that go with OUT (a training checkpoint's optimizer.pt, the rest of its folder)."""
+    import shutil
+
+    for temp, final in companions:
+        os.replace(temp, final)
+    for source, destination in copies:
+        shutil.copy2(source, destination)
+
+
 def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
     if options.strategy not in STRATEGIES:
         raise UserError(f"--strategy {options.strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -120,8 +130,10 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
             )
         if result.verified or options.force:
             os.replace(temp, output)
+            _move_into_place(result.companions, result.copies)
             result.written = True
         return result
     finally:
-        if temp.exists():
-            temp.unlink()
+        for path in [temp] + [companion for companion, _ in result.companions]:
+            if path.exists():
+                path.unlink()

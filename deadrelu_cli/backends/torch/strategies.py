@@ -168,20 +168,40 @@ def _fresh_rows(weight: torch.Tensor, seed: int) -> torch.Tensor:
     return fresh.to(device=weight.device, dtype=weight.dtype)
 
 
+Touched = dict[str, list[tuple[int, list[int]]]]  # parameter name -> (axis, indices) that a fix rewrote
+
+
+def _touch(touched: Touched | None, name: str, axis: int, indices: list[int]) -> None:
+    if touched is not None and name:
+        touched.setdefault(name, []).append((axis, list(indices)))
+
+
 def reinit(
-    model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan], options: FixOptions
+    model: nn.Module,
+    probe: EagerProbe,
+    report,
+    plans: list[LayerPlan],
+    options: FixOptions,
+    touched: Touched | None = None,
 ) -> list[LayerOutcome]:
     """ReDo on an nn.Module (see reinit_units)."""
     return reinit_units(
-        {plan.name: _unit_wiring(model, probe, report.layer(plan.name)) for plan in plans}, plans, options
+        {plan.name: _unit_wiring(model, probe, report.layer(plan.name)) for plan in plans},
+        plans,
+        options,
+        touched,
     )
 
 
 def reinit_units(
-    wirings: dict[str, UnitWiring | str], plans: list[LayerPlan], options: FixOptions
+    wirings: dict[str, UnitWiring | str],
+    plans: list[LayerPlan],
+    options: FixOptions,
+    touched: Touched | None = None,
 ) -> list[LayerOutcome]:
     """ReDo: re-initialise dead units' incoming weights, zero their bias and their outgoing weights
-    (BatchNorm after them reset to identity), so the model's outputs do not change."""
+    (BatchNorm after them reset to identity), so the model's outputs do not change. `touched` (when
+    given) receives the parameter entries rewritten, by parameter name (for resetting their moments)."""
     outcomes = []
     with torch.no_grad():
         for index, plan in enumerate(plans):
@@ -210,6 +230,13 @@ def reinit_units(
                 _input_columns(plan.units, per_unit), dtype=torch.long, device=wire.consumer_weight.device
             )
             wire.consumer_weight[:, columns] = 0.0
+            _touch(touched, f"{wire.weight_name}.weight", 0, plan.units)
+            if wire.bias is not None:
+                _touch(touched, f"{wire.weight_name}.bias", 0, plan.units)
+            if wire.bn is not None:
+                _touch(touched, f"{wire.bn_name}.weight", 0, plan.units)
+                _touch(touched, f"{wire.bn_name}.bias", 0, plan.units)
+            _touch(touched, f"{wire.consumer_name}.weight", 1, columns.tolist())
             outcome.applied = True
             what = f"{wire.weight_name} rows re-initialised" + (
                 f", {wire.bn_name} reset" if wire.bn is not None else ""
@@ -432,17 +459,25 @@ def clone(model: nn.Module) -> nn.Module:
 
 
 def kick(
-    model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan], options: FixOptions
+    model: nn.Module,
+    probe: EagerProbe,
+    report,
+    plans: list[LayerPlan],
+    options: FixOptions,
+    touched: Touched | None = None,
 ) -> list[LayerOutcome]:
     """kick on an nn.Module (see kick_units)."""
     wirings = {
         plan.name: _unit_wiring(model, probe, report.layer(plan.name), need_consumer=False) for plan in plans
     }
-    return kick_units(wirings, plans, options)
+    return kick_units(wirings, plans, options, touched)
 
 
 def kick_units(
-    wirings: dict[str, UnitWiring | str], plans: list[LayerPlan], options: FixOptions
+    wirings: dict[str, UnitWiring | str],
+    plans: list[LayerPlan],
+    options: FixOptions,
+    touched: Touched | None = None,
 ) -> list[LayerOutcome]:
     """A seeded random push of each dead unit's incoming weights and bias (bias upwards), scaled by
     `kick_scale` times the layer's weight standard deviation."""
@@ -463,6 +498,14 @@ def kick_units(
             target = wire.bn["bias"] if wire.bn is not None else wire.bias
             if target is not None:
                 target[units] += (torch.randn(len(plan.units), generator=generator).abs() * sigma).to(target)
+            _touch(touched, f"{wire.weight_name}.weight", 0, plan.units)
+            if target is not None:
+                _touch(
+                    touched,
+                    f"{wire.bn_name if wire.bn is not None else wire.weight_name}.bias",
+                    0,
+                    plan.units,
+                )
             outcome.applied = True
             outcome.action = f"{wire.weight_name} rows{' and ' + wire.bn_name + ' beta' if wire.bn is not None else ''} kicked (σ = {sigma:.3g})"
     return outcomes
