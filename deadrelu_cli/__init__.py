@@ -18,7 +18,7 @@ from deadrelu_cli.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from deadrelu_cli.report.model import Report
-    from deadrelu_cli.watch import Watch
+    from deadrelu_cli.watcher import Watch
 
 
 def scan(model: str, data: str, **options: Any) -> Report:
@@ -26,13 +26,14 @@ def scan(model: str, data: str, **options: Any) -> Report:
     from deadrelu_cli.engine import run_scan
     from deadrelu_cli.options import ScanOptions
 
+    options.setdefault("batch_size_explicit", "batch_size" in options)
     return run_scan(ScanOptions(model=model, data=data, **options))
 
 
 def watch(model: Any, every: int = 100, window: int = 1, **options: Any) -> Watch:
     """Watch MODEL while it trains: the probe on every EVERY-th step, one Report per WINDOW sampled steps
-    (see deadrelu_cli.watch.Watch and docs/training.md)."""
-    from deadrelu_cli.watch import Watch
+    (see deadrelu_cli.watcher.Watch and docs/training.md)."""
+    from deadrelu_cli.watcher import Watch
 
     return Watch(model, every, window, **options)
 

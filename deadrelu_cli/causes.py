@@ -1,4 +1,5 @@
-"""Why a unit is dead (`scan --explain`), structural checks that need no data, and what to do about both.
+"""Why a unit is dead (`scan --explain`) and structural checks that need no data (the causes' names and
+what to do about each: report/advice.py).
 
 Each rule and its formula is documented in docs/causes.md. The rules read the saved weights and the
 scan's own statistics (max pre-activation), so they cost no extra pass over the data.
@@ -11,38 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from deadrelu_cli.wiring.model import ProducerTensors, producer_tensors, upstream_sites
-
-CAUSES = ("starved", "collapsed weights", "batchnorm shift", "negative bias", "direction", "unknown")
-
-ADVICE = {
-    "negative bias": [
-        "a lower learning rate or a warm-up",
-        "a small positive bias initialisation (e.g. 0.1)",
-        "gradient clipping",
-        "fix: `deadrelu fix … --strategy bias-shift` or `--strategy reinit`",
-    ],
-    "collapsed weights": [
-        "exclude biases (and norms) from weight decay",
-        "a smaller weight decay",
-        "fix: `deadrelu fix … --strategy reinit` (ReDo) or `--strategy kick`",
-    ],
-    "batchnorm shift": [
-        "check BatchNorm's beta/gamma under weight decay",
-        "a lower learning rate",
-        "fix: `deadrelu fix … --strategy bias-shift` (raises beta) or `--strategy reinit`",
-    ],
-    "starved": [
-        "fix the layer feeding it first (its inputs are dead)",
-        "fix: run `deadrelu fix` on the upstream layer",
-    ],
-    "direction": [
-        "He (Kaiming) initialisation",
-        "Leaky ReLU or ELU",
-        "Adam instead of plain SGD",
-        "fix: `deadrelu fix … --strategy leaky` or `--strategy reinit`",
-    ],
-    "unknown": ["Leaky ReLU or ELU", "fix: `deadrelu fix … --strategy leaky`"],
-}
 
 
 @dataclass
@@ -171,7 +140,9 @@ def _onnx_view(model_loaded, report, ops: tuple[str, ...]):
 
 
 def explain(report, model_loaded, probe, ops: tuple[str, ...] = ("relu", "relu6")) -> None:
-    """Store each dead unit's cause in layer.extra['causes'] (unit -> cause) and the counts per cause."""
+    """Store each dead unit's cause in layer.extra['causes'] (unit -> cause) and the counts per cause;
+    and the channels constant over the data in layer.extra['constant_channels'], with a note."""
+    constant_channels(report)
     if model_loaded is not None and model_loaded.kind in ("eager", "exported"):
         producers, upstream = _torch_view(model_loaded, probe, report)
     elif model_loaded is not None and model_loaded.backend == "onnx":
@@ -195,6 +166,35 @@ def explain(report, model_loaded, probe, ops: tuple[str, ...] = ("relu", "relu6"
             for cause in causes.values():
                 counts[cause] = counts.get(cause, 0) + 1
             layer.extra["cause_counts"] = counts
+
+
+def constant_channels(report) -> None:
+    """Channels whose activation is one value over all the data (all zero, or a single value): an INT8
+    calibrator cannot give them a range ("tensor is uniformly zero") or wastes one on them."""
+    missing_min = False
+    for layer in report.layers:
+        zero, single = layer.constant_masks()
+        missing_min |= single is None and layer.ran
+        found = {"all_zero": np.flatnonzero(zero).astype(int).tolist()}
+        if single is not None:
+            found["single_value"] = np.flatnonzero(single).astype(int).tolist()
+        if not any(found.values()):
+            continue
+        layer.extra["constant_channels"] = found
+        parts = [f"{kind.replace('_', ' ')}: {_few(units)}" for kind, units in found.items() if units]
+        report.notes.append(
+            f"--explain: layer {layer.name}: {sum(map(len, found.values()))} channel(s) constant over the data "
+            f"({'; '.join(parts)}); INT8 calibration cannot give them a range"
+        )
+    if missing_min:
+        report.notes.append(
+            "--explain: single-value channels need the per-unit minimum, which this run did not record "
+            "(compiled or distributed scans); all-zero channels are listed"
+        )
+
+
+def _few(units: list[int], shown: int = 8) -> str:
+    return ", ".join(map(str, units[:shown])) + (f", … ({len(units)} in all)" if len(units) > shown else "")
 
 
 def structural_checks(model_loaded, probe) -> list[Finding]:

@@ -18,6 +18,7 @@ KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "max-dead-units": ("max_dead_units", int),
     "baseline": ("baseline", str),
     "max-increase": ("max_increase", (int, float)),
+    "allow-no-sites": ("allow_no_sites", bool),
     "batch-size": ("batch_size", (int, str)),
     "limit": ("limit", int),
     "device": ("device", str),

@@ -6,6 +6,7 @@ import fnmatch
 from dataclasses import dataclass, field
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.report.diff import match_layers
 from deadrelu_cli.report.model import Report
 
 
@@ -17,6 +18,7 @@ class GateConfig:
     max_dead_units: int | None = None
     baseline: Report | None = None
     max_increase: float | None = None  # with a baseline; None means 0
+    allow_no_sites: bool = False  # else a report in which no activation site was scanned fails
 
     @property
     def active(self) -> bool:
@@ -87,6 +89,11 @@ def _pct(fraction: float) -> str:
     return f"{100 * fraction:.1f}%"
 
 
+def scanned_any(report: Report) -> bool:
+    """Whether any activation site with units was measured (by data, or bounded by --certify)."""
+    return any(layer.units and (layer.ran or layer.upper_bound is not None) for layer in report.layers)
+
+
 def evaluate(report: Report, config: GateConfig) -> GateResult:
     summary = report.summary()
     model_failures: list[str] = []
@@ -97,7 +104,13 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
     if config.max_dead_units is not None and summary.dead > config.max_dead_units:
         model_failures.append(f"model: {summary.dead} dead units, above the limit {config.max_dead_units}")
 
-    old_layers = {layer.name: layer for layer in config.baseline.layers} if config.baseline else {}
+    if config.active and not config.allow_no_sites and not scanned_any(report):
+        model_failures.append(
+            "model: no activation site was scanned, so nothing was checked (see the notes); "
+            "pass --allow-no-sites if the model truly has no ReLUs"
+        )
+    # a quantized/optimized graph's layers meet the float baseline's by their producer's weight
+    old_layers = match_layers(config.baseline, report) if config.baseline else {}
     increase = config.max_increase if config.max_increase is not None else 0.0
     verdicts = []
     for layer in report.layers:
@@ -127,9 +140,9 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
         checked=config.active,
     )
     if config.baseline is not None:
-        names = {layer.name for layer in report.layers}
+        matched_old = {layer.name for layer in old_layers.values()}
         result.added = [layer.name for layer in report.layers if layer.name not in old_layers]
-        result.removed = [name for name in old_layers if name not in names]
+        result.removed = [layer.name for layer in config.baseline.layers if layer.name not in matched_old]
         old_summary = config.baseline.summary()
         result.baseline_dead_fraction = old_summary.dead_fraction
         if summary.dead_fraction - old_summary.dead_fraction > increase + 1e-12:

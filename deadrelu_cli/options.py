@@ -17,6 +17,7 @@ class ScanOptions:
     arch: str | None = None
     trust_pickle: bool = False
     batch_size: int | str = 64  # or "auto"
+    batch_size_explicit: bool = False  # given by the user: a graph's fixed batch does not replace it
     limit: int | None = None
     device: str = "auto"
     threshold: float = 0.0

@@ -47,6 +47,13 @@ class LayerStats:
     upper_bound: np.ndarray | None = None
     certified_dead: list[int] | None = None
     certify_note: str | None = None
+    # deployed ONNX graphs: "quantize" (a QuantizeLinear clamping at its zero point) or "fused" (an
+    # activation inside a FusedConv/FusedGemm); the producer's stored weight name, to match layers
+    # of a quantized or optimized graph to the float graph's (report.diff)
+    implicit: str | None = None
+    weight: str | None = None
+    # per-unit minimum of the pre-activation (only with --explain: constant channels)
+    min_preactivation: np.ndarray | None = None
 
     @property
     def units(self) -> int:
@@ -89,6 +96,25 @@ class LayerStats:
             return np.zeros(self.units, dtype=bool)
         return self.saturated_counts == self.elements_per_unit
 
+    def constant_masks(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Units whose activation was one value over all the data: (all zero, one other value). The
+        second needs the minimum of the pre-activation (None when it was not recorded)."""
+        none = np.zeros(self.units, dtype=bool)
+        if not self.ran:
+            return none, (None if self.min_preactivation is None else none)
+        high, low = self.max_preactivation, self.min_preactivation
+        clamps_at_zero = self.op in ("relu", "relu6", "clip")
+        if clamps_at_zero:
+            zero = high <= 0.0  # relu(x) is 0 for every x <= 0
+        else:
+            zero = none if low is None else (low == 0.0) & (high == 0.0)
+        if low is None:
+            return zero, None
+        single = (low == high) & ~zero
+        if self.op == "relu6":
+            single |= low >= 6.0  # pinned at the cap
+        return zero, single
+
     def mean_abs(self) -> np.ndarray:
         if not self.ran:
             return np.zeros(self.units, dtype=np.float64)
@@ -121,4 +147,11 @@ def merge_layer(a: LayerStats, b: LayerStats) -> LayerStats:
         upper_bound=a.upper_bound if a.upper_bound is not None else b.upper_bound,
         certified_dead=a.certified_dead if a.certified_dead is not None else b.certified_dead,
         certify_note=a.certify_note or b.certify_note,
+        implicit=a.implicit or b.implicit,
+        weight=a.weight or b.weight,
+        min_preactivation=(
+            np.minimum(a.min_preactivation, b.min_preactivation)
+            if a.min_preactivation is not None and b.min_preactivation is not None
+            else None
+        ),
     )

@@ -15,7 +15,7 @@ from torch import nn
 from deadrelu_cli import watch
 from deadrelu_cli.gate import GateConfig, evaluate
 from deadrelu_cli.report.model import SCHEMA_PATH, load_report, report_to_dict
-from deadrelu_cli.watch import DeadLayerWarning
+from deadrelu_cli.watcher import DeadLayerWarning
 
 
 class Net(nn.Module):
@@ -197,3 +197,10 @@ def test_bad_arguments_are_clear():
         watch(nn.ReLU(), every=1, config=False, max_ded=0.1)
     with pytest.raises(UserError, match="nn.Module"):
         watch(lambda x: x, every=1, config=False)
+
+
+def test_the_function_stays_the_package_attribute():
+    import deadrelu_cli
+    import deadrelu_cli.watcher  # noqa: F401 - importing the module must not shadow the function
+
+    assert callable(deadrelu_cli.watch) and deadrelu_cli.watch.__module__ == "deadrelu_cli"

@@ -1,9 +1,10 @@
 """Backends side by side, one per framework (Polygraphy's `backend/<framework>/` layout).
 
 Each backend's `api` module answers the same questions for its models — which options apply, which
-device, load and replay the data, which data array feeds which input, certify, run the model for a
-before/after comparison, apply a fix — so the engine and `fix` orchestrate without knowing a
-framework. The ONNX backend never imports torch.
+device, load and replay the data, which data array feeds which input, certify, apply a fix — so the
+engine and `fix` orchestrate without knowing a framework. The ONNX backend never imports torch.
+`runners.runner_for` runs a model of either backend (a fix's before/after check); it sits below the
+backends' fix modules, which use it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,3 @@ def backend_for(fmt: str) -> ModuleType:
 def backend_of(loaded) -> ModuleType:
     """The api module of the backend a LoadedModel belongs to."""
     return backend_for("onnx" if loaded.backend == "onnx" else "torch")
-
-
-def runner_for(loaded, data, device: str):
-    """batch -> list of output arrays, for a model of any backend (a fix's before/after comparison)."""
-    return backend_of(loaded).runner(loaded, data, device)

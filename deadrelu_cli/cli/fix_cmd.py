@@ -6,9 +6,7 @@ import json
 import sys
 
 import typer
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
 from deadrelu_cli.cli import options as opt
 
@@ -35,13 +33,13 @@ Layers = opt.Annotated[
 ]
 
 
+@opt.command
 def fix(
     model: opt.Model,
     data: opt.Data,
     strategy: Strategy,
     output: Output,
-    arch: opt.Arch = None,
-    trust_pickle: opt.TrustPickle = False,
+    loading: opt.Loading = None,
     layers: Layers = None,
     slope: float = typer.Option(0.01, "--slope", help="Negative slope for --strategy leaky."),
     seed: int = typer.Option(
@@ -58,13 +56,8 @@ def fix(
         1e-5, "--tolerance", help="Allowed relative output change for reinit and prune."
     ),
     force: bool = typer.Option(False, "--force", help="Write even when verification fails."),
-    batch_size: opt.BatchSize = "64",
-    limit: opt.Limit = None,
-    device: opt.Device = "auto",
-    threshold: opt.Threshold = 0.0,
-    channel_dim: opt.ChannelDim = None,
-    const: opt.Const = None,
-    batch_axis: opt.BatchAxis = None,
+    running: opt.Running = None,
+    feeding: opt.Feeding = None,
     kick_scale: float = typer.Option(
         0.1, "--kick-scale", help="kick: noise std as a fraction of the layer's weight std."
     ),
@@ -88,20 +81,14 @@ def fix(
     from deadrelu_cli.files import write_text_atomic
     from deadrelu_cli.fixes.plan import FixOptions
     from deadrelu_cli.fixes.run import run_fix
-    from deadrelu_cli.options import ScanOptions
+    from deadrelu_cli.report.fix_table import print_fix
 
-    scan_options = ScanOptions(
-        model=model,
-        data=data,
-        arch=arch,
-        trust_pickle=trust_pickle,
-        batch_size=opt.parse_batch_size(batch_size),
-        limit=limit,
-        device=device,
-        threshold=threshold,
-        channel_dim=channel_dim,
-        consts=tuple(const or ()),
-        batch_axes=opt.parse_batch_axes(batch_axis),
+    scan_options = opt.scan_options(
+        model,
+        data,
+        loading,
+        running,
+        feeding,
         certify=input_range is not None,
         input_range=opt.parse_input_range(input_range),
     )
@@ -120,63 +107,7 @@ def fix(
     )
     result = run_fix(scan_options, fix_options)
     console = Console(stderr=json_out == "-", highlight=False)
-    table = Table(
-        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
-    )
-    resumed = any(layer.alive_after_resume is not None for layer in result.layers)
-    columns = ("Layer", "Dead before", "Dead after", "Fixed units fire")
-    columns += ("Alive after resume",) if resumed else ()
-    for column in columns + ("Action",):
-        table.add_column(
-            column, justify="right" if column.startswith(("Dead", "Alive")) else "left", overflow="fold"
-        )
-    for layer in result.layers:
-        after = (
-            "–"
-            if layer.dead_after is None
-            else f"{layer.dead_after}" + (f"/{layer.units_after}" if layer.units_after is not None else "")
-        )
-        rates = layer.rates_after if layer.applied and layer.rates_after else None
-        fire = "–" if not rates else f"{100 * min(rates):.1f}–{100 * max(rates):.1f}%"
-        alive = (
-            ()
-            if not resumed
-            else (
-                "–" if layer.alive_after_resume is None else f"{layer.alive_after_resume}/{len(layer.units)}",
-            )
-        )
-        table.add_row(
-            layer.name,
-            str(layer.dead_before),
-            after,
-            fire,
-            *alive,
-            layer.action,
-            style="" if layer.applied else "dim",
-        )
-    console.print(f"{model} → {output} ({strategy})", markup=False)
-    console.print(table)
-    console.print(
-        f"outputs on {data}: max |Δ| = {result.max_abs_diff:.3g}, relative {result.max_rel_diff:.3g}",
-        markup=False,
-    )
-    if (
-        result.params_before is not None
-        and result.params_after is not None
-        and result.params_before != result.params_after
-    ):
-        macs = (
-            f"; Linear/Conv MACs per sample {result.flops_before:,} → {result.flops_after:,}"
-            if result.flops_before is not None and result.flops_after is not None
-            else ""
-        )
-        console.print(f"parameters {result.params_before:,} → {result.params_after:,}{macs}", markup=False)
-    if result.new_widths:
-        console.print(
-            "new widths: " + ", ".join(f"{k}={v}" for k, v in result.new_widths.items()), markup=False
-        )
-    for note in result.notes:
-        console.print(f"note: {note}", markup=False, style="dim")
+    print_fix(result, console, model, output, data)
     if json_out:
         text = json.dumps(result.to_dict(), indent=2) + "\n"
         if json_out == "-":

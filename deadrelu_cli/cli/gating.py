@@ -6,23 +6,10 @@ import os
 from typing import Any
 
 import typer
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
 from deadrelu_cli.config import FileConfig, load_config
 from deadrelu_cli.errors import GateFailed
-
-GATE_PARAMS = (
-    "max_dead",
-    "max_dead_layer",
-    "layer_limit",
-    "max_dead_units",
-    "baseline",
-    "max_increase",
-    "junit",
-    "markdown",
-)
 
 
 def merge_settings(
@@ -50,9 +37,9 @@ def _relative(path) -> str:
 
 
 def show_config(params: dict[str, Any], sources: dict[str, str], console: Console) -> None:
-    table = Table(
-        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
-    )
+    from deadrelu_cli.report.table import plain_table
+
+    table = plain_table()
     for column in ("Setting", "Value", "From"):
         table.add_column(column, overflow="fold")
     for name, value in params.items():
@@ -62,20 +49,6 @@ def show_config(params: dict[str, Any], sources: dict[str, str], console: Consol
             "--" + name.replace("_", "-"), "–" if value is None else str(value), sources.get(name, "default")
         )
     console.print(table)
-
-
-def gate_config(max_dead, max_dead_layer, layer_limit, max_dead_units, baseline, max_increase):
-    from deadrelu_cli.gate import GateConfig, parse_layer_limits
-    from deadrelu_cli.report.model import load_report
-
-    return GateConfig(
-        max_dead=max_dead,
-        max_dead_layer=max_dead_layer,
-        layer_limits=parse_layer_limits(layer_limit),
-        max_dead_units=max_dead_units,
-        baseline=load_report(baseline) if baseline else None,
-        max_increase=max_increase,
-    )
 
 
 def _annotate_github(result, report, err: Console) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import typer
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
 from deadrelu_cli.cli import options as opt
 
@@ -17,23 +15,22 @@ InputShape = opt.Annotated[
 ]
 
 
+@opt.command
 def inspect(
     model: opt.Model,
-    arch: opt.Arch = None,
-    trust_pickle: opt.TrustPickle = False,
+    loading: opt.Loading = None,
     ops: opt.Ops = None,
     input_shape: InputShape = None,
 ) -> None:
     """List the activation call sites of MODEL (name, op, module type) without running data."""
     from deadrelu_cli.probe.ops import parse_ops
+    from deadrelu_cli.report.table import plain_table
     from deadrelu_cli.sites import list_sites
 
-    sites, note = list_sites(model, arch, trust_pickle, parse_ops(ops), input_shape)
+    sites, note = list_sites(model, loading.arch, loading.trust_pickle, parse_ops(ops), input_shape)
     console = Console(highlight=False)
     console.print(f"{model}: {len(sites)} activation sites", markup=False)
-    table = Table(
-        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
-    )
+    table = plain_table()
     for column in ("#", "Layer", "Op", "Module type"):
         table.add_column(column, overflow="fold")  # a layer name is what --layers takes: shown whole
     # tf2onnx names a node after every op it fused ("a/Relu;a/FusedBatchNormV3;a/Conv2D;…"): one line

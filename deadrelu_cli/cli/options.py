@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_type_hints
 
 import typer
+from rich.console import Console
 
 Model = Annotated[
     str,
@@ -54,8 +59,14 @@ TrustPickle = Annotated[
     ),
 ]
 BatchSize = Annotated[
-    str, typer.Option("--batch-size", "-b", help="Samples per batch, or auto (does not change the result).")
+    str | None,
+    typer.Option(
+        "--batch-size",
+        "-b",
+        help="Samples per batch, or auto (does not change the result). Default: 64, or the batch size an ONNX graph's inputs fix.",
+    ),
 ]
+DEFAULT_BATCH_SIZE = "64"
 Compile = Annotated[
     bool,
     typer.Option(
@@ -198,6 +209,13 @@ MaxIncrease = Annotated[
         help="Gate: allowed growth of a dead fraction over --baseline (default 0).",
     ),
 ]
+AllowNoSites = Annotated[
+    bool,
+    typer.Option(
+        "--allow-no-sites",
+        help="Gate: pass a model in which no activation site was scanned (by default that fails: nothing was checked).",
+    ),
+]
 Junit = Annotated[str | None, typer.Option("--junit", help="Write JUnit XML (one testcase per layer) here.")]
 Markdown = Annotated[
     str | None,
@@ -275,3 +293,154 @@ Explain = Annotated[
         help="Say why each dead unit is dead (negative bias, collapsed weights, BatchNorm shift, starved, direction) and what to do.",
     ),
 ]
+
+
+# Option groups: options several commands take, declared once (Polygraphy's argument groups). A command
+# names a group as one parameter; `command` spreads it into single options for Typer (so --help lists
+# them as before) and hands the command one group object.
+class OptionGroup:
+    @classmethod
+    def parameters(cls) -> list[inspect.Parameter]:
+        hints = get_type_hints(cls, include_extras=True)
+        return [
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name]
+            )
+            for f in fields(cls)
+        ]
+
+    @classmethod
+    def take(cls, values: dict[str, Any]):
+        """The group made of its options in VALUES, which loses them."""
+        return cls(**{f.name: values.pop(f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Loading(OptionGroup):
+    """How a checkpoint is opened."""
+
+    arch: Arch = None
+    trust_pickle: TrustPickle = False
+
+
+@dataclass(frozen=True)
+class Running(OptionGroup):
+    """How the calibration data is replayed and counted."""
+
+    batch_size: BatchSize = None  # None: the default (a graph's fixed batch may replace it)
+    limit: Limit = None
+    device: Device = "auto"
+    threshold: Threshold = 0.0
+    channel_dim: ChannelDim = None
+
+
+@dataclass(frozen=True)
+class Feeding(OptionGroup):
+    """Arrays of --data that are not one sample per row."""
+
+    const: Const = None
+    batch_axis: BatchAxis = None
+
+
+@dataclass(frozen=True)
+class Gating(OptionGroup):
+    """Gate limits and the CI outputs that carry the verdict."""
+
+    max_dead: MaxDead = None
+    max_dead_layer: MaxDeadLayer = None
+    layer_limit: LayerLimit = None
+    max_dead_units: MaxDeadUnits = None
+    baseline: Baseline = None
+    max_increase: MaxIncrease = None
+    allow_no_sites: AllowNoSites = False
+    junit: Junit = None
+    markdown: Markdown = None
+
+    def config(self):
+        """The library's GateConfig (the baseline report loaded)."""
+        from deadrelu_cli.gate import GateConfig, parse_layer_limits
+        from deadrelu_cli.report.model import load_report
+
+        return GateConfig(
+            max_dead=self.max_dead,
+            max_dead_layer=self.max_dead_layer,
+            layer_limits=parse_layer_limits(self.layer_limit),
+            max_dead_units=self.max_dead_units,
+            baseline=load_report(self.baseline) if self.baseline else None,
+            max_increase=self.max_increase,
+            allow_no_sites=bool(self.allow_no_sites),
+        )
+
+
+@dataclass(frozen=True)
+class Settings(OptionGroup):
+    """The settings file. A command taking this group gets every option not given on the command line
+    from the file, and --show-config prints them instead of running the command."""
+
+    config: ConfigPath = None
+    show_config_flag: ShowConfig = False
+
+
+def command(func: Callable) -> Callable:
+    """Let FUNC take option groups (parameters annotated with an OptionGroup); see the note above."""
+    signature = inspect.signature(func, eval_str=True)
+    groups = {
+        p.name: p.annotation
+        for p in signature.parameters.values()
+        if isinstance(p.annotation, type) and issubclass(p.annotation, OptionGroup)
+    }
+    spread = []
+    for p in signature.parameters.values():
+        if p.name in groups:
+            spread.extend(groups[p.name].parameters())
+        else:  # keyword-only: any order of defaults is valid, and Typer calls by keyword
+            spread.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+
+    settings = Settings in groups.values()
+    if settings:  # Typer hands the context to a parameter typed typer.Context
+        spread.insert(0, inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
+
+    @functools.wraps(func)
+    def run(**values: Any) -> None:
+        ctx = values.pop("ctx", None)
+        values = {
+            p.name: values[p.name] for p in spread if p.name in values
+        }  # Click gives them in argv order
+        if settings:
+            from deadrelu_cli.cli.gating import merge_settings, show_config
+
+            values, sources, _ = merge_settings(ctx, values, values["config"])
+            if values["show_config_flag"]:
+                show_config(values, sources, Console(highlight=False))
+                return
+        for name, group in groups.items():
+            values[name] = group.take(values)
+        func(**values)
+
+    run.__signature__ = signature.replace(parameters=spread)
+    run.__annotations__ = {p.name: p.annotation for p in spread}
+    return run
+
+
+def scan_options(
+    model: str, data: str | None, loading: Loading, running: Running, feeding: Feeding | None = None, **more
+):
+    """The library's ScanOptions from the groups every scanning command takes (built here only)."""
+    from deadrelu_cli.options import ScanOptions
+
+    feeding = feeding or Feeding()
+    return ScanOptions(
+        model=model,
+        data=data,
+        arch=loading.arch,
+        trust_pickle=loading.trust_pickle,
+        batch_size=parse_batch_size(running.batch_size or DEFAULT_BATCH_SIZE),
+        batch_size_explicit=running.batch_size is not None,
+        limit=running.limit,
+        device=running.device,
+        threshold=running.threshold,
+        channel_dim=running.channel_dim,
+        consts=tuple(feeding.const or ()),
+        batch_axes=parse_batch_axes(feeding.batch_axis),
+        **more,
+    )

@@ -5,58 +5,35 @@ from __future__ import annotations
 import sys
 
 import typer
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
 from deadrelu_cli.cli import options as opt
-from deadrelu_cli.cli.gating import gate_config, merge_settings, run_gate, show_config
+from deadrelu_cli.cli.gating import run_gate
 
 
+@opt.command
 def gate(
-    ctx: typer.Context,
     report_path: opt.ReportPath,
-    max_dead: opt.MaxDead = None,
-    max_dead_layer: opt.MaxDeadLayer = None,
-    layer_limit: opt.LayerLimit = None,
-    max_dead_units: opt.MaxDeadUnits = None,
-    baseline: opt.Baseline = None,
-    max_increase: opt.MaxIncrease = None,
-    junit: opt.Junit = None,
-    markdown: opt.Markdown = None,
-    config: opt.ConfigPath = None,
-    show_config_flag: opt.ShowConfig = False,
+    gating: opt.Gating = None,
+    settings: opt.Settings = None,
     quiet: opt.Quiet = False,
 ) -> None:
     """Apply gate limits to a saved REPORT: exit 0 pass, 1 failed, 2 usage or input error."""
     from deadrelu_cli.report.model import load_report
     from deadrelu_cli.report.table import print_report
 
-    params = {k: v for k, v in locals().items() if k in ctx.params}
-    params, sources, _ = merge_settings(ctx, params, config)
-    if show_config_flag:
-        show_config(params, sources, Console(highlight=False))
-        return
-    p = params
-    report = load_report(p["report_path"])
+    report = load_report(report_path)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if not quiet:
         print_report(report, Console(highlight=False))
-    config_ = gate_config(
-        p["max_dead"],
-        p["max_dead_layer"],
-        p["layer_limit"],
-        p["max_dead_units"],
-        p["baseline"],
-        p["max_increase"],
-    )
-    if not config_.active:
+    config = gating.config()
+    if not config.active:
         from deadrelu_cli.errors import UserError
 
         raise UserError(
             "no gate limit given: pass --max-dead, --max-dead-layer, --layer-limit, --max-dead-units or --baseline (or set them in [tool.deadrelu])"
         )
-    run_gate(report, config_, p["junit"], p["markdown"], err, [str(p["report_path"])])
+    run_gate(report, config, gating.junit, gating.markdown, err, [str(report_path)])
 
 
 def merge(
@@ -88,31 +65,11 @@ def diff(
     new: opt.ReportPath,
     all_layers: bool = typer.Option(False, "--all", help="Show unchanged layers too."),
 ) -> None:
-    """Per-layer changes in dead units between two reports (matched by layer name)."""
-    from deadrelu_cli.report.diff import diff_reports
+    """Per-layer changes in dead units between two reports (matched by producer weight, else layer name)."""
+    from deadrelu_cli.report.diff import diff_reports, print_diff
 
     rows, summary = diff_reports(load(old), load(new))
-    table = Table(
-        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
-    )
-    for column in ("Layer", "Old dead", "New dead", "Change", "Revived", "Newly dead"):
-        table.add_column(column, justify="left" if column == "Layer" else "right", overflow="fold")
-    for row in rows:
-        if not all_layers and row.unchanged:
-            continue
-        style = "red" if row.delta > 0 else ("green" if row.delta < 0 else "")
-        table.add_row(
-            row.name,
-            row.old_text,
-            row.new_text,
-            row.change_text,
-            str(len(row.revived)),
-            str(len(row.newly_dead)),
-            style=style,
-        )
-    console = Console(highlight=False)
-    console.print(table)
-    console.print(summary, markup=False)
+    print_diff(rows, summary, Console(highlight=False), all_layers)
 
 
 def report(

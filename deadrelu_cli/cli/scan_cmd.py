@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from deadrelu_cli.cli import options as opt
-from deadrelu_cli.cli.gating import gate_config, merge_settings, run_gate, show_config, write_html
+from deadrelu_cli.cli.gating import run_gate, write_html
 
 
 def _progress_callback(quiet: bool, err: Console):
@@ -40,19 +40,14 @@ def _progress_callback(quiet: bool, err: Console):
     return progress, update
 
 
+@opt.command
 def scan(
-    ctx: typer.Context,
     model: opt.OptionalModel = None,
     data: opt.OptionalData = None,
-    arch: opt.Arch = None,
-    trust_pickle: opt.TrustPickle = False,
-    batch_size: opt.BatchSize = "64",
-    limit: opt.Limit = None,
-    device: opt.Device = "auto",
-    threshold: opt.Threshold = 0.0,
+    loading: opt.Loading = None,
+    running: opt.Running = None,
     dying: opt.Dying = 0.01,
     tau: opt.Tau = 0.1,
-    channel_dim: opt.ChannelDim = None,
     ops: opt.Ops = None,
     allow_nonfinite: opt.AllowNonfinite = False,
     compile_graph: opt.Compile = False,
@@ -63,21 +58,12 @@ def scan(
     input_shape: opt.InputShapeOpt = None,
     dtype: opt.Dtype = None,
     channels_last: opt.ChannelsLast = False,
-    const: opt.Const = None,
-    batch_axis: opt.BatchAxis = None,
+    feeding: opt.Feeding = None,
     layer: opt.LayerName = None,
     json_out: opt.JsonOut = None,
     html_out: opt.HtmlOut = None,
-    max_dead: opt.MaxDead = None,
-    max_dead_layer: opt.MaxDeadLayer = None,
-    layer_limit: opt.LayerLimit = None,
-    max_dead_units: opt.MaxDeadUnits = None,
-    baseline: opt.Baseline = None,
-    max_increase: opt.MaxIncrease = None,
-    junit: opt.Junit = None,
-    markdown: opt.Markdown = None,
-    config: opt.ConfigPath = None,
-    show_config_flag: opt.ShowConfig = False,
+    gating: opt.Gating = None,
+    settings: opt.Settings = None,
     quiet: opt.Quiet = False,
 ) -> None:
     """Scan MODEL on the calibration data: per-unit activation rates at every ReLU call site.
@@ -87,62 +73,42 @@ def scan(
     from deadrelu_cli.engine import run_scan_detailed
     from deadrelu_cli.errors import UserError
     from deadrelu_cli.files import refuse_overwrite_of_inputs, write_text_atomic
-    from deadrelu_cli.options import ScanOptions
     from deadrelu_cli.probe.ops import parse_ops
     from deadrelu_cli.report.model import report_to_json
     from deadrelu_cli.report.table import print_report
 
-    params = {k: v for k, v in locals().items() if k in ctx.params}
-    params, sources, _ = merge_settings(ctx, params, config)
-    if show_config_flag:
-        show_config(params, sources, Console(highlight=False))
-        return
-    p = params
-    if not p["model"]:
+    if not model:
         raise UserError("missing MODEL: deadrelu scan MODEL --data DATA (see --help)")
-    p["certify"] = p["certify"] or p["input_range"] is not None  # a box is only for certifying (as in fix)
-    if not p["data"] and not p["certify"]:
+    certify = certify or input_range is not None  # a box is only for certifying (as in fix)
+    if not data and not certify:
         raise UserError("missing --data: the calibration data to replay (.npz, .npy, .pt or .safetensors)")
-    json_to_stdout = p["json_out"] == "-"
+    json_to_stdout = json_out == "-"
     out = Console(stderr=json_to_stdout, highlight=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    inputs = [p["model"], p["data"] or ""]
-    for target in (p["json_out"], p["junit"], p["markdown"], p["html_out"]):
+    inputs = [model, data or ""]
+    for target in (json_out, gating.junit, gating.markdown, html_out):
         if target and target != "-":
             refuse_overwrite_of_inputs(target, inputs)
-    gate = gate_config(
-        p["max_dead"],
-        p["max_dead_layer"],
-        p["layer_limit"],
-        p["max_dead_units"],
-        p["baseline"],
-        p["max_increase"],
-    )
+    gate = gating.config()
     progress, update = _progress_callback(quiet or (distributed and os.environ.get("RANK", "0") != "0"), err)
-    options = ScanOptions(
-        model=p["model"],
-        data=p["data"],
-        arch=p["arch"],
-        trust_pickle=p["trust_pickle"],
-        batch_size=opt.parse_batch_size(p["batch_size"]),
-        compile=p["compile_graph"],
-        distributed=p["distributed"],
-        explain=p["explain"],
-        certify=p["certify"],
-        input_range=opt.parse_input_range(p["input_range"]),
-        input_shape=p["input_shape"],
-        dtype=p["dtype"],
-        channels_last=p["channels_last"],
-        limit=p["limit"],
-        device=p["device"],
-        threshold=p["threshold"],
-        dying=p["dying"],
-        tau=p["tau"],
-        channel_dim=p["channel_dim"],
-        ops=parse_ops(p["ops"]),
-        allow_nonfinite=p["allow_nonfinite"],
-        consts=tuple(p["const"] or ()),
-        batch_axes=opt.parse_batch_axes(p["batch_axis"]),
+    options = opt.scan_options(
+        model,
+        data,
+        loading,
+        running,
+        feeding,
+        compile=compile_graph,
+        distributed=distributed,
+        explain=explain,
+        certify=certify,
+        input_range=opt.parse_input_range(input_range),
+        input_shape=input_shape,
+        dtype=dtype,
+        channels_last=channels_last,
+        dying=dying,
+        tau=tau,
+        ops=parse_ops(ops),
+        allow_nonfinite=allow_nonfinite,
         progress=update,
     )
     if progress is not None:
@@ -153,20 +119,20 @@ def scan(
     if not result.is_main:  # other ranks of a distributed scan: rank 0 reports
         return
     report = result.report
-    if p["layer"]:
-        report.layer(p["layer"])  # a wrong name is a usage error, also with --json -
+    if layer:
+        report.layer(layer)  # a wrong name is a usage error, also with --json -
     if json_to_stdout:
         sys.stdout.write(report_to_json(report))
         sys.stdout.flush()
     else:
-        print_report(report, out, p["layer"])
-        if p["json_out"]:
-            write_text_atomic(p["json_out"], report_to_json(report))
+        print_report(report, out, layer)
+        if json_out:
+            write_text_atomic(json_out, report_to_json(report))
     try:
-        run_gate(report, gate, p["junit"], p["markdown"], err, inputs)
+        run_gate(report, gate, gating.junit, gating.markdown, err, inputs)
     finally:  # the picture is written whether the gate passed or not
-        if p["html_out"]:
-            write_html(p["html_out"], report, gate)
+        if html_out:
+            write_html(html_out, report, gate)
 
 
 def register(app: typer.Typer) -> None:

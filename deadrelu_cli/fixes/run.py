@@ -81,6 +81,9 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
         scan_options = replace(
             scan_options, batch_size=backend.batch_size("auto", scanned.model, scanned.data, scanned.device)
         )
+    fixed = scanned.model.fixed_batch
+    if fixed is not None and not scan_options.batch_size_explicit:  # the batch the graph's inputs accept
+        scan_options = replace(scan_options, batch_size=fixed, batch_size_explicit=True)
     if options.certified_only and not scan_options.certify:
         raise UserError("--certified-only needs --input-range (the box over which units are certified dead)")
     plans = plan_layers(scanned.report, options.layers, options.certified_only)

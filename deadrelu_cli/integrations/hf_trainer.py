@@ -26,11 +26,11 @@ except ImportError as exc:
     ) from exc
 
 from deadrelu_cli.report.model import Report
-from deadrelu_cli.watch import Watch, layer_metrics
+from deadrelu_cli.watcher import Watch, layer_metrics
 
 
 class DeadReluCallback(TrainerCallback):
-    """Dead/dying/dormant units per window of training steps (see `deadrelu_cli.watch.Watch`)."""
+    """Dead/dying/dormant units per window of training steps (see `deadrelu_cli.watcher.Watch`)."""
 
     def __init__(
         self,

@@ -26,11 +26,11 @@ except ImportError:  # the older package name
         ) from exc
 
 from deadrelu_cli.report.model import Report
-from deadrelu_cli.watch import Watch, layer_metrics
+from deadrelu_cli.watcher import Watch, layer_metrics
 
 
 class DeadReluCallback(Callback):
-    """Dead/dying/dormant units per window of training steps (see `deadrelu_cli.watch.Watch`).
+    """Dead/dying/dormant units per window of training steps (see `deadrelu_cli.watcher.Watch`).
 
     `submodule`: watch `pl_module.<submodule>` (e.g. "model") so that layer names match a scan of the
     saved weights; default: the LightningModule itself. `out_dir`: where the reports go (default: the

@@ -177,5 +177,6 @@ def load_onnx(options: LoadOptions) -> LoadedModel:
         kind="onnx",
         inputs=specs,
         float_dtype=float_dtype,
+        fixed_batch=next((s.shape[0] for s in specs if s.shape and s.shape[0] is not None), None),
         extra={"file_bytes": kept["file"]} if "file" in kept else {},
     )

@@ -37,6 +37,8 @@ class SiteAccumulator:
     sum_abs: torch.Tensor | None = None
     saturated: torch.Tensor | None = None
     elements_per_unit: int = 0
+    track_min: bool = False
+    min_pre: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
     _nan_in_batch: bool = False
 
@@ -91,6 +93,11 @@ class SiteAccumulator:
             else False
         )
         torch.maximum(self.max_pre, batch_max, out=self.max_pre)  # promotes to float64 in place
+        if self.track_min:
+            batch_min = _channel_first_reduce(pre, dims, torch.amin) if dims else pre
+            if self.min_pre is None:
+                self.min_pre = torch.full((units,), torch.inf, dtype=torch.float64, device=pre.device)
+            torch.minimum(self.min_pre, batch_min, out=self.min_pre)
         if not counts_from_output(self.op, threshold):
             self.positive += _count(pre > threshold, dims)
         self.elements_per_unit += pre.numel() // units
@@ -169,6 +176,7 @@ class SiteAccumulator:
             module_type=self.module_type,
             producer=self.producer,
             extra=dict(self.extra),
+            min_preactivation=host(self.min_pre, np.float64),
         )
 
 

@@ -17,6 +17,7 @@ class ProbeSettings:
     threshold: float = 0.0
     channel_dim: int | None = None
     ops: tuple[str, ...] = ("relu", "relu6")
+    track_min: bool = False  # also the per-unit minimum of the pre-activation (--explain: constant channels)
 
 
 class SiteRegistry:
@@ -35,6 +36,7 @@ class SiteRegistry:
                 name=name, op=op, channel_dim=-1, module_type=module_type, producer=producer
             )
             self.sites[name] = site
+        site.track_min = self.settings.track_min
         if site.positive is None:
             site.channel_dim = resolve_channel_dim(pre.dim(), inferred_channel_dim, self.settings.channel_dim)
         return site

@@ -23,7 +23,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.wiring.onnx import consumer_layout, trace_producer
+from deadrelu_cli.probe.onnx_deployed import fused_origin, implicit_relu
+from deadrelu_cli.wiring.onnx import consumer_layout, producer_weight, trace_producer
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, float_type, opset_version
 
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
@@ -48,6 +49,10 @@ class OnnxSite:
     channel_dim: int = -1
     float16: bool = False
     positions: int | None = None  # elements per (sample, unit) when static: no Size output needed
+    implicit: str | None = None  # "quantize" (a zero-point clamp) or "fused" (split from a fused node)
+    module_type: str | None = None  # the node type that performs the activation, when not a plain op
+    weight: str | None = None  # the producer's stored weight (matches deployed layers to float ones)
+    track_min: bool = False  # also the per-unit minimum of the pre-activation (--explain)
 
 
 def _clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, float | None]:
@@ -125,6 +130,8 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
         index = GraphIndex(graph, outer)
         for node in graph.node:
             kind = classify(node, index)
+            implicit = implicit_relu(node, index) if kind is None and (include_all or "relu" in ops) else None
+            site = None
             if kind is not None and (include_all or kind[0] in ops):
                 base = node.name or node.output[0]
                 site = OnnxSite(
@@ -138,6 +145,27 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
                     clip_max=kind[1],
                     in_loop=in_loop,
                 )
+                origin = fused_origin(site.input_name)
+                if origin is not None:
+                    site.implicit, site.module_type = "fused", origin
+            elif implicit is not None and implicit[2] is not None:
+                # a quantize clamping at the zero point: reads the pre-activation (when the graph has it)
+                # and the dequantized output, which is > 0 exactly when the quantized value is above zero
+                name, pre, dequantized = implicit
+                site = OnnxSite(
+                    name=f"{prefix}{name}",
+                    op="relu",
+                    node_name=node.name,
+                    input_name=pre or dequantized,
+                    output_name=dequantized,
+                    graph_path=path,
+                    rank=index.rank(dequantized) or index.rank(node.output[0]),
+                    in_loop=in_loop,
+                    implicit="quantize",
+                    module_type=node.op_type,
+                )
+            if site is not None:
+                site.weight = producer_weight(index, site.input_name)
                 trace = trace_producer(index, site.input_name)
                 site.channel_first, site.producer, site.bias = trace.channel_first, trace.producer, trace.bias
                 if site.channel_first is None:
@@ -161,10 +189,19 @@ def onnx_sites(path: str, ops: tuple[str, ...]):
     """For `deadrelu inspect`: the sites as StaticSite rows."""
     from deadrelu_cli.loaders.onnx_model import read_onnx
     from deadrelu_cli.probe.exported import StaticSite
+    from deadrelu_cli.probe.onnx_deployed import deployed_view
 
     model = read_onnx(path)
+    deployed_view(model)
     return [
-        StaticSite(s.name, s.op, False, "Relu" if s.op == "relu" else s.op, s.channel_first, s.producer)
+        StaticSite(
+            s.name,
+            s.op,
+            False,
+            s.module_type or ("Relu" if s.op == "relu" else s.op),
+            s.channel_first,
+            s.producer,
+        )
         for s in find_sites(model, ops, include_all=True)
     ]
 
@@ -197,7 +234,9 @@ class _Builder:
         return name
 
     def reduce(self, op: str, x: str, axes: list[int], stem: str) -> str:
-        axes_from_input = (op == "ReduceSum" and self.opset >= 13) or (op == "ReduceMax" and self.opset >= 18)
+        axes_from_input = (op == "ReduceSum" and self.opset >= 13) or (
+            op in ("ReduceMax", "ReduceMin") and self.opset >= 18
+        )
         if not axes:
             return self.node("Identity", [x], stem)
         if axes_from_input:
@@ -318,6 +357,8 @@ def _add_reductions(
         out["pos_nc"] = builder.node("GlobalAveragePool", [fired], "pos_nc")
         out["sum_nc"] = builder.node("GlobalAveragePool", [magnitude], "sum_nc")
         out["max_nc"] = builder.node("GlobalMaxPool", [x], "max_nc")
+        if site.track_min:  # min = -max(-x): GlobalMaxPool is the pooled reduction onnxruntime has
+            out["min_nc"] = builder.node("GlobalMaxPool", [builder.node("Neg", [x], "neg")], "negmin_nc")
         if at_cap is not None:
             out["sat_nc"] = builder.node("GlobalAveragePool", [at_cap], "sat_nc")
         return out
@@ -325,6 +366,8 @@ def _add_reductions(
     fired32 = builder.node("Cast", [greater()], "fired32", to=TensorProto.INT32)
     out["pos"] = widen(builder.reduce("ReduceSum", fired32, axes, "pos32"), TensorProto.INT64, "pos")
     out["max"] = widen(builder.reduce("ReduceMax", x, axes, "maxf"), TensorProto.DOUBLE, "max")
+    if site.track_min:
+        out["min"] = widen(builder.reduce("ReduceMin", x, axes, "minf"), TensorProto.DOUBLE, "min")
     out["sum"] = widen(builder.reduce("ReduceSum", magnitude, axes, "sumf"), TensorProto.DOUBLE, "sum")
     if at_cap is not None:
         at_cap32 = builder.node("Cast", [at_cap], "sat_i32", to=TensorProto.INT32)
@@ -338,6 +381,8 @@ _STAT_TYPES = {
     "sum": TensorProto.DOUBLE,
     "size": TensorProto.INT64,
     "sat": TensorProto.INT64,
+    "min": TensorProto.DOUBLE,
+    "min_nc": TensorProto.FLOAT,
     "pos_nc": TensorProto.FLOAT,
     "sum_nc": TensorProto.FLOAT,
     "max_nc": TensorProto.FLOAT,

@@ -80,13 +80,32 @@ class SiteNamer:
         return base if count == 1 else f"{base}#{count}"
 
 
+# activations that are never exactly 0 over a region (no dead units in the ReLU sense), by lower-case name
+SMOOTH_ACTIVATIONS = (
+    "sigmoid",
+    "tanh",
+    "gelu",
+    "silu",
+    "swish",
+    "softplus",
+    "mish",
+    "elu",
+    "selu",
+    "celu",
+    "softsign",
+)
+
+
 def no_sites_note(what: str, found: Counter) -> str:
     """The note for a model with no site of the chosen ops: `what` it lacks, and the activations it
-    has instead (SiLU = x·sigmoid(x), GELU, … have no dead units in the ReLU sense)."""
+    has instead; smooth ones (SiLU = x·sigmoid(x), GELU, …) are named as the reason only when present."""
     if not found:
         return what
     listed = ", ".join(f"{name} ×{count}" for name, count in found.most_common())
+    smooth = [name for name in found if name.lower().replace("_", "").rstrip("()") in SMOOTH_ACTIVATIONS]
+    if not smooth:
+        return f"{what}; its activations: {listed}"
     return (
-        f"{what}; its activations: {listed} (SiLU, GELU and other smooth activations are never exactly 0 "
+        f"{what}; its activations: {listed} ({', '.join(smooth)}: smooth activations are never exactly 0 "
         "with zero gradient, so no dead units in the ReLU sense; --ops leaky_relu,elu,gelu counts those kinds)"
     )

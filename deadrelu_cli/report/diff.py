@@ -1,12 +1,62 @@
-"""Differences between two reports, layer by layer (matched by name)."""
+"""Differences between two reports, layer by layer: matched by the producer's weight when both reports
+record it (a quantized or optimized ONNX graph renames its activations but keeps the float graph's
+weight names, suffixed), else by name."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+from rich.console import Console
 
 from deadrelu_cli.report.model import Report
+from deadrelu_cli.report.table import plain_table
+from deadrelu_cli.stats import LayerStats
+
+# what quantizers append to a weight's name (onnxruntime: c1.weight -> c1.weight_quantized, and a
+# dynamically quantized Gemm's fc.weight -> fc.weight_Transposed_quantized)
+QUANTIZED_NAME_SUFFIXES = ("_quantized", "_DequantizeLinear_Output", "_dequantized", "_Transposed")
+
+
+def weight_key(name: str | None) -> str | None:
+    """A weight name without the suffixes quantizers add, to match a deployed layer to its float one."""
+    if not name:
+        return None
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in QUANTIZED_NAME_SUFFIXES:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                name, stripped = name[: -len(suffix)], True
+    return name
+
+
+def match_layers(old: Report, new: Report) -> dict[str, LayerStats]:
+    """new layer name -> the old layer it is: the same producer weight (when that weight feeds one layer
+    on each side and the unit counts agree), else the same name."""
+
+    def by_weight(report: Report) -> dict[str, LayerStats]:
+        keyed: dict[str, list[LayerStats]] = {}
+        for layer in report.layers:
+            key = weight_key(layer.weight)
+            if key:
+                keyed.setdefault(key, []).append(layer)
+        return {key: layers[0] for key, layers in keyed.items() if len(layers) == 1}
+
+    old_by_weight, old_by_name = by_weight(old), {layer.name: layer for layer in old.layers}
+    matched: dict[str, LayerStats] = {}
+    taken: set[str] = set()
+    for key, layer in by_weight(new).items():
+        before = old_by_weight.get(key)
+        if before is not None and before.units == layer.units:
+            matched[layer.name] = before
+            taken.add(before.name)
+    for layer in new.layers:
+        before = old_by_name.get(layer.name)
+        if layer.name not in matched and before is not None and before.name not in taken:
+            matched[layer.name] = before
+            taken.add(before.name)
+    return matched
 
 
 @dataclass
@@ -17,6 +67,7 @@ class LayerDiff:
     units: int
     revived: list[int]
     newly_dead: list[int]
+    old_name: str | None = None  # when matched by weight under another name
 
     @property
     def delta(self) -> int:
@@ -53,8 +104,8 @@ class LayerDiff:
 
 
 def diff_reports(old: Report, new: Report) -> tuple[list[LayerDiff], str]:
-    old_layers = {layer.name: layer for layer in old.layers}
-    new_names = {layer.name for layer in new.layers}
+    old_layers = match_layers(old, new)
+    matched_old = {layer.name for layer in old_layers.values()}
     rows = []
     for layer in new.layers:
         before = old_layers.get(layer.name)
@@ -71,10 +122,11 @@ def diff_reports(old: Report, new: Report) -> tuple[list[LayerDiff], str]:
                 layer.units,
                 sorted(old_dead - new_dead),
                 sorted(new_dead - old_dead),
+                before.name if before.name != layer.name else None,
             )
         )
     for layer in old.layers:
-        if layer.name not in new_names:
+        if layer.name not in matched_old:
             rows.append(LayerDiff(layer.name, int(layer.dead_mask().sum()), None, layer.units, [], []))
     a, b = old.summary(), new.summary()
     summary = (
@@ -82,3 +134,25 @@ def diff_reports(old: Report, new: Report) -> tuple[list[LayerDiff], str]:
         f"({100 * b.dead_fraction:.1f}%), {sum(1 for r in rows if not r.unchanged)} layers changed"
     )
     return rows, summary
+
+
+def print_diff(rows: list[LayerDiff], summary: str, console: Console, all_layers: bool = False) -> None:
+    """What `deadrelu diff` prints: changed layers (all with ALL_LAYERS), growth red, shrinkage green."""
+    table = plain_table()
+    for column in ("Layer", "Old dead", "New dead", "Change", "Revived", "Newly dead"):
+        table.add_column(column, justify="left" if column == "Layer" else "right", overflow="fold")
+    for row in rows:
+        if not all_layers and row.unchanged:
+            continue
+        style = "red" if row.delta > 0 else ("green" if row.delta < 0 else "")
+        table.add_row(
+            row.name if row.old_name is None else f"{row.name} ← {row.old_name}",
+            row.old_text,
+            row.new_text,
+            row.change_text,
+            str(len(row.revived)),
+            str(len(row.newly_dead)),
+            style=style,
+        )
+    console.print(table)
+    console.print(summary, markup=False)

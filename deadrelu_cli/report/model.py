@@ -156,6 +156,12 @@ def layer_to_dict(layer: LayerStats, settings: Settings) -> dict[str, Any]:
     out["upper_bound"] = None if layer.upper_bound is None else _finite_or_none(layer.upper_bound)
     if layer.certify_note:
         out["certify_note"] = layer.certify_note
+    if layer.implicit:
+        out["implicit"] = layer.implicit
+    if layer.weight:
+        out["weight"] = layer.weight
+    if layer.min_preactivation is not None:
+        out["min_preactivation"] = _finite_or_none(layer.min_preactivation)
     if layer.extra:
         out["extra"] = layer.extra
     return out
@@ -209,6 +215,11 @@ def layer_from_dict(d: dict[str, Any]) -> LayerStats:
         else np.array([np.inf if v is None else v for v in d["upper_bound"]], dtype=np.float64),
         certified_dead=d.get("certified_dead_indices"),
         certify_note=d.get("certify_note"),
+        implicit=d.get("implicit"),
+        weight=d.get("weight"),
+        min_preactivation=None
+        if d.get("min_preactivation") is None
+        else np.array([np.inf if v is None else v for v in d["min_preactivation"]], dtype=np.float64),
     )
 
 

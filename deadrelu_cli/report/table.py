@@ -17,6 +17,13 @@ CRITICAL_FRACTION = 0.40
 BAR_WIDTH = 8
 
 
+def plain_table() -> Table:
+    """The one table style of every command: bold header, a rule under it, no outer frame."""
+    return Table(
+        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
+    )
+
+
 def severity_style(fraction: float) -> str:
     if fraction >= CRITICAL_FRACTION:
         return "bold red"
@@ -65,9 +72,7 @@ def summary_line(report: Report) -> str:
 
 def layers_table(report: Report) -> Table:
     settings = report.settings
-    table = Table(
-        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
-    )
+    table = plain_table()
     longest = max((len(layer.name) for layer in report.layers), default=8)
     table.add_column("Layer", overflow="fold", min_width=min(max(longest, 5), 40))
     for column in ("Op", "Units", "Dead", "Dead %", "Dying", "Dormant", "Median"):
@@ -124,9 +129,7 @@ def _certified_cell(layer: LayerStats) -> str:
 
 def certificate_table(report: Report) -> Table:
     """Data-free `scan --certify`: per layer, the units that can never fire over the input box."""
-    table = Table(
-        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
-    )
+    table = plain_table()
     longest = max((len(layer.name) for layer in report.layers), default=8)
     table.add_column("Layer", overflow="fold", min_width=min(max(longest, 5), 40))
     for column in ("Op", "Units", "Provably dead", "%", "Why not certified"):
@@ -167,9 +170,7 @@ def unit_status(layer: LayerStats, index: int, dying: float) -> str:
 
 
 def units_table(report: Report, layer: LayerStats) -> Table:
-    table = Table(
-        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
-    )
+    table = plain_table()
     bias_title = f"Bias ({layer.producer})" if layer.producer else "Bias"
     for column in ("Unit", bias_title, "Active %", "Max pre-act", "Mean |act|", "Status"):
         table.add_column(column, justify="left" if column == "Status" else "right")
@@ -193,12 +194,10 @@ def units_table(report: Report, layer: LayerStats) -> Table:
 
 def print_causes(report: Report, console: Console) -> None:
     """--explain: dead units per cause and layer, then what to do about each cause found."""
-    from deadrelu_cli.causes import ADVICE, CAUSES
+    from deadrelu_cli.report.advice import ADVICE, CAUSES
 
     found = [c for c in CAUSES if any(c in layer.extra.get("cause_counts", {}) for layer in report.layers)]
-    table = Table(
-        header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0)
-    )
+    table = plain_table()
     table.add_column("Layer", overflow="fold")
     for cause in found:
         table.add_column(cause, justify="right")

@@ -20,10 +20,39 @@ CHANNEL_FIRST_OPS = (
     "BatchNormalization",
     "InstanceNormalization",
     "GroupNormalization",
+    "QLinearConv",
+    "ConvInteger",
 )
-LAST_DIM_OPS = ("MatMul", "Gemm", "LayerNormalization")
-# ops a pre-activation flows through from its producer (the bias survives only scalar operands)
-PASS_THROUGH_OPS = ("Add", "Mul", "Sub", "Div", "BatchNormalization", "Identity", "Dropout", "Cast")
+LAST_DIM_OPS = ("MatMul", "Gemm", "LayerNormalization", "QGemm", "QLinearMatMul", "MatMulInteger")
+# ops a pre-activation flows through from its producer (the bias survives only scalar operands);
+# a quantize/dequantize pair keeps each unit where it was
+PASS_THROUGH_OPS = (
+    "Add",
+    "Mul",
+    "Sub",
+    "Div",
+    "BatchNormalization",
+    "Identity",
+    "Dropout",
+    "Cast",
+    "QuantizeLinear",
+    "DequantizeLinear",
+)
+# the input holding the weight of each producer kind (quantized graphs keep the float graph's weight
+# names, suffixed: c1.weight -> c1.weight_quantized; report.diff.weight_key strips that)
+WEIGHT_INPUT = {
+    "Conv": 1,
+    "ConvTranspose": 1,
+    "Gemm": 1,
+    "FusedConv": 1,
+    "NhwcFusedConv": 1,
+    "FusedGemm": 1,
+    "ConvInteger": 1,
+    "MatMulInteger": 1,
+    "QLinearConv": 3,
+    "QLinearMatMul": 3,
+    "QGemm": 3,
+}
 # ops after an activation that keep each unit's values in their own slots and its axis where it was
 UNIT_PRESERVING_OPS = (
     "MaxPool",
@@ -123,6 +152,49 @@ def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
             continue
         return trace
     return trace
+
+
+def producer_weight(index: GraphIndex, input_name: str, depth: int = 0) -> str | None:
+    """The stored weight of the Conv/Gemm/MatMul (float, fused or quantized) that produced an
+    activation's input, followed back through the pass-through ops and DequantizeLinear (and, for
+    dynamically quantized graphs, through ConvInteger's Cast * scale); else None."""
+    node = index.producer.get(input_name)
+    if node is None or depth > 16:
+        return None
+    position = WEIGHT_INPUT.get(node.op_type)
+    if node.op_type == "MatMul":
+        position = next((i for i in (1, 0) if index.constant(node.input[i]) is not None), None)
+    if position is not None:
+        return _stored_source(index, node.input[position]) if len(node.input) > position else None
+    if node.op_type not in PASS_THROUGH_OPS:
+        return None
+    for name in (i for i in node.input if i and index.constant(i) is None):
+        found = producer_weight(index, name, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _stored_source(index: GraphIndex, name: str) -> str | None:
+    """The stored tensor behind a weight input: itself, or what a DequantizeLinear/re-shaping reads."""
+    for _ in range(8):
+        if (
+            index.stored_tensor(name) is not None
+            or index.outer is not None
+            and index.outer.stored_tensor(name)
+        ):
+            return name
+        node = index.producer.get(name)
+        if node is None or node.op_type not in (
+            "DequantizeLinear",
+            "Identity",
+            "Reshape",
+            "Transpose",
+            "Cast",
+        ):
+            return None
+        name = node.input[0]
+    return None
 
 
 def consumer_layout(index: GraphIndex, output_name: str) -> bool | None:

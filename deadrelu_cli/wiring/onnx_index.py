@@ -53,6 +53,8 @@ class GraphIndex:
                     return np.array(attr.i, dtype=np.int64)
         if node is not None and node.op_type in RESHAPING_OPS:
             return self._reshaped_constant(node)
+        if node is not None and node.op_type == "DequantizeLinear":
+            return self._dequantized_constant(node)
         return self.outer.constant(name) if self.outer is not None else None
 
     def _reshaped_constant(self, node: onnx.NodeProto) -> np.ndarray | None:
@@ -90,6 +92,23 @@ class GraphIndex:
             return np.expand_dims(data, tuple(int(a) for a in np.ravel(axes)))
         except (ValueError, IndexError, TypeError):  # a malformed shape: not a constant we can read
             return None
+
+    def _dequantized_constant(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """A quantized initializer behind DequantizeLinear (QDQ graphs keep weights and biases so):
+        (q - zero_point) * scale, per tensor or per `axis`."""
+        values = self.constant(node.input[0])
+        scale = self.constant(node.input[1]) if len(node.input) > 1 else None
+        if values is None or scale is None or values.dtype.kind not in "iu":
+            return None
+        zero = self.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        zero = np.zeros((), np.int64) if zero is None else zero.astype(np.int64)
+        scale = scale.astype(np.float32)
+        if scale.ndim == 1 and scale.size > 1 and values.ndim > 0:
+            axis = int(attr(node, "axis", 1)) % values.ndim
+            shape = [1] * values.ndim
+            shape[axis] = scale.size
+            scale, zero = scale.reshape(shape), zero.reshape(shape) if zero.ndim else zero
+        return (values.astype(np.int64) - zero).astype(np.float32) * scale
 
     def stored_tensor(self, name: str) -> onnx.TensorProto | None:
         """The tensor behind `name` when this graph stores it: an initializer, or the value of a Constant

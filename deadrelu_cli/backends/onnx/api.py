@@ -54,13 +54,6 @@ def certify(model: LoadedModel, options: ScanOptions, shapes: list, data, device
     return certify_onnx(model.runnable, boxes, options.ops, options.threshold, options.channel_dim)
 
 
-def runner(loaded: LoadedModel, data: CalibrationData, device: str):
-    """batch -> list of output arrays (to compare a model before and after a fix)."""
-    from deadrelu_cli.backends.onnx.scan import runner as make_runner
-
-    return make_runner(loaded, data, device)
-
-
 def apply_fix(scanned, plans, options, scan_options, temp, result):
     from deadrelu_cli.backends.onnx.fix import apply_onnx
 

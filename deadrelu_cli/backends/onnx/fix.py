@@ -44,7 +44,7 @@ def _parameter_count(model: onnx.ModelProto) -> int:
 
 
 def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp, result: FixResult):
-    from deadrelu_cli.backends import runner_for
+    from deadrelu_cli.backends.runners import runner_for
     from deadrelu_cli.loaders import LoadOptions, load_model
 
     if not str(options.output).lower().endswith(".onnx"):
@@ -66,6 +66,18 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
         if site is None or site.graph_path:
             outcome.action = "skipped: sites inside If/Loop/Scan bodies are not patched"
             continue
+        if site.implicit == "quantize":
+            outcome.action = (
+                f"skipped: a ReLU folded into a {site.module_type} of a quantized graph (integer weights); "
+                "fix the float model, then quantize it again"
+            )
+            continue
+        if site.implicit == "fused":
+            note = (
+                "fused activations are written unfused (Conv/Gemm + activation); onnxruntime fuses them again"
+            )
+            if note not in result.notes:
+                result.notes.append(note)
         if options.strategy in ("leaky", "elu"):
             if site.op != "relu":
                 outcome.action = f"skipped: {site.op} is not a plain Relu"

@@ -96,7 +96,13 @@ def feed_order(model: LoadedModel, data: CalibrationData) -> dict[str, str]:
 
 
 def _discover_ranks(
-    model, sites: list[OnnxSite], data: CalibrationData, order: dict[str, str], dtypes: dict, device: str
+    model,
+    sites: list[OnnxSite],
+    data: CalibrationData,
+    order: dict[str, str],
+    dtypes: dict,
+    device: str,
+    batch_size: int = 1,
 ) -> None:
     """Sites whose rank shape inference could not tell: run one batch exposing Shape(x) only."""
     from onnx import TensorProto, helper
@@ -112,7 +118,7 @@ def _discover_ranks(
         probe.graph.node.append(helper.make_node("Shape", [site.input_name], [name], name=name))
         probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, None))
     session = make_session(probe.SerializeToString(), device, [])
-    batch = next(data.batches(1))
+    batch = next(data.batches(batch_size))
     feeds = {inp: as_input(batch[arr], dtypes[inp]) for inp, arr in order.items()}
     for site, shape in zip(unknown, session.run(None, feeds), strict=True):
         site.rank = int(np.asarray(shape).shape[0])
@@ -141,6 +147,8 @@ def _from_pooled(values: dict[str, np.ndarray], static_positions: int | None) ->
         "sum": (np.asarray(values["sum_nc"], dtype=np.float64).reshape(n, c) * positions).sum(axis=0),
         "max": np.asarray(values["max_nc"], dtype=np.float64).reshape(n, c).max(axis=0),
     }
+    if "min_nc" in values:  # pooled as max(-x)
+        out["min"] = -np.asarray(values["min_nc"], dtype=np.float64).reshape(n, c).max(axis=0)
     if "sat_nc" in values:
         out["sat"] = (
             np.rint(np.asarray(values["sat_nc"], dtype=np.float64).reshape(n, c) * positions)
@@ -188,7 +196,7 @@ class _NanRecount:
 class HostAccumulator:
     def __init__(self, site: OnnxSite) -> None:
         self.site = site
-        self.positive = self.max_pre = self.sum_abs = self.saturated = None
+        self.positive = self.max_pre = self.sum_abs = self.saturated = self.min_pre = None
         self.elements = 0
 
     def add(self, values: dict[str, np.ndarray]) -> None:
@@ -196,12 +204,14 @@ class HostAccumulator:
             values = _from_pooled(values, self.site.positions)
         pos, mx, sm, size = (np.asarray(values[k]) for k in ("pos", "max", "sum", "size"))
         sat = np.asarray(values["sat"]) if "sat" in values else None
+        mn = np.asarray(values["min"]) if "min" in values else None
         if self.site.in_loop:  # per-iteration scan outputs: fold the iterations
             iterations = [i for i in range(pos.shape[0]) if pos[i].size] if pos.ndim == 2 else []
             if not iterations:
                 return
             pos, sm = pos[iterations].sum(0), sm[iterations].sum(0)
             mx = mx[iterations].max(0)
+            mn = mn[iterations].min(0) if mn is not None else None
             sat = sat[iterations].sum(0) if sat is not None else None
             size = int(np.asarray(size).sum())
         size = int(size)
@@ -223,6 +233,11 @@ class HostAccumulator:
         if self.site.float16:
             mx = mx.astype(np.float16).astype(np.float64)
         self.max_pre = np.maximum(self.max_pre, mx)
+        if mn is not None:
+            mn = mn.reshape(-1)
+            if self.site.float16:
+                mn = mn.astype(np.float16).astype(np.float64)
+            self.min_pre = mn if self.min_pre is None else np.minimum(self.min_pre, mn)
         self.sum_abs += sm.reshape(-1)
         if self.saturated is not None and sat is not None:
             self.saturated += sat.reshape(-1).astype(np.int64)
@@ -240,8 +255,10 @@ class HostAccumulator:
                 0,
                 empty_f,
                 empty_f,
-                module_type="Relu" if site.op == "relu" else "Clip",
+                module_type=site.module_type or ("Relu" if site.op == "relu" else "Clip"),
                 producer=site.producer,
+                implicit=site.implicit,
+                weight=site.weight,
             )
         bias = None
         if site.bias is not None and np.asarray(site.bias).reshape(-1).shape[0] == self.positive.shape[0]:
@@ -255,9 +272,12 @@ class HostAccumulator:
             max_preactivation=self.max_pre,
             sum_abs=self.sum_abs,
             saturated_counts=self.saturated,
-            module_type="Relu" if site.op == "relu" else "Clip",
+            module_type=site.module_type or ("Relu" if site.op == "relu" else "Clip"),
             producer=site.producer if bias is not None else None,
             bias=bias,
+            implicit=site.implicit,
+            weight=site.weight,
+            min_preactivation=self.min_pre,
         )
 
 
@@ -288,11 +308,21 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                     raise UserError(
                         f"{data.path}: array {source.name!r} has shape {list(got)}, model input {spec.name!r} expects {shown} {spec.dtype}"
                     )
+    from deadrelu_cli.probe.onnx_deployed import deployed_view
+
+    changed, deployed_notes = deployed_view(loaded.runnable)
+    if changed:  # the graph differs from the file's bytes now
+        loaded.extra.pop("file_bytes", None)
+    loaded.notes.extend(deployed_notes)
     sites = find_sites(loaded.runnable, options.ops)
+    for site in sites:
+        site.track_min = options.explain
     if not sites:
         loaded.notes.append(_no_sites_note(loaded.runnable, options.ops))
         return loaded, []
-    _discover_ranks(loaded.runnable, sites, data, order, dtypes, device)
+    total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
+    batch_size = _batch_size(options, loaded, data, order, total)
+    _discover_ranks(loaded.runnable, sites, data, order, dtypes, device, batch_size)
     model_bytes = instrumented_bytes(loaded, sites, options.threshold, options.channel_dim, device)
     session = make_session(model_bytes, device, loaded.notes)
     del model_bytes
@@ -300,12 +330,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     output_names = [name for per_site in outputs for name in per_site.values()]
     recount = _NanRecount(loaded, sites, options, device)
     accumulators = [HostAccumulator(site) for site in sites]
-    total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     done = 0
-
-    from deadrelu_cli.inputs import resolve_batch_size
-
-    batch_size = resolve_batch_size(options.batch_size, data, list(order.values()))
 
     def feeds_of():
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
@@ -320,8 +345,13 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         except Exception as exc:  # onnxruntime's own exception types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if index == 0:
+                # onnxruntime puts which dimension is wrong on a line of its own: "index: 0 Got: 4 Expected: 1"
+                detail = [line.strip() for line in str(exc).splitlines()[1:] if "Got:" in line]
+                hint = "check that --data fits the model's inputs"
+                if loaded.fixed_batch is not None and batch_size != loaded.fixed_batch:
+                    hint = f"the model's inputs fix the batch at {loaded.fixed_batch}: leave out --batch-size or pass --batch-size {loaded.fixed_batch}"
                 raise UserError(
-                    f"onnxruntime failed on the first batch: {first}; check that --data fits the model's inputs"
+                    f"onnxruntime failed on the first batch: {'; '.join([first, *detail])}; {hint}"
                 ) from None
             raise
         for acc, values in zip(accumulators, per_site, strict=True):
@@ -332,6 +362,32 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         if options.progress:
             options.progress(done, total)
     return loaded, [acc.layer_stats() for acc in accumulators]
+
+
+def _batch_size(
+    options, loaded: LoadedModel, data: CalibrationData, order: dict[str, str], total: int
+) -> int:
+    """--batch-size as given; by default the batch the graph's inputs fix (exported with batch 1, say)."""
+    from deadrelu_cli.inputs import resolve_batch_size
+
+    fixed = None
+    for spec in loaded.inputs:  # the samples axis of a batched input, where the graph fixes its size
+        array = order.get(spec.name)
+        axis = data.batch_axes.get(array, 0)
+        if array is not None and array not in data.consts and spec.shape and len(spec.shape) > axis:
+            fixed = spec.shape[axis] if fixed is None else fixed
+    loaded.fixed_batch = fixed
+    if fixed is None or options.batch_size_explicit:
+        return resolve_batch_size(options.batch_size, data, list(order.values()))
+    if total % fixed:
+        raise UserError(
+            f"{loaded.path}: its inputs fix the batch size at {fixed}, and {total} samples is not a multiple "
+            f"of it; re-export with a dynamic batch dim or pass --limit {total - total % fixed}"
+        )
+    loaded.notes.append(
+        f"the model's inputs fix the batch size at {fixed}: scanned with --batch-size {fixed}"
+    )
+    return fixed
 
 
 _ACTIVATION_LIKE = (

@@ -70,13 +70,6 @@ def certify(model: LoadedModel, options: ScanOptions, shapes: list, data, device
     return certify_graph(graph, boxes, options.ops, options.threshold, options.channel_dim)
 
 
-def runner(loaded: LoadedModel, data: CalibrationData, device: str):
-    """batch -> list of output arrays (to compare a model before and after a fix)."""
-    from deadrelu_cli.backends.torch.fix import torch_runner
-
-    return torch_runner(loaded, input_order(loaded, data), device)
-
-
 def apply_fix(scanned, plans, options, scan_options, temp, result):
     from deadrelu_cli.backends.torch.fix import apply_torch
 

@@ -6,11 +6,10 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from deadrelu_cli.backends.torch import strategies as eager
-from deadrelu_cli.backends.torch.inputs import example_inputs, to_tensor
+from deadrelu_cli.backends.torch.inputs import example_inputs, torch_runner
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.fixes.plan import (
     ARTIFACT_SUFFIXES,
@@ -24,17 +23,6 @@ from deadrelu_cli.inputs import match_inputs
 from deadrelu_cli.loaders import LoadOptions, load_model
 
 ARCHITECTURE_CHANGING = ("prune", "leaky", "elu")
-
-
-def torch_runner(loaded, order: list[str], device: str):
-    def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-        inputs = tuple(to_tensor(batch[name], loaded.float_dtype, device) for name in order)
-        with torch.inference_mode():
-            out = loaded.runnable(*inputs)
-        leaves = torch.utils._pytree.tree_leaves(out)
-        return [leaf.detach().float().cpu().numpy() for leaf in leaves if isinstance(leaf, torch.Tensor)]
-
-    return run
 
 
 def write_artifact(module: torch.nn.Module, example: tuple, path: Path, suffix: str) -> None:
@@ -160,7 +148,7 @@ def apply_torch(
     result.flops_after = eager.linear_conv_flops(model, example)
 
     def patched_runner():
-        from deadrelu_cli.backends import runner_for
+        from deadrelu_cli.backends.runners import runner_for
 
         return runner_for(
             load_model(LoadOptions(str(temp), scan_options.arch, scan_options.trust_pickle, device)),
@@ -234,7 +222,7 @@ def _exported_runners(
     scanned, graph_module: torch.fx.GraphModule, temp: Path, result: FixResult, patched: bool = True
 ):
     """Write the patched module as a .pt2 (when anything was patched); the (original, patched) runners."""
-    from deadrelu_cli.backends import runner_for
+    from deadrelu_cli.backends.runners import runner_for
 
     loaded = scanned.model
     order = match_inputs(loaded, scanned.data)
@@ -352,7 +340,7 @@ def _patch_torchscript(scanned, plans: list[LayerPlan], options: FixOptions, tem
 
     The k-th activation node of the inlined forward is the k-th call site the scan found (the probe
     already checked that order against execution); anything else is refused."""
-    from deadrelu_cli.backends import runner_for
+    from deadrelu_cli.backends.runners import runner_for
 
     loaded = scanned.model
     module = torch.jit.load(str(loaded.path), map_location=scanned.device)

@@ -114,3 +114,17 @@ def cuda_sample_cost(model: LoadedModel, data: CalibrationData, order: list[str]
         return max(1, torch.cuda.max_memory_allocated() - before), free // 2
 
     return measure if device.startswith("cuda") else None
+
+
+def torch_runner(loaded: LoadedModel, order: list[str], device: str):
+    """batch -> list of output arrays (a fix compares the model before and after)."""
+    import torch
+
+    def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        inputs = tuple(to_tensor(batch[name], loaded.float_dtype, device) for name in order)
+        with torch.inference_mode():
+            out = loaded.runnable(*inputs)
+        leaves = torch.utils._pytree.tree_leaves(out)
+        return [leaf.detach().float().cpu().numpy() for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+    return run

@@ -89,7 +89,12 @@ def scan_torch(
 
     order = match_inputs(model, data)
     check_shapes(model, data, order)
-    settings = ProbeSettings(threshold=options.threshold, channel_dim=options.channel_dim, ops=options.ops)
+    settings = ProbeSettings(
+        threshold=options.threshold,
+        channel_dim=options.channel_dim,
+        ops=options.ops,
+        track_min=options.explain,
+    )
     batch_size = batch_size_for(options.batch_size, model, data, order, device)
     example = None
     if options.compile:

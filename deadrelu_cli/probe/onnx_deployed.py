@@ -1,0 +1,242 @@
+"""Deployed ONNX graphs: activations that are not Relu nodes.
+
+- Fused: onnxruntime's optimizer (ORT_ENABLE_EXTENDED) folds Conv/Gemm + activation into com.microsoft
+  FusedConv / FusedGemm / NhwcFusedConv (attribute `activation`). `unfuse` splits each back into the
+  plain op and an explicit activation node, computing the same float numbers, so the scan sees them.
+- Quantized: a QuantizeLinear whose zero point is its integer type's minimum clamps at 0: fed by a
+  Conv/Gemm/MatMul/Add it *is* the ReLU (quantize_static removes the Relu node and folds it so). The
+  same holds for the output of QLinearConv / QLinearMatMul / QLinearAdd / QGemm (QOperator graphs). A
+  unit fires when its quantized value is above the zero point, i.e. when the dequantized value is > 0.
+  `expose_quantized` gives every such output a DequantizeLinear (float, >= 0) for the statistics.
+- What stays hidden (other fused activations, nchwc layouts, custom domains) is listed by `unseen`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from deadrelu_cli.wiring.onnx_index import GraphIndex, attr
+
+FUSED_OPS = ("FusedConv", "FusedGemm", "NhwcFusedConv")
+# activations onnxruntime fuses, by their name in the `activation` attribute (all standard ONNX ops)
+UNFUSABLE = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid")
+IMPLICIT_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+# QOperator ops: (index of the output scale, index of the output zero point)
+QLINEAR_OUTPUTS = {"QLinearConv": (6, 7), "QLinearMatMul": (6, 7), "QLinearAdd": (6, 7), "QGemm": (7, 8)}
+STANDARD_DOMAINS = ("", "ai.onnx", "com.microsoft", "ai.onnx.ml")
+# com.microsoft / standard ops that are activations the scan does not count (quantized or fused forms)
+HIDDEN_ACTIVATIONS = (
+    "QLinearLeakyRelu",
+    "QLinearSigmoid",
+    "QLinearSoftmax",
+    "QuickGelu",
+    "BiasGelu",
+    "FastGelu",
+)
+DEQUANTIZED_SUFFIX = "_deadrelu_dequantized"
+UNFUSED_MARK = "_deadrelu_unfused_"  # the pre-activation of an unfused node: <output>_deadrelu_unfused_<op>
+
+
+def fused_origin(pre_activation: str) -> str | None:
+    """The fused op type an activation was split from (by `unfuse`), or None."""
+    head, mark, op = pre_activation.rpartition(UNFUSED_MARK)
+    return op if mark and op in FUSED_OPS else None
+
+
+def _zero_point_is_minimum(index: GraphIndex, node: onnx.NodeProto, position: int, optional: bool) -> bool:
+    """True when the zero point at `position` is the minimum of its integer type (uint8 0, int8 -128, …).
+    A QuantizeLinear without one quantizes to uint8 around 0: also the minimum."""
+    name = node.input[position] if len(node.input) > position else ""
+    if not name:
+        return optional and attr(node, "output_dtype", 0) in (0, TensorProto.UINT8)
+    zero = index.constant(name)
+    if zero is None or zero.dtype.kind not in "iu" or zero.size == 0:
+        return False
+    return bool(np.all(zero == np.iinfo(zero.dtype).min))
+
+
+def _dequantized_consumer(index: GraphIndex, quantized: str) -> str | None:
+    for consumer in index.consumers.get(quantized, []):
+        if consumer.op_type == "DequantizeLinear" and consumer.input[0] == quantized:
+            return consumer.output[0]
+    return None
+
+
+def implicit_relu(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, str | None, str] | None:
+    """(name, pre-activation tensor, dequantized output or None) of the implicit ReLU that `node`
+    performs, if it does. The pre-activation of a QOperator op lives inside it: None then."""
+    if node.op_type == "QuantizeLinear":
+        source = index.producer.get(node.input[0])
+        if source is None or source.op_type not in IMPLICIT_PRODUCERS:
+            return None
+        if not _zero_point_is_minimum(index, node, 2, optional=True):
+            return None
+        return node.input[0], node.input[0], _dequantized_consumer(index, node.output[0])
+    positions = QLINEAR_OUTPUTS.get(node.op_type)
+    if positions is None or not _zero_point_is_minimum(index, node, positions[1], optional=False):
+        return None
+    return node.output[0], None, _dequantized_consumer(index, node.output[0])
+
+
+def expose_quantized(model: onnx.ModelProto) -> int:
+    """Give each implicit ReLU without one a DequantizeLinear of its quantized output (same scale and
+    zero point; the graph's own outputs are untouched). Returns how many were added."""
+    graph = model.graph
+    index = GraphIndex(graph)
+    added = []
+    for node in graph.node:
+        found = implicit_relu(node, index)
+        if found is None or found[2] is not None:
+            continue
+        if node.op_type == "QuantizeLinear":
+            inputs = list(node.input[1:3])
+        else:
+            scale_at, zero_at = QLINEAR_OUTPUTS[node.op_type]
+            inputs = [node.input[scale_at], node.input[zero_at] if len(node.input) > zero_at else ""]
+        out = node.output[0] + DEQUANTIZED_SUFFIX
+        dq = helper.make_node("DequantizeLinear", [node.output[0], *inputs], [out], name=out)
+        axis = attr(node, "axis")
+        if axis is not None:
+            dq.attribute.append(helper.make_attribute("axis", axis))
+        added.append(dq)
+        shape = index.shape(node.output[0])
+        if shape is not None:
+            graph.value_info.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
+    graph.node.extend(added)  # appended: nothing reads them, so the order stays topological
+    return len(added)
+
+
+def _activation_nodes(node: onnx.NodeProto, pre: str) -> list[onnx.NodeProto] | None:
+    """The explicit activation a fused node applies to `pre`, or None when it cannot be written so."""
+    kind = attr(node, "activation", b"")
+    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+    if kind not in UNFUSABLE:
+        return None
+    if node.op_type == "FusedGemm":  # activation_alpha -> alpha, … (onnxruntime's FusedGemm kernel)
+        params = {
+            a.name[len("activation_") :]: helper.get_attribute_value(a)
+            for a in node.attribute
+            if a.name.startswith("activation_")
+        }
+        values = [params[k] for k in ("alpha", "beta") if k in params]
+    else:
+        params, values = {}, list(attr(node, "activation_params", []) or [])
+    out = node.output[0]
+    name = ""  # unnamed: the site is named by the tensor it writes, as the float graph's Relu wrote it
+    stem = f"{node.name or out}/{kind}"
+    if kind == "Clip":  # FusedConv: activation_params = [min, max]; opset 11+ Clip takes them as inputs
+        if len(values) != 2:
+            return None
+        bounds = [f"{stem}/min", f"{stem}/max"]
+        return [
+            helper.make_node(
+                "Constant", [], [bounds[i]], name=bounds[i], value=helper.make_tensor(bounds[i], 1, [], [v])
+            )
+            for i, v in enumerate(values)
+        ] + [helper.make_node("Clip", [pre, *bounds], [out], name=name)]
+    attrs = {}
+    if kind == "LeakyRelu" and values:
+        attrs["alpha"] = float(values[0])
+    if kind == "HardSigmoid":
+        attrs.update(zip(("alpha", "beta"), (float(v) for v in values), strict=False))
+    attrs.update({k: v for k, v in params.items() if k in ("alpha", "beta") and kind != "Relu"})
+    return [helper.make_node(kind, [pre], [out], name=name, **attrs)]
+
+
+def unfuse(model: onnx.ModelProto) -> Counter:
+    """Split each FusedConv / FusedGemm / NhwcFusedConv with a known activation into the op and the
+    activation (the same float computation); returns the fused node types split, with counts."""
+    graph = model.graph
+    nodes = list(graph.node)
+    shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
+    rebuilt, split = [], Counter()
+    for node in nodes:
+        if node.op_type not in FUSED_OPS or node.domain != "com.microsoft":
+            rebuilt.append(node)
+            continue
+        pre = f"{node.output[0]}{UNFUSED_MARK}{node.op_type}"
+        activation = _activation_nodes(node, pre)
+        if activation is None:
+            rebuilt.append(node)
+            continue
+        kept = [a for a in node.attribute if not a.name.startswith("activation")]
+        if node.op_type == "NhwcFusedConv":  # the same op without an activation is a plain NHWC conv
+            plain = helper.make_node(
+                node.op_type, list(node.input), [pre], name=node.name, domain=node.domain
+            )
+            extra = []
+        else:
+            op = "Conv" if node.op_type == "FusedConv" else "Gemm"
+            base_inputs = list(node.input[:3])
+            plain = helper.make_node(op, base_inputs, [pre], name=node.name)
+            extra = []
+            if node.op_type == "FusedConv" and len(node.input) > 3 and node.input[3]:
+                # FusedConv's 4th input Z is added before the activation (Conv + Add + Relu fusion)
+                summed = pre + "_sum"
+                plain.output[0] = summed
+                extra = [helper.make_node("Add", [summed, node.input[3]], [pre], name=f"{node.name}/Add")]
+        plain.attribute.extend(kept)
+        rebuilt.extend([plain, *extra, *activation])
+        known = shapes.get(node.output[0])
+        if known is not None:  # the pre-activation has the output's type and shape
+            for name in {pre, plain.output[0]}:
+                typed = onnx.ValueInfoProto()
+                typed.CopyFrom(known)
+                typed.name = name
+                graph.value_info.append(typed)
+        split[node.op_type] += 1
+    if split:
+        del graph.node[:]
+        graph.node.extend(rebuilt)
+        if not any(entry.domain in ("", "ai.onnx") for entry in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("", 13))
+    return split
+
+
+def unseen(model: onnx.ModelProto) -> Counter:
+    """Nodes that may hold an activation the scan cannot count: fused nodes left fused (an activation
+    the unfusing does not know, or onnxruntime's nchwc layout), quantized activations, custom domains.
+    Keyed 'domain.Op' (or 'Op' for standard ones)."""
+    found: Counter = Counter()
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            label = f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+            activation = attr(node, "activation")
+            if activation not in (None, b"", ""):  # a fused node left fused (nchwc Conv included)
+                found[f"{label}(activation={activation.decode()})"] += 1
+            elif node.domain == "com.microsoft.nchwc":
+                pass  # onnxruntime's blocked layout: reorders, pools; activations carry the attribute above
+            elif node.domain not in STANDARD_DOMAINS:
+                found[label] += 1
+            elif node.op_type in HIDDEN_ACTIVATIONS:
+                found[label] += 1
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+
+    walk(model.graph)
+    return found
+
+
+def deployed_view(model: onnx.ModelProto) -> tuple[bool, list[str]]:
+    """Rewrite `model` in place so that every fused or quantized activation the tool knows is
+    scannable; (whether anything changed, notes for the user)."""
+    notes = []
+    split = unfuse(model)
+    if split:
+        listed = ", ".join(f"{op} ×{n}" for op, n in split.most_common())
+        notes.append(f"fused activations scanned unfused ({listed}): the same float computation")
+    exposed = expose_quantized(model)
+    hidden = unseen(model)
+    if hidden:
+        listed = ", ".join(f"{op} ×{n}" for op, n in hidden.most_common())
+        notes.append(
+            f"activations deadrelu cannot see (not scanned, not counted): {listed}; "
+            "scan the float model for those layers"
+        )
+    return bool(split) or exposed > 0, notes

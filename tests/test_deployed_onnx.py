@@ -1,0 +1,415 @@
+"""Deployed ONNX graphs (issue 19): onnxruntime-optimized (fused), int8 QDQ and QOperator, fixed batch.
+
+Everything is built here from one small float CNN exported with torch.onnx.export; the ground truth comes
+from running each graph with the relevant tensors exposed as outputs and counting in numpy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from torch import nn
+
+DEAD_C2 = [0, 1, 2]  # bias -50: never fire
+CONSTANT_C2 = 3  # zero weights, bias +1: always exactly 1.0
+DEAD_FC = [0, 1]
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 6)
+        self.fc2 = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x)).flatten(1)
+        return self.fc2(torch.relu(self.fc(x)))
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, x: np.ndarray) -> None:
+        self.batches = iter([{"x": x[i : i + 4]} for i in range(0, len(x), 4)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """float.onnx, opt.onnx (ORT_ENABLE_EXTENDED), qdq.onnx, qop.onnx, b1.onnx (fixed batch 1), data.npz."""
+    root = tmp_path_factory.mktemp("deployed")
+    torch.manual_seed(0)
+    net = _Net().eval()
+    with torch.no_grad():
+        net.c2.bias[DEAD_C2] = -50.0
+        net.c2.weight[CONSTANT_C2] = 0.0
+        net.c2.bias[CONSTANT_C2] = 1.0
+        net.fc.bias[DEAD_FC] = -50.0
+    x = np.random.default_rng(0).standard_normal((20, 3, 8, 8)).astype(np.float32)
+    np.savez(root / "data.npz", x=x)
+    sample = torch.from_numpy(x[:1])
+    common = dict(dynamo=False, input_names=["x"], output_names=["y"], opset_version=17)
+    torch.onnx.export(net, sample, str(root / "float.onnx"), dynamic_axes={"x": {0: "n"}}, **common)
+    torch.onnx.export(net, sample, str(root / "b1.onnx"), **common)
+    for fmt, name in ((QuantFormat.QDQ, "qdq"), (QuantFormat.QOperator, "qop")):
+        quantize_static(
+            str(root / "float.onnx"),
+            str(root / f"{name}.onnx"),
+            _Reader(x),
+            quant_format=fmt,
+            activation_type=QuantType.QUInt8 if name == "qdq" else QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(root / "opt.onnx")
+    ort.InferenceSession(str(root / "float.onnx"), options, providers=["CPUExecutionProvider"])
+    return root, x
+
+
+def _run_exposing(path, names: list[str], x: np.ndarray) -> list[np.ndarray]:
+    """Run the graph with `names` as its outputs (plain onnxruntime)."""
+    model = onnx.load(str(path))
+    del model.graph.output[:]
+    for name in names:
+        value = onnx.ValueInfoProto()
+        value.name = name
+        model.graph.output.append(value)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def _per_unit(array: np.ndarray) -> np.ndarray:
+    """[N, C, ...] or [N, C] -> [C, everything else]."""
+    return np.moveaxis(array, 1, 0).reshape(array.shape[1], -1)
+
+
+def _scan(cli, root, name: str, *extra: str, data=None) -> dict:
+    data = data or root / "data.npz"
+    result = cli("scan", root / f"{name}.onnx", "--data", data, "--json", "-", "-q", *extra)
+    assert result.code == 0, result.err
+    return result.json()
+
+
+def _const(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
+
+
+def test_float_counts_match_numpy(cli, deployed):
+    root, x = deployed
+    relus = [n.output[0] for n in onnx.load(str(root / "float.onnx")).graph.node if n.op_type == "Relu"]
+    truth = [(_per_unit(a) > 0).sum(axis=1) for a in _run_exposing(root / "float.onnx", relus, x)]
+    report = _scan(cli, root, "float")
+    assert [layer["positive_counts"] for layer in report["layers"]] == [t.tolist() for t in truth]
+    assert report["layers"][1]["dead_indices"] == DEAD_C2
+    assert set(DEAD_FC) <= set(report["layers"][2]["dead_indices"])
+
+
+def test_optimized_graph_gives_the_float_graphs_dead_units(cli, deployed):
+    root, _ = deployed
+    fused = [n.op_type for n in onnx.load(str(root / "opt.onnx")).graph.node if n.domain == "com.microsoft"]
+    assert fused.count("FusedConv") == 2 and "FusedGemm" in fused  # the activations are inside fused nodes
+    float_report, opt_report = _scan(cli, root, "float"), _scan(cli, root, "opt")
+    assert len(opt_report["layers"]) == 3
+    for a, b in zip(float_report["layers"], opt_report["layers"], strict=True):
+        assert a["dead_indices"] == b["dead_indices"]
+        assert a["positive_counts"] == b["positive_counts"]
+        assert b["implicit"] == "fused" and b["module_type"] in ("FusedConv", "FusedGemm")
+        assert a["weight"] == b["weight"]  # c1.weight, c2.weight, fc.weight in both
+        np.testing.assert_allclose(a["max_preactivation"], b["max_preactivation"], rtol=1e-5, atol=1e-5)
+    assert any("FusedConv ×2" in note for note in opt_report["notes"])
+
+
+def _implicit_quantizes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """QuantizeLinear nodes right after a Conv/Gemm whose zero point is the type's minimum (test's own)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or producers.get(node.input[0]) is None:
+            continue
+        zero = _const(model, node.input[2])
+        if producers[node.input[0]].op_type in ("Conv", "Gemm") and zero == np.iinfo(zero.dtype).min:
+            found.append(node)
+    return found
+
+
+def test_qdq_int8_counts_are_exact(cli, deployed):
+    root, x = deployed
+    model = onnx.load(str(root / "qdq.onnx"))
+    assert not [n for n in model.graph.node if n.op_type == "Relu"]  # the quantizer folded every Relu
+    quantizes = _implicit_quantizes(model)
+    assert len(quantizes) == 3
+    values = _run_exposing(
+        root / "qdq.onnx", [q.output[0] for q in quantizes] + [q.input[0] for q in quantizes], x
+    )
+    report = _scan(cli, root, "qdq")
+    assert len(report["layers"]) == 3
+    for q, quantized, pre, layer in zip(quantizes, values[:3], values[3:], report["layers"], strict=True):
+        zero = _const(model, q.input[2]).astype(np.int64)
+        scale = float(_const(model, q.input[1]))
+        fired = _per_unit(quantized.astype(np.int64)) > zero
+        dequantized = (_per_unit(quantized.astype(np.int64)) - zero) * np.float32(scale)
+        assert layer["op"] == "relu" and layer["implicit"] == "quantize"
+        assert layer["module_type"] == "QuantizeLinear"
+        assert layer["positive_counts"] == fired.sum(axis=1).tolist()
+        assert layer["positive_counts"] == (dequantized > 0).sum(axis=1).tolist()
+        assert layer["elements_per_unit"] == fired.shape[1]
+        np.testing.assert_allclose(layer["sum_abs"], dequantized.sum(axis=1), rtol=1e-5)
+        np.testing.assert_allclose(layer["max_preactivation"], _per_unit(pre).max(axis=1), rtol=1e-6)
+        assert layer["weight"].endswith("weight_quantized")
+    assert report["layers"][1]["dead_indices"] == DEAD_C2
+    assert set(DEAD_FC) <= set(report["layers"][2]["dead_indices"])
+
+
+def test_qoperator_counts_are_exact(cli, deployed):
+    root, x = deployed
+    model = onnx.load(str(root / "qop.onnx"))
+    ops = {"QLinearConv": 7, "QGemm": 8}  # where each keeps its output zero point
+    nodes = [
+        n
+        for n in model.graph.node
+        if n.op_type in ops and (z := _const(model, n.input[ops[n.op_type]])) == np.iinfo(z.dtype).min
+    ]
+    assert [n.op_type for n in nodes] == ["QLinearConv", "QLinearConv", "QGemm"]
+    values = _run_exposing(root / "qop.onnx", [n.output[0] for n in nodes], x)
+    report = _scan(cli, root, "qop")
+    assert len(report["layers"]) == 3
+    for node, quantized, layer in zip(nodes, values, report["layers"], strict=True):
+        zero = int(_const(model, node.input[ops[node.op_type]]))
+        assert layer["implicit"] == "quantize" and layer["module_type"] == node.op_type
+        assert layer["positive_counts"] == (_per_unit(quantized.astype(np.int64)) > zero).sum(axis=1).tolist()
+    assert report["layers"][1]["dead_indices"] == DEAD_C2
+
+
+def test_diff_and_baseline_match_deployed_layers_to_float_ones(cli, deployed, tmp_path):
+    root, _ = deployed
+    reports = {}
+    for name in ("float", "qdq", "qop"):
+        reports[name] = tmp_path / f"{name}.json"
+        reports[name].write_text(json.dumps(_scan(cli, root, name)))
+    shown = cli("diff", reports["float"], reports["qdq"], "--all")
+    assert shown.code == 0
+    assert shown.out.count("←") == 3 and "(absent)" not in shown.out  # every int8 layer met its float one
+    assert cli("gate", reports["qop"], "--baseline", reports["float"], "-q").code == 0
+    # a float baseline with fewer dead units in c2: the int8 graph has more, and the gate says so
+    fewer = json.loads(reports["float"].read_text())
+    fewer["layers"][1]["positive_counts"] = [1] * 8
+    reports["fewer"] = tmp_path / "fewer.json"
+    reports["fewer"].write_text(json.dumps(fewer))
+    failed = cli("gate", reports["qdq"], "--baseline", reports["fewer"], "-q")
+    assert failed.code == 1
+    assert "layer /Relu_1_output_0: dead fraction grew" in failed.err
+
+
+def test_fixed_batch_model_scans_with_its_batch_by_default(cli, deployed):
+    root, x = deployed
+    assert onnx.load(str(root / "b1.onnx")).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    result = cli("scan", root / "b1.onnx", "--data", root / "data.npz", "--json", "-")
+    assert result.code == 0, result.err
+    assert result.json()["layers"][1]["dead_indices"] == DEAD_C2
+    assert any("fix the batch size at 1" in note for note in result.json()["notes"])
+    wrong = cli("scan", root / "b1.onnx", "--data", root / "data.npz", "--batch-size", "4")
+    assert wrong.code == 2
+    assert "index: 0 Got: 4 Expected: 1" in wrong.err and "Traceback" not in wrong.err
+
+
+def _onnx_without_relu(path, op: str, domain: str = ""):
+    """x[N,4] -> Gemm -> OP -> y, and for QLinearLeakyRelu the quantize/dequantize around it."""
+    from onnx import TensorProto, helper
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    inits = [w]
+    if op == "Tanh":
+        nodes = [helper.make_node("Gemm", ["x", "w"], ["h"]), helper.make_node("Tanh", ["h"], ["y"])]
+    else:
+        inits += [
+            numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+            numpy_helper.from_array(np.array(128, np.uint8), "z"),
+        ]
+        nodes = [
+            helper.make_node("Gemm", ["x", "w"], ["h"]),
+            helper.make_node("QuantizeLinear", ["h", "s", "z"], ["hq"]),
+            helper.make_node(op, ["hq", "s", "z", "s", "z"], ["lq"], domain=domain, alpha=0.1),
+            helper.make_node("DequantizeLinear", ["lq", "s", "z"], ["y"]),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        initializer=inits,
+    )
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_gate_fails_on_a_model_with_no_scanned_site(cli, tmp_path):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32))
+    model = _onnx_without_relu(tmp_path / "tanh.onnx", "Tanh")
+    failed = cli("scan", model, "--data", data, "--max-dead", "0", "--json", tmp_path / "r.json")
+    assert failed.code == 1
+    assert "no activation site was scanned" in failed.err and "gate passed" not in failed.err
+    assert "Tanh: smooth activations" in " ".join(failed.out.split())
+    assert cli("scan", model, "--data", data, "--max-dead", "0", "--allow-no-sites").code == 0
+    assert cli("gate", tmp_path / "r.json", "--max-dead", "0").code == 1
+    assert cli("gate", tmp_path / "r.json", "--max-dead", "0", "--allow-no-sites").code == 0
+
+
+def test_activations_the_tool_cannot_see_are_named(cli, tmp_path):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32))
+    model = _onnx_without_relu(tmp_path / "qleaky.onnx", "QLinearLeakyRelu", "com.microsoft")
+    result = cli("scan", model, "--data", data, "--max-dead", "0")
+    assert result.code == 1
+    err = " ".join((result.out + result.err).split())
+    assert "activations deadrelu cannot see" in err and "com.microsoft.QLinearLeakyRelu ×1" in err
+    assert "smooth" not in err  # the graph has no smooth activation to blame
+
+
+def test_explain_lists_constant_channels(cli, deployed, tmp_path):
+    root, x = deployed
+    relus = [n.output[0] for n in onnx.load(str(root / "float.onnx")).graph.node if n.op_type == "Relu"]
+    outputs = _run_exposing(root / "float.onnx", relus, x)
+    report = _scan(cli, root, "float", "--explain")
+    for layer, out in zip(report["layers"], outputs, strict=True):
+        units = _per_unit(out)
+        constant = units.min(axis=1) == units.max(axis=1)
+        zero = constant & (units.max(axis=1) == 0)
+        found = layer.get("extra", {}).get("constant_channels", {"all_zero": [], "single_value": []})
+        assert found["all_zero"] == np.flatnonzero(zero).tolist()
+        assert found["single_value"] == np.flatnonzero(constant & ~zero).tolist()
+    assert report["layers"][1]["extra"]["constant_channels"] == {
+        "all_zero": DEAD_C2,
+        "single_value": [CONSTANT_C2],
+    }
+    # the per-unit minimum merges exactly: two halves give the whole
+    halves = []
+    for i, part in enumerate((x[:9], x[9:])):
+        np.savez(tmp_path / f"h{i}.npz", x=part)
+        halves.append(tmp_path / f"h{i}.json")
+        assert (
+            cli(
+                "scan",
+                root / "float.onnx",
+                "--data",
+                tmp_path / f"h{i}.npz",
+                "--explain",
+                "--json",
+                halves[-1],
+            ).code
+            == 0
+        )
+    merged = cli("merge", *halves).json()
+    for a, b in zip(merged["layers"], report["layers"], strict=True):
+        assert a["min_preactivation"] == pytest.approx(b["min_preactivation"], rel=1e-6)
+
+
+def test_fix_on_deployed_graphs_refuses_or_works_never_crashes(cli, deployed, tmp_path):
+    root, _ = deployed
+    for strategy in ("reinit", "leaky", "bias-shift", "prune"):
+        result = cli(
+            "fix",
+            root / "qdq.onnx",
+            "--data",
+            root / "data.npz",
+            "--strategy",
+            strategy,
+            "-o",
+            tmp_path / f"q_{strategy}.onnx",
+        )
+        assert result.code == 2, (strategy, result.err)
+        assert "folded into a QuantizeLinear" in result.err and "Traceback" not in result.err
+    fixed = cli(
+        "fix",
+        root / "opt.onnx",
+        "--data",
+        root / "data.npz",
+        "--strategy",
+        "reinit",
+        "-o",
+        tmp_path / "o.onnx",
+    )
+    assert fixed.code == 0, fixed.err
+    rescanned = _scan(cli, tmp_path, "o", data=root / "data.npz")
+    assert [layer["dead"] for layer in rescanned["layers"]][:2] == [0, 0]
+
+
+def test_ci_doc_deployed_section_runs_as_written(cli, tmp_path, monkeypatch):
+    """docs/ci.md 'Gating deployed graphs': its quantize.py and `$ …` commands, on the bundled CNN."""
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "ci.md").read_text()
+    section = text.split("## Gating deployed graphs", 1)[1].split("\n## ", 1)[0]
+    script = section.split("```python\n", 1)[1].split("```", 1)[0]
+    commands = [line[2:] for line in section.splitlines() if line.startswith("$ ")]
+    assert commands[0] == "python quantize.py" and len(commands) == 6
+    for name in ("model.onnx", "calib.npz"):
+        shutil.copy(ROOT / "sample_models" / "cnn" / name, tmp_path / name)
+    (tmp_path / "quantize.py").write_text(script)
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, "quantize.py"], check=True, capture_output=True)
+    for command in commands[1:]:
+        result = cli(*shlex.split(command)[1:])
+        assert result.code == 0, (command, result.err)
+    shown = cli("diff", "float.json", "int8.json", "--all")
+    assert shown.out.count("←") == 3
+    int8 = json.loads((tmp_path / "int8.json").read_text())
+    assert [layer["implicit"] for layer in int8["layers"]] == ["quantize"] * 3
+
+
+def test_explain_constant_channels_of_a_torch_model(cli, tmp_path):
+    """The torch probe records the per-unit minimum under --explain too: a channel with zero weights and
+    a positive bias is constant (one value), checked against the module's own pre-activation."""
+    from conftest import arch_file, save_npz, save_state_dict
+
+    source = (
+        "import torch\nfrom torch import nn\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    m = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU())\n"
+        "    with torch.no_grad():\n"
+        "        m[0].weight[2] = 0.0; m[0].bias[2] = 0.5; m[0].bias[4] = -40.0\n"
+        "    return m\n"
+    )
+    module, spec = arch_file(tmp_path / "arch.py", source)
+    x = np.random.default_rng(1).standard_normal((10, 3, 6, 6)).astype(np.float32)
+    with torch.no_grad():
+        out = _per_unit(module(torch.from_numpy(x)).numpy())
+    constant = out.min(axis=1) == out.max(axis=1)
+    zero = constant & (out.max(axis=1) == 0)
+    result = cli(
+        "scan",
+        save_state_dict(module, tmp_path / "m.pt"),
+        "--arch",
+        spec,
+        "--data",
+        save_npz(tmp_path / "d.npz", x=x),
+        "--explain",
+        "--json",
+        "-",
+    )
+    assert result.code == 0, result.err
+    found = result.json()["layers"][0]["extra"]["constant_channels"]
+    assert found == {
+        "all_zero": np.flatnonzero(zero).tolist(),
+        "single_value": np.flatnonzero(constant & ~zero).tolist(),
+    }
+    assert found == {"all_zero": [4], "single_value": [2]}
