@@ -2,14 +2,17 @@
 
 Per model (an MLP and a CNN), on the CPU, with SGD on random data:
 - "average": 200 training steps with watch(every=100) (2 sampled steps, 2 reports) against 200 without;
-  the runs are interleaved in blocks of 20 steps so that machine noise hits both alike;
-- "sampled": one step with the probe on (watch(every=1), a report every step: the worst case) against one
-  without, medians over the steps.
+  the two loops alternate step by step so that machine noise hits both alike;
+- "sampled": in a run with watch(every=4), the median sampled step (probe on) against the median
+  unsampled one, and the step after a sampled one (it makes the window's report) against the same.
+
+    python scripts/bench_watch.py [THREADS]      (or: python scripts/bench.py --only watch)
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
@@ -57,31 +60,35 @@ def _steps(model, optimizer, x, y, count: int, w=None) -> list[float]:
     return times
 
 
-def measure_case(name: str, factory, steps: int = 200, block: int = 20) -> dict:
+def measure_case(name: str, factory, steps: int = 200) -> dict:
     model, x, y = factory()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     _steps(model, optimizer, x, y, 20)  # warm-up (allocator, kernels)
     watched = watch(model, every=100, config=False, keep_reports=1)
     plain_times, watch_times = [], []
-    for _ in range(steps // block):
-        plain_times += _steps(model, optimizer, x, y, block)
-        watch_times += _steps(model, optimizer, x, y, block, watched)
+    for _ in range(steps):  # alternating steps: machine noise hits both sides alike
+        plain_times += _steps(model, optimizer, x, y, 1)
+        watch_times += _steps(model, optimizer, x, y, 1, watched)
     watched.close()
-    every_step = watch(model, every=1, config=False, keep_reports=1)
-    sampled, unsampled = [], []
-    for _ in range(steps // block):
-        unsampled += _steps(model, optimizer, x, y, block // 4)
-        sampled += _steps(model, optimizer, x, y, block // 4, every_step)
-    every_step.close()
+    # per step, in one run sampling every 4th step: the sampled step (probe on), the next one (it makes
+    # the window's report), and the two unsampled ones (no hook, no mode: the baseline)
+    every4 = watch(model, every=4, config=False, keep_reports=1)
+    times = _steps(model, optimizer, x, y, steps, every4)
+    every4.close()
+    sampled = times[0::4]
+    reporting = times[1::4]
+    unsampled = times[2::4] + times[3::4]
+    base = statistics.median(unsampled)
     return {
         "case": name,
         "steps": steps,
         "plain_ms": 1e3 * statistics.fmean(plain_times),
         "watch_ms": 1e3 * statistics.fmean(watch_times),
         "average_ratio": statistics.fmean(watch_times) / statistics.fmean(plain_times),
-        "unsampled_step_ms": 1e3 * statistics.median(unsampled),
+        "unsampled_step_ms": 1e3 * base,
         "sampled_step_ms": 1e3 * statistics.median(sampled),
-        "sampled_ratio": statistics.median(sampled) / statistics.median(unsampled),
+        "sampled_ratio": statistics.median(sampled) / base,
+        "report_step_ratio": statistics.median(reporting) / base,
     }
 
 
@@ -91,15 +98,18 @@ def measure_watch(steps: int = 200) -> list[dict]:
         measure_case("cnn 3x32x32, batch 16", cnn, steps),
     ]
     print(
-        f"{'training step':<34} {'plain ms':>9} {'watch ms':>9} {'average':>8} {'unsampled':>10} {'sampled':>8} {'ratio':>6}"
+        f"{'training step':<30} {'plain ms':>9} {'watch ms':>9} {'average':>8} "
+        f"{'unsampled':>10} {'sampled':>8} {'ratio':>7} {'report step':>12}"
     )
     for r in rows:
         print(
-            f"{r['case']:<34} {r['plain_ms']:>9.2f} {r['watch_ms']:>9.2f} {r['average_ratio']:>7.3f}x "
-            f"{r['unsampled_step_ms']:>9.2f} {r['sampled_step_ms']:>8.2f} {r['sampled_ratio']:>5.3f}x"
+            f"{r['case']:<30} {r['plain_ms']:>9.2f} {r['watch_ms']:>9.2f} {r['average_ratio']:>7.3f}x "
+            f"{r['unsampled_step_ms']:>9.2f} {r['sampled_step_ms']:>8.2f} {r['sampled_ratio']:>6.3f}x "
+            f"{r['report_step_ratio']:>11.3f}x"
         )
     return rows
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads())
     measure_watch()
