@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint samples bench clean
+.PHONY: demo trend-demo test lint samples bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/deadrelu scan sample_models/mlp/model.pt --arch sample_models/mlp/arch.py:build --data sample_models/mlp/calib.npz
+
+# a small training run (5 checkpoints of the sample MLP, build/trend-run), then `deadrelu trend` on it
+trend-demo: $(STAMP)
+	$(PY) scripts/make_trend_run.py build/trend-run
+	$(VENV)/bin/deadrelu trend build/trend-run --data build/trend-run/calib.npz --arch sample_models/mlp/arch.py:build
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -214,6 +214,10 @@ class CalibrationData:
         total = self.samples if limit is None else min(limit, self.samples)
         self.window = (rank * total // world, (rank + 1) * total // world)
 
+    def select(self, first: int, last: int) -> None:
+        """Only samples [first, last) from now on (the hold-out part of `fix --holdout`)."""
+        self.window = (first, last)
+
     @property
     def local_samples(self) -> int:
         return self.window[1] - self.window[0] if self.window else self.samples

@@ -19,6 +19,7 @@ KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "baseline": ("baseline", str),
     "max-increase": ("max_increase", (int, float)),
     "allow-no-sites": ("allow_no_sites", bool),
+    "allow-unseen": ("allow_unseen", bool),
     "batch-size": ("batch_size", (int, str)),
     "limit": ("limit", int),
     "device": ("device", str),
@@ -80,7 +81,8 @@ def load_config(explicit: str | None = None, start: Path | None = None) -> FileC
             hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(KEYS)}"
             raise UserError(f"{path}: unknown key {key!r} in [tool.deadrelu]{hint}")
         name, expected = KEYS[key]
-        if isinstance(value, bool) or not isinstance(value, expected):
+        # bool is an int to Python: true is no number, but it is the value of an allow-… key
+        if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
             raise UserError(f"{path}: {key} = {value!r} has the wrong type")
         if key == "layer-limits":
             value = [f"{glob}={limit}" for glob, limit in value.items()]

@@ -88,6 +88,7 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         ),
         layers=layers,
         notes=list(model.notes) + [f"check {f.kind}: {f.message}" for f in findings],
+        unseen=dict(model.extra.get("unseen", {})),
     )
     if options.explain:
         from deadrelu_cli.causes import explain

@@ -19,6 +19,7 @@ class GateConfig:
     baseline: Report | None = None
     max_increase: float | None = None  # with a baseline; None means 0
     allow_no_sites: bool = False  # else a report in which no activation site was scanned fails
+    allow_unseen: bool = False  # else a report naming activations the scan could not see fails
 
     @property
     def active(self) -> bool:
@@ -94,6 +95,17 @@ def scanned_any(report: Report) -> bool:
     return any(layer.units and (layer.ran or layer.upper_bound is not None) for layer in report.layers)
 
 
+def unseen_text(unseen: dict[str, int]) -> str:
+    """'domain.Op ×n, …', most frequent first; node types come from the model file: non-printable
+    characters escaped so the reason stays one line."""
+
+    def printable(text: str) -> str:
+        return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+    ranked = sorted(unseen.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{printable(op)} ×{count}" for op, count in ranked)
+
+
 def evaluate(report: Report, config: GateConfig) -> GateResult:
     summary = report.summary()
     model_failures: list[str] = []
@@ -108,6 +120,11 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
         model_failures.append(
             "model: no activation site was scanned, so nothing was checked (see the notes); "
             "pass --allow-no-sites if the model truly has no ReLUs"
+        )
+    if config.active and not config.allow_unseen and report.unseen:
+        model_failures.append(
+            f"model: activations deadrelu could not scan (their dead units are not counted): {unseen_text(report.unseen)}; "
+            "pass --allow-unseen to gate on the scanned layers only"
         )
     # a quantized/optimized graph's layers meet the float baseline's by their producer's weight
     old_layers = match_layers(config.baseline, report) if config.baseline else {}

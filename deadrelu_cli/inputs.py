@@ -11,6 +11,29 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.model import LoadedModel
 
 
+def describe_model_inputs(model: LoadedModel) -> str:
+    """The model's inputs as `name[dims] dtype`, for messages about data that does not fit them."""
+    described = ", ".join(
+        f"{s.name}{'[' + ', '.join('?' if d is None else str(d) for d in s.shape) + ']' if s.shape else ''}"
+        f"{' ' + str(s.dtype) if s.dtype else ''}"
+        for s in model.inputs
+    )
+    return described or "unknown (the model does not declare them)"
+
+
+def describe_arrays(data: CalibrationData) -> str:
+    """The data file's arrays as `name[shape] dtype`: the other side of an input mismatch."""
+    return ", ".join(f"{s.name}{list(s.shape)} {np.dtype(s.dtype).name}" for s in data.sources) or "no arrays"
+
+
+def mismatch(data: CalibrationData, model: LoadedModel, what: str) -> UserError:
+    """One message for data that does not fit the model's inputs: what is wrong, and both sides."""
+    return UserError(
+        f"{data.path}: {what}; the file holds {describe_arrays(data)}; the model's inputs are "
+        f"{describe_model_inputs(model)} (name the arrays after the inputs)"
+    )
+
+
 def match_inputs(model: LoadedModel, data: CalibrationData) -> list[str]:
     """Order the data's arrays as the model's positional inputs."""
     names = data.names
@@ -20,19 +43,11 @@ def match_inputs(model: LoadedModel, data: CalibrationData) -> list[str]:
     if wanted and all(n in names for n in wanted):
         extra = [n for n in names if n not in wanted]
         if extra:
-            raise UserError(
-                f"{data.path}: arrays {', '.join(extra)} match no model input (inputs: {', '.join(wanted)})"
-            )
+            raise mismatch(data, model, f"arrays {', '.join(extra)} match no model input")
         return wanted
-    described = (
-        ", ".join(
-            f"{s.name}{list(s.shape) if s.shape else ''}{' ' + s.dtype if s.dtype else ''}"
-            for s in model.inputs
-        )
-        or "unknown"
-    )
-    raise UserError(
-        f"{data.path}: arrays {', '.join(names)} do not match the model inputs ({described}); name the arrays after the inputs"
+    missing = [w for w in wanted if w not in names]
+    raise mismatch(
+        data, model, f"no array for model input(s) {', '.join(missing)}" if missing else "arrays do not match"
     )
 
 
@@ -47,8 +62,11 @@ def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) ->
             e is not None and e != g for e, g in zip(expected[1:], got[1:], strict=False)
         ):
             shown = "x".join("?" if e is None else str(e) for e in expected)
-            raise UserError(
-                f"{data.path}: array {name!r} has shape {list(got)}, the model input {spec.name!r} expects {shown} (first axis = samples)"
+            raise mismatch(
+                data,
+                model,
+                f"array {name!r} has shape {list(got)}, the model input {spec.name!r} expects {shown} "
+                "(first axis = samples)",
             )
 
 

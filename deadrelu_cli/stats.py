@@ -54,6 +54,9 @@ class LayerStats:
     weight: str | None = None
     # per-unit minimum of the pre-activation (only with --explain: constant channels)
     min_preactivation: np.ndarray | None = None
+    # samples that reached the site (None: not counted, i.e. every sample); fewer than the data's when
+    # the site sits in a branch that ran on some batches only
+    samples: int | None = None
 
     @property
     def units(self) -> int:
@@ -154,4 +157,5 @@ def merge_layer(a: LayerStats, b: LayerStats) -> LayerStats:
             if a.min_preactivation is not None and b.min_preactivation is not None
             else None
         ),
+        samples=None if a.samples is None or b.samples is None else a.samples + b.samples,
     )

@@ -27,7 +27,8 @@ STEP_KEYS = ("global_step", "step", "epoch", "iteration", "iter")
 class Checkpoint:
     path: Path
     step: int | None
-    source: str  # where the order came from: a key of the checkpoint, the file name, or the command line
+    source: str  # where the order came from: "checkpoint" (its own step), "file name" or "command line"
+    key: str | None = None  # the checkpoint's key that held the step (global_step, epoch, …)
 
 
 @dataclass
@@ -48,6 +49,12 @@ class TrendResult:
     checkpoints: list[Checkpoint]
     layers: list[LayerTrend]
     samples: int
+    notes: list[str] = field(default_factory=list)  # files whose own step and name disagree
+
+    @property
+    def order(self) -> str:
+        """Where the order came from, for headers: "checkpoint", "file name", both, or "command line"."""
+        return " and ".join(dict.fromkeys(c.source for c in self.checkpoints))
 
     def to_dict(self) -> dict:
         return {
@@ -55,6 +62,7 @@ class TrendResult:
                 {"path": str(c.path), "step": c.step, "order_from": c.source} for c in self.checkpoints
             ],
             "samples": self.samples,
+            "notes": self.notes,
             "layers": [
                 {
                     "name": t.name,
@@ -106,7 +114,7 @@ def expand_paths(items: list[str]) -> list[Path]:
     return paths
 
 
-def _step_from_checkpoint(path: Path) -> int | None:
+def _step_from_checkpoint(path: Path) -> tuple[int, str] | None:
     import torch
 
     from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP, detect_format
@@ -121,7 +129,7 @@ def _step_from_checkpoint(path: Path) -> int | None:
         for key in STEP_KEYS:
             value = obj.get(key)
             if isinstance(value, int) and not isinstance(value, bool):
-                return value
+                return value, key
     return None
 
 
@@ -129,7 +137,8 @@ def is_report(path: Path) -> bool:
     return path.suffix.lower() == ".json"
 
 
-def _step_from_report(path: Path) -> int | None:
+def _step_from_report(path: Path) -> tuple[int, str] | None:
+    """A JSON report's training step (reports made by watch() and the training callbacks)."""
     import json
 
     try:
@@ -137,24 +146,39 @@ def _step_from_report(path: Path) -> int | None:
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return None  # load_report says what is wrong with it
     step = training.get("step") if isinstance(training, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
+    return (step, "training step") if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def order_checkpoints(paths: list[Path]) -> list[Checkpoint]:
-    """By the checkpoint's own step/epoch (a report's training step) when every file has one, else by a
-    number in the file name, else as given."""
-    steps = [_step_from_report(p) if is_report(p) else _step_from_checkpoint(p) for p in paths]
-    if all(s is not None for s in steps):
-        return sorted(
-            (Checkpoint(p, s, "checkpoint") for p, s in zip(paths, steps, strict=True)), key=lambda c: c.step
-        )
-    numbers = [re.findall(r"\d+", p.stem) for p in paths]
-    if all(numbers):
-        return sorted(
-            (Checkpoint(p, int(n[-1]), "file name") for p, n in zip(paths, numbers, strict=True)),
-            key=lambda c: c.step,
-        )
-    return [Checkpoint(p, None, "command line") for p in paths]
+def _name_number(path: Path) -> int | None:
+    numbers = re.findall(r"\d+", path.stem)
+    return int(numbers[-1]) if numbers else None
+
+
+def order_checkpoints(paths: list[Path]) -> tuple[list[Checkpoint], list[str]]:
+    """Each file by its own step/epoch (a report: its training step) when it has one, else by the number in its name; as given when a
+    file has neither. Also the notes on files whose metadata and name disagree."""
+    found = [_step_from_report(p) if is_report(p) else _step_from_checkpoint(p) for p in paths]
+    named = [_name_number(p) for p in paths]
+    if any(f is None and n is None for f, n in zip(found, named, strict=True)):
+        return [Checkpoint(p, None, "command line") for p in paths], []
+    checkpoints = [
+        Checkpoint(p, f[0], "checkpoint", f[1]) if f is not None else Checkpoint(p, n, "file name")
+        for p, f, n in zip(paths, found, named, strict=True)
+    ]
+    ordered = sorted(checkpoints, key=lambda c: c.step)
+    both = [
+        (c, n) for c, n in zip(checkpoints, named, strict=True) if c.source != "file name" and n is not None
+    ]
+    if len(both) == len(paths) and sorted(both, key=lambda cn: cn[1]) == sorted(
+        both, key=lambda cn: cn[0].step
+    ):
+        return ordered, []  # names count in other units (epochs vs steps) but agree on the order
+    notes = [
+        f"{c.path.name}: {c.key} {c.step} in the file but {n} in its name; placed by its {c.key}"
+        for c, n in both
+        if c.step != n
+    ]
+    return ordered, notes
 
 
 def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerStats]], int]:
@@ -201,7 +225,7 @@ def _read_reports(checkpoints: list[Checkpoint]) -> tuple[list[list[LayerStats]]
 
 
 def run_trend(items: list[str], options) -> TrendResult:
-    checkpoints = order_checkpoints(expand_paths(items))
+    checkpoints, notes = order_checkpoints(expand_paths(items))
     kinds = {is_report(c.path) for c in checkpoints}
     if kinds == {True, False}:
         raise UserError("trend takes checkpoints or JSON reports, not both in one run")
@@ -241,4 +265,4 @@ def run_trend(items: list[str], options) -> TrendResult:
                 trend.revived[int(unit)] = index
             was_dead = dead
         trends.append(trend)
-    return TrendResult(checkpoints, trends, samples)
+    return TrendResult(checkpoints, trends, samples, notes)

@@ -125,5 +125,8 @@ def test_inputs_matched_by_name(tmp_path, planted_module):
     np.testing.assert_array_equal(report.layers[0].positive_counts, (pre > 0).sum(0).numpy())
     assert report.layers[0].producer is None  # a sum of two Linears has no single bias
     save_npz(tmp_path / "bad.npz", foo=image, bar=extra)
-    with pytest.raises(UserError, match=r"do not match the model inputs \(image, extra\)"):
+    with pytest.raises(
+        UserError,
+        match=r"no array for model input\(s\) image, extra; the file holds foo\[9, 3\] float32, bar\[9, 2\] float32; the model's inputs are image.*extra",
+    ):
         scan(str(ckpt), str(tmp_path / "bad.npz"), arch=arch("two_inputs"), device="cpu")

@@ -413,3 +413,181 @@ def test_explain_constant_channels_of_a_torch_model(cli, tmp_path):
         "single_value": np.flatnonzero(constant & ~zero).tolist(),
     }
     assert found == {"all_zero": [4], "single_value": [2]}
+
+
+class _WideNet(nn.Module):
+    """16 channels stay in onnxruntime's blocked layout from conv to conv; 8 are padded to a block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c3 = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x))
+        return self.fc(torch.relu(self.c3(x)).flatten(1))
+
+
+def _nchwc_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [
+        n
+        for n in model.graph.node
+        if n.domain == "com.microsoft.nchwc"
+        and n.op_type == "Conv"
+        and any(a.name == "activation" for a in n.attribute)
+    ]
+
+
+@pytest.fixture(scope="module")
+def nchwc(tmp_path_factory):
+    """wide.onnx (float) and all.onnx (saved by onnxruntime with ORT_ENABLE_ALL on CPU), data.npz."""
+    root = tmp_path_factory.mktemp("nchwc")
+    torch.manual_seed(1)
+    net = _WideNet().eval()
+    with torch.no_grad():
+        net.c2.bias[[0, 5]] = -50.0
+        net.c3.bias[[1]] = -50.0
+    x = np.random.default_rng(1).standard_normal((12, 3, 8, 8)).astype(np.float32)
+    np.savez(root / "data.npz", x=x)
+    torch.onnx.export(
+        net,
+        torch.from_numpy(x[:1]),
+        str(root / "wide.onnx"),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y"],
+        opset_version=17,
+        dynamic_axes={"x": {0: "n"}},
+    )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(root / "all.onnx")
+    options.log_severity_level = 3  # onnxruntime warns that the saved graph is hardware specific
+    ort.InferenceSession(str(root / "wide.onnx"), options, providers=["CPUExecutionProvider"])
+    if not _nchwc_convs(onnx.load(str(root / "all.onnx"))):
+        pytest.skip("onnxruntime wrote no nchwc Conv on this CPU (it has no NCHWc kernels here)")
+    return root, x
+
+
+def test_ort_enable_all_nchwc_graph_gives_the_float_graphs_counts(cli, nchwc):
+    root, x = nchwc
+    optimized = onnx.load(str(root / "all.onnx"))
+    assert len(_nchwc_convs(optimized)) == 3  # every ReLU sits inside a blocked-layout Conv
+    relus = [n for n in onnx.load(str(root / "wide.onnx")).graph.node if n.op_type == "Relu"]
+    values = _run_exposing(root / "wide.onnx", [n.output[0] for n in relus] + [n.input[0] for n in relus], x)
+    outs, pres = values[:3], values[3:]
+    report = _scan(cli, root, "all")
+    assert [layer["name"] for layer in report["layers"]] == [n.output[0] for n in relus]
+    real = [16, 16, 8]  # the model's channels, not the padded block
+    assert [layer["units"] for layer in report["layers"]] == real
+    for layer, out, pre in zip(report["layers"], outs, pres, strict=True):
+        assert layer["implicit"] == "fused" and layer["module_type"] == "nchwc.Conv"
+        assert layer["positive_counts"] == (_per_unit(out) > 0).sum(axis=1).tolist()
+        assert layer["dead_indices"] == np.flatnonzero((_per_unit(out) > 0).sum(axis=1) == 0).tolist()
+        np.testing.assert_allclose(
+            layer["max_preactivation"], _per_unit(pre).max(axis=1), rtol=1e-5, atol=1e-5
+        )
+        np.testing.assert_allclose(layer["sum_abs"], _per_unit(out).sum(axis=1), rtol=1e-4)
+    assert {0, 5} <= set(report["layers"][1]["dead_indices"]) and 1 in report["layers"][2]["dead_indices"]
+    # the deployed graph's own NCHW tensors (after its ReorderOutput nodes) give the same counts
+    reordered = [
+        n.output[0]
+        for n in optimized.graph.node
+        if n.op_type == "ReorderOutput" and n.output[0] in report_names(report)
+    ]
+    assert reordered  # at least the 8-channel layer is reordered back to NCHW by onnxruntime itself
+    by_name = {layer["name"]: layer for layer in report["layers"]}
+    for name, out in zip(reordered, _run_exposing(root / "all.onnx", reordered, x), strict=True):
+        assert by_name[name]["positive_counts"] == (_per_unit(out) > 0).sum(axis=1).tolist()
+    assert "unseen_activations" not in report
+    assert not any("cannot see" in note for note in report["notes"])
+    assert cli("scan", root / "all.onnx", "--data", root / "data.npz", "--max-dead", "0.5", "-q").code == 0
+    # fix never edits a copy the scan added: these sites are skipped with a reason
+    refused = cli(
+        "fix", root / "all.onnx", "--data", root / "data.npz", "--strategy", "leaky", "-o", root / "f.onnx"
+    )
+    assert refused.code == 2 and "nchwc" in refused.err and "Traceback" not in refused.err
+
+
+def report_names(report: dict) -> set[str]:
+    return {layer["name"] for layer in report["layers"]}
+
+
+def _mixed_model(path):
+    """x[N,4] -> Gemm -> Relu (visible) -> MatMul -> Q -> com.microsoft QLinearLeakyRelu (not scannable) -> DQ."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([0, 0, -50, 0, 0, 0], np.float32), "b"),
+        numpy_helper.from_array(rng.standard_normal((6, 6)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+        numpy_helper.from_array(np.array(128, np.uint8), "z"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"], name="relu1"),
+        helper.make_node("MatMul", ["r", "w2"], ["h2"]),
+        helper.make_node("QuantizeLinear", ["h2", "s", "z"], ["hq"]),
+        helper.make_node(
+            "QLinearLeakyRelu", ["hq", "s", "z", "s", "z"], ["lq"], domain="com.microsoft", alpha=0.1
+        ),
+        helper.make_node("DequantizeLinear", ["lq", "s", "z"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_gate_fails_on_activations_the_scan_could_not_see(cli, tmp_path):
+    import jsonschema
+    from conftest import ROOT
+
+    x = np.random.default_rng(4).standard_normal((10, 4)).astype(np.float32)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x)
+    model = _mixed_model(tmp_path / "mixed.onnx")
+    (relu,) = _run_exposing(model, ["r"], x)
+    failed = cli("scan", model, "--data", data, "--max-dead", "0.5", "--json", tmp_path / "r.json")
+    assert failed.code == 1
+    reason = [line for line in failed.err.splitlines() if "could not scan" in line]
+    assert (
+        len(reason) == 1
+        and "com.microsoft.QLinearLeakyRelu ×1" in reason[0]
+        and "--allow-unseen" in reason[0]
+    )
+    saved = json.loads((tmp_path / "r.json").read_text())
+    jsonschema.validate(saved, json.loads((ROOT / "deadrelu_cli" / "report" / "schema_v2.json").read_text()))
+    assert saved["unseen_activations"] == {"com.microsoft.QLinearLeakyRelu": 1}
+    (layer,) = saved["layers"]  # the visible ReLU is still scanned exactly
+    assert layer["positive_counts"] == (relu > 0).sum(axis=0).tolist() and layer["dead_indices"] == [2]
+    assert cli("scan", model, "--data", data, "--max-dead", "0.5", "--allow-unseen").code == 0
+    assert cli("scan", model, "--data", data).code == 0  # no gate limit: a note only
+    # the saved report fails the same way; the flag, or the config key, lets it pass
+    again = cli("gate", tmp_path / "r.json", "--max-dead", "0.5")
+    assert again.code == 1 and "com.microsoft.QLinearLeakyRelu ×1" in again.err
+    assert cli("gate", tmp_path / "r.json", "--max-dead", "0.5", "--allow-unseen").code == 0
+    (tmp_path / "deadrelu.toml").write_text("allow-unseen = true\nmax-dead = 0.5\n")
+    assert cli("gate", tmp_path / "r.json", "--config", tmp_path / "deadrelu.toml").code == 0
+    # merged reports of one model keep its unseen nodes once; a hostile op name stays on one line
+    assert cli("merge", tmp_path / "r.json", tmp_path / "r.json").json()["unseen_activations"] == {
+        "com.microsoft.QLinearLeakyRelu": 1
+    }
+    saved["unseen_activations"] = {"evil.Op\n::error::x": 2}
+    (tmp_path / "evil.json").write_text(json.dumps(saved))
+    evil = cli("gate", tmp_path / "evil.json", "--max-dead", "0.5")
+    assert evil.code == 1 and "evil.Op\\n::error::x ×2" in evil.err

@@ -248,7 +248,7 @@ def test_onnx_exact_strategies(cli, work, strategy):
         # conv1 8→6, conv2 16→12 (and 8→6 inputs), fc 16→12 inputs, 12→10 outputs, head 12→10 inputs; per sample:
         before = 16 * 16 * (8 * 27 + 16 * 72) + 16 * 12 + 12 * 3
         after = 16 * 16 * (6 * 27 + 12 * 54) + 12 * 10 + 10 * 3
-        assert f"Linear/Conv MACs per sample {before:,} → {after:,}" in result.out
+        assert f"MACs per sample (Conv/Linear/MatMul) {before:,} → {after:,}" in result.out
     else:
         fixed = scan(str(out), str(work / "calib.npz"), device="cpu")
         assert sum(int(layer.dead_mask().sum()) for layer in fixed.layers) <= 1  # ≥ 80% of 8 revived

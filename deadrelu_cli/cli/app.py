@@ -8,8 +8,8 @@ import tempfile
 import traceback
 
 import typer
-from rich.console import Console
 
+from deadrelu_cli.cli.console import make_console
 from deadrelu_cli.errors import EXIT_INTERNAL, DeadreluError, one_line
 from deadrelu_cli.version import __version__
 
@@ -78,11 +78,25 @@ def _is_number(text: str) -> bool:
     return True
 
 
+# Typer vendors Click; its public BadParameter is a Click UsageError, a ClickException (usage errors and
+# the like, exit 2), which we catch to print in one line instead of Typer's boxed panel.
+CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def usage_message(exc: Exception) -> str:
+    """A Click usage error as one line, with the command whose --help tells more."""
+    text = one_line(exc.format_message())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        text += f" (see '{ctx.command_path} --help')"
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _join_input_range(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args or os.environ.get("DEADRELU_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err = make_console(stderr=True, soft_wrap=True)
     if not debug:  # library deprecation chatter (torch.jit, pytree, …) is not the user's business
         import warnings
 
@@ -90,8 +104,18 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
     try:
-        # standalone mode: Typer/Click handle --help and usage errors (exit 2) and call sys.exit themselves
-        app(args=args, prog_name="deadrelu")
+        # not standalone: usage errors come here, to be told in one line like every other error
+        code = app(args=args, prog_name="deadrelu", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except CLICK_ERROR as exc:
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            if debug:
+                traceback.print_exc()
+            err.print(f"deadrelu: error: {usage_message(exc)}", markup=False)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("deadrelu: interrupted", markup=False)
+        sys.exit(130)
     except DeadreluError as exc:
         if debug:
             traceback.print_exc()

@@ -6,9 +6,9 @@ import json
 import sys
 
 import typer
-from rich.console import Console
 
 from deadrelu_cli.cli import options as opt
+from deadrelu_cli.cli.console import make_console
 
 Strategy = opt.Annotated[
     str,
@@ -74,6 +74,13 @@ def fix(
         help="Training checkpoints with optimizer state: optimizer steps taken from the written state "
         "before counting the fixed units that still fire (0: skip).",
     ),
+    holdout: float | None = typer.Option(
+        None,
+        "--holdout",
+        help="Keep this fraction of the data (its last samples) from the scan and verify the fix on it: "
+        "units dead on the rest may fire there.",
+        show_default=False,
+    ),
     json_out: opt.JsonOut = None,
 ) -> None:
     """Patch the dead units of MODEL and write OUT; exit 0 written and verified, 1 verification failed (nothing written)."""
@@ -104,9 +111,10 @@ def fix(
         certified_only=certified_only,
         kick_scale=kick_scale,
         resume_steps=resume_steps,
+        holdout=holdout,
     )
     result = run_fix(scan_options, fix_options)
-    console = Console(stderr=json_out == "-", highlight=False)
+    console = make_console(stderr=json_out == "-")
     print_fix(result, console, model, output, data)
     if json_out:
         text = json.dumps(result.to_dict(), indent=2) + "\n"
@@ -114,6 +122,8 @@ def fix(
             sys.stdout.write(text)
         else:
             write_text_atomic(json_out, text)
+    if result.nothing_to_fix:  # a success: MODEL is already what fix would make; OUT is not written
+        return
     if not result.written:
         raise GateFailed(f"verification failed: nothing written to {output} (use --force to write anyway)")
     console.print(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 
 from deadrelu_cli.cli import options as opt
+from deadrelu_cli.cli.console import make_console
 
 InputShape = opt.Annotated[
     str | None,
@@ -28,7 +28,7 @@ def inspect(
     from deadrelu_cli.sites import list_sites
 
     sites, note = list_sites(model, loading.arch, loading.trust_pickle, parse_ops(ops), input_shape)
-    console = Console(highlight=False)
+    console = make_console()
     console.print(f"{model}: {len(sites)} activation sites", markup=False)
     table = plain_table()
     for column in ("#", "Layer", "Op", "Module type"):

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Any, get_type_hints
 
 import typer
-from rich.console import Console
 
 Model = Annotated[
     str,
@@ -216,6 +215,13 @@ AllowNoSites = Annotated[
         help="Gate: pass a model in which no activation site was scanned (by default that fails: nothing was checked).",
     ),
 ]
+AllowUnseen = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unseen",
+        help="Gate: pass even though the model has activations the scan could not see (fused, quantized or custom-domain nodes it cannot count; by default that fails).",
+    ),
+]
 Junit = Annotated[str | None, typer.Option("--junit", help="Write JUnit XML (one testcase per layer) here.")]
 Markdown = Annotated[
     str | None,
@@ -353,6 +359,7 @@ class Gating(OptionGroup):
     baseline: Baseline = None
     max_increase: MaxIncrease = None
     allow_no_sites: AllowNoSites = False
+    allow_unseen: AllowUnseen = False
     junit: Junit = None
     markdown: Markdown = None
 
@@ -369,6 +376,7 @@ class Gating(OptionGroup):
             baseline=load_report(self.baseline) if self.baseline else None,
             max_increase=self.max_increase,
             allow_no_sites=bool(self.allow_no_sites),
+            allow_unseen=bool(self.allow_unseen),
         )
 
 
@@ -407,11 +415,12 @@ def command(func: Callable) -> Callable:
             p.name: values[p.name] for p in spread if p.name in values
         }  # Click gives them in argv order
         if settings:
+            from deadrelu_cli.cli.console import make_console
             from deadrelu_cli.cli.gating import merge_settings, show_config
 
             values, sources, _ = merge_settings(ctx, values, values["config"])
             if values["show_config_flag"]:
-                show_config(values, sources, Console(highlight=False))
+                show_config(values, sources, make_console())
                 return
         for name, group in groups.items():
             values[name] = group.take(values)

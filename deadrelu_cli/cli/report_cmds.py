@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 import typer
-from rich.console import Console
 
 from deadrelu_cli.cli import options as opt
+from deadrelu_cli.cli.console import make_console
 from deadrelu_cli.cli.gating import run_gate
 
 
@@ -23,9 +23,9 @@ def gate(
     from deadrelu_cli.report.table import print_report
 
     report = load_report(report_path)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err = make_console(stderr=True, soft_wrap=True)
     if not quiet:
-        print_report(report, Console(highlight=False))
+        print_report(report, make_console())
     config = gating.config()
     if not config.active:
         from deadrelu_cli.errors import UserError
@@ -54,7 +54,7 @@ def merge(
         return
     refuse_overwrite_of_inputs(json_out, reports)
     write_text_atomic(json_out, text)
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
+    make_console(stderr=True, soft_wrap=True).print(
         f"merged {len(reports)} reports, {merged.data.samples} samples → {json_out}\n{summary_line(merged)}",
         markup=False,
     )
@@ -69,7 +69,7 @@ def diff(
     from deadrelu_cli.report.diff import diff_reports, print_diff
 
     rows, summary = diff_reports(load(old), load(new))
-    print_diff(rows, summary, Console(highlight=False), all_layers)
+    print_diff(rows, summary, make_console(), all_layers)
 
 
 def report(
@@ -91,14 +91,14 @@ def report(
     if json_out == "-":
         sys.stdout.write(report_to_json(saved))
     else:
-        print_report(saved, Console(highlight=False), layer)
+        print_report(saved, make_console(), layer)
         if json_out:
             refuse_overwrite_of_inputs(json_out, inputs)
             write_text_atomic(json_out, report_to_json(saved))
     if html_out:
         refuse_overwrite_of_inputs(html_out, inputs)
         write_html(html_out, saved, baseline=old)
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"wrote {html_out}", markup=False)
+        make_console(stderr=True, soft_wrap=True).print(f"wrote {html_out}", markup=False)
 
 
 def load(path):

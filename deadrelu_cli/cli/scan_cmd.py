@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from deadrelu_cli.cli import options as opt
+from deadrelu_cli.cli.console import make_console
 from deadrelu_cli.cli.gating import run_gate, write_html
 
 
@@ -83,8 +84,8 @@ def scan(
     if not data and not certify:
         raise UserError("missing --data: the calibration data to replay (.npz, .npy, .pt or .safetensors)")
     json_to_stdout = json_out == "-"
-    out = Console(stderr=json_to_stdout, highlight=False)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    out = make_console(stderr=json_to_stdout)
+    err = make_console(stderr=True, soft_wrap=True)
     inputs = [model, data or ""]
     for target in (json_out, gating.junit, gating.markdown, html_out):
         if target and target != "-":

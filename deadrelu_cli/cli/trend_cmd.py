@@ -6,9 +6,9 @@ import json
 import sys
 
 import typer
-from rich.console import Console
 
 from deadrelu_cli.cli import options as opt
+from deadrelu_cli.cli.console import make_console
 
 Checkpoints = opt.Annotated[
     list[str],
@@ -51,7 +51,7 @@ def trend(
             sys.stdout.write(text)
             return
         write_text_atomic(json_out, text)
-    console = Console(highlight=False)
+    console = make_console()
     print_trend(result, console, data)
 
 

@@ -32,6 +32,7 @@ class FixOptions:
     resume_steps: int = (
         10  # training checkpoints: optimizer steps taken from the written state, then rescanned
     )
+    holdout: float | None = None  # fraction of the data kept from the scan, to verify the fix on
 
 
 @dataclass
@@ -69,6 +70,15 @@ class FixResult:
     flops_after: int | None = None
     verified: bool = False
     written: bool = False
+    nothing_to_fix: bool = False  # no dead units: a success, nothing written
+    # the evidence the verdict rests on: samples scanned, fewest values any acted-on unit was seen over
+    scanned_samples: int = 0
+    values_per_unit: int | None = None
+    # --holdout: samples the scan did not see; acted-on units that fired there; outputs compared there
+    holdout_samples: int | None = None
+    holdout_fired: dict[str, list[int]] = field(default_factory=dict)
+    holdout_max_abs_diff: float | None = None
+    holdout_max_rel_diff: float | None = None
     notes: list[str] = field(default_factory=list)
     new_widths: dict[str, int] = field(default_factory=dict)
     # files written with OUT (temp, final) and copied beside it (source, destination): a training
@@ -81,6 +91,13 @@ class FixResult:
             "strategy": self.strategy,
             "output": self.output,
             "written": self.written,
+            "nothing_to_fix": self.nothing_to_fix,
+            "scanned_samples": self.scanned_samples,
+            "values_per_unit": self.values_per_unit,
+            "holdout_samples": self.holdout_samples,
+            "holdout_fired": self.holdout_fired,
+            "holdout_max_abs_diff": self.holdout_max_abs_diff,
+            "holdout_max_rel_diff": self.holdout_max_rel_diff,
             "verified": self.verified,
             "max_abs_diff": self.max_abs_diff,
             "max_rel_diff": self.max_rel_diff,

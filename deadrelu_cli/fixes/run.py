@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from deadrelu_cli.backends import backend_of
+from deadrelu_cli.calibration import CalibrationData, open_calibration
 from deadrelu_cli.engine import run_scan_detailed
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import refuse_overwrite_of_inputs
@@ -68,6 +69,42 @@ def _move_into_place(companions: list[tuple], copies: list[tuple]) -> None:
         shutil.copy2(source, destination)
 
 
+def _holdout_data(scan_options: ScanOptions, fraction: float) -> CalibrationData:
+    """The last `fraction` of the samples (after --limit), opened on their own; the scan gets the rest."""
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"--holdout {fraction:g}: give a fraction between 0 and 1, e.g. 0.2")
+    data = open_calibration(scan_options.data, scan_options.batch_axes, scan_options.consts)
+    if not isinstance(data, CalibrationData):
+        raise UserError("--holdout needs one data file, not a glob: the hold-out is its last samples")
+    total = data.samples if scan_options.limit is None else min(scan_options.limit, data.samples)
+    held = int(round(total * fraction))
+    if held < 1 or held >= total:
+        raise UserError(
+            f"--holdout {fraction:g} of {total} samples leaves no samples for the scan or the hold-out"
+        )
+    data.select(total - held, total)
+    return data
+
+
+def _verify_on_holdout(
+    scanned, holdout, plans, original_runner, patched_runner, scan_options, result
+) -> None:
+    """Which acted-on units fire on samples the scan did not see, and how outputs change there."""
+    options = replace(scan_options, limit=None, progress=None)
+    _, layers, _ = backend_of(scanned.model).load_and_scan(options, holdout, scanned.device)
+    by_name = {layer.name: layer for layer in layers}
+    for plan in plans:
+        layer = by_name.get(plan.name)
+        if layer is not None and layer.ran and layer.units == plan.all_units:
+            fired = [u for u in plan.units if layer.positive_counts[u] > 0]
+            if fired:
+                result.holdout_fired[plan.name] = fired
+    result.holdout_samples = holdout.window[1] - holdout.window[0]
+    before = _outputs_of(original_runner, holdout, options)
+    after = _outputs_of(patched_runner(), holdout, options)
+    result.holdout_max_abs_diff, result.holdout_max_rel_diff = compare(before, after)
+
+
 def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
     if options.strategy not in STRATEGIES:
         raise UserError(f"--strategy {options.strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -75,6 +112,10 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
     refuse_overwrite_of_inputs(output, [scan_options.model, scan_options.data])
     if output.exists() and output.is_dir():
         raise UserError(f"--output {output}: is a directory")
+    holdout = None
+    if options.holdout is not None:
+        holdout = _holdout_data(scan_options, options.holdout)
+        scan_options = replace(scan_options, limit=holdout.window[0])  # the scan sees the rest only
     scanned = run_scan_detailed(scan_options)
     if isinstance(scan_options.batch_size, str):  # "auto": the later passes use the size the scan chose
         backend = backend_of(scanned.model)
@@ -87,13 +128,23 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
     if options.certified_only and not scan_options.certify:
         raise UserError("--certified-only needs --input-range (the box over which units are certified dead)")
     plans = plan_layers(scanned.report, options.layers, options.certified_only)
-    result = FixResult(strategy=options.strategy, output=str(output))
+    result = FixResult(
+        strategy=options.strategy, output=str(output), scanned_samples=scanned.report.data.samples
+    )
+    seen = [scanned.report.layer(plan.name).elements_per_unit for plan in plans]
+    result.values_per_unit = min(seen) if seen else None
     if not plans:
-        raise UserError(
-            "no dead units to fix"
-            + (f" in layers matching {' '.join(options.layers)}" if options.layers else "")
-            + "; nothing written"
+        ran = [layer for layer in scanned.report.layers if layer.ran]
+        if not ran:  # no silent all-clear: nothing was seen, so nothing is known to be clean
+            raise UserError("no activation site ran on the data: nothing to decide a fix on; nothing written")
+        where = f" in layers matching {' '.join(options.layers)}" if options.layers else ""
+        units = sum(layer.units for layer in ran)
+        result.nothing_to_fix = result.verified = True
+        result.notes.append(
+            f"no {'provably ' if options.certified_only else ''}dead units{where} "
+            f"({units} units in {len(ran)} layers); nothing to fix, nothing written"
         )
+        return result
     apply = backend_of(scanned.model).apply_fix
     temp = _temp_path(output)
     try:
@@ -106,6 +157,8 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
         before = _outputs_of(original_runner, scanned.data, scan_options)
         after = _outputs_of(patched_runner(), scanned.data, scan_options)
         result.max_abs_diff, result.max_rel_diff = compare(before, after)
+        if holdout is not None:
+            _verify_on_holdout(scanned, holdout, plans, original_runner, patched_runner, scan_options, result)
         ops = scan_options.ops + (("leaky_relu", "elu") if options.strategy in ("leaky", "elu") else ())
         rescan = run_scan_detailed(replace(scan_options, model=str(temp), ops=ops, progress=None)).report
         after_by_name = {layer.name: layer for layer in rescan.layers}
@@ -130,6 +183,16 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
         if exact and not result.verified:
             result.notes.append(
                 f"outputs changed by {result.max_rel_diff:.3g} relative (> {options.tolerance:g})"
+            )
+        if (
+            exact
+            and result.holdout_max_rel_diff is not None
+            and result.holdout_max_rel_diff > options.tolerance
+        ):
+            result.verified = False
+            result.notes.append(
+                f"outputs on the hold-out changed by {result.holdout_max_rel_diff:.3g} relative "
+                f"(> {options.tolerance:g}): units dead on the scanned data fire on new data"
             )
         if result.verified or options.force:
             os.replace(temp, output)

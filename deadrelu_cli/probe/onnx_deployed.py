@@ -8,7 +8,11 @@
   same holds for the output of QLinearConv / QLinearMatMul / QLinearAdd / QGemm (QOperator graphs). A
   unit fires when its quantized value is above the zero point, i.e. when the dequantized value is > 0.
   `expose_quantized` gives every such output a DequantizeLinear (float, >= 0) for the statistics.
-- What stays hidden (other fused activations, nchwc layouts, custom domains) is listed by `unseen`.
+- Blocked layout: ORT_ENABLE_ALL graphs (CPU) hold com.microsoft.nchwc Conv(activation=…) whose output is
+  in onnxruntime's NCHWc layout (channels padded to a block of 8 or 16). `expose_nchwc` adds beside each a
+  copy without the activation, reordered back to NCHW with the model's real channel count, and the
+  explicit activation: the deployed graph's own outputs are untouched, the site sees C real channels.
+- What stays hidden (other fused activations, custom domains, …) is listed by `unseen`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ HIDDEN_ACTIVATIONS = (
     "BiasGelu",
     "FastGelu",
 )
+NCHWC = "com.microsoft.nchwc"
+NCHWC_CONV = "nchwc.Conv"  # how scanned sites name the op they were split from (module_type)
+# nchwc ops that keep every channel where it was (walked to find the channel count of a blocked tensor)
+NCHWC_CHANNEL_PRESERVING = ("MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool", "Upsample")
+NCHWC_COPY = "deadrelu: NCHW copy of an nchwc Conv's activation"  # doc_string of the nodes added
 DEQUANTIZED_SUFFIX = "_deadrelu_dequantized"
 UNFUSED_MARK = "_deadrelu_unfused_"  # the pre-activation of an unfused node: <output>_deadrelu_unfused_<op>
 
@@ -44,7 +53,7 @@ UNFUSED_MARK = "_deadrelu_unfused_"  # the pre-activation of an unfused node: <o
 def fused_origin(pre_activation: str) -> str | None:
     """The fused op type an activation was split from (by `unfuse`), or None."""
     head, mark, op = pre_activation.rpartition(UNFUSED_MARK)
-    return op if mark and op in FUSED_OPS else None
+    return op if mark and op in (*FUSED_OPS, NCHWC_CONV) else None
 
 
 def _zero_point_is_minimum(index: GraphIndex, node: onnx.NodeProto, position: int, optional: bool) -> bool:
@@ -110,8 +119,11 @@ def expose_quantized(model: onnx.ModelProto) -> int:
     return len(added)
 
 
-def _activation_nodes(node: onnx.NodeProto, pre: str) -> list[onnx.NodeProto] | None:
-    """The explicit activation a fused node applies to `pre`, or None when it cannot be written so."""
+def _activation_nodes(
+    node: onnx.NodeProto, pre: str, out: str | None = None, name: str = ""
+) -> list[onnx.NodeProto] | None:
+    """The explicit activation a fused node applies to `pre` (written to `out`, by default the fused
+    node's output), or None when it cannot be written so."""
     kind = attr(node, "activation", b"")
     kind = kind.decode() if isinstance(kind, bytes) else str(kind)
     if kind not in UNFUSABLE:
@@ -125,9 +137,9 @@ def _activation_nodes(node: onnx.NodeProto, pre: str) -> list[onnx.NodeProto] | 
         values = [params[k] for k in ("alpha", "beta") if k in params]
     else:
         params, values = {}, list(attr(node, "activation_params", []) or [])
-    out = node.output[0]
-    name = ""  # unnamed: the site is named by the tensor it writes, as the float graph's Relu wrote it
-    stem = f"{node.name or out}/{kind}"
+    out = out or node.output[0]
+    # unnamed by default: the site is named by the tensor it writes, as the float graph's Relu wrote it
+    stem = f"{name or node.name or out}/{kind}"
     if kind == "Clip":  # FusedConv: activation_params = [min, max]; opset 11+ Clip takes them as inputs
         if len(values) != 2:
             return None
@@ -197,17 +209,96 @@ def unfuse(model: onnx.ModelProto) -> Counter:
     return split
 
 
-def unseen(model: onnx.ModelProto) -> Counter:
+def _nchwc_channels(index: GraphIndex, blocked: str, depth: int = 0) -> tuple[int, str | None] | None:
+    """(real channel count, its NCHW tensor if a ReorderOutput writes one) of a blocked nchwc tensor:
+    from a ReorderOutput's `channels`, or from a Conv reading it blocked (group 1: its weight's input
+    channels; onnxruntime feeds blocked data to a Conv only in whole blocks). Through nchwc pools."""
+    if depth > 8:
+        return None
+    found = None
+    for consumer in index.consumers.get(blocked, []):
+        if consumer.domain != NCHWC:
+            continue
+        if consumer.op_type == "ReorderOutput" and attr(consumer, "channels"):
+            nchw = None if attr(consumer, "channels_last", 0) else consumer.output[0]
+            return int(attr(consumer, "channels")), nchw
+        if consumer.op_type == "Conv" and consumer.input[0] == blocked and attr(consumer, "group", 1) == 1:
+            weight = index.stored_tensor(consumer.input[1])
+            if weight is not None and len(weight.dims) == 4:
+                found = found or (int(weight.dims[1]), None)
+        elif consumer.op_type in NCHWC_CHANNEL_PRESERVING:
+            found = found or _nchwc_channels(index, consumer.output[0], depth + 1)
+    return found
+
+
+def expose_nchwc(model: onnx.ModelProto) -> set[str]:
+    """Beside each com.microsoft.nchwc Conv with a known activation: the same Conv without it, a
+    ReorderOutput to NCHW with the real channel count (the pre-activation) and the explicit activation,
+    which nothing of the model reads. Returns the outputs of the nchwc Convs so exposed."""
+    graph = model.graph
+    index = GraphIndex(graph)
+    names = {node.name for node in graph.node}
+    rebuilt, exposed = [], set()
+    for node in graph.node:
+        rebuilt.append(node)
+        if node.domain != NCHWC or node.op_type != "Conv":
+            continue
+        channels = _nchwc_channels(index, node.output[0])
+        if channels is None or _activation_nodes(node, "") is None:
+            continue
+        count, nchw = channels
+        # onnxruntime names the nchwc Conv after the output of the node it replaced (usually the tensor the
+        # float graph's activation wrote, as unfused sites are named)
+        shown = node.name.removesuffix("_nchwc") if node.name.endswith("_nchwc") else nchw or node.output[0]
+        if shown in names:
+            shown = f"{shown}/{NCHWC_CONV}"
+        pre = f"{shown}{UNFUSED_MARK}{NCHWC_CONV}"
+        kept = [a for a in node.attribute if not a.name.startswith("activation")]
+        plain = helper.make_node("Conv", list(node.input), [pre + "_blocked"], domain=NCHWC)
+        plain.attribute.extend(kept)
+        reorder = helper.make_node("ReorderOutput", plain.output, [pre], domain=NCHWC, channels=count)
+        activation = _activation_nodes(node, pre, out=f"{shown}_deadrelu_nchwc", name=shown)
+        for tensor in (pre, activation[-1].output[0]):  # NCHW: units on dim 1 (onnxruntime's 2-D convs)
+            graph.value_info.append(
+                helper.make_tensor_value_info(tensor, TensorProto.FLOAT, [None, count, None, None])
+            )
+        for copy in (plain, reorder, *activation):
+            copy.doc_string = NCHWC_COPY
+        rebuilt += [plain, reorder, *activation]  # right after it: the scan keeps the graph's order
+        names.add(shown)
+        exposed.add(node.output[0])
+    if exposed:
+        del graph.node[:]
+        graph.node.extend(rebuilt)
+    if exposed and not any(entry.domain in ("", "ai.onnx") for entry in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("", 13))
+    return exposed
+
+
+def strip_nchwc_copies(model: onnx.ModelProto) -> None:
+    """Remove what `expose_nchwc` added (before writing a model: nothing of it reads them)."""
+    kept = [node for node in model.graph.node if node.doc_string != NCHWC_COPY]
+    if len(kept) != len(model.graph.node):
+        gone = {out for node in model.graph.node if node.doc_string == NCHWC_COPY for out in node.output}
+        values = [vi for vi in model.graph.value_info if vi.name not in gone]
+        del model.graph.node[:], model.graph.value_info[:]
+        model.graph.node.extend(kept)
+        model.graph.value_info.extend(values)
+
+
+def unseen(model: onnx.ModelProto, exposed: set[str] = frozenset()) -> Counter:
     """Nodes that may hold an activation the scan cannot count: fused nodes left fused (an activation
     the unfusing does not know, or onnxruntime's nchwc layout), quantized activations, custom domains.
-    Keyed 'domain.Op' (or 'Op' for standard ones)."""
+    Keyed 'domain.Op' (or 'Op' for standard ones); nodes whose output is in `exposed` are scanned."""
     found: Counter = Counter()
 
     def walk(graph: onnx.GraphProto) -> None:
         for node in graph.node:
             label = f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
             activation = attr(node, "activation")
-            if activation not in (None, b"", ""):  # a fused node left fused (nchwc Conv included)
+            if node.output and node.output[0] in exposed:
+                pass  # an nchwc Conv that expose_nchwc gave a scannable copy
+            elif activation not in (None, b"", ""):  # a fused node left fused (nchwc Conv included)
                 found[f"{label}(activation={activation.decode()})"] += 1
             elif node.domain == "com.microsoft.nchwc":
                 pass  # onnxruntime's blocked layout: reorders, pools; activations carry the attribute above
@@ -223,20 +314,26 @@ def unseen(model: onnx.ModelProto) -> Counter:
     return found
 
 
-def deployed_view(model: onnx.ModelProto) -> tuple[bool, list[str]]:
+def deployed_view(model: onnx.ModelProto) -> tuple[bool, list[str], Counter]:
     """Rewrite `model` in place so that every fused or quantized activation the tool knows is
-    scannable; (whether anything changed, notes for the user)."""
+    scannable; (whether anything changed, notes for the user, the nodes left unseen with counts)."""
     notes = []
     split = unfuse(model)
     if split:
         listed = ", ".join(f"{op} ×{n}" for op, n in split.most_common())
         notes.append(f"fused activations scanned unfused ({listed}): the same float computation")
+    nchwc = expose_nchwc(model)
+    if nchwc:
+        notes.append(
+            f"onnxruntime's blocked-layout convolutions (com.microsoft.nchwc.Conv ×{len(nchwc)}) scanned "
+            "through an NCHW copy of their pre-activation"
+        )
     exposed = expose_quantized(model)
-    hidden = unseen(model)
+    hidden = unseen(model, nchwc)
     if hidden:
         listed = ", ".join(f"{op} ×{n}" for op, n in hidden.most_common())
         notes.append(
             f"activations deadrelu cannot see (not scanned, not counted): {listed}; "
             "scan the float model for those layers"
         )
-    return bool(split) or exposed > 0, notes
+    return bool(split) or bool(nchwc) or exposed > 0, notes, hidden

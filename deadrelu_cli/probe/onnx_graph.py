@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.probe.onnx_deployed import fused_origin, implicit_relu
+from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, fused_origin, implicit_relu
 from deadrelu_cli.wiring.onnx import consumer_layout, producer_weight, trace_producer
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, float_type, opset_version
 
@@ -90,12 +90,47 @@ def _is_hard_sigmoid_part(node: onnx.NodeProto, index: GraphIndex) -> bool:
     return False
 
 
+# ops that take an index / bound tensor at these input positions, and ops an index passes through
+_INDEX_INPUTS = {
+    "Gather": (1,),
+    "GatherElements": (1,),
+    "GatherND": (1,),
+    "ScatterElements": (1,),
+    "ScatterND": (1,),
+    "Slice": (1, 2, 3, 4),
+    "Range": (0, 1, 2),
+    "OneHot": (0,),
+}
+_INDEX_PASS_THROUGH = ("Cast", "Unsqueeze", "Squeeze", "Reshape", "Floor", "Ceil", "Round", "Identity")
+
+
+def _is_index_clamp(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    """Clip(i, 0, n) whose every use is as an index or slice bound (position ids clamped to a table):
+    a guard on indices, not an activation of units."""
+    pending, seen, uses = [node.output[0]], set(), 0
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for consumer in index.consumers.get(name, []):
+            for position, value in enumerate(consumer.input):
+                if value != name:
+                    continue
+                uses += 1
+                if consumer.op_type in _INDEX_PASS_THROUGH and position == 0:
+                    pending.extend(consumer.output)
+                elif position not in _INDEX_INPUTS.get(consumer.op_type, ()):
+                    return False
+    return uses > 0
+
+
 def classify(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, float | None] | None:
     if node.op_type == "Relu":
         return "relu", None
     if node.op_type == "Clip":
         lo, hi = _clip_bounds(node, index)
-        if lo is None or lo != 0.0:
+        if lo is None or lo != 0.0 or _is_index_clamp(node, index):
             return None
         if _is_hard_sigmoid_part(node, index):
             return "hardswish_part", hi
@@ -168,6 +203,8 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
                 site.weight = producer_weight(index, site.input_name)
                 trace = trace_producer(index, site.input_name)
                 site.channel_first, site.producer, site.bias = trace.channel_first, trace.producer, trace.bias
+                if site.module_type == NCHWC_CONV:  # reordered back to NCHW: units on dim 1
+                    site.channel_first = True
                 if site.channel_first is None:
                     site.channel_first = consumer_layout(index, site.output_name)
                 sites.append(site)
@@ -192,7 +229,7 @@ def onnx_sites(path: str, ops: tuple[str, ...]):
     from deadrelu_cli.probe.onnx_deployed import deployed_view
 
     model = read_onnx(path)
-    deployed_view(model)
+    deployed_view(model)  # the unseen nodes are a note of the scan; inspect lists what it can see
     return [
         StaticSite(
             s.name,

@@ -39,18 +39,20 @@ def print_fix(result, console: Console, model: str, output: str, data: str) -> N
             style="" if layer.applied else "dim",
         )
     console.print(f"{model} → {output} ({result.strategy})", markup=False)  # OUTPUT as the user wrote it
-    console.print(table)
-    console.print(
-        f"outputs on {data}: max |Δ| = {result.max_abs_diff:.3g}, relative {result.max_rel_diff:.3g}",
-        markup=False,
-    )
+    if not result.nothing_to_fix:
+        console.print(table)
+        console.print(
+            f"outputs on {data}: max |Δ| = {result.max_abs_diff:.3g}, relative {result.max_rel_diff:.3g}",
+            markup=False,
+        )
+    print_evidence(result, console)
     if (
         result.params_before is not None
         and result.params_after is not None
         and result.params_before != result.params_after
     ):
         macs = (
-            f"; Linear/Conv MACs per sample {result.flops_before:,} → {result.flops_after:,}"
+            f"; MACs per sample (Conv/Linear/MatMul) {result.flops_before:,} → {result.flops_after:,}"
             if result.flops_before is not None and result.flops_after is not None
             else ""
         )
@@ -61,3 +63,30 @@ def print_fix(result, console: Console, model: str, output: str, data: str) -> N
         )
     for note in result.notes:
         console.print(f"note: {note}", markup=False, style="dim")
+
+
+def print_evidence(result, console: Console) -> None:
+    """How much data the verdict rests on, and with --holdout what the held-out samples showed."""
+    if result.values_per_unit is not None:
+        console.print(
+            f"evidence: dead on all of {result.scanned_samples:,} samples, at least "
+            f"{result.values_per_unit:,} values per unit"
+            + (
+                " (add --holdout 0.2 to verify on samples the scan does not see)"
+                if result.holdout_samples is None
+                else ""
+            ),
+            markup=False,
+        )
+    if result.holdout_samples is not None:
+        fired = sum(len(units) for units in result.holdout_fired.values())
+        acted = sum(len(layer.units) for layer in result.layers if layer.applied)
+        where = "; ".join(
+            f"{name}: {', '.join(map(str, units))}" for name, units in result.holdout_fired.items()
+        )
+        console.print(
+            f"hold-out ({result.holdout_samples:,} samples the scan did not see): {fired} of {acted} units fired"
+            + (f" ({where})" if where else "")
+            + f"; outputs max |Δ| = {result.holdout_max_abs_diff:.3g}, relative {result.holdout_max_rel_diff:.3g}",
+            markup=False,
+        )

@@ -347,7 +347,7 @@ def render_trend_html(result) -> str:
     ax.axhspan(WARN_FRACTION * 100, CRITICAL_FRACTION * 100, color=COLORS["warn"], zorder=0)
     ax.axhspan(CRITICAL_FRACTION * 100, 100, color=COLORS["crit"], zorder=0)
     ax.set_ylim(0, 100)
-    ax.set_xlabel("step" if result.checkpoints[0].source == "checkpoint" else "checkpoint")
+    ax.set_xlabel("step" if any(c.source == "checkpoint" for c in result.checkpoints) else "checkpoint")
     ax.set_ylabel("dead units (%)")
     if len(result.layers) <= 20:
         ax.legend(fontsize=6, frameon=False, loc="upper left")
@@ -371,7 +371,7 @@ def render_trend_html(result) -> str:
                 '<meta name="viewport" content="width=device-width, initial-scale=1">',
                 f"<title>deadrelu trend</title><style>{CSS}</style></head><body>",
                 f"<h1>deadrelu trend: {len(steps)} checkpoints</h1>",
-                f'<p class="meta">ordered by {_e(result.checkpoints[0].source)} · {result.samples} samples</p>',
+                f'<p class="meta">ordered by {_e(result.order)} · {result.samples} samples</p>',
                 f'<section id="trend"><div class="plot">{_svg(figure)}</div></section>',
                 '<section id="layers"><div class="scroll"><table class="sortable"><thead><tr><th>Layer</th>'
                 f"{head}<th>Died</th><th>First died at</th><th>Revived</th></tr></thead><tbody>"

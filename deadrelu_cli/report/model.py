@@ -89,6 +89,7 @@ class Report:
     tool: dict[str, str] = field(default_factory=lambda: {"name": "deadrelu", "version": __version__})
     notes: list[str] = field(default_factory=list)
     training: TrainingInfo | None = None  # reports made while training (watch); None for scans
+    unseen: dict[str, int] = field(default_factory=dict)  # node type -> count of activations not scanned
 
     def layer(self, name: str) -> LayerStats:
         for layer in self.layers:
@@ -162,6 +163,8 @@ def layer_to_dict(layer: LayerStats, settings: Settings) -> dict[str, Any]:
         out["weight"] = layer.weight
     if layer.min_preactivation is not None:
         out["min_preactivation"] = _finite_or_none(layer.min_preactivation)
+    if layer.samples is not None:
+        out["samples"] = int(layer.samples)
     if layer.extra:
         out["extra"] = layer.extra
     return out
@@ -184,6 +187,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         },
         "summary": vars(report.summary()).copy(),
         "notes": list(report.notes),
+        **({"unseen_activations": dict(report.unseen)} if report.unseen else {}),
         "layers": [layer_to_dict(layer, s) for layer in report.layers],
         **({"training": vars(report.training).copy()} if report.training is not None else {}),
     }
@@ -220,6 +224,7 @@ def layer_from_dict(d: dict[str, Any]) -> LayerStats:
         min_preactivation=None
         if d.get("min_preactivation") is None
         else np.array([np.inf if v is None else v for v in d["min_preactivation"]], dtype=np.float64),
+        samples=d.get("samples"),
     )
 
 
@@ -248,6 +253,7 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
             tool=d.get("tool", {}),
             notes=list(d.get("notes", [])),
             training=None if d.get("training") is None else TrainingInfo(**d["training"]),
+            unseen={str(k): int(v) for k, v in (d.get("unseen_activations") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(
@@ -300,4 +306,6 @@ def merge_reports(reports: list[Report]) -> Report:
         settings=first.settings,
         layers=layers,
         notes=sorted({n for r in reports for n in r.notes}),
+        # the same model in every report: its unseen nodes are the same, not added up
+        unseen={k: max(r.unseen.get(k, 0) for r in reports) for r in reports for k in r.unseen},
     )

@@ -75,24 +75,38 @@ def layers_table(report: Report) -> Table:
     table = plain_table()
     longest = max((len(layer.name) for layer in report.layers), default=8)
     table.add_column("Layer", overflow="fold", min_width=min(max(longest, 5), 40))
-    for column in ("Op", "Units", "Dead", "Dead %", "Dying", "Dormant", "Median"):
+    # layers inside a branch that ran on some batches only: say how many samples each layer saw
+    partial = any(
+        layer.samples is not None and layer.samples != report.data.samples for layer in report.layers
+    )
+    columns = (
+        ("Op", "Units") + (("Samples",) if partial else ()) + ("Dead", "Dead %", "Dying", "Dormant", "Median")
+    )
+    for column in columns:
         table.add_column(
             column, justify="left" if column == "Op" else "right", no_wrap=True, min_width=len(column)
         )
     certified = any(layer.upper_bound is not None or layer.certify_note for layer in report.layers)
+    why_not = any(layer.certified_dead is None and layer.certify_note for layer in report.layers)
     table.add_column("", no_wrap=True, width=BAR_WIDTH)
     if certified:  # the proof column takes the sparkline's place (80 columns)
         table.add_column("Proven", justify="right", no_wrap=True)
     else:
         table.add_column("Rates", no_wrap=True, width=8)
+    if why_not:  # "n/c" says nothing without the op that stopped the proof
+        table.add_column("Why not certified", overflow="fold")
     for layer in report.layers:
         proof = [_certified_cell(layer)] if certified else []
+        if why_not:
+            proof.append(escape(layer.certify_note or "") if layer.certified_dead is None else "")
+        seen = [("–" if layer.samples is None else f"{layer.samples:,}")] if partial else []
         if not layer.ran:
             units = str(len(layer.upper_bound)) if layer.upper_bound is not None else "–"
             table.add_row(
                 escape(layer.name),
                 layer.op,
                 units,
+                *seen,
                 "–",
                 "not run",
                 "–",
@@ -109,6 +123,7 @@ def layers_table(report: Report) -> Table:
             escape(layer.name),
             layer.op,
             str(layer.units),
+            *seen,
             str(dead),
             f"{100 * fraction:.1f}%",
             str(int(layer.dying_mask(settings.dying).sum())),

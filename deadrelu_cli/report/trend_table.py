@@ -17,7 +17,7 @@ def print_trend(result, console: Console, data: str | None) -> None:
         if len(steps) > MAX_COLUMNS
         else list(range(len(steps)))
     )
-    label = {"checkpoint": "step", "file name": "#", "command line": "#"}[result.checkpoints[0].source]
+    label = "step" if any(c.source == "checkpoint" for c in result.checkpoints) else "#"
     table = plain_table()
     table.add_column("Layer", overflow="fold")
     for index in shown:
@@ -35,7 +35,7 @@ def print_trend(result, console: Console, data: str | None) -> None:
         died = f"{len(layer.died_at)}" + (f" ({label} {steps[first[0]]})" if first else "")
         table.add_row(layer.name, *cells, spark, died, str(len(layer.revived)))
     what = f"{data} · {result.samples} samples" if data else "from JSON reports"
-    console.print(
-        f"{len(steps)} checkpoints, ordered by {result.checkpoints[0].source} · {what}", markup=False
-    )
+    console.print(f"{len(steps)} checkpoints, ordered by {result.order} · {what}", markup=False)
     console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", style="dim", markup=False)

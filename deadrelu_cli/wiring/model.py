@@ -77,6 +77,20 @@ class UnitWiring:
         return fan_in // units
 
 
+def unit_vector_axis(shape: tuple[int, ...]) -> int | None:
+    """The axis along which a stored bias holds one value per unit, when it broadcasts onto the unit
+    axis with 1s elsewhere ([N], [1, N], [1, C, 1, 1]); None for a scalar or a 2-D table."""
+    axes = [i for i, size in enumerate(shape) if size != 1]
+    if len(axes) > 1 or not shape:
+        return None
+    return axes[0] if axes else len(shape) - 1
+
+
+def is_last_axis_vector(shape: tuple[int, ...]) -> bool:
+    """A bias for units on the last axis: [N], [1, N], [1, 1, N] (leading 1s; exporters write either)."""
+    return len(shape) >= 1 and all(size == 1 for size in shape[:-1])
+
+
 def input_columns(units: list[int], per_unit: int) -> list[int]:
     """The consumer's input columns fed by `units` when each unit feeds `per_unit` consecutive columns."""
     return [u * per_unit + j for u in units for j in range(per_unit)]

@@ -11,7 +11,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from deadrelu_cli.wiring.model import BatchNormRef, ProducerTrace, TensorRef, UnitWiring
+from deadrelu_cli.wiring.model import (
+    BatchNormRef,
+    ProducerTrace,
+    TensorRef,
+    UnitWiring,
+    is_last_axis_vector,
+)
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, stored_array, uses
 
 CHANNEL_FIRST_OPS = (
@@ -103,8 +109,10 @@ def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
         if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
             trace.channel_first = node.op_type != "Gemm"
             if keep_producer and len(node.input) > 2:
-                trace.bias = index.constant(node.input[2])
-                trace.producer = display_name(node)
+                bias = index.constant(node.input[2])
+                if bias is None or node.op_type != "Gemm" or is_last_axis_vector(bias.shape):
+                    trace.bias = None if bias is None else bias.reshape(-1)  # Gemm's C may be [1, N]
+                    trace.producer = display_name(node)
             return trace
         if node.op_type == "MatMul":
             trace.channel_first = False
@@ -127,10 +135,10 @@ def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
                     upstream is not None
                     and upstream.op_type == "MatMul"
                     and other is not None
-                    and other.ndim == 1
-                ):  # MatMul + bias: the constant operand is the bias
+                    and is_last_axis_vector(other.shape)
+                ):  # MatMul + bias ([N] or [1, N]): the constant operand is the bias
                     trace.channel_first = False
-                    trace.bias = other
+                    trace.bias = other.reshape(-1)
                     trace.producer = display_name(node)
                     return trace
                 if (
@@ -228,7 +236,9 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
         upstream = index.producer.get(data[0]) if len(data) == 1 else None
         chain = index.reshaped_from(added[0]) if len(added) == 1 else []
         if upstream is not None and upstream.op_type == "MatMul" and len(chain) == 1:
-            if stored_array(index, upstream.input[1]) is not None and stored_array(index, chain[0]).ndim == 1:
+            if stored_array(index, upstream.input[1]) is not None and is_last_axis_vector(
+                stored_array(index, chain[0]).shape
+            ):
                 wire.owner = display_name(upstream)
                 wire.weight = TensorRef(upstream.input[1], 1)
                 wire.bias = chain[0]
@@ -260,8 +270,8 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
             if (
                 bias is not None
                 and stored_array(index, bias) is not None
-                and stored_array(index, bias).ndim == 1
-            ):
+                and is_last_axis_vector(stored_array(index, bias).shape)
+            ):  # C as [N] or [1, N]; an [M, N] table is not a per-unit bias
                 wire.bias = bias
     elif node.op_type == "BatchNormalization" and len(node.input) > 2:
         # y = scale * (x - mean) / sqrt(var + eps) + B: shifting B shifts the pre-activation exactly

@@ -13,12 +13,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from deadrelu_cli.backends.onnx.macs import onnx_macs
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.fixes.plan import FixOptions, FixResult, LayerOutcome, LayerPlan, firing_thresholds
+from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, strip_nchwc_copies
 from deadrelu_cli.probe.onnx_graph import find_sites, site_channel_dim
-from deadrelu_cli.wiring.model import input_columns
+from deadrelu_cli.wiring.model import input_columns, unit_vector_axis
 from deadrelu_cli.wiring.onnx import unit_wiring
-from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, float_type, stored_array, uses
+from deadrelu_cli.wiring.onnx_index import GraphIndex, float_type, uses
 
 
 def _set(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
@@ -70,6 +72,12 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             outcome.action = (
                 f"skipped: a ReLU folded into a {site.module_type} of a quantized graph (integer weights); "
                 "fix the float model, then quantize it again"
+            )
+            continue
+        if site.module_type == NCHWC_CONV:
+            outcome.action = (
+                "skipped: a ReLU inside onnxruntime's blocked-layout (nchwc) Conv of an ORT_ENABLE_ALL graph; "
+                "fix the float model, then optimize it again"
             )
             continue
         if site.implicit == "fused":
@@ -161,7 +169,8 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             if len(plan.units) == plan.all_units:
                 outcome.action = "skipped: every unit is dead"
                 continue
-            if wire.bias_reshaped or (wire.bias and _get(model, wire.bias).ndim != 1):
+            bias_axis = unit_vector_axis(_get(model, wire.bias).shape) if wire.bias else None
+            if wire.bias_reshaped or (wire.bias and bias_axis is None):
                 outcome.action = "skipped: the graph re-shapes its bias to the old width (use reinit)"
                 continue
             kept = [u for u in range(plan.all_units) if u not in set(plan.units)]
@@ -172,17 +181,19 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 np.take(w_out, input_columns(kept, per_unit), axis=wire.consumer_weight.axis),
             )
             if wire.bias:
-                _set(model, wire.bias, _get(model, wire.bias)[kept])
+                _set(model, wire.bias, np.take(_get(model, wire.bias), kept, axis=bias_axis))  # shape kept
             outcome.applied, outcome.action = (
                 True,
                 f"{wire.weight.name} narrowed to {len(kept)}; {wire.consumer_weight.name} inputs removed",
             )
             outcome.units_after = len(kept)
             result.new_widths[plan.name] = len(kept)
+    strip_nchwc_copies(model)  # the scan's NCHW copies of blocked convolutions: not part of the model
     if options.strategy == "prune":
         del model.graph.value_info[:]  # shapes changed: let shape inference redo them
     result.params_before, result.params_after = _parameter_count(original), _parameter_count(model)
-    result.flops_before, result.flops_after = onnx_macs(original), onnx_macs(model)
+    shapes = sample_shapes(scanned, scan_options)
+    result.flops_before, result.flops_after = onnx_macs(original, shapes), onnx_macs(model, shapes)
     if any(o.applied for o in outcomes):
         onnx.save(model, str(temp))
 
@@ -192,35 +203,13 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
     return runner_for(scanned.model, scanned.data, scanned.device), patched_runner, outcomes
 
 
-def onnx_macs(model: onnx.ModelProto) -> int | None:
-    """Multiply-accumulates per sample of the Conv/Gemm/MatMul nodes (None when a shape is unknown)."""
-    from deadrelu_cli.loaders.onnx_model import add_inferred_shapes
+def sample_shapes(scanned, scan_options) -> dict[str, tuple[int, ...]]:
+    """Graph input -> the shape one sample of the data has there (what MACs are counted for)."""
+    from deadrelu_cli.backends.onnx.scan import feed_order
 
-    shaped = onnx.ModelProto()
-    shaped.CopyFrom(model)
-    del shaped.graph.value_info[:]
-    add_inferred_shapes(shaped)
-    shapes = {}
-    for value in list(shaped.graph.value_info) + list(shaped.graph.output) + list(shaped.graph.input):
-        dims = value.type.tensor_type.shape.dim
-        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    index = GraphIndex(shaped.graph)
-    total = 0
-    for node in shaped.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
-            continue
-        out = shapes.get(node.output[0])
-        weight = stored_array(index, node.input[1]) if len(node.input) > 1 else None
-        if out is None or weight is None or any(d is None for d in out[1:]):
-            return None
-        per_sample = int(np.prod(out[1:])) if len(out) > 1 else 1
-        if node.op_type == "Conv":
-            total += per_sample * int(np.prod(weight.shape[1:]))
-        elif node.op_type == "Gemm":
-            total += per_sample * int(weight.shape[1] if attr(node, "transB", 0) else weight.shape[0])
-        else:
-            total += per_sample * int(weight.shape[0])
-    return total
+    order = feed_order(scanned.model, scanned.data)
+    batch = next(iter(scanned.data.batches(1, 1, scan_options.allow_nonfinite)), None)
+    return {} if batch is None else {name: tuple(batch[array].shape) for name, array in order.items()}
 
 
 def _assign(array: np.ndarray, axis: int, indices: list[int], values) -> None:

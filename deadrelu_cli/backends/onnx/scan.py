@@ -6,6 +6,7 @@ import numpy as np
 
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.inputs import mismatch
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
 from deadrelu_cli.probe.onnx_graph import OnnxSite, find_sites
 from deadrelu_cli.stats import LayerStats
@@ -81,17 +82,10 @@ def feed_order(model: LoadedModel, data: CalibrationData) -> dict[str, str]:
         return {wanted[0]: names[0]}
     missing = [w for w in wanted if w not in names]
     if missing:
-        described = ", ".join(
-            f"{s.name}{list(s.shape) if s.shape else ''} {s.dtype or ''}".strip() for s in model.inputs
-        )
-        raise UserError(
-            f"{data.path}: no array for model input(s) {', '.join(missing)}; the model's inputs are: {described}"
-        )
+        raise mismatch(data, model, f"no array for model input(s) {', '.join(missing)}")
     extra = [n for n in names if n not in wanted]
     if extra:
-        raise UserError(
-            f"{data.path}: arrays {', '.join(extra)} match no model input (inputs: {', '.join(wanted)})"
-        )
+        raise mismatch(data, model, f"arrays {', '.join(extra)} match no model input")
     return {w: w for w in wanted}
 
 
@@ -198,8 +192,10 @@ class HostAccumulator:
         self.site = site
         self.positive = self.max_pre = self.sum_abs = self.saturated = self.min_pre = None
         self.elements = 0
+        self.samples = 0
 
-    def add(self, values: dict[str, np.ndarray]) -> None:
+    def add(self, values: dict[str, np.ndarray], samples: int = 0) -> None:
+        """One batch's reductions; `samples`: the batch's sample count (counted when the site ran)."""
         if "pos_nc" in values:
             values = _from_pooled(values, self.site.positions)
         pos, mx, sm, size = (np.asarray(values[k]) for k in ("pos", "max", "sum", "size"))
@@ -242,6 +238,7 @@ class HostAccumulator:
         if self.saturated is not None and sat is not None:
             self.saturated += sat.reshape(-1).astype(np.int64)
         self.elements += size // units
+        self.samples += samples
 
     def layer_stats(self) -> LayerStats:
         site = self.site
@@ -259,6 +256,7 @@ class HostAccumulator:
                 producer=site.producer,
                 implicit=site.implicit,
                 weight=site.weight,
+                samples=0,
             )
         bias = None
         if site.bias is not None and np.asarray(site.bias).reshape(-1).shape[0] == self.positive.shape[0]:
@@ -278,6 +276,7 @@ class HostAccumulator:
             implicit=site.implicit,
             weight=site.weight,
             min_preactivation=self.min_pre,
+            samples=self.samples,
         )
 
 
@@ -310,10 +309,11 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                     )
     from deadrelu_cli.probe.onnx_deployed import deployed_view
 
-    changed, deployed_notes = deployed_view(loaded.runnable)
+    changed, deployed_notes, hidden = deployed_view(loaded.runnable)
     if changed:  # the graph differs from the file's bytes now
         loaded.extra.pop("file_bytes", None)
     loaded.notes.extend(deployed_notes)
+    loaded.extra["unseen"] = dict(hidden)  # the report keeps them: a gate fails on them
     sites = find_sites(loaded.runnable, options.ops)
     for site in sites:
         site.track_min = options.explain
@@ -354,11 +354,11 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                     f"onnxruntime failed on the first batch: {'; '.join([first, *detail])}; {hint}"
                 ) from None
             raise
-        for acc, values in zip(accumulators, per_site, strict=True):
-            acc.add(values)
         first_batched = next(n for n in order.values() if n not in data.consts)
-        axis = data.batch_axes.get(first_batched, 0)
-        done += batch[first_batched].shape[axis]
+        samples = batch[first_batched].shape[data.batch_axes.get(first_batched, 0)]
+        for acc, values in zip(accumulators, per_site, strict=True):
+            acc.add(values, samples)
+        done += samples
         if options.progress:
             options.progress(done, total)
     return loaded, [acc.layer_stats() for acc in accumulators]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -25,8 +26,38 @@ from deadrelu_cli.loaders import LoadOptions, load_model
 ARCHITECTURE_CHANGING = ("prune", "leaky", "elu")
 
 
-def write_artifact(module: torch.nn.Module, example: tuple, path: Path, suffix: str) -> None:
-    """A self-contained model file (.pt2 ExportedProgram, .onnx, TorchScript .ts/.jit) with a dynamic batch."""
+def program_dynamic_shapes(program) -> tuple:
+    """Per user input of an ExportedProgram, the dims it allows: a Dim with the program's own range where
+    the dim is symbolic, static elsewhere (a static batch stays static; a constrained one keeps its range)."""
+    from torch.export.graph_signature import InputKind
+
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    dims: dict[str, object] = {}
+    shapes = []
+    for spec in program.graph_signature.input_specs:
+        if spec.kind != InputKind.USER_INPUT:
+            continue
+        value = placeholders[spec.arg.name].meta.get("val")
+        entry = {}
+        for axis, size in enumerate(getattr(value, "shape", ())):
+            if not isinstance(size, torch.SymInt):
+                continue
+            symbol = size.node.expr
+            if str(symbol) not in dims:
+                bounds = program.range_constraints.get(symbol)
+                lower = int(bounds.lower) if bounds is not None else 1
+                upper = int(bounds.upper) if bounds is not None and bounds.upper < sys.maxsize else None
+                dims[str(symbol)] = torch.export.Dim(f"d_{symbol}", min=lower, max=upper)
+            entry[axis] = dims[str(symbol)]
+        shapes.append(entry or None)
+    return tuple(shapes)
+
+
+def write_artifact(
+    module: torch.nn.Module, example: tuple, path: Path, suffix: str, dynamic_shapes: tuple | None = None
+) -> None:
+    """A self-contained model file (.pt2 ExportedProgram, .onnx, TorchScript .ts/.jit) with a dynamic batch
+    (a .pt2: `dynamic_shapes` when given, e.g. the original program's own)."""
     try:
         module = module.eval()
     except NotImplementedError:  # an ExportedProgram's module: already in inference form
@@ -35,7 +66,7 @@ def write_artifact(module: torch.nn.Module, example: tuple, path: Path, suffix: 
         warnings.simplefilter("ignore")
         if suffix == ".pt2":
             batch = torch.export.Dim("batch", min=1)
-            shapes = tuple({0: batch} for _ in example)
+            shapes = dynamic_shapes if dynamic_shapes is not None else tuple({0: batch} for _ in example)
             program = torch.export.export(module, example, dynamic_shapes=shapes)
             torch.export.save(program, str(path))
         elif suffix == ".onnx":
@@ -226,10 +257,13 @@ def _exported_runners(
 
     loaded = scanned.model
     order = match_inputs(loaded, scanned.data)
-    example = example_inputs(loaded, scanned.data, order, scanned.device)
-    if patched:
-        write_artifact(graph_module, example, temp, ".pt2")
+    example = example_inputs(loaded, scanned.data, order, scanned.device, loaded.fixed_batch)
+    if patched:  # re-exported under the program's own shape constraints
+        shapes = program_dynamic_shapes(loaded.extra["program"])
+        write_artifact(graph_module, example, temp, ".pt2", shapes)
     result.params_before = result.params_after = eager.count_params(graph_module)
+    result.flops_before = eager.linear_conv_flops(loaded.extra["program"].module(), example)
+    result.flops_after = eager.linear_conv_flops(graph_module, example)
 
     def patched_runner():
         return runner_for(

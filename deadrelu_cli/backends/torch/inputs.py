@@ -52,9 +52,12 @@ def to_tensor(array: np.ndarray, float_dtype: str, device: str, channels_last: b
     return tensor
 
 
-def example_inputs(model: LoadedModel, data: CalibrationData, order: list[str], device: str) -> tuple:
-    """The first (up to) two samples as model inputs: what torch.export traces with."""
-    first = next(data.batches(min(2, data.samples)))
+def example_inputs(
+    model: LoadedModel, data: CalibrationData, order: list[str], device: str, samples: int | None = None
+) -> tuple:
+    """The first (up to) two samples, or `samples` (a static batch), as model inputs: what torch.export
+    traces with."""
+    first = next(data.batches(min(samples or 2, data.samples)))
     return tuple(to_tensor(first[name], model.float_dtype, device, model.channels_last) for name in order)
 
 

@@ -12,6 +12,7 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.inputs import check_shapes, match_inputs, resolve_batch_size
 from deadrelu_cli.loaders.model import LoadedModel
 from deadrelu_cli.options import ScanOptions
+from deadrelu_cli.wiring.model import is_last_axis_vector
 
 
 def batch_size_for(
@@ -69,8 +70,12 @@ def attach_module_biases(runnable, layers) -> None:
         if layer.producer is None:
             continue
         bias = params.get(f"{layer.producer}.bias")
-        if isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.shape[0] == layer.units:
-            layer.bias = bias.detach().float().cpu().numpy().astype(np.float64)
+        if (
+            isinstance(bias, torch.Tensor)
+            and is_last_axis_vector(tuple(bias.shape))  # [N] or [1, N]
+            and bias.shape[-1] == layer.units
+        ):
+            layer.bias = bias.detach().float().cpu().numpy().astype(np.float64).reshape(-1)
         else:
             layer.producer = None
 

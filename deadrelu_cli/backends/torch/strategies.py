@@ -429,29 +429,15 @@ def count_params(model: nn.Module) -> int:
 
 
 def linear_conv_flops(model: nn.Module, example: tuple) -> int:
-    """Multiply-accumulates of Linear/Conv layers for one sample (what pruning removes)."""
-    total = 0
+    """Multiply-accumulates for one sample of every matmul/linear/conv the model runs (what pruning
+    removes), from the shapes seen at run time; any module kind (eager, a program's module, TorchScript)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def hook(module, _inputs, output):
-        nonlocal total
-        if isinstance(module, nn.Linear):
-            total += (
-                module.in_features
-                * module.out_features
-                * (output.numel() // output.shape[0] // module.out_features)
-            )
-        elif isinstance(module, nn.modules.conv._ConvNd):
-            per_out = module.in_channels // module.groups * int(np.prod(module.kernel_size))
-            total += per_out * (output.numel() // output.shape[0])
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LINEAR_OR_CONV)]
-    try:
-        with torch.inference_mode():
-            model(*[x[:1] for x in example])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return int(total)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(*example)  # the whole example: a program exported with a static batch takes no other
+    samples = max(1, example[0].shape[0]) if example else 1
+    return int(counter.get_total_flops()) // 2 // samples  # FLOPs count a multiply and an add
 
 
 def clone(model: nn.Module) -> nn.Module:
