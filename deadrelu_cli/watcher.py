@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deadrelu_cli.backends.torch.scan import attach_module_biases
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import GateConfig, GateResult, evaluate, parse_layer_limits
 from deadrelu_cli.probe.base import ProbeSettings
@@ -255,8 +256,6 @@ class Watch:
 
     # -- the window's report ------------------------------------------------------------------------
     def _close_window(self) -> Report:
-        from deadrelu_cli.backends.torch.scan import attach_module_biases
-
         probe, sampled = self._probe, self._sampled
         self._probe, self._sampled = None, []
         layers = probe.registry.layer_stats()
