@@ -1,6 +1,7 @@
 """Training-step time with `watch(every=100)` against the same loop without it (scripts/bench.py --only watch).
 
-Per model (an MLP and a CNN), on the CPU, with SGD on random data:
+Per model (a small MLP — the worst case: little compute per Python call —, a transformer-style MLP on
+tokens and a CNN), on the CPU, with SGD on random data:
 - "average": 200 training steps with watch(every=100) (2 sampled steps, 2 reports) against 200 without;
   the two loops alternate step by step so that machine noise hits both alike;
 - "sampled": in a run with watch(every=4), the median sampled step (probe on) against the median
@@ -26,6 +27,28 @@ def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
     return model, torch.randn(64, 128), torch.randint(0, 10, (64,))
+
+
+class TokenMLP(nn.Module):
+    """A transformer feed-forward stack on [B, T, F] tokens (bench.py's "mlp" case, smaller), a head on top."""
+
+    def __init__(self, width: int = 256, hidden: int = 1024, depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
+            for _ in range(depth)
+        )
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.mean(dim=1))
+
+
+def token_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return TokenMLP(), torch.randn(16, 64, 256), torch.randint(0, 10, (16,))
 
 
 def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -95,6 +118,7 @@ def measure_case(name: str, factory, steps: int = 200) -> dict:
 def measure_watch(steps: int = 200) -> list[dict]:
     rows = [
         measure_case("mlp 128-512-512-10, batch 64", mlp, steps),
+        measure_case("token mlp [16,64,256], 2 blocks", token_mlp, steps),
         measure_case("cnn 3x32x32, batch 16", cnn, steps),
     ]
     print(
