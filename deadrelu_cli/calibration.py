@@ -7,6 +7,7 @@ never allowed (numpy allow_pickle=False, torch weights_only=True).
 
 from __future__ import annotations
 
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -58,8 +59,11 @@ class NpzMemberSource:
 
     def __init__(self, path: Path, member: str, name: str) -> None:
         self.path, self.member, self.name = path, member, name
-        with zipfile.ZipFile(path) as archive, archive.open(member) as stream:
-            self.shape, fortran, self.dtype = _read_npy_header(stream, f"{path}:{name}")
+        try:
+            with zipfile.ZipFile(path) as archive, archive.open(member) as stream:
+                self.shape, fortran, self.dtype = _read_npy_header(stream, f"{path}:{name}")
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:  # e.g. a damaged local header
+            raise UserError(f"{path}: array {name!r} is damaged ({exc}); re-create the .npz") from None
         if fortran and len(self.shape) > 1:
             raise UserError(
                 f"{path}: array {name!r} is stored in Fortran order; save it C-contiguous (np.ascontiguousarray)"
@@ -106,6 +110,21 @@ class NpzMemberSource:
             raise UserError(
                 f"{self.path}: array {self.name!r} is damaged ({exc}); re-create the .npz"
             ) from None
+
+    def verify_rest(self, chunk: int = 1 << 20) -> None:
+        """Read the member to its end: zipfile checks the CRC-32 only there, and a scan that stops early
+        (--limit, one rank's shard) must not use damaged rows unnoticed."""
+        if self._stream is None:
+            return
+        try:
+            while self._stream.read(chunk):
+                pass
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+            raise UserError(
+                f"{self.path}: array {self.name!r} is damaged ({exc}); re-create the .npz"
+            ) from None
+        finally:
+            self.close()
 
     def close(self) -> None:
         if self._stream is not None:
@@ -194,7 +213,8 @@ def _read_npy_header(stream, label: str) -> tuple[tuple[int, ...], bool, np.dtyp
             shape, fortran, dtype = npy.read_array_header_1_0(stream)
         else:
             shape, fortran, dtype = npy.read_array_header_2_0(stream)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, tokenize.TokenError, TypeError) as exc:
+        # a damaged header dict: numpy parses it as a Python literal (TokenError when unbalanced)
         raise UserError(f"{label}: not a valid .npy array ({exc})") from None
     return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype)
 
@@ -209,6 +229,7 @@ class CalibrationData:
     batch_axes: dict[str, int] = field(default_factory=dict)
     consts: tuple[str, ...] = ()
     window: tuple[int, int] | None = None  # this process's shard of the samples (distributed scans)
+    unfed: tuple[str, ...] = ()  # arrays read for counting only (a --mask that is not a model input)
 
     def shard(self, rank: int, world: int, limit: int | None) -> None:
         total = self.samples if limit is None else min(limit, self.samples)
@@ -292,6 +313,9 @@ class CalibrationData:
                     )
                 batch[source.name] = rows
             yield batch
+        for source in self._batched():
+            if isinstance(source, NpzMemberSource):
+                source.verify_rest()
 
 
 class MultiFileData:
@@ -308,6 +332,7 @@ class MultiFileData:
                 )
         self.consts = parts[0].consts
         self.batch_axes = parts[0].batch_axes
+        self.unfed: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:

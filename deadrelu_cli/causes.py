@@ -79,21 +79,21 @@ def explain_layer(
 def _torch_view(model_loaded, probe, report):
     """Per layer: its producer's tensors (read by name, so modules and .pt2 programs alike) and the
     layer whose output the producer reads."""
-    from deadrelu_cli.backends.torch.program import named_tensor
+    from deadrelu_cli.wiring.torch import named_tensor
 
     if model_loaded.kind == "eager":
         model, consumers = model_loaded.runnable, getattr(probe, "consumers", {})
     else:
-        from deadrelu_cli.backends.torch.program import exported_wiring
         from deadrelu_cli.loaders.torch_models import graph_module_with_stack
         from deadrelu_cli.probe.exported import find_sites
+        from deadrelu_cli.wiring.torch import exported_wiring
 
         model = graph_module_with_stack(model_loaded.extra["program"])  # unprobed: its sites are findable
         consumers = {}
         for node, site in find_sites(model.graph, tuple(probe.settings.ops)):
             wiring = exported_wiring(model, node)
             if not isinstance(wiring, str):
-                consumers[site.name] = {wiring.consumer_name}
+                consumers[site.name] = {wiring.consumer}
 
     def array(name: str) -> np.ndarray | None:
         tensor = named_tensor(model, name)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deadrelu_cli.errors import UserError
+from deadrelu_cli.errors import EXIT_INTERNAL, DeadreluError, UserError
 from deadrelu_cli.stats import LayerStats
 
 
@@ -57,12 +57,24 @@ def check_all_ranks(world: World, error: BaseException | None) -> None:
     """Every rank calls this after its local scan; if any rank failed, all raise with that rank's message."""
     import torch.distributed as dist
 
+    mine = None
+    if error is not None:  # the failed rank's exit code travels with its message: 2 input, 3 internal
+        code = error.exit_code if isinstance(error, DeadreluError) else EXIT_INTERNAL
+        mine = (code, f"{type(error).__name__}: {error}")
     messages: list = [None] * world.size
-    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
-    failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+    dist.all_gather_object(messages, mine)
+    failed = [(rank, found) for rank, found in enumerate(messages) if found is not None]
     if failed:
-        rank, message = failed[0]
-        raise UserError(f"rank {rank} of {world.size} failed, no report written: {message}")
+        rank, (code, message) = failed[0]
+        raise RankFailed(f"rank {rank} of {world.size} failed, no report written: {message}", code)
+
+
+class RankFailed(DeadreluError):
+    """A rank failed: every rank exits with that rank's exit code (2 for bad input, 3 for a crash)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _structure(layers: list[LayerStats]) -> list[tuple]:
@@ -161,6 +173,7 @@ def reduce_layers(
                 module_type=module_type,
                 producer=producer,
                 bias=biases.get(name),
+                extra=dict(local[name].extra) if name in local else {},  # e.g. how the position mask applied
             )
         )
     return merged, int(elements[-1])

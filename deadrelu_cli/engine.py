@@ -44,13 +44,23 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         from deadrelu_cli.distributed import init_world
 
         world = init_world(device)
-    if options.data is None:
+    if options.data is None and options.text is None:
         if not options.certify:
             raise UserError(
                 "missing --data: the calibration data to replay (.npz, .npy, .pt or .safetensors)"
             )
         return _certify_only(options, fmt, device)
-    data = open_calibration(options.data, options.batch_axes, options.consts)
+    data = open_data(options, fmt)
+    mask = None
+    extra_notes: list[str] = []
+    if backend_of_format(fmt) == "torch":
+        from deadrelu_cli.inputs import resolve_mask
+
+        mask = resolve_mask(options.mask, options.exclude_token_ids, data)
+    elif "attention_mask" in data.names and options.mask != "none":
+        extra_notes.append(
+            "the data has an attention_mask: an ONNX scan counts every position, padding included"
+        )
     if world is not None:
         data.shard(world.rank, world.size, options.limit)
         options = replace(options, limit=None)  # the limit is inside the shard windows now
@@ -82,12 +92,16 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         findings = structural_checks(model, probe)
     report = Report(
         model=ModelInfo(path=str(options.model), format=model.format, sha256=model.sha256),
-        data=DataInfo(path=str(options.data), samples=samples),
+        data=DataInfo(path=str(options.text or options.data), samples=samples),
         settings=Settings(
             options.threshold, options.dying, options.tau, options.channel_dim, device, tuple(options.ops)
         ),
         layers=layers,
-        notes=list(model.notes) + [f"check {f.kind}: {f.message}" for f in findings],
+        notes=list(model.notes)
+        + [f"check {f.kind}: {f.message}" for f in findings]
+        + mask_notes(layers, mask)
+        + extra_notes,
+        mask=None if mask is None else mask.describe(),
         unseen=dict(model.extra.get("unseen", {})),
     )
     if options.explain:
@@ -95,6 +109,39 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
 
         explain(report, model, probe, tuple(options.ops))
     return ScanResult(report, model, data, device, probe, is_main=world is None or world.is_main)
+
+
+def backend_of_format(fmt: str) -> str:
+    return "onnx" if fmt == "onnx" else "torch"
+
+
+def open_data(options: ScanOptions, fmt: str):
+    """--data FILE, or --text FILE tokenized with the model folder's tokenizer."""
+    if options.text is None:
+        return open_calibration(options.data, options.batch_axes, options.consts)
+    if options.data is not None:
+        raise UserError("--text and --data are two sources of samples; give one of them")
+    if fmt != "hf_folder":
+        raise UserError(
+            "--text needs a Hugging Face model folder (its tokenizer); for other models tokenize into an .npz "
+            "with input_ids and attention_mask"
+        )
+    from deadrelu_cli.text import tokenized_data
+
+    return tokenized_data(options.text, options.model, options.text_field, options.seq_len)
+
+
+def mask_notes(layers: list, mask) -> list[str]:
+    """Say which layers the position mask could not apply to (they count every element)."""
+    if mask is None:
+        return []
+    unmasked = [layer.name for layer in layers if layer.extra.get("position_mask") == "no token axis"]
+    if not unmasked:
+        return []
+    shown = ", ".join(unmasked[:5]) + (", …" if len(unmasked) > 5 else "")
+    return [
+        f"position mask not applied to {len(unmasked)} layer(s) without a token axis (every element counted): {shown}"
+    ]
 
 
 def certify_model(model: LoadedModel, options: ScanOptions, data: CalibrationData | None, device: str):

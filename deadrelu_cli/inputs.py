@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,6 +19,12 @@ def describe_model_inputs(model: LoadedModel) -> str:
         f"{' ' + str(s.dtype) if s.dtype else ''}"
         for s in model.inputs
     )
+    optional = [n for n in model.keyword_inputs if n not in {s.name for s in model.inputs}]
+    if optional:  # an eager model's forward() arguments with defaults (input_ids, attention_mask, …)
+        listed = ", ".join(optional[:12]) + (f", … ({len(optional) - 12} more)" if len(optional) > 12 else "")
+        described = (
+            f"{described}; forward() also takes {listed}" if described else f"forward() takes {listed}"
+        )
     return described or "unknown (the model does not declare them)"
 
 
@@ -35,9 +42,14 @@ def mismatch(data: CalibrationData, model: LoadedModel, what: str) -> UserError:
 
 
 def match_inputs(model: LoadedModel, data: CalibrationData) -> list[str]:
-    """Order the data's arrays as the model's positional inputs."""
-    names = data.names
+    """Order the data's arrays as the model's inputs: by name when every array names an argument of
+    forward() (input_ids, attention_mask, pixel_values, …; see `by_keyword`), else positionally."""
+    unfed = set(getattr(data, "unfed", ()))  # e.g. a --mask array that is not a model input
+    names = [n for n in data.names if n not in unfed]
     wanted = [spec.name for spec in model.inputs]
+    accepted = model.keyword_inputs
+    if names and accepted and all(n in accepted for n in names) and all(w in names for w in wanted):
+        return [n for n in accepted if n in names]
     if len(names) == 1 and len(wanted) <= 1:
         return names
     if wanted and all(n in names for n in wanted):
@@ -49,6 +61,11 @@ def match_inputs(model: LoadedModel, data: CalibrationData) -> list[str]:
     raise mismatch(
         data, model, f"no array for model input(s) {', '.join(missing)}" if missing else "arrays do not match"
     )
+
+
+def by_keyword(model: LoadedModel, order: list[str]) -> bool:
+    """Whether the arrays go to forward() by name (every one names an argument it takes)."""
+    return bool(order) and bool(model.keyword_inputs) and all(n in model.keyword_inputs for n in order)
 
 
 def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) -> None:
@@ -94,3 +111,62 @@ def resolve_batch_size(
     while size * 2 <= 1024 and size * 2 * per_sample_input <= budget:
         size *= 2
     return size
+
+
+TOKEN_IDS = "input_ids"
+DEFAULT_MASK = "attention_mask"
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Which token positions count: where array `array` is nonzero (None: every position), minus the
+    positions whose `input_ids` are in `exclude_token_ids`."""
+
+    array: str | None
+    exclude_token_ids: tuple[int, ...] = ()
+
+    def describe(self) -> dict:
+        return {"array": self.array, "exclude_token_ids": list(self.exclude_token_ids)}
+
+
+def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data) -> MaskSpec | None:
+    """--mask NAME | none | auto (default: the data's attention_mask, when it has one), --exclude-token-ids."""
+    names = data.names
+    if requested in (None, "auto"):
+        array = DEFAULT_MASK if DEFAULT_MASK in names else None
+    elif requested == "none":
+        array = None
+    elif requested in names:
+        array = requested
+    else:
+        raise UserError(
+            f"--mask {requested}: {data.path} has no array of that name (arrays: {', '.join(names)})"
+        )
+    if exclude_token_ids and TOKEN_IDS not in names:
+        raise UserError(
+            f"--exclude-token-ids needs the token ids: {data.path} has no {TOKEN_IDS!r} array (arrays: {', '.join(names)})"
+        )
+    if array is None and not exclude_token_ids:
+        return None
+    by_name = {s.name: s for s in data.sources}
+    for name in filter(None, (array, TOKEN_IDS if exclude_token_ids else None)):
+        shape = by_name[name].shape
+        if len(shape) != 2:
+            raise UserError(
+                f"{data.path}: the mask array {name!r} has shape {list(shape)}; a mask is [samples, tokens]"
+            )
+    return MaskSpec(array, tuple(int(t) for t in exclude_token_ids))
+
+
+def batch_mask(spec: MaskSpec, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """bool [batch, tokens]: the positions of this batch that count."""
+    keep = None
+    if spec.array is not None:
+        keep = np.asarray(batch[spec.array]) != 0
+    if spec.exclude_token_ids:
+        ids = np.asarray(batch[TOKEN_IDS])
+        drop = np.isin(ids, np.asarray(spec.exclude_token_ids, dtype=ids.dtype))
+        keep = ~drop if keep is None else keep & ~drop
+        if keep.shape != ids.shape:
+            raise UserError(f"the mask {spec.array!r} and {TOKEN_IDS!r} have different shapes")
+    return keep

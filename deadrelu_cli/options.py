@@ -36,4 +36,14 @@ class ScanOptions:
     certify: bool = False  # data-free bounds: which units can never fire over the input box
     input_range: tuple[float, float] | str | None = None  # (LO, HI) or "auto" (min/max of the data)
     input_shape: str | None = None  # one sample's shape when neither the model nor the data gives it
+    mask: str | None = (
+        None  # array of --data whose nonzero positions count ("none": every position; None: attention_mask if present)
+    )
+    exclude_token_ids: tuple[int, ...] = ()  # positions holding these input_ids do not count (e.g. BOS)
+    text: str | None = (
+        None  # --text FILE: documents tokenized with the model folder's tokenizer (instead of --data)
+    )
+    text_field: str = "text"  # JSONL key of the document text
+    seq_len: int = 128  # --text: tokens per sample (longer documents are truncated)
+    device_map: str | None = None  # --device-map for model folders (accelerate): auto, cpu, …
     progress: ProgressCallback | None = field(default=None, repr=False)

@@ -17,6 +17,10 @@ from deadrelu_cli.errors import UserError
 CAPPED_OPS = {"relu6": 6.0}
 
 
+# bins of per-unit firing frequency: half decades from 1e-7 to 1 (a token in ten million … every token)
+FREQUENCY_EDGES = 10.0 ** np.arange(-7.0, 0.01, 0.5)
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """What counts as firing, dying and dormant."""
@@ -98,6 +102,22 @@ class LayerStats:
         if self.saturated_counts is None or not self.ran:
             return np.zeros(self.units, dtype=bool)
         return self.saturated_counts == self.elements_per_unit
+
+    def activation_sparsity(self) -> float | None:
+        """Mean fraction of this layer's units that do not fire, per counted position (token, pixel):
+        1 - positives / (units * positions). None for a site that never ran."""
+        if not self.ran or not self.units:
+            return None
+        return 1.0 - float(self.positive_counts.sum()) / (self.units * float(self.elements_per_unit))
+
+    def firing_histogram(self) -> tuple[int, np.ndarray]:
+        """(dead units, units per bin of FREQUENCY_EDGES): how often each unit fires, on a log scale
+        (rates below the first edge fall in the first bin)."""
+        rates = self.active_rate()
+        dead = self.dead_mask()
+        firing = np.clip(rates[~dead & (self.positive_counts > 0)], FREQUENCY_EDGES[0], 1.0)
+        counts, _ = np.histogram(firing, bins=FREQUENCY_EDGES)
+        return int(dead.sum()), counts
 
     def constant_masks(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Units whose activation was one value over all the data: (all zero, one other value). The

@@ -159,6 +159,7 @@ class Watch:
         self._current: int | None = None  # the step running now
         self._handles: list = []
         self._modes: list = []
+        self._mask: torch.Tensor | None = None  # the position mask of the current step
         self._probe: EagerProbe | None = None  # this window's counters
         self._sampled: list[int] = []  # steps sampled in this window
         self._samples = 0
@@ -171,9 +172,12 @@ class Watch:
     def is_sampled(self, step: int) -> bool:
         return step % self.every == 0
 
-    def step(self, step: int | None = None) -> bool:
+    def step(self, step: int | None = None, position_mask: torch.Tensor | None = None) -> bool:
         """A training step begins (before its forward). Returns whether it is sampled. Called again
-        with the same `step` (a trainer's gradient-accumulation micro-batches), it continues that step."""
+        with the same `step` (a trainer's gradient-accumulation micro-batches), it continues that step.
+        `position_mask` ([batch, tokens], e.g. the batch's attention_mask): count only those positions
+        in this step's forwards (see `set_position_mask`); None counts every position."""
+        self._mask = position_mask
         current = self._next_step if step is None else int(step)
         if step is not None and current == self._current:
             if self.is_sampled(current):
@@ -187,6 +191,14 @@ class Watch:
         self._attach()
         self._sampled.append(current)
         return True
+
+    def set_position_mask(self, mask: torch.Tensor | None) -> None:
+        """Count only the token positions where `mask` ([batch, tokens], bool or 0/1) is true in the
+        forwards that follow (the probe's own masking: sites without a token axis count every element
+        and say so); None counts every position. On an unsampled step it is only kept."""
+        self._mask = mask
+        if self._probe is not None and self._handles:
+            self._probe.set_position_mask(mask)
 
     def pause(self) -> None:
         """Take the probe off until the next `step()` (forwards in between, e.g. validation, are not counted)."""
@@ -230,6 +242,7 @@ class Watch:
                 ),
             )
         probe = self._probe
+        probe.set_position_mask(self._mask)
 
         def start(_module, args, kwargs):
             probe.begin_forward()

@@ -262,6 +262,108 @@ def measure_memory(workdir: Path, quick: bool) -> dict:
     }
 
 
+def build_relu_transformer(folder: Path, hidden: int, ffn: int, layers: int, vocab: int = 2000) -> Path:
+    """An OPT-style decoder (ReLU FFN) from a config, saved with save_pretrained (sharded safetensors)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        ffn_dim=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        word_embed_proj_dim=hidden,
+        max_position_embeddings=512,
+        activation_function="relu",
+        pad_token_id=1,
+    )
+    transformers.OPTForCausalLM(config).eval().save_pretrained(folder, max_shard_size="100MB")
+    return folder
+
+
+def token_batches(rng, samples: int, tokens: int, vocab: int = 2000) -> dict[str, np.ndarray]:
+    """input_ids with right padding (a quarter of the positions on average) and their attention_mask."""
+    lengths = rng.integers(tokens // 2, tokens + 1, samples)
+    mask = (np.arange(tokens)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, rng.integers(2, vocab, (samples, tokens)), 1).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def measure_transformer(rng, reps: int, workdir: Path, quick: bool, batch: int) -> dict:
+    """A ReLU transformer folder: `deadrelu scan FOLDER --data tokens.npz` (attention_mask applied) against
+    from_pretrained + the same batches through the model, at N and 3N sequences."""
+    import transformers
+
+    # OPT-125m's widths (768 -> 3072), 2 layers: the FFN and the counting at the size they have in practice
+    folder = build_relu_transformer(workdir / "opt-relu", 768, 3072, 2)
+    n = 8 if quick else 32
+    paths = {}
+    for label, samples in (("n", n), ("3n", 3 * n)):
+        paths[label] = workdir / f"tokens-{label}.npz"
+        np.savez(paths[label], **token_batches(rng, samples, 128))
+
+    def pair(path: Path):
+        def plain():
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+            with np.load(path) as data:
+                ids, mask = data["input_ids"], data["attention_mask"]
+            with torch.inference_mode():
+                for i in range(0, len(ids), batch):
+                    model(
+                        input_ids=torch.from_numpy(ids[i : i + batch]),
+                        attention_mask=torch.from_numpy(mask[i : i + batch]),
+                        use_cache=False,
+                    )
+
+        def scan():
+            run_scan(ScanOptions(model=str(folder), data=str(path), batch_size=batch, device="cpu"))
+
+        return plain, scan
+
+    plain_n, scan_n, _, _ = _median_pair(*pair(paths["n"]), reps)
+    plain_3n, scan_3n, plain_all, scan_all = _median_pair(*pair(paths["3n"]), reps)
+    return {
+        "case": "relu transformer, masked",
+        "device": "cpu",
+        "samples": 3 * n,
+        "batch": batch,
+        "plain_s": plain_3n,
+        "scan_s": scan_3n,
+        "ratio": scan_3n / plain_3n,
+        "paired_ratio": statistics.median(s / p for s, p in zip(scan_all, plain_all, strict=True)),
+        "marginal_ratio": (scan_3n - scan_n) / (plain_3n - plain_n),
+        "plain_per_s": 3 * n / plain_3n,
+        "scan_per_s": 3 * n / scan_3n,
+    }
+
+
+def measure_folder_memory(workdir: Path, quick: bool) -> dict:
+    """Peak RSS of `deadrelu scan FOLDER` against the weights' size on disk, and against a process that
+    only imports torch + transformers (the interpreter's own share), median of 3 processes each."""
+    hidden, ffn, layers = (256, 1024, 4) if quick else (1024, 4096, 8)
+    folder = build_relu_transformer(workdir / "opt-memory", hidden, ffn, layers)
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    data = workdir / "tokens-memory.npz"
+    np.savez(data, **token_batches(np.random.default_rng(1), 8, 64))
+    scan = [sys.executable, "-m", "deadrelu_cli", "scan", str(folder), "--data", str(data), "-b", "8"]
+    imports = [
+        sys.executable,
+        "-c",
+        "import torch, transformers, deadrelu_cli.engine; transformers.OPTForCausalLM",
+    ]
+    scan_peak = statistics.median(peak_rss_kib(scan) for _ in range(3)) * 1024
+    base_peak = statistics.median(peak_rss_kib(imports) for _ in range(3)) * 1024
+    return {
+        "case": "peak RSS, model folder",
+        "device": "cpu",
+        "weights_mib": round(weights / 2**20, 1),
+        "peak_rss_mib": round(scan_peak / 2**20, 1),
+        "imports_rss_mib": round(base_peak / 2**20, 1),
+        "rss_over_weights": (scan_peak - base_peak) / weights,
+    }
+
+
 def cuda_cases(rng, reps: int, workdir: Path) -> dict:
     """ResNet-18 at 224x224, batch 128: eager, --compile (against plain eager and plain compiled),
     bf16 + channels_last on both sides."""
@@ -301,7 +403,8 @@ def main() -> None:
         "--images", type=int, default=256, help="N: the dataset sizes are N and 3N (default 256)"
     )
     parser.add_argument(
-        "--only", help="comma-separated cases: eager,onnx,compile,mlp,memory,watch (+ cuda-* on a GPU)"
+        "--only",
+        help="comma-separated cases: eager,onnx,compile,mlp,memory,transformer,folder-memory,watch (+ cuda-* on a GPU)",
     )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -374,6 +477,8 @@ def main() -> None:
                 work,
             ),
             "memory": lambda: measure_memory(work, args.quick),
+            "transformer": lambda: measure_transformer(rng, args.reps, work, args.quick, token_batch),
+            "folder-memory": lambda: measure_folder_memory(work, args.quick),
             "watch": lambda: {"watch": measure_watch()},  # prints its own table
         }
         if torch.cuda.is_available():
@@ -396,7 +501,7 @@ def main() -> None:
         f"{'case':<32} {'device':<18} {'samples':>7} {'plain/s':>9} {'scan/s':>9} {'scan/plain':>11} {'paired':>7} {'marginal':>9}"
     )
     for row in rows:
-        if "growth" in row or "watch" in row:
+        if "growth" in row or "rss_over_weights" in row or "watch" in row:
             continue
         print(
             f"{row['case']:<32} {row['device']:<18} {row['samples']:>7} {row['plain_per_s']:>9.1f} {row['scan_per_s']:>9.1f} "
@@ -408,6 +513,12 @@ def main() -> None:
                 f"peak RSS of a scan: {row['peak_rss_mib'][0]} MiB on {row['samples'][0]} images "
                 f"({row['data_mib'][0]} MiB of .npy), {row['peak_rss_mib'][1]} MiB on {row['samples'][1]} "
                 f"({row['data_mib'][1]} MiB): {row['growth']:+.1%}"
+            )
+        if "rss_over_weights" in row:
+            print(
+                f"peak RSS of a model-folder scan: {row['peak_rss_mib']} MiB for {row['weights_mib']} MiB of weights; "
+                f"{row['imports_rss_mib']} MiB is torch + transformers imported: "
+                f"{row['rss_over_weights']:.2f}x the weights beyond that"
             )
     args.out.write_text(json.dumps({"machine": machine, "reps": args.reps, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")

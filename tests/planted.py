@@ -192,3 +192,66 @@ class ReluBeforeSoftmax(nn.Module):
 def relu_before_softmax() -> nn.Module:
     torch.manual_seed(7)
     return ReluBeforeSoftmax()
+
+
+class Graded(nn.Module):
+    """One unit per status (data: standard normal x[N, 3]). fc: 0 dead (bias -20), 1 dying (fires only
+    when x0 > 2.7, ~0.35% of samples), 2 dormant (fires half the time with a tiny weight), 3-5 alive;
+    fc2 + ReLU6: 0 saturated (bias +100), 1 dead (bias -100), 2-3 alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 6)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(6, 4)
+        self.act6 = nn.ReLU6()
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.act6(self.fc2(self.act(self.fc(x)))))
+
+
+def graded() -> nn.Module:
+    torch.manual_seed(8)
+    model = Graded()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.randn(6, 3))
+        model.fc.bias.fill_(0.5)
+        model.fc.weight[0] = torch.tensor([1.0, 0.0, 0.0])
+        model.fc.bias[0] = -20.0
+        model.fc.weight[1] = torch.tensor([1.0, 0.0, 0.0])
+        model.fc.bias[1] = -2.7
+        model.fc.weight[2] = torch.tensor([0.01, 0.0, 0.0])
+        model.fc.bias[2] = 0.0
+        model.fc2.bias[0] = 100.0
+        model.fc2.bias[1] = -100.0
+    return model
+
+
+class SmoothOps(nn.Module):
+    """The optional --ops: LeakyReLU(0.2), ELU(0.7), GELU and SiLU, one Linear before each, plus a ReLU
+    that --ops leaky_relu,elu,gelu,silu leaves out. Unit 0 of each site: bias -30, never above 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.leaky = nn.Linear(4, 5), nn.LeakyReLU(0.2)
+        self.fc2, self.elu = nn.Linear(5, 5), nn.ELU(alpha=0.7)
+        self.fc3, self.gelu = nn.Linear(5, 5), nn.GELU()
+        self.fc4, self.silu = nn.Linear(5, 5), nn.SiLU()
+        self.fc5, self.relu = nn.Linear(5, 3), nn.ReLU()
+
+    def forward(self, x):
+        x = self.leaky(self.fc1(x))
+        x = self.elu(self.fc2(x))
+        x = self.gelu(self.fc3(x))
+        x = self.silu(self.fc4(x))
+        return self.relu(self.fc5(x))
+
+
+def smooth_ops() -> nn.Module:
+    torch.manual_seed(9)
+    model = SmoothOps()
+    with torch.no_grad():
+        for fc in (model.fc1, model.fc2, model.fc3, model.fc4):
+            fc.bias[0] = -30.0
+    return model

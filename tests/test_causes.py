@@ -50,9 +50,10 @@ def test_causes_of_an_exported_program_are_the_planted_ones(cli, tmp_path, plant
 
 
 def test_causes_from_an_onnx_graph(cli, tmp_path, planted_module):
-    """--explain on ONNX reads the producer's stored tensors (Gemm rows, a reshaped Conv bias, an unfused
-    BatchNormalization's scale and B): the torch scan's causes for the planted MLP's export, and the
-    planted causes of a paddle2onnx-style graph."""
+    """Consistency (ONNX vs torch causes), anchored on the planted causes: --explain on ONNX reads the
+    producer's stored tensors (Gemm rows, a reshaped Conv bias, an unfused BatchNormalization's scale
+    and B): the torch scan's causes for the planted MLP's export, and the planted causes of a
+    paddle2onnx-style graph."""
     import warnings
 
     import onnx
@@ -70,6 +71,7 @@ def test_causes_from_an_onnx_graph(cli, tmp_path, planted_module):
     assert result.code == 0, result.err
     expected = [layer["extra"].get("causes") for layer in from_torch["layers"]]
     assert [layer["extra"].get("causes") for layer in json.loads(result.out)["layers"]] == expected
+    assert expected[0] == {"0": "negative bias", "1": "collapsed weights", "2": "direction"}  # as planted
     assert expected[1]["0"] == "starved"
     onnx.save(paddle_conv_bn(weights_in_constants=True), str(tmp_path / "p.onnx"))
     images = save_npz(
@@ -140,14 +142,26 @@ def test_kick_revives_and_is_verified(cli, tmp_path, planted_module):
         out,
         "--seed",
         "3",
+        "--json",
+        tmp_path / "kick.json",
     )
     assert result.code == 0, result.err
     import torch
+    from truth import capture, truth_of
 
     before, after = torch.load(ckpt, weights_only=True), torch.load(out, weights_only=True)
     changed = (before["fc1.weight"] != after["fc1.weight"]).any(dim=1).nonzero().flatten().tolist()
     assert changed == [0, 1, 2]  # only the dead units' incoming weights moved
     assert torch.equal(before["fc2.weight"], after["fc2.weight"])
+    # what the fix report says about revival, against the kicked model run in plain torch
+    kicked = planted_module.causes_mlp()
+    kicked.load_state_dict(after)
+    site = capture(kicked.eval(), [torch.from_numpy(x)], producers={"relu()": ("fc1", "relu")})["relu()"]
+    truth = truth_of(site, 1)
+    (layer,) = json.loads((tmp_path / "kick.json").read_text())["layers"]
+    assert layer["name"] == "relu()" and layer["units"] == [0, 1, 2] and layer["dead_before"] == 3
+    assert layer["dead_after"] == len(truth.dead) and truth.dead != [0, 1, 2]  # something revived
+    np.testing.assert_allclose(layer["rates_after"], truth.active_rate[[0, 1, 2]], rtol=0, atol=1e-12)
 
 
 def test_inspect_runs_the_structural_checks(cli, tmp_path, planted_module):

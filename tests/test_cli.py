@@ -181,13 +181,16 @@ def test_debug_shows_traceback(cli):
     assert result.code == 2 and "Traceback" in result.err
 
 
-def test_internal_error_exit_3(cli, monkeypatch):
+def test_internal_error_exit_3(cli, monkeypatch, tmp_path):
+    import tempfile
+
     import deadrelu_cli.engine as engine
 
     def boom(_options):
         raise ZeroDivisionError("planted")
 
     monkeypatch.setattr(engine, "run_scan_detailed", boom)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the crash log lands here, not in /tmp
     result = cli("scan", *MLP)
     assert result.code == 3
     assert "internal error: ZeroDivisionError: planted" in result.err and "please report" in result.err

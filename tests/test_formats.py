@@ -52,6 +52,8 @@ def _save_formats(model, example, tmp_path):
 
 @pytest.mark.parametrize("factory", FACTORIES)
 def test_all_formats_agree(tmp_path, planted_module, factory):
+    """Consistency (format invariance): every format of the same weights gives the state_dict's report.
+    The state_dict path itself is checked against plain torch + numpy in test_truth / test_scan_torch."""
     model = getattr(planted_module, factory)().eval()
     x = np.random.default_rng(11).standard_normal((24, *INPUTS[factory])).astype(np.float32)
     example = torch.from_numpy(x[:2])

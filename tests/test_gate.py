@@ -34,9 +34,32 @@ def _dead(path):
 
 
 def test_reports_differ_as_planted(reports):
+    """The gate's inputs, checked against plain torch hooks + numpy (tests/truth.py)."""
+    from truth import capture, truth_of
+
     base, worse = reports
+    x = torch.from_numpy(np.load(DATA)["input"])
+    for path, state in ((base, None), (worse, {"fc1.bias": [0, 1]})):
+        model = _mlp()
+        if state:
+            with torch.no_grad():
+                model.fc1.bias[state["fc1.bias"]] = -100.0
+        sites = capture(model, [x], producers={"relu()": ("fc2", "relu")})
+        expected = {name: len(truth_of(site, 1).dead) for name, site in sites.items()}
+        assert _dead(path)[0] == expected
     assert _dead(base)[0] == {"act1": 3, "relu()": 3}
     assert _dead(worse)[0]["act1"] == 5
+
+
+def _mlp():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mlp_arch_for_gate", SAMPLES / "mlp" / "arch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.build()
+    model.load_state_dict(torch.load(SAMPLES / "mlp" / "model.pt", weights_only=True))
+    return model.eval()
 
 
 @pytest.mark.parametrize(
@@ -196,6 +219,7 @@ def test_gate_bad_report(cli, tmp_path):
 
 
 def test_merge_of_halves_equals_full_scan(cli, tmp_path):
+    """Consistency (merge is exact): merging the reports of two halves gives the full scan's report."""
     x = np.load(DATA)["input"]
     np.savez(tmp_path / "a.npz", input=x[:200])
     np.savez(tmp_path / "b.npz", input=x[200:])

@@ -1,15 +1,18 @@
-"""The HTML report: structure and numbers against the JSON, offline, and a real render in headless Chromium."""
+"""The HTML report: its numbers against independent ones (plain torch hooks + numpy), its structure,\noffline, and a real render in headless Chromium."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 from conftest import ROOT
+from truth import close_to_printed, sample_cnn, sample_cnn_truth
 
 CNN = ROOT / "sample_models" / "cnn"
 
@@ -73,24 +76,85 @@ def report_files(cli, tmp_path):
     return html_path, json.loads(json_path.read_text())
 
 
+class _UnitRows(HTMLParser):
+    """The unit rows of each layer's <details data-layer=…> section."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.units: dict[str, list[list[str]]] = {}
+        self._layer: str | None = None
+        self._cells: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "details" and "data-layer" in attrs:
+            self._layer = attrs["data-layer"]
+            self.units[self._layer] = []
+        if tag == "tr" and self._layer is not None:
+            self._cells = []
+        if tag == "td" and self._cells is not None:
+            self._cells.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "tr" and self._cells:
+            self.units[self._layer].append(self._cells)
+        if tag == "tr":
+            self._cells = None
+        if tag == "details":
+            self._layer = None
+
+    def handle_data(self, data):
+        if self._cells:
+            self._cells[-1] += data
+
+
+def _truths():
+    """The sample CNN's numbers from plain torch hooks + numpy (tests/truth.py), not from any report."""
+    return sample_cnn_truth(sample_cnn(CNN / "model.pt"), np.load(CNN / "calib.npz")["input"])
+
+
 def test_every_layer_with_its_numbers(report_files):
+    """Every number of the HTML's layer table, summary and unit tables against independent numbers."""
     html_path, report = report_files
+    truths = _truths()
     parsed = _Collect()
     parsed.feed(html_path.read_text())
-    assert set(parsed.rows) == {layer["name"] for layer in report["layers"]}
-    for layer in report["layers"]:
-        cells = parsed.rows[layer["name"]]
-        assert cells[0] == layer["name"] and cells[1] == layer["op"]
-        assert int(cells[2]) == layer["units"] and int(cells[3]) == layer["dead"]
-        assert cells[4] == f"{100 * layer['dead'] / layer['units']:.1f}%"
+    assert list(parsed.rows) == list(truths)
+    for name, t in truths.items():
+        cells = parsed.rows[name]
+        assert cells == [
+            name,
+            "relu",
+            str(t.units),
+            str(len(t.dead)),
+            f"{100 * len(t.dead) / t.units:.1f}%",
+            str(len(t.dying)),
+            str(len(t.dormant)),
+            f"{100 * t.median_rate:.1f}%",
+        ], name
     text = html_path.read_text()
-    summary = report["summary"]
-    assert (
-        f"<b>{summary['dead']}</b>dead" in text
-        and f"<b>{100 * summary['dead_fraction']:.1f}%</b>dead %" in text
-    )
+    dead, units = sum(len(t.dead) for t in truths.values()), sum(t.units for t in truths.values())
+    assert dead == 8 and f"<b>{dead}</b>dead" in text and f"<b>{100 * dead / units:.1f}%</b>dead %" in text
     assert "<b>passed</b>gate" in text
-    assert report["model"]["sha256"] in text
+    assert hashlib.sha256((CNN / "model.pt").read_bytes()).hexdigest() in text
+    sections = _UnitRows()
+    sections.feed(text)
+    model = sample_cnn(CNN / "model.pt")
+    biases = {
+        name: m.bias.detach().numpy()
+        for name, m in (("relu", model.bn1), ("relu#2", model.bn2), ("relu()", model.fc))
+    }
+    for name, t in truths.items():
+        listed = sorted(set(t.dead) | set(t.dying) | set(t.dormant) | set(t.saturated or []))
+        rows = sections.units[name]
+        assert [int(row[0]) for row in rows] == listed, name  # the units that are not plainly alive
+        for row in rows:
+            i = int(row[0])
+            status = "DEAD" if i in t.dead else "dying" if i in t.dying else "dormant"
+            assert row[5] == status and row[2] == f"{100 * t.active_rate[i]:.2f}%", (name, row)
+            assert close_to_printed(row[1], float(biases[name][i])), (name, row)
+            assert close_to_printed(row[3], float(t.max_pre[i])), (name, row)
+            assert close_to_printed(row[4], float(t.mean_abs[i])), (name, row)
 
 
 def test_self_contained_and_sections(report_files):
@@ -117,10 +181,10 @@ def test_report_command_with_baseline(cli, report_files, tmp_path):
     assert result.code == 0, result.err
     text = out.read_text()
     assert "Baseline dead %" in text and "baseline dead %" in text
-    assert (
-        f"{100 * report['summary']['dead_fraction']:.1f}% → {100 * (report['summary']['dead'] + 1) / report['summary']['units']:.1f}%"
-        in text
-    )
+    truths = _truths()
+    dead, units = sum(len(t.dead) for t in truths.values()), sum(t.units for t in truths.values())
+    assert truths["relu"].positive_counts[0] > 0  # unit 0 of relu is alive: zeroing its count adds one
+    assert f"{100 * dead / units:.1f}% → {100 * (dead + 1) / units:.1f}%" in text  # 22.2% → 25.0%
 
 
 def _chromium() -> str | None:

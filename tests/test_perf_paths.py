@@ -26,6 +26,8 @@ def _same_counts(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("model_file", ["model.pt", "model.pt2"])
 def test_compiled_in_graph_counting_matches_eager(model_file):
+    """Consistency (compiled vs eager counting paths); the eager path is checked against plain torch
+    elsewhere (test_table, test_truth)."""
     eager = scan(
         str(CNN / model_file),
         str(CNN / "calib.npz"),
@@ -45,7 +47,8 @@ def test_compiled_in_graph_counting_matches_eager(model_file):
 
 
 def test_in_graph_counting_without_compile_matches(tmp_path, planted_module):
-    """The instrumented FX graph itself (what torch.compile receives), run eagerly: relu6, in-place, functional."""
+    """Consistency (in-graph vs eager probe): the instrumented FX graph itself (what torch.compile
+    receives), run eagerly: relu6, in-place, functional."""
     import torch
 
     from deadrelu_cli.probe.base import ProbeSettings
@@ -75,6 +78,7 @@ def test_in_graph_counting_without_compile_matches(tmp_path, planted_module):
 
 
 def test_batch_size_auto_gives_the_same_report(tmp_path, planted_module):
+    """Consistency (batch-size invariance): --batch-size auto equals a fixed batch size."""
     model = planted_module.conv_bn().eval()
     x = np.random.default_rng(5).standard_normal((40, 3, 6, 6)).astype(np.float32)
     ckpt, data = str(save_state_dict(model, tmp_path / "m.pt")), str(save_npz(tmp_path / "d.npz", x=x))

@@ -165,6 +165,8 @@ def test_channel_dim_override(tmp_path, planted_module):
 
 @pytest.mark.parametrize("batch_size", [1, 7, 64])
 def test_batch_size_does_not_change_counts(tmp_path, planted_module, batch_size):
+    """Consistency (batch-size invariance) between two scans; test_conv_bn_relu_channels anchors the
+    counts of this model to plain torch."""
     model = planted_module.conv_bn().eval()
     x = np.random.default_rng(6).standard_normal((50, 3, 6, 6)).astype(np.float32)
     ckpt, data = save_state_dict(model, tmp_path / "m.pt"), save_npz(tmp_path / "d.npz", x=x)

@@ -204,3 +204,38 @@ def test_the_function_stays_the_package_attribute():
     import deadrelu_cli.watcher  # noqa: F401 - importing the module must not shadow the function
 
     assert callable(deadrelu_cli.watch) and deadrelu_cli.watch.__module__ == "deadrelu_cli"
+
+
+def test_position_mask_counts_only_kept_tokens():
+    """Unit 0 fires only on padding positions (feature 0 = 10 there): dead with the mask, alive without.
+    Reference: numpy over the kept positions of the pre-activations."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    with torch.no_grad():
+        model[0].weight[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+        model[0].bias[0] = -5.0
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(3):
+        x = torch.randn(5, 7, 4, generator=g).clamp(-3, 3)
+        mask = torch.ones(5, 7, dtype=torch.bool)
+        mask[:, 5:] = False  # two padded positions per sequence
+        x[:, 5:, 0] = 10.0
+        batches.append((x, mask))
+    masked = watch(model, every=1, window=3, config=False)
+    plain = watch(model, every=1, window=3, config=False)
+    for x, mask in batches:
+        masked.step(position_mask=mask)
+        model(x)
+    masked.close()
+    for x, _ in batches:
+        plain.step()
+        model(x)
+    plain.close()
+    with torch.no_grad():
+        pre = np.concatenate([model[0](x)[m].numpy() for x, m in batches])  # kept positions only
+    layer = masked.last.layer("1")
+    assert layer.elements_per_unit == len(pre) == 3 * 5 * 5
+    assert layer.positive_counts.tolist() == (pre > 0).sum(axis=0).tolist()
+    assert 0 in np.flatnonzero(layer.dead_mask())
+    assert plain.last.layer("1").positive_counts[0] > 0  # the padding made it fire

@@ -14,7 +14,7 @@ import typer
 Model = Annotated[
     str,
     typer.Argument(
-        help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export) or .onnx.",
+        help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export), .onnx, or a Hugging Face model folder.",
         show_default=False,
     ),
 ]
@@ -30,7 +30,7 @@ Data = Annotated[
 OptionalModel = Annotated[
     str | None,
     typer.Argument(
-        help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export) or .onnx.",
+        help="Checkpoint: .pt/.pth/.bin state_dict, .safetensors, TorchScript, .pt2 (torch.export), .onnx, or a Hugging Face model folder.",
         show_default=False,
     ),
 ]
@@ -301,6 +301,52 @@ Explain = Annotated[
 ]
 
 
+Mask = Annotated[
+    str | None,
+    typer.Option(
+        "--mask",
+        help="Array of --data whose nonzero [samples, tokens] positions count (default: attention_mask when "
+        "present; none = every position, padding included).",
+    ),
+]
+ExcludeTokenIds = Annotated[
+    str | None,
+    typer.Option(
+        "--exclude-token-ids",
+        help="Comma-separated token ids whose positions never count (e.g. BOS: --exclude-token-ids 1); needs input_ids.",
+    ),
+]
+Text = Annotated[
+    str | None,
+    typer.Option(
+        "--text",
+        help="Instead of --data: a text file (one document per line) or .jsonl, tokenized with the model folder's tokenizer.",
+    ),
+]
+TextField = Annotated[str, typer.Option("--text-field", help="--text .jsonl: the key holding each document.")]
+SeqLen = Annotated[
+    int, typer.Option("--seq-len", min=1, help="--text: tokens per document (longer ones are truncated).")
+]
+DeviceMap = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="Hugging Face folders: spread the model over devices with accelerate (auto, balanced, cpu).",
+    ),
+]
+
+
+def parse_token_ids(value: str | None) -> tuple[int, ...]:
+    from deadrelu_cli.errors import UserError
+
+    if not value:
+        return ()
+    try:
+        return tuple(int(part) for part in value.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise UserError(f"--exclude-token-ids {value!r}: give comma-separated integers, e.g. 0,2") from None
+
+
 # Option groups: options several commands take, declared once (Polygraphy's argument groups). A command
 # names a group as one parameter; `command` spreads it into single options for Typer (so --help lists
 # them as before) and hands the command one group object.
@@ -342,10 +388,12 @@ class Running(OptionGroup):
 
 @dataclass(frozen=True)
 class Feeding(OptionGroup):
-    """Arrays of --data that are not one sample per row."""
+    """Arrays of --data that are not one sample per row, and which token positions count."""
 
     const: Const = None
     batch_axis: BatchAxis = None
+    mask: Mask = None
+    exclude_token_ids: ExcludeTokenIds = None
 
 
 @dataclass(frozen=True)
@@ -411,9 +459,8 @@ def command(func: Callable) -> Callable:
     @functools.wraps(func)
     def run(**values: Any) -> None:
         ctx = values.pop("ctx", None)
-        values = {
-            p.name: values[p.name] for p in spread if p.name in values
-        }  # Click gives them in argv order
+        # Click hands them over in command-line order; the signature's order keeps --show-config stable
+        values = {p.name: values[p.name] for p in spread if p.name in values}
         if settings:
             from deadrelu_cli.cli.console import make_console
             from deadrelu_cli.cli.gating import merge_settings, show_config
@@ -451,5 +498,7 @@ def scan_options(
         channel_dim=running.channel_dim,
         consts=tuple(feeding.const or ()),
         batch_axes=parse_batch_axes(feeding.batch_axis),
+        mask=feeding.mask,
+        exclude_token_ids=parse_token_ids(feeding.exclude_token_ids),
         **more,
     )

@@ -60,6 +60,10 @@ def scan(
     dtype: opt.Dtype = None,
     channels_last: opt.ChannelsLast = False,
     feeding: opt.Feeding = None,
+    text: opt.Text = None,
+    text_field: opt.TextField = "text",
+    seq_len: opt.SeqLen = 128,
+    device_map: opt.DeviceMap = None,
     layer: opt.LayerName = None,
     json_out: opt.JsonOut = None,
     html_out: opt.HtmlOut = None,
@@ -81,12 +85,14 @@ def scan(
     if not model:
         raise UserError("missing MODEL: deadrelu scan MODEL --data DATA (see --help)")
     certify = certify or input_range is not None  # a box is only for certifying (as in fix)
-    if not data and not certify:
-        raise UserError("missing --data: the calibration data to replay (.npz, .npy, .pt or .safetensors)")
+    if not data and not text and not certify:
+        raise UserError(
+            "missing --data: the calibration data to replay (.npz, .npy, .pt or .safetensors), or --text FILE"
+        )
     json_to_stdout = json_out == "-"
     out = make_console(stderr=json_to_stdout)
     err = make_console(stderr=True, soft_wrap=True)
-    inputs = [model, data or ""]
+    inputs = [model, data or "", text or ""]
     for target in (json_out, gating.junit, gating.markdown, html_out):
         if target and target != "-":
             refuse_overwrite_of_inputs(target, inputs)
@@ -110,6 +116,10 @@ def scan(
         tau=tau,
         ops=parse_ops(ops),
         allow_nonfinite=allow_nonfinite,
+        text=text,
+        text_field=text_field,
+        seq_len=seq_len,
+        device_map=device_map,
         progress=update,
     )
     if progress is not None:

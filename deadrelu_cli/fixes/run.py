@@ -8,6 +8,7 @@ Nothing reaches OUT unless that passes (or --force).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -35,11 +36,32 @@ def _temp_path(output: Path) -> Path:
     return Path(name)
 
 
-def _outputs_of(runner, data, scan_options: ScanOptions) -> list[list[np.ndarray]]:
-    return [
-        runner(batch)
-        for batch in data.batches(scan_options.batch_size, scan_options.limit, scan_options.allow_nonfinite)
-    ]
+def _temp_folder(output: Path) -> Path:
+    """A new folder beside OUT, renamed onto OUT once verified (a model folder's fix)."""
+    directory = output.parent if str(output.parent) else Path(".")
+    if output.exists():
+        raise UserError(f"--output {output}: already exists; a model folder is written to a new folder name")
+    if not directory.is_dir():
+        raise UserError(f"--output {output}: directory {directory} does not exist")
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=directory))
+    except OSError as exc:
+        raise UserError(f"--output {output}: cannot write there ({exc.strerror})") from None
+
+
+def _outputs_of(runner, data, scan_options: ScanOptions, mask=None) -> list[list[np.ndarray]]:
+    """Every output of every batch; with a position mask, outputs with the [batch, tokens] axes keep
+    only the counted positions (a padded position's output is not compared, as it is not counted)."""
+    from deadrelu_cli.inputs import batch_mask
+
+    outputs = []
+    for batch in data.batches(scan_options.batch_size, scan_options.limit, scan_options.allow_nonfinite):
+        out = runner(batch)
+        if mask is not None:
+            keep = batch_mask(mask, batch)
+            out = [a[keep] if a.ndim >= 2 and a.shape[:2] == keep.shape else a for a in out]
+        outputs.append(out)
+    return outputs
 
 
 def compare(before: list[list[np.ndarray]], after: list[list[np.ndarray]]) -> tuple[float, float]:
@@ -110,7 +132,10 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
         raise UserError(f"--strategy {options.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     output = Path(options.output)
     refuse_overwrite_of_inputs(output, [scan_options.model, scan_options.data])
-    if output.exists() and output.is_dir():
+    folder_out = Path(scan_options.model).is_dir()  # a model folder is fixed into a model folder
+    if folder_out and output.exists():
+        raise UserError(f"--output {output}: already exists; a model folder is written to a new folder name")
+    if not folder_out and output.exists() and output.is_dir():
         raise UserError(f"--output {output}: is a directory")
     holdout = None
     if options.holdout is not None:
@@ -146,7 +171,7 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
         )
         return result
     apply = backend_of(scanned.model).apply_fix
-    temp = _temp_path(output)
+    temp = _temp_folder(output) if folder_out else _temp_path(output)
     try:
         original_runner, patched_runner, outcomes = apply(scanned, plans, options, scan_options, temp, result)
         result.layers = outcomes
@@ -154,8 +179,13 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
             raise UserError(
                 "no layer could be patched: " + "; ".join(f"{o.name}: {o.action}" for o in outcomes)
             )
-        before = _outputs_of(original_runner, scanned.data, scan_options)
-        after = _outputs_of(patched_runner(), scanned.data, scan_options)
+        mask = None
+        if scanned.model.backend == "torch":
+            from deadrelu_cli.inputs import resolve_mask
+
+            mask = resolve_mask(scan_options.mask, scan_options.exclude_token_ids, scanned.data)
+        before = _outputs_of(original_runner, scanned.data, scan_options, mask)
+        after = _outputs_of(patched_runner(), scanned.data, scan_options, mask)
         result.max_abs_diff, result.max_rel_diff = compare(before, after)
         if holdout is not None:
             _verify_on_holdout(scanned, holdout, plans, original_runner, patched_runner, scan_options, result)
@@ -200,6 +230,10 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
             result.written = True
         return result
     finally:
-        for path in [temp] + [companion for companion, _ in result.companions]:
-            if path.exists():
-                path.unlink()
+        for companion, _ in result.companions:
+            if companion.exists():
+                companion.unlink()
+        if temp.is_dir():
+            shutil.rmtree(temp)
+        elif temp.exists():
+            temp.unlink()

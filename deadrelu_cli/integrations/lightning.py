@@ -12,6 +12,7 @@ once per layer over its limit, and with `stop_on_gate=True` stops training. Sett
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ class DeadReluCallback(Callback):
     `submodule`: watch `pl_module.<submodule>` (e.g. "model") so that layer names match a scan of the
     saved weights; default: the LightningModule itself. `out_dir`: where the reports go (default: the
     ModelCheckpoint's folder, else the trainer's root dir, + "/deadrelu"). `prefix`: of the metric names.
+    `position_mask`: a function of the batch giving the token positions to count ([batch, tokens], e.g.
+    `lambda batch: batch["attention_mask"]`); default: every position.
     """
 
     def __init__(
@@ -47,9 +50,11 @@ class DeadReluCallback(Callback):
         stop_on_gate: bool = False,
         config: str | bool | None = None,
         prefix: str = "deadrelu/",
+        position_mask: Callable[[Any], Any] | None = None,
         **settings: Any,
     ) -> None:
         super().__init__()
+        self.position_mask = position_mask
         self.every, self.window = every, window
         self.submodule = submodule
         self.out_dir = out_dir
@@ -85,7 +90,9 @@ class DeadReluCallback(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.watch.epoch = trainer.current_epoch
-        self.watch.step(trainer.global_step)
+        sampled = self.watch.step(trainer.global_step)
+        if sampled and self.position_mask is not None:
+            self.watch.set_position_mask(self.position_mask(batch))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.watch.pause()  # validation forwards in between are not counted; the next step closes a window

@@ -15,6 +15,10 @@ def load_model(options: LoadOptions) -> LoadedModel:
         from deadrelu_cli.loaders.onnx_model import load_onnx
 
         return load_onnx(options)
+    if fmt == "hf_folder":
+        from deadrelu_cli.loaders.hf_folder import load_hf_folder
+
+        return load_hf_folder(options)
     from deadrelu_cli.loaders.torch_models import load_torch
 
     return load_torch(options, fmt)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 from deadrelu_cli.errors import UserError
 
 TORCH_ZIP = "torch_zip"  # torch.save archive: a state_dict, a checkpoint dict, or a pickled module
 TORCH_LEGACY = "torch_legacy"  # pre-1.6 torch.save (a raw pickle stream)
+HF_FOLDER = "hf_folder"  # a Hugging Face model folder (config.json + weights)
 
 
 def check_readable_file(path: str | Path, what: str = "model") -> Path:
@@ -70,11 +72,43 @@ def check_archive(path: Path, max_ratio: int = 2000) -> list[str]:
         raise UserError(
             f"{path}: the archive expands to {total / 2**30:.1f} GiB, more than the memory available"
         )
+    _check_crcs(path)
     return [info.filename for info in infos]
 
 
+def _check_crcs(path: Path, chunk: int = 1 << 20) -> None:
+    """Read every member once, streaming, so that zipfile checks its CRC-32: torch's own zip reader does
+    not, and a flipped byte in a tensor record would load as a different weight without a word."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    while member.read(chunk):
+                        pass
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        OSError,
+        ValueError,
+        EOFError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:
+        # (RuntimeError: a member flagged as encrypted)
+        raise UserError(
+            f"{path}: a damaged zip archive ({exc}); the checkpoint is truncated or corrupted"
+        ) from None
+
+
 def detect_format(path: str | Path) -> str:
-    """One of: torch_zip, torch_legacy, torchscript, exported_program, safetensors, onnx."""
+    """One of: hf_folder, torch_zip, torch_legacy, torchscript, exported_program, safetensors, onnx."""
+    if Path(path).is_dir():
+        if (Path(path) / "config.json").is_file():
+            return HF_FOLDER
+        raise UserError(
+            f"{path}: is a directory without config.json; give a model file, or a Hugging Face model folder "
+            "(config.json + model.safetensors, as save_pretrained writes it)"
+        )
     p = check_readable_file(path)
     size = p.stat().st_size
     with open(p, "rb") as handle:

@@ -15,6 +15,8 @@ class LoadOptions:
     arch: str | None = None
     trust_pickle: bool = False
     device: str = "cpu"
+    dtype: str | None = None  # --dtype: model folders are loaded in it (others are cast after loading)
+    device_map: str | None = None  # --device-map (model folders, through accelerate)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class LoadedModel:
     runnable: Any  # nn.Module / ScriptModule / GraphModule / onnx ModelProto
     kind: str  # "eager", "torchscript", "exported", "onnx"
     inputs: list[InputSpec] = field(default_factory=list)
+    # every argument name forward() accepts by keyword (eager models): data arrays named so are passed by name
+    keyword_inputs: tuple[str, ...] = ()
     float_dtype: str = "float32"
     channels_last: bool = False  # --channels-last: 4-D inputs are converted to NHWC too
     fixed_batch: int | None = None  # graphs exported with a static batch size

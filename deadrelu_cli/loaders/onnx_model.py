@@ -46,6 +46,8 @@ def read_onnx(path: str, keep_bytes: dict | None = None):
         ) from None
     if not model.graph.node:
         raise UserError(f"{path}: not a valid ONNX model (the graph has no nodes)")
+    if has_undecodable_string(model):
+        raise UserError(f"{path}: not a valid ONNX model (a name is not UTF-8 text); the file is damaged")
     _check_external_locations(model, p.parent)
     external = _has_external_data(model)
     if external:
@@ -74,6 +76,35 @@ def read_onnx(path: str, keep_bytes: dict | None = None):
     if keep_bytes is not None and not external and not inlined:
         keep_bytes["file"] = raw
     return model
+
+
+def has_undecodable_string(message) -> bool:
+    """True when a string field (a name, an op type, …) is not UTF-8. Protobuf hands such a field back as
+    bytes (or raises) only when it is read, and a later step that copies it fails: read every one once
+    here (tensors' weight bytes skipped)."""
+    from onnx import TensorProto
+
+    def bad(values) -> bool:
+        return any(not isinstance(v, str) for v in values)
+
+    stack = [message]
+    try:
+        while stack:
+            msg = stack.pop()
+            if isinstance(msg, TensorProto):
+                if bad([msg.name, msg.doc_string, *(t for e in msg.external_data for t in (e.key, e.value))]):
+                    return True
+                continue
+            for field, value in msg.ListFields():
+                if field.type == field.TYPE_MESSAGE:
+                    stack.extend([value] if hasattr(value, "ListFields") else value)
+                elif field.type == field.TYPE_STRING and bad(
+                    [value] if isinstance(value, str | bytes) else value
+                ):
+                    return True
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 def _has_external_data(model) -> bool:

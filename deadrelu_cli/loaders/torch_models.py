@@ -35,6 +35,8 @@ WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
 def torch_load(path: Path, device: str, trust_pickle: bool):
+    from safetensors import SafetensorError
+
     try:
         return torch.load(path, map_location=device, weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
@@ -46,7 +48,10 @@ def torch_load(path: Path, device: str, trust_pickle: bool):
             f"{path}: refused to unpickle: the file needs more than weights ({detail}); "
             "if you trust its source, pass --trust-pickle (it can run code)"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError) as exc:
+    except (
+        RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError,
+        SafetensorError,  # torch.load hands a file it takes for safetensors to that library
+    ) as exc:  # fmt: skip
         raise UserError(
             f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated, corrupted or not a torch checkpoint"
         ) from None
@@ -121,11 +126,19 @@ def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor], expected: set[str]
         state = best
 
 
-def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> list[str]:
+def load_state_into(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str, layout: dict | None = None
+) -> list[str]:
     """Load every weight the architecture has (strictly: a missing one is an error, never a random init);
-    tensors it has no place for (a training head, a loss's parameters) are left out with a note."""
+    tensors it has no place for (a training head, a loss's parameters) are left out with a note.
+    `layout`, when given, receives what writing the weights back in the source's own key names takes:
+    "key_prefix" (the wrapper prefix stripped, e.g. "model.") and "left_out" (the tensors left out)."""
     expected = set(model.state_dict().keys())
+    original = state
     state = strip_wrapper_prefixes(state, expected)
+    if layout is not None:
+        first_before, first_after = next(iter(original), ""), next(iter(state), "")
+        layout["key_prefix"] = first_before[: len(first_before) - len(first_after)]
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - expected)
     if missing:
@@ -137,6 +150,8 @@ def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], source:
         )
     notes = []
     if unexpected:
+        if layout is not None:
+            layout["left_out"] = {f"{layout['key_prefix']}{k}": state[k] for k in unexpected}
         state = {k: v for k, v in state.items() if k in expected}
         notes.append(
             f"{len(unexpected)} tensor(s) of the checkpoint have no place in --arch and were left out: "
@@ -158,17 +173,19 @@ def _with_notes(loaded: LoadedModel, notes: list[str]) -> LoadedModel:
     return loaded
 
 
-def _forward_inputs(model: nn.Module) -> list[InputSpec]:
+def forward_parameters(model: nn.Module) -> tuple[list[InputSpec], tuple[str, ...]]:
+    """forward()'s required positional inputs, and every argument name it takes by keyword."""
     try:
-        params = inspect.signature(model.forward).parameters.values()
+        params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        return []
-    names = [
-        p.name
+        return [], ()
+    required = [
+        InputSpec(p.name)
         for p in params
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
     ]
-    return [InputSpec(name) for name in names]
+    accepted = tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return required, accepted
 
 
 def _float_dtype(model: nn.Module) -> str:
@@ -180,6 +197,7 @@ def _float_dtype(model: nn.Module) -> str:
 
 def _eager(path: Path, fmt: str, model: nn.Module, sha, device: str) -> LoadedModel:
     model = model.to(device).eval()  # inference semantics (BatchNorm running stats, no dropout) everywhere
+    required, accepted = forward_parameters(model)
     return LoadedModel(
         path=path,
         format=fmt,
@@ -187,7 +205,8 @@ def _eager(path: Path, fmt: str, model: nn.Module, sha, device: str) -> LoadedMo
         backend="torch",
         runnable=model,
         kind="eager",
-        inputs=_forward_inputs(model),
+        inputs=required,
+        keyword_inputs=accepted,
         float_dtype=_float_dtype(model),
     )
 
@@ -293,8 +312,11 @@ def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
                 f"{path}: safetensors holds weights only; pass --arch MODULE:FACTORY that builds the model"
             )
         model = build_from_arch(options.arch)
-        notes = load_state_into(model, state, str(path))
-        return _with_notes(_eager(path, "safetensors", model, sha, device), notes)
+        layout: dict = {}
+        notes = load_state_into(model, state, str(path), layout)
+        loaded = _with_notes(_eager(path, "safetensors", model, sha, device), notes)
+        loaded.extra.update(layout)
+        return loaded
     if fmt in (TORCH_ZIP, TORCH_LEGACY):
         obj = unwrap_checkpoint(torch_load(path, device, options.trust_pickle))
         if isinstance(obj, nn.Module):
@@ -304,6 +326,9 @@ def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
                 f"{path}: holds a state_dict (weights only); pass --arch MODULE:FACTORY that builds the model, e.g. --arch models.py:build"
             )
         model = build_from_arch(options.arch)
-        notes = load_state_into(model, obj, str(path))
-        return _with_notes(_eager(path, "state_dict", model, sha, device), notes)
+        layout = {}
+        notes = load_state_into(model, obj, str(path), layout)
+        loaded = _with_notes(_eager(path, "state_dict", model, sha, device), notes)
+        loaded.extra.update(layout)
+        return loaded
     raise UserError(f"{path}: unsupported model format {fmt}")

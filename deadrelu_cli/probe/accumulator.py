@@ -23,6 +23,47 @@ def resolve_channel_dim(rank: int, inferred: int, override: int | None) -> int:
     return dim % rank
 
 
+class PositionMask:
+    """Which token positions of the current batch count: a bool [B, T] (True = kept).
+
+    A site's tensor has the token axis when it is [B, T, ...] with its units after T, or the same
+    flattened to [B*T, ...] (OPT's FFN runs on [B*T, D]); only kept positions are counted there,
+    exactly as if the padded positions were not in the data. `select` returns the kept rows with the
+    tensor's rank and unit axis unchanged ([1, K, ...] or [K, ...]), or None for a site without the
+    token axis (a pooled [B, F] head, a conv [N, C, H, W]), which is then counted over every element.
+    """
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        if mask.dim() != 2:
+            raise UserError(f"a position mask is [batch, tokens]; this one has shape {list(mask.shape)}")
+        self.mask = mask.bool()
+        self.batch, self.tokens = (int(d) for d in mask.shape)
+        flat = self.mask.reshape(-1)
+        self.kept = int(flat.sum())  # one host sync per batch, not per site
+        self.all_kept = self.kept == flat.numel()
+        self._index = None if self.all_kept else flat.nonzero().squeeze(1)
+        self._index_on: dict = {}
+
+    def index(self, device) -> torch.Tensor:
+        found = self._index_on.get(device)
+        if found is None:
+            found = self._index_on[device] = self._index.to(device)
+        return found
+
+    def select(self, tensor: torch.Tensor, channel_dim: int) -> torch.Tensor | None:
+        rank = tensor.dim()
+        shape = tuple(tensor.shape)
+        if rank >= 3 and shape[:2] == (self.batch, self.tokens) and channel_dim >= 2:
+            if self.all_kept:
+                return tensor
+            return tensor.flatten(0, 1).index_select(0, self.index(tensor.device)).unsqueeze(0)
+        if rank >= 2 and shape[0] == self.batch * self.tokens and channel_dim >= 1 and self.tokens > 1:
+            if self.all_kept:
+                return tensor
+            return tensor.index_select(0, self.index(tensor.device))
+        return None
+
+
 @dataclass
 class SiteAccumulator:
     """Counters for one call site, living on the activation's device."""
@@ -41,6 +82,24 @@ class SiteAccumulator:
     min_pre: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
     _nan_in_batch: bool = False
+    masked_now: bool = False  # whether the current batch's position mask applies at this site
+
+    def _kept_pre(self, pre: torch.Tensor, mask: PositionMask | None) -> torch.Tensor:
+        """The kept positions of the pre-activation (all of it without a mask, or without a token axis);
+        `extra["position_mask"]` says which: "applied", or "no token axis" (counted over every element)."""
+        kept = mask.select(pre, self.channel_dim) if mask is not None else None
+        self.masked_now = kept is not None
+        if mask is not None:
+            before = self.extra.get("position_mask")
+            self.extra["position_mask"] = (
+                "applied" if kept is not None and before != "no token axis" else "no token axis"
+            )
+        return pre if kept is None else kept
+
+    def _kept_post(self, post: torch.Tensor, mask: PositionMask | None) -> torch.Tensor:
+        if mask is None or not self.masked_now:
+            return post
+        return mask.select(post, self.channel_dim)
 
     def _allocate(self, units: int, device) -> None:
         self.positive = torch.zeros(units, dtype=torch.int64, device=device)
@@ -67,10 +126,11 @@ class SiteAccumulator:
                     return moved.reshape(-1, moved.shape[-1]), [0]
         return tensor, self._reduce_dims(tensor)
 
-    def observe_pre(self, pre: torch.Tensor, threshold: float) -> None:
+    def observe_pre(self, pre: torch.Tensor, threshold: float, mask: PositionMask | None = None) -> None:
         """The part that needs the pre-activation (before an in-place op overwrites it): the max,
-        and the counts when they cannot be read off the output."""
-        pre = pre.detach()
+        and the counts when they cannot be read off the output. With `mask`, only kept positions count
+        (the same mask must then be given to `observe_post`)."""
+        pre = self._kept_pre(pre.detach(), mask)
         dim = self.channel_dim if pre.dim() > 1 else 0
         units = pre.shape[dim] if pre.dim() else 1
         if self.positive is None:
@@ -102,9 +162,9 @@ class SiteAccumulator:
             self.positive += _count(pre > threshold, dims)
         self.elements_per_unit += pre.numel() // units
 
-    def observe_post(self, post: torch.Tensor, threshold: float) -> None:
+    def observe_post(self, post: torch.Tensor, threshold: float, mask: PositionMask | None = None) -> None:
         """Counts and sums from the activation's output (relu/relu6: y > t exactly when x > t, t >= 0)."""
-        post = post.detach()
+        post = self._kept_post(post.detach(), mask)
         if post.numel() == 0:
             return
         post, dims = self._as_reducible(post)
@@ -155,10 +215,16 @@ class SiteAccumulator:
             self.saturated += saturated
         self.elements_per_unit += numel // units if units else 0
 
-    def update(self, pre: torch.Tensor, post: torch.Tensor | None, threshold: float) -> None:
+    def update(
+        self,
+        pre: torch.Tensor,
+        post: torch.Tensor | None,
+        threshold: float,
+        mask: PositionMask | None = None,
+    ) -> None:
         """Count one batch. `pre` is the pre-activation; `post` the output, or None to derive it from `pre`."""
-        self.observe_pre(pre, threshold)
-        self.observe_post(apply_op(self.op, pre) if post is None else post, threshold)
+        self.observe_pre(pre, threshold, mask)
+        self.observe_post(apply_op(self.op, pre) if post is None else post, threshold, mask)
 
     def to_layer_stats(self) -> LayerStats:
         def host(t: torch.Tensor | None, dtype) -> np.ndarray | None:

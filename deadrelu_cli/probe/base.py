@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deadrelu_cli.probe.accumulator import SiteAccumulator, resolve_channel_dim
+from deadrelu_cli.probe.accumulator import PositionMask, SiteAccumulator, resolve_channel_dim
 from deadrelu_cli.stats import LayerStats
 
 
@@ -28,6 +28,12 @@ class SiteRegistry:
         self.sites: dict[str, SiteAccumulator] = {}
         # site name -> callback(pre-activation): for fixes that need the values of a few units
         self.collectors: dict[str, Callable[[torch.Tensor, int], None]] = {}
+        self.position_mask: PositionMask | None = None
+
+    def set_position_mask(self, mask: torch.Tensor | None) -> None:
+        """Count only the token positions where `mask` ([batch, tokens], bool or 0/1) is true, at every
+        site with the token axis, until the next call; None counts every position again."""
+        self.position_mask = None if mask is None else PositionMask(mask)
 
     def _site(self, name, op, pre, inferred_channel_dim, module_type, producer) -> SiteAccumulator:
         site = self.sites.get(name)
@@ -52,14 +58,16 @@ class SiteRegistry:
     ) -> None:
         """First half of a batch at a site, while the pre-activation is intact."""
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer)
-        site.observe_pre(pre, self.settings.threshold)
+        site.observe_pre(pre, self.settings.threshold, self.position_mask)
         collector = self.collectors.get(name)
         if collector is not None:
+            if self.position_mask is not None and site.masked_now:
+                pre = self.position_mask.select(pre, site.channel_dim)
             collector(pre, site.channel_dim)
 
     def record_post(self, name: str, post: torch.Tensor) -> None:
         """Second half: counts and sums from the activation's output."""
-        self.sites[name].observe_post(post, self.settings.threshold)
+        self.sites[name].observe_post(post, self.settings.threshold, self.position_mask)
 
     def record(
         self,

@@ -310,6 +310,18 @@ class EagerProbe:
             for module, mode in was_training.items():
                 module.train(mode)
 
+    def set_position_mask(self, mask: torch.Tensor | None) -> None:
+        """Count only the token positions where `mask` is true in the forward passes that follow.
+
+        `mask` is a bool (or 0/1) tensor [batch, tokens] for the next batch, e.g. the batch's
+        attention_mask (padding dropped), possibly with BOS positions cleared; None counts every
+        position. Sites whose tensor has the token axis — [B, T, ..., units] or the same flattened
+        to [B*T, ..., units] — count kept positions only, exactly (elements_per_unit grows by the kept
+        count); other sites (pooled [B, F], conv [N, C, H, W]) count every element and are marked
+        `extra["position_mask"] = "no token axis"`. Set it before each batch's forward (a training
+        loop's `watch()` can call it per step); it stays until replaced."""
+        self.registry.set_position_mask(mask)
+
     def begin_forward(self) -> None:
         self._namer.reset()
         self._stack.clear()

@@ -11,46 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, PASS_THROUGH
 from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, static_site_hooks
 from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, is_activation_module_type
 
-# Ops a pre-activation flows through on its way from the Linear/Conv/BN that produced it.
-_PASS_THROUGH = {
-    "add",
-    "add_",
-    "sub",
-    "mul",
-    "mul_",
-    "div",
-    "clone",
-    "contiguous",
-    "dropout",
-    "to",
-    "_to_copy",
-    "getitem",
-    "alias",
-    "detach",
-    "type_as",
-    "identity",
-    "native_dropout",
-}
-_CHANNEL_FIRST = {
-    "conv1d",
-    "conv2d",
-    "conv3d",
-    "convolution",
-    "_convolution",
-    "conv_transpose1d",
-    "conv_transpose2d",
-    "conv_transpose3d",
-    "batch_norm",
-    "_native_batch_norm_legit_no_training",
-    "_native_batch_norm_legit",
-    "native_batch_norm",
-    "instance_norm",
-    "group_norm",
-}
-_LAST_DIM = {"linear", "addmm", "mm", "matmul", "bmm", "layer_norm", "native_layer_norm", "embedding"}
 # Index of the bias argument of each producer op.
 _BIAS_ARG = {
     "conv1d": 2,
@@ -99,15 +63,15 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
     while isinstance(current, fx.Node) and seen < 32:
         seen += 1
         base = op_base(current.target) if current.op == "call_function" else ""
-        if base in _CHANNEL_FIRST or base in _LAST_DIM:
+        if base in CHANNEL_FIRST or base in LAST_DIM:
             producer = None
             index = _BIAS_ARG.get(base)
             if keep_producer and index is not None and len(current.args) > index:
                 bias = current.args[index]
                 if isinstance(bias, fx.Node) and bias.op == "get_attr" and str(bias.target).endswith(".bias"):
                     producer = str(bias.target)[: -len(".bias")]
-            return base in _CHANNEL_FIRST, producer
-        if base in _PASS_THROUGH and current.args and isinstance(current.args[0], fx.Node):
+            return base in CHANNEL_FIRST, producer
+        if base in PASS_THROUGH and current.args and isinstance(current.args[0], fx.Node):
             if base != "getitem" and any(isinstance(a, fx.Node) for a in current.args[1:]):
                 keep_producer = False
             current = current.args[0]

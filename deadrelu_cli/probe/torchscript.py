@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, PASS_THROUGH, aten_base
 from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, static_site_hooks
 from deadrelu_cli.probe.exported import StaticSite
 from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, is_activation_module_type
@@ -45,24 +46,6 @@ _CHANNEL_FIRST_MODULES = (
     "InstanceNorm3d",
 )
 _PRODUCER_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
-_CHANNEL_FIRST_OPS = (
-    "aten::_convolution",
-    "aten::conv1d",
-    "aten::conv2d",
-    "aten::conv3d",
-    "aten::batch_norm",
-)
-_LAST_DIM_OPS = ("aten::linear", "aten::addmm", "aten::matmul", "aten::layer_norm")
-_PASS_THROUGH_OPS = (
-    "aten::add",
-    "aten::add_",
-    "aten::mul",
-    "aten::sub",
-    "aten::div",
-    "aten::dropout",
-    "aten::contiguous",
-    "aten::clone",
-)
 
 
 class _Dynamic(Exception):
@@ -191,11 +174,12 @@ class _Walker:
                 if type_name in ("Linear", "LayerNorm", "Embedding"):
                     return False, producer
                 return None, None
-            if kind in _CHANNEL_FIRST_OPS:
+            base = aten_base(kind)
+            if base in CHANNEL_FIRST:
                 return True, None
-            if kind in _LAST_DIM_OPS:
+            if base in LAST_DIM:
                 return False, None
-            if kind in _PASS_THROUGH_OPS:
+            if base in PASS_THROUGH:
                 if any(str(v.type()).startswith("Tensor") for v in list(src.inputs())[1:]):
                     keep_producer = False
                 value = src.inputsAt(0)

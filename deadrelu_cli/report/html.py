@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from deadrelu_cli.report.model import Report
-from deadrelu_cli.report.table import CRITICAL_FRACTION, WARN_FRACTION, unit_status
+from deadrelu_cli.report.table import CRITICAL_FRACTION, DEPTH_MIN_LAYERS, WARN_FRACTION, unit_status
 from deadrelu_cli.stats import LayerStats
 
 COLORS = {
@@ -105,6 +105,38 @@ def dead_by_layer_svg(report: Report, baseline: Report | None) -> str:
     return _svg(figure)
 
 
+WIDE_UNITS = 2048  # wider layers are plotted per bin of units, not per unit
+UNIT_BINS = 256
+MAX_LISTED_UNITS = 200  # per layer in the HTML (the JSON report lists every index)
+
+
+def firing_frequency_svg(report: Report) -> str:
+    """Per layer (rows, in execution order): the share of its units per half-decade of firing frequency
+    (columns, log scale), dead units in the first column."""
+    from deadrelu_cli.stats import FREQUENCY_EDGES
+
+    plt = _pyplot()
+    ran = [layer for layer in report.layers if layer.ran and layer.units]
+    grid = np.zeros((len(ran), len(FREQUENCY_EDGES)))
+    for row, layer in enumerate(ran):
+        dead, counts = layer.firing_histogram()
+        grid[row] = np.concatenate([[dead], counts]) / layer.units
+    figure, ax = plt.subplots(figsize=(7.2, max(1.6, min(8.0, 0.18 * len(ran) + 1.0))))
+    image = ax.pcolormesh(grid, cmap="viridis", vmin=0, vmax=1)  # layers x 15 cells: small as vectors
+    ax.invert_yaxis()
+    labels = ["dead"] + [f"1e{e:g}" for e in np.log10(FREQUENCY_EDGES[:-1])]
+    ax.set_xticks(np.arange(len(labels))[::2] + 0.5)
+    ax.set_xticklabels(labels[::2], fontsize=6)
+    step = max(1, len(ran) // 32)
+    ax.set_yticks(np.arange(len(ran))[::step] + 0.5)
+    ax.set_yticklabels([layer.name for layer in ran][::step], fontsize=5)
+    ax.set_xlabel("firing frequency (fraction of counted positions, log scale)")
+    figure.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="share of units")
+    ax.set_title("Per-unit firing frequency by layer")
+    figure.tight_layout()
+    return _svg(figure)
+
+
 def layer_svg(layer: LayerStats, settings) -> str:
     """Histogram of active rates (log counts, dead units as their own bar) and max pre-activation per unit."""
     plt = _pyplot()
@@ -130,7 +162,21 @@ def layer_svg(layer: LayerStats, settings) -> str:
     status_colors = np.where(
         dead, COLORS["dead"], np.where(layer.dying_mask(settings.dying), COLORS["dying"], COLORS["alive"])
     )
-    strip.scatter(units, maxima, s=12 if layer.units <= 128 else 4, c=list(status_colors), linewidths=0)
+    if layer.units <= WIDE_UNITS:
+        strip.scatter(units, maxima, s=12 if layer.units <= 128 else 4, c=list(status_colors), linewidths=0)
+    else:  # an LLM's 11,008-unit FFN: the range per bin of units, and where the dead ones are
+        parts = np.array_split(np.arange(layer.units), UNIT_BINS)
+        starts = np.array([part[0] for part in parts])
+        finite = [maxima[part][np.isfinite(maxima[part])] for part in parts]
+        low = np.array([f.min() if f.size else np.nan for f in finite])
+        high = np.array([f.max() if f.size else np.nan for f in finite])
+        strip.fill_between(starts, low, high, step="post", color=COLORS["alive"], linewidth=0, alpha=0.7)
+        dead_per_bin = np.array([int(dead[part].sum()) for part in parts])
+        hit = dead_per_bin > 0
+        strip.scatter(
+            starts[hit], low[hit], s=4, c=COLORS["dead"], linewidths=0, label="bins with dead units"
+        )
+        strip.legend(fontsize=6, frameon=False)
     strip.axhline(settings.threshold, color="#555", linewidth=0.6, linestyle="--")
     strip.set_xlabel("unit")
     strip.set_ylabel("max pre-activation")
@@ -212,6 +258,8 @@ def render_html(report: Report, baseline: Report | None = None, gate: GateSummar
         _card("dormant", f"{s.dormant:,}"),
         _card("layers with dead units", f"{s.layers_with_dead} / {s.layers}"),
     ]
+    if s.activation_sparsity is not None:
+        parts.append(_card("activation sparsity", f"{100 * s.activation_sparsity:.1f}%"))
     if baseline is not None:
         b = baseline.summary()
         parts.append(
@@ -230,6 +278,11 @@ def render_html(report: Report, baseline: Report | None = None, gate: GateSummar
     parts.append(
         f'<section id="by-layer"><h2>Dead units by layer</h2><div class="plot">{dead_by_layer_svg(report, baseline)}</div></section>'
     )
+    if sum(1 for layer in report.layers if layer.ran and layer.units) >= DEPTH_MIN_LAYERS:
+        parts.append(
+            '<section id="firing"><h2>Firing frequency</h2><div class="plot">'
+            f"{firing_frequency_svg(report)}</div></section>"
+        )
     parts.append(_layers_table(report, baseline))
     parts.append('<section id="layers-detail"><h2>Layer by layer</h2>')
     for index, layer in enumerate(report.layers):
@@ -302,16 +355,14 @@ def _layer_section(report: Report, layer: LayerStats, index: int) -> str:
         return f'<details id="layer-{index}"><summary><h3>{_e(layer.name)}</h3> — not run on this data</summary></details>'
     dead = int(layer.dead_mask().sum())
     fraction = dead / layer.units if layer.units else 0.0
-    interesting = [
-        i
-        for i in range(layer.units)
-        if unit_status(layer, i, settings.dying) != "alive" or layer.dormant_mask(settings.tau)[i]
-    ]
+    dormant = layer.dormant_mask(settings.tau)
+    # every unit unit_status calls anything but alive (dead, saturated, dying), and the dormant ones
+    flagged = layer.dead_mask() | layer.saturated_mask() | layer.dying_mask(settings.dying) | dormant
+    interesting = np.flatnonzero(flagged).tolist()
     rates = layer.active_rate()
     mean_abs = layer.mean_abs()
     rows = []
-    dormant = layer.dormant_mask(settings.tau)
-    for i in interesting:
+    for i in interesting[:MAX_LISTED_UNITS]:
         status = unit_status(layer, i, settings.dying)
         status = "dormant" if status == "alive" and dormant[i] else status
         bias = "–" if layer.bias is None else f"{layer.bias[i]:.4g}"
@@ -321,6 +372,7 @@ def _layer_section(report: Report, layer: LayerStats, index: int) -> str:
             f'<td>{maximum:.4g}</td><td>{mean_abs[i]:.4g}</td><td class="{status}">{status}</td></tr>'
         )
     omitted = layer.units - len(interesting)
+    unlisted = max(0, len(interesting) - MAX_LISTED_UNITS)
     table = (
         '<div class="scroll"><table class="sortable units"><thead><tr><th>Unit</th><th>Bias'
         + (f" ({_e(layer.producer)})" if layer.producer else "")
@@ -328,6 +380,11 @@ def _layer_section(report: Report, layer: LayerStats, index: int) -> str:
         "<th>Mean |act|</th><th>Status</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>"
     )
     note = f'<p class="meta">{omitted} alive units not listed.</p>' if omitted else ""
+    if unlisted:
+        note += (
+            f'<p class="meta">{unlisted} more dead, dying or dormant units not listed here '
+            "(the JSON report lists every index).</p>"
+        )
     open_attr = " open" if fraction > WARN_FRACTION else ""
     return (
         f'<details id="layer-{index}" data-layer="{_e(layer.name)}"{open_attr}><summary><h3 style="display:inline">{_e(layer.name)}</h3> — '

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.stats import LayerStats, Thresholds, merge_layer
+from deadrelu_cli.stats import FREQUENCY_EDGES, LayerStats, Thresholds, merge_layer
 from deadrelu_cli.version import __version__
 
 SCHEMA_VERSION = (
@@ -19,7 +19,15 @@ SCHEMA_VERSION = (
 )
 READABLE_VERSIONS = (1, 2)
 SCHEMA_PATH = Path(__file__).with_name("schema_v2.json")
-MODEL_FORMATS = ("state_dict", "safetensors", "torchscript", "exported_program", "module", "onnx")
+MODEL_FORMATS = (
+    "state_dict",
+    "safetensors",
+    "torchscript",
+    "exported_program",
+    "module",
+    "onnx",
+    "hf_folder",
+)
 
 
 @dataclass
@@ -60,6 +68,8 @@ class Summary:
     layers_with_dead: int
     saturated: int
     certified_dead: int | None = None  # None when no layer was certified
+    # mean fraction of units inactive per counted position, over every unit of every layer that ran
+    activation_sparsity: float | None = None
 
 
 @dataclass
@@ -89,6 +99,8 @@ class Report:
     tool: dict[str, str] = field(default_factory=lambda: {"name": "deadrelu", "version": __version__})
     notes: list[str] = field(default_factory=list)
     training: TrainingInfo | None = None  # reports made while training (watch); None for scans
+    # the token positions that counted ({"array": "attention_mask", "exclude_token_ids": [...]}), or None
+    mask: dict | None = None
     unseen: dict[str, int] = field(default_factory=dict)  # node type -> count of activations not scanned
 
     def layer(self, name: str) -> LayerStats:
@@ -103,6 +115,7 @@ class Report:
         ran = [layer for layer in self.layers if layer.ran]
         units = sum(layer.units for layer in ran)
         dead = sum(int(layer.dead_mask().sum()) for layer in ran)
+        inactive = [(layer.activation_sparsity(), layer.units) for layer in ran if layer.units]
         return Summary(
             layers=len(self.layers),
             units=units,
@@ -116,6 +129,9 @@ class Report:
                 sum(len(layer.certified_dead or []) for layer in self.layers)
                 if any(layer.upper_bound is not None or layer.certify_note for layer in self.layers)
                 else None
+            ),
+            activation_sparsity=(
+                sum(f * n for f, n in inactive) / sum(n for _, n in inactive) if inactive else None
             ),
         )
 
@@ -150,6 +166,14 @@ def layer_to_dict(layer: LayerStats, settings: Settings) -> dict[str, Any]:
         "producer": layer.producer,
         "bias": None if layer.bias is None else layer.bias.astype(float).tolist(),
     }
+    out["activation_sparsity"] = layer.activation_sparsity()
+    if layer.ran and layer.units:
+        dead_units, counts = layer.firing_histogram()
+        out["firing_histogram"] = {
+            "log10_edges": [round(float(e), 2) for e in np.log10(FREQUENCY_EDGES)],
+            "counts": counts.astype(int).tolist(),
+            "dead": dead_units,
+        }
     if layer.saturated_counts is not None:
         out["saturated_counts"] = layer.saturated_counts.astype(int).tolist()
         out["saturated_indices"] = _indices(layer.saturated_mask())
@@ -187,6 +211,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         },
         "summary": vars(report.summary()).copy(),
         "notes": list(report.notes),
+        **({"mask": dict(report.mask)} if report.mask is not None else {}),
         **({"unseen_activations": dict(report.unseen)} if report.unseen else {}),
         "layers": [layer_to_dict(layer, s) for layer in report.layers],
         **({"training": vars(report.training).copy()} if report.training is not None else {}),
@@ -194,6 +219,12 @@ def report_to_dict(report: Report) -> dict[str, Any]:
 
 
 def report_to_json(report: Report) -> str:
+    for layer in report.layers:  # JSON has no NaN/Inf: say which layer and why instead of crashing
+        if not np.isfinite(layer.sum_abs).all():
+            raise UserError(
+                f"layer {layer.name}: the sum of |activation| is NaN or Inf (NaN/Inf or huge values in the "
+                "data or the weights); a JSON report cannot hold it: clean the data or check the weights"
+            )
     return json.dumps(report_to_dict(report), indent=2, allow_nan=False) + "\n"
 
 
@@ -253,6 +284,7 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
             tool=d.get("tool", {}),
             notes=list(d.get("notes", [])),
             training=None if d.get("training") is None else TrainingInfo(**d["training"]),
+            mask=d.get("mask"),
             unseen={str(k): int(v) for k, v in (d.get("unseen_activations") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -294,6 +326,10 @@ def merge_reports(reports: list[Report]) -> Report:
         a, b = first.settings, other.settings
         if (a.threshold, a.channel_dim, tuple(a.ops)) != (b.threshold, b.channel_dim, tuple(b.ops)):
             raise UserError("cannot merge reports made with different --threshold, --channel-dim or --ops")
+        if other.mask != first.mask:
+            raise UserError(
+                "cannot merge reports made with different position masks (--mask / --exclude-token-ids)"
+            )
         if [layer.name for layer in other.layers] != [layer.name for layer in first.layers]:
             raise UserError("cannot merge: the reports list different layers (different models or --ops)")
     layers = list(first.layers)
@@ -306,6 +342,7 @@ def merge_reports(reports: list[Report]) -> Report:
         settings=first.settings,
         layers=layers,
         notes=sorted({n for r in reports for n in r.notes}),
+        mask=first.mask,
         # the same model in every report: its unseen nodes are the same, not added up
         unseen={k: max(r.unseen.get(k, 0) for r in reports) for r in reports for k in r.unseen},
     )

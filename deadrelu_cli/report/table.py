@@ -51,6 +51,37 @@ def sparkline(rates: np.ndarray, bins: int = 8) -> str:
     )
 
 
+DEPTH_MIN_LAYERS = 4  # below this a by-depth picture says nothing the table does not
+
+
+def depth_sparkline(values: list[float], width: int = 64) -> str:
+    """Values in [0, 1] in execution order, one character each (averaged in groups when there are more
+    than `width`), on an absolute scale: ' ' is 0, '█' is 1."""
+    if not values:
+        return ""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size > width:
+        array = np.array([part.mean() for part in np.array_split(array, width)])
+    return "".join(" " if v <= 0 else SPARK[min(len(SPARK) - 1, int(v * len(SPARK)))] for v in array)
+
+
+def depth_lines(report: Report) -> list[str]:
+    """Deep models: the dead fraction by depth as a sparkline, and the activation sparsity."""
+    ran = [layer for layer in report.layers if layer.ran and layer.units]
+    if len(ran) < DEPTH_MIN_LAYERS:
+        return []
+    fractions = [float(layer.dead_mask().sum()) / layer.units for layer in ran]
+    worst = int(np.argmax(fractions))
+    sparsity = [layer.activation_sparsity() for layer in ran]
+    overall = report.summary().activation_sparsity
+    return [
+        f"Dead by depth  |{depth_sparkline(fractions)}|  first → last of {len(ran)} layers; "
+        f"most: {100 * fractions[worst]:.1f}% in {ran[worst].name}",
+        f"Activation sparsity: {100 * overall:.1f}% of units inactive per counted position "
+        f"(layers {100 * min(sparsity):.1f}–{100 * max(sparsity):.1f}%)",
+    ]
+
+
 def summary_line(report: Report) -> str:
     s = report.summary()
     if s.certified_dead is not None and not any(layer.ran for layer in report.layers):
@@ -250,6 +281,9 @@ def print_report(report: Report, console: Console, layer_name: str | None = None
     else:
         console.print(layers_table(report))
     console.print(summary_line(report), markup=False)
+    if not layer_name:
+        for line in depth_lines(report):
+            console.print(line, markup=False)
     if any("cause_counts" in layer.extra for layer in report.layers) and not layer_name:
         print_causes(report, console)
     for note in report.notes:

@@ -1,2 +1,3 @@
 """Which tensors make, shift and read each activation site's units: one model (`wiring.model`) and one
-reader per backend graph (`wiring.onnx`; torch modules and programs in `wiring.torch`)."""
+reader per backend graph (`wiring.onnx` over `wiring.onnx_index`; `wiring.torch` for nn.Modules and
+ExportedProgram graphs)."""

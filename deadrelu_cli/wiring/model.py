@@ -2,8 +2,9 @@
 
 A unit of an activation site is made by rows of one Linear/Conv/Gemm weight (and entries of its bias),
 possibly shifted by a BatchNorm after it, and read by input columns of the weights that consume the
-activation. Each backend has a reader that fills this model from its own graph (`wiring.eager`,
-`wiring.exported`, `wiring.onnx`); causes, fixes and inspection read the model, never a backend's graph.
+activation. Each backend has a reader that fills this model from its own graph (`wiring.torch`:
+`eager_wiring`, `exported_wiring`; `wiring.onnx`: `unit_wiring`); fixes and causes read the model,
+never a backend's graph.
 Tensors are named, not held: each backend resolves a name in its own store (a module's parameters, an
 ONNX graph's initializers).
 """

@@ -35,7 +35,11 @@ def load_and_scan(options: ScanOptions, data: CalibrationData, device: str):
     from deadrelu_cli.backends.torch.scan import scan_torch
     from deadrelu_cli.loaders import load_model
 
-    model = load_model(LoadOptions(options.model, options.arch, options.trust_pickle, device))
+    model = load_model(
+        LoadOptions(
+            options.model, options.arch, options.trust_pickle, device, options.dtype, options.device_map
+        )
+    )
     apply_dtype(model, options.dtype)
     apply_channels_last(model, options.channels_last)
     if not data.local_samples:

@@ -57,7 +57,29 @@ def write_artifact(
     module: torch.nn.Module, example: tuple, path: Path, suffix: str, dynamic_shapes: tuple | None = None
 ) -> None:
     """A self-contained model file (.pt2 ExportedProgram, .onnx, TorchScript .ts/.jit) with a dynamic batch
-    (a .pt2: `dynamic_shapes` when given, e.g. the original program's own)."""
+    (a .pt2: `dynamic_shapes` when given, e.g. the original program's own).
+
+    A model that cannot be exported (data-dependent control flow, cache objects in its outputs) is a
+    one-line error naming the format, never an internal error."""
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False  # Hugging Face models: no DynamicCache in the traced outputs
+    try:
+        _export(module, example, path, suffix, dynamic_shapes)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - exporters raise anything; the user gets one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"--output {suffix}: the patched model could not be exported ({type(exc).__name__}: {first[:200]}); "
+            "try another format (.pt2, .onnx, .ts), or reinit/bias-shift/kick, which keep the architecture "
+            "and write weights"
+        ) from exc
+
+
+def _export(
+    module: torch.nn.Module, example: tuple, path: Path, suffix: str, dynamic_shapes: tuple | None
+) -> None:
     try:
         module = module.eval()
     except NotImplementedError:  # an ExportedProgram's module: already in inference form
@@ -84,15 +106,25 @@ def write_artifact(
             torch.jit.trace(module, example).save(str(path))
 
 
-def _write_state(model: torch.nn.Module, path: Path, suffix: str, whole_module: bool) -> None:
+def source_layout_state(model: torch.nn.Module, extra: dict) -> dict[str, torch.Tensor]:
+    """The model's weights under the source checkpoint's own key names: the wrapper prefix the loader
+    stripped (`model.`, `module.`) put back, the tensors --arch had no place for kept as they were."""
+    prefix = extra.get("key_prefix", "")
+    state = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
+    state.update(extra.get("left_out", {}))
+    return state
+
+
+def _write_state(model: torch.nn.Module, path: Path, suffix: str, whole_module: bool, extra: dict) -> None:
     if suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+        state = source_layout_state(model, extra)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
     elif whole_module:
         torch.save(model, path)
     else:
-        torch.save(model.state_dict(), path)
+        torch.save(source_layout_state(model, extra), path)
 
 
 def apply_torch(
@@ -115,7 +147,16 @@ def apply_torch(
             "fix the state_dict with --arch, or the ONNX export, instead"
         )
     suffix = Path(options.output).suffix.lower()
-    if suffix not in ARTIFACT_SUFFIXES and suffix not in STATE_SUFFIXES:
+    folder_out = loaded.format == "hf_folder"
+    if folder_out and options.strategy in ARCHITECTURE_CHANGING:
+        raise UserError(
+            f"--strategy {options.strategy} changes the {'layer widths' if options.strategy == 'prune' else 'activation'}, "
+            "which a model folder's config.json cannot express (from_pretrained would rebuild the old model); "
+            "on a model folder use reinit, bias-shift or kick"
+        )
+    if folder_out:
+        pass
+    elif suffix not in ARTIFACT_SUFFIXES and suffix not in STATE_SUFFIXES:
         raise UserError(
             f"--output {options.output}: unknown extension; use .pt/.pth/.safetensors (weights), .pt2, .onnx or .ts"
         )
@@ -167,14 +208,18 @@ def apply_torch(
             outcomes.append(LayerOutcome(plan.name, plan.units, action, applied, len(plan.units)))
         model = eager.install_substitutes(model, substitutes)
     if any(o.applied for o in outcomes):
-        if suffix in ARTIFACT_SUFFIXES:
+        if folder_out:
+            from deadrelu_cli.backends.torch.folder import write_model_folder
+
+            result.notes.extend(write_model_folder(model, loaded.path, temp))
+        elif suffix in ARTIFACT_SUFFIXES:
             write_artifact(model, example, temp, suffix)
         elif training is not None:
             _write_training_checkpoint(training, model, temp, suffix, options, touched, result)
             if options.resume_steps > 0:
                 _check_resume(training, scanned, scan_options, temp, options.resume_steps, outcomes, result)
         else:
-            _write_state(model, temp, suffix, whole_module=loaded.format == "module")
+            _write_state(model, temp, suffix, loaded.format == "module", loaded.extra)
     result.params_after = eager.count_params(model)
     result.flops_after = eager.linear_conv_flops(model, example)
 
@@ -182,7 +227,16 @@ def apply_torch(
         from deadrelu_cli.backends.runners import runner_for
 
         return runner_for(
-            load_model(LoadOptions(str(temp), scan_options.arch, scan_options.trust_pickle, device)),
+            load_model(
+                LoadOptions(
+                    str(temp),
+                    scan_options.arch,
+                    scan_options.trust_pickle,
+                    device,
+                    scan_options.dtype,
+                    scan_options.device_map,
+                )
+            ),
             scanned.data,
             device,
         )
@@ -296,8 +350,9 @@ def _reweight_exported(
 ):
     """reinit / kick / prune on an ExportedProgram: the units' weights found in its graph, edited (or
     narrowed) in place, re-exported, .pt2 out."""
-    from deadrelu_cli.backends.torch.program import exported_wiring, narrow
+    from deadrelu_cli.backends.torch.program import narrow
     from deadrelu_cli.probe.exported import find_sites
+    from deadrelu_cli.wiring.torch import exported_wiring
 
     graph_module = _program_module(scanned, options)
     wanted = {plan.name for plan in plans}
@@ -310,12 +365,12 @@ def _reweight_exported(
     wirings.update({name: "skipped: not found in the program's graph" for name in wanted - wirings.keys()})
     params_before = eager.count_params(graph_module)
     if options.strategy == "prune":
-        outcomes, keep_out, keep_in = eager.prune_plan(wirings, scanned.report, plans)
+        outcomes, keep_out, keep_in = eager.prune_plan(graph_module, wirings, scanned.report, plans)
         narrow(graph_module, keep_out, keep_in)
         result.new_widths = {o.name: o.units_after for o in outcomes if o.applied}
     else:
         apply = eager.reinit_units if options.strategy == "reinit" else eager.kick_units
-        outcomes = apply(wirings, plans, options)
+        outcomes = apply(graph_module, wirings, plans, options)
     runners = _exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes))
     result.params_before = params_before  # (_exported_runners counts the patched module for both)
     return (*runners, outcomes)

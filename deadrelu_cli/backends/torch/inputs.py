@@ -52,6 +52,15 @@ def to_tensor(array: np.ndarray, float_dtype: str, device: str, channels_last: b
     return tensor
 
 
+def model_call(model: LoadedModel, order: list[str], tensors: tuple) -> tuple[tuple, dict]:
+    """(args, kwargs) for forward(): by name when the arrays name its arguments (inputs.by_keyword)."""
+    from deadrelu_cli.inputs import by_keyword
+
+    if by_keyword(model, order):
+        return (), dict(zip(order, tensors, strict=True))
+    return tensors, {}
+
+
 def example_inputs(
     model: LoadedModel, data: CalibrationData, order: list[str], device: str, samples: int | None = None
 ) -> tuple:
@@ -92,7 +101,8 @@ def apply_dtype(model: LoadedModel, dtype: str | None) -> None:
         raise UserError(f"--dtype {dtype!r}: choose bf16, fp16 or fp32")
     if model.backend != "torch":
         raise UserError("--dtype applies to torch models; an ONNX model runs in the types of its graph")
-    model.runnable = model.runnable.to(getattr(torch, names[dtype]))
+    if model.format != "hf_folder":  # a model folder was loaded in this dtype already
+        model.runnable = model.runnable.to(getattr(torch, names[dtype]))
     model.float_dtype = names[dtype]
     if names[dtype] != "float32":
         model.notes.append(
@@ -109,10 +119,12 @@ def cuda_sample_cost(model: LoadedModel, data: CalibrationData, order: list[str]
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         one = next(data.batches(1))
+        tensors = tuple(
+            to_tensor(one[name], model.float_dtype, device, model.channels_last) for name in order
+        )
+        args, kwargs = model_call(model, order, tensors)
         with torch.inference_mode():
-            model.runnable(
-                *(to_tensor(one[name], model.float_dtype, device, model.channels_last) for name in order)
-            )
+            model.runnable(*args, **kwargs)
         free, _total = torch.cuda.mem_get_info()
         return max(1, torch.cuda.max_memory_allocated() - before), free // 2
 
@@ -125,8 +137,9 @@ def torch_runner(loaded: LoadedModel, order: list[str], device: str):
 
     def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
         inputs = tuple(to_tensor(batch[name], loaded.float_dtype, device) for name in order)
+        args, kwargs = model_call(loaded, order, inputs)
         with torch.inference_mode():
-            out = loaded.runnable(*inputs)
+            out = loaded.runnable(*args, **kwargs)
         leaves = torch.utils._pytree.tree_leaves(out)
         return [leaf.detach().float().cpu().numpy() for leaf in leaves if isinstance(leaf, torch.Tensor)]
 

@@ -6,10 +6,16 @@ import contextlib
 
 import numpy as np
 
-from deadrelu_cli.backends.torch.inputs import cuda_sample_cost, example_inputs, first_layer_hint, to_tensor
+from deadrelu_cli.backends.torch.inputs import (
+    cuda_sample_cost,
+    example_inputs,
+    first_layer_hint,
+    model_call,
+    to_tensor,
+)
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.inputs import check_shapes, match_inputs, resolve_batch_size
+from deadrelu_cli.inputs import batch_mask, check_shapes, match_inputs, resolve_batch_size, resolve_mask
 from deadrelu_cli.loaders.model import LoadedModel
 from deadrelu_cli.options import ScanOptions
 from deadrelu_cli.wiring.model import is_last_axis_vector
@@ -92,6 +98,14 @@ def scan_torch(
 
     from deadrelu_cli.probe.base import ProbeSettings
 
+    mask = resolve_mask(options.mask, options.exclude_token_ids, data)
+    model_inputs = set(model.keyword_inputs) | {spec.name for spec in model.inputs}
+    # a mask only for counting (e.g. a loss mask) is not fed; the same data may serve another model later
+    data.unfed = (mask.array,) if mask is not None and mask.array and mask.array not in model_inputs else ()
+    if mask is not None and options.compile:
+        raise UserError(
+            "--compile counts inside the graph, which takes no position mask; drop --compile, or pass --mask none"
+        )
     order = match_inputs(model, data)
     check_shapes(model, data, order)
     settings = ProbeSettings(
@@ -124,12 +138,16 @@ def scan_torch(
                 tuple(
                     to_tensor(batch[name], model.float_dtype, device, model.channels_last) for name in order
                 ),
+                None if mask is None else torch.from_numpy(batch_mask(mask, batch)).to(device),
             )
 
     with context, torch.inference_mode():
-        for index, (batch, inputs) in enumerate(prefetched(tensors())):
+        for index, (batch, inputs, kept) in enumerate(prefetched(tensors())):
             try:
-                probe.run(inputs)
+                if mask is not None:
+                    probe.registry.set_position_mask(kept)
+                args, kwargs = model_call(model, order, inputs)
+                probe.run(args, kwargs)
             except UserError:
                 raise
             except (RuntimeError, TypeError, ValueError, IndexError) as exc:

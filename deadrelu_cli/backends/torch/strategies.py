@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,9 +18,8 @@ from torch import nn
 from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_thresholds
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
-
-LINEAR_OR_CONV = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-BATCH_NORM = nn.modules.batchnorm._BatchNorm
+from deadrelu_cli.wiring.model import UnitWiring, input_columns
+from deadrelu_cli.wiring.torch import BATCH_NORM, eager_wiring, named_tensor
 
 
 def install_substitutes(
@@ -68,96 +66,6 @@ def patch_module(
     )
 
 
-def _single_consumer(probe: EagerProbe, site: str, model: nn.Module) -> tuple[str | None, str]:
-    consumers = probe.consumers.get(site, set())
-    if len(consumers) != 1:
-        uses = ", ".join(sorted(consumers)) or "nothing"
-        return None, f"skipped: its output goes to {uses}, not to exactly one Linear/Conv"
-    name = next(iter(consumers))
-    if name.startswith("<"):
-        return (
-            None,
-            f"skipped: its output goes to {name.strip('<>')} (e.g. a residual add), not to a Linear/Conv",
-        )
-    module = model.get_submodule(name)
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
-        return None, f"skipped: consumer {name} is a grouped convolution"
-    return name, ""
-
-
-def _input_columns(units_idx: list[int], per_unit: int) -> list[int]:
-    return [u * per_unit + j for u in units_idx for j in range(per_unit)]
-
-
-def _producers(
-    model: nn.Module, probe: EagerProbe, producer: str
-) -> tuple[nn.Module | None, nn.Module | None, str]:
-    """(Linear/Conv whose rows make the unit, BatchNorm after it or None, name of the Linear/Conv)."""
-    module = model.get_submodule(producer)
-    if isinstance(module, BATCH_NORM):
-        upstream = probe.upstream.get(producer)
-        conv = model.get_submodule(upstream) if upstream else None
-        if conv is not None and isinstance(conv, LINEAR_OR_CONV):
-            return conv, module, upstream
-        return None, module, ""
-    if isinstance(module, LINEAR_OR_CONV):
-        return module, None, producer
-    return None, None, ""
-
-
-@dataclass
-class UnitWiring:
-    """The tensors behind a layer's units: rows of `weight` (and entries of `bias`) of the Linear/Conv
-    that makes them, the BatchNorm after it, and the input columns of the one Linear/Conv reading them.
-    Built from modules (eager) or from an ExportedProgram's graph (backends/torch/program.py)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    weight_name: str
-    bn: dict[str, torch.Tensor | None] | None = None  # weight, bias, running_mean, running_var
-    bn_name: str = ""
-    consumer_weight: torch.Tensor | None = None
-    consumer_name: str = ""
-
-    def per_unit(self, units: int) -> int:
-        """How many input columns of the consumer each unit feeds (1, or H*W after a flatten)."""
-        fan_in = self.consumer_weight.shape[1]
-        if fan_in % units:
-            raise ValueError(f"consumer fan-in {fan_in} is not a multiple of {units} units")
-        return fan_in // units
-
-
-def _unit_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool = True) -> UnitWiring | str:
-    """The layer's UnitWiring from its modules, or why the layer must be skipped."""
-    if layer.producer is None:
-        return "skipped: no single Linear/Conv/BatchNorm produces this activation"
-    consumer = None
-    if need_consumer:
-        consumer_name, why = _single_consumer(probe, layer.name, model)
-        if consumer_name is None:
-            return why
-        consumer = model.get_submodule(consumer_name)
-    incoming, bn, incoming_name = _producers(model, probe, layer.producer)
-    if incoming is None or (isinstance(incoming, nn.modules.conv._ConvNd) and incoming.groups != 1):
-        return f"skipped: producer {layer.producer} is not a plain Linear/Conv (or BN after one)"
-    return UnitWiring(
-        incoming.weight,
-        incoming.bias,
-        incoming_name,
-        None
-        if bn is None
-        else {
-            "weight": bn.weight,
-            "bias": bn.bias,
-            "running_mean": bn.running_mean,
-            "running_var": bn.running_var,
-        },
-        layer.producer if bn is not None else "",
-        consumer.weight if consumer is not None else None,
-        consumer_name if consumer is not None else "",
-    )
-
-
 def _fresh_rows(weight: torch.Tensor, seed: int) -> torch.Tensor:
     """Rows drawn like nn.Linear/nn.ConvNd's default init (kaiming_uniform with a=sqrt(5))."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -168,10 +76,10 @@ def _fresh_rows(weight: torch.Tensor, seed: int) -> torch.Tensor:
     return fresh.to(device=weight.device, dtype=weight.dtype)
 
 
-Touched = dict[str, list[tuple[int, list[int]]]]  # parameter name -> (axis, indices) that a fix rewrote
+Touched = dict[str, list[tuple[int, list[int]]]]  # tensor name -> (axis, indices) that a fix rewrote
 
 
-def _touch(touched: Touched | None, name: str, axis: int, indices: list[int]) -> None:
+def _touch(touched: Touched | None, name: str | None, axis: int, indices: list[int]) -> None:
     if touched is not None and name:
         touched.setdefault(name, []).append((axis, list(indices)))
 
@@ -186,7 +94,8 @@ def reinit(
 ) -> list[LayerOutcome]:
     """ReDo on an nn.Module (see reinit_units)."""
     return reinit_units(
-        {plan.name: _unit_wiring(model, probe, report.layer(plan.name)) for plan in plans},
+        model,
+        {plan.name: eager_wiring(model, probe, report.layer(plan.name)) for plan in plans},
         plans,
         options,
         touched,
@@ -194,14 +103,16 @@ def reinit(
 
 
 def reinit_units(
+    model: nn.Module,
     wirings: dict[str, UnitWiring | str],
     plans: list[LayerPlan],
     options: FixOptions,
     touched: Touched | None = None,
 ) -> list[LayerOutcome]:
     """ReDo: re-initialise dead units' incoming weights, zero their bias and their outgoing weights
-    (BatchNorm after them reset to identity), so the model's outputs do not change. `touched` (when
-    given) receives the parameter entries rewritten, by parameter name (for resetting their moments)."""
+    (BatchNorm after them reset to identity), so the model's outputs do not change. `model` resolves
+    the wirings' tensor names (an nn.Module, or a program's module). `touched` (when given) receives
+    the entries rewritten, by tensor name (for resetting their optimizer moments)."""
     outcomes = []
     with torch.no_grad():
         for index, plan in enumerate(plans):
@@ -211,37 +122,39 @@ def reinit_units(
             if isinstance(wire, str):
                 outcome.action = wire
                 continue
-            per_unit = wire.per_unit(plan.all_units)
-            units = torch.tensor(plan.units, dtype=torch.long, device=wire.weight.device)
-            fresh = _fresh_rows(wire.weight, options.seed * 7919 + index)
-            wire.weight[units] = fresh[units]
-            if wire.bias is not None:
-                wire.bias[units] = 0.0
-            if wire.bn is not None:
-                for key, value in (
-                    ("weight", 1.0),
-                    ("bias", 0.0),
-                    ("running_mean", 0.0),
-                    ("running_var", 1.0),
+            weight, bias = named_tensor(model, wire.weight.name), named_tensor(model, wire.bias)
+            consumer_weight = named_tensor(model, wire.consumer_weight.name)
+            per_unit = wire.per_unit(plan.all_units, consumer_weight.shape[1])
+            units = torch.tensor(plan.units, dtype=torch.long, device=weight.device)
+            fresh = _fresh_rows(weight, options.seed * 7919 + index)
+            weight[units] = fresh[units]
+            if bias is not None:
+                bias[units] = 0.0
+            bn = wire.batchnorm
+            if bn is not None:
+                for name, value in (
+                    (bn.weight, 1.0),
+                    (bn.bias, 0.0),
+                    (bn.running_mean, 0.0),
+                    (bn.running_var, 1.0),
                 ):
-                    if wire.bn[key] is not None:
-                        wire.bn[key][units] = value
+                    tensor = named_tensor(model, name)
+                    if tensor is not None:
+                        tensor[units] = value
             columns = torch.tensor(
-                _input_columns(plan.units, per_unit), dtype=torch.long, device=wire.consumer_weight.device
+                input_columns(plan.units, per_unit), dtype=torch.long, device=consumer_weight.device
             )
-            wire.consumer_weight[:, columns] = 0.0
-            _touch(touched, f"{wire.weight_name}.weight", 0, plan.units)
-            if wire.bias is not None:
-                _touch(touched, f"{wire.weight_name}.bias", 0, plan.units)
-            if wire.bn is not None:
-                _touch(touched, f"{wire.bn_name}.weight", 0, plan.units)
-                _touch(touched, f"{wire.bn_name}.bias", 0, plan.units)
-            _touch(touched, f"{wire.consumer_name}.weight", 1, columns.tolist())
+            consumer_weight[:, columns] = 0.0
+            _touch(touched, wire.weight.name, 0, plan.units)
+            if bias is not None:
+                _touch(touched, wire.bias, 0, plan.units)
+            if bn is not None:
+                _touch(touched, bn.weight, 0, plan.units)
+                _touch(touched, bn.bias, 0, plan.units)
+            _touch(touched, wire.consumer_weight.name, 1, columns.tolist())
             outcome.applied = True
-            what = f"{wire.weight_name} rows re-initialised" + (
-                f", {wire.bn_name} reset" if wire.bn is not None else ""
-            )
-            outcome.action = f"{what}; {wire.consumer_name} inputs zeroed"
+            what = f"{wire.owner} rows re-initialised" + (f", {bn.owner} reset" if bn is not None else "")
+            outcome.action = f"{what}; {wire.consumer} inputs zeroed"
     return outcomes
 
 
@@ -363,9 +276,10 @@ def _narrowed(module: nn.Module, keep_out: list[int] | None, keep_in: list[int] 
 
 
 def prune_plan(
-    wirings: dict[str, UnitWiring | str], report, plans: list[LayerPlan]
+    model: nn.Module, wirings: dict[str, UnitWiring | str], report, plans: list[LayerPlan]
 ) -> tuple[list[LayerOutcome], dict[str, set[int]], dict[str, set[int]]]:
-    """Which output units (of Linear/Conv/BN, by name) and which consumer input columns to keep."""
+    """Which output units (of Linear/Conv/BN, by name) and which consumer input columns to keep
+    (`model` resolves the wirings' tensor names)."""
     keep_out: dict[str, set[int]] = {}
     keep_in: dict[str, set[int]] = {}
     outcomes = []
@@ -380,23 +294,24 @@ def prune_plan(
         if isinstance(wiring, str):
             outcome.action = wiring
             continue
-        incoming_name, consumer_name, bn_name = wiring.weight_name, wiring.consumer_name, wiring.bn_name
+        incoming_name, consumer_name = wiring.owner, wiring.consumer
+        bn_name = wiring.batchnorm.owner if wiring.batchnorm is not None else ""
         if len(plan.units) == plan.all_units:
             outcome.action = (
                 "skipped: every unit is dead; removing the whole layer changes the architecture too much"
             )
             continue
-        per_unit = wiring.per_unit(plan.all_units)
+        per_unit = wiring.per_unit(plan.all_units, named_tensor(model, wiring.consumer_weight.name).shape[1])
         kept = [u for u in range(plan.all_units) if u not in set(plan.units)]
-        for name in [incoming_name] + ([bn_name] if wiring.bn is not None else []):
+        for name in [incoming_name] + ([bn_name] if wiring.batchnorm is not None else []):
             keep_out[name] = keep_out.get(name, set(range(plan.all_units))) & set(kept)
         fan_in = plan.all_units * per_unit
         keep_in[consumer_name] = keep_in.get(consumer_name, set(range(fan_in))) & set(
-            _input_columns(kept, per_unit)
+            input_columns(kept, per_unit)
         )
         outcome.applied = True
         outcome.units_after = len(kept)
-        outcome.action = f"{incoming_name}{' + ' + bn_name if wiring.bn is not None else ''} narrowed to {len(kept)}; {consumer_name} inputs removed"
+        outcome.action = f"{incoming_name}{' + ' + bn_name if wiring.batchnorm is not None else ''} narrowed to {len(kept)}; {consumer_name} inputs removed"
     return outcomes, keep_out, keep_in
 
 
@@ -404,8 +319,8 @@ def prune(
     model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan]
 ) -> tuple[list[LayerOutcome], dict[str, int]]:
     """Remove dead units: their producer rows (and BN channels) and the matching consumer inputs."""
-    wirings = {plan.name: _unit_wiring(model, probe, report.layer(plan.name)) for plan in plans}
-    outcomes, keep_out, keep_in = prune_plan(wirings, report, plans)
+    wirings = {plan.name: eager_wiring(model, probe, report.layer(plan.name)) for plan in plans}
+    outcomes, keep_out, keep_in = prune_plan(model, wirings, report, plans)
     widths = {}
     for name in sorted(set(keep_out) | set(keep_in)):
         module = model.get_submodule(name)
@@ -454,12 +369,13 @@ def kick(
 ) -> list[LayerOutcome]:
     """kick on an nn.Module (see kick_units)."""
     wirings = {
-        plan.name: _unit_wiring(model, probe, report.layer(plan.name), need_consumer=False) for plan in plans
+        plan.name: eager_wiring(model, probe, report.layer(plan.name), need_consumer=False) for plan in plans
     }
-    return kick_units(wirings, plans, options, touched)
+    return kick_units(model, wirings, plans, options, touched)
 
 
 def kick_units(
+    model: nn.Module,
     wirings: dict[str, UnitWiring | str],
     plans: list[LayerPlan],
     options: FixOptions,
@@ -477,21 +393,16 @@ def kick_units(
             if isinstance(wire, str):
                 outcome.action = wire
                 continue
-            sigma = float(wire.weight.detach().float().std()) * options.kick_scale
+            weight = named_tensor(model, wire.weight.name)
+            sigma = float(weight.detach().float().std()) * options.kick_scale
             units = torch.tensor(plan.units, dtype=torch.long)
-            noise = torch.randn((len(plan.units), *wire.weight.shape[1:]), generator=generator) * sigma
-            wire.weight[units] += noise.to(wire.weight)
-            target = wire.bn["bias"] if wire.bn is not None else wire.bias
+            noise = torch.randn((len(plan.units), *weight.shape[1:]), generator=generator) * sigma
+            weight[units] += noise.to(weight)
+            target = named_tensor(model, wire.shift)  # BatchNorm beta, else the bias
             if target is not None:
                 target[units] += (torch.randn(len(plan.units), generator=generator).abs() * sigma).to(target)
-            _touch(touched, f"{wire.weight_name}.weight", 0, plan.units)
-            if target is not None:
-                _touch(
-                    touched,
-                    f"{wire.bn_name if wire.bn is not None else wire.weight_name}.bias",
-                    0,
-                    plan.units,
-                )
+                _touch(touched, wire.shift, 0, plan.units)
+            _touch(touched, wire.weight.name, 0, plan.units)
             outcome.applied = True
-            outcome.action = f"{wire.weight_name} rows{' and ' + wire.bn_name + ' beta' if wire.bn is not None else ''} kicked (σ = {sigma:.3g})"
+            outcome.action = f"{wire.owner} rows{' and ' + wire.batchnorm.owner + ' beta' if wire.batchnorm is not None else ''} kicked (σ = {sigma:.3g})"
     return outcomes

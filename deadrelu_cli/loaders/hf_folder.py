@@ -1,0 +1,174 @@
+"""Hugging Face model folders (`config.json` + safetensors / pytorch_model.bin, tokenizer files).
+
+The model is built by `transformers` from its config (its own class, or AutoModel), with the weights
+loaded by `from_pretrained` — meta-device init, so peak memory is about one copy of the weights; tied
+weights and key renames are the library's business. Never the network: local files only, and
+`trust_remote_code` only behind --trust-pickle (remote code runs like a pickle would).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
+
+EXTRA_HINT = "pip install 'deadrelu[transformers]'"
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+DTYPES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+}
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def offline() -> None:
+    """No download, ever: the hub libraries read these at import and at every call."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def import_transformers(path: str | Path):
+    offline()
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(
+            f"{path}: a Hugging Face model folder needs the transformers extra: {EXTRA_HINT}"
+        ) from None
+    transformers.utils.logging.disable_progress_bar()  # stderr is for deadrelu's own progress and errors
+    transformers.utils.logging.set_verbosity_error()
+    return transformers
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files a folder holds (the shards an index names, or the single file)."""
+    for index_name in WEIGHT_INDEXES:
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"{index}: not a valid weight index ({exc})") from None
+            return [folder / name for name in sorted(set(weight_map.values()))]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    return []
+
+
+def folder_sha256(folder: Path) -> str:
+    """sha256 over config.json and the weight files (names and bytes): a folder's identity for merge/diff."""
+    digest = hashlib.sha256()
+    for path in [folder / "config.json", *weight_files(folder)]:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_class(transformers, config, folder: Path):
+    """The class the config names (`architectures`), else AutoModel for its model type."""
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def torch_dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return "auto"  # as stored (a bf16 checkpoint runs in bf16, like a bf16 state_dict)
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name!r}: choose bf16, fp16 or fp32")
+    return getattr(torch, DTYPES[name])
+
+
+def load_hf_folder(options: LoadOptions) -> LoadedModel:
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = Path(options.path)
+    transformers = import_transformers(folder)
+    if not weight_files(folder):
+        raise UserError(
+            f"{folder}: a model folder without weights (no model.safetensors, sharded index or pytorch_model.bin)"
+        )
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=options.trust_pickle
+        )
+    except ValueError as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "trust_remote_code" in str(exc):
+            raise UserError(
+                f"{folder}: the model's code ships in the folder (auto_map); pass --trust-pickle to run it, only if you trust its source"
+            ) from None
+        raise UserError(f"{folder}/config.json: {text}") from None
+    except (OSError, KeyError) as exc:
+        raise UserError(f"{folder}/config.json: cannot read it ({exc})") from None
+    if getattr(config, "auto_map", None) and not options.trust_pickle:
+        raise UserError(
+            f"{folder}: the model's code ships in the folder (auto_map); pass --trust-pickle to run it, only if you trust its source"
+        )
+    cls = model_class(transformers, config, folder)
+    kwargs = {
+        "config": config,
+        "local_files_only": True,
+        "trust_remote_code": options.trust_pickle,
+        "dtype": torch_dtype(options.dtype),
+    }
+    if options.device_map:
+        kwargs["device_map"] = options.device_map
+    elif options.device != "cpu":
+        kwargs["device_map"] = options.device  # straight onto the GPU, shard by shard
+    try:
+        model = cls.from_pretrained(str(folder), **kwargs)
+    except ImportError as exc:  # device_map needs accelerate
+        raise UserError(f"{folder}: {str(exc).splitlines()[0]} ({EXTRA_HINT})") from None
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{folder}: transformers could not load the model ({text})") from None
+    model.eval()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # no KV cache objects in outputs or exports: a scan is one pass
+    float_dtype = str(next((p.dtype for p in model.parameters() if p.is_floating_point()), "float32"))
+    from deadrelu_cli.loaders.torch_models import forward_parameters
+
+    required, accepted = forward_parameters(model)
+    return LoadedModel(
+        path=folder,
+        format="hf_folder",
+        digest=ThreadPoolExecutor(max_workers=1).submit(folder_sha256, folder),
+        backend="torch",
+        runnable=model,
+        kind="eager",
+        inputs=required,
+        float_dtype=float_dtype.replace("torch.", ""),
+        keyword_inputs=accepted,
+        extra={"hf_class": type(model).__name__, "device_map": options.device_map},
+    )
+
+
+def load_tokenizer(folder: str | Path):
+    transformers = import_transformers(folder)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{folder}: no usable tokenizer in the folder for --text ({text})") from None

@@ -1,0 +1,171 @@
+"""The torch readers of the wiring model: eager nn.Modules and ExportedProgram graphs.
+
+Both name tensors by their dotted parameter/buffer names, which an nn.Module and a program's module
+(`program.module()` keeps every parameter under its original name) resolve alike with `named_tensor`.
+- eager: the scan's EagerProbe saw which module made each activation (`layer.producer`), which one
+  fed a BatchNorm (`probe.upstream`) and which modules read the activation (`probe.consumers`);
+- exported: the producer (a linear/conv node, optionally followed by batch_norm) and the one
+  linear/conv reading the activation are found in the ATen graph; their get_attr targets are the names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from deadrelu_cli.probe.aten_ops import BATCH_NORM_OPS, LINEAR_OR_CONV_OPS, UNIT_PRESERVING
+from deadrelu_cli.probe.eager import EagerProbe
+from deadrelu_cli.probe.exported import op_base
+from deadrelu_cli.wiring.model import BatchNormRef, TensorRef, UnitWiring
+
+LINEAR_OR_CONV = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCH_NORM = nn.modules.batchnorm._BatchNorm
+BATCH_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def named_tensor(module: nn.Module, name: str | None) -> torch.Tensor | None:
+    """A parameter or buffer by its dotted name (an nn.Module, or a program's module), else None."""
+    if name is None:
+        return None
+    for getter in (module.get_parameter, module.get_buffer):
+        try:
+            return getter(name)
+        except AttributeError:
+            continue
+    return None
+
+
+def _dotted(owner: str, tensor: str) -> str:
+    return f"{owner}.{tensor}" if owner else tensor
+
+
+# --- eager nn.Modules -------------------------------------------------------------------------------
+
+
+def _single_consumer(probe: EagerProbe, site: str, model: nn.Module) -> tuple[str | None, str]:
+    consumers = probe.consumers.get(site, set())
+    if len(consumers) != 1:
+        uses = ", ".join(sorted(consumers)) or "nothing"
+        return None, f"skipped: its output goes to {uses}, not to exactly one Linear/Conv"
+    name = next(iter(consumers))
+    if name.startswith("<"):
+        return (
+            None,
+            f"skipped: its output goes to {name.strip('<>')} (e.g. a residual add), not to a Linear/Conv",
+        )
+    module = model.get_submodule(name)
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
+        return None, f"skipped: consumer {name} is a grouped convolution"
+    return name, ""
+
+
+def _producers(
+    model: nn.Module, probe: EagerProbe, producer: str
+) -> tuple[nn.Module | None, nn.Module | None, str]:
+    """(Linear/Conv whose rows make the unit, BatchNorm after it or None, name of the Linear/Conv)."""
+    module = model.get_submodule(producer)
+    if isinstance(module, BATCH_NORM):
+        upstream = probe.upstream.get(producer)
+        conv = model.get_submodule(upstream) if upstream else None
+        if conv is not None and isinstance(conv, LINEAR_OR_CONV):
+            return conv, module, upstream
+        return None, module, ""
+    if isinstance(module, LINEAR_OR_CONV):
+        return module, None, producer
+    return None, None, ""
+
+
+def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool = True) -> UnitWiring | str:
+    """The UnitWiring of a scanned layer of an nn.Module, or why the layer must be skipped."""
+    if layer.producer is None:
+        return "skipped: no single Linear/Conv/BatchNorm produces this activation"
+    consumer_name = ""
+    if need_consumer:
+        consumer_name, why = _single_consumer(probe, layer.name, model)
+        if consumer_name is None:
+            return why
+    incoming, bn, incoming_name = _producers(model, probe, layer.producer)
+    if incoming is None or (isinstance(incoming, nn.modules.conv._ConvNd) and incoming.groups != 1):
+        return f"skipped: producer {layer.producer} is not a plain Linear/Conv (or BN after one)"
+    batchnorm = None
+    if bn is not None:
+        batchnorm = BatchNormRef(
+            layer.producer,
+            *(
+                _dotted(layer.producer, key) if getattr(bn, key, None) is not None else None
+                for key in BATCH_NORM_TENSORS
+            ),
+        )
+    return UnitWiring(
+        producer=layer.producer,
+        owner=incoming_name,
+        weight=TensorRef(_dotted(incoming_name, "weight"), 0),
+        bias=_dotted(incoming_name, "bias") if incoming.bias is not None else None,
+        batchnorm=batchnorm,
+        consumer=consumer_name,
+        consumer_weight=TensorRef(_dotted(consumer_name, "weight"), 1) if consumer_name else None,
+        readers=tuple(sorted(probe.consumers.get(layer.name, ()))),
+    )
+
+
+# --- ExportedProgram graphs ---------------------------------------------------------------------------
+
+
+def _base(node: fx.Node) -> str:
+    return op_base(node.target) if node.op == "call_function" else ""
+
+
+def _attr_target(arg) -> str | None:
+    return str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+
+def _groups(node: fx.Node) -> int:
+    return int(node.args[6]) if _base(node) != "linear" and len(node.args) > 6 else 1
+
+
+def exported_wiring(
+    graph_module: fx.GraphModule, node: fx.Node, need_consumer: bool = True
+) -> UnitWiring | str:
+    """The UnitWiring of the activation `node` of a program's module, or why it must be skipped."""
+    pre = node.args[0] if node.args else None
+    bn = None
+    if isinstance(pre, fx.Node) and _base(pre) in BATCH_NORM_OPS and len(pre.users) == 1:
+        bn, pre = pre, pre.args[0]
+    if not isinstance(pre, fx.Node) or _base(pre) not in LINEAR_OR_CONV_OPS or len(pre.users) != 1:
+        return "skipped: not produced by one linear/conv (or batch_norm after one) in the graph"
+    weight_name = _attr_target(pre.args[1])
+    bias_name = _attr_target(pre.args[2]) if len(pre.args) > 2 else None
+    if weight_name is None or _groups(pre) != 1:
+        return f"skipped: producer {weight_name or pre.name} is not a plain linear/conv with its own weight"
+    owner = weight_name.rsplit(".", 1)[0]
+    batchnorm = None
+    if bn is not None:
+        names = [_attr_target(a) for a in bn.args[1:5]]
+        batchnorm = BatchNormRef((names[1] or names[0] or bn.name).rsplit(".", 1)[0], *names)
+    wiring = UnitWiring(
+        producer=batchnorm.owner if batchnorm is not None else owner,
+        owner=owner,
+        weight=TensorRef(weight_name, 0),
+        bias=bias_name,
+        batchnorm=batchnorm,
+    )
+    if not need_consumer:
+        return wiring
+    current = node
+    for _ in range(16):
+        if len(current.users) != 1:
+            return f"skipped: its output goes to {len(current.users)} nodes, not to exactly one linear/conv"
+        (user,) = current.users
+        if _base(user) in UNIT_PRESERVING and user.args[0] is current:
+            current = user
+            continue
+        consumer_weight = _attr_target(user.args[1]) if len(user.args) > 1 else None
+        if _base(user) not in LINEAR_OR_CONV_OPS or user.args[0] is not current or consumer_weight is None:
+            return f"skipped: its output goes to {user.name} (e.g. a residual add), not to a linear/conv"
+        if _groups(user) != 1:
+            return f"skipped: consumer {consumer_weight} is a grouped convolution"
+        wiring.consumer = consumer_weight.rsplit(".", 1)[0]
+        wiring.consumer_weight = TensorRef(consumer_weight, 1)
+        wiring.readers = (wiring.consumer,)
+        return wiring
+    return "skipped: its output does not reach a linear/conv"

@@ -1,0 +1,126 @@
+"""Tiny Hugging Face ReLU models built from configs (no download), saved with save_pretrained (sharded),
+with planted dead units and one unit that fires only on padding; ground truth from plain hooks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers", reason="the transformers extra is not installed")
+torch = pytest.importorskip("torch")
+
+VOCAB = ["[UNK]", "[PAD]", "[BOS]"] + [f"w{i}" for i in range(29)]
+PAD, BOS = 1, 2
+DEAD = {0: [0, 3, 7], 1: [5]}  # layer -> FFN units planted dead (large negative bias)
+
+
+def save_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]"
+    )
+    fast.model_input_names = ["input_ids", "attention_mask"]
+    fast.save_pretrained(folder)
+
+
+def token_data(samples: int = 12, tokens: int = 10, seed: int = 0, side: str = "right"):
+    """input_ids with BOS first and padding of varying length; attention_mask 1 on real tokens."""
+    rng = np.random.default_rng(seed)
+    ids = np.full((samples, tokens), PAD, dtype=np.int64)
+    mask = np.zeros((samples, tokens), dtype=np.int64)
+    for i in range(samples):
+        length = int(rng.integers(3, tokens + 1)) if i else tokens  # sample 0 unpadded
+        row = np.concatenate([[BOS], rng.integers(3, len(VOCAB), length - 1)])
+        if side == "right":
+            ids[i, :length], mask[i, :length] = row, 1
+        else:
+            ids[i, tokens - length :], mask[i, tokens - length :] = row, 1
+    return ids, mask
+
+
+def opt_model(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.OPTConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        ffn_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=16,
+        activation_function="relu",
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=BOS,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
+    model = transformers.OPTForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer, units in DEAD.items():
+            model.model.decoder.layers[layer].fc1.bias[units] = -1e4
+        model.model.decoder.embed_tokens.weight[PAD] = 4.0  # padding looks like nothing else
+    return model
+
+
+def relu_sites(model) -> dict[str, object]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.ReLU)}
+
+
+def hook_counts(model, ids: np.ndarray, mask: np.ndarray, keep: np.ndarray | None, **extra):
+    """Plain forward hooks on the ReLU modules: per site, (positive counts, kept positions) over the
+    positions where `keep` is true (every position when None), computed in numpy."""
+    captured: dict[str, list] = {}
+    handles = [
+        m.register_forward_hook(lambda _m, _a, out, name=name: captured.setdefault(name, []).append(out))
+        for name, m in relu_sites(model).items()
+    ]
+    try:
+        with torch.no_grad():
+            model(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                use_cache=False,
+                **extra,
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for name, (act,) in captured.items():
+        a = act.numpy().reshape(ids.shape[0], ids.shape[1], -1)
+        kept = np.ones(ids.shape, bool) if keep is None else keep.astype(bool)
+        out[name] = ((a[kept] > 0).sum(axis=0), int(kept.sum()))
+    return out
+
+
+def plant_pad_only_unit(model, ids: np.ndarray, mask: np.ndarray, layer: int = 0, unit: int = 10):
+    """Point fc1 row `unit` of `layer` at what padding positions look like there, with a bias between
+    the padding and the real tokens: it then fires on padding only (checked, with a margin)."""
+    fc1 = model.model.decoder.layers[layer].fc1
+    seen = []
+    handle = fc1.register_forward_hook(lambda _m, args, _o: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), use_cache=False)
+    handle.remove()
+    x = seen[0].reshape(ids.shape[0] * ids.shape[1], -1)
+    pad = torch.from_numpy(mask.reshape(-1) == 0)
+    direction = x[pad].mean(0) - x[~pad].mean(0)
+    scores = x @ direction
+    lo, hi = float(scores[~pad].max()), float(scores[pad].min())
+    assert hi > lo + 1e-3, "padding positions are not separable at this layer"
+    with torch.no_grad():
+        fc1.weight[unit] = direction
+        fc1.bias[unit] = -(lo + hi) / 2
+    return f"model.decoder.layers.{layer}.activation_fn", unit
+
+
+def save_folder(model, folder: Path, shard: str = "20KB") -> Path:
+    model.save_pretrained(folder, max_shard_size=shard)
+    save_tokenizer(folder)
+    return folder

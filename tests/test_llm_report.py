@@ -1,0 +1,77 @@
+"""LLM-sized reports: activation sparsity, log-scale firing frequencies, dead fraction by depth, and
+an HTML page that stays small for 11,008-wide layers."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from rich.console import Console
+
+from deadrelu_cli.report.html import render_html
+from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings, report_to_dict
+from deadrelu_cli.report.table import print_report
+from deadrelu_cli.stats import LayerStats
+
+
+def _wide_report(layers: int, units: int = 11008, positions: int = 200_000) -> Report:
+    rng = np.random.default_rng(0)
+    stats = []
+    for i in range(layers):
+        counts = (10 ** rng.uniform(-6.5, 0, units) * positions).astype(np.int64)
+        counts[rng.random(units) < 0.1 * i / layers] = 0  # deeper layers: more dead units
+        stats.append(
+            LayerStats(
+                f"model.layers.{i}.mlp.act_fn",
+                "relu",
+                2,
+                counts,
+                positions,
+                rng.standard_normal(units),
+                counts * 0.5,
+            )
+        )
+    return Report(ModelInfo("m", "hf_folder", "0" * 64), DataInfo("d", 10), Settings(dying=0.001), stats)
+
+
+def test_sparsity_and_histogram_from_counts():
+    report = _wide_report(4, units=3000)
+    data = report_to_dict(report)
+    total_pos = total = 0
+    for layer, d in zip(report.layers, data["layers"], strict=True):
+        rates = layer.positive_counts / layer.elements_per_unit
+        assert np.isclose(d["activation_sparsity"], np.mean(1 - rates))  # mean inactive share per position
+        hist = d["firing_histogram"]
+        edges = np.array(hist["log10_edges"])
+        alive = rates[rates > 0]
+        expected = [
+            int(((np.log10(alive) >= lo if k else True) & (np.log10(alive) < hi if hi < 0 else True)).sum())
+            for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True))
+        ]
+        assert hist["counts"] == expected and hist["dead"] == int((rates == 0).sum())
+        total_pos += layer.positive_counts.sum()
+        total += layer.units * layer.elements_per_unit
+    assert np.isclose(data["summary"]["activation_sparsity"], 1 - total_pos / total)
+
+
+def test_terminal_shows_dead_fraction_by_depth():
+    report = _wide_report(6, units=500)
+    for i, layer in enumerate(report.layers):  # dead fraction 0, 0.2, …, 1.0 by depth
+        layer.positive_counts[:] = 7
+        layer.positive_counts[: 100 * i] = 0
+    console = Console(width=120, file=io.StringIO(), record=True, color_system=None)
+    print_report(report, console)
+    text = console.export_text()
+    line = next(line for line in text.splitlines() if line.startswith("Dead by depth"))
+    spark = line.split("|")[1]
+    assert spark[0] == " " and spark[-1] == "█" and list(spark) == sorted(spark, key=" ▁▂▃▄▅▆▇█".index)
+    assert len(spark) == 6 and "100.0% in model.layers.5.mlp.act_fn" in line
+    assert "Activation sparsity:" in text
+
+
+def test_html_of_wide_layers_stays_small():
+    """Budget: under 5 MB for 32 layers of 11,008 units, so each layer gets 5 MB / 32 (measured on 6)."""
+    report = _wide_report(6)
+    text = render_html(report)
+    assert len(text.encode()) < 6 * 5_000_000 / 32
+    assert 'id="firing"' in text and "more dead, dying or dormant units not listed" in text
