@@ -313,7 +313,7 @@ def test_hf_trainer_checkpoint_folder(cli, tmp_path):
         "-o",
         folder / "f.safetensors",
     )
-    assert same_folder.code == 2 and "optimizer.pt" in same_folder.err
+    assert same_folder.code == 2 and "optimizer.pt" in same_folder.err, same_folder.err
     (tmp_path / "fixed").mkdir()
     out = tmp_path / "fixed" / "model.safetensors"
     result = cli("fix", weights, "--arch", spec, "--data", tmp_path / "data.npz", "-s", "reinit", "-o", out)

@@ -215,7 +215,7 @@ def apply_torch(
         elif suffix in ARTIFACT_SUFFIXES:
             write_artifact(model, example, temp, suffix)
         elif training is not None:
-            _write_training_checkpoint(training, model, temp, suffix, options, touched, result)
+            _write_training_checkpoint(training, model, temp, suffix, options, touched, result, loaded.extra)
             if options.resume_steps > 0:
                 _check_resume(training, scanned, scan_options, temp, options.resume_steps, outcomes, result)
         else:
@@ -244,12 +244,14 @@ def apply_torch(
     return torch_runner(loaded, order, device), patched_runner, outcomes
 
 
-def _write_training_checkpoint(training, model, temp: Path, suffix: str, options, touched, result) -> None:
+def _write_training_checkpoint(
+    training, model, temp: Path, suffix: str, options, touched, result, extra: dict
+) -> None:
     """The fixed weights written back into the training checkpoint's own layout, moments reset."""
     from deadrelu_cli.backends.torch.resume import write_training_checkpoint
 
     if training.checkpoint is None or suffix == ".safetensors":
-        _write_state(model, temp, suffix, whole_module=False)
+        _write_state(model, temp, suffix, False, extra)
         if training.checkpoint is not None:
             result.notes.append(
                 f"{Path(options.output).name} holds weights only: the checkpoint's other entries (optimizer, "
