@@ -24,6 +24,7 @@ from deadrelu_cli.backends.torch.optimizer_state import (
     reset_moments,
 )
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import temp_path_for
 from deadrelu_cli.loaders.torch_models import strip_wrapper_prefixes, torch_load, weights_key
 
 RESETTING_STRATEGIES = ("reinit", "kick")
@@ -141,12 +142,18 @@ def write_training_checkpoint(
         state = training.optimizer_file_state
         if resetting:
             notes += _reset_all(training, [((), state)], model, touched)
-        companion = folder / f".{HF_OPTIMIZER_FILE}.deadrelu-tmp"
+        companion = temp_path_for(folder / HF_OPTIMIZER_FILE)  # a fresh file (mkstemp), never a link
         torch.save(state, companion)
         companions.append((companion, folder / HF_OPTIMIZER_FILE))
         skip = {training.path.name, HF_OPTIMIZER_FILE, output.name}
         for item in sorted(training.optimizer_file.parent.iterdir()):
-            if item.is_file() and item.name not in skip and not (folder / item.name).exists():
+            destination = folder / item.name  # never through a link, never over a file
+            if (
+                item.is_file()
+                and item.name not in skip
+                and not destination.exists()
+                and not destination.is_symlink()
+            ):
                 copies.append((item, folder / item.name))
         if copies:
             notes.append(
