@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_watch import measure_watch  # training steps with watch() (scripts/bench_watch.py)
 from peak_rss import peak_rss_kib  # scripts/ is on sys.path when this runs as a script
 from torch import nn
 
@@ -528,7 +529,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        help="comma-separated cases: eager,onnx,compile,mlp,memory,transformer,folder-memory (+ cuda-* on a GPU)",
+        help="comma-separated cases: eager,onnx,compile,mlp,memory,transformer,folder-memory,watch (+ cuda-* on a GPU)",
     )
     parser.add_argument("--cuda-images", type=int, default=512, help="N for the cuda-* cases (224x224)")
     args = parser.parse_args()
@@ -607,6 +608,7 @@ def main() -> None:
             "memory": lambda: measure_memory(work, args.quick),
             "transformer": lambda: measure_transformer(rng, args.reps, work, args.quick, token_batch),
             "folder-memory": lambda: measure_folder_memory(work, args.quick),
+            "watch": lambda: {"watch": measure_watch()},  # prints its own table
         }
         if torch.cuda.is_available():
             cases.update(cuda_cases(rng, args.reps, work, args.cuda_images))
@@ -634,7 +636,7 @@ def main() -> None:
         return f"{row[key]:{width}{fmt}}" if row.get(key) is not None else f"{'-':>{width}}"
 
     for row in rows:
-        if "growth" in row or "rss_over_weights" in row:
+        if "growth" in row or "rss_over_weights" in row or "watch" in row:
             continue
         print(
             f"{row['case']:<32} {row['device']:<18} {row['samples']:>7} {row['plain_per_s']:>8.1f} {row['scan_per_s']:>8.1f} "
