@@ -11,6 +11,16 @@ from deadrelu_cli.probe.ops import DEFAULT_OPS
 
 ProgressCallback = Callable[[int, int], None]  # (samples done, samples total)
 
+# --dtype spellings -> torch dtype names (one table for the model-folder loader and apply_dtype)
+DTYPE_NAMES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+}
+
 
 @dataclass
 class ScanOptions:

@@ -15,18 +15,11 @@ from pathlib import Path
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
+from deadrelu_cli.options import DTYPE_NAMES
 
 EXTRA_HINT = "pip install 'deadrelu[transformers]'"
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-DTYPES = {
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp16": "float16",
-    "float16": "float16",
-    "fp32": "float32",
-    "float32": "float32",
-}
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -95,9 +88,9 @@ def torch_dtype(name: str | None):
 
     if name is None:
         return "auto"  # as stored (a bf16 checkpoint runs in bf16, like a bf16 state_dict)
-    if name not in DTYPES:
+    if name not in DTYPE_NAMES:
         raise UserError(f"--dtype {name!r}: choose bf16, fp16 or fp32")
-    return getattr(torch, DTYPES[name])
+    return getattr(torch, DTYPE_NAMES[name])
 
 
 def load_hf_folder(options: LoadOptions) -> LoadedModel:

@@ -7,6 +7,7 @@ import numpy as np
 from deadrelu_cli.calibration import CalibrationData
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.model import LoadedModel
+from deadrelu_cli.options import DTYPE_NAMES
 
 
 def first_layer_hint(model: LoadedModel, data: CalibrationData) -> str | None:
@@ -89,14 +90,7 @@ def apply_dtype(model: LoadedModel, dtype: str | None) -> None:
         return
     import torch
 
-    names = {
-        "bf16": "bfloat16",
-        "bfloat16": "bfloat16",
-        "fp16": "float16",
-        "float16": "float16",
-        "fp32": "float32",
-        "float32": "float32",
-    }
+    names = DTYPE_NAMES
     if dtype not in names:
         raise UserError(f"--dtype {dtype!r}: choose bf16, fp16 or fp32")
     if model.backend != "torch":
