@@ -293,6 +293,20 @@ class CalibrationData:
     ) -> Iterator[dict[str, np.ndarray]]:
         total = self.samples if limit is None else min(limit, self.samples)
         first, last = self.window if self.window else (0, total)
+        try:
+            yield from self._batches(first, last, batch_size, allow_nonfinite)
+        finally:  # each pass closes what it opened: a glob over thousands of .npz keeps no file open
+            self.close()
+
+    def close(self) -> None:
+        for source in self.sources:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def _batches(
+        self, first: int, last: int, batch_size: int, allow_nonfinite: bool
+    ) -> Iterator[dict[str, np.ndarray]]:
         constants = {s.name: s.whole() for s in self.sources if s.name in self.consts}
         for start in range(first, last, batch_size):
             stop = min(start + batch_size, last)
@@ -418,11 +432,26 @@ def _open_pt(path: Path) -> list[ArraySource]:
             f"{path}: cannot read tensor file ({type(exc).__name__}); it is truncated or not torch.save data"
         ) from None
 
+    data_dtypes = {
+        torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,
+        torch.uint8, torch.bool,
+    }  # fmt: skip
+
     def to_numpy(value, key):
         if not isinstance(value, torch.Tensor):
             raise UserError(f"{path}: entry {key!r} is a {type(value).__name__}, expected a tensor")
+        if value.layout != torch.strided or value.is_quantized or value.is_nested:
+            kind = "quantized" if value.is_quantized else "nested" if value.is_nested else str(value.layout)
+            raise UserError(
+                f"{path}: entry {key!r} is a {kind.replace('torch.', '')} tensor; save it dense (.to_dense())"
+            )
         if value.dtype == torch.bfloat16:
             value = value.float()
+        if value.is_complex() or value.dtype not in data_dtypes:
+            raise UserError(
+                f"{path}: entry {key!r} has dtype {str(value.dtype).replace('torch.', '')}; "
+                "save numbers as float16/32/64, an integer type or bool"
+            )
         return value.detach().cpu().numpy()
 
     if isinstance(obj, torch.Tensor):

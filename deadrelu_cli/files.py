@@ -1,42 +1,193 @@
-"""Safe writes: never a partial file, never the user's input overwritten."""
+"""Files the tool reads and writes: one guard so that no output lands on an input, special files
+refused before a blocking open, writes atomic with the user's permissions, a full disk one line.
+
+Commands call `guard_outputs` once, before any work, with every path they will write and every path
+they will read; readers call `check_regular_file` before they open anything; writers go through
+`write_atomic` / `write_text_atomic` / `write_bytes_atomic` or `temp_path_for` + `commit_temp`.
+"""
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from deadrelu_cli.errors import UserError
 
+MAX_FOLDER_FILES = 100_000  # a folder given as an input is compared file by file up to this many
+Role = tuple[str, "str | Path | None"]  # ("--json", "out.json"): how the user named it, and the path
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def special_kind(mode: int) -> str | None:
+    """'a FIFO', 'a socket', 'a device' for a special file's st_mode; None for a regular file/folder."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return None
+
+
+def check_regular_file(path: str | Path, what: str = "input") -> Path:
+    """Refuse (exit 2) a missing path, a folder or a special file, from stat alone: no open that can block."""
+    p = Path(path)
+    try:
+        info = p.stat()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; check the {what} path") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    kind = special_kind(info.st_mode)
+    if kind:
+        raise UserError(f"{path}: is {kind}, not a file; give the {what} file itself")
+    if stat.S_ISDIR(info.st_mode):
+        raise UserError(f"{path}: is a directory; give the {what} file itself")
+    return p
+
+
+def expand_pattern(pattern: str) -> list[Path]:
+    """The files a glob pattern names, sorted (the pattern itself when a file has that literal name)."""
+    if any(ch in pattern for ch in "*?[") and not Path(pattern).exists():
+        return [Path(m) for m in sorted(glob.glob(pattern))]
+    return [Path(pattern)]
+
+
+# --- the output guard ------------------------------------------------------------------------------
+
+
+def _identity(path: Path) -> tuple[Path, tuple[int, int] | None]:
+    resolved = path.resolve()
+    try:
+        info = path.stat()
+    except OSError:
+        return resolved, None
+    return resolved, (info.st_dev, info.st_ino)
+
+
+def _expand_input(path: Path) -> Iterable[Path]:
+    if path.is_dir():
+        for count, child in enumerate(path.rglob("*")):
+            if count >= MAX_FOLDER_FILES:
+                return
+            if child.is_file():
+                yield child
+        yield path
+    else:
+        yield path
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (resolved path, or one inode: symlinks and hard links)."""
+    resolved_a, inode_a = _identity(Path(a))
+    resolved_b, inode_b = _identity(Path(b))
+    return resolved_a == resolved_b or (inode_a is not None and inode_a == inode_b)
+
+
+def guard_outputs(outputs: Sequence[Role], inputs: Sequence[Role]) -> None:
+    """Exit 2, before anything is read or written, when an output is one of the inputs (a folder input
+    counts file by file) or another output — compared by resolved path (symlinks) and by inode (hard
+    links). Outputs of None or '-' (stdout) are skipped; inputs may be globs (as `--data` takes them)."""
+    known: list[tuple[str, Path, Path, tuple[int, int] | None]] = []
+    for label, value in inputs:
+        if not value:
+            continue
+        for pattern_match in expand_pattern(str(value)):
+            for path in _expand_input(pattern_match):
+                resolved, inode = _identity(path)
+                known.append((label, path, resolved, inode))
+    for label, value in outputs:
+        if not value or str(value) == "-":
+            continue
+        out = Path(value)
+        resolved, inode = _identity(out)
+        for other_label, other, other_resolved, other_inode in known:
+            if resolved == other_resolved or (inode is not None and inode == other_inode):
+                raise UserError(
+                    f"{label} {value}: is the same file as {other_label} {other}; "
+                    "refusing to overwrite it (nothing was written); choose another path"
+                )
+        known.append((label, out, resolved, inode))
+
 
 def refuse_overwrite_of_inputs(output: str | Path, inputs: list[str | Path]) -> None:
-    out = Path(output).resolve()
-    for source in inputs:
-        if source and Path(source).exists() and Path(source).resolve() == out:
-            raise UserError(f"{output}: refusing to overwrite an input file; choose another output path")
+    """One output against plain input paths (kept for callers that have no labels)."""
+    guard_outputs([("output", output)], [("an input", source) for source in inputs])
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+TEMP_NAME = re.compile(r"^\.(?P<stem>.*)\.tmp\.[^.]+(?P<suffix>.*)$")  # what temp_path_for makes
+
+
+def _disk_error(path: str | Path, exc: OSError) -> UserError:
+    path = Path(path)
+    temp = TEMP_NAME.match(path.name)
+    shown = path.with_name(temp["stem"] + temp["suffix"]) if temp else path  # the file the user named
+    return UserError(f"{shown}: write failed ({exc.strerror or exc}); nothing was written")
+
+
+def temp_folder_for(target: str | Path) -> Path:
+    """A new empty folder beside TARGET with the permissions a plain mkdir() would give (not mkdtemp's 0700)."""
+    target = Path(target)
+    directory = target.parent if str(target.parent) else Path(".")
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=directory))
+    except OSError as exc:
+        raise UserError(f"--output {target}: cannot write there ({exc.strerror})") from None
+    folder.chmod(0o777 & ~_umask())
+    return folder
+
+
+def temp_path_for(target: str | Path, label: str = "") -> Path:
+    """An empty temp file beside TARGET with the permissions a plain open() would give (not mkstemp's 0600)."""
+    target = Path(target)
+    directory = target.parent if str(target.parent) else Path(".")
+    prefix = f"{label} " if label else ""
+    if not directory.is_dir():
+        raise UserError(f"{prefix}{target}: directory {directory} does not exist")
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{target.stem}.tmp.", suffix=target.suffix, dir=directory)
+    except OSError as exc:
+        raise UserError(f"{prefix}{target}: cannot write here ({exc.strerror})") from None
+    try:
+        os.fchmod(handle, 0o666 & ~_umask())
+    finally:
+        os.close(handle)
+    return Path(name)
+
+
+def commit_temp(temp: Path, target: str | Path) -> None:
+    """Rename a finished temp file over TARGET (atomic on one file system)."""
+    try:
+        os.replace(temp, target)
+    except OSError as exc:
+        raise _disk_error(target, exc) from None
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the target directory, then rename over the target."""
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise UserError(f"{path}: directory {directory} does not exist")
-    try:
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write here ({exc.strerror})") from None
-    os.close(handle)
-    tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a plain open() would
+    """Write through a temp file in the target directory, then rename over the target; a failed
+    write (a full disk included) is exit 2 with one line and leaves neither the target nor a temp file."""
+    tmp = temp_path_for(path)
     try:
         write(tmp)
-        os.replace(tmp, target)
+        os.replace(tmp, path)
     except OSError as exc:
-        raise UserError(f"{path}: write failed ({exc.strerror}); nothing was written") from None
+        raise _disk_error(path, exc) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -44,3 +195,25 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write DATA to PATH (a temp file the caller owns); a full disk is exit 2 with one line."""
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        raise _disk_error(path, exc) from None
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append to a file someone else owns (GitHub's step summary); a failure is exit 2 with one line."""
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot append ({exc.strerror or exc})") from None

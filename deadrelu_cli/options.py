@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from deadrelu_cli.errors import UserError
 from deadrelu_cli.probe.ops import DEFAULT_OPS
 
 ProgressCallback = Callable[[int, int], None]  # (samples done, samples total)
@@ -47,3 +49,27 @@ class ScanOptions:
     seq_len: int = 128  # --text: tokens per sample (longer documents are truncated)
     device_map: str | None = None  # --device-map for model folders (accelerate): auto, cpu, …
     progress: ProgressCallback | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_finite("--threshold", self.threshold)
+        check_finite("--dying", self.dying, 0.0, 1.0)
+        check_finite("--tau", self.tau, 0.0)
+        if not isinstance(self.batch_size, str) and (
+            isinstance(self.batch_size, bool) or self.batch_size < 1
+        ):
+            raise UserError(f"--batch-size {self.batch_size}: must be at least 1 (or auto)")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit {self.limit}: must be at least 1")
+
+
+def check_finite(flag: str, value, low: float | None = None, high: float | None = None) -> None:
+    """Exit 2 unless VALUE is a finite number within [LOW, HIGH] (NaN slips through plain comparisons)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag} {value!r}: give a number") from None
+    if not math.isfinite(number):
+        raise UserError(f"{flag} {value}: give a finite number")
+    if low is not None and number < low or high is not None and number > high:
+        bounds = f"in [{low:g}, {high:g}]" if high is not None else f"at least {low:g}"
+        raise UserError(f"{flag} {value}: must be {bounds}")

@@ -584,7 +584,9 @@ def test_gate_fails_on_activations_the_scan_could_not_see(cli, tmp_path):
     (tmp_path / "deadrelu.toml").write_text("allow-unseen = true\nmax-dead = 0.5\n")
     assert cli("gate", tmp_path / "r.json", "--config", tmp_path / "deadrelu.toml").code == 0
     # merged reports of one model keep its unseen nodes once; a hostile op name stays on one line
-    assert cli("merge", tmp_path / "r.json", tmp_path / "r.json").json()["unseen_activations"] == {
+    np.savez(tmp_path / "d2.npz", x=x[::-1].copy())  # a second part (merge refuses one report twice)
+    cli("scan", model, "--data", tmp_path / "d2.npz", "--json", tmp_path / "r2.json", "-q")
+    assert cli("merge", tmp_path / "r.json", tmp_path / "r2.json").json()["unseen_activations"] == {
         "com.microsoft.QLinearLeakyRelu": 1
     }
     saved["unseen_activations"] = {"evil.Op\n::error::x": 2}

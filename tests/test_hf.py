@@ -6,6 +6,8 @@ applied in numpy (tests/hf_models.py), never from the tool."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -366,8 +368,13 @@ def test_fix_writes_a_folder_in_the_sources_layout(opt, cli, tmp_path, strategy)
     np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)
     out = tmp_path / "fixed"
     changed_any = False
-    result = cli("fix", folder, "--data", tmp_path / "t.npz", "--strategy", strategy, "--output", out)
+    old_umask = os.umask(0o022)
+    try:
+        result = cli("fix", folder, "--data", tmp_path / "t.npz", "--strategy", strategy, "--output", out)
+    finally:
+        os.umask(old_umask)
     assert result.code == 0, result.err
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # the user's umask, not mkdtemp's 0700
     source_files = sorted(p.name for p in folder.iterdir())
     assert sorted(p.name for p in out.iterdir()) == source_files  # tokenizer, config, shards, index
     assert (out / "model.safetensors.index.json").read_text() == (

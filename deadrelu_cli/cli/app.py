@@ -10,6 +10,7 @@ import traceback
 import typer
 
 from deadrelu_cli.cli.console import make_console
+from deadrelu_cli.display import terminal_text
 from deadrelu_cli.errors import EXIT_INTERNAL, DeadreluError, one_line
 from deadrelu_cli.version import __version__
 
@@ -92,17 +93,37 @@ def usage_message(exc: Exception) -> str:
     return text
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that every `finally` (temp files) runs as for Ctrl-C
+    (not a KeyboardInterrupt: Typer turns those into exit 130)."""
+
+
+def _terminate_like_interrupt() -> None:
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():  # signals can only be set there
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _join_input_range(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args or os.environ.get("DEADRELU_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
     err = make_console(stderr=True, soft_wrap=True)
+    set_debug = debug and os.environ.get("DEADRELU_DEBUG") != "1"
+    if set_debug:  # for the backends (onnxruntime's own log lines), for this run only
+        os.environ["DEADRELU_DEBUG"] = "1"
     if not debug:  # library deprecation chatter (torch.jit, pytree, …) is not the user's business
         import warnings
 
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+    _terminate_like_interrupt()
     try:
         # not standalone: usage errors come here, to be told in one line like every other error
         code = app(args=args, prog_name="deadrelu", standalone_mode=False)
@@ -119,8 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     except DeadreluError as exc:
         if debug:
             traceback.print_exc()
-        err.print(f"deadrelu: error: {one_line(str(exc))}", markup=False)
+        err.print(f"deadrelu: error: {one_line(terminal_text(str(exc)))}", markup=False)
         sys.exit(exc.exit_code)
+    except Terminated:
+        err.print("deadrelu: terminated", markup=False)
+        sys.exit(143)
     except KeyboardInterrupt:
         err.print("deadrelu: interrupted", markup=False)
         sys.exit(130)
@@ -138,3 +162,6 @@ def main(argv: list[str] | None = None) -> None:
             markup=False,
         )
         sys.exit(EXIT_INTERNAL)
+    finally:
+        if set_debug:
+            del os.environ["DEADRELU_DEBUG"]

@@ -78,11 +78,21 @@ def fix(
 ) -> None:
     """Patch the dead units of MODEL and write OUT; exit 0 written and verified, 1 verification failed (nothing written)."""
     from deadrelu_cli.errors import GateFailed
-    from deadrelu_cli.files import write_text_atomic
+    from deadrelu_cli.files import guard_outputs, write_text_atomic
     from deadrelu_cli.fixes.plan import FixOptions
     from deadrelu_cli.fixes.run import run_fix
+    from deadrelu_cli.loaders.arch import arch_file
+    from deadrelu_cli.options import check_finite
     from deadrelu_cli.report.fix_table import print_fix
 
+    check_finite("--slope", slope)
+    check_finite("--tolerance", tolerance)  # (a negative one makes every exact fix fail verification)
+    check_finite("--kick-scale", kick_scale, 0.0)
+    check_finite("--target-rate", target_rate, 0.0, 1.0)
+    guard_outputs(
+        [("--output", output), ("--json", json_out)],
+        [("MODEL", model), ("--data", data), ("--arch", arch_file(loading.arch))],
+    )
     scan_options = opt.scan_options(
         model,
         data,

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from deadrelu_cli.config import FileConfig, load_config
+from deadrelu_cli.display import terminal_text
 from deadrelu_cli.errors import GateFailed
 
 
@@ -27,6 +28,14 @@ def merge_settings(
         else:
             sources[name] = "command line" if given else "default"
     return params, sources, file_config
+
+
+def config_file(explicit: str | None) -> str | None:
+    """The settings file a command reads (an input no output may overwrite)."""
+    from deadrelu_cli.config import find_config
+
+    found = explicit or find_config()
+    return str(found) if found else None
 
 
 def _relative(path) -> str:
@@ -52,56 +61,61 @@ def show_config(params: dict[str, Any], sources: dict[str, str], console: Consol
 
 
 def _annotate_github(result, report, err: Console) -> None:
-    """GitHub workflow commands (read from the job log) for each failure."""
+    """GitHub workflow commands (read from the job log) for each failure; names are percent-encoded
+    (display.github_*) so that a layer name cannot end the command and forge another line."""
+    from deadrelu_cli.display import github_message, github_property
+
+    title = github_property(f"deadrelu {report.model.path}")
     for message in result.failures:
         err.print(
-            f"::error title=deadrelu {report.model.path}::{message}",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
+            f"::error title={title}::{github_message(message)}", markup=False, highlight=False, soft_wrap=True
         )
     for name in result.added:
         err.print(
-            f"::notice title=deadrelu::layer {name} is not in the baseline", markup=False, soft_wrap=True
+            f"::notice title=deadrelu::{github_message(f'layer {name} is not in the baseline')}",
+            markup=False,
+            soft_wrap=True,
         )
     for name in result.removed:
-        err.print(f"::warning title=deadrelu::baseline layer {name} is gone", markup=False, soft_wrap=True)
+        err.print(
+            f"::warning title=deadrelu::{github_message(f'baseline layer {name} is gone')}",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
-def run_gate(
-    report, config, junit: str | None, markdown: str | None, err: Console, inputs: list[str]
-) -> None:
-    """Evaluate the gate, write the CI outputs, print the verdict on stderr; raise GateFailed (exit 1) on failure."""
-    from deadrelu_cli.files import refuse_overwrite_of_inputs, write_text_atomic
+def run_gate(report, config, junit: str | None, markdown: str | None, err: Console) -> None:
+    """Evaluate the gate, write the CI outputs, print the verdict on stderr; raise GateFailed (exit 1) on failure.
+    (The caller has checked JUNIT and MARKDOWN against its inputs with files.guard_outputs.)"""
+    from deadrelu_cli.files import append_text, write_text_atomic
     from deadrelu_cli.gate import evaluate
     from deadrelu_cli.report.junit import render_junit
     from deadrelu_cli.report.markdown import render_markdown
 
     result = evaluate(report, config)
     if junit:
-        refuse_overwrite_of_inputs(junit, inputs)
         write_text_atomic(junit, render_junit(report, result))
     text = render_markdown(report, result) if (markdown or os.environ.get("GITHUB_STEP_SUMMARY")) else None
     if markdown:
-        refuse_overwrite_of_inputs(markdown, inputs)
         write_text_atomic(markdown, text)
     summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary_file and text:
-        with open(summary_file, "a", encoding="utf-8") as handle:  # GitHub's own file: append, as documented
-            handle.write(text)
+        append_text(summary_file, text)  # GitHub's own file: append, as documented
     if os.environ.get("GITHUB_ACTIONS") == "true":
         _annotate_github(result, report, err)
     for name in result.added:
-        err.print(f"note: layer {name} is not in the baseline", markup=False, style="dim")
+        err.print(f"note: layer {terminal_text(name)} is not in the baseline", markup=False, style="dim")
     for name in result.removed:
-        err.print(f"note: baseline layer {name} is not in this report", markup=False, style="dim")
+        err.print(
+            f"note: baseline layer {terminal_text(name)} is not in this report", markup=False, style="dim"
+        )
     if not result.checked:
         return
     if result.passed:
         err.print("gate passed", markup=False, style="green")
         return
     for message in result.failures:
-        err.print(f"gate: {message}", markup=False)
+        err.print(f"gate: {terminal_text(message)}", markup=False)
     raise GateFailed(f"gate failed: {len(result.failures)} limit(s) exceeded")
 
 

@@ -23,23 +23,30 @@ def inspect(
     input_shape: InputShape = None,
 ) -> None:
     """List the activation call sites of MODEL (name, op, module type) without running data."""
+    from deadrelu_cli.display import rich_text, terminal_text
     from deadrelu_cli.probe.ops import parse_ops
     from deadrelu_cli.report.table import plain_table
     from deadrelu_cli.sites import list_sites
 
     sites, note = list_sites(model, loading.arch, loading.trust_pickle, parse_ops(ops), input_shape)
     console = make_console()
-    console.print(f"{model}: {len(sites)} activation sites", markup=False)
+    console.print(terminal_text(f"{model}: {len(sites)} activation sites"), markup=False)
     table = plain_table()
     for column in ("#", "Layer", "Op", "Module type"):
         table.add_column(column, overflow="fold")  # a layer name is what --layers takes: shown whole
     # tf2onnx names a node after every op it fused ("a/Relu;a/FusedBatchNormV3;a/Conv2D;…"): one line
     table.add_column("Producer", overflow="ellipsis", no_wrap=True, max_width=48)
     for i, site in enumerate(sites, 1):
-        table.add_row(str(i), site.name, site.op, site.module_type, site.producer or "–")
+        table.add_row(
+            str(i),
+            rich_text(site.name),
+            rich_text(site.op),
+            rich_text(site.module_type),
+            rich_text(site.producer or "–"),
+        )
     console.print(table)
     if note:
-        console.print(f"note: {note}", style="dim")
+        console.print(f"note: {terminal_text(note)}", style="dim", markup=False)
 
 
 def register(app: typer.Typer) -> None:

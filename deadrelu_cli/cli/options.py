@@ -54,7 +54,7 @@ TrustPickle = Annotated[
     bool,
     typer.Option(
         "--trust-pickle",
-        help="Allow full unpickling (runs code from the file). Only for checkpoints you trust.",
+        help="Trust the file: allow full unpickling and TorchScript / .pt2 code beyond pure tensor ops (both can run code from the file). Only for checkpoints you trust.",
     ),
 ]
 BatchSize = Annotated[
@@ -414,8 +414,16 @@ class Gating(OptionGroup):
     def config(self):
         """The library's GateConfig (the baseline report loaded)."""
         from deadrelu_cli.gate import GateConfig, parse_layer_limits
+        from deadrelu_cli.options import check_finite
         from deadrelu_cli.report.model import load_report
 
+        for flag, value in (
+            ("--max-dead", self.max_dead),
+            ("--max-dead-layer", self.max_dead_layer),
+            ("--max-increase", self.max_increase),
+        ):
+            if value is not None:  # NaN (from a config file) passes Click's range check
+                check_finite(flag, value, 0.0, 1.0)
         return GateConfig(
             max_dead=self.max_dead,
             max_dead_layer=self.max_dead_layer,

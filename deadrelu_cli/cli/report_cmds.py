@@ -8,7 +8,7 @@ import typer
 
 from deadrelu_cli.cli import options as opt
 from deadrelu_cli.cli.console import make_console
-from deadrelu_cli.cli.gating import run_gate
+from deadrelu_cli.cli.gating import config_file, run_gate
 
 
 @opt.command
@@ -19,9 +19,18 @@ def gate(
     quiet: opt.Quiet = False,
 ) -> None:
     """Apply gate limits to a saved REPORT: exit 0 pass, 1 failed, 2 usage or input error."""
+    from deadrelu_cli.files import guard_outputs
     from deadrelu_cli.report.model import load_report
     from deadrelu_cli.report.table import print_report
 
+    guard_outputs(
+        [("--junit", gating.junit), ("--markdown", gating.markdown)],
+        [
+            ("REPORT", report_path),
+            ("--baseline", gating.baseline),
+            ("--config", config_file(settings.config)),
+        ],
+    )
     report = load_report(report_path)
     err = make_console(stderr=True, soft_wrap=True)
     if not quiet:
@@ -33,7 +42,7 @@ def gate(
         raise UserError(
             "no gate limit given: pass --max-dead, --max-dead-layer, --layer-limit, --max-dead-units or --baseline (or set them in [tool.deadrelu])"
         )
-    run_gate(report, config, gating.junit, gating.markdown, err, [str(report_path)])
+    run_gate(report, config, gating.junit, gating.markdown, err)
 
 
 def merge(
@@ -43,19 +52,22 @@ def merge(
     json_out: opt.JsonOut = "-",
 ) -> None:
     """Merge partial reports (same model, disjoint data) into exactly the report of the union."""
-    from deadrelu_cli.files import refuse_overwrite_of_inputs, write_text_atomic
-    from deadrelu_cli.report.model import load_report, merge_reports, report_to_json
+    from deadrelu_cli.display import terminal_text
+    from deadrelu_cli.files import guard_outputs, write_text_atomic
+    from deadrelu_cli.report.model import load_report, merge_reports, refuse_repeated_reports, report_to_json
     from deadrelu_cli.report.table import summary_line
 
+    guard_outputs([("--json", json_out)], [("REPORT", path) for path in reports])
+    refuse_repeated_reports(reports)
     merged = merge_reports([load_report(path) for path in reports])
     text = report_to_json(merged)
     if json_out in (None, "-"):
         sys.stdout.write(text)
         return
-    refuse_overwrite_of_inputs(json_out, reports)
     write_text_atomic(json_out, text)
     make_console(stderr=True, soft_wrap=True).print(
-        f"merged {len(reports)} reports, {merged.data.samples} samples → {json_out}\n{summary_line(merged)}",
+        terminal_text(f"merged {len(reports)} reports, {merged.data.samples} samples → {json_out}")
+        + f"\n{summary_line(merged)}",
         markup=False,
     )
 
@@ -81,22 +93,22 @@ def report(
 ) -> None:
     """Render a saved JSON report: the table (or one layer), an HTML page, or the JSON again."""
     from deadrelu_cli.cli.gating import write_html
-    from deadrelu_cli.files import refuse_overwrite_of_inputs, write_text_atomic
+    from deadrelu_cli.files import guard_outputs, write_text_atomic
     from deadrelu_cli.report.model import report_to_json
     from deadrelu_cli.report.table import print_report
 
+    guard_outputs(
+        [("--json", json_out), ("--html", html_out)], [("REPORT", report_path), ("--baseline", baseline)]
+    )
     saved = load(report_path)
     old = load(baseline) if baseline else None
-    inputs = [str(report_path)] + ([baseline] if baseline else [])
     if json_out == "-":
         sys.stdout.write(report_to_json(saved))
     else:
         print_report(saved, make_console(), layer)
         if json_out:
-            refuse_overwrite_of_inputs(json_out, inputs)
             write_text_atomic(json_out, report_to_json(saved))
     if html_out:
-        refuse_overwrite_of_inputs(html_out, inputs)
         write_html(html_out, saved, baseline=old)
         make_console(stderr=True, soft_wrap=True).print(f"wrote {html_out}", markup=False)
 

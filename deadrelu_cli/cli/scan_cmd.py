@@ -11,7 +11,7 @@ from rich.console import Console
 
 from deadrelu_cli.cli import options as opt
 from deadrelu_cli.cli.console import make_console
-from deadrelu_cli.cli.gating import run_gate, write_html
+from deadrelu_cli.cli.gating import config_file, run_gate, write_html
 
 
 def _progress_callback(quiet: bool, err: Console):
@@ -77,7 +77,8 @@ def scan(
     """
     from deadrelu_cli.engine import run_scan_detailed
     from deadrelu_cli.errors import UserError
-    from deadrelu_cli.files import refuse_overwrite_of_inputs, write_text_atomic
+    from deadrelu_cli.files import guard_outputs, write_text_atomic
+    from deadrelu_cli.loaders.arch import arch_file
     from deadrelu_cli.probe.ops import parse_ops
     from deadrelu_cli.report.model import report_to_json
     from deadrelu_cli.report.table import print_report
@@ -92,10 +93,22 @@ def scan(
     json_to_stdout = json_out == "-"
     out = make_console(stderr=json_to_stdout)
     err = make_console(stderr=True, soft_wrap=True)
-    inputs = [model, data or "", text or ""]
-    for target in (json_out, gating.junit, gating.markdown, html_out):
-        if target and target != "-":
-            refuse_overwrite_of_inputs(target, inputs)
+    guard_outputs(
+        [
+            ("--json", json_out),
+            ("--junit", gating.junit),
+            ("--markdown", gating.markdown),
+            ("--html", html_out),
+        ],
+        [
+            ("MODEL", model),
+            ("--data", data),
+            ("--text", text),
+            ("--arch", arch_file(loading.arch)),
+            ("--baseline", gating.baseline),
+            ("--config", config_file(settings.config)),
+        ],
+    )
     gate = gating.config()
     progress, update = _progress_callback(quiet or (distributed and os.environ.get("RANK", "0") != "0"), err)
     options = opt.scan_options(
@@ -140,7 +153,7 @@ def scan(
         if json_out:
             write_text_atomic(json_out, report_to_json(report))
     try:
-        run_gate(report, gate, gating.junit, gating.markdown, err, inputs)
+        run_gate(report, gate, gating.junit, gating.markdown, err)
     finally:  # the picture is written whether the gate passed or not
         if html_out:
             write_html(html_out, report, gate)

@@ -29,9 +29,16 @@ def trend(
     html_out: opt.HtmlOut = None,
 ) -> None:
     """Dead fraction per layer at each checkpoint, when each unit died, and which units revived."""
-    from deadrelu_cli.files import write_text_atomic
+    from deadrelu_cli.files import guard_outputs, write_text_atomic
+    from deadrelu_cli.loaders.arch import arch_file
     from deadrelu_cli.report.trend_table import print_trend
-    from deadrelu_cli.trend import run_trend
+    from deadrelu_cli.trend import expand_paths, run_trend
+
+    guard_outputs(
+        [("--json", json_out), ("--html", html_out)],
+        [("checkpoint", str(path)) for path in expand_paths(checkpoints)]
+        + [("--data", data), ("--arch", arch_file(loading.arch))],
+    )
 
     options = opt.scan_options("", data, loading, running)
     result = run_trend(checkpoints, options)

@@ -7,9 +7,7 @@ Nothing reaches OUT unless that passes (or --force).
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,21 +17,9 @@ from deadrelu_cli.backends import backend_of
 from deadrelu_cli.calibration import CalibrationData, open_calibration
 from deadrelu_cli.engine import run_scan_detailed
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.files import refuse_overwrite_of_inputs
+from deadrelu_cli.files import commit_temp, guard_outputs, temp_folder_for, temp_path_for
 from deadrelu_cli.fixes.plan import EXACT_STRATEGIES, STRATEGIES, FixOptions, FixResult, plan_layers
 from deadrelu_cli.options import ScanOptions
-
-
-def _temp_path(output: Path) -> Path:
-    directory = output.parent if str(output.parent) else Path(".")
-    if not directory.is_dir():
-        raise UserError(f"--output {output}: directory {directory} does not exist")
-    try:
-        handle, name = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=output.suffix, dir=directory)
-    except OSError as exc:
-        raise UserError(f"--output {output}: cannot write there ({exc.strerror})") from None
-    os.close(handle)
-    return Path(name)
 
 
 def _temp_folder(output: Path) -> Path:
@@ -43,10 +29,7 @@ def _temp_folder(output: Path) -> Path:
         raise UserError(f"--output {output}: already exists; a model folder is written to a new folder name")
     if not directory.is_dir():
         raise UserError(f"--output {output}: directory {directory} does not exist")
-    try:
-        return Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=directory))
-    except OSError as exc:
-        raise UserError(f"--output {output}: cannot write there ({exc.strerror})") from None
+    return temp_folder_for(output)
 
 
 def _outputs_of(runner, data, scan_options: ScanOptions, mask=None) -> list[list[np.ndarray]]:
@@ -121,7 +104,7 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
     if options.strategy not in STRATEGIES:
         raise UserError(f"--strategy {options.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     output = Path(options.output)
-    refuse_overwrite_of_inputs(output, [scan_options.model, scan_options.data])
+    guard_outputs([("--output", output)], [("MODEL", scan_options.model), ("--data", scan_options.data)])
     folder_out = Path(scan_options.model).is_dir()  # a model folder is fixed into a model folder
     if folder_out and output.exists():
         raise UserError(f"--output {output}: already exists; a model folder is written to a new folder name")
@@ -161,7 +144,7 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
         )
         return result
     apply = backend_of(scanned.model).apply_fix
-    temp = _temp_folder(output) if folder_out else _temp_path(output)
+    temp = _temp_folder(output) if folder_out else temp_path_for(output, "--output")
     try:
         original_runner, patched_runner, outcomes = apply(scanned, plans, options, scan_options, temp, result)
         result.layers = outcomes
@@ -215,7 +198,7 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
                 f"(> {options.tolerance:g}): units dead on the scanned data fire on new data"
             )
         if result.verified or options.force:
-            os.replace(temp, output)
+            commit_temp(temp, output)
             result.written = True
         return result
     finally:

@@ -63,3 +63,11 @@ def build_from_arch(arch: str):
     if not isinstance(model, nn.Module):
         raise UserError(f"--arch: {factory_name}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def arch_file(arch: str | None) -> str | None:
+    """The .py file an --arch spec imports (None for an importable module name)."""
+    if not arch:
+        return None
+    module_part = arch.rpartition(":")[0]
+    return module_part if module_part and Path(module_part).is_file() else None

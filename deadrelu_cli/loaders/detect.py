@@ -9,6 +9,7 @@ import zlib
 from pathlib import Path
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import check_regular_file
 
 TORCH_ZIP = "torch_zip"  # torch.save archive: a state_dict, a checkpoint dict, or a pickled module
 TORCH_LEGACY = "torch_legacy"  # pre-1.6 torch.save (a raw pickle stream)
@@ -16,11 +17,7 @@ HF_FOLDER = "hf_folder"  # a Hugging Face model folder (config.json + weights)
 
 
 def check_readable_file(path: str | Path, what: str = "model") -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{path}: no such file; check the {what} path")
-    if p.is_dir():
-        raise UserError(f"{path}: is a directory; give the {what} file itself")
+    p = check_regular_file(path, what)  # from stat alone: a FIFO or a device would block the open below
     try:
         with open(p, "rb") as handle:
             handle.read(1)

@@ -1,6 +1,7 @@
 """Torch loaders: state_dict / checkpoint dicts, safetensors, TorchScript, ExportedProgram, pickled modules.
 
-Every torch.load is weights_only=True unless the user passed --trust-pickle.
+Every torch.load is weights_only=True unless the user passed --trust-pickle; TorchScript and .pt2
+archives pass the code policy (loaders/code_policy.py) before torch reads them, unless --trust-pickle.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.arch import build_from_arch
+from deadrelu_cli.loaders.code_policy import check_exported, check_torchscript
 from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP
 from deadrelu_cli.loaders.model import InputSpec, LoadedModel, LoadOptions, file_sha256_async
 
@@ -203,7 +205,9 @@ def graph_module_with_stack(program):
     return graph_module
 
 
-def _exported(path: Path, sha, device: str) -> LoadedModel:
+def _exported(path: Path, sha, device: str, trust_code: bool) -> LoadedModel:
+    if not trust_code:  # read the graph before torch runs or unpickles anything from the archive
+        check_exported(path)
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
@@ -241,7 +245,9 @@ def _exported(path: Path, sha, device: str) -> LoadedModel:
     )
 
 
-def _torchscript(path: Path, sha, device: str) -> LoadedModel:
+def _torchscript(path: Path, sha, device: str, trust_code: bool) -> LoadedModel:
+    if not trust_code:  # torch.jit.load already runs __setstate__: read the code first
+        check_torchscript(path)
     try:
         module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:
@@ -276,9 +282,9 @@ def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
     sha = file_sha256_async(path)
     device = options.device
     if fmt == "exported_program":
-        return _exported(path, sha, device)
+        return _exported(path, sha, device, options.trust_pickle)
     if fmt == "torchscript":
-        return _torchscript(path, sha, device)
+        return _torchscript(path, sha, device, options.trust_pickle)
     if fmt == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

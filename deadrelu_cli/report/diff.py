@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from rich.console import Console
 
+from deadrelu_cli.display import rich_text, terminal_text
 from deadrelu_cli.report.model import Report
 from deadrelu_cli.report.table import plain_table
 from deadrelu_cli.stats import LayerStats
@@ -146,7 +147,7 @@ def print_diff(rows: list[LayerDiff], summary: str, console: Console, all_layers
             continue
         style = "red" if row.delta > 0 else ("green" if row.delta < 0 else "")
         table.add_row(
-            row.name if row.old_name is None else f"{row.name} ← {row.old_name}",
+            rich_text(row.name if row.old_name is None else f"{row.name} ← {row.old_name}"),
             row.old_text,
             row.new_text,
             row.change_text,
@@ -155,4 +156,4 @@ def print_diff(rows: list[LayerDiff], summary: str, console: Console, all_layers
             style=style,
         )
     console.print(table)
-    console.print(summary, markup=False)
+    console.print(terminal_text(summary), markup=False)

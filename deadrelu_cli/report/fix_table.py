@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from deadrelu_cli.display import rich_text, terminal_text
 from deadrelu_cli.report.table import plain_table
 
 
@@ -21,18 +22,18 @@ def print_fix(result, console: Console, model: str, output: str, data: str) -> N
         rates = layer.rates_after if layer.applied and layer.rates_after else None
         fire = "–" if not rates else f"{100 * min(rates):.1f}–{100 * max(rates):.1f}%"
         table.add_row(
-            layer.name,
+            rich_text(layer.name),
             str(layer.dead_before),
             after,
             fire,
-            layer.action,
+            rich_text(layer.action),
             style="" if layer.applied else "dim",
         )
-    console.print(f"{model} → {output} ({result.strategy})", markup=False)  # OUTPUT as the user wrote it
+    console.print(terminal_text(f"{model} → {output} ({result.strategy})"), markup=False)  # OUTPUT as written
     if not result.nothing_to_fix:
         console.print(table)
         console.print(
-            f"outputs on {data}: max |Δ| = {result.max_abs_diff:.3g}, relative {result.max_rel_diff:.3g}",
+            f"outputs on {terminal_text(data)}: max |Δ| = {result.max_abs_diff:.3g}, relative {result.max_rel_diff:.3g}",
             markup=False,
         )
     print_evidence(result, console)
@@ -49,10 +50,11 @@ def print_fix(result, console: Console, model: str, output: str, data: str) -> N
         console.print(f"parameters {result.params_before:,} → {result.params_after:,}{macs}", markup=False)
     if result.new_widths:
         console.print(
-            "new widths: " + ", ".join(f"{k}={v}" for k, v in result.new_widths.items()), markup=False
+            terminal_text("new widths: " + ", ".join(f"{k}={v}" for k, v in result.new_widths.items())),
+            markup=False,
         )
     for note in result.notes:
-        console.print(f"note: {note}", markup=False, style="dim")
+        console.print(f"note: {terminal_text(note)}", markup=False, style="dim")
 
 
 def print_evidence(result, console: Console) -> None:
@@ -76,7 +78,7 @@ def print_evidence(result, console: Console) -> None:
         )
         console.print(
             f"hold-out ({result.holdout_samples:,} samples the scan did not see): {fired} of {acted} units fired"
-            + (f" ({where})" if where else "")
+            + (f" ({terminal_text(where)})" if where else "")
             + f"; outputs max |Δ| = {result.holdout_max_abs_diff:.3g}, relative {result.holdout_max_rel_diff:.3g}",
             markup=False,
         )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deadrelu_cli.display import terminal_text
 from deadrelu_cli.report.model import Report
 from deadrelu_cli.report.table import CRITICAL_FRACTION, DEPTH_MIN_LAYERS, WARN_FRACTION, unit_status
 from deadrelu_cli.stats import LayerStats
@@ -99,7 +100,7 @@ def dead_by_layer_svg(report: Report, baseline: Report | None) -> str:
     ax.set_xlim(-0.6, len(layers) - 0.4)
     step = max(1, len(layers) // 40)
     ax.set_xticks(x[::step])
-    ax.set_xticklabels([layer.name for layer in layers][::step], rotation=60, ha="right", fontsize=6)
+    ax.set_xticklabels([_plain(layer.name) for layer in layers][::step], rotation=60, ha="right", fontsize=6)
     ax.legend(loc="upper right", fontsize=6, frameon=False)
     ax.set_title("Dead fraction by layer, in execution order")
     return _svg(figure)
@@ -227,6 +228,11 @@ document.querySelectorAll('input[data-filter]').forEach(function(input){
   });
 });
 """
+
+
+def _plain(name: str) -> str:
+    """A name for a matplotlib label: controls escaped, `$` not read as mathtext."""
+    return terminal_text(name).replace("$", r"\$")
 
 
 def _e(value) -> str:
@@ -400,7 +406,7 @@ def render_trend_html(result) -> str:
     figure, ax = plt.subplots(figsize=(7.5, 3.2))
     for layer in result.layers:
         values = [np.nan if v is None else 100 * v for v in layer.dead_fraction]
-        ax.plot(steps, values, marker="o", markersize=3, linewidth=1.2, label=layer.name)
+        ax.plot(steps, values, marker="o", markersize=3, linewidth=1.2, label=_plain(layer.name))
     ax.axhspan(WARN_FRACTION * 100, CRITICAL_FRACTION * 100, color=COLORS["warn"], zorder=0)
     ax.axhspan(CRITICAL_FRACTION * 100, 100, color=COLORS["crit"], zorder=0)
     ax.set_ylim(0, 100)

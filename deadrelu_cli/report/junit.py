@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+from deadrelu_cli.display import xml_text
 from deadrelu_cli.gate import GateResult
 from deadrelu_cli.report.model import Report
 
 
 def render_junit(report: Report, result: GateResult) -> str:
-    model = report.model.path
+    model = xml_text(report.model.path)
     cases = []
     model_case = ET.Element("testcase", classname=f"deadrelu.{model}", name="model")
     for message in result.model_failures:
-        ET.SubElement(model_case, "failure", message=message, type="DeadUnits").text = message
+        ET.SubElement(model_case, "failure", message=xml_text(message), type="DeadUnits").text = xml_text(
+            message
+        )
     cases.append(model_case)
     for verdict in result.layers:
-        case = ET.Element("testcase", classname=f"deadrelu.{model}", name=verdict.name)
+        case = ET.Element("testcase", classname=f"deadrelu.{model}", name=xml_text(verdict.name))
         limit = "none" if verdict.limit is None else f"{100 * verdict.limit:.1f}%"
         out = ET.SubElement(case, "system-out")
-        out.text = f"{verdict.op}: {verdict.dead}/{verdict.units} dead ({100 * verdict.fraction:.1f}%), limit {limit}"
+        out.text = f"{xml_text(verdict.op)}: {verdict.dead}/{verdict.units} dead ({100 * verdict.fraction:.1f}%), limit {limit}"
         for message in verdict.failures:
-            ET.SubElement(case, "failure", message=message, type="DeadUnits").text = message
+            ET.SubElement(case, "failure", message=xml_text(message), type="DeadUnits").text = xml_text(
+                message
+            )
         cases.append(case)
     failures = sum(1 for case in cases if case.find("failure") is not None)
     suites = ET.Element(
@@ -38,16 +43,16 @@ def render_junit(report: Report, result: GateResult) -> str:
     )
     properties = ET.SubElement(suite, "properties")
     for key, value in (
-        ("model.sha256", report.model.sha256),
-        ("data", report.data.path),
+        ("model.sha256", xml_text(report.model.sha256)),
+        ("data", xml_text(report.data.path)),
         ("samples", str(report.data.samples)),
         ("dead_fraction", f"{result.dead_fraction:.6f}"),
     ):
         ET.SubElement(properties, "property", name=key, value=value)
     for note in result.added:
-        ET.SubElement(properties, "property", name="layer.added", value=note)
+        ET.SubElement(properties, "property", name="layer.added", value=xml_text(note))
     for note in result.removed:
-        ET.SubElement(properties, "property", name="layer.removed", value=note)
+        ET.SubElement(properties, "property", name="layer.removed", value=xml_text(note))
     suite.extend(cases)
     ET.indent(suites)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"

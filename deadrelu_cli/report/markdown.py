@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
+from deadrelu_cli.display import markdown_code, markdown_text
 from deadrelu_cli.gate import GateResult
 from deadrelu_cli.report.model import Report
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
 
 
 def render_markdown(report: Report, result: GateResult) -> str:
     s = report.summary()
     verdict = "passed" if result.passed else "FAILED"
     lines = [
-        f"### deadrelu: {_cell(report.model.path)} — gate {verdict if result.checked else 'not configured'}",
+        f"### deadrelu: {markdown_code(report.model.path)} — gate {verdict if result.checked else 'not configured'}",
         "",
         f"**{s.dead}/{s.units} units dead ({100 * s.dead_fraction:.1f}%)** in {s.layers_with_dead} of {s.layers} layers · "
-        f"dying {s.dying} · dormant {s.dormant} · {report.data.samples} samples of `{_cell(report.data.path)}`",
+        f"dying {s.dying} · dormant {s.dormant} · {report.data.samples} samples of {markdown_code(report.data.path)}",
         "",
     ]
     has_baseline = result.baseline_dead_fraction is not None
@@ -36,13 +33,13 @@ def render_markdown(report: Report, result: GateResult) -> str:
         limit = "–" if v.limit is None else f"{100 * v.limit:.1f}%"
         status = "✅" if v.passed else "❌"
         lines.append(
-            f"| `{_cell(v.name)}` | {v.op} | {v.units} | {v.dead} | {100 * v.fraction:.1f}% |{base} {limit} | {status} |"
+            f"| {markdown_code(v.name)} | {v.op} | {v.units} | {v.dead} | {100 * v.fraction:.1f}% |{base} {limit} | {status} |"
         )
     if result.failures:
-        lines += ["", "**Failures**", ""] + [f"- {_cell(f)}" for f in result.failures]
+        lines += ["", "**Failures**", ""] + [f"- {markdown_text(f)}" for f in result.failures]
     if result.added or result.removed:
         lines += ["", "**Layers that differ from the baseline**", ""]
-        lines += [f"- added: `{_cell(n)}`" for n in result.added] + [
-            f"- removed: `{_cell(n)}`" for n in result.removed
+        lines += [f"- added: {markdown_code(n)}" for n in result.added] + [
+            f"- removed: {markdown_code(n)}" for n in result.removed
         ]
     return "\n".join(lines) + "\n"

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import check_regular_file
+from deadrelu_cli.report.validate import reject_constant, validate_report
 from deadrelu_cli.stats import FREQUENCY_EDGES, LayerStats, Thresholds, merge_layer
 from deadrelu_cli.version import __version__
 
@@ -246,6 +248,7 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
             f"{source}: not a deadrelu report of schema version {' or '.join(map(str, READABLE_VERSIONS))} (found {version!r}); "
             "re-create it with `deadrelu scan … --json`"
         )
+    validate_report(d, source, version)
     try:
         st = d["settings"]
         settings = Settings(
@@ -273,22 +276,59 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
 
 
 def load_report(path: str | Path) -> Report:
-    p = Path(path)
+    p = check_regular_file(path, "report")
     try:
         text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such report file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a JSON report") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read report ({exc})") from exc
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=reject_constant)
     except json.JSONDecodeError as exc:
         raise UserError(
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); expected a deadrelu --json report"
         ) from exc
+    except (ValueError, RecursionError) as exc:  # NaN/Infinity, or nesting deeper than the parser goes
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise UserError(f"{path}: not a deadrelu report ({detail})") from None
     return report_from_dict(data, source=str(path))
+
+
+MERGE_SETTINGS = (
+    ("--threshold", "threshold"),
+    ("--dying", "dying"),
+    ("--tau", "tau"),
+    ("--ops", "ops"),
+    ("--channel-dim", "channel_dim"),
+)
+
+
+def _setting(settings: Settings, key: str):
+    value = getattr(settings, key)
+    return ",".join(value) if key == "ops" else value
+
+
+def refuse_repeated_reports(paths: list[str | Path]) -> None:
+    """`merge` sums counts: the same report given twice (one file, a link to it, or a copy) would
+    count its samples twice. Exit 2 naming both."""
+    import hashlib
+
+    from deadrelu_cli.files import same_file
+
+    seen: dict[str, str] = {}
+    for i, path in enumerate(paths):
+        for earlier in paths[:i]:
+            if same_file(path, earlier):
+                raise UserError(f"{path}: the same report as {earlier}, given twice; merge each part once")
+        p = check_regular_file(path, "report")
+        try:
+            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read report ({exc.strerror})") from None
+        if digest in seen:
+            raise UserError(
+                f"{path}: has the same content as {seen[digest]}, the same report twice; merge each part once"
+            )
+        seen[digest] = str(path)
 
 
 def merge_reports(reports: list[Report]) -> Report:
@@ -303,8 +343,12 @@ def merge_reports(reports: list[Report]) -> Report:
                 f"vs {other.model.path} sha256 {other.model.sha256[:12]}…)"
             )
         a, b = first.settings, other.settings
-        if (a.threshold, a.channel_dim, tuple(a.ops)) != (b.threshold, b.channel_dim, tuple(b.ops)):
-            raise UserError("cannot merge reports made with different --threshold, --channel-dim or --ops")
+        for flag, key in MERGE_SETTINGS:
+            if _setting(a, key) != _setting(b, key):
+                raise UserError(
+                    f"cannot merge reports made with different {flag} ({_setting(a, key)} and {_setting(b, key)}); "
+                    "re-scan the parts with the same settings"
+                )
         if other.mask != first.mask:
             raise UserError(
                 "cannot merge reports made with different position masks (--mask / --exclude-token-ids)"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 from rich import box
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from deadrelu_cli.display import rich_text, terminal_text
 from deadrelu_cli.report.model import Report
 from deadrelu_cli.stats import LayerStats
 
@@ -129,13 +129,13 @@ def layers_table(report: Report) -> Table:
     for layer in report.layers:
         proof = [_certified_cell(layer)] if certified else []
         if why_not:
-            proof.append(escape(layer.certify_note or "") if layer.certified_dead is None else "")
+            proof.append(rich_text(layer.certify_note or "") if layer.certified_dead is None else "")
         seen = [("–" if layer.samples is None else f"{layer.samples:,}")] if partial else []
         if not layer.ran:
             units = str(len(layer.upper_bound)) if layer.upper_bound is not None else "–"
             table.add_row(
-                escape(layer.name),
-                layer.op,
+                rich_text(layer.name),
+                rich_text(layer.op),
                 units,
                 *seen,
                 "–",
@@ -151,8 +151,8 @@ def layers_table(report: Report) -> Table:
         dead = int(layer.dead_mask().sum())
         fraction = dead / layer.units if layer.units else 0.0
         table.add_row(
-            escape(layer.name),
-            layer.op,
+            rich_text(layer.name),
+            rich_text(layer.op),
             str(layer.units),
             *seen,
             str(dead),
@@ -185,14 +185,20 @@ def certificate_table(report: Report) -> Table:
     for layer in report.layers:
         if layer.certified_dead is None:
             table.add_row(
-                escape(layer.name), layer.op, "–", "–", "–", escape(layer.certify_note or ""), style="dim"
+                rich_text(layer.name),
+                rich_text(layer.op),
+                "–",
+                "–",
+                "–",
+                rich_text(layer.certify_note or ""),
+                style="dim",
             )
             continue
         units = len(layer.upper_bound)
         fraction = len(layer.certified_dead) / units if units else 0.0
         table.add_row(
-            escape(layer.name),
-            layer.op,
+            rich_text(layer.name),
+            rich_text(layer.op),
             str(units),
             str(len(layer.certified_dead)),
             f"{100 * fraction:.1f}%",
@@ -217,7 +223,7 @@ def unit_status(layer: LayerStats, index: int, dying: float) -> str:
 
 def units_table(report: Report, layer: LayerStats) -> Table:
     table = plain_table()
-    bias_title = f"Bias ({layer.producer})" if layer.producer else "Bias"
+    bias_title = f"Bias ({rich_text(layer.producer)})" if layer.producer else "Bias"
     for column in ("Unit", bias_title, "Active %", "Max pre-act", "Mean |act|", "Status"):
         table.add_column(column, justify="left" if column == "Status" else "right")
     rates = layer.active_rate()
@@ -250,7 +256,7 @@ def print_causes(report: Report, console: Console) -> None:
     for layer in report.layers:
         counts = layer.extra.get("cause_counts")
         if counts:
-            table.add_row(escape(layer.name), *[str(counts.get(c, 0)) for c in found])
+            table.add_row(rich_text(layer.name), *[str(counts.get(c, 0)) for c in found])
     console.print("Why they are dead (docs/causes.md):", markup=False)
     console.print(table)
     for cause in found:
@@ -258,18 +264,23 @@ def print_causes(report: Report, console: Console) -> None:
 
 
 def header_line(report: Report) -> str:
-    return f"{report.model.path} ({report.model.format}) · {report.data.path} · {report.data.samples} samples"
+    return terminal_text(
+        f"{report.model.path} ({report.model.format}) · {report.data.path} · {report.data.samples} samples"
+    )
 
 
 def print_report(report: Report, console: Console, layer_name: str | None = None) -> None:
     console.print(header_line(report), markup=False)
     for note in report.notes:  # structural problems first: they matter more than any count
         if note.startswith("check "):
-            console.print(f"warning: {note.removeprefix('check ')}", style="yellow", markup=False)
+            console.print(
+                f"warning: {terminal_text(note.removeprefix('check '))}", style="yellow", markup=False
+            )
     if layer_name:
         layer = report.layer(layer_name)
         console.print(
-            f"{layer.name}: {layer.op}, {layer.units} units on axis {layer.channel_dim}", markup=False
+            terminal_text(f"{layer.name}: {layer.op}, {layer.units} units on axis {layer.channel_dim}"),
+            markup=False,
         )
         console.print(units_table(report, layer))
     elif (
@@ -288,4 +299,4 @@ def print_report(report: Report, console: Console, layer_name: str | None = None
         print_causes(report, console)
     for note in report.notes:
         if not note.startswith("check "):
-            console.print(f"note: {note}", style="dim", markup=False)
+            console.print(f"note: {terminal_text(note)}", style="dim", markup=False)

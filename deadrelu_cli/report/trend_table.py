@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from deadrelu_cli.display import rich_text, terminal_text
 from deadrelu_cli.report.table import SPARK, plain_table
 
 MAX_COLUMNS = 8
@@ -33,9 +34,11 @@ def print_trend(result, console: Console, data: str) -> None:
         spark = "".join(SPARK[min(len(SPARK) - 1, int(v * (len(SPARK) - 1) + 0.5))] for v in values)
         first = sorted(layer.died_at.values())
         died = f"{len(layer.died_at)}" + (f" ({label} {steps[first[0]]})" if first else "")
-        table.add_row(layer.name, *cells, spark, died, str(len(layer.revived)))
+        table.add_row(rich_text(layer.name), *cells, spark, died, str(len(layer.revived)))
     console.print(
-        f"{len(steps)} checkpoints, ordered by {result.order} · {data} · {result.samples} samples",
+        terminal_text(
+            f"{len(steps)} checkpoints, ordered by {result.order} · {data} · {result.samples} samples"
+        ),
         markup=False,
     )
     console.print(table)

@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 from deadrelu_cli.backends.onnx.macs import onnx_macs
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import write_bytes
 from deadrelu_cli.fixes.plan import FixOptions, FixResult, LayerOutcome, LayerPlan, firing_thresholds
 from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, strip_nchwc_copies
 from deadrelu_cli.probe.onnx_graph import find_sites, site_channel_dim
@@ -195,7 +196,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
     shapes = sample_shapes(scanned, scan_options)
     result.flops_before, result.flops_after = onnx_macs(original, shapes), onnx_macs(model, shapes)
     if any(o.applied for o in outcomes):
-        onnx.save(model, str(temp))
+        write_bytes(temp, model.SerializeToString())
 
     def patched_runner():
         return runner_for(load_model(LoadOptions(str(temp))), scanned.data, scanned.device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from deadrelu_cli.calibration import CalibrationData, prefetched
@@ -24,7 +26,10 @@ def make_session(model_bytes: bytes, device: str, notes: list[str]):
                 "--device cuda: onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu); ran on CPU"
             )
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # onnxruntime's own log lines (warnings, and errors we report in one line) only under --debug
+    severity = 2 if os.environ.get("DEADRELU_DEBUG") == "1" else 4
+    ort.set_default_logger_severity(severity)
+    options.log_severity_level = severity
     # The statistics branches keep activations alive longer than the plain graph does. With its
     # memory pattern on, onnxruntime re-plans one big block on the first passes of each batch shape
     # (ResNet-18, batch 64: the second pass took 0.7-1.1 s instead of 0.4 s); without it, and with

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 import warnings
 from dataclasses import replace
@@ -12,6 +13,7 @@ import torch
 from deadrelu_cli.backends.torch import strategies as eager
 from deadrelu_cli.backends.torch.inputs import example_inputs, torch_runner
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import write_bytes
 from deadrelu_cli.fixes.plan import (
     ARTIFACT_SUFFIXES,
     STATE_SUFFIXES,
@@ -24,6 +26,14 @@ from deadrelu_cli.inputs import match_inputs
 from deadrelu_cli.loaders import LoadOptions, load_model
 
 ARCHITECTURE_CHANGING = ("prune", "leaky", "elu")
+
+
+def _serialized(save) -> bytes:
+    """What SAVE(buffer) writes, in memory: the file itself is written by files.write_bytes, so a full
+    disk is one line (exit 2) and never torch's C++ writer aborting the process."""
+    buffer = io.BytesIO()
+    save(buffer)
+    return buffer.getvalue()
 
 
 def program_dynamic_shapes(program) -> tuple:
@@ -90,20 +100,24 @@ def _export(
             batch = torch.export.Dim("batch", min=1)
             shapes = dynamic_shapes if dynamic_shapes is not None else tuple({0: batch} for _ in example)
             program = torch.export.export(module, example, dynamic_shapes=shapes)
-            torch.export.save(program, str(path))
+            data = _serialized(lambda buffer: torch.export.save(program, buffer))
         elif suffix == ".onnx":
             names = [f"input{i}" if len(example) > 1 else "input" for i in range(len(example))]
-            torch.onnx.export(
-                module,
-                example,
-                str(path),
-                input_names=names,
-                dynamo=False,
-                opset_version=17,
-                dynamic_axes={n: {0: "batch"} for n in names},
+            data = _serialized(
+                lambda buffer: torch.onnx.export(
+                    module,
+                    example,
+                    buffer,
+                    input_names=names,
+                    dynamo=False,
+                    opset_version=17,
+                    dynamic_axes={n: {0: "batch"} for n in names},
+                )
             )
         else:
-            torch.jit.trace(module, example).save(str(path))
+            traced = torch.jit.trace(module, example)
+            data = _serialized(lambda buffer: torch.jit.save(traced, buffer))
+    write_bytes(path, data)
 
 
 def source_layout_state(model: torch.nn.Module, extra: dict) -> dict[str, torch.Tensor]:
@@ -117,14 +131,13 @@ def source_layout_state(model: torch.nn.Module, extra: dict) -> dict[str, torch.
 
 def _write_state(model: torch.nn.Module, path: Path, suffix: str, whole_module: bool, extra: dict) -> None:
     if suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        state = source_layout_state(model, extra)
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
-    elif whole_module:
-        torch.save(model, path)
+        data = save({k: v.detach().contiguous().cpu() for k, v in source_layout_state(model, extra).items()})
     else:
-        torch.save(source_layout_state(model, extra), path)
+        state = model if whole_module else source_layout_state(model, extra)
+        data = _serialized(lambda buffer: torch.save(state, buffer))
+    write_bytes(path, data)
 
 
 def apply_torch(
@@ -419,7 +432,7 @@ def _patch_torchscript(scanned, plans: list[LayerPlan], options: FixOptions, tem
                 len(plan.units),
             )
         )
-    module.save(str(temp))
+    write_bytes(temp, _serialized(lambda buffer: torch.jit.save(module, buffer)))
     order = match_inputs(loaded, scanned.data)
 
     def patched_runner():
