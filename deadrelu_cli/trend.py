@@ -1,5 +1,9 @@
 """`deadrelu trend`: dead units across training checkpoints — when each unit died, which revived.
 
+The inputs may also be JSON reports (those `deadrelu_cli.watch` and its training callbacks write per
+window, or `scan --json` of each checkpoint): then nothing is scanned and no --data is needed; they are
+ordered by the step in their `training` section, else by the number in the file name.
+
 The data is opened once and, for weight-only checkpoints (state_dict / safetensors with --arch), the
 model is built once: only the weights change between checkpoints. Other formats (.pt2, TorchScript,
 ONNX) are scanned file by file with the same data.
@@ -88,9 +92,12 @@ def expand_paths(items: list[str]) -> list[Path]:
                 for f in p.iterdir()
                 if f.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors", ".pt2", ".onnx", ".ckpt")
             )
+            if not found:  # a folder of reports (watch(out_dir=…), the training callbacks)
+                found = sorted(f for f in p.iterdir() if f.suffix.lower() == ".json")
             if not found:
                 raise UserError(
-                    f"{item}: no checkpoint files (.pt, .pth, .bin, .ckpt, .safetensors, .pt2, .onnx) in this folder"
+                    f"{item}: no checkpoint files (.pt, .pth, .bin, .ckpt, .safetensors, .pt2, .onnx) "
+                    "or JSON reports in this folder"
                 )
             paths.extend(found)
         elif any(ch in item for ch in "*?[") and not p.exists():
@@ -126,15 +133,31 @@ def _step_from_checkpoint(path: Path) -> tuple[int, str] | None:
     return None
 
 
+def is_report(path: Path) -> bool:
+    return path.suffix.lower() == ".json"
+
+
+def _step_from_report(path: Path) -> tuple[int, str] | None:
+    """A JSON report's training step (reports made by watch() and the training callbacks)."""
+    import json
+
+    try:
+        training = json.loads(path.read_text(encoding="utf-8")).get("training")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None  # load_report says what is wrong with it
+    step = training.get("step") if isinstance(training, dict) else None
+    return (step, "training step") if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def _name_number(path: Path) -> int | None:
     numbers = re.findall(r"\d+", path.stem)
     return int(numbers[-1]) if numbers else None
 
 
 def order_checkpoints(paths: list[Path]) -> tuple[list[Checkpoint], list[str]]:
-    """Each file by its own step/epoch when it has one, else by the number in its name; as given when a
+    """Each file by its own step/epoch (a report: its training step) when it has one, else by the number in its name; as given when a
     file has neither. Also the notes on files whose metadata and name disagree."""
-    found = [_step_from_checkpoint(p) for p in paths]
+    found = [_step_from_report(p) if is_report(p) else _step_from_checkpoint(p) for p in paths]
     named = [_name_number(p) for p in paths]
     if any(f is None and n is None for f, n in zip(found, named, strict=True)):
         return [Checkpoint(p, None, "command line") for p in paths], []
@@ -194,9 +217,24 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
     return results, samples
 
 
+def _read_reports(checkpoints: list[Checkpoint]) -> tuple[list[list[LayerStats]], int]:
+    from deadrelu_cli.report.model import load_report
+
+    reports = [load_report(c.path) for c in checkpoints]
+    return [r.layers for r in reports], max(r.data.samples for r in reports)
+
+
 def run_trend(items: list[str], options) -> TrendResult:
     checkpoints, notes = order_checkpoints(expand_paths(items))
-    scans, samples = _scan_all(checkpoints, options)
+    kinds = {is_report(c.path) for c in checkpoints}
+    if kinds == {True, False}:
+        raise UserError("trend takes checkpoints or JSON reports, not both in one run")
+    if kinds == {True}:
+        scans, samples = _read_reports(checkpoints)
+    elif options.data is None:
+        raise UserError("missing --data: the calibration data to scan each checkpoint with")
+    else:
+        scans, samples = _scan_all(checkpoints, options)
     names: list[str] = []
     for layers in scans:
         for layer in layers:

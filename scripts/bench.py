@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_watch import measure_watch  # training steps with watch() (scripts/bench_watch.py)
 from peak_rss import peak_rss_kib  # scripts/ is on sys.path when this runs as a script
 from torch import nn
 
@@ -403,7 +404,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        help="comma-separated cases: eager,onnx,compile,mlp,memory,transformer,folder-memory (+ cuda-* on a GPU)",
+        help="comma-separated cases: eager,onnx,compile,mlp,memory,transformer,folder-memory,watch (+ cuda-* on a GPU)",
     )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -478,6 +479,7 @@ def main() -> None:
             "memory": lambda: measure_memory(work, args.quick),
             "transformer": lambda: measure_transformer(rng, args.reps, work, args.quick, token_batch),
             "folder-memory": lambda: measure_folder_memory(work, args.quick),
+            "watch": lambda: {"watch": measure_watch()},  # prints its own table
         }
         if torch.cuda.is_available():
             cases.update(cuda_cases(rng, args.reps, work))
@@ -499,7 +501,7 @@ def main() -> None:
         f"{'case':<32} {'device':<18} {'samples':>7} {'plain/s':>9} {'scan/s':>9} {'scan/plain':>11} {'paired':>7} {'marginal':>9}"
     )
     for row in rows:
-        if "growth" in row or "rss_over_weights" in row:
+        if "growth" in row or "rss_over_weights" in row or "watch" in row:
             continue
         print(
             f"{row['case']:<32} {row['device']:<18} {row['samples']:>7} {row['plain_per_s']:>9.1f} {row['scan_per_s']:>9.1f} "

@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("backends", ("backends.", "causes", "sites", "fixes")),
-    ("orchestration", ("engine", "distributed", "trend", "watch", "integrations.", "fixes.run", "")),
+    ("orchestration", ("engine", "distributed", "trend", "watcher", "integrations.", "fixes.run", "")),
     ("cli", ("cli.", "__main__")),
 ]
 # These layers stay light: no framework import, not even inside a function.

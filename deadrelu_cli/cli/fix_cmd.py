@@ -67,6 +67,13 @@ def fix(
         help="Act only on units proven dead over --input-range (prune is then exact on every input in the box).",
     ),
     input_range: opt.InputRange = None,
+    resume_steps: int = typer.Option(
+        10,
+        "--resume-steps",
+        min=0,
+        help="Training checkpoints with optimizer state: optimizer steps taken from the written state "
+        "before counting the fixed units that still fire (0: skip).",
+    ),
     holdout: float | None = typer.Option(
         None,
         "--holdout",
@@ -113,6 +120,7 @@ def fix(
         force=force,
         certified_only=certified_only,
         kick_scale=kick_scale,
+        resume_steps=resume_steps,
         holdout=holdout,
     )
     result = run_fix(scan_options, fix_options)

@@ -13,7 +13,8 @@ from deadrelu_cli.cli.console import make_console
 Checkpoints = opt.Annotated[
     list[str],
     typer.Argument(
-        help="Checkpoint files, a glob or a folder (ordered by their step/epoch, else by the number in the name).",
+        help="Checkpoint files, a glob or a folder (ordered by their step/epoch, else by the number in the name); "
+        "or JSON reports (watch(), training callbacks, scan --json): no --data needed.",
         show_default=False,
     ),
 ]
@@ -22,7 +23,12 @@ Checkpoints = opt.Annotated[
 @opt.command
 def trend(
     checkpoints: Checkpoints,
-    data: opt.Data,
+    data: opt.Annotated[
+        str | None,
+        typer.Option(
+            "--data", "-d", help="Calibration data (not needed for JSON reports).", show_default=False
+        ),
+    ] = None,
     loading: opt.Loading = None,
     running: opt.Running = None,
     json_out: opt.JsonOut = None,

@@ -14,7 +14,7 @@ STRATEGIES = ("leaky", "elu", "reinit", "bias-shift", "prune", "kick")
 EXACT_STRATEGIES = ("reinit", "prune")  # outputs on the calibration data must not change
 ARTIFACT_SUFFIXES = {".pt2": "exported_program", ".onnx": "onnx", ".ts": "torchscript", ".jit": "torchscript"}
 # (a TorchScript input patched with leaky/elu is written as TorchScript whatever OUT's extension)
-STATE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+STATE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
 @dataclass
@@ -29,6 +29,9 @@ class FixOptions:
     force: bool = False
     kick_scale: float = 0.1  # kick: noise std as a fraction of the layer's weight std
     certified_only: bool = False  # act only on units certified dead over the input box (--certify)
+    resume_steps: int = (
+        10  # training checkpoints: optimizer steps taken from the written state, then rescanned
+    )
     holdout: float | None = None  # fraction of the data kept from the scan, to verify the fix on
 
 
@@ -51,6 +54,7 @@ class LayerOutcome:
     rates_after: list[float] | None = (
         None  # active rate of the acted-on units after the fix (same widths only)
     )
+    alive_after_resume: int | None = None  # training checkpoints: acted-on units firing after resumed steps
 
 
 @dataclass
@@ -77,6 +81,10 @@ class FixResult:
     holdout_max_rel_diff: float | None = None
     notes: list[str] = field(default_factory=list)
     new_widths: dict[str, int] = field(default_factory=dict)
+    # files written with OUT (temp, final) and copied beside it (source, destination): a training
+    # checkpoint's optimizer.pt and the rest of its folder; moved into place only when OUT is
+    companions: list[tuple] = field(default_factory=list)
+    copies: list[tuple] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {

@@ -64,6 +64,14 @@ def compare(before: list[list[np.ndarray]], after: list[list[np.ndarray]]) -> tu
     return max_abs, (max_abs / scale if scale > 0 else max_abs)
 
 
+def _move_into_place(companions: list[tuple], copies: list[tuple]) -> None:
+    """Files that go with OUT (a training checkpoint's optimizer.pt, the rest of its folder)."""
+    for temp, final in companions:
+        commit_temp(temp, final)
+    for source, destination in copies:
+        shutil.copy2(source, destination)
+
+
 def _holdout_data(scan_options: ScanOptions, fraction: float) -> CalibrationData:
     """The last `fraction` of the samples (after --limit), opened on their own; the scan gets the rest."""
     if not 0.0 < fraction < 1.0:
@@ -199,9 +207,13 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
             )
         if result.verified or options.force:
             commit_temp(temp, output)
+            _move_into_place(result.companions, result.copies)
             result.written = True
         return result
     finally:
+        for companion, _ in result.companions:
+            if companion.exists():
+                companion.unlink()
         if temp.is_dir():
             shutil.rmtree(temp)
         elif temp.exists():

@@ -63,28 +63,46 @@ def _is_tensor_dict(obj) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+def _holds_weights(inner) -> bool:
+    return (
+        isinstance(inner, nn.Module)
+        or _is_tensor_dict(inner)
+        or (
+            isinstance(inner, Mapping)
+            and bool(inner)
+            and _is_tensor_dict({k: v for k, v in inner.items() if isinstance(v, torch.Tensor)})
+        )
+    )
+
+
+def weights_key(obj) -> str | None:
+    """The key of a checkpoint dict that holds its weights (None: the weights are at the top level, or
+    there is no single such key); what `unwrap_checkpoint` unwraps, and what a fix writes back into."""
+    if not isinstance(obj, Mapping) or _is_tensor_dict(obj):
+        return None
+    for key in STATE_DICT_KEYS:
+        if _holds_weights(obj.get(key)):
+            return key
+    if any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return None
+    # a training script's own key ({"epoch": …, "weights": {…}, "optim": {…}}): the one tensor dict
+    nested = [key for key, value in obj.items() if _is_tensor_dict(value)]
+    return nested[0] if len(nested) == 1 else None
+
+
 def unwrap_checkpoint(obj):
     """Return the state_dict (or the nn.Module) inside a checkpoint dict."""
     if isinstance(obj, nn.Module) or _is_tensor_dict(obj):
         return obj
     if isinstance(obj, Mapping):
-        for key in STATE_DICT_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, nn.Module) or _is_tensor_dict(inner):
-                return inner
-            if (
-                isinstance(inner, Mapping)
-                and inner
-                and _is_tensor_dict({k: v for k, v in inner.items() if isinstance(v, torch.Tensor)})
-            ):
-                return {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        key = weights_key(obj)
+        inner = obj if key is None else obj[key]
+        if isinstance(inner, nn.Module) or _is_tensor_dict(inner):
+            return inner
+        tensors = {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
-        # a training script's own key ({"epoch": …, "weights": {…}, "optim": {…}}): the one tensor dict
         nested = [key for key, value in obj.items() if _is_tensor_dict(value)]
-        if len(nested) == 1:
-            return obj[nested[0]]
         found = f"several weight dicts ({', '.join(map(str, nested))})" if nested else "no weights"
         raise UserError(
             f"checkpoint dict has {found} and none under {', '.join(STATE_DICT_KEYS)} "

@@ -11,8 +11,13 @@ from deadrelu_cli.report.table import plain_table
 def print_fix(result, console: Console, model: str, output: str, data: str) -> None:
     """RESULT is a fixes.plan.FixResult (not imported: the report layer sits below fixes)."""
     table = plain_table()
-    for column in ("Layer", "Dead before", "Dead after", "Fixed units fire", "Action"):
-        table.add_column(column, justify="right" if column.startswith("Dead") else "left", overflow="fold")
+    resumed = any(getattr(layer, "alive_after_resume", None) is not None for layer in result.layers)
+    columns = ("Layer", "Dead before", "Dead after", "Fixed units fire")
+    columns += ("Alive after resume",) if resumed else ()  # training checkpoints (--resume-steps)
+    for column in columns + ("Action",):
+        table.add_column(
+            column, justify="right" if column.startswith(("Dead", "Alive")) else "left", overflow="fold"
+        )
     for layer in result.layers:
         after = (
             "–"
@@ -21,11 +26,16 @@ def print_fix(result, console: Console, model: str, output: str, data: str) -> N
         )
         rates = layer.rates_after if layer.applied and layer.rates_after else None
         fire = "–" if not rates else f"{100 * min(rates):.1f}–{100 * max(rates):.1f}%"
+        alive = ()
+        if resumed:
+            count = layer.alive_after_resume
+            alive = ("–" if count is None else f"{count}/{len(layer.units)}",)
         table.add_row(
             rich_text(layer.name),
             str(layer.dead_before),
             after,
             fire,
+            *alive,
             rich_text(layer.action),
             style="" if layer.applied else "dim",
         )

@@ -75,6 +75,24 @@ class Summary:
 
 
 @dataclass
+class TrainingInfo:
+    """Where a report made during training (`deadrelu_cli.watch`) sits in the run, and what changed
+    since the previous window: per layer, the units newly dead and revived, and the ReDo persistence
+    (the share of the previous window's dead units still dead; None when none were dead)."""
+
+    step: int  # the last sampled step of the window (what `deadrelu trend` orders by)
+    first_step: int
+    sampled_steps: int
+    every: int
+    window: int  # index of the window, from 0
+    epoch: int | None = None
+    newly_dead: dict[str, list[int]] = field(default_factory=dict)
+    revived: dict[str, list[int]] = field(default_factory=dict)
+    persistence: dict[str, float | None] = field(default_factory=dict)
+    persistence_overall: float | None = None
+
+
+@dataclass
 class Report:
     model: ModelInfo
     data: DataInfo
@@ -82,6 +100,7 @@ class Report:
     layers: list[LayerStats]
     tool: dict[str, str] = field(default_factory=lambda: {"name": "deadrelu", "version": __version__})
     notes: list[str] = field(default_factory=list)
+    training: TrainingInfo | None = None  # reports made while training (watch); None for scans
     # the token positions that counted ({"array": "attention_mask", "exclude_token_ids": [...]}), or None
     mask: dict | None = None
     unseen: dict[str, int] = field(default_factory=dict)  # node type -> count of activations not scanned
@@ -197,6 +216,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         **({"mask": dict(report.mask)} if report.mask is not None else {}),
         **({"unseen_activations": dict(report.unseen)} if report.unseen else {}),
         "layers": [layer_to_dict(layer, s) for layer in report.layers],
+        **({"training": vars(report.training).copy()} if report.training is not None else {}),
     }
 
 
@@ -266,6 +286,7 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
             layers=[layer_from_dict(layer) for layer in d["layers"]],
             tool=d.get("tool", {}),
             notes=list(d.get("notes", [])),
+            training=None if d.get("training") is None else TrainingInfo(**d["training"]),
             mask=d.get("mask"),
             unseen={str(k): int(v) for k, v in (d.get("unseen_activations") or {}).items()},
         )

@@ -10,7 +10,7 @@ from deadrelu_cli.report.table import SPARK, plain_table
 MAX_COLUMNS = 8
 
 
-def print_trend(result, console: Console, data: str) -> None:
+def print_trend(result, console: Console, data: str | None) -> None:
     """RESULT is a trend.TrendResult (not imported: the report layer sits below trend)."""
     steps = [c.step if c.step is not None else i for i, c in enumerate(result.checkpoints)]
     shown = (
@@ -35,11 +35,9 @@ def print_trend(result, console: Console, data: str) -> None:
         first = sorted(layer.died_at.values())
         died = f"{len(layer.died_at)}" + (f" ({label} {steps[first[0]]})" if first else "")
         table.add_row(rich_text(layer.name), *cells, spark, died, str(len(layer.revived)))
+    what = f"{data} · {result.samples} samples" if data else "from JSON reports"
     console.print(
-        terminal_text(
-            f"{len(steps)} checkpoints, ordered by {result.order} · {data} · {result.samples} samples"
-        ),
-        markup=False,
+        terminal_text(f"{len(steps)} checkpoints, ordered by {result.order} · {what}"), markup=False
     )
     console.print(table)
     for note in result.notes:

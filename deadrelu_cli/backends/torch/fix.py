@@ -188,15 +188,21 @@ def apply_torch(
     report = scanned.report
     result.params_before = eager.count_params(original)
     result.flops_before = eager.linear_conv_flops(original, example)
+    training = None
+    if suffix in STATE_SUFFIXES and loaded.format in ("state_dict", "safetensors"):
+        from deadrelu_cli.backends.torch.resume import read_training_checkpoint
+
+        training = read_training_checkpoint(Path(loaded.path), loaded.format, scan_options.trust_pickle)
+    touched: dict = {}  # parameter entries the fix rewrites (their optimizer moments are reset)
     if options.strategy == "reinit":
-        outcomes = eager.reinit(model, probe, report, plans, options)
+        outcomes = eager.reinit(model, probe, report, plans, options, touched)
     elif options.strategy == "bias-shift":
         quantiles = eager.collect_quantiles(
             scanned, plans, options.target_rate, options.seed, replace(scan_options, progress=None)
         )
         outcomes = eager.bias_shift(model, report, plans, quantiles)
     elif options.strategy == "kick":
-        outcomes = eager.kick(model, probe, report, plans, options)
+        outcomes = eager.kick(model, probe, report, plans, options, touched)
     elif options.strategy == "prune":
         outcomes, result.new_widths = eager.prune(model, probe, report, plans)
     else:
@@ -221,6 +227,10 @@ def apply_torch(
             result.notes.extend(write_model_folder(model, loaded.path, temp))
         elif suffix in ARTIFACT_SUFFIXES:
             write_artifact(model, example, temp, suffix)
+        elif training is not None:
+            _write_training_checkpoint(training, model, temp, suffix, options, touched, result, loaded.extra)
+            if options.resume_steps > 0:
+                _check_resume(training, scanned, scan_options, temp, options.resume_steps, outcomes, result)
         else:
             _write_state(model, temp, suffix, loaded.format == "module", loaded.extra)
     result.params_after = eager.count_params(model)
@@ -245,6 +255,56 @@ def apply_torch(
         )
 
     return torch_runner(loaded, order, device), patched_runner, outcomes
+
+
+def _write_training_checkpoint(
+    training, model, temp: Path, suffix: str, options, touched, result, extra: dict
+) -> None:
+    """The fixed weights written back into the training checkpoint's own layout, moments reset."""
+    from deadrelu_cli.backends.torch.resume import write_training_checkpoint
+
+    if training.checkpoint is None or suffix == ".safetensors":
+        _write_state(model, temp, suffix, False, extra)
+        if training.checkpoint is not None:
+            result.notes.append(
+                f"{Path(options.output).name} holds weights only: the checkpoint's other entries (optimizer, "
+                "epoch, …) are not in it; write a .pt/.ckpt to keep them"
+            )
+            training.checkpoint = None
+    notes, result.companions, result.copies = write_training_checkpoint(
+        training, model, temp, Path(options.output), options.strategy, touched
+    )
+    result.notes.extend(notes)
+
+
+def _check_resume(training, scanned, scan_options, temp: Path, steps: int, outcomes, result) -> None:
+    """Resume from what was written: the optimizer state loaded over the fixed weights, `steps` steps
+    with no new gradient (the updates the stored moments alone make), then rescanned on the data."""
+    from deadrelu_cli.backends.torch.optimizer_state import find_optimizer_states
+    from deadrelu_cli.backends.torch.resume import resume_check
+    from deadrelu_cli.backends.torch.scan import scan_torch
+    from deadrelu_cli.loaders.torch_models import torch_load
+
+    if result.companions:
+        states = find_optimizer_states(torch_load(result.companions[0][0], "cpu", scan_options.trust_pickle))
+    elif training.checkpoint is not None:
+        states = find_optimizer_states(torch_load(temp, "cpu", scan_options.trust_pickle))
+    else:
+        return
+    if not states:
+        return
+    resumed = load_model(LoadOptions(str(temp), scan_options.arch, scan_options.trust_pickle, scanned.device))
+    resume_check(resumed, states[0][1], steps)
+    layers, _ = scan_torch(resumed, scanned.data, replace(scan_options, progress=None), scanned.device)
+    by_name = {layer.name: layer for layer in layers}
+    for outcome in outcomes:
+        layer = by_name.get(outcome.name)
+        if outcome.applied and layer is not None and layer.ran:
+            outcome.alive_after_resume = int((layer.positive_counts[outcome.units] > 0).sum())
+    result.notes.append(
+        f"resume check: the written optimizer state loaded over the fixed weights, {steps} optimizer steps "
+        "with no new gradient (what the stored moments alone do), then rescanned on the data"
+    )
 
 
 def _program_module(scanned, options: FixOptions) -> torch.fx.GraphModule:

@@ -60,10 +60,14 @@ def make_probe(model: LoadedModel, settings, compile_graph: bool = False, exampl
 
 def attach_biases(model: LoadedModel, layers) -> None:
     """Copy each unit's bias (of the producing Linear/Conv/BN) into the stats, for the drill-down."""
+    attach_module_biases(model.runnable, layers)
+
+
+def attach_module_biases(runnable, layers) -> None:
+    """attach_biases on a module (or anything with named parameters/buffers): live models too (watch)."""
     import torch
 
     params = {}
-    runnable = model.runnable
     if hasattr(runnable, "named_parameters"):
         params.update(dict(runnable.named_parameters()))
     if hasattr(runnable, "named_buffers"):

@@ -76,8 +76,21 @@ def _fresh_rows(weight: torch.Tensor, seed: int) -> torch.Tensor:
     return fresh.to(device=weight.device, dtype=weight.dtype)
 
 
+Touched = dict[str, list[tuple[int, list[int]]]]  # tensor name -> (axis, indices) that a fix rewrote
+
+
+def _touch(touched: Touched | None, name: str | None, axis: int, indices: list[int]) -> None:
+    if touched is not None and name:
+        touched.setdefault(name, []).append((axis, list(indices)))
+
+
 def reinit(
-    model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan], options: FixOptions
+    model: nn.Module,
+    probe: EagerProbe,
+    report,
+    plans: list[LayerPlan],
+    options: FixOptions,
+    touched: Touched | None = None,
 ) -> list[LayerOutcome]:
     """ReDo on an nn.Module (see reinit_units)."""
     return reinit_units(
@@ -85,15 +98,21 @@ def reinit(
         {plan.name: eager_wiring(model, probe, report.layer(plan.name)) for plan in plans},
         plans,
         options,
+        touched,
     )
 
 
 def reinit_units(
-    model: nn.Module, wirings: dict[str, UnitWiring | str], plans: list[LayerPlan], options: FixOptions
+    model: nn.Module,
+    wirings: dict[str, UnitWiring | str],
+    plans: list[LayerPlan],
+    options: FixOptions,
+    touched: Touched | None = None,
 ) -> list[LayerOutcome]:
     """ReDo: re-initialise dead units' incoming weights, zero their bias and their outgoing weights
     (BatchNorm after them reset to identity), so the model's outputs do not change. `model` resolves
-    the wirings' tensor names (an nn.Module, or a program's module)."""
+    the wirings' tensor names (an nn.Module, or a program's module). `touched` (when given) receives
+    the entries rewritten, by tensor name (for resetting their optimizer moments)."""
     outcomes = []
     with torch.no_grad():
         for index, plan in enumerate(plans):
@@ -126,6 +145,13 @@ def reinit_units(
                 input_columns(plan.units, per_unit), dtype=torch.long, device=consumer_weight.device
             )
             consumer_weight[:, columns] = 0.0
+            _touch(touched, wire.weight.name, 0, plan.units)
+            if bias is not None:
+                _touch(touched, wire.bias, 0, plan.units)
+            if bn is not None:
+                _touch(touched, bn.weight, 0, plan.units)
+                _touch(touched, bn.bias, 0, plan.units)
+            _touch(touched, wire.consumer_weight.name, 1, columns.tolist())
             outcome.applied = True
             what = f"{wire.owner} rows re-initialised" + (f", {bn.owner} reset" if bn is not None else "")
             outcome.action = f"{what}; {wire.consumer} inputs zeroed"
@@ -334,17 +360,26 @@ def clone(model: nn.Module) -> nn.Module:
 
 
 def kick(
-    model: nn.Module, probe: EagerProbe, report, plans: list[LayerPlan], options: FixOptions
+    model: nn.Module,
+    probe: EagerProbe,
+    report,
+    plans: list[LayerPlan],
+    options: FixOptions,
+    touched: Touched | None = None,
 ) -> list[LayerOutcome]:
     """kick on an nn.Module (see kick_units)."""
     wirings = {
         plan.name: eager_wiring(model, probe, report.layer(plan.name), need_consumer=False) for plan in plans
     }
-    return kick_units(model, wirings, plans, options)
+    return kick_units(model, wirings, plans, options, touched)
 
 
 def kick_units(
-    model: nn.Module, wirings: dict[str, UnitWiring | str], plans: list[LayerPlan], options: FixOptions
+    model: nn.Module,
+    wirings: dict[str, UnitWiring | str],
+    plans: list[LayerPlan],
+    options: FixOptions,
+    touched: Touched | None = None,
 ) -> list[LayerOutcome]:
     """A seeded random push of each dead unit's incoming weights and bias (bias upwards), scaled by
     `kick_scale` times the layer's weight standard deviation."""
@@ -366,6 +401,8 @@ def kick_units(
             target = named_tensor(model, wire.shift)  # BatchNorm beta, else the bias
             if target is not None:
                 target[units] += (torch.randn(len(plan.units), generator=generator).abs() * sigma).to(target)
+                _touch(touched, wire.shift, 0, plan.units)
+            _touch(touched, wire.weight.name, 0, plan.units)
             outcome.applied = True
             outcome.action = f"{wire.owner} rows{' and ' + wire.batchnorm.owner + ' beta' if wire.batchnorm is not None else ''} kicked (σ = {sigma:.3g})"
     return outcomes

@@ -1,0 +1,176 @@
+"""Resume-safe fixes of training checkpoints: the fixed weights go back where they came from, the
+optimizer moments of the rewritten entries are reset, everything else is kept as it was.
+
+Layouts: one file holding a dict (`{"model": …, "optimizer": …, "epoch": …}`, Lightning's `.ckpt` with
+`state_dict` and `optimizer_states`), or a Hugging Face Trainer checkpoint folder (`model.safetensors` /
+`pytorch_model.bin` with `optimizer.pt`, `scheduler.pt`, `trainer_state.json`, … beside it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deadrelu_cli.backends.torch.optimizer_state import (
+    HF_OPTIMIZER_FILE,
+    find_optimizer_states,
+    map_parameters,
+    optimizer_for,
+    reset_moments,
+)
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import temp_path_for
+from deadrelu_cli.loaders.torch_models import strip_wrapper_prefixes, torch_load, weights_key
+
+RESETTING_STRATEGIES = ("reinit", "kick")
+
+
+@dataclass
+class TrainingCheckpoint:
+    """A checkpoint that holds more than weights: what to write back, and where its optimizer is."""
+
+    path: Path
+    checkpoint: Any  # the whole object of the weights file (None: a safetensors weights file)
+    weights_key: str | None  # where its weights are (None: at the top level)
+    optimizer_file: Path | None = None  # Hugging Face: optimizer.pt beside the weights
+    optimizer_file_state: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def optimizers(self) -> list[tuple[tuple, dict]]:
+        if self.optimizer_file_state is not None:
+            return [((), self.optimizer_file_state)]
+        return find_optimizer_states(self.checkpoint)
+
+
+def read_training_checkpoint(path: Path, fmt: str, trust_pickle: bool) -> TrainingCheckpoint | None:
+    """The checkpoint's extra content, or None when the file is weights only (and no optimizer.pt is beside it)."""
+    checkpoint = None
+    if fmt == "state_dict":
+        checkpoint = torch_load(path, "cpu", trust_pickle)
+    beside = path.parent / HF_OPTIMIZER_FILE
+    optimizer_file_state = None
+    if beside.is_file() and beside.resolve() != path.resolve():
+        optimizer_file_state = torch_load(beside, "cpu", trust_pickle)
+        if not find_optimizer_states(optimizer_file_state):
+            optimizer_file_state = None
+    wraps = isinstance(checkpoint, Mapping) and (
+        weights_key(checkpoint) is not None
+        or not all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+    )
+    if not wraps and optimizer_file_state is None:
+        return None
+    return TrainingCheckpoint(
+        path,
+        checkpoint if wraps else None,
+        weights_key(checkpoint) if wraps else None,
+        beside if optimizer_file_state is not None else None,
+        optimizer_file_state,
+    )
+
+
+def _fixed_weights(original: Mapping, model: nn.Module) -> dict:
+    """The original weight dict, same keys and order, with the architecture's tensors taken from `model`."""
+    fixed = model.state_dict()
+    by_arch_name = strip_wrapper_prefixes({k: k for k in original}, set(fixed))  # arch name -> original key
+    original_key = {v: k for k, v in by_arch_name.items()}
+    out = {}
+    for key, value in original.items():
+        name = original_key.get(key, key)
+        if isinstance(value, torch.Tensor) and name in fixed:
+            out[key] = fixed[name].detach().to(device=value.device, dtype=value.dtype).clone()
+        else:
+            out[key] = value
+    return out
+
+
+def _reset_all(
+    training: TrainingCheckpoint, states: list[tuple[tuple, dict]], model: nn.Module, touched: dict
+) -> list[str]:
+    notes = []
+    for where, state in states:
+        mapping = map_parameters(state, model)
+        reset, unknown = reset_moments(state, mapping, touched)
+        label = "optimizer.pt" if training.optimizer_file is not None else "/".join(map(str, where))
+        notes.append(
+            f"{label}: moments of the rewritten entries reset in {reset} parameter(s) "
+            f"(parameters mapped by {mapping.source}); Adam's per-tensor step counts kept"
+        )
+        if unknown:
+            notes.append(f"{label}: optimizer state {', '.join(unknown)} is not a known moment and was kept")
+    return notes
+
+
+def write_training_checkpoint(
+    training: TrainingCheckpoint,
+    model: nn.Module,
+    temp: Path,
+    output: Path,
+    strategy: str,
+    touched: dict,
+) -> tuple[list[str], list[tuple[Path, Path]], list[tuple[Path, Path]]]:
+    """Write the fixed checkpoint to `temp` (in the layout of the input); returns notes, (temp, final)
+    companions to move into place with OUT, and (source, destination) files to copy beside OUT."""
+    notes: list[str] = []
+    companions: list[tuple[Path, Path]] = []
+    copies: list[tuple[Path, Path]] = []
+    resetting = strategy in RESETTING_STRATEGIES
+    if training.checkpoint is not None:  # one file: weights, optimizer and the rest together
+        checkpoint = dict(training.checkpoint)
+        if training.weights_key is None:
+            checkpoint.update(_fixed_weights({k: v for k, v in checkpoint.items()}, model))
+        else:
+            checkpoint[training.weights_key] = _fixed_weights(checkpoint[training.weights_key], model)
+        states = find_optimizer_states(checkpoint)
+        if resetting and states:
+            notes += _reset_all(training, states, model, touched)
+        elif states:
+            notes.append(f"--strategy {strategy}: the optimizer state was kept as it was")
+        torch.save(checkpoint, temp)
+        notes.append("every other entry of the checkpoint was kept as it was")
+    if training.optimizer_file is not None:  # Hugging Face: optimizer.pt beside the weights
+        folder = output.parent if str(output.parent) else Path(".")
+        if folder.resolve() == training.optimizer_file.parent.resolve():
+            raise UserError(
+                f"--output {output}: the checkpoint's {HF_OPTIMIZER_FILE} would be overwritten beside it; "
+                "write the fixed checkpoint into another folder"
+            )
+        state = training.optimizer_file_state
+        if resetting:
+            notes += _reset_all(training, [((), state)], model, touched)
+        companion = temp_path_for(folder / HF_OPTIMIZER_FILE)  # a fresh file (mkstemp), never a link
+        torch.save(state, companion)
+        companions.append((companion, folder / HF_OPTIMIZER_FILE))
+        skip = {training.path.name, HF_OPTIMIZER_FILE, output.name}
+        for item in sorted(training.optimizer_file.parent.iterdir()):
+            destination = folder / item.name  # never through a link, never over a file
+            if (
+                item.is_file()
+                and item.name not in skip
+                and not destination.exists()
+                and not destination.is_symlink()
+            ):
+                copies.append((item, folder / item.name))
+        if copies:
+            notes.append(
+                f"copied beside {output.name}: {', '.join(dst.name for _, dst in copies)} (resume from {folder})"
+            )
+    return notes, companions, copies
+
+
+def resume_check(loaded, optimizer_state: dict, steps: int) -> None:
+    """Load the written optimizer state into an optimizer of its kind over `loaded.runnable` and take
+    `steps` steps with zero gradients: the updates the stored moments make on their own when training
+    resumes (zero after a reset). The caller rescans the model afterwards."""
+    model = loaded.runnable
+    mapping = map_parameters(optimizer_state, model)
+    optimizer = optimizer_for(optimizer_state, model, mapping)
+    for _ in range(steps):
+        for parameter in model.parameters():
+            parameter.grad = torch.zeros_like(parameter)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,369 @@
+"""`watch()`: dead, dying and dormant units while a model trains, one Report per window.
+
+    w = watch(model, every=100, window=1)
+    for step, batch in enumerate(loader):
+        w.step()                    # before the forward: is this step sampled?
+        loss = loss_fn(model(batch.x), batch.y)
+        ...
+    w.close()                       # the last, partial window
+    w.reports[-1].summary()
+
+On a sampled step the same eager probe as `deadrelu scan` (every activation call site, functional and
+in-place ReLUs, unit axes, names) is attached for the forwards of that step, and taken off at the next
+`step()` / `end_step()`: an unsampled step runs with no hook and no TorchFunctionMode at all. Counts are
+the exact raw counts of the report model, one set per window (`window` sampled steps), so the reports
+are ordinary Reports: JSON, gate, HTML, `deadrelu trend` work on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deadrelu_cli.backends.torch.scan import attach_module_biases
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.gate import GateConfig, GateResult, evaluate, parse_layer_limits
+from deadrelu_cli.probe.base import ProbeSettings
+from deadrelu_cli.probe.eager import EagerProbe
+from deadrelu_cli.probe.ops import parse_ops
+from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings, TrainingInfo, report_to_json
+
+
+class DeadLayerWarning(UserWarning):
+    """A layer crossed its dead-fraction limit while training (issued once per layer and run)."""
+
+
+@dataclass
+class WatchSettings:
+    """What a watch counts and checks; from [tool.deadrelu] (as for the CLI), then the arguments."""
+
+    threshold: float = 0.0
+    dying: float = 0.01
+    tau: float = 0.1
+    ops: tuple[str, ...] = ("relu", "relu6")
+    channel_dim: int | None = None
+    gate: GateConfig = field(default_factory=GateConfig)
+
+
+CONFIG_FIELDS = ("threshold", "dying", "tau", "ops", "channel_dim")
+GATE_FIELDS = ("max_dead", "max_dead_layer", "layer_limit", "max_dead_units", "baseline", "max_increase")
+
+
+def watch_settings(config: str | bool | None = None, **given: Any) -> WatchSettings:
+    """Settings from the config file (`config`: a path, None = the nearest [tool.deadrelu], False = none),
+    overridden by the arguments that are not None. Gate keys are those of `deadrelu gate`."""
+    from deadrelu_cli.config import load_config
+
+    values: dict[str, Any] = {}
+    if config is not False:
+        values.update(load_config(config if isinstance(config, str) else None).values)
+    values.update({k: v for k, v in given.items() if v is not None})
+    unknown = set(given) - set(CONFIG_FIELDS) - set(GATE_FIELDS)
+    if unknown:
+        raise UserError(f"watch(): unknown setting(s) {', '.join(sorted(unknown))}")
+    ops = values.get("ops", ("relu", "relu6"))
+    limits = values.get("layer_limit") or []
+    if isinstance(limits, dict):
+        limits = [f"{glob}={limit}" for glob, limit in limits.items()]
+    baseline = values.get("baseline")
+    if isinstance(baseline, (str, Path)):
+        from deadrelu_cli.report.model import load_report
+
+        baseline = load_report(baseline)
+    return WatchSettings(
+        threshold=float(values.get("threshold", 0.0)),
+        dying=float(values.get("dying", 0.01)),
+        tau=float(values.get("tau", 0.1)),
+        ops=parse_ops(ops) if isinstance(ops, str) else tuple(ops),
+        channel_dim=values.get("channel_dim"),
+        gate=GateConfig(
+            max_dead=values.get("max_dead"),
+            max_dead_layer=values.get("max_dead_layer"),
+            layer_limits=parse_layer_limits(list(limits)),
+            max_dead_units=values.get("max_dead_units"),
+            baseline=baseline,
+            max_increase=values.get("max_increase"),
+        ),
+    )
+
+
+def architecture_sha256(model: nn.Module) -> str:
+    """A stable id of the architecture (class, parameter and buffer names, shapes, dtypes): the weights
+    change while training, so reports of one run share this id (and `deadrelu merge` can join windows)."""
+    digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        digest.update(f"\n{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+    return digest.hexdigest()
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 0
+
+
+class Watch:
+    """Samples every `every`-th training step; `window` sampled steps make one Report.
+
+    Call `step()` at the start of each training step (before the forward), optionally with the trainer's
+    global step; `end_step()` after it (optional in a plain loop: the next `step()` does it). A window's
+    Report is made when its last sampled step ends; `close()` (or leaving the `with` block) makes the
+    last, partial one. `on_report(report)` is called with each Report; `out_dir` gets one JSON report per
+    window (`deadrelu-step00001200.json`); limits (`max_dead_layer`, …, or [tool.deadrelu]) warn once per
+    layer with a `DeadLayerWarning`, and with `stop_on_gate=True` set `should_stop` when one is exceeded.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        every: int = 100,
+        window: int = 1,
+        *,
+        out_dir: str | Path | None = None,
+        on_report: Callable[[Report], None] | None = None,
+        stop_on_gate: bool = False,
+        config: str | bool | None = None,
+        name: str | None = None,
+        keep_reports: int | None = None,
+        **settings: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise UserError(f"watch(): expected an nn.Module, got {type(model).__name__}")
+        if every < 1 or window < 1:
+            raise UserError("watch(): every and window must be at least 1")
+        self.model = model
+        self.every = int(every)
+        self.window = int(window)
+        self.settings = watch_settings(config, **settings)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.on_report = on_report
+        self.stop_on_gate = stop_on_gate
+        self.name = name or f"<in-memory {type(model).__name__}>"
+        self.keep_reports = keep_reports
+        self.reports: list[Report] = []
+        self.gate_results: list[GateResult] = []
+        self.should_stop = False
+        self.epoch: int | None = None
+        self._next_step = 0  # the step number step() assigns when not told
+        self._current: int | None = None  # the step running now
+        self._handles: list = []
+        self._modes: list = []
+        self._mask: torch.Tensor | None = None  # the position mask of the current step
+        self._probe: EagerProbe | None = None  # this window's counters
+        self._sampled: list[int] = []  # steps sampled in this window
+        self._samples = 0
+        self._windows = 0
+        self._previous_dead: dict[str, np.ndarray] = {}
+        self._warned: set[str] = set()
+        self._arch_sha = architecture_sha256(model)
+
+    # -- the loop's side ----------------------------------------------------------------------------
+    def is_sampled(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def step(self, step: int | None = None, position_mask: torch.Tensor | None = None) -> bool:
+        """A training step begins (before its forward). Returns whether it is sampled. Called again
+        with the same `step` (a trainer's gradient-accumulation micro-batches), it continues that step.
+        `position_mask` ([batch, tokens], e.g. the batch's attention_mask): count only those positions
+        in this step's forwards (see `set_position_mask`); None counts every position."""
+        self._mask = position_mask
+        current = self._next_step if step is None else int(step)
+        if step is not None and current == self._current:
+            if self.is_sampled(current):
+                self._attach()
+            return self.is_sampled(current)
+        self.end_step()
+        self._current = current
+        self._next_step = current + 1
+        if not self.is_sampled(current):
+            return False
+        self._attach()
+        self._sampled.append(current)
+        return True
+
+    def set_position_mask(self, mask: torch.Tensor | None) -> None:
+        """Count only the token positions where `mask` ([batch, tokens], bool or 0/1) is true in the
+        forwards that follow (the probe's own masking: sites without a token axis count every element
+        and say so); None counts every position. On an unsampled step it is only kept."""
+        self._mask = mask
+        if self._probe is not None and self._handles:
+            self._probe.set_position_mask(mask)
+
+    def pause(self) -> None:
+        """Take the probe off until the next `step()` (forwards in between, e.g. validation, are not counted)."""
+        self._detach()
+
+    def end_step(self) -> Report | None:
+        """The step's forwards are done: take the probe off; the window's Report when it is complete."""
+        self._detach()
+        if self._probe is not None and len(self._sampled) >= self.window:
+            return self._close_window()
+        return None
+
+    def close(self) -> Report | None:
+        """End the run: the last window's Report, even when it has fewer sampled steps than `window`."""
+        self._detach()
+        if self._probe is not None and self._sampled:
+            return self._close_window()
+        return None
+
+    @property
+    def last(self) -> Report | None:
+        return self.reports[-1] if self.reports else None
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- attaching ----------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        if self._handles:
+            return
+        if self._probe is None:
+            self._probe = EagerProbe(
+                self.model,
+                ProbeSettings(
+                    threshold=self.settings.threshold,
+                    channel_dim=self.settings.channel_dim,
+                    ops=self.settings.ops,
+                ),
+            )
+        probe = self._probe
+        probe.set_position_mask(self._mask)
+
+        def start(_module, args, kwargs):
+            probe.begin_forward()
+            self._samples += _batch_size(args, kwargs)
+            mode = probe.mode()
+            mode.__enter__()
+            self._modes.append(mode)
+
+        def stop(_module, _args, _output):
+            if self._modes:
+                self._modes.pop().__exit__(None, None, None)
+
+        # the root's pre-hook first (it resets the probe's module stack), its post-hook last
+        self._handles.append(self.model.register_forward_pre_hook(start, prepend=True, with_kwargs=True))
+        self._handles.extend(probe.attach())
+        self._handles.append(self.model.register_forward_hook(stop, always_call=True))
+
+    def _detach(self) -> None:
+        while self._modes:  # a forward that never returned (an exception inside a hook)
+            self._modes.pop().__exit__(None, None, None)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- the window's report ------------------------------------------------------------------------
+    def _close_window(self) -> Report:
+        probe, sampled = self._probe, self._sampled
+        self._probe, self._sampled = None, []
+        layers = probe.registry.layer_stats()
+        attach_module_biases(self.model, layers)
+        training = TrainingInfo(
+            step=sampled[-1],
+            first_step=sampled[0],
+            sampled_steps=len(sampled),
+            every=self.every,
+            window=self._windows,
+            epoch=self.epoch,
+        )
+        kept_before = carried = 0
+        for layer in layers:
+            if not layer.ran:
+                continue
+            dead = layer.dead_mask()
+            before = self._previous_dead.get(layer.name)
+            if before is not None and before.shape == dead.shape:
+                training.newly_dead[layer.name] = np.flatnonzero(dead & ~before).tolist()
+                training.revived[layer.name] = np.flatnonzero(before & ~dead).tolist()
+                training.persistence[layer.name] = (
+                    float((before & dead).sum() / before.sum()) if before.any() else None
+                )
+                kept_before += int(before.sum())
+                carried += int((before & dead).sum())
+            self._previous_dead[layer.name] = dead
+        training.persistence_overall = carried / kept_before if kept_before else None
+        device = next((p.device.type for p in self.model.parameters()), "cpu")
+        s = self.settings
+        report = Report(
+            model=ModelInfo(path=self.name, format="module", sha256=self._arch_sha),
+            data=DataInfo(
+                path=f"training steps {sampled[0]}–{sampled[-1]} ({len(sampled)} sampled, every {self.every})",
+                samples=self._samples,
+            ),
+            settings=Settings(s.threshold, s.dying, s.tau, s.channel_dim, device, tuple(s.ops)),
+            layers=layers,
+            training=training,
+        )
+        if not layers:
+            report.notes.append(
+                f"the model ran no {'/'.join(s.ops)} call on the sampled steps: nothing to count"
+            )
+        self._samples = 0
+        self._windows += 1
+        self.reports.append(report)
+        if self.keep_reports is not None and len(self.reports) > self.keep_reports:
+            del self.reports[: len(self.reports) - self.keep_reports]
+        if self.out_dir is not None:
+            from deadrelu_cli.files import write_text_atomic
+
+            write_text_atomic(self.out_dir / f"deadrelu-step{training.step:08d}.json", report_to_json(report))
+        self._check(report)
+        if self.on_report is not None:
+            self.on_report(report)
+        return report
+
+    def _check(self, report: Report) -> None:
+        if not self.settings.gate.active:
+            return
+        result = evaluate(report, self.settings.gate)
+        self.gate_results.append(result)
+        step = report.training.step if report.training else "?"
+        for verdict in result.layers:
+            if verdict.failures and verdict.name not in self._warned:
+                self._warned.add(verdict.name)
+                warnings.warn(f"deadrelu: step {step}: {verdict.failures[0]}", DeadLayerWarning, stacklevel=3)
+        if result.model_failures and "<model>" not in self._warned:  # once, like a layer
+            self._warned.add("<model>")
+            warnings.warn(
+                f"deadrelu: step {step}: {result.model_failures[0]}", DeadLayerWarning, stacklevel=3
+            )
+        if not result.passed and self.stop_on_gate:
+            self.should_stop = True
+
+
+def layer_metrics(report: Report, prefix: str = "deadrelu/") -> dict[str, float]:
+    """Flat metrics for a trainer's loggers: per layer the dead fraction, and the model's totals."""
+    summary = report.summary()
+    metrics: dict[str, float] = {
+        f"{prefix}dead_fraction": summary.dead_fraction,
+        f"{prefix}dead": float(summary.dead),
+        f"{prefix}dying": float(summary.dying),
+        f"{prefix}dormant": float(summary.dormant),
+    }
+    training = report.training
+    if training is not None and training.persistence_overall is not None:
+        metrics[f"{prefix}persistence"] = training.persistence_overall
+    for layer in report.layers:
+        if layer.ran and layer.units:
+            metrics[f"{prefix}dead_fraction/{layer.name}"] = float(layer.dead_mask().mean())
+    return metrics
+
+
+def watch(model: nn.Module, every: int = 100, window: int = 1, **options: Any) -> Watch:
+    """Watch `model` while it trains (see `Watch`)."""
+    return Watch(model, every, window, **options)

@@ -1,0 +1,241 @@
+"""watch(): per-window dead sets and ReDo persistence against a hand-written forward-hook reference."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deadrelu_cli import watch
+from deadrelu_cli.gate import GateConfig, evaluate
+from deadrelu_cli.report.model import SCHEMA_PATH, load_report, report_to_dict
+from deadrelu_cli.watcher import DeadLayerWarning
+
+
+class Net(nn.Module):
+    """An nn.ReLU module, a functional relu and an in-place one: the three ways a ReLU is called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 24)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(24, 24)
+        self.fc3 = nn.Linear(24, 16)
+        self.out = nn.Linear(16, 1)
+        self.stack_depths: list[int] = []  # TorchFunctionModes active in each forward
+
+    def forward(self, x):
+        self.stack_depths.append(torch._C._len_torch_function_stack())
+        h = self.act(self.fc1(x))
+        h = F.relu(self.fc2(h))
+        h = self.fc3(h).relu_()
+        return self.out(h)
+
+
+SITES = {"act": "fc1", "relu()": "fc2", "relu()#2": "fc3"}  # site name -> the Linear making its input
+
+
+def _train(every: int, window: int, steps: int = 60, **options):
+    """A seeded high-learning-rate run that kills units; returns (watch, reference dead sets per window)."""
+    torch.manual_seed(3)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.4)
+    x = torch.randn(48, 6)
+    y = torch.randn(48, 1) * 3
+    fired: dict[str, np.ndarray] = {}
+    reference: list[dict[str, set[int]]] = []
+
+    def hook_for(site):  # the reference: pre-activations from plain forward hooks on the Linears, numpy
+        def hook(_module, _inputs, output):
+            pre = output.detach().numpy().reshape(-1, output.shape[-1])
+            fired[site] = fired.get(site, np.zeros(pre.shape[1], bool)) | (pre > 0).any(axis=0)
+
+        return hook
+
+    w = watch(model, every=every, window=window, config=False, **options)
+    sampled_in_window = 0
+    for step in range(steps):
+        sampled = w.step()
+        assert sampled == (step % every == 0)
+        handles = []
+        if sampled:
+            handles = [getattr(model, lin).register_forward_hook(hook_for(s)) for s, lin in SITES.items()]
+        for chunk in (x[:20], x[20:]):  # two forwards per step (gradient accumulation)
+            loss = F.mse_loss(model(chunk), y[: len(chunk)] if len(chunk) == 20 else y[20:])
+            loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)  # large steps that kill units, never NaN
+        optimizer.step()
+        optimizer.zero_grad()
+        for handle in handles:
+            handle.remove()
+        if sampled:
+            sampled_in_window += 1
+            if sampled_in_window == window:
+                reference.append({s: set(np.flatnonzero(~f).tolist()) for s, f in fired.items()})
+                fired.clear()
+                sampled_in_window = 0
+        w.end_step()
+    w.close()
+    if fired:
+        reference.append({s: set(np.flatnonzero(~f).tolist()) for s, f in fired.items()})
+    return w, model, reference
+
+
+def test_window_dead_sets_and_persistence_match_a_hook_reference():
+    w, model, reference = _train(every=4, window=3)
+    assert len(w.reports) == len(reference) == 5  # 15 sampled steps, 3 per window
+    killed = 0
+    for index, (report, expected) in enumerate(zip(w.reports, reference, strict=True)):
+        got = {layer.name: set(np.flatnonzero(layer.dead_mask()).tolist()) for layer in report.layers}
+        assert got == expected
+        killed = max(killed, sum(len(v) for v in got.values()))
+        assert report.training.window == index
+        assert report.training.sampled_steps == 3
+        assert report.data.samples == 3 * 48  # every forward of a sampled step
+        if index == 0:
+            assert report.training.persistence == {} and report.training.persistence_overall is None
+            continue
+        before = reference[index - 1]
+        for site, dead in expected.items():
+            assert set(report.training.newly_dead[site]) == dead - before[site]
+            assert set(report.training.revived[site]) == before[site] - dead
+            share = len(dead & before[site]) / len(before[site]) if before[site] else None
+            assert report.training.persistence[site] == share
+        carried = sum(len(expected[s] & before[s]) for s in expected)
+        total = sum(len(before[s]) for s in expected)
+        assert report.training.persistence_overall == (carried / total if total else None)
+    assert killed >= 5, "the run should kill units (high learning rate)"
+    # steps sampled: 0, 4, 8, …; a window's step is its last sampled one
+    assert [r.training.step for r in w.reports] == [8, 20, 32, 44, 56]
+    # unsampled steps ran without any TorchFunctionMode; sampled ones under exactly one
+    depths = model.stack_depths
+    assert len(depths) == 120
+    assert [d for i, d in enumerate(depths) if (i // 2) % 4] == [0] * 90
+    assert [d for i, d in enumerate(depths) if (i // 2) % 4 == 0] == [1] * 30
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert model.training  # the model's mode is left alone
+
+
+def test_partial_last_window_and_one_report_per_sampled_step():
+    w, _, reference = _train(every=7, window=4, steps=30)  # sampled 0, 7, 14, 21, 28: windows of 4 + 1
+    assert [r.training.sampled_steps for r in w.reports] == [4, 1]
+    assert [r.training.first_step for r in w.reports] == [0, 28]
+    for report, expected in zip(w.reports, reference, strict=True):
+        assert {lay.name: set(np.flatnonzero(lay.dead_mask()).tolist()) for lay in report.layers} == expected
+
+
+def test_reports_are_ordinary_reports(tmp_path, cli):
+    seen = []
+    w, _, _ = _train(every=5, window=2, steps=40, out_dir=tmp_path / "reports", on_report=seen.append)
+    assert seen == w.reports and w.last is w.reports[-1]
+    files = sorted((tmp_path / "reports").iterdir())
+    assert [f.name for f in files] == [f"deadrelu-step{r.training.step:08d}.json" for r in w.reports]
+    schema = json.loads(SCHEMA_PATH.read_text())
+    for f, report in zip(files, w.reports, strict=True):
+        data = json.loads(f.read_text())
+        jsonschema.validate(data, schema)
+        assert data == json.loads(json.dumps(report_to_dict(report)))  # what was written is the report
+        assert data == report_to_dict(load_report(f))  # and it loads back whole
+        assert data["model"]["format"] == "module"
+    # the CLI reads them: gate, and trend (ordered by the reports' training step, no --data)
+    result = cli("gate", str(files[-1]), "--max-dead-layer", "1.0")
+    assert result.code == 0, result.err
+    out = cli("trend", *reversed([str(f) for f in files]), "--json", "-")
+    assert out.code == 0, out.err
+    trend = out.json()
+    assert [c["step"] for c in trend["checkpoints"]] == [r.training.step for r in w.reports]
+    assert trend["checkpoints"][0]["order_from"] == "checkpoint"
+    for layer in trend["layers"]:
+        expected = [float(r.layer(layer["name"]).dead_mask().mean()) for r in w.reports]
+        assert layer["dead_fraction"] == pytest.approx(expected)
+    folder = cli("trend", str(tmp_path / "reports"), "--json", "-")
+    assert folder.code == 0 and folder.json()["checkpoints"] == trend["checkpoints"]
+
+
+def test_limits_warn_once_per_layer_and_can_stop():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w, _, reference = _train(every=4, window=1, steps=40, max_dead_layer=0.05, stop_on_gate=True)
+    over = set()
+    for expected in reference:
+        for site, dead in expected.items():
+            if len(dead) / {"act": 24, "relu()": 24, "relu()#2": 16}[site] > 0.05:
+                over.add(site)
+    assert over, "the run should push a layer over 5% dead"
+    messages = [str(c.message) for c in caught if issubclass(c.category, DeadLayerWarning)]
+    assert sorted(m.split("layer ")[1].split(":")[0] for m in messages) == sorted(over)
+    assert w.should_stop
+    # the watch's verdicts are the gate's on the same report
+    for report, result in zip(w.reports, w.gate_results, strict=True):
+        assert result.passed == evaluate(report, GateConfig(max_dead_layer=0.05)).passed
+
+
+def test_settings_from_tool_deadrelu(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text("[tool.deadrelu]\nmax-dead-layer = 0.25\nthreshold = 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    w = watch(model, every=1)
+    assert w.settings.threshold == 0.5 and w.settings.gate.max_dead_layer == 0.25
+    w2 = watch(model, every=1, max_dead_layer=0.5)  # arguments override the file
+    assert w2.settings.gate.max_dead_layer == 0.5 and w2.settings.threshold == 0.5
+    assert watch(model, every=1, config=False).settings.gate.max_dead_layer is None
+
+
+def test_bad_arguments_are_clear():
+    from deadrelu_cli.errors import UserError
+
+    with pytest.raises(UserError, match="every and window"):
+        watch(nn.ReLU(), every=0, config=False)
+    with pytest.raises(UserError, match="unknown setting"):
+        watch(nn.ReLU(), every=1, config=False, max_ded=0.1)
+    with pytest.raises(UserError, match="nn.Module"):
+        watch(lambda x: x, every=1, config=False)
+
+
+def test_the_function_stays_the_package_attribute():
+    import deadrelu_cli
+    import deadrelu_cli.watcher  # noqa: F401 - importing the module must not shadow the function
+
+    assert callable(deadrelu_cli.watch) and deadrelu_cli.watch.__module__ == "deadrelu_cli"
+
+
+def test_position_mask_counts_only_kept_tokens():
+    """Unit 0 fires only on padding positions (feature 0 = 10 there): dead with the mask, alive without.
+    Reference: numpy over the kept positions of the pre-activations."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    with torch.no_grad():
+        model[0].weight[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+        model[0].bias[0] = -5.0
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(3):
+        x = torch.randn(5, 7, 4, generator=g).clamp(-3, 3)
+        mask = torch.ones(5, 7, dtype=torch.bool)
+        mask[:, 5:] = False  # two padded positions per sequence
+        x[:, 5:, 0] = 10.0
+        batches.append((x, mask))
+    masked = watch(model, every=1, window=3, config=False)
+    plain = watch(model, every=1, window=3, config=False)
+    for x, mask in batches:
+        masked.step(position_mask=mask)
+        model(x)
+    masked.close()
+    for x, _ in batches:
+        plain.step()
+        model(x)
+    plain.close()
+    with torch.no_grad():
+        pre = np.concatenate([model[0](x)[m].numpy() for x, m in batches])  # kept positions only
+    layer = masked.last.layer("1")
+    assert layer.elements_per_unit == len(pre) == 3 * 5 * 5
+    assert layer.positive_counts.tolist() == (pre > 0).sum(axis=0).tolist()
+    assert 0 in np.flatnonzero(layer.dead_mask())
+    assert plain.last.layer("1").positive_counts[0] > 0  # the padding made it fire
