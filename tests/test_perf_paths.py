@@ -386,3 +386,73 @@ def test_default_batch_size_bounds_peak_memory_by_activation_size(tmp_path, back
     plain_64 = peak_rss_kib([*plain, "64"])
     assert scan_peak <= 1.5 * plain_same, (scan_peak, plain_same, expected)
     assert scan_peak < plain_64, (scan_peak, plain_64)
+
+
+def _masked_truth(batches, op):
+    """Per-unit counts, max, Σ|y|, saturations and elements over the kept rows only, in numpy."""
+    kept = np.concatenate([x.reshape(-1, x.shape[-1])[m.reshape(-1)] for x, m in batches])
+    post = np.clip(kept, 0, 6 if op == "relu6" else None)
+    with np.errstate(invalid="ignore"):
+        return {
+            "positive": (kept > 0).sum(0),
+            "max": kept.max(0, initial=-np.inf).astype(np.float64),
+            "sum": np.abs(post).astype(np.float64).sum(0),
+            "saturated": (post >= 6).sum(0) if op == "relu6" else None,
+            "elements": kept.shape[0],
+        }
+
+
+@pytest.mark.parametrize("op", ["relu", "relu6"])
+@pytest.mark.parametrize("layout", ["BTF", "BT-flat", "BTF-strided"])
+@pytest.mark.parametrize("path", ["run-views", "gather"])
+def test_masked_counts_exact_in_run_views_and_gather(op, layout, path, monkeypatch):
+    """A position mask's kept rows are counted either as views of their runs (CPU, long runs: no copy)
+    or as one gathered copy. Both against numpy over the kept rows only: an all-masked batch, a batch
+    with nothing masked, a left-padded batch; -0.0, NaN and values above 6 at kept positions, NaN and
+    huge values at masked positions (which must change nothing)."""
+    import torch
+
+    from deadrelu_cli.probe import accumulator
+    from deadrelu_cli.probe.accumulator import PositionMask, SiteAccumulator, apply_op
+
+    monkeypatch.setattr(accumulator, "RUN_VIEW_ELEMENTS", 1 if path == "run-views" else 10**12)
+    gen = torch.Generator().manual_seed(7)
+    B, T, F = 3, 7, 40
+    lengths = [[0, 0, 0], [7, 7, 7], [5, 7, 2], [1, 6, 3]]
+    batches = []
+    for i, lens in enumerate(lengths):
+        x = torch.randn(B, T, F, generator=gen)
+        mask = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
+        if i == 3:
+            mask = mask.flip(1)  # left padding
+        x[:, :, 1] = -0.0  # a unit that sees only -0.0: never fires
+        x[0, 0, 2], x[1, 3, 2] = 9.0, -0.0  # saturates relu6 where kept
+        x[:, :, 3] = torch.where(
+            mask, x[:, :, 3].abs() * -1 - 0.5, torch.tensor(1e6)
+        )  # fires only when masked
+        if i == 2:
+            x[0, 0, 4] = float("nan")  # kept: NaN max and sum; the count reads x > 0 (False)
+            x[2, 6, 5] = float("nan")  # masked: ignored
+        batches.append((x.numpy().copy(), mask.numpy()))
+    acc = SiteAccumulator("site", op, 2 if layout != "BT-flat" else 1)
+    for x_np, mask_np in batches:
+        x = torch.from_numpy(x_np.copy())
+        if layout == "BT-flat":
+            x = x.reshape(B * T, F)  # OPT's FFN runs on [B*T, D]
+        elif layout == "BTF-strided":
+            x = x.transpose(0, 1).contiguous().transpose(0, 1)  # [B, T, F] stored token-major
+        pm = PositionMask(torch.from_numpy(mask_np))
+        parts = pm.parts(x, acc.channel_dim)
+        if path == "run-views" and layout != "BTF-strided" and not pm.all_kept:
+            assert all(p.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for p in parts)
+        acc.update(x, apply_op(op, x), 0.0, pm)
+        assert acc.extra["position_mask"] == "applied"
+    truth = _masked_truth(batches, op)
+    np.testing.assert_array_equal(acc.positive.numpy(), truth["positive"])
+    np.testing.assert_array_equal(acc.max_pre.numpy(), truth["max"])  # NaN where NaN, exactly
+    np.testing.assert_allclose(acc.sum_abs.numpy(), truth["sum"], rtol=1e-6)
+    if op == "relu6":
+        np.testing.assert_array_equal(acc.saturated.numpy(), truth["saturated"])
+    assert acc.elements_per_unit == truth["elements"] == sum(sum(lens) for lens in lengths)
+    assert acc.positive[1] == 0 and acc.positive[3] == 0 and acc.max_pre[3] < 0
+    assert np.isnan(acc.max_pre[4].item()) and not np.isnan(acc.max_pre[5].item())

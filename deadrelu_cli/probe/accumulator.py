@@ -11,6 +11,10 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.probe.ops import counts_from_output
 from deadrelu_cli.stats import CAPPED_OPS, LayerStats
 
+# a mask's runs of kept rows are reduced as views (no copy) when they average at least this many
+# elements; shorter runs cost more in per-view calls than one gathered copy (measured on CPU, fp32)
+RUN_VIEW_ELEMENTS = 8192
+
 
 class PositionMask:
     """Which token positions of the current batch count: a bool [B, T] (True = kept).
@@ -32,12 +36,46 @@ class PositionMask:
         self.all_kept = self.kept == flat.numel()
         self._index = None if self.all_kept else flat.nonzero().squeeze(1)
         self._index_on: dict = {}
+        self._runs: list[tuple[int, int]] | None = None
+
+    def runs(self) -> list[tuple[int, int]]:
+        """The kept rows of the flattened [B*T] axis as (start, stop) runs: padding makes a few long runs."""
+        if self._runs is None:
+            kept = np.concatenate(([False], self.mask.reshape(-1).cpu().numpy(), [False]))
+            edges = np.flatnonzero(kept[1:] != kept[:-1])
+            self._runs = list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
+        return self._runs
 
     def index(self, device) -> torch.Tensor:
         found = self._index_on.get(device)
         if found is None:
             found = self._index_on[device] = self._index.to(device)
         return found
+
+    def parts(self, tensor: torch.Tensor, channel_dim: int) -> list[torch.Tensor] | None:
+        """The kept rows as `select` shapes them, but as views of the tensor's runs of kept rows where
+        that is cheaper than one gathered copy (on the CPU, with runs of RUN_VIEW_ELEMENTS or more
+        elements on average; each view is reduced while it is in cache). None without the token axis."""
+        rank = tensor.dim()
+        shape = tuple(tensor.shape)
+        if self.all_kept or tensor.device.type != "cpu":
+            kept = self.select(tensor, channel_dim)
+            return None if kept is None else [kept]
+        if rank >= 3 and shape[:2] == (self.batch, self.tokens) and channel_dim >= 2:
+            if tensor.stride(0) != shape[1] * tensor.stride(1):  # flatten(0, 1) would copy
+                return [self.select(tensor, channel_dim)]
+            rows, lead = tensor.flatten(0, 1), True
+        elif rank >= 2 and shape[0] == self.batch * self.tokens and channel_dim >= 1 and self.tokens > 1:
+            rows, lead = tensor, False
+        else:
+            return None
+        runs = self.runs()
+        if not runs:  # nothing kept: an empty view, so that the site still learns its units
+            runs = [(0, 0)]
+        elif self.kept * (rows[0].numel() if rows.shape[0] else 0) < RUN_VIEW_ELEMENTS * len(runs):
+            return [self.select(tensor, channel_dim)]
+        views = [rows[start:stop] for start, stop in runs]
+        return [view.unsqueeze(0) for view in views] if lead else views
 
     def select(self, tensor: torch.Tensor, channel_dim: int) -> torch.Tensor | None:
         rank = tensor.dim()
@@ -73,22 +111,27 @@ class SiteAccumulator:
     _nan_in_batch: bool = False
     masked_now: bool = False  # whether the current batch's position mask applies at this site
 
-    def _kept_pre(self, pre: torch.Tensor, mask: PositionMask | None) -> torch.Tensor:
-        """The kept positions of the pre-activation (all of it without a mask, or without a token axis);
-        `extra["position_mask"]` says which: "applied", or "no token axis" (counted over every element)."""
-        kept = mask.select(pre, self.channel_dim) if mask is not None else None
+    def _kept_pre(self, pre: torch.Tensor, mask: PositionMask | None) -> list[torch.Tensor] | None:
+        """The kept positions of the pre-activation as parts (views of runs, or one gathered copy), or
+        None to count all of it (no mask, or no token axis); `extra["position_mask"]` says which:
+        "applied", or "no token axis" (counted over every element)."""
+        kept = mask.parts(pre, self.channel_dim) if mask is not None else None
         self.masked_now = kept is not None
         if mask is not None:
             before = self.extra.get("position_mask")
             self.extra["position_mask"] = (
                 "applied" if kept is not None and before != "no token axis" else "no token axis"
             )
-        return pre if kept is None else kept
+        return kept
 
-    def _kept_post(self, post: torch.Tensor, mask: PositionMask | None) -> torch.Tensor:
-        if mask is None or not self.masked_now:
-            return post
-        return mask.select(post, self.channel_dim)
+    def _observe_parts(self, observe, parts: list[torch.Tensor], threshold: float) -> None:
+        """Each part of one batch through the unmasked path; the batch's NaN flag is any part's."""
+        nan = False
+        for part in parts:
+            observe(part, threshold)
+            nan = nan or self._nan_in_batch
+        self._nan_in_batch = nan
+        self.masked_now = True
 
     def _allocate(self, units: int, device) -> None:
         self.positive = torch.zeros(units, dtype=torch.int64, device=device)
@@ -119,7 +162,11 @@ class SiteAccumulator:
         """The part that needs the pre-activation (before an in-place op overwrites it): the max,
         and the counts when they cannot be read off the output. With `mask`, only kept positions count
         (the same mask must then be given to `observe_post`)."""
-        pre = self._kept_pre(pre.detach(), mask)
+        pre = pre.detach()
+        parts = self._kept_pre(pre, mask)
+        if parts is not None:
+            self._observe_parts(self.observe_pre, parts, threshold)
+            return
         dim = self.channel_dim if pre.dim() > 1 else 0
         units = pre.shape[dim] if pre.dim() else 1
         if self.positive is None:
@@ -153,7 +200,10 @@ class SiteAccumulator:
 
     def observe_post(self, post: torch.Tensor, threshold: float, mask: PositionMask | None = None) -> None:
         """Counts and sums from the activation's output (relu/relu6: y > t exactly when x > t, t >= 0)."""
-        post = self._kept_post(post.detach(), mask)
+        post = post.detach()
+        if mask is not None and self.masked_now:
+            self._observe_parts(self.observe_post, mask.parts(post, self.channel_dim), threshold)
+            return
         if post.numel() == 0:
             return
         post, dims = self._as_reducible(post)
