@@ -9,12 +9,33 @@ from deadrelu_cli.loaders.detect import check_readable_file
 from deadrelu_cli.loaders.model import InputSpec, LoadedModel, LoadOptions, file_sha256_async
 
 
+def stored_tensors(model):
+    """Every TensorProto the model stores: initializers and tensor attributes, in subgraphs too (what
+    onnx's external-data helpers walk; their walker is private)."""
+    from onnx import AttributeProto
+
+    def graph_tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == AttributeProto.TENSOR:
+                    yield attribute.t
+                elif attribute.type == AttributeProto.TENSORS:
+                    yield from attribute.tensors
+                elif attribute.type == AttributeProto.GRAPH:
+                    yield from graph_tensors(attribute.g)
+                elif attribute.type == AttributeProto.GRAPHS:
+                    for subgraph in attribute.graphs:
+                        yield from graph_tensors(subgraph)
+
+    yield from graph_tensors(model.graph)
+
+
 def _check_external_locations(model, base: Path) -> None:
     from onnx import TensorProto
-    from onnx.external_data_helper import _get_all_tensors
 
     root = base.resolve()
-    for tensor in _get_all_tensors(model):
+    for tensor in stored_tensors(model):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
@@ -109,9 +130,8 @@ def has_undecodable_string(message) -> bool:
 
 def _has_external_data(model) -> bool:
     from onnx import TensorProto
-    from onnx.external_data_helper import _get_all_tensors
 
-    return any(t.data_location == TensorProto.EXTERNAL for t in _get_all_tensors(model))
+    return any(t.data_location == TensorProto.EXTERNAL for t in stored_tensors(model))
 
 
 def _check_initializer_sizes(model) -> None:
