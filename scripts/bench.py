@@ -404,6 +404,23 @@ def build_relu_transformer(folder: Path, hidden: int, ffn: int, layers: int, voc
     return folder
 
 
+def plain_transformer_pass(folder: Path, path: Path, batch: int) -> None:
+    """Plain inference, the transformer cases' reference: from_pretrained + every batch of the .npz."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    with np.load(path) as data:
+        ids, mask = data["input_ids"], data["attention_mask"]
+    with torch.inference_mode():
+        for i in range(0, len(ids), batch):
+            model(
+                input_ids=torch.from_numpy(ids[i : i + batch]),
+                attention_mask=torch.from_numpy(mask[i : i + batch]),
+                use_cache=False,
+            )
+
+
 def token_batches(rng, samples: int, tokens: int, vocab: int = 2000) -> dict[str, np.ndarray]:
     """input_ids with right padding (a quarter of the positions on average) and their attention_mask."""
     lengths = rng.integers(tokens // 2, tokens + 1, samples)
@@ -415,7 +432,6 @@ def token_batches(rng, samples: int, tokens: int, vocab: int = 2000) -> dict[str
 def measure_transformer(rng, reps: int, workdir: Path, quick: bool, batch: int) -> dict:
     """A ReLU transformer folder: `deadrelu scan FOLDER --data tokens.npz` (attention_mask applied) against
     from_pretrained + the same batches through the model, at N and 3N sequences."""
-    import transformers
 
     # OPT-125m's widths (768 -> 3072), 2 layers: the FFN and the counting at the size they have in practice
     folder = build_relu_transformer(workdir / "opt-relu", 768, 3072, 2)
@@ -427,16 +443,7 @@ def measure_transformer(rng, reps: int, workdir: Path, quick: bool, batch: int) 
 
     def pair(path: Path):
         def plain():
-            model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
-            with np.load(path) as data:
-                ids, mask = data["input_ids"], data["attention_mask"]
-            with torch.inference_mode():
-                for i in range(0, len(ids), batch):
-                    model(
-                        input_ids=torch.from_numpy(ids[i : i + batch]),
-                        attention_mask=torch.from_numpy(mask[i : i + batch]),
-                        use_cache=False,
-                    )
+            plain_transformer_pass(folder, path, batch)
 
         def scan():
             run_scan(ScanOptions(model=str(folder), data=str(path), batch_size=batch, device="cpu"))

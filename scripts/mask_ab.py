@@ -14,8 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
-from bench import build_relu_transformer, token_batches  # scripts/ is on sys.path when run as a script
+from bench import (  # scripts/ is on sys.path when run as a script
+    build_relu_transformer,
+    plain_transformer_pass,
+    token_batches,
+)
 
 from deadrelu_cli.engine import run_scan
 from deadrelu_cli.options import ScanOptions
@@ -37,16 +40,7 @@ def main() -> None:
     run_views = accumulator.RUN_VIEW_ELEMENTS
 
     def plain():
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
-        with np.load(path) as data:
-            ids, mask = data["input_ids"], data["attention_mask"]
-        with torch.inference_mode():
-            for i in range(0, len(ids), batch):
-                model(
-                    input_ids=torch.from_numpy(ids[i : i + batch]),
-                    attention_mask=torch.from_numpy(mask[i : i + batch]),
-                    use_cache=False,
-                )
+        plain_transformer_pass(folder, path, batch)
 
     def scan(mask=None, run_view_elements=run_views):
         accumulator.RUN_VIEW_ELEMENTS = run_view_elements

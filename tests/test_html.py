@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 from conftest import ROOT
-from truth import close_to_printed, sample_cnn, sample_cnn_truth
+from truth import close_to_printed, layer_row_cells, sample_cnn, sample_cnn_truth
 
 CNN = ROOT / "sample_models" / "cnn"
 
@@ -122,16 +122,7 @@ def test_every_layer_with_its_numbers(report_files):
     assert list(parsed.rows) == list(truths)
     for name, t in truths.items():
         cells = parsed.rows[name]
-        assert cells == [
-            name,
-            "relu",
-            str(t.units),
-            str(len(t.dead)),
-            f"{100 * len(t.dead) / t.units:.1f}%",
-            str(len(t.dying)),
-            str(len(t.dormant)),
-            f"{100 * t.median_rate:.1f}%",
-        ], name
+        assert cells == layer_row_cells(name, "relu", t), name
     text = html_path.read_text()
     dead, units = sum(len(t.dead) for t in truths.values()), sum(t.units for t in truths.values())
     assert dead == 8 and f"<b>{dead}</b>dead" in text and f"<b>{100 * dead / units:.1f}%</b>dead %" in text

@@ -273,6 +273,20 @@ def assert_summary_line(text: str, truths: dict[str, Truth]) -> None:
     assert line in text, (line, text)
 
 
+def layer_row_cells(name: str, op: str, t: Truth) -> list[str]:
+    """A layer row as the table and the HTML print it: Layer, Op, Units, Dead, Dead %, Dying, Dormant, Median."""
+    return [
+        name,
+        op,
+        str(t.units),
+        str(len(t.dead)),
+        f"{100 * len(t.dead) / t.units:.1f}%",
+        str(len(t.dying)),
+        str(len(t.dormant)),
+        f"{100 * t.median_rate:.1f}%",
+    ]
+
+
 def assert_layers_table(text: str, truths: dict[str, Truth], ops: dict[str, str]) -> None:
     """Layer  Op  Units  Dead  Dead %  Dying  Dormant  Median  (bar, sparkline): every row's numbers."""
     rows = {}
@@ -282,16 +296,7 @@ def assert_layers_table(text: str, truths: dict[str, Truth], ops: dict[str, str]
             rows[cells[0]] = cells[:8]
     assert set(rows) == set(truths), (set(rows), set(truths))
     for name, t in truths.items():
-        expected = [
-            name,
-            ops[name],
-            str(t.units),
-            str(len(t.dead)),
-            f"{100 * len(t.dead) / t.units:.1f}%",
-            str(len(t.dying)),
-            str(len(t.dormant)),
-            f"{100 * t.median_rate:.1f}%",
-        ]
+        expected = layer_row_cells(name, ops[name], t)
         assert rows[name] == expected, (name, rows[name], expected)
 
 
