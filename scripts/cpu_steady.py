@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import build_mlp_block, build_resnet18, hook_recipe  # noqa: E402
 
-from deadrelu_cli.probe import accumulator  # noqa: E402
 from deadrelu_cli.probe.base import ProbeSettings  # noqa: E402
 from deadrelu_cli.probe.eager import EagerProbe  # noqa: E402
 
