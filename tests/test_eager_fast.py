@@ -137,7 +137,11 @@ def test_fused_compiled_statistics_match_numpy():
         calls = []
         real = accumulator.fused_stats
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(accumulator, "fused_stats", lambda *a: calls.append(a[3].name) or real(*a))
+            patch.setattr(
+                accumulator,
+                "fused_stats",
+                lambda *a, calls=calls, real=real: calls.append(a[3].name) or real(*a),
+            )
             with probe.attached(), torch.inference_mode():
                 for x in batches:
                     probe.run((x.clone().contiguous(memory_format=layout),))
