@@ -3,6 +3,7 @@
 # plain eager and plain compiled, bf16 + channels_last) and a CUDA-against-CPU count check. Installs
 # nothing: the machine's python3 has torch, onnxruntime, numpy. Logs and JSON go to $OUT (default /tmp/out).
 #   bash scripts/gpu_check.sh            (from the repository root)
+#   ONLY_EAGER22=1 bash scripts/gpu_check.sh   (issue 22's eager rows only: scripts/gpu_steady.py, ~6 min)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" PYTHONDONTWRITEBYTECODE=1
 OUT="${OUT:-/tmp/out}"
@@ -23,8 +24,17 @@ bench() {  # one case, its own process and time limit: an overrun loses one row
     grep -v Warning | tail -3
 }
 {
-  if [ -n "${ONLY_STEADY:-}" ]; then
-    echo "== steady state, in process"; timeout 240 $py scripts/gpu_steady.py 2>&1 | grep -E "ms/batch|Error" | tail -12
+  if [ -n "${ONLY_STEADY:-}" ] || [ -n "${ONLY_EAGER22:-}" ]; then
+    # issue 22's eager targets, ~6 min at most: each part its own process and time limit (full logs in $OUT)
+    steady() {  # label, time limit, arguments
+      echo "== $1"
+      timeout "$2" $py scripts/gpu_steady.py "${@:3}" >"$OUT/steady-$1.log" 2>&1
+      echo "(exit $?)"
+      grep -E "^==|built|FAILED|ms/batch|vs |Error" "$OUT/steady-$1.log" | tail -14
+    }
+    steady fp32 150 --dtype fp32
+    steady bf16 150 --dtype bf16
+    steady counts 60 --check
     exit 0
   fi
   if [ -n "${ONLY_COMPILE:-}" ]; then

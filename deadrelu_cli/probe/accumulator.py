@@ -302,19 +302,19 @@ class SiteAccumulator:
         else:
             out_parts = parts
         int_sum = lambda t, d: t.sum(d, dtype=torch.int32)  # noqa: E731
+        batch_max = None
         for x, y in zip(parts, out_parts, strict=True):
-            batch_max = _channel_first_reduce(x, dims, torch.amax)
-            torch.maximum(self.max_pre, batch_max, out=self.max_pre)
-            nan = bool(torch.isnan(batch_max).any())  # y.bool() would count a NaN as fired
+            part_max = _channel_first_reduce(x, dims, torch.amax)
+            batch_max = part_max if batch_max is None else torch.maximum(batch_max, part_max, out=batch_max)
             if in_place:
                 x.clamp_min_(0)
             else:
                 torch.clamp_min(x, 0, out=y)
-            if nan:
-                self.positive += _count(y > threshold, dims)
-            else:
-                self.positive += _channel_first_reduce(y.bool().view(torch.uint8), dims, int_sum)
+            self.positive += _channel_first_reduce(y.bool().view(torch.uint8), dims, int_sum)
             self.sum_abs += _channel_first_reduce(y, dims, torch.sum)  # y >= 0: |y| = y
+        torch.maximum(self.max_pre, batch_max, out=self.max_pre)  # amax and maximum propagate NaN
+        if bool(torch.isnan(batch_max).any()):  # y.bool() counted each NaN (relu(NaN) = NaN) as fired
+            self.positive -= _count(torch.isnan(self._as_reducible(out)[0]), dims)
         self.elements_per_unit += pre.numel() // units
         self._fused_batch = False
         self.masked_now = False
