@@ -248,6 +248,7 @@ def apply_torch(
                     device,
                     scan_options.dtype,
                     scan_options.device_map,
+                    scan_options.max_memory,
                 )
             ),
             scanned.data,
