@@ -182,7 +182,7 @@ class _CallSiteMode(TorchFunctionMode):
         if substitute is not None:  # a patched site (deadrelu fix --strategy leaky, patch_module)
             return substitute(args[0])
         out = None
-        if self.probe.fast_paths and spec.op == "relu" and not self.probe.registry.position_mask:
+        if self.probe.fast_paths and spec.op == "relu" and self.probe.registry.position_mask is None:
             out = self.probe.run_in_parts(name, spec.op, args[0], in_place)
         if out is None:
             out = call_and_record(
