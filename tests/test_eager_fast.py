@@ -195,3 +195,11 @@ def test_site_first_seen_in_a_later_batch(fused):
     np.testing.assert_array_equal(layers["relu()"].max_preactivation, pre.max(0))
     np.testing.assert_allclose(layers["relu()"].sum_abs, np.maximum(pre, 0).sum(0), rtol=1e-5)
     _check({"act": layers["act"]}, {"act": truth_of(truths["act"], 1)})
+
+
+def test_fused_devices_come_from_the_environment(monkeypatch):
+    """DEADRELU_FUSED_STATS picks the devices of the one-pass statistics; unknown words are ignored."""
+    monkeypatch.setenv("DEADRELU_FUSED_STATS", "cuda, cpu,tpu")
+    assert ProbeSettings().fused_devices == ("cuda", "cpu")
+    monkeypatch.delenv("DEADRELU_FUSED_STATS")
+    assert ProbeSettings().fused_devices == ()
