@@ -30,15 +30,15 @@ bench() {  # one case, its own process and time limit: an overrun loses one row
       echo "== $1"
       timeout "$2" $py scripts/gpu_steady.py "${@:3}" >"$OUT/steady-$1.log" 2>&1
       echo "(exit $?)"
-      grep -E "^==|built|FAILED|ms/batch|vs |Error" "$OUT/steady-$1.log" | tail -14
+      grep -E "^==|built|FAILED|ms/batch|vs |Error" "$OUT/steady-$1.log" | tail -20
     }
-    steady fp32 150 --dtype fp32
-    steady bf16 150 --dtype bf16
-    steady counts 60 --check
+    steady fp32 160 --dtype fp32   # the eager arms are printed first, then the compiled ones
+    steady bf16 140 --dtype bf16
+    steady counts 50 --check
     exit 0
   fi
   if [ -n "${ONLY_COMPILE:-}" ]; then
-    echo "== export diagnosis"; timeout 60 $py scripts/export_diag.py 2>&1 | grep -v Warning | tail -14
+    echo "== export diagnosis"; timeout 60 $py scripts/export_diag.py 2>&1 | grep -v Warning | tail -20
     bench cuda-compile 150; bench cuda-compile-vs-compiled 150
     echo "== counts"; timeout 120 $py scripts/gpu_counts.py 2>&1 | grep -v Warning | tail -4
     exit 0

@@ -75,43 +75,70 @@ def build_arm(name: str, fresh, x: torch.Tensor):
     raise SystemExit(f"unknown arm {name!r}")
 
 
-def measure(dtype, layout, arms: list[str], rounds: int, steps: int) -> dict[str, float]:
+def measure(dtype, layout, stages: list[list[str]], rounds: int, steps: int, label: str) -> None:
+    """Stage by stage (the cheap arms first, the compiled ones after): build and warm up the stage's arms,
+    then time them with plain eager and print, so a time limit that cuts a later stage keeps the rows
+    already printed."""
+
     def fresh():  # one model per arm, the same weights: hooks of one never reach another
         return build_resnet18().to(DEVICE).to(dtype=dtype, memory_format=layout).eval()
 
     x = torch.randn(BATCH, 3, SIDE, SIDE, device=DEVICE, dtype=dtype).contiguous(memory_format=layout)
     fns, contexts = {}, []
-    with torch.inference_mode():
-        for name in arms:
-            start = time.perf_counter()
-            try:
-                fn, context = build_arm(name, fresh, x)
-                if context is not None:
-                    context.__enter__()
-                    contexts.append(context)
-                fn()  # compile, warm up
-                fn()
-                sync()
-                fns[name] = fn
-                print(f"  built {name} in {time.perf_counter() - start:.1f} s", flush=True)
-            except Exception as exc:  # one arm's failure must not lose the others
-                print(f"  FAILED {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
-                traceback.print_exc(limit=3)
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        try:
-            for r in range(rounds):
-                names = list(fns)
-                for key in names[r % len(names) :] + names[: r % len(names)]:
-                    sync()
+    try:
+        with torch.inference_mode():
+            for stage in stages:
+                for name in stage:
+                    if name in fns:
+                        continue
                     start = time.perf_counter()
-                    for _ in range(steps):
-                        fns[key]()
-                    sync()
-                    times[key].append((time.perf_counter() - start) / steps)
-        finally:
-            for context in reversed(contexts):
-                context.__exit__(None, None, None)
+                    try:
+                        fn, context = build_arm(name, fresh, x)
+                        if context is not None:
+                            context.__enter__()
+                            contexts.append(context)
+                        fn()  # compile, warm up
+                        fn()
+                        sync()
+                        fns[name] = fn
+                        print(f"  built {name} in {time.perf_counter() - start:.1f} s", flush=True)
+                    except Exception as exc:  # one arm's failure must not lose the others
+                        print(
+                            f"  FAILED {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                            flush=True,
+                        )
+                        traceback.print_exc(limit=3)
+                names = [n for n in dict.fromkeys(["plain eager", *stage]) if n in fns]
+                report(time_arms({n: fns[n] for n in names}, rounds, steps), label)
+    finally:
+        for context in reversed(contexts):
+            context.__exit__(None, None, None)
+
+
+def time_arms(fns: dict, rounds: int, steps: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for key in names[r % len(names) :] + names[: r % len(names)]:
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                fns[key]()
+            sync()
+            times[key].append((time.perf_counter() - start) / steps)
     return {k: statistics.median(v) for k, v in times.items() if v}
+
+
+def report(med: dict[str, float], label: str) -> None:
+    base, recipe = med.get("plain eager"), med.get("hook recipe")
+    for key, value in med.items():
+        ratio = f"/plain eager {value / base:5.3f}" if base else ""
+        if recipe and key.startswith("scan eager"):
+            ratio += f"  /hook recipe {value / recipe:5.3f}"
+        print(
+            f"{label:<19} {key:<21} {value * 1e3:7.2f} ms/batch {BATCH / value:8.0f} img/s  {ratio}",
+            flush=True,
+        )
 
 
 def check_counts() -> None:
@@ -124,16 +151,22 @@ def check_counts() -> None:
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((64, 3, 112, 112), dtype=np.float32))
     results = {}
     for label, device, fused in (
-        ("cpu eager", "cpu", ()),
+        ("cpu reference", "cpu", ()),
         (f"{DEVICE} eager", DEVICE, ()),
         (f"{DEVICE} fused", DEVICE, (DEVICE,)),
     ):
-        probe = EagerProbe(build_resnet18().to(device), ProbeSettings(fused_devices=fused))
-        with probe.attached(), torch.inference_mode():
-            for part in x.split(32):
-                probe.run((part.to(device),))
-        results[label] = probe.registry.layer_stats()
-    eager, fused, cpu = results[f"{DEVICE} eager"], results[f"{DEVICE} fused"], results["cpu eager"]
+        try:
+            probe = EagerProbe(build_resnet18().to(device), ProbeSettings(fused_devices=fused))
+            with probe.attached(), torch.inference_mode():
+                for part in x.split(32):
+                    probe.run((part.to(device),))
+            results[label] = probe.registry.layer_stats()
+        except Exception as exc:  # report, and compare what did run
+            print(f"FAILED {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
+            traceback.print_exc(limit=3)
+    if len(results) < 3:
+        return
+    eager, fused, cpu = results[f"{DEVICE} eager"], results[f"{DEVICE} fused"], results["cpu reference"]
     units = sum(layer.units for layer in cpu)
     same_counts = all(
         np.array_equal(a.positive_counts, b.positive_counts) for a, b in zip(eager, fused, strict=True)
@@ -179,15 +212,10 @@ def main() -> None:
         else (torch.bfloat16, torch.channels_last, "bf16 channels_last")
     )
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    compiled = [a for a in arms if "compile" in a]
+    stages = [[a for a in arms if a not in compiled], *([compiled] if compiled else [])]
     print(f"== {label}: {BATCH}x3x{SIDE}x{SIDE}, {DEVICE}, torch {torch.__version__}", flush=True)
-    med = measure(dtype, layout, arms, args.rounds, args.steps)
-    base = med.get("plain eager")
-    for key, value in med.items():
-        ratio = f"/plain eager {value / base:5.3f}" if base else ""
-        print(
-            f"{label:<19} {key:<21} {value * 1e3:7.2f} ms/batch {BATCH / value:8.0f} img/s  {ratio}",
-            flush=True,
-        )
+    measure(dtype, layout, stages, args.rounds, args.steps, label)
 
 
 if __name__ == "__main__":
