@@ -164,6 +164,33 @@ def test_kick_revives_and_is_verified(cli, tmp_path, planted_module):
     np.testing.assert_allclose(layer["rates_after"], truth.active_rate[[0, 1, 2]], rtol=0, atol=1e-12)
 
 
+def test_kick_that_revives_nothing_is_not_verified(cli, tmp_path, planted_module):
+    """A kick far too small for the pre-activations changes weights and revives no unit: verification
+    fails (exit 1, nothing written) with the hint; --force writes it anyway. Which units fire afterwards
+    is judged from the kicked model in plain torch."""
+    import torch
+    from truth import capture, truth_of
+
+    x = np.random.default_rng(0).uniform(0, 1, (200, 4)).astype(np.float32)
+    _, ckpt, data = _scan_json(cli, planted_module.causes_mlp().eval(), "causes_mlp", x, tmp_path)
+    out = tmp_path / "kicked.pt"
+    args = ("fix", ckpt, "--arch", arch("causes_mlp"), "--data", data, "--strategy", "kick")
+    args += ("--kick-scale", "1e-6", "--layers", "relu()", "--output", out)
+    result = cli(*args)
+    assert result.code == 1, result.err
+    assert (
+        "revived none of the 3 dead units" in result.out + result.err
+        and "--kick-scale" in result.out + result.err
+    )
+    assert not out.exists()
+    forced = cli(*args, "--force")
+    assert forced.code == 0, forced.err
+    kicked = planted_module.causes_mlp()
+    kicked.load_state_dict(torch.load(out, weights_only=True))
+    site = capture(kicked.eval(), [torch.from_numpy(x)], producers={"relu()": ("fc1", "relu")})["relu()"]
+    assert {0, 1, 2} <= set(truth_of(site, 1).dead)  # the premise: nothing revived
+
+
 def test_inspect_runs_the_structural_checks(cli, tmp_path, planted_module):
     ckpt = save_state_dict(planted_module.relu_before_softmax(), tmp_path / "m.pt")
     result = cli("inspect", ckpt, "--arch", arch("relu_before_softmax"))
