@@ -112,6 +112,22 @@ def test_relu_before_softmax_check(cli, tmp_path, planted_module):
     assert not any("relu-before-softmax" in note for note in clean["notes"])
 
 
+def test_zero_weight_rows_are_reported_where_they_feed_an_activation(cli, tmp_path, planted_module):
+    """A Linear row of zeros feeding a ReLU is a unit that only outputs its bias: reported. A zero row of
+    the head (no activation after it, like an LM head tied to a zero padding embedding) is not a unit
+    of any scanned layer: not reported."""
+    import torch
+
+    model = planted_module.causes_mlp().eval()
+    with torch.no_grad():
+        model.fc1.weight[3] = 0.0
+        model.out.weight[1] = 0.0
+    x = np.random.default_rng(2).uniform(0, 1, (20, 4)).astype(np.float32)
+    report, *_ = _scan_json(cli, model, "causes_mlp", x, tmp_path)
+    zero = [note for note in report["notes"] if note.startswith("check zero-weights:")]
+    assert len(zero) == 1 and "fc1: units [3]" in zero[0], report["notes"]
+
+
 def test_relu_on_output_and_constant_bn_checks(cli, tmp_path, planted_module):
     x = np.random.default_rng(3).standard_normal((10, 4)).astype(np.float32)
     report, *_ = _scan_json(cli, planted_module.relu6_model().eval(), "relu6_model", x, tmp_path)
