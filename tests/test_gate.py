@@ -203,7 +203,7 @@ def test_scan_config_sets_batch_size(cli, tmp_path, monkeypatch):
     assert "7" in line and "pyproject.toml" in shown.out
 
 
-@pytest.mark.parametrize("command", ["scan", "gate", "trend"])
+@pytest.mark.parametrize("command", ["scan", "gate"])
 def test_show_config_names_only_flags_the_command_takes(cli, reports, tmp_path, monkeypatch, command):
     """Every setting --show-config lists is an option of that command as a user types it (--json, not
     the parameter's name --json-out)."""
