@@ -125,7 +125,7 @@ def test_reshaped_conv_bias_and_unfused_batchnorm_are_producers(tmp_path, weight
     assert np.flatnonzero(second.dead_mask()).tolist() == [2]
 
 
-def test_a_graph_without_relu_says_what_it_uses_instead(tmp_path):
+def test_a_graph_without_relu_says_what_it_uses_instead(tmp_path, cli):
     """YOLO-style SiLU (x * Sigmoid(x)): no layers, exit 0, and the note names the Sigmoid nodes."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -146,6 +146,9 @@ def test_a_graph_without_relu_says_what_it_uses_instead(tmp_path):
     report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), device="cpu")
     assert report.layers == []
     assert any("no relu/relu6 nodes" in note and "Sigmoid ×1" in note for note in report.notes)
+    shown = cli("scan", tmp_path / "m.onnx", "--data", tmp_path / "d.npz")  # no empty table
+    assert shown.code == 0 and "Layer" not in shown.out
+    assert "No activation site of relu, relu6 in this model" in shown.out and "Sigmoid ×1" in shown.out
 
 
 def test_relu_inside_if_branches(tmp_path):
