@@ -220,6 +220,17 @@ def test_show_config_names_only_flags_the_command_takes(cli, reports, tmp_path, 
     assert set(listed) <= offered, sorted(set(listed) - offered)
 
 
+def test_a_bad_value_from_the_config_file_names_the_file(cli, reports, tmp_path, monkeypatch):
+    """The user never typed --max-dead: the error names the key and the file it came from."""
+    (tmp_path / "pyproject.toml").write_text("[tool.deadrelu]\nmax-dead = 1.5\n")
+    monkeypatch.chdir(tmp_path)
+    result = cli("gate", reports[0])
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert "max-dead = 1.5 in pyproject.toml [tool.deadrelu]" in result.err, result.err
+    typed = cli("gate", reports[0], "--max-dead", "2")  # typed: Typer's own message about the flag
+    assert typed.code == 2 and "--max-dead" in typed.err
+
+
 def test_gate_without_limits_is_usage_error(cli, reports, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = cli("gate", reports[0])

@@ -436,7 +436,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                 detail = [line.strip() for line in str(exc).splitlines()[1:] if "Got:" in line]
                 hint = "check that --data fits the model's inputs"
                 if loaded.fixed_batch is not None and batch_size != loaded.fixed_batch:
-                    hint = f"the model's inputs fix the batch at {loaded.fixed_batch}: leave out --batch-size or pass --batch-size {loaded.fixed_batch}"
+                    hint = f"the model's inputs fix the batch at {loaded.fixed_batch}: leave out --batch-size (and batch-size in [tool.deadrelu]) or pass --batch-size {loaded.fixed_batch}"
                 raise UserError(
                     f"onnxruntime failed on the first batch: {'; '.join([first, *detail])}; {hint}"
                 ) from None
