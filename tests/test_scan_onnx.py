@@ -202,6 +202,18 @@ def test_float16_model_gets_converted_inputs(tmp_path):
     assert any("converted to the model's float16" in note for note in report.notes)
 
 
+def test_integer_pixels_into_a_float_model_are_counted_as_raw_values_with_a_note(tmp_path):
+    """uint8 images fed to a float model: converted value for value (0-255, no scaling; the counts are
+    those of the float values) and a note says so, as it is the classic missing-normalisation slip."""
+    model = gemm_relu()
+    x = np.random.default_rng(7).integers(0, 256, (12, 4)).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", x=x)
+    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), device="cpu")
+    truth = relu_inputs_ground_truth(model, {"x": x.astype(np.float32)}, {"relu1": 1})
+    _check_layer(report.layers[0], truth["relu1"])
+    assert any("uint8 converted" in note and "normalise" in note for note in report.notes)
+
+
 def test_external_data(tmp_path):
     model = gemm_relu()
     path = tmp_path / "ext.onnx"

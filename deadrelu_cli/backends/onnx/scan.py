@@ -371,6 +371,12 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
             loaded.notes.append(
                 f"input {spec.name}: data {source.dtype} converted to the model's {spec.dtype}"
             )
+        elif spec.dtype and source.dtype.kind in "iu" and spec.dtype.startswith("float"):
+            # raw pixel values (0-255) where the model expects normalised floats: a classic preprocessing slip
+            loaded.notes.append(
+                f"input {spec.name}: data {source.dtype} converted to the model's {spec.dtype} as raw values "
+                f"(no scaling); if the model expects normalised inputs, normalise the data first"
+            )
         if spec.shape and source.name not in data.consts:
             got = source.shape
             if len(got) != len(spec.shape) or any(
