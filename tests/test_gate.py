@@ -299,3 +299,9 @@ def test_diff(cli, reports):
     assert "3/32" in row and "5/32" in row and "+2" in row
     assert "relu()" not in result.out.split("Dead units")[0]  # unchanged layers hidden by default
     assert "Dead units: 6/40 (15.0%) → 8/40 (20.0%), 1 layers changed" in result.out
+
+
+def test_bad_limits_are_refused_before_the_report_is_printed(cli, reports):
+    result = cli("gate", reports[0], "--layer-limit", "relu*")
+    assert result.code == 2 and "GLOB=FRACTION" in result.err
+    assert result.out == ""  # no table first: the usage error is the whole answer
