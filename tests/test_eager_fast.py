@@ -204,3 +204,59 @@ def test_fused_devices_come_from_the_environment(monkeypatch):
     assert ProbeSettings().fused_devices == ("cuda", "cpu")
     monkeypatch.delenv("DEADRELU_FUSED_STATS")
     assert ProbeSettings().fused_devices == ()
+
+
+class _BranchyConv(nn.Module):
+    """A large conv site (counted in slices) that runs only for the second batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.rare = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x), inplace=True)
+        if x[0, 0, 0, 0] > 100:
+            h = F.relu(self.rare(h))
+        return h.mean((2, 3))
+
+
+def test_sliced_site_first_seen_in_a_later_batch(monkeypatch):
+    torch.manual_seed(5)
+    model = _BranchyConv().eval()
+    gen = torch.Generator().manual_seed(6)
+    batches = [torch.randn(16, 4, 96, 96, generator=gen) for _ in range(3)]
+    batches[1][0, 0, 0, 0] = 1000.0
+    seen = {"conv": [], "rare": []}
+    hooks = [
+        getattr(model, n).register_forward_hook(
+            lambda m, a, out, n=n: seen[n].append(out.double().numpy().copy())
+        )
+        for n in seen
+    ]
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for hook in hooks:
+        hook.remove()
+    used = []
+    real = accumulator.SiteAccumulator.run_relu_in_parts
+    monkeypatch.setattr(
+        accumulator.SiteAccumulator,
+        "run_relu_in_parts",
+        lambda self, *a: used.append(self.name) or real(self, *a),
+    )
+    probe = EagerProbe(model, ProbeSettings())
+    with probe.attached(), torch.inference_mode():
+        for x in batches:
+            probe.run((x,))
+    layers = {layer.name: layer for layer in probe.registry.layer_stats()}
+    assert list(layers) == ["relu()", "relu()#2"] and used.count("relu()#2") == 1
+    for name, producer in (("relu()", "conv"), ("relu()#2", "rare")):
+        pre = np.moveaxis(np.concatenate(seen[producer]), 1, -1).reshape(-1, 8)
+        layer = layers[name]
+        assert layer.producer == producer and layer.module_type == "functional"
+        np.testing.assert_array_equal(layer.positive_counts, (pre > 0).sum(0), err_msg=name)
+        assert layer.elements_per_unit == pre.shape[0]
+        np.testing.assert_array_equal(layer.max_preactivation, pre.max(0))
+        np.testing.assert_allclose(layer.sum_abs, np.maximum(pre, 0).sum(0), rtol=1e-5)
