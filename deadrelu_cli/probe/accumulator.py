@@ -409,7 +409,7 @@ def fused_stats(tensor: torch.Tensor, dims: list[int], threshold: float, site: S
     compiles serve every site): the reductions read the activation's input once, in one kernel where
     the compiler fuses them, instead of ~8 separate kernels and their Python calls. False when it cannot
     be used here (then the caller counts in eager)."""
-    if tensor.dim() == 3 and dims == [0, 2] or tensor.dim() >= 3 and dims == [0, *range(2, tensor.dim())]:
+    if tensor.dim() >= 3 and dims == [0, *range(2, tensor.dim())]:  # [N, C, ...] as [N, C, L]
         if not tensor.is_contiguous():
             return False
         x, key = tensor.view(tensor.shape[0], tensor.shape[1], -1), (0, 2)
