@@ -32,9 +32,9 @@ bench() {  # one case, its own process and time limit: an overrun loses one row
       echo "(exit $?)"
       grep -E "^==|built|FAILED|ms/batch|vs |Error" "$OUT/steady-$1.log" | tail -20
     }
-    steady fp32 160 --dtype fp32   # the eager arms are printed first, then the compiled ones
-    steady bf16 140 --dtype bf16
-    steady counts 50 --check
+    steady fp32 150 --dtype fp32   # the eager arms are printed first, then the compiled ones
+    steady bf16 130 --dtype bf16
+    steady counts 45 --check
     exit 0
   fi
   if [ -n "${ONLY_COMPILE:-}" ]; then
