@@ -160,7 +160,15 @@ class Watch:
         self._handles: list = []
         self._modes: list = []
         self._mask: torch.Tensor | None = None  # the position mask of the current step
-        self._probe: EagerProbe | None = None  # this window's counters
+        # one probe for the run (names, tables); its counters are restarted per window
+        self._probe = EagerProbe(
+            model,
+            ProbeSettings(
+                threshold=self.settings.threshold,
+                channel_dim=self.settings.channel_dim,
+                ops=self.settings.ops,
+            ),
+        )
         self._sampled: list[int] = []  # steps sampled in this window
         self._samples = 0
         self._windows = 0
@@ -197,7 +205,7 @@ class Watch:
         forwards that follow (the probe's own masking: sites without a token axis count every element
         and say so); None counts every position. On an unsampled step it is only kept."""
         self._mask = mask
-        if self._probe is not None and self._handles:
+        if self._handles:
             self._probe.set_position_mask(mask)
 
     def pause(self) -> None:
@@ -207,14 +215,14 @@ class Watch:
     def end_step(self) -> Report | None:
         """The step's forwards are done: take the probe off; the window's Report when it is complete."""
         self._detach()
-        if self._probe is not None and len(self._sampled) >= self.window:
+        if self._sampled and len(self._sampled) >= self.window:
             return self._close_window()
         return None
 
     def close(self) -> Report | None:
         """End the run: the last window's Report, even when it has fewer sampled steps than `window`."""
         self._detach()
-        if self._probe is not None and self._sampled:
+        if self._sampled:
             return self._close_window()
         return None
 
@@ -232,16 +240,7 @@ class Watch:
     def _attach(self) -> None:
         if self._handles:
             return
-        if self._probe is None:
-            self._probe = EagerProbe(
-                self.model,
-                ProbeSettings(
-                    threshold=self.settings.threshold,
-                    channel_dim=self.settings.channel_dim,
-                    ops=self.settings.ops,
-                ),
-            )
-        probe = self._probe
+        probe, root = self._probe, self.model
         probe.set_position_mask(self._mask)
 
         def start(_module, args, kwargs):
@@ -250,15 +249,18 @@ class Watch:
             mode = probe.mode()
             mode.__enter__()
             self._modes.append(mode)
+            probe.enter_module(root, args)
 
-        def stop(_module, _args, _output):
+        def stop(_module, args, output):
+            probe.leave_module(root, args, output)
             if self._modes:
                 self._modes.pop().__exit__(None, None, None)
 
-        # the root's pre-hook first (it resets the probe's module stack), its post-hook last
-        self._handles.append(self.model.register_forward_pre_hook(start, prepend=True, with_kwargs=True))
-        self._handles.extend(probe.attach())
-        self._handles.append(self.model.register_forward_hook(stop, always_call=True))
+        # the root's own hooks (they see the keyword arguments) begin and end a forward; the probe's two
+        # global hooks follow the modules below it: four hooks to add and remove, whatever the model's size
+        self._handles.append(root.register_forward_pre_hook(start, prepend=True, with_kwargs=True))
+        self._handles.extend(probe.attach_global())
+        self._handles.append(root.register_forward_hook(stop, always_call=True))
 
     def _detach(self) -> None:
         while self._modes:  # a forward that never returned (an exception inside a hook)
@@ -269,9 +271,9 @@ class Watch:
 
     # -- the window's report ------------------------------------------------------------------------
     def _close_window(self) -> Report:
-        probe, sampled = self._probe, self._sampled
-        self._probe, self._sampled = None, []
-        layers = probe.registry.layer_stats()
+        sampled, self._sampled = self._sampled, []
+        layers = self._probe.registry.layer_stats()  # host copies: the counters start over in place
+        self._probe.restart_counts()
         attach_module_biases(self.model, layers)
         training = TrainingInfo(
             step=sampled[-1],

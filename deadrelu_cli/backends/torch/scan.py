@@ -76,15 +76,30 @@ def attach_module_biases(runnable, layers) -> None:
     """attach_biases on a module (or anything with named parameters/buffers): live models too (watch)."""
     import torch
 
-    params = {}
-    if hasattr(runnable, "named_parameters"):
-        params.update(dict(runnable.named_parameters()))
-    if hasattr(runnable, "named_buffers"):
-        params.update({k: v for k, v in runnable.named_buffers() if k not in params})
+    params = None
+
+    def bias_of(producer: str):
+        nonlocal params
+        if isinstance(runnable, torch.nn.Module):  # the producer's own tensors, not the whole model's
+            try:
+                owner = runnable.get_submodule(producer)
+            except AttributeError:
+                return None
+            if "bias" in dict(owner.named_parameters(recurse=False)):
+                return owner.bias
+            return dict(owner.named_buffers(recurse=False)).get("bias")
+        if params is None:
+            params = {}
+            if hasattr(runnable, "named_parameters"):
+                params.update(dict(runnable.named_parameters()))
+            if hasattr(runnable, "named_buffers"):
+                params.update({k: v for k, v in runnable.named_buffers() if k not in params})
+        return params.get(f"{producer}.bias")
+
     for layer in layers:
         if layer.producer is None:
             continue
-        bias = params.get(f"{layer.producer}.bias")
+        bias = bias_of(layer.producer)
         if (
             isinstance(bias, torch.Tensor)
             and is_last_axis_vector(tuple(bias.shape))  # [N] or [1, N]
