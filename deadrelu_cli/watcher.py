@@ -18,6 +18,7 @@ are ordinary Reports: JSON, gate, HTML, `deadrelu trend` work on them.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,6 +105,18 @@ def architecture_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def positional_index(model: nn.Module, argument: str | None) -> int | None:
+    """Where `argument` sits among the positional parameters of `model.forward`, or None."""
+    if argument is None:
+        return None
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return positional.index(argument) if argument in positional else None
+
+
 def _batch_size(args: tuple, kwargs: dict) -> int:
     for value in list(args) + list(kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -120,6 +133,8 @@ class Watch:
     last, partial one. `on_report(report)` is called with each Report; `out_dir` gets one JSON report per
     window (`deadrelu-step00001200.json`); limits (`max_dead_layer`, …, or [tool.deadrelu]) warn once per
     layer with a `DeadLayerWarning`, and with `stop_on_gate=True` set `should_stop` when one is exceeded.
+    `mask` names the forward argument read as the position mask of each sampled forward (default
+    "attention_mask": positions where it is 0 are not counted, as in `deadrelu scan`); None turns it off.
     """
 
     def __init__(
@@ -134,6 +149,7 @@ class Watch:
         config: str | bool | None = None,
         name: str | None = None,
         keep_reports: int | None = None,
+        mask: str | None = "attention_mask",
         **settings: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -159,7 +175,10 @@ class Watch:
         self._current: int | None = None  # the step running now
         self._handles: list = []
         self._modes: list = []
-        self._mask: torch.Tensor | None = None  # the position mask of the current step
+        self._mask: torch.Tensor | None = None  # the position mask given for the current step
+        self.mask_argument = mask  # the forward's argument read as the position mask (None: none)
+        self._mask_index = positional_index(model, mask)
+        self._mask_warned = False
         # one probe for the run (names, tables); its counters are restarted per window
         self._probe = EagerProbe(
             model,
@@ -183,8 +202,9 @@ class Watch:
     def step(self, step: int | None = None, position_mask: torch.Tensor | None = None) -> bool:
         """A training step begins (before its forward). Returns whether it is sampled. Called again
         with the same `step` (a trainer's gradient-accumulation micro-batches), it continues that step.
-        `position_mask` ([batch, tokens], e.g. the batch's attention_mask): count only those positions
-        in this step's forwards (see `set_position_mask`); None counts every position."""
+        `position_mask` ([batch, tokens], bool or 0/1): count only those positions in this step's
+        forwards (see `set_position_mask`); None: each forward's own `attention_mask` argument when it
+        has one (see `mask`), else every position."""
         self._mask = position_mask
         current = self._next_step if step is None else int(step)
         if step is not None and current == self._current:
@@ -203,7 +223,8 @@ class Watch:
     def set_position_mask(self, mask: torch.Tensor | None) -> None:
         """Count only the token positions where `mask` ([batch, tokens], bool or 0/1) is true in the
         forwards that follow (the probe's own masking: sites without a token axis count every element
-        and say so); None counts every position. On an unsampled step it is only kept."""
+        and say so); None goes back to each forward's own `attention_mask` (or every position). A mask
+        given here or to `step()` wins over the forward's own. On an unsampled step it is only kept."""
         self._mask = mask
         if self._handles:
             self._probe.set_position_mask(mask)
@@ -246,6 +267,8 @@ class Watch:
         def start(_module, args, kwargs):
             probe.begin_forward()
             self._samples += _batch_size(args, kwargs)
+            if self._mask is None and self.mask_argument is not None:  # given masks win
+                probe.set_position_mask(self._forward_mask(args, kwargs))
             mode = probe.mode()
             mode.__enter__()
             self._modes.append(mode)
@@ -261,6 +284,26 @@ class Watch:
         self._handles.append(root.register_forward_pre_hook(start, prepend=True, with_kwargs=True))
         self._handles.extend(probe.attach_global())
         self._handles.append(root.register_forward_hook(stop, always_call=True))
+
+    def _forward_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The forward's own `attention_mask` (or `mask_argument`): positions where it is 0 are not
+        positions, as for `deadrelu scan` on a model folder. None when the forward has none."""
+        value = kwargs.get(self.mask_argument)
+        if value is None and self._mask_index is not None and len(args) > self._mask_index:
+            value = args[self._mask_index]
+        if not isinstance(value, torch.Tensor):
+            return None
+        if value.dim() != 2:
+            if not self._mask_warned:
+                self._mask_warned = True
+                warnings.warn(
+                    f"deadrelu: the forward's {self.mask_argument} has shape {list(value.shape)}, not "
+                    "[batch, tokens]: every position is counted (pass position_mask= to step() to choose)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return None
+        return value
 
     def _detach(self) -> None:
         while self._modes:  # a forward that never returned (an exception inside a hook)

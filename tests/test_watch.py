@@ -239,3 +239,48 @@ def test_position_mask_counts_only_kept_tokens():
     assert layer.positive_counts.tolist() == (pre > 0).sum(axis=0).tolist()
     assert 0 in np.flatnonzero(layer.dead_mask())
     assert plain.last.layer("1").positive_counts[0] > 0  # the padding made it fire
+
+
+def test_the_forwards_own_attention_mask_positional_keyword_and_overridden():
+    """The mask is read from the forward's arguments (keyword or positional); a mask given to step()
+    wins; mask=None turns it off; a mask that is not [batch, tokens] warns once and counts everything.
+    Reference: numpy over the pre-activations of the kept positions."""
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 5)
+
+        def forward(self, x, attention_mask=None):
+            return self.fc(x).relu()
+
+    torch.manual_seed(0)
+    model = Tagger()
+    x = torch.randn(4, 6, 3)
+    own = torch.ones(4, 6, dtype=torch.long)
+    own[:, 4:] = 0
+    given = torch.zeros(4, 6, dtype=torch.bool)
+    given[:, :2] = True
+    with torch.no_grad():
+        pre = model.fc(x).numpy()
+
+    def counts(keep):
+        kept = pre[keep.numpy().astype(bool)]
+        return (kept > 0).sum(axis=0).tolist(), len(kept)
+
+    def layer(call, **options):
+        w = watch(model, every=1, config=False, **options)
+        call(w)
+        w.close()
+        found = w.last.layer("relu()")
+        return found.positive_counts.tolist(), found.elements_per_unit
+
+    assert layer(lambda w: (w.step(), model(x, attention_mask=own))) == counts(own)
+    assert layer(lambda w: (w.step(), model(x, own))) == counts(own)  # positional
+    assert layer(lambda w: (w.step(position_mask=given), model(x, attention_mask=own))) == counts(given)
+    everything = counts(torch.ones(4, 6))
+    assert layer(lambda w: (w.step(), model(x, attention_mask=own)), mask=None) == everything
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert layer(lambda w: (w.step(), model(x, attention_mask=own[:, None, None, :]))) == everything
+    assert sum("not [batch, tokens]" in str(c.message) for c in caught) == 1
