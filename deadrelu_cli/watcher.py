@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from deadrelu_cli.backends.torch.scan import attach_module_biases
+from deadrelu_cli.distributed import World, reduce_layers
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import GateConfig, GateResult, evaluate, parse_layer_limits
 from deadrelu_cli.probe.base import ProbeSettings
@@ -135,6 +136,10 @@ class Watch:
     layer with a `DeadLayerWarning`, and with `stop_on_gate=True` set `should_stop` when one is exceeded.
     `mask` names the forward argument read as the position mask of each sampled forward (default
     "attention_mask": positions where it is 0 are not counted, as in `deadrelu scan`); None turns it off.
+    Data-parallel (a `torch.distributed` process group of several ranks is initialized): a window's
+    counts are those of all ranks (one all_reduce per statistic when the window closes, so every rank
+    must close it, as DDP's ranks do), every rank gets the same report and `should_stop`, and rank 0
+    alone writes `out_dir` and warns; `distributed=False` keeps each rank's own counts.
     """
 
     def __init__(
@@ -150,6 +155,7 @@ class Watch:
         name: str | None = None,
         keep_reports: int | None = None,
         mask: str | None = "attention_mask",
+        distributed: bool = True,
         **settings: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -176,6 +182,7 @@ class Watch:
         self._handles: list = []
         self._modes: list = []
         self._mask: torch.Tensor | None = None  # the position mask given for the current step
+        self.distributed = distributed
         self.mask_argument = mask  # the forward's argument read as the position mask (None: none)
         self._mask_index = positional_index(model, mask)
         self._mask_warned = False
@@ -315,8 +322,14 @@ class Watch:
     # -- the window's report ------------------------------------------------------------------------
     def _close_window(self) -> Report:
         sampled, self._sampled = self._sampled, []
+        samples, self._samples = self._samples, 0
         layers = self._probe.registry.layer_stats()  # host copies: the counters start over in place
         self._probe.restart_counts()
+        parameter = next(self.model.parameters(), None)
+        device = str(parameter.device) if parameter is not None else "cpu"
+        world = self._world()
+        if world is not None:  # data-parallel: every rank's counts, summed (max of maxima), on every rank
+            layers, samples = reduce_layers(world, layers, samples, device)
         attach_module_biases(self.model, layers)
         training = TrainingInfo(
             step=sampled[-1],
@@ -342,15 +355,15 @@ class Watch:
                 carried += int((before & dead).sum())
             self._previous_dead[layer.name] = dead
         training.persistence_overall = carried / kept_before if kept_before else None
-        device = next((p.device.type for p in self.model.parameters()), "cpu")
         s = self.settings
+        where = f", {world.size} processes" if world is not None else ""
         report = Report(
             model=ModelInfo(path=self.name, format="module", sha256=self._arch_sha),
             data=DataInfo(
-                path=f"training steps {sampled[0]}–{sampled[-1]} ({len(sampled)} sampled, every {self.every})",
-                samples=self._samples,
+                path=f"training steps {sampled[0]}–{sampled[-1]} ({len(sampled)} sampled, every {self.every}{where})",
+                samples=samples,
             ),
-            settings=Settings(s.threshold, s.dying, s.tau, s.channel_dim, device, tuple(s.ops)),
+            settings=Settings(s.threshold, s.dying, s.tau, s.channel_dim, device.split(":")[0], tuple(s.ops)),
             layers=layers,
             training=training,
         )
@@ -358,31 +371,41 @@ class Watch:
             report.notes.append(
                 f"the model ran no {'/'.join(s.ops)} call on the sampled steps: nothing to count"
             )
-        self._samples = 0
         self._windows += 1
         self.reports.append(report)
         if self.keep_reports is not None and len(self.reports) > self.keep_reports:
             del self.reports[: len(self.reports) - self.keep_reports]
-        if self.out_dir is not None:
+        main = world is None or world.is_main  # rank 0 alone writes and warns; every rank decides alike
+        if self.out_dir is not None and main:
             from deadrelu_cli.files import write_text_atomic
 
             write_text_atomic(self.out_dir / f"deadrelu-step{training.step:08d}.json", report_to_json(report))
-        self._check(report)
+        self._check(report, warn=main)
         if self.on_report is not None:
             self.on_report(report)
         return report
 
-    def _check(self, report: Report) -> None:
+    def _world(self) -> World | None:
+        """The process group to combine counts over (None: one process, or `distributed=False`)."""
+        if not self.distributed:
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        return World(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
+
+    def _check(self, report: Report, warn: bool = True) -> None:
         if not self.settings.gate.active:
             return
         result = evaluate(report, self.settings.gate)
         self.gate_results.append(result)
         step = report.training.step if report.training else "?"
         for verdict in result.layers:
-            if verdict.failures and verdict.name not in self._warned:
+            if verdict.failures and verdict.name not in self._warned and warn:
                 self._warned.add(verdict.name)
                 warnings.warn(f"deadrelu: step {step}: {verdict.failures[0]}", DeadLayerWarning, stacklevel=3)
-        if result.model_failures and "<model>" not in self._warned:  # once, like a layer
+        if result.model_failures and "<model>" not in self._warned and warn:  # once, like a layer
             self._warned.add("<model>")
             warnings.warn(
                 f"deadrelu: step {step}: {result.model_failures[0]}", DeadLayerWarning, stacklevel=3
