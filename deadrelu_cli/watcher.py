@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class WatchSettings:
     gate: GateConfig = field(default_factory=GateConfig)
 
 
+COMPILED_WRAPPER_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
 CONFIG_FIELDS = ("threshold", "dying", "tau", "ops", "channel_dim")
 GATE_FIELDS = ("max_dead", "max_dead_layer", "layer_limit", "max_dead_units", "baseline", "max_increase")
 
@@ -104,6 +106,14 @@ def architecture_sha256(model: nn.Module) -> str:
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         digest.update(f"\n{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
     return digest.hexdigest()
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module `torch.compile(module)` wraps (names as in eager and in a scan of the saved weights)."""
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    return model
 
 
 def positional_index(model: nn.Module, argument: str | None) -> int | None:
@@ -162,6 +172,7 @@ class Watch:
             raise UserError(f"watch(): expected an nn.Module, got {type(model).__name__}")
         if every < 1 or window < 1:
             raise UserError("watch(): every and window must be at least 1")
+        model = uncompiled(model)
         self.model = model
         self.every = int(every)
         self.window = int(window)
@@ -181,6 +192,7 @@ class Watch:
         self._current: int | None = None  # the step running now
         self._handles: list = []
         self._modes: list = []
+        self._stance = None  # torch.compiler's stance while a sampled step runs eagerly
         self._mask: torch.Tensor | None = None  # the position mask given for the current step
         self.distributed = distributed
         self.mask_argument = mask  # the forward's argument read as the position mask (None: none)
@@ -270,6 +282,10 @@ class Watch:
             return
         probe, root = self._probe, self.model
         probe.set_position_mask(self._mask)
+        if "torch._dynamo" in sys.modules:  # something may be compiled: this step runs as written (eager)
+            self._stance = torch.compiler.set_stance("force_eager")
+            # torch warns that global hooks also fire for a torch.compile(module) wrapper: ours skip it
+            warnings.filterwarnings("ignore", message=COMPILED_WRAPPER_WARNING, category=UserWarning)
 
         def start(_module, args, kwargs):
             probe.begin_forward()
@@ -318,6 +334,9 @@ class Watch:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._stance is not None:  # compiled code runs compiled again, from its cache
+            self._stance.__exit__(None, None, None)
+            self._stance = None
 
     # -- the window's report ------------------------------------------------------------------------
     def _close_window(self) -> Report:
