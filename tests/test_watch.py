@@ -294,7 +294,6 @@ def test_compiled_models_count_exactly_and_keep_their_compiled_code(how):
     inductor's C++ build would take tens of seconds on the test machines, and no sampled step runs
     compiled code whatever the backend)."""
 
-
     class Pure(Net):  # Net without its record of the mode stack (a side effect dynamo would guard on)
         def forward(self, x):
             return self.out(self.fc3(F.relu(self.fc2(self.act(self.fc1(x))))).relu_())
@@ -306,7 +305,9 @@ def test_compiled_models_count_exactly_and_keep_their_compiled_code(how):
         fc1 = model.fc1(x)
         fc2 = model.fc2(fc1.relu())
         fc3 = model.fc3(fc2.relu())
-    expected = {name: (pre.numpy() > 0).sum(axis=0).tolist() for name, pre in zip(SITES, (fc1, fc2, fc3))}
+    expected = {
+        name: (pre.numpy() > 0).sum(axis=0).tolist() for name, pre in zip(SITES, (fc1, fc2, fc3), strict=True)
+    }
     runs = {"compiles": 0, "calls": 0}
 
     def backend(graph_module, _example_inputs):
