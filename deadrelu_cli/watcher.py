@@ -367,11 +367,10 @@ class Watch:
             if before is not None and before.shape == dead.shape:
                 training.newly_dead[layer.name] = np.flatnonzero(dead & ~before).tolist()
                 training.revived[layer.name] = np.flatnonzero(before & ~dead).tolist()
-                training.persistence[layer.name] = (
-                    float((before & dead).sum() / before.sum()) if before.any() else None
-                )
-                kept_before += int(before.sum())
-                carried += int((before & dead).sum())
+                was, still = int(before.sum()), int((before & dead).sum())
+                training.persistence[layer.name] = still / was if was else None
+                kept_before += was
+                carried += still
             self._previous_dead[layer.name] = dead
         training.persistence_overall = carried / kept_before if kept_before else None
         s = self.settings
@@ -406,11 +405,10 @@ class Watch:
 
     def _world(self) -> World | None:
         """The process group to combine counts over (None: one process, or `distributed=False`)."""
-        if not self.distributed:
+        dist = torch.distributed
+        if not self.distributed or not (dist.is_available() and dist.is_initialized()):
             return None
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        if dist.get_world_size() < 2:
             return None
         return World(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
 

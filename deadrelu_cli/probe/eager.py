@@ -30,6 +30,7 @@ CHANNEL_FIRST_TYPES: tuple[type, ...] = (
     nn.GroupNorm,
 )
 PRODUCER_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+SHAPING_TYPES = PRODUCER_TYPES + CHANNEL_FIRST_TYPES  # outputs whose origin is tracked
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,7 @@ class EagerProbe:
             and isinstance(output, torch.Tensor)
         ):
             self.carry_site_output(args[0], output)
-        if isinstance(output, torch.Tensor) and isinstance(module, PRODUCER_TYPES + CHANNEL_FIRST_TYPES):
+        if isinstance(output, torch.Tensor) and isinstance(module, SHAPING_TYPES):
             is_producer = isinstance(module, PRODUCER_TYPES)
             self._produced[id(output)] = (
                 weakref.ref(output),

@@ -87,9 +87,7 @@ def attach_module_biases(runnable, layers) -> None:
                 owner = runnable.get_submodule(producer)
             except AttributeError:
                 return None
-            if "bias" in dict(owner.named_parameters(recurse=False)):
-                return owner.bias
-            return dict(owner.named_buffers(recurse=False)).get("bias")
+            return getattr(owner, "bias", None)  # its parameter or buffer (None when it has none)
         if params is None:
             params = {}
             if hasattr(runnable, "named_parameters"):
