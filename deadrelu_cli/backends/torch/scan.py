@@ -82,12 +82,12 @@ def attach_module_biases(runnable, layers) -> None:
 
     def bias_of(producer: str):
         nonlocal params
-        if isinstance(runnable, torch.nn.Module):  # the producer's own tensors, not the whole model's
+        # the producer's own tensors, not a dict of the whole model's (ScriptModules have no get_submodule)
+        if isinstance(runnable, torch.nn.Module) and not isinstance(runnable, torch.jit.ScriptModule):
             try:
-                owner = runnable.get_submodule(producer)
+                return getattr(runnable.get_submodule(producer), "bias", None)  # parameter or buffer
             except AttributeError:
-                return None
-            return getattr(owner, "bias", None)  # its parameter or buffer (None when it has none)
+                pass  # not a module path: by name below
         if params is None:
             params = {}
             if hasattr(runnable, "named_parameters"):
