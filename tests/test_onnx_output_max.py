@@ -55,9 +55,9 @@ def planted_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def truth(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
-    """Counts, max pre-activation (NaN where a unit's input held one) and positions per unit, from the
-    plain model with its pre-activations as outputs, run by onnxruntime one sample at a time."""
+def pre_activations(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Per site, its pre-activation as [positions, units], from the plain model with the pre-activations
+    added as outputs, run by onnxruntime one sample at a time."""
     import onnxruntime as ort
 
     exposed = onnx.ModelProto()
@@ -69,9 +69,16 @@ def truth(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[np.ndarray, 
     out = {}
     for k, site in enumerate(PRE):
         pre = np.concatenate([r[k] for r in runs])
-        units_last = np.moveaxis(pre, 1, -1).reshape(-1, pre.shape[1])
-        out[site] = ((units_last > 0).sum(0), units_last.max(0), units_last.shape[0])  # max: NaN propagates
+        out[site] = np.moveaxis(pre, 1, -1).reshape(-1, pre.shape[1])
     return out
+
+
+def truth(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Counts, max pre-activation (NaN where a unit's input held one: np.max propagates it) and
+    positions per unit."""
+    return {
+        site: ((pre > 0).sum(0), pre.max(0), pre.shape[0]) for site, pre in pre_activations(model, x).items()
+    }
 
 
 def _data(nan: bool) -> np.ndarray:
@@ -140,3 +147,66 @@ def test_one_batch_scan_never_rebuilds(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_scan._OutputMaxSwitch, "_build", lambda self, wanted: started.append(wanted))
     scan(str(path), str(tmp_path / "x.npy"), batch_size=4, device="cpu")
     assert started == []
+
+
+def _forced_switch(monkeypatch) -> list[set[int]]:
+    """Rebuild whenever some site's units have all fired, and switch at the next batch."""
+    switches: list[set[int]] = []
+    ready, consider = onnx_scan._OutputMaxSwitch.ready, onnx_scan._OutputMaxSwitch.consider
+
+    def consider_and_wait(self, *args):
+        consider(self, *args)
+        if self._thread is not None:
+            self._thread.join()
+
+    def recording_ready(self):
+        rebuilt = ready(self)
+        if rebuilt is not None:
+            switches.append(set(self.switched))
+        return rebuilt
+
+    monkeypatch.setattr(onnx_scan._OutputMaxSwitch, "GAIN", 1e9)
+    monkeypatch.setattr(onnx_scan._OutputMaxSwitch, "consider", consider_and_wait)
+    monkeypatch.setattr(onnx_scan._OutputMaxSwitch, "ready", recording_ready)
+    return switches
+
+
+def test_merged_halves_and_json_round_trip_match_the_truth(tmp_path, monkeypatch):
+    """Two shards scanned with switched sessions, merged (as `deadrelu merge` does) and read back from
+    JSON: the same counts and maxima as onnxruntime + numpy over all samples."""
+    from deadrelu_cli.report.model import layer_from_dict, merge_reports, report_to_json
+
+    model = planted_model()
+    x = _data(False)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "a.npy", x[:12])
+    np.save(tmp_path / "b.npy", x[12:])
+    switches = _forced_switch(monkeypatch)
+    halves = [
+        scan(str(tmp_path / "m.onnx"), str(tmp_path / f"{h}.npy"), batch_size=4, device="cpu") for h in "ab"
+    ]
+    assert switches  # each half switched B to its output's max
+    merged = merge_reports(halves)
+    import json
+
+    layers = {d["name"]: layer_from_dict(d) for d in json.loads(report_to_json(merged))["layers"]}
+    for site, (positives, maxima, positions) in truth(model, x).items():
+        np.testing.assert_array_equal(layers[site].positive_counts, positives, err_msg=site)
+        np.testing.assert_allclose(layers[site].max_preactivation, maxima, rtol=1e-6, atol=1e-7, err_msg=site)
+        assert layers[site].elements_per_unit == positions
+
+
+def test_explain_keeps_the_pre_activation_and_its_minimum(tmp_path, monkeypatch):
+    """--explain needs each unit's minimum pre-activation: no site switches, and min and max are exact."""
+    model = planted_model()
+    x = _data(False)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "x.npy", x)
+    switches = _forced_switch(monkeypatch)
+    report = scan(str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"), batch_size=4, device="cpu", explain=True)
+    assert switches == []
+    layer = next(layer for layer in report.layers if layer.name == "reluB")
+    positives, maxima, _ = truth(model, x)["reluB"]
+    np.testing.assert_array_equal(layer.positive_counts, positives)
+    np.testing.assert_allclose(layer.max_preactivation, maxima, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(layer.min_preactivation, pre_activations(model, x)["reluB"].min(0), rtol=1e-6)
