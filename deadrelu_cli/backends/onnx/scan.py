@@ -369,6 +369,8 @@ class _OutputMaxSwitch:
             return None
         self._thread.join()
         self._thread, result, self._result = None, self._result, None
+        if self.rebuilds >= self.MAX_REBUILDS:  # the file's bytes were kept for rebuilds only
+            self.loaded.extra.pop("file_bytes", None)
         if result is None:
             return None
         self.switched, session, outputs = result
