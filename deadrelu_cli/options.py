@@ -58,6 +58,7 @@ class ScanOptions:
     text_field: str = "text"  # JSONL key of the document text
     seq_len: int = 128  # --text: tokens per sample (longer documents are truncated)
     device_map: str | None = None  # --device-map for model folders (accelerate): auto, cpu, …
+    max_memory: str | None = None  # --max-memory for --device-map: the most each device holds
     progress: ProgressCallback | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

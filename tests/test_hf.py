@@ -180,6 +180,26 @@ def test_text_file_is_tokenized_with_the_folders_tokenizer(opt, cli, tmp_path):
     assert wrong.code == 2 and "--text-field" in wrong.err
 
 
+def test_text_without_a_usable_tokenizer_is_one_line(opt, cli, tmp_path):
+    """A folder without tokenizer files, or with a config that transformers turns into an empty tokenizer
+    (every document 0 tokens): one line naming the folder and what to do, not a failure of the model."""
+    import shutil
+
+    folder = opt[0]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for item in folder.iterdir():
+        if item.name == "config.json" or "safetensors" in item.name:
+            shutil.copy(item, bare / item.name)
+    text = tmp_path / "t.txt"
+    text.write_text("w1 w2 w3\nw4 w5\n")
+    for expected in ("no tokenizer in the folder", "turns text into no tokens"):
+        result = cli("scan", bare, "--text", text)
+        assert result.code == 2 and expected in result.err and "--data" in result.err, result.err
+        assert len(result.err.strip().splitlines()) == 1
+        (bare / "tokenizer_config.json").write_text('{"model_max_length": 16}')
+
+
 def test_mismatched_arrays_list_both_sides(opt, cli, tmp_path):
     folder, _, ids, mask, _ = opt
     np.savez(tmp_path / "bad.npz", tokens=ids, attention_mask=mask)
@@ -187,6 +207,7 @@ def test_mismatched_arrays_list_both_sides(opt, cli, tmp_path):
     assert result.code == 2
     line = result.err.strip()
     assert "tokens[12, 10] int64" in line and "input_ids" in line and "attention_mask" in line
+    assert "the model's inputs are input_ids" in line  # reads as a sentence
     assert "Traceback" not in result.err
 
 
@@ -370,7 +391,10 @@ def test_fix_writes_a_folder_in_the_sources_layout(opt, cli, tmp_path, strategy)
     changed_any = False
     old_umask = os.umask(0o022)
     try:
-        result = cli("fix", folder, "--data", tmp_path / "t.npz", "--strategy", strategy, "--output", out)
+        force = ("--force",) if strategy == "kick" else ()  # a default kick cannot lift a -1e4 bias
+        result = cli(
+            "fix", folder, "--data", tmp_path / "t.npz", "--strategy", strategy, "--output", out, *force
+        )
     finally:
         os.umask(old_umask)
     assert result.code == 0, result.err
@@ -448,6 +472,46 @@ def test_device_map_through_accelerate(opt, cli, tmp_path):
     folder, model, ids, mask, _ = opt
     layers, _ = _scan(cli, tmp_path, folder, "--device-map", "cpu", input_ids=ids, attention_mask=mask)
     _assert_matches(layers, hook_counts(model, ids, mask, mask))
+
+
+def test_device_map_offload_to_disk_counts_exactly(opt, cli, tmp_path, monkeypatch):
+    """A model that does not fit: --max-memory leaves room for part of it, accelerate offloads the rest to
+    disk and moves each layer in for its forward; the counts are those of the whole model in memory, and
+    the biases and --explain's weight checks read the offloaded copies."""
+    import gc
+    import tempfile
+
+    pytest.importorskip("accelerate", reason="--device-map needs accelerate (the transformers extra)")
+    folder, model, ids, mask, _ = opt
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    limit = f"cpu={weights // 3}"
+    args = ("--device-map", "auto", "--max-memory", limit, "--explain")
+    layers, _ = _scan(cli, tmp_path, folder, *args, input_ids=ids, attention_mask=mask)
+    _assert_matches(layers, hook_counts(model, ids, mask, mask))
+    in_memory, _ = _scan(cli, tmp_path, folder, "--explain", input_ids=ids, attention_mask=mask)
+    for name, layer in layers.items():
+        assert layer["bias"] == in_memory[name]["bias"], name
+    gc.collect()
+    assert not list(scratch.iterdir())  # the offload folder goes with the model
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-memory", "cpu=1GiB"], "--max-memory applies with --device-map"),
+        (["--device-map", "auto", "--max-memory", "gpu0:20GB"], "give DEVICE=SIZE pairs"),
+        (["--device-map", "auto", "--max-memory", "tpu=1GiB"], "unknown device 'tpu'"),
+    ],
+)
+def test_max_memory_errors_are_one_line(opt, cli, tmp_path, args, message):
+    folder, _, ids, mask, _ = opt
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)
+    result = cli("scan", folder, "--data", tmp_path / "t.npz", *args)
+    assert result.code == 2
+    assert message in result.err and len(result.err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -64,6 +64,7 @@ def scan(
     text_field: opt.TextField = "text",
     seq_len: opt.SeqLen = 128,
     device_map: opt.DeviceMap = None,
+    max_memory: opt.MaxMemory = None,
     layer: opt.LayerName = None,
     json_out: opt.JsonOut = None,
     html_out: opt.HtmlOut = None,
@@ -133,6 +134,7 @@ def scan(
         text_field=text_field,
         seq_len=seq_len,
         device_map=device_map,
+        max_memory=max_memory,
         progress=update,
     )
     if progress is not None:
