@@ -343,7 +343,6 @@ class _OutputMaxSwitch:
 
     def _build(self, wanted: frozenset[int]) -> None:
         import copy
-        import time
 
         start = time.perf_counter()
         try:
