@@ -63,6 +63,7 @@ def scan(
     text: opt.Text = None,
     text_field: opt.TextField = "text",
     seq_len: opt.SeqLen = 128,
+    text_packing: opt.TextPacking = "pad",
     device_map: opt.DeviceMap = None,
     layer: opt.LayerName = None,
     json_out: opt.JsonOut = None,
@@ -132,6 +133,7 @@ def scan(
         text=text,
         text_field=text_field,
         seq_len=seq_len,
+        text_packing=text_packing,
         device_map=device_map,
         progress=update,
     )

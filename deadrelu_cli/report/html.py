@@ -253,7 +253,7 @@ def render_html(report: Report, baseline: Report | None = None, gate: GateSummar
         f"<title>deadrelu: {_e(report.model.path)}</title><style>{CSS}</style></head><body>",
         f"<h1>deadrelu report: {_e(report.model.path)}</h1>",
         f'<p class="meta">model <b>{_e(report.model.path)}</b> ({_e(report.model.format)}), sha256 {_e(report.model.sha256)}<br>'
-        f"data <b>{_e(report.data.path)}</b>, {report.data.samples} samples · threshold {settings.threshold:g} · "
+        f"data <b>{_e(report.data.path)}</b>, {_e(report.data.samples_text())} · threshold {settings.threshold:g} · "
         f"dying &lt; {settings.dying:g} · tau {settings.tau:g} · device {_e(settings.device)} · "
         f"deadrelu {_e(report.tool.get('version', ''))}</p>",
         '<section id="summary"><h2>Summary</h2><div class="cards">',
