@@ -227,9 +227,16 @@ def structural_checks(model_loaded, probe) -> list[Finding]:
                         "of units at 0 can become exactly 0 and the loss infinite; use softmax on raw scores",
                     )
                 )
+    from deadrelu_cli.wiring.torch import offloaded
+
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
-            constant = torch.nonzero(module.weight.detach() == 0).flatten().tolist()
+        weight = (
+            offloaded(module, "weight") if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+        )
+        if weight is None:
+            continue
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            constant = torch.nonzero(weight.detach() == 0).flatten().tolist()
             if constant:
                 findings.append(
                     Finding(
@@ -240,7 +247,7 @@ def structural_checks(model_loaded, probe) -> list[Finding]:
                     )
                 )
         if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
-            rows = module.weight.detach().reshape(module.weight.shape[0], -1)
+            rows = weight.detach().reshape(weight.shape[0], -1)
             zero = torch.nonzero((rows == 0).all(dim=1)).flatten().tolist()
             if zero:
                 findings.append(

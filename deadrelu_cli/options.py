@@ -59,6 +59,7 @@ class ScanOptions:
     seq_len: int = 128  # --text: tokens per sample (longer documents are truncated)
     text_packing: str = "pad"  # --text: "pad" (a document per sample) or "pack" (EOS-joined --seq-len blocks)
     device_map: str | None = None  # --device-map for model folders (accelerate): auto, cpu, …
+    max_memory: str | None = None  # --max-memory for --device-map: the most each device holds
     progress: ProgressCallback | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

@@ -256,6 +256,26 @@ def test_text_packing_needs_a_separator_and_a_known_mode(opt, cli, tmp_path):
     assert wrong.code == 2 and "choose pad or pack" in wrong.err
 
 
+def test_text_without_a_usable_tokenizer_is_one_line(opt, cli, tmp_path):
+    """A folder without tokenizer files, or with a config that transformers turns into an empty tokenizer
+    (every document 0 tokens): one line naming the folder and what to do, not a failure of the model."""
+    import shutil
+
+    folder = opt[0]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for item in folder.iterdir():
+        if item.name == "config.json" or "safetensors" in item.name:
+            shutil.copy(item, bare / item.name)
+    text = tmp_path / "t.txt"
+    text.write_text("w1 w2 w3\nw4 w5\n")
+    for expected in ("no tokenizer in the folder", "turns text into no tokens"):
+        result = cli("scan", bare, "--text", text)
+        assert result.code == 2 and expected in result.err and "--data" in result.err, result.err
+        assert len(result.err.strip().splitlines()) == 1
+        (bare / "tokenizer_config.json").write_text('{"model_max_length": 16}')
+
+
 def test_mismatched_arrays_list_both_sides(opt, cli, tmp_path):
     folder, _, ids, mask, _ = opt
     np.savez(tmp_path / "bad.npz", tokens=ids, attention_mask=mask)
@@ -524,6 +544,46 @@ def test_device_map_through_accelerate(opt, cli, tmp_path):
     folder, model, ids, mask, _ = opt
     layers, _ = _scan(cli, tmp_path, folder, "--device-map", "cpu", input_ids=ids, attention_mask=mask)
     _assert_matches(layers, hook_counts(model, ids, mask, mask))
+
+
+def test_device_map_offload_to_disk_counts_exactly(opt, cli, tmp_path, monkeypatch):
+    """A model that does not fit: --max-memory leaves room for part of it, accelerate offloads the rest to
+    disk and moves each layer in for its forward; the counts are those of the whole model in memory, and
+    the biases and --explain's weight checks read the offloaded copies."""
+    import gc
+    import tempfile
+
+    pytest.importorskip("accelerate", reason="--device-map needs accelerate (the transformers extra)")
+    folder, model, ids, mask, _ = opt
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    limit = f"cpu={weights // 3}"
+    args = ("--device-map", "auto", "--max-memory", limit, "--explain")
+    layers, _ = _scan(cli, tmp_path, folder, *args, input_ids=ids, attention_mask=mask)
+    _assert_matches(layers, hook_counts(model, ids, mask, mask))
+    in_memory, _ = _scan(cli, tmp_path, folder, "--explain", input_ids=ids, attention_mask=mask)
+    for name, layer in layers.items():
+        assert layer["bias"] == in_memory[name]["bias"], name
+    gc.collect()
+    assert not list(scratch.iterdir())  # the offload folder goes with the model
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-memory", "cpu=1GiB"], "--max-memory applies with --device-map"),
+        (["--device-map", "auto", "--max-memory", "gpu0:20GB"], "give DEVICE=SIZE pairs"),
+        (["--device-map", "auto", "--max-memory", "tpu=1GiB"], "unknown device 'tpu'"),
+    ],
+)
+def test_max_memory_errors_are_one_line(opt, cli, tmp_path, args, message):
+    folder, _, ids, mask, _ = opt
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)
+    result = cli("scan", folder, "--data", tmp_path / "t.npz", *args)
+    assert result.code == 2
+    assert message in result.err and len(result.err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

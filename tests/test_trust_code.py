@@ -272,3 +272,55 @@ def test_a_pt2_graph_calling_a_custom_namespace_is_refused(tmp_path):
 
     edited = _rewrite_pt2(base, tmp_path / "custom.pt2", edit)
     assert [what for what, _ in exported_violations(edited)] == ["torch.ops.evil_ns.relu.default"]
+
+
+def test_torchscript_swapped_between_scan_and_fix_is_refused(cli, tmp_path, victim, data, monkeypatch):
+    """fix loads the archive a second time (to patch its graph): a file replaced after the scan's check
+    must not be loaded there, even with a valid-looking archive (its __setstate__ runs while loading)."""
+    import deadrelu_cli.backends.torch.fix as fix_module
+
+    model = tmp_path / "model.pt"
+    plain = Plain()
+    with torch.no_grad():
+        plain.fc.bias[:2] = -100.0  # two dead units: something for leaky to fix
+    torch.jit.script(plain).save(str(model))
+    evil = _setstate_payload(tmp_path / "evil_state.pt", victim)
+    original = fix_module.load_torchscript_archive
+
+    def swapped_first(path, *args):
+        Path(path).write_bytes(evil.read_bytes())  # the race: someone replaces the file after the scan
+        return original(path, *args)
+
+    monkeypatch.setattr(fix_module, "load_torchscript_archive", swapped_first)
+    result = cli("fix", model, "--data", data, "--strategy", "leaky", "--output", tmp_path / "fixed.pt")
+    assert result.code == 2, result.err
+    assert "changed since it was scanned" in result.err and len(result.err.strip().splitlines()) == 1
+    assert victim.read_bytes() == VICTIM_BYTES
+    assert not (tmp_path / "fixed.pt").exists()
+
+
+def test_torchscript_loader_checks_and_loads_the_same_bytes(tmp_path, victim, monkeypatch):
+    """The policy check reads the archive once and torch.jit.load gets those bytes, not the path again."""
+    from deadrelu_cli.errors import UserError
+    from deadrelu_cli.loaders.torch_models import load_torchscript_archive
+
+    model = tmp_path / "model.pt"
+    plain = Plain()
+    torch.jit.script(plain).save(str(model))
+    evil = _setstate_payload(tmp_path / "evil_state.pt", victim)
+    calls = []
+    real_load = torch.jit.load
+
+    def load(source, *args, **kwargs):
+        calls.append(source)
+        model.write_bytes(evil.read_bytes())  # replaced after the check: must not matter
+        return real_load(source, *args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "load", load)
+    module = load_torchscript_archive(model, "cpu", False)
+    assert isinstance(calls[0], io.BytesIO)
+    assert victim.read_bytes() == VICTIM_BYTES
+    x = torch.randn(3, 4)
+    assert torch.equal(module(x), plain(x))  # the checked archive, not the one swapped in
+    with pytest.raises(UserError, match="aten::from_file|__setstate__"):
+        load_torchscript_archive(model, "cpu", False)  # the swapped file itself is refused next time

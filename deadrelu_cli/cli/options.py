@@ -347,6 +347,14 @@ DeviceMap = Annotated[
         help="Hugging Face folders: spread the model over devices with accelerate (auto, balanced, cpu).",
     ),
 ]
+MaxMemory = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="With --device-map: the most each device may hold, as for accelerate: 0=20GiB,cpu=64GiB "
+        "(layers that fit nowhere go to a temporary folder on disk, under TMPDIR).",
+    ),
+]
 
 
 def parse_token_ids(value: str | None) -> tuple[int, ...]:

@@ -65,6 +65,7 @@ def scan(
     seq_len: opt.SeqLen = 128,
     text_packing: opt.TextPacking = "pad",
     device_map: opt.DeviceMap = None,
+    max_memory: opt.MaxMemory = None,
     layer: opt.LayerName = None,
     json_out: opt.JsonOut = None,
     html_out: opt.HtmlOut = None,
@@ -135,6 +136,7 @@ def scan(
         seq_len=seq_len,
         text_packing=text_packing,
         device_map=device_map,
+        max_memory=max_memory,
         progress=update,
     )
     if progress is not None:

@@ -21,6 +21,7 @@ SECURITY.md gives the threat model per format.
 from __future__ import annotations
 
 import ast
+import io
 import json
 import pickletools
 import re
@@ -333,10 +334,11 @@ def _pickle_violations(
         yield (f"the Python object {module}.{name}", member)
 
 
-def torchscript_violations(path: str | Path) -> Iterator[tuple[str, str]]:
-    """(what, where) for everything a TorchScript archive's code or pickles reach outside the allowlist."""
+def torchscript_violations(path: str | Path, data: bytes | None = None) -> Iterator[tuple[str, str]]:
+    """(what, where) for everything a TorchScript archive's code or pickles reach outside the allowlist.
+    `data`: the archive's bytes as read once (then exactly those are checked, not the file again)."""
     path = Path(path)
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(io.BytesIO(data) if data is not None else path) as archive:
         members = archive.namelist()
         sources: dict[str, ast.Module] = {}
         for member in members:
@@ -357,9 +359,9 @@ def torchscript_violations(path: str | Path) -> Iterator[tuple[str, str]]:
                 yield from _pickle_violations(path, member, archive.read(member), qualnames)
 
 
-def check_torchscript(path: str | Path) -> None:
+def check_torchscript(path: str | Path, data: bytes | None = None) -> None:
     """Refuse (UserError, one line naming the op) a TorchScript archive that is not pure tensor math."""
-    for what, where in torchscript_violations(path):
+    for what, where in torchscript_violations(path, data):
         raise _refuse(Path(path), what, where)
 
 

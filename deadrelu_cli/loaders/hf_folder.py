@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import tempfile
 from pathlib import Path
 
 from deadrelu_cli.errors import UserError
@@ -93,6 +95,25 @@ def torch_dtype(name: str | None):
     return getattr(torch, DTYPE_NAMES[name])
 
 
+MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)?", re.IGNORECASE)
+
+
+def parse_max_memory(text: str) -> dict:
+    """--max-memory "0=20GiB,cpu=64GiB" -> accelerate's max_memory ({0: "20GiB", "cpu": "64GiB"})."""
+    limits: dict = {}
+    for part in text.replace(" ", "").split(","):
+        device, sep, size = part.partition("=")
+        if not sep or not MEMORY_SIZE.fullmatch(size):
+            raise UserError(
+                f"--max-memory {text!r}: give DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=64GiB (DEVICE: a GPU index, cpu or disk)"
+            )
+        key = int(device) if device.isdigit() else device.lower()
+        if not isinstance(key, int) and key not in ("cpu", "disk", "mps"):
+            raise UserError(f"--max-memory {text!r}: unknown device {device!r} (a GPU index, cpu or disk)")
+        limits[key] = int(size) if size.isdigit() else size
+    return limits
+
+
 def load_hf_folder(options: LoadOptions) -> LoadedModel:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -126,8 +147,18 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
         "trust_remote_code": options.trust_pickle,
         "dtype": torch_dtype(options.dtype),
     }
+    if options.max_memory and not options.device_map:
+        raise UserError(
+            "--max-memory applies with --device-map (e.g. --device-map auto --max-memory 0=20GiB,cpu=64GiB)"
+        )
+    offload = None
     if options.device_map:
         kwargs["device_map"] = options.device_map
+        if options.max_memory:
+            kwargs["max_memory"] = parse_max_memory(options.max_memory)
+        # what fits on no device is offloaded to disk by accelerate: a folder that lives as long as the model
+        offload = tempfile.TemporaryDirectory(prefix="deadrelu-offload-")
+        kwargs["offload_folder"] = offload.name
     elif options.device != "cpu":
         kwargs["device_map"] = options.device  # straight onto the GPU, shard by shard
     try:
@@ -137,6 +168,8 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: transformers could not load the model ({text})") from None
+    if offload is not None:
+        model.deadrelu_offload_folder = offload  # removed with the model (the TemporaryDirectory's finaliser)
     model.eval()
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # no KV cache objects in outputs or exports: a scan is one pass
@@ -158,10 +191,31 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
     )
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
 def load_tokenizer(folder: str | Path):
+    remedy = "save one there (tokenizer.save_pretrained) or pass tokenized --data (input_ids, attention_mask)"
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(
+            f"{folder}: no tokenizer in the folder for --text (none of {', '.join(TOKENIZER_FILES)}); {remedy}"
+        )
     transformers = import_transformers(folder)
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: no usable tokenizer in the folder for --text ({text})") from None
+    # transformers may build an empty tokenizer from a config alone: it turns any text into no tokens
+    if len(tokenizer) == 0 or not tokenizer("a sample sentence", add_special_tokens=False)["input_ids"]:
+        raise UserError(
+            f"{folder}: the folder's tokenizer turns text into no tokens (no vocabulary); {remedy}"
+        )
+    return tokenizer

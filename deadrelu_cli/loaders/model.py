@@ -17,6 +17,7 @@ class LoadOptions:
     device: str = "cpu"
     dtype: str | None = None  # --dtype: model folders are loaded in it (others are cast after loading)
     device_map: str | None = None  # --device-map (model folders, through accelerate)
+    max_memory: str | None = None  # --max-memory with --device-map: "0=20GiB,cpu=64GiB"
 
 
 @dataclass(frozen=True)

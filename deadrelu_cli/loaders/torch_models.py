@@ -6,7 +6,9 @@ archives pass the code policy (loaders/code_policy.py) before torch reads them, 
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import io
 import pickle
 import re
 from collections.abc import Mapping
@@ -263,15 +265,28 @@ def _exported(path: Path, sha, device: str, trust_code: bool) -> LoadedModel:
     )
 
 
-def _torchscript(path: Path, sha, device: str, trust_code: bool) -> LoadedModel:
-    if not trust_code:  # torch.jit.load already runs __setstate__: read the code first
-        check_torchscript(path)
+def load_torchscript_archive(path: Path, device: str, trust_code: bool, sha256: str | None = None):
+    """torch.jit.load of exactly the bytes that were checked: the file is read once, its code checked
+    (torch.jit.load already runs __setstate__), and those bytes loaded, so a file swapped in between is
+    never what runs. `sha256`: the file must still be the one scanned (fix re-loads it)."""
     try:
-        module = torch.jit.load(str(path), map_location=device)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"{path}: the file changed since it was scanned; run the command again")
+    if not trust_code:
+        check_torchscript(path, data)
+    try:
+        return torch.jit.load(io.BytesIO(data), map_location=device)
     except Exception as exc:
         raise UserError(
             f"{path}: cannot load the TorchScript archive ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from None
+
+
+def _torchscript(path: Path, sha, device: str, trust_code: bool) -> LoadedModel:
+    module = load_torchscript_archive(path, device, trust_code)
     inputs = []
     try:
         schema = module.forward.schema

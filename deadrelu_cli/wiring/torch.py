@@ -29,10 +29,24 @@ def named_tensor(module: nn.Module, name: str | None) -> torch.Tensor | None:
         return None
     for getter in (module.get_parameter, module.get_buffer):
         try:
-            return getter(name)
+            tensor = getter(name)
         except AttributeError:
             continue
+        if tensor.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            return offloaded(module.get_submodule(owner), leaf)
+        return tensor
     return None
+
+
+def offloaded(module, leaf: str):
+    """`module.<leaf>`'s values; where accelerate offloaded it (--device-map with --max-memory: a meta
+    tensor on the module), the copy its hook keeps (on the CPU, or memory-mapped from disk); None if neither."""
+    tensor = getattr(module, leaf, None)
+    if tensor is None or not tensor.is_meta:
+        return tensor
+    weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    return weights[leaf] if weights is not None and leaf in weights else None
 
 
 def _dotted(owner: str, tensor: str) -> str:

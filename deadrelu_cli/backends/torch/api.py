@@ -37,7 +37,13 @@ def load_and_scan(options: ScanOptions, data: CalibrationData, device: str):
 
     model = load_model(
         LoadOptions(
-            options.model, options.arch, options.trust_pickle, device, options.dtype, options.device_map
+            options.model,
+            options.arch,
+            options.trust_pickle,
+            device,
+            options.dtype,
+            options.device_map,
+            options.max_memory,
         )
     )
     apply_dtype(model, options.dtype)

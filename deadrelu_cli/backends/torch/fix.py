@@ -24,6 +24,7 @@ from deadrelu_cli.fixes.plan import (
 )
 from deadrelu_cli.inputs import match_inputs
 from deadrelu_cli.loaders import LoadOptions, load_model
+from deadrelu_cli.loaders.torch_models import load_torchscript_archive
 
 ARCHITECTURE_CHANGING = ("prune", "leaky", "elu")
 
@@ -152,7 +153,7 @@ def apply_torch(
     if loaded.kind == "exported" and options.strategy in ("reinit", "kick", "prune"):
         return _reweight_exported(scanned, plans, options, scan_options, temp, result)
     if loaded.kind == "torchscript" and options.strategy in ("leaky", "elu"):
-        return _patch_torchscript(scanned, plans, options, temp, result)
+        return _patch_torchscript(scanned, plans, options, scan_options, temp, result)
     if loaded.kind != "eager":
         takes = "every strategy" if loaded.kind == "exported" else "leaky and elu"
         raise UserError(
@@ -248,6 +249,7 @@ def apply_torch(
                     device,
                     scan_options.dtype,
                     scan_options.device_map,
+                    scan_options.max_memory,
                 )
             ),
             scanned.data,
@@ -439,7 +441,9 @@ def _ts_activation_nodes(block) -> list:
     return found
 
 
-def _patch_torchscript(scanned, plans: list[LayerPlan], options: FixOptions, temp: Path, result: FixResult):
+def _patch_torchscript(
+    scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult
+):
     """leaky/elu on a TorchScript archive: inline forward, swap the planned activation nodes, save TorchScript.
 
     The k-th activation node of the inlined forward is the k-th call site the scan found (the probe
@@ -447,7 +451,9 @@ def _patch_torchscript(scanned, plans: list[LayerPlan], options: FixOptions, tem
     from deadrelu_cli.backends.runners import runner_for
 
     loaded = scanned.model
-    module = torch.jit.load(str(loaded.path), map_location=scanned.device)
+    module = load_torchscript_archive(  # checked again: the archive's code runs while it loads
+        loaded.path, scanned.device, scan_options.trust_pickle, loaded.sha256
+    )
     graph = module.forward.graph
     torch._C._jit_pass_inline(graph)
     torch._C._jit_pass_constant_propagation(graph)

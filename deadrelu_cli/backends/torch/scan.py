@@ -76,6 +76,8 @@ def attach_module_biases(runnable, layers) -> None:
     """attach_biases on a module (or anything with named parameters/buffers): live models too (watch)."""
     import torch
 
+    from deadrelu_cli.wiring.torch import offloaded
+
     params = {}
     if hasattr(runnable, "named_parameters"):
         params.update(dict(runnable.named_parameters()))
@@ -85,6 +87,8 @@ def attach_module_biases(runnable, layers) -> None:
         if layer.producer is None:
             continue
         bias = params.get(f"{layer.producer}.bias")
+        if getattr(bias, "is_meta", False):
+            bias = offloaded(runnable.get_submodule(layer.producer), "bias")
         if (
             isinstance(bias, torch.Tensor)
             and is_last_axis_vector(tuple(bias.shape))  # [N] or [1, N]
