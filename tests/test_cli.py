@@ -176,6 +176,20 @@ def test_cuda_requested_without_gpu(cli):
     assert result.code == 2 and "no CUDA device" in result.err
 
 
+def test_cuda_requested_for_onnx_without_the_cuda_provider(cli):
+    """As for torch models: --device cuda that cannot be honoured is an error, not a quiet CPU run."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime has the CUDA provider here: the message cannot be exercised")
+    from conftest import ROOT
+
+    onnx_mlp = ROOT / "sample_models" / "mlp"
+    result = cli("scan", onnx_mlp / "model.onnx", "--data", onnx_mlp / "calib.npz", "--device", "cuda")
+    assert result.code == 2 and "CUDAExecutionProvider" in result.err and "--device cpu" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+
+
 def test_debug_shows_traceback(cli):
     result = cli("scan", "missing.pt", "--data", "x.npz", "--debug")
     assert result.code == 2 and "Traceback" in result.err
@@ -263,3 +277,31 @@ def test_console_script_and_module_entry_points():
         [str(script), "scan", "nope.pt", "--data", "x.npz"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and proc.stderr.startswith("deadrelu: error:")
+
+
+def test_inspect_says_which_sites_a_scan_counts(cli, tmp_path):
+    """inspect lists every activation it sees; when some are outside --ops, it says how many a scan
+    counts and the --ops that counts them all."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.ones((4, 4), np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["a"], name="mm1"),
+            helper.make_node("Relu", ["a"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w"], ["b"], name="mm2"),
+            helper.make_node("LeakyRelu", ["b"], ["y"], name="leaky", alpha=0.1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    result = cli("inspect", tmp_path / "m.onnx")
+    assert result.code == 0, result.err
+    assert "scan counts --ops relu,relu6: 1 of these 2 sites" in result.out
+    assert "--ops relu,relu6,leaky_relu" in result.out
+    everything = cli("inspect", tmp_path / "m.onnx", "--ops", "relu,leaky_relu")
+    assert everything.code == 0 and "scan counts" not in everything.out
