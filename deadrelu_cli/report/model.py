@@ -47,7 +47,7 @@ class DataInfo:
     text: dict | None = None
 
     def samples_text(self) -> str:
-        """ "12 samples", and for --text how they were made: "(40 documents packed into 128-token blocks)"."""
+        """The sample count, and for --text how they were made: "12 samples (40 documents packed into …)"."""
         out = f"{self.samples} samples"
         t = self.text or {}
         if t.get("packing") == "pack":
