@@ -46,9 +46,11 @@ def test_compiled_in_graph_counting_matches_eager(model_file):
     _same_counts(eager, compiled)
 
 
-def test_in_graph_counting_without_compile_matches(tmp_path, planted_module):
+@pytest.mark.parametrize("from_input", [False, True], ids=["from-output", "from-input"])
+def test_in_graph_counting_without_compile_matches(tmp_path, planted_module, from_input):
     """Consistency (in-graph vs eager probe): the instrumented FX graph itself (what torch.compile
-    receives), run eagerly: relu6, in-place, functional."""
+    receives), run eagerly: relu6, in-place, functional; the statistics read off the output (default)
+    or all off the input (DEADRELU_GRAPH_STATS=input)."""
     import torch
 
     from deadrelu_cli.probe.base import ProbeSettings
@@ -63,7 +65,9 @@ def test_in_graph_counting_without_compile_matches(tmp_path, planted_module):
     ):
         model = getattr(planted_module, factory)().eval()
         x = torch.from_numpy(np.random.default_rng(3).standard_normal((9, *shape)).astype(np.float32))
-        in_graph = InGraphProbe(export_for_stats(model, (x[:2],)), ProbeSettings(), compile_graph=False)
+        in_graph = InGraphProbe(
+            export_for_stats(model, (x[:2],)), ProbeSettings(), compile_graph=False, from_input=from_input
+        )
         eager = EagerProbe(model, ProbeSettings())
         with torch.inference_mode(), eager.attached():
             for part in (x[:4], x[4:]):
@@ -73,6 +77,8 @@ def test_in_graph_counting_without_compile_matches(tmp_path, planted_module):
             assert a.name == b.name, factory
             np.testing.assert_array_equal(a.positive_counts, b.positive_counts, err_msg=f"{factory} {a.name}")
             assert a.elements_per_unit == b.elements_per_unit
+            np.testing.assert_array_equal(a.max_preactivation, b.max_preactivation)
+            np.testing.assert_allclose(a.sum_abs, b.sum_abs, rtol=1e-5)
             if a.saturated_counts is not None:
                 np.testing.assert_array_equal(a.saturated_counts, b.saturated_counts)
 
