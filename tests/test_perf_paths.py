@@ -387,11 +387,16 @@ def test_default_batch_size_bounds_peak_memory_by_activation_size(tmp_path, back
         expected *= 2
     data = open_calibration(str(tmp_path / "x.npy"))
     assert data.samples == 64
-    scan_peak = peak_rss_kib([sys.executable, "-m", "deadrelu_cli", "scan", *scan_args, "-q"])
-    plain_same = peak_rss_kib([*plain, str(expected)])
-    plain_64 = peak_rss_kib([*plain, "64"])
+    # medians of 3 processes each side: one process's peak moves by a few percent with allocator timing
+    scan_peak = _median_peak(peak_rss_kib, [sys.executable, "-m", "deadrelu_cli", "scan", *scan_args, "-q"])
+    plain_same = _median_peak(peak_rss_kib, [*plain, str(expected)])
+    plain_64 = _median_peak(peak_rss_kib, [*plain, "64"])
     assert scan_peak <= 1.5 * plain_same, (scan_peak, plain_same, expected)
     assert scan_peak < plain_64, (scan_peak, plain_64)
+
+
+def _median_peak(peak_rss_kib, command: list[str]) -> int:
+    return sorted(peak_rss_kib(command) for _ in range(3))[1]
 
 
 def _masked_truth(batches, op):
