@@ -339,7 +339,8 @@ def test_fix_with_nothing_to_fix_succeeds(cli, tmp_path):
     "args, message",
     [
         (["scan", "--bogus"], "deadrelu: error: No such option: --bogus"),
-        (["fix", "m.onnx"], "deadrelu: error: Missing option '--data'"),
+        (["fix", "m.onnx"], "deadrelu: error: Missing option '--strategy'"),
+        (["fix", "m.onnx", "-s", "reinit", "-o", "x.onnx"], "deadrelu: error: missing --data"),
         (["scan", "m.onnx", "--dying", "lots"], "deadrelu: error: Invalid value for '--dying'"),
         (["sacn"], "deadrelu: error: No such command 'sacn'"),
     ],

@@ -36,9 +36,9 @@ Layers = opt.Annotated[
 @opt.command
 def fix(
     model: opt.Model,
-    data: opt.Data,
     strategy: Strategy,
     output: Output,
+    data: opt.OptionalData = None,
     loading: opt.Loading = None,
     layers: Layers = None,
     slope: float = typer.Option(0.01, "--slope", help="Negative slope for --strategy leaky."),
@@ -58,6 +58,7 @@ def fix(
     force: bool = typer.Option(False, "--force", help="Write even when verification fails."),
     running: opt.Running = None,
     feeding: opt.Feeding = None,
+    texts: opt.TextInput = None,
     kick_scale: float = typer.Option(
         0.1, "--kick-scale", help="kick: noise std as a fraction of the layer's weight std."
     ),
@@ -96,9 +97,15 @@ def fix(
     check_finite("--tolerance", tolerance)  # (a negative one makes every exact fix fail verification)
     check_finite("--kick-scale", kick_scale, 0.0)
     check_finite("--target-rate", target_rate, 0.0, 1.0)
+    if not data and not texts.text:
+        from deadrelu_cli.errors import UserError
+
+        raise UserError(
+            "missing --data: the calibration data the fix is decided and verified on, or --text FILE"
+        )
     guard_outputs(
         [("--output", output), ("--json", json_out)],
-        [("MODEL", model), ("--data", data), ("--arch", arch_file(loading.arch))],
+        [("MODEL", model), ("--data", data), ("--text", texts.text), ("--arch", arch_file(loading.arch))],
     )
     scan_options = opt.scan_options(
         model,
@@ -106,6 +113,7 @@ def fix(
         loading,
         running,
         feeding,
+        texts,
         certify=input_range is not None,
         input_range=opt.parse_input_range(input_range),
     )
@@ -125,7 +133,7 @@ def fix(
     )
     result = run_fix(scan_options, fix_options)
     console = make_console(stderr=json_out == "-")
-    print_fix(result, console, model, output, data)
+    print_fix(result, console, model, output, data or texts.text)
     if json_out:
         text = json.dumps(result.to_dict(), indent=2) + "\n"
         if json_out == "-":

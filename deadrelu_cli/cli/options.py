@@ -418,6 +418,16 @@ class Feeding(OptionGroup):
 
 
 @dataclass(frozen=True)
+class TextInput(OptionGroup):
+    """--text instead of --data: documents tokenized with the model folder's tokenizer."""
+
+    text: Text = None
+    text_field: TextField = "text"
+    seq_len: SeqLen = 128
+    text_packing: TextPacking = "pad"
+
+
+@dataclass(frozen=True)
 class Gating(OptionGroup):
     """Gate limits and the CI outputs that carry the verdict."""
 
@@ -536,13 +546,24 @@ def command(func: Callable) -> Callable:
 
 
 def scan_options(
-    model: str, data: str | None, loading: Loading, running: Running, feeding: Feeding | None = None, **more
+    model: str,
+    data: str | None,
+    loading: Loading,
+    running: Running,
+    feeding: Feeding | None = None,
+    texts: TextInput | None = None,
+    **more,
 ):
     """The library's ScanOptions from the groups every scanning command takes (built here only)."""
     from deadrelu_cli.options import ScanOptions
 
     feeding = feeding or Feeding()
+    texts = texts or TextInput()
     return ScanOptions(
+        text=texts.text,
+        text_field=texts.text_field,
+        seq_len=texts.seq_len,
+        text_packing=texts.text_packing,
         model=model,
         data=data,
         arch=loading.arch,

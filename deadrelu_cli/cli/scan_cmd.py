@@ -60,10 +60,7 @@ def scan(
     dtype: opt.Dtype = None,
     channels_last: opt.ChannelsLast = False,
     feeding: opt.Feeding = None,
-    text: opt.Text = None,
-    text_field: opt.TextField = "text",
-    seq_len: opt.SeqLen = 128,
-    text_packing: opt.TextPacking = "pad",
+    texts: opt.TextInput = None,
     device_map: opt.DeviceMap = None,
     max_memory: opt.MaxMemory = None,
     layer: opt.LayerName = None,
@@ -88,7 +85,7 @@ def scan(
     if not model:
         raise UserError("missing MODEL: deadrelu scan MODEL --data DATA (see --help)")
     certify = certify or input_range is not None  # a box is only for certifying (as in fix)
-    if not data and not text and not certify:
+    if not data and not texts.text and not certify:
         raise UserError(
             "missing --data: the calibration data to replay (.npz, .npy, .pt or .safetensors), or --text FILE"
         )
@@ -105,7 +102,7 @@ def scan(
         [
             ("MODEL", model),
             ("--data", data),
-            ("--text", text),
+            ("--text", texts.text),
             ("--arch", arch_file(loading.arch)),
             ("--baseline", gating.baseline),
             ("--config", config_file(settings.config)),
@@ -119,6 +116,7 @@ def scan(
         loading,
         running,
         feeding,
+        texts,
         compile=compile_graph,
         distributed=distributed,
         explain=explain,
@@ -131,10 +129,6 @@ def scan(
         tau=tau,
         ops=parse_ops(ops),
         allow_nonfinite=allow_nonfinite,
-        text=text,
-        text_field=text_field,
-        seq_len=seq_len,
-        text_packing=text_packing,
         device_map=device_map,
         max_memory=max_memory,
         progress=update,

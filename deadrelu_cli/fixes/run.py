@@ -76,7 +76,12 @@ def _holdout_data(scan_options: ScanOptions, fraction: float) -> CalibrationData
     """The last `fraction` of the samples (after --limit), opened on their own; the scan gets the rest."""
     if not 0.0 < fraction < 1.0:
         raise UserError(f"--holdout {fraction:g}: give a fraction between 0 and 1, e.g. 0.2")
-    data = open_calibration(scan_options.data, scan_options.batch_axes, scan_options.consts)
+    if scan_options.text is not None:  # the same documents, tokenized as the scan tokenizes them
+        from deadrelu_cli.engine import open_data
+
+        data = open_data(scan_options, "hf_folder")[0]
+    else:
+        data = open_calibration(scan_options.data, scan_options.batch_axes, scan_options.consts)
     if not isinstance(data, CalibrationData):
         raise UserError("--holdout needs one data file, not a glob: the hold-out is its last samples")
     total = data.samples if scan_options.limit is None else min(scan_options.limit, data.samples)
@@ -137,7 +142,10 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
     if options.strategy not in STRATEGIES:
         raise UserError(f"--strategy {options.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     output = Path(options.output)
-    guard_outputs([("--output", output)], [("MODEL", scan_options.model), ("--data", scan_options.data)])
+    guard_outputs(
+        [("--output", output)],
+        [("MODEL", scan_options.model), ("--data", scan_options.data), ("--text", scan_options.text)],
+    )
     folder_out = Path(scan_options.model).is_dir()  # a model folder is fixed into a model folder
     if folder_out and output.exists():
         raise UserError(f"--output {output}: already exists; a model folder is written to a new folder name")
