@@ -148,3 +148,46 @@ def test_which_nodes_pass_values():
     index = GraphIndex(graph)
     passing = [node.output[0] for node in nodes if passes_values(index, node)]
     assert passing == ["a", "b", "e", "i", "j", "l"]
+
+
+def test_a_quantize_after_an_identity_is_still_the_relu(cli, tmp_path):
+    """QDQ: a QuantizeLinear with zero point 0 (uint8) clamps at 0 — the folded ReLU — also when an
+    Identity sits between the Gemm and it; counted on the dequantized output (onnxruntime + numpy)."""
+    rng = np.random.default_rng(1)
+    b = np.array([0.2, -30, 0.1, 0.0, -30, 0.3], np.float32)
+    inits = [
+        onnx.numpy_helper.from_array((rng.standard_normal((4, 6)) * 0.5).astype(np.float32), "w"),
+        onnx.numpy_helper.from_array(b, "b"),
+        onnx.numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+        onnx.numpy_helper.from_array(np.array(0, np.uint8), "z"),
+        onnx.numpy_helper.from_array(rng.standard_normal((6, 2)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc"),
+        helper.make_node("Identity", ["h"], ["h_id"], name="id"),
+        helper.make_node("QuantizeLinear", ["h_id", "s", "z"], ["q"], name="q"),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"], name="dq"),
+        helper.make_node("MatMul", ["dq", "w2"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "qdq.onnx"))
+    x = rng.standard_normal((30, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    exposed = onnx.load(str(tmp_path / "qdq.onnx"))
+    exposed.graph.output.append(helper.make_tensor_value_info("dq", TensorProto.FLOAT, None))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    dq = session.run(["dq"], {"x": x})[0]
+    result = cli("scan", tmp_path / "qdq.onnx", "--data", tmp_path / "d.npz", "--json", "-")
+    assert result.code == 0, result.err
+    (layer,) = json.loads(result.out)["layers"]
+    assert layer["implicit"] == "quantize" and layer["weight"] == "w"
+    assert layer["positive_counts"] == (dq > 0).sum(axis=0).tolist()
+    assert layer["dead_indices"] == np.flatnonzero((dq > 0).sum(axis=0) == 0).tolist() == [1, 4]

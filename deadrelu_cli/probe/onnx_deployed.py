@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from deadrelu_cli.wiring.onnx import value_source
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr
 
 FUSED_OPS = ("FusedConv", "FusedGemm", "NhwcFusedConv")
@@ -79,7 +80,7 @@ def implicit_relu(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, str | N
     """(name, pre-activation tensor, dequantized output or None) of the implicit ReLU that `node`
     performs, if it does. The pre-activation of a QOperator op lives inside it: None then."""
     if node.op_type == "QuantizeLinear":
-        source = index.producer.get(node.input[0])
+        source = index.producer.get(value_source(index, node.input[0]))
         if source is None or source.op_type not in IMPLICIT_PRODUCERS:
             return None
         if not _zero_point_is_minimum(index, node, 2, optional=True):
