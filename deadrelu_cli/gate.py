@@ -53,6 +53,9 @@ class GateResult:
     dead_fraction: float = 0.0
     baseline_dead_fraction: float | None = None
     checked: bool = True
+    # activations the scan could not see that are none of the scanned --ops (a softmax, a fused
+    # HardSwish): listed, not gated
+    unseen_other: dict[str, int] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[str]:
@@ -106,6 +109,66 @@ def unseen_text(unseen: dict[str, int]) -> str:
     return ", ".join(f"{printable(op)} ×{count}" for op, count in ranked)
 
 
+# What an activation the scan could not see is, by the op type in its label (the scan's labels:
+# 'domain.Op', 'domain.Op(activation=Kind)' for a fused one, 'QLinearKind' for a quantized one): the
+# --ops it would be scanned as. () for those with no dead units in --ops' sense (softmax, sigmoid, tanh,
+# hard-sigmoid, hard-swish: none is a scanned op). An op not listed may be anything: it always counts.
+UNSEEN_OP_KINDS: dict[str, tuple[str, ...]] = {
+    "Relu": ("relu",),
+    "Clip": ("relu", "relu6"),  # a fused Clip's bounds are not in the label: Clip(0, 6) or Clip(0, inf)
+    "LeakyRelu": ("leaky_relu",),
+    "Elu": ("elu",),
+    "Gelu": ("gelu",),
+    "BiasGelu": ("gelu",),
+    "FastGelu": ("gelu",),
+    "QuickGelu": ("gelu", "silu"),  # x * sigmoid(alpha * x): SiLU when alpha = 1
+    "Silu": ("silu",),
+    "Sigmoid": (),
+    "Tanh": (),
+    "HardSigmoid": (),
+    "HardSwish": (),
+    "Softmax": (),
+}
+
+
+def unseen_op_kinds(label: str) -> tuple[str, ...] | None:
+    """The --ops an unseen activation's label stands for (UNSEEN_OP_KINDS), None when it is not known."""
+    head, fused, tail = label.partition("(activation=")
+    if fused:  # a fused node: its activation attribute says what it is
+        return UNSEEN_OP_KINDS.get(tail.removesuffix(")"))
+    domain, _, op = head.rpartition(".")
+    if domain not in ("", "ai.onnx", "com.microsoft"):
+        return None  # a node of a custom domain: could be anything
+    return UNSEEN_OP_KINDS.get(op.removeprefix("QLinear"))
+
+
+def split_unseen(unseen: dict[str, int], ops: tuple[str, ...]) -> tuple[dict[str, int], dict[str, int]]:
+    """(those that may hide dead units of the scanned --ops or are unknown, the others): only the first
+    stop a gate."""
+    hiding, other = {}, {}
+    for label, count in unseen.items():
+        kinds = unseen_op_kinds(label)
+        (hiding if kinds is None or set(kinds) & set(ops) else other)[label] = count
+    return hiding, other
+
+
+def unseen_notes(unseen: dict[str, int], ops: tuple[str, ...]) -> list[str]:
+    """What a scan says about the activations it could not see: those a gate stops on, and the others."""
+    hiding, other = split_unseen(unseen, ops)
+    notes = []
+    if hiding:
+        notes.append(
+            f"activations deadrelu cannot see (not scanned, not counted): {unseen_text(hiding)}; "
+            "scan the float model for those layers"
+        )
+    if other:
+        notes.append(
+            f"activations deadrelu cannot see that are none of the scanned ops ({', '.join(ops)}), so a gate "
+            f"does not stop on them: {unseen_text(other)}"
+        )
+    return notes
+
+
 def evaluate(report: Report, config: GateConfig) -> GateResult:
     summary = report.summary()
     model_failures: list[str] = []
@@ -121,9 +184,10 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             "model: no activation site was scanned, so nothing was checked (see the notes); "
             "pass --allow-no-sites if the model truly has no ReLUs"
         )
-    if config.active and not config.allow_unseen and report.unseen:
+    hiding, not_scanned_ops = split_unseen(report.unseen, tuple(report.settings.ops))
+    if config.active and not config.allow_unseen and hiding:
         model_failures.append(
-            f"model: activations deadrelu could not scan (their dead units are not counted): {unseen_text(report.unseen)}; "
+            f"model: activations deadrelu could not scan (their dead units are not counted): {unseen_text(hiding)}; "
             "pass --allow-unseen to gate on the scanned layers only"
         )
     # a quantized/optimized graph's layers meet the float baseline's by their producer's weight
@@ -155,6 +219,7 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
         model_failures=model_failures,
         dead_fraction=summary.dead_fraction,
         checked=config.active,
+        unseen_other=not_scanned_ops,
     )
     if config.baseline is not None:
         matched_old = {layer.name for layer in old_layers.values()}

@@ -512,6 +512,90 @@ def test_ort_enable_all_nchwc_graph_gives_the_float_graphs_counts(cli, nchwc):
     assert refused.code == 2 and "nchwc" in refused.err and "Traceback" not in refused.err
 
 
+def _relu_dw_hardswish(path):
+    """x -> Conv(3->16) + Relu -> depthwise Conv + Relu -> Conv(16->16) + HardSwish -> pool, by
+    onnx.helper; units 2 and 7 of the depthwise layer are dead (bias -50)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(2)
+    b2 = np.zeros(16, np.float32)
+    b2[[2, 7]] = -50.0
+    arrays = {
+        "w1": (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32),
+        "b1": (rng.standard_normal(16) * 0.1).astype(np.float32),
+        "w2": (rng.standard_normal((16, 1, 3, 3)) * 0.3).astype(np.float32),
+        "b2": b2,
+        "w3": (rng.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32),
+        "b3": np.zeros(16, np.float32),
+    }
+    pads = [1, 1, 1, 1]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=pads),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="dw", pads=pads, group=16),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3", pads=pads),
+        helper.make_node("HardSwish", ["c3"], ["h3"], name="hardswish"),
+        helper.make_node("GlobalAveragePool", ["h3"], ["y"], name="pool"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16, 1, 1])],
+        initializer=[numpy_helper.from_array(a, name) for name, a in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_gate_stops_only_on_unseen_activations_of_the_scanned_ops(cli, tmp_path):
+    """In an ORT_ENABLE_ALL graph, a ReLU fused into an nchwc Conv whose channel count the graph does not
+    say (it feeds a depthwise Conv) stops the gate; a fused HardSwish (not a scanned op, in no graph) is
+    listed but does not; the ReLU the scan sees has the float graph's dead units (onnxruntime + numpy)."""
+    float_path = _relu_dw_hardswish(tmp_path / "float.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "all.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(float_path), options, providers=["CPUExecutionProvider"])
+    if len(_nchwc_convs(onnx.load(str(tmp_path / "all.onnx")))) != 3:
+        pytest.skip("onnxruntime wrote no nchwc Conv on this CPU (it has no NCHWc kernels here)")
+    x = np.random.default_rng(3).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    (r2,) = _run_exposing(float_path, ["r2"], x)
+    scan = ("scan", tmp_path / "all.onnx", "--data", tmp_path / "d.npz", "--max-dead", "1")
+    failed = cli(*scan, "--json", tmp_path / "all.json")
+    assert failed.code == 1
+    (reason,) = [line for line in failed.err.splitlines() if "could not scan" in line]
+    assert "com.microsoft.nchwc.Conv(activation=Relu) ×1" in reason and "HardSwish" not in reason
+    report = json.loads((tmp_path / "all.json").read_text())
+    assert report["unseen_activations"] == {
+        "com.microsoft.nchwc.Conv(activation=Relu)": 1,
+        "com.microsoft.nchwc.Conv(activation=HardSwish)": 1,
+    }
+    (layer,) = report["layers"]
+    assert layer["dead_indices"] == np.flatnonzero((_per_unit(r2) > 0).sum(axis=1) == 0).tolist() == [2, 7]
+    allowed = cli(*scan, "--allow-unseen")
+    assert allowed.code == 0 and "not gated" in allowed.err and "HardSwish) ×1" in allowed.err
+    # the same verdicts on the saved report
+    assert cli("gate", tmp_path / "all.json", "--max-dead", "1").code == 1
+    assert cli("gate", tmp_path / "all.json", "--max-dead", "1", "--allow-unseen").code == 0
+    # a report whose only unseen activation is a HardSwish passes, and says what it did not gate
+    del report["unseen_activations"]["com.microsoft.nchwc.Conv(activation=Relu)"]
+    (tmp_path / "hs.json").write_text(json.dumps(report))
+    passed = cli("gate", tmp_path / "hs.json", "--max-dead", "1", "--markdown", tmp_path / "g.md")
+    assert passed.code == 0 and "gate passed" in passed.err
+    assert "not gated" in passed.err and "com.microsoft.nchwc.Conv(activation=HardSwish) ×1" in passed.err
+    assert "Not gated" in (tmp_path / "g.md").read_text()
+    # a fused Clip may be a ReLU6 (its bounds are not in the label): it stops the gate
+    report["unseen_activations"] = {"com.microsoft.FusedConv(activation=Clip)": 1}
+    (tmp_path / "clip.json").write_text(json.dumps(report))
+    assert cli("gate", tmp_path / "clip.json", "--max-dead", "1").code == 1
+
+
 def report_names(report: dict) -> set[str]:
     return {layer["name"] for layer in report["layers"]}
 
@@ -562,7 +646,9 @@ def test_gate_fails_on_activations_the_scan_could_not_see(cli, tmp_path):
     np.savez(data, x=x)
     model = _mixed_model(tmp_path / "mixed.onnx")
     (relu,) = _run_exposing(model, ["r"], x)
-    failed = cli("scan", model, "--data", data, "--max-dead", "0.5", "--json", tmp_path / "r.json")
+    # a quantized LeakyReLU hides dead units of --ops leaky_relu: the gate stops on it
+    leaky = ("--ops", "relu,leaky_relu")
+    failed = cli("scan", model, "--data", data, *leaky, "--max-dead", "0.5", "--json", tmp_path / "r.json")
     assert failed.code == 1
     reason = [line for line in failed.err.splitlines() if "could not scan" in line]
     assert (
@@ -575,8 +661,15 @@ def test_gate_fails_on_activations_the_scan_could_not_see(cli, tmp_path):
     assert saved["unseen_activations"] == {"com.microsoft.QLinearLeakyRelu": 1}
     (layer,) = saved["layers"]  # the visible ReLU is still scanned exactly
     assert layer["positive_counts"] == (relu > 0).sum(axis=0).tolist() and layer["dead_indices"] == [2]
-    assert cli("scan", model, "--data", data, "--max-dead", "0.5", "--allow-unseen").code == 0
-    assert cli("scan", model, "--data", data).code == 0  # no gate limit: a note only
+    assert cli("scan", model, "--data", data, *leaky, "--max-dead", "0.5", "--allow-unseen").code == 0
+    assert cli("scan", model, "--data", data, *leaky).code == 0  # no gate limit: a note only
+    # with the default --ops (relu, relu6) a LeakyReLU is not scanned in any graph: listed, not gated
+    passed = cli("scan", model, "--data", data, "--max-dead", "0.5", "--json", tmp_path / "default.json")
+    assert passed.code == 0 and "gate passed" in passed.err
+    assert "not gated" in passed.err and "com.microsoft.QLinearLeakyRelu ×1" in passed.err
+    assert json.loads((tmp_path / "default.json").read_text())["unseen_activations"] == {
+        "com.microsoft.QLinearLeakyRelu": 1
+    }
     # the saved report fails the same way; the flag, or the config key, lets it pass
     again = cli("gate", tmp_path / "r.json", "--max-dead", "0.5")
     assert again.code == 1 and "com.microsoft.QLinearLeakyRelu ×1" in again.err
@@ -585,7 +678,7 @@ def test_gate_fails_on_activations_the_scan_could_not_see(cli, tmp_path):
     assert cli("gate", tmp_path / "r.json", "--config", tmp_path / "deadrelu.toml").code == 0
     # merged reports of one model keep its unseen nodes once; a hostile op name stays on one line
     np.savez(tmp_path / "d2.npz", x=x[::-1].copy())  # a second part (merge refuses one report twice)
-    cli("scan", model, "--data", tmp_path / "d2.npz", "--json", tmp_path / "r2.json", "-q")
+    cli("scan", model, "--data", tmp_path / "d2.npz", *leaky, "--json", tmp_path / "r2.json", "-q")
     assert cli("merge", tmp_path / "r.json", tmp_path / "r2.json").json()["unseen_activations"] == {
         "com.microsoft.QLinearLeakyRelu": 1
     }
