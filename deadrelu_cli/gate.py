@@ -20,6 +20,7 @@ class GateConfig:
     max_increase: float | None = None  # with a baseline; None means 0
     allow_no_sites: bool = False  # else a report in which no activation site was scanned fails
     allow_unseen: bool = False  # else a report naming activations the scan could not see fails
+    allow_unpaired: bool = False  # else layers left unpaired with the baseline on both sides fail
 
     @property
     def active(self) -> bool:
@@ -91,6 +92,10 @@ def layer_limit(name: str, config: GateConfig) -> float | None:
 
 def _pct(fraction: float) -> str:
     return f"{100 * fraction:.1f}%"
+
+
+def _listed(names: list[str], most: int = 4) -> str:
+    return ", ".join(names[:most]) + (f", … ({len(names)} in all)" if len(names) > most else "")
 
 
 def scanned_any(report: Report) -> bool:
@@ -225,6 +230,16 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
         matched_old = {layer.name for layer in old_layers.values()}
         result.added = [layer.name for layer in report.layers if layer.name not in old_layers]
         result.removed = [layer.name for layer in config.baseline.layers if layer.name not in matched_old]
+        if result.added and result.removed and not config.allow_unpaired:
+            # unpaired layers on both sides: a renamed layer and a replaced one look alike, and either
+            # way the report's layers went unchecked against the baseline
+            model_failures.append(
+                f"baseline: {len(result.added)} layer(s) of this report and {len(result.removed)} of the baseline "
+                f"could not be paired (by weight, output tensor or name), so they were not compared: "
+                f"{_listed(result.added)}; baseline: {_listed(result.removed)}; re-scan the baseline with this "
+                "deadrelu (its reports record what pairs the layers of an optimized graph), or pass "
+                "--allow-unpaired if those layers really changed"
+            )
         old_summary = config.baseline.summary()
         result.baseline_dead_fraction = old_summary.dead_fraction
         if summary.dead_fraction - old_summary.dead_fraction > increase + 1e-12:

@@ -596,6 +596,49 @@ def test_gate_stops_only_on_unseen_activations_of_the_scanned_ops(cli, tmp_path)
     assert cli("gate", tmp_path / "clip.json", "--max-dead", "1").code == 1
 
 
+def test_diff_and_baseline_pair_an_ort_enable_all_graph_with_the_float_graph(cli, nchwc, tmp_path):
+    """onnxruntime renames the weights of an ORT_ENABLE_ALL graph (reorder_token_*), so no layer has a
+    weight name to pair by; each pairs with the float layer whose Relu wrote the tensor onnxruntime named
+    the nchwc Conv after (read from the float graph here), and the baseline gate compares every one."""
+    root, x = nchwc
+    relus = [n for n in onnx.load(str(root / "wide.onnx")).graph.node if n.op_type == "Relu"]
+    float_json, all_json = tmp_path / "float.json", tmp_path / "all.json"
+    float_json.write_text(json.dumps(_scan(cli, root, "wide")))
+    optimized = _scan(cli, root, "all")
+    all_json.write_text(json.dumps(optimized))
+    assert all("weight" not in layer for layer in optimized["layers"])  # renamed: nothing to pair by
+    expected = [f"{relu.output[0]} ← {relu.name}" for relu in relus]
+    shown = cli("diff", float_json, all_json, "--all")
+    assert shown.code == 0
+    assert [line.split("  ")[0] for line in shown.out.splitlines()[2:5]] == expected
+    assert "(absent)" not in shown.out
+    # the dead units of each pair, counted with onnxruntime on the float graph: the same on both sides
+    outs = _run_exposing(root / "wide.onnx", [relu.output[0] for relu in relus], x)
+    for layer, out in zip(optimized["layers"], outs, strict=True):
+        assert layer["dead_indices"] == np.flatnonzero((_per_unit(out) > 0).sum(axis=1) == 0).tolist()
+    passed = cli("gate", all_json, "--baseline", float_json, "-q")
+    assert passed.code == 0 and "not in the baseline" not in passed.err
+    # every layer is compared: a baseline with fewer dead units in the second layer fails on that layer
+    fewer = json.loads(float_json.read_text())
+    fewer["layers"][1]["positive_counts"] = [1] * fewer["layers"][1]["units"]
+    (tmp_path / "fewer.json").write_text(json.dumps(fewer))
+    failed = cli("gate", all_json, "--baseline", tmp_path / "fewer.json", "-q")
+    assert failed.code == 1 and f"layer {relus[1].output[0]}: dead fraction grew" in failed.err
+    # a float report that does not record the tensors (an older deadrelu): nothing pairs, and the gate
+    # fails saying so instead of comparing nothing
+    older = json.loads(float_json.read_text())
+    for layer in older["layers"]:
+        del layer["output_tensor"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    unpaired = cli("gate", all_json, "--baseline", tmp_path / "older.json", "-q")
+    assert (
+        unpaired.code == 1
+        and "3 layer(s) of this report and 3 of the baseline could not be paired" in unpaired.err
+    )
+    assert unpaired.err.count("warning: layer") == 3
+    assert cli("gate", all_json, "--baseline", tmp_path / "older.json", "-q", "--allow-unpaired").code == 0
+
+
 def report_names(report: dict) -> set[str]:
     return {layer["name"] for layer in report["layers"]}
 

@@ -72,7 +72,7 @@ def _annotate_github(result, report, err: Console) -> None:
         )
     for name in result.added:
         err.print(
-            f"::notice title=deadrelu::{github_message(f'layer {name} is not in the baseline')}",
+            f"::warning title=deadrelu::{github_message(f'layer {name} is not in the baseline: not compared with it')}",
             markup=False,
             soft_wrap=True,
         )
@@ -103,11 +103,18 @@ def run_gate(report, config, junit: str | None, markdown: str | None, err: Conso
         append_text(summary_file, text)  # GitHub's own file: append, as documented
     if os.environ.get("GITHUB_ACTIONS") == "true":
         _annotate_github(result, report, err)
+    # loud, not a dim note: a layer that pairs with nothing in the baseline was not compared with it
     for name in result.added:
-        err.print(f"note: layer {terminal_text(name)} is not in the baseline", markup=False, style="dim")
+        err.print(
+            f"warning: layer {terminal_text(name)} is not in the baseline: not compared with it",
+            markup=False,
+            style="yellow",
+        )
     for name in result.removed:
         err.print(
-            f"note: baseline layer {terminal_text(name)} is not in this report", markup=False, style="dim"
+            f"warning: baseline layer {terminal_text(name)} is not in this report",
+            markup=False,
+            style="yellow",
         )
     if not result.checked:
         return

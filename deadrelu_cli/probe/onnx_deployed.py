@@ -51,6 +51,12 @@ DEQUANTIZED_SUFFIX = "_deadrelu_dequantized"
 UNFUSED_MARK = "_deadrelu_unfused_"  # the pre-activation of an unfused node: <output>_deadrelu_unfused_<op>
 
 
+def nchwc_tensor(activation_name: str) -> str:
+    """The tensor an nchwc Conv's activation wrote in the graph onnxruntime optimized (it names the
+    nchwc node '<that tensor>_nchwc'), from the name `expose_nchwc` gave the activation's copy."""
+    return activation_name.removesuffix(f"/{NCHWC_CONV}")
+
+
 def fused_origin(pre_activation: str) -> str | None:
     """The fused op type an activation was split from (by `unfuse`), or None."""
     head, mark, op = pre_activation.rpartition(UNFUSED_MARK)

@@ -331,6 +331,7 @@ class HostAccumulator:
                 producer=site.producer,
                 implicit=site.implicit,
                 weight=site.weight,
+                output_tensor=site.output_tensor,
                 samples=0,
             )
         bias = None
@@ -350,6 +351,7 @@ class HostAccumulator:
             bias=bias,
             implicit=site.implicit,
             weight=site.weight,
+            output_tensor=site.output_tensor,
             min_preactivation=self.min_pre,
             samples=self.samples,
         )
