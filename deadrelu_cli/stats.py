@@ -176,6 +176,7 @@ def merge_layer(a: LayerStats, b: LayerStats) -> LayerStats:
         certify_note=a.certify_note or b.certify_note,
         implicit=a.implicit or b.implicit,
         weight=a.weight or b.weight,
+        output_tensor=a.output_tensor or b.output_tensor,
         min_preactivation=(
             np.minimum(a.min_preactivation, b.min_preactivation)
             if a.min_preactivation is not None and b.min_preactivation is not None

@@ -618,6 +618,9 @@ def test_diff_and_baseline_pair_an_ort_enable_all_graph_with_the_float_graph(cli
         assert layer["dead_indices"] == np.flatnonzero((_per_unit(out) > 0).sum(axis=1) == 0).tolist()
     passed = cli("gate", all_json, "--baseline", float_json, "-q")
     assert passed.code == 0 and "not in the baseline" not in passed.err
+    page = tmp_path / "r.html"  # the HTML report's baseline column pairs them the same way
+    assert cli("report", all_json, "--html", page, "--baseline", float_json).code == 0
+    assert "(new)" not in page.read_text()
     # every layer is compared: a baseline with fewer dead units in the second layer fails on that layer
     fewer = json.loads(float_json.read_text())
     fewer["layers"][1]["positive_counts"] = [1] * fewer["layers"][1]["units"]
