@@ -552,9 +552,10 @@ def _relu_dw_hardswish(path):
 
 
 def test_gate_stops_only_on_unseen_activations_of_the_scanned_ops(cli, tmp_path):
-    """In an ORT_ENABLE_ALL graph, a ReLU fused into an nchwc Conv whose channel count the graph does not
-    say (it feeds a depthwise Conv) stops the gate; a fused HardSwish (not a scanned op, in no graph) is
-    listed but does not; the ReLU the scan sees has the float graph's dead units (onnxruntime + numpy)."""
+    """In an ORT_ENABLE_ALL graph, a fused HardSwish (not a scanned op, in no graph) is listed but does not
+    stop the gate; a ReLU the scan cannot reach does. Both ReLUs here are reached — the one feeding a
+    depthwise Conv too (its channel count read past the depthwise Conv) — with the float graph's counts
+    (onnxruntime + numpy)."""
     float_path = _relu_dw_hardswish(tmp_path / "float.onnx")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -565,35 +566,32 @@ def test_gate_stops_only_on_unseen_activations_of_the_scanned_ops(cli, tmp_path)
         pytest.skip("onnxruntime wrote no nchwc Conv on this CPU (it has no NCHWc kernels here)")
     x = np.random.default_rng(3).standard_normal((8, 3, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x)
-    (r2,) = _run_exposing(float_path, ["r2"], x)
+    r1, r2 = _run_exposing(float_path, ["r1", "r2"], x)
     scan = ("scan", tmp_path / "all.onnx", "--data", tmp_path / "d.npz", "--max-dead", "1")
-    failed = cli(*scan, "--json", tmp_path / "all.json")
+    passed = cli(*scan, "--json", tmp_path / "all.json")
+    assert passed.code == 0 and "gate passed" in passed.err
+    assert "not gated" in passed.err and "com.microsoft.nchwc.Conv(activation=HardSwish) ×1" in passed.err
+    report = json.loads((tmp_path / "all.json").read_text())
+    assert report["unseen_activations"] == {"com.microsoft.nchwc.Conv(activation=HardSwish)": 1}
+    assert [layer["units"] for layer in report["layers"]] == [16, 16]
+    for layer, out in zip(report["layers"], (r1, r2), strict=True):
+        assert layer["positive_counts"] == (_per_unit(out) > 0).sum(axis=1).tolist()
+    assert report["layers"][1]["dead_indices"] == [2, 7]
+    gated = cli("gate", tmp_path / "all.json", "--max-dead", "1", "--markdown", tmp_path / "g.md")
+    assert gated.code == 0 and "Not gated" in (tmp_path / "g.md").read_text()
+    # a ReLU fused where the scan cannot reach it, as the scan records one, stops the gate
+    report["unseen_activations"]["com.microsoft.nchwc.Conv(activation=Relu)"] = 1
+    (tmp_path / "relu.json").write_text(json.dumps(report))
+    failed = cli("gate", tmp_path / "relu.json", "--max-dead", "1")
     assert failed.code == 1
     (reason,) = [line for line in failed.err.splitlines() if "could not scan" in line]
     assert "com.microsoft.nchwc.Conv(activation=Relu) ×1" in reason and "HardSwish" not in reason
-    report = json.loads((tmp_path / "all.json").read_text())
-    assert report["unseen_activations"] == {
-        "com.microsoft.nchwc.Conv(activation=Relu)": 1,
-        "com.microsoft.nchwc.Conv(activation=HardSwish)": 1,
-    }
-    (layer,) = report["layers"]
-    assert layer["dead_indices"] == np.flatnonzero((_per_unit(r2) > 0).sum(axis=1) == 0).tolist() == [2, 7]
-    allowed = cli(*scan, "--allow-unseen")
-    assert allowed.code == 0 and "not gated" in allowed.err and "HardSwish) ×1" in allowed.err
-    # the same verdicts on the saved report
-    assert cli("gate", tmp_path / "all.json", "--max-dead", "1").code == 1
-    assert cli("gate", tmp_path / "all.json", "--max-dead", "1", "--allow-unseen").code == 0
-    # a report whose only unseen activation is a HardSwish passes, and says what it did not gate
-    del report["unseen_activations"]["com.microsoft.nchwc.Conv(activation=Relu)"]
-    (tmp_path / "hs.json").write_text(json.dumps(report))
-    passed = cli("gate", tmp_path / "hs.json", "--max-dead", "1", "--markdown", tmp_path / "g.md")
-    assert passed.code == 0 and "gate passed" in passed.err
-    assert "not gated" in passed.err and "com.microsoft.nchwc.Conv(activation=HardSwish) ×1" in passed.err
-    assert "Not gated" in (tmp_path / "g.md").read_text()
+    assert cli("gate", tmp_path / "relu.json", "--max-dead", "1", "--allow-unseen").code == 0
     # a fused Clip may be a ReLU6 (its bounds are not in the label): it stops the gate
     report["unseen_activations"] = {"com.microsoft.FusedConv(activation=Clip)": 1}
     (tmp_path / "clip.json").write_text(json.dumps(report))
     assert cli("gate", tmp_path / "clip.json", "--max-dead", "1").code == 1
+    assert cli("gate", tmp_path / "clip.json", "--max-dead", "1", "--allow-unseen").code == 0
 
 
 def test_diff_and_baseline_pair_an_ort_enable_all_graph_with_the_float_graph(cli, nchwc, tmp_path):

@@ -219,7 +219,8 @@ def unfuse(model: onnx.ModelProto) -> Counter:
 def _nchwc_channels(index: GraphIndex, blocked: str, depth: int = 0) -> tuple[int, str | None] | None:
     """(real channel count, its NCHW tensor if a ReorderOutput writes one) of a blocked nchwc tensor:
     from a ReorderOutput's `channels`, or from a Conv reading it blocked (group 1: its weight's input
-    channels; onnxruntime feeds blocked data to a Conv only in whole blocks). Through nchwc pools."""
+    channels; onnxruntime feeds blocked data to a Conv only in whole blocks). Through nchwc pools and
+    depthwise Convs (each keeps every channel where it was)."""
     if depth > 8:
         return None
     found = None
@@ -229,10 +230,19 @@ def _nchwc_channels(index: GraphIndex, blocked: str, depth: int = 0) -> tuple[in
         if consumer.op_type == "ReorderOutput" and attr(consumer, "channels"):
             nchw = None if attr(consumer, "channels_last", 0) else consumer.output[0]
             return int(attr(consumer, "channels")), nchw
+        weight = index.stored_tensor(consumer.input[1]) if consumer.op_type == "Conv" else None
         if consumer.op_type == "Conv" and consumer.input[0] == blocked and attr(consumer, "group", 1) == 1:
-            weight = index.stored_tensor(consumer.input[1])
             if weight is not None and len(weight.dims) == 4:
                 found = found or (int(weight.dims[1]), None)
+        elif (
+            consumer.op_type == "Conv"
+            and consumer.input[0] == blocked
+            and weight is not None
+            and len(weight.dims) == 4
+            and weight.dims[1] == 1
+            and attr(consumer, "group", 1) == weight.dims[0]
+        ):  # depthwise: channel c in, channel c out (its group is the padded count): look past it
+            found = found or _nchwc_channels(index, consumer.output[0], depth + 1)
         elif consumer.op_type in NCHWC_CHANNEL_PRESERVING:
             found = found or _nchwc_channels(index, consumer.output[0], depth + 1)
     return found
