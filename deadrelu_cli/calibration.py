@@ -505,6 +505,11 @@ def open_calibration(path: str, batch_axes: dict[str, int] | None = None, consts
     with open(p, "rb") as handle:
         head = handle.read(8)
     suffix = p.suffix.lower()
+    if suffix in TEXT_SUFFIXES and not head.startswith((b"\x93NUMPY", b"PK")):
+        raise UserError(
+            f"{path}: a text file is not calibration data (.npz, .npy, .pt or .safetensors arrays); "
+            "to scan a model folder on text, pass --text FILE (one document per line, or .jsonl)"
+        )
     if head.startswith(b"\x93NUMPY"):
         sources = _open_npy(p)
     elif head.startswith(b"PK") and suffix != ".pt" and suffix != ".pth":
@@ -518,6 +523,9 @@ def open_calibration(path: str, batch_axes: dict[str, int] | None = None, consts
             f"{path}: unsupported data format; use .npz, .npy, .pt or .safetensors with samples on the first axis"
         )
     return _validate(str(path), sources, batch_axes, consts)
+
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".md")
 
 
 def prefetched(iterable, depth: int = 2, enabled: bool = True):

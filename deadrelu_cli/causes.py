@@ -229,6 +229,10 @@ def structural_checks(model_loaded, probe) -> list[Finding]:
                 )
     from deadrelu_cli.wiring.torch import offloaded
 
+    # zero rows matter where they feed an activation; elsewhere (an LM head tied to an embedding whose
+    # padding row is zero) they are not dead units
+    registry = getattr(probe, "registry", None)
+    producers = {site.producer for site in registry.sites.values()} if registry is not None else None
     for name, module in model.named_modules():
         weight = (
             offloaded(module, "weight") if isinstance(getattr(module, "weight", None), torch.Tensor) else None
@@ -246,7 +250,9 @@ def structural_checks(model_loaded, probe) -> list[Finding]:
                         "the constant beta for every input",
                     )
                 )
-        if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+        if isinstance(module, nn.Linear | nn.modules.conv._ConvNd) and (
+            producers is None or name in producers
+        ):
             rows = weight.detach().reshape(weight.shape[0], -1)
             zero = torch.nonzero((rows == 0).all(dim=1)).flatten().tolist()
             if zero:

@@ -107,6 +107,7 @@ def guard_outputs(outputs: Sequence[Role], inputs: Sequence[Role]) -> None:
         if not value or str(value) == "-":
             continue
         out = Path(value)
+        check_writable(label, out)
         resolved, inode = _identity(out)
         for other_label, other, other_resolved, other_inode in known:
             if resolved == other_resolved or (inode is not None and inode == other_inode):
@@ -115,6 +116,20 @@ def guard_outputs(outputs: Sequence[Role], inputs: Sequence[Role]) -> None:
                     "refusing to overwrite it (nothing was written); choose another path"
                 )
         known.append((label, out, resolved, inode))
+
+
+def check_writable(label: str, out: Path) -> None:
+    """An output whose folder is missing or read-only, or that is a folder itself, is refused up front,
+    not after an hour of scanning (`--output` of a folder fix is a folder that does not exist yet)."""
+    directory = out.parent if str(out.parent) else Path(".")
+    if not directory.is_dir():
+        raise UserError(
+            f"{label} {out}: directory {directory} does not exist (nothing was done); create it first"
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UserError(f"{label} {out}: cannot write in {directory} (permission denied; nothing was done)")
+    if out.is_dir() and label != "--output":
+        raise UserError(f"{label} {out}: is a directory; give a file name")
 
 
 def refuse_overwrite_of_inputs(output: str | Path, inputs: list[str | Path]) -> None:

@@ -135,3 +135,16 @@ def test_inputs_matched_by_name(tmp_path, planted_module):
         match=r"no array for model input\(s\) image, extra; the file holds foo\[9, 3\] float32, bar\[9, 2\] float32; the model's inputs are image.*extra",
     ):
         scan(str(ckpt), str(tmp_path / "bad.npz"), arch=arch("two_inputs"), device="cpu")
+
+
+@pytest.mark.parametrize("name", ["corpus.txt", "docs.jsonl"])
+def test_text_given_as_data_points_to_text(cli, tmp_path, name):
+    """A text file passed to --data is named as such, with the option that takes text (it used to be
+    read as a damaged safetensors header)."""
+    from conftest import ROOT
+
+    path = tmp_path / name
+    path.write_text("the first document\nthe second one\n")
+    result = cli("scan", ROOT / "sample_models" / "mlp" / "model.onnx", "--data", path)
+    assert result.code == 2 and "--text FILE" in result.err and "not calibration data" in result.err
+    assert len(result.err.strip().splitlines()) == 1

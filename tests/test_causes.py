@@ -112,6 +112,22 @@ def test_relu_before_softmax_check(cli, tmp_path, planted_module):
     assert not any("relu-before-softmax" in note for note in clean["notes"])
 
 
+def test_zero_weight_rows_are_reported_where_they_feed_an_activation(cli, tmp_path, planted_module):
+    """A Linear row of zeros feeding a ReLU is a unit that only outputs its bias: reported. A zero row of
+    the head (no activation after it, like an LM head tied to a zero padding embedding) is not a unit
+    of any scanned layer: not reported."""
+    import torch
+
+    model = planted_module.causes_mlp().eval()
+    with torch.no_grad():
+        model.fc1.weight[3] = 0.0
+        model.out.weight[1] = 0.0
+    x = np.random.default_rng(2).uniform(0, 1, (20, 4)).astype(np.float32)
+    report, *_ = _scan_json(cli, model, "causes_mlp", x, tmp_path)
+    zero = [note for note in report["notes"] if note.startswith("check zero-weights:")]
+    assert len(zero) == 1 and "fc1: units [3]" in zero[0], report["notes"]
+
+
 def test_relu_on_output_and_constant_bn_checks(cli, tmp_path, planted_module):
     x = np.random.default_rng(3).standard_normal((10, 4)).astype(np.float32)
     report, *_ = _scan_json(cli, planted_module.relu6_model().eval(), "relu6_model", x, tmp_path)
@@ -162,6 +178,33 @@ def test_kick_revives_and_is_verified(cli, tmp_path, planted_module):
     assert layer["name"] == "relu()" and layer["units"] == [0, 1, 2] and layer["dead_before"] == 3
     assert layer["dead_after"] == len(truth.dead) and truth.dead != [0, 1, 2]  # something revived
     np.testing.assert_allclose(layer["rates_after"], truth.active_rate[[0, 1, 2]], rtol=0, atol=1e-12)
+
+
+def test_kick_that_revives_nothing_is_not_verified(cli, tmp_path, planted_module):
+    """A kick far too small for the pre-activations changes weights and revives no unit: verification
+    fails (exit 1, nothing written) with the hint; --force writes it anyway. Which units fire afterwards
+    is judged from the kicked model in plain torch."""
+    import torch
+    from truth import capture, truth_of
+
+    x = np.random.default_rng(0).uniform(0, 1, (200, 4)).astype(np.float32)
+    _, ckpt, data = _scan_json(cli, planted_module.causes_mlp().eval(), "causes_mlp", x, tmp_path)
+    out = tmp_path / "kicked.pt"
+    args = ("fix", ckpt, "--arch", arch("causes_mlp"), "--data", data, "--strategy", "kick")
+    args += ("--kick-scale", "1e-6", "--layers", "relu()", "--output", out)
+    result = cli(*args)
+    assert result.code == 1, result.err
+    assert (
+        "revived none of the 3 dead units" in result.out + result.err
+        and "--kick-scale" in result.out + result.err
+    )
+    assert not out.exists()
+    forced = cli(*args, "--force")
+    assert forced.code == 0, forced.err
+    kicked = planted_module.causes_mlp()
+    kicked.load_state_dict(torch.load(out, weights_only=True))
+    site = capture(kicked.eval(), [torch.from_numpy(x)], producers={"relu()": ("fc1", "relu")})["relu()"]
+    assert {0, 1, 2} <= set(truth_of(site, 1).dead)  # the premise: nothing revived
 
 
 def test_inspect_runs_the_structural_checks(cli, tmp_path, planted_module):

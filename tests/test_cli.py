@@ -176,6 +176,20 @@ def test_cuda_requested_without_gpu(cli):
     assert result.code == 2 and "no CUDA device" in result.err
 
 
+def test_cuda_requested_for_onnx_without_the_cuda_provider(cli):
+    """As for torch models: --device cuda that cannot be honoured is an error, not a quiet CPU run."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime has the CUDA provider here: the message cannot be exercised")
+    from conftest import ROOT
+
+    onnx_mlp = ROOT / "sample_models" / "mlp"
+    result = cli("scan", onnx_mlp / "model.onnx", "--data", onnx_mlp / "calib.npz", "--device", "cuda")
+    assert result.code == 2 and "CUDAExecutionProvider" in result.err and "--device cpu" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+
+
 def test_debug_shows_traceback(cli):
     result = cli("scan", "missing.pt", "--data", "x.npz", "--debug")
     assert result.code == 2 and "Traceback" in result.err

@@ -214,6 +214,23 @@ def test_scan_config_sets_batch_size(cli, tmp_path, monkeypatch):
     assert "7" in line and "pyproject.toml" in shown.out
 
 
+@pytest.mark.parametrize("command", ["scan", "gate"])
+def test_show_config_names_only_flags_the_command_takes(cli, reports, tmp_path, monkeypatch, command):
+    """Every setting --show-config lists is an option of that command as a user types it (--json, not
+    the parameter's name --json-out)."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    args = [reports[0]] if command == "gate" else []
+    shown = cli(command, *args, "--show-config")
+    assert shown.code == 0, shown.err
+    listed = [line.split()[0] for line in shown.out.splitlines() if line.startswith("--")]
+    assert len(listed) > 5
+    help_text = cli(command, "--help").out
+    offered = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
+    assert set(listed) <= offered, sorted(set(listed) - offered)
+
+
 def test_gate_without_limits_is_usage_error(cli, reports, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = cli("gate", reports[0])

@@ -336,3 +336,33 @@ def test_hf_trainer_checkpoint_folder(cli, tmp_path):
     trainer = Trainer(model=fresh, args=args(6), train_dataset=Data())
     trainer.train(resume_from_checkpoint=str(out.parent))
     assert trainer.state.global_step == 6
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd", "rmsprop"])
+def test_checkpoint_saved_before_the_first_step(cli, tmp_path, kind):
+    """An optimizer saved before its first step has no moments: its kind comes from its hyperparameters
+    (Adam: betas, eps, amsgrad; SGD: momentum, dampening, nesterov); the state is written back as it was; an unknown kind is one line, exit 2."""
+    model, spec = arch_file(tmp_path / "arch.py", ARCH)
+    with torch.no_grad():
+        model.fc1.bias[KILLED] = -50.0
+    make = {
+        "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+        "sgd": lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9),
+        "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3),
+    }[kind]
+    optimizer = make(model.parameters())
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0}, path)
+    x, _ = _data()
+    np.savez(tmp_path / "data.npz", x=x.numpy())
+    out = tmp_path / "fixed.pt"
+    result = cli("fix", path, "--arch", spec, "--data", tmp_path / "data.npz", "-s", "reinit", "-o", out)
+    if kind == "rmsprop":
+        assert result.code == 2 and "--resume-steps 0" in result.err, result.err
+        assert len(result.err.strip().splitlines()) == 1 and not out.exists()
+        return
+    assert result.code == 0, result.err
+    after = torch.load(out, weights_only=True)
+    assert after["optimizer"]["state"] == {}
+    assert after["optimizer"]["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert after["epoch"] == 0

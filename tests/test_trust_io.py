@@ -121,6 +121,30 @@ def test_report_and_merge_outputs_over_their_inputs_are_refused(cli, work):
     assert first.read_bytes() == before
 
 
+def test_unwritable_outputs_are_refused_before_any_work(cli, work, monkeypatch):
+    """A missing folder, a folder given as a file name: refused by the output guard, before the scan
+    starts (the scan is made to fail loudly if it is ever reached)."""
+    import deadrelu_cli.engine as engine
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the scan started before the outputs were checked")
+
+    import deadrelu_cli.fixes.run as fix_run
+
+    monkeypatch.setattr(engine, "run_scan_detailed", never)
+    monkeypatch.setattr(fix_run, "run_scan_detailed", never)
+    model, data = work / "model.onnx", work / "calib.npz"
+    missing = work / "no-such-dir"
+    one_line_error(cli("scan", model, "--data", data, "--json", missing / "r.json"), "does not exist")
+    one_line_error(cli("scan", model, "--data", data, "--html", missing / "r.html"), "does not exist")
+    one_line_error(cli("scan", model, "--data", data, "--json", work), "is a directory")
+    one_line_error(cli("scan", model, "--data", data, "--junit", missing / "j.xml"), "does not exist")
+    one_line_error(cli("scan", model, "--data", data, "--markdown", missing / "m.md"), "does not exist")
+    fix = ("fix", model, "--data", data, "-s", "reinit", "-o", missing / "f.onnx")
+    one_line_error(cli(*fix), "does not exist")
+    assert not missing.exists()
+
+
 def test_written_files_get_the_users_umask_not_0600(cli, work):
     old = os.umask(0o022)
     try:

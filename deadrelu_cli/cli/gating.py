@@ -45,7 +45,11 @@ def _relative(path) -> str:
         return str(path)
 
 
-def show_config(params: dict[str, Any], sources: dict[str, str], console: Console) -> None:
+def show_config(
+    params: dict[str, Any], sources: dict[str, str], console: Console, flags: dict[str, str] | None = None
+) -> None:
+    """The settings a command would run with; `flags`: each parameter's option as typed (--json, not
+    --json-out)."""
     from deadrelu_cli.report.table import plain_table
 
     table = plain_table()
@@ -55,7 +59,9 @@ def show_config(params: dict[str, Any], sources: dict[str, str], console: Consol
         if name in ("show_config_flag", "config", "model", "data"):
             continue
         table.add_row(
-            "--" + name.replace("_", "-"), "–" if value is None else str(value), sources.get(name, "default")
+            (flags or {}).get(name, "--" + name.replace("_", "-")),
+            "–" if value is None else str(value),
+            sources.get(name, "default"),
         )
     console.print(table)
 

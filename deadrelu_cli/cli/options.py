@@ -492,7 +492,13 @@ def command(func: Callable) -> Callable:
 
             values, sources, _ = merge_settings(ctx, values, values["config"])
             if values["show_config_flag"]:
-                show_config(values, sources, make_console())
+                flags = {
+                    param.name: max(
+                        (o for o in param.opts if o.startswith("--")), key=len, default=param.name
+                    )
+                    for param in ctx.command.params
+                }
+                show_config(values, sources, make_console(), flags)
                 return
         for name, group in groups.items():
             values[name] = group.take(values)

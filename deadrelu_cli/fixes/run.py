@@ -108,6 +108,31 @@ def _verify_on_holdout(
     result.holdout_max_abs_diff, result.holdout_max_rel_diff = compare(before, after)
 
 
+REVIVING_STRATEGIES = ("reinit", "kick", "bias-shift")  # their point is that the units fire again
+REVIVE_HINT = {
+    "kick": "raise --kick-scale",
+    "reinit": "check the layer's input: it may be constant or zero on this data",
+    "bias-shift": "raise --target-rate",
+}
+
+
+def _check_revived(options: FixOptions, outcomes, result: FixResult) -> None:
+    """Not verified when none of the acted-on units fires on the data afterwards: the file would change
+    weights and fix nothing (a kick too small for the pre-activations, say)."""
+    acted = [(o, o.rates_after) for o in outcomes if o.applied and o.rates_after is not None]
+    total = sum(len(rates) for _, rates in acted)
+    revived = sum(sum(rate > 0 for rate in rates) for _, rates in acted)
+    if total and not revived:
+        result.verified = False
+        result.notes.append(
+            f"--strategy {options.strategy} revived none of the {total} dead units it changed "
+            f"(none fires on the data afterwards); {REVIVE_HINT[options.strategy]}"
+        )
+    elif total and revived < total:
+        hint = f"; {REVIVE_HINT[options.strategy]} to revive more" if options.strategy != "reinit" else ""
+        result.notes.append(f"revived {revived} of the {total} dead units it changed{hint}")
+
+
 def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
     if options.strategy not in STRATEGIES:
         raise UserError(f"--strategy {options.strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -195,6 +220,8 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
             result.notes.append(
                 f"outputs changed by {result.max_rel_diff:.3g} relative (> {options.tolerance:g})"
             )
+        if options.strategy in REVIVING_STRATEGIES:
+            _check_revived(options, outcomes, result)
         if (
             exact
             and result.holdout_max_rel_diff is not None

@@ -191,10 +191,31 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
     )
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
 def load_tokenizer(folder: str | Path):
+    remedy = "save one there (tokenizer.save_pretrained) or pass tokenized --data (input_ids, attention_mask)"
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(
+            f"{folder}: no tokenizer in the folder for --text (none of {', '.join(TOKENIZER_FILES)}); {remedy}"
+        )
     transformers = import_transformers(folder)
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: no usable tokenizer in the folder for --text ({text})") from None
+    # transformers may build an empty tokenizer from a config alone: it turns any text into no tokens
+    if len(tokenizer) == 0 or not tokenizer("a sample sentence", add_special_tokens=False)["input_ids"]:
+        raise UserError(
+            f"{folder}: the folder's tokenizer turns text into no tokens (no vocabulary); {remedy}"
+        )
+    return tokenizer

@@ -25,7 +25,21 @@ def check_options(options: ScanOptions) -> None:
 
 
 def resolve_device(requested: str) -> str:
-    return requested if requested and requested != "auto" else "cpu"
+    requested = (requested or "auto").lower()
+    if requested == "auto":
+        return "cpu"
+    if requested.startswith("cuda"):  # asked for by name: as for torch models, no quiet fallback
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UserError(
+                f"--device {requested}: onnxruntime has no CUDAExecutionProvider here "
+                "(pip install onnxruntime-gpu); use --device cpu or auto"
+            )
+        return requested
+    if requested != "cpu":
+        raise UserError(f"--device {requested!r}: choose auto, cpu or cuda")
+    return requested
 
 
 def load_and_scan(options: ScanOptions, data: CalibrationData, device: str):

@@ -171,13 +171,17 @@ def optimizer_for(optimizer_state: Mapping, model: nn.Module, mapping: ParamMap)
         {"params": [params[mapping.names[i]] for i in group["params"]]}
         for group in optimizer_state["param_groups"]
     ]
-    if "exp_avg" in kinds:
+    # saved before its first step, an optimizer has no moments yet: its hyperparameters tell the kind
+    settings = {key for group in optimizer_state["param_groups"] for key in group} if not kinds else set()
+    if "exp_avg" in kinds or {"betas", "eps", "amsgrad"} <= settings:
         optimizer: torch.optim.Optimizer = torch.optim.Adam(groups)  # AdamW: decoupled_weight_decay=True
-    elif "momentum_buffer" in kinds or not kinds:
+    elif "momentum_buffer" in kinds or {"momentum", "dampening", "nesterov"} <= settings:
         optimizer = torch.optim.SGD(groups, lr=0.0)
     else:
+        found = ", ".join(sorted(kinds or settings - {"params"})) or "nothing"
         raise UserError(
-            f"optimizer state with {', '.join(sorted(kinds))}: only Adam/AdamW and SGD states can be resumed here"
+            f"optimizer state with {found}: only Adam/AdamW and SGD states can be resumed here; "
+            "pass --resume-steps 0 to write the fix without the resume check"
         )
     optimizer.load_state_dict(optimizer_state)
     return optimizer
