@@ -277,3 +277,31 @@ def test_console_script_and_module_entry_points():
         [str(script), "scan", "nope.pt", "--data", "x.npz"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and proc.stderr.startswith("deadrelu: error:")
+
+
+def test_inspect_says_which_sites_a_scan_counts(cli, tmp_path):
+    """inspect lists every activation it sees; when some are outside --ops, it says how many a scan
+    counts and the --ops that counts them all."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.ones((4, 4), np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["a"], name="mm1"),
+            helper.make_node("Relu", ["a"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w"], ["b"], name="mm2"),
+            helper.make_node("LeakyRelu", ["b"], ["y"], name="leaky", alpha=0.1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    result = cli("inspect", tmp_path / "m.onnx")
+    assert result.code == 0, result.err
+    assert "scan counts --ops relu,relu6: 1 of these 2 sites" in result.out
+    assert "--ops relu,relu6,leaky_relu" in result.out
+    everything = cli("inspect", tmp_path / "m.onnx", "--ops", "relu,leaky_relu")
+    assert everything.code == 0 and "scan counts" not in everything.out

@@ -231,6 +231,17 @@ def test_show_config_names_only_flags_the_command_takes(cli, reports, tmp_path, 
     assert set(listed) <= offered, sorted(set(listed) - offered)
 
 
+def test_a_bad_value_from_the_config_file_names_the_file(cli, reports, tmp_path, monkeypatch):
+    """The user never typed --max-dead: the error names the key and the file it came from."""
+    (tmp_path / "pyproject.toml").write_text("[tool.deadrelu]\nmax-dead = 1.5\n")
+    monkeypatch.chdir(tmp_path)
+    result = cli("gate", reports[0])
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert "max-dead = 1.5 in pyproject.toml [tool.deadrelu]" in result.err, result.err
+    typed = cli("gate", reports[0], "--max-dead", "2")  # typed: Typer's own message about the flag
+    assert typed.code == 2 and "--max-dead" in typed.err
+
+
 def test_gate_without_limits_is_usage_error(cli, reports, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = cli("gate", reports[0])
@@ -299,3 +310,9 @@ def test_diff(cli, reports):
     assert "3/32" in row and "5/32" in row and "+2" in row
     assert "relu()" not in result.out.split("Dead units")[0]  # unchanged layers hidden by default
     assert "Dead units: 6/40 (15.0%) → 8/40 (20.0%), 1 layers changed" in result.out
+
+
+def test_bad_limits_are_refused_before_the_report_is_printed(cli, reports):
+    result = cli("gate", reports[0], "--layer-limit", "relu*")
+    assert result.code == 2 and "GLOB=FRACTION" in result.err
+    assert result.out == ""  # no table first: the usage error is the whole answer

@@ -207,6 +207,7 @@ def test_mismatched_arrays_list_both_sides(opt, cli, tmp_path):
     assert result.code == 2
     line = result.err.strip()
     assert "tokens[12, 10] int64" in line and "input_ids" in line and "attention_mask" in line
+    assert "the model's inputs are input_ids" in line  # reads as a sentence
     assert "Traceback" not in result.err
 
 

@@ -125,7 +125,7 @@ def test_reshaped_conv_bias_and_unfused_batchnorm_are_producers(tmp_path, weight
     assert np.flatnonzero(second.dead_mask()).tolist() == [2]
 
 
-def test_a_graph_without_relu_says_what_it_uses_instead(tmp_path):
+def test_a_graph_without_relu_says_what_it_uses_instead(tmp_path, cli):
     """YOLO-style SiLU (x * Sigmoid(x)): no layers, exit 0, and the note names the Sigmoid nodes."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -146,6 +146,9 @@ def test_a_graph_without_relu_says_what_it_uses_instead(tmp_path):
     report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), device="cpu")
     assert report.layers == []
     assert any("no relu/relu6 nodes" in note and "Sigmoid ×1" in note for note in report.notes)
+    shown = cli("scan", tmp_path / "m.onnx", "--data", tmp_path / "d.npz")  # no empty table
+    assert shown.code == 0 and "Layer" not in shown.out
+    assert "No activation site of relu, relu6 in this model" in shown.out and "Sigmoid ×1" in shown.out
 
 
 def test_relu_inside_if_branches(tmp_path):
@@ -197,6 +200,18 @@ def test_float16_model_gets_converted_inputs(tmp_path):
     truth = relu_inputs_ground_truth(model, {"x": x.astype(np.float16)}, {"relu1": 1})
     _check_layer(report.layers[0], truth["relu1"])
     assert any("converted to the model's float16" in note for note in report.notes)
+
+
+def test_integer_pixels_into_a_float_model_are_counted_as_raw_values_with_a_note(tmp_path):
+    """uint8 images fed to a float model: converted value for value (0-255, no scaling; the counts are
+    those of the float values) and a note says so, as it is the classic missing-normalisation slip."""
+    model = gemm_relu()
+    x = np.random.default_rng(7).integers(0, 256, (12, 4)).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", x=x)
+    report = scan(_save(model, tmp_path), str(tmp_path / "d.npz"), device="cpu")
+    truth = relu_inputs_ground_truth(model, {"x": x.astype(np.float32)}, {"relu1": 1})
+    _check_layer(report.layers[0], truth["relu1"])
+    assert any("uint8 converted" in note and "normalise" in note for note in report.notes)
 
 
 def test_external_data(tmp_path):

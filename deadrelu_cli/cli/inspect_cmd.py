@@ -28,7 +28,8 @@ def inspect(
     from deadrelu_cli.report.table import plain_table
     from deadrelu_cli.sites import list_sites
 
-    sites, note = list_sites(model, loading.arch, loading.trust_pickle, parse_ops(ops), input_shape)
+    wanted = parse_ops(ops)
+    sites, note = list_sites(model, loading.arch, loading.trust_pickle, wanted, input_shape)
     console = make_console()
     console.print(terminal_text(f"{model}: {len(sites)} activation sites"), markup=False)
     table = plain_table()
@@ -45,6 +46,15 @@ def inspect(
             rich_text(site.producer or "–"),
         )
     console.print(table)
+    others = sorted({site.op for site in sites} - set(wanted))
+    if others:  # inspect lists every activation it sees; scan counts the --ops ones only
+        counted = sum(site.op in wanted for site in sites)
+        console.print(
+            f"note: scan counts --ops {','.join(wanted)}: {counted} of these {len(sites)} sites; "
+            f"add --ops {','.join([*wanted, *others])} to count them all",
+            style="dim",
+            markup=False,
+        )
     if note:
         console.print(f"note: {terminal_text(note)}", style="dim", markup=False)
 

@@ -462,6 +462,22 @@ class Settings(OptionGroup):
     show_config_flag: ShowConfig = False
 
 
+def from_config_file(exc, flags: dict[str, str], sources: dict[str, str]):
+    """An error about a setting that came from the config file names the file and the key there, not a
+    flag the user never typed ("--max-dead 1.5: …" -> "max-dead = 1.5 in pyproject.toml [tool.deadrelu]: …")."""
+    from deadrelu_cli.errors import UserError
+
+    message = str(exc)
+    for name, flag in flags.items():
+        source = sources.get(name, "default")
+        if source in ("default", "command line") or not message.startswith(flag + " "):
+            continue
+        value, sep, rest = message[len(flag) + 1 :].partition(": ")
+        if sep:
+            return UserError(f"{flag.removeprefix('--')} = {value} in {source} [tool.deadrelu]: {rest}")
+    return exc
+
+
 def command(func: Callable) -> Callable:
     """Let FUNC take option groups (parameters annotated with an OptionGroup); see the note above."""
     signature = inspect.signature(func, eval_str=True)
@@ -491,18 +507,24 @@ def command(func: Callable) -> Callable:
             from deadrelu_cli.cli.gating import merge_settings, show_config
 
             values, sources, _ = merge_settings(ctx, values, values["config"])
+            flags = {
+                param.name: max((o for o in param.opts if o.startswith("--")), key=len, default=param.name)
+                for param in ctx.command.params
+            }
             if values["show_config_flag"]:
-                flags = {
-                    param.name: max(
-                        (o for o in param.opts if o.startswith("--")), key=len, default=param.name
-                    )
-                    for param in ctx.command.params
-                }
                 show_config(values, sources, make_console(), flags)
                 return
         for name, group in groups.items():
             values[name] = group.take(values)
-        func(**values)
+        if not settings:
+            func(**values)
+            return
+        from deadrelu_cli.errors import UserError
+
+        try:
+            func(**values)
+        except UserError as exc:
+            raise from_config_file(exc, flags, sources) from None
 
     run.__signature__ = signature.replace(parameters=spread)
     run.__annotations__ = {p.name: p.annotation for p in spread}

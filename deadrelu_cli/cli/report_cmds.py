@@ -31,17 +31,17 @@ def gate(
             ("--config", config_file(settings.config)),
         ],
     )
-    report = load_report(report_path)
-    err = make_console(stderr=True, soft_wrap=True)
-    if not quiet:
-        print_report(report, make_console())
-    config = gating.config()
+    config = gating.config()  # a usage error in the limits comes before any output
     if not config.active:
         from deadrelu_cli.errors import UserError
 
         raise UserError(
             "no gate limit given: pass --max-dead, --max-dead-layer, --layer-limit, --max-dead-units or --baseline (or set them in [tool.deadrelu])"
         )
+    report = load_report(report_path)
+    err = make_console(stderr=True, soft_wrap=True)
+    if not quiet:
+        print_report(report, make_console())
     run_gate(report, config, gating.junit, gating.markdown, err)
 
 

@@ -289,8 +289,11 @@ def print_report(report: Report, console: Console, layer_name: str | None = None
         and report.summary().certified_dead is not None
     ):
         console.print(certificate_table(report))
-    else:
+    elif report.layers:
         console.print(layers_table(report))
+    else:  # an empty table would read as "all clear"; the notes below say what the model has instead
+        ops = ", ".join(report.settings.ops) if report.settings.ops else "the scanned ops"
+        console.print(f"No activation site of {ops} in this model: nothing was counted.", style="bold")
     console.print(summary_line(report), markup=False)
     if not layer_name:
         for line in depth_lines(report):

@@ -374,6 +374,12 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
             loaded.notes.append(
                 f"input {spec.name}: data {source.dtype} converted to the model's {spec.dtype}"
             )
+        elif spec.dtype and source.dtype.kind in "iu" and spec.dtype.startswith("float"):
+            # raw pixel values (0-255) where the model expects normalised floats: a classic preprocessing slip
+            loaded.notes.append(
+                f"input {spec.name}: data {source.dtype} converted to the model's {spec.dtype} as raw values "
+                f"(no scaling); if the model expects normalised inputs, normalise the data first"
+            )
         if spec.shape and source.name not in data.consts:
             got = source.shape
             if len(got) != len(spec.shape) or any(
@@ -439,7 +445,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                 detail = [line.strip() for line in str(exc).splitlines()[1:] if "Got:" in line]
                 hint = "check that --data fits the model's inputs"
                 if loaded.fixed_batch is not None and batch_size != loaded.fixed_batch:
-                    hint = f"the model's inputs fix the batch at {loaded.fixed_batch}: leave out --batch-size or pass --batch-size {loaded.fixed_batch}"
+                    hint = f"the model's inputs fix the batch at {loaded.fixed_batch}: leave out --batch-size (and batch-size in [tool.deadrelu]) or pass --batch-size {loaded.fixed_batch}"
                 raise UserError(
                     f"onnxruntime failed on the first batch: {'; '.join([first, *detail])}; {hint}"
                 ) from None
