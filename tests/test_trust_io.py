@@ -417,7 +417,8 @@ def test_a_nan_limit_from_the_config_file_is_exit_2(cli, work):
     result = cli(
         "scan", work / "model.onnx", "--data", work / "calib.npz", "--config", work / "deadrelu.toml"
     )
-    one_line_error(result, "--max-dead")
+    one_line_error(result, "max-dead = nan in ")  # the key and the file it came from
+    assert "deadrelu.toml [tool.deadrelu]" in result.err
 
 
 def test_onnxruntime_log_lines_stay_off_stderr(work):
