@@ -23,7 +23,9 @@ def describe_model_inputs(model: LoadedModel) -> str:
     if optional:  # an eager model's forward() arguments with defaults (input_ids, attention_mask, …)
         listed = ", ".join(optional[:12]) + (f", … ({len(optional) - 12} more)" if len(optional) > 12 else "")
         described = (
-            f"{described} (forward() also takes {listed})" if described else f"{listed} (forward()'s arguments)"
+            f"{described} (forward() also takes {listed})"
+            if described
+            else f"{listed} (forward()'s arguments)"
         )
     return described or "unknown (the model does not declare them)"
 

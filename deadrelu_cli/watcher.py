@@ -18,6 +18,8 @@ are ordinary Reports: JSON, gate, HTML, `deadrelu trend` work on them.
 from __future__ import annotations
 
 import hashlib
+import inspect
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from deadrelu_cli.backends.torch.scan import attach_module_biases
+from deadrelu_cli.distributed import World, reduce_layers
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import GateConfig, GateResult, evaluate, parse_layer_limits
 from deadrelu_cli.probe.base import ProbeSettings
@@ -53,6 +56,7 @@ class WatchSettings:
     gate: GateConfig = field(default_factory=GateConfig)
 
 
+COMPILED_WRAPPER_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
 CONFIG_FIELDS = ("threshold", "dying", "tau", "ops", "channel_dim")
 GATE_FIELDS = ("max_dead", "max_dead_layer", "layer_limit", "max_dead_units", "baseline", "max_increase")
 
@@ -104,6 +108,26 @@ def architecture_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module `torch.compile(module)` wraps (names as in eager and in a scan of the saved weights)."""
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    return model
+
+
+def positional_index(model: nn.Module, argument: str | None) -> int | None:
+    """Where `argument` sits among the positional parameters of `model.forward`, or None."""
+    if argument is None:
+        return None
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return positional.index(argument) if argument in positional else None
+
+
 def _batch_size(args: tuple, kwargs: dict) -> int:
     for value in list(args) + list(kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -120,6 +144,12 @@ class Watch:
     last, partial one. `on_report(report)` is called with each Report; `out_dir` gets one JSON report per
     window (`deadrelu-step00001200.json`); limits (`max_dead_layer`, …, or [tool.deadrelu]) warn once per
     layer with a `DeadLayerWarning`, and with `stop_on_gate=True` set `should_stop` when one is exceeded.
+    `mask` names the forward argument read as the position mask of each sampled forward (default
+    "attention_mask": positions where it is 0 are not counted, as in `deadrelu scan`); None turns it off.
+    Data-parallel (a `torch.distributed` process group of several ranks is initialized): a window's
+    counts are those of all ranks (one all_reduce per statistic when the window closes, so every rank
+    must close it, as DDP's ranks do), every rank gets the same report and `should_stop`, and rank 0
+    alone writes `out_dir` and warns; `distributed=False` keeps each rank's own counts.
     """
 
     def __init__(
@@ -134,12 +164,15 @@ class Watch:
         config: str | bool | None = None,
         name: str | None = None,
         keep_reports: int | None = None,
+        mask: str | None = "attention_mask",
+        distributed: bool = True,
         **settings: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UserError(f"watch(): expected an nn.Module, got {type(model).__name__}")
         if every < 1 or window < 1:
             raise UserError("watch(): every and window must be at least 1")
+        model = uncompiled(model)
         self.model = model
         self.every = int(every)
         self.window = int(window)
@@ -159,8 +192,21 @@ class Watch:
         self._current: int | None = None  # the step running now
         self._handles: list = []
         self._modes: list = []
-        self._mask: torch.Tensor | None = None  # the position mask of the current step
-        self._probe: EagerProbe | None = None  # this window's counters
+        self._stance = None  # torch.compiler's stance while a sampled step runs eagerly
+        self._mask: torch.Tensor | None = None  # the position mask given for the current step
+        self.distributed = distributed
+        self.mask_argument = mask  # the forward's argument read as the position mask (None: none)
+        self._mask_index = positional_index(model, mask)
+        self._mask_warned = False
+        # one probe for the run (names, tables); its counters are restarted per window
+        self._probe = EagerProbe(
+            model,
+            ProbeSettings(
+                threshold=self.settings.threshold,
+                channel_dim=self.settings.channel_dim,
+                ops=self.settings.ops,
+            ),
+        )
         self._sampled: list[int] = []  # steps sampled in this window
         self._samples = 0
         self._windows = 0
@@ -175,8 +221,9 @@ class Watch:
     def step(self, step: int | None = None, position_mask: torch.Tensor | None = None) -> bool:
         """A training step begins (before its forward). Returns whether it is sampled. Called again
         with the same `step` (a trainer's gradient-accumulation micro-batches), it continues that step.
-        `position_mask` ([batch, tokens], e.g. the batch's attention_mask): count only those positions
-        in this step's forwards (see `set_position_mask`); None counts every position."""
+        `position_mask` ([batch, tokens], bool or 0/1): count only those positions in this step's
+        forwards (see `set_position_mask`); None: each forward's own `attention_mask` argument when it
+        has one (see `mask`), else every position."""
         self._mask = position_mask
         current = self._next_step if step is None else int(step)
         if step is not None and current == self._current:
@@ -195,9 +242,10 @@ class Watch:
     def set_position_mask(self, mask: torch.Tensor | None) -> None:
         """Count only the token positions where `mask` ([batch, tokens], bool or 0/1) is true in the
         forwards that follow (the probe's own masking: sites without a token axis count every element
-        and say so); None counts every position. On an unsampled step it is only kept."""
+        and say so); None goes back to each forward's own `attention_mask` (or every position). A mask
+        given here or to `step()` wins over the forward's own. On an unsampled step it is only kept."""
         self._mask = mask
-        if self._probe is not None and self._handles:
+        if self._handles:
             self._probe.set_position_mask(mask)
 
     def pause(self) -> None:
@@ -207,14 +255,14 @@ class Watch:
     def end_step(self) -> Report | None:
         """The step's forwards are done: take the probe off; the window's Report when it is complete."""
         self._detach()
-        if self._probe is not None and len(self._sampled) >= self.window:
+        if self._sampled and len(self._sampled) >= self.window:
             return self._close_window()
         return None
 
     def close(self) -> Report | None:
         """End the run: the last window's Report, even when it has fewer sampled steps than `window`."""
         self._detach()
-        if self._probe is not None and self._sampled:
+        if self._sampled:
             return self._close_window()
         return None
 
@@ -232,33 +280,53 @@ class Watch:
     def _attach(self) -> None:
         if self._handles:
             return
-        if self._probe is None:
-            self._probe = EagerProbe(
-                self.model,
-                ProbeSettings(
-                    threshold=self.settings.threshold,
-                    channel_dim=self.settings.channel_dim,
-                    ops=self.settings.ops,
-                ),
-            )
-        probe = self._probe
+        probe, root = self._probe, self.model
         probe.set_position_mask(self._mask)
+        if "torch._dynamo" in sys.modules:  # something may be compiled: this step runs as written (eager)
+            self._stance = torch.compiler.set_stance("force_eager")
+            # torch warns that global hooks also fire for a torch.compile(module) wrapper: ours skip it
+            warnings.filterwarnings("ignore", message=COMPILED_WRAPPER_WARNING, category=UserWarning)
 
         def start(_module, args, kwargs):
             probe.begin_forward()
             self._samples += _batch_size(args, kwargs)
+            if self._mask is None and self.mask_argument is not None:  # given masks win
+                probe.set_position_mask(self._forward_mask(args, kwargs))
             mode = probe.mode()
             mode.__enter__()
             self._modes.append(mode)
+            probe.enter_module(root, args)
 
-        def stop(_module, _args, _output):
+        def stop(_module, args, output):
+            probe.leave_module(root, args, output)
             if self._modes:
                 self._modes.pop().__exit__(None, None, None)
 
-        # the root's pre-hook first (it resets the probe's module stack), its post-hook last
-        self._handles.append(self.model.register_forward_pre_hook(start, prepend=True, with_kwargs=True))
-        self._handles.extend(probe.attach())
-        self._handles.append(self.model.register_forward_hook(stop, always_call=True))
+        # the root's own hooks (they see the keyword arguments) begin and end a forward; the probe's two
+        # global hooks follow the modules below it: four hooks to add and remove, whatever the model's size
+        self._handles.append(root.register_forward_pre_hook(start, prepend=True, with_kwargs=True))
+        self._handles.extend(probe.attach_global())
+        self._handles.append(root.register_forward_hook(stop, always_call=True))
+
+    def _forward_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The forward's own `attention_mask` (or `mask_argument`): positions where it is 0 are not
+        positions, as for `deadrelu scan` on a model folder. None when the forward has none."""
+        value = kwargs.get(self.mask_argument)
+        if value is None and self._mask_index is not None and len(args) > self._mask_index:
+            value = args[self._mask_index]
+        if not isinstance(value, torch.Tensor):
+            return None
+        if value.dim() != 2:
+            if not self._mask_warned:
+                self._mask_warned = True
+                warnings.warn(
+                    f"deadrelu: the forward's {self.mask_argument} has shape {list(value.shape)}, not "
+                    "[batch, tokens]: every position is counted (pass position_mask= to step() to choose)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return None
+        return value
 
     def _detach(self) -> None:
         while self._modes:  # a forward that never returned (an exception inside a hook)
@@ -266,12 +334,21 @@ class Watch:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._stance is not None:  # compiled code runs compiled again, from its cache
+            self._stance.__exit__(None, None, None)
+            self._stance = None
 
     # -- the window's report ------------------------------------------------------------------------
     def _close_window(self) -> Report:
-        probe, sampled = self._probe, self._sampled
-        self._probe, self._sampled = None, []
-        layers = probe.registry.layer_stats()
+        sampled, self._sampled = self._sampled, []
+        samples, self._samples = self._samples, 0
+        layers = self._probe.registry.layer_stats()  # host copies: the counters start over in place
+        self._probe.restart_counts()
+        parameter = next(self.model.parameters(), None)
+        device = str(parameter.device) if parameter is not None else "cpu"
+        world = self._world()
+        if world is not None:  # data-parallel: every rank's counts, summed (max of maxima), on every rank
+            layers, samples = reduce_layers(world, layers, samples, device)
         attach_module_biases(self.model, layers)
         training = TrainingInfo(
             step=sampled[-1],
@@ -290,22 +367,21 @@ class Watch:
             if before is not None and before.shape == dead.shape:
                 training.newly_dead[layer.name] = np.flatnonzero(dead & ~before).tolist()
                 training.revived[layer.name] = np.flatnonzero(before & ~dead).tolist()
-                training.persistence[layer.name] = (
-                    float((before & dead).sum() / before.sum()) if before.any() else None
-                )
-                kept_before += int(before.sum())
-                carried += int((before & dead).sum())
+                was, still = int(before.sum()), int((before & dead).sum())
+                training.persistence[layer.name] = still / was if was else None
+                kept_before += was
+                carried += still
             self._previous_dead[layer.name] = dead
         training.persistence_overall = carried / kept_before if kept_before else None
-        device = next((p.device.type for p in self.model.parameters()), "cpu")
         s = self.settings
+        where = f", {world.size} processes" if world is not None else ""
         report = Report(
             model=ModelInfo(path=self.name, format="module", sha256=self._arch_sha),
             data=DataInfo(
-                path=f"training steps {sampled[0]}–{sampled[-1]} ({len(sampled)} sampled, every {self.every})",
-                samples=self._samples,
+                path=f"training steps {sampled[0]}–{sampled[-1]} ({len(sampled)} sampled, every {self.every}{where})",
+                samples=samples,
             ),
-            settings=Settings(s.threshold, s.dying, s.tau, s.channel_dim, device, tuple(s.ops)),
+            settings=Settings(s.threshold, s.dying, s.tau, s.channel_dim, device.split(":")[0], tuple(s.ops)),
             layers=layers,
             training=training,
         )
@@ -313,31 +389,40 @@ class Watch:
             report.notes.append(
                 f"the model ran no {'/'.join(s.ops)} call on the sampled steps: nothing to count"
             )
-        self._samples = 0
         self._windows += 1
         self.reports.append(report)
         if self.keep_reports is not None and len(self.reports) > self.keep_reports:
             del self.reports[: len(self.reports) - self.keep_reports]
-        if self.out_dir is not None:
+        main = world is None or world.is_main  # rank 0 alone writes and warns; every rank decides alike
+        if self.out_dir is not None and main:
             from deadrelu_cli.files import write_text_atomic
 
             write_text_atomic(self.out_dir / f"deadrelu-step{training.step:08d}.json", report_to_json(report))
-        self._check(report)
+        self._check(report, warn=main)
         if self.on_report is not None:
             self.on_report(report)
         return report
 
-    def _check(self, report: Report) -> None:
+    def _world(self) -> World | None:
+        """The process group to combine counts over (None: one process, or `distributed=False`)."""
+        dist = torch.distributed
+        if not self.distributed or not (dist.is_available() and dist.is_initialized()):
+            return None
+        if dist.get_world_size() < 2:
+            return None
+        return World(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
+
+    def _check(self, report: Report, warn: bool = True) -> None:
         if not self.settings.gate.active:
             return
         result = evaluate(report, self.settings.gate)
         self.gate_results.append(result)
         step = report.training.step if report.training else "?"
         for verdict in result.layers:
-            if verdict.failures and verdict.name not in self._warned:
+            if verdict.failures and verdict.name not in self._warned and warn:
                 self._warned.add(verdict.name)
                 warnings.warn(f"deadrelu: step {step}: {verdict.failures[0]}", DeadLayerWarning, stacklevel=3)
-        if result.model_failures and "<model>" not in self._warned:  # once, like a layer
+        if result.model_failures and "<model>" not in self._warned and warn:  # once, like a layer
             self._warned.add("<model>")
             warnings.warn(
                 f"deadrelu: step {step}: {result.model_failures[0]}", DeadLayerWarning, stacklevel=3

@@ -6,6 +6,7 @@ tokens and a CNN), on the CPU, with SGD on random data:
   the two loops alternate step by step so that machine noise hits both alike;
 - "sampled": in a run with watch(every=4), the median sampled step (probe on) against the median
   unsampled one, and the step after a sampled one (it makes the window's report) against the same.
+Steps are timed in CPU time of this process (time.process_time; run with 1 thread), not wall time.
 
     python scripts/bench_watch.py [THREADS]      (or: python scripts/bench.py --only watch)
 """
@@ -69,17 +70,22 @@ def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
 
 
+# CPU time of this process (one torch thread): steps are timed without the time other jobs on shared
+# cores take from it, which made wall-clock medians of a 2 ms step swing by ±20 %
+clock = time.process_time
+
+
 def _steps(model, optimizer, x, y, count: int, w=None) -> list[float]:
     times = []
     for _ in range(count):
-        start = time.perf_counter()
+        start = clock()
         if w is not None:
             w.step()
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 

@@ -192,3 +192,87 @@ def test_hf_trainer_callback_logs_writes_and_stops(tmp_path):
     messages = [str(c.message) for c in caught if "deadrelu" in str(c.message)]
     assert len(messages) == 1 and "layer mlp.1:" in messages[0]
     assert trainer.state.global_step == 1
+
+
+def test_hf_trainer_masks_padding_from_the_forwards_attention_mask(tmp_path):
+    """A tiny OPT (random weights) trained by a real Trainer on padded batches: each window's counts are
+    those of the attended positions only, read from the forward's own attention_mask. Reference: plain
+    forward hooks on the ReLU modules and the forward's kwargs, masked in numpy. A planted unit fires on
+    padding only: dead with the mask, alive with `mask=None`."""
+    pytest.importorskip("accelerate", reason="the transformers extra is not installed")
+    from hf_models import PAD, opt_model, plant_pad_only_unit, relu_sites, token_data
+    from transformers import Trainer, TrainingArguments
+
+    from deadrelu_cli.integrations.hf_trainer import DeadReluCallback
+    from deadrelu_cli.report.model import load_report
+
+    ids, mask = token_data(samples=12, tokens=10, seed=3)
+    assert (mask == 0).any()
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ids)
+
+        def __getitem__(self, i):
+            labels = np.where(mask[i] == 1, ids[i], -100)
+            return {
+                "input_ids": torch.from_numpy(ids[i]),
+                "attention_mask": torch.from_numpy(mask[i]),
+                "labels": torch.from_numpy(labels),
+            }
+
+    def run(folder, **options):
+        model = opt_model(seed=1)
+        site, unit = plant_pad_only_unit(model, ids, mask)
+        model.train()
+        args = TrainingArguments(
+            output_dir=str(folder),
+            max_steps=3,
+            per_device_train_batch_size=4,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            learning_rate=1e-3,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=Tokens())
+        seen: dict[int, dict] = {}  # step -> the reference's counts
+
+        def keep_mask(_module, _args, kwargs):
+            seen.setdefault(trainer.state.global_step, {})["mask"] = kwargs["attention_mask"].numpy() != 0
+
+        def count(name):
+            def hook(_module, _args, output):
+                entry = seen[trainer.state.global_step]
+                keep = entry["mask"]
+                act = output.detach().numpy().reshape(keep.shape[0], keep.shape[1], -1)[keep]
+                entry[name] = ((act > 0).sum(axis=0), int(keep.sum()))
+
+            return hook
+
+        model.register_forward_pre_hook(keep_mask, with_kwargs=True)
+        for name, module in relu_sites(model).items():
+            module.register_forward_hook(count(name))
+        DeadReluCallback(every=1, config=False, **options).attach(trainer)
+        trainer.train()
+        return seen, site, unit
+
+    seen, site, unit = run(tmp_path / "masked")
+    assert sorted(seen) == [0, 1, 2]
+    for step, expected in seen.items():
+        report = load_report(tmp_path / "masked" / "deadrelu" / f"deadrelu-step{step:08d}.json")
+        names = [n for n in expected if n != "mask"]
+        assert sorted(layer.name for layer in report.layers) == sorted(names)
+        for name in names:
+            counts, kept = expected[name]
+            layer = report.layer(name)
+            assert layer.elements_per_unit == kept < expected["mask"].size  # padding was left out
+            assert layer.positive_counts.tolist() == counts.tolist()
+            assert layer.extra.get("position_mask") == "applied"
+        assert report.layer(site).positive_counts[unit] == 0  # fires on padding only
+    # turned off: every position counts, and the planted unit fires (on the padding)
+    plain, site, unit = run(tmp_path / "plain", mask=None)
+    report = load_report(tmp_path / "plain" / "deadrelu" / "deadrelu-step00000000.json")
+    assert report.layer(site).elements_per_unit == plain[0]["mask"].size
+    assert report.layer(site).positive_counts[unit] > 0
+    assert PAD in ids

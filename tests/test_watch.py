@@ -239,3 +239,103 @@ def test_position_mask_counts_only_kept_tokens():
     assert layer.positive_counts.tolist() == (pre > 0).sum(axis=0).tolist()
     assert 0 in np.flatnonzero(layer.dead_mask())
     assert plain.last.layer("1").positive_counts[0] > 0  # the padding made it fire
+
+
+def test_the_forwards_own_attention_mask_positional_keyword_and_overridden():
+    """The mask is read from the forward's arguments (keyword or positional); a mask given to step()
+    wins; mask=None turns it off; a mask that is not [batch, tokens] warns once and counts everything.
+    Reference: numpy over the pre-activations of the kept positions."""
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 5)
+
+        def forward(self, x, attention_mask=None):
+            return self.fc(x).relu()
+
+    torch.manual_seed(0)
+    model = Tagger()
+    x = torch.randn(4, 6, 3)
+    own = torch.ones(4, 6, dtype=torch.long)
+    own[:, 4:] = 0
+    given = torch.zeros(4, 6, dtype=torch.bool)
+    given[:, :2] = True
+    with torch.no_grad():
+        pre = model.fc(x).numpy()
+
+    def counts(keep):
+        kept = pre[keep.numpy().astype(bool)]
+        return (kept > 0).sum(axis=0).tolist(), len(kept)
+
+    def layer(call, **options):
+        w = watch(model, every=1, config=False, **options)
+        call(w)
+        w.close()
+        found = w.last.layer("relu()")
+        return found.positive_counts.tolist(), found.elements_per_unit
+
+    assert layer(lambda w: (w.step(), model(x, attention_mask=own))) == counts(own)
+    assert layer(lambda w: (w.step(), model(x, own))) == counts(own)  # positional
+    assert layer(lambda w: (w.step(position_mask=given), model(x, attention_mask=own))) == counts(given)
+    everything = counts(torch.ones(4, 6))
+    assert layer(lambda w: (w.step(), model(x, attention_mask=own)), mask=None) == everything
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert layer(lambda w: (w.step(), model(x, attention_mask=own[:, None, None, :]))) == everything
+    assert sum("not [batch, tokens]" in str(c.message) for c in caught) == 1
+
+
+@pytest.mark.parametrize("how", ["torch.compile(model)", "model.compile()"])
+def test_compiled_models_count_exactly_and_keep_their_compiled_code(how):
+    """A sampled step runs the model eagerly (torch.compiler's force_eager stance, for that step only):
+    the counts equal plain hooks + numpy, the compiled graph runs on every unsampled step, and nothing is
+    recompiled. The backend is a counting wrapper around dynamo's captured graph (a real dynamo compile;
+    inductor's C++ build would take tens of seconds on the test machines, and no sampled step runs
+    compiled code whatever the backend)."""
+
+    class Pure(Net):  # Net without its record of the mode stack (a side effect dynamo would guard on)
+        def forward(self, x):
+            return self.out(self.fc3(F.relu(self.fc2(self.act(self.fc1(x))))).relu_())
+
+    torch.manual_seed(0)
+    model = Pure()
+    x = torch.randn(32, 6)
+    with torch.no_grad():
+        fc1 = model.fc1(x)
+        fc2 = model.fc2(fc1.relu())
+        fc3 = model.fc3(fc2.relu())
+    expected = {
+        name: (pre.numpy() > 0).sum(axis=0).tolist() for name, pre in zip(SITES, (fc1, fc2, fc3), strict=True)
+    }
+    runs = {"compiles": 0, "calls": 0}
+
+    def backend(graph_module, _example_inputs):
+        runs["compiles"] += 1
+
+        def run(*args):
+            runs["calls"] += 1
+            return graph_module(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    if how == "model.compile()":
+        model.compile(backend=backend)
+        called = model
+    else:
+        called = torch.compile(model, backend=backend)
+    w = watch(called, every=2, config=False)
+    compiled_calls = []
+    for _step in range(8):
+        sampled = w.step()
+        before = runs["calls"]
+        called(x).sum().backward()
+        compiled_calls.append((sampled, runs["calls"] - before))
+    w.close()
+    assert compiled_calls == [(s % 2 == 0, 0 if s % 2 == 0 else 1) for s in range(8)]
+    assert runs["compiles"] == 1  # compiled once, on the first unsampled step: no recompiles
+    assert [r.training.step for r in w.reports] == [0, 2, 4, 6]
+    for report in w.reports:
+        assert {layer.name: layer.positive_counts.tolist() for layer in report.layers} == expected
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

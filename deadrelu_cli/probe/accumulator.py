@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,6 +112,20 @@ class SiteAccumulator:
     _nan_in_batch: bool = False
     masked_now: bool = False  # whether the current batch's position mask applies at this site
 
+    def restart(self) -> None:
+        """Count from zero again, in place (a new window of a training run keeps the counters' memory)."""
+        if self.positive is not None:
+            self.positive.zero_()
+            self.max_pre.fill_(-torch.inf)
+            self.sum_abs.zero_()
+            if self.saturated is not None:
+                self.saturated.zero_()
+        if self.min_pre is not None:
+            self.min_pre.fill_(torch.inf)
+        self.elements_per_unit = 0
+        self.extra.clear()
+        self._nan_in_batch = self.masked_now = False
+
     def _kept_pre(self, pre: torch.Tensor, mask: PositionMask | None) -> list[torch.Tensor] | None:
         """The kept positions of the pre-activation as parts (views of runs, or one gathered copy), or
         None to count all of it (no mask, or no token axis); `extra["position_mask"]` says which:
@@ -163,6 +178,8 @@ class SiteAccumulator:
         and the counts when they cannot be read off the output. With `mask`, only kept positions count
         (the same mask must then be given to `observe_post`)."""
         pre = pre.detach()
+        if mask is None and not self.track_min and self._observe_rows_pre(pre, threshold):
+            return
         parts = self._kept_pre(pre, mask)
         if parts is not None:
             self._observe_parts(self.observe_pre, parts, threshold)
@@ -201,6 +218,8 @@ class SiteAccumulator:
     def observe_post(self, post: torch.Tensor, threshold: float, mask: PositionMask | None = None) -> None:
         """Counts and sums from the activation's output (relu/relu6: y > t exactly when x > t, t >= 0)."""
         post = post.detach()
+        if not self.masked_now and self._observe_rows_post(post, threshold):
+            return
         if mask is not None and self.masked_now:
             self._observe_parts(self.observe_post, mask.parts(post, self.channel_dim), threshold)
             return
@@ -235,6 +254,60 @@ class SiteAccumulator:
             self.sum_abs += total  # float32 per batch, accumulated in float64
         if self.saturated is not None:
             self.saturated += _count(post >= CAPPED_OPS[self.op], dims)
+
+    def _rows(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The batch as a [rows, units] view when its units are the last axis of a contiguous tensor
+        (MLP and token activations, the common case), else None (the general path below)."""
+        rank = tensor.dim()
+        if rank < 2 or self.channel_dim != rank - 1 or not tensor.is_contiguous() or not tensor.numel():
+            return None
+        return tensor.view(-1, tensor.shape[-1])
+
+    def _observe_rows_pre(self, pre: torch.Tensor, threshold: float) -> bool:
+        """observe_pre for a [rows, units] batch with no position mask, in a few tensor ops and little Python
+        (a training loop's sampled step pays this per call site); False when it does not apply."""
+        rows = self._rows(pre)
+        if rows is None:
+            return False
+        units = rows.shape[1]
+        if self.positive is None:
+            self._allocate(units, rows.device)
+        elif self.positive.shape[0] != units:
+            return False  # the general path says what is wrong
+        self.masked_now = False
+        batch_max = rows.amax(0)
+        # NaN: see observe_pre; one reduction and one read of a scalar instead of isnan + any
+        self._nan_in_batch = rows.is_floating_point() and (
+            rows.device.type != "cpu" or math.isnan(float(batch_max.sum()))
+        )
+        torch.maximum(self.max_pre, batch_max, out=self.max_pre)
+        if not counts_from_output(self.op, threshold):
+            self.positive += (rows > threshold).sum(0)
+        self.elements_per_unit += rows.shape[0]
+        return True
+
+    def _observe_rows_post(self, post: torch.Tensor, threshold: float) -> bool:
+        """observe_post for what `_observe_rows_pre` took, while it is small (one cache-sized part)."""
+        rows = self._rows(post)
+        if (
+            rows is None
+            or self.positive is None
+            or rows.shape[1] != self.positive.shape[0]
+            or rows.numel() * rows.element_size() > 2 * CACHE_PART_BYTES
+            or rows.shape[0] >= 2**31
+        ):
+            return False
+        if counts_from_output(self.op, threshold):
+            if threshold == 0.0 and rows.is_floating_point() and not self._nan_in_batch:
+                self.positive += rows.bool().sum(0, dtype=torch.int32)  # y >= 0: y.bool() is y > 0
+            else:
+                self.positive += (rows > threshold).sum(0)
+            self.sum_abs += rows.sum(0)  # y >= 0: |y| = y
+        else:
+            self.sum_abs += rows.abs().sum(0)
+        if self.saturated is not None:
+            self.saturated += (rows >= CAPPED_OPS[self.op]).sum(0)
+        return True
 
     def add_reduced(
         self,

@@ -30,6 +30,18 @@ class SiteRegistry:
         # site name -> callback(pre-activation): for fixes that need the values of a few units
         self.collectors: dict[str, Callable[[torch.Tensor, int], None]] = {}
         self.position_mask: PositionMask | None = None
+        self._stale: set[str] = set()  # sites of an earlier window, not run since `restart`
+
+    def restart(self) -> None:
+        """Count from zero again (a new window of a training run): each site is cleared in place when it
+        next runs; sites that do not run again are left out of `layer_stats`."""
+        self._stale = set(self.sites)
+
+    def _fresh(self, site: SiteAccumulator) -> SiteAccumulator:
+        if self._stale and site.name in self._stale:
+            self._stale.discard(site.name)
+            site.restart()
+        return site
 
     def set_position_mask(self, mask: torch.Tensor | None) -> None:
         """Count only the token positions where `mask` ([batch, tokens], bool or 0/1) is true, at every
@@ -43,6 +55,8 @@ class SiteRegistry:
                 name=name, op=op, channel_dim=-1, module_type=module_type, producer=producer
             )
             self.sites[name] = site
+        else:
+            self._fresh(site)
         site.track_min = self.settings.track_min
         if site.positive is None:
             site.channel_dim = resolve_channel_dim(pre.dim(), inferred_channel_dim, self.settings.channel_dim)
@@ -103,6 +117,8 @@ class SiteRegistry:
                 name=name, op=op, channel_dim=channel_dim, module_type=module_type, producer=producer
             )
             self.sites[name] = site
+        else:
+            self._fresh(site)
         site.channel_dim = channel_dim
         site.add_reduced(maximum, count, total, numel, saturated)
 
@@ -116,6 +132,8 @@ class SiteRegistry:
     def layer_stats(self) -> list[LayerStats]:
         out = []
         for site in self.sites.values():
+            if site.name in self._stale:
+                continue
             if site.positive is None:  # declared, never ran
                 out.append(
                     LayerStats(

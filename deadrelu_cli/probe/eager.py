@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, infer_channel_dim
@@ -29,6 +30,7 @@ CHANNEL_FIRST_TYPES: tuple[type, ...] = (
     nn.GroupNorm,
 )
 PRODUCER_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+SHAPING_TYPES = PRODUCER_TYPES + CHANNEL_FIRST_TYPES  # outputs whose origin is tracked
 
 
 @dataclass(frozen=True)
@@ -217,18 +219,23 @@ class EagerProbe:
         self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement
         self.final_output_sites: set[str] = set()  # sites whose output is returned by the model
         self._module_names = {id(m): name for name, m in model.named_modules()}
+        self._activation_types: dict[type, bool] = {}
 
     # -- hooks -------------------------------------------------------------------------------
-    def _pre_hook(self, module: nn.Module, args) -> None:
-        self._stack.append((self._module_names.get(id(module), ""), module))
-        if isinstance(module, PRODUCER_TYPES) and args and isinstance(args[0], torch.Tensor):
+    def enter_module(self, module: nn.Module, args) -> None:
+        """A module's forward begins (its forward pre-hook)."""
+        name = self._module_names.get(id(module), "")
+        self._stack.append((name, module))
+        if not args or not isinstance(args[0], torch.Tensor):
+            return
+        if isinstance(module, PRODUCER_TYPES):
             origin = self.origin_of(args[0])
             if origin is not None and origin[0] is not None:  # e.g. the Conv before a BatchNorm
-                self.upstream[self._module_names.get(id(module), "")] = origin[0]
-        if isinstance(module, CONSUMER_TYPES) and args and isinstance(args[0], torch.Tensor):
+                self.upstream[name] = origin[0]
+        if isinstance(module, CONSUMER_TYPES):
             site = self.site_of(args[0])
             if site is not None:
-                self.consumers.setdefault(site, set()).add(self._module_names.get(id(module), ""))
+                self.consumers.setdefault(site, set()).add(name)
 
     def note_other_use(self, func, args: tuple) -> None:
         """An activation output read by anything but a Linear/Conv or a unit-preserving op (residual add, …)."""
@@ -252,7 +259,8 @@ class EagerProbe:
         if site is not None:
             self.mark_site_output(result, site)
 
-    def _post_hook(self, module: nn.Module, args, output) -> None:
+    def leave_module(self, module: nn.Module, args, output) -> None:
+        """A module's forward returned (its forward hook, always called)."""
         if self._stack and self._stack[-1][1] is module:
             self._stack.pop()
         if (
@@ -262,7 +270,7 @@ class EagerProbe:
             and isinstance(output, torch.Tensor)
         ):
             self.carry_site_output(args[0], output)
-        if isinstance(output, torch.Tensor) and isinstance(module, PRODUCER_TYPES + CHANNEL_FIRST_TYPES):
+        if isinstance(output, torch.Tensor) and isinstance(module, SHAPING_TYPES):
             is_producer = isinstance(module, PRODUCER_TYPES)
             self._produced[id(output)] = (
                 weakref.ref(output),
@@ -292,9 +300,36 @@ class EagerProbe:
         """Register the hooks; returns their handles (see `attached` for the usual, scoped use)."""
         handles = []
         for module in self.model.modules():
-            handles.append(module.register_forward_pre_hook(self._pre_hook))
-            handles.append(module.register_forward_hook(self._post_hook, always_call=True))
+            handles.append(module.register_forward_pre_hook(self.enter_module))
+            handles.append(module.register_forward_hook(self.leave_module, always_call=True))
         return handles
+
+    def attach_global(self) -> list:
+        """The same hooks as `attach`, as one pair of global module hooks: adding and removing them costs
+        the same for any model (a training loop's sampled step adds them each time), and a module call
+        pays about half of what two hooks of its own cost. They act on the modules below the root only:
+        the caller enters and leaves the root itself (`enter_module` / `leave_module` from its own root
+        hooks, which see the forward's keyword arguments). Returns the handles."""
+        names = self._module_names
+        if any(id(module) not in names for module in self.model.modules()):  # the model changed
+            names = self._module_names = {id(m): name for name, m in self.model.named_modules()}
+        root = id(self.model)
+        enter, leave = self.enter_module, self.leave_module
+
+        def pre(module, args):
+            key = id(module)
+            if key in names and key != root:  # modules of other models are left alone
+                enter(module, args)
+
+        def post(module, args, output):
+            key = id(module)
+            if key in names and key != root:
+                leave(module, args, output)
+
+        return [
+            register_module_forward_pre_hook(pre),
+            register_module_forward_hook(post, always_call=True),
+        ]
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[EagerProbe]:
@@ -322,6 +357,10 @@ class EagerProbe:
         loop's `watch()` can call it per step); it stays until replaced."""
         self.registry.set_position_mask(mask)
 
+    def restart_counts(self) -> None:
+        """Fresh counters (a new window of a training run); module names and function tables are kept."""
+        self.registry.restart()
+
     def begin_forward(self) -> None:
         self._namer.reset()
         self._stack.clear()
@@ -344,11 +383,13 @@ class EagerProbe:
     # -- recording -----------------------------------------------------------------------------
     def _current_module(self) -> tuple[str, nn.Module, bool]:
         path, module = self._stack[-1] if self._stack else ("", self.model)
-        return (
-            path,
-            module,
-            is_activation_module_type(f"{type(module).__module__}.{type(module).__qualname__}"),
-        )
+        kind = type(module)
+        is_activation = self._activation_types.get(kind)
+        if is_activation is None:
+            is_activation = self._activation_types[kind] = is_activation_module_type(
+                f"{kind.__module__}.{kind.__qualname__}"
+            )
+        return path, module, is_activation
 
     def next_site_name(self, op: str) -> str:
         path, _, is_activation = self._current_module()

@@ -78,15 +78,28 @@ def attach_module_biases(runnable, layers) -> None:
 
     from deadrelu_cli.wiring.torch import offloaded
 
-    params = {}
-    if hasattr(runnable, "named_parameters"):
-        params.update(dict(runnable.named_parameters()))
-    if hasattr(runnable, "named_buffers"):
-        params.update({k: v for k, v in runnable.named_buffers() if k not in params})
+    params = None
+
+    def bias_of(producer: str):
+        nonlocal params
+        # the producer's own tensors, not a dict of the whole model's (ScriptModules have no get_submodule)
+        if isinstance(runnable, torch.nn.Module) and not isinstance(runnable, torch.jit.ScriptModule):
+            try:
+                return getattr(runnable.get_submodule(producer), "bias", None)  # parameter or buffer
+            except AttributeError:
+                pass  # not a module path: by name below
+        if params is None:
+            params = {}
+            if hasattr(runnable, "named_parameters"):
+                params.update(dict(runnable.named_parameters()))
+            if hasattr(runnable, "named_buffers"):
+                params.update({k: v for k, v in runnable.named_buffers() if k not in params})
+        return params.get(f"{producer}.bias")
+
     for layer in layers:
         if layer.producer is None:
             continue
-        bias = params.get(f"{layer.producer}.bias")
+        bias = bias_of(layer.producer)
         if getattr(bias, "is_meta", False):
             bias = offloaded(runnable.get_submodule(layer.producer), "bias")
         if (
