@@ -179,9 +179,17 @@ def reduce_layers(
     return merged, int(elements[-1])
 
 
+# set once this process has torn its process group down: the command-line entry point then leaves
+# without running C++ static destructors, where a gloo thread still joinable could abort the process
+# ("terminate called without an active exception", seen under heavy load) after the work was done
+WORLD_CLOSED = False
+
+
 def finish(world: World) -> None:
+    global WORLD_CLOSED
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        WORLD_CLOSED = True

@@ -50,7 +50,7 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
                 "missing --data: the calibration data to replay (.npz, .npy, .pt or .safetensors)"
             )
         return _certify_only(options, fmt, device)
-    data = open_data(options, fmt)
+    data, text_info = open_data(options, fmt)
     mask = None
     extra_notes: list[str] = []
     if backend_of_format(fmt) == "torch":
@@ -92,7 +92,7 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         findings = structural_checks(model, probe)
     report = Report(
         model=ModelInfo(path=str(options.model), format=model.format, sha256=model.sha256),
-        data=DataInfo(path=str(options.text or options.data), samples=samples),
+        data=DataInfo(path=str(options.text or options.data), samples=samples, text=text_info),
         settings=Settings(
             options.threshold, options.dying, options.tau, options.channel_dim, device, tuple(options.ops)
         ),
@@ -115,10 +115,11 @@ def backend_of_format(fmt: str) -> str:
     return "onnx" if fmt == "onnx" else "torch"
 
 
-def open_data(options: ScanOptions, fmt: str):
-    """--data FILE, or --text FILE tokenized with the model folder's tokenizer."""
+def open_data(options: ScanOptions, fmt: str) -> tuple[CalibrationData, dict | None]:
+    """--data FILE, or --text FILE tokenized with the model folder's tokenizer (and how: the report's
+    `data.text`)."""
     if options.text is None:
-        return open_calibration(options.data, options.batch_axes, options.consts)
+        return open_calibration(options.data, options.batch_axes, options.consts), None
     if options.data is not None:
         raise UserError("--text and --data are two sources of samples; give one of them")
     if fmt != "hf_folder":
@@ -128,7 +129,9 @@ def open_data(options: ScanOptions, fmt: str):
         )
     from deadrelu_cli.text import tokenized_data
 
-    return tokenized_data(options.text, options.model, options.text_field, options.seq_len)
+    return tokenized_data(
+        options.text, options.model, options.text_field, options.seq_len, options.text_packing
+    )
 
 
 def mask_notes(layers: list, mask) -> list[str]:

@@ -57,6 +57,7 @@ class ScanOptions:
     )
     text_field: str = "text"  # JSONL key of the document text
     seq_len: int = 128  # --text: tokens per sample (longer documents are truncated)
+    text_packing: str = "pad"  # --text: "pad" (a document per sample) or "pack" (EOS-joined --seq-len blocks)
     device_map: str | None = None  # --device-map for model folders (accelerate): auto, cpu, …
     max_memory: str | None = None  # --max-memory for --device-map: the most each device holds
     progress: ProgressCallback | None = field(default=None, repr=False)
@@ -71,6 +72,8 @@ class ScanOptions:
             raise UserError(f"--batch-size {self.batch_size}: must be at least 1 (or auto)")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit {self.limit}: must be at least 1")
+        if self.text_packing not in ("pad", "pack"):
+            raise UserError(f"--text-packing {self.text_packing!r}: choose pad or pack")
 
 
 def check_finite(flag: str, value, low: float | None = None, high: float | None = None) -> None:

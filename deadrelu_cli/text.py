@@ -1,9 +1,19 @@
 """`--text FILE`: documents tokenized with the model folder's own tokenizer into calibration data.
 
 Plain text holds one document per line (empty lines skipped); `.jsonl` holds one JSON object per line,
-the document under `--text-field` (default "text"). Documents are truncated to `--seq-len` tokens and
-padded to the longest one (the tokenizer's padding side); the attention_mask that comes with them is
-the position mask of the scan, so padding never counts.
+the document under `--text-field` (default "text"). Two layouts (`--text-packing`):
+
+* pad (default): one document per sample, truncated to `--seq-len` tokens and padded to the longest one
+  (the tokenizer's padding side).
+* pack: every document tokenized whole (the tokenizer's own special tokens, e.g. a BOS per document),
+  joined into one stream with the EOS token (SEP when there is no EOS) between documents — unless the
+  boundary already holds it, as with OPT's `</s>` that starts every document — and cut into blocks of
+  `--seq-len` tokens; only the last block is partial, padded like the pad layout. Every position of a
+  full block is a real token, and attention runs across document boundaries within a block, as in
+  packed pretraining.
+
+Either way the attention_mask that comes with the samples is the position mask of the scan, so padding
+never counts; `--exclude-token-ids` drops BOS (or separator) positions wherever they are in a block.
 """
 
 from __future__ import annotations
@@ -41,11 +51,41 @@ def read_documents(path: str, field: str) -> list[str]:
     return documents
 
 
-def tokenized_data(path: str, folder: str, field: str = "text", seq_len: int = 128) -> CalibrationData:
+PACKINGS = ("pad", "pack")
+
+
+def packed_blocks(documents: list[list[int]], separator: int, seq_len: int) -> list[list[int]]:
+    """Token id lists joined into one stream (SEPARATOR between two documents unless one of them already
+    has it at the boundary), cut into blocks of SEQ_LEN; the last one may be shorter."""
+    stream: list[int] = []
+    for ids in documents:
+        if stream and ids and stream[-1] != separator and ids[0] != separator:
+            stream.append(separator)
+        stream.extend(ids)
+    return [stream[start : start + seq_len] for start in range(0, len(stream), seq_len)]
+
+
+def separator_id(tokenizer, folder: str) -> int:
+    for name in ("eos_token_id", "sep_token_id"):
+        found = getattr(tokenizer, name, None)
+        if isinstance(found, int):
+            return found
+    raise UserError(
+        f"{folder}: the tokenizer has no EOS or SEP token to join documents with for --text-packing pack; "
+        "use --text-packing pad"
+    )
+
+
+def tokenized_data(
+    path: str, folder: str, field: str = "text", seq_len: int = 128, packing: str = "pad"
+) -> tuple[CalibrationData, dict]:
+    """The calibration data, and what the report records of it (`data.text`)."""
     from deadrelu_cli.loaders.hf_folder import load_tokenizer
 
     if seq_len < 1:
         raise UserError("--seq-len must be at least 1")
+    if packing not in PACKINGS:
+        raise UserError(f"--text-packing {packing!r}: choose pad or pack")
     documents = read_documents(path, field)
     if not documents:
         raise UserError(f"{path}: no documents (one per line, or JSONL with --text-field)")
@@ -55,13 +95,24 @@ def tokenized_data(path: str, folder: str, field: str = "text", seq_len: int = 1
         if fallback is None:
             raise UserError(f"{folder}: the tokenizer has no pad, eos or unk token to pad documents with")
         tokenizer.pad_token = fallback  # the attention_mask drops these positions anyway
-    encoded = tokenizer(
-        documents, padding="longest", truncation=True, max_length=seq_len, return_tensors="np"
-    )
-    wanted = [
-        name
-        for name in getattr(tokenizer, "model_input_names", ["input_ids", "attention_mask"])
-        if name in encoded
-    ]
+    info = {"packing": packing, "seq_len": seq_len, "documents": len(documents)}
+    if packing == "pack":
+        separator = separator_id(tokenizer, folder)
+        whole = tokenizer(documents, truncation=False)["input_ids"]  # no truncation: blocks cut the stream
+        blocks = packed_blocks(whole, separator, seq_len)
+        encoded = tokenizer.pad(
+            {"input_ids": blocks}, padding="longest", return_attention_mask=True, return_tensors="np"
+        )
+        wanted = ["input_ids", "attention_mask"]  # the mask marks the last block's padding
+        info["separator_token_id"] = separator
+    else:
+        encoded = tokenizer(
+            documents, padding="longest", truncation=True, max_length=seq_len, return_tensors="np"
+        )
+        wanted = [
+            name
+            for name in getattr(tokenizer, "model_input_names", ["input_ids", "attention_mask"])
+            if name in encoded
+        ]
     sources = [InMemorySource(name, np.ascontiguousarray(encoded[name]).astype(np.int64)) for name in wanted]
-    return CalibrationData(path=str(Path(path)), sources=sources).configure()
+    return CalibrationData(path=str(Path(path)), sources=sources).configure(), info

@@ -496,6 +496,50 @@ def measure_folder_memory(workdir: Path, quick: bool) -> dict:
     }
 
 
+def llm_sized_report(layers: int = 32, units: int = 11008, positions: int = 200_000):
+    """A synthetic report of LLaMA-7B's shape: log-uniform firing frequencies, more dead units deeper."""
+    from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings
+    from deadrelu_cli.stats import LayerStats
+
+    rng = np.random.default_rng(0)
+    stats = []
+    for i in range(layers):
+        counts = (10 ** rng.uniform(-6.5, 0, units) * positions).astype(np.int64)
+        counts[rng.random(units) < 0.1 * i / layers] = 0
+        stats.append(
+            LayerStats(
+                f"model.layers.{i}.mlp.act_fn",
+                "relu",
+                2,
+                counts,
+                positions,
+                rng.standard_normal(units),
+                counts * 0.5,
+            )
+        )
+    return Report(ModelInfo("m", "hf_folder", "0" * 64), DataInfo("d", 10), Settings(dying=0.001), stats)
+
+
+def measure_html(reps: int) -> dict:
+    """`render_html` of a 32-layer, 11,008-unit report in this process (after one small render for the
+    imports and matplotlib's font cache): the fastest of REPS, and the page's size."""
+    from deadrelu_cli.report.html import render_html
+
+    render_html(llm_sized_report(4, 100))
+    report = llm_sized_report()
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        text = render_html(report)
+        times.append(time.perf_counter() - started)
+    return {
+        "case": "html 32 x 11008",
+        "render_s": min(times),
+        "render_all_s": times,
+        "mb": len(text.encode()) / 1e6,
+    }
+
+
 def cuda_cases(rng, reps: int, workdir: Path, images: int = 512) -> dict:
     """ResNet-18 at 224x224, batch 128: eager, --compile (against plain eager and plain compiled),
     bf16 + channels_last on both sides."""
@@ -536,7 +580,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        help="comma-separated cases: eager,onnx,compile,mlp,memory,transformer,folder-memory,watch (+ cuda-* on a GPU)",
+        help="comma-separated cases: eager,onnx,compile,mlp,memory,transformer,folder-memory,watch,html (+ cuda-* on a GPU)",
     )
     parser.add_argument("--cuda-images", type=int, default=512, help="N for the cuda-* cases (224x224)")
     args = parser.parse_args()
@@ -616,6 +660,7 @@ def main() -> None:
             "transformer": lambda: measure_transformer(rng, args.reps, work, args.quick, token_batch),
             "folder-memory": lambda: measure_folder_memory(work, args.quick),
             "watch": lambda: {"watch": measure_watch()},  # prints its own table
+            "html": lambda: measure_html(args.reps),
         }
         if torch.cuda.is_available():
             cases.update(cuda_cases(rng, args.reps, work, args.cuda_images))
@@ -643,7 +688,7 @@ def main() -> None:
         return f"{row[key]:{width}{fmt}}" if row.get(key) is not None else f"{'-':>{width}}"
 
     for row in rows:
-        if "growth" in row or "rss_over_weights" in row or "watch" in row:
+        if "growth" in row or "rss_over_weights" in row or "watch" in row or "render_s" in row:
             continue
         print(
             f"{row['case']:<32} {row['device']:<18} {row['samples']:>7} {row['plain_per_s']:>8.1f} {row['scan_per_s']:>8.1f} "
@@ -664,6 +709,11 @@ def main() -> None:
                 f"peak RSS of a model-folder scan: {row['peak_rss_mib']} MiB for {row['weights_mib']} MiB of weights; "
                 f"{row['imports_rss_mib']} MiB is torch + transformers imported: "
                 f"{row['rss_over_weights']:.2f}x the weights beyond that"
+            )
+        if "render_s" in row:
+            print(
+                f"HTML report of 32 layers x 11,008 units: {row['render_s']:.2f} s to render (fastest of "
+                f"{len(row['render_all_s'])}), {row['mb']:.2f} MB"
             )
     args.out.write_text(json.dumps({"machine": machine, "reps": args.reps, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -169,6 +169,7 @@ def test_text_file_is_tokenized_with_the_folders_tokenizer(opt, cli, tmp_path):
     layers = {layer["name"]: layer for layer in result.json()["layers"]}
     _assert_matches(layers, hook_counts(model, ids, mask, mask))
     assert result.json()["data"]["samples"] == 7
+    assert result.json()["data"]["text"] == {"packing": "pad", "seq_len": 6, "documents": 7}
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
     again = cli("scan", folder, "--text", jsonl, "--text-field", "body", "--seq-len", "6", "--json", "-")
@@ -178,6 +179,81 @@ def test_text_file_is_tokenized_with_the_folders_tokenizer(opt, cli, tmp_path):
     ]
     wrong = cli("scan", folder, "--text", jsonl, "--json", "-")
     assert wrong.code == 2 and "--text-field" in wrong.err
+
+
+def _eos_tokenizer_folder(folder, destination, prepend_bos: bool):
+    """FOLDER's config and weights with a tokenizer whose EOS is [BOS] (OPT's </s> is both) and which
+    prepends it to every document when PREPEND_BOS (OPT's and LLaMA's tokenizers do, GPT-2's does not)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    shutil.copytree(folder, destination)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if prepend_bos:
+        tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", BOS)])
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]", eos_token="[BOS]"
+    ).save_pretrained(destination)
+    return destination
+
+
+@pytest.mark.parametrize("prepend_bos", [True, False], ids=["bos-per-document", "no-bos"])
+def test_text_packing_counts_the_hand_split_stream(opt, cli, tmp_path, prepend_bos):
+    folder, model, _, _, _ = opt
+    folder = _eos_tokenizer_folder(folder, tmp_path / "opt-eos", prepend_bos)
+    rng = np.random.default_rng(5)
+    docs = [[f"w{i}" for i in rng.integers(0, 29, int(rng.integers(2, 9)))] for _ in range(6)]
+    (tmp_path / "docs.txt").write_text("".join(" ".join(d) + "\n" for d in docs))
+    # the reference, by hand: ids from the vocabulary, [BOS] between documents (once), blocks of 7
+    stream: list[int] = []
+    for doc in docs:
+        ids = ([BOS] if prepend_bos else []) + [VOCAB.index(w) for w in doc]
+        if stream and not prepend_bos:
+            stream.append(BOS)
+        stream.extend(ids)
+    seq_len = 7
+    assert len(stream) % seq_len and len(stream) > 2 * seq_len  # a partial last block; documents span blocks
+    blocks = len(stream) // seq_len + 1
+    ids = np.full((blocks, seq_len), PAD, np.int64)
+    ids.reshape(-1)[: len(stream)] = stream
+    mask = np.zeros_like(ids)
+    mask.reshape(-1)[: len(stream)] = 1
+
+    base = ("scan", folder, "--text", tmp_path / "docs.txt", "--seq-len", seq_len, "--text-packing", "pack")
+    result = cli(*base, "--batch-size", "2", "--json", "-")
+    assert result.code == 0, result.err
+    _assert_matches({x["name"]: x for x in result.json()["layers"]}, hook_counts(model, ids, mask, mask))
+    assert result.json()["data"]["samples"] == blocks
+    assert result.json()["data"]["text"] == {
+        "packing": "pack",
+        "seq_len": seq_len,
+        "documents": len(docs),
+        "separator_token_id": BOS,
+    }
+    import jsonschema
+
+    from deadrelu_cli.report.model import SCHEMA_PATH
+
+    jsonschema.validate(result.json(), json.loads(SCHEMA_PATH.read_text()))
+    table = cli(*base)
+    assert table.code == 0 and f"{blocks} samples (6 documents packed into 7-token blocks)" in table.out
+    # --exclude-token-ids drops every BOS/separator position, wherever it falls in a block
+    excluded = cli(*base, "--exclude-token-ids", str(BOS), "--json", "-")
+    assert excluded.code == 0, excluded.err
+    keep = (mask == 1) & (ids != BOS)
+    _assert_matches({x["name"]: x for x in excluded.json()["layers"]}, hook_counts(model, ids, mask, keep))
+
+
+def test_text_packing_needs_a_separator_and_a_known_mode(opt, cli, tmp_path):
+    folder = opt[0]  # its tokenizer has BOS and PAD, no EOS or SEP
+    (tmp_path / "docs.txt").write_text("w1 w2\nw3\n")
+    result = cli("scan", folder, "--text", tmp_path / "docs.txt", "--text-packing", "pack")
+    assert result.code == 2 and "no EOS or SEP" in result.err and "--text-packing pad" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    wrong = cli("scan", folder, "--text", tmp_path / "docs.txt", "--text-packing", "concat")
+    assert wrong.code == 2 and "choose pad or pack" in wrong.err
 
 
 def test_text_without_a_usable_tokenizer_is_one_line(opt, cli, tmp_path):

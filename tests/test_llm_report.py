@@ -75,3 +75,53 @@ def test_html_of_wide_layers_stays_small():
     text = render_html(report)
     assert len(text.encode()) < 6 * 5_000_000 / 32
     assert 'id="firing"' in text and "more dead, dying or dormant units not listed" in text
+
+
+def test_html_of_an_llm_sized_report_is_one_picture_not_32():
+    """32 layers of 11,008 units (the issue's case): under 5 MB, no figure per layer (each cost ~1 s of
+    matplotlib), and the firing-frequency map's pixels are the shares numpy computes from the counts."""
+    import base64
+    import re
+
+    from matplotlib import colormaps
+    from matplotlib.image import imread
+
+    from deadrelu_cli.stats import FREQUENCY_EDGES  # the bin edges: a definition, not a result
+
+    report = _wide_report(32)
+    text = render_html(report)
+    assert len(text.encode()) < 5_000_000
+    assert text.count("<svg") == 2  # dead fraction by layer, the firing-frequency map
+    for index, layer in enumerate(report.layers):
+        assert f'<details id="layer-{index}" data-layer="{layer.name}"' in text
+    firing = text[text.index('<section id="firing">') :]
+    firing = firing[: firing.index("</section>")]
+    assert all(layer.name in firing for layer in report.layers)  # a labelled row per layer
+    tag = re.search(r'<image xlink:href="data:image/png;base64,([^"]*)"([^>]*)>', firing)
+    assert "scale(1 -1)" in tag.group(2)  # the SVG draws the PNG's rows bottom-up
+    pixels = imread(io.BytesIO(base64.b64decode(tag.group(1))))[::-1, :, :3]
+    truth = []
+    for layer in report.layers:
+        rates = layer.positive_counts / layer.elements_per_unit
+        alive = np.clip(rates[rates > 0], FREQUENCY_EDGES[0], 1.0)
+        shares = np.concatenate([[np.sum(rates == 0)], np.histogram(alive, FREQUENCY_EDGES)[0]]) / layer.units
+        truth.append(shares)
+    truth = np.array(truth) / np.max(truth)  # the colour scale ends at the largest share
+    lut = colormaps["viridis"](np.linspace(0, 1, 256))[:, :3]
+    rows, cols = truth.shape
+    height, width = pixels.shape[:2]
+    shown = np.array(
+        [
+            [
+                np.argmin(
+                    ((lut - pixels[int((i + 0.5) * height / rows), int((j + 0.5) * width / cols)]) ** 2).sum(
+                        1
+                    )
+                )
+                / 255
+                for j in range(cols)
+            ]
+            for i in range(rows)
+        ]
+    )
+    assert np.abs(shown - truth).max() < 0.01

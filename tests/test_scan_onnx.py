@@ -392,8 +392,8 @@ def test_exact_step_only_for_the_cpu_provider(tmp_path):
         sites = find_sites(loaded.runnable, ("relu", "relu6"))
         graph = onnx.load_from_string(instrumented_bytes(loaded, sites, 0.0, None, device)).graph
         ops[device] = {n.op_type for n in graph.node if n.name.startswith("deadrelu_")}
-    assert "Conv" in ops["cpu"] and "Greater" not in ops["cpu"]
-    assert "Greater" in ops["cuda"] and "Conv" not in ops["cuda"]
+    assert "HardSigmoid" in ops["cpu"] and "Greater" not in ops["cpu"]
+    assert "Greater" in ops["cuda"] and "HardSigmoid" not in ops["cuda"]
 
 
 def test_appended_instrumentation_parses_as_the_instrumented_graph(tmp_path):

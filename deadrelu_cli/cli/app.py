@@ -110,6 +110,20 @@ def _terminate_like_interrupt() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        run_command(argv)
+    except SystemExit as exc:
+        distributed = sys.modules.get("deadrelu_cli.distributed")
+        if argv is None and distributed is not None and distributed.WORLD_CLOSED:
+            # a torchrun worker whose results are written and flushed: leave now (see WORLD_CLOSED)
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise
+
+
+def run_command(argv: list[str] | None = None) -> None:
     args = _join_input_range(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args or os.environ.get("DEADRELU_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]

@@ -332,7 +332,20 @@ Text = Annotated[
 ]
 TextField = Annotated[str, typer.Option("--text-field", help="--text .jsonl: the key holding each document.")]
 SeqLen = Annotated[
-    int, typer.Option("--seq-len", min=1, help="--text: tokens per document (longer ones are truncated).")
+    int,
+    typer.Option(
+        "--seq-len",
+        min=1,
+        help="--text: tokens per sample (pad: longer documents are truncated; pack: the block length).",
+    ),
+]
+TextPacking = Annotated[
+    str,
+    typer.Option(
+        "--text-packing",
+        help="--text: pad (one document per sample, padded) or pack (documents joined by EOS and cut into full "
+        "--seq-len blocks; only the last block has padding).",
+    ),
 ]
 DeviceMap = Annotated[
     str | None,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,6 +112,7 @@ class SiteAccumulator:
     min_pre: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
     _nan_in_batch: bool = False
+    _fused_batch: bool = False  # this batch was counted by fused_stats in observe_pre
     masked_now: bool = False  # whether the current batch's position mask applies at this site
 
     def restart(self) -> None:
@@ -149,11 +152,14 @@ class SiteAccumulator:
         self.masked_now = True
 
     def _allocate(self, units: int, device) -> None:
-        self.positive = torch.zeros(units, dtype=torch.int64, device=device)
-        self.max_pre = torch.full((units,), -torch.inf, dtype=torch.float64, device=device)
-        self.sum_abs = torch.zeros(units, dtype=torch.float64, device=device)
-        if self.op in CAPPED_OPS:
-            self.saturated = torch.zeros(units, dtype=torch.int64, device=device)
+        def make() -> None:
+            self.positive = torch.zeros(units, dtype=torch.int64, device=device)
+            self.max_pre = torch.full((units,), -torch.inf, dtype=torch.float64, device=device)
+            self.sum_abs = torch.zeros(units, dtype=torch.float64, device=device)
+            if self.op in CAPPED_OPS:
+                self.saturated = torch.zeros(units, dtype=torch.int64, device=device)
+
+        allocated_apart(make, device)
 
     def _reduce_dims(self, tensor: torch.Tensor) -> list[int]:
         dim = self.channel_dim if tensor.dim() > 1 else 0
@@ -173,17 +179,8 @@ class SiteAccumulator:
                     return moved.reshape(-1, moved.shape[-1]), [0]
         return tensor, self._reduce_dims(tensor)
 
-    def observe_pre(self, pre: torch.Tensor, threshold: float, mask: PositionMask | None = None) -> None:
-        """The part that needs the pre-activation (before an in-place op overwrites it): the max,
-        and the counts when they cannot be read off the output. With `mask`, only kept positions count
-        (the same mask must then be given to `observe_post`)."""
-        pre = pre.detach()
-        if mask is None and not self.track_min and self._observe_rows_pre(pre, threshold):
-            return
-        parts = self._kept_pre(pre, mask)
-        if parts is not None:
-            self._observe_parts(self.observe_pre, parts, threshold)
-            return
+    def _check_units(self, pre: torch.Tensor) -> int:
+        """The batch's unit count; allocates the counters on the first batch, refuses a changed width."""
         dim = self.channel_dim if pre.dim() > 1 else 0
         units = pre.shape[dim] if pre.dim() else 1
         if self.positive is None:
@@ -193,8 +190,46 @@ class SiteAccumulator:
                 f"layer {self.name} produced {units} units on this batch but {self.positive.shape[0]} before; "
                 "pass --channel-dim to pick a fixed unit axis"
             )
+        return units
+
+    def observe_pre(
+        self,
+        pre: torch.Tensor,
+        threshold: float,
+        mask: PositionMask | None = None,
+        fused_devices: tuple[str, ...] = (),
+    ) -> None:
+        """The part that needs the pre-activation (before an in-place op overwrites it): the max,
+        and the counts when they cannot be read off the output. With `mask`, only kept positions count
+        (the same mask must then be given to `observe_post`). On a device in `fused_devices`, relu and
+        relu6 sites are counted here in one compiled pass (`fused_stats`), and `observe_post` skips."""
+        pre = pre.detach()
+        self._fused_batch = False
+        if (
+            mask is None
+            and not self.track_min
+            and pre.device.type not in fused_devices
+            and self._observe_rows_pre(pre, threshold)
+        ):
+            return
+        parts = self._kept_pre(pre, mask)
+        if parts is not None:
+            self._observe_parts(self.observe_pre, parts, threshold)
+            return
+        units = self._check_units(pre)
         if pre.numel() == 0:
             return
+        if (
+            pre.device.type in fused_devices
+            and self.op in FUSED_OPS
+            and not self.track_min
+            and pre.is_floating_point()
+        ):
+            view, dims = self._as_reducible(pre)
+            if fused_stats(view, dims, threshold, self):
+                self._fused_batch = True
+                self.elements_per_unit += pre.numel() // units
+                return
         pre, dims = self._as_reducible(pre)
         batch_max = _channel_first_reduce(pre, dims, torch.amax) if dims else pre
         # amax propagates NaN: remember it, so that the fast count below (which would count a NaN as
@@ -209,7 +244,10 @@ class SiteAccumulator:
         if self.track_min:
             batch_min = _channel_first_reduce(pre, dims, torch.amin) if dims else pre
             if self.min_pre is None:
-                self.min_pre = torch.full((units,), torch.inf, dtype=torch.float64, device=pre.device)
+                self.min_pre = allocated_apart(
+                    lambda: torch.full((units,), torch.inf, dtype=torch.float64, device=pre.device),
+                    pre.device,
+                )
             torch.minimum(self.min_pre, batch_min, out=self.min_pre)
         if not counts_from_output(self.op, threshold):
             self.positive += _count(pre > threshold, dims)
@@ -217,6 +255,8 @@ class SiteAccumulator:
 
     def observe_post(self, post: torch.Tensor, threshold: float, mask: PositionMask | None = None) -> None:
         """Counts and sums from the activation's output (relu/relu6: y > t exactly when x > t, t >= 0)."""
+        if self._fused_batch:  # counted with the input, in one pass
+            return
         post = post.detach()
         if not self.masked_now and self._observe_rows_post(post, threshold):
             return
@@ -254,6 +294,63 @@ class SiteAccumulator:
             self.sum_abs += total  # float32 per batch, accumulated in float64
         if self.saturated is not None:
             self.saturated += _count(post >= CAPPED_OPS[self.op], dims)
+
+    def run_relu_in_parts(self, pre: torch.Tensor, in_place: bool, threshold: float) -> torch.Tensor | None:
+        """Run the site's relu itself, slice by cache-sized slice along the batch, counting each slice
+        while it is in cache: the max of the input slice, then relu on it (`clamp_min(x, 0)`, which is
+        what ATen's relu and relu_ compute, so the output is bit for bit the op's), then the byte-mask
+        count and the sum of the output slice. The activation is read from memory once — by the relu
+        the model runs anyway — instead of three times (the max, the relu, the counting).
+
+        Returns the output (`pre` itself when in place), or None where this does not apply (not a
+        large CPU float tensor laid out along the batch, a threshold other than 0, autograd, --explain's
+        minimum): the caller then runs the op and `observe_pre`/`observe_post` as usual."""
+        if (
+            self.op != "relu"
+            or threshold != 0.0
+            or self.track_min
+            or type(pre) is not torch.Tensor
+            or pre.device.type != "cpu"
+            or pre.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+            or pre.layout is not torch.strided
+            or (pre.requires_grad and torch.is_grad_enabled())
+            or pre.dim() < 2
+        ):
+            return None
+        view, dims = self._as_reducible(pre)
+        if view.data_ptr() != pre.data_ptr() or not view.is_contiguous():
+            return None
+        parts = _cache_sized_parts(view, dims)
+        if len(parts) < 2:
+            return None
+        units = self._check_units(pre)
+        if units == 0 or view.numel() // units >= 2**31:
+            return None
+        out = pre if in_place else torch.empty_like(pre)
+        if not in_place:
+            if out.stride() != pre.stride():
+                return None
+            out_parts = _cache_sized_parts(self._as_reducible(out)[0], dims)
+        else:
+            out_parts = parts
+        int_sum = lambda t, d: t.sum(d, dtype=torch.int32)  # noqa: E731
+        batch_max = None
+        for x, y in zip(parts, out_parts, strict=True):
+            part_max = _channel_first_reduce(x, dims, torch.amax)
+            batch_max = part_max if batch_max is None else torch.maximum(batch_max, part_max, out=batch_max)
+            if in_place:
+                x.clamp_min_(0)
+            else:
+                torch.clamp_min(x, 0, out=y)
+            self.positive += _channel_first_reduce(y.bool().view(torch.uint8), dims, int_sum)
+            self.sum_abs += _channel_first_reduce(y, dims, torch.sum)  # y >= 0: |y| = y
+        torch.maximum(self.max_pre, batch_max, out=self.max_pre)  # amax and maximum propagate NaN
+        if bool(torch.isnan(batch_max).any()):  # y.bool() counted each NaN (relu(NaN) = NaN) as fired
+            self.positive -= _count(torch.isnan(self._as_reducible(out)[0]), dims)
+        self.elements_per_unit += pre.numel() // units
+        self._fused_batch = False
+        self.masked_now = False
+        return out
 
     def _rows(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """The batch as a [rows, units] view when its units are the last axis of a contiguous tensor
@@ -358,6 +455,34 @@ class SiteAccumulator:
         )
 
 
+def allocated_apart(make: Callable, device):
+    """MAKE() (which allocates a site's counters) run on a short-lived thread when DEVICE is the CPU.
+
+    A site's counters are made during the first forward pass, right after that site's activations. With
+    glibc's malloc a small block that stays (the counters) above a large one that is freed (an activation
+    below the mmap threshold) keeps that memory from being reused or returned, so the first pass grew by
+    about one activation per site (+8 MiB per layer on an OPT folder, peak RSS +~60 MiB over plain
+    inference). Another thread allocates from its own arena, away from the activations. (CUDA memory has
+    its own allocator, and streams are per thread: made in place.)"""
+    if torch.device(device).type != "cpu":
+        return make()
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, make()))
+        except BaseException as exc:  # re-raised on the caller's thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="deadrelu-counters")
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
 CACHE_PART_BYTES = 2 << 20  # what the count's two passes over one part can share in cache
 
 
@@ -375,6 +500,43 @@ def _cache_sized_parts(tensor: torch.Tensor, dims: list[int]) -> list[torch.Tens
         return [tensor]
     row_bytes = max(1, tensor[0].numel() * tensor.element_size())
     return list(tensor.split(max(1, CACHE_PART_BYTES // row_bytes)))
+
+
+FUSED_OPS = ("relu", "relu6")
+_FUSED: dict = {}  # dims -> the compiled update, made on first use
+
+
+def _fused_update(x, max_acc, pos_acc, sum_acc, sat_acc, dims: tuple[int, ...], threshold: float, cap):
+    """One batch of a relu/relu6 site from its input alone, into the accumulators in place: max of x,
+    count of x > t (what y > t is for these ops), Σ op(x) (= Σ|y|), and for relu6 the count of x >= 6
+    (= y >= 6). A NaN fires nowhere (x > t is false) and makes the max and the sum NaN, as in eager."""
+    max_acc.copy_(torch.maximum(max_acc, x.amax(dims).to(max_acc.dtype)))
+    pos_acc.add_((x > threshold).sum(dims, dtype=torch.int64))
+    y = x.clamp_min(0) if cap is None else x.clamp(0, cap)
+    sum_acc.add_(y.sum(dims, dtype=torch.float32).to(sum_acc.dtype))
+    if sat_acc is not None:
+        sat_acc.add_((x >= cap).sum(dims, dtype=torch.int64))
+
+
+def fused_stats(tensor: torch.Tensor, dims: list[int], threshold: float, site: SiteAccumulator) -> bool:
+    """Count a batch of a relu/relu6 site with one `torch.compile`d function (dynamic shapes, so a few
+    compiles serve every site): the reductions read the activation's input once, in one kernel where
+    the compiler fuses them, instead of ~8 separate kernels and their Python calls. False when it cannot
+    be used here (then the caller counts in eager)."""
+    if tensor.dim() >= 3 and dims == [0, *range(2, tensor.dim())]:  # [N, C, ...] as [N, C, L]
+        if not tensor.is_contiguous():
+            return False
+        x, key = tensor.view(tensor.shape[0], tensor.shape[1], -1), (0, 2)
+    elif tensor.dim() == 2 and dims == [0]:
+        x, key = tensor, (0,)
+    else:
+        return False
+    update = _FUSED.get(key)
+    if update is None:
+        update = _FUSED[key] = torch.compile(_fused_update, dynamic=True, fullgraph=True)
+    cap = CAPPED_OPS.get(site.op)
+    update(x, site.max_pre, site.positive, site.sum_abs, site.saturated, key, float(threshold), cap)
+    return True
 
 
 def _channel_first_reduce(tensor: torch.Tensor, dims: list[int], reduce) -> torch.Tensor:

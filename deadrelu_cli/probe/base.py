@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,6 +20,14 @@ class ProbeSettings:
     channel_dim: int | None = None
     ops: tuple[str, ...] = ("relu", "relu6")
     track_min: bool = False  # also the per-unit minimum of the pre-activation (--explain: constant channels)
+    # devices ("cuda", "cpu") where relu/relu6 sites are counted by one torch.compile'd pass
+    # (accumulator.fused_stats); off by default, DEADRELU_FUSED_STATS=cuda (or cuda,cpu) turns it on
+    fused_devices: tuple[str, ...] = field(default_factory=lambda: fused_devices_from_env())
+
+
+def fused_devices_from_env() -> tuple[str, ...]:
+    text = os.environ.get("DEADRELU_FUSED_STATS", "")
+    return tuple(part.strip() for part in text.split(",") if part.strip() in ("cuda", "cpu"))
 
 
 class SiteRegistry:
@@ -30,6 +39,7 @@ class SiteRegistry:
         # site name -> callback(pre-activation): for fixes that need the values of a few units
         self.collectors: dict[str, Callable[[torch.Tensor, int], None]] = {}
         self.position_mask: PositionMask | None = None
+        self.fused_devices = settings.fused_devices
         self._stale: set[str] = set()  # sites of an earlier window, not run since `restart`
 
     def restart(self) -> None:
@@ -73,12 +83,35 @@ class SiteRegistry:
     ) -> None:
         """First half of a batch at a site, while the pre-activation is intact."""
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer)
-        site.observe_pre(pre, self.settings.threshold, self.position_mask)
+        site.observe_pre(pre, self.settings.threshold, self.position_mask, self.fused_devices)
         collector = self.collectors.get(name)
         if collector is not None:
             if self.position_mask is not None and site.masked_now:
                 pre = self.position_mask.select(pre, site.channel_dim)
             collector(pre, site.channel_dim)
+
+    def run_relu_in_parts(
+        self,
+        name: str,
+        op: str,
+        pre: torch.Tensor,
+        in_place: bool,
+        inferred_channel_dim: int,
+        module_type: str | None = None,
+        producer: str | None = None,
+    ) -> torch.Tensor | None:
+        """Run a relu site and count it in one pass from memory (SiteAccumulator.run_relu_in_parts);
+        None where that does not apply (a position mask, a collector, a fused device, small tensors …):
+        then the caller runs the op and record_pre/record_post."""
+        if (
+            self.position_mask is not None
+            or name in self.collectors
+            or pre.device.type in self.fused_devices
+            or op != "relu"
+        ):
+            return None
+        site = self._site(name, op, pre, inferred_channel_dim, module_type, producer)
+        return site.run_relu_in_parts(pre, in_place, self.settings.threshold)
 
     def record_post(self, name: str, post: torch.Tensor) -> None:
         """Second half: counts and sums from the activation's output."""

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
+from deadrelu_cli.probe.accumulator import CACHE_PART_BYTES
 from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, infer_channel_dim
 from deadrelu_cli.probe.ops import SiteNamer, is_activation_module_type
 
@@ -182,15 +183,19 @@ class _CallSiteMode(TorchFunctionMode):
         substitute = self.probe.substitutes.get(name)
         if substitute is not None:  # a patched site (deadrelu fix --strategy leaky, patch_module)
             return substitute(args[0])
-        out = call_and_record(
-            func,
-            args,
-            kwargs,
-            spec.op,
-            in_place,
-            lambda pre: self.probe.observe(name, spec.op, pre),
-            lambda post: self.probe.registry.record_post(name, post),
-        )
+        out = None
+        if self.probe.fast_paths and spec.op == "relu" and self.probe.registry.position_mask is None:
+            out = self.probe.run_in_parts(name, spec.op, args[0], in_place)
+        if out is None:
+            out = call_and_record(
+                func,
+                args,
+                kwargs,
+                spec.op,
+                in_place,
+                lambda pre: self.probe.observe(name, spec.op, pre),
+                lambda post: self.probe.registry.record_post(name, post),
+            )
         if in_place:  # the tensor now holds activations, no longer its producer's output
             self.probe.forget(args[0])
         if isinstance(out, torch.Tensor):
@@ -219,6 +224,7 @@ class EagerProbe:
         self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement
         self.final_output_sites: set[str] = set()  # sites whose output is returned by the model
         self._module_names = {id(m): name for name, m in model.named_modules()}
+        self.fast_paths = True  # relu counted while it runs (run_in_parts); False: the counting of before
         self._activation_types: dict[type, bool] = {}
 
     # -- hooks -------------------------------------------------------------------------------
@@ -395,7 +401,8 @@ class EagerProbe:
         path, _, is_activation = self._current_module()
         return self._namer.name(path, op, is_activation)
 
-    def observe(self, name: str, op: str, pre: torch.Tensor) -> None:
+    def _site_facts(self, pre: torch.Tensor) -> tuple[int, str, str | None]:
+        """(inferred unit axis, module type, producer with a per-unit bias or None) of a site's input."""
         _, module, is_activation = self._current_module()
         producer_name, producer, channel_first = self.origin_of(pre) or (None, None, None)
         inferred = infer_channel_dim(pre.dim(), channel_first)
@@ -403,6 +410,13 @@ class EagerProbe:
         bias = getattr(producer, "bias", None) if producer is not None else None
         if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != units:
             producer_name = None
-        self.registry.record_pre(
-            name, op, pre, inferred, type(module).__name__ if is_activation else "functional", producer_name
-        )
+        return inferred, type(module).__name__ if is_activation else "functional", producer_name
+
+    def observe(self, name: str, op: str, pre: torch.Tensor) -> None:
+        self.registry.record_pre(name, op, pre, *self._site_facts(pre))
+
+    def run_in_parts(self, name: str, op: str, pre: torch.Tensor, in_place: bool) -> torch.Tensor | None:
+        """The relu run and counted slice by slice (SiteRegistry.run_relu_in_parts), or None."""
+        if pre.device.type != "cpu" or pre.numel() * pre.element_size() <= 2 * CACHE_PART_BYTES:
+            return None
+        return self.registry.run_relu_in_parts(name, op, pre, in_place, *self._site_facts(pre))

@@ -9,6 +9,8 @@ model's device: no Python runs per activation, no host sync.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import fx
 
@@ -44,8 +46,21 @@ def export_for_stats(module: torch.nn.Module, example: tuple) -> fx.GraphModule:
 
 
 class InGraphProbe:
-    def __init__(self, graph_module: fx.GraphModule, settings: ProbeSettings, compile_graph: bool) -> None:
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        settings: ProbeSettings,
+        compile_graph: bool,
+        from_input: bool | None = None,
+    ) -> None:
         self.settings = settings
+        # relu/relu6: every statistic from the activation's input (x > t, Σ op(x), x >= cap), so that the
+        # reductions share one input and the compiler can make them one kernel (on CUDA, instead of one
+        # over the input and more over the output); DEADRELU_GRAPH_STATS=input turns it on (measured by
+        # scripts/gpu_steady.py before it becomes the default)
+        self.from_input = (
+            os.environ.get("DEADRELU_GRAPH_STATS", "") == "input" if from_input is None else from_input
+        )
         self.registry = SiteRegistry(settings)
         self.sites: list[tuple[StaticSite, int, bool]] = []  # (site, channel dim, has saturation output)
         graph = graph_module.graph
@@ -80,6 +95,8 @@ class InGraphProbe:
             raise UserError(
                 f"--compile: in-place {site.op} at {site.name} needs its input; scan without --compile"
             )
+        if self.from_input and from_output and site.op in ("relu", "relu6"):
+            return self._instrument_from_input(graph, node, site, pre, dim, dims)
         with graph.inserting_before(node):  # before an in-place op overwrites its input
             maximum = graph.call_function(aten.amax.default, (pre, dims, False))
             fired_from_input = None if from_output else graph.call_function(aten.gt.Scalar, (pre, threshold))
@@ -106,6 +123,33 @@ class InGraphProbe:
                     graph.call_function(aten.sum.dim_IntList, (capped, dims, False), {"dtype": torch.int64})
                 )
         self.sites.append((site, dim, site.op in CAPPED_OPS))
+        return outputs
+
+    def _instrument_from_input(self, graph, node, site, pre, dim: int, dims: list[int]) -> list[fx.Node]:
+        """Every statistic of a relu/relu6 site read off its input, all inserted before the op (an
+        in-place op then still sees its input): x > t is y > t, op(x) >= 0 is |y|, x >= 6 is y >= 6."""
+        threshold = self.settings.threshold
+        cap = CAPPED_OPS.get(site.op)
+        with graph.inserting_before(node):
+            maximum = graph.call_function(aten.amax.default, (pre, dims, False))
+            fired = graph.call_function(aten.gt.Scalar, (pre, threshold))
+            count = graph.call_function(aten.sum.dim_IntList, (fired, dims, False), {"dtype": torch.int64})
+            clamped = (
+                graph.call_function(aten.clamp_min.default, (pre, 0.0))
+                if cap is None
+                else graph.call_function(aten.clamp.default, (pre, 0.0, cap))
+            )
+            total = graph.call_function(
+                aten.sum.dim_IntList, (clamped, dims, False), {"dtype": torch.float32}
+            )
+            numel = graph.call_function(aten.sym_numel.default, (pre,))
+            outputs = [maximum, count, total, numel]
+            if cap is not None:
+                capped = graph.call_function(aten.ge.Scalar, (pre, cap))
+                outputs.append(
+                    graph.call_function(aten.sum.dim_IntList, (capped, dims, False), {"dtype": torch.int64})
+                )
+        self.sites.append((site, dim, cap is not None))
         return outputs
 
     def run(self, inputs: tuple, kwargs: dict | None = None):

@@ -111,6 +111,9 @@ def dead_by_layer_svg(report: Report, baseline: Report | None) -> str:
 WIDE_UNITS = 2048  # wider layers are plotted per bin of units, not per unit
 UNIT_BINS = 256
 MAX_LISTED_UNITS = 200  # per layer in the HTML (the JSON report lists every index)
+# more layers than this (that ran): no figure per layer (each costs ~0.3 s of matplotlib and ~60 kB);
+# the overview figures carry the per-layer picture instead: dead fraction by layer, firing-frequency map
+LAYER_FIGURES_MAX = 16
 
 
 def firing_frequency_svg(report: Report) -> str:
@@ -125,18 +128,31 @@ def firing_frequency_svg(report: Report) -> str:
         dead, counts = layer.firing_histogram()
         grid[row] = np.concatenate([[dead], counts]) / layer.units
     figure, ax = plt.subplots(figsize=(7.2, max(1.6, min(8.0, 0.18 * len(ran) + 1.0))))
-    image = ax.pcolormesh(grid, cmap="viridis", vmin=0, vmax=1)  # layers x 15 cells: small as vectors
-    ax.invert_yaxis()
-    labels = ["dead"] + [f"1e{e:g}" for e in np.log10(FREQUENCY_EDGES[:-1])]
-    ax.set_xticks(np.arange(len(labels))[::2] + 0.5)
-    ax.set_xticklabels(labels[::2], fontsize=6)
+    # one raster image (no seams between cells, one element whatever the depth); colours scaled to the
+    # largest share, so that a layer whose units spread over many frequencies still shows its shape
+    image = ax.imshow(
+        grid,
+        cmap="viridis",
+        vmin=0,
+        vmax=max(float(grid.max()), 1e-9),
+        aspect="auto",
+        interpolation="nearest",
+    )
+    # column 0: dead; column k: [edge k-1, edge k), its left side at k - 0.5; ticks on whole decades
+    # (not the first edge, 1e-7: its label would sit on "dead")
+    decades = [j for j, e in enumerate(np.log10(FREQUENCY_EDGES)) if j and float(e).is_integer()]
+    ax.set_xticks([0.0] + [j + 0.5 for j in decades])
+    ax.set_xticklabels(
+        ["dead"]
+        + [f"1e{np.log10(FREQUENCY_EDGES[j]):.0f}" if FREQUENCY_EDGES[j] < 1 else "1" for j in decades],
+        fontsize=6,
+    )
     step = max(1, len(ran) // 32)
-    ax.set_yticks(np.arange(len(ran))[::step] + 0.5)
-    ax.set_yticklabels([layer.name for layer in ran][::step], fontsize=5)
+    ax.set_yticks(np.arange(len(ran))[::step])
+    ax.set_yticklabels([_plain(layer.name) for layer in ran][::step], fontsize=5)
     ax.set_xlabel("firing frequency (fraction of counted positions, log scale)")
     figure.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="share of units")
     ax.set_title("Per-unit firing frequency by layer")
-    figure.tight_layout()
     return _svg(figure)
 
 
@@ -183,7 +199,9 @@ def layer_svg(layer: LayerStats, settings) -> str:
     strip.axhline(settings.threshold, color="#555", linewidth=0.6, linestyle="--")
     strip.set_xlabel("unit")
     strip.set_ylabel("max pre-activation")
-    figure.tight_layout()
+    # a fixed gap between the two panels instead of tight_layout (a third layout pass: ~1/3 of the time);
+    # savefig's tight bounding box still crops the margins
+    figure.subplots_adjust(wspace=0.32)
     return _svg(figure)
 
 
@@ -255,7 +273,7 @@ def render_html(report: Report, baseline: Report | None = None, gate: GateSummar
         f"<title>deadrelu: {_e(report.model.path)}</title><style>{CSS}</style></head><body>",
         f"<h1>deadrelu report: {_e(report.model.path)}</h1>",
         f'<p class="meta">model <b>{_e(report.model.path)}</b> ({_e(report.model.format)}), sha256 {_e(report.model.sha256)}<br>'
-        f"data <b>{_e(report.data.path)}</b>, {report.data.samples} samples · threshold {settings.threshold:g} · "
+        f"data <b>{_e(report.data.path)}</b>, {_e(report.data.samples_text())} · threshold {settings.threshold:g} · "
         f"dying &lt; {settings.dying:g} · tau {settings.tau:g} · device {_e(settings.device)} · "
         f"deadrelu {_e(report.tool.get('version', ''))}</p>",
         '<section id="summary"><h2>Summary</h2><div class="cards">',
@@ -286,15 +304,23 @@ def render_html(report: Report, baseline: Report | None = None, gate: GateSummar
     parts.append(
         f'<section id="by-layer"><h2>Dead units by layer</h2><div class="plot">{dead_by_layer_svg(report, baseline)}</div></section>'
     )
-    if sum(1 for layer in report.layers if layer.ran and layer.units) >= DEPTH_MIN_LAYERS:
+    ran = sum(1 for layer in report.layers if layer.ran and layer.units)
+    if ran >= DEPTH_MIN_LAYERS:
         parts.append(
             '<section id="firing"><h2>Firing frequency</h2><div class="plot">'
             f"{firing_frequency_svg(report)}</div></section>"
         )
     parts.append(_layers_table(report, baseline))
     parts.append('<section id="layers-detail"><h2>Layer by layer</h2>')
+    figures = ran <= LAYER_FIGURES_MAX
+    if not figures:
+        parts.append(
+            f'<p class="meta">{ran} layers: their firing frequencies are the rows of the '
+            '<a href="#firing">firing-frequency map</a> (one figure per layer only up to '
+            f"{LAYER_FIGURES_MAX} layers).</p>"
+        )
     for index, layer in enumerate(report.layers):
-        parts.append(_layer_section(report, layer, index))
+        parts.append(_layer_section(report, layer, index, figures))
     parts.append("</section>")
     parts.append(f"<script>{JS}</script></body></html>")
     return "\n".join(parts) + "\n"
@@ -357,7 +383,7 @@ def _layers_table(report: Report, baseline: Report | None) -> str:
     )
 
 
-def _layer_section(report: Report, layer: LayerStats, index: int) -> str:
+def _layer_section(report: Report, layer: LayerStats, index: int, figure: bool = True) -> str:
     settings = report.settings
     if not layer.ran:
         return f'<details id="layer-{index}"><summary><h3>{_e(layer.name)}</h3> — not run on this data</summary></details>'
@@ -397,7 +423,8 @@ def _layer_section(report: Report, layer: LayerStats, index: int) -> str:
     return (
         f'<details id="layer-{index}" data-layer="{_e(layer.name)}"{open_attr}><summary><h3 style="display:inline">{_e(layer.name)}</h3> — '
         f"{_e(layer.op)}, {dead}/{layer.units} dead ({100 * fraction:.1f}%), unit axis {layer.channel_dim}</summary>"
-        f'<div class="plot">{layer_svg(layer, settings)}</div>{table}{note}</details>'
+        + (f'<div class="plot">{layer_svg(layer, settings)}</div>' if figure else "")
+        + f"{table}{note}</details>"
     )
 
 

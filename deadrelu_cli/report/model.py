@@ -43,6 +43,18 @@ class ModelInfo:
 class DataInfo:
     path: str
     samples: int
+    # --text: how the documents became samples ({"packing": "pad"|"pack", "seq_len", "documents", …}), or None
+    text: dict | None = None
+
+    def samples_text(self) -> str:
+        """The sample count, and for --text how they were made: "12 samples (40 documents packed into …)"."""
+        out = f"{self.samples} samples"
+        t = self.text or {}
+        if t.get("packing") == "pack":
+            out += f" ({t.get('documents')} documents packed into {t.get('seq_len')}-token blocks)"
+        elif t.get("packing") == "pad":
+            out += f" (one document each, padded, at most {t.get('seq_len')} tokens)"
+        return out
 
 
 @dataclass
@@ -204,7 +216,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "tool": dict(report.tool),
         "model": vars(report.model).copy(),
-        "data": vars(report.data).copy(),
+        "data": {k: v for k, v in vars(report.data).items() if v is not None},
         "settings": {
             "threshold": s.threshold,
             "dying": s.dying,
@@ -355,6 +367,16 @@ def refuse_repeated_reports(paths: list[str | Path]) -> None:
         seen[digest] = str(path)
 
 
+def _merged_text(texts: list[dict | None]) -> dict | None:
+    """`data.text` of a merge: kept when every part was tokenized the same way (documents added up)."""
+    if any(t is None for t in texts):
+        return None
+    layouts = {tuple(sorted((k, v) for k, v in t.items() if k != "documents")) for t in texts}
+    if len(layouts) != 1:
+        return None
+    return {**texts[0], "documents": sum(int(t.get("documents", 0)) for t in texts)}
+
+
 def merge_reports(reports: list[Report]) -> Report:
     """Exact merge of reports of the same model over disjoint data."""
     if not reports:
@@ -385,7 +407,11 @@ def merge_reports(reports: list[Report]) -> Report:
     data_paths = sorted({r.data.path for r in reports})
     return Report(
         model=first.model,
-        data=DataInfo(path=",".join(data_paths), samples=sum(r.data.samples for r in reports)),
+        data=DataInfo(
+            path=",".join(data_paths),
+            samples=sum(r.data.samples for r in reports),
+            text=_merged_text([r.data.text for r in reports]),
+        ),
         settings=first.settings,
         layers=layers,
         notes=sorted({n for r in reports for n in r.notes}),

@@ -265,7 +265,7 @@ def print_causes(report: Report, console: Console) -> None:
 
 def header_line(report: Report) -> str:
     return terminal_text(
-        f"{report.model.path} ({report.model.format}) · {report.data.path} · {report.data.samples} samples"
+        f"{report.model.path} ({report.model.format}) · {report.data.path} · {report.data.samples_text()}"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -50,7 +51,13 @@ def make_session(model_bytes: bytes, device: str, notes: list[str]):
 
 
 def instrumented_bytes(
-    loaded: LoadedModel, sites: list[OnnxSite], threshold: float, channel_dim, device: str = "cpu"
+    loaded: LoadedModel,
+    sites: list[OnnxSite],
+    threshold: float,
+    channel_dim,
+    device: str = "cpu",
+    max_from_output: frozenset[int] = frozenset(),
+    keep_file_bytes: bool = False,
 ) -> bytes:
     """The instrumented model, serialised for onnxruntime.
 
@@ -59,7 +66,8 @@ def instrumented_bytes(
     message holding the appended nodes and outputs *are* the instrumented model. That skips
     re-serialising every weight (~0.1 s per 50 MB) and keeps the model's outputs, which plain
     inference computes too. Otherwise (graphs with If/Loop/Scan nodes, external data, inlined local
-    functions: the loaded nodes differ from the file's), the copy is serialised whole."""
+    functions: the loaded nodes differ from the file's), the copy is serialised whole. The file's bytes
+    are dropped afterwards unless `keep_file_bytes` (another session will be built from them)."""
     import onnx
 
     from deadrelu_cli.probe.onnx_graph import instrument
@@ -68,13 +76,15 @@ def instrumented_bytes(
     # cuDNN may flush subnormals or round through TF32, so Greater counts there.
     exact_step = not device.startswith("cuda")
     model = loaded.runnable
-    raw = loaded.extra.pop("file_bytes", None)
+    raw = loaded.extra.get("file_bytes") if keep_file_bytes else loaded.extra.pop("file_bytes", None)
     # With subgraphs, shape inference has rewritten the nodes, so they no longer prefix the file's
     has_subgraphs = any(
         attr.type == onnx.AttributeProto.GRAPH for node in model.graph.node for attr in node.attribute
     )
     if raw is None or has_subgraphs:
-        return instrument(model, sites, threshold, channel_dim, exact_step=exact_step).SerializeToString()
+        return instrument(
+            model, sites, threshold, channel_dim, exact_step=exact_step, max_from_output=max_from_output
+        ).SerializeToString()
     # Instrument a weight-free shell of the graph (nodes, inputs, outputs, shapes): copying the whole
     # model only to cut the appended part off again cost ~50 ms per 45 MB of weights.
     shell = onnx.ModelProto()
@@ -82,7 +92,15 @@ def instrumented_bytes(
     shell.opset_import.extend(model.opset_import)
     for part in ("node", "input", "output", "value_info"):
         getattr(shell.graph, part).extend(getattr(model.graph, part))
-    instrumented = instrument(shell, sites, threshold, channel_dim, keep_outputs=True, exact_step=exact_step)
+    instrumented = instrument(
+        shell,
+        sites,
+        threshold,
+        channel_dim,
+        keep_outputs=True,
+        exact_step=exact_step,
+        max_from_output=max_from_output,
+    )
     appended = onnx.ModelProto()
     appended.graph.node.extend(instrumented.graph.node[len(model.graph.node) :])
     appended.graph.initializer.extend(instrumented.graph.initializer)
@@ -218,6 +236,8 @@ def _from_pooled(values: dict[str, np.ndarray], static_positions: int | None) ->
     }
     if "min_nc" in values:  # pooled as max(-x)
         out["min"] = -np.asarray(values["min_nc"], dtype=np.float64).reshape(n, c).max(axis=0)
+    if "nan_nc" in values:
+        out["nan"] = np.asarray(values["nan_nc"], dtype=np.float64).reshape(n, c).max(axis=0)
     if "sat_nc" in values:
         out["sat"] = (
             np.rint(np.asarray(values["sat_nc"], dtype=np.float64).reshape(n, c) * positions)
@@ -228,9 +248,11 @@ def _from_pooled(values: dict[str, np.ndarray], static_positions: int | None) ->
 
 
 class _NanRecount:
-    """The exact-step count (onnx_graph._exact_step) turns a NaN activation into a NaN mean, where
-    Greater counts it as not firing. A batch with NaN in any pooled count is run again through a second
-    session that counts with Greater everywhere, built the first time it is needed."""
+    """A NaN activation makes the batch's sum NaN (and the exact-step count, onnx_graph._exact_step,
+    where Greater counts it as not firing); how a max pool treats it depends on the order it reads in.
+    Such a batch is run again through a second session that counts with Greater everywhere, takes the max
+    of the pre-activation and flags each unit whose input held a NaN (its max is NaN then, as in the
+    torch path), built the first time it is needed."""
 
     def __init__(self, loaded: LoadedModel, sites: list[OnnxSite], options, device: str) -> None:
         self.loaded, self.sites, self.options, self.device = loaded, sites, options, device
@@ -239,7 +261,11 @@ class _NanRecount:
 
     @staticmethod
     def needed(per_site: list[dict[str, np.ndarray]]) -> bool:
-        return any("pos_nc" in values and np.isnan(values["pos_nc"]).any() for values in per_site)
+        return any(
+            key in values and np.isnan(values[key]).any()
+            for values in per_site
+            for key in ("pos_nc", "sum_nc", "sum")
+        )
 
     def run(self, feeds: dict) -> list[dict[str, np.ndarray]]:
         from deadrelu_cli.probe.onnx_graph import instrument
@@ -252,6 +278,7 @@ class _NanRecount:
                 self.options.threshold,
                 self.options.channel_dim,
                 exact_step=False,
+                nan_flags=True,
             )
             self.outputs = [dict(site.outputs) for site in self.sites]
             for site, (outputs, positions) in zip(self.sites, kept, strict=True):
@@ -260,6 +287,100 @@ class _NanRecount:
         names = [name for per_site in self.outputs for name in per_site.values()]
         results = dict(zip(names, self.session.run(names, feeds), strict=True))
         return [{key: results[name] for key, name in out.items()} for out in self.outputs]
+
+
+class _OutputMaxSwitch:
+    """Rebuilds the session so that sites whose units have all fired read their max off the ReLU's output.
+
+    The max of the pre-activation gives the Conv output a second consumer, so onnxruntime cannot fuse
+    Conv+Relu there. It is only needed for units that never fired: once every unit of a relu site has fired
+    (onnx_graph.output_only_max), max(y) over later batches continues the exact running max of x. After a
+    batch, when some such sites are new and the remaining batches are long enough to pay for a new session,
+    the new session is built in a background thread (onnxruntime releases the GIL while it builds) while
+    batches keep running on the current one; the scan then switches to it and drops the old one. At most
+    MAX_REBUILDS times, so a one-batch scan never rebuilds."""
+
+    MAX_REBUILDS = 2
+    GAIN = 0.03  # measured share of a ResNet-18 pass saved with every site switched (docs/performance.md)
+
+    def __init__(self, loaded: LoadedModel, sites: list[OnnxSite], options, device: str) -> None:
+        from deadrelu_cli.probe.onnx_graph import output_only_max
+
+        self.loaded, self.sites, self.options, self.device = loaded, sites, options, device
+        self.eligible = [i for i, site in enumerate(sites) if output_only_max(site, options.threshold)]
+        self.switched: frozenset[int] = frozenset()
+        self.rebuilds = 0
+        self.build_s = 0.0  # wall time of the last session built (the cost of a rebuild)
+        self._thread = None
+        self._result = None
+
+    def consider(self, accumulators: list[HostAccumulator], batch_s: float, remaining_batches: int) -> None:
+        if self._thread is not None or self.rebuilds >= self.MAX_REBUILDS or remaining_batches <= 0:
+            return
+        new = [
+            i
+            for i in self.eligible
+            if i not in self.switched
+            and accumulators[i].positive is not None
+            and accumulators[i].positive.size
+            and bool((accumulators[i].positive > 0).all())
+        ]
+        if not new:
+            return
+
+        def weight(i: int) -> int:
+            acc = accumulators[i]
+            return acc.elements * (acc.positive.size if acc.positive is not None else 0)
+
+        share = sum(weight(i) for i in new) / max(1, sum(weight(i) for i in range(len(accumulators))))
+        if remaining_batches * batch_s * self.GAIN * share < self.build_s:
+            return
+        import threading
+
+        self.rebuilds += 1
+        wanted = self.switched | frozenset(new)
+        self._thread = threading.Thread(target=self._build, args=(wanted,), daemon=True)
+        self._thread.start()
+
+    def _build(self, wanted: frozenset[int]) -> None:
+        import copy
+
+        start = time.perf_counter()
+        try:
+            sites = [copy.copy(site) for site in self.sites]  # instrument() sets outputs on its sites
+            model_bytes = instrumented_bytes(
+                self.loaded,
+                sites,
+                self.options.threshold,
+                self.options.channel_dim,
+                self.device,
+                max_from_output=wanted,
+                keep_file_bytes=True,
+            )
+            session = make_session(model_bytes, self.device, [])
+            self._result = (wanted, session, [dict(site.outputs) for site in sites])
+        except Exception:  # noqa: BLE001 - the current session stays, and it is exact
+            self._result = None
+        self.build_s = time.perf_counter() - start
+
+    def ready(self):
+        """(session, per-site outputs) once a rebuilt session is ready, else None."""
+        if self._thread is None or self._thread.is_alive():
+            return None
+        self._thread.join()
+        self._thread, result, self._result = None, self._result, None
+        if self.rebuilds >= self.MAX_REBUILDS:  # the file's bytes were kept for rebuilds only
+            self.loaded.extra.pop("file_bytes", None)
+        if result is None:
+            return None
+        self.switched, session, outputs = result
+        return session, outputs
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = self._result = None
+        self.loaded.extra.pop("file_bytes", None)
 
 
 class HostAccumulator:
@@ -276,6 +397,7 @@ class HostAccumulator:
         pos, mx, sm, size = (np.asarray(values[k]) for k in ("pos", "max", "sum", "size"))
         sat = np.asarray(values["sat"]) if "sat" in values else None
         mn = np.asarray(values["min"]) if "min" in values else None
+        nan = np.asarray(values["nan"]) if "nan" in values else None
         if self.site.in_loop:  # per-iteration scan outputs: fold the iterations
             iterations = [i for i in range(pos.shape[0]) if pos[i].size] if pos.ndim == 2 else []
             if not iterations:
@@ -283,6 +405,7 @@ class HostAccumulator:
             pos, sm = pos[iterations].sum(0), sm[iterations].sum(0)
             mx = mx[iterations].max(0)
             mn = mn[iterations].min(0) if mn is not None else None
+            nan = nan[iterations].max(0) if nan is not None else None
             sat = sat[iterations].sum(0) if sat is not None else None
             size = int(np.asarray(size).sum())
         size = int(size)
@@ -303,11 +426,15 @@ class HostAccumulator:
         mx = mx.reshape(-1)
         if self.site.float16:
             mx = mx.astype(np.float16).astype(np.float64)
+        if nan is not None:  # NaN in a unit's input: its max (and min) is NaN, as amax/amin give in torch
+            mx = np.where(nan.reshape(-1) > 0, np.nan, mx)
         self.max_pre = np.maximum(self.max_pre, mx)
         if mn is not None:
             mn = mn.reshape(-1)
             if self.site.float16:
                 mn = mn.astype(np.float16).astype(np.float64)
+            if nan is not None:
+                mn = np.where(nan.reshape(-1) > 0, np.nan, mn)
             self.min_pre = mn if self.min_pre is None else np.minimum(self.min_pre, mn)
         self.sum_abs += sm.reshape(-1)
         if self.saturated is not None and sat is not None:
@@ -406,8 +533,13 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     batch_size = _batch_size(options, loaded, data, order, total)  # None: auto, sized once the session runs
     _discover_ranks(loaded.runnable, sites, data, order, dtypes, device, batch_size or 1)
-    model_bytes = instrumented_bytes(loaded, sites, options.threshold, options.channel_dim, device)
+    switch = _OutputMaxSwitch(loaded, sites, options, device)
+    started = time.perf_counter()
+    model_bytes = instrumented_bytes(
+        loaded, sites, options.threshold, options.channel_dim, device, keep_file_bytes=bool(switch.eligible)
+    )
     session = make_session(model_bytes, device, loaded.notes)
+    switch.build_s = time.perf_counter() - started
     del model_bytes
     outputs = [dict(site.outputs) for site in sites]
     output_names = [name for per_site in outputs for name in per_site.values()]
@@ -428,35 +560,49 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     if batch_size is None:
         batch_size = onnx_batch_size(options.batch_size, loaded, data, order, sample_cost)
 
+    if total <= batch_size:  # one batch: nothing to switch to
+        switch.eligible = []
+        loaded.extra.pop("file_bytes", None)
+
     def feeds_of():
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
             yield batch, {inp: as_input(batch[arr], dtypes.get(inp)) for inp, arr in order.items()}
 
-    for index, (batch, feeds) in enumerate(prefetched(feeds_of())):
-        try:
-            results = dict(zip(output_names, session.run(output_names, feeds), strict=True))
-            per_site = [{key: results[name] for key, name in out.items()} for out in outputs]
-            if recount.needed(per_site):
-                per_site = recount.run(feeds)
-        except Exception as exc:  # onnxruntime's own exception types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if index == 0:
-                # onnxruntime puts which dimension is wrong on a line of its own: "index: 0 Got: 4 Expected: 1"
-                detail = [line.strip() for line in str(exc).splitlines()[1:] if "Got:" in line]
-                hint = "check that --data fits the model's inputs"
-                if loaded.fixed_batch is not None and batch_size != loaded.fixed_batch:
-                    hint = f"the model's inputs fix the batch at {loaded.fixed_batch}: leave out --batch-size (and batch-size in [tool.deadrelu]) or pass --batch-size {loaded.fixed_batch}"
-                raise UserError(
-                    f"onnxruntime failed on the first batch: {'; '.join([first, *detail])}; {hint}"
-                ) from None
-            raise
-        first_batched = next(n for n in order.values() if n not in data.consts)
-        samples = batch[first_batched].shape[data.batch_axes.get(first_batched, 0)]
-        for acc, values in zip(accumulators, per_site, strict=True):
-            acc.add(values, samples)
-        done += samples
-        if options.progress:
-            options.progress(done, total)
+    try:
+        for index, (batch, feeds) in enumerate(prefetched(feeds_of())):
+            rebuilt = switch.ready()
+            if rebuilt is not None:  # the old session (and its arena) goes with the last reference to it
+                session, outputs = rebuilt
+                output_names = [name for per_site in outputs for name in per_site.values()]
+            started = time.perf_counter()
+            try:
+                results = dict(zip(output_names, session.run(output_names, feeds), strict=True))
+                per_site = [{key: results[name] for key, name in out.items()} for out in outputs]
+                if recount.needed(per_site):
+                    per_site = recount.run(feeds)
+            except Exception as exc:  # onnxruntime's own exception types
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if index == 0:
+                    # onnxruntime puts which dimension is wrong on a line of its own: "index: 0 Got: 4 Expected: 1"
+                    detail = [line.strip() for line in str(exc).splitlines()[1:] if "Got:" in line]
+                    hint = "check that --data fits the model's inputs"
+                    if loaded.fixed_batch is not None and batch_size != loaded.fixed_batch:
+                        hint = f"the model's inputs fix the batch at {loaded.fixed_batch}: leave out --batch-size (and batch-size in [tool.deadrelu]) or pass --batch-size {loaded.fixed_batch}"
+                    raise UserError(
+                        f"onnxruntime failed on the first batch: {'; '.join([first, *detail])}; {hint}"
+                    ) from None
+                raise
+            batch_s = time.perf_counter() - started
+            first_batched = next(n for n in order.values() if n not in data.consts)
+            samples = batch[first_batched].shape[data.batch_axes.get(first_batched, 0)]
+            for acc, values in zip(accumulators, per_site, strict=True):
+                acc.add(values, samples)
+            done += samples
+            switch.consider(accumulators, batch_s, -(-(total - done) // batch_size))
+            if options.progress:
+                options.progress(done, total)
+    finally:
+        switch.close()
     return loaded, [acc.layer_stats() for acc in accumulators]
 
 

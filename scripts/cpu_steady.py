@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Steady state of the eager probe on the CPU, in one process: ResNet-18 (bench.py's, 112x112, batch 64)
+on batches already in memory, per forward pass, for plain eager, the forward-hook recipe and the scan's
+eager probe (and the probe's variants, for A/B of a change). No data loading, hashing or report in the
+timed part: what is left is the per-forward cost that bench.py's marginal column estimates.
+
+Every round runs each arm over the same batches, in a rotated order (no arm always follows another);
+time is the process's CPU time (`time.process_time`, not wall: a process descheduled by other jobs is
+not charged) with one torch thread, so a busy machine shifts every arm alike. Prints per-arm medians,
+their ratio to plain, the median of per-round ratios (paired) and `uptime` before and after.
+
+    PYTHONPATH=$PWD python scripts/cpu_steady.py [--rounds 15] [--batches 1] [--batch 64] [--side 112]
+        [--threads 1] [--arms plain,hooks,scan,scan-before] [--model resnet18|mlp] [--json out.json]
+
+Arms: plain, hooks (the recipe), scan (the probe as shipped), scan-before (the probe with this branch's
+fast paths off: the counting of before), scan-light-off (no lighter mode after the first forward),
+scan-fused (the torch.compile'd one-pass reduction, which compiles first), scan-nosites (hooks and
+call-site mode, nothing counted: the probe's Python cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import build_mlp_block, build_resnet18, hook_recipe  # noqa: E402
+
+from deadrelu_cli.probe.base import ProbeSettings  # noqa: E402
+from deadrelu_cli.probe.eager import EagerProbe  # noqa: E402
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "uptime: n/a"
+
+
+def make_arms(names: list[str], model: str, batches: list[torch.Tensor]) -> dict:
+    build = build_mlp_block if model == "mlp" else build_resnet18
+    arms = {}
+    stacks = []
+    for name in names:
+        net = build()
+        if name == "plain":
+            arms[name] = (lambda n: lambda x: n(x))(net)
+        elif name == "hooks":
+            counts = hook_recipe(net)
+            arms[name] = (lambda n, c: lambda x: n(x))(net, counts)
+        elif name.startswith("scan"):
+            # scan-nosites: the probe's hooks and mode with nothing to count (no elu in the model)
+            probe = EagerProbe(
+                net, ProbeSettings(ops=("elu",) if name == "scan-nosites" else ("relu", "relu6"))
+            )
+            probe.fast_paths = name != "scan-before"
+            probe.light = name not in ("scan-before", "scan-light-off")
+            probe.registry.fused_devices = ("cpu",) if name == "scan-fused" else ()
+            stacks.append(probe.attached())
+            arms[name] = (lambda p: lambda x: p.run((x,)))(probe)
+        else:
+            raise SystemExit(f"unknown arm {name!r}")
+    return arms, stacks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--batches", type=int, default=1, help="batches per arm and round")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--side", type=int, default=112)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--arms", default="plain,hooks,scan,scan-before")
+    parser.add_argument("--model", default="resnet18", choices=("resnet18", "mlp"))
+    parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"))
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    torch.manual_seed(1)
+    shape = (args.batch, 64, 512) if args.model == "mlp" else (args.batch, 3, args.side, args.side)
+    batches = [torch.randn(shape) for _ in range(args.batches)]
+    names = [n.strip() for n in args.arms.split(",") if n.strip()]
+    before = uptime()
+    print(f"start: {before}", flush=True)
+    arms, stacks = make_arms(names, args.model, batches)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for stack in stacks:
+            stack.__enter__()
+        try:
+            for (
+                fn
+            ) in arms.values():  # warm-up: allocator, oneDNN primitives, compiles, the probe's first batch
+                for x in batches:
+                    fn(x)
+                    fn(x)
+            for r in range(args.rounds):
+                order = names[r % len(names) :] + names[: r % len(names)]
+                for name in order:
+                    start = clock()
+                    for x in batches:
+                        arms[name](x)
+                    times[name].append((clock() - start) / len(batches))
+        finally:
+            for stack in reversed(stacks):
+                stack.__exit__(None, None, None)
+    after = uptime()
+    plain = statistics.median(times["plain"]) if "plain" in times else None
+    print(
+        f"{args.model} {args.batch}x{shape[1:]} threads={args.threads} rounds={args.rounds} "
+        f"clock={args.clock} torch {torch.__version__}"
+    )
+    result = {"args": vars(args), "uptime_start": before, "uptime_end": after, "arms": {}}
+    for name in names:
+        med = statistics.median(times[name])
+        line = f"{name:<15} {med * 1e3:8.1f} ms/batch  min {min(times[name]) * 1e3:8.1f}"
+        row = {"median_s": med, "times_s": times[name]}
+        if plain:
+            paired = statistics.median(a / b for a, b in zip(times[name], times["plain"], strict=True))
+            line += f"  /plain {med / plain:6.3f}  paired {paired:6.3f}"
+            row.update(ratio=med / plain, paired=paired)
+        print(line, flush=True)
+        result["arms"][name] = row
+    print(f"end:   {after}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""ONNX steady state in one process, interleaved: plain onnxruntime, the fetch-all recipe, the scan's first
+session (max of every pre-activation) and its switched session (every relu site reads its max off the
+output, as after `_OutputMaxSwitch` switched them all). ResNet-18 (scripts/bench.py's) at 112x112,
+batch 64. With --threads 1 every run is timed by process CPU time (robust to other jobs on the machine),
+else by the wall clock. Prints each side's median, minimum and paired median (each run over the plain
+run just before it) as a multiple of plain, and the load average.
+
+    python scripts/onnx_steady.py --rounds 30 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _options(threads: int, scan: bool) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 4
+    if scan:  # the scan's own settings (backends/onnx/scan.make_session)
+        options.enable_mem_pattern = False
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    return options
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    import torch
+    from bench import build_resnet18, fetch_all_model
+
+    from deadrelu_cli.backends.onnx.scan import instrumented_bytes
+    from deadrelu_cli.loaders.model import LoadOptions
+    from deadrelu_cli.loaders.onnx_model import load_onnx
+    from deadrelu_cli.probe.onnx_graph import find_sites
+
+    x = np.random.default_rng(0).standard_normal((64, 3, 112, 112)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "resnet18.onnx")
+        torch.onnx.export(
+            build_resnet18(),
+            (torch.from_numpy(x[:2]),),
+            path,
+            input_names=["input"],
+            dynamo=False,
+            dynamic_axes={"input": {0: "batch"}},
+            opset_version=17,
+        )
+        plain = ort.InferenceSession(path, _options(args.threads, False), providers=["CPUExecutionProvider"])
+        fetch = ort.InferenceSession(
+            fetch_all_model(Path(path)), _options(args.threads, False), providers=["CPUExecutionProvider"]
+        )
+
+        def recipe() -> None:
+            for y in fetch.run(None, {"input": x})[1:]:
+                (y > 0).sum(axis=(0, 2, 3))
+
+        runs = {"plain": lambda: plain.run(None, {"input": x}), "fetch-all recipe": recipe}
+        for label, switched in (("scan, first session", False), ("scan, switched", True)):
+            loaded = load_onnx(LoadOptions(path, device="cpu"))
+            sites = find_sites(loaded.runnable, ("relu",))
+            chosen = frozenset(range(len(sites))) if switched else frozenset()
+            model_bytes = instrumented_bytes(loaded, sites, 0.0, None, max_from_output=chosen)
+            session = ort.InferenceSession(
+                model_bytes, _options(args.threads, True), providers=["CPUExecutionProvider"]
+            )
+            names = [name for site in sites for name in site.outputs.values()]
+            runs[label] = lambda s=session, n=names: s.run(n, {"input": x})
+    for run in runs.values():
+        run()
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    load = os.getloadavg()
+    for _ in range(args.rounds):
+        for key, run in runs.items():
+            start = clock()
+            run()
+            times[key].append(clock() - start)
+    print(
+        f"load average at start {load[0]:.2f}, at end {os.getloadavg()[0]:.2f}; {args.rounds} rounds, "
+        f"{args.threads} thread(s), clock {clock.__name__}"
+    )
+    base = statistics.median(times["plain"])
+    for key, values in times.items():
+        paired = statistics.median(v / p for v, p in zip(values, times["plain"], strict=True))
+        print(
+            f"  {key:20s} median x{statistics.median(values) / base:.3f}  "
+            f"min x{min(values) / min(times['plain']):.3f}  paired x{paired:.3f}"
+        )
+    print(f"  plain median {base:.4f} s per batch of 64")
+
+
+if __name__ == "__main__":
+    main()
