@@ -20,6 +20,7 @@ KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "max-increase": ("max_increase", (int, float)),
     "allow-no-sites": ("allow_no_sites", bool),
     "allow-unseen": ("allow_unseen", bool),
+    "allow-unpaired": ("allow_unpaired", bool),
     "batch-size": ("batch_size", (int, str)),
     "limit": ("limit", int),
     "device": ("device", str),

@@ -20,6 +20,7 @@ class GateConfig:
     max_increase: float | None = None  # with a baseline; None means 0
     allow_no_sites: bool = False  # else a report in which no activation site was scanned fails
     allow_unseen: bool = False  # else a report naming activations the scan could not see fails
+    allow_unpaired: bool = False  # else layers left unpaired with the baseline on both sides fail
 
     @property
     def active(self) -> bool:
@@ -53,6 +54,9 @@ class GateResult:
     dead_fraction: float = 0.0
     baseline_dead_fraction: float | None = None
     checked: bool = True
+    # activations the scan could not see that are none of the scanned --ops (a softmax, a fused
+    # HardSwish): listed, not gated
+    unseen_other: dict[str, int] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[str]:
@@ -90,6 +94,10 @@ def _pct(fraction: float) -> str:
     return f"{100 * fraction:.1f}%"
 
 
+def _listed(names: list[str], most: int = 4) -> str:
+    return ", ".join(names[:most]) + (f", … ({len(names)} in all)" if len(names) > most else "")
+
+
 def scanned_any(report: Report) -> bool:
     """Whether any activation site with units was measured (by data, or bounded by --certify)."""
     return any(layer.units and (layer.ran or layer.upper_bound is not None) for layer in report.layers)
@@ -104,6 +112,66 @@ def unseen_text(unseen: dict[str, int]) -> str:
 
     ranked = sorted(unseen.items(), key=lambda item: (-item[1], item[0]))
     return ", ".join(f"{printable(op)} ×{count}" for op, count in ranked)
+
+
+# What an activation the scan could not see is, by the op type in its label (the scan's labels:
+# 'domain.Op', 'domain.Op(activation=Kind)' for a fused one, 'QLinearKind' for a quantized one): the
+# --ops it would be scanned as. () for those with no dead units in --ops' sense (softmax, sigmoid, tanh,
+# hard-sigmoid, hard-swish: none is a scanned op). An op not listed may be anything: it always counts.
+UNSEEN_OP_KINDS: dict[str, tuple[str, ...]] = {
+    "Relu": ("relu",),
+    "Clip": ("relu", "relu6"),  # a fused Clip's bounds are not in the label: Clip(0, 6) or Clip(0, inf)
+    "LeakyRelu": ("leaky_relu",),
+    "Elu": ("elu",),
+    "Gelu": ("gelu",),
+    "BiasGelu": ("gelu",),
+    "FastGelu": ("gelu",),
+    "QuickGelu": ("gelu", "silu"),  # x * sigmoid(alpha * x): SiLU when alpha = 1
+    "Silu": ("silu",),
+    "Sigmoid": (),
+    "Tanh": (),
+    "HardSigmoid": (),
+    "HardSwish": (),
+    "Softmax": (),
+}
+
+
+def unseen_op_kinds(label: str) -> tuple[str, ...] | None:
+    """The --ops an unseen activation's label stands for (UNSEEN_OP_KINDS), None when it is not known."""
+    head, fused, tail = label.partition("(activation=")
+    if fused:  # a fused node: its activation attribute says what it is
+        return UNSEEN_OP_KINDS.get(tail.removesuffix(")"))
+    domain, _, op = head.rpartition(".")
+    if domain not in ("", "ai.onnx", "com.microsoft"):
+        return None  # a node of a custom domain: could be anything
+    return UNSEEN_OP_KINDS.get(op.removeprefix("QLinear"))
+
+
+def split_unseen(unseen: dict[str, int], ops: tuple[str, ...]) -> tuple[dict[str, int], dict[str, int]]:
+    """(those that may hide dead units of the scanned --ops or are unknown, the others): only the first
+    stop a gate."""
+    hiding, other = {}, {}
+    for label, count in unseen.items():
+        kinds = unseen_op_kinds(label)
+        (hiding if kinds is None or set(kinds) & set(ops) else other)[label] = count
+    return hiding, other
+
+
+def unseen_notes(unseen: dict[str, int], ops: tuple[str, ...]) -> list[str]:
+    """What a scan says about the activations it could not see: those a gate stops on, and the others."""
+    hiding, other = split_unseen(unseen, ops)
+    notes = []
+    if hiding:
+        notes.append(
+            f"activations deadrelu cannot see (not scanned, not counted): {unseen_text(hiding)}; "
+            "scan the float model for those layers"
+        )
+    if other:
+        notes.append(
+            f"activations deadrelu cannot see that are none of the scanned ops ({', '.join(ops)}), so a gate "
+            f"does not stop on them: {unseen_text(other)}"
+        )
+    return notes
 
 
 def evaluate(report: Report, config: GateConfig) -> GateResult:
@@ -121,9 +189,10 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             "model: no activation site was scanned, so nothing was checked (see the notes); "
             "pass --allow-no-sites if the model truly has no ReLUs"
         )
-    if config.active and not config.allow_unseen and report.unseen:
+    hiding, not_scanned_ops = split_unseen(report.unseen, tuple(report.settings.ops))
+    if config.active and not config.allow_unseen and hiding:
         model_failures.append(
-            f"model: activations deadrelu could not scan (their dead units are not counted): {unseen_text(report.unseen)}; "
+            f"model: activations deadrelu could not scan (their dead units are not counted): {unseen_text(hiding)}; "
             "pass --allow-unseen to gate on the scanned layers only"
         )
     # a quantized/optimized graph's layers meet the float baseline's by their producer's weight
@@ -155,11 +224,22 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
         model_failures=model_failures,
         dead_fraction=summary.dead_fraction,
         checked=config.active,
+        unseen_other=not_scanned_ops,
     )
     if config.baseline is not None:
         matched_old = {layer.name for layer in old_layers.values()}
         result.added = [layer.name for layer in report.layers if layer.name not in old_layers]
         result.removed = [layer.name for layer in config.baseline.layers if layer.name not in matched_old]
+        if result.added and result.removed and not config.allow_unpaired:
+            # unpaired layers on both sides: a renamed layer and a replaced one look alike, and either
+            # way the report's layers went unchecked against the baseline
+            model_failures.append(
+                f"baseline: {len(result.added)} layer(s) of this report and {len(result.removed)} of the baseline "
+                f"could not be paired (by weight, output tensor or name), so they were not compared: "
+                f"{_listed(result.added)}; baseline: {_listed(result.removed)}; re-scan the baseline with this "
+                "deadrelu (its reports record what pairs the layers of an optimized graph), or pass "
+                "--allow-unpaired if those layers really changed"
+            )
         old_summary = config.baseline.summary()
         result.baseline_dead_fraction = old_summary.dead_fraction
         if summary.dead_fraction - old_summary.dead_fraction > increase + 1e-12:

@@ -56,6 +56,10 @@ class LayerStats:
     # of a quantized or optimized graph to the float graph's (report.diff)
     implicit: str | None = None
     weight: str | None = None
+    # ONNX: the tensor the activation writes in the graph the user exported (a fused or nchwc
+    # activation: the tensor onnxruntime named the fused node for, which is the float graph's); pairs
+    # layers of an optimized graph whose weights were renamed (ORT_ENABLE_ALL: reorder_token_*)
+    output_tensor: str | None = None
     # per-unit minimum of the pre-activation (only with --explain: constant channels)
     min_preactivation: np.ndarray | None = None
     # samples that reached the site (None: not counted, i.e. every sample); fewer than the data's when
@@ -172,6 +176,7 @@ def merge_layer(a: LayerStats, b: LayerStats) -> LayerStats:
         certify_note=a.certify_note or b.certify_note,
         implicit=a.implicit or b.implicit,
         weight=a.weight or b.weight,
+        output_tensor=a.output_tensor or b.output_tensor,
         min_preactivation=(
             np.minimum(a.min_preactivation, b.min_preactivation)
             if a.min_preactivation is not None and b.min_preactivation is not None

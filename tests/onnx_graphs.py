@@ -22,8 +22,11 @@ def _init(name, array):
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-def gemm_relu(opset=17, batch=None, bias=None):
-    """x[N,4] -> Gemm(W[8,4], b) -> Relu -> MatMul -> y; b planted with dead units 2, 4, 6."""
+def gemm_relu(opset=17, batch=None, bias=None, passthrough=False):
+    """x[N,4] -> Gemm(W[8,4], b) -> Relu -> MatMul -> y; b planted with dead units 2, 4, 6.
+    passthrough: Identity and Cast(float -> float) between the Gemm and the Relu, an inference-mode
+    Dropout (training_mode a constant false) and an Identity between the Relu and the MatMul: the same
+    numbers."""
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((8, 4)) * 0.3).astype(np.float32)
     b = np.array(bias if bias is not None else [0.5, -0.2, -8, 0.1, -10, 0.3, -15, -0.1], np.float32)
@@ -33,11 +36,21 @@ def gemm_relu(opset=17, batch=None, bias=None):
         helper.make_node("Relu", ["h"], ["r"], name="relu1"),
         helper.make_node("MatMul", ["r", "w2"], ["y"], name="out"),
     ]
+    inits = [_init("w", w), _init("b", b), _init("w2", w2)]
+    if passthrough:
+        nodes[1:2] = [
+            helper.make_node("Identity", ["h"], ["h_id"], name="id1"),
+            helper.make_node("Cast", ["h_id"], ["h_cast"], name="cast", to=F32),
+            helper.make_node("Relu", ["h_cast"], ["r0"], name="relu1"),
+            helper.make_node("Dropout", ["r0", "ratio", "training"], ["r_drop"], name="drop"),
+            helper.make_node("Identity", ["r_drop"], ["r"], name="id2"),
+        ]
+        inits += [_init("ratio", np.array(0.5, np.float32)), _init("training", np.array(False))]
     return _model(
         nodes,
         [helper.make_tensor_value_info("x", F32, [batch, 4])],
         [helper.make_tensor_value_info("y", F32, [batch, 2])],
-        [_init("w", w), _init("b", b), _init("w2", w2)],
+        inits,
         opset=opset,
     )
 
@@ -110,11 +123,13 @@ def conv_relu_hardswish(opset=17, spatial=8, hardswish="scale-first"):
     )
 
 
-def paddle_conv_bn(opset=11, weights_in_constants=False):
+def paddle_conv_bn(opset=11, weights_in_constants=False, passthrough=False):
     """paddle2onnx's layout: Conv without bias + Add(Reshape(b, [1, C, 1, 1])) -> Relu, then
     Conv -> BatchNormalization (unfused) -> Relu, pooled into a Gemm. Unit 1 of the first Relu and
     unit 2 of the second are dead (bias -40). weights_in_constants: every weight in a Constant node
-    instead of an initializer (older paddle2onnx, e.g. PP-OCR's mobile classifier)."""
+    instead of an initializer (older paddle2onnx, e.g. PP-OCR's mobile classifier). passthrough: the
+    Identity nodes paddle2onnx writes (Conv -> Identity -> Add -> Identity -> Relu), a Dropout after
+    the first Relu and a Cast(float -> float) after the BatchNormalization: the same numbers."""
     rng = np.random.default_rng(9)
     w1 = (rng.standard_normal((4, 3, 3, 3)) * 0.5).astype(np.float32)
     b1 = np.array([0.1, -40, 0.2, 0.0], np.float32)
@@ -136,6 +151,15 @@ def paddle_conv_bn(opset=11, weights_in_constants=False):
         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "wfc"], ["y"], name="fc"),
     ]
+    if passthrough:
+        renamed = {"c1": "c1_id", "p1": "p1_id", "r1": "r1_drop", "p2": "p2_cast"}
+        for node in nodes:
+            if node.op_type != "Reshape" and node.input[0] in renamed:
+                node.input[0] = renamed[node.input[0]]
+        nodes[1:1] = [helper.make_node("Identity", ["c1"], ["c1_id"], name="id_conv")]
+        nodes[4:4] = [helper.make_node("Identity", ["p1"], ["p1_id"], name="id_add")]
+        nodes[6:6] = [helper.make_node("Dropout", ["r1"], ["r1_drop"], name="drop", ratio=0.3)]
+        nodes[9:9] = [helper.make_node("Cast", ["p2"], ["p2_cast"], name="cast", to=F32)]
     inits = [
         _init("w1", w1),
         _init("b1", b1),

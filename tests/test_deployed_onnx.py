@@ -512,6 +512,134 @@ def test_ort_enable_all_nchwc_graph_gives_the_float_graphs_counts(cli, nchwc):
     assert refused.code == 2 and "nchwc" in refused.err and "Traceback" not in refused.err
 
 
+def _relu_dw_hardswish(path):
+    """x -> Conv(3->16) + Relu -> depthwise Conv + Relu -> Conv(16->16) + HardSwish -> pool, by
+    onnx.helper; units 2 and 7 of the depthwise layer are dead (bias -50)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(2)
+    b2 = np.zeros(16, np.float32)
+    b2[[2, 7]] = -50.0
+    arrays = {
+        "w1": (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32),
+        "b1": (rng.standard_normal(16) * 0.1).astype(np.float32),
+        "w2": (rng.standard_normal((16, 1, 3, 3)) * 0.3).astype(np.float32),
+        "b2": b2,
+        "w3": (rng.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32),
+        "b3": np.zeros(16, np.float32),
+    }
+    pads = [1, 1, 1, 1]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=pads),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="dw", pads=pads, group=16),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3", pads=pads),
+        helper.make_node("HardSwish", ["c3"], ["h3"], name="hardswish"),
+        helper.make_node("GlobalAveragePool", ["h3"], ["y"], name="pool"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16, 1, 1])],
+        initializer=[numpy_helper.from_array(a, name) for name, a in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_gate_stops_only_on_unseen_activations_of_the_scanned_ops(cli, tmp_path):
+    """In an ORT_ENABLE_ALL graph, a fused HardSwish (not a scanned op, in no graph) is listed but does not
+    stop the gate; a ReLU the scan cannot reach does. Both ReLUs here are reached — the one feeding a
+    depthwise Conv too (its channel count read past the depthwise Conv) — with the float graph's counts
+    (onnxruntime + numpy)."""
+    float_path = _relu_dw_hardswish(tmp_path / "float.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "all.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(float_path), options, providers=["CPUExecutionProvider"])
+    if len(_nchwc_convs(onnx.load(str(tmp_path / "all.onnx")))) != 3:
+        pytest.skip("onnxruntime wrote no nchwc Conv on this CPU (it has no NCHWc kernels here)")
+    x = np.random.default_rng(3).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    r1, r2 = _run_exposing(float_path, ["r1", "r2"], x)
+    scan = ("scan", tmp_path / "all.onnx", "--data", tmp_path / "d.npz", "--max-dead", "1")
+    passed = cli(*scan, "--json", tmp_path / "all.json")
+    assert passed.code == 0 and "gate passed" in passed.err
+    assert "not gated" in passed.err and "com.microsoft.nchwc.Conv(activation=HardSwish) ×1" in passed.err
+    report = json.loads((tmp_path / "all.json").read_text())
+    assert report["unseen_activations"] == {"com.microsoft.nchwc.Conv(activation=HardSwish)": 1}
+    assert [layer["units"] for layer in report["layers"]] == [16, 16]
+    for layer, out in zip(report["layers"], (r1, r2), strict=True):
+        assert layer["positive_counts"] == (_per_unit(out) > 0).sum(axis=1).tolist()
+    assert report["layers"][1]["dead_indices"] == [2, 7]
+    gated = cli("gate", tmp_path / "all.json", "--max-dead", "1", "--markdown", tmp_path / "g.md")
+    assert gated.code == 0 and "Not gated" in (tmp_path / "g.md").read_text()
+    # a ReLU fused where the scan cannot reach it, as the scan records one, stops the gate
+    report["unseen_activations"]["com.microsoft.nchwc.Conv(activation=Relu)"] = 1
+    (tmp_path / "relu.json").write_text(json.dumps(report))
+    failed = cli("gate", tmp_path / "relu.json", "--max-dead", "1")
+    assert failed.code == 1
+    (reason,) = [line for line in failed.err.splitlines() if "could not scan" in line]
+    assert "com.microsoft.nchwc.Conv(activation=Relu) ×1" in reason and "HardSwish" not in reason
+    assert cli("gate", tmp_path / "relu.json", "--max-dead", "1", "--allow-unseen").code == 0
+    # a fused Clip may be a ReLU6 (its bounds are not in the label): it stops the gate
+    report["unseen_activations"] = {"com.microsoft.FusedConv(activation=Clip)": 1}
+    (tmp_path / "clip.json").write_text(json.dumps(report))
+    assert cli("gate", tmp_path / "clip.json", "--max-dead", "1").code == 1
+    assert cli("gate", tmp_path / "clip.json", "--max-dead", "1", "--allow-unseen").code == 0
+
+
+def test_diff_and_baseline_pair_an_ort_enable_all_graph_with_the_float_graph(cli, nchwc, tmp_path):
+    """onnxruntime renames the weights of an ORT_ENABLE_ALL graph (reorder_token_*), so no layer has a
+    weight name to pair by; each pairs with the float layer whose Relu wrote the tensor onnxruntime named
+    the nchwc Conv after (read from the float graph here), and the baseline gate compares every one."""
+    root, x = nchwc
+    relus = [n for n in onnx.load(str(root / "wide.onnx")).graph.node if n.op_type == "Relu"]
+    float_json, all_json = tmp_path / "float.json", tmp_path / "all.json"
+    float_json.write_text(json.dumps(_scan(cli, root, "wide")))
+    optimized = _scan(cli, root, "all")
+    all_json.write_text(json.dumps(optimized))
+    assert all("weight" not in layer for layer in optimized["layers"])  # renamed: nothing to pair by
+    expected = [f"{relu.output[0]} ← {relu.name}" for relu in relus]
+    shown = cli("diff", float_json, all_json, "--all")
+    assert shown.code == 0
+    assert [line.split("  ")[0] for line in shown.out.splitlines()[2:5]] == expected
+    assert "(absent)" not in shown.out
+    # the dead units of each pair, counted with onnxruntime on the float graph: the same on both sides
+    outs = _run_exposing(root / "wide.onnx", [relu.output[0] for relu in relus], x)
+    for layer, out in zip(optimized["layers"], outs, strict=True):
+        assert layer["dead_indices"] == np.flatnonzero((_per_unit(out) > 0).sum(axis=1) == 0).tolist()
+    passed = cli("gate", all_json, "--baseline", float_json, "-q")
+    assert passed.code == 0 and "not in the baseline" not in passed.err
+    page = tmp_path / "r.html"  # the HTML report's baseline column pairs them the same way
+    assert cli("report", all_json, "--html", page, "--baseline", float_json).code == 0
+    assert "(new)" not in page.read_text()
+    # every layer is compared: a baseline with fewer dead units in the second layer fails on that layer
+    fewer = json.loads(float_json.read_text())
+    fewer["layers"][1]["positive_counts"] = [1] * fewer["layers"][1]["units"]
+    (tmp_path / "fewer.json").write_text(json.dumps(fewer))
+    failed = cli("gate", all_json, "--baseline", tmp_path / "fewer.json", "-q")
+    assert failed.code == 1 and f"layer {relus[1].output[0]}: dead fraction grew" in failed.err
+    # a float report that does not record the tensors (an older deadrelu): nothing pairs, and the gate
+    # fails saying so instead of comparing nothing
+    older = json.loads(float_json.read_text())
+    for layer in older["layers"]:
+        del layer["output_tensor"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    unpaired = cli("gate", all_json, "--baseline", tmp_path / "older.json", "-q")
+    assert (
+        unpaired.code == 1
+        and "3 layer(s) of this report and 3 of the baseline could not be paired" in unpaired.err
+    )
+    assert unpaired.err.count("warning: layer") == 3
+    assert cli("gate", all_json, "--baseline", tmp_path / "older.json", "-q", "--allow-unpaired").code == 0
+
+
 def report_names(report: dict) -> set[str]:
     return {layer["name"] for layer in report["layers"]}
 
@@ -562,7 +690,9 @@ def test_gate_fails_on_activations_the_scan_could_not_see(cli, tmp_path):
     np.savez(data, x=x)
     model = _mixed_model(tmp_path / "mixed.onnx")
     (relu,) = _run_exposing(model, ["r"], x)
-    failed = cli("scan", model, "--data", data, "--max-dead", "0.5", "--json", tmp_path / "r.json")
+    # a quantized LeakyReLU hides dead units of --ops leaky_relu: the gate stops on it
+    leaky = ("--ops", "relu,leaky_relu")
+    failed = cli("scan", model, "--data", data, *leaky, "--max-dead", "0.5", "--json", tmp_path / "r.json")
     assert failed.code == 1
     reason = [line for line in failed.err.splitlines() if "could not scan" in line]
     assert (
@@ -575,8 +705,15 @@ def test_gate_fails_on_activations_the_scan_could_not_see(cli, tmp_path):
     assert saved["unseen_activations"] == {"com.microsoft.QLinearLeakyRelu": 1}
     (layer,) = saved["layers"]  # the visible ReLU is still scanned exactly
     assert layer["positive_counts"] == (relu > 0).sum(axis=0).tolist() and layer["dead_indices"] == [2]
-    assert cli("scan", model, "--data", data, "--max-dead", "0.5", "--allow-unseen").code == 0
-    assert cli("scan", model, "--data", data).code == 0  # no gate limit: a note only
+    assert cli("scan", model, "--data", data, *leaky, "--max-dead", "0.5", "--allow-unseen").code == 0
+    assert cli("scan", model, "--data", data, *leaky).code == 0  # no gate limit: a note only
+    # with the default --ops (relu, relu6) a LeakyReLU is not scanned in any graph: listed, not gated
+    passed = cli("scan", model, "--data", data, "--max-dead", "0.5", "--json", tmp_path / "default.json")
+    assert passed.code == 0 and "gate passed" in passed.err
+    assert "not gated" in passed.err and "com.microsoft.QLinearLeakyRelu ×1" in passed.err
+    assert json.loads((tmp_path / "default.json").read_text())["unseen_activations"] == {
+        "com.microsoft.QLinearLeakyRelu": 1
+    }
     # the saved report fails the same way; the flag, or the config key, lets it pass
     again = cli("gate", tmp_path / "r.json", "--max-dead", "0.5")
     assert again.code == 1 and "com.microsoft.QLinearLeakyRelu ×1" in again.err
@@ -585,7 +722,7 @@ def test_gate_fails_on_activations_the_scan_could_not_see(cli, tmp_path):
     assert cli("gate", tmp_path / "r.json", "--config", tmp_path / "deadrelu.toml").code == 0
     # merged reports of one model keep its unseen nodes once; a hostile op name stays on one line
     np.savez(tmp_path / "d2.npz", x=x[::-1].copy())  # a second part (merge refuses one report twice)
-    cli("scan", model, "--data", tmp_path / "d2.npz", "--json", tmp_path / "r2.json", "-q")
+    cli("scan", model, "--data", tmp_path / "d2.npz", *leaky, "--json", tmp_path / "r2.json", "-q")
     assert cli("merge", tmp_path / "r.json", tmp_path / "r2.json").json()["unseen_activations"] == {
         "com.microsoft.QLinearLeakyRelu": 1
     }

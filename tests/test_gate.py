@@ -119,8 +119,19 @@ def test_renamed_layers_are_listed(cli, reports, tmp_path):
     renamed = tmp_path / "renamed.json"
     renamed.write_text(json.dumps(report))
     result = cli("gate", base, "--baseline", renamed)
-    assert "layer act1 is not in the baseline" in result.err
-    assert "baseline layer old_name is not in this report" in result.err
+    assert "warning: layer act1 is not in the baseline" in result.err
+    assert "warning: baseline layer old_name is not in this report" in result.err
+    # a layer left unpaired on each side was not compared with anything: the gate fails, loudly
+    assert result.code == 1
+    (reason,) = [line for line in result.err.splitlines() if "could not be paired" in line]
+    assert "act1" in reason and "old_name" in reason and "--allow-unpaired" in reason
+    assert cli("gate", base, "--baseline", renamed, "--allow-unpaired").code == 0
+    # a layer only added (nothing of the baseline unpaired) is a warning, not a failure
+    del report["layers"][0]
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(report))
+    added = cli("gate", base, "--baseline", fewer)
+    assert added.code == 0 and "warning: layer act1 is not in the baseline" in added.err
 
 
 def test_json_stdout_stays_pure_with_gate_and_github(cli, reports, tmp_path, monkeypatch):

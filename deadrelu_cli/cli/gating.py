@@ -78,7 +78,7 @@ def _annotate_github(result, report, err: Console) -> None:
         )
     for name in result.added:
         err.print(
-            f"::notice title=deadrelu::{github_message(f'layer {name} is not in the baseline')}",
+            f"::warning title=deadrelu::{github_message(f'layer {name} is not in the baseline: not compared with it')}",
             markup=False,
             soft_wrap=True,
         )
@@ -94,7 +94,7 @@ def run_gate(report, config, junit: str | None, markdown: str | None, err: Conso
     """Evaluate the gate, write the CI outputs, print the verdict on stderr; raise GateFailed (exit 1) on failure.
     (The caller has checked JUNIT and MARKDOWN against its inputs with files.guard_outputs.)"""
     from deadrelu_cli.files import append_text, write_text_atomic
-    from deadrelu_cli.gate import evaluate
+    from deadrelu_cli.gate import evaluate, unseen_text
     from deadrelu_cli.report.junit import render_junit
     from deadrelu_cli.report.markdown import render_markdown
 
@@ -109,14 +109,27 @@ def run_gate(report, config, junit: str | None, markdown: str | None, err: Conso
         append_text(summary_file, text)  # GitHub's own file: append, as documented
     if os.environ.get("GITHUB_ACTIONS") == "true":
         _annotate_github(result, report, err)
+    # loud, not a dim note: a layer that pairs with nothing in the baseline was not compared with it
     for name in result.added:
-        err.print(f"note: layer {terminal_text(name)} is not in the baseline", markup=False, style="dim")
+        err.print(
+            f"warning: layer {terminal_text(name)} is not in the baseline: not compared with it",
+            markup=False,
+            style="yellow",
+        )
     for name in result.removed:
         err.print(
-            f"note: baseline layer {terminal_text(name)} is not in this report", markup=False, style="dim"
+            f"warning: baseline layer {terminal_text(name)} is not in this report",
+            markup=False,
+            style="yellow",
         )
     if not result.checked:
         return
+    if result.unseen_other:
+        err.print(
+            f"note: not gated: activations the scan could not see that are none of the scanned ops: {unseen_text(result.unseen_other)}",
+            markup=False,
+            style="dim",
+        )
     if result.passed:
         err.print("gate passed", markup=False, style="green")
         return

@@ -222,6 +222,13 @@ AllowUnseen = Annotated[
         help="Gate: pass even though the model has activations the scan could not see (fused, quantized or custom-domain nodes it cannot count; by default that fails).",
     ),
 ]
+AllowUnpaired = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unpaired",
+        help="Gate: pass even though layers of the report and of --baseline could not be paired (by default, layers left unpaired on both sides fail: they were not compared).",
+    ),
+]
 Junit = Annotated[str | None, typer.Option("--junit", help="Write JUnit XML (one testcase per layer) here.")]
 Markdown = Annotated[
     str | None,
@@ -439,6 +446,7 @@ class Gating(OptionGroup):
     max_increase: MaxIncrease = None
     allow_no_sites: AllowNoSites = False
     allow_unseen: AllowUnseen = False
+    allow_unpaired: AllowUnpaired = False
     junit: Junit = None
     markdown: Markdown = None
 
@@ -464,6 +472,7 @@ class Gating(OptionGroup):
             max_increase=self.max_increase,
             allow_no_sites=bool(self.allow_no_sites),
             allow_unseen=bool(self.allow_unseen),
+            allow_unpaired=bool(self.allow_unpaired),
         )
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from deadrelu_cli.wiring.onnx import value_source
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr
 
 FUSED_OPS = ("FusedConv", "FusedGemm", "NhwcFusedConv")
@@ -48,6 +49,12 @@ NCHWC_CHANNEL_PRESERVING = ("MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAv
 NCHWC_COPY = "deadrelu: NCHW copy of an nchwc Conv's activation"  # doc_string of the nodes added
 DEQUANTIZED_SUFFIX = "_deadrelu_dequantized"
 UNFUSED_MARK = "_deadrelu_unfused_"  # the pre-activation of an unfused node: <output>_deadrelu_unfused_<op>
+
+
+def nchwc_tensor(activation_name: str) -> str:
+    """The tensor an nchwc Conv's activation wrote in the graph onnxruntime optimized (it names the
+    nchwc node '<that tensor>_nchwc'), from the name `expose_nchwc` gave the activation's copy."""
+    return activation_name.removesuffix(f"/{NCHWC_CONV}")
 
 
 def fused_origin(pre_activation: str) -> str | None:
@@ -79,7 +86,7 @@ def implicit_relu(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, str | N
     """(name, pre-activation tensor, dequantized output or None) of the implicit ReLU that `node`
     performs, if it does. The pre-activation of a QOperator op lives inside it: None then."""
     if node.op_type == "QuantizeLinear":
-        source = index.producer.get(node.input[0])
+        source = index.producer.get(value_source(index, node.input[0]))
         if source is None or source.op_type not in IMPLICIT_PRODUCERS:
             return None
         if not _zero_point_is_minimum(index, node, 2, optional=True):
@@ -212,7 +219,8 @@ def unfuse(model: onnx.ModelProto) -> Counter:
 def _nchwc_channels(index: GraphIndex, blocked: str, depth: int = 0) -> tuple[int, str | None] | None:
     """(real channel count, its NCHW tensor if a ReorderOutput writes one) of a blocked nchwc tensor:
     from a ReorderOutput's `channels`, or from a Conv reading it blocked (group 1: its weight's input
-    channels; onnxruntime feeds blocked data to a Conv only in whole blocks). Through nchwc pools."""
+    channels; onnxruntime feeds blocked data to a Conv only in whole blocks). Through nchwc pools and
+    depthwise Convs (each keeps every channel where it was)."""
     if depth > 8:
         return None
     found = None
@@ -222,10 +230,19 @@ def _nchwc_channels(index: GraphIndex, blocked: str, depth: int = 0) -> tuple[in
         if consumer.op_type == "ReorderOutput" and attr(consumer, "channels"):
             nchw = None if attr(consumer, "channels_last", 0) else consumer.output[0]
             return int(attr(consumer, "channels")), nchw
+        weight = index.stored_tensor(consumer.input[1]) if consumer.op_type == "Conv" else None
         if consumer.op_type == "Conv" and consumer.input[0] == blocked and attr(consumer, "group", 1) == 1:
-            weight = index.stored_tensor(consumer.input[1])
             if weight is not None and len(weight.dims) == 4:
                 found = found or (int(weight.dims[1]), None)
+        elif (
+            consumer.op_type == "Conv"
+            and consumer.input[0] == blocked
+            and weight is not None
+            and len(weight.dims) == 4
+            and weight.dims[1] == 1
+            and attr(consumer, "group", 1) == weight.dims[0]
+        ):  # depthwise: channel c in, channel c out (its group is the padded count): look past it
+            found = found or _nchwc_channels(index, consumer.output[0], depth + 1)
         elif consumer.op_type in NCHWC_CHANNEL_PRESERVING:
             found = found or _nchwc_channels(index, consumer.output[0], depth + 1)
     return found
@@ -329,11 +346,6 @@ def deployed_view(model: onnx.ModelProto) -> tuple[bool, list[str], Counter]:
             "through an NCHW copy of their pre-activation"
         )
     exposed = expose_quantized(model)
+    # the caller names them (which of them may hide dead units of the scanned ops: gate.split_unseen)
     hidden = unseen(model, nchwc)
-    if hidden:
-        listed = ", ".join(f"{op} ×{n}" for op, n in hidden.most_common())
-        notes.append(
-            f"activations deadrelu cannot see (not scanned, not counted): {listed}; "
-            "scan the float model for those layers"
-        )
     return bool(split) or bool(nchwc) or exposed > 0, notes, hidden

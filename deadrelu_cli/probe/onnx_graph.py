@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, fused_origin, implicit_relu
+from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, fused_origin, implicit_relu, nchwc_tensor
 from deadrelu_cli.wiring.onnx import consumer_layout, producer_weight, trace_producer
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, float_type, opset_version
 
@@ -52,6 +52,7 @@ class OnnxSite:
     implicit: str | None = None  # "quantize" (a zero-point clamp) or "fused" (split from a fused node)
     module_type: str | None = None  # the node type that performs the activation, when not a plain op
     weight: str | None = None  # the producer's stored weight (matches deployed layers to float ones)
+    output_tensor: str | None = None  # the activation's output as the exported graph names it (pairs layers)
     track_min: bool = False  # also the per-unit minimum of the pre-activation (--explain)
 
 
@@ -180,9 +181,14 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
                     clip_max=kind[1],
                     in_loop=in_loop,
                 )
+                # a fused activation writes the fused node's output, which onnxruntime keeps from the
+                # float graph's activation; an nchwc copy is named after that tensor
+                site.output_tensor = None if path else node.output[0]
                 origin = fused_origin(site.input_name)
                 if origin is not None:
                     site.implicit, site.module_type = "fused", origin
+                    if origin == NCHWC_CONV and not path:
+                        site.output_tensor = nchwc_tensor(node.name)
             elif implicit is not None and implicit[2] is not None:
                 # a quantize clamping at the zero point: reads the pre-activation (when the graph has it)
                 # and the dequantized output, which is > 0 exactly when the quantized value is above zero

@@ -1,6 +1,7 @@
 """Differences between two reports, layer by layer: matched by the producer's weight when both reports
 record it (a quantized or optimized ONNX graph renames its activations but keeps the float graph's
-weight names, suffixed), else by name."""
+weight names, suffixed), else by the tensor the activation writes (onnxruntime keeps it for fused
+activations, also where it renames the weights), else by name."""
 
 from __future__ import annotations
 
@@ -32,26 +33,36 @@ def weight_key(name: str | None) -> str | None:
     return name
 
 
+def _unique(report: Report, key) -> dict[str, LayerStats]:
+    """The layers of a report by `key(layer)`, for the keys only one layer has."""
+    keyed: dict[str, list[LayerStats]] = {}
+    for layer in report.layers:
+        value = key(layer)
+        if value:
+            keyed.setdefault(value, []).append(layer)
+    return {value: layers[0] for value, layers in keyed.items() if len(layers) == 1}
+
+
 def match_layers(old: Report, new: Report) -> dict[str, LayerStats]:
-    """new layer name -> the old layer it is: the same producer weight (when that weight feeds one layer
-    on each side and the unit counts agree), else the same name."""
-
-    def by_weight(report: Report) -> dict[str, LayerStats]:
-        keyed: dict[str, list[LayerStats]] = {}
-        for layer in report.layers:
-            key = weight_key(layer.weight)
-            if key:
-                keyed.setdefault(key, []).append(layer)
-        return {key: layers[0] for key, layers in keyed.items() if len(layers) == 1}
-
-    old_by_weight, old_by_name = by_weight(old), {layer.name: layer for layer in old.layers}
+    """new layer name -> the old layer it is, by the first of these that pairs it (each key held by one
+    layer on each side, the unit counts equal): the producer's weight (a quantized graph keeps the float
+    graph's weight names, suffixed); the tensor the activation writes (onnxruntime keeps it when it fuses
+    the activation, also in ORT_ENABLE_ALL graphs whose weights it renames `reorder_token_*`); the name."""
     matched: dict[str, LayerStats] = {}
     taken: set[str] = set()
-    for key, layer in by_weight(new).items():
-        before = old_by_weight.get(key)
-        if before is not None and before.units == layer.units:
-            matched[layer.name] = before
-            taken.add(before.name)
+    for key in (lambda layer: weight_key(layer.weight), lambda layer: layer.output_tensor):
+        old_keyed = _unique(old, key)
+        for value, layer in _unique(new, key).items():
+            before = old_keyed.get(value)
+            if (
+                layer.name not in matched
+                and before is not None
+                and before.name not in taken
+                and before.units == layer.units
+            ):
+                matched[layer.name] = before
+                taken.add(before.name)
+    old_by_name = {layer.name: layer for layer in old.layers}
     for layer in new.layers:
         before = old_by_name.get(layer.name)
         if layer.name not in matched and before is not None and before.name not in taken:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from deadrelu_cli.display import terminal_text
+from deadrelu_cli.report.diff import match_layers
 from deadrelu_cli.report.model import Report
 from deadrelu_cli.report.table import CRITICAL_FRACTION, DEPTH_MIN_LAYERS, WARN_FRACTION, unit_status
 from deadrelu_cli.stats import LayerStats
@@ -84,7 +85,8 @@ def dead_by_layer_svg(report: Report, baseline: Report | None) -> str:
         for f in fractions
     ]
     if baseline is not None:
-        old = {layer.name: _dead_fraction(layer) * 100 for layer in baseline.layers}
+        # paired as diff and the gate pair them (weight, output tensor, name)
+        old = {name: _dead_fraction(layer) * 100 for name, layer in match_layers(baseline, report).items()}
         ax.bar(
             x - 0.2,
             [old.get(layer.name, 0.0) for layer in layers],
@@ -326,7 +328,7 @@ def render_html(report: Report, baseline: Report | None = None, gate: GateSummar
 
 def _layers_table(report: Report, baseline: Report | None) -> str:
     settings = report.settings
-    old = {layer.name: layer for layer in baseline.layers} if baseline is not None else {}
+    old = match_layers(baseline, report) if baseline is not None else {}
     head = (
         ["Layer", "Op", "Units", "Dead", "Dead %"]
         + (["Baseline dead %"] if baseline is not None else [])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deadrelu_cli.display import markdown_code, markdown_text
-from deadrelu_cli.gate import GateResult
+from deadrelu_cli.gate import GateResult, unseen_text
 from deadrelu_cli.report.model import Report
 
 
@@ -41,5 +41,10 @@ def render_markdown(report: Report, result: GateResult) -> str:
         lines += ["", "**Layers that differ from the baseline**", ""]
         lines += [f"- added: {markdown_code(n)}" for n in result.added] + [
             f"- removed: {markdown_code(n)}" for n in result.removed
+        ]
+    if result.unseen_other:
+        lines += [
+            "",
+            f"Not gated (activations the scan could not see, none of the scanned ops): {markdown_text(unseen_text(result.unseen_other))}",
         ]
     return "\n".join(lines) + "\n"

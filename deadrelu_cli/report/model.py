@@ -199,6 +199,8 @@ def layer_to_dict(layer: LayerStats, settings: Settings) -> dict[str, Any]:
         out["implicit"] = layer.implicit
     if layer.weight:
         out["weight"] = layer.weight
+    if layer.output_tensor:
+        out["output_tensor"] = layer.output_tensor
     if layer.min_preactivation is not None:
         out["min_preactivation"] = _finite_or_none(layer.min_preactivation)
     if layer.samples is not None:
@@ -266,6 +268,7 @@ def layer_from_dict(d: dict[str, Any]) -> LayerStats:
         certify_note=d.get("certify_note"),
         implicit=d.get("implicit"),
         weight=d.get("weight"),
+        output_tensor=d.get("output_tensor"),
         min_preactivation=None
         if d.get("min_preactivation") is None
         else np.array([np.inf if v is None else v for v in d["min_preactivation"]], dtype=np.float64),

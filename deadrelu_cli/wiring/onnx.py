@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 
 from deadrelu_cli.wiring.model import (
     BatchNormRef,
@@ -72,6 +73,60 @@ UNIT_PRESERVING_OPS = (
 # ... and those that also keep the order of the values but move the unit axis (a consumer still reads
 # each unit's values in consecutive columns)
 FLATTENING_OPS = ("Flatten",)
+# single-input ops whose output *is* their input, value for value (checked per node by `passes_values`):
+# exporters put them between a producer and its activation (paddle2onnx: Conv -> Add -> Identity -> Relu)
+VALUE_PRESERVING_OPS = ("Identity", "Dropout", "Cast")
+# float casts that represent every value of the source type exactly (widening)
+_EXACT_CASTS = {
+    (TensorProto.FLOAT16, TensorProto.FLOAT),
+    (TensorProto.BFLOAT16, TensorProto.FLOAT),
+    (TensorProto.FLOAT16, TensorProto.DOUBLE),
+    (TensorProto.BFLOAT16, TensorProto.DOUBLE),
+    (TensorProto.FLOAT, TensorProto.DOUBLE),
+}
+_FLOAT_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE)
+
+
+def _elem_type(index: GraphIndex, name: str) -> int | None:
+    """The element type of a tensor when the graph says it (value_info, an input, an initializer)."""
+    for scope in (index, index.outer):
+        if scope is None:
+            continue
+        vi = scope.value_info.get(name)
+        if vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            return vi.type.tensor_type.elem_type
+        if name in scope.initializers:
+            return scope.initializers[name].data_type
+    return None
+
+
+def passes_values(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Whether `node`'s first output equals its first input element for element: an Identity, a Dropout
+    in inference mode (no training_mode input, or a constant false one), a Cast to the same float type
+    or a wider one. The wiring walks through these in both directions."""
+    if node.op_type not in VALUE_PRESERVING_OPS or not node.input or not node.output:
+        return False
+    if node.op_type == "Identity":
+        return True
+    if node.op_type == "Dropout":
+        if attr(node, "is_test", 1) == 0:  # opset < 7: is_test = 0 is training
+            return False
+        if len(node.input) > 2 and node.input[2]:
+            training = index.constant(node.input[2])
+            return training is not None and not bool(np.any(training))
+        return True
+    source, target = _elem_type(index, node.input[0]), attr(node, "to")
+    return source in _FLOAT_TYPES and (source == target or (source, target) in _EXACT_CASTS)
+
+
+def value_source(index: GraphIndex, name: str) -> str:
+    """The earliest tensor holding the same values as `name`, back through value-preserving nodes."""
+    for _ in range(32):
+        node = index.producer.get(name)
+        if node is None or not passes_values(index, node):
+            return name
+        name = node.input[0]
+    return name
 
 
 def display_name(node: onnx.NodeProto) -> str:
@@ -130,7 +185,7 @@ def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
             data_inputs = [i for i in node.input if i and index.constant(i) is None]
             if node.op_type == "Add" and len(data_inputs) == 1 and keep_producer:
                 other = next((index.constant(i) for i in node.input if index.constant(i) is not None), None)
-                upstream = index.producer.get(data_inputs[0])
+                upstream = index.producer.get(value_source(index, data_inputs[0]))
                 if (
                     upstream is not None
                     and upstream.op_type == "MatMul"
@@ -225,15 +280,16 @@ def consumer_layout(index: GraphIndex, output_name: str) -> bool | None:
 
 
 def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
-    """Fill the producer side of `wire`: the weight whose rows make the units, and the bias."""
-    node = index.producer.get(input_name)
+    """Fill the producer side of `wire`: the weight whose rows make the units, and the bias (through
+    value-preserving nodes on either side of a bias Add)."""
+    node = index.producer.get(value_source(index, input_name))
     if node is None:
         return
     wire.producer = display_name(node)
     if node.op_type == "Add":
         data = [i for i in node.input if index.constant(i) is None]
         added = [i for i in node.input if index.constant(i) is not None]
-        upstream = index.producer.get(data[0]) if len(data) == 1 else None
+        upstream = index.producer.get(value_source(index, data[0])) if len(data) == 1 else None
         chain = index.reshaped_from(added[0]) if len(added) == 1 else []
         if upstream is not None and upstream.op_type == "MatMul" and len(chain) == 1:
             if stored_array(index, upstream.input[1]) is not None and is_last_axis_vector(
@@ -290,7 +346,7 @@ def _outgoing(index: GraphIndex, wire: UnitWiring, output_name: str, graph_outpu
             wire.readers = tuple(display_name(c) for c in consumers)
             return f"skipped: its output goes to {len(consumers)} nodes, not to exactly one Conv/Gemm/MatMul"
         consumer = consumers[0]
-        if consumer.op_type in UNIT_PRESERVING_OPS + FLATTENING_OPS:
+        if consumer.op_type in UNIT_PRESERVING_OPS + FLATTENING_OPS or passes_values(index, consumer):
             name = consumer.output[0]
             continue
         wire.readers = (display_name(consumer),)

@@ -9,6 +9,7 @@ import numpy as np
 
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.gate import unseen_notes
 from deadrelu_cli.inputs import mismatch
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
 from deadrelu_cli.probe.onnx_graph import OnnxSite, find_sites
@@ -457,6 +458,7 @@ class HostAccumulator:
                 producer=site.producer,
                 implicit=site.implicit,
                 weight=site.weight,
+                output_tensor=site.output_tensor,
                 samples=0,
             )
         bias = None
@@ -476,6 +478,7 @@ class HostAccumulator:
             bias=bias,
             implicit=site.implicit,
             weight=site.weight,
+            output_tensor=site.output_tensor,
             min_preactivation=self.min_pre,
             samples=self.samples,
         )
@@ -519,8 +522,8 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     changed, deployed_notes, hidden = deployed_view(loaded.runnable)
     if changed:  # the graph differs from the file's bytes now
         loaded.extra.pop("file_bytes", None)
-    loaded.notes.extend(deployed_notes)
-    loaded.extra["unseen"] = dict(hidden)  # the report keeps them: a gate fails on them
+    loaded.notes.extend(deployed_notes + unseen_notes(dict(hidden), options.ops))
+    loaded.extra["unseen"] = dict(hidden)  # the report keeps them: a gate fails on those of the --ops
     sites = find_sites(loaded.runnable, options.ops)
     for site in sites:
         site.track_min = options.explain
