@@ -101,24 +101,9 @@ def test_switched_sites_keep_exact_counts_and_maxima(tmp_path, monkeypatch, batc
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
     np.save(tmp_path / "x.npy", x)
-    switches = []
-    ready, consider = onnx_scan._OutputMaxSwitch.ready, onnx_scan._OutputMaxSwitch.consider
-
-    def consider_and_wait(self, *args):  # the tiny model's batches outrun the build: switch at the next one
-        consider(self, *args)
-        if self._thread is not None:
-            self._thread.join()
-
-    def recording_ready(self):
-        rebuilt = ready(self)
-        if rebuilt is not None:
-            switches.append(set(self.switched))
-        return rebuilt
-
-    # always worth a rebuild here (the tiny model's batches cost less than a session)
-    monkeypatch.setattr(onnx_scan._OutputMaxSwitch, "GAIN", 1e9)
-    monkeypatch.setattr(onnx_scan._OutputMaxSwitch, "ready", recording_ready)
-    monkeypatch.setattr(onnx_scan._OutputMaxSwitch, "consider", consider_and_wait)
+    # always worth a rebuild here (the tiny model's batches cost less than a session); the build is
+    # waited for, so the switch happens at the next batch
+    switches = _forced_switch(monkeypatch)
     report = scan(str(path), str(tmp_path / "x.npy"), batch_size=batch, device="cpu", allow_nonfinite=True)
     expected = truth(model, x)
     layers = {layer.name: layer for layer in report.layers}
