@@ -22,16 +22,6 @@ from deadrelu_cli.fixes.plan import EXACT_STRATEGIES, STRATEGIES, FixOptions, Fi
 from deadrelu_cli.options import ScanOptions
 
 
-def _temp_folder(output: Path) -> Path:
-    """A new folder beside OUT, renamed onto OUT once verified (a model folder's fix)."""
-    directory = output.parent if str(output.parent) else Path(".")
-    if output.exists():
-        raise UserError(f"--output {output}: already exists; a model folder is written to a new folder name")
-    if not directory.is_dir():
-        raise UserError(f"--output {output}: directory {directory} does not exist")
-    return temp_folder_for(output)
-
-
 def _outputs_of(runner, data, scan_options: ScanOptions, mask=None) -> list[list[np.ndarray]]:
     """Every output of every batch; with a position mask, outputs with the [batch, tokens] axes keep
     only the counted positions (a padded position's output is not compared, as it is not counted)."""
@@ -185,7 +175,9 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
         )
         return result
     apply = backend_of(scanned.model).apply_fix
-    temp = _temp_folder(output) if folder_out else temp_path_for(output, "--output")
+    # a model folder is written as a new folder beside OUT, renamed onto it once verified (guard_outputs
+    # and the checks above have refused a missing parent and an existing OUT)
+    temp = temp_folder_for(output) if folder_out else temp_path_for(output, "--output")
     try:
         original_runner, patched_runner, outcomes = apply(scanned, plans, options, scan_options, temp, result)
         result.layers = outcomes

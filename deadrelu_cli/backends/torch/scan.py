@@ -84,8 +84,8 @@ def attach_module_biases(runnable, layers) -> None:
         nonlocal params
         # the producer's own tensors, not a dict of the whole model's (ScriptModules have no get_submodule)
         if isinstance(runnable, torch.nn.Module) and not isinstance(runnable, torch.jit.ScriptModule):
-            try:
-                return getattr(runnable.get_submodule(producer), "bias", None)  # parameter or buffer
+            try:  # a parameter or buffer; accelerate's copy where it was offloaded (a meta tensor)
+                return offloaded(runnable.get_submodule(producer), "bias")
             except AttributeError:
                 pass  # not a module path: by name below
         if params is None:
@@ -100,8 +100,6 @@ def attach_module_biases(runnable, layers) -> None:
         if layer.producer is None:
             continue
         bias = bias_of(layer.producer)
-        if getattr(bias, "is_meta", False):
-            bias = offloaded(runnable.get_submodule(layer.producer), "bias")
         if (
             isinstance(bias, torch.Tensor)
             and is_last_axis_vector(tuple(bias.shape))  # [N] or [1, N]
