@@ -30,9 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
+# what the first window's report needs (biases read through wiring.torch) is loaded with watch(), not
+# in the middle of a training step
+import deadrelu_cli.wiring.torch  # noqa: F401
 from deadrelu_cli.backends.torch.scan import attach_module_biases
 from deadrelu_cli.distributed import World, reduce_layers
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import write_text_atomic
 from deadrelu_cli.gate import GateConfig, GateResult, evaluate, parse_layer_limits
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
@@ -395,8 +399,6 @@ class Watch:
             del self.reports[: len(self.reports) - self.keep_reports]
         main = world is None or world.is_main  # rank 0 alone writes and warns; every rank decides alike
         if self.out_dir is not None and main:
-            from deadrelu_cli.files import write_text_atomic
-
             write_text_atomic(self.out_dir / f"deadrelu-step{training.step:08d}.json", report_to_json(report))
         self._check(report, warn=main)
         if self.on_report is not None:
