@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 # what the first window's report needs (biases read through wiring.torch) is loaded with watch(), not
 # in the middle of a training step
@@ -198,6 +199,8 @@ class Watch:
         self._modes: list = []
         self._stance = None  # torch.compiler's stance while a sampled step runs eagerly
         self._mask: torch.Tensor | None = None  # the position mask given for the current step
+        self._outer: nn.Module | None = None  # an owned module whose own call began the running forward
+        self._outer_depth = 0
         self.distributed = distributed
         self.mask_argument = mask  # the forward's argument read as the position mask (None: none)
         self._mask_index = positional_index(model, mask)
@@ -291,7 +294,7 @@ class Watch:
             # torch warns that global hooks also fire for a torch.compile(module) wrapper: ours skip it
             warnings.filterwarnings("ignore", message=COMPILED_WRAPPER_WARNING, category=UserWarning)
 
-        def start(_module, args, kwargs):
+        def begin(args, kwargs):
             probe.begin_forward()
             self._samples += _batch_size(args, kwargs)
             if self._mask is None and self.mask_argument is not None:  # given masks win
@@ -299,17 +302,44 @@ class Watch:
             mode = probe.mode()
             mode.__enter__()
             self._modes.append(mode)
+
+        def end():
+            if self._modes:
+                self._modes.pop().__exit__(None, None, None)
+
+        def start(_module, args, kwargs):
+            begin(args, kwargs)
             probe.enter_module(root, args)
 
         def stop(_module, args, output):
             probe.leave_module(root, args, output)
-            if self._modes:
-                self._modes.pop().__exit__(None, None, None)
+            end()
+
+        # A forward may also begin at a module the model owns, called without the root: a
+        # LightningModule's training_step calls `self.model(x)`, a GAN wrapper `self.G(z)`. Such a call
+        # is a forward of its own (its positional arguments only: a global hook sees no keywords).
+        def outer_start(module, args):
+            if module is self._outer:  # the module that began the forward, called again inside it
+                self._outer_depth += 1
+            elif not self._modes and module is not root and probe.owns(module):
+                self._outer, self._outer_depth = module, 1
+                begin(args, {})
+
+        def outer_stop(module, args, output):
+            if module is self._outer:
+                self._outer_depth -= 1
+                if self._outer_depth == 0:
+                    self._outer = None
+                    end()
 
         # the root's own hooks (they see the keyword arguments) begin and end a forward; the probe's two
-        # global hooks follow the modules below it: four hooks to add and remove, whatever the model's size
+        # global hooks follow the modules below it, and two more begin a forward at an owned module called
+        # on its own: six hooks to add and remove, whatever the model's size. Global hooks run in the order
+        # they were added: outer_start before the probe enters the module, outer_stop after it leaves it.
         self._handles.append(root.register_forward_pre_hook(start, prepend=True, with_kwargs=True))
+        self._handles.append(register_module_forward_pre_hook(outer_start))
         self._handles.extend(probe.attach_global())
+        self._handles.append(register_module_forward_hook(outer_stop, always_call=True))
         self._handles.append(root.register_forward_hook(stop, always_call=True))
 
     def _forward_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -333,6 +363,7 @@ class Watch:
         return value
 
     def _detach(self) -> None:
+        self._outer, self._outer_depth = None, 0
         while self._modes:  # a forward that never returned (an exception inside a hook)
             self._modes.pop().__exit__(None, None, None)
         for handle in self._handles:

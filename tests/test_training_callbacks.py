@@ -74,12 +74,12 @@ def test_lightning_callback_logs_writes_and_stops(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.05)
 
-    def run(steps, **options):
+    def run(steps, submodule="model", **options):
         module = Module()
         fired: dict[int, np.ndarray] = {}
         module.model[0].register_forward_hook(_reference_hook(fired, lambda: module.trainer.global_step))
         logger = Recorder()
-        callback = DeadReluCallback(every=EVERY, submodule="model", config=False, **options)
+        callback = DeadReluCallback(every=EVERY, submodule=submodule, config=False, **options)
         trainer = L.Trainer(
             max_steps=steps,
             default_root_dir=tmp_path,
@@ -114,6 +114,13 @@ def test_lightning_callback_logs_writes_and_stops(tmp_path):
     messages = [str(c.message) for c in caught if "deadrelu" in str(c.message)]
     assert len(messages) == 1 and "layer 1:" in messages[0] and "16.7% dead" in messages[0]
     assert trainer.global_step < 8
+    # the LightningModule itself watched: its training_step calls self.model(x), never forward(); those
+    # calls are its forwards (before: "no relu call", a dead fraction of 0 in every logger)
+    _, logger, fired = run(4, submodule=None, out_dir=tmp_path / "whole")
+    logged = {step: m for step, m in logger.logged if any(k.startswith("deadrelu/") for k in m)}
+    assert sorted(logged) == [0, 3]
+    for step in (0, 3):
+        assert logged[step]["deadrelu/dead_fraction/model.1"] == pytest.approx((~fired[step]).sum() / 12)
 
 
 def test_hf_trainer_callback_logs_writes_and_stops(tmp_path):

@@ -379,3 +379,47 @@ def test_a_submodule_replaced_mid_run_and_a_module_the_model_does_not_own():
         others = [layer for name, layer in by_name.items() if name != "act"]
         assert len(others) == 1
         np.testing.assert_array_equal(others[0].positive_counts, (inner > 0).sum(axis=0))
+
+
+class TwoModels(nn.Module):
+    """A GAN-like wrapper whose training code calls its parts directly, never `forward`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.G = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.D = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 1))
+        with torch.no_grad():
+            self.G[0].bias[:3] = -50.0
+            self.D[0].bias[[2, 7]] = -80.0
+
+    def forward(self, z):
+        return self.D(self.G(z))
+
+
+def test_owned_modules_called_without_the_root_are_counted():
+    """A LightningModule's training_step calls `self.model(x)`, a GAN loop `gan.D(gan.G(z))`: the root's
+    forward never runs, yet those are the watched model's forwards. Before, such a run reported "no relu
+    call" (dead fraction 0 in every logger); now each call is counted, checked against plain hooks."""
+    model = TwoModels()
+    z = torch.randn(2, 32, 4)
+    fired = {"G.1": [], "D.1": []}
+    for path in fired:
+        model.get_submodule(path).register_forward_hook(
+            lambda _m, _a, out, path=path: fired[path].append((out.detach().numpy() > 0).sum(axis=0))
+        )
+    w = watch(model, every=1, window=2, config=False)
+    for step in range(2):
+        w.step()
+        fake = model.G(z[step])
+        (model.D(fake).mean() + model.D(fake.detach()).mean()).backward()
+    w.close()
+    report = w.reports[0]
+    assert {layer.name for layer in report.layers} == {"G.1", "D.1"}
+    for path, counts in fired.items():
+        layer = report.layer(path)
+        np.testing.assert_array_equal(layer.positive_counts, np.sum(counts, axis=0))
+        assert layer.elements_per_unit == 32 * len(counts)
+    assert report.layer("G.1").dead_mask().nonzero()[0].tolist() == [0, 1, 2]
+    assert {2, 7} <= set(report.layer("D.1").dead_mask().nonzero()[0].tolist())
+    assert all(not m._forward_hooks or m in (model.G[1], model.D[1]) for m in model.modules())

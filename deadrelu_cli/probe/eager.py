@@ -310,6 +310,10 @@ class EagerProbe:
             handles.append(module.register_forward_hook(self.leave_module, always_call=True))
         return handles
 
+    def owns(self, module: nn.Module) -> bool:
+        """Whether `module` is the model or one of its modules (as of the last time names were taken)."""
+        return id(module) in self._module_names
+
     def attach_global(self) -> list:
         """The same hooks as `attach`, as one pair of global module hooks: adding and removing them costs
         the same for any model (a training loop's sampled step adds them each time), and a module call
