@@ -341,31 +341,175 @@ def test_hf_trainer_checkpoint_folder(cli, tmp_path):
     assert trainer.state.global_step == 6
 
 
-@pytest.mark.parametrize("kind", ["adam", "sgd", "rmsprop"])
+@pytest.mark.parametrize("kind", ["adam", "sgd", "rmsprop", "lion-like"])
 def test_checkpoint_saved_before_the_first_step(cli, tmp_path, kind):
     """An optimizer saved before its first step has no moments: its kind comes from its hyperparameters
-    (Adam: betas, eps, amsgrad; SGD: momentum, dampening, nesterov); the state is written back as it was; an unknown kind is one line, exit 2."""
+    (Adam: betas, eps, amsgrad; SGD: momentum, dampening, nesterov; RMSprop: alpha, centered, …); the
+    state is written back as it was; a kind torch does not ship is one line, exit 2."""
     model, spec = arch_file(tmp_path / "arch.py", ARCH)
     with torch.no_grad():
         model.fc1.bias[KILLED] = -50.0
+    lion = {
+        "state": {},
+        "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "params": [0]}],
+    }
     make = {
-        "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
-        "sgd": lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9),
-        "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3),
+        "adam": lambda p: torch.optim.Adam(p, lr=1e-3).state_dict(),
+        "sgd": lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9).state_dict(),
+        "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3).state_dict(),
+        "lion-like": lambda p: {
+            **lion,
+            "param_groups": [{**lion["param_groups"][0], "params": list(range(len(p)))}],
+        },
     }[kind]
-    optimizer = make(model.parameters())
+    state = make(list(model.parameters()))
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0}, path)
+    torch.save({"model": model.state_dict(), "optimizer": state, "epoch": 0}, path)
     x, _ = _data()
     np.savez(tmp_path / "data.npz", x=x.numpy())
     out = tmp_path / "fixed.pt"
     result = cli("fix", path, "--arch", spec, "--data", tmp_path / "data.npz", "-s", "reinit", "-o", out)
-    if kind == "rmsprop":
+    if kind == "lion-like":
         assert result.code == 2 and "--resume-steps 0" in result.err, result.err
         assert len(result.err.strip().splitlines()) == 1 and not out.exists()
         return
     assert result.code == 0, result.err
     after = torch.load(out, weights_only=True)
     assert after["optimizer"]["state"] == {}
-    assert after["optimizer"]["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert after["optimizer"]["param_groups"] == state["param_groups"]
     assert after["epoch"] == 0
+
+
+def _optimizer_layout(model, kind: str):
+    """The optimizers users make: other torch kinds, param groups in another order than the model's
+    (a learning rate per part), the trainable parameters only (fc1 frozen: its state is absent)."""
+    fc1, rest = list(model.fc1.parameters()), list(model.fc2.parameters()) + list(model.out.parameters())
+    if kind == "adamax":
+        return torch.optim.Adamax(model.parameters(), lr=1e-2)
+    if kind == "rmsprop":
+        return torch.optim.RMSprop(model.parameters(), lr=1e-3, momentum=0.9, centered=True)
+    if kind == "groups-reordered":
+        return torch.optim.AdamW([{"params": rest, "lr": 1e-2}, {"params": fc1, "lr": 1e-3}])
+    if kind == "frozen":
+        for p in fc1:
+            p.requires_grad_(False)
+        return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["adamax", "rmsprop", "groups-reordered", "frozen"])
+def test_other_optimizers_and_layouts(cli, tmp_path, kind):
+    """Before: Adamax and RMSprop(momentum) stopped the fix with an internal error (exit 3: their state
+    was loaded into Adam / SGD for the resume check), and reordered groups or frozen parameters were
+    refused as "not for this architecture". Now every per-element state (exp_inf, square_avg, grad_avg,
+    momentum_buffer, …) is zero exactly at the rewritten entries, the rest byte-identical, matched by
+    the test's own knowledge of which parameter each optimizer entry is."""
+    model, spec = arch_file(tmp_path / "arch.py", ARCH)
+    model.train()
+    x, y = _data()
+    optimizer = _optimizer_layout(model, kind)
+    for _ in range(5):
+        loss = F.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        model.fc1.bias[KILLED] = -50.0
+    by_param = {p: n for n, p in model.named_parameters()}
+    names = {}
+    index = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            names[index] = by_param[p]
+            index += 1
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 2}, path)
+    np.savez(tmp_path / "data.npz", x=x.numpy())
+    out = tmp_path / "fixed.pt"
+    result = cli("fix", path, "--arch", spec, "--data", tmp_path / "data.npz", "-s", "reinit", "-o", out)
+    assert result.code == 0, result.err
+    before, after = torch.load(path, weights_only=True), torch.load(out, weights_only=True)
+    masks = _expected_masks(model, _dead_units(before["model"], x.numpy()))
+    assert after["optimizer"]["param_groups"] == before["optimizer"]["param_groups"]
+    zeroed = 0
+    for i, entry in before["optimizer"]["state"].items():
+        mask = masks[names[i]]
+        for key, value in entry.items():
+            old, new = value.numpy(), after["optimizer"]["state"][i][key].numpy()
+            if value.dim() and mask.any():  # a per-element state of a rewritten parameter
+                assert (new[mask] == 0).all(), (names[i], key)
+                assert new[~mask].tobytes() == old[~mask].tobytes()
+                zeroed += int((old[mask] != 0).sum())
+            else:
+                assert new.tobytes() == old.tobytes()
+    assert zeroed > 0
+    # the written state loads into the user's own optimizer, and training resumes from it
+    resumed = type(model)()
+    resumed.load_state_dict(after["model"])
+    again = _optimizer_layout(resumed, kind)
+    again.load_state_dict(after["optimizer"])
+    F.mse_loss(resumed(x), y).backward()
+    again.step()
+
+
+def test_an_optimizer_torch_does_not_ship(cli, tmp_path):
+    """A Lion-like state (exp_avg only; lr, betas, weight_decay): the moments are reset, but the resume
+    check cannot run it: one line, exit 2 (before: loaded into Adam, internal error, exit 3)."""
+    model, spec = arch_file(tmp_path / "arch.py", ARCH)
+    with torch.no_grad():
+        model.fc1.bias[KILLED] = -50.0
+    params = list(model.parameters())
+    state = {
+        "state": {i: {"exp_avg": torch.ones_like(p)} for i, p in enumerate(params)},
+        "param_groups": [
+            {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "params": list(range(len(params)))}
+        ],
+    }
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "optimizer": state}, path)
+    x, _ = _data()
+    np.savez(tmp_path / "data.npz", x=x.numpy())
+    out = tmp_path / "fixed.pt"
+    result = cli("fix", path, "--arch", spec, "--data", tmp_path / "data.npz", "-s", "reinit", "-o", out)
+    assert result.code == 2 and "--resume-steps 0" in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1 and not out.exists()
+    result = cli(
+        "fix",
+        path,
+        "--arch",
+        spec,
+        "--data",
+        tmp_path / "data.npz",
+        "-s",
+        "reinit",
+        "-o",
+        out,
+        "--resume-steps",
+        "0",
+    )
+    assert result.code == 0, result.err
+    after = torch.load(out, weights_only=True)["optimizer"]["state"]
+    assert (after[0]["exp_avg"][KILLED] == 0).all() and (
+        np.delete(after[0]["exp_avg"].numpy(), KILLED, 0) == 1
+    ).all()
+
+
+def test_left_out_parameters_that_fit_two_ways_are_refused():
+    """Three identical layers, the optimizer over two of them: which one was frozen cannot be told from
+    shapes, so the mapping refuses (a guess could reset another layer's moments)."""
+    from deadrelu_cli.backends.torch.optimizer_state import map_parameters
+    from deadrelu_cli.errors import UserError
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(8, 8) for _ in range(3)))
+    optimizer = torch.optim.Adam(list(model[1].parameters()) + list(model[2].parameters()))
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    with pytest.raises(UserError, match="cannot tell which architecture parameter"):
+        map_parameters(optimizer.state_dict(), model)
+    # the same with only the first layer left out of a model whose layers differ: one fit, by shapes
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 8), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.Adam(list(model[1].parameters()) + list(model[2].parameters()))
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    names = map_parameters(optimizer.state_dict(), model).names
+    assert names == {0: "1.weight", 1: "1.bias", 2: "2.weight", 3: "2.bias"}

@@ -9,6 +9,7 @@ the architecture's parameter names (`param_names` when the optimizer saved them;
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,8 +22,24 @@ from deadrelu_cli.errors import UserError
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim", "opt")
 LIGHTNING_KEY = "optimizer_states"
 HF_OPTIMIZER_FILE = "optimizer.pt"
-# per-element state a reset zeroes: Adam/AdamW (amsgrad too) moments, SGD momentum
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+# per-element state a reset zeroes (what a fresh parameter starts with): Adam/AdamW (amsgrad too), NAdam
+# and RAdam moments, SGD momentum, Adamax's exp_inf, RMSprop's square_avg/grad_avg, Adadelta's acc_delta
+MOMENT_KEYS = (
+    "exp_avg",
+    "exp_avg_sq",
+    "max_exp_avg_sq",
+    "momentum_buffer",
+    "exp_inf",
+    "square_avg",
+    "grad_avg",
+    "acc_delta",
+)
+# torch optimizers a resume check rebuilds from a saved state, told apart by their hyperparameters (the
+# keys of param_groups) and, once stepped, their per-parameter state keys (Adam stands for AdamW: the
+# group's decoupled_weight_decay says which)
+OPTIMIZERS = ("Adam", "SGD", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta")
+# group keys that come and go with torch versions (older checkpoints lack them): not the optimizer's kind
+VERSION_KEYS = {"foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay"}
 
 
 def is_optimizer_state(obj) -> bool:
@@ -121,6 +138,8 @@ def map_parameters(optimizer_state: Mapping, model: nn.Module) -> ParamMap:
         names = dict(zip(ids, order, strict=True))
         if _fits(optimizer_state["state"], names, params):
             fitting.append(ParamMap(names, source))
+    if not fitting:  # the param groups in another order, or parameters left out (frozen): one fit only
+        fitting = _reordered_or_partial(optimizer_state, groups, trainable, params)
     if len(fitting) > 1 and fitting[0].names != fitting[1].names:
         raise UserError(
             "cannot tell which architecture parameter each optimizer entry belongs to (the shapes fit both "
@@ -130,10 +149,77 @@ def map_parameters(optimizer_state: Mapping, model: nn.Module) -> ParamMap:
     if not fitting:
         raise UserError(
             f"the optimizer state has {len(ids)} parameters in {len(groups)} group(s) that do not match the "
-            f"{len(trainable)} trainable parameters of --arch (by order and shape); the checkpoint's optimizer "
-            "is not for this architecture"
+            f"{len(trainable)} trainable parameters of --arch (by order and shape, also with its groups "
+            "reordered or parameters left out); the checkpoint's optimizer is not for this architecture, or "
+            "save it with named parameters (torch.optim.X(model.named_parameters(), …))"
         )
     return fitting[0]
+
+
+def _state_shape(entry: Mapping | None) -> tuple[int, ...] | None:
+    """The shape of a parameter as its optimizer state shows it (None: no per-element state yet)."""
+    for key, value in (entry or {}).items():
+        if key in MOMENT_KEYS and isinstance(value, torch.Tensor) and value.dim() > 0:
+            return tuple(value.shape)
+    return None
+
+
+def _embeddings(shapes: list, order: list[str], params: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
+    """How many ways (0, 1, or 2 for "more") `shapes` fit an order-preserving subsequence of `order`
+    (a None shape fits anything), and the names of one such fit."""
+    k, n = len(shapes), len(order)
+    ways = [[0] * (n + 1) for _ in range(k + 1)]
+    ways[k] = [1] * (n + 1)
+    for i in range(k - 1, -1, -1):
+        for j in range(n - 1, -1, -1):
+            skip = ways[i][j + 1] if n - j > k - i else 0
+            fits = shapes[i] is None or shapes[i] == tuple(params[order[j]].shape)
+            ways[i][j] = min(2, skip + (ways[i + 1][j + 1] if fits else 0))
+    chosen, j = [], 0
+    for i in range(k):
+        if ways[0][0] == 0:
+            break
+        while not (
+            (shapes[i] is None or shapes[i] == tuple(params[order[j]].shape)) and ways[i + 1][j + 1] > 0
+        ):
+            j += 1
+        chosen.append(order[j])
+        j += 1
+    return ways[0][0], chosen
+
+
+def _reordered_or_partial(
+    optimizer_state: Mapping, groups: list, trainable: list[str], params: dict[str, torch.Tensor]
+) -> list[ParamMap]:
+    """Param groups listed in another order than the model's (a head with its own learning rate first),
+    or an optimizer made over the trainable parameters only (`filter(lambda p: p.requires_grad, …)`): the
+    groups, in some order, are the architecture's parameters in order with some left out. Used only when
+    exactly one arrangement fits every state's shape; two or more that fit differently refuse."""
+    orders = list(itertools.permutations(range(len(groups)))) if len(groups) <= 4 else [range(len(groups))]
+    found: dict[tuple, ParamMap] = {}
+    for order in orders:
+        ids = [i for g in order for i in groups[g]["params"]]
+        if len(ids) > len(trainable):
+            continue
+        ways, names = _embeddings(
+            [_state_shape(optimizer_state["state"].get(i)) for i in ids], trainable, params
+        )
+        if ways == 0:
+            continue
+        left_out = len(trainable) - len(ids)
+        how = ", ".join(
+            part
+            for part in (
+                "its param groups reordered" if list(order) != sorted(order) else "",
+                f"{left_out} parameter(s) the optimizer does not hold (frozen)" if left_out else "",
+            )
+            if part
+        )
+        mapping = ParamMap(dict(zip(ids, names, strict=True)), f"the order of model.parameters() with {how}")
+        if ways > 1:  # this arrangement alone fits in two ways: nothing tells which
+            return [mapping, ParamMap({}, f"another choice of the {left_out} left out")]
+        found.setdefault(tuple(sorted(mapping.names.items())), mapping)
+    return list(found.values())
 
 
 def reset_moments(
@@ -163,25 +249,53 @@ def reset_moments(
     return reset, sorted(unknown)
 
 
-def optimizer_for(optimizer_state: Mapping, model: nn.Module, mapping: ParamMap) -> torch.optim.Optimizer:
-    """An optimizer of the kind the state was saved from (Adam/AdamW or SGD), loaded with it."""
-    params = dict(model.named_parameters())
+def optimizer_class(optimizer_state: Mapping) -> type[torch.optim.Optimizer] | None:
+    """The torch optimizer the state was saved from: every hyperparameter of its kind is in the saved
+    groups and, once it has stepped, one step of it makes the same per-parameter state keys. The kind
+    with the most hyperparameters wins (RAdam's are a subset of Adam's); None when no kind fits."""
+    groups = optimizer_state["param_groups"]
+    saved = set.intersection(*(set(group) for group in groups)) if groups else set()
     kinds = {key for entry in optimizer_state["state"].values() for key in entry}
+    best: tuple[type, int] | None = None
+    for name in OPTIMIZERS:
+        cls = getattr(torch.optim, name)
+        probe = torch.zeros(1, requires_grad=True)
+        core = set(cls([probe]).defaults) - VERSION_KEYS
+        if not core <= saved:
+            continue
+        if kinds:  # the state keys one step makes with the saved settings (amsgrad, momentum, centered)
+            try:
+                optimizer = cls([probe], **{key: groups[0][key] for key in core})
+                probe.grad = torch.zeros_like(probe)
+                optimizer.step()
+            except (TypeError, ValueError, RuntimeError):
+                continue
+            if set(optimizer.state[probe]) != kinds:
+                continue
+        if best is None or len(core) > best[1]:
+            best = (cls, len(core))
+    return best[0] if best else None
+
+
+def optimizer_for(optimizer_state: Mapping, model: nn.Module, mapping: ParamMap) -> torch.optim.Optimizer:
+    """An optimizer of the kind the state was saved from (see `optimizer_class`), loaded with it."""
+    params = dict(model.named_parameters())
     groups = [
         {"params": [params[mapping.names[i]] for i in group["params"]]}
         for group in optimizer_state["param_groups"]
     ]
-    # saved before its first step, an optimizer has no moments yet: its hyperparameters tell the kind
-    settings = {key for group in optimizer_state["param_groups"] for key in group} if not kinds else set()
-    if "exp_avg" in kinds or {"betas", "eps", "amsgrad"} <= settings:
-        optimizer: torch.optim.Optimizer = torch.optim.Adam(groups)  # AdamW: decoupled_weight_decay=True
-    elif "momentum_buffer" in kinds or {"momentum", "dampening", "nesterov"} <= settings:
-        optimizer = torch.optim.SGD(groups, lr=0.0)
-    else:
-        found = ", ".join(sorted(kinds or settings - {"params"})) or "nothing"
+    cls = optimizer_class(optimizer_state)
+    if cls is None:
+        kinds = {key for entry in optimizer_state["state"].values() for key in entry}
+        settings = {key for group in optimizer_state["param_groups"] for key in group} - {
+            "params",
+            "param_names",
+        }
+        found = ", ".join(sorted(kinds or settings)) or "nothing"
         raise UserError(
-            f"optimizer state with {found}: only Adam/AdamW and SGD states can be resumed here; "
-            "pass --resume-steps 0 to write the fix without the resume check"
+            f"optimizer state with {found}: not one of torch's {', '.join(OPTIMIZERS)} (AdamW too), so the "
+            "resume cannot be checked here; pass --resume-steps 0 to write the fix without the resume check"
         )
+    optimizer = cls(groups)
     optimizer.load_state_dict(optimizer_state)
     return optimizer

@@ -98,7 +98,7 @@ def _reset_all(
         label = "optimizer.pt" if training.optimizer_file is not None else "/".join(map(str, where))
         notes.append(
             f"{label}: moments of the rewritten entries reset in {reset} parameter(s) "
-            f"(parameters mapped by {mapping.source}); Adam's per-tensor step counts kept"
+            f"(parameters mapped by {mapping.source}); per-parameter step counts kept"
         )
         if unknown:
             notes.append(f"{label}: optimizer state {', '.join(unknown)} is not a known moment and was kept")
