@@ -372,3 +372,58 @@ def test_gates_and_products_are_bounded_alike_in_torch_and_onnx(tmp_path, factor
     (from_onnx,) = certify_onnx(read_onnx(str(path)), input_boxes((-1.0, 1.0), [shape]), ("relu",), 0.0, None)
     assert from_onnx.certified_dead == bound.certified_dead
     np.testing.assert_allclose(from_onnx.upper_bound, bound.upper_bound, rtol=1e-6)
+
+
+@pytest.mark.parametrize("reduce, opset", [("ReduceMax", 12), ("ReduceMean", 18), ("ReduceSum", 13)])
+def test_onnx_reductions_are_bounded(reduce, opset):
+    """A global max/mean pool written as a Reduce node (tf2onnx's `global_max_pooling2d`, as in DNSMOS's
+    model_v8.onnx) stopped certification below it ("unsupported op ReduceMax"). The bound here is
+    computed by hand in numpy: Conv (no padding) + ReLU lies in [0, sum|W| + b] at every position, a
+    reduction over positions keeps it (max/min: the same; mean: the same; sum: times the positions),
+    and the Gemm unit's upper bound is b + sum of positive weights × that."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deadrelu_cli.backends.onnx.certify import certify_onnx
+
+    rng = np.random.default_rng(3)
+    conv_w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    conv_b = rng.normal(size=4).astype(np.float32)
+    gemm_w = rng.normal(size=(5, 4)).astype(np.float32)  # [out, in], transB
+    positions = 4 * 4
+    channel_hi = np.maximum(np.abs(conv_w.astype(np.float64)).reshape(4, -1).sum(axis=1) + conv_b, 0.0)
+    pooled_hi = channel_hi * (positions if reduce == "ReduceSum" else 1)
+    reach = (
+        np.maximum(gemm_w.astype(np.float64), 0.0) @ pooled_hi
+    )  # the most the weights can add above the bias
+    gemm_b = np.where(np.arange(5) % 2 == 0, -reach - 1.0, -reach + 1.0).astype(np.float32)  # even: dead
+    axes = [2, 3]
+    inits = [
+        numpy_helper.from_array(a, n) for a, n in ((conv_w, "W"), (conv_b, "B"), (gemm_w, "G"), (gemm_b, "g"))
+    ]
+    reduce_inputs = ["r"]
+    reduce_attrs = {"keepdims": 0}
+    if (reduce == "ReduceSum" and opset >= 13) or opset >= 18:
+        inits.append(numpy_helper.from_array(np.array(axes, np.int64), "axes"))
+        reduce_inputs.append("axes")
+    else:
+        reduce_attrs["axes"] = axes
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv"),
+            helper.make_node("Relu", ["c"], ["r"], name="relu1"),
+            helper.make_node(reduce, reduce_inputs, ["p"], name="pool", **reduce_attrs),
+            helper.make_node("Gemm", ["p", "G", "g"], ["h"], name="fc", transB=1),
+            helper.make_node("Relu", ["h"], ["y"], name="relu2"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        inits,
+    )
+    model = onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    )
+    first, second = certify_onnx(model, input_boxes((-1.0, 1.0), [(3, 6, 6)]), ("relu",), 0.0, None)
+    assert first.certified_dead is not None and second.certified_dead == [0, 2, 4], second.reason
+    np.testing.assert_allclose(second.upper_bound, gemm_b.astype(np.float64) + reach, rtol=1e-6, atol=1e-4)

@@ -147,6 +147,19 @@ def _node_interval(node, values: list, index: GraphIndex):
         return _pool(node, x)
     if op in ("Identity", "Dropout", "Cast"):
         return x
+    if op in ("ReduceMax", "ReduceMin", "ReduceMean", "ReduceSum"):  # monotone in every input element
+        axes = attr(node, "axes")  # an attribute up to opset 17 (ReduceSum: 12), then an input
+        if axes is None and constants and constants[0] is not None:
+            axes = [int(a) for a in np.asarray(constants[0]).reshape(-1)]
+        if not axes and attr(node, "noop_with_empty_axes", 0):
+            return x
+        keep = bool(attr(node, "keepdims", 1))
+        reduce = {"ReduceMax": torch.amax, "ReduceMin": torch.amin, "ReduceMean": torch.mean}.get(
+            op, torch.sum
+        )
+        return x.map(
+            lambda t: reduce(t, dim=tuple(a % t.dim() for a in axes or range(t.dim())), keepdim=keep)
+        )
     if op == "Flatten":
         axis = attr(node, "axis", 1)
         return x.map(lambda t: t.reshape(int(np.prod(t.shape[:axis])), -1))
