@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 # what the first window's report needs (biases read through wiring.torch) is loaded with watch(), not
 # in the middle of a training step
@@ -133,6 +132,13 @@ def positional_index(model: nn.Module, argument: str | None) -> int | None:
     return positional.index(argument) if argument in positional else None
 
 
+def _in_backward() -> bool:
+    """Whether autograd's backward is running: gradient checkpointing calls a block again there to
+    recompute its activations, which is not a forward of the training step."""
+    task = getattr(torch._C, "_current_graph_task_id", None)  # what torch.utils.checkpoint itself reads
+    return task is not None and task() != -1
+
+
 def _batch_size(args: tuple, kwargs: dict) -> int:
     for value in list(args) + list(kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -200,7 +206,7 @@ class Watch:
         self._stance = None  # torch.compiler's stance while a sampled step runs eagerly
         self._mask: torch.Tensor | None = None  # the position mask given for the current step
         self._outer: nn.Module | None = None  # an owned module whose own call began the running forward
-        self._outer_depth = 0
+        self._recomputing = 0  # root calls under way inside backward (gradient checkpointing)
         self.distributed = distributed
         self.mask_argument = mask  # the forward's argument read as the position mask (None: none)
         self._mask_index = positional_index(model, mask)
@@ -308,10 +314,16 @@ class Watch:
                 self._modes.pop().__exit__(None, None, None)
 
         def start(_module, args, kwargs):
+            if _in_backward():  # `checkpoint(model, x)` recomputing the model: counted when it ran
+                self._recomputing += 1
+                return
             begin(args, kwargs)
             probe.enter_module(root, args)
 
         def stop(_module, args, output):
+            if self._recomputing:
+                self._recomputing -= 1
+                return
             probe.leave_module(root, args, output)
             end()
 
@@ -319,27 +331,20 @@ class Watch:
         # LightningModule's training_step calls `self.model(x)`, a GAN wrapper `self.G(z)`. Such a call
         # is a forward of its own (its positional arguments only: a global hook sees no keywords).
         def outer_start(module, args):
-            if module is self._outer:  # the module that began the forward, called again inside it
-                self._outer_depth += 1
-            elif not self._modes and module is not root and probe.owns(module):
-                self._outer, self._outer_depth = module, 1
+            if not self._modes and not _in_backward():
+                self._outer = module
                 begin(args, {})
 
-        def outer_stop(module, args, output):
+        def outer_stop(module):
             if module is self._outer:
-                self._outer_depth -= 1
-                if self._outer_depth == 0:
-                    self._outer = None
-                    end()
+                self._outer = None
+                end()
 
         # the root's own hooks (they see the keyword arguments) begin and end a forward; the probe's two
-        # global hooks follow the modules below it, and two more begin a forward at an owned module called
-        # on its own: six hooks to add and remove, whatever the model's size. Global hooks run in the order
-        # they were added: outer_start before the probe enters the module, outer_stop after it leaves it.
+        # global hooks follow the modules below it, and call outer_start / outer_stop for an owned module
+        # called on its own: four hooks to add and remove, whatever the model's size
         self._handles.append(root.register_forward_pre_hook(start, prepend=True, with_kwargs=True))
-        self._handles.append(register_module_forward_pre_hook(outer_start))
-        self._handles.extend(probe.attach_global())
-        self._handles.append(register_module_forward_hook(outer_stop, always_call=True))
+        self._handles.extend(probe.attach_global(outer_start, outer_stop))
         self._handles.append(root.register_forward_hook(stop, always_call=True))
 
     def _forward_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -363,7 +368,7 @@ class Watch:
         return value
 
     def _detach(self) -> None:
-        self._outer, self._outer_depth = None, 0
+        self._outer, self._recomputing = None, 0
         while self._modes:  # a forward that never returned (an exception inside a hook)
             self._modes.pop().__exit__(None, None, None)
         for handle in self._handles:

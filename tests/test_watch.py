@@ -423,3 +423,44 @@ def test_owned_modules_called_without_the_root_are_counted():
     assert report.layer("G.1").dead_mask().nonzero()[0].tolist() == [0, 1, 2]
     assert {2, 7} <= set(report.layer("D.1").dead_mask().nonzero()[0].tolist())
     assert all(not m._forward_hooks or m in (model.G[1], model.D[1]) for m in model.modules())
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_recomputation_is_not_a_forward(reentrant):
+    """`torch.utils.checkpoint` calls a block (or the whole model) again inside backward to recompute its
+    activations: those calls are not forwards of the step. Counts equal one forward's plain hooks."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+            self.head = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 1))
+
+        def forward(self, x):
+            return self.head(checkpoint(self.block, x, use_reentrant=reentrant))
+
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(32, 8, requires_grad=True)
+    expected = {
+        name: (model.get_submodule(producer)(inner).detach().numpy() > 0).sum(axis=0)
+        for name, producer, inner in (
+            ("block.1", "block.0", x),
+            ("block.3", "block.2", torch.relu(model.block[0](x))),
+            ("head.1", "head.0", model.block(x)),
+        )
+    }
+    w = watch(model, every=1, config=False)
+    w.step()
+    model(x).sum().backward()  # the block's recomputation runs here
+    w.step()
+    checkpoint(model, x, use_reentrant=reentrant).sum().backward()  # the whole model recomputed
+    w.close()
+    assert len(w.reports) == 2
+    for report in w.reports:
+        assert report.data.samples == 32
+        for name, counts in expected.items():
+            layer = report.layer(name)
+            assert layer.elements_per_unit == 32, name
+            np.testing.assert_array_equal(layer.positive_counts, counts)

@@ -310,16 +310,19 @@ class EagerProbe:
             handles.append(module.register_forward_hook(self.leave_module, always_call=True))
         return handles
 
-    def owns(self, module: nn.Module) -> bool:
-        """Whether `module` is the model or one of its modules (as of the last time names were taken)."""
-        return id(module) in self._module_names
-
-    def attach_global(self) -> list:
+    def attach_global(
+        self,
+        outer_enter: Callable[[nn.Module, tuple], None] | None = None,
+        outer_leave: Callable[[nn.Module], None] | None = None,
+    ) -> list:
         """The same hooks as `attach`, as one pair of global module hooks: adding and removing them costs
         the same for any model (a training loop's sampled step adds them each time), and a module call
         pays about half of what two hooks of its own cost. They act on the modules below the root only:
         the caller enters and leaves the root itself (`enter_module` / `leave_module` from its own root
-        hooks, which see the forward's keyword arguments). Returns the handles."""
+        hooks, which see the forward's keyword arguments). A module of the model called while no forward
+        is under way (not inside the root's: `model.encoder(x)` on its own) is announced to
+        `outer_enter(module, args)` before it is entered, and to `outer_leave(module)` once it is left.
+        Returns the handles."""
         root = id(self.model)
         enter, leave = self.enter_module, self.leave_module
         foreign: set[int] = set()  # modules of other models seen since the names were last taken
@@ -341,11 +344,15 @@ class EagerProbe:
 
         def pre(module, args):
             if ours(id(module)):  # modules of other models are left alone
+                if outer_enter is not None and not self._stack:
+                    outer_enter(module, args)
                 enter(module, args)
 
         def post(module, args, output):
             if ours(id(module)):
                 leave(module, args, output)
+                if outer_leave is not None and not self._stack:
+                    outer_leave(module)
 
         return [
             register_module_forward_pre_hook(pre),
