@@ -339,3 +339,43 @@ def test_compiled_models_count_exactly_and_keep_their_compiled_code(how):
     for report in w.reports:
         assert {layer.name: layer.positive_counts.tolist() for layer in report.layers} == expected
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+class Teacher(nn.Module):
+    """A model holding a module it does not own (called inside its forward, not one of its submodules)."""
+
+    def __init__(self, helper: nn.Module) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.act = nn.ReLU()
+        self.helper = [helper]  # a plain list: not registered, so not part of this model
+
+    def forward(self, x):
+        return self.helper[0](self.act(self.fc(x)))
+
+
+def test_a_submodule_replaced_mid_run_and_a_module_the_model_does_not_own():
+    """Names follow the model as it is when a step runs: a ReLU swapped in between windows is named by its
+    path (as on the first window), and a module of another model called inside the forward names nothing."""
+    torch.manual_seed(0)
+    outsider = nn.Sequential(nn.Linear(8, 3), nn.ReLU())
+    model = Teacher(outsider)
+    x = torch.randn(32, 4)
+    w = watch(model, every=1, config=False)
+    for step in range(3):
+        if step == 2:
+            model.act = nn.ReLU()  # a new module object at the same path
+        w.step()
+        model(x)
+    w.close()
+    pre = model.fc(x).detach().numpy()
+    inner = outsider[0](torch.relu(model.fc(x))).detach().numpy()
+    for report in w.reports:
+        by_name = {layer.name: layer for layer in report.layers}
+        # the outsider's ReLU runs inside the forward: a functional call site under the model's root,
+        # never attributed to the model's own `act`
+        assert by_name["act"].module_type == "ReLU"
+        np.testing.assert_array_equal(by_name["act"].positive_counts, (pre > 0).sum(axis=0))
+        others = [layer for name, layer in by_name.items() if name != "act"]
+        assert len(others) == 1
+        np.testing.assert_array_equal(others[0].positive_counts, (inner > 0).sum(axis=0))

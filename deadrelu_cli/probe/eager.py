@@ -316,20 +316,31 @@ class EagerProbe:
         pays about half of what two hooks of its own cost. They act on the modules below the root only:
         the caller enters and leaves the root itself (`enter_module` / `leave_module` from its own root
         hooks, which see the forward's keyword arguments). Returns the handles."""
-        names = self._module_names
-        if any(id(module) not in names for module in self.model.modules()):  # the model changed
-            names = self._module_names = {id(m): name for name, m in self.model.named_modules()}
         root = id(self.model)
         enter, leave = self.enter_module, self.leave_module
+        foreign: set[int] = set()  # modules of other models seen since the names were last taken
+
+        def ours(key: int) -> bool:
+            if key in self._module_names:
+                return key != root  # the caller's own root hooks enter and leave the root
+            if not self._stack or key in foreign:  # outside the model's forward: another model's module
+                return False
+            # a module the names do not know, called inside the model's forward: the model changed since
+            # (a submodule added or replaced), or it calls a module it does not own; the names are taken
+            # again here, once, rather than walking every module on each attach (O(modules) per step)
+            self._module_names = {id(m): name for name, m in self.model.named_modules()}
+            foreign.clear()
+            if key in self._module_names:
+                return True
+            foreign.add(key)
+            return False
 
         def pre(module, args):
-            key = id(module)
-            if key in names and key != root:  # modules of other models are left alone
+            if ours(id(module)):  # modules of other models are left alone
                 enter(module, args)
 
         def post(module, args, output):
-            key = id(module)
-            if key in names and key != root:
+            if ours(id(module)):
                 leave(module, args, output)
 
         return [

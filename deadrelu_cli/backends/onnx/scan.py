@@ -557,8 +557,10 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         except Exception:  # noqa: BLE001 - onnxruntime's own types; the first batch reports it
             return None
 
-    if batch_size is None:
-        batch_size = onnx_batch_size(options.batch_size, loaded, data, order, sample_cost)
+    if batch_size is None:  # auto: sized by one sample's run, which a one-sample scan need not pay twice
+        batch_size = (
+            1 if total <= 1 else onnx_batch_size(options.batch_size, loaded, data, order, sample_cost)
+        )
 
     if total <= batch_size:  # one batch: nothing to switch to
         switch.eligible = []
