@@ -124,6 +124,9 @@ def tokenized_data(
             return_attention_mask=True,
             return_tensors="np",
         )
+        # documents cut at seq_len (their later tokens are not counted): said in the report, never silent
+        whole = tokenizer(documents, truncation=False, return_attention_mask=False)["input_ids"]
+        info["truncated"] = sum(len(ids) > seq_len for ids in whole)
         declared = getattr(tokenizer, "model_input_names", None) or []
         wanted = (
             ["input_ids"]

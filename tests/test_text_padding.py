@@ -160,6 +160,11 @@ def test_padding_never_counts_whatever_the_tokenizer_declares(opt_folder, cli, t
     _assert_counts(report, truth)
     assert report["mask"] == {"array": "attention_mask", "exclude_token_ids": []}
     assert report["data"]["samples"] == len(documents)
+    cut = sum(len(d.split()) > SEQ_LEN for d in documents)  # words are tokens here
+    assert cut and report["data"]["text"]["truncated"] == cut
+    assert f"{cut} of {len(documents)} documents are longer than --seq-len {SEQ_LEN}" in " ".join(
+        report["notes"]
+    )
     # .jsonl: a document that is empty, or blank, holds no token to count
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text(
