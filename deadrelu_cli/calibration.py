@@ -230,6 +230,7 @@ class CalibrationData:
     consts: tuple[str, ...] = ()
     window: tuple[int, int] | None = None  # this process's shard of the samples (distributed scans)
     unfed: tuple[str, ...] = ()  # arrays read for counting only (a --mask that is not a model input)
+    optional: tuple[str, ...] = ()  # arrays fed only to a model that takes them (--text's tokenizer outputs)
 
     def shard(self, rank: int, world: int, limit: int | None) -> None:
         total = self.samples if limit is None else min(limit, self.samples)

@@ -61,6 +61,12 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         extra_notes.append(
             "the data has an attention_mask: an ONNX scan counts every position, padding included"
         )
+    if text_info and text_info.get("truncated"):
+        extra_notes.append(
+            f"{text_info['truncated']} of {text_info['documents']} documents are longer than --seq-len "
+            f"{text_info['seq_len']} tokens and were cut there: their later tokens are not counted "
+            "(raise --seq-len, or --text-packing pack to count every token)"
+        )
     if world is not None:
         data.shard(world.rank, world.size, options.limit)
         options = replace(options, limit=None)  # the limit is inside the shard windows now

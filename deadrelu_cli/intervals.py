@@ -59,6 +59,24 @@ def scale_interval(x: Interval, factor) -> Interval:
     return Interval(torch.minimum(a, b), torch.maximum(a, b))
 
 
+def normalized_interval(
+    x: Interval, last_dims: int, weight=None, bias=None, centered: bool = True
+) -> Interval:
+    """LayerNorm (`centered`) or RMSNorm over the last `last_dims` axes of x (n elements), then the
+    elementwise `weight` and `bias`. Whatever the input, each normalized element is bounded: LayerNorm's
+    |x_i - mean| <= sqrt(n - 1) * std (Cauchy-Schwarz, as the deviations sum to 0), RMSNorm's
+    x_i^2 <= n * mean(x^2); eps only shrinks both. So the bound needs no input interval at all, and it
+    is reached (one element apart from n - 1 equal ones), hence no tighter box bound exists."""
+    n = int(np.prod(x.lo.shape[x.lo.dim() - last_dims :]))
+    radius = float(np.sqrt(max(n - 1, 0) if centered else n))
+    out = Interval(torch.full_like(x.lo, -radius), torch.full_like(x.hi, radius))
+    if weight is not None:
+        out = scale_interval(out, weight)
+    if bias is not None:
+        out = out.map(lambda t: t + bias)
+    return out
+
+
 def input_boxes(
     spec: str | tuple[float, float] | None, shapes: list[tuple[int, ...]], data=None
 ) -> list[Interval]:

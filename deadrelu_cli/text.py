@@ -12,8 +12,11 @@ the document under `--text-field` (default "text"). Two layouts (`--text-packing
   full block is a real token, and attention runs across document boundaries within a block, as in
   packed pretraining.
 
-Either way the attention_mask that comes with the samples is the position mask of the scan, so padding
-never counts; `--exclude-token-ids` drops BOS (or separator) positions wherever they are in a block.
+Either way the samples come with an attention_mask, whatever the tokenizer's `model_input_names`
+declare, padded on the right whatever its `padding_side`: the mask is the position mask of the scan,
+so padding never counts (also where the EOS pads and only the mask tells it from a real EOS), and it
+goes to forward() where forward() takes it, as token_type_ids do (`inputs.unfed_arrays`). `--exclude-token-ids` drops BOS
+(or separator) positions wherever they are in a block.
 """
 
 from __future__ import annotations
@@ -95,6 +98,10 @@ def tokenized_data(
         if fallback is None:
             raise UserError(f"{folder}: the tokenizer has no pad, eos or unk token to pad documents with")
         tokenizer.pad_token = fallback  # the attention_mask drops these positions anyway
+    # right padding whatever the tokenizer's side (often "left", for generation): each real token keeps
+    # the position it has unpadded (BERT and GPT-2 count absolute positions from the left, and not every
+    # model derives them from the mask), and a causal model's real tokens never see the padding
+    tokenizer.padding_side = "right"
     info = {"packing": packing, "seq_len": seq_len, "documents": len(documents)}
     if packing == "pack":
         separator = separator_id(tokenizer, folder)
@@ -106,13 +113,27 @@ def tokenized_data(
         wanted = ["input_ids", "attention_mask"]  # the mask marks the last block's padding
         info["separator_token_id"] = separator
     else:
+        # the attention_mask whatever `model_input_names` declares (["input_ids"], ["input_ids",
+        # "token_type_ids"]): it is the position mask, and only it tells padding from a real token when
+        # the EOS pads; the scan feeds it to forward() only where forward() takes it
         encoded = tokenizer(
-            documents, padding="longest", truncation=True, max_length=seq_len, return_tensors="np"
+            documents,
+            padding="longest",
+            truncation=True,
+            max_length=seq_len,
+            return_attention_mask=True,
+            return_tensors="np",
         )
-        wanted = [
-            name
-            for name in getattr(tokenizer, "model_input_names", ["input_ids", "attention_mask"])
-            if name in encoded
-        ]
+        # documents cut at seq_len (their later tokens are not counted): said in the report, never silent
+        whole = tokenizer(documents, truncation=False, return_attention_mask=False)["input_ids"]
+        info["truncated"] = sum(len(ids) > seq_len for ids in whole)
+        declared = getattr(tokenizer, "model_input_names", None) or []
+        wanted = (
+            ["input_ids"]
+            + [name for name in declared if name in encoded and name not in ("input_ids", "attention_mask")]
+            + ["attention_mask"]
+        )
     sources = [InMemorySource(name, np.ascontiguousarray(encoded[name]).astype(np.int64)) for name in wanted]
-    return CalibrationData(path=str(Path(path)), sources=sources).configure(), info
+    data = CalibrationData(path=str(Path(path)), sources=sources).configure()
+    data.optional = tuple(name for name in wanted if name != "input_ids")  # fed where forward() takes them
+    return data, info

@@ -16,16 +16,29 @@ PAD, BOS = 1, 2
 DEAD = {0: [0, 3, 7], 1: [5]}  # layer -> FFN units planted dead (large negative bias)
 
 
-def save_tokenizer(folder: Path) -> None:
+def save_tokenizer(
+    folder: Path,
+    model_input_names: tuple[str, ...] = ("input_ids", "attention_mask"),
+    padding_side: str = "right",
+    pad_token: str | None = "[PAD]",
+    eos_token: str | None = None,
+) -> None:
+    """A word-level tokenizer over VOCAB (no special tokens added to documents). The defaults are the
+    common case; `model_input_names` without attention_mask, left padding and no pad token (the EOS
+    stands in) are what real tokenizers also declare."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]"
-    )
-    fast.model_input_names = ["input_ids", "attention_mask"]
-    fast.save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token=pad_token,
+        bos_token="[BOS]",
+        eos_token=eos_token,
+        model_input_names=list(model_input_names),  # as init arguments: saved with the tokenizer
+        padding_side=padding_side,
+    ).save_pretrained(folder)
 
 
 def token_data(samples: int = 12, tokens: int = 10, seed: int = 0, side: str = "right"):
@@ -110,14 +123,19 @@ def plant_pad_only_unit(model, ids: np.ndarray, mask: np.ndarray, layer: int = 0
     handle.remove()
     x = seen[0].reshape(ids.shape[0] * ids.shape[1], -1)
     pad = torch.from_numpy(mask.reshape(-1) == 0)
-    direction = x[pad].mean(0) - x[~pad].mean(0)
-    scores = x @ direction
-    lo, hi = float(scores[~pad].max()), float(scores[pad].min())
-    assert hi > lo + 1e-3, "padding positions are not separable at this layer"
-    with torch.no_grad():
-        fc1.weight[unit] = direction
-        fc1.bias[unit] = -(lo + hi) / 2
+    plant_unit(fc1, x[pad], x[~pad], unit)
     return f"model.decoder.layers.{layer}.activation_fn", unit
+
+
+def plant_unit(linear, fire, quiet, unit: int) -> None:
+    """Point LINEAR's row UNIT from the QUIET input rows towards the FIRE ones, with a bias between
+    them: the unit then fires on FIRE and on none of QUIET (checked, with a margin)."""
+    direction = fire.mean(0) - quiet.mean(0)
+    lo, hi = float((quiet @ direction).max()), float((fire @ direction).min())
+    assert hi > lo + 1e-3, "the positions to fire on are not separable at this layer"
+    with torch.no_grad():
+        linear.weight[unit] = direction
+        linear.bias[unit] = -(lo + hi) / 2
 
 
 def save_folder(model, folder: Path, shard: str = "20KB") -> Path:

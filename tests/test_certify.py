@@ -427,3 +427,81 @@ def test_onnx_reductions_are_bounded(reduce, opset):
     first, second = certify_onnx(model, input_boxes((-1.0, 1.0), [(3, 6, 6)]), ("relu",), 0.0, None)
     assert first.certified_dead is not None and second.certified_dead == [0, 2, 4], second.reason
     np.testing.assert_allclose(second.upper_bound, gemm_b.astype(np.float64) + reach, rtol=1e-6, atol=1e-4)
+
+
+class _NormRelu(nn.Module):
+    """x -> LayerNorm (or RMSNorm) -> ReLU -> Linear -> ReLU, with planted scales and shifts."""
+
+    def __init__(self, width: int = 16, rms: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.norm = nn.RMSNorm(width) if rms else nn.LayerNorm(width)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(width, 4)
+        self.act2 = nn.ReLU()
+        radius = np.sqrt(width if rms else width - 1)
+        with torch.no_grad():
+            self.norm.weight.uniform_(-1.5, 1.5)
+            self.norm.weight[3] = -0.5  # a negative scale: |gamma| is what bounds
+            if not rms:
+                self.norm.bias.uniform_(-0.5, 0.5)
+                self.norm.bias[:4] = -1.02 * radius * self.norm.weight[:4].abs()  # just past the bound
+                self.norm.bias[4] = -0.9 * radius * self.norm.weight[4].abs()  # within it: can fire
+            self.fc2.bias[0] = -radius * self.norm.weight.abs().sum() * self.fc2.weight[0].abs().max() - 1
+
+    def forward(self, x):
+        return self.act2(self.fc2(self.act(self.norm(x))))
+
+
+def _norm_model_fires(model: _NormRelu, samples: int = 4000) -> dict[str, set[int]]:
+    """Which units fire, by plain torch hooks on random inputs of any scale and on the inputs that reach a
+    normalized element's extremes (one element apart from all the others: +-50 e_u)."""
+    generator = torch.Generator().manual_seed(1)
+    width = model.norm.normalized_shape[0]
+    x = torch.randn((samples, width), generator=generator) * torch.logspace(-2, 3, samples)[:, None]
+    x = torch.cat([x, 50 * torch.eye(width), -50 * torch.eye(width)])
+    fired = capture(model, x.split(500))
+    return {name: set(np.flatnonzero((site.pre > 0).any(0)).tolist()) for name, site in fired.items()}
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_layer_and_rms_norm_bound_whatever_the_input(rms):
+    """A normalized element lies within sqrt(n-1) (LayerNorm) or sqrt(n) (RMSNorm) of 0 for any input:
+    the units whose shift is past |scale| times that are certified dead for an unbounded box, none of them
+    fires on inputs of any scale, and the unit just within the bound is not certified (and fires)."""
+    model = _NormRelu(rms=rms).eval()
+    bounds = _certify(model, (16,), -1e6, 1e6)
+    width = model.norm.normalized_shape[0]
+    gamma = model.norm.weight.detach().double().numpy()
+    beta = np.zeros(width) if rms else model.norm.bias.detach().double().numpy()
+    radius = np.sqrt(width if rms else width - 1)  # the bound, computed here from the formula
+    np.testing.assert_allclose(bounds["act"].upper_bound, beta + np.abs(gamma) * radius, rtol=1e-12)
+    fired = _norm_model_fires(model)
+    assert not set(bounds["act"].certified_dead) & fired["act"]
+    assert not set(bounds["act2"].certified_dead) & fired["act2"]
+    assert 0 in bounds["act2"].certified_dead  # below the norm: bounded through the Linear
+    if not rms:
+        assert bounds["act"].certified_dead == [0, 1, 2, 3]
+        assert 4 in fired["act"]  # within the bound: reachable, so never claimed
+
+
+def test_layer_norm_certified_alike_in_torch_and_onnx(tmp_path):
+    import warnings
+
+    from deadrelu_cli.backends.onnx.certify import certify_onnx
+    from deadrelu_cli.loaders.onnx_model import read_onnx
+
+    model = _NormRelu().eval()
+    path = tmp_path / "ln.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.zeros(2, 16),), str(path), input_names=["x"], opset_version=17, dynamo=False
+        )
+    assert "LayerNormalization" in {node.op_type for node in read_onnx(str(path)).graph.node}
+    from_torch = list(_certify(model, (16,), -3.0, 3.0).values())
+    from_onnx = certify_onnx(read_onnx(str(path)), input_boxes((-3.0, 3.0), [(16,)]), ("relu",), 0.0, None)
+    assert [b.certified_dead for b in from_onnx] == [b.certified_dead for b in from_torch]
+    assert from_onnx[0].certified_dead == [0, 1, 2, 3]
+    for a, b in zip(from_torch, from_onnx, strict=True):
+        np.testing.assert_allclose(a.upper_bound, b.upper_bound, rtol=1e-6)

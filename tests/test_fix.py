@@ -585,3 +585,67 @@ def test_leaky_on_torchscript_input_one_site(cli, work):
     expected = _cnn_by_hand(m, torch.relu, lambda t: torch.nn.functional.leaky_relu(t, 0.2), torch.relu)
     with torch.no_grad():
         np.testing.assert_allclose(patched(_x()).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+TOKEN_MLP = """
+import torch
+from torch import nn
+
+
+class TokenMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(8, 4)
+        self.fc1 = nn.Linear(4, 6)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, input_ids):
+        return self.fc2(self.act(self.fc1(self.emb(input_ids))))
+
+
+def build():
+    torch.manual_seed(0)
+    model = TokenMLP()
+    with torch.no_grad():
+        model.emb.weight[:, 0] = 0.0
+        model.emb.weight[0, 0] = 5.0  # the pad id 0
+        model.fc1.weight[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+        model.fc1.bias[0] = -1.0  # unit 0 fires on padding only
+        model.fc1.bias[1:] = 3.0  # the others on every token
+    return model
+"""
+
+
+def test_holdout_compares_outputs_at_counted_positions_only(cli, tmp_path):
+    """fix --holdout on padded tokens: the unit that fires only on padding is dead (padding is not a
+    position) and pruned; the hold-out's outputs are compared where the scan counts, at real tokens,
+    where pruning it changes nothing (at the padding it does: a comparison there refused the fix)."""
+    from conftest import arch_file, save_npz
+
+    model, spec = arch_file(tmp_path / "tokens_arch.py", TOKEN_MLP)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 8, (10, 6))
+    mask = np.ones_like(ids)
+    for row, length in enumerate(rng.integers(2, 6, 10)):
+        ids[row, length:], mask[row, length:] = 0, 0
+    save_npz(tmp_path / "tokens.npz", input_ids=ids, attention_mask=mask)
+    result = cli(
+        "fix", tmp_path / "model.pt", "--arch", spec, "--data", tmp_path / "tokens.npz",
+        "--strategy", "prune", "--holdout", "0.5", "--output", tmp_path / "pruned.pt2", "--json", "-",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    report = result.json()
+    # by hand: unit 0 is the dead one; without it the outputs at the hold-out's real tokens stay, at its padding they move
+    with torch.no_grad():
+        hidden = model.act(model.fc1(model.emb(torch.from_numpy(ids))))
+        before, after = model.fc2(hidden), model.fc2(hidden * torch.tensor([0.0, 1, 1, 1, 1, 1]))
+    real = torch.from_numpy(mask == 1)
+    assert (hidden[real][:, 0] == 0).all() and (hidden[~real][:, 0] > 0).all()
+    held = torch.zeros_like(real)
+    held[5:] = True
+    diff = (after - before).abs()
+    assert float(diff[held & ~real].max()) > 1e-3
+    assert report["holdout_max_abs_diff"] == pytest.approx(float(diff[held & real].max()), abs=1e-6)
+    assert report["layers"][0]["units"] == [0] and report["verified"] and report["written"]

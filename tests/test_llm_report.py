@@ -4,34 +4,21 @@ an HTML page that stays small for 11,008-wide layers."""
 from __future__ import annotations
 
 import io
+import sys
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 
 from deadrelu_cli.report.html import render_html
-from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings, report_to_dict
+from deadrelu_cli.report.model import report_to_dict
 from deadrelu_cli.report.table import print_report
-from deadrelu_cli.stats import LayerStats
 
-
-def _wide_report(layers: int, units: int = 11008, positions: int = 200_000) -> Report:
-    rng = np.random.default_rng(0)
-    stats = []
-    for i in range(layers):
-        counts = (10 ** rng.uniform(-6.5, 0, units) * positions).astype(np.int64)
-        counts[rng.random(units) < 0.1 * i / layers] = 0  # deeper layers: more dead units
-        stats.append(
-            LayerStats(
-                f"model.layers.{i}.mlp.act_fn",
-                "relu",
-                2,
-                counts,
-                positions,
-                rng.standard_normal(units),
-                counts * 0.5,
-            )
-        )
-    return Report(ModelInfo("m", "hf_folder", "0" * 64), DataInfo("d", 10), Settings(dying=0.001), stats)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+try:  # the same synthetic LLaMA-7B-shaped report that scripts/bench.py times the HTML of
+    from bench import llm_sized_report as _wide_report
+finally:
+    sys.path.pop(0)
 
 
 def test_sparsity_and_histogram_from_counts():

@@ -37,6 +37,15 @@ def _outputs_of(runner, data, scan_options: ScanOptions, mask=None) -> list[list
     return outputs
 
 
+def _position_mask(scanned, scan_options: ScanOptions, data):
+    """The positions the scan counted (torch models; an ONNX scan counts every position)."""
+    if scanned.model.backend != "torch":
+        return None
+    from deadrelu_cli.inputs import resolve_mask
+
+    return resolve_mask(scan_options.mask, scan_options.exclude_token_ids, data)
+
+
 def compare(before: list[list[np.ndarray]], after: list[list[np.ndarray]]) -> tuple[float, float]:
     """Max absolute difference over every output element, and that divided by the largest |output|."""
     max_abs, scale = 0.0, 0.0
@@ -98,8 +107,9 @@ def _verify_on_holdout(
             if fired:
                 result.holdout_fired[plan.name] = fired
     result.holdout_samples = holdout.window[1] - holdout.window[0]
-    before = _outputs_of(original_runner, holdout, options)
-    after = _outputs_of(patched_runner(), holdout, options)
+    mask = _position_mask(scanned, scan_options, holdout)  # padding is not compared there either
+    before = _outputs_of(original_runner, holdout, options, mask)
+    after = _outputs_of(patched_runner(), holdout, options, mask)
     result.holdout_max_abs_diff, result.holdout_max_rel_diff = compare(before, after)
 
 
@@ -185,11 +195,7 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
             raise UserError(
                 "no layer could be patched: " + "; ".join(f"{o.name}: {o.action}" for o in outcomes)
             )
-        mask = None
-        if scanned.model.backend == "torch":
-            from deadrelu_cli.inputs import resolve_mask
-
-            mask = resolve_mask(scan_options.mask, scan_options.exclude_token_ids, scanned.data)
+        mask = _position_mask(scanned, scan_options, scanned.data)
         before = _outputs_of(original_runner, scanned.data, scan_options, mask)
         after = _outputs_of(patched_runner(), scanned.data, scan_options, mask)
         result.max_abs_diff, result.max_rel_diff = compare(before, after)

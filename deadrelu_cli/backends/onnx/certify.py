@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from deadrelu_cli.intervals import Interval, SiteBound, Unsupported, linear_interval, product, scale_interval
+from deadrelu_cli.intervals import (
+    Interval,
+    SiteBound,
+    Unsupported,
+    linear_interval,
+    normalized_interval,
+    product,
+    scale_interval,
+)
 from deadrelu_cli.probe.onnx_graph import find_sites, site_channel_dim
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr
 
@@ -143,6 +151,18 @@ def _node_interval(node, values: list, index: GraphIndex):
         factor = scale / torch.sqrt(var + eps)
         shift = bias - mean * factor
         return scale_interval(x, factor.reshape(shape)).map(lambda t: t + shift.reshape(shape))
+    if op in ("LayerNormalization", "RMSNormalization"):
+        scale, bias = values[1], values[2] if len(values) > 2 else None
+        if isinstance(scale, Interval) or isinstance(bias, Interval):
+            raise Unsupported(f"{op} with input-dependent scale")
+        rank = x.lo.dim()
+        return normalized_interval(
+            x,
+            rank - attr(node, "axis", -1) % rank,
+            _t(scale),
+            None if bias is None else _t(bias),
+            centered=op == "LayerNormalization",
+        )
     if op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"):
         return _pool(node, x)
     if op in ("Identity", "Dropout", "Cast"):

@@ -6,9 +6,10 @@ is below the threshold everywhere cannot fire for ANY input in the box: it is *c
 
 The propagation runs on the torch.export graph (ATen ops) in float64, and a unit counts as certified
 only with a margin for the model's own float32 rounding. Supported: linear / matmul with constant
-weights, convolution, batch norm (eval), relu / relu6 / hardtanh / clamp / sigmoid / tanh /
-hardsigmoid / hardswish, max and average pooling, flatten / view / reshape / permute / transpose,
-add / sub / mul of tensors or constants, div by constants, concatenation. Anything
+weights, convolution, batch norm (eval), layer norm and RMS norm (bounded whatever their input), relu /
+relu6 / hardtanh / clamp / sigmoid / tanh / hardsigmoid / hardswish, max and average pooling, flatten /
+view / reshape / permute / transpose, add / sub / mul of tensors or constants, div by constants,
+concatenation. Anything
 else makes its output unknown, and the activation sites that depend on it are reported as
 "not certified" — never guessed.
 """
@@ -23,7 +24,15 @@ import torch.nn.functional as F
 from torch import fx
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.intervals import Interval, SiteBound, Unsupported, linear_interval, product, scale_interval
+from deadrelu_cli.intervals import (
+    Interval,
+    SiteBound,
+    Unsupported,
+    linear_interval,
+    normalized_interval,
+    product,
+    scale_interval,
+)
 from deadrelu_cli.probe.base import infer_channel_dim
 from deadrelu_cli.probe.exported import find_sites
 from deadrelu_cli.probe.ops import resolve_channel_dim
@@ -150,6 +159,19 @@ def _apply(target, args, kwargs, env):
         shift = (bias.double() if bias is not None else 0.0) - mean.double() * scale
         out = scale_interval(x, scale.reshape(shape)).map(lambda t: t + shift.reshape(shape))
         return (out, None, None) if name != "batch_norm" else out
+    if name in ("layer_norm", "native_layer_norm", "rms_norm"):
+        weight = values[2] if len(values) > 2 else kw.get("weight")
+        bias = None if name == "rms_norm" else (values[3] if len(values) > 3 else kw.get("bias"))
+        if isinstance(weight, Interval) or isinstance(bias, Interval):
+            raise Unsupported(f"{name} with input-dependent weights")
+        out = normalized_interval(
+            x,
+            len(values[1]),
+            None if weight is None else weight.double(),
+            None if bias is None else bias.double(),
+            centered=name != "rms_norm",
+        )
+        return (out, None, None) if name == "native_layer_norm" else out
     if name in ("add", "sub"):
         other = values[1]
         alpha = kw.get("alpha", 1)

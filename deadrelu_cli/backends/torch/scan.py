@@ -16,7 +16,15 @@ from deadrelu_cli.backends.torch.inputs import (
 )
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.inputs import batch_mask, check_shapes, match_inputs, resolve_batch_size, resolve_mask
+from deadrelu_cli.inputs import (
+    DEFAULT_MASK,
+    batch_mask,
+    check_shapes,
+    match_inputs,
+    resolve_batch_size,
+    resolve_mask,
+    unfed_arrays,
+)
 from deadrelu_cli.loaders.model import LoadedModel
 from deadrelu_cli.options import ScanOptions
 from deadrelu_cli.wiring.model import is_last_axis_vector
@@ -123,9 +131,11 @@ def scan_torch(
     from deadrelu_cli.probe.base import ProbeSettings
 
     mask = resolve_mask(options.mask, options.exclude_token_ids, data)
-    model_inputs = set(model.keyword_inputs) | {spec.name for spec in model.inputs}
-    # a mask only for counting (e.g. a loss mask) is not fed; the same data may serve another model later
-    data.unfed = (mask.array,) if mask is not None and mask.array and mask.array not in model_inputs else ()
+    # set per scan: the same data may serve another model later
+    data.unfed = unfed_arrays(mask, data, model)
+    # the position mask is an attention_mask that forward() does not take: the model sees the padding
+    unseen_padding = mask is not None and mask.array == DEFAULT_MASK and DEFAULT_MASK in data.unfed
+    padded = False
     if mask is not None and options.compile:
         raise UserError(
             "--compile counts inside the graph, which takes no position mask; drop --compile, or pass --mask none"
@@ -156,7 +166,9 @@ def scan_torch(
     context = probe.attached() if hasattr(probe, "attached") else contextlib.nullcontext()
 
     def tensors():
+        nonlocal padded
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
+            padded = padded or (unseen_padding and not np.asarray(batch[DEFAULT_MASK]).all())
             yield (
                 batch,
                 tuple(
@@ -188,6 +200,13 @@ def scan_torch(
                 options.progress(done, total)
     layers = probe.registry.layer_stats()
     attach_biases(model, layers)
+    unseen_note = (
+        "the model's forward() takes no attention_mask: padded positions are not counted, but the model "
+        "saw them, so where attention (or any mixing) reaches them the real tokens of padded samples may "
+        "differ from an unpadded run; samples of one length (no padding) avoid it"
+    )
+    if padded and unseen_note not in model.notes:
+        model.notes.append(unseen_note)
     if not layers and not any(note.startswith("the model ran no") for note in model.notes):
         model.notes.append(no_sites_note(model, options.ops))
     return layers, probe
