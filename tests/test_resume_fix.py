@@ -513,3 +513,35 @@ def test_left_out_parameters_that_fit_two_ways_are_refused():
     optimizer.step()
     names = map_parameters(optimizer.state_dict(), model).names
     assert names == {0: "1.weight", 1: "1.bias", 2: "2.weight", 3: "2.bias"}
+
+
+def arch_file_module():
+    namespace: dict = {}
+    exec(ARCH, namespace)
+    return namespace["build"](), namespace
+
+
+def test_hugging_face_groups_of_a_model_with_frozen_parameters():
+    """The Trainer's two groups (weight decay, then biases) hold only the parameters that require grad:
+    with `out` frozen, each group is its own names in order with `out`'s left out. The test builds the
+    groups as the Trainer does and knows which name each entry is."""
+    from deadrelu_cli.backends.torch.optimizer_state import map_parameters
+
+    model, _ = arch_file_module()
+    for p in model.out.parameters():
+        p.requires_grad_(False)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [(n, p) for n, p in trainable if "bias" not in n]
+    no_decay = [(n, p) for n, p in trainable if "bias" in n]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for _, p in decay], "weight_decay": 0.01},
+            {"params": [p for _, p in no_decay], "weight_decay": 0.0},
+        ]
+    )
+    x, y = _data()
+    F.mse_loss(model(x), y).backward()
+    optimizer.step()
+    expected = dict(enumerate([n for n, _ in decay] + [n for n, _ in no_decay]))
+    fresh, _ = arch_file_module()  # --arch builds every parameter trainable
+    assert map_parameters(optimizer.state_dict(), fresh).names == expected

@@ -122,8 +122,8 @@ def map_parameters(optimizer_state: Mapping, model: nn.Module) -> ParamMap:
             return ParamMap(names, "the optimizer's saved parameter names")
     trainable = [n for n, p in params.items() if p.requires_grad]
     candidates = [("the order of model.parameters()", trainable)]
-    if len(groups) == 2:
-        decay = hf_decay_names(model)
+    decay = hf_decay_names(model) if len(groups) == 2 else None
+    if decay is not None:
         if len(groups[0]["params"]) == sum(n in decay for n in trainable):
             candidates.append(
                 (
@@ -139,7 +139,7 @@ def map_parameters(optimizer_state: Mapping, model: nn.Module) -> ParamMap:
         if _fits(optimizer_state["state"], names, params):
             fitting.append(ParamMap(names, source))
     if not fitting:  # the param groups in another order, or parameters left out (frozen): one fit only
-        fitting = _reordered_or_partial(optimizer_state, groups, trainable, params)
+        fitting = _reordered_or_partial(optimizer_state, groups, trainable, params, decay)
     if len(fitting) > 1 and fitting[0].names != fitting[1].names:
         raise UserError(
             "cannot tell which architecture parameter each optimizer entry belongs to (the shapes fit both "
@@ -189,14 +189,39 @@ def _embeddings(shapes: list, order: list[str], params: dict[str, torch.Tensor])
 
 
 def _reordered_or_partial(
-    optimizer_state: Mapping, groups: list, trainable: list[str], params: dict[str, torch.Tensor]
+    optimizer_state: Mapping,
+    groups: list,
+    trainable: list[str],
+    params: dict[str, torch.Tensor],
+    decay: set[str] | None,
 ) -> list[ParamMap]:
     """Param groups listed in another order than the model's (a head with its own learning rate first),
     or an optimizer made over the trainable parameters only (`filter(lambda p: p.requires_grad, …)`): the
-    groups, in some order, are the architecture's parameters in order with some left out. Used only when
-    exactly one arrangement fits every state's shape; two or more that fit differently refuse."""
+    groups, in some order, are the architecture's parameters in order with some left out; or the
+    Hugging Face Trainer's two groups (`decay`: the names of the first) of a model with frozen parameters.
+    Used only when exactly one arrangement fits every state's shape; two or more that fit differently
+    refuse."""
     orders = list(itertools.permutations(range(len(groups)))) if len(groups) <= 4 else [range(len(groups))]
     found: dict[tuple, ParamMap] = {}
+    if decay is not None:  # each Trainer group: its own names in order, some left out
+        names: dict[int, str] = {}
+        for group, pool in zip(
+            groups,
+            ([n for n in trainable if n in decay], [n for n in trainable if n not in decay]),
+            strict=True,
+        ):
+            shapes = [_state_shape(optimizer_state["state"].get(i)) for i in group["params"]]
+            ways, chosen = _embeddings(shapes, pool, params) if len(shapes) <= len(pool) else (0, [])
+            if ways != 1:
+                break
+            names.update(zip(group["params"], chosen, strict=True))
+        else:
+            left_out = len(trainable) - len(names)
+            mapping = ParamMap(
+                names,
+                f"the Hugging Face Trainer's groups with {left_out} parameter(s) the optimizer does not hold (frozen)",
+            )
+            found[tuple(sorted(names.items()))] = mapping
     for order in orders:
         ids = [i for g in order for i in groups[g]["params"]]
         if len(ids) > len(trainable):
