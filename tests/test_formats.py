@@ -149,3 +149,18 @@ def test_training_checkpoint_with_its_own_key(tmp_path, planted_module):
     torch.save({"generator": expected, "discriminator": expected}, tmp_path / "two.pt")
     with pytest.raises(UserError, match=r"several weight dicts \(generator, discriminator\)"):
         scan(str(tmp_path / "two.pt"), str(data), arch=arch("eight_neuron"), device="cpu")
+
+
+def test_a_second_weight_dict_is_named(tmp_path, planted_module):
+    """{"model": …, "model_ema": …}: the scan reads "model" (the first of the known keys) and says so,
+    naming the EMA copy it did not scan (before: silently; the EMA weights here have two more dead units)."""
+    model = planted_module.eight_neuron()
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    ema["fc.bias"][[0, 1]] = -1e4
+    torch.save({"model": model.state_dict(), "model_ema": ema, "epoch": 2}, tmp_path / "c.pt")
+    data = save_npz(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((9, 4)).astype(np.float32))
+    report = scan(str(tmp_path / "c.pt"), str(data), arch=arch("eight_neuron"), device="cpu")
+    with torch.no_grad():
+        pre = model.fc(torch.from_numpy(np.load(data)["x"]))
+    np.testing.assert_array_equal(report.layers[0].positive_counts, (pre > 0).sum(0).numpy())
+    assert any("under 'model'" in note and "'model_ema'" in note for note in report.notes), report.notes

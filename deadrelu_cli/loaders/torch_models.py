@@ -92,6 +92,22 @@ def weights_key(obj) -> str | None:
     return nested[0] if len(nested) == 1 else None
 
 
+def other_weights_note(obj, path: Path) -> list[str]:
+    """A note when a checkpoint dict holds more weight dicts than the one scanned (the model and its
+    EMA copy, a GAN's two models): which one was read, and how to scan another."""
+    key = weights_key(obj)
+    if key is None:
+        return []
+    others = [k for k, v in obj.items() if k != key and _holds_weights(v)]
+    if not others:
+        return []
+    listed = ", ".join(repr(k) for k in others)
+    return [
+        f"{path.name}: scanned the weights under {key!r}; it also holds {listed}. To scan one of those, save "
+        f"it on its own: torch.save(torch.load(PATH)[{others[0]!r}], 'other.pt')"
+    ]
+
+
 def unwrap_checkpoint(obj):
     """Return the state_dict (or the nn.Module) inside a checkpoint dict."""
     if isinstance(obj, nn.Module) or _is_tensor_dict(obj):
@@ -339,16 +355,17 @@ def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
         loaded.extra.update(layout)
         return loaded
     if fmt in (TORCH_ZIP, TORCH_LEGACY):
-        obj = unwrap_checkpoint(torch_load(path, device, options.trust_pickle))
+        whole = torch_load(path, device, options.trust_pickle)
+        obj = unwrap_checkpoint(whole)
         if isinstance(obj, nn.Module):
-            return _eager(path, "module", obj, sha, device)
+            return _with_notes(_eager(path, "module", obj, sha, device), other_weights_note(whole, path))
         if not options.arch:
             raise UserError(
                 f"{path}: holds a state_dict (weights only); pass --arch MODULE:FACTORY that builds the model, e.g. --arch models.py:build"
             )
         model = build_from_arch(options.arch)
         layout = {}
-        notes = load_state_into(model, obj, str(path), layout)
+        notes = load_state_into(model, obj, str(path), layout) + other_weights_note(whole, path)
         loaded = _with_notes(_eager(path, "state_dict", model, sha, device), notes)
         loaded.extra.update(layout)
         return loaded
