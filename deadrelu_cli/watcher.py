@@ -62,7 +62,15 @@ class WatchSettings:
 
 COMPILED_WRAPPER_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
 CONFIG_FIELDS = ("threshold", "dying", "tau", "ops", "channel_dim")
-GATE_FIELDS = ("max_dead", "max_dead_layer", "layer_limit", "max_dead_units", "baseline", "max_increase")
+GATE_FIELDS = (
+    "max_dead",
+    "max_dead_layer",
+    "layer_limit",
+    "max_dead_units",
+    "baseline",
+    "max_increase",
+    "allow_no_sites",
+)
 
 
 def watch_settings(config: str | bool | None = None, **given: Any) -> WatchSettings:
@@ -70,6 +78,8 @@ def watch_settings(config: str | bool | None = None, **given: Any) -> WatchSetti
     overridden by the arguments that are not None. Gate keys are those of `deadrelu gate`."""
     from deadrelu_cli.config import load_config
 
+    if "layer_limits" in given:  # the name docs/training.md and [tool.deadrelu] use (the flag: --layer-limit)
+        given["layer_limit"] = given.pop("layer_limits")
     values: dict[str, Any] = {}
     if config is not False:
         values.update(load_config(config if isinstance(config, str) else None).values)
@@ -99,6 +109,7 @@ def watch_settings(config: str | bool | None = None, **given: Any) -> WatchSetti
             max_dead_units=values.get("max_dead_units"),
             baseline=baseline,
             max_increase=values.get("max_increase"),
+            allow_no_sites=bool(values.get("allow_no_sites", False)),
         ),
     )
 

@@ -186,6 +186,10 @@ def test_settings_from_tool_deadrelu(tmp_path, monkeypatch):
     w2 = watch(model, every=1, max_dead_layer=0.5)  # arguments override the file
     assert w2.settings.gate.max_dead_layer == 0.5 and w2.settings.threshold == 0.5
     assert watch(model, every=1, config=False).settings.gate.max_dead_layer is None
+    # the documented argument name (docs/training.md: `layer_limits`) and the flag's both work
+    for name in ("layer_limits", "layer_limit"):
+        w3 = watch(model, every=1, config=False, **{name: {"0": 0.1}})
+        assert w3.settings.gate.layer_limits == [("0", 0.1)]
 
 
 def test_bad_arguments_are_clear():
@@ -464,3 +468,26 @@ def test_gradient_checkpointing_recomputation_is_not_a_forward(reentrant):
             layer = report.layer(name)
             assert layer.elements_per_unit == 32, name
             np.testing.assert_array_equal(layer.positive_counts, counts)
+
+
+def test_allow_no_sites_from_tool_deadrelu_and_as_an_argument(tmp_path, monkeypatch):
+    """A SiLU model watched with a limit: the window's gate fails on "no activation site was scanned"
+    unless allow-no-sites, which [tool.deadrelu] sets for `deadrelu scan` — before, watch() ignored the
+    key and refused the argument, so the shared settings warned on every run."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 1))
+    x = torch.randn(8, 3)
+
+    def run(**options):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with watch(model, every=1, **options) as w:
+                w.step()
+                model(x)
+        return w.gate_results[-1].passed, [c for c in caught if issubclass(c.category, DeadLayerWarning)]
+
+    passed, warned = run(config=False, max_dead=0.5)
+    assert not passed and len(warned) == 1 and "no activation site" in str(warned[0].message)
+    assert run(config=False, max_dead=0.5, allow_no_sites=True) == (True, [])
+    (tmp_path / "pyproject.toml").write_text("[tool.deadrelu]\nmax-dead = 0.5\nallow-no-sites = true\n")
+    monkeypatch.chdir(tmp_path)
+    assert run() == (True, [])
