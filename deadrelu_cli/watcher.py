@@ -217,6 +217,8 @@ class Watch:
         self._stance = None  # torch.compiler's stance while a sampled step runs eagerly
         self._mask: torch.Tensor | None = None  # the position mask given for the current step
         self._outer: nn.Module | None = None  # an owned module whose own call began the running forward
+        self._written: set[Path] = set()  # reports this watch wrote to out_dir
+        self._overwrite_warned = False
         self._recomputing = 0  # root calls under way inside backward (gradient checkpointing)
         self.distributed = distributed
         self.mask_argument = mask  # the forward's argument read as the position mask (None: none)
@@ -446,7 +448,18 @@ class Watch:
             del self.reports[: len(self.reports) - self.keep_reports]
         main = world is None or world.is_main  # rank 0 alone writes and warns; every rank decides alike
         if self.out_dir is not None and main:
-            write_text_atomic(self.out_dir / f"deadrelu-step{training.step:08d}.json", report_to_json(report))
+            target = self.out_dir / f"deadrelu-step{training.step:08d}.json"
+            if target.exists() and target not in self._written and not self._overwrite_warned:
+                # an earlier run's report (a re-run, or a resumed run whose steps start at 0 again)
+                self._overwrite_warned = True
+                warnings.warn(
+                    f"deadrelu: {target} is an earlier run's report and is replaced; a resumed run keeps "
+                    "its steps apart with w.step(global_step), a new run with another out_dir",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            write_text_atomic(target, report_to_json(report))
+            self._written.add(target)
         self._check(report, warn=main)
         if self.on_report is not None:
             self.on_report(report)

@@ -491,3 +491,30 @@ def test_allow_no_sites_from_tool_deadrelu_and_as_an_argument(tmp_path, monkeypa
     (tmp_path / "pyproject.toml").write_text("[tool.deadrelu]\nmax-dead = 0.5\nallow-no-sites = true\n")
     monkeypatch.chdir(tmp_path)
     assert run() == (True, [])
+
+
+def test_a_rerun_into_the_same_out_dir_says_it_replaces_reports(tmp_path):
+    """A resumed run that numbers its steps from 0 again (plain `w.step()`) writes over the first run's
+    reports of the same steps: one warning says so (before: silently, and `trend` then mixed the runs);
+    a run that passes its global step writes beside them without a warning."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    x = torch.randn(8, 3)
+
+    def run(first_step=None):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with watch(model, every=2, out_dir=tmp_path, config=False) as w:
+                for i in range(4):
+                    w.step(None if first_step is None else first_step + i)
+                    model(x)
+        return [str(c.message) for c in caught if "earlier run" in str(c.message)]
+
+    assert run() == []
+    first = (tmp_path / "deadrelu-step00000000.json").read_text()
+    assert run(first_step=4) == []  # steps 4..7: new files beside the first run's
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"deadrelu-step{s:08d}.json" for s in (0, 2, 4, 6)]
+    warned = run()  # steps 0..3 again
+    assert len(warned) == 1 and "deadrelu-step00000000.json" in warned[0]
+    assert (
+        json.loads((tmp_path / "deadrelu-step00000000.json").read_text()).keys() == json.loads(first).keys()
+    )
