@@ -5,9 +5,9 @@ Cases: (a) a ResNet-18-sized CNN on CPU (eager, and --compile against plain eage
 (b) its ONNX export with onnxruntime, (c) a transformer-style MLP block on [B, T, F], (d) on CUDA when
 available (eager, --compile, bf16 + channels_last), and (e) the peak RSS of a scan when the data grows 10x. Both sides are timed end to
 end from the files (plain: load the weights or create the session, stream the .npy, run every batch;
-scan: `deadrelu scan` on the same files and batch size). Repetitions are interleaved (plain, scan,
-plain, scan, …) and medians compared, so machine noise hits both sides alike; "paired" is the median
-of each scan's time over the plain run just before it. Peers, in the same interleaved loop: the
+scan: `deadrelu scan` on the same files and batch size). Repetitions are interleaved (plain, scan, peer,
+then scan, peer, plain, …: each round starts one further on) and medians compared, so machine noise hits
+every side alike; "paired" is the median of each scan's time over the plain run of the same round. Peers, in the same interleaved loop: the
 forward-hook recipe for torch ((y > 0) summed per channel on every nn.ReLU) and the fetch-all recipe for
 ONNX (every Relu output made a graph output, counted in numpy). Whole process: `deadrelu scan` as a
 command against a plain script, as processes, on 1 sample (the fixed cost) and on N samples. Prints a
@@ -111,12 +111,16 @@ def build_mlp_block() -> nn.Module:
 
 def _interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
     """Each callable once as a warm-up (allocator, kernels, sessions), then `reps` rounds of all of them
-    in turn: machine noise hits every side alike."""
+    in turn: machine noise hits every side alike. Each round starts one side further on, so that no side
+    always follows the same one (a run right after a smaller one pays the page faults of growing the heap
+    again: the ONNX scan, always run after plain onnxruntime, read ~5% slower than when run second)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {key: [] for key in fns}
-    for _ in range(reps):
-        for key, fn in fns.items():
+    keys = list(fns)
+    for round_ in range(reps):
+        for key in keys[round_ % len(keys) :] + keys[: round_ % len(keys)]:
+            fn = fns[key]
             start = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - start)
@@ -251,7 +255,7 @@ def measure(
         "plain_s": med["plain"],
         "scan_s": med["scan"],
         "ratio": med["scan"] / med["plain"],
-        # each scan against the plain run just before it: slow drift of the machine cancels in each pair
+        # each scan against the plain run of the same round: slow drift of the machine cancels in each pair
         "paired_ratio": statistics.median(s / p for s, p in zip(at_3n["scan"], at_3n["plain"], strict=True)),
         "marginal_ratio": (med["scan"] - med_n["scan"]) / (med["plain"] - med_n["plain"]),
         "plain_per_s": 3 * n / med["plain"],
