@@ -198,3 +198,31 @@ def batch_mask(spec: MaskSpec, batch: dict[str, np.ndarray]) -> np.ndarray:
         if keep.shape != ids.shape:
             raise UserError(f"the mask {spec.array!r} and {TOKEN_IDS!r} have different shapes")
     return keep
+
+
+DECODER_IDS = "decoder_input_ids"
+DECODER_MASK = "decoder_attention_mask"
+
+
+def decoder_scope(runnable) -> str | None:
+    """The module path of an encoder-decoder's decoder (Hugging Face's `get_decoder()`, under
+    `config.is_encoder_decoder`), whose sites run on the decoder's tokens; None for other models."""
+    config = getattr(runnable, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or not hasattr(runnable, "get_decoder"):
+        return None
+    decoder = runnable.get_decoder()
+    return next((name for name, module in runnable.named_modules() if module is decoder and name), None)
+
+
+def decoder_batch_mask(spec: MaskSpec | None, batch: dict[str, np.ndarray]) -> np.ndarray | None:
+    """bool [batch, decoder tokens]: the decoder positions of this batch that count, where the data
+    feeds the decoder its own `decoder_input_ids`: its `decoder_attention_mask`, minus the positions
+    holding --exclude-token-ids; None (every position) without either."""
+    keep = np.asarray(batch[DECODER_MASK]) != 0 if DECODER_MASK in batch else None
+    if spec is not None and spec.exclude_token_ids:
+        ids = np.asarray(batch[DECODER_IDS])
+        drop = np.isin(ids, np.asarray(spec.exclude_token_ids, dtype=ids.dtype))
+        keep = ~drop if keep is None else keep & ~drop
+    if keep is not None and keep.shape != np.asarray(batch[DECODER_IDS]).shape:
+        raise UserError(f"{DECODER_MASK!r} and {DECODER_IDS!r} have different shapes")
+    return keep

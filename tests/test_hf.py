@@ -402,6 +402,76 @@ def test_t5_encoder_relu_feed_forward(cli, tmp_path):
     assert 4 in layers["encoder.block.1.layer.1.DenseReluDense.act"]["dead_indices"]
 
 
+def _seq2seq(kind: str):
+    torch.manual_seed(4)
+    if kind == "t5":  # T5 v1.0: ReLU feed-forward, decoder inputs not derived from input_ids
+        config = transformers.T5Config(
+            vocab_size=len(VOCAB), d_model=16, d_kv=8, d_ff=24, num_layers=2, num_heads=2,
+            feed_forward_proj="relu", pad_token_id=PAD, decoder_start_token_id=PAD, dropout_rate=0.0,
+        )  # fmt: skip
+        return transformers.T5ForConditionalGeneration(config).eval()
+    config = transformers.BartConfig(
+        vocab_size=len(VOCAB), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, activation_function="relu",
+        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=BOS, decoder_start_token_id=BOS,
+        max_position_embeddings=64, dropout=0.0,
+    )  # fmt: skip
+    return transformers.BartForConditionalGeneration(config).eval()
+
+
+def _per_site_counts(model, feed: dict, keep_of) -> dict:
+    """Plain hooks on the ReLU modules; per site, positives per unit and kept positions over the
+    [B, T] positions `keep_of(site name)` keeps (None: every position), in numpy."""
+    captured: dict[str, np.ndarray] = {}
+    handles = [
+        m.register_forward_hook(
+            lambda _m, _a, out, name=name: captured.__setitem__(name, out.float().numpy())
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.ReLU)
+    ]
+    with torch.no_grad():
+        model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    for handle in handles:
+        handle.remove()
+    out = {}
+    for name, a in captured.items():
+        keep = keep_of(name)
+        rows = a.reshape(-1, a.shape[-1]) if keep is None else a[keep.astype(bool)]
+        out[name] = ((rows > 0).sum(0), rows.shape[0])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_encoder_decoder_decoder_sites_count_the_decoders_tokens(kind, cli, tmp_path):
+    """An encoder-decoder fed decoder_input_ids: the decoder's sites count the positions its
+    decoder_attention_mask keeps, the encoder's those of the attention_mask (before: the encoder's mask
+    was applied to the decoder's positions, or every decoder position was counted); without a
+    decoder_attention_mask every decoder position counts, and a note says so. T5 without decoder inputs
+    is refused naming them."""
+    model = _seq2seq(kind)
+    folder = save_folder(model, tmp_path / kind, shard="10KB")
+    ids, mask = token_data(seed=2)
+    for tokens, seed in ((10, 6), (7, 5)):  # the encoder's length, and another
+        dec_ids, dec_mask = token_data(tokens=tokens, seed=seed)
+        feed = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec_ids}
+        full = {**feed, "decoder_attention_mask": dec_mask}
+        truth = _per_site_counts(
+            model, full, lambda name, dec_mask=dec_mask: mask if ".encoder." in f".{name}" else dec_mask
+        )
+        assert len(truth) == (4 if kind == "t5" else 2)
+        layers, _ = _scan(cli, tmp_path, folder, **full)
+        _assert_matches(layers, truth)
+        truth = _per_site_counts(model, feed, lambda name: mask if ".encoder." in f".{name}" else None)
+        layers, report = _scan(cli, tmp_path, folder, **feed)
+        _assert_matches(layers, truth)
+        assert any("no decoder_attention_mask" in note for note in report["notes"]), report["notes"]
+    if kind == "t5":
+        np.savez(tmp_path / "enc.npz", input_ids=ids, attention_mask=mask)
+        result = cli("scan", folder, "--data", tmp_path / "enc.npz")
+        assert result.code == 2 and "decoder_input_ids" in result.err and "Traceback" not in result.err
+
+
 def test_llama_style_relu_mlp(cli, tmp_path):
     torch.manual_seed(2)
     config = transformers.LlamaConfig(

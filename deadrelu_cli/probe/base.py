@@ -39,6 +39,7 @@ class SiteRegistry:
         # site name -> callback(pre-activation): for fixes that need the values of a few units
         self.collectors: dict[str, Callable[[torch.Tensor, int], None]] = {}
         self.position_mask: PositionMask | None = None
+        self.scoped_masks: dict[str, PositionMask | None] = {}
         self.fused_devices = settings.fused_devices
         self._stale: set[str] = set()  # sites of an earlier window, not run since `restart`
 
@@ -53,10 +54,24 @@ class SiteRegistry:
             site.restart()
         return site
 
-    def set_position_mask(self, mask: torch.Tensor | None) -> None:
+    def set_position_mask(
+        self, mask: torch.Tensor | None, scoped: dict[str, torch.Tensor | None] | None = None
+    ) -> None:
         """Count only the token positions where `mask` ([batch, tokens], bool or 0/1) is true, at every
-        site with the token axis, until the next call; None counts every position again."""
+        site with the token axis, until the next call; None counts every position again. `scoped`
+        gives the sites under a module path their own mask (None: every position): an encoder-decoder's
+        decoder runs on the decoder's tokens, whose padding is not the encoder's."""
         self.position_mask = None if mask is None else PositionMask(mask)
+        self.scoped_masks = {
+            path: None if m is None else PositionMask(m) for path, m in (scoped or {}).items()
+        }
+
+    def mask_for(self, name: str) -> PositionMask | None:
+        """The position mask of the site `name` (a module path, maybe with `#k` or `.relu()`)."""
+        for path, mask in self.scoped_masks.items():
+            if name == path or name.startswith((path + ".", path + "#")):
+                return mask
+        return self.position_mask
 
     def _site(self, name, op, pre, inferred_channel_dim, module_type, producer) -> SiteAccumulator:
         site = self.sites.get(name)
@@ -83,11 +98,12 @@ class SiteRegistry:
     ) -> None:
         """First half of a batch at a site, while the pre-activation is intact."""
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer)
-        site.observe_pre(pre, self.settings.threshold, self.position_mask, self.fused_devices)
+        mask = self.mask_for(name)
+        site.observe_pre(pre, self.settings.threshold, mask, self.fused_devices)
         collector = self.collectors.get(name)
         if collector is not None:
-            if self.position_mask is not None and site.masked_now:
-                pre = self.position_mask.select(pre, site.channel_dim)
+            if mask is not None and site.masked_now:
+                pre = mask.select(pre, site.channel_dim)
             collector(pre, site.channel_dim)
 
     def run_relu_in_parts(
@@ -104,7 +120,7 @@ class SiteRegistry:
         None where that does not apply (a position mask, a collector, a fused device, small tensors …):
         then the caller runs the op and record_pre/record_post."""
         if (
-            self.position_mask is not None
+            self.mask_for(name) is not None
             or name in self.collectors
             or pre.device.type in self.fused_devices
             or op != "relu"
@@ -115,7 +131,7 @@ class SiteRegistry:
 
     def record_post(self, name: str, post: torch.Tensor) -> None:
         """Second half: counts and sums from the activation's output."""
-        self.sites[name].observe_post(post, self.settings.threshold, self.position_mask)
+        self.sites[name].observe_post(post, self.settings.threshold, self.mask_for(name))
 
     def record(
         self,

@@ -184,7 +184,7 @@ class _CallSiteMode(TorchFunctionMode):
         if substitute is not None:  # a patched site (deadrelu fix --strategy leaky, patch_module)
             return substitute(args[0])
         out = None
-        if self.probe.fast_paths and spec.op == "relu" and self.probe.registry.position_mask is None:
+        if self.probe.fast_paths and spec.op == "relu" and self.probe.registry.mask_for(name) is None:
             out = self.probe.run_in_parts(name, spec.op, args[0], in_place)
         if out is None:
             out = call_and_record(

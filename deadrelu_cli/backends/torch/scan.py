@@ -17,9 +17,13 @@ from deadrelu_cli.backends.torch.inputs import (
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.inputs import (
+    DECODER_IDS,
+    DECODER_MASK,
     DEFAULT_MASK,
     batch_mask,
     check_shapes,
+    decoder_batch_mask,
+    decoder_scope,
     match_inputs,
     resolve_batch_size,
     resolve_mask,
@@ -142,6 +146,15 @@ def scan_torch(
         )
     order = match_inputs(model, data)
     check_shapes(model, data, order)
+    # an encoder-decoder fed its own decoder tokens: the decoder's sites count on those tokens' positions
+    # (the encoder's attention_mask says nothing about them; without decoder_input_ids the decoder runs
+    # on the shifted input_ids, whose positions the attention_mask does mark)
+    decoder = decoder_scope(model.runnable) if DECODER_IDS in order and options.mask != "none" else None
+    if decoder is not None and DECODER_MASK not in data.names and not options.exclude_token_ids:
+        model.notes.append(
+            f"the data has {DECODER_IDS} but no {DECODER_MASK}: the decoder's sites ({decoder}.*) count "
+            f"every decoder position, padding included; add a {DECODER_MASK} array to count real tokens only"
+        )
     settings = ProbeSettings(
         threshold=options.threshold,
         channel_dim=options.channel_dim,
@@ -175,12 +188,16 @@ def scan_torch(
                     to_tensor(batch[name], model.float_dtype, device, model.channels_last) for name in order
                 ),
                 None if mask is None else torch.from_numpy(batch_mask(mask, batch)).to(device),
+                None if decoder is None else decoder_batch_mask(mask, batch),
             )
 
     with context, torch.inference_mode():
-        for index, (batch, inputs, kept) in enumerate(prefetched(tensors())):
+        for index, (batch, inputs, kept, decoder_kept) in enumerate(prefetched(tensors())):
             try:
-                if mask is not None:
+                if decoder is not None:
+                    scoped = None if decoder_kept is None else torch.from_numpy(decoder_kept).to(device)
+                    probe.registry.set_position_mask(kept, {decoder: scoped})
+                elif mask is not None:
                     probe.registry.set_position_mask(kept)
                 args, kwargs = model_call(model, order, inputs)
                 probe.run(args, kwargs)
@@ -190,9 +207,15 @@ def scan_torch(
                 if index == 0:
                     shapes = ", ".join(f"{n}{list(batch[n].shape)}" for n in order)
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    hint = "check that --data fits the model's input"
+                    if DECODER_IDS not in order and decoder_scope(model.runnable) is not None:
+                        hint = (  # T5 derives no decoder inputs from input_ids (BART does)
+                            f"an encoder-decoder model: give --data {DECODER_IDS} and {DECODER_MASK} "
+                            "arrays (the decoder's tokens) beside input_ids and attention_mask"
+                        )
                     raise UserError(
                         first_layer_hint(model, data)
-                        or f"the model failed on the first batch ({shapes}): {first}; check that --data fits the model's input"
+                        or f"the model failed on the first batch ({shapes}): {first}; {hint}"
                     ) from exc
                 raise
             done += inputs[0].shape[0] if inputs and inputs[0].dim() else 0
