@@ -596,6 +596,35 @@ def test_fix_writes_a_folder_in_the_sources_layout(opt, cli, tmp_path, strategy)
     assert not out.with_name(".fixed").exists()
 
 
+def test_fix_of_a_model_whose_second_argument_is_not_the_mask(cli, tmp_path):
+    """GPT-Neo's forward(input_ids, past_key_values, attention_mask, …): the fix runs the model with the
+    data by name, as the scan does (before: the FLOP count passed attention_mask as past_key_values,
+    an internal error). Judged by plain hooks: the planted dead units fire after reinit, logits at the
+    real tokens unchanged."""
+    torch.manual_seed(5)
+    config = transformers.GPTNeoConfig(
+        vocab_size=len(VOCAB), hidden_size=16, num_layers=1, num_heads=2, attention_types=[[["global"], 1]],
+        intermediate_size=24, activation_function="relu", max_position_embeddings=64, bos_token_id=BOS,
+        eos_token_id=BOS, pad_token_id=PAD,
+    )  # fmt: skip
+    model = transformers.GPTNeoForCausalLM(config).eval()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.bias[[1, 5]] = -50.0
+    folder = save_folder(model, tmp_path / "neo")
+    ids, mask = token_data(seed=3)
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)
+    site = "transformer.h.0.mlp.act"
+    before = _per_site_counts(model, {"input_ids": ids, "attention_mask": mask}, lambda _: mask)
+    assert np.flatnonzero(before[site][0] == 0).tolist() == [1, 5]
+    out = tmp_path / "fixed"
+    result = cli("fix", folder, "--data", tmp_path / "t.npz", "--strategy", "reinit", "--output", out)
+    assert result.code == 0, result.err
+    fixed = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    after = _per_site_counts(fixed, {"input_ids": ids, "attention_mask": mask}, lambda _: mask)
+    assert (after[site][0][[1, 5]] > 0).all()
+    np.testing.assert_allclose(_logits(fixed, ids, mask), _logits(model, ids, mask), rtol=1e-5, atol=1e-5)
+
+
 def test_prune_and_leaky_on_a_folder_refuse_in_one_line(opt, cli, tmp_path):
     folder, _, ids, mask, _ = opt
     np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from deadrelu_cli.backends.torch import strategies as eager
-from deadrelu_cli.backends.torch.inputs import example_inputs, torch_runner
+from deadrelu_cli.backends.torch.inputs import example_inputs, model_call, torch_runner
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import write_bytes
 from deadrelu_cli.fixes.plan import (
@@ -188,7 +188,8 @@ def apply_torch(
     probe = scanned.probe
     report = scanned.report
     result.params_before = eager.count_params(original)
-    result.flops_before = eager.linear_conv_flops(original, example)
+    call = model_call(loaded, order, example)  # by name where the scan feeds by name
+    result.flops_before = eager.linear_conv_flops(original, *call)
     training = None
     if suffix in STATE_SUFFIXES and loaded.format in ("state_dict", "safetensors"):
         from deadrelu_cli.backends.torch.resume import read_training_checkpoint
@@ -235,7 +236,7 @@ def apply_torch(
         else:
             _write_state(model, temp, suffix, loaded.format == "module", loaded.extra)
     result.params_after = eager.count_params(model)
-    result.flops_after = eager.linear_conv_flops(model, example)
+    result.flops_after = eager.linear_conv_flops(model, *call)
 
     def patched_runner():
         from deadrelu_cli.backends.runners import runner_for

@@ -343,15 +343,18 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def linear_conv_flops(model: nn.Module, example: tuple) -> int:
+def linear_conv_flops(model: nn.Module, example: tuple, kwargs: dict | None = None) -> int:
     """Multiply-accumulates for one sample of every matmul/linear/conv the model runs (what pruning
-    removes), from the shapes seen at run time; any module kind (eager, a program's module, TorchScript)."""
+    removes), from the shapes seen at run time; any module kind (eager, a program's module, TorchScript).
+    `kwargs`: the example by argument name, as the scan feeds a model whose data names forward()'s
+    arguments (GPT-2's second positional argument is past_key_values, not attention_mask)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        model(*example)  # the whole example: a program exported with a static batch takes no other
-    samples = max(1, example[0].shape[0]) if example else 1
+        model(*example, **(kwargs or {}))  # the whole example: a static-batch program takes no other
+    first = example[0] if example else next(iter((kwargs or {}).values()), None)
+    samples = max(1, first.shape[0]) if first is not None and first.dim() else 1
     return int(counter.get_total_flops()) // 2 // samples  # FLOPs count a multiply and an add
 
 
