@@ -445,3 +445,61 @@ def test_merge_of_any_split_equals_the_whole(conv_case, cuts):
             left["max_preactivation"], right["max_preactivation"], rtol=1e-6, atol=1e-6
         )
     assert json.dumps(a["summary"]) == json.dumps(b["summary"])
+
+
+def _matmul_relu(weight, constant=None):
+    """input[b, 3] @ W -> (+ C) -> Relu, the weight (and the Constant's value) given as TensorProtos."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("MatMul", ["input", "W"], ["h"], name="mm")]
+    if constant is not None:
+        nodes += [
+            helper.make_node("Constant", [], ["c"], name="const", value=constant),
+            helper.make_node("Add", ["h", "c"], ["h2"], name="add"),
+        ]
+    nodes.append(helper.make_node("Relu", ["h2" if constant is not None else "h"], ["y"], name="relu"))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+        [weight],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_onnx_tensor_claiming_absurd_dims_is_refused(cli, tmp_path):
+    """An initializer or Constant that declares 3x10^12 elements and stores none (in float_data, not
+    raw_data) is refused in one line (before: an internal error, exit 3); the same graph with its
+    values in float_data scans to onnxruntime's own counts."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 4)).astype(np.float32)
+    c = rng.standard_normal(4).astype(np.float32)
+    x = rng.standard_normal((16, 3)).astype(np.float32)
+    save_npz(tmp_path / "x.npz", input=x)
+    typed_w = helper.make_tensor("W", TensorProto.FLOAT, [3, 4], w.ravel().tolist())  # float_data
+    typed_c = helper.make_tensor("c", TensorProto.FLOAT, [4], c.tolist())
+    good = _matmul_relu(typed_w, typed_c)
+    onnx.save(good, tmp_path / "good.onnx")
+    result = cli("scan", tmp_path / "good.onnx", "--data", tmp_path / "x.npz", "--json", "-")
+    assert result.code == 0, result.err
+    relu = onnx_relu_io(good, {"input": x}, ["relu"])["relu"]
+    assert result.json()["layers"][0]["positive_counts"] == (relu.pre > 0).sum(0).tolist()
+
+    def hollow(name, dims):
+        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT)
+        tensor.dims.extend(dims)
+        return tensor
+
+    for case, model in {
+        "initializer": _matmul_relu(hollow("W", [3, 10**12])),
+        "constant": _matmul_relu(typed_w, hollow("c", [10**12])),
+    }.items():
+        onnx.save(model, tmp_path / f"{case}.onnx")
+        result = cli("scan", tmp_path / f"{case}.onnx", "--data", tmp_path / "x.npz")
+        assert result.code == 2, (case, result.err)
+        assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err, result.err
+        assert case == "constant" or "holds 0 values" in result.err, result.err  # the checker sees Constants

@@ -135,23 +135,39 @@ def _has_external_data(model) -> bool:
 
 
 def _check_initializer_sizes(model) -> None:
-    """Each initializer's stored bytes match its declared shape (what the full checker would refuse)."""
+    """Each stored tensor's data (raw bytes, or the typed field: float_data, int64_data, …) matches its
+    declared shape (what the full checker would refuse): initializers and Constant values, in subgraphs
+    too. A tensor that claims 10^12 elements and holds none is damage, not a model to run."""
     import numpy as np
     from onnx import TensorProto, helper
 
-    for init in model.graph.initializer:
-        if not init.HasField("raw_data") or init.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+    packed = {TensorProto.INT4, TensorProto.UINT4} | (
+        {TensorProto.FLOAT4E2M1} if hasattr(TensorProto, "FLOAT4E2M1") else set()
+    )
+    for init in stored_tensors(model):
+        if (
+            init.data_type in (TensorProto.STRING, TensorProto.UNDEFINED)
+            or init.data_type in packed  # two values per byte: left to onnxruntime
+            or init.data_location == TensorProto.EXTERNAL
+        ):
             continue
-        try:
-            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-        except (KeyError, TypeError, ValueError):
-            continue  # 4-bit and other packed types: left to onnxruntime
-        if init.data_type in (TensorProto.INT4, TensorProto.UINT4):
-            continue
-        expected = int(np.prod([int(d) for d in init.dims], dtype=object)) * itemsize
-        if len(init.raw_data) != expected:
+        elements = int(np.prod([int(d) for d in init.dims], dtype=object))
+        if init.HasField("raw_data"):
+            try:
+                itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+            except (KeyError, TypeError, ValueError):
+                continue
+            expected, held, unit = elements * itemsize, len(init.raw_data), "bytes"
+        else:
+            try:
+                field = helper.tensor_dtype_to_field(init.data_type)
+            except (KeyError, TypeError, ValueError):
+                continue
+            per = 2 if init.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128) else 1
+            expected, held, unit = elements * per, len(getattr(init, field)), "values"
+        if held != expected:
             raise ValueError(
-                f"initializer {init.name!r} holds {len(init.raw_data)} bytes for shape {list(init.dims)}, expected {expected}"
+                f"tensor {init.name!r} holds {held} {unit} for shape {list(init.dims)}, expected {expected}"
             )
 
 
