@@ -34,6 +34,13 @@ def terminal_text(text: object, keep: str = "") -> str:
     )
 
 
+def html_text(text: object) -> str:
+    """For HTML text and attribute values: escaped controls (as the terminal shows them), then `<>&"'`."""
+    import html
+
+    return html.escape(terminal_text(text), quote=True)
+
+
 def rich_text(text: object) -> str:
     """For a Rich renderable that parses markup (table cells): escaped controls and escaped `[…]`."""
     from rich.markup import escape

@@ -171,10 +171,14 @@ def test_a_hostile_layer_name_cannot_forge_ci_output(cli, work, monkeypatch):
     result = cli(
         "scan", work / "evil.onnx", "--data", work / "x.npz", "--max-dead-layer", "0.1",
         "--json", work / "r.json", "--junit", work / "j.xml", "--markdown", work / "m.md",
+        "--html", work / "r.html",
     )  # fmt: skip
     assert result.code == 1, result.err
-    for text in (result.out, result.err, (work / "m.md").read_text(), (work / "j.xml").read_text()):
+    page = (work / "r.html").read_text()
+    for text in (result.out, result.err, (work / "m.md").read_text(), (work / "j.xml").read_text(), page):
         assert "\x1b" not in text and "\x07" not in text
+    # the page shows the name as the terminal does (before: the raw controls were in the HTML)
+    assert "relu\\x1b]0;T\\x07\\n::warning title=x::y [red]x[/] a|b `c`" in page
     commands = [line for line in result.err.splitlines() if line.startswith("::")]
     assert len(commands) == 1 and commands[0].startswith("::error title=deadrelu "), result.err
     assert "%0A" in commands[0]  # the newline is percent-encoded, as the runner decodes it

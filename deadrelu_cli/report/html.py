@@ -5,13 +5,12 @@ JavaScript only adds sorting and filtering to the tables; everything else is sta
 
 from __future__ import annotations
 
-import html
 import io
 from dataclasses import dataclass
 
 import numpy as np
 
-from deadrelu_cli.display import terminal_text
+from deadrelu_cli.display import html_text, terminal_text
 from deadrelu_cli.report.diff import match_layers
 from deadrelu_cli.report.model import Report
 from deadrelu_cli.report.table import CRITICAL_FRACTION, DEPTH_MIN_LAYERS, WARN_FRACTION, unit_status
@@ -256,7 +255,7 @@ def _plain(name: str) -> str:
 
 
 def _e(value) -> str:
-    return html.escape(str(value), quote=True)
+    return html_text(value)
 
 
 def _card(label: str, value: str, cls: str = "") -> str:
