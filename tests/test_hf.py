@@ -337,6 +337,32 @@ def test_pytorch_model_bin_folder(opt, tmp_path, cli):
     _assert_matches(layers, hook_counts(model, ids, mask, mask))
 
 
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_pytorch_model_bin_that_would_run_code_is_refused_in_one_line(opt, tmp_path, cli):
+    """A folder's .bin holding a pickle that calls os.mkdir: refused with exit 2 and one line, with or
+    without --trust-pickle (transformers reads .bin with weights_only), and the call never runs
+    (before: nothing ran, but the refusal was an internal error, exit 3)."""
+    folder, model, ids, mask, _ = opt
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    model.config.save_pretrained(evil)
+    marker = tmp_path / "ran"
+    torch.save({**model.state_dict(), "extra": _RunsCode(marker)}, evil / "pytorch_model.bin")
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)
+    for extra in ((), ("--trust-pickle",)):
+        result = cli("scan", evil, "--data", tmp_path / "t.npz", *extra)
+        assert result.code == 2, result.err
+        assert "refused to unpickle" in result.err and len(result.err.strip().splitlines()) == 1, result.err
+    assert not marker.exists()
+
+
 def _takes_safe_serialization() -> bool:
     import inspect
 

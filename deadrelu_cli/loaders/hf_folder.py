@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -165,6 +166,11 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
         model = cls.from_pretrained(str(folder), **kwargs)
     except ImportError as exc:  # device_map needs accelerate
         raise UserError(f"{folder}: {str(exc).splitlines()[0]} ({EXTRA_HINT})") from None
+    except pickle.UnpicklingError:  # transformers reads .bin files with torch.load(weights_only=True)
+        raise UserError(
+            f"{folder}: refused to unpickle its .bin weights: they hold more than tensors (unpickling them "
+            "could run code); only a folder of plain weights is read, e.g. re-saved as safetensors where you trust it"
+        ) from None
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: transformers could not load the model ({text})") from None
