@@ -486,9 +486,8 @@ class Watch:
                 warnings.warn(f"deadrelu: step {step}: {verdict.failures[0]}", DeadLayerWarning, stacklevel=3)
         if result.model_failures and "<model>" not in self._warned and warn:  # once, like a layer
             self._warned.add("<model>")
-            warnings.warn(
-                f"deadrelu: step {step}: {result.model_failures[0]}", DeadLayerWarning, stacklevel=3
-            )
+            message = result.model_failures[0].replace("pass --allow-no-sites", "pass allow_no_sites=True")
+            warnings.warn(f"deadrelu: step {step}: {message}", DeadLayerWarning, stacklevel=3)
         if not result.passed and self.stop_on_gate:
             self.should_stop = True
 

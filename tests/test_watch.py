@@ -487,6 +487,7 @@ def test_allow_no_sites_from_tool_deadrelu_and_as_an_argument(tmp_path, monkeypa
 
     passed, warned = run(config=False, max_dead=0.5)
     assert not passed and len(warned) == 1 and "no activation site" in str(warned[0].message)
+    assert "pass allow_no_sites=True" in str(warned[0].message)  # the argument's name, not the CLI flag
     assert run(config=False, max_dead=0.5, allow_no_sites=True) == (True, [])
     (tmp_path / "pyproject.toml").write_text("[tool.deadrelu]\nmax-dead = 0.5\nallow-no-sites = true\n")
     monkeypatch.chdir(tmp_path)
