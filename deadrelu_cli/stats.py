@@ -43,7 +43,7 @@ class LayerStats:
     sum_abs: np.ndarray  # float64[units]: sum of |activation|
     saturated_counts: np.ndarray | None = None  # int64[units], capped ops only: elements >= cap
     module_type: str | None = None
-    producer: str | None = None  # module whose .bias is this unit's bias (Linear/Conv/BN)
+    producer: str | None = None  # module whose rows (and .bias, if any) make the units (Linear/Conv/BN)
     bias: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
     # data-free certification (--certify): per-unit upper bound of the pre-activation over the input box,

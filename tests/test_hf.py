@@ -498,6 +498,47 @@ def test_encoder_decoder_decoder_sites_count_the_decoders_tokens(kind, cli, tmp_
         assert result.code == 2 and "decoder_input_ids" in result.err and "Traceback" not in result.err
 
 
+@pytest.mark.parametrize("strategy", ["reinit", "kick"])
+def test_fix_of_a_t5_folder_with_bias_free_feed_forward(strategy, cli, tmp_path):
+    """T5's DenseReluDense: wi (bias=False) -> relu -> dropout -> wo, with a `.dtype` read in between.
+    reinit and kick revive the dead units (before: refused, "no single Linear/Conv produces this
+    activation"; reinit also saw the dropout and the dtype read as other uses). Judged by plain hooks
+    on the decoder's own positions, and (reinit) logits equal at the counted decoder positions."""
+    model = _seq2seq("t5")
+    with torch.no_grad():
+        model.encoder.block[0].layer[1].DenseReluDense.wi.weight[[1, 6]] = 0.0  # relu(0) never fires
+        model.decoder.block[1].layer[2].DenseReluDense.wi.weight[[3]] = 0.0
+    folder = save_folder(model, tmp_path / "t5", shard="10KB")
+    ids, mask = token_data(seed=2)
+    dec_ids, dec_mask = token_data(tokens=7, seed=5)
+    feed = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "decoder_input_ids": dec_ids,
+        "decoder_attention_mask": dec_mask,
+    }
+    np.savez(tmp_path / "t.npz", **feed)
+    out = tmp_path / "fixed"
+    force = ("--force",) if strategy == "kick" else ()
+    result = cli("fix", folder, "--data", tmp_path / "t.npz", "--strategy", strategy, "--output", out, *force)
+    assert result.code == 0, result.err
+    fixed = transformers.AutoModelForSeq2SeqLM.from_pretrained(out, local_files_only=True).eval()
+
+    def keep(name):
+        return mask if ".encoder." in f".{name}" else dec_mask
+
+    after = _per_site_counts(fixed, feed, keep)
+    assert (after["encoder.block.0.layer.1.DenseReluDense.act"][0][[1, 6]] > 0).all()
+    assert after["decoder.block.1.layer.2.DenseReluDense.act"][0][3] > 0
+    if strategy == "reinit":
+        with torch.no_grad():
+            logits = [
+                m(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy() for m in (model, fixed)
+            ]
+        kept = dec_mask.astype(bool)
+        np.testing.assert_allclose(logits[1][kept], logits[0][kept], rtol=1e-5, atol=1e-5)
+
+
 def test_llama_style_relu_mlp(cli, tmp_path):
     torch.manual_seed(2)
     config = transformers.LlamaConfig(

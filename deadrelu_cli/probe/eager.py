@@ -161,10 +161,11 @@ class _CallSiteMode(TorchFunctionMode):
                     self.probe.propagate(
                         args[0], out, keep_producer=not any(isinstance(a, torch.Tensor) for a in others)
                     )
-                elif func in self.probe.unit_preserving:
+                if func in self.probe.unit_preserving:  # dropout, clone, contiguous are both kinds
                     self.probe.carry_site_output(args[0], out)
                     return out
-            if self.probe._site_outputs:
+            # reading a tensor's metadata (T5's `hidden_states.dtype`) is no use of its values
+            if self.probe._site_outputs and getattr(func, "__name__", "") != "__get__":
                 self.probe.note_other_use(func, args)
             return out
         if func in (F.hardtanh, F.hardtanh_) and _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
@@ -424,13 +425,19 @@ class EagerProbe:
         return self._namer.name(path, op, is_activation)
 
     def _site_facts(self, pre: torch.Tensor) -> tuple[int, str, str | None]:
-        """(inferred unit axis, module type, producer with a per-unit bias or None) of a site's input."""
+        """(inferred unit axis, module type, producer (a per-unit bias, or a bias-free Linear/Conv) or None) of a site's input."""
         _, module, is_activation = self._current_module()
         producer_name, producer, channel_first = self.origin_of(pre) or (None, None, None)
         inferred = infer_channel_dim(pre.dim(), channel_first)
         units = pre.shape[inferred] if pre.dim() > 1 else pre.shape[0]
         bias = getattr(producer, "bias", None) if producer is not None else None
-        if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != units:
+        weight = getattr(producer, "weight", None) if bias is None else None
+        if not (isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.shape[0] == units) and not (
+            # bias=False (T5, LLaMA-style MLPs): a Linear/Conv whose rows are the units still makes them
+            isinstance(producer, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
+            and isinstance(weight, torch.Tensor)
+            and weight.shape[0] == units
+        ):
             producer_name = None
         return inferred, type(module).__name__ if is_activation else "functional", producer_name
 

@@ -92,12 +92,12 @@ def attach_module_biases(runnable, layers) -> None:
 
     params = None
 
-    def bias_of(producer: str):
+    def tensor_of(producer: str, key: str):
         nonlocal params
         # the producer's own tensors, not a dict of the whole model's (ScriptModules have no get_submodule)
         if isinstance(runnable, torch.nn.Module) and not isinstance(runnable, torch.jit.ScriptModule):
             try:  # a parameter or buffer; accelerate's copy where it was offloaded (a meta tensor)
-                return offloaded(runnable.get_submodule(producer), "bias")
+                return offloaded(runnable.get_submodule(producer), key)
             except AttributeError:
                 pass  # not a module path: by name below
         if params is None:
@@ -106,19 +106,26 @@ def attach_module_biases(runnable, layers) -> None:
                 params.update(dict(runnable.named_parameters()))
             if hasattr(runnable, "named_buffers"):
                 params.update({k: v for k, v in runnable.named_buffers() if k not in params})
-        return params.get(f"{producer}.bias")
+        return params.get(f"{producer}.{key}")
 
     for layer in layers:
         if layer.producer is None:
             continue
-        bias = bias_of(layer.producer)
+        bias = tensor_of(layer.producer, "bias")
         if (
             isinstance(bias, torch.Tensor)
             and is_last_axis_vector(tuple(bias.shape))  # [N] or [1, N]
             and bias.shape[-1] == layer.units
         ):
             layer.bias = bias.detach().float().cpu().numpy().astype(np.float64).reshape(-1)
-        else:
+            continue
+        weight = tensor_of(layer.producer, "weight")
+        if not (
+            bias is None  # bias=False (T5, LLaMA-style MLPs): still the layer's producer, for the fixes
+            and isinstance(weight, torch.Tensor)
+            and weight.dim() >= 2
+            and weight.shape[0] == layer.units
+        ):
             layer.producer = None
 
 
