@@ -226,3 +226,21 @@ def decoder_batch_mask(spec: MaskSpec | None, batch: dict[str, np.ndarray]) -> n
     if keep is not None and keep.shape != np.asarray(batch[DECODER_IDS]).shape:
         raise UserError(f"{DECODER_MASK!r} and {DECODER_IDS!r} have different shapes")
     return keep
+
+
+class OutputArrays(list):
+    """A model's output arrays for one batch, with each one's name in `names` (the key of a dict-like
+    output, transformers' ModelOutput; "" otherwise)."""
+
+    names: tuple[str, ...] = ()
+
+
+def output_keep(
+    name: str, keep: np.ndarray | None, decoder_keep: np.ndarray | None, decoder_fed: bool
+) -> np.ndarray | None:
+    """The positions of output `name` that count: an encoder-decoder fed its own decoder tokens
+    computes its `encoder_*` outputs on the encoder's tokens (`keep`) and the others on the decoder's
+    (`decoder_keep`; None: every position)."""
+    if not decoder_fed or name.startswith("encoder_"):
+        return keep
+    return decoder_keep

@@ -539,6 +539,41 @@ def test_fix_of_a_t5_folder_with_bias_free_feed_forward(strategy, cli, tmp_path)
         np.testing.assert_allclose(logits[1][kept], logits[0][kept], rtol=1e-5, atol=1e-5)
 
 
+def test_fix_compares_a_decoders_outputs_on_the_decoders_positions(cli, tmp_path):
+    """fix on an encoder-decoder fed decoder_input_ids (the encoder's length, other padding): the
+    reported max |Δ| is over the logits at the decoder_attention_mask's positions and the encoder's
+    outputs at the attention_mask's, computed here from both folders (before: the logits were compared
+    at the encoder's positions)."""
+    model = _seq2seq("t5")
+    with torch.no_grad():
+        model.decoder.block[0].layer[2].DenseReluDense.wi.weight[[2, 3]] = 0.0
+    folder = save_folder(model, tmp_path / "t5", shard="10KB")
+    ids, mask = token_data(seed=2)
+    ids[:, 3:], mask[:, 3:] = PAD, 0  # short sources, long targets: most decoder positions are past them
+    dec_ids, dec_mask = token_data(seed=9)
+    feed = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "decoder_input_ids": dec_ids,
+        "decoder_attention_mask": dec_mask,
+    }
+    np.savez(tmp_path / "t.npz", **feed)
+    out = tmp_path / "fixed"
+    result = cli(
+        "fix", folder, "--data", tmp_path / "t.npz", "--strategy", "kick", "--force", "--output", out, "--json", "-"
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    fixed = transformers.AutoModelForSeq2SeqLM.from_pretrained(out, local_files_only=True).eval()
+    with torch.no_grad():
+        a, b = (m(**{k: torch.from_numpy(v) for k, v in feed.items()}) for m in (model, fixed))
+    logits = np.abs(a.logits.numpy() - b.logits.numpy())[dec_mask.astype(bool)].max()
+    encoder = np.abs(a.encoder_last_hidden_state.numpy() - b.encoder_last_hidden_state.numpy())[
+        mask.astype(bool)
+    ]
+    assert logits > 0
+    np.testing.assert_allclose(result.json()["max_abs_diff"], max(logits, encoder.max()), rtol=1e-6)
+
+
 def test_llama_style_relu_mlp(cli, tmp_path):
     torch.manual_seed(2)
     config = transformers.LlamaConfig(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from deadrelu_cli.calibration import CalibrationData
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.inputs import OutputArrays
 from deadrelu_cli.loaders.model import LoadedModel
 from deadrelu_cli.options import DTYPE_NAMES
 
@@ -134,8 +137,17 @@ def torch_runner(loaded: LoadedModel, order: list[str], device: str):
         args, kwargs = model_call(loaded, order, inputs)
         with torch.inference_mode():
             out = loaded.runnable(*args, **kwargs)
-        leaves = torch.utils._pytree.tree_leaves(out)
-        return [leaf.detach().float().cpu().numpy() for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        # a dict-like output (transformers' ModelOutput) keeps each array's key: an encoder-decoder's
+        # `encoder_*` outputs run on the encoder's tokens, the rest on the decoder's
+        parts = list(out.items()) if isinstance(out, Mapping) else [("", out)]
+        arrays, names = OutputArrays(), []
+        for key, value in parts:
+            for leaf in torch.utils._pytree.tree_leaves(value):
+                if isinstance(leaf, torch.Tensor):
+                    arrays.append(leaf.detach().float().cpu().numpy())
+                    names.append(str(key))
+        arrays.names = tuple(names)
+        return arrays
 
     return run
 
