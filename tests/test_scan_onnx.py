@@ -247,8 +247,9 @@ def test_external_data_outside_folder_is_refused(tmp_path):
     )  # same length: the protobuf stays valid
     (tmp_path / "sub" / "m.onnx").write_bytes(raw)
     np.savez(tmp_path / "d.npz", x=np.zeros((2, 4), np.float32))
-    with pytest.raises(UserError, match="outside the model's folder"):
+    with pytest.raises(UserError, match="outside the model's folder") as refused:
         scan(str(tmp_path / "sub" / "m.onnx"), str(tmp_path / "d.npz"), device="cpu")
+    assert str(refused.value).startswith(f"{tmp_path / 'sub' / 'm.onnx'}: ")  # the file, not its folder
 
 
 def test_memory_does_not_grow_with_activation_size(tmp_path):

@@ -31,10 +31,10 @@ def stored_tensors(model):
     yield from graph_tensors(model.graph)
 
 
-def _check_external_locations(model, base: Path) -> None:
+def _check_external_locations(model, path: Path) -> None:
     from onnx import TensorProto
 
-    root = base.resolve()
+    root = path.parent.resolve()
     for tensor in stored_tensors(model):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
@@ -42,7 +42,7 @@ def _check_external_locations(model, base: Path) -> None:
         target = (root / location).resolve()
         if Path(location).is_absolute() or not target.is_relative_to(root):
             raise UserError(
-                f"{base}: tensor {tensor.name!r} points outside the model's folder ({location}); refusing to read it"
+                f"{path}: tensor {tensor.name!r} points outside the model's folder ({location}); refusing to read it"
             )
         if not target.is_file():
             raise UserError(
@@ -69,7 +69,7 @@ def read_onnx(path: str, keep_bytes: dict | None = None):
         raise UserError(f"{path}: not a valid ONNX model (the graph has no nodes)")
     if has_undecodable_string(model):
         raise UserError(f"{path}: not a valid ONNX model (a name is not UTF-8 text); the file is damaged")
-    _check_external_locations(model, p.parent)
+    _check_external_locations(model, p)
     external = _has_external_data(model)
     if external:
         try:
