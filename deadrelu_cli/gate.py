@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.report.diff import match_layers
-from deadrelu_cli.report.model import Report
+from deadrelu_cli.report.model import COUNT_SETTINGS, Report, settings_difference
 
 
 @dataclass
@@ -175,6 +175,12 @@ def unseen_notes(unseen: dict[str, int], ops: tuple[str, ...]) -> list[str]:
 
 
 def evaluate(report: Report, config: GateConfig) -> GateResult:
+    differ = settings_difference(config.baseline, report, COUNT_SETTINGS) if config.baseline else None
+    if differ:  # a unit dead at threshold 0.1 may fire at 0: the fractions do not compare
+        raise UserError(
+            f"--baseline was scanned with {differ} than this report: its dead units do not compare; "
+            "re-scan the baseline with the same settings"
+        )
     summary = report.summary()
     model_failures: list[str] = []
     if config.max_dead is not None and summary.dead_fraction > config.max_dead:

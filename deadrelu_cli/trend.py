@@ -11,6 +11,7 @@ ONNX) are scanned file by file with the same data.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -166,6 +167,13 @@ def order_checkpoints(paths: list[Path]) -> tuple[list[Checkpoint], list[str]]:
         for p, f, n in zip(paths, found, named, strict=True)
     ]
     ordered = sorted(checkpoints, key=lambda c: c.step)
+    for before, after in itertools.pairwise(ordered):
+        if before.step == after.step:  # two runs mixed, or one saved twice: no order between them
+            where = f"its {before.key}" if before.source == "checkpoint" else "the number in its name"
+            raise UserError(
+                f"{before.path} and {after.path} are both at step {before.step} ({where}): "
+                "give one file per step of one run"
+            )
     both = [
         (c, n) for c, n in zip(checkpoints, named, strict=True) if c.source != "file name" and n is not None
     ]
@@ -218,9 +226,16 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
 
 
 def _read_reports(checkpoints: list[Checkpoint]) -> tuple[list[list[LayerStats]], int]:
-    from deadrelu_cli.report.model import load_report
+    from deadrelu_cli.report.model import COUNT_SETTINGS, load_report, settings_difference
 
     reports = [load_report(c.path) for c in checkpoints]
+    for checkpoint, report in zip(checkpoints[1:], reports[1:], strict=True):
+        differ = settings_difference(reports[0], report, COUNT_SETTINGS)
+        if differ:
+            raise UserError(
+                f"{checkpoints[0].path} and {checkpoint.path} were scanned with {differ}: their dead units do not "
+                "compare; re-scan them with the same settings"
+            )
     return [r.layers for r in reports], max(r.data.samples for r in reports)
 
 

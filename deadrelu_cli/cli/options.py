@@ -240,7 +240,7 @@ ConfigPath = Annotated[
     str | None,
     typer.Option(
         "--config",
-        help="Settings file (default: nearest deadrelu.toml or pyproject.toml with [tool.deadrelu]).",
+        help="Settings file (default: nearest deadrelu.toml or pyproject.toml with \\[tool.deadrelu]).",
     ),
 ]
 ShowConfig = Annotated[

@@ -72,7 +72,7 @@ def scan(
 ) -> None:
     """Scan MODEL on the calibration data: per-unit activation rates at every ReLU call site.
 
-    Settings not given as flags come from [tool.deadrelu] in the nearest pyproject.toml (or deadrelu.toml).
+    Settings not given as flags come from \\[tool.deadrelu] in the nearest pyproject.toml (or deadrelu.toml).
     """
     from deadrelu_cli.engine import run_scan_detailed
     from deadrelu_cli.errors import UserError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +276,13 @@ def layer_from_dict(d: dict[str, Any]) -> LayerStats:
     )
 
 
+def _known_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+    """The keys of `d` that `cls` has: fields a later version adds (optional, as the schema allows)
+    must not stop an older deadrelu from loading the report."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
 def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
     version = d.get("schema_version") if isinstance(d, dict) else None
     if version not in READABLE_VERSIONS:
@@ -295,13 +302,15 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
             ops=tuple(st.get("ops", ("relu", "relu6"))),
         )
         return Report(
-            model=ModelInfo(**d["model"]),
-            data=DataInfo(**d["data"]),
+            model=ModelInfo(**_known_fields(ModelInfo, d["model"])),
+            data=DataInfo(**_known_fields(DataInfo, d["data"])),
             settings=settings,
             layers=[layer_from_dict(layer) for layer in d["layers"]],
             tool=d.get("tool", {}),
             notes=list(d.get("notes", [])),
-            training=None if d.get("training") is None else TrainingInfo(**d["training"]),
+            training=None
+            if d.get("training") is None
+            else TrainingInfo(**_known_fields(TrainingInfo, d["training"])),
             mask=d.get("mask"),
             unseen={str(k): int(v) for k, v in (d.get("unseen_activations") or {}).items()},
         )
@@ -336,11 +345,24 @@ MERGE_SETTINGS = (
     ("--ops", "ops"),
     ("--channel-dim", "channel_dim"),
 )
+# the settings that decide whether a unit is dead: reports that differ in them do not compare (trend,
+# --baseline); dying/tau/ops change only derived fields or which layers are listed
+COUNT_SETTINGS = (("--threshold", "threshold"), ("--channel-dim", "channel_dim"))
 
 
 def _setting(settings: Settings, key: str):
     value = getattr(settings, key)
     return ",".join(value) if key == "ops" else value
+
+
+def settings_difference(a: Report, b: Report, settings=MERGE_SETTINGS) -> str | None:
+    """'different --threshold (0.0 and 0.1)' when A and B were made with different SETTINGS (merge: all
+    of them, their counts must add up; trend and --baseline: COUNT_SETTINGS), else None."""
+    for flag, key in settings:
+        x, y = _setting(a.settings, key), _setting(b.settings, key)
+        if x != y:
+            return f"different {flag} ({x} and {y})"
+    return None
 
 
 def refuse_repeated_reports(paths: list[str | Path]) -> None:
@@ -388,13 +410,11 @@ def merge_reports(reports: list[Report]) -> Report:
                 f"cannot merge reports of different models ({first.model.path} sha256 {first.model.sha256[:12]}… "
                 f"vs {other.model.path} sha256 {other.model.sha256[:12]}…)"
             )
-        a, b = first.settings, other.settings
-        for flag, key in MERGE_SETTINGS:
-            if _setting(a, key) != _setting(b, key):
-                raise UserError(
-                    f"cannot merge reports made with different {flag} ({_setting(a, key)} and {_setting(b, key)}); "
-                    "re-scan the parts with the same settings"
-                )
+        differ = settings_difference(first, other)
+        if differ:
+            raise UserError(
+                f"cannot merge reports made with {differ}; re-scan the parts with the same settings"
+            )
         if other.mask != first.mask:
             raise UserError(
                 "cannot merge reports made with different position masks (--mask / --exclude-token-ids)"

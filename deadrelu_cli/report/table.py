@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -101,11 +102,13 @@ def summary_line(report: Report) -> str:
     return f"{text} · {', '.join(extras)}"
 
 
-def layers_table(report: Report) -> Table:
+def layers_table(report: Report, decorated: bool = True, name_width: int = 40) -> Table:
+    """One row per layer; for a narrow console (fit_layers_table) `decorated=False` leaves out the bar
+    and the rates sparkline and `name_width` caps the names' column (they fold)."""
     settings = report.settings
     table = plain_table()
     longest = max((len(layer.name) for layer in report.layers), default=8)
-    table.add_column("Layer", overflow="fold", min_width=min(max(longest, 5), 40))
+    table.add_column("Layer", overflow="fold", min_width=min(max(longest, 5), name_width))
     # layers inside a branch that ran on some batches only: say how many samples each layer saw
     partial = any(
         layer.samples is not None and layer.samples != report.data.samples for layer in report.layers
@@ -119,10 +122,11 @@ def layers_table(report: Report) -> Table:
         )
     certified = any(layer.upper_bound is not None or layer.certify_note for layer in report.layers)
     why_not = any(layer.certified_dead is None and layer.certify_note for layer in report.layers)
-    table.add_column("", no_wrap=True, width=BAR_WIDTH)
+    if decorated:
+        table.add_column("", no_wrap=True, width=BAR_WIDTH)
     if certified:  # the proof column takes the sparkline's place (80 columns)
         table.add_column("Proven", justify="right", no_wrap=True)
-    else:
+    elif decorated:
         table.add_column("Rates", no_wrap=True, width=8)
     if why_not:  # "n/c" says nothing without the op that stopped the proof
         table.add_column("Why not certified", overflow="fold")
@@ -143,8 +147,7 @@ def layers_table(report: Report) -> Table:
                 "–",
                 "–",
                 "–",
-                "",
-                *(proof or [""]),
+                *(["", *(proof or [""])] if decorated else proof),
                 style="dim",
             )
             continue
@@ -160,11 +163,27 @@ def layers_table(report: Report) -> Table:
             str(int(layer.dying_mask(settings.dying).sum())),
             str(int(layer.dormant_mask(settings.tau).sum())),
             f"{100 * float(np.median(layer.active_rate())):.1f}%",
-            _bar(fraction),
-            *(proof or [sparkline(layer.active_rate())]),
+            *([_bar(fraction), *(proof or [sparkline(layer.active_rate())])] if decorated else proof),
             style=severity_style(fraction),
         )
     return table
+
+
+def fit_layers_table(report: Report, console: Console) -> Table:
+    """The layers table at the console's width: Rich squeezes a table too wide for it by shrinking the
+    one folding column, the names, to nothing; drop the bar and sparkline first, then fold the names
+    into what the numbers leave (at least 8 characters; below ~60 columns Rich crops the right end)."""
+
+    def natural(table: Table) -> int:
+        return Measurement.get(console, console.options.update_width(1 << 16), table).maximum
+
+    table = layers_table(report)
+    if natural(table) <= console.width:
+        return table
+    table = layers_table(report, decorated=False)
+    longest = max(max((len(layer.name) for layer in report.layers), default=8), 5)
+    numbers = natural(table) - longest
+    return layers_table(report, decorated=False, name_width=max(8, min(40, console.width - numbers)))
 
 
 def _certified_cell(layer: LayerStats) -> str:
@@ -290,7 +309,7 @@ def print_report(report: Report, console: Console, layer_name: str | None = None
     ):
         console.print(certificate_table(report))
     elif report.layers:
-        console.print(layers_table(report))
+        console.print(fit_layers_table(report, console))
     else:  # an empty table would read as "all clear"; the notes below say what the model has instead
         ops = ", ".join(report.settings.ops) if report.settings.ops else "the scanned ops"
         console.print(f"No activation site of {ops} in this model: nothing was counted.", style="bold")

@@ -1,0 +1,110 @@
+"""Saved reports in CI: newer optional fields, trends over reports, baselines, narrow CI logs.
+Ground truth: counts from onnxruntime on the bundled CNN (tests/truth.py), counted here in numpy."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ROOT
+from truth import onnx_relu_io
+
+CNN = ROOT / "sample_models" / "cnn"
+RELUS = ["/relu/Relu", "/relu_1/Relu", "/Relu"]
+
+
+@pytest.fixture(scope="module")
+def truth():
+    """Per Relu node: units dead over calib.npz, from onnxruntime's own outputs, channel axis 1."""
+    x = np.load(CNN / "calib.npz")["input"]
+    sites = onnx_relu_io(onnx.load(str(CNN / "model.onnx")), {"input": x}, RELUS)
+    dead = {}
+    for name, site in sites.items():
+        rows = np.moveaxis(site.pre, 1, -1).reshape(-1, site.pre.shape[1])
+        dead[name] = int(((rows > 0).sum(axis=0) == 0).sum())
+    return dead
+
+
+@pytest.fixture
+def report(cli, tmp_path):
+    out = tmp_path / "report.json"
+    result = cli("scan", CNN / "model.onnx", "--data", CNN / "calib.npz", "--json", out, "-q")
+    assert result.code == 0, result.err
+    return json.loads(out.read_text())
+
+
+def _write(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_unknown_optional_fields_still_load(cli, report, truth, tmp_path):
+    """A report of a later version may add optional fields anywhere (the schema allows them)."""
+    d = copy.deepcopy(report)
+    for part in (d, d["model"], d["data"], d["settings"], d["summary"], d["layers"][0]):
+        part["x_later_field"] = {"nested": [1, 2]}
+    d["training"] = {"step": 5, "first_step": 1, "sampled_steps": 5, "every": 1, "window": 0, "x_later": 1}
+    path = _write(tmp_path / "later.json", d)
+    total = sum(truth.values())
+    units = sum(layer["units"] for layer in report["layers"])
+    result = cli("gate", path, "--max-dead-units", total, "-q")
+    assert result.code == 0, result.err
+    result = cli("gate", path, "--max-dead-units", total - 1, "-q")
+    assert result.code == 1 and f"{total} dead units" in result.err
+    result = cli("report", path, "--json", "-")
+    assert result.code == 0, result.err
+    assert result.json()["summary"]["dead_fraction"] == pytest.approx(total / units)
+
+
+def test_trend_refuses_two_reports_at_one_step(cli, report, tmp_path):
+    paths = []
+    for step, name in ((100, "a.json"), (200, "b.json"), (200, "other-run.json")):
+        d = copy.deepcopy(report)
+        d["training"] = {"step": step, "first_step": step, "sampled_steps": 1, "every": 1, "window": 0}
+        paths.append(_write(tmp_path / name, d))
+    result = cli("trend", *paths)
+    assert result.code == 2 and "both at step 200" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert cli("trend", *paths[:2]).code == 0
+
+
+def test_reports_scanned_at_other_thresholds_do_not_compare(cli, report, truth, tmp_path):
+    other = copy.deepcopy(report)
+    other["settings"]["threshold"] = 0.5  # counts made at another threshold: a unit dead there may fire at 0
+    old, new = _write(tmp_path / "old_1.json", other), _write(tmp_path / "new_2.json", report)
+    result = cli("trend", old, new)
+    assert result.code == 2 and "different --threshold (0.5 and 0.0)" in result.err
+    result = cli("gate", new, "--baseline", old, "-q")
+    assert result.code == 2 and "different --threshold" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    # the same settings: compared, and the dead counts are onnxruntime's
+    result = cli("gate", new, "--baseline", _write(tmp_path / "same.json", report), "--max-dead-units", 99)
+    assert result.code == 0, result.err
+    for name, dead in truth.items():
+        assert any(
+            line.split()[:1] == [name] and line.split()[3] == str(dead) for line in result.out.splitlines()
+        )
+
+
+def test_narrow_ci_log_keeps_layer_names_and_numbers(cli, report, truth, tmp_path, monkeypatch):
+    """COLUMNS=60 in a CI log: Rich used to squeeze the Layer column to nothing."""
+    monkeypatch.setenv("COLUMNS", "60")
+    result = cli("report", _write(tmp_path / "r.json", report))
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert max(len(line) for line in lines) <= 60
+    header = next(i for i, line in enumerate(lines) if line.startswith("Layer"))
+    width = lines[header].index("Op")
+    rows = lines[header + 2 : next(i for i, line in enumerate(lines) if line.startswith("Dead units"))]
+    assert width >= 8 and "".join(row[:width].strip() for row in rows) == "".join(RELUS)  # folded, all there
+    for name, dead in truth.items():
+        units = next(layer["units"] for layer in report["layers"] if layer["name"] == name)
+        assert f"{100 * dead / units:.1f}%" in result.out
+
+
+def test_help_shows_the_config_table_name(cli):
+    result = cli("scan", "--help")
+    assert "[tool.deadrelu]" in result.out
