@@ -108,3 +108,34 @@ def test_narrow_ci_log_keeps_layer_names_and_numbers(cli, report, truth, tmp_pat
 def test_help_shows_the_config_table_name(cli):
     result = cli("scan", "--help")
     assert "[tool.deadrelu]" in result.out
+
+
+def test_merge_of_shards_is_exact_and_overlap_is_flagged(cli, tmp_path):
+    x = np.load(CNN / "calib.npz")["input"]
+    parts = []
+    for name, rows in (("s0.npz", x[:40]), ("s1.npz", x[40:])):
+        np.savez(tmp_path / name, input=rows)
+        out = tmp_path / f"{name}.json"
+        assert cli("scan", CNN / "model.onnx", "--data", tmp_path / name, "--json", out, "-q").code == 0
+        parts.append(out)
+    result = cli("merge", *parts, "--json", "-")
+    assert result.code == 0 and "warning" not in result.err
+    merged = result.json()
+    sites = onnx_relu_io(onnx.load(str(CNN / "model.onnx")), {"input": x}, RELUS)
+    for layer in merged["layers"]:
+        pre = sites[layer["name"]].pre
+        rows = np.moveaxis(pre, 1, -1).reshape(-1, pre.shape[1])
+        assert layer["positive_counts"] == (rows > 0).sum(axis=0).tolist()
+        assert layer["elements_per_unit"] == rows.shape[0]
+    # two --limit scans of one file both start at its first sample: 40 samples would count twice
+    limited = []
+    for n in (40, 60):
+        out = tmp_path / f"limit{n}.json"
+        args = ("scan", CNN / "model.onnx", "--data", CNN / "calib.npz", "--limit", n, "--json", out, "-q")
+        assert cli(*args).code == 0
+        limited.append(out)
+    result = cli("merge", *limited, "--json", tmp_path / "overlap.json")
+    assert result.code == 0 and "warning: the data of the merged parts" in result.err
+    assert "calib.npz" in result.err
+    result = cli("report", tmp_path / "overlap.json")
+    assert "warning: the data of the merged parts" in result.out

@@ -61,11 +61,15 @@ def merge(
     refuse_repeated_reports(reports)
     merged = merge_reports([load_report(path) for path in reports])
     text = report_to_json(merged)
+    err = make_console(stderr=True, soft_wrap=True)
+    for note in merged.notes:
+        if note.startswith("check the data of the merged parts"):
+            err.print(f"warning: {terminal_text(note.removeprefix('check '))}", style="yellow", markup=False)
     if json_out in (None, "-"):
         sys.stdout.write(text)
         return
     write_text_atomic(json_out, text)
-    make_console(stderr=True, soft_wrap=True).print(
+    err.print(
         terminal_text(f"merged {len(reports)} reports, {merged.data.samples} samples → {json_out}")
         + f"\n{summary_line(merged)}",
         markup=False,

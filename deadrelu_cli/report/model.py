@@ -425,6 +425,16 @@ def merge_reports(reports: list[Report]) -> Report:
     for other in reports[1:]:
         layers = [merge_layer(x, y) for x, y in zip(layers, other.layers, strict=True)]
     data_paths = sorted({r.data.path for r in reports})
+    notes = sorted({n for r in reports for n in r.notes})
+    if len(data_paths) < len(reports):
+        # scan has no offset: two scans of one data file (e.g. --limit 40 and --limit 60) both start at its
+        # first sample, and their sum counts those samples twice; shards are files of their own
+        shared = sorted({p for p in data_paths if sum(r.data.path == p for r in reports) > 1})
+        notes.append(
+            f"check the data of the merged parts: several were scanned on the same data file ({', '.join(shared)}); "
+            "merge adds their counts, so unless those were different files of one name, the samples they "
+            "share are counted twice; merge scans of disjoint shard files"
+        )
     return Report(
         model=first.model,
         data=DataInfo(
@@ -434,7 +444,7 @@ def merge_reports(reports: list[Report]) -> Report:
         ),
         settings=first.settings,
         layers=layers,
-        notes=sorted({n for r in reports for n in r.notes}),
+        notes=notes,
         mask=first.mask,
         # the same model in every report: its unseen nodes are the same, not added up
         unseen={k: max(r.unseen.get(k, 0) for r in reports) for r in reports for k in r.unseen},
