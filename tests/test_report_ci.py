@@ -139,3 +139,16 @@ def test_merge_of_shards_is_exact_and_overlap_is_flagged(cli, tmp_path):
     assert "calib.npz" in result.err
     result = cli("report", tmp_path / "overlap.json")
     assert "warning: the data of the merged parts" in result.out
+
+
+def test_summary_activation_sparsity_weighs_every_counted_value(cli, report):
+    """docs/report-schema.md: 1 - Σ positives / Σ (units × elements_per_unit); the CNN's conv layers count
+    256 positions per sample, its Linear one 1, so a mean over layers or units differs."""
+    x = np.load(CNN / "calib.npz")["input"]
+    sites = onnx_relu_io(onnx.load(str(CNN / "model.onnx")), {"input": x}, RELUS)
+    positives = values = 0
+    for site in sites.values():
+        rows = np.moveaxis(site.pre, 1, -1).reshape(-1, site.pre.shape[1])
+        positives += int((rows > 0).sum())
+        values += rows.size
+    assert report["summary"]["activation_sparsity"] == pytest.approx(1 - positives / values, abs=1e-12)

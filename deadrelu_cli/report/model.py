@@ -129,7 +129,10 @@ class Report:
         ran = [layer for layer in self.layers if layer.ran]
         units = sum(layer.units for layer in ran)
         dead = sum(int(layer.dead_mask().sum()) for layer in ran)
-        inactive = [(layer.activation_sparsity(), layer.units) for layer in ran if layer.units]
+        # docs/report-schema.md: 1 - Σ positives / Σ (units × elements_per_unit), every counted value
+        # weighs the same (not each layer: a conv layer counts H·W positions per sample, a Linear one)
+        values = sum(layer.units * float(layer.elements_per_unit) for layer in ran if layer.units)
+        positives = sum(float(layer.positive_counts.sum()) for layer in ran if layer.units)
         return Summary(
             layers=len(self.layers),
             units=units,
@@ -144,9 +147,7 @@ class Report:
                 if any(layer.upper_bound is not None or layer.certify_note for layer in self.layers)
                 else None
             ),
-            activation_sparsity=(
-                sum(f * n for f, n in inactive) / sum(n for _, n in inactive) if inactive else None
-            ),
+            activation_sparsity=1.0 - positives / values if values else None,
         )
 
 
