@@ -260,6 +260,13 @@ def run_trend(items: list[str], options) -> TrendResult:
         per = [
             next((layer for layer in layers if layer.name == name and layer.ran), None) for layers in scans
         ]
+        seen = [(c, layer.units) for c, layer in zip(checkpoints, per, strict=True) if layer is not None]
+        other = next(((c, n) for c, n in seen if n != seen[0][1]), None)
+        if other is not None:  # its dead fractions and unit numbers would mean different units
+            raise UserError(
+                f"layer {name} has {seen[0][1]} units in {seen[0][0].path} but {other[1]} in "
+                f"{other[0].path}: these are not checkpoints of one model; trend one run's files"
+            )
         units = max((layer.units for layer in per if layer is not None), default=0)
         trend = LayerTrend(
             name,

@@ -152,3 +152,14 @@ def test_summary_activation_sparsity_weighs_every_counted_value(cli, report):
         positives += int((rows > 0).sum())
         values += rows.size
     assert report["summary"]["activation_sparsity"] == pytest.approx(1 - positives / values, abs=1e-12)
+
+
+def test_trend_refuses_reports_of_another_model(cli, report, tmp_path):
+    """The CNN and the MLP both have a Relu node named /Relu (12 and 8 units): not one trend."""
+    mlp = ROOT / "sample_models" / "mlp"
+    other = tmp_path / "mlp_2.json"
+    assert cli("scan", mlp / "model.onnx", "--data", mlp / "calib.npz", "--json", other, "-q").code == 0
+    assert json.loads(other.read_text())["layers"][-1]["name"] == "/Relu"
+    result = cli("trend", _write(tmp_path / "cnn_1.json", report), other)
+    assert result.code == 2 and "not checkpoints of one model" in result.err
+    assert "12 units" in result.err and "but 8" in result.err
