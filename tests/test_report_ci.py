@@ -163,3 +163,25 @@ def test_trend_refuses_reports_of_another_model(cli, report, tmp_path):
     result = cli("trend", _write(tmp_path / "cnn_1.json", report), other)
     assert result.code == 2 and "not checkpoints of one model" in result.err
     assert "12 units" in result.err and "but 8" in result.err
+
+
+def test_junit_one_failure_per_testcase_with_every_message(cli, report, truth, tmp_path):
+    """A model over --max-dead and over its baseline: both reasons, in the one <failure> readers see."""
+    import xml.etree.ElementTree as ET
+
+    better = copy.deepcopy(report)
+    layer = next(la for la in better["layers"] if la["name"] == "/Relu")
+    layer["positive_counts"] = [max(c, 1) for c in layer["positive_counts"]]  # the baseline: none dead there
+    path, base, junit = tmp_path / "r.json", _write(tmp_path / "base.json", better), tmp_path / "j.xml"
+    _write(path, report)
+    result = cli("gate", path, "--baseline", base, "--max-dead", 0.1, "--junit", junit, "-q")
+    assert result.code == 1
+    cases = {case.get("name"): case for case in ET.parse(junit).getroot().iter("testcase")}
+    assert all(len(case.findall("failure")) <= 1 for case in cases.values())
+    units = sum(la["units"] for la in report["layers"])
+    dead = sum(truth.values())
+    model = cases["model"].find("failure")
+    assert f"({dead}/{units})" in model.get("message") and "dead fraction grew" in model.get("message")
+    assert len(model.text.splitlines()) == 2
+    relu = cases["/Relu"].find("failure")
+    assert f"to {100 * truth['/Relu'] / 12:.1f}%" in relu.get("message")

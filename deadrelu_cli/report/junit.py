@@ -9,24 +9,30 @@ from deadrelu_cli.gate import GateResult
 from deadrelu_cli.report.model import Report
 
 
+def _fail(case: ET.Element, messages: list[str]) -> None:
+    """One <failure> per testcase, holding every message: readers take only the first (GitHub's
+    action-junit-report), count a testcase with two as passed (allure) or reject it (junitparser)."""
+    if not messages:
+        return
+    message = (
+        messages[0] if len(messages) == 1 else f"{len(messages)} limits exceeded: " + "; ".join(messages)
+    )
+    failure = ET.SubElement(case, "failure", message=xml_text(message), type="DeadUnits")
+    failure.text = "\n".join(xml_text(m) for m in messages)
+
+
 def render_junit(report: Report, result: GateResult) -> str:
     model = xml_text(report.model.path)
     cases = []
     model_case = ET.Element("testcase", classname=f"deadrelu.{model}", name="model")
-    for message in result.model_failures:
-        ET.SubElement(model_case, "failure", message=xml_text(message), type="DeadUnits").text = xml_text(
-            message
-        )
+    _fail(model_case, result.model_failures)
     cases.append(model_case)
     for verdict in result.layers:
         case = ET.Element("testcase", classname=f"deadrelu.{model}", name=xml_text(verdict.name))
         limit = "none" if verdict.limit is None else f"{100 * verdict.limit:.1f}%"
         out = ET.SubElement(case, "system-out")
         out.text = f"{xml_text(verdict.op)}: {verdict.dead}/{verdict.units} dead ({100 * verdict.fraction:.1f}%), limit {limit}"
-        for message in verdict.failures:
-            ET.SubElement(case, "failure", message=xml_text(message), type="DeadUnits").text = xml_text(
-                message
-            )
+        _fail(case, verdict.failures)
         cases.append(case)
     failures = sum(1 for case in cases if case.find("failure") is not None)
     suites = ET.Element(
