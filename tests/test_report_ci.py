@@ -80,6 +80,9 @@ def test_reports_scanned_at_other_thresholds_do_not_compare(cli, report, truth, 
     result = cli("gate", new, "--baseline", old, "-q")
     assert result.code == 2 and "different --threshold" in result.err
     assert len(result.err.strip().splitlines()) == 1
+    result = cli("diff", old, new)  # diff shows it (comparing thresholds can be the point), with a warning
+    assert result.code == 0 and "warning: the reports were scanned with different --threshold" in result.out
+    assert "warning" not in cli("diff", new, new).out
     # the same settings: compared, and the dead counts are onnxruntime's
     result = cli("gate", new, "--baseline", _write(tmp_path / "same.json", report), "--max-dead-units", 99)
     assert result.code == 0, result.err

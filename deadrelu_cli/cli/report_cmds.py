@@ -82,10 +82,15 @@ def diff(
     all_layers: bool = typer.Option(False, "--all", help="Show unchanged layers too."),
 ) -> None:
     """Per-layer changes in dead units between two reports (matched by producer weight, else layer name)."""
-    from deadrelu_cli.report.diff import diff_reports, print_diff
+    from deadrelu_cli.report.diff import diff_reports, diff_warning, print_diff
 
-    rows, summary = diff_reports(load(old), load(new))
-    print_diff(rows, summary, make_console(), all_layers)
+    before, after = load(old), load(new)
+    rows, summary = diff_reports(before, after)
+    console = make_console()
+    print_diff(rows, summary, console, all_layers)
+    warning = diff_warning(before, after)
+    if warning:
+        console.print(warning, style="yellow", markup=False)
 
 
 def report(

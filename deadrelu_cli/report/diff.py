@@ -11,7 +11,7 @@ import numpy as np
 from rich.console import Console
 
 from deadrelu_cli.display import rich_text, terminal_text
-from deadrelu_cli.report.model import Report
+from deadrelu_cli.report.model import COUNT_SETTINGS, Report, settings_difference
 from deadrelu_cli.report.table import plain_table
 from deadrelu_cli.stats import LayerStats
 
@@ -146,6 +146,16 @@ def diff_reports(old: Report, new: Report) -> tuple[list[LayerDiff], str]:
         f"({100 * b.dead_fraction:.1f}%), {sum(1 for r in rows if not r.unchanged)} layers changed"
     )
     return rows, summary
+
+
+def diff_warning(old: Report, new: Report) -> str | None:
+    """Said under the diff, not refused (comparing thresholds can be the point), so that it is not missed."""
+    differ = settings_difference(old, new, COUNT_SETTINGS)
+    return (
+        f"warning: the reports were scanned with {differ}: changes may come from that, not the model"
+        if differ
+        else None
+    )
 
 
 def print_diff(rows: list[LayerDiff], summary: str, console: Console, all_layers: bool = False) -> None:
