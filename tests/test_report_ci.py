@@ -188,3 +188,16 @@ def test_junit_one_failure_per_testcase_with_every_message(cli, report, truth, t
     assert len(model.text.splitlines()) == 2
     relu = cases["/Relu"].find("failure")
     assert f"to {100 * truth['/Relu'] / 12:.1f}%" in relu.get("message")
+
+
+@pytest.mark.parametrize(
+    "command", [("report", "{path}", "--html", "{out}"), ("gate", "{path}", "--max-dead", "1")]
+)
+def test_hand_edited_duplicate_layer_names_are_an_input_error(cli, report, tmp_path, command):
+    """Layers are found by name everywhere; two of one name crashed the HTML page (exit 3)."""
+    d = copy.deepcopy(report)
+    d["layers"][1]["name"] = d["layers"][0]["name"]
+    path = _write(tmp_path / "dup.json", d)
+    result = cli(*[part.format(path=path, out=tmp_path / "o.html") for part in command])
+    assert result.code == 2 and "layers[1].name" in result.err and "also the name of layers[0]" in result.err
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "o.html").exists()

@@ -125,10 +125,17 @@ def _check_consistency(d: dict) -> None:
     layers = d.get("layers")
     if not isinstance(layers, list):
         raise _Bad("layers", "missing or not an array")
+    names: dict[Any, int] = {}
     for i, layer in enumerate(layers):
         if not isinstance(layer, dict):
             raise _Bad(f"layers[{i}]", "is not an object")
         _check_layer(layer, i)
+        # every command finds a layer by its name (gate, diff, trend, --layer): call sites are unique
+        if layer.get("name") in names:
+            raise _Bad(
+                f"layers[{i}].name", f"{layer['name']!r} is also the name of layers[{names[layer['name']]}]"
+            )
+        names[layer.get("name")] = i
 
 
 def validate_report(d: Any, source: str, version: int) -> None:
