@@ -48,9 +48,12 @@ def rich_text(text: object) -> str:
     return escape(terminal_text(text))
 
 
-def markdown_code(text: object) -> str:
-    """A Markdown (GFM table-safe) code span showing TEXT literally."""
-    value = terminal_text(text).replace("|", "\\|")
+def markdown_code(text: object, in_table: bool = False) -> str:
+    """A Markdown code span showing TEXT literally; IN_TABLE: in a GFM table cell, whose `|` ends the cell
+    even in a code span unless escaped (elsewhere the backslash would show)."""
+    value = terminal_text(text)
+    if in_table:
+        value = value.replace("|", "\\|")
     longest = run = 0
     for ch in value:
         run = run + 1 if ch == "`" else 0

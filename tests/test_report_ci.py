@@ -201,3 +201,21 @@ def test_hand_edited_duplicate_layer_names_are_an_input_error(cli, report, tmp_p
     result = cli(*[part.format(path=path, out=tmp_path / "o.html") for part in command])
     assert result.code == 2 and "layers[1].name" in result.err and "also the name of layers[0]" in result.err
     assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "o.html").exists()
+
+
+def test_markdown_names_with_pipes_render_literally(cli, report, truth, tmp_path):
+    """`|` is escaped in table cells only: in the heading and the baseline list a backslash would show."""
+    from markdown_it import MarkdownIt
+
+    d = copy.deepcopy(report)
+    d["model"]["path"] = "exports/a|b.onnx"
+    d["layers"][0]["name"] = "/relu|x/Relu"
+    del d["layers"][0]["weight"], d["layers"][0]["output_tensor"]  # pairs with nothing in the baseline
+    path, md = _write(tmp_path / "r.json", d), tmp_path / "s.md"
+    result = cli("gate", path, "--baseline", _write(tmp_path / "base.json", report), "--markdown", md, "-q")
+    assert result.code == 1  # one layer on each side unpaired
+    html = MarkdownIt("commonmark").enable("table").render(md.read_text())
+    assert "<code>exports/a|b.onnx</code>" in html and "\\|" not in html
+    assert html.count("<code>/relu|x/Relu</code>") == 2  # its table row and the "added" line
+    row = html.split("<code>/relu|x/Relu</code></td>")[1].split("</tr>")[0]
+    assert f"<td>{truth['/relu/Relu']}</td>" in row

@@ -33,7 +33,7 @@ def render_markdown(report: Report, result: GateResult) -> str:
         limit = "–" if v.limit is None else f"{100 * v.limit:.1f}%"
         status = "✅" if v.passed else "❌"
         lines.append(
-            f"| {markdown_code(v.name)} | {v.op} | {v.units} | {v.dead} | {100 * v.fraction:.1f}% |{base} {limit} | {status} |"
+            f"| {markdown_code(v.name, in_table=True)} | {v.op} | {v.units} | {v.dead} | {100 * v.fraction:.1f}% |{base} {limit} | {status} |"
         )
     if result.failures:
         lines += ["", "**Failures**", ""] + [f"- {markdown_text(f)}" for f in result.failures]
