@@ -225,14 +225,30 @@ def apply_torch(
     if any(o.applied for o in outcomes):
         if folder_out:
             from deadrelu_cli.backends.torch.folder import write_model_folder
+            from deadrelu_cli.backends.torch.resume import reset_folder_optimizer
 
             result.notes.extend(write_model_folder(model, loaded.path, temp))
+            # a Trainer's checkpoint-N/ folder: its optimizer.pt must not keep the recycled units' moments
+            notes, states = reset_folder_optimizer(
+                Path(loaded.path), temp, model, options.strategy, touched, scan_options.trust_pickle
+            )
+            result.notes.extend(notes)
+            if states and options.resume_steps > 0 and options.strategy in ("reinit", "kick"):
+                _check_resume(states, scanned, scan_options, temp, options.resume_steps, outcomes, result)
         elif suffix in ARTIFACT_SUFFIXES:
             write_artifact(model, example, temp, suffix)
         elif training is not None:
             _write_training_checkpoint(training, model, temp, suffix, options, touched, result, loaded.extra)
             if options.resume_steps > 0:
-                _check_resume(training, scanned, scan_options, temp, options.resume_steps, outcomes, result)
+                _check_resume(
+                    _written_states(training, temp, result, scan_options),
+                    scanned,
+                    scan_options,
+                    temp,
+                    options.resume_steps,
+                    outcomes,
+                    result,
+                )
         else:
             _write_state(model, temp, suffix, loaded.format == "module", loaded.extra)
     result.params_after = eager.count_params(model)
@@ -280,24 +296,32 @@ def _write_training_checkpoint(
     result.notes.extend(notes)
 
 
-def _check_resume(training, scanned, scan_options, temp: Path, steps: int, outcomes, result) -> None:
-    """Resume from what was written: the optimizer state loaded over the fixed weights, `steps` steps
-    with no new gradient (the updates the stored moments alone make), then rescanned on the data."""
+def _written_states(training, temp: Path, result, scan_options) -> list[dict]:
+    """The optimizer states as written (optimizer.pt beside OUT, or inside the checkpoint)."""
     from deadrelu_cli.backends.torch.optimizer_state import find_optimizer_states
-    from deadrelu_cli.backends.torch.resume import resume_check
-    from deadrelu_cli.backends.torch.scan import scan_torch
     from deadrelu_cli.loaders.torch_models import torch_load
 
     if result.companions:
-        states = find_optimizer_states(torch_load(result.companions[0][0], "cpu", scan_options.trust_pickle))
+        written = torch_load(result.companions[0][0], "cpu", scan_options.trust_pickle)
     elif training.checkpoint is not None:
-        states = find_optimizer_states(torch_load(temp, "cpu", scan_options.trust_pickle))
+        written = torch_load(temp, "cpu", scan_options.trust_pickle)
     else:
-        return
+        return []
+    return [state for _, state in find_optimizer_states(written)]
+
+
+def _check_resume(
+    states: list[dict], scanned, scan_options, temp: Path, steps: int, outcomes, result
+) -> None:
+    """Resume from what was written: the optimizer states loaded over the fixed weights, `steps` steps
+    of each with no new gradient (the updates the stored moments alone make), then rescanned on the data."""
+    from deadrelu_cli.backends.torch.resume import resume_check
+    from deadrelu_cli.backends.torch.scan import scan_torch
+
     if not states:
         return
     resumed = load_model(LoadOptions(str(temp), scan_options.arch, scan_options.trust_pickle, scanned.device))
-    resume_check(resumed, states[0][1], steps)
+    resume_check(resumed, states, steps)
     layers, _ = scan_torch(resumed, scanned.data, replace(scan_options, progress=None), scanned.device)
     by_name = {layer.name: layer for layer in layers}
     for outcome in outcomes:
@@ -305,7 +329,7 @@ def _check_resume(training, scanned, scan_options, temp: Path, steps: int, outco
         if outcome.applied and layer is not None and layer.ran:
             outcome.alive_after_resume = int((layer.positive_counts[outcome.units] > 0).sum())
     result.notes.append(
-        f"resume check: the written optimizer state loaded over the fixed weights, {steps} optimizer steps "
+        f"resume check: the written optimizer state(s) loaded over the fixed weights, {steps} optimizer steps "
         "with no new gradient (what the stored moments alone do), then rescanned on the data"
     )
 

@@ -57,12 +57,16 @@ def find_optimizer_states(checkpoint) -> list[tuple[tuple, dict]]:
         return found
     if is_optimizer_state(checkpoint):  # an optimizer.pt on its own
         return [((), checkpoint)]
-    for key in OPTIMIZER_KEYS:
-        if is_optimizer_state(checkpoint.get(key)):
-            found.append(((key,), checkpoint[key]))
-    states = checkpoint.get(LIGHTNING_KEY)
-    if isinstance(states, list):
-        found.extend(((LIGHTNING_KEY, i), s) for i, s in enumerate(states) if is_optimizer_state(s))
+    # by what they hold, not by their key: the usual names first, then any other key (a GAN script's
+    # `opt_g` / `opt_d`, a list of them): an optimizer state left unreset would kill the recycled units again
+    keys = [k for k in (*OPTIMIZER_KEYS, LIGHTNING_KEY) if k in checkpoint]
+    keys += [k for k in checkpoint if k not in keys]
+    for key in keys:
+        value = checkpoint[key]
+        if is_optimizer_state(value):
+            found.append(((key,), value))
+        elif isinstance(value, (list, tuple)):
+            found.extend(((key, i), s) for i, s in enumerate(value) if is_optimizer_state(s))
     return found
 
 
@@ -219,7 +223,8 @@ def _reordered_or_partial(
             left_out = len(trainable) - len(names)
             mapping = ParamMap(
                 names,
-                f"the Hugging Face Trainer's groups with {left_out} parameter(s) the optimizer does not hold (frozen)",
+                f"the Hugging Face Trainer's groups with {left_out} parameter(s) the optimizer does not hold "
+                "(frozen, or another optimizer's)",
             )
             found[tuple(sorted(names.items()))] = mapping
     for order in orders:
@@ -236,7 +241,9 @@ def _reordered_or_partial(
             part
             for part in (
                 "its param groups reordered" if list(order) != sorted(order) else "",
-                f"{left_out} parameter(s) the optimizer does not hold (frozen)" if left_out else "",
+                f"{left_out} parameter(s) the optimizer does not hold (frozen, or another optimizer's)"
+                if left_out
+                else "",
             )
             if part
         )

@@ -89,13 +89,14 @@ def _fixed_weights(original: Mapping, model: nn.Module) -> dict:
 
 
 def _reset_all(
-    training: TrainingCheckpoint, states: list[tuple[tuple, dict]], model: nn.Module, touched: dict
+    training: TrainingCheckpoint | None, states: list[tuple[tuple, dict]], model: nn.Module, touched: dict
 ) -> list[str]:
     notes = []
     for where, state in states:
         mapping = map_parameters(state, model)
         reset, unknown = reset_moments(state, mapping, touched)
-        label = "optimizer.pt" if training.optimizer_file is not None else "/".join(map(str, where))
+        in_file = training is None or training.optimizer_file is not None
+        label = HF_OPTIMIZER_FILE if in_file else "/".join(map(str, where))
         notes.append(
             f"{label}: moments of the rewritten entries reset in {reset} parameter(s) "
             f"(parameters mapped by {mapping.source}); per-parameter step counts kept"
@@ -162,15 +163,41 @@ def write_training_checkpoint(
     return notes, companions, copies
 
 
-def resume_check(loaded, optimizer_state: dict, steps: int) -> None:
-    """Load the written optimizer state into an optimizer of its kind over `loaded.runnable` and take
-    `steps` steps with zero gradients: the updates the stored moments make on their own when training
-    resumes (zero after a reset). The caller rescans the model afterwards."""
+def reset_folder_optimizer(
+    source: Path, out: Path, model: nn.Module, strategy: str, touched: dict, trust_pickle: bool
+) -> tuple[list[str], list[dict]]:
+    """A Hugging Face Trainer `checkpoint-N/` folder fixed as a model folder: its `optimizer.pt` (already
+    copied into `out` with the folder's other files) is written again with the moments of the rewritten
+    entries reset. Returns notes and the optimizer states written (none: no optimizer.pt)."""
+    file = Path(source) / HF_OPTIMIZER_FILE
+    if not file.is_file():
+        return [], []
+    checkpoint = torch_load(file, "cpu", trust_pickle)
+    states = find_optimizer_states(checkpoint)
+    if not states:
+        return [], []
+    if strategy not in RESETTING_STRATEGIES:
+        return [f"--strategy {strategy}: {HF_OPTIMIZER_FILE} was copied as it was"], [s for _, s in states]
+    notes = _reset_all(None, states, model, touched)
+    target = Path(out) / HF_OPTIMIZER_FILE
+    temp = temp_path_for(target)
+    torch.save(checkpoint, temp)
+    temp.replace(target)
+    notes.append("the folder's other files (scheduler, trainer state, RNG states, …) copied as they were")
+    return notes, [s for _, s in states]
+
+
+def resume_check(loaded, optimizer_states: list[dict], steps: int) -> None:
+    """Load each written optimizer state (a GAN's two, …) into an optimizer of its kind over
+    `loaded.runnable` and take `steps` steps of all of them with zero gradients: the updates the stored
+    moments make on their own when training resumes (zero after a reset). The caller rescans the model
+    afterwards."""
     model = loaded.runnable
-    mapping = map_parameters(optimizer_state, model)
-    optimizer = optimizer_for(optimizer_state, model, mapping)
+    optimizers = [optimizer_for(state, model, map_parameters(state, model)) for state in optimizer_states]
     for _ in range(steps):
         for parameter in model.parameters():
             parameter.grad = torch.zeros_like(parameter)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,320 @@
+"""deadrelu added to real training setups (trial 32): the Hugging Face Trainer's own logs kept, a Trainer
+`checkpoint-N/` folder fixed as a folder resumes with the recycled units' moments reset, optimizer states
+under any key (a GAN's two) reset and all of them resumed. Ground truth: plain torch hooks, the test's own
+parameter maps, torch's own optimizers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import arch_file
+from torch import nn
+
+# -- the Hugging Face Trainer -------------------------------------------------------------------------
+
+
+def _tiny_bert(folder=None):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        hidden_act="relu",
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=32, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(3, 11, (n,), generator=g)
+        self.mask = (torch.arange(10)[None] < lengths[:, None]).long()
+        self.ids = torch.randint(1, 50, (n, 10), generator=g) * self.mask
+        self.y = torch.randint(0, 2, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.y[i]}
+
+
+def test_hf_callback_keeps_the_trainers_own_log_of_a_window_step(tmp_path):
+    """Trainer.log (what attach() logs through) clears control.should_log: the Trainer's own loss log of
+    a step where a window closed was dropped (no loss at that step in log_history or any logger)."""
+    pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    from transformers import Trainer, TrainingArguments
+
+    from deadrelu_cli.integrations.hf_trainer import DeadReluCallback
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+        def forward(self, x, labels=None):
+            out = self.mlp(x)
+            return {"loss": F.mse_loss(out, labels), "logits": out}
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g)
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return {"x": x[i], "labels": y[i]}
+
+    def run(with_callback):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "out"),
+            max_steps=6,
+            per_device_train_batch_size=16,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=Net(), args=args, train_dataset=Data())
+        if with_callback:
+            DeadReluCallback(every=2, config=False).attach(trainer)
+        trainer.train()
+        return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+    plain = run(False)
+    assert sorted(plain) == [1, 2, 3, 4, 5, 6]
+    assert run(True) == pytest.approx(plain)  # every loss of the run without deadrelu, at its step
+
+
+def test_fix_of_a_trainer_checkpoint_folder_resets_its_optimizer_and_resumes(cli, tmp_path):
+    """`deadrelu fix checkpoint-N/ --output FIXED/` (the folder, as a model folder) copied optimizer.pt
+    unchanged: the recycled units kept the moments that had killed them."""
+    pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    from safetensors.torch import load_file, save_file
+    from transformers import Trainer, TrainingArguments
+
+    def args(steps):
+        return TrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            max_steps=steps,
+            per_device_train_batch_size=8,
+            save_steps=2,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            learning_rate=1e-2,
+        )
+
+    model = _tiny_bert()
+    trainer = Trainer(model=model, args=args(2), train_dataset=_Tokens())
+    trainer.train()
+    folder = tmp_path / "run" / "checkpoint-2"
+    killed = [0, 3, 7]  # units that die at the checkpoint: their moments are those of live units
+    weights = load_file(folder / "model.safetensors")
+    weights["bert.encoder.layer.0.intermediate.dense.bias"][killed] = -100.0
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    data = _Tokens(16, seed=2)
+    np.savez(tmp_path / "tokens.npz", input_ids=data.ids.numpy(), attention_mask=data.mask.numpy())
+
+    # which units are dead on the data, from plain hooks over the real positions
+    model.load_state_dict(weights, strict=False)
+    fired = {}
+
+    def hook(name):
+        def record(_module, args):
+            kept = args[0][data.mask.bool()]
+            fired[name] = fired.get(name, 0) + (kept > 0).sum(0)
+
+        return record
+
+    for i in range(2):
+        model.bert.encoder.layer[i].intermediate.intermediate_act_fn.register_forward_pre_hook(hook(i))
+    with torch.no_grad():
+        model.eval()(input_ids=data.ids, attention_mask=data.mask)
+    dead = {i: torch.nonzero(fired[i] == 0).flatten().tolist() for i in fired}
+    assert set(killed) <= set(dead[0])
+
+    out = tmp_path / "fixed"
+    result = cli(
+        "fix",
+        folder,
+        "--data",
+        tmp_path / "tokens.npz",
+        "-s",
+        "reinit",
+        "-o",
+        out,
+        "--json",
+        tmp_path / "f.json",
+    )
+    assert result.code == 0, result.err
+    before = torch.load(folder / "optimizer.pt", weights_only=True)
+    after = torch.load(out / "optimizer.pt", weights_only=True)
+    # the Trainer's two groups (transformers' own rule for which parameters decay), in model order
+    decay = set(trainer.get_decay_parameter_names(model))
+    names = [n for n, _ in model.named_parameters() if n in decay]
+    names += [n for n, _ in model.named_parameters() if n not in decay]
+    assert [len(g["params"]) for g in before["param_groups"]] == [len(decay), len(names) - len(decay)]
+    masks = {n: np.zeros(tuple(p.shape), bool) for n, p in model.named_parameters()}
+    for i, units in dead.items():
+        layer = f"bert.encoder.layer.{i}"
+        masks[f"{layer}.intermediate.dense.weight"][units, :] = True
+        masks[f"{layer}.intermediate.dense.bias"][units] = True
+        masks[f"{layer}.output.dense.weight"][:, units] = True
+    assert after["param_groups"] == before["param_groups"]
+    for index, entry in before["state"].items():
+        mask = masks[names[index]]
+        for key, value in entry.items():
+            old, new = value.numpy(), after["state"][index][key].numpy()
+            if key in ("exp_avg", "exp_avg_sq") and mask.any():
+                assert (old[mask] != 0).any(), names[index]  # there was something to reset
+                assert (new[mask] == 0).all(), names[index]
+                assert new[~mask].tobytes() == old[~mask].tobytes()
+            else:
+                assert new.tobytes() == old.tobytes(), (names[index], key)
+    for name in ("scheduler.pt", "trainer_state.json", "rng_state.pth", "training_args.bin", "config.json"):
+        assert (out / name).read_bytes() == (folder / name).read_bytes(), name
+    layers = {layer["name"]: layer for layer in json.loads((tmp_path / "f.json").read_text())["layers"]}
+    assert layers["bert.encoder.layer.0.intermediate.intermediate_act_fn"]["alive_after_resume"] is not None
+    # the Trainer resumes from the fixed folder
+    trainer = Trainer(model=_tiny_bert(), args=args(3), train_dataset=_Tokens())
+    trainer.train(resume_from_checkpoint=str(out))
+    assert trainer.state.global_step == 3
+
+
+# -- optimizer states under other keys: a GAN's two -----------------------------------------------------
+
+GAN = """
+import torch
+from torch import nn
+
+
+class GAN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.G = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.D = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 1))
+
+    def forward(self, z):
+        return self.D(self.G(z))
+
+
+def build():
+    return GAN()
+"""
+D_KILLED = [0, 2, 5, 6, 9, 11]
+
+
+def _gan_checkpoint(tmp_path, layout):
+    model, spec = arch_file(tmp_path / "gan.py", GAN)
+    torch.manual_seed(0)
+    z = torch.randn(64, 4)
+    np.savez(tmp_path / "z.npz", z=z.numpy())
+    opt_d = torch.optim.Adam(model.D.parameters(), lr=1e-2)
+    opt_g = torch.optim.Adam(model.G.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = model(z).pow(2).mean() - model.G(z).mean()
+        opt_d.zero_grad()
+        opt_g.zero_grad()
+        loss.backward()
+        opt_d.step()
+        opt_g.step()
+    with torch.no_grad():
+        model.D[0].bias[D_KILLED] = -100.0  # killed at the checkpoint: their moments are a live unit's
+    # G's stale moments would push its output bias far down when training resumes
+    for param in model.G[2].parameters():
+        opt_g.state[param]["exp_avg"].fill_(0.0 if param.dim() == 2 else 0.5)
+        opt_g.state[param]["exp_avg_sq"].fill_(0.0 if param.dim() == 2 else 1e-6)
+    if layout == "lightning":  # D's optimizer first, as a LightningModule may list them
+        checkpoint = {
+            "state_dict": model.state_dict(),
+            "optimizer_states": [opt_d.state_dict(), opt_g.state_dict()],
+        }
+    else:  # a plain GAN script's own keys
+        checkpoint = {
+            "model": model.state_dict(),
+            "opt_d": opt_d.state_dict(),
+            "opt_g": opt_g.state_dict(),
+            "epoch": 3,
+        }
+    torch.save(checkpoint, tmp_path / "gan.pt")
+    return model, spec, z, checkpoint
+
+
+@pytest.mark.parametrize("layout", ["own-keys", "lightning"])
+def test_every_optimizer_state_is_reset_and_resumed(cli, tmp_path, layout):
+    """Optimizer states under keys other than `optimizer`/`optimizer_states` were left as they were
+    (silently: "every other entry … kept"), and the resume check stepped the first optimizer only."""
+    model, spec, z, checkpoint = _gan_checkpoint(tmp_path, layout)
+    with torch.no_grad():
+        pre = model.D[0](model.G(z))
+    dead = torch.nonzero((pre > 0).sum(0) == 0).flatten().tolist()
+    assert set(D_KILLED) <= set(dead)
+    out = tmp_path / "fixed.pt"
+    result = cli(
+        "fix",
+        tmp_path / "gan.pt",
+        "--arch",
+        spec,
+        "-d",
+        tmp_path / "z.npz",
+        "-s",
+        "reinit",
+        "-o",
+        out,
+        "--json",
+        tmp_path / "f.json",
+    )
+    assert result.code == 0, result.err
+    written = torch.load(out, weights_only=True)
+    key = "state_dict" if layout == "lightning" else "model"
+    states = written["optimizer_states"] if layout == "lightning" else [written["opt_d"], written["opt_g"]]
+    originals = (
+        checkpoint["optimizer_states"]
+        if layout == "lightning"
+        else [checkpoint["opt_d"], checkpoint["opt_g"]]
+    )
+    # D's optimizer: D.0 rows and biases of the dead units, D.2 columns; G's: nothing to reset
+    d_masks = [np.zeros((12, 8), bool), np.zeros(12, bool), np.zeros((1, 12), bool), np.zeros(1, bool)]
+    d_masks[0][dead] = True
+    d_masks[1][dead] = True
+    d_masks[2][:, dead] = True
+    for state, original, masks in ((states[0], originals[0], d_masks), (states[1], originals[1], None)):
+        for index, entry in original["state"].items():
+            for name, value in entry.items():
+                new = state["state"][index][name]
+                if masks is not None and name in ("exp_avg", "exp_avg_sq") and masks[index].any():
+                    mask = torch.from_numpy(masks[index])
+                    assert (value[mask] != 0).any() and (new[mask] == 0).all()
+                    assert torch.equal(new[~mask], value[~mask])
+                else:
+                    assert torch.equal(new, value)
+
+    # the resume the check stands for: both optimizers, torch's own Adam, 10 steps with no new gradient
+    resumed = type(model)()
+    resumed.load_state_dict(written[key])
+    optimizers = [torch.optim.Adam(resumed.D.parameters()), torch.optim.Adam(resumed.G.parameters())]
+    for optimizer, state in zip(optimizers, states, strict=True):
+        optimizer.load_state_dict(state)
+    for _ in range(10):
+        for param in resumed.parameters():
+            param.grad = torch.zeros_like(param)
+        for optimizer in optimizers:
+            optimizer.step()
+    with torch.no_grad():
+        alive = int(((resumed.D[0](resumed.G(z))[:, dead] > 0).sum(0) > 0).sum())
+    layers = {layer["name"]: layer for layer in json.loads((tmp_path / "f.json").read_text())["layers"]}
+    assert layers["D.1"]["alive_after_resume"] == alive
