@@ -318,3 +318,114 @@ def test_every_optimizer_state_is_reset_and_resumed(cli, tmp_path, layout):
         alive = int(((resumed.D[0](resumed.G(z))[:, dead] > 0).sum(0) > 0).sum())
     layers = {layer["name"]: layer for layer in json.loads((tmp_path / "f.json").read_text())["layers"]}
     assert layers["D.1"]["alive_after_resume"] == alive
+
+
+# -- watch(): wrappers and evaluation forwards ------------------------------------------------------------
+
+
+class _Tagger(nn.Module):
+    """Token model whose forward takes the mask positionally (a wrapper's forward is `*inputs, **kwargs`)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 16)
+        self.act = nn.ReLU()
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, ids, attention_mask=None):
+        return self.out(self.act(self.fc(self.emb(ids)))).squeeze(-1)
+
+
+def _tokens():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 20, (8, 6), generator=g)
+    lengths = torch.randint(2, 7, (8,), generator=g)
+    return ids, (torch.arange(6)[None] < lengths[:, None]).long()
+
+
+def test_wrapped_models_are_watched_as_the_module_inside(tmp_path):
+    """watch(DistributedDataParallel(model)) / watch(nn.DataParallel(model)) named every layer `module.…`
+    (a scan of the saved weights and `trend` say `act`) and, the wrapper's forward being `*inputs`,
+    missed a positional attention_mask: padding was counted. nn.DataParallel over several devices runs
+    replicas in threads the probe cannot see: refused."""
+    import torch.distributed as dist
+
+    from deadrelu_cli import watch
+    from deadrelu_cli.errors import UserError
+
+    ids, mask = _tokens()
+    model = _Tagger()
+    with torch.no_grad():
+        pre = model.fc(model.emb(ids))[mask.bool()]  # the real positions only
+    expected = ((pre > 0).sum(0).tolist(), len(pre))
+
+    def watched(wrapper):
+        w = watch(wrapper, every=1, config=False)
+        w.step()
+        wrapper(ids, mask).sum().backward()
+        w.close()
+        assert [layer.name for layer in w.last.layers] == ["act"]
+        layer = w.last.layer("act")
+        return layer.positive_counts.tolist(), layer.elements_per_unit
+
+    assert watched(nn.DataParallel(model)) == expected
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert watched(nn.parallel.DistributedDataParallel(model)) == expected
+    finally:
+        dist.destroy_process_group()
+    several = nn.DataParallel(model)
+    several.device_ids = [0, 1]  # what it holds on a machine with two GPUs
+    with pytest.raises(UserError, match="DistributedDataParallel"):
+        watch(several, every=1, config=False)
+
+
+def test_evaluation_forwards_inside_a_sampled_step_are_not_counted():
+    """A plain loop that validates on the steps it also samples (`if step % 100 == 0: evaluate()`) had
+    the validation data counted as training forwards. Forwards in eval mode with gradients off are an
+    evaluation: skipped and said; eval mode with gradients (frozen BatchNorm fine-tuning) and no_grad in
+    train mode (a DQN's target) are training forwards; count_evaluation=True counts everything."""
+    from deadrelu_cli import watch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 1))
+    g = torch.Generator().manual_seed(1)
+    train = [torch.randn(8, 4, generator=g) for _ in range(4)]
+    valid = torch.randn(50, 4, generator=g) + 3.0  # another distribution: it would change the counts
+    seen = {"counted": [], "all": []}
+
+    def record(_module, args):
+        seen["all"].append(args[0].detach().clone())
+
+    model[1].register_forward_pre_hook(record)
+
+    def loop(w):
+        counted = []
+        for x in train:
+            sampled = w.step()
+            before = len(seen["all"])
+            model(x).sum().backward()  # train mode, gradients on
+            model.eval()
+            model(x[:2]).sum().backward()  # eval mode with gradients (frozen BatchNorm): training
+            with torch.no_grad():
+                model.train()
+                model(x[2:5])  # train mode, no grad (a target network pass): training
+                model.eval()
+                model(valid)  # the validation: eval mode, no grad
+                model[0](valid)  # an owned module on its own, the same
+            model.train()
+            if sampled:
+                counted += seen["all"][before : before + 3]
+        w.close()
+        return w.last, counted
+
+    report, counted = loop(watch(model, every=2, window=2, config=False))
+    pre = torch.cat(counted)
+    layer = report.layer("1")
+    assert layer.positive_counts.tolist() == (pre > 0).sum(0).tolist()
+    assert layer.elements_per_unit == len(pre) == 2 * (8 + 2 + 3)
+    assert any("4 forward(s) in eval mode with gradients off" in note for note in report.notes), report.notes
+    everything, _ = loop(watch(model, every=2, window=2, config=False, count_evaluation=True))
+    assert everything.layer("1").elements_per_unit == 2 * (8 + 2 + 3 + 50)
