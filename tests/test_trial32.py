@@ -243,6 +243,11 @@ def _gan_checkpoint(tmp_path, layout):
             "state_dict": model.state_dict(),
             "optimizer_states": [opt_d.state_dict(), opt_g.state_dict()],
         }
+    elif layout == "nested":  # a dict of them
+        checkpoint = {
+            "model": model.state_dict(),
+            "optimizers": {"D": opt_d.state_dict(), "G": opt_g.state_dict()},
+        }
     else:  # a plain GAN script's own keys
         checkpoint = {
             "model": model.state_dict(),
@@ -254,7 +259,7 @@ def _gan_checkpoint(tmp_path, layout):
     return model, spec, z, checkpoint
 
 
-@pytest.mark.parametrize("layout", ["own-keys", "lightning"])
+@pytest.mark.parametrize("layout", ["own-keys", "lightning", "nested"])
 def test_every_optimizer_state_is_reset_and_resumed(cli, tmp_path, layout):
     """Optimizer states under keys other than `optimizer`/`optimizer_states` were left as they were
     (silently: "every other entry … kept"), and the resume check stepped the first optimizer only."""
@@ -281,12 +286,15 @@ def test_every_optimizer_state_is_reset_and_resumed(cli, tmp_path, layout):
     assert result.code == 0, result.err
     written = torch.load(out, weights_only=True)
     key = "state_dict" if layout == "lightning" else "model"
-    states = written["optimizer_states"] if layout == "lightning" else [written["opt_d"], written["opt_g"]]
-    originals = (
-        checkpoint["optimizer_states"]
-        if layout == "lightning"
-        else [checkpoint["opt_d"], checkpoint["opt_g"]]
-    )
+
+    def optimizers_of(saved):
+        if layout == "lightning":
+            return saved["optimizer_states"]
+        if layout == "nested":
+            return [saved["optimizers"]["D"], saved["optimizers"]["G"]]
+        return [saved["opt_d"], saved["opt_g"]]
+
+    states, originals = optimizers_of(written), optimizers_of(checkpoint)
     # D's optimizer: D.0 rows and biases of the dead units, D.2 columns; G's: nothing to reset
     d_masks = [np.zeros((12, 8), bool), np.zeros(12, bool), np.zeros((1, 12), bool), np.zeros(1, bool)]
     d_masks[0][dead] = True

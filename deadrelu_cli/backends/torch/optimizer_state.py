@@ -58,7 +58,8 @@ def find_optimizer_states(checkpoint) -> list[tuple[tuple, dict]]:
     if is_optimizer_state(checkpoint):  # an optimizer.pt on its own
         return [((), checkpoint)]
     # by what they hold, not by their key: the usual names first, then any other key (a GAN script's
-    # `opt_g` / `opt_d`, a list of them): an optimizer state left unreset would kill the recycled units again
+    # `opt_g` / `opt_d`, a list or a dict of them): an optimizer state left unreset would kill the
+    # recycled units again
     keys = [k for k in (*OPTIMIZER_KEYS, LIGHTNING_KEY) if k in checkpoint]
     keys += [k for k in checkpoint if k not in keys]
     for key in keys:
@@ -67,6 +68,8 @@ def find_optimizer_states(checkpoint) -> list[tuple[tuple, dict]]:
             found.append(((key,), value))
         elif isinstance(value, (list, tuple)):
             found.extend(((key, i), s) for i, s in enumerate(value) if is_optimizer_state(s))
+        elif isinstance(value, Mapping):
+            found.extend(((key, k), s) for k, s in value.items() if is_optimizer_state(s))
     return found
 
 
