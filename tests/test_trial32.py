@@ -101,7 +101,9 @@ def test_hf_callback_keeps_the_trainers_own_log_of_a_window_step(tmp_path):
 
 def test_fix_of_a_trainer_checkpoint_folder_resets_its_optimizer_and_resumes(cli, tmp_path):
     """`deadrelu fix checkpoint-N/ --output FIXED/` (the folder, as a model folder) copied optimizer.pt
-    unchanged: the recycled units kept the moments that had killed them."""
+    unchanged: the recycled units kept the moments that had killed them. And `deadrelu trend` over the
+    Trainer's output_dir (its checkpoint-N/ folders) said "no checkpoint files", and over the folders
+    themselves asked for --arch."""
     pytest.importorskip("transformers", reason="the transformers extra is not installed")
     from safetensors.torch import load_file, save_file
     from transformers import Trainer, TrainingArguments
@@ -119,9 +121,9 @@ def test_fix_of_a_trainer_checkpoint_folder_resets_its_optimizer_and_resumes(cli
         )
 
     model = _tiny_bert()
-    trainer = Trainer(model=model, args=args(2), train_dataset=_Tokens())
+    trainer = Trainer(model=model, args=args(4), train_dataset=_Tokens())
     trainer.train()
-    folder = tmp_path / "run" / "checkpoint-2"
+    folder = tmp_path / "run" / "checkpoint-4"
     killed = [0, 3, 7]  # units that die at the checkpoint: their moments are those of live units
     weights = load_file(folder / "model.safetensors")
     weights["bert.encoder.layer.0.intermediate.dense.bias"][killed] = -100.0
@@ -130,7 +132,6 @@ def test_fix_of_a_trainer_checkpoint_folder_resets_its_optimizer_and_resumes(cli
     np.savez(tmp_path / "tokens.npz", input_ids=data.ids.numpy(), attention_mask=data.mask.numpy())
 
     # which units are dead on the data, from plain hooks over the real positions
-    model.load_state_dict(weights, strict=False)
     fired = {}
 
     def hook(name):
@@ -142,10 +143,30 @@ def test_fix_of_a_trainer_checkpoint_folder_resets_its_optimizer_and_resumes(cli
 
     for i in range(2):
         model.bert.encoder.layer[i].intermediate.intermediate_act_fn.register_forward_pre_hook(hook(i))
-    with torch.no_grad():
-        model.eval()(input_ids=data.ids, attention_mask=data.mask)
-    dead = {i: torch.nonzero(fired[i] == 0).flatten().tolist() for i in fired}
+
+    def dead_on_data(state):
+        fired.clear()
+        model.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            model.eval()(input_ids=data.ids, attention_mask=data.mask)
+        return {i: torch.nonzero(fired[i] == 0).flatten().tolist() for i in fired}
+
+    earlier = dead_on_data(load_file(tmp_path / "run" / "checkpoint-2" / "model.safetensors"))
+    dead = dead_on_data(weights)
     assert set(killed) <= set(dead[0])
+
+    trend = cli("trend", tmp_path / "run", "--data", tmp_path / "tokens.npz", "--json", tmp_path / "t.json")
+    assert trend.code == 0, trend.err
+    found = json.loads((tmp_path / "t.json").read_text())
+    assert [c["step"] for c in found["checkpoints"]] == [2, 4]
+    for i in range(2):
+        layer = next(
+            t
+            for t in found["layers"]
+            if t["name"] == f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn"
+        )
+        assert layer["dead_fraction"] == [len(earlier[i]) / 24, len(dead[i]) / 24]
+    assert sorted(int(u) for u in layer_died(found, 0)) == sorted(set(dead[0]) - set(earlier[0]))
 
     out = tmp_path / "fixed"
     result = cli(
@@ -190,9 +211,14 @@ def test_fix_of_a_trainer_checkpoint_folder_resets_its_optimizer_and_resumes(cli
     layers = {layer["name"]: layer for layer in json.loads((tmp_path / "f.json").read_text())["layers"]}
     assert layers["bert.encoder.layer.0.intermediate.intermediate_act_fn"]["alive_after_resume"] is not None
     # the Trainer resumes from the fixed folder
-    trainer = Trainer(model=_tiny_bert(), args=args(3), train_dataset=_Tokens())
+    trainer = Trainer(model=_tiny_bert(), args=args(5), train_dataset=_Tokens())
     trainer.train(resume_from_checkpoint=str(out))
-    assert trainer.state.global_step == 3
+    assert trainer.state.global_step == 5
+
+
+def layer_died(trend: dict, i: int) -> dict:
+    name = f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn"
+    return next(t for t in trend["layers"] if t["name"] == name)["died_at"]
 
 
 # -- optimizer states under other keys: a GAN's two -----------------------------------------------------
