@@ -463,3 +463,89 @@ def test_evaluation_forwards_inside_a_sampled_step_are_not_counted():
     assert any("4 forward(s) in eval mode with gradients off" in note for note in report.notes), report.notes
     everything, _ = loop(watch(model, every=2, window=2, config=False, count_evaluation=True))
     assert everything.layer("1").elements_per_unit == 2 * (8 + 2 + 3 + 50)
+
+
+DEEP = """
+import torch
+from torch import nn
+
+
+class Deep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.out = nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.out(self.act(self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))))
+
+
+def build():
+    return Deep()
+"""
+
+
+def test_parameter_names_saved_through_a_wrapper_map_the_optimizer(cli, tmp_path):
+    """An optimizer made over `ddp.named_parameters()` saves `module.fc3.weight`: those names were
+    ignored, and with fc2 frozen (the optimizer holds fc1, fc3, out) the shapes fit fc2 or fc3, so fix
+    refused ("save the optimizer with named parameters" — which it was)."""
+    model, spec = arch_file(tmp_path / "deep.py", DEEP)
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    np.savez(tmp_path / "x.npz", x=x.numpy())
+    wrapped = nn.DataParallel(model)  # on CPU it only adds the `module.` prefix, as DDP does
+    model.fc2.requires_grad_(False)
+    named = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(named, lr=1e-2)
+    for _ in range(3):
+        loss = wrapped(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        alive = torch.nonzero((model.fc3(model.act(model.fc2(model.act(model.fc1(x))))) > 0).any(0)).flatten()
+        killed = alive[:2].tolist()
+        model.fc3.bias[killed] = -100.0  # dead at the checkpoint, with a live unit's moments
+        pre3 = model.fc3(model.act(model.fc2(model.act(model.fc1(x)))))
+        pre1 = model.fc1(x)
+        pre2 = model.fc2(model.act(pre1))
+    dead = {
+        name: torch.nonzero((pre > 0).sum(0) == 0).flatten().tolist()
+        for name, pre in (("fc1", pre1), ("fc2", pre2), ("fc3", pre3))
+    }
+    assert set(killed) <= set(dead["fc3"])
+    state = optimizer.state_dict()
+    assert state["param_groups"][0]["param_names"][2] == "module.fc3.weight"
+    torch.save({"model": wrapped.state_dict(), "optimizer": state}, tmp_path / "ckpt.pt")
+    result = cli(
+        "fix",
+        tmp_path / "ckpt.pt",
+        "--arch",
+        spec,
+        "-d",
+        tmp_path / "x.npz",
+        "-s",
+        "reinit",
+        "-o",
+        tmp_path / "fixed.pt",
+    )
+    assert result.code == 0, result.err
+    assert "saved parameter names" in result.out
+    written = torch.load(tmp_path / "fixed.pt", weights_only=True)["optimizer"]["state"]
+    names = [n for n, _ in named]
+    for index, entry in state["state"].items():
+        name = names[index].removeprefix("module.")
+        mask = torch.zeros_like(entry["exp_avg"], dtype=torch.bool)
+        if name in ("fc1.weight", "fc1.bias"):
+            mask[dead["fc1"]] = True
+        if name == "fc3.weight":
+            mask[:, dead["fc2"]] = True
+        if name in ("fc3.weight", "fc3.bias"):
+            mask[dead["fc3"]] = True
+        if name == "out.weight":
+            mask[:, dead["fc3"]] = True
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (written[index][key][mask] == 0).all(), (name, key)
+            assert torch.equal(written[index][key][~mask], entry[key][~mask]), (name, key)
+            if name == "fc3.bias":
+                assert (entry[key][killed] != 0).all()  # there was something to reset

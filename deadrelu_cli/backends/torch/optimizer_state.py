@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders.torch_models import strip_wrapper_prefixes
 
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim", "opt")
 LIGHTNING_KEY = "optimizer_states"
@@ -124,6 +125,9 @@ def map_parameters(optimizer_state: Mapping, model: nn.Module) -> ParamMap:
     ids = [i for group in groups for i in group["params"]]
     if all("param_names" in group for group in groups):
         names = {i: n for group in groups for i, n in zip(group["params"], group["param_names"], strict=True)}
+        # names saved through a wrapper (`ddp.named_parameters()`: `module.…`; a LightningModule's
+        # `self.named_parameters()`: `model.…`; torch.compile: `_orig_mod.…`) are the architecture's
+        names = {i: n for n, i in strip_wrapper_prefixes({n: i for i, n in names.items()}, set(params)).items()}
         names = {i: n for i, n in names.items() if n in params} if set(names.values()) <= set(params) else {}
         if names and _fits(optimizer_state["state"], names, params):
             return ParamMap(names, "the optimizer's saved parameter names")
