@@ -549,3 +549,98 @@ def test_parameter_names_saved_through_a_wrapper_map_the_optimizer(cli, tmp_path
             assert torch.equal(written[index][key][~mask], entry[key][~mask]), (name, key)
             if name == "fc3.bias":
                 assert (entry[key][killed] != 0).all()  # there was something to reset
+
+
+def test_lightning_gan_with_its_own_attribute_name_is_fixed_and_resumes(cli, tmp_path):
+    """A LightningModule that keeps its network as `self.net` (not `self.model`) saves `net.G.0.weight`:
+    fix with --arch building the network said "weights do not fit --arch". Two optimizers (a GAN, manual
+    optimization): both reset on the rewritten entries, and `Trainer.fit(ckpt_path=FIXED)` resumes."""
+    L = pytest.importorskip("lightning", reason="the lightning extra is not installed")
+
+    network, spec = arch_file(tmp_path / "gan.py", GAN)
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            torch.manual_seed(0)
+            self.net = type(network)()
+
+        def training_step(self, batch, _index):
+            (z,) = batch
+            opt_g, opt_d = self.optimizers()
+            fake = self.net.G(z)
+            loss_d = F.softplus(self.net.D(fake.detach())).mean()
+            opt_d.zero_grad()
+            self.manual_backward(loss_d)
+            opt_d.step()
+            loss_g = F.softplus(-self.net.D(fake)).mean()
+            opt_g.zero_grad()
+            self.manual_backward(loss_g)
+            opt_g.step()
+
+        def configure_optimizers(self):
+            return [
+                torch.optim.Adam(self.net.G.parameters(), 1e-2),
+                torch.optim.Adam(self.net.D.parameters(), 1e-2),
+            ]
+
+    z = torch.randn(32, 4, generator=torch.Generator().manual_seed(2))
+    np.savez(tmp_path / "z.npz", z=z.numpy())
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(z), batch_size=16)
+
+    def trainer(steps):
+        return L.Trainer(
+            max_steps=steps,
+            default_root_dir=str(tmp_path),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            logger=False,
+            enable_checkpointing=False,
+        )
+
+    run = trainer(4)
+    module = Module()
+    run.fit(module, loader)
+    with torch.no_grad():
+        alive = torch.nonzero((module.net.D[0](module.net.G(z)) > 0).any(0)).flatten()
+        killed = alive[:3].tolist()
+        module.net.D[0].bias[killed] = -100.0  # dead at the checkpoint, with a live unit's moments
+        pre = module.net.D[0](module.net.G(z))
+    dead = torch.nonzero((pre > 0).sum(0) == 0).flatten().tolist()
+    run.save_checkpoint(tmp_path / "gan.ckpt")
+    before = torch.load(tmp_path / "gan.ckpt", weights_only=False)
+    assert next(iter(before["state_dict"])).startswith("net.")
+    out = tmp_path / "fixed.ckpt"
+    result = cli(
+        "fix", tmp_path / "gan.ckpt", "--arch", spec, "-d", tmp_path / "z.npz", "-s", "reinit", "-o", out
+    )
+    assert result.code == 0, result.err
+    after = torch.load(out, weights_only=False)
+    assert list(after["state_dict"]) == list(before["state_dict"])
+    g_state, d_state = before["optimizer_states"]
+    assert _same(after["optimizer_states"][0], g_state)  # G has nothing to reset
+    for index, entry in d_state["state"].items():  # D.0.weight, D.0.bias, D.2.weight, D.2.bias
+        mask = torch.zeros_like(entry["exp_avg"], dtype=torch.bool)
+        if index in (0, 1):
+            mask[dead] = True
+        if index == 2:
+            mask[:, dead] = True
+        for key in ("exp_avg", "exp_avg_sq"):
+            new = after["optimizer_states"][1]["state"][index][key]
+            assert (new[mask] == 0).all() and torch.equal(new[~mask], entry[key][~mask])
+            if index == 1:
+                assert (entry[key][killed] != 0).all()
+    for key in before:
+        if key not in ("state_dict", "optimizer_states"):
+            assert repr(after[key]) == repr(before[key]), key
+    resumed = trainer(6)
+    resumed.fit(Module(), loader, ckpt_path=str(out))
+    assert resumed.global_step == 6
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Two optimizer state dicts equal, tensors compared by value."""
+    return a["param_groups"] == b["param_groups"] and all(
+        torch.equal(a["state"][i][k], b["state"][i][k]) for i in b["state"] for k in b["state"][i]
+    )

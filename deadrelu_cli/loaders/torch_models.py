@@ -130,15 +130,22 @@ def unwrap_checkpoint(obj):
 
 
 def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Strip DataParallel `module.`, Lightning `model.` and torch.compile `_orig_mod.` prefixes when that fits better."""
+    """Strip DataParallel `module.`, Lightning `model.` and torch.compile `_orig_mod.` prefixes when that fits better;
+    when no key fits as it is, also the one attribute name every key starts with (a LightningModule's
+    `self.net`, `self.backbone`) if that makes every expected key fit."""
     state = dict(state)
     while True:
         matches = len(expected & state.keys())
         best = None
-        for prefix in WRAPPER_PREFIXES:
+        prefixes = list(WRAPPER_PREFIXES)
+        first = {k.split(".", 1)[0] for k in state}
+        if matches == 0 and len(first) == 1 and all("." in k for k in state):
+            prefixes.append(f"{first.pop()}.")
+        for prefix in prefixes:
             if state and all(k.startswith(prefix) for k in state):
                 candidate = {k[len(prefix) :]: v for k, v in state.items()}
-                if len(expected & candidate.keys()) > matches:
+                known = prefix in WRAPPER_PREFIXES
+                if len(expected & candidate.keys()) > matches and (known or expected <= candidate.keys()):
                     best = candidate
                     break
         if best is None:
