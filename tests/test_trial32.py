@@ -644,3 +644,85 @@ def _same(a: dict, b: dict) -> bool:
     return a["param_groups"] == b["param_groups"] and all(
         torch.equal(a["state"][i][k], b["state"][i][k]) for i in b["state"] for k in b["state"][i]
     )
+
+
+MLP = """
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.out = nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.out(self.act(self.fc1(x)))
+
+
+def build():
+    return MLP()
+"""
+
+
+def test_accelerate_save_state_folder_is_fixed_with_its_optimizer(cli, tmp_path):
+    """`accelerator.save_state(dir)` writes model.safetensors with optimizer.bin (not the Trainer's
+    optimizer.pt) beside it: fix wrote the weights alone, with no word about the optimizer, so the
+    folder could not be resumed, and copying the weights back kept the moments that killed the units."""
+    pytest.importorskip("accelerate", reason="the transformers extra is not installed")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model, spec = arch_file(tmp_path / "mlp.py", MLP)
+    model.train()
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randn(64, 2)
+    np.savez(tmp_path / "x.npz", x=x.numpy())
+    try:
+        accelerator = Accelerator(cpu=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        for _ in range(3):
+            loss = F.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            optimizer.step()
+        with torch.no_grad():
+            killed = torch.nonzero((model.fc1(x) > 0).any(0)).flatten()[:3].tolist()
+            model.fc1.bias[killed] = -100.0  # dead at the checkpoint, with a live unit's moments
+            dead = torch.nonzero((model.fc1(x) > 0).sum(0) == 0).flatten().tolist()
+        accelerator.save_state(str(tmp_path / "state"))
+        (tmp_path / "fixed").mkdir()
+        result = cli(
+            "fix",
+            tmp_path / "state" / "model.safetensors",
+            "--arch",
+            spec,
+            "-d",
+            tmp_path / "x.npz",
+            "-s",
+            "reinit",
+            "-o",
+            tmp_path / "fixed" / "model.safetensors",
+        )
+        assert result.code == 0, result.err
+        before = torch.load(tmp_path / "state" / "optimizer.bin", weights_only=True)
+        after = torch.load(tmp_path / "fixed" / "optimizer.bin", weights_only=True)
+        for index, entry in before["state"].items():  # fc1 rows, fc1 bias, out columns
+            mask = torch.zeros_like(entry["exp_avg"], dtype=torch.bool)
+            if index in (0, 1):
+                mask[dead] = True
+            if index == 2:
+                mask[:, dead] = True
+            for key in ("exp_avg", "exp_avg_sq"):
+                new = after["state"][index][key]
+                assert (new[mask] == 0).all() and torch.equal(new[~mask], entry[key][~mask]), (index, key)
+            assert torch.equal(after["state"][index]["step"], entry["step"])
+        assert (before["state"][1]["exp_avg"][killed] != 0).all()
+        assert (tmp_path / "fixed" / "random_states_0.pkl").read_bytes() == (
+            tmp_path / "state" / "random_states_0.pkl"
+        ).read_bytes()
+        accelerator.load_state(str(tmp_path / "fixed"))  # resumes from the fixed folder
+        assert (optimizer.state_dict()["state"][1]["exp_avg"][dead] == 0).all()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

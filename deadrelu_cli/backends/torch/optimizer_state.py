@@ -23,6 +23,8 @@ from deadrelu_cli.loaders.torch_models import strip_wrapper_prefixes
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim", "opt")
 LIGHTNING_KEY = "optimizer_states"
 HF_OPTIMIZER_FILE = "optimizer.pt"
+# optimizer files saved beside the weights: the Hugging Face Trainer's, accelerate's `save_state`
+OPTIMIZER_FILES = (HF_OPTIMIZER_FILE, "optimizer.bin")
 # per-element state a reset zeroes (what a fresh parameter starts with): Adam/AdamW (amsgrad too), NAdam
 # and RAdam moments, SGD momentum, Adamax's exp_inf, RMSprop's square_avg/grad_avg, Adadelta's acc_delta
 MOMENT_KEYS = (
@@ -127,7 +129,9 @@ def map_parameters(optimizer_state: Mapping, model: nn.Module) -> ParamMap:
         names = {i: n for group in groups for i, n in zip(group["params"], group["param_names"], strict=True)}
         # names saved through a wrapper (`ddp.named_parameters()`: `module.…`; a LightningModule's
         # `self.named_parameters()`: `model.…`; torch.compile: `_orig_mod.…`) are the architecture's
-        names = {i: n for n, i in strip_wrapper_prefixes({n: i for i, n in names.items()}, set(params)).items()}
+        names = {
+            i: n for n, i in strip_wrapper_prefixes({n: i for i, n in names.items()}, set(params)).items()
+        }
         names = {i: n for i, n in names.items() if n in params} if set(names.values()) <= set(params) else {}
         if names and _fits(optimizer_state["state"], names, params):
             return ParamMap(names, "the optimizer's saved parameter names")

@@ -18,6 +18,7 @@ from torch import nn
 
 from deadrelu_cli.backends.torch.optimizer_state import (
     HF_OPTIMIZER_FILE,
+    OPTIMIZER_FILES,
     find_optimizer_states,
     map_parameters,
     optimizer_for,
@@ -48,16 +49,19 @@ class TrainingCheckpoint:
 
 
 def read_training_checkpoint(path: Path, fmt: str, trust_pickle: bool) -> TrainingCheckpoint | None:
-    """The checkpoint's extra content, or None when the file is weights only (and no optimizer.pt is beside it)."""
+    """The checkpoint's extra content, or None when the file is weights only (and no optimizer file,
+    the Trainer's optimizer.pt or accelerate's optimizer.bin, is beside it)."""
     checkpoint = None
     if fmt == "state_dict":
         checkpoint = torch_load(path, "cpu", trust_pickle)
-    beside = path.parent / HF_OPTIMIZER_FILE
-    optimizer_file_state = None
-    if beside.is_file() and beside.resolve() != path.resolve():
-        optimizer_file_state = torch_load(beside, "cpu", trust_pickle)
-        if not find_optimizer_states(optimizer_file_state):
-            optimizer_file_state = None
+    beside, optimizer_file_state = None, None
+    for name in OPTIMIZER_FILES:
+        candidate = path.parent / name
+        if candidate.is_file() and candidate.resolve() != path.resolve():
+            state = torch_load(candidate, "cpu", trust_pickle)
+            if find_optimizer_states(state):
+                beside, optimizer_file_state = candidate, state
+                break
     wraps = isinstance(checkpoint, Mapping) and (
         weights_key(checkpoint) is not None
         or not all(isinstance(v, torch.Tensor) for v in checkpoint.values())
@@ -68,7 +72,7 @@ def read_training_checkpoint(path: Path, fmt: str, trust_pickle: bool) -> Traini
         path,
         checkpoint if wraps else None,
         weights_key(checkpoint) if wraps else None,
-        beside if optimizer_file_state is not None else None,
+        beside,
         optimizer_file_state,
     )
 
@@ -95,8 +99,12 @@ def _reset_all(
     for where, state in states:
         mapping = map_parameters(state, model)
         reset, unknown = reset_moments(state, mapping, touched)
-        in_file = training is None or training.optimizer_file is not None
-        label = HF_OPTIMIZER_FILE if in_file else "/".join(map(str, where))
+        if training is None:
+            label = HF_OPTIMIZER_FILE
+        elif training.optimizer_file is not None:
+            label = training.optimizer_file.name
+        else:
+            label = "/".join(map(str, where))
         notes.append(
             f"{label}: moments of the rewritten entries reset in {reset} parameter(s) "
             f"(parameters mapped by {mapping.source}); per-parameter step counts kept"
@@ -133,20 +141,24 @@ def write_training_checkpoint(
             notes.append(f"--strategy {strategy}: the optimizer state was kept as it was")
         torch.save(checkpoint, temp)
         notes.append("every other entry of the checkpoint was kept as it was")
-    if training.optimizer_file is not None:  # Hugging Face: optimizer.pt beside the weights
+    if training.optimizer_file is not None:  # optimizer.pt (Trainer) / optimizer.bin (accelerate) beside
+        name = training.optimizer_file.name
         folder = output.parent if str(output.parent) else Path(".")
         if folder.resolve() == training.optimizer_file.parent.resolve():
             raise UserError(
-                f"--output {output}: the checkpoint's {HF_OPTIMIZER_FILE} would be overwritten beside it; "
+                f"--output {output}: the checkpoint's {name} would be overwritten beside it; "
                 "write the fixed checkpoint into another folder"
             )
         state = training.optimizer_file_state
         if resetting:
             notes += _reset_all(training, [((), state)], model, touched)
-        companion = temp_path_for(folder / HF_OPTIMIZER_FILE)  # a fresh file (mkstemp), never a link
+        companion = temp_path_for(folder / name)  # a fresh file (mkstemp), never a link
         torch.save(state, companion)
-        companions.append((companion, folder / HF_OPTIMIZER_FILE))
-        skip = {training.path.name, HF_OPTIMIZER_FILE, output.name}
+        companions.append((companion, folder / name))
+        skip = {training.path.name, name, output.name}
+        others = sorted(f.name for f in training.optimizer_file.parent.glob("optimizer_*.bin"))
+        if others:  # accelerate's further optimizers (of further models): not this model's
+            notes.append(f"{', '.join(others)}: another model's optimizer (accelerate), copied as it was")
         for item in sorted(training.optimizer_file.parent.iterdir()):
             destination = folder / item.name  # never through a link, never over a file
             if (
