@@ -167,7 +167,8 @@ def _in_backward() -> bool:
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:
-    for value in list(args) + list(kwargs.values()):
+    """The rows of the forward's first tensor argument, also inside a dict or list (`model(batch)`)."""
+    for value in torch.utils._pytree.tree_leaves((args, kwargs)):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     return 0

@@ -726,3 +726,30 @@ def test_accelerate_save_state_folder_is_fixed_with_its_optimizer(cli, tmp_path)
         assert (optimizer.state_dict()["state"][1]["exp_avg"][dead] == 0).all()
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_samples_of_a_forward_that_takes_a_dict():
+    """`model(batch)` with a dict (or list) of tensors: the report said 0 samples (only top-level tensor
+    arguments were looked at) although every element was counted."""
+    from deadrelu_cli import watch
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+
+        def forward(self, batch):
+            return self.fc(batch["x"][0]).relu()
+
+    torch.manual_seed(0)
+    net = Net()
+    batches = [{"x": [torch.randn(5, 4)]}, {"x": [torch.randn(3, 4)]}]
+    w = watch(net, every=1, window=2, config=False)
+    for batch in batches:
+        w.step()
+        net(batch)
+    w.close()
+    with torch.no_grad():
+        pre = torch.cat([net.fc(b["x"][0]) for b in batches])
+    assert w.last.data.samples == len(pre) == 8
+    assert w.last.layer("relu()").positive_counts.tolist() == (pre > 0).sum(0).tolist()
