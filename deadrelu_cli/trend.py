@@ -102,7 +102,7 @@ def expand_paths(items: list[str]) -> list[Path]:
                 found = sorted(
                     f
                     for f in p.iterdir()
-                    if f.is_file()
+                    if not f.is_dir()
                     and f.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors", ".pt2", ".onnx", ".ckpt")
                 )
             if not found:  # a folder of reports (watch(out_dir=…), the training callbacks)
