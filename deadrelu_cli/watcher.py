@@ -244,6 +244,7 @@ class Watch:
         self._recomputing = 0  # root calls under way inside backward (gradient checkpointing)
         self._evaluating = 0  # root calls under way that are an evaluation (not counted)
         self._evaluations = 0  # evaluation forwards skipped in this window
+        self._replicas = 0  # forwards of copies of the model sharing its hooks (nn.DataParallel), not counted
         self.count_evaluation = count_evaluation
         self.distributed = distributed
         self.mask_argument = mask  # the forward's argument read as the position mask (None: none)
@@ -351,7 +352,10 @@ class Watch:
             if self._modes:
                 self._modes.pop().__exit__(None, None, None)
 
-        def start(_module, args, kwargs):
+        def start(module, args, kwargs):
+            if module is not root:  # a replica (nn.DataParallel copies the model, hooks included) runs
+                self._replicas += 1  # in a thread of its own: other modules, another mode stack
+                return
             if _in_backward():  # `checkpoint(model, x)` recomputing the model: counted when it ran
                 self._recomputing += 1
                 return
@@ -361,7 +365,9 @@ class Watch:
             begin(args, kwargs)
             probe.enter_module(root, args)
 
-        def stop(_module, args, output):
+        def stop(module, args, output):
+            if module is not root:
+                return
             if self._recomputing:
                 self._recomputing -= 1
                 return
@@ -437,6 +443,7 @@ class Watch:
         sampled, self._sampled = self._sampled, []
         samples, self._samples = self._samples, 0
         evaluations, self._evaluations = self._evaluations, 0
+        replicas, self._replicas = self._replicas, 0
         layers = self._probe.registry.layer_stats()  # host copies: the counters start over in place
         self._probe.restart_counts()
         parameter = next(self.model.parameters(), None)
@@ -485,6 +492,14 @@ class Watch:
                 f"{evaluations} forward(s) in eval mode with gradients off (an evaluation) on the sampled "
                 "steps were not counted; watch(count_evaluation=True) counts them"
             )
+        if replicas:
+            report.notes.append(
+                f"{replicas} forward(s) of replicas of the model (nn.DataParallel over several devices) were "
+                "not counted: use DistributedDataParallel (torchrun)"
+            )
+            if "<replicas>" not in self._warned:  # once per run: the counts miss those forwards
+                self._warned.add("<replicas>")
+                warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
         if not layers:
             report.notes.append(
                 f"the model ran no {'/'.join(s.ops)} call on the sampled steps: nothing to count"

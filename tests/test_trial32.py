@@ -6,6 +6,7 @@ parameter maps, torch's own optimizers."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -753,3 +754,50 @@ def test_samples_of_a_forward_that_takes_a_dict():
         pre = torch.cat([net.fc(b["x"][0]) for b in batches])
     assert w.last.data.samples == len(pre) == 8
     assert w.last.layer("relu()").positive_counts.tolist() == (pre > 0).sum(0).tolist()
+
+
+def test_forwards_of_replicas_are_said_not_counted():
+    """nn.DataParallel over several GPUs (also the Hugging Face Trainer's, started without torchrun)
+    runs copies of the model that share its hooks, each in a thread of its own, where the step's
+    TorchFunctionMode is not active and the probe's state would be raced on: the watch counted them as
+    forwards of the model (here one replica, run after the model: its rows counted twice). Now they are
+    not counted, and the report and one warning say so."""
+    import threading
+
+    from deadrelu_cli import watch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    x, other = torch.randn(6, 4), torch.randn(9, 4)
+    w = watch(model, every=1, config=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w.step()
+        model(x)
+        replica = _replicate(model)
+        worker = threading.Thread(target=lambda: replica(other))
+        worker.start()
+        worker.join()
+        w.close()
+    with torch.no_grad():
+        pre = model[0](x)
+    layer = w.last.layer("1")
+    assert layer.elements_per_unit == 6 and w.last.data.samples == 6
+    assert layer.positive_counts.tolist() == (pre > 0).sum(0).tolist()
+    assert any("1 forward(s) of replicas of the model" in note for note in w.last.notes)
+    assert sum("replicas of the model" in str(c.message) for c in caught) == 1
+
+
+def _replicate(model: nn.Module) -> nn.Module:
+    """What torch.nn.parallel.replicate makes for one device, on the CPU: every module copied by
+    `_replicate_for_data_parallel` (new objects sharing the original's hook dicts), children re-linked,
+    parameters set as plain tensors (replicate sets the broadcast copies the same way)."""
+    modules = list(model.modules())
+    copies = {id(m): m._replicate_for_data_parallel() for m in modules}
+    for module in modules:
+        replica = copies[id(module)]
+        for key, child in module._modules.items():
+            replica._modules[key] = copies[id(child)] if child is not None else None
+        for key, param in module._parameters.items():
+            setattr(replica, key, param.detach())
+    return copies[id(model)]
