@@ -354,7 +354,9 @@ class Watch:
 
         def start(module, args, kwargs):
             if module is not root:  # a replica (nn.DataParallel copies the model, hooks included) runs
-                self._replicas += 1  # in a thread of its own: other modules, another mode stack
+                # in a thread of its own: other modules, another mode stack; a deepcopy made while the
+                # probe was on carries these hooks too, and they stay inert on it after this step
+                self._replicas += bool(self._handles)
                 return
             if _in_backward():  # `checkpoint(model, x)` recomputing the model: counted when it ran
                 self._recomputing += 1
@@ -494,8 +496,8 @@ class Watch:
             )
         if replicas:
             report.notes.append(
-                f"{replicas} forward(s) of replicas of the model (nn.DataParallel over several devices) were "
-                "not counted: use DistributedDataParallel (torchrun)"
+                f"{replicas} forward(s) of copies of the model that share its hooks (nn.DataParallel's replicas "
+                "over several devices: use DistributedDataParallel) were not counted"
             )
             if "<replicas>" not in self._warned:  # once per run: the counts miss those forwards
                 self._warned.add("<replicas>")

@@ -762,6 +762,7 @@ def test_forwards_of_replicas_are_said_not_counted():
     TorchFunctionMode is not active and the probe's state would be raced on: the watch counted them as
     forwards of the model (here one replica, run after the model: its rows counted twice). Now they are
     not counted, and the report and one warning say so."""
+    import copy
     import threading
 
     from deadrelu_cli import watch
@@ -784,8 +785,17 @@ def test_forwards_of_replicas_are_said_not_counted():
     layer = w.last.layer("1")
     assert layer.elements_per_unit == 6 and w.last.data.samples == 6
     assert layer.positive_counts.tolist() == (pre > 0).sum(0).tolist()
-    assert any("1 forward(s) of replicas of the model" in note for note in w.last.notes)
-    assert sum("replicas of the model" in str(c.message) for c in caught) == 1
+    assert any("1 forward(s) of copies of the model" in note for note in w.last.notes)
+    assert sum("copies of the model" in str(c.message) for c in caught) == 1
+    # a deepcopy made while the probe is on carries its hooks: inert on it once the step is over
+    w = watch(model, every=10, config=False)
+    w.step()
+    twin = copy.deepcopy(model)
+    for _ in range(3):
+        w.step()
+        twin(other)
+    w.close()
+    assert w.last.data.samples == 0 and not any("copies" in note for note in w.last.notes)
 
 
 def _replicate(model: nn.Module) -> nn.Module:
