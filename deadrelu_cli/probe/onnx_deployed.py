@@ -6,7 +6,7 @@
 - Quantized: a QuantizeLinear whose zero point is its integer type's minimum clamps at 0: fed by a
   value that can be negative it *is* the ReLU (quantize_static removes a Relu after any op it can
   re-route, a BatchNormalization, a Mul, a Concat as well as a Conv, and folds it so; onnxruntime's
-  ReluQuantFusion removes a Relu between a DequantizeLinear and a QuantizeLinear so). The same holds for
+  optimizer removes a Relu kept between a DequantizeLinear and a QuantizeLinear so). The same holds for
   the output of QLinearConv / QLinearMatMul / QGemm and of the com.microsoft QLinearAdd / QLinearMul /
   QLinearConcat / pools (QOperator graphs). A unit fires when its quantized value is above the zero
   point, i.e. when the dequantized value is > 0. Whether the value can be negative is decided by
@@ -236,15 +236,20 @@ def implicit_relu(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, str | N
             return None
         if not may_be_negative(index, node.input[0]):
             return None
-        return node.input[0], node.input[0], _dequantized_consumer(index, node.output[0])
-    positions = QLINEAR_OUTPUTS.get(node.op_type)
-    if positions is None or not _zero_point_is_minimum(index, node, positions[1], optional=False):
-        return None
-    if node.op_type not in ("QLinearConv", "QLinearMatMul", "QGemm") and not may_be_negative(
-        index, node.output[0]
-    ):
-        return None
-    return node.output[0], None, _dequantized_consumer(index, node.output[0])
+        found = node.input[0], node.input[0], _dequantized_consumer(index, node.output[0])
+    else:
+        positions = QLINEAR_OUTPUTS.get(node.op_type)
+        if positions is None or not _zero_point_is_minimum(index, node, positions[1], optional=False):
+            return None
+        if node.op_type not in ("QLinearConv", "QLinearMatMul", "QGemm") and not may_be_negative(
+            index, node.output[0]
+        ):
+            return None
+        found = node.output[0], None, _dequantized_consumer(index, node.output[0])
+    readers = index.consumers.get(found[2], []) if found[2] else []
+    if readers and all(reader.op_type == "Relu" for reader in readers):
+        return None  # the graph kept its Relu after the clamp (QDQKeepRemovableActivations): that is the site
+    return found
 
 
 def expose_quantized(model: onnx.ModelProto) -> int:

@@ -1,0 +1,296 @@
+"""Deployed ONNX graphs as people ship them (trial30): ReLUs folded into quantizations after any op,
+onnxruntime's NHWC layout, fused activations inside If branches, Relu in a transposed layout, and `fix`
+through a Keras global max pool (Transpose + ReduceMax).
+
+Ground truth: onnxruntime runs the graph with the tensors that hold each activation added as graph
+outputs (the Relu outputs, or the quantized tensors whose zero point is their type's minimum, where
+quantization removed the Relu), counted per unit in numpy here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+from torch import nn
+
+from tests.truth import onnx_relu_io
+
+SPATIAL = 7  # no layer below has 7 units, so a rank-4 tensor's unit axis is the one that is not 7
+
+
+class _FoldedNet(nn.Module):
+    """ReLUs after a BatchNormalization of a concatenation (not foldable into a Conv), after a Mul + Add,
+    after a Mul, and after a Conv: 10, 9, 12 and 5 units."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.c3, self.c4 = nn.Conv2d(10, 9, 3, padding=1), nn.Conv2d(9, 12, 1)
+        self.c5 = nn.Conv2d(12, 5, 3, padding=1)
+        self.fc = nn.Linear(5 * SPATIAL * SPATIAL, 3)
+
+    def forward(self, x):
+        a = torch.relu(self.bn(torch.cat([self.c1(x), self.c2(x)], 1)))
+        b = torch.relu(self.c3(a) * 0.5 + 0.1)
+        c = torch.relu(self.c4(b) * 2.0)
+        return self.fc(torch.relu(self.c5(c)).flatten(1))
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, x: np.ndarray):
+        self.batches = iter([{"input": x[i : i + 8]} for i in range(0, len(x), 8)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def _optimize(src, dst, level) -> None:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def folded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folded")
+    torch.manual_seed(0)
+    model = _FoldedNet().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.bias.uniform_(-2, 0.5)  # some BN channels never fire
+        model.c5.bias[:2] = -20.0  # two dead conv units
+    x = np.random.default_rng(0).standard_normal((24, 3, SPATIAL, SPATIAL)).astype(np.float32)
+    torch.onnx.export(
+        model,
+        torch.from_numpy(x[:1]),
+        str(root / "float.onnx"),
+        input_names=["input"],
+        dynamic_axes={"input": {0: "batch"}},
+        dynamo=False,
+        opset_version=17,
+    )
+    np.savez(root / "calib.npz", input=x)
+    quantize_static(root / "float.onnx", root / "qdq.onnx", _Reader(x), quant_format=QuantFormat.QDQ)
+    quantize_static(root / "float.onnx", root / "qop.onnx", _Reader(x), quant_format=QuantFormat.QOperator)
+    # a QDQ graph that keeps its Relus between DequantizeLinear and QuantizeLinear (other quantizers write
+    # them so; the quantize before each Relu then clamps at 0 as well), and onnxruntime's extended level,
+    # which removes those Relus
+    quantize_static(
+        root / "float.onnx",
+        root / "qdq_kept.onnx",
+        _Reader(x),
+        quant_format=QuantFormat.QDQ,
+        extra_options={"QDQKeepRemovableActivations": True},
+    )
+    levels = ort.GraphOptimizationLevel
+    _optimize(root / "qdq_kept.onnx", root / "qdq_kept.ext.onnx", levels.ORT_ENABLE_EXTENDED)
+    # ORT_ENABLE_ALL turns QDQ Convs into com.microsoft QLinearConv(channels_last=1): NHWC tensors
+    _optimize(root / "qdq.onnx", root / "qdq.all.onnx", levels.ORT_ENABLE_ALL)
+    _optimize(root / "qop.onnx", root / "qop.all.onnx", levels.ORT_ENABLE_ALL)
+    return root, x
+
+
+# where each op keeps its output zero point (ONNX and com.microsoft QOperator ops)
+_OUTPUT_ZERO = {
+    "QuantizeLinear": 2,
+    "QLinearConv": 7,
+    "QLinearMatMul": 7,
+    "QLinearAdd": 7,
+    "QLinearMul": 7,
+    "QLinearConcat": 1,
+    "QGemm": 8,
+}
+
+
+def _stored(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+LAYERS = (10, 9, 12, 5)  # units of the four ReLUs of _FoldedNet, each at SPATIAL x SPATIAL
+
+
+def _activation_truth(path, x: np.ndarray) -> dict[int, list[int]]:
+    """{units: per-unit count of positive activations} of the four ReLUs of _FoldedNet in any form of
+    it: the [N, C, 7, 7] (or NHWC) tensor that holds each, either a Relu node's output (> 0) or a
+    quantized tensor whose zero point is its type's minimum (quantized value > zero point, i.e.
+    dequantized > 0) that is neither the quantization of a Relu's output nor dequantized into a Relu."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    stored = _stored(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    dequantized = {node.input[0]: node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    zero_of: dict[str, float] = {}
+    types: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type == "Relu":
+            zero_of[node.output[0]], types[node.output[0]] = 0.0, TensorProto.FLOAT
+        at = _OUTPUT_ZERO.get(node.op_type)
+        if at is None or len(node.input) <= at or node.input[at] not in stored:
+            continue
+        zero = stored[node.input[at]]
+        source = producer.get(node.input[0])
+        if zero.dtype.kind in "iu" and np.all(zero == np.iinfo(zero.dtype).min):
+            of_relu = node.op_type == "QuantizeLinear" and source is not None and source.op_type == "Relu"
+            into_relu = readers.get(dequantized.get(node.output[0]), []) == ["Relu"]  # the Relu kept after
+            if not (of_relu or into_relu):
+                zero_of[node.output[0]] = float(zero.reshape(-1)[0])
+                types[node.output[0]] = helper.np_dtype_to_tensor_dtype(zero.dtype)
+    del graph.output[:]
+    for name in zero_of:
+        graph.output.append(helper.make_tensor_value_info(name, types[name], None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    truth: dict[int, list[int]] = {}
+    for name, value in zip(zero_of, session.run(list(zero_of), {"input": x}), strict=True):
+        if value.ndim != 4 or value.shape[1:].count(SPATIAL) != 2:
+            continue  # a constant, a flattened or pooled tensor: not one of the four layers
+        axis = next(a for a in (1, 2, 3) if value.shape[a] != SPATIAL)
+        units = value.shape[axis]
+        counts = (np.moveaxis(value, axis, -1).reshape(-1, units).astype(np.float64) > zero_of[name]).sum(0)
+        assert units in LAYERS and units not in truth, f"{name}: {value.shape}"
+        truth[units] = counts.tolist()
+    assert sorted(truth) == sorted(LAYERS), sorted(truth)  # the form holds all four ReLUs
+    return truth
+
+
+def _scan(cli, path, data, *extra) -> dict:
+    result = cli("scan", str(path), "--data", str(data), "--json", "-", *extra)
+    assert result.code in (0, 1), result.err
+    return result.json()
+
+
+@pytest.mark.parametrize("form", ["qdq", "qop", "qdq_kept", "qdq_kept.ext", "qdq.all", "qop.all"])
+def test_every_relu_folded_into_a_quantization_is_counted(cli, folded, form):
+    """quantize_static removes a Relu after any op it can re-route (a BatchNormalization, a Mul, …), not
+    only after a Conv/Gemm/MatMul/Add; each such layer silently vanished from the report (and a graph
+    that kept its Relus after the clamp counted each ReLU twice). ORT_ENABLE_ALL graphs hold NHWC
+    tensors (com.microsoft QLinearConv with channels_last): their units are on the last axis, where the
+    scan used to read the rows of the image as units."""
+    root, x = folded
+    report = _scan(cli, root / f"{form}.onnx", root / "calib.npz")
+    got = {layer["units"]: layer["positive_counts"] for layer in report["layers"]}
+    assert {units: got.get(units) for units in LAYERS} == _activation_truth(root / f"{form}.onnx", x)
+    # each once, and besides them at most the logits' quantization (3 units), a real clamp at 0 there
+    assert sorted(layer["units"] for layer in report["layers"] if layer["units"] != 3) == sorted(LAYERS)
+    assert all(layer["ran"] for layer in report["layers"])
+
+
+def test_int8_forms_report_the_float_graphs_dead_units(cli, folded):
+    """The float export (its Relu nodes, read by onnx_relu_io) and every int8 form name the same dead
+    units in each of the four layers, found by their unit counts."""
+    root, x = folded
+    model = onnx.load(str(root / "float.onnx"))
+    relus = [n.name for n in model.graph.node if n.op_type == "Relu"]
+    dead = {
+        site.post.shape[1]: np.flatnonzero(
+            (np.moveaxis(site.post, 1, -1).reshape(-1, site.post.shape[1]) > 0).sum(0) == 0
+        ).tolist()
+        for site in onnx_relu_io(model, {"input": x}, relus).values()
+    }
+    assert sorted(dead) == [5, 9, 10, 12] and dead[5] == [0, 1] and dead[10]
+    for form in ("float", "qdq", "qop", "qdq.all", "qop.all"):
+        report = _scan(cli, root / f"{form}.onnx", root / "calib.npz")
+        found = {layer["units"]: layer["dead_indices"] for layer in report["layers"]}
+        assert {units: found.get(units) for units in dead} == dead, form
+
+
+# -- hand-built QDQ graphs: which zero-point clamps are ReLUs ---------------------------------------------
+
+
+def _q(name: str, source: str, zero: int, scale: float = 0.05) -> list[onnx.NodeProto]:
+    """QuantizeLinear (uint8, the given zero point) + DequantizeLinear of `source`; output `name`."""
+    return [
+        helper.make_node(
+            "Constant",
+            [],
+            [f"{name}_s"],
+            value=helper.make_tensor(f"{name}_s", TensorProto.FLOAT, [], [scale]),
+        ),
+        helper.make_node(
+            "Constant",
+            [],
+            [f"{name}_z"],
+            value=helper.make_tensor(f"{name}_z", TensorProto.UINT8, [], [zero]),
+        ),
+        helper.make_node(
+            "QuantizeLinear", [source, f"{name}_s", f"{name}_z"], [f"{name}_q"], name=f"{name}_Q"
+        ),
+        helper.make_node(
+            "DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [name], name=f"{name}_DQ"
+        ),
+    ]
+
+
+def test_zero_point_clamps_are_relus_only_where_the_value_can_be_negative(cli, tmp_path):
+    """Conv -> Q(zp 0) and Concat(conv, conv) -> Q(zp 0) clamp negative values: ReLUs (the Concat one was
+    missed). A Q(zp 0) after a max pool of a ReLU, after a Sigmoid, or of the input scaled by 1/255 clamps
+    nothing: no layer (a sign analysis, not a list of producer ops, decides)."""
+    rng = np.random.default_rng(1)
+    w1 = rng.standard_normal((6, 3, 1, 1)).astype(np.float32)
+    b1 = np.array([0.5, -40, 0.2, 0.1, -30, 0.3], np.float32)
+    w2 = rng.standard_normal((4, 3, 1, 1)).astype(np.float32)
+    b2 = np.array([-50, 0.1, 0.2, 0.3], np.float32)
+    nodes = [
+        helper.make_node("Div", ["input", "k255"], ["scaled"]),
+        *_q("xq", "scaled", 0, 1 / 255),  # the input's quantization: not a ReLU
+        helper.make_node("Conv", ["xq", "w1", "b1"], ["conv1"], name="conv1"),
+        *_q("relu1", "conv1", 0),  # a folded ReLU, 6 units
+        helper.make_node("MaxPool", ["relu1"], ["pooled"], kernel_shape=[2, 2], name="pool"),
+        *_q("pooledq", "pooled", 0),  # max pool of a ReLU: never negative
+        helper.make_node("Conv", ["xq", "w2", "b2"], ["conv2"], name="conv2"),
+        helper.make_node("Concat", ["conv1", "conv2"], ["both"], axis=1, name="cat"),
+        *_q("relu2", "both", 0),  # a folded ReLU after a Concat, 10 units
+        helper.make_node("Sigmoid", ["relu2"], ["gate"], name="sigmoid"),
+        *_q("gateq", "gate", 0),  # a Sigmoid: never negative
+        helper.make_node("ReduceMean", ["pooledq"], ["m1"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("ReduceMean", ["gateq"], ["m2"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Add", ["m1", "m2"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3, 6, 6])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None])],
+        [
+            numpy_helper.from_array(np.array(255, np.float32), "k255"),
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(b1, "b1"),
+            numpy_helper.from_array(w2, "w2"),
+            numpy_helper.from_array(b2, "b2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "clamps.onnx"
+    onnx.save(model, path)
+    x = (rng.random((16, 3, 6, 6)) * 255).astype(np.float32)
+    np.savez(tmp_path / "x.npz", input=x)
+    report = _scan(cli, path, tmp_path / "x.npz")
+    assert [(layer["name"], layer["units"]) for layer in report["layers"]] == [("conv1", 6), ("both", 10)]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.extend(
+        [helper.make_tensor_value_info(n, TensorProto.UINT8, None) for n in ("relu1_q", "relu2_q")]
+    )
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    q1, q2 = session.run(["relu1_q", "relu2_q"], {"input": x})
+    for layer, q in zip(report["layers"], (q1, q2), strict=True):
+        assert layer["positive_counts"] == (np.moveaxis(q, 1, -1).reshape(-1, q.shape[1]) > 0).sum(0).tolist()
+        assert layer["implicit"] == "quantize"
+    assert report["layers"][0]["dead_indices"] == [1, 4]
+    assert {1, 4, 6} <= set(report["layers"][1]["dead_indices"])
