@@ -294,3 +294,207 @@ def test_zero_point_clamps_are_relus_only_where_the_value_can_be_negative(cli, t
         assert layer["implicit"] == "quantize"
     assert report["layers"][0]["dead_indices"] == [1, 4]
     assert {1, 4, 6} <= set(report["layers"][1]["dead_indices"])
+
+
+# -- fused activations inside If branches ------------------------------------------------------------------
+
+
+def _branch(name: str, weight: np.ndarray, bias: np.ndarray) -> onnx.GraphProto:
+    """Conv(x, W, b) -> Relu -> ReduceMean, reading the outer graph's x (a 1x1 conv: units = channels)."""
+    return helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", f"{name}_w", f"{name}_b"], [f"{name}_pre"], name=f"{name}_conv"),
+            helper.make_node("Relu", [f"{name}_pre"], [f"{name}_act"], name=f"{name}_relu"),
+            helper.make_node("ReduceMean", [f"{name}_act"], [f"{name}_out"], axes=[2, 3], keepdims=0),
+        ],
+        name,
+        [],
+        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [None, 6])],
+        [numpy_helper.from_array(weight, f"{name}_w"), numpy_helper.from_array(bias, f"{name}_b")],
+    )
+
+
+def test_fused_activations_inside_if_branches_are_scanned(cli, tmp_path):
+    """onnxruntime's optimizer fuses Conv+Relu inside If/Loop bodies too (silero-vad's branches, saved at
+    ORT_ENABLE_EXTENDED, hold 18 FusedConv): the scan named them 'unseen' and counted none of them."""
+    rng = np.random.default_rng(3)
+    weights = {b: rng.standard_normal((6, 3, 1, 1)).astype(np.float32) for b in ("then", "else")}
+    biases = {b: np.array([0.1, -30, 0.2, -25, 0.3, 0.0], np.float32) for b in ("then", "else")}
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["cond"]),
+        helper.make_node(
+            "If",
+            ["cond"],
+            ["y"],
+            name="branch",
+            then_branch=_branch("then", weights["then"], biases["then"]),
+            else_branch=_branch("else", weights["else"], biases["else"]),
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6])],
+        [numpy_helper.from_array(np.array(0, np.float32), "zero")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "float.onnx")
+    _optimize(tmp_path / "float.onnx", tmp_path / "opt.onnx", ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+    optimized = onnx.load(str(tmp_path / "opt.onnx"))
+    in_branches = [n.op_type for a in optimized.graph.node[-1].attribute for n in a.g.node]
+    assert "FusedConv" in in_branches and "Relu" not in in_branches, in_branches
+    x = rng.random((12, 3, 5, 5)).astype(np.float32)  # every batch sums > 0: the then branch runs
+    np.savez(tmp_path / "x.npz", x=x)
+    # truth: the then branch as a graph of its own, its Relu output exposed (onnx_relu_io)
+    alone = helper.make_model(
+        helper.make_graph(
+            list(_branch("then", weights["then"], biases["then"]).node),
+            "then",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 5, 5])],
+            [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, [None, 6])],
+            [
+                numpy_helper.from_array(weights["then"], "then_w"),
+                numpy_helper.from_array(biases["then"], "then_b"),
+            ],
+        ),
+        opset_imports=[helper.make_opsetid("", 13)],
+    )
+    post = onnx_relu_io(alone, {"x": x}, ["then_relu"])["then_relu"].post
+    counts = (np.moveaxis(post, 1, -1).reshape(-1, 6) > 0).sum(0).tolist()
+    for name in ("float", "opt"):
+        result = cli(
+            "scan",
+            tmp_path / f"{name}.onnx",
+            "--data",
+            tmp_path / "x.npz",
+            "--json",
+            "-",
+            "--max-dead",
+            "0.5",
+        )
+        assert result.code == 0, result.err  # nothing hidden: the gate decides on the counts
+        report = result.json()
+        ran = [layer for layer in report["layers"] if layer["ran"]]
+        assert [layer["positive_counts"] for layer in ran] == [counts], name
+        assert ran[0]["dead_indices"] == [1, 3]
+        assert not report.get("unseen_activations"), report.get("unseen_activations")
+    assert any("FusedConv" in note for note in report["notes"])  # scanned unfused, and said so
+
+
+# -- a Relu in a transposed layout ---------------------------------------------------------------------------
+
+
+def test_relu_between_transposes_counts_units_on_the_moved_axis(cli, tmp_path):
+    """Exporters that keep a TensorFlow layout write Conv -> Transpose(NHWC) -> Relu -> Transpose(NCHW) ->
+    Conv: the Relu's units are on its last axis. The scan took axis 1 (the image rows) as units."""
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    b1 = np.array([0.2, -40, 0.1, -35, 0.0, 0.3], np.float32)
+    w2 = rng.standard_normal((4, 6, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Transpose", ["c1"], ["nhwc"], perm=[0, 2, 3, 1], name="to_nhwc"),
+        helper.make_node("Relu", ["nhwc"], ["act"], name="relu"),
+        helper.make_node("Transpose", ["act"], ["nchw"], perm=[0, 3, 1, 2], name="to_nchw"),
+        helper.make_node("Conv", ["nchw", "w2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 9, 9])],
+        [numpy_helper.from_array(a, n) for n, a in (("w1", w1), ("b1", b1), ("w2", w2))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "t.onnx")
+    x = rng.standard_normal((10, 3, 9, 9)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    post = onnx_relu_io(model, {"x": x}, ["relu"])["relu"].post  # [N, 9, 9, 6]
+    counts = (post.reshape(-1, 6) > 0).sum(0)
+    report = _scan(cli, tmp_path / "t.onnx", tmp_path / "x.npz")
+    (layer,) = report["layers"]
+    assert layer["units"] == 6 and layer["positive_counts"] == counts.tolist()
+    assert layer["dead_indices"] == [1, 3]
+
+
+# -- fix through a Keras global max pool (tf2onnx: Transpose + ReduceMax) -------------------------------------
+
+
+def _global_max_pool_model(path, reduce_axes: list[int]) -> dict[str, np.ndarray]:
+    """Reshape(x, [-1, 3, 8, 6]) -> Conv -> Relu -> Transpose(NHWC) -> ReduceMax(axes) -> MatMul + bias:
+    the tail of DNSMOS sig_bak_ovr (a Keras GlobalMaxPooling2D before the dense layer). The Reshape by
+    a stored shape is what hid the activation's rank from shape inference there."""
+    rng = np.random.default_rng(5)
+    arrays = {
+        "shape": np.array([-1, 3, 8, 6], np.int64),
+        "w": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+        "b": np.array([0.1, -40, 0.2, 0.3, -45, 0.0, 0.1, 0.2], np.float32),
+        "dense": rng.standard_normal((8, 4)).astype(np.float32),
+        "dense_b": rng.standard_normal(4).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["image"], name="reshape"),
+        helper.make_node("Conv", ["image", "w", "b"], ["pre"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["pre"], ["act"], name="relu"),
+        helper.make_node("Transpose", ["act"], ["nhwc"], perm=[0, 2, 3, 1], name="push_transpose"),
+        helper.make_node("ReduceMax", ["nhwc"], ["pooled"], axes=reduce_axes, keepdims=0, name="global_max"),
+        helper.make_node("MatMul", ["pooled", "dense"], ["mm"], name="dense/MatMul"),
+        helper.make_node("Add", ["mm", "dense_b"], ["y"], name="dense/BiasAdd"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 144])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        [numpy_helper.from_array(a, n) for n, a in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 7
+    onnx.save(model, path)
+    return arrays
+
+
+def _outputs_and_relu(path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    model = onnx.load(str(path))
+    site = onnx_relu_io(model, {"x": x}, ["relu"])["relu"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["y"], {"x": x})[0], site.post
+
+
+@pytest.mark.parametrize("strategy", ["reinit", "prune"])
+def test_fix_follows_transpose_and_reduce_max_to_the_dense_layer(cli, tmp_path, strategy):
+    """reinit/prune skipped the last conv ReLU of DNSMOS sig_bak_ovr ("its output does not go to exactly
+    one Conv/Gemm/MatMul"): the dense layer reads it through Transpose + ReduceMax over the positions.
+    Both keep each unit in its own slot, so the dense rows of the dead units can be zeroed or removed."""
+    source = tmp_path / "m.onnx"
+    arrays = _global_max_pool_model(source, [1, 2])
+    x = np.random.default_rng(6).standard_normal((16, 144)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    before, relu = _outputs_and_relu(source, x)
+    assert np.flatnonzero((relu > 0).sum((0, 2, 3)) == 0).tolist() == [1, 4]
+    out = tmp_path / f"{strategy}.onnx"
+    result = cli("fix", source, "--data", tmp_path / "x.npz", "--strategy", strategy, "--output", out)
+    assert result.code == 0, result.err + result.out
+    after, relu_after = _outputs_and_relu(out, x)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    fixed = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    if strategy == "reinit":
+        assert (relu_after[:, [1, 4]] > 0).any(axis=(0, 2, 3)).all()  # both revived
+        np.testing.assert_array_equal(fixed["dense"][[1, 4]], 0)
+        np.testing.assert_array_equal(fixed["dense"][[0, 2, 3, 5, 6, 7]], arrays["dense"][[0, 2, 3, 5, 6, 7]])
+    else:
+        assert fixed["w"].shape[0] == 6 and relu_after.shape[1] == 6
+        np.testing.assert_array_equal(fixed["dense"], arrays["dense"][[0, 2, 3, 5, 6, 7]])
+
+    # the same graph reducing over the channel axis (3 after the Transpose) mixes the units: refused
+    # (its dense layer then reads the 8 rows of the image; a [N, 8] x [8, 4] MatMul still runs)
+    mixed = tmp_path / "mixed.onnx"
+    _global_max_pool_model(mixed, [2, 3])
+    out = tmp_path / f"mixed_{strategy}.onnx"
+    result = cli("fix", mixed, "--data", tmp_path / "x.npz", "--strategy", strategy, "--output", out)
+    assert result.code == 2 and not out.exists()
+    assert "does not go to exactly one Conv/Gemm/MatMul" in result.out + result.err
