@@ -9,6 +9,8 @@ quantization removed the Relu), counted per unit in numpy here.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -205,8 +207,14 @@ def test_int8_forms_report_the_float_graphs_dead_units(cli, folded):
     assert sorted(dead) == [5, 9, 10, 12] and dead[5] == [0, 1] and dead[10]
     for form in ("float", "qdq", "qop", "qdq.all", "qop.all"):
         report = _scan(cli, root / f"{form}.onnx", root / "calib.npz")
+        (root / f"{form}.json").write_text(json.dumps(report))
         found = {layer["units"]: layer["dead_indices"] for layer in report["layers"]}
         assert {units: found.get(units) for units in dead} == dead, form
+    # the QDQ layers pair with the float ones: by weight, or (the BatchNorm's ReLU) by the tensor the
+    # float Relu wrote, whose name quantize_static gives to the tensor it quantizes
+    result = cli("gate", root / "qdq.json", "--baseline", root / "float.json", "--max-increase", "0")
+    assert result.code == 0, result.err
+    assert "could not be paired" not in result.err and "baseline layer" not in result.err
 
 
 # -- hand-built QDQ graphs: which zero-point clamps are ReLUs ---------------------------------------------

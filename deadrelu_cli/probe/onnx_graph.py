@@ -206,6 +206,9 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
                     implicit="quantize",
                     module_type=node.op_type,
                 )
+                # quantize_static gives the Relu's output name to the tensor it now quantizes: the float
+                # graph's activation output, which pairs the layers when no weight does (a BatchNorm's)
+                site.output_tensor = pre if pre and not path else None
             if site is not None:
                 site.weight = producer_weight(index, site.input_name)
                 trace = trace_producer(index, site.input_name)
