@@ -123,9 +123,9 @@ def _stored(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
 LAYERS = (10, 9, 12, 5)  # units of the four ReLUs of _FoldedNet, each at SPATIAL x SPATIAL
 
 
-def _activation_truth(path, x: np.ndarray) -> dict[int, list[int]]:
-    """{units: per-unit count of positive activations} of the four ReLUs of _FoldedNet in any form of
-    it: the [N, C, 7, 7] (or NHWC) tensor that holds each, either a Relu node's output (> 0) or a
+def _activation_truth(path, x: np.ndarray, layers: tuple[int, ...] = LAYERS) -> dict[int, list[int]]:
+    """{units: per-unit count of positive activations} of the ReLUs (by their unit counts, `layers`) of a
+    model such as _FoldedNet in any form of it: the [N, C, 7, 7] (or NHWC) tensor that holds each, either a Relu node's output (> 0) or a
     quantized tensor whose zero point is its type's minimum (quantized value > zero point, i.e.
     dequantized > 0) that is neither the quantization of a Relu's output nor dequantized into a Relu."""
     model = onnx.load(str(path))
@@ -164,9 +164,9 @@ def _activation_truth(path, x: np.ndarray) -> dict[int, list[int]]:
         axis = next(a for a in (1, 2, 3) if value.shape[a] != SPATIAL)
         units = value.shape[axis]
         counts = (np.moveaxis(value, axis, -1).reshape(-1, units).astype(np.float64) > zero_of[name]).sum(0)
-        assert units in LAYERS and units not in truth, f"{name}: {value.shape}"
+        assert units in layers and units not in truth, f"{name}: {value.shape}"
         truth[units] = counts.tolist()
-    assert sorted(truth) == sorted(LAYERS), sorted(truth)  # the form holds all four ReLUs
+    assert sorted(truth) == sorted(layers), sorted(truth)  # the form holds every ReLU
     return truth
 
 
@@ -215,6 +215,50 @@ def test_int8_forms_report_the_float_graphs_dead_units(cli, folded):
     result = cli("gate", root / "qdq.json", "--baseline", root / "float.json", "--max-increase", "0")
     assert result.code == 0, result.err
     assert "could not be paired" not in result.err and "baseline layer" not in result.err
+
+
+class _ConcatNet(nn.Module):
+    """A ReLU right after a Concat of two Convs (10 units), then a Conv + ReLU (5 units)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)
+        self.c3 = nn.Conv2d(10, 5, 1)
+
+    def forward(self, x):
+        return torch.relu(self.c3(torch.relu(torch.cat([self.c1(x), self.c2(x)], 1)))).mean((2, 3))
+
+
+def test_relu_after_a_concat_in_an_nhwc_qoperator_graph(cli, tmp_path):
+    """QOperator folds the Relu into com.microsoft QLinearConcat; ORT_ENABLE_ALL makes it an NHWC
+    QLinearConcat between channels-last QLinearConvs. The unit axis was taken as 1: 7 "units" (the image
+    rows), every count wrong. The walk back now passes the concatenation to the Convs' layout."""
+    torch.manual_seed(0)
+    model = _ConcatNet().eval()
+    with torch.no_grad():
+        model.c2.bias[:3] = -30.0
+    x = np.random.default_rng(2).standard_normal((16, 3, SPATIAL, SPATIAL)).astype(np.float32)
+    torch.onnx.export(
+        model,
+        torch.from_numpy(x[:1]),
+        str(tmp_path / "float.onnx"),
+        input_names=["input"],
+        dynamic_axes={"input": {0: "batch"}},
+        dynamo=False,
+        opset_version=13,
+    )
+    np.savez(tmp_path / "x.npz", input=x)
+    quantize_static(
+        tmp_path / "float.onnx", tmp_path / "qop.onnx", _Reader(x), quant_format=QuantFormat.QOperator
+    )
+    _optimize(tmp_path / "qop.onnx", tmp_path / "qop.all.onnx", ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    ops = {n.domain + "." + n.op_type for n in onnx.load(str(tmp_path / "qop.all.onnx")).graph.node}
+    assert "com.microsoft.QLinearConcat" in ops and "com.microsoft.QLinearConv" in ops, ops
+    for form in ("qop", "qop.all"):
+        report = _scan(cli, tmp_path / f"{form}.onnx", tmp_path / "x.npz")
+        got = {layer["units"]: layer["positive_counts"] for layer in report["layers"]}
+        assert got == _activation_truth(tmp_path / f"{form}.onnx", x, (10, 5)), form
+        assert report["layers"][0]["dead_indices"] == [4, 5, 6], form
 
 
 # -- hand-built QDQ graphs: which zero-point clamps are ReLUs ---------------------------------------------

@@ -193,6 +193,13 @@ def _trace_producer(index: GraphIndex, input_name: str, perms: list[list[int]]) 
         if channels_last(node):
             trace.channel_first = False
             return trace
+        if node.op_type in ("Concat", "QLinearConcat"):  # the inputs' layout, from the first one's producer
+            data = node.input[2::3] if node.op_type == "QLinearConcat" else node.input
+            data = [i for i in data if i and index.constant(i) is None]
+            if not data:
+                return trace
+            keep_producer, name = False, data[0]
+            continue
         if node.op_type == "Transpose":
             rank = index.rank(node.input[0])
             perm = attr(node, "perm") or (list(range(rank))[::-1] if rank else None)
