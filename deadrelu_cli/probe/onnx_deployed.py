@@ -214,6 +214,8 @@ def may_be_negative(index: GraphIndex, name: str, memo: dict | None = None, dept
         answer = not all(
             _zero_point_is_minimum(scope, node, at, optional=False) for at in range(4, len(node.input), 3)
         )
+    elif op == "Pad" and float(attr(node, "value", 0.0) or 0.0) < 0:  # opset < 11: the fill value
+        answer = True
     elif op in _SIGN_KEEPING_OPS and node.domain in ("", "ai.onnx", "com.microsoft"):
         positions = _SIGN_KEEPING_OPS[op] or range(len(node.input))
         answer = any(
@@ -247,9 +249,19 @@ def implicit_relu(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, str | N
             return None
         found = node.output[0], None, _dequantized_consumer(index, node.output[0])
     readers = index.consumers.get(found[2], []) if found[2] else []
-    if readers and all(reader.op_type == "Relu" for reader in readers):
+    if readers and all(_clamps_at_zero(index, reader) for reader in readers):
         return None  # the graph kept its Relu after the clamp (QDQKeepRemovableActivations): that is the site
     return found
+
+
+def _clamps_at_zero(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """A Relu, or a Clip whose lower bound is 0 (a ReLU6): an activation node the scan counts itself."""
+    if node.op_type == "Relu":
+        return True
+    if node.op_type != "Clip":
+        return False
+    low = index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "min")
+    return low is not None and bool(np.all(np.asarray(low) == 0))
 
 
 def expose_quantized(model: onnx.ModelProto) -> int:
