@@ -550,3 +550,110 @@ def test_fix_follows_transpose_and_reduce_max_to_the_dense_layer(cli, tmp_path, 
     result = cli("fix", mixed, "--data", tmp_path / "x.npz", "--strategy", strategy, "--output", out)
     assert result.code == 2 and not out.exists()
     assert "does not go to exactly one Conv/Gemm/MatMul" in result.out + result.err
+
+
+def _qlinear_branch(name: str, weight: np.ndarray, bias: np.ndarray) -> onnx.GraphProto:
+    """QuantizeLinear(x) -> QLinearConv (1x1, output zero point 0: a folded ReLU) -> QLinearGlobalAveragePool
+    -> DequantizeLinear: a QOperator chain whose ReLU output has no DequantizeLinear of its own."""
+    scale = 0.05
+    wq = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
+    bq = np.round(bias / (0.02 * scale)).astype(np.int32)
+    stored = {
+        f"{name}_xs": np.array(0.02, np.float32),
+        f"{name}_xz": np.array(128, np.uint8),
+        f"{name}_w": wq,
+        f"{name}_ws": np.array(scale, np.float32),
+        f"{name}_wz": np.array(0, np.int8),
+        f"{name}_ys": np.array(0.03, np.float32),
+        f"{name}_yz": np.array(0, np.uint8),
+        f"{name}_b": bq,
+        f"{name}_ps": np.array(0.03, np.float32),
+        f"{name}_pz": np.array(0, np.uint8),
+    }
+    n = name
+    return helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", f"{n}_xs", f"{n}_xz"], [f"{n}_xq"]),
+            helper.make_node(
+                "QLinearConv",
+                [
+                    f"{n}_xq",
+                    f"{n}_xs",
+                    f"{n}_xz",
+                    f"{n}_w",
+                    f"{n}_ws",
+                    f"{n}_wz",
+                    f"{n}_ys",
+                    f"{n}_yz",
+                    f"{n}_b",
+                ],
+                [f"{n}_act"],
+                name=f"{n}_conv",
+            ),
+            helper.make_node(
+                "QLinearGlobalAveragePool",
+                [f"{n}_act", f"{n}_ys", f"{n}_yz", f"{n}_ps", f"{n}_pz"],
+                [f"{n}_pooled"],
+                domain="com.microsoft",
+                channels_last=0,
+            ),
+            helper.make_node("DequantizeLinear", [f"{n}_pooled", f"{n}_ps", f"{n}_pz"], [f"{n}_out"]),
+        ],
+        name,
+        [],
+        [helper.make_tensor_value_info(f"{n}_out", TensorProto.FLOAT, [None, 6, 1, 1])],
+        [numpy_helper.from_array(a, k) for k, a in stored.items()],
+    )
+
+
+def test_quantized_relu_inside_an_if_branch_is_counted(cli, tmp_path):
+    """A QOperator ReLU (QLinearConv with its output zero point at the minimum) inside an If branch got no
+    DequantizeLinear for the statistics (only the main graph got them), so it was silently left out."""
+    rng = np.random.default_rng(7)
+    weights = {b: rng.standard_normal((6, 3, 1, 1)).astype(np.float32) for b in ("then", "else")}
+    bias = np.array([0.1, -3, 0.2, -2.5, 0.3, 0.0], np.float32)
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["cond"]),
+        helper.make_node(
+            "If",
+            ["cond"],
+            ["y"],
+            name="branch",
+            then_branch=_qlinear_branch("then", weights["then"], bias),
+            else_branch=_qlinear_branch("else", weights["else"], bias),
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6, 1, 1])],
+        [numpy_helper.from_array(np.array(0, np.float32), "zero")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "q.onnx")
+    x = rng.random((12, 3, 5, 5)).astype(np.float32)  # sums > 0: the then branch runs
+    np.savez(tmp_path / "x.npz", x=x)
+    # truth: the then branch as a graph of its own, the QLinearConv's quantized output exposed
+    branch = _qlinear_branch("then", weights["then"], bias)
+    alone = helper.make_model(
+        helper.make_graph(
+            list(branch.node),
+            "then",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 5, 5])],
+            [helper.make_tensor_value_info("then_act", TensorProto.UINT8, None)],
+            list(branch.initializer),
+        ),
+        opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)],
+    )
+    session = ort.InferenceSession(alone.SerializeToString(), providers=["CPUExecutionProvider"])
+    act = session.run(["then_act"], {"x": x})[0]
+    counts = (np.moveaxis(act, 1, -1).reshape(-1, 6) > 0).sum(0).tolist()
+    report = _scan(cli, tmp_path / "q.onnx", tmp_path / "x.npz")
+    ran = [layer for layer in report["layers"] if layer["ran"]]
+    assert [(layer["units"], layer["positive_counts"]) for layer in ran] == [(6, counts)]
+    assert ran[0]["implicit"] == "quantize" and 0 in counts
