@@ -368,11 +368,16 @@ def _branch(name: str, weight: np.ndarray, bias: np.ndarray) -> onnx.GraphProto:
 
 def test_fused_activations_inside_if_branches_are_scanned(cli, tmp_path):
     """onnxruntime's optimizer fuses Conv+Relu inside If/Loop bodies too (silero-vad's branches, saved at
-    ORT_ENABLE_EXTENDED, hold 18 FusedConv): the scan named them 'unseen' and counted none of them."""
+    ORT_ENABLE_EXTENDED, hold 18 FusedConv): the scan named them 'unseen' and counted none of them. The
+    main graph has a fused Conv+Relu as well (its rewrite must not drop the branches' one)."""
     rng = np.random.default_rng(3)
     weights = {b: rng.standard_normal((6, 3, 1, 1)).astype(np.float32) for b in ("then", "else")}
     biases = {b: np.array([0.1, -30, 0.2, -25, 0.3, 0.0], np.float32) for b in ("then", "else")}
+    stem_w = rng.standard_normal((3, 3, 1, 1)).astype(np.float32)
+    stem_b = np.array([2.0, 0.5, -40.0], np.float32)
     nodes = [
+        helper.make_node("Conv", ["x0", "stem_w", "stem_b"], ["stem"], name="stem_conv"),
+        helper.make_node("Relu", ["stem"], ["x"], name="stem_relu"),
         helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
         helper.make_node("Greater", ["total", "zero"], ["cond"]),
         helper.make_node(
@@ -387,9 +392,13 @@ def test_fused_activations_inside_if_branches_are_scanned(cli, tmp_path):
     graph = helper.make_graph(
         nodes,
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 5, 5])],
+        [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [None, 3, 5, 5])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6])],
-        [numpy_helper.from_array(np.array(0, np.float32), "zero")],
+        [
+            numpy_helper.from_array(np.array(0, np.float32), "zero"),
+            numpy_helper.from_array(stem_w, "stem_w"),
+            numpy_helper.from_array(stem_b, "stem_b"),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -398,8 +407,12 @@ def test_fused_activations_inside_if_branches_are_scanned(cli, tmp_path):
     optimized = onnx.load(str(tmp_path / "opt.onnx"))
     in_branches = [n.op_type for a in optimized.graph.node[-1].attribute for n in a.g.node]
     assert "FusedConv" in in_branches and "Relu" not in in_branches, in_branches
-    x = rng.random((12, 3, 5, 5)).astype(np.float32)  # every batch sums > 0: the then branch runs
-    np.savez(tmp_path / "x.npz", x=x)
+    assert [n.op_type for n in optimized.graph.node][0] == "FusedConv"
+    x0 = rng.random((12, 3, 5, 5)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x0=x0)
+    stem = onnx_relu_io(model, {"x0": x0}, ["stem_relu"])["stem_relu"].post
+    x = stem.astype(np.float32)  # what the branch reads; every batch sums > 0: the then branch runs
+    stem_counts = (np.moveaxis(stem, 1, -1).reshape(-1, 3) > 0).sum(0).tolist()
     # truth: the then branch as a graph of its own, its Relu output exposed (onnx_relu_io)
     alone = helper.make_model(
         helper.make_graph(
@@ -430,8 +443,8 @@ def test_fused_activations_inside_if_branches_are_scanned(cli, tmp_path):
         assert result.code == 0, result.err  # nothing hidden: the gate decides on the counts
         report = result.json()
         ran = [layer for layer in report["layers"] if layer["ran"]]
-        assert [layer["positive_counts"] for layer in ran] == [counts], name
-        assert ran[0]["dead_indices"] == [1, 3]
+        assert [layer["positive_counts"] for layer in ran] == [stem_counts, counts], name
+        assert ran[0]["dead_indices"] == [2] and ran[1]["dead_indices"] == [1, 3]
         assert not report.get("unseen_activations"), report.get("unseen_activations")
     assert any("FusedConv" in note for note in report["notes"])  # scanned unfused, and said so
 

@@ -341,12 +341,13 @@ def _activation_nodes(
 
 
 def _graphs(graph: onnx.GraphProto):
-    """`graph` and every subgraph in it (If branches, Loop/Scan bodies), outer graphs first."""
-    yield graph
+    """Every subgraph in `graph` (If branches, Loop/Scan bodies), then `graph`: inner graphs first, so that
+    rewriting an outer graph's node list (which copies its nodes, subgraphs included) keeps their edits."""
     for node in graph.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
                 yield from _graphs(a.g)
+    yield graph
 
 
 def unfuse(model: onnx.ModelProto) -> Counter:
