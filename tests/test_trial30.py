@@ -484,6 +484,23 @@ def test_relu_between_transposes_counts_units_on_the_moved_axis(cli, tmp_path):
     (layer,) = report["layers"]
     assert layer["units"] == 6 and layer["positive_counts"] == counts.tolist()
     assert layer["dead_indices"] == [1, 3]
+    # fix reaches the Conv's rows through the first Transpose and the next Conv's columns through the
+    # second (it refused: "not produced by a Conv…"): outputs unchanged, the two units fire again
+    out = tmp_path / "fixed.onnx"
+    result = cli(
+        "fix", tmp_path / "t.onnx", "--data", tmp_path / "x.npz", "--strategy", "reinit", "--output", out
+    )
+    assert result.code == 0, result.err + result.out
+    fixed = onnx.load(str(out))
+    before = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )
+    after = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-5, atol=1e-5)
+    revived = onnx_relu_io(fixed, {"x": x}, ["relu"])["relu"].post.reshape(-1, 6)
+    assert (revived[:, [1, 3]] > 0).any(axis=0).all()
+    w2_fixed = next(numpy_helper.to_array(t) for t in fixed.graph.initializer if t.name == "w2")
+    np.testing.assert_array_equal(w2_fixed[:, [1, 3]], 0)
 
 
 # -- fix through a Keras global max pool (tf2onnx: Transpose + ReduceMax) -------------------------------------

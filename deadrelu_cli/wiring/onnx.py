@@ -328,8 +328,11 @@ def consumer_layout(index: GraphIndex, output_name: str) -> bool | None:
 
 def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
     """Fill the producer side of `wire`: the weight whose rows make the units, and the bias (through
-    value-preserving nodes on either side of a bias Add)."""
+    value-preserving nodes on either side of a bias Add, and Transposes: they move the units' axis, each
+    unit keeps its values)."""
     node = index.producer.get(value_source(index, input_name))
+    while node is not None and node.op_type == "Transpose":
+        node = index.producer.get(value_source(index, node.input[0]))
     if node is None:
         return
     wire.producer = display_name(node)
