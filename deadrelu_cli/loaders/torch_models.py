@@ -52,13 +52,31 @@ def torch_load(path: Path, device: str, trust_pickle: bool):
             f"{path}: refused to unpickle: the file needs more than weights ({detail}); "
             "if you trust its source, pass --trust-pickle (it can run code)"
         ) from None
+    except ImportError as exc:  # a whole pickled module whose class lives in code not importable here
+        if not trust_pickle:
+            raise
+        raise UserError(
+            f"{path}: the pickled model needs module {exc.name or str(exc)!r}, which cannot be imported here; "
+            "run deadrelu from the folder that holds its code or add that folder to PYTHONPATH"
+        ) from None
+    except AttributeError as exc:
+        if trust_pickle and str(exc).startswith("Can't get attribute"):
+            raise UserError(
+                f"{path}: the pickled model needs a class its module no longer defines ({exc}); "
+                "put that module's version that saved it on PYTHONPATH, or save a state_dict and pass --arch"
+            ) from None
+        raise _unreadable(path, exc) from None
     except (
-        RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError,
+        RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError,
         SafetensorError,  # torch.load hands a file it takes for safetensors to that library
     ) as exc:  # fmt: skip
-        raise UserError(
-            f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated, corrupted or not a torch checkpoint"
-        ) from None
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> UserError:
+    return UserError(
+        f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated, corrupted or not a torch checkpoint"
+    )
 
 
 def _is_tensor_dict(obj) -> bool:

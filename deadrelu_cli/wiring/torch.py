@@ -36,7 +36,55 @@ def named_tensor(module: nn.Module, name: str | None) -> torch.Tensor | None:
             owner, _, leaf = name.rpartition(".")
             return offloaded(module.get_submodule(owner), leaf)
         return tensor
-    return None
+    owner, _, leaf = name.rpartition(".")
+    try:  # computed, not stored (weight_norm, spectral_norm): readable; `write_conflict` keeps fixes off it
+        value = getattr(module.get_submodule(owner) if owner else module, leaf, None)
+    except AttributeError:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def is_stored(module: nn.Module, name: str) -> bool:
+    """True when `name` is a parameter or buffer itself, so writing into it changes the model."""
+    owner, _, leaf = name.rpartition(".")
+    try:
+        sub = module.get_submodule(owner) if owner else module
+    except AttributeError:
+        return False
+    return any(leaf == key for key, _ in sub.named_parameters(recurse=False)) or any(
+        leaf == key for key, _ in sub.named_buffers(recurse=False)
+    )
+
+
+def write_conflict(model: nn.Module, names, report=None, layer=None) -> str:
+    """Why a fix must not rewrite entries of the tensors `names` for `layer` (a report layer), or "".
+
+    A write must change this layer's units and nothing else: not a tensor a parametrization computes
+    (the write would be lost), not one tied to another module, and not the units of a module that makes
+    other call sites too (one Linear called twice): those would change with it."""
+    if report is not None and layer is not None and layer.producer:
+        others = [o.name for o in report.layers if o.name != layer.name and o.producer == layer.producer]
+        if others:
+            return (
+                f"skipped: {layer.producer} also makes {', '.join(others)} (one module called at several "
+                "sites); changing its units would change those sites too"
+            )
+    aliases: dict[int, list[str]] = {}
+    for key, tensor in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(tensor), []).append(key)
+    for name in names:
+        if not name:
+            continue
+        if not is_stored(model, name):
+            return (
+                f"skipped: {name} is computed by a parametrization (weight_norm, spectral_norm, …), not "
+                "stored, so its entries cannot be rewritten; prune or leaky can act on this layer"
+            )
+        tensor = named_tensor(model, name)
+        tied = [key for key in aliases.get(id(tensor), []) if key != name]
+        if tied:
+            return f"skipped: {name} is tied to {', '.join(tied)}; rewriting it would change that module too"
+    return ""
 
 
 def offloaded(module, leaf: str):
@@ -68,6 +116,8 @@ def _single_consumer(probe: EagerProbe, site: str, model: nn.Module) -> tuple[st
             f"skipped: its output goes to {name.strip('<>')} (e.g. a residual add), not to a Linear/Conv",
         )
     module = model.get_submodule(name)
+    if not isinstance(module, LINEAR_OR_CONV):  # ConvTranspose holds its inputs on axis 0
+        return None, f"skipped: consumer {name} is a {type(module).__name__}, not a Linear/Conv"
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
         return None, f"skipped: consumer {name} is a grouped convolution"
     return name, ""
@@ -92,7 +142,10 @@ def _producers(
 def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool = True) -> UnitWiring | str:
     """The UnitWiring of a scanned layer of an nn.Module, or why the layer must be skipped."""
     if layer.producer is None:
-        return "skipped: no single Linear/Conv/BatchNorm produces this activation"
+        return (
+            "skipped: no single Linear/Conv (or BatchNorm after one) makes this activation directly "
+            "(a LayerNorm, a residual add or a sum of branches sits between them)"
+        )
     consumer_name = ""
     if need_consumer:
         consumer_name, why = _single_consumer(probe, layer.name, model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import sys
 import warnings
@@ -318,7 +319,9 @@ def _program_module(scanned, options: FixOptions) -> torch.fx.GraphModule:
         raise UserError(
             f"--output {options.output}: an ExportedProgram is patched into an ExportedProgram; use a .pt2 name"
         )
-    return graph_module_with_stack(scanned.model.extra["program"]).to(scanned.device)
+    # a copy: program.module() shares the program's tensors with the module the original runner runs,
+    # so edits in place would change "before" too and the comparison would check nothing
+    return copy.deepcopy(graph_module_with_stack(scanned.model.extra["program"])).to(scanned.device)
 
 
 def _exported_runners(
@@ -388,7 +391,7 @@ def _reweight_exported(
         result.new_widths = {o.name: o.units_after for o in outcomes if o.applied}
     else:
         apply = eager.reinit_units if options.strategy == "reinit" else eager.kick_units
-        outcomes = apply(graph_module, wirings, plans, options)
+        outcomes = apply(graph_module, wirings, plans, options, None, scanned.report)
     runners = _exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes))
     result.params_before = params_before  # (_exported_runners counts the patched module for both)
     return (*runners, outcomes)

@@ -1,0 +1,335 @@
+"""deadrelu fix on torch models people really have: patched sites only, shared and computed tensors,
+transposed consumers, .pt2 verification against the original, pickles whose code is missing.
+
+Truth is computed here with plain torch (forwards written out by hand, files loaded with torch.load /
+torch.export.load), never read from the tool's own output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from conftest import arch_file, save_npz
+
+HEADER = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations
+
+
+def _plant(linear, units):
+    with torch.no_grad():
+        linear.bias[units] = -50.0
+"""
+
+
+def _setup(tmp_path, body: str, samples: np.ndarray):
+    model, spec = arch_file(tmp_path / "arch.py", HEADER + body)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    save_npz(tmp_path / "calib.npz", input=samples)
+    return model, spec, str(tmp_path / "model.pt"), str(tmp_path / "calib.npz")
+
+
+def _x(shape, n=32, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+
+
+TWO_SITES = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+def build():
+    torch.manual_seed(3)
+    net = Net()
+    _plant(net.fc1, [1, 4])
+    with torch.no_grad():
+        net.fc2.bias.fill_(5.0)  # the second call site has no dead unit: it is not patched
+    return net
+"""
+
+
+def test_leaky_on_some_sites_exports_and_keeps_the_other_sites(cli, tmp_path):
+    """Regression: leaky on a subset of call sites left the probe counting at the other sites, whose
+    data-dependent bookkeeping made torch.export fail (exit 2). The written .pt2 now equals the forward
+    with LeakyReLU at the patched site and ReLU at the other (one nn.ReLU module called twice)."""
+    x = _x((6,))
+    model, spec, path, data = _setup(tmp_path, TWO_SITES, x)
+    out = tmp_path / "fixed.pt2"
+    result = cli("fix", path, "--arch", spec, "--data", data, "--strategy", "leaky", "--output", out)
+    assert result.code == 0, result.err
+    patched = torch.export.load(str(out)).module()
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        expected = model.fc3(F.relu(model.fc2(F.leaky_relu(model.fc1(xt), 0.01))))
+        torch.testing.assert_close(patched(xt), expected, rtol=0, atol=1e-6)
+
+
+def test_leaky_substitute_of_an_in_place_relu_writes_into_the_tensor():
+    """Regression: `h.relu_()` whose result is not used (the caller reads h) was replaced by an
+    out-of-place leaky_relu whose result was dropped: the patched site did no activation at all."""
+    from deadrelu_cli.fixes import patch_module
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = self.fc(x)
+            h.relu_()
+            return h
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(5, 6)
+    patched = patch_module(net, ["relu()"], slope=0.1)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), F.leaky_relu(net.fc(x), 0.1), rtol=0, atol=0)
+
+
+PT2_NET = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def build():
+    torch.manual_seed(1)
+    net = Net()
+    _plant(net.fc1, [2, 5])
+    return net
+"""
+
+
+def test_pt2_fix_compares_with_the_original_program(cli, tmp_path):
+    """Regression: a .pt2 fix edited tensors shared with the loaded program, so the "before" run used the
+    patched weights and the verification printed max |Δ| = 0 for any change. The reported difference
+    now equals the one between the two files, run here with torch.export.load."""
+    x = _x((6,))
+    model, _, _, data = _setup(tmp_path, PT2_NET, x)
+    xt = torch.from_numpy(x)
+    source = tmp_path / "model.pt2"
+    torch.export.save(
+        torch.export.export(model, (xt[:2],), dynamic_shapes=({0: torch.export.Dim("b", min=1)},)), source
+    )
+    for strategy in ("bias-shift", "kick"):
+        out, report = tmp_path / f"{strategy}.pt2", tmp_path / f"{strategy}.json"
+        args = ["fix", source, "--data", data, "--strategy", strategy, "--output", out, "--json", report]
+        result = cli(*args, "--kick-scale", "100")
+        assert result.code == 0, result.err
+        with torch.no_grad():
+            before = torch.export.load(str(source)).module()(xt)
+            after = torch.export.load(str(out)).module()(xt)
+        truth = float((after - before).abs().max())
+        assert truth > 0
+        assert np.isclose(json.loads(report.read_text())["max_abs_diff"], truth, rtol=1e-5, atol=0)
+
+
+WEIGHT_NORM = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = parametrizations.weight_norm(nn.Linear(6, 8))
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def build():
+    torch.manual_seed(2)
+    net = Net()
+    _plant(net.fc1, [0, 6])
+    return net
+"""
+
+
+def test_weight_norm_producer(cli, tmp_path):
+    """Regression: a weight_norm'ed Linear made every fix an internal error (exit 3; FLOP counting and
+    row writes into the computed weight). Now reinit/kick skip it with the reason (their writes would be
+    lost), bias-shift changes only the dead units' bias entries, prune removes them exactly."""
+    x = _x((6,))
+    model, spec, path, data = _setup(tmp_path, WEIGHT_NORM, x)
+    common = ["--arch", spec, "--data", data]
+    for strategy in ("reinit", "kick"):
+        result = cli("fix", path, *common, "--strategy", strategy, "--output", tmp_path / f"{strategy}.pt")
+        assert result.code == 2, result.err
+        assert "fc1.weight is computed by a parametrization" in result.err
+        assert len(result.err.strip().splitlines()) == 1
+        assert not (tmp_path / f"{strategy}.pt").exists()
+
+    out = tmp_path / "shifted.pt"
+    assert cli("fix", path, *common, "--strategy", "bias-shift", "--output", out).code == 0
+    before, after = torch.load(path, weights_only=True), torch.load(out, weights_only=True)
+    assert before.keys() == after.keys()
+    for key in before:
+        changed = (before[key] != after[key]).reshape(len(before[key]), -1).any(1).nonzero().flatten()
+        assert changed.tolist() == ([0, 6] if key == "fc1.bias" else []), key
+    fixed = build_from(spec)
+    fixed.load_state_dict(after, strict=True)  # loads in the user's own class
+    with torch.no_grad():
+        pre = fixed.fc1(torch.from_numpy(x))
+    assert (pre[:, [0, 6]] > 0).any(0).all()
+
+    pruned = tmp_path / "pruned.pt2"
+    assert cli("fix", path, *common, "--strategy", "prune", "--output", pruned).code == 0
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.export.load(str(pruned)).module()(xt), model(xt), rtol=1e-5, atol=1e-6
+        )
+
+
+def build_from(spec: str):
+    import importlib.util
+
+    path, _, factory = spec.rpartition(":")
+    module_spec = importlib.util.spec_from_file_location("trial31_arch_again", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return getattr(module, factory)().eval()
+
+
+SHARED = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x))) + self.fc3(F.relu(self.fc1(-x)))
+
+
+def build():
+    torch.manual_seed(4)
+    net = Net()
+    _plant(net.fc1, [3])
+    return net
+"""
+
+
+def test_module_called_at_two_sites_is_not_shifted_twice(cli, tmp_path):
+    """Regression: one Linear feeding two ReLU call sites had its bias raised once per site, so its dead
+    units fired on every sample instead of --target-rate (outputs changed by ~40). Such a layer is now
+    skipped with the reason, for every weight-writing strategy; nothing is written."""
+    x = _x((6,))
+    _, spec, path, data = _setup(tmp_path, SHARED, x)
+    for strategy in ("bias-shift", "reinit", "kick", "prune"):
+        out = tmp_path / ("out.pt2" if strategy == "prune" else "out.pt")
+        result = cli("fix", path, "--arch", spec, "--data", data, "--strategy", strategy, "--output", out)
+        assert result.code == 2, (strategy, result.err)
+        assert "fc1 also makes relu()#2" in result.err
+        assert not out.exists()
+
+
+TIED = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(6, 8)
+        self.b.weight = self.a.weight
+        self.c, self.d = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.c(F.relu(self.a(x))) + self.d(F.relu(self.b(x)))
+
+
+def build():
+    torch.manual_seed(5)
+    net = Net()
+    _plant(net.a, [1, 3])
+    return net
+"""
+
+
+def test_tied_weight_is_not_rewritten(cli, tmp_path):
+    """Regression: kick on a Linear whose weight is tied to another module's pushed that module's live
+    units too (the file was written). reinit/kick now skip the layer and name the tie; bias-shift, whose
+    bias is not tied, still works and leaves every other entry byte-identical."""
+    x = _x((6,))
+    _, spec, path, data = _setup(tmp_path, TIED, x)
+    common = ["--arch", spec, "--data", data, "--seed", "1", "--kick-scale", "100"]
+    for strategy in ("kick", "reinit"):
+        out = tmp_path / f"{strategy}.pt"
+        result = cli("fix", path, *common, "--strategy", strategy, "--output", out)
+        assert result.code == 2, result.err
+        assert "a.weight is tied to b.weight" in result.err
+        assert not out.exists()
+    out = tmp_path / "shift.pt"
+    assert cli("fix", path, *common, "--strategy", "bias-shift", "--output", out).code == 0
+    before, after = torch.load(path, weights_only=True), torch.load(out, weights_only=True)
+    for key in before:
+        if key != "a.bias":
+            assert torch.equal(before[key], after[key]), key
+    assert torch.equal((before["a.bias"] != after["a.bias"]).nonzero().flatten(), torch.tensor([1, 3]))
+
+
+TRANSPOSED = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(F.relu(self.conv(x)))
+
+
+def build():
+    torch.manual_seed(6)
+    net = Net()
+    _plant(net.conv, [2, 7])
+    return net
+"""
+
+
+def test_transposed_convolution_consumer_is_skipped(cli, tmp_path):
+    """Regression: a ConvTranspose reading the activation was treated like a Conv, whose inputs are on
+    weight axis 1; a ConvTranspose holds them on axis 0, so reinit zeroed output channels (or crashed,
+    exit 3, when the widths differ) and prune cut the wrong axis. Both now skip with the reason."""
+    x = _x((3, 4, 4), n=8)
+    _, spec, path, data = _setup(tmp_path, TRANSPOSED, x)
+    for strategy, name in (("reinit", "out.pt"), ("prune", "out.pt2")):
+        result = cli(
+            "fix", path, "--arch", spec, "--data", data, "--strategy", strategy, "--output", tmp_path / name
+        )
+        assert result.code == 2, result.err
+        assert "consumer up is a ConvTranspose2d, not a Linear/Conv" in result.err
+
+
+def test_pickled_module_whose_code_is_missing_is_an_input_error(cli, tmp_path):
+    """Regression: a whole pickled module (--trust-pickle) whose class's module is not importable was an
+    internal error (exit 3, "please report it"); it is the user's setup: one line, exit 2, what to do."""
+    import sys
+    import types
+
+    module = types.ModuleType("trial31_vanishing_arch")
+    exec(
+        "import torch\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(4, 4)\n    def forward(self, x):\n        return torch.relu(self.fc(x))\n",
+        module.__dict__,
+    )
+    sys.modules[module.__name__] = module
+    try:
+        torch.save(module.Net(), tmp_path / "whole.pt")
+    finally:
+        del sys.modules[module.__name__]
+    save_npz(tmp_path / "calib.npz", input=_x((4,), n=4))
+    result = cli("scan", tmp_path / "whole.pt", "--trust-pickle", "--data", tmp_path / "calib.npz")
+    assert result.code == 2, result.err
+    assert "needs module 'trial31_vanishing_arch'" in result.err
+    assert len(result.err.strip().splitlines()) == 1
