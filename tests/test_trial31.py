@@ -333,3 +333,65 @@ def test_pickled_module_whose_code_is_missing_is_an_input_error(cli, tmp_path):
     assert result.code == 2, result.err
     assert "needs module 'trial31_vanishing_arch'" in result.err
     assert len(result.err.strip().splitlines()) == 1
+
+
+def test_bias_free_producer_is_named_in_a_pt2_as_in_the_state_dict(cli, tmp_path):
+    """Regression: a bias=False Linear/Conv before a ReLU was the layer's producer for a state_dict scan
+    but none for the same model's .pt2 (the graph probe looked for a bias only). The module that makes
+    the units is known here by construction."""
+    source = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.conv, self.fc2 = nn.Linear(6, 8, bias=False), nn.Conv1d(8, 4, 1, bias=False), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        return self.fc2(F.relu(self.conv(h.unsqueeze(-1))).squeeze(-1))
+
+
+def build():
+    torch.manual_seed(7)
+    return Net()
+"""
+    x = _x((6,), n=8)
+    model, spec, path, data = _setup(tmp_path, source, x)
+    program = tmp_path / "model.pt2"
+    xt = torch.from_numpy(x)
+    torch.export.save(
+        torch.export.export(model, (xt[:2],), dynamic_shapes=({0: torch.export.Dim("b", min=1)},)), program
+    )
+    for args in ([path, "--arch", spec], [program]):
+        result = cli("scan", *args, "--data", data, "--json", "-")
+        assert result.code == 0, result.err
+        assert [layer["producer"] for layer in result.json()["layers"]] == ["fc1", "conv"], args
+
+
+def test_report_quiet_writes_files_without_the_table(cli, tmp_path):
+    """`deadrelu report -q` (as `gate -q`): no table on stdout, the requested file still written."""
+    from conftest import ROOT
+
+    saved = tmp_path / "r.json"
+    mlp = ROOT / "sample_models" / "mlp"
+    assert cli("scan", mlp / "model.onnx", "--data", mlp / "calib.npz", "--json", saved).code == 0
+    result = cli("report", saved, "-q", "--html", tmp_path / "r.html")
+    assert result.code == 0, result.err
+    assert result.out == ""
+    assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
+    loud = cli("report", saved)
+    assert "act1" in loud.out  # the table, without -q
+
+
+def test_deadrelu_toml_errors_name_where_the_key_is(cli, tmp_path):
+    """A deadrelu.toml holds its keys at the top level: errors named a [tool.deadrelu] table it lacks."""
+    from conftest import ROOT
+
+    mlp = ROOT / "sample_models" / "mlp"
+    config = tmp_path / "deadrelu.toml"
+    config.write_text("max-deed = 0.5\n")
+    result = cli("scan", mlp / "model.onnx", "--data", mlp / "calib.npz", "--config", config)
+    assert result.code == 2
+    assert "unknown key 'max-deed'" in result.err and "[tool.deadrelu]" not in result.err
+    config.write_text("[tool.deadrelu]\nmax-dead = 1.5\n")  # the table form is named as such
+    result = cli("scan", mlp / "model.onnx", "--data", mlp / "calib.npz", "--config", config)
+    assert result.code == 2 and "deadrelu.toml [tool.deadrelu]: " in result.err, result.err

@@ -144,7 +144,8 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
     if layer.producer is None:
         return (
             "skipped: no single Linear/Conv (or BatchNorm after one) makes this activation directly "
-            "(a LayerNorm, a residual add or a sum of branches sits between them)"
+            "(e.g. a LayerNorm or a residual add sits between them, or the layer is another type, such as "
+            "transformers' Conv1D)"
         )
     consumer_name = ""
     if need_consumer:
