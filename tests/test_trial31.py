@@ -395,3 +395,36 @@ def test_deadrelu_toml_errors_name_where_the_key_is(cli, tmp_path):
     config.write_text("[tool.deadrelu]\nmax-dead = 1.5\n")  # the table form is named as such
     result = cli("scan", mlp / "model.onnx", "--data", mlp / "calib.npz", "--config", config)
     assert result.code == 2 and "deadrelu.toml [tool.deadrelu]: " in result.err, result.err
+
+
+def test_half_precision_weights_are_written_back_in_their_dtype(cli, tmp_path):
+    """Regression: fp16/bf16 weights (.pt, .safetensors) loaded into an fp32 --arch were written back as
+    fp32 (the file doubled, its dtype changed). Every tensor now keeps its stored dtype, and only the
+    dead units' entries differ from the source, byte for byte."""
+    from safetensors.torch import load_file, save_file
+
+    x = _x((6,))
+    model, spec, _, data = _setup(tmp_path, PT2_NET, x)
+    cases = {torch.float16: tmp_path / "half.pt", torch.bfloat16: tmp_path / "brain.safetensors"}
+    for dtype, source in cases.items():
+        state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+        if source.suffix == ".pt":
+            torch.save(state, source)
+        else:
+            save_file(state, source)
+        out = source.with_name(f"fixed{source.suffix}")
+        result = cli("fix", source, "--arch", spec, "--data", data, "--strategy", "reinit", "--output", out)
+        assert result.code == 0, result.err
+        written = torch.load(out, weights_only=True) if out.suffix == ".pt" else load_file(out)
+        assert {k: v.dtype for k, v in written.items()} == {k: dtype for k in state}
+        for key, before in state.items():
+            rows = (before != written[key]).reshape(len(before), -1).any(1).nonzero().flatten().tolist()
+            cols = (before != written[key]).reshape(len(before), -1).any(0).nonzero().flatten().tolist()
+            if key.startswith("fc1."):
+                assert set(rows) <= {2, 5}, key
+            elif key == "fc2.weight":
+                assert set(cols) <= {2, 5}, key
+            else:
+                assert rows == [], key
+        rebuilt = build_from(spec).to(dtype)
+        rebuilt.load_state_dict(written, strict=True)

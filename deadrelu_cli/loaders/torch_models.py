@@ -170,13 +170,18 @@ def load_state_into(
     """Load every weight the architecture has (strictly: a missing one is an error, never a random init);
     tensors it has no place for (a training head, a loss's parameters) are left out with a note.
     `layout`, when given, receives what writing the weights back in the source's own key names takes:
-    "key_prefix" (the wrapper prefix stripped, e.g. "model.") and "left_out" (the tensors left out)."""
+    "key_prefix" (the wrapper prefix stripped, e.g. "model."), "left_out" (the tensors left out) and
+    "dtypes" (each tensor's stored dtype, by its key in the source)."""
     expected = set(model.state_dict().keys())
     original = state
     state = strip_wrapper_prefixes(state, expected)
     if layout is not None:
         first_before, first_after = next(iter(original), ""), next(iter(state), "")
         layout["key_prefix"] = first_before[: len(first_before) - len(first_after)]
+        # the stored dtype of every tensor: fp16/bf16 weights loaded into an fp32 --arch are written back as stored
+        layout["dtypes"] = {
+            f"{layout['key_prefix']}{k}": v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)
+        }
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - expected)
     if missing:

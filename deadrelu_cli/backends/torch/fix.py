@@ -123,10 +123,12 @@ def _export(
 
 
 def source_layout_state(model: torch.nn.Module, extra: dict) -> dict[str, torch.Tensor]:
-    """The model's weights under the source checkpoint's own key names: the wrapper prefix the loader
-    stripped (`model.`, `module.`) put back, the tensors --arch had no place for kept as they were."""
-    prefix = extra.get("key_prefix", "")
+    """The model's weights under the source checkpoint's own key names and dtypes: the wrapper prefix the
+    loader stripped (`model.`, `module.`) put back, fp16/bf16 tensors written as fp16/bf16 again, the
+    tensors --arch had no place for kept as they were."""
+    prefix, dtypes = extra.get("key_prefix", ""), extra.get("dtypes", {})
     state = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
+    state = {k: v.to(dtypes[k]) if k in dtypes and v.dtype != dtypes[k] else v for k, v in state.items()}
     state.update(extra.get("left_out", {}))
     return state
 
