@@ -428,3 +428,16 @@ def test_half_precision_weights_are_written_back_in_their_dtype(cli, tmp_path):
                 assert rows == [], key
         rebuilt = build_from(spec).to(dtype)
         rebuilt.load_state_dict(written, strict=True)
+
+
+def test_sharded_weight_index_is_named_as_such(cli, tmp_path):
+    """A model.safetensors.index.json given as MODEL is named for what it is, with what to do (it was
+    "a JSON file, not a model"), also when the index is larger than 64 KiB."""
+    index = tmp_path / "model.safetensors.index.json"
+    weight_map = {f"layers.{i}.mlp.weight": "model-00001-of-00002.safetensors" for i in range(3000)}
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert index.stat().st_size > 1 << 16
+    save_npz(tmp_path / "calib.npz", input=_x((4,), n=2))
+    result = cli("scan", index, "--arch", "x.py:build", "--data", tmp_path / "calib.npz")
+    assert result.code == 2
+    assert "the index of sharded weights" in result.err and len(result.err.strip().splitlines()) == 1
