@@ -441,3 +441,37 @@ def test_sharded_weight_index_is_named_as_such(cli, tmp_path):
     result = cli("scan", index, "--arch", "x.py:build", "--data", tmp_path / "calib.npz")
     assert result.code == 2
     assert "the index of sharded weights" in result.err and len(result.err.strip().splitlines()) == 1
+
+
+def test_torchscript_leaky_of_an_in_place_relu_whose_input_is_read_on(cli, tmp_path):
+    """Regression: in a scripted module, `h.relu_(); return fc2(h)` reads h, not relu_'s result; the
+    patch replaced relu_ by an out-of-place leaky_relu whose result nothing read, so the written .ts
+    had no activation at that site at all. Checked against the forward written out here (leaky, elu)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.fc2 = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            h.relu_()
+            return self.fc2(h)
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        net.fc.bias[[1, 2]] = -50.0
+    x = _x((6,), n=16)
+    torch.jit.save(torch.jit.script(net), tmp_path / "model.ts")
+    save_npz(tmp_path / "calib.npz", input=x)
+    xt = torch.from_numpy(x)
+    for strategy, act in (("leaky", lambda t: F.leaky_relu(t, 0.1)), ("elu", F.elu)):
+        out = tmp_path / f"{strategy}.ts"
+        args = ["--data", tmp_path / "calib.npz", "--strategy", strategy, "--slope", "0.1", "--output", out]
+        result = cli("fix", tmp_path / "model.ts", *args)
+        assert result.code == 0, result.err
+        with torch.no_grad():
+            torch.testing.assert_close(
+                torch.jit.load(str(out))(xt), net.fc2(act(net.fc(xt))), rtol=0, atol=1e-6
+            )

@@ -483,14 +483,17 @@ def _patch_torchscript(
                 )
             )
             continue
+        # an in-place relu_ gets the in-place substitute: scripted code may go on reading its input
+        # (`h.relu_(); return h`), which an out-of-place op would leave un-activated
+        in_place = "_" if node.kind() == "aten::relu_" else ""
         with graph.insert_point_guard(node):
             if options.strategy == "leaky":
                 replacement = graph.create(
-                    "aten::leaky_relu", [node.inputsAt(0), graph.insertConstant(options.slope)]
+                    f"aten::leaky_relu{in_place}", [node.inputsAt(0), graph.insertConstant(options.slope)]
                 )
             else:
                 one = graph.insertConstant(1.0)
-                replacement = graph.create("aten::elu", [node.inputsAt(0), one, one, one])
+                replacement = graph.create(f"aten::elu{in_place}", [node.inputsAt(0), one, one, one])
             graph.insertNode(replacement)
             replacement.output().setType(node.output().type())
         node.output().replaceAllUsesWith(replacement.output())
