@@ -258,10 +258,24 @@ def build():
 
 def test_tied_weight_is_not_rewritten(cli, tmp_path):
     """Regression: kick on a Linear whose weight is tied to another module's pushed that module's live
-    units too (the file was written). reinit/kick now skip the layer and name the tie; bias-shift, whose
-    bias is not tied, still works and leaves every other entry byte-identical."""
+    units too (the file was written; in a .pt2 as well, where prune failed to export). reinit/kick (and
+    prune of a .pt2) now skip the layer and name the tie; bias-shift, whose bias is not tied, still works
+    and leaves every other entry byte-identical."""
     x = _x((6,))
-    _, spec, path, data = _setup(tmp_path, TIED, x)
+    model, spec, path, data = _setup(tmp_path, TIED, x)
+    program = tmp_path / "model.pt2"  # a program holds the tied weight once, read by two linears
+    xt = torch.from_numpy(x)
+    torch.export.save(
+        torch.export.export(model, (xt[:2],), dynamic_shapes=({0: torch.export.Dim("b", min=1)},)), program
+    )
+    for strategy in ("kick", "reinit", "prune"):
+        out = tmp_path / f"{strategy}.pt2"
+        result = cli(
+            "fix", program, "--data", data, "--strategy", strategy, "--kick-scale", "100", "--output", out
+        )
+        assert result.code == 2, result.err
+        assert "is tied to another layer" in result.err
+        assert not out.exists()
     common = ["--arch", spec, "--data", data, "--seed", "1", "--kick-scale", "100"]
     for strategy in ("kick", "reinit"):
         out = tmp_path / f"{strategy}.pt"

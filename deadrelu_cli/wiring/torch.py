@@ -191,10 +191,21 @@ def _groups(node: fx.Node) -> int:
     return int(node.args[6]) if _base(node) != "linear" and len(node.args) > 6 else 1
 
 
+def _tied(args) -> str:
+    """Why a stored tensor among `args` must not be rewritten: another node reads it (a weight tied to
+    another layer is one tensor in the program), or ""."""
+    for arg in args:
+        name = _attr_target(arg)
+        if name is not None and len(arg.users) > 1:
+            return f"skipped: {name} is tied to another layer ({len(arg.users)} ops read it); rewriting it would change that layer too"
+    return ""
+
+
 def exported_wiring(
-    graph_module: fx.GraphModule, node: fx.Node, need_consumer: bool = True
+    graph_module: fx.GraphModule, node: fx.Node, need_consumer: bool = True, to_write: bool = False
 ) -> UnitWiring | str:
-    """The UnitWiring of the activation `node` of a program's module, or why it must be skipped."""
+    """The UnitWiring of the activation `node` of a program's module, or why it must be skipped
+    (`to_write`: also when a tensor a fix would rewrite is tied to another layer)."""
     pre = node.args[0] if node.args else None
     bn = None
     if isinstance(pre, fx.Node) and _base(pre) in BATCH_NORM_OPS and len(pre.users) == 1:
@@ -205,6 +216,9 @@ def exported_wiring(
     bias_name = _attr_target(pre.args[2]) if len(pre.args) > 2 else None
     if weight_name is None or _groups(pre) != 1:
         return f"skipped: producer {weight_name or pre.name} is not a plain linear/conv with its own weight"
+    tied = to_write and _tied(pre.args[1:3] + (tuple(bn.args[1:5]) if bn is not None else ()))
+    if tied:
+        return tied
     owner = weight_name.rsplit(".", 1)[0]
     batchnorm = None
     if bn is not None:
@@ -232,6 +246,8 @@ def exported_wiring(
             return f"skipped: its output goes to {user.name} (e.g. a residual add), not to a linear/conv"
         if _groups(user) != 1:
             return f"skipped: consumer {consumer_weight} is a grouped convolution"
+        if to_write and _tied((user.args[1],)):
+            return _tied((user.args[1],))
         wiring.consumer = consumer_weight.rsplit(".", 1)[0]
         wiring.consumer_weight = TensorRef(consumer_weight, 1)
         wiring.readers = (wiring.consumer,)
