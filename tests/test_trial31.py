@@ -489,3 +489,42 @@ def test_torchscript_leaky_of_an_in_place_relu_whose_input_is_read_on(cli, tmp_p
             torch.testing.assert_close(
                 torch.jit.load(str(out))(xt), net.fc2(act(net.fc(xt))), rtol=0, atol=1e-6
             )
+
+
+def test_bias_shift_fires_on_exactly_the_target_count(cli, tmp_path):
+    """Regression: the shifted bias put the largest value that must stay off exactly at 0, and float
+    rounding of the new sum tipped it over: DistilBERT's shifted units fired on 2 of 46 positions for a
+    target of 1 (twice --target-rate). The threshold now sits midway between that value and the next.
+    Counted here with a plain forward hook on the folder loaded by transformers, padding left out."""
+    transformers = __import__("pytest").importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(
+        vocab_size=64,
+        dim=16,
+        n_layers=1,
+        n_heads=2,
+        hidden_dim=32,
+        activation="relu",
+        max_position_embeddings=32,
+    )
+    model = transformers.DistilBertModel(config).eval()
+    with torch.no_grad():
+        model.transformer.layer[0].ffn.lin1.bias[[1, 5]] = -50.0
+    model.save_pretrained(tmp_path / "distil")
+    ids = np.random.default_rng(0).integers(3, 60, (8, 7)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[3:, 5:] = 0
+    save_npz(tmp_path / "tokens.npz", input_ids=ids, attention_mask=mask)
+    out = tmp_path / "fixed"
+    args = ["--data", tmp_path / "tokens.npz", "--strategy", "bias-shift", "--output", out]
+    result = cli("fix", tmp_path / "distil", *args)
+    assert result.code == 0, result.err
+    fixed = transformers.DistilBertModel.from_pretrained(out).eval()
+    seen = []
+    hook = fixed.transformer.layer[0].ffn.lin1.register_forward_hook(lambda m, a, o: seen.append(o.detach()))
+    with torch.no_grad():
+        fixed(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    hook.remove()
+    real = seen[0][torch.from_numpy(mask).bool()]  # [real tokens, units]
+    target = max(1, round(0.01 * len(real)))
+    assert (real[:, [1, 5]] > 0).sum(0).tolist() == [target, target]
