@@ -528,3 +528,35 @@ def test_bias_shift_fires_on_exactly_the_target_count(cli, tmp_path):
     real = seen[0][torch.from_numpy(mask).bool()]  # [real tokens, units]
     target = max(1, round(0.01 * len(real)))
     assert (real[:, [1, 5]] > 0).sum(0).tolist() == [target, target]
+
+
+SHARED_CONSUMER = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc1b, self.fc2 = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x))) + self.fc2(F.relu(self.fc1b(x)))
+
+
+def build():
+    torch.manual_seed(8)
+    net = Net()
+    _plant(net.fc1, [1, 3])
+    return net
+"""
+
+
+def test_consumer_reading_two_sites_is_not_narrowed(cli, tmp_path):
+    """Regression: one Linear reading two ReLU sites had its input columns zeroed (reinit: verification
+    failed, outputs changed, no reason given) or removed (prune: "could not be exported", blaming the
+    format) for the dead units of one site, which the other site still feeds. Now skipped, saying why."""
+    x = _x((6,))
+    _, spec, path, data = _setup(tmp_path, SHARED_CONSUMER, x)
+    for strategy, name in (("reinit", "out.pt"), ("prune", "out.pt2")):
+        args = ["--data", data, "--strategy", strategy, "--seed", "1", "--output", tmp_path / name]
+        result = cli("fix", path, "--arch", spec, *args)
+        assert result.code == 2, result.err
+        assert "consumer fc2 also reads relu()#2" in result.err
+        assert not (tmp_path / name).exists()

@@ -120,6 +120,12 @@ def _single_consumer(probe: EagerProbe, site: str, model: nn.Module) -> tuple[st
         return None, f"skipped: consumer {name} is a {type(module).__name__}, not a Linear/Conv"
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
         return None, f"skipped: consumer {name} is a grouped convolution"
+    others = sorted(other for other, readers in probe.consumers.items() if other != site and name in readers)
+    if others:  # one module reading two sites: its input columns belong to both
+        return (
+            None,
+            f"skipped: consumer {name} also reads {', '.join(others)}; changing its inputs would change that site's path too",
+        )
     return name, ""
 
 
