@@ -560,3 +560,50 @@ def test_consumer_reading_two_sites_is_not_narrowed(cli, tmp_path):
         assert result.code == 2, result.err
         assert "consumer fc2 also reads relu()#2" in result.err
         assert not (tmp_path / name).exists()
+
+
+LAYER_NORM = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.norm(self.fc1(x))))
+
+
+def build():
+    torch.manual_seed(9)
+    net = Net()
+    with torch.no_grad():
+        net.norm.bias[[2, 4]] = -50.0
+    return net
+"""
+
+
+def test_layer_norm_and_gpt2_conv1d_producers_are_refused_in_one_line(cli, tmp_path):
+    """Linear -> LayerNorm -> ReLU and GPT-2's transformers Conv1D have no Linear/Conv whose rows alone
+    make a unit: reinit/kick/prune refuse in one line (exit 2) that names the likely cause; nothing written."""
+    transformers = __import__("pytest").importorskip("transformers")
+    x = _x((6,))
+    _, spec, path, data = _setup(tmp_path, LAYER_NORM, x)
+    for strategy in ("reinit", "kick", "prune"):
+        out = tmp_path / ("out.pt2" if strategy == "prune" else "out.pt")
+        result = cli("fix", path, "--arch", spec, "--data", data, "--strategy", strategy, "--output", out)
+        assert result.code == 2 and "a LayerNorm" in result.err, result.err
+        assert len(result.err.strip().splitlines()) == 1 and not out.exists()
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=16, activation_function="relu"
+    )
+    gpt2 = transformers.GPT2Model(config).eval()
+    with torch.no_grad():
+        gpt2.h[0].mlp.c_fc.bias[[1, 5]] = -50.0
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    save_npz(tmp_path / "tokens.npz", input_ids=np.random.default_rng(0).integers(3, 60, (4, 6)))
+    result = cli(
+        "fix", tmp_path / "gpt2", "--data", tmp_path / "tokens.npz", "-s", "reinit", "-o", tmp_path / "fixed"
+    )
+    assert result.code == 2 and "Conv1D" in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "fixed").exists()
