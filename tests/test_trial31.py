@@ -607,3 +607,41 @@ def test_layer_norm_and_gpt2_conv1d_producers_are_refused_in_one_line(cli, tmp_p
     )
     assert result.code == 2 and "Conv1D" in result.err, result.err
     assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "fixed").exists()
+
+
+SCALED = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x) * 4.0))
+
+
+def build():
+    torch.manual_seed(10)
+    net = Net()
+    _plant(net.fc1, [1, 3])
+    return net
+"""
+
+
+def test_bias_shift_through_a_scale_fails_verification(cli, tmp_path):
+    """Regression: `relu(fc1(x) * 4)`: the shift computed on the pre-activation was applied to the bias
+    unscaled (4x too far), the units fired on every sample instead of 1% (outputs off by ~350), and the
+    file was written as verified. Now the verification fails on the measured rate (checked here with a
+    plain forward of the --force'd file) and nothing is written without --force."""
+    x = _x((6,), n=64)
+    _, spec, path, data = _setup(tmp_path, SCALED, x)
+    out = tmp_path / "out.pt"
+    args = ["fix", path, "--arch", spec, "--data", data, "--strategy", "bias-shift", "--output", out]
+    result = cli(*args)
+    assert result.code == 1, result.err
+    assert "not the --target-rate" in result.out + result.err and not out.exists()
+    assert cli(*args, "--force").code in (0, 1) and out.exists()  # forced: written, whatever it says
+    fixed = build_from(spec)
+    fixed.load_state_dict(torch.load(out, weights_only=True))
+    with torch.no_grad():
+        rates = ((fixed.fc1(torch.from_numpy(x)) * 4.0)[:, [1, 3]] > 0).float().mean(0)
+    assert (rates > 2 * 0.01 + 2 / 64).all()  # what the message says: far above the target
