@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import sys
 import warnings
@@ -122,10 +123,12 @@ def _export(
 
 
 def source_layout_state(model: torch.nn.Module, extra: dict) -> dict[str, torch.Tensor]:
-    """The model's weights under the source checkpoint's own key names: the wrapper prefix the loader
-    stripped (`model.`, `module.`) put back, the tensors --arch had no place for kept as they were."""
-    prefix = extra.get("key_prefix", "")
+    """The model's weights under the source checkpoint's own key names and dtypes: the wrapper prefix the
+    loader stripped (`model.`, `module.`) put back, fp16/bf16 tensors written as fp16/bf16 again, the
+    tensors --arch had no place for kept as they were."""
+    prefix, dtypes = extra.get("key_prefix", ""), extra.get("dtypes", {})
     state = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
+    state = {k: v.to(dtypes[k]) if k in dtypes and v.dtype != dtypes[k] else v for k, v in state.items()}
     state.update(extra.get("left_out", {}))
     return state
 
@@ -342,7 +345,9 @@ def _program_module(scanned, options: FixOptions) -> torch.fx.GraphModule:
         raise UserError(
             f"--output {options.output}: an ExportedProgram is patched into an ExportedProgram; use a .pt2 name"
         )
-    return graph_module_with_stack(scanned.model.extra["program"]).to(scanned.device)
+    # a copy: program.module() shares the program's tensors with the module the original runner runs,
+    # so edits in place would change "before" too and the comparison would check nothing
+    return copy.deepcopy(graph_module_with_stack(scanned.model.extra["program"])).to(scanned.device)
 
 
 def _exported_runners(
@@ -400,7 +405,7 @@ def _reweight_exported(
     wanted = {plan.name for plan in plans}
     need_consumer = options.strategy != "kick"
     wirings = {
-        site.name: exported_wiring(graph_module, node, need_consumer)
+        site.name: exported_wiring(graph_module, node, need_consumer, to_write=True)
         for node, site in find_sites(graph_module.graph, scan_options.ops)
         if site.name in wanted
     }
@@ -412,7 +417,7 @@ def _reweight_exported(
         result.new_widths = {o.name: o.units_after for o in outcomes if o.applied}
     else:
         apply = eager.reinit_units if options.strategy == "reinit" else eager.kick_units
-        outcomes = apply(graph_module, wirings, plans, options)
+        outcomes = apply(graph_module, wirings, plans, options, None, scanned.report)
     runners = _exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes))
     result.params_before = params_before  # (_exported_runners counts the patched module for both)
     return (*runners, outcomes)
@@ -502,14 +507,17 @@ def _patch_torchscript(
                 )
             )
             continue
+        # an in-place relu_ gets the in-place substitute: scripted code may go on reading its input
+        # (`h.relu_(); return h`), which an out-of-place op would leave un-activated
+        in_place = "_" if node.kind() == "aten::relu_" else ""
         with graph.insert_point_guard(node):
             if options.strategy == "leaky":
                 replacement = graph.create(
-                    "aten::leaky_relu", [node.inputsAt(0), graph.insertConstant(options.slope)]
+                    f"aten::leaky_relu{in_place}", [node.inputsAt(0), graph.insertConstant(options.slope)]
                 )
             else:
                 one = graph.insertConstant(1.0)
-                replacement = graph.create("aten::elu", [node.inputsAt(0), one, one, one])
+                replacement = graph.create(f"aten::elu{in_place}", [node.inputsAt(0), one, one, one])
             graph.insertNode(replacement)
             replacement.output().setType(node.output().type())
         node.output().replaceAllUsesWith(replacement.output())
