@@ -60,6 +60,47 @@ def expand_pattern(pattern: str) -> list[Path]:
     return [Path(pattern)]
 
 
+def folder_roots(folder: Path) -> list[Path]:
+    """Where the files of a model folder may really live: the folder itself, and for a snapshot of the
+    Hugging Face hub cache (`…/snapshots/REV/file -> ../../blobs/HASH`) that cache's blobs."""
+    folder = Path(folder).resolve()
+    roots = [folder]
+    if folder.parent.name == "snapshots":
+        roots.append(folder.parent.parent / "blobs")
+    return roots
+
+
+def copyable_reason(path: Path, folder: Path) -> str | None:
+    """Why a file of someone else's folder must not be copied into an output (None: it may): a link
+    that leaves the folder (`README.md -> ~/.aws/credentials` or `/proc/self/environ` would land in the
+    output, which CI uploads as an artifact), or something that is not a regular file."""
+    target = path.resolve()
+    if not any(target.is_relative_to(root) for root in folder_roots(folder)):
+        return f"a link to {target}, outside the model's folder"
+    try:
+        mode = target.stat().st_mode
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror})"
+    if not stat.S_ISREG(mode):
+        return special_kind(mode) or "not a regular file"
+    return None
+
+
+def copy_folder_file(source: Path, destination: Path, folder: Path) -> str | None:
+    """Copy SOURCE, a file of the input folder FOLDER, to DESTINATION when `copyable_reason` allows it;
+    returns a note naming what was left out instead."""
+    import shutil
+
+    reason = copyable_reason(source, folder)
+    if reason is not None:
+        return f"{source.name} not copied: {reason}; copy it yourself if you trust it"
+    try:
+        shutil.copy2(source.resolve(), destination)
+    except OSError as exc:
+        raise _disk_error(destination, exc) from None
+    return None
+
+
 # --- the output guard ------------------------------------------------------------------------------
 
 
@@ -130,6 +171,15 @@ def check_writable(label: str, out: Path) -> None:
         raise UserError(f"{label} {out}: cannot write in {directory} (permission denied; nothing was done)")
     if out.is_dir() and label != "--output":
         raise UserError(f"{label} {out}: is a directory; give a file name")
+
+
+def check_companion_free(final: Path, output: str | Path) -> None:
+    """A file written beside OUT (a training checkpoint's optimizer.pt) never replaces one already there."""
+    if final.exists() or final.is_symlink():
+        raise UserError(
+            f"--output {output}: {final} exists already and the fixed checkpoint's {final.name} would replace "
+            "it (nothing was written); write the fixed checkpoint into another folder"
+        )
 
 
 def refuse_overwrite_of_inputs(output: str | Path, inputs: list[str | Path]) -> None:

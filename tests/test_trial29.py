@@ -88,3 +88,113 @@ def test_onnx_external_data_outside_the_model_folder_is_never_read(cli, tmp_path
     pre = x + np.frombuffer(own, np.uint8).astype(np.float32)
     assert layer["max_preactivation"] == pre.max(axis=0).tolist()
     assert layer["positive_counts"] == (pre > 0).sum(axis=0).tolist()
+
+
+# --- fix: files copied from someone else's folder never follow a link out of it ---------------------
+
+SECRET = b"GITHUB_TOKEN=ghp_0123456789abcdef\n"
+
+MLP_ARCH = """
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.act = nn.ReLU()
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(self.act(self.fc1(x)))
+
+
+def build():
+    return MLP()
+"""
+
+
+def _trainer_checkpoint(tmp_path):
+    """A Hugging Face Trainer-style checkpoint folder: weights, optimizer.pt, trainer_state.json, and
+    `rng_state.pth` planted as a link to a secret outside the folder. fc1 units 1 and 5 are dead."""
+    import torch
+    from conftest import arch_file
+    from safetensors.torch import save_file
+
+    model, spec = arch_file(tmp_path / "arch.py", MLP_ARCH)
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    x = torch.randn(32, 8)
+    model(x).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.fc1.bias[[1, 5]] = -50.0
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    save_file(model.state_dict(), folder / "model.safetensors")
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    (folder / "trainer_state.json").write_text('{"global_step": 1}')
+    (tmp_path / "secret.txt").write_bytes(SECRET)
+    (folder / "rng_state.pth").symlink_to(tmp_path / "secret.txt")
+    np.savez(tmp_path / "d.npz", x=x.numpy())
+    return folder, spec
+
+
+def _no_secret_under(folder) -> None:
+    for path in folder.rglob("*"):
+        assert path.is_symlink() or not path.is_file() or SECRET not in path.read_bytes(), path
+
+
+def test_fix_of_a_training_checkpoint_copies_no_link_out_of_its_folder(cli, tmp_path):
+    folder, spec = _trainer_checkpoint(tmp_path)
+    out = tmp_path / "fixed"
+    out.mkdir()
+    args = ("--arch", spec, "--data", tmp_path / "d.npz", "--strategy", "reinit")
+    result = cli("fix", folder / "model.safetensors", *args, "--output", out / "model.safetensors")
+    assert result.code == 0, result.err
+    assert (out / "trainer_state.json").read_bytes() == (folder / "trainer_state.json").read_bytes()
+    assert not (out / "rng_state.pth").exists()
+    assert "rng_state.pth not copied" in result.out + result.err
+    _no_secret_under(out)
+
+
+def test_fix_never_replaces_an_optimizer_file_beside_the_output(cli, tmp_path):
+    """OUT's folder already holds an optimizer.pt (another run's): it was silently replaced."""
+    folder, spec = _trainer_checkpoint(tmp_path)
+    out = tmp_path / "other-run"
+    out.mkdir()
+    mine = out / "optimizer.pt"
+    mine.write_bytes(b"the user's own optimizer state")
+    args = ("--arch", spec, "--data", tmp_path / "d.npz", "--strategy", "reinit")
+    result = cli("fix", folder / "model.safetensors", *args, "--output", out / "model.safetensors")
+    assert result.code == 2, result.err
+    assert result.err.count("\n") == 1 and "optimizer.pt exists already" in result.err
+    assert mine.read_bytes() == b"the user's own optimizer state"
+    assert sorted(p.name for p in out.iterdir()) == ["optimizer.pt"]
+
+
+def test_fix_of_a_model_folder_copies_no_link_out_of_it(cli, tmp_path):
+    """`README.md -> ~/secret` in a model folder from a pull request landed, with the secret's bytes, in
+    the fixed folder that CI uploads. Links into the folder itself, or a hub cache's blobs, are copied."""
+    pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    from hf_models import opt_model, save_tokenizer, token_data
+
+    cache = tmp_path / "models--x" / "snapshots" / "abc"  # the hub cache's layout
+    cache.mkdir(parents=True)
+    (tmp_path / "models--x" / "blobs").mkdir()
+    opt_model().save_pretrained(cache)
+    save_tokenizer(cache)
+    blob = tmp_path / "models--x" / "blobs" / "0123"
+    (cache / "tokenizer.json").rename(blob)
+    (cache / "tokenizer.json").symlink_to("../../blobs/0123")
+    (tmp_path / "secret.txt").write_bytes(SECRET)
+    (cache / "README.md").symlink_to(tmp_path / "secret.txt")
+    ids, mask = token_data()
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)
+    out = tmp_path / "fixed"
+    result = cli("fix", cache, "--data", tmp_path / "t.npz", "--strategy", "reinit", "--output", out)
+    assert result.code == 0, result.err
+    assert "README.md not copied" in result.out + result.err
+    assert not (out / "README.md").exists()
+    assert (out / "tokenizer.json").read_bytes() == blob.read_bytes()
+    _no_secret_under(out)

@@ -24,7 +24,7 @@ from deadrelu_cli.backends.torch.optimizer_state import (
     reset_moments,
 )
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.files import temp_path_for
+from deadrelu_cli.files import check_companion_free, copyable_reason, temp_path_for
 from deadrelu_cli.loaders.torch_models import strip_wrapper_prefixes, torch_load, weights_key
 
 RESETTING_STRATEGIES = ("reinit", "kick")
@@ -139,6 +139,7 @@ def write_training_checkpoint(
                 f"--output {output}: the checkpoint's {HF_OPTIMIZER_FILE} would be overwritten beside it; "
                 "write the fixed checkpoint into another folder"
             )
+        check_companion_free(folder / HF_OPTIMIZER_FILE, output)
         state = training.optimizer_file_state
         if resetting:
             notes += _reset_all(training, [((), state)], model, touched)
@@ -146,7 +147,8 @@ def write_training_checkpoint(
         torch.save(state, companion)
         companions.append((companion, folder / HF_OPTIMIZER_FILE))
         skip = {training.path.name, HF_OPTIMIZER_FILE, output.name}
-        for item in sorted(training.optimizer_file.parent.iterdir()):
+        source = training.optimizer_file.parent
+        for item in sorted(source.iterdir()):
             destination = folder / item.name  # never through a link, never over a file
             if (
                 item.is_file()
@@ -154,7 +156,13 @@ def write_training_checkpoint(
                 and not destination.exists()
                 and not destination.is_symlink()
             ):
-                copies.append((item, folder / item.name))
+                reason = copyable_reason(item, source)  # never a link out of the checkpoint's folder
+                if reason is None:
+                    copies.append((item, folder / item.name))
+                else:
+                    notes.append(
+                        f"{item.name} not copied beside {output.name}: {reason}; copy it yourself if you trust it"
+                    )
         if copies:
             notes.append(
                 f"copied beside {output.name}: {', '.join(dst.name for _, dst in copies)} (resume from {folder})"
