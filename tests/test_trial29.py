@@ -198,3 +198,57 @@ def test_fix_of_a_model_folder_copies_no_link_out_of_it(cli, tmp_path):
     assert not (out / "README.md").exists()
     assert (out / "tokenizer.json").read_bytes() == blob.read_bytes()
     _no_secret_under(out)
+
+
+# --- --text: a tokenizer whose code ships in the folder --------------------------------------------
+
+
+def test_text_never_runs_a_tokenizer_shipped_in_the_folder(cli, tmp_path, monkeypatch):
+    """tokenizer_config.json's auto_map made transformers *ask on stdin* whether to run the folder's
+    tokenization_*.py: a piped "y" ran it (and the question went to stdout, into `--json -`)."""
+    import io
+
+    transformers = pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    folder = tmp_path / "vit"  # a model type with no tokenizer of its own in transformers
+    config = transformers.ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=8,
+        patch_size=4,
+    )
+    transformers.ViTModel(config).save_pretrained(folder)
+    marker = tmp_path / "tokenizer-code-ran"
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}})
+    )
+    (folder / "tokenization_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizer\n\n\nclass EvilTokenizer(PreTrainedTokenizer):\n    pass\n"
+    )
+    (tmp_path / "docs.txt").write_text("one document\nanother one\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 5))
+    result = cli("scan", folder, "--text", tmp_path / "docs.txt", "--json", "-")
+    assert not marker.exists()
+    assert result.code == 2, result.err
+    assert result.out == "" and result.err.count("\n") == 1
+    assert "--trust-pickle" in result.err and "auto_map" in result.err
+
+
+def test_config_naming_something_other_than_a_model_class_is_an_input_error(cli, tmp_path):
+    """config.json's `architectures` was looked up in the transformers namespace and called: a tokenizer,
+    a module, a function or an abstract base there crashed the scan (exit 3, a crash log)."""
+    pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    from hf_models import opt_model, token_data
+
+    source = tmp_path / "opt"
+    opt_model().save_pretrained(source)
+    ids, mask = token_data(samples=4)
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)
+    config = json.loads((source / "config.json").read_text())
+    for name in ("AutoTokenizer", "logging", "pipeline", "PreTrainedModel", "OPTPreTrainedModel"):
+        (source / "config.json").write_text(json.dumps({**config, "architectures": [name]}))
+        result = cli("scan", source, "--data", tmp_path / "t.npz")
+        assert result.code == 2, (name, result.err)
+        assert result.err.count("\n") == 1 and "internal error" not in result.err, result.err
