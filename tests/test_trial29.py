@@ -252,3 +252,87 @@ def test_config_naming_something_other_than_a_model_class_is_an_input_error(cli,
         result = cli("scan", source, "--data", tmp_path / "t.npz")
         assert result.code == 2, (name, result.err)
         assert result.err.count("\n") == 1 and "internal error" not in result.err, result.err
+
+
+# --- every torch.load of a file from outside: CRCs, zip bombs, views claiming more than they store ----
+
+MLP_ONNX = __import__("conftest").ROOT / "sample_models" / "mlp" / "model.onnx"  # input [N, 16] float32
+
+
+def _flip_a_tensor_byte(path) -> None:
+    """Flip one byte inside the largest tensor record of a torch.save zip (its CRC-32 then no longer
+    matches; torch's reader does not check it)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        records = [i for i in archive.infolist() if "/data/" in i.filename]
+        info = max(records, key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    header = info.header_offset
+    name_len = int.from_bytes(raw[header + 26 : header + 28], "little")
+    extra_len = int.from_bytes(raw[header + 28 : header + 30], "little")
+    raw[header + 30 + name_len + extra_len + info.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_pt_data_file_is_refused_not_read_as_other_numbers(cli, tmp_path):
+    import torch
+
+    x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
+    path = tmp_path / "calib.pt"
+    torch.save({"input": torch.from_numpy(x)}, path)
+    _flip_a_tensor_byte(path)
+    read = torch.load(path, weights_only=True)["input"].numpy()  # torch itself does not notice
+    assert not np.array_equal(read, x)
+    result = cli("scan", MLP_ONNX, "--data", path, "--json", tmp_path / "r.json")
+    assert result.code == 2, result.err
+    assert "damaged" in result.err and result.err.count("\n") == 1
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_damaged_optimizer_file_beside_a_checkpoint_is_refused(cli, tmp_path):
+    """optimizer.pt was read by a plain torch.load: a flipped byte went into the written moments."""
+    folder, spec = _trainer_checkpoint(tmp_path)
+    _flip_a_tensor_byte(folder / "optimizer.pt")
+    out = tmp_path / "fixed"
+    out.mkdir()
+    args = ("--arch", spec, "--data", tmp_path / "d.npz", "--strategy", "reinit")
+    result = cli("fix", folder / "model.safetensors", *args, "--output", out / "model.safetensors")
+    assert result.code == 2, result.err
+    assert "optimizer.pt" in result.err and "damaged" in result.err
+    assert list(out.iterdir()) == []
+
+
+def test_pt_data_whose_tensor_repeats_its_storage_is_refused(cli, tmp_path):
+    """A 1 KiB file whose tensor is a stride-0 view of 16 stored values claims 10^12 samples (or, in
+    bfloat16, a conversion of 64 TB): the values must be in the file."""
+    import torch
+
+    row = torch.arange(16, dtype=torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        path = tmp_path / f"expanded-{str(dtype)[6:]}.pt"
+        torch.save({"input": row.to(dtype).expand(10**12, 16)}, path)
+        assert path.stat().st_size < 4096
+        result = cli("scan", MLP_ONNX, "--data", path, "--limit", 4)
+        assert result.code == 2, result.err
+        assert "stores only 16 of its values" in result.err and result.err.count("\n") == 1
+
+
+def test_pt_data_zip_bomb_is_refused_before_it_expands(cli, tmp_path, monkeypatch):
+    """torch reads deflated members: 0.1 MB of file became 80 MB of tensor (x1000, and a 100 MB file
+    100 GB) with no check. Memory is made small here so that a small bomb is one."""
+    import zipfile
+
+    import torch
+
+    plain, bomb = tmp_path / "plain.pt", tmp_path / "bomb.pt"
+    torch.save({"input": torch.zeros(1_000_000, 16)}, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert bomb.stat().st_size < 200_000
+    assert torch.load(bomb, weights_only=True)["input"].shape == (1_000_000, 16)  # torch expands it
+    monkeypatch.setattr("deadrelu_cli.memory.available_memory", lambda: 32 << 20)
+    result = cli("scan", MLP_ONNX, "--data", bomb, "--limit", 4)
+    assert result.code == 2, result.err
+    assert "more than the memory available" in result.err and result.err.count("\n") == 1

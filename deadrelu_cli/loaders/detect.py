@@ -35,6 +35,16 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return 2 <= header_len <= size - 8 and head[8:9] == b"{"
 
 
+def check_torch_file(path: Path) -> None:
+    """What every torch.load of a file from outside goes through first: a zip archive (torch.save's
+    format) is checked as `check_archive` says (torch's reader neither checks CRCs nor bounds what a
+    compressed member expands to); a legacy pickle stream is left to torch (its sizes are checked there)."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if head == b"PK":
+        check_archive(path)
+
+
 def check_archive(path: Path, max_ratio: int = 2000) -> list[str]:
     """Look at a zip archive (torch.save, TorchScript, .pt2) before any loader touches it: readable
     central directory, member names inside the archive, and no zip bomb (a member that would expand

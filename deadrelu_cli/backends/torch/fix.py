@@ -289,9 +289,10 @@ def _check_resume(training, scanned, scan_options, temp: Path, steps: int, outco
     from deadrelu_cli.loaders.torch_models import torch_load
 
     if result.companions:
-        states = find_optimizer_states(torch_load(result.companions[0][0], "cpu", scan_options.trust_pickle))
+        written = result.companions[0][0]  # files this run wrote: no archive check needed
+        states = find_optimizer_states(torch_load(written, "cpu", scan_options.trust_pickle, checked=True))
     elif training.checkpoint is not None:
-        states = find_optimizer_states(torch_load(temp, "cpu", scan_options.trust_pickle))
+        states = find_optimizer_states(torch_load(temp, "cpu", scan_options.trust_pickle, checked=True))
     else:
         return
     if not states:

@@ -51,7 +51,7 @@ def read_training_checkpoint(path: Path, fmt: str, trust_pickle: bool) -> Traini
     """The checkpoint's extra content, or None when the file is weights only (and no optimizer.pt is beside it)."""
     checkpoint = None
     if fmt == "state_dict":
-        checkpoint = torch_load(path, "cpu", trust_pickle)
+        checkpoint = torch_load(path, "cpu", trust_pickle, checked=True)  # the model, checked when loaded
     beside = path.parent / HF_OPTIMIZER_FILE
     optimizer_file_state = None
     if beside.is_file() and beside.resolve() != path.resolve():
