@@ -68,6 +68,18 @@ def _table(path: Path, required: bool = True) -> dict | None:
     return table
 
 
+def check_output_inside(path: Path, key: str, value: str) -> None:
+    """An output a settings file names stays inside the file's folder (links resolved): the file may
+    come with someone else's checkout, and `junit = "../../.bashrc"` would replace a file of yours with
+    text that carries the model's layer names. On the command line (--junit) any path is yours to give."""
+    folder = path.parent.resolve()
+    if Path(value).is_absolute() or not (folder / value).resolve().is_relative_to(folder):
+        raise UserError(
+            f"{path}: {key} = {value!r} is outside the folder of the settings file; name a file inside it, "
+            f"or give --{key} on the command line"
+        )
+
+
 def load_config(explicit: str | None = None, start: Path | None = None) -> FileConfig:
     path = Path(explicit) if explicit else find_config(start)
     if path is None:
@@ -85,12 +97,18 @@ def load_config(explicit: str | None = None, start: Path | None = None) -> FileC
         # bool is an int to Python: true is no number, but it is the value of an allow-… key
         if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
             raise UserError(f"{path}: {key} = {value!r} has the wrong type")
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        item_type = (int, float) if key == "layer-limits" else str  # {glob = fraction}, [op names]
+        if any(isinstance(item, bool) or not isinstance(item, item_type) for item in items):
+            raise UserError(f"{path}: {key} = {value!r} has the wrong type")
         if key == "layer-limits":
             value = [f"{glob}={limit}" for glob, limit in value.items()]
         if key == "ops" and isinstance(value, list):
             value = ",".join(value)
         if key == "batch-size":
             value = str(value)
+        if key in ("junit", "markdown"):
+            check_output_inside(path, key, value)
         if key in ("baseline", "junit", "markdown"):  # paths are relative to the config file
             value = str(path.parent / value) if not Path(value).is_absolute() else value
         values[name] = value

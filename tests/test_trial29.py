@@ -336,3 +336,49 @@ def test_pt_data_zip_bomb_is_refused_before_it_expands(cli, tmp_path, monkeypatc
     result = cli("scan", MLP_ONNX, "--data", bomb, "--limit", 4)
     assert result.code == 2, result.err
     assert "more than the memory available" in result.err and result.err.count("\n") == 1
+
+
+# --- settings files that came with someone else's checkout -----------------------------------------
+
+MLP_CALIB = MLP_ONNX.parent / "calib.npz"
+
+
+def test_settings_file_values_get_the_flags_checks(cli, tmp_path, monkeypatch):
+    """Values from [tool.deadrelu] skipped the option's type and range: `max-dead-units = -1` gated
+    every model as failed (exit 1), an op list holding a number crashed (exit 3)."""
+    monkeypatch.chdir(tmp_path)
+    for body, key in (("max-dead-units = -1", "max-dead-units"), ('ops = ["relu", 5]', "ops")):
+        (tmp_path / "deadrelu.toml").write_text(body + "\n")
+        result = cli("scan", MLP_ONNX, "--data", MLP_CALIB, "--json", tmp_path / "r.json")
+        assert result.code == 2, (body, result.err)
+        assert key in result.err and "deadrelu.toml" in result.err and result.err.count("\n") == 1
+        assert not (tmp_path / "r.json").exists()
+    (tmp_path / "deadrelu.toml").write_text("max-dead-units = 6\n")  # the sample MLP has 6 dead units
+    assert cli("scan", MLP_ONNX, "--data", MLP_CALIB, "-q").code == 0
+    (tmp_path / "deadrelu.toml").write_text("max-dead-units = 5\n")
+    assert cli("scan", MLP_ONNX, "--data", MLP_CALIB, "-q").code == 1
+
+
+def test_settings_file_outputs_stay_inside_its_folder(cli, tmp_path, monkeypatch):
+    """`junit = "../victim"` in a checkout's pyproject.toml replaced a file outside the checkout."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "build").mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file\n")
+    (tmp_path / "elsewhere").mkdir()
+    (checkout / "out").symlink_to(tmp_path / "elsewhere")  # a link inside, leading out
+    monkeypatch.chdir(checkout)
+    for value in ("../victim.txt", str(victim), "out/report.md"):
+        (checkout / "pyproject.toml").write_text(f'[tool.deadrelu]\nmarkdown = "{value}"\n')
+        result = cli("scan", MLP_ONNX, "--data", MLP_CALIB)
+        assert result.code == 2, (value, result.err)
+        assert "outside the folder of the settings file" in result.err and result.err.count("\n") == 1
+    assert victim.read_text() == "the user's own file\n"
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+    (checkout / "pyproject.toml").write_text('[tool.deadrelu]\nmarkdown = "build/report.md"\n')
+    result = cli("scan", MLP_ONNX, "--data", MLP_CALIB)
+    assert result.code == 0, result.err
+    assert "act1" in (checkout / "build" / "report.md").read_text()
+    result = cli("scan", MLP_ONNX, "--data", MLP_CALIB, "--markdown", tmp_path / "mine.md")  # the user's flag
+    assert result.code == 0 and (tmp_path / "mine.md").is_file()
