@@ -1,14 +1,18 @@
 """Training-step time with `watch(every=100)` against the same loop without it (scripts/bench.py --only watch).
 
-Per model (a small MLP — the worst case: little compute per Python call —, a transformer-style MLP on
-tokens and a CNN), on the CPU, with SGD on random data:
+Per model, on the CPU, with SGD on random data: the issue's two cases — a transformer-style MLP on tokens
+(bench.py's "mlp" block, smaller: 2 blocks of 256 -> 1024 -> 256) and a CNN (smaller than bench.py's
+ResNet-18) —, and a stress row beyond them, a tiny MLP (128-512-512-10, a 1.8 ms step: little compute
+per Python call, so the probe's fixed per-call cost shows most):
 - "average": 200 training steps with watch(every=100) (2 sampled steps, 2 reports) against 200 without;
   the two loops alternate step by step so that machine noise hits both alike;
-- "sampled": in a run with watch(every=4), the median sampled step (probe on) against the median
-  unsampled one, and the step after a sampled one (it makes the window's report) against the same.
+- "sampled": in a run with watch(every=100) over SAMPLES * 100 steps, the median sampled step (probe
+  on) against the median unsampled one, and the step after a sampled one (it makes the window's report)
+  against the same. (Sampling every 100th step, as the target says, leaves the probe's code and data
+  cold between samples; every 4th step read ~0.1 lower on the tiny MLP.)
 Steps are timed in CPU time of this process (time.process_time; run with 1 thread), not wall time.
 
-    python scripts/bench_watch.py [THREADS]      (or: python scripts/bench.py --only watch)
+    python scripts/bench_watch.py [THREADS] [SAMPLES]      (or: python scripts/bench.py --only watch)
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ def _steps(model, optimizer, x, y, count: int, w=None) -> list[float]:
     return times
 
 
-def measure_case(name: str, factory, steps: int = 200) -> dict:
+def measure_case(name: str, factory, steps: int = 200, samples: int = 8, every: int = 100) -> dict:
     model, x, y = factory()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     _steps(model, optimizer, x, y, 20)  # warm-up (allocator, kernels)
@@ -99,14 +103,14 @@ def measure_case(name: str, factory, steps: int = 200) -> dict:
         plain_times += _steps(model, optimizer, x, y, 1)
         watch_times += _steps(model, optimizer, x, y, 1, watched)
     watched.close()
-    # per step, in one run sampling every 4th step: the sampled step (probe on), the next one (it makes
-    # the window's report), and the two unsampled ones (no hook, no mode: the baseline)
-    every4 = watch(model, every=4, config=False, keep_reports=1)
-    times = _steps(model, optimizer, x, y, steps, every4)
-    every4.close()
-    sampled = times[0::4]
-    reporting = times[1::4]
-    unsampled = times[2::4] + times[3::4]
+    # per step, in one run sampling every 100th step: the sampled step (probe on), the next one (it makes
+    # the window's report), and the unsampled ones (no hook, no mode: the baseline)
+    sampling = watch(model, every=every, config=False, keep_reports=1)
+    times = _steps(model, optimizer, x, y, every * samples, sampling)
+    sampling.close()
+    sampled = times[0::every]
+    reporting = times[1::every]
+    unsampled = [t for i, t in enumerate(times) if i % every > 1]
     base = statistics.median(unsampled)
     return {
         "case": name,
@@ -121,19 +125,19 @@ def measure_case(name: str, factory, steps: int = 200) -> dict:
     }
 
 
-def measure_watch(steps: int = 200) -> list[dict]:
+def measure_watch(steps: int = 200, samples: int = 8) -> list[dict]:
     rows = [
-        measure_case("mlp 128-512-512-10, batch 64", mlp, steps),
-        measure_case("token mlp [16,64,256], 2 blocks", token_mlp, steps),
-        measure_case("cnn 3x32x32, batch 16", cnn, steps),
+        measure_case("token mlp [16,64,256], 2 blocks", token_mlp, steps, samples),
+        measure_case("cnn 3x32x32, batch 16", cnn, steps, samples),
+        measure_case("stress: mlp 128-512-512-10, b64", mlp, steps, samples),
     ]
     print(
-        f"{'training step':<30} {'plain ms':>9} {'watch ms':>9} {'average':>8} "
+        f"{'training step':<33} {'plain ms':>9} {'watch ms':>9} {'average':>8} "
         f"{'unsampled':>10} {'sampled':>8} {'ratio':>7} {'report step':>12}"
     )
     for r in rows:
         print(
-            f"{r['case']:<30} {r['plain_ms']:>9.2f} {r['watch_ms']:>9.2f} {r['average_ratio']:>7.3f}x "
+            f"{r['case']:<33} {r['plain_ms']:>9.2f} {r['watch_ms']:>9.2f} {r['average_ratio']:>7.3f}x "
             f"{r['unsampled_step_ms']:>9.2f} {r['sampled_step_ms']:>8.2f} {r['sampled_ratio']:>6.3f}x "
             f"{r['report_step_ratio']:>11.3f}x"
         )
@@ -142,4 +146,4 @@ def measure_watch(steps: int = 200) -> list[dict]:
 
 if __name__ == "__main__":
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads())
-    measure_watch()
+    measure_watch(samples=int(sys.argv[2]) if len(sys.argv) > 2 else 8)

@@ -325,6 +325,38 @@ def test_diff(cli, reports):
     assert "Dead units: 6/40 (15.0%) → 8/40 (20.0%), 1 layers changed" in result.out
 
 
+def test_diff_shows_a_pruned_layer_as_resized(cli, reports, tmp_path):
+    """After `fix --strategy prune` a layer keeps its name with fewer units: the diff row says both
+    widths and dead counts (before, such a row read "added" and the old layer vanished)."""
+
+    base, _ = reports
+    pruned = tmp_path / "pruned.pt2"
+    fix = ["fix", SAMPLES / "mlp" / "model.pt", "--arch", ARCH, "--data", DATA, "--strategy", "prune"]
+    assert cli(*fix, "--output", pruned).code == 0
+    after = tmp_path / "pruned.json"
+    assert cli("scan", pruned, "--data", DATA, "--json", after).code == 0
+    x = np.load(DATA)["input"].astype(np.float64)
+    old_state = torch.load(SAMPLES / "mlp" / "model.pt", weights_only=True)
+    new_state = torch.export.load(str(pruned)).state_dict
+    widths, dead = {}, {}
+    for name, state in (("old", old_state), ("new", new_state)):
+        w = {k: v.detach().double().numpy() for k, v in state.items()}
+        act1 = np.maximum(x @ w["fc1.weight"].T + w["fc1.bias"], 0)  # the MLP's forward, in numpy
+        relu2 = np.maximum(act1 @ w["fc2.weight"].T + w["fc2.bias"], 0)
+        widths[name] = {"act1": act1.shape[1], "relu()": relu2.shape[1]}
+        dead[name] = {"act1": int((act1.max(0) <= 0).sum()), "relu()": int((relu2.max(0) <= 0).sum())}
+    result = cli("diff", base, after)
+    assert result.code == 0
+    for site in ("act1", "relu()"):
+        old_units, new_units = widths["old"][site], widths["new"][site]
+        assert new_units < old_units  # the fix pruned this layer
+        row = next(line for line in result.out.splitlines() if line.startswith(site))
+        assert f"{dead['old'][site]}/{old_units} " in row and f"{dead['new'][site]}/{new_units} " in row
+        assert f"{old_units}→{new_units} units" in row
+        assert "added" not in row
+    assert "removed" not in result.out
+
+
 def test_bad_limits_are_refused_before_the_report_is_printed(cli, reports):
     result = cli("gate", reports[0], "--layer-limit", "relu*")
     assert result.code == 2 and "GLOB=FRACTION" in result.err

@@ -80,6 +80,8 @@ class LayerDiff:
     revived: list[int]
     newly_dead: list[int]
     old_name: str | None = None  # when matched by weight under another name
+    # the old layer's width when it differs (`fix --strategy prune`): units are not paired one to one
+    old_units: int | None = None
 
     @property
     def delta(self) -> int:
@@ -87,24 +89,25 @@ class LayerDiff:
 
     @property
     def unchanged(self) -> bool:
-        return self.old_dead == self.new_dead and not self.revived and not self.newly_dead
-
-    def _text(self, dead: int | None) -> str:
         return (
-            "–"
-            if dead is None
-            else f"{dead}/{self.units} ({100 * dead / self.units:.1f}%)"
-            if self.units
-            else "0"
+            self.old_dead == self.new_dead
+            and not self.revived
+            and not self.newly_dead
+            and self.old_units is None
         )
+
+    @staticmethod
+    def _text(dead: int | None, units: int) -> str:
+        return "–" if dead is None else f"{dead}/{units} ({100 * dead / units:.1f}%)" if units else "0"
 
     @property
     def old_text(self) -> str:
-        return self._text(self.old_dead) if self.old_dead is not None else "(absent)"
+        units = self.units if self.old_units is None else self.old_units
+        return self._text(self.old_dead, units) if self.old_dead is not None else "(absent)"
 
     @property
     def new_text(self) -> str:
-        return self._text(self.new_dead) if self.new_dead is not None else "(absent)"
+        return self._text(self.new_dead, self.units) if self.new_dead is not None else "(absent)"
 
     @property
     def change_text(self) -> str:
@@ -112,6 +115,8 @@ class LayerDiff:
             return "added"
         if self.new_dead is None:
             return "removed"
+        if self.old_units is not None:
+            return f"{self.delta:+d}, {self.old_units}→{self.units} units"
         return f"{self.delta:+d}"
 
 
@@ -122,8 +127,14 @@ def diff_reports(old: Report, new: Report) -> tuple[list[LayerDiff], str]:
     for layer in new.layers:
         before = old_layers.get(layer.name)
         new_dead = set(np.flatnonzero(layer.dead_mask()).tolist())
-        if before is None or before.units != layer.units:
+        if before is None:
             rows.append(LayerDiff(layer.name, None, len(new_dead), layer.units, [], []))
+            continue
+        if before.units != layer.units:  # resized (pruned): unit i is not the old unit i
+            old_dead = int(before.dead_mask().sum())
+            rows.append(
+                LayerDiff(layer.name, old_dead, len(new_dead), layer.units, [], [], None, before.units)
+            )
             continue
         old_dead = set(np.flatnonzero(before.dead_mask()).tolist())
         rows.append(
