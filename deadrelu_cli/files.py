@@ -218,6 +218,15 @@ def temp_folder_for(target: str | Path) -> Path:
     return folder
 
 
+def give_umask_permissions(folder: Path) -> None:
+    """The files of a folder this run wrote get the permissions a plain open() would give: writers such
+    as safetensors' save_file create theirs 0600 whatever the umask, unreadable to a model server."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def temp_path_for(target: str | Path, label: str = "") -> Path:
     """An empty temp file beside TARGET with the permissions a plain open() would give (not mkstemp's 0600)."""
     target = Path(target)

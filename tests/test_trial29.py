@@ -382,3 +382,29 @@ def test_settings_file_outputs_stay_inside_its_folder(cli, tmp_path, monkeypatch
     assert "act1" in (checkout / "build" / "report.md").read_text()
     result = cli("scan", MLP_ONNX, "--data", MLP_CALIB, "--markdown", tmp_path / "mine.md")  # the user's flag
     assert result.code == 0 and (tmp_path / "mine.md").is_file()
+
+
+def test_fixed_model_folder_files_follow_the_umask(cli, tmp_path):
+    """safetensors' save_file writes 0600 whatever the umask: the fixed folder's shards could not be
+    read by the model server (another user) that reads the source folder's."""
+    import os
+    import stat
+
+    pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    from hf_models import opt_model, token_data
+
+    opt_model().save_pretrained(tmp_path / "opt", max_shard_size="20KB")
+    ids, mask = token_data()
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)
+    old = os.umask(0o022)
+    try:
+        result = cli(
+            "fix", tmp_path / "opt", "--data", tmp_path / "t.npz", "-s", "reinit", "-o", tmp_path / "out"
+        )
+    finally:
+        os.umask(old)
+    assert result.code == 0, result.err
+    shards = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 1
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert set(modes.values()) == {0o644}, modes

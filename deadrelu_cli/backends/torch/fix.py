@@ -13,7 +13,7 @@ import torch
 from deadrelu_cli.backends.torch import strategies as eager
 from deadrelu_cli.backends.torch.inputs import example_inputs, model_call, torch_runner
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.files import write_bytes
+from deadrelu_cli.files import give_umask_permissions, write_bytes
 from deadrelu_cli.fixes.plan import (
     ARTIFACT_SUFFIXES,
     STATE_SUFFIXES,
@@ -227,6 +227,7 @@ def apply_torch(
             from deadrelu_cli.backends.torch.folder import write_model_folder
 
             result.notes.extend(write_model_folder(model, loaded.path, temp))
+            give_umask_permissions(temp)
         elif suffix in ARTIFACT_SUFFIXES:
             write_artifact(model, example, temp, suffix)
         elif training is not None:
