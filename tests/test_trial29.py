@@ -408,3 +408,32 @@ def test_fixed_model_folder_files_follow_the_umask(cli, tmp_path):
     assert len(shards) > 1
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
     assert set(modes.values()) == {0o644}, modes
+
+
+# --- names shown literally ---------------------------------------------------------------------------
+
+
+def test_a_layer_name_with_emoji_codes_is_shown_as_it_is(cli, tmp_path):
+    """Rich replaced `:warning:` / `:thumbs_up:` in an escaped name by emoji: the table, the error line
+    and the notes showed a name the model does not have (`::warning::x` became `:⚠:x`)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    name = "block:thumbs_up:1::warning::relu"
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name=name)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    result = cli("scan", tmp_path / "m.onnx", "--data", tmp_path / "d.npz")
+    assert result.code == 0, result.err
+    assert name in result.out
+    assert name in cli("inspect", tmp_path / "m.onnx").out
+    shown = cli("scan", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--layer", "nothing-like-it")
+    assert shown.code == 2 and name in shown.err, shown.err
