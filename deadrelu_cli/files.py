@@ -53,6 +53,20 @@ def check_regular_file(path: str | Path, what: str = "input") -> Path:
     return p
 
 
+def check_folder_files(folder: Path, extra: Iterable[Path] = ()) -> None:
+    """Refuse (exit 2) a model folder holding a FIFO, socket or device among its files (or EXTRA, e.g. the
+    shards an index names), from stat alone: the libraries that read the folder open what they find, and
+    opening a FIFO blocks forever (in native code that no signal interrupts)."""
+    for path in [*Path(folder).iterdir(), *extra]:
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue  # a dangling link: the reader says it is missing
+        kind = special_kind(mode)
+        if kind:
+            raise UserError(f"{path}: is {kind}, not a file; a model folder holds plain files")
+
+
 def expand_pattern(pattern: str) -> list[Path]:
     """The files a glob pattern names, sorted (the pattern itself when a file has that literal name)."""
     if any(ch in pattern for ch in "*?[") and not Path(pattern).exists():

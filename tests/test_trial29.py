@@ -437,3 +437,43 @@ def test_a_layer_name_with_emoji_codes_is_shown_as_it_is(cli, tmp_path):
     assert name in cli("inspect", tmp_path / "m.onnx").out
     shown = cli("scan", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--layer", "nothing-like-it")
     assert shown.code == 2 and name in shown.err, shown.err
+
+
+def test_a_fifo_inside_a_model_folder_is_refused_not_waited_on(tmp_path):
+    """A shard named by the index (or tokenizer.json) being a FIFO: safetensors' open blocked forever, in
+    native code that SIGTERM could not interrupt. Run as a child process so that a hang fails the test."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    from conftest import ROOT
+    from hf_models import opt_model, save_tokenizer, token_data
+
+    folder = tmp_path / "opt"
+    opt_model().save_pretrained(folder)
+    save_tokenizer(folder)
+    ids, mask = token_data(samples=4)
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)
+    (tmp_path / "docs.txt").write_text("w1 w2\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def deadrelu(*args):
+        command = [sys.executable, "-m", "deadrelu_cli", *map(str, args)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+
+    (folder / "tokenizer.json").unlink()
+    os.mkfifo(folder / "tokenizer.json")
+    result = deadrelu("scan", folder, "--text", tmp_path / "docs.txt")
+    assert result.returncode == 2 and "tokenizer.json: is a FIFO" in result.stderr, result.stderr
+    (folder / "tokenizer.json").unlink()
+    index = {
+        "metadata": {},
+        "weight_map": {"model.decoder.embed_tokens.weight": "model-00001-of-00001.safetensors"},
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "model-00001-of-00001.safetensors")
+    result = deadrelu("scan", folder, "--data", tmp_path / "t.npz")
+    assert result.returncode == 2, result.stderr
+    assert "model-00001-of-00001.safetensors: is a FIFO" in result.stderr and result.stderr.count("\n") == 1

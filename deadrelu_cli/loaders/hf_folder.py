@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import check_folder_files
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
 from deadrelu_cli.options import DTYPE_NAMES
 
@@ -129,6 +130,7 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
     from concurrent.futures import ThreadPoolExecutor
 
     folder = Path(options.path)
+    check_folder_files(folder, weight_files(folder))
     transformers = import_transformers(folder)
     if not weight_files(folder):
         raise UserError(
@@ -242,6 +244,7 @@ def load_tokenizer(folder: str | Path, trust_code: bool = False):
         raise UserError(
             f"{folder}: no tokenizer in the folder for --text (none of {', '.join(TOKENIZER_FILES)}); {remedy}"
         )
+    check_folder_files(Path(folder))
     if not trust_code and tokenizer_ships_code(Path(folder)):
         raise UserError(
             f"{folder}: the tokenizer's code ships in the folder (auto_map in tokenizer_config.json); pass "
