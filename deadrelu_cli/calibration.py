@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.loaders.detect import check_readable_file, check_torch_file
+from deadrelu_cli.loaders.detect import check_readable_file, check_torch_file, refuse_ambiguous_names
 from deadrelu_cli.memory import check_fits_in_memory
 
 NUMERIC_KINDS = "biuf"  # bool, int, unsigned, float
@@ -411,9 +411,11 @@ def _open_npy(path: Path) -> list[ArraySource]:
 def _open_npz(path: Path) -> list[ArraySource]:
     try:
         with zipfile.ZipFile(path) as archive:
-            members = [m for m in archive.namelist() if m.endswith(".npy")]
+            names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as exc:
         raise UserError(f"{path}: not a valid .npz archive ({exc})") from None
+    refuse_ambiguous_names(path, names)  # numpy reads the last of two `x.npy`, another reader the first
+    members = [m for m in names if m.endswith(".npy")]
     return [NpzMemberSource(path, m, m[: -len(".npy")]) for m in members]
 
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 # --- ONNX: every stored tensor's external data is confined to the model's folder ------------------
 
@@ -477,3 +478,91 @@ def test_a_fifo_inside_a_model_folder_is_refused_not_waited_on(tmp_path):
     result = deadrelu("scan", folder, "--data", tmp_path / "t.npz")
     assert result.returncode == 2, result.stderr
     assert "model-00001-of-00001.safetensors: is a FIFO" in result.stderr and result.stderr.count("\n") == 1
+
+
+# --- zip archives whose readers disagree: the code checked must be the code that runs ----------------
+
+
+class _Plain(torch.nn.Module):
+    def forward(self, x):
+        return torch.relu(x + 1.0)
+
+
+def _code_member_twins(tmp_path, victim):
+    """A scripted model's archive with its forward's code stored twice: first a version that writes
+    'AAAA' into VICTIM through torch.from_file, then the original. Python's zipfile (which the code
+    allowlist used) reads the last, torch.jit.load the first. Also a variant storing the payload alone
+    under `CODE/` instead of `code/` (torch's reader matches names case-insensitively)."""
+    import copy
+    import warnings
+    import zipfile
+
+    plain = tmp_path / "plain.pt"
+    torch.jit.script(_Plain()).save(str(plain))
+    with zipfile.ZipFile(plain) as archive:
+        infos = archive.infolist()
+        contents = {info.filename: archive.read(info.filename) for info in infos}
+    (name,) = [n for n in contents if "/code/" in n and n.endswith(".py")]
+    code = contents[name].decode()
+    evil = code.replace(
+        "    return torch.relu(",
+        f"    _t = torch.from_file({str(victim)!r}, True, 4, dtype=0)\n"
+        "    x = torch.add(x, torch.mul(torch.sum(torch.fill_(_t, 65)), 0))\n"
+        "    return torch.relu(",
+    )
+    assert evil != code
+    twins, upper = tmp_path / "twins.pt", tmp_path / "upper.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name: that is the point
+        for path, members in (
+            (twins, [(name, evil), (name, code)]),
+            (upper, [(name.replace("/code/", "/CODE/"), evil)]),
+        ):
+            with zipfile.ZipFile(path, "w") as out:
+                for info in infos:
+                    if info.filename == name:
+                        for member, text in members:
+                            out.writestr(member, text)
+                    else:
+                        out.writestr(copy.copy(info), contents[info.filename])  # (writing moves an info)
+    return twins, upper
+
+
+def test_torchscript_code_stored_twice_or_in_another_case_is_checked_as_torch_reads_it(cli, tmp_path):
+    import torch
+
+    victim = tmp_path / "victim"
+    twins, upper = _code_member_twins(tmp_path, victim)
+    np.savez(tmp_path / "x.npz", x=np.zeros((4, 3), np.float32))
+    for archive, needle in ((twins, "stored twice"), (upper, "aten::from_file")):
+        victim.write_bytes(b"zzzz")
+        torch.jit.load(str(archive))(torch.zeros(2))  # the payload is live: torch runs the first copy
+        assert victim.read_bytes() == b"AAAA", archive
+        victim.write_bytes(b"zzzz")
+        for command in (("scan", archive, "--data", tmp_path / "x.npz"), ("inspect", archive)):
+            result = cli(*command)
+            assert result.code == 2, (command, result.err)
+            assert needle in result.err and result.err.count("\n") == 1, result.err
+            assert victim.read_bytes() == b"zzzz"
+
+
+def test_npz_with_an_array_stored_twice_is_refused(cli, tmp_path):
+    """numpy (and deadrelu) read the last `input.npy` of an .npz holding two: the calibration data was
+    the hidden array, not the one a reviewer's zip tool shows first."""
+    import io
+    import warnings
+    import zipfile
+
+    def npy(array):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    path = tmp_path / "twice.npz"
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as archive:
+        warnings.simplefilter("ignore")
+        archive.writestr("input.npy", npy(np.ones((4, 16), np.float32)))
+        archive.writestr("input.npy", npy(-np.ones((4, 16), np.float32)))
+    assert np.load(path)["input"][0, 0] == -1.0  # the second one is what numpy reads
+    result = cli("scan", MLP_ONNX, "--data", path)
+    assert result.code == 2 and "stored twice" in result.err and result.err.count("\n") == 1, result.err

@@ -35,6 +35,22 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return 2 <= header_len <= size - 8 and head[8:9] == b"{"
 
 
+def refuse_ambiguous_names(path: Path, names: list[str]) -> None:
+    """Two members of one name, or of names that differ only in case: Python's zipfile reads the last of
+    them, torch's reader (miniz, case-insensitive) may read another, so what was checked (the code
+    allowlist, the CRCs) need not be what runs. Such an archive is refused."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = name.casefold()
+        if key in seen:
+            same = "twice" if seen[key] == name else f"as {seen[key]!r} and {name!r}"
+            raise UserError(
+                f"{path}: archive member {name!r} is stored {same}; readers disagree on which one they read, "
+                "refusing the archive"
+            )
+        seen[key] = name
+
+
 def check_torch_file(path: Path) -> None:
     """What every torch.load of a file from outside goes through first: a zip archive (torch.save's
     format) is checked as `check_archive` says (torch's reader neither checks CRCs nor bounds what a
@@ -58,6 +74,7 @@ def check_archive(path: Path, max_ratio: int = 2000) -> list[str]:
         raise UserError(
             f"{path}: a damaged zip archive ({exc}); the checkpoint is truncated or corrupted"
         ) from None
+    refuse_ambiguous_names(path, [info.filename for info in infos])
     total = 0
     for info in infos:
         name = info.filename
@@ -127,7 +144,7 @@ def detect_format(path: str | Path) -> str:
             for name in names
         ):
             return "exported_program"
-        if any("/code/" in name or name.endswith("constants.pkl") for name in names):
+        if any("/code/" in name.lower() or name.lower().endswith("constants.pkl") for name in names):
             return "torchscript"
         if any(name.endswith("data.pkl") for name in names):
             return TORCH_ZIP
