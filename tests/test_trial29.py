@@ -566,3 +566,29 @@ def test_npz_with_an_array_stored_twice_is_refused(cli, tmp_path):
     assert np.load(path)["input"][0, 0] == -1.0  # the second one is what numpy reads
     result = cli("scan", MLP_ONNX, "--data", path)
     assert result.code == 2 and "stored twice" in result.err and result.err.count("\n") == 1, result.err
+
+
+def test_a_model_folder_missing_weights_is_not_scanned_silently(cli, tmp_path):
+    """transformers fills tensors a folder lacks with a random init and says so only in its (silenced)
+    log: a folder without layer 1's fc1 was scanned on random weights, its planted dead unit gone,
+    without a word."""
+    pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    from hf_models import DEAD, opt_model, token_data
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "opt"
+    opt_model().save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    dropped = sorted(k for k in state if "layers.1.fc1." in k)
+    assert dropped and DEAD[1]
+    save_file(
+        {k: v for k, v in state.items() if k not in dropped}, folder / "model.safetensors", {"format": "pt"}
+    )
+    ids, mask = token_data()
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)
+    result = cli("scan", folder, "--data", tmp_path / "t.npz", "--json", tmp_path / "r.json")
+    assert result.code == 0, result.err
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    (note,) = [n for n in notes if "initialised them at random" in n]
+    assert all(key in note for key in dropped)
+    assert "warning:" in result.out + result.err

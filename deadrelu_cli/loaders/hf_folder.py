@@ -175,7 +175,7 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
     elif options.device != "cpu":
         kwargs["device_map"] = options.device  # straight onto the GPU, shard by shard
     try:
-        model = cls.from_pretrained(str(folder), **kwargs)
+        model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     except ImportError as exc:  # device_map needs accelerate
         raise UserError(f"{folder}: {str(exc).splitlines()[0]} ({EXTRA_HINT})") from None
     except pickle.UnpicklingError:  # transformers reads .bin files with torch.load(weights_only=True)
@@ -196,6 +196,15 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
         # (AttributeError, TypeError, …: a config.json that does not describe the class it names)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: transformers could not load the model ({text})") from None
+    notes = []
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # filled in at random by transformers (a warning in its log only, which is silenced)
+        shown = ", ".join(missing[:5]) + (", …" if len(missing) > 5 else "")
+        notes.append(
+            f"check the weights: {len(missing)} tensor(s) of {cls.__name__} are in none of the folder's "
+            f"weight files and transformers initialised them at random ({shown}); layers they feed are not "
+            "counted on the checkpoint's weights"
+        )
     if offload is not None:
         model.deadrelu_offload_folder = offload  # removed with the model (the TemporaryDirectory's finaliser)
     model.eval()
@@ -216,6 +225,7 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
         float_dtype=float_dtype.replace("torch.", ""),
         keyword_inputs=accepted,
         extra={"hf_class": type(model).__name__, "device_map": options.device_map},
+        notes=notes,
     )
 
 
