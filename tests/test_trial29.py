@@ -592,3 +592,42 @@ def test_a_model_folder_missing_weights_is_not_scanned_silently(cli, tmp_path):
     (note,) = [n for n in notes if "initialised them at random" in n]
     assert all(key in note for key in dropped)
     assert "warning:" in result.out + result.err
+
+
+def test_pt2_sample_inputs_zip_bomb_is_refused(cli, tmp_path, monkeypatch):
+    """The .pt2 check torch.load-s its sample inputs (a torch.save zip inside the archive) to see they
+    are plain tensors: that inner zip was never checked, so 60 KB of deflated zeros became 64 MB (a
+    100 MB member, 100 GB). Memory is made small here so that a small bomb is one."""
+    import copy
+    import io
+    import zipfile
+
+    class Plain(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x)
+
+    plain = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(Plain(), (torch.zeros(2, 16),)), str(plain))
+    saved = io.BytesIO()
+    torch.save(((torch.zeros(1_000_000, 16),), {}), saved)
+    inner = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(saved.getvalue())) as src,
+        zipfile.ZipFile(inner, "w", zipfile.ZIP_DEFLATED) as dst,
+    ):
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    bomb = tmp_path / "bomb.pt2"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w") as dst:
+        for info in src.infolist():
+            payload = (
+                inner.getvalue()
+                if info.filename.endswith("sample_inputs/model.pt")
+                else src.read(info.filename)
+            )
+            dst.writestr(copy.copy(info), payload)
+    assert bomb.stat().st_size < 200_000
+    monkeypatch.setattr("deadrelu_cli.memory.available_memory", lambda: 32 << 20)
+    result = cli("inspect", bomb)
+    assert result.code == 2, result.err
+    assert "sample_inputs" in result.err and "more than the memory available" in result.err, result.err

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.loaders.detect import refuse_ambiguous_names
+from deadrelu_cli.loaders.detect import check_archive, refuse_ambiguous_names
 
 # Pure tensor math: pointwise, reductions, views and shapes, indexing, creation from numbers, nn ops,
 # linear algebra. Base names (overloads such as `.Tensor` / `.default` are stripped before the lookup).
@@ -461,6 +461,8 @@ def _pt2_payload_violations(archive: zipfile.ZipFile, members: list[str]) -> Ite
             payload = archive.read(member)
         except KeyError:
             continue  # torch.export.load reports the missing member itself
+        if payload[:2] == b"PK":  # a torch.save zip inside the archive: checked as the archive was
+            check_archive(Path(f"{archive.filename}:{member}"), data=payload)
         try:
             torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - anything weights_only cannot rebuild would be fully unpickled

@@ -61,14 +61,18 @@ def check_torch_file(path: Path) -> None:
         check_archive(path)
 
 
-def check_archive(path: Path, max_ratio: int = 2000) -> list[str]:
+def check_archive(path: Path, max_ratio: int = 2000, data: bytes | None = None) -> list[str]:
     """Look at a zip archive (torch.save, TorchScript, .pt2) before any loader touches it: readable
     central directory, member names inside the archive, and no zip bomb (a member that would expand
-    past the memory available, or more than `max_ratio` times its compressed size)."""
+    past the memory available, or more than `max_ratio` times its compressed size). `data`: the
+    archive's bytes (an archive inside another one), PATH then only names it in messages."""
+    import io
+
     from deadrelu_cli.memory import available_memory
 
+    source = io.BytesIO(data) if data is not None else path
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(source) as archive:
             infos = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise UserError(
@@ -96,15 +100,15 @@ def check_archive(path: Path, max_ratio: int = 2000) -> list[str]:
         raise UserError(
             f"{path}: the archive expands to {total / 2**30:.1f} GiB, more than the memory available"
         )
-    _check_crcs(path)
+    _check_crcs(path, source)
     return [info.filename for info in infos]
 
 
-def _check_crcs(path: Path, chunk: int = 1 << 20) -> None:
+def _check_crcs(path: Path, source, chunk: int = 1 << 20) -> None:
     """Read every member once, streaming, so that zipfile checks its CRC-32: torch's own zip reader does
     not, and a flipped byte in a tensor record would load as a different weight without a word."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(source) as archive:
             for info in archive.infolist():
                 with archive.open(info) as member:
                     while member.read(chunk):
