@@ -73,7 +73,11 @@ def check_output_inside(path: Path, key: str, value: str) -> None:
     come with someone else's checkout, and `junit = "../../.bashrc"` would replace a file of yours with
     text that carries the model's layer names. On the command line (--junit) any path is yours to give."""
     folder = path.parent.resolve()
-    if Path(value).is_absolute() or not (folder / value).resolve().is_relative_to(folder):
+    try:
+        inside = not Path(value).is_absolute() and (folder / value).resolve().is_relative_to(folder)
+    except (OSError, ValueError):  # a NUL byte, a link loop
+        raise UserError(f"{path}: {key} = {value!r} is not a usable file name") from None
+    if not inside:
         raise UserError(
             f"{path}: {key} = {value!r} is outside the folder of the settings file; name a file inside it, "
             f"or give --{key} on the command line"

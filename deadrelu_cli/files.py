@@ -45,6 +45,8 @@ def check_regular_file(path: str | Path, what: str = "input") -> Path:
         raise UserError(f"{path}: no such file; check the {what} path") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    except ValueError:  # a NUL byte in a name from a settings file
+        raise UserError(f"{str(path)!r}: not a usable file name") from None
     kind = special_kind(info.st_mode)
     if kind:
         raise UserError(f"{path}: is {kind}, not a file; give the {what} file itself")
@@ -119,7 +121,10 @@ def copy_folder_file(source: Path, destination: Path, folder: Path) -> str | Non
 
 
 def _identity(path: Path) -> tuple[Path, tuple[int, int] | None]:
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except ValueError:  # a NUL byte: only a settings file can carry one (argv cannot)
+        raise UserError(f"{str(path)!r}: not a usable file name") from None
     try:
         info = path.stat()
     except OSError:

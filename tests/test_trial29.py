@@ -631,3 +631,33 @@ def test_pt2_sample_inputs_zip_bomb_is_refused(cli, tmp_path, monkeypatch):
     result = cli("inspect", bomb)
     assert result.code == 2, result.err
     assert "sample_inputs" in result.err and "more than the memory available" in result.err, result.err
+
+
+def test_a_nul_byte_in_a_file_name_from_a_file_is_an_input_error(cli, tmp_path, monkeypatch):
+    """File names that come from files (an ONNX external-data location, a settings file's baseline or
+    junit) may hold a NUL byte, which the command line cannot: pathlib raised ValueError (exit 3)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", "w\x00.bin"
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Relu", ["m"], ["y"], name="r")]
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x_info], [y_info], [weight]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model.ir_version = 8
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    np.savez(tmp_path / "d.npz", x=np.ones((2, 4), np.float32))
+    result = cli("scan", tmp_path / "m.onnx", "--data", tmp_path / "d.npz")
+    assert result.code == 2 and "invalid external data file" in result.err, result.err
+    monkeypatch.chdir(tmp_path)
+    for key in ("baseline", "junit"):
+        (tmp_path / "deadrelu.toml").write_text(f'{key} = "a\\u0000b"\n')
+        result = cli("scan", MLP_ONNX, "--data", MLP_CALIB)
+        assert result.code == 2 and "not a usable file name" in result.err, (key, result.err)
+        assert result.err.count("\n") == 1

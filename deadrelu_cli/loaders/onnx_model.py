@@ -36,7 +36,12 @@ def _check_external_locations(model, path: Path) -> None:
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (root / location).resolve()
+        try:
+            target = (root / location).resolve()
+        except (OSError, ValueError):  # a NUL byte, a link loop
+            raise UserError(
+                f"{path}: tensor {tensor.name!r} names an invalid external data file ({location!r}); the file is damaged"
+            ) from None
         if Path(location).is_absolute() or not target.is_relative_to(root):
             raise UserError(
                 f"{path}: tensor {tensor.name!r} points outside the model's folder ({location}); refusing to read it"
