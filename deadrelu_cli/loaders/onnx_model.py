@@ -204,6 +204,14 @@ def weight_free_skeleton(model):
     skeleton.graph.output.extend(model.graph.output)
     known = {value.name for value in model.graph.input}
     for init in model.graph.initializer:
+        small_ints = (
+            init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(init.dims) <= 1
+        )
+        if small_ints and (not init.dims or init.dims[0] <= 16):
+            # shapes, axes, slice bounds: shape inference reads their values (a Reshape's target shape)
+            skeleton.graph.initializer.append(init)
+            if model.ir_version >= 4:
+                continue
         if init.name not in known:
             skeleton.graph.input.append(
                 helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))

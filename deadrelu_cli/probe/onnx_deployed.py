@@ -4,9 +4,13 @@
   FusedConv / FusedGemm / NhwcFusedConv (attribute `activation`). `unfuse` splits each back into the
   plain op and an explicit activation node, computing the same float numbers, so the scan sees them.
 - Quantized: a QuantizeLinear whose zero point is its integer type's minimum clamps at 0: fed by a
-  Conv/Gemm/MatMul/Add it *is* the ReLU (quantize_static removes the Relu node and folds it so). The
-  same holds for the output of QLinearConv / QLinearMatMul / QLinearAdd / QGemm (QOperator graphs). A
-  unit fires when its quantized value is above the zero point, i.e. when the dequantized value is > 0.
+  value that can be negative it *is* the ReLU (quantize_static removes a Relu after any op it can
+  re-route, a BatchNormalization, a Mul, a Concat as well as a Conv, and folds it so; onnxruntime's
+  optimizer removes a Relu kept between a DequantizeLinear and a QuantizeLinear so). The same holds for
+  the output of QLinearConv / QLinearMatMul / QGemm and of the com.microsoft QLinearAdd / QLinearMul /
+  QLinearConcat / pools (QOperator graphs). A unit fires when its quantized value is above the zero
+  point, i.e. when the dequantized value is > 0. Whether the value can be negative is decided by
+  `may_be_negative` (a clamp of a value that never is, after a Sigmoid or a max pool of a ReLU, is none).
   `expose_quantized` gives every such output a DequantizeLinear (float, >= 0) for the statistics.
 - Blocked layout: ORT_ENABLE_ALL graphs (CPU) hold com.microsoft.nchwc Conv(activation=…) whose output is
   in onnxruntime's NCHWc layout (channels padded to a block of 8 or 16). `expose_nchwc` adds beside each a
@@ -23,15 +27,90 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from deadrelu_cli.wiring.onnx import value_source
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr
 
 FUSED_OPS = ("FusedConv", "FusedGemm", "NhwcFusedConv")
 # activations onnxruntime fuses, by their name in the `activation` attribute (all standard ONNX ops)
 UNFUSABLE = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid")
-IMPLICIT_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 # QOperator ops: (index of the output scale, index of the output zero point)
-QLINEAR_OUTPUTS = {"QLinearConv": (6, 7), "QLinearMatMul": (6, 7), "QLinearAdd": (6, 7), "QGemm": (7, 8)}
+QLINEAR_OUTPUTS = {
+    "QLinearConv": (6, 7),
+    "QLinearMatMul": (6, 7),
+    "QGemm": (7, 8),
+    "QLinearAdd": (6, 7),
+    "QLinearMul": (6, 7),
+    "QLinearConcat": (0, 1),
+    "QLinearAveragePool": (3, 4),
+    "QLinearGlobalAveragePool": (3, 4),
+    "QLinearReduceMean": (3, 4),
+}
+# ... and the positions of their quantized data inputs' zero points, for those whose output has a sign
+# only their inputs decide (a sum, product, concatenation or mean of non-negative values is one)
+_QLINEAR_INPUT_ZEROS = {
+    "QLinearAdd": (2, 5),
+    "QLinearMul": (2, 5),
+    "QLinearAveragePool": (2,),
+    "QLinearGlobalAveragePool": (2,),
+    "QLinearReduceMean": (2,),
+}
+# ops whose output is never negative, whatever their input
+_NONNEGATIVE_OPS = (
+    "Relu",
+    "Sigmoid",
+    "HardSigmoid",
+    "Softmax",
+    "Softplus",
+    "Exp",
+    "Abs",
+    "Sqrt",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceSumSquare",
+    "Shape",
+    "Size",
+    "QLinearSigmoid",
+    "QLinearSoftmax",
+)
+# ops whose output is non-negative when the data inputs listed (all inputs: None) are: they select,
+# move, pool, sum or multiply values (a max is non-negative as soon as one input is: see below)
+_SIGN_KEEPING_OPS = {
+    "Identity": (0,),
+    "Dropout": (0,),
+    "Cast": (0,),
+    "Reshape": (0,),
+    "Flatten": (0,),
+    "Squeeze": (0,),
+    "Unsqueeze": (0,),
+    "Transpose": (0,),
+    "Slice": (0,),
+    "Split": (0,),
+    "Gather": (0,),
+    "GatherElements": (0,),
+    "GatherND": (0,),
+    "Tile": (0,),
+    "Expand": (0,),
+    "DepthToSpace": (0,),
+    "SpaceToDepth": (0,),
+    "MaxPool": (0,),
+    "AveragePool": (0,),
+    "GlobalAveragePool": (0,),
+    "GlobalMaxPool": (0,),
+    "NhwcMaxPool": (0,),
+    "ReduceMax": (0,),
+    "ReduceMin": (0,),
+    "ReduceMean": (0,),
+    "ReduceSum": (0,),
+    "Pad": (0, 2),
+    "Where": (1, 2),
+    "Concat": None,
+    "Add": None,
+    "Mul": None,
+    "Div": None,
+    "Min": None,
+    "Sum": None,
+    "Mean": None,
+}
+_SIGN_DEPTH = 200  # deeper than this the walk gives up and answers "may be negative"
 STANDARD_DOMAINS = ("", "ai.onnx", "com.microsoft", "ai.onnx.ml")
 # com.microsoft / standard ops that are activations the scan does not count (quantized or fused forms)
 HIDDEN_ACTIVATIONS = (
@@ -82,29 +161,124 @@ def _dequantized_consumer(index: GraphIndex, quantized: str) -> str | None:
     return None
 
 
+def _producer(index: GraphIndex, name: str) -> tuple[GraphIndex, onnx.NodeProto | None]:
+    """The node writing `name` and the index of its graph (a subgraph reads tensors of its outer graphs)."""
+    scope: GraphIndex | None = index
+    while scope is not None:
+        node = scope.producer.get(name)
+        if node is not None:
+            return scope, node
+        scope = scope.outer
+    return index, None
+
+
+def may_be_negative(index: GraphIndex, name: str, memo: dict | None = None, depth: int = 0) -> bool:
+    """Whether some node of the graph can make `name` negative: False only when every path back from it
+    reaches, through ops that keep the sign of non-negative values (pools, re-shapes, sums, products,
+    concatenations), an op whose output is never negative (a Relu, a Sigmoid, a dequantized tensor whose
+    zero point is its type's minimum), a non-negative constant or a graph input. Graph inputs count as
+    given: a quantization of the input (or of the input scaled in the graph) is not a folded ReLU."""
+    memo = {} if memo is None else memo
+    if name in memo:
+        return memo[name]
+    if depth > _SIGN_DEPTH:
+        return True
+    constant = index.constant(name)
+    if constant is not None:
+        return bool(constant.dtype.kind in "fiu" and np.any(constant < 0))
+    scope, node = _producer(index, name)
+    if node is None:
+        return False  # a graph input (or an outer graph's): taken as given
+    memo[name] = True  # a cycle (malformed graph) answers "may be negative"
+    op = node.op_type
+    if op in ("DequantizeLinear", "QuantizeLinear"):  # the value a quantized tensor stands for
+        answer = not _zero_point_is_minimum(scope, node, 2, optional=op == "QuantizeLinear")
+    elif op in _NONNEGATIVE_OPS:
+        answer = False
+    elif op == "Clip":
+        low = scope.constant(node.input[1]) if len(node.input) > 1 else attr(node, "min")
+        answer = low is None or bool(np.any(np.asarray(low) < 0))
+    elif op == "Max":  # the max of values one of which is never negative is never negative
+        answer = all(may_be_negative(scope, i, memo, depth + 1) for i in node.input if i)
+    elif op == "Resize" or op == "Upsample":  # cubic interpolation overshoots: only nearest/linear keep it
+        mode = attr(node, "mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        answer = mode not in ("nearest", "linear", "bilinear") or may_be_negative(
+            scope, node.input[0], memo, depth + 1
+        )
+    elif op in _QLINEAR_INPUT_ZEROS:
+        answer = not all(
+            _zero_point_is_minimum(scope, node, at, optional=False) for at in _QLINEAR_INPUT_ZEROS[op]
+        )
+    elif op == "QLinearConcat":  # inputs (tensor, scale, zero point) from position 2 on
+        answer = not all(
+            _zero_point_is_minimum(scope, node, at, optional=False) for at in range(4, len(node.input), 3)
+        )
+    elif op == "Pad" and float(attr(node, "value", 0.0) or 0.0) < 0:  # opset < 11: the fill value
+        answer = True
+    elif op in _SIGN_KEEPING_OPS and node.domain in ("", "ai.onnx", "com.microsoft"):
+        positions = _SIGN_KEEPING_OPS[op] or range(len(node.input))
+        answer = any(
+            may_be_negative(scope, node.input[at], memo, depth + 1)
+            for at in positions
+            if at < len(node.input) and node.input[at]
+        )
+    else:  # a Conv, MatMul, BatchNormalization, Sub, LayerNormalization, Tanh, …: any sign
+        answer = True
+    memo[name] = answer
+    return answer
+
+
 def implicit_relu(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, str | None, str] | None:
     """(name, pre-activation tensor, dequantized output or None) of the implicit ReLU that `node`
-    performs, if it does. The pre-activation of a QOperator op lives inside it: None then."""
+    performs, if it does: a quantization whose zero point is its type's minimum, of a value that can be
+    negative. The pre-activation of a QOperator op lives inside it: None then."""
     if node.op_type == "QuantizeLinear":
-        source = index.producer.get(value_source(index, node.input[0]))
-        if source is None or source.op_type not in IMPLICIT_PRODUCERS:
-            return None
         if not _zero_point_is_minimum(index, node, 2, optional=True):
             return None
-        return node.input[0], node.input[0], _dequantized_consumer(index, node.output[0])
-    positions = QLINEAR_OUTPUTS.get(node.op_type)
-    if positions is None or not _zero_point_is_minimum(index, node, positions[1], optional=False):
-        return None
-    return node.output[0], None, _dequantized_consumer(index, node.output[0])
+        if not may_be_negative(index, node.input[0]):
+            return None
+        found = node.input[0], node.input[0], _dequantized_consumer(index, node.output[0])
+    else:
+        positions = QLINEAR_OUTPUTS.get(node.op_type)
+        if positions is None or not _zero_point_is_minimum(index, node, positions[1], optional=False):
+            return None
+        if node.op_type not in ("QLinearConv", "QLinearMatMul", "QGemm") and not may_be_negative(
+            index, node.output[0]
+        ):
+            return None
+        found = node.output[0], None, _dequantized_consumer(index, node.output[0])
+    readers = index.consumers.get(found[2], []) if found[2] else []
+    if readers and all(_clamps_at_zero(index, reader) for reader in readers):
+        return None  # the graph kept its Relu after the clamp (QDQKeepRemovableActivations): that is the site
+    return found
+
+
+def _clamps_at_zero(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """A Relu, or a Clip whose lower bound is 0 (a ReLU6): an activation node the scan counts itself."""
+    if node.op_type == "Relu":
+        return True
+    if node.op_type != "Clip":
+        return False
+    low = index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "min")
+    return low is not None and bool(np.all(np.asarray(low) == 0))
 
 
 def expose_quantized(model: onnx.ModelProto) -> int:
     """Give each implicit ReLU without one a DequantizeLinear of its quantized output (same scale and
-    zero point; the graph's own outputs are untouched). Returns how many were added."""
-    graph = model.graph
-    index = GraphIndex(graph)
+    zero point; the graph's own outputs are untouched), in the main graph and in every subgraph.
+    Returns how many were added."""
+    return _expose_quantized_graph(model.graph, None)
+
+
+def _expose_quantized_graph(graph: onnx.GraphProto, outer: GraphIndex | None) -> int:
+    index = GraphIndex(graph, outer)
     added = []
+    inner = 0
     for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                inner += _expose_quantized_graph(a.g, index)
         found = implicit_relu(node, index)
         if found is None or found[2] is not None:
             continue
@@ -115,7 +289,7 @@ def expose_quantized(model: onnx.ModelProto) -> int:
             inputs = [node.input[scale_at], node.input[zero_at] if len(node.input) > zero_at else ""]
         out = node.output[0] + DEQUANTIZED_SUFFIX
         dq = helper.make_node("DequantizeLinear", [node.output[0], *inputs], [out], name=out)
-        axis = attr(node, "axis")
+        axis = attr(node, "axis") if node.op_type == "QuantizeLinear" else None  # QLinearConcat's is not
         if axis is not None:
             dq.attribute.append(helper.make_attribute("axis", axis))
         added.append(dq)
@@ -123,7 +297,7 @@ def expose_quantized(model: onnx.ModelProto) -> int:
         if shape is not None:
             graph.value_info.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
     graph.node.extend(added)  # appended: nothing reads them, so the order stays topological
-    return len(added)
+    return len(added) + inner
 
 
 def _activation_nodes(
@@ -166,10 +340,29 @@ def _activation_nodes(
     return [helper.make_node(kind, [pre], [out], name=name, **attrs)]
 
 
+def _graphs(graph: onnx.GraphProto):
+    """Every subgraph in `graph` (If branches, Loop/Scan bodies), then `graph`: inner graphs first, so that
+    rewriting an outer graph's node list (which copies its nodes, subgraphs included) keeps their edits."""
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(a.g)
+    yield graph
+
+
 def unfuse(model: onnx.ModelProto) -> Counter:
     """Split each FusedConv / FusedGemm / NhwcFusedConv with a known activation into the op and the
-    activation (the same float computation); returns the fused node types split, with counts."""
-    graph = model.graph
+    activation (the same float computation), in the main graph and in every If/Loop/Scan body
+    (onnxruntime optimizes those too); returns the fused node types split, with counts."""
+    split: Counter = Counter()
+    for graph in list(_graphs(model.graph)):
+        split += _unfuse_graph(graph)
+    if split and not any(entry.domain in ("", "ai.onnx") for entry in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("", 13))
+    return split
+
+
+def _unfuse_graph(graph: onnx.GraphProto) -> Counter:
     nodes = list(graph.node)
     shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
     rebuilt, split = [], Counter()
@@ -211,8 +404,6 @@ def unfuse(model: onnx.ModelProto) -> Counter:
     if split:
         del graph.node[:]
         graph.node.extend(rebuilt)
-        if not any(entry.domain in ("", "ai.onnx") for entry in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("", 13))
     return split
 
 

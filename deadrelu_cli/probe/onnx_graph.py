@@ -41,6 +41,7 @@ class OnnxSite:
     graph_path: tuple[str, ...]  # () for the main graph, else the chain of subgraph attribute paths
     rank: int | None = None
     channel_first: bool | None = None
+    unit_axis: int | None = None  # set when a Transpose between producer and site moved the unit axis
     producer: str | None = None
     bias: np.ndarray | None = None
     clip_max: float | None = None
@@ -205,10 +206,14 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
                     implicit="quantize",
                     module_type=node.op_type,
                 )
+                # quantize_static gives the Relu's output name to the tensor it now quantizes: the float
+                # graph's activation output, which pairs the layers when no weight does (a BatchNorm's)
+                site.output_tensor = pre if pre and not path else None
             if site is not None:
                 site.weight = producer_weight(index, site.input_name)
                 trace = trace_producer(index, site.input_name)
                 site.channel_first, site.producer, site.bias = trace.channel_first, trace.producer, trace.bias
+                site.unit_axis = trace.axis
                 if site.module_type == NCHWC_CONV:  # reordered back to NCHW: units on dim 1
                     site.channel_first = True
                 if site.channel_first is None:
@@ -477,6 +482,8 @@ def site_channel_dim(site: OnnxSite, override: int | None) -> int:
         return -1 if site.channel_first is False else 1
     if site.rank <= 1:
         return 0
+    if site.unit_axis is not None and override is None and 0 <= site.unit_axis < site.rank:
+        return site.unit_axis
     inferred = 1 if (site.channel_first or (site.channel_first is None and site.rank >= 4)) else -1
     return resolve_channel_dim(site.rank, inferred, override)
 

@@ -47,6 +47,7 @@ class ProducerTrace:
     channel_first: bool | None = None
     producer: str | None = None
     bias: np.ndarray | None = None  # the producer's bias values, when the reader can read them
+    axis: int | None = None  # the unit axis, when a transpose on the way put it elsewhere than 1 or last
 
 
 @dataclass

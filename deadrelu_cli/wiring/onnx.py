@@ -31,6 +31,10 @@ CHANNEL_FIRST_OPS = (
     "ConvInteger",
 )
 LAST_DIM_OPS = ("MatMul", "Gemm", "LayerNormalization", "QGemm", "QLinearMatMul", "MatMulInteger")
+# onnxruntime's NHWC kernels (its layout transformation at ORT_ENABLE_ALL writes them, with Transposes
+# around): com.microsoft ops always channels-last, and those whose `channels_last` attribute says so
+# (QLinearConv, QLinearAveragePool, QLinearGlobalAveragePool): their units are on the last axis
+NHWC_OPS = ("NhwcConv", "NhwcFusedConv", "NhwcMaxPool")
 # ops a pre-activation flows through from its producer (the bias survives only scalar operands);
 # a quantize/dequantize pair keeps each unit where it was
 PASS_THROUGH_OPS = (
@@ -44,6 +48,8 @@ PASS_THROUGH_OPS = (
     "Cast",
     "QuantizeLinear",
     "DequantizeLinear",
+    "QLinearAdd",
+    "QLinearMul",
 )
 # the input holding the weight of each producer kind (quantized graphs keep the float graph's weight
 # names, suffixed: c1.weight -> c1.weight_quantized; report.diff.weight_key strips that)
@@ -151,9 +157,32 @@ def conv_added_bias(conv: onnx.NodeProto, added: np.ndarray, index: GraphIndex) 
     return bias if own is None else bias + own.reshape(-1)
 
 
+def channels_last(node: onnx.NodeProto) -> bool:
+    """Whether `node` is one of onnxruntime's NHWC kernels (units on the last axis of its output)."""
+    return node.domain == "com.microsoft" and (
+        node.op_type in NHWC_OPS or bool(attr(node, "channels_last", 0))
+    )
+
+
 def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
     """Unit axis, producer and bias from the op that produced an activation's input (through
-    Add/Mul/BN/bias)."""
+    Add/Mul/BN/bias, and Transposes, whose permutation moves the unit axis: `axis`)."""
+    perms: list[list[int]] = []
+    trace = _trace_producer(index, input_name, perms)
+    if perms and trace.channel_first is not None:
+        rank = len(perms[-1])
+        axis = 1 if trace.channel_first else rank - 1
+        for perm in reversed(perms):  # from the producer's side to the activation's
+            if len(perm) != rank or axis not in perm:
+                trace.channel_first = None
+                return trace
+            axis = perm.index(axis)
+        trace.axis = axis
+        trace.channel_first = True if axis == 1 else False if axis == rank - 1 else None
+    return trace
+
+
+def _trace_producer(index: GraphIndex, input_name: str, perms: list[list[int]]) -> ProducerTrace:
     trace = ProducerTrace()
     name = input_name
     keep_producer = True
@@ -161,6 +190,24 @@ def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
         node = index.producer.get(name)
         if node is None:
             return trace
+        if channels_last(node):
+            trace.channel_first = False
+            return trace
+        if node.op_type in ("Concat", "QLinearConcat"):  # the inputs' layout, from the first one's producer
+            data = node.input[2::3] if node.op_type == "QLinearConcat" else node.input
+            data = [i for i in data if i and index.constant(i) is None]
+            if not data:
+                return trace
+            keep_producer, name = False, data[0]
+            continue
+        if node.op_type == "Transpose":
+            rank = index.rank(node.input[0])
+            perm = attr(node, "perm") or (list(range(rank))[::-1] if rank else None)
+            if perm is None:
+                return trace
+            perms.append([int(p) for p in perm])
+            name = node.input[0]
+            continue
         if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
             trace.channel_first = node.op_type != "Gemm"
             if keep_producer and len(node.input) > 2:
@@ -281,8 +328,11 @@ def consumer_layout(index: GraphIndex, output_name: str) -> bool | None:
 
 def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
     """Fill the producer side of `wire`: the weight whose rows make the units, and the bias (through
-    value-preserving nodes on either side of a bias Add)."""
+    value-preserving nodes on either side of a bias Add, and Transposes: they move the units' axis, each
+    unit keeps its values)."""
     node = index.producer.get(value_source(index, input_name))
+    while node is not None and node.op_type == "Transpose":
+        node = index.producer.get(value_source(index, node.input[0]))
     if node is None:
         return
     wire.producer = display_name(node)
@@ -336,23 +386,78 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
             wire.batchnorm = BatchNormRef(display_name(node), scale or None, bias, mean or None, var or None)
 
 
-def _outgoing(index: GraphIndex, wire: UnitWiring, output_name: str, graph_outputs: set[str]) -> str:
+def _reduced_axes(index: GraphIndex, node: onnx.NodeProto, rank: int) -> list[int] | None:
+    """The axes a Reduce* node reduces (non-negative), or None when the graph does not say."""
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = index.constant(node.input[1])
+        if axes is None:
+            return None
+    if axes is None or len(np.ravel(axes)) == 0:
+        return None if attr(node, "noop_with_empty_axes", 0) else list(range(rank))
+    return sorted({int(a) % rank for a in np.ravel(axes)})
+
+
+def _outgoing(
+    index: GraphIndex,
+    wire: UnitWiring,
+    output_name: str,
+    graph_outputs: set[str],
+    unit_axis: tuple[int, int] | None = None,
+) -> str:
     """Fill the consumer side of `wire` (readers always; the consumer's weight when there is exactly
-    one Conv/Gemm/MatMul with a stored weight); return why not, or ""."""
+    one Conv/Gemm/MatMul with a stored weight); return why not, or "". With `unit_axis` (axis, rank of
+    the activation) the walk also follows Transposes and reductions over other axes (a global max pool
+    written as Transpose + ReduceMax, as tf2onnx exports Keras models) and checks that the consumer
+    reads the units on the axis it takes its input features from."""
     name = output_name
+    axis, rank = unit_axis if unit_axis is not None else (None, None)
     for _ in range(8):
         consumers = index.consumers.get(name, [])
         if len(consumers) != 1 or name in graph_outputs:
             wire.readers = tuple(display_name(c) for c in consumers)
             return f"skipped: its output goes to {len(consumers)} nodes, not to exactly one Conv/Gemm/MatMul"
         consumer = consumers[0]
-        if consumer.op_type in UNIT_PRESERVING_OPS + FLATTENING_OPS or passes_values(index, consumer):
+        op = consumer.op_type
+        if passes_values(index, consumer) or op in ("Dropout", "Identity", "Cast"):
+            name = consumer.output[0]
+            continue
+        if op in UNIT_PRESERVING_OPS:  # pools: over the axes after 1, so the units must be on axis 1
+            if axis is not None and axis != 1:
+                break
+            name = consumer.output[0]
+            continue
+        if op in FLATTENING_OPS:  # [N, C, …] -> [N, C*…]: each unit's values in consecutive columns
+            if axis is not None:
+                if axis != int(attr(consumer, "axis", 1)) % rank:
+                    break
+                axis, rank = 1, 2
+            name = consumer.output[0]
+            continue
+        if op == "Transpose" and axis is not None:
+            perm = [int(p) for p in (attr(consumer, "perm") or range(rank)[::-1])]
+            if sorted(perm) != list(range(rank)):
+                break
+            axis = perm.index(axis)
+            name = consumer.output[0]
+            continue
+        if op in ("ReduceMax", "ReduceMin", "ReduceMean", "ReduceSum") and axis is not None:
+            reduced = _reduced_axes(index, consumer, rank)
+            if reduced is None or axis in reduced:  # the units would be mixed
+                break
+            if attr(consumer, "keepdims", 1) == 0:
+                axis -= sum(1 for a in reduced if a < axis)
+                rank -= len(reduced)
             name = consumer.output[0]
             continue
         wire.readers = (display_name(consumer),)
         weight = consumer.input[1] if len(consumer.input) > 1 else ""
         if stored_array(index, weight) is None or consumer.input[0] != name or uses(index, weight) != 1:
             break
+        if axis is not None:  # the consumer must take its input features from the units' axis
+            features = {"Conv": 1, "Gemm": 1 if rank == 2 else None, "MatMul": rank - 1}.get(op)
+            if features != axis:
+                break
         if consumer.op_type == "Conv" and attr(consumer, "group", 1) == 1:
             wire.consumer_weight = TensorRef(weight, 1)
         elif consumer.op_type == "Gemm" and not attr(consumer, "transA", 0):
@@ -367,13 +472,18 @@ def _outgoing(index: GraphIndex, wire: UnitWiring, output_name: str, graph_outpu
 
 
 def unit_wiring(
-    model: onnx.ModelProto, input_name: str, output_name: str, index: GraphIndex | None = None
+    model: onnx.ModelProto,
+    input_name: str,
+    output_name: str,
+    index: GraphIndex | None = None,
+    unit_axis: tuple[int, int] | None = None,
 ) -> UnitWiring:
-    """The wiring of the activation reading `input_name` and writing `output_name` (main graph)."""
+    """The wiring of the activation reading `input_name` and writing `output_name` (main graph);
+    `unit_axis`: (axis, rank) of the activation's units, when known."""
     index = index or GraphIndex(model.graph)
     wire = UnitWiring()
     _incoming(index, wire, input_name)
-    consumer_why = _outgoing(index, wire, output_name, {o.name for o in model.graph.output})
+    consumer_why = _outgoing(index, wire, output_name, {o.name for o in model.graph.output}, unit_axis)
     if wire.weight is not None and (
         uses(index, wire.weight.name) != 1 or (wire.bias and uses(index, wire.bias) != 1)
     ):

@@ -99,7 +99,13 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             )
             outcome.applied, outcome.action = True, f"Relu → {node.op_type}({node.attribute[0].f:g})"
             continue
-        wire = unit_wiring(model, site.input_name, site.output_name)
+        dim = site_channel_dim(site, scan_options.channel_dim)
+        wire = unit_wiring(
+            model,
+            site.input_name,
+            site.output_name,
+            unit_axis=None if site.rank is None else (dim, site.rank),
+        )
         if options.strategy == "bias-shift":
             shift = wire.shift
             if shift is None or uses(GraphIndex(model.graph), shift) != 1:
