@@ -661,3 +661,40 @@ def test_a_nul_byte_in_a_file_name_from_a_file_is_an_input_error(cli, tmp_path, 
         result = cli("scan", MLP_ONNX, "--data", MLP_CALIB)
         assert result.code == 2 and "not a usable file name" in result.err, (key, result.err)
         assert result.err.count("\n") == 1
+
+
+def test_onnx_external_data_bigger_than_memory_is_refused_before_it_is_read(cli, tmp_path, monkeypatch):
+    """An external tensor was read whole, whatever it claimed: 256 MB of a sparse file (as big as the
+    folder's disk allows) went into memory before any check. Memory is made small here."""
+    from onnx import TensorProto, helper
+
+    rows = 4 << 20  # [rows, 16] float32 = 256 MiB
+    with open(tmp_path / "w.bin", "wb") as handle:
+        handle.truncate(rows * 16 * 4)  # sparse: no disk used
+    weight = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[rows, 16])
+    weight.data_location = TensorProto.EXTERNAL
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", "w.bin"
+    nodes = [
+        helper.make_node("Gather", ["W", "i"], ["g"]),
+        helper.make_node("Relu", ["g"], ["y"], name="relu"),
+    ]
+    i_info = helper.make_tensor_value_info("i", TensorProto.INT64, ["N"])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [i_info], [y_info], [weight]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model.ir_version = 8
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    np.savez(tmp_path / "d.npz", i=np.arange(4, dtype=np.int64))
+    monkeypatch.setattr("deadrelu_cli.memory.available_memory", lambda: 32 << 20)
+    result = cli("scan", tmp_path / "m.onnx", "--data", tmp_path / "d.npz")
+    assert result.code == 2, result.err
+    assert "more than the memory available" in result.err and result.err.count("\n") == 1
+    # a tensor claiming more of its file than the file holds is refused the same way, before reading
+    with open(tmp_path / "w.bin", "r+b") as handle:
+        handle.truncate(1024)
+    monkeypatch.undo()
+    result = cli("scan", tmp_path / "m.onnx", "--data", tmp_path / "d.npz")
+    assert result.code == 2 and "damaged" in result.err, result.err

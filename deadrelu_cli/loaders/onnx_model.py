@@ -134,15 +134,55 @@ def _load_external_data(model, path: Path) -> None:
     from onnx import TensorProto
     from onnx.external_data_helper import load_external_data_for_tensor
 
-    for tensor in stored_tensors(model):
-        if tensor.data_location != TensorProto.EXTERNAL:
-            continue
+    external = [t for t in stored_tensors(model) if t.data_location == TensorProto.EXTERNAL]
+    _check_external_sizes(external, path)
+    for tensor in external:
         try:
             load_external_data_for_tensor(tensor, str(path.parent))
         except (OSError, ValueError) as exc:
             raise UserError(f"{path}: cannot read its external data ({exc})") from None
         tensor.data_location = TensorProto.DEFAULT
         del tensor.external_data[:]
+
+
+def _check_external_sizes(tensors, path: Path) -> None:
+    """Before reading a byte: each external tensor's bytes (its shape times its element size, what
+    onnx would read with no `length`) lie inside its file, and all of them fit in memory — a tensor
+    claiming 400 GB of a sparse file inside the folder would otherwise be read whole."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from deadrelu_cli.memory import available_memory
+
+    total = 0
+    for tensor in tensors:
+        if tensor.data_type in (TensorProto.STRING, TensorProto.INT4, TensorProto.UINT4) or (
+            tensor.data_type == getattr(TensorProto, "FLOAT4E2M1", -1)
+        ):
+            continue  # no fixed bytes per element (two values per byte): left to onnx and onnxruntime
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except (KeyError, TypeError, ValueError):
+            continue  # onnx and the size check after loading say what is wrong
+        needed = int(np.prod([int(d) for d in tensor.dims], dtype=object)) * itemsize
+        size = (path.parent / info.get("location", "")).stat().st_size
+        if (
+            offset < 0
+            or offset + (length if length is not None else needed) > size
+            or (length is not None and length != needed)
+        ):
+            raise UserError(
+                f"{path}: tensor {tensor.name!r} claims {needed} bytes of {info.get('location')} at offset {offset}, "
+                f"which holds {size}; the model or its data file is damaged"
+            )
+        total += needed
+    if total > available_memory():
+        raise UserError(
+            f"{path}: its external data are {total / 2**30:.1f} GiB, more than the memory available"
+        )
 
 
 def _has_external_data(model) -> bool:
