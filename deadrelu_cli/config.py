@@ -46,11 +46,31 @@ def find_config(start: Path | None = None) -> Path | None:
     for folder in (directory, *directory.parents):
         own = folder / "deadrelu.toml"
         if own.is_file():
-            return own
+            return _trusted(own)
         pyproject = folder / "pyproject.toml"
         if pyproject.is_file() and _table(pyproject, required=False) is not None:
-            return pyproject
+            return _trusted(pyproject)
     return None
+
+
+def _trusted(path: Path) -> Path:
+    """A settings file found by looking upwards is used only if no one else could have put it there:
+    neither it nor its folder writable by others (a /tmp/deadrelu.toml planted by another user applies
+    to every run under /tmp), and, unless we are root, owned by us or root. --config names one anyway."""
+    import os
+    import stat
+
+    info, folder = path.stat(), path.parent.stat()
+    others = (info.st_mode | folder.st_mode) & stat.S_IWOTH
+    euid = os.geteuid() if hasattr(os, "geteuid") else None
+    foreign = euid not in (None, 0) and info.st_uid not in (euid, 0)
+    if others or foreign:
+        why = "it or its folder is writable by other users" if others else "another user owns it"
+        raise UserError(
+            f"{path}: a settings file found by looking upwards from here, but {why}; pass --config {path} to "
+            "use it, or remove it"
+        )
+    return path
 
 
 def _table(path: Path, required: bool = True) -> dict | None:

@@ -698,3 +698,21 @@ def test_onnx_external_data_bigger_than_memory_is_refused_before_it_is_read(cli,
     monkeypatch.undo()
     result = cli("scan", tmp_path / "m.onnx", "--data", tmp_path / "d.npz")
     assert result.code == 2 and "damaged" in result.err, result.err
+
+
+def test_a_settings_file_others_could_have_planted_is_not_picked_up(cli, tmp_path, monkeypatch):
+    """The nearest deadrelu.toml upwards was used wherever it was: one in a folder every user can write
+    (/tmp) set the limits and outputs of every run below it. --config still names one explicitly."""
+    shared = tmp_path / "shared"
+    (shared / "project").mkdir(parents=True)
+    shared.chmod(0o777)
+    (shared / "deadrelu.toml").write_text("max-dead = 0.0\n")  # fails every model with a dead unit
+    monkeypatch.chdir(shared / "project")
+    result = cli("scan", MLP_ONNX, "--data", MLP_CALIB)
+    assert result.code == 2, result.err
+    assert (
+        "writable by other users" in result.err and "--config" in result.err and result.err.count("\n") == 1
+    )
+    assert cli("scan", MLP_ONNX, "--data", MLP_CALIB, "--config", shared / "deadrelu.toml").code == 1
+    shared.chmod(0o755)
+    assert cli("scan", MLP_ONNX, "--data", MLP_CALIB).code == 1  # now only its owner could have written it
