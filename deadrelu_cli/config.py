@@ -104,6 +104,19 @@ def check_output_inside(path: Path, key: str, value: str) -> None:
         )
 
 
+def table_label(path: Path | str) -> str:
+    """Where the settings sit in PATH, for messages: "[tool.deadrelu]", or "" for a deadrelu.toml that
+    holds them at its top level (naming a table the file does not have would send the user looking)."""
+    path = Path(path)
+    if path.name != "deadrelu.toml":
+        return "[tool.deadrelu]"
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return ""
+    return "[tool.deadrelu]" if isinstance(document.get("tool", {}).get("deadrelu"), dict) else ""
+
+
 def load_config(explicit: str | None = None, start: Path | None = None) -> FileConfig:
     path = Path(explicit) if explicit else find_config(start)
     if path is None:
@@ -116,7 +129,8 @@ def load_config(explicit: str | None = None, start: Path | None = None) -> FileC
         if key not in KEYS:
             close = difflib.get_close_matches(key.replace("_", "-"), list(KEYS), n=1)
             hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(KEYS)}"
-            raise UserError(f"{path}: unknown key {key!r} in [tool.deadrelu]{hint}")
+            where = table_label(path)
+            raise UserError(f"{path}: unknown key {key!r}{' in ' + where if where else ''}{hint}")
         name, expected = KEYS[key]
         # bool is an int to Python: true is no number, but it is the value of an allow-… key
         if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):

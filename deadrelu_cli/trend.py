@@ -84,21 +84,33 @@ class TrendResult:
 
 
 def expand_paths(items: list[str]) -> list[Path]:
+    from deadrelu_cli.loaders.hf_folder import is_hf_folder
+
     paths: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
+            # a Hugging Face Trainer's output_dir: its checkpoint-N/ model folders (the final model that
+            # save_model may have written beside them has no step of its own)
             found = sorted(
-                f
-                for f in p.iterdir()
-                if f.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors", ".pt2", ".onnx", ".ckpt")
+                (f for f in p.iterdir() if is_hf_folder(f)), key=lambda f: (_name_number(f) or 0, f)
             )
+            if not found and is_hf_folder(p):  # one model folder (checkpoint-N/) is one checkpoint
+                paths.append(p)
+                continue
+            if not found:
+                found = sorted(
+                    f
+                    for f in p.iterdir()
+                    if not f.is_dir()
+                    and f.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors", ".pt2", ".onnx", ".ckpt")
+                )
             if not found:  # a folder of reports (watch(out_dir=…), the training callbacks)
                 found = sorted(f for f in p.iterdir() if f.suffix.lower() == ".json")
             if not found:
                 raise UserError(
-                    f"{item}: no checkpoint files (.pt, .pth, .bin, .ckpt, .safetensors, .pt2, .onnx) "
-                    "or JSON reports in this folder"
+                    f"{item}: no checkpoint files (.pt, .pth, .bin, .ckpt, .safetensors, .pt2, .onnx), "
+                    "model folders (checkpoint-N/ with config.json) or JSON reports in this folder"
                 )
             paths.extend(found)
         elif any(ch in item for ch in "*?[") and not p.exists():
@@ -120,6 +132,8 @@ def _step_from_checkpoint(path: Path) -> tuple[int, str] | None:
 
     from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP, detect_format
 
+    if path.is_dir():  # a Trainer's checkpoint-N/: its trainer_state.json has the step
+        return _step_from_trainer_state(path / "trainer_state.json")
     if detect_format(path) not in (TORCH_ZIP, TORCH_LEGACY):
         return None
     try:
@@ -132,6 +146,16 @@ def _step_from_checkpoint(path: Path) -> tuple[int, str] | None:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value, key
     return None
+
+
+def _step_from_trainer_state(path: Path) -> tuple[int, str] | None:
+    import json
+
+    try:
+        step = json.loads(path.read_text(encoding="utf-8")).get("global_step")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return (step, "global_step") if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def is_report(path: Path) -> bool:

@@ -123,12 +123,28 @@ def architecture_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def uncompiled(model: nn.Module) -> nn.Module:
-    """The module `torch.compile(module)` wraps (names as in eager and in a scan of the saved weights)."""
-    inner = getattr(model, "_orig_mod", None)
-    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
-        return inner
-    return model
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module that `torch.compile(module)`, DistributedDataParallel or nn.DataParallel wraps (in any
+    nesting): its names are those of eager and of a scan of the saved weights (no `_orig_mod.` or
+    `module.` prefix), and its forward's signature tells where a positional `attention_mask` is (a
+    wrapper's is `*inputs, **kwargs`). The wrapper calls it, so its own hooks see every forward."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            devices = getattr(model, "device_ids", None) or []
+            if isinstance(model, nn.DataParallel) and len(devices) > 1:
+                # each device runs its own replica in its own thread: modules the watch does not know,
+                # under a TorchFunctionMode the other threads do not see
+                raise UserError(
+                    f"watch(): nn.DataParallel over {len(devices)} devices runs replicas of the model in "
+                    "threads, which the probe cannot count; use DistributedDataParallel (torchrun), whose "
+                    "counts watch() combines over the ranks"
+                )
+            model = model.module
+        else:
+            return model
 
 
 def positional_index(model: nn.Module, argument: str | None) -> int | None:
@@ -151,7 +167,8 @@ def _in_backward() -> bool:
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:
-    for value in list(args) + list(kwargs.values()):
+    """The rows of the forward's first tensor argument, also inside a dict or list (`model(batch)`)."""
+    for value in torch.utils._pytree.tree_leaves((args, kwargs)):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     return 0
@@ -172,6 +189,10 @@ class Watch:
     counts are those of all ranks (one all_reduce per statistic when the window closes, so every rank
     must close it, as DDP's ranks do), every rank gets the same report and `should_stop`, and rank 0
     alone writes `out_dir` and warns; `distributed=False` keeps each rank's own counts.
+    A forward made in eval mode with gradients off (`model.eval()` + `torch.no_grad()`: a validation
+    loop inside a sampled step) is not counted, and the window's report says how many were skipped;
+    `count_evaluation=True` counts them. The model may be a `torch.compile`, DistributedDataParallel or
+    nn.DataParallel wrapper: the module inside is watched (its names, its forward's arguments).
     """
 
     def __init__(
@@ -188,13 +209,14 @@ class Watch:
         keep_reports: int | None = None,
         mask: str | None = "attention_mask",
         distributed: bool = True,
+        count_evaluation: bool = False,
         **settings: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UserError(f"watch(): expected an nn.Module, got {type(model).__name__}")
         if every < 1 or window < 1:
             raise UserError("watch(): every and window must be at least 1")
-        model = uncompiled(model)
+        model = unwrapped(model)
         self.model = model
         self.every = int(every)
         self.window = int(window)
@@ -220,6 +242,10 @@ class Watch:
         self._written: set[Path] = set()  # reports this watch wrote to out_dir
         self._overwrite_warned = False
         self._recomputing = 0  # root calls under way inside backward (gradient checkpointing)
+        self._evaluating = 0  # root calls under way that are an evaluation (not counted)
+        self._evaluations = 0  # evaluation forwards skipped in this window
+        self._replicas = 0  # forwards of copies of the model sharing its hooks (nn.DataParallel), not counted
+        self.count_evaluation = count_evaluation
         self.distributed = distributed
         self.mask_argument = mask  # the forward's argument read as the position mask (None: none)
         self._mask_index = positional_index(model, mask)
@@ -326,16 +352,29 @@ class Watch:
             if self._modes:
                 self._modes.pop().__exit__(None, None, None)
 
-        def start(_module, args, kwargs):
+        def start(module, args, kwargs):
+            if module is not root:  # a replica (nn.DataParallel copies the model, hooks included) runs
+                # in a thread of its own: other modules, another mode stack; a deepcopy made while the
+                # probe was on carries these hooks too, and they stay inert on it after this step
+                self._replicas += bool(self._handles)
+                return
             if _in_backward():  # `checkpoint(model, x)` recomputing the model: counted when it ran
                 self._recomputing += 1
+                return
+            if self._evaluation(root):
+                self._evaluating += 1
                 return
             begin(args, kwargs)
             probe.enter_module(root, args)
 
-        def stop(_module, args, output):
+        def stop(module, args, output):
+            if module is not root:
+                return
             if self._recomputing:
                 self._recomputing -= 1
+                return
+            if self._evaluating:
+                self._evaluating -= 1
                 return
             probe.leave_module(root, args, output)
             end()
@@ -344,7 +383,9 @@ class Watch:
         # LightningModule's training_step calls `self.model(x)`, a GAN wrapper `self.G(z)`. Such a call
         # is a forward of its own (its positional arguments only: a global hook sees no keywords).
         def outer_start(module, args):
-            if not self._modes and not _in_backward():
+            if not self._modes and not self._evaluating and not _in_backward():
+                if self._evaluation(module):
+                    return
                 self._outer = module
                 begin(args, {})
 
@@ -359,6 +400,14 @@ class Watch:
         self._handles.append(root.register_forward_pre_hook(start, prepend=True, with_kwargs=True))
         self._handles.extend(probe.attach_global(outer_start, outer_stop))
         self._handles.append(root.register_forward_hook(stop, always_call=True))
+
+    def _evaluation(self, module: nn.Module) -> bool:
+        """A forward made in eval mode with gradients off (a validation loop inside the step, `model.eval()`
+        + `torch.no_grad()`): not a training forward, not counted (unless `count_evaluation`)."""
+        if self.count_evaluation or module.training or torch.is_grad_enabled():
+            return False
+        self._evaluations += 1
+        return True
 
     def _forward_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The forward's own `attention_mask` (or `mask_argument`): positions where it is 0 are not
@@ -381,7 +430,7 @@ class Watch:
         return value
 
     def _detach(self) -> None:
-        self._outer, self._recomputing = None, 0
+        self._outer, self._recomputing, self._evaluating = None, 0, 0
         while self._modes:  # a forward that never returned (an exception inside a hook)
             self._modes.pop().__exit__(None, None, None)
         for handle in self._handles:
@@ -395,6 +444,8 @@ class Watch:
     def _close_window(self) -> Report:
         sampled, self._sampled = self._sampled, []
         samples, self._samples = self._samples, 0
+        evaluations, self._evaluations = self._evaluations, 0
+        replicas, self._replicas = self._replicas, 0
         layers = self._probe.registry.layer_stats()  # host copies: the counters start over in place
         self._probe.restart_counts()
         parameter = next(self.model.parameters(), None)
@@ -438,6 +489,19 @@ class Watch:
             layers=layers,
             training=training,
         )
+        if evaluations:
+            report.notes.append(
+                f"{evaluations} forward(s) in eval mode with gradients off (an evaluation) on the sampled "
+                "steps were not counted; watch(count_evaluation=True) counts them"
+            )
+        if replicas:
+            report.notes.append(
+                f"{replicas} forward(s) of copies of the model that share its hooks (nn.DataParallel's replicas "
+                "over several devices: use DistributedDataParallel) were not counted"
+            )
+            if "<replicas>" not in self._warned:  # once per run: the counts miss those forwards
+                self._warned.add("<replicas>")
+                warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
         if not layers:
             report.notes.append(
                 f"the model ran no {'/'.join(s.ops)} call on the sampled steps: nothing to count"

@@ -363,3 +363,13 @@ def relu_in_scan(steps=5):
         u,
         b,
     )
+
+
+def stored_tensors(path) -> dict[str, np.ndarray]:
+    """Every weight an ONNX file stores, by name: its initializers and its Constant nodes' values."""
+    graph = onnx.load(str(path)).graph
+    found = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return found

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import ROOT
+from onnx_graphs import stored_tensors
 from truth import onnx_relu_io, sample_cnn, sample_cnn_truth, truth_of
 
 CNN = ROOT / "sample_models" / "cnn"
@@ -338,16 +339,6 @@ def paddle_model(tmp_path, request):
     return model, tmp_path, x
 
 
-def _inits(path):
-    """Initializers and Constant-node values by name."""
-    graph = onnx.load(str(path)).graph
-    found = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            found[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
-    return found
-
-
 def test_onnx_bias_shift_through_reshaped_bias_and_batchnorm(cli, paddle_model):
     """The bias read through Reshape(b, [1, C, 1, 1]) and an unfused BatchNormalization's B are shifted
     for the dead units only, and those units fire at the target rate (checked with onnxruntime)."""
@@ -360,7 +351,7 @@ def test_onnx_bias_shift_through_reshaped_bias_and_batchnorm(cli, paddle_model):
         "--target-rate", "0.05", "--output", out,
     )  # fmt: skip
     assert result.code == 0, result.err
-    before, after = _inits(work / "paddle.onnx"), _inits(out)
+    before, after = stored_tensors(work / "paddle.onnx"), stored_tensors(out)
     assert np.flatnonzero(after["b1"] != before["b1"]).tolist() == [1] and after["b1"][1] > -40
     assert np.flatnonzero(after["shift"] != before["shift"]).tolist() == [2] and after["shift"][2] > -40
     truth = relu_inputs_ground_truth(onnx.load(str(out)), {"x": x}, {"relu1": 1, "relu2": 1})
@@ -379,7 +370,7 @@ def test_onnx_reinit_and_prune_around_reshaped_bias(cli, paddle_model):
     assert result.code == 0, result.err
     assert "BatchNormalization" in result.out  # the BN-produced layer is skipped, with why
     np.testing.assert_allclose(_ort(out, x), _ort(work / "paddle.onnx", x), rtol=1e-5, atol=1e-5)
-    before, after = _inits(work / "paddle.onnx"), _inits(out)
+    before, after = stored_tensors(work / "paddle.onnx"), stored_tensors(out)
     assert after["b1"][1] == 0 and np.array_equal(np.delete(after["b1"], 1), np.delete(before["b1"], 1))
     assert not np.array_equal(after["w1"][1], before["w1"][1]) and np.all(after["w2"][:, 1] == 0)
     result = cli(

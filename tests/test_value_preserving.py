@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+from onnx_graphs import stored_tensors
 
 from deadrelu_cli.wiring.onnx import passes_values
 from deadrelu_cli.wiring.onnx_index import GraphIndex
@@ -20,15 +21,6 @@ BUILDS = {
     "paddle": (lambda p: __import__("onnx_graphs").paddle_conv_bn(passthrough=p), (40, 3, 8, 8)),
     "gemm": (lambda p: __import__("onnx_graphs").gemm_relu(passthrough=p), (60, 4)),
 }
-
-
-def _stored(path):
-    graph = onnx.load(str(path)).graph
-    found = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            found[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
-    return found
 
 
 def _run(path, x):
@@ -83,7 +75,11 @@ def test_fix_is_the_same_through_value_preserving_nodes(cli, tmp_path, build, st
             continue
         assert results[True].code == 0, (strategy, results[True].err, results[True].out)
         assert results[False].code == 0, (strategy, results[False].err)
-        before, plain, passing = _stored(paths[False]), _stored(outs[False]), _stored(outs[True])
+        before, plain, passing = (
+            stored_tensors(paths[False]),
+            stored_tensors(outs[False]),
+            stored_tensors(outs[True]),
+        )
         assert set(plain) <= set(passing)
         for name in plain:  # the same tensors patched, to the same values
             assert plain[name].shape == passing[name].shape, (strategy, name)

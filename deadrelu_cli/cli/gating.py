@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from deadrelu_cli.config import KEYS, FileConfig, load_config
+from deadrelu_cli.config import KEYS, FileConfig, load_config, table_label
 from deadrelu_cli.display import terminal_text
 from deadrelu_cli.errors import GateFailed
 
@@ -43,9 +43,8 @@ def _as_flag_would(ctx: typer.Context, param, value: Any, file_config: FileConfi
     except typer.BadParameter as exc:
         key = next((k for k, (n, _) in KEYS.items() if n == param.name), param.name)
         reason = getattr(exc, "message", "") or exc.format_message()
-        raise UserError(
-            f"{key} = {value!r} in {_relative(file_config.path)} [tool.deadrelu]: {reason}"
-        ) from None
+        where = f"{_relative(file_config.path)} {table_label(file_config.path)}".strip()
+        raise UserError(f"{key} = {value!r} in {where}: {reason}") from None
 
 
 def config_file(explicit: str | None) -> str | None:

@@ -126,6 +126,10 @@ AllowNonfinite = Annotated[
     bool, typer.Option("--allow-nonfinite", help="Accept NaN/Inf in the data instead of stopping.")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+QuietTable = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="Do not print the table (files, gate messages and errors still)."),
+]
 JsonOut = Annotated[
     str | None,
     typer.Option("--json", help="Write the JSON report here ('-' = stdout, and nothing else on stdout)."),
@@ -497,7 +501,10 @@ def from_config_file(exc, flags: dict[str, str], sources: dict[str, str]):
             continue
         value, sep, rest = message[len(flag) + 1 :].partition(": ")
         if sep:
-            return UserError(f"{flag.removeprefix('--')} = {value} in {source} [tool.deadrelu]: {rest}")
+            from deadrelu_cli.config import table_label
+
+            where = f"{source} {table_label(source)}".strip()
+            return UserError(f"{flag.removeprefix('--')} = {value} in {where}: {rest}")
     return exc
 
 

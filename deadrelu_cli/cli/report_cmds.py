@@ -16,7 +16,7 @@ def gate(
     report_path: opt.ReportPath,
     gating: opt.Gating = None,
     settings: opt.Settings = None,
-    quiet: opt.Quiet = False,
+    quiet: opt.QuietTable = False,
 ) -> None:
     """Apply gate limits to a saved REPORT: exit 0 pass, 1 failed, 2 usage or input error."""
     from deadrelu_cli.files import guard_outputs
@@ -99,6 +99,7 @@ def report(
     baseline: opt.Baseline = None,
     json_out: opt.JsonOut = None,
     layer: opt.LayerName = None,
+    quiet: opt.QuietTable = False,
 ) -> None:
     """Render a saved JSON report: the table (or one layer), an HTML page, or the JSON again."""
     from deadrelu_cli.cli.gating import write_html
@@ -114,7 +115,8 @@ def report(
     if json_out == "-":
         sys.stdout.write(report_to_json(saved))
     else:
-        print_report(saved, make_console(), layer)
+        if not quiet:
+            print_report(saved, make_console(), layer)
         if json_out:
             write_text_atomic(json_out, report_to_json(saved))
     if html_out:

@@ -132,7 +132,7 @@ def plan_layers(report: Report, globs: tuple[str, ...], certified_only: bool = F
 
 
 def firing_thresholds(values: np.ndarray, target_rate: float) -> np.ndarray:
-    """Per column, the value that exactly k = max(1, round(target_rate * n)) values exceed (ties aside).
+    """Per column, a value that exactly k = max(1, round(target_rate * n)) values exceed (ties aside).
 
     Shifting a unit's bias by minus this makes it fire on about `target_rate` of the data it saw.
     """
@@ -140,4 +140,7 @@ def firing_thresholds(values: np.ndarray, target_rate: float) -> np.ndarray:
     k = min(n, max(1, int(round(target_rate * n))))
     if k >= n:
         return values.min(axis=0) - 1.0
-    return np.partition(values, n - k - 1, axis=0)[n - k - 1]
+    ordered = np.partition(values, [n - k - 1, n - k], axis=0)
+    # midway between the largest value that must stay off and the smallest that must fire: the shifted
+    # bias, rounded to the weights' dtype and summed again in another order, cannot tip either across 0
+    return ordered[n - k - 1] / 2 + ordered[n - k] / 2

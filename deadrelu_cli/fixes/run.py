@@ -153,6 +153,21 @@ def _check_revived(options: FixOptions, outcomes, result: FixResult) -> None:
         result.notes.append(f"revived {revived} of the {total} dead units it changed{hint}")
 
 
+def _check_target_rate(options: FixOptions, outcome, elements: int, result: FixResult) -> None:
+    """Not verified when a shifted unit fires on far more than --target-rate of the data: the shift was
+    computed for a pre-activation equal to the producer's output plus its bias, and something between
+    them (`fc(x) * 4`) scales it, so the file would hold units that fire almost always."""
+    limit = 2 * options.target_rate + 2 / max(1, elements)
+    over = [rate for rate in outcome.rates_after or [] if rate > limit]
+    if over:
+        result.verified = False
+        result.notes.append(
+            f"{outcome.name}: shifted units fire on up to {max(over):.1%} of the data, not the --target-rate "
+            f"{options.target_rate:g}: an op between the producer and the activation scales the bias "
+            "(use --strategy reinit or kick there, or --layers to leave it out)"
+        )
+
+
 def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
     if options.strategy not in STRATEGIES:
         raise UserError(f"--strategy {options.strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -221,6 +236,7 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
         after_by_name = {layer.name: layer for layer in rescan.layers}
         by_position = len(rescan.layers) == len(scanned.report.layers)  # e.g. torch names -> ONNX node names
         positions = {layer.name: i for i, layer in enumerate(scanned.report.layers)}
+        elements: dict[str, int] = {}  # values per unit of each rescanned layer
         for outcome in outcomes:
             layer = after_by_name.get(outcome.name) or after_by_name.get(f"module.{outcome.name}")
             if layer is None and by_position:
@@ -235,6 +251,7 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
                     and options.strategy not in ("leaky", "elu")
                 ):
                     outcome.rates_after = [float(r) for r in layer.active_rate()[outcome.units]]
+                    elements[outcome.name] = layer.elements_per_unit
         exact = options.strategy in EXACT_STRATEGIES
         result.verified = (result.max_rel_diff <= options.tolerance) if exact else True
         if exact and not result.verified:
@@ -243,6 +260,10 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
             )
         if options.strategy in REVIVING_STRATEGIES:
             _check_revived(options, outcomes, result)
+        if options.strategy == "bias-shift":
+            for outcome in outcomes:
+                if outcome.name in elements:
+                    _check_target_rate(options, outcome, elements[outcome.name], result)
         if (
             exact
             and result.holdout_max_rel_diff is not None

@@ -100,7 +100,11 @@ class DeadReluCallback(TrainerCallback):
     def _flush(self, control):
         if self._pending and self.trainer is not None:
             metrics, self._pending = self._pending, {}
+            # Trainer.log clears control.should_log (CallbackHandler.on_log): the Trainer's own log of
+            # this step (its loss, learning rate, grad norm), decided before us, would be lost
+            should_log = control.should_log
             self.trainer.log(metrics)
+            control.should_log = self.trainer.control.should_log = should_log
         elif self._pending:
             control.should_log = True  # so that the metrics reach a log event soon
         if self.watch is not None and self.watch.should_stop:

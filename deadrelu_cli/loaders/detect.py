@@ -166,10 +166,15 @@ def detect_format(path: str | Path) -> str:
             f"{path}: not a valid safetensors file (bad header); the file is truncated or not safetensors"
         )
     try:
-        json.loads(p.read_bytes()[: 1 << 16])
+        document = json.loads(p.read_bytes()[: 1 << 23])  # an LLM's weight index runs past 64 KiB
         kind = "a JSON file"
     except (ValueError, UnicodeDecodeError):
-        kind = "an unknown format"
+        document, kind = None, "an unknown format"
+    if isinstance(document, dict) and isinstance(document.get("weight_map"), dict):
+        raise UserError(
+            f"{path}: the index of sharded weights, not a model; scan the folder that holds it with its "
+            "config.json (a Hugging Face model folder), or save the weights as one .safetensors/.pt for --arch"
+        )
     raise UserError(
         f"{path}: {kind}, not a model; deadrelu reads torch.save checkpoints (.pt/.pth/.bin), safetensors, "
         "TorchScript, torch.export (.pt2) and ONNX files"

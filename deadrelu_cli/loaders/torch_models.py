@@ -56,13 +56,31 @@ def torch_load(path: Path, device: str, trust_pickle: bool, checked: bool = Fals
             f"{path}: refused to unpickle: the file needs more than weights ({detail}); "
             "if you trust its source, pass --trust-pickle (it can run code)"
         ) from None
+    except ImportError as exc:  # a whole pickled module whose class lives in code not importable here
+        if not trust_pickle:
+            raise
+        raise UserError(
+            f"{path}: the pickled model needs module {exc.name or str(exc)!r}, which cannot be imported here; "
+            "run deadrelu from the folder that holds its code or add that folder to PYTHONPATH"
+        ) from None
+    except AttributeError as exc:
+        if trust_pickle and str(exc).startswith("Can't get attribute"):
+            raise UserError(
+                f"{path}: the pickled model needs a class its module no longer defines ({exc}); "
+                "put that module's version that saved it on PYTHONPATH, or save a state_dict and pass --arch"
+            ) from None
+        raise _unreadable(path, exc) from None
     except (
-        RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError,
+        RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError,
         SafetensorError,  # torch.load hands a file it takes for safetensors to that library
     ) as exc:  # fmt: skip
-        raise UserError(
-            f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated, corrupted or not a torch checkpoint"
-        ) from None
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> UserError:
+    return UserError(
+        f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated, corrupted or not a torch checkpoint"
+    )
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -134,15 +152,22 @@ def unwrap_checkpoint(obj):
 
 
 def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Strip DataParallel `module.`, Lightning `model.` and torch.compile `_orig_mod.` prefixes when that fits better."""
+    """Strip DataParallel `module.`, Lightning `model.` and torch.compile `_orig_mod.` prefixes when that fits better;
+    when no key fits as it is, also the one attribute name every key starts with (a LightningModule's
+    `self.net`, `self.backbone`) if that makes every expected key fit."""
     state = dict(state)
     while True:
         matches = len(expected & state.keys())
         best = None
-        for prefix in WRAPPER_PREFIXES:
+        prefixes = list(WRAPPER_PREFIXES)
+        first = {k.split(".", 1)[0] for k in state}
+        if matches == 0 and len(first) == 1 and all("." in k for k in state):
+            prefixes.append(f"{first.pop()}.")
+        for prefix in prefixes:
             if state and all(k.startswith(prefix) for k in state):
                 candidate = {k[len(prefix) :]: v for k, v in state.items()}
-                if len(expected & candidate.keys()) > matches:
+                known = prefix in WRAPPER_PREFIXES
+                if len(expected & candidate.keys()) > matches and (known or expected <= candidate.keys()):
                     best = candidate
                     break
         if best is None:
@@ -156,13 +181,18 @@ def load_state_into(
     """Load every weight the architecture has (strictly: a missing one is an error, never a random init);
     tensors it has no place for (a training head, a loss's parameters) are left out with a note.
     `layout`, when given, receives what writing the weights back in the source's own key names takes:
-    "key_prefix" (the wrapper prefix stripped, e.g. "model.") and "left_out" (the tensors left out)."""
+    "key_prefix" (the wrapper prefix stripped, e.g. "model."), "left_out" (the tensors left out) and
+    "dtypes" (each tensor's stored dtype, by its key in the source)."""
     expected = set(model.state_dict().keys())
     original = state
     state = strip_wrapper_prefixes(state, expected)
     if layout is not None:
         first_before, first_after = next(iter(original), ""), next(iter(state), "")
         layout["key_prefix"] = first_before[: len(first_before) - len(first_after)]
+        # the stored dtype of every tensor: fp16/bf16 weights loaded into an fp32 --arch are written back as stored
+        layout["dtypes"] = {
+            f"{layout['key_prefix']}{k}": v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)
+        }
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - expected)
     if missing:

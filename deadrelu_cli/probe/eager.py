@@ -183,7 +183,11 @@ class _CallSiteMode(TorchFunctionMode):
         name = self.probe.next_site_name(spec.op)
         substitute = self.probe.substitutes.get(name)
         if substitute is not None:  # a patched site (deadrelu fix --strategy leaky, patch_module)
+            if in_place:  # `x.relu_()` whose caller reads x, not the result
+                return args[0].copy_(substitute(args[0]))
             return substitute(args[0])
+        if not self.probe.recording:  # substitutes only: other sites run as written, uncounted
+            return func(*args, **kwargs)
         out = None
         if self.probe.fast_paths and spec.op == "relu" and self.probe.registry.mask_for(name) is None:
             out = self.probe.run_in_parts(name, spec.op, args[0], in_place)
@@ -223,6 +227,7 @@ class EagerProbe:
         self.consumers: dict[str, set[str]] = {}  # site -> Linear/Conv modules that read its output
         self.upstream: dict[str, str] = {}  # producer -> the producer feeding it (BN -> its Conv)
         self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement
+        self.recording = True  # False: only names sites for `substitutes` (a patched model, exportable)
         self.final_output_sites: set[str] = set()  # sites whose output is returned by the model
         self._module_names = {id(m): name for name, m in model.named_modules()}
         self.fast_paths = True  # relu counted while it runs (run_in_parts); False: the counting of before

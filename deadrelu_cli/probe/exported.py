@@ -31,6 +31,10 @@ _BIAS_ARG = {
 }
 
 
+# Ops whose weight rows are their output units (not a transposed convolution), bias or not.
+_BIAS_FREE_PRODUCERS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
+
+
 @dataclass(frozen=True)
 class StaticSite:
     """An activation site found in a graph before anything runs."""
@@ -70,6 +74,17 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
                 bias = current.args[index]
                 if isinstance(bias, fx.Node) and bias.op == "get_attr" and str(bias.target).endswith(".bias"):
                     producer = str(bias.target)[: -len(".bias")]
+            weight = current.args[1] if len(current.args) > 1 else None
+            if (  # bias=False: the Linear/Conv whose weight rows are the units (as the eager probe keeps it)
+                producer is None
+                and keep_producer
+                and base in _BIAS_FREE_PRODUCERS
+                and (len(current.args) <= 2 or current.args[2] is None)
+                and isinstance(weight, fx.Node)
+                and weight.op == "get_attr"
+                and str(weight.target).endswith(".weight")
+            ):
+                producer = str(weight.target)[: -len(".weight")]
             return base in CHANNEL_FIRST, producer
         if base in PASS_THROUGH and current.args and isinstance(current.args[0], fx.Node):
             if base != "getitem" and any(isinstance(a, fx.Node) for a in current.args[1:]):

@@ -36,7 +36,55 @@ def named_tensor(module: nn.Module, name: str | None) -> torch.Tensor | None:
             owner, _, leaf = name.rpartition(".")
             return offloaded(module.get_submodule(owner), leaf)
         return tensor
-    return None
+    owner, _, leaf = name.rpartition(".")
+    try:  # computed, not stored (weight_norm, spectral_norm): readable; `write_conflict` keeps fixes off it
+        value = getattr(module.get_submodule(owner) if owner else module, leaf, None)
+    except AttributeError:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def is_stored(module: nn.Module, name: str) -> bool:
+    """True when `name` is a parameter or buffer itself, so writing into it changes the model."""
+    owner, _, leaf = name.rpartition(".")
+    try:
+        sub = module.get_submodule(owner) if owner else module
+    except AttributeError:
+        return False
+    return any(leaf == key for key, _ in sub.named_parameters(recurse=False)) or any(
+        leaf == key for key, _ in sub.named_buffers(recurse=False)
+    )
+
+
+def write_conflict(model: nn.Module, names, report=None, layer=None) -> str:
+    """Why a fix must not rewrite entries of the tensors `names` for `layer` (a report layer), or "".
+
+    A write must change this layer's units and nothing else: not a tensor a parametrization computes
+    (the write would be lost), not one tied to another module, and not the units of a module that makes
+    other call sites too (one Linear called twice): those would change with it."""
+    if report is not None and layer is not None and layer.producer:
+        others = [o.name for o in report.layers if o.name != layer.name and o.producer == layer.producer]
+        if others:
+            return (
+                f"skipped: {layer.producer} also makes {', '.join(others)} (one module called at several "
+                "sites); changing its units would change those sites too"
+            )
+    aliases: dict[int, list[str]] = {}
+    for key, tensor in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(tensor), []).append(key)
+    for name in names:
+        if not name:
+            continue
+        if not is_stored(model, name):
+            return (
+                f"skipped: {name} is computed by a parametrization (weight_norm, spectral_norm, …), not "
+                "stored, so its entries cannot be rewritten; prune or leaky can act on this layer"
+            )
+        tensor = named_tensor(model, name)
+        tied = [key for key in aliases.get(id(tensor), []) if key != name]
+        if tied:
+            return f"skipped: {name} is tied to {', '.join(tied)}; rewriting it would change that module too"
+    return ""
 
 
 def offloaded(module, leaf: str):
@@ -68,8 +116,16 @@ def _single_consumer(probe: EagerProbe, site: str, model: nn.Module) -> tuple[st
             f"skipped: its output goes to {name.strip('<>')} (e.g. a residual add), not to a Linear/Conv",
         )
     module = model.get_submodule(name)
+    if not isinstance(module, LINEAR_OR_CONV):  # ConvTranspose holds its inputs on axis 0
+        return None, f"skipped: consumer {name} is a {type(module).__name__}, not a Linear/Conv"
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
         return None, f"skipped: consumer {name} is a grouped convolution"
+    others = sorted(other for other, readers in probe.consumers.items() if other != site and name in readers)
+    if others:  # one module reading two sites: its input columns belong to both
+        return (
+            None,
+            f"skipped: consumer {name} also reads {', '.join(others)}; changing its inputs would change that site's path too",
+        )
     return name, ""
 
 
@@ -92,7 +148,11 @@ def _producers(
 def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool = True) -> UnitWiring | str:
     """The UnitWiring of a scanned layer of an nn.Module, or why the layer must be skipped."""
     if layer.producer is None:
-        return "skipped: no single Linear/Conv/BatchNorm produces this activation"
+        return (
+            "skipped: no single Linear/Conv (or BatchNorm after one) makes this activation directly "
+            "(e.g. a LayerNorm or a residual add sits between them, or the layer is another type, such as "
+            "transformers' Conv1D)"
+        )
     consumer_name = ""
     if need_consumer:
         consumer_name, why = _single_consumer(probe, layer.name, model)
@@ -137,10 +197,21 @@ def _groups(node: fx.Node) -> int:
     return int(node.args[6]) if _base(node) != "linear" and len(node.args) > 6 else 1
 
 
+def _tied(args) -> str:
+    """Why a stored tensor among `args` must not be rewritten: another node reads it (a weight tied to
+    another layer is one tensor in the program), or ""."""
+    for arg in args:
+        name = _attr_target(arg)
+        if name is not None and len(arg.users) > 1:
+            return f"skipped: {name} is tied to another layer ({len(arg.users)} ops read it); rewriting it would change that layer too"
+    return ""
+
+
 def exported_wiring(
-    graph_module: fx.GraphModule, node: fx.Node, need_consumer: bool = True
+    graph_module: fx.GraphModule, node: fx.Node, need_consumer: bool = True, to_write: bool = False
 ) -> UnitWiring | str:
-    """The UnitWiring of the activation `node` of a program's module, or why it must be skipped."""
+    """The UnitWiring of the activation `node` of a program's module, or why it must be skipped
+    (`to_write`: also when a tensor a fix would rewrite is tied to another layer)."""
     pre = node.args[0] if node.args else None
     bn = None
     if isinstance(pre, fx.Node) and _base(pre) in BATCH_NORM_OPS and len(pre.users) == 1:
@@ -151,6 +222,9 @@ def exported_wiring(
     bias_name = _attr_target(pre.args[2]) if len(pre.args) > 2 else None
     if weight_name is None or _groups(pre) != 1:
         return f"skipped: producer {weight_name or pre.name} is not a plain linear/conv with its own weight"
+    tied = to_write and _tied(pre.args[1:3] + (tuple(bn.args[1:5]) if bn is not None else ()))
+    if tied:
+        return tied
     owner = weight_name.rsplit(".", 1)[0]
     batchnorm = None
     if bn is not None:
@@ -178,6 +252,8 @@ def exported_wiring(
             return f"skipped: its output goes to {user.name} (e.g. a residual add), not to a linear/conv"
         if _groups(user) != 1:
             return f"skipped: consumer {consumer_weight} is a grouped convolution"
+        if to_write and _tied((user.args[1],)):
+            return _tied((user.args[1],))
         wiring.consumer = consumer_weight.rsplit(".", 1)[0]
         wiring.consumer_weight = TensorRef(consumer_weight, 1)
         wiring.readers = (wiring.consumer,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import sys
 import warnings
@@ -122,10 +123,12 @@ def _export(
 
 
 def source_layout_state(model: torch.nn.Module, extra: dict) -> dict[str, torch.Tensor]:
-    """The model's weights under the source checkpoint's own key names: the wrapper prefix the loader
-    stripped (`model.`, `module.`) put back, the tensors --arch had no place for kept as they were."""
-    prefix = extra.get("key_prefix", "")
+    """The model's weights under the source checkpoint's own key names and dtypes: the wrapper prefix the
+    loader stripped (`model.`, `module.`) put back, fp16/bf16 tensors written as fp16/bf16 again, the
+    tensors --arch had no place for kept as they were."""
+    prefix, dtypes = extra.get("key_prefix", ""), extra.get("dtypes", {})
     state = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
+    state = {k: v.to(dtypes[k]) if k in dtypes and v.dtype != dtypes[k] else v for k, v in state.items()}
     state.update(extra.get("left_out", {}))
     return state
 
@@ -225,15 +228,31 @@ def apply_torch(
     if any(o.applied for o in outcomes):
         if folder_out:
             from deadrelu_cli.backends.torch.folder import write_model_folder
+            from deadrelu_cli.backends.torch.resume import reset_folder_optimizer
 
             result.notes.extend(write_model_folder(model, loaded.path, temp))
-            give_umask_permissions(temp)
+            # a Trainer's checkpoint-N/ folder: its optimizer.pt must not keep the recycled units' moments
+            notes, states = reset_folder_optimizer(
+                Path(loaded.path), temp, model, options.strategy, touched, scan_options.trust_pickle
+            )
+            result.notes.extend(notes)
+            give_umask_permissions(temp)  # (safetensors writes its shards 0600)
+            if states and options.resume_steps > 0 and options.strategy in ("reinit", "kick"):
+                _check_resume(states, scanned, scan_options, temp, options.resume_steps, outcomes, result)
         elif suffix in ARTIFACT_SUFFIXES:
             write_artifact(model, example, temp, suffix)
         elif training is not None:
             _write_training_checkpoint(training, model, temp, suffix, options, touched, result, loaded.extra)
             if options.resume_steps > 0:
-                _check_resume(training, scanned, scan_options, temp, options.resume_steps, outcomes, result)
+                _check_resume(
+                    _written_states(training, temp, result, scan_options),
+                    scanned,
+                    scan_options,
+                    temp,
+                    options.resume_steps,
+                    outcomes,
+                    result,
+                )
         else:
             _write_state(model, temp, suffix, loaded.format == "module", loaded.extra)
     result.params_after = eager.count_params(model)
@@ -281,25 +300,33 @@ def _write_training_checkpoint(
     result.notes.extend(notes)
 
 
-def _check_resume(training, scanned, scan_options, temp: Path, steps: int, outcomes, result) -> None:
-    """Resume from what was written: the optimizer state loaded over the fixed weights, `steps` steps
-    with no new gradient (the updates the stored moments alone make), then rescanned on the data."""
+def _written_states(training, temp: Path, result, scan_options) -> list[dict]:
+    """The optimizer states as written (optimizer.pt beside OUT, or inside the checkpoint)."""
     from deadrelu_cli.backends.torch.optimizer_state import find_optimizer_states
-    from deadrelu_cli.backends.torch.resume import resume_check
-    from deadrelu_cli.backends.torch.scan import scan_torch
     from deadrelu_cli.loaders.torch_models import torch_load
 
     if result.companions:
-        written = result.companions[0][0]  # files this run wrote: no archive check needed
-        states = find_optimizer_states(torch_load(written, "cpu", scan_options.trust_pickle, checked=True))
+        # files this run wrote: no archive check needed
+        written = torch_load(result.companions[0][0], "cpu", scan_options.trust_pickle, checked=True)
     elif training.checkpoint is not None:
-        states = find_optimizer_states(torch_load(temp, "cpu", scan_options.trust_pickle, checked=True))
+        written = torch_load(temp, "cpu", scan_options.trust_pickle, checked=True)
     else:
-        return
+        return []
+    return [state for _, state in find_optimizer_states(written)]
+
+
+def _check_resume(
+    states: list[dict], scanned, scan_options, temp: Path, steps: int, outcomes, result
+) -> None:
+    """Resume from what was written: the optimizer states loaded over the fixed weights, `steps` steps
+    of each with no new gradient (the updates the stored moments alone make), then rescanned on the data."""
+    from deadrelu_cli.backends.torch.resume import resume_check
+    from deadrelu_cli.backends.torch.scan import scan_torch
+
     if not states:
         return
     resumed = load_model(LoadOptions(str(temp), scan_options.arch, scan_options.trust_pickle, scanned.device))
-    resume_check(resumed, states[0][1], steps)
+    resume_check(resumed, states, steps)
     layers, _ = scan_torch(resumed, scanned.data, replace(scan_options, progress=None), scanned.device)
     by_name = {layer.name: layer for layer in layers}
     for outcome in outcomes:
@@ -307,7 +334,7 @@ def _check_resume(training, scanned, scan_options, temp: Path, steps: int, outco
         if outcome.applied and layer is not None and layer.ran:
             outcome.alive_after_resume = int((layer.positive_counts[outcome.units] > 0).sum())
     result.notes.append(
-        f"resume check: the written optimizer state loaded over the fixed weights, {steps} optimizer steps "
+        f"resume check: the written optimizer state(s) loaded over the fixed weights, {steps} optimizer steps "
         "with no new gradient (what the stored moments alone do), then rescanned on the data"
     )
 
@@ -320,7 +347,9 @@ def _program_module(scanned, options: FixOptions) -> torch.fx.GraphModule:
         raise UserError(
             f"--output {options.output}: an ExportedProgram is patched into an ExportedProgram; use a .pt2 name"
         )
-    return graph_module_with_stack(scanned.model.extra["program"]).to(scanned.device)
+    # a copy: program.module() shares the program's tensors with the module the original runner runs,
+    # so edits in place would change "before" too and the comparison would check nothing
+    return copy.deepcopy(graph_module_with_stack(scanned.model.extra["program"])).to(scanned.device)
 
 
 def _exported_runners(
@@ -378,7 +407,7 @@ def _reweight_exported(
     wanted = {plan.name for plan in plans}
     need_consumer = options.strategy != "kick"
     wirings = {
-        site.name: exported_wiring(graph_module, node, need_consumer)
+        site.name: exported_wiring(graph_module, node, need_consumer, to_write=True)
         for node, site in find_sites(graph_module.graph, scan_options.ops)
         if site.name in wanted
     }
@@ -390,7 +419,7 @@ def _reweight_exported(
         result.new_widths = {o.name: o.units_after for o in outcomes if o.applied}
     else:
         apply = eager.reinit_units if options.strategy == "reinit" else eager.kick_units
-        outcomes = apply(graph_module, wirings, plans, options)
+        outcomes = apply(graph_module, wirings, plans, options, None, scanned.report)
     runners = _exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes))
     result.params_before = params_before  # (_exported_runners counts the patched module for both)
     return (*runners, outcomes)
@@ -480,14 +509,17 @@ def _patch_torchscript(
                 )
             )
             continue
+        # an in-place relu_ gets the in-place substitute: scripted code may go on reading its input
+        # (`h.relu_(); return h`), which an out-of-place op would leave un-activated
+        in_place = "_" if node.kind() == "aten::relu_" else ""
         with graph.insert_point_guard(node):
             if options.strategy == "leaky":
                 replacement = graph.create(
-                    "aten::leaky_relu", [node.inputsAt(0), graph.insertConstant(options.slope)]
+                    f"aten::leaky_relu{in_place}", [node.inputsAt(0), graph.insertConstant(options.slope)]
                 )
             else:
                 one = graph.insertConstant(1.0)
-                replacement = graph.create("aten::elu", [node.inputsAt(0), one, one, one])
+                replacement = graph.create(f"aten::elu{in_place}", [node.inputsAt(0), one, one, one])
             graph.insertNode(replacement)
             replacement.output().setType(node.output().type())
         node.output().replaceAllUsesWith(replacement.output())

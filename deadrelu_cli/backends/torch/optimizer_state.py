@@ -18,10 +18,13 @@ import torch
 from torch import nn
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders.torch_models import strip_wrapper_prefixes
 
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim", "opt")
 LIGHTNING_KEY = "optimizer_states"
 HF_OPTIMIZER_FILE = "optimizer.pt"
+# optimizer files saved beside the weights: the Hugging Face Trainer's, accelerate's `save_state`
+OPTIMIZER_FILES = (HF_OPTIMIZER_FILE, "optimizer.bin")
 # per-element state a reset zeroes (what a fresh parameter starts with): Adam/AdamW (amsgrad too), NAdam
 # and RAdam moments, SGD momentum, Adamax's exp_inf, RMSprop's square_avg/grad_avg, Adadelta's acc_delta
 MOMENT_KEYS = (
@@ -57,12 +60,19 @@ def find_optimizer_states(checkpoint) -> list[tuple[tuple, dict]]:
         return found
     if is_optimizer_state(checkpoint):  # an optimizer.pt on its own
         return [((), checkpoint)]
-    for key in OPTIMIZER_KEYS:
-        if is_optimizer_state(checkpoint.get(key)):
-            found.append(((key,), checkpoint[key]))
-    states = checkpoint.get(LIGHTNING_KEY)
-    if isinstance(states, list):
-        found.extend(((LIGHTNING_KEY, i), s) for i, s in enumerate(states) if is_optimizer_state(s))
+    # by what they hold, not by their key: the usual names first, then any other key (a GAN script's
+    # `opt_g` / `opt_d`, a list or a dict of them): an optimizer state left unreset would kill the
+    # recycled units again
+    keys = [k for k in (*OPTIMIZER_KEYS, LIGHTNING_KEY) if k in checkpoint]
+    keys += [k for k in checkpoint if k not in keys]
+    for key in keys:
+        value = checkpoint[key]
+        if is_optimizer_state(value):
+            found.append(((key,), value))
+        elif isinstance(value, (list, tuple)):
+            found.extend(((key, i), s) for i, s in enumerate(value) if is_optimizer_state(s))
+        elif isinstance(value, Mapping):
+            found.extend(((key, k), s) for k, s in value.items() if is_optimizer_state(s))
     return found
 
 
@@ -117,6 +127,11 @@ def map_parameters(optimizer_state: Mapping, model: nn.Module) -> ParamMap:
     ids = [i for group in groups for i in group["params"]]
     if all("param_names" in group for group in groups):
         names = {i: n for group in groups for i, n in zip(group["params"], group["param_names"], strict=True)}
+        # names saved through a wrapper (`ddp.named_parameters()`: `module.…`; a LightningModule's
+        # `self.named_parameters()`: `model.…`; torch.compile: `_orig_mod.…`) are the architecture's
+        names = {
+            i: n for n, i in strip_wrapper_prefixes({n: i for i, n in names.items()}, set(params)).items()
+        }
         names = {i: n for i, n in names.items() if n in params} if set(names.values()) <= set(params) else {}
         if names and _fits(optimizer_state["state"], names, params):
             return ParamMap(names, "the optimizer's saved parameter names")
@@ -219,7 +234,8 @@ def _reordered_or_partial(
             left_out = len(trainable) - len(names)
             mapping = ParamMap(
                 names,
-                f"the Hugging Face Trainer's groups with {left_out} parameter(s) the optimizer does not hold (frozen)",
+                f"the Hugging Face Trainer's groups with {left_out} parameter(s) the optimizer does not hold "
+                "(frozen, or another optimizer's)",
             )
             found[tuple(sorted(names.items()))] = mapping
     for order in orders:
@@ -236,7 +252,9 @@ def _reordered_or_partial(
             part
             for part in (
                 "its param groups reordered" if list(order) != sorted(order) else "",
-                f"{left_out} parameter(s) the optimizer does not hold (frozen)" if left_out else "",
+                f"{left_out} parameter(s) the optimizer does not hold (frozen, or another optimizer's)"
+                if left_out
+                else "",
             )
             if part
         )

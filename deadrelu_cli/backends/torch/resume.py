@@ -18,6 +18,7 @@ from torch import nn
 
 from deadrelu_cli.backends.torch.optimizer_state import (
     HF_OPTIMIZER_FILE,
+    OPTIMIZER_FILES,
     find_optimizer_states,
     map_parameters,
     optimizer_for,
@@ -48,16 +49,19 @@ class TrainingCheckpoint:
 
 
 def read_training_checkpoint(path: Path, fmt: str, trust_pickle: bool) -> TrainingCheckpoint | None:
-    """The checkpoint's extra content, or None when the file is weights only (and no optimizer.pt is beside it)."""
+    """The checkpoint's extra content, or None when the file is weights only (and no optimizer file,
+    the Trainer's optimizer.pt or accelerate's optimizer.bin, is beside it)."""
     checkpoint = None
     if fmt == "state_dict":
         checkpoint = torch_load(path, "cpu", trust_pickle, checked=True)  # the model, checked when loaded
-    beside = path.parent / HF_OPTIMIZER_FILE
-    optimizer_file_state = None
-    if beside.is_file() and beside.resolve() != path.resolve():
-        optimizer_file_state = torch_load(beside, "cpu", trust_pickle)
-        if not find_optimizer_states(optimizer_file_state):
-            optimizer_file_state = None
+    beside, optimizer_file_state = None, None
+    for name in OPTIMIZER_FILES:
+        candidate = path.parent / name
+        if candidate.is_file() and candidate.resolve() != path.resolve():
+            state = torch_load(candidate, "cpu", trust_pickle)
+            if find_optimizer_states(state):
+                beside, optimizer_file_state = candidate, state
+                break
     wraps = isinstance(checkpoint, Mapping) and (
         weights_key(checkpoint) is not None
         or not all(isinstance(v, torch.Tensor) for v in checkpoint.values())
@@ -68,7 +72,7 @@ def read_training_checkpoint(path: Path, fmt: str, trust_pickle: bool) -> Traini
         path,
         checkpoint if wraps else None,
         weights_key(checkpoint) if wraps else None,
-        beside if optimizer_file_state is not None else None,
+        beside,
         optimizer_file_state,
     )
 
@@ -89,13 +93,18 @@ def _fixed_weights(original: Mapping, model: nn.Module) -> dict:
 
 
 def _reset_all(
-    training: TrainingCheckpoint, states: list[tuple[tuple, dict]], model: nn.Module, touched: dict
+    training: TrainingCheckpoint | None, states: list[tuple[tuple, dict]], model: nn.Module, touched: dict
 ) -> list[str]:
     notes = []
     for where, state in states:
         mapping = map_parameters(state, model)
         reset, unknown = reset_moments(state, mapping, touched)
-        label = "optimizer.pt" if training.optimizer_file is not None else "/".join(map(str, where))
+        if training is None:
+            label = HF_OPTIMIZER_FILE
+        elif training.optimizer_file is not None:
+            label = training.optimizer_file.name
+        else:
+            label = "/".join(map(str, where))
         notes.append(
             f"{label}: moments of the rewritten entries reset in {reset} parameter(s) "
             f"(parameters mapped by {mapping.source}); per-parameter step counts kept"
@@ -132,22 +141,26 @@ def write_training_checkpoint(
             notes.append(f"--strategy {strategy}: the optimizer state was kept as it was")
         torch.save(checkpoint, temp)
         notes.append("every other entry of the checkpoint was kept as it was")
-    if training.optimizer_file is not None:  # Hugging Face: optimizer.pt beside the weights
+    if training.optimizer_file is not None:  # optimizer.pt (Trainer) / optimizer.bin (accelerate) beside
+        name = training.optimizer_file.name
         folder = output.parent if str(output.parent) else Path(".")
         if folder.resolve() == training.optimizer_file.parent.resolve():
             raise UserError(
-                f"--output {output}: the checkpoint's {HF_OPTIMIZER_FILE} would be overwritten beside it; "
+                f"--output {output}: the checkpoint's {name} would be overwritten beside it; "
                 "write the fixed checkpoint into another folder"
             )
-        check_companion_free(folder / HF_OPTIMIZER_FILE, output)
+        check_companion_free(folder / name, output)
         state = training.optimizer_file_state
         if resetting:
             notes += _reset_all(training, [((), state)], model, touched)
-        companion = temp_path_for(folder / HF_OPTIMIZER_FILE)  # a fresh file (mkstemp), never a link
+        companion = temp_path_for(folder / name)  # a fresh file (mkstemp), never a link
         torch.save(state, companion)
-        companions.append((companion, folder / HF_OPTIMIZER_FILE))
-        skip = {training.path.name, HF_OPTIMIZER_FILE, output.name}
+        companions.append((companion, folder / name))
+        skip = {training.path.name, name, output.name}
         source = training.optimizer_file.parent
+        others = sorted(f.name for f in source.glob("optimizer_*.bin"))
+        if others:  # accelerate's further optimizers (of further models): not this model's
+            notes.append(f"{', '.join(others)}: another model's optimizer (accelerate), copied as it was")
         for item in sorted(source.iterdir()):
             destination = folder / item.name  # never through a link, never over a file
             if (
@@ -170,15 +183,41 @@ def write_training_checkpoint(
     return notes, companions, copies
 
 
-def resume_check(loaded, optimizer_state: dict, steps: int) -> None:
-    """Load the written optimizer state into an optimizer of its kind over `loaded.runnable` and take
-    `steps` steps with zero gradients: the updates the stored moments make on their own when training
-    resumes (zero after a reset). The caller rescans the model afterwards."""
+def reset_folder_optimizer(
+    source: Path, out: Path, model: nn.Module, strategy: str, touched: dict, trust_pickle: bool
+) -> tuple[list[str], list[dict]]:
+    """A Hugging Face Trainer `checkpoint-N/` folder fixed as a model folder: its `optimizer.pt` (already
+    copied into `out` with the folder's other files) is written again with the moments of the rewritten
+    entries reset. Returns notes and the optimizer states written (none: no optimizer.pt)."""
+    file = Path(source) / HF_OPTIMIZER_FILE
+    if not file.is_file() or copyable_reason(file, Path(source)) is not None:
+        return [], []  # (a link out of the folder was not copied either, and said so)
+    checkpoint = torch_load(file, "cpu", trust_pickle)
+    states = find_optimizer_states(checkpoint)
+    if not states:
+        return [], []
+    if strategy not in RESETTING_STRATEGIES:
+        return [f"--strategy {strategy}: {HF_OPTIMIZER_FILE} was copied as it was"], [s for _, s in states]
+    notes = _reset_all(None, states, model, touched)
+    target = Path(out) / HF_OPTIMIZER_FILE
+    temp = temp_path_for(target)
+    torch.save(checkpoint, temp)
+    temp.replace(target)
+    notes.append("the folder's other files (scheduler, trainer state, RNG states, …) copied as they were")
+    return notes, [s for _, s in states]
+
+
+def resume_check(loaded, optimizer_states: list[dict], steps: int) -> None:
+    """Load each written optimizer state (a GAN's two, …) into an optimizer of its kind over
+    `loaded.runnable` and take `steps` steps of all of them with zero gradients: the updates the stored
+    moments make on their own when training resumes (zero after a reset). The caller rescans the model
+    afterwards."""
     model = loaded.runnable
-    mapping = map_parameters(optimizer_state, model)
-    optimizer = optimizer_for(optimizer_state, model, mapping)
+    optimizers = [optimizer_for(state, model, map_parameters(state, model)) for state in optimizer_states]
     for _ in range(steps):
         for parameter in model.parameters():
             parameter.grad = torch.zeros_like(parameter)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.wiring.model import UnitWiring, input_columns
-from deadrelu_cli.wiring.torch import BATCH_NORM, eager_wiring, named_tensor
+from deadrelu_cli.wiring.torch import BATCH_NORM, eager_wiring, named_tensor, write_conflict
 
 
 def install_substitutes(
@@ -32,6 +32,7 @@ def install_substitutes(
     """
     probe = EagerProbe(model, ProbeSettings())
     probe.substitutes = dict(substitutes)
+    probe.recording = False  # the other sites must stay plain ops (torch.export cannot trace the counting)
     probe.attach()  # the hooks stay for the module's lifetime
     active = []
 
@@ -64,6 +65,10 @@ def patch_module(
     return install_substitutes(
         copy.deepcopy(module), {name: substitute_for(strategy, slope) for name in layers}
     )
+
+
+def _layer(report, name: str):
+    return report.layer(name) if report is not None else None
 
 
 def _fresh_rows(weight: torch.Tensor, seed: int) -> torch.Tensor:
@@ -99,6 +104,7 @@ def reinit(
         plans,
         options,
         touched,
+        report,
     )
 
 
@@ -108,6 +114,7 @@ def reinit_units(
     plans: list[LayerPlan],
     options: FixOptions,
     touched: Touched | None = None,
+    report=None,
 ) -> list[LayerOutcome]:
     """ReDo: re-initialise dead units' incoming weights, zero their bias and their outgoing weights
     (BatchNorm after them reset to identity), so the model's outputs do not change. `model` resolves
@@ -122,15 +129,25 @@ def reinit_units(
             if isinstance(wire, str):
                 outcome.action = wire
                 continue
+            bn = wire.batchnorm
+            bn_names = [bn.weight, bn.bias, bn.running_mean, bn.running_var] if bn is not None else []
+            names = [wire.weight.name, wire.bias, *bn_names, wire.consumer_weight.name]
+            conflict = write_conflict(model, names, report, _layer(report, plan.name))
+            if conflict:
+                outcome.action = conflict
+                continue
             weight, bias = named_tensor(model, wire.weight.name), named_tensor(model, wire.bias)
             consumer_weight = named_tensor(model, wire.consumer_weight.name)
-            per_unit = wire.per_unit(plan.all_units, consumer_weight.shape[1])
+            try:
+                per_unit = wire.per_unit(plan.all_units, consumer_weight.shape[1])
+            except ValueError as exc:
+                outcome.action = f"skipped: {exc}"
+                continue
             units = torch.tensor(plan.units, dtype=torch.long, device=weight.device)
             fresh = _fresh_rows(weight, options.seed * 7919 + index)
             weight[units] = fresh[units]
             if bias is not None:
                 bias[units] = 0.0
-            bn = wire.batchnorm
             if bn is not None:
                 for name, value in (
                     (bn.weight, 1.0),
@@ -213,6 +230,10 @@ def bias_shift(
             if not isinstance(bias, torch.Tensor):
                 outcome.action = "skipped: no bias to shift (no single producer, or it has bias=False)"
                 continue
+            conflict = write_conflict(model, [f"{layer.producer}.bias"], report, layer)
+            if conflict:
+                outcome.action = conflict
+                continue
             q = torch.tensor(quantiles[plan.name], dtype=torch.float64)
             # after the shift, exactly the values above the quantile are > 0
             shift = (-q).to(bias.dtype)
@@ -294,6 +315,10 @@ def prune_plan(
         if isinstance(wiring, str):
             outcome.action = wiring
             continue
+        conflict = write_conflict(model, [], report, layer)  # narrowing a shared module narrows every site
+        if conflict:
+            outcome.action = conflict
+            continue
         incoming_name, consumer_name = wiring.owner, wiring.consumer
         bn_name = wiring.batchnorm.owner if wiring.batchnorm is not None else ""
         if len(plan.units) == plan.all_units:
@@ -301,7 +326,13 @@ def prune_plan(
                 "skipped: every unit is dead; removing the whole layer changes the architecture too much"
             )
             continue
-        per_unit = wiring.per_unit(plan.all_units, named_tensor(model, wiring.consumer_weight.name).shape[1])
+        try:
+            per_unit = wiring.per_unit(
+                plan.all_units, named_tensor(model, wiring.consumer_weight.name).shape[1]
+            )
+        except ValueError as exc:
+            outcome.action = f"skipped: {exc}"
+            continue
         kept = [u for u in range(plan.all_units) if u not in set(plan.units)]
         for name in [incoming_name] + ([bn_name] if wiring.batchnorm is not None else []):
             keep_out[name] = keep_out.get(name, set(range(plan.all_units))) & set(kept)
@@ -351,8 +382,17 @@ def linear_conv_flops(model: nn.Module, example: tuple, kwargs: dict | None = No
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(*example, **(kwargs or {}))  # the whole example: a static-batch program takes no other
+    # FlopCounterMode's module tracker hooks the backward of every module input that requires grad, which
+    # fails under inference_mode where a module is called with parameters (weight_norm, spectral_norm)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.inference_mode(), counter:
+            model(*example, **(kwargs or {}))  # the whole example: a static-batch program takes no other
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     first = example[0] if example else next(iter((kwargs or {}).values()), None)
     samples = max(1, first.shape[0]) if first is not None and first.dim() else 1
     return int(counter.get_total_flops()) // 2 // samples  # FLOPs count a multiply and an add
@@ -374,7 +414,7 @@ def kick(
     wirings = {
         plan.name: eager_wiring(model, probe, report.layer(plan.name), need_consumer=False) for plan in plans
     }
-    return kick_units(model, wirings, plans, options, touched)
+    return kick_units(model, wirings, plans, options, touched, report)
 
 
 def kick_units(
@@ -383,6 +423,7 @@ def kick_units(
     plans: list[LayerPlan],
     options: FixOptions,
     touched: Touched | None = None,
+    report=None,
 ) -> list[LayerOutcome]:
     """A seeded random push of each dead unit's incoming weights and bias (bias upwards), scaled by
     `kick_scale` times the layer's weight standard deviation."""
@@ -395,6 +436,12 @@ def kick_units(
             wire = wirings[plan.name]
             if isinstance(wire, str):
                 outcome.action = wire
+                continue
+            conflict = write_conflict(
+                model, [wire.weight.name, wire.shift], report, _layer(report, plan.name)
+            )
+            if conflict:
+                outcome.action = conflict
                 continue
             weight = named_tensor(model, wire.weight.name)
             sigma = float(weight.detach().float().std()) * options.kick_scale
