@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.loaders.detect import check_readable_file
+from deadrelu_cli.loaders.detect import check_readable_file, check_torch_file, refuse_ambiguous_names
 from deadrelu_cli.memory import check_fits_in_memory
 
 NUMERIC_KINDS = "biuf"  # bool, int, unsigned, float
@@ -411,9 +411,11 @@ def _open_npy(path: Path) -> list[ArraySource]:
 def _open_npz(path: Path) -> list[ArraySource]:
     try:
         with zipfile.ZipFile(path) as archive:
-            members = [m for m in archive.namelist() if m.endswith(".npy")]
+            names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as exc:
         raise UserError(f"{path}: not a valid .npz archive ({exc})") from None
+    refuse_ambiguous_names(path, names)  # numpy reads the last of two `x.npy`, another reader the first
+    members = [m for m in names if m.endswith(".npy")]
     return [NpzMemberSource(path, m, m[: -len(".npy")]) for m in members]
 
 
@@ -422,6 +424,7 @@ def _open_pt(path: Path) -> list[ArraySource]:
 
     import torch
 
+    check_torch_file(path)  # CRCs, and no zip bomb: torch's reader checks neither
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -446,13 +449,22 @@ def _open_pt(path: Path) -> list[ArraySource]:
             raise UserError(
                 f"{path}: entry {key!r} is a {kind.replace('torch.', '')} tensor; save it dense (.to_dense())"
             )
-        if value.dtype == torch.bfloat16:
-            value = value.float()
-        if value.is_complex() or value.dtype not in data_dtypes:
+        if value.dtype != torch.bfloat16 and (value.is_complex() or value.dtype not in data_dtypes):
             raise UserError(
                 f"{path}: entry {key!r} has dtype {str(value.dtype).replace('torch.', '')}; "
                 "save numbers as float16/32/64, an integer type or bool"
             )
+        # a view whose strides repeat its storage (stride 0) claims any number of samples from a few
+        # stored bytes, which a conversion or the batches would make real: the values must be in the file
+        stored = value.untyped_storage().nbytes() // value.element_size()
+        if value.numel() > stored:
+            raise UserError(
+                f"{path}: entry {key!r} has shape {list(value.shape)} but the file stores only {stored} of its "
+                "values (an expanded view); save it with .contiguous()"
+            )
+        if value.dtype == torch.bfloat16:
+            check_fits_in_memory(tuple(value.shape), np.dtype(np.float32), f"{path}: entry {key!r}")
+            value = value.float()
         return value.detach().cpu().numpy()
 
     if isinstance(obj, torch.Tensor):

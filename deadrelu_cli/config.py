@@ -46,11 +46,31 @@ def find_config(start: Path | None = None) -> Path | None:
     for folder in (directory, *directory.parents):
         own = folder / "deadrelu.toml"
         if own.is_file():
-            return own
+            return _trusted(own)
         pyproject = folder / "pyproject.toml"
         if pyproject.is_file() and _table(pyproject, required=False) is not None:
-            return pyproject
+            return _trusted(pyproject)
     return None
+
+
+def _trusted(path: Path) -> Path:
+    """A settings file found by looking upwards is used only if no one else could have put it there:
+    neither it nor its folder writable by others (a /tmp/deadrelu.toml planted by another user applies
+    to every run under /tmp), and, unless we are root, owned by us or root. --config names one anyway."""
+    import os
+    import stat
+
+    info, folder = path.stat(), path.parent.stat()
+    others = (info.st_mode | folder.st_mode) & stat.S_IWOTH
+    euid = os.geteuid() if hasattr(os, "geteuid") else None
+    foreign = euid not in (None, 0) and info.st_uid not in (euid, 0)
+    if others or foreign:
+        why = "it or its folder is writable by other users" if others else "another user owns it"
+        raise UserError(
+            f"{path}: a settings file found by looking upwards from here, but {why}; pass --config {path} to "
+            "use it, or remove it"
+        )
+    return path
 
 
 def _table(path: Path, required: bool = True) -> dict | None:
@@ -66,6 +86,22 @@ def _table(path: Path, required: bool = True) -> dict | None:
     if table is None and required:
         raise UserError(f"{path}: has no [tool.deadrelu] table")
     return table
+
+
+def check_output_inside(path: Path, key: str, value: str) -> None:
+    """An output a settings file names stays inside the file's folder (links resolved): the file may
+    come with someone else's checkout, and `junit = "../../.bashrc"` would replace a file of yours with
+    text that carries the model's layer names. On the command line (--junit) any path is yours to give."""
+    folder = path.parent.resolve()
+    try:
+        inside = not Path(value).is_absolute() and (folder / value).resolve().is_relative_to(folder)
+    except (OSError, ValueError):  # a NUL byte, a link loop
+        raise UserError(f"{path}: {key} = {value!r} is not a usable file name") from None
+    if not inside:
+        raise UserError(
+            f"{path}: {key} = {value!r} is outside the folder of the settings file; name a file inside it, "
+            f"or give --{key} on the command line"
+        )
 
 
 def table_label(path: Path | str) -> str:
@@ -99,12 +135,18 @@ def load_config(explicit: str | None = None, start: Path | None = None) -> FileC
         # bool is an int to Python: true is no number, but it is the value of an allow-… key
         if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
             raise UserError(f"{path}: {key} = {value!r} has the wrong type")
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        item_type = (int, float) if key == "layer-limits" else str  # {glob = fraction}, [op names]
+        if any(isinstance(item, bool) or not isinstance(item, item_type) for item in items):
+            raise UserError(f"{path}: {key} = {value!r} has the wrong type")
         if key == "layer-limits":
             value = [f"{glob}={limit}" for glob, limit in value.items()]
         if key == "ops" and isinstance(value, list):
             value = ",".join(value)
         if key == "batch-size":
             value = str(value)
+        if key in ("junit", "markdown"):
+            check_output_inside(path, key, value)
         if key in ("baseline", "junit", "markdown"):  # paths are relative to the config file
             value = str(path.parent / value) if not Path(value).is_absolute() else value
         values[name] = value

@@ -136,7 +136,12 @@ def open_data(options: ScanOptions, fmt: str) -> tuple[CalibrationData, dict | N
     from deadrelu_cli.text import tokenized_data
 
     return tokenized_data(
-        options.text, options.model, options.text_field, options.seq_len, options.text_packing
+        options.text,
+        options.model,
+        options.text_field,
+        options.seq_len,
+        options.text_packing,
+        options.trust_pickle,
     )
 
 

@@ -45,12 +45,28 @@ def check_regular_file(path: str | Path, what: str = "input") -> Path:
         raise UserError(f"{path}: no such file; check the {what} path") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    except ValueError:  # a NUL byte in a name from a settings file
+        raise UserError(f"{str(path)!r}: not a usable file name") from None
     kind = special_kind(info.st_mode)
     if kind:
         raise UserError(f"{path}: is {kind}, not a file; give the {what} file itself")
     if stat.S_ISDIR(info.st_mode):
         raise UserError(f"{path}: is a directory; give the {what} file itself")
     return p
+
+
+def check_folder_files(folder: Path, extra: Iterable[Path] = ()) -> None:
+    """Refuse (exit 2) a model folder holding a FIFO, socket or device among its files (or EXTRA, e.g. the
+    shards an index names), from stat alone: the libraries that read the folder open what they find, and
+    opening a FIFO blocks forever (in native code that no signal interrupts)."""
+    for path in [*Path(folder).iterdir(), *extra]:
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue  # a dangling link: the reader says it is missing
+        kind = special_kind(mode)
+        if kind:
+            raise UserError(f"{path}: is {kind}, not a file; a model folder holds plain files")
 
 
 def expand_pattern(pattern: str) -> list[Path]:
@@ -60,11 +76,55 @@ def expand_pattern(pattern: str) -> list[Path]:
     return [Path(pattern)]
 
 
+def folder_roots(folder: Path) -> list[Path]:
+    """Where the files of a model folder may really live: the folder itself, and for a snapshot of the
+    Hugging Face hub cache (`…/snapshots/REV/file -> ../../blobs/HASH`) that cache's blobs."""
+    folder = Path(folder).resolve()
+    roots = [folder]
+    if folder.parent.name == "snapshots":
+        roots.append(folder.parent.parent / "blobs")
+    return roots
+
+
+def copyable_reason(path: Path, folder: Path) -> str | None:
+    """Why a file of someone else's folder must not be copied into an output (None: it may): a link
+    that leaves the folder (`README.md -> ~/.aws/credentials` or `/proc/self/environ` would land in the
+    output, which CI uploads as an artifact), or something that is not a regular file."""
+    target = path.resolve()
+    if not any(target.is_relative_to(root) for root in folder_roots(folder)):
+        return f"a link to {target}, outside the model's folder"
+    try:
+        mode = target.stat().st_mode
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror})"
+    if not stat.S_ISREG(mode):
+        return special_kind(mode) or "not a regular file"
+    return None
+
+
+def copy_folder_file(source: Path, destination: Path, folder: Path) -> str | None:
+    """Copy SOURCE, a file of the input folder FOLDER, to DESTINATION when `copyable_reason` allows it;
+    returns a note naming what was left out instead."""
+    import shutil
+
+    reason = copyable_reason(source, folder)
+    if reason is not None:
+        return f"{source.name} not copied: {reason}; copy it yourself if you trust it"
+    try:
+        shutil.copy2(source.resolve(), destination)
+    except OSError as exc:
+        raise _disk_error(destination, exc) from None
+    return None
+
+
 # --- the output guard ------------------------------------------------------------------------------
 
 
 def _identity(path: Path) -> tuple[Path, tuple[int, int] | None]:
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except ValueError:  # a NUL byte: only a settings file can carry one (argv cannot)
+        raise UserError(f"{str(path)!r}: not a usable file name") from None
     try:
         info = path.stat()
     except OSError:
@@ -132,6 +192,15 @@ def check_writable(label: str, out: Path) -> None:
         raise UserError(f"{label} {out}: is a directory; give a file name")
 
 
+def check_companion_free(final: Path, output: str | Path) -> None:
+    """A file written beside OUT (a training checkpoint's optimizer.pt) never replaces one already there."""
+    if final.exists() or final.is_symlink():
+        raise UserError(
+            f"--output {output}: {final} exists already and the fixed checkpoint's {final.name} would replace "
+            "it (nothing was written); write the fixed checkpoint into another folder"
+        )
+
+
 def refuse_overwrite_of_inputs(output: str | Path, inputs: list[str | Path]) -> None:
     """One output against plain input paths (kept for callers that have no labels)."""
     guard_outputs([("output", output)], [("an input", source) for source in inputs])
@@ -166,6 +235,15 @@ def temp_folder_for(target: str | Path) -> Path:
         raise UserError(f"--output {target}: cannot write there ({exc.strerror})") from None
     folder.chmod(0o777 & ~_umask())
     return folder
+
+
+def give_umask_permissions(folder: Path) -> None:
+    """The files of a folder this run wrote get the permissions a plain open() would give: writers such
+    as safetensors' save_file create theirs 0600 whatever the umask, unreadable to a model server."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def temp_path_for(target: str | Path, label: str = "") -> Path:

@@ -80,7 +80,12 @@ def separator_id(tokenizer, folder: str) -> int:
 
 
 def tokenized_data(
-    path: str, folder: str, field: str = "text", seq_len: int = 128, packing: str = "pad"
+    path: str,
+    folder: str,
+    field: str = "text",
+    seq_len: int = 128,
+    packing: str = "pad",
+    trust_code: bool = False,
 ) -> tuple[CalibrationData, dict]:
     """The calibration data, and what the report records of it (`data.text`)."""
     from deadrelu_cli.loaders.hf_folder import load_tokenizer
@@ -92,7 +97,7 @@ def tokenized_data(
     documents = read_documents(path, field)
     if not documents:
         raise UserError(f"{path}: no documents (one per line, or JSONL with --text-field)")
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, trust_code)
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:

@@ -238,7 +238,9 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
 
                 state = load_file(str(checkpoint.path), device=device)
             else:
-                state = unwrap_checkpoint(torch_load(checkpoint.path, device, options.trust_pickle))
+                state = unwrap_checkpoint(
+                    torch_load(checkpoint.path, device, options.trust_pickle, checked=True)
+                )  # detect_format checked each one above
             load_state_into(model.runnable, state, str(checkpoint.path))
             layers, _ = scan_torch(model, data, options, device)
             results.append(layers)

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from deadrelu_cli.config import FileConfig, load_config
+from deadrelu_cli.config import KEYS, FileConfig, load_config, table_label
 from deadrelu_cli.display import terminal_text
 from deadrelu_cli.errors import GateFailed
 
@@ -19,15 +19,32 @@ def merge_settings(
     """Fill every parameter not given on the command line from the config file; say where each came from."""
     file_config = load_config(config_path)
     sources = {}
+    declared = {param.name: param for param in ctx.command.params}
     for name in params:
         source = ctx.get_parameter_source(name)
         given = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
         if not given and name in file_config.values:
-            params[name] = file_config.values[name]
+            params[name] = _as_flag_would(ctx, declared.get(name), file_config.values[name], file_config)
             sources[name] = _relative(file_config.path)
         else:
             sources[name] = "command line" if given else "default"
     return params, sources, file_config
+
+
+def _as_flag_would(ctx: typer.Context, param, value: Any, file_config: FileConfig) -> Any:
+    """A value from the file through the option's own type and range, as the flag's value would go
+    (`max-dead-units = -1` passed no `min=0`): one check for both."""
+    from deadrelu_cli.errors import UserError
+
+    if param is None:
+        return value
+    try:
+        return param.type_cast_value(ctx, value)
+    except typer.BadParameter as exc:
+        key = next((k for k, (n, _) in KEYS.items() if n == param.name), param.name)
+        reason = getattr(exc, "message", "") or exc.format_message()
+        where = f"{_relative(file_config.path)} {table_label(file_config.path)}".strip()
+        raise UserError(f"{key} = {value!r} in {where}: {reason}") from None
 
 
 def config_file(explicit: str | None) -> str | None:

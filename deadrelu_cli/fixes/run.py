@@ -17,7 +17,14 @@ from deadrelu_cli.backends import backend_of
 from deadrelu_cli.calibration import CalibrationData, open_calibration
 from deadrelu_cli.engine import run_scan_detailed
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.files import commit_temp, guard_outputs, temp_folder_for, temp_path_for
+from deadrelu_cli.files import (
+    check_companion_free,
+    commit_temp,
+    copy_folder_file,
+    guard_outputs,
+    temp_folder_for,
+    temp_path_for,
+)
 from deadrelu_cli.fixes.plan import EXACT_STRATEGIES, STRATEGIES, FixOptions, FixResult, plan_layers
 from deadrelu_cli.options import ScanOptions
 
@@ -75,8 +82,8 @@ def _move_into_place(companions: list[tuple], copies: list[tuple]) -> None:
     """Files that go with OUT (a training checkpoint's optimizer.pt, the rest of its folder)."""
     for temp, final in companions:
         commit_temp(temp, final)
-    for source, destination in copies:
-        shutil.copy2(source, destination)
+    for source, destination in copies:  # checked again now: a link made since is not followed out
+        copy_folder_file(source, destination, source.parent)
 
 
 def _holdout_data(scan_options: ScanOptions, fraction: float) -> CalibrationData:
@@ -268,6 +275,8 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
                 f"(> {options.tolerance:g}): units dead on the scanned data fire on new data"
             )
         if result.verified or options.force:
+            for _, final in result.companions:  # checked when planned; again now, before anything moves
+                check_companion_free(final, output)
             commit_temp(temp, output)
             _move_into_place(result.companions, result.copies)
             result.written = True

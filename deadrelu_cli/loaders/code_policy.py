@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders.detect import check_archive, refuse_ambiguous_names
 
 # Pure tensor math: pointwise, reductions, views and shapes, indexing, creation from numbers, nn ops,
 # linear algebra. Base names (overloads such as `.Tensor` / `.default` are stripped before the lookup).
@@ -206,7 +207,8 @@ def _defined_qualnames(sources: dict[str, ast.Module]) -> tuple[set[str], set[st
     qualnames: set[str] = set()
     methods: set[str] = set()
     for member, tree in sources.items():
-        module = member.split("/code/", 1)[1][: -len(".py")].replace("/", ".")
+        start = member.lower().index("/code/") + len("/code/")  # found case-insensitively, as torch does
+        module = member[start : -len(".py")].replace("/", ".")
         for node in tree.body:
             if isinstance(node, ast.ClassDef | ast.FunctionDef):
                 qualnames.add(f"{module}.{node.name}")
@@ -340,9 +342,11 @@ def torchscript_violations(path: str | Path, data: bytes | None = None) -> Itera
     path = Path(path)
     with zipfile.ZipFile(io.BytesIO(data) if data is not None else path) as archive:
         members = archive.namelist()
+        refuse_ambiguous_names(path, members)  # the bytes torch.jit.load gets, not only the file
         sources: dict[str, ast.Module] = {}
         for member in members:
-            if "/code/" in member and member.endswith(".py"):
+            # names compared as torch's reader finds them: case-insensitively (`CODE/…/m.PY` is code)
+            if "/code/" in member.lower() and member.lower().endswith(".py"):
                 text = archive.read(member).decode("utf-8", errors="replace")
                 try:
                     sources[member] = ast.parse(text)
@@ -355,7 +359,7 @@ def torchscript_violations(path: str | Path, data: bytes | None = None) -> Itera
         for member, tree in sources.items():
             yield from _source_violations(member, tree, qualnames, methods)
         for member in members:
-            if member.endswith(".pkl") and not member.endswith(".debug_pkl"):
+            if member.lower().endswith(".pkl") and not member.lower().endswith(".debug_pkl"):
                 yield from _pickle_violations(path, member, archive.read(member), qualnames)
 
 
@@ -399,10 +403,12 @@ def exported_violations(path: str | Path) -> Iterator[tuple[str, str]]:
     path = Path(path)
     with zipfile.ZipFile(path) as archive:
         members = archive.namelist()
+        refuse_ambiguous_names(path, members)
         graphs = [
             m
             for m in members
-            if ("/models/" in m and m.endswith(".json")) or m.endswith("serialized_exported_program.json")
+            if ("/models/" in m.lower() and m.lower().endswith(".json"))
+            or m.lower().endswith("serialized_exported_program.json")
         ]
         for member in graphs:
             try:
@@ -429,14 +435,15 @@ def _pt2_payload_violations(archive: zipfile.ZipFile, members: list[str]) -> Ite
 
     pickled: list[str] = []
     for member in members:
-        parts = member.split("/")
-        if "aotinductor" in parts or member.endswith((".so", ".dll", ".dylib")):
+        lower = member.lower()  # as torch's reader matches names: case-insensitively
+        parts = lower.split("/")
+        if "aotinductor" in parts or lower.endswith((".so", ".dll", ".dylib")):
             yield ("compiled native code (AOTInductor)", member)
-        elif member.endswith(".pkl") or "/custom_objects/" in member:
+        elif lower.endswith(".pkl") or "/custom_objects/" in lower:
             yield ("a pickled Python object", member)
-        elif "sample_inputs" in parts or member.endswith(".pt"):
+        elif "sample_inputs" in parts or lower.endswith(".pt"):
             pickled.append(member)
-        elif member.endswith(("weights_config.json", "constants_config.json")):
+        elif lower.endswith(("weights_config.json", "constants_config.json")):
             try:
                 config = json.loads(archive.read(member)).get("config", {})
             except (ValueError, AttributeError, RecursionError):
@@ -454,6 +461,8 @@ def _pt2_payload_violations(archive: zipfile.ZipFile, members: list[str]) -> Ite
             payload = archive.read(member)
         except KeyError:
             continue  # torch.export.load reports the missing member itself
+        if payload[:2] == b"PK":  # a torch.save zip inside the archive: checked as the archive was
+            check_archive(Path(f"{archive.filename}:{member}"), data=payload)
         try:
             torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - anything weights_only cannot rebuild would be fully unpickled

@@ -35,19 +35,50 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return 2 <= header_len <= size - 8 and head[8:9] == b"{"
 
 
-def check_archive(path: Path, max_ratio: int = 2000) -> list[str]:
+def refuse_ambiguous_names(path: Path, names: list[str]) -> None:
+    """Two members of one name, or of names that differ only in case: Python's zipfile reads the last of
+    them, torch's reader (miniz, case-insensitive) may read another, so what was checked (the code
+    allowlist, the CRCs) need not be what runs. Such an archive is refused."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = name.casefold()
+        if key in seen:
+            same = "twice" if seen[key] == name else f"as {seen[key]!r} and {name!r}"
+            raise UserError(
+                f"{path}: archive member {name!r} is stored {same}; readers disagree on which one they read, "
+                "refusing the archive"
+            )
+        seen[key] = name
+
+
+def check_torch_file(path: Path) -> None:
+    """What every torch.load of a file from outside goes through first: a zip archive (torch.save's
+    format) is checked as `check_archive` says (torch's reader neither checks CRCs nor bounds what a
+    compressed member expands to); a legacy pickle stream is left to torch (its sizes are checked there)."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if head == b"PK":
+        check_archive(path)
+
+
+def check_archive(path: Path, max_ratio: int = 2000, data: bytes | None = None) -> list[str]:
     """Look at a zip archive (torch.save, TorchScript, .pt2) before any loader touches it: readable
     central directory, member names inside the archive, and no zip bomb (a member that would expand
-    past the memory available, or more than `max_ratio` times its compressed size)."""
+    past the memory available, or more than `max_ratio` times its compressed size). `data`: the
+    archive's bytes (an archive inside another one), PATH then only names it in messages."""
+    import io
+
     from deadrelu_cli.memory import available_memory
 
+    source = io.BytesIO(data) if data is not None else path
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(source) as archive:
             infos = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise UserError(
             f"{path}: a damaged zip archive ({exc}); the checkpoint is truncated or corrupted"
         ) from None
+    refuse_ambiguous_names(path, [info.filename for info in infos])
     total = 0
     for info in infos:
         name = info.filename
@@ -69,15 +100,15 @@ def check_archive(path: Path, max_ratio: int = 2000) -> list[str]:
         raise UserError(
             f"{path}: the archive expands to {total / 2**30:.1f} GiB, more than the memory available"
         )
-    _check_crcs(path)
+    _check_crcs(path, source)
     return [info.filename for info in infos]
 
 
-def _check_crcs(path: Path, chunk: int = 1 << 20) -> None:
+def _check_crcs(path: Path, source, chunk: int = 1 << 20) -> None:
     """Read every member once, streaming, so that zipfile checks its CRC-32: torch's own zip reader does
     not, and a flipped byte in a tensor record would load as a different weight without a word."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(source) as archive:
             for info in archive.infolist():
                 with archive.open(info) as member:
                     while member.read(chunk):
@@ -117,7 +148,7 @@ def detect_format(path: str | Path) -> str:
             for name in names
         ):
             return "exported_program"
-        if any("/code/" in name or name.endswith("constants.pkl") for name in names):
+        if any("/code/" in name.lower() or name.lower().endswith("constants.pkl") for name in names):
             return "torchscript"
         if any(name.endswith("data.pkl") for name in names):
             return TORCH_ZIP

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import check_folder_files
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
 from deadrelu_cli.options import DTYPE_NAMES
 
@@ -80,9 +81,19 @@ def folder_sha256(folder: Path) -> str:
 def model_class(transformers, config, folder: Path):
     """The class the config names (`architectures`), else AutoModel for its model type."""
     for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
+        cls = getattr(transformers, str(name), None)
+        if cls is None:
+            continue  # a class of a later transformers: AutoModel below
+        if (
+            not isinstance(cls, type)
+            or not issubclass(cls, transformers.PreTrainedModel)
+            or cls is transformers.PreTrainedModel
+        ):
+            raise UserError(
+                f"{folder}/config.json: architectures names {name!r}, which is not a transformers model class; "
+                "the folder is damaged or not a model folder"
+            )
+        return cls
     return transformers.AutoModel
 
 
@@ -119,6 +130,7 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
     from concurrent.futures import ThreadPoolExecutor
 
     folder = Path(options.path)
+    check_folder_files(folder, weight_files(folder))
     transformers = import_transformers(folder)
     if not weight_files(folder):
         raise UserError(
@@ -163,7 +175,7 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
     elif options.device != "cpu":
         kwargs["device_map"] = options.device  # straight onto the GPU, shard by shard
     try:
-        model = cls.from_pretrained(str(folder), **kwargs)
+        model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     except ImportError as exc:  # device_map needs accelerate
         raise UserError(f"{folder}: {str(exc).splitlines()[0]} ({EXTRA_HINT})") from None
     except pickle.UnpicklingError:  # transformers reads .bin files with torch.load(weights_only=True)
@@ -171,9 +183,28 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
             f"{folder}: refused to unpickle its .bin weights: they hold more than tensors (unpickling them "
             "could run code); only a folder of plain weights is read, e.g. re-saved as safetensors where you trust it"
         ) from None
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        KeyError,
+        AttributeError,
+        TypeError,
+        IndexError,
+        NotImplementedError,
+    ) as exc:
+        # (AttributeError, TypeError, …: a config.json that does not describe the class it names)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: transformers could not load the model ({text})") from None
+    notes = []
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # filled in at random by transformers (a warning in its log only, which is silenced)
+        shown = ", ".join(missing[:5]) + (", …" if len(missing) > 5 else "")
+        notes.append(
+            f"check the weights: {len(missing)} tensor(s) of {cls.__name__} are in none of the folder's "
+            f"weight files and transformers initialised them at random ({shown}); layers they feed are not "
+            "counted on the checkpoint's weights"
+        )
     if offload is not None:
         model.deadrelu_offload_folder = offload  # removed with the model (the TemporaryDirectory's finaliser)
     model.eval()
@@ -194,6 +225,7 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
         float_dtype=float_dtype.replace("torch.", ""),
         keyword_inputs=accepted,
         extra={"hf_class": type(model).__name__, "device_map": options.device_map},
+        notes=notes,
     )
 
 
@@ -207,15 +239,34 @@ TOKENIZER_FILES = (
 )
 
 
-def load_tokenizer(folder: str | Path):
+def tokenizer_ships_code(folder: Path) -> bool:
+    """Whether tokenizer_config.json names a tokenizer class in a Python file of the folder (auto_map)."""
+    try:
+        document = json.loads((Path(folder) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # transformers says what is wrong with it
+    return isinstance(document, dict) and bool(document.get("auto_map"))
+
+
+def load_tokenizer(folder: str | Path, trust_code: bool = False):
     remedy = "save one there (tokenizer.save_pretrained) or pass tokenized --data (input_ids, attention_mask)"
     if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(
             f"{folder}: no tokenizer in the folder for --text (none of {', '.join(TOKENIZER_FILES)}); {remedy}"
         )
+    check_folder_files(Path(folder))
+    if not trust_code and tokenizer_ships_code(Path(folder)):
+        raise UserError(
+            f"{folder}: the tokenizer's code ships in the folder (auto_map in tokenizer_config.json); pass "
+            "--trust-pickle to run it, only if you trust its source, or pass tokenized --data"
+        )
     transformers = import_transformers(folder)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # trust_remote_code given either way: left None, transformers asks on stdin whether to run the
+        # folder's code, and a piped "y" (or anything a CI step feeds stdin) answers it
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=trust_code
+        )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: no usable tokenizer in the folder for --text ({text})") from None

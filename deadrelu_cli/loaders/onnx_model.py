@@ -10,25 +10,22 @@ from deadrelu_cli.loaders.model import InputSpec, LoadedModel, LoadOptions, file
 
 
 def stored_tensors(model):
-    """Every TensorProto the model stores: initializers and tensor attributes, in subgraphs too (what
-    onnx's external-data helpers walk; their walker is private)."""
-    from onnx import AttributeProto
+    """Every TensorProto the model stores, wherever the message holds one: initializers, tensor
+    attributes, the values and indices of sparse tensors (`sparse_initializer`, `sparse_value`),
+    model-local functions' nodes, training graphs. A generic walk over the protobuf, not a list of
+    fields: a tensor this walk missed would keep its external data, which onnxruntime would then read
+    from wherever the location points (relative to the current directory for a model given as bytes)."""
+    from onnx import TensorProto
 
-    def graph_tensors(graph):
-        yield from graph.initializer
-        for node in graph.node:
-            for attribute in node.attribute:
-                if attribute.type == AttributeProto.TENSOR:
-                    yield attribute.t
-                elif attribute.type == AttributeProto.TENSORS:
-                    yield from attribute.tensors
-                elif attribute.type == AttributeProto.GRAPH:
-                    yield from graph_tensors(attribute.g)
-                elif attribute.type == AttributeProto.GRAPHS:
-                    for subgraph in attribute.graphs:
-                        yield from graph_tensors(subgraph)
-
-    yield from graph_tensors(model.graph)
+    stack = [model]
+    while stack:
+        message = stack.pop()
+        if isinstance(message, TensorProto):
+            yield message
+            continue
+        for field, value in message.ListFields():
+            if field.type == field.TYPE_MESSAGE:
+                stack.extend([value] if hasattr(value, "ListFields") else value)
 
 
 def _check_external_locations(model, path: Path) -> None:
@@ -39,14 +36,19 @@ def _check_external_locations(model, path: Path) -> None:
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (root / location).resolve()
+        try:
+            target = (root / location).resolve()
+        except (OSError, ValueError):  # a NUL byte, a link loop
+            raise UserError(
+                f"{path}: tensor {tensor.name!r} names an invalid external data file ({location!r}); the file is damaged"
+            ) from None
         if Path(location).is_absolute() or not target.is_relative_to(root):
             raise UserError(
                 f"{path}: tensor {tensor.name!r} points outside the model's folder ({location}); refusing to read it"
             )
         if not target.is_file():
             raise UserError(
-                f"external data file {location} of tensor {tensor.name!r} is missing next to the model"
+                f"{path}: external data file {location} of tensor {tensor.name!r} is missing next to the model"
             )
 
 
@@ -72,10 +74,7 @@ def read_onnx(path: str, keep_bytes: dict | None = None):
     _check_external_locations(model, p)
     external = _has_external_data(model)
     if external:
-        try:
-            onnx.load_external_data_for_model(model, str(p.parent))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{path}: cannot read its external data ({exc})") from None
+        _load_external_data(model, p)
     inlined = bool(model.functions)
     if inlined:  # activations inside model-local functions become call sites of the main graph
         import onnx.inliner
@@ -126,6 +125,64 @@ def has_undecodable_string(message) -> bool:
     except UnicodeDecodeError:
         return True
     return False
+
+
+def _load_external_data(model, path: Path) -> None:
+    """Read every external tensor (those `_check_external_locations` confined to the model's folder)
+    into the model: onnxruntime then gets a self-contained graph and opens no file itself. (onnx's
+    `load_external_data_for_model` skips sparse tensors and functions, which onnxruntime would read.)"""
+    from onnx import TensorProto
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    external = [t for t in stored_tensors(model) if t.data_location == TensorProto.EXTERNAL]
+    _check_external_sizes(external, path)
+    for tensor in external:
+        try:
+            load_external_data_for_tensor(tensor, str(path.parent))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: cannot read its external data ({exc})") from None
+        tensor.data_location = TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _check_external_sizes(tensors, path: Path) -> None:
+    """Before reading a byte: each external tensor's bytes (its shape times its element size, what
+    onnx would read with no `length`) lie inside its file, and all of them fit in memory — a tensor
+    claiming 400 GB of a sparse file inside the folder would otherwise be read whole."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from deadrelu_cli.memory import available_memory
+
+    total = 0
+    for tensor in tensors:
+        if tensor.data_type in (TensorProto.STRING, TensorProto.INT4, TensorProto.UINT4) or (
+            tensor.data_type == getattr(TensorProto, "FLOAT4E2M1", -1)
+        ):
+            continue  # no fixed bytes per element (two values per byte): left to onnx and onnxruntime
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except (KeyError, TypeError, ValueError):
+            continue  # onnx and the size check after loading say what is wrong
+        needed = int(np.prod([int(d) for d in tensor.dims], dtype=object)) * itemsize
+        size = (path.parent / info.get("location", "")).stat().st_size
+        if (
+            offset < 0
+            or offset + (length if length is not None else needed) > size
+            or (length is not None and length != needed)
+        ):
+            raise UserError(
+                f"{path}: tensor {tensor.name!r} claims {needed} bytes of {info.get('location')} at offset {offset}, "
+                f"which holds {size}; the model or its data file is damaged"
+            )
+        total += needed
+    if total > available_memory():
+        raise UserError(
+            f"{path}: its external data are {total / 2**30:.1f} GiB, more than the memory available"
+        )
 
 
 def _has_external_data(model) -> bool:
@@ -198,6 +255,11 @@ def weight_free_skeleton(model):
         if init.name not in known:
             skeleton.graph.input.append(
                 helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+            )
+    for sparse in model.graph.sparse_initializer:  # named by its values tensor
+        if sparse.values.name not in known:
+            skeleton.graph.input.append(
+                helper.make_tensor_value_info(sparse.values.name, sparse.values.data_type, list(sparse.dims))
             )
     return skeleton
 

@@ -20,7 +20,7 @@ from torch import nn
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.arch import build_from_arch
 from deadrelu_cli.loaders.code_policy import check_exported, check_torchscript
-from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP
+from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP, check_torch_file
 from deadrelu_cli.loaders.model import InputSpec, LoadedModel, LoadOptions, file_sha256_async
 
 # Keys under which training scripts nest the weights (timm, Lightning, torchvision references, …).
@@ -38,9 +38,13 @@ STATE_DICT_KEYS = (
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
-def torch_load(path: Path, device: str, trust_pickle: bool):
+def torch_load(path: Path, device: str, trust_pickle: bool, checked: bool = False):
+    """torch.load of a file from outside. `checked`: detect_format has already checked this file's
+    archive in this run (the model itself); any other file (an optimizer.pt beside it) is checked here."""
     from safetensors import SafetensorError
 
+    if not checked:
+        check_torch_file(path)  # CRCs and zip bombs: torch's reader checks neither
     try:
         return torch.load(path, map_location=device, weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
@@ -385,7 +389,7 @@ def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
         loaded.extra.update(layout)
         return loaded
     if fmt in (TORCH_ZIP, TORCH_LEGACY):
-        whole = torch_load(path, device, options.trust_pickle)
+        whole = torch_load(path, device, options.trust_pickle, checked=True)  # by detect_format
         obj = unwrap_checkpoint(whole)
         if isinstance(obj, nn.Module):
             return _with_notes(_eager(path, "module", obj, sha, device), other_weights_note(whole, path))

@@ -14,7 +14,7 @@ import torch
 from deadrelu_cli.backends.torch import strategies as eager
 from deadrelu_cli.backends.torch.inputs import example_inputs, model_call, torch_runner
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.files import write_bytes
+from deadrelu_cli.files import give_umask_permissions, write_bytes
 from deadrelu_cli.fixes.plan import (
     ARTIFACT_SUFFIXES,
     STATE_SUFFIXES,
@@ -236,6 +236,7 @@ def apply_torch(
                 Path(loaded.path), temp, model, options.strategy, touched, scan_options.trust_pickle
             )
             result.notes.extend(notes)
+            give_umask_permissions(temp)  # (safetensors writes its shards 0600)
             if states and options.resume_steps > 0 and options.strategy in ("reinit", "kick"):
                 _check_resume(states, scanned, scan_options, temp, options.resume_steps, outcomes, result)
         elif suffix in ARTIFACT_SUFFIXES:
@@ -305,9 +306,10 @@ def _written_states(training, temp: Path, result, scan_options) -> list[dict]:
     from deadrelu_cli.loaders.torch_models import torch_load
 
     if result.companions:
-        written = torch_load(result.companions[0][0], "cpu", scan_options.trust_pickle)
+        # files this run wrote: no archive check needed
+        written = torch_load(result.companions[0][0], "cpu", scan_options.trust_pickle, checked=True)
     elif training.checkpoint is not None:
-        written = torch_load(temp, "cpu", scan_options.trust_pickle)
+        written = torch_load(temp, "cpu", scan_options.trust_pickle, checked=True)
     else:
         return []
     return [state for _, state in find_optimizer_states(written)]

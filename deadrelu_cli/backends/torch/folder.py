@@ -8,12 +8,12 @@ source stored as pytorch_model.bin gets transformers' own safetensors layout (sa
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import copy_folder_file, copyable_reason
 from deadrelu_cli.loaders.hf_folder import WEIGHT_INDEXES, weight_files
 
 
@@ -41,14 +41,22 @@ def write_model_folder(model: torch.nn.Module, source: Path, out: Path) -> list[
     from safetensors.torch import save_file
 
     source, out = Path(source), Path(out)
-    for path in source.iterdir():
+    notes = []
+    for path in sorted(source.iterdir()):
         if path.is_file() and not _is_weight_file(path):
-            shutil.copy2(path, out / path.name)
+            skipped = copy_folder_file(path, out / path.name, source)
+            if skipped:
+                notes.append(skipped)
     files = weight_files(source)
     if any(f.suffix != ".safetensors" for f in files):
         model.save_pretrained(out, safe_serialization=True)
-        (out / "config.json").write_bytes((source / "config.json").read_bytes())
-        return ["the source held pytorch_model.bin: weights written as safetensors by save_pretrained"]
+        copy_folder_file(
+            source / "config.json", out / "config.json", source
+        )  # the source's, not save_pretrained's
+        return [
+            *notes,
+            "the source held pytorch_model.bin: weights written as safetensors by save_pretrained",
+        ]
     state = model.state_dict()
     prefix = getattr(model, "base_model_prefix", "") or ""
     for file in files:
@@ -71,5 +79,8 @@ def write_model_folder(model: torch.nn.Module, source: Path, out: Path) -> list[
         save_file(tensors, str(out / file.name), metadata=metadata)
     for index in WEIGHT_INDEXES:
         if (source / index).is_file():
-            shutil.copy2(source / index, out / index)
-    return []
+            reason = copyable_reason(source / index, source)
+            if reason is not None:
+                raise UserError(f"{source / index}: {reason}; the folder cannot be written in its layout")
+            copy_folder_file(source / index, out / index, source)
+    return notes

@@ -25,7 +25,7 @@ from deadrelu_cli.backends.torch.optimizer_state import (
     reset_moments,
 )
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.files import temp_path_for
+from deadrelu_cli.files import check_companion_free, copyable_reason, temp_path_for
 from deadrelu_cli.loaders.torch_models import strip_wrapper_prefixes, torch_load, weights_key
 
 RESETTING_STRATEGIES = ("reinit", "kick")
@@ -53,7 +53,7 @@ def read_training_checkpoint(path: Path, fmt: str, trust_pickle: bool) -> Traini
     the Trainer's optimizer.pt or accelerate's optimizer.bin, is beside it)."""
     checkpoint = None
     if fmt == "state_dict":
-        checkpoint = torch_load(path, "cpu", trust_pickle)
+        checkpoint = torch_load(path, "cpu", trust_pickle, checked=True)  # the model, checked when loaded
     beside, optimizer_file_state = None, None
     for name in OPTIMIZER_FILES:
         candidate = path.parent / name
@@ -149,6 +149,7 @@ def write_training_checkpoint(
                 f"--output {output}: the checkpoint's {name} would be overwritten beside it; "
                 "write the fixed checkpoint into another folder"
             )
+        check_companion_free(folder / name, output)
         state = training.optimizer_file_state
         if resetting:
             notes += _reset_all(training, [((), state)], model, touched)
@@ -156,10 +157,11 @@ def write_training_checkpoint(
         torch.save(state, companion)
         companions.append((companion, folder / name))
         skip = {training.path.name, name, output.name}
-        others = sorted(f.name for f in training.optimizer_file.parent.glob("optimizer_*.bin"))
+        source = training.optimizer_file.parent
+        others = sorted(f.name for f in source.glob("optimizer_*.bin"))
         if others:  # accelerate's further optimizers (of further models): not this model's
             notes.append(f"{', '.join(others)}: another model's optimizer (accelerate), copied as it was")
-        for item in sorted(training.optimizer_file.parent.iterdir()):
+        for item in sorted(source.iterdir()):
             destination = folder / item.name  # never through a link, never over a file
             if (
                 item.is_file()
@@ -167,7 +169,13 @@ def write_training_checkpoint(
                 and not destination.exists()
                 and not destination.is_symlink()
             ):
-                copies.append((item, folder / item.name))
+                reason = copyable_reason(item, source)  # never a link out of the checkpoint's folder
+                if reason is None:
+                    copies.append((item, folder / item.name))
+                else:
+                    notes.append(
+                        f"{item.name} not copied beside {output.name}: {reason}; copy it yourself if you trust it"
+                    )
         if copies:
             notes.append(
                 f"copied beside {output.name}: {', '.join(dst.name for _, dst in copies)} (resume from {folder})"
@@ -182,8 +190,8 @@ def reset_folder_optimizer(
     copied into `out` with the folder's other files) is written again with the moments of the rewritten
     entries reset. Returns notes and the optimizer states written (none: no optimizer.pt)."""
     file = Path(source) / HF_OPTIMIZER_FILE
-    if not file.is_file():
-        return [], []
+    if not file.is_file() or copyable_reason(file, Path(source)) is not None:
+        return [], []  # (a link out of the folder was not copied either, and said so)
     checkpoint = torch_load(file, "cpu", trust_pickle)
     states = find_optimizer_states(checkpoint)
     if not states:
