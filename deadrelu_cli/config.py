@@ -46,24 +46,31 @@ def find_config(start: Path | None = None) -> Path | None:
     for folder in (directory, *directory.parents):
         own = folder / "deadrelu.toml"
         if own.is_file():
-            return _trusted(own)
+            return _trusted(own, directory)
         pyproject = folder / "pyproject.toml"
         if pyproject.is_file() and _table(pyproject, required=False) is not None:
-            return _trusted(pyproject)
+            return _trusted(pyproject, directory)
     return None
 
 
-def _trusted(path: Path) -> Path:
-    """A settings file found by looking upwards is used only if no one else could have put it there:
-    neither it nor its folder writable by others (a /tmp/deadrelu.toml planted by another user applies
-    to every run under /tmp), and, unless we are root, owned by us or root. --config names one anyway."""
+def _trusted(path: Path, start: Path) -> Path:
+    """A settings file found by looking upwards is used only if no one could have put it there who could
+    not also have changed the folder we run in (START): a /tmp/deadrelu.toml planted by another user
+    would set the limits of every run under /tmp. So it is refused when
+    * another user owns it: not us, not root, not its folder's owner (who can replace any file in it:
+      root in a container reading a checkout that the runner's uid 1001 owns), or
+    * it or its folder is writable by others, unless START is too, without the sticky bit: in a folder
+      anyone may change (GitLab's Docker executor checks out with umask 0000) the models, data and
+      --arch code are no safer than the settings; in /tmp (sticky) only the settings file could be
+      someone else's. --config names a file anyway."""
     import os
     import stat
 
-    info, folder = path.stat(), path.parent.stat()
-    others = (info.st_mode | folder.st_mode) & stat.S_IWOTH
+    info, folder, here = path.stat(), path.parent.stat(), start.stat()
     euid = os.geteuid() if hasattr(os, "geteuid") else None
-    foreign = euid not in (None, 0) and info.st_uid not in (euid, 0)
+    foreign = euid is not None and info.st_uid not in (euid, 0, folder.st_uid)
+    open_here = here.st_mode & stat.S_IWOTH and not here.st_mode & stat.S_ISVTX
+    others = (info.st_mode | folder.st_mode) & stat.S_IWOTH and not open_here
     if others or foreign:
         why = "it or its folder is writable by other users" if others else "another user owns it"
         raise UserError(
