@@ -4,7 +4,6 @@ a checkout another uid owns, non-UTF-8 logs)."""
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import sys
 
@@ -73,3 +72,35 @@ def test_container_user_reading_a_checkout_another_uid_owns_uses_its_settings(cl
         assert result.code == 2 and "another user owns it" in result.err, result.err
     else:
         print("not root: the foreign-owner half needs chown")
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "cp1252"])
+def test_a_log_that_is_not_utf8_gets_the_table_not_an_internal_error(tmp_path, encoding):
+    """PYTHONIOENCODING=ascii, or a Windows runner's cp1252 pipe: the table's '·', bars and sparklines
+    could not be encoded and every scan ended in "internal error: UnicodeEncodeError", exit 3. The
+    planted units (fc1: 3 of 32, fc2: 3 of 8, README) must still be read in the log, the gate's exit kept."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONIOENCODING", "LC_", "LANG"))}
+    env.update(PYTHONIOENCODING=encoding, PYTHONPATH=str(ROOT), LANG="C", COLUMNS="200")
+    args = ["scan", str(MLP_ONNX), "--data", str(MLP_CALIB), "--max-dead", "0.01", "--json", "-"]
+    done = subprocess.run(
+        [sys.executable, "-m", "deadrelu_cli", *args[:-2], "--markdown", str(tmp_path / "m.md")],
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    out, err = done.stdout.decode(encoding), done.stderr.decode(encoding)
+    assert done.returncode == 1, err
+    assert "internal error" not in err and "gate failed" in err and "above the limit" in err
+    rows = [
+        line.replace("|", " ").split() for line in out.splitlines() if "relu" in line.lower() and "%" in line
+    ]
+    assert [row[2:5] for row in rows] == [["32", "3", "9.4%"], ["8", "3", "37.5%"]], out
+    assert "6/40" in out
+    assert "— gate FAILED" in (tmp_path / "m.md").read_text(encoding="utf-8")  # files stay UTF-8
+    # --json - stays exact: JSON is ASCII-escaped, so no name is replaced
+    done = subprocess.run(
+        [sys.executable, "-m", "deadrelu_cli", *args], capture_output=True, env=env, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    report = __import__("json").loads(done.stdout)
+    assert report["summary"]["dead"] == 6

@@ -9,7 +9,7 @@ import traceback
 
 import typer
 
-from deadrelu_cli.cli.console import make_console
+from deadrelu_cli.cli.console import make_console, survive_narrow_encodings
 from deadrelu_cli.display import terminal_text
 from deadrelu_cli.errors import EXIT_INTERNAL, DeadreluError, one_line
 from deadrelu_cli.version import __version__
@@ -127,6 +127,7 @@ def run_command(argv: list[str] | None = None) -> None:
     args = _join_input_range(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args or os.environ.get("DEADRELU_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
+    survive_narrow_encodings()
     err = make_console(stderr=True, soft_wrap=True)
     set_debug = debug and os.environ.get("DEADRELU_DEBUG") != "1"
     if set_debug:  # for the backends (onnxruntime's own log lines), for this run only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from rich.console import Console
 
@@ -18,3 +19,19 @@ def make_console(stderr: bool = False, soft_wrap: bool = False) -> Console:
     if not console.is_terminal and not os.environ.get("COLUMNS", "").strip().isdigit():
         console.width = UNBOUNDED_WIDTH
     return console
+
+
+def survive_narrow_encodings() -> None:
+    """A log that is not UTF-8 (PYTHONIOENCODING=ascii, a Windows runner's cp1252 pipe) cannot hold the
+    table's bars and dots: they become '?' instead of an internal error. Rich draws its borders in ASCII
+    there by itself; JSON on stdout is ASCII already, so no name in it changes."""
+    import codecs
+
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None)
+        try:
+            utf8 = encoding is not None and codecs.lookup(encoding).name.startswith("utf")
+        except LookupError:
+            utf8 = False
+        if not utf8 and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
