@@ -104,3 +104,21 @@ def test_a_log_that_is_not_utf8_gets_the_table_not_an_internal_error(tmp_path, e
     assert done.returncode == 1, done.stderr
     report = __import__("json").loads(done.stdout)
     assert report["summary"]["dead"] == 6
+
+
+def test_a_read_only_home_adds_no_library_chatter_to_the_ci_log(tmp_path):
+    """A container's non-root user often has a $HOME it cannot write: onnxruntime printed a coloured
+    "Failed to persist telemetry device ID" warning on import (its telemetry, on by default since 1.29,
+    also tried the network), matplotlib two lines about a temporary cache folder. A scan's stderr is
+    deadrelu's own: here, with -q and a passing model, empty; the HTML still written."""
+    (tmp_path / "a-file").write_text("")
+    drop = ("HOME", "XDG_", "MPLCONFIGDIR", "ORT_", "PYTHONIOENCODING", "DEADRELU_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(HOME=str(tmp_path / "a-file" / "home"), PYTHONPATH=str(ROOT))
+    args = ["scan", str(MLP_ONNX), "--data", str(MLP_CALIB), "-q", "--html", str(tmp_path / "r.html")]
+    done = subprocess.run(
+        [sys.executable, "-m", "deadrelu_cli", *args], capture_output=True, env=env, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.decode() == ""
+    assert "6/40" in done.stdout.decode() and (tmp_path / "r.html").stat().st_size > 0

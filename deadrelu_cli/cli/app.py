@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -138,6 +139,12 @@ def run_command(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+        # a CI job whose $HOME is read-only (a container's non-root user): matplotlib says on stderr
+        # that it made a temporary cache folder instead; nothing the user has to act on
+        logging.getLogger("matplotlib").setLevel(logging.ERROR)
+    # onnxruntime >= 1.29 sends telemetry on import, and says in a coloured warning when it cannot keep a
+    # device id in a read-only $HOME; a scan never uses the network (set ORT_DISABLE_TELEMETRY=0 to allow)
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     _terminate_like_interrupt()
     try:
         # not standalone: usage errors come here, to be told in one line like every other error
