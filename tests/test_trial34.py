@@ -122,3 +122,32 @@ def test_a_read_only_home_adds_no_library_chatter_to_the_ci_log(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr.decode() == ""
     assert "6/40" in done.stdout.decode() and (tmp_path / "r.html").stat().st_size > 0
+
+
+@pytest.mark.parametrize("columns", [20, 45])
+def test_a_tiny_columns_keeps_every_layer_name_and_number(cli, tmp_path, monkeypatch, columns):
+    """COLUMNS=20 (or 45) in a CI job: the Layer column was dropped and the Op column cut to "r…", so
+    rows of numbers named no layer. The table is now printed wider than COLUMNS instead (names folded at
+    8 characters); dead counts checked against onnxruntime's own Relu outputs, counted in numpy."""
+    import numpy as np
+    import onnx
+    from truth import onnx_relu_io
+
+    cnn = ROOT / "sample_models" / "cnn"
+    relus = ["/relu/Relu", "/relu_1/Relu", "/Relu"]
+    x = np.load(cnn / "calib.npz")["input"]
+    sites = onnx_relu_io(onnx.load(str(cnn / "model.onnx")), {"input": x}, relus)
+    monkeypatch.setenv("COLUMNS", str(columns))
+    result = cli("scan", cnn / "model.onnx", "--data", cnn / "calib.npz")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("Layer"))
+    width = lines[header].index("Op")
+    end = next(i for i, line in enumerate(lines) if line.startswith("Dead units"))
+    rows = lines[header + 2 : end]
+    assert "".join(row[:width].strip() for row in rows) == "".join(relus)  # folded, every name there
+    numbered = [row[width:].split() for row in rows if row[width:].strip()]
+    for name, cells in zip(relus, numbered, strict=True):
+        pre = sites[name].pre
+        per_unit = np.moveaxis(pre, 1, -1).reshape(-1, pre.shape[1])
+        assert cells[:3] == ["relu", str(per_unit.shape[1]), str(int((per_unit <= 0).all(axis=0).sum()))]

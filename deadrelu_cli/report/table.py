@@ -169,21 +169,26 @@ def layers_table(report: Report, decorated: bool = True, name_width: int = 40) -
     return table
 
 
-def fit_layers_table(report: Report, console: Console) -> Table:
-    """The layers table at the console's width: Rich squeezes a table too wide for it by shrinking the
-    one folding column, the names, to nothing; drop the bar and sparkline first, then fold the names
-    into what the numbers leave (at least 8 characters; below ~60 columns Rich crops the right end)."""
+def fit_layers_table(report: Report, console: Console) -> tuple[Table, int]:
+    """The layers table at the console's width, and the width to print it at: Rich squeezes a table too
+    wide for it by shrinking the one folding column, the names, to nothing; drop the bar and sparkline
+    first, then fold the names into what the numbers leave (at least 8 characters). Narrower than that
+    (COLUMNS=20 in a CI job) Rich would drop the names and crop the numbers: the table is printed wider
+    than the console instead, as a line longer than the window loses nothing."""
 
     def natural(table: Table) -> int:
         return Measurement.get(console, console.options.update_width(1 << 16), table).maximum
 
     table = layers_table(report)
     if natural(table) <= console.width:
-        return table
+        return table, console.width
     table = layers_table(report, decorated=False)
     longest = max(max((len(layer.name) for layer in report.layers), default=8), 5)
     numbers = natural(table) - longest
-    return layers_table(report, decorated=False, name_width=max(8, min(40, console.width - numbers)))
+    names = max(8, min(40, console.width - numbers))
+    return layers_table(report, decorated=False, name_width=names), max(
+        console.width, numbers + min(names, longest)
+    )
 
 
 def _certified_cell(layer: LayerStats) -> str:
@@ -309,7 +314,12 @@ def print_report(report: Report, console: Console, layer_name: str | None = None
     ):
         console.print(certificate_table(report))
     elif report.layers:
-        console.print(fit_layers_table(report, console))
+        table, width = fit_layers_table(report, console)
+        narrow, console.width = console.width, width  # print(width=) only narrows
+        try:
+            console.print(table)
+        finally:
+            console.width = narrow
     else:  # an empty table would read as "all clear"; the notes below say what the model has instead
         ops = ", ".join(report.settings.ops) if report.settings.ops else "the scanned ops"
         console.print(f"No activation site of {ops} in this model: nothing was counted.", style="bold")
