@@ -151,3 +151,22 @@ def test_a_tiny_columns_keeps_every_layer_name_and_number(cli, tmp_path, monkeyp
         pre = sites[name].pre
         per_unit = np.moveaxis(pre, 1, -1).reshape(-1, pre.shape[1])
         assert cells[:3] == ["relu", str(per_unit.shape[1]), str(int((per_unit <= 0).all(axis=0).sum()))]
+
+
+def test_force_color_in_a_ci_log_keeps_colours_but_draws_no_progress_and_full_width(cli, monkeypatch):
+    """FORCE_COLOR=1 (set in CI for coloured logs) made Rich treat the log as a terminal: the progress
+    bar's animation frames (carriage returns, cursor codes) landed in the log, and the table was cut to
+    Rich's default 80 columns, losing the bar and Rates columns a CI log keeps (docs/ci.md)."""
+    import re
+
+    cnn = ROOT / "sample_models" / "cnn"
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    result = cli("scan", cnn / "model.onnx", "--data", cnn / "calib.npz")
+    assert result.code == 0, result.err
+    assert "\x1b[" in result.out  # the colours asked for
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", result.out)
+    header = next(line for line in plain.splitlines() if line.startswith("Layer"))
+    assert header.split()[-1] == "Rates", header
+    assert "scanning" not in result.err and "\r" not in result.err and "\x1b[?25l" not in result.err

@@ -16,7 +16,7 @@ def make_console(stderr: bool = False, soft_wrap: bool = False) -> Console:
     # emoji=False: Rich turns `:warning:` into ⚠ even where markup is escaped, so a layer named
     # `x:warning:y` would show as another name (deadrelu writes no emoji codes of its own)
     console = Console(stderr=stderr, highlight=False, soft_wrap=soft_wrap, emoji=False)
-    if not console.is_terminal and not os.environ.get("COLUMNS", "").strip().isdigit():
+    if not on_a_terminal(console) and not os.environ.get("COLUMNS", "").strip().isdigit():
         console.width = UNBOUNDED_WIDTH
     return console
 
@@ -35,3 +35,14 @@ def survive_narrow_encodings() -> None:
             utf8 = False
         if not utf8 and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
+
+
+def on_a_terminal(console: Console) -> bool:
+    """Whether the console writes to a real terminal. Rich calls any stream a terminal under FORCE_COLOR
+    (set in CI for coloured logs): colours are then kept, but a log gets no progress animation and its
+    tables keep their full width."""
+    isatty = getattr(console.file, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False

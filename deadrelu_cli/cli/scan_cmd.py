@@ -10,13 +10,13 @@ import typer
 from rich.console import Console
 
 from deadrelu_cli.cli import options as opt
-from deadrelu_cli.cli.console import make_console
+from deadrelu_cli.cli.console import make_console, on_a_terminal
 from deadrelu_cli.cli.gating import config_file, run_gate, write_html
 
 
 def _progress_callback(quiet: bool, err: Console):
     """A Rich progress bar on stderr, only when stderr is a terminal."""
-    if quiet or not err.is_terminal:
+    if quiet or not on_a_terminal(err):
         return None, None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
