@@ -170,3 +170,30 @@ def test_force_color_in_a_ci_log_keeps_colours_but_draws_no_progress_and_full_wi
     header = next(line for line in plain.splitlines() if line.startswith("Layer"))
     assert header.split()[-1] == "Rates", header
     assert "scanning" not in result.err and "\r" not in result.err and "\x1b[?25l" not in result.err
+
+
+def test_a_dumb_terminal_gets_no_progress_bar(tmp_path):
+    """TERM=dumb (an editor's shell buffer, some CI consoles): a terminal, but one that cannot redraw a
+    line, so the progress bar could not erase itself and left a blank line (and cursor codes) above the
+    table. Run on a real pseudo-terminal."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR", "NO_COLOR")}
+    env.update(TERM="dumb", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "deadrelu_cli", "scan", str(MLP_ONNX), "--data", str(MLP_CALIB)]
+    with subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=tmp_path) as child:
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert child.wait(timeout=120) == 0
+    os.close(master)
+    text = b"".join(chunks).decode()
+    assert text.startswith(str(MLP_ONNX)) and "scanning" not in text and "\x1b[?25l" not in text, text[:300]

@@ -15,8 +15,9 @@ from deadrelu_cli.cli.gating import config_file, run_gate, write_html
 
 
 def _progress_callback(quiet: bool, err: Console):
-    """A Rich progress bar on stderr, only when stderr is a terminal."""
-    if quiet or not on_a_terminal(err):
+    """A Rich progress bar on stderr, only when stderr is a terminal that can redraw a line (TERM=dumb,
+    an editor's shell buffer, cannot: the bar left a blank line above the table)."""
+    if quiet or not on_a_terminal(err) or err.is_dumb_terminal:
         return None, None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
