@@ -66,9 +66,10 @@ def _trusted(path: Path, start: Path) -> Path:
     import os
     import stat
 
+    if os.name != "posix":  # Windows: st_mode says 0o666/0o777 for every writable file (ACLs decide)
+        return path
     info, folder, here = path.stat(), path.parent.stat(), start.stat()
-    euid = os.geteuid() if hasattr(os, "geteuid") else None
-    foreign = euid is not None and info.st_uid not in (euid, 0, folder.st_uid)
+    foreign = info.st_uid not in (os.geteuid(), 0, folder.st_uid)
     open_here = here.st_mode & stat.S_IWOTH and not here.st_mode & stat.S_ISVTX
     others = (info.st_mode | folder.st_mode) & stat.S_IWOTH and not open_here
     if others or foreign:
