@@ -197,3 +197,25 @@ def test_a_dumb_terminal_gets_no_progress_bar(tmp_path):
     os.close(master)
     text = b"".join(chunks).decode()
     assert text.startswith(str(MLP_ONNX)) and "scanning" not in text and "\x1b[?25l" not in text, text[:300]
+
+
+def test_an_internal_error_without_a_writable_temp_folder_is_still_one_line_and_exit_3(
+    cli, monkeypatch, tmp_path
+):
+    """A read-only container (`docker run --read-only`, no tmpfs): the crash handler's own temp file
+    failed, so an internal error became a FileNotFoundError traceback and exit 1 — read as "gate
+    failed". Now: one line, exit 3, saying to rerun with --debug."""
+    import tempfile
+
+    import deadrelu_cli.config
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(deadrelu_cli.config, "find_config", boom)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+    monkeypatch.chdir(tmp_path)
+    result = cli("scan", MLP_ONNX, "--data", MLP_CALIB)
+    assert result.code == 3
+    assert result.err.count("\n") == 1 and "internal error: RuntimeError: boom" in result.err
+    assert "--debug" in result.err and "Traceback" not in result.err

@@ -176,11 +176,16 @@ def run_command(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if debug:
             traceback.print_exc()
-        with tempfile.NamedTemporaryFile("w", prefix="deadrelu-crash-", suffix=".log", delete=False) as log:
-            traceback.print_exc(file=log)
+        try:
+            with tempfile.NamedTemporaryFile(
+                "w", prefix="deadrelu-crash-", suffix=".log", delete=False
+            ) as log:
+                traceback.print_exc(file=log)
+            where = f"traceback in {log.name}; please report it with that file"
+        except OSError:  # no writable temp folder (a read-only container): still one line, still exit 3
+            where = "no writable temp folder for the traceback: rerun with --debug to see it"
         err.print(
-            f"deadrelu: internal error: {type(exc).__name__}: {one_line(str(exc), 200)} "
-            f"(traceback in {log.name}; please report it with that file)",
+            f"deadrelu: internal error: {type(exc).__name__}: {one_line(str(exc), 200)} ({where})",
             markup=False,
         )
         sys.exit(EXIT_INTERNAL)
