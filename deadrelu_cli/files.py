@@ -225,6 +225,19 @@ def _disk_error(path: str | Path, exc: OSError) -> UserError:
     return UserError(f"{shown}: write failed ({exc.strerror or exc}); nothing was written")
 
 
+def require_temp_folder(what: str) -> None:
+    """WHAT (torch's TorchScript and torch.export loaders, its compiler, matplotlib) needs a writable
+    temporary folder; without one (a read-only container with no tmpfs) each failed in its own way: an
+    ExportedProgram "truncated", TorchScript data that "does not fit", an internal error. Say it once."""
+    try:
+        tempfile.gettempdir()
+    except FileNotFoundError:  # tempfile found no folder it can write to
+        raise UserError(
+            f"{what} needs a writable temporary folder and there is none (/tmp, /var/tmp, the current "
+            "folder are read-only): set TMPDIR to a writable folder, e.g. TMPDIR=$PWD/build"
+        ) from None
+
+
 def temp_folder_for(target: str | Path) -> Path:
     """A new empty folder beside TARGET with the permissions a plain mkdir() would give (not mkdtemp's 0700)."""
     target = Path(target)

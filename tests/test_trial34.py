@@ -219,3 +219,22 @@ def test_an_internal_error_without_a_writable_temp_folder_is_still_one_line_and_
     assert result.code == 3
     assert result.err.count("\n") == 1 and "internal error: RuntimeError: boom" in result.err
     assert "--debug" in result.err and "Traceback" not in result.err
+
+
+def test_no_writable_temp_folder_is_named_not_misreported(cli, monkeypatch, tmp_path):
+    """A read-only container without a tmpfs: torch.export.load and TorchScript need a temp folder, and
+    their failures read as "the file is truncated or from an incompatible torch" and "check that --data
+    fits the model's input" (fix: an internal error). Now one line naming TMPDIR; with TMPDIR set to a
+    writable folder the same scan counts the sample CNN's planted dead units (8 of 36, README)."""
+    import tempfile
+
+    cnn = ROOT / "sample_models" / "cnn"
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: [str(tmp_path / "read-only")])
+    for model in ("model.pt2", "model.torchscript.pt"):
+        result = cli("scan", cnn / model, "--data", cnn / "calib.npz")
+        assert result.code == 2 and result.err.count("\n") == 1, result.err
+        assert "writable temporary folder" in result.err and "TMPDIR" in result.err, result.err
+    (tmp_path / "read-only").mkdir()  # now there is one
+    result = cli("scan", cnn / "model.pt2", "--data", cnn / "calib.npz")
+    assert result.code == 0 and "8/36" in result.out, result.err

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import require_temp_folder
 from deadrelu_cli.loaders.arch import build_from_arch
 from deadrelu_cli.loaders.code_policy import check_exported, check_torchscript
 from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP, check_torch_file
@@ -278,6 +279,7 @@ def graph_module_with_stack(program):
 def _exported(path: Path, sha, device: str, trust_code: bool) -> LoadedModel:
     if not trust_code:  # read the graph before torch runs or unpickles anything from the archive
         check_exported(path)
+    require_temp_folder("loading a .pt2 (torch.export)")
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
@@ -327,6 +329,7 @@ def load_torchscript_archive(path: Path, device: str, trust_code: bool, sha256: 
         raise UserError(f"{path}: the file changed since it was scanned; run the command again")
     if not trust_code:
         check_torchscript(path, data)
+    require_temp_folder("running TorchScript")
     try:
         return torch.jit.load(io.BytesIO(data), map_location=device)
     except Exception as exc:

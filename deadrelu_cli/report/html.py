@@ -49,6 +49,9 @@ def _svg(figure) -> str:
 
 
 def _pyplot():
+    from deadrelu_cli.files import require_temp_folder
+
+    require_temp_folder("the HTML report (matplotlib)")
     import matplotlib
 
     matplotlib.use("Agg", force=True)

@@ -81,6 +81,9 @@ def certify(model: LoadedModel, options: ScanOptions, shapes: list, data, device
 
 
 def apply_fix(scanned, plans, options, scan_options, temp, result):
+    from deadrelu_cli.files import require_temp_folder
+
+    require_temp_folder("fixing a torch model (torch.export)")  # before torch's compiler is imported
     from deadrelu_cli.backends.torch.fix import apply_torch
 
     return apply_torch(scanned, plans, options, scan_options, temp, result)
