@@ -235,6 +235,9 @@ def test_no_writable_temp_folder_is_named_not_misreported(cli, monkeypatch, tmp_
         result = cli("scan", cnn / model, "--data", cnn / "calib.npz")
         assert result.code == 2 and result.err.count("\n") == 1, result.err
         assert "writable temporary folder" in result.err and "TMPDIR" in result.err, result.err
+    # --html: said before the scan, not after its table (matplotlib needs the folder at the end)
+    result = cli("scan", MLP_ONNX, "--data", MLP_CALIB, "--html", tmp_path / "r.html")
+    assert result.code == 2 and "TMPDIR" in result.err and result.out == "", result.out
     (tmp_path / "read-only").mkdir()  # now there is one
     result = cli("scan", cnn / "model.pt2", "--data", cnn / "calib.npz")
     assert result.code == 0 and "8/36" in result.out, result.err

@@ -77,7 +77,7 @@ def scan(
     """
     from deadrelu_cli.engine import run_scan_detailed
     from deadrelu_cli.errors import UserError
-    from deadrelu_cli.files import guard_outputs, write_text_atomic
+    from deadrelu_cli.files import guard_outputs, require_temp_folder, write_text_atomic
     from deadrelu_cli.loaders.arch import arch_file
     from deadrelu_cli.probe.ops import parse_ops
     from deadrelu_cli.report.model import report_to_json
@@ -109,6 +109,8 @@ def scan(
             ("--config", config_file(settings.config)),
         ],
     )
+    if html_out:  # before the scan, not after it (a read-only container without a tmpfs)
+        require_temp_folder("the HTML report (matplotlib)")
     gate = gating.config()
     progress, update = _progress_callback(quiet or (distributed and os.environ.get("RANK", "0") != "0"), err)
     options = opt.scan_options(
