@@ -241,3 +241,14 @@ def test_no_writable_temp_folder_is_named_not_misreported(cli, monkeypatch, tmp_
     (tmp_path / "read-only").mkdir()  # now there is one
     result = cli("scan", cnn / "model.pt2", "--data", cnn / "calib.npz")
     assert result.code == 0 and "8/36" in result.out, result.err
+
+
+def test_columns_zero_still_prints_the_verdict_and_errors(cli, monkeypatch):
+    """COLUMNS=0 (a pseudo-terminal without a size: `docker exec -t`, some runners): Rich took it as a
+    width of 0 and printed only the table — no header, no "Dead units" line, and on stderr neither the
+    gate's reason nor "gate failed". Now it counts as unset (full width in a log)."""
+    monkeypatch.setenv("COLUMNS", "0")
+    result = cli("scan", MLP_ONNX, "--data", MLP_CALIB, "--max-dead", "0.01")
+    assert result.code == 1
+    assert str(MLP_ONNX) in result.out and "Dead units: 6/40 (15.0%)" in result.out, result.out
+    assert "above the limit 1.0%" in result.err and "gate failed" in result.err, result.err

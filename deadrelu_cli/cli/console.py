@@ -16,8 +16,16 @@ def make_console(stderr: bool = False, soft_wrap: bool = False) -> Console:
     # emoji=False: Rich turns `:warning:` into ⚠ even where markup is escaped, so a layer named
     # `x:warning:y` would show as another name (deadrelu writes no emoji codes of its own)
     console = Console(stderr=stderr, highlight=False, soft_wrap=soft_wrap, emoji=False)
-    if not on_a_terminal(console) and not os.environ.get("COLUMNS", "").strip().isdigit():
+    columns = os.environ.get("COLUMNS", "").strip()
+    # COLUMNS=0 (a pseudo-terminal without a size: `docker exec -t`, some runners) is no width: Rich
+    # took it as 0 and printed nothing but the table, not even the gate's verdict or an error
+    sized = columns.isdigit() and int(columns) > 0
+    if not on_a_terminal(console) and not sized:
         console.width = UNBOUNDED_WIDTH
+    elif not sized and console.width < 1:
+        import shutil
+
+        console.width = shutil.get_terminal_size().columns  # asks the terminal when COLUMNS is 0
     return console
 
 
