@@ -11,11 +11,33 @@ from rich.console import Console
 UNBOUNDED_WIDTH = 4096
 
 
+class _TableConsole(Console):
+    """A console that never prints a table narrower than its columns' minimum (their longest word): at
+    COLUMNS=30 Rich cut numbers to "66…" and names to "/r…"; a line longer than the window loses nothing."""
+
+    def print(self, *objects, **kwargs):
+        from rich.measure import Measurement
+        from rich.table import Table
+
+        tables = [o for o in objects if isinstance(o, Table)]
+        if not tables or kwargs.get("width") is not None:
+            return super().print(*objects, **kwargs)
+        options = self.options.update_width(1 << 16)
+        needed = max(Measurement.get(self, options, table).minimum for table in tables)
+        if needed <= self.width:
+            return super().print(*objects, **kwargs)
+        narrow, self.width = self.width, needed
+        try:
+            return super().print(*objects, **kwargs)
+        finally:
+            self.width = narrow
+
+
 def make_console(stderr: bool = False, soft_wrap: bool = False) -> Console:
     """A console for tables and messages: the terminal's width on a TTY, `$COLUMNS` when set, else unbounded."""
     # emoji=False: Rich turns `:warning:` into ⚠ even where markup is escaped, so a layer named
     # `x:warning:y` would show as another name (deadrelu writes no emoji codes of its own)
-    console = Console(stderr=stderr, highlight=False, soft_wrap=soft_wrap, emoji=False)
+    console = _TableConsole(stderr=stderr, highlight=False, soft_wrap=soft_wrap, emoji=False)
     columns = os.environ.get("COLUMNS", "").strip()
     # COLUMNS=0 (a pseudo-terminal without a size: `docker exec -t`, some runners) is no width: Rich
     # took it as 0 and printed nothing but the table, not even the gate's verdict or an error

@@ -317,7 +317,7 @@ def print_report(report: Report, console: Console, layer_name: str | None = None
         table, width = fit_layers_table(report, console)
         narrow, console.width = console.width, width  # print(width=) only narrows
         try:
-            console.print(table)
+            console.print(table, width=width)  # names fold inside it: the width is already chosen
         finally:
             console.width = narrow
     else:  # an empty table would read as "all clear"; the notes below say what the model has instead
