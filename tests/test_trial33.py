@@ -14,8 +14,9 @@ torch = pytest.importorskip("torch")
 
 
 def _hook_counts(model, feed: dict, keep_of) -> dict:
-    """Per ReLU module: (positives per unit, counted rows). Units on the last axis of [B, T, F] (rows
-    kept where `keep_of(name, shape)` [B, T] is true; None: every row) or on axis 1 of [B, C, L]."""
+    """Per ReLU module: (positives per unit, counted rows). Units on the last axis of a feed-forward's
+    [B, T, F], on axis 1 of a conv's [B, C, T]; positions kept where `keep_of(name, shape)` [B, T] is
+    true (None: every position)."""
     captured: dict[str, np.ndarray] = {}
     handles = [
         m.register_forward_hook(
@@ -31,7 +32,9 @@ def _hook_counts(model, feed: dict, keep_of) -> dict:
     out = {}
     for name, a in captured.items():
         keep = keep_of(name, a.shape)
-        if keep is not None:
+        if keep is not None and "feed_forward" not in name and "intermediate" not in name:
+            rows = np.moveaxis(a, 1, -1)[keep.astype(bool)]  # [B, C, T]: units on axis 1, tokens last
+        elif keep is not None:
             rows = a[keep.astype(bool)]
         elif "feed_forward" in name:
             rows = a.reshape(-1, a.shape[-1])
@@ -140,8 +143,8 @@ def test_speech_encoder_counts_the_real_frames_of_padded_audio(kind, cli, tmp_pa
         frame_mask[i, : _frames(n)] = True
     feed = {"input_values": audio, "attention_mask": samples_mask}
 
-    def keep(name, shape):
-        return frame_mask if name.startswith(encoder + "layers.") else None
+    def keep(name, shape):  # the encoder runs on frames: its FFNs and its positional conv
+        return frame_mask if name.startswith(encoder) else None
 
     truth = _hook_counts(model, feed, keep)
     for batch_size in ("auto", "4"):
@@ -210,3 +213,39 @@ def test_units_keep_their_axis_through_transposes_norms_and_slices(cli, tmp_path
     result = cli("scan", tmp_path / "m.pt", "--arch", spec, "--data", tmp_path / "x.npz", "--json", "-")
     assert result.code == 0, result.err
     _assert_counts({layer["name"]: layer for layer in result.json()["layers"]}, truth)
+
+
+def test_units_before_the_token_axis_are_masked(cli, tmp_path):
+    """SqueezeBERT runs its feed-forward as Conv1d on [B, C, T]: the token axis is last, the units on
+    axis 1; padding there is not a position either (it was counted, and called "no token axis")."""
+    torch.manual_seed(2)
+    groups = dict(
+        q_groups=1, k_groups=1, v_groups=1, post_attention_groups=1, intermediate_groups=1, output_groups=1
+    )
+    config = transformers.SqueezeBertConfig(
+        vocab_size=len(VOCAB), hidden_size=16, embedding_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=24, hidden_act="relu", max_position_embeddings=32, pad_token_id=PAD,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **groups,
+    )  # fmt: skip
+    model = transformers.SqueezeBertModel(config).eval()
+    folder = tmp_path / "squeezebert"
+    model.save_pretrained(folder)
+    ids, mask = token_data(samples=8, tokens=10, seed=4)
+    captured = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ReLU):
+            module.register_forward_hook(
+                lambda _m, _a, out, name=name: captured.__setitem__(name, out.numpy())
+            )
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    truth = {}
+    for name, a in captured.items():  # [B, C, T] -> real tokens x units
+        rows = np.moveaxis(a, 1, -1)[mask.astype(bool)]
+        truth[name] = ((rows > 0).sum(0).tolist(), rows.shape[0])
+    for batch_size in ("auto", "3"):
+        layers, report = _scan(
+            cli, tmp_path, folder, "--batch-size", batch_size, input_ids=ids, attention_mask=mask
+        )
+        _assert_counts(layers, truth)
+        assert not [n for n in report["notes"] if n.startswith("position mask not applied")]
