@@ -249,3 +249,16 @@ def test_units_before_the_token_axis_are_masked(cli, tmp_path):
         )
         _assert_counts(layers, truth)
         assert not [n for n in report["notes"] if n.startswith("position mask not applied")]
+
+
+def test_a_mask_of_another_length_than_its_sequence_is_refused(bert_tagger, cli, tmp_path):
+    """It marked nothing: BERT ran with a [4, 9] mask on [4, 10] ids and every position was counted."""
+    folder, _ = bert_tagger
+    data = tmp_path / "short_mask.npz"
+    np.savez(data, input_ids=np.full((4, 10), 5, np.int64), attention_mask=np.ones((4, 9), np.int64))
+    result = cli("scan", folder, "--data", data)
+    assert result.code == 2
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and "[4, 9]" in lines[0] and "'input_ids' has [4, 10]" in lines[0], result.err
+    assert "Traceback" not in result.err
+    assert cli("scan", folder, "--data", data, "--mask", "none").code == 0

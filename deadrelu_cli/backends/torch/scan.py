@@ -17,6 +17,7 @@ from deadrelu_cli.backends.torch.inputs import (
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.inputs import (
+    AUDIO_VALUES,
     DECODER_IDS,
     DECODER_MASK,
     DEFAULT_MASK,
@@ -265,7 +266,7 @@ def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
     (the frames the model itself treats as padding); None for other models."""
     import torch
 
-    if mask is None or mask.array != DEFAULT_MASK or "input_values" not in order:
+    if mask is None or mask.array != DEFAULT_MASK or AUDIO_VALUES not in order:
         return None
     to_frames = getattr(runnable, "_get_feature_vector_attention_mask", None)
     frame_count = getattr(runnable, "_get_feat_extract_output_lengths", None)
