@@ -378,7 +378,7 @@ def _add_reductions(
     def widen(name: str, to: int, stem: str) -> str:
         return builder.node("Cast", [name], stem, to=to)
 
-    from deadrelu_cli.probe.ops import counts_from_output
+    from deadrelu_cli.probe.ops import counts_from_output, threshold_below
 
     from_output = counts_from_output(site.op, threshold) or (
         site.op == "clip" and 0.0 <= threshold < (site.clip_max or np.inf)
@@ -391,7 +391,9 @@ def _add_reductions(
     peak = y if max_from_output and output_only_max(site, threshold) else x
 
     def greater() -> str:
-        thr = builder.const(np.array(threshold, dtype=np_type), "threshold")
+        thr = builder.const(
+            np.array(threshold_below(threshold, np.dtype(np_type)), dtype=np_type), "threshold"
+        )
         return builder.node(
             "Cast", [builder.node("Greater", [source, thr], "gt")], "cast", to=TensorProto.FLOAT
         )
