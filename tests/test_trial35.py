@@ -190,3 +190,30 @@ def test_compile_takes_data_named_after_forwards_argument(cli, tmp_path):
             np.testing.assert_allclose(layer["sum_abs"], t.sum_abs, rtol=1e-5, atol=1e-4)
             np.testing.assert_allclose(layer["max_preactivation"], t.max_pre, rtol=1e-5, atol=1e-5)
     assert truths["act"].dead == [0, 1] and truths["act6"].saturated == [3]
+
+
+def test_bfloat16_safetensors_data_is_read_like_bfloat16_pt_data(cli, tmp_path):
+    """CALIB may be .safetensors, and bf16 is that format's usual dtype; safetensors' numpy reader
+    refuses it, so the scan stopped ("data type 'bf16' not understood") while the same tensor in a .pt
+    was read. Now the values, widened exactly to float32, are counted as numpy counts them."""
+    from safetensors.torch import save_file
+
+    _, formats = _identity_files(tmp_path)
+    torch.manual_seed(3)
+    x = (torch.randn(9, 4) + torch.tensor([0.5, -0.5, -9.0, 0.0])).bfloat16()
+    x[0, 3] = 0.1  # bf16(0.1) = 0.10009765625 > 0.1
+    save_file({"x": x}, tmp_path / "x.safetensors")
+    values = x.double().numpy()  # bf16 -> float64 is exact
+    for what in ("state_dict", "onnx"):
+        for threshold, limit in ((0.0, None), (0.1, 5)):
+            seen = values if limit is None else values[:limit]
+            extra = [] if limit is None else ["--limit", str(limit)]
+            report = _scan(
+                cli, *formats[what], "--data", tmp_path / "x.safetensors", "--threshold", threshold, *extra
+            )
+            assert report["data"]["samples"] == len(seen)
+            for layer in report["layers"]:
+                where = (what, threshold, layer["name"])
+                assert layer["positive_counts"] == (seen > threshold).sum(axis=0).tolist(), where
+                assert layer["max_preactivation"] == seen.max(axis=0).tolist(), where
+                assert layer["dead_indices"] == [2], where
