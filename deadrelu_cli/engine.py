@@ -154,7 +154,8 @@ def mask_notes(layers: list, mask) -> list[str]:
         return []
     shown = ", ".join(unmasked[:5]) + (", …" if len(unmasked) > 5 else "")
     return [
-        f"position mask not applied to {len(unmasked)} layer(s) without a token axis (every element counted): {shown}"
+        f"position mask not applied to {len(unmasked)} layer(s) without a token axis of the mask's length "
+        f"(a pooled head, a conv over pixels or audio, a pooled sequence; every element counted): {shown}"
     ]
 
 

@@ -129,6 +129,7 @@ def resolve_batch_size(
 
 TOKEN_IDS = "input_ids"
 DEFAULT_MASK = "attention_mask"
+AUDIO_VALUES = "input_values"  # a speech model's raw audio [samples, audio samples]
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,13 @@ def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data
         if len(shape) != 2:
             raise UserError(
                 f"{data.path}: the mask array {name!r} has shape {list(shape)}; a mask is [samples, tokens]"
+            )
+    # a mask of another length than the sequence it marks would mark nothing (the model may even run)
+    for name in (TOKEN_IDS, AUDIO_VALUES) if array is not None else ():
+        if name in by_name and len(by_name[name].shape) == 2 and by_name[name].shape != by_name[array].shape:
+            raise UserError(
+                f"{data.path}: the mask array {array!r} has shape {list(by_name[array].shape)} but {name!r} has "
+                f"{list(by_name[name].shape)}: give one mask value per position (or --mask none to count every position)"
             )
     return MaskSpec(array, tuple(int(t) for t in exclude_token_ids))
 

@@ -23,10 +23,11 @@ RUN_VIEW_ELEMENTS = 8192
 class PositionMask:
     """Which token positions of the current batch count: a bool [B, T] (True = kept).
 
-    A site's tensor has the token axis when it is [B, T, ...] with its units after T, or the same
-    flattened to [B*T, ...] (OPT's FFN runs on [B*T, D]); only kept positions are counted there,
+    A site's tensor has the token axis when it is [B, T, ...] with its units after T, the same
+    flattened to [B*T, ...] (OPT's FFN runs on [B*T, D]), or [B, C, T] with its units on axis 1
+    (SqueezeBERT's Conv1d feed-forward, a text CNN); only kept positions are counted there,
     exactly as if the padded positions were not in the data. `select` returns the kept rows with the
-    tensor's rank and unit axis unchanged ([1, K, ...] or [K, ...]), or None for a site without the
+    tensor's rank and unit axis unchanged ([1, K, ...], [K, ...] or [1, C, K]), or None for a site without the
     token axis (a pooled [B, F] head, a conv [N, C, H, W]), which is then counted over every element.
     """
 
@@ -62,7 +63,7 @@ class PositionMask:
         elements on average; each view is reduced while it is in cache). None without the token axis."""
         rank = tensor.dim()
         shape = tuple(tensor.shape)
-        if self.all_kept or tensor.device.type != "cpu":
+        if self.all_kept or tensor.device.type != "cpu" or self._units_first(tensor, channel_dim):
             kept = self.select(tensor, channel_dim)
             return None if kept is None else [kept]
         if rank >= 3 and shape[:2] == (self.batch, self.tokens) and channel_dim >= 2:
@@ -81,9 +82,21 @@ class PositionMask:
         views = [rows[start:stop] for start, stop in runs]
         return [view.unsqueeze(0) for view in views] if lead else views
 
+    def _units_first(self, tensor: torch.Tensor, channel_dim: int) -> bool:
+        """[B, C, T]: units before the token axis (SqueezeBERT's Conv1d FFN, a text CNN)."""
+        shape = tuple(tensor.shape)
+        return (
+            tensor.dim() == 3 and channel_dim % 3 == 1 and (shape[0], shape[2]) == (self.batch, self.tokens)
+        )
+
     def select(self, tensor: torch.Tensor, channel_dim: int) -> torch.Tensor | None:
         rank = tensor.dim()
         shape = tuple(tensor.shape)
+        if self._units_first(tensor, channel_dim):
+            if self.all_kept:
+                return tensor
+            rows = tensor.transpose(0, 1).flatten(1, 2)  # [C, B*T]
+            return rows.index_select(1, self.index(tensor.device)).unsqueeze(0)  # [1, C, kept]
         if rank >= 3 and shape[:2] == (self.batch, self.tokens) and channel_dim >= 2:
             if self.all_kept:
                 return tensor

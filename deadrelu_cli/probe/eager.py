@@ -127,6 +127,36 @@ def _unit_preserving_functions() -> set:
     }
 
 
+def _layout_functions() -> set:
+    """Ops that keep a [B, X, Y] tensor's units but may move their axis (transposes, permutes), or keep
+    the axis while changing the values (layer_norm over the units) or other axes (slicing time off, as
+    wav2vec2's SamePad does): followed so that a Conv1d's channels stay the units after
+    conv -> transpose -> LayerNorm -> transpose -> ReLU."""
+    T = torch.Tensor
+    return {T.transpose, torch.transpose, T.swapaxes, torch.swapaxes, T.permute, torch.permute,
+            F.layer_norm, T.__getitem__}  # fmt: skip
+
+
+def _moved_unit_axis(func, args: tuple, kwargs: dict, axis: int, before, after) -> int | None:
+    """Where a rank-3 tensor's unit axis `axis` is after `func` (see `_layout_functions`), or None when
+    that is not known (another rank, or the op changed the number of units)."""
+    if before.dim() != 3 or after.dim() != 3:
+        return None
+    name = getattr(func, "__name__", "")
+    moved = axis
+    try:
+        if name in ("transpose", "swapaxes"):
+            given = list(args[1:3]) or [kwargs.get("dim0"), kwargs.get("dim1")]
+            a, b = (int(v) % 3 for v in given)
+            moved = b if axis == a else a if axis == b else axis
+        elif name == "permute":
+            dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            moved = [int(d) % 3 for d in (dims or kwargs.get("dims", ()))].index(axis)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return moved if after.shape[moved] == before.shape[axis] else None
+
+
 UNIT_PRESERVING_MODULES: tuple[type, ...] = (
     nn.Dropout,
     nn.Identity,
@@ -161,6 +191,8 @@ class _CallSiteMode(TorchFunctionMode):
                     self.probe.propagate(
                         args[0], out, keep_producer=not any(isinstance(a, torch.Tensor) for a in others)
                     )
+                elif func in self.probe.layout:
+                    self.probe.relayout(func, args, kwargs, out)
                 if func in self.probe.unit_preserving:  # dropout, clone, contiguous are both kinds
                     self.probe.carry_site_output(args[0], out)
                     return out
@@ -222,6 +254,7 @@ class EagerProbe:
         self._produced: dict[int, tuple[weakref.ref, str | None, nn.Module | None, bool]] = {}
         self.pass_through = _pass_through_functions()
         self.unit_preserving = _unit_preserving_functions()
+        self.layout = _layout_functions()
         # activation outputs (and unit-preserving views of them): id -> (weakref, site name)
         self._site_outputs: dict[int, tuple[weakref.ref, str]] = {}
         self.consumers: dict[str, set[str]] = {}  # site -> Linear/Conv modules that read its output
@@ -307,6 +340,16 @@ class EagerProbe:
         if found is not None:
             name, module, channel_first = found if keep_producer else (None, None, found[2])
             self._produced[id(result)] = (weakref.ref(result), name, module, channel_first)
+
+    def relayout(self, func, args: tuple, kwargs: dict, result: torch.Tensor) -> None:
+        """Carry a rank-3 tensor's unit axis through a transpose, permute, layer_norm or slice; the
+        producer is not carried (its bias no longer sits before the activation, or on another axis)."""
+        found = self.origin_of(args[0])
+        if found is None:
+            return
+        axis = _moved_unit_axis(func, args, kwargs, 1 if found[2] else 2, args[0], result)
+        if axis is not None:
+            self._produced[id(result)] = (weakref.ref(result), None, None, axis == 1)
 
     def attach(self) -> list:
         """Register the hooks; returns their handles (see `attached` for the usual, scoped use)."""

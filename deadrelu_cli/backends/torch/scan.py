@@ -17,9 +17,11 @@ from deadrelu_cli.backends.torch.inputs import (
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.inputs import (
+    AUDIO_VALUES,
     DECODER_IDS,
     DECODER_MASK,
     DEFAULT_MASK,
+    TOKEN_IDS,
     batch_mask,
     by_keyword,
     check_shapes,
@@ -156,6 +158,9 @@ def scan_torch(
     # the position mask is an attention_mask that forward() does not take: the model sees the padding
     unseen_padding = mask is not None and mask.array == DEFAULT_MASK and DEFAULT_MASK in data.unfed
     padded = False
+    # token ids without any mask: every position counts; padding there would count as tokens unsaid
+    pad_id = unmasked_pad_id(model, data, mask, options.mask)
+    pad_positions = 0
     if mask is not None and options.compile:
         raise UserError(
             "--compile counts inside the graph, which takes no position mask; drop --compile, or pass --mask none"
@@ -171,6 +176,7 @@ def scan_torch(
             f"the data has {DECODER_IDS} but no {DECODER_MASK}: the decoder's sites ({decoder}.*) count "
             f"every decoder position, padding included; add a {DECODER_MASK} array to count real tokens only"
         )
+    frames = audio_frame_scope(model.runnable, mask, order) if decoder is None else None
     settings = ProbeSettings(
         threshold=options.threshold,
         channel_dim=options.channel_dim,
@@ -196,9 +202,11 @@ def scan_torch(
     context = probe.attached() if hasattr(probe, "attached") else contextlib.nullcontext()
 
     def tensors():
-        nonlocal padded
+        nonlocal padded, pad_positions
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
             padded = padded or (unseen_padding and not np.asarray(batch[DEFAULT_MASK]).all())
+            if pad_id is not None:
+                pad_positions += int(np.count_nonzero(np.asarray(batch[TOKEN_IDS]) == pad_id))
             yield (
                 batch,
                 tuple(
@@ -214,6 +222,9 @@ def scan_torch(
                 if decoder is not None:
                     scoped = None if decoder_kept is None else torch.from_numpy(decoder_kept).to(device)
                     probe.registry.set_position_mask(kept, {decoder: scoped})
+                elif frames is not None:
+                    path, to_frames = frames
+                    probe.registry.set_position_mask(kept, {path: to_frames(kept)})
                 elif mask is not None:
                     probe.registry.set_position_mask(kept)
                 args, kwargs = model_call(model, order, inputs)
@@ -247,9 +258,49 @@ def scan_torch(
     )
     if padded and unseen_note not in model.notes:
         model.notes.append(unseen_note)
+    if pad_positions:
+        model.notes.append(
+            f"the data has {TOKEN_IDS} but no {DEFAULT_MASK}: every position was counted, and {pad_positions} "
+            f"of them hold the model's pad_token_id {pad_id}; if that is padding, add an {DEFAULT_MASK} array "
+            f"(1 on real tokens) or pass --exclude-token-ids {pad_id}"
+        )
     if not layers and not any(note.startswith("the model ran no") for note in model.notes):
         model.notes.append(no_sites_note(model, options.ops))
     return layers, probe
+
+
+def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
+    """Speech encoders (wav2vec2, HuBERT, WavLM, Data2VecAudio, …) take an attention_mask over the raw
+    audio samples but run their transformer on frames, which that mask does not fit: (the encoder's
+    module path, a function from the samples' mask to the frames'), using the library's own mapping
+    (the frames the model itself treats as padding); None for other models."""
+    import torch
+
+    if mask is None or mask.array != DEFAULT_MASK or AUDIO_VALUES not in order:
+        return None
+    to_frames = getattr(runnable, "_get_feature_vector_attention_mask", None)
+    frame_count = getattr(runnable, "_get_feat_extract_output_lengths", None)
+    encoder = getattr(getattr(runnable, "base_model", None), "encoder", None)
+    if not (callable(to_frames) and callable(frame_count) and isinstance(encoder, torch.nn.Module)):
+        return None
+    path = next((name for name, module in runnable.named_modules() if module is encoder and name), None)
+    if path is None:
+        return None
+
+    def frames_of(kept: torch.Tensor) -> torch.Tensor:
+        count = int(frame_count(torch.tensor(kept.shape[1])))
+        return to_frames(count, kept.long()).bool()
+
+    return path, frames_of
+
+
+def unmasked_pad_id(model: LoadedModel, data: CalibrationData, mask, requested: str | None) -> int | None:
+    """The config's pad_token_id when the data's token ids are counted with no mask at all (not asked
+    for with --mask none): where that id occurs, padding may be counted as tokens, which must be said."""
+    if mask is not None or requested == "none" or TOKEN_IDS not in data.names:
+        return None
+    pad_id = getattr(getattr(model.runnable, "config", None), "pad_token_id", None)
+    return pad_id if isinstance(pad_id, int) and not isinstance(pad_id, bool) else None
 
 
 _SMOOTH_ACTIVATIONS = ("SiLU", "GELU", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Mish", "Softplus")
