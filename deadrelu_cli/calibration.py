@@ -182,20 +182,47 @@ class NpyFileSource:
 
 
 class SafetensorsSource:
-    def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(
+        self, path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype, bf16_at: int | None = None
+    ) -> None:
         self.path, self.name, self.shape, self.dtype = path, name, shape, dtype
+        # bf16 (numpy has no such type, safetensors' numpy reader refuses it): the file offset of the
+        # tensor's bytes, read here and widened exactly to float32, as bf16 .pt data is
+        self.bf16_at = bf16_at
 
     def rows(self, start: int, stop: int) -> np.ndarray:
+        if self.bf16_at is not None:
+            return self._bf16_rows(start, stop)
         from safetensors import safe_open
 
         with safe_open(str(self.path), framework="np") as handle:
             return np.asarray(handle.get_slice(self.name)[start:stop])
 
     def whole(self) -> np.ndarray:
+        if self.bf16_at is not None:
+            return self._bf16_rows(0, self.shape[0]) if self.shape else self._bf16_rows(0, 1).reshape(())
         from safetensors import safe_open
 
         with safe_open(str(self.path), framework="np") as handle:
             return handle.get_tensor(self.name)
+
+    def _bf16_rows(self, start: int, stop: int) -> np.ndarray:
+        row = int(np.prod(self.shape[1:], dtype=np.int64)) if self.shape else 1
+        stop = max(start, min(stop, self.shape[0] if self.shape else 1))
+        with open(self.path, "rb") as handle:
+            handle.seek(self.bf16_at + 2 * start * row)
+            raw = np.frombuffer(handle.read(2 * (stop - start) * row), dtype="<u2")
+        wide = (raw.astype(np.uint32) << 16).view(np.float32)  # bf16 is the upper half of a float32
+        return wide.reshape((stop - start, *self.shape[1:]))
+
+
+def _safetensors_data_offsets(path: Path) -> tuple[int, dict]:
+    """Where the tensors' bytes start in a safetensors file, and its header (already read by safe_open)."""
+    import json
+
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return 8 + size, json.loads(handle.read(size))
 
 
 def _row_and_total_bytes(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, int]:
@@ -496,9 +523,15 @@ def _open_safetensors(path: Path) -> list[ArraySource]:
                     "u8": "uint8",
                     "bool": "bool",
                 }
+                shape = tuple(sl.get_shape())
+                if dtype_name == "bf16":
+                    start, header = _safetensors_data_offsets(path)
+                    at = start + int(header[key]["data_offsets"][0])
+                    sources.append(SafetensorsSource(path, key, shape, np.dtype(np.float32), bf16_at=at))
+                    continue
                 np_dtype = np.dtype(mapping.get(dtype_name, dtype_name))
-                sources.append(SafetensorsSource(path, key, tuple(sl.get_shape()), np_dtype))
-    except (SafetensorError, OSError, TypeError) as exc:
+                sources.append(SafetensorsSource(path, key, shape, np_dtype))
+    except (SafetensorError, OSError, TypeError, ValueError, KeyError) as exc:
         raise UserError(f"{path}: cannot read safetensors data ({exc})") from None
     return sources
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.probe.ops import counts_from_output
+from deadrelu_cli.probe.ops import counts_from_output, threshold_below
 from deadrelu_cli.stats import CAPPED_OPS, LayerStats
 
 # a mask's runs of kept rows are reduced as views (no copy) when they average at least this many
@@ -264,7 +264,7 @@ class SiteAccumulator:
                 )
             torch.minimum(self.min_pre, batch_min, out=self.min_pre)
         if not counts_from_output(self.op, threshold):
-            self.positive += _count(pre > threshold, dims)
+            self.positive += _count(pre > threshold_below(threshold, pre.dtype), dims)
         self.elements_per_unit += pre.numel() // units
 
     def observe_post(self, post: torch.Tensor, threshold: float, mask: PositionMask | None = None) -> None:
@@ -300,7 +300,7 @@ class SiteAccumulator:
                     self.sum_abs += _channel_first_reduce(part, dims, torch.sum)  # y >= 0: |y| = y
                 total = None
             else:
-                self.positive += _count(post > threshold, dims)
+                self.positive += _count(post > threshold_below(threshold, post.dtype), dims)
                 total = _channel_first_reduce(post, dims, torch.sum)  # y >= 0: |y| = y
         else:
             total = _sum(post.abs(), dims)
@@ -393,7 +393,7 @@ class SiteAccumulator:
         )
         torch.maximum(self.max_pre, batch_max, out=self.max_pre)
         if not counts_from_output(self.op, threshold):
-            self.positive += (rows > threshold).sum(0)
+            self.positive += (rows > threshold_below(threshold, rows.dtype)).sum(0)
         self.elements_per_unit += rows.shape[0]
         return True
 
@@ -412,7 +412,7 @@ class SiteAccumulator:
             if threshold == 0.0 and rows.is_floating_point() and not self._nan_in_batch:
                 self.positive += rows.bool().sum(0, dtype=torch.int32)  # y >= 0: y.bool() is y > 0
             else:
-                self.positive += (rows > threshold).sum(0)
+                self.positive += (rows > threshold_below(threshold, rows.dtype)).sum(0)
             self.sum_abs += rows.sum(0)  # y >= 0: |y| = y
         else:
             self.sum_abs += rows.abs().sum(0)
@@ -547,7 +547,8 @@ def fused_stats(tensor: torch.Tensor, dims: list[int], threshold: float, site: S
     if update is None:
         update = _FUSED[key] = torch.compile(_fused_update, dynamic=True, fullgraph=True)
     cap = CAPPED_OPS.get(site.op)
-    update(x, site.max_pre, site.positive, site.sum_abs, site.saturated, key, float(threshold), cap)
+    threshold = threshold_below(threshold, x.dtype)
+    update(x, site.max_pre, site.positive, site.sum_abs, site.saturated, key, threshold, cap)
     return True
 
 

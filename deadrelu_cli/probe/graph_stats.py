@@ -17,20 +17,31 @@ from torch import fx
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, infer_channel_dim
 from deadrelu_cli.probe.exported import StaticSite, find_sites
-from deadrelu_cli.probe.ops import counts_from_output, resolve_channel_dim
+from deadrelu_cli.probe.ops import counts_from_output, resolve_channel_dim, threshold_below
 from deadrelu_cli.stats import CAPPED_OPS
 
 aten = torch.ops.aten
 
 
-def export_for_stats(module: torch.nn.Module, example: tuple) -> fx.GraphModule:
+def export_for_stats(
+    module: torch.nn.Module, example: tuple, names: list[str] | None = None
+) -> fx.GraphModule:
     """The module as an FX graph with a dynamic batch axis. On CUDA, torch 2.11 guards convolutions'
-    batch at <= 65535 (cuDNN's limit) and refuses an unbounded Dim: then the range is bounded so."""
+    batch at <= 65535 (cuDNN's limit) and refuses an unbounded Dim: then the range is bounded so.
+    `names`: the example's tensors go to forward() by these names (data arrays named after its
+    arguments); the graph then takes them positionally in that order."""
     program, error = None, None
     for bounds in ({"min": 1}, {"max": 65535}, {"min": 2, "max": 65535}):
         batch = torch.export.Dim("batch", **bounds)
         try:
-            program = torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
+            if names:
+                kwargs = dict(zip(names, example, strict=True))
+                shapes = {name: {0: batch} for name in names}
+                program = torch.export.export(module, (), kwargs=kwargs, dynamic_shapes=shapes)
+            else:
+                program = torch.export.export(
+                    module, example, dynamic_shapes=tuple({0: batch} for _ in example)
+                )
             break
         except Exception as exc:  # torch.export raises many types; the message is what the user needs
             error = error or exc
@@ -89,7 +100,7 @@ class InGraphProbe:
             else 0
         )
         dims = [d for d in range(rank) if d != dim]
-        threshold = self.settings.threshold
+        threshold = threshold_below(self.settings.threshold, value.dtype)
         from_output = counts_from_output(site.op, threshold)
         if site.in_place and not from_output:
             raise UserError(
@@ -128,7 +139,7 @@ class InGraphProbe:
     def _instrument_from_input(self, graph, node, site, pre, dim: int, dims: list[int]) -> list[fx.Node]:
         """Every statistic of a relu/relu6 site read off its input, all inserted before the op (an
         in-place op then still sees its input): x > t is y > t, op(x) >= 0 is |y|, x >= 6 is y >= 6."""
-        threshold = self.settings.threshold
+        threshold = threshold_below(self.settings.threshold, pre.meta["val"].dtype)
         cap = CAPPED_OPS.get(site.op)
         with graph.inserting_before(node):
             maximum = graph.call_function(aten.amax.default, (pre, dims, False))
@@ -153,7 +164,8 @@ class InGraphProbe:
         return outputs
 
     def run(self, inputs: tuple, kwargs: dict | None = None):
-        out, stats = self.runner(*inputs)
+        # keyword inputs (arrays named after forward()'s arguments) by name: the graph was exported so
+        out, stats = self.runner(*inputs, **(kwargs or {}))
         position = 0
         for site, dim, capped in self.sites:
             width = 5 if capped else 4

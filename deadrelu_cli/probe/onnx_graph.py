@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, fused_origin, implicit_relu, nchwc_tensor
+from deadrelu_cli.probe.ops import counts_from_output, threshold_below
 from deadrelu_cli.wiring.onnx import consumer_layout, producer_weight, trace_producer
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, float_type, opset_version
 
@@ -342,6 +343,10 @@ def _add_reductions(
     rank = site.rank or 0
     axes = [d for d in range(rank) if d != channel_dim] if rank > 1 else []
     np_type = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    # the threshold as the largest value of the activation's own type at most it (probe.ops.threshold_below)
+    exact_threshold = threshold_below(
+        threshold, "bfloat16" if elem_type == TensorProto.BFLOAT16 else np.dtype(np_type)
+    )
     x, y = site.input_name, site.output_name
     if site.rank is None:
         # Rank unknown (e.g. inside an If branch that shape inference could not see through): view the
@@ -378,8 +383,6 @@ def _add_reductions(
     def widen(name: str, to: int, stem: str) -> str:
         return builder.node("Cast", [name], stem, to=to)
 
-    from deadrelu_cli.probe.ops import counts_from_output
-
     from_output = counts_from_output(site.op, threshold) or (
         site.op == "clip" and 0.0 <= threshold < (site.clip_max or np.inf)
     )
@@ -391,7 +394,7 @@ def _add_reductions(
     peak = y if max_from_output and output_only_max(site, threshold) else x
 
     def greater() -> str:
-        thr = builder.const(np.array(threshold, dtype=np_type), "threshold")
+        thr = builder.const(np.array(exact_threshold, dtype=np_type), "threshold")
         return builder.node(
             "Cast", [builder.node("Greater", [source, thr], "gt")], "cast", to=TensorProto.FLOAT
         )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
 from deadrelu_cli.errors import UserError
 
 DEFAULT_OPS = ("relu", "relu6")
@@ -122,6 +124,30 @@ def resolve_channel_dim(rank: int, inferred: int, override: int | None) -> int:
     if not -rank <= dim < rank:
         raise UserError(f"--channel-dim {dim} is out of range for an activation of rank {rank}")
     return dim % rank
+
+
+def threshold_below(threshold: float, dtype: object) -> float:
+    """The largest value of the float type `dtype` (a torch or numpy dtype, or its name) at most
+    `threshold`: for every x of that type, x > result exactly when x > threshold. `x > threshold`
+    on a float32 tensor rounds the threshold to the nearest float32 instead, and float32(0.1) is above
+    0.1: a unit whose largest value is float32(0.1) would be dead at --threshold 0.1 although its
+    max pre-activation exceeds it. Other types (integers) and NaN: the threshold as given."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _FLOAT_BITS or threshold != threshold:
+        return float(threshold)
+    if name == "bfloat16":  # the upper half of a float32: truncate the float32 floor toward -inf
+        bits = int(np.array(threshold_below(threshold, "float32"), np.float32).view(np.uint32))
+        if bits & 0xFFFF:
+            bits = (bits & 0xFFFF0000) + (0x10000 if bits >> 31 else 0)  # negative: one step more
+        return float(np.array(bits, np.uint32).view(np.float32))
+    with np.errstate(over="ignore"):
+        nearest = np.array(threshold, dtype=name)
+    if float(nearest) > threshold:
+        nearest = np.nextafter(nearest, np.array(-np.inf, dtype=name))
+    return float(nearest)
+
+
+_FLOAT_BITS = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
 
 
 def counts_from_output(op: str, threshold: float) -> bool:

@@ -23,6 +23,7 @@ from deadrelu_cli.inputs import (
     DEFAULT_MASK,
     TOKEN_IDS,
     batch_mask,
+    by_keyword,
     check_shapes,
     decoder_batch_mask,
     decoder_scope,
@@ -50,12 +51,20 @@ def batch_size_for(
     )
 
 
-def make_probe(model: LoadedModel, settings, compile_graph: bool = False, example: tuple | None = None):
+def make_probe(
+    model: LoadedModel,
+    settings,
+    compile_graph: bool = False,
+    example: tuple | None = None,
+    names: list[str] | None = None,
+):
     if compile_graph:
         from deadrelu_cli.probe.graph_stats import InGraphProbe, export_for_stats
 
         if model.kind == "eager":
-            return InGraphProbe(export_for_stats(model.runnable, example), settings, compile_graph=True)
+            return InGraphProbe(
+                export_for_stats(model.runnable, example, names), settings, compile_graph=True
+            )
         if model.kind == "exported":
             from deadrelu_cli.loaders.torch_models import graph_module_with_stack
 
@@ -178,7 +187,8 @@ def scan_torch(
     example = None
     if options.compile:
         example = example_inputs(model, data, order, device)
-    probe = make_probe(model, settings, options.compile, example)
+    names = list(order) if options.compile and by_keyword(model, order) else None
+    probe = make_probe(model, settings, options.compile, example, names)
     probe.registry.collectors.update(collectors or {})
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     if model.fixed_batch is not None and model.fixed_batch != batch_size:
