@@ -85,6 +85,25 @@ def relu_sites(model) -> dict[str, object]:
     return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.ReLU)}
 
 
+def relu_outputs(model, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The output of every ReLU module on one forward of `feed` (numpy arrays by argument name), as
+    float32 numpy arrays, by module name (plain forward hooks; a module called twice keeps its last)."""
+    captured: dict[str, np.ndarray] = {}
+    handles = [
+        m.register_forward_hook(
+            lambda _m, _a, out, name=name: captured.__setitem__(name, out.float().numpy())
+        )
+        for name, m in relu_sites(model).items()
+    ]
+    try:
+        with torch.no_grad():
+            model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
 def hook_counts(model, ids: np.ndarray, mask: np.ndarray, keep: np.ndarray | None, **extra):
     """Plain forward hooks on the ReLU modules: per site, (positive counts, kept positions) over the
     positions where `keep` is true (every position when None), computed in numpy."""

@@ -19,6 +19,7 @@ from hf_models import (
     hook_counts,
     opt_model,
     plant_pad_only_unit,
+    relu_outputs,
     save_folder,
     token_data,
     transformers,
@@ -448,20 +449,8 @@ def _seq2seq(kind: str):
 def _per_site_counts(model, feed: dict, keep_of) -> dict:
     """Plain hooks on the ReLU modules; per site, positives per unit and kept positions over the
     [B, T] positions `keep_of(site name)` keeps (None: every position), in numpy."""
-    captured: dict[str, np.ndarray] = {}
-    handles = [
-        m.register_forward_hook(
-            lambda _m, _a, out, name=name: captured.__setitem__(name, out.float().numpy())
-        )
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.ReLU)
-    ]
-    with torch.no_grad():
-        model(**{k: torch.from_numpy(v) for k, v in feed.items()})
-    for handle in handles:
-        handle.remove()
     out = {}
-    for name, a in captured.items():
+    for name, a in relu_outputs(model, feed).items():
         keep = keep_of(name)
         rows = a.reshape(-1, a.shape[-1]) if keep is None else a[keep.astype(bool)]
         out[name] = ((rows > 0).sum(0), rows.shape[0])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hf_models import PAD, VOCAB, save_tokenizer, token_data, transformers
+from hf_models import PAD, VOCAB, relu_outputs, save_tokenizer, token_data, transformers
 
 torch = pytest.importorskip("torch")
 
@@ -17,20 +17,8 @@ def _hook_counts(model, feed: dict, keep_of) -> dict:
     """Per ReLU module: (positives per unit, counted rows). Units on the last axis of a feed-forward's
     [B, T, F], on axis 1 of a conv's [B, C, T]; positions kept where `keep_of(name, shape)` [B, T] is
     true (None: every position)."""
-    captured: dict[str, np.ndarray] = {}
-    handles = [
-        m.register_forward_hook(
-            lambda _m, _a, out, name=name: captured.__setitem__(name, out.float().numpy())
-        )
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.ReLU)
-    ]
-    with torch.no_grad():
-        model(**{k: torch.from_numpy(v) for k, v in feed.items()})
-    for handle in handles:
-        handle.remove()
     out = {}
-    for name, a in captured.items():
+    for name, a in relu_outputs(model, feed).items():
         keep = keep_of(name, a.shape)
         if keep is not None and "feed_forward" not in name and "intermediate" not in name:
             rows = np.moveaxis(a, 1, -1)[keep.astype(bool)]  # [B, C, T]: units on axis 1, tokens last
