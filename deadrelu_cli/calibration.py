@@ -64,10 +64,7 @@ class NpzMemberSource:
                 self.shape, fortran, self.dtype = _read_npy_header(stream, f"{path}:{name}")
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:  # e.g. a damaged local header
             raise UserError(f"{path}: array {name!r} is damaged ({exc}); re-create the .npz") from None
-        if fortran and len(self.shape) > 1:
-            raise UserError(
-                f"{path}: array {name!r} is stored in Fortran order; save it C-contiguous (np.ascontiguousarray)"
-            )
+        self.fortran = fortran and len(self.shape) > 1  # rows are not contiguous: read whole (_open_npz)
         self._row_bytes, declared = _row_and_total_bytes(self.shape, self.dtype)
         with zipfile.ZipFile(path) as archive:
             stored = archive.getinfo(member).file_size
@@ -442,8 +439,10 @@ def _open_npz(path: Path) -> list[ArraySource]:
     except (zipfile.BadZipFile, OSError) as exc:
         raise UserError(f"{path}: not a valid .npz archive ({exc})") from None
     refuse_ambiguous_names(path, names)  # numpy reads the last of two `x.npy`, another reader the first
-    members = [m for m in names if m.endswith(".npy")]
-    return [NpzMemberSource(path, m, m[: -len(".npy")]) for m in members]
+    members = [NpzMemberSource(path, m, m[: -len(".npy")]) for m in names if m.endswith(".npy")]
+    # np.savez keeps a Fortran-ordered array (a transpose, a pandas frame's .values) in that order: its
+    # rows are not contiguous in the stream, so it is read whole (CRC-checked) as a .npy of it would be
+    return [InMemorySource(m.name, m.whole()) if m.fortran else m for m in members]
 
 
 def _open_pt(path: Path) -> list[ArraySource]:
@@ -537,13 +536,25 @@ def _open_safetensors(path: Path) -> list[ArraySource]:
 
 
 def open_calibration(path: str, batch_axes: dict[str, int] | None = None, consts: tuple[str, ...] = ()):
-    """One data file, or every file matching a glob (`calib-*.npy`), scanned in sorted order."""
+    """One data file, or every file matching a glob (`calib-*.npy`) or every data file of a folder,
+    scanned in sorted order."""
     if any(ch in str(path) for ch in "*?[") and not Path(path).exists():
         import glob
 
         files = sorted(glob.glob(str(path)))
         if not files:
             raise UserError(f"--data {path}: no file matches this pattern")
+        if len(files) > 1:
+            return MultiFileData(str(path), [open_calibration(f, batch_axes, consts) for f in files])
+        path = files[0]
+    if Path(path).is_dir():  # a folder of data files: every one in it, as the glob FOLDER/* would give
+        files = sorted(
+            str(f) for f in Path(path).iterdir() if f.is_file() and f.suffix.lower() in DATA_SUFFIXES
+        )
+        if not files:
+            raise UserError(
+                f"--data {path}: a folder without data files ({', '.join(DATA_SUFFIXES)}); give a file or a glob"
+            )
         if len(files) > 1:
             return MultiFileData(str(path), [open_calibration(f, batch_axes, consts) for f in files])
         path = files[0]
@@ -571,6 +582,7 @@ def open_calibration(path: str, batch_axes: dict[str, int] | None = None, consts
     return _validate(str(path), sources, batch_axes, consts)
 
 
+DATA_SUFFIXES = (".npz", ".npy", ".pt", ".pth", ".safetensors")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".md")
 
 

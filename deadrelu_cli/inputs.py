@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,9 +44,41 @@ def mismatch(data: CalibrationData, model: LoadedModel, what: str) -> UserError:
     )
 
 
+# arrays a training set keeps beside the inputs: never fed to a model that takes no input of that name
+LABEL_NAMES = frozenset(
+    {"y", "label", "labels", "target", "targets", "class", "classes", "y_true", "label_ids", "targets_onehot"}
+)
+_POSITIONAL = re.compile(r"(?:arr_|input)(\d+)")  # np.savez(f, a, b) -> arr_0, arr_1; a .pt list -> input0, …
+
+
+def label_arrays(model: LoadedModel, names: list[str]) -> tuple[str, ...]:
+    """The data's label arrays (`y`, `labels`, `targets`, …) that name no input of the model."""
+    inputs = set(model.keyword_inputs) | {spec.name for spec in model.inputs}
+    return tuple(n for n in names if n.lower() in LABEL_NAMES and n not in inputs)
+
+
+def labels_note(labels: tuple[str, ...]) -> str:
+    return (
+        f"array(s) {', '.join(labels)} not fed to the model: label names that name no model input "
+        "(only the inputs are replayed; labels play no part in which units fire)"
+    )
+
+
+def positional_arrays(names: list[str], wanted: list[str]) -> list[str] | None:
+    """np.savez's positional arrays (arr_0, arr_1, …) or a .pt list's (input0, …), in their numeric
+    order, when they are exactly one per model input and no array names an input."""
+    numbers = [_POSITIONAL.fullmatch(n) for n in names]
+    if len(wanted) < 2 or len(names) != len(wanted) or not all(numbers) or set(names) & set(wanted):
+        return None
+    if sorted(int(m.group(1)) for m in numbers) != list(range(len(names))):
+        return None
+    return sorted(names, key=lambda n: int(_POSITIONAL.fullmatch(n).group(1)))
+
+
 def match_inputs(model: LoadedModel, data: CalibrationData) -> list[str]:
     """Order the data's arrays as the model's inputs: by name when every array names an argument of
-    forward() (input_ids, attention_mask, pixel_values, …; see `by_keyword`), else positionally."""
+    forward() (input_ids, attention_mask, pixel_values, …; see `by_keyword`), else positionally
+    (one array for one input; np.savez's arr_0, arr_1, … in their order)."""
     unfed = set(getattr(data, "unfed", ()))  # e.g. a --mask array that is not a model input
     names = [n for n in data.names if n not in unfed]
     wanted = [spec.name for spec in model.inputs]
@@ -54,6 +87,9 @@ def match_inputs(model: LoadedModel, data: CalibrationData) -> list[str]:
         return [n for n in accepted if n in names]
     if len(names) == 1 and len(wanted) <= 1:
         return names
+    positional = positional_arrays(names, wanted)
+    if positional:
+        return positional
     if wanted and all(n in names for n in wanted):
         extra = [n for n in names if n not in wanted]
         if extra:
@@ -68,6 +104,33 @@ def match_inputs(model: LoadedModel, data: CalibrationData) -> list[str]:
 def by_keyword(model: LoadedModel, order: list[str]) -> bool:
     """Whether the arrays go to forward() by name (every one names an argument it takes)."""
     return bool(order) and bool(model.keyword_inputs) and all(n in model.keyword_inputs for n in order)
+
+
+def unbatched_advice(shape: tuple[int, ...]) -> str:
+    """For an array that is one sample without its sample axis."""
+    return (
+        f"the array has shape {list(shape)}: one sample without the sample axis? the first axis is samples: "
+        "save it with one (x[None], np.expand_dims(x, 0))"
+    )
+
+
+def channels_last_advice(shape: tuple[int, ...], channels: int | None) -> str:
+    """For 4-D images stored [N, H, W, C] where the model takes [N, C, H, W]."""
+    if len(shape) != 4 or channels is None or shape[-1] != channels or shape[1] == channels:
+        return ""
+    return (
+        "; the data looks channels-last [N, H, W, C]: transpose it to [N, C, H, W] "
+        "(np.transpose(x, (0, 3, 1, 2)); --channels-last changes only the memory format, not the data's layout)"
+    )
+
+
+def shape_advice(got: tuple[int, ...], expected: tuple) -> str:
+    """What to do about data of shape `got` for an input of shape `expected` (None = any size)."""
+    if len(got) == len(expected) - 1 and all(
+        e is None or e == g for e, g in zip(expected[1:], got, strict=True)
+    ):
+        return "; " + unbatched_advice(got)
+    return channels_last_advice(got, expected[1] if len(expected) == 4 else None)
 
 
 def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) -> None:
@@ -85,7 +148,7 @@ def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) ->
                 data,
                 model,
                 f"array {name!r} has shape {list(got)}, the model input {spec.name!r} expects {shown} "
-                "(first axis = samples)",
+                f"(first axis = samples){shape_advice(got, expected)}",
             )
 
 
@@ -184,11 +247,13 @@ def unfed_arrays(mask: MaskSpec | None, data, model: LoadedModel) -> tuple[str, 
     """The data's arrays not passed to the model: the --mask array when the model takes no input of
     that name (it only says which positions count: a loss mask, or the attention_mask that --text
     always makes), and the data's optional arrays (--text's token_type_ids, attention_mask) that
-    forward() does not take (FNet takes no attention_mask, OPT no token_type_ids)."""
+    forward() does not take (FNet takes no attention_mask, OPT no token_type_ids), and label arrays
+    (`label_arrays`) that name no model input."""
     model_inputs = set(model.keyword_inputs) | {spec.name for spec in model.inputs}
     candidates = [mask.array if mask is not None else None]
     if model.keyword_inputs:  # forward()'s arguments are known
         candidates += getattr(data, "optional", ())
+    candidates += label_arrays(model, data.names)
     return tuple(
         dict.fromkeys(name for name in candidates if name and name in data.names and name not in model_inputs)
     )

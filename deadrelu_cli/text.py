@@ -1,7 +1,8 @@
 """`--text FILE`: documents tokenized with the model folder's own tokenizer into calibration data.
 
 Plain text holds one document per line (empty lines skipped); `.jsonl` holds one JSON object per line,
-the document under `--text-field` (default "text"). Two layouts (`--text-packing`):
+the document under `--text-field` (default "text"); a `.json` file holds one such object per line, or
+one array of objects or strings. Two layouts (`--text-packing`):
 
 * pad (default): one document per sample, truncated to `--seq-len` tokens and padded to the longest one
   (the tokenizer's padding side).
@@ -34,10 +35,17 @@ from deadrelu_cli.loaders.detect import check_readable_file
 def read_documents(path: str, field: str) -> list[str]:
     p = check_readable_file(path, "text")
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first document
+        content = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if p.suffix.lower() not in (".jsonl", ".ndjson"):
+    # a line ends at "\n" (or "\r\n") only: str.splitlines would also cut at U+2028, form feeds and
+    # other separators that a document (or a JSON string written with ensure_ascii=False) may hold
+    lines = [line[:-1] if line.endswith("\r") else line for line in content.split("\n")]
+    suffix = p.suffix.lower()
+    if suffix == ".json" and content.lstrip().startswith("["):
+        return _json_array_documents(path, content, field)
+    if suffix not in (".jsonl", ".ndjson", ".json"):
         return [line for line in lines if line.strip()]
     documents = []
     for number, line in enumerate(lines, 1):
@@ -47,11 +55,27 @@ def read_documents(path: str, field: str) -> list[str]:
             record = json.loads(line)
         except ValueError as exc:
             raise UserError(f"{path}:{number}: not a JSON object ({exc})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-            raise UserError(f"{path}:{number}: no string field {field!r} (found: {keys}); pass --text-field")
-        documents.append(record[field])
+        documents.append(_document(path, f"{path}:{number}", record, field))
     return documents
+
+
+def _document(path: str, where: str, record, field: str) -> str:
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+        raise UserError(f"{where}: no string field {field!r} (found: {keys}); pass --text-field")
+    return record[field]
+
+
+def _json_array_documents(path: str, content: str, field: str) -> list[str]:
+    """A .json file holding one array: of strings (one document each) or of objects (--text-field)."""
+    try:
+        records = json.loads(content)
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); give a JSON array of documents, or JSONL") from None
+    return [
+        record if isinstance(record, str) else _document(path, f"{path}: item {index}", record, field)
+        for index, record in enumerate(records)
+    ]
 
 
 PACKINGS = ("pad", "pack")

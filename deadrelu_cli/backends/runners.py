@@ -22,7 +22,11 @@ def runner_for(
         from deadrelu_cli.backends.onnx.scan import runner
 
         return runner(loaded, data, device)
-    from deadrelu_cli.backends.torch.inputs import torch_runner
+    from deadrelu_cli.backends.torch.inputs import detect_float_fed, torch_runner
     from deadrelu_cli.inputs import match_inputs
 
-    return torch_runner(loaded, match_inputs(loaded, data), device)
+    order = match_inputs(loaded, data)
+    detect_float_fed(
+        loaded, data, order, device
+    )  # a model loaded back takes uint8 images as the scan fed them
+    return torch_runner(loaded, order, device)

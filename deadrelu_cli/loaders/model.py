@@ -43,6 +43,8 @@ class LoadedModel:
     float_dtype: str = "float32"
     channels_last: bool = False  # --channels-last: 4-D inputs are converted to NHWC too
     fixed_batch: int | None = None  # graphs exported with a static batch size
+    # integer/bool data arrays the model takes as floats (uint8 images): fed as float_dtype, not int64
+    float_fed: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -10,7 +10,7 @@ import numpy as np
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import unseen_notes
-from deadrelu_cli.inputs import mismatch
+from deadrelu_cli.inputs import label_arrays, labels_note, mismatch, positional_arrays, shape_advice
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
 from deadrelu_cli.probe.onnx_graph import OnnxSite, find_sites
 from deadrelu_cli.stats import LayerStats
@@ -196,9 +196,15 @@ def one_sample_growth(session, output_names: list[str], feeds: dict) -> int | No
 def feed_order(model: LoadedModel, data: CalibrationData) -> dict[str, str]:
     """model input name -> data array name."""
     wanted = [spec.name for spec in model.inputs]
-    names = data.names
+    labels = label_arrays(model, data.names)
+    names = [n for n in data.names if n not in labels]
+    if labels and labels_note(labels) not in model.notes:
+        model.notes.append(labels_note(labels))
     if len(wanted) == 1 and len(names) == 1:
         return {wanted[0]: names[0]}
+    positional = positional_arrays(names, wanted)
+    if positional:
+        return dict(zip(wanted, positional, strict=True))
     missing = [w for w in wanted if w not in names]
     if missing:
         raise mismatch(data, model, f"no array for model input(s) {', '.join(missing)}")
@@ -542,6 +548,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                     shown = "x".join("?" if e is None else str(e) for e in spec.shape)
                     raise UserError(
                         f"{data.path}: array {source.name!r} has shape {list(got)}, model input {spec.name!r} expects {shown} {spec.dtype}"
+                        f"{shape_advice(got, tuple(spec.shape))}"
                     )
     from deadrelu_cli.probe.onnx_deployed import deployed_view
 

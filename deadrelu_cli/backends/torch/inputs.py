@@ -8,7 +8,7 @@ import numpy as np
 
 from deadrelu_cli.calibration import CalibrationData
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.inputs import OutputArrays
+from deadrelu_cli.inputs import OutputArrays, channels_last_advice, unbatched_advice
 from deadrelu_cli.loaders.model import LoadedModel
 from deadrelu_cli.options import DTYPE_NAMES
 
@@ -29,19 +29,48 @@ def first_layer_hint(model: LoadedModel, data: CalibrationData) -> str | None:
     if isinstance(first, nn.Linear) and len(shape) >= 2 and shape[-1] != first.in_features:
         return f"{data.path}: samples have {shape[-1]} features (shape {list(shape)}) but the model's first Linear expects {first.in_features}"
     rank = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}.get(type(first))
+    if rank and len(shape) == rank - 1 and shape[0] == first.in_channels:
+        return f"{data.path}: {unbatched_advice(shape)}"
     if rank and len(shape) == rank and shape[1] != first.in_channels:
-        return f"{data.path}: samples have {shape[1]} channels (shape {list(shape)}) but the model's first Conv expects {first.in_channels}"
+        advice = channels_last_advice(shape, first.in_channels)
+        return f"{data.path}: samples have {shape[1]} channels (shape {list(shape)}) but the model's first Conv expects {first.in_channels}{advice}"
     return None
 
 
-def to_tensor(array: np.ndarray, float_dtype: str, device: str, channels_last: bool = False):
-    """One batch array as a model input on `device`. Runs in the prefetch thread: on CUDA the batch is
+def position_hint(model: LoadedModel, batch: dict[str, np.ndarray], order: list[str]) -> str | None:
+    """After the first batch failed: when its token arrays are longer than the positions the model's
+    config declares (`max_position_embeddings`, GPT-2's `n_positions`), say so and what to pass."""
+    config = getattr(model.runnable, "config", None)
+    limit = next(
+        (
+            v
+            for k in ("max_position_embeddings", "n_positions")
+            if isinstance(v := getattr(config, k, None), int)
+        ),
+        None,
+    )
+    lengths = [batch[name].shape[1] for name in order if name.endswith("input_ids") and batch[name].ndim == 2]
+    if limit is None or not lengths or max(lengths) <= limit:
+        return None
+    return (
+        f"the samples hold {max(lengths)} tokens but the model takes at most {limit} positions "
+        f"(max_position_embeddings in its config.json); pass --seq-len {limit} with --text, or cut the --data arrays"
+    )
+
+
+def to_tensor(
+    array: np.ndarray, float_dtype: str, device: str, channels_last: bool = False, as_float: bool = False
+):
+    """One batch array as a model input on `device` (`as_float`: integer/bool data the model takes as
+    floats, `LoadedModel.float_fed`). Runs in the prefetch thread: on CUDA the batch is
     staged in pinned memory and copied asynchronously, then cast on the GPU, so the copy overlaps the
     model running the previous batch and the host never waits for it."""
     import torch
 
     if not array.flags.writeable or not array.flags.c_contiguous:
         array = np.array(array, order="C")  # torch wants writable memory; the batch is small
+    if as_float and array.dtype.kind in "biu":
+        array = array.astype(np.float32)  # exact for uint8/int8/int16/bool; cast to float_dtype below
     if array.dtype.kind in "iu":
         array = array.astype(np.int64, copy=False)
     tensor = torch.from_numpy(array)
@@ -54,6 +83,58 @@ def to_tensor(array: np.ndarray, float_dtype: str, device: str, channels_last: b
     if channels_last and tensor.dim() == 4:
         tensor = tensor.contiguous(memory_format=torch.channels_last)
     return tensor
+
+
+def model_tensors(model: LoadedModel, batch: dict[str, np.ndarray], order: list[str], device: str) -> tuple:
+    """A batch's arrays as the model's inputs, in `order` (one conversion for the scan, its batch
+    sizing, torch.export's example and a fix's comparison)."""
+    return tuple(
+        to_tensor(batch[name], model.float_dtype, device, model.channels_last, name in model.float_fed)
+        for name in order
+    )
+
+
+# integer arrays that are token ids or masks by their name: fed as int64, never probed as images
+_INTEGER_NAMES = ("input_ids", "mask", "token_type_ids", "position_ids", "labels")
+
+
+def detect_float_fed(model: LoadedModel, data: CalibrationData, order: list[str], device: str) -> None:
+    """Integer or bool data (uint8 images, 0/1 features) for a model that computes in floats: the first
+    sample is run as int64 (token ids, indices) and, when that fails, with those arrays as floats; if
+    that runs, they are fed as floats from then on (`model.float_fed`), with the note an ONNX scan
+    gives. Nothing is counted here (no probe is attached yet)."""
+    import torch
+
+    sources = {s.name: s for s in data.sources}
+    candidates = tuple(
+        name
+        for name in order
+        if np.dtype(sources[name].dtype).kind in "biu" and not any(t in name for t in _INTEGER_NAMES)
+    )
+    if not candidates or model.kind == "onnx":
+        return
+    one = next(data.batches(1))
+
+    def runs() -> bool:
+        args, kwargs = model_call(model, order, model_tensors(model, one, order, device))
+        try:
+            with torch.inference_mode():
+                model.runnable(*args, **kwargs)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            return False
+        return True
+
+    if runs():
+        return
+    model.float_fed = candidates
+    if not runs():
+        model.float_fed = ()  # not a dtype problem: the scan's first batch says what is wrong
+        return
+    for name in candidates:
+        model.notes.append(
+            f"input {name}: data {np.dtype(sources[name].dtype).name} converted to the model's {model.float_dtype} "
+            "as raw values (no scaling); if the model expects normalised inputs, normalise the data first"
+        )
 
 
 def model_call(model: LoadedModel, order: list[str], tensors: tuple) -> tuple[tuple, dict]:
@@ -71,7 +152,7 @@ def example_inputs(
     """The first (up to) two samples, or `samples` (a static batch), as model inputs: what torch.export
     traces with."""
     first = next(data.batches(min(samples or 2, data.samples)))
-    return tuple(to_tensor(first[name], model.float_dtype, device, model.channels_last) for name in order)
+    return model_tensors(model, first, order, device)
 
 
 def apply_channels_last(model: LoadedModel, enabled: bool) -> None:
@@ -116,9 +197,7 @@ def cuda_sample_cost(model: LoadedModel, data: CalibrationData, order: list[str]
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         one = next(data.batches(1))
-        tensors = tuple(
-            to_tensor(one[name], model.float_dtype, device, model.channels_last) for name in order
-        )
+        tensors = model_tensors(model, one, order, device)
         args, kwargs = model_call(model, order, tensors)
         with torch.inference_mode():
             model.runnable(*args, **kwargs)
@@ -133,7 +212,10 @@ def torch_runner(loaded: LoadedModel, order: list[str], device: str):
     import torch
 
     def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-        inputs = tuple(to_tensor(batch[name], loaded.float_dtype, device) for name in order)
+        inputs = tuple(
+            to_tensor(batch[name], loaded.float_dtype, device, as_float=name in loaded.float_fed)
+            for name in order
+        )
         args, kwargs = model_call(loaded, order, inputs)
         with torch.inference_mode():
             out = loaded.runnable(*args, **kwargs)
@@ -175,9 +257,7 @@ def cpu_activation_bytes(model: LoadedModel, data: CalibrationData, order: list[
                 return out
 
         one = next(data.batches(1))
-        tensors = tuple(
-            to_tensor(one[name], model.float_dtype, device, model.channels_last) for name in order
-        )
+        tensors = model_tensors(model, one, order, device)
         args, kwargs = model_call(model, order, tensors)
         try:
             with torch.inference_mode(), Sizes():

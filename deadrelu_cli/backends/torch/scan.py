@@ -9,10 +9,12 @@ import numpy as np
 from deadrelu_cli.backends.torch.inputs import (
     cpu_activation_bytes,
     cuda_sample_cost,
+    detect_float_fed,
     example_inputs,
     first_layer_hint,
     model_call,
-    to_tensor,
+    model_tensors,
+    position_hint,
 )
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
@@ -27,6 +29,8 @@ from deadrelu_cli.inputs import (
     check_shapes,
     decoder_batch_mask,
     decoder_scope,
+    label_arrays,
+    labels_note,
     match_inputs,
     resolve_batch_size,
     resolve_mask,
@@ -155,6 +159,9 @@ def scan_torch(
     mask = resolve_mask(options.mask, options.exclude_token_ids, data)
     # set per scan: the same data may serve another model later
     data.unfed = unfed_arrays(mask, data, model)
+    labels = label_arrays(model, data.names)
+    if labels and labels_note(labels) not in model.notes:
+        model.notes.append(labels_note(labels))
     # the position mask is an attention_mask that forward() does not take: the model sees the padding
     unseen_padding = mask is not None and mask.array == DEFAULT_MASK and DEFAULT_MASK in data.unfed
     padded = False
@@ -167,6 +174,7 @@ def scan_torch(
         )
     order = match_inputs(model, data)
     check_shapes(model, data, order)
+    detect_float_fed(model, data, order, device)
     # an encoder-decoder fed its own decoder tokens: the decoder's sites count on those tokens' positions
     # (the encoder's attention_mask says nothing about them; without decoder_input_ids the decoder runs
     # on the shifted input_ids, whose positions the attention_mask does mark)
@@ -209,9 +217,7 @@ def scan_torch(
                 pad_positions += int(np.count_nonzero(np.asarray(batch[TOKEN_IDS]) == pad_id))
             yield (
                 batch,
-                tuple(
-                    to_tensor(batch[name], model.float_dtype, device, model.channels_last) for name in order
-                ),
+                model_tensors(model, batch, order, device),
                 None if mask is None else torch.from_numpy(batch_mask(mask, batch)).to(device),
                 None if decoder is None else decoder_batch_mask(mask, batch),
             )
@@ -243,6 +249,7 @@ def scan_torch(
                         )
                     raise UserError(
                         first_layer_hint(model, data)
+                        or position_hint(model, batch, order)
                         or f"the model failed on the first batch ({shapes}): {first}; {hint}"
                     ) from exc
                 raise

@@ -1,0 +1,263 @@
+"""trial36: calibration data as people have it (Fortran-ordered arrays, labels beside the inputs,
+np.savez's positional names, uint8 images, a folder of files, one sample without its axis, text files
+with a BOM or Unicode line separators, a .json array, sequences longer than the model's positions).
+
+Truth is computed in each test with plain torch forward hooks and numpy; each test fails on the code
+before the fix it names."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import torch
+
+NETS = """
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 10)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.b = nn.Linear(2, 4)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, image, meta):
+        return self.head(self.act(self.a(image) + 3 * self.b(meta)))
+
+
+def mlp():
+    torch.manual_seed(0)
+    return MLP().eval()
+
+
+def cnn():
+    torch.manual_seed(0)
+    return CNN().eval()
+
+
+def two():
+    torch.manual_seed(0)
+    return Two().eval()
+"""
+
+
+def _model(tmp_path, name):
+    """(the model in eval mode, its state_dict file, the --arch spec that builds it)."""
+    path = tmp_path / "nets.py"
+    path.write_text(NETS)
+    spec = importlib.util.spec_from_file_location(f"trial36_nets_{tmp_path.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = getattr(module, name)()
+    state = tmp_path / f"{name}.pt"
+    torch.save(model.state_dict(), state)
+    return model, state, f"{path}:{name}"
+
+
+def _truth(model, *inputs) -> list[int]:
+    """Positive counts per unit of `model.act`, from a forward hook (units on axis 1, conv or linear)."""
+    seen = {}
+    hook = model.act.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o.detach().numpy()))
+    with torch.no_grad():
+        model(*(torch.as_tensor(x) for x in inputs))
+    hook.remove()
+    out = np.moveaxis(seen["out"], 1, -1)
+    return (out > 0).reshape(-1, out.shape[-1]).sum(0).tolist()
+
+
+def _onnx(model, path, names, example):
+    torch.onnx.export(
+        model,
+        tuple(torch.as_tensor(e) for e in example),
+        path,
+        dynamo=False,
+        input_names=names,
+        dynamic_axes={n: {0: "b"} for n in names},
+    )
+    return path
+
+
+def _counts(cli, *args) -> tuple[list[int], dict]:
+    result = cli("scan", *args, "--json", "-", "-q")
+    assert result.code == 0, result.err
+    report = result.json()
+    (layer,) = [layer for layer in report["layers"] if layer["ran"]]
+    return layer["positive_counts"], report
+
+
+def test_npz_fortran_ordered_array_is_read(cli, tmp_path):
+    """np.savez of a transposed (Fortran-ordered) array was refused; now read, same counts."""
+    model, state, spec = _model(tmp_path, "mlp")
+    x = np.random.default_rng(0).standard_normal((6, 23)).astype(np.float32).T  # F-contiguous [23, 6]
+    np.savez(tmp_path / "f.npz", x=x)
+    counts, report = _counts(cli, str(state), "--arch", spec, "--data", str(tmp_path / "f.npz"), "-b", "4")
+    assert counts == _truth(model, np.ascontiguousarray(x))
+    assert report["data"]["samples"] == 23
+
+
+def test_label_arrays_are_left_out_and_named(cli, tmp_path):
+    """An x/y or images/labels file was refused ("arrays y match no model input"); the label array is
+    now not fed, and a note names it — torch and ONNX alike."""
+    model, state, spec = _model(tmp_path, "mlp")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((17, 6)).astype(np.float32)
+    np.savez(tmp_path / "xy.npz", x=x, y=rng.integers(0, 3, 17))
+    np.savez(tmp_path / "images.npz", images=x, labels=rng.integers(0, 3, 17))
+    onnx_path = _onnx(model, tmp_path / "m.onnx", ["x"], [x[:1]])
+    want = _truth(model, x)
+    for args, label in (
+        ((str(state), "--arch", spec, "--data", str(tmp_path / "xy.npz")), "y"),
+        ((str(state), "--arch", spec, "--data", str(tmp_path / "images.npz")), "labels"),
+        ((str(onnx_path), "--data", str(tmp_path / "xy.npz")), "y"),
+    ):
+        counts, report = _counts(cli, *args)
+        assert counts == want
+        assert any(note.startswith(f"array(s) {label} not fed") for note in report["notes"])
+
+
+def test_savez_positional_arrays_feed_inputs_in_order(cli, tmp_path):
+    """np.savez(f, image, meta) names the arrays arr_0, arr_1: they feed a two-input model in order
+    (they were refused: "no array for model input(s) image, meta")."""
+    model, state, spec = _model(tmp_path, "two")
+    rng = np.random.default_rng(2)
+    image = rng.standard_normal((19, 6)).astype(np.float32)
+    meta = rng.standard_normal((19, 2)).astype(np.float32)
+    np.savez(tmp_path / "pos.npz", image, meta)
+    onnx_path = _onnx(model, tmp_path / "two.onnx", ["image", "meta"], [image[:1], meta[:1]])
+    want = _truth(model, image, meta)
+    assert want != _truth(model, image, meta[::-1].copy())  # the order of the arrays matters here
+    assert _counts(cli, str(state), "--arch", spec, "--data", str(tmp_path / "pos.npz"))[0] == want
+    assert _counts(cli, str(onnx_path), "--data", str(tmp_path / "pos.npz"))[0] == want
+
+
+def test_uint8_images_feed_a_float_torch_model(cli, tmp_path):
+    """uint8 (and bool) data into a float torch model failed ("Input type (long int) and bias type
+    (float)"); it is now fed as float, as the ONNX scan does, with the same note, whatever the batch."""
+    model, state, spec = _model(tmp_path, "cnn")
+    images = np.random.default_rng(3).integers(0, 256, (7, 3, 5, 5), dtype=np.uint8)
+    np.save(tmp_path / "u8.npy", images)
+    want = _truth(model, images.astype(np.float32))
+    for batch in ("1", "3", "auto"):
+        counts, report = _counts(
+            cli, str(state), "--arch", spec, "--data", str(tmp_path / "u8.npy"), "-b", batch
+        )
+        assert counts == want
+        assert any("uint8 converted to the model's float32 as raw values" in n for n in report["notes"])
+    model, state, spec = _model(tmp_path, "mlp")
+    flags = np.random.default_rng(4).random((9, 6)) > 0.5
+    np.save(tmp_path / "b.npy", flags)
+    counts, _ = _counts(cli, str(state), "--arch", spec, "--data", str(tmp_path / "b.npy"))
+    assert counts == _truth(model, flags.astype(np.float32))
+
+
+def test_fix_compares_uint8_fed_models(cli, tmp_path):
+    """`fix` loads the written model back and runs it on the same uint8 data: fed as floats there too."""
+    model, state, spec = _model(tmp_path, "mlp")
+    with torch.no_grad():
+        model.fc1.bias[2] = -1e3  # one dead unit to fix
+    torch.save(model.state_dict(), state)
+    data = np.random.default_rng(5).integers(0, 9, (12, 6), dtype=np.uint8)
+    np.save(tmp_path / "u8.npy", data)
+    assert _truth(model, data.astype(np.float32))[2] == 0
+    # --force: the check under test is that the model loaded back runs on the uint8 data at all
+    result = cli(
+        "fix", str(state), "--arch", spec, "--data", str(tmp_path / "u8.npy"),
+        "--strategy", "reinit", "--output", str(tmp_path / "fixed.pt"), "--force",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert "max |Δ| = 0," in result.out
+    assert (tmp_path / "fixed.pt").exists()
+
+
+def test_data_folder_scans_every_data_file(cli, tmp_path):
+    """--data FOLDER was refused ("is a directory"); it now scans the folder's data files in order."""
+    model, state, spec = _model(tmp_path, "mlp")
+    x = np.random.default_rng(6).standard_normal((15, 6)).astype(np.float32)
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "a.npy", x[:9])
+    np.save(tmp_path / "calib" / "b.npy", x[9:])
+    (tmp_path / "calib" / "README.txt").write_text("not data")
+    counts, report = _counts(cli, str(state), "--arch", spec, "--data", str(tmp_path / "calib"))
+    assert counts == _truth(model, x)
+    assert report["data"]["samples"] == 15
+
+
+def test_one_sample_without_its_axis_and_hwc_images_are_explained(cli, tmp_path):
+    """A single image [C, H, W] and [N, H, W, C] images: one line saying what to do (torch failed with
+    "Dimension out of range"; ONNX said only the shapes)."""
+    model, state, spec = _model(tmp_path, "cnn")
+    image = np.zeros((3, 5, 5), np.float32)
+    np.save(tmp_path / "one.npy", image)
+    np.save(tmp_path / "hwc.npy", np.zeros((4, 5, 5, 3), np.float32))
+    onnx_path = _onnx(model, tmp_path / "c.onnx", ["x"], [image[None]])
+    for model_args in ((str(state), "--arch", spec), (str(onnx_path),)):
+        result = cli("scan", *model_args, "--data", str(tmp_path / "one.npy"))
+        assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+        assert "x[None]" in result.err
+        result = cli("scan", *model_args, "--data", str(tmp_path / "hwc.npy"))
+        assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+        assert "np.transpose(x, (0, 3, 1, 2))" in result.err
+
+
+def test_text_lines_end_at_newlines_only(tmp_path):
+    """A UTF-8 BOM is not part of the first document (it made its first word unknown); U+2028, form
+    feeds and the like inside a line do not split a document (they did, and broke .jsonl records)."""
+    from deadrelu_cli.text import read_documents
+
+    docs = ["w0 w1\u2028w2", "w3\x0cw4 w5", "w6"]
+    (tmp_path / "a.txt").write_bytes(("\ufeff" + "\r\n".join(docs) + "\r\n\r\n").encode())
+    assert read_documents(str(tmp_path / "a.txt"), "text") == docs
+    lines = "\n".join(json.dumps({"body": d}, ensure_ascii=False) for d in docs)
+    (tmp_path / "a.jsonl").write_bytes(("\ufeff" + lines + "\n").encode())
+    assert read_documents(str(tmp_path / "a.jsonl"), "body") == docs
+
+
+def test_json_array_of_documents(tmp_path):
+    """A .json array was read as one text document (its raw JSON); now one document per item."""
+    from deadrelu_cli.text import read_documents
+
+    (tmp_path / "r.json").write_text(json.dumps([{"text": "w0 w1"}, {"text": "w2"}], indent=1))
+    assert read_documents(str(tmp_path / "r.json"), "text") == ["w0 w1", "w2"]
+    (tmp_path / "s.json").write_text(json.dumps(["w0", "w1 w2"]))
+    assert read_documents(str(tmp_path / "s.json"), "text") == ["w0", "w1 w2"]
+
+
+def test_text_longer_than_the_positions_names_seq_len(cli, tmp_path):
+    """--text documents longer than max_position_embeddings failed with "index out of range in
+    self"; the message now gives the limit and the --seq-len to pass."""
+    from hf_models import VOCAB, opt_model, save_folder
+
+    model = opt_model()
+    limit = model.config.max_position_embeddings
+    folder = save_folder(model, tmp_path / "opt")
+    (tmp_path / "long.txt").write_text(" ".join(VOCAB[3:8] * limit) + "\n")
+    result = cli("scan", str(folder), "--text", str(tmp_path / "long.txt"), "--seq-len", str(2 * limit))
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert f"--seq-len {limit}" in result.err
