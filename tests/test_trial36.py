@@ -261,3 +261,20 @@ def test_text_longer_than_the_positions_names_seq_len(cli, tmp_path):
     result = cli("scan", str(folder), "--text", str(tmp_path / "long.txt"), "--seq-len", str(2 * limit))
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
     assert f"--seq-len {limit}" in result.err
+
+
+def test_one_vector_without_its_sample_axis_is_not_counted_as_many_samples(cli, tmp_path):
+    """A single sample saved as [6] for a Linear(6, …) model ran as one vector and was reported as 6
+    samples (each unit with 1 value); now refused, saying to add the sample axis. Its [1, 6] form
+    counts as one sample."""
+    model, state, spec = _model(tmp_path, "mlp")
+    x = np.random.default_rng(8).standard_normal(6).astype(np.float32)
+    np.save(tmp_path / "one.npy", x)
+    np.save(tmp_path / "one1.npy", x[None])
+    for batch in ("auto", "6"):
+        result = cli("scan", str(state), "--arch", spec, "--data", str(tmp_path / "one.npy"), "-b", batch)
+        assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+        assert "x[None]" in result.err
+    counts, report = _counts(cli, str(state), "--arch", spec, "--data", str(tmp_path / "one1.npy"))
+    assert counts == _truth(model, x[None])
+    assert report["data"]["samples"] == 1 and report["layers"][0]["elements_per_unit"] == 1

@@ -34,6 +34,7 @@ from deadrelu_cli.inputs import (
     match_inputs,
     resolve_batch_size,
     resolve_mask,
+    unbatched_advice,
     unfed_arrays,
 )
 from deadrelu_cli.loaders.model import LoadedModel
@@ -258,6 +259,7 @@ def scan_torch(
                 options.progress(done, total)
     layers = probe.registry.layer_stats()
     attach_biases(model, layers)
+    check_sample_axis(layers, data, order, done, mask is not None)
     unseen_note = (
         "the model's forward() takes no attention_mask: padded positions are not counted, but the model "
         "saw them, so where attention (or any mixing) reaches them the real tokens of padded samples may "
@@ -274,6 +276,23 @@ def scan_torch(
     if not layers and not any(note.startswith("the model ran no") for note in model.notes):
         model.notes.append(no_sites_note(model, options.ops))
     return layers, probe
+
+
+def check_sample_axis(
+    layers: list, data: CalibrationData, order: list[str], samples: int, masked: bool
+) -> None:
+    """Every sample gives every site at least one value per unit; when every site saw fewer, the model
+    did not take the arrays' first axis as samples (one sample saved without its sample axis, [6] into a
+    Linear(6, …), runs as one vector): refused rather than reported as that many samples."""
+    ran = [layer for layer in layers if layer.ran and layer.samples is None]
+    if masked or samples < 2 or not ran or any(layer.elements_per_unit >= samples for layer in ran):
+        return
+    shapes = ", ".join(f"{s.name}{list(s.shape)}" for s in data.sources if s.name in order)
+    seen = max(layer.elements_per_unit for layer in ran)
+    raise UserError(
+        f"{data.path}: the model saw {seen} value(s) per unit where {samples} samples were read ({shapes}), so it "
+        f"does not take the first axis as samples; {unbatched_advice(data.sources[0].shape)}"
+    )
 
 
 def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
