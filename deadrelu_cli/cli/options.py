@@ -23,7 +23,7 @@ Data = Annotated[
     typer.Option(
         "--data",
         "-d",
-        help="Calibration data: .npz, .npy (memory-mapped), .pt or .safetensors; first axis = samples.",
+        help="Calibration data: .npz, .npy (read batch by batch), .pt or .safetensors, a glob or a folder of them; first axis = samples.",
         show_default=False,
     ),
 ]
@@ -39,7 +39,7 @@ OptionalData = Annotated[
     typer.Option(
         "--data",
         "-d",
-        help="Calibration data: .npz, .npy (memory-mapped), .pt or .safetensors; first axis = samples.",
+        help="Calibration data: .npz, .npy (read batch by batch), .pt or .safetensors, a glob or a folder of them; first axis = samples.",
         show_default=False,
     ),
 ]
