@@ -114,23 +114,32 @@ def unbatched_advice(shape: tuple[int, ...]) -> str:
     )
 
 
-def channels_last_advice(shape: tuple[int, ...], channels: int | None) -> str:
-    """For 4-D images stored [N, H, W, C] where the model takes [N, C, H, W]."""
-    if len(shape) != 4 or channels is None or shape[-1] != channels or shape[1] == channels:
+def _fits(got: tuple[int, ...], expected: tuple) -> bool:
+    return len(got) == len(expected) and all(e is None or e == g for e, g in zip(expected, got, strict=True))
+
+
+def layout_advice(got: tuple[int, ...], expected: tuple) -> str:
+    """For 4-D images in the other layout than the model's: [N, H, W, C] data for an [N, C, H, W]
+    input, or the reverse (a TensorFlow-layout ONNX export); "" otherwise."""
+    if len(got) != 4 or len(expected) != 4 or _fits(got[1:], tuple(expected[1:])):
+        return ""
+    if _fits((got[3], got[1], got[2]), tuple(expected[1:])):
+        have, want, axes = "[N, H, W, C]", "[N, C, H, W]", "(0, 3, 1, 2)"
+    elif _fits((got[2], got[3], got[1]), tuple(expected[1:])):
+        have, want, axes = "[N, C, H, W]", "[N, H, W, C]", "(0, 2, 3, 1)"
+    else:
         return ""
     return (
-        "; the data looks channels-last [N, H, W, C]: transpose it to [N, C, H, W] "
-        "(np.transpose(x, (0, 3, 1, 2)); --channels-last changes only the memory format, not the data's layout)"
+        f"; the data looks laid out {have} and the model takes {want}: transpose it "
+        f"(np.transpose(x, {axes}); --channels-last changes only the memory format, not the data's layout)"
     )
 
 
 def shape_advice(got: tuple[int, ...], expected: tuple) -> str:
     """What to do about data of shape `got` for an input of shape `expected` (None = any size)."""
-    if len(got) == len(expected) - 1 and all(
-        e is None or e == g for e, g in zip(expected[1:], got, strict=True)
-    ):
+    if _fits(got, tuple(expected[1:])):
         return "; " + unbatched_advice(got)
-    return channels_last_advice(got, expected[1] if len(expected) == 4 else None)
+    return layout_advice(got, expected)
 
 
 def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) -> None:

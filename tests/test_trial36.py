@@ -52,6 +52,16 @@ class Two(nn.Module):
         return self.head(self.act(self.a(image) + 3 * self.b(meta)))
 
 
+class NHWC(CNN):
+    def forward(self, x):  # takes images [N, H, W, C], as a TensorFlow-layout export does
+        return super().forward(x.permute(0, 3, 1, 2))
+
+
+def nhwc():
+    torch.manual_seed(0)
+    return NHWC().eval()
+
+
 def mlp():
     torch.manual_seed(0)
     return MLP().eval()
@@ -278,3 +288,17 @@ def test_one_vector_without_its_sample_axis_is_not_counted_as_many_samples(cli, 
     counts, report = _counts(cli, str(state), "--arch", spec, "--data", str(tmp_path / "one1.npy"))
     assert counts == _truth(model, x[None])
     assert report["data"]["samples"] == 1 and report["layers"][0]["elements_per_unit"] == 1
+
+
+def test_images_for_a_channels_last_onnx_model(cli, tmp_path):
+    """An ONNX model taking [N, H, W, C]: NHWC data counts as plain torch does; NCHW data is refused
+    with the transpose that fits (not the reverse one)."""
+    model, _state, _spec = _model(tmp_path, "nhwc")
+    images = np.random.default_rng(9).standard_normal((5, 6, 6, 3)).astype(np.float32)
+    onnx_path = _onnx(model, tmp_path / "nhwc.onnx", ["x"], [images[:1]])
+    np.save(tmp_path / "nhwc.npy", images)
+    np.save(tmp_path / "nchw.npy", images.transpose(0, 3, 1, 2).copy())
+    assert _counts(cli, str(onnx_path), "--data", str(tmp_path / "nhwc.npy"))[0] == _truth(model, images)
+    result = cli("scan", str(onnx_path), "--data", str(tmp_path / "nchw.npy"))
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "np.transpose(x, (0, 2, 3, 1))" in result.err

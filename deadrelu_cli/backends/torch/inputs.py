@@ -8,7 +8,7 @@ import numpy as np
 
 from deadrelu_cli.calibration import CalibrationData
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.inputs import OutputArrays, channels_last_advice, unbatched_advice
+from deadrelu_cli.inputs import OutputArrays, layout_advice, unbatched_advice
 from deadrelu_cli.loaders.model import LoadedModel
 from deadrelu_cli.options import DTYPE_NAMES
 
@@ -32,7 +32,7 @@ def first_layer_hint(model: LoadedModel, data: CalibrationData) -> str | None:
     if rank and len(shape) == rank - 1 and shape[0] == first.in_channels:
         return f"{data.path}: {unbatched_advice(shape)}"
     if rank and len(shape) == rank and shape[1] != first.in_channels:
-        advice = channels_last_advice(shape, first.in_channels)
+        advice = layout_advice(shape, (None, first.in_channels, None, None))
         return f"{data.path}: samples have {shape[1]} channels (shape {list(shape)}) but the model's first Conv expects {first.in_channels}{advice}"
     return None
 
