@@ -92,13 +92,16 @@ def _model(tmp_path, name):
 
 
 def _truth(model, *inputs) -> list[int]:
-    """Positive counts per unit of `model.act`, from a forward hook (units on axis 1, conv or linear)."""
+    """Positive counts per unit of `model.act`, from a forward hook (units: a conv's channels, else
+    the last axis)."""
     seen = {}
     hook = model.act.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o.detach().numpy()))
     with torch.no_grad():
         model(*(torch.as_tensor(x) for x in inputs))
     hook.remove()
-    out = np.moveaxis(seen["out"], 1, -1)
+    out = (
+        seen["out"] if seen["out"].ndim != 4 else np.moveaxis(seen["out"], 1, -1)
+    )  # units: channels, else last
     return (out > 0).reshape(-1, out.shape[-1]).sum(0).tolist()
 
 
@@ -302,3 +305,29 @@ def test_images_for_a_channels_last_onnx_model(cli, tmp_path):
     result = cli("scan", str(onnx_path), "--data", str(tmp_path / "nchw.npy"))
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
     assert "np.transpose(x, (0, 2, 3, 1))" in result.err
+
+
+def test_onnx_integer_input_takes_only_values_that_survive(cli, tmp_path):
+    """Float data into an ONNX int64 input was cast silently (3.5 -> 3, NaN -> a huge id): integral
+    floats still count as the ids they hold; a value that would change is refused, naming it."""
+    onnx_path = _onnx(_Embed(), tmp_path / "ids.onnx", ["input_ids"], [np.zeros((1, 4), np.int64)])
+    ids = np.random.default_rng(10).integers(0, 20, (6, 4))
+    np.savez(tmp_path / "f.npz", input_ids=ids.astype(np.float32))
+    bad = ids.astype(np.float32)
+    bad[2, 1] = 3.5
+    np.savez(tmp_path / "bad.npz", input_ids=bad)
+    assert _counts(cli, str(onnx_path), "--data", str(tmp_path / "f.npz"))[0] == _truth(_Embed(), ids)
+    result = cli("scan", str(onnx_path), "--data", str(tmp_path / "bad.npz"))
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "3.5" in result.err and "int64" in result.err
+
+
+class _Embed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(20, 5)
+        self.act = torch.nn.ReLU()
+
+    def forward(self, input_ids):
+        return self.act(self.emb(input_ids)).sum(1)

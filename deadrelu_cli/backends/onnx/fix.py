@@ -246,7 +246,7 @@ def _quantiles(scanned, plans, sites, options: FixOptions, scan_options) -> dict
     for batch in scanned.data.batches(
         scan_options.batch_size, scan_options.limit, scan_options.allow_nonfinite
     ):
-        outs = session.run(None, {i: as_input(batch[a], dtypes.get(i)) for i, a in order.items()})
+        outs = session.run(None, {i: as_input(batch[a], dtypes.get(i), i) for i, a in order.items()})
         for plan, out in zip(wanted, outs, strict=True):
             dim = site_channel_dim(sites[plan.name], scan_options.channel_dim)
             moved = np.moveaxis(out, dim, -1)[..., plan.units].reshape(-1, len(plan.units))

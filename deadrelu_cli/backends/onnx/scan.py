@@ -238,15 +238,28 @@ def _discover_ranks(
         probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, None))
     session = make_session(probe.SerializeToString(), device, [])
     batch = next(data.batches(batch_size))
-    feeds = {inp: as_input(batch[arr], dtypes[inp]) for inp, arr in order.items()}
+    feeds = {inp: as_input(batch[arr], dtypes[inp], inp) for inp, arr in order.items()}
     for site, shape in zip(unknown, session.run(None, feeds), strict=True):
         site.rank = int(np.asarray(shape).shape[0])
 
 
-def as_input(array: np.ndarray, dtype: str | None) -> np.ndarray:
+def as_input(array: np.ndarray, dtype: str | None, name: str = "") -> np.ndarray:
+    """The batch array in the input's dtype. Into an integer or bool input only when every value
+    survives (float token ids 3.0 do; 3.7, NaN, -1 into uint8 or 2**40 into int32 would become other
+    numbers); float inputs take any data, rounded to their precision."""
     if dtype is None or array.dtype == np.dtype(dtype):
         return np.ascontiguousarray(array)
-    return np.ascontiguousarray(array.astype(dtype))
+    target = np.dtype(dtype)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN or out-of-range floats: found just below
+        out = np.ascontiguousarray(array.astype(target))
+    if target.kind in "biu" and not np.array_equal(out.astype(array.dtype), array):
+        changed = out.astype(array.dtype).reshape(-1) != array.reshape(-1)
+        bad = array.reshape(-1)[np.flatnonzero(changed)[0]].item()
+        raise UserError(
+            f"input {name or '?'}: the data's {array.dtype} value {bad} is no {target.name} value, which the model "
+            f"takes; give {target.name} data (token ids and indices as integers)"
+        )
+    return out
 
 
 def _from_pooled(values: dict[str, np.ndarray], static_positions: int | None) -> dict[str, np.ndarray]:
@@ -584,7 +597,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         if device.startswith("cuda"):  # host memory says nothing of the GPU's
             return None
         one = next(data.batches(1))
-        feeds = {inp: as_input(one[arr], dtypes.get(inp)) for inp, arr in order.items()}
+        feeds = {inp: as_input(one[arr], dtypes.get(inp), inp) for inp, arr in order.items()}
         try:
             return one_sample_growth(session, output_names, feeds)
         except Exception:  # noqa: BLE001 - onnxruntime's own types; the first batch reports it
@@ -601,7 +614,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
 
     def feeds_of():
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
-            yield batch, {inp: as_input(batch[arr], dtypes.get(inp)) for inp, arr in order.items()}
+            yield batch, {inp: as_input(batch[arr], dtypes.get(inp), inp) for inp, arr in order.items()}
 
     try:
         for index, (batch, feeds) in enumerate(prefetched(feeds_of())):
@@ -703,7 +716,7 @@ def runner(loaded: LoadedModel, data: CalibrationData, device: str):
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
 
     def run(batch):
-        feeds = {i: as_input(batch[a], dtypes.get(i)) for i, a in order.items()}
+        feeds = {i: as_input(batch[a], dtypes.get(i), i) for i, a in order.items()}
         return [np.asarray(o) for o in session.run(None, feeds)]
 
     return run
