@@ -66,3 +66,27 @@ def test_two_settings_files_in_one_folder_are_refused_not_one_silently_ignored(c
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
     result = cli("scan", MLP_ONNX, "--data", MLP_CALIB)
     assert result.code == 0, result.err
+
+
+def test_fix_and_merge_take_quiet_as_scan_report_and_gate_do(cli, tmp_path):
+    """`fix … -q` and `merge … -q` were usage errors (exit 2) although every other command takes -q."""
+    import numpy as np
+    import onnx
+
+    out = tmp_path / "fixed.onnx"
+    result = cli("fix", MLP_ONNX, "--data", MLP_CALIB, "--strategy", "leaky", "--output", out, "-q")
+    assert result.code == 0, result.err
+    assert "Layer" not in result.out and result.out.strip() == f"written: {out}"
+    assert [n.op_type for n in onnx.load(out).graph.node].count("LeakyRelu") == 2
+
+    calib = np.load(MLP_CALIB)
+    (name,) = calib.files
+    halves = []
+    for i, part in enumerate(np.array_split(calib[name], 2)):
+        np.savez(tmp_path / f"part{i}.npz", **{name: part})
+        halves.append(tmp_path / f"part{i}.json")
+        assert cli("scan", MLP_ONNX, "--data", tmp_path / f"part{i}.npz", "--json", halves[-1], "-q").code == 0
+    merged = tmp_path / "merged.json"
+    result = cli("merge", *halves, "--json", merged, "-q")
+    assert result.code == 0 and result.err == "" and result.out == "", result.err
+    assert merged.is_file()
