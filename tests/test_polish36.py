@@ -90,3 +90,27 @@ def test_fix_and_merge_take_quiet_as_scan_report_and_gate_do(cli, tmp_path):
     result = cli("merge", *halves, "--json", merged, "-q")
     assert result.code == 0 and result.err == "" and result.out == "", result.err
     assert merged.is_file()
+
+
+def test_markdown_summary_counts_saturated_units_as_the_terminal_does(cli, tmp_path, planted_module):
+    """The Markdown summary ($GITHUB_STEP_SUMMARY) left out the saturated ReLU6 units the terminal's
+    summary line shows. Truth: the test's own hook on the ReLU6's input."""
+    import numpy as np
+    import torch
+    from conftest import arch, save_npz, save_state_dict
+
+    model = planted_module.graded().eval()
+    x = np.random.default_rng(0).standard_normal((64, 3)).astype(np.float32)
+    seen = {}
+    model.act6.register_forward_hook(lambda m, i, o: seen.setdefault("pre", i[0].detach()))
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+    saturated = int((seen["pre"] >= 6).all(dim=0).sum())
+    assert saturated >= 1  # the planted unit (bias +100)
+    weights = save_state_dict(model, tmp_path / "m.pt")
+    data = save_npz(tmp_path / "x.npz", x=x)
+    md = tmp_path / "summary.md"
+    result = cli("scan", weights, "--arch", arch("graded"), "--data", data, "--markdown", md)
+    assert result.code == 0, result.err
+    assert f"saturated {saturated}" in result.out
+    assert f"saturated {saturated}" in md.read_text()
