@@ -85,7 +85,9 @@ def test_fix_and_merge_take_quiet_as_scan_report_and_gate_do(cli, tmp_path):
     for i, part in enumerate(np.array_split(calib[name], 2)):
         np.savez(tmp_path / f"part{i}.npz", **{name: part})
         halves.append(tmp_path / f"part{i}.json")
-        assert cli("scan", MLP_ONNX, "--data", tmp_path / f"part{i}.npz", "--json", halves[-1], "-q").code == 0
+        assert (
+            cli("scan", MLP_ONNX, "--data", tmp_path / f"part{i}.npz", "--json", halves[-1], "-q").code == 0
+        )
     merged = tmp_path / "merged.json"
     result = cli("merge", *halves, "--json", merged, "-q")
     assert result.code == 0 and result.err == "" and result.out == "", result.err
