@@ -116,3 +116,73 @@ def test_markdown_summary_counts_saturated_units_as_the_terminal_does(cli, tmp_p
     assert result.code == 0, result.err
     assert f"saturated {saturated}" in result.out
     assert f"saturated {saturated}" in md.read_text()
+
+
+def _chain_onnx(path, ops: list[str], opset: int = 20):
+    """x[N,4] -> MatMul -> OPS… -> y (no ReLU anywhere)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, last = [helper.make_node("MatMul", ["x", "w"], ["h0"])], "h0"
+    for i, op in enumerate(ops):
+        nodes.append(helper.make_node(op, [last], [f"h{i + 1}"]))
+        last = f"h{i + 1}"
+    nodes.append(helper.make_node("Identity", [last], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        initializer=[numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
+    return path
+
+
+def test_the_no_relu_note_suggests_only_ops_that_would_find_something(cli, tmp_path):
+    """The note on a model without ReLUs suggested `--ops leaky_relu,elu,gelu` whatever it had: for a
+    GELU written out with Tanh (T5 int8) `--ops gelu` finds nothing, and a LeakyReLU-only model got no
+    hint at all. Each suggestion is checked by running it: it must find sites."""
+    import numpy as np
+
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32))
+    cases = {
+        "leaky": (["LeakyRelu"], "--ops leaky_relu"),
+        "tanh": (["Tanh", "Tanh"], None),
+        "gelu": (["Gelu"], "--ops gelu"),
+    }
+    for name, (ops, hint) in cases.items():
+        model = _chain_onnx(tmp_path / f"{name}.onnx", ops)
+        result = cli("scan", model, "--data", data, "--allow-no-sites")
+        note = " ".join(result.out.split())
+        assert result.code == 0 and f"{ops[0]} ×{len(ops)}" in note, (name, result.err, note)
+        if hint is None:
+            assert "--ops" not in note, note
+            continue
+        assert hint in note, note
+        found = cli("scan", model, "--data", data, *hint.split(), "--json", "-")
+        assert found.code == 0 and len(found.json()["layers"]) == len(ops), found.err
+
+
+def test_the_no_relu_note_of_an_exported_program_lists_its_leaky_relus(cli, tmp_path):
+    """.pt2 graphs spell the op `leaky_relu`; the note's list looked for `leakyrelu` and said nothing."""
+    import numpy as np
+    import torch
+
+    class Leaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.nn.functional.leaky_relu(self.fc(x), 0.1)
+
+    path = tmp_path / "leaky.pt2"
+    torch.export.save(torch.export.export(Leaky().eval(), (torch.zeros(2, 4),)), path)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32))
+    result = cli("scan", path, "--data", data, "--allow-no-sites")
+    note = " ".join(result.out.split())
+    assert result.code == 0 and "leaky_relu ×1" in note and "--ops leaky_relu" in note, (result.err, note)
