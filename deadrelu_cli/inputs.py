@@ -161,6 +161,19 @@ def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) ->
             )
 
 
+def fixed_batch_error(path, fixed: int, total: int) -> UserError:
+    """A graph whose inputs fix the batch size, and a sample count it does not divide."""
+    if total < fixed:
+        return UserError(
+            f"{path}: its inputs fix the batch size at {fixed}, and the data holds only {total} samples; "
+            f"give at least {fixed} samples (a multiple of {fixed}), or re-export with a dynamic batch dim"
+        )
+    return UserError(
+        f"{path}: its inputs fix the batch size at {fixed}, and {total} samples is not a multiple "
+        f"of it; re-export with a dynamic batch dim or pass --limit {total - total % fixed}"
+    )
+
+
 # --batch-size auto on the CPU: the batch's activations (every intermediate tensor of one forward
 # pass, summed) stay within this; the input alone within the same. Plain inference holds a few of
 # them at a time, the scan (its probe, onnxruntime's statistics branches) some more, so this bounds

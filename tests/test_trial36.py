@@ -331,3 +331,21 @@ class _Embed(torch.nn.Module):
 
     def forward(self, input_ids):
         return self.act(self.emb(input_ids)).sum(1)
+
+
+def test_static_batch_pt2_with_a_partial_last_batch(cli, tmp_path):
+    """A .pt2 exported with batch 4 (torch.export's default: static shapes) and 9 samples crashed on
+    the last batch of 1 (exit 3, "Guard failed"); now exit 2 naming --limit 8, and with it the counts
+    of the first 8; fewer samples than one batch are told so (not "--limit 0")."""
+    model, _state, _spec = _model(tmp_path, "mlp")
+    x = np.random.default_rng(11).standard_normal((9, 6)).astype(np.float32)
+    pt2 = tmp_path / "b4.pt2"
+    torch.export.save(torch.export.export(model, (torch.as_tensor(x[:4]),)), pt2)
+    np.save(tmp_path / "x.npy", x)
+    result = cli("scan", str(pt2), "--data", str(tmp_path / "x.npy"))
+    assert result.code == 2 and "--limit 8" in result.err and len(result.err.strip().splitlines()) == 1
+    assert _counts(cli, str(pt2), "--data", str(tmp_path / "x.npy"), "--limit", "8")[0] == _truth(
+        model, x[:8]
+    )
+    result = cli("scan", str(pt2), "--data", str(tmp_path / "x.npy"), "--limit", "3")
+    assert result.code == 2 and "give at least 4 samples" in result.err, result.err

@@ -10,7 +10,14 @@ import numpy as np
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import unseen_notes
-from deadrelu_cli.inputs import label_arrays, labels_note, mismatch, positional_arrays, shape_advice
+from deadrelu_cli.inputs import (
+    fixed_batch_error,
+    label_arrays,
+    labels_note,
+    mismatch,
+    positional_arrays,
+    shape_advice,
+)
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
 from deadrelu_cli.probe.onnx_graph import OnnxSite, find_sites
 from deadrelu_cli.stats import LayerStats
@@ -673,10 +680,7 @@ def _batch_size(
             return None
         return resolve_batch_size(options.batch_size, data, list(order.values()))
     if total % fixed:
-        raise UserError(
-            f"{loaded.path}: its inputs fix the batch size at {fixed}, and {total} samples is not a multiple "
-            f"of it; re-export with a dynamic batch dim or pass --limit {total - total % fixed}"
-        )
+        raise fixed_batch_error(loaded.path, fixed, total)
     loaded.notes.append(
         f"the model's inputs fix the batch size at {fixed}: scanned with --batch-size {fixed}"
     )

@@ -29,6 +29,7 @@ from deadrelu_cli.inputs import (
     check_shapes,
     decoder_batch_mask,
     decoder_scope,
+    fixed_batch_error,
     label_arrays,
     labels_note,
     match_inputs,
@@ -200,12 +201,9 @@ def scan_torch(
     probe = make_probe(model, settings, options.compile, example, names)
     probe.registry.collectors.update(collectors or {})
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
-    if model.fixed_batch is not None and model.fixed_batch != batch_size:
+    if model.fixed_batch is not None:  # also when auto chose it: a last, partial batch would not run
         if total % model.fixed_batch:
-            raise UserError(
-                f"{model.path}: exported with a fixed batch size of {model.fixed_batch}, and {total} samples is not a "
-                f"multiple of it; re-export with a dynamic batch dim or pass --limit {total - total % model.fixed_batch}"
-            )
+            raise fixed_batch_error(model.path, model.fixed_batch, total)
         batch_size = model.fixed_batch
     done = 0
     context = probe.attached() if hasattr(probe, "attached") else contextlib.nullcontext()
