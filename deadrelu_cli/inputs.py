@@ -40,8 +40,24 @@ def mismatch(data: CalibrationData, model: LoadedModel, what: str) -> UserError:
     """One message for data that does not fit the model's inputs: what is wrong, and both sides."""
     return UserError(
         f"{data.path}: {what}; the file holds {describe_arrays(data)}; the model's inputs are "
-        f"{describe_model_inputs(model)} (name the arrays after the inputs)"
+        f"{describe_model_inputs(model)} (name the arrays after the inputs; INPUT.KEY arrays make a dict for "
+        "an input that takes one, e.g. batch.image and batch.label for forward(self, batch))"
     )
+
+
+def dict_groups(model: LoadedModel, order: list[str]) -> dict[str, list[tuple[str, int]]] | None:
+    """For a torch forward() that takes dicts: arrays named INPUT.KEY (batch.image, batch.meta) grouped
+    by input, each as (key, position in `order`); None when the arrays are not named so."""
+    if model.backend != "torch" or not model.inputs or not order:
+        return None
+    wanted = [spec.name for spec in model.inputs]
+    groups: dict[str, list[tuple[str, int]]] = {name: [] for name in wanted}
+    for index, name in enumerate(order):
+        prefix, dot, key = name.partition(".")
+        if not dot or prefix not in groups or not key:
+            return None
+        groups[prefix].append((key, index))
+    return groups if all(groups.values()) else None
 
 
 # arrays a training set keeps beside the inputs: never fed to a model that takes no input of that name
@@ -90,6 +106,11 @@ def match_inputs(model: LoadedModel, data: CalibrationData) -> list[str]:
     positional = positional_arrays(names, wanted)
     if positional:
         return positional
+    grouped = sorted(
+        names, key=lambda n: wanted.index(n.partition(".")[0]) if n.partition(".")[0] in wanted else -1
+    )
+    if dict_groups(model, grouped):  # INPUT.KEY arrays: one dict per input, in the inputs' order
+        return grouped
     if wanted and all(n in names for n in wanted):
         extra = [n for n in names if n not in wanted]
         if extra:
@@ -143,6 +164,8 @@ def shape_advice(got: tuple[int, ...], expected: tuple) -> str:
 
 
 def check_shapes(model: LoadedModel, data: CalibrationData, order: list[str]) -> None:
+    if dict_groups(model, order):  # dict inputs: no shape declared per key
+        return
     by_name = {s.name: s for s in data.sources}
     for spec, name in zip(model.inputs, order, strict=False):
         if spec.shape is None:

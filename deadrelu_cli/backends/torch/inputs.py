@@ -138,11 +138,15 @@ def detect_float_fed(model: LoadedModel, data: CalibrationData, order: list[str]
 
 
 def model_call(model: LoadedModel, order: list[str], tensors: tuple) -> tuple[tuple, dict]:
-    """(args, kwargs) for forward(): by name when the arrays name its arguments (inputs.by_keyword)."""
-    from deadrelu_cli.inputs import by_keyword
+    """(args, kwargs) for forward(): by name when the arrays name its arguments (inputs.by_keyword),
+    one dict per input for INPUT.KEY arrays (inputs.dict_groups), else in order."""
+    from deadrelu_cli.inputs import by_keyword, dict_groups
 
     if by_keyword(model, order):
         return (), dict(zip(order, tensors, strict=True))
+    groups = dict_groups(model, order)
+    if groups:
+        return tuple({key: tensors[index] for key, index in groups[spec.name]} for spec in model.inputs), {}
     return tensors, {}
 
 
