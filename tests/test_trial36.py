@@ -72,6 +72,21 @@ def dictin():
     return DictIn().eval()
 
 
+class Tok(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 5)
+        self.act = nn.ReLU()
+
+    def forward(self, input_ids):
+        return self.act(self.emb(input_ids)).sum(1)
+
+
+def tok():
+    torch.manual_seed(0)
+    return Tok().eval()
+
+
 def mlp():
     torch.manual_seed(0)
     return MLP().eval()
@@ -377,3 +392,13 @@ def test_dict_input_from_input_dot_key_arrays(cli, tmp_path):
     for batch in ("4", "auto"):
         args = (str(state), "--arch", spec, "--data", str(tmp_path / "d.npz"), "-b", batch)
         assert _counts(cli, *args)[0] == want
+
+
+def test_float_token_ids_into_a_torch_model_say_what_to_do(cli, tmp_path):
+    """Float token ids into an Embedding failed with torch's "Expected tensor for argument #1
+    'indices'…"; the one line now names the array and the dtype to save it in."""
+    _model_, state, spec = _model(tmp_path, "tok")
+    np.savez(tmp_path / "f.npz", input_ids=np.ones((3, 4), np.float32))
+    result = cli("scan", str(state), "--arch", spec, "--data", str(tmp_path / "f.npz"))
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "input_ids: float32" in result.err and "int64" in result.err

@@ -58,6 +58,19 @@ def position_hint(model: LoadedModel, batch: dict[str, np.ndarray], order: list[
     )
 
 
+def integer_hint(batch: dict[str, np.ndarray], order: list[str], error: BaseException) -> str | None:
+    """After the first batch failed on float data where the model indexes (an Embedding given float
+    token ids): name the array and the dtype to save it in."""
+    floats = [name for name in order if batch[name].dtype.kind == "f"]
+    text = str(error)
+    if not floats or not ("indices" in text or "Long, Int" in text or "IntTensor" in text):
+        return None
+    return (
+        f"the model takes integers (token ids, indices) where the data holds floats "
+        f"({', '.join(f'{n}: {batch[n].dtype}' for n in floats)}); save them as int64 (x.astype(np.int64))"
+    )
+
+
 def to_tensor(
     array: np.ndarray, float_dtype: str, device: str, channels_last: bool = False, as_float: bool = False
 ):

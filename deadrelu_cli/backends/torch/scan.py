@@ -12,6 +12,7 @@ from deadrelu_cli.backends.torch.inputs import (
     detect_float_fed,
     example_inputs,
     first_layer_hint,
+    integer_hint,
     model_call,
     model_tensors,
     position_hint,
@@ -249,6 +250,7 @@ def scan_torch(
                     raise UserError(
                         first_layer_hint(model, data)
                         or position_hint(model, batch, order)
+                        or integer_hint(batch, order, exc)
                         or f"the model failed on the first batch ({shapes}): {first}; {hint}"
                     ) from exc
                 raise
