@@ -535,9 +535,11 @@ def _open_safetensors(path: Path) -> list[ArraySource]:
     return sources
 
 
-def open_calibration(path: str, batch_axes: dict[str, int] | None = None, consts: tuple[str, ...] = ()):
+def open_calibration(
+    path: str, batch_axes: dict[str, int] | None = None, consts: tuple[str, ...] = (), skip: tuple = ()
+):
     """One data file, or every file matching a glob (`calib-*.npy`) or every data file of a folder,
-    scanned in sorted order."""
+    scanned in sorted order; a folder's files in `skip` (the model, checkpoints beside the data) are left out."""
     if any(ch in str(path) for ch in "*?[") and not Path(path).exists():
         import glob
 
@@ -548,8 +550,11 @@ def open_calibration(path: str, batch_axes: dict[str, int] | None = None, consts
             return MultiFileData(str(path), [open_calibration(f, batch_axes, consts) for f in files])
         path = files[0]
     if Path(path).is_dir():  # a folder of data files: every one in it, as the glob FOLDER/* would give
+        skipped = {Path(str(f)).resolve() for f in skip if f is not None}
         files = sorted(
-            str(f) for f in Path(path).iterdir() if f.is_file() and f.suffix.lower() in DATA_SUFFIXES
+            str(f)
+            for f in Path(path).iterdir()
+            if f.is_file() and f.suffix.lower() in DATA_SUFFIXES and f.resolve() not in skipped
         )
         if not files:
             raise UserError(

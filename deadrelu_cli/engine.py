@@ -125,7 +125,7 @@ def open_data(options: ScanOptions, fmt: str) -> tuple[CalibrationData, dict | N
     """--data FILE, or --text FILE tokenized with the model folder's tokenizer (and how: the report's
     `data.text`)."""
     if options.text is None:
-        return open_calibration(options.data, options.batch_axes, options.consts), None
+        return open_calibration(options.data, options.batch_axes, options.consts, (options.model,)), None
     if options.data is not None:
         raise UserError("--text and --data are two sources of samples; give one of them")
     if fmt != "hf_folder":

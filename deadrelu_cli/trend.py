@@ -222,7 +222,9 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
     from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP, detect_format
     from deadrelu_cli.loaders.torch_models import load_state_into, torch_load, unwrap_checkpoint
 
-    data = open_calibration(options.data, options.batch_axes, options.consts)
+    data = open_calibration(
+        options.data, options.batch_axes, options.consts, tuple(c.path for c in checkpoints)
+    )
     weight_only = options.arch and all(
         detect_format(c.path) in (TORCH_ZIP, TORCH_LEGACY, "safetensors") for c in checkpoints
     )

@@ -245,6 +245,11 @@ def test_data_folder_scans_every_data_file(cli, tmp_path):
     counts, report = _counts(cli, str(state), "--arch", spec, "--data", str(tmp_path / "calib"))
     assert counts == _truth(model, x)
     assert report["data"]["samples"] == 15
+    # the model kept in the same folder is the model, not data (it was read as arrays fc1.weight, …)
+    inside = tmp_path / "calib" / "model.pt"
+    inside.write_bytes(state.read_bytes())
+    counts, report = _counts(cli, str(inside), "--arch", spec, "--data", str(tmp_path / "calib"))
+    assert counts == _truth(model, x) and report["data"]["samples"] == 15
 
 
 def test_one_sample_without_its_axis_and_hwc_images_are_explained(cli, tmp_path):

@@ -95,7 +95,9 @@ def _holdout_data(scan_options: ScanOptions, fraction: float) -> CalibrationData
 
         data = open_data(scan_options, "hf_folder")[0]
     else:
-        data = open_calibration(scan_options.data, scan_options.batch_axes, scan_options.consts)
+        data = open_calibration(
+            scan_options.data, scan_options.batch_axes, scan_options.consts, (scan_options.model,)
+        )
     if not isinstance(data, CalibrationData):
         raise UserError("--holdout needs one data file, not a glob: the hold-out is its last samples")
     total = data.samples if scan_options.limit is None else min(scan_options.limit, data.samples)
