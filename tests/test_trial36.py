@@ -407,3 +407,20 @@ def test_float_token_ids_into_a_torch_model_say_what_to_do(cli, tmp_path):
     result = cli("scan", str(state), "--arch", spec, "--data", str(tmp_path / "f.npz"))
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
     assert "input_ids: float32" in result.err and "int64" in result.err
+
+
+def test_onnx_float16_input_overflow_is_refused(cli, tmp_path):
+    """float32 data beyond float16's range into an fp16 ONNX input became inf after the NaN/Inf check
+    (a silent change of the data); now exit 2 naming the value. In-range data counts as torch does."""
+    model, _state, _spec = _model(tmp_path, "mlp")
+    x = np.random.default_rng(13).standard_normal((8, 6)).astype(np.float32)
+    onnx_path = _onnx(model.half(), tmp_path / "h.onnx", ["x"], [x[:1].astype(np.float16)])
+    np.save(tmp_path / "ok.npy", x)
+    assert _counts(cli, str(onnx_path), "--data", str(tmp_path / "ok.npy"))[0] == _truth(
+        model, x.astype(np.float16)
+    )
+    x[3, 1] = 1e6
+    np.save(tmp_path / "big.npy", x)
+    result = cli("scan", str(onnx_path), "--data", str(tmp_path / "big.npy"))
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "1000000.0" in result.err and "float16" in result.err

@@ -259,6 +259,14 @@ def as_input(array: np.ndarray, dtype: str | None, name: str = "") -> np.ndarray
     target = np.dtype(dtype)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN or out-of-range floats: found just below
         out = np.ascontiguousarray(array.astype(target))
+    if target.kind == "f" and array.dtype.kind in "biuf":  # a narrower float: finite values stay finite
+        overflow = np.isinf(out) & np.isfinite(array)
+        if overflow.any():
+            bad = array.reshape(-1)[np.flatnonzero(overflow.reshape(-1))[0]].item()
+            raise UserError(
+                f"input {name or '?'}: the data's value {bad} overflows the model's {target.name} "
+                f"(largest {np.finfo(target).max:g}); scale the data as the model expects"
+            )
     if target.kind in "biu" and not np.array_equal(out.astype(array.dtype), array):
         changed = out.astype(array.dtype).reshape(-1) != array.reshape(-1)
         bad = array.reshape(-1)[np.flatnonzero(changed)[0]].item()
