@@ -38,6 +38,17 @@ def describe_arrays(data: CalibrationData) -> str:
 
 def mismatch(data: CalibrationData, model: LoadedModel, what: str) -> UserError:
     """One message for data that does not fit the model's inputs: what is wrong, and both sides."""
+    shapes = {(tuple(s.shape), np.dtype(s.dtype)) for s in data.sources}
+    prefixes = {m.group(1) if (m := re.fullmatch(r"(.*?)_?\d+", s.name)) else None for s in data.sources}
+    # a list of samples saved one by one: arr_0, arr_1, … (or s0, s1, …), all of one shape
+    numbered = None not in prefixes and len(prefixes) == 1
+    if numbered and len(data.sources) > max(2, len(model.inputs)) and len(shapes) == 1:
+        ((shape, dtype),) = shapes
+        return UserError(
+            f"{data.path}: holds {len(data.sources)} arrays of one shape {list(shape)} {dtype.name}, and the "
+            f"model has {len(model.inputs) or 'fewer'} input(s): one array per sample? stack them into one array "
+            "with the samples on the first axis (np.stack(samples), torch.stack for a .pt list)"
+        )
     return UserError(
         f"{data.path}: {what}; the file holds {describe_arrays(data)}; the model's inputs are "
         f"{describe_model_inputs(model)} (name the arrays after the inputs; INPUT.KEY arrays make a dict for "

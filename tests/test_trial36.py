@@ -424,3 +424,22 @@ def test_onnx_float16_input_overflow_is_refused(cli, tmp_path):
     result = cli("scan", str(onnx_path), "--data", str(tmp_path / "big.npy"))
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
     assert "1000000.0" in result.err and "float16" in result.err
+
+
+def test_one_array_per_sample_says_stack_them(cli, tmp_path):
+    """A .pt list or an .npz of per-sample arrays (input0…, arr_0…) gave "no array for model input(s)
+    x … name the arrays after the inputs"; it now says to stack them. Named arrays of one shape keep
+    the mismatch message."""
+    _model_, state, spec = _model(tmp_path, "mlp")
+    samples = [torch.full((6,), float(i)) for i in range(4)]
+    torch.save(samples, tmp_path / "list.pt")
+    np.savez(tmp_path / "each.npz", *[s.numpy() for s in samples])
+    onnx_path = _onnx(_model_, tmp_path / "m.onnx", ["x"], [np.zeros((1, 6), np.float32)])
+    for args in ((str(state), "--arch", spec), (str(onnx_path),)):
+        for data in ("list.pt", "each.npz"):
+            result = cli("scan", *args, "--data", str(tmp_path / data))
+            assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+            assert "one array per sample? stack them" in result.err, result.err
+    np.savez(tmp_path / "named.npz", a=np.zeros((5, 6)), b=np.zeros((5, 6)), c=np.zeros((5, 6)))
+    result = cli("scan", str(state), "--arch", spec, "--data", str(tmp_path / "named.npz"))
+    assert result.code == 2 and "stack" not in result.err and "no array for model input(s) x" in result.err
