@@ -49,10 +49,15 @@ def mismatch(data: CalibrationData, model: LoadedModel, what: str) -> UserError:
             f"model has {len(model.inputs) or 'fewer'} input(s): one array per sample? stack them into one array "
             "with the samples on the first axis (np.stack(samples), torch.stack for a .pt list)"
         )
+    dicts = (  # torch only: an ONNX graph takes no dicts
+        "; INPUT.KEY arrays make a dict for an input that takes one, e.g. batch.image and batch.meta for "
+        "forward(self, batch)"
+        if model.backend == "torch"
+        else ""
+    )
     return UserError(
         f"{data.path}: {what}; the file holds {describe_arrays(data)}; the model's inputs are "
-        f"{describe_model_inputs(model)} (name the arrays after the inputs; INPUT.KEY arrays make a dict for "
-        "an input that takes one, e.g. batch.image and batch.label for forward(self, batch))"
+        f"{describe_model_inputs(model)} (name the arrays after the inputs{dicts})"
     )
 
 
