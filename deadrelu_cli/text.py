@@ -1,8 +1,8 @@
 """`--text FILE`: documents tokenized with the model folder's own tokenizer into calibration data.
 
 Plain text holds one document per line (empty lines skipped); `.jsonl` holds one JSON object per line,
-the document under `--text-field` (default "text"); a `.json` file holds one such object per line, or
-one array of objects or strings. Two layouts (`--text-packing`):
+the document under `--text-field` (default "text"); a `.json` file holds one such object per line, one
+array of objects or strings, or a single object. Two layouts (`--text-packing`):
 
 * pad (default): one document per sample, truncated to `--seq-len` tokens and padded to the longest one
   (the tokenizer's padding side).
@@ -43,8 +43,12 @@ def read_documents(path: str, field: str) -> list[str]:
     # other separators that a document (or a JSON string written with ensure_ascii=False) may hold
     lines = [line[:-1] if line.endswith("\r") else line for line in content.split("\n")]
     suffix = p.suffix.lower()
-    if suffix == ".json" and content.lstrip().startswith("["):
-        return _json_array_documents(path, content, field)
+    if suffix == ".json":
+        whole = _json_whole(content)  # one array (or one object), else JSON lines
+        if isinstance(whole, list):
+            return _json_array_documents(path, whole, field)
+        if isinstance(whole, dict):
+            return [_document(path, str(path), whole, field)]
     if suffix not in (".jsonl", ".ndjson", ".json"):
         return [line for line in lines if line.strip()]
     documents = []
@@ -66,12 +70,16 @@ def _document(path: str, where: str, record, field: str) -> str:
     return record[field]
 
 
-def _json_array_documents(path: str, content: str, field: str) -> list[str]:
-    """A .json file holding one array: of strings (one document each) or of objects (--text-field)."""
+def _json_whole(content: str):
+    """The value of a .json file read whole; None when it is not one JSON value (JSON lines)."""
     try:
-        records = json.loads(content)
-    except ValueError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}); give a JSON array of documents, or JSONL") from None
+        return json.loads(content)
+    except ValueError:
+        return None
+
+
+def _json_array_documents(path: str, records: list, field: str) -> list[str]:
+    """A .json file holding one array: of strings (one document each) or of objects (--text-field)."""
     return [
         record if isinstance(record, str) else _document(path, f"{path}: item {index}", record, field)
         for index, record in enumerate(records)

@@ -290,6 +290,10 @@ def test_json_array_of_documents(tmp_path):
     assert read_documents(str(tmp_path / "r.json"), "text") == ["w0 w1", "w2"]
     (tmp_path / "s.json").write_text(json.dumps(["w0", "w1 w2"]))
     assert read_documents(str(tmp_path / "s.json"), "text") == ["w0", "w1 w2"]
+    (tmp_path / "o.json").write_text(json.dumps({"id": 1, "text": "w3 w4"}, indent=2))  # pretty-printed
+    assert read_documents(str(tmp_path / "o.json"), "text") == ["w3 w4"]
+    (tmp_path / "l.json").write_text(json.dumps({"text": "w5"}) + "\n" + json.dumps({"text": "w6"}) + "\n")
+    assert read_documents(str(tmp_path / "l.json"), "text") == ["w5", "w6"]  # JSON lines named .json
 
 
 def test_text_longer_than_the_positions_names_seq_len(cli, tmp_path):
