@@ -124,9 +124,9 @@ def detect_float_fed(model: LoadedModel, data: CalibrationData, order: list[str]
         for name in order
         if np.dtype(sources[name].dtype).kind in "biu" and not any(t in name for t in _INTEGER_NAMES)
     )
-    if not candidates or model.kind == "onnx":
+    one = next(data.batches(1), None) if candidates else None
+    if one is None:  # nothing to decide, or no sample here (a rank whose shard is empty)
         return
-    one = next(data.batches(1))
 
     def runs() -> bool:
         args, kwargs = model_call(model, order, model_tensors(model, one, order, device))
