@@ -296,7 +296,10 @@ class CalibrationData:
                 )
             counts[source.name] = source.shape[axis]
             if source.shape[axis] == 0:
-                raise UserError(f"{self.path}: array {source.name!r} has zero samples")
+                raise UserError(
+                    f"{self.path}: array {source.name!r} has zero samples (shape {list(source.shape)}); "
+                    "nothing to replay: save at least one sample on that axis"
+                )
         if len(set(counts.values())) > 1:
             listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
             raise UserError(

@@ -447,3 +447,12 @@ def test_one_array_per_sample_says_stack_them(cli, tmp_path):
     np.savez(tmp_path / "named.npz", a=np.zeros((5, 6)), b=np.zeros((5, 6)), c=np.zeros((5, 6)))
     result = cli("scan", str(state), "--arch", spec, "--data", str(tmp_path / "named.npz"))
     assert result.code == 2 and "stack" not in result.err and "no array for model input(s) x" in result.err
+
+
+def test_zero_samples_says_what_to_do(cli, tmp_path):
+    """An empty array said only "has zero samples"; the one line now gives its shape and what to do."""
+    _model_, state, spec = _model(tmp_path, "mlp")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 6), np.float32))
+    result = cli("scan", str(state), "--arch", spec, "--data", str(tmp_path / "empty.npy"))
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "[0, 6]" in result.err and "save at least one sample" in result.err
