@@ -147,7 +147,8 @@ class NpyFileSource:
             self._offset = handle.tell()
         if self.dtype.hasobject:
             raise UserError(
-                f"{path}: cannot read .npy: it holds Python objects (never unpickled); save numeric arrays"
+                f"{path}: cannot read .npy: it holds Python objects (never unpickled); save numeric arrays "
+                f"({RAGGED_ADVICE})"
             )
         self._row_bytes, declared = _row_and_total_bytes(self.shape, self.dtype)
         stored = path.stat().st_size - self._offset
@@ -418,6 +419,7 @@ def _validate(
         if source.dtype.kind not in NUMERIC_KINDS:
             raise UserError(
                 f"{path}: array {source.name!r} has dtype {source.dtype}, expected numbers (float, int or bool)"
+                + (f" ({RAGGED_ADVICE})" if source.dtype.hasobject else "")
             )
     return CalibrationData(path=path, sources=sources).configure(batch_axes, consts)
 
@@ -590,6 +592,11 @@ def open_calibration(
     return _validate(str(path), sources, batch_axes, consts)
 
 
+# what an object array usually is: samples of different shapes that numpy could not stack
+RAGGED_ADVICE = (
+    "an object array is usually samples of different shapes: pad or resize them to one shape and "
+    "np.stack them, with an attention_mask for padded tokens"
+)
 DATA_SUFFIXES = (".npz", ".npy", ".pt", ".pth", ".safetensors")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".md")
 

@@ -456,3 +456,17 @@ def test_zero_samples_says_what_to_do(cli, tmp_path):
     result = cli("scan", str(state), "--arch", spec, "--data", str(tmp_path / "empty.npy"))
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
     assert "[0, 6]" in result.err and "save at least one sample" in result.err
+
+
+def test_ragged_samples_saved_as_objects_say_what_to_do(cli, tmp_path):
+    """Samples of different lengths saved as an object array (what np.array makes of them): refused
+    as before, never unpickled, and the line now says what such an array is and what to do."""
+    _model_, state, spec = _model(tmp_path, "mlp")
+    ragged = np.empty(2, dtype=object)
+    ragged[0], ragged[1] = np.zeros(6, np.float32), np.zeros(4, np.float32)
+    np.save(tmp_path / "r.npy", ragged, allow_pickle=True)
+    np.savez(tmp_path / "r.npz", x=ragged)
+    for name in ("r.npy", "r.npz"):
+        result = cli("scan", str(state), "--arch", spec, "--data", str(tmp_path / name))
+        assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+        assert "different shapes" in result.err and "np.stack" in result.err
