@@ -11,7 +11,7 @@ from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import unseen_notes
 from deadrelu_cli.inputs import mismatch
-from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
+from deadrelu_cli.loaders.model import LoadedModel, LoadOptions, reread_verified
 from deadrelu_cli.probe.onnx_graph import OnnxSite, find_sites
 from deadrelu_cli.stats import LayerStats
 
@@ -83,7 +83,7 @@ def instrumented_bytes(
     channel_dim,
     device: str = "cpu",
     max_from_output: frozenset[int] = frozenset(),
-    keep_file_bytes: bool = False,
+    file_bytes: bytes | None = None,
 ) -> bytes:
     """The instrumented model, serialised for onnxruntime.
 
@@ -93,7 +93,8 @@ def instrumented_bytes(
     re-serialising every weight (~0.1 s per 50 MB) and keeps the model's outputs, which plain
     inference computes too. Otherwise (graphs with If/Loop/Scan nodes, external data, inlined local
     functions: the loaded nodes differ from the file's), the copy is serialised whole. The file's bytes
-    are dropped afterwards unless `keep_file_bytes` (another session will be built from them)."""
+    are FILE_BYTES, else those the loader kept, which are dropped here: a later session reads them anew
+    (_OutputMaxSwitch), so the scan does not hold the weights once more for its whole run."""
     import onnx
 
     from deadrelu_cli.probe.onnx_graph import instrument
@@ -102,7 +103,7 @@ def instrumented_bytes(
     # cuDNN may flush subnormals or round through TF32, so Greater counts there.
     exact_step = not device.startswith("cuda")
     model = loaded.runnable
-    raw = loaded.extra.get("file_bytes") if keep_file_bytes else loaded.extra.pop("file_bytes", None)
+    raw = file_bytes if file_bytes is not None else loaded.extra.pop("file_bytes", None)
     # With subgraphs, shape inference has rewritten the nodes, so they no longer prefix the file's
     has_subgraphs = any(
         attr.type == onnx.AttributeProto.GRAPH for node in model.graph.node for attr in node.attribute
@@ -374,6 +375,9 @@ class _OutputMaxSwitch:
         start = time.perf_counter()
         try:
             sites = [copy.copy(site) for site in self.sites]  # instrument() sets outputs on its sites
+            raw = None
+            if self.loaded.extra.get("rereadable"):  # checked against the report's hash of the model
+                raw = reread_verified(self.loaded.path, self.loaded.sha256)
             model_bytes = instrumented_bytes(
                 self.loaded,
                 sites,
@@ -381,8 +385,9 @@ class _OutputMaxSwitch:
                 self.options.channel_dim,
                 self.device,
                 max_from_output=wanted,
-                keep_file_bytes=True,
+                file_bytes=raw,
             )
+            del raw
             session = make_session(model_bytes, self.device, [])
             self._result = (wanted, session, [dict(site.outputs) for site in sites])
         except Exception:  # noqa: BLE001 - the current session stays, and it is exact
@@ -395,8 +400,6 @@ class _OutputMaxSwitch:
             return None
         self._thread.join()
         self._thread, result, self._result = None, self._result, None
-        if self.rebuilds >= self.MAX_REBUILDS:  # the file's bytes were kept for rebuilds only
-            self.loaded.extra.pop("file_bytes", None)
         if result is None:
             return None
         self.switched, session, outputs = result
@@ -406,7 +409,6 @@ class _OutputMaxSwitch:
         if self._thread is not None:
             self._thread.join()
             self._thread = self._result = None
-        self.loaded.extra.pop("file_bytes", None)
 
 
 class HostAccumulator:
@@ -548,6 +550,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     changed, deployed_notes, hidden = deployed_view(loaded.runnable)
     if changed:  # the graph differs from the file's bytes now
         loaded.extra.pop("file_bytes", None)
+        loaded.extra.pop("rereadable", None)
     loaded.notes.extend(deployed_notes + unseen_notes(dict(hidden), options.ops))
     loaded.extra["unseen"] = dict(hidden)  # the report keeps them: a gate fails on those of the --ops
     sites = find_sites(loaded.runnable, options.ops)
@@ -561,9 +564,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     _discover_ranks(loaded.runnable, sites, data, order, dtypes, device, batch_size or 1)
     switch = _OutputMaxSwitch(loaded, sites, options, device)
     started = time.perf_counter()
-    model_bytes = instrumented_bytes(
-        loaded, sites, options.threshold, options.channel_dim, device, keep_file_bytes=bool(switch.eligible)
-    )
+    model_bytes = instrumented_bytes(loaded, sites, options.threshold, options.channel_dim, device)
     session = make_session(model_bytes, device, loaded.notes)
     switch.build_s = time.perf_counter() - started
     del model_bytes
@@ -590,7 +591,6 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
 
     if total <= batch_size:  # one batch: nothing to switch to
         switch.eligible = []
-        loaded.extra.pop("file_bytes", None)
 
     def feeds_of():
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
