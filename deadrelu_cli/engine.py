@@ -51,16 +51,10 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
             )
         return _certify_only(options, fmt, device)
     data, text_info = open_data(options, fmt)
-    mask = None
     extra_notes: list[str] = []
-    if backend_of_format(fmt) == "torch":
-        from deadrelu_cli.inputs import resolve_mask
+    from deadrelu_cli.inputs import resolve_mask
 
-        mask = resolve_mask(options.mask, options.exclude_token_ids, data)
-    elif "attention_mask" in data.names and options.mask != "none":
-        extra_notes.append(
-            "the data has an attention_mask: an ONNX scan counts every position, padding included"
-        )
+    mask = resolve_mask(options.mask, options.exclude_token_ids, data)
     if text_info and text_info.get("truncated"):
         extra_notes.append(
             f"{text_info['truncated']} of {text_info['documents']} documents are longer than --seq-len "

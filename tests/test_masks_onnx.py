@@ -1,0 +1,118 @@
+"""Position masks on ONNX scans: padding is not a position there either. The truth: onnxruntime running
+the plain graph with the Relus' inputs and outputs exposed, the mask applied in numpy by the test."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hf_models import BOS, PAD, VOCAB, token_data
+from onnx_graphs import token_sites
+from truth import onnx_relu_io
+
+from deadrelu_cli import scan
+
+SITES = ("rows_relu", "flat_relu", "conv_relu", "pooled_relu")
+
+
+def _truth(model, feeds: dict, keep: np.ndarray | None) -> dict[str, tuple]:
+    """Per site: (positive counts, elements per unit, max pre-activation, sum of outputs) over the kept
+    positions; the pooled head has no token axis: every sample."""
+    captured = onnx_relu_io(model, feeds, list(SITES))
+    b, t = feeds["input_ids"].shape
+    kept = np.ones((b, t), bool) if keep is None else keep.astype(bool)
+    out = {}
+    for name, site in captured.items():
+        if name == "pooled_relu":
+            pre, post = site.pre, site.post
+        elif name == "conv_relu":  # [B, C, T]
+            pre, post = np.moveaxis(site.pre, 1, -1)[kept], np.moveaxis(site.post, 1, -1)[kept]
+        else:  # [B, T, C] or [B*T, C]
+            pre = site.pre.reshape(b, t, -1)[kept]
+            post = site.post.reshape(b, t, -1)[kept]
+        out[name] = ((pre > 0).sum(0), pre.shape[0], pre.max(0), np.abs(post).sum(0))
+    return out
+
+
+def _check(report, truth) -> None:
+    layers = {layer.name: layer for layer in report.layers}
+    assert set(layers) == set(SITES)
+    for name, (positive, elements, max_pre, sum_abs) in truth.items():
+        layer = layers[name]
+        np.testing.assert_array_equal(layer.positive_counts, positive, err_msg=name)
+        assert layer.elements_per_unit == elements, name
+        np.testing.assert_allclose(layer.max_preactivation, max_pre, rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(layer.sum_abs, sum_abs, rtol=1e-5, err_msg=name)
+
+
+def _data(tmp_path, side="right", **extra):
+    ids, mask = token_data(samples=12, tokens=9, seed=4, side=side)
+    path = tmp_path / f"tokens_{side}.npz"
+    np.savez(path, input_ids=ids, attention_mask=mask, **extra)
+    return path, ids, mask
+
+
+@pytest.mark.parametrize("mask_input", [True, False], ids=["graph-takes-mask", "graph-without-mask"])
+def test_onnx_scan_counts_real_tokens_only(tmp_path, mask_input):
+    """Every site whose tensor holds the tokens ([B,T,C], [B*T,C], [B,C,T]) counts the kept positions
+    only, exactly; the pooled head counts every sample and a note names it. A graph that takes no
+    attention_mask still takes it as the position mask (it was refused: 'match no model input')."""
+    model = token_sites(mask_input=mask_input, vocab=len(VOCAB), pad=PAD)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    data, ids, mask = _data(tmp_path)
+    feeds = {"input_ids": ids, "attention_mask": mask} if mask_input else {"input_ids": ids}
+    truth = _truth(model, feeds, mask)
+    for batch_size in (5, 12):  # batch size never changes a count
+        report = scan(str(path), str(data), batch_size=batch_size, device="cpu")
+        _check(report, truth)
+    assert report.mask == {"array": "attention_mask", "exclude_token_ids": []}
+    note = next(n for n in report.notes if n.startswith("position mask not applied"))
+    assert "pooled_relu" in note and "rows_relu" not in note
+    layers = {layer.name: layer for layer in report.layers}
+    # the planted unit fires on padding only: dead on real tokens, alive when padding counts
+    assert layers["rows_relu"].dead_mask()[0] and layers["rows_relu"].dead_mask()[2]
+    if not mask_input:  # the graph takes no attention_mask: without it, every position counts
+        np.savez(data, input_ids=ids)
+    unmasked = scan(str(path), str(data), batch_size=5, device="cpu", mask="none")
+    _check(unmasked, _truth(model, feeds, None))
+    assert not {layer.name: layer for layer in unmasked.layers}["rows_relu"].dead_mask()[0]
+    assert not any(n.startswith("position mask") for n in unmasked.notes)
+
+
+def test_onnx_exclude_token_ids_and_padding_side(tmp_path):
+    """--exclude-token-ids drops the BOS positions too; a graph whose positions do not mix (no
+    attention) counts the same left- or right-padded."""
+    model = token_sites(mask_input=False, vocab=len(VOCAB), pad=PAD)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    reports = []
+    for side in ("right", "left"):
+        data, ids, mask = _data(tmp_path, side)
+        report = scan(str(path), str(data), batch_size=4, device="cpu", exclude_token_ids=(BOS,))
+        _check(report, _truth(model, {"input_ids": ids}, (mask != 0) & (ids != BOS)))
+        reports.append(report)
+    for a, b in zip(*(r.layers for r in reports), strict=True):
+        np.testing.assert_array_equal(a.positive_counts, b.positive_counts)
+        assert a.elements_per_unit == b.elements_per_unit
+
+
+def test_onnx_loss_mask_not_a_model_input(cli, tmp_path):
+    """--mask NAME on ONNX: another [samples, tokens] array picks the positions (it is not fed)."""
+    model = token_sites(mask_input=True, vocab=len(VOCAB), pad=PAD)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    ids, mask = token_data(samples=12, tokens=9, seed=4)
+    loss_mask = mask.copy()
+    loss_mask[:, 0] = 0  # the first position of every sample is not scored
+    data = tmp_path / "d.npz"
+    np.savez(data, input_ids=ids, attention_mask=mask, loss_mask=loss_mask)
+    result = cli("scan", path, "--data", data, "--mask", "loss_mask", "--json", "-", "--batch-size", "5")
+    assert result.code == 0, result.err
+    report = result.json()
+    truth = _truth(model, {"input_ids": ids, "attention_mask": mask}, loss_mask)
+    for layer in report["layers"]:
+        positive, elements, _, _ = truth[layer["name"]]
+        assert layer["elements_per_unit"] == elements
+        assert layer["positive_counts"] == positive.tolist()
+    assert report["mask"]["array"] == "loss_mask"
