@@ -375,16 +375,19 @@ def stored_tensors(path) -> dict[str, np.ndarray]:
     return found
 
 
-def token_sites(mask_input: bool = True, opset: int = 17, vocab: int = 12, pad: int = 1):
+def token_sites(
+    mask_input: bool = True, opset: int = 17, vocab: int = 12, pad: int = 1, pad_value: float = 3.0
+):
     """A token model: input_ids[B,T] (and attention_mask[B,T], multiplied into the embeddings when
     `mask_input`) -> Gather -> four Relu sites, one per layout of the tokens:
     rows_relu [B,T,6] (MatMul), flat_relu [B*T,5] (Reshape + MatMul), conv_relu [B,4,T] (a k=1 Conv1d,
     units before the tokens) and pooled_relu [B,3] (a mean over T: not the mask's positions). The
-    padding id's embedding is planted far from the others, and unit 0 of rows_relu fires on it only."""
+    padding id's embedding (`pad_value`) is planted far from the others, and unit 0 of rows_relu fires on
+    it only."""
     rng = np.random.default_rng(3)
     d = 8
     emb = (rng.standard_normal((vocab, d)) * 0.5).astype(np.float32)
-    emb[pad] = 3.0
+    emb[pad] = pad_value
     w1 = (rng.standard_normal((d, 6)) * 0.5).astype(np.float32)
     w1[:, 0] = 1.0  # unit 0: the embedding summed, 12 or 24 on padding, well below 8 elsewhere
     b1 = np.array([-8, 0, -50, 0.1, 0, 0], np.float32)  # unit 2 dead everywhere

@@ -116,3 +116,61 @@ def test_onnx_loss_mask_not_a_model_input(cli, tmp_path):
         assert layer["elements_per_unit"] == elements
         assert layer["positive_counts"] == positive.tolist()
     assert report["mask"]["array"] == "loss_mask"
+
+
+def test_exported_opt_counts_real_tokens(tmp_path):
+    """A tiny OPT exported with torch.onnx (input_ids + attention_mask; its FFN runs on [B*T, D]):
+    the ONNX scan counts exactly what plain torch hooks count on the real tokens."""
+    import warnings
+
+    import torch
+    from hf_models import hook_counts, opt_model
+
+    model = opt_model()
+    ids, mask = token_data(samples=12, tokens=10)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    axes = {0: "batch", 1: "tokens"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Logits(model), (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2])), str(tmp_path / "opt.onnx"),
+            input_names=["input_ids", "attention_mask"], dynamic_axes={"input_ids": axes, "attention_mask": axes},
+            opset_version=17, dynamo=False,
+        )  # fmt: skip
+    np.savez(tmp_path / "tokens.npz", input_ids=ids, attention_mask=mask)
+    truth = hook_counts(model, ids, mask, mask)
+    report = scan(str(tmp_path / "opt.onnx"), str(tmp_path / "tokens.npz"), batch_size=5, device="cpu")
+    assert len(report.layers) == len(truth) == 2
+    for layer, (positive, kept) in zip(report.layers, truth.values(), strict=True):
+        np.testing.assert_array_equal(layer.positive_counts, positive)
+        assert layer.elements_per_unit == kept == int(mask.sum())
+        assert layer.extra["position_mask"] == "applied"
+
+
+def test_nan_on_padding_only_is_not_seen(tmp_path):
+    """NaN activations on padded positions only: masked positions are not positions, so the token
+    sites' statistics are those of the real tokens (no NaN max, no NaN sums); the pooled head mixes the
+    padding into every sample's value and keeps its NaN."""
+    model = token_sites(mask_input=False, vocab=len(VOCAB), pad=PAD, pad_value=float("nan"))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    data, ids, mask = _data(tmp_path)
+    truth = _truth(model, {"input_ids": ids}, mask)
+    report = scan(str(path), str(data), batch_size=5, device="cpu")
+    layers = {layer.name: layer for layer in report.layers}
+    for name in ("rows_relu", "flat_relu", "conv_relu"):
+        positive, elements, max_pre, sum_abs = truth[name]
+        assert np.isfinite(max_pre).all() and np.isfinite(sum_abs).all()
+        np.testing.assert_array_equal(layers[name].positive_counts, positive, err_msg=name)
+        assert layers[name].elements_per_unit == elements
+        np.testing.assert_allclose(layers[name].max_preactivation, max_pre, rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(layers[name].sum_abs, sum_abs, rtol=1e-5, err_msg=name)
+    assert np.isnan(layers["pooled_relu"].max_preactivation).any()
