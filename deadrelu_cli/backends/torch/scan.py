@@ -270,14 +270,20 @@ def scan_torch(
 
 
 def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
+    """The scan's `speech_frames`: where the data's attention_mask is over the audio samples it feeds."""
+    if mask is None or mask.array != DEFAULT_MASK or AUDIO_VALUES not in order:
+        return None
+    return speech_frames(runnable)
+
+
+def speech_frames(runnable) -> tuple[str, object] | None:
     """Speech encoders (wav2vec2, HuBERT, WavLM, Data2VecAudio, …) take an attention_mask over the raw
     audio samples but run their transformer on frames, which that mask does not fit: (the encoder's
     module path, a function from the samples' mask to the frames'), using the library's own mapping
-    (the frames the model itself treats as padding); None for other models."""
+    (the frames the model itself treats as padding); None for other models. The scan and `watch()`
+    both scope the encoder's sites to the frames' mask with it."""
     import torch
 
-    if mask is None or mask.array != DEFAULT_MASK or AUDIO_VALUES not in order:
-        return None
     to_frames = getattr(runnable, "_get_feature_vector_attention_mask", None)
     frame_count = getattr(runnable, "_get_feat_extract_output_lengths", None)
     encoder = getattr(getattr(runnable, "base_model", None), "encoder", None)
