@@ -127,6 +127,9 @@ def resolve_batch_size(
     return size
 
 
+# the start of a report note saying that padding may have been counted as data: printed as a warning
+# (first, and on stderr when the report goes to stdout), not as a plain note
+PADDING_CHECK = "check padding: "
 TOKEN_IDS = "input_ids"
 DEFAULT_MASK = "attention_mask"
 AUDIO_VALUES = "input_values"  # a speech model's raw audio [samples, audio samples]

@@ -35,3 +35,46 @@ def test_watch_counts_the_real_frames_of_padded_audio(kind, given):
     ffn = next(name for name in truth if "feed_forward" in name)
     assert layers[ffn].elements_per_unit == int(frame_mask.sum()) < frame_mask.size
     assert layers[ffn].extra["position_mask"] == "applied"
+
+
+def _scan(cli, folder, data, *args):
+    result = cli("scan", folder, "--data", data, "--json", "-", *args)
+    assert result.code == 0, result.err
+    report = result.json()
+    return {layer["name"]: layer for layer in report["layers"]}, report, result.err
+
+
+def _assert_counts(layers, truth):
+    assert set(layers) == set(truth)
+    for name, (counts, rows) in truth.items():
+        assert (layers[name]["positive_counts"], layers[name]["elements_per_unit"]) == (counts, rows), name
+
+
+def test_zero_padded_audio_without_a_mask_is_said_and_a_named_mask_counts_real_frames(cli, tmp_path):
+    """wav2vec2-base style: zero-padded audio fed with no attention_mask. Every frame counts (nothing
+    tells padding from silence), and a warning says how many samples end in a frame's worth of exact
+    zeros (on stderr too with --json -); audio that does not end in zeros is scanned quietly. A samples'
+    mask under another name (--mask NAME, not fed) counts the real frames of that same forward."""
+    model, encoder = speech_model("wav2vec2")
+    folder = tmp_path / "w2v"
+    model.save_pretrained(folder)
+    audio, samples_mask, frame_mask = padded_audio()
+    every = relu_counts(model, {"input_values": audio}, lambda _n, _s: None)
+
+    np.savez(tmp_path / "padded.npz", input_values=audio)
+    layers, report, err = _scan(cli, folder, tmp_path / "padded.npz")
+    _assert_counts(layers, every)
+    said = [n for n in report["notes"] if n.startswith("check padding: ")]
+    assert len(said) == 1 and "5 of 6 samples end in 10 or more exact zeros" in said[0], report["notes"]
+    assert "warning: padding: the data has input_values but no attention_mask" in " ".join(err.split())
+
+    unpadded = np.where(audio == 0, 0.5, audio).astype(np.float32)
+    np.savez(tmp_path / "unpadded.npz", input_values=unpadded)
+    _, report, err = _scan(cli, folder, tmp_path / "unpadded.npz")
+    assert not [n for n in report["notes"] if "padding" in n] and "warning" not in err
+
+    np.savez(tmp_path / "named.npz", input_values=audio, audio_mask=samples_mask)
+    layers, report, err = _scan(cli, folder, tmp_path / "named.npz", "--mask", "audio_mask")
+    keep = lambda name, _shape: frame_mask if name.startswith(encoder) else None  # noqa: E731
+    _assert_counts(layers, relu_counts(model, {"input_values": audio}, keep))
+    assert not [n for n in report["notes"] if n.startswith("check padding")] and "warning" not in err

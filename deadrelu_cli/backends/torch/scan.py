@@ -21,6 +21,7 @@ from deadrelu_cli.inputs import (
     DECODER_IDS,
     DECODER_MASK,
     DEFAULT_MASK,
+    PADDING_CHECK,
     TOKEN_IDS,
     batch_mask,
     by_keyword,
@@ -177,6 +178,13 @@ def scan_torch(
             f"every decoder position, padding included; add a {DECODER_MASK} array to count real tokens only"
         )
     frames = audio_frame_scope(model.runnable, mask, order) if decoder is None else None
+    # speech encoder fed audio with no mask at all: zero-padded audio would count its padded frames unsaid
+    hop = (
+        frame_hop(model.runnable)
+        if mask is None and options.mask != "none" and AUDIO_VALUES in order and speech_frames(model.runnable)
+        else None
+    )
+    zero_tailed = 0
     settings = ProbeSettings(
         threshold=options.threshold,
         channel_dim=options.channel_dim,
@@ -202,9 +210,11 @@ def scan_torch(
     context = probe.attached() if hasattr(probe, "attached") else contextlib.nullcontext()
 
     def tensors():
-        nonlocal padded, pad_positions
+        nonlocal padded, pad_positions, zero_tailed
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
             padded = padded or (unseen_padding and not np.asarray(batch[DEFAULT_MASK]).all())
+            if hop is not None:
+                zero_tailed += trailing_zero_samples(batch[AUDIO_VALUES], hop)
             if pad_id is not None:
                 pad_positions += int(np.count_nonzero(np.asarray(batch[TOKEN_IDS]) == pad_id))
             yield (
@@ -258,9 +268,18 @@ def scan_torch(
     )
     if padded and unseen_note not in model.notes:
         model.notes.append(unseen_note)
+    if zero_tailed:
+        model.notes.append(
+            f"{PADDING_CHECK}the data has {AUDIO_VALUES} but no {DEFAULT_MASK}: every frame was counted, and "
+            f"{zero_tailed} of {done} samples end in {hop} or more exact zeros (a frame's worth or more), which "
+            f"looks like zero-padding counted as audio; if it is, add an {DEFAULT_MASK} array (1 on real audio "
+            "samples): the encoder then counts only the frames the model treats as real (for a model fed "
+            f"without one, as wav2vec2-base, name that array otherwise and pass --mask NAME: it marks the "
+            "positions without being fed)"
+        )
     if pad_positions:
         model.notes.append(
-            f"the data has {TOKEN_IDS} but no {DEFAULT_MASK}: every position was counted, and {pad_positions} "
+            f"{PADDING_CHECK}the data has {TOKEN_IDS} but no {DEFAULT_MASK}: every position was counted, and {pad_positions} "
             f"of them hold the model's pad_token_id {pad_id}; if that is padding, add an {DEFAULT_MASK} array "
             f"(1 on real tokens) or pass --exclude-token-ids {pad_id}"
         )
@@ -270,10 +289,26 @@ def scan_torch(
 
 
 def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
-    """The scan's `speech_frames`: where the data's attention_mask is over the audio samples it feeds."""
-    if mask is None or mask.array != DEFAULT_MASK or AUDIO_VALUES not in order:
+    """The scan's `speech_frames`: where the data's mask (its attention_mask, or a --mask array of the
+    audio's shape, which inputs.resolve_mask checked) is over the audio samples it feeds."""
+    if mask is None or mask.array is None or AUDIO_VALUES not in order:
         return None
     return speech_frames(runnable)
+
+
+def trailing_zero_samples(audio: np.ndarray, run: int) -> int:
+    """How many samples (rows of [samples, audio samples]) end in at least `run` exact zeros: what
+    zero-padding looks like (and digital silence too; nothing in the audio tells them apart)."""
+    audio = np.asarray(audio)
+    if audio.ndim != 2 or audio.shape[1] < run or run < 1:
+        return 0
+    return int(np.count_nonzero((audio[:, audio.shape[1] - run :] == 0).all(axis=1)))
+
+
+def frame_hop(runnable) -> int:
+    """Audio samples per frame of a speech encoder's feature extractor (its conv strides' product)."""
+    strides = getattr(getattr(runnable, "config", None), "conv_stride", None) or (1,)
+    return int(np.prod([int(s) for s in strides]))
 
 
 def speech_frames(runnable) -> tuple[str, object] | None:
