@@ -148,8 +148,9 @@ def mask_notes(layers: list, mask) -> list[str]:
         return []
     shown = ", ".join(unmasked[:5]) + (", …" if len(unmasked) > 5 else "")
     return [
-        f"position mask not applied to {len(unmasked)} layer(s) without a token axis of the mask's length "
-        f"(a pooled head, a conv over pixels or audio, a pooled sequence; every element counted): {shown}"
+        f"position mask not applied to {len(unmasked)} layer(s) whose positions are not the mask's "
+        f"(a pooled head, a conv over pixels or audio, a sequence of another length; every element "
+        f"counted): {shown}"
     ]
 
 

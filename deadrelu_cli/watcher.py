@@ -33,7 +33,7 @@ from torch import nn
 # what the first window's report needs (biases read through wiring.torch) is loaded with watch(), not
 # in the middle of a training step
 import deadrelu_cli.wiring.torch  # noqa: F401
-from deadrelu_cli.backends.torch.scan import attach_module_biases, speech_frames
+from deadrelu_cli.backends.torch.scan import attach_module_biases, pooled_blocks, speech_frames
 from deadrelu_cli.distributed import World, reduce_layers
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import write_text_atomic
@@ -253,6 +253,7 @@ class Watch:
         # a speech encoder's attention_mask is over audio samples: its encoder counts on the frames' mask
         self._frames = speech_frames(model)
         self._audio_index = positional_index(model, AUDIO_VALUES)
+        self._pooled = pooled_blocks(model)  # a Funnel-style encoder: each block on its pooled mask
         self._mask_warned = False
         # one probe for the run (names, tables); its counters are restarted per window
         self._probe = EagerProbe(
@@ -348,7 +349,7 @@ class Watch:
             self._samples += _batch_size(args, kwargs)
             if self._mask is None and self.mask_argument is not None:  # given masks win
                 self._apply_mask(self._forward_mask(args, kwargs), args, kwargs)
-            elif self._mask is not None and self._frames is not None:
+            elif self._mask is not None and (self._frames is not None or self._pooled is not None):
                 self._apply_mask(self._mask, args, kwargs)
             mode = probe.mode()
             mode.__enter__()
@@ -427,6 +428,8 @@ class Watch:
             if isinstance(audio, torch.Tensor) and tuple(audio.shape[:2]) == tuple(mask.shape):
                 path, to_frames = self._frames
                 scoped = {path: to_frames(mask)}
+        if mask is not None and scoped is None and self._pooled is not None and mask.dim() == 2:
+            scoped = self._pooled(mask)
         self._probe.set_position_mask(mask, scoped)
 
     def _forward_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -207,12 +207,13 @@ def padded_audio(batch: int = 6, length: int = 400, seed: int = 0):
 
 def relu_counts(model, feed: dict, keep_of) -> dict:
     """Per ReLU module: (positives per unit, counted rows). Units on the last axis of a feed-forward's
-    [B, T, F], on axis 1 of a conv's [B, C, T]; positions kept where `keep_of(name, shape)` [B, T] is
+    [B, T, F] (by name, or its first axes the keep's shape), on axis 1 of a conv's [B, C, T]; positions kept where `keep_of(name, shape)` [B, T] is
     true (None: every position)."""
     out = {}
     for name, a in relu_outputs(model, feed).items():
         keep = keep_of(name, a.shape)
-        if keep is not None and "feed_forward" not in name and "intermediate" not in name:
+        ffn = "feed_forward" in name or "intermediate" in name or tuple(a.shape[:2]) == np.shape(keep)
+        if keep is not None and not ffn:
             rows = np.moveaxis(a, 1, -1)[keep.astype(bool)]  # [B, C, T]: units on axis 1, tokens last
         elif keep is not None:
             rows = a[keep.astype(bool)]

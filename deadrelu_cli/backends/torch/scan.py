@@ -178,6 +178,9 @@ def scan_torch(
             f"every decoder position, padding included; add a {DECODER_MASK} array to count real tokens only"
         )
     frames = audio_frame_scope(model.runnable, mask, order) if decoder is None else None
+    pooled = (
+        pooled_blocks(model.runnable) if mask is not None and decoder is None and frames is None else None
+    )
     # speech encoder fed audio with no mask at all: zero-padded audio would count its padded frames unsaid
     hop = (
         frame_hop(model.runnable)
@@ -235,6 +238,8 @@ def scan_torch(
                 elif frames is not None:
                     path, to_frames = frames
                     probe.registry.set_position_mask(kept, {path: to_frames(kept)})
+                elif pooled is not None:
+                    probe.registry.set_position_mask(kept, pooled(kept))
                 elif mask is not None:
                     probe.registry.set_position_mask(kept)
                 args, kwargs = model_call(model, order, inputs)
@@ -294,6 +299,37 @@ def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
     if mask is None or mask.array is None or AUDIO_VALUES not in order:
         return None
     return speech_frames(runnable)
+
+
+def pooled_blocks(runnable):
+    """Funnel-style encoders pool their sequence between blocks ([B, T] -> [B, ceil(T/2)], the CLS kept
+    apart) and their attention_mask with it by min (a pooled position is padding when a position it
+    pools is): a function from the mask to each block's own ({block path: mask}), by the model's own
+    pooling (`attention_structure.pool_tensor`), so each block counts the positions the model treats as
+    real; None for other models."""
+    import torch
+
+    base = getattr(runnable, "base_model", runnable)
+    encoder = getattr(base, "encoder", None)
+    pool = getattr(getattr(encoder, "attention_structure", None), "pool_tensor", None)
+    blocks = getattr(encoder, "blocks", None)
+    config = getattr(encoder, "config", None)
+    if not (callable(pool) and isinstance(blocks, torch.nn.ModuleList) and config is not None):
+        return None
+    path = next((name for name, module in runnable.named_modules() if module is encoder and name), None)
+    if path is None:
+        return None
+    shortest = 2 if getattr(config, "separate_cls", False) else 1  # as the encoder decides to pool
+
+    def masks_of(kept: torch.Tensor) -> dict:
+        scoped, current = {}, kept.float()
+        for index in range(len(blocks)):
+            if index > 0 and current.shape[1] > shortest:
+                current = pool(current, mode="min")
+            scoped[f"{path}.blocks.{index}"] = current > 0
+        return scoped
+
+    return masks_of
 
 
 def trailing_zero_samples(audio: np.ndarray, run: int) -> int:
