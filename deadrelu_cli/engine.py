@@ -143,15 +143,19 @@ def mask_notes(layers: list, mask) -> list[str]:
     """Say which layers the position mask could not apply to (they count every element)."""
     if mask is None:
         return []
-    unmasked = [layer.name for layer in layers if layer.extra.get("position_mask") == "no token axis"]
-    if not unmasked:
-        return []
-    shown = ", ".join(unmasked[:5]) + (", …" if len(unmasked) > 5 else "")
-    return [
-        f"position mask not applied to {len(unmasked)} layer(s) whose positions are not the mask's "
-        f"(a pooled head, a conv over pixels or audio, a sequence of another length; every element "
-        f"counted): {shown}"
-    ]
+    notes = []
+    reasons = {
+        "no token axis": "whose positions are not the mask's (a pooled head, a conv over pixels or audio, "
+        "a sequence of another length; every element counted)",
+        "in a subgraph": "inside ONNX If/Loop/Scan subgraphs (every element counted)",
+        "opset below 9": "of an ONNX graph of opset below 9 (every element counted; re-export with a newer opset)",
+    }
+    for reason, said in reasons.items():
+        unmasked = [layer.name for layer in layers if layer.extra.get("position_mask") == reason]
+        if unmasked:
+            shown = ", ".join(unmasked[:5]) + (", …" if len(unmasked) > 5 else "")
+            notes.append(f"position mask not applied to {len(unmasked)} layer(s) {said}: {shown}")
+    return notes
 
 
 def certify_model(model: LoadedModel, options: ScanOptions, data: CalibrationData | None, device: str):

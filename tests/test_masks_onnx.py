@@ -72,8 +72,6 @@ def test_onnx_scan_counts_real_tokens_only(tmp_path, mask_input):
     layers = {layer.name: layer for layer in report.layers}
     # the planted unit fires on padding only: dead on real tokens, alive when padding counts
     assert layers["rows_relu"].dead_mask()[0] and layers["rows_relu"].dead_mask()[2]
-    if not mask_input:  # the graph takes no attention_mask: without it, every position counts
-        np.savez(data, input_ids=ids)
     unmasked = scan(str(path), str(data), batch_size=5, device="cpu", mask="none")
     _check(unmasked, _truth(model, feeds, None))
     assert not {layer.name: layer for layer in unmasked.layers}["rows_relu"].dead_mask()[0]
@@ -174,3 +172,18 @@ def test_nan_on_padding_only_is_not_seen(tmp_path):
         np.testing.assert_allclose(layers[name].max_preactivation, max_pre, rtol=1e-6, err_msg=name)
         np.testing.assert_allclose(layers[name].sum_abs, sum_abs, rtol=1e-5, err_msg=name)
     assert np.isnan(layers["pooled_relu"].max_preactivation).any()
+
+
+def test_sites_in_subgraphs_are_named(tmp_path):
+    """A Relu inside an If branch: the mask is not lifted into subgraphs, so it counts every element and
+    the note names it apart (not as a site 'whose positions are not the mask's')."""
+    from onnx_graphs import relu_in_if
+
+    model = relu_in_if()
+    path = tmp_path / "if.onnx"
+    onnx.save(model, path)
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, flag=np.array(True), attention_mask=np.ones((6, 4), np.int64))
+    report = scan(str(path), str(tmp_path / "d.npz"), batch_size=3, device="cpu", consts=("flag",))
+    inside = [layer for layer in report.layers if layer.extra.get("position_mask") == "in a subgraph"]
+    assert inside and any("inside ONNX If/Loop/Scan subgraphs" in n for n in report.notes), report.notes

@@ -61,6 +61,7 @@ class OnnxSite:
     # where the site's tensor holds the position mask's [batch, tokens] (probe.ops.token_layout), found
     # on a first batch; None: no mask, or positions that are not the mask's (counted over every element)
     token_layout: str | None = None
+    mask_unapplied: str | None = None  # why a position mask could not be applied here, when not for its shape
 
 
 def _clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, float | None]:

@@ -231,6 +231,10 @@ def _discover_shapes(
     from deadrelu_cli.probe.ops import token_layout
     from deadrelu_cli.wiring.onnx_index import opset_version
 
+    if mask is not None:
+        for site in sites:
+            if site.graph_path:  # the mask is not lifted into If/Loop/Scan bodies
+                site.mask_unapplied = "in a subgraph"
     unknown = [s for s in sites if not s.graph_path and (s.rank is None or mask is not None)]
     if not unknown:
         return
@@ -250,7 +254,9 @@ def _discover_shapes(
     for site, shape in zip(unknown, session.run(None, feeds), strict=True):
         shape = tuple(int(d) for d in np.asarray(shape).reshape(-1))
         site.rank = len(shape)
-        if maskable and site.rank >= 2:
+        if keep is not None and not maskable:
+            site.mask_unapplied = "opset below 9"
+        elif maskable and site.rank >= 2:
             site.token_layout = token_layout(shape, site_channel_dim(site, channel_dim), *keep.shape)
 
 
@@ -494,7 +500,10 @@ class HostAccumulator:
     def layer_stats(self) -> LayerStats:
         layer = self._layer_stats()
         if self.masked:  # as the torch probe says it (engine.mask_notes names the unmasked ones)
-            layer.extra["position_mask"] = "applied" if self.site.token_layout else "no token axis"
+            site = self.site
+            layer.extra["position_mask"] = (
+                "applied" if site.token_layout else site.mask_unapplied or "no token axis"
+            )
         return layer
 
     def _layer_stats(self) -> LayerStats:
