@@ -187,3 +187,26 @@ def test_sites_in_subgraphs_are_named(tmp_path):
     report = scan(str(path), str(tmp_path / "d.npz"), batch_size=3, device="cpu", consts=("flag",))
     inside = [layer for layer in report.layers if layer.extra.get("position_mask") == "in a subgraph"]
     assert inside and any("inside ONNX If/Loop/Scan subgraphs" in n for n in report.notes), report.notes
+
+
+def test_switched_sessions_keep_the_mask(tmp_path, monkeypatch):
+    """Once a masked site's units have all fired, the scan rebuilds its session reading the max off the
+    Relu's output (_OutputMaxSwitch): the rebuilt graph takes the mask too, and the numbers stay exact."""
+    from onnx import numpy_helper
+    from test_onnx_output_max import _forced_switch
+
+    model = token_sites(mask_input=False, vocab=len(VOCAB), pad=PAD)
+    for init in model.graph.initializer:  # no dead unit: every site becomes eligible for the switch
+        if init.name in ("b1", "b2", "b3", "b4"):
+            init.CopyFrom(
+                numpy_helper.from_array(
+                    np.full(numpy_helper.to_array(init).shape, 2.0, np.float32), init.name
+                )
+            )
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    data, ids, mask = _data(tmp_path)
+    switches = _forced_switch(monkeypatch)
+    report = scan(str(path), str(data), batch_size=2, device="cpu")
+    assert switches and {0, 2} <= switches[-1]  # masked sites (rows, conv) read their max off the output
+    _check(report, _truth(model, {"input_ids": ids}, mask))
