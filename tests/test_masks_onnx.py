@@ -210,3 +210,21 @@ def test_switched_sessions_keep_the_mask(tmp_path, monkeypatch):
     report = scan(str(path), str(data), batch_size=2, device="cpu")
     assert switches and {0, 2} <= switches[-1]  # masked sites (rows, conv) read their max off the output
     _check(report, _truth(model, {"input_ids": ids}, mask))
+
+
+def test_no_mask_builds_the_unmasked_graph(tmp_path):
+    """Without a mask (none in the data, or --mask none) the instrumented graph is the one of before: no
+    mask input, no Where, the global-pool path for the [B, C, T] conv site."""
+    from deadrelu_cli.backends.onnx.scan import instrumented_bytes
+    from deadrelu_cli.loaders.model import LoadOptions
+    from deadrelu_cli.loaders.onnx_model import load_onnx
+    from deadrelu_cli.probe.onnx_graph import MASK_INPUT, find_sites
+
+    path = tmp_path / "m.onnx"
+    onnx.save(token_sites(mask_input=False, vocab=len(VOCAB), pad=PAD), path)
+    loaded = load_onnx(LoadOptions(str(path), device="cpu"))
+    sites = find_sites(loaded.runnable, ("relu",))
+    graph = onnx.load_from_string(instrumented_bytes(loaded, sites, 0.0, None)).graph
+    assert MASK_INPUT not in {i.name for i in graph.input}
+    assert not [n for n in graph.node if n.op_type == "Where"]
+    assert [n for n in graph.node if n.op_type == "GlobalAveragePool"]
