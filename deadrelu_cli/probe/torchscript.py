@@ -10,6 +10,8 @@ the scan stops with a clear error rather than attribute counts to the wrong laye
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -17,7 +19,7 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, PASS_THROUGH, aten_base
 from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, static_site_hooks
 from deadrelu_cli.probe.exported import StaticSite
-from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, is_activation_module_type
+from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, hidden_label, is_activation_module_type
 
 _FUNCTIONS = {
     "relu": "relu",
@@ -63,6 +65,7 @@ class _Walker:
         self.paths = {id(m): name for name, m in root.named_modules()}
         self.namer = SiteNamer()
         self.sites: list[StaticSite] = []
+        self.hidden: Counter = Counter()  # activations inside fused kernels (probe.hidden labels)
         self._calls: list[tuple[object, object]] = []  # (CallMethod node, caller module)
 
     def walk_method(self, module, method: str, call=None) -> None:
@@ -130,9 +133,23 @@ class _Walker:
                     raise _Dynamic("a loop that runs activations")
             elif kind.startswith("aten::"):
                 args = tuple(self._value(env, v) for v in node.inputs())
+                self._note_hidden(module, kind, args)
                 kind_op = aten_op_kind(kind, args)
                 if kind_op is not None and kind_op[0] in self.ops:
                     self._add(module, node, kind_op[0], kind_op[1])
+
+    def _note_hidden(self, module, kind: str, args: tuple) -> None:
+        """A fused kernel with a ReLU inside (an RNN, the transformer encoder's fast path)."""
+        path = self.paths.get(id(module), "")
+        base = aten_base(kind)
+        if base == "rnn_relu" and "relu" in self.ops:
+            # rnn_relu(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+            layers = args[4] if isinstance(args[4], int) else 1
+            self.hidden[hidden_label(path, "RNN", "relu")] += layers * (2 if args[7] is True else 1)
+        elif base == "_transformer_encoder_layer_fwd":
+            op = "gelu" if args[7] is True else "relu"
+            if op in self.ops:
+                self.hidden[hidden_label(path, "transformer encoder fast path", op)] += 1
 
     def _add(self, module, node, op: str, in_place: bool) -> None:
         if op not in self.ops:
@@ -188,6 +205,17 @@ class _Walker:
         return None, None
 
 
+def script_sites(script_module, ops: tuple[str, ...]) -> list[StaticSite] | None:
+    """The activation sites of a ScriptModule's forward read from its code (None when the code's control
+    flow decides which run): for TorchScript called from an eager model, which no eager probe sees into."""
+    walker = _Walker(script_module, ops)
+    try:
+        walker.walk_method(script_module, "forward")
+    except _Dynamic:
+        return None
+    return walker.sites
+
+
 class _OrderedDispatch(TorchDispatchMode):
     def __init__(self, probe: TorchScriptProbe) -> None:
         super().__init__()
@@ -215,6 +243,7 @@ class TorchScriptProbe:
                 "Scan the state_dict with --arch, or an ExportedProgram (.pt2), instead"
             ) from None
         self.sites = walker.sites
+        self.hidden = walker.hidden
         for site in self.sites:
             self.registry.declare(site.name, site.op, site.module_type, site.producer)
         self._position = 0
