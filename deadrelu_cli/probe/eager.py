@@ -24,7 +24,6 @@ from torch.overrides import TorchFunctionMode
 
 from deadrelu_cli.probe.accumulator import CACHE_PART_BYTES
 from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, infer_channel_dim
-from deadrelu_cli.probe.hidden import eager_hidden
 from deadrelu_cli.probe.ops import CLAMP_OPS, SiteNamer, clamp_bounds, hidden_label, is_activation_module_type
 
 CHANNEL_FIRST_TYPES: tuple[type, ...] = (
@@ -203,6 +202,34 @@ UNIT_PRESERVING_MODULES: tuple[type, ...] = (
     nn.AdaptiveMaxPool2d,
 )
 CONSUMER_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def rnn_layers(module: nn.Module) -> int:
+    """The ReLU layers an nn.RNN(nonlinearity='relu') runs inside its kernel (0 for any other module)."""
+    if isinstance(module, nn.RNN) and getattr(module, "nonlinearity", "tanh") == "relu":
+        return module.num_layers * (2 if module.bidirectional else 1)
+    return 0
+
+
+def eager_hidden(model: nn.Module, ops: tuple[str, ...]) -> Counter:
+    """Modules of an eager model whose activations the call-site probe cannot see."""
+    from deadrelu_cli.probe.torchscript import script_sites
+
+    found: Counter = Counter()
+    inside_script: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(f"{outer}.") for outer in inside_script):
+            continue  # walked with the scripted module that holds it
+        if "relu" in ops and rnn_layers(module):
+            found[hidden_label(path, "RNN", "relu")] += rnn_layers(module)
+        elif isinstance(module, torch.jit.ScriptModule) and module is not model:
+            inside_script.append(path)
+            sites = script_sites(module, ops)
+            if sites is None:  # code the static walk cannot follow: it may hold anything
+                found[f"{path}: TorchScript code (not read)"] += 1
+            for op, count in Counter(site.op for site in sites or ()).items():
+                found[hidden_label(path, "TorchScript code", op)] += count
+    return found
 
 
 class _CallSiteMode(TorchFunctionMode):

@@ -1,50 +1,20 @@
-"""Activations a torch probe cannot count, named per site so that the scan says so and a gate stops on
-them (`gate.split_unseen` reads the '(activation=Relu)' of a label).
-
-They run where neither a TorchFunctionMode, a graph rewrite nor a dispatch mode sees a ReLU of their own:
-an RNN with nonlinearity='relu' (one fused kernel over every time step), the transformer encoder's fast
-path (`aten._transformer_encoder_layer_fwd`, traced into TorchScript), TorchScript code called from an
-eager model, the subgraphs of a torch.export higher-order op (`torch.cond`, `while_loop`, `map`).
+"""Activations a torch.export graph probe cannot count, named per site so that the scan says so and a
+gate stops on them (`gate.split_unseen` reads the '(activation=Relu)' of a label): an RNN with
+nonlinearity='relu' (one fused kernel over every time step), the transformer encoder's fast path
+(`aten._transformer_encoder_layer_fwd`), the subgraphs of a higher-order op (`torch.cond`, `while_loop`,
+`map`). The eager probe names its own (`probe.eager.eager_hidden`), the TorchScript walk its own.
 Labels are '<module path>: <what>(activation=<Kind>)'; the counts are sites (one per RNN layer and
-direction, one per encoder layer, the ReLU calls of the code).
-"""
+direction, one per encoder layer, the ReLU calls of a subgraph). An `rnn_relu_cell` is written out and
+counted instead (`decompose_rnn_cells`)."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from deadrelu_cli.probe.ops import aten_op_kind, hidden_label
-
-
-def rnn_layers(module: nn.Module) -> int:
-    """The ReLU layers an nn.RNN(nonlinearity='relu') runs inside its kernel (0 for any other module)."""
-    if isinstance(module, nn.RNN) and getattr(module, "nonlinearity", "tanh") == "relu":
-        return module.num_layers * (2 if module.bidirectional else 1)
-    return 0
-
-
-def eager_hidden(model: nn.Module, ops: tuple[str, ...]) -> Counter:
-    """Modules of an eager model whose activations the call-site probe cannot see."""
-    from deadrelu_cli.probe.torchscript import script_sites
-
-    found: Counter = Counter()
-    inside_script: list[str] = []
-    for path, module in model.named_modules():
-        if any(path.startswith(f"{outer}.") for outer in inside_script):
-            continue  # walked with the scripted module that holds it
-        if "relu" in ops and rnn_layers(module):
-            found[hidden_label(path, "RNN", "relu")] += rnn_layers(module)
-        elif isinstance(module, torch.jit.ScriptModule) and module is not model:
-            inside_script.append(path)
-            sites = script_sites(module, ops)
-            if sites is None:  # code the static walk cannot follow: it may hold anything
-                found[f"{path}: TorchScript code (not read)"] += 1
-            for op, count in Counter(site.op for site in sites or ()).items():
-                found[hidden_label(path, "TorchScript code", op)] += count
-    return found
 
 
 def _stack_path(node: fx.Node) -> str:

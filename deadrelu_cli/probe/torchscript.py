@@ -19,7 +19,14 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, PASS_THROUGH, aten_base
 from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, static_site_hooks
 from deadrelu_cli.probe.exported import StaticSite
-from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, hidden_label, is_activation_module_type
+from deadrelu_cli.probe.ops import (
+    CLAMP_OPS,
+    SiteNamer,
+    clamp_bounds,
+    aten_op_kind,
+    hidden_label,
+    is_activation_module_type,
+)
 
 _FUNCTIONS = {
     "relu": "relu",
@@ -100,7 +107,12 @@ class _Walker:
             elif kind == "prim::CallFunction":
                 fn = node.inputsAt(0).node()
                 fname = fn.s("name") if fn.hasAttribute("name") else ""
-                if fname in _FUNCTIONS:
+                if fname in ("threshold", "_threshold", "threshold_"):  # F.threshold(x, t, v, inplace)
+                    args = tuple(self._value(env, v) for v in list(node.inputs())[1:])
+                    op = CLAMP_OPS.get(clamp_bounds("threshold", args[1:3]) or ())
+                    if op is not None:
+                        self._add(module, node, op, fname.endswith("_") or args[-1] is True)
+                elif fname in _FUNCTIONS:
                     args = tuple(self._value(env, v) for v in list(node.inputs())[1:])
                     op = _FUNCTIONS[fname]
                     if fname.startswith("hardtanh") and tuple(
