@@ -253,6 +253,17 @@ class _CallSiteMode(TorchFunctionMode):
         if spec is not None and spec.clamp is not None:  # a clamp that is no ReLU: an ordinary op
             op = _clamp_op(spec.clamp, args, kwargs)
             spec = None if op is None else spec
+        if spec is None and isinstance(func, torch._ops.OpOverloadPacket | torch._ops.OpOverload):
+            qualified = str(getattr(func, "_qualified_op_name", "") or func.name())
+            if (
+                qualified.startswith("quantized::")
+                and "relu" in qualified
+                and "relu" in self.probe.settings.ops
+            ):
+                # an int8 kernel with its ReLU fused in (torch.ao's converted LinearReLU, ConvReLU2d, …)
+                self.probe.note_hidden(
+                    self.probe.next_site_name("relu"), qualified.replace("::", "."), "relu"
+                )
         if spec is None or not args or not isinstance(args[0], torch.Tensor):
             out = func(*args, **kwargs)
             if args and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor):
@@ -272,6 +283,8 @@ class _CallSiteMode(TorchFunctionMode):
             return out
         if func in (F.hardtanh, F.hardtanh_) and _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
             return func(*args, **kwargs)
+        if op in self.probe.settings.ops and args[0].is_quantized:  # no float pre-activation to count
+            self.probe.note_hidden(self.probe.next_site_name(op), "activation on a quantized tensor", op)
         if op not in self.probe.settings.ops or not args[0].is_floating_point():
             return func(*args, **kwargs)
         in_place = spec.always_in_place or bool(
@@ -604,6 +617,10 @@ class EagerProbe:
 
     def observe(self, name: str, op: str, pre: torch.Tensor) -> None:
         self.registry.record_pre(name, op, pre, *self._site_facts(pre))
+
+    def note_hidden(self, site: str, what: str, op: str) -> None:
+        """A site the probe runs but cannot count (an int8 kernel): named in `hidden`, once."""
+        self.hidden[hidden_label(site, what, op)] = 1
 
     @staticmethod
     def _eager_stance(compiler_loaded: bool):

@@ -22,8 +22,8 @@ from deadrelu_cli.probe.exported import StaticSite
 from deadrelu_cli.probe.ops import (
     CLAMP_OPS,
     SiteNamer,
-    clamp_bounds,
     aten_op_kind,
+    clamp_bounds,
     hidden_label,
     is_activation_module_type,
 )
@@ -143,6 +143,8 @@ class _Walker:
                     self._walk_block(inner, module, env)
                 if len(self.sites) > before:
                     raise _Dynamic("a loop that runs activations")
+            elif kind.startswith("quantized::"):
+                self._note_hidden(module, kind, ())
             elif kind.startswith("aten::"):
                 args = tuple(self._value(env, v) for v in node.inputs())
                 self._note_hidden(module, kind, args)
@@ -151,9 +153,14 @@ class _Walker:
                     self._add(module, node, kind_op[0], kind_op[1])
 
     def _note_hidden(self, module, kind: str, args: tuple) -> None:
-        """A fused kernel with a ReLU inside (an RNN, the transformer encoder's fast path)."""
+        """A fused kernel with a ReLU inside (an RNN, the transformer encoder's fast path, an int8 op)."""
         path = self.paths.get(id(module), "")
         base = aten_base(kind)
+        if kind.startswith("quantized::") and "relu" in kind and "relu" in self.ops:  # linear_relu, …
+            self.hidden[
+                hidden_label(path, kind.replace("::", "."), "relu6" if "relu6" in kind else "relu")
+            ] += 1
+            return
         if base == "rnn_relu" and "relu" in self.ops:
             # rnn_relu(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
             layers = args[4] if isinstance(args[4], int) else 1
@@ -262,19 +269,30 @@ class TorchScriptProbe:
 
     def on_activation(self, func, args, kwargs, op: str, in_place: bool):
         if self._position >= len(self.sites) or self.sites[self._position].op != op:
-            raise UserError(
+            # raised inside the TorchScript interpreter, which hands on only a RuntimeError: kept for run()
+            self._error = UserError(
                 f"this TorchScript model ran an unexpected {op} (activation #{self._position + 1} of this forward; "
                 f"{len(self.sites)} found in its code); scan the state_dict with --arch or an ExportedProgram instead"
             )
+            raise self._error
         site = self.sites[self._position]
         self._position += 1
+        if getattr(args[0], "is_quantized", False):  # an int8 tensor: no float pre-activation to count
+            self.hidden[hidden_label(site.name, "activation on a quantized tensor", op)] = 1
+            return func(*args, **kwargs)
 
         return call_and_record(func, args, kwargs, op, in_place, *static_site_hooks(self.registry, site))
 
     def run(self, inputs: tuple, kwargs: dict | None = None):
         self._position = 0
-        with _OrderedDispatch(self):
-            out = self.module(*inputs, **(kwargs or {}))
+        self._error: UserError | None = None
+        try:
+            with _OrderedDispatch(self):
+                out = self.module(*inputs, **(kwargs or {}))
+        except RuntimeError:
+            if self._error is not None:
+                raise self._error from None
+            raise
         if self._position != len(self.sites):
             raise UserError(
                 f"this TorchScript model ran {self._position} activations but its code has {len(self.sites)}; "
