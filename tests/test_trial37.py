@@ -345,3 +345,76 @@ def test_relu_inside_torch_cond_is_named_in_eager_and_pt2(cli, tmp_path, monkeyp
     code, report, err = _scan(cli, [pt2], data, "--max-dead", "1.0", "--trust-pickle", "--limit", "2")
     assert code == 1, err
     assert report["unseen_activations"] == {"<model>: torch.cond(activation=Relu)": 2}, report
+
+
+RRELU = """
+import torch
+from torch import nn
+
+
+class Randomized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.act = nn.RReLU()
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+def build():
+    torch.manual_seed(7)
+    model = Randomized()
+    with torch.no_grad():
+        model.fc.bias[3] = -40.0
+    return model.eval()
+"""
+
+
+def test_rrelu_is_a_leaky_relu_site_in_every_format(cli, tmp_path):
+    """nn.RReLU (in eval: a leaky ReLU of slope (lower + upper) / 2) is counted with --ops leaky_relu in
+    eager, .pt2, TorchScript and ONNX (a LeakyRelu there). Before: no site in the torch formats."""
+    model, spec = arch_file(tmp_path / "rrelu.py", RRELU)
+    data = save_npz(tmp_path / "d.npz", x=DATA)
+    pre = torch.from_numpy(DATA).double() @ model.fc.weight.double().T + model.fc.bias.double()
+    for fmt, args in _formats(tmp_path, model, spec).items():
+        code, report, err = _scan(cli, args, data, "--ops", "leaky_relu")
+        assert code == 0, (fmt, err)
+        [layer] = report["layers"]
+        assert layer["op"] == "leaky_relu" and layer["dead_indices"] == _dead(pre) == [3], (fmt, layer)
+        assert layer["positive_counts"] == (pre > 0).reshape(-1, 5).sum(dim=0).tolist(), fmt
+
+
+def test_int8_relus_of_a_quantized_torchscript_are_named(cli, tmp_path):
+    """A torch.ao model converted to int8 runs `quantized::linear_relu` (the ReLU inside the kernel) and
+    nn.ReLU on a quantized tensor (no float pre-activation): both are named as unseen, and a gate fails.
+    Before: the scan failed with 'check that --data fits the model's input' (exit 2)."""
+    import torch.ao.nn.intrinsic as nni
+    import torch.ao.quantization as tq
+
+    class Quantized(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+            self.block = nni.LinearReLU(torch.nn.Linear(4, 5), torch.nn.ReLU())
+            self.fc = torch.nn.Linear(5, 3)
+            self.act = torch.nn.ReLU()
+            self.qconfig = tq.get_default_qconfig("fbgemm")
+
+        def forward(self, x):
+            return self.dequant(self.act(self.fc(self.block(self.quant(x)))))
+
+    torch.manual_seed(8)
+    model = Quantized().eval()
+    tq.prepare(model, inplace=True)
+    model(torch.from_numpy(DATA))
+    tq.convert(model, inplace=True)
+    path = tmp_path / "int8_ts.pt"
+    torch.jit.trace(model, torch.from_numpy(DATA[:2])).save(path)
+    data = save_npz(tmp_path / "d.npz", x=DATA)
+    code, report, err = _scan(cli, [path], data, "--trust-pickle", "--max-dead", "1.0")
+    assert code == 1, err
+    assert report["unseen_activations"] == {
+        "block: quantized.linear_relu(activation=Relu)": 1,
+        "act: activation on a quantized tensor(activation=Relu)": 1,
+    }, report

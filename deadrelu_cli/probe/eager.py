@@ -57,6 +57,8 @@ def _function_table() -> dict[Callable, _FunctionSpec]:
         F.hardtanh_: _FunctionSpec("relu6", None, True),
         F.leaky_relu: _FunctionSpec("leaky_relu", 2),
         F.leaky_relu_: _FunctionSpec("leaky_relu", None, True),
+        F.rrelu: _FunctionSpec("leaky_relu", 4),  # nn.RReLU: a leaky ReLU whose slope is fixed in eval
+        F.rrelu_: _FunctionSpec("leaky_relu", None, True),
         F.elu: _FunctionSpec("elu", 2),
         F.elu_: _FunctionSpec("elu", None, True),
         F.gelu: _FunctionSpec("gelu", None),

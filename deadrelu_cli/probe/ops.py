@@ -73,6 +73,8 @@ def aten_op_kind(overload_name: str, args: tuple) -> tuple[str, bool] | None:
         return None
     if base in ("leaky_relu", "elu", "gelu", "silu"):
         return base, in_place
+    if base == "rrelu":  # nn.RReLU: a leaky ReLU (its slope fixed in eval, random in training)
+        return "leaky_relu", in_place
     if base in ("clamp", "clip", "clamp_min", "threshold"):  # ReLU spelled another way (exactly a ReLU)
         bounds = clamp_bounds(base, args[1:])
         return (CLAMP_OPS[bounds], in_place) if bounds in CLAMP_OPS else None

@@ -38,6 +38,8 @@ _FUNCTIONS = {
     "silu": "silu",
     "relu_": "relu",
     "hardtanh_": "relu6",
+    "rrelu": "leaky_relu",
+    "rrelu_": "leaky_relu",
 }
 _CHANNEL_FIRST_MODULES = (
     "Conv1d",
