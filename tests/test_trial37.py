@@ -418,3 +418,58 @@ def test_int8_relus_of_a_quantized_torchscript_are_named(cli, tmp_path):
         "block: quantized.linear_relu(activation=Relu)": 1,
         "act: activation on a quantized tensor(activation=Relu)": 1,
     }, report
+
+
+ATEN = """
+import torch
+from torch import nn
+
+
+class MyReLU(torch.autograd.Function):  # PyTorch's tutorial ReLU: a clamp inside a custom Function
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class Direct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return torch.ops.aten.relu(h) + torch.ops.aten.relu.default(h * 2.0) + MyReLU.apply(h - 1.0)
+
+
+def build():
+    torch.manual_seed(9)
+    model = Direct()
+    with torch.no_grad():
+        model.fc.bias[1] = -40.0
+    return model.eval()
+"""
+
+
+def test_aten_relu_called_directly_and_custom_function_relu_are_sites(cli, tmp_path):
+    """`torch.ops.aten.relu(x)` called as it is, and a ReLU written as a clamp in an autograd.Function,
+    are sites in eager as in .pt2. Before: eager had no site at all ("the model ran no relu call")."""
+    model, spec = arch_file(tmp_path / "direct.py", ATEN)
+    data = save_npz(tmp_path / "d.npz", x=DATA)
+    pre = torch.from_numpy(DATA).double() @ model.fc.weight.double().T + model.fc.bias.double()
+    truth = [pre, pre * 2.0, pre - 1.0]
+    state = tmp_path / "m.pt"
+    torch.save(model.state_dict(), state)
+    pt2 = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, (torch.from_numpy(DATA[:2]),)), pt2)
+    for fmt, args in {"eager": [state, "--arch", spec], "pt2": [pt2]}.items():
+        code, report, err = _scan(cli, args, data)
+        assert code == 0, (fmt, err)
+        layers = report["layers"]
+        assert len(layers) == 3, (fmt, [layer["name"] for layer in layers])
+        for layer, values in zip(layers, truth, strict=True):
+            assert layer["dead_indices"] == _dead(values), (fmt, layer["name"])
+            assert layer["positive_counts"] == (values > 0).reshape(-1, 5).sum(dim=0).tolist(), fmt

@@ -24,7 +24,14 @@ from torch.overrides import TorchFunctionMode
 
 from deadrelu_cli.probe.accumulator import CACHE_PART_BYTES
 from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, infer_channel_dim
-from deadrelu_cli.probe.ops import CLAMP_OPS, SiteNamer, clamp_bounds, hidden_label, is_activation_module_type
+from deadrelu_cli.probe.ops import (
+    CLAMP_OPS,
+    SiteNamer,
+    aten_op_kind,
+    clamp_bounds,
+    hidden_label,
+    is_activation_module_type,
+)
 
 CHANNEL_FIRST_TYPES: tuple[type, ...] = (
     nn.modules.conv._ConvNd,
@@ -266,6 +273,10 @@ class _CallSiteMode(TorchFunctionMode):
                 self.probe.note_hidden(
                     self.probe.next_site_name("relu"), qualified.replace("::", "."), "relu"
                 )
+            elif qualified.startswith("aten::"):  # torch.ops.aten.relu(x) called as it is
+                kind = aten_op_kind(qualified, tuple(args))
+                if kind is not None:  # clamp="aten": run as written (not run_in_parts' relu)
+                    spec, op = _FunctionSpec(kind[0], None, kind[1], clamp="aten"), kind[0]
         if spec is None or not args or not isinstance(args[0], torch.Tensor):
             out = func(*args, **kwargs)
             if args and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor):
