@@ -473,3 +473,35 @@ def test_aten_relu_called_directly_and_custom_function_relu_are_sites(cli, tmp_p
         for layer, values in zip(layers, truth, strict=True):
             assert layer["dead_indices"] == _dead(values), (fmt, layer["name"])
             assert layer["positive_counts"] == (values > 0).reshape(-1, 5).sum(dim=0).tolist(), fmt
+
+
+def test_watch_names_an_rnn_relu_and_its_limits_fail_on_it(tmp_path):
+    """watch() on a model with nn.RNN(nonlinearity='relu'): each window's report names the kernel's ReLU
+    as unseen and a limit fails on it (stop_on_gate), unless allow_unseen=True; the nn.ReLU after it is
+    counted. Before: the report had no unseen activations and the limit passed."""
+    from deadrelu_cli import watch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.RNN(4, 5, nonlinearity="relu", batch_first=True)
+            self.act = torch.nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.rnn(x)[0])
+
+    torch.manual_seed(10)
+    model = Net()
+    x = torch.from_numpy(DATA)
+    for allow, stops in ((False, True), (True, False)):
+        w = watch(model, every=1, config=False, max_dead=1.0, stop_on_gate=True, allow_unseen=allow)
+        with w:
+            for _ in range(2):
+                w.step()
+                model(x).sum().backward()
+        report = w.reports[0]
+        assert report.unseen == {"rnn: RNN(activation=Relu)": 1}
+        assert [layer.name for layer in report.layers] == ["act"]
+        positives = (model.rnn(x)[0] > 0).reshape(-1, 5).sum(dim=0).tolist()
+        assert report.layers[0].positive_counts.tolist() == positives
+        assert w.should_stop is stops
