@@ -505,3 +505,32 @@ def test_watch_names_an_rnn_relu_and_its_limits_fail_on_it(tmp_path):
         positives = (model.rnn(x)[0] > 0).reshape(-1, 5).sum(dim=0).tolist()
         assert report.layers[0].positive_counts.tolist() == positives
         assert w.should_stop is stops
+
+
+def test_fix_leaky_patches_the_rnn_cell_steps_of_a_pt2(cli, tmp_path):
+    """`fix --strategy leaky` on a .pt2 with nn.RNNCell(relu): the steps' ReLUs the scan counts are the
+    ones patched (the written program runs leaky_relu at each step, as computed here). Before: the scan
+    saw no site, so there was nothing to fix."""
+    model, _ = arch_file(tmp_path / "cells.py", RNN_CELL)
+    data = save_npz(tmp_path / "d.npz", x=DATA)
+    pt2 = tmp_path / "m.pt2"
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.export.save(
+        torch.export.export(model, (torch.from_numpy(DATA[:2]),), dynamic_shapes=({0: batch},)), pt2
+    )
+    out = tmp_path / "fixed.pt2"
+    result = cli("fix", pt2, "--data", data, "--strategy", "leaky", "--output", out)
+    assert result.code == 0, result.err
+    fixed = torch.export.load(str(out)).module()
+    x = torch.from_numpy(DATA).double()
+    w_ih, w_hh = model.cell.weight_ih.double(), model.cell.weight_hh.double()
+    b_ih, b_hh = model.cell.bias_ih.double(), model.cell.bias_hh.double()
+    h = torch.zeros(SAMPLES, 5, dtype=torch.float64)
+    steps = []
+    for t in range(STEPS):
+        h = torch.nn.functional.leaky_relu(x[:, t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh, 0.01)
+        steps.append(h)
+    expected = torch.stack(steps, 1)
+    with torch.no_grad():
+        got = fixed(torch.from_numpy(DATA)).double()
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
