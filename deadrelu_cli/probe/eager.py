@@ -639,7 +639,8 @@ class EagerProbe:
     def _eager_stance(compiler_loaded: bool):
         """torch.cond runs its branches in a compiled graph that no mode sees into; under the force_eager
         stance it reaches the mode as an operator (run_higher_order), as a watched training step's code does."""
-        return torch.compiler.set_stance("force_eager") if compiler_loaded else contextlib.nullcontext()
+        set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+        return set_stance("force_eager") if compiler_loaded and set_stance else contextlib.nullcontext()
 
     def run_higher_order(self, func, args: tuple, kwargs: dict):
         """Run torch.cond & co. as they run eagerly, counting the activations of the code they call:
