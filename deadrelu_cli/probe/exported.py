@@ -11,8 +11,14 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, PASS_THROUGH
-from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, static_site_hooks
+from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, LAYOUT, PASS_THROUGH
+from deadrelu_cli.probe.base import (
+    ProbeSettings,
+    SiteRegistry,
+    call_and_record,
+    relaid_channel_first,
+    static_site_hooks,
+)
 from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, is_activation_module_type
 
 # Index of the bias argument of each producer op.
@@ -28,6 +34,8 @@ _BIAS_ARG = {
     "_native_batch_norm_legit_no_training": 2,
     "_native_batch_norm_legit": 2,
     "native_batch_norm": 2,
+    "layer_norm": 3,
+    "group_norm": 3,
 }
 
 
@@ -63,10 +71,26 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
     """
     seen = 0
     keep_producer = True
+    layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
     current = node.args[0] if node.args else None
     while isinstance(current, fx.Node) and seen < 32:
         seen += 1
         base = op_base(current.target) if current.op == "call_function" else ""
+        if base in LAYOUT and current.args and isinstance(current.args[0], fx.Node):
+            value = current.meta.get("val")
+            if not isinstance(value, torch.Tensor) or value.dim() != 3:
+                break
+            dims = (
+                current.args[1]
+                if base == "permute"
+                else current.args[1:3]
+                if base != "slice"
+                else current.args[1:2]
+            )
+            layouts.append((base, tuple(dims) or (0,)))
+            keep_producer = False  # the producer's bias no longer sits before the activation alone
+            current = current.args[0]
+            continue
         if base in CHANNEL_FIRST or base in LAST_DIM:
             producer = None
             index = _BIAS_ARG.get(base)
@@ -85,7 +109,7 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
                 and str(weight.target).endswith(".weight")
             ):
                 producer = str(weight.target)[: -len(".weight")]
-            return base in CHANNEL_FIRST, producer
+            return relaid_channel_first(base in CHANNEL_FIRST, layouts), producer
         if base in PASS_THROUGH and current.args and isinstance(current.args[0], fx.Node):
             if base != "getitem" and any(isinstance(a, fx.Node) for a in current.args[1:]):
                 keep_producer = False

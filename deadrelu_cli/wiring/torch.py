@@ -159,6 +159,13 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
         if consumer_name is None:
             return why
     incoming, bn, incoming_name = _producers(model, probe, layer.producer)
+    norm = model.get_submodule(layer.producer)
+    if isinstance(norm, (nn.LayerNorm, nn.GroupNorm)):
+        return (
+            f"skipped: producer {layer.producer} is a {type(norm).__name__}: no Linear/Conv's rows alone make "
+            f"a unit (a {'LayerNorm' if isinstance(norm, nn.LayerNorm) else 'GroupNorm'} mixes them); "
+            "bias-shift (which moves its beta) or leaky can act on this layer"
+        )
     if incoming is None or (isinstance(incoming, nn.modules.conv._ConvNd) and incoming.groups != 1):
         return f"skipped: producer {layer.producer} is not a plain Linear/Conv (or BN after one)"
     batchnorm = None

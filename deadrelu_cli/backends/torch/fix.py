@@ -205,7 +205,9 @@ def apply_torch(
         quantiles = eager.collect_quantiles(
             scanned, plans, options.target_rate, options.seed, replace(scan_options, progress=None)
         )
-        outcomes = eager.bias_shift(model, report, plans, quantiles)
+        targets = eager.shift_targets(model, report, plans, getattr(probe, "shift_sources", {}))
+        gains = eager.measure_gains(scanned, model, plans, targets, scan_options)
+        outcomes = eager.bias_shift(model, report, plans, quantiles, targets, gains)
     elif options.strategy == "kick":
         outcomes = eager.kick(model, probe, report, plans, options, touched)
     elif options.strategy == "prune":
@@ -387,7 +389,9 @@ def _bias_shift_exported(
     quantiles = eager.collect_quantiles(
         rescan, plans, options.target_rate, options.seed, replace(scan_options, progress=None)
     )
-    outcomes = eager.bias_shift(graph_module, scanned.report, plans, quantiles)
+    targets = eager.shift_targets(graph_module, scanned.report, plans, {})
+    gains = eager.measure_gains(rescan, graph_module, plans, targets, scan_options)
+    outcomes = eager.bias_shift(graph_module, scanned.report, plans, quantiles, targets, gains)
     return (
         *_exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes)),
         outcomes,

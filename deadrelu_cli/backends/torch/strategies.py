@@ -213,35 +213,151 @@ def collect_quantiles(
     return quantiles
 
 
+def shift_targets(
+    model: nn.Module, report, plans: list[LayerPlan], sources: dict[str, str]
+) -> dict[str, str]:
+    """Per planned layer, the stored tensor whose entries bias-shift moves, or why there is none
+    ("skipped: …"): the producer's bias (a Linear/Conv bias, a BatchNorm/LayerNorm/GroupNorm beta), or
+    an affine=False BatchNorm's running_mean. `sources` (the eager probe's `shift_sources`) names a
+    producer reached through elementwise ops with tensor operands (`scale * fc(x)`, `fc(x) + x`)."""
+    targets = {}
+    for plan in plans:
+        layer = report.layer(plan.name)
+        producer = layer.producer or sources.get(plan.name)
+        module = model.get_submodule(producer) if producer else None
+        name = None
+        if isinstance(getattr(module, "bias", None), torch.Tensor):
+            name = f"{producer}.bias"
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            name = f"{producer}.running_mean"  # affine=False: the mean subtracted is the per-unit offset
+        if name is None:
+            targets[plan.name] = "skipped: no bias to shift (no single producer, or it has bias=False)"
+            continue
+        targets[plan.name] = write_conflict(model, [name], report, layer) or name
+    return targets
+
+
+def measure_gains(
+    result, model: nn.Module, plans: list[LayerPlan], targets: dict[str, str], options_for_scan
+) -> dict[str, np.ndarray | str]:
+    """Per planned layer, how much each unit's pre-activation moves when its entry of the target tensor
+    moves by 1 (d pre / d entry), measured on a few samples: a shift is exact only where that is one
+    constant per unit and the site's other units do not move at all. Else why not ("skipped: …").
+
+    Runs the model once as it is and once per layer with the layer's entries moved (restored after,
+    bit for bit), so ops between the tensor and the activation (a scale, a negative BatchNorm gamma, a
+    residual add, a LayerNorm after the Linear) are measured rather than assumed."""
+    from dataclasses import replace
+
+    from deadrelu_cli.backends.torch.scan import scan_torch
+
+    fixed = getattr(result.model, "fixed_batch", None)
+    samples = fixed or min(16, result.data.local_samples)
+    options = replace(options_for_scan, limit=samples, progress=None, compile=False)
+
+    def capture(names):
+        runnable = model
+        if isinstance(model, torch.fx.GraphModule):  # the probe rewrites its graph: give it a copy that
+            runnable = torch.fx.GraphModule(model, copy.deepcopy(model.graph))  # shares the tensors
+        probed = replace(result, model=replace(result.model, runnable=runnable))
+        seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+
+        def collector(name):
+            def collect(pre: torch.Tensor, channel_dim: int) -> None:
+                values = pre.detach().movedim(channel_dim, -1)
+                seen[name].append(values.reshape(-1, values.shape[-1]).double().cpu())
+
+            return collect
+
+        scan_torch(probed.model, probed.data, options, probed.device, {n: collector(n) for n in names})
+        return {name: torch.cat(chunks) if chunks else None for name, chunks in seen.items()}
+
+    out: dict[str, np.ndarray | str] = {}
+    measured = [plan for plan in plans if not targets[plan.name].startswith("skipped")]
+    if not measured:
+        return {plan.name: targets[plan.name] for plan in plans}
+    with torch.no_grad():
+        base = capture([plan.name for plan in measured])
+        for plan in plans:
+            target = targets[plan.name]
+            if target.startswith("skipped"):
+                out[plan.name] = target
+                continue
+            tensor = named_tensor(model, target)
+            units = torch.tensor(plan.units, dtype=torch.long, device=tensor.device)
+            kept = tensor[units].clone()
+            before = base[plan.name]
+            if before is None:
+                out[plan.name] = "skipped: the site did not run on the first samples"
+                continue
+            delta = 1.0 + float(before.abs().max()) if before.numel() else 1.0
+            tensor[units] = (kept.double() + delta).to(tensor.dtype)
+            try:
+                after = capture([plan.name])[plan.name]
+            finally:
+                tensor[units] = kept
+            out[plan.name] = _gain(target, plan.units, before, after, delta)
+    return out
+
+
+def _gain(target: str, units: list[int], before, after, delta: float) -> np.ndarray | str:
+    """The per-unit gains of `after - before` for a move of `delta`, or why the move is not a shift."""
+    if after is None or after.shape != before.shape:
+        return f"skipped: moving {target} changed the site's shape"
+    others = torch.ones(before.shape[1], dtype=torch.bool)
+    others[units] = False
+    if not torch.equal(before[:, others], after[:, others]):
+        return (
+            f"skipped: moving {target} moves other units of the site too (a normalisation or mixing op "
+            "between it and the activation); use leaky"
+        )
+    moved = (after[:, units] - before[:, units]) / delta
+    gains = moved.median(dim=0).values
+    spread = (moved - gains).abs().max(dim=0).values
+    scale = float(before[:, units].abs().max()) + delta
+    if not bool(((spread <= 1e-4 * gains.abs() + 1e-5 * scale / delta) & (gains.abs() > 1e-6)).all()):
+        return (
+            f"skipped: a move of {target} does not move the pre-activation by one constant per unit "
+            "(a data-dependent op between them); use leaky"
+        )
+    return gains.numpy()
+
+
 def bias_shift(
-    model: nn.Module, report, plans: list[LayerPlan], quantiles: dict[str, np.ndarray]
+    model: nn.Module,
+    report,
+    plans: list[LayerPlan],
+    quantiles: dict[str, np.ndarray],
+    targets: dict[str, str],
+    gains: dict[str, np.ndarray | str],
 ) -> list[LayerOutcome]:
-    """Raise each dead unit's bias (BN beta) so that about `target_rate` of its values exceed 0
-    (`quantiles`: per unit, the pre-activation value exceeded by that fraction of the data). `model`
-    is an nn.Module, or an ExportedProgram's module, whose parameters keep their original names."""
+    """Move each dead unit's target tensor entry (`shift_targets`: bias, BN/LN beta, affine-free BN
+    mean) so that about `target_rate` of its values exceed 0 (`quantiles`: per unit, the pre-activation
+    value exceeded by that fraction of the data), divided by the unit's measured gain (`measure_gains`,
+    sign included). `model` is an nn.Module, or an ExportedProgram's module, whose parameters keep their
+    original names."""
     outcomes = []
     with torch.no_grad():
         for plan in plans:
-            layer = report.layer(plan.name)
             outcome = LayerOutcome(plan.name, plan.units, "", False, len(plan.units))
             outcomes.append(outcome)
-            module = model.get_submodule(layer.producer) if layer.producer else None
-            bias = getattr(module, "bias", None)
-            if not isinstance(bias, torch.Tensor):
-                outcome.action = "skipped: no bias to shift (no single producer, or it has bias=False)"
+            gain = gains.get(plan.name, targets[plan.name])
+            if isinstance(gain, str):
+                outcome.action = gain
                 continue
-            conflict = write_conflict(model, [f"{layer.producer}.bias"], report, layer)
-            if conflict:
-                outcome.action = conflict
-                continue
+            target = targets[plan.name]
+            tensor = named_tensor(model, target)
             q = torch.tensor(quantiles[plan.name], dtype=torch.float64)
-            # after the shift, exactly the values above the quantile are > 0
-            shift = (-q).to(bias.dtype)
-            units = torch.tensor(plan.units, dtype=torch.long)
-            bias[units] = bias[units] + shift.to(bias.device)
+            # after the move, exactly the values above the quantile are > 0: pre + gain * move = pre - q
+            shift = -q / torch.from_numpy(np.asarray(gain, dtype=np.float64))
+            units = torch.tensor(plan.units, dtype=torch.long, device=tensor.device)
+            tensor[units] = (tensor[units].double() + shift.to(tensor.device)).to(tensor.dtype)
             outcome.applied = True
-            outcome.action = (
-                f"{layer.producer}.bias raised by {float(shift.min()):.4g}…{float(shift.max()):.4g}"
+            moved = "raised" if target.endswith(".bias") and bool((shift >= 0).all()) else "moved"
+            outcome.action = f"{target} {moved} by {float(shift.min()):.4g}…{float(shift.max()):.4g}" + (
+                ""
+                if np.allclose(gain, 1.0)
+                else f" (gain {float(np.min(gain)):.4g}…{float(np.max(gain)):.4g})"
             )
     return outcomes
 

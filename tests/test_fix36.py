@@ -1,0 +1,267 @@
+"""bias-shift through the ops people put between a producer and its ReLU (LayerNorm, a scale, a
+residual add, an affine-free BatchNorm), and the graph probes' unit axis through transposes.
+
+Truth is computed here with plain torch (forwards written out, files loaded with torch.load /
+torch.export.load / torch.jit.load), never read from the tool's own output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from conftest import arch_file, counts_from_pre, save_npz
+
+HEADER = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+"""
+
+
+def _x(shape, n=64, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+
+
+def _setup(tmp_path, body: str, samples: np.ndarray):
+    model, spec = arch_file(tmp_path / "arch.py", HEADER + body)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    save_npz(tmp_path / "calib.npz", input=samples)
+    return model, spec, str(tmp_path / "model.pt"), str(tmp_path / "calib.npz")
+
+
+def _fixed(spec: str, path) -> torch.nn.Module:
+    model, _ = arch_file_again(spec)
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
+
+
+def arch_file_again(spec: str):
+    import importlib.util
+
+    file, _, factory = spec.rpartition(":")
+    module_spec = importlib.util.spec_from_file_location("arch_again_fix36", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return getattr(module, factory)(), module
+
+
+def _changed(before: dict, after: dict) -> dict[str, list[int]]:
+    """Per tensor, the flat indices whose values differ (bit for bit)."""
+    out = {}
+    for key, value in before.items():
+        diff = (value != after[key]).reshape(-1).nonzero().reshape(-1).tolist()
+        if diff:
+            out[key] = diff
+    return out
+
+
+def _assert_shift_exact(pre_before, pre_after, units, n_rows, rate=0.01):
+    """The shifted units fire on a few rows (about --target-rate), every other unit is bit-identical."""
+    others = [u for u in range(pre_before.shape[-1]) if u not in units]
+    assert torch.equal(pre_before[..., others], pre_after[..., others])
+    fired = (pre_after[..., units].reshape(-1, len(units)) > 0).sum(0)
+    assert (fired >= 1).all() and (fired <= 2 * rate * n_rows + 2).all(), fired
+    assert (pre_before[..., units] <= 0).all()
+
+
+LAYER_NORM = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.norm(self.fc1(x))))
+
+
+def build():
+    torch.manual_seed(9)
+    net = Net()
+    with torch.no_grad():
+        net.norm.bias[[2, 5]] = -50.0
+    return net
+"""
+
+
+def test_bias_shift_moves_the_layer_norm_beta(cli, tmp_path):
+    """Linear -> LayerNorm -> ReLU: LayerNorm's beta is per unit and right before the activation, so
+    bias-shift moves it (state_dict and .pt2): the dead units fire on about --target-rate of the data and
+    nothing else changes, not the Linear's bias (shifting it would move every unit through the norm)."""
+    x = _x((6,))
+    model, spec, path, data = _setup(tmp_path, LAYER_NORM, x)
+    xt = torch.from_numpy(x)
+    out = tmp_path / "out.pt"
+    result = cli("fix", path, "--arch", spec, "--data", data, "--strategy", "bias-shift", "--output", out)
+    assert result.code == 0, result.err
+    fixed = _fixed(spec, out)
+    assert set(_changed(model.state_dict(), fixed.state_dict())) == {"norm.bias"}
+    assert _changed(model.state_dict(), fixed.state_dict())["norm.bias"] == [2, 5]
+    with torch.no_grad():
+        _assert_shift_exact(model.norm(model.fc1(xt)), fixed.norm(fixed.fc1(xt)), [2, 5], len(x))
+
+    program = torch.export.export(model, (xt[:4],), dynamic_shapes=({0: torch.export.Dim("b")},))
+    torch.export.save(program, tmp_path / "model.pt2")
+    out2 = tmp_path / "out.pt2"
+    result = cli("fix", tmp_path / "model.pt2", "--data", data, "--strategy", "bias-shift", "--output", out2)
+    assert result.code == 0, result.err
+    state = torch.export.load(str(out2)).state_dict
+    assert _changed(model.state_dict(), dict(state)) == {"norm.bias": [2, 5]}
+
+
+SCALED = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.scale = nn.Parameter(torch.tensor([4.0, -2.0, 0.5, -0.25, 3.0, 1.0, -1.0, 2.0]))
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.scale * (self.fc1(x) * 4.0) + x.sum(-1, keepdim=True)))
+
+
+def build():
+    torch.manual_seed(10)
+    net = Net()
+    with torch.no_grad():  # dead whatever the sign of the scale: a big bias against it
+        net.fc1.bias[[1, 3, 4]] = torch.tensor([50.0, 50.0, -50.0])
+    return net
+"""
+
+
+def test_bias_shift_through_a_scale_divides_by_the_gain(cli, tmp_path):
+    """`relu(scale * (fc1(x) * 4) + residual)` with a learned per-unit scale, some entries negative: the
+    Linear's bias moves by shift / gain (sign included), so the units fire on about --target-rate of
+    the data; only those bias entries change and the other units' pre-activations are bit-identical."""
+    x = _x((6,))
+    model, spec, path, data = _setup(tmp_path, SCALED, x)
+    xt = torch.from_numpy(x)
+    out = tmp_path / "out.pt"
+    result = cli("fix", path, "--arch", spec, "--data", data, "--strategy", "bias-shift", "--output", out)
+    assert result.code == 0, result.out + result.err
+    fixed = _fixed(spec, out)
+    assert _changed(model.state_dict(), fixed.state_dict()) == {"fc1.bias": [1, 3, 4]}
+
+    def pre(net):
+        return net.scale * (net.fc1(xt) * 4.0) + xt.sum(-1, keepdim=True)
+
+    with torch.no_grad():
+        _assert_shift_exact(pre(model), pre(fixed), [1, 3, 4], len(x))
+
+
+AFFINE_FREE_BN = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False)
+        self.head = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.head(torch.flatten(F.relu(self.bn(self.conv(x))), 1))
+
+
+def build():
+    torch.manual_seed(11)
+    net = Net()
+    with torch.no_grad():
+        net.bn.running_mean[[0, 2]] = 50.0
+        net.bn.running_var.fill_(2.0)
+    return net
+"""
+
+
+def test_bias_shift_moves_an_affine_free_batch_norm_mean(cli, tmp_path):
+    """Conv -> BatchNorm(affine=False) -> ReLU has no beta: the running mean is the per-unit offset
+    (gain -1/sqrt(var + eps)); bias-shift moves it, so the units fire again, nothing else changes."""
+    x = _x((2, 5, 5), n=16)
+    model, spec, path, data = _setup(tmp_path, AFFINE_FREE_BN, x)
+    xt = torch.from_numpy(x)
+    out = tmp_path / "out.pt"
+    result = cli("fix", path, "--arch", spec, "--data", data, "--strategy", "bias-shift", "--output", out)
+    assert result.code == 0, result.out + result.err
+    fixed = _fixed(spec, out)
+    assert _changed(model.state_dict(), fixed.state_dict()) == {"bn.running_mean": [0, 2]}
+    with torch.no_grad():
+        before, after = model.bn(model.conv(xt)), fixed.bn(fixed.conv(xt))
+        _assert_shift_exact(before.movedim(1, -1), after.movedim(1, -1), [0, 2], len(x) * 25)
+
+
+MIXED = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(F.relu(h * h.abs().mean(-1, keepdim=True)))
+
+
+def build():
+    torch.manual_seed(12)
+    net = Net()
+    with torch.no_grad():
+        net.fc1.bias[[1, 3]] = -50.0
+    return net
+"""
+
+
+def test_bias_shift_through_a_data_dependent_op_is_refused(cli, tmp_path):
+    """`relu(h * mean|h|)`: a move of the bias does not move the pre-activation by a constant (and moves
+    the other units): refused in the report's action, nothing claimed."""
+    x = _x((6,))
+    _, spec, path, data = _setup(tmp_path, MIXED, x)
+    out = tmp_path / "out.pt"
+    result = cli("fix", path, "--arch", spec, "--data", data, "-s", "bias-shift", "-o", out)
+    assert result.code == 2 and not out.exists()
+    assert "skipped: moving fc1.bias moves other units of the site too" in result.err, result.err
+
+
+LAYOUT = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 6, 3, padding=1)
+        self.norm = nn.LayerNorm(6)
+        self.fc = nn.Linear(6, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):  # x: [B, 3, T]
+        h = self.norm(self.conv(x).transpose(1, 2)).transpose(1, 2)  # [B, 6, T], channels are units
+        a = torch.relu(h)
+        b = torch.relu(self.fc(a.permute(0, 2, 1)).permute(0, 2, 1))  # [B, 5, T]
+        return self.out(b.mean(-1))
+
+
+def build():
+    torch.manual_seed(13)
+    return Net()
+"""
+
+
+def test_graph_probes_follow_the_unit_axis_through_transposes(cli, tmp_path):
+    """Conv1d -> transpose -> LayerNorm -> transpose -> ReLU and Linear -> permute -> ReLU on [B, C, T]:
+    the .pt2 and TorchScript (scripted and traced) scans report the per-unit counts of the channels,
+    as the eager scan and hooks on the model do (they defaulted to the last axis, time)."""
+    x = _x((3, 7), n=8)
+    model, spec, path, data = _setup(tmp_path, LAYOUT, x)
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        h = model.norm(model.conv(xt).transpose(1, 2)).transpose(1, 2)
+        g = model.fc(torch.relu(h).permute(0, 2, 1)).permute(0, 2, 1)
+    truth = [counts_from_pre(h, 1)[0].tolist(), counts_from_pre(g, 1)[0].tolist()]
+    program = torch.export.export(model, (xt[:2],), dynamic_shapes=({0: torch.export.Dim("b")},))
+    torch.export.save(program, tmp_path / "model.pt2")
+    torch.jit.script(model).save(tmp_path / "scripted.ts")
+    torch.jit.trace(model, (xt[:2],)).save(tmp_path / "traced.ts")
+    sources = {
+        "eager": [path, "--arch", spec],
+        "pt2": [tmp_path / "model.pt2"],
+        "scripted": [tmp_path / "scripted.ts"],
+        "traced": [tmp_path / "traced.ts"],
+    }
+    for label, source in sources.items():
+        result = cli("scan", *source, "--data", data, "--json", "-")
+        assert result.code in (0, 1), (label, result.err)
+        counts = [layer["positive_counts"] for layer in json.loads(result.out)["layers"]]
+        assert counts == truth, label
