@@ -11,6 +11,7 @@ import json
 import numpy as np
 import torch
 from conftest import arch_file, counts_from_pre, save_npz
+from test_resume_fix import _check_optimizer, _dead_units, plain_checkpoint  # noqa: F401 (a fixture)
 
 HEADER = """
 import torch
@@ -265,3 +266,94 @@ def test_graph_probes_follow_the_unit_axis_through_transposes(cli, tmp_path):
         assert result.code in (0, 1), (label, result.err)
         counts = [layer["positive_counts"] for layer in json.loads(result.out)["layers"]]
         assert counts == truth, label
+
+
+def test_bias_shift_resets_the_moments_of_the_moved_bias_entries(cli, tmp_path, plain_checkpoint):
+    """bias-shift on a training checkpoint: like reinit/kick, the moments of exactly the entries it
+    moved (the dead units' bias entries) are zero in the written optimizer state, every other optimizer
+    entry byte-identical (they were kept as they were)."""
+    path, spec, model, x, _ = plain_checkpoint
+    before = torch.load(path, weights_only=True)
+    dead = _dead_units(before["model"], x.numpy())
+    out = tmp_path / "shifted.pt"
+    result = cli("fix", path, "--arch", spec, "--data", tmp_path / "data.npz", "-s", "bias-shift", "-o", out)
+    assert result.code == 0, result.err
+    after = torch.load(out, weights_only=True)
+    masks = {name: np.zeros(tuple(p.shape), bool) for name, p in model.named_parameters()}
+    for site, producer in (("act1", "fc1"), ("act2", "fc2")):
+        masks[f"{producer}.bias"][dead[site]] = True
+    names = [n for n, _ in model.named_parameters()]
+    assert _check_optimizer(before["optimizer"], after["optimizer"], names, masks) > 0
+
+
+SEEDED = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def build():
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.fc1.bias[[1, 3]] = -50.0
+    return net
+"""
+
+
+def test_reinit_with_seed_0_does_not_redraw_the_original_init_rows(cli, tmp_path):
+    """A model built right after torch.manual_seed(0): reinit --seed 0 drew its rows from the same
+    stream, so the 're-initialised' rows were the original ones. Now they are fresh (and within the
+    default init's bound), and the same --seed gives the same rows again."""
+    x = _x((6,))
+    model, spec, path, data = _setup(tmp_path, SEEDED, x)
+    rows = []
+    for name in ("a.pt", "b.pt"):
+        out = tmp_path / name
+        result = cli("fix", path, "--arch", spec, "--data", data, "-s", "reinit", "--seed", "0", "-o", out)
+        assert result.code == 0, result.err
+        rows.append(_fixed(spec, out).fc1.weight.detach()[[1, 3]])
+    original = model.fc1.weight.detach()[[1, 3]]
+    assert not torch.isclose(rows[0], original).any()
+    assert torch.equal(rows[0], rows[1]) and (rows[0].abs() <= 1 / 6**0.5).all()
+
+
+TWICE = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc3, self.fc2 = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x))) + self.fc2(F.relu(self.fc3(x)))
+
+
+def build():
+    torch.manual_seed(6)
+    net = Net()
+    with torch.no_grad():
+        net.fc1.bias[[2]] = -50.0
+    return net
+"""
+
+
+def test_pt2_consumer_applied_at_two_places_is_named_as_such(cli, tmp_path):
+    """A .pt2 whose consumer Linear is one module applied to two sites: reinit/prune skip the layer
+    (its input columns belong to both) and say that the module is applied at two places, not that its
+    weight is "tied to another layer" (there is no other layer)."""
+    x = _x((6,))
+    model, _, _, data = _setup(tmp_path, TWICE, x)
+    program = tmp_path / "model.pt2"
+    xt = torch.from_numpy(x)
+    torch.export.save(
+        torch.export.export(model, (xt[:2],), dynamic_shapes=({0: torch.export.Dim("b")},)), program
+    )
+    for strategy in ("reinit", "prune"):
+        out = tmp_path / f"{strategy}.pt2"
+        result = cli("fix", program, "--data", data, "--strategy", strategy, "--output", out)
+        assert result.code == 2 and not out.exists(), result.err
+        assert "fc2 is applied at 2 places" in result.err and "tied" not in result.err, result.err

@@ -209,9 +209,24 @@ def _tied(args) -> str:
     another layer is one tensor in the program), or ""."""
     for arg in args:
         name = _attr_target(arg)
-        if name is not None and len(arg.users) > 1:
-            return f"skipped: {name} is tied to another layer ({len(arg.users)} ops read it); rewriting it would change that layer too"
+        if name is None or len(arg.users) <= 1:
+            continue
+        paths = {_module_path(user) for user in arg.users}
+        owner = name.rsplit(".", 1)[0]
+        if paths <= {owner}:  # one module applied at several places, not a weight shared by two modules
+            return (
+                f"skipped: {owner} is applied at {len(arg.users)} places in the graph (one module called at "
+                f"several sites); rewriting {name} would change every one of them"
+            )
+        others = ", ".join(sorted(path or "<root>" for path in paths - {owner}))
+        return f"skipped: {name} is tied to {others} (one tensor read by {len(arg.users)} ops); rewriting it would change that layer too"
     return ""
+
+
+def _module_path(node: fx.Node) -> str:
+    """The module that made `node` (its innermost nn_module_stack entry), '' when not recorded."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][0]) if stack else ""
 
 
 def exported_wiring(

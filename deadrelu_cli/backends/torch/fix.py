@@ -207,7 +207,7 @@ def apply_torch(
         )
         targets = eager.shift_targets(model, report, plans, getattr(probe, "shift_sources", {}))
         gains = eager.measure_gains(scanned, model, plans, targets, scan_options)
-        outcomes = eager.bias_shift(model, report, plans, quantiles, targets, gains)
+        outcomes = eager.bias_shift(model, report, plans, quantiles, targets, gains, touched)
     elif options.strategy == "kick":
         outcomes = eager.kick(model, probe, report, plans, options, touched)
     elif options.strategy == "prune":

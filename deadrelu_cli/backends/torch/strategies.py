@@ -71,9 +71,16 @@ def _layer(report, name: str):
     return report.layer(name) if report is not None else None
 
 
-def _fresh_rows(weight: torch.Tensor, seed: int) -> torch.Tensor:
+def fix_generator(seed: int, *stream: int) -> torch.Generator:
+    """A CPU generator for --seed and a stream number, seeded through numpy's SeedSequence: not the
+    stream of torch.manual_seed(seed) itself, so a model built right after torch.manual_seed(0) does
+    not get its own init rows redrawn by --seed 0."""
+    mixed = np.random.SeedSequence([int(seed), 0x5EED, *stream]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device="cpu").manual_seed(int(mixed))
+
+
+def _fresh_rows(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Rows drawn like nn.Linear/nn.ConvNd's default init (kaiming_uniform with a=sqrt(5))."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     fresh = torch.empty(weight.shape, dtype=torch.float32)
     fan_in = int(np.prod(weight.shape[1:]))
     bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
@@ -144,7 +151,7 @@ def reinit_units(
                 outcome.action = f"skipped: {exc}"
                 continue
             units = torch.tensor(plan.units, dtype=torch.long, device=weight.device)
-            fresh = _fresh_rows(weight, options.seed * 7919 + index)
+            fresh = _fresh_rows(weight, fix_generator(options.seed, 1, index))
             weight[units] = fresh[units]
             if bias is not None:
                 bias[units] = 0.0
@@ -330,11 +337,12 @@ def bias_shift(
     quantiles: dict[str, np.ndarray],
     targets: dict[str, str],
     gains: dict[str, np.ndarray | str],
+    touched: Touched | None = None,
 ) -> list[LayerOutcome]:
     """Move each dead unit's target tensor entry (`shift_targets`: bias, BN/LN beta, affine-free BN
     mean) so that about `target_rate` of its values exceed 0 (`quantiles`: per unit, the pre-activation
     value exceeded by that fraction of the data), divided by the unit's measured gain (`measure_gains`,
-    sign included). `model` is an nn.Module, or an ExportedProgram's module, whose parameters keep their
+    sign included). `touched` (when given) receives the entries moved. `model` is an nn.Module, or an ExportedProgram's module, whose parameters keep their
     original names."""
     outcomes = []
     with torch.no_grad():
@@ -352,6 +360,7 @@ def bias_shift(
             shift = -q / torch.from_numpy(np.asarray(gain, dtype=np.float64))
             units = torch.tensor(plan.units, dtype=torch.long, device=tensor.device)
             tensor[units] = (tensor[units].double() + shift.to(tensor.device)).to(tensor.dtype)
+            _touch(touched, target, 0, plan.units)  # their optimizer moments are reset, as reinit/kick's
             outcome.applied = True
             moved = "raised" if target.endswith(".bias") and bool((shift >= 0).all()) else "moved"
             outcome.action = f"{target} {moved} by {float(shift.min()):.4g}…{float(shift.max()):.4g}" + (
@@ -544,7 +553,7 @@ def kick_units(
     """A seeded random push of each dead unit's incoming weights and bias (bias upwards), scaled by
     `kick_scale` times the layer's weight standard deviation."""
     outcomes = []
-    generator = torch.Generator().manual_seed(options.seed)
+    generator = fix_generator(options.seed, 2)
     with torch.no_grad():
         for plan in plans:
             outcome = LayerOutcome(plan.name, plan.units, "", False, len(plan.units))
