@@ -268,7 +268,7 @@ def test_graph_probes_follow_the_unit_axis_through_transposes(cli, tmp_path):
         assert counts == truth, label
 
 
-def test_bias_shift_resets_the_moments_of_the_moved_bias_entries(cli, tmp_path, plain_checkpoint):
+def test_bias_shift_resets_the_moments_of_the_moved_bias_entries(cli, tmp_path, plain_checkpoint):  # noqa: F811
     """bias-shift on a training checkpoint: like reinit/kick, the moments of exactly the entries it
     moved (the dead units' bias entries) are zero in the written optimizer state, every other optimizer
     entry byte-identical (they were kept as they were)."""
