@@ -208,6 +208,17 @@ def apply_torch(
         targets = eager.shift_targets(model, report, plans, getattr(probe, "shift_sources", {}))
         gains = eager.measure_gains(scanned, model, plans, targets, scan_options)
         outcomes = eager.bias_shift(model, report, plans, quantiles, targets, gains, touched)
+        eager.settle_shifts(
+            scanned,
+            model,
+            plans,
+            targets,
+            gains,
+            outcomes,
+            options.target_rate,
+            options.seed,
+            replace(scan_options, progress=None),
+        )
     elif options.strategy == "kick":
         outcomes = eager.kick(model, probe, report, plans, options, touched)
     elif options.strategy == "prune":
@@ -392,6 +403,17 @@ def _bias_shift_exported(
     targets = eager.shift_targets(graph_module, scanned.report, plans, {})
     gains = eager.measure_gains(rescan, graph_module, plans, targets, scan_options)
     outcomes = eager.bias_shift(graph_module, scanned.report, plans, quantiles, targets, gains)
+    eager.settle_shifts(
+        rescan,
+        graph_module,
+        plans,
+        targets,
+        gains,
+        outcomes,
+        options.target_rate,
+        options.seed,
+        replace(scan_options, progress=None),
+    )
     return (
         *_exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes)),
         outcomes,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_thresholds
+from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_count, firing_thresholds
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.wiring.model import UnitWiring, input_columns
@@ -183,9 +183,15 @@ def reinit_units(
 
 
 def collect_quantiles(
-    result, plans: list[LayerPlan], target_rate: float, seed: int, options_for_scan
+    result,
+    plans: list[LayerPlan],
+    target_rate: float,
+    seed: int,
+    options_for_scan,
+    firing: dict | None = None,
 ) -> dict[str, np.ndarray]:
-    """For each planned unit, the pre-activation value exceeded by `target_rate` of the data."""
+    """For each planned unit, the pre-activation value exceeded by `target_rate` of the data.
+    `firing` (when given) receives per layer (values > 0 per unit, how many should be: `firing_count`)."""
     from deadrelu_cli.backends.torch.scan import scan_torch
 
     limit_per_unit = 200_000
@@ -217,7 +223,66 @@ def collect_quantiles(
     for name, chunks in samples.items():
         values = np.concatenate(chunks, axis=0)
         quantiles[name] = firing_thresholds(values, target_rate)
+        if firing is not None:
+            firing[name] = ((values > 0).sum(axis=0), firing_count(len(values), target_rate))
     return quantiles
+
+
+def scannable(result, model: nn.Module):
+    """`result` (a scan's result) running `model` instead; a program's module gets a copy of its graph
+    that shares its tensors (the probe rewrites the graph it runs)."""
+    from dataclasses import replace
+
+    if isinstance(model, torch.fx.GraphModule):
+        model = torch.fx.GraphModule(model, copy.deepcopy(model.graph))
+    return replace(result, model=replace(result.model, runnable=model))
+
+
+def settle_shifts(
+    result,
+    model: nn.Module,
+    plans: list[LayerPlan],
+    targets: dict[str, str],
+    gains: dict[str, np.ndarray | str],
+    outcomes: list[LayerOutcome],
+    target_rate: float,
+    seed: int,
+    options_for_scan,
+) -> int:
+    """After `bias_shift`, rescan the shifted model and move again the units that do not fire on
+    exactly their target count: the quantiles were taken on the original model, and units revived in
+    an earlier layer change what a later one sees. Each round settles at least the first layer still
+    off (in the order the sites run), so at most one round per layer; returns the rounds taken."""
+    live = [p for p in plans if not isinstance(gains.get(p.name, targets[p.name]), str)]
+    if len(live) < 2:  # one layer: nothing upstream of it moved
+        return 0
+    by_name = {outcome.name: outcome for outcome in outcomes}
+    rounds = 0
+    with torch.no_grad():
+        for _ in range(len(live)):
+            firing: dict = {}
+            quantiles = collect_quantiles(
+                scannable(result, model), live, target_rate, seed, options_for_scan, firing
+            )
+            rounds += 1
+            moved = False
+            for plan in live:
+                fired, wanted = firing[plan.name]
+                off = fired != wanted
+                if not off.any():
+                    continue
+                tensor = named_tensor(model, targets[plan.name])
+                units = torch.tensor(np.asarray(plan.units)[off], dtype=torch.long, device=tensor.device)
+                shift = -quantiles[plan.name][off] / np.asarray(gains[plan.name], dtype=np.float64)[off]
+                shift = torch.from_numpy(shift).to(tensor.device)
+                tensor[units] = (tensor[units].double() + shift).to(tensor.dtype)
+                moved = True
+                outcome = by_name[plan.name]
+                if "re-settled" not in outcome.action:
+                    outcome.action += f"; {int(off.sum())} re-settled after upstream shifts"
+            if not moved:
+                break
+    return rounds
 
 
 def shift_targets(
@@ -263,10 +328,7 @@ def measure_gains(
     options = replace(options_for_scan, limit=samples, progress=None, compile=False)
 
     def capture(names):
-        runnable = model
-        if isinstance(model, torch.fx.GraphModule):  # the probe rewrites its graph: give it a copy that
-            runnable = torch.fx.GraphModule(model, copy.deepcopy(model.graph))  # shares the tensors
-        probed = replace(result, model=replace(result.model, runnable=runnable))
+        probed = scannable(result, model)
         seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
 
         def collector(name):
