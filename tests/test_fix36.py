@@ -410,3 +410,62 @@ def test_bias_shift_settles_layers_after_a_revived_one(cli, tmp_path):
         fired = (pre.movedim(1, -1)[..., units].reshape(-1, len(units)) > 0).sum(0)
         n = pre.numel() // pre.shape[1]
         assert ((fired >= 1) & (fired <= 2 * 0.01 * n + 2)).all(), (units, fired, n)
+
+
+def test_affine_free_batch_norm_is_a_producer_for_reinit(cli, tmp_path):
+    """Conv -> BatchNorm(affine=False) -> ReLU: the BatchNorm (mean and variance per unit) makes the
+    units as a BN with beta does, so reinit acts on the state_dict as on the .pt2 (it refused there):
+    conv rows redrawn, the BN's mean/var reset to 0/1 at those units, the consumer's inputs zeroed;
+    outputs equal (own forward)."""
+    x = _x((2, 5, 5), n=16)
+    model, spec, path, data = _setup(tmp_path, AFFINE_FREE_BN, x)
+    out = tmp_path / "out.pt"
+    result = cli("fix", path, "--arch", spec, "--data", data, "--strategy", "reinit", "--output", out)
+    assert result.code == 0, result.out + result.err
+    fixed = _fixed(spec, out)
+    changed = _changed(model.state_dict(), fixed.state_dict())
+    assert changed["bn.running_mean"] == [0, 2] and changed["bn.running_var"] == [0, 2]
+    assert (fixed.bn.running_mean[[0, 2]] == 0).all() and (fixed.bn.running_var[[0, 2]] == 1).all()
+    assert (fixed.head.weight.view(3, 4, 25)[:, [0, 2]] == 0).all()
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(xt), model(xt), rtol=0, atol=1e-5)
+
+
+TRANSPOSED_CONV = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.c2 = nn.ConvTranspose2d(4, 6, 2, stride=2), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.up(x)))
+
+
+def build():
+    torch.manual_seed(4)
+    net = Net()
+    with torch.no_grad():
+        net.up.bias[[2]] = -50.0
+    return net
+"""
+
+
+def test_bias_shift_of_a_transposed_convolution_in_a_pt2(cli, tmp_path):
+    """A ConvTranspose's bias is per output channel, right before the ReLU: bias-shift moved it on the
+    state_dict but refused the .pt2 ("no bias to shift"): the graph probe did not name the producer."""
+    x = _x((4, 3, 3), n=16)
+    model, _, _, data = _setup(tmp_path, TRANSPOSED_CONV, x)
+    xt = torch.from_numpy(x)
+    program = tmp_path / "model.pt2"
+    torch.export.save(
+        torch.export.export(model, (xt[:2],), dynamic_shapes=({0: torch.export.Dim("b")},)), program
+    )
+    out = tmp_path / "out.pt2"
+    result = cli("fix", program, "--data", data, "--strategy", "bias-shift", "--output", out)
+    assert result.code == 0, result.out + result.err
+    state = dict(torch.export.load(str(out)).state_dict)
+    assert _changed(model.state_dict(), state) == {"up.bias": [2]}
+    with torch.no_grad():
+        after = torch.nn.functional.conv_transpose2d(xt, state["up.weight"], state["up.bias"], stride=2)
+        _assert_shift_exact(model.up(xt).movedim(1, -1), after.movedim(1, -1), [2], len(x) * 36)

@@ -512,11 +512,19 @@ class EagerProbe:
         units = pre.shape[inferred] if pre.dim() > 1 else pre.shape[0]
         bias = getattr(producer, "bias", None) if producer is not None else None
         weight = getattr(producer, "weight", None) if bias is None else None
-        if not (isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.shape[0] == units) and not (
-            # bias=False (T5, LLaMA-style MLPs): a Linear/Conv whose rows are the units still makes them
-            isinstance(producer, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
-            and isinstance(weight, torch.Tensor)
-            and weight.shape[0] == units
+        if (
+            not (isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.shape[0] == units)
+            and not (
+                # bias=False (T5, LLaMA-style MLPs): a Linear/Conv whose rows are the units still makes them
+                isinstance(producer, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
+                and isinstance(weight, torch.Tensor)
+                and weight.shape[0] == units
+            )
+            and not (  # an affine=False BatchNorm: no beta, but its per-unit mean and variance make the units
+                isinstance(producer, nn.modules.batchnorm._BatchNorm)
+                and isinstance(producer.running_mean, torch.Tensor)
+                and producer.running_mean.shape == (units,)
+            )
         ):
             producer_name = None
         return inferred, type(module).__name__ if is_activation else "functional", producer_name

@@ -36,7 +36,15 @@ _BIAS_ARG = {
     "native_batch_norm": 2,
     "layer_norm": 3,
     "group_norm": 3,
+    "conv_transpose1d": 2,
+    "conv_transpose2d": 2,
+    "conv_transpose3d": 2,
 }
+_BATCH_NORMS = frozenset(name for name in _BIAS_ARG if "batch_norm" in name)
+
+
+def _attr_named(node, suffix: str) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr" and str(node.target).endswith(suffix)
 
 
 # Ops whose weight rows are their output units (not a transposed convolution), bias or not.
@@ -98,6 +106,9 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
                 bias = current.args[index]
                 if isinstance(bias, fx.Node) and bias.op == "get_attr" and str(bias.target).endswith(".bias"):
                     producer = str(bias.target)[: -len(".bias")]
+                mean = current.args[3] if base in _BATCH_NORMS and len(current.args) > 3 else None
+                if producer is None and keep_producer and bias is None and _attr_named(mean, ".running_mean"):
+                    producer = str(mean.target)[: -len(".running_mean")]  # affine=False: mean and var make it
             weight = current.args[1] if len(current.args) > 1 else None
             if (  # bias=False: the Linear/Conv whose weight rows are the units (as the eager probe keeps it)
                 producer is None

@@ -160,6 +160,10 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
             return why
     incoming, bn, incoming_name = _producers(model, probe, layer.producer)
     norm = model.get_submodule(layer.producer)
+    if isinstance(incoming, nn.modules.conv._ConvNd) and incoming.groups != 1:
+        return f"skipped: producer {incoming_name} is a grouped convolution (groups={incoming.groups})"
+    if isinstance(norm, nn.modules.conv._ConvNd) and not isinstance(norm, LINEAR_OR_CONV):
+        return f"skipped: producer {layer.producer} is a {type(norm).__name__} (its weight holds its units on axis 1)"
     if isinstance(norm, (nn.LayerNorm, nn.GroupNorm)):
         return (
             f"skipped: producer {layer.producer} is a {type(norm).__name__}: no Linear/Conv's rows alone make "
@@ -251,7 +255,7 @@ def exported_wiring(
     batchnorm = None
     if bn is not None:
         names = [_attr_target(a) for a in bn.args[1:5]]
-        batchnorm = BatchNormRef((names[1] or names[0] or bn.name).rsplit(".", 1)[0], *names)
+        batchnorm = BatchNormRef((names[1] or names[0] or names[2] or bn.name).rsplit(".", 1)[0], *names)
     wiring = UnitWiring(
         producer=batchnorm.owner if batchnorm is not None else owner,
         owner=owner,

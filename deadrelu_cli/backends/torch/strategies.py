@@ -641,5 +641,10 @@ def kick_units(
                 _touch(touched, wire.shift, 0, plan.units)
             _touch(touched, wire.weight.name, 0, plan.units)
             outcome.applied = True
-            outcome.action = f"{wire.owner} rows{' and ' + wire.batchnorm.owner + ' beta' if wire.batchnorm is not None else ''} kicked (σ = {sigma:.3g})"
+            pushed = (  # an affine=False BatchNorm has no beta: the rows alone are pushed
+                f" and {wire.batchnorm.owner} beta"
+                if wire.batchnorm is not None and target is not None
+                else ""
+            ) or (" and bias" if wire.batchnorm is None and target is not None else "")
+            outcome.action = f"{wire.owner} rows{pushed} kicked (σ = {sigma:.3g})"
     return outcomes
