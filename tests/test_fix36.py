@@ -151,6 +151,18 @@ def test_bias_shift_through_a_scale_divides_by_the_gain(cli, tmp_path):
     with torch.no_grad():
         _assert_shift_exact(pre(model), pre(fixed), [1, 3, 4], len(x))
 
+    # the same through a .pt2 (the graph's mul by the scale parameter and the add of the residual)
+    program = torch.export.export(model, (xt[:4],), dynamic_shapes=({0: torch.export.Dim("b")},))
+    torch.export.save(program, tmp_path / "model.pt2")
+    out2 = tmp_path / "out.pt2"
+    result = cli("fix", tmp_path / "model.pt2", "--data", data, "--strategy", "bias-shift", "--output", out2)
+    assert result.code == 0, result.out + result.err
+    state = dict(torch.export.load(str(out2)).state_dict)
+    assert _changed(model.state_dict(), state) == {"fc1.bias": [1, 3, 4]}
+    fixed.load_state_dict(state)
+    with torch.no_grad():
+        _assert_shift_exact(pre(model), pre(fixed), [1, 3, 4], len(x))
+
 
 AFFINE_FREE_BN = """
 class Net(nn.Module):

@@ -130,6 +130,29 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
     return None, None
 
 
+def shift_source(node: fx.Node) -> str | None:
+    """The module whose bias a pre-activation still holds through elementwise ops with tensor operands
+    too (`scale * fc(x)`, `fc(x) + x`), when exactly one such producer is found: bias-shift's candidate,
+    as the eager probe's `shift_sources` (whether a move of it is a shift is measured by the fix)."""
+    found: set[str] = set()
+    stack, seen = [node.args[0]] if node.args else [], 0
+    while stack and seen < 64:
+        current = stack.pop()
+        seen += 1
+        if not isinstance(current, fx.Node) or current.op != "call_function":
+            continue
+        base = op_base(current.target)
+        index = _BIAS_ARG.get(base)
+        if index is not None:
+            bias = current.args[index] if len(current.args) > index else None
+            if _attr_named(bias, ".bias"):
+                found.add(str(bias.target)[: -len(".bias")])
+            continue
+        if base in PASS_THROUGH:
+            stack.extend(arg for arg in current.args if isinstance(arg, fx.Node))
+    return found.pop() if len(found) == 1 else None
+
+
 def find_sites(graph: fx.Graph, ops: tuple[str, ...]) -> Iterator[tuple[fx.Node, StaticSite]]:
     namer = SiteNamer()
     for node in graph.nodes:

@@ -400,7 +400,13 @@ def _bias_shift_exported(
     quantiles = eager.collect_quantiles(
         rescan, plans, options.target_rate, options.seed, replace(scan_options, progress=None)
     )
-    targets = eager.shift_targets(graph_module, scanned.report, plans, {})
+    from deadrelu_cli.probe.exported import find_sites, shift_source
+
+    sources = {
+        site.name: shift_source(node) for node, site in find_sites(graph_module.graph, scan_options.ops)
+    }
+    sources = {name: source for name, source in sources.items() if source}
+    targets = eager.shift_targets(graph_module, scanned.report, plans, sources)
     gains = eager.measure_gains(rescan, graph_module, plans, targets, scan_options)
     outcomes = eager.bias_shift(graph_module, scanned.report, plans, quantiles, targets, gains)
     eager.settle_shifts(
