@@ -481,3 +481,49 @@ def test_bias_shift_of_a_transposed_convolution_in_a_pt2(cli, tmp_path):
     with torch.no_grad():
         after = torch.nn.functional.conv_transpose2d(xt, state["up.weight"], state["up.bias"], stride=2)
         _assert_shift_exact(model.up(xt).movedim(1, -1), after.movedim(1, -1), [2], len(x) * 36)
+
+
+GROUP_NORM = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.norm(self.conv(x))))
+
+
+def build():
+    torch.manual_seed(14)
+    net = Net()
+    with torch.no_grad():
+        net.norm.bias[[1, 6]] = -50.0
+    return net
+"""
+
+
+def test_bias_shift_moves_the_group_norm_beta(cli, tmp_path):
+    """Conv -> GroupNorm -> ReLU: the GroupNorm's beta is per channel, after the normalisation: moved on
+    the state_dict and the .pt2 alike; only those entries change, the other channels are bit-identical."""
+    x = _x((3, 4, 4), n=16)
+    model, spec, path, data = _setup(tmp_path, GROUP_NORM, x)
+    xt = torch.from_numpy(x)
+    program = tmp_path / "model.pt2"
+    torch.export.save(
+        torch.export.export(model, (xt[:2],), dynamic_shapes=({0: torch.export.Dim("b")},)), program
+    )
+    for source, out in (([path, "--arch", spec], tmp_path / "out.pt"), ([program], tmp_path / "out.pt2")):
+        result = cli("fix", *source, "--data", data, "--strategy", "bias-shift", "--output", out)
+        assert result.code == 0, result.out + result.err
+        state = (
+            torch.load(out, weights_only=True)
+            if out.suffix == ".pt"
+            else dict(torch.export.load(str(out)).state_dict)
+        )
+        assert _changed(model.state_dict(), state) == {"norm.bias": [1, 6]}
+        fixed = _fixed(spec, tmp_path / "out.pt")
+        fixed.load_state_dict(state)
+        with torch.no_grad():
+            before, after = model.norm(model.conv(xt)), fixed.norm(fixed.conv(xt))
+        _assert_shift_exact(before.movedim(1, -1), after.movedim(1, -1), [1, 6], len(x) * 16)
