@@ -527,3 +527,54 @@ def test_bias_shift_moves_the_group_norm_beta(cli, tmp_path):
         with torch.no_grad():
             before, after = model.norm(model.conv(xt)), fixed.norm(fixed.conv(xt))
         _assert_shift_exact(before.movedim(1, -1), after.movedim(1, -1), [1, 6], len(x) * 16)
+
+
+GAP = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv(x)).mean((2, 3)))
+
+
+def build():
+    torch.manual_seed(15)
+    net = Net()
+    with torch.no_grad():
+        net.conv.bias[[0, 4]] = -50.0
+    return net
+"""
+
+
+def test_global_average_pool_written_as_a_mean_leads_to_the_consumer(cli, tmp_path):
+    """conv -> relu -> x.mean((2, 3)) -> Linear (a global average pool without a module): the mean over
+    the spatial axes keeps each channel in its own slot, so the Linear is the consumer; reinit (state_dict
+    and .pt2) and prune (.pt2) act on the layer (it was skipped: "its output goes to mean"); outputs equal."""
+    x = _x((3, 4, 4), n=16)
+    model, spec, path, data = _setup(tmp_path, GAP, x)
+    xt = torch.from_numpy(x)
+    program = tmp_path / "model.pt2"
+    torch.export.save(
+        torch.export.export(model, (xt[:2],), dynamic_shapes=({0: torch.export.Dim("b")},)), program
+    )
+    with torch.no_grad():
+        expected = model(xt)
+    runs = (
+        ([path, "--arch", spec], "reinit", tmp_path / "r.pt"),
+        ([program], "reinit", tmp_path / "r.pt2"),
+        ([program], "prune", tmp_path / "p.pt2"),
+    )
+    for source, strategy, out in runs:
+        result = cli("fix", *source, "--data", data, "--strategy", strategy, "--output", out)
+        assert result.code == 0, (strategy, result.out + result.err)
+        if out.suffix == ".pt":
+            fixed = _fixed(spec, out)
+            assert (fixed.head.weight[:, [0, 4]] == 0).all()
+        else:
+            fixed = torch.export.load(str(out)).module()
+        with torch.no_grad():
+            torch.testing.assert_close(fixed(xt), expected, rtol=0, atol=1e-5)
+    state = dict(torch.export.load(str(tmp_path / "p.pt2")).state_dict)
+    assert state["conv.weight"].shape[0] == 4 and state["head.weight"].shape == (2, 4)

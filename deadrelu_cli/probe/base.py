@@ -229,6 +229,18 @@ def moved_unit_axis(kind: str, dims: tuple, axis: int, rank: int = 3) -> int | N
     return axis
 
 
+def pools_over_space(rank: int, dims) -> bool:
+    """True when a mean/amax over `dims` of a rank>=4 [N, C, ...] tensor keeps every channel in its own
+    slot (a global average pool written as `x.mean((2, 3))`): the dims are spatial only."""
+    if rank < 4 or dims is None:
+        return False
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    try:
+        return bool(dims) and all(int(d) % rank >= 2 for d in dims)
+    except (TypeError, ValueError):
+        return False
+
+
 def relaid_channel_first(channel_first: bool | None, layouts: list[tuple[str, tuple]]) -> bool | None:
     """A graph probe's walk back from an activation met the layout ops `layouts` (nearest the
     activation first) before reaching a producer whose units are channel-first (or last-axis): whether

@@ -27,6 +27,7 @@ from deadrelu_cli.probe.base import (
     call_and_record,
     infer_channel_dim,
     moved_unit_axis,
+    pools_over_space,
 )
 from deadrelu_cli.probe.ops import SiteNamer, is_activation_module_type
 
@@ -167,6 +168,9 @@ def _moved_unit_axis(func, args: tuple, kwargs: dict, axis: int, before, after) 
     return moved if moved is not None and after.shape[moved] == before.shape[axis] else None
 
 
+# a global pool written as a reduction (`x.mean((2, 3))`): unit-preserving when its dims are spatial
+_SPATIAL_POOLS = frozenset({torch.mean, torch.Tensor.mean, torch.amax, torch.Tensor.amax})
+
 UNIT_PRESERVING_MODULES: tuple[type, ...] = (
     nn.Dropout,
     nn.Identity,
@@ -205,6 +209,11 @@ class _CallSiteMode(TorchFunctionMode):
                 elif func in self.probe.layout:
                     self.probe.relayout(func, args, kwargs, out)
                 if func in self.probe.unit_preserving:  # dropout, clone, contiguous are both kinds
+                    self.probe.carry_site_output(args[0], out)
+                    return out
+                if func in _SPATIAL_POOLS and pools_over_space(
+                    args[0].dim(), args[1] if len(args) > 1 else kwargs.get("dim")
+                ):
                     self.probe.carry_site_output(args[0], out)
                     return out
             # reading a tensor's metadata (T5's `hidden_states.dtype`) is no use of its values

@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 
 from deadrelu_cli.probe.aten_ops import BATCH_NORM_OPS, LINEAR_OR_CONV_OPS, UNIT_PRESERVING
+from deadrelu_cli.probe.base import pools_over_space
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.probe.exported import op_base
 from deadrelu_cli.wiring.model import BatchNormRef, TensorRef, UnitWiring
@@ -271,6 +272,15 @@ def exported_wiring(
             return f"skipped: its output goes to {len(current.users)} nodes, not to exactly one linear/conv"
         (user,) = current.users
         if _base(user) in UNIT_PRESERVING and user.args[0] is current:
+            current = user
+            continue
+        value = current.meta.get("val")
+        if (
+            _base(user) in ("mean", "amax")
+            and user.args[0] is current
+            and isinstance(value, torch.Tensor)
+            and pools_over_space(value.dim(), user.args[1] if len(user.args) > 1 else None)
+        ):
             current = user
             continue
         consumer_weight = _attr_target(user.args[1]) if len(user.args) > 1 else None
