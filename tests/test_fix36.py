@@ -578,3 +578,22 @@ def test_global_average_pool_written_as_a_mean_leads_to_the_consumer(cli, tmp_pa
             torch.testing.assert_close(fixed(xt), expected, rtol=0, atol=1e-5)
     state = dict(torch.export.load(str(tmp_path / "p.pt2")).state_dict)
     assert state["conv.weight"].shape[0] == 4 and state["head.weight"].shape == (2, 4)
+
+
+def test_explain_names_a_layer_norm_beta_as_the_shift(cli, tmp_path):
+    """--explain on Linear -> LayerNorm -> ReLU with two betas at -50: the LayerNorm is the producer, so
+    the cause is its shift (the "batchnorm shift" rule: beta <= 0 and max pre - beta > 0, checked here
+    with our own forward), not "unknown"."""
+    x = _x((6,))
+    model, spec, path, data = _setup(tmp_path, LAYER_NORM, x)
+    with torch.no_grad():
+        pre = model.norm(model.fc1(torch.from_numpy(x)))
+    assert ((pre.max(0).values - model.norm.bias) > 0)[[2, 5]].all()
+    result = cli("scan", path, "--arch", spec, "--data", data, "--explain", "--json", "-")
+    assert result.code in (0, 1), result.err
+    (layer,) = json.loads(result.out)["layers"]
+    assert layer["producer"] == "norm"
+    assert {int(k): v for k, v in layer["extra"]["causes"].items()} == {
+        2: "batchnorm shift",
+        5: "batchnorm shift",
+    }
