@@ -597,3 +597,50 @@ def test_explain_names_a_layer_norm_beta_as_the_shift(cli, tmp_path):
         2: "batchnorm shift",
         5: "batchnorm shift",
     }
+
+
+POSITIVE_INPUTS = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def build():
+    torch.manual_seed(16)
+    net = Net()
+    with torch.no_grad():
+        net.fc1.bias[:8] = -50.0
+    return net
+"""
+
+
+def test_reinit_revives_units_whose_inputs_are_all_positive(cli, tmp_path):
+    """On inputs that are all > 0 (and alike), a fresh row with bias 0 fires on ~all or ~no samples: a
+    coin flip per unit, so reinit used to leave about half of 8 dead units dead. A fresh row that never
+    fires on the data is now negated (same init distribution): all 8 fire (own forward), outputs equal,
+    in the state_dict and the .pt2 alike."""
+    x = (5.0 + 0.1 * _x((6,))).astype(np.float32)
+    model, spec, path, data = _setup(tmp_path, POSITIVE_INPUTS, x)
+    xt = torch.from_numpy(x)
+    program = tmp_path / "model.pt2"
+    torch.export.save(
+        torch.export.export(model, (xt[:2],), dynamic_shapes=({0: torch.export.Dim("b")},)), program
+    )
+    for source, out in (([path, "--arch", spec], tmp_path / "out.pt"), ([program], tmp_path / "out.pt2")):
+        result = cli("fix", *source, "--data", data, "--strategy", "reinit", "--output", out)
+        assert result.code == 0, result.out + result.err
+        state = (
+            torch.load(out, weights_only=True)
+            if out.suffix == ".pt"
+            else dict(torch.export.load(str(out)).state_dict)
+        )
+        fixed = _fixed(spec, tmp_path / "out.pt")
+        fixed.load_state_dict(state)
+        with torch.no_grad():
+            assert ((fixed.fc1(xt)[:, :8] > 0).sum(0) > 0).all()
+            torch.testing.assert_close(fixed(xt), model(xt), rtol=0, atol=1e-5)
+        assert (fixed.fc1.weight[:8].abs() <= 1 / 6**0.5).all()

@@ -200,7 +200,9 @@ def apply_torch(
         training = read_training_checkpoint(Path(loaded.path), loaded.format, scan_options.trust_pickle)
     touched: dict = {}  # parameter entries the fix rewrites (their optimizer moments are reset)
     if options.strategy == "reinit":
-        outcomes = eager.reinit(model, probe, report, plans, options, touched)
+        drawn: dict[str, str] = {}
+        outcomes = eager.reinit(model, probe, report, plans, options, touched, drawn)
+        eager.flip_silent_rows(scanned, model, plans, drawn, replace(scan_options, progress=None))
     elif options.strategy == "bias-shift":
         quantiles = eager.collect_quantiles(
             scanned, plans, options.target_rate, options.seed, replace(scan_options, progress=None)
@@ -450,8 +452,12 @@ def _reweight_exported(
         narrow(graph_module, keep_out, keep_in)
         result.new_widths = {o.name: o.units_after for o in outcomes if o.applied}
     else:
-        apply = eager.reinit_units if options.strategy == "reinit" else eager.kick_units
-        outcomes = apply(graph_module, wirings, plans, options, None, scanned.report)
+        if options.strategy == "reinit":
+            drawn: dict[str, str] = {}
+            outcomes = eager.reinit_units(graph_module, wirings, plans, options, None, scanned.report, drawn)
+            eager.flip_silent_rows(scanned, graph_module, plans, drawn, replace(scan_options, progress=None))
+        else:
+            outcomes = eager.kick_units(graph_module, wirings, plans, options, None, scanned.report)
     runners = _exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes))
     result.params_before = params_before  # (_exported_runners counts the patched module for both)
     return (*runners, outcomes)

@@ -103,6 +103,7 @@ def reinit(
     plans: list[LayerPlan],
     options: FixOptions,
     touched: Touched | None = None,
+    drawn: dict[str, str] | None = None,
 ) -> list[LayerOutcome]:
     """ReDo on an nn.Module (see reinit_units)."""
     return reinit_units(
@@ -112,6 +113,7 @@ def reinit(
         options,
         touched,
         report,
+        drawn,
     )
 
 
@@ -122,11 +124,13 @@ def reinit_units(
     options: FixOptions,
     touched: Touched | None = None,
     report=None,
+    drawn: dict[str, str] | None = None,
 ) -> list[LayerOutcome]:
     """ReDo: re-initialise dead units' incoming weights, zero their bias and their outgoing weights
     (BatchNorm after them reset to identity), so the model's outputs do not change. `model` resolves
     the wirings' tensor names (an nn.Module, or a program's module). `touched` (when given) receives
-    the entries rewritten, by tensor name (for resetting their optimizer moments)."""
+    the entries rewritten, by tensor name (for resetting their optimizer moments); `drawn` (when given)
+    the weight whose rows were redrawn, per layer (for `flip_silent_rows`)."""
     outcomes = []
     with torch.no_grad():
         for index, plan in enumerate(plans):
@@ -176,10 +180,58 @@ def reinit_units(
                 _touch(touched, bn.weight, 0, plan.units)
                 _touch(touched, bn.bias, 0, plan.units)
             _touch(touched, wire.consumer_weight.name, 1, columns.tolist())
+            if drawn is not None:
+                drawn[plan.name] = wire.weight.name
             outcome.applied = True
             what = f"{wire.owner} rows re-initialised" + (f", {bn.owner} reset" if bn is not None else "")
             outcome.action = f"{what}; {wire.consumer} inputs zeroed"
     return outcomes
+
+
+def flip_silent_rows(
+    result, model: nn.Module, plans: list[LayerPlan], drawn: dict[str, str], options_for_scan
+) -> dict[str, int]:
+    """After reinit: negate each fresh row whose unit still never fires on the data. With its bias 0 and
+    its BatchNorm reset, the unit's pre-activation is linear in the row, so the negated row fires wherever
+    the drawn one was below 0 (on inputs that are all >= 0, a fresh row fires on ~all or ~no samples: a
+    coin flip per unit); the init distribution is symmetric, so it is as likely a draw. Its outgoing
+    weights are zero, so no other site changes and one pass serves every layer. Returns the count per layer."""
+    from dataclasses import replace
+
+    from deadrelu_cli.backends.torch.scan import scan_torch
+
+    planned = [plan for plan in plans if plan.name in drawn]
+    if not planned:
+        return {}
+    units = {plan.name: plan.units for plan in planned}
+    maxima: dict[str, torch.Tensor] = {}
+
+    def collector(name):
+        def collect(pre: torch.Tensor, channel_dim: int) -> None:
+            values = pre.detach().movedim(channel_dim, -1)[..., units[name]]
+            top = values.reshape(-1, len(units[name])).amax(dim=0).double().cpu()
+            maxima[name] = top if name not in maxima else torch.maximum(maxima[name], top)
+
+        return collect
+
+    probed = scannable(result, model)
+    options = replace(options_for_scan, progress=None, compile=False)
+    scan_torch(
+        probed.model, probed.data, options, probed.device, {p.name: collector(p.name) for p in planned}
+    )
+    flipped = {}
+    with torch.no_grad():
+        for plan in planned:
+            top = maxima.get(plan.name)
+            if top is None:
+                continue
+            silent = [unit for unit, value in zip(plan.units, top.tolist(), strict=True) if value <= 0]
+            if silent:
+                weight = named_tensor(model, drawn[plan.name])
+                rows = torch.tensor(silent, dtype=torch.long, device=weight.device)
+                weight[rows] = -weight[rows]
+                flipped[plan.name] = len(silent)
+    return flipped
 
 
 def collect_quantiles(
