@@ -413,16 +413,18 @@ def measure_gains(
                 continue
             delta = 1.0 + float(before.abs().max()) if before.numel() else 1.0
             tensor[units] = (kept.double() + delta).to(tensor.dtype)
+            # the move as stored (a half-precision bias rounds it), per unit
+            applied = (tensor[units].double() - kept.double()).cpu()
             try:
                 after = capture([plan.name])[plan.name]
             finally:
                 tensor[units] = kept
-            out[plan.name] = _gain(target, plan.units, before, after, delta)
+            out[plan.name] = _gain(target, plan.units, before, after, applied)
     return out
 
 
-def _gain(target: str, units: list[int], before, after, delta: float) -> np.ndarray | str:
-    """The per-unit gains of `after - before` for a move of `delta`, or why the move is not a shift."""
+def _gain(target: str, units: list[int], before, after, applied: torch.Tensor) -> np.ndarray | str:
+    """The per-unit gains of `after - before` for moves `applied` (per unit), or why the move is not a shift."""
     if after is None or after.shape != before.shape:
         return f"skipped: moving {target} changed the site's shape"
     others = torch.ones(before.shape[1], dtype=torch.bool)
@@ -432,7 +434,8 @@ def _gain(target: str, units: list[int], before, after, delta: float) -> np.ndar
             f"skipped: moving {target} moves other units of the site too (a normalisation or mixing op "
             "between it and the activation); use leaky"
         )
-    moved = (after[:, units] - before[:, units]) / delta
+    delta = applied.abs().clamp_min(1e-30)
+    moved = (after[:, units] - before[:, units]) / applied.where(applied != 0, torch.ones_like(applied))
     gains = moved.median(dim=0).values
     spread = (moved - gains).abs().max(dim=0).values
     scale = float(before[:, units].abs().max()) + delta
