@@ -174,6 +174,19 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
     return 0
 
 
+def window_samples(layers: list, rows: int) -> int:
+    """A window's `data.samples`: the most samples any site saw (the rows of the forwards that reached
+    it: a GAN's discriminator sees real and generated rows, its generator only the noise); each site
+    that saw fewer keeps its own `samples` (the table's Samples column), the others get None. `rows`
+    (every forward's rows) when no site ran."""
+    seen = [layer.samples for layer in layers if layer.ran and layer.samples is not None]
+    samples = max(seen) if seen else rows
+    for layer in layers:
+        if layer.samples == samples or not layer.ran:
+            layer.samples = None
+    return samples
+
+
 class Watch:
     """Samples every `every`-th training step; `window` sampled steps make one Report.
 
@@ -260,7 +273,10 @@ class Watch:
             ),
         )
         self._sampled: list[int] = []  # steps sampled in this window
-        self._samples = 0
+        self._samples = 0  # rows of every forward of the window
+        self._site_samples: dict[str, int] = {}  # rows of the forwards that reached each site
+        self._forward: tuple[int, dict[str, int]] | None = None  # the running forward's rows, and where
+        # each site's count stood when it began
         self._windows = 0
         self._previous_dead: dict[str, np.ndarray] = {}
         self._warned: set[str] = set()
@@ -319,6 +335,11 @@ class Watch:
         return None
 
     @property
+    def current_step(self) -> int | None:
+        """The number of the step that `step()` began last (None before the first)."""
+        return self._current
+
+    @property
     def last(self) -> Report | None:
         return self.reports[-1] if self.reports else None
 
@@ -339,9 +360,14 @@ class Watch:
             # torch warns that global hooks also fire for a torch.compile(module) wrapper: ours skip it
             warnings.filterwarnings("ignore", message=COMPILED_WRAPPER_WARNING, category=UserWarning)
 
+        sites = probe.registry.sites
+
         def begin(args, kwargs):
             probe.begin_forward()
-            self._samples += _batch_size(args, kwargs)
+            rows = _batch_size(args, kwargs)
+            self._samples += rows
+            # which sites this forward reaches: they saw its rows (a GAN's G and D are forwards apart)
+            self._forward = (rows, {name: site.elements_per_unit for name, site in sites.items()})
             if self._mask is None and self.mask_argument is not None:  # given masks win
                 probe.set_position_mask(self._forward_mask(args, kwargs))
             mode = probe.mode()
@@ -351,6 +377,11 @@ class Watch:
         def end():
             if self._modes:
                 self._modes.pop().__exit__(None, None, None)
+            if self._forward is not None:
+                (rows, before), self._forward = self._forward, None
+                for name, site in sites.items():
+                    if site.elements_per_unit != before.get(name, 0):
+                        self._site_samples[name] = self._site_samples.get(name, 0) + rows
 
         def start(module, args, kwargs):
             if module is not root:  # a replica (nn.DataParallel copies the model, hooks included) runs
@@ -430,7 +461,7 @@ class Watch:
         return value
 
     def _detach(self) -> None:
-        self._outer, self._recomputing, self._evaluating = None, 0, 0
+        self._outer, self._recomputing, self._evaluating, self._forward = None, 0, 0, None
         while self._modes:  # a forward that never returned (an exception inside a hook)
             self._modes.pop().__exit__(None, None, None)
         for handle in self._handles:
@@ -444,15 +475,20 @@ class Watch:
     def _close_window(self) -> Report:
         sampled, self._sampled = self._sampled, []
         samples, self._samples = self._samples, 0
+        site_samples, self._site_samples = self._site_samples, {}
         evaluations, self._evaluations = self._evaluations, 0
         replicas, self._replicas = self._replicas, 0
         layers = self._probe.registry.layer_stats()  # host copies: the counters start over in place
         self._probe.restart_counts()
+        for layer in layers:
+            if layer.ran:
+                layer.samples = site_samples.get(layer.name, 0)
         parameter = next(self.model.parameters(), None)
         device = str(parameter.device) if parameter is not None else "cpu"
         world = self._world()
         if world is not None:  # data-parallel: every rank's counts, summed (max of maxima), on every rank
-            layers, samples = reduce_layers(world, layers, samples, device)
+            layers, samples = reduce_layers(world, layers, samples, device, layer_samples=True)
+        samples = window_samples(layers, samples)
         attach_module_biases(self.model, layers)
         training = TrainingInfo(
             step=sampled[-1],
