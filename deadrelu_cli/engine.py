@@ -215,7 +215,9 @@ def attach_certificates(layers: list, bounds) -> None:
 def _certify_only(options: ScanOptions, fmt: str, device: str) -> ScanResult:
     """`scan --certify` without data: layers, units and which of them can never fire."""
     model = load_model(
-        LoadOptions(options.model, options.arch, options.trust_pickle, device, weights_key=options.weights_key)
+        LoadOptions(
+            options.model, options.arch, options.trust_pickle, device, weights_key=options.weights_key
+        )
     )
     layers: list = []
     attach_certificates(layers, certify_model(model, options, None, device))

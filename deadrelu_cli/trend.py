@@ -231,7 +231,11 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
         device = resolve_device(options.device)
         model = load_model(
             LoadOptions(
-                str(checkpoints[0].path), options.arch, options.trust_pickle, device, weights_key=options.weights_key
+                str(checkpoints[0].path),
+                options.arch,
+                options.trust_pickle,
+                device,
+                weights_key=options.weights_key,
             )
         )  # built once
         for checkpoint in checkpoints:
@@ -241,7 +245,8 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
                 state = load_file(str(checkpoint.path), device=device)
             else:
                 state = unwrap_checkpoint(
-                    torch_load(checkpoint.path, device, options.trust_pickle, checked=True), options.weights_key
+                    torch_load(checkpoint.path, device, options.trust_pickle, checked=True),
+                    options.weights_key,
                 )  # detect_format checked each one above
             load_state_into(model.runnable, state, str(checkpoint.path))
             layers, _ = scan_torch(model, data, options, device)

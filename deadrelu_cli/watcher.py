@@ -130,8 +130,15 @@ def unwrapped(model: nn.Module) -> nn.Module:
     wrapper's is `*inputs, **kwargs`). The wrapper calls it, so its own hooks see every forward."""
     while True:
         inner = getattr(model, "_orig_mod", None)
+        kinds = {cls.__name__ for cls in type(model).__mro__}
         if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
             model = inner
+        elif "PeftModel" in kinds and hasattr(model, "get_base_model"):  # PEFT (LoRA, …): the base model,
+            model = model.get_base_model()  # its adapters inside it; names as the base model's
+        elif "BaseTuner" in kinds and isinstance(getattr(model, "model", None), nn.Module):  # a LoraModel
+            model = model.model
+        elif "FullyShardedDataParallel" in kinds:  # FSDP1: the module it wraps (wrappers nested inside
+            model = model.module  # it, from an auto-wrap policy, are left out of the names by the probe)
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             devices = getattr(model, "device_ids", None) or []
             if isinstance(model, nn.DataParallel) and len(devices) > 1:
@@ -229,6 +236,11 @@ class Watch:
             raise UserError(f"watch(): expected an nn.Module, got {type(model).__name__}")
         if every < 1 or window < 1:
             raise UserError("watch(): every and window must be at least 1")
+        # FSDP1 keeps the parameters flattened and sharded between forwards: read the biases inside
+        # summon_full_params of the wrapper given (a collective: every rank closes the window alike)
+        self._fsdp = (
+            model if "FullyShardedDataParallel" in {c.__name__ for c in type(model).__mro__} else None
+        )
         model = unwrapped(model)
         self.model = model
         self.every = int(every)
@@ -360,14 +372,14 @@ class Watch:
             # torch warns that global hooks also fire for a torch.compile(module) wrapper: ours skip it
             warnings.filterwarnings("ignore", message=COMPILED_WRAPPER_WARNING, category=UserWarning)
 
-        sites = probe.registry.sites
+        registry = probe.registry
 
         def begin(args, kwargs):
             probe.begin_forward()
             rows = _batch_size(args, kwargs)
             self._samples += rows
             # which sites this forward reaches: they saw its rows (a GAN's G and D are forwards apart)
-            self._forward = (rows, {name: site.elements_per_unit for name, site in sites.items()})
+            self._forward = (rows, registry.elements_seen())
             if self._mask is None and self.mask_argument is not None:  # given masks win
                 probe.set_position_mask(self._forward_mask(args, kwargs))
             mode = probe.mode()
@@ -379,8 +391,8 @@ class Watch:
                 self._modes.pop().__exit__(None, None, None)
             if self._forward is not None:
                 (rows, before), self._forward = self._forward, None
-                for name, site in sites.items():
-                    if site.elements_per_unit != before.get(name, 0):
+                for name, seen in registry.elements_seen().items():
+                    if seen != before.get(name, 0):
                         self._site_samples[name] = self._site_samples.get(name, 0) + rows
 
         def start(module, args, kwargs):
@@ -489,7 +501,13 @@ class Watch:
         if world is not None:  # data-parallel: every rank's counts, summed (max of maxima), on every rank
             layers, samples = reduce_layers(world, layers, samples, device, layer_samples=True)
         samples = window_samples(layers, samples)
-        attach_module_biases(self.model, layers)
+        if self._fsdp is not None:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(self._fsdp, writeback=False):
+                attach_module_biases(self.model, layers)
+        else:
+            attach_module_biases(self.model, layers)
         training = TrainingInfo(
             step=sampled[-1],
             first_step=sampled[0],
