@@ -252,6 +252,23 @@ def test_watch_samples_of_a_gan_step_are_the_rows_each_site_saw():
     assert report.layer("G.1").samples == rows["G.1"]
     for name in rows:
         assert report.layer(name).elements_per_unit == rows[name]
+    # `deadrelu merge` of a window where G saw the most rows (G: all of them, D fewer) with a GAN step's
+    # window where D did: every layer's samples add up
+    from deadrelu_cli.report.model import merge_reports
+
+    w = watch(gan, every=1, config=False)
+    w.step()
+    gan.D(gan.G(torch.randn(2 * batch, 4))[:batch])
+    w.step()
+    gan.D(torch.cat([gan.G(torch.randn(batch, 4)), torch.randn(batch, 8)]))
+    w.close()
+    first, second = w.reports
+    assert first.data.samples == 2 * batch and first.layer("G.1").samples is None
+    assert second.data.samples == 2 * batch and second.layer("G.1").samples == batch
+    merged = merge_reports([first, second])
+    assert merged.data.samples == 4 * batch
+    assert merged.layer("G.1").samples == merged.layer("D.1").samples == 3 * batch  # before: G None (4B)
+    assert merged.layer("G.1").elements_per_unit == 3 * batch
 
 
 ARCH = """
