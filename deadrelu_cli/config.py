@@ -38,19 +38,44 @@ KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 class FileConfig:
     path: Path | None = None
     values: dict[str, Any] = field(default_factory=dict)  # CLI parameter name -> value
+    skipped: list[str] = field(default_factory=list)  # files passed over on the way up, and why
 
 
-def find_config(start: Path | None = None) -> Path | None:
-    """The nearest deadrelu.toml, or pyproject.toml that has a [tool.deadrelu] table, from START upwards."""
+def find_config(start: Path | None = None, skipped: list[str] | None = None) -> Path | None:
+    """The nearest deadrelu.toml, or pyproject.toml that has a [tool.deadrelu] table, from START upwards.
+    SKIPPED, when given, collects a line for each unreadable pyproject.toml passed over (see below)."""
     directory = (start or Path.cwd()).resolve()
     for folder in (directory, *directory.parents):
         own = folder / "deadrelu.toml"
-        if own.is_file():
-            return _trusted(own, directory)
         pyproject = folder / "pyproject.toml"
-        if pyproject.is_file() and _table(pyproject, required=False) is not None:
+        if own.is_file():
+            if pyproject.is_file() and _table(pyproject, required=False) is not None:
+                # two sets of limits for one folder: using either one silently ignores the other
+                raise UserError(
+                    f"{folder}: both deadrelu.toml and pyproject.toml [tool.deadrelu] hold settings; keep one, "
+                    "or pass --config FILE"
+                )
+            return _trusted(own, directory)
+        if pyproject.is_file() and _pyproject_table(pyproject, directory, skipped) is not None:
             return _trusted(pyproject, directory)
     return None
+
+
+def _pyproject_table(path: Path, start: Path, skipped: list[str] | None) -> dict | None:
+    """A pyproject.toml on the way up is read to see whether it has our table. One that cannot be read
+    stops the command when it is ours (its [tool.deadrelu] limits would be lost: a gate must not pass on
+    defaults), but is passed over with a warning when someone else could have put it there (an invalid
+    /tmp/pyproject.toml planted by another user would otherwise stop every run under /tmp)."""
+    try:
+        return _table(path, required=False)
+    except UserError as exc:
+        try:
+            _trusted(path, start)
+        except UserError:
+            if skipped is not None:
+                skipped.append(f"{exc}; not ours to use (another user could have written it), passed over")
+            return None
+        raise UserError(f"{exc}; fix it, or pass --config FILE to read settings from elsewhere") from None
 
 
 def _trusted(path: Path, start: Path) -> Path:
@@ -126,9 +151,10 @@ def table_label(path: Path | str) -> str:
 
 
 def load_config(explicit: str | None = None, start: Path | None = None) -> FileConfig:
-    path = Path(explicit) if explicit else find_config(start)
+    skipped: list[str] = []
+    path = Path(explicit) if explicit else find_config(start, skipped)
     if path is None:
-        return FileConfig()
+        return FileConfig(skipped=skipped)
     if not path.is_file():
         raise UserError(f"--config {explicit}: no such file")
     table = _table(path) or {}
@@ -158,4 +184,4 @@ def load_config(explicit: str | None = None, start: Path | None = None) -> FileC
         if key in ("baseline", "junit", "markdown"):  # paths are relative to the config file
             value = str(path.parent / value) if not Path(value).is_absolute() else value
         values[name] = value
-    return FileConfig(path=path, values=values)
+    return FileConfig(path=path, values=values, skipped=skipped)

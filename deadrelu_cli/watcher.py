@@ -82,7 +82,10 @@ def watch_settings(config: str | bool | None = None, **given: Any) -> WatchSetti
         given["layer_limit"] = given.pop("layer_limits")
     values: dict[str, Any] = {}
     if config is not False:
-        values.update(load_config(config if isinstance(config, str) else None).values)
+        file_config = load_config(config if isinstance(config, str) else None)
+        for line in file_config.skipped:
+            warnings.warn(f"deadrelu: {line}", UserWarning, stacklevel=2)
+        values.update(file_config.values)
     values.update({k: v for k, v in given.items() if v is not None})
     unknown = set(given) - set(CONFIG_FIELDS) - set(GATE_FIELDS)
     if unknown:

@@ -77,13 +77,9 @@ def work(tmp_path):
 
 def test_reinit_state_dict_keeps_outputs_and_revives(cli, work):
     before = _sha(work / "model.pt")
-    result = cli(
-        "fix",
-        work / "model.pt",
-        "--arch",
-        _arch(work),
-        "--data",
-        work / "calib.npz",
+    result = _fix_cnn(
+        cli,
+        work,
         "--strategy",
         "reinit",
         "--output",
@@ -112,13 +108,9 @@ def test_reinit_state_dict_keeps_outputs_and_revives(cli, work):
 
 
 def test_prune_to_pt2_is_exact_and_smaller(cli, work):
-    result = cli(
-        "fix",
-        work / "model.pt",
-        "--arch",
-        _arch(work),
-        "--data",
-        work / "calib.npz",
+    result = _fix_cnn(
+        cli,
+        work,
         "--strategy",
         "prune",
         "--output",
@@ -137,13 +129,9 @@ def test_prune_to_pt2_is_exact_and_smaller(cli, work):
 
 
 def test_prune_refuses_state_dict_output(cli, work):
-    result = cli(
-        "fix",
-        work / "model.pt",
-        "--arch",
-        _arch(work),
-        "--data",
-        work / "calib.npz",
+    result = _fix_cnn(
+        cli,
+        work,
         "--strategy",
         "prune",
         "--output",
@@ -154,13 +142,9 @@ def test_prune_refuses_state_dict_output(cli, work):
 
 
 def test_leaky_pt2_has_no_relu_at_patched_sites(cli, work):
-    result = cli(
-        "fix",
-        work / "model.pt",
-        "--arch",
-        _arch(work),
-        "--data",
-        work / "calib.npz",
+    result = _fix_cnn(
+        cli,
+        work,
         "--strategy",
         "leaky",
         "--slope",
@@ -182,13 +166,9 @@ def test_leaky_pt2_has_no_relu_at_patched_sites(cli, work):
 
 
 def test_bias_shift_reaches_target_rate(cli, work):
-    result = cli(
-        "fix",
-        work / "model.pt",
-        "--arch",
-        _arch(work),
-        "--data",
-        work / "calib.npz",
+    result = _fix_cnn(
+        cli,
+        work,
         "--strategy",
         "bias-shift",
         "--layers",
@@ -213,13 +193,9 @@ def test_bias_shift_reaches_target_rate(cli, work):
 
 
 def test_verification_failure_writes_nothing(cli, work):
-    result = cli(
-        "fix",
-        work / "model.pt",
-        "--arch",
-        _arch(work),
-        "--data",
-        work / "calib.npz",
+    result = _fix_cnn(
+        cli,
+        work,
         "--strategy",
         "reinit",
         "--tolerance",
@@ -233,13 +209,9 @@ def test_verification_failure_writes_nothing(cli, work):
 
 def test_output_equal_to_model_is_refused(cli, work):
     before = _sha(work / "model.pt")
-    result = cli(
-        "fix",
-        work / "model.pt",
-        "--arch",
-        _arch(work),
-        "--data",
-        work / "calib.npz",
+    result = _fix_cnn(
+        cli,
+        work,
         "--strategy",
         "reinit",
         "--output",
@@ -452,6 +424,11 @@ def test_bias_shift_on_exported_program_input(cli, work):
     n = pre.shape[0] * pre.shape[2] * pre.shape[3]
     rates = (pre > 0).double().mean(dim=(0, 2, 3))[[0, 7, 8, 15]]
     assert torch.all((rates - 0.05).abs() <= 2 / n), rates
+
+
+def _fix_cnn(cli, work, *more):
+    """`deadrelu fix` of the sample CNN's state_dict (+ --arch) on its calibration data."""
+    return cli("fix", work / "model.pt", "--arch", _arch(work), "--data", work / "calib.npz", *more)
 
 
 def _fix_both(cli, work, strategy, *more):

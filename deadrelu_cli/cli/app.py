@@ -171,8 +171,11 @@ def run_command(argv: list[str] | None = None) -> None:
         err.print("deadrelu: interrupted", markup=False)
         sys.exit(130)
     except BrokenPipeError:
-        sys.stderr.close()
-        sys.exit(0)
+        # the reader went away before the output was complete (`| head`): never exit 0 then, a gate
+        # may not have run; exit 1 as Rich's own handler and Python's docs do, with no second error
+        # when the interpreter flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except Exception as exc:
         if debug:
             traceback.print_exc()

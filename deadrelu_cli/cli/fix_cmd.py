@@ -83,6 +83,7 @@ def fix(
         show_default=False,
     ),
     json_out: opt.JsonOut = None,
+    quiet: opt.QuietTable = False,
 ) -> None:
     """Patch the dead units of MODEL and write OUT; exit 0 written and verified, 1 verification failed (nothing written)."""
     from deadrelu_cli.errors import GateFailed
@@ -133,7 +134,8 @@ def fix(
     )
     result = run_fix(scan_options, fix_options)
     console = make_console(stderr=json_out == "-")
-    print_fix(result, console, model, output, data or texts.text)
+    if not quiet:
+        print_fix(result, console, model, output, data or texts.text)
     if json_out:
         text = json.dumps(result.to_dict(), indent=2) + "\n"
         if json_out == "-":

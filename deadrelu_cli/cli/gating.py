@@ -18,6 +18,12 @@ def merge_settings(
 ) -> tuple[dict[str, Any], dict[str, str], FileConfig]:
     """Fill every parameter not given on the command line from the config file; say where each came from."""
     file_config = load_config(config_path)
+    if file_config.skipped:
+        from deadrelu_cli.cli.console import make_console
+
+        err = make_console(stderr=True, soft_wrap=True)
+        for line in file_config.skipped:
+            err.print(f"warning: {terminal_text(line)}", style="yellow", markup=False)
     sources = {}
     declared = {param.name: param for param in ctx.command.params}
     for name in params:

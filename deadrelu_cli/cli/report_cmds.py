@@ -50,6 +50,9 @@ def merge(
         ..., help="Partial JSON reports of the same model over disjoint data."
     ),
     json_out: opt.JsonOut = "-",
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Do not print the summary (warnings and errors still)."
+    ),
 ) -> None:
     """Merge partial reports (same model, disjoint data) into exactly the report of the union."""
     from deadrelu_cli.display import terminal_text
@@ -69,6 +72,8 @@ def merge(
         sys.stdout.write(text)
         return
     write_text_atomic(json_out, text)
+    if quiet:
+        return
     err.print(
         terminal_text(f"merged {len(reports)} reports, {merged.data.samples} samples → {json_out}")
         + f"\n{summary_line(merged)}",

@@ -99,18 +99,27 @@ SMOOTH_ACTIVATIONS = (
 )
 
 
+# activation names as models spell them (lower case, no "_" or "()") -> the --ops name that counts them
+OPS_BY_NAME = {"leakyrelu": "leaky_relu", "elu": "elu", "gelu": "gelu", "silu": "silu", "swish": "silu"}
+
+
 def no_sites_note(what: str, found: Counter) -> str:
     """The note for a model with no site of the chosen ops: `what` it lacks, and the activations it
-    has instead; smooth ones (SiLU = x·sigmoid(x), GELU, …) are named as the reason only when present."""
+    has instead; smooth ones (SiLU = x·sigmoid(x), GELU, …) are named as the reason only when present,
+    and --ops is suggested only for the kinds it would find (a GELU written out with Tanh and Pow is no
+    Gelu node: `--ops gelu` finds nothing there)."""
     if not found:
         return what
     listed = ", ".join(f"{name} ×{count}" for name, count in found.most_common())
-    smooth = [name for name in found if name.lower().replace("_", "").rstrip("()") in SMOOTH_ACTIVATIONS]
+    names = {name: name.lower().replace("_", "").rstrip("()") for name in found}
+    smooth = [name for name, key in names.items() if key in SMOOTH_ACTIVATIONS]
+    countable = [op for op in OPTIONAL_OPS if op in {OPS_BY_NAME.get(key) for key in names.values()}]
+    hint = f"--ops {','.join(countable)} counts {'those' if smooth else 'them'}" if countable else ""
     if not smooth:
-        return f"{what}; its activations: {listed}"
+        return f"{what}; its activations: {listed}" + (f" ({hint})" if hint else "")
     return (
         f"{what}; its activations: {listed} ({', '.join(smooth)}: smooth activations are never exactly 0 "
-        "with zero gradient, so no dead units in the ReLU sense; --ops leaky_relu,elu,gelu counts those kinds)"
+        "with zero gradient, so no dead units in the ReLU sense" + (f"; {hint})" if hint else ")")
     )
 
 

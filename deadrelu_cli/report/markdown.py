@@ -10,11 +10,16 @@ from deadrelu_cli.report.model import Report
 def render_markdown(report: Report, result: GateResult) -> str:
     s = report.summary()
     verdict = "passed" if result.passed else "FAILED"
+    extras = [f"dying {s.dying}", f"dormant {s.dormant}"]  # as the terminal's summary line (table.py)
+    if s.saturated:
+        extras.append(f"saturated {s.saturated}")
+    if s.certified_dead is not None:
+        extras.append(f"provably dead {s.certified_dead}")
     lines = [
         f"### deadrelu: {markdown_code(report.model.path)} — gate {verdict if result.checked else 'not configured'}",
         "",
         f"**{s.dead}/{s.units} units dead ({100 * s.dead_fraction:.1f}%)** in {s.layers_with_dead} of {s.layers} layers · "
-        f"dying {s.dying} · dormant {s.dormant} · {report.data.samples} samples of {markdown_code(report.data.path)}",
+        f"{' · '.join(extras)} · {report.data.samples} samples of {markdown_code(report.data.path)}",
         "",
     ]
     has_baseline = result.baseline_dead_fraction is not None

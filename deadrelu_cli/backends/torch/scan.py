@@ -339,7 +339,7 @@ def no_sites_note(model: LoadedModel, ops: tuple[str, ...]) -> str:
         wanted = {name.lower() for name in _SMOOTH_ACTIVATIONS + _OTHER_ACTIVATIONS}
         for node in graph.nodes:
             base = str(getattr(node.target, "__name__", "")).split(".")[0].rstrip("_")
-            if node.op == "call_function" and base in wanted:
+            if node.op == "call_function" and base.replace("_", "") in wanted:  # leaky_relu: LeakyReLU
                 found[base] += 1
     elif hasattr(model.runnable, "modules"):
         for module in model.runnable.modules():
