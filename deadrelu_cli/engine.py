@@ -34,9 +34,11 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         raise UserError("--batch-size must be at least 1")
     if options.limit is not None and options.limit < 1:
         raise UserError("--limit must be at least 1")
+    from deadrelu_cli.loaders import check_weights_key
     from deadrelu_cli.loaders.detect import detect_format
 
     fmt = detect_format(options.model)
+    check_weights_key(options.model, fmt, options.weights_key)
     backend_for(fmt).check_options(options)
     device = backend_for(fmt).resolve_device(options.device)
     world = None

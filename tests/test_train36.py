@@ -428,6 +428,17 @@ def test_a_checkpoint_with_several_weight_dicts_is_fixed_only_under_the_named_on
     assert (moments[[3, 7]] == 0).all() and (np.delete(moments.numpy(), [3, 7], 0) != 0).any()
     assert "'model', 'D' written back as they were" in result.out
     assert "opt_d" in result.out and "kept as it was" in result.out
+    # a format with no weight dicts: said, not ignored
+    from safetensors.torch import save_file
+
+    save_file(checkpoint["G"], tmp_path / "g.safetensors")
+    result = cli("scan", tmp_path / "g.safetensors", "--arch", spec.replace(":build", ":build_g"),
+                 "--data", tmp_path / "z.npz", "--weights-key", "G")  # fmt: skip
+    assert (
+        result.code == 2
+        and len(result.err.strip().splitlines()) == 1
+        and "not a torch checkpoint dict" in result.err
+    )
 
 
 def _same(a, b) -> bool:
