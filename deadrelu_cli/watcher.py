@@ -126,35 +126,55 @@ def architecture_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def is_fsdp1(model: nn.Module) -> bool:
+    """An FSDP1 `FullyShardedDataParallel` wrapper (by name: no FSDP import on the way)."""
+    return "FullyShardedDataParallel" in {cls.__name__ for cls in type(model).__mro__}
+
+
+def wrapped_inside(model: nn.Module) -> nn.Module | None:
+    """The module a wrapper holds (None: `model` is no wrapper): `torch.compile`'s, DistributedDataParallel,
+    nn.DataParallel (refused over several devices), FSDP1 `FullyShardedDataParallel` (wrappers an
+    auto-wrap policy nests further inside are left out of the names by the probe), a PEFT model (the base
+    model, its adapters inside it)."""
+    inner = getattr(model, "_orig_mod", None)
+    kinds = {cls.__name__ for cls in type(model).__mro__}
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    if "PeftModel" in kinds and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    if "BaseTuner" in kinds and isinstance(getattr(model, "model", None), nn.Module):  # a LoraModel
+        return model.model
+    if is_fsdp1(model):
+        return model.module
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        devices = getattr(model, "device_ids", None) or []
+        if isinstance(model, nn.DataParallel) and len(devices) > 1:
+            # each device runs its own replica in its own thread: modules the watch does not know,
+            # under a TorchFunctionMode the other threads do not see
+            raise UserError(
+                f"watch(): nn.DataParallel over {len(devices)} devices runs replicas of the model in "
+                "threads, which the probe cannot count; use DistributedDataParallel (torchrun), whose "
+                "counts watch() combines over the ranks"
+            )
+        return model.module
+    return None
+
+
+def wrappers(model: nn.Module) -> list[nn.Module]:
+    """`model`, and each module wrapped inside it down to the innermost (see `wrapped_inside`)."""
+    chain = [model]
+    while (inner := wrapped_inside(chain[-1])) is not None:
+        chain.append(inner)
+    return chain
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
-    """The module that `torch.compile(module)`, DistributedDataParallel or nn.DataParallel wraps (in any
-    nesting): its names are those of eager and of a scan of the saved weights (no `_orig_mod.` or
-    `module.` prefix), and its forward's signature tells where a positional `attention_mask` is (a
-    wrapper's is `*inputs, **kwargs`). The wrapper calls it, so its own hooks see every forward."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        kinds = {cls.__name__ for cls in type(model).__mro__}
-        if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
-            model = inner
-        elif "PeftModel" in kinds and hasattr(model, "get_base_model"):  # PEFT (LoRA, …): the base model,
-            model = model.get_base_model()  # its adapters inside it; names as the base model's
-        elif "BaseTuner" in kinds and isinstance(getattr(model, "model", None), nn.Module):  # a LoraModel
-            model = model.model
-        elif "FullyShardedDataParallel" in kinds:  # FSDP1: the module it wraps (wrappers nested inside
-            model = model.module  # it, from an auto-wrap policy, are left out of the names by the probe)
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            devices = getattr(model, "device_ids", None) or []
-            if isinstance(model, nn.DataParallel) and len(devices) > 1:
-                # each device runs its own replica in its own thread: modules the watch does not know,
-                # under a TorchFunctionMode the other threads do not see
-                raise UserError(
-                    f"watch(): nn.DataParallel over {len(devices)} devices runs replicas of the model in "
-                    "threads, which the probe cannot count; use DistributedDataParallel (torchrun), whose "
-                    "counts watch() combines over the ranks"
-                )
-            model = model.module
-        else:
-            return model
+    """The module that `torch.compile(module)`, DistributedDataParallel, nn.DataParallel, FSDP1 or a PEFT
+    model wraps (in any nesting): its names are those of eager and of a scan of the saved weights (no
+    `_orig_mod.`, `module.`, `_fsdp_wrapped_module.` or `base_model.model.` prefix), and its forward's
+    signature tells where a positional `attention_mask` is (a wrapper's is `*inputs, **kwargs`). The
+    wrapper calls it, so its own hooks see every forward."""
+    return wrappers(model)[-1]
 
 
 def positional_index(model: nn.Module, argument: str | None) -> int | None:
@@ -241,10 +261,9 @@ class Watch:
             raise UserError("watch(): every and window must be at least 1")
         # FSDP1 keeps the parameters flattened and sharded between forwards: read the biases inside
         # summon_full_params of the wrapper given (a collective: every rank closes the window alike)
-        self._fsdp = (
-            model if "FullyShardedDataParallel" in {c.__name__ for c in type(model).__mro__} else None
-        )
-        model = unwrapped(model)
+        chain = wrappers(model)
+        self._fsdp = next((m for m in chain if is_fsdp1(m)), None)
+        model = chain[-1]
         self.model = model
         self.every = int(every)
         self.window = int(window)
