@@ -53,16 +53,10 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
             )
         return _certify_only(options, fmt, device)
     data, text_info = open_data(options, fmt)
-    mask = None
     extra_notes: list[str] = []
-    if backend_of_format(fmt) == "torch":
-        from deadrelu_cli.inputs import resolve_mask
+    from deadrelu_cli.inputs import resolve_mask
 
-        mask = resolve_mask(options.mask, options.exclude_token_ids, data)
-    elif "attention_mask" in data.names and options.mask != "none":
-        extra_notes.append(
-            "the data has an attention_mask: an ONNX scan counts every position, padding included"
-        )
+    mask = resolve_mask(options.mask, options.exclude_token_ids, data)
     if text_info and text_info.get("truncated"):
         extra_notes.append(
             f"{text_info['truncated']} of {text_info['documents']} documents are longer than --seq-len "
@@ -151,14 +145,19 @@ def mask_notes(layers: list, mask) -> list[str]:
     """Say which layers the position mask could not apply to (they count every element)."""
     if mask is None:
         return []
-    unmasked = [layer.name for layer in layers if layer.extra.get("position_mask") == "no token axis"]
-    if not unmasked:
-        return []
-    shown = ", ".join(unmasked[:5]) + (", …" if len(unmasked) > 5 else "")
-    return [
-        f"position mask not applied to {len(unmasked)} layer(s) without a token axis of the mask's length "
-        f"(a pooled head, a conv over pixels or audio, a pooled sequence; every element counted): {shown}"
-    ]
+    notes = []
+    reasons = {
+        "no token axis": "whose positions are not the mask's (a pooled head, a conv over pixels or audio, "
+        "a sequence of another length; every element counted)",
+        "in a subgraph": "inside ONNX If/Loop/Scan subgraphs (every element counted)",
+        "opset below 9": "of an ONNX graph of opset below 9 (every element counted; re-export with a newer opset)",
+    }
+    for reason, said in reasons.items():
+        unmasked = [layer.name for layer in layers if layer.extra.get("position_mask") == reason]
+        if unmasked:
+            shown = ", ".join(unmasked[:5]) + (", …" if len(unmasked) > 5 else "")
+            notes.append(f"position mask not applied to {len(unmasked)} layer(s) {said}: {shown}")
+    return notes
 
 
 def certify_model(model: LoadedModel, options: ScanOptions, data: CalibrationData | None, device: str):

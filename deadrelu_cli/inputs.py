@@ -127,6 +127,9 @@ def resolve_batch_size(
     return size
 
 
+# the start of a report note saying that padding may have been counted as data: printed as a warning
+# (first, and on stderr when the report goes to stdout), not as a plain note
+PADDING_CHECK = "check padding: "
 TOKEN_IDS = "input_ids"
 DEFAULT_MASK = "attention_mask"
 AUDIO_VALUES = "input_values"  # a speech model's raw audio [samples, audio samples]
@@ -181,12 +184,14 @@ def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data
 
 
 def unfed_arrays(mask: MaskSpec | None, data, model: LoadedModel) -> tuple[str, ...]:
-    """The data's arrays not passed to the model: the --mask array when the model takes no input of
-    that name (it only says which positions count: a loss mask, or the attention_mask that --text
+    """The data's arrays not passed to the model: the --mask array (and the attention_mask) when the
+    model takes no input of that name (it only says which positions count: a loss mask, or the attention_mask that --text
     always makes), and the data's optional arrays (--text's token_type_ids, attention_mask) that
     forward() does not take (FNet takes no attention_mask, OPT no token_type_ids)."""
     model_inputs = set(model.keyword_inputs) | {spec.name for spec in model.inputs}
     candidates = [mask.array if mask is not None else None]
+    if model_inputs:  # the data's attention_mask only says which positions count (--mask none or NAME too)
+        candidates.append(DEFAULT_MASK)
     if model.keyword_inputs:  # forward()'s arguments are known
         candidates += getattr(data, "optional", ())
     return tuple(

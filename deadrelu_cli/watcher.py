@@ -33,11 +33,12 @@ from torch import nn
 # what the first window's report needs (biases read through wiring.torch) is loaded with watch(), not
 # in the middle of a training step
 import deadrelu_cli.wiring.torch  # noqa: F401
-from deadrelu_cli.backends.torch.scan import attach_module_biases
+from deadrelu_cli.backends.torch.scan import attach_module_biases, pooled_blocks, speech_frames
 from deadrelu_cli.distributed import World, reduce_layers
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import write_text_atomic
 from deadrelu_cli.gate import GateConfig, GateResult, evaluate, parse_layer_limits
+from deadrelu_cli.inputs import AUDIO_VALUES
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.probe.ops import parse_ops
@@ -296,6 +297,10 @@ class Watch:
         self.distributed = distributed
         self.mask_argument = mask  # the forward's argument read as the position mask (None: none)
         self._mask_index = positional_index(model, mask)
+        # a speech encoder's attention_mask is over audio samples: its encoder counts on the frames' mask
+        self._frames = speech_frames(model)
+        self._audio_index = positional_index(model, AUDIO_VALUES)
+        self._pooled = pooled_blocks(model)  # a Funnel-style encoder: each block on its pooled mask
         self._mask_warned = False
         # one probe for the run (names, tables); its counters are restarted per window
         self._probe = EagerProbe(
@@ -403,7 +408,9 @@ class Watch:
             # which sites this forward reaches: they saw its rows (a GAN's G and D are forwards apart)
             self._forward = (rows, registry.elements_seen())
             if self._mask is None and self.mask_argument is not None:  # given masks win
-                probe.set_position_mask(self._forward_mask(args, kwargs))
+                self._apply_mask(self._forward_mask(args, kwargs), args, kwargs)
+            elif self._mask is not None and (self._frames is not None or self._pooled is not None):
+                self._apply_mask(self._mask, args, kwargs)
             mode = probe.mode()
             mode.__enter__()
             self._modes.append(mode)
@@ -473,6 +480,22 @@ class Watch:
             return False
         self._evaluations += 1
         return True
+
+    def _apply_mask(self, mask: torch.Tensor | None, args: tuple, kwargs: dict) -> None:
+        """The probe's position mask for one forward. A mask of the forward's `input_values` shape on a
+        speech encoder is over audio samples: the encoder's sites get the frames' mask, as `deadrelu
+        scan` gives them (backends.torch.scan.speech_frames)."""
+        scoped = None
+        if mask is not None and self._frames is not None:
+            audio = kwargs.get(AUDIO_VALUES)
+            if audio is None and self._audio_index is not None and len(args) > self._audio_index:
+                audio = args[self._audio_index]
+            if isinstance(audio, torch.Tensor) and tuple(audio.shape[:2]) == tuple(mask.shape):
+                path, to_frames = self._frames
+                scoped = {path: to_frames(mask)}
+        if mask is not None and scoped is None and self._pooled is not None and mask.dim() == 2:
+            scoped = self._pooled(mask)
+        self._probe.set_position_mask(mask, scoped)
 
     def _forward_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The forward's own `attention_mask` (or `mask_argument`): positions where it is 0 are not

@@ -161,3 +161,65 @@ def save_folder(model, folder: Path, shard: str = "20KB") -> Path:
     model.save_pretrained(folder, max_shard_size=shard)
     save_tokenizer(folder)
     return folder
+
+
+CONV = ((10, 5), (3, 2))  # (kernel, stride) of each feature-extractor conv of speech_model
+
+
+def frames(samples: int) -> int:
+    """Frames of speech_model's feature extractor for this many audio samples (the conv arithmetic)."""
+    for kernel, stride in CONV:
+        samples = (samples - kernel) // stride + 1
+    return samples
+
+
+def speech_model(kind: str = "wav2vec2", seed: int = 7, **overrides):
+    """A tiny random speech encoder with ReLU FFNs (wav2vec2 with a CTC head, or HuBERT), in eval mode,
+    and the module path prefix of its encoder (which runs on frames)."""
+    torch.manual_seed(seed)
+    common = dict(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, hidden_act="relu",
+        feat_extract_activation="relu", conv_dim=(8, 8), conv_kernel=tuple(k for k, _ in CONV),
+        conv_stride=tuple(s for _, s in CONV), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+        layerdrop=0.0, mask_time_prob=0.0, feat_extract_norm="layer", vocab_size=len(VOCAB),
+    )  # fmt: skip
+    common.update(overrides)
+    if kind == "wav2vec2":
+        model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**common, do_stable_layer_norm=True))
+        return model.eval(), "wav2vec2.encoder."
+    return transformers.HubertModel(transformers.HubertConfig(**common)).eval(), "encoder."
+
+
+def padded_audio(batch: int = 6, length: int = 400, seed: int = 0):
+    """Audio zero-padded on the right (sample 0 unpadded), its samples' attention_mask and the frames'
+    mask by the conv arithmetic: (audio, samples_mask, frame_mask)."""
+    rng = np.random.default_rng(seed)
+    audio = rng.standard_normal((batch, length)).astype(np.float32)
+    samples_mask = np.ones((batch, length), np.int64)
+    real = [length - 40 * i for i in range(batch)]
+    frame_mask = np.zeros((batch, frames(length)), bool)
+    for i, n in enumerate(real):
+        samples_mask[i, n:], audio[i, n:] = 0, 0.0
+        frame_mask[i, : frames(n)] = True
+    return audio, samples_mask, frame_mask
+
+
+def relu_counts(model, feed: dict, keep_of) -> dict:
+    """Per ReLU module: (positives per unit, counted rows). Units on the last axis of a feed-forward's
+    [B, T, F] (by name, or its first axes the keep's shape), on axis 1 of a conv's [B, C, T]; positions kept where `keep_of(name, shape)` [B, T] is
+    true (None: every position)."""
+    out = {}
+    for name, a in relu_outputs(model, feed).items():
+        keep = keep_of(name, a.shape)
+        ffn = "feed_forward" in name or "intermediate" in name or tuple(a.shape[:2]) == np.shape(keep)
+        if keep is not None and not ffn:
+            rows = np.moveaxis(a, 1, -1)[keep.astype(bool)]  # [B, C, T]: units on axis 1, tokens last
+        elif keep is not None:
+            rows = a[keep.astype(bool)]
+        elif "feed_forward" in name:
+            rows = a.reshape(-1, a.shape[-1])
+        else:  # conv feature extractor / positional conv: [B, C, L], units on axis 1
+            rows = np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
+        out[name] = ((rows > 0).sum(0).tolist(), rows.shape[0])
+    return out

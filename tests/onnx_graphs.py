@@ -373,3 +373,75 @@ def stored_tensors(path) -> dict[str, np.ndarray]:
         if node.op_type == "Constant":
             found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     return found
+
+
+def token_sites(
+    mask_input: bool = True, opset: int = 17, vocab: int = 12, pad: int = 1, pad_value: float = 3.0
+):
+    """A token model: input_ids[B,T] (and attention_mask[B,T], multiplied into the embeddings when
+    `mask_input`) -> Gather -> four Relu sites, one per layout of the tokens:
+    rows_relu [B,T,6] (MatMul), flat_relu [B*T,5] (Reshape + MatMul), conv_relu [B,4,T] (a k=1 Conv1d,
+    units before the tokens) and pooled_relu [B,3] (a mean over T: not the mask's positions). The
+    padding id's embedding (`pad_value`) is planted far from the others, and unit 0 of rows_relu fires on
+    it only."""
+    rng = np.random.default_rng(3)
+    d = 8
+    emb = (rng.standard_normal((vocab, d)) * 0.5).astype(np.float32)
+    emb[pad] = pad_value
+    w1 = (rng.standard_normal((d, 6)) * 0.5).astype(np.float32)
+    w1[:, 0] = 1.0  # unit 0: the embedding summed, 12 or 24 on padding, well below 8 elsewhere
+    b1 = np.array([-8, 0, -50, 0.1, 0, 0], np.float32)  # unit 2 dead everywhere
+    w2 = (rng.standard_normal((6, 5)) * 0.5).astype(np.float32)
+    b2 = np.array([0, -0.5, 0, -60, 0.2], np.float32)
+    w3 = (rng.standard_normal((4, d, 1)) * 0.5).astype(np.float32)
+    b3 = np.array([0.1, -40, 0, -0.3], np.float32)
+    w4 = (rng.standard_normal((3, 6)) * 0.5).astype(np.float32)
+    b4 = np.array([0.0, -30, 0.5], np.float32)
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["e0"], name="embed")]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "T"])]
+    if mask_input:
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]))
+        nodes += [
+            helper.make_node("Cast", ["attention_mask"], ["mf"], name="mask_cast", to=F32),
+            helper.make_node("Unsqueeze", ["mf", "axis2"], ["m3"], name="mask_unsq"),
+            # padding keeps a scaled embedding: the model sees it, as a real attention model does
+            helper.make_node("Add", ["m3", "half"], ["m3h"], name="mask_half"),
+            helper.make_node("Mul", ["e0", "m3h"], ["e"], name="mask_mul"),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["e0"], ["e"], name="noop"))
+    nodes += [
+        helper.make_node("MatMul", ["e", "w1"], ["h1"], name="fc1"),
+        helper.make_node("Add", ["h1", "b1"], ["a1"], name="fc1_bias"),
+        helper.make_node("Relu", ["a1"], ["r1"], name="rows_relu"),
+        helper.make_node("Reshape", ["r1", "flat_shape"], ["r1f"], name="flatten"),
+        helper.make_node("MatMul", ["r1f", "w2"], ["h2"], name="fc2"),
+        helper.make_node("Add", ["h2", "b2"], ["a2"], name="fc2_bias"),
+        helper.make_node("Relu", ["a2"], ["r2"], name="flat_relu"),
+        helper.make_node("Transpose", ["e"], ["et"], name="to_nct", perm=[0, 2, 1]),
+        helper.make_node("Conv", ["et", "w3", "b3"], ["c3"], name="conv"),
+        helper.make_node("Relu", ["c3"], ["r3"], name="conv_relu"),
+        helper.make_node("ReduceMean", ["r1"], ["pooled"], name="pool", axes=[1], keepdims=0),
+        helper.make_node("Gemm", ["pooled", "w4", "b4"], ["h4"], name="head", transB=1),
+        helper.make_node("Relu", ["h4"], ["r4"], name="pooled_relu"),
+    ]
+    inits = [
+        _init("emb", emb),
+        _init("w1", w1),
+        _init("b1", b1),
+        _init("w2", w2),
+        _init("b2", b2),
+        _init("w3", w3),
+        _init("b3", b3),
+        _init("w4", w4),
+        _init("b4", b4),
+        _init("flat_shape", np.array([-1, 6], np.int64)),
+        _init("axis2", np.array([2], np.int64)),
+        _init("half", np.array(0.5, np.float32)),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("r2", F32, ["BT", 5]),
+        helper.make_tensor_value_info("r3", F32, ["B", 4, "T"]),
+        helper.make_tensor_value_info("r4", F32, ["B", 3]),
+    ]
+    return _model(nodes, inputs, outputs, inits, opset=opset)

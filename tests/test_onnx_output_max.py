@@ -179,6 +179,7 @@ def test_merged_halves_and_json_round_trip_match_the_truth(tmp_path, monkeypatch
         np.testing.assert_array_equal(layers[site].positive_counts, positives, err_msg=site)
         np.testing.assert_allclose(layers[site].max_preactivation, maxima, rtol=1e-6, atol=1e-7, err_msg=site)
         assert layers[site].elements_per_unit == positions
+        assert layers[site].elements_per_unit == positions
 
 
 def test_explain_keeps_the_pre_activation_and_its_minimum(tmp_path, monkeypatch):
@@ -195,3 +196,48 @@ def test_explain_keeps_the_pre_activation_and_its_minimum(tmp_path, monkeypatch)
     np.testing.assert_array_equal(layer.positive_counts, positives)
     np.testing.assert_allclose(layer.max_preactivation, maxima, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(layer.min_preactivation, pre_activations(model, x)["reluB"].min(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("replaced", [False, True])
+def test_a_rebuild_reads_the_file_again_never_a_replaced_one(tmp_path, monkeypatch, replaced):
+    """The scan does not keep the file's bytes (1x the weights) for its whole run: a rebuilt session reads
+    them again, and only if they still have the hash the report names; a file replaced mid-scan (here
+    with B's units all dead) is not read into the session, the graph held in memory is."""
+    model = planted_model()
+    x = _data(False)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    np.save(tmp_path / "x.npy", x)
+    switches = _forced_switch(monkeypatch)
+    reread, held = [], []
+    original_reread, original_instrumented = onnx_scan.reread_verified, onnx_scan.instrumented_bytes
+    consider = onnx_scan._OutputMaxSwitch.consider
+
+    def replacing_consider(self, *args):
+        if replaced and not reread:
+            other = planted_model()
+            bias = next(i for i in other.graph.initializer if i.name == "bb")
+            bias.CopyFrom(numpy_helper.from_array(np.full(6, -1e6, np.float32), "bb"))
+            onnx.save(other, str(path))
+        consider(self, *args)
+
+    def recording_reread(*args):
+        reread.append(original_reread(*args))
+        return reread[-1]
+
+    def recording_instrumented(loaded, *args, **kwargs):
+        out = original_instrumented(loaded, *args, **kwargs)
+        held.append("file_bytes" in loaded.extra)
+        return out
+
+    monkeypatch.setattr(onnx_scan._OutputMaxSwitch, "consider", replacing_consider)
+    monkeypatch.setattr(onnx_scan, "reread_verified", recording_reread)
+    monkeypatch.setattr(onnx_scan, "instrumented_bytes", recording_instrumented)
+    report = scan(str(path), str(tmp_path / "x.npy"), batch_size=4, device="cpu")
+    assert switches and reread and held and not any(held), (switches, held)
+    assert all((r is None) == replaced for r in reread)
+    layers = {layer.name: layer for layer in report.layers}
+    for site, (positives, maxima, positions) in truth(model, x).items():
+        np.testing.assert_array_equal(layers[site].positive_counts, positives, err_msg=site)
+        np.testing.assert_allclose(layers[site].max_preactivation, maxima, rtol=1e-6, atol=1e-7, err_msg=site)
+        assert layers[site].elements_per_unit == positions

@@ -8,28 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hf_models import PAD, VOCAB, relu_outputs, save_tokenizer, token_data, transformers
+from hf_models import (
+    PAD,
+    VOCAB,
+    padded_audio,
+    relu_counts,
+    save_tokenizer,
+    speech_model,
+    token_data,
+    transformers,
+)
 
 torch = pytest.importorskip("torch")
-
-
-def _hook_counts(model, feed: dict, keep_of) -> dict:
-    """Per ReLU module: (positives per unit, counted rows). Units on the last axis of a feed-forward's
-    [B, T, F], on axis 1 of a conv's [B, C, T]; positions kept where `keep_of(name, shape)` [B, T] is
-    true (None: every position)."""
-    out = {}
-    for name, a in relu_outputs(model, feed).items():
-        keep = keep_of(name, a.shape)
-        if keep is not None and "feed_forward" not in name and "intermediate" not in name:
-            rows = np.moveaxis(a, 1, -1)[keep.astype(bool)]  # [B, C, T]: units on axis 1, tokens last
-        elif keep is not None:
-            rows = a[keep.astype(bool)]
-        elif "feed_forward" in name:
-            rows = a.reshape(-1, a.shape[-1])
-        else:  # conv feature extractor / positional conv: [B, C, L], units on axis 1
-            rows = np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
-        out[name] = ((rows > 0).sum(0).tolist(), rows.shape[0])
-    return out
 
 
 def _scan(cli, tmp_path, folder, *args, **arrays):
@@ -71,7 +61,7 @@ def test_token_ids_without_a_mask_say_how_many_pad_ids_were_counted(bert_tagger,
 
     # no mask: every position counts (padding included), and the report says how many held the pad id
     layers, report = _scan(cli, tmp_path, folder, input_ids=ids)
-    _assert_counts(layers, _hook_counts(model, {"input_ids": ids}, lambda _n, _s: np.ones(ids.shape)))
+    _assert_counts(layers, relu_counts(model, {"input_ids": ids}, lambda _n, _s: np.ones(ids.shape)))
     said = [n for n in report["notes"] if "no attention_mask" in n]
     assert len(said) == 1 and f"{pads} of them hold the model's pad_token_id {PAD}" in said[0], report[
         "notes"
@@ -80,7 +70,7 @@ def test_token_ids_without_a_mask_say_how_many_pad_ids_were_counted(bert_tagger,
 
     # what the note suggests counts the real tokens of that same forward
     layers, report = _scan(cli, tmp_path, folder, "--exclude-token-ids", str(PAD), input_ids=ids)
-    _assert_counts(layers, _hook_counts(model, {"input_ids": ids}, lambda _n, _s: ids != PAD))
+    _assert_counts(layers, relu_counts(model, {"input_ids": ids}, lambda _n, _s: ids != PAD))
     assert not [n for n in report["notes"] if "no attention_mask" in n]
 
     # with the mask, or every position asked for: nothing to say
@@ -90,51 +80,18 @@ def test_token_ids_without_a_mask_say_how_many_pad_ids_were_counted(bert_tagger,
     assert layers[site]["elements_per_unit"] == ids.size
 
 
-CONV = ((10, 5), (3, 2))  # (kernel, stride) of each feature-extractor conv
-
-
-def _frames(samples: int) -> int:
-    for kernel, stride in CONV:
-        samples = (samples - kernel) // stride + 1
-    return samples
-
-
 @pytest.mark.parametrize("kind", ["wav2vec2", "hubert"])
 def test_speech_encoder_counts_the_real_frames_of_padded_audio(kind, cli, tmp_path):
-    torch.manual_seed(7)
-    common = dict(
-        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, hidden_act="relu",
-        feat_extract_activation="relu", conv_dim=(8, 8), conv_kernel=tuple(k for k, _ in CONV),
-        conv_stride=tuple(s for _, s in CONV), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
-        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-        layerdrop=0.0, mask_time_prob=0.0, feat_extract_norm="layer", vocab_size=len(VOCAB),
-    )  # fmt: skip
-    if kind == "wav2vec2":
-        model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**common, do_stable_layer_norm=True))
-        encoder = "wav2vec2.encoder."
-    else:
-        model = transformers.HubertModel(transformers.HubertConfig(**common))
-        encoder = "encoder."
-    model.eval()
+    model, encoder = speech_model(kind)
     folder = tmp_path / kind
     model.save_pretrained(folder)
-
-    rng = np.random.default_rng(0)
-    batch, length = 6, 400
-    audio = rng.standard_normal((batch, length)).astype(np.float32)
-    samples_mask = np.ones((batch, length), np.int64)
-    real = [length - 40 * i for i in range(batch)]  # sample 0 unpadded
-    for i, n in enumerate(real):
-        samples_mask[i, n:], audio[i, n:] = 0, 0.0
-    frame_mask = np.zeros((batch, _frames(length)), bool)
-    for i, n in enumerate(real):
-        frame_mask[i, : _frames(n)] = True
+    audio, samples_mask, frame_mask = padded_audio()
     feed = {"input_values": audio, "attention_mask": samples_mask}
 
     def keep(name, shape):  # the encoder runs on frames: its FFNs and its positional conv
         return frame_mask if name.startswith(encoder) else None
 
-    truth = _hook_counts(model, feed, keep)
+    truth = relu_counts(model, feed, keep)
     for batch_size in ("auto", "4"):
         layers, report = _scan(cli, tmp_path, folder, "--batch-size", batch_size, **feed)
         _assert_counts(layers, truth)

@@ -149,6 +149,14 @@ def scan(
     if json_to_stdout:
         sys.stdout.write(report_to_json(report))
         sys.stdout.flush()
+        from deadrelu_cli.display import terminal_text
+        from deadrelu_cli.inputs import PADDING_CHECK
+
+        for note in report.notes:  # padding counted as data is said where a reader sees it, also here
+            if note.startswith(PADDING_CHECK):
+                err.print(
+                    f"warning: {terminal_text(note.removeprefix('check '))}", style="yellow", markup=False
+                )
     else:
         print_report(report, out, layer)
         if json_out:

@@ -53,9 +53,7 @@ def _outputs_of(runner, data, scan_options: ScanOptions, mask=None) -> list[list
 
 
 def _position_mask(scanned, scan_options: ScanOptions, data):
-    """The positions the scan counted (torch models; an ONNX scan counts every position)."""
-    if scanned.model.backend != "torch":
-        return None
+    """The positions the scan counted."""
     from deadrelu_cli.inputs import resolve_mask
 
     return resolve_mask(scan_options.mask, scan_options.exclude_token_ids, data)

@@ -60,6 +60,16 @@ def file_sha256_async(path: str | Path) -> Future:
     return _HASHER.submit(file_sha256, path)
 
 
+def reread_verified(path: str | Path, sha256: str) -> bytes | None:
+    """The file's bytes read again, or None when they are no longer those whose hash is SHA256 (the file
+    was replaced while the scan ran): a caller then falls back to what it holds in memory."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError:
+        return None
+    return raw if hashlib.sha256(raw).hexdigest() == sha256 else None
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -315,5 +315,7 @@ def load_onnx(options: LoadOptions) -> LoadedModel:
         inputs=specs,
         float_dtype=float_dtype,
         fixed_batch=next((s.shape[0] for s in specs if s.shape and s.shape[0] is not None), None),
-        extra={"file_bytes": kept["file"]} if "file" in kept else {},
+        # "rereadable": the file's bytes, read again, are the graph (a session built later reads them anew
+        # rather than keeping 1x the weights resident for the whole scan)
+        extra={"file_bytes": kept["file"], "rereadable": True} if "file" in kept else {},
     )

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.probe.ops import counts_from_output, threshold_below
+from deadrelu_cli.probe.ops import TOKEN_ROWS, TOKENS_LAST, counts_from_output, threshold_below, token_layout
 from deadrelu_cli.stats import CAPPED_OPS, LayerStats
 
 # a mask's runs of kept rows are reduced as views (no copy) when they average at least this many
@@ -61,19 +61,17 @@ class PositionMask:
         """The kept rows as `select` shapes them, but as views of the tensor's runs of kept rows where
         that is cheaper than one gathered copy (on the CPU, with runs of RUN_VIEW_ELEMENTS or more
         elements on average; each view is reduced while it is in cache). None without the token axis."""
-        rank = tensor.dim()
-        shape = tuple(tensor.shape)
-        if self.all_kept or tensor.device.type != "cpu" or self._units_first(tensor, channel_dim):
-            kept = self.select(tensor, channel_dim)
-            return None if kept is None else [kept]
-        if rank >= 3 and shape[:2] == (self.batch, self.tokens) and channel_dim >= 2:
-            if tensor.stride(0) != shape[1] * tensor.stride(1):  # flatten(0, 1) would copy
+        layout = self.layout(tensor, channel_dim)
+        if layout is None:
+            return None
+        if self.all_kept or tensor.device.type != "cpu" or layout == TOKENS_LAST:
+            return [self.select(tensor, channel_dim)]
+        if layout == TOKEN_ROWS:
+            if tensor.stride(0) != tensor.shape[1] * tensor.stride(1):  # flatten(0, 1) would copy
                 return [self.select(tensor, channel_dim)]
             rows, lead = tensor.flatten(0, 1), True
-        elif rank >= 2 and shape[0] == self.batch * self.tokens and channel_dim >= 1 and self.tokens > 1:
-            rows, lead = tensor, False
         else:
-            return None
+            rows, lead = tensor, False
         runs = self.runs()
         if not runs:  # nothing kept: an empty view, so that the site still learns its units
             runs = [(0, 0)]
@@ -82,30 +80,20 @@ class PositionMask:
         views = [rows[start:stop] for start, stop in runs]
         return [view.unsqueeze(0) for view in views] if lead else views
 
-    def _units_first(self, tensor: torch.Tensor, channel_dim: int) -> bool:
-        """[B, C, T]: units before the token axis (SqueezeBERT's Conv1d FFN, a text CNN)."""
-        shape = tuple(tensor.shape)
-        return (
-            tensor.dim() == 3 and channel_dim % 3 == 1 and (shape[0], shape[2]) == (self.batch, self.tokens)
-        )
+    def layout(self, tensor: torch.Tensor, channel_dim: int) -> str | None:
+        """Where the tensor holds this mask's positions (probe.ops.token_layout)."""
+        return token_layout(tuple(tensor.shape), channel_dim % max(tensor.dim(), 1), self.batch, self.tokens)
 
     def select(self, tensor: torch.Tensor, channel_dim: int) -> torch.Tensor | None:
-        rank = tensor.dim()
-        shape = tuple(tensor.shape)
-        if self._units_first(tensor, channel_dim):
-            if self.all_kept:
-                return tensor
+        layout = self.layout(tensor, channel_dim)
+        if layout is None or self.all_kept:
+            return None if layout is None else tensor
+        if layout == TOKENS_LAST:
             rows = tensor.transpose(0, 1).flatten(1, 2)  # [C, B*T]
             return rows.index_select(1, self.index(tensor.device)).unsqueeze(0)  # [1, C, kept]
-        if rank >= 3 and shape[:2] == (self.batch, self.tokens) and channel_dim >= 2:
-            if self.all_kept:
-                return tensor
+        if layout == TOKEN_ROWS:
             return tensor.flatten(0, 1).index_select(0, self.index(tensor.device)).unsqueeze(0)
-        if rank >= 2 and shape[0] == self.batch * self.tokens and channel_dim >= 1 and self.tokens > 1:
-            if self.all_kept:
-                return tensor
-            return tensor.index_select(0, self.index(tensor.device))
-        return None
+        return tensor.index_select(0, self.index(tensor.device))  # TOKEN_FLAT
 
 
 @dataclass

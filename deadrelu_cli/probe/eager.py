@@ -434,7 +434,9 @@ class EagerProbe:
             for module, mode in was_training.items():
                 module.train(mode)
 
-    def set_position_mask(self, mask: torch.Tensor | None) -> None:
+    def set_position_mask(
+        self, mask: torch.Tensor | None, scoped: dict[str, torch.Tensor | None] | None = None
+    ) -> None:
         """Count only the token positions where `mask` is true in the forward passes that follow.
 
         `mask` is a bool (or 0/1) tensor [batch, tokens] for the next batch, e.g. the batch's
@@ -443,8 +445,9 @@ class EagerProbe:
         to [B*T, ..., units] — count kept positions only, exactly (elements_per_unit grows by the kept
         count); other sites (pooled [B, F], conv [N, C, H, W]) count every element and are marked
         `extra["position_mask"] = "no token axis"`. Set it before each batch's forward (a training
-        loop's `watch()` can call it per step); it stays until replaced."""
-        self.registry.set_position_mask(mask)
+        loop's `watch()` can call it per step); it stays until replaced. `scoped`: the sites under a
+        module path get their own mask (a speech encoder's frames, an encoder-decoder's decoder)."""
+        self.registry.set_position_mask(mask, scoped)
 
     def restart_counts(self) -> None:
         """Fresh counters (a new window of a training run); module names and function tables are kept."""

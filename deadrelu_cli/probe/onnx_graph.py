@@ -30,6 +30,8 @@ from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, float_type, opset_v
 
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
 STAT_KEYS = ("pos", "max", "sum", "size", "sat")
+# the graph input the scan adds for a position mask: bool [batch, tokens], True on the positions that count
+MASK_INPUT = "deadrelu_position_mask"
 
 
 @dataclass
@@ -56,6 +58,10 @@ class OnnxSite:
     weight: str | None = None  # the producer's stored weight (matches deployed layers to float ones)
     output_tensor: str | None = None  # the activation's output as the exported graph names it (pairs layers)
     track_min: bool = False  # also the per-unit minimum of the pre-activation (--explain)
+    # where the site's tensor holds the position mask's [batch, tokens] (probe.ops.token_layout), found
+    # on a first batch; None: no mask, or positions that are not the mask's (counted over every element)
+    token_layout: str | None = None
+    mask_unapplied: str | None = None  # why a position mask could not be applied here, when not for its shape
 
 
 def _clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, float | None]:
@@ -333,12 +339,15 @@ def _add_reductions(
     exact_step: bool = True,
     max_from_output: bool = False,
     nan_flags: bool = False,
+    keep: str | None = None,
 ) -> dict[str, str]:
     """Per-channel statistics of one site. Full-size intermediates stay 4 bytes per element
     (int32 / float); only the [C] results are widened to int64 / double. `max_from_output`: the max
     reads the ReLU's output instead of its input (see output_only_max), so the pre-activation has one
     consumer and onnxruntime keeps Conv+Relu fused. `nan_flags`: also whether each unit's input held a
-    NaN (the recount of a NaN batch: a max pool's NaN handling depends on the order it reads in)."""
+    NaN (the recount of a NaN batch: a max pool's NaN handling depends on the order it reads in).
+    `keep`: a bool tensor broadcasting against the site's (the position mask, see _keep_of): only where it
+    is true do values count; every statistic but the size, which the host scales to the kept positions."""
     site.positions = None
     rank = site.rank or 0
     axes = [d for d in range(rank) if d != channel_dim] if rank > 1 else []
@@ -413,7 +422,7 @@ def _add_reductions(
         )
     # Elements per unit: from a static H*W, else Size of the output (same shape as the input; Size of a
     # conv output would make onnxruntime copy that tensor out of its blocked NCHWc layout)
-    if channel_dim == 1 and rank >= 3 and not site.graph_path:
+    if channel_dim == 1 and rank >= 3 and not site.graph_path and keep is None:
         # NCHW-like: the global pools are onnxruntime's fastest reductions; they give per-(sample, channel)
         # means, which the host turns back into exact counts (means of 0/1 times H*W, rounded) and sums.
         known = shape if shape is not None and len(shape) == rank and site.rank is not None else None
@@ -435,19 +444,47 @@ def _add_reductions(
         if nan_flags:
             out["nan_nc"] = builder.node("GlobalMaxPool", [is_nan()], "nan_nc")
         return out
+
+    def kept(value: str, fill: float, dtype, stem: str) -> str:
+        """`value` where the position counts, else `fill` (the reduction's identity): exact, NaN-safe."""
+        if keep is None:
+            return value
+        return builder.node("Where", [keep, value, builder.const(np.array(fill, dtype=dtype), "fill")], stem)
+
     out = {"size": builder.node("Size", [site.output_name], "size")}
-    fired32 = builder.node("Cast", [greater()], "fired32", to=TensorProto.INT32)
+    fired32 = kept(builder.node("Cast", [greater()], "fired32", to=TensorProto.INT32), 0, np.int32, "kpos")
     out["pos"] = widen(builder.reduce("ReduceSum", fired32, axes, "pos32"), TensorProto.INT64, "pos")
+    peak = kept(peak, -np.inf, np_type, "kmax")
     out["max"] = widen(builder.reduce("ReduceMax", peak, axes, "maxf"), TensorProto.DOUBLE, "max")
     if site.track_min:
-        out["min"] = widen(builder.reduce("ReduceMin", x, axes, "minf"), TensorProto.DOUBLE, "min")
+        low = kept(x, np.inf, np_type, "kmin")
+        out["min"] = widen(builder.reduce("ReduceMin", low, axes, "minf"), TensorProto.DOUBLE, "min")
     if nan_flags:
-        out["nan"] = widen(builder.reduce("ReduceMax", is_nan(), axes, "nanf"), TensorProto.DOUBLE, "nan")
+        nan = kept(is_nan(), 0.0, np.float32, "knan")
+        out["nan"] = widen(builder.reduce("ReduceMax", nan, axes, "nanf"), TensorProto.DOUBLE, "nan")
+    magnitude = kept(magnitude, 0.0, np_type, "ksum")
     out["sum"] = widen(builder.reduce("ReduceSum", magnitude, axes, "sumf"), TensorProto.DOUBLE, "sum")
     if at_cap is not None:
-        at_cap32 = builder.node("Cast", [at_cap], "sat_i32", to=TensorProto.INT32)
+        at_cap32 = kept(builder.node("Cast", [at_cap], "sat_i32", to=TensorProto.INT32), 0, np.int32, "ksat")
         out["sat"] = widen(builder.reduce("ReduceSum", at_cap32, axes, "sat32"), TensorProto.INT64, "sat")
     return out
+
+
+def _keep_of(builder: _Builder, site: OnnxSite) -> str:
+    """The position mask [batch, tokens] reshaped to broadcast against the site's tensor:
+    [B, T, 1, …] (TOKEN_ROWS), [B*T, 1, …] (TOKEN_FLAT) or [B, 1, T] (TOKENS_LAST)."""
+    from deadrelu_cli.probe.ops import TOKEN_FLAT, TOKEN_ROWS
+
+    rank = site.rank or 0
+    if site.token_layout == TOKEN_ROWS:
+        shape = [0, 0] + [1] * (rank - 2)  # 0: copy that dim of the mask
+    elif site.token_layout == TOKEN_FLAT:
+        shape = [-1] + [1] * (rank - 1)
+    else:
+        shape = [0, 1, -1]
+    return builder.node(
+        "Reshape", [MASK_INPUT, builder.const(np.array(shape, np.int64), "keepshape")], "keep"
+    )
 
 
 _STAT_TYPES = {
@@ -525,6 +562,10 @@ def instrument(
 
     collect(inst.graph, ())
     indexes = {path: GraphIndex(g) for path, g in graphs.items()}
+    if any(site.token_layout for site in sites):  # the scan feeds the batch's position mask
+        inst.graph.input.append(
+            helper.make_tensor_value_info(MASK_INPUT, TensorProto.BOOL, ["batch", "tokens"])
+        )
     for i, site in enumerate(sites):
         if site.rank is None and channel_dim_override not in (None, 1, -1):
             raise UserError(
@@ -546,6 +587,7 @@ def instrument(
             exact_step,
             i in max_from_output,
             nan_flags and opset >= 9,
+            _keep_of(builder, site) if site.token_layout else None,
         )
         # Lift the statistics out through each enclosing If/Loop/Scan up to the main graph.
         path = site.graph_path

@@ -16,10 +16,6 @@ def check_options(options: ScanOptions) -> None:
         raise UserError("--channels-last applies to torch models; onnxruntime picks its own layouts")
     if options.dtype:
         raise UserError("--dtype applies to torch models; an ONNX model runs in the types of its graph")
-    if options.mask not in (None, "auto", "none") or options.exclude_token_ids:
-        raise UserError(
-            "--mask / --exclude-token-ids apply to torch models; an ONNX scan counts every position"
-        )
     if options.device_map:
         raise UserError("--device-map applies to Hugging Face model folders")
 

@@ -10,9 +10,9 @@ import numpy as np
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import unseen_notes
-from deadrelu_cli.inputs import mismatch
-from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
-from deadrelu_cli.probe.onnx_graph import OnnxSite, find_sites
+from deadrelu_cli.inputs import batch_mask, mismatch, resolve_mask, unfed_arrays
+from deadrelu_cli.loaders.model import LoadedModel, LoadOptions, reread_verified
+from deadrelu_cli.probe.onnx_graph import MASK_INPUT, OnnxSite, find_sites
 from deadrelu_cli.stats import LayerStats
 
 _shared_arena: bool | None = None  # whether this process registered its CPU arena with onnxruntime
@@ -83,7 +83,7 @@ def instrumented_bytes(
     channel_dim,
     device: str = "cpu",
     max_from_output: frozenset[int] = frozenset(),
-    keep_file_bytes: bool = False,
+    file_bytes: bytes | None = None,
 ) -> bytes:
     """The instrumented model, serialised for onnxruntime.
 
@@ -93,7 +93,8 @@ def instrumented_bytes(
     re-serialising every weight (~0.1 s per 50 MB) and keeps the model's outputs, which plain
     inference computes too. Otherwise (graphs with If/Loop/Scan nodes, external data, inlined local
     functions: the loaded nodes differ from the file's), the copy is serialised whole. The file's bytes
-    are dropped afterwards unless `keep_file_bytes` (another session will be built from them)."""
+    are FILE_BYTES, else those the loader kept, which are dropped here: a later session reads them anew
+    (_OutputMaxSwitch), so the scan does not hold the weights once more for its whole run."""
     import onnx
 
     from deadrelu_cli.probe.onnx_graph import instrument
@@ -102,7 +103,7 @@ def instrumented_bytes(
     # cuDNN may flush subnormals or round through TF32, so Greater counts there.
     exact_step = not device.startswith("cuda")
     model = loaded.runnable
-    raw = loaded.extra.get("file_bytes") if keep_file_bytes else loaded.extra.pop("file_bytes", None)
+    raw = file_bytes if file_bytes is not None else loaded.extra.pop("file_bytes", None)
     # With subgraphs, shape inference has rewritten the nodes, so they no longer prefix the file's
     has_subgraphs = any(
         attr.type == onnx.AttributeProto.GRAPH for node in model.graph.node for attr in node.attribute
@@ -131,6 +132,7 @@ def instrumented_bytes(
     appended.graph.node.extend(instrumented.graph.node[len(model.graph.node) :])
     appended.graph.initializer.extend(instrumented.graph.initializer)
     appended.graph.output.extend(instrumented.graph.output[len(model.graph.output) :])
+    appended.graph.input.extend(instrumented.graph.input[len(model.graph.input) :])  # a position mask
     return raw + appended.SerializeToString()
 
 
@@ -196,7 +198,8 @@ def one_sample_growth(session, output_names: list[str], feeds: dict) -> int | No
 def feed_order(model: LoadedModel, data: CalibrationData) -> dict[str, str]:
     """model input name -> data array name."""
     wanted = [spec.name for spec in model.inputs]
-    names = data.names
+    unfed = set(getattr(data, "unfed", ()))  # a position mask the graph does not take (inputs.unfed_arrays)
+    names = [n for n in data.names if n not in unfed]
     if len(wanted) == 1 and len(names) == 1:
         return {wanted[0]: names[0]}
     missing = [w for w in wanted if w not in names]
@@ -208,7 +211,7 @@ def feed_order(model: LoadedModel, data: CalibrationData) -> dict[str, str]:
     return {w: w for w in wanted}
 
 
-def _discover_ranks(
+def _discover_shapes(
     model,
     sites: list[OnnxSite],
     data: CalibrationData,
@@ -216,11 +219,24 @@ def _discover_ranks(
     dtypes: dict,
     device: str,
     batch_size: int = 1,
+    mask=None,
+    channel_dim: int | None = None,
 ) -> None:
-    """Sites whose rank shape inference could not tell: run one batch exposing Shape(x) only."""
+    """Sites whose rank shape inference could not tell, and with a position mask (`mask`, an
+    inputs.MaskSpec) every site of the main graph: run one batch exposing Shape(x) only. Sets the rank,
+    and where a site's tensor holds the mask's [batch, tokens] positions, its `token_layout` (decided as
+    the torch probe decides it, probe.ops.token_layout, from the shapes of that batch)."""
     from onnx import TensorProto, helper
 
-    unknown = [s for s in sites if s.rank is None and not s.graph_path]
+    from deadrelu_cli.probe.onnx_graph import site_channel_dim
+    from deadrelu_cli.probe.ops import token_layout
+    from deadrelu_cli.wiring.onnx_index import opset_version
+
+    if mask is not None:
+        for site in sites:
+            if site.graph_path:  # the mask is not lifted into If/Loop/Scan bodies
+                site.mask_unapplied = "in a subgraph"
+    unknown = [s for s in sites if not s.graph_path and (s.rank is None or mask is not None)]
     if not unknown:
         return
     probe = type(model)()
@@ -233,8 +249,16 @@ def _discover_ranks(
     session = make_session(probe.SerializeToString(), device, [])
     batch = next(data.batches(batch_size))
     feeds = {inp: as_input(batch[arr], dtypes[inp]) for inp, arr in order.items()}
+    keep = batch_mask(mask, batch) if mask is not None else None
+    # Where (opset 9) applies the mask in the graph; older graphs count every position, which a note says
+    maskable = keep is not None and opset_version(model) >= 9
     for site, shape in zip(unknown, session.run(None, feeds), strict=True):
-        site.rank = int(np.asarray(shape).shape[0])
+        shape = tuple(int(d) for d in np.asarray(shape).reshape(-1))
+        site.rank = len(shape)
+        if keep is not None and not maskable:
+            site.mask_unapplied = "opset below 9"
+        elif maskable and site.rank >= 2:
+            site.token_layout = token_layout(shape, site_channel_dim(site, channel_dim), *keep.shape)
 
 
 def as_input(array: np.ndarray, dtype: str | None) -> np.ndarray:
@@ -374,6 +398,9 @@ class _OutputMaxSwitch:
         start = time.perf_counter()
         try:
             sites = [copy.copy(site) for site in self.sites]  # instrument() sets outputs on its sites
+            raw = None
+            if self.loaded.extra.get("rereadable"):  # checked against the report's hash of the model
+                raw = reread_verified(self.loaded.path, self.loaded.sha256)
             model_bytes = instrumented_bytes(
                 self.loaded,
                 sites,
@@ -381,8 +408,9 @@ class _OutputMaxSwitch:
                 self.options.channel_dim,
                 self.device,
                 max_from_output=wanted,
-                keep_file_bytes=True,
+                file_bytes=raw,
             )
+            del raw
             session = make_session(model_bytes, self.device, [])
             self._result = (wanted, session, [dict(site.outputs) for site in sites])
         except Exception:  # noqa: BLE001 - the current session stays, and it is exact
@@ -395,8 +423,6 @@ class _OutputMaxSwitch:
             return None
         self._thread.join()
         self._thread, result, self._result = None, self._result, None
-        if self.rebuilds >= self.MAX_REBUILDS:  # the file's bytes were kept for rebuilds only
-            self.loaded.extra.pop("file_bytes", None)
         if result is None:
             return None
         self.switched, session, outputs = result
@@ -406,18 +432,20 @@ class _OutputMaxSwitch:
         if self._thread is not None:
             self._thread.join()
             self._thread = self._result = None
-        self.loaded.extra.pop("file_bytes", None)
 
 
 class HostAccumulator:
-    def __init__(self, site: OnnxSite) -> None:
+    def __init__(self, site: OnnxSite, masked: bool = False) -> None:
         self.site = site
+        self.masked = masked  # the scan has a position mask (applied where site.token_layout is set)
         self.positive = self.max_pre = self.sum_abs = self.saturated = self.min_pre = None
         self.elements = 0
         self.samples = 0
 
-    def add(self, values: dict[str, np.ndarray], samples: int = 0) -> None:
-        """One batch's reductions; `samples`: the batch's sample count (counted when the site ran)."""
+    def add(self, values: dict[str, np.ndarray], samples: int = 0, keep: np.ndarray | None = None) -> None:
+        """One batch's reductions; `samples`: the batch's sample count (counted when the site ran);
+        `keep`: the batch's position mask, which the graph applied at a site with a token layout (its
+        size is then scaled from all positions to the kept ones)."""
         if "pos_nc" in values:
             values = _from_pooled(values, self.site.positions)
         pos, mx, sm, size = (np.asarray(values[k]) for k in ("pos", "max", "sum", "size"))
@@ -435,7 +463,10 @@ class HostAccumulator:
             sat = sat[iterations].sum(0) if sat is not None else None
             size = int(np.asarray(size).sum())
         size = int(size)
-        if size == 0 or pos.size == 0:  # the site did not run on this batch (untaken If branch)
+        masked = keep is not None and self.site.token_layout is not None
+        if masked:  # elements per position times the kept positions (a batch may keep none)
+            size = size // keep.size * int(np.count_nonzero(keep)) if keep.size else 0
+        if pos.size == 0 or (size == 0 and not masked):  # the site did not run (untaken If branch)
             return
         pos = pos.reshape(-1)
         units = pos.shape[0]
@@ -469,6 +500,15 @@ class HostAccumulator:
         self.samples += samples
 
     def layer_stats(self) -> LayerStats:
+        layer = self._layer_stats()
+        if self.masked:  # as the torch probe says it (engine.mask_notes names the unmasked ones)
+            site = self.site
+            layer.extra["position_mask"] = (
+                "applied" if site.token_layout else site.mask_unapplied or "no token axis"
+            )
+        return layer
+
+    def _layer_stats(self) -> LayerStats:
         site = self.site
         if self.positive is None:
             empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0)
@@ -514,6 +554,8 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     from deadrelu_cli.loaders.onnx_model import load_onnx
 
     loaded = load_onnx(LoadOptions(options.model, device=device))
+    mask = resolve_mask(options.mask, options.exclude_token_ids, data)
+    data.unfed = unfed_arrays(mask, data, loaded)  # a mask the graph does not take is read, not fed
     order = feed_order(loaded, data)
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
     for spec in loaded.inputs:
@@ -548,6 +590,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     changed, deployed_notes, hidden = deployed_view(loaded.runnable)
     if changed:  # the graph differs from the file's bytes now
         loaded.extra.pop("file_bytes", None)
+        loaded.extra.pop("rereadable", None)
     loaded.notes.extend(deployed_notes + unseen_notes(dict(hidden), options.ops))
     loaded.extra["unseen"] = dict(hidden)  # the report keeps them: a gate fails on those of the --ops
     sites = find_sites(loaded.runnable, options.ops)
@@ -558,19 +601,22 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         return loaded, []
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     batch_size = _batch_size(options, loaded, data, order, total)  # None: auto, sized once the session runs
-    _discover_ranks(loaded.runnable, sites, data, order, dtypes, device, batch_size or 1)
+    # with a mask, two samples (where the graph allows): a [B*T, C] site is then told from a [T, C] one
+    probe_batch = loaded.fixed_batch or (min(2, total) if mask is not None else batch_size or 1)
+    _discover_shapes(
+        loaded.runnable, sites, data, order, dtypes, device, probe_batch, mask, options.channel_dim
+    )
+    masked = mask is not None and any(site.token_layout for site in sites)
     switch = _OutputMaxSwitch(loaded, sites, options, device)
     started = time.perf_counter()
-    model_bytes = instrumented_bytes(
-        loaded, sites, options.threshold, options.channel_dim, device, keep_file_bytes=bool(switch.eligible)
-    )
+    model_bytes = instrumented_bytes(loaded, sites, options.threshold, options.channel_dim, device)
     session = make_session(model_bytes, device, loaded.notes)
     switch.build_s = time.perf_counter() - started
     del model_bytes
     outputs = [dict(site.outputs) for site in sites]
     output_names = [name for per_site in outputs for name in per_site.values()]
     recount = _NanRecount(loaded, sites, options, device)
-    accumulators = [HostAccumulator(site) for site in sites]
+    accumulators = [HostAccumulator(site, mask is not None) for site in sites]
     done = 0
 
     def sample_cost() -> int | None:
@@ -578,6 +624,8 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
             return None
         one = next(data.batches(1))
         feeds = {inp: as_input(one[arr], dtypes.get(inp)) for inp, arr in order.items()}
+        if masked:
+            feeds[MASK_INPUT] = np.ascontiguousarray(batch_mask(mask, one), dtype=bool)
         try:
             return one_sample_growth(session, output_names, feeds)
         except Exception:  # noqa: BLE001 - onnxruntime's own types; the first batch reports it
@@ -590,14 +638,17 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
 
     if total <= batch_size:  # one batch: nothing to switch to
         switch.eligible = []
-        loaded.extra.pop("file_bytes", None)
 
     def feeds_of():
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
-            yield batch, {inp: as_input(batch[arr], dtypes.get(inp)) for inp, arr in order.items()}
+            feeds = {inp: as_input(batch[arr], dtypes.get(inp)) for inp, arr in order.items()}
+            keep = batch_mask(mask, batch) if masked else None
+            if keep is not None:
+                feeds[MASK_INPUT] = np.ascontiguousarray(keep, dtype=bool)
+            yield batch, feeds, keep
 
     try:
-        for index, (batch, feeds) in enumerate(prefetched(feeds_of())):
+        for index, (batch, feeds, keep) in enumerate(prefetched(feeds_of())):
             rebuilt = switch.ready()
             if rebuilt is not None:  # the old session (and its arena) goes with the last reference to it
                 session, outputs = rebuilt
@@ -624,7 +675,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
             first_batched = next(n for n in order.values() if n not in data.consts)
             samples = batch[first_batched].shape[data.batch_axes.get(first_batched, 0)]
             for acc, values in zip(accumulators, per_site, strict=True):
-                acc.add(values, samples)
+                acc.add(values, samples, keep)
             done += samples
             switch.consider(accumulators, batch_s, -(-(total - done) // batch_size))
             if options.progress:

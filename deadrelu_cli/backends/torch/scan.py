@@ -21,6 +21,7 @@ from deadrelu_cli.inputs import (
     DECODER_IDS,
     DECODER_MASK,
     DEFAULT_MASK,
+    PADDING_CHECK,
     TOKEN_IDS,
     batch_mask,
     by_keyword,
@@ -197,6 +198,16 @@ def scan_torch(
             f"every decoder position, padding included; add a {DECODER_MASK} array to count real tokens only"
         )
     frames = audio_frame_scope(model.runnable, mask, order) if decoder is None else None
+    pooled = (
+        pooled_blocks(model.runnable) if mask is not None and decoder is None and frames is None else None
+    )
+    # speech encoder fed audio with no mask at all: zero-padded audio would count its padded frames unsaid
+    hop = (
+        frame_hop(model.runnable)
+        if mask is None and options.mask != "none" and AUDIO_VALUES in order and speech_frames(model.runnable)
+        else None
+    )
+    zero_tailed = 0
     settings = ProbeSettings(
         threshold=options.threshold,
         channel_dim=options.channel_dim,
@@ -222,9 +233,11 @@ def scan_torch(
     context = probe.attached() if hasattr(probe, "attached") else contextlib.nullcontext()
 
     def tensors():
-        nonlocal padded, pad_positions
+        nonlocal padded, pad_positions, zero_tailed
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
             padded = padded or (unseen_padding and not np.asarray(batch[DEFAULT_MASK]).all())
+            if hop is not None:
+                zero_tailed += trailing_zero_samples(batch[AUDIO_VALUES], hop)
             if pad_id is not None:
                 pad_positions += int(np.count_nonzero(np.asarray(batch[TOKEN_IDS]) == pad_id))
             yield (
@@ -245,6 +258,8 @@ def scan_torch(
                 elif frames is not None:
                     path, to_frames = frames
                     probe.registry.set_position_mask(kept, {path: to_frames(kept)})
+                elif pooled is not None:
+                    probe.registry.set_position_mask(kept, pooled(kept))
                 elif mask is not None:
                     probe.registry.set_position_mask(kept)
                 args, kwargs = model_call(model, order, inputs)
@@ -278,9 +293,18 @@ def scan_torch(
     )
     if padded and unseen_note not in model.notes:
         model.notes.append(unseen_note)
+    if zero_tailed:
+        model.notes.append(
+            f"{PADDING_CHECK}the data has {AUDIO_VALUES} but no {DEFAULT_MASK}: every frame was counted, and "
+            f"{zero_tailed} of {done} samples end in {hop} or more exact zeros (a frame's worth or more), which "
+            f"looks like zero-padding counted as audio; if it is, add an {DEFAULT_MASK} array (1 on real audio "
+            "samples): the encoder then counts only the frames the model treats as real (for a model fed "
+            f"without one, as wav2vec2-base, name that array otherwise and pass --mask NAME: it marks the "
+            "positions without being fed)"
+        )
     if pad_positions:
         model.notes.append(
-            f"the data has {TOKEN_IDS} but no {DEFAULT_MASK}: every position was counted, and {pad_positions} "
+            f"{PADDING_CHECK}the data has {TOKEN_IDS} but no {DEFAULT_MASK}: every position was counted, and {pad_positions} "
             f"of them hold the model's pad_token_id {pad_id}; if that is padding, add an {DEFAULT_MASK} array "
             f"(1 on real tokens) or pass --exclude-token-ids {pad_id}"
         )
@@ -290,14 +314,67 @@ def scan_torch(
 
 
 def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
+    """The scan's `speech_frames`: where the data's mask (its attention_mask, or a --mask array of the
+    audio's shape, which inputs.resolve_mask checked) is over the audio samples it feeds."""
+    if mask is None or mask.array is None or AUDIO_VALUES not in order:
+        return None
+    return speech_frames(runnable)
+
+
+def pooled_blocks(runnable):
+    """Funnel-style encoders pool their sequence between blocks ([B, T] -> [B, ceil(T/2)], the CLS kept
+    apart) and their attention_mask with it by min (a pooled position is padding when a position it
+    pools is): a function from the mask to each block's own ({block path: mask}), by the model's own
+    pooling (`attention_structure.pool_tensor`), so each block counts the positions the model treats as
+    real; None for other models."""
+    import torch
+
+    base = getattr(runnable, "base_model", runnable)
+    encoder = getattr(base, "encoder", None)
+    pool = getattr(getattr(encoder, "attention_structure", None), "pool_tensor", None)
+    blocks = getattr(encoder, "blocks", None)
+    config = getattr(encoder, "config", None)
+    if not (callable(pool) and isinstance(blocks, torch.nn.ModuleList) and config is not None):
+        return None
+    path = next((name for name, module in runnable.named_modules() if module is encoder and name), None)
+    if path is None:
+        return None
+    shortest = 2 if getattr(config, "separate_cls", False) else 1  # as the encoder decides to pool
+
+    def masks_of(kept: torch.Tensor) -> dict:
+        scoped, current = {}, kept.float()
+        for index in range(len(blocks)):
+            if index > 0 and current.shape[1] > shortest:
+                current = pool(current, mode="min")
+            scoped[f"{path}.blocks.{index}"] = current > 0
+        return scoped
+
+    return masks_of
+
+
+def trailing_zero_samples(audio: np.ndarray, run: int) -> int:
+    """How many samples (rows of [samples, audio samples]) end in at least `run` exact zeros: what
+    zero-padding looks like (and digital silence too; nothing in the audio tells them apart)."""
+    audio = np.asarray(audio)
+    if audio.ndim != 2 or audio.shape[1] < run or run < 1:
+        return 0
+    return int(np.count_nonzero((audio[:, audio.shape[1] - run :] == 0).all(axis=1)))
+
+
+def frame_hop(runnable) -> int:
+    """Audio samples per frame of a speech encoder's feature extractor (its conv strides' product)."""
+    strides = getattr(getattr(runnable, "config", None), "conv_stride", None) or (1,)
+    return int(np.prod([int(s) for s in strides]))
+
+
+def speech_frames(runnable) -> tuple[str, object] | None:
     """Speech encoders (wav2vec2, HuBERT, WavLM, Data2VecAudio, …) take an attention_mask over the raw
     audio samples but run their transformer on frames, which that mask does not fit: (the encoder's
     module path, a function from the samples' mask to the frames'), using the library's own mapping
-    (the frames the model itself treats as padding); None for other models."""
+    (the frames the model itself treats as padding); None for other models. The scan and `watch()`
+    both scope the encoder's sites to the frames' mask with it."""
     import torch
 
-    if mask is None or mask.array != DEFAULT_MASK or AUDIO_VALUES not in order:
-        return None
     to_frames = getattr(runnable, "_get_feature_vector_attention_mask", None)
     frame_count = getattr(runnable, "_get_feat_extract_output_lengths", None)
     encoder = getattr(getattr(runnable, "base_model", None), "encoder", None)
