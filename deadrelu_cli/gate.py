@@ -120,7 +120,10 @@ def unseen_text(unseen: dict[str, int]) -> str:
 # hard-sigmoid, hard-swish: none is a scanned op). An op not listed may be anything: it always counts.
 UNSEEN_OP_KINDS: dict[str, tuple[str, ...]] = {
     "Relu": ("relu",),
-    "Clip": ("relu", "relu6"),  # a fused Clip's bounds are not in the label: Clip(0, 6) or Clip(0, inf)
+    "Clip": ("relu", "relu6"),
+    "Relu6": (
+        "relu6",
+    ),  # torch: a ReLU6 inside code the probe cannot see (probe.hidden)  # a fused Clip's bounds are not in the label: Clip(0, 6) or Clip(0, inf)
     "LeakyRelu": ("leaky_relu",),
     "Elu": ("elu",),
     "Gelu": ("gelu",),
@@ -157,14 +160,16 @@ def split_unseen(unseen: dict[str, int], ops: tuple[str, ...]) -> tuple[dict[str
     return hiding, other
 
 
-def unseen_notes(unseen: dict[str, int], ops: tuple[str, ...]) -> list[str]:
-    """What a scan says about the activations it could not see: those a gate stops on, and the others."""
+def unseen_notes(
+    unseen: dict[str, int], ops: tuple[str, ...], advice: str = "scan the float model for those layers"
+) -> list[str]:
+    """What a scan says about the activations it could not see: those a gate stops on (with `advice`),
+    and the others."""
     hiding, other = split_unseen(unseen, ops)
     notes = []
     if hiding:
         notes.append(
-            f"activations deadrelu cannot see (not scanned, not counted): {unseen_text(hiding)}; "
-            "scan the float model for those layers"
+            f"activations deadrelu cannot see (not scanned, not counted): {unseen_text(hiding)}; {advice}"
         )
     if other:
         notes.append(

@@ -56,7 +56,7 @@ def _eager_sites(model, ops, input_shape: tuple[int, ...] | None) -> tuple[list[
         from deadrelu_cli.causes import structural_checks
 
         findings = structural_checks(model, probe)
-        note = "; ".join(f"{f.kind}: {f.message}" for f in findings) or None
+        note = "; ".join([f"{f.kind}: {f.message}" for f in findings] + hidden_notes(probe.hidden)) or None
         return [
             StaticSite(s.name, s.op, False, s.module_type or "", None, s.producer)
             for s in probe.registry.sites.values()
@@ -104,8 +104,23 @@ def list_sites(
 
     if model.kind == "exported":
         from deadrelu_cli.probe.exported import find_sites
+        from deadrelu_cli.probe.hidden import decompose_rnn_cells, graph_hidden
 
-        return [site for _, site in find_sites(model.runnable.graph, ops)], None
+        decompose_rnn_cells(model.runnable)  # as the scan counts them
+        sites = [site for _, site in find_sites(model.runnable.graph, ops)]
+        return sites, "; ".join(hidden_notes(graph_hidden(model.runnable, ops))) or None
     from deadrelu_cli.probe.torchscript import TorchScriptProbe
 
-    return TorchScriptProbe(model.runnable, ProbeSettings(ops=ops)).sites, None
+    probe = TorchScriptProbe(model.runnable, ProbeSettings(ops=ops))
+    return probe.sites, "; ".join(hidden_notes(probe.hidden)) or None
+
+
+def hidden_notes(hidden) -> list[str]:
+    """What `inspect` says about activations the scan will name as unseen rather than count."""
+    from deadrelu_cli.gate import unseen_text
+
+    if not hidden:
+        return []
+    return [
+        f"not countable (a scan names them as unseen, and a gate fails on them): {unseen_text(dict(hidden))}"
+    ]

@@ -37,7 +37,7 @@ from deadrelu_cli.backends.torch.scan import attach_module_biases, pooled_blocks
 from deadrelu_cli.distributed import World, reduce_layers
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import write_text_atomic
-from deadrelu_cli.gate import GateConfig, GateResult, evaluate, parse_layer_limits
+from deadrelu_cli.gate import GateConfig, GateResult, evaluate, parse_layer_limits, unseen_notes
 from deadrelu_cli.inputs import AUDIO_VALUES
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
@@ -71,6 +71,7 @@ GATE_FIELDS = (
     "baseline",
     "max_increase",
     "allow_no_sites",
+    "allow_unseen",
 )
 
 
@@ -114,6 +115,7 @@ def watch_settings(config: str | bool | None = None, **given: Any) -> WatchSetti
             baseline=baseline,
             max_increase=values.get("max_increase"),
             allow_no_sites=bool(values.get("allow_no_sites", False)),
+            allow_unseen=bool(values.get("allow_unseen", False)),
         ),
     )
 
@@ -587,6 +589,11 @@ class Watch:
             settings=Settings(s.threshold, s.dying, s.tau, s.channel_dim, device.split(":")[0], tuple(s.ops)),
             layers=layers,
             training=training,
+            # ReLUs the probe cannot count (an nn.RNN's kernel, TorchScript code): named, and gated
+            unseen=dict(self._probe.hidden),
+        )
+        report.notes.extend(
+            unseen_notes(report.unseen, tuple(s.ops), "a limit fails on them unless allow_unseen=True")
         )
         if evaluations:
             report.notes.append(
@@ -649,7 +656,11 @@ class Watch:
                 warnings.warn(f"deadrelu: step {step}: {verdict.failures[0]}", DeadLayerWarning, stacklevel=3)
         if result.model_failures and "<model>" not in self._warned and warn:  # once, like a layer
             self._warned.add("<model>")
-            message = result.model_failures[0].replace("pass --allow-no-sites", "pass allow_no_sites=True")
+            message = (
+                result.model_failures[0]
+                .replace("pass --allow-no-sites", "pass allow_no_sites=True")
+                .replace("pass --allow-unseen", "pass allow_unseen=True")
+            )
             warnings.warn(f"deadrelu: step {step}: {message}", DeadLayerWarning, stacklevel=3)
         if not result.passed and self.stop_on_gate:
             self.should_stop = True

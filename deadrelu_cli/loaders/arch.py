@@ -21,9 +21,13 @@ def _import_module(spec: str):
             raise UserError(f"--arch: cannot import {spec}")
         module = importlib.util.module_from_spec(module_spec)
         sys.path.insert(0, str(candidate.resolve().parent))  # so the file can import its siblings
+        # registered like any import (importlib's recipe): torch.compile / torch.cond (dynamo), pickle and
+        # typing resolve the model's classes through sys.modules by their __module__
+        sys.modules[name] = module
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:
+            sys.modules.pop(name, None)
             raise UserError(f"--arch: importing {spec} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             sys.path.pop(0)

@@ -10,7 +10,9 @@ Hooks are always removed and the train/eval mode restored, whatever happens.
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -22,7 +24,14 @@ from torch.overrides import TorchFunctionMode
 
 from deadrelu_cli.probe.accumulator import CACHE_PART_BYTES
 from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, infer_channel_dim
-from deadrelu_cli.probe.ops import SiteNamer, is_activation_module_type
+from deadrelu_cli.probe.ops import (
+    CLAMP_OPS,
+    SiteNamer,
+    aten_op_kind,
+    clamp_bounds,
+    hidden_label,
+    is_activation_module_type,
+)
 
 CHANNEL_FIRST_TYPES: tuple[type, ...] = (
     nn.modules.conv._ConvNd,
@@ -51,6 +60,7 @@ class _FunctionSpec:
     op: str
     in_place_arg: int | None  # position of the `inplace` argument, if any
     always_in_place: bool = False
+    clamp: str | None = None  # a clamp / threshold (its aten name): a site only with a ReLU's bounds
 
 
 def _function_table() -> dict[Callable, _FunctionSpec]:
@@ -66,12 +76,40 @@ def _function_table() -> dict[Callable, _FunctionSpec]:
         F.hardtanh_: _FunctionSpec("relu6", None, True),
         F.leaky_relu: _FunctionSpec("leaky_relu", 2),
         F.leaky_relu_: _FunctionSpec("leaky_relu", None, True),
+        F.rrelu: _FunctionSpec("leaky_relu", 4),  # nn.RReLU: a leaky ReLU whose slope is fixed in eval
+        F.rrelu_: _FunctionSpec("leaky_relu", None, True),
         F.elu: _FunctionSpec("elu", 2),
         F.elu_: _FunctionSpec("elu", None, True),
         F.gelu: _FunctionSpec("gelu", None),
         F.silu: _FunctionSpec("silu", 1),
     }
+    # ReLU spelled as a clamp (clamp(x, min=0), clamp_min(x, 0), threshold(x, 0, 0)): op decided per call
+    for base, in_place_arg, functions in (
+        ("clamp", None, (torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip)),
+        ("clamp_min", None, (torch.clamp_min, torch.Tensor.clamp_min)),
+        ("threshold", 3, (F.threshold, torch.threshold)),
+    ):
+        for function in functions:
+            table[function] = _FunctionSpec("relu", in_place_arg, clamp=base)
+    for base, functions in (
+        ("clamp", (torch.clamp_, torch.clip_, torch.Tensor.clamp_, torch.Tensor.clip_)),
+        ("clamp_min", (torch.clamp_min_, torch.Tensor.clamp_min_)),
+        ("threshold", (F.threshold_, torch.threshold_)),
+    ):
+        for function in functions:
+            table[function] = _FunctionSpec("relu", None, True, clamp=base)
     return table
+
+
+def _clamp_op(base: str, args: tuple, kwargs: dict) -> str | None:
+    """The op a clamp / threshold call is (relu, relu6), or None when its bounds are no ReLU's."""
+    rest = list(args[1:3])
+    for position, key in enumerate(("threshold", "value") if base == "threshold" else ("min", "max")):
+        if key in kwargs:
+            rest.extend([None] * (position + 1 - len(rest)))
+            rest[position] = kwargs[key]
+    bounds = clamp_bounds(base, tuple(rest))
+    return CLAMP_OPS.get(bounds) if bounds is not None else None
 
 
 def _hardtanh_bounds(args: tuple, kwargs: dict) -> tuple[float, float]:
@@ -187,6 +225,34 @@ UNIT_PRESERVING_MODULES: tuple[type, ...] = (
 CONSUMER_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
 
+def rnn_layers(module: nn.Module) -> int:
+    """The ReLU layers an nn.RNN(nonlinearity='relu') runs inside its kernel (0 for any other module)."""
+    if isinstance(module, nn.RNN) and getattr(module, "nonlinearity", "tanh") == "relu":
+        return module.num_layers * (2 if module.bidirectional else 1)
+    return 0
+
+
+def eager_hidden(model: nn.Module, ops: tuple[str, ...]) -> Counter:
+    """Modules of an eager model whose activations the call-site probe cannot see."""
+    from deadrelu_cli.probe.torchscript import script_sites
+
+    found: Counter = Counter()
+    inside_script: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(f"{outer}.") for outer in inside_script):
+            continue  # walked with the scripted module that holds it
+        if "relu" in ops and rnn_layers(module):
+            found[hidden_label(path, "RNN", "relu")] += rnn_layers(module)
+        elif isinstance(module, torch.jit.ScriptModule) and module is not model:
+            inside_script.append(path)
+            sites = script_sites(module, ops)
+            if sites is None:  # code the static walk cannot follow: it may hold anything
+                found[f"{path}: TorchScript code (not read)"] += 1
+            for op, count in Counter(site.op for site in sites or ()).items():
+                found[hidden_label(path, "TorchScript code", op)] += count
+    return found
+
+
 class _CallSiteMode(TorchFunctionMode):
     def __init__(self, probe: EagerProbe) -> None:
         super().__init__()
@@ -194,7 +260,35 @@ class _CallSiteMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):  # torch.cond & co: their code runs unseen
+            return self.probe.run_higher_order(func, args, kwargs)
+        if func is torch.rnn_relu_cell and "relu" in self.probe.settings.ops:
+            # nn.RNNCell(nonlinearity='relu'): ATen's own steps (SimpleCell: linear_hh(hx) + linear_ih(x),
+            # then relu), written out so that the ReLU is a call site, as TorchScript and ONNX show it
+            x, hx, w_ih, w_hh, *biases = args
+            b_ih, b_hh = (list(biases) + [None, None])[:2]
+            pre = F.linear(hx, w_hh, b_hh) + F.linear(x, w_ih, b_ih)
+            return self.__torch_function__(torch.relu, types, (pre,), {})
         spec = self.probe.functions.get(func)
+        op = None if spec is None else spec.op
+        if spec is not None and spec.clamp is not None:  # a clamp that is no ReLU: an ordinary op
+            op = _clamp_op(spec.clamp, args, kwargs)
+            spec = None if op is None else spec
+        if spec is None and isinstance(func, torch._ops.OpOverloadPacket | torch._ops.OpOverload):
+            qualified = str(getattr(func, "_qualified_op_name", "") or func.name())
+            if (
+                qualified.startswith("quantized::")
+                and "relu" in qualified
+                and "relu" in self.probe.settings.ops
+            ):
+                # an int8 kernel with its ReLU fused in (torch.ao's converted LinearReLU, ConvReLU2d, …)
+                self.probe.note_hidden(
+                    self.probe.next_site_name("relu"), qualified.replace("::", "."), "relu"
+                )
+            elif qualified.startswith("aten::"):  # torch.ops.aten.relu(x) called as it is
+                kind = aten_op_kind(qualified, tuple(args))
+                if kind is not None:  # clamp="aten": run as written (not run_in_parts' relu)
+                    spec, op = _FunctionSpec(kind[0], None, kind[1], clamp="aten"), kind[0]
         if spec is None or not args or not isinstance(args[0], torch.Tensor):
             out = func(*args, **kwargs)
             if args and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor):
@@ -214,7 +308,9 @@ class _CallSiteMode(TorchFunctionMode):
             return out
         if func in (F.hardtanh, F.hardtanh_) and _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
             return func(*args, **kwargs)
-        if spec.op not in self.probe.settings.ops or not args[0].is_floating_point():
+        if op in self.probe.settings.ops and args[0].is_quantized:  # no float pre-activation to count
+            self.probe.note_hidden(self.probe.next_site_name(op), "activation on a quantized tensor", op)
+        if op not in self.probe.settings.ops or not args[0].is_floating_point():
             return func(*args, **kwargs)
         in_place = spec.always_in_place or bool(
             kwargs.get(
@@ -224,7 +320,7 @@ class _CallSiteMode(TorchFunctionMode):
                 else False,
             )
         )
-        name = self.probe.next_site_name(spec.op)
+        name = self.probe.next_site_name(op)
         substitute = self.probe.substitutes.get(name)
         if substitute is not None:  # a patched site (deadrelu fix --strategy leaky, patch_module)
             if in_place:  # `x.relu_()` whose caller reads x, not the result
@@ -233,16 +329,18 @@ class _CallSiteMode(TorchFunctionMode):
         if not self.probe.recording:  # substitutes only: other sites run as written, uncounted
             return func(*args, **kwargs)
         out = None
-        if self.probe.fast_paths and spec.op == "relu" and self.probe.registry.mask_for(name) is None:
-            out = self.probe.run_in_parts(name, spec.op, args[0], in_place)
+        # run_in_parts computes a relu: a threshold's NaN gives 0, not NaN, so clamps run as written
+        exact_relu = op == "relu" and spec.clamp is None
+        if self.probe.fast_paths and exact_relu and self.probe.registry.mask_for(name) is None:
+            out = self.probe.run_in_parts(name, op, args[0], in_place)
         if out is None:
             out = call_and_record(
                 func,
                 args,
                 kwargs,
-                spec.op,
+                op,
                 in_place,
-                lambda pre: self.probe.observe(name, spec.op, pre),
+                lambda pre: self.probe.observe(name, op, pre),
                 lambda post: self.probe.registry.record_post(name, post),
             )
         if in_place:  # the tensor now holds activations, no longer its producer's output
@@ -250,6 +348,32 @@ class _CallSiteMode(TorchFunctionMode):
         if isinstance(out, torch.Tensor):
             self.probe.mark_site_output(out, name)
         return out
+
+
+def call_op(functions: dict, func, args: tuple, kwargs: dict) -> str | None:
+    """The op of an activation call (`functions`: _function_table), None for any other call."""
+    spec = functions.get(func)
+    if spec is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+        return None
+    if func in (F.hardtanh, F.hardtanh_) and _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
+        return None
+    return spec.op if spec.clamp is None else _clamp_op(spec.clamp, args, kwargs)
+
+
+class _ActivationCounter(TorchFunctionMode):
+    """Counts the activation calls of code the probe runs but cannot attribute (a torch.cond branch)."""
+
+    def __init__(self, functions: dict) -> None:
+        super().__init__()
+        self.functions = functions
+        self.counts: Counter = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = call_op(self.functions, func, args, kwargs)
+        if op is not None:
+            self.counts[op] += 1
+        return func(*args, **kwargs)
 
 
 class EagerProbe:
@@ -277,6 +401,8 @@ class EagerProbe:
         self._module_names = module_names(model)
         self.fast_paths = True  # relu counted while it runs (run_in_parts); False: the counting of before
         self._activation_types: dict[type, bool] = {}
+        # activations inside kernels or TorchScript code no hook or mode sees: named, not counted
+        self.hidden = eager_hidden(model, settings.ops)
 
     # -- hooks -------------------------------------------------------------------------------
     def enter_module(self, module: nn.Module, args) -> None:
@@ -367,6 +493,8 @@ class EagerProbe:
         """Register the hooks; returns their handles (see `attached` for the usual, scoped use)."""
         handles = []
         for module in self.model.modules():
+            if isinstance(module, torch.jit.ScriptModule):  # takes no hooks; its code is in `hidden`
+                continue
             handles.append(module.register_forward_pre_hook(self.enter_module))
             handles.append(module.register_forward_hook(self.leave_module, always_call=True))
         return handles
@@ -465,8 +593,19 @@ class EagerProbe:
     def run(self, inputs: tuple, kwargs: dict | None = None):
         """One forward pass under the call-site mode."""
         self.begin_forward()
-        with _CallSiteMode(self):
+        compiler_loaded = "torch._dynamo" in sys.modules  # importing it costs seconds: only when loaded
+        with self._eager_stance(compiler_loaded), _CallSiteMode(self):
             out = self.model(*inputs, **(kwargs or {}))
+        if not compiler_loaded and "torch._dynamo" in sys.modules:
+            # the forward compiled code (torch.cond's first call loads the compiler): what it ran is
+            # unseen; once more, eagerly and uncounted, so that run_higher_order names what it hid
+            recording, self.recording = self.recording, False
+            try:
+                self.begin_forward()
+                with self._eager_stance(True), _CallSiteMode(self):
+                    self.model(*inputs, **(kwargs or {}))
+            finally:
+                self.recording = recording
         for leaf in torch.utils._pytree.tree_leaves(out):  # an activation returned as the model's output
             if isinstance(leaf, torch.Tensor) and self.site_of(leaf) is not None:
                 self.final_output_sites.add(self.site_of(leaf))
@@ -506,6 +645,38 @@ class EagerProbe:
 
     def observe(self, name: str, op: str, pre: torch.Tensor) -> None:
         self.registry.record_pre(name, op, pre, *self._site_facts(pre))
+
+    def note_hidden(self, site: str, what: str, op: str) -> None:
+        """A site the probe runs but cannot count (an int8 kernel): named in `hidden`, once."""
+        self.hidden[hidden_label(site, what, op)] = 1
+
+    @staticmethod
+    def _eager_stance(compiler_loaded: bool):
+        """torch.cond runs its branches in a compiled graph that no mode sees into; under the force_eager
+        stance it reaches the mode as an operator (run_higher_order), as a watched training step's code does."""
+        set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+        return set_stance("force_eager") if compiler_loaded and set_stance else contextlib.nullcontext()
+
+    def run_higher_order(self, func, args: tuple, kwargs: dict):
+        """Run torch.cond & co. as they run eagerly, counting the activations of the code they call:
+        those are named in `hidden` (per call site, the most one forward ran), not counted per unit (the
+        branch that ran depends on the batch, and the graph formats cannot see into them either)."""
+        name = getattr(func, "__name__", str(func))
+        counter = _ActivationCounter(self.functions)
+        with counter:
+            if name == "cond" and len(args) == 4 and not kwargs:  # cond(pred, true_fn, false_fn, operands)
+                pred, true_fn, false_fn, operands = args
+                out = (true_fn if bool(pred) else false_fn)(*operands)
+            else:
+                out = func(*args, **kwargs)
+        path = self._stack[-1][0] if self._stack else ""
+        for op, count in counter.counts.items():
+            if op in self.settings.ops:
+                key = hidden_label(path, f"torch.{name}", op)
+                self.hidden[key] = max(self.hidden[key], count)
+        if name != "cond":
+            self.hidden[f"{path or '<model>'}: torch.{name} (not read)"] = 1
+        return out
 
     def run_in_parts(self, name: str, op: str, pre: torch.Tensor, in_place: bool) -> torch.Tensor | None:
         """The relu run and counted slice by slice (SiteRegistry.run_relu_in_parts), or None."""

@@ -13,6 +13,7 @@ from torch import fx
 
 from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, PASS_THROUGH
 from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, static_site_hooks
+from deadrelu_cli.probe.hidden import decompose_rnn_cells, graph_hidden
 from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, is_activation_module_type
 
 # Index of the bias argument of each producer op.
@@ -128,6 +129,8 @@ class ExportedProbe:
         self.registry = SiteRegistry(settings)
         self.sites: list[StaticSite] = []
         self.graph_module = graph_module
+        decompose_rnn_cells(graph_module)
+        self.hidden = graph_hidden(graph_module, settings.ops)  # before the rewrite: the ops as exported
         for node, site in list(find_sites(graph_module.graph, settings.ops)):
             self.sites.append(site)
             self.registry.declare(site.name, site.op, site.module_type, site.producer)

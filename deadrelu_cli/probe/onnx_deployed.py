@@ -514,6 +514,12 @@ def unseen(model: onnx.ModelProto, exposed: set[str] = frozenset()) -> Counter:
                 found[label] += 1
             elif node.op_type in HIDDEN_ACTIVATIONS:
                 found[label] += 1
+            elif node.op_type in ("RNN", "GRU", "LSTM") and node.domain in ("", "ai.onnx"):
+                # their activations (default Tanh and Sigmoid gates) run inside the node at every time step
+                for kind in attr(node, "activations") or []:
+                    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+                    if kind not in ("Tanh", "Sigmoid", "HardSigmoid", "Softsign"):
+                        found[f"{label}(activation={kind})"] += 1
             for a in node.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
                     walk(a.g)

@@ -145,6 +145,8 @@ def classify(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, float | None
             return "hardswish_part", hi
         if hi == 6.0:
             return "relu6", 6.0
+        if hi == np.inf or (hi is None and (len(node.input) < 3 or not node.input[2])):
+            return "relu", None  # Clip(x, 0) with no upper bound (torch.clamp(x, min=0)): a ReLU
         return "clip", hi
     if node.op_type == "LeakyRelu":
         return "leaky_relu", None

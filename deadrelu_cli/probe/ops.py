@@ -33,6 +33,22 @@ def parse_ops(text: str | None) -> tuple[str, ...]:
     return ops
 
 
+# --ops name -> the kind a label carries (gate.UNSEEN_OP_KINDS)
+LABEL_KINDS = {
+    "relu": "Relu",
+    "relu6": "Relu6",
+    "leaky_relu": "LeakyRelu",
+    "elu": "Elu",
+    "gelu": "Gelu",
+    "silu": "Silu",
+}
+
+
+def hidden_label(path: str, what: str, op: str) -> str:
+    """How an activation the probe cannot count is named (probe.hidden; gate.unseen_op_kinds reads it)."""
+    return f"{path or '<model>'}: {what}(activation={LABEL_KINDS[op]})"
+
+
 def is_activation_module_type(qualified_type: str | None) -> bool:
     """True for torch.nn activation modules (as qualified by export / TorchScript / Python)."""
     if not qualified_type:
@@ -57,7 +73,32 @@ def aten_op_kind(overload_name: str, args: tuple) -> tuple[str, bool] | None:
         return None
     if base in ("leaky_relu", "elu", "gelu", "silu"):
         return base, in_place
+    if base == "rrelu":  # nn.RReLU: a leaky ReLU (its slope fixed in eval, random in training)
+        return "leaky_relu", in_place
+    if base in ("clamp", "clip", "clamp_min", "threshold"):  # ReLU spelled another way (exactly a ReLU)
+        bounds = clamp_bounds(base, args[1:])
+        return (CLAMP_OPS[bounds], in_place) if bounds in CLAMP_OPS else None
     return None
+
+
+# clamp(x, min=0) is relu, clamp(x, 0, 6) relu6, threshold(x, 0, 0) relu: the same values (their ONNX
+# export is a Relu or a Clip), so they are the same sites in every format
+CLAMP_OPS = {(0.0, None): "relu", (0.0, 6.0): "relu6"}
+
+
+def clamp_bounds(base: str, rest: tuple) -> tuple[float | None, float | None] | None:
+    """(lower, upper) bounds of clamp / clip / clamp_min / threshold given its arguments after the
+    tensor, or None when they are not numbers (a tensor bound) or the op is no clamp from below to 0
+    (threshold(x, t, v) is one only when v == t)."""
+    if base == "threshold":
+        if len(rest) < 2 or not (_is_number(rest[0]) and _is_number(rest[1])) or rest[0] != rest[1]:
+            return None
+        return float(rest[0]), None
+    lo = rest[0] if rest else None
+    hi = rest[1] if len(rest) > 1 and base != "clamp_min" else None
+    if not _is_number(lo) or not (hi is None or _is_number(hi)):
+        return None
+    return float(lo), None if hi is None else float(hi)
 
 
 def _is_number(value: object) -> bool:

@@ -10,6 +10,8 @@ the scan stops with a clear error rather than attribute counts to the wrong laye
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -17,7 +19,14 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, PASS_THROUGH, aten_base
 from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, static_site_hooks
 from deadrelu_cli.probe.exported import StaticSite
-from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, is_activation_module_type
+from deadrelu_cli.probe.ops import (
+    CLAMP_OPS,
+    SiteNamer,
+    aten_op_kind,
+    clamp_bounds,
+    hidden_label,
+    is_activation_module_type,
+)
 
 _FUNCTIONS = {
     "relu": "relu",
@@ -29,6 +38,8 @@ _FUNCTIONS = {
     "silu": "silu",
     "relu_": "relu",
     "hardtanh_": "relu6",
+    "rrelu": "leaky_relu",
+    "rrelu_": "leaky_relu",
 }
 _CHANNEL_FIRST_MODULES = (
     "Conv1d",
@@ -63,6 +74,7 @@ class _Walker:
         self.paths = {id(m): name for name, m in root.named_modules()}
         self.namer = SiteNamer()
         self.sites: list[StaticSite] = []
+        self.hidden: Counter = Counter()  # activations inside fused kernels (probe.hidden labels)
         self._calls: list[tuple[object, object]] = []  # (CallMethod node, caller module)
 
     def walk_method(self, module, method: str, call=None) -> None:
@@ -97,7 +109,12 @@ class _Walker:
             elif kind == "prim::CallFunction":
                 fn = node.inputsAt(0).node()
                 fname = fn.s("name") if fn.hasAttribute("name") else ""
-                if fname in _FUNCTIONS:
+                if fname in ("threshold", "_threshold", "threshold_"):  # F.threshold(x, t, v, inplace)
+                    args = tuple(self._value(env, v) for v in list(node.inputs())[1:])
+                    op = CLAMP_OPS.get(clamp_bounds("threshold", args[1:3]) or ())
+                    if op is not None:
+                        self._add(module, node, op, fname.endswith("_") or args[-1] is True)
+                elif fname in _FUNCTIONS:
                     args = tuple(self._value(env, v) for v in list(node.inputs())[1:])
                     op = _FUNCTIONS[fname]
                     if fname.startswith("hardtanh") and tuple(
@@ -128,11 +145,32 @@ class _Walker:
                     self._walk_block(inner, module, env)
                 if len(self.sites) > before:
                     raise _Dynamic("a loop that runs activations")
+            elif kind.startswith("quantized::"):
+                self._note_hidden(module, kind, ())
             elif kind.startswith("aten::"):
                 args = tuple(self._value(env, v) for v in node.inputs())
+                self._note_hidden(module, kind, args)
                 kind_op = aten_op_kind(kind, args)
                 if kind_op is not None and kind_op[0] in self.ops:
                     self._add(module, node, kind_op[0], kind_op[1])
+
+    def _note_hidden(self, module, kind: str, args: tuple) -> None:
+        """A fused kernel with a ReLU inside (an RNN, the transformer encoder's fast path, an int8 op)."""
+        path = self.paths.get(id(module), "")
+        base = aten_base(kind)
+        if kind.startswith("quantized::") and "relu" in kind and "relu" in self.ops:  # linear_relu, …
+            self.hidden[
+                hidden_label(path, kind.replace("::", "."), "relu6" if "relu6" in kind else "relu")
+            ] += 1
+            return
+        if base == "rnn_relu" and "relu" in self.ops:
+            # rnn_relu(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+            layers = args[4] if isinstance(args[4], int) else 1
+            self.hidden[hidden_label(path, "RNN", "relu")] += layers * (2 if args[7] is True else 1)
+        elif base == "_transformer_encoder_layer_fwd":
+            op = "gelu" if args[7] is True else "relu"
+            if op in self.ops:
+                self.hidden[hidden_label(path, "transformer encoder fast path", op)] += 1
 
     def _add(self, module, node, op: str, in_place: bool) -> None:
         if op not in self.ops:
@@ -188,6 +226,17 @@ class _Walker:
         return None, None
 
 
+def script_sites(script_module, ops: tuple[str, ...]) -> list[StaticSite] | None:
+    """The activation sites of a ScriptModule's forward read from its code (None when the code's control
+    flow decides which run): for TorchScript called from an eager model, which no eager probe sees into."""
+    walker = _Walker(script_module, ops)
+    try:
+        walker.walk_method(script_module, "forward")
+    except _Dynamic:
+        return None
+    return walker.sites
+
+
 class _OrderedDispatch(TorchDispatchMode):
     def __init__(self, probe: TorchScriptProbe) -> None:
         super().__init__()
@@ -215,25 +264,37 @@ class TorchScriptProbe:
                 "Scan the state_dict with --arch, or an ExportedProgram (.pt2), instead"
             ) from None
         self.sites = walker.sites
+        self.hidden = walker.hidden
         for site in self.sites:
             self.registry.declare(site.name, site.op, site.module_type, site.producer)
         self._position = 0
 
     def on_activation(self, func, args, kwargs, op: str, in_place: bool):
         if self._position >= len(self.sites) or self.sites[self._position].op != op:
-            raise UserError(
+            # raised inside the TorchScript interpreter, which hands on only a RuntimeError: kept for run()
+            self._error = UserError(
                 f"this TorchScript model ran an unexpected {op} (activation #{self._position + 1} of this forward; "
                 f"{len(self.sites)} found in its code); scan the state_dict with --arch or an ExportedProgram instead"
             )
+            raise self._error
         site = self.sites[self._position]
         self._position += 1
+        if getattr(args[0], "is_quantized", False):  # an int8 tensor: no float pre-activation to count
+            self.hidden[hidden_label(site.name, "activation on a quantized tensor", op)] = 1
+            return func(*args, **kwargs)
 
         return call_and_record(func, args, kwargs, op, in_place, *static_site_hooks(self.registry, site))
 
     def run(self, inputs: tuple, kwargs: dict | None = None):
         self._position = 0
-        with _OrderedDispatch(self):
-            out = self.module(*inputs, **(kwargs or {}))
+        self._error: UserError | None = None
+        try:
+            with _OrderedDispatch(self):
+                out = self.module(*inputs, **(kwargs or {}))
+        except RuntimeError:
+            if self._error is not None:
+                raise self._error from None
+            raise
         if self._position != len(self.sites):
             raise UserError(
                 f"this TorchScript model ran {self._position} activations but its code has {len(self.sites)}; "

@@ -591,7 +591,12 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     if changed:  # the graph differs from the file's bytes now
         loaded.extra.pop("file_bytes", None)
         loaded.extra.pop("rereadable", None)
-    loaded.notes.extend(deployed_notes + unseen_notes(dict(hidden), options.ops))
+    advice = "scan the float model for those layers"
+    if any(label.split("(")[0] in ("RNN", "GRU", "LSTM") for label in hidden):
+        advice += (
+            " (an RNN/GRU/LSTM node runs its activation inside itself at every time step: not countable)"
+        )
+    loaded.notes.extend(deployed_notes + unseen_notes(dict(hidden), options.ops, advice))
     loaded.extra["unseen"] = dict(hidden)  # the report keeps them: a gate fails on those of the --ops
     sites = find_sites(loaded.runnable, options.ops)
     for site in sites:

@@ -358,9 +358,13 @@ def _program_module(scanned, options: FixOptions) -> torch.fx.GraphModule:
         raise UserError(
             f"--output {options.output}: an ExportedProgram is patched into an ExportedProgram; use a .pt2 name"
         )
+    from deadrelu_cli.probe.hidden import decompose_rnn_cells
+
     # a copy: program.module() shares the program's tensors with the module the original runner runs,
     # so edits in place would change "before" too and the comparison would check nothing
-    return copy.deepcopy(graph_module_with_stack(scanned.model.extra["program"])).to(scanned.device)
+    module = copy.deepcopy(graph_module_with_stack(scanned.model.extra["program"])).to(scanned.device)
+    decompose_rnn_cells(module)  # the RNNCell steps' ReLUs are sites, as the scan counted them
+    return module
 
 
 def _exported_runners(
@@ -474,10 +478,19 @@ _TS_ACTIVATIONS = ("aten::relu", "aten::relu_", "aten::hardtanh", "aten::hardtan
 
 
 def _ts_activation_nodes(block) -> list:
-    """Activation nodes of a TorchScript graph in program order (blocks included)."""
+    """Activation nodes of a TorchScript graph in program order (blocks included); a clamp or threshold
+    with a ReLU's bounds is one (the scan counts it as a site; a fix skips it as not a plain relu)."""
+    from deadrelu_cli.probe.aten_ops import aten_base
+    from deadrelu_cli.probe.ops import CLAMP_OPS, clamp_bounds
+
     found = []
     for node in block.nodes():
-        if node.kind() in _TS_ACTIVATIONS:
+        base = aten_base(node.kind()).rstrip("_") if node.kind().startswith("aten::") else ""
+        if base in ("clamp", "clip", "clamp_min", "threshold"):
+            constants = [v.toIValue() if v.node().kind() == "prim::Constant" else v for v in node.inputs()]
+            if CLAMP_OPS.get(clamp_bounds(base, tuple(constants[1:])) or ()) is not None:
+                found.append(node)
+        elif node.kind() in _TS_ACTIVATIONS:
             found.append(node)
         for inner in node.blocks():
             found.extend(_ts_activation_nodes(inner))
@@ -514,9 +527,10 @@ def _patch_torchscript(
         if plan is None:
             continue
         if site.op != "relu" or node.kind() not in ("aten::relu", "aten::relu_"):
+            what = site.op if site.op != "relu" else node.kind()  # a ReLU written as a clamp / threshold
             outcomes.append(
                 LayerOutcome(
-                    plan.name, plan.units, f"skipped: {site.op} is not a plain relu", False, len(plan.units)
+                    plan.name, plan.units, f"skipped: {what} is not a plain relu", False, len(plan.units)
                 )
             )
             continue

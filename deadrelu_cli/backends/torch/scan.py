@@ -16,6 +16,7 @@ from deadrelu_cli.backends.torch.inputs import (
 )
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.gate import unseen_notes
 from deadrelu_cli.inputs import (
     AUDIO_VALUES,
     DECODER_IDS,
@@ -286,6 +287,16 @@ def scan_torch(
                 options.progress(done, total)
     layers = probe.registry.layer_stats()
     attach_biases(model, layers)
+    hidden = dict(getattr(probe, "hidden", {}))
+    if hidden:  # activations the probe cannot count: said, kept in the report, and a gate stops on them
+        model.extra["unseen"] = {**model.extra.get("unseen", {}), **hidden}
+        advice = "their units are not in the table, and a gate fails on them unless --allow-unseen"
+        if any(": RNN(" in key for key in hidden):
+            advice += (
+                " (an nn.RNN runs its ReLU inside one kernel over every time step: nn.RNNCell is counted)"
+            )
+        notes = unseen_notes(hidden, options.ops, advice)
+        model.notes.extend(note for note in notes if note not in model.notes)
     unseen_note = (
         "the model's forward() takes no attention_mask: padded positions are not counted, but the model "
         "saw them, so where attention (or any mixing) reaches them the real tokens of padded samples may "

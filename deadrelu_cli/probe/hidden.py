@@ -1,0 +1,105 @@
+"""Activations a torch.export graph probe cannot count, named per site so that the scan says so and a
+gate stops on them (`gate.split_unseen` reads the '(activation=Relu)' of a label): an RNN with
+nonlinearity='relu' (one fused kernel over every time step), the transformer encoder's fast path
+(`aten._transformer_encoder_layer_fwd`), the subgraphs of a higher-order op (`torch.cond`, `while_loop`,
+`map`). The eager probe names its own (`probe.eager.eager_hidden`), the TorchScript walk its own.
+Labels are '<module path>: <what>(activation=<Kind>)'; the counts are sites (one per RNN layer and
+direction, one per encoder layer, the ReLU calls of a subgraph). An `rnn_relu_cell` is written out and
+counted instead (`decompose_rnn_cells`)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import fx
+
+from deadrelu_cli.probe.ops import aten_op_kind, hidden_label
+
+
+def _stack_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _encoder_op(args: tuple, kwargs: dict) -> str:
+    """The FFN activation of `_transformer_encoder_layer_fwd(src, embed_dim, num_heads, qkv_weight,
+    qkv_bias, proj_weight, proj_bias, use_gelu, …)`."""
+    use_gelu = args[7] if len(args) > 7 else kwargs.get("use_gelu", False)
+    return "gelu" if use_gelu else "relu"
+
+
+def graph_hidden(graph_module: fx.GraphModule, ops: tuple[str, ...]) -> Counter:
+    """Nodes of a torch.export graph whose activations the graph probe cannot see."""
+    found: Counter = Counter()
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        name = getattr(target, "__name__", str(target)).split(".")[0]
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            inner: Counter = Counter()
+            for arg in node.args:
+                sub = (
+                    getattr(graph_module, arg.target, None)
+                    if isinstance(arg, fx.Node) and arg.op == "get_attr"
+                    else None
+                )
+                if isinstance(sub, fx.GraphModule):
+                    inner.update(_graph_sites(sub, ops))
+                    inner.update(graph_hidden(sub, ops))
+            for op, count in inner.items():
+                found[hidden_label(_stack_path(node), f"torch.{name}", op)] += count
+        elif name in ("rnn_relu", "rnn_relu_cell") and "relu" in ops:
+            # rnn_relu(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+            layers = node.args[4] * (2 if node.args[7] else 1) if name == "rnn_relu" else 1
+            found[hidden_label(_stack_path(node), "RNN" if name == "rnn_relu" else "RNNCell", "relu")] += (
+                layers
+            )
+        elif name == "_transformer_encoder_layer_fwd":
+            op = _encoder_op(tuple(node.args), dict(node.kwargs))
+            if op in ops:
+                found[hidden_label(_stack_path(node), "transformer encoder fast path", op)] += 1
+    return found
+
+
+def decompose_rnn_cells(graph_module: fx.GraphModule) -> None:
+    """Write each `aten.rnn_relu_cell` of a graph out as ATen computes it (linear_hh(hx) + linear_ih(x),
+    then relu: the same values), so that its ReLU is a site like any other (as in eager and TorchScript)."""
+    graph = graph_module.graph
+    changed = False
+    for node in list(graph.nodes):
+        if (
+            node.op != "call_function"
+            or getattr(node.target, "__name__", "").split(".")[0] != "rnn_relu_cell"
+        ):
+            continue
+        x, hx, w_ih, w_hh, *biases = node.args
+        b_ih, b_hh = (list(biases) + [None, None])[:2]
+        aten = torch.ops.aten
+        with graph.inserting_before(node):
+            hh = graph.call_function(aten.linear.default, (hx, w_hh, b_hh))
+            ih = graph.call_function(aten.linear.default, (x, w_ih, b_ih))
+            pre = graph.call_function(aten.add.Tensor, (hh, ih))
+            out = graph.call_function(aten.relu.default, (pre,))
+        for new in (hh, ih, pre, out):
+            new.meta = {
+                key: value
+                for key, value in node.meta.items()
+                if key in ("nn_module_stack", "val", "stack_trace")
+            }
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        changed = True
+    if changed:
+        graph_module.recompile()
+
+
+def _graph_sites(graph_module: fx.GraphModule, ops: tuple[str, ...]) -> Counter:
+    found: Counter = Counter()
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            kind = aten_op_kind(node.target.name(), tuple(node.args))
+            if kind is not None and kind[0] in ops:
+                found[kind[0]] += 1
+    return found
