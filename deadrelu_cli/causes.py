@@ -104,10 +104,12 @@ def _torch_view(model_loaded, probe, report):
         if layer.producer is None:
             producers[layer.name] = None
             continue
-        batchnorm = named_tensor(model, f"{layer.producer}.running_mean") is not None
-        producers[layer.name] = ProducerTensors(
-            batchnorm, array(f"{layer.producer}.weight"), array(f"{layer.producer}.bias")
+        weight = array(f"{layer.producer}.weight")
+        # a BatchNorm, or a LayerNorm/GroupNorm (a 1-D per-unit gamma): beta shifts normalised values
+        batchnorm = named_tensor(model, f"{layer.producer}.running_mean") is not None or (
+            weight is not None and weight.ndim == 1
         )
+        producers[layer.name] = ProducerTensors(batchnorm, weight, array(f"{layer.producer}.bias"))
         upstream[layer.name] = next(
             (site for site, names in consumers.items() if layer.producer in names), None
         )

@@ -131,13 +131,18 @@ def plan_layers(report: Report, globs: tuple[str, ...], certified_only: bool = F
     return plans
 
 
+def firing_count(n: int, target_rate: float) -> int:
+    """How many of a unit's n values a shift by `firing_thresholds` makes fire: k = max(1, round(rate * n))."""
+    return min(n, max(1, int(round(target_rate * n))))
+
+
 def firing_thresholds(values: np.ndarray, target_rate: float) -> np.ndarray:
     """Per column, a value that exactly k = max(1, round(target_rate * n)) values exceed (ties aside).
 
     Shifting a unit's bias by minus this makes it fire on about `target_rate` of the data it saw.
     """
     n = values.shape[0]
-    k = min(n, max(1, int(round(target_rate * n))))
+    k = firing_count(n, target_rate)
     if k >= n:
         return values.min(axis=0) - 1.0
     ordered = np.partition(values, [n - k - 1, n - k], axis=0)

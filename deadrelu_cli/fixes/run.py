@@ -153,15 +153,17 @@ def _check_revived(options: FixOptions, outcomes, result: FixResult) -> None:
 
 def _check_target_rate(options: FixOptions, outcome, elements: int, result: FixResult) -> None:
     """Not verified when a shifted unit fires on far more than --target-rate of the data: the shift was
-    computed for a pre-activation equal to the producer's output plus its bias, and something between
-    them (`fc(x) * 4`) scales it, so the file would hold units that fire almost always."""
+    computed for a pre-activation equal to the producer's output plus its bias (torch: times the measured
+    gain), and something between them (`fc(x) * 4` on ONNX) scales it, so the file would hold units that
+    fire almost always."""
     limit = 2 * options.target_rate + 2 / max(1, elements)
     over = [rate for rate in outcome.rates_after or [] if rate > limit]
     if over:
         result.verified = False
         result.notes.append(
             f"{outcome.name}: shifted units fire on up to {max(over):.1%} of the data, not the --target-rate "
-            f"{options.target_rate:g}: an op between the producer and the activation scales the bias "
+            f"{options.target_rate:g}: the shift did not move the pre-activation as computed (an op between "
+            "the bias and the activation scales it: torch fixes measure that gain, ONNX fixes do not) "
             "(use --strategy reinit or kick there, or --layers to leave it out)"
         )
 

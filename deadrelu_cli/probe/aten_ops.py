@@ -55,6 +55,11 @@ LAST_DIM = frozenset(
     {"linear", "addmm", "mm", "matmul", "bmm", "layer_norm", "native_layer_norm", "embedding"}
 )
 
+# Ops that keep a rank-3 tensor's units but may move their axis (or slice another axis); the graph
+# probes walk back through them and move the unit axis with `probe.base.moved_unit_axis`, as the eager
+# probe does for the same Python calls.
+LAYOUT = frozenset({"transpose", "swapaxes", "swapdims", "permute", "slice"})
+
 # The producers and consumers the wiring reader follows.
 LINEAR_OR_CONV_OPS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
 BATCH_NORM_OPS = frozenset({"batch_norm", "_native_batch_norm_legit_no_training"})

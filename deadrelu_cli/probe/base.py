@@ -216,6 +216,52 @@ def infer_channel_dim(rank: int, producer_is_channel_first: bool | None) -> int:
     return -1
 
 
+def moved_unit_axis(kind: str, dims: tuple, axis: int, rank: int = 3) -> int | None:
+    """Where a rank-3 tensor's unit axis `axis` is after a layout op (`aten_ops.LAYOUT`), or None when
+    that is not known: `transpose`/`swapaxes` (dims = the two axes), `permute` (dims = the order),
+    `slice` (dims = the sliced axis; slicing the unit axis changes the units), any other kind keeps the
+    axis (layer_norm over the units). Eager, torch.export and TorchScript probes all move it here."""
+    try:
+        if kind in ("transpose", "swapaxes", "swapdims"):
+            a, b = (int(v) % rank for v in dims[:2])
+            return b if axis == a else a if axis == b else axis
+        if kind == "permute":
+            return [int(d) % rank for d in dims].index(axis)
+        if kind == "slice":
+            return None if int(dims[0]) % rank == axis else axis
+    except (TypeError, ValueError, IndexError):
+        return None
+    return axis
+
+
+def pools_over_space(rank: int, dims) -> bool:
+    """True when a mean/amax over `dims` of a rank>=4 [N, C, ...] tensor keeps every channel in its own
+    slot (a global average pool written as `x.mean((2, 3))`): the dims are spatial only."""
+    if rank < 4 or dims is None:
+        return False
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    try:
+        return bool(dims) and all(int(d) % rank >= 2 for d in dims)
+    except (TypeError, ValueError):
+        return False
+
+
+def relaid_channel_first(channel_first: bool | None, layouts: list[tuple[str, tuple]]) -> bool | None:
+    """A graph probe's walk back from an activation met the layout ops `layouts` (nearest the
+    activation first) before reaching a producer whose units are channel-first (or last-axis): whether
+    the units are channel-first ([B, C, T]) at the activation, for a rank-3 tensor; None when unknown."""
+    if channel_first is None or not layouts:
+        return channel_first
+    axis: int | None = 1 if channel_first else 2
+    for kind, dims in reversed(layouts):
+        if kind == "permute" and len(dims) != 3:
+            return None
+        axis = moved_unit_axis(kind, dims, axis)
+        if axis is None or axis == 0:
+            return None
+    return axis == 1
+
+
 def _derived_output(op: str, pre: torch.Tensor) -> torch.Tensor:
     from deadrelu_cli.probe.accumulator import apply_op
 

@@ -23,7 +23,14 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 
 from deadrelu_cli.probe.accumulator import CACHE_PART_BYTES
-from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, infer_channel_dim
+from deadrelu_cli.probe.base import (
+    ProbeSettings,
+    SiteRegistry,
+    call_and_record,
+    infer_channel_dim,
+    moved_unit_axis,
+    pools_over_space,
+)
 from deadrelu_cli.probe.ops import (
     CLAMP_OPS,
     SiteNamer,
@@ -39,7 +46,14 @@ CHANNEL_FIRST_TYPES: tuple[type, ...] = (
     nn.modules.instancenorm._InstanceNorm,
     nn.GroupNorm,
 )
-PRODUCER_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+# LayerNorm / GroupNorm hold a per-unit beta right before the activation (bias-shift acts on it)
+PRODUCER_TYPES: tuple[type, ...] = (
+    nn.Linear,
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
 SHAPING_TYPES = PRODUCER_TYPES + CHANNEL_FIRST_TYPES  # outputs whose origin is tracked
 # attribute names of wrappers that torch nests inside a model (FSDP1's auto-wrapping, activation
 # checkpointing's wrapper, a torch.compile'd submodule): not part of a layer's name
@@ -193,19 +207,19 @@ def _moved_unit_axis(func, args: tuple, kwargs: dict, axis: int, before, after) 
     if before.dim() != 3 or after.dim() != 3:
         return None
     name = getattr(func, "__name__", "")
-    moved = axis
-    try:
-        if name in ("transpose", "swapaxes"):
-            given = list(args[1:3]) or [kwargs.get("dim0"), kwargs.get("dim1")]
-            a, b = (int(v) % 3 for v in given)
-            moved = b if axis == a else a if axis == b else axis
-        elif name == "permute":
-            dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
-            moved = [int(d) % 3 for d in (dims or kwargs.get("dims", ()))].index(axis)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return moved if after.shape[moved] == before.shape[axis] else None
+    if name in ("transpose", "swapaxes"):
+        dims = tuple(args[1:3]) or (kwargs.get("dim0"), kwargs.get("dim1"))
+    elif name == "permute":
+        dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        dims = tuple(dims or kwargs.get("dims", ()))
+    else:  # layer_norm, a slice: the axis stays; the shape check below says whether the units did
+        name, dims = "", ()
+    moved = moved_unit_axis(name, dims, axis)
+    return moved if moved is not None and after.shape[moved] == before.shape[axis] else None
 
+
+# a global pool written as a reduction (`x.mean((2, 3))`): unit-preserving when its dims are spatial
+_SPATIAL_POOLS = frozenset({torch.mean, torch.Tensor.mean, torch.amax, torch.Tensor.amax})
 
 UNIT_PRESERVING_MODULES: tuple[type, ...] = (
     nn.Dropout,
@@ -297,9 +311,15 @@ class _CallSiteMode(TorchFunctionMode):
                     self.probe.propagate(
                         args[0], out, keep_producer=not any(isinstance(a, torch.Tensor) for a in others)
                     )
+                    self.probe.carry_shift_source(args, kwargs, out)
                 elif func in self.probe.layout:
                     self.probe.relayout(func, args, kwargs, out)
                 if func in self.probe.unit_preserving:  # dropout, clone, contiguous are both kinds
+                    self.probe.carry_site_output(args[0], out)
+                    return out
+                if func in _SPATIAL_POOLS and pools_over_space(
+                    args[0].dim(), args[1] if len(args) > 1 else kwargs.get("dim")
+                ):
                     self.probe.carry_site_output(args[0], out)
                     return out
             # reading a tensor's metadata (T5's `hidden_states.dtype`) is no use of its values
@@ -388,6 +408,10 @@ class EagerProbe:
         self._stack: list[tuple[str, nn.Module]] = []
         # id(tensor) -> (weakref, producer name or None, producer module or None, channel-first?)
         self._produced: dict[int, tuple[weakref.ref, str | None, nn.Module | None, bool]] = {}
+        # id(tensor) -> (weakref, module): the producer whose bias a pre-activation still holds after
+        # elementwise ops with tensor operands too (`scale * fc(x)`, `fc(x) + x`): bias-shift's candidate
+        self._sources: dict[int, tuple[weakref.ref, str]] = {}
+        self.shift_sources: dict[str, str] = {}  # site -> that producer, when the site saw one
         self.pass_through = _pass_through_functions()
         self.unit_preserving = _unit_preserving_functions()
         self.layout = _layout_functions()
@@ -455,6 +479,8 @@ class EagerProbe:
             self.carry_site_output(args[0], output)
         if isinstance(output, torch.Tensor) and isinstance(module, SHAPING_TYPES):
             is_producer = isinstance(module, PRODUCER_TYPES)
+            if isinstance(module, PRODUCER_TYPES):
+                self._sources[id(output)] = (weakref.ref(output), self._module_names.get(id(module), ""))
             self._produced[id(output)] = (
                 weakref.ref(output),
                 self._module_names.get(id(module), "") if is_producer else None,
@@ -471,6 +497,7 @@ class EagerProbe:
 
     def forget(self, tensor: torch.Tensor) -> None:
         self._produced.pop(id(tensor), None)
+        self._sources.pop(id(tensor), None)
 
     def propagate(self, source: torch.Tensor, result: torch.Tensor, keep_producer: bool) -> None:
         """Carry the origin through an elementwise op; the bias stays meaningful only with a scalar operand."""
@@ -478,6 +505,19 @@ class EagerProbe:
         if found is not None:
             name, module, channel_first = found if keep_producer else (None, None, found[2])
             self._produced[id(result)] = (weakref.ref(result), name, module, channel_first)
+
+    def carry_shift_source(self, args: tuple, kwargs: dict, result: torch.Tensor) -> None:
+        """Carry the bias-shift candidate through an elementwise op from the one operand that has one
+        (whether a shift of its bias moves the result by a constant is measured by the fix, not assumed)."""
+        found = {
+            entry[1]
+            for arg in (*args, *kwargs.values())
+            if isinstance(arg, torch.Tensor)
+            and (entry := self._sources.get(id(arg))) is not None
+            and entry[0]() is arg
+        }
+        if len(found) == 1:
+            self._sources[id(result)] = (weakref.ref(result), found.pop())
 
     def relayout(self, func, args: tuple, kwargs: dict, result: torch.Tensor) -> None:
         """Carry a rank-3 tensor's unit axis through a transpose, permute, layer_norm or slice; the
@@ -585,6 +625,7 @@ class EagerProbe:
         self._namer.reset()
         self._stack.clear()
         self._produced.clear()
+        self._sources.clear()
         self._site_outputs.clear()
 
     def mode(self) -> TorchFunctionMode:
@@ -634,16 +675,30 @@ class EagerProbe:
         units = pre.shape[inferred] if pre.dim() > 1 else pre.shape[0]
         bias = getattr(producer, "bias", None) if producer is not None else None
         weight = getattr(producer, "weight", None) if bias is None else None
-        if not (isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.shape[0] == units) and not (
-            # bias=False (T5, LLaMA-style MLPs): a Linear/Conv whose rows are the units still makes them
-            isinstance(producer, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
-            and isinstance(weight, torch.Tensor)
-            and weight.shape[0] == units
+        if (
+            not (isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.shape[0] == units)
+            and not (
+                # bias=False (T5, LLaMA-style MLPs): a Linear/Conv whose rows are the units still makes them
+                isinstance(producer, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
+                and isinstance(weight, torch.Tensor)
+                and weight.shape[0] == units
+            )
+            and not (  # an affine=False BatchNorm: no beta, but its per-unit mean and variance make the units
+                isinstance(producer, nn.modules.batchnorm._BatchNorm)
+                and isinstance(producer.running_mean, torch.Tensor)
+                and producer.running_mean.shape == (units,)
+            )
         ):
             producer_name = None
         return inferred, type(module).__name__ if is_activation else "functional", producer_name
 
+    def _note_source(self, name: str, pre: torch.Tensor) -> None:
+        source = self._sources.get(id(pre))
+        if source is not None and source[0]() is pre:
+            self.shift_sources[name] = source[1]
+
     def observe(self, name: str, op: str, pre: torch.Tensor) -> None:
+        self._note_source(name, pre)
         self.registry.record_pre(name, op, pre, *self._site_facts(pre))
 
     def note_hidden(self, site: str, what: str, op: str) -> None:
@@ -682,4 +737,5 @@ class EagerProbe:
         """The relu run and counted slice by slice (SiteRegistry.run_relu_in_parts), or None."""
         if pre.device.type != "cpu" or pre.numel() * pre.element_size() <= 2 * CACHE_PART_BYTES:
             return None
+        self._note_source(name, pre)
         return self.registry.run_relu_in_parts(name, op, pre, in_place, *self._site_facts(pre))

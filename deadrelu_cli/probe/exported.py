@@ -11,8 +11,14 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, PASS_THROUGH
-from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, static_site_hooks
+from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, LAYOUT, PASS_THROUGH
+from deadrelu_cli.probe.base import (
+    ProbeSettings,
+    SiteRegistry,
+    call_and_record,
+    relaid_channel_first,
+    static_site_hooks,
+)
 from deadrelu_cli.probe.hidden import decompose_rnn_cells, graph_hidden
 from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, is_activation_module_type
 
@@ -29,7 +35,17 @@ _BIAS_ARG = {
     "_native_batch_norm_legit_no_training": 2,
     "_native_batch_norm_legit": 2,
     "native_batch_norm": 2,
+    "layer_norm": 3,
+    "group_norm": 3,
+    "conv_transpose1d": 2,
+    "conv_transpose2d": 2,
+    "conv_transpose3d": 2,
 }
+_BATCH_NORMS = frozenset(name for name in _BIAS_ARG if "batch_norm" in name)
+
+
+def _attr_named(node, suffix: str) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr" and str(node.target).endswith(suffix)
 
 
 # Ops whose weight rows are their output units (not a transposed convolution), bias or not.
@@ -64,10 +80,26 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
     """
     seen = 0
     keep_producer = True
+    layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
     current = node.args[0] if node.args else None
     while isinstance(current, fx.Node) and seen < 32:
         seen += 1
         base = op_base(current.target) if current.op == "call_function" else ""
+        if base in LAYOUT and current.args and isinstance(current.args[0], fx.Node):
+            value = current.meta.get("val")
+            if not isinstance(value, torch.Tensor) or value.dim() != 3:
+                break
+            dims = (
+                current.args[1]
+                if base == "permute"
+                else current.args[1:3]
+                if base != "slice"
+                else current.args[1:2]
+            )
+            layouts.append((base, tuple(dims) or (0,)))
+            keep_producer = False  # the producer's bias no longer sits before the activation alone
+            current = current.args[0]
+            continue
         if base in CHANNEL_FIRST or base in LAST_DIM:
             producer = None
             index = _BIAS_ARG.get(base)
@@ -75,6 +107,9 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
                 bias = current.args[index]
                 if isinstance(bias, fx.Node) and bias.op == "get_attr" and str(bias.target).endswith(".bias"):
                     producer = str(bias.target)[: -len(".bias")]
+                mean = current.args[3] if base in _BATCH_NORMS and len(current.args) > 3 else None
+                if producer is None and keep_producer and bias is None and _attr_named(mean, ".running_mean"):
+                    producer = str(mean.target)[: -len(".running_mean")]  # affine=False: mean and var make it
             weight = current.args[1] if len(current.args) > 1 else None
             if (  # bias=False: the Linear/Conv whose weight rows are the units (as the eager probe keeps it)
                 producer is None
@@ -86,7 +121,7 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
                 and str(weight.target).endswith(".weight")
             ):
                 producer = str(weight.target)[: -len(".weight")]
-            return base in CHANNEL_FIRST, producer
+            return relaid_channel_first(base in CHANNEL_FIRST, layouts), producer
         if base in PASS_THROUGH and current.args and isinstance(current.args[0], fx.Node):
             if base != "getitem" and any(isinstance(a, fx.Node) for a in current.args[1:]):
                 keep_producer = False
@@ -94,6 +129,29 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
             continue
         break
     return None, None
+
+
+def shift_source(node: fx.Node) -> str | None:
+    """The module whose bias a pre-activation still holds through elementwise ops with tensor operands
+    too (`scale * fc(x)`, `fc(x) + x`), when exactly one such producer is found: bias-shift's candidate,
+    as the eager probe's `shift_sources` (whether a move of it is a shift is measured by the fix)."""
+    found: set[str] = set()
+    stack, seen = [node.args[0]] if node.args else [], 0
+    while stack and seen < 64:
+        current = stack.pop()
+        seen += 1
+        if not isinstance(current, fx.Node) or current.op != "call_function":
+            continue
+        base = op_base(current.target)
+        index = _BIAS_ARG.get(base)
+        if index is not None:
+            bias = current.args[index] if len(current.args) > index else None
+            if _attr_named(bias, ".bias"):
+                found.add(str(bias.target)[: -len(".bias")])
+            continue
+        if base in PASS_THROUGH:
+            stack.extend(arg for arg in current.args if isinstance(arg, fx.Node))
+    return found.pop() if len(found) == 1 else None
 
 
 def find_sites(graph: fx.Graph, ops: tuple[str, ...]) -> Iterator[tuple[fx.Node, StaticSite]]:

@@ -16,8 +16,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, PASS_THROUGH, aten_base
-from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, call_and_record, static_site_hooks
+from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, LAYOUT, PASS_THROUGH, aten_base
+from deadrelu_cli.probe.base import (
+    ProbeSettings,
+    SiteRegistry,
+    call_and_record,
+    relaid_channel_first,
+    static_site_hooks,
+)
 from deadrelu_cli.probe.exported import StaticSite
 from deadrelu_cli.probe.ops import (
     CLAMP_OPS,
@@ -57,6 +63,7 @@ _CHANNEL_FIRST_MODULES = (
     "InstanceNorm3d",
 )
 _PRODUCER_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
+_NORM_PRODUCER_MODULES = ("LayerNorm", "GroupNorm")  # producers when they hold a per-unit beta
 
 
 class _Dynamic(Exception):
@@ -192,9 +199,19 @@ class _Walker:
     def _producer(self, value, module) -> tuple[bool | None, str | None]:
         """Same rule as the FX probe: the unit axis follows elementwise ops, the bias only scalar ones."""
         keep_producer = True
+        layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
         for _ in range(32):
             src = value.node()
             kind = src.kind()
+            base = aten_base(kind)
+            if base in LAYOUT:
+                dims = _constant_dims(src, base)
+                if dims is None:
+                    return None, None
+                layouts.append((base, dims))
+                keep_producer = False  # the producer's bias no longer sits before the activation alone
+                value = src.inputsAt(0)
+                continue
             if kind == "prim::CallMethod":
                 owner = src.inputsAt(0)
                 target = None
@@ -204,19 +221,19 @@ class _Walker:
                 if target is None:
                     return None, None
                 type_name = _type_name(target).rsplit(".", 1)[-1]
-                producer = (
-                    self.paths.get(id(target)) if type_name in _PRODUCER_MODULES and keep_producer else None
+                makes_units = type_name in _PRODUCER_MODULES or (
+                    type_name in _NORM_PRODUCER_MODULES and getattr(target, "bias", None) is not None
                 )
+                producer = self.paths.get(id(target)) if makes_units and keep_producer else None
                 if type_name in _CHANNEL_FIRST_MODULES:
-                    return True, producer
-                if type_name in ("Linear", "LayerNorm", "Embedding"):
-                    return False, producer
-                return None, None
-            base = aten_base(kind)
-            if base in CHANNEL_FIRST:
-                return True, None
-            if base in LAST_DIM:
-                return False, None
+                    channel_first = True
+                elif type_name in ("Linear", "LayerNorm", "Embedding"):
+                    channel_first = False
+                else:
+                    return None, None
+                return relaid_channel_first(channel_first, layouts), producer
+            if base in CHANNEL_FIRST or base in LAST_DIM:
+                return relaid_channel_first(base in CHANNEL_FIRST, layouts), None
             if base in PASS_THROUGH:
                 if any(str(v.type()).startswith("Tensor") for v in list(src.inputs())[1:]):
                     keep_producer = False
@@ -235,6 +252,21 @@ def script_sites(script_module, ops: tuple[str, ...]) -> list[StaticSite] | None
     except _Dynamic:
         return None
     return walker.sites
+
+
+def _constant_dims(node, base: str) -> tuple | None:
+    """The constant axes of a TorchScript transpose / permute / slice node, or None when not constant."""
+    try:
+        if base == "permute":
+            dims = node.inputsAt(1).toIValue()
+            if dims is None and node.inputsAt(1).node().kind() == "prim::ListConstruct":
+                dims = [v.toIValue() for v in node.inputsAt(1).node().inputs()]
+            return None if dims is None or None in dims else tuple(int(d) for d in dims)
+        count = 1 if base == "slice" else 2
+        dims = [node.inputsAt(1 + i).toIValue() for i in range(count)]
+    except RuntimeError:
+        return None
+    return None if None in dims else tuple(int(d) for d in dims)
 
 
 class _OrderedDispatch(TorchDispatchMode):

@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 
 from deadrelu_cli.probe.aten_ops import BATCH_NORM_OPS, LINEAR_OR_CONV_OPS, UNIT_PRESERVING
+from deadrelu_cli.probe.base import pools_over_space
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.probe.exported import op_base
 from deadrelu_cli.wiring.model import BatchNormRef, TensorRef, UnitWiring
@@ -159,6 +160,17 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
         if consumer_name is None:
             return why
     incoming, bn, incoming_name = _producers(model, probe, layer.producer)
+    norm = model.get_submodule(layer.producer)
+    if isinstance(incoming, nn.modules.conv._ConvNd) and incoming.groups != 1:
+        return f"skipped: producer {incoming_name} is a grouped convolution (groups={incoming.groups})"
+    if isinstance(norm, nn.modules.conv._ConvNd) and not isinstance(norm, LINEAR_OR_CONV):
+        return f"skipped: producer {layer.producer} is a {type(norm).__name__} (its weight holds its units on axis 1)"
+    if isinstance(norm, (nn.LayerNorm, nn.GroupNorm)):
+        return (
+            f"skipped: producer {layer.producer} is a {type(norm).__name__}: no Linear/Conv's rows alone make "
+            f"a unit (a {'LayerNorm' if isinstance(norm, nn.LayerNorm) else 'GroupNorm'} mixes them); "
+            "bias-shift (which moves its beta) or leaky can act on this layer"
+        )
     if incoming is None or (isinstance(incoming, nn.modules.conv._ConvNd) and incoming.groups != 1):
         return f"skipped: producer {layer.producer} is not a plain Linear/Conv (or BN after one)"
     batchnorm = None
@@ -202,9 +214,24 @@ def _tied(args) -> str:
     another layer is one tensor in the program), or ""."""
     for arg in args:
         name = _attr_target(arg)
-        if name is not None and len(arg.users) > 1:
-            return f"skipped: {name} is tied to another layer ({len(arg.users)} ops read it); rewriting it would change that layer too"
+        if name is None or len(arg.users) <= 1:
+            continue
+        paths = {_module_path(user) for user in arg.users}
+        owner = name.rsplit(".", 1)[0]
+        if paths <= {owner}:  # one module applied at several places, not a weight shared by two modules
+            return (
+                f"skipped: {owner} is applied at {len(arg.users)} places in the graph (one module called at "
+                f"several sites); rewriting {name} would change every one of them"
+            )
+        others = ", ".join(sorted(path or "<root>" for path in paths - {owner}))
+        return f"skipped: {name} is tied to {others} (one tensor read by {len(arg.users)} ops); rewriting it would change that layer too"
     return ""
+
+
+def _module_path(node: fx.Node) -> str:
+    """The module that made `node` (its innermost nn_module_stack entry), '' when not recorded."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][0]) if stack else ""
 
 
 def exported_wiring(
@@ -229,7 +256,7 @@ def exported_wiring(
     batchnorm = None
     if bn is not None:
         names = [_attr_target(a) for a in bn.args[1:5]]
-        batchnorm = BatchNormRef((names[1] or names[0] or bn.name).rsplit(".", 1)[0], *names)
+        batchnorm = BatchNormRef((names[1] or names[0] or names[2] or bn.name).rsplit(".", 1)[0], *names)
     wiring = UnitWiring(
         producer=batchnorm.owner if batchnorm is not None else owner,
         owner=owner,
@@ -245,6 +272,15 @@ def exported_wiring(
             return f"skipped: its output goes to {len(current.users)} nodes, not to exactly one linear/conv"
         (user,) = current.users
         if _base(user) in UNIT_PRESERVING and user.args[0] is current:
+            current = user
+            continue
+        value = current.meta.get("val")
+        if (
+            _base(user) in ("mean", "amax")
+            and user.args[0] is current
+            and isinstance(value, torch.Tensor)
+            and pools_over_space(value.dim(), user.args[1] if len(user.args) > 1 else None)
+        ):
             current = user
             continue
         consumer_weight = _attr_target(user.args[1]) if len(user.args) > 1 else None

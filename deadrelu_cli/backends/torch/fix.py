@@ -202,12 +202,27 @@ def apply_torch(
         )
     touched: dict = {}  # parameter entries the fix rewrites (their optimizer moments are reset)
     if options.strategy == "reinit":
-        outcomes = eager.reinit(model, probe, report, plans, options, touched)
+        drawn: dict[str, str] = {}
+        outcomes = eager.reinit(model, probe, report, plans, options, touched, drawn)
+        eager.flip_silent_rows(scanned, model, plans, drawn, replace(scan_options, progress=None))
     elif options.strategy == "bias-shift":
         quantiles = eager.collect_quantiles(
             scanned, plans, options.target_rate, options.seed, replace(scan_options, progress=None)
         )
-        outcomes = eager.bias_shift(model, report, plans, quantiles)
+        targets = eager.shift_targets(model, report, plans, getattr(probe, "shift_sources", {}))
+        gains = eager.measure_gains(scanned, model, plans, targets, scan_options)
+        outcomes = eager.bias_shift(model, report, plans, quantiles, targets, gains, touched)
+        eager.settle_shifts(
+            scanned,
+            model,
+            plans,
+            targets,
+            gains,
+            outcomes,
+            options.target_rate,
+            options.seed,
+            replace(scan_options, progress=None),
+        )
     elif options.strategy == "kick":
         outcomes = eager.kick(model, probe, report, plans, options, touched)
     elif options.strategy == "prune":
@@ -402,7 +417,26 @@ def _bias_shift_exported(
     quantiles = eager.collect_quantiles(
         rescan, plans, options.target_rate, options.seed, replace(scan_options, progress=None)
     )
-    outcomes = eager.bias_shift(graph_module, scanned.report, plans, quantiles)
+    from deadrelu_cli.probe.exported import find_sites, shift_source
+
+    sources = {
+        site.name: shift_source(node) for node, site in find_sites(graph_module.graph, scan_options.ops)
+    }
+    sources = {name: source for name, source in sources.items() if source}
+    targets = eager.shift_targets(graph_module, scanned.report, plans, sources)
+    gains = eager.measure_gains(rescan, graph_module, plans, targets, scan_options)
+    outcomes = eager.bias_shift(graph_module, scanned.report, plans, quantiles, targets, gains)
+    eager.settle_shifts(
+        rescan,
+        graph_module,
+        plans,
+        targets,
+        gains,
+        outcomes,
+        options.target_rate,
+        options.seed,
+        replace(scan_options, progress=None),
+    )
     return (
         *_exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes)),
         outcomes,
@@ -433,8 +467,12 @@ def _reweight_exported(
         narrow(graph_module, keep_out, keep_in)
         result.new_widths = {o.name: o.units_after for o in outcomes if o.applied}
     else:
-        apply = eager.reinit_units if options.strategy == "reinit" else eager.kick_units
-        outcomes = apply(graph_module, wirings, plans, options, None, scanned.report)
+        if options.strategy == "reinit":
+            drawn: dict[str, str] = {}
+            outcomes = eager.reinit_units(graph_module, wirings, plans, options, None, scanned.report, drawn)
+            eager.flip_silent_rows(scanned, graph_module, plans, drawn, replace(scan_options, progress=None))
+        else:
+            outcomes = eager.kick_units(graph_module, wirings, plans, options, None, scanned.report)
     runners = _exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes))
     result.params_before = params_before  # (_exported_runners counts the patched module for both)
     return (*runners, outcomes)

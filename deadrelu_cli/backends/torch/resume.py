@@ -28,7 +28,7 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import check_companion_free, copyable_reason, temp_path_for
 from deadrelu_cli.loaders.torch_models import strip_wrapper_prefixes, torch_load, weight_dicts, weights_key
 
-RESETTING_STRATEGIES = ("reinit", "kick")
+RESETTING_STRATEGIES = ("reinit", "kick", "bias-shift")  # every strategy that rewrites entries in place
 
 
 @dataclass

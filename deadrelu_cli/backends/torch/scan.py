@@ -153,11 +153,14 @@ def attach_module_biases(runnable, layers) -> None:
             layer.bias = bias.detach().float().cpu().clone().numpy().astype(np.float64).reshape(-1)
             continue
         weight = tensor_of(layer.producer, "weight")
+        mean = tensor_of(layer.producer, "running_mean") if bias is None and weight is None else None
         if not (
             bias is None  # bias=False (T5, LLaMA-style MLPs): still the layer's producer, for the fixes
             and isinstance(weight, torch.Tensor)
             and weight.dim() >= 2
             and weight.shape[0] == layer.units
+        ) and not (  # an affine=False BatchNorm: its per-unit mean and variance make the units
+            isinstance(mean, torch.Tensor) and tuple(mean.shape) == (layer.units,)
         ):
             layer.producer = None
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_thresholds
+from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_count, firing_thresholds
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.wiring.model import UnitWiring, input_columns
@@ -71,9 +71,16 @@ def _layer(report, name: str):
     return report.layer(name) if report is not None else None
 
 
-def _fresh_rows(weight: torch.Tensor, seed: int) -> torch.Tensor:
+def fix_generator(seed: int, *stream: int) -> torch.Generator:
+    """A CPU generator for --seed and a stream number, seeded through numpy's SeedSequence: not the
+    stream of torch.manual_seed(seed) itself, so a model built right after torch.manual_seed(0) does
+    not get its own init rows redrawn by --seed 0."""
+    mixed = np.random.SeedSequence([int(seed), 0x5EED, *stream]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device="cpu").manual_seed(int(mixed))
+
+
+def _fresh_rows(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Rows drawn like nn.Linear/nn.ConvNd's default init (kaiming_uniform with a=sqrt(5))."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     fresh = torch.empty(weight.shape, dtype=torch.float32)
     fan_in = int(np.prod(weight.shape[1:]))
     bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
@@ -96,6 +103,7 @@ def reinit(
     plans: list[LayerPlan],
     options: FixOptions,
     touched: Touched | None = None,
+    drawn: dict[str, str] | None = None,
 ) -> list[LayerOutcome]:
     """ReDo on an nn.Module (see reinit_units)."""
     return reinit_units(
@@ -105,6 +113,7 @@ def reinit(
         options,
         touched,
         report,
+        drawn,
     )
 
 
@@ -115,11 +124,13 @@ def reinit_units(
     options: FixOptions,
     touched: Touched | None = None,
     report=None,
+    drawn: dict[str, str] | None = None,
 ) -> list[LayerOutcome]:
     """ReDo: re-initialise dead units' incoming weights, zero their bias and their outgoing weights
     (BatchNorm after them reset to identity), so the model's outputs do not change. `model` resolves
     the wirings' tensor names (an nn.Module, or a program's module). `touched` (when given) receives
-    the entries rewritten, by tensor name (for resetting their optimizer moments)."""
+    the entries rewritten, by tensor name (for resetting their optimizer moments); `drawn` (when given)
+    the weight whose rows were redrawn, per layer (for `flip_silent_rows`)."""
     outcomes = []
     with torch.no_grad():
         for index, plan in enumerate(plans):
@@ -144,7 +155,7 @@ def reinit_units(
                 outcome.action = f"skipped: {exc}"
                 continue
             units = torch.tensor(plan.units, dtype=torch.long, device=weight.device)
-            fresh = _fresh_rows(weight, options.seed * 7919 + index)
+            fresh = _fresh_rows(weight, fix_generator(options.seed, 1, index))
             weight[units] = fresh[units]
             if bias is not None:
                 bias[units] = 0.0
@@ -169,16 +180,70 @@ def reinit_units(
                 _touch(touched, bn.weight, 0, plan.units)
                 _touch(touched, bn.bias, 0, plan.units)
             _touch(touched, wire.consumer_weight.name, 1, columns.tolist())
+            if drawn is not None:
+                drawn[plan.name] = wire.weight.name
             outcome.applied = True
             what = f"{wire.owner} rows re-initialised" + (f", {bn.owner} reset" if bn is not None else "")
             outcome.action = f"{what}; {wire.consumer} inputs zeroed"
     return outcomes
 
 
+def flip_silent_rows(
+    result, model: nn.Module, plans: list[LayerPlan], drawn: dict[str, str], options_for_scan
+) -> dict[str, int]:
+    """After reinit: negate each fresh row whose unit still never fires on the data. With its bias 0 and
+    its BatchNorm reset, the unit's pre-activation is linear in the row, so the negated row fires wherever
+    the drawn one was below 0 (on inputs that are all >= 0, a fresh row fires on ~all or ~no samples: a
+    coin flip per unit); the init distribution is symmetric, so it is as likely a draw. Its outgoing
+    weights are zero, so no other site changes and one pass serves every layer. Returns the count per layer."""
+    from dataclasses import replace
+
+    from deadrelu_cli.backends.torch.scan import scan_torch
+
+    planned = [plan for plan in plans if plan.name in drawn]
+    if not planned:
+        return {}
+    units = {plan.name: plan.units for plan in planned}
+    maxima: dict[str, torch.Tensor] = {}
+
+    def collector(name):
+        def collect(pre: torch.Tensor, channel_dim: int) -> None:
+            values = pre.detach().movedim(channel_dim, -1)[..., units[name]]
+            top = values.reshape(-1, len(units[name])).amax(dim=0).double().cpu()
+            maxima[name] = top if name not in maxima else torch.maximum(maxima[name], top)
+
+        return collect
+
+    probed = scannable(result, model)
+    options = replace(options_for_scan, progress=None, compile=False)
+    scan_torch(
+        probed.model, probed.data, options, probed.device, {p.name: collector(p.name) for p in planned}
+    )
+    flipped = {}
+    with torch.no_grad():
+        for plan in planned:
+            top = maxima.get(plan.name)
+            if top is None:
+                continue
+            silent = [unit for unit, value in zip(plan.units, top.tolist(), strict=True) if value <= 0]
+            if silent:
+                weight = named_tensor(model, drawn[plan.name])
+                rows = torch.tensor(silent, dtype=torch.long, device=weight.device)
+                weight[rows] = -weight[rows]
+                flipped[plan.name] = len(silent)
+    return flipped
+
+
 def collect_quantiles(
-    result, plans: list[LayerPlan], target_rate: float, seed: int, options_for_scan
+    result,
+    plans: list[LayerPlan],
+    target_rate: float,
+    seed: int,
+    options_for_scan,
+    firing: dict | None = None,
 ) -> dict[str, np.ndarray]:
-    """For each planned unit, the pre-activation value exceeded by `target_rate` of the data."""
+    """For each planned unit, the pre-activation value exceeded by `target_rate` of the data.
+    `firing` (when given) receives per layer (values > 0 per unit, how many should be: `firing_count`)."""
     from deadrelu_cli.backends.torch.scan import scan_torch
 
     limit_per_unit = 200_000
@@ -210,38 +275,215 @@ def collect_quantiles(
     for name, chunks in samples.items():
         values = np.concatenate(chunks, axis=0)
         quantiles[name] = firing_thresholds(values, target_rate)
+        if firing is not None:
+            firing[name] = ((values > 0).sum(axis=0), firing_count(len(values), target_rate))
     return quantiles
 
 
+def scannable(result, model: nn.Module):
+    """`result` (a scan's result) running `model` instead; a program's module gets a copy of its graph
+    that shares its tensors (the probe rewrites the graph it runs)."""
+    from dataclasses import replace
+
+    if isinstance(model, torch.fx.GraphModule):
+        model = torch.fx.GraphModule(model, copy.deepcopy(model.graph))
+    return replace(result, model=replace(result.model, runnable=model))
+
+
+def settle_shifts(
+    result,
+    model: nn.Module,
+    plans: list[LayerPlan],
+    targets: dict[str, str],
+    gains: dict[str, np.ndarray | str],
+    outcomes: list[LayerOutcome],
+    target_rate: float,
+    seed: int,
+    options_for_scan,
+) -> int:
+    """After `bias_shift`, rescan the shifted model and move again the units that do not fire on
+    exactly their target count: the quantiles were taken on the original model, and units revived in
+    an earlier layer change what a later one sees. Each round settles at least the first layer still
+    off (in the order the sites run), so at most one round per layer; returns the rounds taken."""
+    live = [p for p in plans if not isinstance(gains.get(p.name, targets[p.name]), str)]
+    if len(live) < 2:  # one layer: nothing upstream of it moved
+        return 0
+    by_name = {outcome.name: outcome for outcome in outcomes}
+    rounds = 0
+    with torch.no_grad():
+        for _ in range(len(live)):
+            firing: dict = {}
+            quantiles = collect_quantiles(
+                scannable(result, model), live, target_rate, seed, options_for_scan, firing
+            )
+            rounds += 1
+            moved = False
+            for plan in live:
+                fired, wanted = firing[plan.name]
+                off = fired != wanted
+                if not off.any():
+                    continue
+                tensor = named_tensor(model, targets[plan.name])
+                units = torch.tensor(np.asarray(plan.units)[off], dtype=torch.long, device=tensor.device)
+                shift = -quantiles[plan.name][off] / np.asarray(gains[plan.name], dtype=np.float64)[off]
+                shift = torch.from_numpy(shift).to(tensor.device)
+                tensor[units] = (tensor[units].double() + shift).to(tensor.dtype)
+                moved = True
+                outcome = by_name[plan.name]
+                if "re-settled" not in outcome.action:
+                    outcome.action += f"; {int(off.sum())} re-settled after upstream shifts"
+            if not moved:
+                break
+    return rounds
+
+
+def shift_targets(
+    model: nn.Module, report, plans: list[LayerPlan], sources: dict[str, str]
+) -> dict[str, str]:
+    """Per planned layer, the stored tensor whose entries bias-shift moves, or why there is none
+    ("skipped: …"): the producer's bias (a Linear/Conv bias, a BatchNorm/LayerNorm/GroupNorm beta), or
+    an affine=False BatchNorm's running_mean. `sources` (the eager probe's `shift_sources`) names a
+    producer reached through elementwise ops with tensor operands (`scale * fc(x)`, `fc(x) + x`)."""
+    targets = {}
+    for plan in plans:
+        layer = report.layer(plan.name)
+        producer = layer.producer or sources.get(plan.name)
+        module = model.get_submodule(producer) if producer else None
+        name = None
+        if isinstance(getattr(module, "bias", None), torch.Tensor):
+            name = f"{producer}.bias"
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            name = f"{producer}.running_mean"  # affine=False: the mean subtracted is the per-unit offset
+        if name is None:
+            targets[plan.name] = "skipped: no bias to shift (no single producer, or it has bias=False)"
+            continue
+        targets[plan.name] = write_conflict(model, [name], report, layer) or name
+    return targets
+
+
+def measure_gains(
+    result, model: nn.Module, plans: list[LayerPlan], targets: dict[str, str], options_for_scan
+) -> dict[str, np.ndarray | str]:
+    """Per planned layer, how much each unit's pre-activation moves when its entry of the target tensor
+    moves by 1 (d pre / d entry), measured on a few samples: a shift is exact only where that is one
+    constant per unit and the site's other units do not move at all. Else why not ("skipped: …").
+
+    Runs the model once as it is and once per layer with the layer's entries moved (restored after,
+    bit for bit), so ops between the tensor and the activation (a scale, a negative BatchNorm gamma, a
+    residual add, a LayerNorm after the Linear) are measured rather than assumed."""
+    from dataclasses import replace
+
+    from deadrelu_cli.backends.torch.scan import scan_torch
+
+    fixed = getattr(result.model, "fixed_batch", None)
+    samples = fixed or min(16, result.data.local_samples)
+    options = replace(options_for_scan, limit=samples, progress=None, compile=False)
+
+    def capture(names):
+        probed = scannable(result, model)
+        seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+
+        def collector(name):
+            def collect(pre: torch.Tensor, channel_dim: int) -> None:
+                values = pre.detach().movedim(channel_dim, -1)
+                seen[name].append(values.reshape(-1, values.shape[-1]).double().cpu())
+
+            return collect
+
+        scan_torch(probed.model, probed.data, options, probed.device, {n: collector(n) for n in names})
+        return {name: torch.cat(chunks) if chunks else None for name, chunks in seen.items()}
+
+    out: dict[str, np.ndarray | str] = {}
+    measured = [plan for plan in plans if not targets[plan.name].startswith("skipped")]
+    if not measured:
+        return {plan.name: targets[plan.name] for plan in plans}
+    with torch.no_grad():
+        base = capture([plan.name for plan in measured])
+        for plan in plans:
+            target = targets[plan.name]
+            if target.startswith("skipped"):
+                out[plan.name] = target
+                continue
+            tensor = named_tensor(model, target)
+            units = torch.tensor(plan.units, dtype=torch.long, device=tensor.device)
+            kept = tensor[units].clone()
+            before = base[plan.name]
+            if before is None:
+                out[plan.name] = "skipped: the site did not run on the first samples"
+                continue
+            delta = 1.0 + float(before.abs().max()) if before.numel() else 1.0
+            tensor[units] = (kept.double() + delta).to(tensor.dtype)
+            # the move as stored (a half-precision bias rounds it), per unit
+            applied = (tensor[units].double() - kept.double()).cpu()
+            try:
+                after = capture([plan.name])[plan.name]
+            finally:
+                tensor[units] = kept
+            out[plan.name] = _gain(target, plan.units, before, after, applied)
+    return out
+
+
+def _gain(target: str, units: list[int], before, after, applied: torch.Tensor) -> np.ndarray | str:
+    """The per-unit gains of `after - before` for moves `applied` (per unit), or why the move is not a shift."""
+    if after is None or after.shape != before.shape:
+        return f"skipped: moving {target} changed the site's shape"
+    others = torch.ones(before.shape[1], dtype=torch.bool)
+    others[units] = False
+    if not torch.equal(before[:, others], after[:, others]):
+        return (
+            f"skipped: moving {target} moves other units of the site too (a normalisation or mixing op "
+            "between it and the activation); use leaky"
+        )
+    delta = applied.abs().clamp_min(1e-30)
+    moved = (after[:, units] - before[:, units]) / applied.where(applied != 0, torch.ones_like(applied))
+    gains = moved.median(dim=0).values
+    spread = (moved - gains).abs().max(dim=0).values
+    scale = float(before[:, units].abs().max()) + delta
+    if not bool(((spread <= 1e-4 * gains.abs() + 1e-5 * scale / delta) & (gains.abs() > 1e-6)).all()):
+        return (
+            f"skipped: a move of {target} does not move the pre-activation by one constant per unit "
+            "(a data-dependent op between them); use leaky"
+        )
+    return gains.numpy()
+
+
 def bias_shift(
-    model: nn.Module, report, plans: list[LayerPlan], quantiles: dict[str, np.ndarray]
+    model: nn.Module,
+    report,
+    plans: list[LayerPlan],
+    quantiles: dict[str, np.ndarray],
+    targets: dict[str, str],
+    gains: dict[str, np.ndarray | str],
+    touched: Touched | None = None,
 ) -> list[LayerOutcome]:
-    """Raise each dead unit's bias (BN beta) so that about `target_rate` of its values exceed 0
-    (`quantiles`: per unit, the pre-activation value exceeded by that fraction of the data). `model`
-    is an nn.Module, or an ExportedProgram's module, whose parameters keep their original names."""
+    """Move each dead unit's target tensor entry (`shift_targets`: bias, BN/LN beta, affine-free BN
+    mean) so that about `target_rate` of its values exceed 0 (`quantiles`: per unit, the pre-activation
+    value exceeded by that fraction of the data), divided by the unit's measured gain (`measure_gains`,
+    sign included). `touched` (when given) receives the entries moved. `model` is an nn.Module, or an ExportedProgram's module, whose parameters keep their
+    original names."""
     outcomes = []
     with torch.no_grad():
         for plan in plans:
-            layer = report.layer(plan.name)
             outcome = LayerOutcome(plan.name, plan.units, "", False, len(plan.units))
             outcomes.append(outcome)
-            module = model.get_submodule(layer.producer) if layer.producer else None
-            bias = getattr(module, "bias", None)
-            if not isinstance(bias, torch.Tensor):
-                outcome.action = "skipped: no bias to shift (no single producer, or it has bias=False)"
+            gain = gains.get(plan.name, targets[plan.name])
+            if isinstance(gain, str):
+                outcome.action = gain
                 continue
-            conflict = write_conflict(model, [f"{layer.producer}.bias"], report, layer)
-            if conflict:
-                outcome.action = conflict
-                continue
+            target = targets[plan.name]
+            tensor = named_tensor(model, target)
             q = torch.tensor(quantiles[plan.name], dtype=torch.float64)
-            # after the shift, exactly the values above the quantile are > 0
-            shift = (-q).to(bias.dtype)
-            units = torch.tensor(plan.units, dtype=torch.long)
-            bias[units] = bias[units] + shift.to(bias.device)
+            # after the move, exactly the values above the quantile are > 0: pre + gain * move = pre - q
+            shift = -q / torch.from_numpy(np.asarray(gain, dtype=np.float64))
+            units = torch.tensor(plan.units, dtype=torch.long, device=tensor.device)
+            tensor[units] = (tensor[units].double() + shift.to(tensor.device)).to(tensor.dtype)
+            _touch(touched, target, 0, plan.units)  # their optimizer moments are reset, as reinit/kick's
             outcome.applied = True
-            outcome.action = (
-                f"{layer.producer}.bias raised by {float(shift.min()):.4g}…{float(shift.max()):.4g}"
+            moved = "raised" if target.endswith(".bias") and bool((shift >= 0).all()) else "moved"
+            outcome.action = f"{target} {moved} by {float(shift.min()):.4g}…{float(shift.max()):.4g}" + (
+                ""
+                if np.allclose(gain, 1.0)
+                else f" (gain {float(np.min(gain)):.4g}…{float(np.max(gain)):.4g})"
             )
     return outcomes
 
@@ -428,7 +670,7 @@ def kick_units(
     """A seeded random push of each dead unit's incoming weights and bias (bias upwards), scaled by
     `kick_scale` times the layer's weight standard deviation."""
     outcomes = []
-    generator = torch.Generator().manual_seed(options.seed)
+    generator = fix_generator(options.seed, 2)
     with torch.no_grad():
         for plan in plans:
             outcome = LayerOutcome(plan.name, plan.units, "", False, len(plan.units))
@@ -454,5 +696,10 @@ def kick_units(
                 _touch(touched, wire.shift, 0, plan.units)
             _touch(touched, wire.weight.name, 0, plan.units)
             outcome.applied = True
-            outcome.action = f"{wire.owner} rows{' and ' + wire.batchnorm.owner + ' beta' if wire.batchnorm is not None else ''} kicked (σ = {sigma:.3g})"
+            pushed = (  # an affine=False BatchNorm has no beta: the rows alone are pushed
+                f" and {wire.batchnorm.owner} beta"
+                if wire.batchnorm is not None and target is not None
+                else ""
+            ) or (" and bias" if wire.batchnorm is None and target is not None else "")
+            outcome.action = f"{wire.owner} rows{pushed} kicked (σ = {sigma:.3g})"
     return outcomes
