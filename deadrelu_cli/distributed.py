@@ -94,9 +94,10 @@ def _structure(layers: list[LayerStats]) -> list[tuple]:
 
 
 def reduce_layers(
-    world: World, layers: list[LayerStats], samples: int, device: str
+    world: World, layers: list[LayerStats], samples: int, device: str, layer_samples: bool = False
 ) -> tuple[list[LayerStats], int]:
-    """Sum the raw counts of every rank (one all_reduce per statistic); returns the layers of the union."""
+    """Sum the raw counts of every rank (one all_reduce per statistic); returns the layers of the union.
+    `layer_samples`: each layer's `samples` (None: 0) is summed too."""
     import torch
     import torch.distributed as dist
 
@@ -134,7 +135,9 @@ def reduce_layers(
         np.int64,
     )
     elements = torch.tensor(
-        [local[name].elements_per_unit if name in local else 0 for name in order] + [samples],
+        [local[name].elements_per_unit if name in local else 0 for name in order]
+        + ([(local[name].samples or 0) if name in local else 0 for name in order] if layer_samples else [])
+        + [samples],
         dtype=torch.int64,
         device=tensor_device,
     )
@@ -174,6 +177,7 @@ def reduce_layers(
                 producer=producer,
                 bias=biases.get(name),
                 extra=dict(local[name].extra) if name in local else {},  # e.g. how the position mask applied
+                samples=int(elements[len(order) + index]) if layer_samples else None,
             )
         )
     return merged, int(elements[-1])

@@ -34,9 +34,11 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         raise UserError("--batch-size must be at least 1")
     if options.limit is not None and options.limit < 1:
         raise UserError("--limit must be at least 1")
+    from deadrelu_cli.loaders import check_weights_key
     from deadrelu_cli.loaders.detect import detect_format
 
     fmt = detect_format(options.model)
+    check_weights_key(options.model, fmt, options.weights_key)
     backend_for(fmt).check_options(options)
     device = backend_for(fmt).resolve_device(options.device)
     world = None
@@ -213,7 +215,11 @@ def attach_certificates(layers: list, bounds) -> None:
 
 def _certify_only(options: ScanOptions, fmt: str, device: str) -> ScanResult:
     """`scan --certify` without data: layers, units and which of them can never fire."""
-    model = load_model(LoadOptions(options.model, options.arch, options.trust_pickle, device))
+    model = load_model(
+        LoadOptions(
+            options.model, options.arch, options.trust_pickle, device, weights_key=options.weights_key
+        )
+    )
     layers: list = []
     attach_certificates(layers, certify_model(model, options, None, device))
     report = Report(

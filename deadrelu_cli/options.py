@@ -28,6 +28,7 @@ class ScanOptions:
     data: str | None
     arch: str | None = None
     trust_pickle: bool = False
+    weights_key: str | None = None  # the checkpoint dict's key that holds the weights (None: found)
     batch_size: int | str = "auto"  # or a positive int
     batch_size_explicit: bool = False  # given by the user: a graph's fixed batch does not replace it
     limit: int | None = None

@@ -82,15 +82,21 @@ def _eager_sites(model, ops, input_shape: tuple[int, ...] | None) -> tuple[list[
 
 
 def list_sites(
-    path: str, arch: str | None, trust_pickle: bool, ops: tuple[str, ...], input_shape: str | None
+    path: str,
+    arch: str | None,
+    trust_pickle: bool,
+    ops: tuple[str, ...],
+    input_shape: str | None,
+    weights_key: str | None = None,
 ):
-    from deadrelu_cli.loaders import LoadOptions, detect_format, load_model
+    from deadrelu_cli.loaders import LoadOptions, check_weights_key, detect_format, load_model
 
+    check_weights_key(path, detect_format(path), weights_key)
     if detect_format(path) == "onnx":
         from deadrelu_cli.probe.onnx_graph import onnx_sites
 
         return onnx_sites(path, ops), None
-    model = load_model(LoadOptions(path, arch, trust_pickle, "cpu"))
+    model = load_model(LoadOptions(path, arch, trust_pickle, "cpu", weights_key=weights_key))
     shape = parse_shape(input_shape) if input_shape else None
     if model.kind == "eager":
         return _eager_sites(model, ops, shape)

@@ -232,7 +232,13 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
     if weight_only:
         device = resolve_device(options.device)
         model = load_model(
-            LoadOptions(str(checkpoints[0].path), options.arch, options.trust_pickle, device)
+            LoadOptions(
+                str(checkpoints[0].path),
+                options.arch,
+                options.trust_pickle,
+                device,
+                weights_key=options.weights_key,
+            )
         )  # built once
         for checkpoint in checkpoints:
             if detect_format(checkpoint.path) == "safetensors":
@@ -241,7 +247,8 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
                 state = load_file(str(checkpoint.path), device=device)
             else:
                 state = unwrap_checkpoint(
-                    torch_load(checkpoint.path, device, options.trust_pickle, checked=True)
+                    torch_load(checkpoint.path, device, options.trust_pickle, checked=True),
+                    options.weights_key,
                 )  # detect_format checked each one above
             load_state_into(model.runnable, state, str(checkpoint.path))
             layers, _ = scan_torch(model, data, options, device)

@@ -129,28 +129,55 @@ def architecture_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def is_fsdp1(model: nn.Module) -> bool:
+    """An FSDP1 `FullyShardedDataParallel` wrapper (by name: no FSDP import on the way)."""
+    return "FullyShardedDataParallel" in {cls.__name__ for cls in type(model).__mro__}
+
+
+def wrapped_inside(model: nn.Module) -> nn.Module | None:
+    """The module a wrapper holds (None: `model` is no wrapper): `torch.compile`'s, DistributedDataParallel,
+    nn.DataParallel (refused over several devices), FSDP1 `FullyShardedDataParallel` (wrappers an
+    auto-wrap policy nests further inside are left out of the names by the probe), a PEFT model (the base
+    model, its adapters inside it)."""
+    inner = getattr(model, "_orig_mod", None)
+    kinds = {cls.__name__ for cls in type(model).__mro__}
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    if "PeftModel" in kinds and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    if "BaseTuner" in kinds and isinstance(getattr(model, "model", None), nn.Module):  # a LoraModel
+        return model.model
+    if is_fsdp1(model):
+        return model.module
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        devices = getattr(model, "device_ids", None) or []
+        if isinstance(model, nn.DataParallel) and len(devices) > 1:
+            # each device runs its own replica in its own thread: modules the watch does not know,
+            # under a TorchFunctionMode the other threads do not see
+            raise UserError(
+                f"watch(): nn.DataParallel over {len(devices)} devices runs replicas of the model in "
+                "threads, which the probe cannot count; use DistributedDataParallel (torchrun), whose "
+                "counts watch() combines over the ranks"
+            )
+        return model.module
+    return None
+
+
+def wrappers(model: nn.Module) -> list[nn.Module]:
+    """`model`, and each module wrapped inside it down to the innermost (see `wrapped_inside`)."""
+    chain = [model]
+    while (inner := wrapped_inside(chain[-1])) is not None:
+        chain.append(inner)
+    return chain
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
-    """The module that `torch.compile(module)`, DistributedDataParallel or nn.DataParallel wraps (in any
-    nesting): its names are those of eager and of a scan of the saved weights (no `_orig_mod.` or
-    `module.` prefix), and its forward's signature tells where a positional `attention_mask` is (a
-    wrapper's is `*inputs, **kwargs`). The wrapper calls it, so its own hooks see every forward."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
-            model = inner
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            devices = getattr(model, "device_ids", None) or []
-            if isinstance(model, nn.DataParallel) and len(devices) > 1:
-                # each device runs its own replica in its own thread: modules the watch does not know,
-                # under a TorchFunctionMode the other threads do not see
-                raise UserError(
-                    f"watch(): nn.DataParallel over {len(devices)} devices runs replicas of the model in "
-                    "threads, which the probe cannot count; use DistributedDataParallel (torchrun), whose "
-                    "counts watch() combines over the ranks"
-                )
-            model = model.module
-        else:
-            return model
+    """The module that `torch.compile(module)`, DistributedDataParallel, nn.DataParallel, FSDP1 or a PEFT
+    model wraps (in any nesting): its names are those of eager and of a scan of the saved weights (no
+    `_orig_mod.`, `module.`, `_fsdp_wrapped_module.` or `base_model.model.` prefix), and its forward's
+    signature tells where a positional `attention_mask` is (a wrapper's is `*inputs, **kwargs`). The
+    wrapper calls it, so its own hooks see every forward."""
+    return wrappers(model)[-1]
 
 
 def positional_index(model: nn.Module, argument: str | None) -> int | None:
@@ -178,6 +205,19 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     return 0
+
+
+def window_samples(layers: list, rows: int) -> int:
+    """A window's `data.samples`: the most samples any site saw (the rows of the forwards that reached
+    it: a GAN's discriminator sees real and generated rows, its generator only the noise); each site
+    that saw fewer keeps its own `samples` (the table's Samples column), the others get None. `rows`
+    (every forward's rows) when no site ran."""
+    seen = [layer.samples for layer in layers if layer.ran and layer.samples is not None]
+    samples = max(seen) if seen else rows
+    for layer in layers:
+        if layer.samples == samples or not layer.ran:
+            layer.samples = None
+    return samples
 
 
 class Watch:
@@ -222,7 +262,11 @@ class Watch:
             raise UserError(f"watch(): expected an nn.Module, got {type(model).__name__}")
         if every < 1 or window < 1:
             raise UserError("watch(): every and window must be at least 1")
-        model = unwrapped(model)
+        # FSDP1 keeps the parameters flattened and sharded between forwards: read the biases inside
+        # summon_full_params of the wrapper given (a collective: every rank closes the window alike)
+        chain = wrappers(model)
+        self._fsdp = next((m for m in chain if is_fsdp1(m)), None)
+        model = chain[-1]
         self.model = model
         self.every = int(every)
         self.window = int(window)
@@ -270,7 +314,10 @@ class Watch:
             ),
         )
         self._sampled: list[int] = []  # steps sampled in this window
-        self._samples = 0
+        self._samples = 0  # rows of every forward of the window
+        self._site_samples: dict[str, int] = {}  # rows of the forwards that reached each site
+        self._forward: tuple[int, dict[str, int]] | None = None  # the running forward's rows, and where
+        # each site's count stood when it began
         self._windows = 0
         self._previous_dead: dict[str, np.ndarray] = {}
         self._warned: set[str] = set()
@@ -329,6 +376,11 @@ class Watch:
         return None
 
     @property
+    def current_step(self) -> int | None:
+        """The number of the step that `step()` began last (None before the first)."""
+        return self._current
+
+    @property
     def last(self) -> Report | None:
         return self.reports[-1] if self.reports else None
 
@@ -349,9 +401,14 @@ class Watch:
             # torch warns that global hooks also fire for a torch.compile(module) wrapper: ours skip it
             warnings.filterwarnings("ignore", message=COMPILED_WRAPPER_WARNING, category=UserWarning)
 
+        registry = probe.registry
+
         def begin(args, kwargs):
             probe.begin_forward()
-            self._samples += _batch_size(args, kwargs)
+            rows = _batch_size(args, kwargs)
+            self._samples += rows
+            # which sites this forward reaches: they saw its rows (a GAN's G and D are forwards apart)
+            self._forward = (rows, registry.elements_seen())
             if self._mask is None and self.mask_argument is not None:  # given masks win
                 self._apply_mask(self._forward_mask(args, kwargs), args, kwargs)
             elif self._mask is not None and (self._frames is not None or self._pooled is not None):
@@ -363,6 +420,11 @@ class Watch:
         def end():
             if self._modes:
                 self._modes.pop().__exit__(None, None, None)
+            if self._forward is not None:
+                (rows, before), self._forward = self._forward, None
+                for name, seen in registry.elements_seen().items():
+                    if seen != before.get(name, 0):
+                        self._site_samples[name] = self._site_samples.get(name, 0) + rows
 
         def start(module, args, kwargs):
             if module is not root:  # a replica (nn.DataParallel copies the model, hooks included) runs
@@ -458,7 +520,7 @@ class Watch:
         return value
 
     def _detach(self) -> None:
-        self._outer, self._recomputing, self._evaluating = None, 0, 0
+        self._outer, self._recomputing, self._evaluating, self._forward = None, 0, 0, None
         while self._modes:  # a forward that never returned (an exception inside a hook)
             self._modes.pop().__exit__(None, None, None)
         for handle in self._handles:
@@ -472,16 +534,27 @@ class Watch:
     def _close_window(self) -> Report:
         sampled, self._sampled = self._sampled, []
         samples, self._samples = self._samples, 0
+        site_samples, self._site_samples = self._site_samples, {}
         evaluations, self._evaluations = self._evaluations, 0
         replicas, self._replicas = self._replicas, 0
         layers = self._probe.registry.layer_stats()  # host copies: the counters start over in place
         self._probe.restart_counts()
+        for layer in layers:
+            if layer.ran:
+                layer.samples = site_samples.get(layer.name, 0)
         parameter = next(self.model.parameters(), None)
         device = str(parameter.device) if parameter is not None else "cpu"
         world = self._world()
         if world is not None:  # data-parallel: every rank's counts, summed (max of maxima), on every rank
-            layers, samples = reduce_layers(world, layers, samples, device)
-        attach_module_biases(self.model, layers)
+            layers, samples = reduce_layers(world, layers, samples, device, layer_samples=True)
+        samples = window_samples(layers, samples)
+        if self._fsdp is not None:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(self._fsdp, writeback=False):
+                attach_module_biases(self.model, layers)
+        else:
+            attach_module_biases(self.model, layers)
         training = TrainingInfo(
             step=sampled[-1],
             first_step=sampled[0],

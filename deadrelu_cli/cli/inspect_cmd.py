@@ -29,7 +29,9 @@ def inspect(
     from deadrelu_cli.sites import list_sites
 
     wanted = parse_ops(ops)
-    sites, note = list_sites(model, loading.arch, loading.trust_pickle, wanted, input_shape)
+    sites, note = list_sites(
+        model, loading.arch, loading.trust_pickle, wanted, input_shape, loading.weights_key
+    )
     console = make_console()
     console.print(terminal_text(f"{model}: {len(sites)} activation sites"), markup=False)
     table = plain_table()

@@ -57,6 +57,14 @@ TrustPickle = Annotated[
         help="Trust the file: allow full unpickling and TorchScript / .pt2 code beyond pure tensor ops (both can run code from the file). Only for checkpoints you trust.",
     ),
 ]
+WeightsKey = Annotated[
+    str | None,
+    typer.Option(
+        "--weights-key",
+        help="The key of a checkpoint dict that holds the weights, when it holds several (a model and its EMA copy, a GAN's G and D); fix then rewrites that one and keeps the others.",
+        show_default=False,
+    ),
+]
 BatchSize = Annotated[
     str | None,
     typer.Option(
@@ -405,6 +413,7 @@ class Loading(OptionGroup):
 
     arch: Arch = None
     trust_pickle: TrustPickle = False
+    weights_key: WeightsKey = None
 
 
 @dataclass(frozen=True)
@@ -584,6 +593,7 @@ def scan_options(
         data=data,
         arch=loading.arch,
         trust_pickle=loading.trust_pickle,
+        weights_key=loading.weights_key,
         batch_size=parse_batch_size(running.batch_size or DEFAULT_BATCH_SIZE),
         batch_size_explicit=running.batch_size is not None,
         limit=running.limit,

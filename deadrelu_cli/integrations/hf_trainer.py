@@ -52,6 +52,7 @@ class DeadReluCallback(TrainerCallback):
         self.watch: Watch | None = None
         self.trainer = None
         self._pending: dict[str, float] = {}
+        self._pending_step: int | None = None  # the step of the window whose metrics are pending
 
     def attach(self, trainer) -> DeadReluCallback:
         """Add this callback to `trainer`, logging through `trainer.log` (what all its loggers read)."""
@@ -96,6 +97,9 @@ class DeadReluCallback(TrainerCallback):
 
     def _on_report(self, report: Report) -> None:
         self._pending.update(layer_metrics(report, self.prefix))
+        self._pending_step = report.training.step
+        if self.trainer is None:  # riding along with a later log event of the Trainer: say whose step
+            self._pending[f"{self.prefix}step"] = float(report.training.step)
 
     def _flush(self, control):
         if self._pending and self.trainer is not None:
@@ -103,7 +107,15 @@ class DeadReluCallback(TrainerCallback):
             # Trainer.log clears control.should_log (CallbackHandler.on_log): the Trainer's own log of
             # this step (its loss, learning rate, grad norm), decided before us, would be lost
             should_log = control.should_log
-            self.trainer.log(metrics)
+            # logged at the window's step (the weights after that many optimizer steps, as checkpoint-N
+            # and the evaluation at step N): the step has ended, so state.global_step is one more, and
+            # Trainer.log and every reporting integration read state.global_step
+            state = self.trainer.state
+            now, state.global_step = state.global_step, self._pending_step
+            try:
+                self.trainer.log(metrics)
+            finally:
+                state.global_step = now
             control.should_log = self.trainer.control.should_log = should_log
         elif self._pending:
             control.should_log = True  # so that the metrics reach a log event soon

@@ -95,7 +95,10 @@ class DeadReluCallback(Callback):
             self.watch.set_position_mask(self.position_mask(batch))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.watch.pause()  # validation forwards in between are not counted; the next step closes a window
+        if trainer.global_step != self.watch.current_step:  # the optimizer stepped: the step is over, and
+            self.watch.end_step()  # a window closes now (logged, and a gate stops, after this very batch)
+        else:  # a micro-batch of gradient accumulation: the next batch continues this step
+            self.watch.pause()  # (validation forwards in between are not counted)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.watch is not None:

@@ -5,12 +5,23 @@ Torch loaders are imported lazily, so that `deadrelu --help` and the report tool
 
 from __future__ import annotations
 
-from deadrelu_cli.loaders.detect import detect_format
+from deadrelu_cli.errors import UserError
+from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP, detect_format
 from deadrelu_cli.loaders.model import InputSpec, LoadedModel, LoadOptions
+
+
+def check_weights_key(path, fmt: str, key: str | None) -> None:
+    """--weights-key picks a weight dict of a torch checkpoint dict; any other format has none."""
+    if key is not None and fmt not in (TORCH_ZIP, TORCH_LEGACY):
+        raise UserError(
+            f"--weights-key {key!r}: {path} is not a torch checkpoint dict ({fmt}); the option picks one "
+            "of the weight dicts of a .pt/.pth/.ckpt file"
+        )
 
 
 def load_model(options: LoadOptions) -> LoadedModel:
     fmt = detect_format(options.path)
+    check_weights_key(options.path, fmt, options.weights_key)
     if fmt == "onnx":
         from deadrelu_cli.loaders.onnx_model import load_onnx
 
@@ -24,4 +35,4 @@ def load_model(options: LoadOptions) -> LoadedModel:
     return load_torch(options, fmt)
 
 
-__all__ = ["InputSpec", "LoadOptions", "LoadedModel", "detect_format", "load_model"]
+__all__ = ["InputSpec", "LoadOptions", "LoadedModel", "check_weights_key", "detect_format", "load_model"]

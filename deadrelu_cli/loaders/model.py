@@ -18,6 +18,7 @@ class LoadOptions:
     dtype: str | None = None  # --dtype: model folders are loaded in it (others are cast after loading)
     device_map: str | None = None  # --device-map (model folders, through accelerate)
     max_memory: str | None = None  # --max-memory with --device-map: "0=20GiB,cpu=64GiB"
+    weights_key: str | None = None  # --weights-key: the checkpoint dict's key that holds the weights
 
 
 @dataclass(frozen=True)

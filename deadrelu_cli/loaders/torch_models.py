@@ -100,9 +100,26 @@ def _holds_weights(inner) -> bool:
     )
 
 
-def weights_key(obj) -> str | None:
+def weight_dicts(obj) -> list[str]:
+    """The keys of a checkpoint dict whose values hold weights (a model, its EMA copy, a GAN's G and D)."""
+    if not isinstance(obj, Mapping) or _is_tensor_dict(obj):
+        return []
+    return [key for key, value in obj.items() if _holds_weights(value)]
+
+
+def weights_key(obj, chosen: str | None = None) -> str | None:
     """The key of a checkpoint dict that holds its weights (None: the weights are at the top level, or
-    there is no single such key); what `unwrap_checkpoint` unwraps, and what a fix writes back into."""
+    there is no single such key); what `unwrap_checkpoint` unwraps, and what a fix writes back into.
+    `chosen` (--weights-key): that key, which must hold weights."""
+    if chosen is not None:
+        candidates = weight_dicts(obj)
+        if chosen not in candidates:
+            listed = ", ".join(repr(k) for k in candidates) or "none"
+            raise UserError(
+                f"--weights-key {chosen!r}: the checkpoint has no weight dict under that key "
+                f"(weight dicts: {listed})"
+            )
+        return chosen
     if not isinstance(obj, Mapping) or _is_tensor_dict(obj):
         return None
     for key in STATE_DICT_KEYS:
@@ -115,28 +132,30 @@ def weights_key(obj) -> str | None:
     return nested[0] if len(nested) == 1 else None
 
 
-def other_weights_note(obj, path: Path) -> list[str]:
+def other_weights_note(obj, path: Path, chosen: str | None = None) -> list[str]:
     """A note when a checkpoint dict holds more weight dicts than the one scanned (the model and its
     EMA copy, a GAN's two models): which one was read, and how to scan another."""
-    key = weights_key(obj)
+    key = weights_key(obj, chosen)
     if key is None:
         return []
     others = [k for k, v in obj.items() if k != key and _holds_weights(v)]
     if not others:
         return []
     listed = ", ".join(repr(k) for k in others)
+    if chosen is not None:
+        return [f"{path.name}: read the weights under --weights-key {key!r}; it also holds {listed}"]
     return [
         f"{path.name}: scanned the weights under {key!r}; it also holds {listed}. To scan one of those, save "
         f"it on its own: torch.save(torch.load(PATH)[{others[0]!r}], 'other.pt')"
     ]
 
 
-def unwrap_checkpoint(obj):
-    """Return the state_dict (or the nn.Module) inside a checkpoint dict."""
-    if isinstance(obj, nn.Module) or _is_tensor_dict(obj):
+def unwrap_checkpoint(obj, chosen: str | None = None):
+    """Return the state_dict (or the nn.Module) inside a checkpoint dict (under `chosen`, if given)."""
+    if chosen is None and (isinstance(obj, nn.Module) or _is_tensor_dict(obj)):
         return obj
     if isinstance(obj, Mapping):
-        key = weights_key(obj)
+        key = weights_key(obj, chosen)
         inner = obj if key is None else obj[key]
         if isinstance(inner, nn.Module) or _is_tensor_dict(inner):
             return inner
@@ -145,9 +164,10 @@ def unwrap_checkpoint(obj):
             return tensors
         nested = [key for key, value in obj.items() if _is_tensor_dict(value)]
         found = f"several weight dicts ({', '.join(map(str, nested))})" if nested else "no weights"
+        how = "pass --weights-key NAME to read one, or save" if nested else "save"
         raise UserError(
             f"checkpoint dict has {found} and none under {', '.join(STATE_DICT_KEYS)} "
-            f"(keys: {', '.join(map(str, list(obj)[:8]))}); save the model's state_dict on its own"
+            f"(keys: {', '.join(map(str, list(obj)[:8]))}); {how} the model's state_dict on its own"
         )
     raise UserError(f"checkpoint holds a {type(obj).__name__}, not a state_dict or a model")
 
@@ -393,16 +413,17 @@ def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
         return loaded
     if fmt in (TORCH_ZIP, TORCH_LEGACY):
         whole = torch_load(path, device, options.trust_pickle, checked=True)  # by detect_format
-        obj = unwrap_checkpoint(whole)
+        key = options.weights_key
+        obj = unwrap_checkpoint(whole, key)
         if isinstance(obj, nn.Module):
-            return _with_notes(_eager(path, "module", obj, sha, device), other_weights_note(whole, path))
+            return _with_notes(_eager(path, "module", obj, sha, device), other_weights_note(whole, path, key))
         if not options.arch:
             raise UserError(
                 f"{path}: holds a state_dict (weights only); pass --arch MODULE:FACTORY that builds the model, e.g. --arch models.py:build"
             )
         model = build_from_arch(options.arch)
         layout = {}
-        notes = load_state_into(model, obj, str(path), layout) + other_weights_note(whole, path)
+        notes = load_state_into(model, obj, str(path), layout) + other_weights_note(whole, path, key)
         loaded = _with_notes(_eager(path, "state_dict", model, sha, device), notes)
         loaded.extra.update(layout)
         return loaded

@@ -48,6 +48,11 @@ class SiteRegistry:
         next runs; sites that do not run again are left out of `layer_stats`."""
         self._stale = set(self.sites)
 
+    def elements_seen(self) -> dict[str, int]:
+        """Values per unit each site has counted since `restart` (a stale site: 0)."""
+        stale = self._stale
+        return {name: 0 if name in stale else site.elements_per_unit for name, site in self.sites.items()}
+
     def _fresh(self, site: SiteAccumulator) -> SiteAccumulator:
         if self._stale and site.name in self._stale:
             self._stale.discard(site.name)

@@ -55,6 +55,18 @@ PRODUCER_TYPES: tuple[type, ...] = (
     nn.GroupNorm,
 )
 SHAPING_TYPES = PRODUCER_TYPES + CHANNEL_FIRST_TYPES  # outputs whose origin is tracked
+# attribute names of wrappers that torch nests inside a model (FSDP1's auto-wrapping, activation
+# checkpointing's wrapper, a torch.compile'd submodule): not part of a layer's name
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def module_names(model: nn.Module) -> dict[int, str]:
+    """id(module) -> its name in `model`, without the segments of wrappers nested inside it (the names of
+    a scan of the saved weights; the wrapper and the module it wraps share the name)."""
+    names = {}
+    for name, module in model.named_modules():
+        names[id(module)] = ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
+    return names
 
 
 @dataclass(frozen=True)
@@ -410,7 +422,7 @@ class EagerProbe:
         self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement
         self.recording = True  # False: only names sites for `substitutes` (a patched model, exportable)
         self.final_output_sites: set[str] = set()  # sites whose output is returned by the model
-        self._module_names = {id(m): name for name, m in model.named_modules()}
+        self._module_names = module_names(model)
         self.fast_paths = True  # relu counted while it runs (run_in_parts); False: the counting of before
         self._activation_types: dict[type, bool] = {}
         # activations inside kernels or TorchScript code no hook or mode sees: named, not counted
@@ -552,7 +564,7 @@ class EagerProbe:
             # a module the names do not know, called inside the model's forward: the model changed since
             # (a submodule added or replaced), or it calls a module it does not own; the names are taken
             # again here, once, rather than walking every module on each attach (O(modules) per step)
-            self._module_names = {id(m): name for name, m in self.model.named_modules()}
+            self._module_names = module_names(self.model)
             foreign.clear()
             if key in self._module_names:
                 return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -422,9 +422,17 @@ def merge_reports(reports: list[Report]) -> Report:
             )
         if [layer.name for layer in other.layers] != [layer.name for layer in first.layers]:
             raise UserError("cannot merge: the reports list different layers (different models or --ops)")
-    layers = list(first.layers)
-    for other in reports[1:]:
-        layers = [merge_layer(x, y) for x, y in zip(layers, other.layers, strict=True)]
+    # a layer's samples (None: all of its report's) are added as counts: a part where a site saw fewer
+    # (an ONNX branch, a GAN's generator in a training window) must not make the merged site "all"
+    parts = [
+        [replace(layer, samples=r.data.samples) if layer.samples is None else layer for layer in r.layers]
+        for r in reports
+    ]
+    total = sum(r.data.samples for r in reports)
+    layers = parts[0]
+    for other in parts[1:]:
+        layers = [merge_layer(x, y) for x, y in zip(layers, other, strict=True)]
+    layers = [replace(layer, samples=None) if layer.samples == total else layer for layer in layers]
     data_paths = sorted({r.data.path for r in reports})
     notes = sorted({n for r in reports for n in r.notes})
     if len(data_paths) < len(reports):

@@ -44,6 +44,7 @@ def load_and_scan(options: ScanOptions, data: CalibrationData, device: str):
             options.dtype,
             options.device_map,
             options.max_memory,
+            weights_key=options.weights_key,
         )
     )
     apply_dtype(model, options.dtype)

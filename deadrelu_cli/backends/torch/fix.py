@@ -197,7 +197,9 @@ def apply_torch(
     if suffix in STATE_SUFFIXES and loaded.format in ("state_dict", "safetensors"):
         from deadrelu_cli.backends.torch.resume import read_training_checkpoint
 
-        training = read_training_checkpoint(Path(loaded.path), loaded.format, scan_options.trust_pickle)
+        training = read_training_checkpoint(
+            Path(loaded.path), loaded.format, scan_options.trust_pickle, scan_options.weights_key
+        )
     touched: dict = {}  # parameter entries the fix rewrites (their optimizer moments are reset)
     if options.strategy == "reinit":
         drawn: dict[str, str] = {}
@@ -286,6 +288,7 @@ def apply_torch(
                     scan_options.dtype,
                     scan_options.device_map,
                     scan_options.max_memory,
+                    weights_key=scan_options.weights_key,
                 )
             ),
             scanned.data,
@@ -327,7 +330,7 @@ def _written_states(training, temp: Path, result, scan_options) -> list[dict]:
         written = torch_load(temp, "cpu", scan_options.trust_pickle, checked=True)
     else:
         return []
-    return [state for _, state in find_optimizer_states(written)]
+    return [state for where, state in find_optimizer_states(written) if where not in training.foreign]
 
 
 def _check_resume(
@@ -340,7 +343,15 @@ def _check_resume(
 
     if not states:
         return
-    resumed = load_model(LoadOptions(str(temp), scan_options.arch, scan_options.trust_pickle, scanned.device))
+    resumed = load_model(
+        LoadOptions(
+            str(temp),
+            scan_options.arch,
+            scan_options.trust_pickle,
+            scanned.device,
+            weights_key=scan_options.weights_key,
+        )
+    )
     resume_check(resumed, states, steps)
     layers, _ = scan_torch(resumed, scanned.data, replace(scan_options, progress=None), scanned.device)
     by_name = {layer.name: layer for layer in layers}

@@ -37,6 +37,11 @@ MOMENT_KEYS = (
     "grad_avg",
     "acc_delta",
 )
+# Adafactor's (transformers) factored second moment of a parameter of 2 or more dims: a row factor over
+# shape[:-1] and a column factor over shape[:-2] + shape[-1:] (the estimate is row ⊗ col / mean(row))
+FACTORED_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col")
+# what tells Adafactor's saved param_groups apart (transformers.optimization.Adafactor's own settings)
+ADAFACTOR_SETTINGS = {"clip_threshold", "decay_rate", "scale_parameter", "relative_step", "warmup_init"}
 # torch optimizers a resume check rebuilds from a saved state, told apart by their hyperparameters (the
 # keys of param_groups) and, once stepped, their per-parameter state keys (Adam stands for AdamW: the
 # group's decoupled_weight_decay says which)
@@ -109,6 +114,24 @@ class ParamMap:
     notes: list[str] = field(default_factory=list)
 
 
+def factored_axis(key: str, axis: int, dims: int) -> int | None:
+    """Where the parameter's `axis` (of `dims`) is in Adafactor's row or column factor (None: that factor
+    averages over it)."""
+    if key == "exp_avg_sq_row":
+        return None if axis == dims - 1 else axis
+    if axis == dims - 2:
+        return None
+    return dims - 2 if axis == dims - 1 else axis
+
+
+def _factored_shape(entry: Mapping) -> tuple[int, ...] | None:
+    """The parameter's shape from Adafactor's row and column factors (None: not factored)."""
+    row, col = (entry.get(key) for key in FACTORED_KEYS)
+    if isinstance(row, torch.Tensor) and isinstance(col, torch.Tensor) and row.dim() >= 1 and col.dim() >= 1:
+        return (*row.shape, col.shape[-1])
+    return None
+
+
 def _fits(state: Mapping, names: dict[int, str], params: dict[str, torch.Tensor]) -> bool:
     for index, entry in state.items():
         name = names.get(index)
@@ -117,6 +140,9 @@ def _fits(state: Mapping, names: dict[int, str], params: dict[str, torch.Tensor]
         for key, value in entry.items():
             if key in MOMENT_KEYS and isinstance(value, torch.Tensor) and value.shape != params[name].shape:
                 return False
+        factored = _factored_shape(entry)
+        if factored is not None and factored != tuple(params[name].shape):
+            return False
     return True
 
 
@@ -176,7 +202,7 @@ def _state_shape(entry: Mapping | None) -> tuple[int, ...] | None:
     for key, value in (entry or {}).items():
         if key in MOMENT_KEYS and isinstance(value, torch.Tensor) and value.dim() > 0:
             return tuple(value.shape)
-    return None
+    return _factored_shape(entry or {})
 
 
 def _embeddings(shapes: list, order: list[str], params: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
@@ -281,11 +307,16 @@ def reset_moments(
         for key, value in list(entry.items()):
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
                 continue
-            if key not in MOMENT_KEYS:
+            if key not in MOMENT_KEYS and key not in FACTORED_KEYS:
                 unknown.add(key)
                 continue
             value = value.clone()
             for axis, indices in parts:
+                if key in FACTORED_KEYS:  # a recycled row's entry of the row factor, a zeroed column's of
+                    # the column factor: their estimate row ⊗ col / mean(row) is then zero, as for a fresh one
+                    axis = factored_axis(key, axis, value.dim() + 1)
+                    if axis is None:
+                        continue
                 value.index_fill_(axis, torch.tensor(indices, dtype=torch.long, device=value.device), 0)
             entry[key] = value
         reset += 1
@@ -317,6 +348,12 @@ def optimizer_class(optimizer_state: Mapping) -> type[torch.optim.Optimizer] | N
                 continue
         if best is None or len(core) > best[1]:
             best = (cls, len(core))
+    if best is None and ADAFACTOR_SETTINGS <= saved:
+        try:  # the Hugging Face Trainer's `optim="adafactor"`
+            from transformers.optimization import Adafactor
+        except ImportError:
+            return None
+        return Adafactor
     return best[0] if best else None
 
 
@@ -336,8 +373,9 @@ def optimizer_for(optimizer_state: Mapping, model: nn.Module, mapping: ParamMap)
         }
         found = ", ".join(sorted(kinds or settings)) or "nothing"
         raise UserError(
-            f"optimizer state with {found}: not one of torch's {', '.join(OPTIMIZERS)} (AdamW too), so the "
-            "resume cannot be checked here; pass --resume-steps 0 to write the fix without the resume check"
+            f"optimizer state with {found}: not one of torch's {', '.join(OPTIMIZERS)} (AdamW too) nor "
+            "transformers' Adafactor (with transformers installed), so the resume cannot be checked here; pass "
+            "--resume-steps 0 to write the fix without the resume check"
         )
     optimizer = cls(groups)
     optimizer.load_state_dict(optimizer_state)

@@ -26,7 +26,7 @@ from deadrelu_cli.backends.torch.optimizer_state import (
 )
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import check_companion_free, copyable_reason, temp_path_for
-from deadrelu_cli.loaders.torch_models import strip_wrapper_prefixes, torch_load, weights_key
+from deadrelu_cli.loaders.torch_models import strip_wrapper_prefixes, torch_load, weight_dicts, weights_key
 
 RESETTING_STRATEGIES = ("reinit", "kick", "bias-shift")  # every strategy that rewrites entries in place
 
@@ -41,6 +41,10 @@ class TrainingCheckpoint:
     optimizer_file: Path | None = None  # Hugging Face: optimizer.pt beside the weights
     optimizer_file_state: dict | None = None
     notes: list[str] = field(default_factory=list)
+    # --weights-key chose one of several weight dicts: an optimizer state that does not fit its
+    # architecture is another weight dict's (a GAN's D optimizer when G is fixed), kept as it was
+    chosen_among_several: bool = False
+    foreign: list[tuple] = field(default_factory=list)  # where those optimizer states are
 
     def optimizers(self) -> list[tuple[tuple, dict]]:
         if self.optimizer_file_state is not None:
@@ -48,12 +52,22 @@ class TrainingCheckpoint:
         return find_optimizer_states(self.checkpoint)
 
 
-def read_training_checkpoint(path: Path, fmt: str, trust_pickle: bool) -> TrainingCheckpoint | None:
+def read_training_checkpoint(
+    path: Path, fmt: str, trust_pickle: bool, chosen: str | None = None
+) -> TrainingCheckpoint | None:
     """The checkpoint's extra content, or None when the file is weights only (and no optimizer file,
-    the Trainer's optimizer.pt or accelerate's optimizer.bin, is beside it)."""
+    the Trainer's optimizer.pt or accelerate's optimizer.bin, is beside it). A checkpoint dict holding
+    several weight dicts (a model and its EMA copy, a GAN's G and D) is fixed only under the one the user
+    names (`chosen`, --weights-key): fixing one and writing the others back unfixed is never guessed."""
     checkpoint = None
     if fmt == "state_dict":
         checkpoint = torch_load(path, "cpu", trust_pickle, checked=True)  # the model, checked when loaded
+        several = weight_dicts(checkpoint)
+        if len(several) > 1 and chosen is None:
+            raise UserError(
+                f"{path}: the checkpoint holds {len(several)} weight dicts ({', '.join(map(repr, several))}); "
+                "pass --weights-key NAME to fix one of them (the others are written back as they are)"
+            )
     beside, optimizer_file_state = None, None
     for name in OPTIMIZER_FILES:
         candidate = path.parent / name
@@ -63,7 +77,7 @@ def read_training_checkpoint(path: Path, fmt: str, trust_pickle: bool) -> Traini
                 beside, optimizer_file_state = candidate, state
                 break
     wraps = isinstance(checkpoint, Mapping) and (
-        weights_key(checkpoint) is not None
+        weights_key(checkpoint, chosen) is not None
         or not all(isinstance(v, torch.Tensor) for v in checkpoint.values())
     )
     if not wraps and optimizer_file_state is None:
@@ -71,9 +85,10 @@ def read_training_checkpoint(path: Path, fmt: str, trust_pickle: bool) -> Traini
     return TrainingCheckpoint(
         path,
         checkpoint if wraps else None,
-        weights_key(checkpoint) if wraps else None,
+        weights_key(checkpoint, chosen) if wraps else None,
         beside,
         optimizer_file_state,
+        chosen_among_several=chosen is not None and len(weight_dicts(checkpoint)) > 1,
     )
 
 
@@ -97,7 +112,17 @@ def _reset_all(
 ) -> list[str]:
     notes = []
     for where, state in states:
-        mapping = map_parameters(state, model)
+        try:
+            mapping = map_parameters(state, model)
+        except UserError:
+            if training is None or not training.chosen_among_several:
+                raise
+            training.foreign.append(where)
+            notes.append(
+                f"{'/'.join(map(str, where))}: does not fit the weights under {training.weights_key!r} "
+                "(another weight dict's optimizer): kept as it was"
+            )
+            continue
         reset, unknown = reset_moments(state, mapping, touched)
         if training is None:
             label = HF_OPTIMIZER_FILE
@@ -134,6 +159,12 @@ def write_training_checkpoint(
             checkpoint.update(_fixed_weights({k: v for k, v in checkpoint.items()}, model))
         else:
             checkpoint[training.weights_key] = _fixed_weights(checkpoint[training.weights_key], model)
+            kept = [k for k in weight_dicts(checkpoint) if k != training.weights_key]
+            if kept:  # --weights-key chose one of several
+                notes.append(
+                    f"fixed the weights under {training.weights_key!r}; {', '.join(map(repr, kept))} written back "
+                    "as they were (fix each with its own --weights-key)"
+                )
         states = find_optimizer_states(checkpoint)
         if resetting and states:
             notes += _reset_all(training, states, model, touched)

@@ -111,6 +111,20 @@ def attach_module_biases(runnable, layers) -> None:
     from deadrelu_cli.wiring.torch import offloaded
 
     params = None
+    nested: dict | None = None
+
+    def nested_modules() -> dict:
+        """Modules by their names without the segments of nested wrappers (what the probe names them)."""
+        nonlocal nested
+        if nested is None:
+            from deadrelu_cli.probe.eager import module_names
+
+            nested = {}
+            if isinstance(runnable, torch.nn.Module):
+                by_id = {id(m): m for m in runnable.modules()}
+                for ident, name in module_names(runnable).items():  # outer first: the wrapped one wins
+                    nested[name] = by_id[ident]
+        return nested
 
     def tensor_of(producer: str, key: str):
         nonlocal params
@@ -119,7 +133,10 @@ def attach_module_biases(runnable, layers) -> None:
             try:  # a parameter or buffer; accelerate's copy where it was offloaded (a meta tensor)
                 return offloaded(runnable.get_submodule(producer), key)
             except AttributeError:
-                pass  # not a module path: by name below
+                pass  # not a module path: a wrapper nested inside (FSDP1), else by name below
+            module = nested_modules().get(producer)
+            if module is not None:
+                return offloaded(module, key)
         if params is None:
             params = {}
             if hasattr(runnable, "named_parameters"):
@@ -137,7 +154,10 @@ def attach_module_biases(runnable, layers) -> None:
             and is_last_axis_vector(tuple(bias.shape))  # [N] or [1, N]
             and bias.shape[-1] == layer.units
         ):
-            layer.bias = bias.detach().float().cpu().numpy().astype(np.float64).reshape(-1)
+            if hasattr(bias, "full_tensor"):  # a DTensor (FSDP2's fully_shard): gathered, on every rank alike
+                bias = bias.full_tensor()
+            # a copy first: numpy's view would pin the storage, which FSDP frees and regrows in place
+            layer.bias = bias.detach().float().cpu().clone().numpy().astype(np.float64).reshape(-1)
             continue
         weight = tensor_of(layer.producer, "weight")
         mean = tensor_of(layer.producer, "running_mean") if bias is None and weight is None else None
