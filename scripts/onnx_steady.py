@@ -32,7 +32,6 @@ def _options(threads: int, scan: bool) -> ort.SessionOptions:
     if scan:  # the scan's own settings (backends/onnx/scan.make_session)
         options.enable_mem_pattern = False
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     return options
 
 

@@ -68,15 +68,14 @@ def make_session(model_bytes: bytes, device: str, notes: list[str]):
     options.log_severity_level = severity
     # The statistics branches keep activations alive longer than the plain graph does. With its
     # memory pattern on, onnxruntime re-plans one big block on the first passes of each batch shape
-    # (ResNet-18, batch 64: the second pass took 0.7-1.1 s instead of 0.4 s); without it, and with
-    # priority-based order, the first passes cost what the plain model's do.
+    # (ResNet-18, batch 64: the second pass took 0.7-1.1 s instead of 0.4 s); without it the first passes
+    # cost what the plain model's do. onnxruntime's default order (not priority-based, which the scan used
+    # before) runs as fast and frees each activation sooner: ResNet-18 at batch 32, the run's memory
+    # +101 MB instead of +190 MB (docs/performance.md, seventh session).
     options.enable_mem_pattern = False
     # Between runs the host adds up the statistics and the prefetch thread reads the next batch; spinning
     # intra-op threads would compete with both for the cores (2 cores, ResNet-18 ONNX: 1.13x -> 1.03x plain)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    order = getattr(getattr(ort, "ExecutionOrder", None), "PRIORITY_BASED", None)
-    if order is not None:
-        options.execution_order = order
     if shared_cpu_arena(ort):
         options.add_session_config_entry("session.use_env_allocators", "1")
     try:
