@@ -385,6 +385,8 @@ def measure_gains(
 
         def collector(name):
             def collect(pre: torch.Tensor, channel_dim: int) -> None:
+                if pre.is_floating_point():  # the precision the pre-activation is rounded to (_gain)
+                    eps[name] = max(eps.get(name, 0.0), torch.finfo(pre.dtype).eps)
                 values = pre.detach().movedim(channel_dim, -1)
                 seen[name].append(values.reshape(-1, values.shape[-1]).double().cpu())
 
@@ -394,6 +396,7 @@ def measure_gains(
         return {name: torch.cat(chunks) if chunks else None for name, chunks in seen.items()}
 
     out: dict[str, np.ndarray | str] = {}
+    eps: dict[str, float] = {}
     measured = [plan for plan in plans if not targets[plan.name].startswith("skipped")]
     if not measured:
         return {plan.name: targets[plan.name] for plan in plans}
@@ -419,12 +422,16 @@ def measure_gains(
                 after = capture([plan.name])[plan.name]
             finally:
                 tensor[units] = kept
-            out[plan.name] = _gain(target, plan.units, before, after, applied)
+            out[plan.name] = _gain(target, plan.units, before, after, applied, eps.get(plan.name, 0.0))
     return out
 
 
-def _gain(target: str, units: list[int], before, after, applied: torch.Tensor) -> np.ndarray | str:
-    """The per-unit gains of `after - before` for moves `applied` (per unit), or why the move is not a shift."""
+def _gain(
+    target: str, units: list[int], before, after, applied: torch.Tensor, eps: float = 0.0
+) -> np.ndarray | str:
+    """The per-unit gains of `after - before` for moves `applied` (per unit), or why the move is not a shift.
+    `eps`: the machine epsilon of the pre-activation's dtype; a float16/bfloat16 one rounds each value by
+    up to eps/2 of its size, so a plain bias moves it by one constant only up to that."""
     if after is None or after.shape != before.shape:
         return f"skipped: moving {target} changed the site's shape"
     others = torch.ones(before.shape[1], dtype=torch.bool)
@@ -439,7 +446,10 @@ def _gain(target: str, units: list[int], before, after, applied: torch.Tensor) -
     gains = moved.median(dim=0).values
     spread = (moved - gains).abs().max(dim=0).values
     scale = float(before[:, units].abs().max()) + delta
-    if not bool(((spread <= 1e-4 * gains.abs() + 1e-5 * scale / delta) & (gains.abs() > 1e-6)).all()):
+    rel = max(1e-5, 4 * eps)  # float32: the old bound; half precision: a few roundings of its own
+    if not bool(
+        ((spread <= max(1e-4, rel) * gains.abs() + rel * scale / delta) & (gains.abs() > 1e-6)).all()
+    ):
         return (
             f"skipped: a move of {target} does not move the pre-activation by one constant per unit "
             "(a data-dependent op between them); use leaky"

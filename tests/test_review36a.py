@@ -1,0 +1,52 @@
+"""Review of the day's merges (review36a): regressions found by trying the tool as a user would.
+Truth is plain torch on the written files, never the tool's own output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import save_npz
+from torch import nn
+
+
+class _Half(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bias_shift_on_a_half_precision_program(cli, tmp_path, dtype):
+    """A float16/bfloat16 .pt2, Linear -> ReLU: the gain of its bias is 1 up to the dtype's rounding.
+    The gain check held it to float32's precision and refused ("a data-dependent op between them")."""
+    torch.manual_seed(0)
+    net = _Half()
+    with torch.no_grad():
+        net.fc1.bias[[1, 3]] = -50.0
+    net = net.to(dtype).eval()
+    program = torch.export.export(
+        net, (torch.zeros(4, 6, dtype=dtype),), dynamic_shapes=({0: torch.export.Dim("b")},)
+    )
+    torch.export.save(program, tmp_path / "m.pt2")
+    x = np.random.default_rng(0).standard_normal((64, 6)).astype(np.float32)
+    data = save_npz(tmp_path / "x.npz", input=x)
+    out = tmp_path / "out.pt2"
+    result = cli("fix", tmp_path / "m.pt2", "--data", data, "--strategy", "bias-shift", "--output", out)
+    assert result.code == 0, result.out + result.err
+    state = dict(torch.export.load(str(out)).state_dict)
+    before = net.state_dict()
+    changed = {k: (before[k] != state[k]).reshape(-1).nonzero().reshape(-1).tolist() for k in before}
+    assert {k: v for k, v in changed.items() if v} == {"fc1.bias": [1, 3]}
+    with torch.no_grad():  # the pre-activations in the model's own dtype, before and after
+        xt = torch.from_numpy(x).to(dtype)
+        pre_before = F.linear(xt, before["fc1.weight"], before["fc1.bias"])
+        pre_after = F.linear(xt, state["fc1.weight"], state["fc1.bias"])
+    assert not (pre_before[:, [1, 3]] > 0).any()
+    fired = (pre_after[:, [1, 3]] > 0).sum(0)
+    assert (fired >= 1).all() and (fired <= 8).all(), fired
+    assert torch.equal(pre_before[:, [0, 2, 4, 5, 6, 7]], pre_after[:, [0, 2, 4, 5, 6, 7]])
