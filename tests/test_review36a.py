@@ -50,3 +50,47 @@ def test_bias_shift_on_a_half_precision_program(cli, tmp_path, dtype):
     fired = (pre_after[:, [1, 3]] > 0).sum(0)
     assert (fired >= 1).all() and (fired <= 8).all(), fired
     assert torch.equal(pre_before[:, [0, 2, 4, 5, 6, 7]], pre_after[:, [0, 2, 4, 5, 6, 7]])
+
+
+def test_onnx_bias_shift_quantiles_count_the_kept_positions_only(cli, tmp_path):
+    """An ONNX token model scanned with its attention_mask: bias-shift's quantile came from every
+    position, padding included, so a unit dead on real tokens but firing on padding was lowered (and
+    the others moved by padding's values). Now it is over the kept positions, as the scan counts: each
+    shifted unit fires on about --target-rate of the real tokens. Truth: onnxruntime on the written
+    graph with the Relu inputs exposed, the mask applied in numpy."""
+    import onnx
+    from onnx_graphs import token_sites
+    from truth import onnx_relu_io
+
+    vocab = 300  # few repeated tokens: the quantile falls between distinct values
+    model = token_sites(mask_input=True, vocab=vocab, pad=1)
+    onnx.save(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(5)
+    ids = rng.integers(2, vocab, (40, 9))
+    mask = np.zeros((40, 9), np.int64)
+    for i, length in enumerate(rng.integers(3, 10, 40)):
+        mask[i, :length] = 1
+    ids[mask == 0] = 1
+    data = save_npz(tmp_path / "tok.npz", input_ids=ids, attention_mask=mask)
+    out = tmp_path / "fixed.onnx"
+    sites = ["rows_relu", "conv_relu"]  # nothing shifted upstream of them
+    args = ["--layers", sites[0], "--layers", sites[1], "--output", out]
+    result = cli("fix", tmp_path / "m.onnx", "--data", data, "--strategy", "bias-shift", *args)
+    assert result.code == 0, result.out + result.err
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    kept = mask.astype(bool)
+
+    def real(graph):
+        io = onnx_relu_io(graph, feeds, sites)
+        return {
+            "rows_relu": io["rows_relu"].pre[kept],
+            "conv_relu": np.moveaxis(io["conv_relu"].pre, 1, -1)[kept],
+        }
+
+    before, after = real(model), real(onnx.load(out))
+    n = int(kept.sum())
+    for name in sites:
+        dead = np.flatnonzero((before[name] <= 0).all(0))
+        assert dead.size, name
+        fired = (after[name][:, dead] > 0).sum(0)
+        assert ((fired >= 1) & (fired <= 2 * 0.01 * n + 2)).all(), (name, fired)

@@ -225,9 +225,26 @@ def _assign(array: np.ndarray, axis: int, indices: list[int], values) -> None:
     array[tuple(index)] = values
 
 
+def _kept_positions(moved: np.ndarray, shape: tuple, dim: int, keep: np.ndarray | None) -> np.ndarray:
+    """[values, units]: a site's values (units moved last) at the positions `keep` [batch, tokens] keeps,
+    where the site's tensor holds those positions (probe.ops.token_layout, as the scan decides it)."""
+    from deadrelu_cli.probe.ops import TOKEN_FLAT, token_layout
+
+    units = moved.shape[-1]
+    layout = token_layout(tuple(shape), dim, *keep.shape) if keep is not None and len(shape) >= 2 else None
+    if layout == TOKEN_FLAT:  # [B*T, ..., U] -> [B, T, ..., U]
+        moved = moved.reshape(*keep.shape, *moved.shape[1:])
+    if layout is not None:  # [B, T, ..., U] (rows, flat, and [B, C, T] with the units moved last)
+        moved = moved[keep]
+    return moved.reshape(-1, units)
+
+
 def _quantiles(scanned, plans, sites, options: FixOptions, scan_options) -> dict[str, np.ndarray]:
-    """The (1 - target_rate) quantile of each planned unit's pre-activation, from a run exposing them."""
+    """The (1 - target_rate) quantile of each planned unit's pre-activation, from a run exposing them,
+    over the positions the scan counted (a position mask's kept ones, as the torch collectors see them)."""
     from deadrelu_cli.backends.onnx.scan import as_input, feed_order, make_session
+    from deadrelu_cli.inputs import batch_mask, resolve_mask
+    from deadrelu_cli.wiring.onnx_index import opset_version
 
     exposed = onnx.ModelProto()
     exposed.CopyFrom(scanned.model.runnable)
@@ -243,14 +260,18 @@ def _quantiles(scanned, plans, sites, options: FixOptions, scan_options) -> dict
     order = feed_order(scanned.model, scanned.data)
     dtypes = {spec.name: spec.dtype for spec in scanned.model.inputs}
     values: dict[str, list[np.ndarray]] = {plan.name: [] for plan in wanted}
+    # the scan applies a mask from opset 9 (Where); below that it counted every position
+    mask = resolve_mask(scan_options.mask, scan_options.exclude_token_ids, scanned.data)
+    mask = mask if opset_version(scanned.model.runnable) >= 9 else None
     for batch in scanned.data.batches(
         scan_options.batch_size, scan_options.limit, scan_options.allow_nonfinite
     ):
         outs = session.run(None, {i: as_input(batch[a], dtypes.get(i), i) for i, a in order.items()})
+        keep = batch_mask(mask, batch) if mask is not None else None
         for plan, out in zip(wanted, outs, strict=True):
-            dim = site_channel_dim(sites[plan.name], scan_options.channel_dim)
-            moved = np.moveaxis(out, dim, -1)[..., plan.units].reshape(-1, len(plan.units))
-            values[plan.name].append(moved.astype(np.float64))
+            dim = site_channel_dim(sites[plan.name], scan_options.channel_dim) % max(1, out.ndim)
+            moved = np.moveaxis(out, dim, -1)[..., plan.units]
+            values[plan.name].append(_kept_positions(moved, out.shape, dim, keep).astype(np.float64))
     return {
         name: firing_thresholds(np.concatenate(chunks), options.target_rate)
         for name, chunks in values.items()
