@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import save_npz
+from conftest import arch_file, save_npz
 from torch import nn
 
 
@@ -94,3 +94,53 @@ def test_onnx_bias_shift_quantiles_count_the_kept_positions_only(cli, tmp_path):
         assert dead.size, name
         fired = (after[name][:, dead] > 0).sum(0)
         assert ((fired >= 1) & (fired <= 2 * 0.01 * n + 2)).all(), (name, fired)
+
+
+TOKENS = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(20, 6), nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.fc2(F.relu(self.fc1(self.emb(input_ids))))
+
+
+def build():
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.fc1.bias[[1, 3]] = -50.0
+    return net
+"""
+
+
+def test_reinit_with_a_batch_of_padding_only(cli, tmp_path):
+    """reinit's pass after the redraw read each unit's max over the batch's kept positions: a batch of
+    padding only keeps none, and amax() on nothing failed the fix ("the model failed on the first
+    batch … check that --data fits", exit 2). Truth: plain torch on the written state dict, real tokens."""
+    model, spec = arch_file(tmp_path / "arch.py", TOKENS)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    rng = np.random.default_rng(0)
+    ids, mask = rng.integers(2, 20, (8, 5)), np.ones((8, 5), np.int64)
+    ids[:2], mask[:2] = 0, 0  # the first batch: padding only
+    mask[5, 3:] = 0
+    data = save_npz(tmp_path / "tok.npz", input_ids=ids, attention_mask=mask)
+    out = tmp_path / "out.pt"
+    args = ["--strategy", "reinit", "--batch-size", "2", "--output", out]
+    result = cli("fix", tmp_path / "m.pt", "--arch", spec, "--data", data, *args)
+    assert result.code == 0, result.out + result.err
+    fixed, _ = arch_file(tmp_path / "arch2.py", TOKENS)
+    fixed.load_state_dict(torch.load(out, weights_only=True))
+    kept = torch.from_numpy(mask).bool()
+    with torch.no_grad():
+        pre = fixed.fc1(fixed.emb(torch.from_numpy(ids)))[kept]
+        old = model.fc1(model.emb(torch.from_numpy(ids)))[kept]
+    assert not (old[:, [1, 3]] > 0).any()
+    assert ((pre[:, [1, 3]] > 0).sum(0) >= 1).all()
+    assert torch.equal(pre[:, [0, 2, 4, 5, 6, 7]], old[:, [0, 2, 4, 5, 6, 7]])

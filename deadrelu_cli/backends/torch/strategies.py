@@ -209,6 +209,8 @@ def flip_silent_rows(
     def collector(name):
         def collect(pre: torch.Tensor, channel_dim: int) -> None:
             values = pre.detach().movedim(channel_dim, -1)[..., units[name]]
+            if not values.numel():  # a batch of padding only: a position mask keeps no position
+                return
             top = values.reshape(-1, len(units[name])).amax(dim=0).double().cpu()
             maxima[name] = top if name not in maxima else torch.maximum(maxima[name], top)
 
