@@ -144,3 +144,33 @@ def test_reinit_with_a_batch_of_padding_only(cli, tmp_path):
     assert not (old[:, [1, 3]] > 0).any()
     assert ((pre[:, [1, 3]] > 0).sum(0) >= 1).all()
     assert torch.equal(pre[:, [0, 2, 4, 5, 6, 7]], old[:, [0, 2, 4, 5, 6, 7]])
+
+
+def test_bias_shift_when_the_first_samples_are_padding_only(cli, tmp_path):
+    """bias-shift measures each bias's gain on the first 16 samples: when a position mask keeps none of
+    their positions, median() of nothing crashed the fix (internal error). Now it reads every sample.
+    Truth: plain torch on the written state dict, over the real tokens."""
+    source = TOKENS.replace("nn.Embedding(20", "nn.Embedding(200")  # few repeated tokens
+    model, spec = arch_file(tmp_path / "arch.py", source)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    rng = np.random.default_rng(1)
+    ids, mask = rng.integers(2, 200, (24, 5)), np.ones((24, 5), np.int64)
+    ids[:16], mask[:16] = 0, 0
+    data = save_npz(tmp_path / "tok.npz", input_ids=ids, attention_mask=mask)
+    out = tmp_path / "out.pt"
+    result = cli(
+        "fix", tmp_path / "m.pt", "--arch", spec, "--data", data, "--strategy", "bias-shift", "--output", out
+    )
+    assert result.code == 0, result.out + result.err
+    state = torch.load(out, weights_only=True)
+    changed = {
+        k: (v != state[k]).reshape(-1).nonzero().reshape(-1).tolist() for k, v in model.state_dict().items()
+    }
+    assert {k: v for k, v in changed.items() if v} == {"fc1.bias": [1, 3]}
+    fixed, _ = arch_file(tmp_path / "arch2.py", source)
+    fixed.load_state_dict(state)
+    kept = torch.from_numpy(mask).bool()
+    with torch.no_grad():
+        pre = fixed.fc1(fixed.emb(torch.from_numpy(ids)))[kept]
+    fired = (pre[:, [1, 3]] > 0).sum(0)
+    assert ((fired >= 1) & (fired <= 2 * 0.01 * len(pre) + 2)).all(), fired

@@ -404,6 +404,13 @@ def measure_gains(
         return {plan.name: targets[plan.name] for plan in plans}
     with torch.no_grad():
         base = capture([plan.name for plan in measured])
+        if (
+            any(v is not None and not v.shape[0] for v in base.values())
+            and samples < result.data.local_samples
+        ):
+            # a position mask kept nothing of the first samples there (padding only): read every sample
+            options = replace(options_for_scan, progress=None, compile=False)
+            base = capture([plan.name for plan in measured])
         for plan in plans:
             target = targets[plan.name]
             if target.startswith("skipped"):
@@ -415,6 +422,11 @@ def measure_gains(
             before = base[plan.name]
             if before is None:
                 out[plan.name] = "skipped: the site did not run on the first samples"
+                continue
+            if not before.shape[0]:  # a position mask kept nothing there: no gain to read
+                out[plan.name] = (
+                    f"skipped: the first {samples} samples keep no position of the site (padding only)"
+                )
                 continue
             delta = 1.0 + float(before.abs().max()) if before.numel() else 1.0
             tensor[units] = (kept.double() + delta).to(tensor.dtype)
