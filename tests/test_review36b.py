@@ -55,3 +55,57 @@ def test_clamp_of_a_scalar_is_no_site_and_no_failure(cli, tmp_path):
         layers = result.json()["layers"]
         assert [(layer["units"], layer["dead_indices"]) for layer in layers] == [(3, dead)], (args, layers)
         assert layers[0]["elements_per_unit"] == 10
+
+
+MIXTURE = """
+import torch
+from torch import nn
+
+
+class Mixture(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(4, 2)
+        self.experts = nn.ModuleList([nn.Sequential(nn.Linear(4, 3), nn.ReLU()) for _ in range(2)])
+
+    def forward(self, x):
+        choice = self.gate(x).argmax(-1)
+        out = x.new_zeros(x.shape[0], 3)
+        for i, expert in enumerate(self.experts):
+            rows = choice == i
+            if rows.any():
+                out[rows] = expert(x[rows])
+        return out
+
+
+def build():
+    torch.manual_seed(5)
+    return Mixture()
+"""
+
+
+def test_experts_that_see_routed_rows_are_not_refused_as_a_missing_sample_axis(cli, tmp_path):
+    """A mixture of experts routing each row to one expert: every ReLU sees fewer rows than samples.
+    Before, the scan refused ('the model saw 6 value(s) per unit where 8 samples were read … one sample
+    without the sample axis?'), whatever the batch size. The sample-axis check now fires only when every
+    site saw exactly one value per unit per forward; each expert is counted on its rows (plain hooks)."""
+    model, spec = arch_file(tmp_path / "mixture.py", MIXTURE)
+    x = np.random.RandomState(8).randn(8, 4).astype(np.float32)
+    data = save_npz(tmp_path / "d.npz", x=x)
+    state = tmp_path / "m.pt"
+    torch.save(model.state_dict(), state)
+    seen: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    for i, expert in enumerate(model.experts):
+        expert[0].register_forward_hook(lambda _m, _a, out, i=i: seen[i].append(out.detach()))
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+    pre = {i: torch.cat(v) for i, v in seen.items()}
+    assert 0 < len(pre[0]) < 8 and 0 < len(pre[1]) < 8  # each expert saw some rows only
+    for batch in ("8", "1"):
+        result = cli("scan", state, "--arch", spec, "--data", data, "-b", batch, "--json", "-", "-q")
+        assert result.code == 0, (batch, result.err)
+        layers = {layer["name"]: layer for layer in result.json()["layers"]}
+        for i in (0, 1):
+            layer = layers[f"experts.{i}.1"]
+            assert layer["elements_per_unit"] == len(pre[i]), batch
+            assert layer["positive_counts"] == (pre[i] > 0).sum(dim=0).tolist(), batch
