@@ -1,0 +1,41 @@
+"""Front-door checks (README/docs as pasted): --weights-key messages and notes say what to do."""
+
+import json
+
+import numpy as np
+import torch
+
+from tests.conftest import ROOT
+
+ARCH = ROOT / "sample_models" / "mlp" / "arch.py"
+CALIB = ROOT / "sample_models" / "mlp" / "calib.npz"
+STATE = ROOT / "sample_models" / "mlp" / "model.pt"  # a plain state_dict
+
+
+def test_weights_key_on_a_plain_state_dict_says_to_leave_it_out(cli):
+    # before: "no weight dict under that key (weight dicts: none)", with nothing to do
+    result = cli("scan", STATE, "--arch", f"{ARCH}:build", "--data", CALIB, "--weights-key", "ema")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert "leave out --weights-key" in result.err and "none" not in result.err
+
+
+def test_second_weight_dict_note_names_the_option(cli, tmp_path):
+    """README: a second weight dict beside the model's is named in a note and `--weights-key NAME` reads
+    it; the note said to save it on its own with torch.save instead."""
+    state = torch.load(STATE, weights_only=True)
+    ema = {k: v.clone() for k, v in state.items()}
+    ema["fc1.bias"] -= 2.0  # another set of weights: more fc1 units dead than in `model`
+    torch.save({"model": state, "ema": ema, "epoch": 3}, tmp_path / "ckpt.pt")
+    result = cli("scan", tmp_path / "ckpt.pt", "--arch", f"{ARCH}:build", "--data", CALIB)
+    assert result.code == 0, result.err
+    assert "--weights-key 'ema'" in result.out + result.err
+    assert "torch.save(torch.load" not in result.out + result.err
+    # the option the note names reads those weights: fc1's dead units of `ema`, counted by hand
+    x = np.load(CALIB)["input"].astype(np.float64)
+    pre = x @ ema["fc1.weight"].double().numpy().T + ema["fc1.bias"].double().numpy()
+    dead = sorted(np.flatnonzero(~(pre > 0).any(0)).tolist())
+    scanned = cli("scan", tmp_path / "ckpt.pt", "--arch", f"{ARCH}:build", "--data", CALIB,
+                  "--weights-key", "ema", "--json", tmp_path / "r.json")  # fmt: skip
+    assert scanned.code == 0, scanned.err
+    layers = json.loads((tmp_path / "r.json").read_text())["layers"]
+    assert layers[0]["name"] == "act1" and layers[0]["dead_indices"] == dead
