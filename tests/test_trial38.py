@@ -39,3 +39,18 @@ def test_second_weight_dict_note_names_the_option(cli, tmp_path):
     assert scanned.code == 0, scanned.err
     layers = json.loads((tmp_path / "r.json").read_text())["layers"]
     assert layers[0]["name"] == "act1" and layers[0]["dead_indices"] == dead
+
+
+def test_help_names_todays_unseen_activations_and_json_text(cli):
+    """`--allow-unseen` passes torch ReLUs the probe cannot read too (an nn.RNN's kernel: README "What
+    the scan sees"), and `--text` reads .json; the help spoke of ONNX nodes and .jsonl only."""
+    import re
+
+    for command in ("scan", "gate"):
+        result = cli(command, "--help")
+        assert result.code == 0
+        flat = re.sub(r"[\s│]+", " ", result.out)
+        allow = flat.split("--allow-unseen", 1)[1].split("--allow-unpaired", 1)[0]
+        assert "nn.RNN" in allow, allow
+    flat = re.sub(r"[\s│]+", " ", cli("scan", "--help").out)
+    assert ".json," in flat.split("--text ", 1)[1].split("--text-field", 1)[0]
