@@ -54,3 +54,22 @@ def test_help_names_todays_unseen_activations_and_json_text(cli):
         assert "nn.RNN" in allow, allow
     flat = re.sub(r"[\s│]+", " ", cli("scan", "--help").out)
     assert ".json," in flat.split("--text ", 1)[1].split("--text-field", 1)[0]
+
+
+def test_fix_help_says_seed_drives_kick(cli, tmp_path):
+    """`fix --seed` seeds kick's push too (two seeds, two different pushes); the help named reinit and
+    bias-shift only."""
+    import re
+
+    seed_help = (
+        re.sub(r"[\s│]+", " ", cli("fix", "--help").out).split("--seed", 1)[1].split("--target-rate")[0]
+    )
+    assert "kick" in seed_help, seed_help
+    written = []
+    for seed in (0, 1):
+        out = tmp_path / f"k{seed}.pt"
+        result = cli("fix", STATE, "--arch", f"{ARCH}:build", "--data", CALIB, "-s", "kick", "-o", out,
+                     "--seed", seed, "--force", "-q")  # fmt: skip
+        assert result.code == 0, result.err
+        written.append(torch.load(out, weights_only=True)["fc1.weight"])
+    assert not torch.equal(written[0], written[1])
