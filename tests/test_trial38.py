@@ -73,3 +73,30 @@ def test_fix_help_says_seed_drives_kick(cli, tmp_path):
         assert result.code == 0, result.err
         written.append(torch.load(out, weights_only=True)["fc1.weight"])
     assert not torch.equal(written[0], written[1])
+
+
+class _WithRnn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 6)
+        self.rnn = torch.nn.RNN(6, 5, nonlinearity="relu", batch_first=True)
+
+    def forward(self, x):
+        y, _ = self.rnn(torch.relu(self.fc(x)).unsqueeze(1))
+        return y.squeeze(1)
+
+
+def test_report_schema_describes_torch_unseen_activations(cli, tmp_path):
+    """docs/report-schema.md said `unseen_activations` was ONNX nodes; a torch scan writes its nn.RNN's
+    ReLU kernel there, keyed as the page now shows."""
+    torch.manual_seed(0)
+    torch.save(_WithRnn().state_dict(), tmp_path / "m.pt")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))
+    result = cli("scan", tmp_path / "m.pt", "--arch", f"{__file__}:_WithRnn", "--data", tmp_path / "c.npz",
+                 "--json", tmp_path / "r.json", "--allow-unseen")  # fmt: skip
+    assert result.code == 0, result.err
+    unseen = json.loads((tmp_path / "r.json").read_text())["unseen_activations"]
+    assert unseen == {"rnn: RNN(activation=Relu)": 1}
+    row = next(line for line in (ROOT / "docs" / "report-schema.md").read_text().splitlines()
+               if line.startswith("| `unseen_activations`"))  # fmt: skip
+    assert "`rnn: RNN(activation=Relu)`" in row and "torch" in row
