@@ -100,3 +100,21 @@ def test_report_schema_describes_torch_unseen_activations(cli, tmp_path):
     row = next(line for line in (ROOT / "docs" / "report-schema.md").read_text().splitlines()
                if line.startswith("| `unseen_activations`"))  # fmt: skip
     assert "`rnn: RNN(activation=Relu)`" in row and "torch" in row
+
+
+class _RnnThenReluOut(_WithRnn):
+    def forward(self, x):
+        return torch.relu(super().forward(x))  # a ReLU on the output: the relu-on-output check
+
+
+def test_inspect_prints_each_finding_on_its_own_line(cli, tmp_path):
+    """docs/causes.md: structural checks are `warning:` lines in inspect as in scan; inspect glued them
+    and the unseen-RNN note into one `note:` line ("…before the last layer; not countable …")."""
+    torch.save(_RnnThenReluOut().state_dict(), tmp_path / "m.pt")
+    result = cli("inspect", tmp_path / "m.pt", "--arch", f"{__file__}:_RnnThenReluOut", "--input-shape", "4")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    warning = [line for line in lines if line.startswith("warning: relu-on-output:")]
+    unseen = [line for line in lines if line.startswith("note: not countable")]
+    assert len(warning) == 1 and len(unseen) == 1, result.out
+    assert "not countable" not in warning[0] and "rnn: RNN(activation=Relu)" in unseen[0]
