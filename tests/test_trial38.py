@@ -118,3 +118,34 @@ def test_inspect_prints_each_finding_on_its_own_line(cli, tmp_path):
     unseen = [line for line in lines if line.startswith("note: not countable")]
     assert len(warning) == 1 and len(unseen) == 1, result.out
     assert "not countable" not in warning[0] and "rnn: RNN(activation=Relu)" in unseen[0]
+
+
+def test_trend_names_the_weight_dict_it_did_not_read(cli, tmp_path):
+    """scan notes a second weight dict beside the one it reads; trend read 'model' of {model, ema}
+    checkpoints without a word. With --weights-key ema it trends the EMA weights (fc1 by hand)."""
+    state = torch.load(STATE, weights_only=True)
+    x = np.load(CALIB)["input"].astype(np.float64)
+    truth = []
+    for step in (1, 2):
+        ema = {k: v.clone() for k, v in state.items()}
+        ema["fc1.bias"] -= 1.5 * step
+        torch.save({"model": state, "ema": ema, "step": step}, tmp_path / f"ckpt-{step}.pt")
+        pre = x @ ema["fc1.weight"].double().numpy().T + ema["fc1.bias"].double().numpy()
+        truth.append(float((~(pre > 0).any(0)).mean()))
+    args = (
+        "trend",
+        tmp_path / "ckpt-1.pt",
+        tmp_path / "ckpt-2.pt",
+        "--data",
+        CALIB,
+        "--arch",
+        f"{ARCH}:build",
+    )
+    result = cli(*args)
+    assert result.code == 0, result.err
+    assert "it also holds 'ema'" in result.out and "--weights-key 'ema'" in result.out
+    result = cli(*args, "--weights-key", "ema", "--json", tmp_path / "t.json")
+    assert result.code == 0, result.err
+    layers = json.loads((tmp_path / "t.json").read_text())["layers"]
+    act1 = next(layer for layer in layers if layer["name"] == "act1")
+    assert act1["dead_fraction"] == truth, (act1, truth)
