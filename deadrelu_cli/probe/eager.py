@@ -38,6 +38,7 @@ from deadrelu_cli.probe.ops import (
     clamp_bounds,
     hidden_label,
     is_activation_module_type,
+    is_scalar_value,
 )
 
 CHANNEL_FIRST_TYPES: tuple[type, ...] = (
@@ -116,7 +117,10 @@ def _function_table() -> dict[Callable, _FunctionSpec]:
 
 
 def _clamp_op(base: str, args: tuple, kwargs: dict) -> str | None:
-    """The op a clamp / threshold call is (relu, relu6), or None when its bounds are no ReLU's."""
+    """The op a clamp / threshold call is (relu, relu6), or None when its bounds are no ReLU's or it
+    clamps a 0-d value (a loss, a norm)."""
+    if args and is_scalar_value(args[0]):
+        return None
     rest = list(args[1:3])
     for position, key in enumerate(("threshold", "value") if base == "threshold" else ("min", "max")):
         if key in kwargs:

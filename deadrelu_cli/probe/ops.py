@@ -76,6 +76,8 @@ def aten_op_kind(overload_name: str, args: tuple) -> tuple[str, bool] | None:
     if base == "rrelu":  # nn.RReLU: a leaky ReLU (its slope fixed in eval, random in training)
         return "leaky_relu", in_place
     if base in ("clamp", "clip", "clamp_min", "threshold"):  # ReLU spelled another way (exactly a ReLU)
+        if args and is_scalar_value(args[0]):
+            return None
         bounds = clamp_bounds(base, args[1:])
         return (CLAMP_OPS[bounds], in_place) if bounds in CLAMP_OPS else None
     return None
@@ -99,6 +101,16 @@ def clamp_bounds(base: str, rest: tuple) -> tuple[float | None, float | None] | 
     if not _is_number(lo) or not (hi is None or _is_number(hi)):
         return None
     return float(lo), None if hi is None else float(hi)
+
+
+def is_scalar_value(value: object) -> bool:
+    """Whether a clamp's input (a tensor, or a traced graph node with its example value) is 0-d: a
+    clamped loss / norm / sum, no layer of units, so no ReLU site."""
+    meta = getattr(value, "meta", None)  # an fx.Node: its traced example value
+    if isinstance(meta, dict):
+        value = meta.get("val", value)
+    dim = getattr(value, "dim", None)
+    return callable(dim) and dim() == 0
 
 
 def _is_number(value: object) -> bool:

@@ -259,6 +259,7 @@ def scan_torch(
                 None if decoder is None else decoder_batch_mask(mask, batch),
             )
 
+    forwards = 0
     with context, torch.inference_mode():
         for index, (batch, inputs, kept, decoder_kept) in enumerate(prefetched(tensors())):
             try:
@@ -294,11 +295,12 @@ def scan_torch(
                     ) from exc
                 raise
             done += inputs[0].shape[0] if inputs and inputs[0].dim() else 0
+            forwards += 1
             if options.progress:
                 options.progress(done, total)
     layers = probe.registry.layer_stats()
     attach_biases(model, layers)
-    check_sample_axis(layers, data, order, done, mask is not None)
+    check_sample_axis(layers, data, order, done, forwards, mask is not None)
     hidden = dict(getattr(probe, "hidden", {}))
     if hidden:  # activations the probe cannot count: said, kept in the report, and a gate stops on them
         model.extra["unseen"] = {**model.extra.get("unseen", {}), **hidden}
@@ -337,13 +339,20 @@ def scan_torch(
 
 
 def check_sample_axis(
-    layers: list, data: CalibrationData, order: list[str], samples: int, masked: bool
+    layers: list, data: CalibrationData, order: list[str], samples: int, forwards: int, masked: bool
 ) -> None:
-    """Every sample gives every site at least one value per unit; when every site saw fewer, the model
-    did not take the arrays' first axis as samples (one sample saved without its sample axis, [6] into a
-    Linear(6, …), runs as one vector): refused rather than reported as that many samples."""
+    """Every sample gives every site at least one value per unit; when every site saw fewer, exactly one
+    value per unit per forward, the model did not take the arrays' first axis as samples (one sample
+    saved without its sample axis, [6] into a Linear(6, …), runs as one vector): refused rather than
+    reported as that many samples. Sites that saw some rows of a batch (a mixture of experts' routed
+    rows) are no such case."""
     ran = [layer for layer in layers if layer.ran and layer.samples is None]
-    if masked or samples < 2 or not ran or any(layer.elements_per_unit >= samples for layer in ran):
+    if (
+        masked
+        or samples < 2
+        or not ran
+        or any(layer.elements_per_unit >= samples or layer.elements_per_unit != forwards for layer in ran)
+    ):
         return
     shapes = ", ".join(f"{s.name}{list(s.shape)}" for s in data.sources if s.name in order)
     seen = max(layer.elements_per_unit for layer in ran)
