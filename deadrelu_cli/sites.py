@@ -29,7 +29,9 @@ def guess_input_shape(module) -> tuple[int, ...] | None:
     return (first.in_features,) if isinstance(first, nn.Linear) else None
 
 
-def _eager_sites(model, ops, input_shape: tuple[int, ...] | None) -> tuple[list[StaticSite], str | None]:
+def _eager_sites(
+    model, ops, input_shape: tuple[int, ...] | None
+) -> tuple[list[StaticSite], list[tuple[str, str]]]:
     import torch
 
     from deadrelu_cli.probe.base import ProbeSettings
@@ -56,11 +58,11 @@ def _eager_sites(model, ops, input_shape: tuple[int, ...] | None) -> tuple[list[
         from deadrelu_cli.causes import structural_checks
 
         findings = structural_checks(model, probe)
-        note = "; ".join([f"{f.kind}: {f.message}" for f in findings] + hidden_notes(probe.hidden)) or None
+        notes = [("warning", f"{f.kind}: {f.message}") for f in findings] + hidden_notes(probe.hidden)
         return [
             StaticSite(s.name, s.op, False, s.module_type or "", None, s.producer)
             for s in probe.registry.sites.values()
-        ], note
+        ], notes
     sites = []
     for name, sub in module.named_modules():
         qualified = f"{type(sub).__module__}.{type(sub).__qualname__}"
@@ -77,7 +79,12 @@ def _eager_sites(model, ops, input_shape: tuple[int, ...] | None) -> tuple[list[
                 sites.append(StaticSite(name, op, False, type(sub).__name__, None, None))
     return (
         sites,
-        "activation modules only: functional relus and reuse at several call sites show once a forward runs; pass --input-shape",
+        [
+            (
+                "note",
+                "activation modules only: functional relus and reuse at several call sites show once a forward runs; pass --input-shape",
+            )
+        ],
     )
 
 
@@ -95,7 +102,7 @@ def list_sites(
     if detect_format(path) == "onnx":
         from deadrelu_cli.probe.onnx_graph import onnx_sites
 
-        return onnx_sites(path, ops), None
+        return onnx_sites(path, ops), []
     model = load_model(LoadOptions(path, arch, trust_pickle, "cpu", weights_key=weights_key))
     shape = parse_shape(input_shape) if input_shape else None
     if model.kind == "eager":
@@ -108,19 +115,22 @@ def list_sites(
 
         decompose_rnn_cells(model.runnable)  # as the scan counts them
         sites = [site for _, site in find_sites(model.runnable.graph, ops)]
-        return sites, "; ".join(hidden_notes(graph_hidden(model.runnable, ops))) or None
+        return sites, hidden_notes(graph_hidden(model.runnable, ops))
     from deadrelu_cli.probe.torchscript import TorchScriptProbe
 
     probe = TorchScriptProbe(model.runnable, ProbeSettings(ops=ops))
-    return probe.sites, "; ".join(hidden_notes(probe.hidden)) or None
+    return probe.sites, hidden_notes(probe.hidden)
 
 
-def hidden_notes(hidden) -> list[str]:
+def hidden_notes(hidden) -> list[tuple[str, str]]:
     """What `inspect` says about activations the scan will name as unseen rather than count."""
     from deadrelu_cli.gate import unseen_text
 
     if not hidden:
         return []
     return [
-        f"not countable (a scan names them as unseen, and a gate fails on them): {unseen_text(dict(hidden))}"
+        (
+            "note",
+            f"not countable (a scan names them as unseen, and a gate fails on them): {unseen_text(dict(hidden))}",
+        )
     ]

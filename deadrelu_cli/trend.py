@@ -213,7 +213,9 @@ def order_checkpoints(paths: list[Path]) -> tuple[list[Checkpoint], list[str]]:
     return ordered, notes
 
 
-def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerStats]], int]:
+def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerStats]], int, list[str]]:
+    """Each checkpoint's layers, the samples, and what loading the weights said (a second weight
+    dict beside the one read, as scan notes it)."""
     from deadrelu_cli.backends.torch.api import resolve_device
     from deadrelu_cli.backends.torch.scan import scan_torch
     from deadrelu_cli.calibration import open_calibration
@@ -229,6 +231,7 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
         detect_format(c.path) in (TORCH_ZIP, TORCH_LEGACY, "safetensors") for c in checkpoints
     )
     results = []
+    notes: list[str] = []
     if weight_only:
         device = resolve_device(options.device)
         model = load_model(
@@ -240,6 +243,7 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
                 weights_key=options.weights_key,
             )
         )  # built once
+        notes = list(model.notes)
         for checkpoint in checkpoints:
             if detect_format(checkpoint.path) == "safetensors":
                 from safetensors.torch import load_file
@@ -257,7 +261,7 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
         for checkpoint in checkpoints:
             results.append(run_scan(replace(options, model=str(checkpoint.path))).layers)
     samples = data.samples if options.limit is None else min(options.limit, data.samples)
-    return results, samples
+    return results, samples, notes
 
 
 def _read_reports(checkpoints: list[Checkpoint]) -> tuple[list[list[LayerStats]], int]:
@@ -284,7 +288,8 @@ def run_trend(items: list[str], options) -> TrendResult:
     elif options.data is None:
         raise UserError("missing --data: the calibration data to scan each checkpoint with")
     else:
-        scans, samples = _scan_all(checkpoints, options)
+        scans, samples, loaded = _scan_all(checkpoints, options)
+        notes = [*notes, *loaded]
     names: list[str] = []
     for layers in scans:
         for layer in layers:

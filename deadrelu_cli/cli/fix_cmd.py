@@ -43,7 +43,9 @@ def fix(
     layers: Layers = None,
     slope: float = typer.Option(0.01, "--slope", help="Negative slope for --strategy leaky."),
     seed: int = typer.Option(
-        0, "--seed", help="Seed of the re-initialisation (reinit) and sampling (bias-shift)."
+        0,
+        "--seed",
+        help="Seed of the re-initialisation (reinit), the push (kick) and the sampling (bias-shift).",
     ),
     target_rate: float = typer.Option(
         0.01,

@@ -29,7 +29,7 @@ def inspect(
     from deadrelu_cli.sites import list_sites
 
     wanted = parse_ops(ops)
-    sites, note = list_sites(
+    sites, notes = list_sites(
         model, loading.arch, loading.trust_pickle, wanted, input_shape, loading.weights_key
     )
     console = make_console()
@@ -57,8 +57,8 @@ def inspect(
             style="dim",
             markup=False,
         )
-    if note:
-        console.print(f"note: {terminal_text(note)}", style="dim", markup=False)
+    for kind, note in notes:  # one line each: a structural warning (as scan prints it), a note
+        console.print(f"{kind}: {terminal_text(note)}", style="dim" if kind == "note" else None, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -231,7 +231,7 @@ AllowUnseen = Annotated[
     bool,
     typer.Option(
         "--allow-unseen",
-        help="Gate: pass even though the model has activations the scan could not see (fused, quantized or custom-domain nodes it cannot count; by default that fails).",
+        help="Gate: pass even though the model has activations the scan could not see (an nn.RNN's ReLU kernel, torch.cond branches, int8 kernels; ONNX fused, quantized or custom-domain nodes it cannot count; by default that fails).",
     ),
 ]
 AllowUnpaired = Annotated[
@@ -339,10 +339,12 @@ Text = Annotated[
     str | None,
     typer.Option(
         "--text",
-        help="Instead of --data: a text file (one document per line) or .jsonl, tokenized with the model folder's tokenizer.",
+        help="Instead of --data: a text file (one document per line), .jsonl or .json, tokenized with the model folder's tokenizer.",
     ),
 ]
-TextField = Annotated[str, typer.Option("--text-field", help="--text .jsonl: the key holding each document.")]
+TextField = Annotated[
+    str, typer.Option("--text-field", help="--text .jsonl / .json: the key holding each document.")
+]
 SeqLen = Annotated[
     int,
     typer.Option(

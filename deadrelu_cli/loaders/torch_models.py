@@ -114,10 +114,15 @@ def weights_key(obj, chosen: str | None = None) -> str | None:
     if chosen is not None:
         candidates = weight_dicts(obj)
         if chosen not in candidates:
-            listed = ", ".join(repr(k) for k in candidates) or "none"
-            raise UserError(
-                f"--weights-key {chosen!r}: the checkpoint has no weight dict under that key "
-                f"(weight dicts: {listed})"
+            if candidates:
+                listed = ", ".join(repr(k) for k in candidates)
+                raise UserError(
+                    f"--weights-key {chosen!r}: the checkpoint has no weight dict under that key; "
+                    f"pass one of its weight dicts: {listed}"
+                )
+            raise UserError(  # a plain state_dict: its weights are the file's top level, nothing to choose
+                f"--weights-key {chosen!r}: the checkpoint holds no weight dicts to choose from (its weights "
+                "are at the top level, as in a plain state_dict); leave out --weights-key"
             )
         return chosen
     if not isinstance(obj, Mapping) or _is_tensor_dict(obj):
@@ -145,8 +150,8 @@ def other_weights_note(obj, path: Path, chosen: str | None = None) -> list[str]:
     if chosen is not None:
         return [f"{path.name}: read the weights under --weights-key {key!r}; it also holds {listed}"]
     return [
-        f"{path.name}: scanned the weights under {key!r}; it also holds {listed}. To scan one of those, save "
-        f"it on its own: torch.save(torch.load(PATH)[{others[0]!r}], 'other.pt')"
+        f"{path.name}: scanned the weights under {key!r}; it also holds {listed}. To scan one of those, "
+        f"pass --weights-key {others[0]!r} (with an --arch that builds it)"
     ]
 
 

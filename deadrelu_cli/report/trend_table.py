@@ -41,4 +41,4 @@ def print_trend(result, console: Console, data: str | None) -> None:
     )
     console.print(table)
     for note in result.notes:
-        console.print(f"note: {note}", style="dim", markup=False)
+        console.print(f"note: {terminal_text(note)}", style="dim", markup=False)
