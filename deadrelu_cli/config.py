@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import parse_toml
 
 # key in the file -> (parameter name in the CLI, expected type)
 KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
@@ -108,7 +109,7 @@ def _trusted(path: Path, start: Path) -> Path:
 
 def _table(path: Path, required: bool = True) -> dict | None:
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        document = parse_toml(path.read_text(encoding="utf-8"), path)
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
@@ -144,7 +145,7 @@ def table_label(path: Path | str) -> str:
     if path.name != "deadrelu.toml":
         return "[tool.deadrelu]"
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        document = parse_toml(path.read_text(encoding="utf-8"), path)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return ""
     return "[tool.deadrelu]" if isinstance(document.get("tool", {}).get("deadrelu"), dict) else ""

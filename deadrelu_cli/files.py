@@ -69,6 +69,56 @@ def check_folder_files(folder: Path, extra: Iterable[Path] = ()) -> None:
             raise UserError(f"{path}: is {kind}, not a file; a model folder holds plain files")
 
 
+# Settings, configs, indexes and text documents are a few levels deep; a file nested deeper is refused
+# before the recursive code that reads it next (transformers' config classes, our own walks) overflows.
+MAX_NESTING = 64
+
+
+def _too_deep(source: str | Path) -> UserError:
+    return UserError(
+        f"{source}: nested more than {MAX_NESTING} levels deep; the file is damaged or was built to crash readers"
+    )
+
+
+def check_nesting(value, source: str | Path) -> None:
+    """Refuse a parsed JSON/TOML value nested deeper than MAX_NESTING (an iterative walk: no recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise _too_deep(source)
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+
+
+def parse_json(text: str | bytes, source: str | Path, **kwargs):
+    """json.loads of a file from outside: nesting past MAX_NESTING (or past the parser's recursion, a
+    RecursionError: exit 3) is a one-line UserError naming SOURCE; invalid JSON still raises ValueError,
+    for the caller to word."""
+    import json
+
+    try:
+        value = json.loads(text, **kwargs)
+    except RecursionError:
+        raise _too_deep(source) from None
+    check_nesting(value, source)
+    return value
+
+
+def parse_toml(text: str, source: str | Path) -> dict:
+    """tomllib.loads with parse_json's nesting limit (tomllib recurses too); TOMLDecodeError is the caller's."""
+    import tomllib
+
+    try:
+        value = tomllib.loads(text)
+    except RecursionError:
+        raise _too_deep(source) from None
+    check_nesting(value, source)
+    return value
+
+
 def expand_pattern(pattern: str) -> list[Path]:
     """The files a glob pattern names, sorted (the pattern itself when a file has that literal name)."""
     if any(ch in pattern for ch in "*?[") and not Path(pattern).exists():

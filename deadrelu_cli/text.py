@@ -22,13 +22,13 @@ goes to forward() where forward() takes it, as token_type_ids do (`inputs.unfed_
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from deadrelu_cli.calibration import CalibrationData, InMemorySource
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.files import parse_json
 from deadrelu_cli.loaders.detect import check_readable_file
 
 
@@ -44,7 +44,7 @@ def read_documents(path: str, field: str) -> list[str]:
     lines = [line[:-1] if line.endswith("\r") else line for line in content.split("\n")]
     suffix = p.suffix.lower()
     if suffix == ".json":
-        whole = _json_whole(content)  # one array (or one object), else JSON lines
+        whole = _json_whole(content, path)  # one array (or one object), else JSON lines
         if isinstance(whole, list):
             return _json_array_documents(path, whole, field)
         if isinstance(whole, dict):
@@ -56,7 +56,7 @@ def read_documents(path: str, field: str) -> list[str]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = parse_json(line, f"{path}:{number}")
         except ValueError as exc:
             raise UserError(f"{path}:{number}: not a JSON object ({exc})") from None
         documents.append(_document(path, f"{path}:{number}", record, field))
@@ -70,10 +70,10 @@ def _document(path: str, where: str, record, field: str) -> str:
     return record[field]
 
 
-def _json_whole(content: str):
+def _json_whole(content: str, path: str):
     """The value of a .json file read whole; None when it is not one JSON value (JSON lines)."""
     try:
-        return json.loads(content)
+        return parse_json(content, path)
     except ValueError:
         return None
 

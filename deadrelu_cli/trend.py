@@ -149,10 +149,12 @@ def _step_from_checkpoint(path: Path) -> tuple[int, str] | None:
 
 
 def _step_from_trainer_state(path: Path) -> tuple[int, str] | None:
-    import json
+    from deadrelu_cli.files import parse_json
 
+    if not path.is_file():  # stat only: a FIFO would block read_text (the folder's loader refuses it)
+        return None
     try:
-        step = json.loads(path.read_text(encoding="utf-8")).get("global_step")
+        step = parse_json(path.read_text(encoding="utf-8"), path).get("global_step")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return None
     return (step, "global_step") if isinstance(step, int) and not isinstance(step, bool) else None
@@ -164,10 +166,12 @@ def is_report(path: Path) -> bool:
 
 def _step_from_report(path: Path) -> tuple[int, str] | None:
     """A JSON report's training step (reports made by watch() and the training callbacks)."""
-    import json
+    from deadrelu_cli.files import parse_json
 
+    if not path.is_file():  # stat only: a FIFO would block read_text (load_report refuses it)
+        return None
     try:
-        training = json.loads(path.read_text(encoding="utf-8")).get("training")
+        training = parse_json(path.read_text(encoding="utf-8"), path).get("training")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return None  # load_report says what is wrong with it
     step = training.get("step") if isinstance(training, dict) else None

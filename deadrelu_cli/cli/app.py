@@ -188,7 +188,7 @@ def run_command(argv: list[str] | None = None) -> None:
         except OSError:  # no writable temp folder (a read-only container): still one line, still exit 3
             where = "no writable temp folder for the traceback: rerun with --debug to see it"
         err.print(
-            f"deadrelu: internal error: {type(exc).__name__}: {one_line(str(exc), 200)} ({where})",
+            f"deadrelu: internal error: {type(exc).__name__}: {one_line(terminal_text(str(exc)), 200)} ({where})",
             markup=False,
         )
         sys.exit(EXIT_INTERNAL)

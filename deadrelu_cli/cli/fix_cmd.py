@@ -93,6 +93,7 @@ def fix(
     from deadrelu_cli.fixes.plan import FixOptions
     from deadrelu_cli.fixes.run import run_fix
     from deadrelu_cli.loaders.arch import arch_file
+    from deadrelu_cli.loaders.companions import model_companions
     from deadrelu_cli.options import check_finite
     from deadrelu_cli.report.fix_table import print_fix
 
@@ -108,7 +109,13 @@ def fix(
         )
     guard_outputs(
         [("--output", output), ("--json", json_out)],
-        [("MODEL", model), ("--data", data), ("--text", texts.text), ("--arch", arch_file(loading.arch))],
+        [
+            ("MODEL", model),
+            ("--data", data),
+            ("--text", texts.text),
+            ("--arch", arch_file(loading.arch)),
+            *model_companions(model),
+        ],
     )
     scan_options = opt.scan_options(
         model,

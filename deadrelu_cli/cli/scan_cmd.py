@@ -79,6 +79,7 @@ def scan(
     from deadrelu_cli.errors import UserError
     from deadrelu_cli.files import guard_outputs, require_temp_folder, write_text_atomic
     from deadrelu_cli.loaders.arch import arch_file
+    from deadrelu_cli.loaders.companions import model_companions
     from deadrelu_cli.probe.ops import parse_ops
     from deadrelu_cli.report.model import report_to_json
     from deadrelu_cli.report.table import print_report
@@ -107,6 +108,7 @@ def scan(
             ("--arch", arch_file(loading.arch)),
             ("--baseline", gating.baseline),
             ("--config", config_file(settings.config)),
+            *model_companions(model),
         ],
     )
     if html_out:  # before the scan, not after it (a read-only container without a tmpfs)

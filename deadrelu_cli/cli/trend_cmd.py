@@ -37,12 +37,14 @@ def trend(
     """Dead fraction per layer at each checkpoint, when each unit died, and which units revived."""
     from deadrelu_cli.files import guard_outputs, write_text_atomic
     from deadrelu_cli.loaders.arch import arch_file
+    from deadrelu_cli.loaders.companions import model_companions
     from deadrelu_cli.report.trend_table import print_trend
     from deadrelu_cli.trend import expand_paths, run_trend
 
     guard_outputs(
         [("--json", json_out), ("--html", html_out)],
         [("checkpoint", str(path)) for path in expand_paths(checkpoints)]
+        + [role for path in expand_paths(checkpoints) for role in model_companions(path)]
         + [("--data", data), ("--arch", arch_file(loading.arch))],
     )
 

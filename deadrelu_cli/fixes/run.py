@@ -26,6 +26,7 @@ from deadrelu_cli.files import (
     temp_path_for,
 )
 from deadrelu_cli.fixes.plan import EXACT_STRATEGIES, STRATEGIES, FixOptions, FixResult, plan_layers
+from deadrelu_cli.loaders.companions import model_companions
 from deadrelu_cli.options import ScanOptions
 
 
@@ -176,7 +177,12 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
     output = Path(options.output)
     guard_outputs(
         [("--output", output)],
-        [("MODEL", scan_options.model), ("--data", scan_options.data), ("--text", scan_options.text)],
+        [
+            ("MODEL", scan_options.model),
+            ("--data", scan_options.data),
+            ("--text", scan_options.text),
+            *model_companions(scan_options.model),
+        ],
     )
     folder_out = Path(scan_options.model).is_dir()  # a model folder is fixed into a model folder
     if folder_out and output.exists():

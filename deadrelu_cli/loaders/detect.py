@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import struct
 import zipfile
 import zlib
 from pathlib import Path
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.files import check_regular_file
+from deadrelu_cli.files import check_regular_file, parse_json
 
 TORCH_ZIP = "torch_zip"  # torch.save archive: a state_dict, a checkpoint dict, or a pickled module
 TORCH_LEGACY = "torch_legacy"  # pre-1.6 torch.save (a raw pickle stream)
@@ -166,7 +165,7 @@ def detect_format(path: str | Path) -> str:
             f"{path}: not a valid safetensors file (bad header); the file is truncated or not safetensors"
         )
     try:
-        document = json.loads(p.read_bytes()[: 1 << 23])  # an LLM's weight index runs past 64 KiB
+        document = parse_json(p.read_bytes()[: 1 << 23], p)  # an LLM's weight index runs past 64 KiB
         kind = "a JSON file"
     except (ValueError, UnicodeDecodeError):
         document, kind = None, "an unknown format"

@@ -9,7 +9,6 @@ weights and key renames are the library's business. Never the network: local fil
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import re
@@ -17,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.files import check_folder_files
+from deadrelu_cli.files import check_folder_files, parse_json
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
 from deadrelu_cli.options import DTYPE_NAMES
 
@@ -57,7 +56,7 @@ def weight_files(folder: Path) -> list[Path]:
         index = folder / index_name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = parse_json(index.read_text(), index)["weight_map"]
             except (ValueError, KeyError, TypeError) as exc:
                 raise UserError(f"{index}: not a valid weight index ({exc})") from None
             return [folder / name for name in sorted(set(weight_map.values()))]
@@ -126,11 +125,22 @@ def parse_max_memory(text: str) -> dict:
     return limits
 
 
+def _check_config_json(folder: Path) -> None:
+    """config.json read once by us first: nesting that would overflow transformers' recursive config
+    code (exit 3) is one line here; anything else wrong with it is transformers' to say."""
+    path = folder / "config.json"
+    try:
+        parse_json(path.read_bytes(), path)
+    except (OSError, ValueError):
+        pass
+
+
 def load_hf_folder(options: LoadOptions) -> LoadedModel:
     from concurrent.futures import ThreadPoolExecutor
 
     folder = Path(options.path)
     check_folder_files(folder, weight_files(folder))
+    _check_config_json(folder)
     transformers = import_transformers(folder)
     if not weight_files(folder):
         raise UserError(
@@ -147,7 +157,7 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
                 f"{folder}: the model's code ships in the folder (auto_map); pass --trust-pickle to run it, only if you trust its source"
             ) from None
         raise UserError(f"{folder}/config.json: {text}") from None
-    except (OSError, KeyError) as exc:
+    except (OSError, KeyError, RecursionError) as exc:  # (another JSON file of the folder nested too deeply)
         raise UserError(f"{folder}/config.json: cannot read it ({exc})") from None
     if getattr(config, "auto_map", None) and not options.trust_pickle:
         raise UserError(
@@ -242,7 +252,8 @@ TOKENIZER_FILES = (
 def tokenizer_ships_code(folder: Path) -> bool:
     """Whether tokenizer_config.json names a tokenizer class in a Python file of the folder (auto_map)."""
     try:
-        document = json.loads((Path(folder) / "tokenizer_config.json").read_text(encoding="utf-8"))
+        path = Path(folder) / "tokenizer_config.json"
+        document = parse_json(path.read_text(encoding="utf-8"), path)
     except (OSError, ValueError):
         return False  # transformers says what is wrong with it
     return isinstance(document, dict) and bool(document.get("auto_map"))
@@ -267,7 +278,13 @@ def load_tokenizer(folder: str | Path, trust_code: bool = False):
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             str(folder), local_files_only=True, trust_remote_code=trust_code
         )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        RecursionError,
+    ) as exc:  # (a tokenizer.json nested too deeply)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: no usable tokenizer in the folder for --text ({text})") from None
     # transformers may build an empty tokenizer from a config alone: it turns any text into no tokens

@@ -132,6 +132,7 @@ def _load_external_data(model, path: Path) -> None:
     into the model: onnxruntime then gets a self-contained graph and opens no file itself. (onnx's
     `load_external_data_for_model` skips sparse tensors and functions, which onnxruntime would read.)"""
     from onnx import TensorProto
+    from onnx.checker import ValidationError
     from onnx.external_data_helper import load_external_data_for_tensor
 
     external = [t for t in stored_tensors(model) if t.data_location == TensorProto.EXTERNAL]
@@ -139,8 +140,10 @@ def _load_external_data(model, path: Path) -> None:
     for tensor in external:
         try:
             load_external_data_for_tensor(tensor, str(path.parent))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{path}: cannot read its external data ({exc})") from None
+        except (OSError, ValueError, ValidationError) as exc:
+            # (ValidationError: onnx's own refusals, e.g. a data file with several hard links)
+            text = " ".join(str(exc).split())
+            raise UserError(f"{path}: cannot read its external data ({text})") from None
         tensor.data_location = TensorProto.DEFAULT
         del tensor.external_data[:]
 

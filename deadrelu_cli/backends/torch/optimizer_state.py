@@ -22,9 +22,6 @@ from deadrelu_cli.loaders.torch_models import strip_wrapper_prefixes
 
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim", "opt")
 LIGHTNING_KEY = "optimizer_states"
-HF_OPTIMIZER_FILE = "optimizer.pt"
-# optimizer files saved beside the weights: the Hugging Face Trainer's, accelerate's `save_state`
-OPTIMIZER_FILES = (HF_OPTIMIZER_FILE, "optimizer.bin")
 # per-element state a reset zeroes (what a fresh parameter starts with): Adam/AdamW (amsgrad too), NAdam
 # and RAdam moments, SGD momentum, Adamax's exp_inf, RMSprop's square_avg/grad_avg, Adadelta's acc_delta
 MOMENT_KEYS = (

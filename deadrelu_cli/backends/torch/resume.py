@@ -17,8 +17,6 @@ import torch
 from torch import nn
 
 from deadrelu_cli.backends.torch.optimizer_state import (
-    HF_OPTIMIZER_FILE,
-    OPTIMIZER_FILES,
     find_optimizer_states,
     map_parameters,
     optimizer_for,
@@ -26,6 +24,7 @@ from deadrelu_cli.backends.torch.optimizer_state import (
 )
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import check_companion_free, copyable_reason, temp_path_for
+from deadrelu_cli.loaders.companions import HF_OPTIMIZER_FILE, OPTIMIZER_FILES
 from deadrelu_cli.loaders.torch_models import strip_wrapper_prefixes, torch_load, weight_dicts, weights_key
 
 RESETTING_STRATEGIES = ("reinit", "kick", "bias-shift")  # every strategy that rewrites entries in place

@@ -1,0 +1,63 @@
+"""Files a model's load (or fix) reads besides the model file itself, for the output guard
+(`files.guard_outputs`): a `--json`/`--output` landing on one of them would destroy the user's model.
+
+* an ONNX model's external data files (`weights.bin` beside `model.onnx`);
+* the optimizer state a training checkpoint's fix reads beside it (the Hugging Face Trainer's
+  `optimizer.pt`, accelerate's `optimizer.bin`).
+
+A model folder needs none of this: the guard already compares every file inside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HF_OPTIMIZER_FILE = "optimizer.pt"
+# optimizer files saved beside the weights: the Hugging Face Trainer's, accelerate's `save_state`
+OPTIMIZER_FILES = (HF_OPTIMIZER_FILE, "optimizer.bin")
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The files an ONNX model's tensors name as their external data (as locations relative to its
+    folder; where they really point is the loader's business, `onnx_model._check_external_locations`).
+    A file that does not parse as ONNX has none here: the loader says what is wrong with it."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1)
+    except OSError:
+        return []
+    if path.suffix.lower() != ".onnx" and head != b"\x08":
+        return []
+    if not any(entry.name != path.name for entry in path.parent.iterdir()):
+        return []  # alone in its folder: no external data to protect (and no parse to pay for)
+    import onnx
+    from onnx import TensorProto
+
+    from deadrelu_cli.loaders.onnx_model import stored_tensors
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - any parse failure: the loader reports it with its own message
+        return []
+    files = []
+    for tensor in stored_tensors(model):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if location and "\0" not in location:
+                files.append(path.parent / location)
+    return sorted(set(files))
+
+
+def model_companions(model: str | Path | None) -> list[tuple[str, Path]]:
+    """(label, path) input roles for `guard_outputs`: what MODEL's load or fix reads beside it."""
+    if not model:
+        return []
+    path = Path(model)
+    try:
+        if not path.is_file():
+            return []  # a folder is compared file by file already; a missing model is the loader's to say
+    except OSError:
+        return []
+    roles = [("the optimizer state beside MODEL", path.parent / name) for name in OPTIMIZER_FILES]
+    roles += [("MODEL's external data", file) for file in external_data_files(path)]
+    return [(label, file) for label, file in roles if file.exists() and file != path]
