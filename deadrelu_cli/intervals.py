@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.memory import available_memory
 
 
 @dataclass
@@ -103,6 +104,14 @@ def input_boxes(
     if lo > hi:
         raise UserError(f"--input-range {lo} {hi}: LO must not exceed HI")
     for shape in shapes:
+        # a shape an ONNX graph's inputs declare (dims of 10^12 cost nothing to write there) is checked
+        # before the two float64 bounds are allocated: one line, not an allocator's crash or the OOM killer
+        size = 16 * int(np.prod([int(d) for d in shape], dtype=object))
+        if size > available_memory():
+            raise UserError(
+                f"--certify: an input of shape {list(shape)} needs a {size / 2**30:.1f} GiB box, more than the "
+                "memory available; the model declares an impossible input size (pass --input-shape)"
+            )
         boxes.append(
             Interval(
                 torch.full((1, *shape), float(lo), dtype=torch.float64),

@@ -98,15 +98,18 @@ def test_trend_with_a_trainer_state_nested_past_the_parser_is_one_line(cli, hf_f
     one_line_error(cli("trend", tmp_path / "run", "--data", data), "trainer_state.json", "nested")
 
 
-def _unblock_later(fifo: Path, after: float = 20.0) -> None:
-    """If the tool opens FIFO and blocks, a writer shows up after AFTER seconds (the test then fails on time)."""
+def _unblock_later(fifo: Path, stop: threading.Event, after: float = 20.0) -> None:
+    """If the tool opens FIFO and blocks, a writer comes and goes every half second from AFTER seconds
+    on, until STOP (the test then fails on time instead of hanging)."""
 
     def writer() -> None:
-        time.sleep(after)
-        try:
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
+        if stop.wait(after):
+            return
+        while not stop.wait(0.5):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
 
     threading.Thread(target=writer, daemon=True).start()
 
@@ -121,12 +124,16 @@ def test_trend_never_opens_a_fifo_among_its_reports_or_trainer_states(cli, hf_fo
     for step in (1, 2):
         shutil.copytree(folder, tmp_path / "run" / f"checkpoint-{step}")
     os.mkfifo(tmp_path / "run" / "checkpoint-1" / "trainer_state.json")
-    _unblock_later(tmp_path / "r-2.json")
-    _unblock_later(tmp_path / "run" / "checkpoint-1" / "trainer_state.json")
+    stop = threading.Event()
+    _unblock_later(tmp_path / "r-2.json", stop)
+    _unblock_later(tmp_path / "run" / "checkpoint-1" / "trainer_state.json", stop)
     started = time.monotonic()
-    # before: trend read each report / trainer_state.json for its step first, and blocked there
-    one_line_error(cli("trend", report, tmp_path / "r-2.json"), "r-2.json", "FIFO")
-    one_line_error(cli("trend", tmp_path / "run", "--data", data), "trainer_state.json", "FIFO")
+    try:
+        # before: trend read each report / trainer_state.json for its step first, and blocked there
+        one_line_error(cli("trend", report, tmp_path / "r-2.json"), "r-2.json", "FIFO")
+        one_line_error(cli("trend", tmp_path / "run", "--data", data), "trainer_state.json", "FIFO")
+    finally:
+        stop.set()
     assert time.monotonic() - started < 15
 
 
@@ -223,3 +230,13 @@ def test_an_internal_error_line_shows_a_messages_controls_as_escapes(cli, tmp_pa
     lines = result.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("deadrelu: internal error: RuntimeError: boom"), result.err
     assert "\x1b" not in result.err and "\x07" not in result.err and "\\x1b]0;owned\\x07" in lines[0]
+
+
+def test_certify_refuses_an_input_box_that_an_onnx_header_makes_huge(cli, tmp_path):
+    model = gemm_relu()
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 10**12  # 8 bytes in the file
+    onnx.save(model, tmp_path / "m.onnx")
+    # before: torch.full tried to allocate 8 TB: an allocator's internal error (exit 3), or the OOM
+    # killer where the allocation is lazily granted
+    result = cli("scan", tmp_path / "m.onnx", "--certify", "--input-range", "-1", "1")
+    one_line_error(result, "--certify", "[1000000000000]", "--input-shape")
