@@ -226,7 +226,12 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
     from deadrelu_cli.engine import run_scan
     from deadrelu_cli.loaders import LoadOptions, load_model
     from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP, detect_format
-    from deadrelu_cli.loaders.torch_models import load_state_into, torch_load, unwrap_checkpoint
+    from deadrelu_cli.loaders.torch_models import (
+        load_safetensors,
+        load_state_into,
+        torch_load,
+        unwrap_checkpoint,
+    )
 
     data = open_calibration(
         options.data, options.batch_axes, options.consts, tuple(c.path for c in checkpoints)
@@ -250,9 +255,7 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
         notes = list(model.notes)
         for checkpoint in checkpoints:
             if detect_format(checkpoint.path) == "safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(checkpoint.path), device=device)
+                state = load_safetensors(checkpoint.path, device)
             else:
                 state = unwrap_checkpoint(
                     torch_load(checkpoint.path, device, options.trust_pickle, checked=True),

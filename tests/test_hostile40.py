@@ -241,3 +241,29 @@ def test_certify_refuses_an_input_box_that_an_onnx_header_makes_huge(cli, tmp_pa
     # killer where the allocation is lazily granted
     result = cli("scan", tmp_path / "m.onnx", "--certify", "--input-range", "-1", "1")
     one_line_error(result, "--certify", "[1000000000000]", "--input-shape")
+
+
+def test_trend_over_safetensors_checkpoints_refuses_a_hostile_header_in_one_line(cli, tmp_path):
+    import json
+    import struct
+
+    from conftest import arch_file
+    from safetensors.torch import save_file
+
+    net, spec = arch_file(
+        tmp_path / "arch.py",
+        "import torch\n\ndef build():\n    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n",
+    )
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "ck-1.safetensors")
+    # a header the loader's sniffing accepts, claiming 4 TB of tensor in 64 bytes
+    header = json.dumps(
+        {"0.weight": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 64]}}
+    ).encode()
+    (tmp_path / "ck-2.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(64))
+    data = save_npz(tmp_path / "x.npz", x=np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32))
+    result = cli(
+        "trend", tmp_path / "ck-1.safetensors", tmp_path / "ck-2.safetensors", "--arch", spec, "--data", data
+    )
+    # before: SafetensorError escaped trend's own reader: an internal error (exit 3)
+    one_line_error(result, "ck-2.safetensors", "cannot read safetensors")

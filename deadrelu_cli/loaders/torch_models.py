@@ -388,6 +388,20 @@ def _torchscript(path: Path, sha, device: str, trust_code: bool) -> LoadedModel:
     )
 
 
+def load_safetensors(path: Path, device: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a header the library refuses (shapes past the file, offsets that
+    overlap) is one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(
+            f"{path}: cannot read safetensors ({exc}); the file is truncated or corrupted"
+        ) from None
+
+
 def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
     path = Path(options.path)
     sha = file_sha256_async(path)
@@ -397,15 +411,7 @@ def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
     if fmt == "torchscript":
         return _torchscript(path, sha, device, options.trust_pickle)
     if fmt == "safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path), device=device)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(
-                f"{path}: cannot read safetensors ({exc}); the file is truncated or corrupted"
-            ) from None
+        state = load_safetensors(path, device)
         if not options.arch:
             raise UserError(
                 f"{path}: safetensors holds weights only; pass --arch MODULE:FACTORY that builds the model"
