@@ -107,14 +107,15 @@ def fix(
         raise UserError(
             "missing --data: the calibration data the fix is decided and verified on, or --text FILE"
         )
+    outputs = [("--output", output), ("--json", json_out)]
     guard_outputs(
-        [("--output", output), ("--json", json_out)],
+        outputs,
         [
             ("MODEL", model),
             ("--data", data),
             ("--text", texts.text),
             ("--arch", arch_file(loading.arch)),
-            *model_companions(model),
+            *model_companions(model, outputs),
         ],
     )
     scan_options = opt.scan_options(

@@ -94,13 +94,14 @@ def scan(
     json_to_stdout = json_out == "-"
     out = make_console(stderr=json_to_stdout)
     err = make_console(stderr=True, soft_wrap=True)
+    outputs = [
+        ("--json", json_out),
+        ("--junit", gating.junit),
+        ("--markdown", gating.markdown),
+        ("--html", html_out),
+    ]
     guard_outputs(
-        [
-            ("--json", json_out),
-            ("--junit", gating.junit),
-            ("--markdown", gating.markdown),
-            ("--html", html_out),
-        ],
+        outputs,
         [
             ("MODEL", model),
             ("--data", data),
@@ -108,7 +109,7 @@ def scan(
             ("--arch", arch_file(loading.arch)),
             ("--baseline", gating.baseline),
             ("--config", config_file(settings.config)),
-            *model_companions(model),
+            *model_companions(model, outputs),
         ],
     )
     if html_out:  # before the scan, not after it (a read-only container without a tmpfs)

@@ -41,10 +41,11 @@ def trend(
     from deadrelu_cli.report.trend_table import print_trend
     from deadrelu_cli.trend import expand_paths, run_trend
 
+    outputs = [("--json", json_out), ("--html", html_out)]
     guard_outputs(
-        [("--json", json_out), ("--html", html_out)],
+        outputs,
         [("checkpoint", str(path)) for path in expand_paths(checkpoints)]
-        + [role for path in expand_paths(checkpoints) for role in model_companions(path)]
+        + [role for path in expand_paths(checkpoints) for role in model_companions(path, outputs)]
         + [("--data", data), ("--arch", arch_file(loading.arch))],
     )
 

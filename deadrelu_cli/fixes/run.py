@@ -181,7 +181,7 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
             ("MODEL", scan_options.model),
             ("--data", scan_options.data),
             ("--text", scan_options.text),
-            *model_companions(scan_options.model),
+            *model_companions(scan_options.model, [("--output", output)]),
         ],
     )
     folder_out = Path(scan_options.model).is_dir()  # a model folder is fixed into a model folder

@@ -10,6 +10,7 @@ A model folder needs none of this: the guard already compares every file inside 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 HF_OPTIMIZER_FILE = "optimizer.pt"
@@ -28,8 +29,6 @@ def external_data_files(path: Path) -> list[Path]:
         return []
     if path.suffix.lower() != ".onnx" and head != b"\x08":
         return []
-    if not any(entry.name != path.name for entry in path.parent.iterdir()):
-        return []  # alone in its folder: no external data to protect (and no parse to pay for)
     import onnx
     from onnx import TensorProto
 
@@ -48,8 +47,30 @@ def external_data_files(path: Path) -> list[Path]:
     return sorted(set(files))
 
 
-def model_companions(model: str | Path | None) -> list[tuple[str, Path]]:
-    """(label, path) input roles for `guard_outputs`: what MODEL's load or fix reads beside it."""
+def _may_be_external_data(path: Path, outputs: Sequence[tuple[str, object]]) -> bool:
+    """Whether an output could be one of the model's external data files, from stat alone: only a file
+    that exists already can be (a missing one fails the load with nothing lost), and only one inside the
+    model's folder (where the loader confines external data) or a hard link (another name of such a
+    file). Parsing the model to find its data files (0.7 s per 100 MB) is paid only then."""
+    folder = path.parent.resolve()
+    for _, value in outputs:
+        if not value or str(value) == "-":
+            continue
+        out = Path(str(value))
+        try:
+            info = out.stat()
+            inside = out.resolve().is_relative_to(folder)
+        except (OSError, ValueError):
+            continue
+        if out.is_file() and (inside or info.st_nlink > 1):
+            return True
+    return False
+
+
+def model_companions(
+    model: str | Path | None, outputs: Sequence[tuple[str, object]]
+) -> list[tuple[str, Path]]:
+    """(label, path) input roles for `guard_outputs` of OUTPUTS: what MODEL's load or fix reads beside it."""
     if not model:
         return []
     path = Path(model)
@@ -59,5 +80,6 @@ def model_companions(model: str | Path | None) -> list[tuple[str, Path]]:
     except OSError:
         return []
     roles = [("the optimizer state beside MODEL", path.parent / name) for name in OPTIMIZER_FILES]
-    roles += [("MODEL's external data", file) for file in external_data_files(path)]
+    if _may_be_external_data(path, outputs):
+        roles += [("MODEL's external data", file) for file in external_data_files(path)]
     return [(label, file) for label, file in roles if file.exists() and file != path]
