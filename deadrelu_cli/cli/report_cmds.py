@@ -57,7 +57,13 @@ def merge(
     """Merge partial reports (same model, disjoint data) into exactly the report of the union."""
     from deadrelu_cli.display import terminal_text
     from deadrelu_cli.files import guard_outputs, write_text_atomic
-    from deadrelu_cli.report.model import load_report, merge_reports, refuse_repeated_reports, report_to_json
+    from deadrelu_cli.report.model import (
+        PARTIAL_LAYERS_NOTE,
+        load_report,
+        merge_reports,
+        refuse_repeated_reports,
+        report_to_json,
+    )
     from deadrelu_cli.report.table import summary_line
 
     guard_outputs([("--json", json_out)], [("REPORT", path) for path in reports])
@@ -68,6 +74,8 @@ def merge(
     for note in merged.notes:
         if note.startswith("check the data of the merged parts"):
             err.print(f"warning: {terminal_text(note.removeprefix('check '))}", style="yellow", markup=False)
+        elif note.startswith(PARTIAL_LAYERS_NOTE) and not quiet:
+            err.print(f"note: {terminal_text(note)}", markup=False)
     if json_out in (None, "-"):
         sys.stdout.write(text)
         return
