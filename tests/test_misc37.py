@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from conftest import arch_file
 from torch import nn
 
 
@@ -95,3 +96,56 @@ def test_merge_of_windows_where_a_layer_never_ran(cli, tmp_path):
     assert refused.code == 2 and "different models" in refused.err
     assert len(refused.err.strip().splitlines()) == 1
     assert not (tmp_path / "x.json").exists()
+
+
+QUIET_ARCH = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.ReLU())  # ReLU on the output
+    with torch.no_grad():
+        net[0].bias[[1, 6]] = -100.0  # planted dead units
+    return net
+"""
+
+
+def test_quiet_prints_only_problems_and_the_verdict(cli, tmp_path):
+    """Before: `scan -q` only hid the progress bar (drawn on terminals alone: in CI it did nothing) and
+    printed the whole table; `gate -q` hid the table and with it the report's warnings. Now -q on both
+    prints the problems and the verdict (without limits: the summary line), never the table, and
+    `--no-progress` is what `scan -q` was."""
+    net, spec = arch_file(tmp_path / "arch.py", QUIET_ARCH)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    x = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    # truth: numpy on the weights
+    w0, b0 = net[0].weight.detach().numpy(), net[0].bias.detach().numpy()
+    h = np.maximum(x @ w0.T + b0, 0)
+    w2, b2 = net[2].weight.detach().numpy(), net[2].bias.detach().numpy()
+    dead = int((_np_relu_positive(w0, b0, x) == 0).sum() + (_np_relu_positive(w2, b2, h) == 0).sum())
+    assert dead >= 2
+    scan = ("scan", tmp_path / "model.pt", "--arch", spec, "--data", tmp_path / "x.npy")
+
+    full = cli(*scan, "--no-progress")
+    assert full.code == 0 and "Dead %" in full.out and "relu-on-output" in full.out
+
+    quiet = cli(*scan, "-q")
+    assert quiet.code == 0 and quiet.err.strip().splitlines()[0].startswith("warning: relu-on-output")
+    assert len(quiet.err.strip().splitlines()) == 1
+    # no table: only the verdict of a scan without limits, its summary line (on stdout, as the table was)
+    assert quiet.out.strip().splitlines() == [quiet.out.strip()]
+    assert quiet.out.startswith(f"Dead units: {dead}/11 ")
+
+    failed = cli(*scan, "-q", "--max-dead-units", dead - 1, "--json", tmp_path / "r.json")
+    assert failed.code == 1 and failed.out == ""
+    assert "warning: relu-on-output" in failed.err and "above the limit" in failed.err
+    assert "Dead units" not in failed.err and "Dead %" not in failed.err  # the gate's lines are the verdict
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["dead"] == dead
+
+    gate = cli("gate", tmp_path / "r.json", "--max-dead-units", dead, "-q")
+    assert gate.code == 0 and gate.out == ""
+    assert gate.err.strip().splitlines() == [gate.err.strip().splitlines()[0], "gate passed"]
+    assert gate.err.startswith("warning: relu-on-output")  # before: hidden with the table

@@ -8,7 +8,7 @@ import typer
 
 from deadrelu_cli.cli import options as opt
 from deadrelu_cli.cli.console import make_console
-from deadrelu_cli.cli.gating import config_file, run_gate
+from deadrelu_cli.cli.gating import config_file, print_quiet, run_gate
 
 
 @opt.command
@@ -16,7 +16,7 @@ def gate(
     report_path: opt.ReportPath,
     gating: opt.Gating = None,
     settings: opt.Settings = None,
-    quiet: opt.QuietTable = False,
+    quiet: opt.Quiet = False,
 ) -> None:
     """Apply gate limits to a saved REPORT: exit 0 pass, 1 failed, 2 usage or input error."""
     from deadrelu_cli.files import guard_outputs
@@ -40,7 +40,9 @@ def gate(
         )
     report = load_report(report_path)
     err = make_console(stderr=True, soft_wrap=True)
-    if not quiet:
+    if quiet:
+        print_quiet(report, config, make_console(), err)
+    else:
         print_report(report, make_console())
     run_gate(report, config, gating.junit, gating.markdown, err)
 
