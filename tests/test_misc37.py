@@ -149,3 +149,65 @@ def test_quiet_prints_only_problems_and_the_verdict(cli, tmp_path):
     assert gate.code == 0 and gate.out == ""
     assert gate.err.strip().splitlines() == [gate.err.strip().splitlines()[0], "gate passed"]
     assert gate.err.startswith("warning: relu-on-output")  # before: hidden with the table
+
+
+class _Obj:  # a pickled object in a training checkpoint (an argparse Namespace, a config class)
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_data_folder_leaves_out_checkpoints_and_says_what_it_read(cli, tmp_path):
+    """Before: `--data RUN/` of a training run folder refused its `optimizer.pt` ("entry 'state' is a
+    dict, expected a tensor"), though other non-data files of a folder are ignored. Now a folder leaves
+    out data-suffix files that hold no arrays of samples (an optimizer state, a checkpoint of nested
+    entries or pickled objects, never unpickled; another model's weights) and a note names what was read
+    and what was left out; counts are those of the data files alone. Named on its own, such a file is
+    refused, one line saying what it is."""
+    net, spec = arch_file(tmp_path / "arch.py", QUIET_ARCH)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(net.state_dict(), run / "model.pt")
+    optimizer = torch.optim.Adam(net.parameters())
+    net(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    torch.save(optimizer.state_dict(), run / "optimizer.pt")
+    torch.save({"epoch": 3, "model": net.state_dict()}, run / "last.pt")
+    torch.save({"args": _Obj(), "step": 7}, run / "trainer_state.pt")
+    torch.save(nn.Linear(4, 8).state_dict(), run / "ema.pth")
+    (run / "config.json").write_text("{}")
+    rng = np.random.default_rng(1)
+    parts = [rng.standard_normal((n, 4)).astype(np.float32) for n in (7, 5)]
+    np.save(run / "calib-0.npy", parts[0])
+    torch.save(torch.from_numpy(parts[1]), run / "calib-1.pt")
+    # truth: numpy on the weights over the data files' rows
+    x = np.concatenate(parts)
+    w0, b0 = net[0].weight.detach().numpy(), net[0].bias.detach().numpy()
+    first = _np_relu_positive(w0, b0, x)
+
+    result = cli("scan", run / "model.pt", "--arch", spec, "--data", run, "--json", tmp_path / "r.json")
+    assert result.code == 0, result.err
+    assert "unpickled" not in result.out + result.err  # never unpickled
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["data"]["samples"] == 12
+    assert report["layers"][0]["positive_counts"] == first.tolist()
+    note = next(n for n in report["notes"] if n.startswith(f"--data {run}:"))
+    assert "read 2 data file(s): calib-0.npy; calib-1.pt" in note
+    for left in (
+        "optimizer.pt (an optimizer state",
+        "last.pt (a checkpoint of nested entries (model)",
+        "trainer_state.pt (refused to unpickle",
+        "ema.pth (a model's weights",
+        "model.pt (the model being scanned)",
+    ):
+        assert left in note, note
+    assert "1 other file(s) of no data format ignored" in note
+    assert note in result.out  # shown with the table
+
+    named = cli("scan", run / "model.pt", "--arch", spec, "--data", run / "optimizer.pt")
+    assert named.code == 2 and len(named.err.strip().splitlines()) == 1
+    assert "an optimizer state (state, param_groups), not calibration data" in named.err
+    empty = tmp_path / "only-checkpoints"
+    empty.mkdir()
+    (empty / "optimizer.pt").write_bytes((run / "optimizer.pt").read_bytes())
+    refused = cli("scan", run / "model.pt", "--arch", spec, "--data", empty)
+    assert refused.code == 2 and "left out: optimizer.pt (an optimizer state" in refused.err
