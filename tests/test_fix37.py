@@ -432,3 +432,23 @@ def test_onnx_layer_normalization_beta_is_shifted_and_refused_clearly(cli, tmp_p
     )  # fmt: skip
     assert result.code == 2 and "LayerNormalization ln2" in result.err, result.err
     assert len(result.err.strip().splitlines()) == 1
+
+
+def test_firing_cuts_put_tied_values_on_one_side():
+    """Per column, exactly `count` values exceed the cut (counted here with numpy), at least one, and
+    no value equals it; a column without ties at the k-th value keeps k = round(rate * n)."""
+    from deadrelu_cli.fixes.plan import firing_cuts
+
+    rng = np.random.default_rng(5)
+    values = rng.standard_normal((100, 5))
+    values[:, 1] = np.where(np.arange(100) < 4, 7.0, values[:, 1])  # the top four tie
+    values[:, 2] = -3.0  # constant
+    values[:, 3] = np.round(values[:, 3])  # many ties everywhere
+    values[:, 4] = np.float32(np.float32(2.0) + np.arange(100, dtype=np.float32) * np.float32(2.0**-22))
+    cuts, counts = firing_cuts(values.astype(np.float32).astype(np.float64), 0.02)
+    above = (values > cuts).sum(axis=0)
+    assert above.tolist() == counts.tolist()
+    assert (counts >= 1).all() and not (values == cuts).any()
+    assert counts[0] == 2 and counts[1] == 4 and counts[2] == 100
+    # adjacent float32 values (one rounding apart) count as tied: no gap wider than that, so all fire
+    assert counts[4] == 100 and values[:, 4].min() - cuts[4] >= 1.0

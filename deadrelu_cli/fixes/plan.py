@@ -176,7 +176,8 @@ def _cut_at_a_gap(column: np.ndarray, k: int, rel_gap: float) -> tuple[float, in
     upper, lower = ordered[:-1], ordered[1:]  # count c = i + 1 cuts between upper[i] and lower[i]
     gaps = np.flatnonzero(upper - lower > rel_gap * np.maximum(np.abs(upper), np.abs(lower))) + 1
     if not len(gaps):  # constant on the data: only all of its values can fire
-        return float(ordered[-1]) - max(1.0, abs(float(ordered[-1]))), len(ordered)
+        lowest = float(ordered[-1])  # 1 below it (more where 1 is within a float32 rounding of it)
+        return lowest - max(1.0, 16 * rel_gap * abs(lowest)), len(ordered)
     count = int(gaps[np.argmin(np.abs(gaps - k))])  # argmin: the first (smaller) of two as near
     return float(ordered[count - 1] / 2 + ordered[count] / 2), count
 

@@ -186,9 +186,9 @@ def _check_promises(options: FixOptions, outcome, elements: int, threshold: floa
     unreached = sum(promised <= 0 for _, promised, _ in pairs)
     if unreached and options.strategy == "reinit":
         result.notes.append(
-            f"{outcome.name}: {unreached} of the {len(pairs)} re-initialised units exceed --threshold "
-            f"{threshold:g} with neither the drawn row nor its negation (their inputs are zero or too small "
-            "on this data); they stay dead"
+            f"{outcome.name}: {unreached} of the {len(pairs)} re-initialised units cannot exceed --threshold "
+            f"{threshold:g} with the drawn row or its negation (their inputs are zero or too small on this "
+            "data): not revived"
         )
     tied = [
         promised for promised in outcome.promised if promised > 2 * options.target_rate + 2 / max(1, elements)
