@@ -456,13 +456,31 @@ def release_weights(loaded: LoadedModel) -> bool:
     spans = loaded.extra.pop("weight_spans", None)
     if not spans or not loaded.extra.get("rereadable"):
         return False
+    # weights only: onnxruntime's shape inference reads the values of integer tensors (shapes, axes,
+    # pads) and refuses external ones
+    weights = {
+        TensorProto.FLOAT,
+        TensorProto.FLOAT16,
+        TensorProto.BFLOAT16,
+        TensorProto.DOUBLE,
+        TensorProto.INT8,
+        TensorProto.UINT8,
+    }
     full = loaded.runnable
+    released = {
+        i.name: spans[i.name] for i in full.graph.initializer if i.name in spans and i.data_type in weights
+    }
+    if not released:
+        return False
+    target = loaded.path.resolve()  # onnxruntime refuses a link whose target lies outside its folder
+    location = target.name
+    if not location.isprintable() or location != location.encode("utf-8", "replace").decode("utf-8"):
+        return False  # a name a protobuf string cannot hold (not UTF-8)
     light = ModelProto()
     _copy_fields(full, light, "graph")
     _copy_fields(full.graph, light.graph, "initializer")
-    location = loaded.path.name
     for init in full.graph.initializer:
-        span = spans.get(init.name)
+        span = released.get(init.name)
         if span is None:
             light.graph.initializer.append(init)
             continue
@@ -474,8 +492,8 @@ def release_weights(loaded: LoadedModel) -> bool:
             entry.key, entry.value = key, value
     loaded.runnable = light  # the parsed graph (and its weights) goes with its last reference
     loaded.extra.pop("file_bytes", None)
-    loaded.extra["released"] = spans
-    loaded.extra["weights_dir"] = str(loaded.path.resolve().parent)
+    loaded.extra["released"] = released
+    loaded.extra["weights_dir"] = str(target.parent)
     return True
 
 

@@ -702,7 +702,11 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     switch = _OutputMaxSwitch(loaded, sites, options, device)
     started = time.perf_counter()
     model_bytes = instrumented_bytes(loaded, sites, options.threshold, options.channel_dim, device)
-    session = make_session(model_bytes, device, loaded.notes, weights_dir)
+    try:
+        session = make_session(model_bytes, device, loaded.notes, weights_dir)
+    except UserError:
+        check_weights_read(loaded)  # a file removed or replaced since it was loaded: say that
+        raise
     check_weights_read(loaded)
     switch.build_s = time.perf_counter() - started
     del model_bytes
