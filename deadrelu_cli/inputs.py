@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deadrelu_cli.calibration import CalibrationData
+from deadrelu_cli.calibration import PADDING_MASK_SUFFIX, CalibrationData
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.model import LoadedModel
 
@@ -256,26 +256,34 @@ def resolve_batch_size(
 PADDING_CHECK = "check padding: "
 TOKEN_IDS = "input_ids"
 DEFAULT_MASK = "attention_mask"
+# arrays named *key_padding_mask mark padding (calibration.PADDING_MASK_SUFFIX); src_/plain ones are the
+# default mask after attention_mask (tgt_/memory_ ones mark another sequence: a decoder's, the encoder output's)
+DEFAULT_PADDING_MASKS = ("src_key_padding_mask", "key_padding_mask")
 AUDIO_VALUES = "input_values"  # a speech model's raw audio [samples, audio samples]
 
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """Which token positions count: where array `array` is nonzero (None: every position), minus the
-    positions whose `input_ids` are in `exclude_token_ids`."""
+    """Which token positions count: where array `array` is nonzero (None: every position), or where it
+    is 0 when it `marks_padding` (a `*key_padding_mask`), minus the positions whose `input_ids` are in
+    `exclude_token_ids`."""
 
     array: str | None
     exclude_token_ids: tuple[int, ...] = ()
+    marks_padding: bool = False
 
     def describe(self) -> dict:
-        return {"array": self.array, "exclude_token_ids": list(self.exclude_token_ids)}
+        described = {"array": self.array, "exclude_token_ids": list(self.exclude_token_ids)}
+        if self.marks_padding:
+            described["marks"] = "padding"
+        return described
 
 
 def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data) -> MaskSpec | None:
     """--mask NAME | none | auto (default: the data's attention_mask, when it has one), --exclude-token-ids."""
     names = data.names
     if requested in (None, "auto"):
-        array = DEFAULT_MASK if DEFAULT_MASK in names else None
+        array = next((n for n in (DEFAULT_MASK, *DEFAULT_PADDING_MASKS) if n in names), None)
     elif requested == "none":
         array = None
     elif requested in names:
@@ -304,7 +312,8 @@ def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data
                 f"{data.path}: the mask array {array!r} has shape {list(by_name[array].shape)} but {name!r} has "
                 f"{list(by_name[name].shape)}: give one mask value per position (or --mask none to count every position)"
             )
-    return MaskSpec(array, tuple(int(t) for t in exclude_token_ids))
+    marks_padding = array is not None and array.endswith(PADDING_MASK_SUFFIX)
+    return MaskSpec(array, tuple(int(t) for t in exclude_token_ids), marks_padding)
 
 
 def unfed_arrays(mask: MaskSpec | None, data, model: LoadedModel) -> tuple[str, ...]:
@@ -329,7 +338,8 @@ def batch_mask(spec: MaskSpec, batch: dict[str, np.ndarray]) -> np.ndarray:
     """bool [batch, tokens]: the positions of this batch that count."""
     keep = None
     if spec.array is not None:
-        keep = np.asarray(batch[spec.array]) != 0
+        marked = np.asarray(batch[spec.array]) != 0
+        keep = ~marked if spec.marks_padding else marked
     if spec.exclude_token_ids:
         ids = np.asarray(batch[TOKEN_IDS])
         drop = np.isin(ids, np.asarray(spec.exclude_token_ids, dtype=ids.dtype))
