@@ -334,6 +334,20 @@ def unfed_arrays(mask: MaskSpec | None, data, model: LoadedModel) -> tuple[str, 
     )
 
 
+def square_free_batch_size(batch_size: int, total: int, tokens: int) -> int:
+    """`batch_size`, or the largest smaller one with which no batch has as many samples as the mask has
+    tokens: a [tokens, batch, ...] activation (time-major) is told from a [batch, tokens, ...] one by its
+    shape, which such a batch leaves ambiguous. Counts never depend on the batch size."""
+
+    def square(size: int) -> bool:
+        return tokens in (min(size, total), total % size if size < total else 0)
+
+    size = batch_size
+    while size > 1 and tokens > 1 and square(size):
+        size = min(size, total) - 1
+    return size
+
+
 def batch_mask(spec: MaskSpec, batch: dict[str, np.ndarray]) -> np.ndarray:
     """bool [batch, tokens]: the positions of this batch that count."""
     keep = None

@@ -121,7 +121,8 @@ def _check(report: dict, truths) -> None:
 @pytest.mark.parametrize("factory", ["build", "build_time_major"])
 def test_src_key_padding_mask_counts_real_tokens_only(cli, tmp_path, factory):
     """The data's src_key_padding_mask (True = padding) is the position mask, by itself: every FFN
-    ReLU counts the real tokens only, batch-first and time-major ([T, B, F]), at any batch size.
+    ReLU counts the real tokens only, batch-first and time-major ([T, B, F]), at any batch size (also
+    one of as many samples as tokens, where [T, B, F] and [B, T, F] have one shape).
     Before: every position counted (30 per unit, not 20), unit 9 (firing on padding only) alive, no
     word said; `--mask src_key_padding_mask` counted the padding only, and a [T, B, F] site was
     "not the mask's positions"."""
@@ -131,7 +132,7 @@ def test_src_key_padding_mask_counts_real_tokens_only(cli, tmp_path, factory):
     data, src, pad = _data(tmp_path)
     truths = _truth(model, src, pad, factory == "build")
     assert truths[1][0][9] == 0  # unit 9 of layer 1 is dead on the real tokens
-    for extra in ([], ["--batch-size", "4"], ["--mask", "src_key_padding_mask"]):
+    for extra in ([], ["--batch-size", "4"], ["--batch-size", "5"], ["--mask", "src_key_padding_mask"]):
         result = cli("scan", state, "--arch", spec, "--data", data, "--json", "-", "-q", *extra)
         assert result.code == 0, result.err
         report = result.json()

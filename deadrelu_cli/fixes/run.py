@@ -46,7 +46,11 @@ def _outputs_of(runner, data, scan_options: ScanOptions, mask=None) -> list[list
             kept = []
             for i, a in enumerate(out):
                 k = output_keep(names[i], keep, decoder_keep, fed) if fed else keep
-                kept.append(a[k] if k is not None and a.ndim >= 2 and a.shape[:2] == k.shape else a)
+                if k is not None and a.ndim >= 2 and a.shape[:2] == k.shape:
+                    a = a[k]
+                elif k is not None and a.ndim >= 3 and a.shape[:2] == k.T.shape:  # time-major [T, B, ...]
+                    a = a[k.T]
+                kept.append(a)
             out = kept
         outputs.append(out)
     return outputs

@@ -38,6 +38,7 @@ from deadrelu_cli.inputs import (
     match_inputs,
     resolve_batch_size,
     resolve_mask,
+    square_free_batch_size,
     unbatched_advice,
     unfed_arrays,
 )
@@ -241,6 +242,9 @@ def scan_torch(
         if total % model.fixed_batch:
             raise fixed_batch_error(model.path, model.fixed_batch, total)
         batch_size = model.fixed_batch
+    elif mask is not None:  # no batch of `tokens` samples: a time-major site's layout stays unambiguous
+        tokens = next(s.shape[1] for s in data.sources if s.name == (mask.array or TOKEN_IDS))
+        batch_size = square_free_batch_size(batch_size, total, tokens)
     done = 0
     context = probe.attached() if hasattr(probe, "attached") else contextlib.nullcontext()
 
