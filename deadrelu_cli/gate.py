@@ -9,6 +9,9 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.report.diff import match_layers
 from deadrelu_cli.report.model import COUNT_SETTINGS, Report, settings_difference
 
+# extra["position_mask"] of a site the scan's position mask could not reach (it counted padding too)
+MASK_NOT_APPLIED = ("in a subgraph", "opset below 9")
+
 
 @dataclass
 class GateConfig:
@@ -205,6 +208,19 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
         model_failures.append(
             f"model: activations deadrelu could not scan (their dead units are not counted): {unseen_text(hiding)}; "
             "pass --allow-unseen to gate on the scanned layers only"
+        )
+    unmasked = [
+        layer.name
+        for layer in report.layers
+        if layer.ran and layer.extra.get("position_mask") in MASK_NOT_APPLIED
+    ]
+    if config.active and not config.allow_unseen and report.mask and unmasked:
+        shown = ", ".join(unmasked[:5]) + (", …" if len(unmasked) > 5 else "")
+        model_failures.append(
+            f"model: the position mask could not be applied to {len(unmasked)} layer(s) (ONNX If/Loop/Scan "
+            f"bodies or opset below 9): they counted every position, padding included, so a unit that fires "
+            f"on padding only passes as alive: {shown}; pass --allow-unseen to gate on them as counted, "
+            "or --mask none to count every position everywhere"
         )
     # a quantized/optimized graph's layers meet the float baseline's by their producer's weight
     old_layers = match_layers(config.baseline, report) if config.baseline else {}

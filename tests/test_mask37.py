@@ -167,3 +167,162 @@ def test_onnx_export_with_src_key_padding_mask(cli, tmp_path, batch_first):
     result = cli("scan", path, "--data", data, "--json", "-", "-q", "--batch-size", "4")
     assert result.code == 0, result.err
     _check(result.json(), truths)
+
+
+def _subgraph_tokens():
+    """x[B, T, 4] through three subgraphs: an If on `flag` (then: Relu(x @ Wa + ba) [B, T, 5], else: the
+    same negated), a Loop of 2 trips h <- Relu(h @ Wl + bl) on [B, T, 4], and a Scan over the tokens
+    (x transposed to [T, B, 4]) whose body's Relu sees one token's [B, 3] per step. Unit 0 of the If's and
+    the Loop's Relu fire on the padding's junk only (their inputs summed, less 20)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    f32 = TensorProto.FLOAT
+    rng = np.random.default_rng(37)
+    wa = (rng.standard_normal((4, 5)) * 0.5).astype(np.float32)
+    wa[:, 0] = 1.0
+    ba = np.array([-20, 0, -50, 0.1, 0], np.float32)
+    wl = (rng.standard_normal((4, 4)) * 0.5).astype(np.float32)
+    wl[:, 0] = 1.0
+    bl = np.array([-20, 0.1, -40, 0], np.float32)
+    ws = (rng.standard_normal((4, 3)) * 0.5).astype(np.float32)
+    bs = np.array([0.1, -30, 0], np.float32)
+
+    def branch(name, scale):
+        return helper.make_graph(
+            [
+                helper.make_node("MatMul", ["x", "wa"], [f"{name}_m"], name=f"{name}_mm"),
+                helper.make_node("Add", [f"{name}_m", "ba"], [f"{name}_h"], name=f"{name}_add"),
+                helper.make_node("Mul", [f"{name}_h", f"{name}_scale"], [f"{name}_hs"], name=f"{name}_mul"),
+                helper.make_node("Relu", [f"{name}_hs"], [f"{name}_out"], name=f"{name}_relu"),
+            ],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_out", f32, ["B", "T", 5])],
+            initializer=[numpy_helper.from_array(np.float32(scale), f"{name}_scale")],
+        )
+
+    loop_body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h_in", "wl"], ["lm"], name="loop_mm"),
+            helper.make_node("Add", ["lm", "bl"], ["lpre"], name="loop_add"),
+            helper.make_node("Relu", ["lpre"], ["h_out"], name="loop_relu"),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="loop_cond"),
+        ],
+        "loop_body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", f32, ["B", "T", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", f32, ["B", "T", 4]),
+        ],
+    )
+    scan_body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x_t", "ws"], ["sm"], name="scan_mm"),
+            helper.make_node("Add", ["sm", "bs"], ["spre"], name="scan_add"),
+            helper.make_node("Relu", ["spre"], ["y_t"], name="scan_relu"),
+            helper.make_node("Identity", ["s_in"], ["s_out"], name="scan_state"),
+        ],
+        "scan_body",
+        [
+            helper.make_tensor_value_info("s_in", f32, [1]),
+            helper.make_tensor_value_info("x_t", f32, ["B", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("s_out", f32, [1]),
+            helper.make_tensor_value_info("y_t", f32, ["B", 3]),
+        ],
+    )
+    nodes = [
+        helper.make_node(
+            "If",
+            ["flag"],
+            ["y_if"],
+            name="gate",
+            then_branch=branch("then", 1.0),
+            else_branch=branch("else", -1.0),
+        ),
+        helper.make_node("Loop", ["trips", "", "x"], ["y_loop"], name="loop", body=loop_body),
+        helper.make_node("Transpose", ["x"], ["xt"], name="to_tbf", perm=[1, 0, 2]),
+        helper.make_node(
+            "Scan", ["s0", "xt"], ["s_last", "y_scan"], name="scan", body=scan_body, num_scan_inputs=1
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "subgraph_tokens",
+        [
+            helper.make_tensor_value_info("x", f32, ["B", "T", 4]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+        ],
+        [
+            helper.make_tensor_value_info("y_if", f32, ["B", "T", 5]),
+            helper.make_tensor_value_info("y_loop", f32, ["B", "T", 4]),
+            helper.make_tensor_value_info("y_scan", f32, ["T", "B", 3]),
+        ],
+        initializer=[
+            numpy_helper.from_array(a, n)
+            for n, a in (
+                ("wa", wa), ("ba", ba), ("wl", wl), ("bl", bl), ("ws", ws), ("bs", bs),
+                ("trips", np.array(2, np.int64)), ("s0", np.zeros((1,), np.float32)),
+            )
+        ],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model, (wa, ba, wl, bl)
+
+
+def test_onnx_if_and_loop_bodies_are_masked_scan_bodies_stop_the_gate(cli, tmp_path):
+    """The mask reaches If branches and Loop bodies that see the batch's [B, T, ...] tensors (an outer-scope
+    input of the body): their Relus count the real tokens only, exactly. A Scan body sees one token per
+    step: it counts every position, the note says so, and a gate fails on it (it could pass on a unit that
+    fires on padding only) unless --allow-unseen. Before: every subgraph site counted the padding, and the
+    gate passed."""
+    import onnx
+
+    model, (wa, ba, wl, bl) = _subgraph_tokens()
+    path = tmp_path / "sub.onnx"
+    onnx.save(model, path)
+    rng = np.random.RandomState(3)
+    x = rng.randn(SAMPLES, TOKENS, 4).astype(np.float32)
+    pad = np.arange(TOKENS)[None, :] >= LENGTHS[:, None]
+    x[pad] = 6.0
+    data = save_npz(tmp_path / "d.npz", x=x, flag=np.array(True), attention_mask=(~pad).astype(np.int64))
+    keep = ~pad
+    x64 = x.astype(np.float64)
+    if_pre = (x64 @ wa + ba)[keep]
+    h1_pre = x64 @ wl + bl
+    h2_pre = np.maximum(h1_pre, 0) @ wl + bl
+    loop_pre = np.concatenate([h1_pre[keep], h2_pre[keep]])
+    assert (x64 @ wa + ba)[..., 0].max() > 0 and if_pre[:, 0].max() < 0  # unit 0 fires on padding only
+
+    args = ("scan", path, "--data", data, "--const", "flag", "--json", "-", "-q", "--batch-size", "4")
+    result = cli(*args)
+    assert result.code == 0, result.err
+    report = result.json()
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    for name, pre in (("gate/then_branch/then_relu", if_pre), ("loop/body/loop_relu", loop_pre)):
+        layer = layers[name]
+        assert layer["positive_counts"] == (pre > 0).sum(0).tolist(), name
+        assert layer["elements_per_unit"] == pre.shape[0], name
+        np.testing.assert_allclose(layer["max_preactivation"], pre.max(0), rtol=1e-5)
+        assert layer["extra"]["position_mask"] == "applied", name
+        assert 0 in layer["dead_indices"], name
+    assert layers["scan/body/scan_relu"]["extra"]["position_mask"] == "in a subgraph"
+    assert layers["scan/body/scan_relu"]["elements_per_unit"] == SAMPLES * TOKENS
+    assert any("scan/body/scan_relu" in note and "padding included" in note for note in report["notes"])
+
+    gated = cli(*args, "--max-dead", "1.0")
+    assert gated.code == 1, gated.err
+    assert (
+        "position mask could not be applied to 1 layer(s)" in gated.err and "scan/body/scan_relu" in gated.err
+    )
+    assert cli(*args, "--max-dead", "1.0", "--allow-unseen").code == 0
+    # every position on purpose: nothing is left unmasked, the gate passes on the counts
+    assert cli(*args, "--max-dead", "1.0", "--mask", "none").code == 0

@@ -16,6 +16,7 @@ per-iteration scan outputs that are summed on the host.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -532,6 +533,79 @@ def site_channel_dim(site: OnnxSite, override: int | None) -> int:
     return resolve_channel_dim(site.rank, inferred, override)
 
 
+GraphPath = tuple[str, ...]
+
+
+def subgraph_map(
+    graph: onnx.GraphProto,
+) -> tuple[dict[GraphPath, onnx.GraphProto], dict[GraphPath, tuple[GraphPath, onnx.NodeProto, str]]]:
+    """Every graph path (OnnxSite.graph_path) to its GraphProto inside `graph`, and each subgraph's
+    owner: (the parent's path, the If/Loop/Scan node, the attribute name)."""
+    graphs: dict[GraphPath, onnx.GraphProto] = {(): graph}
+    owners: dict[GraphPath, tuple[GraphPath, onnx.NodeProto, str]] = {}
+
+    def collect(graph: onnx.GraphProto, path: GraphPath) -> None:
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    sub_path = (*path, f"{node.name or node.output[0]}:{attribute.name}")
+                    graphs[sub_path] = attribute.g
+                    owners[sub_path] = (path, node, attribute.name)
+                    collect(attribute.g, sub_path)
+
+    collect(graph, ())
+    return graphs, owners
+
+
+def lift_to_main(
+    graphs: dict,
+    owners: dict,
+    path: GraphPath,
+    names: dict[str, str],
+    types: dict[str, int],
+    empty: Callable[[_Builder, str], str],
+    opset: int,
+    tag: str,
+    site_name: str,
+) -> dict[str, str]:
+    """Values of the graph at `path` (key -> value name) made outputs of each enclosing If/Loop/Scan up
+    to the main graph: an If's other branch gives `empty(builder, key)`, a Loop/Scan stacks them per
+    iteration ([iterations, ...]). Returns key -> the main graph's value name."""
+    while path:
+        parent_path, owner, attr_name = owners[path]
+        body = graphs[path]
+        for key, value in names.items():
+            body.output.append(helper.make_tensor_value_info(value, types[key], None))
+        if owner.op_type == "If":
+            other_attr = "else_branch" if attr_name == "then_branch" else "then_branch"
+            other = next(a.g for a in owner.attribute if a.name == other_attr)
+            filler = _Builder(other, opset, f"{tag}f")
+            for key in names:
+                value = empty(filler, key)
+                other.output.append(helper.make_tensor_value_info(value, types[key], None))
+            lifted = {}
+            for key in names:
+                out_name = f"deadrelu_{tag}_{key}_if{len(path)}"
+                owner.output.append(out_name)
+                lifted[key] = out_name
+            names = lifted
+        elif owner.op_type in ("Loop", "Scan"):
+            # extra body outputs become scan outputs, stacked per iteration: [iterations, C]
+            lifted = {}
+            for key in names:
+                out_name = f"deadrelu_{tag}_{key}_loop{len(path)}"
+                owner.output.append(out_name)
+                lifted[key] = out_name
+            for attr in owner.attribute:  # keep Scan's per-output lists the right length
+                if attr.name in ("scan_output_axes", "scan_output_directions"):
+                    attr.ints.extend([0] * len(names))
+            names = lifted
+        else:
+            raise UserError(f"ONNX layer {site_name}: subgraphs of {owner.op_type} nodes are not supported")
+        path = parent_path
+    return names
+
+
 def instrument(
     model: onnx.ModelProto,
     sites: list[OnnxSite],
@@ -551,20 +625,7 @@ def instrument(
     opset = opset_version(inst)
     if not keep_outputs:
         del inst.graph.output[:]
-    # Resolve each graph path to the GraphProto inside the copy.
-    graphs: dict[tuple[str, ...], onnx.GraphProto] = {(): inst.graph}
-    owners: dict[tuple[str, ...], tuple[tuple[str, ...], onnx.NodeProto, str]] = {}
-
-    def collect(graph: onnx.GraphProto, path: tuple[str, ...]) -> None:
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    sub_path = (*path, f"{node.name or node.output[0]}:{attr.name}")
-                    graphs[sub_path] = attr.g
-                    owners[sub_path] = (path, node, attr.name)
-                    collect(attr.g, sub_path)
-
-    collect(inst.graph, ())
+    graphs, owners = subgraph_map(inst.graph)
     indexes = {path: GraphIndex(g) for path, g in graphs.items()}
     if any(site.token_layout for site in sites):  # the scan feeds the batch's position mask
         inst.graph.input.append(
@@ -594,42 +655,17 @@ def instrument(
             _keep_of(builder, site) if site.token_layout else None,
         )
         # Lift the statistics out through each enclosing If/Loop/Scan up to the main graph.
-        path = site.graph_path
-        names = dict(stats)
-        while path:
-            parent_path, owner, attr_name = owners[path]
-            body = graphs[path]
-            for key, value in names.items():
-                body.output.append(helper.make_tensor_value_info(value, _STAT_TYPES[key], None))
-            if owner.op_type == "If":
-                other_attr = "else_branch" if attr_name == "then_branch" else "then_branch"
-                other = next(a.g for a in owner.attribute if a.name == other_attr)
-                filler = _Builder(other, opset, f"s{i}f")
-                for key in names:
-                    value = _empty_like_stat(filler, key)
-                    other.output.append(helper.make_tensor_value_info(value, _STAT_TYPES[key], None))
-                lifted = {}
-                for key in names:
-                    out_name = f"deadrelu_s{i}_{key}_if{len(path)}"
-                    owner.output.append(out_name)
-                    lifted[key] = out_name
-                names = lifted
-            elif owner.op_type in ("Loop", "Scan"):
-                # extra body outputs become scan outputs, stacked per iteration: [iterations, C]
-                lifted = {}
-                for key in names:
-                    out_name = f"deadrelu_s{i}_{key}_loop{len(path)}"
-                    owner.output.append(out_name)
-                    lifted[key] = out_name
-                for attr in owner.attribute:  # keep Scan's per-output lists the right length
-                    if attr.name in ("scan_output_axes", "scan_output_directions"):
-                        attr.ints.extend([0] * len(names))
-                names = lifted
-            else:
-                raise UserError(
-                    f"ONNX layer {site.name}: subgraphs of {owner.op_type} nodes are not supported"
-                )
-            path = parent_path
+        names = lift_to_main(
+            graphs,
+            owners,
+            site.graph_path,
+            dict(stats),
+            _STAT_TYPES,
+            _empty_like_stat,
+            opset,
+            f"s{i}",
+            site.name,
+        )
         site.outputs = names
         for key, value in names.items():
             inst.graph.output.append(helper.make_tensor_value_info(value, _STAT_TYPES[key], None))
