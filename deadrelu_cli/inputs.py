@@ -83,16 +83,38 @@ LABEL_NAMES = frozenset(
 _POSITIONAL = re.compile(r"(?:arr_|input)(\d+)")  # np.savez(f, a, b) -> arr_0, arr_1; a .pt list -> input0, …
 
 
+LABELS = "labels"
+IGNORE_INDEX = -100  # transformers' label padding (the loss ignores it)
+
+
+def decoder_from_labels(model: LoadedModel, names) -> bool:
+    """Whether the model is an encoder-decoder that derives its decoder's input from `labels` (shifted
+    right, the start token first: transformers' `prepare_decoder_input_ids_from_labels`, T5, BART,
+    mBART) and the data gives it `labels` [samples, tokens] and no `decoder_input_ids`: those labels
+    are then the decoder's tokens, and fed."""
+    return (
+        LABELS in names
+        and DECODER_IDS not in names
+        and LABELS in model.keyword_inputs
+        and getattr(getattr(model.runnable, "config", None), "is_encoder_decoder", False) is True
+        and hasattr(model.runnable, "prepare_decoder_input_ids_from_labels")
+    )
+
+
 def label_arrays(model: LoadedModel, names: list[str]) -> tuple[str, ...]:
-    """The data's label arrays (`y`, `labels`, `targets`, …) that name no input of the model."""
-    inputs = set(model.keyword_inputs) | {spec.name for spec in model.inputs}
-    return tuple(n for n in names if n.lower() in LABEL_NAMES and n not in inputs)
+    """The data's label arrays (`y`, `labels`, `targets`, …) not fed to the model: every one but those
+    naming a required input (an ONNX graph's, a forward(x, y) without a default) and an encoder-decoder's
+    `labels` its decoder's input derives from (`decoder_from_labels`). A forward() that merely accepts
+    `labels` (Hugging Face heads) would only compute a loss from them."""
+    required = {spec.name for spec in model.inputs}
+    derived = {LABELS} if decoder_from_labels(model, names) else set()
+    return tuple(n for n in names if n.lower() in LABEL_NAMES and n not in required | derived)
 
 
 def labels_note(labels: tuple[str, ...]) -> str:
     return (
-        f"array(s) {', '.join(labels)} not fed to the model: label names that name no model input "
-        "(only the inputs are replayed; labels play no part in which units fire)"
+        f"array(s) {', '.join(labels)} not fed to the model: labels, which play no part in which units fire "
+        "(only the inputs are replayed; a forward() that takes labels would only compute a loss from them)"
     )
 
 
@@ -321,17 +343,15 @@ def unfed_arrays(mask: MaskSpec | None, data, model: LoadedModel) -> tuple[str, 
     model takes no input of that name (it only says which positions count: a loss mask, or the attention_mask that --text
     always makes), and the data's optional arrays (--text's token_type_ids, attention_mask) that
     forward() does not take (FNet takes no attention_mask, OPT no token_type_ids), and label arrays
-    (`label_arrays`) that name no model input."""
+    (`label_arrays`)."""
     model_inputs = set(model.keyword_inputs) | {spec.name for spec in model.inputs}
     candidates = [mask.array if mask is not None else None]
     if model_inputs:  # the data's attention_mask only says which positions count (--mask none or NAME too)
         candidates.append(DEFAULT_MASK)
     if model.keyword_inputs:  # forward()'s arguments are known
         candidates += getattr(data, "optional", ())
-    candidates += label_arrays(model, data.names)
-    return tuple(
-        dict.fromkeys(name for name in candidates if name and name in data.names and name not in model_inputs)
-    )
+    unfed = [name for name in candidates if name and name in data.names and name not in model_inputs]
+    return tuple(dict.fromkeys(unfed + list(label_arrays(model, data.names))))
 
 
 def square_free_batch_size(batch_size: int, total: int, tokens: int) -> int:
@@ -380,8 +400,16 @@ def decoder_scope(runnable) -> str | None:
 def decoder_batch_mask(spec: MaskSpec | None, batch: dict[str, np.ndarray]) -> np.ndarray | None:
     """bool [batch, decoder tokens]: the decoder positions of this batch that count, where the data
     feeds the decoder its own `decoder_input_ids`: its `decoder_attention_mask`, minus the positions
-    holding --exclude-token-ids; None (every position) without either."""
+    holding --exclude-token-ids; None (every position) without either. Where the decoder runs on the
+    `labels` shifted right (`decoder_from_labels`): the start position and each one after a label that
+    is not -100 (and within a `decoder_attention_mask`)."""
     keep = np.asarray(batch[DECODER_MASK]) != 0 if DECODER_MASK in batch else None
+    if DECODER_IDS not in batch and LABELS in batch:  # decoder_from_labels: the labels shifted right
+        real = np.asarray(batch[LABELS]) != IGNORE_INDEX
+        shifted = np.concatenate([np.ones_like(real[:, :1]), real[:, :-1]], axis=1)  # the start token counts
+        if keep is not None and keep.shape != shifted.shape:
+            raise UserError(f"{DECODER_MASK!r} and {LABELS!r} have different shapes")
+        return shifted if keep is None else keep & shifted
     if spec is not None and spec.exclude_token_ids:
         ids = np.asarray(batch[DECODER_IDS])
         drop = np.isin(ids, np.asarray(spec.exclude_token_ids, dtype=ids.dtype))

@@ -326,3 +326,79 @@ def test_onnx_if_and_loop_bodies_are_masked_scan_bodies_stop_the_gate(cli, tmp_p
     assert cli(*args, "--max-dead", "1.0", "--allow-unseen").code == 0
     # every position on purpose: nothing is left unmasked, the gate passes on the counts
     assert cli(*args, "--max-dead", "1.0", "--mask", "none").code == 0
+
+
+def _hf_relu_counts(model, feed: dict, keep_of) -> dict[str, tuple[list[int], int]]:
+    """Plain forward hooks on every nn.ReLU module of a transformers model: per site, positives per unit
+    and elements per unit over the [B, T] positions `keep_of(site name)` keeps, in numpy."""
+    captured = {}
+    handles = [
+        m.register_forward_hook(
+            lambda _m, _a, out, name=name: captured.__setitem__(name, out.float().numpy())
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.ReLU)
+    ]
+    try:
+        with torch.no_grad():
+            model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for name, a in captured.items():
+        keep = keep_of(name).astype(bool)
+        rows = a.reshape(*keep.shape, -1)[keep]  # [B, T, F], or OPT's [B*T, F]
+        out[name] = ((rows > 0).sum(0).tolist(), rows.shape[0])
+    return out
+
+
+def test_labels_feed_a_seq2seq_decoder_counted_on_its_own_positions_and_are_left_out_elsewhere(cli, tmp_path):
+    """BART fed input_ids, attention_mask and labels (-100 on label padding), no decoder_input_ids: its
+    decoder runs on the labels shifted right (as in training), so the decoder's sites count the start
+    position and each one after a real label; the encoder's the attention_mask's. Before: the encoder's
+    attention_mask was laid over the decoder's positions (89 counted where the decoder has 91 real).
+    OPT (forward() takes labels, a causal LM) given a labels array of another shape: left out (a note says
+    so), the scan runs and counts as without them. Before: fed, and the loss refused them (the scan
+    stopped: "the model failed on the first batch")."""
+    from hf_models import opt_model, save_folder, token_data, transformers
+
+    torch.manual_seed(4)
+    config = transformers.BartConfig(
+        vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, activation_function="relu",
+        pad_token_id=1, bos_token_id=2, eos_token_id=2, decoder_start_token_id=2,
+        max_position_embeddings=64, dropout=0.0,
+    )  # fmt: skip
+    bart = transformers.BartForConditionalGeneration(config).eval()
+    folder = save_folder(bart, tmp_path / "bart", shard="10KB")
+    ids, mask = token_data(seed=2)
+    label_ids, label_mask = token_data(seed=9)
+    labels = np.where(label_mask == 1, label_ids, -100)
+    feed = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    real = labels != -100
+    decoder_keep = np.concatenate([np.ones_like(real[:, :1]), real[:, :-1]], axis=1)
+    truth = _hf_relu_counts(bart, feed, lambda name: mask if ".encoder." in f".{name}" else decoder_keep)
+    assert truth["model.decoder.layers.0.activation_fn"][1] != int(mask.sum())
+    data = save_npz(tmp_path / "bart.npz", **feed)
+    result = cli("scan", folder, "--data", data, "--json", "-", "-q")
+    assert result.code == 0, result.err
+    layers = {layer["name"]: layer for layer in result.json()["layers"]}
+    assert set(layers) == set(truth)
+    for name, (positive, elements) in truth.items():
+        assert layers[name]["positive_counts"] == positive, name
+        assert layers[name]["elements_per_unit"] == elements, name
+        assert layers[name]["extra"]["position_mask"] == "applied", name
+
+    opt = opt_model()
+    folder = save_folder(opt, tmp_path / "opt", shard="20KB")
+    truth = _hf_relu_counts(opt, {"input_ids": ids, "attention_mask": mask}, lambda name: mask)
+    odd = np.zeros((ids.shape[0], 3), np.int64)  # another task's labels: not [samples, tokens]
+    data = save_npz(tmp_path / "opt.npz", input_ids=ids, attention_mask=mask, labels=odd)
+    result = cli("scan", folder, "--data", data, "--json", "-")
+    assert result.code == 0, result.err
+    report = result.json()
+    assert {
+        layer["name"]: (layer["positive_counts"], layer["elements_per_unit"]) for layer in report["layers"]
+    } == {name: (positive, elements) for name, (positive, elements) in truth.items()}
+    assert any("labels not fed to the model" in note for note in report["notes"]), report["notes"]

@@ -25,12 +25,14 @@ from deadrelu_cli.inputs import (
     DECODER_IDS,
     DECODER_MASK,
     DEFAULT_MASK,
+    LABELS,
     PADDING_CHECK,
     TOKEN_IDS,
     batch_mask,
     by_keyword,
     check_shapes,
     decoder_batch_mask,
+    decoder_from_labels,
     decoder_scope,
     fixed_batch_error,
     label_arrays,
@@ -207,8 +209,24 @@ def scan_torch(
     # an encoder-decoder fed its own decoder tokens: the decoder's sites count on those tokens' positions
     # (the encoder's attention_mask says nothing about them; without decoder_input_ids the decoder runs
     # on the shifted input_ids, whose positions the attention_mask does mark)
-    decoder = decoder_scope(model.runnable) if DECODER_IDS in order and options.mask != "none" else None
-    if decoder is not None and DECODER_MASK not in data.names and not options.exclude_token_ids:
+    # (or on the labels shifted right, an encoder-decoder fed labels and no decoder_input_ids)
+    from_labels = decoder_from_labels(model, order)
+    decoder = (
+        decoder_scope(model.runnable)
+        if (DECODER_IDS in order or from_labels) and options.mask != "none"
+        else None
+    )
+    if from_labels and options.exclude_token_ids:
+        model.notes.append(
+            f"--exclude-token-ids applies to the encoder's positions: the decoder runs on the {LABELS} "
+            "shifted right and counts every position that is not label padding (-100)"
+        )
+    if (
+        decoder is not None
+        and not from_labels
+        and DECODER_MASK not in data.names
+        and not options.exclude_token_ids
+    ):
         model.notes.append(
             f"the data has {DECODER_IDS} but no {DECODER_MASK}: the decoder's sites ({decoder}.*) count "
             f"every decoder position, padding included; add a {DECODER_MASK} array to count real tokens only"
