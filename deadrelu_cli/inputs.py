@@ -354,18 +354,29 @@ def unfed_arrays(mask: MaskSpec | None, data, model: LoadedModel) -> tuple[str, 
     return tuple(dict.fromkeys(unfed + list(label_arrays(model, data.names))))
 
 
-def square_free_batch_size(batch_size: int, total: int, tokens: int) -> int:
-    """`batch_size`, or the largest smaller one with which no batch has as many samples as the mask has
-    tokens: a [tokens, batch, ...] activation (time-major) is told from a [batch, tokens, ...] one by its
-    shape, which such a batch leaves ambiguous. Counts never depend on the batch size."""
+def square_free_batch_size(batch_size: int, total: int, tokens: tuple[int, ...]) -> int:
+    """`batch_size`, or the largest smaller one with which no batch has as many samples as a mask has
+    tokens (`tokens`: each mask's length): a [tokens, batch, ...] activation (time-major) is told from a
+    [batch, tokens, ...] one by its shape, which such a batch leaves ambiguous. Counts never depend on
+    the batch size."""
+    lengths = {t for t in tokens if t > 1}
 
     def square(size: int) -> bool:
-        return tokens in (min(size, total), total % size if size < total else 0)
+        return bool(lengths & {min(size, total), total % size if size < total else 0})
 
     size = batch_size
-    while size > 1 and tokens > 1 and square(size):
+    while size > 1 and square(size):
         size = min(size, total) - 1
     return size
+
+
+TARGET_MASK = "tgt_key_padding_mask"  # nn.Transformer's decoder-side padding (PyTorch's convention)
+
+
+def target_batch_mask(batch: dict[str, np.ndarray]) -> np.ndarray | None:
+    """bool [batch, target tokens]: the positions of a torch nn.Transformer decoder's sequence that
+    count (its `tgt_key_padding_mask` is 0 there); None without one (every position)."""
+    return np.asarray(batch[TARGET_MASK]) == 0 if TARGET_MASK in batch else None
 
 
 def batch_mask(spec: MaskSpec, batch: dict[str, np.ndarray]) -> np.ndarray:

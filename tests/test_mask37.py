@@ -402,3 +402,103 @@ def test_labels_feed_a_seq2seq_decoder_counted_on_its_own_positions_and_are_left
         layer["name"]: (layer["positive_counts"], layer["elements_per_unit"]) for layer in report["layers"]
     } == {name: (positive, elements) for name, (positive, elements) in truth.items()}
     assert any("labels not fed to the model" in note for note in report["notes"]), report["notes"]
+
+
+SEQ2SEQ = """
+import torch
+from torch import nn
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.src_in = nn.Linear(4, 8)
+        self.tgt_in = nn.Linear(4, 8)
+        self.transformer = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=batch_first)
+        self.batch_first = batch_first
+
+    def forward(self, src, tgt, src_key_padding_mask=None, tgt_key_padding_mask=None):
+        s, t = self.src_in(src), self.tgt_in(tgt)
+        if not self.batch_first:
+            s, t = s.transpose(0, 1), t.transpose(0, 1)
+        return self.transformer(
+            s, t, src_key_padding_mask=src_key_padding_mask, tgt_key_padding_mask=tgt_key_padding_mask,
+            memory_key_padding_mask=src_key_padding_mask,
+        )
+
+
+def build():
+    torch.manual_seed(0)
+    return Seq2Seq(True).eval()
+
+
+def build_time_major():
+    torch.manual_seed(0)
+    return Seq2Seq(False).eval()
+"""
+
+
+@pytest.mark.parametrize("factory", ["build", "build_time_major"])
+def test_torch_transformer_decoder_counts_the_targets_positions(cli, tmp_path, factory):
+    """nn.Transformer fed src and tgt with their own key padding masks (same length, other padding): the
+    encoder's FFN counts the source's real positions, the decoder's the target's (its
+    tgt_key_padding_mask). Before: the source's mask was laid over the decoder's positions. Without a
+    tgt_key_padding_mask the decoder counts every target position and a note says so."""
+    import importlib.util
+
+    path = tmp_path / "seq.py"
+    path.write_text(SEQ2SEQ)
+    loader = importlib.util.spec_from_file_location(f"seq_{factory}", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    model = getattr(module, factory)()
+    state = tmp_path / "m.pt"
+    torch.save(model.state_dict(), state)
+    rng = np.random.RandomState(5)
+    src = rng.randn(SAMPLES, TOKENS, 4).astype(np.float32)
+    tgt = rng.randn(SAMPLES, TOKENS, 4).astype(np.float32)
+    src_pad = np.arange(TOKENS)[None, :] >= LENGTHS[:, None]
+    tgt_pad = np.arange(TOKENS)[None, :] >= np.array([2, 5, 4, 1, 3, 5])[:, None]
+    src[src_pad], tgt[tgt_pad] = 6.0, 6.0
+    captured = {}
+    layers = {
+        "transformer.encoder": model.transformer.encoder,
+        "transformer.decoder": model.transformer.decoder,
+    }
+    hooks = [
+        stack.layers[0].linear1.register_forward_hook(
+            lambda m, a, out, name=name: captured.__setitem__(name, out.detach().double().numpy())
+        )
+        for name, stack in layers.items()
+    ]
+    model.train()  # dropout 0: the slow path computes every position
+    with torch.no_grad():
+        model(*(torch.from_numpy(a) for a in (src, tgt, src_pad, tgt_pad)))
+    model.eval()
+    for hook in hooks:
+        hook.remove()
+    truth = {}
+    for name, pad in (("transformer.encoder", src_pad), ("transformer.decoder", tgt_pad)):
+        pre = captured[name] if factory == "build" else captured[name].transpose(1, 0, 2)
+        truth[f"{name}.layers.0.relu()"] = ((pre[~pad] > 0).sum(0).tolist(), int((~pad).sum()))
+    data = save_npz(
+        tmp_path / "d.npz", src=src, tgt=tgt, src_key_padding_mask=src_pad, tgt_key_padding_mask=tgt_pad
+    )
+    spec = f"{path}:{factory}"
+    result = cli("scan", state, "--arch", spec, "--data", data, "--json", "-", "-q")
+    assert result.code == 0, result.err
+    got = {
+        layer["name"]: (layer["positive_counts"], layer["elements_per_unit"])
+        for layer in result.json()["layers"]
+    }
+    assert got == truth
+    # no target mask (the model given none either): every target position, said
+    untargeted = save_npz(tmp_path / "u.npz", src=src, tgt=tgt, src_key_padding_mask=src_pad)
+    result = cli("scan", state, "--arch", spec, "--data", untargeted, "--json", "-", "-q")
+    assert result.code == 0, result.err
+    report = result.json()
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    decoder = "transformer.decoder.layers.0.relu()"
+    assert layers["transformer.encoder.layers.0.relu()"]["elements_per_unit"] == int((~src_pad).sum())
+    assert layers[decoder]["elements_per_unit"] == SAMPLES * TOKENS
+    assert any("no tgt_key_padding_mask" in note for note in report["notes"]), report["notes"]

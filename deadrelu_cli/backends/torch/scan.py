@@ -27,6 +27,7 @@ from deadrelu_cli.inputs import (
     DEFAULT_MASK,
     LABELS,
     PADDING_CHECK,
+    TARGET_MASK,
     TOKEN_IDS,
     batch_mask,
     by_keyword,
@@ -41,6 +42,7 @@ from deadrelu_cli.inputs import (
     resolve_batch_size,
     resolve_mask,
     square_free_batch_size,
+    target_batch_mask,
     unbatched_advice,
     unfed_arrays,
 )
@@ -231,6 +233,15 @@ def scan_torch(
             f"the data has {DECODER_IDS} but no {DECODER_MASK}: the decoder's sites ({decoder}.*) count "
             f"every decoder position, padding included; add a {DECODER_MASK} array to count real tokens only"
         )
+    # torch's own nn.Transformer decoder runs on the target sequence: its tgt_key_padding_mask's positions
+    targets = transformer_decoders(model.runnable) if decoder is None and options.mask != "none" else ()
+    if targets and mask is None and TARGET_MASK not in order:
+        targets = ()
+    if targets and TARGET_MASK not in order:
+        model.notes.append(
+            f"the data has no {TARGET_MASK}: the sites of the nn.Transformer decoder ({', '.join(targets)}) "
+            f"count every target position, padding included; add a {TARGET_MASK} array (True on padding)"
+        )
     frames = audio_frame_scope(model.runnable, mask, order) if decoder is None else None
     pooled = (
         pooled_blocks(model.runnable) if mask is not None and decoder is None and frames is None else None
@@ -260,8 +271,9 @@ def scan_torch(
         if total % model.fixed_batch:
             raise fixed_batch_error(model.path, model.fixed_batch, total)
         batch_size = model.fixed_batch
-    elif mask is not None:  # no batch of `tokens` samples: a time-major site's layout stays unambiguous
-        tokens = next(s.shape[1] for s in data.sources if s.name == (mask.array or TOKEN_IDS))
+    elif mask is not None or targets:  # no batch of `tokens` samples: a time-major layout stays unambiguous
+        masks = ((mask.array or TOKEN_IDS) if mask is not None else None, TARGET_MASK if targets else None)
+        tokens = tuple(s.shape[1] for s in data.sources if s.name in masks and len(s.shape) == 2)
         batch_size = square_free_batch_size(batch_size, total, tokens)
     done = 0
     context = probe.attached() if hasattr(probe, "attached") else contextlib.nullcontext()
@@ -278,7 +290,11 @@ def scan_torch(
                 batch,
                 model_tensors(model, batch, order, device),
                 None if mask is None else torch.from_numpy(batch_mask(mask, batch)).to(device),
-                None if decoder is None else decoder_batch_mask(mask, batch),
+                decoder_batch_mask(mask, batch)
+                if decoder is not None
+                else target_batch_mask(batch)
+                if targets
+                else None,
             )
 
     forwards = 0
@@ -288,6 +304,9 @@ def scan_torch(
                 if decoder is not None:
                     scoped = None if decoder_kept is None else torch.from_numpy(decoder_kept).to(device)
                     probe.registry.set_position_mask(kept, {decoder: scoped})
+                elif targets:
+                    scoped = None if decoder_kept is None else torch.from_numpy(decoder_kept).to(device)
+                    probe.registry.set_position_mask(kept, dict.fromkeys(targets, scoped))
                 elif frames is not None:
                     path, to_frames = frames
                     probe.registry.set_position_mask(kept, {path: to_frames(kept)})
@@ -382,6 +401,18 @@ def check_sample_axis(
         f"{data.path}: the model saw {seen} value(s) per unit where {samples} samples were read ({shapes}), so it "
         f"does not take the first axis as samples; {unbatched_advice(data.sources[0].shape)}"
     )
+
+
+def transformer_decoders(runnable) -> tuple[str, ...]:
+    """Module paths of torch's nn.TransformerDecoder / nn.TransformerDecoderLayer modules (the outermost
+    ones): their sites run on the target sequence, whose padding `tgt_key_padding_mask` marks."""
+    from torch import nn
+
+    if not isinstance(runnable, nn.Module):
+        return ()
+    kinds = (nn.TransformerDecoder, nn.TransformerDecoderLayer)
+    paths = [name for name, module in runnable.named_modules() if name and isinstance(module, kinds)]
+    return tuple(p for p in paths if not any(p.startswith(q + ".") for q in paths))
 
 
 def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
