@@ -502,3 +502,38 @@ def test_torch_transformer_decoder_counts_the_targets_positions(cli, tmp_path, f
     assert layers["transformer.encoder.layers.0.relu()"]["elements_per_unit"] == int((~src_pad).sum())
     assert layers[decoder]["elements_per_unit"] == SAMPLES * TOKENS
     assert any("no tgt_key_padding_mask" in note for note in report["notes"]), report["notes"]
+
+
+def test_watch_counts_a_seq2seq_decoder_on_its_own_positions():
+    """watch() on a BART training forward (input_ids, attention_mask, labels with -100 padding, as
+    Seq2SeqTrainer calls it): the decoder's sites count the labels' shifted positions, the encoder's
+    the attention_mask's, as `deadrelu scan` does. Before: the attention_mask was laid over the decoder."""
+    from hf_models import token_data, transformers
+
+    from deadrelu_cli import watch
+
+    torch.manual_seed(4)
+    config = transformers.BartConfig(
+        vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, activation_function="relu",
+        pad_token_id=1, bos_token_id=2, eos_token_id=2, decoder_start_token_id=2,
+        max_position_embeddings=64, dropout=0.0,
+    )  # fmt: skip
+    model = transformers.BartForConditionalGeneration(config).eval()
+    ids, mask = token_data(seed=2)
+    label_ids, label_mask = token_data(seed=9)
+    labels = np.where(label_mask == 1, label_ids, -100)
+    feed = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    real = labels != -100
+    decoder_keep = np.concatenate([np.ones_like(real[:, :1]), real[:, :-1]], axis=1)
+    truth = _hf_relu_counts(model, feed, lambda name: mask if ".encoder." in f".{name}" else decoder_keep)
+    model.train()  # a training step (dropout 0: the same values); evaluation forwards are not counted
+    w = watch(model, every=1, config=False)
+    w.step()
+    with torch.no_grad():
+        model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    w.close()
+    for name, (positive, elements) in truth.items():
+        layer = w.last.layer(name)
+        assert layer.positive_counts.tolist() == positive, name
+        assert layer.elements_per_unit == elements, name
