@@ -1,0 +1,192 @@
+"""Deployed ONNX graphs as exporters and converters write them: a ReLU spelled `Max(x, 0)` (jax2tf /
+tf2onnx, torch.maximum) and a graph whose nodes are stored out of order (onnxruntime's float16
+converter with keep_io_types). Truth: onnxruntime's own tensors, counted in numpy here."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _dead(activation: np.ndarray, threshold: float = 0.0) -> list[int]:
+    """Units (axis 1) whose value never exceeds the threshold over samples and positions."""
+    rows = np.moveaxis(activation, 1, 0).reshape(activation.shape[1], -1)
+    return sorted(np.flatnonzero(~(rows > threshold).any(1)).tolist())
+
+
+def _tensors(model: onnx.ModelProto, feeds: dict, names: list[str]) -> dict[str, np.ndarray]:
+    """Intermediate tensors of `model` as onnxruntime computes them (exposed as graph outputs)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    for name in names:
+        exposed.graph.output.append(helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def _mlp_with_max_relu(zero_first: bool) -> onnx.ModelProto:
+    """Gemm -> Relu -> Gemm -> Max(·, 0) -> Gemm, with planted negative biases (5 and 7 dead units)."""
+    r = np.random.default_rng(0)
+    b1 = np.zeros(16, np.float32)
+    b1[:5] = -50
+    b2 = np.zeros(12, np.float32)
+    b2[:7] = -50
+    weights = {
+        "W1": r.standard_normal((8, 16)).astype(np.float32),
+        "b1": b1,
+        "W2": r.standard_normal((16, 12)).astype(np.float32),
+        "b2": b2,
+        "W3": r.standard_normal((12, 2)).astype(np.float32),
+        "zero": np.array(0.0, np.float32),
+    }
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1", "b1"], ["a1"], name="fc1"),
+        helper.make_node("Relu", ["a1"], ["h1"], name="relu1"),
+        helper.make_node("Gemm", ["h1", "W2", "b2"], ["a2"], name="fc2"),
+        helper.make_node("Max", ["zero", "a2"] if zero_first else ["a2", "zero"], ["h2"], name="max_relu"),
+        helper.make_node("Gemm", ["h2", "W3"], ["y"], name="fc3"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("zero_first", [False, True])
+def test_relu_written_as_max_with_zero_is_counted_and_gated(cli, tmp_path, zero_first):
+    """A ReLU written `Max(x, 0)` was no site at all: the gate passed at 5/16 dead (31%) with the
+    second layer's 7 of 12 dead units never looked at (true model figure 12/28 = 43%)."""
+    model = _mlp_with_max_relu(zero_first)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((32, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    truth = _tensors(model, {"x": x}, ["a1", "a2"])
+    dead = {"relu1": _dead(truth["a1"]), "max_relu": _dead(truth["a2"])}
+    assert len(dead["max_relu"]) == 7  # the planted units, and nothing here counts them by deadrelu
+
+    result = cli("scan", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--max-dead", "0.4",
+                 "--json", tmp_path / "r.json")  # fmt: skip
+    assert result.code == 1, result.out + result.err  # 12/28 = 42.9% dead: above the limit
+    layers = {layer["name"]: layer for layer in json.loads((tmp_path / "r.json").read_text())["layers"]}
+    assert sorted(layers) == ["max_relu", "relu1"]
+    for name, indices in dead.items():
+        assert layers[name]["dead_indices"] == indices
+        assert layers[name]["op"] == "relu"
+    rows = np.moveaxis(truth["a2"], 1, 0).reshape(12, -1)
+    assert layers["max_relu"]["positive_counts"] == (rows > 0).sum(1).tolist()
+
+    # a maximum over a reduction (a variance clamp, a stable softmax's max) reads no layer's units
+    onnx.save(_layer_norm_variance_clamp(), tmp_path / "ln.onnx")
+    listed = cli("inspect", tmp_path / "ln.onnx")
+    assert listed.code == 0, listed.err
+    assert "relu1" in listed.out and "variance_clamp" not in listed.out
+
+
+def test_fix_revives_units_of_a_max_relu(cli, tmp_path):
+    """bias-shift edits the Gemm before `Max(x, 0)`: onnxruntime's own Max outputs then fire."""
+    model = _mlp_with_max_relu(zero_first=False)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((32, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    result = cli("fix", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--strategy", "bias-shift",
+                 "--output", tmp_path / "fixed.onnx")  # fmt: skip
+    assert result.code == 0, result.err
+    fixed = _tensors(onnx.load(tmp_path / "fixed.onnx"), {"x": x}, ["h2"])
+    assert _dead(fixed["h2"]) == []
+
+
+def _layer_norm_variance_clamp() -> onnx.ModelProto:
+    """Gemm -> Relu, then a LayerNorm's variance clamp `Max(0, E[x²] - E[x]²)` (as jax2tf writes it)."""
+    r = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1", "b1"], ["a1"], name="fc1"),
+        helper.make_node("Relu", ["a1"], ["h1"], name="relu1"),
+        helper.make_node("Mul", ["h1", "h1"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["m2"]),
+        helper.make_node("ReduceMean", ["h1", "axes"], ["m1"]),
+        helper.make_node("Mul", ["m1", "m1"], ["m1sq"]),
+        helper.make_node("Sub", ["m2", "m1sq"], ["var"]),
+        helper.make_node("Max", ["zero", "var"], ["y"], name="variance_clamp"),
+    ]
+    inits = {
+        "W1": r.standard_normal((8, 16)).astype(np.float32),
+        "b1": np.zeros(16, np.float32),
+        "axes": np.array([1], np.int64),
+        "zero": np.array(0.0, np.float32),
+    }
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _conv_relu_out_of_order() -> tuple[onnx.ModelProto, list[str]]:
+    """A float16 Conv -> Relu -> Conv -> Relu model between float32 Casts, stored as onnxruntime's
+    float16 converter (keep_io_types=True) stores it: the input Cast appended after its consumers."""
+    r = np.random.default_rng(0)
+    b1 = (r.standard_normal(6) * 0.1).astype(np.float16)
+    b1[:2] = -40
+    b2 = (r.standard_normal(4) * 0.1).astype(np.float16)
+    b2[3] = -40
+    inits = {
+        "w1": (r.standard_normal((6, 3, 3, 3)) * 0.3).astype(np.float16),
+        "b1": b1,
+        "w2": (r.standard_normal((4, 6, 3, 3)) * 0.3).astype(np.float16),
+        "b2": b2,
+    }
+    nodes = [
+        helper.make_node("Conv", ["x16", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Cast", ["r2"], ["y"], name="graph_output_cast_0", to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["x"], ["x16"], name="graph_input_cast_0", to=TensorProto.FLOAT16),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), ["c1", "c2"]
+
+
+def test_graph_stored_out_of_order_is_scanned_like_onnxruntime_runs_it(cli, tmp_path):
+    """onnxruntime runs a graph whose nodes are not topologically sorted; deadrelu refused it
+    ("fails onnx.checker (Nodes in a graph must be topologically sorted …)")."""
+    model, pre = _conv_relu_out_of_order()
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)  # the stored order is what the checker refuses
+    onnx.save(model, tmp_path / "m16.onnx")
+    x = np.random.default_rng(2).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    truth = _tensors(model, {"x": x}, pre)
+    dead = {"relu1": _dead(truth["c1"]), "relu2": _dead(truth["c2"])}
+    assert dead == {"relu1": [0, 1], "relu2": [3]}
+
+    result = cli("scan", tmp_path / "m16.onnx", "--data", tmp_path / "d.npz", "--batch-size", "2",
+                 "--json", tmp_path / "r.json")  # fmt: skip
+    assert result.code == 0, result.err
+    layers = {layer["name"]: layer for layer in json.loads((tmp_path / "r.json").read_text())["layers"]}
+    for name, tensor in (("relu1", "c1"), ("relu2", "c2")):
+        assert layers[name]["dead_indices"] == dead[name]
+        rows = np.moveaxis(truth[tensor], 1, 0).reshape(truth[tensor].shape[1], -1)
+        assert layers[name]["positive_counts"] == (rows > 0).sum(1).tolist()
+
+    fixed = cli("fix", tmp_path / "m16.onnx", "--data", tmp_path / "d.npz", "--strategy", "bias-shift",
+                "--output", tmp_path / "fixed.onnx")  # fmt: skip
+    assert fixed.code == 0, fixed.err
+    after = _tensors(onnx.load(tmp_path / "fixed.onnx"), {"x": x}, ["r1", "r2"])
+    assert _dead(after["r1"]) == [] and _dead(after["r2"]) == []
