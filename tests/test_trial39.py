@@ -190,3 +190,30 @@ def test_graph_stored_out_of_order_is_scanned_like_onnxruntime_runs_it(cli, tmp_
     assert fixed.code == 0, fixed.err
     after = _tensors(onnx.load(tmp_path / "fixed.onnx"), {"x": x}, ["r1", "r2"])
     assert _dead(after["r1"]) == [] and _dead(after["r2"]) == []
+
+
+def test_layer_limit_that_limits_nothing_is_named(cli, tmp_path):
+    """`layer-limits = { "Relu1" = 0.1 }` (the layer is `relu1`) passed the gate without a word: the
+    limit the user wrote for that layer checked nothing. The same limit with the right case fails."""
+    model = _mlp_with_max_relu(zero_first=False)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((32, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    assert (
+        cli("scan", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--json", tmp_path / "r.json").code
+        == 0
+    )
+    fraction = len(_dead(_tensors(model, {"x": x}, ["a1"])["a1"])) / 16  # 5/16, well above 0.1
+
+    typo = cli("gate", tmp_path / "r.json", "--layer-limit", "Relu1=0.1", "--markdown", tmp_path / "g.md")
+    assert typo.code == 0, typo.err  # nothing matched: no layer over a limit
+    assert "layer limit Relu1=0.1 limited nothing" in typo.err
+    assert "limited nothing" in (tmp_path / "g.md").read_text()
+
+    shadowed = cli("gate", tmp_path / "r.json", "--layer-limit", "*=0.9", "--layer-limit", "relu1=0.1")
+    assert shadowed.code == 0 and fraction > 0.1
+    assert "layer limit relu1=0.1 limited nothing" in shadowed.err and "earlier limit (*" in shadowed.err
+
+    right = cli("gate", tmp_path / "r.json", "--layer-limit", "relu1=0.1")
+    assert right.code == 1 and "limited nothing" not in right.err
+    assert f"{100 * fraction:.1f}% dead" in right.err
