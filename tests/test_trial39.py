@@ -310,3 +310,24 @@ def test_rank3_unit_axis_guess_is_said(cli, tmp_path):
     assert layer["positive_counts"] == (a3.reshape(-1, 4) > 0).sum(0).tolist()
     again = cli("scan", tmp_path / "r3.onnx", "--data", tmp_path / "d.npz", "--channel-dim", "1")
     assert again.code == 0 and "unit axis assumed" not in again.out + again.err
+
+
+def test_fix_shifts_the_bias_added_after_a_squeezed_conv1d(cli, tmp_path):
+    """`fix --strategy bias-shift` skipped the tf2onnx Conv1D ("not produced by a Conv, Gemm, …"): the
+    bias Add sits after the Squeeze. Now the [1, C, 1] bias is shifted; onnxruntime's ReLU outputs of
+    the written model fire on the planted units."""
+    model = _keras_conv1d(17)
+    onnx.save(model, tmp_path / "c.onnx")
+    x = np.random.default_rng(3).standard_normal((7, 12, 3)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    assert _dead(_tensors(model, {"x": x}, ["h"])["h"]) == [1, 4]
+    result = cli("fix", tmp_path / "c.onnx", "--data", tmp_path / "d.npz", "--strategy", "bias-shift",
+                 "--output", tmp_path / "fixed.onnx")  # fmt: skip
+    assert result.code == 0, result.out + result.err
+    fixed = onnx.load(tmp_path / "fixed.onnx")
+    assert _dead(_tensors(fixed, {"x": x}, ["h"])["h"]) == []
+    bias = {t.name: numpy_helper.to_array(t) for t in fixed.graph.initializer}["bias"]
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}["bias"]
+    assert bias.shape == (1, 6, 1)
+    changed = np.flatnonzero(bias.reshape(-1) != before.reshape(-1)).tolist()
+    assert changed == [1, 4]  # only the dead filters' biases moved

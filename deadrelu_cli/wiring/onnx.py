@@ -139,13 +139,38 @@ def display_name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
-def conv_added_bias(conv: onnx.NodeProto, added: np.ndarray, index: GraphIndex) -> np.ndarray | None:
+def conv_through_squeeze(index: GraphIndex, name: str) -> onnx.NodeProto | None:
+    """The node behind `name`; a Conv also through Squeezes/Unsqueezes of axes after dim 1 (tf2onnx
+    writes a Conv1D as Unsqueeze -> Conv2D -> Squeeze): its channels stay on dim 1, value for value."""
+    node = index.producer.get(value_source(index, name))
+    for step in range(4):
+        if node is None or node.op_type not in ("Squeeze", "Unsqueeze"):
+            return (
+                node
+                if step == 0 or (node is not None and node.op_type in ("Conv", "ConvTranspose"))
+                else None
+            )
+        axes = _squeeze_axes(index, node)
+        rank = index.rank(node.input[0])
+        if axes is None or rank is None:
+            return None
+        rank = rank if node.op_type == "Squeeze" else rank + len(axes)
+        if any(a % rank <= 1 for a in axes):
+            return None
+        node = index.producer.get(value_source(index, node.input[0]))
+    return None
+
+
+def conv_added_bias(
+    conv: onnx.NodeProto, added: np.ndarray, index: GraphIndex, rank: int | None = None
+) -> np.ndarray | None:
     """The per-channel bias of Conv(x) + added, when `added` holds one value per output channel laid
-    out on dim 1 ([C, 1, 1], [1, C, 1, 1], …); the Conv's own bias, if any, included. Else None."""
+    out on dim 1 ([C, 1, 1], [1, C, 1, 1], …, of a tensor of `rank` dims: the Conv's output rank unless
+    a Squeeze changed it); the Conv's own bias, if any, included. Else None."""
     weight = index.constant(conv.input[1]) if len(conv.input) > 1 else None
     if weight is None or weight.ndim < 3:
         return None
-    rank = weight.ndim
+    rank = rank or weight.ndim
     channels = weight.shape[0] if conv.op_type == "Conv" else weight.shape[1] * int(attr(conv, "group", 1))
     if added.ndim > rank or added.size != channels:
         return None
@@ -263,7 +288,7 @@ def _trace_producer(
             data_inputs = [i for i in node.input if i and index.constant(i) is None]
             if node.op_type == "Add" and len(data_inputs) == 1 and keep_producer:
                 other = next((index.constant(i) for i in node.input if index.constant(i) is not None), None)
-                upstream = index.producer.get(value_source(index, data_inputs[0]))
+                upstream = conv_through_squeeze(index, data_inputs[0])
                 if (
                     upstream is not None
                     and upstream.op_type == "MatMul"
@@ -279,7 +304,7 @@ def _trace_producer(
                     and upstream.op_type in ("Conv", "ConvTranspose")
                     and other is not None
                 ):
-                    per_channel = conv_added_bias(upstream, other, index)
+                    per_channel = conv_added_bias(upstream, other, index, index.rank(data_inputs[0]))
                     if per_channel is not None:  # Conv without bias + Add(b reshaped to [1, C, 1, 1])
                         trace.channel_first = True
                         trace.bias = per_channel
@@ -370,7 +395,7 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
     if node.op_type == "Add":
         data = [i for i in node.input if index.constant(i) is None]
         added = [i for i in node.input if index.constant(i) is not None]
-        upstream = index.producer.get(value_source(index, data[0])) if len(data) == 1 else None
+        upstream = conv_through_squeeze(index, data[0]) if len(data) == 1 else None
         chain = index.reshaped_from(added[0]) if len(added) == 1 else []
         if upstream is not None and upstream.op_type == "MatMul" and len(chain) == 1:
             if stored_array(index, upstream.input[1]) is not None and is_last_axis_vector(
@@ -384,7 +409,7 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
             and upstream.op_type == "Conv"
             and attr(upstream, "group", 1) == 1
             and chain
-            and conv_added_bias(upstream, index.constant(added[0]), index) is not None
+            and conv_added_bias(upstream, index.constant(added[0]), index, index.rank(data[0])) is not None
             and stored_array(index, upstream.input[1]) is not None
             and not (len(upstream.input) > 2 and upstream.input[2])
         ):
