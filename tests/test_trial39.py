@@ -331,3 +331,69 @@ def test_fix_shifts_the_bias_added_after_a_squeezed_conv1d(cli, tmp_path):
     assert bias.shape == (1, 6, 1)
     changed = np.flatnonzero(bias.reshape(-1) != before.reshape(-1)).tolist()
     assert changed == [1, 4]  # only the dead filters' biases moved
+
+
+SQUEEZED_CONV = '''
+import torch
+from torch import nn
+
+
+class Conv1dAsConv2d(nn.Module):
+    """A Conv1d written as a Conv2d over [N, C, 1, W] (as TF-trained ports and some TDNNs do)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, (1, 3), bias=False)
+        self.b = nn.Parameter(torch.zeros(1, 6, 1))
+        self.fc = nn.Linear(6, 2)
+        with torch.no_grad():
+            self.b[0, [1, 4], 0] = -50.0
+
+    def forward(self, x):  # [N, 3, 12]
+        h = torch.relu(self.conv(x.unsqueeze(2)).squeeze(-2) + self.b)  # [N, 6, 10]: units on dim 1
+        return self.fc(h.transpose(1, 2))
+
+
+def build():
+    return Conv1dAsConv2d()
+'''
+
+
+def test_conv2d_squeezed_to_rank3_counts_channels_in_every_torch_format(cli, tmp_path):
+    """`relu(conv2d(x.unsqueeze(2)).squeeze(-2) + b)`: the producer was lost at the squeeze and the rank-3
+    activation counted on its last axis — 10 positions as units, 0 dead, in eager, `--compile`, .pt2 and
+    TorchScript alike (the true answer: filters 1 and 4 of 6 dead). Truth: a forward hook's input."""
+    import torch
+
+    from tests.conftest import arch_file
+
+    model, spec = arch_file(tmp_path / "sq.py", SQUEEZED_CONV)
+    x = np.random.default_rng(4).standard_normal((7, 3, 12)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    with torch.no_grad():
+        pre = (model.conv(torch.from_numpy(x).unsqueeze(2)).squeeze(-2) + model.b).numpy()
+    assert _dead(pre) == [1, 4]
+    example = torch.from_numpy(x[:2])
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.export.save(
+        torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), tmp_path / "m.pt2"
+    )
+    with torch.no_grad():
+        torch.jit.trace(model, example).save(tmp_path / "m_ts.pt")
+        torch.jit.script(model).save(tmp_path / "m_script.pt")
+    formats = {
+        "eager": [tmp_path / "m.pt", "--arch", spec],
+        "compile": [tmp_path / "m.pt", "--arch", spec, "--compile"],
+        "pt2": [tmp_path / "m.pt2"],
+        "traced": [tmp_path / "m_ts.pt"],
+        "scripted": [tmp_path / "m_script.pt"],
+    }
+    for label, args in formats.items():
+        out = tmp_path / f"{label}.json"
+        result = cli("scan", *args, "--data", tmp_path / "d.npz", "--json", out)
+        assert result.code == 0, (label, result.err)
+        (layer,) = json.loads(out.read_text())["layers"]
+        assert layer["dead_indices"] == [1, 4], label
+        assert layer["positive_counts"] == (np.moveaxis(pre, 1, 0).reshape(6, -1) > 0).sum(1).tolist(), label
