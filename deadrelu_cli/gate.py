@@ -60,6 +60,8 @@ class GateResult:
     # layer limits that limited no layer: why each one ("matches no layer", or the earlier glob that
     # takes every layer it matches); a mistyped glob would otherwise pass without a word
     unused_limits: list[str] = field(default_factory=list)
+    # layers compared with a baseline layer of another width (pruned, or counted on another unit axis)
+    width_changes: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> list[str]:
@@ -238,6 +240,7 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
     old_layers = match_layers(config.baseline, report) if config.baseline else {}
     increase = config.max_increase if config.max_increase is not None else 0.0
     verdicts = []
+    width_changes: list[str] = []
     for layer in report.layers:
         dead = int(layer.dead_mask().sum())
         fraction = dead / layer.units if layer.units and layer.ran else 0.0
@@ -249,6 +252,12 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             )
         old = old_layers.get(layer.name)
         if old is not None and old.ran and layer.ran:
+            if old.units != layer.units:
+                width_changes.append(
+                    f"layer {layer.name} has {layer.units} units, its baseline layer {old.name} {old.units}: "
+                    "their dead fractions compare layers of different widths (pruned or widened, or one report "
+                    "counted another unit axis: re-scan the baseline with this deadrelu if the model did not change)"
+                )
             old_fraction = int(old.dead_mask().sum()) / old.units if old.units else 0.0
             verdict.baseline_fraction = old_fraction
             if fraction - old_fraction > increase + 1e-12:
@@ -265,6 +274,7 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
         checked=config.active,
         unseen_other=not_scanned_ops,
         unused_limits=unused_layer_limits([layer.name for layer in report.layers], config),
+        width_changes=width_changes,
     )
     if config.baseline is not None:
         matched_old = {layer.name for layer in old_layers.values()}

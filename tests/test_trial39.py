@@ -397,3 +397,40 @@ def test_conv2d_squeezed_to_rank3_counts_channels_in_every_torch_format(cli, tmp
         (layer,) = json.loads(out.read_text())["layers"]
         assert layer["dead_indices"] == [1, 4], label
         assert layer["positive_counts"] == (np.moveaxis(pre, 1, 0).reshape(6, -1) > 0).sum(1).tolist(), label
+
+
+def test_gate_names_layers_whose_width_differs_from_the_baseline(cli, tmp_path):
+    """A baseline layer of another width was compared without a word ("grew from 0.0% to 7.0%"), e.g.
+    a baseline made when deepcut's conv layers were counted on the wrong axis (21 "units" vs 200
+    filters), or a pruned model. Now a warning names both widths; same-width layers give none."""
+    model = _mlp_with_max_relu(zero_first=False)
+    plain = next(n for n in model.graph.node if n.name == "max_relu")  # a plain Relu: as main reads it
+    plain.CopyFrom(helper.make_node("Relu", ["a2"], ["h2"], name="max_relu"))
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((32, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    assert (
+        cli("scan", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--json", tmp_path / "base.json").code
+        == 0
+    )
+    pruned = cli("fix", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--strategy", "prune",
+                 "--output", tmp_path / "p.onnx")  # fmt: skip
+    assert pruned.code == 0, pruned.err
+    widths = {
+        k: v.shape[1] for k, v in _tensors(onnx.load(tmp_path / "p.onnx"), {"x": x}, ["h1", "h2"]).items()
+    }
+    assert widths == {"h1": 11, "h2": 5}  # 5 and 7 dead units removed
+    assert (
+        cli("scan", tmp_path / "p.onnx", "--data", tmp_path / "d.npz", "--json", tmp_path / "p.json").code
+        == 0
+    )
+
+    result = cli(
+        "gate", tmp_path / "p.json", "--baseline", tmp_path / "base.json", "--markdown", tmp_path / "g.md"
+    )
+    assert result.code == 0, result.err  # fewer dead units: passes, with the widths said
+    assert "layer relu1 has 11 units, its baseline layer relu1 16" in result.err
+    assert "layer max_relu has 5 units, its baseline layer max_relu 12" in result.err
+    assert "another width" in (tmp_path / "g.md").read_text()
+    same = cli("gate", tmp_path / "base.json", "--baseline", tmp_path / "base.json")
+    assert same.code == 0 and "units, its baseline layer" not in same.err

@@ -147,7 +147,7 @@ def run_gate(report, config, junit: str | None, markdown: str | None, err: Conso
         )
     if not result.checked:
         return
-    for message in result.unused_limits:
+    for message in result.width_changes + result.unused_limits:
         err.print(f"warning: {terminal_text(message)}", markup=False, style="yellow")
     if result.unseen_other:
         err.print(
