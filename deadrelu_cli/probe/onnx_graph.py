@@ -135,9 +135,28 @@ def _is_index_clamp(node: onnx.NodeProto, index: GraphIndex) -> bool:
     return uses > 0
 
 
+def max_relu_input(node: onnx.NodeProto, index: GraphIndex) -> str | None:
+    """The pre-activation of a ReLU written `Max(x, 0)` (jax.nn.relu and tf.maximum(x, 0) through
+    tf2onnx, torch.maximum(x, 0) exported): x, when the other operand is a stored zero and x comes
+    from a layer with weights; None for other maxima (a LayerNorm's variance clamp, a stable softmax's
+    running max), whose input is a reduction, not a layer's units."""
+    if node.op_type != "Max" or len(node.input) != 2 or not all(node.input):
+        return None
+    zero = [i for i in node.input if index.constant(i) is not None]
+    data = [i for i in node.input if index.constant(i) is None]
+    if len(zero) != 1 or len(data) != 1:
+        return None
+    value = index.constant(zero[0])
+    if value.size != 1 or float(np.asarray(value).reshape(-1)[0]) != 0.0:
+        return None
+    return data[0] if producer_weight(index, data[0]) is not None else None
+
+
 def classify(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, float | None] | None:
     if node.op_type == "Relu":
         return "relu", None
+    if node.op_type == "Max":
+        return ("relu", None) if max_relu_input(node, index) is not None else None
     if node.op_type == "Clip":
         lo, hi = _clip_bounds(node, index)
         if lo is None or lo != 0.0 or _is_index_clamp(node, index):
@@ -181,14 +200,15 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
             site = None
             if kind is not None and (include_all or kind[0] in ops):
                 base = node.name or node.output[0]
+                pre = max_relu_input(node, index) or node.input[0]
                 site = OnnxSite(
                     name=f"{prefix}{base}",
                     op=kind[0],
                     node_name=node.name,
-                    input_name=node.input[0],
+                    input_name=pre,
                     output_name=node.output[0],
                     graph_path=path,
-                    rank=index.rank(node.input[0]),
+                    rank=index.rank(pre),
                     clip_max=kind[1],
                     in_loop=in_loop,
                 )

@@ -733,6 +733,20 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         options.channel_dim,
         weights_dir,
     )
+    guessed = [
+        site.name
+        for site in sites
+        if site.rank == 3
+        and site.channel_first is None
+        and site.unit_axis is None
+        and options.channel_dim is None
+    ]
+    if guessed:  # [N, C, T] and [N, T, C] look alike: say which one was assumed
+        shown = ", ".join(guessed[:4]) + (f", … ({len(guessed)} in all)" if len(guessed) > 4 else "")
+        loaded.notes.append(
+            f"unit axis assumed last ([N, T, C]) for {shown}: no Conv/Gemm/MatMul/BatchNorm found before "
+            "the activation says where its units are; if they are [N, C, T], scan again with --channel-dim 1"
+        )
     masked = mask is not None and any(site.token_layout for site in sites)
     switch = _OutputMaxSwitch(loaded, sites, options, device)
     started = time.perf_counter()
