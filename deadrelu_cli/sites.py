@@ -111,9 +111,9 @@ def list_sites(
 
     if model.kind == "exported":
         from deadrelu_cli.probe.exported import find_sites
-        from deadrelu_cli.probe.hidden import decompose_rnn_cells, graph_hidden
+        from deadrelu_cli.probe.hidden import graph_hidden, prepare_graph
 
-        decompose_rnn_cells(model.runnable)  # as the scan counts them
+        prepare_graph(model.runnable)  # as the scan counts them
         sites = [site for _, site in find_sites(model.runnable.graph, ops)]
         return sites, hidden_notes(graph_hidden(model.runnable, ops))
     from deadrelu_cli.probe.torchscript import TorchScriptProbe
