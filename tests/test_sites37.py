@@ -331,3 +331,59 @@ def test_lora_and_fake_quant_are_looked_through_to_the_producer(cli, tmp_path):
         key = f"{producer}.weight"
         assert not torch.equal(state[key][2], layer.weight.detach()[2]), stem  # the dead unit's row redrawn
         assert torch.equal(state[key][[0, 1, 3, 4, 5]], layer.weight.detach()[[0, 1, 3, 4, 5]]), stem
+
+
+REPEATED = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = self.fc(x)
+        g = self.fc2(self.act(h) + self.act(h))  # one ReLU module applied twice to one tensor
+        return torch.relu(g) * torch.relu(g)  # relu(g) called twice
+
+
+def build():
+    torch.manual_seed(2)
+    model = Net()
+    with torch.no_grad():
+        model.fc.bias[2] = -40.0
+        model.fc2.bias[0] = -40.0
+    return model.eval()
+"""
+
+
+def test_identical_calls_on_one_tensor_are_two_sites_in_torchscript_as_in_eager(cli, tmp_path):
+    """relu(g) twice and one nn.ReLU applied twice to h: eager and .pt2 count each call (act, act#2,
+    relu(), relu()#2); TorchScript (scripted or traced) now does too. Before, its optimizer merged the
+    identical calls at run time and the scan refused ("ran 2 activations but its code has 4")."""
+    model, spec = arch_file(tmp_path / "rep.py", REPEATED)
+    data = save_npz(tmp_path / "d.npz", x=DATA)
+    pre1 = _linear(DATA, model.fc)
+    pre2 = torch.nn.functional.linear(
+        2 * pre1.clamp(min=0), model.fc2.weight.double(), model.fc2.bias.double()
+    )
+    expected = [
+        ("act", 6, _dead(pre1)),
+        ("act#2", 6, _dead(pre1)),
+        ("relu()", 5, _dead(pre2)),
+        ("relu()#2", 5, _dead(pre2)),
+    ]
+    assert 2 in _dead(pre1) and 0 in _dead(pre2)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    example = torch.from_numpy(DATA[:2])
+    with torch.no_grad():
+        torch.jit.script(model).save(tmp_path / "scripted.pt")
+        torch.jit.trace(model, example).save(tmp_path / "traced.pt")
+    for args in ([tmp_path / "m.pt", "--arch", spec], [tmp_path / "scripted.pt"], [tmp_path / "traced.pt"]):
+        layers = _scan(cli, args, data)["layers"]
+        assert [(layer["name"], layer["units"], layer["dead_indices"]) for layer in layers] == expected, args
+        assert layers[3]["positive_counts"] == (pre2 > 0).reshape(-1, 5).sum(dim=0).tolist()

@@ -334,7 +334,9 @@ class TorchScriptProbe:
         self._position = 0
         self._error: UserError | None = None
         try:
-            with _OrderedDispatch(self):
+            # unoptimized: the optimizer merges identical calls on one tensor (relu(x) twice, one ReLU
+            # module applied twice) into one, which the code's sites (and eager) count as two
+            with torch.jit.optimized_execution(False), _OrderedDispatch(self):
                 out = self.module(*inputs, **(kwargs or {}))
         except RuntimeError:
             if self._error is not None:
