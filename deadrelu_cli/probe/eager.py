@@ -119,10 +119,8 @@ def _function_table() -> dict[Callable, _FunctionSpec]:
 
 
 def _clamp_op(base: str, args: tuple, kwargs: dict) -> str | None:
-    """The op a clamp / threshold call is (relu, relu6), or None when its bounds are no ReLU's or it
-    clamps a 0-d value (a loss, a norm)."""
-    if args and is_scalar_value(args[0]):
-        return None
+    """The op a clamp / threshold call is (relu, relu6), or None when its bounds are no ReLU's (whether
+    what it clamps has units is EagerProbe.clamp_is_layer's question)."""
     rest = list(args[1:3])
     for position, key in enumerate(("threshold", "value") if base == "threshold" else ("min", "max")):
         if key in kwargs:
@@ -317,10 +315,11 @@ class _CallSiteMode(TorchFunctionMode):
                     self.probe.next_site_name("relu"), qualified.replace("::", "."), "relu"
                 )
             elif qualified.startswith("aten::"):  # torch.ops.aten.relu(x) called as it is
-                kind = aten_op_kind(qualified, tuple(args))
+                clamp = is_clamp_op(qualified)  # the tensor is clamp_is_layer's to judge, below
+                kind = aten_op_kind(qualified, (None, *args[1:]) if clamp else tuple(args))
                 if kind is not None:  # clamp="aten": run as written (not run_in_parts' relu)
                     spec, op = _FunctionSpec(kind[0], None, kind[1], clamp="aten"), kind[0]
-                    if is_clamp_op(qualified) and not self.probe.clamp_is_layer(args[0], op):
+                    if clamp and not self.probe.clamp_is_layer(args[0], op):
                         spec = None
         elif spec is not None and spec.clamp is not None and not self.probe.clamp_is_layer(args[0], op):
             spec = None  # a clamped variance / norm / loss: an ordinary op, not a ReLU layer
@@ -397,6 +396,8 @@ def call_op(functions: dict, func, args: tuple, kwargs: dict) -> str | None:
     if spec is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
         return None
     if func in (F.hardtanh, F.hardtanh_) and _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
+        return None
+    if spec.clamp is not None and is_scalar_value(args[0]):  # a clamped loss or norm: no layer
         return None
     return spec.op if spec.clamp is None else _clamp_op(spec.clamp, args, kwargs)
 
@@ -760,7 +761,7 @@ class EagerProbe:
         unit_axis = infer_channel_dim(pre.dim(), origin[2] if origin else None) if pre.dim() else None
         if clamp_is_layer(tuple(pre.shape), unit_axis, origin is not None):
             return True
-        if op in self.settings.ops:
+        if op in self.settings.ops and pre.is_floating_point():  # as a float site would have been
             self.next_site_name(op)
         return False
 

@@ -200,7 +200,8 @@ def find_sites(graph: fx.Graph, ops: tuple[str, ...]) -> Iterator[tuple[fx.Node,
     for node in graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
-        kind = aten_op_kind(node.target.name(), tuple(node.args))
+        clamp = is_clamp_op(node.target.name())  # what it clamps is _clamp_is_layer's to judge, below
+        kind = aten_op_kind(node.target.name(), (None, *node.args[1:]) if clamp else tuple(node.args))
         if kind is None or kind[0] not in ops:
             continue
         op, in_place = kind
@@ -216,7 +217,7 @@ def find_sites(graph: fx.Graph, ops: tuple[str, ...]) -> Iterator[tuple[fx.Node,
         is_activation = is_activation_module_type(qualified_type)
         name = namer.name(path, op, is_activation)
         channel_first, producer = _trace_producer(node)
-        if is_clamp_op(node.target.name()) and not _clamp_is_layer(node, channel_first):
+        if clamp and not _clamp_is_layer(node, channel_first):
             continue  # a clamped variance / norm / loss: no layer (its number is taken, as in eager)
         module_type = qualified_type.rsplit(".", 1)[-1] if is_activation else "functional"
         yield node, StaticSite(name, op, in_place, module_type, channel_first, producer)

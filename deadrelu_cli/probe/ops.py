@@ -124,6 +124,8 @@ def clamp_is_layer(shape, unit_axis: int | None, from_layer: bool) -> bool:
     (a variance, a norm or a denominator kept as [B, T, 1]) holds no units. Such a clamp is an ordinary
     op, no layer (it still takes its number in the site names, so that every format numbers alike). An
     unknown shape is a layer: a ReLU missed is worse than a clamp listed. Shared by every probe."""
+    if shape is not None and len(shape) == 0:
+        return False
     if from_layer or shape is None:
         return True
     if len(shape) < 2:
