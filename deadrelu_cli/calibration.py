@@ -24,6 +24,18 @@ from deadrelu_cli.memory import check_fits_in_memory
 NUMERIC_KINDS = "biuf"  # bool, int, unsigned, float
 
 
+class NotData(UserError):
+    """A file of a data suffix that holds no arrays of samples: an optimizer state, a training
+    checkpoint, a model's weights. Refused when named; a --data FOLDER leaves it out with a note."""
+
+    def __init__(self, path, what: str) -> None:
+        self.what = what
+        super().__init__(
+            f"{path}: {what}, not calibration data; give the data file(s): a tensor or a dict of tensors "
+            "with samples on the first axis"
+        )
+
+
 class ArraySource(Protocol):
     name: str
     shape: tuple[int, ...]
@@ -256,6 +268,7 @@ class CalibrationData:
     window: tuple[int, int] | None = None  # this process's shard of the samples (distributed scans)
     unfed: tuple[str, ...] = ()  # arrays read for counting only (a --mask that is not a model input)
     optional: tuple[str, ...] = ()  # arrays fed only to a model that takes them (--text's tokenizer outputs)
+    notes: list[str] = field(default_factory=list)  # what a --data FOLDER read and left out
 
     def shard(self, rank: int, world: int, limit: int | None) -> None:
         total = self.samples if limit is None else min(limit, self.samples)
@@ -376,6 +389,7 @@ class MultiFileData:
         self.consts = parts[0].consts
         self.batch_axes = parts[0].batch_axes
         self.unfed: tuple[str, ...] = ()
+        self.notes: list[str] = []
 
     @property
     def names(self) -> list[str]:
@@ -459,8 +473,8 @@ def _open_pt(path: Path) -> list[ArraySource]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise UserError(
-            f"{path}: refused to unpickle data: it holds more than tensors; save a tensor or a dict of tensors"
+        raise NotData(
+            path, "refused to unpickle: Python objects beyond tensors (a training checkpoint?)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UserError(
@@ -500,11 +514,19 @@ def _open_pt(path: Path) -> list[ArraySource]:
 
     if isinstance(obj, torch.Tensor):
         return [InMemorySource("input", to_numpy(obj, "input"))]
+    if isinstance(obj, dict) and {"state", "param_groups"} <= set(obj):
+        raise NotData(path, "an optimizer state (state, param_groups)")
+    if isinstance(obj, dict) and any(isinstance(v, dict | list | tuple) for v in obj.values()):
+        nested = [str(k) for k, v in obj.items() if isinstance(v, dict | list | tuple)]
+        raise NotData(
+            path,
+            f"a checkpoint of nested entries ({', '.join(nested[:4])}{', …' if len(nested) > 4 else ''})",
+        )
     if isinstance(obj, dict):
         return [InMemorySource(str(k), to_numpy(v, k)) for k, v in obj.items()]
     if isinstance(obj, list | tuple):
         return [InMemorySource(f"input{i}", to_numpy(v, i)) for i, v in enumerate(obj)]
-    raise UserError(f"{path}: holds a {type(obj).__name__}; expected a tensor or a dict of tensors")
+    raise NotData(path, f"holds a {type(obj).__name__}")
 
 
 def _open_safetensors(path: Path) -> list[ArraySource]:
@@ -554,20 +576,8 @@ def open_calibration(
         if len(files) > 1:
             return MultiFileData(str(path), [open_calibration(f, batch_axes, consts) for f in files])
         path = files[0]
-    if Path(path).is_dir():  # a folder of data files: every one in it, as the glob FOLDER/* would give
-        skipped = {Path(str(f)).resolve() for f in skip if f is not None}
-        files = sorted(
-            str(f)
-            for f in Path(path).iterdir()
-            if f.is_file() and f.suffix.lower() in DATA_SUFFIXES and f.resolve() not in skipped
-        )
-        if not files:
-            raise UserError(
-                f"--data {path}: a folder without data files ({', '.join(DATA_SUFFIXES)}); give a file or a glob"
-            )
-        if len(files) > 1:
-            return MultiFileData(str(path), [open_calibration(f, batch_axes, consts) for f in files])
-        path = files[0]
+    if Path(path).is_dir():
+        return _open_folder(Path(path), batch_axes, consts, skip)
     p = check_readable_file(path, "data")
     with open(p, "rb") as handle:
         head = handle.read(8)
@@ -589,7 +599,61 @@ def open_calibration(
         raise UserError(
             f"{path}: unsupported data format; use .npz, .npy, .pt or .safetensors with samples on the first axis"
         )
+    if _weight_names([s.name for s in sources]):
+        raise NotData(path, f"a model's weights ({', '.join(s.name for s in sources[:3])}, …)")
     return _validate(str(path), sources, batch_axes, consts)
+
+
+PARAMETER_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _weight_names(names: list[str]) -> bool:
+    """A state_dict's names (`0.weight`, `encoder.layer.0.attention.bias`, a bare Linear's `weight`),
+    not data's: some name's last part is `weight`, and every name is dotted or a parameter's (data's
+    `INPUT.KEY` arrays name no weight; a sample-weight array `weight` beside `x` keeps it data)."""
+    last = [name.rsplit(".", 1)[-1] for name in names]
+    return "weight" in last and all(
+        "." in n or part in PARAMETER_NAMES for n, part in zip(names, last, strict=True)
+    )
+
+
+def _open_folder(folder: Path, batch_axes, consts, skip: tuple):
+    """--data FOLDER: every data file in it, sorted, as the glob FOLDER/* would give; the model (and
+    trend's checkpoints) in SKIP, files of no data suffix, and data-suffix files that hold no arrays of
+    samples (an optimizer state, a training checkpoint, a model's weights: `NotData`, never unpickled)
+    are left out, and a note says what was read and what was not."""
+    skipped = {Path(str(f)).resolve() for f in skip if f is not None}
+    entries = sorted(f for f in folder.iterdir() if f.is_file())
+    others = [f for f in entries if f.suffix.lower() not in DATA_SUFFIXES]
+    parts, left_out = [], []
+    for f in entries:
+        if f in others:
+            continue
+        if f.resolve() in skipped:
+            left_out.append(f"{f.name} (the model being scanned)")
+            continue
+        try:
+            parts.append(open_calibration(str(f), batch_axes, consts))
+        except NotData as exc:
+            left_out.append(f"{f.name} ({exc.what})")
+
+    def listed(names: list[str]) -> str:
+        return "; ".join(names[:6]) + (f"; … ({len(names)} in all)" if len(names) > 6 else "")
+
+    if not parts:
+        raise UserError(
+            f"--data {folder}: a folder without data files ({', '.join(DATA_SUFFIXES)})"
+            + (f"; left out: {listed(left_out)}" if left_out else "")
+            + "; give a file or a glob"
+        )
+    note = f"--data {folder}: read {len(parts)} data file(s): {listed([Path(p.path).name for p in parts])}"
+    if left_out:
+        note += f"; left out {len(left_out)}: {listed(left_out)}"
+    if others:
+        note += f"; {len(others)} other file(s) of no data format ignored"
+    data = parts[0] if len(parts) == 1 else MultiFileData(str(folder), parts)
+    data.notes.append(note)
+    return data
 
 
 # what an object array usually is: samples of different shapes that numpy could not stack

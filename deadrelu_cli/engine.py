@@ -53,7 +53,7 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
             )
         return _certify_only(options, fmt, device)
     data, text_info = open_data(options, fmt)
-    extra_notes: list[str] = []
+    extra_notes: list[str] = list(getattr(data, "notes", ()))  # what a --data FOLDER read and left out
     from deadrelu_cli.inputs import resolve_mask
 
     mask = resolve_mask(options.mask, options.exclude_token_ids, data)

@@ -231,7 +231,7 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
         detect_format(c.path) in (TORCH_ZIP, TORCH_LEGACY, "safetensors") for c in checkpoints
     )
     results = []
-    notes: list[str] = []
+    notes: list[str] = list(getattr(data, "notes", ()))  # what a --data FOLDER read and left out
     if weight_only:
         device = resolve_device(options.device)
         model = load_model(

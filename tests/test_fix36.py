@@ -11,42 +11,20 @@ import json
 import numpy as np
 import torch
 import torch.nn.functional as F
-from conftest import arch_file, counts_from_pre, save_npz
+from arch_sources import net_source, rebuild, samples
+from arch_sources import setup as _setup
+from conftest import counts_from_pre
 from test_resume_fix import _check_optimizer, _dead_units, plain_checkpoint  # noqa: F401 (a fixture)
-
-HEADER = """
-import torch
-import torch.nn.functional as F
-import torch.nn.functional as F
-from torch import nn
-"""
 
 
 def _x(shape, n=64, seed=0):
-    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
-
-
-def _setup(tmp_path, body: str, samples: np.ndarray):
-    model, spec = arch_file(tmp_path / "arch.py", HEADER + body)
-    torch.save(model.state_dict(), tmp_path / "model.pt")
-    save_npz(tmp_path / "calib.npz", input=samples)
-    return model, spec, str(tmp_path / "model.pt"), str(tmp_path / "calib.npz")
+    return samples(shape, n, seed)
 
 
 def _fixed(spec: str, path) -> torch.nn.Module:
-    model, _ = arch_file_again(spec)
+    model = rebuild(spec)
     model.load_state_dict(torch.load(path, weights_only=True))
     return model.eval()
-
-
-def arch_file_again(spec: str):
-    import importlib.util
-
-    file, _, factory = spec.rpartition(":")
-    module_spec = importlib.util.spec_from_file_location("arch_again_fix36", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return getattr(module, factory)(), module
 
 
 def _changed(before: dict, after: dict) -> dict[str, list[int]]:
@@ -68,23 +46,12 @@ def _assert_shift_exact(pre_before, pre_after, units, n_rows, rate=0.01):
     assert (pre_before[..., units] <= 0).all()
 
 
-LAYER_NORM = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.norm, self.fc2 = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.norm(self.fc1(x))))
-
-
-def build():
-    torch.manual_seed(9)
-    net = Net()
-    with torch.no_grad():
-        net.norm.bias[[2, 5]] = -50.0
-    return net
-"""
+LAYER_NORM = net_source(
+    "self.fc1, self.norm, self.fc2 = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)",
+    "return self.fc2(F.relu(self.norm(self.fc1(x))))",
+    seed=9,
+    plant="_plant(net.norm, [2, 5])",
+)
 
 
 def test_bias_shift_moves_the_layer_norm_beta(cli, tmp_path):
@@ -112,24 +79,18 @@ def test_bias_shift_moves_the_layer_norm_beta(cli, tmp_path):
     assert _changed(model.state_dict(), dict(state)) == {"norm.bias": [2, 5]}
 
 
-SCALED = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
-        self.scale = nn.Parameter(torch.tensor([4.0, -2.0, 0.5, -0.25, 3.0, 1.0, -1.0, 2.0]))
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.scale * (self.fc1(x) * 4.0) + x.sum(-1, keepdim=True)))
-
-
-def build():
-    torch.manual_seed(10)
-    net = Net()
-    with torch.no_grad():  # dead whatever the sign of the scale: a big bias against it
-        net.fc1.bias[[1, 3, 4]] = torch.tensor([50.0, 50.0, -50.0])
-    return net
-"""
+SCALED = net_source(
+    [
+        "self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)",
+        "self.scale = nn.Parameter(torch.tensor([4.0, -2.0, 0.5, -0.25, 3.0, 1.0, -1.0, 2.0]))",
+    ],
+    "return self.fc2(F.relu(self.scale * (self.fc1(x) * 4.0) + x.sum(-1, keepdim=True)))",
+    seed=10,
+    plant=[
+        "with torch.no_grad():  # dead whatever the sign of the scale: a big bias against it",
+        "    net.fc1.bias[[1, 3, 4]] = torch.tensor([50.0, 50.0, -50.0])",
+    ],
+)
 
 
 def test_bias_shift_through_a_scale_divides_by_the_gain(cli, tmp_path):
@@ -164,25 +125,19 @@ def test_bias_shift_through_a_scale_divides_by_the_gain(cli, tmp_path):
         _assert_shift_exact(pre(model), pre(fixed), [1, 3, 4], len(x))
 
 
-AFFINE_FREE_BN = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False)
-        self.head = nn.Linear(4 * 5 * 5, 3)
-
-    def forward(self, x):
-        return self.head(torch.flatten(F.relu(self.bn(self.conv(x))), 1))
-
-
-def build():
-    torch.manual_seed(11)
-    net = Net()
-    with torch.no_grad():
-        net.bn.running_mean[[0, 2]] = 50.0
-        net.bn.running_var.fill_(2.0)
-    return net
-"""
+AFFINE_FREE_BN = net_source(
+    [
+        "self.conv, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False)",
+        "self.head = nn.Linear(4 * 5 * 5, 3)",
+    ],
+    "return self.head(torch.flatten(F.relu(self.bn(self.conv(x))), 1))",
+    seed=11,
+    plant=[
+        "with torch.no_grad():",
+        "    net.bn.running_mean[[0, 2]] = 50.0",
+        "    net.bn.running_var.fill_(2.0)",
+    ],
+)
 
 
 def test_bias_shift_moves_an_affine_free_batch_norm_mean(cli, tmp_path):
@@ -201,24 +156,12 @@ def test_bias_shift_moves_an_affine_free_batch_norm_mean(cli, tmp_path):
         _assert_shift_exact(before.movedim(1, -1), after.movedim(1, -1), [0, 2], len(x) * 25)
 
 
-MIXED = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
-
-    def forward(self, x):
-        h = self.fc1(x)
-        return self.fc2(F.relu(h * h.abs().mean(-1, keepdim=True)))
-
-
-def build():
-    torch.manual_seed(12)
-    net = Net()
-    with torch.no_grad():
-        net.fc1.bias[[1, 3]] = -50.0
-    return net
-"""
+MIXED = net_source(
+    "self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)",
+    ["h = self.fc1(x)", "return self.fc2(F.relu(h * h.abs().mean(-1, keepdim=True)))"],
+    seed=12,
+    plant="_plant(net.fc1, [1, 3])",
+)
 
 
 def test_bias_shift_through_a_data_dependent_op_is_refused(cli, tmp_path):
@@ -232,26 +175,22 @@ def test_bias_shift_through_a_data_dependent_op_is_refused(cli, tmp_path):
     assert "skipped: moving fc1.bias moves other units of the site too" in result.err, result.err
 
 
-LAYOUT = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv1d(3, 6, 3, padding=1)
-        self.norm = nn.LayerNorm(6)
-        self.fc = nn.Linear(6, 5)
-        self.out = nn.Linear(5, 2)
-
-    def forward(self, x):  # x: [B, 3, T]
-        h = self.norm(self.conv(x).transpose(1, 2)).transpose(1, 2)  # [B, 6, T], channels are units
-        a = torch.relu(h)
-        b = torch.relu(self.fc(a.permute(0, 2, 1)).permute(0, 2, 1))  # [B, 5, T]
-        return self.out(b.mean(-1))
-
-
-def build():
-    torch.manual_seed(13)
-    return Net()
-"""
+LAYOUT = net_source(
+    [
+        "self.conv = nn.Conv1d(3, 6, 3, padding=1)",
+        "self.norm = nn.LayerNorm(6)",
+        "self.fc = nn.Linear(6, 5)",
+        "self.out = nn.Linear(5, 2)",
+    ],
+    [
+        "# x: [B, 3, T]",
+        "h = self.norm(self.conv(x).transpose(1, 2)).transpose(1, 2)  # [B, 6, T], channels are units",
+        "a = torch.relu(h)",
+        "b = torch.relu(self.fc(a.permute(0, 2, 1)).permute(0, 2, 1))  # [B, 5, T]",
+        "return self.out(b.mean(-1))",
+    ],
+    seed=13,
+)
 
 
 def test_graph_probes_follow_the_unit_axis_through_transposes(cli, tmp_path):
@@ -300,23 +239,12 @@ def test_bias_shift_resets_the_moments_of_the_moved_bias_entries(cli, tmp_path, 
     assert _check_optimizer(before["optimizer"], after["optimizer"], names, masks) > 0
 
 
-SEEDED = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x)))
-
-
-def build():
-    torch.manual_seed(0)
-    net = Net()
-    with torch.no_grad():
-        net.fc1.bias[[1, 3]] = -50.0
-    return net
-"""
+SEEDED = net_source(
+    "self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)",
+    "return self.fc2(F.relu(self.fc1(x)))",
+    seed=0,
+    plant="_plant(net.fc1, [1, 3])",
+)
 
 
 def test_reinit_with_seed_0_does_not_redraw_the_original_init_rows(cli, tmp_path):
@@ -336,23 +264,12 @@ def test_reinit_with_seed_0_does_not_redraw_the_original_init_rows(cli, tmp_path
     assert torch.equal(rows[0], rows[1]) and (rows[0].abs() <= 1 / 6**0.5).all()
 
 
-TWICE = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc3, self.fc2 = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x))) + self.fc2(F.relu(self.fc3(x)))
-
-
-def build():
-    torch.manual_seed(6)
-    net = Net()
-    with torch.no_grad():
-        net.fc1.bias[[2]] = -50.0
-    return net
-"""
+TWICE = net_source(
+    "self.fc1, self.fc3, self.fc2 = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)",
+    "return self.fc2(F.relu(self.fc1(x))) + self.fc2(F.relu(self.fc3(x)))",
+    seed=6,
+    plant="_plant(net.fc1, [2])",
+)
 
 
 def test_pt2_consumer_applied_at_two_places_is_named_as_such(cli, tmp_path):
@@ -373,30 +290,21 @@ def test_pt2_consumer_applied_at_two_places_is_named_as_such(cli, tmp_path):
         assert "fc2 is applied at 2 places" in result.err and "tied" not in result.err, result.err
 
 
-DEPTHWISE = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.pw1, self.bn1 = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
-        self.dw, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)
-        self.pw2, self.head = nn.Conv2d(8, 6, 1), nn.Linear(6, 3)
-        self.act = nn.ReLU6()
-
-    def forward(self, x):
-        h = self.act(self.bn1(self.pw1(x)))
-        h = self.act(self.bn2(self.dw(h)))
-        return self.head(F.relu(self.pw2(h)).mean((2, 3)))
-
-
-def build():
-    torch.manual_seed(1)
-    net = Net()
-    with torch.no_grad():
-        net.bn1.bias[[1]] = -50.0
-        net.bn2.bias[[2, 5]] = -50.0
-        net.pw2.bias[[0]] = -50.0
-    return net
-"""
+DEPTHWISE = net_source(
+    [
+        "self.pw1, self.bn1 = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)",
+        "self.dw, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)",
+        "self.pw2, self.head = nn.Conv2d(8, 6, 1), nn.Linear(6, 3)",
+        "self.act = nn.ReLU6()",
+    ],
+    [
+        "h = self.act(self.bn1(self.pw1(x)))",
+        "h = self.act(self.bn2(self.dw(h)))",
+        "return self.head(F.relu(self.pw2(h)).mean((2, 3)))",
+    ],
+    seed=1,
+    plant=["_plant(net.bn1, [1])", "_plant(net.bn2, [2, 5])", "_plant(net.pw2, [0])"],
+)
 
 
 def test_bias_shift_settles_layers_after_a_revived_one(cli, tmp_path):
@@ -444,23 +352,12 @@ def test_affine_free_batch_norm_is_a_producer_for_reinit(cli, tmp_path):
         torch.testing.assert_close(fixed(xt), model(xt), rtol=0, atol=1e-5)
 
 
-TRANSPOSED_CONV = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.c2 = nn.ConvTranspose2d(4, 6, 2, stride=2), nn.Conv2d(6, 2, 1)
-
-    def forward(self, x):
-        return self.c2(F.relu(self.up(x)))
-
-
-def build():
-    torch.manual_seed(4)
-    net = Net()
-    with torch.no_grad():
-        net.up.bias[[2]] = -50.0
-    return net
-"""
+TRANSPOSED_CONV = net_source(
+    "self.up, self.c2 = nn.ConvTranspose2d(4, 6, 2, stride=2), nn.Conv2d(6, 2, 1)",
+    "return self.c2(F.relu(self.up(x)))",
+    seed=4,
+    plant="_plant(net.up, [2])",
+)
 
 
 def test_bias_shift_of_a_transposed_convolution_in_a_pt2(cli, tmp_path):
@@ -483,24 +380,15 @@ def test_bias_shift_of_a_transposed_convolution_in_a_pt2(cli, tmp_path):
         _assert_shift_exact(model.up(xt).movedim(1, -1), after.movedim(1, -1), [2], len(x) * 36)
 
 
-GROUP_NORM = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
-        self.head = nn.Conv2d(8, 2, 1)
-
-    def forward(self, x):
-        return self.head(F.relu(self.norm(self.conv(x))))
-
-
-def build():
-    torch.manual_seed(14)
-    net = Net()
-    with torch.no_grad():
-        net.norm.bias[[1, 6]] = -50.0
-    return net
-"""
+GROUP_NORM = net_source(
+    [
+        "self.conv, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)",
+        "self.head = nn.Conv2d(8, 2, 1)",
+    ],
+    "return self.head(F.relu(self.norm(self.conv(x))))",
+    seed=14,
+    plant="_plant(net.norm, [1, 6])",
+)
 
 
 def test_bias_shift_moves_the_group_norm_beta(cli, tmp_path):
@@ -529,23 +417,12 @@ def test_bias_shift_moves_the_group_norm_beta(cli, tmp_path):
         _assert_shift_exact(before.movedim(1, -1), after.movedim(1, -1), [1, 6], len(x) * 16)
 
 
-GAP = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 2)
-
-    def forward(self, x):
-        return self.head(F.relu(self.conv(x)).mean((2, 3)))
-
-
-def build():
-    torch.manual_seed(15)
-    net = Net()
-    with torch.no_grad():
-        net.conv.bias[[0, 4]] = -50.0
-    return net
-"""
+GAP = net_source(
+    "self.conv, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 2)",
+    "return self.head(F.relu(self.conv(x)).mean((2, 3)))",
+    seed=15,
+    plant="_plant(net.conv, [0, 4])",
+)
 
 
 def test_global_average_pool_written_as_a_mean_leads_to_the_consumer(cli, tmp_path):
@@ -599,23 +476,12 @@ def test_explain_names_a_layer_norm_beta_as_the_shift(cli, tmp_path):
     }
 
 
-POSITIVE_INPUTS = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 3)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x)))
-
-
-def build():
-    torch.manual_seed(16)
-    net = Net()
-    with torch.no_grad():
-        net.fc1.bias[:8] = -50.0
-    return net
-"""
+POSITIVE_INPUTS = net_source(
+    "self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 3)",
+    "return self.fc2(F.relu(self.fc1(x)))",
+    seed=16,
+    plant=["with torch.no_grad():", "    net.fc1.bias[:8] = -50.0"],
+)
 
 
 def test_reinit_revives_units_whose_inputs_are_all_positive(cli, tmp_path):

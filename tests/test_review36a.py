@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from arch_sources import HEADER, net_source, rebuild
 from conftest import arch_file, save_npz
 from torch import nn
 
@@ -96,28 +97,13 @@ def test_onnx_bias_shift_quantiles_count_the_kept_positions_only(cli, tmp_path):
         assert ((fired >= 1) & (fired <= 2 * 0.01 * n + 2)).all(), (name, fired)
 
 
-TOKENS = """
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb, self.fc1, self.fc2 = nn.Embedding(20, 6), nn.Linear(6, 8), nn.Linear(8, 2)
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.fc2(F.relu(self.fc1(self.emb(input_ids))))
-
-
-def build():
-    torch.manual_seed(0)
-    net = Net()
-    with torch.no_grad():
-        net.fc1.bias[[1, 3]] = -50.0
-    return net
-"""
+TOKENS = HEADER + net_source(
+    "self.emb, self.fc1, self.fc2 = nn.Embedding(20, 6), nn.Linear(6, 8), nn.Linear(8, 2)",
+    "return self.fc2(F.relu(self.fc1(self.emb(input_ids))))",
+    seed=0,
+    plant="_plant(net.fc1, [1, 3])",
+    args="input_ids, attention_mask=None",
+)
 
 
 def test_reinit_with_a_batch_of_padding_only(cli, tmp_path):
@@ -135,7 +121,7 @@ def test_reinit_with_a_batch_of_padding_only(cli, tmp_path):
     args = ["--strategy", "reinit", "--batch-size", "2", "--output", out]
     result = cli("fix", tmp_path / "m.pt", "--arch", spec, "--data", data, *args)
     assert result.code == 0, result.out + result.err
-    fixed, _ = arch_file(tmp_path / "arch2.py", TOKENS)
+    fixed = rebuild(spec).eval()
     fixed.load_state_dict(torch.load(out, weights_only=True))
     kept = torch.from_numpy(mask).bool()
     with torch.no_grad():
@@ -167,7 +153,7 @@ def test_bias_shift_when_the_first_samples_are_padding_only(cli, tmp_path):
         k: (v != state[k]).reshape(-1).nonzero().reshape(-1).tolist() for k, v in model.state_dict().items()
     }
     assert {k: v for k, v in changed.items() if v} == {"fc1.bias": [1, 3]}
-    fixed, _ = arch_file(tmp_path / "arch2.py", source)
+    fixed = rebuild(spec).eval()
     fixed.load_state_dict(state)
     kept = torch.from_numpy(mask).bool()
     with torch.no_grad():

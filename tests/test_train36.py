@@ -36,6 +36,18 @@ def _fired(net, step_of):
     return fired
 
 
+class _MlpWithLoss(nn.Module):
+    """_mlp() as a Hugging Face Trainer takes a model: labels in, a dict with the loss out."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = _mlp()
+
+    def forward(self, x, labels=None):
+        out = self.mlp(x)
+        return {"loss": F.mse_loss(out, labels), "logits": out}
+
+
 def test_hf_callback_logs_each_window_at_the_step_it_reports():
     """Before: the window of step k (its report, deadrelu-step<k>.json) reached log_history and every
     logger at step k+1 (the Trainer's global_step after the step). Now at step k, beside the report."""
@@ -43,15 +55,6 @@ def test_hf_callback_logs_each_window_at_the_step_it_reports():
     from transformers import Trainer, TrainingArguments
 
     from deadrelu_cli.integrations.hf_trainer import DeadReluCallback
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = _mlp()
-
-        def forward(self, x, labels=None):
-            out = self.mlp(x)
-            return {"loss": F.mse_loss(out, labels), "logits": out}
 
     class Data(torch.utils.data.Dataset):
         def __len__(self):
@@ -64,7 +67,7 @@ def test_hf_callback_logs_each_window_at_the_step_it_reports():
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        model = Net()
+        model = _MlpWithLoss()
         args = TrainingArguments(
             output_dir=folder, max_steps=7, per_device_train_batch_size=16, logging_steps=1,
             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
@@ -100,18 +103,9 @@ def test_hf_callback_not_attached_says_the_step_of_the_window_it_rides_with():
 
     from deadrelu_cli.integrations.hf_trainer import DeadReluCallback
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = _mlp()
-
-        def forward(self, x, labels=None):
-            out = self.mlp(x)
-            return {"loss": F.mse_loss(out, labels), "logits": out}
-
     data = [{"x": torch.randn(8), "labels": torch.randn(1)} for _ in range(64)]
     with tempfile.TemporaryDirectory() as folder:
-        model = Net()
+        model = _MlpWithLoss()
         args = TrainingArguments(
             output_dir=folder, max_steps=5, per_device_train_batch_size=16, logging_steps=2,
             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,

@@ -11,51 +11,28 @@ import json
 import numpy as np
 import torch
 import torch.nn.functional as F
-from conftest import arch_file, save_npz
-
-HEADER = """
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.utils import parametrizations
-
-
-def _plant(linear, units):
-    with torch.no_grad():
-        linear.bias[units] = -50.0
-"""
-
-
-def _setup(tmp_path, body: str, samples: np.ndarray):
-    model, spec = arch_file(tmp_path / "arch.py", HEADER + body)
-    torch.save(model.state_dict(), tmp_path / "model.pt")
-    save_npz(tmp_path / "calib.npz", input=samples)
-    return model, spec, str(tmp_path / "model.pt"), str(tmp_path / "calib.npz")
+from arch_sources import net_source, rebuild, samples
+from arch_sources import setup as _setup
+from conftest import save_npz
 
 
 def _x(shape, n=32, seed=0):
-    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+    return samples(shape, n, seed)
 
 
-TWO_SITES = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
-
-
-def build():
-    torch.manual_seed(3)
-    net = Net()
-    _plant(net.fc1, [1, 4])
-    with torch.no_grad():
-        net.fc2.bias.fill_(5.0)  # the second call site has no dead unit: it is not patched
-    return net
-"""
+TWO_SITES = net_source(
+    [
+        "self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)",
+        "self.act = nn.ReLU()",
+    ],
+    "return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))",
+    seed=3,
+    plant=[
+        "_plant(net.fc1, [1, 4])",
+        "with torch.no_grad():",
+        "    net.fc2.bias.fill_(5.0)  # the second call site has no dead unit: it is not patched",
+    ],
+)
 
 
 def test_leaky_on_some_sites_exports_and_keeps_the_other_sites(cli, tmp_path):
@@ -97,22 +74,12 @@ def test_leaky_substitute_of_an_in_place_relu_writes_into_the_tensor():
         torch.testing.assert_close(patched(x), F.leaky_relu(net.fc(x), 0.1), rtol=0, atol=0)
 
 
-PT2_NET = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x)))
-
-
-def build():
-    torch.manual_seed(1)
-    net = Net()
-    _plant(net.fc1, [2, 5])
-    return net
-"""
+PT2_NET = net_source(
+    "self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)",
+    "return self.fc2(F.relu(self.fc1(x)))",
+    seed=1,
+    plant="_plant(net.fc1, [2, 5])",
+)
 
 
 def test_pt2_fix_compares_with_the_original_program(cli, tmp_path):
@@ -139,23 +106,12 @@ def test_pt2_fix_compares_with_the_original_program(cli, tmp_path):
         assert np.isclose(json.loads(report.read_text())["max_abs_diff"], truth, rtol=1e-5, atol=0)
 
 
-WEIGHT_NORM = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = parametrizations.weight_norm(nn.Linear(6, 8))
-        self.fc2 = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x)))
-
-
-def build():
-    torch.manual_seed(2)
-    net = Net()
-    _plant(net.fc1, [0, 6])
-    return net
-"""
+WEIGHT_NORM = net_source(
+    ["self.fc1 = parametrizations.weight_norm(nn.Linear(6, 8))", "self.fc2 = nn.Linear(8, 3)"],
+    "return self.fc2(F.relu(self.fc1(x)))",
+    seed=2,
+    plant="_plant(net.fc1, [0, 6])",
+)
 
 
 def test_weight_norm_producer(cli, tmp_path):
@@ -195,31 +151,15 @@ def test_weight_norm_producer(cli, tmp_path):
 
 
 def build_from(spec: str):
-    import importlib.util
-
-    path, _, factory = spec.rpartition(":")
-    module_spec = importlib.util.spec_from_file_location("trial31_arch_again", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return getattr(module, factory)().eval()
+    return rebuild(spec).eval()
 
 
-SHARED = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x))) + self.fc3(F.relu(self.fc1(-x)))
-
-
-def build():
-    torch.manual_seed(4)
-    net = Net()
-    _plant(net.fc1, [3])
-    return net
-"""
+SHARED = net_source(
+    "self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)",
+    "return self.fc2(F.relu(self.fc1(x))) + self.fc3(F.relu(self.fc1(-x)))",
+    seed=4,
+    plant="_plant(net.fc1, [3])",
+)
 
 
 def test_module_called_at_two_sites_is_not_shifted_twice(cli, tmp_path):
@@ -236,24 +176,16 @@ def test_module_called_at_two_sites_is_not_shifted_twice(cli, tmp_path):
         assert not out.exists()
 
 
-TIED = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(6, 8), nn.Linear(6, 8)
-        self.b.weight = self.a.weight
-        self.c, self.d = nn.Linear(8, 3), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.c(F.relu(self.a(x))) + self.d(F.relu(self.b(x)))
-
-
-def build():
-    torch.manual_seed(5)
-    net = Net()
-    _plant(net.a, [1, 3])
-    return net
-"""
+TIED = net_source(
+    [
+        "self.a, self.b = nn.Linear(6, 8), nn.Linear(6, 8)",
+        "self.b.weight = self.a.weight",
+        "self.c, self.d = nn.Linear(8, 3), nn.Linear(8, 3)",
+    ],
+    "return self.c(F.relu(self.a(x))) + self.d(F.relu(self.b(x)))",
+    seed=5,
+    plant="_plant(net.a, [1, 3])",
+)
 
 
 def test_tied_weight_is_not_rewritten(cli, tmp_path):
@@ -292,23 +224,12 @@ def test_tied_weight_is_not_rewritten(cli, tmp_path):
     assert torch.equal((before["a.bias"] != after["a.bias"]).nonzero().flatten(), torch.tensor([1, 3]))
 
 
-TRANSPOSED = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
-
-    def forward(self, x):
-        return self.up(F.relu(self.conv(x)))
-
-
-def build():
-    torch.manual_seed(6)
-    net = Net()
-    _plant(net.conv, [2, 7])
-    return net
-"""
+TRANSPOSED = net_source(
+    ["self.conv = nn.Conv2d(3, 8, 3, padding=1)", "self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)"],
+    "return self.up(F.relu(self.conv(x)))",
+    seed=6,
+    plant="_plant(net.conv, [2, 7])",
+)
 
 
 def test_transposed_convolution_consumer_is_skipped(cli, tmp_path):
@@ -530,22 +451,12 @@ def test_bias_shift_fires_on_exactly_the_target_count(cli, tmp_path):
     assert (real[:, [1, 5]] > 0).sum(0).tolist() == [target, target]
 
 
-SHARED_CONSUMER = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc1b, self.fc2 = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x))) + self.fc2(F.relu(self.fc1b(x)))
-
-
-def build():
-    torch.manual_seed(8)
-    net = Net()
-    _plant(net.fc1, [1, 3])
-    return net
-"""
+SHARED_CONSUMER = net_source(
+    "self.fc1, self.fc1b, self.fc2 = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)",
+    "return self.fc2(F.relu(self.fc1(x))) + self.fc2(F.relu(self.fc1b(x)))",
+    seed=8,
+    plant="_plant(net.fc1, [1, 3])",
+)
 
 
 def test_consumer_reading_two_sites_is_not_narrowed(cli, tmp_path):
@@ -562,23 +473,12 @@ def test_consumer_reading_two_sites_is_not_narrowed(cli, tmp_path):
         assert not (tmp_path / name).exists()
 
 
-LAYER_NORM = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.norm, self.fc2 = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.norm(self.fc1(x))))
-
-
-def build():
-    torch.manual_seed(9)
-    net = Net()
-    with torch.no_grad():
-        net.norm.bias[[2, 4]] = -50.0
-    return net
-"""
+LAYER_NORM = net_source(
+    "self.fc1, self.norm, self.fc2 = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)",
+    "return self.fc2(F.relu(self.norm(self.fc1(x))))",
+    seed=9,
+    plant="_plant(net.norm, [2, 4])",
+)
 
 
 def test_layer_norm_and_gpt2_conv1d_producers_are_refused_in_one_line(cli, tmp_path):
@@ -609,22 +509,12 @@ def test_layer_norm_and_gpt2_conv1d_producers_are_refused_in_one_line(cli, tmp_p
     assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "fixed").exists()
 
 
-SCALED = """
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x) * 4.0))
-
-
-def build():
-    torch.manual_seed(10)
-    net = Net()
-    _plant(net.fc1, [1, 3])
-    return net
-"""
+SCALED = net_source(
+    "self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)",
+    "return self.fc2(F.relu(self.fc1(x) * 4.0))",
+    seed=10,
+    plant="_plant(net.fc1, [1, 3])",
+)
 
 
 def test_bias_shift_through_a_scale_is_divided_by_it(cli, tmp_path):

@@ -113,6 +113,18 @@ def _annotate_github(result, report, err: Console) -> None:
         )
 
 
+def print_quiet(report, config, out: Console, err: Console) -> None:
+    """What `-q` keeps of the table (scan, gate): the problems, on stderr. The verdict follows from
+    `run_gate`; without limits the table's one-line summary (on OUT) stands for it: -q is never silent."""
+    from deadrelu_cli.report.table import nothing_counted_line, print_warnings, summary_line
+
+    print_warnings(report, err)
+    if not report.layers:
+        err.print(nothing_counted_line(report), markup=False)
+    if config is None or not config.active:
+        out.print(summary_line(report), markup=False)
+
+
 def run_gate(report, config, junit: str | None, markdown: str | None, err: Console) -> None:
     """Evaluate the gate, write the CI outputs, print the verdict on stderr; raise GateFailed (exit 1) on failure.
     (The caller has checked JUNIT and MARKDOWN against its inputs with files.guard_outputs.)"""

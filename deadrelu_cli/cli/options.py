@@ -133,7 +133,17 @@ Ops = Annotated[
 AllowNonfinite = Annotated[
     bool, typer.Option("--allow-nonfinite", help="Accept NaN/Inf in the data instead of stopping.")
 ]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+# -q on scan and gate: a CI log of only the problems and the verdict (see README, "Quiet output")
+Quiet = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="Print only problems (warnings, errors), the gate verdict (without limits: the one-line "
+        "summary) and files written: no table, no progress bar.",
+    ),
+]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar (the table still prints).")]
 QuietTable = Annotated[
     bool,
     typer.Option("--quiet", "-q", help="Do not print the table (files, gate messages and errors still)."),

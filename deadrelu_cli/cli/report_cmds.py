@@ -8,7 +8,7 @@ import typer
 
 from deadrelu_cli.cli import options as opt
 from deadrelu_cli.cli.console import make_console
-from deadrelu_cli.cli.gating import config_file, run_gate
+from deadrelu_cli.cli.gating import config_file, print_quiet, run_gate
 
 
 @opt.command
@@ -16,7 +16,7 @@ def gate(
     report_path: opt.ReportPath,
     gating: opt.Gating = None,
     settings: opt.Settings = None,
-    quiet: opt.QuietTable = False,
+    quiet: opt.Quiet = False,
 ) -> None:
     """Apply gate limits to a saved REPORT: exit 0 pass, 1 failed, 2 usage or input error."""
     from deadrelu_cli.files import guard_outputs
@@ -40,7 +40,9 @@ def gate(
         )
     report = load_report(report_path)
     err = make_console(stderr=True, soft_wrap=True)
-    if not quiet:
+    if quiet:
+        print_quiet(report, config, make_console(), err)
+    else:
         print_report(report, make_console())
     run_gate(report, config, gating.junit, gating.markdown, err)
 
@@ -57,7 +59,13 @@ def merge(
     """Merge partial reports (same model, disjoint data) into exactly the report of the union."""
     from deadrelu_cli.display import terminal_text
     from deadrelu_cli.files import guard_outputs, write_text_atomic
-    from deadrelu_cli.report.model import load_report, merge_reports, refuse_repeated_reports, report_to_json
+    from deadrelu_cli.report.model import (
+        PARTIAL_LAYERS_NOTE,
+        load_report,
+        merge_reports,
+        refuse_repeated_reports,
+        report_to_json,
+    )
     from deadrelu_cli.report.table import summary_line
 
     guard_outputs([("--json", json_out)], [("REPORT", path) for path in reports])
@@ -68,6 +76,8 @@ def merge(
     for note in merged.notes:
         if note.startswith("check the data of the merged parts"):
             err.print(f"warning: {terminal_text(note.removeprefix('check '))}", style="yellow", markup=False)
+        elif note.startswith(PARTIAL_LAYERS_NOTE) and not quiet:
+            err.print(f"note: {terminal_text(note)}", markup=False)
     if json_out in (None, "-"):
         sys.stdout.write(text)
         return

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from deadrelu_cli.cli import options as opt
 from deadrelu_cli.cli.console import make_console, on_a_terminal
-from deadrelu_cli.cli.gating import config_file, run_gate, write_html
+from deadrelu_cli.cli.gating import config_file, print_quiet, run_gate, write_html
 
 
 def _progress_callback(quiet: bool, err: Console):
@@ -70,6 +70,7 @@ def scan(
     gating: opt.Gating = None,
     settings: opt.Settings = None,
     quiet: opt.Quiet = False,
+    no_progress: opt.NoProgress = False,
 ) -> None:
     """Scan MODEL on the calibration data: per-unit activation rates at every ReLU call site.
 
@@ -112,7 +113,8 @@ def scan(
     if html_out:  # before the scan, not after it (a read-only container without a tmpfs)
         require_temp_folder("the HTML report (matplotlib)")
     gate = gating.config()
-    progress, update = _progress_callback(quiet or (distributed and os.environ.get("RANK", "0") != "0"), err)
+    hide_bar = quiet or no_progress or (distributed and os.environ.get("RANK", "0") != "0")
+    progress, update = _progress_callback(hide_bar, err)
     options = opt.scan_options(
         model,
         data,
@@ -158,7 +160,10 @@ def scan(
                     f"warning: {terminal_text(note.removeprefix('check '))}", style="yellow", markup=False
                 )
     else:
-        print_report(report, out, layer)
+        if quiet:
+            print_quiet(report, gate, out, err)
+        else:
+            print_report(report, out, layer)
         if json_out:
             write_text_atomic(json_out, report_to_json(report))
     try:

@@ -400,8 +400,29 @@ def _merged_text(texts: list[dict | None]) -> dict | None:
     return {**texts[0], "documents": sum(int(t.get("documents", 0)) for t in texts)}
 
 
+# the start of merge's note on layers some parts do not list (the merge command prints it)
+PARTIAL_LAYERS_NOTE = "layer(s) not listed by every merged report:"
+
+
+def union_order(orders: list[list[str]]) -> list[str]:
+    """Every name of ORDERS once, each list's order kept where they agree: a name one list adds comes
+    right after the name it follows there (a layer a later training window reached first)."""
+    result: list[str] = []
+    for order in orders:
+        at = 0  # where the next new name of this list goes: after the last name of it already placed
+        for name in order:
+            if name in result:
+                at = max(at, result.index(name) + 1)
+            else:
+                result.insert(at, name)
+                at += 1
+    return result
+
+
 def merge_reports(reports: list[Report]) -> Report:
-    """Exact merge of reports of the same model over disjoint data."""
+    """Exact merge of reports of the same model over disjoint data. A layer some reports do not list (a
+    training window whose forwards never reached it) adds nothing from them: its `samples` say how many it
+    saw, and a note names it. The same layer name with other units, or another model, is refused."""
     if not reports:
         raise UserError("nothing to merge: give at least one report")
     first = reports[0]
@@ -420,21 +441,30 @@ def merge_reports(reports: list[Report]) -> Report:
             raise UserError(
                 "cannot merge reports made with different position masks (--mask / --exclude-token-ids)"
             )
-        if [layer.name for layer in other.layers] != [layer.name for layer in first.layers]:
-            raise UserError("cannot merge: the reports list different layers (different models or --ops)")
     # a layer's samples (None: all of its report's) are added as counts: a part where a site saw fewer
-    # (an ONNX branch, a GAN's generator in a training window) must not make the merged site "all"
-    parts = [
-        [replace(layer, samples=r.data.samples) if layer.samples is None else layer for layer in r.layers]
-        for r in reports
-    ]
+    # (an ONNX branch, a GAN's generator in a training window), or that does not list the site at all (a
+    # training window whose forwards never reached it), must not make the merged site "all"
+    merged: dict[str, LayerStats] = {}
+    listed: dict[str, int] = {}
+    for report in reports:
+        for layer in report.layers:
+            layer = replace(layer, samples=report.data.samples) if layer.samples is None else layer
+            merged[layer.name] = merge_layer(merged[layer.name], layer) if layer.name in merged else layer
+            listed[layer.name] = listed.get(layer.name, 0) + 1
     total = sum(r.data.samples for r in reports)
-    layers = parts[0]
-    for other in parts[1:]:
-        layers = [merge_layer(x, y) for x, y in zip(layers, other, strict=True)]
-    layers = [replace(layer, samples=None) if layer.samples == total else layer for layer in layers]
+    layers = [
+        replace(merged[name], samples=None) if merged[name].samples == total else merged[name]
+        for name in union_order([[layer.name for layer in r.layers] for r in reports])
+    ]
     data_paths = sorted({r.data.path for r in reports})
     notes = sorted({n for r in reports for n in r.notes})
+    partial = [name for name in (layer.name for layer in layers) if listed[name] < len(reports)]
+    if partial:
+        shown = ", ".join(f"{name} (in {listed[name]} of {len(reports)})" for name in partial[:5])
+        notes.append(
+            f"{PARTIAL_LAYERS_NOTE} {shown}{', …' if len(partial) > 5 else ''}: their counts and Samples "
+            "cover only the samples of the reports that list them"
+        )
     if len(data_paths) < len(reports):
         # scan has no offset: two scans of one data file (e.g. --limit 40 and --limit 60) both start at its
         # first sample, and their sum counts those samples twice; shards are files of their own

@@ -293,13 +293,23 @@ def header_line(report: Report) -> str:
     )
 
 
-def print_report(report: Report, console: Console, layer_name: str | None = None) -> None:
-    console.print(header_line(report), markup=False)
-    for note in report.notes:  # structural problems first: they matter more than any count
+def print_warnings(report: Report, console: Console) -> None:
+    """The report's problems (its `check …` notes) as `warning:` lines: all that `-q` keeps of the table."""
+    for note in report.notes:
         if note.startswith("check "):
             console.print(
                 f"warning: {terminal_text(note.removeprefix('check '))}", style="yellow", markup=False
             )
+
+
+def nothing_counted_line(report: Report) -> str:
+    ops = ", ".join(report.settings.ops) if report.settings.ops else "the scanned ops"
+    return f"No activation site of {ops} in this model: nothing was counted."
+
+
+def print_report(report: Report, console: Console, layer_name: str | None = None) -> None:
+    console.print(header_line(report), markup=False)
+    print_warnings(report, console)  # structural problems first: they matter more than any count
     if layer_name:
         layer = report.layer(layer_name)
         console.print(
@@ -321,8 +331,7 @@ def print_report(report: Report, console: Console, layer_name: str | None = None
         finally:
             console.width = narrow
     else:  # an empty table would read as "all clear"; the notes below say what the model has instead
-        ops = ", ".join(report.settings.ops) if report.settings.ops else "the scanned ops"
-        console.print(f"No activation site of {ops} in this model: nothing was counted.", style="bold")
+        console.print(nothing_counted_line(report), style="bold")
     console.print(summary_line(report), markup=False)
     if not layer_name:
         for line in depth_lines(report):
