@@ -119,7 +119,17 @@ def list_sites(
     from deadrelu_cli.probe.torchscript import TorchScriptProbe
 
     probe = TorchScriptProbe(model.runnable, ProbeSettings(ops=ops))
-    return probe.sites, hidden_notes(probe.hidden)
+    undecided = [site.name for site in probe.sites if site.clamp and site.channel_first is None]
+    notes = hidden_notes(probe.hidden)
+    if undecided:  # probe.ops.clamp_is_layer needs the clamped tensor's shape, known once it runs
+        notes.append(
+            (
+                "note",
+                f"{', '.join(undecided)}: a clamp no layer feeds; a scan counts it only if what it clamps "
+                "has more than one unit (not a clamped loss, norm or variance)",
+            )
+        )
+    return probe.sites, notes
 
 
 def hidden_notes(hidden) -> list[tuple[str, str]]:

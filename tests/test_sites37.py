@@ -121,6 +121,10 @@ def test_clamp_of_a_variance_or_scalar_is_no_layer_but_a_clamp_after_a_linear_is
     # names agree across the torch formats: the 0-d clamp before the head keeps its number (relu()#2) in
     # all of them (TorchScript's code cannot tell it from a layer before it runs)
     assert names["eager"] == names["pt2"] == names["torchscript"] == ["relu()", "relu()#3"], names
+    # TorchScript's code has no shapes: `inspect` lists its clamps and says which are decided in a scan
+    listed = cli("inspect", tmp_path / "m_ts.pt")
+    text = " ".join((listed.out + listed.err).split())
+    assert listed.code == 0 and "note: norm.relu(), relu()#2: a clamp no layer feeds" in text, text
 
 
 def test_inspect_of_an_onnx_graph_lists_no_clip_of_a_scalar(cli, tmp_path):
