@@ -54,6 +54,9 @@ class LayerOutcome:
     rates_after: list[float] | None = (
         None  # active rate of the acted-on units after the fix (same widths only)
     )
+    # reviving strategies: per acted-on unit, the fraction of its values the fix computed it to exceed
+    # --threshold on afterwards (0: it could not make that unit fire); checked against the rescan
+    promised: list[float] | None = None
     alive_after_resume: int | None = None  # training checkpoints: acted-on units firing after resumed steps
 
 
@@ -132,20 +135,86 @@ def plan_layers(report: Report, globs: tuple[str, ...], certified_only: bool = F
 
 
 def firing_count(n: int, target_rate: float) -> int:
-    """How many of a unit's n values a shift by `firing_thresholds` makes fire: k = max(1, round(rate * n))."""
+    """How many of a unit's n values a shift by `firing_cuts` makes fire (ties aside): k = max(1, round(rate * n))."""
     return min(n, max(1, int(round(target_rate * n))))
 
 
-def firing_thresholds(values: np.ndarray, target_rate: float) -> np.ndarray:
-    """Per column, a value that exactly k = max(1, round(target_rate * n)) values exceed (ties aside).
+def firing_cuts(
+    values: np.ndarray, target_rate: float, rel_gap: float = float(np.finfo(np.float32).eps)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of `values` [n, units]: (cut, count), where exactly `count` values exceed `cut` and
+    none lies within a rounding of it. Moving a unit's pre-activation by `threshold - cut` makes it
+    exceed the threshold on exactly those `count` values.
 
-    Shifting a unit's bias by minus this makes it fire on about `target_rate` of the data it saw.
-    """
-    n = values.shape[0]
+    `count` is k = max(1, round(target_rate * n)) where the k-th and (k+1)-th largest values differ;
+    where they tie (a unit whose values repeat: padding, a constant input, a saturated one), tied values
+    fire together or not at all, so `count` is the nearest count at a gap (at least 1; n when the column
+    is constant). Values within `rel_gap` of their size (adjacent float32 values) count as tied: the
+    shifted bias, rounded to the weights' dtype, could tip either across the threshold; wider gaps keep
+    the midway cut, as exact as before (the verification rescans the written file either way)."""
+    n, units = values.shape
+    if n == 0:
+        return np.zeros(units), np.zeros(units, dtype=np.int64)
     k = firing_count(n, target_rate)
+    counts = np.full(units, k, dtype=np.int64)
     if k >= n:
-        return values.min(axis=0) - 1.0
+        return values.min(axis=0) - 1.0, np.full(units, n, dtype=np.int64)
     ordered = np.partition(values, [n - k - 1, n - k], axis=0)
-    # midway between the largest value that must stay off and the smallest that must fire: the shifted
-    # bias, rounded to the weights' dtype and summed again in another order, cannot tip either across 0
-    return ordered[n - k - 1] / 2 + ordered[n - k] / 2
+    low, high = ordered[n - k - 1], ordered[n - k]
+    # midway between the largest value that must stay off and the smallest that must fire
+    cuts = low / 2 + high / 2
+    tied = ~(high - low > rel_gap * np.maximum(np.abs(low), np.abs(high)))
+    for column in np.flatnonzero(tied):
+        cuts[column], counts[column] = _cut_at_a_gap(values[:, column], k, rel_gap)
+    return cuts, counts
+
+
+def _cut_at_a_gap(column: np.ndarray, k: int, rel_gap: float) -> tuple[float, int]:
+    """The (cut, count) of one column whose k-th and (k+1)-th largest values tie: the count nearest to k
+    (the smaller one of two as near) where the sorted values have a gap."""
+    ordered = np.sort(column)[::-1]  # descending: the top c values fire
+    upper, lower = ordered[:-1], ordered[1:]  # count c = i + 1 cuts between upper[i] and lower[i]
+    gaps = np.flatnonzero(upper - lower > rel_gap * np.maximum(np.abs(upper), np.abs(lower))) + 1
+    if not len(gaps):  # constant on the data: only all of its values can fire
+        lowest = float(ordered[-1])  # 1 below it (more where 1 is within a float32 rounding of it)
+        return lowest - max(1.0, 16 * rel_gap * abs(lowest)), len(ordered)
+    count = int(gaps[np.argmin(np.abs(gaps - k))])  # argmin: the first (smaller) of two as near
+    return float(ordered[count - 1] / 2 + ordered[count] / 2), count
+
+
+def shift_gains(
+    target: str,
+    units: list[int],
+    before: np.ndarray,
+    after: np.ndarray | None,
+    applied: np.ndarray,
+    eps: float = 0.0,
+) -> np.ndarray | str:
+    """Per unit, how much its pre-activation moved per unit of move of its `target` entry (`before`,
+    `after`: [values, every unit of the site] as float64, around moves `applied` per acted-on unit), or
+    why the move is not a shift ("skipped: …"): it moved other units too, or not by one constant per unit.
+    `eps`: the machine epsilon of the pre-activation's dtype; a float16/bfloat16 one rounds each value by
+    up to eps/2 of its size, so a plain bias moves it by one constant only up to that."""
+    if after is None or after.shape != before.shape:
+        return f"skipped: moving {target} changed the site's shape"
+    others = np.ones(before.shape[1], dtype=bool)
+    others[units] = False
+    if not np.array_equal(before[:, others], after[:, others]):
+        return (
+            f"skipped: moving {target} moves other units of the site too (a normalisation or mixing op "
+            "between it and the activation); use leaky"
+        )
+    delta = np.maximum(np.abs(applied), 1e-30)
+    moved = (after[:, units] - before[:, units]) / np.where(applied != 0, applied, 1.0)
+    gains = np.percentile(moved, 50, axis=0, method="lower")  # (torch's median: the lower middle one)
+    spread = np.abs(moved - gains).max(axis=0)
+    scale = float(np.abs(before[:, units]).max()) + delta
+    rel = max(1e-5, 4 * eps)  # float32: the old bound; half precision: a few roundings of its own
+    if not bool(
+        ((spread <= max(1e-4, rel) * np.abs(gains) + rel * scale / delta) & (np.abs(gains) > 1e-6)).all()
+    ):
+        return (
+            f"skipped: a move of {target} does not move the pre-activation by one constant per unit "
+            "(a data-dependent op between them); use leaky"
+        )
+    return gains

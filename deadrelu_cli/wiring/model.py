@@ -60,6 +60,10 @@ class UnitWiring:
     bias: str | None = None  # the owner's own bias (one value per unit, after any reshape)
     bias_reshaped: bool = False  # the graph re-shapes the bias before adding it (paddle2onnx)
     batchnorm: BatchNormRef | None = None
+    norm_bias: str | None = None  # a LayerNormalization right before the activation: its B (per unit)
+    # the shift tensor of a producer reached through elementwise ops with a constant operand (a scale:
+    # `Gemm -> Mul(4) -> Relu`); bias-shift measures how much it moves the pre-activation
+    scaled_shift: str | None = None
     consumer: str = ""  # the one Linear/Conv/Gemm reading the activation
     consumer_weight: TensorRef | None = None  # its weight; the units' input columns along .axis
     readers: tuple[str, ...] = field(default_factory=tuple)  # everything that reads the activation
@@ -67,10 +71,11 @@ class UnitWiring:
 
     @property
     def shift(self) -> str | None:
-        """The tensor whose entries shift each unit's pre-activation: a BatchNorm's beta, else the bias."""
+        """The tensor whose entries shift each unit's pre-activation: a BatchNorm's or LayerNorm's beta,
+        else the bias."""
         if self.batchnorm is not None:
             return self.batchnorm.bias
-        return self.bias
+        return self.norm_bias or self.bias or self.scaled_shift
 
     def per_unit(self, units: int, fan_in: int) -> int:
         """How many input columns of the consumer each unit feeds (1, or H*W after a flatten)."""

@@ -379,11 +379,54 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
                 and is_last_axis_vector(stored_array(index, bias).shape)
             ):  # C as [N] or [1, N]; an [M, N] table is not a per-unit bias
                 wire.bias = bias
+    elif node.op_type == "LayerNormalization":
+        _layer_norm(index, wire, node)
     elif node.op_type == "BatchNormalization" and len(node.input) > 2:
         # y = scale * (x - mean) / sqrt(var + eps) + B: shifting B shifts the pre-activation exactly
         if stored_array(index, node.input[2]) is not None:
             scale, bias, mean, var = (list(node.input[1:5]) + [""] * 4)[:4]
             wire.batchnorm = BatchNormRef(display_name(node), scale or None, bias, mean or None, var or None)
+
+
+def _shift_through_constants(index: GraphIndex, input_name: str) -> str | None:
+    """The shift tensor (`UnitWiring.shift`) of the producer behind Mul/Div/Add/Sub nodes whose other
+    operand is a constant (a scale, an offset); None when there is none. Its effect on the
+    pre-activation is measured by bias-shift, not derived here."""
+    name = value_source(index, input_name)
+    for _ in range(8):
+        node = index.producer.get(name)
+        while node is not None and node.op_type == "Transpose":
+            node = index.producer.get(value_source(index, node.input[0]))
+        if node is None or node.op_type not in ("Mul", "Div", "Add", "Sub"):
+            return None
+        data = [i for i in node.input if i and index.constant(i) is None]
+        if len(data) != 1 or (node.op_type in ("Div", "Sub") and node.input[0] != data[0]):
+            return None  # (c / x, c - x: not a scale or an offset of x)
+        inner = UnitWiring()
+        _incoming(index, inner, data[0])
+        if inner.shift is not None and not inner.why:
+            return inner.shift
+        name = value_source(index, data[0])
+    return None
+
+
+def _layer_norm(index: GraphIndex, wire: UnitWiring, node: onnx.NodeProto) -> None:
+    """A LayerNormalization making the units: its B is one value per unit (and shifts it exactly) when
+    it normalises over the last axis only; its rows are no one weight's, so only bias-shift acts."""
+    rank = index.rank(node.input[0])
+    axis = attr(node, "axis", -1)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is None or stored_array(index, bias) is None:
+        wire.why = (
+            f"skipped: produced by LayerNormalization {display_name(node)}, which has no stored B to shift"
+        )
+    elif not (axis == -1 or (rank is not None and axis == rank - 1)):
+        wire.why = (
+            f"skipped: produced by LayerNormalization {display_name(node)} over axes {axis}… (its B is not one "
+            "value per unit); use leaky"
+        )
+    else:
+        wire.norm_bias = bias
 
 
 def _reduced_axes(index: GraphIndex, node: onnx.NodeProto, rank: int) -> list[int] | None:
@@ -483,6 +526,8 @@ def unit_wiring(
     index = index or GraphIndex(model.graph)
     wire = UnitWiring()
     _incoming(index, wire, input_name)
+    if wire.shift is None and not wire.why:
+        wire.scaled_shift = _shift_through_constants(index, input_name)
     consumer_why = _outgoing(index, wire, output_name, {o.name for o in model.graph.output}, unit_axis)
     if wire.weight is not None and (
         uses(index, wire.weight.name) != 1 or (wire.bias and uses(index, wire.bias) != 1)
@@ -492,6 +537,11 @@ def unit_wiring(
         return wire
     if wire.weight is None and wire.batchnorm is not None:
         wire.why = "skipped: produced by a BatchNormalization, whose units only bias-shift patches in ONNX"
+    elif wire.weight is None and wire.norm_bias is not None:
+        wire.why = (
+            f"skipped: produced by LayerNormalization {wire.producer}, whose units only bias-shift (which "
+            "moves its B) or leaky patch in ONNX"
+        )
     elif wire.weight is None:
         wire.why = (
             "skipped: not produced by a Conv, Gemm, MatMul+bias or BatchNormalization with stored weights"

@@ -16,10 +16,10 @@ from onnx import helper, numpy_helper
 from deadrelu_cli.backends.onnx.macs import onnx_macs
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import write_bytes
-from deadrelu_cli.fixes.plan import FixOptions, FixResult, LayerOutcome, LayerPlan, firing_thresholds
+from deadrelu_cli.fixes.plan import FixOptions, FixResult, LayerOutcome, LayerPlan, firing_cuts, shift_gains
 from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, strip_nchwc_copies
 from deadrelu_cli.probe.onnx_graph import find_sites, site_channel_dim
-from deadrelu_cli.wiring.model import input_columns, unit_vector_axis
+from deadrelu_cli.wiring.model import TensorRef, input_columns, unit_vector_axis
 from deadrelu_cli.wiring.onnx import unit_wiring
 from deadrelu_cli.wiring.onnx_index import GraphIndex, float_type, uses
 
@@ -58,9 +58,8 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
     sites = {site.name: site for site in find_sites(model, scan_options.ops)}
     nodes = {n.name or n.output[0]: n for n in model.graph.node}
     outcomes = []
-    quantiles = (
-        _quantiles(scanned, plans, sites, options, scan_options) if options.strategy == "bias-shift" else {}
-    )
+    shifts: dict[str, str] = {}  # bias-shift: per layer, the tensor to move (moved after this loop)
+    drawn: dict[str, TensorRef] = {}  # reinit: per layer, the weight whose rows were redrawn
     rng = np.random.default_rng(options.seed)
     for plan in plans:
         site = sites.get(plan.name)
@@ -115,14 +114,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                     else (wire.why or "skipped: no bias initializer")
                 )
                 continue
-            bias = _get(model, shift)
-            flat = bias.reshape(-1)  # a view: one value per unit, whatever shape the initializer has
-            flat[plan.units] = flat[plan.units] - quantiles[plan.name].astype(bias.dtype)
-            _set(model, shift, bias)
-            outcome.applied, outcome.action = (
-                True,
-                f"{shift} raised by {float(-quantiles[plan.name].max()):.4g}…{float(-quantiles[plan.name].min()):.4g}",
-            )
+            shifts[plan.name] = shift
             continue
         if options.strategy == "kick":
             if wire.weight is None:
@@ -169,6 +161,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 True,
                 f"{wire.weight.name} re-initialised; {wire.consumer_weight.name} inputs zeroed",
             )
+            drawn[plan.name] = wire.weight
         elif options.strategy == "prune":
             if site.op != "relu":
                 outcome.action = f"skipped: only relu units are exactly zero when dead ({site.op})"
@@ -195,6 +188,12 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             )
             outcome.units_after = len(kept)
             result.new_widths[plan.name] = len(kept)
+    by_name = {outcome.name: outcome for outcome in outcomes}
+    pass_ = _SitePass(scanned, sites, scan_options)
+    if shifts:
+        _bias_shift(model, [p for p in plans if p.name in shifts], shifts, by_name, options, pass_)
+    if drawn:
+        _flip_silent_rows(model, [p for p in plans if p.name in drawn], drawn, by_name, pass_)
     strip_nchwc_copies(model)  # the scan's NCHW copies of blocked convolutions: not part of the model
     if options.strategy == "prune":
         del model.graph.value_info[:]  # shapes changed: let shape inference redo them
@@ -239,40 +238,159 @@ def _kept_positions(moved: np.ndarray, shape: tuple, dim: int, keep: np.ndarray 
     return moved.reshape(-1, units)
 
 
-def _quantiles(scanned, plans, sites, options: FixOptions, scan_options) -> dict[str, np.ndarray]:
-    """The (1 - target_rate) quantile of each planned unit's pre-activation, from a run exposing them,
-    over the positions the scan counted (a position mask's kept ones, as the torch collectors see them)."""
-    from deadrelu_cli.backends.onnx.scan import as_input, feed_order, make_session
-    from deadrelu_cli.inputs import batch_mask, resolve_mask
-    from deadrelu_cli.wiring.onnx_index import opset_version
+class _SitePass:
+    """Runs a model (the one being fixed, as it stands) over the data with the planned sites'
+    pre-activations exposed: [values, units] per site, over the positions the scan counted (a position
+    mask's kept ones, as the torch collectors see them)."""
 
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(scanned.model.runnable)
-    del exposed.graph.output[:]
-    wanted = [plan for plan in plans if plan.name in sites and not sites[plan.name].graph_path]
-    index = GraphIndex(exposed.graph)
-    for plan in wanted:
-        name = sites[plan.name].input_name
-        exposed.graph.output.append(helper.make_tensor_value_info(name, float_type(index, name), None))
-    if not wanted:
-        return {}
-    session = make_session(exposed.SerializeToString(), scanned.device, [])
-    order = feed_order(scanned.model, scanned.data)
-    dtypes = {spec.name: spec.dtype for spec in scanned.model.inputs}
-    values: dict[str, list[np.ndarray]] = {plan.name: [] for plan in wanted}
-    # the scan applies a mask from opset 9 (Where); below that it counted every position
-    mask = resolve_mask(scan_options.mask, scan_options.exclude_token_ids, scanned.data)
-    mask = mask if opset_version(scanned.model.runnable) >= 9 else None
-    for batch in scanned.data.batches(
-        scan_options.batch_size, scan_options.limit, scan_options.allow_nonfinite
-    ):
-        outs = session.run(None, {i: as_input(batch[a], dtypes.get(i), i) for i, a in order.items()})
-        keep = batch_mask(mask, batch) if mask is not None else None
-        for plan, out in zip(wanted, outs, strict=True):
-            dim = site_channel_dim(sites[plan.name], scan_options.channel_dim) % max(1, out.ndim)
-            moved = np.moveaxis(out, dim, -1)[..., plan.units]
-            values[plan.name].append(_kept_positions(moved, out.shape, dim, keep).astype(np.float64))
-    return {
-        name: firing_thresholds(np.concatenate(chunks), options.target_rate)
-        for name, chunks in values.items()
-    }
+    def __init__(self, scanned, sites, scan_options) -> None:
+        self.scanned, self.sites, self.options = scanned, sites, scan_options
+        self.threshold = float(scan_options.threshold)
+
+    def values(self, model: onnx.ModelProto, units: dict[str, list[int] | None], limit: int | None = None):
+        """Per site name, its values [values, units] (`units`: the units to keep; None: every unit), as
+        float64, and the machine epsilon of the site's own dtype."""
+        from deadrelu_cli.backends.onnx.scan import as_input, feed_order, make_session
+        from deadrelu_cli.inputs import batch_mask, resolve_mask
+        from deadrelu_cli.wiring.onnx_index import opset_version
+
+        scanned, options = self.scanned, self.options
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(model)
+        del exposed.graph.output[:]
+        index = GraphIndex(exposed.graph)
+        names = list(units)
+        for name in names:
+            value = self.sites[name].input_name
+            exposed.graph.output.append(helper.make_tensor_value_info(value, float_type(index, value), None))
+        session = make_session(exposed.SerializeToString(), scanned.device, [])
+        order = feed_order(scanned.model, scanned.data)
+        dtypes = {spec.name: spec.dtype for spec in scanned.model.inputs}
+        chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        eps = dict.fromkeys(names, 0.0)
+        # the scan applies a mask from opset 9 (Where); below that it counted every position
+        mask = resolve_mask(options.mask, options.exclude_token_ids, scanned.data)
+        mask = mask if opset_version(scanned.model.runnable) >= 9 else None
+        limit = (
+            options.limit if limit is None else limit if options.limit is None else min(limit, options.limit)
+        )
+        for batch in scanned.data.batches(options.batch_size, limit, options.allow_nonfinite):
+            outs = session.run(None, {i: as_input(batch[a], dtypes.get(i), i) for i, a in order.items()})
+            keep = batch_mask(mask, batch) if mask is not None else None
+            for name, out in zip(names, outs, strict=True):
+                dim = site_channel_dim(self.sites[name], options.channel_dim) % max(1, out.ndim)
+                moved = np.moveaxis(out, dim, -1)
+                moved = moved if units[name] is None else moved[..., units[name]]
+                chunks[name].append(_kept_positions(moved, out.shape, dim, keep).astype(np.float64))
+                if np.issubdtype(out.dtype, np.floating):
+                    eps[name] = max(eps[name], float(np.finfo(out.dtype).eps))
+        return {name: np.concatenate(parts) for name, parts in chunks.items()}, eps
+
+
+def _move(model: onnx.ModelProto, name: str, units: list[int], by: np.ndarray) -> np.ndarray:
+    """Add `by` to the units' entries of the stored tensor `name` (one value per unit, whatever its
+    shape); the move as stored (rounded to the tensor's dtype), per unit."""
+    stored = _get(model, name)
+    flat = stored.reshape(-1)  # a view
+    kept = flat[units].astype(np.float64)
+    flat[units] = (kept + by).astype(stored.dtype)
+    _set(model, name, stored)
+    return flat[units].astype(np.float64) - kept
+
+
+def _measure_gains(model, plans, shifts: dict[str, str], site_pass: _SitePass) -> dict[str, np.ndarray | str]:
+    """Per layer, d pre / d entry of its shift tensor per unit, measured on a few samples (the model as
+    it is, then once per layer with the entries moved and restored): a Gemm's beta, a scale between the
+    bias and the ReLU are measured, not assumed; a move that changes other units, or not by one constant,
+    is refused (`plan.shift_gains`)."""
+    fixed = site_pass.scanned.model.fixed_batch
+    samples = fixed or min(16, site_pass.scanned.data.local_samples)
+    base, eps = site_pass.values(model, dict.fromkeys(shifts), samples)
+    if any(not values.shape[0] for values in base.values()):  # a mask kept nothing there: every sample
+        base, eps = site_pass.values(model, dict.fromkeys(shifts))
+        samples = None
+    gains: dict[str, np.ndarray | str] = {}
+    for plan in plans:
+        before = base[plan.name]
+        if not before.shape[0]:
+            gains[plan.name] = "skipped: the data keeps no position of the site (padding only)"
+            continue
+        delta = 1.0 + float(np.abs(before).max())
+        original = _get(model, shifts[plan.name])
+        applied = _move(model, shifts[plan.name], plan.units, np.full(len(plan.units), delta))
+        try:
+            after = site_pass.values(model, {plan.name: None}, samples)[0][plan.name]
+        finally:
+            _set(model, shifts[plan.name], original)
+        gains[plan.name] = shift_gains(shifts[plan.name], plan.units, before, after, applied, eps[plan.name])
+    return gains
+
+
+def _bias_shift(model, plans, shifts: dict[str, str], outcomes: dict, options: FixOptions, site_pass):
+    """Move each dead unit's shift tensor entry (a Conv/Gemm/MatMul+Add bias, a BatchNormalization's or
+    LayerNormalization's B) by (--threshold - cut) / gain, so that it exceeds --threshold on about
+    --target-rate of the data (`plan.firing_cuts`; tied values fire together); then settle: rerun the
+    shifted model and move again the units off their count (a unit revived in an earlier layer changes
+    what a later one sees), at most one round per layer, as the torch fixes do."""
+    threshold = site_pass.threshold
+    gains = _measure_gains(model, plans, shifts, site_pass)
+    live = [plan for plan in plans if not isinstance(gains[plan.name], str)]
+    for plan in plans:
+        if isinstance(gains[plan.name], str):
+            outcomes[plan.name].action = gains[plan.name]
+    if not live:
+        return
+    units = {plan.name: plan.units for plan in live}
+    values, _ = site_pass.values(model, units)
+    moves: dict[str, np.ndarray] = {}
+    for plan in live:
+        cuts, wanted = firing_cuts(values[plan.name], options.target_rate)
+        by = (threshold - cuts) / gains[plan.name]
+        _move(model, shifts[plan.name], plan.units, by)
+        moves[plan.name] = by
+        outcome = outcomes[plan.name]
+        outcome.applied = True
+        outcome.promised = (wanted / max(1, len(values[plan.name]))).tolist()
+        gain = gains[plan.name]
+        outcome.action = f"{shifts[plan.name]} moved by {float(by.min()):.4g}…{float(by.max()):.4g}" + (
+            "" if np.allclose(gain, 1.0) else f" (gain {float(np.min(gain)):.4g}…{float(np.max(gain)):.4g})"
+        )
+    for _ in range(len(live) if len(live) > 1 else 0):
+        values, _ = site_pass.values(model, units)
+        moved = False
+        for plan in live:
+            fired = (values[plan.name] > threshold).sum(axis=0)
+            cuts, wanted = firing_cuts(values[plan.name], options.target_rate)
+            off = fired != wanted
+            if not off.any():
+                continue
+            by = (threshold - cuts[off]) / np.asarray(gains[plan.name])[off]
+            _move(model, shifts[plan.name], list(np.asarray(plan.units)[off]), by)
+            moved = True
+            outcome = outcomes[plan.name]
+            rates = wanted / max(1, len(values[plan.name]))
+            outcome.promised = np.where(off, rates, outcome.promised).tolist()
+            if "re-settled" not in outcome.action:
+                outcome.action += f"; {int(off.sum())} re-settled after upstream shifts"
+        if not moved:
+            break
+
+
+def _flip_silent_rows(model, plans, drawn: dict[str, TensorRef], outcomes: dict, site_pass) -> None:
+    """After reinit: negate each fresh row whose unit still never exceeds --threshold on the data while
+    the negated row would (`strategies.flip_silent_rows`, the torch side: bias 0, so the pre-activation
+    is linear in the row and negating the row negates every value; outgoing weights are zero, so one pass
+    serves every layer). `promised`: per unit, the fraction of values above the threshold afterwards."""
+    threshold = site_pass.threshold
+    values, _ = site_pass.values(model, {plan.name: plan.units for plan in plans})
+    for plan in plans:
+        column = values[plan.name]
+        above, below = (column > threshold).sum(axis=0), (column < -threshold).sum(axis=0)
+        silent = (above == 0) & (below > 0)
+        if silent.any():
+            ref = drawn[plan.name]
+            weight = _get(model, ref.name)
+            rows = list(np.asarray(plan.units)[silent])
+            _assign(weight, ref.axis, rows, -np.take(weight, rows, axis=ref.axis))
+            _set(model, ref.name, weight)
+        outcomes[plan.name].promised = (np.where(silent, below, above) / max(1, len(column))).tolist()

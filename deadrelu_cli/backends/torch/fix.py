@@ -204,14 +204,17 @@ def apply_torch(
     if options.strategy == "reinit":
         drawn: dict[str, str] = {}
         outcomes = eager.reinit(model, probe, report, plans, options, touched, drawn)
-        eager.flip_silent_rows(scanned, model, plans, drawn, replace(scan_options, progress=None))
+        eager.flip_silent_rows(scanned, model, plans, drawn, replace(scan_options, progress=None), outcomes)
     elif options.strategy == "bias-shift":
+        firing: dict = {}
         quantiles = eager.collect_quantiles(
-            scanned, plans, options.target_rate, options.seed, replace(scan_options, progress=None)
+            scanned, plans, options.target_rate, options.seed, replace(scan_options, progress=None), firing
         )
         targets = eager.shift_targets(model, report, plans, getattr(probe, "shift_sources", {}))
         gains = eager.measure_gains(scanned, model, plans, targets, scan_options)
-        outcomes = eager.bias_shift(model, report, plans, quantiles, targets, gains, touched)
+        outcomes = eager.bias_shift(
+            model, report, plans, quantiles, targets, gains, touched, scan_options.threshold, firing
+        )
         eager.settle_shifts(
             scanned,
             model,
@@ -414,8 +417,9 @@ def _bias_shift_exported(
     graph_module = _program_module(scanned, options)
     # the quantiles come from a scan of another fresh module: the scan's probe rewrote its own graph
     rescan = replace(scanned, model=replace(scanned.model, runnable=_program_module(scanned, options)))
+    firing: dict = {}
     quantiles = eager.collect_quantiles(
-        rescan, plans, options.target_rate, options.seed, replace(scan_options, progress=None)
+        rescan, plans, options.target_rate, options.seed, replace(scan_options, progress=None), firing
     )
     from deadrelu_cli.probe.exported import find_sites, shift_source
 
@@ -425,7 +429,9 @@ def _bias_shift_exported(
     sources = {name: source for name, source in sources.items() if source}
     targets = eager.shift_targets(graph_module, scanned.report, plans, sources)
     gains = eager.measure_gains(rescan, graph_module, plans, targets, scan_options)
-    outcomes = eager.bias_shift(graph_module, scanned.report, plans, quantiles, targets, gains)
+    outcomes = eager.bias_shift(
+        graph_module, scanned.report, plans, quantiles, targets, gains, None, scan_options.threshold, firing
+    )
     eager.settle_shifts(
         rescan,
         graph_module,
@@ -470,7 +476,9 @@ def _reweight_exported(
         if options.strategy == "reinit":
             drawn: dict[str, str] = {}
             outcomes = eager.reinit_units(graph_module, wirings, plans, options, None, scanned.report, drawn)
-            eager.flip_silent_rows(scanned, graph_module, plans, drawn, replace(scan_options, progress=None))
+            eager.flip_silent_rows(
+                scanned, graph_module, plans, drawn, replace(scan_options, progress=None), outcomes
+            )
         else:
             outcomes = eager.kick_units(graph_module, wirings, plans, options, None, scanned.report)
     runners = _exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes))

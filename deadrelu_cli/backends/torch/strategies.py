@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_count, firing_thresholds
+from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_cuts, shift_gains
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.wiring.model import UnitWiring, input_columns
@@ -189,13 +189,22 @@ def reinit_units(
 
 
 def flip_silent_rows(
-    result, model: nn.Module, plans: list[LayerPlan], drawn: dict[str, str], options_for_scan
+    result,
+    model: nn.Module,
+    plans: list[LayerPlan],
+    drawn: dict[str, str],
+    options_for_scan,
+    outcomes: list[LayerOutcome] | None = None,
 ) -> dict[str, int]:
-    """After reinit: negate each fresh row whose unit still never fires on the data. With its bias 0 and
-    its BatchNorm reset, the unit's pre-activation is linear in the row, so the negated row fires wherever
-    the drawn one was below 0 (on inputs that are all >= 0, a fresh row fires on ~all or ~no samples: a
-    coin flip per unit); the init distribution is symmetric, so it is as likely a draw. Its outgoing
-    weights are zero, so no other site changes and one pass serves every layer. Returns the count per layer."""
+    """After reinit: negate each fresh row whose unit still never exceeds --threshold on the data while
+    its negation would. With its bias 0 and its BatchNorm reset, the unit's pre-activation is linear in
+    the row (negating it negates every value exactly), so the negated row exceeds the threshold wherever
+    the drawn one was below minus it (on inputs that are all >= 0, a fresh row fires on ~all or ~no
+    samples: a coin flip per unit); the init distribution is symmetric, so it is as likely a draw. Its
+    outgoing weights are zero, so no other site changes and one pass serves every layer. `outcomes`
+    (when given) get `promised`: per unit, the fraction of values above the threshold after the flip
+    (0 for a unit neither row makes fire: its inputs are zero or too small there). Returns the flips
+    per layer."""
     from dataclasses import replace
 
     from deadrelu_cli.backends.torch.scan import scan_torch
@@ -203,16 +212,22 @@ def flip_silent_rows(
     planned = [plan for plan in plans if plan.name in drawn]
     if not planned:
         return {}
+    threshold = float(options_for_scan.threshold)
     units = {plan.name: plan.units for plan in planned}
-    maxima: dict[str, torch.Tensor] = {}
+    above: dict[str, torch.Tensor] = {}  # values > threshold, per unit
+    below: dict[str, torch.Tensor] = {}  # values < -threshold: those the negated row makes fire
+    seen: dict[str, int] = {}
 
     def collector(name):
         def collect(pre: torch.Tensor, channel_dim: int) -> None:
             values = pre.detach().movedim(channel_dim, -1)[..., units[name]]
             if not values.numel():  # a batch of padding only: a position mask keeps no position
                 return
-            top = values.reshape(-1, len(units[name])).amax(dim=0).double().cpu()
-            maxima[name] = top if name not in maxima else torch.maximum(maxima[name], top)
+            rows = values.reshape(-1, len(units[name])).double()
+            up, down = (rows > threshold).sum(0).cpu(), (rows < -threshold).sum(0).cpu()
+            above[name] = up if name not in above else above[name] + up
+            below[name] = down if name not in below else below[name] + down
+            seen[name] = seen.get(name, 0) + rows.shape[0]
 
         return collect
 
@@ -221,18 +236,23 @@ def flip_silent_rows(
     scan_torch(
         probed.model, probed.data, options, probed.device, {p.name: collector(p.name) for p in planned}
     )
+    by_name = {outcome.name: outcome for outcome in outcomes or []}
     flipped = {}
     with torch.no_grad():
         for plan in planned:
-            top = maxima.get(plan.name)
-            if top is None:
+            if plan.name not in above:
                 continue
-            silent = [unit for unit, value in zip(plan.units, top.tolist(), strict=True) if value <= 0]
+            up, down = above[plan.name].tolist(), below[plan.name].tolist()
+            silent = [i for i, (a, b) in enumerate(zip(up, down, strict=True)) if a == 0 and b > 0]
             if silent:
                 weight = named_tensor(model, drawn[plan.name])
-                rows = torch.tensor(silent, dtype=torch.long, device=weight.device)
+                rows = torch.tensor([plan.units[i] for i in silent], dtype=torch.long, device=weight.device)
                 weight[rows] = -weight[rows]
                 flipped[plan.name] = len(silent)
+            if plan.name in by_name:
+                negated = set(silent)
+                fires = [down[i] if i in negated else up[i] for i in range(len(up))]
+                by_name[plan.name].promised = [count / seen[plan.name] for count in fires]
     return flipped
 
 
@@ -244,8 +264,10 @@ def collect_quantiles(
     options_for_scan,
     firing: dict | None = None,
 ) -> dict[str, np.ndarray]:
-    """For each planned unit, the pre-activation value exceeded by `target_rate` of the data.
-    `firing` (when given) receives per layer (values > 0 per unit, how many should be: `firing_count`)."""
+    """For each planned unit, the cut (`plan.firing_cuts`): moved by --threshold minus it, the unit
+    exceeds --threshold on about `target_rate` of the data (ties fire together). `firing` (when given)
+    receives per layer (values > --threshold per unit now, how many should be after the move, values
+    per unit)."""
     from deadrelu_cli.backends.torch.scan import scan_torch
 
     limit_per_unit = 200_000
@@ -275,10 +297,10 @@ def collect_quantiles(
     )
     quantiles = {}
     for name, chunks in samples.items():
-        values = np.concatenate(chunks, axis=0)
-        quantiles[name] = firing_thresholds(values, target_rate)
+        values = np.concatenate(chunks, axis=0).astype(np.float64)
+        quantiles[name], wanted = firing_cuts(values, target_rate)
         if firing is not None:
-            firing[name] = ((values > 0).sum(axis=0), firing_count(len(values), target_rate))
+            firing[name] = ((values > options_for_scan.threshold).sum(axis=0), wanted, len(values))
     return quantiles
 
 
@@ -306,7 +328,9 @@ def settle_shifts(
     """After `bias_shift`, rescan the shifted model and move again the units that do not fire on
     exactly their target count: the quantiles were taken on the original model, and units revived in
     an earlier layer change what a later one sees. Each round settles at least the first layer still
-    off (in the order the sites run), so at most one round per layer; returns the rounds taken."""
+    off (in the order the sites run), so at most one round per layer; returns the rounds taken.
+    `outcome.promised` follows the units moved again."""
+    threshold = options_for_scan.threshold
     live = [p for p in plans if not isinstance(gains.get(p.name, targets[p.name]), str)]
     if len(live) < 2:  # one layer: nothing upstream of it moved
         return 0
@@ -321,17 +345,20 @@ def settle_shifts(
             rounds += 1
             moved = False
             for plan in live:
-                fired, wanted = firing[plan.name]
+                fired, wanted, n = firing[plan.name]
                 off = fired != wanted
                 if not off.any():
                     continue
                 tensor = named_tensor(model, targets[plan.name])
                 units = torch.tensor(np.asarray(plan.units)[off], dtype=torch.long, device=tensor.device)
-                shift = -quantiles[plan.name][off] / np.asarray(gains[plan.name], dtype=np.float64)[off]
+                move = threshold - quantiles[plan.name][off]
+                shift = move / np.asarray(gains[plan.name], dtype=np.float64)[off]
                 shift = torch.from_numpy(shift).to(tensor.device)
                 tensor[units] = (tensor[units].double() + shift).to(tensor.dtype)
                 moved = True
                 outcome = by_name[plan.name]
+                if outcome.promised is not None:  # what the unit now fires on, as moved again
+                    outcome.promised = np.where(off, wanted / max(1, n), outcome.promised).tolist()
                 if "re-settled" not in outcome.action:
                     outcome.action += f"; {int(off.sum())} re-settled after upstream shifts"
             if not moved:
@@ -443,32 +470,10 @@ def measure_gains(
 def _gain(
     target: str, units: list[int], before, after, applied: torch.Tensor, eps: float = 0.0
 ) -> np.ndarray | str:
-    """The per-unit gains of `after - before` for moves `applied` (per unit), or why the move is not a shift.
-    `eps`: the machine epsilon of the pre-activation's dtype; a float16/bfloat16 one rounds each value by
-    up to eps/2 of its size, so a plain bias moves it by one constant only up to that."""
-    if after is None or after.shape != before.shape:
-        return f"skipped: moving {target} changed the site's shape"
-    others = torch.ones(before.shape[1], dtype=torch.bool)
-    others[units] = False
-    if not torch.equal(before[:, others], after[:, others]):
-        return (
-            f"skipped: moving {target} moves other units of the site too (a normalisation or mixing op "
-            "between it and the activation); use leaky"
-        )
-    delta = applied.abs().clamp_min(1e-30)
-    moved = (after[:, units] - before[:, units]) / applied.where(applied != 0, torch.ones_like(applied))
-    gains = moved.median(dim=0).values
-    spread = (moved - gains).abs().max(dim=0).values
-    scale = float(before[:, units].abs().max()) + delta
-    rel = max(1e-5, 4 * eps)  # float32: the old bound; half precision: a few roundings of its own
-    if not bool(
-        ((spread <= max(1e-4, rel) * gains.abs() + rel * scale / delta) & (gains.abs() > 1e-6)).all()
-    ):
-        return (
-            f"skipped: a move of {target} does not move the pre-activation by one constant per unit "
-            "(a data-dependent op between them); use leaky"
-        )
-    return gains.numpy()
+    """`plan.shift_gains` on the captured CPU float64 tensors."""
+    return shift_gains(
+        target, units, before.numpy(), None if after is None else after.numpy(), applied.numpy(), eps
+    )
 
 
 def bias_shift(
@@ -479,10 +484,12 @@ def bias_shift(
     targets: dict[str, str],
     gains: dict[str, np.ndarray | str],
     touched: Touched | None = None,
+    threshold: float = 0.0,
+    firing: dict | None = None,
 ) -> list[LayerOutcome]:
     """Move each dead unit's target tensor entry (`shift_targets`: bias, BN/LN beta, affine-free BN
-    mean) so that about `target_rate` of its values exceed 0 (`quantiles`: per unit, the pre-activation
-    value exceeded by that fraction of the data), divided by the unit's measured gain (`measure_gains`,
+    mean) so that about `target_rate` of its values exceed `threshold` (`quantiles`: per unit, the cut
+    of `collect_quantiles`, whose `firing` gives how many values fire after the move), divided by the unit's measured gain (`measure_gains`,
     sign included). `touched` (when given) receives the entries moved. `model` is an nn.Module, or an ExportedProgram's module, whose parameters keep their
     original names."""
     outcomes = []
@@ -497,12 +504,16 @@ def bias_shift(
             target = targets[plan.name]
             tensor = named_tensor(model, target)
             q = torch.tensor(quantiles[plan.name], dtype=torch.float64)
-            # after the move, exactly the values above the quantile are > 0: pre + gain * move = pre - q
-            shift = -q / torch.from_numpy(np.asarray(gain, dtype=np.float64))
+            # after the move, exactly the values above the cut exceed the threshold: pre + gain * shift
+            # = pre - q + threshold
+            shift = (threshold - q) / torch.from_numpy(np.asarray(gain, dtype=np.float64))
             units = torch.tensor(plan.units, dtype=torch.long, device=tensor.device)
             tensor[units] = (tensor[units].double() + shift.to(tensor.device)).to(tensor.dtype)
             _touch(touched, target, 0, plan.units)  # their optimizer moments are reset, as reinit/kick's
             outcome.applied = True
+            if firing is not None and plan.name in firing:
+                _, wanted, n = firing[plan.name]
+                outcome.promised = (np.asarray(wanted) / max(1, n)).tolist()
             moved = "raised" if target.endswith(".bias") and bool((shift >= 0).all()) else "moved"
             outcome.action = f"{target} {moved} by {float(shift.min()):.4g}…{float(shift.max()):.4g}" + (
                 ""
