@@ -119,10 +119,12 @@ def _torch_view(model_loaded, probe, report):
 def _onnx_view(model_loaded, report, ops: tuple[str, ...]):
     """The same from an ONNX graph: the producer's stored tensors (Conv/Gemm/MatMul+bias rows, or a
     BatchNormalization's scale and B) and the layer whose activation the producer reads."""
+    from deadrelu_cli.loaders.onnx_model import restore_weights
     from deadrelu_cli.probe.onnx_graph import find_sites
     from deadrelu_cli.wiring.onnx import unit_wiring
     from deadrelu_cli.wiring.onnx_index import GraphIndex, stored_array
 
+    restore_weights(model_loaded)  # the scan held the graph without its large weights
     model = model_loaded.runnable
     index = GraphIndex(model.graph)
     wirings = {

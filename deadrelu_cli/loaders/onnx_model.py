@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from pathlib import Path
 
 from deadrelu_cli.errors import UserError
@@ -60,7 +62,9 @@ def read_onnx(path: str, keep_bytes: dict | None = None):
     from google.protobuf.message import DecodeError
 
     p = check_readable_file(path)
-    raw = p.read_bytes()
+    with open(p, "rb") as handle:  # identity of what was read, with the bytes (file_unchanged)
+        raw = handle.read()
+        identity = _identity(os.fstat(handle.fileno()))
     try:
         model = onnx.load_from_string(raw)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
@@ -84,17 +88,20 @@ def read_onnx(path: str, keep_bytes: dict | None = None):
         except Exception as exc:  # noqa: BLE001 - onnx raises its own types
             raise UserError(f"{path}: cannot inline the model's local functions ({exc})") from None
     skeleton = weight_free_skeleton(model)
+    # where the initializers' bytes lie in the file: their sizes without copying them out of the graph
+    # (each read of a TensorProto's raw_data is a copy), and release_weights
+    spans = raw_data_spans(raw, model, 0) if not external and not inlined else {}
     try:
         # The graph is checked on its weight-free skeleton (the full check re-parses every weight, tens
         # of ms per 100 MB); the weights themselves are checked for size here and by onnxruntime.
         onnx.checker.check_model(skeleton)
-        _check_initializer_sizes(model)
+        _check_initializer_sizes(model, {name: span[1] for name, span in spans.items()})
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid graph"
         raise UserError(f"{path}: the ONNX graph fails onnx.checker ({first})") from None
     add_inferred_shapes(model, skeleton)
     if keep_bytes is not None and not external and not inlined:
-        keep_bytes["file"] = raw
+        keep_bytes["file"], keep_bytes["identity"], keep_bytes["spans"] = raw, identity, spans
     return model
 
 
@@ -191,12 +198,17 @@ def _has_external_data(model) -> bool:
     return any(t.data_location == TensorProto.EXTERNAL for t in stored_tensors(model))
 
 
-def _check_initializer_sizes(model) -> None:
+def _check_initializer_sizes(model, raw_lengths: dict[str, int] | None = None) -> None:
     """Each stored tensor's data (raw bytes, or the typed field: float_data, int64_data, …) matches its
     declared shape (what the full checker would refuse): initializers and Constant values, in subgraphs
-    too. A tensor that claims 10^12 elements and holds none is damage, not a model to run."""
+    too. A tensor that claims 10^12 elements and holds none is damage, not a model to run. RAW_LENGTHS:
+    the raw_data sizes of main-graph initializers, read off the file (raw_data_spans), for names no other
+    stored tensor has."""
     import numpy as np
     from onnx import TensorProto, helper
+
+    raw_lengths = raw_lengths or {}
+    names = Counter(t.name for t in stored_tensors(model)) if raw_lengths else Counter()
 
     packed = {TensorProto.INT4, TensorProto.UINT4} | (
         {TensorProto.FLOAT4E2M1} if hasattr(TensorProto, "FLOAT4E2M1") else set()
@@ -214,7 +226,9 @@ def _check_initializer_sizes(model) -> None:
                 itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
             except (KeyError, TypeError, ValueError):
                 continue
-            expected, held, unit = elements * itemsize, len(init.raw_data), "bytes"
+            known = raw_lengths.get(init.name) if names[init.name] == 1 else None
+            held = known if known is not None else len(init.raw_data)
+            expected, unit = elements * itemsize, "bytes"
         else:
             try:
                 field = helper.tensor_dtype_to_field(init.data_type)
@@ -303,6 +317,15 @@ def input_specs(model) -> list[InputSpec]:
 def load_onnx(options: LoadOptions) -> LoadedModel:
     kept: dict = {}
     model = read_onnx(options.path, kept)
+    extra: dict = {}
+    if "file" in kept:
+        # "rereadable": the file's bytes, read again, are the graph (a session built later reads them anew
+        # rather than keeping 1x the weights resident for the whole scan); "weight_spans": where each large
+        # initializer's bytes lie in the file, for release_weights
+        extra = {"file_bytes": kept["file"], "rereadable": True, "file_identity": kept["identity"]}
+        spans = {name: span for name, span in kept["spans"].items() if span[1] >= RELEASE_MIN_BYTES}
+        if spans:
+            extra["weight_spans"] = spans
     specs = input_specs(model)
     float_dtype = next((s.dtype for s in specs if s.dtype and s.dtype.startswith("float")), "float32")
     return LoadedModel(
@@ -315,7 +338,206 @@ def load_onnx(options: LoadOptions) -> LoadedModel:
         inputs=specs,
         float_dtype=float_dtype,
         fixed_batch=next((s.shape[0] for s in specs if s.shape and s.shape[0] is not None), None),
-        # "rereadable": the file's bytes, read again, are the graph (a session built later reads them anew
-        # rather than keeping 1x the weights resident for the whole scan)
-        extra={"file_bytes": kept["file"], "rereadable": True} if "file" in kept else {},
+        extra=extra,
     )
+
+
+# Initializers at least this large are released from the parsed graph during a scan (release_weights);
+# the small ones (biases, norms' parameters, shapes, clip bounds) stay, for whatever reads them.
+RELEASE_MIN_BYTES = 64 * 1024
+
+
+def _varint(buf, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _length_fields(buf, start: int, end: int):
+    """(field number, start, end) of each length-delimited field of the message in buf[start:end]."""
+    i = start
+    while i < end:
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 2:
+            size, i = _varint(buf, i)
+            if i + size > end:
+                raise ValueError("field past the message's end")
+            yield number, i, i + size
+            i += size
+        elif wire == 0:
+            _, i = _varint(buf, i)
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:  # groups: not in ONNX's schema
+            raise ValueError(f"wire type {wire}")
+    if i != end:
+        raise ValueError("field past the message's end")
+
+
+def raw_data_spans(raw: bytes, model, min_bytes: int = RELEASE_MIN_BYTES) -> dict[str, tuple[int, int]]:
+    """name -> (offset, length) of the raw_data bytes, inside the file's bytes RAW, of each main-graph
+    initializer of at least MIN_BYTES: what onnxruntime can read from the file itself as external
+    data. Read off protobuf's wire format (ModelProto.graph = 7, GraphProto.initializer = 5,
+    TensorProto.name = 8, raw_data = 9); a layout protobuf would merge (a field given twice, a name shared
+    by two initializers) or any span that disagrees with the parsed tensor leaves the tensor out."""
+    buf = memoryview(raw)
+    try:
+        graphs = [(s, e) for number, s, e in _length_fields(buf, 0, len(buf)) if number == 7]
+        if len(graphs) != 1:
+            return {}
+        found: dict[str, list[tuple[int, int]]] = {}
+        for number, start, end in _length_fields(buf, *graphs[0]):
+            if number != 5:
+                continue
+            names, data = [], []
+            for inner, s, e in _length_fields(buf, start, end):
+                if inner == 8:
+                    names.append(bytes(buf[s:e]))
+                elif inner == 9:
+                    data.append((s, e - s))
+            if len(names) == 1 and len(data) == 1:
+                try:
+                    found.setdefault(names[0].decode(), []).append(data[0])
+                except UnicodeDecodeError:
+                    continue
+            elif names:
+                found.setdefault(bytes(names[-1]).decode(errors="replace"), []).append((-1, -1))
+    except (ValueError, IndexError):
+        return {}
+    finally:
+        buf.release()
+    from onnx import TensorProto
+
+    spans = {}
+    for init in model.graph.initializer:
+        where = found.get(init.name)
+        if not where or len(where) != 1 or where[0][1] < max(min_bytes, 0):
+            continue
+        if init.data_location == TensorProto.EXTERNAL or not init.HasField("raw_data"):
+            continue
+        spans[init.name] = where[0]
+    # a name two initializers share is ambiguous: neither is released
+    names = Counter(init.name for init in model.graph.initializer)
+    return {name: span for name, span in spans.items() if names[name] == 1}
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Every field of message SOURCE but SKIP into the empty message TARGET (copying SKIP is what costs;
+    by name, as ListFields would hand out a copy of SKIP's bytes)."""
+    for field in source.DESCRIPTOR.fields:
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(getattr(source, field.name))
+        elif source.HasField(field.name):
+            if field.type == field.TYPE_MESSAGE:
+                getattr(target, field.name).CopyFrom(getattr(source, field.name))
+            else:
+                setattr(target, field.name, getattr(source, field.name))
+
+
+def release_weights(loaded: LoadedModel) -> bool:
+    """Replace the loaded graph by one whose large initializers are references to their bytes in the model
+    file (ONNX external data: location, offset, length), so that the scan does not keep 1x the weights in
+    the parsed graph while onnxruntime holds its own copy. Sessions read them from the file themselves
+    (make_session's weights_dir); anything that needs their values calls restore_weights first. Only
+    for a graph that is the file's own (`rereadable`): no inlined functions, nothing rewritten. True when
+    something was released."""
+    from onnx import ModelProto, TensorProto
+
+    spans = loaded.extra.pop("weight_spans", None)
+    if not spans or not loaded.extra.get("rereadable"):
+        return False
+    # weights only: onnxruntime's shape inference reads the values of integer tensors (shapes, axes,
+    # pads) and refuses external ones
+    weights = {
+        TensorProto.FLOAT,
+        TensorProto.FLOAT16,
+        TensorProto.BFLOAT16,
+        TensorProto.DOUBLE,
+        TensorProto.INT8,
+        TensorProto.UINT8,
+    }
+    full = loaded.runnable
+    released = {
+        i.name: spans[i.name] for i in full.graph.initializer if i.name in spans and i.data_type in weights
+    }
+    if not released:
+        return False
+    target = loaded.path.resolve()  # onnxruntime refuses a link whose target lies outside its folder
+    location = target.name
+    if not location.isprintable() or location != location.encode("utf-8", "replace").decode("utf-8"):
+        return False  # a name a protobuf string cannot hold (not UTF-8)
+    light = ModelProto()
+    _copy_fields(full, light, "graph")
+    _copy_fields(full.graph, light.graph, "initializer")
+    for init in full.graph.initializer:
+        span = released.get(init.name)
+        if span is None:
+            light.graph.initializer.append(init)
+            continue
+        tensor = light.graph.initializer.add()
+        _copy_fields(init, tensor, "raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(span[0])), ("length", str(span[1]))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    loaded.runnable = light  # the parsed graph (and its weights) goes with its last reference
+    loaded.extra.pop("file_bytes", None)
+    loaded.extra["released"] = released
+    loaded.extra["weights_dir"] = str(target.parent)
+    return True
+
+
+def file_unchanged(loaded: LoadedModel) -> bool:
+    """Whether the model file is still the one read at load time (same inode, size, modification and
+    change times): a session that read released weights from the file read the loaded model's."""
+    identity = loaded.extra.get("file_identity")
+    return identity is not None and file_identity(loaded.path) == identity
+
+
+def file_identity(path) -> tuple | None:
+    try:
+        return _identity(os.stat(path))
+    except OSError:
+        return None
+
+
+def _identity(st) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def restore_weights(loaded: LoadedModel) -> None:
+    """Put released weights (release_weights) back into the loaded graph, read from the file again and
+    only if it still has the hash the report names; for what needs their values (--explain, --certify,
+    `fix`). A file replaced since the scan read it is an error, never a silent other model."""
+    from onnx import TensorProto
+
+    from deadrelu_cli.loaders.model import reread_verified
+
+    spans = loaded.extra.get("released")
+    if not spans:
+        return
+    raw = reread_verified(loaded.path, loaded.sha256)
+    if raw is None:
+        raise UserError(
+            f"{loaded.path}: the model file changed while deadrelu read it; run again once it is no longer being written"
+        )
+    view = memoryview(raw)
+    for init in loaded.runnable.graph.initializer:
+        span = spans.get(init.name)
+        if span is None or init.data_location != TensorProto.EXTERNAL:
+            continue
+        del init.external_data[:]
+        init.data_location = TensorProto.DEFAULT
+        init.raw_data = bytes(view[span[0] : span[0] + span[1]])
+    view.release()
+    del loaded.extra["released"]

@@ -41,7 +41,7 @@ class GraphIndex:
         if not name:
             return None
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            return tensor_values(self.initializers[name])
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             for attr in node.attribute:
@@ -162,7 +162,16 @@ def float_type(index: GraphIndex, name: str) -> int:
 def stored_array(index: GraphIndex, name: str) -> np.ndarray | None:
     """The values of an initializer or of a Constant node's tensor (both are edited in place by fixes)."""
     tensor = index.stored_tensor(name)
-    return None if tensor is None else numpy_helper.to_array(tensor)
+    return None if tensor is None else tensor_values(tensor)
+
+
+def tensor_values(tensor: onnx.TensorProto) -> np.ndarray:
+    """A stored tensor's values. The loader reads every external tensor into the graph, so one still
+    external is a weight the scan released (loaders.onnx_model.release_weights): reading it here would
+    open a file relative to the current directory, so it is refused (restore_weights first)."""
+    if tensor.data_location == TensorProto.EXTERNAL:
+        raise RuntimeError(f"tensor {tensor.name!r} was released during the scan; restore_weights() first")
+    return numpy_helper.to_array(tensor)
 
 
 def uses(index: GraphIndex, name: str) -> int:

@@ -65,8 +65,10 @@ def batch_size(requested, model: LoadedModel, data: CalibrationData, device: str
 def certify(model: LoadedModel, options: ScanOptions, shapes: list, data, device: str):
     from deadrelu_cli.backends.onnx.certify import certify_onnx
     from deadrelu_cli.intervals import input_boxes
+    from deadrelu_cli.loaders.onnx_model import restore_weights
 
     boxes = input_boxes(options.input_range, shapes, data)
+    restore_weights(model)  # the scan held the graph without its large weights
     return certify_onnx(model.runnable, boxes, options.ops, options.threshold, options.channel_dim)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from deadrelu_cli.intervals import (
     Interval,
@@ -22,7 +22,7 @@ from deadrelu_cli.intervals import (
     scale_interval,
 )
 from deadrelu_cli.probe.onnx_graph import find_sites, site_channel_dim
-from deadrelu_cli.wiring.onnx_index import GraphIndex, attr
+from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, tensor_values
 
 
 def _t(value) -> torch.Tensor:
@@ -231,7 +231,7 @@ def certify_onnx(
             )
         else:
             by_input.setdefault(site.node_name or site.output_name, site)
-    env: dict[str, object] = {name: numpy_helper.to_array(init) for name, init in index.initializers.items()}
+    env: dict[str, object] = {name: tensor_values(init) for name, init in index.initializers.items()}
     unknown: dict[str, str] = {}
     initializer_names = set(index.initializers)
     box_iter = iter(boxes)

@@ -49,7 +49,9 @@ def _parameter_count(model: onnx.ModelProto) -> int:
 def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp, result: FixResult):
     from deadrelu_cli.backends.runners import runner_for
     from deadrelu_cli.loaders import LoadOptions, load_model
+    from deadrelu_cli.loaders.onnx_model import restore_weights
 
+    restore_weights(scanned.model)  # the scan held the graph without its large weights
     if not str(options.output).lower().endswith(".onnx"):
         raise UserError(f"--output {options.output}: an ONNX model is written as ONNX; use a .onnx name")
     original = scanned.model.runnable

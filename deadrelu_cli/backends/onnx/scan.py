@@ -21,7 +21,8 @@ from deadrelu_cli.inputs import (
     shape_advice,
     unfed_arrays,
 )
-from deadrelu_cli.loaders.model import LoadedModel, LoadOptions, reread_verified
+from deadrelu_cli.loaders.model import LoadedModel, LoadOptions, file_sha256, reread_verified
+from deadrelu_cli.loaders.onnx_model import file_unchanged, release_weights
 from deadrelu_cli.probe.onnx_graph import MASK_INPUT, OnnxSite, find_sites
 from deadrelu_cli.stats import LayerStats
 
@@ -50,7 +51,9 @@ def shared_cpu_arena(ort) -> bool:
     return _shared_arena
 
 
-def make_session(model_bytes: bytes, device: str, notes: list[str]):
+def make_session(model_bytes: bytes, device: str, notes: list[str], weights_dir: str | None = None):
+    """An onnxruntime session of MODEL_BYTES; WEIGHTS_DIR: the folder of the model file whose bytes the
+    graph's released initializers reference (loaders.onnx_model.release_weights)."""
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
@@ -78,11 +81,32 @@ def make_session(model_bytes: bytes, device: str, notes: list[str]):
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if shared_cpu_arena(ort):
         options.add_session_config_entry("session.use_env_allocators", "1")
+    if weights_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", weights_dir)
     try:
-        return ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
+        if providers != ["CPUExecutionProvider"]:
+            return ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
+        session = ort.InferenceSession(
+            model_bytes, sess_options=options, providers=providers, enable_fallback=0
+        )
+        # onnxruntime's Python class keeps the bytes it was given for the session's whole life, only to
+        # rebuild it on a provider fallback (off here: CPU has nothing to fall back to): 1x the weights
+        # wherever they are inside the bytes
+        if getattr(session, "_model_bytes", None) is not None:
+            session._model_bytes = None
+        return session
     except Exception as exc:  # onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"onnxruntime cannot load this model: {first}") from None
+
+
+def check_weights_read(loaded: LoadedModel) -> None:
+    """After a session read released weights from the model file (loaders.onnx_model.release_weights):
+    that file must still be the one loaded, else the session ran another model's weights."""
+    if "released" in loaded.extra and not file_unchanged(loaded):
+        raise UserError(
+            f"{loaded.path}: the model file changed while deadrelu read it; run again once it is no longer being written"
+        )
 
 
 def instrumented_bytes(
@@ -237,6 +261,7 @@ def _discover_shapes(
     batch_size: int = 1,
     mask=None,
     channel_dim: int | None = None,
+    weights_dir: str | None = None,
 ) -> None:
     """Sites whose rank shape inference could not tell, and with a position mask (`mask`, an
     inputs.MaskSpec) every site of the main graph: run one batch exposing Shape(x) only. Sets the rank,
@@ -262,7 +287,7 @@ def _discover_shapes(
         name = f"deadrelu_rank_{i}"
         probe.graph.node.append(helper.make_node("Shape", [site.input_name], [name], name=name))
         probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, None))
-    session = make_session(probe.SerializeToString(), device, [])
+    session = make_session(probe.SerializeToString(), device, [], weights_dir)
     batch = next(data.batches(batch_size))
     feeds = {inp: as_input(batch[arr], dtypes[inp], inp) for inp, arr in order.items()}
     keep = batch_mask(mask, batch) if mask is not None else None
@@ -370,7 +395,10 @@ class _NanRecount:
             self.outputs = [dict(site.outputs) for site in self.sites]
             for site, (outputs, positions) in zip(self.sites, kept, strict=True):
                 site.outputs, site.positions = outputs, positions  # the main session's names
-            self.session = make_session(plain_count.SerializeToString(), self.device, [])
+            self.session = make_session(
+                plain_count.SerializeToString(), self.device, [], self.loaded.extra.get("weights_dir")
+            )
+            check_weights_read(self.loaded)
         names = [name for per_site in self.outputs for name in per_site.values()]
         results = dict(zip(names, self.session.run(names, feeds), strict=True))
         return [{key: results[name] for key, name in out.items()} for out in self.outputs]
@@ -435,8 +463,14 @@ class _OutputMaxSwitch:
         start = time.perf_counter()
         try:
             sites = [copy.copy(site) for site in self.sites]  # instrument() sets outputs on its sites
-            raw = None
-            if self.loaded.extra.get("rereadable"):  # checked against the report's hash of the model
+            raw, released = None, "released" in self.loaded.extra
+            # the new session reads the released weights from the file: only the file whose hash the report
+            # names, unchanged until the session has read it (else the current session stays, exact)
+            if released and not (
+                file_unchanged(self.loaded) and file_sha256(self.loaded.path) == self.loaded.sha256
+            ):
+                raise UserError("the model file changed")
+            if self.loaded.extra.get("rereadable") and not released:  # checked against the model's hash
                 raw = reread_verified(self.loaded.path, self.loaded.sha256)
             model_bytes = instrumented_bytes(
                 self.loaded,
@@ -448,7 +482,9 @@ class _OutputMaxSwitch:
                 file_bytes=raw,
             )
             del raw
-            session = make_session(model_bytes, self.device, [])
+            session = make_session(model_bytes, self.device, [], self.loaded.extra.get("weights_dir"))
+            if released and not file_unchanged(self.loaded):  # it read another file's weights
+                raise UserError("the model file changed")
             self._result = (wanted, session, [dict(site.outputs) for site in sites])
         except Exception:  # noqa: BLE001 - the current session stays, and it is exact
             self._result = None
@@ -642,18 +678,36 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     if not sites:
         loaded.notes.append(_no_sites_note(loaded.runnable, options.ops))
         return loaded, []
+    # Sites found (they keep the small tensors they need): the sessions read the large weights from the
+    # file, and the graph held for the rest of the scan is without them (restore_weights puts them back)
+    release_weights(loaded)
+    weights_dir = loaded.extra.get("weights_dir")
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     batch_size = _batch_size(options, loaded, data, order, total)  # None: auto, sized once the session runs
     # with a mask, two samples (where the graph allows): a [B*T, C] site is then told from a [T, C] one
     probe_batch = loaded.fixed_batch or (min(2, total) if mask is not None else batch_size or 1)
     _discover_shapes(
-        loaded.runnable, sites, data, order, dtypes, device, probe_batch, mask, options.channel_dim
+        loaded.runnable,
+        sites,
+        data,
+        order,
+        dtypes,
+        device,
+        probe_batch,
+        mask,
+        options.channel_dim,
+        weights_dir,
     )
     masked = mask is not None and any(site.token_layout for site in sites)
     switch = _OutputMaxSwitch(loaded, sites, options, device)
     started = time.perf_counter()
     model_bytes = instrumented_bytes(loaded, sites, options.threshold, options.channel_dim, device)
-    session = make_session(model_bytes, device, loaded.notes)
+    try:
+        session = make_session(model_bytes, device, loaded.notes, weights_dir)
+    except UserError:
+        check_weights_read(loaded)  # a file removed or replaced since it was loaded: say that
+        raise
+    check_weights_read(loaded)
     switch.build_s = time.perf_counter() - started
     del model_bytes
     outputs = [dict(site.outputs) for site in sites]
@@ -782,7 +836,7 @@ def _no_sites_note(model, ops: tuple[str, ...]) -> str:
 
 def runner(loaded: LoadedModel, data: CalibrationData, device: str):
     """batch -> list of output arrays of the plain (uninstrumented) graph."""
-    session = make_session(loaded.runnable.SerializeToString(), device, [])
+    session = make_session(loaded.runnable.SerializeToString(), device, [], loaded.extra.get("weights_dir"))
     order = feed_order(loaded, data)
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
 
