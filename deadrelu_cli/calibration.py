@@ -21,6 +21,10 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.detect import check_readable_file, check_torch_file, refuse_ambiguous_names
 from deadrelu_cli.memory import check_fits_in_memory
 
+# PyTorch's nn.Transformer* / nn.MultiheadAttention key padding masks: nonzero (True, or an additive
+# -inf) marks padding, 0 a real token; their -inf is data, not a non-finite value
+PADDING_MASK_SUFFIX = "key_padding_mask"
+
 NUMERIC_KINDS = "biuf"  # bool, int, unsigned, float
 
 
@@ -360,7 +364,12 @@ class CalibrationData:
                 else:
                     # samples on another axis (e.g. an RNN state [layers, B, H]): read whole, take the slice
                     rows = np.take(source.whole(), np.arange(start, stop), axis=axis)
-                if not allow_nonfinite and rows.dtype.kind == "f" and not np.isfinite(rows).all():
+                if (
+                    not allow_nonfinite
+                    and rows.dtype.kind == "f"
+                    and not np.isfinite(rows).all()
+                    and not (source.name.endswith(PADDING_MASK_SUFFIX) and not np.isnan(rows).any())
+                ):
                     moved = np.moveaxis(rows, axis, 0).reshape(stop - start, -1)
                     bad = start + int(np.flatnonzero(~np.isfinite(moved).all(axis=1))[0])
                     raise UserError(

@@ -149,8 +149,11 @@ def mask_notes(layers: list, mask) -> list[str]:
     reasons = {
         "no token axis": "whose positions are not the mask's (a pooled head, a conv over pixels or audio, "
         "a sequence of another length; every element counted)",
-        "in a subgraph": "inside ONNX If/Loop/Scan subgraphs (every element counted)",
-        "opset below 9": "of an ONNX graph of opset below 9 (every element counted; re-export with a newer opset)",
+        "in a subgraph": "inside ONNX subgraphs the mask does not reach (a Scan body's per-step slices, a "
+        "Loop body's tensors of other positions, an If branch not run on the first batch; every element "
+        "counted, padding included; a gate fails on them unless --allow-unseen)",
+        "opset below 9": "of an ONNX graph of opset below 9 (every element counted, padding included; a gate "
+        "fails on them unless --allow-unseen; re-export with a newer opset)",
     }
     for reason, said in reasons.items():
         unmasked = [layer.name for layer in layers if layer.extra.get("position_mask") == reason]

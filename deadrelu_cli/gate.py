@@ -9,6 +9,9 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.report.diff import match_layers
 from deadrelu_cli.report.model import COUNT_SETTINGS, Report, settings_difference
 
+# extra["position_mask"] of a site the scan's position mask could not reach (it counted padding too)
+MASK_NOT_APPLIED = ("in a subgraph", "opset below 9")
+
 
 @dataclass
 class GateConfig:
@@ -57,6 +60,11 @@ class GateResult:
     # activations the scan could not see that are none of the scanned --ops (a softmax, a fused
     # HardSwish): listed, not gated
     unseen_other: dict[str, int] = field(default_factory=dict)
+    # layer limits that limited no layer: why each one ("matches no layer", or the earlier glob that
+    # takes every layer it matches); a mistyped glob would otherwise pass without a word
+    unused_limits: list[str] = field(default_factory=list)
+    # layers compared with a baseline layer of another width (pruned, or counted on another unit axis)
+    width_changes: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> list[str]:
@@ -88,6 +96,31 @@ def layer_limit(name: str, config: GateConfig) -> float | None:
         if fnmatch.fnmatchcase(name, glob):
             return fraction
     return config.max_dead_layer
+
+
+def unused_layer_limits(names: list[str], config: GateConfig) -> list[str]:
+    """Each layer limit that applies to none of the layers `names` (first match wins), and why."""
+    used = set()
+    for name in names:
+        first = next(
+            (k for k, (glob, _) in enumerate(config.layer_limits) if fnmatch.fnmatchcase(name, glob)), None
+        )
+        if first is not None:
+            used.add(first)
+    unused = []
+    for k, (glob, fraction) in enumerate(config.layer_limits):
+        if k in used:
+            continue
+        matched = [name for name in names if fnmatch.fnmatchcase(name, glob)]
+        if not matched:
+            why = "it matches no layer of this report (names are case-sensitive globs)"
+        else:
+            earlier = sorted(
+                {g for g, _ in config.layer_limits[:k] if any(fnmatch.fnmatchcase(n, g) for n in matched)}
+            )
+            why = f"the layers it matches all take an earlier limit ({', '.join(earlier)}; the first match wins)"
+        unused.append(f"layer limit {glob}={fraction:g} limited nothing: {why}")
+    return unused
 
 
 def _pct(fraction: float) -> str:
@@ -206,10 +239,24 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             f"model: activations deadrelu could not scan (their dead units are not counted): {unseen_text(hiding)}; "
             "pass --allow-unseen to gate on the scanned layers only"
         )
+    unmasked = [
+        layer.name
+        for layer in report.layers
+        if layer.ran and layer.extra.get("position_mask") in MASK_NOT_APPLIED
+    ]
+    if config.active and not config.allow_unseen and report.mask and unmasked:
+        shown = ", ".join(unmasked[:5]) + (", …" if len(unmasked) > 5 else "")
+        model_failures.append(
+            f"model: the position mask could not be applied to {len(unmasked)} layer(s) (ONNX If/Loop/Scan "
+            f"bodies or opset below 9): they counted every position, padding included, so a unit that fires "
+            f"on padding only passes as alive: {shown}; pass --allow-unseen to gate on them as counted, "
+            "or --mask none to count every position everywhere"
+        )
     # a quantized/optimized graph's layers meet the float baseline's by their producer's weight
     old_layers = match_layers(config.baseline, report) if config.baseline else {}
     increase = config.max_increase if config.max_increase is not None else 0.0
     verdicts = []
+    width_changes: list[str] = []
     for layer in report.layers:
         dead = int(layer.dead_mask().sum())
         fraction = dead / layer.units if layer.units and layer.ran else 0.0
@@ -221,6 +268,12 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             )
         old = old_layers.get(layer.name)
         if old is not None and old.ran and layer.ran:
+            if old.units != layer.units:
+                width_changes.append(
+                    f"layer {layer.name} has {layer.units} units, its baseline layer {old.name} {old.units}: "
+                    "their dead fractions compare layers of different widths (pruned or widened, or one report "
+                    "counted another unit axis: re-scan the baseline with this deadrelu if the model did not change)"
+                )
             old_fraction = int(old.dead_mask().sum()) / old.units if old.units else 0.0
             verdict.baseline_fraction = old_fraction
             if fraction - old_fraction > increase + 1e-12:
@@ -236,6 +289,8 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
         dead_fraction=summary.dead_fraction,
         checked=config.active,
         unseen_other=not_scanned_ops,
+        unused_limits=unused_layer_limits([layer.name for layer in report.layers], config),
+        width_changes=width_changes,
     )
     if config.baseline is not None:
         matched_old = {layer.name for layer in old_layers.values()}

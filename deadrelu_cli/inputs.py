@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deadrelu_cli.calibration import CalibrationData
+from deadrelu_cli.calibration import PADDING_MASK_SUFFIX, CalibrationData
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.model import LoadedModel
 
@@ -83,16 +83,38 @@ LABEL_NAMES = frozenset(
 _POSITIONAL = re.compile(r"(?:arr_|input)(\d+)")  # np.savez(f, a, b) -> arr_0, arr_1; a .pt list -> input0, …
 
 
+LABELS = "labels"
+IGNORE_INDEX = -100  # transformers' label padding (the loss ignores it)
+
+
+def decoder_from_labels(model: LoadedModel, names) -> bool:
+    """Whether the model is an encoder-decoder that derives its decoder's input from `labels` (shifted
+    right, the start token first: transformers' `prepare_decoder_input_ids_from_labels`, T5, BART,
+    mBART) and the data gives it `labels` [samples, tokens] and no `decoder_input_ids`: those labels
+    are then the decoder's tokens, and fed."""
+    return (
+        LABELS in names
+        and DECODER_IDS not in names
+        and LABELS in model.keyword_inputs
+        and getattr(getattr(model.runnable, "config", None), "is_encoder_decoder", False) is True
+        and hasattr(model.runnable, "prepare_decoder_input_ids_from_labels")
+    )
+
+
 def label_arrays(model: LoadedModel, names: list[str]) -> tuple[str, ...]:
-    """The data's label arrays (`y`, `labels`, `targets`, …) that name no input of the model."""
-    inputs = set(model.keyword_inputs) | {spec.name for spec in model.inputs}
-    return tuple(n for n in names if n.lower() in LABEL_NAMES and n not in inputs)
+    """The data's label arrays (`y`, `labels`, `targets`, …) not fed to the model: every one but those
+    naming a required input (an ONNX graph's, a forward(x, y) without a default) and an encoder-decoder's
+    `labels` its decoder's input derives from (`decoder_from_labels`). A forward() that merely accepts
+    `labels` (Hugging Face heads) would only compute a loss from them."""
+    required = {spec.name for spec in model.inputs}
+    derived = {LABELS} if decoder_from_labels(model, names) else set()
+    return tuple(n for n in names if n.lower() in LABEL_NAMES and n not in required | derived)
 
 
 def labels_note(labels: tuple[str, ...]) -> str:
     return (
-        f"array(s) {', '.join(labels)} not fed to the model: label names that name no model input "
-        "(only the inputs are replayed; labels play no part in which units fire)"
+        f"array(s) {', '.join(labels)} not fed to the model: labels, which play no part in which units fire "
+        "(only the inputs are replayed; a forward() that takes labels would only compute a loss from them)"
     )
 
 
@@ -256,26 +278,34 @@ def resolve_batch_size(
 PADDING_CHECK = "check padding: "
 TOKEN_IDS = "input_ids"
 DEFAULT_MASK = "attention_mask"
+# arrays named *key_padding_mask mark padding (calibration.PADDING_MASK_SUFFIX); src_/plain ones are the
+# default mask after attention_mask (tgt_/memory_ ones mark another sequence: a decoder's, the encoder output's)
+DEFAULT_PADDING_MASKS = ("src_key_padding_mask", "key_padding_mask")
 AUDIO_VALUES = "input_values"  # a speech model's raw audio [samples, audio samples]
 
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """Which token positions count: where array `array` is nonzero (None: every position), minus the
-    positions whose `input_ids` are in `exclude_token_ids`."""
+    """Which token positions count: where array `array` is nonzero (None: every position), or where it
+    is 0 when it `marks_padding` (a `*key_padding_mask`), minus the positions whose `input_ids` are in
+    `exclude_token_ids`."""
 
     array: str | None
     exclude_token_ids: tuple[int, ...] = ()
+    marks_padding: bool = False
 
     def describe(self) -> dict:
-        return {"array": self.array, "exclude_token_ids": list(self.exclude_token_ids)}
+        described = {"array": self.array, "exclude_token_ids": list(self.exclude_token_ids)}
+        if self.marks_padding:
+            described["marks"] = "padding"
+        return described
 
 
 def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data) -> MaskSpec | None:
     """--mask NAME | none | auto (default: the data's attention_mask, when it has one), --exclude-token-ids."""
     names = data.names
     if requested in (None, "auto"):
-        array = DEFAULT_MASK if DEFAULT_MASK in names else None
+        array = next((n for n in (DEFAULT_MASK, *DEFAULT_PADDING_MASKS) if n in names), None)
     elif requested == "none":
         array = None
     elif requested in names:
@@ -304,7 +334,8 @@ def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data
                 f"{data.path}: the mask array {array!r} has shape {list(by_name[array].shape)} but {name!r} has "
                 f"{list(by_name[name].shape)}: give one mask value per position (or --mask none to count every position)"
             )
-    return MaskSpec(array, tuple(int(t) for t in exclude_token_ids))
+    marks_padding = array is not None and array.endswith(PADDING_MASK_SUFFIX)
+    return MaskSpec(array, tuple(int(t) for t in exclude_token_ids), marks_padding)
 
 
 def unfed_arrays(mask: MaskSpec | None, data, model: LoadedModel) -> tuple[str, ...]:
@@ -312,24 +343,48 @@ def unfed_arrays(mask: MaskSpec | None, data, model: LoadedModel) -> tuple[str, 
     model takes no input of that name (it only says which positions count: a loss mask, or the attention_mask that --text
     always makes), and the data's optional arrays (--text's token_type_ids, attention_mask) that
     forward() does not take (FNet takes no attention_mask, OPT no token_type_ids), and label arrays
-    (`label_arrays`) that name no model input."""
+    (`label_arrays`)."""
     model_inputs = set(model.keyword_inputs) | {spec.name for spec in model.inputs}
     candidates = [mask.array if mask is not None else None]
     if model_inputs:  # the data's attention_mask only says which positions count (--mask none or NAME too)
         candidates.append(DEFAULT_MASK)
     if model.keyword_inputs:  # forward()'s arguments are known
         candidates += getattr(data, "optional", ())
-    candidates += label_arrays(model, data.names)
-    return tuple(
-        dict.fromkeys(name for name in candidates if name and name in data.names and name not in model_inputs)
-    )
+    unfed = [name for name in candidates if name and name in data.names and name not in model_inputs]
+    return tuple(dict.fromkeys(unfed + list(label_arrays(model, data.names))))
+
+
+def square_free_batch_size(batch_size: int, total: int, tokens: tuple[int, ...]) -> int:
+    """`batch_size`, or the largest smaller one with which no batch has as many samples as a mask has
+    tokens (`tokens`: each mask's length): a [tokens, batch, ...] activation (time-major) is told from a
+    [batch, tokens, ...] one by its shape, which such a batch leaves ambiguous. Counts never depend on
+    the batch size."""
+    lengths = {t for t in tokens if t > 1}
+
+    def square(size: int) -> bool:
+        return bool(lengths & {min(size, total), total % size if size < total else 0})
+
+    size = batch_size
+    while size > 1 and square(size):
+        size = min(size, total) - 1
+    return size
+
+
+TARGET_MASK = "tgt_key_padding_mask"  # nn.Transformer's decoder-side padding (PyTorch's convention)
+
+
+def target_batch_mask(batch: dict[str, np.ndarray]) -> np.ndarray | None:
+    """bool [batch, target tokens]: the positions of a torch nn.Transformer decoder's sequence that
+    count (its `tgt_key_padding_mask` is 0 there); None without one (every position)."""
+    return np.asarray(batch[TARGET_MASK]) == 0 if TARGET_MASK in batch else None
 
 
 def batch_mask(spec: MaskSpec, batch: dict[str, np.ndarray]) -> np.ndarray:
     """bool [batch, tokens]: the positions of this batch that count."""
     keep = None
     if spec.array is not None:
-        keep = np.asarray(batch[spec.array]) != 0
+        marked = np.asarray(batch[spec.array]) != 0
+        keep = ~marked if spec.marks_padding else marked
     if spec.exclude_token_ids:
         ids = np.asarray(batch[TOKEN_IDS])
         drop = np.isin(ids, np.asarray(spec.exclude_token_ids, dtype=ids.dtype))
@@ -356,8 +411,16 @@ def decoder_scope(runnable) -> str | None:
 def decoder_batch_mask(spec: MaskSpec | None, batch: dict[str, np.ndarray]) -> np.ndarray | None:
     """bool [batch, decoder tokens]: the decoder positions of this batch that count, where the data
     feeds the decoder its own `decoder_input_ids`: its `decoder_attention_mask`, minus the positions
-    holding --exclude-token-ids; None (every position) without either."""
+    holding --exclude-token-ids; None (every position) without either. Where the decoder runs on the
+    `labels` shifted right (`decoder_from_labels`): the start position and each one after a label that
+    is not -100 (and within a `decoder_attention_mask`)."""
     keep = np.asarray(batch[DECODER_MASK]) != 0 if DECODER_MASK in batch else None
+    if DECODER_IDS not in batch and LABELS in batch:  # decoder_from_labels: the labels shifted right
+        real = np.asarray(batch[LABELS]) != IGNORE_INDEX
+        shifted = np.concatenate([np.ones_like(real[:, :1]), real[:, :-1]], axis=1)  # the start token counts
+        if keep is not None and keep.shape != shifted.shape:
+            raise UserError(f"{DECODER_MASK!r} and {LABELS!r} have different shapes")
+        return shifted if keep is None else keep & shifted
     if spec is not None and spec.exclude_token_ids:
         ids = np.asarray(batch[DECODER_IDS])
         drop = np.isin(ids, np.asarray(spec.exclude_token_ids, dtype=ids.dtype))

@@ -38,7 +38,7 @@ from deadrelu_cli.distributed import World, reduce_layers
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import write_text_atomic
 from deadrelu_cli.gate import GateConfig, GateResult, evaluate, parse_layer_limits, unseen_notes
-from deadrelu_cli.inputs import AUDIO_VALUES
+from deadrelu_cli.inputs import AUDIO_VALUES, DECODER_IDS, DECODER_MASK, IGNORE_INDEX, LABELS, decoder_scope
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.probe.ops import parse_ops
@@ -303,6 +303,7 @@ class Watch:
         self._frames = speech_frames(model)
         self._audio_index = positional_index(model, AUDIO_VALUES)
         self._pooled = pooled_blocks(model)  # a Funnel-style encoder: each block on its pooled mask
+        self._decoder = decoder_scope(model)  # an encoder-decoder's decoder: on its own tokens' positions
         self._mask_warned = False
         # one probe for the run (names, tables); its counters are restarted per window
         self._probe = EagerProbe(
@@ -497,7 +498,30 @@ class Watch:
                 scoped = {path: to_frames(mask)}
         if mask is not None and scoped is None and self._pooled is not None and mask.dim() == 2:
             scoped = self._pooled(mask)
+        if scoped is None and self._decoder is not None:
+            decoder = self._decoder_keep(kwargs)
+            if decoder is not False:
+                scoped = {self._decoder: decoder}
         self._probe.set_position_mask(mask, scoped)
+
+    def _decoder_keep(self, kwargs: dict) -> torch.Tensor | None | bool:
+        """The decoder's positions of an encoder-decoder's forward, as `deadrelu scan` counts them: its
+        `decoder_attention_mask`; with `decoder_input_ids` and none, every position (None); with `labels`
+        it derives its input from (shifted right), the start position and each one after a label that is
+        not -100; False without any of these (the decoder runs on the shifted input_ids: the encoder's mask)."""
+        given, ids, labels = (kwargs.get(k) for k in (DECODER_MASK, DECODER_IDS, LABELS))
+        if isinstance(given, torch.Tensor) and given.dim() == 2:
+            return given != 0
+        if isinstance(ids, torch.Tensor):
+            return None
+        if (
+            isinstance(labels, torch.Tensor)
+            and labels.dim() == 2
+            and hasattr(self.model, "prepare_decoder_input_ids_from_labels")
+        ):
+            real = labels != IGNORE_INDEX
+            return torch.cat([torch.ones_like(real[:, :1]), real[:, :-1]], dim=1)
+        return False
 
     def _forward_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The forward's own `attention_mask` (or `mask_argument`): positions where it is 0 are not

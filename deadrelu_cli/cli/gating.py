@@ -159,6 +159,8 @@ def run_gate(report, config, junit: str | None, markdown: str | None, err: Conso
         )
     if not result.checked:
         return
+    for message in result.width_changes + result.unused_limits:
+        err.print(f"warning: {terminal_text(message)}", markup=False, style="yellow")
     if result.unseen_other:
         err.print(
             f"note: not gated: activations the scan could not see that are none of the scanned ops: {unseen_text(result.unseen_other)}",

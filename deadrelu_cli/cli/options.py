@@ -241,7 +241,7 @@ AllowUnseen = Annotated[
     bool,
     typer.Option(
         "--allow-unseen",
-        help="Gate: pass even though the model has activations the scan could not see (an nn.RNN's ReLU kernel, torch.cond branches, int8 kernels; ONNX fused, quantized or custom-domain nodes it cannot count; by default that fails).",
+        help="Gate: pass even though the model has activations the scan could not see (an nn.RNN's ReLU kernel, torch.cond branches, int8 kernels; ONNX fused, quantized or custom-domain nodes it cannot count; sites in ONNX If/Loop/Scan bodies that a position mask cannot reach; by default that fails).",
     ),
 ]
 AllowUnpaired = Annotated[

@@ -32,7 +32,10 @@ from deadrelu_cli.options import ScanOptions
 def _outputs_of(runner, data, scan_options: ScanOptions, mask=None) -> list[list[np.ndarray]]:
     """Every output of every batch; with a position mask, outputs with the [batch, tokens] axes keep
     only the counted positions (a padded position's output is not compared, as it is not counted)."""
-    from deadrelu_cli.inputs import DECODER_IDS, batch_mask, decoder_batch_mask, output_keep
+    from deadrelu_cli.inputs import DECODER_IDS, LABELS, batch_mask, decoder_batch_mask, output_keep
+
+    # the labels are fed only where an encoder-decoder's decoder runs on them (inputs.decoder_from_labels)
+    labels_fed = LABELS in data.names and LABELS not in getattr(data, "unfed", ())
 
     outputs = []
     for batch in data.batches(scan_options.batch_size, scan_options.limit, scan_options.allow_nonfinite):
@@ -41,12 +44,16 @@ def _outputs_of(runner, data, scan_options: ScanOptions, mask=None) -> list[list
             keep = batch_mask(mask, batch)
             # named outputs of an encoder-decoder fed decoder_input_ids: the decoder's on its own positions
             names = getattr(out, "names", ())
-            fed = bool(names) and DECODER_IDS in batch
+            fed = bool(names) and (DECODER_IDS in batch or (labels_fed and LABELS in batch))
             decoder_keep = decoder_batch_mask(mask, batch) if fed else None
             kept = []
             for i, a in enumerate(out):
                 k = output_keep(names[i], keep, decoder_keep, fed) if fed else keep
-                kept.append(a[k] if k is not None and a.ndim >= 2 and a.shape[:2] == k.shape else a)
+                if k is not None and a.ndim >= 2 and a.shape[:2] == k.shape:
+                    a = a[k]
+                elif k is not None and a.ndim >= 3 and a.shape[:2] == k.T.shape:  # time-major [T, B, ...]
+                    a = a[k.T]
+                kept.append(a)
             out = kept
         outputs.append(out)
     return outputs

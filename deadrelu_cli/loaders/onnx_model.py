@@ -87,6 +87,7 @@ def read_onnx(path: str, keep_bytes: dict | None = None):
             model = onnx.inliner.inline_local_functions(model)
         except Exception as exc:  # noqa: BLE001 - onnx raises its own types
             raise UserError(f"{path}: cannot inline the model's local functions ({exc})") from None
+    reordered = sort_nodes(model.graph)
     skeleton = weight_free_skeleton(model)
     # where the initializers' bytes lie in the file: their sizes without copying them out of the graph
     # (each read of a TensorProto's raw_data is a copy), and release_weights
@@ -100,9 +101,64 @@ def read_onnx(path: str, keep_bytes: dict | None = None):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid graph"
         raise UserError(f"{path}: the ONNX graph fails onnx.checker ({first})") from None
     add_inferred_shapes(model, skeleton)
-    if keep_bytes is not None and not external and not inlined:
+    if keep_bytes is not None and not external and not inlined and not reordered:
         keep_bytes["file"], keep_bytes["identity"], keep_bytes["spans"] = raw, identity, spans
     return model
+
+
+def sort_nodes(graph) -> bool:
+    """Put the nodes of `graph` and of its subgraphs in an order where each comes after the nodes whose
+    outputs it reads, keeping the stored order wherever it already is one; True when any moved.
+    onnxruntime runs a graph stored out of order (onnxruntime's float16 converter with keep_io_types
+    appends the input Casts at the end), and onnx.checker refuses one; a cycle is left to the checker."""
+    from onnx import AttributeProto
+
+    def reads(node) -> set[str]:
+        """What a node reads, its subgraphs' reads of enclosing names included."""
+        names = {i for i in node.input if i}
+        for attribute in node.attribute:
+            subgraphs = [attribute.g] if attribute.type == AttributeProto.GRAPH else list(attribute.graphs)
+            for sub in subgraphs:
+                inner = {o for n in sub.node for o in n.output} | {i.name for i in sub.input}
+                inner |= {t.name for t in sub.initializer}
+                names |= {name for n in sub.node for name in reads(n)} - inner
+        return names
+
+    moved = False
+    nodes = list(graph.node)
+    made = {o: k for k, node in enumerate(nodes) for o in node.output if o}
+    needs = [
+        {made[name] for name in reads(node) if name in made and made[name] != k}
+        for k, node in enumerate(nodes)
+    ]
+    if any(j > k for k, deps in enumerate(needs) for j in deps):
+        import heapq
+
+        waiting = [len(deps) for deps in needs]
+        users: dict[int, list[int]] = {}
+        for k, deps in enumerate(needs):
+            for j in deps:
+                users.setdefault(j, []).append(k)
+        ready = [k for k, count in enumerate(waiting) if count == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            k = heapq.heappop(ready)
+            order.append(k)
+            for user in users.get(k, ()):
+                waiting[user] -= 1
+                if waiting[user] == 0:
+                    heapq.heappush(ready, user)
+        if len(order) == len(nodes):
+            del graph.node[:]
+            graph.node.extend(nodes[k] for k in order)
+            moved = True
+    for node in graph.node:
+        for attribute in node.attribute:
+            subgraphs = [attribute.g] if attribute.type == AttributeProto.GRAPH else list(attribute.graphs)
+            for sub in subgraphs:
+                moved = sort_nodes(sub) or moved
+    return moved
 
 
 def has_undecodable_string(message) -> bool:

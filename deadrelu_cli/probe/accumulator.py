@@ -12,7 +12,14 @@ import numpy as np
 import torch
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.probe.ops import TOKEN_ROWS, TOKENS_LAST, counts_from_output, threshold_below, token_layout
+from deadrelu_cli.probe.ops import (
+    TOKEN_ROWS,
+    TOKENS_FIRST,
+    TOKENS_LAST,
+    counts_from_output,
+    threshold_below,
+    token_layout,
+)
 from deadrelu_cli.stats import CAPPED_OPS, LayerStats
 
 # a mask's runs of kept rows are reduced as views (no copy) when they average at least this many
@@ -23,8 +30,9 @@ RUN_VIEW_ELEMENTS = 8192
 class PositionMask:
     """Which token positions of the current batch count: a bool [B, T] (True = kept).
 
-    A site's tensor has the token axis when it is [B, T, ...] with its units after T, the same
-    flattened to [B*T, ...] (OPT's FFN runs on [B*T, D]), or [B, C, T] with its units on axis 1
+    A site's tensor has the token axis when it is [B, T, ...] with its units after T, time-major
+    [T, B, ...] (nn.TransformerEncoderLayer with batch_first=False), the same flattened to [B*T, ...]
+    (OPT's FFN runs on [B*T, D]), or [B, C, T] with its units on axis 1
     (SqueezeBERT's Conv1d feed-forward, a text CNN); only kept positions are counted there,
     exactly as if the padded positions were not in the data. `select` returns the kept rows with the
     tensor's rank and unit axis unchanged ([1, K, ...], [K, ...] or [1, C, K]), or None for a site without the
@@ -64,7 +72,7 @@ class PositionMask:
         layout = self.layout(tensor, channel_dim)
         if layout is None:
             return None
-        if self.all_kept or tensor.device.type != "cpu" or layout == TOKENS_LAST:
+        if self.all_kept or tensor.device.type != "cpu" or layout in (TOKENS_LAST, TOKENS_FIRST):
             return [self.select(tensor, channel_dim)]
         if layout == TOKEN_ROWS:
             if tensor.stride(0) != tensor.shape[1] * tensor.stride(1):  # flatten(0, 1) would copy
@@ -91,8 +99,9 @@ class PositionMask:
         if layout == TOKENS_LAST:
             rows = tensor.transpose(0, 1).flatten(1, 2)  # [C, B*T]
             return rows.index_select(1, self.index(tensor.device)).unsqueeze(0)  # [1, C, kept]
-        if layout == TOKEN_ROWS:
-            return tensor.flatten(0, 1).index_select(0, self.index(tensor.device)).unsqueeze(0)
+        if layout in (TOKEN_ROWS, TOKENS_FIRST):
+            rows = tensor.transpose(0, 1) if layout == TOKENS_FIRST else tensor  # [T, B, ...] -> [B, T, ...]
+            return rows.flatten(0, 1).index_select(0, self.index(tensor.device)).unsqueeze(0)
         return tensor.index_select(0, self.index(tensor.device))  # TOKEN_FLAT
 
 

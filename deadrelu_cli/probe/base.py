@@ -252,7 +252,33 @@ def pools_over_space(rank: int, dims) -> bool:
         return False
 
 
-def relaid_channel_first(channel_first: bool | None, layouts: list[tuple[str, tuple]]) -> bool | None:
+SQUEEZES = ("squeeze", "unsqueeze")
+
+
+def squeeze_keeps_channels(kind: str, dims, rank_in: int | None) -> bool:
+    """Whether a squeeze / unsqueeze of `dims` (of a tensor of `rank_in` dims) leaves dim 1 where it is:
+    every removed or added dim comes after it (a Conv1d written as a Conv2d: conv2d(x.unsqueeze(2))
+    .squeeze(2)). Without dims (squeeze every size-1 dim) or with a negative one of unknown rank: no."""
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not dims:
+        return False
+    rank = rank_in if kind == "squeeze" or rank_in is None else rank_in + len(dims)
+    try:
+        for d in dims:
+            d = int(d)
+            if d < 0 and rank is None:
+                return False
+            if (d % rank if d < 0 else d) <= 1:
+                return False
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def relaid_channel_first(
+    channel_first: bool | None, layouts: list[tuple[str, tuple]], rank: int | None = None
+) -> bool | None:
     """A graph probe's walk back from an activation met the layout ops `layouts` (nearest the
     activation first) before reaching a producer whose units are channel-first (or last-axis): whether
     the units are channel-first ([B, C, T]) at the activation, for a rank-3 tensor; None when unknown."""
@@ -260,6 +286,12 @@ def relaid_channel_first(channel_first: bool | None, layouts: list[tuple[str, tu
         return channel_first
     axis: int | None = 1 if channel_first else 2
     for kind, dims in reversed(layouts):
+        if kind in SQUEEZES:  # `rank`: the producer's output rank, for negative dims
+            if axis != 1 or not squeeze_keeps_channels(kind, dims, rank):
+                return None
+            if rank is not None:
+                rank += -len(dims) if kind == "squeeze" else len(dims)
+            continue
         if kind == "permute" and len(dims) != 3:
             return None
         axis = moved_unit_axis(kind, dims, axis)

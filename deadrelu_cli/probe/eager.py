@@ -24,12 +24,14 @@ from torch.overrides import TorchFunctionMode
 
 from deadrelu_cli.probe.accumulator import CACHE_PART_BYTES
 from deadrelu_cli.probe.base import (
+    SQUEEZES,
     ProbeSettings,
     SiteRegistry,
     call_and_record,
     infer_channel_dim,
     moved_unit_axis,
     pools_over_space,
+    squeeze_keeps_channels,
 )
 from deadrelu_cli.probe.ops import (
     CLAMP_OPS,
@@ -196,13 +198,14 @@ def _unit_preserving_functions() -> set:
 
 
 def _layout_functions() -> set:
-    """Ops that keep a [B, X, Y] tensor's units but may move their axis (transposes, permutes), or keep
+    """Ops that keep a [B, X, Y] tensor's units but may move their axis (transposes, permutes; squeezes of
+    dims after 1, which keep a conv's channels on dim 1 across ranks), or keep
     the axis while changing the values (layer_norm over the units) or other axes (slicing time off, as
     wav2vec2's SamePad does): followed so that a Conv1d's channels stay the units after
     conv -> transpose -> LayerNorm -> transpose -> ReLU."""
     T = torch.Tensor
     return {T.transpose, torch.transpose, T.swapaxes, torch.swapaxes, T.permute, torch.permute,
-            F.layer_norm, T.__getitem__}  # fmt: skip
+            F.layer_norm, T.__getitem__, T.squeeze, torch.squeeze, T.unsqueeze, torch.unsqueeze}  # fmt: skip
 
 
 def _moved_unit_axis(func, args: tuple, kwargs: dict, axis: int, before, after) -> int | None:
@@ -575,6 +578,12 @@ class EagerProbe:
         producer is not carried (its bias no longer sits before the activation, or on another axis)."""
         found = self.origin_of(args[0])
         if found is None:
+            return
+        name = getattr(func, "__name__", "")
+        if name in SQUEEZES:  # a Conv1d as a Conv2d: conv2d(x.unsqueeze(2)).squeeze(2) keeps dim 1
+            dims = args[1] if len(args) > 1 else kwargs.get("dim")
+            if found[2] and squeeze_keeps_channels(name, dims, args[0].dim()):
+                self._produced[id(result)] = (weakref.ref(result), None, None, True)
             return
         axis = _moved_unit_axis(func, args, kwargs, 1 if found[2] else 2, args[0], result)
         if axis is not None:

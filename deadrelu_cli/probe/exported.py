@@ -13,11 +13,13 @@ from torch import fx
 
 from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, LAYOUT, PASS_THROUGH
 from deadrelu_cli.probe.base import (
+    SQUEEZES,
     ProbeSettings,
     SiteRegistry,
     call_and_record,
     infer_channel_dim,
     relaid_channel_first,
+    squeeze_keeps_channels,
     static_site_hooks,
 )
 from deadrelu_cli.probe.hidden import graph_hidden, prepare_graph
@@ -93,6 +95,18 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
     while isinstance(current, fx.Node) and seen < 32:
         seen += 1
         base = op_base(current.target) if current.op == "call_function" else ""
+        if base in SQUEEZES and current.args and isinstance(current.args[0], fx.Node):
+            source = current.args[0].meta.get("val")
+            rank_in = source.dim() if isinstance(source, torch.Tensor) else None
+            dims = current.args[1] if len(current.args) > 1 else current.kwargs.get("dim")
+            if not squeeze_keeps_channels(base, dims, rank_in):
+                break
+            dims = (dims,) if isinstance(dims, int) else tuple(dims)
+            rank = rank_in if base == "squeeze" else rank_in + len(dims)
+            layouts.append((base, tuple(int(d) % rank for d in dims)))
+            keep_producer = False
+            current = current.args[0]
+            continue
         if base in LAYOUT and current.args and isinstance(current.args[0], fx.Node):
             value = current.meta.get("val")
             if not isinstance(value, torch.Tensor) or value.dim() != 3:

@@ -16,6 +16,7 @@ per-iteration scan outputs that are summed on the host.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,9 +135,28 @@ def _is_index_clamp(node: onnx.NodeProto, index: GraphIndex) -> bool:
     return uses > 0
 
 
+def max_relu_input(node: onnx.NodeProto, index: GraphIndex) -> str | None:
+    """The pre-activation of a ReLU written `Max(x, 0)` (jax.nn.relu and tf.maximum(x, 0) through
+    tf2onnx, torch.maximum(x, 0) exported): x, when the other operand is a stored zero and x comes
+    from a layer with weights; None for other maxima (a LayerNorm's variance clamp, a stable softmax's
+    running max), whose input is a reduction, not a layer's units."""
+    if node.op_type != "Max" or len(node.input) != 2 or not all(node.input):
+        return None
+    zero = [i for i in node.input if index.constant(i) is not None]
+    data = [i for i in node.input if index.constant(i) is None]
+    if len(zero) != 1 or len(data) != 1:
+        return None
+    value = index.constant(zero[0])
+    if value.size != 1 or float(np.asarray(value).reshape(-1)[0]) != 0.0:
+        return None
+    return data[0] if producer_weight(index, data[0]) is not None else None
+
+
 def classify(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, float | None] | None:
     if node.op_type == "Relu":
         return "relu", None
+    if node.op_type == "Max":
+        return ("relu", None) if max_relu_input(node, index) is not None else None
     if node.op_type == "Clip":
         lo, hi = _clip_bounds(node, index)
         if lo is None or lo != 0.0 or _is_index_clamp(node, index):
@@ -191,14 +211,15 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
             site = None
             if kind is not None and (include_all or kind[0] in ops):
                 base = node.name or node.output[0]
+                pre = max_relu_input(node, index) or node.input[0]
                 site = OnnxSite(
                     name=f"{prefix}{base}",
                     op=kind[0],
                     node_name=node.name,
-                    input_name=node.input[0],
+                    input_name=pre,
                     output_name=node.output[0],
                     graph_path=path,
-                    rank=index.rank(node.input[0]),
+                    rank=index.rank(pre),
                     clip_max=kind[1],
                     in_loop=in_loop,
                 )
@@ -489,19 +510,21 @@ def _add_reductions(
 
 def _keep_of(builder: _Builder, site: OnnxSite) -> str:
     """The position mask [batch, tokens] reshaped to broadcast against the site's tensor:
-    [B, T, 1, …] (TOKEN_ROWS), [B*T, 1, …] (TOKEN_FLAT) or [B, 1, T] (TOKENS_LAST)."""
-    from deadrelu_cli.probe.ops import TOKEN_FLAT, TOKEN_ROWS
+    [B, T, 1, …] (TOKEN_ROWS), [T, B, 1, …] (TOKENS_FIRST), [B*T, 1, …] (TOKEN_FLAT) or [B, 1, T]
+    (TOKENS_LAST)."""
+    from deadrelu_cli.probe.ops import TOKEN_FLAT, TOKEN_ROWS, TOKENS_FIRST
 
     rank = site.rank or 0
-    if site.token_layout == TOKEN_ROWS:
+    mask = MASK_INPUT
+    if site.token_layout in (TOKEN_ROWS, TOKENS_FIRST):
         shape = [0, 0] + [1] * (rank - 2)  # 0: copy that dim of the mask
+        if site.token_layout == TOKENS_FIRST:
+            mask = builder.node("Transpose", [MASK_INPUT], "keept", perm=[1, 0])
     elif site.token_layout == TOKEN_FLAT:
         shape = [-1] + [1] * (rank - 1)
     else:
         shape = [0, 1, -1]
-    return builder.node(
-        "Reshape", [MASK_INPUT, builder.const(np.array(shape, np.int64), "keepshape")], "keep"
-    )
+    return builder.node("Reshape", [mask, builder.const(np.array(shape, np.int64), "keepshape")], "keep")
 
 
 _STAT_TYPES = {
@@ -545,6 +568,79 @@ def site_channel_dim(site: OnnxSite, override: int | None) -> int:
     return resolve_channel_dim(site.rank, inferred, override)
 
 
+GraphPath = tuple[str, ...]
+
+
+def subgraph_map(
+    graph: onnx.GraphProto,
+) -> tuple[dict[GraphPath, onnx.GraphProto], dict[GraphPath, tuple[GraphPath, onnx.NodeProto, str]]]:
+    """Every graph path (OnnxSite.graph_path) to its GraphProto inside `graph`, and each subgraph's
+    owner: (the parent's path, the If/Loop/Scan node, the attribute name)."""
+    graphs: dict[GraphPath, onnx.GraphProto] = {(): graph}
+    owners: dict[GraphPath, tuple[GraphPath, onnx.NodeProto, str]] = {}
+
+    def collect(graph: onnx.GraphProto, path: GraphPath) -> None:
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    sub_path = (*path, f"{node.name or node.output[0]}:{attribute.name}")
+                    graphs[sub_path] = attribute.g
+                    owners[sub_path] = (path, node, attribute.name)
+                    collect(attribute.g, sub_path)
+
+    collect(graph, ())
+    return graphs, owners
+
+
+def lift_to_main(
+    graphs: dict,
+    owners: dict,
+    path: GraphPath,
+    names: dict[str, str],
+    types: dict[str, int],
+    empty: Callable[[_Builder, str], str],
+    opset: int,
+    tag: str,
+    site_name: str,
+) -> dict[str, str]:
+    """Values of the graph at `path` (key -> value name) made outputs of each enclosing If/Loop/Scan up
+    to the main graph: an If's other branch gives `empty(builder, key)`, a Loop/Scan stacks them per
+    iteration ([iterations, ...]). Returns key -> the main graph's value name."""
+    while path:
+        parent_path, owner, attr_name = owners[path]
+        body = graphs[path]
+        for key, value in names.items():
+            body.output.append(helper.make_tensor_value_info(value, types[key], None))
+        if owner.op_type == "If":
+            other_attr = "else_branch" if attr_name == "then_branch" else "then_branch"
+            other = next(a.g for a in owner.attribute if a.name == other_attr)
+            filler = _Builder(other, opset, f"{tag}f")
+            for key in names:
+                value = empty(filler, key)
+                other.output.append(helper.make_tensor_value_info(value, types[key], None))
+            lifted = {}
+            for key in names:
+                out_name = f"deadrelu_{tag}_{key}_if{len(path)}"
+                owner.output.append(out_name)
+                lifted[key] = out_name
+            names = lifted
+        elif owner.op_type in ("Loop", "Scan"):
+            # extra body outputs become scan outputs, stacked per iteration: [iterations, C]
+            lifted = {}
+            for key in names:
+                out_name = f"deadrelu_{tag}_{key}_loop{len(path)}"
+                owner.output.append(out_name)
+                lifted[key] = out_name
+            for attr in owner.attribute:  # keep Scan's per-output lists the right length
+                if attr.name in ("scan_output_axes", "scan_output_directions"):
+                    attr.ints.extend([0] * len(names))
+            names = lifted
+        else:
+            raise UserError(f"ONNX layer {site_name}: subgraphs of {owner.op_type} nodes are not supported")
+        path = parent_path
+    return names
+
+
 def instrument(
     model: onnx.ModelProto,
     sites: list[OnnxSite],
@@ -564,20 +660,7 @@ def instrument(
     opset = opset_version(inst)
     if not keep_outputs:
         del inst.graph.output[:]
-    # Resolve each graph path to the GraphProto inside the copy.
-    graphs: dict[tuple[str, ...], onnx.GraphProto] = {(): inst.graph}
-    owners: dict[tuple[str, ...], tuple[tuple[str, ...], onnx.NodeProto, str]] = {}
-
-    def collect(graph: onnx.GraphProto, path: tuple[str, ...]) -> None:
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    sub_path = (*path, f"{node.name or node.output[0]}:{attr.name}")
-                    graphs[sub_path] = attr.g
-                    owners[sub_path] = (path, node, attr.name)
-                    collect(attr.g, sub_path)
-
-    collect(inst.graph, ())
+    graphs, owners = subgraph_map(inst.graph)
     indexes = {path: GraphIndex(g) for path, g in graphs.items()}
     if any(site.token_layout for site in sites):  # the scan feeds the batch's position mask
         inst.graph.input.append(
@@ -607,42 +690,17 @@ def instrument(
             _keep_of(builder, site) if site.token_layout else None,
         )
         # Lift the statistics out through each enclosing If/Loop/Scan up to the main graph.
-        path = site.graph_path
-        names = dict(stats)
-        while path:
-            parent_path, owner, attr_name = owners[path]
-            body = graphs[path]
-            for key, value in names.items():
-                body.output.append(helper.make_tensor_value_info(value, _STAT_TYPES[key], None))
-            if owner.op_type == "If":
-                other_attr = "else_branch" if attr_name == "then_branch" else "then_branch"
-                other = next(a.g for a in owner.attribute if a.name == other_attr)
-                filler = _Builder(other, opset, f"s{i}f")
-                for key in names:
-                    value = _empty_like_stat(filler, key)
-                    other.output.append(helper.make_tensor_value_info(value, _STAT_TYPES[key], None))
-                lifted = {}
-                for key in names:
-                    out_name = f"deadrelu_s{i}_{key}_if{len(path)}"
-                    owner.output.append(out_name)
-                    lifted[key] = out_name
-                names = lifted
-            elif owner.op_type in ("Loop", "Scan"):
-                # extra body outputs become scan outputs, stacked per iteration: [iterations, C]
-                lifted = {}
-                for key in names:
-                    out_name = f"deadrelu_s{i}_{key}_loop{len(path)}"
-                    owner.output.append(out_name)
-                    lifted[key] = out_name
-                for attr in owner.attribute:  # keep Scan's per-output lists the right length
-                    if attr.name in ("scan_output_axes", "scan_output_directions"):
-                        attr.ints.extend([0] * len(names))
-                names = lifted
-            else:
-                raise UserError(
-                    f"ONNX layer {site.name}: subgraphs of {owner.op_type} nodes are not supported"
-                )
-            path = parent_path
+        names = lift_to_main(
+            graphs,
+            owners,
+            site.graph_path,
+            dict(stats),
+            _STAT_TYPES,
+            _empty_like_stat,
+            opset,
+            f"s{i}",
+            site.name,
+        )
         site.outputs = names
         for key, value in names.items():
             inst.graph.output.append(helper.make_tensor_value_info(value, _STAT_TYPES[key], None))

@@ -218,17 +218,22 @@ def resolve_channel_dim(rank: int, inferred: int, override: int | None) -> int:
 TOKENS_LAST = "units_first"  # [B, C, T]: units before the token axis (SqueezeBERT's Conv1d FFN, a text CNN)
 TOKEN_ROWS = "rows"  # [B, T, ..., C]
 TOKEN_FLAT = "flat"  # [B*T, ..., C] (OPT's FFN runs on the flattened tokens)
+TOKENS_FIRST = "time_major"  # [T, B, ..., C]: nn.Transformer*/nn.RNN with batch_first=False
 
 
 def token_layout(shape: tuple[int, ...], channel_dim: int, batch: int, tokens: int) -> str | None:
     """Where an activation of this shape (units on `channel_dim`, >= 0) holds the [batch, tokens]
-    positions of a position mask: TOKENS_LAST, TOKEN_ROWS, TOKEN_FLAT, or None (no such axis: a pooled
-    head, a conv over pixels, a sequence of another length). Shared by the torch and ONNX probes."""
+    positions of a position mask: TOKENS_LAST, TOKEN_ROWS, TOKENS_FIRST, TOKEN_FLAT, or None (no such
+    axis: a pooled head, a conv over pixels, a sequence of another length). Shared by the torch and ONNX
+    probes. [T, B, ...] is told from [B, T, ...] by its shape only: where batch == tokens it reads as
+    [B, T, ...]."""
     rank = len(shape)
     if rank == 3 and channel_dim == 1 and (shape[0], shape[2]) == (batch, tokens):
         return TOKENS_LAST
     if rank >= 3 and tuple(shape[:2]) == (batch, tokens) and channel_dim >= 2:
         return TOKEN_ROWS
+    if rank >= 3 and tuple(shape[:2]) == (tokens, batch) and channel_dim >= 2:
+        return TOKENS_FIRST
     if rank >= 2 and shape[0] == batch * tokens and channel_dim >= 1 and tokens > 1:
         return TOKEN_FLAT
     return None

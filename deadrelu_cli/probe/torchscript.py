@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, LAYOUT, PASS_THROUGH, aten_base
 from deadrelu_cli.probe.base import (
+    SQUEEZES,
     ProbeSettings,
     SiteRegistry,
     call_and_record,
@@ -208,6 +209,17 @@ class _Walker:
             src = value.node()
             kind = src.kind()
             base = aten_base(kind)
+            if base in SQUEEZES:
+                try:
+                    dims = src.inputsAt(1).toIValue() if len(list(src.inputs())) > 1 else None
+                except RuntimeError:
+                    dims = None
+                if dims is None:  # squeeze every size-1 dim: which ones is not in the graph
+                    return None, None
+                layouts.append((base, (dims,) if isinstance(dims, int) else tuple(dims)))
+                keep_producer = False
+                value = src.inputsAt(0)
+                continue
             if base in LAYOUT:
                 dims = _constant_dims(src, base)
                 if dims is None:
@@ -235,9 +247,9 @@ class _Walker:
                     channel_first = False
                 else:
                     return None, None
-                return relaid_channel_first(channel_first, layouts), producer
+                return relaid_channel_first(channel_first, layouts, _CONV_RANKS.get(type_name)), producer
             if base in CHANNEL_FIRST or base in LAST_DIM:
-                return relaid_channel_first(base in CHANNEL_FIRST, layouts), None
+                return relaid_channel_first(base in CHANNEL_FIRST, layouts, _CONV_RANKS.get(base)), None
             if base in PASS_THROUGH:
                 if any(str(v.type()).startswith("Tensor") for v in list(src.inputs())[1:]):
                     keep_producer = False
@@ -256,6 +268,14 @@ def script_sites(script_module, ops: tuple[str, ...]) -> list[StaticSite] | None
     except _Dynamic:
         return None
     return walker.sites
+
+
+# output rank of the convolutions by module type and aten name (the graph's types often carry none)
+_CONV_RANKS = {
+    **{f"{kind}{n}d": n + 2 for kind in ("Conv", "ConvTranspose") for n in (1, 2, 3)},
+    **{f"conv{n}d": n + 2 for n in (1, 2, 3)},
+    **{f"conv_transpose{n}d": n + 2 for n in (1, 2, 3)},
+}
 
 
 def _constant_dims(node, base: str) -> tuple | None:

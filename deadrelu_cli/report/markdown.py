@@ -47,6 +47,12 @@ def render_markdown(report: Report, result: GateResult) -> str:
         lines += [f"- added: {markdown_code(n)}" for n in result.added] + [
             f"- removed: {markdown_code(n)}" for n in result.removed
         ]
+    if result.width_changes:
+        lines += ["", "**Layers of another width than in the baseline**", ""]
+        lines += [f"- {markdown_text(message)}" for message in result.width_changes]
+    if result.unused_limits:
+        lines += ["", "**Layer limits that limited nothing**", ""]
+        lines += [f"- {markdown_text(message)}" for message in result.unused_limits]
     if result.unseen_other:
         lines += [
             "",

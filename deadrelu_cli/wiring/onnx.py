@@ -139,13 +139,38 @@ def display_name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
-def conv_added_bias(conv: onnx.NodeProto, added: np.ndarray, index: GraphIndex) -> np.ndarray | None:
+def conv_through_squeeze(index: GraphIndex, name: str) -> onnx.NodeProto | None:
+    """The node behind `name`; a Conv also through Squeezes/Unsqueezes of axes after dim 1 (tf2onnx
+    writes a Conv1D as Unsqueeze -> Conv2D -> Squeeze): its channels stay on dim 1, value for value."""
+    node = index.producer.get(value_source(index, name))
+    for step in range(4):
+        if node is None or node.op_type not in ("Squeeze", "Unsqueeze"):
+            return (
+                node
+                if step == 0 or (node is not None and node.op_type in ("Conv", "ConvTranspose"))
+                else None
+            )
+        axes = _squeeze_axes(index, node)
+        rank = index.rank(node.input[0])
+        if axes is None or rank is None:
+            return None
+        rank = rank if node.op_type == "Squeeze" else rank + len(axes)
+        if any(a % rank <= 1 for a in axes):
+            return None
+        node = index.producer.get(value_source(index, node.input[0]))
+    return None
+
+
+def conv_added_bias(
+    conv: onnx.NodeProto, added: np.ndarray, index: GraphIndex, rank: int | None = None
+) -> np.ndarray | None:
     """The per-channel bias of Conv(x) + added, when `added` holds one value per output channel laid
-    out on dim 1 ([C, 1, 1], [1, C, 1, 1], …); the Conv's own bias, if any, included. Else None."""
+    out on dim 1 ([C, 1, 1], [1, C, 1, 1], …, of a tensor of `rank` dims: the Conv's output rank unless
+    a Squeeze changed it); the Conv's own bias, if any, included. Else None."""
     weight = index.constant(conv.input[1]) if len(conv.input) > 1 else None
     if weight is None or weight.ndim < 3:
         return None
-    rank = weight.ndim
+    rank = rank or weight.ndim
     channels = weight.shape[0] if conv.op_type == "Conv" else weight.shape[1] * int(attr(conv, "group", 1))
     if added.ndim > rank or added.size != channels:
         return None
@@ -166,23 +191,44 @@ def channels_last(node: onnx.NodeProto) -> bool:
 
 def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
     """Unit axis, producer and bias from the op that produced an activation's input (through
-    Add/Mul/BN/bias, and Transposes, whose permutation moves the unit axis: `axis`)."""
-    perms: list[list[int]] = []
-    trace = _trace_producer(index, input_name, perms)
-    if perms and trace.channel_first is not None:
-        rank = len(perms[-1])
+    Add/Mul/BN/bias, and Transposes, Squeezes and Unsqueezes, which move the unit axis: `axis`)."""
+    moves: list[tuple[str, list[int], int]] = []  # (op, perm or axes, rank of its input), activation first
+    trace = _trace_producer(index, input_name, moves)
+    if moves and trace.channel_first is not None:
+        rank = moves[-1][2]
         axis = 1 if trace.channel_first else rank - 1
-        for perm in reversed(perms):  # from the producer's side to the activation's
-            if len(perm) != rank or axis not in perm:
+        for op, values, rank_in in reversed(moves):  # from the producer's side to the activation's
+            if rank_in != rank:
+                axis = None
+            elif op == "Transpose":
+                axis = values.index(axis) if axis in values else None
+                rank = len(values)
+            elif op == "Squeeze":  # the removed axes (all size 1) are no unit axis
+                gone = {a % rank for a in values}
+                axis = None if axis in gone else axis - sum(a < axis for a in gone)
+                rank -= len(gone)
+            else:  # Unsqueeze: new axes of size 1 at `values` of the output
+                rank += len(values)
+                added = {a % rank for a in values}
+                axis = [k for k in range(rank) if k not in added][axis]
+            if axis is None:
                 trace.channel_first = None
                 return trace
-            axis = perm.index(axis)
         trace.axis = axis
         trace.channel_first = True if axis == 1 else False if axis == rank - 1 else None
     return trace
 
 
-def _trace_producer(index: GraphIndex, input_name: str, perms: list[list[int]]) -> ProducerTrace:
+def _squeeze_axes(index: GraphIndex, node: onnx.NodeProto) -> list[int] | None:
+    """The axes a Squeeze removes or an Unsqueeze adds (an input from opset 13, an attribute before)."""
+    stored = index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    axes = stored.reshape(-1).tolist() if stored is not None else attr(node, "axes")
+    return [int(a) for a in axes] if axes else None
+
+
+def _trace_producer(
+    index: GraphIndex, input_name: str, moves: list[tuple[str, list[int], int]]
+) -> ProducerTrace:
     trace = ProducerTrace()
     name = input_name
     keep_producer = True
@@ -205,7 +251,17 @@ def _trace_producer(index: GraphIndex, input_name: str, perms: list[list[int]]) 
             perm = attr(node, "perm") or (list(range(rank))[::-1] if rank else None)
             if perm is None:
                 return trace
-            perms.append([int(p) for p in perm])
+            moves.append(("Transpose", [int(p) for p in perm], len(perm)))
+            name = node.input[0]
+            continue
+        if node.op_type in (
+            "Squeeze",
+            "Unsqueeze",
+        ):  # a Conv1d as Conv2d (tf2onnx): [N, C, 1, W] -> [N, C, W]
+            axes, rank = _squeeze_axes(index, node), index.rank(node.input[0])
+            if axes is None or rank is None:
+                return trace
+            moves.append((node.op_type, axes, rank))
             name = node.input[0]
             continue
         if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
@@ -232,7 +288,7 @@ def _trace_producer(index: GraphIndex, input_name: str, perms: list[list[int]]) 
             data_inputs = [i for i in node.input if i and index.constant(i) is None]
             if node.op_type == "Add" and len(data_inputs) == 1 and keep_producer:
                 other = next((index.constant(i) for i in node.input if index.constant(i) is not None), None)
-                upstream = index.producer.get(value_source(index, data_inputs[0]))
+                upstream = conv_through_squeeze(index, data_inputs[0])
                 if (
                     upstream is not None
                     and upstream.op_type == "MatMul"
@@ -248,7 +304,7 @@ def _trace_producer(index: GraphIndex, input_name: str, perms: list[list[int]]) 
                     and upstream.op_type in ("Conv", "ConvTranspose")
                     and other is not None
                 ):
-                    per_channel = conv_added_bias(upstream, other, index)
+                    per_channel = conv_added_bias(upstream, other, index, index.rank(data_inputs[0]))
                     if per_channel is not None:  # Conv without bias + Add(b reshaped to [1, C, 1, 1])
                         trace.channel_first = True
                         trace.bias = per_channel
@@ -339,7 +395,7 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
     if node.op_type == "Add":
         data = [i for i in node.input if index.constant(i) is None]
         added = [i for i in node.input if index.constant(i) is not None]
-        upstream = index.producer.get(value_source(index, data[0])) if len(data) == 1 else None
+        upstream = conv_through_squeeze(index, data[0]) if len(data) == 1 else None
         chain = index.reshaped_from(added[0]) if len(added) == 1 else []
         if upstream is not None and upstream.op_type == "MatMul" and len(chain) == 1:
             if stored_array(index, upstream.input[1]) is not None and is_last_axis_vector(
@@ -353,7 +409,7 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
             and upstream.op_type == "Conv"
             and attr(upstream, "group", 1) == 1
             and chain
-            and conv_added_bias(upstream, index.constant(added[0]), index) is not None
+            and conv_added_bias(upstream, index.constant(added[0]), index, index.rank(data[0])) is not None
             and stored_array(index, upstream.input[1]) is not None
             and not (len(upstream.input) > 2 and upstream.input[2])
         ):

@@ -229,13 +229,15 @@ def _assign(array: np.ndarray, axis: int, indices: list[int], values) -> None:
 def _kept_positions(moved: np.ndarray, shape: tuple, dim: int, keep: np.ndarray | None) -> np.ndarray:
     """[values, units]: a site's values (units moved last) at the positions `keep` [batch, tokens] keeps,
     where the site's tensor holds those positions (probe.ops.token_layout, as the scan decides it)."""
-    from deadrelu_cli.probe.ops import TOKEN_FLAT, token_layout
+    from deadrelu_cli.probe.ops import TOKEN_FLAT, TOKENS_FIRST, token_layout
 
     units = moved.shape[-1]
     layout = token_layout(tuple(shape), dim, *keep.shape) if keep is not None and len(shape) >= 2 else None
     if layout == TOKEN_FLAT:  # [B*T, ..., U] -> [B, T, ..., U]
         moved = moved.reshape(*keep.shape, *moved.shape[1:])
-    if layout is not None:  # [B, T, ..., U] (rows, flat, and [B, C, T] with the units moved last)
+    if layout == TOKENS_FIRST:  # [T, B, ..., U]
+        moved = moved[keep.T]
+    elif layout is not None:  # [B, T, ..., U] (rows, flat, and [B, C, T] with the units moved last)
         moved = moved[keep]
     return moved.reshape(-1, units)
 

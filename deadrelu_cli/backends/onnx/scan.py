@@ -269,24 +269,47 @@ def _discover_shapes(
     the torch probe decides it, probe.ops.token_layout, from the shapes of that batch)."""
     from onnx import TensorProto, helper
 
-    from deadrelu_cli.probe.onnx_graph import site_channel_dim
+    from deadrelu_cli.probe.onnx_graph import lift_to_main, site_channel_dim, subgraph_map
     from deadrelu_cli.probe.ops import token_layout
     from deadrelu_cli.wiring.onnx_index import opset_version
 
     if mask is not None:
         for site in sites:
-            if site.graph_path:  # the mask is not lifted into If/Loop/Scan bodies
+            if site.graph_path:  # until its shape on the first batch says where the tokens are
                 site.mask_unapplied = "in a subgraph"
-    unknown = [s for s in sites if not s.graph_path and (s.rank is None or mask is not None)]
-    if not unknown:
-        return
     probe = type(model)()
     probe.CopyFrom(model)
+    graphs, owners = subgraph_map(probe.graph)
+    # If branches see the batch's tensors, and so may a Loop body (a loop over layers); a Scan body
+    # sees per-step slices, whose positions are not the batch's
+    reachable = [
+        s
+        for s in sites
+        if s.graph_path
+        and mask is not None
+        and opset_version(model) >= 9
+        and _owner_types(owners, s.graph_path) <= {"If", "Loop"}
+    ]
+    unknown = [s for s in sites if not s.graph_path and (s.rank is None or mask is not None)] + reachable
+    if not unknown:
+        return
     del probe.graph.output[:]
+    opset = opset_version(probe)
     for i, site in enumerate(unknown):
         name = f"deadrelu_rank_{i}"
-        probe.graph.node.append(helper.make_node("Shape", [site.input_name], [name], name=name))
-        probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, None))
+        graphs[site.graph_path].node.append(helper.make_node("Shape", [site.input_name], [name], name=name))
+        lifted = lift_to_main(
+            graphs,
+            owners,
+            site.graph_path,
+            {"shape": name},
+            {"shape": TensorProto.INT64},
+            lambda builder, _key: builder.const(np.zeros((0,), np.int64), "noshape"),
+            opset,
+            f"r{i}",
+            site.name,
+        )
+        probe.graph.output.append(helper.make_tensor_value_info(lifted["shape"], TensorProto.INT64, None))
     session = make_session(probe.SerializeToString(), device, [], weights_dir)
     batch = next(data.batches(batch_size))
     feeds = {inp: as_input(batch[arr], dtypes[inp], inp) for inp, arr in order.items()}
@@ -294,12 +317,24 @@ def _discover_shapes(
     # Where (opset 9) applies the mask in the graph; older graphs count every position, which a note says
     maskable = keep is not None and opset_version(model) >= 9
     for site, shape in zip(unknown, session.run(None, feeds), strict=True):
-        shape = tuple(int(d) for d in np.asarray(shape).reshape(-1))
+        shape = np.asarray(shape)
+        if shape.ndim == 2:  # a Loop's per-iteration shapes: the first iteration's
+            shape = shape[0] if shape.shape[0] else shape.reshape(-1)[:0]
+        if site.graph_path and not shape.size:  # an If branch not taken on this batch: left unmasked
+            continue
+        shape = tuple(int(d) for d in shape.reshape(-1))
         site.rank = len(shape)
         if keep is not None and not maskable:
             site.mask_unapplied = "opset below 9"
         elif maskable and site.rank >= 2:
             site.token_layout = token_layout(shape, site_channel_dim(site, channel_dim), *keep.shape)
+        if site.graph_path and (site.token_layout or "Loop" not in _owner_types(owners, site.graph_path)):
+            # a Loop body's tensor of other positions may be a per-step slice of the tokens: stays unmasked
+            site.mask_unapplied = None
+
+
+def _owner_types(owners: dict, path: tuple[str, ...]) -> set[str]:
+    return {owners[path[:k]][1].op_type for k in range(1, len(path) + 1)}
 
 
 def as_input(array: np.ndarray, dtype: str | None, name: str = "") -> np.ndarray:
@@ -698,6 +733,20 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         options.channel_dim,
         weights_dir,
     )
+    guessed = [
+        site.name
+        for site in sites
+        if site.rank == 3
+        and site.channel_first is None
+        and site.unit_axis is None
+        and options.channel_dim is None
+    ]
+    if guessed:  # [N, C, T] and [N, T, C] look alike: say which one was assumed
+        shown = ", ".join(guessed[:4]) + (f", … ({len(guessed)} in all)" if len(guessed) > 4 else "")
+        loaded.notes.append(
+            f"unit axis assumed last ([N, T, C]) for {shown}: no Conv/Gemm/MatMul/BatchNorm found before "
+            "the activation says where its units are; if they are [N, C, T], scan again with --channel-dim 1"
+        )
     masked = mask is not None and any(site.token_layout for site in sites)
     switch = _OutputMaxSwitch(loaded, sites, options, device)
     started = time.perf_counter()

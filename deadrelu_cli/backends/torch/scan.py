@@ -25,12 +25,15 @@ from deadrelu_cli.inputs import (
     DECODER_IDS,
     DECODER_MASK,
     DEFAULT_MASK,
+    LABELS,
     PADDING_CHECK,
+    TARGET_MASK,
     TOKEN_IDS,
     batch_mask,
     by_keyword,
     check_shapes,
     decoder_batch_mask,
+    decoder_from_labels,
     decoder_scope,
     fixed_batch_error,
     label_arrays,
@@ -38,6 +41,8 @@ from deadrelu_cli.inputs import (
     match_inputs,
     resolve_batch_size,
     resolve_mask,
+    square_free_batch_size,
+    target_batch_mask,
     unbatched_advice,
     unfed_arrays,
 )
@@ -206,11 +211,36 @@ def scan_torch(
     # an encoder-decoder fed its own decoder tokens: the decoder's sites count on those tokens' positions
     # (the encoder's attention_mask says nothing about them; without decoder_input_ids the decoder runs
     # on the shifted input_ids, whose positions the attention_mask does mark)
-    decoder = decoder_scope(model.runnable) if DECODER_IDS in order and options.mask != "none" else None
-    if decoder is not None and DECODER_MASK not in data.names and not options.exclude_token_ids:
+    # (or on the labels shifted right, an encoder-decoder fed labels and no decoder_input_ids)
+    from_labels = decoder_from_labels(model, order)
+    decoder = (
+        decoder_scope(model.runnable)
+        if (DECODER_IDS in order or from_labels) and options.mask != "none"
+        else None
+    )
+    if from_labels and options.exclude_token_ids:
+        model.notes.append(
+            f"--exclude-token-ids applies to the encoder's positions: the decoder runs on the {LABELS} "
+            "shifted right and counts every position that is not label padding (-100)"
+        )
+    if (
+        decoder is not None
+        and not from_labels
+        and DECODER_MASK not in data.names
+        and not options.exclude_token_ids
+    ):
         model.notes.append(
             f"the data has {DECODER_IDS} but no {DECODER_MASK}: the decoder's sites ({decoder}.*) count "
             f"every decoder position, padding included; add a {DECODER_MASK} array to count real tokens only"
+        )
+    # torch's own nn.Transformer decoder runs on the target sequence: its tgt_key_padding_mask's positions
+    targets = transformer_decoders(model.runnable) if decoder is None and options.mask != "none" else ()
+    if targets and mask is None and TARGET_MASK not in order:
+        targets = ()
+    if targets and TARGET_MASK not in order:
+        model.notes.append(
+            f"the data has no {TARGET_MASK}: the sites of the nn.Transformer decoder ({', '.join(targets)}) "
+            f"count every target position, padding included; add a {TARGET_MASK} array (True on padding)"
         )
     frames = audio_frame_scope(model.runnable, mask, order) if decoder is None else None
     pooled = (
@@ -241,6 +271,10 @@ def scan_torch(
         if total % model.fixed_batch:
             raise fixed_batch_error(model.path, model.fixed_batch, total)
         batch_size = model.fixed_batch
+    elif mask is not None or targets:  # no batch of `tokens` samples: a time-major layout stays unambiguous
+        masks = ((mask.array or TOKEN_IDS) if mask is not None else None, TARGET_MASK if targets else None)
+        tokens = tuple(s.shape[1] for s in data.sources if s.name in masks and len(s.shape) == 2)
+        batch_size = square_free_batch_size(batch_size, total, tokens)
     done = 0
     context = probe.attached() if hasattr(probe, "attached") else contextlib.nullcontext()
 
@@ -256,7 +290,11 @@ def scan_torch(
                 batch,
                 model_tensors(model, batch, order, device),
                 None if mask is None else torch.from_numpy(batch_mask(mask, batch)).to(device),
-                None if decoder is None else decoder_batch_mask(mask, batch),
+                decoder_batch_mask(mask, batch)
+                if decoder is not None
+                else target_batch_mask(batch)
+                if targets
+                else None,
             )
 
     forwards = 0
@@ -266,6 +304,9 @@ def scan_torch(
                 if decoder is not None:
                     scoped = None if decoder_kept is None else torch.from_numpy(decoder_kept).to(device)
                     probe.registry.set_position_mask(kept, {decoder: scoped})
+                elif targets:
+                    scoped = None if decoder_kept is None else torch.from_numpy(decoder_kept).to(device)
+                    probe.registry.set_position_mask(kept, dict.fromkeys(targets, scoped))
                 elif frames is not None:
                     path, to_frames = frames
                     probe.registry.set_position_mask(kept, {path: to_frames(kept)})
@@ -360,6 +401,18 @@ def check_sample_axis(
         f"{data.path}: the model saw {seen} value(s) per unit where {samples} samples were read ({shapes}), so it "
         f"does not take the first axis as samples; {unbatched_advice(data.sources[0].shape)}"
     )
+
+
+def transformer_decoders(runnable) -> tuple[str, ...]:
+    """Module paths of torch's nn.TransformerDecoder / nn.TransformerDecoderLayer modules (the outermost
+    ones): their sites run on the target sequence, whose padding `tgt_key_padding_mask` marks."""
+    from torch import nn
+
+    if not isinstance(runnable, nn.Module):
+        return ()
+    kinds = (nn.TransformerDecoder, nn.TransformerDecoderLayer)
+    paths = [name for name, module in runnable.named_modules() if name and isinstance(module, kinds)]
+    return tuple(p for p in paths if not any(p.startswith(q + ".") for q in paths))
 
 
 def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
