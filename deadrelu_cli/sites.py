@@ -111,15 +111,25 @@ def list_sites(
 
     if model.kind == "exported":
         from deadrelu_cli.probe.exported import find_sites
-        from deadrelu_cli.probe.hidden import decompose_rnn_cells, graph_hidden
+        from deadrelu_cli.probe.hidden import graph_hidden, prepare_graph
 
-        decompose_rnn_cells(model.runnable)  # as the scan counts them
+        prepare_graph(model.runnable)  # as the scan counts them
         sites = [site for _, site in find_sites(model.runnable.graph, ops)]
         return sites, hidden_notes(graph_hidden(model.runnable, ops))
     from deadrelu_cli.probe.torchscript import TorchScriptProbe
 
     probe = TorchScriptProbe(model.runnable, ProbeSettings(ops=ops))
-    return probe.sites, hidden_notes(probe.hidden)
+    undecided = [site.name for site in probe.sites if site.clamp and site.channel_first is None]
+    notes = hidden_notes(probe.hidden)
+    if undecided:  # probe.ops.clamp_is_layer needs the clamped tensor's shape, known once it runs
+        notes.append(
+            (
+                "note",
+                f"{', '.join(undecided)}: a clamp no layer feeds; a scan counts it only if what it clamps "
+                "has more than one unit (not a clamped loss, norm or variance)",
+            )
+        )
+    return probe.sites, notes
 
 
 def hidden_notes(hidden) -> list[tuple[str, str]]:

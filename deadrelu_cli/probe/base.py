@@ -183,6 +183,12 @@ class SiteRegistry:
                 name=name, op=op, channel_dim=-1, module_type=module_type, producer=producer
             )
 
+    def withdraw(self, name: str) -> None:
+        """Forget a declared site that turned out to be no layer (probe.ops.clamp_is_layer), unless it counted."""
+        site = self.sites.get(name)
+        if site is not None and site.positive is None:
+            del self.sites[name]
+
     def layer_stats(self) -> list[LayerStats]:
         out = []
         for site in self.sites.values():

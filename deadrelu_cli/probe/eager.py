@@ -38,8 +38,10 @@ from deadrelu_cli.probe.ops import (
     SiteNamer,
     aten_op_kind,
     clamp_bounds,
+    clamp_is_layer,
     hidden_label,
     is_activation_module_type,
+    is_clamp_op,
     is_scalar_value,
 )
 
@@ -119,10 +121,8 @@ def _function_table() -> dict[Callable, _FunctionSpec]:
 
 
 def _clamp_op(base: str, args: tuple, kwargs: dict) -> str | None:
-    """The op a clamp / threshold call is (relu, relu6), or None when its bounds are no ReLU's or it
-    clamps a 0-d value (a loss, a norm)."""
-    if args and is_scalar_value(args[0]):
-        return None
+    """The op a clamp / threshold call is (relu, relu6), or None when its bounds are no ReLU's (whether
+    what it clamps has units is EagerProbe.clamp_is_layer's question)."""
     rest = list(args[1:3])
     for position, key in enumerate(("threshold", "value") if base == "threshold" else ("min", "max")):
         if key in kwargs:
@@ -274,6 +274,17 @@ def eager_hidden(model: nn.Module, ops: tuple[str, ...]) -> Counter:
     return found
 
 
+def _wrapper_role(kind: type) -> str:
+    """'lora' for a PEFT LoRA layer, 'fake_quant' for a torch.ao fake-quant module, '' otherwise (by class
+    name and module: neither library is imported for it)."""
+    for cls in kind.__mro__:
+        if cls.__module__.startswith("peft.tuners.lora") and cls.__name__ == "LoraLayer":
+            return "lora"
+        if cls.__module__.startswith("torch.ao.quantization") and cls.__name__ == "FakeQuantizeBase":
+            return "fake_quant"
+    return ""
+
+
 class _CallSiteMode(TorchFunctionMode):
     def __init__(self, probe: EagerProbe) -> None:
         super().__init__()
@@ -307,9 +318,14 @@ class _CallSiteMode(TorchFunctionMode):
                     self.probe.next_site_name("relu"), qualified.replace("::", "."), "relu"
                 )
             elif qualified.startswith("aten::"):  # torch.ops.aten.relu(x) called as it is
-                kind = aten_op_kind(qualified, tuple(args))
+                clamp = is_clamp_op(qualified)  # the tensor is clamp_is_layer's to judge, below
+                kind = aten_op_kind(qualified, (None, *args[1:]) if clamp else tuple(args))
                 if kind is not None:  # clamp="aten": run as written (not run_in_parts' relu)
                     spec, op = _FunctionSpec(kind[0], None, kind[1], clamp="aten"), kind[0]
+                    if clamp and not self.probe.clamp_is_layer(args[0], op):
+                        spec = None
+        elif spec is not None and spec.clamp is not None and not self.probe.clamp_is_layer(args[0], op):
+            spec = None  # a clamped variance / norm / loss: an ordinary op, not a ReLU layer
         if spec is None or not args or not isinstance(args[0], torch.Tensor):
             out = func(*args, **kwargs)
             if args and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor):
@@ -384,6 +400,8 @@ def call_op(functions: dict, func, args: tuple, kwargs: dict) -> str | None:
         return None
     if func in (F.hardtanh, F.hardtanh_) and _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
         return None
+    if spec.clamp is not None and is_scalar_value(args[0]):  # a clamped loss or norm: no layer
+        return None
     return spec.op if spec.clamp is None else _clamp_op(spec.clamp, args, kwargs)
 
 
@@ -432,6 +450,7 @@ class EagerProbe:
         self._module_names = module_names(model)
         self.fast_paths = True  # relu counted while it runs (run_in_parts); False: the counting of before
         self._activation_types: dict[type, bool] = {}
+        self._wrapper_roles: dict[type, str] = {}  # module type -> _wrapper_role
         # activations inside kernels or TorchScript code no hook or mode sees: named, not counted
         self.hidden = eager_hidden(model, settings.ops)
 
@@ -484,6 +503,8 @@ class EagerProbe:
             and isinstance(output, torch.Tensor)
         ):
             self.carry_site_output(args[0], output)
+        if isinstance(output, torch.Tensor) and not isinstance(module, SHAPING_TYPES):
+            self._look_through(module, args, output)
         if isinstance(output, torch.Tensor) and isinstance(module, SHAPING_TYPES):
             is_producer = isinstance(module, PRODUCER_TYPES)
             if isinstance(module, PRODUCER_TYPES):
@@ -494,6 +515,32 @@ class EagerProbe:
                 module if is_producer else None,
                 isinstance(module, CHANNEL_FIRST_TYPES),
             )
+
+    def _look_through(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        """Wrappers whose output still holds a layer's units: a PEFT LoRA layer (base_layer(x) plus the
+        low-rank update: the base layer's bias still adds to each unit, so it is the producer) and a
+        fake-quant module (QAT: elementwise and monotone, so the units and the producer before it stay)."""
+        kind = type(module)
+        role = self._wrapper_roles.get(kind)
+        if role is None:
+            role = self._wrapper_roles[kind] = _wrapper_role(kind)
+        if role == "lora":
+            base = getattr(module, "base_layer", None)
+            if not isinstance(base, nn.Linear | nn.modules.conv._ConvNd) or any(
+                (getattr(module, "use_dora", None) or {}).values()
+            ):
+                return  # DoRA rescales the base output per unit: the bias no longer adds alone
+            channel_first = isinstance(base, nn.modules.conv._ConvNd)
+            units = base.out_channels if channel_first else base.out_features
+            if output.dim() == 0 or output.shape[1 if channel_first else -1] != units:
+                return
+            name = self._module_names.get(id(base), "")
+            self._produced[id(output)] = (weakref.ref(output), name, base, channel_first)
+            self._sources[id(output)] = (weakref.ref(output), name)
+        elif role == "fake_quant" and args and isinstance(args[0], torch.Tensor):
+            if args[0].shape == output.shape:
+                self.propagate(args[0], output, keep_producer=True)
+                self.carry_shift_source((args[0],), {}, output)
 
     def origin_of(self, tensor: torch.Tensor) -> tuple[str | None, nn.Module | None, bool] | None:
         """(producer name, producer module, channel-first) of a tensor, or None when unknown."""
@@ -713,6 +760,19 @@ class EagerProbe:
     def observe(self, name: str, op: str, pre: torch.Tensor) -> None:
         self._note_source(name, pre)
         self.registry.record_pre(name, op, pre, *self._site_facts(pre))
+
+    def clamp_is_layer(self, pre, op: str) -> bool:
+        """Whether a clamp with a ReLU's bounds is a layer (probe.ops.clamp_is_layer); one that is not
+        still takes its number in the names, as the graph probes number it."""
+        if not isinstance(pre, torch.Tensor):
+            return False
+        origin = self.origin_of(pre)
+        unit_axis = infer_channel_dim(pre.dim(), origin[2] if origin else None) if pre.dim() else None
+        if clamp_is_layer(tuple(pre.shape), unit_axis, origin is not None):
+            return True
+        if op in self.settings.ops and pre.is_floating_point():  # as a float site would have been
+            self.next_site_name(op)
+        return False
 
     def note_hidden(self, site: str, what: str, op: str) -> None:
         """A site the probe runs but cannot count (an int8 kernel): named in `hidden`, once."""

@@ -17,12 +17,19 @@ from deadrelu_cli.probe.base import (
     ProbeSettings,
     SiteRegistry,
     call_and_record,
+    infer_channel_dim,
     relaid_channel_first,
     squeeze_keeps_channels,
     static_site_hooks,
 )
-from deadrelu_cli.probe.hidden import decompose_rnn_cells, graph_hidden
-from deadrelu_cli.probe.ops import SiteNamer, aten_op_kind, is_activation_module_type
+from deadrelu_cli.probe.hidden import graph_hidden, prepare_graph
+from deadrelu_cli.probe.ops import (
+    SiteNamer,
+    aten_op_kind,
+    clamp_is_layer,
+    is_activation_module_type,
+    is_clamp_op,
+)
 
 # Index of the bias argument of each producer op.
 _BIAS_ARG = {
@@ -64,6 +71,7 @@ class StaticSite:
     module_type: str
     channel_first: bool | None
     producer: str | None
+    clamp: bool = False  # a clamp / threshold with a ReLU's bounds (a layer only by probe.ops.clamp_is_layer)
 
 
 def op_base(target) -> str:
@@ -168,12 +176,46 @@ def shift_source(node: fx.Node) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _clamp_is_layer(node: fx.Node, channel_first: bool | None) -> bool:
+    """probe.ops.clamp_is_layer from the traced example value of the clamp's input."""
+    value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if not isinstance(value, torch.Tensor):
+        return True
+    shape = tuple(d if isinstance(d, int) else None for d in value.shape)
+    unit_axis = infer_channel_dim(len(shape), channel_first) if shape else None
+    return clamp_is_layer(shape, unit_axis, channel_first is not None or _decomposed_linear(node))
+
+
+def _decomposed_linear(node: fx.Node) -> bool:
+    """Whether a clamp's input is a Linear's output in a decomposed graph (run_decompositions writes
+    linear as addmm / mm on rows, viewed back to [B, T, F]: the view keeps the last axis, the units)."""
+    current = node.args[0]
+    for _ in range(8):
+        if not isinstance(current, fx.Node) or current.op != "call_function" or not current.args:
+            return False
+        base = op_base(current.target)
+        if base in LAST_DIM:
+            return True
+        source = current.args[0]
+        if base in ("view", "_unsafe_view", "reshape") and isinstance(source, fx.Node):
+            before, after = source.meta.get("val"), current.meta.get("val")
+            if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
+                return False
+            if before.dim() == 0 or after.dim() == 0 or before.shape[-1] != after.shape[-1]:
+                return False
+        elif base not in PASS_THROUGH:
+            return False
+        current = source
+    return False
+
+
 def find_sites(graph: fx.Graph, ops: tuple[str, ...]) -> Iterator[tuple[fx.Node, StaticSite]]:
     namer = SiteNamer()
     for node in graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
-        kind = aten_op_kind(node.target.name(), tuple(node.args))
+        clamp = is_clamp_op(node.target.name())  # what it clamps is _clamp_is_layer's to judge, below
+        kind = aten_op_kind(node.target.name(), (None, *node.args[1:]) if clamp else tuple(node.args))
         if kind is None or kind[0] not in ops:
             continue
         op, in_place = kind
@@ -189,6 +231,8 @@ def find_sites(graph: fx.Graph, ops: tuple[str, ...]) -> Iterator[tuple[fx.Node,
         is_activation = is_activation_module_type(qualified_type)
         name = namer.name(path, op, is_activation)
         channel_first, producer = _trace_producer(node)
+        if clamp and not _clamp_is_layer(node, channel_first):
+            continue  # a clamped variance / norm / loss: no layer (its number is taken, as in eager)
         module_type = qualified_type.rsplit(".", 1)[-1] if is_activation else "functional"
         yield node, StaticSite(name, op, in_place, module_type, channel_first, producer)
 
@@ -201,7 +245,7 @@ class ExportedProbe:
         self.registry = SiteRegistry(settings)
         self.sites: list[StaticSite] = []
         self.graph_module = graph_module
-        decompose_rnn_cells(graph_module)
+        prepare_graph(graph_module)
         self.hidden = graph_hidden(graph_module, settings.ops)  # before the rewrite: the ops as exported
         for node, site in list(find_sites(graph_module.graph, settings.ops)):
             self.sites.append(site)

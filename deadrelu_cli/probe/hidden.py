@@ -95,6 +95,47 @@ def decompose_rnn_cells(graph_module: fx.GraphModule) -> None:
         graph_module.recompile()
 
 
+def recompose_thresholds(graph_module: fx.GraphModule) -> None:
+    """Write `where(x <= t, v, x)` with t == v (torch's decomposition of `threshold(x, t, v)`, which
+    `run_decompositions()` leaves for nn.Threshold / F.threshold) back as `threshold(x, t, v)`: the same
+    values, NaN included, and a ReLU site when t = v = 0, as it is before the decomposition."""
+    graph = graph_module.graph
+    aten = torch.ops.aten
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.where.self or len(node.args) != 3:
+            continue
+        cond, fill, x = node.args
+        if not (
+            isinstance(cond, fx.Node)
+            and cond.target is aten.le.Scalar
+            and cond.args[0] is x
+            and isinstance(x, fx.Node)
+        ):
+            continue
+        value = fill
+        if isinstance(fill, fx.Node) and fill.target is aten.scalar_tensor.default and fill.args:
+            value = fill.args[0]
+        bound = cond.args[1]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (value, bound)):
+            continue
+        if float(value) != float(bound):
+            continue
+        node.target, node.args, node.kwargs = aten.threshold.default, (x, bound, value), {}
+        for dead in (cond, fill):
+            if isinstance(dead, fx.Node) and not dead.users:
+                graph.erase_node(dead)
+        changed = True
+    if changed:
+        graph_module.recompile()
+
+
+def prepare_graph(graph_module: fx.GraphModule) -> None:
+    """The rewrites before a graph's sites are found (the scan, `inspect` and `fix` alike)."""
+    decompose_rnn_cells(graph_module)
+    recompose_thresholds(graph_module)
+
+
 def _graph_sites(graph_module: fx.GraphModule, ops: tuple[str, ...]) -> Counter:
     found: Counter = Counter()
     for node in graph_module.graph.nodes:

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, fused_origin, implicit_relu, nchwc_tensor
-from deadrelu_cli.probe.ops import counts_from_output, threshold_below
+from deadrelu_cli.probe.ops import clamp_is_layer, counts_from_output, threshold_below
 from deadrelu_cli.wiring.onnx import consumer_layout, producer_weight, trace_producer
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, float_type, opset_version
 
@@ -177,6 +177,17 @@ def classify(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, float | None
     return None
 
 
+def _clip_is_layer(index: GraphIndex, site: OnnxSite, trace) -> bool:
+    """probe.ops.clamp_is_layer for a Clip(x, 0) whose input no layer produced, from the shapes that
+    shape inference gave (an unknown shape: a layer)."""
+    shape = index.shape(site.input_name)
+    if shape is None:
+        return True
+    # the unit axis site_channel_dim takes when no producer says: dim 1 from rank 4 on, else the last
+    unit_axis = site.unit_axis if site.unit_axis is not None else 1 if len(shape) >= 4 else -1
+    return clamp_is_layer(tuple(shape), unit_axis, trace.producer is not None)
+
+
 _BRANCH_ORDER = {"then_branch": 0, "else_branch": 1}
 
 
@@ -247,8 +258,12 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
                 if site.module_type == NCHWC_CONV:  # reordered back to NCHW: units on dim 1
                     site.channel_first = True
                 if site.channel_first is None:
-                    site.channel_first = consumer_layout(index, site.output_name)
-                sites.append(site)
+                    if kind is not None and node.op_type == "Clip" and not _clip_is_layer(index, site, trace):
+                        site = None  # Clip(x, 0) of a scalar / a variance kept as [B, T, 1]: no units
+                    else:
+                        site.channel_first = consumer_layout(index, site.output_name)
+                if site is not None:
+                    sites.append(site)
             for attr_name, sub in _subgraphs(node):
                 label = node.name or node.output[0]
                 walk(

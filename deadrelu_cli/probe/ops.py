@@ -113,6 +113,33 @@ def is_scalar_value(value: object) -> bool:
     return callable(dim) and dim() == 0
 
 
+def clamp_is_layer(shape, unit_axis: int | None, from_layer: bool) -> bool:
+    """Whether a clamp with a ReLU's bounds (clamp(min=0), clamp_min(0), threshold(0, 0), ONNX Clip(x, 0))
+    is a ReLU layer. `shape`: its input's shape (None for an unknown dim, or None when unknown);
+    `unit_axis`: where its units would be (None: the last axis); `from_layer`: the input comes from a
+    Linear/Conv/norm layer (through elementwise ops and transposes).
+
+    A layer's output is always one; otherwise the clamped value needs a unit axis of more than one unit:
+    a clamped 0-d or rank-1 value (a loss, a per-sample margin) or a clamp of one value per position
+    (a variance, a norm or a denominator kept as [B, T, 1]) holds no units. Such a clamp is an ordinary
+    op, no layer (it still takes its number in the site names, so that every format numbers alike). An
+    unknown shape is a layer: a ReLU missed is worse than a clamp listed. Shared by every probe."""
+    if shape is not None and len(shape) == 0:
+        return False
+    if from_layer or shape is None:
+        return True
+    if len(shape) < 2:
+        return False
+    size = shape[-1 if unit_axis is None else unit_axis]
+    return not isinstance(size, int) or size > 1  # a symbolic size: not known to be one
+
+
+def is_clamp_op(overload_name: str) -> bool:
+    """Whether an aten op name ('aten::clamp_min', 'aten.threshold_.default') is a clamp / threshold."""
+    base = overload_name.replace("aten::", "").replace("aten.", "").split(".")[0].rstrip("_")
+    return base in ("clamp", "clip", "clamp_min", "threshold")
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 

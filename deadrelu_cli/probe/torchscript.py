@@ -22,6 +22,7 @@ from deadrelu_cli.probe.base import (
     ProbeSettings,
     SiteRegistry,
     call_and_record,
+    infer_channel_dim,
     relaid_channel_first,
     static_site_hooks,
 )
@@ -31,8 +32,11 @@ from deadrelu_cli.probe.ops import (
     SiteNamer,
     aten_op_kind,
     clamp_bounds,
+    clamp_is_layer,
     hidden_label,
     is_activation_module_type,
+    is_clamp_op,
+    is_scalar_value,
 )
 
 _FUNCTIONS = {
@@ -121,7 +125,7 @@ class _Walker:
                     args = tuple(self._value(env, v) for v in list(node.inputs())[1:])
                     op = CLAMP_OPS.get(clamp_bounds("threshold", args[1:3]) or ())
                     if op is not None:
-                        self._add(module, node, op, fname.endswith("_") or args[-1] is True)
+                        self._add(module, node, op, fname.endswith("_") or args[-1] is True, clamp=True)
                 elif fname in _FUNCTIONS:
                     args = tuple(self._value(env, v) for v in list(node.inputs())[1:])
                     op = _FUNCTIONS[fname]
@@ -160,7 +164,7 @@ class _Walker:
                 self._note_hidden(module, kind, args)
                 kind_op = aten_op_kind(kind, args)
                 if kind_op is not None and kind_op[0] in self.ops:
-                    self._add(module, node, kind_op[0], kind_op[1])
+                    self._add(module, node, kind_op[0], kind_op[1], clamp=is_clamp_op(kind))
 
     def _note_hidden(self, module, kind: str, args: tuple) -> None:
         """A fused kernel with a ReLU inside (an RNN, the transformer encoder's fast path, an int8 op)."""
@@ -180,7 +184,7 @@ class _Walker:
             if op in self.ops:
                 self.hidden[hidden_label(path, "transformer encoder fast path", op)] += 1
 
-    def _add(self, module, node, op: str, in_place: bool) -> None:
+    def _add(self, module, node, op: str, in_place: bool, clamp: bool = False) -> None:
         if op not in self.ops:
             return
         path = self.paths.get(id(module), "")
@@ -195,7 +199,7 @@ class _Walker:
             value = node.inputsAt(1) if node.kind() == "prim::CallFunction" else node.inputsAt(0)
             channel_first, producer = self._producer(value, module)
         module_type = qualified.rsplit(".", 1)[-1] if is_activation else "functional"
-        self.sites.append(StaticSite(name, op, in_place, module_type, channel_first, producer))
+        self.sites.append(StaticSite(name, op, in_place, module_type, channel_first, producer, clamp))
 
     def _producer(self, value, module) -> tuple[bool | None, str | None]:
         """Same rule as the FX probe: the unit axis follows elementwise ops, the bias only scalar ones."""
@@ -297,6 +301,8 @@ class _OrderedDispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         kind = aten_op_kind(func.name(), tuple(args))
+        if kind is None and args and is_clamp_op(func.name()) and is_scalar_value(args[0]):
+            kind = aten_op_kind(func.name(), (None, *args[1:]))  # a 0-d clamp: on_activation drops it
         if kind is None or kind[0] not in self.probe.settings.ops:
             return func(*args, **kwargs)
         return self.probe.on_activation(func, args, kwargs, kind[0], kind[1])
@@ -331,6 +337,13 @@ class TorchScriptProbe:
             raise self._error
         site = self.sites[self._position]
         self._position += 1
+        if site.clamp and not clamp_is_layer(
+            tuple(args[0].shape),
+            infer_channel_dim(args[0].dim(), site.channel_first) if args[0].dim() else None,
+            site.channel_first is not None,
+        ):  # a clamped variance / norm / loss (its shape tells, known once it runs): no layer
+            self.registry.withdraw(site.name)
+            return func(*args, **kwargs)
         if getattr(args[0], "is_quantized", False):  # an int8 tensor: no float pre-activation to count
             self.hidden[hidden_label(site.name, "activation on a quantized tensor", op)] = 1
             return func(*args, **kwargs)
@@ -341,7 +354,9 @@ class TorchScriptProbe:
         self._position = 0
         self._error: UserError | None = None
         try:
-            with _OrderedDispatch(self):
+            # unoptimized: the optimizer merges identical calls on one tensor (relu(x) twice, one ReLU
+            # module applied twice) into one, which the code's sites (and eager) count as two
+            with torch.jit.optimized_execution(False), _OrderedDispatch(self):
                 out = self.module(*inputs, **(kwargs or {}))
         except RuntimeError:
             if self._error is not None:

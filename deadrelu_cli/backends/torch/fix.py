@@ -376,12 +376,12 @@ def _program_module(scanned, options: FixOptions) -> torch.fx.GraphModule:
         raise UserError(
             f"--output {options.output}: an ExportedProgram is patched into an ExportedProgram; use a .pt2 name"
         )
-    from deadrelu_cli.probe.hidden import decompose_rnn_cells
+    from deadrelu_cli.probe.hidden import prepare_graph
 
     # a copy: program.module() shares the program's tensors with the module the original runner runs,
     # so edits in place would change "before" too and the comparison would check nothing
     module = copy.deepcopy(graph_module_with_stack(scanned.model.extra["program"])).to(scanned.device)
-    decompose_rnn_cells(module)  # the RNNCell steps' ReLUs are sites, as the scan counted them
+    prepare_graph(module)  # the RNNCell steps and decomposed thresholds are sites, as scanned
     return module
 
 
