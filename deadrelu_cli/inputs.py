@@ -101,20 +101,32 @@ def decoder_from_labels(model: LoadedModel, names) -> bool:
     )
 
 
+def is_transformers_model(runnable) -> bool:
+    """A Hugging Face transformers model (by class name and module: transformers is not imported for it)."""
+    return any(
+        cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
+        for cls in type(runnable).__mro__
+    )
+
+
 def label_arrays(model: LoadedModel, names: list[str]) -> tuple[str, ...]:
     """The data's label arrays (`y`, `labels`, `targets`, …) not fed to the model: every one but those
-    naming a required input (an ONNX graph's, a forward(x, y) without a default) and an encoder-decoder's
-    `labels` its decoder's input derives from (`decoder_from_labels`). A forward() that merely accepts
-    `labels` (Hugging Face heads) would only compute a loss from them."""
-    required = {spec.name for spec in model.inputs}
-    derived = {LABELS} if decoder_from_labels(model, names) else set()
-    return tuple(n for n in names if n.lower() in LABEL_NAMES and n not in required | derived)
+    naming a required input (an ONNX graph's, a forward(x, y) without a default), an argument of a
+    forward() that is not a transformers model's (a class-conditional net's `forward(x, t, y=None)`
+    embeds `y`: its units depend on it) and an encoder-decoder's `labels` its decoder's input derives
+    from (`decoder_from_labels`). A transformers head's `labels` would only compute a loss."""
+    fed = {spec.name for spec in model.inputs}
+    if not is_transformers_model(model.runnable):
+        fed |= set(model.keyword_inputs)
+    if decoder_from_labels(model, names):
+        fed.add(LABELS)
+    return tuple(n for n in names if n.lower() in LABEL_NAMES and n not in fed)
 
 
 def labels_note(labels: tuple[str, ...]) -> str:
     return (
         f"array(s) {', '.join(labels)} not fed to the model: labels, which play no part in which units fire "
-        "(only the inputs are replayed; a forward() that takes labels would only compute a loss from them)"
+        "(only the inputs are replayed; a transformers model's labels would only compute a loss)"
     )
 
 
@@ -335,7 +347,29 @@ def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data
                 f"{list(by_name[name].shape)}: give one mask value per position (or --mask none to count every position)"
             )
     marks_padding = array is not None and array.endswith(PADDING_MASK_SUFFIX)
+    if marks_padding:
+        _check_padding_convention(by_name[array], data.path)
     return MaskSpec(array, tuple(int(t) for t in exclude_token_ids), marks_padding)
+
+
+def _check_padding_convention(source, path) -> None:
+    """A `*key_padding_mask` that marks every position of a sample as padding is one written the other
+    way round (1 on real tokens: an unpadded sample is then all 1), which would count the padding only;
+    by PyTorch's convention such a sample has no token at all (attention over it gives NaN)."""
+    try:
+        for start in range(0, source.shape[0], 4096):  # in row blocks: O(block) memory
+            rows = np.asarray(source.rows(start, min(start + 4096, source.shape[0]))) != 0
+            full = np.flatnonzero(rows.all(axis=1))
+            if full.size:
+                raise UserError(
+                    f"{path}: {source.name!r} marks every position of sample {start + int(full[0])} as padding: "
+                    "an array named *key_padding_mask follows PyTorch's convention (True or nonzero on padding); "
+                    "if it is 1 on real tokens, name it attention_mask (or pass --mask none to count every position)"
+                )
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:  # the scan's batches reopen it
+            close()
 
 
 def unfed_arrays(mask: MaskSpec | None, data, model: LoadedModel) -> tuple[str, ...]:
@@ -368,6 +402,24 @@ def square_free_batch_size(batch_size: int, total: int, tokens: tuple[int, ...])
     while size > 1 and square(size):
         size = min(size, total) - 1
     return size
+
+
+def mask_lengths(mask: MaskSpec | None, data, *extra: str) -> tuple[int, ...]:
+    """The token lengths of the data's [samples, tokens] arrays that a position mask reads (its array, or
+    the input_ids --exclude-token-ids reads), and of the arrays `extra` names (another scope's mask)."""
+    names = {(mask.array or TOKEN_IDS) if mask is not None else None, *extra}
+    return tuple(s.shape[1] for s in data.sources if s.name in names and len(s.shape) == 2)
+
+
+def layout_probe_size(total: int, tokens: tuple[int, ...]) -> int:
+    """How many samples the batch that decides where a graph's sites hold the mask's positions takes:
+    two (a [B*T, C] site is then told from a [T, C] one), or the next count that is no mask's length
+    (`tokens`: a batch of 2 samples of 2 tokens leaves [T, B, ...] and [B, T, ...] one shape); at most
+    `total`."""
+    size = 2
+    while size in tokens:
+        size += 1
+    return min(size, total)
 
 
 TARGET_MASK = "tgt_key_padding_mask"  # nn.Transformer's decoder-side padding (PyTorch's convention)

@@ -508,20 +508,21 @@ class Watch:
         """The decoder's positions of an encoder-decoder's forward, as `deadrelu scan` counts them: its
         `decoder_attention_mask`; with `decoder_input_ids` and none, every position (None); with `labels`
         it derives its input from (shifted right), the start position and each one after a label that is
-        not -100; False without any of these (the decoder runs on the shifted input_ids: the encoder's mask)."""
+        not -100 (and within a `decoder_attention_mask`, as inputs.decoder_batch_mask); False without any
+        of these (the decoder runs on the shifted input_ids: the encoder's mask)."""
         given, ids, labels = (kwargs.get(k) for k in (DECODER_MASK, DECODER_IDS, LABELS))
-        if isinstance(given, torch.Tensor) and given.dim() == 2:
-            return given != 0
+        keep = given != 0 if isinstance(given, torch.Tensor) and given.dim() == 2 else None
         if isinstance(ids, torch.Tensor):
-            return None
+            return keep
         if (
             isinstance(labels, torch.Tensor)
             and labels.dim() == 2
             and hasattr(self.model, "prepare_decoder_input_ids_from_labels")
         ):
             real = labels != IGNORE_INDEX
-            return torch.cat([torch.ones_like(real[:, :1]), real[:, :-1]], dim=1)
-        return False
+            shifted = torch.cat([torch.ones_like(real[:, :1]), real[:, :-1]], dim=1)
+            return shifted if keep is None or keep.shape != shifted.shape else keep & shifted
+        return False if keep is None else keep
 
     def _forward_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The forward's own `attention_mask` (or `mask_argument`): positions where it is 0 are not

@@ -137,19 +137,30 @@ def _is_index_clamp(node: onnx.NodeProto, index: GraphIndex) -> bool:
 
 def max_relu_input(node: onnx.NodeProto, index: GraphIndex) -> str | None:
     """The pre-activation of a ReLU written `Max(x, 0)` (jax.nn.relu and tf.maximum(x, 0) through
-    tf2onnx, torch.maximum(x, 0) exported): x, when the other operand is a stored zero and x comes
-    from a layer with weights; None for other maxima (a LayerNorm's variance clamp, a stable softmax's
-    running max), whose input is a reduction, not a layer's units."""
+    tf2onnx, torch.maximum(x, 0) exported): x, when the other operand is stored zeros (one, or a tensor
+    that does not widen x: torch.maximum(x, torch.zeros(C))) and x comes from a layer with weights;
+    None for other maxima (a LayerNorm's variance clamp, a stable softmax's running max), whose input is
+    a reduction, not a layer's units."""
     if node.op_type != "Max" or len(node.input) != 2 or not all(node.input):
         return None
     zero = [i for i in node.input if index.constant(i) is not None]
     data = [i for i in node.input if index.constant(i) is None]
     if len(zero) != 1 or len(data) != 1:
         return None
-    value = index.constant(zero[0])
-    if value.size != 1 or float(np.asarray(value).reshape(-1)[0]) != 0.0:
+    value = np.asarray(index.constant(zero[0]))
+    if value.size == 0 or np.any(value != 0):
         return None
+    if value.size > 1 and not _broadcasts_into(value.shape, index.shape(data[0])):
+        return None  # zeros that widen x (or of a shape not known to fit it): no elementwise ReLU of x
     return data[0] if producer_weight(index, data[0]) is not None else None
+
+
+def _broadcasts_into(small: tuple[int, ...], shape: list[int | None] | None) -> bool:
+    """Whether a constant of shape `small` broadcasts against a tensor of `shape` (None: a symbolic dim,
+    which may be 1) without widening it: torch.maximum(x, torch.zeros(C)) exports its zeros as [C]."""
+    if shape is None or len(small) > len(shape):
+        return False
+    return all(s == 1 or s == d for s, d in zip(small[::-1], shape[::-1], strict=False))
 
 
 def classify(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, float | None] | None:

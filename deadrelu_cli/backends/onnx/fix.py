@@ -255,7 +255,7 @@ class _SitePass:
         """Per site name, its values [values, units] (`units`: the units to keep; None: every unit), as
         float64, and the machine epsilon of the site's own dtype."""
         from deadrelu_cli.backends.onnx.scan import as_input, feed_order, make_session
-        from deadrelu_cli.inputs import batch_mask, resolve_mask
+        from deadrelu_cli.inputs import batch_mask, mask_lengths, resolve_mask, square_free_batch_size
         from deadrelu_cli.wiring.onnx_index import opset_version
 
         scanned, options = self.scanned, self.options
@@ -278,7 +278,13 @@ class _SitePass:
         limit = (
             options.limit if limit is None else limit if options.limit is None else min(limit, options.limit)
         )
-        for batch in scanned.data.batches(options.batch_size, limit, options.allow_nonfinite):
+        size = options.batch_size
+        if mask is not None and scanned.model.fixed_batch is None and isinstance(size, int):
+            # no batch of as many samples as tokens: a time-major site is told by its shape, as in the scan
+            local = scanned.data.local_samples
+            total = local if limit is None else min(limit, local)
+            size = square_free_batch_size(size, total, mask_lengths(mask, scanned.data))
+        for batch in scanned.data.batches(size, limit, options.allow_nonfinite):
             outs = session.run(None, {i: as_input(batch[a], dtypes.get(i), i) for i, a in order.items()})
             keep = batch_mask(mask, batch) if mask is not None else None
             for name, out in zip(names, outs, strict=True):

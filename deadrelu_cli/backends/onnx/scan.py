@@ -15,6 +15,8 @@ from deadrelu_cli.inputs import (
     fixed_batch_error,
     label_arrays,
     labels_note,
+    layout_probe_size,
+    mask_lengths,
     mismatch,
     positional_arrays,
     resolve_mask,
@@ -719,8 +721,11 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     weights_dir = loaded.extra.get("weights_dir")
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     batch_size = _batch_size(options, loaded, data, order, total)  # None: auto, sized once the session runs
-    # with a mask, two samples (where the graph allows): a [B*T, C] site is then told from a [T, C] one
-    probe_batch = loaded.fixed_batch or (min(2, total) if mask is not None else batch_size or 1)
+    # with a mask, two samples (where the graph allows): a [B*T, C] site is then told from a [T, C] one;
+    # three with masks of 2 tokens, where [T, B, C] (time-major) and [B, T, C] have one shape
+    probe_batch = loaded.fixed_batch or (
+        layout_probe_size(total, mask_lengths(mask, data)) if mask is not None else batch_size or 1
+    )
     _discover_shapes(
         loaded.runnable,
         sites,

@@ -38,6 +38,7 @@ from deadrelu_cli.inputs import (
     fixed_batch_error,
     label_arrays,
     labels_note,
+    mask_lengths,
     match_inputs,
     resolve_batch_size,
     resolve_mask,
@@ -272,8 +273,7 @@ def scan_torch(
             raise fixed_batch_error(model.path, model.fixed_batch, total)
         batch_size = model.fixed_batch
     elif mask is not None or targets:  # no batch of `tokens` samples: a time-major layout stays unambiguous
-        masks = ((mask.array or TOKEN_IDS) if mask is not None else None, TARGET_MASK if targets else None)
-        tokens = tuple(s.shape[1] for s in data.sources if s.name in masks and len(s.shape) == 2)
+        tokens = mask_lengths(mask, data, *((TARGET_MASK,) if targets else ()))
         batch_size = square_free_batch_size(batch_size, total, tokens)
     done = 0
     context = probe.attached() if hasattr(probe, "attached") else contextlib.nullcontext()
