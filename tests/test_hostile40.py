@@ -267,3 +267,31 @@ def test_trend_over_safetensors_checkpoints_refuses_a_hostile_header_in_one_line
     )
     # before: SafetensorError escaped trend's own reader: an internal error (exit 3)
     one_line_error(result, "ck-2.safetensors", "cannot read safetensors")
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_a_config_declaring_far_more_layers_than_its_weights_is_refused_before_building(
+    cli, hf_folder, tmp_path, sharded
+):
+    import json
+
+    folder, data = hf_folder
+    copy = shutil.copytree(folder, tmp_path / "opt")
+    if not sharded:  # one model.safetensors: the names come from its header
+        from hf_models import opt_model
+
+        for shard in copy.glob("model*.safetensors*"):
+            shard.unlink()
+        opt_model().save_pretrained(copy)
+        assert (copy / "model.safetensors").is_file()
+    config = json.loads((copy / "config.json").read_text())
+    config["num_hidden_layers"] = 300  # the weights hold layers 0 and 1
+    (copy / "config.json").write_text(json.dumps(config))
+    # before: transformers built all 300 blocks (2000 ran for minutes), filled 298 at random, and the scan went on
+    one_line_error(cli("scan", copy, "--data", data), "declares 300 layers", "at most 2")
+
+    config["num_hidden_layers"] = 3  # a small mismatch is transformers' to fill, and the scan says so
+    (copy / "config.json").write_text(json.dumps(config))
+    result = cli("scan", copy, "--data", data)
+    assert result.code == 0, result.err
+    assert "initialised them at random" in result.out + result.err

@@ -135,6 +135,55 @@ def _check_config_json(folder: Path) -> None:
         pass
 
 
+# config keys that say how many blocks transformers builds (top level or in a sub-config)
+LAYER_COUNT_KEYS = frozenset(
+    {"num_hidden_layers", "num_layers", "n_layer", "encoder_layers", "decoder_layers", "num_decoder_layers"}
+)
+LAYER_COUNT_SLACK = 4, 64  # shared-weight models (ALBERT) declare more blocks than they store
+
+
+def weight_names(folder: Path) -> list[str] | None:
+    """The tensor names of a folder's weights, from its index or safetensors headers (no tensor is
+    read); None for .bin weights, whose names only come with unpickling."""
+    for index_name in WEIGHT_INDEXES:
+        index = folder / index_name
+        if index.is_file():
+            return list(parse_json(index.read_text(), index)["weight_map"])
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(single), framework="numpy") as handle:
+            return list(handle.keys())
+    except Exception:  # a broken header is the loader's to report, in its own words
+        return None
+
+
+def check_declared_layers(folder: Path, config) -> None:
+    """transformers builds (and fills at random) every block config.json declares before it reads a
+    weight: a 50 KB folder declaring thousands of blocks would run for minutes. Refuse a declared count
+    far beyond the block indices the weights hold."""
+    names = weight_names(folder)
+    if not names:
+        return
+    held = 1 + max((int(part) for name in names for part in name.split(".") if part.isdigit()), default=0)
+    declared, stack = 0, [config.to_dict()]
+    while stack:
+        for key, value in stack.pop().items():
+            if isinstance(value, dict):
+                stack.append(value)
+            elif key in LAYER_COUNT_KEYS and isinstance(value, int) and not isinstance(value, bool):
+                declared = max(declared, value)
+    factor, floor = LAYER_COUNT_SLACK
+    if declared > floor and declared > factor * held:
+        raise UserError(
+            f"{folder}/config.json declares {declared} layers, but the folder's weights hold at most {held}: "
+            "transformers would build every missing one at random; check that config.json belongs to these weights"
+        )
+
+
 def load_hf_folder(options: LoadOptions) -> LoadedModel:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -163,6 +212,7 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
         raise UserError(
             f"{folder}: the model's code ships in the folder (auto_map); pass --trust-pickle to run it, only if you trust its source"
         )
+    check_declared_layers(folder, config)
     cls = model_class(transformers, config, folder)
     kwargs = {
         "config": config,
