@@ -563,6 +563,16 @@ def file_unchanged(loaded: LoadedModel) -> bool:
     return identity is not None and file_identity(loaded.path) == identity
 
 
+def written_in_place(loaded: LoadedModel) -> bool:
+    """Whether the loaded model file's own inode was written to (or touched) since it was read: onnxruntime
+    maps released weights from it and reads them there on every run, so later batches would run on the
+    new bytes. A file replaced by a new one (another inode at the path: a rename, a rewrite to a temporary
+    file) or removed is not that: the map keeps the old inode's bytes."""
+    identity = loaded.extra.get("file_identity")
+    now = file_identity(loaded.path)
+    return identity is not None and now is not None and now[:2] == identity[:2] and now != identity
+
+
 def file_identity(path) -> tuple | None:
     try:
         return _identity(os.stat(path))
@@ -585,8 +595,10 @@ def restore_weights(loaded: LoadedModel) -> None:
     spans = loaded.extra.get("released")
     if not spans:
         return
-    raw = reread_verified(loaded.path, loaded.sha256)
-    if raw is None:
+    # the report's hash is of a separate read, in the background: the file must also still be the one
+    # loaded (written over in place after the scan's last batch, the hash may be of the new bytes)
+    raw = reread_verified(loaded.path, loaded.sha256) if file_unchanged(loaded) else None
+    if raw is None or not file_unchanged(loaded):
         raise UserError(
             f"{loaded.path}: the model file changed while deadrelu read it; run again once it is no longer being written"
         )

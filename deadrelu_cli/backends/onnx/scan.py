@@ -24,7 +24,7 @@ from deadrelu_cli.inputs import (
     unfed_arrays,
 )
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions, file_sha256, reread_verified
-from deadrelu_cli.loaders.onnx_model import file_unchanged, release_weights
+from deadrelu_cli.loaders.onnx_model import file_unchanged, release_weights, written_in_place
 from deadrelu_cli.probe.onnx_graph import MASK_INPUT, OnnxSite, find_sites
 from deadrelu_cli.stats import LayerStats
 
@@ -810,6 +810,8 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                 per_site = [{key: results[name] for key, name in out.items()} for out in outputs]
                 if recount.needed(per_site):
                     per_site = recount.run(feeds)
+            except UserError:
+                raise
             except Exception as exc:  # onnxruntime's own exception types
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 if index == 0:
@@ -822,6 +824,10 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                         f"onnxruntime failed on the first batch: {'; '.join([first, *detail])}; {hint}"
                     ) from None
                 raise
+            # onnxruntime maps released weights from the file and reads them there on every run: a file
+            # written over in place since (same inode) fed this batch other weights (one stat per batch)
+            if "released" in loaded.extra and written_in_place(loaded):
+                check_weights_read(loaded)
             batch_s = time.perf_counter() - started
             first_batched = next(n for n in order.values() if n not in data.consts)
             samples = batch[first_batched].shape[data.batch_axes.get(first_batched, 0)]
