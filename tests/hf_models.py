@@ -223,3 +223,15 @@ def relu_counts(model, feed: dict, keep_of) -> dict:
             rows = np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
         out[name] = ((rows > 0).sum(0).tolist(), rows.shape[0])
     return out
+
+
+def bart_model(seed: int = 4):
+    """A tiny ReLU BART (1 encoder and 1 decoder layer; pad 1, bos/eos/decoder start 2), random weights."""
+    torch.manual_seed(seed)
+    config = transformers.BartConfig(
+        vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, activation_function="relu",
+        pad_token_id=1, bos_token_id=2, eos_token_id=2, decoder_start_token_id=2,
+        max_position_embeddings=64, dropout=0.0,
+    )  # fmt: skip
+    return transformers.BartForConditionalGeneration(config).eval()

@@ -361,16 +361,9 @@ def test_labels_feed_a_seq2seq_decoder_counted_on_its_own_positions_and_are_left
     OPT (forward() takes labels, a causal LM) given a labels array of another shape: left out (a note says
     so), the scan runs and counts as without them. Before: fed, and the loss refused them (the scan
     stopped: "the model failed on the first batch")."""
-    from hf_models import opt_model, save_folder, token_data, transformers
+    from hf_models import bart_model, opt_model, save_folder, token_data
 
-    torch.manual_seed(4)
-    config = transformers.BartConfig(
-        vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, activation_function="relu",
-        pad_token_id=1, bos_token_id=2, eos_token_id=2, decoder_start_token_id=2,
-        max_position_embeddings=64, dropout=0.0,
-    )  # fmt: skip
-    bart = transformers.BartForConditionalGeneration(config).eval()
+    bart = bart_model(seed=4)
     folder = save_folder(bart, tmp_path / "bart", shard="10KB")
     ids, mask = token_data(seed=2)
     label_ids, label_mask = token_data(seed=9)
@@ -508,18 +501,11 @@ def test_watch_counts_a_seq2seq_decoder_on_its_own_positions():
     """watch() on a BART training forward (input_ids, attention_mask, labels with -100 padding, as
     Seq2SeqTrainer calls it): the decoder's sites count the labels' shifted positions, the encoder's
     the attention_mask's, as `deadrelu scan` does. Before: the attention_mask was laid over the decoder."""
-    from hf_models import token_data, transformers
+    from hf_models import bart_model, token_data
 
     from deadrelu_cli import watch
 
-    torch.manual_seed(4)
-    config = transformers.BartConfig(
-        vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, activation_function="relu",
-        pad_token_id=1, bos_token_id=2, eos_token_id=2, decoder_start_token_id=2,
-        max_position_embeddings=64, dropout=0.0,
-    )  # fmt: skip
-    model = transformers.BartForConditionalGeneration(config).eval()
+    model = bart_model(seed=4)
     ids, mask = token_data(seed=2)
     label_ids, label_mask = token_data(seed=9)
     labels = np.where(label_mask == 1, label_ids, -100)

@@ -153,18 +153,11 @@ def test_watch_decoder_with_labels_and_decoder_attention_mask_counts_as_scan(cli
     padding) and a decoder_attention_mask: the decoder runs on the labels shifted right, so the position
     after a -100 holds the pad token. `scan` counts the decoder where the mask keeps and a real label
     precedes; watch() counted every position the mask keeps. Both now count the same, the truth's."""
-    from hf_models import save_folder, token_data, transformers
+    from hf_models import bart_model, save_folder, token_data
 
     from deadrelu_cli import watch
 
-    torch.manual_seed(4)
-    config = transformers.BartConfig(
-        vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, activation_function="relu",
-        pad_token_id=1, bos_token_id=2, eos_token_id=2, decoder_start_token_id=2,
-        max_position_embeddings=64, dropout=0.0,
-    )  # fmt: skip
-    model = transformers.BartForConditionalGeneration(config).eval()
+    model = bart_model(seed=4)
     ids, mask = token_data(seed=2)
     label_ids, label_mask = token_data(seed=9)
     labels = np.where(label_mask == 1, label_ids, -100)
