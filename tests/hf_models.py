@@ -235,3 +235,14 @@ def bart_model(seed: int = 4):
         max_position_embeddings=64, dropout=0.0,
     )  # fmt: skip
     return transformers.BartForConditionalGeneration(config).eval()
+
+
+def token_relu_counts(model, feed: dict, keep_of) -> dict[str, tuple[list[int], int]]:
+    """Per ReLU module of a transformers model: positives per unit and counted positions over the
+    [B, T] positions `keep_of(site name)` keeps (units on the last axis; OPT's [B*T, F] too), in numpy."""
+    out = {}
+    for name, a in relu_outputs(model, feed).items():
+        keep = keep_of(name).astype(bool)
+        rows = a.reshape(*keep.shape, -1)[keep]  # [B, T, F], or OPT's [B*T, F]
+        out[name] = ((rows > 0).sum(0).tolist(), rows.shape[0])
+    return out

@@ -328,31 +328,6 @@ def test_onnx_if_and_loop_bodies_are_masked_scan_bodies_stop_the_gate(cli, tmp_p
     assert cli(*args, "--max-dead", "1.0", "--mask", "none").code == 0
 
 
-def _hf_relu_counts(model, feed: dict, keep_of) -> dict[str, tuple[list[int], int]]:
-    """Plain forward hooks on every nn.ReLU module of a transformers model: per site, positives per unit
-    and elements per unit over the [B, T] positions `keep_of(site name)` keeps, in numpy."""
-    captured = {}
-    handles = [
-        m.register_forward_hook(
-            lambda _m, _a, out, name=name: captured.__setitem__(name, out.float().numpy())
-        )
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.ReLU)
-    ]
-    try:
-        with torch.no_grad():
-            model(**{k: torch.from_numpy(v) for k, v in feed.items()})
-    finally:
-        for handle in handles:
-            handle.remove()
-    out = {}
-    for name, a in captured.items():
-        keep = keep_of(name).astype(bool)
-        rows = a.reshape(*keep.shape, -1)[keep]  # [B, T, F], or OPT's [B*T, F]
-        out[name] = ((rows > 0).sum(0).tolist(), rows.shape[0])
-    return out
-
-
 def test_labels_feed_a_seq2seq_decoder_counted_on_its_own_positions_and_are_left_out_elsewhere(cli, tmp_path):
     """BART fed input_ids, attention_mask and labels (-100 on label padding), no decoder_input_ids: its
     decoder runs on the labels shifted right (as in training), so the decoder's sites count the start
@@ -361,7 +336,7 @@ def test_labels_feed_a_seq2seq_decoder_counted_on_its_own_positions_and_are_left
     OPT (forward() takes labels, a causal LM) given a labels array of another shape: left out (a note says
     so), the scan runs and counts as without them. Before: fed, and the loss refused them (the scan
     stopped: "the model failed on the first batch")."""
-    from hf_models import bart_model, opt_model, save_folder, token_data
+    from hf_models import bart_model, opt_model, save_folder, token_data, token_relu_counts
 
     bart = bart_model(seed=4)
     folder = save_folder(bart, tmp_path / "bart", shard="10KB")
@@ -371,7 +346,7 @@ def test_labels_feed_a_seq2seq_decoder_counted_on_its_own_positions_and_are_left
     feed = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     real = labels != -100
     decoder_keep = np.concatenate([np.ones_like(real[:, :1]), real[:, :-1]], axis=1)
-    truth = _hf_relu_counts(bart, feed, lambda name: mask if ".encoder." in f".{name}" else decoder_keep)
+    truth = token_relu_counts(bart, feed, lambda name: mask if ".encoder." in f".{name}" else decoder_keep)
     assert truth["model.decoder.layers.0.activation_fn"][1] != int(mask.sum())
     data = save_npz(tmp_path / "bart.npz", **feed)
     result = cli("scan", folder, "--data", data, "--json", "-", "-q")
@@ -385,7 +360,7 @@ def test_labels_feed_a_seq2seq_decoder_counted_on_its_own_positions_and_are_left
 
     opt = opt_model()
     folder = save_folder(opt, tmp_path / "opt", shard="20KB")
-    truth = _hf_relu_counts(opt, {"input_ids": ids, "attention_mask": mask}, lambda name: mask)
+    truth = token_relu_counts(opt, {"input_ids": ids, "attention_mask": mask}, lambda name: mask)
     odd = np.zeros((ids.shape[0], 3), np.int64)  # another task's labels: not [samples, tokens]
     data = save_npz(tmp_path / "opt.npz", input_ids=ids, attention_mask=mask, labels=odd)
     result = cli("scan", folder, "--data", data, "--json", "-")
@@ -501,7 +476,7 @@ def test_watch_counts_a_seq2seq_decoder_on_its_own_positions():
     """watch() on a BART training forward (input_ids, attention_mask, labels with -100 padding, as
     Seq2SeqTrainer calls it): the decoder's sites count the labels' shifted positions, the encoder's
     the attention_mask's, as `deadrelu scan` does. Before: the attention_mask was laid over the decoder."""
-    from hf_models import bart_model, token_data
+    from hf_models import bart_model, token_data, token_relu_counts
 
     from deadrelu_cli import watch
 
@@ -512,7 +487,7 @@ def test_watch_counts_a_seq2seq_decoder_on_its_own_positions():
     feed = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     real = labels != -100
     decoder_keep = np.concatenate([np.ones_like(real[:, :1]), real[:, :-1]], axis=1)
-    truth = _hf_relu_counts(model, feed, lambda name: mask if ".encoder." in f".{name}" else decoder_keep)
+    truth = token_relu_counts(model, feed, lambda name: mask if ".encoder." in f".{name}" else decoder_keep)
     model.train()  # a training step (dropout 0: the same values); evaluation forwards are not counted
     w = watch(model, every=1, config=False)
     w.step()

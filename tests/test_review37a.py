@@ -153,7 +153,7 @@ def test_watch_decoder_with_labels_and_decoder_attention_mask_counts_as_scan(cli
     padding) and a decoder_attention_mask: the decoder runs on the labels shifted right, so the position
     after a -100 holds the pad token. `scan` counts the decoder where the mask keeps and a real label
     precedes; watch() counted every position the mask keeps. Both now count the same, the truth's."""
-    from hf_models import bart_model, save_folder, token_data
+    from hf_models import bart_model, save_folder, token_data, token_relu_counts
 
     from deadrelu_cli import watch
 
@@ -166,23 +166,9 @@ def test_watch_decoder_with_labels_and_decoder_attention_mask_counts_as_scan(cli
     real = labels != -100
     decoder_keep = np.concatenate([np.ones_like(real[:, :1]), real[:, :-1]], axis=1) & (label_mask == 1)
 
-    captured = {}
-    handles = [
-        m.register_forward_hook(
-            lambda _m, _a, out, name=name: captured.__setitem__(name, out.float().numpy())
-        )
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.ReLU)
-    ]
-    with torch.no_grad():
-        model(**{k: torch.from_numpy(v) for k, v in feed.items()})
-    for handle in handles:
-        handle.remove()
-    truth = {}
-    for name, a in captured.items():
-        keep = mask == 1 if ".encoder." in f".{name}" else decoder_keep
-        rows = a.reshape(*keep.shape, -1)[keep]
-        truth[name] = ((rows > 0).sum(0).tolist(), rows.shape[0])
+    truth = token_relu_counts(
+        model, feed, lambda name: mask == 1 if ".encoder." in f".{name}" else decoder_keep
+    )
     assert any(".decoder." in f".{n}" for n in truth) and any(".encoder." in f".{n}" for n in truth)
 
     model.train()  # a training step (dropout 0: the same values)
