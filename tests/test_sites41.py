@@ -71,6 +71,7 @@ class Net(nn.Module):
         self.fc5 = nn.Linear(5, 5)
         self.head = nn.Linear(5, 2)
         self.register_buffer("floor", torch.zeros(5))
+        self.w = nn.Parameter(torch.randn(5, 5))
 
     def forward(self, x):
         h = torch.maximum(self.fc1(x), torch.tensor(0.0))
@@ -79,6 +80,7 @@ class Net(nn.Module):
         g = self.fc4(h)
         h = torch.where(g > 0, g, 0.0)
         h = torch.maximum(self.fc5(h), self.floor)  # a stored zero
+        h = torch.maximum(h @ self.w - 0.2, torch.zeros(5))  # a matmul is a layer too, without a bias
         # no ReLU layers: a maximum of a reduction with zeros, a reduction, a maximum of two layers'
         # outputs, a select on another tensor's sign
         spread = torch.maximum(h.var(-1, keepdim=True), torch.zeros_like(h[..., :1]))
@@ -103,7 +105,8 @@ def build():
 
 def test_relu_spelled_as_maximum_or_where_is_a_site_in_every_torch_format(cli, tmp_path):
     """maximum(x, tensor(0.)), maximum(x, zeros_like), max(zeros, x), where(x > 0, x, 0) and maximum(x,
-    a zero buffer) after a Linear: five ReLU layers, with their producers, in eager, .pt2 (as exported and
+    a zero buffer) after a Linear, and maximum(h @ w, zeros): six ReLU layers, the first five with their
+    Linear as producer, in eager, .pt2 (as exported and
     decomposed) and TorchScript (scripted and traced); the maximum of a variance with zeros, max over an
     axis, the maximum of two computed tensors and a select on another tensor's sign are none. Before, the
     torch formats found no site at all ("the model ran no relu/relu6 call")."""
@@ -117,13 +120,14 @@ def test_relu_spelled_as_maximum_or_where_is_a_site_in_every_torch_format(cli, t
         h = pre.clamp(min=0)
     planted = [[1], [0, 4], [3], [2], [0]]
     assert all(set(p) <= set(_dead(pre)) for p, pre in zip(planted, pres, strict=True))
+    pres.append(h @ model.w.double() - 0.2)
     assert all(len(_dead(pre)) < pre.shape[-1] for pre in pres)
     expected = [
         (name, pre.shape[-1], _dead(pre), _positives(pre), producer)
         for name, pre, producer in zip(
-            ["relu()", "relu()#2", "relu()#3", "relu()#4", "relu()#5"],
+            ["relu()", "relu()#2", "relu()#3", "relu()#4", "relu()#5", "relu()#6"],
             pres,
-            ["fc1", "fc2", "fc3", "fc4", "fc5"],
+            ["fc1", "fc2", "fc3", "fc4", "fc5", None],
             strict=True,
         )
     ]
@@ -307,7 +311,8 @@ def test_a_decomposed_linear_is_the_producer_of_its_relu(cli, tmp_path):
     """A .pt2 after run_decompositions() writes nn.Linear as addmm (mm without a bias) on [B*T, F] rows,
     viewed back to [B, T, F]: the Linear is still the ReLU's producer (its bias in the report, the units
     on the last axis, no axis note), and `fix --strategy bias-shift` moves the dead unit's bias so that
-    it fires. Before: no producer, and the fix refused ("no bias to shift")."""
+    it fires, `--strategy reinit` redraws its row. Before: no producer, and both fixes refused ("no bias to
+    shift", "not produced by one linear/conv")."""
     model, _ = arch_file(tmp_path / "dec.py", DECOMPOSED)
     data = save_npz(tmp_path / "d.npz", x=DATA)
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -332,3 +337,15 @@ def test_a_decomposed_linear_is_the_producer_of_its_relu(cli, tmp_path):
     assert torch.equal(new_bias[[0, 1, 3, 4, 5]], model.fc.bias.detach().double()[[0, 1, 3, 4, 5]])
     moved = torch.nn.functional.linear(torch.from_numpy(DATA).double(), model.fc.weight.double(), new_bias)
     assert _dead(moved) == []
+    # reinit finds the decomposed Linear's weight (behind a permute) and the consumer reading the view
+    out = tmp_path / "reinit.pt2"
+    fixed = cli("fix", tmp_path / "dec.pt2", "--data", data, "--strategy", "reinit", "--output", out)
+    assert fixed.code == 0, fixed.err
+    state = torch.export.load(out).state_dict
+    weight = model.fc.weight.detach()
+    assert not torch.equal(state["fc.weight"][2], weight[2])  # the dead unit's row redrawn
+    assert torch.equal(state["fc.weight"][[0, 1, 3, 4, 5]], weight[[0, 1, 3, 4, 5]])
+    # prune cannot change a width the decomposed views hold: refused with the reason, nothing written
+    out = tmp_path / "pruned.pt2"
+    refused = cli("fix", tmp_path / "dec.pt2", "--data", data, "--strategy", "prune", "--output", out)
+    assert refused.code != 0 and "decomposed Linear" in refused.err and not out.exists()

@@ -258,7 +258,23 @@ _GREATER = frozenset({torch.Tensor.gt, torch.Tensor.__gt__, torch.gt, torch.grea
 _MAXIMA = frozenset({torch.maximum, torch.Tensor.maximum, torch.max, torch.Tensor.max})
 _SELECTS = frozenset({torch.where, torch.Tensor.where})
 _SPELLED = _MAXIMA | _SELECTS
-_NOTED = frozenset(_ZERO_MAKERS) | _VALUE_COPIES | _GREATER
+# functional products whose units are on the last axis, as the graph probes read `linear`, `matmul`, `mm`,
+# `bmm` and `embedding` (aten_ops.LAST_DIM): an origin without a producer (an nn.Linear's own output then
+# gets its module as producer when the module returns)
+_LAST_AXIS_MAKERS = frozenset(
+    {
+        F.linear,
+        torch.matmul,
+        torch.Tensor.matmul,
+        torch.Tensor.__matmul__,
+        torch.mm,
+        torch.Tensor.mm,
+        torch.bmm,
+        torch.Tensor.bmm,
+        F.embedding,
+    }
+)
+_NOTED = frozenset(_ZERO_MAKERS) | _VALUE_COPIES | _GREATER | _LAST_AXIS_MAKERS
 _SPELLED_SPEC = _FunctionSpec("relu", None, clamp="spelled")
 
 # a global pool written as a reduction (`x.mean((2, 3))`): unit-preserving when its dims are spatial
@@ -817,7 +833,9 @@ class EagerProbe:
         ReLU spelled with a maximum or a select is made of (`spelled_relu`)."""
         if not isinstance(out, torch.Tensor):
             return
-        if func in _ZERO_MAKERS:
+        if func in _LAST_AXIS_MAKERS:
+            self._produced[id(out)] = (weakref.ref(out), None, None, False)
+        elif func in _ZERO_MAKERS:
             index = _ZERO_MAKERS[func]
             fill = kwargs.get("fill_value", args[index] if index is not None and len(args) > index else None)
             if (

@@ -100,7 +100,7 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
         if base in FAKE_QUANT and current.args and isinstance(current.args[0], fx.Node):
             current = current.args[0]  # QAT's fake quant: the units and the producer stay
             continue
-        if base in VIEWS and not layouts and _keeps_last_axis(current):
+        if base in VIEWS and not layouts and keeps_last_axis(current):
             viewed = True  # a decomposed Linear: addmm / mm on rows, viewed back to [B, T, F]
             current = current.args[0]
             continue
@@ -177,7 +177,7 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
     return None, None
 
 
-def _keeps_last_axis(node: fx.Node) -> bool:
+def keeps_last_axis(node: fx.Node) -> bool:
     """Whether a view / reshape keeps its input's last axis (rows regrouped: [B*T, F] -> [B, T, F])."""
     source = node.args[0] if node.args else None
     before = source.meta.get("val") if isinstance(source, fx.Node) else None
@@ -239,7 +239,7 @@ def shift_source(node: fx.Node) -> str | None:
             continue
         if base in PASS_THROUGH:
             stack.extend(arg for arg in current.args if isinstance(arg, fx.Node))
-        elif (base in FAKE_QUANT or (base in VIEWS and _keeps_last_axis(current))) and current.args:
+        elif (base in FAKE_QUANT or (base in VIEWS and keeps_last_axis(current))) and current.args:
             stack.append(current.args[0])
     return found.pop() if len(found) == 1 else None
 
