@@ -79,15 +79,18 @@ class Net(nn.Module):
         h = torch.max(torch.zeros(6), self.fc3(h))  # zeros first
         g = self.fc4(h)
         h = torch.where(g > 0, g, 0.0)
-        h = torch.maximum(self.fc5(h), self.floor)  # a stored zero
-        h = torch.maximum(h @ self.w - 0.2, torch.zeros(5))  # a matmul is a layer too, without a bias
-        # no ReLU layers: a maximum of a reduction with zeros, a reduction, a maximum of two layers'
-        # outputs, a select on another tensor's sign
+        # no ReLU layer: a maximum of a reduction with zeros, run right before a spelled site
         spread = torch.maximum(h.var(-1, keepdim=True), torch.zeros_like(h[..., :1]))
+        h = torch.maximum(self.fc5(h), h.new_zeros(()))
+        h = torch.maximum(h @ self.w - 0.2, torch.zeros(5))  # a matmul is a layer too, without a bias
+        # no ReLU layers: a reduction, a maximum of two layers' outputs, a select on another tensor's sign
         peak = torch.max(h, -1, keepdim=True)[0]
         mixed = torch.maximum(self.fc5(h), self.fc5(h) * 2.0)
         picked = torch.where(peak > 0, mixed, 0.0)
-        return self.head(h + picked + spread)
+        # no ReLU layer either, after a Linear: a maximum with a buffer of zeros (the checkpoint's values,
+        # not the code's)
+        kept = torch.maximum(self.fc5(h), self.floor)
+        return self.head(h + picked + spread + kept)
 
 
 def build():
@@ -105,10 +108,11 @@ def build():
 
 def test_relu_spelled_as_maximum_or_where_is_a_site_in_every_torch_format(cli, tmp_path):
     """maximum(x, tensor(0.)), maximum(x, zeros_like), max(zeros, x), where(x > 0, x, 0) and maximum(x,
-    a zero buffer) after a Linear, and maximum(h @ w, zeros): six ReLU layers, the first five with their
+    x.new_zeros(())) after a Linear, and maximum(h @ w, zeros): six ReLU layers, the first five with their
     Linear as producer, in eager, .pt2 (as exported and
     decomposed) and TorchScript (scripted and traced); the maximum of a variance with zeros, max over an
-    axis, the maximum of two computed tensors and a select on another tensor's sign are none. Before, the
+    axis, the maximum of two computed tensors, a select on another tensor's sign and a maximum with a
+    zero buffer are none. Before, the
     torch formats found no site at all ("the model ran no relu/relu6 call")."""
     model, spec = arch_file(tmp_path / "spelled.py", SPELLED)
     data = save_npz(tmp_path / "d.npz", x=DATA)

@@ -315,6 +315,16 @@ def relaid_channel_first(
     return axis == 1
 
 
+def keeps_dtype(x: torch.Tensor, zeros) -> bool:
+    """Whether maximum(x, zeros) of a float x has x's dtype (a ReLU spelled with a maximum, probe.ops):
+    a number or a 0-d tensor (not complex) does not promote a float tensor; zeros with dims promote as
+    their dtype says. Reads dtypes only: no op that an export tracing the probe would record."""
+    dtype = getattr(zeros, "dtype", None)
+    if dtype is None or (zeros.dim() == 0 and not dtype.is_complex):
+        return True
+    return torch.promote_types(x.dtype, dtype) == x.dtype
+
+
 def _derived_output(op: str, pre: torch.Tensor) -> torch.Tensor:
     from deadrelu_cli.probe.accumulator import apply_op
 

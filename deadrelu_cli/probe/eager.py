@@ -29,6 +29,7 @@ from deadrelu_cli.probe.base import (
     SiteRegistry,
     call_and_record,
     infer_channel_dim,
+    keeps_dtype,
     moved_unit_axis,
     pools_over_space,
     squeeze_keeps_channels,
@@ -511,10 +512,9 @@ class EagerProbe:
         # activations inside kernels or TorchScript code no hook or mode sees: named, not counted
         self.hidden = eager_hidden(model, settings.ops)
         # a ReLU spelled with a maximum or a select: zeros made in this forward and `x > 0` masks (id ->
-        # weakrefs), and the model's own tensors (a stored zero: a parameter or buffer of zeros)
+        # weakrefs)
         self._zeros: dict[int, weakref.ref] = {}
         self._positives: dict[int, tuple[weakref.ref, weakref.ref]] = {}
-        self._stored: set[int] | None = None
 
     # -- hooks -------------------------------------------------------------------------------
     def enter_module(self, module: nn.Module, args) -> None:
@@ -852,15 +852,12 @@ class EagerProbe:
 
     def is_zeros(self, value) -> bool:
         """A 0, or a tensor of zeros in every forward: made by a zero factory in this one (or copied from
-        such), or a parameter / buffer of the model that holds only zeros."""
+        such). A parameter or buffer is none, zeros or not: its values are the checkpoint's, not the code's
+        (and an export tracing the probe could not read them)."""
         if not isinstance(value, torch.Tensor):
             return is_zero_number(value)
         entry = self._zeros.get(id(value))
-        if entry is not None and entry() is value:
-            return True
-        if self._stored is None:
-            self._stored = {id(t) for t in (*self.model.parameters(), *self.model.buffers())}
-        return id(value) in self._stored and not value.is_meta and not bool(value.any())
+        return entry is not None and entry() is value
 
     def spelled_relu(self, func, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict] | None:
         """For `maximum(x, Z)` / `max(x, Z)` / `where(x > 0, x, 0)` that compute clamp_min(x, 0) (Z: zeros
@@ -884,7 +881,7 @@ class EagerProbe:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or self.origin_of(x) is None:
             return None  # of no layer's output (a reduction: an observer's min/max): an ordinary op
         shape = zeros.shape if isinstance(zeros, torch.Tensor) else ()
-        if not zeros_fit(x.shape, shape) or torch.result_type(x, zeros) != x.dtype:
+        if not zeros_fit(x.shape, shape) or not keeps_dtype(x, zeros):
             return None  # widened by the zeros, or promoted: not x's values clamped
 
         def spelled(_x: torch.Tensor):

@@ -73,6 +73,7 @@ class StaticSite:
     producer: str | None
     clamp: bool = False  # a clamp / threshold with a ReLU's bounds (a layer only by probe.ops.clamp_is_layer)
     spelled: bool = False  # TorchScript: maximum(x, zeros) / where(x > 0, x, 0) (probe.ops, zeros_fit)
+    units: int | None = None  # TorchScript, spelled: the producer module's units (checked at run time)
 
 
 def op_base(target) -> str:

@@ -132,14 +132,17 @@ def recompose_thresholds(graph_module: fx.GraphModule) -> None:
 
 
 def _is_zeros(node: object, graph_module: fx.GraphModule) -> bool:
-    """Whether a graph value is zeros in every run: a stored tensor of zeros (a parameter, buffer or lifted
-    constant) or one a zero factory makes, through copies (probe.ops: a ReLU spelled with a maximum)."""
+    """Whether a graph value is zeros in every run: a constant of zeros the export lifted out of the code
+    (`torch.tensor(0.)`) or one a zero factory makes, through copies (probe.ops: a ReLU spelled with a
+    maximum). A parameter or buffer is none (its values are the checkpoint's), as in eager."""
     for _ in range(8):
         if is_zero_number(node):
             return True
         if not isinstance(node, fx.Node):
             return False
         if node.op == "get_attr":
+            if _is_state(graph_module, str(node.target)):
+                return False
             value = graph_module
             for part in str(node.target).split("."):
                 value = getattr(value, part, None)
@@ -154,6 +157,16 @@ def _is_zeros(node: object, graph_module: fx.GraphModule) -> bool:
             return False
         node = node.args[0]
     return False
+
+
+def _is_state(graph_module: fx.GraphModule, target: str) -> bool:
+    """Whether `target` names a parameter or buffer of the module (not a constant lifted from the code)."""
+    owner, _, leaf = target.rpartition(".")
+    try:
+        module = graph_module.get_submodule(owner) if owner else graph_module
+    except AttributeError:
+        return False
+    return leaf in module._parameters or leaf in module._buffers
 
 
 def _example(node: object) -> torch.Tensor | None:

@@ -134,9 +134,10 @@ def clamp_is_layer(shape, unit_axis: int | None, from_layer: bool) -> bool:
     return not isinstance(size, int) or size > 1  # a symbolic size: not known to be one
 
 
-# A ReLU spelled `maximum(x, Z)` / `max(x, Z)` (Z: zeros that do not widen x, stored — a parameter, buffer
-# or constant of zeros — or made in the forward by zeros / zeros_like / new_zeros / full(…, 0) /
-# tensor(0.)) or `where(x > 0, x, 0)` computes the values of `clamp_min(x, 0)` and of `threshold(x, 0, 0)`
+# A ReLU spelled `maximum(x, Z)` / `max(x, Z)` (Z: zeros that do not widen x, made by the code: zeros /
+# zeros_like / new_zeros / full(…, 0) / tensor(0.), or that constant lifted by an export or a trace; a
+# parameter or buffer is no Z, zeros or not: its values are the checkpoint's) or `where(x > 0, x, 0)`
+# computes the values of `clamp_min(x, 0)` and of `threshold(x, 0, 0)`
 # (NaN included). It is a ReLU site when x comes from a layer (a Linear/Conv/norm, through elementwise and
 # layout ops, as ONNX's `Max(x, 0)`, probe.onnx_graph.max_relu_input): a maximum of a reduction (an
 # observer's running min/max, a variance, a softmax's max) is no layer, and takes no number in the names.

@@ -33,6 +33,7 @@ from deadrelu_cli.probe.base import (
     SiteRegistry,
     call_and_record,
     infer_channel_dim,
+    keeps_dtype,
     relaid_channel_first,
     static_site_hooks,
 )
@@ -99,6 +100,7 @@ class _Walker:
         self.namer = SiteNamer()
         self.sites: list[StaticSite] = []
         self.hidden: Counter = Counter()  # activations inside fused kernels (probe.hidden labels)
+        self._units: int | None = None  # the units of the producer `_producer` found last
         self._calls: list[tuple[object, object]] = []  # (CallMethod node, caller module)
 
     def walk_method(self, module, method: str, call=None) -> None:
@@ -182,12 +184,13 @@ class _Walker:
                     self._add(module, node, kind_op[0], kind_op[1], clamp=is_clamp_op(kind))
 
     def _zeros(self, env: dict, value) -> bool:
-        """Whether a value is zeros in every run: a constant 0, a stored tensor of zeros, or what a zero
-        factory makes, through copies (probe.ops: a ReLU spelled with a maximum)."""
+        """Whether a value is zeros in every run: a constant 0 or tensor of zeros in the code, or what a
+        zero factory makes, through copies (probe.ops: a ReLU spelled with a maximum). An attribute (a
+        parameter or buffer) is none: its values are the checkpoint's, as in eager."""
         for _ in range(8):
             node = value.node()
             kind = node.kind()
-            if kind in ("prim::Constant", "prim::GetAttr"):
+            if kind == "prim::Constant":
                 found = self._value(env, value)
                 if isinstance(found, torch.Tensor):
                     return not found.is_meta and not bool(found.any())
@@ -259,12 +262,16 @@ class _Walker:
             return  # maximum(x, 0) of no layer's output (a reduction): an ordinary op, unnumbered
         name = self.namer.name(path, op, is_activation)
         module_type = qualified.rsplit(".", 1)[-1] if is_activation else "functional"
-        self.sites.append(
-            StaticSite(name, op, in_place, module_type, channel_first, producer, clamp, pre is not None)
+        units = self._units if pre is not None else None
+        site = StaticSite(
+            name, op, in_place, module_type, channel_first, producer, clamp, pre is not None, units
         )
+        self.sites.append(site)
 
     def _producer(self, value, module) -> tuple[bool | None, str | None]:
-        """Same rule as the FX probe: the unit axis follows elementwise ops, the bias only scalar ones."""
+        """Same rule as the FX probe: the unit axis follows elementwise ops, the bias only scalar ones.
+        `self._units`: the producer module's units, when one was found."""
+        self._units = None
         keep_producer = True
         layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
         for _ in range(32):
@@ -313,6 +320,7 @@ class _Walker:
                     type_name in _NORM_PRODUCER_MODULES and getattr(target, "bias", None) is not None
                 )
                 producer = self.paths.get(id(target)) if makes_units and keep_producer else None
+                self._units = _module_units(target, type_name)
                 if type_name in _CHANNEL_FIRST_MODULES:
                     channel_first = True
                 elif type_name in ("Linear", "LayerNorm", "Embedding"):
@@ -340,6 +348,17 @@ def script_sites(script_module, ops: tuple[str, ...]) -> list[StaticSite] | None
     except _Dynamic:
         return None
     return walker.sites
+
+
+def _module_units(module, type_name: str) -> int | None:
+    """The units a Linear / Conv / norm module makes (its weight's rows, or its per-unit vector)."""
+    if type_name.startswith("ConvTranspose"):
+        return None
+    for name in ("weight", "running_mean"):
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1:
+            return int(tensor.shape[0] if tensor.dim() >= 2 else tensor.shape[-1])
+    return None
 
 
 def _lora_base(module, qualified: str):
@@ -425,6 +444,15 @@ class TorchScriptProbe:
         """Whether the next site of the code is a ReLU spelled with a maximum or a select."""
         return self._position < len(self.sites) and self.sites[self._position].spelled
 
+    def _fits_next(self, x: torch.Tensor) -> bool:
+        """Whether x has the units of the next site's producer (when the walk found one): a maximum of
+        another tensor run before that site (a variance's with zeros) is not taken for it."""
+        site = self.sites[self._position]
+        if site.units is None or x.dim() < 2:
+            return True
+        axis = infer_channel_dim(x.dim(), site.channel_first)
+        return x.shape[axis] == site.units
+
     def on_spelled(self, func, args: tuple, kwargs: dict):
         """A maximum or select run where the code's next site is one: that site when it clamps x at 0 here
         (its zeros are zeros, its mask is x > 0, and the zeros do not widen x), else an ordinary op (a
@@ -445,7 +473,7 @@ class TorchScriptProbe:
             fits = not zeros.any() and zeros_fit(x.shape, zeros.shape)
         else:
             fits = is_zero_number(zeros)
-        if not fits or not x.is_floating_point() or torch.result_type(x, zeros) != x.dtype:
+        if not fits or not x.is_floating_point() or not keeps_dtype(x, zeros) or not self._fits_next(x):
             return func(*args, **kwargs)
 
         def spelled(_x):
