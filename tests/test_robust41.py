@@ -68,3 +68,56 @@ def test_an_onnx_model_cut_short_mid_scan_is_no_crash(tmp_path):
         report = load_report(str(tmp_path / "r.json"))
         np.testing.assert_array_equal(report.layers[0].positive_counts, ((x + weight) > 0).sum(0))
     assert list(temp.iterdir()) == []  # the private copy of the weights removed
+
+
+def _relu_model(path: Path, width: int) -> Path:
+    """x [n, width] -> Relu(x + b), b = -0.5 on the first half of the units."""
+    bias = np.where(np.arange(width) < width // 2, -0.5, 0.0).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "b"], ["pre"]), helper.make_node("Relu", ["pre"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
+        [numpy_helper.from_array(bias, "b")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_deflate_bomb_of_samples_is_refused_up_front(cli, tmp_path):
+    """72 MB of zeros deflate to ~70 KB: 4.5 million samples a scan would run one by one (before: as long
+    as real ones). Refused in one line that says how to pass real data; the same data uncompressed
+    (np.savez) is scanned, and so is a small compressed file, whatever its ratio."""
+    model = _relu_model(tmp_path / "m.onnx", 4)
+    bomb = tmp_path / "bomb.npz"
+    np.savez_compressed(bomb, x=np.zeros((4_500_000, 4), np.float32))
+    assert bomb.stat().st_size < 200_000
+    result = cli("scan", model, "--data", bomb, "--limit", "8", "-q")
+    assert result.code == 2, result.err
+    assert result.err.count("\n") == 1 and "zip bomb" in result.err and "np.savez" in result.err
+    small = tmp_path / "small.npz"
+    x = np.zeros((1000, 4), np.float32)
+    x[::7] = 1.0
+    np.savez_compressed(small, x=x)
+    result = cli("scan", model, "--data", small, "--json", "-", "-q")
+    assert result.code == 0, result.err
+    counts = result.json()["layers"][0]["positive_counts"]
+    np.testing.assert_array_equal(counts, (x + np.array([-0.5, -0.5, 0, 0], np.float32) > 0).sum(0))
+
+
+def test_a_bomb_split_over_a_glob_is_refused_as_a_whole(cli, tmp_path, monkeypatch):
+    """Each file below the size floor, the glob above it: judged together."""
+    from deadrelu_cli import calibration
+
+    monkeypatch.setattr(calibration, "MIN_NPZ_REFUSED", 3 << 20)
+    model = _relu_model(tmp_path / "m.onnx", 4)
+    for k in range(4):
+        np.savez_compressed(tmp_path / f"part{k}.npz", x=np.zeros((2 << 17, 4), np.float32))  # 1 MiB each
+    result = cli("scan", model, "--data", tmp_path / "part*.npz", "-q")
+    assert result.code == 2 and "zip bomb" in result.err and result.err.count("\n") == 1, result.err
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(4):
+        (tmp_path / f"part{k}.npz").rename(data / f"part{k}.npz")
+    result = cli("scan", model, "--data", data, "-q")
+    assert result.code == 2 and "zip bomb" in result.err, result.err
