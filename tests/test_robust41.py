@@ -121,3 +121,44 @@ def test_a_bomb_split_over_a_glob_is_refused_as_a_whole(cli, tmp_path, monkeypat
         (tmp_path / f"part{k}.npz").rename(data / f"part{k}.npz")
     result = cli("scan", model, "--data", data, "-q")
     assert result.code == 2 and "zip bomb" in result.err, result.err
+
+
+def test_a_settings_file_reads_a_baseline_only_inside_its_folder(cli, tmp_path, monkeypatch):
+    """`baseline = "/abs/path"` (or `../`, or a link out) in a pull request's settings gated the run against
+    a report from outside the checkout: refused in one line naming --baseline; inside the folder it is
+    read, and --baseline on the command line may point anywhere."""
+    model = _relu_model(tmp_path / "m.onnx", 4)
+    x = np.ones((8, 4), np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    assert cli("scan", model, "--data", tmp_path / "d.npz", "--json", outside / "base.json", "-q").code == 0
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "link.json").symlink_to(outside / "base.json")
+    monkeypatch.chdir(checkout)
+    for value in (str(outside / "base.json"), "../elsewhere/base.json", "link.json"):
+        (checkout / "deadrelu.toml").write_text(f"baseline = {value!r}\n")
+        result = cli("scan", model, "--data", tmp_path / "d.npz", "-q")
+        assert result.code == 2 and result.err.count("\n") == 1, (value, result.err)
+        assert "outside the folder of the settings file" in result.err and "--baseline" in result.err
+    (checkout / "base.json").write_bytes((outside / "base.json").read_bytes())
+    (checkout / "deadrelu.toml").write_text('baseline = "base.json"\nmax-increase = 0\n')
+    assert cli("scan", model, "--data", tmp_path / "d.npz", "-q").code == 0
+    # x = -1 kills every unit (none did in the baseline): the gate fails, so the baseline was read
+    np.savez(tmp_path / "dead.npz", x=np.full((8, 4), -1.0, np.float32))
+    result = cli("scan", model, "--data", tmp_path / "dead.npz", "-q")
+    assert result.code == 1 and "grew from 0.0% to 100.0%" in result.err, result.err
+    (checkout / "deadrelu.toml").write_text("max-increase = 0\n")
+    result = cli("scan", model, "--data", tmp_path / "dead.npz", "--baseline", outside / "base.json", "-q")
+    assert result.code == 1 and "grew from 0.0% to 100.0%" in result.err, result.err
+
+
+def test_a_settings_value_is_quoted_escaped_and_short(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = _relu_model(tmp_path / "m.onnx", 4)
+    np.savez(tmp_path / "d.npz", x=np.ones((2, 4), np.float32))
+    (tmp_path / "deadrelu.toml").write_text('max-dead = "\\u001b]0;owned\\u0007' + "a" * 5000 + '"\n')
+    result = cli("scan", model, "--data", tmp_path / "d.npz", "-q")
+    assert result.code == 2 and result.err.count("\n") == 1 and "\x1b" not in result.err, result.err
+    assert "wrong type" in result.err and len(result.err) < 300
