@@ -162,3 +162,35 @@ def test_a_settings_value_is_quoted_escaped_and_short(cli, tmp_path, monkeypatch
     result = cli("scan", model, "--data", tmp_path / "d.npz", "-q")
     assert result.code == 2 and result.err.count("\n") == 1 and "\x1b" not in result.err, result.err
     assert "wrong type" in result.err and len(result.err) < 300
+
+
+def test_merge_refuses_the_same_data_saved_under_two_names(cli, tmp_path):
+    """One data file copied under another name and scanned twice: two reports, two data paths, different
+    bytes (each names its own data file), and merge added their counts (every sample counted twice).
+    Refused in one line naming both; two disjoint shards still merge to the counts numpy gives."""
+    model = _relu_model(tmp_path / "m.onnx", 4)
+    x = np.random.default_rng(1).standard_normal((12, 4)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    (tmp_path / "calib-copy.npz").write_bytes((tmp_path / "calib.npz").read_bytes())
+    for name in ("calib", "calib-copy"):
+        assert (
+            cli("scan", model, "--data", tmp_path / f"{name}.npz", "--json", tmp_path / f"{name}.json").code
+            == 0
+        )
+    a, b = tmp_path / "calib.json", tmp_path / "calib-copy.json"
+    assert a.read_bytes() != b.read_bytes()
+    result = cli("merge", a, b, "--json", tmp_path / "merged.json")
+    assert result.code == 2 and result.err.count("\n") == 1, result.err
+    assert "the same data scanned twice" in result.err and "calib.json" in result.err
+    assert not (tmp_path / "merged.json").exists()
+    np.savez(tmp_path / "half1.npz", x=x[:6])
+    np.savez(tmp_path / "half2.npz", x=x[6:])
+    for name in ("half1", "half2"):
+        assert (
+            cli("scan", model, "--data", tmp_path / f"{name}.npz", "--json", tmp_path / f"{name}.json").code
+            == 0
+        )
+    result = cli("merge", tmp_path / "half1.json", tmp_path / "half2.json", "--json", "-")
+    assert result.code == 0, result.err
+    bias = np.array([-0.5, -0.5, 0, 0], np.float32)
+    np.testing.assert_array_equal(result.json()["layers"][0]["positive_counts"], ((x + bias) > 0).sum(0))
