@@ -194,3 +194,48 @@ def test_merge_refuses_the_same_data_saved_under_two_names(cli, tmp_path):
     assert result.code == 0, result.err
     bias = np.array([-0.5, -0.5, 0, 0], np.float32)
     np.testing.assert_array_equal(result.json()["layers"][0]["positive_counts"], ((x + bias) > 0).sum(0))
+
+
+_RELU_ON_OUTPUT = """
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+"""
+
+
+def test_quiet_keeps_the_problems_on_every_command(cli, tmp_path):
+    """-q: no table, the problems on stderr, one line on stdout. `scan -q --json -` printed only a padding
+    warning and dropped the others (a ReLU on the model's output); trend and inspect had no -q."""
+    import json
+
+    import torch
+
+    from tests.conftest import arch_file
+
+    model, arch = arch_file(tmp_path / "arch.py", _RELU_ON_OUTPUT)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    x = np.random.default_rng(2).standard_normal((6, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    scan = ("scan", tmp_path / "m.pt", "--arch", arch, "--data", tmp_path / "d.npz")
+    quiet = cli(*scan, "-q")
+    assert quiet.code == 0 and "relu-on-output" in quiet.err and quiet.out.count("\n") == 1, quiet
+    for extra in (("-q",), ()):
+        result = cli(*scan, *extra, "--json", "-")
+        assert result.code == 0, result.err
+        truth = (x @ model[0].weight.detach().numpy().T + model[0].bias.detach().numpy() > 0).sum(0)
+        np.testing.assert_array_equal(json.loads(result.out)["layers"][0]["positive_counts"], truth)
+        assert [line for line in result.err.splitlines() if line.startswith("warning:")] == [
+            line for line in quiet.err.splitlines() if line.startswith("warning:")
+        ], result.err
+    result = cli("inspect", tmp_path / "m.pt", "--arch", arch, "-q")
+    assert result.code == 0 and result.out.count("\n") == 1 and "1 activation sites" in result.out, result.out
+    assert "relu-on-output" in result.err
+    for k in (1, 2):
+        np.savez(tmp_path / f"d{k}.npz", x=x * k)
+        assert cli(*scan[:4], "--data", tmp_path / f"d{k}.npz", "--json", tmp_path / f"r{k}.json").code == 0
+    result = cli("trend", tmp_path / "r1.json", tmp_path / "r2.json", "-q")
+    assert result.code == 0 and result.out.count("\n") == 1 and "2 checkpoints" in result.out, result.out
+    assert result.err == ""
