@@ -144,6 +144,15 @@ def test_relu_spelled_as_maximum_or_where_is_a_site_in_every_torch_format(cli, t
         assert found == expected, (fmt, [(la["name"], la["units"], la["producer"]) for la in layers])
         assert all(la["elements_per_unit"] == SAMPLES * STEPS for la in layers), fmt
         assert np.allclose(layers[4]["bias"], model.fc5.bias.detach().numpy()), fmt
+    # the leaky fix patches those sites and exports the patched model: pure tensor math (the probe's own
+    # checks record no op in the program), six leaky sites where the ReLUs were
+    out = tmp_path / "leaky.pt2"
+    fixed = cli(
+        "fix", tmp_path / "m.pt", "--arch", spec, "--data", data, "--strategy", "leaky", "--output", out
+    )
+    assert fixed.code == 0, fixed.err
+    leaky = _scan(cli, [out], data, "--ops", "relu,leaky_relu")["layers"]
+    assert [(la["op"], la["units"]) for la in leaky] == [("leaky_relu", pre.shape[-1]) for pre in pres]
 
 
 UNKNOWN_AXIS = """

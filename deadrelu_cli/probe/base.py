@@ -320,9 +320,13 @@ def keeps_dtype(x: torch.Tensor, zeros) -> bool:
     a number or a 0-d tensor (not complex) does not promote a float tensor; zeros with dims promote as
     their dtype says. Reads dtypes only: no op that an export tracing the probe would record."""
     dtype = getattr(zeros, "dtype", None)
-    if dtype is None or (zeros.dim() == 0 and not dtype.is_complex):
+    if dtype is None or dtype == x.dtype:
         return True
-    return torch.promote_types(x.dtype, dtype) == x.dtype
+    if dtype.is_complex:
+        return False
+    if zeros.dim() == 0 or not dtype.is_floating_point:  # a 0-d value or an integer tensor: x's float type
+        return True
+    return dtype.itemsize < x.dtype.itemsize  # float16 / bfloat16 into float32, not into each other
 
 
 def _derived_output(op: str, pre: torch.Tensor) -> torch.Tensor:
