@@ -278,6 +278,13 @@ _LAST_AXIS_MAKERS = frozenset(
 _NOTED = frozenset(_ZERO_MAKERS) | _VALUE_COPIES | _GREATER | _LAST_AXIS_MAKERS
 _SPELLED_SPEC = _FunctionSpec("relu", None, clamp="spelled")
 
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place write to it or to a view of it), or None for
+    an inference tensor, which keeps none."""
+    return None if tensor.is_inference() else tensor._version
+
+
 # a global pool written as a reduction (`x.mean((2, 3))`): unit-preserving when its dims are spatial
 _SPATIAL_POOLS = frozenset({torch.mean, torch.Tensor.mean, torch.amax, torch.Tensor.amax})
 
@@ -512,9 +519,9 @@ class EagerProbe:
         # activations inside kernels or TorchScript code no hook or mode sees: named, not counted
         self.hidden = eager_hidden(model, settings.ops)
         # a ReLU spelled with a maximum or a select: zeros made in this forward and `x > 0` masks (id ->
-        # weakrefs)
-        self._zeros: dict[int, weakref.ref] = {}
-        self._positives: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+        # weakrefs, with the tensors' version counters: one changed in place since is no longer that)
+        self._zeros: dict[int, tuple[weakref.ref, int]] = {}
+        self._positives: dict[int, tuple[weakref.ref, int, weakref.ref, int]] = {}
 
     # -- hooks -------------------------------------------------------------------------------
     def enter_module(self, module: nn.Module, args) -> None:
@@ -843,12 +850,13 @@ class EagerProbe:
                 or is_zero_number(fill)
                 or (isinstance(fill, torch.Tensor) and fill.dim() == 0 and self.is_zeros(fill))
             ):
-                self._zeros[id(out)] = weakref.ref(out)
+                self._zeros[id(out)] = (weakref.ref(out), _version(out))
         elif func in _VALUE_COPIES:
             if args and isinstance(args[0], torch.Tensor) and self.is_zeros(args[0]):
-                self._zeros[id(out)] = weakref.ref(out)
+                self._zeros[id(out)] = (weakref.ref(out), _version(out))
         elif len(args) == 2 and isinstance(args[0], torch.Tensor) and self.is_zeros(args[1]):  # x > 0
-            self._positives[id(out)] = (weakref.ref(out), weakref.ref(args[0]))
+            x = args[0]
+            self._positives[id(out)] = (weakref.ref(out), _version(out), weakref.ref(x), _version(x))
 
     def is_zeros(self, value) -> bool:
         """A 0, or a tensor of zeros in every forward: made by a zero factory in this one (or copied from
@@ -857,7 +865,11 @@ class EagerProbe:
         if not isinstance(value, torch.Tensor):
             return is_zero_number(value)
         entry = self._zeros.get(id(value))
-        return entry is not None and entry() is value
+        if entry is None or entry[0]() is not value:
+            return False
+        # `zeros += 0.5`, `zeros[:2] = 1`: written in place since it was made, no longer zeros (an
+        # inference tensor counts no versions: its values are read, no export traces it)
+        return _version(value) == entry[1] if entry[1] is not None else not bool(value.any())
 
     def spelled_relu(self, func, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict] | None:
         """For `maximum(x, Z)` / `max(x, Z)` / `where(x > 0, x, 0)` that compute clamp_min(x, 0) (Z: zeros
@@ -874,7 +886,14 @@ class EagerProbe:
         elif len(given) == 3:
             cond, x, zeros = given if func is torch.where else (given[1], given[0], given[2])
             entry = self._positives.get(id(cond))
-            if entry is None or entry[0]() is not cond or entry[1]() is not x or not self.is_zeros(zeros):
+            if (
+                entry is None or entry[0]() is not cond or entry[2]() is not x or not self.is_zeros(zeros)
+            ):  # not x's own `x > 0`
+                return None
+            if entry[1] is None or entry[3] is None:  # inference tensors: the mask read (see is_zeros)
+                if not torch.equal(cond, x > 0):
+                    return None
+            elif (entry[1], entry[3]) != (_version(cond), _version(x)):  # mask or x written in place since
                 return None
         else:
             return None
