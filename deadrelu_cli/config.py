@@ -160,7 +160,12 @@ def table_label(path: Path | str) -> str:
     return "[tool.deadrelu]" if isinstance(document.get("tool", {}).get("deadrelu"), dict) else ""
 
 
-def load_config(explicit: str | None = None, start: Path | None = None) -> FileConfig:
+def load_config(
+    explicit: str | None = None, start: Path | None = None, given: frozenset[str] = frozenset()
+) -> FileConfig:
+    """The settings of the nearest (or the EXPLICIT) settings file. GIVEN: the parameters the command
+    line sets; the file's paths for them are not used, so not checked (check_inside's message sends the
+    user to the flag)."""
     skipped: list[str] = []
     path = Path(explicit) if explicit else find_config(start, skipped)
     if path is None:
@@ -189,7 +194,7 @@ def load_config(explicit: str | None = None, start: Path | None = None) -> FileC
             value = ",".join(value)
         if key == "batch-size":
             value = str(value)
-        if key in ("baseline", "junit", "markdown"):
+        if key in ("baseline", "junit", "markdown") and name not in given:
             check_inside(path, key, value)
         if key in ("baseline", "junit", "markdown"):  # paths are relative to the config file
             value = str(path.parent / value) if not Path(value).is_absolute() else value

@@ -84,7 +84,8 @@ def watch_settings(config: str | bool | None = None, **given: Any) -> WatchSetti
         given["layer_limit"] = given.pop("layer_limits")
     values: dict[str, Any] = {}
     if config is not False:
-        file_config = load_config(config if isinstance(config, str) else None)
+        overridden = frozenset(k for k, v in given.items() if v is not None)
+        file_config = load_config(config if isinstance(config, str) else None, given=overridden)
         for line in file_config.skipped:
             warnings.warn(f"deadrelu: {line}", UserWarning, stacklevel=2)
         values.update(file_config.values)

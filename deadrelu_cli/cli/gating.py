@@ -17,7 +17,8 @@ def merge_settings(
     ctx: typer.Context, params: dict[str, Any], config_path: str | None
 ) -> tuple[dict[str, Any], dict[str, str], FileConfig]:
     """Fill every parameter not given on the command line from the config file; say where each came from."""
-    file_config = load_config(config_path)
+    given = frozenset(name for name in params if _from_command_line(ctx, name))
+    file_config = load_config(config_path, given=given)
     if file_config.skipped:
         from deadrelu_cli.cli.console import make_console
 
@@ -27,14 +28,17 @@ def merge_settings(
     sources = {}
     declared = {param.name: param for param in ctx.command.params}
     for name in params:
-        source = ctx.get_parameter_source(name)
-        given = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
-        if not given and name in file_config.values:
+        if name not in given and name in file_config.values:
             params[name] = _as_flag_would(ctx, declared.get(name), file_config.values[name], file_config)
             sources[name] = _relative(file_config.path)
         else:
-            sources[name] = "command line" if given else "default"
+            sources[name] = "command line" if name in given else "default"
     return params, sources, file_config
+
+
+def _from_command_line(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
 
 
 def _as_flag_would(ctx: typer.Context, param, value: Any, file_config: FileConfig) -> Any:
