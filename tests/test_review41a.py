@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from conftest import arch_file, save_npz
 from onnx import TensorProto, helper, numpy_helper
@@ -121,3 +122,57 @@ def test_a_settings_path_refused_is_overridden_by_its_flag_as_the_message_says(c
     )
     assert result.code == 1 and "grew from 0.0% to 100.0%" in result.err, result.err
     assert (checkout / "j.xml").is_file() and not (tmp_path / "outside.xml").exists()
+
+
+def test_the_private_weights_copy_is_removed_when_its_writing_is_interrupted(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, raised as an exception by the CLI) while the scan writes its private copy of a
+    large model file: the copy was left in $TMPDIR (only OSError removed it; its cleanup was registered
+    after the write), gigabytes per interrupted run of a large model. Now nothing is left. A completed
+    copy holds the file's bytes, and goes with the model."""
+    import gc
+    import tempfile
+
+    from deadrelu_cli.loaders import onnx_model
+    from deadrelu_cli.loaders.model import LoadOptions
+
+    weight = np.arange(40_000, dtype=np.float32)  # 160 KB: released (RELEASE_MIN_BYTES)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["pre"]), helper.make_node("Relu", ["pre"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", weight.size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", weight.size])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+
+    class Interrupted:
+        def __init__(self, *args):
+            self.handle = open(*args)  # noqa: SIM115 - closed in __exit__
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, raw):
+            self.handle.write(raw[: len(raw) // 2])
+            raise KeyboardInterrupt
+
+    loaded = onnx_model.load_onnx(LoadOptions(path=str(path)))
+    monkeypatch.setattr(onnx_model, "open", Interrupted, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_model.release_weights(loaded)
+    assert list(temp.iterdir()) == []
+    monkeypatch.delattr(onnx_model, "open")
+    loaded = onnx_model.load_onnx(LoadOptions(path=str(path)))
+    assert onnx_model.release_weights(loaded)
+    (copy,) = temp.glob("*/" + onnx_model.WEIGHTS_COPY)
+    assert copy.read_bytes() == path.read_bytes()
+    del loaded
+    gc.collect()
+    assert list(temp.iterdir()) == []

@@ -553,15 +553,22 @@ def release_weights(loaded: LoadedModel) -> bool:
     }
     if not released:
         return False
-    folder = None
     try:
         folder = tempfile.mkdtemp(prefix="deadrelu-weights-")  # 0700: no other user can touch the copy
+    except OSError:  # no temporary folder: the graph keeps its weights
+        return False
+    # removed with the model, at exit, or now on a failure (sessions keep the copy mapped after it is
+    # removed: an unlinked file lives while mapped)
+    remove = weakref.finalize(loaded, _remove_folder, folder)
+    try:
         with open(Path(folder, WEIGHTS_COPY), "xb") as handle:
             handle.write(raw)
-    except OSError:  # no space, no temporary folder: the graph keeps its weights
-        if folder is not None:
-            _remove_folder(folder)
+    except OSError:  # no space: the graph keeps its weights
+        remove()
         return False
+    except BaseException:  # Ctrl-C, SIGTERM (cli.app) mid-copy: a large model's partial copy is not left
+        remove()
+        raise
     light = ModelProto()
     _copy_fields(full, light, "graph")
     _copy_fields(full.graph, light.graph, "initializer")
@@ -580,8 +587,6 @@ def release_weights(loaded: LoadedModel) -> bool:
     loaded.extra.pop("file_bytes", None)
     loaded.extra["released"] = released
     loaded.extra["weights_dir"] = folder
-    # sessions keep the copy mapped after it is removed (an unlinked file lives while mapped)
-    weakref.finalize(loaded, _remove_folder, folder)
     return True
 
 
