@@ -315,6 +315,17 @@ def relaid_channel_first(
     return axis == 1
 
 
+def is_stored(module: torch.nn.Module, name: str) -> bool:
+    """True when `name` is a parameter or buffer itself (so writing into it changes the model; its values
+    are the checkpoint's), not a value computed by a parametrization or a constant of the code."""
+    owner, _, leaf = name.rpartition(".")
+    try:
+        sub = module.get_submodule(owner) if owner else module
+    except AttributeError:
+        return False
+    return leaf in sub._parameters or leaf in sub._buffers
+
+
 def keeps_dtype(x: torch.Tensor, zeros) -> bool:
     """Whether maximum(x, zeros) of a float x has x's dtype (a ReLU spelled with a maximum, probe.ops):
     a number or a 0-d tensor (not complex) does not promote a float tensor; zeros with dims promote as

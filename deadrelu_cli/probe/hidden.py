@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from deadrelu_cli.probe.aten_ops import MAXIMA, VALUE_COPIES, ZERO_FACTORIES
+from deadrelu_cli.probe.base import is_stored
 from deadrelu_cli.probe.ops import aten_op_kind, hidden_label, is_zero_number, zeros_fit
 
 
@@ -141,7 +142,7 @@ def _is_zeros(node: object, graph_module: fx.GraphModule) -> bool:
         if not isinstance(node, fx.Node):
             return False
         if node.op == "get_attr":
-            if _is_state(graph_module, str(node.target)):
+            if is_stored(graph_module, str(node.target)):
                 return False
             value = graph_module
             for part in str(node.target).split("."):
@@ -157,16 +158,6 @@ def _is_zeros(node: object, graph_module: fx.GraphModule) -> bool:
             return False
         node = node.args[0]
     return False
-
-
-def _is_state(graph_module: fx.GraphModule, target: str) -> bool:
-    """Whether `target` names a parameter or buffer of the module (not a constant lifted from the code)."""
-    owner, _, leaf = target.rpartition(".")
-    try:
-        module = graph_module.get_submodule(owner) if owner else graph_module
-    except AttributeError:
-        return False
-    return leaf in module._parameters or leaf in module._buffers
 
 
 def _example(node: object) -> torch.Tensor | None:

@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from deadrelu_cli.probe.aten_ops import BATCH_NORM_OPS, LINEAR_OR_CONV_OPS, UNIT_PRESERVING, VIEWS
-from deadrelu_cli.probe.base import pools_over_space
+from deadrelu_cli.probe.base import is_stored, pools_over_space
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.probe.exported import keeps_last_axis, op_base
 from deadrelu_cli.wiring.model import BatchNormRef, TensorRef, UnitWiring
@@ -44,18 +44,6 @@ def named_tensor(module: nn.Module, name: str | None) -> torch.Tensor | None:
     except AttributeError:
         return None
     return value if isinstance(value, torch.Tensor) else None
-
-
-def is_stored(module: nn.Module, name: str) -> bool:
-    """True when `name` is a parameter or buffer itself, so writing into it changes the model."""
-    owner, _, leaf = name.rpartition(".")
-    try:
-        sub = module.get_submodule(owner) if owner else module
-    except AttributeError:
-        return False
-    return any(leaf == key for key, _ in sub.named_parameters(recurse=False)) or any(
-        leaf == key for key, _ in sub.named_buffers(recurse=False)
-    )
 
 
 def write_conflict(model: nn.Module, names, report=None, layer=None) -> str:
