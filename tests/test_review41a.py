@@ -176,3 +176,50 @@ def test_the_private_weights_copy_is_removed_when_its_writing_is_interrupted(tmp
     del loaded
     gc.collect()
     assert list(temp.iterdir()) == []
+
+
+WIDENED = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        spread = torch.maximum(self.fc1(x), torch.zeros(3, 1, 6))  # [3, N, 6]: widened, no ReLU
+        h = spread.mean(0)
+        return self.head(torch.maximum(self.fc2(h), torch.zeros(5)))  # the one ReLU
+
+
+def build():
+    torch.manual_seed(3)
+    return Net().eval()
+"""
+
+
+def test_a_maximum_whose_zeros_widen_x_is_no_site_in_torchscript_either(cli, tmp_path):
+    """maximum(fc1(x), zeros(3, 1, 6)) is no ReLU (its zeros widen x); the TorchScript walk lists it
+    (shapes are known only at run time) and the run passed it by as an ordinary op without taking its
+    place, so every scripted or traced scan of the model failed: "ran 0 activations but its code has 2"
+    (eager and .pt2 scanned it). Now the listed site is withdrawn as a clamp that is no layer is, and the
+    genuine maximum(fc2(h), zeros) is counted with its producer."""
+    model, _ = arch_file(tmp_path / "widened.py", WIDENED)
+    data = save_npz(tmp_path / "d.npz", x=DATA)
+    x = torch.from_numpy(DATA)
+    with torch.no_grad():
+        torch.jit.script(model).save(tmp_path / "s.pt")
+        torch.jit.trace(model, x[:2]).save(tmp_path / "t.pt")
+    w = x.double()
+    h = torch.nn.functional.linear(w, model.fc1.weight.double(), model.fc1.bias.double()).clamp(min=0)
+    pre = torch.nn.functional.linear(h, model.fc2.weight.double(), model.fc2.bias.double())
+    for saved in ("s.pt", "t.pt"):
+        result = cli("scan", tmp_path / saved, "--data", data, "--json", "-", "-q")
+        assert result.code == 0, (saved, result.err)
+        layers = result.json()["layers"]
+        assert [(la["units"], la["producer"]) for la in layers] == [(5, "fc2")], saved
+        assert layers[0]["positive_counts"] == (pre > 0).sum(dim=0).tolist(), saved

@@ -455,9 +455,10 @@ class TorchScriptProbe:
 
     def on_spelled(self, func, args: tuple, kwargs: dict):
         """A maximum or select run where the code's next site is one: that site when it clamps x at 0 here
-        (its zeros are zeros, its mask is x > 0, and the zeros do not widen x), else an ordinary op (a
-        maximum the static walk did not list, or one whose zeros widen x: the count check at the end
-        of the forward then says so)."""
+        (its zeros are zeros, its mask is x > 0, and the zeros do not widen x), else an ordinary op: a
+        maximum the static walk did not list, or the listed one whose zeros widen or promote x (withdrawn
+        when x has the units of the site's producer; without a producer the count check at the end of the
+        forward says so)."""
         given = list(args)
         if aten_base(func.name()).startswith("where"):
             if len(given) != 3 or kwargs:
@@ -473,7 +474,13 @@ class TorchScriptProbe:
             fits = not zeros.any() and zeros_fit(x.shape, zeros.shape)
         else:
             fits = is_zero_number(zeros)
-        if not fits or not x.is_floating_point() or not keeps_dtype(x, zeros) or not self._fits_next(x):
+        if not self._fits_next(x):
+            return func(*args, **kwargs)
+        if not fits or not x.is_floating_point() or not keeps_dtype(x, zeros):
+            site = self.sites[self._position]
+            if site.units is not None:  # the listed site (x has its producer's units): no ReLU, withdrawn
+                self._position += 1  # as a clamp that is no layer is (on_activation)
+                self.registry.withdraw(site.name)
             return func(*args, **kwargs)
 
         def spelled(_x):
