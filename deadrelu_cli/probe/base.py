@@ -323,7 +323,7 @@ def is_stored(module: torch.nn.Module, name: str) -> bool:
         sub = module.get_submodule(owner) if owner else module
     except AttributeError:
         return False
-    return leaf in sub._parameters or leaf in sub._buffers
+    return sub._parameters.get(leaf) is not None or sub._buffers.get(leaf) is not None
 
 
 def keeps_dtype(x: torch.Tensor, zeros) -> bool:
