@@ -9,8 +9,11 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.report.diff import match_layers
 from deadrelu_cli.report.model import COUNT_SETTINGS, Report, settings_difference
 
+# extra["position_mask"] of a site whose [batch, tokens, …] and [tokens, batch, …] readings had one shape on
+# every batch it saw (as many samples as tokens) and nothing told them apart: every position counted
+LAYOUT_AMBIGUOUS = "layout ambiguous"
 # extra["position_mask"] of a site the scan's position mask could not reach (it counted padding too)
-MASK_NOT_APPLIED = ("in a subgraph", "opset below 9")
+MASK_NOT_APPLIED = ("in a subgraph", "opset below 9", LAYOUT_AMBIGUOUS)
 
 
 @dataclass
@@ -248,7 +251,7 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
         shown = ", ".join(unmasked[:5]) + (", …" if len(unmasked) > 5 else "")
         model_failures.append(
             f"model: the position mask could not be applied to {len(unmasked)} layer(s) (ONNX If/Loop/Scan "
-            f"bodies or opset below 9): they counted every position, padding included, so a unit that fires "
+            f"bodies, opset below 9, or a [batch, tokens] / [tokens, batch] layout no batch told apart): they counted every position, padding included, so a unit that fires "
             f"on padding only passes as alive: {shown}; pass --allow-unseen to gate on them as counted, "
             "or --mask none to count every position everywhere"
         )

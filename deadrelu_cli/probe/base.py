@@ -42,6 +42,9 @@ class SiteRegistry:
         self.scoped_masks: dict[str, PositionMask | None] = {}
         self.fused_devices = settings.fused_devices
         self._stale: set[str] = set()  # sites of an earlier window, not run since `restart`
+        # site name -> whether its tensors are [T, B, ...] (True) or [B, T, ...], as the model's structure
+        # says it (probe.eager: the nn.Transformer*Layer it runs in); read where a batch's shape cannot tell
+        self.layout_hints: dict[str, bool | None] = {}
 
     def restart(self) -> None:
         """Count from zero again (a new window of a training run): each site is cleared in place when it
@@ -51,7 +54,7 @@ class SiteRegistry:
     def elements_seen(self) -> dict[str, int]:
         """Values per unit each site has counted since `restart` (a stale site: 0)."""
         stale = self._stale
-        return {name: 0 if name in stale else site.elements_per_unit for name, site in self.sites.items()}
+        return {name: 0 if name in stale else site.counted_elements() for name, site in self.sites.items()}
 
     def _fresh(self, site: SiteAccumulator) -> SiteAccumulator:
         if self._stale and site.name in self._stale:
@@ -71,6 +74,15 @@ class SiteRegistry:
             path: None if m is None else PositionMask(m) for path, m in (scoped or {}).items()
         }
 
+    def set_scoped_mask(self, path: str, mask: torch.Tensor | None) -> None:
+        """The sites under module `path` ("" = every site) count where `mask` is true (None: every
+        position), for the forward under way (a module's own key padding mask, read as it is called)."""
+        positions = None if mask is None else PositionMask(mask)
+        if path:
+            self.scoped_masks[path] = positions
+        else:
+            self.position_mask = positions
+
     def mask_for(self, name: str) -> PositionMask | None:
         """The position mask of the site `name` (a module path, maybe with `#k` or `.relu()`)."""
         for path, mask in self.scoped_masks.items():
@@ -84,6 +96,7 @@ class SiteRegistry:
             site = SiteAccumulator(
                 name=name, op=op, channel_dim=-1, module_type=module_type, producer=producer
             )
+            site.layout_hint = self.layout_hints.get(name)
             self.sites[name] = site
         else:
             self._fresh(site)
@@ -108,7 +121,7 @@ class SiteRegistry:
         collector = self.collectors.get(name)
         if collector is not None:
             if mask is not None and site.masked_now:
-                pre = mask.select(pre, site.channel_dim)
+                pre = mask.select(pre, site.channel_dim, site.known_time_major())
             collector(pre, site.channel_dim)
 
     def run_relu_in_parts(
@@ -194,7 +207,7 @@ class SiteRegistry:
         for site in self.sites.values():
             if site.name in self._stale:
                 continue
-            if site.positive is None:  # declared, never ran
+            if site.positive is None and not site.pending:  # declared, never ran
                 out.append(
                     LayerStats(
                         name=site.name,

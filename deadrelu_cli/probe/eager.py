@@ -759,7 +759,19 @@ class EagerProbe:
 
     def observe(self, name: str, op: str, pre: torch.Tensor) -> None:
         self._note_source(name, pre)
+        if name not in self.registry.layout_hints:  # once per site: its module's own word on the layout
+            self.registry.layout_hints[name] = self._time_major_hint()
         self.registry.record_pre(name, op, pre, *self._site_facts(pre))
+
+    def _time_major_hint(self) -> bool | None:
+        """Whether the running site's tensors are [T, B, ...]: inside torch's nn.TransformerEncoderLayer /
+        nn.TransformerDecoderLayer, as its attention's `batch_first` says (False: [T, B, E]); None elsewhere
+        (where a batch of as many samples as tokens leaves the shape ambiguous, another batch decides)."""
+        for _, module in reversed(self._stack):
+            if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+                first = getattr(getattr(module, "self_attn", None), "batch_first", None)
+                return None if first is None else not first
+        return None
 
     def clamp_is_layer(self, pre, op: str) -> bool:
         """Whether a clamp with a ReLU's bounds is a layer (probe.ops.clamp_is_layer); one that is not

@@ -9,7 +9,7 @@ import numpy as np
 
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import unseen_notes
+from deadrelu_cli.gate import LAYOUT_AMBIGUOUS, unseen_notes
 from deadrelu_cli.inputs import (
     batch_mask,
     fixed_batch_error,
@@ -272,7 +272,7 @@ def _discover_shapes(
     from onnx import TensorProto, helper
 
     from deadrelu_cli.probe.onnx_graph import lift_to_main, site_channel_dim, subgraph_map
-    from deadrelu_cli.probe.ops import token_layout
+    from deadrelu_cli.probe.ops import layout_ambiguous, token_layout
     from deadrelu_cli.wiring.onnx_index import opset_version
 
     if mask is not None:
@@ -329,7 +329,11 @@ def _discover_shapes(
         if keep is not None and not maskable:
             site.mask_unapplied = "opset below 9"
         elif maskable and site.rank >= 2:
-            site.token_layout = token_layout(shape, site_channel_dim(site, channel_dim), *keep.shape)
+            dim = site_channel_dim(site, channel_dim)
+            if layout_ambiguous(shape, dim, *keep.shape):  # a fixed batch of as many samples as tokens
+                site.mask_unapplied = LAYOUT_AMBIGUOUS
+                continue
+            site.token_layout = token_layout(shape, dim, *keep.shape)
         if site.graph_path and (site.token_layout or "Loop" not in _owner_types(owners, site.graph_path)):
             # a Loop body's tensor of other positions may be a per-step slice of the tokens: stays unmasked
             site.mask_unapplied = None
