@@ -235,6 +235,43 @@ def infer_channel_dim(rank: int, producer_is_channel_first: bool | None) -> int:
     return -1
 
 
+def _reductions() -> dict:
+    """Reductions that may take a tensor's unit axis away, each with where its `dim` argument sits."""
+    T = torch.Tensor
+    table = {f: 1 for f in (T.sum, torch.sum, T.mean, torch.mean, T.amax, torch.amax, T.amin, torch.amin)}
+    table.update({f: 1 for f in (T.var, torch.var, T.std, torch.std, T.logsumexp, torch.logsumexp)})
+    table.update({f: 1 for f in (T.prod, torch.prod)})
+    table.update({T.norm: 2, torch.norm: 2, torch.linalg.vector_norm: 2})
+    return table
+
+
+REDUCTIONS = _reductions()
+# elementwise ops besides the pass-through ones (eager._pass_through_functions) that keep a reduction
+# over the units one value per position (`2 - h.sum(-1)`, `-m`, `m ** 2`)
+PER_POSITION_ELEMENTWISE = frozenset(
+    (torch.Tensor.__rsub__, torch.Tensor.__rtruediv__, torch.Tensor.__neg__, torch.Tensor.neg, torch.neg)
+    + (torch.Tensor.__pow__, torch.Tensor.pow, torch.pow, torch.Tensor.abs, torch.abs, torch.sqrt)
+    + (torch.Tensor.sqrt, torch.exp, torch.Tensor.exp, torch.log, torch.Tensor.log)
+)
+
+
+def reduces_unit_axis(func, args: tuple, kwargs: dict, channel_first: bool | None) -> bool:
+    """Whether `func(*args, **kwargs)` reduces its rank >= 2 input over the unit axis alone (as
+    `infer_channel_dim` places it): what remains is one value per position or sample (`h.sum(-1)`,
+    `x.norm(dim=-1)`), which holds no units, and a clamp of it (`(h.sum(-1) - m).clamp(min=0)`, a
+    margin) is no ReLU layer, whatever its shape (probe.ops.clamp_is_layer)."""
+    where = REDUCTIONS.get(func)
+    if where is None or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
+        return False
+    dim = args[where] if len(args) > where else kwargs.get("dim")
+    if isinstance(dim, (tuple, list)) and len(dim) == 1:
+        dim = dim[0]
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        return False
+    rank = args[0].dim()
+    return dim % rank == infer_channel_dim(rank, channel_first) % rank
+
+
 def moved_unit_axis(kind: str, dims: tuple, axis: int, rank: int = 3) -> int | None:
     """Where a rank-3 tensor's unit axis `axis` is after a layout op (`aten_ops.LAYOUT`), or None when
     that is not known: `transpose`/`swapaxes` (dims = the two axes), `permute` (dims = the order),

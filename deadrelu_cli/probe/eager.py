@@ -24,6 +24,8 @@ from torch.overrides import TorchFunctionMode
 
 from deadrelu_cli.probe.accumulator import CACHE_PART_BYTES
 from deadrelu_cli.probe.base import (
+    PER_POSITION_ELEMENTWISE,
+    REDUCTIONS,
     SQUEEZES,
     ProbeSettings,
     SiteRegistry,
@@ -31,6 +33,7 @@ from deadrelu_cli.probe.base import (
     infer_channel_dim,
     moved_unit_axis,
     pools_over_space,
+    reduces_unit_axis,
     squeeze_keeps_channels,
 )
 from deadrelu_cli.probe.ops import (
@@ -329,6 +332,7 @@ class _CallSiteMode(TorchFunctionMode):
         if spec is None or not args or not isinstance(args[0], torch.Tensor):
             out = func(*args, **kwargs)
             if args and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor):
+                self.probe.note_per_position(func, args, kwargs, out)
                 if func in self.probe.pass_through:
                     others = list(args[1:]) + list(kwargs.values())
                     self.probe.propagate(
@@ -405,20 +409,60 @@ def call_op(functions: dict, func, args: tuple, kwargs: dict) -> str | None:
     return spec.op if spec.clamp is None else _clamp_op(spec.clamp, args, kwargs)
 
 
-class _ActivationCounter(TorchFunctionMode):
-    """Counts the activation calls of code the probe runs but cannot attribute (a torch.cond branch)."""
+# the functions nn.Linear, nn.Conv*, the norms call: a clamp of their output is a layer (clamp_is_layer)
+_LAYER_FUNCTIONS = frozenset(
+    (F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d)
+    + (F.conv_transpose3d, F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm)
+)
 
-    def __init__(self, functions: dict) -> None:
+
+class _ActivationCounter(TorchFunctionMode):
+    """Counts the activation calls of code the probe runs but cannot attribute (a torch.cond branch).
+    A clamp counts as the call site probes count it (probe.ops.clamp_is_layer): one of a layer's output
+    (a Linear/Conv/norm function's, through elementwise ops), or of a value with a unit axis of more than
+    one unit that is no reduction over the units (probe.base.reduces_unit_axis)."""
+
+    def __init__(self, functions: dict, pass_through: set) -> None:
         super().__init__()
         self.functions = functions
+        self.pass_through = pass_through
         self.counts: Counter = Counter()
+        self._layer_outputs: dict[int, weakref.ref] = {}
+        self._per_position: dict[int, weakref.ref] = {}
+
+    @staticmethod
+    def _marked(table: dict, value) -> bool:
+        entry = table.get(id(value))
+        return entry is not None and entry() is value
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         op = call_op(self.functions, func, args, kwargs)
+        if op is not None and self.functions[func].clamp is not None:
+            pre = args[0]
+            from_layer = self._marked(self._layer_outputs, pre)
+            if self._marked(self._per_position, pre) or not clamp_is_layer(
+                tuple(pre.shape), None, from_layer
+            ):
+                op = None
         if op is not None:
             self.counts[op] += 1
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+            if func in _LAYER_FUNCTIONS:
+                self._layer_outputs[id(out)] = weakref.ref(out)
+            elif func in self.pass_through or func in PER_POSITION_ELEMENTWISE:
+                through = func in self.pass_through  # a layer's output stays one through these only
+                for table in (self._layer_outputs, self._per_position) if through else (self._per_position,):
+                    if any(
+                        self._marked(table, a)
+                        for a in (*args, *kwargs.values())
+                        if isinstance(a, torch.Tensor)
+                    ):
+                        table[id(out)] = weakref.ref(out)
+            elif reduces_unit_axis(func, args, kwargs, None):
+                self._per_position[id(out)] = weakref.ref(out)
+        return out
 
 
 class EagerProbe:
@@ -442,6 +486,8 @@ class EagerProbe:
         self.layout = _layout_functions()
         # activation outputs (and unit-preserving views of them): id -> (weakref, site name)
         self._site_outputs: dict[int, tuple[weakref.ref, str]] = {}
+        # id(tensor) -> weakref: values reduced over the units, one per position (note_per_position)
+        self._per_position: dict[int, weakref.ref] = {}
         self.consumers: dict[str, set[str]] = {}  # site -> Linear/Conv modules that read its output
         self.upstream: dict[str, str] = {}  # producer -> the producer feeding it (BN -> its Conv)
         self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement
@@ -687,6 +733,7 @@ class EagerProbe:
         self._produced.clear()
         self._sources.clear()
         self._site_outputs.clear()
+        self._per_position.clear()
 
     def mode(self) -> TorchFunctionMode:
         return _CallSiteMode(self)
@@ -773,14 +820,34 @@ class EagerProbe:
                 return None if first is None else not first
         return None
 
+    def note_per_position(self, func, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        """Remember `out` as one value per position (no units) when `func` reduced its input over the unit
+        axis (probe.base.reduces_unit_axis), or is an elementwise op of such a value (`h.sum(-1) - m`)."""
+        if func in self.pass_through or func in PER_POSITION_ELEMENTWISE:
+            if not self._per_position:
+                return
+            operands = (*args, *kwargs.values())
+            if any(isinstance(a, torch.Tensor) and self.per_position(a) for a in operands):
+                self._per_position[id(out)] = weakref.ref(out)
+            return
+        if func in REDUCTIONS:
+            origin = self.origin_of(args[0])
+            if reduces_unit_axis(func, args, kwargs, origin[2] if origin else None):
+                self._per_position[id(out)] = weakref.ref(out)
+
+    def per_position(self, tensor: torch.Tensor) -> bool:
+        entry = self._per_position.get(id(tensor))
+        return entry is not None and entry() is tensor
+
     def clamp_is_layer(self, pre, op: str) -> bool:
-        """Whether a clamp with a ReLU's bounds is a layer (probe.ops.clamp_is_layer); one that is not
-        still takes its number in the names, as the graph probes number it."""
+        """Whether a clamp with a ReLU's bounds is a layer (probe.ops.clamp_is_layer; not when it clamps a
+        reduction over the units, `per_position`); one that is not still takes its number in the names,
+        as the graph probes number it."""
         if not isinstance(pre, torch.Tensor):
             return False
         origin = self.origin_of(pre)
         unit_axis = infer_channel_dim(pre.dim(), origin[2] if origin else None) if pre.dim() else None
-        if clamp_is_layer(tuple(pre.shape), unit_axis, origin is not None):
+        if not self.per_position(pre) and clamp_is_layer(tuple(pre.shape), unit_axis, origin is not None):
             return True
         if op in self.settings.ops and pre.is_floating_point():  # as a float site would have been
             self.next_site_name(op)
@@ -802,7 +869,7 @@ class EagerProbe:
         those are named in `hidden` (per call site, the most one forward ran), not counted per unit (the
         branch that ran depends on the batch, and the graph formats cannot see into them either)."""
         name = getattr(func, "__name__", str(func))
-        counter = _ActivationCounter(self.functions)
+        counter = _ActivationCounter(self.functions, self.pass_through)
         with counter:
             if name == "cond" and len(args) == 4 and not kwargs:  # cond(pred, true_fn, false_fn, operands)
                 pred, true_fn, false_fn, operands = args
