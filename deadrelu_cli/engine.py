@@ -152,7 +152,9 @@ def mask_notes(layers: list, mask) -> list[str]:
         "a sequence of another length; every element counted)",
         "in a subgraph": "inside ONNX subgraphs the mask does not reach (a Scan body's per-step slices, a "
         "Loop body's tensors of other positions, an If branch not run on the first batch; every element "
-        "counted, padding included; a gate fails on them unless --allow-unseen)",
+        "counted, padding included; a gate fails on them unless --allow-unseen; to count real tokens only "
+        "there, scan the PyTorch model, or an ONNX export with the loop unrolled: torch.onnx.export of a "
+        "Python loop writes no Scan/Loop)",
         "opset below 9": "of an ONNX graph of opset below 9 (every element counted, padding included; a gate "
         "fails on them unless --allow-unseen; re-export with a newer opset)",
         LAYOUT_AMBIGUOUS: "whose [batch, tokens, …] and [tokens, batch, …] readings had one shape on every "

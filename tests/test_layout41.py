@@ -256,6 +256,7 @@ def test_onnx_fixed_batch_of_as_many_samples_as_tokens_says_so_and_stops_the_gat
     assert any("dynamic batch dim" in note and "relu" in note for note in report["notes"]), report["notes"]
     gated = cli(*args, "--max-dead", "1.0")
     assert gated.code == 1 and "position mask could not be applied to 1 layer(s)" in gated.err, gated.err
+    assert "re-export with a dynamic batch dim" in gated.err, gated.err
     assert cli(*args, "--max-dead", "1.0", "--allow-unseen").code == 0
 
 
@@ -319,3 +320,27 @@ def test_a_clamp_of_a_sum_over_the_units_is_no_layer_also_inside_torch_cond(cli,
     assert [layer["name"] for layer in report["layers"]] == ["relu()"]
     assert report["layers"][0]["positive_counts"] == (pre > 0).sum(0).tolist()
     assert report["unseen_activations"] == {"<model>: torch.cond(activation=Relu)": 1}
+
+
+def test_a_scan_bodys_unmasked_relu_says_how_to_count_real_tokens_only(cli, tmp_path):
+    """A Scan body sees one step's slice, not the batch's [batch, tokens] positions: its Relu counts
+    every position (checked in test_mask37); the note and the gate's failure now say what counts real
+    tokens only there (the PyTorch model, or an export with the loop unrolled), besides --allow-unseen.
+    Before: only --allow-unseen or --mask none were offered."""
+    import onnx
+    from test_mask37 import LENGTHS, SAMPLES, _subgraph_tokens
+
+    model, _ = _subgraph_tokens()
+    path = tmp_path / "sub.onnx"
+    onnx.save(model, path)
+    x = np.random.RandomState(3).randn(SAMPLES, 5, 4).astype(np.float32)
+    keep = np.arange(5)[None, :] < LENGTHS[:, None]
+    data = save_npz(tmp_path / "d.npz", x=x, flag=np.array(True), attention_mask=keep.astype(np.int64))
+    args = ("scan", path, "--data", data, "--const", "flag", "--json", "-", "-q", "--max-dead", "1.0")
+    gated = cli(*args)
+    assert gated.code == 1, gated.err
+    assert "scan/body/scan_relu" in gated.err and "an ONNX export with the loop unrolled" in gated.err, (
+        gated.err
+    )
+    notes = gated.json()["notes"]
+    assert any("scan/body/scan_relu" in n and "scan the PyTorch model" in n for n in notes), notes
