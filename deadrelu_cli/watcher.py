@@ -450,6 +450,7 @@ class Watch:
                 self._apply_mask(self._forward_mask(args, kwargs), args, kwargs)
             elif self._mask is not None and (self._frames is not None or self._pooled is not None):
                 self._apply_mask(self._mask, args, kwargs)
+            probe.note_inputs(args, kwargs)  # a square batch: the token ids' axes, followed
             mode = probe.mode()
             mode.__enter__()
             self._modes.append(mode)

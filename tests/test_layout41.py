@@ -366,3 +366,46 @@ def test_pt2_fixed_batch_of_as_many_samples_as_tokens_counts_every_position_and_
     assert layer["elements_per_unit"] == 8 * TOKENS
     assert layer["extra"]["position_mask"] == "layout ambiguous"
     assert any("dynamic batch dim" in note and "relu()" in note for note in report["notes"]), report["notes"]
+
+
+class TokenModel(nn.Module):
+    """Token ids -> embedding -> (time-major: transpose) -> Linear -> ReLU."""
+
+    def __init__(self, time_major: bool) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.embed = nn.Embedding(20, 6)
+        self.fc = nn.Linear(6, UNITS)
+        self.time_major = time_major
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        if self.time_major:
+            h = h.transpose(0, 1)
+        return torch.relu(self.fc(h)).sum()
+
+
+@pytest.mark.parametrize("time_major", [False, True], ids=["batch-first", "time-major"])
+def test_watch_square_token_batches_follow_the_token_ids_axes(time_major):
+    """A token model's square batches only (5 samples of 5 tokens): the site's layout is told by what the
+    model did to its input_ids' axes (the mask marks them), not by its shape: exact counts over the real
+    tokens, batch-first and time-major, no warning. Before: the time-major one was read as [B, T, F]."""
+    from deadrelu_cli import watch
+
+    model = TokenModel(time_major)
+    rng = np.random.RandomState(12)
+    ids = rng.randint(0, 20, (5, 5))
+    keep = np.arange(5)[None, :] < np.array([5, 2, 4, 1, 3])[:, None]
+    with torch.no_grad():
+        pre = model.fc(model.embed(torch.from_numpy(ids))).double().numpy()[keep]  # [B, T, F] at the kept
+    w = watch(model, every=1, config=False)
+    w.step()
+    model(torch.from_numpy(ids), attention_mask=torch.from_numpy(keep.astype(np.int64)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w.close()
+    layer = w.last.layer("relu()")
+    assert layer.positive_counts.tolist() == (pre > 0).sum(0).tolist()
+    assert layer.elements_per_unit == int(keep.sum())
+    assert layer.extra["position_mask"] == "applied"
+    assert not [c for c in caught if "as many samples as tokens" in str(c.message)]

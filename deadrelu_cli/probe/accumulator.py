@@ -148,6 +148,7 @@ class SiteAccumulator:
     # module the site runs in says it: nn.TransformerEncoderLayer's batch_first); None: not known
     time_major: bool | None = None
     layout_hint: bool | None = None
+    call_hint: bool | None = None  # this call's tensor, by descent from the forward's token ids
     # while not known: the ambiguous batches counted three ways (PENDING_LAYOUTS), until a batch's shape
     # tells (the matching count joins this one) or the counts are read (every position: LAYOUT_AMBIGUOUS)
     pending: dict | None = None
@@ -169,7 +170,10 @@ class SiteAccumulator:
         self.pending, self._pending_now = None, False  # a new window; what was learned of the layout stays
 
     def known_time_major(self) -> bool | None:
-        return self.time_major if self.time_major is not None else self.layout_hint
+        for known in (self.time_major, self.layout_hint, self.call_hint):
+            if known is not None:
+                return known
+        return None
 
     def _layout_pending(self, pre: torch.Tensor, mask: PositionMask) -> bool:
         """Whether this batch goes to the `pending` counts: its shape reads as [B, T, ...] and [T, B, ...]
@@ -180,6 +184,8 @@ class SiteAccumulator:
             if layout in (TOKEN_ROWS, TOKENS_FIRST):
                 self.learn_layout(layout == TOKENS_FIRST)
             return False
+        if self.time_major is None and self.layout_hint is None and self.call_hint is not None:
+            self.learn_layout(self.call_hint)  # what the model did to the token ids' axes tells
         if self.known_time_major() is not None:
             return False
         if self.pending is None:

@@ -45,6 +45,8 @@ class SiteRegistry:
         # site name -> whether its tensors are [T, B, ...] (True) or [B, T, ...], as the model's structure
         # says it (probe.eager: the nn.Transformer*Layer it runs in); read where a batch's shape cannot tell
         self.layout_hints: dict[str, bool | None] = {}
+        # the same for the site recorded next, from how its tensor descends from the forward's inputs
+        self.call_hint: bool | None = None
 
     def restart(self) -> None:
         """Count from zero again (a new window of a training run): each site is cleared in place when it
@@ -116,6 +118,7 @@ class SiteRegistry:
     ) -> None:
         """First half of a batch at a site, while the pre-activation is intact."""
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer)
+        site.call_hint, self.call_hint = self.call_hint, None
         mask = self.mask_for(name)
         site.observe_pre(pre, self.settings.threshold, mask, self.fused_devices)
         collector = self.collectors.get(name)

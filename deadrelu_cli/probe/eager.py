@@ -211,6 +211,28 @@ def _layout_functions() -> set:
             F.layer_norm, T.__getitem__, T.squeeze, torch.squeeze, T.unsqueeze, torch.unsqueeze}  # fmt: skip
 
 
+# ops that may move a tensor's first two axes (followed by EagerProbe.carry_alignment)
+_AXIS_MOVES = frozenset(
+    (torch.Tensor.transpose, torch.transpose, torch.Tensor.swapaxes, torch.swapaxes, torch.Tensor.swapdims)
+    + (torch.swapdims, torch.Tensor.permute, torch.permute, torch.Tensor.movedim, torch.movedim)
+    + (torch.Tensor.moveaxis, torch.moveaxis, torch.Tensor.t, torch.t, torch.Tensor.mT.__get__)
+)
+
+
+def _lead_axes_after(func, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    """Where axes 0 and 1 of args[0] are after the axis move `func` (an _AXIS_MOVES op), read off the
+    same op on a meta tensor whose axes all have different sizes; None when that fails."""
+    rank = args[0].dim()
+    sizes = (2, 3, 5, 7, 11, 13, 17, 19)[:rank]
+    if len(sizes) < rank:
+        return None
+    try:
+        moved = tuple(func(torch.empty(sizes, device="meta"), *args[1:], **kwargs).shape)
+    except Exception:  # noqa: BLE001  (an op this does not read: no alignment carried)
+        return None
+    return (moved.index(2), moved.index(3)) if 2 in moved and 3 in moved else None
+
+
 def _moved_unit_axis(func, args: tuple, kwargs: dict, axis: int, before, after) -> int | None:
     """Where a rank-3 tensor's unit axis `axis` is after `func` (see `_layout_functions`), or None when
     that is not known (another rank, or the op changed the number of units)."""
@@ -331,6 +353,8 @@ class _CallSiteMode(TorchFunctionMode):
             spec = None  # a clamped variance / norm / loss: an ordinary op, not a ReLU layer
         if spec is None or not args or not isinstance(args[0], torch.Tensor):
             out = func(*args, **kwargs)
+            if self.probe._aligned:
+                self.probe.carry_alignment(func, args, kwargs, out)
             if args and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor):
                 self.probe.note_per_position(func, args, kwargs, out)
                 if func in self.probe.pass_through:
@@ -390,6 +414,8 @@ class _CallSiteMode(TorchFunctionMode):
                 lambda pre: self.probe.observe(name, op, pre),
                 lambda post: self.probe.registry.record_post(name, post),
             )
+        if self.probe._aligned and not in_place:
+            self.probe.carry_alignment(func, args, kwargs, out)
         if in_place:  # the tensor now holds activations, no longer its producer's output
             self.probe.forget(args[0])
         if isinstance(out, torch.Tensor):
@@ -488,6 +514,10 @@ class EagerProbe:
         self._site_outputs: dict[int, tuple[weakref.ref, str]] = {}
         # id(tensor) -> weakref: values reduced over the units, one per position (note_per_position)
         self._per_position: dict[int, weakref.ref] = {}
+        # id(tensor) -> (weakref, time-major?): tensors whose first two axes are the position mask's
+        # [batch, tokens] (False) or [tokens, batch] (True), by descent from the forward's token ids;
+        # followed only in a forward whose mask has as many samples as tokens (see note_inputs)
+        self._aligned: dict[int, tuple[weakref.ref, bool]] = {}
         self.consumers: dict[str, set[str]] = {}  # site -> Linear/Conv modules that read its output
         self.upstream: dict[str, str] = {}  # producer -> the producer feeding it (BN -> its Conv)
         self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement
@@ -734,6 +764,7 @@ class EagerProbe:
         self._sources.clear()
         self._site_outputs.clear()
         self._per_position.clear()
+        self._aligned.clear()
 
     def mode(self) -> TorchFunctionMode:
         return _CallSiteMode(self)
@@ -741,6 +772,7 @@ class EagerProbe:
     def run(self, inputs: tuple, kwargs: dict | None = None):
         """One forward pass under the call-site mode."""
         self.begin_forward()
+        self.note_inputs(inputs, kwargs or {})
         compiler_loaded = "torch._dynamo" in sys.modules  # importing it costs seconds: only when loaded
         with self._eager_stance(compiler_loaded), _CallSiteMode(self):
             out = self.model(*inputs, **(kwargs or {}))
@@ -806,6 +838,7 @@ class EagerProbe:
 
     def observe(self, name: str, op: str, pre: torch.Tensor) -> None:
         self._note_source(name, pre)
+        self.registry.call_hint = self.alignment_of(pre) if self._aligned else None
         if name not in self.registry.layout_hints:  # once per site: its module's own word on the layout
             self.registry.layout_hints[name] = self._time_major_hint()
         self.registry.record_pre(name, op, pre, *self._site_facts(pre))
@@ -834,6 +867,46 @@ class EagerProbe:
             origin = self.origin_of(args[0])
             if reduces_unit_axis(func, args, kwargs, origin[2] if origin else None):
                 self._per_position[id(out)] = weakref.ref(out)
+
+    def note_inputs(self, args: tuple, kwargs: dict) -> None:
+        """At the start of a forward whose position mask has as many samples as tokens (where a site's
+        [T, B, ...] and [B, T, ...] have one shape): its [batch, tokens] inputs of the mask's shape (token
+        ids, as the mask marks them) are laid out as the mask; what descends from them is followed
+        (`carry_alignment`) to tell a site's layout by what the model did, not by its shape."""
+        mask = self.registry.position_mask
+        if mask is None or mask.batch != mask.tokens or mask.batch < 2:
+            return
+        for value in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(value, torch.Tensor) and tuple(value.shape) == (mask.batch, mask.tokens):
+                self._aligned[id(value)] = (weakref.ref(value), False)
+
+    def alignment_of(self, tensor: torch.Tensor) -> bool | None:
+        """Whether the tensor is [T, B, ...] (True) or [B, T, ...] (False) by descent (note_inputs), or None."""
+        entry = self._aligned.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def carry_alignment(self, func, args: tuple, kwargs: dict, out) -> None:
+        """`out` is laid out as the operand it came from when its first two axes are that operand's
+        (elementwise ops, Linear, embedding, norms, views that keep them); a transpose of those two
+        turns [B, T] into [T, B]; any other move of them, or other sizes there, ends the trail."""
+        if not isinstance(out, torch.Tensor) or out.dim() < 2:
+            return
+        source, mark = None, None
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and (found := self.alignment_of(value)) is not None:
+                source, mark = value, found
+                break
+        if source is None:
+            return
+        if func in _AXIS_MOVES:
+            lead = _lead_axes_after(func, (source, *args[1:]) if args and args[0] is source else args, kwargs)
+            if lead == (1, 0):
+                mark = not mark
+            elif lead != (0, 1):
+                return
+        elif tuple(out.shape[:2]) != tuple(source.shape[:2]) or source.dim() < 2:
+            return
+        self._aligned[id(out)] = (weakref.ref(out), mark)
 
     def per_position(self, tensor: torch.Tensor) -> bool:
         entry = self._per_position.get(id(tensor))
