@@ -200,6 +200,7 @@ class SiteAccumulator:
                 for key, time_major in PENDING_LAYOUTS.items()
             }
         self._pending_now = True
+        self.masked_now = False  # a collector (fixes) gets every position, as the fallback counts them
         return True
 
     def learn_layout(self, time_major: bool) -> None:

@@ -899,7 +899,7 @@ class EagerProbe:
         if source is None:
             return
         if func in _AXIS_MOVES:
-            lead = _lead_axes_after(func, (source, *args[1:]) if args and args[0] is source else args, kwargs)
+            lead = _lead_axes_after(func, args, kwargs) if args and args[0] is source else None
             if lead == (1, 0):
                 mark = not mark
             elif lead != (0, 1):
