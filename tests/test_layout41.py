@@ -230,27 +230,40 @@ def _fixed_square_graph():
     return model, w, b
 
 
-def test_onnx_fixed_batch_of_as_many_samples_as_tokens_says_so_and_stops_the_gate(cli, tmp_path):
+def test_onnx_fixed_batch_of_as_many_samples_as_tokens_is_told_by_reordering_the_samples(cli, tmp_path):
     """A graph that fixes its batch at 4 samples, with masks of 4 tokens: its [4, 4, 12] Relu reads as
-    [B, T, F] and [T, B, F] alike on every batch. The layer counts every position (exactly: numpy's
-    count over all of them), is marked `layout ambiguous`, a note says what to do, and a gate stops
-    on it unless --allow-unseen. Before: read as [B, T, F] (other positions than the real tokens counted,
-    here a unit dead on the real tokens reported alive or the reverse) and marked applied."""
+    [B, T, F] and [T, B, F] alike. The scan runs the first batch again with its samples reversed: the
+    axis along which the Relu's input comes back reversed is the batch (here axis 1: time-major), so
+    the real tokens are counted exactly (numpy over the kept positions). Where that cannot tell (the
+    first batch one vector at every position of every sample), the layer counts every position, is marked `layout ambiguous`, a
+    note says to re-export with a dynamic batch dim, and a gate stops on it unless --allow-unseen.
+    Before: read as [B, T, F] (other positions than the real tokens counted), marked applied."""
     import onnx
 
     model, w, b = _fixed_square_graph()
     path = tmp_path / "square.onnx"
     onnx.save(model, path)
-    rng = np.random.RandomState(6)
-    x, keep = _batch(rng, 8)
+    x, keep = _batch(np.random.RandomState(6), 8)
     data = save_npz(tmp_path / "d.npz", x=x, attention_mask=keep.astype(np.int64))
     pre = x.astype(np.float64) @ w + b  # [B, T, F]: positions do not mix
+    result = cli("scan", path, "--data", data, "--json", "-", "-q")
+    assert result.code == 0, result.err
+    (layer,) = result.json()["layers"]
+    assert layer["positive_counts"] == (pre[keep] > 0).sum(0).tolist()
+    assert layer["elements_per_unit"] == int(keep.sum())
+    np.testing.assert_allclose(layer["max_preactivation"], pre[keep].max(0), rtol=1e-5)
+    assert layer["extra"]["position_mask"] == "applied"
+
+    alike = x.copy()
+    alike[:4] = x[0, 0]  # the first batch: one vector everywhere (reversed, nothing moves)
+    data = save_npz(tmp_path / "alike.npz", x=alike, attention_mask=keep.astype(np.int64))
+    pre = alike.astype(np.float64) @ w + b
     args = ("scan", path, "--data", data, "--json", "-", "-q")
     result = cli(*args)
     assert result.code == 0, result.err
     report = result.json()
     (layer,) = report["layers"]
-    assert layer["positive_counts"] == (pre > 0).reshape(-1, UNITS).sum(0).tolist()
+    assert layer["positive_counts"] == (pre > 0).reshape(-1, UNITS).sum(0).tolist()  # every position
     assert layer["elements_per_unit"] == 8 * TOKENS
     assert layer["extra"]["position_mask"] == "layout ambiguous"
     assert any("dynamic batch dim" in note and "relu" in note for note in report["notes"]), report["notes"]
@@ -258,68 +271,6 @@ def test_onnx_fixed_batch_of_as_many_samples_as_tokens_says_so_and_stops_the_gat
     assert gated.code == 1 and "position mask could not be applied to 1 layer(s)" in gated.err, gated.err
     assert "re-export with a dynamic batch dim" in gated.err, gated.err
     assert cli(*args, "--max-dead", "1.0", "--allow-unseen").code == 0
-
-
-MARGINS = """
-import torch
-from torch import nn
-
-
-class Margins(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(3, 5)
-
-    def forward(self, x):
-        h = self.fc(x)
-        # one value per position ([B, T]: the units summed away), clamped: a margin, no layer of units
-        margin = (torch.relu(h).sum(-1) - 1.0).clamp(min=0)
-        out = torch.cond(
-            h.sum() > -1e9,
-            lambda t: torch.relu(t) + (2.0 - t.sum(-1)).clamp(min=0)[..., None] + t.pow(2).mean(-1, keepdim=True).clamp(min=0),
-            lambda t: torch.relu(-t),
-            (h,),
-        )
-        return h * margin[..., None] + out
-
-
-def build():
-    torch.manual_seed(2)
-    return Margins().eval()
-"""
-
-
-def test_a_clamp_of_a_sum_over_the_units_is_no_layer_also_inside_torch_cond(cli, tmp_path, monkeypatch):
-    """`(relu(h).sum(-1) - 1).clamp(min=0)` is [B, T]: one value per position, the units summed away; a
-    clamp of it is no ReLU layer, whatever T. Inside a torch.cond branch the same rule (and the [B, T, 1]
-    rule) holds: the branch's one ReLU of a layer is named, not its two clamps of reductions. Before:
-    the margin was a site `relu()#2` of T "units", and the branch was said to hide 3 ReLUs."""
-    import importlib.util
-    import sys
-
-    from conftest import arch_file
-
-    _, spec = arch_file(tmp_path / "margins.py", MARGINS)
-    loader = importlib.util.spec_from_file_location("l41_margins", tmp_path / "margins.py")
-    module = importlib.util.module_from_spec(loader)
-    monkeypatch.setitem(sys.modules, "l41_margins", module)
-    loader.loader.exec_module(module)
-    model = module.build()
-    state = tmp_path / "m.pt"
-    torch.save(model.state_dict(), state)
-    x = np.abs(np.random.RandomState(8).randn(6, TOKENS, 3)).astype(np.float32)
-    data = save_npz(tmp_path / "d.npz", x=x)
-    with torch.no_grad():
-        pre = model.fc(torch.from_numpy(x)).double().numpy().reshape(-1, 5)
-    try:
-        result = cli("scan", state, "--arch", spec, "--data", data, "--json", "-", "-q")
-    finally:
-        torch._dynamo.reset()  # the branches' compiled code: not kept for a later export of another model
-    assert result.code == 0, result.err
-    report = result.json()
-    assert [layer["name"] for layer in report["layers"]] == ["relu()"]
-    assert report["layers"][0]["positive_counts"] == (pre > 0).sum(0).tolist()
-    assert report["unseen_activations"] == {"<model>: torch.cond(activation=Relu)": 1}
 
 
 def test_a_scan_bodys_unmasked_relu_says_how_to_count_real_tokens_only(cli, tmp_path):
