@@ -55,6 +55,23 @@ def arch(factory: str) -> str:
     return f"{PLANTED}:{factory}"
 
 
+def relu_onnx(path: Path, width: int) -> Path:
+    """A tiny ONNX model, x [n, width] -> Relu(x + b), b = -0.5 on the first half of the units."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    bias = np.where(np.arange(width) < width // 2, -0.5, 0.0).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "b"], ["pre"]), helper.make_node("Relu", ["pre"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
+        [numpy_helper.from_array(bias, "b")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
 def arch_file(path: Path, source: str) -> tuple[torch.nn.Module, str]:
     """Write an --arch file whose `build()` makes the model: (that model in eval mode, the --arch spec)."""
     import importlib.util

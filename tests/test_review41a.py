@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import arch_file, save_npz
+from conftest import arch_file, relu_onnx, save_npz
 from onnx import TensorProto, helper, numpy_helper
 
 DATA = np.random.RandomState(41).randn(12, 4).astype(np.float32)
@@ -77,26 +77,12 @@ def test_zeros_or_a_mask_changed_in_place_make_no_spelled_relu_in_eager(cli, tmp
     assert probe.registry.sites["relu()"].positive.tolist() == (pre > 0).sum(dim=0).tolist()
 
 
-def _relu_onnx(path, width: int):
-    """x [n, width] -> Relu(x + b), b = -0.5 on the first half of the units."""
-    bias = np.where(np.arange(width) < width // 2, -0.5, 0.0).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "b"], ["pre"]), helper.make_node("Relu", ["pre"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
-        [numpy_helper.from_array(bias, "b")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path, bias
-
-
 def test_a_settings_path_refused_is_overridden_by_its_flag_as_the_message_says(cli, tmp_path, monkeypatch):
     """A settings file naming a baseline (or a JUnit file) outside its folder is refused with "…or give
     --baseline on the command line" — and giving it on the command line was refused the same way (the
     file's value was checked though the flag replaces it). Now the flag's run reads the flag's baseline
     (the gate fails on data that kill every unit: so it was read) and writes the flag's JUnit file."""
-    model, _ = _relu_onnx(tmp_path / "m.onnx", 4)
+    model = relu_onnx(tmp_path / "m.onnx", 4)
     np.savez(tmp_path / "d.npz", x=np.ones((8, 4), np.float32))
     np.savez(tmp_path / "dead.npz", x=np.full((8, 4), -1.0, np.float32))
     base = tmp_path / "base.json"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from conftest import relu_onnx
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,25 +71,11 @@ def test_an_onnx_model_cut_short_mid_scan_is_no_crash(tmp_path):
     assert list(temp.iterdir()) == []  # the private copy of the weights removed
 
 
-def _relu_model(path: Path, width: int) -> Path:
-    """x [n, width] -> Relu(x + b), b = -0.5 on the first half of the units."""
-    bias = np.where(np.arange(width) < width // 2, -0.5, 0.0).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "b"], ["pre"]), helper.make_node("Relu", ["pre"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
-        [numpy_helper.from_array(bias, "b")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
 def test_a_deflate_bomb_of_samples_is_refused_up_front(cli, tmp_path):
     """72 MB of zeros deflate to ~70 KB: 4.5 million samples a scan would run one by one (before: as long
     as real ones). Refused in one line that says how to pass real data; the same data uncompressed
     (np.savez) is scanned, and so is a small compressed file, whatever its ratio."""
-    model = _relu_model(tmp_path / "m.onnx", 4)
+    model = relu_onnx(tmp_path / "m.onnx", 4)
     bomb = tmp_path / "bomb.npz"
     np.savez_compressed(bomb, x=np.zeros((4_500_000, 4), np.float32))
     assert bomb.stat().st_size < 200_000
@@ -110,7 +97,7 @@ def test_a_bomb_split_over_a_glob_is_refused_as_a_whole(cli, tmp_path, monkeypat
     from deadrelu_cli import calibration
 
     monkeypatch.setattr(calibration, "MIN_NPZ_REFUSED", 3 << 20)
-    model = _relu_model(tmp_path / "m.onnx", 4)
+    model = relu_onnx(tmp_path / "m.onnx", 4)
     for k in range(4):
         np.savez_compressed(tmp_path / f"part{k}.npz", x=np.zeros((2 << 17, 4), np.float32))  # 1 MiB each
     result = cli("scan", model, "--data", tmp_path / "part*.npz", "-q")
@@ -127,7 +114,7 @@ def test_a_settings_file_reads_a_baseline_only_inside_its_folder(cli, tmp_path, 
     """`baseline = "/abs/path"` (or `../`, or a link out) in a pull request's settings gated the run against
     a report from outside the checkout: refused in one line naming --baseline; inside the folder it is
     read, and --baseline on the command line may point anywhere."""
-    model = _relu_model(tmp_path / "m.onnx", 4)
+    model = relu_onnx(tmp_path / "m.onnx", 4)
     x = np.ones((8, 4), np.float32)
     np.savez(tmp_path / "d.npz", x=x)
     outside = tmp_path / "elsewhere"
@@ -156,7 +143,7 @@ def test_a_settings_file_reads_a_baseline_only_inside_its_folder(cli, tmp_path, 
 
 def test_a_settings_value_is_quoted_escaped_and_short(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    model = _relu_model(tmp_path / "m.onnx", 4)
+    model = relu_onnx(tmp_path / "m.onnx", 4)
     np.savez(tmp_path / "d.npz", x=np.ones((2, 4), np.float32))
     (tmp_path / "deadrelu.toml").write_text('max-dead = "\\u001b]0;owned\\u0007' + "a" * 5000 + '"\n')
     result = cli("scan", model, "--data", tmp_path / "d.npz", "-q")
@@ -168,7 +155,7 @@ def test_merge_refuses_the_same_data_saved_under_two_names(cli, tmp_path):
     """One data file copied under another name and scanned twice: two reports, two data paths, different
     bytes (each names its own data file), and merge added their counts (every sample counted twice).
     Refused in one line naming both; two disjoint shards still merge to the counts numpy gives."""
-    model = _relu_model(tmp_path / "m.onnx", 4)
+    model = relu_onnx(tmp_path / "m.onnx", 4)
     x = np.random.default_rng(1).standard_normal((12, 4)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
     (tmp_path / "calib-copy.npz").write_bytes((tmp_path / "calib.npz").read_bytes())
