@@ -83,6 +83,7 @@ class FixResult:
     holdout_max_abs_diff: float | None = None
     holdout_max_rel_diff: float | None = None
     notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # the notes that failed the verification
     new_widths: dict[str, int] = field(default_factory=dict)
     # files written with OUT (temp, final) and copied beside it (source, destination): a training
     # checkpoint's optimizer.pt and the rest of its folder; moved into place only when OUT is
@@ -110,6 +111,7 @@ class FixResult:
             "flops_after": self.flops_after,
             "new_widths": self.new_widths,
             "notes": self.notes,
+            "failures": self.failures,
             "layers": [vars(layer).copy() for layer in self.layers],
         }
 

@@ -144,6 +144,27 @@ def _write_state(model: torch.nn.Module, path: Path, suffix: str, whole_module: 
     write_bytes(path, data)
 
 
+def shift_and_settle(
+    scanned, model, plans: list[LayerPlan], sources: dict, options: FixOptions, scan_options, touched=None
+) -> list:
+    """bias-shift on `model` (an nn.Module, a program's module or a TorchScript module, its tensors
+    under their stored names): the cuts read on `scanned`'s model, the gains measured and the shift
+    made on `model`, then rescanned and moved again where a unit is off its count (`settle_shifts`).
+    `sources`: producers reached through elementwise ops, per site. `touched` receives what moved."""
+    quiet = replace(scan_options, progress=None)
+    firing: dict = {}
+    quantiles = eager.collect_quantiles(scanned, plans, options.target_rate, options.seed, quiet, firing)
+    targets = eager.shift_targets(model, scanned.report, plans, sources)
+    gains = eager.measure_gains(scanned, model, plans, targets, scan_options)
+    outcomes = eager.bias_shift(
+        model, scanned.report, plans, quantiles, targets, gains, touched, scan_options.threshold, firing
+    )
+    eager.settle_shifts(
+        scanned, model, plans, targets, gains, outcomes, options.target_rate, options.seed, quiet
+    )
+    return outcomes
+
+
 def apply_torch(
     scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult
 ):
@@ -206,26 +227,8 @@ def apply_torch(
         outcomes = eager.reinit(model, probe, report, plans, options, touched, drawn)
         eager.flip_silent_rows(scanned, model, plans, drawn, replace(scan_options, progress=None), outcomes)
     elif options.strategy == "bias-shift":
-        firing: dict = {}
-        quantiles = eager.collect_quantiles(
-            scanned, plans, options.target_rate, options.seed, replace(scan_options, progress=None), firing
-        )
-        targets = eager.shift_targets(model, report, plans, getattr(probe, "shift_sources", {}))
-        gains = eager.measure_gains(scanned, model, plans, targets, scan_options)
-        outcomes = eager.bias_shift(
-            model, report, plans, quantiles, targets, gains, touched, scan_options.threshold, firing
-        )
-        eager.settle_shifts(
-            scanned,
-            model,
-            plans,
-            targets,
-            gains,
-            outcomes,
-            options.target_rate,
-            options.seed,
-            replace(scan_options, progress=None),
-        )
+        sources = getattr(probe, "shift_sources", {})
+        outcomes = shift_and_settle(scanned, model, plans, sources, options, scan_options, touched)
     elif options.strategy == "kick":
         outcomes = eager.kick(model, probe, report, plans, options, touched)
     elif options.strategy == "prune":
@@ -417,32 +420,13 @@ def _bias_shift_exported(
     graph_module = _program_module(scanned, options)
     # the quantiles come from a scan of another fresh module: the scan's probe rewrote its own graph
     rescan = replace(scanned, model=replace(scanned.model, runnable=_program_module(scanned, options)))
-    firing: dict = {}
-    quantiles = eager.collect_quantiles(
-        rescan, plans, options.target_rate, options.seed, replace(scan_options, progress=None), firing
-    )
     from deadrelu_cli.probe.exported import find_sites, shift_source
 
     sources = {
         site.name: shift_source(node) for node, site in find_sites(graph_module.graph, scan_options.ops)
     }
     sources = {name: source for name, source in sources.items() if source}
-    targets = eager.shift_targets(graph_module, scanned.report, plans, sources)
-    gains = eager.measure_gains(rescan, graph_module, plans, targets, scan_options)
-    outcomes = eager.bias_shift(
-        graph_module, scanned.report, plans, quantiles, targets, gains, None, scan_options.threshold, firing
-    )
-    eager.settle_shifts(
-        rescan,
-        graph_module,
-        plans,
-        targets,
-        gains,
-        outcomes,
-        options.target_rate,
-        options.seed,
-        replace(scan_options, progress=None),
-    )
+    outcomes = shift_and_settle(rescan, graph_module, plans, sources, options, scan_options)
     return (
         *_exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes)),
         outcomes,
