@@ -19,7 +19,7 @@ from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.wiring.model import UnitWiring, input_columns
-from deadrelu_cli.wiring.torch import BATCH_NORM, eager_wiring, named_tensor, write_conflict
+from deadrelu_cli.wiring.torch import BATCH_NORM, eager_wiring, named_tensor, submodule, write_conflict
 
 
 def install_substitutes(
@@ -379,7 +379,7 @@ def shift_targets(
     for plan in plans:
         layer = report.layer(plan.name)
         producer = layer.producer or sources.get(plan.name)
-        module = model.get_submodule(producer) if producer else None
+        module = submodule(model, producer) if producer else None  # (a TorchScript module too)
         name = None
         if isinstance(getattr(module, "bias", None), torch.Tensor):
             name = f"{producer}.bias"
