@@ -156,9 +156,7 @@ def fix(
         return
     if not result.written:
         why = f": {'; '.join(result.failures)}" if quiet and result.failures else ""  # else in the table
-        raise GateFailed(
-            f"verification failed, nothing written to {output} (use --force to write anyway){why}"
-        )
+        raise GateFailed(f"verification failed, nothing written to {output} (--force writes it anyway){why}")
     console.print(
         ("written" if result.verified else "written despite failed verification (--force)") + f": {output}",
         markup=False,

@@ -230,10 +230,9 @@ def _why_outputs_changed(report, outcomes, strategy: str, threshold: float) -> s
     total = sum(len(units) for _, units in acted)
     done = "zeroes their outgoing weights" if strategy == "reinit" else "removes them"
     return (
-        f": {positive} of the {total} units are dead only at --threshold {threshold:g} (they reach "
-        f"{max(peaks):.3g} > 0 on the data, and the next layer reads them), and {strategy} {done}; use "
-        f"--threshold 0 for an exact {strategy}, or bias-shift, kick or leaky (--tolerance or --force "
-        "accepts the change)"
+        f": {positive} of the {total} units are dead only at --threshold {threshold:g} (positive up to "
+        f"{max(peaks):.3g}, which the next layer reads) and {strategy} {done}; use --threshold 0 for an "
+        f"exact {strategy}, or bias-shift, kick or leaky"
     )
 
 
