@@ -9,6 +9,8 @@ never the tool's report."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -260,7 +262,7 @@ def test_an_exact_fix_that_changes_outputs_says_why(cli, tmp_path, monkeypatch):
     for strategy, out in (("prune", "out.pt2"), ("reinit", "out.pt")):
         result = cli(
             "fix", "model.pt", "--arch", spec, "--data", "calib.npz", "--strategy", strategy,
-            "--threshold", "0.5", "--output", out, "-q",
+            "--threshold", "0.5", "--output", out, "-q", "--json", f"{strategy}.json",
         )  # fmt: skip
         assert result.code == 1, result.err
         assert not (tmp_path / out).exists()
@@ -268,3 +270,5 @@ def test_an_exact_fix_that_changes_outputs_says_why(cli, tmp_path, monkeypatch):
         assert f"{len(positive)} of the" in line and "dead only at --threshold 0.5" in line, line
         assert f"positive up to {float(peaks[positive].max()):.3g}" in line and "--threshold 0 " in line, line
         assert not line.endswith("…"), line  # the whole reason fits the one error line
+        (failure,) = json.loads((tmp_path / f"{strategy}.json").read_text())["failures"]
+        assert failure in line and "dead only at --threshold 0.5" in failure
