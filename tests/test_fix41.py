@@ -108,7 +108,9 @@ class CNN(nn.Module):
     def forward(self, x):
         x = F.relu(self.bn(self.conv(x)))
         x = F.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return self.head(F.relu(self.fc(x.flatten(1))))
+        x = self.fc(x.flatten(1))
+        x.relu_()  # in place: the head reads the tensor the relu_ activated
+        return self.head(x)
 
 
 def build():
@@ -164,7 +166,7 @@ def _fix(cli, tmp_path, strategy: str, *extra: str):
 
 def test_torchscript_reinit_and_prune_keep_outputs_and_write_torchscript(cli, tmp_path):
     """reinit: every dead unit of the scripted CNN (conv→BatchNorm, conv, linear; a max-pool and a
-    flatten before the consumers) gets a fresh row and fires, outputs bit-equal; prune: the dead units
+    flatten before the consumers; an in-place relu_ whose tensor the head reads) gets a fresh row and fires, outputs bit-equal; prune: the dead units
     are gone from the written archive's parameters, outputs within 1e-5. main refused both."""
     model, x = _scripted(tmp_path)
     with torch.no_grad():
