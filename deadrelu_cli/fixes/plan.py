@@ -13,7 +13,7 @@ from deadrelu_cli.report.model import Report
 STRATEGIES = ("leaky", "elu", "reinit", "bias-shift", "prune", "kick")
 EXACT_STRATEGIES = ("reinit", "prune")  # outputs on the calibration data must not change
 ARTIFACT_SUFFIXES = {".pt2": "exported_program", ".onnx": "onnx", ".ts": "torchscript", ".jit": "torchscript"}
-# (a TorchScript input patched with leaky/elu is written as TorchScript whatever OUT's extension)
+# (a TorchScript input is written as TorchScript, under a .ts/.jit/.pt/.pth name: backends/torch/fix._script_output)
 STATE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
