@@ -348,8 +348,11 @@ class Watch:
         self._next_step = current + 1
         if not self.is_sampled(current):
             return False
-        if self._sampled and self._block(self._sampled[-1]) != self._block(current):
-            self._close_window()  # the open window's block is over (steps were skipped: a resume)
+        last = self._sampled[-1] if self._sampled else None
+        if last is not None and (self._block(last) != self._block(current) or current < last):
+            # the open window's block is over (steps were skipped: a resume), or the numbering started
+            # again (step numbers per epoch): the window ends here
+            self._close_window()
         self._attach()
         self._sampled.append(current)
         return True
