@@ -406,8 +406,24 @@ class Watch:
     def __enter__(self) -> Watch:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+    def abort(self) -> Report | None:
+        """The training failed (an exception left the loop): take the probe off. In one process the open
+        window's report is made, as by `close()`; with several ranks the open window is dropped, since a
+        rank that fails must not enter a collective its peers are not in (it would be paired with their
+        next window's, and mix its counts into it)."""
+        if self._world() is None:
+            return self.close()
+        self._detach()
+        self._sampled, self._samples, self._site_samples = [], 0, {}
+        self._evaluations = self._replicas = 0
+        self._probe.restart_counts()
+        return None
 
     # -- attaching ----------------------------------------------------------------------------------
     def _attach(self) -> None:

@@ -126,3 +126,71 @@ def test_a_long_run_keeps_a_bounded_number_of_reports():
     w.close()
     assert len(w.reports) == 100  # memory O(units), not O(windows)
     assert [r.training.step for r in w.reports[-2:]] == [101, 102]
+
+
+def test_a_failed_lightning_fit_takes_the_probe_off(tmp_path):
+    lightning = pytest.importorskip("lightning", reason="the lightning extra is not installed")
+    from torch.nn.modules import module as torch_module
+
+    from deadrelu_cli.integrations.lightning import DeadReluCallback
+
+    fired = {}
+
+    class Failing(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model, seen = _net()
+            self.seen = seen
+
+        def training_step(self, batch, batch_idx):
+            self.seen["act"].clear()
+            out = self.model(batch[0])
+            fired[self.trainer.global_step] = _fired(self.seen["act"])
+            if self.trainer.global_step == 2:
+                raise RuntimeError("the loss went wrong")
+            return out.pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    module = Failing()
+    callback = DeadReluCallback(every=1, submodule="model", out_dir=tmp_path, config=False)
+    trainer = lightning.Trainer(
+        max_steps=5,
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    data = torch.utils.data.TensorDataset(torch.randn(24, 4))
+    with pytest.raises(RuntimeError, match="the loss went wrong"):
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    # nothing of the probe is left on the model or on every module of the process
+    assert not module.model._forward_hooks and not module.model._forward_pre_hooks
+    assert not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
+    # one process: the open window (the failing step's forward) is reported, as leaving `with watch()` does
+    last = load_report(tmp_path / "deadrelu-step00000002.json")
+    np.testing.assert_array_equal(last.layers[0].positive_counts, fired[2])
+
+
+def test_a_failing_rank_enters_no_collective(monkeypatch):
+    """With several ranks, an exception leaving `with watch()` must not reduce the open window: the peers
+    are still training, and the all_reduce would pair with their next window's."""
+    import deadrelu_cli.watcher as watcher
+    from deadrelu_cli.distributed import World
+
+    model, _ = _net()
+    monkeypatch.setattr(watcher.Watch, "_world", lambda self: World(1, 2, "gloo"))
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a failing rank entered a collective")
+
+    monkeypatch.setattr(watcher, "reduce_layers", no_collective)
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        with watch(model, every=1, config=False) as w:
+            w.step()
+            model(torch.randn(2, 4))
+            raise RuntimeError("data loader broke")
+    assert w.reports == [] and not model._forward_hooks and not model._forward_pre_hooks
