@@ -368,15 +368,31 @@ def relaid_channel_first(
     return axis == 1
 
 
+def submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:
+    """`module.get_submodule(path)`, for a TorchScript module too (which has no get_submodule): its
+    submodules are attributes. AttributeError when there is none."""
+    if not isinstance(module, torch.jit.ScriptModule):
+        return module.get_submodule(path)
+    for part in path.split(".") if path else ():
+        child = getattr(module, part, None)
+        if not isinstance(child, torch.nn.Module):
+            raise AttributeError(f"{path}: no such submodule")
+        module = child
+    return module
+
+
 def is_stored(module: torch.nn.Module, name: str) -> bool:
     """True when `name` is a parameter or buffer itself (so writing into it changes the model; its values
-    are the checkpoint's), not a value computed by a parametrization or a constant of the code."""
+    are the checkpoint's), not a value computed by a parametrization or a constant of the code. An
+    nn.Module, a program's module or a TorchScript module."""
     owner, _, leaf = name.rpartition(".")
     try:
-        sub = module.get_submodule(owner) if owner else module
+        sub = submodule(module, owner)
     except AttributeError:
         return False
-    return sub._parameters.get(leaf) is not None or sub._buffers.get(leaf) is not None
+    return any(leaf == key for key, _ in sub.named_parameters(recurse=False)) or any(
+        leaf == key for key, _ in sub.named_buffers(recurse=False)
+    )
 
 
 def keeps_dtype(x: torch.Tensor, zeros) -> bool:
