@@ -35,6 +35,22 @@ def _get(model: onnx.ModelProto, name: str) -> np.ndarray:
     return numpy_helper.to_array(GraphIndex(model.graph).stored_tensor(name)).copy()
 
 
+def _declare_stored_shapes(model: onnx.ModelProto) -> None:
+    """A graph input that names an initializer (every weight of an IR 3 file, e.g. the old model zoo's
+    AlexNet/ResNet exports: inputs were their defaults) declares its shape: after prune narrowed the
+    weight, the declaration must follow it, or onnxruntime refuses the written file."""
+    stored = {tensor.name: tensor for tensor in model.graph.initializer}
+    for value in model.graph.input:
+        tensor = stored.get(value.name)
+        if tensor is None or not value.type.HasField("tensor_type"):
+            continue
+        shape = value.type.tensor_type.shape
+        if [d.dim_value for d in shape.dim] != list(tensor.dims):
+            del shape.dim[:]
+            for size in tensor.dims:
+                shape.dim.add().dim_value = size
+
+
 def _parameter_count(model: onnx.ModelProto) -> int:
     stored = list(model.graph.initializer) + [
         attr.t
@@ -199,6 +215,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
     strip_nchwc_copies(model)  # the scan's NCHW copies of blocked convolutions: not part of the model
     if options.strategy == "prune":
         del model.graph.value_info[:]  # shapes changed: let shape inference redo them
+        _declare_stored_shapes(model)
     result.params_before, result.params_after = _parameter_count(original), _parameter_count(model)
     shapes = sample_shapes(scanned, scan_options)
     result.flops_before, result.flops_after = onnx_macs(original, shapes), onnx_macs(model, shapes)

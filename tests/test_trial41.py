@@ -1,0 +1,133 @@
+"""Shapes of real models met by trial41: the old ONNX model zoo's IR 3 files (AlexNet, ResNet-50,
+SqueezeNet: every weight is also a graph input) and their grouped convolutions. Truth: onnxruntime's
+own tensors, counted in numpy here."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _ir3_mlp() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Gemm -> Relu -> Gemm -> Relu -> Gemm, IR version 3 / opset 9: each initializer is also declared
+    as a graph input (with its shape), as the model zoo's Caffe2 exports are. 5 and 3 units planted dead."""
+    r = np.random.default_rng(0)
+    b1, b2 = np.zeros(16, np.float32), np.zeros(12, np.float32)
+    b1[[1, 4, 6, 9, 15]] = -50
+    b2[[0, 5, 11]] = -50
+    weights = {
+        "W1": r.standard_normal((8, 16)).astype(np.float32),
+        "b1": b1,
+        "W2": r.standard_normal((16, 12)).astype(np.float32),
+        "b2": b2,
+        "W3": r.standard_normal((12, 3)).astype(np.float32),
+        "b3": np.zeros(3, np.float32),
+    }
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1", "b1"], ["a1"], name="fc1"),
+        helper.make_node("Relu", ["a1"], ["h1"], name="relu1"),
+        helper.make_node("Gemm", ["h1", "W2", "b2"], ["a2"], name="fc2"),
+        helper.make_node("Relu", ["a2"], ["h2"], name="relu2"),
+        helper.make_node("Gemm", ["h2", "W3", "b3"], ["y"], name="fc3"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])] + [
+        helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in weights.items()
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ir3",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    return model, weights
+
+
+def _run(model_bytes: bytes, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    """The named tensors on every sample (the graph fixes the batch at 1), stacked."""
+    exposed = onnx.load_from_string(model_bytes)
+    for name in names:
+        if name not in {o.name for o in exposed.graph.output}:
+            exposed.graph.output.append(helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    runs = [session.run(names, {"x": x[i : i + 1]}) for i in range(len(x))]
+    return [np.concatenate([run[j] for run in runs]) for j in range(len(names))]
+
+
+def test_prune_of_an_ir3_model_writes_a_file_onnxruntime_loads(cli, tmp_path):
+    """`fix --strategy prune` on the model zoo's AlexNet (IR 3) failed in its own verification:
+    "onnxruntime cannot load this model: … Can't merge shape info … Inferred=2013 Declared=4096":
+    the narrowed weights' graph-input declarations kept the old widths."""
+    model, _ = _ir3_mlp()
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((24, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    a1, a2, y = _run(model.SerializeToString(), x, ["a1", "a2", "y"])
+    alive = {"relu1": int((a1 > 0).any(0).sum()), "relu2": int((a2 > 0).any(0).sum())}
+    assert alive["relu1"] == 11 and alive["relu2"] <= 9  # the planted ones, and maybe more
+
+    result = cli("fix", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--strategy", "prune",
+                 "--output", tmp_path / "p.onnx")  # fmt: skip
+    assert result.code == 0, result.out + result.err
+    pruned = onnx.load(tmp_path / "p.onnx")
+    stored = {t.name: list(t.dims) for t in pruned.graph.initializer}
+    assert stored["W1"] == [8, alive["relu1"]] and stored["W2"] == [alive["relu1"], alive["relu2"]]
+    for value in pruned.graph.input:  # every declaration follows its narrowed weight
+        if value.name in stored:
+            assert [d.dim_value for d in value.type.tensor_type.shape.dim] == stored[value.name]
+    (y_pruned,) = _run(pruned.SerializeToString(), x, ["y"])  # onnxruntime loads and runs it
+    np.testing.assert_allclose(y_pruned, y, rtol=1e-5, atol=1e-5)
+
+
+def _grouped_conv(producer_groups: int, consumer_groups: int) -> onnx.ModelProto:
+    """Conv(4 -> 8, group=producer_groups) -> Relu -> Conv(8 -> 4, group=consumer_groups), with
+    biases, channel 2 planted dead."""
+    r = np.random.default_rng(2)
+    b1 = np.zeros(8, np.float32)
+    b1[2] = -50
+    inits = {
+        "w1": r.standard_normal((8, 4 // producer_groups, 3, 3)).astype(np.float32),
+        "b1": b1,
+        "w2": r.standard_normal((4, 8 // consumer_groups, 1, 1)).astype(np.float32),
+        "b2": np.zeros(4, np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", group=producer_groups, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["h"], name="relu"),
+        helper.make_node("Conv", ["h", "w2", "b2"], ["y"], name="conv2", group=consumer_groups),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("groups", "named"), [((2, 1), "producer conv1"), ((1, 2), "consumer conv2")])
+def test_fix_names_the_grouped_convolution_it_cannot_patch(cli, tmp_path, groups, named):
+    """AlexNet's conv2/4/5 have group=2: reinit skipped them as "not produced by a Conv, Gemm,
+    MatMul+bias or BatchNormalization with stored weights" (they are Convs with stored weights) or
+    "does not go to exactly one Conv/Gemm/MatMul"; the line now names the grouped convolution."""
+    model = _grouped_conv(*groups)
+    onnx.save(model, tmp_path / "g.onnx")
+    x = np.random.default_rng(3).standard_normal((6, 4, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.append(helper.make_empty_tensor_value_info("c1"))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    c1 = session.run(["c1"], {"x": x})[0]
+    assert np.flatnonzero(~(c1 > 0).any(axis=(0, 2, 3))).tolist() == [2]  # the dead unit to fix
+
+    result = cli("fix", tmp_path / "g.onnx", "--data", tmp_path / "d.npz", "--strategy", "reinit",
+                 "--output", tmp_path / "o.onnx")  # fmt: skip
+    assert result.code == 2, result.out + result.err
+    assert f"{named} is a grouped convolution (group=2)" in result.err
+    assert not (tmp_path / "o.onnx").exists()
