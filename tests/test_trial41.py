@@ -96,7 +96,9 @@ def _grouped_conv(producer_groups: int, consumer_groups: int) -> onnx.ModelProto
         "b2": np.zeros(4, np.float32),
     }
     nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", group=producer_groups, pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv", ["x", "w1", "b1"], ["c1"], name="conv1", group=producer_groups, pads=[1, 1, 1, 1]
+        ),
         helper.make_node("Relu", ["c1"], ["h"], name="relu"),
         helper.make_node("Conv", ["h", "w2", "b2"], ["y"], name="conv2", group=consumer_groups),
     ]
@@ -131,3 +133,81 @@ def test_fix_names_the_grouped_convolution_it_cannot_patch(cli, tmp_path, groups
     assert result.code == 2, result.out + result.err
     assert f"{named} is a grouped convolution (group=2)" in result.err
     assert not (tmp_path / "o.onnx").exists()
+
+
+TUPLE_ARCH = '''
+import torch
+from torch import nn
+
+
+class Tagger(nn.Module):
+    """attacut's shape: forward(self, inputs) unpacks `x, seq_lengths = inputs`."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embeddings = nn.Embedding(20, 8, padding_idx=0)
+        self.linear1 = nn.Linear(8, 12)
+        self.linear2 = nn.Linear(12, 1)
+        with torch.no_grad():
+            self.linear1.bias[[2, 7]] = -50.0
+
+    def forward(self, inputs):
+        x, seq_lengths = inputs
+        return self.linear2(torch.relu(self.linear1(self.embeddings(x)))).view(-1)
+'''
+
+
+def test_a_forward_that_takes_one_tuple_is_fed_inputs_0_and_inputs_1(cli, tmp_path):
+    """attacut's `forward(self, inputs)` unpacks a tuple: arrays `inputs.0`, `inputs.1` were made a
+    dict {'0': …, '1': …}, and the model failed ("embedding(): argument 'indices' must be Tensor, not
+    str"); `fix` then crashed counting FLOPs on a non-tensor input (exit 3). Now they are the tuple."""
+    import importlib.util
+
+    import torch
+
+    (tmp_path / "tagger.py").write_text(TUPLE_ARCH)
+    spec = importlib.util.spec_from_file_location("tagger41", tmp_path / "tagger.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.Tagger().eval()
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(3, 10, 16)
+    ids = np.zeros((16, 9), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(1, 20, n)
+    mask = (np.arange(9)[None] < lengths[:, None]).astype(np.int64)
+    np.savez(tmp_path / "d.npz", **{"inputs.0": ids, "inputs.1": lengths, "attention_mask": mask})
+    seen = {}
+    model.linear1.register_forward_hook(lambda _m, _a, out: seen.__setitem__("pre", out.detach().numpy()))
+    with torch.no_grad():
+        model((torch.from_numpy(ids), torch.from_numpy(lengths)))
+    kept = seen["pre"][mask.astype(bool)]  # [real tokens, 12]
+    fires = (kept > 0).sum(0)
+    assert 2 in np.flatnonzero(fires == 0) and 7 in np.flatnonzero(fires == 0)
+
+    arch = f"{tmp_path / 'tagger.py'}:Tagger"
+    result = cli("scan", tmp_path / "m.pt", "--arch", arch, "--data", tmp_path / "d.npz",
+                 "--json", tmp_path / "r.json")  # fmt: skip
+    assert result.code == 0, result.out + result.err
+    (layer,) = __import__("json").loads((tmp_path / "r.json").read_text())["layers"]
+    assert layer["positive_counts"] == fires.tolist() and layer["elements_per_unit"] == int(mask.sum())
+
+    result = cli("fix", tmp_path / "m.pt", "--arch", arch, "--data", tmp_path / "d.npz",
+                 "--strategy", "reinit", "--output", tmp_path / "fixed.pt")  # fmt: skip
+    assert result.code == 0, result.out + result.err
+    fixed = module.Tagger()
+    fixed.load_state_dict(torch.load(tmp_path / "fixed.pt", weights_only=True))
+    fixed.eval()
+    fixed.linear1.register_forward_hook(lambda _m, _a, out: seen.__setitem__("pre", out.detach().numpy()))
+    with torch.no_grad():
+        y0 = model((torch.from_numpy(ids), torch.from_numpy(lengths))).numpy()
+        y1 = fixed((torch.from_numpy(ids), torch.from_numpy(lengths))).numpy()
+    assert ((seen["pre"][mask.astype(bool)] > 0).sum(0) > 0).all()  # every unit fires on real tokens
+    np.testing.assert_allclose(y1, y0, atol=1e-5)  # reinit zeroes the revived units' outgoing weights
+
+    result = cli("fix", tmp_path / "m.pt", "--arch", arch, "--data", tmp_path / "d.npz",
+                 "--strategy", "prune", "--output", tmp_path / "p.pt2")  # fmt: skip
+    assert result.code == 2 and "takes its inputs as one tuple or dict" in result.err, result.err
+    assert not (tmp_path / "p.pt2").exists()

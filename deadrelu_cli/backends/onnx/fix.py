@@ -223,7 +223,10 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
         write_bytes(temp, model.SerializeToString())
 
     def patched_runner():
-        return runner_for(load_model(LoadOptions(str(temp))), scanned.data, scanned.device)
+        try:
+            return runner_for(load_model(LoadOptions(str(temp))), scanned.data, scanned.device)
+        except UserError as exc:  # the file loaded before the fix: what fails now is the patch (exit 3)
+            raise RuntimeError(f"the patched model does not load ({exc}); nothing was written") from exc
 
     return runner_for(scanned.model, scanned.data, scanned.device), patched_runner, outcomes
 
