@@ -12,6 +12,8 @@ run just before it) as a multiple of plain, and the load average.
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import os
 import statistics
 import sys
@@ -25,8 +27,11 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _options(threads: int, scan: bool) -> ort.SessionOptions:
+def _options(threads: int, scan: bool, profile: str | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
     options.intra_op_num_threads = threads
     options.log_severity_level = 4
     if scan:  # the scan's own settings (backends/onnx/scan.make_session)
@@ -39,6 +44,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--profile", action="store_true", help="kernel time per op type instead")
     args = parser.parse_args()
     import torch
     from bench import build_resnet18, fetch_all_model
@@ -48,7 +56,7 @@ def main() -> None:
     from deadrelu_cli.loaders.onnx_model import load_onnx
     from deadrelu_cli.probe.onnx_graph import find_sites
 
-    x = np.random.default_rng(0).standard_normal((64, 3, 112, 112)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "resnet18.onnx")
         torch.onnx.export(
@@ -60,7 +68,14 @@ def main() -> None:
             dynamic_axes={"input": {0: "batch"}},
             opset_version=17,
         )
-        plain = ort.InferenceSession(path, _options(args.threads, False), providers=["CPUExecutionProvider"])
+        profile = (
+            (lambda label: str(Path(tmp) / label.replace(" ", "_").replace(",", "")))
+            if args.profile
+            else (lambda label: None)
+        )
+        plain = ort.InferenceSession(
+            path, _options(args.threads, False, profile("plain")), providers=["CPUExecutionProvider"]
+        )
         fetch = ort.InferenceSession(
             fetch_all_model(Path(path)), _options(args.threads, False), providers=["CPUExecutionProvider"]
         )
@@ -70,16 +85,22 @@ def main() -> None:
                 (y > 0).sum(axis=(0, 2, 3))
 
         runs = {"plain": lambda: plain.run(None, {"input": x}), "fetch-all recipe": recipe}
+        sessions = {"plain": plain}
         for label, switched in (("scan, first session", False), ("scan, switched", True)):
             loaded = load_onnx(LoadOptions(path, device="cpu"))
             sites = find_sites(loaded.runnable, ("relu",))
             chosen = frozenset(range(len(sites))) if switched else frozenset()
             model_bytes = instrumented_bytes(loaded, sites, 0.0, None, max_from_output=chosen)
             session = ort.InferenceSession(
-                model_bytes, _options(args.threads, True), providers=["CPUExecutionProvider"]
+                model_bytes, _options(args.threads, True, profile(label)), providers=["CPUExecutionProvider"]
             )
             names = [name for site in sites for name in site.outputs.values()]
             runs[label] = lambda s=session, n=names: s.run(n, {"input": x})
+            sessions[label] = session
+        if args.profile:
+            del runs["fetch-all recipe"]
+            _profile(runs, sessions, args.rounds)
+            return
     for run in runs.values():
         run()
     clock = time.process_time if args.threads == 1 else time.perf_counter
@@ -101,7 +122,31 @@ def main() -> None:
             f"  {key:20s} median x{statistics.median(values) / base:.3f}  "
             f"min x{min(values) / min(times['plain']):.3f}  paired x{paired:.3f}"
         )
-    print(f"  plain median {base:.4f} s per batch of 64")
+    print(
+        f"  plain median {base:.4f} s per batch of {args.batch}, {base / args.batch * 1e3:.3f} ms per sample"
+    )
+
+
+def _profile(runs: dict, sessions: dict, rounds: int) -> None:
+    """Kernel time per op type from onnxruntime's profiler, per run, after one warm-up run; the sessions
+    take turns, so machine noise hits each alike."""
+    for _ in range(rounds + 1):
+        for run in runs.values():
+            run()
+    base = None
+    for label, session in sessions.items():
+        with open(session.end_profiling()) as file:
+            events = [
+                e for e in json.load(file) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+            ]
+        events = events[len(events) // (rounds + 1) :]  # drop the warm-up run
+        per_op = collections.Counter()
+        for event in events:
+            per_op[event["args"]["op_name"]] += event["dur"] / rounds / 1000
+        total = sum(per_op.values())
+        base = base or total
+        ops = ", ".join(f"{op} {ms:.2f}" for op, ms in per_op.most_common())
+        print(f"  {label:20s} {total:8.2f} ms per run (x{total / base:.3f}): {ops}")
 
 
 if __name__ == "__main__":
