@@ -211,3 +211,58 @@ def test_a_forward_that_takes_one_tuple_is_fed_inputs_0_and_inputs_1(cli, tmp_pa
                  "--strategy", "prune", "--output", tmp_path / "p.pt2")  # fmt: skip
     assert result.code == 2 and "takes its inputs as one tuple or dict" in result.err, result.err
     assert not (tmp_path / "p.pt2").exists()
+
+
+DICT_ARCH = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(6, 16)
+        self.fc2 = nn.Linear(16, 2)
+        with torch.no_grad():
+            self.fc1.bias[:3] = -50.0
+
+    def forward(self, batch):
+        return self.fc2(torch.relu(self.fc1(batch["image"] + batch["meta"])))
+"""
+
+
+def test_fix_of_a_model_fed_a_dict_input(cli, tmp_path):
+    """README's `batch.image` / `batch.meta` arrays for a `forward(self, batch)`: scan worked, `fix`
+    crashed counting FLOPs ("'dict' object has no attribute 'dim'", exit 3)."""
+    import importlib.util
+
+    import torch
+
+    (tmp_path / "net.py").write_text(DICT_ARCH)
+    spec = importlib.util.spec_from_file_location("net41", tmp_path / "net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.Net().eval()
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    r = np.random.default_rng(0)
+    feed = {
+        "image": r.standard_normal((20, 6)).astype(np.float32),
+        "meta": r.standard_normal((20, 6)).astype(np.float32),
+    }
+    np.savez(tmp_path / "d.npz", **{f"batch.{k}": v for k, v in feed.items()})
+    batch = {k: torch.from_numpy(v) for k, v in feed.items()}
+    with torch.no_grad():
+        pre = model.fc1(batch["image"] + batch["meta"]).numpy()
+        y0 = model(batch).numpy()
+    dead = np.flatnonzero(~(pre > 0).any(0))
+    assert {0, 1, 2} <= set(dead.tolist())
+
+    result = cli("fix", tmp_path / "m.pt", "--arch", f"{tmp_path / 'net.py'}:Net", "--data", tmp_path / "d.npz",
+                 "--strategy", "prune", "--output", tmp_path / "p.ts")  # fmt: skip
+    assert result.code == 0, result.out + result.err
+    pruned = torch.jit.load(tmp_path / "p.ts")
+    with torch.no_grad():
+        y1 = pruned(batch).numpy()
+    assert pruned.fc1.weight.shape[0] == 16 - len(dead)
+    np.testing.assert_allclose(y1, y0, atol=1e-5)
