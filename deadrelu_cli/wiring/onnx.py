@@ -605,8 +605,11 @@ def unit_wiring(
             "moves its B) or leaky patch in ONNX"
         )
     elif wire.weight is None:
+        node = index.producer.get(value_source(index, input_name))
+        made = f" (it is made by {node.op_type} {display_name(node)})" if node is not None else ""
         wire.why = (
             "skipped: not produced by a Conv, Gemm, MatMul+bias or BatchNormalization with stored weights"
+            + made
         )
     else:
         wire.why = consumer_why
