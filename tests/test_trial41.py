@@ -266,3 +266,66 @@ def test_fix_of_a_model_fed_a_dict_input(cli, tmp_path):
         y1 = pruned(batch).numpy()
     assert pruned.fc1.weight.shape[0] == 16 - len(dead)
     np.testing.assert_allclose(y1, y0, atol=1e-5)
+
+
+def _alexnet_head() -> onnx.ModelProto:
+    """Conv -> Relu -> LRN -> MaxPool(pads [0, 0, 1, 1]) -> Conv -> Relu, as the model zoo's AlexNet /
+    ZFNet / GoogLeNet write them; the second conv's channels 1 and 4 planted far below zero."""
+    r = np.random.default_rng(5)
+    b2 = (r.standard_normal(6) * 0.1).astype(np.float32)
+    b2[[1, 4]] = -200.0
+    inits = {
+        "w1": (r.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32),
+        "b1": (r.standard_normal(4) * 0.1).astype(np.float32),
+        "w2": (r.standard_normal((6, 4, 3, 3)) * 0.3).astype(np.float32),
+        "b2": b2,
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("LRN", ["r1"], ["n1"], name="norm1", size=3, alpha=1e-4, beta=0.75, bias=1.0),
+        helper.make_node(
+            "MaxPool", ["n1"], ["p1"], name="pool1", kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1]
+        ),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
+        [helper.make_tensor_value_info("r2", TensorProto.FLOAT, ["N", 6, 3, 3])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_certify_passes_lrn_and_a_max_pool_with_asymmetric_pads(cli, tmp_path):
+    """`--certify` stopped at AlexNet's LRN ("unsupported op LRN") and then at its last MaxPool
+    (pads [0, 0, 1, 1]): every layer after them was "n/c". The hand bound below (|LRN(x)| <= |x| /
+    bias^beta, a max of values is at most their bound) proves channels 1 and 4 of conv2 can never fire
+    for inputs in [-1, 1]; the tool must certify them and never a channel that fires on the data."""
+    model = _alexnet_head()
+    onnx.save(model, tmp_path / "a.onnx")
+    w1, b1, w2, b2 = (numpy_helper.to_array(t) for t in model.graph.initializer)
+    relu1_max = np.maximum(np.abs(w1).sum(axis=(1, 2, 3)) + b1, 0)  # per channel, inputs in [-1, 1]
+    pre2_max = (np.abs(w2) * relu1_max[None, :, None, None]).sum(axis=(1, 2, 3)) + b2  # LRN: bias^beta = 1
+    assert np.flatnonzero(pre2_max < 0).tolist() == [1, 4]
+    x = np.random.default_rng(6).uniform(-1, 1, (16, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.append(helper.make_empty_tensor_value_info("c2"))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    fires = (session.run(["c2"], {"x": x})[0] > 0).any(axis=(0, 2, 3))
+
+    result = cli("scan", tmp_path / "a.onnx", "--data", tmp_path / "d.npz", "--certify", "--input-range", "-1", "1",
+                 "--json", tmp_path / "r.json")  # fmt: skip
+    assert result.code == 0, result.out + result.err
+    layers = {
+        layer["name"]: layer
+        for layer in __import__("json").loads((tmp_path / "r.json").read_text())["layers"]
+    }
+    certified = layers["relu2"]["certified_dead_indices"]
+    assert certified is not None and {1, 4} <= set(certified), result.out
+    assert not fires[certified].any()  # sound: no certified channel fires on the data
