@@ -82,8 +82,10 @@ class NpzMemberSource:
             raise UserError(f"{path}: array {name!r} is damaged ({exc}); re-create the .npz") from None
         self.fortran = fortran and len(self.shape) > 1  # rows are not contiguous: read whole (_open_npz)
         self._row_bytes, declared = _row_and_total_bytes(self.shape, self.dtype)
+        self.declared_bytes = declared
         with zipfile.ZipFile(path) as archive:
-            stored = archive.getinfo(member).file_size
+            info = archive.getinfo(member)
+            stored, self.compressed = info.file_size, info.compress_size
         if declared > stored:  # a header promising more data than the member holds (or a bomb of a shape)
             raise UserError(
                 f"{path}: array {name!r} declares shape {list(self.shape)} but holds only {stored} bytes; the file is damaged"
@@ -460,6 +462,44 @@ def _open_npy(path: Path) -> list[ArraySource]:
     return [source]
 
 
+# A compressed .npz is streamed, so a deflate bomb costs no memory, but every sample it declares is
+# scanned: 400 KB of deflated zeros declare 25 million samples (40 s of a tiny MLP). Real data compress a
+# few times (token ids with padding ~10x, sparse one-hot ~100x); deflate's limit is ~1000x.
+MAX_NPZ_EXPANSION = 200
+MIN_NPZ_REFUSED = 64 << 20  # below this a file is small whatever its ratio (an all-zero test array)
+
+
+def check_expansion(what: str, members: list[tuple[int, int]]) -> None:
+    """Refuse .npz data (one file, or every file of a glob or folder together: members as (declared
+    bytes, compressed bytes)) that declare more than MAX_NPZ_EXPANSION times what they store and more
+    than MIN_NPZ_REFUSED bytes."""
+    declared = sum(d for d, _ in members)
+    stored = sum(c for _, c in members)
+    if declared > MIN_NPZ_REFUSED and declared > MAX_NPZ_EXPANSION * max(1, stored):
+        raise UserError(
+            f"{what}: compressed arrays expand {declared // max(1, stored)}x ({_size(stored)} to "
+            f"{_size(declared)}): refused as a likely zip bomb; if the data are real, save them with "
+            "np.savez (uncompressed) or as .npy"
+        )
+
+
+def npz_members(parts: list) -> list[tuple[int, int]]:
+    """(declared bytes, compressed bytes) of every .npz array of several data files (check_expansion)."""
+    return [
+        (source.declared_bytes, source.compressed)
+        for part in parts
+        for source in getattr(part, "sources", ())
+        if isinstance(source, NpzMemberSource)
+    ]
+
+
+def _size(count: int) -> str:
+    for unit, shift in (("GB", 30), ("MB", 20), ("KB", 10)):
+        if count >= 1 << shift:
+            return f"{count / (1 << shift):.1f} {unit}"
+    return f"{count} bytes"
+
+
 def _open_npz(path: Path) -> list[ArraySource]:
     try:
         with zipfile.ZipFile(path) as archive:
@@ -468,6 +508,7 @@ def _open_npz(path: Path) -> list[ArraySource]:
         raise UserError(f"{path}: not a valid .npz archive ({exc})") from None
     refuse_ambiguous_names(path, names)  # numpy reads the last of two `x.npy`, another reader the first
     members = [NpzMemberSource(path, m, m[: -len(".npy")]) for m in names if m.endswith(".npy")]
+    check_expansion(str(path), [(m.declared_bytes, m.compressed) for m in members])
     # np.savez keeps a Fortran-ordered array (a transpose, a pandas frame's .values) in that order: its
     # rows are not contiguous in the stream, so it is read whole (CRC-checked) as a .npy of it would be
     return [InMemorySource(m.name, m.whole()) if m.fortran else m for m in members]
@@ -583,7 +624,9 @@ def open_calibration(
         if not files:
             raise UserError(f"--data {path}: no file matches this pattern")
         if len(files) > 1:
-            return MultiFileData(str(path), [open_calibration(f, batch_axes, consts) for f in files])
+            parts = [open_calibration(f, batch_axes, consts) for f in files]
+            check_expansion(f"--data {path}", npz_members(parts))
+            return MultiFileData(str(path), parts)
         path = files[0]
     if Path(path).is_dir():
         return _open_folder(Path(path), batch_axes, consts, skip)
@@ -660,6 +703,7 @@ def _open_folder(folder: Path, batch_axes, consts, skip: tuple):
         note += f"; left out {len(left_out)}: {listed(left_out)}"
     if others:
         note += f"; {len(others)} other file(s) of no data format ignored"
+    check_expansion(f"--data {folder}", npz_members(parts))
     data = parts[0] if len(parts) == 1 else MultiFileData(str(folder), parts)
     data.notes.append(note)
     return data

@@ -122,20 +122,29 @@ def _table(path: Path, required: bool = True) -> dict | None:
     return table
 
 
-def check_output_inside(path: Path, key: str, value: str) -> None:
-    """An output a settings file names stays inside the file's folder (links resolved): the file may
-    come with someone else's checkout, and `junit = "../../.bashrc"` would replace a file of yours with
-    text that carries the model's layer names. On the command line (--junit) any path is yours to give."""
+def check_inside(path: Path, key: str, value: str) -> None:
+    """A file a settings file names (an output it writes, the baseline it reads) stays inside the file's
+    folder (links resolved): the file may come with someone else's checkout, and `junit =
+    "../../.bashrc"` would replace a file of yours with text that carries the model's layer names, and
+    `baseline = "/abs/other-project/report.json"` would gate a pull request against a report it chose
+    from outside the checkout. On the command line (--junit, --baseline) any path is yours to give."""
     folder = path.parent.resolve()
     try:
         inside = not Path(value).is_absolute() and (folder / value).resolve().is_relative_to(folder)
     except (OSError, ValueError):  # a NUL byte, a link loop
-        raise UserError(f"{path}: {key} = {value!r} is not a usable file name") from None
+        raise UserError(f"{path}: {key} = {shown(value)} is not a usable file name") from None
     if not inside:
         raise UserError(
-            f"{path}: {key} = {value!r} is outside the folder of the settings file; name a file inside it, "
-            f"or give --{key} on the command line"
+            f"{path}: {key} = {shown(value)} is outside the folder of the settings file; name a file inside "
+            f"it, or give --{key} on the command line"
         )
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A settings value as an error message quotes it: its repr (control characters as escapes, the
+    terminal escapes the rest), cut to LIMIT characters — a 1 MB string is not a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def table_label(path: Path | str) -> str:
@@ -169,19 +178,19 @@ def load_config(explicit: str | None = None, start: Path | None = None) -> FileC
         name, expected = KEYS[key]
         # bool is an int to Python: true is no number, but it is the value of an allow-… key
         if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
-            raise UserError(f"{path}: {key} = {value!r} has the wrong type")
+            raise UserError(f"{path}: {key} = {shown(value)} has the wrong type")
         items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
         item_type = (int, float) if key == "layer-limits" else str  # {glob = fraction}, [op names]
         if any(isinstance(item, bool) or not isinstance(item, item_type) for item in items):
-            raise UserError(f"{path}: {key} = {value!r} has the wrong type")
+            raise UserError(f"{path}: {key} = {shown(value)} has the wrong type")
         if key == "layer-limits":
             value = [f"{glob}={limit}" for glob, limit in value.items()]
         if key == "ops" and isinstance(value, list):
             value = ",".join(value)
         if key == "batch-size":
             value = str(value)
-        if key in ("junit", "markdown"):
-            check_output_inside(path, key, value)
+        if key in ("baseline", "junit", "markdown"):
+            check_inside(path, key, value)
         if key in ("baseline", "junit", "markdown"):  # paths are relative to the config file
             value = str(path.parent / value) if not Path(value).is_absolute() else value
         values[name] = value

@@ -105,57 +105,66 @@ def test_raw_data_spans_point_at_each_tensors_bytes(tmp_path):
     assert onnx_model.raw_data_spans(b"\x3a\xff\xff", parsed, 0) == {}  # a length past the end
 
 
-def test_a_file_replaced_mid_scan_is_never_read(tmp_path, monkeypatch, release_all):
-    """Replaced (B's units all dead) after the first session read the weights: no rebuilt session reads the
-    new file (the first session stays, the counts are the loaded model's), and --explain, which needs
-    the weights again, refuses with exit 2 rather than explain another model."""
-    from deadrelu_cli.errors import UserError
+def _replaced_by_another_model(path):
+    """Write over PATH a model whose B units are all dead (a new file renamed over it)."""
+    other = planted_model()
+    bias = next(i for i in other.graph.initializer if i.name == "bb")
+    bias.CopyFrom(numpy_helper.from_array(np.full(6, -1e6, np.float32), "bb"))
+    onnx.save(other, str(path.with_name("other.onnx")))
+    os.replace(path.with_name("other.onnx"), path)
+
+
+def test_a_file_replaced_mid_scan_changes_nothing(tmp_path, monkeypatch, release_all):
+    """Replaced by another model (B's units all dead) after the first batch: the rebuilt sessions and
+    --explain read the weights from the scan's private copy of the bytes it loaded, so the counts, the
+    minima and the report's hash are the loaded model's — never a mix of two models."""
+    import hashlib
 
     model = planted_model()
     x = _data(False)
     path = _save(model, tmp_path, x)
+    loaded_hash = hashlib.sha256(path.read_bytes()).hexdigest()
     switches = _forced_switch(monkeypatch)
     consider = onnx_scan._OutputMaxSwitch.consider
 
     def replacing_consider(self, *args):
-        if not (tmp_path / "other.onnx").exists():
-            other = planted_model()
-            bias = next(i for i in other.graph.initializer if i.name == "bb")
-            bias.CopyFrom(numpy_helper.from_array(np.full(6, -1e6, np.float32), "bb"))
-            onnx.save(other, str(tmp_path / "other.onnx"))
-            os.replace(tmp_path / "other.onnx", path)
-            (tmp_path / "other.onnx").write_bytes(b"")
+        if hashlib.sha256(path.read_bytes()).hexdigest() == loaded_hash:
+            _replaced_by_another_model(path)
         consider(self, *args)
 
     monkeypatch.setattr(onnx_scan._OutputMaxSwitch, "consider", replacing_consider)
     report = scan(str(path), str(tmp_path / "x.npy"), batch_size=4, device="cpu")
-    assert switches == []
+    assert switches  # sessions built after the replacement
+    assert report.model.sha256 == loaded_hash
     layers = {layer.name: layer for layer in report.layers}
     for site, (positives, _, positions) in truth(model, x).items():
         np.testing.assert_array_equal(layers[site].positive_counts, positives, err_msg=site)
         assert layers[site].elements_per_unit == positions
-    (tmp_path / "other.onnx").unlink()
-    onnx.save(model, str(path))
-    with pytest.raises(UserError, match="the model file changed"):
-        scan(str(path), str(tmp_path / "x.npy"), batch_size=4, device="cpu", explain=True)
+    onnx.save(model, str(path))  # and again with --explain, which needs the weights' values
+    report = scan(str(path), str(tmp_path / "x.npy"), batch_size=4, device="cpu", explain=True)
+    assert report.model.sha256 == loaded_hash
+    layers = {layer.name: layer for layer in report.layers}
+    minima = pre_activations(model, x)
+    for site, (positives, _, _) in truth(model, x).items():
+        np.testing.assert_array_equal(layers[site].positive_counts, positives, err_msg=site)
+        np.testing.assert_allclose(layers[site].min_preactivation, minima[site].min(0), rtol=1e-6, atol=1e-7)
 
 
-def test_a_file_replaced_before_the_session_reads_it_is_an_error(tmp_path, monkeypatch, release_all):
-    from deadrelu_cli.errors import UserError
-
+def test_a_file_replaced_before_the_session_reads_it_changes_nothing(tmp_path, monkeypatch, release_all):
     model = planted_model()
-    path = _save(model, tmp_path, _data(False))
+    x = _data(False)
+    path = _save(model, tmp_path, x)
     make_session = onnx_scan.make_session
 
     def replace_then_make(*args, **kwargs):
-        other = tmp_path / "other.onnx"
-        onnx.save(planted_model(), str(other))
-        os.replace(other, path)  # the same bytes under a new inode: not the file that was read
+        _replaced_by_another_model(path)
         return make_session(*args, **kwargs)
 
     monkeypatch.setattr(onnx_scan, "make_session", replace_then_make)
-    with pytest.raises(UserError, match="the model file changed while deadrelu read it"):
-        scan(str(path), str(tmp_path / "x.npy"), batch_size=4, device="cpu")
+    report = scan(str(path), str(tmp_path / "x.npy"), batch_size=4, device="cpu")
+    layers = {layer.name: layer for layer in report.layers}
+    for site, (positives, _, _) in truth(model, x).items():
+        np.testing.assert_array_equal(layers[site].positive_counts, positives, err_msg=site)
 
 
 _PLAIN_ONNX = """

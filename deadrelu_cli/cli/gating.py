@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from deadrelu_cli.config import KEYS, FileConfig, load_config, table_label
+from deadrelu_cli.config import KEYS, FileConfig, load_config, shown, table_label
 from deadrelu_cli.display import terminal_text
 from deadrelu_cli.errors import GateFailed
 
@@ -40,7 +40,7 @@ def merge_settings(
 def _as_flag_would(ctx: typer.Context, param, value: Any, file_config: FileConfig) -> Any:
     """A value from the file through the option's own type and range, as the flag's value would go
     (`max-dead-units = -1` passed no `min=0`): one check for both."""
-    from deadrelu_cli.errors import UserError
+    from deadrelu_cli.errors import UserError, one_line
 
     if param is None:
         return value
@@ -50,7 +50,7 @@ def _as_flag_would(ctx: typer.Context, param, value: Any, file_config: FileConfi
         key = next((k for k, (n, _) in KEYS.items() if n == param.name), param.name)
         reason = getattr(exc, "message", "") or exc.format_message()
         where = f"{_relative(file_config.path)} {table_label(file_config.path)}".strip()
-        raise UserError(f"{key} = {value!r} in {where}: {reason}") from None
+        raise UserError(f"{key} = {shown(value)} in {where}: {one_line(reason, 160)}") from None
 
 
 def config_file(explicit: str | None) -> str | None:

@@ -21,6 +21,7 @@ def inspect(
     loading: opt.Loading = None,
     ops: opt.Ops = None,
     input_shape: InputShape = None,
+    quiet: opt.QuietSummary = False,
 ) -> None:
     """List the activation call sites of MODEL (name, op, module type) without running data."""
     from deadrelu_cli.display import rich_text, terminal_text
@@ -34,6 +35,12 @@ def inspect(
     )
     console = make_console()
     console.print(terminal_text(f"{model}: {len(sites)} activation sites"), markup=False)
+    if quiet:  # the structural warnings (scan prints them too), on stderr
+        err = make_console(stderr=True, soft_wrap=True)
+        for kind, note in notes:
+            if kind == "warning":
+                err.print(f"warning: {terminal_text(note)}", style="yellow", markup=False)
+        return
     table = plain_table()
     for column in ("#", "Layer", "Op", "Module type"):
         table.add_column(column, overflow="fold")  # a layer name is what --layers takes: shown whole

@@ -148,6 +148,15 @@ QuietTable = Annotated[
     bool,
     typer.Option("--quiet", "-q", help="Do not print the table (files, gate messages and errors still)."),
 ]
+# -q on trend and inspect: what was read in one line on stdout, warnings on stderr; no table, no notes
+QuietSummary = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="Print only a one-line summary and warnings (no table, no notes); files are still written.",
+    ),
+]
 JsonOut = Annotated[
     str | None,
     typer.Option("--json", help="Write the JSON report here ('-' = stdout, and nothing else on stdout)."),

@@ -70,7 +70,7 @@ def merge(
 
     guard_outputs([("--json", json_out)], [("REPORT", path) for path in reports])
     refuse_repeated_reports(reports)
-    merged = merge_reports([load_report(path) for path in reports])
+    merged = merge_reports([load_report(path) for path in reports], [str(path) for path in reports])
     text = report_to_json(merged)
     err = make_console(stderr=True, soft_wrap=True)
     for note in merged.notes:

@@ -154,14 +154,13 @@ def scan(
     if json_to_stdout:
         sys.stdout.write(report_to_json(report))
         sys.stdout.flush()
-        from deadrelu_cli.display import terminal_text
-        from deadrelu_cli.inputs import PADDING_CHECK
+        from deadrelu_cli.report.table import nothing_counted_line, print_warnings
 
-        for note in report.notes:  # padding counted as data is said where a reader sees it, also here
-            if note.startswith(PADDING_CHECK):
-                err.print(
-                    f"warning: {terminal_text(note.removeprefix('check '))}", style="yellow", markup=False
-                )
+        # the report's problems are said where a reader sees them, also here (stdout is the JSON): every
+        # `warning:` line -q prints (padding counted as data, a ReLU on the output, …), on stderr
+        print_warnings(report, err)
+        if not report.layers:
+            err.print(nothing_counted_line(report), markup=False)
     else:
         if quiet:
             print_quiet(report, gate, out, err)

@@ -33,6 +33,7 @@ def trend(
     running: opt.Running = None,
     json_out: opt.JsonOut = None,
     html_out: opt.HtmlOut = None,
+    quiet: opt.QuietSummary = False,
 ) -> None:
     """Dead fraction per layer at each checkpoint, when each unit died, and which units revived."""
     from deadrelu_cli.files import guard_outputs, write_text_atomic
@@ -62,7 +63,7 @@ def trend(
             return
         write_text_atomic(json_out, text)
     console = make_console()
-    print_trend(result, console, data)
+    print_trend(result, console, data, make_console(stderr=True, soft_wrap=True) if quiet else None)
 
 
 def register(app: typer.Typer) -> None:

@@ -62,6 +62,12 @@ def file_sha256_async(path: str | Path) -> Future:
     return _HASHER.submit(file_sha256, path)
 
 
+def bytes_sha256_async(raw: bytes) -> Future:
+    """sha256 of bytes held in memory, in the background: the hash of exactly what was read (a file
+    written over after the read cannot give the report another file's hash)."""
+    return _HASHER.submit(lambda: hashlib.sha256(raw).hexdigest())
+
+
 def reread_verified(path: str | Path, sha256: str) -> bytes | None:
     """The file's bytes read again, or None when they are no longer those whose hash is SHA256 (the file
     was replaced while the scan ran): a caller then falls back to what it holds in memory."""

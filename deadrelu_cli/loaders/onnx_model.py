@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.detect import check_readable_file
-from deadrelu_cli.loaders.model import InputSpec, LoadedModel, LoadOptions, file_sha256_async
+from deadrelu_cli.loaders.model import (
+    InputSpec,
+    LoadedModel,
+    LoadOptions,
+    bytes_sha256_async,
+    file_sha256_async,
+)
 
 
 def stored_tensors(model):
@@ -62,9 +67,7 @@ def read_onnx(path: str, keep_bytes: dict | None = None):
     from google.protobuf.message import DecodeError
 
     p = check_readable_file(path)
-    with open(p, "rb") as handle:  # identity of what was read, with the bytes (file_unchanged)
-        raw = handle.read()
-        identity = _identity(os.fstat(handle.fileno()))
+    raw = p.read_bytes()
     try:
         model = onnx.load_from_string(raw)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
@@ -102,7 +105,7 @@ def read_onnx(path: str, keep_bytes: dict | None = None):
         raise UserError(f"{path}: the ONNX graph fails onnx.checker ({first})") from None
     add_inferred_shapes(model, skeleton)
     if keep_bytes is not None and not external and not inlined and not reordered:
-        keep_bytes["file"], keep_bytes["identity"], keep_bytes["spans"] = raw, identity, spans
+        keep_bytes["file"], keep_bytes["spans"] = raw, spans
     return model
 
 
@@ -377,11 +380,15 @@ def load_onnx(options: LoadOptions) -> LoadedModel:
     kept: dict = {}
     model = read_onnx(options.path, kept)
     extra: dict = {}
+    digest = file_sha256_async(options.path) if "file" not in kept else None
     if "file" in kept:
         # "rereadable": the file's bytes, read again, are the graph (a session built later reads them anew
         # rather than keeping 1x the weights resident for the whole scan); "weight_spans": where each large
         # initializer's bytes lie in the file, for release_weights
-        extra = {"file_bytes": kept["file"], "rereadable": True, "file_identity": kept["identity"]}
+        extra = {"file_bytes": kept["file"], "rereadable": True}
+        # the report's hash is of the bytes the scan runs on (release_weights keeps them), not of a
+        # second read that a file written over in the meantime would make another file's
+        digest = bytes_sha256_async(kept["file"])
         spans = {name: span for name, span in kept["spans"].items() if span[1] >= RELEASE_MIN_BYTES}
         if spans:
             extra["weight_spans"] = spans
@@ -390,7 +397,7 @@ def load_onnx(options: LoadOptions) -> LoadedModel:
     return LoadedModel(
         path=Path(options.path),
         format="onnx",
-        digest=file_sha256_async(options.path),
+        digest=digest,
         backend="onnx",
         runnable=model,
         kind="onnx",
@@ -503,17 +510,32 @@ def _copy_fields(source, target, skip: str) -> None:
                 setattr(target, field.name, getattr(source, field.name))
 
 
+# The name of the scan's private copy of the model file (release_weights), in its own temporary folder
+WEIGHTS_COPY = "weights.onnx"
+
+
 def release_weights(loaded: LoadedModel) -> bool:
-    """Replace the loaded graph by one whose large initializers are references to their bytes in the model
-    file (ONNX external data: location, offset, length), so that the scan does not keep 1x the weights in
-    the parsed graph while onnxruntime holds its own copy. Sessions read them from the file themselves
-    (make_session's weights_dir); anything that needs their values calls restore_weights first. Only
-    for a graph that is the file's own (`rereadable`): no inlined functions, nothing rewritten. True when
-    something was released."""
+    """Replace the loaded graph by one whose large initializers are references to their bytes in a private
+    copy of the model file (ONNX external data: location, offset, length), so that the scan does not
+    keep 1x the weights in the parsed graph while onnxruntime holds its own copy. Sessions read them from
+    that copy themselves (make_session's weights_dir); anything that needs their values calls
+    restore_weights first. Only for a graph that is the file's own (`rereadable`): no inlined functions,
+    nothing rewritten. True when something was released.
+
+    Why a copy: onnxruntime maps external data from its file, and a page past the end of a file cut short
+    under the map faults inside onnxruntime (SIGBUS, exit 135, no message) — an exporter writing to the
+    model's path mid-scan did that. The copy is written from the bytes the loader read (those the
+    report's hash is of: load_onnx) into a folder only this user can enter, removed with the model (or
+    at exit); as page cache it is reclaimable, as the model file's pages were. Where it cannot be
+    written (a full disk), nothing is released: the graph keeps its weights."""
+    import tempfile
+    import weakref
+
     from onnx import ModelProto, TensorProto
 
     spans = loaded.extra.pop("weight_spans", None)
-    if not spans or not loaded.extra.get("rereadable"):
+    raw = loaded.extra.get("file_bytes")
+    if not spans or not loaded.extra.get("rereadable") or raw is None:
         return False
     # weights only: onnxruntime's shape inference reads the values of integer tensors (shapes, axes,
     # pads) and refuses external ones
@@ -531,10 +553,15 @@ def release_weights(loaded: LoadedModel) -> bool:
     }
     if not released:
         return False
-    target = loaded.path.resolve()  # onnxruntime refuses a link whose target lies outside its folder
-    location = target.name
-    if not location.isprintable() or location != location.encode("utf-8", "replace").decode("utf-8"):
-        return False  # a name a protobuf string cannot hold (not UTF-8)
+    folder = None
+    try:
+        folder = tempfile.mkdtemp(prefix="deadrelu-weights-")  # 0700: no other user can touch the copy
+        with open(Path(folder, WEIGHTS_COPY), "xb") as handle:
+            handle.write(raw)
+    except OSError:  # no space, no temporary folder: the graph keeps its weights
+        if folder is not None:
+            _remove_folder(folder)
+        return False
     light = ModelProto()
     _copy_fields(full, light, "graph")
     _copy_fields(full.graph, light.graph, "initializer")
@@ -546,62 +573,39 @@ def release_weights(loaded: LoadedModel) -> bool:
         tensor = light.graph.initializer.add()
         _copy_fields(init, tensor, "raw_data")
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", location), ("offset", str(span[0])), ("length", str(span[1]))):
+        for key, value in (("location", WEIGHTS_COPY), ("offset", str(span[0])), ("length", str(span[1]))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
     loaded.runnable = light  # the parsed graph (and its weights) goes with its last reference
     loaded.extra.pop("file_bytes", None)
     loaded.extra["released"] = released
-    loaded.extra["weights_dir"] = str(target.parent)
+    loaded.extra["weights_dir"] = folder
+    # sessions keep the copy mapped after it is removed (an unlinked file lives while mapped)
+    weakref.finalize(loaded, _remove_folder, folder)
     return True
 
 
-def file_unchanged(loaded: LoadedModel) -> bool:
-    """Whether the model file is still the one read at load time (same inode, size, modification and
-    change times): a session that read released weights from the file read the loaded model's."""
-    identity = loaded.extra.get("file_identity")
-    return identity is not None and file_identity(loaded.path) == identity
+def _remove_folder(folder: str) -> None:
+    import shutil
 
-
-def written_in_place(loaded: LoadedModel) -> bool:
-    """Whether the loaded model file's own inode was written to (or touched) since it was read: onnxruntime
-    maps released weights from it and reads them there on every run, so later batches would run on the
-    new bytes. A file replaced by a new one (another inode at the path: a rename, a rewrite to a temporary
-    file) or removed is not that: the map keeps the old inode's bytes."""
-    identity = loaded.extra.get("file_identity")
-    now = file_identity(loaded.path)
-    return identity is not None and now is not None and now[:2] == identity[:2] and now != identity
-
-
-def file_identity(path) -> tuple | None:
-    try:
-        return _identity(os.stat(path))
-    except OSError:
-        return None
-
-
-def _identity(st) -> tuple:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def restore_weights(loaded: LoadedModel) -> None:
-    """Put released weights (release_weights) back into the loaded graph, read from the file again and
-    only if it still has the hash the report names; for what needs their values (--explain, --certify,
-    `fix`). A file replaced since the scan read it is an error, never a silent other model."""
+    """Put released weights (release_weights) back into the loaded graph, from the scan's private copy of
+    the file (the bytes the report's hash is of: a model file changed since cannot slip in); for what
+    needs their values (--explain, --certify, `fix`)."""
     from onnx import TensorProto
-
-    from deadrelu_cli.loaders.model import reread_verified
 
     spans = loaded.extra.get("released")
     if not spans:
         return
-    # the report's hash is of a separate read, in the background: the file must also still be the one
-    # loaded (written over in place after the scan's last batch, the hash may be of the new bytes)
-    raw = reread_verified(loaded.path, loaded.sha256) if file_unchanged(loaded) else None
-    if raw is None or not file_unchanged(loaded):
+    try:
+        raw = Path(loaded.extra["weights_dir"], WEIGHTS_COPY).read_bytes()
+    except OSError as exc:  # the temporary folder emptied by something else
         raise UserError(
-            f"{loaded.path}: the model file changed while deadrelu read it; run again once it is no longer being written"
-        )
+            f"{loaded.path}: the scan's copy of the weights is gone ({exc.strerror}); run the command again"
+        ) from None
     view = memoryview(raw)
     for init in loaded.runnable.graph.initializer:
         span = spans.get(init.name)

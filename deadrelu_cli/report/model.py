@@ -419,12 +419,43 @@ def union_order(orders: list[list[str]]) -> list[str]:
     return result
 
 
-def merge_reports(reports: list[Report]) -> Report:
+def statistics_fingerprint(report: Report) -> str | None:
+    """A hash of what a report counted: its samples and every layer's per-unit counts, maxima and sums.
+    Two scans of the same samples (one data file copied under another name, or scanned twice and saved
+    as two reports) give the same one; disjoint shards of real data do not (every unit's float maximum
+    and sum of |activation| would have to agree). None for a report with no units."""
+    import hashlib
+
+    if not any(layer.units for layer in report.layers):
+        return None
+    digest = hashlib.sha256(f"{report.data.samples}".encode())
+    for layer in report.layers:
+        digest.update(f"\0{layer.name}\0{layer.elements_per_unit}\0{layer.samples}".encode())
+        for values in (layer.positive_counts, layer.max_preactivation, layer.sum_abs):
+            digest.update(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def merge_reports(reports: list[Report], names: list[str] | None = None) -> Report:
     """Exact merge of reports of the same model over disjoint data. A layer some reports do not list (a
     training window whose forwards never reached it) adds nothing from them: its `samples` say how many it
-    saw, and a note names it. The same layer name with other units, or another model, is refused."""
+    saw, and a note names it. The same layer name with other units, or another model, is refused, and so
+    are two reports with the same statistics (statistics_fingerprint: the same samples counted twice).
+    NAMES: the reports' files, for messages."""
     if not reports:
         raise UserError("nothing to merge: give at least one report")
+    names = names or [f"report {k + 1}" for k in range(len(reports))]
+    seen: dict[str, str] = {}
+    for report, name in zip(reports, names, strict=True):
+        fingerprint = statistics_fingerprint(report)
+        if fingerprint is not None and fingerprint in seen:
+            raise UserError(
+                f"{name}: the same counts, maxima and sums in every layer over the same "
+                f"{report.data.samples} samples as {seen[fingerprint]}: the same data scanned twice "
+                "(under another file name?); merge scans of disjoint shards, each once"
+            )
+        if fingerprint is not None:
+            seen[fingerprint] = name
     first = reports[0]
     for other in reports[1:]:
         if other.model.sha256 != first.model.sha256:

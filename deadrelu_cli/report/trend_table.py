@@ -10,8 +10,10 @@ from deadrelu_cli.report.table import SPARK, plain_table
 MAX_COLUMNS = 8
 
 
-def print_trend(result, console: Console, data: str | None) -> None:
-    """RESULT is a trend.TrendResult (not imported: the report layer sits below trend)."""
+def print_trend(result, console: Console, data: str | None, quiet: Console | None = None) -> None:
+    """RESULT is a trend.TrendResult (not imported: the report layer sits below trend). QUIET (-q, the
+    stderr console): the first line only, what was compared, and the notes (files whose step and name
+    disagree) on QUIET."""
     steps = [c.step if c.step is not None else i for i, c in enumerate(result.checkpoints)]
     shown = (
         sorted({round(i * (len(steps) - 1) / (MAX_COLUMNS - 1)) for i in range(MAX_COLUMNS)})
@@ -39,6 +41,10 @@ def print_trend(result, console: Console, data: str | None) -> None:
     console.print(
         terminal_text(f"{len(steps)} checkpoints, ordered by {result.order} · {what}"), markup=False
     )
+    if quiet is not None:
+        for note in result.notes:
+            quiet.print(f"note: {terminal_text(note)}", markup=False)
+        return
     console.print(table)
     for note in result.notes:
         console.print(f"note: {terminal_text(note)}", style="dim", markup=False)

@@ -23,8 +23,8 @@ from deadrelu_cli.inputs import (
     shape_advice,
     unfed_arrays,
 )
-from deadrelu_cli.loaders.model import LoadedModel, LoadOptions, file_sha256, reread_verified
-from deadrelu_cli.loaders.onnx_model import file_unchanged, release_weights, written_in_place
+from deadrelu_cli.loaders.model import LoadedModel, LoadOptions, reread_verified
+from deadrelu_cli.loaders.onnx_model import release_weights
 from deadrelu_cli.probe.onnx_graph import MASK_INPUT, OnnxSite, find_sites
 from deadrelu_cli.stats import LayerStats
 
@@ -54,8 +54,9 @@ def shared_cpu_arena(ort) -> bool:
 
 
 def make_session(model_bytes: bytes, device: str, notes: list[str], weights_dir: str | None = None):
-    """An onnxruntime session of MODEL_BYTES; WEIGHTS_DIR: the folder of the model file whose bytes the
-    graph's released initializers reference (loaders.onnx_model.release_weights)."""
+    """An onnxruntime session of MODEL_BYTES; WEIGHTS_DIR: the scan's private folder holding the copy of
+    the model file whose bytes the graph's released initializers reference
+    (loaders.onnx_model.release_weights)."""
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
@@ -100,15 +101,6 @@ def make_session(model_bytes: bytes, device: str, notes: list[str], weights_dir:
     except Exception as exc:  # onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"onnxruntime cannot load this model: {first}") from None
-
-
-def check_weights_read(loaded: LoadedModel) -> None:
-    """After a session read released weights from the model file (loaders.onnx_model.release_weights):
-    that file must still be the one loaded, else the session ran another model's weights."""
-    if "released" in loaded.extra and not file_unchanged(loaded):
-        raise UserError(
-            f"{loaded.path}: the model file changed while deadrelu read it; run again once it is no longer being written"
-        )
 
 
 def instrumented_bytes(
@@ -435,7 +427,6 @@ class _NanRecount:
             self.session = make_session(
                 plain_count.SerializeToString(), self.device, [], self.loaded.extra.get("weights_dir")
             )
-            check_weights_read(self.loaded)
         names = [name for per_site in self.outputs for name in per_site.values()]
         results = dict(zip(names, self.session.run(names, feeds), strict=True))
         return [{key: results[name] for key, name in out.items()} for out in self.outputs]
@@ -500,14 +491,9 @@ class _OutputMaxSwitch:
         start = time.perf_counter()
         try:
             sites = [copy.copy(site) for site in self.sites]  # instrument() sets outputs on its sites
-            raw, released = None, "released" in self.loaded.extra
-            # the new session reads the released weights from the file: only the file whose hash the report
-            # names, unchanged until the session has read it (else the current session stays, exact)
-            if released and not (
-                file_unchanged(self.loaded) and file_sha256(self.loaded.path) == self.loaded.sha256
-            ):
-                raise UserError("the model file changed")
-            if self.loaded.extra.get("rereadable") and not released:  # checked against the model's hash
+            # released weights: the scan's private copy of the file serves the new session as the first
+            raw, weights_dir = None, self.loaded.extra.get("weights_dir")
+            if self.loaded.extra.get("rereadable") and weights_dir is None:  # checked against the hash
                 raw = reread_verified(self.loaded.path, self.loaded.sha256)
             model_bytes = instrumented_bytes(
                 self.loaded,
@@ -519,9 +505,7 @@ class _OutputMaxSwitch:
                 file_bytes=raw,
             )
             del raw
-            session = make_session(model_bytes, self.device, [], self.loaded.extra.get("weights_dir"))
-            if released and not file_unchanged(self.loaded):  # it read another file's weights
-                raise UserError("the model file changed")
+            session = make_session(model_bytes, self.device, [], weights_dir)
             self._result = (wanted, session, [dict(site.outputs) for site in sites])
         except Exception:  # noqa: BLE001 - the current session stays, and it is exact
             self._result = None
@@ -716,7 +700,8 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         loaded.notes.append(_no_sites_note(loaded.runnable, options.ops))
         return loaded, []
     # Sites found (they keep the small tensors they need): the sessions read the large weights from the
-    # file, and the graph held for the rest of the scan is without them (restore_weights puts them back)
+    # scan's private copy of the file, and the graph held for the rest of the scan is without them
+    # (restore_weights puts them back)
     release_weights(loaded)
     weights_dir = loaded.extra.get("weights_dir")
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
@@ -756,12 +741,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     switch = _OutputMaxSwitch(loaded, sites, options, device)
     started = time.perf_counter()
     model_bytes = instrumented_bytes(loaded, sites, options.threshold, options.channel_dim, device)
-    try:
-        session = make_session(model_bytes, device, loaded.notes, weights_dir)
-    except UserError:
-        check_weights_read(loaded)  # a file removed or replaced since it was loaded: say that
-        raise
-    check_weights_read(loaded)
+    session = make_session(model_bytes, device, loaded.notes, weights_dir)
     switch.build_s = time.perf_counter() - started
     del model_bytes
     outputs = [dict(site.outputs) for site in sites]
@@ -824,10 +804,6 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                         f"onnxruntime failed on the first batch: {'; '.join([first, *detail])}; {hint}"
                     ) from None
                 raise
-            # onnxruntime maps released weights from the file and reads them there on every run: a file
-            # written over in place since (same inode) fed this batch other weights (one stat per batch)
-            if "released" in loaded.extra and written_in_place(loaded):
-                check_weights_read(loaded)
             batch_s = time.perf_counter() - started
             first_batched = next(n for n in order.values() if n not in data.consts)
             samples = batch[first_batched].shape[data.batch_axes.get(first_batched, 0)]
