@@ -211,6 +211,13 @@ def test_a_forward_that_takes_one_tuple_is_fed_inputs_0_and_inputs_1(cli, tmp_pa
                  "--strategy", "prune", "--output", tmp_path / "p.pt2")  # fmt: skip
     assert result.code == 2 and "takes its inputs as one tuple or dict" in result.err, result.err
     assert not (tmp_path / "p.pt2").exists()
+    # --compile / --certify trace one tensor per input: refused in one line (main: "too many positional
+    # arguments")
+    for extra in (["--compile", "--mask", "none"], ["--certify", "--input-range", "0", "19"]):
+        result = cli("scan", tmp_path / "m.pt", "--arch", arch, "--data", tmp_path / "d.npz", *extra)
+        assert result.code == 2 and "one tuple or dict" in result.err and result.err.count("\n") == 1, (
+            result.err
+        )
 
 
 DICT_ARCH = """
