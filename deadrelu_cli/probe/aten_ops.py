@@ -31,6 +31,25 @@ PASS_THROUGH = frozenset(
         "native_dropout",
     }
 )
+# Fake-quant ops (QAT, torch.ao's FakeQuantize traced or written out): elementwise and monotone, so the
+# units and the producer before them stay (the eager probe looks through FakeQuantize modules alike);
+# the `_cachemask` forms return (output, mask), read through `getitem`.
+FAKE_QUANT = frozenset(
+    {
+        "fake_quantize_per_tensor_affine",
+        "fake_quantize_per_channel_affine",
+        "fake_quantize_per_tensor_affine_cachemask",
+        "fake_quantize_per_channel_affine_cachemask",
+        "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+        "_fake_quantize_learnable_per_tensor_affine",
+        "_fake_quantize_learnable_per_channel_affine",
+        "fused_moving_avg_obs_fake_quant",
+        "_fused_moving_avg_obs_fq_helper",
+    }
+)
+# Reshapes that a decomposed Linear ends with (addmm / mm on rows, viewed back to [B, T, F]): followed
+# back to that producer when they keep the last axis, the units.
+VIEWS = frozenset({"view", "_unsafe_view", "reshape"})
 # Producers whose units lie on axis 1 ([N, C, ...]) ...
 CHANNEL_FIRST = frozenset(
     {
@@ -89,3 +108,37 @@ UNIT_PRESERVING = frozenset(
 def aten_base(kind: str) -> str:
     """`aten::add` (a TorchScript node kind) -> `add`; other kinds -> ''."""
     return kind[len("aten::") :] if kind.startswith("aten::") else ""
+
+
+# A ReLU spelled `maximum(x, zeros)` / `max(x, zeros)` / `where(x > 0, x, 0)` (probe.ops.relu_spelled):
+# the ops that make a tensor of zeros (the position of their fill value; None: zeros by name) ...
+ZERO_FACTORIES = {
+    "zeros": None,
+    "zeros_like": None,
+    "new_zeros": None,
+    "full": 1,
+    "full_like": 1,
+    "new_full": 2,
+    "scalar_tensor": 0,
+    "tensor": 0,
+    "as_tensor": 0,
+}
+# ... the ops that copy a tensor's values unchanged (a stored zero lifted, moved, cast or broadcast) ...
+VALUE_COPIES = frozenset(
+    {
+        "lift_fresh_copy",
+        "lift_fresh",
+        "detach",
+        "detach_",
+        "clone",
+        "_to_copy",
+        "to",
+        "alias",
+        "contiguous",
+        "expand",
+        "expand_as",
+        "type_as",
+    }
+)
+# ... and the binary maxima (`max.other`; max(x, dim) is a reduction, told by its second argument)
+MAXIMA = frozenset({"maximum", "max"})

@@ -42,6 +42,9 @@ class SiteRegistry:
         self.scoped_masks: dict[str, PositionMask | None] = {}
         self.fused_devices = settings.fused_devices
         self._stale: set[str] = set()  # sites of an earlier window, not run since `restart`
+        # rank-3 sites whose units were put on the last axis with no producer to say so ([B, T, C] and
+        # [B, C, T] look alike): the scan says so, as the ONNX scan does
+        self.axis_guesses: dict[str, None] = {}
 
     def restart(self) -> None:
         """Count from zero again (a new window of a training run): each site is cleared in place when it
@@ -78,7 +81,15 @@ class SiteRegistry:
                 return mask
         return self.position_mask
 
-    def _site(self, name, op, pre, inferred_channel_dim, module_type, producer) -> SiteAccumulator:
+    def note_axis_guess(self, name: str, rank: int, origin_known: bool) -> None:
+        """Keep `name` in `axis_guesses` when its rank-3 input's unit axis was a guess (no producer, no
+        --channel-dim)."""
+        if rank == 3 and not origin_known and self.settings.channel_dim is None:
+            self.axis_guesses[name] = None
+
+    def _site(
+        self, name, op, pre, inferred_channel_dim, module_type, producer, origin_known=True
+    ) -> SiteAccumulator:
         site = self.sites.get(name)
         if site is None:
             site = SiteAccumulator(
@@ -90,6 +101,7 @@ class SiteRegistry:
         site.track_min = self.settings.track_min
         if site.positive is None:
             site.channel_dim = resolve_channel_dim(pre.dim(), inferred_channel_dim, self.settings.channel_dim)
+            self.note_axis_guess(name, pre.dim(), origin_known)
         return site
 
     def record_pre(
@@ -100,9 +112,11 @@ class SiteRegistry:
         inferred_channel_dim: int,
         module_type: str | None = None,
         producer: str | None = None,
+        origin_known: bool = True,
     ) -> None:
-        """First half of a batch at a site, while the pre-activation is intact."""
-        site = self._site(name, op, pre, inferred_channel_dim, module_type, producer)
+        """First half of a batch at a site, while the pre-activation is intact (`origin_known`: a layer
+        says where its units are; else a rank-3 input's last axis is a guess, `axis_guesses`)."""
+        site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known)
         mask = self.mask_for(name)
         site.observe_pre(pre, self.settings.threshold, mask, self.fused_devices)
         collector = self.collectors.get(name)
@@ -120,6 +134,7 @@ class SiteRegistry:
         inferred_channel_dim: int,
         module_type: str | None = None,
         producer: str | None = None,
+        origin_known: bool = True,
     ) -> torch.Tensor | None:
         """Run a relu site and count it in one pass from memory (SiteAccumulator.run_relu_in_parts);
         None where that does not apply (a position mask, a collector, a fused device, small tensors …):
@@ -131,7 +146,7 @@ class SiteRegistry:
             or op != "relu"
         ):
             return None
-        site = self._site(name, op, pre, inferred_channel_dim, module_type, producer)
+        site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known)
         return site.run_relu_in_parts(pre, in_place, self.settings.threshold)
 
     def record_post(self, name: str, post: torch.Tensor) -> None:
@@ -300,6 +315,20 @@ def relaid_channel_first(
     return axis == 1
 
 
+def keeps_dtype(x: torch.Tensor, zeros) -> bool:
+    """Whether maximum(x, zeros) of a float x has x's dtype (a ReLU spelled with a maximum, probe.ops):
+    a number or a 0-d tensor (not complex) does not promote a float tensor; zeros with dims promote as
+    their dtype says. Reads dtypes only: no op that an export tracing the probe would record."""
+    dtype = getattr(zeros, "dtype", None)
+    if dtype is None or dtype == x.dtype:
+        return True
+    if dtype.is_complex:
+        return False
+    if zeros.dim() == 0 or not dtype.is_floating_point:  # a 0-d value or an integer tensor: x's float type
+        return True
+    return dtype.itemsize < x.dtype.itemsize  # float16 / bfloat16 into float32, not into each other
+
+
 def _derived_output(op: str, pre: torch.Tensor) -> torch.Tensor:
     from deadrelu_cli.probe.accumulator import apply_op
 
@@ -344,6 +373,7 @@ def static_site_hooks(registry: SiteRegistry, site) -> tuple[Callable, Callable]
             infer_channel_dim(pre.dim(), site.channel_first),
             site.module_type,
             site.producer,
+            site.channel_first is not None,
         )
 
     def after(out: torch.Tensor) -> None:

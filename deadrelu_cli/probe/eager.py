@@ -29,6 +29,7 @@ from deadrelu_cli.probe.base import (
     SiteRegistry,
     call_and_record,
     infer_channel_dim,
+    keeps_dtype,
     moved_unit_axis,
     pools_over_space,
     squeeze_keeps_channels,
@@ -43,6 +44,8 @@ from deadrelu_cli.probe.ops import (
     is_activation_module_type,
     is_clamp_op,
     is_scalar_value,
+    is_zero_number,
+    zeros_fit,
 )
 
 CHANNEL_FIRST_TYPES: tuple[type, ...] = (
@@ -225,6 +228,56 @@ def _moved_unit_axis(func, args: tuple, kwargs: dict, axis: int, before, after) 
     return moved if moved is not None and after.shape[moved] == before.shape[axis] else None
 
 
+# A ReLU spelled `maximum(x, zeros)` / `max(x, zeros)` / `where(x > 0, x, 0)` (probe.ops, above zeros_fit):
+# the calls that make zeros (the position of their fill value; None: zeros by name), copy a tensor's
+# values, compare with 0, and the maxima and selects themselves
+_ZERO_MAKERS: dict[Callable, int | None] = {
+    torch.zeros: None,
+    torch.zeros_like: None,
+    torch.Tensor.new_zeros: None,
+    torch.full: 1,
+    torch.full_like: 1,
+    torch.Tensor.new_full: 2,
+    torch.tensor: 0,
+    torch.scalar_tensor: 0,
+    torch.as_tensor: 0,
+}
+_VALUE_COPIES = frozenset(
+    {
+        torch.Tensor.to,
+        torch.Tensor.detach,
+        torch.Tensor.clone,
+        torch.clone,
+        torch.Tensor.expand,
+        torch.Tensor.expand_as,
+        torch.Tensor.type_as,
+        torch.Tensor.contiguous,
+        torch.Tensor.float,
+    }
+)
+_GREATER = frozenset({torch.Tensor.gt, torch.Tensor.__gt__, torch.gt, torch.greater, torch.Tensor.greater})
+_MAXIMA = frozenset({torch.maximum, torch.Tensor.maximum, torch.max, torch.Tensor.max})
+_SELECTS = frozenset({torch.where, torch.Tensor.where})
+_SPELLED = _MAXIMA | _SELECTS
+# functional products whose units are on the last axis, as the graph probes read `linear`, `matmul`, `mm`,
+# `bmm` and `embedding` (aten_ops.LAST_DIM): an origin without a producer (an nn.Linear's own output then
+# gets its module as producer when the module returns)
+_LAST_AXIS_MAKERS = frozenset(
+    {
+        F.linear,
+        torch.matmul,
+        torch.Tensor.matmul,
+        torch.Tensor.__matmul__,
+        torch.mm,
+        torch.Tensor.mm,
+        torch.bmm,
+        torch.Tensor.bmm,
+        F.embedding,
+    }
+)
+_NOTED = frozenset(_ZERO_MAKERS) | _VALUE_COPIES | _GREATER | _LAST_AXIS_MAKERS
+_SPELLED_SPEC = _FunctionSpec("relu", None, clamp="spelled")
+
 # a global pool written as a reduction (`x.mean((2, 3))`): unit-preserving when its dims are spatial
 _SPATIAL_POOLS = frozenset({torch.mean, torch.Tensor.mean, torch.amax, torch.Tensor.amax})
 
@@ -301,9 +354,12 @@ class _CallSiteMode(TorchFunctionMode):
             b_ih, b_hh = (list(biases) + [None, None])[:2]
             pre = F.linear(hx, w_hh, b_hh) + F.linear(x, w_ih, b_ih)
             return self.__torch_function__(torch.relu, types, (pre,), {})
-        spec = self.probe.functions.get(func)
+        spelled = self.probe.spelled_relu(func, args, kwargs) if func in _SPELLED else None
+        if spelled is not None:  # maximum(x, zeros), where(x > 0, x, 0): as clamp_min(x, 0), on x
+            func, args, kwargs = spelled
+        spec = self.probe.functions.get(func) if spelled is None else _SPELLED_SPEC
         op = None if spec is None else spec.op
-        if spec is not None and spec.clamp is not None:  # a clamp that is no ReLU: an ordinary op
+        if spec is not None and spec.clamp is not None and spelled is None:  # a clamp that is no ReLU
             op = _clamp_op(spec.clamp, args, kwargs)
             spec = None if op is None else spec
         if spec is None and isinstance(func, torch._ops.OpOverloadPacket | torch._ops.OpOverload):
@@ -328,6 +384,8 @@ class _CallSiteMode(TorchFunctionMode):
             spec = None  # a clamped variance / norm / loss: an ordinary op, not a ReLU layer
         if spec is None or not args or not isinstance(args[0], torch.Tensor):
             out = func(*args, **kwargs)
+            if func in _NOTED:
+                self.probe.note_made(func, args, kwargs, out)
             if args and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor):
                 if func in self.probe.pass_through:
                     others = list(args[1:]) + list(kwargs.values())
@@ -453,6 +511,10 @@ class EagerProbe:
         self._wrapper_roles: dict[type, str] = {}  # module type -> _wrapper_role
         # activations inside kernels or TorchScript code no hook or mode sees: named, not counted
         self.hidden = eager_hidden(model, settings.ops)
+        # a ReLU spelled with a maximum or a select: zeros made in this forward and `x > 0` masks (id ->
+        # weakrefs)
+        self._zeros: dict[int, weakref.ref] = {}
+        self._positives: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
     # -- hooks -------------------------------------------------------------------------------
     def enter_module(self, module: nn.Module, args) -> None:
@@ -687,6 +749,8 @@ class EagerProbe:
         self._produced.clear()
         self._sources.clear()
         self._site_outputs.clear()
+        self._zeros.clear()
+        self._positives.clear()
 
     def mode(self) -> TorchFunctionMode:
         return _CallSiteMode(self)
@@ -727,10 +791,12 @@ class EagerProbe:
         path, _, is_activation = self._current_module()
         return self._namer.name(path, op, is_activation)
 
-    def _site_facts(self, pre: torch.Tensor) -> tuple[int, str, str | None]:
-        """(inferred unit axis, module type, producer (a per-unit bias, or a bias-free Linear/Conv) or None) of a site's input."""
+    def _site_facts(self, pre: torch.Tensor) -> tuple[int, str, str | None, bool]:
+        """(inferred unit axis, module type, producer (a per-unit bias, or a bias-free Linear/Conv) or None,
+        whether a layer told the unit axis) of a site's input."""
         _, module, is_activation = self._current_module()
-        producer_name, producer, channel_first = self.origin_of(pre) or (None, None, None)
+        origin = self.origin_of(pre)
+        producer_name, producer, channel_first = origin or (None, None, None)
         inferred = infer_channel_dim(pre.dim(), channel_first)
         units = pre.shape[inferred] if pre.dim() > 1 else pre.shape[0]
         bias = getattr(producer, "bias", None) if producer is not None else None
@@ -750,7 +816,8 @@ class EagerProbe:
             )
         ):
             producer_name = None
-        return inferred, type(module).__name__ if is_activation else "functional", producer_name
+        module_type = type(module).__name__ if is_activation else "functional"
+        return inferred, module_type, producer_name, origin is not None
 
     def _note_source(self, name: str, pre: torch.Tensor) -> None:
         source = self._sources.get(id(pre))
@@ -760,6 +827,67 @@ class EagerProbe:
     def observe(self, name: str, op: str, pre: torch.Tensor) -> None:
         self._note_source(name, pre)
         self.registry.record_pre(name, op, pre, *self._site_facts(pre))
+
+    def note_made(self, func, args: tuple, kwargs: dict, out) -> None:
+        """Keep track of the zeros a forward makes (and their copies) and of its `x > 0` masks: what a
+        ReLU spelled with a maximum or a select is made of (`spelled_relu`)."""
+        if not isinstance(out, torch.Tensor):
+            return
+        if func in _LAST_AXIS_MAKERS:
+            self._produced[id(out)] = (weakref.ref(out), None, None, False)
+        elif func in _ZERO_MAKERS:
+            index = _ZERO_MAKERS[func]
+            fill = kwargs.get("fill_value", args[index] if index is not None and len(args) > index else None)
+            if (
+                index is None
+                or is_zero_number(fill)
+                or (isinstance(fill, torch.Tensor) and fill.dim() == 0 and self.is_zeros(fill))
+            ):
+                self._zeros[id(out)] = weakref.ref(out)
+        elif func in _VALUE_COPIES:
+            if args and isinstance(args[0], torch.Tensor) and self.is_zeros(args[0]):
+                self._zeros[id(out)] = weakref.ref(out)
+        elif len(args) == 2 and isinstance(args[0], torch.Tensor) and self.is_zeros(args[1]):  # x > 0
+            self._positives[id(out)] = (weakref.ref(out), weakref.ref(args[0]))
+
+    def is_zeros(self, value) -> bool:
+        """A 0, or a tensor of zeros in every forward: made by a zero factory in this one (or copied from
+        such). A parameter or buffer is none, zeros or not: its values are the checkpoint's, not the code's
+        (and an export tracing the probe could not read them)."""
+        if not isinstance(value, torch.Tensor):
+            return is_zero_number(value)
+        entry = self._zeros.get(id(value))
+        return entry is not None and entry() is value
+
+    def spelled_relu(self, func, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict] | None:
+        """For `maximum(x, Z)` / `max(x, Z)` / `where(x > 0, x, 0)` that compute clamp_min(x, 0) (Z: zeros
+        that do not widen x; probe.ops): the call as a function of x alone, with (x,) and {}; else None."""
+        if set(kwargs) - {"other"}:
+            return None
+        given = (*args, kwargs["other"]) if "other" in kwargs else args
+        if func in _MAXIMA:
+            if len(given) != 2 or not all(isinstance(a, torch.Tensor) for a in given):
+                return None  # max(x, dim): a reduction
+            x, zeros = given if self.is_zeros(given[1]) else given[::-1]
+            if not self.is_zeros(zeros):
+                return None
+        elif len(given) == 3:
+            cond, x, zeros = given if func is torch.where else (given[1], given[0], given[2])
+            entry = self._positives.get(id(cond))
+            if entry is None or entry[0]() is not cond or entry[1]() is not x or not self.is_zeros(zeros):
+                return None
+        else:
+            return None
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or self.origin_of(x) is None:
+            return None  # of no layer's output (a reduction: an observer's min/max): an ordinary op
+        shape = zeros.shape if isinstance(zeros, torch.Tensor) else ()
+        if not zeros_fit(x.shape, shape) or not keeps_dtype(x, zeros):
+            return None  # widened by the zeros, or promoted: not x's values clamped
+
+        def spelled(_x: torch.Tensor):
+            return func(*args, **kwargs)
+
+        return spelled, (x,), {}
 
     def clamp_is_layer(self, pre, op: str) -> bool:
         """Whether a clamp with a ReLU's bounds is a layer (probe.ops.clamp_is_layer); one that is not

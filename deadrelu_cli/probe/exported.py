@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, LAYOUT, PASS_THROUGH
+from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, FAKE_QUANT, LAST_DIM, LAYOUT, PASS_THROUGH, VIEWS
 from deadrelu_cli.probe.base import (
     SQUEEZES,
     ProbeSettings,
@@ -22,7 +22,7 @@ from deadrelu_cli.probe.base import (
     squeeze_keeps_channels,
     static_site_hooks,
 )
-from deadrelu_cli.probe.hidden import graph_hidden, prepare_graph
+from deadrelu_cli.probe.hidden import SPELLED_RELU, graph_hidden, prepare_graph
 from deadrelu_cli.probe.ops import (
     SiteNamer,
     aten_op_kind,
@@ -72,6 +72,8 @@ class StaticSite:
     channel_first: bool | None
     producer: str | None
     clamp: bool = False  # a clamp / threshold with a ReLU's bounds (a layer only by probe.ops.clamp_is_layer)
+    spelled: bool = False  # TorchScript: maximum(x, zeros) / where(x > 0, x, 0) (probe.ops, zeros_fit)
+    units: int | None = None  # TorchScript, spelled: the producer module's units (checked at run time)
 
 
 def op_base(target) -> str:
@@ -90,11 +92,22 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
     """
     seen = 0
     keep_producer = True
+    viewed = False  # through a reshape that keeps the last axis: only a last-axis producer fits
     layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
     current = node.args[0] if node.args else None
     while isinstance(current, fx.Node) and seen < 32:
         seen += 1
         base = op_base(current.target) if current.op == "call_function" else ""
+        if base in FAKE_QUANT and current.args and isinstance(current.args[0], fx.Node):
+            current = current.args[0]  # QAT's fake quant: the units and the producer stay
+            continue
+        if base in VIEWS and not layouts and keeps_last_axis(current):
+            viewed = True  # a decomposed Linear: addmm / mm on rows, viewed back to [B, T, F]
+            current = current.args[0]
+            continue
+        if base == "add" and keep_producer and _lora_update(current):
+            current = current.args[0]  # base_layer(x) + lora_B(lora_A(x)) * scaling: the base's units
+            continue
         if base in SQUEEZES and current.args and isinstance(current.args[0], fx.Node):
             source = current.args[0].meta.get("val")
             rank_in = source.dim() if isinstance(source, torch.Tensor) else None
@@ -123,6 +136,8 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
             current = current.args[0]
             continue
         if base in CHANNEL_FIRST or base in LAST_DIM:
+            if viewed and base in CHANNEL_FIRST:
+                break
             producer = None
             index = _BIAS_ARG.get(base)
             if keep_producer and index is not None and len(current.args) > index:
@@ -133,10 +148,20 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
                 if producer is None and keep_producer and bias is None and _attr_named(mean, ".running_mean"):
                     producer = str(mean.target)[: -len(".running_mean")]  # affine=False: mean and var make it
             weight = current.args[1] if len(current.args) > 1 else None
+            if (
+                base in ("mm", "addmm")
+                and isinstance(weight, fx.Node)
+                and op_base(weight.target)
+                in (
+                    "permute",
+                    "t",
+                )
+            ):  # a decomposed Linear: x @ weight.T
+                weight = weight.args[0]
             if (  # bias=False: the Linear/Conv whose weight rows are the units (as the eager probe keeps it)
                 producer is None
                 and keep_producer
-                and base in _BIAS_FREE_PRODUCERS
+                and (base in _BIAS_FREE_PRODUCERS or (base == "mm" and viewed))
                 and (len(current.args) <= 2 or current.args[2] is None)
                 and isinstance(weight, fx.Node)
                 and weight.op == "get_attr"
@@ -151,6 +176,48 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
             continue
         break
     return None, None
+
+
+def keeps_last_axis(node: fx.Node) -> bool:
+    """Whether a view / reshape keeps its input's last axis (rows regrouped: [B*T, F] -> [B, T, F])."""
+    source = node.args[0] if node.args else None
+    before = source.meta.get("val") if isinstance(source, fx.Node) else None
+    after = node.meta.get("val")
+    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
+        return False
+    if before.dim() == 0 or after.dim() == 0:
+        return False
+    try:
+        return bool(before.shape[-1] == after.shape[-1])
+    except Exception:  # a size the shape environment cannot decide
+        return False
+
+
+def _lora_update(add: fx.Node) -> bool:
+    """Whether `add` is a PEFT LoRA layer's `base_layer(x) + lora_B(lora_A(x)) * scaling` (its module is
+    peft's, and its second operand is made from a `lora_B` weight): the base layer's bias still adds to each
+    unit, so it is the producer, as the eager probe's look-through finds (DoRA rescales the base output
+    by a tensor first: not followed, as a `mul` of two tensors keeps no producer)."""
+    stack = add.meta.get("nn_module_stack") or {}
+    if not stack or len(add.args) != 2 or not all(isinstance(a, fx.Node) for a in add.args):
+        return False
+    module_cls = list(stack.values())[-1][1]
+    qualified = (
+        module_cls if isinstance(module_cls, str) else f"{module_cls.__module__}.{module_cls.__qualname__}"
+    )
+    if not qualified.startswith("peft.tuners.lora"):
+        return False
+    pending, seen = [add.args[1]], 0
+    while pending and seen < 16:
+        current = pending.pop()
+        seen += 1
+        if not isinstance(current, fx.Node):
+            continue
+        if current.op == "get_attr" and ".lora_B." in f".{current.target}":
+            return True
+        if current.op == "call_function":
+            pending.extend(a for a in current.args if isinstance(a, fx.Node))
+    return False
 
 
 def shift_source(node: fx.Node) -> str | None:
@@ -173,6 +240,8 @@ def shift_source(node: fx.Node) -> str | None:
             continue
         if base in PASS_THROUGH:
             stack.extend(arg for arg in current.args if isinstance(arg, fx.Node))
+        elif (base in FAKE_QUANT or (base in VIEWS and keeps_last_axis(current))) and current.args:
+            stack.append(current.args[0])
     return found.pop() if len(found) == 1 else None
 
 
@@ -229,8 +298,10 @@ def find_sites(graph: fx.Graph, ops: tuple[str, ...]) -> Iterator[tuple[fx.Node,
                 else f"{module_cls.__module__}.{module_cls.__qualname__}"
             )
         is_activation = is_activation_module_type(qualified_type)
-        name = namer.name(path, op, is_activation)
         channel_first, producer = _trace_producer(node)
+        if node.meta.get(SPELLED_RELU) and channel_first is None and not _decomposed_linear(node):
+            continue  # maximum(x, 0) of no layer's output (a reduction): an ordinary op, unnumbered
+        name = namer.name(path, op, is_activation)
         if clamp and not _clamp_is_layer(node, channel_first):
             continue  # a clamped variance / norm / loss: no layer (its number is taken, as in eager)
         module_type = qualified_type.rsplit(".", 1)[-1] if is_activation else "functional"

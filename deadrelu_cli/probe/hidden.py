@@ -14,7 +14,8 @@ from collections import Counter
 import torch
 from torch import fx
 
-from deadrelu_cli.probe.ops import aten_op_kind, hidden_label
+from deadrelu_cli.probe.aten_ops import MAXIMA, VALUE_COPIES, ZERO_FACTORIES
+from deadrelu_cli.probe.ops import aten_op_kind, hidden_label, is_zero_number, zeros_fit
 
 
 def _stack_path(node: fx.Node) -> str:
@@ -130,10 +131,112 @@ def recompose_thresholds(graph_module: fx.GraphModule) -> None:
         graph_module.recompile()
 
 
+def _is_zeros(node: object, graph_module: fx.GraphModule) -> bool:
+    """Whether a graph value is zeros in every run: a constant of zeros the export lifted out of the code
+    (`torch.tensor(0.)`) or one a zero factory makes, through copies (probe.ops: a ReLU spelled with a
+    maximum). A parameter or buffer is none (its values are the checkpoint's), as in eager."""
+    for _ in range(8):
+        if is_zero_number(node):
+            return True
+        if not isinstance(node, fx.Node):
+            return False
+        if node.op == "get_attr":
+            if _is_state(graph_module, str(node.target)):
+                return False
+            value = graph_module
+            for part in str(node.target).split("."):
+                value = getattr(value, part, None)
+            return isinstance(value, torch.Tensor) and not value.is_meta and not bool(value.any())
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            return False
+        base = node.target.__name__.split(".")[0]
+        if base in ZERO_FACTORIES:
+            index = ZERO_FACTORIES[base]
+            return index is None or (len(node.args) > index and is_zero_number(node.args[index]))
+        if base not in VALUE_COPIES or not node.args:
+            return False
+        node = node.args[0]
+    return False
+
+
+def _is_state(graph_module: fx.GraphModule, target: str) -> bool:
+    """Whether `target` names a parameter or buffer of the module (not a constant lifted from the code)."""
+    owner, _, leaf = target.rpartition(".")
+    try:
+        module = graph_module.get_submodule(owner) if owner else graph_module
+    except AttributeError:
+        return False
+    return leaf in module._parameters or leaf in module._buffers
+
+
+def _example(node: object) -> torch.Tensor | None:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+SPELLED_RELU = "deadrelu_spelled_relu"  # node.meta key of a clamp written from a maximum or a select
+
+
+def recompose_spelled_relus(graph_module: fx.GraphModule) -> None:
+    """Write `maximum(x, zeros)` / `max(x, zeros)` (zeros that do not widen x) as `clamp_min(x, 0)` and
+    `where(x > 0, x, 0)` as `threshold(x, 0, 0)`: the same values, NaN included, and so ReLU sites as
+    the clamps are (probe.ops: a ReLU spelled with a maximum), as the eager probe and TorchScript count them."""
+    graph = graph_module.graph
+    aten = torch.ops.aten
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        base, overload = node.target.__name__.split(".")[0], node.target._overloadname
+        if base in MAXIMA and overload in ("default", "other") and len(node.args) == 2 and not node.kwargs:
+            data = [a for a in node.args if not _is_zeros(a, graph_module)]
+            zeros = [a for a in node.args if a not in data]
+            if len(data) != 1 or len(zeros) != 1:
+                continue
+            x, replacement = data[0], (aten.clamp_min.default, (data[0], 0.0))
+            zero_value = _example(zeros[0])
+            if zero_value is None:
+                continue
+            zero_shape = tuple(zero_value.shape)
+        elif base == "where" and len(node.args) == 3 and not node.kwargs:
+            cond, x, other = node.args
+            if not (
+                isinstance(cond, fx.Node)
+                and cond.op == "call_function"
+                and cond.target in (aten.gt.Scalar, aten.gt.Tensor)
+                and len(cond.args) == 2
+                and cond.args[0] is x
+                and _is_zeros(cond.args[1], graph_module)
+                and _is_zeros(other, graph_module)
+            ):
+                continue
+            replacement = (aten.threshold.default, (x, 0.0, 0.0))
+            zero_shape = tuple(_example(other).shape) if _example(other) is not None else ()
+        else:
+            continue
+        x_value, out = _example(x), _example(node)
+        if (
+            x_value is None
+            or out is None
+            or not x_value.is_floating_point()
+            or out.dtype != x_value.dtype
+            or tuple(out.shape) != tuple(x_value.shape)
+            or not zeros_fit(x_value.shape, zero_shape)
+        ):
+            continue  # widened by the zeros or promoted to another type: not x's values clamped
+        node.target, node.args = replacement
+        node.meta[SPELLED_RELU] = True  # a site only from a layer (exported.find_sites)
+        changed = True
+    if changed:
+        graph.eliminate_dead_code()
+        graph_module.recompile()
+
+
 def prepare_graph(graph_module: fx.GraphModule) -> None:
     """The rewrites before a graph's sites are found (the scan, `inspect` and `fix` alike)."""
     decompose_rnn_cells(graph_module)
     recompose_thresholds(graph_module)
+    recompose_spelled_relus(graph_module)
 
 
 def _graph_sites(graph_module: fx.GraphModule, ops: tuple[str, ...]) -> Counter:

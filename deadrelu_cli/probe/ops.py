@@ -134,6 +134,29 @@ def clamp_is_layer(shape, unit_axis: int | None, from_layer: bool) -> bool:
     return not isinstance(size, int) or size > 1  # a symbolic size: not known to be one
 
 
+# A ReLU spelled `maximum(x, Z)` / `max(x, Z)` (Z: zeros that do not widen x, made by the code: zeros /
+# zeros_like / new_zeros / full(…, 0) / tensor(0.), or that constant lifted by an export or a trace; a
+# parameter or buffer is no Z, zeros or not: its values are the checkpoint's) or `where(x > 0, x, 0)`
+# computes the values of `clamp_min(x, 0)` and of `threshold(x, 0, 0)`
+# (NaN included). It is a ReLU site when x comes from a layer (a Linear/Conv/norm, through elementwise and
+# layout ops, as ONNX's `Max(x, 0)`, probe.onnx_graph.max_relu_input): a maximum of a reduction (an
+# observer's running min/max, a variance, a softmax's max) is no layer, and takes no number in the names.
+# Eager: the mode (probe.eager); .pt2: written as that clamp (probe.hidden.recompose_spelled_relus) and
+# kept by find_sites; TorchScript: the static walk and the run-time dispatch (probe.torchscript).
+# `maximum(x, y)` of two computed tensors, or `x * (x > 0)`, is no site.
+def zeros_fit(x_shape, zeros_shape) -> bool:
+    """Whether zeros of `zeros_shape` broadcast against x (of `x_shape`) without widening it: the result of
+    maximum(x, zeros) has x's shape (torch.maximum(x, torch.zeros(C)) of x [B, C], or a 0-d zero)."""
+    x_shape, zeros_shape = tuple(x_shape), tuple(zeros_shape)
+    if len(zeros_shape) > len(x_shape):
+        return False
+    return all(z == 1 or z == d for z, d in zip(zeros_shape[::-1], x_shape[::-1], strict=False))
+
+
+def is_zero_number(value: object) -> bool:
+    return _is_number(value) and float(value) == 0.0
+
+
 def is_clamp_op(overload_name: str) -> bool:
     """Whether an aten op name ('aten::clamp_min', 'aten.threshold_.default') is a clamp / threshold."""
     base = overload_name.replace("aten::", "").replace("aten.", "").split(".")[0].rstrip("_")
@@ -200,6 +223,16 @@ def no_sites_note(what: str, found: Counter) -> str:
     return (
         f"{what}; its activations: {listed} ({', '.join(smooth)}: smooth activations are never exactly 0 "
         "with zero gradient, so no dead units in the ReLU sense" + (f"; {hint})" if hint else ")")
+    )
+
+
+def axis_guess_note(names: list[str], producers: str) -> str:
+    """The note for rank-3 sites whose units were put on the last axis with no producer (one of
+    `producers`) to say where they are: [N, C, T] and [N, T, C] look alike. Torch and ONNX scans alike."""
+    shown = ", ".join(names[:4]) + (f", … ({len(names)} in all)" if len(names) > 4 else "")
+    return (
+        f"unit axis assumed last ([N, T, C]) for {shown}: no {producers} found before the activation says "
+        "where its units are; if they are [N, C, T], scan again with --channel-dim 1"
     )
 
 

@@ -16,13 +16,24 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, LAST_DIM, LAYOUT, PASS_THROUGH, aten_base
+from deadrelu_cli.probe.aten_ops import (
+    CHANNEL_FIRST,
+    FAKE_QUANT,
+    LAST_DIM,
+    LAYOUT,
+    MAXIMA,
+    PASS_THROUGH,
+    VALUE_COPIES,
+    ZERO_FACTORIES,
+    aten_base,
+)
 from deadrelu_cli.probe.base import (
     SQUEEZES,
     ProbeSettings,
     SiteRegistry,
     call_and_record,
     infer_channel_dim,
+    keeps_dtype,
     relaid_channel_first,
     static_site_hooks,
 )
@@ -37,6 +48,8 @@ from deadrelu_cli.probe.ops import (
     is_activation_module_type,
     is_clamp_op,
     is_scalar_value,
+    is_zero_number,
+    zeros_fit,
 )
 
 _FUNCTIONS = {
@@ -87,6 +100,7 @@ class _Walker:
         self.namer = SiteNamer()
         self.sites: list[StaticSite] = []
         self.hidden: Counter = Counter()  # activations inside fused kernels (probe.hidden labels)
+        self._units: int | None = None  # the units of the producer `_producer` found last
         self._calls: list[tuple[object, object]] = []  # (CallMethod node, caller module)
 
     def walk_method(self, module, method: str, call=None) -> None:
@@ -162,9 +176,56 @@ class _Walker:
             elif kind.startswith("aten::"):
                 args = tuple(self._value(env, v) for v in node.inputs())
                 self._note_hidden(module, kind, args)
+                spelled = self._spelled_relu(env, node)
+                if spelled is not None and "relu" in self.ops:  # maximum(x, zeros), where(x > 0, x, 0)
+                    self._add(module, node, "relu", False, clamp=True, pre=spelled)
                 kind_op = aten_op_kind(kind, args)
                 if kind_op is not None and kind_op[0] in self.ops:
                     self._add(module, node, kind_op[0], kind_op[1], clamp=is_clamp_op(kind))
+
+    def _zeros(self, env: dict, value) -> bool:
+        """Whether a value is zeros in every run: a constant 0 or tensor of zeros in the code, or what a
+        zero factory makes, through copies (probe.ops: a ReLU spelled with a maximum). An attribute (a
+        parameter or buffer) is none: its values are the checkpoint's, as in eager."""
+        for _ in range(8):
+            node = value.node()
+            kind = node.kind()
+            if kind == "prim::Constant":
+                found = self._value(env, value)
+                if isinstance(found, torch.Tensor):
+                    return not found.is_meta and not bool(found.any())
+                return is_zero_number(found)
+            base = aten_base(kind)
+            inputs = list(node.inputs())
+            if base in ZERO_FACTORIES:
+                index = ZERO_FACTORIES[base]
+                return index is None or (
+                    len(inputs) > index and is_zero_number(self._value(env, inputs[index]))
+                )
+            if base not in VALUE_COPIES or not inputs:
+                return False
+            value = inputs[0]
+        return False
+
+    def _spelled_relu(self, env: dict, node):
+        """The x of `maximum(x, zeros)` / `max(x, zeros)` / `where(x > 0, x, 0)`, else None; whether the
+        zeros widen x is known at run time only (`TorchScriptProbe.on_spelled`)."""
+        base = aten_base(node.kind())
+        inputs = list(node.inputs())
+        if base in MAXIMA and len(inputs) == 2 and all(str(v.type()) == "Tensor" for v in inputs):
+            data = [v for v in inputs if not self._zeros(env, v)]
+            return data[0] if len(data) == 1 else None
+        if base == "where" and len(inputs) == 3:
+            cond, x, other = inputs
+            compare = cond.node()
+            if (
+                compare.kind() == "aten::gt"
+                and compare.inputsAt(0).unique() == x.unique()
+                and self._zeros(env, compare.inputsAt(1))
+                and self._zeros(env, other)
+            ):
+                return x
+        return None
 
     def _note_hidden(self, module, kind: str, args: tuple) -> None:
         """A fused kernel with a ReLU inside (an RNN, the transformer encoder's fast path, an int8 op)."""
@@ -184,25 +245,33 @@ class _Walker:
             if op in self.ops:
                 self.hidden[hidden_label(path, "transformer encoder fast path", op)] += 1
 
-    def _add(self, module, node, op: str, in_place: bool, clamp: bool = False) -> None:
+    def _add(self, module, node, op: str, in_place: bool, clamp: bool = False, pre=None) -> None:
         if op not in self.ops:
             return
         path = self.paths.get(id(module), "")
         qualified = _type_name(module)
         is_activation = is_activation_module_type(qualified)
-        name = self.namer.name(path, op, is_activation)
         caller = self._calls[-1] if self._calls else None
         if is_activation and caller is not None:
             # The pre-activation is the module's argument: trace it in the caller's graph.
             channel_first, producer = self._producer(caller[0].inputsAt(1), caller[1])
         else:
             value = node.inputsAt(1) if node.kind() == "prim::CallFunction" else node.inputsAt(0)
-            channel_first, producer = self._producer(value, module)
+            channel_first, producer = self._producer(value if pre is None else pre, module)
+        if pre is not None and channel_first is None:
+            return  # maximum(x, 0) of no layer's output (a reduction): an ordinary op, unnumbered
+        name = self.namer.name(path, op, is_activation)
         module_type = qualified.rsplit(".", 1)[-1] if is_activation else "functional"
-        self.sites.append(StaticSite(name, op, in_place, module_type, channel_first, producer, clamp))
+        units = self._units if pre is not None else None
+        site = StaticSite(
+            name, op, in_place, module_type, channel_first, producer, clamp, pre is not None, units
+        )
+        self.sites.append(site)
 
     def _producer(self, value, module) -> tuple[bool | None, str | None]:
-        """Same rule as the FX probe: the unit axis follows elementwise ops, the bias only scalar ones."""
+        """Same rule as the FX probe: the unit axis follows elementwise ops, the bias only scalar ones.
+        `self._units`: the producer module's units, when one was found."""
+        self._units = None
         keep_producer = True
         layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
         for _ in range(32):
@@ -228,6 +297,9 @@ class _Walker:
                 keep_producer = False  # the producer's bias no longer sits before the activation alone
                 value = src.inputsAt(0)
                 continue
+            if base in FAKE_QUANT:  # QAT's fake quant (traced): the units and the producer stay
+                value = src.inputsAt(0)
+                continue
             if kind == "prim::CallMethod":
                 owner = src.inputsAt(0)
                 target = None
@@ -236,11 +308,19 @@ class _Walker:
                     target = getattr(module, getattr_node.s("name"))
                 if target is None:
                     return None, None
-                type_name = _type_name(target).rsplit(".", 1)[-1]
+                qualified = _type_name(target)
+                type_name = qualified.rsplit(".", 1)[-1]
+                if qualified.startswith("torch.ao.quantization") and "FakeQuantize" in type_name:
+                    value = src.inputsAt(1)  # a FakeQuantize module (scripted): look through, as eager
+                    continue
+                base_layer = _lora_base(target, qualified)
+                if base_layer is not None:  # a PEFT LoRA layer: its base layer makes the units
+                    target, type_name = base_layer, _type_name(base_layer).rsplit(".", 1)[-1]
                 makes_units = type_name in _PRODUCER_MODULES or (
                     type_name in _NORM_PRODUCER_MODULES and getattr(target, "bias", None) is not None
                 )
                 producer = self.paths.get(id(target)) if makes_units and keep_producer else None
+                self._units = _module_units(target, type_name)
                 if type_name in _CHANNEL_FIRST_MODULES:
                     channel_first = True
                 elif type_name in ("Linear", "LayerNorm", "Embedding"):
@@ -270,6 +350,30 @@ def script_sites(script_module, ops: tuple[str, ...]) -> list[StaticSite] | None
     return walker.sites
 
 
+def _module_units(module, type_name: str) -> int | None:
+    """The units a Linear / Conv / norm module makes (its weight's rows, or its per-unit vector)."""
+    if type_name.startswith("ConvTranspose"):
+        return None
+    for name in ("weight", "running_mean"):
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1:
+            return int(tensor.shape[0] if tensor.dim() >= 2 else tensor.shape[-1])
+    return None
+
+
+def _lora_base(module, qualified: str):
+    """The base layer (a Linear / Conv) of a PEFT LoRA layer, whose bias still adds to each unit of its
+    output; None for any other module, and for DoRA (which rescales the base output per unit)."""
+    if not qualified.startswith("peft.tuners.lora"):
+        return None
+    base = getattr(module, "base_layer", None)
+    magnitude = getattr(module, "lora_magnitude_vector", None)
+    if base is None or (magnitude is not None and any(True for _ in magnitude.children())):
+        return None
+    name = _type_name(base).rsplit(".", 1)[-1]
+    return base if name == "Linear" or name.startswith("Conv") else None
+
+
 # output rank of the convolutions by module type and aten name (the graph's types often carry none)
 _CONV_RANKS = {
     **{f"{kind}{n}d": n + 2 for kind in ("Conv", "ConvTranspose") for n in (1, 2, 3)},
@@ -293,6 +397,9 @@ def _constant_dims(node, base: str) -> tuple | None:
     return None if None in dims else tuple(int(d) for d in dims)
 
 
+_SPELLED_OPS = MAXIMA | {"where"}
+
+
 class _OrderedDispatch(TorchDispatchMode):
     def __init__(self, probe: TorchScriptProbe) -> None:
         super().__init__()
@@ -301,6 +408,12 @@ class _OrderedDispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         kind = aten_op_kind(func.name(), tuple(args))
+        if (
+            kind is None
+            and aten_base(func.name()).split(".")[0] in _SPELLED_OPS
+            and self.probe.spelled_next()
+        ):
+            return self.probe.on_spelled(func, args, kwargs)
         if kind is None and args and is_clamp_op(func.name()) and is_scalar_value(args[0]):
             kind = aten_op_kind(func.name(), (None, *args[1:]))  # a 0-d clamp: on_activation drops it
         if kind is None or kind[0] not in self.probe.settings.ops:
@@ -326,6 +439,47 @@ class TorchScriptProbe:
         for site in self.sites:
             self.registry.declare(site.name, site.op, site.module_type, site.producer)
         self._position = 0
+
+    def spelled_next(self) -> bool:
+        """Whether the next site of the code is a ReLU spelled with a maximum or a select."""
+        return self._position < len(self.sites) and self.sites[self._position].spelled
+
+    def _fits_next(self, x: torch.Tensor) -> bool:
+        """Whether x has the units of the next site's producer (when the walk found one): a maximum of
+        another tensor run before that site (a variance's with zeros) is not taken for it."""
+        site = self.sites[self._position]
+        if site.units is None or x.dim() < 2:
+            return True
+        axis = infer_channel_dim(x.dim(), site.channel_first)
+        return x.shape[axis] == site.units
+
+    def on_spelled(self, func, args: tuple, kwargs: dict):
+        """A maximum or select run where the code's next site is one: that site when it clamps x at 0 here
+        (its zeros are zeros, its mask is x > 0, and the zeros do not widen x), else an ordinary op (a
+        maximum the static walk did not list, or one whose zeros widen x: the count check at the end
+        of the forward then says so)."""
+        given = list(args)
+        if aten_base(func.name()).startswith("where"):
+            if len(given) != 3 or kwargs:
+                return func(*args, **kwargs)
+            cond, x, zeros = given
+            if not isinstance(x, torch.Tensor) or not torch.equal(cond, x > 0):
+                return func(*args, **kwargs)
+        else:
+            if len(given) != 2 or kwargs or not all(isinstance(a, torch.Tensor) for a in given):
+                return func(*args, **kwargs)
+            x, zeros = given if not given[1].any() else given[::-1]
+        if isinstance(zeros, torch.Tensor):
+            fits = not zeros.any() and zeros_fit(x.shape, zeros.shape)
+        else:
+            fits = is_zero_number(zeros)
+        if not fits or not x.is_floating_point() or not keeps_dtype(x, zeros) or not self._fits_next(x):
+            return func(*args, **kwargs)
+
+        def spelled(_x):
+            return func(*args, **kwargs)
+
+        return self.on_activation(spelled, (x,), {}, "relu", False)
 
     def on_activation(self, func, args, kwargs, op: str, in_place: bool):
         if self._position >= len(self.sites) or self.sites[self._position].op != op:

@@ -6,6 +6,7 @@ Both name tensors by their dotted parameter/buffer names, which an nn.Module and
   fed a BatchNorm (`probe.upstream`) and which modules read the activation (`probe.consumers`);
 - exported: the producer (a linear/conv node, optionally followed by batch_norm) and the one
   linear/conv reading the activation are found in the ATen graph; their get_attr targets are the names.
+  A decomposed Linear (`addmm(bias, rows, weight.T)` / `mm(rows, weight.T)`, viewed back) is one too.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from deadrelu_cli.probe.aten_ops import BATCH_NORM_OPS, LINEAR_OR_CONV_OPS, UNIT_PRESERVING
+from deadrelu_cli.probe.aten_ops import BATCH_NORM_OPS, LINEAR_OR_CONV_OPS, UNIT_PRESERVING, VIEWS
 from deadrelu_cli.probe.base import pools_over_space
 from deadrelu_cli.probe.eager import EagerProbe
-from deadrelu_cli.probe.exported import op_base
+from deadrelu_cli.probe.exported import keeps_last_axis, op_base
 from deadrelu_cli.wiring.model import BatchNormRef, TensorRef, UnitWiring
 
 LINEAR_OR_CONV = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -205,6 +206,29 @@ def _attr_target(arg) -> str | None:
     return str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
 
 
+def _weight_and_bias(node: fx.Node, rows: object = None) -> tuple[object, object] | None:
+    """(weight, bias) arguments of a linear/conv node, or of a decomposed Linear — `addmm(bias, rows,
+    permute(weight))` / `mm(rows, permute(weight))`, whose weight is stored [out, in] as the Linear's —
+    or None for any other node (or one whose rows are not `rows`, when given)."""
+    base = _base(node)
+    if base in LINEAR_OR_CONV_OPS:
+        if rows is not None and node.args[0] is not rows:
+            return None
+        return node.args[1] if len(node.args) > 1 else None, node.args[2] if len(node.args) > 2 else None
+    if base not in ("addmm", "mm") or node.kwargs:  # beta / alpha scale the terms: no plain Linear
+        return None
+    operand, weight, bias = (
+        (node.args[1], node.args[2], node.args[0]) if base == "addmm" else (*node.args[:2], None)
+    )
+    if rows is not None and operand is not rows:
+        return None
+    if not (isinstance(weight, fx.Node) and _base(weight) in ("permute", "t") and len(weight.users) == 1):
+        return None
+    if _base(weight) == "permute" and list(weight.args[1]) != [1, 0]:
+        return None
+    return weight.args[0], bias
+
+
 def _groups(node: fx.Node) -> int:
     return int(node.args[6]) if _base(node) != "linear" and len(node.args) > 6 else 1
 
@@ -235,21 +259,42 @@ def _module_path(node: fx.Node) -> str:
 
 
 def exported_wiring(
-    graph_module: fx.GraphModule, node: fx.Node, need_consumer: bool = True, to_write: bool = False
+    graph_module: fx.GraphModule,
+    node: fx.Node,
+    need_consumer: bool = True,
+    to_write: bool = False,
+    narrowing: bool = False,
 ) -> UnitWiring | str:
     """The UnitWiring of the activation `node` of a program's module, or why it must be skipped
-    (`to_write`: also when a tensor a fix would rewrite is tied to another layer)."""
+    (`to_write`: also when a tensor a fix would rewrite is tied to another layer; `narrowing`: also when
+    a decomposed Linear's views write its width into the graph, which prune cannot change)."""
     pre = node.args[0] if node.args else None
     bn = None
     if isinstance(pre, fx.Node) and _base(pre) in BATCH_NORM_OPS and len(pre.users) == 1:
         bn, pre = pre, pre.args[0]
-    if not isinstance(pre, fx.Node) or _base(pre) not in LINEAR_OR_CONV_OPS or len(pre.users) != 1:
+    if (  # a decomposed Linear: addmm / mm on [B*T, F] rows, viewed back to [B, T, F]
+        bn is None
+        and isinstance(pre, fx.Node)
+        and _base(pre) in VIEWS
+        and len(pre.users) == 1
+        and isinstance(pre.args[0], fx.Node)
+        and _base(pre.args[0]) in ("addmm", "mm")
+        and keeps_last_axis(pre)
+    ):
+        pre = pre.args[0]
+    parts = _weight_and_bias(pre) if isinstance(pre, fx.Node) else None
+    if narrowing and parts is not None and _base(pre) in ("addmm", "mm"):
+        return (
+            "skipped: a decomposed Linear (addmm / mm viewed back to a fixed width) cannot be narrowed; "
+            "prune the program as exported (before run_decompositions), or use reinit / bias-shift"
+        )
+    if parts is None or len(pre.users) != 1:
         return "skipped: not produced by one linear/conv (or batch_norm after one) in the graph"
-    weight_name = _attr_target(pre.args[1])
-    bias_name = _attr_target(pre.args[2]) if len(pre.args) > 2 else None
+    weight_name = _attr_target(parts[0])
+    bias_name = _attr_target(parts[1])
     if weight_name is None or _groups(pre) != 1:
         return f"skipped: producer {weight_name or pre.name} is not a plain linear/conv with its own weight"
-    tied = to_write and _tied(pre.args[1:3] + (tuple(bn.args[1:5]) if bn is not None else ()))
+    tied = to_write and _tied(parts + (tuple(bn.args[1:5]) if bn is not None else ()))
     if tied:
         return tied
     owner = weight_name.rsplit(".", 1)[0]
@@ -283,13 +328,14 @@ def exported_wiring(
         ):
             current = user
             continue
-        consumer_weight = _attr_target(user.args[1]) if len(user.args) > 1 else None
-        if _base(user) not in LINEAR_OR_CONV_OPS or user.args[0] is not current or consumer_weight is None:
+        consumer_parts = _weight_and_bias(user, rows=current)
+        consumer_weight = _attr_target(consumer_parts[0]) if consumer_parts is not None else None
+        if consumer_weight is None:
             return f"skipped: its output goes to {user.name} (e.g. a residual add), not to a linear/conv"
         if _groups(user) != 1:
             return f"skipped: consumer {consumer_weight} is a grouped convolution"
-        if to_write and _tied((user.args[1],)):
-            return _tied((user.args[1],))
+        if to_write and _tied(consumer_parts[:1]):
+            return _tied(consumer_parts[:1])
         wiring.consumer = consumer_weight.rsplit(".", 1)[0]
         wiring.consumer_weight = TensorRef(consumer_weight, 1)
         wiring.readers = (wiring.consumer,)

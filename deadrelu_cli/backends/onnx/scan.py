@@ -26,6 +26,7 @@ from deadrelu_cli.inputs import (
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions, reread_verified
 from deadrelu_cli.loaders.onnx_model import release_weights
 from deadrelu_cli.probe.onnx_graph import MASK_INPUT, OnnxSite, find_sites
+from deadrelu_cli.probe.ops import axis_guess_note
 from deadrelu_cli.stats import LayerStats
 
 _shared_arena: bool | None = None  # whether this process registered its CPU arena with onnxruntime
@@ -732,11 +733,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         and options.channel_dim is None
     ]
     if guessed:  # [N, C, T] and [N, T, C] look alike: say which one was assumed
-        shown = ", ".join(guessed[:4]) + (f", … ({len(guessed)} in all)" if len(guessed) > 4 else "")
-        loaded.notes.append(
-            f"unit axis assumed last ([N, T, C]) for {shown}: no Conv/Gemm/MatMul/BatchNorm found before "
-            "the activation says where its units are; if they are [N, C, T], scan again with --channel-dim 1"
-        )
+        loaded.notes.append(axis_guess_note(guessed, "Conv/Gemm/MatMul/BatchNorm"))
     masked = mask is not None and any(site.token_layout for site in sites)
     switch = _OutputMaxSwitch(loaded, sites, options, device)
     started = time.perf_counter()

@@ -470,7 +470,9 @@ def _reweight_exported(
     wanted = {plan.name for plan in plans}
     need_consumer = options.strategy != "kick"
     wirings = {
-        site.name: exported_wiring(graph_module, node, need_consumer, to_write=True)
+        site.name: exported_wiring(
+            graph_module, node, need_consumer, to_write=True, narrowing=options.strategy == "prune"
+        )
         for node, site in find_sites(graph_module.graph, scan_options.ops)
         if site.name in wanted
     }

@@ -51,6 +51,7 @@ from deadrelu_cli.inputs import (
 )
 from deadrelu_cli.loaders.model import LoadedModel
 from deadrelu_cli.options import ScanOptions
+from deadrelu_cli.probe.ops import axis_guess_note
 from deadrelu_cli.wiring.model import is_last_axis_vector
 
 
@@ -344,6 +345,11 @@ def scan_torch(
             if options.progress:
                 options.progress(done, total)
     layers = probe.registry.layer_stats()
+    guessed = [layer.name for layer in layers if layer.name in probe.registry.axis_guesses]
+    if guessed:  # [N, C, T] and [N, T, C] look alike: say which one was assumed
+        note = axis_guess_note(guessed, "Linear/Conv/BatchNorm/LayerNorm")
+        if note not in model.notes:
+            model.notes.append(note)
     attach_biases(model, layers)
     check_sample_axis(layers, data, order, done, forwards, mask is not None)
     hidden = dict(getattr(probe, "hidden", {}))
