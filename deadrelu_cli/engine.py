@@ -11,6 +11,7 @@ from deadrelu_cli.backends import backend_for, backend_of
 from deadrelu_cli.calibration import CalibrationData, open_calibration
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import LAYOUT_AMBIGUOUS
+from deadrelu_cli.inputs import GROUPED_INPUTS, dict_groups
 from deadrelu_cli.loaders import LoadedModel, LoadOptions, load_model
 from deadrelu_cli.options import ScanOptions
 from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings
@@ -176,6 +177,8 @@ def certify_model(model: LoadedModel, options: ScanOptions, data: CalibrationDat
 
     if data is not None:
         order = backend_of(model).input_order(model, data)
+        if dict_groups(model, order):
+            raise UserError(GROUPED_INPUTS.format(option="--certify"))
         by_name = {s.name: s for s in data.sources}
         shapes = [tuple(by_name[name].shape[1:]) for name in order]
     elif options.input_shape:

@@ -61,6 +61,12 @@ def mismatch(data: CalibrationData, model: LoadedModel, what: str) -> UserError:
     )
 
 
+GROUPED_INPUTS = (
+    "{option} traces the model with one tensor per input, and this one takes its inputs as one tuple or "
+    "dict (the data's INPUT.KEY arrays); scan without {option}"
+)
+
+
 def dict_groups(model: LoadedModel, order: list[str]) -> dict[str, list[tuple[str, int]]] | None:
     """For a torch forward() that takes dicts: arrays named INPUT.KEY (batch.image, batch.meta) grouped
     by input, each as (key, position in `order`); None when the arrays are not named so."""

@@ -419,7 +419,9 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
             wire.bias, wire.bias_reshaped = chain[-1], len(chain) > 1
             if any(uses(index, name) != 1 for name in chain):
                 wire.weight, wire.why = None, "skipped: its weights are shared with other nodes"
-    elif node.op_type == "Conv" and attr(node, "group", 1) == 1:
+    elif node.op_type == "Conv" and attr(node, "group", 1) != 1:
+        wire.why = f"skipped: producer {display_name(node)} is a grouped convolution (group={attr(node, 'group', 1)})"
+    elif node.op_type == "Conv":
         if stored_array(index, node.input[1]) is not None:
             wire.owner = display_name(node)
             wire.weight = TensorRef(node.input[1], 0)
@@ -511,6 +513,7 @@ def _outgoing(
     reads the units on the axis it takes its input features from."""
     name = output_name
     axis, rank = unit_axis if unit_axis is not None else (None, None)
+    consumer = None
     for _ in range(8):
         consumers = index.consumers.get(name, [])
         if len(consumers) != 1 or name in graph_outputs:
@@ -557,7 +560,9 @@ def _outgoing(
             features = {"Conv": 1, "Gemm": 1 if rank == 2 else None, "MatMul": rank - 1}.get(op)
             if features != axis:
                 break
-        if consumer.op_type == "Conv" and attr(consumer, "group", 1) == 1:
+        if consumer.op_type == "Conv" and attr(consumer, "group", 1) != 1:
+            return f"skipped: consumer {display_name(consumer)} is a grouped convolution (group={attr(consumer, 'group', 1)})"
+        if consumer.op_type == "Conv":
             wire.consumer_weight = TensorRef(weight, 1)
         elif consumer.op_type == "Gemm" and not attr(consumer, "transA", 0):
             wire.consumer_weight = TensorRef(weight, 1 if attr(consumer, "transB", 0) else 0)
@@ -567,7 +572,8 @@ def _outgoing(
             wire.consumer = display_name(consumer)
             return ""
         break
-    return "skipped: its output does not go to exactly one Conv/Gemm/MatMul with stored weights"
+    where = f" (it reaches {consumer.op_type} {display_name(consumer)})" if consumer is not None else ""
+    return f"skipped: its output does not go to exactly one Conv/Gemm/MatMul with stored weights{where}"
 
 
 def unit_wiring(
@@ -599,8 +605,11 @@ def unit_wiring(
             "moves its B) or leaky patch in ONNX"
         )
     elif wire.weight is None:
+        node = index.producer.get(value_source(index, input_name))
+        made = f" (it is made by {node.op_type} {display_name(node)})" if node is not None else ""
         wire.why = (
             "skipped: not produced by a Conv, Gemm, MatMul+bias or BatchNormalization with stored weights"
+            + made
         )
     else:
         wire.why = consumer_why

@@ -61,13 +61,20 @@ def _pool(node, x: Interval) -> Interval:
     kernel = attr(node, "kernel_shape")
     strides = attr(node, "strides", [1] * spatial)
     pads = attr(node, "pads", [0] * (2 * spatial))
+    dilations = attr(node, "dilations", [1] * spatial)
+    if op == "MaxPool" and list(pads[:spatial]) != list(pads[spatial:]) and not attr(node, "ceil_mode", 0):
+        # pads [0, 0, 1, 1] (Caffe's ceil-mode pools as the model zoo's AlexNet writes them): pad with
+        # -inf, which no max takes, then pool without padding (max is monotone: bounds map to bounds)
+        flat = []
+        for begin, end in zip(reversed(pads[:spatial]), reversed(pads[spatial:]), strict=True):
+            flat += [begin, end]
+        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
+        return x.map(lambda t: pool(F.pad(t, flat, value=-torch.inf), kernel, strides, 0, dilations))
     if list(pads[:spatial]) != list(pads[spatial:]) or attr(node, "ceil_mode", 0):
         raise Unsupported(f"{op} with asymmetric pads or ceil_mode")
     if op == "MaxPool":
         pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
-        return x.map(
-            lambda t: pool(t, kernel, strides, list(pads[:spatial]), attr(node, "dilations", [1] * spatial))
-        )
+        return x.map(lambda t: pool(t, kernel, strides, list(pads[:spatial]), dilations))
     pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
     include = bool(attr(node, "count_include_pad", 0))
     return x.map(lambda t: pool(t, kernel, strides, list(pads[:spatial]), count_include_pad=include))
@@ -141,6 +148,14 @@ def _node_interval(node, values: list, index: GraphIndex):
         ends = [(t * alpha + beta).clamp(0, 1) for t in (x.lo, x.hi)]
         gate = Interval(torch.minimum(*ends), torch.maximum(*ends))  # alpha < 0 reverses the order
         return gate if op == "HardSigmoid" else product(x, gate)
+    if op == "LRN":
+        # y = x / (bias + alpha/size * sum of x^2 over neighbouring channels)^beta: the sign of x, and
+        # the denominator is at least bias^beta, so |y| <= |x| / bias^beta (AlexNet, GoogLeNet, ZFNet)
+        bias, beta, alpha = attr(node, "bias", 1.0), attr(node, "beta", 0.75), attr(node, "alpha", 1e-4)
+        if bias <= 0 or beta < 0 or alpha < 0:
+            raise Unsupported(f"LRN with bias {bias}, alpha {alpha}, beta {beta}")
+        floor = float(bias) ** float(beta)
+        return Interval(x.lo.clamp(max=0) / floor, x.hi.clamp(min=0) / floor)
     if op == "LeakyRelu":
         alpha = attr(node, "alpha", 0.01)
         return x.map(lambda t: F.leaky_relu(t, alpha))

@@ -35,6 +35,22 @@ def _get(model: onnx.ModelProto, name: str) -> np.ndarray:
     return numpy_helper.to_array(GraphIndex(model.graph).stored_tensor(name)).copy()
 
 
+def _declare_stored_shapes(model: onnx.ModelProto) -> None:
+    """A graph input that names an initializer (every weight of an IR 3 file, e.g. the old model zoo's
+    AlexNet/ResNet exports: inputs were their defaults) declares its shape: after prune narrowed the
+    weight, the declaration must follow it, or onnxruntime refuses the written file."""
+    stored = {tensor.name: tensor for tensor in model.graph.initializer}
+    for value in model.graph.input:
+        tensor = stored.get(value.name)
+        if tensor is None or not value.type.HasField("tensor_type"):
+            continue
+        shape = value.type.tensor_type.shape
+        if [d.dim_value for d in shape.dim] != list(tensor.dims):
+            del shape.dim[:]
+            for size in tensor.dims:
+                shape.dim.add().dim_value = size
+
+
 def _parameter_count(model: onnx.ModelProto) -> int:
     stored = list(model.graph.initializer) + [
         attr.t
@@ -199,6 +215,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
     strip_nchwc_copies(model)  # the scan's NCHW copies of blocked convolutions: not part of the model
     if options.strategy == "prune":
         del model.graph.value_info[:]  # shapes changed: let shape inference redo them
+        _declare_stored_shapes(model)
     result.params_before, result.params_after = _parameter_count(original), _parameter_count(model)
     shapes = sample_shapes(scanned, scan_options)
     result.flops_before, result.flops_after = onnx_macs(original, shapes), onnx_macs(model, shapes)
@@ -206,7 +223,10 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
         write_bytes(temp, model.SerializeToString())
 
     def patched_runner():
-        return runner_for(load_model(LoadOptions(str(temp))), scanned.data, scanned.device)
+        try:
+            return runner_for(load_model(LoadOptions(str(temp))), scanned.data, scanned.device)
+        except UserError as exc:  # the file loaded before the fix: what fails now is the patch (exit 3)
+            raise RuntimeError(f"the patched model does not load ({exc}); nothing was written") from exc
 
     return runner_for(scanned.model, scanned.data, scanned.device), patched_runner, outcomes
 
@@ -251,9 +271,16 @@ class _SitePass:
         self.scanned, self.sites, self.options = scanned, sites, scan_options
         self.threshold = float(scan_options.threshold)
 
-    def values(self, model: onnx.ModelProto, units: dict[str, list[int] | None], limit: int | None = None):
+    def values(
+        self,
+        model: onnx.ModelProto,
+        units: dict[str, list[int] | None],
+        limit: int | None = None,
+        outputs: list | None = None,
+    ):
         """Per site name, its values [values, units] (`units`: the units to keep; None: every unit), as
-        float64, and the machine epsilon of the site's own dtype."""
+        float64, and the machine epsilon of the site's own dtype. `outputs`: a list that receives the
+        model's own outputs of every batch."""
         from deadrelu_cli.backends.onnx.scan import as_input, feed_order, make_session
         from deadrelu_cli.inputs import batch_mask, mask_lengths, resolve_mask, square_free_batch_size
         from deadrelu_cli.wiring.onnx_index import opset_version
@@ -261,7 +288,8 @@ class _SitePass:
         scanned, options = self.scanned, self.options
         exposed = onnx.ModelProto()
         exposed.CopyFrom(model)
-        del exposed.graph.output[:]
+        own = len(exposed.graph.output) if outputs is not None else 0
+        del exposed.graph.output[own:]
         index = GraphIndex(exposed.graph)
         names = list(units)
         for name in names:
@@ -287,7 +315,9 @@ class _SitePass:
         for batch in scanned.data.batches(size, limit, options.allow_nonfinite):
             outs = session.run(None, {i: as_input(batch[a], dtypes.get(i), i) for i, a in order.items()})
             keep = batch_mask(mask, batch) if mask is not None else None
-            for name, out in zip(names, outs, strict=True):
+            if outputs is not None:
+                outputs.extend(outs[:own])
+            for name, out in zip(names, outs[own:], strict=True):
                 dim = site_channel_dim(self.sites[name], options.channel_dim) % max(1, out.ndim)
                 moved = np.moveaxis(out, dim, -1)
                 moved = moved if units[name] is None else moved[..., units[name]]
@@ -315,13 +345,17 @@ def _measure_gains(model, plans, shifts: dict[str, str], site_pass: _SitePass) -
     is refused (`plan.shift_gains`)."""
     fixed = site_pass.scanned.model.fixed_batch
     samples = fixed or min(16, site_pass.scanned.data.local_samples)
-    base, eps = site_pass.values(model, dict.fromkeys(shifts), samples)
+    outputs: list[np.ndarray] = []
+    base, eps = site_pass.values(model, dict.fromkeys(shifts), samples, outputs)
     if any(not values.shape[0] for values in base.values()):  # a mask kept nothing there: every sample
-        base, eps = site_pass.values(model, dict.fromkeys(shifts))
+        outputs = []
+        base, eps = site_pass.values(model, dict.fromkeys(shifts), None, outputs)
         samples = None
-    gains: dict[str, np.ndarray | str] = {}
+    gains = _joint_gains(model, plans, shifts, site_pass, (base, eps, outputs), samples)
     for plan in plans:
         before = base[plan.name]
+        if plan.name in gains:
+            continue
         if not before.shape[0]:
             gains[plan.name] = "skipped: the data keeps no position of the site (padding only)"
             continue
@@ -334,6 +368,44 @@ def _measure_gains(model, plans, shifts: dict[str, str], site_pass: _SitePass) -
             _set(model, shifts[plan.name], original)
         gains[plan.name] = shift_gains(shifts[plan.name], plan.units, before, after, applied, eps[plan.name])
     return gains
+
+
+def _joint_gains(
+    model, plans, shifts, site_pass: _SitePass, measured, samples
+) -> dict[str, np.ndarray | str]:
+    """Every layer's gains from one pass (an onnxruntime session per layer made a ResNet-50's bias-shift
+    take minutes): each planned unit's entry is moved *down*, so a ReLU/ReLU6 whose pre-activation stays
+    at or below 0 outputs the same 0 and no layer sees another's move. Taken only when that holds for
+    every moved value and the model's outputs are bit-equal (nothing else reads a moved tensor);
+    else {}: each layer is measured alone, as before."""
+    base, eps, before_outputs = measured
+    live = [plan for plan in plans if base[plan.name].shape[0]]
+    if len(live) < 2 or any(site_pass.sites[plan.name].op not in ("relu", "relu6") for plan in live):
+        return {}
+    originals = {plan.name: _get(model, shifts[plan.name]) for plan in live}
+    applied, after_outputs = {}, []
+    try:
+        for plan in live:
+            delta = 1.0 + float(np.abs(base[plan.name]).max())
+            applied[plan.name] = _move(model, shifts[plan.name], plan.units, np.full(len(plan.units), -delta))
+        after, _ = site_pass.values(model, dict.fromkeys(p.name for p in live), samples, after_outputs)
+    finally:
+        for name, array in originals.items():
+            _set(model, shifts[name], array)
+    silent = all(
+        (base[p.name][:, p.units] <= 0).all() and (after[p.name][:, p.units] <= 0).all() for p in live
+    )
+    same = len(before_outputs) == len(after_outputs) and all(
+        np.array_equal(a, b, equal_nan=True) for a, b in zip(before_outputs, after_outputs, strict=True)
+    )
+    if not (silent and same):
+        return {}
+    return {
+        p.name: shift_gains(
+            shifts[p.name], p.units, base[p.name], after[p.name], applied[p.name], eps[p.name]
+        )
+        for p in live
+    }
 
 
 def _bias_shift(model, plans, shifts: dict[str, str], outcomes: dict, options: FixOptions, site_pass):

@@ -23,7 +23,7 @@ from deadrelu_cli.fixes.plan import (
     LayerOutcome,
     LayerPlan,
 )
-from deadrelu_cli.inputs import match_inputs
+from deadrelu_cli.inputs import dict_groups, match_inputs
 from deadrelu_cli.loaders import LoadOptions, load_model
 from deadrelu_cli.loaders.torch_models import load_torchscript_archive
 
@@ -265,6 +265,14 @@ def apply_torch(
             if states and options.resume_steps > 0 and options.strategy in ("reinit", "kick"):
                 _check_resume(states, scanned, scan_options, temp, options.resume_steps, outcomes, result)
         elif suffix in ARTIFACT_SUFFIXES:
+            if dict_groups(loaded, order):  # INPUT.KEY arrays: forward() takes them as one tuple/dict
+                if suffix in (".pt2", ".onnx"):
+                    raise UserError(
+                        f"--output {suffix}: the model takes its inputs as one tuple or dict (the data's "
+                        "INPUT.KEY arrays), which a written program would take as separate inputs the data "
+                        "does not name; write OUT.ts (TorchScript keeps the tuple or dict)"
+                    )
+                example = call[0]
             write_artifact(model, example, temp, suffix)
         elif training is not None:
             _write_training_checkpoint(training, model, temp, suffix, options, touched, result, loaded.extra)

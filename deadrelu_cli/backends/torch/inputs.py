@@ -159,8 +159,17 @@ def model_call(model: LoadedModel, order: list[str], tensors: tuple) -> tuple[tu
         return (), dict(zip(order, tensors, strict=True))
     groups = dict_groups(model, order)
     if groups:
-        return tuple({key: tensors[index] for key, index in groups[spec.name]} for spec in model.inputs), {}
+        return tuple(_grouped(groups[spec.name], tensors) for spec in model.inputs), {}
     return tensors, {}
+
+
+def _grouped(group: list[tuple[str, int]], tensors: tuple):
+    """One input's INPUT.KEY arrays: a tuple when the keys are 0, 1, … (`inputs.0`, `inputs.1` for a
+    `forward(self, inputs)` that unpacks `x, lengths = inputs`), else a dict by key."""
+    keys = sorted(key for key, _ in group)
+    if all(key.isdigit() for key in keys) and sorted(int(key) for key in keys) == list(range(len(keys))):
+        return tuple(tensors[index] for _, index in sorted(group, key=lambda item: int(item[0])))
+    return {key: tensors[index] for key, index in group}
 
 
 def example_inputs(

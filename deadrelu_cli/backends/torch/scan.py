@@ -25,6 +25,7 @@ from deadrelu_cli.inputs import (
     DECODER_IDS,
     DECODER_MASK,
     DEFAULT_MASK,
+    GROUPED_INPUTS,
     LABELS,
     PADDING_CHECK,
     TARGET_MASK,
@@ -35,6 +36,7 @@ from deadrelu_cli.inputs import (
     decoder_batch_mask,
     decoder_from_labels,
     decoder_scope,
+    dict_groups,
     fixed_batch_error,
     label_arrays,
     labels_note,
@@ -264,6 +266,8 @@ def scan_torch(
     batch_size = batch_size_for(options.batch_size, model, data, order, device)
     example = None
     if options.compile:
+        if dict_groups(model, order):
+            raise UserError(GROUPED_INPUTS.format(option="--compile"))
         example = example_inputs(model, data, order, device)
     names = list(order) if options.compile and by_keyword(model, order) else None
     probe = make_probe(model, settings, options.compile, example, names)

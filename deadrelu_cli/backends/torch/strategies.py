@@ -672,8 +672,11 @@ def linear_conv_flops(model: nn.Module, example: tuple, kwargs: dict | None = No
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-    first = example[0] if example else next(iter((kwargs or {}).values()), None)
-    samples = max(1, first.shape[0]) if first is not None and first.dim() else 1
+    # the samples: the first tensor's first axis, also inside a dict or tuple input (INPUT.KEY arrays)
+    leaves = [
+        leaf for leaf in torch.utils._pytree.tree_leaves((example, kwargs or {})) if torch.is_tensor(leaf)
+    ]
+    samples = max(1, leaves[0].shape[0]) if leaves and leaves[0].dim() else 1
     return int(counter.get_total_flops()) // 2 // samples  # FLOPs count a multiply and an add
 
 
