@@ -35,6 +35,20 @@ def _get(model: onnx.ModelProto, name: str) -> np.ndarray:
     return numpy_helper.to_array(GraphIndex(model.graph).stored_tensor(name)).copy()
 
 
+def _zeros_of_width(model: onnx.ModelProto, site) -> bool:
+    """Whether the Max/Where spelling a ReLU reads zeros (a stored tensor) with more than one element:
+    torch.zeros(C) exported, which a narrowed layer would no longer match."""
+    index = GraphIndex(model.graph)
+    node = next(
+        n for n in model.graph.node if (n.name or n.output[0]) == (site.node_name or site.output_name)
+    )
+    operands = list(node.input) + list(index.producer[node.input[0]].input if node.op_type == "Where" else [])
+    return any(
+        name != site.input_name and index.constant(name) is not None and index.constant(name).size > 1
+        for name in operands
+    )
+
+
 def _parameter_count(model: onnx.ModelProto) -> int:
     stored = list(model.graph.initializer) + [
         attr.t
@@ -94,6 +108,9 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 continue
             node = nodes[site.node_name or site.output_name]
             node.op_type = "LeakyRelu" if options.strategy == "leaky" else "Elu"
+            if site.spelled:  # Max(x, 0) / Where(x > 0, x, 0): the activation of x alone
+                del node.input[:]
+                node.input.append(site.input_name)
             del node.attribute[:]
             node.attribute.append(
                 helper.make_attribute("alpha", options.slope if options.strategy == "leaky" else 1.0)
@@ -170,6 +187,12 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 continue
             if len(plan.units) == plan.all_units:
                 outcome.action = "skipped: every unit is dead"
+                continue
+            if site.spelled and _zeros_of_width(model, site):
+                outcome.action = (
+                    f"skipped: the {site.spelled} that spells this ReLU takes zeros of the old width "
+                    "(use reinit)"
+                )
                 continue
             bias_axis = unit_vector_axis(_get(model, wire.bias).shape) if wire.bias else None
             if wire.bias_reshaped or (wire.bias and bias_axis is None):
