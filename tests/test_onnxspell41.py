@@ -30,7 +30,9 @@ def test_torch_onnx_export_of_spelled_relus_counts_the_torch_sites(cli, tmp_path
     """tests/test_sites41.py's model (maximum with tensor(0.), zeros_like, zeros(C) first, new_zeros(()),
     where(x > 0, x, 0), the maximum of a matmul; none for a variance, a select on another tensor's sign, a
     maximum of two tensors, a maximum with a zero buffer) exported by torch.onnx.export: the six sites, with
-    the torch formats' units and per-unit counts. Before: four (no zeros_like, no where) plus the buffer."""
+    the torch formats' units and per-unit counts, with dynamo=False and dynamo=True (whose optimizer merges
+    the code's torch.zeros(5) with the equal zero buffer: the node's fx_node metadata tells them apart).
+    Before: four (no zeros_like, no where) plus the buffer."""
     model, _ = arch_file(tmp_path / "spelled.py", SPELLED)
     data = save_npz(tmp_path / "d.npz", x=DATA)
     x = torch.from_numpy(DATA)
@@ -41,24 +43,25 @@ def test_torch_onnx_export_of_spelled_relus_counts_the_torch_sites(cli, tmp_path
     pres.append(h @ model.w.double() - 0.2)
     expected = [(pre.shape[-1], _dead(pre), _positives(pre)) for pre in pres]
     assert any(dead for _, dead, _ in expected) and all(len(d) < u for u, d, _ in expected)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (x[:2],),
-            tmp_path / "m.onnx",
-            dynamo=False,
-            input_names=["x"],
-            dynamic_axes={"x": {0: "batch"}},
-        )
-    kinds = {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
-    assert {"ConstantOfShape", "Where", "Max"} <= kinds and "Relu" not in kinds  # the spellings under test
-    layers = _scan(cli, tmp_path / "m.onnx", data)
-    found = [(la["units"], la["dead_indices"], la["positive_counts"]) for la in layers]
-    assert found == expected, [(la["name"], la["units"]) for la in layers]
-    assert [la["op"] for la in layers] == ["relu"] * 6
-    # the first five after their Linear (the matmul with a parameter has none, as in the torch formats)
-    assert [la["producer"] is not None for la in layers] == [True] * 5 + [False]
+    for dynamo in (False, True):  # the TorchScript-based exporter and torch.export's (onnxscript)
+        path = tmp_path / f"m{int(dynamo)}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            options = (
+                {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=1024)},)}
+                if dynamo
+                else {"dynamic_axes": {"x": {0: "batch"}}}
+            )
+            torch.onnx.export(model, (x[:2],), path, dynamo=dynamo, input_names=["x"], **options)
+        kinds = {n.op_type for n in onnx.load(path).graph.node}
+        assert {"Where", "Max"} <= kinds and "Relu" not in kinds, dynamo  # the spellings under test
+        assert "ConstantOfShape" in kinds or "Expand" in kinds, dynamo  # zeros_like
+        layers = _scan(cli, path, data)
+        found = [(la["units"], la["dead_indices"], la["positive_counts"]) for la in layers]
+        assert found == expected, (dynamo, [(la["name"], la["units"]) for la in layers])
+        assert [la["op"] for la in layers] == ["relu"] * 6
+        # the first five after their Linear (the matmul with a parameter has none, as in the torch formats)
+        assert [la["producer"] is not None for la in layers] == [True] * 5 + [False], dynamo
 
 
 def _graph(signature: str | None = None) -> onnx.ModelProto:

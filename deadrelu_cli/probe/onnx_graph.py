@@ -16,6 +16,7 @@ per-iteration scan outputs that are summed on the host.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -147,7 +148,7 @@ def max_relu_input(
     if node.op_type != "Max" or len(node.input) != 2 or not all(node.input):
         return None
     for data, other in (node.input, node.input[::-1]):
-        if index.constant(data) is None and _graph_zeros(other, data, index, checkpoint):
+        if index.constant(data) is None and _graph_zeros(other, data, index, checkpoint, node):
             return data if producer_weight(index, data) is not None else None
     return None
 
@@ -175,14 +176,14 @@ def where_relu_input(
     if test is None or test.op_type not in _WHERE_TESTS or len(test.input) != 2:
         return None
     left, right = test.input
-    if _graph_zeros(right, left, index, checkpoint):
+    if _graph_zeros(right, left, index, checkpoint, test):
         x, op = left, test.op_type
-    elif _graph_zeros(left, right, index, checkpoint):
+    elif _graph_zeros(left, right, index, checkpoint, test):
         x, op = right, _FLIPPED[test.op_type]
     else:
         return None
     kept, zeros = node.input[1:] if _WHERE_TESTS[op] else node.input[:0:-1]
-    if kept != x or index.constant(x) is not None or not _graph_zeros(zeros, x, index, checkpoint):
+    if kept != x or index.constant(x) is not None or not _graph_zeros(zeros, x, index, checkpoint, node):
         return None
     return x if producer_weight(index, x) is not None else None
 
@@ -195,7 +196,9 @@ def spelled_relu_input(
     return max_relu_input(node, index, checkpoint) or where_relu_input(node, index, checkpoint)
 
 
-def _graph_zeros(name: str, data: str, index: GraphIndex, checkpoint: frozenset[str]) -> bool:
+def _graph_zeros(
+    name: str, data: str, index: GraphIndex, checkpoint: frozenset[str], user: onnx.NodeProto
+) -> bool:
     """Whether `name` is zeros the graph itself makes that do not widen `data` (the rule of the torch
     formats, probe.ops above zeros_fit): a Constant node or a constant initializer of zeros (one, or a
     tensor broadcasting into `data`: torch.zeros(C)), or ConstantOfShape / Expand of zeros to Shape(data)
@@ -216,14 +219,15 @@ def _graph_zeros(name: str, data: str, index: GraphIndex, checkpoint: frozenset[
         if np.asarray(fill).size == 0 or np.any(np.asarray(fill) != 0):
             return False
         shape_of = index.producer.get(node.input[-1])
-        if shape_of is not None and shape_of.op_type == "Shape" and not shape_of.attribute:
+        whole = shape_of is not None and attr(shape_of, "start", 0) == 0 and attr(shape_of, "end") is None
+        if shape_of is not None and shape_of.op_type == "Shape" and whole:
             # x's own shape, or one that shape inference shows is the same dim for dim (zeros_like(h))
             return shape_of.input[0] == data or _same_dims(index, shape_of.input[0], data)
         dims = index.constant(node.input[-1])
         shape = tuple(int(d) for d in np.ravel(dims)) if dims is not None else None
         return shape is not None and _broadcasts_into(shape, index.shape(data))
     value = index.constant(name)
-    if value is None or _stored_in(name, index, checkpoint):
+    if value is None or (_stored_in(name, index, checkpoint) and not _code_operand(user, checkpoint)):
         return False
     value = np.asarray(value)
     if value.size == 0 or np.any(value != 0):
@@ -247,6 +251,7 @@ def _same_dims(index: GraphIndex, a: str, b: str) -> bool:
 
 
 _SIGNATURE = "pkg.torch.export.ExportedProgram.graph_signature"
+_FX_NODE = "pkg.torch.onnx.fx_node"  # a dynamo export's node: the torch.export node it was translated from
 
 
 def checkpoint_tensors(model: onnx.ModelProto) -> frozenset[str]:
@@ -254,7 +259,8 @@ def checkpoint_tensors(model: onnx.ModelProto) -> frozenset[str]:
     also graph inputs (a caller may feed others); in a torch.onnx export (dynamo) those its
     ExportedProgram signature lists as parameters or buffers; in a TorchScript-based torch.onnx export
     (no signature; the code's constants are Constant nodes there) every initializer. As in the torch
-    formats, a parameter or buffer of zeros is no ReLU's zero operand."""
+    formats, a parameter or buffer of zeros is no ReLU's zero operand. Also "%" + each placeholder name
+    of the signature's parameters and buffers (see _code_operand)."""
     graphs = [model.graph]
     for graph in graphs:
         graphs.extend(
@@ -263,14 +269,24 @@ def checkpoint_tensors(model: onnx.ModelProto) -> frozenset[str]:
     names = {i.name for i in model.graph.input}
     signature = next((p.value for p in model.graph.metadata_props if p.key == _SIGNATURE), None)
     if signature is not None:
-        names |= {
-            line.split("target='", 1)[1].split("'", 1)[0]
-            for line in signature.splitlines()
-            if (" PARAMETER " in line or " BUFFER " in line) and "target='" in line
-        }
+        for line in signature.splitlines():
+            if (" PARAMETER " in line or " BUFFER " in line) and "target='" in line:
+                names.add(line.split("target='", 1)[1].split("'", 1)[0])
+                names.add("%" + line.split(":", 1)[0].strip())  # its placeholder in fx_node metadata
     elif model.producer_name == "pytorch":
         names |= {init.name for graph in graphs for init in graph.initializer}
     return frozenset(names)
+
+
+def _code_operand(user: onnx.NodeProto, checkpoint: frozenset[str]) -> bool:
+    """Whether a dynamo export's `user` node read no parameter or buffer in the program it was translated
+    from (its fx_node metadata names the operands): its stored operand is then a constant of the code that
+    the exporter's optimizer merged with an equal checkpoint tensor (torch.zeros(C) with a zero buffer)."""
+    fx = next((p.value for p in user.metadata_props if p.key == _FX_NODE), "")
+    if "args = (" not in fx:
+        return False
+    operands = re.findall(r"%(\w+)", fx.split("args = (", 1)[1])
+    return bool(operands) and not any(f"%{operand}" in checkpoint for operand in operands)
 
 
 def _stored_in(name: str, index: GraphIndex, checkpoint: frozenset[str]) -> bool:
