@@ -62,6 +62,14 @@ def test_torch_onnx_export_of_spelled_relus_counts_the_torch_sites(cli, tmp_path
         assert [la["op"] for la in layers] == ["relu"] * 6
         # the first five after their Linear (the matmul with a parameter has none, as in the torch formats)
         assert [la["producer"] is not None for la in layers] == [True] * 5 + [False], dynamo
+    # prune cannot narrow a layer whose spelled ReLU takes zeros of their own shape (zeros(6), zeros_like(h)
+    # of the previous layer's h): refused with the reason, not written broken
+    pruned = cli("fix", tmp_path / "m0.onnx", "--data", data, "--strategy", "prune",
+                 "--output", tmp_path / "p.onnx")  # fmt: skip
+    assert (
+        pruned.code != 0 and "/Max_1: skipped: the Max that spells this ReLU takes zeros whose" in pruned.err
+    )
+    assert not (tmp_path / "p.onnx").exists()
 
 
 def _graph(signature: str | None = None) -> onnx.ModelProto:
@@ -143,6 +151,14 @@ def test_where_spelled_relus_are_sites_and_fix_patches_them(cli, tmp_path):
         assert layer["positive_counts"] == (pre > 0).sum(0).tolist()
         assert np.allclose(layer["max_preactivation"], pre.max(0), rtol=1e-6)
         assert np.allclose(layer["sum_abs"], np.maximum(pre, 0).sum(0), rtol=1e-5)
+    # --certify bounds both from x in [-1, 1]^4 (interval arithmetic in numpy) through the spelled ReLUs
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    upper_a = weights["ba"] + np.abs(weights["Wa"]).sum(0)
+    upper_b = weights["bb"] + (np.clip(weights["Wb"], 0, None) * np.maximum(upper_a, 0)[:, None]).sum(0)
+    certified = _scan(cli, tmp_path / "m.onnx", data, "--input-range", "-1", "1")
+    for layer, upper in zip(certified, (upper_a, upper_b), strict=True):
+        assert np.allclose(layer["upper_bound"], upper, rtol=1e-5), layer["name"]
+        assert layer["certified_dead_indices"] == np.flatnonzero(upper <= 0).tolist() != []
     # without the signature (another exporter), a stored zero tensor is a constant: Max(c, floor) counts
     onnx.save(_graph(), tmp_path / "plain.onnx")
     plain = _scan(cli, tmp_path / "plain.onnx", data)
@@ -155,6 +171,18 @@ def test_where_spelled_relus_are_sites_and_fix_patches_them(cli, tmp_path):
     assert shifted.code == 0, shifted.err
     for pre in _exposed(onnx.load(tmp_path / "shift.onnx"), {"x": x}, ["a", "b"]):
         assert _np_dead(pre) == []
+    pruned = cli("fix", tmp_path / "m.onnx", "--data", data, "--strategy", "prune",
+                 "--output", tmp_path / "prune.onnx")  # fmt: skip
+    assert pruned.code == 0, pruned.err
+    narrow = onnx.load(tmp_path / "prune.onnx")
+    widths = {init.name: list(init.dims) for init in narrow.graph.initializer}
+    assert widths["Wa"] == [4, 6 - len(_np_dead(a))] and widths["Wb"][1] == 5 - len(_np_dead(b))
+    # dead units output exact zeros: the narrowed model computes what the model did
+    outputs = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        for m in (model, narrow)
+    ]
+    assert np.allclose(outputs[0], outputs[1], atol=1e-5)
     leaky = cli("fix", tmp_path / "m.onnx", "--data", data, "--strategy", "leaky",
                 "--output", tmp_path / "leaky.onnx")  # fmt: skip
     assert leaky.code == 0, leaky.err

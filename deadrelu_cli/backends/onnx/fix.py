@@ -36,17 +36,31 @@ def _get(model: onnx.ModelProto, name: str) -> np.ndarray:
 
 
 def _zeros_of_width(model: onnx.ModelProto, site) -> bool:
-    """Whether the Max/Where spelling a ReLU reads zeros (a stored tensor) with more than one element:
-    torch.zeros(C) exported, which a narrowed layer would no longer match."""
+    """Whether the Max/Where spelling a ReLU reads zeros whose shape a narrowed layer would not follow:
+    anything but a one-element constant or zeros made to Shape(x) (torch.zeros(C) exported is [C];
+    torch.zeros_like(h) of another tensor h keeps h's width)."""
     index = GraphIndex(model.graph)
     node = next(
         n for n in model.graph.node if (n.name or n.output[0]) == (site.node_name or site.output_name)
     )
-    operands = list(node.input) + list(index.producer[node.input[0]].input if node.op_type == "Where" else [])
-    return any(
-        name != site.input_name and index.constant(name) is not None and index.constant(name).size > 1
-        for name in operands
-    )
+    operands = list(node.input[1:] if node.op_type == "Where" else node.input)
+    if node.op_type == "Where":
+        operands += list(index.producer[node.input[0]].input)
+
+    def follows(name: str) -> bool:
+        value = index.constant(name)
+        if value is not None:
+            return value.size == 1
+        made = index.producer.get(name)
+        shape_of = index.producer.get(made.input[-1]) if made is not None and made.input else None
+        return (
+            made.op_type in ("ConstantOfShape", "Expand")
+            and shape_of is not None
+            and shape_of.op_type == "Shape"
+            and shape_of.input[0] == site.input_name
+        )
+
+    return not all(follows(name) for name in operands if name != site.input_name)
 
 
 def _parameter_count(model: onnx.ModelProto) -> int:
@@ -190,8 +204,8 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 continue
             if site.spelled and _zeros_of_width(model, site):
                 outcome.action = (
-                    f"skipped: the {site.spelled} that spells this ReLU takes zeros of the old width "
-                    "(use reinit)"
+                    f"skipped: the {site.spelled} that spells this ReLU takes zeros whose shape is not "
+                    "its input's (use reinit)"
                 )
                 continue
             bias_axis = unit_vector_axis(_get(model, wire.bias).shape) if wire.bias else None
