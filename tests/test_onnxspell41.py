@@ -62,6 +62,18 @@ def test_torch_onnx_export_of_spelled_relus_counts_the_torch_sites(cli, tmp_path
         assert [la["op"] for la in layers] == ["relu"] * 6
         # the first five after their Linear (the matmul with a parameter has none, as in the torch formats)
         assert [la["producer"] is not None for la in layers] == [True] * 5 + [False], dynamo
+    # a simplifier (onnxsim) may store the TorchScript-based export's Constant nodes as initializers named
+    # after their outputs: still the code's zeros, unlike `floor` (a state_dict key)
+    simplified = onnx.load(tmp_path / "m0.onnx")
+    constants = [n for n in simplified.graph.node if n.op_type == "Constant"]
+    for node in constants:
+        simplified.graph.initializer.append(
+            numpy_helper.from_array(numpy_helper.to_array(node.attribute[0].t), node.output[0])
+        )
+        simplified.graph.node.remove(node)
+    onnx.save(simplified, tmp_path / "sim.onnx")
+    layers = _scan(cli, tmp_path / "sim.onnx", data)
+    assert [(la["units"], la["dead_indices"], la["positive_counts"]) for la in layers] == expected
     # prune cannot narrow a layer whose spelled ReLU takes zeros of their own shape (zeros(6), zeros_like(h)
     # of the previous layer's h): refused with the reason, not written broken
     pruned = cli("fix", tmp_path / "m0.onnx", "--data", data, "--strategy", "prune",

@@ -251,6 +251,7 @@ def _same_dims(index: GraphIndex, a: str, b: str) -> bool:
 
 
 _SIGNATURE = "pkg.torch.export.ExportedProgram.graph_signature"
+_STATE_DICT_KEY = re.compile(r"[A-Za-z_]\w*(\.\w+)*\Z")  # a module's parameter or buffer, as torch names it
 _FX_NODE = "pkg.torch.onnx.fx_node"  # a dynamo export's node: the torch.export node it was translated from
 
 
@@ -258,7 +259,9 @@ def checkpoint_tensors(model: onnx.ModelProto) -> frozenset[str]:
     """Initializers that hold a checkpoint's values rather than constants of the code: those that are
     also graph inputs (a caller may feed others); in a torch.onnx export (dynamo) those its
     ExportedProgram signature lists as parameters or buffers; in a TorchScript-based torch.onnx export
-    (no signature; the code's constants are Constant nodes there) every initializer. As in the torch
+    (no signature) those named as state_dict keys (`fc.bias`, `floor`): that exporter keeps the code's
+    constants in Constant nodes, which a simplifier may turn into initializers named after their
+    outputs (`/Constant_output_0`, `onnx::Max_5`). As in the torch
     formats, a parameter or buffer of zeros is no ReLU's zero operand. Also "%" + each placeholder name
     of the signature's parameters and buffers (see _code_operand)."""
     graphs = [model.graph]
@@ -274,7 +277,9 @@ def checkpoint_tensors(model: onnx.ModelProto) -> frozenset[str]:
                 names.add(line.split("target='", 1)[1].split("'", 1)[0])
                 names.add("%" + line.split(":", 1)[0].strip())  # its placeholder in fx_node metadata
     elif model.producer_name == "pytorch":
-        names |= {init.name for graph in graphs for init in graph.initializer}
+        names |= {
+            init.name for graph in graphs for init in graph.initializer if _STATE_DICT_KEY.match(init.name)
+        }
     return frozenset(names)
 
 
