@@ -10,6 +10,7 @@ import numpy as np
 from deadrelu_cli.backends import backend_for, backend_of
 from deadrelu_cli.calibration import CalibrationData, open_calibration
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.gate import LAYOUT_AMBIGUOUS
 from deadrelu_cli.loaders import LoadedModel, LoadOptions, load_model
 from deadrelu_cli.options import ScanOptions
 from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings
@@ -151,9 +152,15 @@ def mask_notes(layers: list, mask) -> list[str]:
         "a sequence of another length; every element counted)",
         "in a subgraph": "inside ONNX subgraphs the mask does not reach (a Scan body's per-step slices, a "
         "Loop body's tensors of other positions, an If branch not run on the first batch; every element "
-        "counted, padding included; a gate fails on them unless --allow-unseen)",
+        "counted, padding included; a gate fails on them unless --allow-unseen; to count real tokens only "
+        "there, scan the PyTorch model, or an ONNX export with the loop unrolled: torch.onnx.export of a "
+        "Python loop writes no Scan/Loop)",
         "opset below 9": "of an ONNX graph of opset below 9 (every element counted, padding included; a gate "
         "fails on them unless --allow-unseen; re-export with a newer opset)",
+        LAYOUT_AMBIGUOUS: "whose [batch, tokens, …] and [tokens, batch, …] readings had one shape on every "
+        "batch (as many samples as tokens, a batch size the graph fixes) and nothing told them apart (every "
+        "element counted, padding included; a gate fails on them unless --allow-unseen; re-export with a "
+        "dynamic batch dim, or with another batch size or sequence length)",
     }
     for reason, said in reasons.items():
         unmasked = [layer.name for layer in layers if layer.extra.get("position_mask") == reason]

@@ -9,8 +9,11 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.report.diff import match_layers
 from deadrelu_cli.report.model import COUNT_SETTINGS, Report, settings_difference
 
+# extra["position_mask"] of a site whose [batch, tokens, …] and [tokens, batch, …] readings had one shape on
+# every batch it saw (as many samples as tokens) and nothing told them apart: every position counted
+LAYOUT_AMBIGUOUS = "layout ambiguous"
 # extra["position_mask"] of a site the scan's position mask could not reach (it counted padding too)
-MASK_NOT_APPLIED = ("in a subgraph", "opset below 9")
+MASK_NOT_APPLIED = ("in a subgraph", "opset below 9", LAYOUT_AMBIGUOUS)
 
 
 @dataclass
@@ -239,18 +242,24 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             f"model: activations deadrelu could not scan (their dead units are not counted): {unseen_text(hiding)}; "
             "pass --allow-unseen to gate on the scanned layers only"
         )
-    unmasked = [
-        layer.name
+    unmasked = {
+        layer.name: layer.extra["position_mask"]
         for layer in report.layers
         if layer.ran and layer.extra.get("position_mask") in MASK_NOT_APPLIED
-    ]
+    }
     if config.active and not config.allow_unseen and report.mask and unmasked:
-        shown = ", ".join(unmasked[:5]) + (", …" if len(unmasked) > 5 else "")
+        shown = ", ".join(list(unmasked)[:5]) + (", …" if len(unmasked) > 5 else "")
+        remedies = {  # what counts real tokens only there, per reason
+            "in a subgraph": "scan the PyTorch model, or an ONNX export with the loop unrolled (no Scan/Loop)",
+            "opset below 9": "re-export with opset 9 or newer",
+            LAYOUT_AMBIGUOUS: "re-export with a dynamic batch dim (or another batch size than the sequence length)",
+        }
+        how = "; ".join(remedies[reason] for reason in MASK_NOT_APPLIED if reason in unmasked.values())
         model_failures.append(
-            f"model: the position mask could not be applied to {len(unmasked)} layer(s) (ONNX If/Loop/Scan "
-            f"bodies or opset below 9): they counted every position, padding included, so a unit that fires "
-            f"on padding only passes as alive: {shown}; pass --allow-unseen to gate on them as counted, "
-            "or --mask none to count every position everywhere"
+            f"model: the position mask could not be applied to {len(unmasked)} layer(s): they counted every "
+            f"position, padding included, so a unit that fires on padding only passes as alive: {shown}; to "
+            f"count real tokens only: {how}; or pass --allow-unseen to gate on them as counted (--mask none "
+            "counts every position everywhere)"
         )
     # a quantized/optimized graph's layers meet the float baseline's by their producer's weight
     old_layers = match_layers(config.baseline, report) if config.baseline else {}

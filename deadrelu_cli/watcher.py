@@ -37,7 +37,14 @@ from deadrelu_cli.backends.torch.scan import attach_module_biases, pooled_blocks
 from deadrelu_cli.distributed import World, reduce_layers
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import write_text_atomic
-from deadrelu_cli.gate import GateConfig, GateResult, evaluate, parse_layer_limits, unseen_notes
+from deadrelu_cli.gate import (
+    LAYOUT_AMBIGUOUS,
+    GateConfig,
+    GateResult,
+    evaluate,
+    parse_layer_limits,
+    unseen_notes,
+)
 from deadrelu_cli.inputs import AUDIO_VALUES, DECODER_IDS, DECODER_MASK, IGNORE_INDEX, LABELS, decoder_scope
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
@@ -192,6 +199,34 @@ def positional_index(model: nn.Module, argument: str | None) -> int | None:
     return positional.index(argument) if argument in positional else None
 
 
+def padding_mask_modules(model: nn.Module) -> list[tuple[str, nn.Module, str, int | None]]:
+    """torch's own transformer modules in `model` (the outermost nn.TransformerEncoder / Decoder / their
+    Layers; nn.Transformer's encoder and decoder), each as (path, module, its key padding mask argument,
+    where that sits among forward()'s positional parameters): their sites count the positions that mask
+    leaves (True or nonzero marks padding, PyTorch's convention), as `deadrelu scan` counts them."""
+    kinds = {
+        nn.TransformerEncoder: "src_key_padding_mask",
+        nn.TransformerEncoderLayer: "src_key_padding_mask",
+        nn.TransformerDecoder: "tgt_key_padding_mask",
+        nn.TransformerDecoderLayer: "tgt_key_padding_mask",
+    }
+    found = [
+        (path, module, kinds[type(module)])
+        for path, module in model.named_modules()
+        if type(module) in kinds  # a subclass may take its mask otherwise
+    ]
+    paths = [path for path, _, _ in found]
+
+    def nested(path: str) -> bool:  # inside another of them ("" = the model itself holds every one)
+        return any(other != path and (not other or path.startswith(other + ".")) for other in paths)
+
+    return [
+        (path, module, argument, positional_index(module, argument))
+        for path, module, argument in found
+        if not nested(path)
+    ]
+
+
 def _in_backward() -> bool:
     """Whether autograd's backward is running: gradient checkpointing calls a block again there to
     recompute its activations, which is not a forward of the training step."""
@@ -304,6 +339,7 @@ class Watch:
         self._audio_index = positional_index(model, AUDIO_VALUES)
         self._pooled = pooled_blocks(model)  # a Funnel-style encoder: each block on its pooled mask
         self._decoder = decoder_scope(model)  # an encoder-decoder's decoder: on its own tokens' positions
+        self._padding_modules = padding_mask_modules(model)  # nn.Transformer*: their key padding masks
         self._mask_warned = False
         # one probe for the run (names, tables); its counters are restarted per window
         self._probe = EagerProbe(
@@ -414,6 +450,7 @@ class Watch:
                 self._apply_mask(self._forward_mask(args, kwargs), args, kwargs)
             elif self._mask is not None and (self._frames is not None or self._pooled is not None):
                 self._apply_mask(self._mask, args, kwargs)
+            probe.note_inputs(args, kwargs)  # a square batch: the token ids' axes, followed
             mode = probe.mode()
             mode.__enter__()
             self._modes.append(mode)
@@ -475,6 +512,28 @@ class Watch:
         self._handles.append(root.register_forward_pre_hook(start, prepend=True, with_kwargs=True))
         self._handles.extend(probe.attach_global(outer_start, outer_stop))
         self._handles.append(root.register_forward_hook(stop, always_call=True))
+        if self.mask_argument is not None:  # after `start` (a root nn.TransformerEncoder: its own mask)
+            for path, module, argument, index in self._padding_modules:
+                hook = self._padding_hook(path, argument, index, argument.startswith("tgt"))
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _padding_hook(self, path: str, argument: str, index: int | None, target: bool):
+        """A pre-hook on torch's transformer module at `path`: its sites count the positions its key padding
+        mask (`argument`) leaves, unless a position mask was given (step(), set_position_mask). A decoder
+        (`target`) runs on the target sequence: without a tgt_key_padding_mask it counts every position
+        (the source's mask says nothing of them)."""
+
+        def hook(module, args, kwargs):
+            if self._mask is not None or self._evaluating or self._recomputing:
+                return
+            value = kwargs.get(argument)
+            if value is None and index is not None and len(args) > index:
+                value = args[index]
+            keep = value == 0 if isinstance(value, torch.Tensor) and value.dim() == 2 else None
+            if keep is not None or target:
+                self._probe.registry.set_scoped_mask(path, keep)
+
+        return hook
 
     def _evaluation(self, module: nn.Module) -> bool:
         """A forward made in eval mode with gradients off (a validation loop inside the step, `model.eval()`
@@ -637,6 +696,18 @@ class Watch:
             report.notes.append(
                 f"the model ran no {'/'.join(s.ops)} call on the sampled steps: nothing to count"
             )
+        ambiguous = [layer.name for layer in layers if layer.extra.get("position_mask") == LAYOUT_AMBIGUOUS]
+        if ambiguous:
+            shown = ", ".join(ambiguous[:5]) + (", …" if len(ambiguous) > 5 else "")
+            report.notes.append(
+                f"position mask not applied to {len(ambiguous)} layer(s): every sampled batch had as many "
+                "samples as tokens, so their [batch, tokens, …] and [tokens, batch, …] activations had one "
+                f"shape; they counted every position, padding included: {shown}; a sampled step with another "
+                "batch size or sequence length tells them apart"
+            )
+            if "<layout>" not in self._warned:  # once per run
+                self._warned.add("<layout>")
+                warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
         self._windows += 1
         self.reports.append(report)
         if self.keep_reports is not None and len(self.reports) > self.keep_reports:

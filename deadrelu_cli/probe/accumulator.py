@@ -12,11 +12,13 @@ import numpy as np
 import torch
 
 from deadrelu_cli.errors import UserError
+from deadrelu_cli.gate import LAYOUT_AMBIGUOUS
 from deadrelu_cli.probe.ops import (
     TOKEN_ROWS,
     TOKENS_FIRST,
     TOKENS_LAST,
     counts_from_output,
+    layout_ambiguous,
     threshold_below,
     token_layout,
 )
@@ -65,18 +67,21 @@ class PositionMask:
             found = self._index_on[device] = self._index.to(device)
         return found
 
-    def parts(self, tensor: torch.Tensor, channel_dim: int) -> list[torch.Tensor] | None:
+    def parts(
+        self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None
+    ) -> list[torch.Tensor] | None:
         """The kept rows as `select` shapes them, but as views of the tensor's runs of kept rows where
         that is cheaper than one gathered copy (on the CPU, with runs of RUN_VIEW_ELEMENTS or more
-        elements on average; each view is reduced while it is in cache). None without the token axis."""
-        layout = self.layout(tensor, channel_dim)
+        elements on average; each view is reduced while it is in cache). None without the token axis.
+        `time_major`: how to read a tensor whose shape reads both ways (see `layout`)."""
+        layout = self.layout(tensor, channel_dim, time_major)
         if layout is None:
             return None
         if self.all_kept or tensor.device.type != "cpu" or layout in (TOKENS_LAST, TOKENS_FIRST):
-            return [self.select(tensor, channel_dim)]
+            return [self.select(tensor, channel_dim, time_major)]
         if layout == TOKEN_ROWS:
             if tensor.stride(0) != tensor.shape[1] * tensor.stride(1):  # flatten(0, 1) would copy
-                return [self.select(tensor, channel_dim)]
+                return [self.select(tensor, channel_dim, time_major)]
             rows, lead = tensor.flatten(0, 1), True
         else:
             rows, lead = tensor, False
@@ -84,16 +89,29 @@ class PositionMask:
         if not runs:  # nothing kept: an empty view, so that the site still learns its units
             runs = [(0, 0)]
         elif self.kept * (rows[0].numel() if rows.shape[0] else 0) < RUN_VIEW_ELEMENTS * len(runs):
-            return [self.select(tensor, channel_dim)]
+            return [self.select(tensor, channel_dim, time_major)]
         views = [rows[start:stop] for start, stop in runs]
         return [view.unsqueeze(0) for view in views] if lead else views
 
-    def layout(self, tensor: torch.Tensor, channel_dim: int) -> str | None:
-        """Where the tensor holds this mask's positions (probe.ops.token_layout)."""
-        return token_layout(tuple(tensor.shape), channel_dim % max(tensor.dim(), 1), self.batch, self.tokens)
+    def layout(self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None) -> str | None:
+        """Where the tensor holds this mask's positions (probe.ops.token_layout); a shape that reads as
+        [B, T, ...] and [T, B, ...] alike (`ambiguous`) is [T, B, ...] when `time_major`."""
+        dim = channel_dim % max(tensor.dim(), 1)
+        layout = token_layout(tuple(tensor.shape), dim, self.batch, self.tokens)
+        if time_major and layout == TOKEN_ROWS and self.ambiguous(tensor, channel_dim):
+            return TOKENS_FIRST
+        return layout
 
-    def select(self, tensor: torch.Tensor, channel_dim: int) -> torch.Tensor | None:
-        layout = self.layout(tensor, channel_dim)
+    def ambiguous(self, tensor: torch.Tensor, channel_dim: int) -> bool:
+        """Whether the tensor's shape reads as [B, T, ...] and as [T, B, ...] (probe.ops.layout_ambiguous)."""
+        return layout_ambiguous(
+            tuple(tensor.shape), channel_dim % max(tensor.dim(), 1), self.batch, self.tokens
+        )
+
+    def select(
+        self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None
+    ) -> torch.Tensor | None:
+        layout = self.layout(tensor, channel_dim, time_major)
         if layout is None or self.all_kept:
             return None if layout is None else tensor
         if layout == TOKENS_LAST:
@@ -125,6 +143,16 @@ class SiteAccumulator:
     _nan_in_batch: bool = False
     _fused_batch: bool = False  # this batch was counted by fused_stats in observe_pre
     masked_now: bool = False  # whether the current batch's position mask applies at this site
+    # [T, B, ...] (True) or [B, T, ...] (False) where a batch of as many samples as tokens leaves the
+    # shape ambiguous: `time_major` as an earlier batch's shape showed it, else `layout_hint` (the
+    # module the site runs in says it: nn.TransformerEncoderLayer's batch_first); None: not known
+    time_major: bool | None = None
+    layout_hint: bool | None = None
+    call_hint: bool | None = None  # this call's tensor, by descent from the forward's token ids
+    # while not known: the ambiguous batches counted three ways (PENDING_LAYOUTS), until a batch's shape
+    # tells (the matching count joins this one) or the counts are read (every position: LAYOUT_AMBIGUOUS)
+    pending: dict | None = None
+    _pending_now: bool = False
 
     def restart(self) -> None:
         """Count from zero again, in place (a new window of a training run keeps the counters' memory)."""
@@ -139,12 +167,84 @@ class SiteAccumulator:
         self.elements_per_unit = 0
         self.extra.clear()
         self._nan_in_batch = self.masked_now = False
+        self.pending, self._pending_now = None, False  # a new window; what was learned of the layout stays
+
+    def known_time_major(self) -> bool | None:
+        for known in (self.time_major, self.layout_hint, self.call_hint):
+            if known is not None:
+                return known
+        return None
+
+    def _layout_pending(self, pre: torch.Tensor, mask: PositionMask) -> bool:
+        """Whether this batch goes to the `pending` counts: its shape reads as [B, T, ...] and [T, B, ...]
+        and nothing says which. A batch whose shape tells settles the layout (and the pending counts)."""
+        self._pending_now = False
+        if not mask.ambiguous(pre, self.channel_dim):
+            layout = mask.layout(pre, self.channel_dim)
+            if layout in (TOKEN_ROWS, TOKENS_FIRST):
+                self.learn_layout(layout == TOKENS_FIRST)
+            return False
+        if self.time_major is None and self.layout_hint is None and self.call_hint is not None:
+            self.learn_layout(self.call_hint)  # what the model did to the token ids' axes tells
+        if self.known_time_major() is not None:
+            return False
+        if self.pending is None:
+            self.pending = {
+                key: SiteAccumulator(
+                    self.name,
+                    self.op,
+                    self.channel_dim,
+                    track_min=self.track_min,
+                    time_major=time_major,
+                )
+                for key, time_major in PENDING_LAYOUTS.items()
+            }
+        self._pending_now = True
+        self.masked_now = False  # a collector (fixes) gets every position, as the fallback counts them
+        return True
+
+    def learn_layout(self, time_major: bool) -> None:
+        """The site's tensors are [T, B, ...] (`time_major`) or [B, T, ...], as a batch's shape showed:
+        the batches counted both ways meanwhile join the counts read that way."""
+        if self.time_major is None:
+            self.time_major = time_major
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.absorb(pending[TOKENS_FIRST if self.time_major else TOKEN_ROWS])
+
+    def absorb(self, other: SiteAccumulator) -> None:
+        """Add another accumulator's counts of the same site (its tensors copied, never shared)."""
+        if other.positive is None:
+            return
+        if self.positive is None:
+            self.positive, self.max_pre = other.positive.clone(), other.max_pre.clone()
+            self.sum_abs = other.sum_abs.clone()
+            self.saturated = None if other.saturated is None else other.saturated.clone()
+        else:
+            self.positive += other.positive
+            torch.maximum(self.max_pre, other.max_pre, out=self.max_pre)
+            self.sum_abs += other.sum_abs
+            if self.saturated is not None and other.saturated is not None:
+                self.saturated += other.saturated
+        if other.min_pre is not None:
+            self.min_pre = (
+                other.min_pre.clone() if self.min_pre is None else torch.minimum(self.min_pre, other.min_pre)
+            )
+        self.elements_per_unit += other.elements_per_unit
+        mark = other.extra.get("position_mask")
+        if mark is not None and self.extra.get("position_mask") != "no token axis":
+            self.extra["position_mask"] = mark
+
+    def counted_elements(self) -> int:
+        """Values per unit counted so far, those of batches still pending included."""
+        pending = self.pending[TOKEN_ROWS].elements_per_unit if self.pending else 0
+        return self.elements_per_unit + pending
 
     def _kept_pre(self, pre: torch.Tensor, mask: PositionMask | None) -> list[torch.Tensor] | None:
         """The kept positions of the pre-activation as parts (views of runs, or one gathered copy), or
         None to count all of it (no mask, or no token axis); `extra["position_mask"]` says which:
         "applied", or "no token axis" (counted over every element)."""
-        kept = mask.parts(pre, self.channel_dim) if mask is not None else None
+        kept = mask.parts(pre, self.channel_dim, self.known_time_major()) if mask is not None else None
         self.masked_now = kept is not None
         if mask is not None:
             before = self.extra.get("position_mask")
@@ -216,6 +316,10 @@ class SiteAccumulator:
         relu6 sites are counted here in one compiled pass (`fused_stats`), and `observe_post` skips."""
         pre = pre.detach()
         self._fused_batch = False
+        if mask is not None and self._layout_pending(pre, mask):
+            for key, shadow in self.pending.items():
+                shadow.observe_pre(pre, threshold, None if key == EVERY_POSITION else mask, fused_devices)
+            return
         if (
             mask is None
             and not self.track_min
@@ -268,11 +372,16 @@ class SiteAccumulator:
         """Counts and sums from the activation's output (relu/relu6: y > t exactly when x > t, t >= 0)."""
         if self._fused_batch:  # counted with the input, in one pass
             return
+        if self._pending_now:
+            for key, shadow in self.pending.items():
+                shadow.observe_post(post, threshold, None if key == EVERY_POSITION else mask)
+            return
         post = post.detach()
         if not self.masked_now and self._observe_rows_post(post, threshold):
             return
         if mask is not None and self.masked_now:
-            self._observe_parts(self.observe_post, mask.parts(post, self.channel_dim), threshold)
+            parts = mask.parts(post, self.channel_dim, self.known_time_major())
+            self._observe_parts(self.observe_post, parts, threshold)
             return
         if post.numel() == 0:
             return
@@ -447,6 +556,16 @@ class SiteAccumulator:
         self.observe_post(apply_op(self.op, pre) if post is None else post, threshold, mask)
 
     def to_layer_stats(self) -> LayerStats:
+        if self.pending:  # never told: those batches count every position (and say so)
+            settled = SiteAccumulator(self.name, self.op, self.channel_dim, self.module_type, self.producer)
+            settled.extra = dict(self.extra)
+            settled.absorb(self)
+            settled.absorb(self.pending[EVERY_POSITION])
+            settled.extra["position_mask"] = LAYOUT_AMBIGUOUS
+            return settled._layer_stats()
+        return self._layer_stats()
+
+    def _layer_stats(self) -> LayerStats:
         def host(t: torch.Tensor | None, dtype) -> np.ndarray | None:
             return None if t is None else t.detach().cpu().numpy().astype(dtype)
 
@@ -464,6 +583,11 @@ class SiteAccumulator:
             extra=dict(self.extra),
             min_preactivation=host(self.min_pre, np.float64),
         )
+
+
+EVERY_POSITION = "every position"
+# how a pending batch is counted: as [B, T, ...], as [T, B, ...], and over every element
+PENDING_LAYOUTS = {TOKEN_ROWS: False, TOKENS_FIRST: True, EVERY_POSITION: None}
 
 
 def allocated_apart(make: Callable, device):

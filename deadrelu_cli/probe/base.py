@@ -42,6 +42,11 @@ class SiteRegistry:
         self.scoped_masks: dict[str, PositionMask | None] = {}
         self.fused_devices = settings.fused_devices
         self._stale: set[str] = set()  # sites of an earlier window, not run since `restart`
+        # site name -> whether its tensors are [T, B, ...] (True) or [B, T, ...], as the model's structure
+        # says it (probe.eager: the nn.Transformer*Layer it runs in); read where a batch's shape cannot tell
+        self.layout_hints: dict[str, bool | None] = {}
+        # the same for the site recorded next, from how its tensor descends from the forward's inputs
+        self.call_hint: bool | None = None
         # rank-3 sites whose units were put on the last axis with no producer to say so ([B, T, C] and
         # [B, C, T] look alike): the scan says so, as the ONNX scan does
         self.axis_guesses: dict[str, None] = {}
@@ -54,7 +59,7 @@ class SiteRegistry:
     def elements_seen(self) -> dict[str, int]:
         """Values per unit each site has counted since `restart` (a stale site: 0)."""
         stale = self._stale
-        return {name: 0 if name in stale else site.elements_per_unit for name, site in self.sites.items()}
+        return {name: 0 if name in stale else site.counted_elements() for name, site in self.sites.items()}
 
     def _fresh(self, site: SiteAccumulator) -> SiteAccumulator:
         if self._stale and site.name in self._stale:
@@ -73,6 +78,15 @@ class SiteRegistry:
         self.scoped_masks = {
             path: None if m is None else PositionMask(m) for path, m in (scoped or {}).items()
         }
+
+    def set_scoped_mask(self, path: str, mask: torch.Tensor | None) -> None:
+        """The sites under module `path` ("" = every site) count where `mask` is true (None: every
+        position), for the forward under way (a module's own key padding mask, read as it is called)."""
+        positions = None if mask is None else PositionMask(mask)
+        if path:
+            self.scoped_masks[path] = positions
+        else:
+            self.position_mask = positions
 
     def mask_for(self, name: str) -> PositionMask | None:
         """The position mask of the site `name` (a module path, maybe with `#k` or `.relu()`)."""
@@ -95,6 +109,7 @@ class SiteRegistry:
             site = SiteAccumulator(
                 name=name, op=op, channel_dim=-1, module_type=module_type, producer=producer
             )
+            site.layout_hint = self.layout_hints.get(name)
             self.sites[name] = site
         else:
             self._fresh(site)
@@ -117,12 +132,13 @@ class SiteRegistry:
         """First half of a batch at a site, while the pre-activation is intact (`origin_known`: a layer
         says where its units are; else a rank-3 input's last axis is a guess, `axis_guesses`)."""
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known)
+        site.call_hint, self.call_hint = self.call_hint, None
         mask = self.mask_for(name)
         site.observe_pre(pre, self.settings.threshold, mask, self.fused_devices)
         collector = self.collectors.get(name)
         if collector is not None:
             if mask is not None and site.masked_now:
-                pre = mask.select(pre, site.channel_dim)
+                pre = mask.select(pre, site.channel_dim, site.known_time_major())
             collector(pre, site.channel_dim)
 
     def run_relu_in_parts(
@@ -209,7 +225,7 @@ class SiteRegistry:
         for site in self.sites.values():
             if site.name in self._stale:
                 continue
-            if site.positive is None:  # declared, never ran
+            if site.positive is None and not site.pending:  # declared, never ran
                 out.append(
                     LayerStats(
                         name=site.name,
@@ -235,6 +251,43 @@ def infer_channel_dim(rank: int, producer_is_channel_first: bool | None) -> int:
     if rank == 3:
         return 1 if producer_is_channel_first else -1
     return -1
+
+
+def _reductions() -> dict:
+    """Reductions that may take a tensor's unit axis away, each with where its `dim` argument sits."""
+    T = torch.Tensor
+    table = {f: 1 for f in (T.sum, torch.sum, T.mean, torch.mean, T.amax, torch.amax, T.amin, torch.amin)}
+    table.update({f: 1 for f in (T.var, torch.var, T.std, torch.std, T.logsumexp, torch.logsumexp)})
+    table.update({f: 1 for f in (T.prod, torch.prod)})
+    table.update({T.norm: 2, torch.norm: 2, torch.linalg.vector_norm: 2})
+    return table
+
+
+REDUCTIONS = _reductions()
+# elementwise ops besides the pass-through ones (eager._pass_through_functions) that keep a reduction
+# over the units one value per position (`2 - h.sum(-1)`, `-m`, `m ** 2`)
+PER_POSITION_ELEMENTWISE = frozenset(
+    (torch.Tensor.__rsub__, torch.Tensor.__rtruediv__, torch.Tensor.__neg__, torch.Tensor.neg, torch.neg)
+    + (torch.Tensor.__pow__, torch.Tensor.pow, torch.pow, torch.Tensor.abs, torch.abs, torch.sqrt)
+    + (torch.Tensor.sqrt, torch.exp, torch.Tensor.exp, torch.log, torch.Tensor.log)
+)
+
+
+def reduces_unit_axis(func, args: tuple, kwargs: dict, channel_first: bool | None) -> bool:
+    """Whether `func(*args, **kwargs)` reduces its rank >= 2 input over the unit axis alone (as
+    `infer_channel_dim` places it): what remains is one value per position or sample (`h.sum(-1)`,
+    `x.norm(dim=-1)`), which holds no units, and a clamp of it (`(h.sum(-1) - m).clamp(min=0)`, a
+    margin) is no ReLU layer, whatever its shape (probe.ops.clamp_is_layer)."""
+    where = REDUCTIONS.get(func)
+    if where is None or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
+        return False
+    dim = args[where] if len(args) > where else kwargs.get("dim")
+    if isinstance(dim, (tuple, list)) and len(dim) == 1:
+        dim = dim[0]
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        return False
+    rank = args[0].dim()
+    return dim % rank == infer_channel_dim(rank, channel_first) % rank
 
 
 def moved_unit_axis(kind: str, dims: tuple, axis: int, rank: int = 3) -> int | None:

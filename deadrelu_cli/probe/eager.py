@@ -24,6 +24,8 @@ from torch.overrides import TorchFunctionMode
 
 from deadrelu_cli.probe.accumulator import CACHE_PART_BYTES
 from deadrelu_cli.probe.base import (
+    PER_POSITION_ELEMENTWISE,
+    REDUCTIONS,
     SQUEEZES,
     ProbeSettings,
     SiteRegistry,
@@ -32,6 +34,7 @@ from deadrelu_cli.probe.base import (
     keeps_dtype,
     moved_unit_axis,
     pools_over_space,
+    reduces_unit_axis,
     squeeze_keeps_channels,
 )
 from deadrelu_cli.probe.ops import (
@@ -211,6 +214,28 @@ def _layout_functions() -> set:
             F.layer_norm, T.__getitem__, T.squeeze, torch.squeeze, T.unsqueeze, torch.unsqueeze}  # fmt: skip
 
 
+# ops that may move a tensor's first two axes (followed by EagerProbe.carry_alignment)
+_AXIS_MOVES = frozenset(
+    (torch.Tensor.transpose, torch.transpose, torch.Tensor.swapaxes, torch.swapaxes, torch.Tensor.swapdims)
+    + (torch.swapdims, torch.Tensor.permute, torch.permute, torch.Tensor.movedim, torch.movedim)
+    + (torch.Tensor.moveaxis, torch.moveaxis, torch.Tensor.t, torch.t, torch.Tensor.mT.__get__)
+)
+
+
+def _lead_axes_after(func, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    """Where axes 0 and 1 of args[0] are after the axis move `func` (an _AXIS_MOVES op), read off the
+    same op on a meta tensor whose axes all have different sizes; None when that fails."""
+    rank = args[0].dim()
+    sizes = (2, 3, 5, 7, 11, 13, 17, 19)[:rank]
+    if len(sizes) < rank:
+        return None
+    try:
+        moved = tuple(func(torch.empty(sizes, device="meta"), *args[1:], **kwargs).shape)
+    except Exception:  # noqa: BLE001  (an op this does not read: no alignment carried)
+        return None
+    return (moved.index(2), moved.index(3)) if 2 in moved and 3 in moved else None
+
+
 def _moved_unit_axis(func, args: tuple, kwargs: dict, axis: int, before, after) -> int | None:
     """Where a rank-3 tensor's unit axis `axis` is after `func` (see `_layout_functions`), or None when
     that is not known (another rank, or the op changed the number of units)."""
@@ -384,9 +409,12 @@ class _CallSiteMode(TorchFunctionMode):
             spec = None  # a clamped variance / norm / loss: an ordinary op, not a ReLU layer
         if spec is None or not args or not isinstance(args[0], torch.Tensor):
             out = func(*args, **kwargs)
+            if self.probe._aligned:
+                self.probe.carry_alignment(func, args, kwargs, out)
             if func in _NOTED:
                 self.probe.note_made(func, args, kwargs, out)
             if args and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor):
+                self.probe.note_per_position(func, args, kwargs, out)
                 if func in self.probe.pass_through:
                     others = list(args[1:]) + list(kwargs.values())
                     self.probe.propagate(
@@ -444,6 +472,8 @@ class _CallSiteMode(TorchFunctionMode):
                 lambda pre: self.probe.observe(name, op, pre),
                 lambda post: self.probe.registry.record_post(name, post),
             )
+        if self.probe._aligned and not in_place:
+            self.probe.carry_alignment(func, args, kwargs, out)
         if in_place:  # the tensor now holds activations, no longer its producer's output
             self.probe.forget(args[0])
         if isinstance(out, torch.Tensor):
@@ -463,20 +493,60 @@ def call_op(functions: dict, func, args: tuple, kwargs: dict) -> str | None:
     return spec.op if spec.clamp is None else _clamp_op(spec.clamp, args, kwargs)
 
 
-class _ActivationCounter(TorchFunctionMode):
-    """Counts the activation calls of code the probe runs but cannot attribute (a torch.cond branch)."""
+# the functions nn.Linear, nn.Conv*, the norms call: a clamp of their output is a layer (clamp_is_layer)
+_LAYER_FUNCTIONS = frozenset(
+    (F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d)
+    + (F.conv_transpose3d, F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm)
+)
 
-    def __init__(self, functions: dict) -> None:
+
+class _ActivationCounter(TorchFunctionMode):
+    """Counts the activation calls of code the probe runs but cannot attribute (a torch.cond branch).
+    A clamp counts as the call site probes count it (probe.ops.clamp_is_layer): one of a layer's output
+    (a Linear/Conv/norm function's, through elementwise ops), or of a value with a unit axis of more than
+    one unit that is no reduction over the units (probe.base.reduces_unit_axis)."""
+
+    def __init__(self, functions: dict, pass_through: set) -> None:
         super().__init__()
         self.functions = functions
+        self.pass_through = pass_through
         self.counts: Counter = Counter()
+        self._layer_outputs: dict[int, weakref.ref] = {}
+        self._per_position: dict[int, weakref.ref] = {}
+
+    @staticmethod
+    def _marked(table: dict, value) -> bool:
+        entry = table.get(id(value))
+        return entry is not None and entry() is value
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         op = call_op(self.functions, func, args, kwargs)
+        if op is not None and self.functions[func].clamp is not None:
+            pre = args[0]
+            from_layer = self._marked(self._layer_outputs, pre)
+            if self._marked(self._per_position, pre) or not clamp_is_layer(
+                tuple(pre.shape), None, from_layer
+            ):
+                op = None
         if op is not None:
             self.counts[op] += 1
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+            if func in _LAYER_FUNCTIONS:
+                self._layer_outputs[id(out)] = weakref.ref(out)
+            elif func in self.pass_through or func in PER_POSITION_ELEMENTWISE:
+                through = func in self.pass_through  # a layer's output stays one through these only
+                for table in (self._layer_outputs, self._per_position) if through else (self._per_position,):
+                    if any(
+                        self._marked(table, a)
+                        for a in (*args, *kwargs.values())
+                        if isinstance(a, torch.Tensor)
+                    ):
+                        table[id(out)] = weakref.ref(out)
+            elif reduces_unit_axis(func, args, kwargs, None):
+                self._per_position[id(out)] = weakref.ref(out)
+        return out
 
 
 class EagerProbe:
@@ -500,6 +570,12 @@ class EagerProbe:
         self.layout = _layout_functions()
         # activation outputs (and unit-preserving views of them): id -> (weakref, site name)
         self._site_outputs: dict[int, tuple[weakref.ref, str]] = {}
+        # id(tensor) -> weakref: values reduced over the units, one per position (note_per_position)
+        self._per_position: dict[int, weakref.ref] = {}
+        # id(tensor) -> (weakref, time-major?): tensors whose first two axes are the position mask's
+        # [batch, tokens] (False) or [tokens, batch] (True), by descent from the forward's token ids;
+        # followed only in a forward whose mask has as many samples as tokens (see note_inputs)
+        self._aligned: dict[int, tuple[weakref.ref, bool]] = {}
         self.consumers: dict[str, set[str]] = {}  # site -> Linear/Conv modules that read its output
         self.upstream: dict[str, str] = {}  # producer -> the producer feeding it (BN -> its Conv)
         self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement
@@ -749,6 +825,8 @@ class EagerProbe:
         self._produced.clear()
         self._sources.clear()
         self._site_outputs.clear()
+        self._per_position.clear()
+        self._aligned.clear()
         self._zeros.clear()
         self._positives.clear()
 
@@ -758,6 +836,7 @@ class EagerProbe:
     def run(self, inputs: tuple, kwargs: dict | None = None):
         """One forward pass under the call-site mode."""
         self.begin_forward()
+        self.note_inputs(inputs, kwargs or {})
         compiler_loaded = "torch._dynamo" in sys.modules  # importing it costs seconds: only when loaded
         with self._eager_stance(compiler_loaded), _CallSiteMode(self):
             out = self.model(*inputs, **(kwargs or {}))
@@ -826,7 +905,79 @@ class EagerProbe:
 
     def observe(self, name: str, op: str, pre: torch.Tensor) -> None:
         self._note_source(name, pre)
+        self.registry.call_hint = self.alignment_of(pre) if self._aligned else None
+        if name not in self.registry.layout_hints:  # once per site: its module's own word on the layout
+            self.registry.layout_hints[name] = self._time_major_hint()
         self.registry.record_pre(name, op, pre, *self._site_facts(pre))
+
+    def _time_major_hint(self) -> bool | None:
+        """Whether the running site's tensors are [T, B, ...]: inside torch's nn.TransformerEncoderLayer /
+        nn.TransformerDecoderLayer, as its attention's `batch_first` says (False: [T, B, E]); None elsewhere
+        (where a batch of as many samples as tokens leaves the shape ambiguous, another batch decides)."""
+        for _, module in reversed(self._stack):
+            if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+                first = getattr(getattr(module, "self_attn", None), "batch_first", None)
+                return None if first is None else not first
+        return None
+
+    def note_per_position(self, func, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        """Remember `out` as one value per position (no units) when `func` reduced its input over the unit
+        axis (probe.base.reduces_unit_axis), or is an elementwise op of such a value (`h.sum(-1) - m`)."""
+        if func in self.pass_through or func in PER_POSITION_ELEMENTWISE:
+            if not self._per_position:
+                return
+            operands = (*args, *kwargs.values())
+            if any(isinstance(a, torch.Tensor) and self.per_position(a) for a in operands):
+                self._per_position[id(out)] = weakref.ref(out)
+            return
+        if func in REDUCTIONS:
+            origin = self.origin_of(args[0])
+            if reduces_unit_axis(func, args, kwargs, origin[2] if origin else None):
+                self._per_position[id(out)] = weakref.ref(out)
+
+    def note_inputs(self, args: tuple, kwargs: dict) -> None:
+        """At the start of a forward whose position mask has as many samples as tokens (where a site's
+        [T, B, ...] and [B, T, ...] have one shape): its [batch, tokens] inputs of the mask's shape (token
+        ids, as the mask marks them) are laid out as the mask; what descends from them is followed
+        (`carry_alignment`) to tell a site's layout by what the model did, not by its shape."""
+        mask = self.registry.position_mask
+        if mask is None or mask.batch != mask.tokens or mask.batch < 2:
+            return
+        for value in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(value, torch.Tensor) and tuple(value.shape) == (mask.batch, mask.tokens):
+                self._aligned[id(value)] = (weakref.ref(value), False)
+
+    def alignment_of(self, tensor: torch.Tensor) -> bool | None:
+        """Whether the tensor is [T, B, ...] (True) or [B, T, ...] (False) by descent (note_inputs), or None."""
+        entry = self._aligned.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def carry_alignment(self, func, args: tuple, kwargs: dict, out) -> None:
+        """`out` is laid out as the operand it came from when its first two axes are that operand's
+        (elementwise ops, Linear, embedding, norms, views that keep them); a transpose of those two
+        turns [B, T] into [T, B]; any other move of them, or other sizes there, ends the trail."""
+        if not isinstance(out, torch.Tensor) or out.dim() < 2:
+            return
+        source, mark = None, None
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and (found := self.alignment_of(value)) is not None:
+                source, mark = value, found
+                break
+        if source is None:
+            return
+        if func in _AXIS_MOVES:
+            lead = _lead_axes_after(func, args, kwargs) if args and args[0] is source else None
+            if lead == (1, 0):
+                mark = not mark
+            elif lead != (0, 1):
+                return
+        elif tuple(out.shape[:2]) != tuple(source.shape[:2]) or source.dim() < 2:
+            return
+        self._aligned[id(out)] = (weakref.ref(out), mark)
+
+    def per_position(self, tensor: torch.Tensor) -> bool:
+        entry = self._per_position.get(id(tensor))
+        return entry is not None and entry() is tensor
 
     def note_made(self, func, args: tuple, kwargs: dict, out) -> None:
         """Keep track of the zeros a forward makes (and their copies) and of its `x > 0` masks: what a
@@ -890,13 +1041,14 @@ class EagerProbe:
         return spelled, (x,), {}
 
     def clamp_is_layer(self, pre, op: str) -> bool:
-        """Whether a clamp with a ReLU's bounds is a layer (probe.ops.clamp_is_layer); one that is not
-        still takes its number in the names, as the graph probes number it."""
+        """Whether a clamp with a ReLU's bounds is a layer (probe.ops.clamp_is_layer; not when it clamps a
+        reduction over the units, `per_position`); one that is not still takes its number in the names,
+        as the graph probes number it."""
         if not isinstance(pre, torch.Tensor):
             return False
         origin = self.origin_of(pre)
         unit_axis = infer_channel_dim(pre.dim(), origin[2] if origin else None) if pre.dim() else None
-        if clamp_is_layer(tuple(pre.shape), unit_axis, origin is not None):
+        if not self.per_position(pre) and clamp_is_layer(tuple(pre.shape), unit_axis, origin is not None):
             return True
         if op in self.settings.ops and pre.is_floating_point():  # as a float site would have been
             self.next_site_name(op)
@@ -918,7 +1070,7 @@ class EagerProbe:
         those are named in `hidden` (per call site, the most one forward ran), not counted per unit (the
         branch that ran depends on the batch, and the graph formats cannot see into them either)."""
         name = getattr(func, "__name__", str(func))
-        counter = _ActivationCounter(self.functions)
+        counter = _ActivationCounter(self.functions, self.pass_through)
         with counter:
             if name == "cond" and len(args) == 4 and not kwargs:  # cond(pred, true_fn, false_fn, operands)
                 pred, true_fn, false_fn, operands = args

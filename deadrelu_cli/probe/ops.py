@@ -259,7 +259,7 @@ def token_layout(shape: tuple[int, ...], channel_dim: int, batch: int, tokens: i
     positions of a position mask: TOKENS_LAST, TOKEN_ROWS, TOKENS_FIRST, TOKEN_FLAT, or None (no such
     axis: a pooled head, a conv over pixels, a sequence of another length). Shared by the torch and ONNX
     probes. [T, B, ...] is told from [B, T, ...] by its shape only: where batch == tokens it reads as
-    [B, T, ...]."""
+    [B, T, ...] (`layout_ambiguous` says when; the probes then decide it otherwise)."""
     rank = len(shape)
     if rank == 3 and channel_dim == 1 and (shape[0], shape[2]) == (batch, tokens):
         return TOKENS_LAST
@@ -270,6 +270,14 @@ def token_layout(shape: tuple[int, ...], channel_dim: int, batch: int, tokens: i
     if rank >= 2 and shape[0] == batch * tokens and channel_dim >= 1 and tokens > 1:
         return TOKEN_FLAT
     return None
+
+
+def layout_ambiguous(shape: tuple[int, ...], channel_dim: int, batch: int, tokens: int) -> bool:
+    """Whether an activation of this shape reads as [B, T, ...] and as [T, B, ...] alike: a batch of as
+    many samples as tokens (> 1), units after the first two axes. Its shape cannot say which it is."""
+    return (
+        batch == tokens > 1 and len(shape) >= 3 and tuple(shape[:2]) == (batch, tokens) and channel_dim >= 2
+    )
 
 
 def threshold_below(threshold: float, dtype: object) -> float:

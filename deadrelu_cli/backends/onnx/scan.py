@@ -9,7 +9,7 @@ import numpy as np
 
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import unseen_notes
+from deadrelu_cli.gate import LAYOUT_AMBIGUOUS, unseen_notes
 from deadrelu_cli.inputs import (
     batch_mask,
     fixed_batch_error,
@@ -265,7 +265,7 @@ def _discover_shapes(
     from onnx import TensorProto, helper
 
     from deadrelu_cli.probe.onnx_graph import lift_to_main, site_channel_dim, subgraph_map
-    from deadrelu_cli.probe.ops import token_layout
+    from deadrelu_cli.probe.ops import layout_ambiguous, token_layout
     from deadrelu_cli.wiring.onnx_index import opset_version
 
     if mask is not None:
@@ -311,6 +311,7 @@ def _discover_shapes(
     keep = batch_mask(mask, batch) if mask is not None else None
     # Where (opset 9) applies the mask in the graph; older graphs count every position, which a note says
     maskable = keep is not None and opset_version(model) >= 9
+    ambiguous = []  # sites whose shape reads as [B, T, ...] and [T, B, ...] alike
     for site, shape in zip(unknown, session.run(None, feeds), strict=True):
         shape = np.asarray(shape)
         if shape.ndim == 2:  # a Loop's per-iteration shapes: the first iteration's
@@ -322,9 +323,80 @@ def _discover_shapes(
         if keep is not None and not maskable:
             site.mask_unapplied = "opset below 9"
         elif maskable and site.rank >= 2:
-            site.token_layout = token_layout(shape, site_channel_dim(site, channel_dim), *keep.shape)
+            dim = site_channel_dim(site, channel_dim)
+            if layout_ambiguous(shape, dim, *keep.shape):  # a fixed batch of as many samples as tokens
+                site.mask_unapplied = LAYOUT_AMBIGUOUS
+                ambiguous.append(site)
+                continue
+            site.token_layout = token_layout(shape, dim, *keep.shape)
         if site.graph_path and (site.token_layout or "Loop" not in _owner_types(owners, site.graph_path)):
             # a Loop body's tensor of other positions may be a per-step slice of the tokens: stays unmasked
+            site.mask_unapplied = None
+    if ambiguous:
+        consts, axes = set(getattr(data, "consts", ())), getattr(data, "batch_axes", {})
+        sample_axes = {inp: None if arr in consts else axes.get(arr, 0) for inp, arr in order.items()}
+        _tell_layouts(model, ambiguous, feeds, sample_axes, device, weights_dir)
+
+
+def _tell_layouts(
+    model, sites: list, feeds: dict, sample_axes: dict, device: str, weights_dir: str | None
+) -> None:
+    """Main-graph sites whose [B, T, ...] and [T, B, ...] readings have one shape (a graph that fixes its
+    batch at the mask's token count): run the batch again with its samples in reverse order. Whichever
+    of the first two axes is the batch, the per-index sums over the other axes (ReduceSum) come back in
+    reverse along it and unchanged along the other: that axis is the batch, found by what the graph
+    computes, not by its sizes. A site neither or both ways (identical samples) stays ambiguous."""
+    from onnx import helper, numpy_helper
+
+    from deadrelu_cli.probe.ops import TOKEN_ROWS, TOKENS_FIRST
+    from deadrelu_cli.wiring.onnx_index import opset_version
+
+    main = [site for site in sites if not site.graph_path]
+    if not main:
+        return
+    probe = type(model)()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    opset = opset_version(probe)
+    for i, site in enumerate(main):
+        for lead in (0, 1):
+            axes = [a for a in range(site.rank) if a != lead]
+            name = f"deadrelu_lead{lead}_{i}"
+            if opset >= 13:
+                probe.graph.initializer.append(
+                    numpy_helper.from_array(np.array(axes, np.int64), name + "_axes")
+                )
+                node = helper.make_node("ReduceSum", [site.input_name, name + "_axes"], [name], keepdims=0)
+            else:
+                node = helper.make_node("ReduceSum", [site.input_name], [name], axes=axes, keepdims=0)
+            probe.graph.node.append(node)
+            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    batched = [inp for inp, axis in sample_axes.items() if axis is not None]
+    if not batched:
+        return
+    samples = feeds[batched[0]].shape[sample_axes[batched[0]]]
+    order = np.arange(samples)[::-1]  # every sample elsewhere: a permutation that moves each of them
+    reversed_feeds = {
+        inp: value if sample_axes.get(inp) is None else np.take(value, order, axis=sample_axes[inp])
+        for inp, value in feeds.items()
+    }
+    try:
+        session = make_session(probe.SerializeToString(), device, [], weights_dir)
+        first = session.run(None, feeds)
+        second = session.run(None, reversed_feeds)
+    except Exception:  # noqa: BLE001  (a graph this cannot run again: its sites stay ambiguous, and say so)
+        return
+
+    def same(a, b) -> bool:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-4, atol=1e-6 * (np.abs(a).max() + 1)))
+
+    for i, site in enumerate(main):
+        sums, again = first[2 * i : 2 * i + 2], second[2 * i : 2 * i + 2]
+        batch_first = same(again[0], sums[0][order]) and same(again[1], sums[1])
+        time_major = same(again[1], sums[1][order]) and same(again[0], sums[0])
+        if batch_first != time_major:
+            site.token_layout = TOKEN_ROWS if batch_first else TOKENS_FIRST
             site.mask_unapplied = None
 
 
