@@ -68,6 +68,9 @@ class WatchSettings:
     gate: GateConfig = field(default_factory=GateConfig)
 
 
+# the reports a watch keeps in memory by default: each holds a few numbers per unit, so that a long run's
+# memory stays O(units) (out_dir and on_report see every window; keep_reports=None keeps all)
+KEEP_REPORTS = 100
 COMPILED_WRAPPER_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
 CONFIG_FIELDS = ("threshold", "dying", "tau", "ops", "channel_dim")
 GATE_FIELDS = (
@@ -262,7 +265,7 @@ class Watch:
     global step; `end_step()` after it (optional in a plain loop: the next `step()` does it). A window's
     Report is made when its last sampled step ends; `close()` (or leaving the `with` block) makes the
     last, partial one. `on_report(report)` is called with each Report; `out_dir` gets one JSON report per
-    window (`deadrelu-step00001200.json`); limits (`max_dead_layer`, …, or [tool.deadrelu]) warn once per
+    window (`deadrelu-step00001200.json`); `reports` holds the last `keep_reports` (100; None: all); limits (`max_dead_layer`, …, or [tool.deadrelu]) warn once per
     layer with a `DeadLayerWarning`, and with `stop_on_gate=True` set `should_stop` when one is exceeded.
     `mask` names the forward argument read as the position mask of each sampled forward (default
     "attention_mask": positions where it is 0 are not counted, as in `deadrelu scan`); None turns it off.
@@ -287,7 +290,7 @@ class Watch:
         stop_on_gate: bool = False,
         config: str | bool | None = None,
         name: str | None = None,
-        keep_reports: int | None = None,
+        keep_reports: int | None = KEEP_REPORTS,
         mask: str | None = "attention_mask",
         distributed: bool = True,
         count_evaluation: bool = False,
@@ -381,6 +384,11 @@ class Watch:
         self._next_step = current + 1
         if not self.is_sampled(current):
             return False
+        last = self._sampled[-1] if self._sampled else None
+        if last is not None and (self._block(last) != self._block(current) or current < last):
+            # the open window's block is over (steps were skipped: a resume), or the numbering started
+            # again (step numbers per epoch): the window ends here
+            self._close_window()
         self._attach()
         self._sampled.append(current)
         return True
@@ -401,9 +409,19 @@ class Watch:
     def end_step(self) -> Report | None:
         """The step's forwards are done: take the probe off; the window's Report when it is complete."""
         self._detach()
-        if self._sampled and len(self._sampled) >= self.window:
+        if self._sampled and self._block_end(self._sampled[-1]):
             return self._close_window()
         return None
+
+    # Windows are blocks of `every * window` steps (steps 0-199, 200-399, … for every=100, window=2), not
+    # counts of the steps this process sampled: a run resumed at step 250 puts step 300 in the window
+    # of 200-399, the one the first run's report of those steps covers (and replaces), so that reports
+    # of two runs never overlap
+    def _block(self, step: int) -> int:
+        return step // (self.every * self.window)
+
+    def _block_end(self, step: int) -> bool:
+        return (step // self.every) % self.window == self.window - 1
 
     def close(self) -> Report | None:
         """End the run: the last window's Report, even when it has fewer sampled steps than `window`."""
@@ -424,8 +442,24 @@ class Watch:
     def __enter__(self) -> Watch:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+    def abort(self) -> Report | None:
+        """The training failed (an exception left the loop): take the probe off. In one process the open
+        window's report is made, as by `close()`; with several ranks the open window is dropped, since a
+        rank that fails must not enter a collective its peers are not in (it would be paired with their
+        next window's, and mix its counts into it)."""
+        if self._world() is None:
+            return self.close()
+        self._detach()
+        self._sampled, self._samples, self._site_samples = [], 0, {}
+        self._evaluations = self._replicas = 0
+        self._probe.restart_counts()
+        return None
 
     # -- attaching ----------------------------------------------------------------------------------
     def _attach(self) -> None:
@@ -639,6 +673,16 @@ class Watch:
                 attach_module_biases(self.model, layers)
         else:
             attach_module_biases(self.model, layers)
+        # a diverging run (NaN/Inf activations or weights) must not stop the training from here: its
+        # report says so, and is kept in memory when JSON cannot hold it
+        nan_units = {layer.name: int(np.isnan(layer.sum_abs).sum()) for layer in layers if layer.ran}
+        nan_units = {name: n for name, n in nan_units.items() if n}
+        unwritable = [layer.name for layer in layers if not np.isfinite(layer.sum_abs).all()]
+        bad_bias = []
+        for layer in layers:
+            if layer.bias is not None and not np.isfinite(layer.bias).all():
+                bad_bias.append(layer.name)
+                layer.bias = None
         training = TrainingInfo(
             step=sampled[-1],
             first_step=sampled[0],
@@ -696,6 +740,21 @@ class Watch:
             report.notes.append(
                 f"the model ran no {'/'.join(s.ops)} call on the sampled steps: nothing to count"
             )
+        diverged = []
+        if nan_units:
+            diverged.append(
+                f"NaN activations (has the training diverged?) in {sum(nan_units.values())} unit(s) of "
+                f"{', '.join(nan_units)}: a NaN is no firing, so these units count as dead whether or not "
+                "they are (their layers' dead fraction is logged as NaN)"
+            )
+        if bad_bias:
+            diverged.append(f"NaN/Inf bias in {', '.join(bad_bias)}: left out of the report")
+        if unwritable and self.out_dir is not None:
+            diverged.append(
+                f"the sum of |activation| of {', '.join(unwritable)} is NaN or Inf, which a JSON report "
+                f"cannot hold: this window's report is not written to {self.out_dir}"
+            )
+        report.notes.extend(diverged)
         ambiguous = [layer.name for layer in layers if layer.extra.get("position_mask") == LAYOUT_AMBIGUOUS]
         if ambiguous:
             shown = ", ".join(ambiguous[:5]) + (", …" if len(ambiguous) > 5 else "")
@@ -713,7 +772,10 @@ class Watch:
         if self.keep_reports is not None and len(self.reports) > self.keep_reports:
             del self.reports[: len(self.reports) - self.keep_reports]
         main = world is None or world.is_main  # rank 0 alone writes and warns; every rank decides alike
-        if self.out_dir is not None and main:
+        if diverged and main and "<diverged>" not in self._warned:  # once per run
+            self._warned.add("<diverged>")
+            warnings.warn(f"deadrelu: step {training.step}: {'; '.join(diverged)}", UserWarning, stacklevel=3)
+        if self.out_dir is not None and main and not unwritable:
             target = self.out_dir / f"deadrelu-step{training.step:08d}.json"
             if target.exists() and target not in self._written and not self._overwrite_warned:
                 # an earlier run's report (a re-run, or a resumed run whose steps start at 0 again)
@@ -726,10 +788,32 @@ class Watch:
                 )
             write_text_atomic(target, report_to_json(report))
             self._written.add(target)
+            self._replace_earlier(target, training.step)
         self._check(report, warn=main)
         if self.on_report is not None:
             self.on_report(report)
         return report
+
+    def _replace_earlier(self, target: Path, step: int) -> None:
+        """Remove the reports an earlier run left in out_dir for steps of this window's block (a run
+        resumed from a checkpoint replays the steps after it: the first run's report of them, e.g. its
+        partial last window, would otherwise stand beside this one in `deadrelu trend`)."""
+        span = self.every * self.window
+        first = self._block(step) * span
+        earlier = []
+        for path in self.out_dir.glob("deadrelu-step*.json"):
+            number = path.name[len("deadrelu-step") : -len(".json")]
+            if number.isdigit() and first <= int(number) < first + span and path not in self._written:
+                earlier.append(path)
+        for path in sorted(earlier):
+            path.unlink(missing_ok=True)
+        if earlier:
+            warnings.warn(
+                f"deadrelu: {', '.join(p.name for p in sorted(earlier))} in {self.out_dir}: an earlier run's "
+                f"report of steps {first}-{first + span - 1}, replaced by {target.name} (this run's steps)",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _world(self) -> World | None:
         """The process group to combine counts over (None: one process, or `distributed=False`)."""
@@ -765,8 +849,11 @@ class Watch:
 def layer_metrics(report: Report, prefix: str = "deadrelu/") -> dict[str, float]:
     """Flat metrics for a trainer's loggers: per layer the dead fraction, and the model's totals."""
     summary = report.summary()
+    # units that saw a NaN count as dead whether or not they are (see Watch._close_window): their
+    # layers', and the model's, dead fraction is NaN rather than a number that looks like an answer
+    nan_layers = {layer.name for layer in report.layers if layer.ran and np.isnan(layer.sum_abs).any()}
     metrics: dict[str, float] = {
-        f"{prefix}dead_fraction": summary.dead_fraction,
+        f"{prefix}dead_fraction": float("nan") if nan_layers else summary.dead_fraction,
         f"{prefix}dead": float(summary.dead),
         f"{prefix}dying": float(summary.dying),
         f"{prefix}dormant": float(summary.dormant),
@@ -776,7 +863,12 @@ def layer_metrics(report: Report, prefix: str = "deadrelu/") -> dict[str, float]
         metrics[f"{prefix}persistence"] = training.persistence_overall
     for layer in report.layers:
         if layer.ran and layer.units:
-            metrics[f"{prefix}dead_fraction/{layer.name}"] = float(layer.dead_mask().mean())
+            nan = layer.name in nan_layers
+            metrics[f"{prefix}dead_fraction/{layer.name}"] = (
+                float("nan") if nan else float(layer.dead_mask().mean())
+            )
+    if nan_layers:
+        metrics[f"{prefix}nan_units"] = float(sum(int(np.isnan(lay.sum_abs).sum()) for lay in report.layers))
     return metrics
 
 

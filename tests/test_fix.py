@@ -542,11 +542,12 @@ def test_leaky_on_torchscript_input_one_site(cli, work):
         out,
     )
     assert result.code == 0, result.err
-    refused = cli(
-        "fix", work / "model.torchscript.pt", "--data", work / "calib.npz", "--strategy", "reinit",
-        "--output", work / "x.ts",
+    refused = cli(  # (every strategy takes TorchScript now: tests/test_fix41.py; its output stays TorchScript)
+        "fix", work / "model.torchscript.pt", "--data", work / "calib.npz", "--strategy", "leaky",
+        "--output", work / "x.onnx",
     )  # fmt: skip
-    assert refused.code == 2 and "not supported yet (it takes leaky and elu)" in refused.err
+    assert refused.code == 2 and "patched into a TorchScript archive" in refused.err
+    assert not (work / "x.onnx").exists()
     patched = torch.jit.load(str(out))
     m = _load_cnn(work / "model.pt")
     # only the second call of the shared ReLU becomes leaky

@@ -155,7 +155,8 @@ def fix(
     if result.nothing_to_fix:  # a success: MODEL is already what fix would make; OUT is not written
         return
     if not result.written:
-        raise GateFailed(f"verification failed: nothing written to {output} (use --force to write anyway)")
+        why = f": {'; '.join(result.failures)}" if quiet and result.failures else ""  # else in the table
+        raise GateFailed(f"verification failed, nothing written to {output} (--force writes it anyway){why}")
     console.print(
         ("written" if result.verified else "written despite failed verification (--force)") + f": {output}",
         markup=False,

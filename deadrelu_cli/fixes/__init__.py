@@ -1,4 +1,4 @@
-"""`deadrelu fix`: leaky, elu, reinit (ReDo), bias-shift and prune, verified on data before writing.
+"""`deadrelu fix`: leaky, elu, reinit (ReDo), bias-shift, prune and kick, verified on data before writing.
 
 `patch_module` applies the leaky/elu patch to a live nn.Module (torch is imported on use).
 """

@@ -13,7 +13,7 @@ from deadrelu_cli.report.model import Report
 STRATEGIES = ("leaky", "elu", "reinit", "bias-shift", "prune", "kick")
 EXACT_STRATEGIES = ("reinit", "prune")  # outputs on the calibration data must not change
 ARTIFACT_SUFFIXES = {".pt2": "exported_program", ".onnx": "onnx", ".ts": "torchscript", ".jit": "torchscript"}
-# (a TorchScript input patched with leaky/elu is written as TorchScript whatever OUT's extension)
+# (a TorchScript input is written as TorchScript, under a .ts/.jit/.pt/.pth name: backends/torch/fix._script_output)
 STATE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
@@ -83,6 +83,7 @@ class FixResult:
     holdout_max_abs_diff: float | None = None
     holdout_max_rel_diff: float | None = None
     notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # the notes that failed the verification
     new_widths: dict[str, int] = field(default_factory=dict)
     # files written with OUT (temp, final) and copied beside it (source, destination): a training
     # checkpoint's optimizer.pt and the rest of its folder; moved into place only when OUT is
@@ -110,6 +111,7 @@ class FixResult:
             "flops_after": self.flops_after,
             "new_widths": self.new_widths,
             "notes": self.notes,
+            "failures": self.failures,
             "layers": [vars(layer).copy() for layer in self.layers],
         }
 

@@ -136,6 +136,13 @@ def _verify_on_holdout(
     result.holdout_max_abs_diff, result.holdout_max_rel_diff = compare(before, after)
 
 
+def _fail(result: FixResult, why: str) -> None:
+    """Not verified, and why (a note in the table; the error line with -q)."""
+    result.verified = False
+    result.notes.append(why)
+    result.failures.append(why)
+
+
 REVIVING_STRATEGIES = ("reinit", "kick", "bias-shift")  # their point is that the units fire again
 REVIVE_HINT = {
     "kick": "raise --kick-scale",
@@ -151,10 +158,10 @@ def _check_revived(options: FixOptions, outcomes, result: FixResult) -> None:
     total = sum(len(rates) for _, rates in acted)
     revived = sum(sum(rate > 0 for rate in rates) for _, rates in acted)
     if total and not revived:
-        result.verified = False
-        result.notes.append(
+        _fail(
+            result,
             f"--strategy {options.strategy} revived none of the {total} dead units it changed "
-            f"(none fires on the data afterwards); {REVIVE_HINT[options.strategy]}"
+            f"(none fires on the data afterwards); {REVIVE_HINT[options.strategy]}",
         )
     elif total and revived < total:
         hint = f"; {REVIVE_HINT[options.strategy]} to revive more" if options.strategy != "reinit" else ""
@@ -171,11 +178,11 @@ def _check_promises(options: FixOptions, outcome, elements: int, threshold: floa
     pairs = list(zip(outcome.units, outcome.promised, outcome.rates_after, strict=True))
     dead = [unit for unit, promised, rate in pairs if promised > 0 and rate <= 0]
     if dead:
-        result.verified = False
         shown = ", ".join(str(u) for u in dead[:8]) + (", …" if len(dead) > 8 else "")
-        result.notes.append(
+        _fail(
+            result,
             f"{outcome.name}: {len(dead)} of the {len(pairs)} units {options.strategy} changed to fire still "
-            f"never exceed --threshold {threshold:g} on the data in the written file (units {shown})"
+            f"never exceed --threshold {threshold:g} on the data in the written file (units {shown})",
         )
     if options.strategy == "bias-shift":
         over = [
@@ -184,12 +191,12 @@ def _check_promises(options: FixOptions, outcome, elements: int, threshold: floa
             if promised > 0 and rate > 2 * promised + 2 / max(1, elements)
         ]
         if over:
-            result.verified = False
             rate, promised = max(over)
-            result.notes.append(
+            _fail(
+                result,
                 f"{outcome.name}: shifted units fire on up to {rate:.1%} of the data, not the {promised:.1%} "
                 "the shift was computed for: something between the bias and the activation moved it "
-                "otherwise than measured (use --strategy reinit or kick there, or --layers to leave it out)"
+                "otherwise than measured (use --strategy reinit or kick there, or --layers to leave it out)",
             )
     unreached = sum(promised <= 0 for _, promised, _ in pairs)
     if unreached and options.strategy == "reinit":
@@ -207,6 +214,26 @@ def _check_promises(options: FixOptions, outcome, elements: int, threshold: floa
             f"--target-rate {options.target_rate:g}: their values tie at the cut (equal on many positions), "
             "and tied values fire together"
         )
+
+
+def _why_outputs_changed(report, outcomes, strategy: str, threshold: float) -> str:
+    """Why an exact strategy changed outputs, when the scan tells: with --threshold > 0, units dead at
+    it may still be positive (in (0, threshold]), so the next layer reads them and zeroing their
+    outgoing weights (reinit) or removing them (prune) changes what it computes."""
+    if threshold <= 0:
+        return ""
+    acted = [(report.layer(o.name), o.units) for o in outcomes if o.applied]
+    peaks = [float(layer.max_preactivation[units].max()) for layer, units in acted if len(units)]
+    positive = sum(int((layer.max_preactivation[units] > 0).sum()) for layer, units in acted)
+    if not positive:
+        return ""
+    total = sum(len(units) for _, units in acted)
+    done = "zeroes their outgoing weights" if strategy == "reinit" else "removes them"
+    return (
+        f": {positive} of the {total} units are dead only at --threshold {threshold:g} (positive up to "
+        f"{max(peaks):.3g}, which the next layer reads) and {strategy} {done}; use --threshold 0 for an "
+        f"exact {strategy}, or bias-shift, kick or leaky"
+    )
 
 
 def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
@@ -299,10 +326,12 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
                     outcome.rates_after = [float(r) for r in layer.active_rate()[outcome.units]]
                     elements[outcome.name] = layer.elements_per_unit
         exact = options.strategy in EXACT_STRATEGIES
-        result.verified = (result.max_rel_diff <= options.tolerance) if exact else True
-        if exact and not result.verified:
-            result.notes.append(
-                f"outputs changed by {result.max_rel_diff:.3g} relative (> {options.tolerance:g})"
+        result.verified = True
+        if exact and result.max_rel_diff > options.tolerance:
+            _fail(
+                result,
+                f"outputs changed by {result.max_rel_diff:.3g} relative (> --tolerance {options.tolerance:g})"
+                + _why_outputs_changed(scanned.report, outcomes, options.strategy, scan_options.threshold),
             )
         if options.strategy in REVIVING_STRATEGIES:
             _check_revived(options, outcomes, result)
@@ -314,10 +343,10 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
             and result.holdout_max_rel_diff is not None
             and result.holdout_max_rel_diff > options.tolerance
         ):
-            result.verified = False
-            result.notes.append(
+            _fail(
+                result,
                 f"outputs on the hold-out changed by {result.holdout_max_rel_diff:.3g} relative "
-                f"(> {options.tolerance:g}): units dead on the scanned data fire on new data"
+                f"(> {options.tolerance:g}): units dead on the scanned data fire on new data",
             )
         if result.verified or options.force:
             for _, final in result.companions:  # checked when planned; again now, before anything moves

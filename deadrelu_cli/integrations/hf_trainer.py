@@ -61,6 +61,8 @@ class DeadReluCallback(TrainerCallback):
         return self
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.watch is not None:  # an earlier train() that failed (the Trainer tells no callback): its
+            self.watch.pause()  # probe comes off before a new one goes on
         folder = Path(self.out_dir) if self.out_dir is not None else Path(args.output_dir) / "deadrelu"
         self.watch = Watch(
             model,

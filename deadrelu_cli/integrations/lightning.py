@@ -104,6 +104,12 @@ class DeadReluCallback(Callback):
         if self.watch is not None:
             self.watch.close()
 
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # fit() failed (or was interrupted): on_train_end never comes, and the probe must not stay on
+        # the model (and on every module of the process, through its global hooks)
+        if self.watch is not None:
+            self.watch.abort()
+
     def _on_report(self, report: Report) -> None:
         trainer = self._trainer
         metrics = layer_metrics(report, self.prefix)

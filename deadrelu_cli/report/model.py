@@ -242,6 +242,10 @@ def report_to_json(report: Report) -> str:
                 f"layer {layer.name}: the sum of |activation| is NaN or Inf (NaN/Inf or huge values in the "
                 "data or the weights); a JSON report cannot hold it: clean the data or check the weights"
             )
+        if layer.bias is not None and not np.isfinite(layer.bias).all():
+            raise UserError(
+                f"layer {layer.name}: its bias holds NaN or Inf; a JSON report cannot hold it: check the weights"
+            )
     return json.dumps(report_to_dict(report), indent=2, allow_nan=False) + "\n"
 
 

@@ -25,20 +25,40 @@ BATCH_NORM = nn.modules.batchnorm._BatchNorm
 BATCH_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
+def submodule(module: nn.Module, path: str) -> nn.Module:
+    """`module.get_submodule(path)`, for a TorchScript module too (which has no get_submodule): its
+    submodules are attributes. AttributeError when there is none."""
+    if not isinstance(module, torch.jit.ScriptModule):
+        return module.get_submodule(path)
+    for part in path.split(".") if path else ():
+        child = getattr(module, part, None)
+        if not isinstance(child, nn.Module):
+            raise AttributeError(f"{path}: no such submodule")
+        module = child
+    return module
+
+
 def named_tensor(module: nn.Module, name: str | None) -> torch.Tensor | None:
-    """A parameter or buffer by its dotted name (an nn.Module, or a program's module), else None."""
+    """A parameter or buffer by its dotted name (an nn.Module, a program's module, a TorchScript
+    module), else None."""
     if name is None:
         return None
+    owner, _, leaf = name.rpartition(".")
+    if isinstance(module, torch.jit.ScriptModule):  # (no get_parameter/get_buffer there)
+        try:
+            tensors = dict(submodule(module, owner).named_parameters(recurse=False))
+            tensors.update(submodule(module, owner).named_buffers(recurse=False))
+        except AttributeError:
+            return None
+        return tensors.get(leaf)
     for getter in (module.get_parameter, module.get_buffer):
         try:
             tensor = getter(name)
         except AttributeError:
             continue
         if tensor.is_meta:
-            owner, _, leaf = name.rpartition(".")
             return offloaded(module.get_submodule(owner), leaf)
         return tensor
-    owner, _, leaf = name.rpartition(".")
     try:  # computed, not stored (weight_norm, spectral_norm): readable; `write_conflict` keeps fixes off it
         value = getattr(module.get_submodule(owner) if owner else module, leaf, None)
     except AttributeError:
@@ -50,7 +70,7 @@ def is_stored(module: nn.Module, name: str) -> bool:
     """True when `name` is a parameter or buffer itself, so writing into it changes the model."""
     owner, _, leaf = name.rpartition(".")
     try:
-        sub = module.get_submodule(owner) if owner else module
+        sub = submodule(module, owner)
     except AttributeError:
         return False
     return any(leaf == key for key, _ in sub.named_parameters(recurse=False)) or any(
@@ -336,6 +356,139 @@ def exported_wiring(
             return f"skipped: consumer {consumer_weight} is a grouped convolution"
         if to_write and _tied(consumer_parts[:1]):
             return _tied(consumer_parts[:1])
+        wiring.consumer = consumer_weight.rsplit(".", 1)[0]
+        wiring.consumer_weight = TensorRef(consumer_weight, 1)
+        wiring.readers = (wiring.consumer,)
+        return wiring
+    return "skipped: its output does not reach a linear/conv"
+
+
+# --- TorchScript graphs -------------------------------------------------------------------------------
+
+# aten::_convolution (a traced Conv): (input, weight, bias, stride, padding, dilation, transposed, …, groups)
+_SCRIPT_CONVS = {"linear": None, "conv1d": 6, "conv2d": 6, "conv3d": 6, "_convolution": 8}
+
+
+# ops that read only a tensor's shape (a scripted BatchNorm checks its input's dim()): not consumers
+_SHAPE_READS = frozenset({"aten::dim", "aten::size", "aten::len", "prim::shape", "aten::numel"})
+
+
+def _script_uses(value) -> list:
+    """The nodes that read `value`'s values (not only its shape)."""
+    return [use.user for use in value.uses() if use.user.kind() not in _SHAPE_READS]
+
+
+def _feeds_only(value, node) -> bool:
+    """`value` goes to the activation `node` and nowhere else (after an in-place relu_, code that reads
+    the tensor again reads the activated values: those reads belong to the activation's output)."""
+    in_place = node.kind().endswith("_")
+    return all(user == node or (in_place and user.isAfter(node)) for user in _script_uses(value))
+
+
+def _activation_readers(node) -> list:
+    """What reads the activation `node`'s values: its output's users, and after an in-place relu_ the
+    later users of the tensor it activated in place."""
+    readers = _script_uses(node.output())
+    if node.kind().endswith("_"):
+        readers += [user for user in _script_uses(node.inputsAt(0)) if user != node and user.isAfter(node)]
+    return readers
+
+
+def _script_base(node) -> str:
+    kind = node.kind()
+    return kind[len("aten::") :].rstrip("_") if kind.startswith("aten::") else ""
+
+
+def _script_attr(value) -> str | None:
+    """The dotted name of the module attribute `value` reads (a `prim::GetAttr` chain from self)."""
+    names = []
+    node = value.node()
+    while node.kind() == "prim::GetAttr":
+        names.append(node.s("name"))
+        node = node.inputsAt(0).node()
+    return ".".join(reversed(names)) if names and node.kind() == "prim::Param" else None
+
+
+def _script_plain(node) -> bool:
+    """A linear, or a convolution that is neither transposed nor grouped."""
+    base = _script_base(node)
+    if base not in _SCRIPT_CONVS:
+        return False
+    if base == "_convolution" and node.inputsAt(6).toIValue() is not False:
+        return False
+    groups = _SCRIPT_CONVS[base]
+    return groups is None or node.inputsAt(groups).toIValue() == 1
+
+
+def script_weight_reads(graph) -> dict[str, int]:
+    """How many linear/conv/batch_norm ops of an inlined TorchScript graph read each weight (a module
+    applied at several places reads its weight in each)."""
+    reads: dict[str, int] = {}
+    for node in graph.findAllNodes("aten::linear") + [
+        n
+        for kind in ("conv1d", "conv2d", "conv3d", "_convolution", "batch_norm")
+        for n in graph.findAllNodes(f"aten::{kind}")
+    ]:
+        name = _script_attr(node.inputsAt(1))
+        if name:
+            reads[name] = reads.get(name, 0) + 1
+    return reads
+
+
+def script_wiring(node, reads: dict[str, int], need_consumer: bool = True) -> UnitWiring | str:
+    """The UnitWiring of the activation `node` of an inlined TorchScript graph (its GetAttr chains name
+    the module's tensors), or why it must be skipped; `reads`: `script_weight_reads` of the graph."""
+    pre = node.inputsAt(0).node()
+    bn = None
+    if _script_base(pre) == "batch_norm" and _feeds_only(pre.output(), node):
+        bn, pre = pre, pre.inputsAt(0).node()
+    if not _script_plain(pre) or not _feeds_only(pre.output(), bn or node):
+        return "skipped: not produced by one plain linear/conv (or batch_norm after one) in the graph"
+    weight_name = _script_attr(pre.inputsAt(1))
+    bias_name = _script_attr(pre.inputsAt(2))
+    if weight_name is None:
+        return "skipped: the producer's weight is not a module parameter"
+    owner = weight_name.rsplit(".", 1)[0]
+    batchnorm = None
+    if bn is not None:
+        names = [_script_attr(bn.inputsAt(i)) for i in range(1, 5)]
+        batchnorm = BatchNormRef((names[1] or names[0] or names[2] or "batch_norm").rsplit(".", 1)[0], *names)
+    for name in [weight_name] + ([batchnorm.weight or batchnorm.bias] if batchnorm else []):
+        if name and reads.get(name, 0) > 1:
+            return (
+                f"skipped: {name.rsplit('.', 1)[0]} is applied at {reads[name]} places in the graph (one "
+                "module called at several sites); rewriting it would change every one of them"
+            )
+    wiring = UnitWiring(
+        producer=batchnorm.owner if batchnorm is not None else owner,
+        owner=owner,
+        weight=TensorRef(weight_name, 0),
+        bias=bias_name,
+        batchnorm=batchnorm,
+    )
+    if not need_consumer:
+        return wiring
+    current = node.output()
+    for step in range(16):
+        uses = _activation_readers(node) if step == 0 else _script_uses(current)
+        if len(uses) != 1:
+            return f"skipped: its output goes to {len(uses)} ops, not to exactly one linear/conv"
+        user = uses[0]
+        read = {current.unique()} | ({node.inputsAt(0).unique()} if step == 0 else set())  # (relu_)
+        takes = user.inputsAt(0).unique() in read
+        if _script_base(user) in UNIT_PRESERVING and takes:
+            current = user.output()
+            continue
+        consumer_weight = _script_attr(user.inputsAt(1)) if len(list(user.inputs())) > 1 else None
+        if _script_base(user) not in _SCRIPT_CONVS or not takes or not consumer_weight:
+            return f"skipped: its output goes to {user.kind()} (e.g. a residual add), not to a linear/conv"
+        if not _script_plain(user):
+            return f"skipped: consumer {consumer_weight} is a grouped or transposed convolution"
+        if reads.get(consumer_weight, 0) > 1:
+            return (
+                f"skipped: consumer {consumer_weight.rsplit('.', 1)[0]} is applied at {reads[consumer_weight]} "
+                "places; changing its inputs would change the others too"
+            )
         wiring.consumer = consumer_weight.rsplit(".", 1)[0]
         wiring.consumer_weight = TensorRef(consumer_weight, 1)
         wiring.readers = (wiring.consumer,)

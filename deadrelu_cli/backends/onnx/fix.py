@@ -378,7 +378,8 @@ def _bias_shift(model, plans, shifts: dict[str, str], outcomes: dict, options: F
     LayerNormalization's B) by (--threshold - cut) / gain, so that it exceeds --threshold on about
     --target-rate of the data (`plan.firing_cuts`; tied values fire together); then settle: rerun the
     shifted model and move again the units off their count (a unit revived in an earlier layer changes
-    what a later one sees), at most one round per layer, as the torch fixes do."""
+    what a later one sees; a value next to the cut may round to the other side once the bias moves), one
+    round per layer and one that checks the last moves, as the torch fixes do."""
     threshold = site_pass.threshold
     gains = _measure_gains(model, plans, shifts, site_pass)
     live = [plan for plan in plans if not isinstance(gains[plan.name], str)]
@@ -402,7 +403,7 @@ def _bias_shift(model, plans, shifts: dict[str, str], outcomes: dict, options: F
         outcome.action = f"{shifts[plan.name]} moved by {float(by.min()):.4g}…{float(by.max()):.4g}" + (
             "" if np.allclose(gain, 1.0) else f" (gain {float(np.min(gain)):.4g}…{float(np.max(gain)):.4g})"
         )
-    for _ in range(len(live) if len(live) > 1 else 0):
+    for _ in range(len(live) + 1):  # one round per layer, and one that checks the last moves
         values, _ = site_pass.values(model, units)
         moved = False
         for plan in live:
@@ -418,7 +419,7 @@ def _bias_shift(model, plans, shifts: dict[str, str], outcomes: dict, options: F
             rates = wanted / max(1, len(values[plan.name]))
             outcome.promised = np.where(off, rates, outcome.promised).tolist()
             if "re-settled" not in outcome.action:
-                outcome.action += f"; {int(off.sum())} re-settled after upstream shifts"
+                outcome.action += f"; {int(off.sum())} re-settled on a rescan"
         if not moved:
             break
 

@@ -144,6 +144,27 @@ def _write_state(model: torch.nn.Module, path: Path, suffix: str, whole_module: 
     write_bytes(path, data)
 
 
+def shift_and_settle(
+    scanned, model, plans: list[LayerPlan], sources: dict, options: FixOptions, scan_options, touched=None
+) -> list:
+    """bias-shift on `model` (an nn.Module, a program's module or a TorchScript module, its tensors
+    under their stored names): the cuts read on `scanned`'s model, the gains measured and the shift
+    made on `model`, then rescanned and moved again where a unit is off its count (`settle_shifts`).
+    `sources`: producers reached through elementwise ops, per site. `touched` receives what moved."""
+    quiet = replace(scan_options, progress=None)
+    firing: dict = {}
+    quantiles = eager.collect_quantiles(scanned, plans, options.target_rate, options.seed, quiet, firing)
+    targets = eager.shift_targets(model, scanned.report, plans, sources)
+    gains = eager.measure_gains(scanned, model, plans, targets, scan_options)
+    outcomes = eager.bias_shift(
+        model, scanned.report, plans, quantiles, targets, gains, touched, scan_options.threshold, firing
+    )
+    eager.settle_shifts(
+        scanned, model, plans, targets, gains, outcomes, options.target_rate, options.seed, quiet
+    )
+    return outcomes
+
+
 def apply_torch(
     scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult
 ):
@@ -155,12 +176,14 @@ def apply_torch(
         return _bias_shift_exported(scanned, plans, options, scan_options, temp, result)
     if loaded.kind == "exported" and options.strategy in ("reinit", "kick", "prune"):
         return _reweight_exported(scanned, plans, options, scan_options, temp, result)
-    if loaded.kind == "torchscript" and options.strategy in ("leaky", "elu"):
-        return _patch_torchscript(scanned, plans, options, scan_options, temp, result)
+    if loaded.kind == "torchscript":
+        _script_output(options.output)
+        if options.strategy in ("leaky", "elu"):
+            return _patch_torchscript(scanned, plans, options, scan_options, temp, result)
+        return _reweight_torchscript(scanned, plans, options, scan_options, temp, result)
     if loaded.kind != "eager":
-        takes = "every strategy" if loaded.kind == "exported" else "leaky and elu"
         raise UserError(
-            f"--strategy {options.strategy} on a {loaded.format} file is not supported yet (it takes {takes}); "
+            f"--strategy {options.strategy} on a {loaded.format} file is not supported; "
             "fix the state_dict with --arch, or the ONNX export, instead"
         )
     suffix = Path(options.output).suffix.lower()
@@ -206,26 +229,8 @@ def apply_torch(
         outcomes = eager.reinit(model, probe, report, plans, options, touched, drawn)
         eager.flip_silent_rows(scanned, model, plans, drawn, replace(scan_options, progress=None), outcomes)
     elif options.strategy == "bias-shift":
-        firing: dict = {}
-        quantiles = eager.collect_quantiles(
-            scanned, plans, options.target_rate, options.seed, replace(scan_options, progress=None), firing
-        )
-        targets = eager.shift_targets(model, report, plans, getattr(probe, "shift_sources", {}))
-        gains = eager.measure_gains(scanned, model, plans, targets, scan_options)
-        outcomes = eager.bias_shift(
-            model, report, plans, quantiles, targets, gains, touched, scan_options.threshold, firing
-        )
-        eager.settle_shifts(
-            scanned,
-            model,
-            plans,
-            targets,
-            gains,
-            outcomes,
-            options.target_rate,
-            options.seed,
-            replace(scan_options, progress=None),
-        )
+        sources = getattr(probe, "shift_sources", {})
+        outcomes = shift_and_settle(scanned, model, plans, sources, options, scan_options, touched)
     elif options.strategy == "kick":
         outcomes = eager.kick(model, probe, report, plans, options, touched)
     elif options.strategy == "prune":
@@ -417,32 +422,13 @@ def _bias_shift_exported(
     graph_module = _program_module(scanned, options)
     # the quantiles come from a scan of another fresh module: the scan's probe rewrote its own graph
     rescan = replace(scanned, model=replace(scanned.model, runnable=_program_module(scanned, options)))
-    firing: dict = {}
-    quantiles = eager.collect_quantiles(
-        rescan, plans, options.target_rate, options.seed, replace(scan_options, progress=None), firing
-    )
     from deadrelu_cli.probe.exported import find_sites, shift_source
 
     sources = {
         site.name: shift_source(node) for node, site in find_sites(graph_module.graph, scan_options.ops)
     }
     sources = {name: source for name, source in sources.items() if source}
-    targets = eager.shift_targets(graph_module, scanned.report, plans, sources)
-    gains = eager.measure_gains(rescan, graph_module, plans, targets, scan_options)
-    outcomes = eager.bias_shift(
-        graph_module, scanned.report, plans, quantiles, targets, gains, None, scan_options.threshold, firing
-    )
-    eager.settle_shifts(
-        rescan,
-        graph_module,
-        plans,
-        targets,
-        gains,
-        outcomes,
-        options.target_rate,
-        options.seed,
-        replace(scan_options, progress=None),
-    )
+    outcomes = shift_and_settle(rescan, graph_module, plans, sources, options, scan_options)
     return (
         *_exported_runners(scanned, graph_module, temp, result, any(o.applied for o in outcomes)),
         outcomes,
@@ -552,22 +538,9 @@ def _patch_torchscript(
 
     The k-th activation node of the inlined forward is the k-th call site the scan found (the probe
     already checked that order against execution); anything else is refused."""
-    from deadrelu_cli.backends.runners import runner_for
-
-    loaded = scanned.model
-    module = load_torchscript_archive(  # checked again: the archive's code runs while it loads
-        loaded.path, scanned.device, scan_options.trust_pickle, loaded.sha256
-    )
+    module = _fresh_script(scanned, scan_options)
     graph = module.forward.graph
-    torch._C._jit_pass_inline(graph)
-    torch._C._jit_pass_constant_propagation(graph)
-    nodes = _ts_activation_nodes(graph)
-    sites = scanned.probe.sites
-    if len(nodes) != len(sites):
-        raise UserError(
-            f"{loaded.path}: its inlined graph has {len(nodes)} activations but the scan found {len(sites)} "
-            "call sites; patch the state_dict with --arch or the ONNX export instead"
-        )
+    nodes, sites = _script_sites(scanned, graph)
     wanted = {plan.name: plan for plan in plans}
     outcomes = []
     for node, site in zip(nodes, sites, strict=True):
@@ -606,12 +579,108 @@ def _patch_torchscript(
                 len(plan.units),
             )
         )
+    return (*_script_runners(scanned, module, temp), outcomes)
+
+
+def _script_output(output: str) -> None:
+    """A TorchScript archive is fixed into a TorchScript archive: OUT must not claim another format."""
+    suffix = Path(output).suffix.lower()
+    if suffix not in (".ts", ".jit", ".pt", ".pth"):
+        raise UserError(
+            f"--output {output}: a TorchScript archive is patched into a TorchScript archive; use a .ts "
+            "(or .pt) name, or fix the ONNX export for an .onnx"
+        )
+
+
+def _fresh_script(scanned, scan_options) -> torch.jit.ScriptModule:
+    """A fresh copy of the scanned TorchScript archive, to patch (the original runner keeps its own)."""
+    loaded = scanned.model
+    return load_torchscript_archive(  # checked again: the archive's code runs while it loads
+        loaded.path, scanned.device, scan_options.trust_pickle, loaded.sha256
+    )
+
+
+def _script_sites(scanned, graph) -> tuple[list, list]:
+    """The activation nodes of a TorchScript forward `graph`, inlined in place, with the scan's sites:
+    the k-th activation node is the k-th call site (the probe checked that order against execution)."""
+    torch._C._jit_pass_inline(graph)
+    torch._C._jit_pass_constant_propagation(graph)
+    nodes = _ts_activation_nodes(graph)
+    sites = scanned.probe.sites
+    if len(nodes) != len(sites):
+        raise UserError(
+            f"{scanned.model.path}: its inlined graph has {len(nodes)} activations but the scan found "
+            f"{len(sites)} call sites; patch the state_dict with --arch or the ONNX export instead"
+        )
+    return nodes, sites
+
+
+def _script_runners(scanned, module: torch.jit.ScriptModule, temp: Path):
+    """Write the patched TorchScript module to `temp`; the (original, patched) runners."""
+    from deadrelu_cli.backends.runners import runner_for
+
     write_bytes(temp, _serialized(lambda buffer: torch.jit.save(module, buffer)))
-    order = match_inputs(loaded, scanned.data)
+    order = match_inputs(scanned.model, scanned.data)
 
     def patched_runner():
         return runner_for(
             load_model(LoadOptions(str(temp), device=scanned.device)), scanned.data, scanned.device
         )
 
-    return torch_runner(loaded, order, scanned.device), patched_runner, outcomes
+    return torch_runner(scanned.model, order, scanned.device), patched_runner
+
+
+def _reweight_torchscript(
+    scanned, plans: list[LayerPlan], options: FixOptions, scan_options, temp: Path, result: FixResult
+):
+    """reinit / kick / prune / bias-shift on a TorchScript archive: the units' tensors are the module's
+    own parameters, found through the inlined forward's GetAttr chains (`script_wiring`; bias-shift:
+    the producer the scan named), edited in place (prune: narrowed), saved as TorchScript."""
+    from deadrelu_cli.backends.torch.program import narrow
+    from deadrelu_cli.wiring.torch import script_weight_reads, script_wiring
+
+    module = _fresh_script(scanned, scan_options)
+    example = example_inputs(
+        scanned.model, scanned.data, match_inputs(scanned.model, scanned.data), scanned.device
+    )
+    result.params_before = eager.count_params(module)
+    result.flops_before = eager.linear_conv_flops(module, example)
+    report = scanned.report
+    if options.strategy == "bias-shift":
+        outcomes = shift_and_settle(scanned, module, plans, {}, options, scan_options)
+    else:
+        graph = module.forward.graph.copy()  # inlined to read the wiring; the module keeps its own code
+        nodes, sites = _script_sites(scanned, graph)
+        reads = script_weight_reads(graph)
+        wanted = {plan.name for plan in plans}
+        need_consumer = options.strategy != "kick"
+        wirings = {
+            site.name: script_wiring(node, reads, need_consumer)
+            for node, site in zip(nodes, sites, strict=True)
+            if site.name in wanted
+        }
+        wirings.update({name: "skipped: not found in the module's graph" for name in wanted - wirings.keys()})
+        if options.strategy == "prune":
+            outcomes, keep_out, keep_in = eager.prune_plan(module, wirings, report, plans)
+            narrow(module, keep_out, keep_in)
+            result.new_widths = {o.name: o.units_after for o in outcomes if o.applied}
+        elif options.strategy == "reinit":
+            drawn: dict[str, str] = {}
+            outcomes = eager.reinit_units(module, wirings, plans, options, None, report, drawn)
+            quiet = replace(scan_options, progress=None)
+            eager.flip_silent_rows(scanned, module, plans, drawn, quiet, outcomes)
+        else:
+            outcomes = eager.kick_units(module, wirings, plans, options, None, report)
+    result.params_after = eager.count_params(module)
+    if options.strategy == "prune" and any(o.applied for o in outcomes):
+        try:  # a forward that hard-codes a width (x.view(-1, 128)) fails here: said, not a traceback
+            result.flops_after = eager.linear_conv_flops(module, example)
+        except RuntimeError as exc:
+            raise UserError(
+                "--strategy prune: the narrowed TorchScript module no longer runs on the data: its code "
+                "likely hard-codes a width (x.view(-1, 256)); prune the state_dict with --arch, the .pt2 "
+                "or the ONNX export instead"
+            ) from exc
+    else:
+        result.flops_after = eager.linear_conv_flops(module, example)
+    return (*_script_runners(scanned, module, temp), outcomes)

@@ -19,7 +19,7 @@ from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.wiring.model import UnitWiring, input_columns
-from deadrelu_cli.wiring.torch import BATCH_NORM, eager_wiring, named_tensor, write_conflict
+from deadrelu_cli.wiring.torch import BATCH_NORM, eager_wiring, named_tensor, submodule, write_conflict
 
 
 def install_substitutes(
@@ -326,18 +326,20 @@ def settle_shifts(
     options_for_scan,
 ) -> int:
     """After `bias_shift`, rescan the shifted model and move again the units that do not fire on
-    exactly their target count: the quantiles were taken on the original model, and units revived in
-    an earlier layer change what a later one sees. Each round settles at least the first layer still
-    off (in the order the sites run), so at most one round per layer; returns the rounds taken.
-    `outcome.promised` follows the units moved again."""
+    exactly their target count: the quantiles were taken on the original model, units revived in an
+    earlier layer change what a later one sees, and a value next to the cut may round to the other
+    side once the bias moves (a large bias and a long dot product: the sum rounds differently). Each
+    round settles at least the first layer still off (in the order the sites run); one round per
+    layer, plus one that checks the last moves (a single layer: a rescan, and a second move only where
+    it is off); returns the rounds taken. `outcome.promised` follows the units moved again."""
     threshold = options_for_scan.threshold
     live = [p for p in plans if not isinstance(gains.get(p.name, targets[p.name]), str)]
-    if len(live) < 2:  # one layer: nothing upstream of it moved
+    if not live:
         return 0
     by_name = {outcome.name: outcome for outcome in outcomes}
     rounds = 0
     with torch.no_grad():
-        for _ in range(len(live)):
+        for _ in range(len(live) + 1):
             firing: dict = {}
             quantiles = collect_quantiles(
                 scannable(result, model), live, target_rate, seed, options_for_scan, firing
@@ -360,7 +362,7 @@ def settle_shifts(
                 if outcome.promised is not None:  # what the unit now fires on, as moved again
                     outcome.promised = np.where(off, wanted / max(1, n), outcome.promised).tolist()
                 if "re-settled" not in outcome.action:
-                    outcome.action += f"; {int(off.sum())} re-settled after upstream shifts"
+                    outcome.action += f"; {int(off.sum())} re-settled on a rescan"
             if not moved:
                 break
     return rounds
@@ -377,7 +379,7 @@ def shift_targets(
     for plan in plans:
         layer = report.layer(plan.name)
         producer = layer.producer or sources.get(plan.name)
-        module = model.get_submodule(producer) if producer else None
+        module = submodule(model, producer) if producer else None  # (a TorchScript module too)
         name = None
         if isinstance(getattr(module, "bias", None), torch.Tensor):
             name = f"{producer}.bias"
