@@ -16,6 +16,7 @@ per-iteration scan outputs that are summed on the host.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,6 +64,7 @@ class OnnxSite:
     # on a first batch; None: no mask, or positions that are not the mask's (counted over every element)
     token_layout: str | None = None
     mask_unapplied: str | None = None  # why a position mask could not be applied here, when not for its shape
+    spelled: str | None = None  # "Max" / "Where": a ReLU the graph spells without a Relu node
 
 
 def _clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, float | None]:
@@ -135,24 +137,167 @@ def _is_index_clamp(node: onnx.NodeProto, index: GraphIndex) -> bool:
     return uses > 0
 
 
-def max_relu_input(node: onnx.NodeProto, index: GraphIndex) -> str | None:
+def max_relu_input(
+    node: onnx.NodeProto, index: GraphIndex, checkpoint: frozenset[str] = frozenset()
+) -> str | None:
     """The pre-activation of a ReLU written `Max(x, 0)` (jax.nn.relu and tf.maximum(x, 0) through
-    tf2onnx, torch.maximum(x, 0) exported): x, when the other operand is stored zeros (one, or a tensor
-    that does not widen x: torch.maximum(x, torch.zeros(C))) and x comes from a layer with weights;
-    None for other maxima (a LayerNorm's variance clamp, a stable softmax's running max), whose input is
-    a reduction, not a layer's units."""
+    tf2onnx, torch.maximum(x, 0) exported, torch.maximum(x, torch.zeros_like(x)) as
+    Max(x, ConstantOfShape(Shape(x)))): x, when the other operand is zeros the graph makes (see
+    _graph_zeros) and x comes from a layer with weights; None for other maxima (a LayerNorm's variance
+    clamp, a stable softmax's running max), whose input is a reduction, not a layer's units."""
     if node.op_type != "Max" or len(node.input) != 2 or not all(node.input):
         return None
-    zero = [i for i in node.input if index.constant(i) is not None]
-    data = [i for i in node.input if index.constant(i) is None]
-    if len(zero) != 1 or len(data) != 1:
+    for data, other in (node.input, node.input[::-1]):
+        if index.constant(data) is None and _graph_zeros(other, data, index, checkpoint, node):
+            return data if producer_weight(index, data) is not None else None
+    return None
+
+
+# Where(test(x, 0), a, b) is relu(x) when the test keeps x where x > 0 (or >= 0) and takes zeros elsewhere:
+# per comparison (x on the left), whether its true branch is x
+_WHERE_TESTS = {"Greater": True, "GreaterOrEqual": True, "Less": False, "LessOrEqual": False}
+_FLIPPED = {
+    "Greater": "Less",
+    "Less": "Greater",
+    "GreaterOrEqual": "LessOrEqual",
+    "LessOrEqual": "GreaterOrEqual",
+}
+
+
+def where_relu_input(
+    node: onnx.NodeProto, index: GraphIndex, checkpoint: frozenset[str] = frozenset()
+) -> str | None:
+    """The pre-activation of a ReLU written `Where(x > 0, x, 0)` (torch.where(x > 0, x, 0) exported) or
+    `Where(x < 0, 0, x)` (tf2onnx / jax2onnx forms; >= and <= too, and the comparison either way round):
+    x, on the same terms as max_relu_input (zeros the graph makes, not widening x; x from a layer)."""
+    if node.op_type != "Where" or len(node.input) != 3 or not all(node.input):
         return None
-    value = np.asarray(index.constant(zero[0]))
+    test = index.producer.get(node.input[0])
+    if test is None or test.op_type not in _WHERE_TESTS or len(test.input) != 2:
+        return None
+    left, right = test.input
+    if _graph_zeros(right, left, index, checkpoint, test):
+        x, op = left, test.op_type
+    elif _graph_zeros(left, right, index, checkpoint, test):
+        x, op = right, _FLIPPED[test.op_type]
+    else:
+        return None
+    kept, zeros = node.input[1:] if _WHERE_TESTS[op] else node.input[:0:-1]
+    if kept != x or index.constant(x) is not None or not _graph_zeros(zeros, x, index, checkpoint, node):
+        return None
+    return x if producer_weight(index, x) is not None else None
+
+
+def spelled_relu_input(
+    node: onnx.NodeProto, index: GraphIndex, checkpoint: frozenset[str] = frozenset()
+) -> str | None:
+    """x of a ReLU that the graph spells with Max or Where (no Relu node), else None. `checkpoint`: the
+    initializers that hold a checkpoint's tensors (checkpoint_tensors), never zeros the graph makes."""
+    return max_relu_input(node, index, checkpoint) or where_relu_input(node, index, checkpoint)
+
+
+def _graph_zeros(
+    name: str, data: str, index: GraphIndex, checkpoint: frozenset[str], user: onnx.NodeProto
+) -> bool:
+    """Whether `name` is zeros the graph itself makes that do not widen `data` (the rule of the torch
+    formats, probe.ops above zeros_fit): a Constant node or a constant initializer of zeros (one, or a
+    tensor broadcasting into `data`: torch.zeros(C)), or ConstantOfShape / Expand of zeros to Shape(data)
+    (torch.zeros_like). Not a checkpoint tensor (checkpoint_tensors), even when all zero. ONNX ops take
+    one element type for both operands, so no dtype can be promoted."""
+    node = index.producer.get(name)
+    if node is not None and node.op_type in ("ConstantOfShape", "Expand"):
+        if len(node.input) != (1 if node.op_type == "ConstantOfShape" else 2):
+            return False
+        if node.op_type == "ConstantOfShape":
+            fill = next(
+                (numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"), np.zeros(1)
+            )
+        else:
+            fill = index.constant(node.input[0])
+            if fill is None or fill.size != 1 or _stored_in(node.input[0], index, checkpoint):
+                return False
+        if np.asarray(fill).size == 0 or np.any(np.asarray(fill) != 0):
+            return False
+        shape_of = index.producer.get(node.input[-1])
+        whole = shape_of is not None and attr(shape_of, "start", 0) == 0 and attr(shape_of, "end") is None
+        if shape_of is not None and shape_of.op_type == "Shape" and whole:
+            # x's own shape, or one that shape inference shows is the same dim for dim (zeros_like(h))
+            return shape_of.input[0] == data or _same_dims(index, shape_of.input[0], data)
+        dims = index.constant(node.input[-1])
+        shape = tuple(int(d) for d in np.ravel(dims)) if dims is not None else None
+        return shape is not None and _broadcasts_into(shape, index.shape(data))
+    value = index.constant(name)
+    if value is None or (_stored_in(name, index, checkpoint) and not _code_operand(user, checkpoint)):
+        return False
+    value = np.asarray(value)
     if value.size == 0 or np.any(value != 0):
-        return None
-    if value.size > 1 and not _broadcasts_into(value.shape, index.shape(data[0])):
-        return None  # zeros that widen x (or of a shape not known to fit it): no elementwise ReLU of x
-    return data[0] if producer_weight(index, data[0]) is not None else None
+        return False
+    # zeros that widen x (or of a shape not known to fit it): no elementwise ReLU of x
+    shape = index.shape(data)
+    return value.ndim == 0 or _broadcasts_into(value.shape, shape) or (value.size == 1 and shape is None)
+
+
+def _same_dims(index: GraphIndex, a: str, b: str) -> bool:
+    """Whether shape inference gives `a` and `b` the same shape (symbolic dims by their names)."""
+
+    def dims(name: str) -> list | None:
+        vi = index.value_info.get(name)
+        if vi is None or not vi.type.tensor_type.HasField("shape"):
+            return None
+        return [d.dim_value or d.dim_param or None for d in vi.type.tensor_type.shape.dim]
+
+    first, second = dims(a), dims(b)
+    return first is not None and first == second and None not in first
+
+
+_SIGNATURE = "pkg.torch.export.ExportedProgram.graph_signature"
+_STATE_DICT_KEY = re.compile(r"[A-Za-z_]\w*(\.\w+)*\Z")  # a module's parameter or buffer, as torch names it
+_FX_NODE = "pkg.torch.onnx.fx_node"  # a dynamo export's node: the torch.export node it was translated from
+
+
+def checkpoint_tensors(model: onnx.ModelProto) -> frozenset[str]:
+    """Initializers that hold a checkpoint's values rather than constants of the code: those that are
+    also graph inputs (a caller may feed others); in a torch.onnx export (dynamo) those its
+    ExportedProgram signature lists as parameters or buffers; in a TorchScript-based torch.onnx export
+    (no signature) those named as state_dict keys (`fc.bias`, `floor`): that exporter keeps the code's
+    constants in Constant nodes, which a simplifier may turn into initializers named after their
+    outputs (`/Constant_output_0`, `onnx::Max_5`). As in the torch
+    formats, a parameter or buffer of zeros is no ReLU's zero operand. Also "%" + each placeholder name
+    of the signature's parameters and buffers (see _code_operand)."""
+    graphs = [model.graph]
+    for graph in graphs:
+        graphs.extend(
+            a.g for node in graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH
+        )
+    names = {i.name for i in model.graph.input}
+    signature = next((p.value for p in model.graph.metadata_props if p.key == _SIGNATURE), None)
+    if signature is not None:
+        for line in signature.splitlines():
+            if (" PARAMETER " in line or " BUFFER " in line) and "target='" in line:
+                names.add(line.split("target='", 1)[1].split("'", 1)[0])
+                names.add("%" + line.split(":", 1)[0].strip())  # its placeholder in fx_node metadata
+    elif model.producer_name == "pytorch":
+        names |= {
+            init.name for graph in graphs for init in graph.initializer if _STATE_DICT_KEY.match(init.name)
+        }
+    return frozenset(names)
+
+
+def _code_operand(user: onnx.NodeProto, checkpoint: frozenset[str]) -> bool:
+    """Whether a dynamo export's `user` node read no parameter or buffer in the program it was translated
+    from (its fx_node metadata names the operands): its stored operand is then a constant of the code that
+    the exporter's optimizer merged with an equal checkpoint tensor (torch.zeros(C) with a zero buffer)."""
+    fx = next((p.value for p in user.metadata_props if p.key == _FX_NODE), "")
+    if "args = (" not in fx:
+        return False
+    operands = re.findall(r"%(\w+)", fx.split("args = (", 1)[1])
+    return bool(operands) and not any(f"%{operand}" in checkpoint for operand in operands)
+
+
+def _stored_in(name: str, index: GraphIndex, checkpoint: frozenset[str]) -> bool:
+    """Whether `name` is (a re-shaping of) one of the `checkpoint` initializers."""
+    chain = index.reshaped_from(name) or [name]
+    return chain[-1] in checkpoint
 
 
 def _broadcasts_into(small: tuple[int, ...], shape: list[int | None] | None) -> bool:
@@ -163,11 +308,13 @@ def _broadcasts_into(small: tuple[int, ...], shape: list[int | None] | None) -> 
     return all(s == 1 or s == d for s, d in zip(small[::-1], shape[::-1], strict=False))
 
 
-def classify(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, float | None] | None:
+def classify(
+    node: onnx.NodeProto, index: GraphIndex, checkpoint: frozenset[str] = frozenset()
+) -> tuple[str, float | None] | None:
     if node.op_type == "Relu":
         return "relu", None
-    if node.op_type == "Max":
-        return ("relu", None) if max_relu_input(node, index) is not None else None
+    if node.op_type in ("Max", "Where"):
+        return ("relu", None) if spelled_relu_input(node, index, checkpoint) is not None else None
     if node.op_type == "Clip":
         lo, hi = _clip_bounds(node, index)
         if lo is None or lo != 0.0 or _is_index_clamp(node, index):
@@ -211,18 +358,19 @@ def _subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
 def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool = False) -> list[OnnxSite]:
     """Activation sites in topological (node) order; subgraph sites named with their path."""
     sites: list[OnnxSite] = []
+    checkpoint = checkpoint_tensors(model)
 
     def walk(
         graph: onnx.GraphProto, path: tuple[str, ...], prefix: str, outer: GraphIndex | None, in_loop: bool
     ):
         index = GraphIndex(graph, outer)
         for node in graph.node:
-            kind = classify(node, index)
+            kind = classify(node, index, checkpoint)
             implicit = implicit_relu(node, index) if kind is None and (include_all or "relu" in ops) else None
             site = None
             if kind is not None and (include_all or kind[0] in ops):
                 base = node.name or node.output[0]
-                pre = max_relu_input(node, index) or node.input[0]
+                pre = spelled_relu_input(node, index, checkpoint) or node.input[0]
                 site = OnnxSite(
                     name=f"{prefix}{base}",
                     op=kind[0],
@@ -233,6 +381,7 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
                     rank=index.rank(pre),
                     clip_max=kind[1],
                     in_loop=in_loop,
+                    spelled=node.op_type if node.op_type in ("Max", "Where") else None,
                 )
                 # a fused activation writes the fused node's output, which onnxruntime keeps from the
                 # float graph's activation; an nchwc copy is named after that tensor
@@ -354,9 +503,11 @@ def output_only_max(site: OnnxSite, threshold: float) -> bool:
     For relu with threshold t >= 0 a unit that fired saw some x > t >= 0, so its max pre-activation is
     positive and equals the max of y = max(x, 0) over the same positions (later batches included: the
     running max is max(max x before, max y after) = max x). relu6/clip cap y, an implicit (quantized or
-    fused) site's output is not max(x, 0) of its input, and --explain needs the input's minimum."""
+    fused) site's output is not max(x, 0) of its input, and --explain needs the input's minimum. A Where
+    spelling outputs 0 (not NaN) for a NaN input, which would hide the NaN from the max."""
     return (
         site.op == "relu"
+        and site.spelled != "Where"
         and threshold >= 0.0
         and site.implicit is None
         and not site.track_min

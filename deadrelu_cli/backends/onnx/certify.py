@@ -260,9 +260,11 @@ def certify_onnx(
             env[value.name] = box
     for node in graph.node:
         inputs = [name for name in node.input]
-        blocked = next((unknown[n] for n in inputs if n in unknown), None)
         key = node.name or node.output[0]
         site = by_input.get(key)
+        # a spelled ReLU reads x alone (its Greater on x, say, has no interval rule)
+        read = [site.input_name] if site is not None and site.spelled else inputs
+        blocked = next((unknown[n] for n in read if n in unknown), None)
         if site is not None:
             pre = env.get(site.input_name)
             if blocked or not isinstance(pre, Interval):
@@ -283,6 +285,10 @@ def certify_onnx(
         if blocked:
             for out in node.output:
                 unknown[out] = blocked
+            continue
+        if site is not None and site.spelled and isinstance(env.get(site.input_name), Interval):
+            # Max(x, 0) / Where(x > 0, x, 0): its output is relu(x), whatever op spells it
+            env[node.output[0]] = env[site.input_name].map(lambda t: t.clamp(min=0))
             continue
         values = [None if name == "" else env.get(name) for name in inputs]
         try:

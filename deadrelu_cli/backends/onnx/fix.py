@@ -51,6 +51,34 @@ def _declare_stored_shapes(model: onnx.ModelProto) -> None:
                 shape.dim.add().dim_value = size
 
 
+def _zeros_of_width(model: onnx.ModelProto, site) -> bool:
+    """Whether the Max/Where spelling a ReLU reads zeros whose shape a narrowed layer would not follow:
+    anything but a one-element constant or zeros made to Shape(x) (torch.zeros(C) exported is [C];
+    torch.zeros_like(h) of another tensor h keeps h's width)."""
+    index = GraphIndex(model.graph)
+    node = next(
+        n for n in model.graph.node if (n.name or n.output[0]) == (site.node_name or site.output_name)
+    )
+    operands = list(node.input[1:] if node.op_type == "Where" else node.input)
+    if node.op_type == "Where":
+        operands += list(index.producer[node.input[0]].input)
+
+    def follows(name: str) -> bool:
+        value = index.constant(name)
+        if value is not None:
+            return value.size == 1
+        made = index.producer.get(name)
+        shape_of = index.producer.get(made.input[-1]) if made is not None and made.input else None
+        return (
+            made.op_type in ("ConstantOfShape", "Expand")
+            and shape_of is not None
+            and shape_of.op_type == "Shape"
+            and shape_of.input[0] == site.input_name
+        )
+
+    return not all(follows(name) for name in operands if name != site.input_name)
+
+
 def _parameter_count(model: onnx.ModelProto) -> int:
     stored = list(model.graph.initializer) + [
         attr.t
@@ -110,6 +138,9 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 continue
             node = nodes[site.node_name or site.output_name]
             node.op_type = "LeakyRelu" if options.strategy == "leaky" else "Elu"
+            if site.spelled:  # Max(x, 0) / Where(x > 0, x, 0): the activation of x alone
+                del node.input[:]
+                node.input.append(site.input_name)
             del node.attribute[:]
             node.attribute.append(
                 helper.make_attribute("alpha", options.slope if options.strategy == "leaky" else 1.0)
@@ -186,6 +217,12 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 continue
             if len(plan.units) == plan.all_units:
                 outcome.action = "skipped: every unit is dead"
+                continue
+            if site.spelled and _zeros_of_width(model, site):
+                outcome.action = (
+                    f"skipped: the {site.spelled} that spells this ReLU takes zeros whose shape is not "
+                    "its input's (use reinit)"
+                )
                 continue
             bias_axis = unit_vector_axis(_get(model, wire.bias).shape) if wire.bias else None
             if wire.bias_reshaped or (wire.bias and bias_axis is None):
