@@ -92,6 +92,24 @@ def test_a_deflate_bomb_of_samples_is_refused_up_front(cli, tmp_path):
     np.testing.assert_array_equal(counts, (x + np.array([-0.5, -0.5, 0, 0], np.float32) > 0).sum(0))
 
 
+def test_sparse_real_data_compressing_hundreds_of_times_is_scanned(cli, tmp_path, monkeypatch):
+    """A binary bag of words (0.05% of the entries 1) deflates ~700x: real data, not a bomb (review41a
+    found a 200x limit refusing it). Scanned, its counts numpy's."""
+    from deadrelu_cli import calibration
+
+    monkeypatch.setattr(calibration, "MIN_NPZ_REFUSED", 1 << 20)
+    width = 3000
+    model = relu_onnx(tmp_path / "m.onnx", width)
+    x = (np.random.default_rng(0).random((256, width)) < 0.0005).astype(np.float32)
+    data = tmp_path / "bow.npz"
+    np.savez_compressed(data, x=x)
+    assert x.nbytes > 500 * data.stat().st_size  # compresses past the old 200x limit
+    result = cli("scan", model, "--data", data, "--json", "-", "-q")
+    assert result.code == 0, result.err
+    bias = np.where(np.arange(width) < width // 2, -0.5, 0.0).astype(np.float32)
+    np.testing.assert_array_equal(result.json()["layers"][0]["positive_counts"], ((x + bias) > 0).sum(0))
+
+
 def test_a_bomb_split_over_a_glob_is_refused_as_a_whole(cli, tmp_path, monkeypatch):
     """Each file below the size floor, the glob above it: judged together."""
     from deadrelu_cli import calibration
