@@ -526,7 +526,8 @@ def release_weights(loaded: LoadedModel) -> bool:
     under the map faults inside onnxruntime (SIGBUS, exit 135, no message) — an exporter writing to the
     model's path mid-scan did that. The copy is written from the bytes the loader read (those the
     report's hash is of: load_onnx) into a folder only this user can enter, removed with the model (or
-    at exit); as page cache it is reclaimable, as the model file's pages were. Where it cannot be
+    at exit); on a disk-backed $TMPDIR it is reclaimable page cache, as the model file's pages were (on a
+    tmpfs it is 1x the file of memory: SECURITY.md). Where it cannot be
     written (a full disk), nothing is released: the graph keeps its weights."""
     import tempfile
     import weakref
