@@ -78,3 +78,32 @@ def rebuild(spec: str) -> torch.nn.Module:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return getattr(module, factory)()
+
+
+# A calibrated QAT model (FakeQuantize between a Linear and its ReLU; observers off): test_sites37, test_sites41
+FAKE_QUANT = """
+import torch
+from torch import nn
+from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, disable_observer
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.fq = FakeQuantize(MovingAverageMinMaxObserver, quant_min=0, quant_max=255)
+        self.fc2 = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fq(self.fc(x))))
+
+
+def build():
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.fc.bias[2] = -40.0
+        model.fq(torch.linspace(-6, 6, 64).reshape(-1, 1).expand(64, 6))  # a calibrated QAT model
+    model.apply(disable_observer)  # frozen ranges: eval is then a fixed function
+    return model.eval()
+"""

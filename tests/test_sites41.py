@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from arch_sources import FAKE_QUANT
 from conftest import arch_file, save_npz
 
 SAMPLES, STEPS, FEATURES = 10, 3, 4
@@ -221,33 +222,6 @@ def build():
         model.fc.bias[2] = -40.0
     peft = get_peft_model(model, LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False))
     return peft.base_model.model.eval()  # the module with its LoRA layer, as exported or traced
-"""
-
-FAKE_QUANT = """
-import torch
-from torch import nn
-from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, disable_observer
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 6)
-        self.fq = FakeQuantize(MovingAverageMinMaxObserver, quant_min=0, quant_max=255)
-        self.fc2 = nn.Linear(6, 2)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fq(self.fc(x))))
-
-
-def build():
-    torch.manual_seed(0)
-    model = Net()
-    with torch.no_grad():
-        model.fc.bias[2] = -40.0
-        model.fq(torch.linspace(-6, 6, 64).reshape(-1, 1).expand(64, 6))  # a calibrated QAT model
-    model.apply(disable_observer)
-    return model.eval()
 """
 
 

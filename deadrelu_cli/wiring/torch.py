@@ -190,6 +190,19 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
     )
 
 
+def _producer_wiring(weight_name: str, bias_name: str | None, batchnorm: BatchNormRef | None) -> UnitWiring:
+    """A graph's unit made by the linear/conv whose weight is WEIGHT_NAME (and BATCHNORM after it), before
+    the walk to its consumer: the .pt2 and TorchScript wirings alike."""
+    owner = weight_name.rsplit(".", 1)[0]
+    return UnitWiring(
+        producer=batchnorm.owner if batchnorm is not None else owner,
+        owner=owner,
+        weight=TensorRef(weight_name, 0),
+        bias=bias_name,
+        batchnorm=batchnorm,
+    )
+
+
 # --- ExportedProgram graphs ---------------------------------------------------------------------------
 
 
@@ -292,18 +305,11 @@ def exported_wiring(
     tied = to_write and _tied(parts + (tuple(bn.args[1:5]) if bn is not None else ()))
     if tied:
         return tied
-    owner = weight_name.rsplit(".", 1)[0]
     batchnorm = None
     if bn is not None:
         names = [_attr_target(a) for a in bn.args[1:5]]
         batchnorm = BatchNormRef((names[1] or names[0] or names[2] or bn.name).rsplit(".", 1)[0], *names)
-    wiring = UnitWiring(
-        producer=batchnorm.owner if batchnorm is not None else owner,
-        owner=owner,
-        weight=TensorRef(weight_name, 0),
-        bias=bias_name,
-        batchnorm=batchnorm,
-    )
+    wiring = _producer_wiring(weight_name, bias_name, batchnorm)
     if not need_consumer:
         return wiring
     current = node
@@ -423,7 +429,6 @@ def script_wiring(node, reads: dict[str, int], need_consumer: bool = True) -> Un
     bias_name = _script_attr(pre.inputsAt(2))
     if weight_name is None:
         return "skipped: the producer's weight is not a module parameter"
-    owner = weight_name.rsplit(".", 1)[0]
     batchnorm = None
     if bn is not None:
         names = [_script_attr(bn.inputsAt(i)) for i in range(1, 5)]
@@ -434,13 +439,7 @@ def script_wiring(node, reads: dict[str, int], need_consumer: bool = True) -> Un
                 f"skipped: {name.rsplit('.', 1)[0]} is applied at {reads[name]} places in the graph (one "
                 "module called at several sites); rewriting it would change every one of them"
             )
-    wiring = UnitWiring(
-        producer=batchnorm.owner if batchnorm is not None else owner,
-        owner=owner,
-        weight=TensorRef(weight_name, 0),
-        bias=bias_name,
-        batchnorm=batchnorm,
-    )
+    wiring = _producer_wiring(weight_name, bias_name, batchnorm)
     if not need_consumer:
         return wiring
     current = node.output()
