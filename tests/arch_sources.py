@@ -1,4 +1,4 @@
-"""Small planted nets as --arch source files, for the fix tests (test_fix36, test_trial31,
+"""Small planted nets as --arch source files, for the fix and call-site tests (test_fix36, test_trial31,
 test_review36a): one template, each test naming its own layers, forward, seed and planted units."""
 
 from __future__ import annotations
@@ -106,4 +106,35 @@ def build():
         model.fq(torch.linspace(-6, 6, 64).reshape(-1, 1).expand(64, 6))  # a calibrated QAT model
     model.apply(disable_observer)  # frozen ranges: eval is then a fixed function
     return model.eval()
+"""
+
+
+def lora_source(inner: bool) -> str:
+    """A Linear+ReLU net with a LoRA layer on fc (peft), unit 2 of fc planted dead. INNER: build() returns
+    the module holding the LoRA layer, as exported or traced (test_sites41); else the PeftModel (test_sites37)."""
+    made = "peft.base_model.model.eval()" if inner else "peft.eval()"
+    return f"""
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc(x)))
+
+
+def build():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.fc.bias[2] = -40.0
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False))
+    return {made}
 """

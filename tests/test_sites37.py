@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from arch_sources import FAKE_QUANT
+from arch_sources import FAKE_QUANT, lora_source
 from conftest import arch_file, save_npz
 
 SAMPLES, STEPS, FEATURES = 10, 3, 4
@@ -240,30 +240,7 @@ def test_threshold_of_a_decomposed_program_is_still_a_site(tmp_path, cli):
     assert torch.equal(module(torch.from_numpy(DATA[:2])), before)
 
 
-LORA = """
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 6)
-        self.fc2 = nn.Linear(6, 2)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc(x)))
-
-
-def build():
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    model = Net()
-    with torch.no_grad():
-        model.fc.bias[2] = -40.0
-    return get_peft_model(model, LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False)).eval()
-"""
+LORA = lora_source(inner=False)
 
 
 def test_lora_and_fake_quant_are_looked_through_to_the_producer(cli, tmp_path):

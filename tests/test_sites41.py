@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from arch_sources import FAKE_QUANT
+from arch_sources import FAKE_QUANT, lora_source
 from conftest import arch_file, save_npz
 
 SAMPLES, STEPS, FEATURES = 10, 3, 4
@@ -198,31 +198,7 @@ def test_a_guessed_unit_axis_is_said_in_every_torch_format(cli, tmp_path):
     assert any("unit axis assumed last" in note for note in compiled["notes"])
 
 
-LORA = """
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 6)
-        self.fc2 = nn.Linear(6, 2)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc(x)))
-
-
-def build():
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    model = Net()
-    with torch.no_grad():
-        model.fc.bias[2] = -40.0
-    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False))
-    return peft.base_model.model.eval()  # the module with its LoRA layer, as exported or traced
-"""
+LORA = lora_source(inner=True)
 
 
 def test_lora_and_fake_quant_are_looked_through_in_torchscript_and_pt2(cli, tmp_path):
