@@ -11,6 +11,7 @@ their ratio to plain, the median of per-round ratios (paired) and `uptime` befor
 
     PYTHONPATH=$PWD python scripts/cpu_steady.py [--rounds 15] [--batches 1] [--batch 64] [--side 112]
         [--threads 1] [--arms plain,hooks,scan,scan-before] [--model resnet18|mlp] [--json out.json]
+        [--clock cpu|wall] [--part-mib 2]
 
 Arms: plain, hooks (the recipe), scan (the probe as shipped), scan-before (the probe with this branch's
 fast paths off: the counting of before), scan-light-off (no lighter mode after the first forward),
@@ -82,8 +83,17 @@ def main() -> None:
     parser.add_argument("--arms", default="plain,hooks,scan,scan-before")
     parser.add_argument("--model", default="resnet18", choices=("resnet18", "mlp"))
     parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"))
+    parser.add_argument(
+        "--part-mib",
+        type=float,
+        help="slice size of the relu counted while it runs (probe/accumulator.CACHE_PART_BYTES), for A/B",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.part_mib is not None:
+        from deadrelu_cli.probe import accumulator
+
+        accumulator.CACHE_PART_BYTES = int(args.part_mib * 2**20)
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(1)

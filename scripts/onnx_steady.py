@@ -7,6 +7,13 @@ else by the wall clock. Prints each side's median, minimum and paired median (ea
 run just before it) as a multiple of plain, and the load average.
 
     python scripts/onnx_steady.py --rounds 30 --threads 1
+    python scripts/onnx_steady.py --cli 12 --rounds 3   # the CLI path: run_scan from files, CPU split
+
+With --cli K: `run_scan` (the scan as the CLI runs it: calibration data from a .npy, prefetch thread,
+conversions, host-side accumulation, report) against a plain loop over the same .npy (a session with the
+scan's thread settings: 2 intra-op threads, no spinning, so CPU times compare), on 1 and K batches,
+interleaved. Prints the marginal process CPU time per batch (K - 1 batches) of each, split into the time
+inside `Session.run` (the graph) and outside it (the CLI path's own work).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--profile", action="store_true", help="kernel time per op type instead")
+    parser.add_argument("--cli", type=int, metavar="K", help="the CLI path on K batches instead (see above)")
     args = parser.parse_args()
     import torch
     from bench import build_resnet18, fetch_all_model
@@ -68,6 +76,9 @@ def main() -> None:
             dynamic_axes={"input": {0: "batch"}},
             opset_version=17,
         )
+        if args.cli:
+            _cli_split(path, x, args.cli, args.rounds, Path(tmp))
+            return
         profile = (
             (lambda label: str(Path(tmp) / label.replace(" ", "_").replace(",", "")))
             if args.profile
@@ -125,6 +136,71 @@ def main() -> None:
     print(
         f"  plain median {base:.4f} s per batch of {args.batch}, {base / args.batch * 1e3:.3f} ms per sample"
     )
+
+
+def _cli_split(path: str, x: np.ndarray, batches: int, rounds: int, tmp: Path) -> None:
+    from onnxruntime.capi.onnxruntime_inference_collection import Session
+
+    from deadrelu_cli.engine import run_scan
+    from deadrelu_cli.options import ScanOptions
+
+    files = {k: tmp / f"data{k}.npy" for k in (1, batches)}
+    for k, file in files.items():
+        np.save(file, np.concatenate([x] * k))
+    inside = [0.0]
+    original = Session.run
+
+    def timed_run(self, *args, **kwargs):  # process CPU time (every thread) while the graph runs
+        start = time.process_time()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            inside[0] += time.process_time() - start
+
+    Session.run = timed_run
+
+    def plain(file: Path) -> None:
+        options = _options(2, False)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        array = np.load(file, mmap_mode="r")
+        for i in range(0, len(array), len(x)):
+            session.run(None, {"input": np.array(array[i : i + len(x)])})
+
+    def scan(file: Path) -> None:
+        run_scan(ScanOptions(model=path, data=str(file), batch_size=len(x), device="cpu"))
+
+    arms = {"plain": plain, "scan": scan}
+    for fn in arms.values():
+        fn(files[1])
+    cpu: dict = {(k, n): [] for k in arms for n in files}
+    load = os.getloadavg()
+    for r in range(rounds):
+        for key in list(arms)[r % 2 :] + list(arms)[: r % 2]:
+            for n, file in files.items():
+                inside[0] = 0.0
+                start = time.process_time()
+                arms[key](file)
+                cpu[(key, n)].append((time.process_time() - start, inside[0]))
+    print(f"load average at start {load[0]:.2f}, at end {os.getloadavg()[0]:.2f}; {rounds} rounds")
+    per = {}
+    for key in arms:
+        total, graph = (
+            (
+                statistics.median(t[i] for t in cpu[(key, batches)])
+                - statistics.median(t[i] for t in cpu[(key, 1)])
+            )
+            / (batches - 1)
+            for i in (0, 1)
+        )
+        per[key] = (total, graph)
+    base = per["plain"][0]
+    for key, (total, graph) in per.items():
+        print(
+            f"  {key:6s} CPU per batch {total * 1e3:8.1f} ms (x{total / base:.3f}): inside Session.run "
+            f"{graph * 1e3:8.1f} ms (x{graph / base:.3f}), outside {(total - graph) * 1e3:6.1f} ms "
+            f"(x{(total - graph) / base:.3f})"
+        )
 
 
 def _profile(runs: dict, sessions: dict, rounds: int) -> None:
