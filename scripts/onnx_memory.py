@@ -45,7 +45,7 @@ with torch.inference_mode():
         net(torch.from_numpy(np.array(array[i : i + batch])))
 """
 
-AUTO_PLAIN_BATCH = {"vgg19": "4", "vgg19-pt": "4"}  # what --batch-size auto picks (else 32)
+AUTO_PLAIN_BATCH = {"vgg19": "2", "vgg19-pt": "2"}  # what --batch-size auto picks (else 32)
 
 
 def build_vgg19():
