@@ -16,7 +16,9 @@ their ratio to plain, the median of per-round ratios (paired) and `uptime` befor
 Arms: plain, hooks (the recipe), scan (the probe as shipped), scan-before (the probe with this branch's
 fast paths off: the counting of before), scan-light-off (no lighter mode after the first forward),
 scan-fused (the torch.compile'd one-pass reduction, which compiles first), scan-nosites (hooks and
-call-site mode, nothing counted: the probe's Python cost).
+call-site mode, nothing counted: the probe's Python cost), scan@MIB (the probe as shipped, its relu
+counted in slices of MIB per torch thread: `--arms plain,scan@1,scan@2 --threads 2` compares main's
+2 MiB slices with this branch's 4 MiB in one process).
 """
 
 from __future__ import annotations
@@ -66,9 +68,25 @@ def make_arms(names: list[str], model: str, batches: list[torch.Tensor]) -> dict
             probe.registry.fused_devices = ("cpu",) if name == "scan-fused" else ()
             stacks.append(probe.attached())
             arms[name] = (lambda p: lambda x: p.run((x,)))(probe)
+            if "@" in name:  # scan@MIB: the probe as shipped with slices of MIB per torch thread
+                arms[name] = _with_part_size(arms[name], float(name.split("@")[1]))
         else:
             raise SystemExit(f"unknown arm {name!r}")
     return arms, stacks
+
+
+def _with_part_size(run, mib: float):
+    from deadrelu_cli.probe import accumulator
+
+    def sized(x):
+        before = accumulator.CACHE_PART_BYTES
+        accumulator.CACHE_PART_BYTES = int(mib * 2**20)
+        try:
+            return run(x)
+        finally:
+            accumulator.CACHE_PART_BYTES = before
+
+    return sized
 
 
 def main() -> None:
