@@ -30,6 +30,9 @@ def _progress_callback(quiet: bool, err: Console):
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        # redrawn from a thread of its own: at Rich's default of 10 per second it took ~1% of a core beside
+        # every scan on a terminal, 2 per second ~0.3% (docs/performance.md, tenth session)
+        refresh_per_second=2,
     )
     task = progress.add_task("scan", total=None, rate="")
     started = time.perf_counter()
