@@ -17,8 +17,8 @@ Arms: plain, hooks (the recipe), scan (the probe as shipped), scan-before (the p
 fast paths off: the counting of before), scan-light-off (no lighter mode after the first forward),
 scan-fused (the torch.compile'd one-pass reduction, which compiles first), scan-nosites (hooks and
 call-site mode, nothing counted: the probe's Python cost), scan@MIB (the probe as shipped, its relu
-counted in slices of MIB per torch thread: `--arms plain,scan@1,scan@2 --threads 2` compares main's
-2 MiB slices with this branch's 4 MiB in one process).
+counted in slices of MIB: `--arms plain,scan@2,scan@4 --threads 2` compares 2 MiB slices, the
+default, with 4 MiB in one process).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def make_arms(names: list[str], model: str, batches: list[torch.Tensor]) -> dict
             probe.registry.fused_devices = ("cpu",) if name == "scan-fused" else ()
             stacks.append(probe.attached())
             arms[name] = (lambda p: lambda x: p.run((x,)))(probe)
-            if "@" in name:  # scan@MIB: the probe as shipped with slices of MIB per torch thread
+            if "@" in name:  # scan@MIB: the probe as shipped with slices of MIB
                 arms[name] = _with_part_size(arms[name], float(name.split("@")[1]))
         else:
             raise SystemExit(f"unknown arm {name!r}")

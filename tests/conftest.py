@@ -24,16 +24,6 @@ class CliResult:
 
 
 @pytest.fixture
-def one_torch_thread():
-    """torch on one thread for the test: the eager probe's cache-sized slices are sized per thread
-    (probe/accumulator.cache_part_bytes), so tests of the sliced path pin the count they size against."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def cli(capsys):
     """Run `deadrelu ARGS…` in-process through the real entry point (exit-code mapping included)."""
     from deadrelu_cli.cli.app import main

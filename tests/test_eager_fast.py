@@ -66,7 +66,7 @@ def _wide_batches(channels_last: bool) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_relu_counted_in_parts_matches_plain_hooks(channels_last, monkeypatch, one_torch_thread):
+def test_relu_counted_in_parts_matches_plain_hooks(channels_last, monkeypatch):
     torch.manual_seed(0)
     model = _Wide().eval()
     with torch.no_grad():
@@ -101,42 +101,6 @@ def test_relu_counted_in_parts_matches_plain_hooks(channels_last, monkeypatch, o
     assert np.isnan(layers["first"].max_preactivation[5])
     assert layers["first"].positive_counts[3] == 0 and layers["first"].positive_counts[4] == 16 * 96 * 96
     assert layers["act"].producer == "bn" and layers["act2"].producer == "conv2"
-
-
-def test_slices_are_sized_per_torch_thread(monkeypatch):
-    """With 2 torch threads the relu counted while it runs takes slices twice as large as with one: each
-    op on a slice is a parallel region whose threads join at its end, and on 2 shared cores twice the
-    regions cost ResNet-18 2.4x plain in CPU time against 1.5x (docs/performance.md, tenth session).
-    At either thread count the counts, max and sums are those of plain hooks."""
-    torch.manual_seed(0)
-    model = _Wide().eval()
-    batches = _wide_batches(False)
-    truths = capture(model, [x.clone() for x in batches])
-    truths = {name: truth_of(site, 1) for name, site in truths.items()}
-    sizes = []
-    real = accumulator._cache_sized_parts
-
-    def spy(tensor, dims):
-        parts = real(tensor, dims)
-        sizes.append(len(parts))
-        return parts
-
-    monkeypatch.setattr(accumulator, "_cache_sized_parts", spy)
-    before, most = torch.get_num_threads(), {}
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            sizes.clear()
-            probe = EagerProbe(model, ProbeSettings())
-            with probe.attached(), torch.inference_mode():
-                for x in batches:
-                    probe.run((x.clone(),))
-            most[threads] = max(sizes)
-            _check({layer.name: layer for layer in probe.registry.layer_stats()}, truths)
-    finally:
-        torch.set_num_threads(before)
-    # the 9.4 MiB input of `first`, 16 rows of 576 KiB: 3 rows per 2 MiB slice, 7 per 4 MiB
-    assert most == {1: 6, 2: 3}
 
 
 class _Mixed(nn.Module):
@@ -257,7 +221,7 @@ class _BranchyConv(nn.Module):
         return h.mean((2, 3))
 
 
-def test_sliced_site_first_seen_in_a_later_batch(monkeypatch, one_torch_thread):
+def test_sliced_site_first_seen_in_a_later_batch(monkeypatch):
     torch.manual_seed(5)
     model = _BranchyConv().eval()
     gen = torch.Generator().manual_seed(6)

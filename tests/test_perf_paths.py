@@ -200,7 +200,7 @@ def test_peak_memory_is_flat_when_the_data_grows_tenfold(tmp_path, suffix):
 
 
 @pytest.mark.parametrize("shape", [(16, 64, 48, 48), (9, 300, 2048)])
-def test_counts_in_cache_sized_parts_match_plain_reductions(shape, one_torch_thread):
+def test_counts_in_cache_sized_parts_match_plain_reductions(shape):
     """Large CPU activations are counted in slices of ~2 MiB along the batch (both passes hit cache);
     counts exact and sums equal to a one-shot torch reduction."""
     import torch
@@ -226,7 +226,7 @@ def test_counts_in_cache_sized_parts_match_plain_reductions(shape, one_torch_thr
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("sliced", [False, True], ids=["whole", "cache-sized-parts"])
-def test_output_counts_are_exact_on_zero_signs_subnormals_and_inf(dtype, sliced, one_torch_thread):
+def test_output_counts_are_exact_on_zero_signs_subnormals_and_inf(dtype, sliced):
     """The fast count (y.bool() summed as bytes, for y >= 0) on -0.0, +0.0, the smallest subnormal, the
     smallest normal, the largest finite value and +inf, in every float width, whole and in cache-sized
     parts: checked against (y > 0) computed in float64."""
@@ -254,7 +254,7 @@ def test_output_counts_are_exact_on_zero_signs_subnormals_and_inf(dtype, sliced,
 
 
 @pytest.mark.parametrize("sliced", [False, True], ids=["whole", "cache-sized-parts"])
-def test_in_place_relu_max_and_counts_over_batches(sliced, one_torch_thread):
+def test_in_place_relu_max_and_counts_over_batches(sliced):
     """Max and counts over several batches with the ReLU in place (the input overwritten between the
     probe's two reads): units that never fire, fire only in the last batch, or only in the first.
     Checked against amax and (x > 0) of the inputs."""

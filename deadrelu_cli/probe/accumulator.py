@@ -616,32 +616,23 @@ def _counter_thread() -> ThreadPoolExecutor:
     return _counter_worker[1]
 
 
-CACHE_PART_BYTES = 2 << 20  # per torch thread: what the count's two passes over one part can share in cache
-
-
-def cache_part_bytes() -> int:
-    """CACHE_PART_BYTES per torch thread. Each of the ~11 ops on a slice is one parallel region whose
-    threads wait for each other at its end: with 2 threads on 2 shared cores, 2 MiB slices (twice the
-    regions) cost ResNet-18 2.4x plain in CPU time against 1.5x with 4 MiB, under load
-    (docs/performance.md, tenth session); one thread keeps 2 MiB."""
-    return CACHE_PART_BYTES * max(1, torch.get_num_threads())
+CACHE_PART_BYTES = 2 << 20  # what the count's two passes over one part can share in cache
 
 
 def _cache_sized_parts(tensor: torch.Tensor, dims: list[int]) -> list[torch.Tensor]:
-    """Slices along dim 0 of about cache_part_bytes() each, when dim 0 is reduced, the tensor is large
-    and on the CPU: the passes of the count then read each activation once from memory, not twice."""
-    part_bytes = cache_part_bytes()
+    """Slices along dim 0 of about CACHE_PART_BYTES each, when dim 0 is reduced, the tensor is large and
+    on the CPU: the passes of the count then read each activation once from memory, not twice."""
     if (
         tensor.device.type != "cpu"
         or not dims
         or dims[0] != 0
         or tensor.dim() < 2
         or tensor.shape[0] < 2
-        or tensor.numel() * tensor.element_size() <= 2 * part_bytes
+        or tensor.numel() * tensor.element_size() <= 2 * CACHE_PART_BYTES
     ):
         return [tensor]
     row_bytes = max(1, tensor[0].numel() * tensor.element_size())
-    return list(tensor.split(max(1, part_bytes // row_bytes)))
+    return list(tensor.split(max(1, CACHE_PART_BYTES // row_bytes)))
 
 
 FUSED_OPS = ("relu", "relu6")
