@@ -14,6 +14,7 @@ from deadrelu_cli.gate import LAYOUT_AMBIGUOUS
 from deadrelu_cli.inputs import GROUPED_INPUTS, dict_groups
 from deadrelu_cli.loaders import LoadedModel, LoadOptions, load_model
 from deadrelu_cli.options import ScanOptions
+from deadrelu_cli.report.fingerprint import SampleSketch
 from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings
 
 
@@ -68,6 +69,8 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
     if world is not None:
         data.shard(world.rank, world.size, options.limit)
         options = replace(options, limit=None)  # the limit is inside the shard windows now
+    else:  # (a distributed scan's ranks each see their shard: no fingerprint of the whole)
+        data.sketch = SampleSketch()
     error: BaseException | None = None
     model = probe = None
     layers: list = []
@@ -96,7 +99,12 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         findings = structural_checks(model, probe)
     report = Report(
         model=ModelInfo(path=str(options.model), format=model.format, sha256=model.sha256),
-        data=DataInfo(path=str(options.text or options.data), samples=samples, text=text_info),
+        data=DataInfo(
+            path=str(options.text or options.data),
+            samples=samples,
+            text=text_info,
+            fingerprint=None if data.sketch is None else data.sketch.to_dict(),
+        ),
         settings=Settings(
             options.threshold, options.dying, options.tau, options.channel_dim, device, tuple(options.ops)
         ),

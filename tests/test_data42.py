@@ -34,3 +34,102 @@ def test_onnx_external_data_is_in_the_model_hash(tmp_path, cli):
     assert before != after
     assert after != hashlib.sha256((folder / "m.onnx").read_bytes()).hexdigest()
     assert sha(tmp_path / "plain.onnx") == hashlib.sha256((tmp_path / "plain.onnx").read_bytes()).hexdigest()
+
+
+def _constant_model(path):
+    """y = Relu(0·x + b), b = [1, -1, 2]: the same statistics whatever the input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "zero"], ["z"]),
+            helper.make_node("Add", ["z", "b"], ["h"]),
+            helper.make_node("Relu", ["h"], ["y"], name="relu"),
+        ],
+        "constant",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [
+            numpy_helper.from_array(np.zeros(3, np.float32), "zero"),
+            numpy_helper.from_array(np.array([1, -1, 2], np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_merge_refuses_overlapping_scans_and_merges_identical_statistics_of_disjoint_data(tmp_path, cli):
+    model = _constant_model(tmp_path / "c.onnx")
+    x = np.random.default_rng(3).standard_normal((12, 3)).astype(np.float32)
+    np.savez(tmp_path / "all.npz", x=x)
+    np.savez(tmp_path / "s1.npz", x=x[:6])
+    np.savez(tmp_path / "s2.npz", x=x[6:])
+
+    def scan(data, name, *flags):
+        result = cli("scan", model, "--data", tmp_path / data, "--json", tmp_path / name, "-q", *flags)
+        assert result.code == 0, result.err
+
+    # two disjoint shards, same statistics (the model ignores its input): merged, counts add up
+    scan("s1.npz", "s1.json")
+    scan("s2.npz", "s2.json")
+    merged = cli("merge", tmp_path / "s1.json", tmp_path / "s2.json", "--json", "-", "-q")
+    assert merged.code == 0, merged.err
+    layer = merged.json()["layers"][0]
+    assert layer["positive_counts"] == [12, 0, 12] and merged.json()["data"]["samples"] == 12
+    assert layer["sum_abs"] == [12.0, 0.0, 24.0]
+    assert not any("fingerprint" in note for note in merged.json()["notes"])
+
+    # overlapping scans of one file: --limit 4 and --limit 8; the same samples in other batch sizes
+    scan("all.npz", "l4.json", "--limit", "4")
+    scan("all.npz", "l8.json", "--limit", "8", "--batch-size", "3")
+    scan("all.npz", "b5.json", "--batch-size", "5")
+    for a, b, shared in (("l4.json", "l8.json", 4), ("b5.json", "l8.json", 8), ("s2.json", "b5.json", 6)):
+        out = tmp_path / "merged.json"
+        refused = cli("merge", tmp_path / a, tmp_path / b, "--json", out)
+        assert refused.code == 2 and len(refused.err.strip().splitlines()) == 1, refused.err
+        assert f"{shared} of the same samples" in refused.err
+        assert str(tmp_path / a) in refused.err and str(tmp_path / b) in refused.err
+        assert not out.exists()
+
+
+def test_reports_without_fingerprint_keep_the_statistics_check_with_a_note(tmp_path, cli):
+    model = _constant_model(tmp_path / "c.onnx")
+    x = np.random.default_rng(4).standard_normal((8, 3)).astype(np.float32)
+    np.savez(tmp_path / "s1.npz", x=x[:4])
+    np.savez(tmp_path / "s2.npz", x=x[4:])
+    for name in ("s1", "s2"):
+        assert cli("scan", model, "--data", tmp_path / f"{name}.npz", "--json", tmp_path / f"{name}.json").code == 0
+        d = json.loads((tmp_path / f"{name}.json").read_text())
+        del d["data"]["fingerprint"]  # as an older deadrelu wrote it
+        (tmp_path / f"{name}.json").write_text(json.dumps(d))
+    refused = cli("merge", tmp_path / "s1.json", tmp_path / "s2.json")
+    assert refused.code == 2 and "no data fingerprint" in refused.err
+
+
+def test_the_fingerprint_ignores_batches_and_order_and_merges_as_the_union():
+    from deadrelu_cli.report.fingerprint import SKETCH_SIZE, SampleSketch, shared_samples, union_sketch
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1500, 2)).astype(np.float32)
+    ids = rng.integers(0, 9, (1500, 3))
+
+    def sketch(rows, size):
+        s = SampleSketch()
+        for start in range(0, len(rows), size):
+            part = rows[start : start + size]
+            s.add({"x": x[part], "ids": ids[part]})
+        return s
+
+    order = rng.permutation(1500)
+    whole, shuffled = sketch(np.arange(1500), 1500), sketch(order, 7)
+    assert whole.digests.tolist() == shuffled.digests.tolist() and not whole.complete
+    assert len(whole.digests) == SKETCH_SIZE
+    first, second = sketch(np.arange(700), 64), sketch(np.arange(700, 1500), 100)
+    assert shared_samples(first, second) == 0
+    assert union_sketch([first, second]).digests.tolist() == whole.digests.tolist()
+    # half of the samples in both: the sketches show it
+    assert shared_samples(sketch(np.arange(0, 1000), 50), sketch(np.arange(500, 1500), 50)) > 0
+    small = sketch(np.arange(10), 3)
+    assert small.complete and len(small.digests) == 10
