@@ -100,7 +100,10 @@ def test_reports_without_fingerprint_keep_the_statistics_check_with_a_note(tmp_p
     np.savez(tmp_path / "s1.npz", x=x[:4])
     np.savez(tmp_path / "s2.npz", x=x[4:])
     for name in ("s1", "s2"):
-        assert cli("scan", model, "--data", tmp_path / f"{name}.npz", "--json", tmp_path / f"{name}.json").code == 0
+        assert (
+            cli("scan", model, "--data", tmp_path / f"{name}.npz", "--json", tmp_path / f"{name}.json").code
+            == 0
+        )
         d = json.loads((tmp_path / f"{name}.json").read_text())
         del d["data"]["fingerprint"]  # as an older deadrelu wrote it
         (tmp_path / f"{name}.json").write_text(json.dumps(d))
