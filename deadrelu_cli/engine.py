@@ -15,7 +15,7 @@ from deadrelu_cli.inputs import GROUPED_INPUTS, dict_groups
 from deadrelu_cli.loaders import LoadedModel, LoadOptions, load_model
 from deadrelu_cli.options import ScanOptions
 from deadrelu_cli.report.fingerprint import SampleSketch
-from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings
+from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings, nonfinite_notes
 
 
 @dataclass
@@ -112,6 +112,7 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         notes=list(model.notes)
         + [f"check {f.kind}: {f.message}" for f in findings]
         + mask_notes(layers, mask)
+        + nonfinite_notes(layers)
         + extra_notes,
         mask=None if mask is None else mask.describe(),
         unseen=dict(model.extra.get("unseen", {})),

@@ -136,3 +136,95 @@ def test_the_fingerprint_ignores_batches_and_order_and_merges_as_the_union():
     assert shared_samples(sketch(np.arange(0, 1000), 50), sketch(np.arange(500, 1500), 50)) > 0
     small = sketch(np.arange(10), 3)
     assert small.complete and len(small.digests) == 10
+
+
+def _finite_truth(pre: np.ndarray) -> dict:
+    """--allow-nonfinite, by hand: NaN/±Inf pre-activations fire nowhere and add nothing to max or sum."""
+    bad = ~np.isfinite(pre)
+    clean = np.where(bad, -np.inf, pre)
+    return {
+        "positive_counts": (clean > 0).sum(0).tolist(),
+        "max": clean.max(0),
+        "sum_abs": np.maximum(clean, 0).sum(0),
+        "nonfinite": int(bad.sum()),
+    }
+
+
+def _check(layer: dict, truth: dict, notes: list[str]) -> None:
+    assert layer["positive_counts"] == truth["positive_counts"]
+    np.testing.assert_allclose(layer["sum_abs"], truth["sum_abs"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer["max_preactivation"], truth["max"], rtol=1e-5)
+    assert layer["nonfinite"] == truth["nonfinite"] > 0
+    assert any(f"{truth['nonfinite']} NaN/Inf value(s)" in note for note in notes)
+
+
+def _nonfinite_data(path, features):
+    x = np.random.default_rng(6).standard_normal((10, features)).astype(np.float32)
+    x[2, 1], x[5, 0], x[7, 3] = np.nan, np.inf, -np.inf
+    np.savez(path, x=x)
+    return x
+
+
+def test_allow_nonfinite_writes_the_report_with_nan_left_out_in_every_format(tmp_path, cli):
+    """NaN/Inf in the data reach the sites: the JSON report is written (was: the table, then exit 2 on
+    ONNX), each statistic over the finite values only, the same definition for ONNX, state_dict,
+    TorchScript and .pt2; numpy computes the truth from the weights."""
+    import torch
+
+    x = _nonfinite_data(tmp_path / "x.npz", 4)
+    model = gemm_relu()
+    onnx.save(model, tmp_path / "m.onnx")
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    truth = _finite_truth(x @ weights["w"].T + weights["b"])
+    result = cli(
+        "scan",
+        tmp_path / "m.onnx",
+        "--data",
+        tmp_path / "x.npz",
+        "--allow-nonfinite",
+        "--json",
+        tmp_path / "o.json",
+    )
+    assert result.code == 0, result.err
+    report = json.loads((tmp_path / "o.json").read_text())
+    _check(report["layers"][0], truth, report["notes"])
+
+    (tmp_path / "arch.py").write_text(
+        "import torch\nfrom torch import nn\n\ndef build():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))\n"
+    )
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    torch.jit.script(net).save(str(tmp_path / "m.ts"))
+    program = torch.export.export(net, (torch.zeros(3, 4),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    torch.export.save(program, tmp_path / "m.pt2")
+    w, b = net[0].weight.detach().numpy(), net[0].bias.detach().numpy()
+    truth = _finite_truth(x @ w.T + b)
+    for model_args in (
+        (tmp_path / "m.pt", "--arch", tmp_path / "arch.py:build"),
+        (tmp_path / "m.ts",),
+        (tmp_path / "m.pt2",),
+    ):
+        out = tmp_path / "t.json"
+        result = cli(
+            "scan", *model_args, "--data", tmp_path / "x.npz", "--allow-nonfinite", "--json", out, "-q"
+        )
+        assert result.code == 0, (model_args, result.err)
+        report = json.loads(out.read_text())
+        _check(report["layers"][0], truth, report["notes"])
+
+
+def test_a_report_json_cannot_hold_fails_before_the_table(tmp_path, cli):
+    """Without --allow-nonfinite, NaN from the weights: one error line and no table on stdout."""
+    from onnx import numpy_helper
+
+    model = gemm_relu()
+    for t in model.graph.initializer:
+        if t.name == "b":
+            t.CopyFrom(numpy_helper.from_array(np.array([np.nan] + [0.0] * 7, np.float32), "b"))
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "x.npz", x=np.ones((3, 4), np.float32))
+    result = cli("scan", tmp_path / "m.onnx", "--data", tmp_path / "x.npz", "--json", tmp_path / "o.json")
+    assert result.code == 2 and result.out == "" and "--allow-nonfinite" in result.err
+    assert len(result.err.strip().splitlines()) == 1

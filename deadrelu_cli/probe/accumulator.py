@@ -153,6 +153,10 @@ class SiteAccumulator:
     # tells (the matching count joins this one) or the counts are read (every position: LAYOUT_AMBIGUOUS)
     pending: dict | None = None
     _pending_now: bool = False
+    # --allow-nonfinite: NaN/±Inf values counted and left out of every statistic
+    # (finite_pre/finite_post, called once per batch by the registry); where this batch had them
+    nonfinite: torch.Tensor | None = None
+    _nonfinite_at: torch.Tensor | None = None
 
     def restart(self) -> None:
         """Count from zero again, in place (a new window of a training run keeps the counters' memory)."""
@@ -166,6 +170,7 @@ class SiteAccumulator:
             self.min_pre.fill_(torch.inf)
         self.elements_per_unit = 0
         self.extra.clear()
+        self.nonfinite = self._nonfinite_at = None
         self._nan_in_batch = self.masked_now = False
         self.pending, self._pending_now = None, False  # a new window; what was learned of the layout stays
 
@@ -231,6 +236,10 @@ class SiteAccumulator:
                 other.min_pre.clone() if self.min_pre is None else torch.minimum(self.min_pre, other.min_pre)
             )
         self.elements_per_unit += other.elements_per_unit
+        if other.nonfinite is not None:
+            self.nonfinite = (
+                other.nonfinite.clone() if self.nonfinite is None else self.nonfinite + other.nonfinite
+            )
         mark = other.extra.get("position_mask")
         if mark is not None and self.extra.get("position_mask") != "no token axis":
             self.extra["position_mask"] = mark
@@ -303,6 +312,39 @@ class SiteAccumulator:
             )
         return units
 
+    def finite_pre(self, pre: torch.Tensor) -> torch.Tensor:
+        """--allow-nonfinite: the pre-activation with its NaN/±Inf values replaced by -inf, which fires
+        nowhere, adds nothing to the max and is 0 after relu (the output's values there are zeroed by
+        `finite_post`); each is counted per unit (`nonfinite`). PRE itself when all are finite (one
+        check per batch; the model's tensors are never changed)."""
+        self._nonfinite_at = None
+        if not pre.is_floating_point():
+            return pre
+        bad = ~torch.isfinite(pre.detach())
+        if not bool(bad.any()):
+            return pre
+        self._count_nonfinite(bad)
+        self._nonfinite_at = bad
+        return pre.detach().masked_fill(bad, -torch.inf)
+
+    def finite_post(self, post: torch.Tensor) -> torch.Tensor:
+        """The output with 0 where the input was not finite (and where the output is not: counted too)."""
+        bad, self._nonfinite_at = self._nonfinite_at, None
+        if not post.is_floating_point():
+            return post
+        post = post.detach()
+        if bad is not None and bad.shape == post.shape:
+            post = post.masked_fill(bad, 0.0)
+        more = ~torch.isfinite(post)
+        if bool(more.any()):
+            self._count_nonfinite(more)
+            post = post.masked_fill(more, 0.0)
+        return post
+
+    def _count_nonfinite(self, bad: torch.Tensor) -> None:
+        found = bad.sum(dtype=torch.int64)  # per site (the report's note), on the device
+        self.nonfinite = found if self.nonfinite is None else self.nonfinite + found
+
     def observe_pre(
         self,
         pre: torch.Tensor,
@@ -357,7 +399,8 @@ class SiteAccumulator:
         )
         torch.maximum(self.max_pre, batch_max, out=self.max_pre)  # promotes to float64 in place
         if self.track_min:
-            batch_min = _channel_first_reduce(pre, dims, torch.amin) if dims else pre
+            low = pre if self._nonfinite_at is None else pre.masked_fill(pre == -torch.inf, torch.inf)
+            batch_min = _channel_first_reduce(low, dims, torch.amin) if dims else low
             if self.min_pre is None:
                 self.min_pre = allocated_apart(
                     lambda: torch.full((units,), torch.inf, dtype=torch.float64, device=pre.device),
@@ -582,6 +625,7 @@ class SiteAccumulator:
             producer=self.producer,
             extra=dict(self.extra),
             min_preactivation=host(self.min_pre, np.float64),
+            nonfinite=0 if self.nonfinite is None else int(self.nonfinite),
         )
 
 

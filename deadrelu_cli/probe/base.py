@@ -20,6 +20,8 @@ class ProbeSettings:
     channel_dim: int | None = None
     ops: tuple[str, ...] = ("relu", "relu6")
     track_min: bool = False  # also the per-unit minimum of the pre-activation (--explain: constant channels)
+    # --allow-nonfinite: NaN/±Inf values fire nowhere and are left out of max and sum (counted per site)
+    skip_nonfinite: bool = False
     # devices ("cuda", "cpu") where relu/relu6 sites are counted by one torch.compile'd pass
     # (accumulator.fused_stats); off by default, DEADRELU_FUSED_STATS=cuda (or cuda,cpu) turns it on
     fused_devices: tuple[str, ...] = field(default_factory=lambda: fused_devices_from_env())
@@ -134,7 +136,8 @@ class SiteRegistry:
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known)
         site.call_hint, self.call_hint = self.call_hint, None
         mask = self.mask_for(name)
-        site.observe_pre(pre, self.settings.threshold, mask, self.fused_devices)
+        counted = site.finite_pre(pre) if self.settings.skip_nonfinite else pre
+        site.observe_pre(counted, self.settings.threshold, mask, self.fused_devices)
         collector = self.collectors.get(name)
         if collector is not None:
             if mask is not None and site.masked_now:
@@ -160,6 +163,7 @@ class SiteRegistry:
             or name in self.collectors
             or pre.device.type in self.fused_devices
             or op != "relu"
+            or self.settings.skip_nonfinite
         ):
             return None
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known)
@@ -167,7 +171,10 @@ class SiteRegistry:
 
     def record_post(self, name: str, post: torch.Tensor) -> None:
         """Second half: counts and sums from the activation's output."""
-        self.sites[name].observe_post(post, self.settings.threshold, self.mask_for(name))
+        site = self.sites[name]
+        if self.settings.skip_nonfinite:
+            post = site.finite_post(post)
+        site.observe_post(post, self.settings.threshold, self.mask_for(name))
 
     def record(
         self,

@@ -215,6 +215,8 @@ def layer_to_dict(layer: LayerStats, settings: Settings) -> dict[str, Any]:
         out["min_preactivation"] = _finite_or_none(layer.min_preactivation)
     if layer.samples is not None:
         out["samples"] = int(layer.samples)
+    if layer.nonfinite:
+        out["nonfinite"] = int(layer.nonfinite)
     if layer.extra:
         out["extra"] = layer.extra
     return out
@@ -249,7 +251,8 @@ def report_to_json(report: Report) -> str:
         if not np.isfinite(layer.sum_abs).all():
             raise UserError(
                 f"layer {layer.name}: the sum of |activation| is NaN or Inf (NaN/Inf or huge values in the "
-                "data or the weights); a JSON report cannot hold it: clean the data or check the weights"
+                "data or the weights); a JSON report cannot hold it: clean the data or check the weights, "
+                "or pass --allow-nonfinite to leave NaN/Inf values out of the statistics"
             )
         if layer.bias is not None and not np.isfinite(layer.bias).all():
             raise UserError(
@@ -287,6 +290,7 @@ def layer_from_dict(d: dict[str, Any]) -> LayerStats:
         if d.get("min_preactivation") is None
         else np.array([np.inf if v is None else v for v in d["min_preactivation"]], dtype=np.float64),
         samples=d.get("samples"),
+        nonfinite=int(d.get("nonfinite") or 0),
     )
 
 
@@ -480,6 +484,16 @@ def refuse_overlapping_data(
                     "the same data scanned twice (under another file name?); merge scans of disjoint shards, "
                     "each once"
                 )
+
+
+def nonfinite_notes(layers: list[LayerStats]) -> list[str]:
+    """--allow-nonfinite: one note per layer that met NaN/Inf values (left out of its statistics)."""
+    return [
+        f"layer {layer.name}: {layer.nonfinite} NaN/Inf value(s) of its input or output were left out "
+        "(--allow-nonfinite): they fire nowhere and add nothing to its max pre-activation and sum of |activation|"
+        for layer in layers
+        if layer.nonfinite
+    ]
 
 
 def merge_reports(reports: list[Report], names: list[str] | None = None) -> Report:
