@@ -279,6 +279,9 @@ class CalibrationData:
     # when set, every batch read adds its samples' digests (the report's data fingerprint: which
     # samples were counted, for merge's overlap check); passes that read a sample again add nothing
     sketch: SampleSketch | None = None
+    # --allow-nonfinite for every pass that does not say (the first sample read to size batches or find
+    # dtypes must not refuse what the scan accepts)
+    allow_nonfinite: bool = False
 
     def shard(self, rank: int, world: int, limit: int | None) -> None:
         total = self.samples if limit is None else min(limit, self.samples)
@@ -341,8 +344,10 @@ class CalibrationData:
         return first.shape[self.batch_axes.get(first.name, 0)]
 
     def batches(
-        self, batch_size: int, limit: int | None = None, allow_nonfinite: bool = False
+        self, batch_size: int, limit: int | None = None, allow_nonfinite: bool | None = None
     ) -> Iterator[dict[str, np.ndarray]]:
+        if allow_nonfinite is None:
+            allow_nonfinite = self.allow_nonfinite
         total = self.samples if limit is None else min(limit, self.samples)
         first, last = self.window if self.window else (0, total)
         try:
@@ -408,6 +413,7 @@ class MultiFileData:
         self.unfed: tuple[str, ...] = ()
         self.notes: list[str] = []
         self.sketch: SampleSketch | None = None
+        self.allow_nonfinite = False
 
     @property
     def names(self) -> list[str]:
@@ -432,7 +438,9 @@ class MultiFileData:
             )
         self.parts = self.parts[rank::world]  # files dealt to ranks in sorted order (a rank may get none)
 
-    def batches(self, batch_size: int, limit: int | None = None, allow_nonfinite: bool = False):
+    def batches(self, batch_size: int, limit: int | None = None, allow_nonfinite: bool | None = None):
+        if allow_nonfinite is None:
+            allow_nonfinite = self.allow_nonfinite
         remaining = limit
         for part in self.parts:
             if remaining is not None and remaining <= 0:

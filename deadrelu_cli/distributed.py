@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from deadrelu_cli.errors import EXIT_INTERNAL, DeadreluError, UserError
+from deadrelu_cli.report.fingerprint import SampleSketch, union_sketch
 from deadrelu_cli.stats import LayerStats
 
 
@@ -137,6 +138,7 @@ def reduce_layers(
     elements = torch.tensor(
         [local[name].elements_per_unit if name in local else 0 for name in order]
         + ([(local[name].samples or 0) if name in local else 0 for name in order] if layer_samples else [])
+        + [local[name].nonfinite if name in local else 0 for name in order]  # --allow-nonfinite
         + [samples],
         dtype=torch.int64,
         device=tensor_device,
@@ -178,9 +180,22 @@ def reduce_layers(
                 bias=biases.get(name),
                 extra=dict(local[name].extra) if name in local else {},  # e.g. how the position mask applied
                 samples=int(elements[len(order) + index]) if layer_samples else None,
+                nonfinite=int(elements[(2 if layer_samples else 1) * len(order) + index]),
             )
         )
     return merged, int(elements[-1])
+
+
+def reduce_sketch(world: World, sketch: SampleSketch) -> SampleSketch:
+    """The data fingerprint of every rank's samples (report.fingerprint): each rank's sketch gathered
+    (at most 512 digests each) and joined, as merge joins reports'."""
+    import torch.distributed as dist
+
+    sketches: list = [None] * world.size
+    dist.all_gather_object(sketches, (sketch.digests.tolist(), sketch.complete))
+    return union_sketch(
+        [SampleSketch(np.array(digests, dtype=np.uint64), complete) for digests, complete in sketches]
+    )
 
 
 # set once this process has torn its process group down: the command-line entry point then leaves

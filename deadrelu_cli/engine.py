@@ -69,8 +69,8 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
     if world is not None:
         data.shard(world.rank, world.size, options.limit)
         options = replace(options, limit=None)  # the limit is inside the shard windows now
-    else:  # (a distributed scan's ranks each see their shard: no fingerprint of the whole)
-        data.sketch = SampleSketch()
+    data.allow_nonfinite = options.allow_nonfinite
+    data.sketch = SampleSketch()  # the report's data fingerprint (each rank: its shard's, joined below)
     error: BaseException | None = None
     model = probe = None
     layers: list = []
@@ -83,11 +83,12 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         error = exc
     samples = data.samples if options.limit is None else min(options.limit, data.samples)
     if world is not None:
-        from deadrelu_cli.distributed import check_all_ranks, finish, reduce_layers
+        from deadrelu_cli.distributed import check_all_ranks, finish, reduce_layers, reduce_sketch
 
         try:
             check_all_ranks(world, error)
             layers, samples = reduce_layers(world, layers, data.local_samples, device)
+            data.sketch = reduce_sketch(world, data.sketch)
         finally:
             finish(world)
     if options.certify and (world is None or world.is_main):

@@ -9,7 +9,9 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 from onnx_graphs import gemm_relu
+from test_distributed import one_rank_world  # noqa: F401 - a fixture
 
 
 def test_onnx_external_data_is_in_the_model_hash(tmp_path, cli):
@@ -117,12 +119,13 @@ def test_the_fingerprint_ignores_batches_and_order_and_merges_as_the_union():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1500, 2)).astype(np.float32)
     ids = rng.integers(0, 9, (1500, 3))
+    wide = rng.standard_normal((1500, 20)).astype(np.float32)  # 80-byte rows: the sha256 digest
 
     def sketch(rows, size):
         s = SampleSketch()
         for start in range(0, len(rows), size):
             part = rows[start : start + size]
-            s.add({"x": x[part], "ids": ids[part]})
+            s.add({"x": x[part], "ids": ids[part], "wide": wide[part]})
         return s
 
     order = rng.permutation(1500)
@@ -228,3 +231,83 @@ def test_a_report_json_cannot_hold_fails_before_the_table(tmp_path, cli):
     result = cli("scan", tmp_path / "m.onnx", "--data", tmp_path / "x.npz", "--json", tmp_path / "o.json")
     assert result.code == 2 and result.out == "" and "--allow-nonfinite" in result.err
     assert len(result.err.strip().splitlines()) == 1
+
+
+def test_nonfinite_values_at_masked_positions_are_not_counted(tmp_path, cli):
+    """A NaN at a padded token position is no position: it is not in the note's count (torch and ONNX),
+    and the statistics are those of the kept positions (numpy)."""
+    import torch
+
+    (tmp_path / "arch.py").write_text(
+        "import torch\nfrom torch import nn\n\ndef build():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(3, 4), nn.ReLU())\n"
+    )
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    x = np.random.default_rng(7).standard_normal((4, 5, 3)).astype(np.float32)
+    mask = np.ones((4, 5), np.int64)
+    mask[1, 3:] = 0
+    x[1, 4, 0] = np.nan  # padding
+    x[2, 1, 2] = np.inf  # a kept position
+    np.savez(tmp_path / "d.npz", x=x, attention_mask=mask)
+    w, b = net[0].weight.detach().numpy(), net[0].bias.detach().numpy()
+    pre = (x @ w.T + b)[mask.astype(bool)]
+    truth = _finite_truth(pre)
+    out = tmp_path / "t.json"
+    args = ("--data", tmp_path / "d.npz", "--allow-nonfinite", "--json", out, "-q")
+    result = cli("scan", tmp_path / "m.pt", "--arch", tmp_path / "arch.py:build", *args)
+    assert result.code == 0, result.err
+    report = json.loads(out.read_text())
+    assert truth["nonfinite"] == 4  # the Inf's row: every unit; the padded NaN not
+    _check(report["layers"][0], truth, report["notes"])
+
+
+@pytest.mark.usefixtures("one_rank_world")
+def test_a_distributed_scan_carries_the_fingerprint_and_nonfinite_counts(tmp_path, cli):
+    """One rank under a real gloo group: the report has the same data fingerprint and NaN/Inf counts as
+    the scan without --distributed."""
+    x = _nonfinite_data(tmp_path / "x.npz", 4)
+    onnx.save(gemm_relu(), tmp_path / "m.onnx")
+    args = ("scan", tmp_path / "m.onnx", "--data", tmp_path / "x.npz", "--allow-nonfinite", "-q")
+    plain = cli(*args, "--json", tmp_path / "p.json")
+    assert plain.code == 0, plain.err
+    spread = cli(*args, "--distributed", "--json", tmp_path / "d.json")
+    assert spread.code == 0, spread.err
+    p, d = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("p", "d"))
+    assert d["data"]["fingerprint"] == p["data"]["fingerprint"]
+    assert len(d["data"]["fingerprint"]["digests"]) == len(x)
+    assert d["layers"][0]["nonfinite"] == p["layers"][0]["nonfinite"] > 0
+
+
+def test_merged_nonfinite_counts_add_up_in_one_note(tmp_path, cli):
+    x = _nonfinite_data(tmp_path / "all.npz", 4)
+    np.savez(tmp_path / "a.npz", x=x[:5])
+    np.savez(tmp_path / "b.npz", x=x[5:])
+    onnx.save(gemm_relu(), tmp_path / "m.onnx")
+    for part in ("a", "b", "all"):
+        args = ("--data", tmp_path / f"{part}.npz", "--allow-nonfinite", "--json", tmp_path / f"{part}.json")
+        assert cli("scan", tmp_path / "m.onnx", *args, "-q").code == 0
+    merged = cli("merge", tmp_path / "a.json", tmp_path / "b.json", "--json", "-", "-q").json()
+    whole = json.loads((tmp_path / "all.json").read_text())
+    assert merged["layers"][0]["nonfinite"] == whole["layers"][0]["nonfinite"] == 24  # 3 samples x 8 units
+    assert [n for n in merged["notes"] if "NaN/Inf" in n] == [n for n in whole["notes"] if "NaN/Inf" in n]
+
+
+def test_allow_nonfinite_with_nan_in_the_first_sample(tmp_path, cli):
+    """The passes before the scan (batch sizing, input dtypes) read the first sample: they used to refuse
+    NaN there although --allow-nonfinite was given."""
+    x = np.ones((3, 4), np.float32)
+    x[0, 0] = np.nan
+    np.savez(tmp_path / "x.npz", x=x)
+    onnx.save(gemm_relu(), tmp_path / "m.onnx")
+    (tmp_path / "arch.py").write_text(
+        "from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Linear(4, 6), nn.ReLU())\n"
+    )
+    import torch
+
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU()).state_dict(), tmp_path / "m.pt")
+    for model in ((tmp_path / "m.onnx",), (tmp_path / "m.pt", "--arch", tmp_path / "arch.py:build")):
+        result = cli("scan", *model, "--data", tmp_path / "x.npz", "--allow-nonfinite", "--json", "-")
+        assert result.code == 0, (model, result.err)
+        assert result.json()["layers"][0]["nonfinite"] > 0

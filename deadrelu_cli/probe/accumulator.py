@@ -312,32 +312,37 @@ class SiteAccumulator:
             )
         return units
 
-    def finite_pre(self, pre: torch.Tensor) -> torch.Tensor:
+    def finite_pre(self, pre: torch.Tensor, mask: PositionMask | None = None) -> torch.Tensor:
         """--allow-nonfinite: the pre-activation with its NaN/±Inf values replaced by -inf, which fires
         nowhere, adds nothing to the max and is 0 after relu (the output's values there are zeroed by
-        `finite_post`); each is counted per unit (`nonfinite`). PRE itself when all are finite (one
-        check per batch; the model's tensors are never changed)."""
+        `finite_post`); they are counted (`nonfinite`; with MASK, those at kept positions). PRE itself
+        when all are finite (one check per batch; the model's tensors are never changed)."""
         self._nonfinite_at = None
         if not pre.is_floating_point():
             return pre
         bad = ~torch.isfinite(pre.detach())
         if not bool(bad.any()):
             return pre
-        self._count_nonfinite(bad)
+        kept = None if mask is None else mask.select(bad, self.channel_dim, self.known_time_major())
+        self._count_nonfinite(bad if kept is None else kept)
         self._nonfinite_at = bad
         return pre.detach().masked_fill(bad, -torch.inf)
 
-    def finite_post(self, post: torch.Tensor) -> torch.Tensor:
-        """The output with 0 where the input was not finite (and where the output is not: counted too)."""
+    def finite_post(self, post: torch.Tensor, mask: PositionMask | None = None) -> torch.Tensor:
+        """The output with 0 where the input was not finite, and where the output is not (counted too;
+        a clamp of a finite input is finite, so relu/relu6 outputs are not checked again)."""
         bad, self._nonfinite_at = self._nonfinite_at, None
         if not post.is_floating_point():
             return post
         post = post.detach()
         if bad is not None and bad.shape == post.shape:
             post = post.masked_fill(bad, 0.0)
+        if self.op in CAPPED_OPS or self.op == "relu":
+            return post
         more = ~torch.isfinite(post)
         if bool(more.any()):
-            self._count_nonfinite(more)
+            kept = None if mask is None else mask.select(more, self.channel_dim, self.known_time_major())
+            self._count_nonfinite(more if kept is None else kept)
             post = post.masked_fill(more, 0.0)
         return post
 

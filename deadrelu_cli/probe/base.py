@@ -136,7 +136,7 @@ class SiteRegistry:
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known)
         site.call_hint, self.call_hint = self.call_hint, None
         mask = self.mask_for(name)
-        counted = site.finite_pre(pre) if self.settings.skip_nonfinite else pre
+        counted = site.finite_pre(pre, mask) if self.settings.skip_nonfinite else pre
         site.observe_pre(counted, self.settings.threshold, mask, self.fused_devices)
         collector = self.collectors.get(name)
         if collector is not None:
@@ -173,7 +173,7 @@ class SiteRegistry:
         """Second half: counts and sums from the activation's output."""
         site = self.sites[name]
         if self.settings.skip_nonfinite:
-            post = site.finite_post(post)
+            post = site.finite_post(post, self.mask_for(name))
         site.observe_post(post, self.settings.threshold, self.mask_for(name))
 
     def record(

@@ -595,7 +595,7 @@ def _add_reductions(
     def widen(name: str, to: int, stem: str) -> str:
         return builder.node("Cast", [name], stem, to=to)
 
-    nonfinite = None
+    wrong = None
     if finite_only:
         # not |v| < inf: true for NaN and ±Inf alike (Less and Abs exist from opset 7; IsInf from 10)
         inf = builder.const(np.array(np.inf, dtype=np_type), "inf")
@@ -612,12 +612,15 @@ def _add_reductions(
             "Where", [wrong, builder.const(np.array(-np.inf, dtype=np_type), "neginf"), x], "xfin"
         )
         y = builder.node("Where", [wrong, builder.const(np.array(0, dtype=np_type), "zero"), y], "yfin")
-        nonfinite = builder.node(
-            "ReduceSum",
-            [builder.node("Cast", [wrong], "bad64", to=TensorProto.INT64)],
-            "nonfinite",
-            keepdims=0,
-        )
+
+    def nonfinite_count(keep_mask: str | None) -> str:
+        """How many values were not finite (where the position mask keeps them), as one int64."""
+        bad64 = builder.node("Cast", [wrong], "bad64", to=TensorProto.INT64)
+        if keep_mask is not None:
+            bad64 = builder.node(
+                "Where", [keep_mask, bad64, builder.const(np.array(0, np.int64), "nofill")], "kbad"
+            )
+        return builder.node("ReduceSum", [bad64], "nonfinite", keepdims=0)
 
     from_output = counts_from_output(site.op, threshold) or (
         site.op == "clip" and 0.0 <= threshold < (site.clip_max or np.inf)
@@ -670,8 +673,8 @@ def _add_reductions(
             out["sat_nc"] = builder.node("GlobalAveragePool", [at_cap], "sat_nc")
         if nan_flags:
             out["nan_nc"] = builder.node("GlobalMaxPool", [is_nan()], "nan_nc")
-        if nonfinite is not None:
-            out["nonfinite"] = nonfinite
+        if wrong is not None:
+            out["nonfinite"] = nonfinite_count(None)
         return out
 
     def kept(value: str, fill: float, dtype, stem: str) -> str:
@@ -696,8 +699,8 @@ def _add_reductions(
     if at_cap is not None:
         at_cap32 = kept(builder.node("Cast", [at_cap], "sat_i32", to=TensorProto.INT32), 0, np.int32, "ksat")
         out["sat"] = widen(builder.reduce("ReduceSum", at_cap32, axes, "sat32"), TensorProto.INT64, "sat")
-    if nonfinite is not None:
-        out["nonfinite"] = nonfinite
+    if wrong is not None:
+        out["nonfinite"] = nonfinite_count(keep)
     return out
 
 

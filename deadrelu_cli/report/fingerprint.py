@@ -1,7 +1,7 @@
 """What samples a report counted, small enough for the report: a bottom-k sketch of per-sample digests.
 
 Each sample gets a 64-bit digest (sha256 of its row of each batched array, with the array's name,
-dtype and row shape; summed over the arrays), so batch size and order change nothing. A report keeps
+dtype and row shape — short rows a vectorised splitmix64 chain, `row_digests`; summed over the arrays), so batch size and order change nothing. A report keeps
 the K smallest distinct digests. Two reports share a sample when their lists share a digest; below K samples the list is every sample's,
 so overlap is found exactly. Above, the lists hold every digest up to their K-th smallest, and any
 shared sample whose digest lies below the smaller of those two bounds is in both lists: an overlap of
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SKETCH_SIZE = 512
-METHOD = "sha256-64 per sample, smallest 512"
+METHOD = "sha256-64 per sample (rows up to 64 bytes: splitmix64 words), smallest 512"
 
 
 @dataclass
@@ -36,26 +36,26 @@ class SampleSketch:
         if not names:
             return
         axes = batch_axes or {}
-        rows = [np.moveaxis(np.asarray(batch[n]), axes.get(n, 0), 0) for n in names]
+        rows = [np.asarray(batch[n]) for n in names]
+        rows = [np.moveaxis(r, axes[n], 0) if axes.get(n, 0) else r for n, r in zip(names, rows, strict=True)]
         count = rows[0].shape[0]
-        # per array, one sha256 state over its name, dtype and row shape, copied for each row (cheaper
-        # than a fresh hash; sha256 has CPU instructions where blake2b has none)
         heads = [
             hashlib.sha256(f"{n}\0{r.dtype.str}\0{r.shape[1:]}\0".encode())
             for n, r in zip(names, rows, strict=True)
         ]
         rows = [np.ascontiguousarray(r).reshape(count, -1).view(np.uint8) for r in rows]
         found = np.zeros(count, dtype=np.uint64)
-        for head, r in zip(heads, rows, strict=True):
-            digests = bytearray()
-            for i in range(count):
-                h = head.copy()
-                h.update(r[i])
-                digests += h.digest()[:8]
-            found += np.frombuffer(bytes(digests), dtype="<u8")  # several arrays: summed (mod 2**64)
+        for head, r in zip(heads, rows, strict=True):  # (name, dtype, row shape) start each row's digest
+            found += row_digests(r, head)  # several arrays: summed (mod 2**64)
         self.merge_digests(found)
 
     def merge_digests(self, found: np.ndarray, complete: bool = True) -> None:
+        if self.digests.size == self.size:  # full: only digests below the largest kept can enter
+            largest = self.digests[-1]
+            self.complete = self.complete and complete and not (found > largest).any()
+            found = found[found < largest]
+            if not found.size:
+                return
         union = np.union1d(self.digests, found)
         self.complete = self.complete and complete and union.size <= self.size
         self.digests = union[: self.size]
@@ -66,6 +66,39 @@ class SampleSketch:
             "complete": self.complete,
             "digests": [f"{int(d):016x}" for d in self.digests],
         }
+
+
+SMALL_ROW = 64  # bytes: rows up to this long get the vectorised digest (a Python call per row costs more)
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, on uint64 arrays (numpy wraps the products mod 2**64)."""
+    h = (h ^ (h >> np.uint64(30))) * _M1
+    h = (h ^ (h >> np.uint64(27))) * _M2
+    return h ^ (h >> np.uint64(31))
+
+
+def row_digests(rows: np.ndarray, head) -> np.ndarray:
+    """A 64-bit digest per row of ROWS (uint8 [count, length]), started from HEAD (a sha256 state):
+    sha256 of head + row, or, for rows of at most SMALL_ROW bytes, a splitmix64 chain over the row's
+    8-byte words seeded by the head's digest, for all rows at once. Which one depends only on the row
+    length, so the same array gives the same digests in any batch size."""
+    count, length = rows.shape
+    if length <= SMALL_ROW:
+        padded = np.zeros((count, -(-length // 8) * 8), np.uint8)
+        padded[:, :length] = rows
+        words = padded.view("<u8")
+        h = np.full(count, int.from_bytes(head.digest()[:8], "little"), dtype=np.uint64)
+        for w in range(words.shape[1]):
+            h = _mix(h ^ words[:, w])
+        return h
+    out = bytearray()
+    for i in range(count):  # a copied state per row: cheaper than a fresh hash of head + row
+        h = head.copy()
+        h.update(rows[i])
+        out += h.digest()[:8]
+    return np.frombuffer(bytes(out), dtype="<u8").astype(np.uint64)
 
 
 def sketch_from_dict(d: dict) -> SampleSketch | None:

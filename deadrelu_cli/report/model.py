@@ -52,7 +52,7 @@ class DataInfo:
     # --text: how the documents became samples ({"packing": "pad"|"pack", "seq_len", "documents", …}), or None
     text: dict | None = None
     # which samples were counted (report.fingerprint: a sketch of per-sample digests), or None (older
-    # reports, distributed scans, training windows)
+    # reports, training windows)
     fingerprint: dict | None = None
 
     def samples_text(self) -> str:
@@ -457,7 +457,7 @@ def refuse_overlapping_data(
     reports: list[Report], names: list[str], sketches: list[SampleSketch | None]
 ) -> None:
     """Exit 2 naming both reports when two of them counted the same samples: by their data
-    fingerprints (report.fingerprint) when both have one, else (older reports, distributed scans,
+    fingerprints (report.fingerprint) when both have one, else (older reports,
     training windows) by identical statistics (statistics_fingerprint)."""
     counted = [
         None if sketch is not None else statistics_fingerprint(r)
@@ -539,7 +539,9 @@ def merge_reports(reports: list[Report], names: list[str] | None = None) -> Repo
         for name in union_order([[layer.name for layer in r.layers] for r in reports])
     ]
     data_paths = sorted({r.data.path for r in reports})
-    notes = sorted({n for r in reports for n in r.notes})
+    # each part's NaN/Inf notes are said again for the merged counts
+    counted_notes = {n for r in reports for n in nonfinite_notes(r.layers)}
+    notes = sorted({n for r in reports for n in r.notes} - counted_notes) + nonfinite_notes(layers)
     partial = [name for name in (layer.name for layer in layers) if listed[name] < len(reports)]
     if partial:
         shown = ", ".join(f"{name} (in {listed[name]} of {len(reports)})" for name in partial[:5])
@@ -551,7 +553,7 @@ def merge_reports(reports: list[Report], names: list[str] | None = None) -> Repo
     if unprinted:
         notes.append(
             f"{', '.join(unprinted[:4])}{', …' if len(unprinted) > 4 else ''}: no data fingerprint (an older "
-            "deadrelu, a distributed scan, a training window): overlap with the other parts was checked "
+            "deadrelu, a training window): overlap with the other parts was checked "
             "only by identical statistics"
         )
     if len(data_paths) < len(reports) and unprinted:
