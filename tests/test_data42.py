@@ -10,6 +10,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx_graphs import gemm_relu
 from test_distributed import one_rank_world  # noqa: F401 - a fixture
 
@@ -168,11 +169,19 @@ def _nonfinite_data(path, features):
     return x
 
 
+class _Scripted(torch.nn.Module):
+    def __init__(self, first: torch.nn.Linear, second: torch.nn.Linear) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = first, second
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
 def test_allow_nonfinite_writes_the_report_with_nan_left_out_in_every_format(tmp_path, cli):
     """NaN/Inf in the data reach the sites: the JSON report is written (was: the table, then exit 2 on
     ONNX), each statistic over the finite values only, the same definition for ONNX, state_dict,
     TorchScript and .pt2; numpy computes the truth from the weights."""
-    import torch
 
     x = _nonfinite_data(tmp_path / "x.npz", 4)
     model = gemm_relu()
@@ -199,7 +208,9 @@ def test_allow_nonfinite_writes_the_report_with_nan_left_out_in_every_format(tmp
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
     torch.save(net.state_dict(), tmp_path / "m.pt")
-    torch.jit.script(net).save(str(tmp_path / "m.ts"))
+    # (a class of its own: scripting nn.Sequential here would leave TorchScript's cached Sequential type
+    # to later tests, which read its saved source)
+    torch.jit.script(_Scripted(net[0], net[2])).save(str(tmp_path / "m.ts"))
     program = torch.export.export(net, (torch.zeros(3, 4),), dynamic_shapes=({0: torch.export.Dim("b")},))
     torch.export.save(program, tmp_path / "m.pt2")
     w, b = net[0].weight.detach().numpy(), net[0].bias.detach().numpy()
@@ -236,7 +247,6 @@ def test_a_report_json_cannot_hold_fails_before_the_table(tmp_path, cli):
 def test_nonfinite_values_at_masked_positions_are_not_counted(tmp_path, cli):
     """A NaN at a padded token position is no position: it is not in the note's count (torch and ONNX),
     and the statistics are those of the kept positions (numpy)."""
-    import torch
 
     (tmp_path / "arch.py").write_text(
         "import torch\nfrom torch import nn\n\ndef build():\n    torch.manual_seed(0)\n"
@@ -304,7 +314,6 @@ def test_allow_nonfinite_with_nan_in_the_first_sample(tmp_path, cli):
     (tmp_path / "arch.py").write_text(
         "from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Linear(4, 6), nn.ReLU())\n"
     )
-    import torch
 
     torch.save(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU()).state_dict(), tmp_path / "m.pt")
     for model in ((tmp_path / "m.onnx",), (tmp_path / "m.pt", "--arch", tmp_path / "arch.py:build")):
