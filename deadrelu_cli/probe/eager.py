@@ -944,15 +944,20 @@ class EagerProbe:
 
     def note_inputs(self, args: tuple, kwargs: dict) -> None:
         """At the start of a forward whose position mask has as many samples as tokens (where a site's
-        [T, B, ...] and [B, T, ...] have one shape): its [batch, tokens] inputs of the mask's shape (token
-        ids, as the mask marks them) are laid out as the mask; what descends from them is followed
+        [T, B, ...] and [B, T, ...] have one shape): its inputs of the mask's shape whose values say how they
+        are laid out (PositionMask.reading: the mask itself, token ids padded with one id, batch-first or
+        time-major) are marked so; what descends from them is followed
         (`carry_alignment`) to tell a site's layout by what the model did, not by its shape."""
         mask = self.registry.position_mask
-        if mask is None or mask.batch != mask.tokens or mask.batch < 2:
+        if mask is None or mask.batch != mask.tokens or mask.batch < 2 or mask.symmetric:
             return
         for value in torch.utils._pytree.tree_leaves((args, kwargs)):
             if isinstance(value, torch.Tensor) and tuple(value.shape) == (mask.batch, mask.tokens):
-                self._aligned[id(value)] = (weakref.ref(value), False)
+                # its layout by its values (the mask itself, or ids padded with one id), never by its shape:
+                # time-major ids [T, B] (fairseq-style) have the mask's shape too
+                time_major = mask.reading(value)
+                if time_major is not None:
+                    self._aligned[id(value)] = (weakref.ref(value), time_major)
 
     def alignment_of(self, tensor: torch.Tensor) -> bool | None:
         """Whether the tensor is [T, B, ...] (True) or [B, T, ...] (False) by descent (note_inputs), or None."""

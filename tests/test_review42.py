@@ -1,0 +1,129 @@
+"""review42: watch()'s position masks at a batch of as many samples as tokens, and nn.Transformer*'s own
+key padding masks. Truth: the model's own pre-activations recorded with forward hooks, counted in torch."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from deadrelu_cli import watch
+
+UNITS = 16
+
+
+def _close(w):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w.close()
+    return [str(c.message) for c in caught if "as many samples as tokens" in str(c.message)]
+
+
+class TwoCalls(nn.Module):
+    """One nn.TransformerEncoder called twice in a forward: with a key padding mask, then without."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(8, 2, UNITS, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, x, pad, y):
+        return self.enc(x, src_key_padding_mask=pad).sum() + self.enc(y).sum()
+
+
+def test_an_encoder_called_again_without_its_padding_mask_counts_every_position_of_that_call():
+    """The second call has no src_key_padding_mask: every position of y is real. Before: the first call's
+    mask stayed on for it (10 of 15 positions, wrong counts, "applied")."""
+    model = TwoCalls()
+    x, y = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, 3:], pad[1, 2:] = True, True
+    seen = []
+    model.enc.layers[0].linear1.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    w = watch(model, every=1, config=False)
+    w.step()
+    model(x, pad, y)
+    w.close()
+    first, second = w.last.layer("enc.layers.0.relu()"), w.last.layer("enc.layers.0.relu()#2")
+    assert first.positive_counts.tolist() == (seen[0][~pad] > 0).sum(0).tolist()
+    assert first.elements_per_unit == int((~pad).sum()) == 10
+    assert second.positive_counts.tolist() == (seen[1].reshape(-1, UNITS) > 0).sum(0).tolist()
+    assert second.elements_per_unit == 15
+
+
+class TimeMajorIds(nn.Module):
+    """Token ids come in time-major, [T, B] (fairseq-style): every activation is [T, B, F]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb, self.fc = nn.Embedding(20, 6), nn.Linear(6, UNITS)
+
+    def forward(self, src):
+        return torch.relu(self.fc(self.emb(src))).sum()
+
+
+def _time_major_run(shapes, pad_id):
+    model = TimeMajorIds()
+    seen = []
+    model.fc.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    w = watch(model, every=1, window=len(shapes), config=False)
+    truth, kept = torch.zeros(UNITS, dtype=torch.long), 0
+    gen = torch.Generator().manual_seed(2)
+    for step, (batch, tokens) in enumerate(shapes):
+        keep = torch.arange(tokens)[None, :] < (1 + torch.arange(batch) % tokens)[:, None]  # [B, T]
+        src = torch.randint(1, 20, (tokens, batch), generator=gen)
+        if pad_id is not None:
+            src[~keep.T] = pad_id
+        w.step(step, position_mask=keep)
+        model(src)
+        w.end_step()
+        truth += (seen[-1].transpose(0, 1)[keep] > 0).sum(0)
+        kept += int(keep.sum())
+    ambiguous = _close(w)
+    return w.last.layer("relu()"), truth.tolist(), kept, ambiguous
+
+
+def test_time_major_token_ids_at_a_square_batch_are_not_read_as_batch_first():
+    """A square first batch (4 samples of 4 tokens) of time-major ids: the ids have the mask's shape, but
+    are [T, B]. Ids padded with varied values: the square batches wait for the 3-sample batch's shape;
+    padded with one id: the ids' values tell. Before: read as [B, T] ("applied", wrong counts)."""
+    for shapes, pad_id in (([(4, 4), (3, 4), (4, 4)], None), ([(4, 4), (4, 4)], 0)):
+        layer, truth, kept, ambiguous = _time_major_run(shapes, pad_id)
+        assert layer.positive_counts.tolist() == truth
+        assert layer.elements_per_unit == kept
+        assert layer.extra["position_mask"] == "applied"
+        assert not ambiguous
+
+
+class Features(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc = nn.Linear(6, UNITS)
+
+    def forward(self, x, attention_mask=None):
+        return torch.relu(self.fc(x)).sum()
+
+
+def test_a_square_batch_whose_mask_reads_the_same_both_ways_is_counted_not_called_ambiguous():
+    """No padding (all ones), or a mask equal to its transpose: [B, T] and [T, B] keep the same elements,
+    so the count is exact whichever the layout. Before: "layout ambiguous", a warning, and a gate that
+    fails on it (every position counted, the symmetric mask's padding included)."""
+    x = torch.randn(4, 4, 6)
+    lengths = torch.tensor([4, 3, 2, 1])
+    for keep in (torch.ones(4, 4, dtype=torch.bool), torch.arange(4)[None, :] < lengths[:, None]):
+        model = Features()
+        w = watch(model, every=1, config=False)
+        w.step()
+        model(x, attention_mask=keep.long())
+        ambiguous = _close(w)
+        layer = w.last.layer("relu()")
+        with torch.no_grad():
+            pre = model.fc(x)[keep]
+        assert layer.positive_counts.tolist() == (pre > 0).sum(0).tolist()
+        assert layer.elements_per_unit == int(keep.sum())
+        assert layer.extra["position_mask"] == "applied"
+        assert not ambiguous
