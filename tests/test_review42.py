@@ -127,3 +127,46 @@ def test_a_square_batch_whose_mask_reads_the_same_both_ways_is_counted_not_calle
         assert layer.elements_per_unit == int(keep.sum())
         assert layer.extra["position_mask"] == "applied"
         assert not ambiguous
+
+
+class SwapsIds(nn.Module):
+    """Batch-first ids (padded with id 0) made time-major by `.T` or an einsum, at a square batch."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.emb, self.fc, self.how = nn.Embedding(20, 6), nn.Linear(6, UNITS), how
+
+    def forward(self, input_ids, attention_mask=None):
+        if self.how == "T":
+            h = self.emb(input_ids.T)  # [T, B, E]
+        else:
+            h = torch.einsum("btf->tbf", self.emb(input_ids))
+        return torch.relu(self.fc(h)).sum()
+
+
+def test_an_axis_swap_that_keeps_the_sizes_is_never_carried_as_no_swap():
+    """`.T` of the ids is followed as a swap (exact counts); an einsum that swaps the axes is not followed
+    (never "applied" with the counts of the other layout: counted on every position and said so). Before:
+    both carried as [B, T] through an op that keeps the sizes, wrong counts marked "applied"."""
+    keep = torch.arange(4)[None, :] < torch.tensor([4, 2, 3, 1])[:, None]
+    ids = torch.randint(1, 20, (4, 4), generator=torch.Generator().manual_seed(5))
+    ids[~keep] = 0
+    for how in ("T", "einsum"):
+        model = SwapsIds(how)
+        seen = []
+        model.fc.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.detach()))
+        w = watch(model, every=1, config=False)
+        w.step()
+        model(ids, attention_mask=keep.long())
+        ambiguous = _close(w)
+        layer = w.last.layer("relu()")
+        pre = seen[0].transpose(0, 1)  # [B, T, F]
+        if how == "T":
+            assert layer.extra["position_mask"] == "applied"
+            assert layer.positive_counts.tolist() == (pre[keep] > 0).sum(0).tolist()
+            assert layer.elements_per_unit == int(keep.sum())
+        else:
+            assert layer.extra["position_mask"] == "layout ambiguous" and ambiguous
+            assert layer.positive_counts.tolist() == (pre.reshape(-1, UNITS) > 0).sum(0).tolist()
+            assert layer.elements_per_unit == 16

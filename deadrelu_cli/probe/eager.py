@@ -219,6 +219,23 @@ _AXIS_MOVES = frozenset(
     (torch.Tensor.transpose, torch.transpose, torch.Tensor.swapaxes, torch.swapaxes, torch.Tensor.swapdims)
     + (torch.swapdims, torch.Tensor.permute, torch.permute, torch.Tensor.movedim, torch.movedim)
     + (torch.Tensor.moveaxis, torch.moveaxis, torch.Tensor.t, torch.t, torch.Tensor.mT.__get__)
+    + (torch.Tensor.T.__get__,)
+)
+
+
+# ops whose output keeps its input's first two axes where it keeps their sizes (elementwise ops and the
+# pass-through ones, a Linear / embedding / norm / softmax over the last axis, a row-major reshape that
+# keeps the first two sizes, a matmul whose left operand is the trail); any other op ends the trail at a
+# square batch, since an einsum, a `.T`, a rot90 swaps [B, T] for [T, B] with the same sizes
+_KEEPS_LEAD_AXES = frozenset(
+    (F.linear, F.embedding, F.layer_norm, F.group_norm, F.gelu, F.silu, F.elu, F.leaky_relu, F.softmax)
+    + (F.log_softmax, F.normalize, torch.tanh, torch.sigmoid, torch.Tensor.tanh, torch.Tensor.sigmoid)
+    + (torch.softmax, torch.Tensor.softmax, torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as)
+    + (torch.Tensor.detach, torch.Tensor.masked_fill, torch.where, torch.Tensor.view, torch.Tensor.reshape)
+    + (torch.reshape, torch.Tensor.flatten, torch.flatten, torch.Tensor.unflatten, torch.unflatten)
+)
+_LEFT_OPERAND_LEAD = frozenset(
+    (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
 )
 
 
@@ -985,6 +1002,16 @@ class EagerProbe:
                 return
         elif tuple(out.shape[:2]) != tuple(source.shape[:2]) or source.dim() < 2:
             return
+        elif func in _LEFT_OPERAND_LEAD:
+            if not (args and args[0] is source and source.dim() >= 3):
+                return
+        elif not (
+            func in _KEEPS_LEAD_AXES
+            or func in self.pass_through
+            or func in PER_POSITION_ELEMENTWISE
+            or func in self.functions  # the activations (a site's own call)
+        ):
+            return  # an op that may move the first two axes with their sizes (einsum, `.T`): no trail
         self._aligned[id(out)] = (weakref.ref(out), mark)
 
     def per_position(self, tensor: torch.Tensor) -> bool:
