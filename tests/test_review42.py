@@ -170,3 +170,39 @@ def test_an_axis_swap_that_keeps_the_sizes_is_never_carried_as_no_swap():
             assert layer.extra["position_mask"] == "layout ambiguous" and ambiguous
             assert layer.positive_counts.tolist() == (pre.reshape(-1, UNITS) > 0).sum(0).tolist()
             assert layer.elements_per_unit == 16
+
+
+class Centred(nn.Module):
+    """A centred ReLU layer `(h - h.mean(-1, keepdim=True)).clamp(min=0)` (16 units), and a margin
+    `(relu(g).sum(-1) - 1).clamp(min=0)` (one value per sample: no layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.fc, self.fc2 = nn.Linear(6, UNITS), nn.Linear(6, UNITS)
+
+    def forward(self, x):
+        h = self.fc(x)
+        centred = (h - h.mean(-1, keepdim=True)).clamp(min=0)
+        margin = (torch.relu(self.fc2(x)).sum(-1) - 1.0).clamp(min=0)
+        return centred.sum() + margin.sum()
+
+
+def test_a_centred_layer_clamped_at_zero_is_a_relu_layer_a_clamped_margin_is_not():
+    """`h - h.mean(-1, keepdim=True)` broadcasts the per-sample mean back over h's 16 units: its clamp is a
+    ReLU layer of 16 units (counted exactly); the margin's clamp (the units summed away) stays no layer.
+    Before: the centred layer was taken for one value per position and left out of the report."""
+    model = Centred()
+    x = torch.randn(5, 6)
+    w = watch(model, every=1, config=False)
+    w.step()
+    model(x)
+    w.close()
+    with torch.no_grad():
+        h = model.fc(x)
+        centred = h - h.mean(-1, keepdim=True)
+        relu2 = model.fc2(x)
+    layers = {layer.name: layer for layer in w.last.layers}
+    assert [(name, layer.units) for name, layer in layers.items()] == [("relu()", UNITS), ("relu()#2", UNITS)]
+    assert layers["relu()"].positive_counts.tolist() == (centred > 0).sum(0).tolist()
+    assert layers["relu()#2"].positive_counts.tolist() == (relu2 > 0).sum(0).tolist()

@@ -10,6 +10,7 @@ Hooks are always removed and the train/eval mode restored, whatever happens.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import weakref
 from collections import Counter
@@ -524,6 +525,13 @@ _LAYER_FUNCTIONS = frozenset(
 )
 
 
+def per_position_operand(value, out: torch.Tensor, marked: Callable[[torch.Tensor], bool]) -> bool:
+    """Whether `value`, an operand of the elementwise op that made `out`, is one value per position
+    (`marked`) that `out` keeps as it is: an operand broadcast to more values (`h - h.mean(-1,
+    keepdim=True)`: back over h's units) leaves a result with units, a layer's."""
+    return isinstance(value, torch.Tensor) and value.shape == out.shape and marked(value)
+
+
 class _ActivationCounter(TorchFunctionMode):
     """Counts the activation calls of code the probe runs but cannot attribute (a torch.cond branch).
     A clamp counts as the call site probes count it (probe.ops.clamp_is_layer): one of a layer's output
@@ -561,13 +569,12 @@ class _ActivationCounter(TorchFunctionMode):
                 self._layer_outputs[id(out)] = weakref.ref(out)
             elif func in self.pass_through or func in PER_POSITION_ELEMENTWISE:
                 through = func in self.pass_through  # a layer's output stays one through these only
-                for table in (self._layer_outputs, self._per_position) if through else (self._per_position,):
-                    if any(
-                        self._marked(table, a)
-                        for a in (*args, *kwargs.values())
-                        if isinstance(a, torch.Tensor)
-                    ):
-                        table[id(out)] = weakref.ref(out)
+                operands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+                if through and any(self._marked(self._layer_outputs, a) for a in operands):
+                    self._layer_outputs[id(out)] = weakref.ref(out)
+                marked = functools.partial(self._marked, self._per_position)
+                if any(per_position_operand(a, out, marked) for a in operands):
+                    self._per_position[id(out)] = weakref.ref(out)
             elif reduces_unit_axis(func, args, kwargs, None):
                 self._per_position[id(out)] = weakref.ref(out)
         return out
@@ -946,12 +953,13 @@ class EagerProbe:
 
     def note_per_position(self, func, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         """Remember `out` as one value per position (no units) when `func` reduced its input over the unit
-        axis (probe.base.reduces_unit_axis), or is an elementwise op of such a value (`h.sum(-1) - m`)."""
+        axis (probe.base.reduces_unit_axis), or is an elementwise op of such a value (`h.sum(-1) - m`) that
+        it does not widen: `h - h.mean(-1, keepdim=True)` broadcasts back to h's units (a centred layer)."""
         if func in self.pass_through or func in PER_POSITION_ELEMENTWISE:
             if not self._per_position:
                 return
             operands = (*args, *kwargs.values())
-            if any(isinstance(a, torch.Tensor) and self.per_position(a) for a in operands):
+            if any(per_position_operand(a, out, self.per_position) for a in operands):
                 self._per_position[id(out)] = weakref.ref(out)
             return
         if func in REDUCTIONS:
