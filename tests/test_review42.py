@@ -206,3 +206,55 @@ def test_a_centred_layer_clamped_at_zero_is_a_relu_layer_a_clamped_margin_is_not
     assert [(name, layer.units) for name, layer in layers.items()] == [("relu()", UNITS), ("relu()#2", UNITS)]
     assert layers["relu()"].positive_counts.tolist() == (centred > 0).sum(0).tolist()
     assert layers["relu()#2"].positive_counts.tolist() == (relu2 > 0).sum(0).tolist()
+
+
+RANKS = """
+import json, os, sys
+import numpy as np
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from deadrelu_cli.distributed import World, reduce_layers
+from deadrelu_cli.stats import LayerStats
+
+def run(rank, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # rank 1's batches were square and never told apart: it counted every position
+    mark = "applied" if rank == 0 else "layout ambiguous"
+    layer = LayerStats("relu()", "relu", -1, np.array([rank + 1, 0]), 5 + rank, np.array([1.0, -1.0]),
+                       np.array([1.0, 0.0]), extra={"position_mask": mark})
+    merged, samples = reduce_layers(World(rank, 2, "gloo"), [layer], 2, "cpu")
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump([merged[0].extra, merged[0].positive_counts.tolist(), merged[0].elements_per_unit], f)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(run, args=(sys.argv[1],), nprocs=2)
+"""
+
+
+def test_ranks_that_counted_every_position_make_the_merged_layer_say_so_on_every_rank(tmp_path):
+    """DDP: rank 0 applied its mask, rank 1 could not (its square batches were never told apart) and counted
+    padding too. The summed counts hold rank 1's padding: every rank's merged layer must say so (and gate
+    alike). Before: each rank kept its own mark (rank 0, which writes the report, said "applied")."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "out"), port],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    for rank in (0, 1):
+        extra, positive, elements = json.loads((tmp_path / f"out.{rank}").read_text())
+        assert extra["position_mask"] == "layout ambiguous"
+        assert positive == [3, 0] and elements == 11
