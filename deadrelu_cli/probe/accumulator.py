@@ -52,6 +52,7 @@ class PositionMask:
         self._index = None if self.all_kept else flat.nonzero().squeeze(1)
         self._index_on: dict = {}
         self._runs: list[tuple[int, int]] | None = None
+        self._symmetric: bool | None = None  # mask == mask.T (see `ambiguous`)
 
     def runs(self) -> list[tuple[int, int]]:
         """The kept rows of the flattened [B*T] axis as (start, stop) runs: padding makes a few long runs."""
@@ -103,10 +104,39 @@ class PositionMask:
         return layout
 
     def ambiguous(self, tensor: torch.Tensor, channel_dim: int) -> bool:
-        """Whether the tensor's shape reads as [B, T, ...] and as [T, B, ...] (probe.ops.layout_ambiguous)."""
-        return layout_ambiguous(
+        """Whether the tensor's shape reads as [B, T, ...] and as [T, B, ...] (probe.ops.layout_ambiguous)
+        and the two readings keep different positions: a symmetric mask (no padding at all, or the same
+        lengths along both axes) keeps the same elements either way, so there is nothing to decide."""
+        if not layout_ambiguous(
             tuple(tensor.shape), channel_dim % max(tensor.dim(), 1), self.batch, self.tokens
-        )
+        ):
+            return False
+        return not self.symmetric
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether the mask equals its transpose (B == T): kept [i, j] exactly where [j, i] is."""
+        if self._symmetric is None:  # once per mask (one host sync), and only where asked
+            square = self.batch == self.tokens
+            self._symmetric = square and (self.all_kept or bool(torch.equal(self.mask, self.mask.T)))
+        return self._symmetric
+
+    def reading(self, value: torch.Tensor) -> bool | None:
+        """How a forward's input of this square mask's shape is laid out, by its values: False when it is
+        [B, T] as the mask (it is the mask, as 0/nonzero, or its padded positions hold one value: a pad
+        id), True when it is [T, B] (the same read on its transpose: time-major token ids), None when
+        neither or both readings fit (ids padded with varied values, a mask that is all kept)."""
+        if self.all_kept or tuple(value.shape) != (self.batch, self.tokens):
+            return None
+
+        keep = self.mask.to(value.device)
+
+        def fits(candidate: torch.Tensor) -> bool:
+            padded = candidate[~keep]
+            return bool(torch.equal(candidate != 0, keep)) or bool((padded == padded[0]).all())
+
+        batch_first, time_major = fits(value), fits(value.T)
+        return None if batch_first == time_major else time_major
 
     def select(
         self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None
@@ -185,8 +215,12 @@ class SiteAccumulator:
         and nothing says which. A batch whose shape tells settles the layout (and the pending counts)."""
         self._pending_now = False
         if not mask.ambiguous(pre, self.channel_dim):
+            dim = self.channel_dim % max(pre.dim(), 1)
             layout = mask.layout(pre, self.channel_dim)
-            if layout in (TOKEN_ROWS, TOKENS_FIRST):
+            # a square shape tells nothing (its mask is symmetric: either reading keeps the same elements)
+            if layout in (TOKEN_ROWS, TOKENS_FIRST) and not layout_ambiguous(
+                tuple(pre.shape), dim, mask.batch, mask.tokens
+            ):
                 self.learn_layout(layout == TOKENS_FIRST)
             return False
         if self.time_major is None and self.layout_hint is None and self.call_hint is not None:

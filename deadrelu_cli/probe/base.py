@@ -42,6 +42,7 @@ class SiteRegistry:
         self.collectors: dict[str, Callable[[torch.Tensor, int], None]] = {}
         self.position_mask: PositionMask | None = None
         self.scoped_masks: dict[str, PositionMask | None] = {}
+        self._given: tuple[PositionMask | None, dict[str, PositionMask | None]] = (None, {})
         self.fused_devices = settings.fused_devices
         self._stale: set[str] = set()  # sites of an earlier window, not run since `restart`
         # site name -> whether its tensors are [T, B, ...] (True) or [B, T, ...], as the model's structure
@@ -80,6 +81,7 @@ class SiteRegistry:
         self.scoped_masks = {
             path: None if m is None else PositionMask(m) for path, m in (scoped or {}).items()
         }
+        self._given = (self.position_mask, dict(self.scoped_masks))  # what `given_scope` puts back
 
     def set_scoped_mask(self, path: str, mask: torch.Tensor | None) -> None:
         """The sites under module `path` ("" = every site) count where `mask` is true (None: every
@@ -89,6 +91,18 @@ class SiteRegistry:
             self.scoped_masks[path] = positions
         else:
             self.position_mask = positions
+
+    def given_scope(self, path: str) -> None:
+        """The sites under module `path` count as `set_position_mask` set them again: a module called
+        without its own key padding mask after a call with one (`set_scoped_mask`) in the same forward
+        must not count its new positions with the earlier call's mask."""
+        position_mask, scoped = self._given
+        if not path:
+            self.position_mask = position_mask
+        elif path in scoped:
+            self.scoped_masks[path] = scoped[path]
+        else:
+            self.scoped_masks.pop(path, None)
 
     def mask_for(self, name: str) -> PositionMask | None:
         """The position mask of the site `name` (a module path, maybe with `#k` or `.relu()`)."""
