@@ -18,7 +18,8 @@ fast paths off: the counting of before), scan-light-off (no lighter mode after t
 scan-fused (the torch.compile'd one-pass reduction, which compiles first), scan-nosites (hooks and
 call-site mode, nothing counted: the probe's Python cost), scan@MIB (the probe as shipped, its relu
 counted in slices of MIB: `--arms plain,scan@2,scan@4 --threads 2` compares 2 MiB slices, the
-default, with 4 MiB in one process).
+default, with 4 MiB in one process), scan-stats1t (the probe as shipped with its relu counting on one
+torch thread, the model's other ops on all).
 """
 
 from __future__ import annotations
@@ -68,11 +69,38 @@ def make_arms(names: list[str], model: str, batches: list[torch.Tensor]) -> dict
             probe.registry.fused_devices = ("cpu",) if name == "scan-fused" else ()
             stacks.append(probe.attached())
             arms[name] = (lambda p: lambda x: p.run((x,)))(probe)
+            if name == "scan-stats1t":
+                arms[name] = _stats_on_one_thread(arms[name])
             if "@" in name:  # scan@MIB: the probe as shipped with slices of MIB
                 arms[name] = _with_part_size(arms[name], float(name.split("@")[1]))
         else:
             raise SystemExit(f"unknown arm {name!r}")
     return arms, stacks
+
+
+def _stats_on_one_thread(run):
+    """The probe's relu counted while it runs (SiteAccumulator.run_relu_in_parts) on one torch thread, the
+    model's other ops on all: whether the slices' many short parallel regions are what 2 threads cost."""
+    from deadrelu_cli.probe import accumulator
+
+    real = accumulator.SiteAccumulator.run_relu_in_parts
+
+    def one_thread(self, *args):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return real(self, *args)
+        finally:
+            torch.set_num_threads(threads)
+
+    def patched(x):
+        accumulator.SiteAccumulator.run_relu_in_parts = one_thread
+        try:
+            return run(x)
+        finally:
+            accumulator.SiteAccumulator.run_relu_in_parts = real
+
+    return patched
 
 
 def _with_part_size(run, mib: float):
