@@ -142,3 +142,7 @@ VALUE_COPIES = frozenset(
 )
 # ... and the binary maxima (`max.other`; max(x, dim) is a reduction, told by its second argument)
 MAXIMA = frozenset({"maximum", "max"})
+# ... and the masks of `where(x > 0, x, 0)`, `x.masked_fill(x < 0, 0)`, `x * (x > 0)`: a comparison of x
+# with zeros (-> whether the mask is true where x > 0), through casts (`(x > 0).float()`)
+SIGN_TESTS = {"gt": True, "ge": True, "lt": False, "le": False}
+MASK_CASTS = frozenset({"to", "_to_copy", "type_as", "clone", "alias", "detach"})

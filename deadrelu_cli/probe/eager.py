@@ -278,12 +278,32 @@ _VALUE_COPIES = frozenset(
         torch.Tensor.type_as,
         torch.Tensor.contiguous,
         torch.Tensor.float,
+        torch.Tensor.double,
+        torch.Tensor.half,
+        torch.Tensor.bfloat16,
     }
 )
-_GREATER = frozenset({torch.Tensor.gt, torch.Tensor.__gt__, torch.gt, torch.greater, torch.Tensor.greater})
+# a comparison of x with 0 -> whether its mask is true where x > 0 (x > 0, x >= 0; `0 < x` runs as x > 0)
+# or where x <= 0 (x < 0, x <= 0)
+_COMPARES: dict[Callable, bool] = {
+    **dict.fromkeys((torch.Tensor.gt, torch.Tensor.__gt__, torch.gt, torch.greater, torch.Tensor.greater), True),
+    **dict.fromkeys(
+        (torch.Tensor.ge, torch.Tensor.__ge__, torch.ge, torch.greater_equal, torch.Tensor.greater_equal), True
+    ),
+    **dict.fromkeys((torch.Tensor.lt, torch.Tensor.__lt__, torch.lt, torch.less, torch.Tensor.less), False),
+    **dict.fromkeys(
+        (torch.Tensor.le, torch.Tensor.__le__, torch.le, torch.less_equal, torch.Tensor.less_equal), False
+    ),
+}
 _MAXIMA = frozenset({torch.maximum, torch.Tensor.maximum, torch.max, torch.Tensor.max})
 _SELECTS = frozenset({torch.where, torch.Tensor.where})
-_SPELLED = _MAXIMA | _SELECTS
+# x.masked_fill(x < 0, 0) and x * (x > 0) (the mask cast or not): relu(x), but for x * mask at x = -inf (NaN)
+_MASKED_FILLS = frozenset({torch.Tensor.masked_fill, torch.masked_fill, torch.Tensor.masked_fill_})
+_PRODUCTS = frozenset(
+    {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.mul_, torch.multiply}
+)
+_SPELLED_IN_PLACE = frozenset({torch.Tensor.masked_fill_, torch.Tensor.mul_})
+_SPELLED = _MAXIMA | _SELECTS | _MASKED_FILLS | _PRODUCTS
 # functional products whose units are on the last axis, as the graph probes read `linear`, `matmul`, `mm`,
 # `bmm` and `embedding` (aten_ops.LAST_DIM): an origin without a producer (an nn.Linear's own output then
 # gets its module as producer when the module returns)
@@ -300,8 +320,9 @@ _LAST_AXIS_MAKERS = frozenset(
         F.embedding,
     }
 )
-_NOTED = frozenset(_ZERO_MAKERS) | _VALUE_COPIES | _GREATER | _LAST_AXIS_MAKERS
+_NOTED = frozenset(_ZERO_MAKERS) | _VALUE_COPIES | frozenset(_COMPARES) | _LAST_AXIS_MAKERS
 _SPELLED_SPEC = _FunctionSpec("relu", None, clamp="spelled")
+_SPELLED_IN_PLACE_SPEC = _FunctionSpec("relu", None, True, clamp="spelled")
 
 
 def _version(tensor: torch.Tensor) -> int | None:
@@ -387,9 +408,11 @@ class _CallSiteMode(TorchFunctionMode):
             pre = F.linear(hx, w_hh, b_hh) + F.linear(x, w_ih, b_ih)
             return self.__torch_function__(torch.relu, types, (pre,), {})
         spelled = self.probe.spelled_relu(func, args, kwargs) if func in _SPELLED else None
-        if spelled is not None:  # maximum(x, zeros), where(x > 0, x, 0): as clamp_min(x, 0), on x
+        if spelled is not None:  # maximum(x, zeros), where(x > 0, x, 0), x * (x > 0): relu(x), on x
+            spec = _SPELLED_IN_PLACE_SPEC if func in _SPELLED_IN_PLACE else _SPELLED_SPEC
             func, args, kwargs = spelled
-        spec = self.probe.functions.get(func) if spelled is None else _SPELLED_SPEC
+        else:
+            spec = self.probe.functions.get(func)
         op = None if spec is None else spec.op
         if spec is not None and spec.clamp is not None and spelled is None:  # a clamp that is no ReLU
             op = _clamp_op(spec.clamp, args, kwargs)
@@ -1005,9 +1028,28 @@ class EagerProbe:
         elif func in _VALUE_COPIES:
             if args and isinstance(args[0], torch.Tensor) and self.is_zeros(args[0]):
                 self._zeros[id(out)] = (weakref.ref(out), _version(out))
-        elif len(args) == 2 and isinstance(args[0], torch.Tensor) and self.is_zeros(args[1]):  # x > 0
-            x = args[0]
-            self._positives[id(out)] = (weakref.ref(out), _version(out), weakref.ref(x), _version(x))
+            elif args and self._sign_mask(args[0]) is not None:  # (x > 0).float(): the mask, cast
+                entry = self._positives[id(args[0])]
+                self._positives[id(out)] = (weakref.ref(out), _version(out), *entry[2:])
+        elif func in _COMPARES and len(args) == 2 and isinstance(args[0], torch.Tensor) and self.is_zeros(args[1]):
+            x = args[0]  # x > 0, x >= 0, x < 0, x <= 0 (is x > 0 where the mask is true)
+            self._positives[id(out)] = (
+                weakref.ref(out), _version(out), weakref.ref(x), _version(x), _COMPARES[func]
+            )
+
+    def _sign_mask(self, value) -> tuple[torch.Tensor, bool] | None:
+        """(x, whether the mask is true where x > 0) for a mask this forward made by comparing x with 0
+        (note_made) and neither it nor x written since, else None."""
+        entry = self._positives.get(id(value)) if isinstance(value, torch.Tensor) else None
+        if entry is None or entry[0]() is not value or entry[2]() is None:
+            return None
+        x = entry[2]()
+        if entry[1] is None or entry[3] is None:  # inference tensors: the mask read (see is_zeros)
+            if not torch.equal(value.bool(), (x > 0) if entry[4] else (x <= 0)):
+                return None
+        elif (entry[1], entry[3]) != (_version(value), _version(x)):  # mask or x written in place since
+            return None
+        return x, entry[4]
 
     def is_zeros(self, value) -> bool:
         """A 0, or a tensor of zeros in every forward: made by a zero factory in this one (or copied from
@@ -1023,29 +1065,42 @@ class EagerProbe:
         return _version(value) == entry[1] if entry[1] is not None else not bool(value.any())
 
     def spelled_relu(self, func, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict] | None:
-        """For `maximum(x, Z)` / `max(x, Z)` / `where(x > 0, x, 0)` that compute clamp_min(x, 0) (Z: zeros
-        that do not widen x; probe.ops): the call as a function of x alone, with (x,) and {}; else None."""
-        if set(kwargs) - {"other"}:
-            return None
-        given = (*args, kwargs["other"]) if "other" in kwargs else args
+        """For `maximum(x, Z)` / `max(x, Z)` / `where(x > 0, x, Z)` / `where(x <= 0, Z, x)` /
+        `x.masked_fill(x < 0, 0)` / `x * (x > 0)` that compute relu(x) (Z: zeros that do not widen x;
+        probe.ops; `>=`, `<` alike; the mask of a product may be cast to x's type): the call as a function
+        of x alone, with (x,) and {}; else None."""
         if func in _MAXIMA:
+            if set(kwargs) - {"other"}:
+                return None
+            given = (*args, kwargs["other"]) if "other" in kwargs else args
             if len(given) != 2 or not all(isinstance(a, torch.Tensor) for a in given):
                 return None  # max(x, dim): a reduction
             x, zeros = given if self.is_zeros(given[1]) else given[::-1]
             if not self.is_zeros(zeros):
                 return None
-        elif len(given) == 3:
-            cond, x, zeros = given if func is torch.where else (given[1], given[0], given[2])
-            entry = self._positives.get(id(cond))
-            if (
-                entry is None or entry[0]() is not cond or entry[2]() is not x or not self.is_zeros(zeros)
-            ):  # not x's own `x > 0`
+        elif not self._positives or kwargs:
+            return None  # no comparison with 0 in this forward: no mask to spell a ReLU with
+        elif func in _SELECTS and len(args) == 3:
+            cond, a, b = args if func is torch.where else (args[1], args[0], args[2])
+            mask = self._sign_mask(cond)
+            if mask is None:
                 return None
-            if entry[1] is None or entry[3] is None:  # inference tensors: the mask read (see is_zeros)
-                if not torch.equal(cond, x > 0):
-                    return None
-            elif (entry[1], entry[3]) != (_version(cond), _version(x)):  # mask or x written in place since
+            x, zeros = (a, b) if mask[1] else (b, a)
+            if mask[0] is not x or not self.is_zeros(zeros):  # not x's own `x > 0`
                 return None
+        elif func in _MASKED_FILLS and len(args) == 3:
+            x, zeros = args[0], args[2]
+            mask = self._sign_mask(args[1])
+            if mask is None or mask[0] is not x or mask[1] or not self.is_zeros(zeros):
+                return None
+        elif func in _PRODUCTS and len(args) == 2:
+            for x, mask in (args, args[::-1]):
+                found = self._sign_mask(mask)
+                if found is not None and found[0] is x and found[1]:
+                    break
+            else:
+                return None
+            zeros = mask  # no zeros: what the result's type and shape must keep is the mask's
         else:
             return None
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or self.origin_of(x) is None:

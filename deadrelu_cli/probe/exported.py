@@ -72,7 +72,8 @@ class StaticSite:
     channel_first: bool | None
     producer: str | None
     clamp: bool = False  # a clamp / threshold with a ReLU's bounds (a layer only by probe.ops.clamp_is_layer)
-    spelled: bool = False  # TorchScript: maximum(x, zeros) / where(x > 0, x, 0) (probe.ops, zeros_fit)
+    # TorchScript: the op spelling a ReLU (maximum / max / where / masked_fill / mul; probe.ops), else ""
+    spelled: str = ""
     units: int | None = None  # TorchScript, spelled: the producer module's units (checked at run time)
 
 

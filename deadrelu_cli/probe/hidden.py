@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 from torch import fx
 
-from deadrelu_cli.probe.aten_ops import MAXIMA, VALUE_COPIES, ZERO_FACTORIES
+from deadrelu_cli.probe.aten_ops import MASK_CASTS, MAXIMA, SIGN_TESTS, VALUE_COPIES, ZERO_FACTORIES
 from deadrelu_cli.probe.base import is_stored
 from deadrelu_cli.probe.ops import aten_op_kind, hidden_label, is_zero_number, zeros_fit
 
@@ -165,13 +165,34 @@ def _example(node: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _sign_test(node: object, graph_module: fx.GraphModule) -> tuple[fx.Node, bool] | None:
+    """(x, whether the mask is true where x > 0) for a mask that compares x with zeros (x > 0, x >= 0,
+    x < 0, x <= 0), through casts ((x > 0).float()); None for any other mask."""
+    for _ in range(8):
+        if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+            return None
+        if not isinstance(node.target, torch._ops.OpOverload):
+            return None
+        base = node.target.__name__.split(".")[0]
+        if base in MASK_CASTS:
+            node = node.args[0]
+            continue
+        if base in SIGN_TESTS and len(node.args) == 2 and _is_zeros(node.args[1], graph_module):
+            x = node.args[0]
+            return (x, SIGN_TESTS[base]) if isinstance(x, fx.Node) else None
+        return None
+    return None
+
+
 SPELLED_RELU = "deadrelu_spelled_relu"  # node.meta key of a clamp written from a maximum or a select
 
 
 def recompose_spelled_relus(graph_module: fx.GraphModule) -> None:
-    """Write `maximum(x, zeros)` / `max(x, zeros)` (zeros that do not widen x) as `clamp_min(x, 0)` and
-    `where(x > 0, x, 0)` as `threshold(x, 0, 0)`: the same values, NaN included, and so ReLU sites as
-    the clamps are (probe.ops: a ReLU spelled with a maximum), as the eager probe and TorchScript count them."""
+    """Write `maximum(x, zeros)` / `max(x, zeros)` (zeros that do not widen x), `where(x <= 0, 0, x)`,
+    `masked_fill(x, x < 0, 0)` and `x * (x > 0)` as `clamp_min(x, 0)` and `where(x > 0, x, 0)` as
+    `threshold(x, 0, 0)` (`>=`, `<` alike): the same values, NaN included (a product is NaN at x = -inf,
+    where the clamp is 0), and so ReLU sites as the clamps are (probe.ops: a ReLU spelled with a maximum),
+    as the eager probe and TorchScript count them."""
     graph = graph_module.graph
     aten = torch.ops.aten
     changed = False
@@ -190,19 +211,33 @@ def recompose_spelled_relus(graph_module: fx.GraphModule) -> None:
                 continue
             zero_shape = tuple(zero_value.shape)
         elif base == "where" and len(node.args) == 3 and not node.kwargs:
-            cond, x, other = node.args
-            if not (
-                isinstance(cond, fx.Node)
-                and cond.op == "call_function"
-                and cond.target in (aten.gt.Scalar, aten.gt.Tensor)
-                and len(cond.args) == 2
-                and cond.args[0] is x
-                and _is_zeros(cond.args[1], graph_module)
-                and _is_zeros(other, graph_module)
-            ):
+            tested = _sign_test(node.args[0], graph_module)
+            if tested is None:
                 continue
-            replacement = (aten.threshold.default, (x, 0.0, 0.0))
+            x, keeps_x = tested
+            kept, other = node.args[1:] if keeps_x else node.args[:0:-1]
+            if kept is not x or not _is_zeros(other, graph_module):
+                continue
+            # where(x > 0, x, 0) is 0 at a NaN as threshold is; where(x <= 0, 0, x) NaN as clamp_min
+            replacement = (
+                (aten.threshold.default, (x, 0.0, 0.0)) if keeps_x else (aten.clamp_min.default, (x, 0.0))
+            )
             zero_shape = tuple(_example(other).shape) if _example(other) is not None else ()
+        elif base in ("masked_fill", "masked_fill_") and len(node.args) == 3 and not node.kwargs:
+            x, mask, other = node.args
+            if _sign_test(mask, graph_module) != (x, False) or not _is_zeros(other, graph_module):
+                continue
+            clamp = aten.clamp_min_.default if base.endswith("_") else aten.clamp_min.default
+            replacement = (clamp, (x, 0.0))
+            zero_shape = tuple(_example(other).shape) if _example(other) is not None else ()
+        elif base in ("mul", "mul_") and overload == "Tensor" and len(node.args) == 2 and not node.kwargs:
+            # x * (x > 0): relu(x), but at x = -inf (NaN there, 0 as written here)
+            x = next((a for a, m in (node.args, node.args[::-1]) if _sign_test(m, graph_module) == (a, True)), None)
+            if x is None or (base == "mul_" and node.args[0] is not x):
+                continue
+            clamp = aten.clamp_min_.default if base.endswith("_") else aten.clamp_min.default
+            replacement = (clamp, (x, 0.0))
+            zero_shape = tuple(_example(x).shape) if _example(x) is not None else ()
         else:
             continue
         x_value, out = _example(x), _example(node)

@@ -10,7 +10,7 @@ the scan stops with a clear error rather than attribute counts to the wrong laye
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,8 +21,10 @@ from deadrelu_cli.probe.aten_ops import (
     FAKE_QUANT,
     LAST_DIM,
     LAYOUT,
+    MASK_CASTS,
     MAXIMA,
     PASS_THROUGH,
+    SIGN_TESTS,
     VALUE_COPIES,
     ZERO_FACTORIES,
     aten_base,
@@ -177,8 +179,8 @@ class _Walker:
                 args = tuple(self._value(env, v) for v in node.inputs())
                 self._note_hidden(module, kind, args)
                 spelled = self._spelled_relu(env, node)
-                if spelled is not None and "relu" in self.ops:  # maximum(x, zeros), where(x > 0, x, 0)
-                    self._add(module, node, "relu", False, clamp=True, pre=spelled)
+                if spelled is not None and "relu" in self.ops:  # maximum(x, zeros), where(x > 0, x, 0), …
+                    self._add(module, node, "relu", kind.endswith("_"), clamp=True, pre=spelled)
                 kind_op = aten_op_kind(kind, args)
                 if kind_op is not None and kind_op[0] in self.ops:
                     self._add(module, node, kind_op[0], kind_op[1], clamp=is_clamp_op(kind))
@@ -216,15 +218,36 @@ class _Walker:
             data = [v for v in inputs if not self._zeros(env, v)]
             return data[0] if len(data) == 1 else None
         if base == "where" and len(inputs) == 3:
-            cond, x, other = inputs
-            compare = cond.node()
-            if (
-                compare.kind() == "aten::gt"
-                and compare.inputsAt(0).unique() == x.unique()
-                and self._zeros(env, compare.inputsAt(1))
-                and self._zeros(env, other)
-            ):
-                return x
+            tested = self._sign_test(env, inputs[0])
+            if tested is None:
+                return None
+            x, keeps_x = tested
+            kept, other = inputs[1:] if keeps_x else inputs[:0:-1]
+            return x if kept.unique() == x.unique() and self._zeros(env, other) else None
+        if base in ("masked_fill", "masked_fill_") and len(inputs) == 3:
+            tested = self._sign_test(env, inputs[1])
+            if tested is not None and tested[0].unique() == inputs[0].unique() and not tested[1]:
+                return inputs[0] if self._zeros(env, inputs[2]) else None
+        if base in ("mul", "mul_") and len(inputs) == 2 and all(str(v.type()) == "Tensor" for v in inputs):
+            for x, mask in (inputs, inputs[::-1]):
+                tested = self._sign_test(env, mask)
+                if tested is not None and tested[0].unique() == x.unique() and tested[1]:
+                    return x if base == "mul" or x.unique() == inputs[0].unique() else None
+        return None
+
+    def _sign_test(self, env: dict, value):
+        """(x, whether the mask is true where x > 0) for a mask `value` that compares x with zeros
+        (x > 0, x >= 0, x < 0, x <= 0), through casts ((x > 0).float()), else None."""
+        for _ in range(8):
+            node = value.node()
+            base = aten_base(node.kind())
+            inputs = list(node.inputs())
+            if base in MASK_CASTS and inputs:
+                value = inputs[0]
+                continue
+            if base in SIGN_TESTS and len(inputs) == 2 and self._zeros(env, inputs[1]):
+                return inputs[0], SIGN_TESTS[base]
+            return None
         return None
 
     def _note_hidden(self, module, kind: str, args: tuple) -> None:
@@ -263,9 +286,8 @@ class _Walker:
         name = self.namer.name(path, op, is_activation)
         module_type = qualified.rsplit(".", 1)[-1] if is_activation else "functional"
         units = self._units if pre is not None else None
-        site = StaticSite(
-            name, op, in_place, module_type, channel_first, producer, clamp, pre is not None, units
-        )
+        spelled = aten_base(node.kind()) if pre is not None else ""
+        site = StaticSite(name, op, in_place, module_type, channel_first, producer, clamp, spelled, units)
         self.sites.append(site)
 
     def _producer(self, value, module) -> tuple[bool | None, str | None]:
@@ -397,7 +419,7 @@ def _constant_dims(node, base: str) -> tuple | None:
     return None if None in dims else tuple(int(d) for d in dims)
 
 
-_SPELLED_OPS = MAXIMA | {"where"}
+_SPELLED_OPS = MAXIMA | {"where", "masked_fill", "masked_fill_", "mul", "mul_"}
 
 
 class _OrderedDispatch(TorchDispatchMode):
@@ -408,12 +430,13 @@ class _OrderedDispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         kind = aten_op_kind(func.name(), tuple(args))
-        if (
-            kind is None
-            and aten_base(func.name()).split(".")[0] in _SPELLED_OPS
-            and self.probe.spelled_next()
-        ):
+        base = aten_base(func.name()).split(".")[0]
+        if kind is None and base in _SPELLED_OPS and self.probe.spelled_next():
             return self.probe.on_spelled(func, args, kwargs)
+        if kind is None and self.probe.spelled_sites and (base in SIGN_TESTS or base in MASK_CASTS):
+            out = func(*args, **kwargs)
+            self.probe.note_mask(base, args, out)
+            return out
         if kind is None and args and is_clamp_op(func.name()) and is_scalar_value(args[0]):
             kind = aten_op_kind(func.name(), (None, *args[1:]))  # a 0-d clamp: on_activation drops it
         if kind is None or kind[0] not in self.probe.settings.ops:
@@ -439,6 +462,37 @@ class TorchScriptProbe:
         for site in self.sites:
             self.registry.declare(site.name, site.op, site.module_type, site.producer)
         self._position = 0
+        self.spelled_sites = any(site.spelled for site in self.sites)
+        # the comparisons with 0 of this forward (mask, x, whether it is true where x > 0), the latest few:
+        # held, so that the same tensors reach on_spelled as the same Python objects
+        self._masks: deque = deque(maxlen=8)
+        # where the checkpoint's tensors live: never a ReLU's zeros, zeros or not (probe.ops)
+        self._stored = {
+            t.untyped_storage().data_ptr() for t in script_module.state_dict().values() if t.numel()
+        }
+
+    def note_mask(self, base: str, args: tuple, out) -> None:
+        """Remember a mask made by comparing x with 0 (x > 0, x <= 0, …), or a cast of one."""
+        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
+            return
+        if base in SIGN_TESTS:
+            if len(args) == 2 and self._zero(args[1]):
+                self._masks.append((out, args[0], SIGN_TESTS[base]))
+        else:
+            found = self._mask_of(args[0])
+            if found is not None:
+                self._masks.append((out, *found))
+
+    def _mask_of(self, mask) -> tuple[torch.Tensor, bool] | None:
+        return next(((x, keeps) for made, x, keeps in self._masks if made is mask), None)
+
+    def _zero(self, value) -> bool:
+        """A 0, or zeros that are no checkpoint tensor's (read at run time)."""
+        if not isinstance(value, torch.Tensor):
+            return is_zero_number(value)
+        if value.numel() and value.untyped_storage().data_ptr() in self._stored:
+            return False
+        return not value.is_meta and not bool(value.any())
 
     def spelled_next(self) -> bool:
         """Whether the next site of the code is a ReLU spelled with a maximum or a select."""
@@ -454,39 +508,59 @@ class TorchScriptProbe:
         return x.shape[axis] == site.units
 
     def on_spelled(self, func, args: tuple, kwargs: dict):
-        """A maximum or select run where the code's next site is one: that site when it clamps x at 0 here
-        (its zeros are zeros, its mask is x > 0, and the zeros do not widen x), else an ordinary op: a
-        maximum the static walk did not list, or the listed one whose zeros widen or promote x (withdrawn
+        """A maximum, select, masked fill or product run where the code's next site is one spelled with that
+        op: that site when it computes relu(x) here (its zeros are zeros and no checkpoint tensor, its mask
+        is x's own comparison with 0 (note_mask), and the zeros do not widen x), else an ordinary op: one
+        the static walk did not list, or the listed maximum whose zeros widen or promote x (withdrawn
         when x has the units of the site's producer; without a producer the count check at the end of the
         forward says so)."""
+        site = self.sites[self._position]
+        base = aten_base(func.name()).split(".")[0]
+        if base.rstrip("_") != site.spelled.rstrip("_") and not (base in MAXIMA and site.spelled in MAXIMA):
+            return func(*args, **kwargs)  # not the op that spells the next site
         given = list(args)
-        if aten_base(func.name()).startswith("where"):
-            if len(given) != 3 or kwargs:
+        if kwargs:
+            return func(*args, **kwargs)
+        if base in MAXIMA:
+            if len(given) != 2 or not all(isinstance(a, torch.Tensor) for a in given):
                 return func(*args, **kwargs)
-            cond, x, zeros = given
-            if not isinstance(x, torch.Tensor) or not torch.equal(cond, x > 0):
-                return func(*args, **kwargs)
+            x, zeros = given if self._zero(given[1]) else given[::-1]
         else:
-            if len(given) != 2 or kwargs or not all(isinstance(a, torch.Tensor) for a in given):
+            if base == "where" and len(given) == 3:
+                found = self._mask_of(given[0])
+                x, zeros = (given[1], given[2]) if found is None or found[1] else (given[2], given[1])
+            elif base.startswith("masked_fill") and len(given) == 3:
+                found, (x, zeros) = self._mask_of(given[1]), (given[0], given[2])
+                found = None if found is None or found[1] else found
+            elif base.startswith("mul") and len(given) == 2:
+                x, zeros = given
+                found = self._mask_of(zeros)
+                if found is None or found[0] is not x:
+                    zeros, x = given
+                    found = None if base == "mul_" else self._mask_of(zeros)
+                found = None if found is None or not found[1] else found
+            else:
+                found = None
+            if found is None or found[0] is not x:  # not x's own comparison with 0: an ordinary op
                 return func(*args, **kwargs)
-            x, zeros = given if not given[1].any() else given[::-1]
+            if base.startswith("mul"):
+                zeros = torch.zeros((), dtype=zeros.dtype)  # a mask, no zeros: its type is what it promotes
         if isinstance(zeros, torch.Tensor):
-            fits = not zeros.any() and zeros_fit(x.shape, zeros.shape)
+            fits = self._zero(zeros) and zeros_fit(x.shape, zeros.shape)
         else:
             fits = is_zero_number(zeros)
-        if not self._fits_next(x):
+        if not isinstance(x, torch.Tensor) or not self._fits_next(x):
             return func(*args, **kwargs)
         if not fits or not x.is_floating_point() or not keeps_dtype(x, zeros):
-            site = self.sites[self._position]
-            if site.units is not None:  # the listed site (x has its producer's units): no ReLU, withdrawn
-                self._position += 1  # as a clamp that is no layer is (on_activation)
+            if site.units is not None and base in MAXIMA:  # the listed site (x has its producer's units):
+                self._position += 1  # no ReLU, withdrawn as a clamp that is no layer is (on_activation)
                 self.registry.withdraw(site.name)
             return func(*args, **kwargs)
 
         def spelled(_x):
             return func(*args, **kwargs)
 
-        return self.on_activation(spelled, (x,), {}, "relu", False)
+        return self.on_activation(spelled, (x,), {}, "relu", site.in_place)
 
     def on_activation(self, func, args, kwargs, op: str, in_place: bool):
         if self._position >= len(self.sites) or self.sites[self._position].op != op:
@@ -514,6 +588,7 @@ class TorchScriptProbe:
     def run(self, inputs: tuple, kwargs: dict | None = None):
         self._position = 0
         self._error: UserError | None = None
+        self._masks.clear()
         try:
             # unoptimized: the optimizer merges identical calls on one tensor (relu(x) twice, one ReLU
             # module applied twice) into one, which the code's sites (and eager) count as two
@@ -523,6 +598,8 @@ class TorchScriptProbe:
             if self._error is not None:
                 raise self._error from None
             raise
+        finally:
+            self._masks.clear()
         if self._position != len(self.sites):
             raise UserError(
                 f"this TorchScript model ran {self._position} activations but its code has {len(self.sites)}; "

@@ -52,7 +52,7 @@ def _declare_stored_shapes(model: onnx.ModelProto) -> None:
 
 
 def _zeros_of_width(model: onnx.ModelProto, site) -> bool:
-    """Whether the Max/Where spelling a ReLU reads zeros whose shape a narrowed layer would not follow:
+    """Whether the Max/Where/Mul spelling a ReLU reads zeros whose shape a narrowed layer would not follow:
     anything but a one-element constant or zeros made to Shape(x) (torch.zeros(C) exported is [C];
     torch.zeros_like(h) of another tensor h keeps h's width)."""
     index = GraphIndex(model.graph)
@@ -60,8 +60,12 @@ def _zeros_of_width(model: onnx.ModelProto, site) -> bool:
         n for n in model.graph.node if (n.name or n.output[0]) == (site.node_name or site.output_name)
     )
     operands = list(node.input[1:] if node.op_type == "Where" else node.input)
-    if node.op_type == "Where":
-        operands += list(index.producer[node.input[0]].input)
+    if node.op_type in ("Where", "Mul"):  # the comparison behind the mask (through its Casts) reads zeros
+        mask = node.input[0] if node.op_type == "Where" else next(n for n in node.input if n != site.input_name)
+        test = index.producer[mask]
+        while test.op_type == "Cast":
+            test = index.producer[test.input[0]]
+        operands = [n for n in operands if n != mask] + list(test.input)
 
     def follows(name: str) -> bool:
         value = index.constant(name)
@@ -138,7 +142,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 continue
             node = nodes[site.node_name or site.output_name]
             node.op_type = "LeakyRelu" if options.strategy == "leaky" else "Elu"
-            if site.spelled:  # Max(x, 0) / Where(x > 0, x, 0): the activation of x alone
+            if site.spelled:  # Max(x, 0) / Where(x > 0, x, 0) / Mul(x, x > 0): the activation of x alone
                 del node.input[:]
                 node.input.append(site.input_name)
             del node.attribute[:]
