@@ -286,9 +286,12 @@ _VALUE_COPIES = frozenset(
 # a comparison of x with 0 -> whether its mask is true where x > 0 (x > 0, x >= 0; `0 < x` runs as x > 0)
 # or where x <= 0 (x < 0, x <= 0)
 _COMPARES: dict[Callable, bool] = {
-    **dict.fromkeys((torch.Tensor.gt, torch.Tensor.__gt__, torch.gt, torch.greater, torch.Tensor.greater), True),
     **dict.fromkeys(
-        (torch.Tensor.ge, torch.Tensor.__ge__, torch.ge, torch.greater_equal, torch.Tensor.greater_equal), True
+        (torch.Tensor.gt, torch.Tensor.__gt__, torch.gt, torch.greater, torch.Tensor.greater), True
+    ),
+    **dict.fromkeys(
+        (torch.Tensor.ge, torch.Tensor.__ge__, torch.ge, torch.greater_equal, torch.Tensor.greater_equal),
+        True,
     ),
     **dict.fromkeys((torch.Tensor.lt, torch.Tensor.__lt__, torch.lt, torch.less, torch.Tensor.less), False),
     **dict.fromkeys(
@@ -300,7 +303,14 @@ _SELECTS = frozenset({torch.where, torch.Tensor.where})
 # x.masked_fill(x < 0, 0) and x * (x > 0) (the mask cast or not): relu(x), but for x * mask at x = -inf (NaN)
 _MASKED_FILLS = frozenset({torch.Tensor.masked_fill, torch.masked_fill, torch.Tensor.masked_fill_})
 _PRODUCTS = frozenset(
-    {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.mul_, torch.multiply}
+    {
+        torch.mul,
+        torch.Tensor.mul,
+        torch.Tensor.__mul__,
+        torch.Tensor.__rmul__,
+        torch.Tensor.mul_,
+        torch.multiply,
+    }
 )
 _SPELLED_IN_PLACE = frozenset({torch.Tensor.masked_fill_, torch.Tensor.mul_})
 _SPELLED = _MAXIMA | _SELECTS | _MASKED_FILLS | _PRODUCTS
@@ -1031,10 +1041,19 @@ class EagerProbe:
             elif args and self._sign_mask(args[0]) is not None:  # (x > 0).float(): the mask, cast
                 entry = self._positives[id(args[0])]
                 self._positives[id(out)] = (weakref.ref(out), _version(out), *entry[2:])
-        elif func in _COMPARES and len(args) == 2 and isinstance(args[0], torch.Tensor) and self.is_zeros(args[1]):
+        elif (
+            func in _COMPARES
+            and len(args) == 2
+            and isinstance(args[0], torch.Tensor)
+            and self.is_zeros(args[1])
+        ):
             x = args[0]  # x > 0, x >= 0, x < 0, x <= 0 (is x > 0 where the mask is true)
             self._positives[id(out)] = (
-                weakref.ref(out), _version(out), weakref.ref(x), _version(x), _COMPARES[func]
+                weakref.ref(out),
+                _version(out),
+                weakref.ref(x),
+                _version(x),
+                _COMPARES[func],
             )
 
     def _sign_mask(self, value) -> tuple[torch.Tensor, bool] | None:

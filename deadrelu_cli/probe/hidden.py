@@ -232,7 +232,9 @@ def recompose_spelled_relus(graph_module: fx.GraphModule) -> None:
             zero_shape = tuple(_example(other).shape) if _example(other) is not None else ()
         elif base in ("mul", "mul_") and overload == "Tensor" and len(node.args) == 2 and not node.kwargs:
             # x * (x > 0): relu(x), but at x = -inf (NaN there, 0 as written here)
-            x = next((a for a, m in (node.args, node.args[::-1]) if _sign_test(m, graph_module) == (a, True)), None)
+            x = next(
+                (a for a, m in (node.args, node.args[::-1]) if _sign_test(m, graph_module) == (a, True)), None
+            )
             if x is None or (base == "mul_" and node.args[0] is not x):
                 continue
             clamp = aten.clamp_min_.default if base.endswith("_") else aten.clamp_min.default

@@ -61,7 +61,9 @@ def _zeros_of_width(model: onnx.ModelProto, site) -> bool:
     )
     operands = list(node.input[1:] if node.op_type == "Where" else node.input)
     if node.op_type in ("Where", "Mul"):  # the comparison behind the mask (through its Casts) reads zeros
-        mask = node.input[0] if node.op_type == "Where" else next(n for n in node.input if n != site.input_name)
+        mask = (
+            node.input[0] if node.op_type == "Where" else next(n for n in node.input if n != site.input_name)
+        )
         test = index.producer[mask]
         while test.op_type == "Cast":
             test = index.producer[test.input[0]]
