@@ -189,3 +189,47 @@ def test_hand_built_onnx_mask_spellings(cli, tmp_path):
     ]
     assert all(dead for _, _, dead, _ in expected)
     assert found == expected
+
+
+def _forward64(model, x: torch.Tensor, act) -> torch.Tensor:
+    """MASKS's forward in float64 with each of its eight ReLUs as `act` (the look-alikes as written)."""
+
+    def layer(i: int, h: torch.Tensor) -> torch.Tensor:
+        fc = getattr(model, f"fc{i}")
+        return torch.nn.functional.linear(h, fc.weight.double(), fc.bias.double())
+
+    h = x.double()
+    for i in range(4):
+        pre = layer(i, h)
+        h = act(pre)
+    kept = torch.where(layer(4, h) > 0, layer(4, h), 0.0)
+    other = layer(4, h) * (pre > 0)
+    for i in range(4, 8):
+        h = act(layer(i, h))
+    head = model.head
+    return torch.nn.functional.linear(h + kept + other, head.weight.double(), head.bias.double())
+
+
+def test_torchscript_leaky_fix_patches_spelled_sites(cli, tmp_path):
+    """`fix --strategy leaky` on a scripted model whose ReLUs are spelled with masks and selects: every
+    one becomes leaky_relu(x) (torch.jit.load of the output computes the float64 leaky forward), the
+    look-alikes stay as written. Before: refused ("its inlined graph has 0 activations but the scan
+    found 8 call sites")."""
+    model, _ = arch_file(tmp_path / "masks.py", MASKS)
+    data = save_npz(tmp_path / "d.npz", x=DATA)
+    with torch.no_grad():
+        torch.jit.script(model).save(tmp_path / "s.pt")
+    x = torch.from_numpy(DATA)
+    relu = _forward64(model, x, torch.relu)
+    with torch.no_grad():
+        assert torch.allclose(model(x).double(), relu, atol=1e-5)  # the float64 forward is the model's
+    out = tmp_path / "leaky.pt"
+    fixed = cli(
+        "fix", tmp_path / "s.pt", "--data", data, "--strategy", "leaky", "--slope", "0.1", "--output", out
+    )
+    assert fixed.code == 0, fixed.err
+    leaky = _forward64(model, x, lambda pre: torch.nn.functional.leaky_relu(pre, 0.1))
+    with torch.no_grad():
+        patched = torch.jit.load(str(out))(x).double()
+    assert torch.allclose(patched, leaky, atol=1e-5), (patched - leaky).abs().max()
+    assert not torch.allclose(leaky, relu, atol=1e-3)  # the slope changes the outputs

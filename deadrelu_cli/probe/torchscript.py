@@ -372,6 +372,21 @@ def script_sites(script_module, ops: tuple[str, ...]) -> list[StaticSite] | None
     return walker.sites
 
 
+def spelled_relu_reader(script_module):
+    """A function of a node of the module's forward graph (inlined or not) to the x of the ReLU it spells
+    (maximum(x, zeros), where(x > 0, x, 0), x * (x > 0), …; probe.ops), when x comes from a layer, else to
+    None: the nodes the scan counted as spelled sites, for `fix` to patch (backends.torch.fix)."""
+    walker = _Walker(script_module, ("relu",))
+
+    def read(node):
+        if not node.kind().startswith("aten::"):
+            return None
+        x = walker._spelled_relu({}, node)
+        return x if x is not None and walker._producer(x, script_module)[0] is not None else None
+
+    return read
+
+
 def _module_units(module, type_name: str) -> int | None:
     """The units a Linear / Conv / norm module makes (its weight's rows, or its per-unit vector)."""
     if type_name.startswith("ConvTranspose"):
