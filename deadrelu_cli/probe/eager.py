@@ -43,6 +43,7 @@ from deadrelu_cli.probe.ops import (
     aten_op_kind,
     clamp_bounds,
     clamp_is_layer,
+    hardtanh_op,
     hidden_label,
     is_activation_module_type,
     is_clamp_op,
@@ -97,7 +98,7 @@ def _function_table() -> dict[Callable, _FunctionSpec]:
         torch.relu_: _FunctionSpec("relu", None, True),
         torch.Tensor.relu_: _FunctionSpec("relu", None, True),
         F.relu6: _FunctionSpec("relu6", 1),
-        F.hardtanh: _FunctionSpec("relu6", 3),  # only when bounds are (0, 6): checked at call time
+        F.hardtanh: _FunctionSpec("relu6", 3),  # relu6 for (0, 6), relu for (0, inf): decided per call
         F.hardtanh_: _FunctionSpec("relu6", None, True),
         F.leaky_relu: _FunctionSpec("leaky_relu", 2),
         F.leaky_relu_: _FunctionSpec("leaky_relu", None, True),
@@ -475,8 +476,10 @@ class _CallSiteMode(TorchFunctionMode):
             if self.probe._site_outputs and getattr(func, "__name__", "") != "__get__":
                 self.probe.note_other_use(func, args)
             return out
-        if func in (F.hardtanh, F.hardtanh_) and _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
-            return func(*args, **kwargs)
+        if func in (F.hardtanh, F.hardtanh_):  # (0, 6): relu6, (0, inf): relu, else no site
+            op = hardtanh_op(*_hardtanh_bounds(args, kwargs))
+            if op is None:
+                return func(*args, **kwargs)
         if op in self.probe.settings.ops and args[0].is_quantized:  # no float pre-activation to count
             self.probe.note_hidden(self.probe.next_site_name(op), "activation on a quantized tensor", op)
         if op not in self.probe.settings.ops or not args[0].is_floating_point():
@@ -526,8 +529,8 @@ def call_op(functions: dict, func, args: tuple, kwargs: dict) -> str | None:
     spec = functions.get(func)
     if spec is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
         return None
-    if func in (F.hardtanh, F.hardtanh_) and _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
-        return None
+    if func in (F.hardtanh, F.hardtanh_):
+        return hardtanh_op(*_hardtanh_bounds(args, kwargs))
     if spec.clamp is not None and is_scalar_value(args[0]):  # a clamped loss or norm: no layer
         return None
     return spec.op if spec.clamp is None else _clamp_op(spec.clamp, args, kwargs)

@@ -66,11 +66,8 @@ def aten_op_kind(overload_name: str, args: tuple) -> tuple[str, bool] | None:
     if base == "relu6":
         return "relu6", in_place
     if base == "hardtanh":
-        lo = args[1] if len(args) > 1 else -1.0
-        hi = args[2] if len(args) > 2 else 1.0
-        if _is_number(lo) and _is_number(hi) and float(lo) == 0.0 and float(hi) == 6.0:
-            return "relu6", in_place
-        return None
+        op = hardtanh_op(args[1] if len(args) > 1 else -1.0, args[2] if len(args) > 2 else 1.0)
+        return (op, in_place) if op is not None else None
     if base in ("leaky_relu", "elu", "gelu", "silu"):
         return base, in_place
     if base == "rrelu":  # nn.RReLU: a leaky ReLU (its slope fixed in eval, random in training)
@@ -81,6 +78,14 @@ def aten_op_kind(overload_name: str, args: tuple) -> tuple[str, bool] | None:
         bounds = clamp_bounds(base, args[1:])
         return (CLAMP_OPS[bounds], in_place) if bounds in CLAMP_OPS else None
     return None
+
+
+def hardtanh_op(lo: object, hi: object) -> str | None:
+    """The op `hardtanh(x, lo, hi)` is: relu6 for (0, 6), relu for (0, inf) (ONNX's Clip(x, 0, inf) alike),
+    else None (no ReLU's bounds)."""
+    if not (_is_number(lo) and _is_number(hi)) or float(lo) != 0.0:
+        return None
+    return "relu6" if float(hi) == 6.0 else "relu" if float(hi) == float("inf") else None
 
 
 # clamp(x, min=0) is relu, clamp(x, 0, 6) relu6, threshold(x, 0, 0) relu: the same values (their ONNX
@@ -100,7 +105,7 @@ def clamp_bounds(base: str, rest: tuple) -> tuple[float | None, float | None] | 
     hi = rest[1] if len(rest) > 1 and base != "clamp_min" else None
     if not _is_number(lo) or not (hi is None or _is_number(hi)):
         return None
-    return float(lo), None if hi is None else float(hi)
+    return float(lo), None if hi is None or float(hi) == float("inf") else float(hi)  # (0, inf): (0, None)
 
 
 def is_scalar_value(value: object) -> bool:

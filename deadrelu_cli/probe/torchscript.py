@@ -46,6 +46,7 @@ from deadrelu_cli.probe.ops import (
     aten_op_kind,
     clamp_bounds,
     clamp_is_layer,
+    hardtanh_op,
     hidden_label,
     is_activation_module_type,
     is_clamp_op,
@@ -145,10 +146,10 @@ class _Walker:
                 elif fname in _FUNCTIONS:
                     args = tuple(self._value(env, v) for v in list(node.inputs())[1:])
                     op = _FUNCTIONS[fname]
-                    if fname.startswith("hardtanh") and tuple(
-                        float(a) if a is not None else None for a in args[1:3]
-                    ) != (0.0, 6.0):
-                        continue
+                    if fname.startswith("hardtanh"):  # (0, 6): relu6, (0, inf): relu, else no site
+                        op = hardtanh_op(*(tuple(args[1:3]) + (None, None))[:2])
+                        if op is None:
+                            continue
                     in_place = fname.endswith("_") or (bool(args) and args[-1] is True)
                     self._add(module, node, op, in_place)
             elif kind == "prim::If":
