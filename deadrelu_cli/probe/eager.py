@@ -49,6 +49,7 @@ from deadrelu_cli.probe.ops import (
     is_clamp_op,
     is_scalar_value,
     is_zero_number,
+    stored_zeros_label,
     zeros_fit,
 )
 
@@ -633,7 +634,8 @@ class EagerProbe:
         # a ReLU spelled with a maximum or a select: zeros made in this forward and `x > 0` masks (id ->
         # weakrefs, with the tensors' version counters: one changed in place since is no longer that)
         self._zeros: dict[int, tuple[weakref.ref, int]] = {}
-        self._positives: dict[int, tuple[weakref.ref, int, weakref.ref, int]] = {}
+        self._positives: dict[int, tuple[weakref.ref, int, weakref.ref, int, bool]] = {}
+        self._stored_ids: set[int] | None = None  # the ids of the model's parameters and buffers
 
     # -- hooks -------------------------------------------------------------------------------
     def enter_module(self, module: nn.Module, args) -> None:
@@ -872,6 +874,7 @@ class EagerProbe:
         self._aligned.clear()
         self._zeros.clear()
         self._positives.clear()
+        self._stored_ids = None  # read again when a spelling needs it (a .to() replaces buffers)
 
     def mode(self) -> TorchFunctionMode:
         return _CallSiteMode(self)
@@ -1090,15 +1093,39 @@ class EagerProbe:
         """For `maximum(x, Z)` / `max(x, Z)` / `where(x > 0, x, Z)` / `where(x <= 0, Z, x)` /
         `x.masked_fill(x < 0, 0)` / `x * (x > 0)` that compute relu(x) (Z: zeros that do not widen x;
         probe.ops; `>=`, `<` alike; the mask of a product may be cast to x's type): the call as a function
-        of x alone, with (x,) and {}; else None."""
+        of x alone, with (x,) and {}; else None. The same spelling with a parameter or buffer of zeros
+        after a layer is no site, and is named in `hidden` (probe.ops.stored_zeros_label)."""
+        found = self._spelling(func, args, kwargs, self.is_zeros)
+        if found is None:
+            if self.recording and self._spelling(func, args, kwargs, self._stored_zeros) is not None:
+                path = self._current_module()[0]
+                self.hidden[stored_zeros_label(path, getattr(func, "__name__", "maximum"))] = 1
+            return None
+
+        def spelled(_x: torch.Tensor):
+            return func(*args, **kwargs)
+
+        return spelled, (found,), {}
+
+    def _stored_zeros(self, value) -> bool:
+        """A parameter or buffer of the model that holds zeros now (no ReLU's Z: see spelled_relu)."""
+        if self._stored_ids is None:
+            self._stored_ids = {id(t) for t in (*self.model.parameters(), *self.model.buffers())}
+        if not isinstance(value, torch.Tensor) or id(value) not in self._stored_ids:
+            return False
+        return not value.is_meta and not bool(value.any())
+
+    def _spelling(self, func, args: tuple, kwargs: dict, is_zeros: Callable) -> torch.Tensor | None:
+        """x of a ReLU spelled with a maximum, a select, a masked fill or a product (spelled_relu) whose
+        zeros pass `is_zeros`, after a layer; else None."""
         if func in _MAXIMA:
             if set(kwargs) - {"other"}:
                 return None
             given = (*args, kwargs["other"]) if "other" in kwargs else args
             if len(given) != 2 or not all(isinstance(a, torch.Tensor) for a in given):
                 return None  # max(x, dim): a reduction
-            x, zeros = given if self.is_zeros(given[1]) else given[::-1]
-            if not self.is_zeros(zeros):
+            x, zeros = given if is_zeros(given[1]) else given[::-1]
+            if not is_zeros(zeros):
                 return None
         elif not self._positives or kwargs:
             return None  # no comparison with 0 in this forward: no mask to spell a ReLU with
@@ -1108,14 +1135,14 @@ class EagerProbe:
             if mask is None:
                 return None
             x, zeros = (a, b) if mask[1] else (b, a)
-            if mask[0] is not x or not self.is_zeros(zeros):  # not x's own `x > 0`
+            if mask[0] is not x or not is_zeros(zeros):  # not x's own `x > 0`
                 return None
         elif func in _MASKED_FILLS and len(args) == 3:
             x, zeros = args[0], args[2]
             mask = self._sign_mask(args[1])
-            if mask is None or mask[0] is not x or mask[1] or not self.is_zeros(zeros):
+            if mask is None or mask[0] is not x or mask[1] or not is_zeros(zeros):
                 return None
-        elif func in _PRODUCTS and len(args) == 2:
+        elif func in _PRODUCTS and len(args) == 2 and is_zeros == self.is_zeros:
             for x, mask in (args, args[::-1]):
                 found = self._sign_mask(mask)
                 if found is not None and found[0] is x and found[1]:
@@ -1130,11 +1157,7 @@ class EagerProbe:
         shape = zeros.shape if isinstance(zeros, torch.Tensor) else ()
         if not zeros_fit(x.shape, shape) or not keeps_dtype(x, zeros):
             return None  # widened by the zeros, or promoted: not x's values clamped
-
-        def spelled(_x: torch.Tensor):
-            return func(*args, **kwargs)
-
-        return spelled, (x,), {}
+        return x
 
     def clamp_is_layer(self, pre, op: str) -> bool:
         """Whether a clamp with a ReLU's bounds is a layer (probe.ops.clamp_is_layer; not when it clamps a

@@ -17,6 +17,7 @@ per-iteration scan outputs that are summed on the host.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,7 +27,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, fused_origin, implicit_relu, nchwc_tensor
-from deadrelu_cli.probe.ops import clamp_is_layer, counts_from_output, threshold_below
+from deadrelu_cli.probe.ops import (
+    clamp_is_layer,
+    counts_from_output,
+    stored_zeros_label,
+    threshold_below,
+    unit_axis_reduced,
+)
 from deadrelu_cli.wiring.onnx import consumer_layout, producer_weight, trace_producer
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, float_type, opset_version
 
@@ -230,6 +237,22 @@ def spelled_relu_input(
     )
 
 
+def stored_zero_relus(model: onnx.ModelProto, ops: tuple[str, ...]) -> Counter:
+    """The Max / Where nodes that would spell a ReLU of a layer's output but for their zeros, a checkpoint
+    tensor (checkpoint_tensors): no sites (probe.ops above zeros_fit), named for the scan's `unseen` as
+    the torch formats name them (probe.ops.stored_zeros_label). Main graph only."""
+    found: Counter = Counter()
+    checkpoint = checkpoint_tensors(model)
+    if "relu" not in ops or not checkpoint:
+        return found
+    index = GraphIndex(model.graph)
+    for node in model.graph.node:
+        if node.op_type in ("Max", "Where") and spelled_relu_input(node, index, checkpoint) is None:
+            if spelled_relu_input(node, index) is not None:
+                found[stored_zeros_label(node.name or node.output[0], node.op_type)] += 1
+    return found
+
+
 def _graph_zeros(
     name: str, data: str, index: GraphIndex, checkpoint: frozenset[str], user: onnx.NodeProto
 ) -> bool:
@@ -369,9 +392,54 @@ def classify(
     return None
 
 
+_REDUCTIONS = frozenset(
+    {
+        "ReduceSum",
+        "ReduceMean",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSumExp",
+    }
+)
+# elementwise ops that keep a reduction one value per position (probe.aten_ops.PER_POSITION_OPS)
+_PER_POSITION = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Neg", "Pow", "Abs", "Sqrt", "Exp", "Log", "Cast", "Identity"}
+)
+
+
+def _per_position(index: GraphIndex, name: str) -> bool:
+    """Whether a tensor is one value per position, no units: a reduction over the unit axis
+    (probe.ops.unit_axis_reduced) or an elementwise op of one (`ReduceSum(h, -1) - m`), as the torch
+    probes read it (probe.exported._per_position)."""
+    stack, seen = [name], 0
+    while stack and seen < 32:
+        node, seen = index.producer.get(stack.pop()), seen + 1
+        if node is None:
+            continue
+        if node.op_type in _REDUCTIONS and node.input:
+            axes = attr(node, "axes")
+            if axes is None and len(node.input) > 1 and node.input[1]:  # an input from opset 13 / 18
+                found = index.constant(node.input[1])
+                axes = None if found is None else [int(a) for a in np.ravel(found)]
+            rank = index.rank(node.input[0])
+            if axes is not None and rank is not None:
+                channel_first = trace_producer(index, node.input[0]).channel_first
+                if unit_axis_reduced(rank, list(axes), channel_first):
+                    return True
+        elif node.op_type in _PER_POSITION:
+            stack.extend(i for i in node.input if i)
+    return False
+
+
 def _clip_is_layer(index: GraphIndex, site: OnnxSite, trace) -> bool:
     """probe.ops.clamp_is_layer for a Clip(x, 0) whose input no layer produced, from the shapes that
-    shape inference gave (an unknown shape: a layer)."""
+    shape inference gave (an unknown shape: a layer); a Clip of one value per position (a margin
+    `(h.sum(-1) - m).clamp(min=0)`, _per_position) is none, whatever its shape."""
+    if _per_position(index, site.input_name):
+        return False
     shape = index.shape(site.input_name)
     if shape is None:
         return True

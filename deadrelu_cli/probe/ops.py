@@ -49,6 +49,14 @@ def hidden_label(path: str, what: str, op: str) -> str:
     return f"{path or '<model>'}: {what}(activation={LABEL_KINDS[op]})"
 
 
+def stored_zeros_label(path: str, spelling: str) -> str:
+    """How a ReLU spelled with a parameter or buffer of zeros after a layer is named in `hidden`: no site
+    (its zeros are the checkpoint's values, not the code's: probe.ops above zeros_fit), yet a ReLU as
+    the checkpoint stands, so a gate stops on it unless --allow-unseen. Every probe alike."""
+    spelling = spelling.removeprefix("aten::").removeprefix("aten.").split(".")[0].rstrip("_")
+    return hidden_label(path, f"{spelling} with a stored zero tensor ", "relu")
+
+
 def is_activation_module_type(qualified_type: str | None) -> bool:
     """True for torch.nn activation modules (as qualified by export / TorchScript / Python)."""
     if not qualified_type:
@@ -156,6 +164,19 @@ def zeros_fit(x_shape, zeros_shape) -> bool:
     if len(zeros_shape) > len(x_shape):
         return False
     return all(z == 1 or z == d for z, d in zip(zeros_shape[::-1], x_shape[::-1], strict=False))
+
+
+def unit_axis_reduced(rank: int, dim, channel_first: bool | None) -> bool:
+    """Whether a reduction over `dim` (an int, or a list of one) of a rank >= 2 tensor is one over its
+    unit axis alone (dim 1 from rank 4 on and for a channel-first rank 3, else the last; as
+    probe.base.infer_channel_dim): what remains is one value per position, and a clamp of it is no ReLU
+    layer (probe.base.reduces_unit_axis for eager; the graph probes ask it of their reduction nodes)."""
+    if isinstance(dim, (tuple, list)) and len(dim) == 1:
+        dim = dim[0]
+    if not isinstance(dim, int) or isinstance(dim, bool) or rank < 2:
+        return False
+    unit = 1 if rank >= 4 or (rank == 3 and channel_first) else rank - 1
+    return dim % rank == unit
 
 
 def is_zero_number(value: object) -> bool:

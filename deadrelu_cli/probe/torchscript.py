@@ -24,7 +24,9 @@ from deadrelu_cli.probe.aten_ops import (
     MASK_CASTS,
     MAXIMA,
     PASS_THROUGH,
+    PER_POSITION_OPS,
     SIGN_TESTS,
+    UNIT_REDUCTIONS,
     VALUE_COPIES,
     ZERO_FACTORIES,
     aten_base,
@@ -52,6 +54,8 @@ from deadrelu_cli.probe.ops import (
     is_clamp_op,
     is_scalar_value,
     is_zero_number,
+    stored_zeros_label,
+    unit_axis_reduced,
     zeros_fit,
 )
 
@@ -182,6 +186,10 @@ class _Walker:
                 spelled = self._spelled_relu(env, node)
                 if spelled is not None and "relu" in self.ops:  # maximum(x, zeros), where(x > 0, x, 0), …
                     self._add(module, node, "relu", kind.endswith("_"), clamp=True, pre=spelled)
+                elif "relu" in self.ops and aten_base(kind).rstrip("_") in _SPELLINGS:
+                    stored = self._spelled_relu(env, node, self._stored_zeros)
+                    if stored is not None and self._producer(stored, module)[0] is not None:
+                        self.hidden[stored_zeros_label(self.paths.get(id(module), ""), kind)] += 1
                 kind_op = aten_op_kind(kind, args)
                 if kind_op is not None and kind_op[0] in self.ops:
                     self._add(module, node, kind_op[0], kind_op[1], clamp=is_clamp_op(kind))
@@ -210,13 +218,28 @@ class _Walker:
             value = inputs[0]
         return False
 
-    def _spelled_relu(self, env: dict, node):
-        """The x of `maximum(x, zeros)` / `max(x, zeros)` / `where(x > 0, x, 0)`, else None; whether the
+    def _stored_zeros(self, env: dict, value) -> bool:
+        """A parameter or buffer (an attribute, through copies) that holds zeros now: no ReLU's zeros."""
+        for _ in range(8):
+            node = value.node()
+            if node.kind() == "prim::GetAttr":
+                found = env.get(node.output().debugName())
+                return isinstance(found, torch.Tensor) and not found.is_meta and not bool(found.any())
+            inputs = list(node.inputs())
+            if aten_base(node.kind()) not in VALUE_COPIES or not inputs:
+                return False
+            value = inputs[0]
+        return False
+
+    def _spelled_relu(self, env: dict, node, zeros=None):
+        """The x of `maximum(x, zeros)` / `max(x, zeros)` / `where(x > 0, x, 0)` / `x.masked_fill(x < 0,
+        0)` / `x * (x > 0)` (zeros that pass `zeros`, by default the code's: _zeros), else None; whether the
         zeros widen x is known at run time only (`TorchScriptProbe.on_spelled`)."""
         base = aten_base(node.kind())
         inputs = list(node.inputs())
+        is_zeros = self._zeros if zeros is None else zeros
         if base in MAXIMA and len(inputs) == 2 and all(str(v.type()) == "Tensor" for v in inputs):
-            data = [v for v in inputs if not self._zeros(env, v)]
+            data = [v for v in inputs if not is_zeros(env, v)]
             return data[0] if len(data) == 1 else None
         if base == "where" and len(inputs) == 3:
             tested = self._sign_test(env, inputs[0])
@@ -224,12 +247,17 @@ class _Walker:
                 return None
             x, keeps_x = tested
             kept, other = inputs[1:] if keeps_x else inputs[:0:-1]
-            return x if kept.unique() == x.unique() and self._zeros(env, other) else None
+            return x if kept.unique() == x.unique() and is_zeros(env, other) else None
         if base in ("masked_fill", "masked_fill_") and len(inputs) == 3:
             tested = self._sign_test(env, inputs[1])
             if tested is not None and tested[0].unique() == inputs[0].unique() and not tested[1]:
-                return inputs[0] if self._zeros(env, inputs[2]) else None
-        if base in ("mul", "mul_") and len(inputs) == 2 and all(str(v.type()) == "Tensor" for v in inputs):
+                return inputs[0] if is_zeros(env, inputs[2]) else None
+        if (
+            base in ("mul", "mul_")
+            and zeros is None
+            and len(inputs) == 2
+            and all(str(v.type()) == "Tensor" for v in inputs)
+        ):
             for x, mask in (inputs, inputs[::-1]):
                 tested = self._sign_test(env, mask)
                 if tested is not None and tested[0].unique() == x.unique() and tested[1]:
@@ -269,6 +297,34 @@ class _Walker:
             if op in self.ops:
                 self.hidden[hidden_label(path, "transformer encoder fast path", op)] += 1
 
+    def _per_position(self, value, module) -> bool:
+        """Whether a value is one per position, no units: a reduction over the unit axis, or an elementwise
+        op of one (`h.sum(-1) - m`), as probe.exported._per_position reads a graph. TorchScript's types
+        carry no rank: a reduction's input is taken as rank <= 3 (`h.sum(-1)` of [B, T, C], `x.sum(1)` of a
+        conv's [N, C, T])."""
+        stack, seen = [value], 0
+        while stack and seen < 32:
+            node, seen = stack.pop().node(), seen + 1
+            base = aten_base(node.kind())
+            inputs = list(node.inputs())
+            where = UNIT_REDUCTIONS.get(base)
+            if where is not None and len(inputs) > where:
+                try:
+                    dim = inputs[where].toIValue()
+                    if dim is None and inputs[where].node().kind() == "prim::ListConstruct":
+                        dim = [v.toIValue() for v in inputs[where].node().inputs()]
+                except RuntimeError:
+                    continue
+                units = self._units
+                channel_first = self._producer(inputs[0], module)[0]
+                self._units = units
+                rank = getattr(inputs[0].type(), "dim", lambda: None)() or 3
+                if unit_axis_reduced(rank, dim, channel_first):
+                    return True
+            elif base in PASS_THROUGH or base in PER_POSITION_OPS:
+                stack.extend(v for v in inputs if str(v.type()).startswith("Tensor"))
+        return False
+
     def _add(self, module, node, op: str, in_place: bool, clamp: bool = False, pre=None) -> None:
         if op not in self.ops:
             return
@@ -288,7 +344,11 @@ class _Walker:
         module_type = qualified.rsplit(".", 1)[-1] if is_activation else "functional"
         units = self._units if pre is not None else None
         spelled = aten_base(node.kind()) if pre is not None else ""
-        site = StaticSite(name, op, in_place, module_type, channel_first, producer, clamp, spelled, units)
+        functional = not (is_activation and caller is not None)  # a clamp of `value` in this graph
+        per_position = clamp and pre is None and functional and self._per_position(value, module)
+        site = StaticSite(
+            name, op, in_place, module_type, channel_first, producer, clamp, spelled, units, per_position
+        )
         self.sites.append(site)
 
     def _producer(self, value, module) -> tuple[bool | None, str | None]:
@@ -436,6 +496,7 @@ def _constant_dims(node, base: str) -> tuple | None:
 
 
 _SPELLED_OPS = MAXIMA | {"where", "masked_fill", "masked_fill_", "mul", "mul_"}
+_SPELLINGS = MAXIMA | {"where", "masked_fill"}  # those that take zeros (a stored tensor's: no site)
 
 
 class _OrderedDispatch(TorchDispatchMode):
@@ -588,10 +649,13 @@ class TorchScriptProbe:
             raise self._error
         site = self.sites[self._position]
         self._position += 1
-        if site.clamp and not clamp_is_layer(
-            tuple(args[0].shape),
-            infer_channel_dim(args[0].dim(), site.channel_first) if args[0].dim() else None,
-            site.channel_first is not None,
+        if site.clamp and (
+            site.per_position  # (h.sum(-1) - m).clamp(min=0): one value per position, no units
+            or not clamp_is_layer(
+                tuple(args[0].shape),
+                infer_channel_dim(args[0].dim(), site.channel_first) if args[0].dim() else None,
+                site.channel_first is not None,
+            )
         ):  # a clamped variance / norm / loss (its shape tells, known once it runs): no layer
             self.registry.withdraw(site.name)
             return func(*args, **kwargs)
