@@ -233,3 +233,87 @@ def test_torchscript_leaky_fix_patches_spelled_sites(cli, tmp_path):
         patched = torch.jit.load(str(out))(x).double()
     assert torch.allclose(patched, leaky, atol=1e-5), (patched - leaky).abs().max()
     assert not torch.allclose(leaky, relu, atol=1e-3)  # the slope changes the outputs
+
+
+EDGES = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc0 = nn.Linear(4, 6)
+        self.fc1 = nn.Linear(6, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+        self.register_buffer("zero", torch.tensor(0.0))
+
+    def forward(self, x):
+        h = torch.nn.functional.hardtanh(self.fc0(x), 0.0, float("inf"))  # a ReLU: no upper bound
+        # a margin, one value per position: no ReLU layer, whatever the number of positions
+        margin = (h.sum(-1) - 0.5).clamp(min=0)
+        h = torch.relu(self.fc1(h))
+        # a ReLU as the checkpoint stands, but its zeros are a buffer's values: not counted, said
+        kept = torch.maximum(self.fc2(h), self.zero)
+        return self.head(h + kept) + margin.unsqueeze(-1)
+
+
+def build():
+    torch.manual_seed(7)
+    model = Net()
+    with torch.no_grad():
+        model.fc0.bias[2] = -40.0
+    return model.eval()
+"""
+
+
+def test_unbounded_hardtanh_margins_and_stored_zeros_alike_in_every_format(cli, tmp_path):
+    """hardtanh(x, 0, inf) after a Linear is a relu site (ONNX counted its Clip(x, 0) already); the clamp
+    of `h.sum(-1) - m` over [B, T, C] data is none (eager's rule; .pt2, TorchScript and ONNX counted it as
+    a T-unit layer); a maximum with a zero buffer after a Linear is no site but is named unseen, and a
+    gate fails on it unless --allow-unseen (before: silent in every format). Counts from float64 torch."""
+    model, spec = arch_file(tmp_path / "edges.py", EDGES)
+    rows = np.random.RandomState(7).randn(SAMPLES, 3, FEATURES).astype(np.float32)
+    data = save_npz(tmp_path / "d.npz", x=rows)
+    x = torch.from_numpy(rows).double()
+    pre0 = torch.nn.functional.linear(x, model.fc0.weight.double(), model.fc0.bias.double())
+    pre1 = torch.nn.functional.linear(pre0.clamp(min=0), model.fc1.weight.double(), model.fc1.bias.double())
+    truth = [
+        (6, torch.nonzero(~(p > 0).flatten(0, 1).any(0)).flatten().tolist(), (p > 0).sum((0, 1)).tolist())
+        for p in (pre0, pre1)
+    ]
+    assert truth[0][1] == [2] and len(truth[1][1]) < 6
+    example = torch.from_numpy(rows[:2])
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("b", max=1024)},))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    torch.export.save(program, tmp_path / "m.pt2")
+    with torch.no_grad():
+        torch.jit.script(model).save(tmp_path / "s.pt")
+        torch.jit.trace(model, example).save(tmp_path / "t.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), tmp_path / "m.onnx", dynamo=False, input_names=["x"],
+            dynamic_axes={"x": {0: "b"}},
+        )  # fmt: skip
+    formats = {
+        "eager": [tmp_path / "m.pt", "--arch", spec],
+        "pt2": [tmp_path / "m.pt2"],
+        "scripted": [tmp_path / "s.pt"],
+        "traced": [tmp_path / "t.pt"],
+        "onnx": [tmp_path / "m.onnx"],
+    }
+    for fmt, args in formats.items():
+        result = cli("scan", *args, "--data", data, "--json", "-", "-q", "--max-dead", "1")
+        assert result.code == 1, (fmt, result.err)  # the unseen maximum stops the gate
+        report = result.json()
+        found = [(la["units"], la["dead_indices"], la["positive_counts"]) for la in report["layers"]]
+        assert found == truth, (fmt, [(la["name"], la["units"]) for la in report["layers"]])
+        unseen = report["unseen_activations"]
+        assert len(unseen) == 1 and "stored zero tensor (activation=Relu)" in next(iter(unseen)), (
+            fmt,
+            unseen,
+        )
+        allowed = cli("scan", *args, "--data", data, "-q", "--max-dead", "1", "--allow-unseen")
+        assert allowed.code == 0, (fmt, allowed.err)
