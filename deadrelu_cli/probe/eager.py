@@ -1097,7 +1097,11 @@ class EagerProbe:
         after a layer is no site, and is named in `hidden` (probe.ops.stored_zeros_label)."""
         found = self._spelling(func, args, kwargs, self.is_zeros)
         if found is None:
-            if self.recording and self._spelling(func, args, kwargs, self._stored_zeros) is not None:
+            if (
+                self.recording
+                and func not in _PRODUCTS  # a product takes no zeros
+                and self._spelling(func, args, kwargs, self._stored_zeros) is not None
+            ):
                 path = self._current_module()[0]
                 self.hidden[stored_zeros_label(path, getattr(func, "__name__", "maximum"))] = 1
             return None

@@ -601,7 +601,12 @@ class TorchScriptProbe:
         if base in MAXIMA:
             if len(given) != 2 or not all(isinstance(a, torch.Tensor) for a in given):
                 return func(*args, **kwargs)
-            x, zeros = given if self._zero(given[1]) else given[::-1]
+            if self._zero(given[1]):
+                x, zeros = given
+            elif self._zero(given[0]):
+                zeros, x = given
+            else:  # no zeros of the code's (a stored zero tensor's maximum): an ordinary op
+                return func(*args, **kwargs)
         else:
             if base == "where" and len(given) == 3:
                 found = self._mask_of(given[0])
