@@ -636,6 +636,7 @@ class EagerProbe:
         self._zeros: dict[int, tuple[weakref.ref, int]] = {}
         self._positives: dict[int, tuple[weakref.ref, int, weakref.ref, int, bool]] = {}
         self._stored_ids: set[int] | None = None  # the ids of the model's parameters and buffers
+        self._stored_seen: Counter = Counter()  # this forward's spellings with stored zeros, by label
 
     # -- hooks -------------------------------------------------------------------------------
     def enter_module(self, module: nn.Module, args) -> None:
@@ -875,6 +876,7 @@ class EagerProbe:
         self._zeros.clear()
         self._positives.clear()
         self._stored_ids = None  # read again when a spelling needs it (a .to() replaces buffers)
+        self._stored_seen.clear()
 
     def mode(self) -> TorchFunctionMode:
         return _CallSiteMode(self)
@@ -1102,8 +1104,9 @@ class EagerProbe:
                 and func not in _PRODUCTS  # a product takes no zeros
                 and self._spelling(func, args, kwargs, self._stored_zeros) is not None
             ):
-                path = self._current_module()[0]
-                self.hidden[stored_zeros_label(path, getattr(func, "__name__", "maximum"))] = 1
+                label = stored_zeros_label(self._current_module()[0], getattr(func, "__name__", "maximum"))
+                self._stored_seen[label] += 1  # as many as one forward ran, as the graphs count nodes
+                self.hidden[label] = max(self.hidden[label], self._stored_seen[label])
             return None
 
         def spelled(_x: torch.Tensor):
