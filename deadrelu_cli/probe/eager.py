@@ -1150,8 +1150,8 @@ class EagerProbe:
             if mask is None or mask[0] is not x or mask[1] or not is_zeros(zeros):
                 return None
         elif func in _PRODUCTS and len(args) == 2 and is_zeros == self.is_zeros:
-            for x, mask in (args, args[::-1]):
-                found = self._sign_mask(mask)
+            for x, mask in (args, args[::-1]) if func is not torch.Tensor.mul_ else (args,):
+                found = self._sign_mask(mask)  # (in place: x.mul_(x > 0) only, which writes x)
                 if found is not None and found[0] is x and found[1]:
                     break
             else:
