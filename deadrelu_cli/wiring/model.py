@@ -67,6 +67,10 @@ class UnitWiring:
     consumer: str = ""  # the one Linear/Conv/Gemm reading the activation
     consumer_weight: TensorRef | None = None  # its weight; the units' input columns along .axis
     readers: tuple[str, ...] = field(default_factory=tuple)  # everything that reads the activation
+    # a Concat (along the unit axis) between the activation and the consumer: the consumer reads
+    # `column_units` units, this layer's from `column_offset` on (None: only this layer's)
+    column_offset: int = 0
+    column_units: int | None = None
     why: str = ""
 
     @property
@@ -82,6 +86,12 @@ class UnitWiring:
         if fan_in % units:
             raise ValueError(f"consumer fan-in {fan_in} is not a multiple of {units} units")
         return fan_in // units
+
+    def consumer_columns(self, units: list[int], all_units: int, fan_in: int) -> list[int]:
+        """The consumer's input columns (of `fan_in`) that `units` of this layer's `all_units` feed,
+        past the other inputs of a Concat before them."""
+        per_unit = self.per_unit(self.column_units or all_units, fan_in)
+        return input_columns([self.column_offset + u for u in units], per_unit)
 
 
 def unit_vector_axis(shape: tuple[int, ...]) -> int | None:

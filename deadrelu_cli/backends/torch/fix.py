@@ -156,11 +156,24 @@ def shift_and_settle(
     quantiles = eager.collect_quantiles(scanned, plans, options.target_rate, options.seed, quiet, firing)
     targets = eager.shift_targets(model, scanned.report, plans, sources)
     gains = eager.measure_gains(scanned, model, plans, targets, scan_options)
+    # the dtype each target is written back in (fp16/bf16 weights loaded into an fp32 --arch)
+    extra = scanned.model.extra or {}
+    prefix, dtypes = extra.get("key_prefix", ""), extra.get("dtypes", {})
+    stored = {t: dtypes[f"{prefix}{t}"] for t in targets.values() if f"{prefix}{t}" in dtypes}
     outcomes = eager.bias_shift(
-        model, scanned.report, plans, quantiles, targets, gains, touched, scan_options.threshold, firing
+        model,
+        scanned.report,
+        plans,
+        quantiles,
+        targets,
+        gains,
+        touched,
+        scan_options.threshold,
+        firing,
+        stored,
     )
     eager.settle_shifts(
-        scanned, model, plans, targets, gains, outcomes, options.target_rate, options.seed, quiet
+        scanned, model, plans, targets, gains, outcomes, options.target_rate, options.seed, quiet, stored
     )
     return outcomes
 

@@ -324,6 +324,7 @@ def settle_shifts(
     target_rate: float,
     seed: int,
     options_for_scan,
+    stored: dict[str, torch.dtype] | None = None,
 ) -> int:
     """After `bias_shift`, rescan the shifted model and move again the units that do not fire on
     exactly their target count: the quantiles were taken on the original model, units revived in an
@@ -354,15 +355,29 @@ def settle_shifts(
                 tensor = named_tensor(model, targets[plan.name])
                 units = torch.tensor(np.asarray(plan.units)[off], dtype=torch.long, device=tensor.device)
                 move = threshold - quantiles[plan.name][off]
-                shift = move / np.asarray(gains[plan.name], dtype=np.float64)[off]
-                shift = torch.from_numpy(shift).to(tensor.device)
-                tensor[units] = (tensor[units].double() + shift).to(tensor.dtype)
-                moved = True
+                gain = np.asarray(gains[plan.name], dtype=np.float64)[off]
+                shift = torch.from_numpy(move / gain).to(tensor.device)
+                was = tensor[units].double()
+                now = place_shifted(tensor, units, was + shift, gain, (stored or {}).get(targets[plan.name]))
+                # a half-precision entry one step from the cut cannot move closer: it stays, firing on
+                # what it fires on now (place_shifted kept it on the firing side)
+                stuck = np.zeros(len(plan.units), bool)
+                stuck[np.flatnonzero(off)] = (now == was).cpu().numpy()
                 outcome = by_name[plan.name]
+                rates = np.where(stuck, fired / max(1, n), wanted / max(1, n))
                 if outcome.promised is not None:  # what the unit now fires on, as moved again
-                    outcome.promised = np.where(off, wanted / max(1, n), outcome.promised).tolist()
+                    outcome.promised = np.where(off, rates, outcome.promised).tolist()
+                if stuck.any() and outcome.coarse_dtype is None:
+                    dtype = (stored or {}).get(targets[plan.name]) or tensor.dtype
+                    outcome.coarse_dtype = str(dtype).split(".")[-1]
+                    outcome.action += (
+                        f"; {outcome.coarse_dtype} steps wider than the gap at some cuts (see note)"
+                    )
+                if not (off & ~stuck).any():
+                    continue
+                moved = True
                 if "re-settled" not in outcome.action:
-                    outcome.action += f"; {int(off.sum())} re-settled on a rescan"
+                    outcome.action += f"; {int((off & ~stuck).sum())} re-settled on a rescan"
             if not moved:
                 break
     return rounds
@@ -478,6 +493,28 @@ def _gain(
     )
 
 
+HALF_FLOATS = (torch.float16, torch.bfloat16)
+
+
+def place_shifted(
+    tensor: torch.Tensor, units: torch.Tensor, exact: torch.Tensor, gain, stored: torch.dtype | None
+) -> torch.Tensor:
+    """Write `exact` (float64, the shifted entries) into `tensor` at `units`, as the file will hold
+    them: a float16/bfloat16 entry (in the tensor, or in the checkpoint it is written back to:
+    `stored`) is rounded towards the side that fires (up for a positive gain), not to the nearest —
+    one step of a half-precision bias can be wider than the gap above the cut, and the nearest value
+    would leave the unit dead in the written file. Returns the entries written (float64)."""
+    dtype = stored if stored is not None else tensor.dtype
+    if dtype in HALF_FLOATS:
+        up = torch.from_numpy(np.asarray(gain, dtype=np.float64) > 0).to(exact.device).expand_as(exact)
+        rounded = exact.to(dtype)
+        short = torch.where(up, rounded.double() < exact, rounded.double() > exact)
+        toward = torch.where(up, torch.tensor(float("inf")), torch.tensor(float("-inf"))).to(rounded)
+        exact = torch.where(short, torch.nextafter(rounded, toward), rounded).double()
+    tensor[units] = exact.to(tensor.device, tensor.dtype)
+    return tensor[units].double()
+
+
 def bias_shift(
     model: nn.Module,
     report,
@@ -488,6 +525,7 @@ def bias_shift(
     touched: Touched | None = None,
     threshold: float = 0.0,
     firing: dict | None = None,
+    stored: dict[str, torch.dtype] | None = None,
 ) -> list[LayerOutcome]:
     """Move each dead unit's target tensor entry (`shift_targets`: bias, BN/LN beta, affine-free BN
     mean) so that about `target_rate` of its values exceed `threshold` (`quantiles`: per unit, the cut
@@ -510,7 +548,8 @@ def bias_shift(
             # = pre - q + threshold
             shift = (threshold - q) / torch.from_numpy(np.asarray(gain, dtype=np.float64))
             units = torch.tensor(plan.units, dtype=torch.long, device=tensor.device)
-            tensor[units] = (tensor[units].double() + shift.to(tensor.device)).to(tensor.dtype)
+            exact = tensor[units].double() + shift.to(tensor.device)
+            place_shifted(tensor, units, exact, gain, (stored or {}).get(target))
             _touch(touched, target, 0, plan.units)  # their optimizer moments are reset, as reinit/kick's
             outcome.applied = True
             if firing is not None and plan.name in firing:
