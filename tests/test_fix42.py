@@ -322,3 +322,133 @@ def test_bias_shift_of_a_float16_onnx_model_is_alive_as_written(cli, tmp_path):
     session = ort.InferenceSession(written.SerializeToString(), providers=["CPUExecutionProvider"])
     pre = session.run(None, {"x": x})[1]
     assert pre.dtype == np.float16 and bool((pre > 0).any(0).all()), (pre > 0).sum(0)
+
+
+FIRE_ARCH = """
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class Fire(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sq = nn.Conv2d(3, 4, 1)
+        self.e1 = nn.Conv2d(4, 3, 1)
+        self.e3 = nn.Conv2d(4, 5, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        s = F.relu(self.sq(x))
+        h = torch.cat([F.relu(self.e1(s)), F.relu(self.e3(s))], 1)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+def build():
+    torch.manual_seed(0)
+    net = Fire()
+    with torch.no_grad():
+        net.sq.bias.fill_(1.0)
+        net.e1.bias[:] = torch.tensor([2.0, -60.0, 2.0])
+        net.e3.bias[:] = torch.tensor([-60.0, 2.0, 2.0, -60.0, 2.0])
+    return net
+"""
+
+
+def _fire_branches(state: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The e1 and e3 ReLU outputs, recomputed with torch.nn.functional from a state_dict."""
+    F = torch.nn.functional
+    s = F.relu(F.conv2d(x, state["sq.weight"], state["sq.bias"]))
+    return (
+        F.relu(F.conv2d(s, state["e1.weight"], state["e1.bias"])),
+        F.relu(F.conv2d(s, state["e3.weight"], state["e3.bias"], padding=1)),
+    )
+
+
+def test_torch_reinit_and_prune_reach_units_behind_torch_cat(cli, tmp_path):
+    """Eager (state_dict + --arch) and .pt2: the Linear after torch.cat([e1, e3]) reads e1's units in
+    columns 0-2 and e3's in 3-7; the dead ones (e1#1, e3#0, e3#3: columns 1, 3, 6) are zeroed by reinit
+    and removed by prune, the other columns untouched."""
+    net, spec = arch_file(tmp_path / "arch.py", FIRE_ARCH)
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((16, 3, 5, 5)).astype(np.float32))
+    data = save_npz(tmp_path / "x.npz", x=x.numpy())
+    with torch.no_grad():
+        expected = net(x)
+        a, c = _fire_branches(net.state_dict(), x)
+    assert ((a > 0).sum((0, 2, 3)) == 0).nonzero().flatten().tolist() == [1]
+    assert ((c > 0).sum((0, 2, 3)) == 0).nonzero().flatten().tolist() == [0, 3]
+    out = tmp_path / "re.pt"
+    r = cli("fix", tmp_path / "m.pt", "--arch", spec, "--data", data, "--strategy", "reinit", "--output", out)
+    assert r.code == 0, r.out + r.err
+    written = torch.load(out, weights_only=True)
+    head = written["head.weight"]
+    assert not head[:, [1, 3, 6]].any()
+    keep = [0, 2, 4, 5, 7]
+    assert torch.equal(head[:, keep], net.head.weight.detach()[:, keep])
+    a, c = _fire_branches(written, x)
+    assert bool((a > 0).any((0, 2, 3)).all()) and bool((c > 0).any((0, 2, 3)).all())
+    net.load_state_dict(written)
+    with torch.no_grad():
+        assert torch.equal(net(x), expected)
+
+    net, _ = arch_file(tmp_path / "arch.py", FIRE_ARCH)
+    program = torch.export.export(net, (x[:2],), dynamic_shapes=({0: torch.export.Dim("b", min=1)},))
+    torch.export.save(program, tmp_path / "m.pt2")
+    out = tmp_path / "pr.pt2"
+    r = cli("fix", tmp_path / "m.pt2", "--data", data, "--strategy", "prune", "--output", out)
+    assert r.code == 0, r.out + r.err
+    pruned = torch.export.load(out)
+    state = pruned.state_dict
+    assert state["e1.weight"].shape[0] == 2 and state["e3.weight"].shape[0] == 3
+    assert torch.equal(state["head.weight"], net.head.weight.detach()[:, keep])
+    torch.testing.assert_close(pruned.module()(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_fix_reaches_a_matmul_with_a_transposed_weight(cli, tmp_path):
+    """torch's Linear on [B, T, F] exported without constant folding: MatMul(x, Transpose(W)) + Add(b),
+    W stored [out, in]. reinit redraws W's rows and zeroes the next W's columns; prune narrows both."""
+    rng = np.random.default_rng(5)
+    w = {
+        "up.w": rng.standard_normal((6, 4)),
+        "up.b": np.array([1.0, -60.0, 1.0, 1.0, -60.0, 1.0]),
+        "down.w": rng.standard_normal((3, 6)),
+        "down.b": np.zeros(3),
+    }
+    nodes = [
+        helper.make_node("Transpose", ["up.w"], ["up.t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "up.t"], ["m"], name="up"),
+        helper.make_node("Add", ["m", "up.b"], ["h"], name="up_bias"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu1"),
+        helper.make_node("Transpose", ["down.w"], ["down.t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["r", "down.t"], ["d"], name="down"),
+        helper.make_node("Add", ["d", "down.b"], ["y"], name="down_bias"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["n", 3, 4])],
+        [helper.make_tensor_value_info("y", F32, ["n", 3, 3])],
+        initializer=[_init(k, v) for k, v in w.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "t.onnx"))
+    x = rng.standard_normal((8, 3, 4)).astype(np.float32)
+    data = save_npz(tmp_path / "x.npz", x=x)
+    session = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, {"x": x})
+    for strategy in ("reinit", "prune"):
+        out = tmp_path / f"{strategy}.onnx"
+        r = cli("fix", tmp_path / "t.onnx", "--data", data, "--strategy", strategy, "--output", out)
+        assert r.code == 0, r.out + r.err
+        written = _weights(out)
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-6)
+        if strategy == "reinit":
+            assert not written["down.w"][:, [1, 4]].any()
+            pre = x.astype(np.float64) @ written["up.w"].T.astype(np.float64) + written["up.b"]
+            assert (pre[..., [1, 4]] > 0).any(axis=(0, 1)).all()
+        else:
+            np.testing.assert_array_equal(written["up.w"], w["up.w"][[0, 2, 3, 5]].astype(np.float32))
+            np.testing.assert_array_equal(written["down.w"], w["down.w"][:, [0, 2, 3, 5]].astype(np.float32))

@@ -300,6 +300,9 @@ _LAST_AXIS_MAKERS = frozenset(
         F.embedding,
     }
 )
+# concatenations: a site output joined with others along its units (a SqueezeNet fire module) still
+# reaches the layer that reads the joined tensor, in its own columns (EagerProbe.note_join)
+_JOINS = frozenset({torch.cat, torch.concat, torch.concatenate})
 _NOTED = frozenset(_ZERO_MAKERS) | _VALUE_COPIES | _GREATER | _LAST_AXIS_MAKERS
 _SPELLED_SPEC = _FunctionSpec("relu", None, clamp="spelled")
 
@@ -438,6 +441,13 @@ class _CallSiteMode(TorchFunctionMode):
                 ):
                     self.probe.carry_site_output(args[0], out)
                     return out
+            if (
+                func in _JOINS
+                and self.probe._site_outputs
+                and args
+                and self.probe.note_join(args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0), out)
+            ):
+                return out
             # reading a tensor's metadata (T5's `hidden_states.dtype`) is no use of its values
             if self.probe._site_outputs and getattr(func, "__name__", "") != "__get__":
                 self.probe.note_other_use(func, args)
@@ -584,6 +594,11 @@ class EagerProbe:
         # followed only in a forward whose mask has as many samples as tokens (see note_inputs)
         self._aligned: dict[int, tuple[weakref.ref, bool]] = {}
         self.consumers: dict[str, set[str]] = {}  # site -> Linear/Conv modules that read its output
+        # id(tensor) -> (weakref, [(site, offset, axis, width)]): concatenations holding site outputs;
+        # (site, consumer) -> (offset, width of the joined axis, axis, rank): where a consumer reads a site
+        # through one, for the fixes' columns (wiring.torch.eager_wiring)
+        self._joins: dict[int, tuple[weakref.ref, list[tuple[str, int, int, int]]]] = {}
+        self.joined: dict[tuple[str, str], tuple[int, int, int, int]] = {}
         self.upstream: dict[str, str] = {}  # producer -> the producer feeding it (BN -> its Conv)
         self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement
         self.recording = True  # False: only names sites for `substitutes` (a patched model, exportable)
@@ -614,6 +629,9 @@ class EagerProbe:
             site = self.site_of(args[0])
             if site is not None:
                 self.consumers.setdefault(site, set()).add(name)
+            for site, offset, axis, width in self.joins_of(args[0]):
+                self.consumers.setdefault(site, set()).add(name)
+                self.joined[(site, name)] = (offset, width, axis, args[0].dim())
 
     def note_other_use(self, func, args: tuple) -> None:
         """An activation output read by anything but a Linear/Conv or a unit-preserving op (residual add, …)."""
@@ -622,8 +640,38 @@ class EagerProbe:
         for arg in args:
             if isinstance(arg, torch.Tensor):
                 site = self.site_of(arg)
-                if site is not None:
+                sites = ([site] if site is not None else []) + [entry[0] for entry in self.joins_of(arg)]
+                for site in sites:
                     self.consumers.setdefault(site, set()).add(f"<{getattr(func, '__name__', 'op')}>")
+            elif isinstance(arg, list | tuple):  # torch.stack([h, …]), a cat along another axis
+                for item in arg:
+                    site = self.site_of(item) if isinstance(item, torch.Tensor) else None
+                    if site is not None:
+                        self.consumers.setdefault(site, set()).add(f"<{getattr(func, '__name__', 'op')}>")
+
+    def note_join(self, parts, dim, out) -> bool:
+        """A concatenation of tensors, some of them site outputs (or unit-preserving views of them),
+        along `dim`: remember where each site's units sit in `out`, so the layer reading `out` is their
+        consumer. False (nothing noted) when no part is a site output, or the parts are not tensors."""
+        if not isinstance(out, torch.Tensor) or not isinstance(parts, list | tuple) or out.dim() < 2:
+            return False
+        if not all(isinstance(p, torch.Tensor) and p.dim() == out.dim() for p in parts):
+            return False
+        axis = int(dim) % out.dim()
+        entries, offset = [], 0
+        for part in parts:
+            site = self.site_of(part)
+            if site is not None:
+                entries.append((site, offset, axis))
+            offset += int(part.shape[axis])
+        if not entries:
+            return False
+        self._joins[id(out)] = (weakref.ref(out), [(*entry, offset) for entry in entries])
+        return True
+
+    def joins_of(self, tensor: torch.Tensor) -> list[tuple[str, int, int, int]]:
+        entry = self._joins.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else []
 
     def site_of(self, tensor: torch.Tensor) -> str | None:
         entry = self._site_outputs.get(id(tensor))
@@ -636,6 +684,13 @@ class EagerProbe:
         site = self.site_of(source)
         if site is not None:
             self.mark_site_output(result, site)
+        joins = self.joins_of(source)
+        if joins and isinstance(result, torch.Tensor):
+            # (a view that moves the joined axis would move the units: only pools and flattens after it)
+            axis = joins[0][2]
+            same = result.dim() >= axis + 1 and result.shape[axis] == source.shape[axis]
+            if same or result.dim() == 2:
+                self._joins[id(result)] = (weakref.ref(result), joins)
 
     def leave_module(self, module: nn.Module, args, output) -> None:
         """A module's forward returned (its forward hook, always called)."""
@@ -832,6 +887,7 @@ class EagerProbe:
         self._produced.clear()
         self._sources.clear()
         self._site_outputs.clear()
+        self._joins.clear()
         self._per_position.clear()
         self._aligned.clear()
         self._zeros.clear()

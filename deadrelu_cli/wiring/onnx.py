@@ -398,11 +398,10 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
         upstream = conv_through_squeeze(index, data[0]) if len(data) == 1 else None
         chain = index.reshaped_from(added[0]) if len(added) == 1 else []
         if upstream is not None and upstream.op_type == "MatMul" and len(chain) == 1:
-            if stored_array(index, upstream.input[1]) is not None and is_last_axis_vector(
-                stored_array(index, chain[0]).shape
-            ):
+            stored = _matmul_weight(index, upstream.input[1])
+            if stored is not None and is_last_axis_vector(stored_array(index, chain[0]).shape):
                 wire.owner = display_name(upstream)
-                wire.weight = TensorRef(upstream.input[1], 1)
+                wire.weight = TensorRef(stored[0], 1 - stored[1])  # rows of [in, out]; of W in W^T
                 wire.bias = chain[0]
         elif (
             upstream is not None
@@ -465,6 +464,23 @@ def _through_batchnorm(index: GraphIndex, wire: UnitWiring, bn: onnx.NodeProto) 
         inner.bias,
         inner.bias_reshaped,
     )
+
+
+def _matmul_weight(index: GraphIndex, name: str) -> tuple[str, bool] | None:
+    """The stored tensor behind a MatMul's weight operand, and whether the graph transposes it first
+    (torch's `x @ W.T` exported without constant folding: MatMul(x, Transpose(W)), W stored [out, in]);
+    None when it is neither a stored tensor nor one transposed once."""
+    if stored_array(index, name) is not None:
+        return name, False
+    node = index.producer.get(name)
+    if node is None or node.op_type != "Transpose" or uses(index, name) != 1:
+        return None
+    source = node.input[0]
+    stored = stored_array(index, source)
+    perm = attr(node, "perm")
+    if stored is None or stored.ndim != 2 or (perm is not None and list(perm) != [1, 0]):
+        return None
+    return source, True
 
 
 def _shift_through_constants(index: GraphIndex, input_name: str) -> str | None:
@@ -593,6 +609,14 @@ def _outgoing(
             continue
         wire.readers = (display_name(consumer),)
         weight = consumer.input[1] if len(consumer.input) > 1 else ""
+        transposed = _matmul_weight(index, weight) if op == "MatMul" else None
+        if transposed is not None and transposed[1]:  # MatMul(x, Transpose(W)): W's columns
+            if consumer.input[0] != name or uses(index, transposed[0]) != 1:
+                break
+            if axis is not None and axis != rank - 1:
+                break
+            wire.consumer_weight, wire.consumer = TensorRef(transposed[0], 1), display_name(consumer)
+            return ""
         if stored_array(index, weight) is None or consumer.input[0] != name or uses(index, weight) != 1:
             break
         if axis is not None:  # the consumer must take its input features from the units' axis

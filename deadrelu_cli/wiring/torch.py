@@ -117,13 +117,23 @@ def _single_consumer(probe: EagerProbe, site: str, model: nn.Module) -> tuple[st
         return None, f"skipped: consumer {name} is a {type(module).__name__}, not a Linear/Conv"
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
         return None, f"skipped: consumer {name} is a grouped convolution"
-    others = sorted(other for other, readers in probe.consumers.items() if other != site and name in readers)
+    others = sorted(
+        other
+        for other, readers in probe.consumers.items()
+        if other != site and name in readers and not _joined_apart(probe, site, other, name)
+    )
     if others:  # one module reading two sites: its input columns belong to both
         return (
             None,
             f"skipped: consumer {name} also reads {', '.join(others)}; changing its inputs would change that site's path too",
         )
     return name, ""
+
+
+def _joined_apart(probe: EagerProbe, site: str, other: str, consumer: str) -> bool:
+    """Whether `consumer` reads `site` and `other` in separate columns of one concatenation."""
+    mine, theirs = probe.joined.get((site, consumer)), probe.joined.get((other, consumer))
+    return mine is not None and theirs is not None and mine[0] != theirs[0] and mine[1:] == theirs[1:]
 
 
 def _producers(
@@ -178,7 +188,7 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
                 for key in BATCH_NORM_TENSORS
             ),
         )
-    return UnitWiring(
+    wiring = UnitWiring(
         producer=layer.producer,
         owner=incoming_name,
         weight=TensorRef(_dotted(incoming_name, "weight"), 0),
@@ -187,6 +197,24 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
         consumer=consumer_name,
         consumer_weight=TensorRef(_dotted(consumer_name, "weight"), 1) if consumer_name else None,
         readers=tuple(sorted(probe.consumers.get(layer.name, ()))),
+    )
+    joined = probe.joined.get((layer.name, consumer_name)) if consumer_name else None
+    if joined is not None:  # torch.cat([relu(e1(s)), relu(e3(s))], 1) read by one Conv
+        offset, width, axis, rank = joined
+        if axis != (1 if isinstance(incoming, nn.modules.conv._ConvNd) else rank - 1):
+            return f"skipped: its output is concatenated along another axis than its units' before {consumer_name}"
+        wiring.column_offset, wiring.column_units = offset, width
+    return wiring
+
+
+_NORMS = ("layer_norm", "native_layer_norm", "group_norm", "native_group_norm")
+
+
+def _norm_producer(op: str) -> str:
+    """Why a graph's layer made by a layer_norm/group_norm is skipped (the eager reader says the same)."""
+    return (
+        f"skipped: produced by {op}: no linear/conv's rows alone make a unit (the norm mixes them); "
+        "bias-shift (which moves its beta) or leaky can act on this layer"
     )
 
 
@@ -296,6 +324,8 @@ def exported_wiring(
             "skipped: a decomposed Linear (addmm / mm viewed back to a fixed width) cannot be narrowed; "
             "prune the program as exported (before run_decompositions), or use reinit / bias-shift"
         )
+    if isinstance(pre, fx.Node) and _base(pre) in _NORMS:
+        return _norm_producer(_base(pre))
     if parts is None or len(pre.users) != 1:
         return "skipped: not produced by one linear/conv (or batch_norm after one) in the graph"
     weight_name = _attr_target(parts[0])
@@ -313,11 +343,19 @@ def exported_wiring(
     if not need_consumer:
         return wiring
     current = node
+    flattened = False
     for _ in range(16):
         if len(current.users) != 1:
             return f"skipped: its output goes to {len(current.users)} nodes, not to exactly one linear/conv"
         (user,) = current.users
         if _base(user) in UNIT_PRESERVING and user.args[0] is current:
+            flattened = flattened or _base(user) in VIEWS or _base(user) == "flatten"
+            current = user
+            continue
+        if _base(user) in ("cat", "concat") and not flattened:
+            why = _through_cat(wiring, user, current, 1 if _base(pre) != "linear" else -1)
+            if why:
+                return why
             current = user
             continue
         value = current.meta.get("val")
@@ -342,6 +380,25 @@ def exported_wiring(
         wiring.readers = (wiring.consumer,)
         return wiring
     return "skipped: its output does not reach a linear/conv"
+
+
+def _through_cat(wiring: UnitWiring, cat: fx.Node, part: fx.Node, unit_axis: int) -> str:
+    """Place `part`'s units among the columns of `cat` (a SqueezeNet fire module joins its branches
+    along the channels): `wiring.column_offset` past the parts before it, `column_units` in all; or why
+    not (another axis, a part read twice, widths the graph does not record)."""
+    parts = cat.args[0] if cat.args else ()
+    values = [p.meta.get("val") if isinstance(p, fx.Node) else None for p in parts]
+    rank = values[0].dim() if values and isinstance(values[0], torch.Tensor) else None
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if rank is None or any(not isinstance(v, torch.Tensor) for v in values):
+        return f"skipped: its output goes to {cat.name}, whose input widths the graph does not record"
+    if int(dim) % rank != unit_axis % rank or list(parts).count(part) != 1:
+        return f"skipped: its output goes to {cat.name}, which joins along another axis than its units'"
+    sizes = [int(v.shape[int(dim)]) for v in values]
+    position = list(parts).index(part)
+    wiring.column_offset += sum(sizes[:position])
+    wiring.column_units = sum(sizes)
+    return ""
 
 
 # --- TorchScript graphs -------------------------------------------------------------------------------
@@ -423,6 +480,8 @@ def script_wiring(node, reads: dict[str, int], need_consumer: bool = True) -> Un
     bn = None
     if _script_base(pre) == "batch_norm" and _feeds_only(pre.output(), node):
         bn, pre = pre, pre.inputsAt(0).node()
+    if _script_base(pre) in _NORMS:
+        return _norm_producer(_script_base(pre))
     if not _script_plain(pre) or not _feeds_only(pre.output(), bn or node):
         return "skipped: not produced by one plain linear/conv (or batch_norm after one) in the graph"
     weight_name = _script_attr(pre.inputsAt(1))
@@ -454,6 +513,13 @@ def script_wiring(node, reads: dict[str, int], need_consumer: bool = True) -> Un
             current = user.output()
             continue
         consumer_weight = _script_attr(user.inputsAt(1)) if len(list(user.inputs())) > 1 else None
+        joins = _script_uses(user.output()) if user.kind() == "prim::ListConstruct" else []
+        if any(j.kind() == "aten::cat" for j in joins):
+            return (
+                "skipped: its output is joined by aten::cat before the next layer, and a TorchScript graph "
+                "records no widths to place its units among the columns; fix the state_dict with --arch, "
+                "the .pt2 or the ONNX export instead (they map a concatenation)"
+            )
         if _script_base(user) not in _SCRIPT_CONVS or not takes or not consumer_weight:
             return f"skipped: its output goes to {user.kind()} (e.g. a residual add), not to a linear/conv"
         if not _script_plain(user):

@@ -18,7 +18,7 @@ from torch import nn
 from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_cuts, shift_gains
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
-from deadrelu_cli.wiring.model import UnitWiring, input_columns
+from deadrelu_cli.wiring.model import UnitWiring
 from deadrelu_cli.wiring.torch import BATCH_NORM, eager_wiring, named_tensor, submodule, write_conflict
 
 
@@ -150,7 +150,7 @@ def reinit_units(
             weight, bias = named_tensor(model, wire.weight.name), named_tensor(model, wire.bias)
             consumer_weight = named_tensor(model, wire.consumer_weight.name)
             try:
-                per_unit = wire.per_unit(plan.all_units, consumer_weight.shape[1])
+                columns = wire.consumer_columns(plan.units, plan.all_units, consumer_weight.shape[1])
             except ValueError as exc:
                 outcome.action = f"skipped: {exc}"
                 continue
@@ -169,9 +169,7 @@ def reinit_units(
                     tensor = named_tensor(model, name)
                     if tensor is not None:
                         tensor[units] = value
-            columns = torch.tensor(
-                input_columns(plan.units, per_unit), dtype=torch.long, device=consumer_weight.device
-            )
+            columns = torch.tensor(columns, dtype=torch.long, device=consumer_weight.device)
             consumer_weight[:, columns] = 0.0
             _touch(touched, wire.weight.name, 0, plan.units)
             if bias is not None:
@@ -644,20 +642,16 @@ def prune_plan(
                 "skipped: every unit is dead; removing the whole layer changes the architecture too much"
             )
             continue
-        try:
-            per_unit = wiring.per_unit(
-                plan.all_units, named_tensor(model, wiring.consumer_weight.name).shape[1]
-            )
+        fan_in = named_tensor(model, wiring.consumer_weight.name).shape[1]
+        try:  # (past the other parts of a concatenation the consumer reads, when there is one)
+            removed = wiring.consumer_columns(plan.units, plan.all_units, fan_in)
         except ValueError as exc:
             outcome.action = f"skipped: {exc}"
             continue
         kept = [u for u in range(plan.all_units) if u not in set(plan.units)]
         for name in [incoming_name] + ([bn_name] if wiring.batchnorm is not None else []):
             keep_out[name] = keep_out.get(name, set(range(plan.all_units))) & set(kept)
-        fan_in = plan.all_units * per_unit
-        keep_in[consumer_name] = keep_in.get(consumer_name, set(range(fan_in))) & set(
-            input_columns(kept, per_unit)
-        )
+        keep_in[consumer_name] = keep_in.get(consumer_name, set(range(fan_in))) - set(removed)
         outcome.applied = True
         outcome.units_after = len(kept)
         outcome.action = f"{incoming_name}{' + ' + bn_name if wiring.batchnorm is not None else ''} narrowed to {len(kept)}; {consumer_name} inputs removed"
