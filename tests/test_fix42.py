@@ -29,11 +29,12 @@ def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
 
 def _fire(path) -> dict[str, np.ndarray]:
     """x[N,3,5,5] -> Conv sq(3->4) -> Relu rs -> Concat(Relu(Conv e1 1x1, 3 ch), Relu(Conv e3 3x3, 5 ch))
-    -> Conv head(8->2) -> GlobalAveragePool -> Flatten. Planted dead: e1 unit 1, e3 units 0 and 3."""
+    -> Conv head(8->2) -> GlobalAveragePool -> Flatten. Planted dead: sq unit 2 (read by e1 and e3),
+    e1 unit 1, e3 units 0 and 3."""
     rng = np.random.default_rng(0)
     w = {
         "sq.w": rng.standard_normal((4, 3, 1, 1)),
-        "sq.b": np.full(4, 0.1),
+        "sq.b": np.array([0.1, 0.1, -60.0, 0.1]),
         "e1.w": rng.standard_normal((3, 4, 1, 1)) * 0.5,
         "e1.b": np.array([2.0, -60.0, 2.0]),
         "e3.w": rng.standard_normal((5, 4, 3, 3)) * 0.2,
@@ -127,6 +128,7 @@ def test_onnx_reinit_and_prune_reach_units_behind_a_concat(cli, tmp_path):
     w = _fire(model)
     x, data = _data(tmp_path)
     before = _run(model, x)
+    assert (~_alive(before["relu_sq"])).tolist() == [False, False, True, False]
     assert (~_alive(before["relu_e1"])).tolist() == [False, True, False]
     assert (~_alive(before["relu_e3"])).tolist() == [True, False, False, True, False]
 
@@ -138,7 +140,10 @@ def test_onnx_reinit_and_prune_reach_units_behind_a_concat(cli, tmp_path):
     assert _alive(after["relu_e1"]).all() and _alive(after["relu_e3"]).all()
     np.testing.assert_array_equal(after["relu_e1"][:, [0, 2]], before["relu_e1"][:, [0, 2]])
     np.testing.assert_array_equal(after["relu_e3"][:, [1, 2, 4]], before["relu_e3"][:, [1, 2, 4]])
-    head = _weights(out)["head.w"]
+    assert _alive(after["relu_sq"]).all()
+    written = _weights(out)  # the squeeze's dead unit: column 2 of both expand convs zeroed (live rows)
+    assert not written["e1.w"][[0, 2], 2].any() and not written["e3.w"][[1, 2, 4], 2].any()
+    head = written["head.w"]
     # the concat's columns: e1's 3 units first, then e3's 5: e1#1 -> 1, e3#0 -> 3, e3#3 -> 6
     assert not head[:, [1, 3, 6]].any()
     np.testing.assert_array_equal(
@@ -150,12 +155,13 @@ def test_onnx_reinit_and_prune_reach_units_behind_a_concat(cli, tmp_path):
     assert r.code == 0, r.out + r.err
     pruned, written = _run(out, x), _weights(out)
     np.testing.assert_allclose(pruned["y"], before["y"], rtol=1e-5, atol=1e-6)
-    assert written["e1.w"].shape[0] == 2 and written["e3.w"].shape[0] == 3
+    assert written["e1.w"].shape[:2] == (2, 3) and written["e3.w"].shape[:2] == (3, 3)
+    assert written["sq.w"].shape[0] == 3
     np.testing.assert_array_equal(
         written["head.w"], np.delete(w["head.w"], [1, 3, 6], axis=1).astype(np.float32)
     )
     np.testing.assert_array_equal(written["e3.b"], np.float32([2, 2, 2]))
-    np.testing.assert_array_equal(pruned["relu_e3"], before["relu_e3"][:, [1, 2, 4]])
+    np.testing.assert_allclose(pruned["relu_e3"], before["relu_e3"][:, [1, 2, 4]], rtol=1e-5, atol=1e-6)
 
 
 def test_onnx_reinit_prune_and_kick_reach_a_conv_behind_a_batchnorm(cli, tmp_path):
@@ -348,7 +354,7 @@ def build():
     torch.manual_seed(0)
     net = Fire()
     with torch.no_grad():
-        net.sq.bias.fill_(1.0)
+        net.sq.bias[:] = torch.tensor([1.0, 1.0, -60.0, 1.0])  # unit 2 dead, read by e1 and e3
         net.e1.bias[:] = torch.tensor([2.0, -60.0, 2.0])
         net.e3.bias[:] = torch.tensor([-60.0, 2.0, 2.0, -60.0, 2.0])
     return net
@@ -384,6 +390,7 @@ def test_torch_reinit_and_prune_reach_units_behind_torch_cat(cli, tmp_path):
     written = torch.load(out, weights_only=True)
     head = written["head.weight"]
     assert not head[:, [1, 3, 6]].any()
+    assert not written["e1.weight"][[0, 2], 2].any() and not written["e3.weight"][[1, 2, 4], 2].any()
     keep = [0, 2, 4, 5, 7]
     assert torch.equal(head[:, keep], net.head.weight.detach()[:, keep])
     a, c = _fire_branches(written, x)
@@ -400,7 +407,7 @@ def test_torch_reinit_and_prune_reach_units_behind_torch_cat(cli, tmp_path):
     assert r.code == 0, r.out + r.err
     pruned = torch.export.load(out)
     state = pruned.state_dict
-    assert state["e1.weight"].shape[0] == 2 and state["e3.weight"].shape[0] == 3
+    assert state["e1.weight"].shape[:2] == (2, 3) and state["e3.weight"].shape[:2] == (3, 3)
     assert torch.equal(state["head.weight"], net.head.weight.detach()[:, keep])
     torch.testing.assert_close(pruned.module()(x), expected, rtol=1e-5, atol=1e-6)
 

@@ -466,6 +466,31 @@ def _through_batchnorm(index: GraphIndex, wire: UnitWiring, bn: onnx.NodeProto) 
     )
 
 
+def _direct_reader(
+    index: GraphIndex, node: onnx.NodeProto, name: str, axis: int | None, rank: int | None
+) -> tuple[str, TensorRef] | None:
+    """(display name, weight) of a plain Conv (group 1) / Gemm / MatMul that reads `name` as its data
+    input, by a stored weight of its own, taking its features from the units' axis; else None."""
+    weight = node.input[1] if len(node.input) > 1 else ""
+    if node.input[0] != name or weight == name:
+        return None
+    if node.op_type == "Conv" and attr(node, "group", 1) == 1 and axis in (None, 1):
+        ref = TensorRef(weight, 1)
+    elif node.op_type == "Gemm" and not attr(node, "transA", 0) and (rank is None or rank == 2):
+        ref = TensorRef(weight, 1 if attr(node, "transB", 0) else 0)
+    elif node.op_type == "MatMul" and (axis is None or axis == rank - 1):
+        stored = _matmul_weight(index, weight)
+        if stored is None:
+            return None
+        ref = TensorRef(stored[0], 1 if stored[1] else 0)
+        weight = stored[0]
+    else:
+        return None
+    if stored_array(index, weight) is None or uses(index, weight) != 1:
+        return None
+    return display_name(node), ref
+
+
 def _matmul_weight(index: GraphIndex, name: str) -> tuple[str, bool] | None:
     """The stored tensor behind a MatMul's weight operand, and whether the graph transposes it first
     (torch's `x @ W.T` exported without constant folding: MatMul(x, Transpose(W)), W stored [out, in]);
@@ -553,6 +578,13 @@ def _outgoing(
     consumer, flattened = None, False
     for _ in range(8):
         consumers = index.consumers.get(name, [])
+        if len(consumers) > 1 and name not in graph_outputs and not wire.column_units:
+            wire.readers = tuple(display_name(c) for c in consumers)
+            readers = [_direct_reader(index, c, name, axis, rank) for c in consumers]
+            if all(readers):  # each reads the units by its own weight's columns
+                (wire.consumer, wire.consumer_weight), *rest = readers
+                wire.also_read_by = tuple(rest)
+                return ""
         if len(consumers) != 1 or name in graph_outputs:
             wire.readers = tuple(display_name(c) for c in consumers)
             return f"skipped: its output goes to {len(consumers)} nodes, not to exactly one Conv/Gemm/MatMul"

@@ -101,8 +101,29 @@ def _dotted(owner: str, tensor: str) -> str:
 # --- eager nn.Modules -------------------------------------------------------------------------------
 
 
-def _single_consumer(probe: EagerProbe, site: str, model: nn.Module) -> tuple[str | None, str]:
-    consumers = probe.consumers.get(site, set())
+def _consumers(probe: EagerProbe, site: str, model: nn.Module) -> tuple[list[str] | None, str]:
+    """The Linear/Conv modules reading the site (one, or several that each read it whole: a SqueezeNet
+    squeeze ReLU read by both expand Convs), or why not."""
+    consumers = sorted(probe.consumers.get(site, set()))
+    if len(consumers) > 1 and not any(name.startswith("<") for name in consumers):
+        checked = [_single_consumer(probe, site, model, name) for name in consumers]
+        whys = [why for _, why in checked if why]
+        if not whys and not any((site, name) in probe.joined for name in consumers):
+            return consumers, ""
+        return (
+            None,
+            whys[0]
+            if whys
+            else f"skipped: its output goes to {', '.join(consumers)}, one of them through a concatenation",
+        )
+    name, why = _single_consumer(probe, site, model)
+    return ([name] if name is not None else None), why
+
+
+def _single_consumer(
+    probe: EagerProbe, site: str, model: nn.Module, name: str | None = None
+) -> tuple[str | None, str]:
+    consumers = probe.consumers.get(site, set()) if name is None else {name}
     if len(consumers) != 1:
         uses = ", ".join(sorted(consumers)) or "nothing"
         return None, f"skipped: its output goes to {uses}, not to exactly one Linear/Conv"
@@ -160,11 +181,12 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
             "(e.g. a LayerNorm or a residual add sits between them, or the layer is another type, such as "
             "transformers' Conv1D)"
         )
-    consumer_name = ""
+    consumer_name, more = "", []
     if need_consumer:
-        consumer_name, why = _single_consumer(probe, layer.name, model)
-        if consumer_name is None:
+        names, why = _consumers(probe, layer.name, model)
+        if names is None:
             return why
+        consumer_name, *more = names
     incoming, bn, incoming_name = _producers(model, probe, layer.producer)
     norm = model.get_submodule(layer.producer)
     if isinstance(incoming, nn.modules.conv._ConvNd) and incoming.groups != 1:
@@ -197,6 +219,7 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
         consumer=consumer_name,
         consumer_weight=TensorRef(_dotted(consumer_name, "weight"), 1) if consumer_name else None,
         readers=tuple(sorted(probe.consumers.get(layer.name, ()))),
+        also_read_by=tuple((name, TensorRef(_dotted(name, "weight"), 1)) for name in more),
     )
     joined = probe.joined.get((layer.name, consumer_name)) if consumer_name else None
     if joined is not None:  # torch.cat([relu(e1(s)), relu(e3(s))], 1) read by one Conv
@@ -345,6 +368,14 @@ def exported_wiring(
     current = node
     flattened = False
     for _ in range(16):
+        if len(current.users) > 1 and not wiring.column_units:
+            readers = [_direct_consumer(user, current, to_write) for user in current.users]
+            if all(isinstance(r, str) and not r.startswith("skipped") for r in readers):
+                wiring.consumer = readers[0].rsplit(".", 1)[0]
+                wiring.consumer_weight = TensorRef(readers[0], 1)
+                wiring.also_read_by = tuple((r.rsplit(".", 1)[0], TensorRef(r, 1)) for r in readers[1:])
+                wiring.readers = tuple(r.rsplit(".", 1)[0] for r in readers)
+                return wiring
         if len(current.users) != 1:
             return f"skipped: its output goes to {len(current.users)} nodes, not to exactly one linear/conv"
         (user,) = current.users
@@ -380,6 +411,18 @@ def exported_wiring(
         wiring.readers = (wiring.consumer,)
         return wiring
     return "skipped: its output does not reach a linear/conv"
+
+
+def _direct_consumer(user: fx.Node, current: fx.Node, to_write: bool) -> str | None:
+    """The weight name of a plain linear/conv reading `current` as its rows, "skipped: …" when it is
+    one that cannot be rewritten, None when it is no linear/conv."""
+    parts = _weight_and_bias(user, rows=current)
+    weight = _attr_target(parts[0]) if parts is not None else None
+    if weight is None:
+        return None
+    if _groups(user) != 1:
+        return f"skipped: consumer {weight} is a grouped convolution"
+    return (_tied(parts[:1]) or weight) if to_write else weight
 
 
 def _through_cat(wiring: UnitWiring, cat: fx.Node, part: fx.Node, unit_axis: int) -> str:

@@ -192,26 +192,33 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
         if wire.weight is None or wire.consumer_weight is None:
             outcome.action = wire.why
             continue
-        w_in, w_out = _get(model, wire.weight.name), _get(model, wire.consumer_weight.name)
+        w_in = _get(model, wire.weight.name)
         bn = wire.batchnorm
         bn_tensors = (
             [name for name in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if name] if bn else []
         )
         try:  # (read on the original: an earlier layer's prune may have narrowed a shared Concat consumer)
-            fan_in = _get(original, wire.consumer_weight.name).shape[wire.consumer_weight.axis]
-            columns = wire.consumer_columns(plan.units, plan.all_units, fan_in)
+            columns = {
+                ref: wire.consumer_columns(
+                    plan.units, plan.all_units, _get(original, ref.name).shape[ref.axis]
+                )
+                for _, ref in wire.consumers()
+            }
         except ValueError as exc:
             outcome.action = f"skipped: {exc}"
             continue
+        readers = ", ".join(ref.name for ref in columns)
         if options.strategy == "reinit":
             fan_in = int(np.prod(w_in.shape)) // w_in.shape[wire.weight.axis]
             bound = 1.0 / np.sqrt(fan_in)
             fresh = rng.uniform(-bound, bound, size=w_in.shape).astype(w_in.dtype)
             taken = np.take(fresh, plan.units, axis=wire.weight.axis)
             _assign(w_in, wire.weight.axis, plan.units, taken)
-            _assign(w_out, wire.consumer_weight.axis, columns, 0.0)
             _set(model, wire.weight.name, w_in)
-            _set(model, wire.consumer_weight.name, w_out)
+            for ref, zeroed in columns.items():
+                w_out = _get(model, ref.name)
+                _assign(w_out, ref.axis, zeroed, 0.0)
+                _set(model, ref.name, w_out)
             if wire.bias:
                 bias = _get(model, wire.bias)
                 bias.reshape(-1)[plan.units] = 0.0
@@ -230,7 +237,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             reset = f", {bn.owner} reset" if bn else ""
             outcome.applied, outcome.action = (
                 True,
-                f"{wire.weight.name} re-initialised{reset}; {wire.consumer_weight.name} inputs zeroed",
+                f"{wire.weight.name} re-initialised{reset}; {readers} inputs zeroed",
             )
             drawn[plan.name] = wire.weight
         elif options.strategy == "prune":
@@ -253,8 +260,8 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             kept = [u for u in range(plan.all_units) if u not in set(plan.units)]
             _set(model, wire.weight.name, np.take(w_in, kept, axis=wire.weight.axis))
             # the consumer is narrowed once every layer is planned: the layers a Concat joins share it
-            ref = wire.consumer_weight
-            dropped.setdefault((ref.name, ref.axis), set()).update(columns)
+            for ref, removed in columns.items():
+                dropped.setdefault((ref.name, ref.axis), set()).update(removed)
             if wire.bias:
                 _set(model, wire.bias, np.take(_get(model, wire.bias), kept, axis=bias_axis))  # shape kept
             for name in bn_tensors:
@@ -262,7 +269,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             narrowed = f" (and {bn.owner})" if bn else ""
             outcome.applied, outcome.action = (
                 True,
-                f"{wire.weight.name}{narrowed} narrowed to {len(kept)}; {wire.consumer_weight.name} inputs removed",
+                f"{wire.weight.name}{narrowed} narrowed to {len(kept)}; {readers} inputs removed",
             )
             outcome.units_after = len(kept)
             result.new_widths[plan.name] = len(kept)

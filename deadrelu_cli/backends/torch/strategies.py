@@ -142,15 +142,18 @@ def reinit_units(
                 continue
             bn = wire.batchnorm
             bn_names = [bn.weight, bn.bias, bn.running_mean, bn.running_var] if bn is not None else []
-            names = [wire.weight.name, wire.bias, *bn_names, wire.consumer_weight.name]
+            names = [wire.weight.name, wire.bias, *bn_names, *(ref.name for _, ref in wire.consumers())]
             conflict = write_conflict(model, names, report, _layer(report, plan.name))
             if conflict:
                 outcome.action = conflict
                 continue
             weight, bias = named_tensor(model, wire.weight.name), named_tensor(model, wire.bias)
-            consumer_weight = named_tensor(model, wire.consumer_weight.name)
+            readers = {ref.name: named_tensor(model, ref.name) for _, ref in wire.consumers()}
             try:
-                columns = wire.consumer_columns(plan.units, plan.all_units, consumer_weight.shape[1])
+                columns = {
+                    name: wire.consumer_columns(plan.units, plan.all_units, tensor.shape[1])
+                    for name, tensor in readers.items()
+                }
             except ValueError as exc:
                 outcome.action = f"skipped: {exc}"
                 continue
@@ -169,20 +172,21 @@ def reinit_units(
                     tensor = named_tensor(model, name)
                     if tensor is not None:
                         tensor[units] = value
-            columns = torch.tensor(columns, dtype=torch.long, device=consumer_weight.device)
-            consumer_weight[:, columns] = 0.0
+            for name, tensor in readers.items():
+                tensor[:, torch.tensor(columns[name], dtype=torch.long, device=tensor.device)] = 0.0
             _touch(touched, wire.weight.name, 0, plan.units)
             if bias is not None:
                 _touch(touched, wire.bias, 0, plan.units)
             if bn is not None:
                 _touch(touched, bn.weight, 0, plan.units)
                 _touch(touched, bn.bias, 0, plan.units)
-            _touch(touched, wire.consumer_weight.name, 1, columns.tolist())
+            for name in readers:
+                _touch(touched, name, 1, columns[name])
             if drawn is not None:
                 drawn[plan.name] = wire.weight.name
             outcome.applied = True
             what = f"{wire.owner} rows re-initialised" + (f", {bn.owner} reset" if bn is not None else "")
-            outcome.action = f"{what}; {wire.consumer} inputs zeroed"
+            outcome.action = f"{what}; {', '.join(name for name, _ in wire.consumers())} inputs zeroed"
     return outcomes
 
 
@@ -642,16 +646,21 @@ def prune_plan(
                 "skipped: every unit is dead; removing the whole layer changes the architecture too much"
             )
             continue
-        fan_in = named_tensor(model, wiring.consumer_weight.name).shape[1]
+        fan_ins = {name: named_tensor(model, ref.name).shape[1] for name, ref in wiring.consumers()}
         try:  # (past the other parts of a concatenation the consumer reads, when there is one)
-            removed = wiring.consumer_columns(plan.units, plan.all_units, fan_in)
+            removed = {
+                name: wiring.consumer_columns(plan.units, plan.all_units, fan_in)
+                for name, fan_in in fan_ins.items()
+            }
         except ValueError as exc:
             outcome.action = f"skipped: {exc}"
             continue
         kept = [u for u in range(plan.all_units) if u not in set(plan.units)]
         for name in [incoming_name] + ([bn_name] if wiring.batchnorm is not None else []):
             keep_out[name] = keep_out.get(name, set(range(plan.all_units))) & set(kept)
-        keep_in[consumer_name] = keep_in.get(consumer_name, set(range(fan_in))) - set(removed)
+        for name, fan_in in fan_ins.items():
+            keep_in[name] = keep_in.get(name, set(range(fan_in))) - set(removed[name])
+        consumer_name = ", ".join(fan_ins)
         outcome.applied = True
         outcome.units_after = len(kept)
         outcome.action = f"{incoming_name}{' + ' + bn_name if wiring.batchnorm is not None else ''} narrowed to {len(kept)}; {consumer_name} inputs removed"
