@@ -459,3 +459,41 @@ def test_onnx_fix_reaches_a_matmul_with_a_transposed_weight(cli, tmp_path):
         else:
             np.testing.assert_array_equal(written["up.w"], w["up.w"][[0, 2, 3, 5]].astype(np.float32))
             np.testing.assert_array_equal(written["down.w"], w["down.w"][:, [0, 2, 3, 5]].astype(np.float32))
+
+
+class _ConvBnMean(torch.nn.Module):
+    """conv (bias=False) -> BN -> relu -> mean over (2, 3) -> linear, scripted: the conv reads its
+    `self.bias` (None), and the pool is a reduction in the TorchScript graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(6)
+        self.fc = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_torchscript_reinit_of_a_conv_without_bias_pooled_by_a_mean(cli, tmp_path):
+    """Before: "conv.bias is computed by a parametrization" (it is None) and "goes to aten::mean"."""
+    torch.manual_seed(0)
+    net = _ConvBnMean().eval()
+    with torch.no_grad():
+        net.bn.bias[:] = torch.tensor([1.0, -50.0, 1.0, 1.0, -50.0, 1.0])
+    torch.jit.save(torch.jit.script(net), str(tmp_path / "m.ts"))
+    x = torch.from_numpy(np.random.default_rng(7).standard_normal((12, 3, 5, 5)).astype(np.float32))
+    data = save_npz(tmp_path / "x.npz", x=x.numpy())
+    out = tmp_path / "re.ts"
+    r = cli("fix", tmp_path / "m.ts", "--data", data, "--strategy", "reinit", "--output", out)
+    assert r.code == 0, r.out + r.err
+    fixed = torch.jit.load(str(out))
+    F = torch.nn.functional
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(x), net(x), rtol=0, atol=0)
+        bn = fixed.bn
+        pre = F.batch_norm(
+            F.conv2d(x, fixed.conv.weight, padding=1), bn.running_mean, bn.running_var, bn.weight, bn.bias
+        )
+    assert bool((pre > 0).any(0).any(-1).any(-1).all())
+    assert not fixed.fc.weight[:, [1, 4]].any()

@@ -475,6 +475,19 @@ def _activation_readers(node) -> list:
     return readers
 
 
+def _script_constants(value) -> list | None:
+    """The int list a TorchScript value holds when it is a constant (or a list of constants), else None."""
+    constant = value.toIValue() if value.node().kind() == "prim::Constant" else None
+    if constant is not None:
+        return list(constant) if isinstance(constant, list | tuple) else [constant]
+    if value.node().kind() != "prim::ListConstruct":
+        return None
+    items = [
+        item.toIValue() if item.node().kind() == "prim::Constant" else None for item in value.node().inputs()
+    ]
+    return None if any(not isinstance(item, int) for item in items) else items
+
+
 def _script_base(node) -> str:
     kind = node.kind()
     return kind[len("aten::") :].rstrip("_") if kind.startswith("aten::") else ""
@@ -545,6 +558,7 @@ def script_wiring(node, reads: dict[str, int], need_consumer: bool = True) -> Un
     if not need_consumer:
         return wiring
     current = node.output()
+    rank = {"conv1d": 3, "conv2d": 4, "conv3d": 5}.get(_script_base(pre))
     for step in range(16):
         uses = _activation_readers(node) if step == 0 else _script_uses(current)
         if len(uses) != 1:
@@ -555,6 +569,15 @@ def script_wiring(node, reads: dict[str, int], need_consumer: bool = True) -> Un
         if _script_base(user) in UNIT_PRESERVING and takes:
             current = user.output()
             continue
+        if _script_base(user) in ("mean", "amax") and takes and rank is not None:
+            # a global pool written `h.mean((2, 3))` (as the .pt2 and eager readers take it); the rank
+            # is the producing conv's (a TorchScript graph records no shapes)
+            dims = _script_constants(user.inputsAt(1))
+            if dims is not None and pools_over_space(rank, dims):
+                keep = user.inputsAt(2).toIValue() if len(list(user.inputs())) > 2 else False
+                rank = rank if keep else rank - len(dims)
+                current = user.output()
+                continue
         consumer_weight = _script_attr(user.inputsAt(1)) if len(list(user.inputs())) > 1 else None
         joins = _script_uses(user.output()) if user.kind() == "prim::ListConstruct" else []
         if any(j.kind() == "aten::cat" for j in joins):

@@ -636,6 +636,17 @@ def _script_sites(scanned, graph) -> tuple[list, list]:
     return nodes, sites
 
 
+def _script_none(module: torch.jit.ScriptModule, name: str) -> bool:
+    """Whether the attribute `name` of a TorchScript module holds None (a layer built with bias=False)."""
+    from deadrelu_cli.probe.base import submodule
+
+    owner, _, leaf = name.rpartition(".")
+    try:
+        return getattr(submodule(module, owner) if owner else module, leaf, False) is None
+    except AttributeError:
+        return False
+
+
 def _script_runners(scanned, module: torch.jit.ScriptModule, temp: Path):
     """Write the patched TorchScript module to `temp`; the (original, patched) runners."""
     from deadrelu_cli.backends.runners import runner_for
@@ -681,6 +692,9 @@ def _reweight_torchscript(
             if site.name in wanted
         }
         wirings.update({name: "skipped: not found in the module's graph" for name in wanted - wirings.keys()})
+        for wiring in wirings.values():  # a scripted Conv/Linear with bias=False reads `self.bias` (None)
+            if not isinstance(wiring, str) and wiring.bias and _script_none(module, wiring.bias):
+                wiring.bias = None
         if options.strategy == "prune":
             outcomes, keep_out, keep_in = eager.prune_plan(module, wirings, report, plans)
             narrow(module, keep_out, keep_in)
