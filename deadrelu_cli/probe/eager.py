@@ -10,6 +10,7 @@ Hooks are always removed and the train/eval mode restored, whatever happens.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import weakref
 from collections import Counter
@@ -221,6 +222,23 @@ _AXIS_MOVES = frozenset(
     (torch.Tensor.transpose, torch.transpose, torch.Tensor.swapaxes, torch.swapaxes, torch.Tensor.swapdims)
     + (torch.swapdims, torch.Tensor.permute, torch.permute, torch.Tensor.movedim, torch.movedim)
     + (torch.Tensor.moveaxis, torch.moveaxis, torch.Tensor.t, torch.t, torch.Tensor.mT.__get__)
+    + (torch.Tensor.T.__get__,)
+)
+
+
+# ops whose output keeps its input's first two axes where it keeps their sizes (elementwise ops and the
+# pass-through ones, a Linear / embedding / norm / softmax over the last axis, a row-major reshape that
+# keeps the first two sizes, a matmul whose left operand is the trail); any other op ends the trail at a
+# square batch, since an einsum, a `.T`, a rot90 swaps [B, T] for [T, B] with the same sizes
+_KEEPS_LEAD_AXES = frozenset(
+    (F.linear, F.embedding, F.layer_norm, F.group_norm, F.gelu, F.silu, F.elu, F.leaky_relu, F.softmax)
+    + (F.log_softmax, F.normalize, torch.tanh, torch.sigmoid, torch.Tensor.tanh, torch.Tensor.sigmoid)
+    + (torch.softmax, torch.Tensor.softmax, torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as)
+    + (torch.Tensor.detach, torch.Tensor.masked_fill, torch.where, torch.Tensor.view, torch.Tensor.reshape)
+    + (torch.reshape, torch.Tensor.flatten, torch.flatten, torch.Tensor.unflatten, torch.unflatten)
+)
+_LEFT_OPERAND_LEAD = frozenset(
+    (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
 )
 
 
@@ -332,6 +350,9 @@ _LAST_AXIS_MAKERS = frozenset(
         F.embedding,
     }
 )
+# concatenations: a site output joined with others along its units (a SqueezeNet fire module) still
+# reaches the layer that reads the joined tensor, in its own columns (EagerProbe.note_join)
+_JOINS = frozenset({torch.cat, torch.concat, torch.concatenate})
 _NOTED = frozenset(_ZERO_MAKERS) | _VALUE_COPIES | frozenset(_COMPARES) | _LAST_AXIS_MAKERS
 _SPELLED_SPEC = _FunctionSpec("relu", None, clamp="spelled")
 _SPELLED_IN_PLACE_SPEC = _FunctionSpec("relu", None, True, clamp="spelled")
@@ -473,6 +494,13 @@ class _CallSiteMode(TorchFunctionMode):
                 ):
                     self.probe.carry_site_output(args[0], out)
                     return out
+            if (
+                func in _JOINS
+                and self.probe._site_outputs
+                and args
+                and self.probe.note_join(args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0), out)
+            ):
+                return out
             # reading a tensor's metadata (T5's `hidden_states.dtype`) is no use of its values
             if self.probe._site_outputs and getattr(func, "__name__", "") != "__get__":
                 self.probe.note_other_use(func, args)
@@ -544,6 +572,13 @@ _LAYER_FUNCTIONS = frozenset(
 )
 
 
+def per_position_operand(value, out: torch.Tensor, marked: Callable[[torch.Tensor], bool]) -> bool:
+    """Whether `value`, an operand of the elementwise op that made `out`, is one value per position
+    (`marked`) that `out` keeps as it is: an operand broadcast to more values (`h - h.mean(-1,
+    keepdim=True)`: back over h's units) leaves a result with units, a layer's."""
+    return isinstance(value, torch.Tensor) and value.shape == out.shape and marked(value)
+
+
 class _ActivationCounter(TorchFunctionMode):
     """Counts the activation calls of code the probe runs but cannot attribute (a torch.cond branch).
     A clamp counts as the call site probes count it (probe.ops.clamp_is_layer): one of a layer's output
@@ -581,13 +616,12 @@ class _ActivationCounter(TorchFunctionMode):
                 self._layer_outputs[id(out)] = weakref.ref(out)
             elif func in self.pass_through or func in PER_POSITION_ELEMENTWISE:
                 through = func in self.pass_through  # a layer's output stays one through these only
-                for table in (self._layer_outputs, self._per_position) if through else (self._per_position,):
-                    if any(
-                        self._marked(table, a)
-                        for a in (*args, *kwargs.values())
-                        if isinstance(a, torch.Tensor)
-                    ):
-                        table[id(out)] = weakref.ref(out)
+                operands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+                if through and any(self._marked(self._layer_outputs, a) for a in operands):
+                    self._layer_outputs[id(out)] = weakref.ref(out)
+                marked = functools.partial(self._marked, self._per_position)
+                if any(per_position_operand(a, out, marked) for a in operands):
+                    self._per_position[id(out)] = weakref.ref(out)
             elif reduces_unit_axis(func, args, kwargs, None):
                 self._per_position[id(out)] = weakref.ref(out)
         return out
@@ -621,6 +655,11 @@ class EagerProbe:
         # followed only in a forward whose mask has as many samples as tokens (see note_inputs)
         self._aligned: dict[int, tuple[weakref.ref, bool]] = {}
         self.consumers: dict[str, set[str]] = {}  # site -> Linear/Conv modules that read its output
+        # id(tensor) -> (weakref, [(site, offset, axis, width)]): concatenations holding site outputs;
+        # (site, consumer) -> (offset, width of the joined axis, axis, rank): where a consumer reads a site
+        # through one, for the fixes' columns (wiring.torch.eager_wiring)
+        self._joins: dict[int, tuple[weakref.ref, list[tuple[str, int, int, int]]]] = {}
+        self.joined: dict[tuple[str, str], tuple[int, int, int, int]] = {}
         self.upstream: dict[str, str] = {}  # producer -> the producer feeding it (BN -> its Conv)
         self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement
         self.recording = True  # False: only names sites for `substitutes` (a patched model, exportable)
@@ -653,6 +692,9 @@ class EagerProbe:
             site = self.site_of(args[0])
             if site is not None:
                 self.consumers.setdefault(site, set()).add(name)
+            for site, offset, axis, width in self.joins_of(args[0]):
+                self.consumers.setdefault(site, set()).add(name)
+                self.joined[(site, name)] = (offset, width, axis, args[0].dim())
 
     def note_other_use(self, func, args: tuple) -> None:
         """An activation output read by anything but a Linear/Conv or a unit-preserving op (residual add, …)."""
@@ -661,8 +703,38 @@ class EagerProbe:
         for arg in args:
             if isinstance(arg, torch.Tensor):
                 site = self.site_of(arg)
-                if site is not None:
+                sites = ([site] if site is not None else []) + [entry[0] for entry in self.joins_of(arg)]
+                for site in sites:
                     self.consumers.setdefault(site, set()).add(f"<{getattr(func, '__name__', 'op')}>")
+            elif isinstance(arg, list | tuple):  # torch.stack([h, …]), a cat along another axis
+                for item in arg:
+                    site = self.site_of(item) if isinstance(item, torch.Tensor) else None
+                    if site is not None:
+                        self.consumers.setdefault(site, set()).add(f"<{getattr(func, '__name__', 'op')}>")
+
+    def note_join(self, parts, dim, out) -> bool:
+        """A concatenation of tensors, some of them site outputs (or unit-preserving views of them),
+        along `dim`: remember where each site's units sit in `out`, so the layer reading `out` is their
+        consumer. False (nothing noted) when no part is a site output, or the parts are not tensors."""
+        if not isinstance(out, torch.Tensor) or not isinstance(parts, list | tuple) or out.dim() < 2:
+            return False
+        if not all(isinstance(p, torch.Tensor) and p.dim() == out.dim() for p in parts):
+            return False
+        axis = int(dim) % out.dim()
+        entries, offset = [], 0
+        for part in parts:
+            site = self.site_of(part)
+            if site is not None:
+                entries.append((site, offset, axis))
+            offset += int(part.shape[axis])
+        if not entries:
+            return False
+        self._joins[id(out)] = (weakref.ref(out), [(*entry, offset) for entry in entries])
+        return True
+
+    def joins_of(self, tensor: torch.Tensor) -> list[tuple[str, int, int, int]]:
+        entry = self._joins.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else []
 
     def site_of(self, tensor: torch.Tensor) -> str | None:
         entry = self._site_outputs.get(id(tensor))
@@ -675,6 +747,13 @@ class EagerProbe:
         site = self.site_of(source)
         if site is not None:
             self.mark_site_output(result, site)
+        joins = self.joins_of(source)
+        if joins and isinstance(result, torch.Tensor):
+            # (a view that moves the joined axis would move the units: only pools and flattens after it)
+            axis = joins[0][2]
+            same = result.dim() >= axis + 1 and result.shape[axis] == source.shape[axis]
+            if same or result.dim() == 2:
+                self._joins[id(result)] = (weakref.ref(result), joins)
 
     def leave_module(self, module: nn.Module, args, output) -> None:
         """A module's forward returned (its forward hook, always called)."""
@@ -871,6 +950,7 @@ class EagerProbe:
         self._produced.clear()
         self._sources.clear()
         self._site_outputs.clear()
+        self._joins.clear()
         self._per_position.clear()
         self._aligned.clear()
         self._zeros.clear()
@@ -970,12 +1050,13 @@ class EagerProbe:
 
     def note_per_position(self, func, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         """Remember `out` as one value per position (no units) when `func` reduced its input over the unit
-        axis (probe.base.reduces_unit_axis), or is an elementwise op of such a value (`h.sum(-1) - m`)."""
+        axis (probe.base.reduces_unit_axis), or is an elementwise op of such a value (`h.sum(-1) - m`) that
+        it does not widen: `h - h.mean(-1, keepdim=True)` broadcasts back to h's units (a centred layer)."""
         if func in self.pass_through or func in PER_POSITION_ELEMENTWISE:
             if not self._per_position:
                 return
             operands = (*args, *kwargs.values())
-            if any(isinstance(a, torch.Tensor) and self.per_position(a) for a in operands):
+            if any(per_position_operand(a, out, self.per_position) for a in operands):
                 self._per_position[id(out)] = weakref.ref(out)
             return
         if func in REDUCTIONS:
@@ -985,15 +1066,20 @@ class EagerProbe:
 
     def note_inputs(self, args: tuple, kwargs: dict) -> None:
         """At the start of a forward whose position mask has as many samples as tokens (where a site's
-        [T, B, ...] and [B, T, ...] have one shape): its [batch, tokens] inputs of the mask's shape (token
-        ids, as the mask marks them) are laid out as the mask; what descends from them is followed
+        [T, B, ...] and [B, T, ...] have one shape): its inputs of the mask's shape whose values say how they
+        are laid out (PositionMask.reading: the mask itself, token ids padded with one id, batch-first or
+        time-major) are marked so; what descends from them is followed
         (`carry_alignment`) to tell a site's layout by what the model did, not by its shape."""
         mask = self.registry.position_mask
-        if mask is None or mask.batch != mask.tokens or mask.batch < 2:
+        if mask is None or mask.batch != mask.tokens or mask.batch < 2 or mask.symmetric:
             return
         for value in torch.utils._pytree.tree_leaves((args, kwargs)):
             if isinstance(value, torch.Tensor) and tuple(value.shape) == (mask.batch, mask.tokens):
-                self._aligned[id(value)] = (weakref.ref(value), False)
+                # its layout by its values (the mask itself, or ids padded with one id), never by its shape:
+                # time-major ids [T, B] (fairseq-style) have the mask's shape too
+                time_major = mask.reading(value)
+                if time_major is not None:
+                    self._aligned[id(value)] = (weakref.ref(value), time_major)
 
     def alignment_of(self, tensor: torch.Tensor) -> bool | None:
         """Whether the tensor is [T, B, ...] (True) or [B, T, ...] (False) by descent (note_inputs), or None."""
@@ -1021,6 +1107,16 @@ class EagerProbe:
                 return
         elif tuple(out.shape[:2]) != tuple(source.shape[:2]) or source.dim() < 2:
             return
+        elif func in _LEFT_OPERAND_LEAD:
+            if not (args and args[0] is source and source.dim() >= 3):
+                return
+        elif not (
+            func in _KEEPS_LEAD_AXES
+            or func in self.pass_through
+            or func in PER_POSITION_ELEMENTWISE
+            or func in self.functions  # the activations (a site's own call)
+        ):
+            return  # an op that may move the first two axes with their sizes (einsum, `.T`): no trail
         self._aligned[id(out)] = (weakref.ref(out), mark)
 
     def per_position(self, tensor: torch.Tensor) -> bool:

@@ -157,11 +157,24 @@ def shift_and_settle(
     quantiles = eager.collect_quantiles(scanned, plans, options.target_rate, options.seed, quiet, firing)
     targets = eager.shift_targets(model, scanned.report, plans, sources)
     gains = eager.measure_gains(scanned, model, plans, targets, scan_options)
+    # the dtype each target is written back in (fp16/bf16 weights loaded into an fp32 --arch)
+    extra = scanned.model.extra or {}
+    prefix, dtypes = extra.get("key_prefix", ""), extra.get("dtypes", {})
+    stored = {t: dtypes[f"{prefix}{t}"] for t in targets.values() if f"{prefix}{t}" in dtypes}
     outcomes = eager.bias_shift(
-        model, scanned.report, plans, quantiles, targets, gains, touched, scan_options.threshold, firing
+        model,
+        scanned.report,
+        plans,
+        quantiles,
+        targets,
+        gains,
+        touched,
+        scan_options.threshold,
+        firing,
+        stored,
     )
     eager.settle_shifts(
-        scanned, model, plans, targets, gains, outcomes, options.target_rate, options.seed, quiet
+        scanned, model, plans, targets, gains, outcomes, options.target_rate, options.seed, quiet, stored
     )
     return outcomes
 
@@ -639,6 +652,17 @@ def _script_sites(scanned, module, graph) -> tuple[list, list, Callable]:
     return nodes, sites, spelled
 
 
+def _script_none(module: torch.jit.ScriptModule, name: str) -> bool:
+    """Whether the attribute `name` of a TorchScript module holds None (a layer built with bias=False)."""
+    from deadrelu_cli.probe.base import submodule
+
+    owner, _, leaf = name.rpartition(".")
+    try:
+        return getattr(submodule(module, owner) if owner else module, leaf, False) is None
+    except AttributeError:
+        return False
+
+
 def _script_runners(scanned, module: torch.jit.ScriptModule, temp: Path):
     """Write the patched TorchScript module to `temp`; the (original, patched) runners."""
     from deadrelu_cli.backends.runners import runner_for
@@ -684,6 +708,9 @@ def _reweight_torchscript(
             if site.name in wanted
         }
         wirings.update({name: "skipped: not found in the module's graph" for name in wanted - wirings.keys()})
+        for wiring in wirings.values():  # a scripted Conv/Linear with bias=False reads `self.bias` (None)
+            if not isinstance(wiring, str) and wiring.bias and _script_none(module, wiring.bias):
+                wiring.bias = None
         if options.strategy == "prune":
             outcomes, keep_out, keep_in = eager.prune_plan(module, wirings, report, plans)
             narrow(module, keep_out, keep_in)
