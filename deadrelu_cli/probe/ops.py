@@ -252,6 +252,9 @@ TOKENS_LAST = "units_first"  # [B, C, T]: units before the token axis (SqueezeBE
 TOKEN_ROWS = "rows"  # [B, T, ..., C]
 TOKEN_FLAT = "flat"  # [B*T, ..., C] (OPT's FFN runs on the flattened tokens)
 TOKENS_FIRST = "time_major"  # [T, B, ..., C]: nn.Transformer*/nn.RNN with batch_first=False
+# [T*B, ..., C]: a time-major [T, B, C] flattened (an old LSTM/seq2seq head's `h.view(-1, C)`); its shape
+# is TOKEN_FLAT's, only what the model computed tells them apart (`row_order_ambiguous`)
+TOKEN_FLAT_TIME_MAJOR = "flat_time_major"
 
 
 def token_layout(shape: tuple[int, ...], channel_dim: int, batch: int, tokens: int) -> str | None:
@@ -278,6 +281,47 @@ def layout_ambiguous(shape: tuple[int, ...], channel_dim: int, batch: int, token
     return (
         batch == tokens > 1 and len(shape) >= 3 and tuple(shape[:2]) == (batch, tokens) and channel_dim >= 2
     )
+
+
+def row_order_ambiguous(shape: tuple[int, ...], channel_dim: int, batch: int, tokens: int) -> bool:
+    """Whether an activation of this shape holds the mask's positions as flattened rows ([B*T, ..., C],
+    TOKEN_FLAT) whose order its shape cannot say: sample-major (row b*T + t, [B, T, C] flattened) or
+    time-major (row t*B + b, [T, B, C] flattened) alike, whenever more than one sample and token."""
+    return batch > 1 and token_layout(shape, channel_dim, batch, tokens) == TOKEN_FLAT
+
+
+def reordered_layout(
+    shape: tuple[int, ...],
+    channel_dim: int,
+    batch: int,
+    tokens: int,
+    sums: tuple[np.ndarray, ...],
+    again: tuple[np.ndarray, ...],
+) -> bool | None:
+    """How a tensor whose shape cannot say it holds the mask's positions, found by what the model
+    computed: `sums` are its per-index sums along axes 0 and 1 (over every other axis) on a batch, `again`
+    the same on that batch with its samples in reverse order. Whichever axis (or part of the flattened
+    rows) is the samples' comes back reversed, the tokens' unchanged. True: time-major ([T, B, ...], or
+    rows t*B + b of one flattened); False: sample-major ([B, T, ...], rows b*T + t); None: neither or both
+    (identical samples), or a shape that needs no telling."""
+    order = np.arange(batch)[::-1]
+
+    def same(a, b) -> bool:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-4, atol=1e-6 * (np.abs(a).max() + 1)))
+
+    if len(sums) < 1 or len(again) != len(sums):
+        return None
+    if layout_ambiguous(shape, channel_dim, batch, tokens) and len(sums) == 2:
+        first = same(again[0], sums[0][order]) and same(again[1], sums[1])
+        second = same(again[1], sums[1][order]) and same(again[0], sums[0])
+    elif row_order_ambiguous(shape, channel_dim, batch, tokens):
+        rows, rows_again = np.asarray(sums[0]), np.asarray(again[0])
+        first = same(rows_again.reshape(batch, tokens), rows.reshape(batch, tokens)[order])
+        second = same(rows_again.reshape(tokens, batch), rows.reshape(tokens, batch)[:, order])
+    else:
+        return None
+    return None if first == second else second
 
 
 def threshold_below(threshold: float, dtype: object) -> float:
