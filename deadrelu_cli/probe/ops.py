@@ -299,27 +299,38 @@ def reordered_layout(
     again: tuple[np.ndarray, ...],
 ) -> bool | None:
     """How a tensor whose shape cannot say it holds the mask's positions, found by what the model
-    computed: `sums` are its per-index sums along axes 0 and 1 (over every other axis) on a batch, `again`
-    the same on that batch with its samples in reverse order. Whichever axis (or part of the flattened
-    rows) is the samples' comes back reversed, the tokens' unchanged. True: time-major ([T, B, ...], or
-    rows t*B + b of one flattened); False: sample-major ([B, T, ...], rows b*T + t); None: neither or both
-    (identical samples), or a shape that needs no telling."""
+    computed (`reordered_order`): True time-major ([T, B, ...], or rows t*B + b of one flattened), False
+    sample-major ([B, T, ...], rows b*T + t), None: not told, or a shape that needs no telling."""
+    if layout_ambiguous(shape, channel_dim, batch, tokens):
+        return reordered_order(False, batch, tokens, sums, again)
+    if row_order_ambiguous(shape, channel_dim, batch, tokens):
+        return reordered_order(True, batch, tokens, sums, again)
+    return None
+
+
+def reordered_order(
+    flat: bool, batch: int, tokens: int, sums: tuple[np.ndarray, ...], again: tuple[np.ndarray, ...]
+) -> bool | None:
+    """`sums`: a tensor's per-index sums along axis 0 (and 1, unless `flat`: its rows [B*T, ...]) over
+    every other axis on a batch; `again`: the same on that batch with its samples in reverse order.
+    Whatever holds the samples comes back reversed, the tokens unchanged. True: time-major ([T, B, ...],
+    rows t*B + b); False: sample-major ([B, T, ...], rows b*T + t); None: neither or both (identical
+    samples), or sums that do not fit."""
     order = np.arange(batch)[::-1]
 
     def same(a, b) -> bool:
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-4, atol=1e-6 * (np.abs(a).max() + 1)))
 
-    if len(sums) < 1 or len(again) != len(sums):
-        return None
-    if layout_ambiguous(shape, channel_dim, batch, tokens) and len(sums) == 2:
-        first = same(again[0], sums[0][order]) and same(again[1], sums[1])
-        second = same(again[1], sums[1][order]) and same(again[0], sums[0])
-    elif row_order_ambiguous(shape, channel_dim, batch, tokens):
-        rows, rows_again = np.asarray(sums[0]), np.asarray(again[0])
-        first = same(rows_again.reshape(batch, tokens), rows.reshape(batch, tokens)[order])
-        second = same(rows_again.reshape(tokens, batch), rows.reshape(tokens, batch)[:, order])
-    else:
+    try:
+        if flat:
+            rows, rows_again = np.asarray(sums[0]), np.asarray(again[0])
+            first = same(rows_again.reshape(batch, tokens), rows.reshape(batch, tokens)[order])
+            second = same(rows_again.reshape(tokens, batch), rows.reshape(tokens, batch)[:, order])
+        else:
+            first = same(again[0], sums[0][order]) and same(again[1], sums[1])
+            second = same(again[1], sums[1][order]) and same(again[0], sums[0])
+    except (IndexError, ValueError):
         return None
     return None if first == second else second
 
