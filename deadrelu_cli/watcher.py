@@ -772,7 +772,9 @@ class Watch:
             if "<layout>" not in self._warned:  # once per run
                 self._warned.add("<layout>")
                 warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
-        unordered = [layer.name for layer in layers if layer.extra.get("position_mask") == ROW_ORDER_AMBIGUOUS]
+        unordered = [
+            layer.name for layer in layers if layer.extra.get("position_mask") == ROW_ORDER_AMBIGUOUS
+        ]
         if unordered:
             shown = ", ".join(unordered[:5]) + (", …" if len(unordered) > 5 else "")
             report.notes.append(
