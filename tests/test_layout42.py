@@ -174,3 +174,28 @@ def test_fix_output_change_leaves_out_padded_rows_of_a_flat_output(cli, tmp_path
     change = np.abs(after - before)
     assert change.max() > 5 * change[keep].max()  # the padding's change would dominate
     np.testing.assert_allclose(result.json()["max_abs_diff"], change[keep].max(), rtol=1e-4)
+
+
+def test_onnx_bias_shift_reads_the_kept_rows_of_time_major_rows(cli, tmp_path):
+    """bias-shift on an ONNX graph whose ReLU runs on [T*B, C] rows of a time-major tensor: the move is
+    computed on the kept rows (told by reordering the samples, as the scan tells them), so the fixed unit
+    fires on --target-rate of the real tokens (numpy on the written bias and the data). Before: the
+    rows of sample-major positions were read, padding (pre-activation -200) among them."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = FlatHead().eval()
+    with torch.no_grad():
+        model.fc.weight[0] = torch.tensor([1.0, 1.0, 1.0])
+        model.fc.bias[0] = -20.0  # dead on real tokens
+    x, keep = _data(8, 6, pad=-60.0)
+    path = _save(model, "onnx", tmp_path / "m.onnx", x[:3])
+    data = save_npz(tmp_path / "d.npz", x=x, attention_mask=keep.astype(np.int64))
+    out = tmp_path / "f.onnx"
+    result = cli("fix", path, "--data", data, "-s", "bias-shift", "--target-rate", "0.5", "-o", out,
+                 "--json", "-", "--batch-size", "3", "--layers", "*")  # fmt: skip
+    assert result.code == 0, result.err
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    bias = stored["fc.bias"]
+    pre = x[keep] @ model.fc.weight.detach().numpy()[0] + bias[0]
+    assert 0.4 <= float(np.mean(pre > 0)) <= 0.6, (bias[0], np.sort(pre))
