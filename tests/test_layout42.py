@@ -199,3 +199,21 @@ def test_onnx_bias_shift_reads_the_kept_rows_of_time_major_rows(cli, tmp_path):
     bias = stored["fc.bias"]
     pre = x[keep] @ model.fc.weight.detach().numpy()[0] + bias[0]
     assert 0.4 <= float(np.mean(pre > 0)) <= 0.6, (bias[0], np.sort(pre))
+
+
+def test_reordering_tells_row_order_beside_a_large_shared_offset():
+    """probe.ops.reordered_order on rows built in numpy: each row's sum of |x| is 30000 (a large bias every
+    row shares, as a tiny OPT's FFN has) plus a small part of its own. The reversed batch's rows, laid out
+    sample-major or time-major, are told apart by the rows' spread, not their size; rows that are all one
+    value tell nothing (None)."""
+    from deadrelu_cli.probe.ops import reordered_order
+
+    batch, tokens = 3, 5
+    own = np.random.RandomState(0).rand(batch, tokens)  # [sample, position]
+    flipped = own[::-1]
+    sample_major = (30000 + own.reshape(-1), 30000 + flipped.reshape(-1))
+    time_major = (30000 + own.T.reshape(-1), 30000 + flipped.T.reshape(-1))
+    assert reordered_order(True, batch, tokens, (sample_major[0],), (sample_major[1],)) is False
+    assert reordered_order(True, batch, tokens, (time_major[0],), (time_major[1],)) is True
+    same = np.full(batch * tokens, 30000.0)
+    assert reordered_order(True, batch, tokens, (same,), (same,)) is None

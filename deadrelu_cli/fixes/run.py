@@ -64,7 +64,7 @@ def _outputs_of(
         return flipped
 
     def lead_sums(a: np.ndarray, flat: bool) -> tuple:
-        a = a.astype(np.float64)
+        a = np.abs(a.astype(np.float64))  # sums of |x|: no cancellation
         leads = (0,) if flat else (0, 1)
         return tuple(a.sum(axis=tuple(d for d in range(a.ndim) if d != lead)) for lead in leads)
 

@@ -50,7 +50,7 @@ class SiteRegistry:
         # rank-3 sites whose units were put on the last axis with no producer to say so ([B, T, C] and
         # [B, C, T] look alike): the scan says so, as the ONNX scan does
         self.axis_guesses: dict[str, None] = {}
-        # while not None (tell_layouts' runs): each call's per-index sums along axes 0 and 1 of a site's
+        # while not None (tell_layouts' runs): each call's per-index sums of |x| along axes 0 and 1 of a site's
         # pre-activation, with its mask's (batch, tokens) and unit axis; nothing is counted meanwhile
         self.fingerprints: dict[str, list[tuple]] | None = None
 
@@ -127,7 +127,7 @@ class SiteRegistry:
         if mask is None or pre.dim() < 2:
             return
         dim = resolve_channel_dim(pre.dim(), inferred_channel_dim, self.settings.channel_dim)
-        values = pre.detach().to(torch.float64)
+        values = pre.detach().to(torch.float64).abs()  # sums of |x|: no cancellation
         sums = tuple(
             values.sum(dim=[d for d in range(pre.dim()) if d != lead]).cpu().numpy()
             for lead in range(min(pre.dim(), 2))

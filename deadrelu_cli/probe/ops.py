@@ -311,28 +311,40 @@ def reordered_layout(
 def reordered_order(
     flat: bool, batch: int, tokens: int, sums: tuple[np.ndarray, ...], again: tuple[np.ndarray, ...]
 ) -> bool | None:
-    """`sums`: a tensor's per-index sums along axis 0 (and 1, unless `flat`: its rows [B*T, ...]) over
-    every other axis on a batch; `again`: the same on that batch with its samples in reverse order.
+    """`sums`: a tensor's per-index sums of |x| along axis 0 (and 1, unless `flat`: its rows [B*T, ...])
+    over every other axis on a batch; `again`: the same on that batch with its samples in reverse order.
     Whatever holds the samples comes back reversed, the tokens unchanged. True: time-major ([T, B, ...],
     rows t*B + b); False: sample-major ([B, T, ...], rows b*T + t); None: neither or both (identical
     samples), or sums that do not fit."""
     order = np.arange(batch)[::-1]
-
-    def same(a, b) -> bool:
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-4, atol=1e-6 * (np.abs(a).max() + 1)))
-
     try:
+        sums = tuple(np.asarray(a, np.float64) for a in sums)
+        again = tuple(np.asarray(a, np.float64) for a in again)
         if flat:
-            rows, rows_again = np.asarray(sums[0]), np.asarray(again[0])
-            first = same(rows_again.reshape(batch, tokens), rows.reshape(batch, tokens)[order])
-            second = same(rows_again.reshape(tokens, batch), rows.reshape(tokens, batch)[:, order])
+            rows, rows_again = sums[0], again[0]
+            if rows.shape != (batch * tokens,) or rows_again.shape != rows.shape:
+                return None
+            samples = rows_again.reshape(batch, tokens) - rows.reshape(batch, tokens)[order]
+            steps = rows_again.reshape(tokens, batch) - rows.reshape(tokens, batch)[:, order]
+            errors = (np.abs(samples).max(), np.abs(steps).max())
+            sums = (rows,)  # the rows' sums alone say the order (axis 1's are the units')
         else:
-            first = same(again[0], sums[0][order]) and same(again[1], sums[1])
-            second = same(again[1], sums[1][order]) and same(again[0], sums[0])
+            if any(a.shape != b.shape for a, b in zip(sums, again, strict=True)) or len(sums) != 2:
+                return None
+            first = max(np.abs(again[0] - sums[0][order]).max(), np.abs(again[1] - sums[1]).max())
+            second = max(np.abs(again[1] - sums[1][order]).max(), np.abs(again[0] - sums[0]).max())
+            errors = (first, second)
     except (IndexError, ValueError):
         return None
-    return None if first == second else second
+    # told where one reading matches to well within the rows' spread and the other is far worse: the
+    # spread, not the sums' size, is the scale (a large bias shared by every row says nothing); rows
+    # that differ only by rounding (one vector everywhere) tell nothing
+    spread = max(float(np.ptp(a)) if a.size else 0.0 for a in sums)
+    size = max(float(np.abs(a).max()) if a.size else 0.0 for a in sums)
+    best = int(np.argmin(errors))
+    if spread <= 1e-6 * size or errors[best] > 1e-3 * spread or errors[best] * 20 > errors[1 - best]:
+        return None
+    return bool(best)
 
 
 def threshold_below(threshold: float, dtype: object) -> float:

@@ -366,8 +366,10 @@ class _SitePass:
             again = None
             for name, out in zip(names, outs[own:], strict=True):
                 dim = site_channel_dim(self.sites[name], options.channel_dim) % max(1, out.ndim)
-                if keep is not None and name not in self.row_orders and row_order_ambiguous(
-                    out.shape, dim, *keep.shape
+                if (
+                    keep is not None
+                    and name not in self.row_orders
+                    and row_order_ambiguous(out.shape, dim, *keep.shape)
                 ):  # rows [B*T, ...]: their order as the scan tells it, by reordering the samples
                     if again is None:
                         flipped = {
@@ -375,8 +377,8 @@ class _SitePass:
                             for (i, a), v in zip(order.items(), feeds.values(), strict=True)
                         }
                         again = session.run(None, flipped)[own:]
-                    rows = np.asarray(out, np.float64).reshape(out.shape[0], -1).sum(1)
-                    rows_again = np.asarray(again[names.index(name)], np.float64)
+                    rows = np.abs(np.asarray(out, np.float64)).reshape(out.shape[0], -1).sum(1)
+                    rows_again = np.abs(np.asarray(again[names.index(name)], np.float64))
                     self.row_orders[name] = reordered_order(
                         True, *keep.shape, (rows,), (rows_again.reshape(out.shape[0], -1).sum(1),)
                     )

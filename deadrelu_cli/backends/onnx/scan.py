@@ -356,7 +356,7 @@ def _tell_layouts(
     """Main-graph sites whose tensor holds the mask's positions in a way its shape cannot say ([B, T, ...]
     and [T, B, ...] in a graph that fixes its batch at the mask's token count; flattened rows [B*T, ...]
     of a [B, T] or of a time-major [T, B]): run the batch again with its samples in reverse order,
-    exposing the per-index sums along each of the first two axes (ReduceSum). Whatever holds the samples
+    exposing the per-index sums of |x| along each of the first two axes. Whatever holds the samples
     comes back reversed, the tokens unchanged (probe.ops.reordered_layout): found by what the graph
     computes, not by its sizes. A site neither or both ways (identical samples) stays unmasked."""
     from onnx import helper, numpy_helper
@@ -384,14 +384,16 @@ def _tell_layouts(
         for lead in range(min(site.rank, 2)):
             axes = [a for a in range(site.rank) if a != lead]
             name = f"deadrelu_lead{lead}_{i}"
+            # sums of |x|: no cancellation, so a row's sum is told from another's at float precision
+            magnitude = helper.make_node("Abs", [site.input_name], [name + "_abs"])
             if opset >= 13:
                 probe.graph.initializer.append(
                     numpy_helper.from_array(np.array(axes, np.int64), name + "_axes")
                 )
-                node = helper.make_node("ReduceSum", [site.input_name, name + "_axes"], [name], keepdims=0)
+                node = helper.make_node("ReduceSum", [name + "_abs", name + "_axes"], [name], keepdims=0)
             else:
-                node = helper.make_node("ReduceSum", [site.input_name], [name], axes=axes, keepdims=0)
-            probe.graph.node.append(node)
+                node = helper.make_node("ReduceSum", [name + "_abs"], [name], axes=axes, keepdims=0)
+            probe.graph.node.extend([magnitude, node])
             probe.graph.output.append(helper.make_empty_tensor_value_info(name))
         leads.append(min(site.rank, 2))
     batched = [inp for inp, axis in sample_axes.items() if axis is not None]

@@ -323,14 +323,26 @@ def scan_torch(
         probe.run(args, kwargs)
 
     forwards = 0
-    told = mask is None and not targets  # without a mask no layout needs telling
+    # sites whose layout their shape cannot say (probe.ops.row_order_ambiguous / layout_ambiguous) are
+    # told by reordering a batch's samples: before the batch is counted where collectors (fixes) read
+    # the kept positions; else after it, only where such a site ran (its batch counted every way meanwhile)
+    tell_first = mask is not None and bool(probe.registry.collectors)
+    tried: set[str] = set()
+
+    def tell(batch: dict) -> None:
+        tell_layouts(probe.registry, batch, data, lambda b: forward(*prepared(b)[1:]))
+
     with context, torch.inference_mode():
         for index, (batch, inputs, kept, decoder_kept) in enumerate(prefetched(tensors())):
             try:
-                if not told and inputs and inputs[0].dim() and inputs[0].shape[0] > 1:
-                    told = True
-                    tell_layouts(probe.registry, batch, data, lambda b: forward(*prepared(b)[1:]))
+                if tell_first and kept is not None and kept.shape[0] > 1:
+                    tell_first = False
+                    tell(batch)
                 forward(inputs, kept, decoder_kept)
+                untold = {name for name, site in probe.registry.sites.items() if site.pending} - tried
+                if untold and kept is not None and kept.shape[0] > 1:
+                    tried |= untold
+                    tell(batch)
             except UserError:
                 raise
             except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -404,8 +416,8 @@ def tell_layouts(registry, batch: dict, data: CalibrationData, run) -> None:
     [B*T, ...] of a [B, T] or of a time-major [T, B] tensor; [B, T, ...] and [T, B, ...] at as many
     samples as tokens): told by running `batch` (`run`) again with its samples in reverse order and
     seeing which part of the tensor comes back reversed (probe.ops.reordered_layout). Nothing is counted
-    in these runs; a site it cannot tell (identical samples) is counted as the accumulator's pending
-    rule says (every position, and a note). One forward more per scan, two where such a site ran."""
+    in these runs; a site it cannot tell (one vector everywhere) is counted as the accumulator's pending
+    rule says (every position, and a note). Two forwards more (one where no such site ran)."""
     from deadrelu_cli.probe.ops import layout_ambiguous, reordered_layout, row_order_ambiguous
 
     def fingerprints(arrays: dict) -> dict:
