@@ -328,10 +328,12 @@ def _discover_shapes(
                 site.mask_unapplied = LAYOUT_AMBIGUOUS
                 ambiguous.append((site, shape))
                 continue
-            if not site.graph_path and row_order_ambiguous(shape, dim, *keep.shape):
+            if row_order_ambiguous(shape, dim, *keep.shape):
                 # [B*T, …] rows of a [B, T] or of a time-major [T, B] flattened: told by reordering
+                # (main-graph sites; a subgraph's stays unmasked, every position counted, and says so)
                 site.mask_unapplied = ROW_ORDER_AMBIGUOUS
-                ambiguous.append((site, shape))
+                if not site.graph_path:
+                    ambiguous.append((site, shape))
                 continue
             site.token_layout = token_layout(shape, dim, *keep.shape)
         if site.graph_path and (site.token_layout or "Loop" not in _owner_types(owners, site.graph_path)):
