@@ -344,8 +344,9 @@ def test_watch_square_token_batches_follow_the_token_ids_axes(time_major):
 
     model = TokenModel(time_major)
     rng = np.random.RandomState(12)
-    ids = rng.randint(0, 20, (5, 5))
+    ids = rng.randint(1, 20, (5, 5))
     keep = np.arange(5)[None, :] < np.array([5, 2, 4, 1, 3])[:, None]
+    ids[~keep] = 0  # padded with the pad id, as a tokenizer pads: what tells the ids' own layout
     with torch.no_grad():
         pre = model.fc(model.embed(torch.from_numpy(ids))).double().numpy()[keep]  # [B, T, F] at the kept
     w = watch(model, every=1, config=False)
