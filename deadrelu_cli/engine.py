@@ -10,7 +10,7 @@ import numpy as np
 from deadrelu_cli.backends import backend_for, backend_of
 from deadrelu_cli.calibration import CalibrationData, open_calibration
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import LAYOUT_AMBIGUOUS
+from deadrelu_cli.gate import LAYOUT_AMBIGUOUS, ROW_ORDER_AMBIGUOUS
 from deadrelu_cli.inputs import GROUPED_INPUTS, dict_groups
 from deadrelu_cli.loaders import LoadedModel, LoadOptions, load_model
 from deadrelu_cli.options import ScanOptions
@@ -172,6 +172,11 @@ def mask_notes(layers: list, mask) -> list[str]:
         "batch (as many samples as tokens, a batch size the graph fixes) and nothing told them apart (every "
         "element counted, padding included; a gate fails on them unless --allow-unseen; re-export with a "
         "dynamic batch dim, or with another batch size or sequence length)",
+        ROW_ORDER_AMBIGUOUS: "whose tensor holds the positions as flattened [batch·tokens, …] rows in an "
+        "order nothing told (sample-major [batch, tokens] flattened, or time-major [tokens, batch] "
+        "flattened, as `h.view(-1, C)` of a time-major RNN's output; every element counted, padding "
+        "included; a gate fails on them unless --allow-unseen; reordering the samples of a batch tells "
+        "the order where the samples differ)",
     }
     for reason, said in reasons.items():
         unmasked = [layer.name for layer in layers if layer.extra.get("position_mask") == reason]

@@ -12,8 +12,11 @@ from deadrelu_cli.report.model import COUNT_SETTINGS, Report, settings_differenc
 # extra["position_mask"] of a site whose [batch, tokens, …] and [tokens, batch, …] readings had one shape on
 # every batch it saw (as many samples as tokens) and nothing told them apart: every position counted
 LAYOUT_AMBIGUOUS = "layout ambiguous"
+# the same for a site of flattened [batch*tokens, …] rows whose order (sample-major, or time-major: a
+# [tokens, batch, …] flattened) nothing told: every position counted
+ROW_ORDER_AMBIGUOUS = "row order ambiguous"
 # extra["position_mask"] of a site the scan's position mask could not reach (it counted padding too)
-MASK_NOT_APPLIED = ("in a subgraph", "opset below 9", LAYOUT_AMBIGUOUS)
+MASK_NOT_APPLIED = ("in a subgraph", "opset below 9", LAYOUT_AMBIGUOUS, ROW_ORDER_AMBIGUOUS)
 
 
 @dataclass
@@ -253,6 +256,8 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             "in a subgraph": "scan the PyTorch model, or an ONNX export with the loop unrolled (no Scan/Loop)",
             "opset below 9": "re-export with opset 9 or newer",
             LAYOUT_AMBIGUOUS: "re-export with a dynamic batch dim (or another batch size than the sequence length)",
+            ROW_ORDER_AMBIGUOUS: "give data whose samples differ (the order of flattened rows is told by "
+            "reordering the samples of a batch), or scan the PyTorch model",
         }
         how = "; ".join(remedies[reason] for reason in MASK_NOT_APPLIED if reason in unmasked.values())
         model_failures.append(

@@ -38,6 +38,7 @@ from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import write_text_atomic
 from deadrelu_cli.gate import (
     LAYOUT_AMBIGUOUS,
+    ROW_ORDER_AMBIGUOUS,
     GateConfig,
     GateResult,
     evaluate,
@@ -772,6 +773,20 @@ class Watch:
             )
             if "<layout>" not in self._warned:  # once per run
                 self._warned.add("<layout>")
+                warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
+        unordered = [
+            layer.name for layer in layers if layer.extra.get("position_mask") == ROW_ORDER_AMBIGUOUS
+        ]
+        if unordered:
+            shown = ", ".join(unordered[:5]) + (", …" if len(unordered) > 5 else "")
+            report.notes.append(
+                f"position mask not applied to {len(unordered)} layer(s): their activations are flattened "
+                "[batch·tokens, …] rows made where the probe did not see the [batch, tokens, …] or "
+                "[tokens, batch, …] tensor they were flattened from (a view/reshape/flatten of it in the "
+                f"forward tells the order); they counted every position, padding included: {shown}"
+            )
+            if "<row order>" not in self._warned:  # once per run
+                self._warned.add("<row order>")
                 warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
         self._windows += 1
         self.reports.append(report)

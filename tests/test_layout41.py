@@ -297,26 +297,25 @@ def test_a_scan_bodys_unmasked_relu_says_how_to_count_real_tokens_only(cli, tmp_
     assert any("scan/body/scan_relu" in n and "scan the PyTorch model" in n for n in notes), notes
 
 
-def test_pt2_fixed_batch_of_as_many_samples_as_tokens_counts_every_position_and_says_so(cli, tmp_path):
+def test_pt2_fixed_batch_of_as_many_samples_as_tokens_is_told_by_reordering_the_samples(cli, tmp_path):
     """A .pt2 exported with a static batch of 4 samples, masks of 4 tokens, time-major inside: its ReLU
-    reads both ways on every batch; it counts every position (numpy's count over all of them), is marked
-    `layout ambiguous`, and the note says to re-export with a dynamic batch dim. Before: read as
-    [B, T, F] (wrong positions counted) and marked applied."""
+    reads both ways on every batch; the scan runs the first batch again with its samples reversed and
+    the axis that comes back reversed is the batch (layout42): the kept positions' counts exactly
+    (numpy), `applied`. Before layout41: read as [B, T, F] (wrong positions), marked applied; layout41:
+    every position, `layout ambiguous`."""
     model = TimeMajor().eval()
     x, keep = _batch(np.random.RandomState(9), 8)
     path = tmp_path / "tm.pt2"
     torch.export.save(torch.export.export(model, (torch.from_numpy(x[:4]),)), path)
     data = save_npz(tmp_path / "d.npz", x=x, attention_mask=keep.astype(np.int64))
     with torch.no_grad():
-        pre = model.fc(torch.from_numpy(x)).double().numpy().reshape(-1, UNITS)
+        pre = model.fc(torch.from_numpy(x)).double().numpy()  # [B, T, U] per sample
     result = cli("scan", path, "--trust-pickle", "--data", data, "--json", "-", "-q")
     assert result.code == 0, result.err
-    report = result.json()
-    (layer,) = report["layers"]
-    assert layer["positive_counts"] == (pre > 0).sum(0).tolist()
-    assert layer["elements_per_unit"] == 8 * TOKENS
-    assert layer["extra"]["position_mask"] == "layout ambiguous"
-    assert any("dynamic batch dim" in note and "relu()" in note for note in report["notes"]), report["notes"]
+    (layer,) = result.json()["layers"]
+    assert layer["positive_counts"] == (pre[keep] > 0).sum(0).tolist()
+    assert layer["elements_per_unit"] == int(keep.sum())
+    assert layer["extra"]["position_mask"] == "applied"
 
 
 class TokenModel(nn.Module):

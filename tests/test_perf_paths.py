@@ -480,6 +480,8 @@ def test_masked_counts_exact_in_run_views_and_gather(op, layout, path, monkeypat
             x[2, 6, 5] = float("nan")  # masked: ignored
         batches.append((x.numpy().copy(), mask.numpy()))
     acc = SiteAccumulator("site", op, 2 if layout != "BT-flat" else 1)
+    if layout == "BT-flat":  # rows b*T + t, as the probe tells the accumulator (their shape cannot)
+        acc.layout_hint = False
     for x_np, mask_np in batches:
         x = torch.from_numpy(x_np.copy())
         if layout == "BT-flat":

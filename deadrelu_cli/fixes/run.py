@@ -30,13 +30,43 @@ from deadrelu_cli.loaders.companions import model_companions
 from deadrelu_cli.options import ScanOptions
 
 
-def _outputs_of(runner, data, scan_options: ScanOptions, mask=None) -> list[list[np.ndarray]]:
+def _outputs_of(
+    runner,
+    data,
+    scan_options: ScanOptions,
+    mask=None,
+    notes: list[str] | None = None,
+    orders: dict[int, bool | None] | None = None,
+) -> list[list[np.ndarray]]:
     """Every output of every batch; with a position mask, outputs with the [batch, tokens] axes keep
-    only the counted positions (a padded position's output is not compared, as it is not counted)."""
+    only the counted positions (a padded position's output is not compared, as it is not counted):
+    [B, T, ...], time-major [T, B, ...], and rows [B*T, ...] flattened from either. Where the shape
+    cannot say which (rows; [B, T] at as many samples as tokens), the batch is run again with its samples
+    reversed and what comes back reversed is the samples' (probe.ops.reordered_order); an output that
+    does not tell is compared at every position, which a line in `notes` says. `orders` (output index ->
+    what its first batch told) is filled by the first call and read by the next (the patched model's
+    outputs are cut as the original's were)."""
     from deadrelu_cli.inputs import DECODER_IDS, LABELS, batch_mask, decoder_batch_mask, output_keep
+    from deadrelu_cli.probe.ops import reordered_order
 
     # the labels are fed only where an encoder-decoder's decoder runs on them (inputs.decoder_from_labels)
     labels_fed = LABELS in data.names and LABELS not in getattr(data, "unfed", ())
+    consts, axes = set(getattr(data, "consts", ())), getattr(data, "batch_axes", {})
+    orders = {} if orders is None else orders  # output -> time-major? as reordering told (None: not)
+    untold: set[int] = set()
+
+    def reversed_batch(batch: dict) -> dict:
+        flipped = {}
+        for name, array in batch.items():
+            array, axis = np.asarray(array), axes.get(name, 0)
+            keep_it = name in consts or array.ndim <= axis
+            flipped[name] = array if keep_it else np.flip(array, axis).copy()
+        return flipped
+
+    def lead_sums(a: np.ndarray, flat: bool) -> tuple:
+        a = np.abs(a.astype(np.float64))  # sums of |x|: no cancellation
+        leads = (0,) if flat else (0, 1)
+        return tuple(a.sum(axis=tuple(d for d in range(a.ndim) if d != lead)) for lead in leads)
 
     outputs = []
     for batch in data.batches(scan_options.batch_size, scan_options.limit, scan_options.allow_nonfinite):
@@ -47,16 +77,47 @@ def _outputs_of(runner, data, scan_options: ScanOptions, mask=None) -> list[list
             names = getattr(out, "names", ())
             fed = bool(names) and (DECODER_IDS in batch or (labels_fed and LABELS in batch))
             decoder_keep = decoder_batch_mask(mask, batch) if fed else None
+            again = None
             kept = []
             for i, a in enumerate(out):
                 k = output_keep(names[i], keep, decoder_keep, fed) if fed else keep
-                if k is not None and a.ndim >= 2 and a.shape[:2] == k.shape:
+                if k is None:
+                    kept.append(a)
+                    continue
+                b, t = k.shape
+                square = b == t > 1 and a.ndim >= 2 and a.shape[:2] == k.shape
+                flat = b > 1 and t > 1 and a.ndim >= 1 and a.shape[0] == b * t
+                if (square or flat) and i not in orders:
+                    orders[i] = None
+                    if again is None:
+                        again = runner(reversed_batch(batch))
+                    other = np.asarray(again[i])
+                    if other.shape == a.shape:
+                        orders[i] = reordered_order(flat, b, t, lead_sums(a, flat), lead_sums(other, flat))
+                told = orders.get(i)
+                if (square or flat) and told is None:
+                    untold.add(i)  # compared at every position, padding included (said below)
+                elif flat:
+                    a = a[(k.T if told else k).reshape(-1)]
+                elif square:
+                    a = a[k.T] if told else a[k]
+                elif a.ndim >= 2 and a.shape[:2] == k.shape:
                     a = a[k]
-                elif k is not None and a.ndim >= 3 and a.shape[:2] == k.T.shape:  # time-major [T, B, ...]
+                elif a.ndim >= 2 and a.shape[:2] == k.T.shape:  # time-major [T, B, ...]
                     a = a[k.T]
+                elif b == 1 and a.ndim >= 1 and a.shape[0] == t:  # one sample's rows: either order
+                    a = a[k.reshape(-1)]
                 kept.append(a)
             out = kept
         outputs.append(out)
+    if untold and notes is not None:
+        note = (
+            f"output(s) {', '.join(str(i) for i in sorted(untold))} hold the batch's positions as rows (or "
+            "[batch, tokens] at as many samples as tokens) in an order reordering the samples did not tell: "
+            "the output change is measured at every position there, padding included"
+        )
+        if note not in notes:
+            notes.append(note)
     return outputs
 
 
@@ -131,8 +192,9 @@ def _verify_on_holdout(
                 result.holdout_fired[plan.name] = fired
     result.holdout_samples = holdout.window[1] - holdout.window[0]
     mask = _position_mask(scanned, scan_options, holdout)  # padding is not compared there either
-    before = _outputs_of(original_runner, holdout, options, mask)
-    after = _outputs_of(patched_runner(), holdout, options, mask)
+    orders: dict = {}
+    before = _outputs_of(original_runner, holdout, options, mask, result.notes, orders)
+    after = _outputs_of(patched_runner(), holdout, options, mask, None, orders)
     result.holdout_max_abs_diff, result.holdout_max_rel_diff = compare(before, after)
 
 
@@ -305,8 +367,9 @@ def run_fix(scan_options: ScanOptions, options: FixOptions) -> FixResult:
                 "no layer could be patched: " + "; ".join(f"{o.name}: {o.action}" for o in outcomes)
             )
         mask = _position_mask(scanned, scan_options, scanned.data)
-        before = _outputs_of(original_runner, scanned.data, scan_options, mask)
-        after = _outputs_of(patched_runner(), scanned.data, scan_options, mask)
+        orders: dict = {}
+        before = _outputs_of(original_runner, scanned.data, scan_options, mask, result.notes, orders)
+        after = _outputs_of(patched_runner(), scanned.data, scan_options, mask, None, orders)
         result.max_abs_diff, result.max_rel_diff = compare(before, after)
         if holdout is not None:
             _verify_on_holdout(scanned, holdout, plans, original_runner, patched_runner, scan_options, result)

@@ -12,13 +12,16 @@ import numpy as np
 import torch
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import LAYOUT_AMBIGUOUS
+from deadrelu_cli.gate import LAYOUT_AMBIGUOUS, ROW_ORDER_AMBIGUOUS
 from deadrelu_cli.probe.ops import (
+    TOKEN_FLAT,
+    TOKEN_FLAT_TIME_MAJOR,
     TOKEN_ROWS,
     TOKENS_FIRST,
     TOKENS_LAST,
     counts_from_output,
     layout_ambiguous,
+    row_order_ambiguous,
     threshold_below,
     token_layout,
 )
@@ -51,6 +54,7 @@ class PositionMask:
         self.all_kept = self.kept == flat.numel()
         self._index = None if self.all_kept else flat.nonzero().squeeze(1)
         self._index_on: dict = {}
+        self._time_major_index_on: dict = {}  # kept rows of the [T*B] flattening (TOKEN_FLAT_TIME_MAJOR)
         self._runs: list[tuple[int, int]] | None = None
         self._symmetric: bool | None = None  # mask == mask.T (see `ambiguous`)
 
@@ -68,6 +72,13 @@ class PositionMask:
             found = self._index_on[device] = self._index.to(device)
         return found
 
+    def time_major_index(self, device) -> torch.Tensor:
+        found = self._time_major_index_on.get(device)
+        if found is None:
+            found = self.mask.t().reshape(-1).nonzero().squeeze(1).to(device)
+            self._time_major_index_on[device] = found
+        return found
+
     def parts(
         self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None
     ) -> list[torch.Tensor] | None:
@@ -78,7 +89,11 @@ class PositionMask:
         layout = self.layout(tensor, channel_dim, time_major)
         if layout is None:
             return None
-        if self.all_kept or tensor.device.type != "cpu" or layout in (TOKENS_LAST, TOKENS_FIRST):
+        if (
+            self.all_kept
+            or tensor.device.type != "cpu"
+            or layout in (TOKENS_LAST, TOKENS_FIRST, TOKEN_FLAT_TIME_MAJOR)
+        ):
             return [self.select(tensor, channel_dim, time_major)]
         if layout == TOKEN_ROWS:
             if tensor.stride(0) != tensor.shape[1] * tensor.stride(1):  # flatten(0, 1) would copy
@@ -96,20 +111,25 @@ class PositionMask:
 
     def layout(self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None) -> str | None:
         """Where the tensor holds this mask's positions (probe.ops.token_layout); a shape that reads as
-        [B, T, ...] and [T, B, ...] alike (`ambiguous`) is [T, B, ...] when `time_major`."""
+        [B, T, ...] and [T, B, ...] alike (`ambiguous`) is [T, B, ...] when `time_major`, and flattened
+        rows [B*T, ...] are those of a [T, B, ...] (row t*B + b) when `time_major`."""
         dim = channel_dim % max(tensor.dim(), 1)
         layout = token_layout(tuple(tensor.shape), dim, self.batch, self.tokens)
         if time_major and layout == TOKEN_ROWS and self.ambiguous(tensor, channel_dim):
             return TOKENS_FIRST
+        if time_major and layout == TOKEN_FLAT and self.batch > 1:
+            return TOKEN_FLAT_TIME_MAJOR
         return layout
 
     def ambiguous(self, tensor: torch.Tensor, channel_dim: int) -> bool:
         """Whether the tensor's shape reads as [B, T, ...] and as [T, B, ...] (probe.ops.layout_ambiguous)
         and the two readings keep different positions: a symmetric mask (no padding at all, or the same
-        lengths along both axes) keeps the same elements either way, so there is nothing to decide."""
-        if not layout_ambiguous(
-            tuple(tensor.shape), channel_dim % max(tensor.dim(), 1), self.batch, self.tokens
-        ):
+        lengths along both axes) keeps the same elements either way, so there is nothing to decide. Rows
+        [B*T, ...] of either order (probe.ops.row_order_ambiguous) are, unless every position is kept."""
+        shape, dim = tuple(tensor.shape), channel_dim % max(tensor.dim(), 1)
+        if row_order_ambiguous(shape, dim, self.batch, self.tokens):
+            return not self.all_kept
+        if not layout_ambiguous(shape, dim, self.batch, self.tokens):
             return False
         return not self.symmetric
 
@@ -150,6 +170,8 @@ class PositionMask:
         if layout in (TOKEN_ROWS, TOKENS_FIRST):
             rows = tensor.transpose(0, 1) if layout == TOKENS_FIRST else tensor  # [T, B, ...] -> [B, T, ...]
             return rows.flatten(0, 1).index_select(0, self.index(tensor.device)).unsqueeze(0)
+        if layout == TOKEN_FLAT_TIME_MAJOR:  # rows t*B + b
+            return tensor.index_select(0, self.time_major_index(tensor.device))
         return tensor.index_select(0, self.index(tensor.device))  # TOKEN_FLAT
 
 
@@ -182,6 +204,7 @@ class SiteAccumulator:
     # while not known: the ambiguous batches counted three ways (PENDING_LAYOUTS), until a batch's shape
     # tells (the matching count joins this one) or the counts are read (every position: LAYOUT_AMBIGUOUS)
     pending: dict | None = None
+    pending_reason: str = LAYOUT_AMBIGUOUS  # or ROW_ORDER_AMBIGUOUS: flattened rows of either order
     _pending_now: bool = False
     # --allow-nonfinite: NaN/±Inf values counted and left out of every statistic
     # (finite_pre/finite_post, called once per batch by the registry); where this batch had them
@@ -228,6 +251,8 @@ class SiteAccumulator:
         if self.known_time_major() is not None:
             return False
         if self.pending is None:
+            flat = mask.layout(pre, self.channel_dim) == TOKEN_FLAT
+            self.pending_reason = ROW_ORDER_AMBIGUOUS if flat else LAYOUT_AMBIGUOUS
             self.pending = {
                 key: SiteAccumulator(
                     self.name,
@@ -643,7 +668,7 @@ class SiteAccumulator:
             settled.extra = dict(self.extra)
             settled.absorb(self)
             settled.absorb(self.pending[EVERY_POSITION])
-            settled.extra["position_mask"] = LAYOUT_AMBIGUOUS
+            settled.extra["position_mask"] = self.pending_reason
             return settled._layer_stats()
         return self._layer_stats()
 
@@ -669,7 +694,8 @@ class SiteAccumulator:
 
 
 EVERY_POSITION = "every position"
-# how a pending batch is counted: as [B, T, ...], as [T, B, ...], and over every element
+# how a pending batch is counted: as [B, T, ...], as [T, B, ...] (flattened rows: sample-major, time-major),
+# and over every element
 PENDING_LAYOUTS = {TOKEN_ROWS: False, TOKENS_FIRST: True, EVERY_POSITION: None}
 
 

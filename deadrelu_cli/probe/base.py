@@ -53,6 +53,9 @@ class SiteRegistry:
         # rank-3 sites whose units were put on the last axis with no producer to say so ([B, T, C] and
         # [B, C, T] look alike): the scan says so, as the ONNX scan does
         self.axis_guesses: dict[str, None] = {}
+        # while not None (tell_layouts' runs): each call's per-index sums of |x| along axes 0 and 1 of a site's
+        # pre-activation, with its mask's (batch, tokens) and unit axis; nothing is counted meanwhile
+        self.fingerprints: dict[str, list[tuple]] | None = None
 
     def restart(self) -> None:
         """Count from zero again (a new window of a training run): each site is cleared in place when it
@@ -135,6 +138,28 @@ class SiteRegistry:
             self.note_axis_guess(name, pre.dim(), origin_known)
         return site
 
+    def _fingerprint(self, name: str, pre: torch.Tensor, inferred_channel_dim: int) -> None:
+        mask = self.mask_for(name)
+        if mask is None or pre.dim() < 2:
+            return
+        dim = resolve_channel_dim(pre.dim(), inferred_channel_dim, self.settings.channel_dim)
+        values = pre.detach().to(torch.float64).abs()  # sums of |x|: no cancellation
+        sums = tuple(
+            values.sum(dim=[d for d in range(pre.dim()) if d != lead]).cpu().numpy()
+            for lead in range(min(pre.dim(), 2))
+        )
+        self.fingerprints.setdefault(name, []).append((tuple(pre.shape), dim, mask.batch, mask.tokens, sums))
+
+    def tell_layout(self, name: str, time_major: bool) -> None:
+        """What reordering a batch's samples showed of the site's tensors: [T, B, ...] (or rows of a
+        [T, B, ...] flattened) when `time_major`, else [B, T, ...] (rows of it): read where shapes cannot."""
+        self.layout_hints[name] = time_major
+        site = self.sites.get(name)
+        if site is not None:
+            site.layout_hint = time_major
+            if site.pending is not None:
+                site.learn_layout(time_major)
+
     def record_pre(
         self,
         name: str,
@@ -147,6 +172,10 @@ class SiteRegistry:
     ) -> None:
         """First half of a batch at a site, while the pre-activation is intact (`origin_known`: a layer
         says where its units are; else a rank-3 input's last axis is a guess, `axis_guesses`)."""
+        if self.fingerprints is not None:
+            self.call_hint = None
+            self._fingerprint(name, pre, inferred_channel_dim)
+            return
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known)
         site.call_hint, self.call_hint = self.call_hint, None
         mask = self.mask_for(name)
@@ -174,6 +203,7 @@ class SiteRegistry:
         then the caller runs the op and record_pre/record_post."""
         if (
             self.mask_for(name) is not None
+            or self.fingerprints is not None
             or name in self.collectors
             or pre.device.type in self.fused_devices
             or op != "relu"
@@ -185,6 +215,8 @@ class SiteRegistry:
 
     def record_post(self, name: str, post: torch.Tensor) -> None:
         """Second half: counts and sums from the activation's output."""
+        if self.fingerprints is not None:
+            return
         site = self.sites[name]
         if self.settings.skip_nonfinite:
             post = site.finite_post(post, self.mask_for(name))

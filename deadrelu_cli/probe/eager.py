@@ -242,6 +242,12 @@ _LEFT_OPERAND_LEAD = frozenset(
 )
 
 
+# ops that may flatten a [B, T, ...] or [T, B, ...] tensor's first two axes into rows (EagerProbe.note_flatten)
+_FLATTENS = frozenset(
+    (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.flatten, torch.flatten)
+)
+
+
 def _lead_axes_after(func, args: tuple, kwargs: dict) -> tuple[int, int] | None:
     """Where axes 0 and 1 of args[0] are after the axis move `func` (an _AXIS_MOVES op), read off the
     same op on a meta tensor whose axes all have different sizes; None when that fails."""
@@ -472,6 +478,10 @@ class _CallSiteMode(TorchFunctionMode):
             spec = None  # a clamped variance / norm / loss: an ordinary op, not a ReLU layer
         if spec is None or not args or not isinstance(args[0], torch.Tensor):
             out = func(*args, **kwargs)
+            if func in _FLATTENS:
+                self.probe.note_flatten(args, out)
+            elif self.probe._flat:
+                self.probe.carry_flat(func, args, kwargs, out)
             if self.probe._aligned:
                 self.probe.carry_alignment(func, args, kwargs, out)
             if func in _NOTED:
@@ -546,6 +556,8 @@ class _CallSiteMode(TorchFunctionMode):
             )
         if self.probe._aligned and not in_place:
             self.probe.carry_alignment(func, args, kwargs, out)
+        if self.probe._flat and not in_place:
+            self.probe.carry_flat(func, args, kwargs, out)
         if in_place:  # the tensor now holds activations, no longer its producer's output
             self.probe.forget(args[0])
         if isinstance(out, torch.Tensor):
@@ -654,6 +666,9 @@ class EagerProbe:
         # [batch, tokens] (False) or [tokens, batch] (True), by descent from the forward's token ids;
         # followed only in a forward whose mask has as many samples as tokens (see note_inputs)
         self._aligned: dict[int, tuple[weakref.ref, bool]] = {}
+        # id(tensor) -> (weakref, time-major?): rows [B*T, ...] flattened from a [T, B, ...] tensor (True,
+        # row t*B + b) or a [B, T, ...] one (False), as the flatten's operand showed (note_flatten)
+        self._flat: dict[int, tuple[weakref.ref, bool]] = {}
         self.consumers: dict[str, set[str]] = {}  # site -> Linear/Conv modules that read its output
         # id(tensor) -> (weakref, [(site, offset, axis, width)]): concatenations holding site outputs;
         # (site, consumer) -> (offset, width of the joined axis, axis, rank): where a consumer reads a site
@@ -953,6 +968,7 @@ class EagerProbe:
         self._joins.clear()
         self._per_position.clear()
         self._aligned.clear()
+        self._flat.clear()
         self._zeros.clear()
         self._positives.clear()
         self._stored_ids = None  # read again when a spelling needs it (a .to() replaces buffers)
@@ -1034,6 +1050,8 @@ class EagerProbe:
     def observe(self, name: str, op: str, pre: torch.Tensor) -> None:
         self._note_source(name, pre)
         self.registry.call_hint = self.alignment_of(pre) if self._aligned else None
+        if self.registry.call_hint is None and self._flat:
+            self.registry.call_hint = self.flat_order(pre)
         if name not in self.registry.layout_hints:  # once per site: its module's own word on the layout
             self.registry.layout_hints[name] = self._time_major_hint()
         self.registry.record_pre(name, op, pre, *self._site_facts(pre))
@@ -1118,6 +1136,40 @@ class EagerProbe:
         ):
             return  # an op that may move the first two axes with their sizes (einsum, `.T`): no trail
         self._aligned[id(out)] = (weakref.ref(out), mark)
+
+    def note_flatten(self, args: tuple, out) -> None:
+        """A view/reshape/flatten of a [B, T, ...] or [T, B, ...] tensor into rows [B*T, ...]: which of
+        the two it was (its shape where B != T, else its descent from the token ids) says the rows' order
+        (sample-major b*T + t, or time-major t*B + b), which the rows' own shape never says."""
+        mask = self.registry.position_mask
+        if mask is None or mask.batch < 2 or not isinstance(out, torch.Tensor) or not args:
+            return
+        source, (batch, tokens) = args[0], (mask.batch, mask.tokens)
+        if not isinstance(source, torch.Tensor) or source.dim() < 3 or out.dim() < 2:
+            return
+        if out.shape[0] != batch * tokens or tuple(out.shape[1:]) != tuple(source.shape[2:]):
+            return
+        time_major = self.alignment_of(source)
+        if time_major is None and batch != tokens:
+            lead = tuple(source.shape[:2])
+            time_major = True if lead == (tokens, batch) else False if lead == (batch, tokens) else None
+        if time_major is not None:
+            self._flat[id(out)] = (weakref.ref(out), time_major)
+
+    def flat_order(self, tensor: torch.Tensor) -> bool | None:
+        """Whether the tensor's rows are a flattened [T, B, ...] (True) or [B, T, ...] (False), or None."""
+        entry = self._flat.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def carry_flat(self, func, args: tuple, kwargs: dict, out) -> None:
+        """`out` keeps an operand's row order when it keeps its rows (Linear, elementwise ops, norms)."""
+        if not isinstance(out, torch.Tensor) or out.dim() < 1 or func in _AXIS_MOVES:
+            return
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and (found := self.flat_order(value)) is not None:
+                if value.dim() >= 1 and out.shape[0] == value.shape[0]:
+                    self._flat[id(out)] = (weakref.ref(out), found)
+                return
 
     def per_position(self, tensor: torch.Tensor) -> bool:
         entry = self._per_position.get(id(tensor))

@@ -809,9 +809,9 @@ def _add_reductions(
 
 def _keep_of(builder: _Builder, site: OnnxSite) -> str:
     """The position mask [batch, tokens] reshaped to broadcast against the site's tensor:
-    [B, T, 1, …] (TOKEN_ROWS), [T, B, 1, …] (TOKENS_FIRST), [B*T, 1, …] (TOKEN_FLAT) or [B, 1, T]
-    (TOKENS_LAST)."""
-    from deadrelu_cli.probe.ops import TOKEN_FLAT, TOKEN_ROWS, TOKENS_FIRST
+    [B, T, 1, …] (TOKEN_ROWS), [T, B, 1, …] (TOKENS_FIRST), [B*T, 1, …] (TOKEN_FLAT), [B, 1, T]
+    (TOKENS_LAST); [T*B, 1, …] of the mask transposed (TOKEN_FLAT_TIME_MAJOR: rows t*B + b)."""
+    from deadrelu_cli.probe.ops import TOKEN_FLAT, TOKEN_FLAT_TIME_MAJOR, TOKEN_ROWS, TOKENS_FIRST
 
     rank = site.rank or 0
     mask = MASK_INPUT
@@ -819,8 +819,10 @@ def _keep_of(builder: _Builder, site: OnnxSite) -> str:
         shape = [0, 0] + [1] * (rank - 2)  # 0: copy that dim of the mask
         if site.token_layout == TOKENS_FIRST:
             mask = builder.node("Transpose", [MASK_INPUT], "keept", perm=[1, 0])
-    elif site.token_layout == TOKEN_FLAT:
+    elif site.token_layout in (TOKEN_FLAT, TOKEN_FLAT_TIME_MAJOR):
         shape = [-1] + [1] * (rank - 1)
+        if site.token_layout == TOKEN_FLAT_TIME_MAJOR:
+            mask = builder.node("Transpose", [MASK_INPUT], "keept", perm=[1, 0])
     else:
         shape = [0, 1, -1]
     return builder.node("Reshape", [mask, builder.const(np.array(shape, np.int64), "keepshape")], "keep")

@@ -278,6 +278,9 @@ TOKENS_LAST = "units_first"  # [B, C, T]: units before the token axis (SqueezeBE
 TOKEN_ROWS = "rows"  # [B, T, ..., C]
 TOKEN_FLAT = "flat"  # [B*T, ..., C] (OPT's FFN runs on the flattened tokens)
 TOKENS_FIRST = "time_major"  # [T, B, ..., C]: nn.Transformer*/nn.RNN with batch_first=False
+# [T*B, ..., C]: a time-major [T, B, C] flattened (an old LSTM/seq2seq head's `h.view(-1, C)`); its shape
+# is TOKEN_FLAT's, only what the model computed tells them apart (`row_order_ambiguous`)
+TOKEN_FLAT_TIME_MAJOR = "flat_time_major"
 
 
 def token_layout(shape: tuple[int, ...], channel_dim: int, batch: int, tokens: int) -> str | None:
@@ -304,6 +307,70 @@ def layout_ambiguous(shape: tuple[int, ...], channel_dim: int, batch: int, token
     return (
         batch == tokens > 1 and len(shape) >= 3 and tuple(shape[:2]) == (batch, tokens) and channel_dim >= 2
     )
+
+
+def row_order_ambiguous(shape: tuple[int, ...], channel_dim: int, batch: int, tokens: int) -> bool:
+    """Whether an activation of this shape holds the mask's positions as flattened rows ([B*T, ..., C],
+    TOKEN_FLAT) whose order its shape cannot say: sample-major (row b*T + t, [B, T, C] flattened) or
+    time-major (row t*B + b, [T, B, C] flattened) alike, whenever more than one sample and token."""
+    return batch > 1 and token_layout(shape, channel_dim, batch, tokens) == TOKEN_FLAT
+
+
+def reordered_layout(
+    shape: tuple[int, ...],
+    channel_dim: int,
+    batch: int,
+    tokens: int,
+    sums: tuple[np.ndarray, ...],
+    again: tuple[np.ndarray, ...],
+) -> bool | None:
+    """How a tensor whose shape cannot say it holds the mask's positions, found by what the model
+    computed (`reordered_order`): True time-major ([T, B, ...], or rows t*B + b of one flattened), False
+    sample-major ([B, T, ...], rows b*T + t), None: not told, or a shape that needs no telling."""
+    if layout_ambiguous(shape, channel_dim, batch, tokens):
+        return reordered_order(False, batch, tokens, sums, again)
+    if row_order_ambiguous(shape, channel_dim, batch, tokens):
+        return reordered_order(True, batch, tokens, sums, again)
+    return None
+
+
+def reordered_order(
+    flat: bool, batch: int, tokens: int, sums: tuple[np.ndarray, ...], again: tuple[np.ndarray, ...]
+) -> bool | None:
+    """`sums`: a tensor's per-index sums of |x| along axis 0 (and 1, unless `flat`: its rows [B*T, ...])
+    over every other axis on a batch; `again`: the same on that batch with its samples in reverse order.
+    Whatever holds the samples comes back reversed, the tokens unchanged. True: time-major ([T, B, ...],
+    rows t*B + b); False: sample-major ([B, T, ...], rows b*T + t); None: neither or both (identical
+    samples), or sums that do not fit."""
+    order = np.arange(batch)[::-1]
+    try:
+        sums = tuple(np.asarray(a, np.float64) for a in sums)
+        again = tuple(np.asarray(a, np.float64) for a in again)
+        if flat:
+            rows, rows_again = sums[0], again[0]
+            if rows.shape != (batch * tokens,) or rows_again.shape != rows.shape:
+                return None
+            samples = rows_again.reshape(batch, tokens) - rows.reshape(batch, tokens)[order]
+            steps = rows_again.reshape(tokens, batch) - rows.reshape(tokens, batch)[:, order]
+            errors = (np.abs(samples).max(), np.abs(steps).max())
+            sums = (rows,)  # the rows' sums alone say the order (axis 1's are the units')
+        else:
+            if any(a.shape != b.shape for a, b in zip(sums, again, strict=True)) or len(sums) != 2:
+                return None
+            first = max(np.abs(again[0] - sums[0][order]).max(), np.abs(again[1] - sums[1]).max())
+            second = max(np.abs(again[1] - sums[1][order]).max(), np.abs(again[0] - sums[0]).max())
+            errors = (first, second)
+    except (IndexError, ValueError):
+        return None
+    # told where one reading matches to well within the rows' spread and the other is far worse: the
+    # spread, not the sums' size, is the scale (a large bias shared by every row says nothing); rows
+    # that differ only by rounding (one vector everywhere) tell nothing
+    spread = max(float(np.ptp(a)) if a.size else 0.0 for a in sums)
+    size = max(float(np.abs(a).max()) if a.size else 0.0 for a in sums)
+    best = int(np.argmin(errors))
+    if spread <= 1e-6 * size or errors[best] > 1e-3 * spread or errors[best] * 20 > errors[1 - best]:
+        return None
+    return bool(best)
 
 
 def threshold_below(threshold: float, dtype: object) -> float:

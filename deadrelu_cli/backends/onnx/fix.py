@@ -322,14 +322,19 @@ def _assign(array: np.ndarray, axis: int, indices: list[int], values) -> None:
     array[tuple(index)] = values
 
 
-def _kept_positions(moved: np.ndarray, shape: tuple, dim: int, keep: np.ndarray | None) -> np.ndarray:
+def _kept_positions(
+    moved: np.ndarray, shape: tuple, dim: int, keep: np.ndarray | None, time_major: bool | None = None
+) -> np.ndarray:
     """[values, units]: a site's values (units moved last) at the positions `keep` [batch, tokens] keeps,
-    where the site's tensor holds those positions (probe.ops.token_layout, as the scan decides it)."""
+    where the site's tensor holds those positions (probe.ops.token_layout, as the scan decides it).
+    `time_major`: rows [B*T, ...] are a [T, B, ...] flattened (as reordering the samples told)."""
     from deadrelu_cli.probe.ops import TOKEN_FLAT, TOKENS_FIRST, token_layout
 
     units = moved.shape[-1]
     layout = token_layout(tuple(shape), dim, *keep.shape) if keep is not None and len(shape) >= 2 else None
-    if layout == TOKEN_FLAT:  # [B*T, ..., U] -> [B, T, ..., U]
+    if layout == TOKEN_FLAT and time_major:  # [T*B, ..., U] -> [T, B, ..., U]
+        moved, layout = moved.reshape(keep.shape[1], keep.shape[0], *moved.shape[1:]), TOKENS_FIRST
+    elif layout == TOKEN_FLAT:  # [B*T, ..., U] -> [B, T, ..., U]
         moved = moved.reshape(*keep.shape, *moved.shape[1:])
     if layout == TOKENS_FIRST:  # [T, B, ..., U]
         moved = moved[keep.T]
@@ -345,6 +350,7 @@ class _SitePass:
 
     def __init__(self, scanned, sites, scan_options) -> None:
         self.scanned, self.sites, self.options = scanned, sites, scan_options
+        self.row_orders: dict[str, bool | None] = {}  # site -> rows [B*T, ...] time-major? (None: untold)
         self.threshold = float(scan_options.threshold)
 
     def values(
@@ -359,6 +365,7 @@ class _SitePass:
         model's own outputs of every batch."""
         from deadrelu_cli.backends.onnx.scan import as_input, feed_order, make_session
         from deadrelu_cli.inputs import batch_mask, mask_lengths, resolve_mask, square_free_batch_size
+        from deadrelu_cli.probe.ops import reordered_order, row_order_ambiguous
         from deadrelu_cli.wiring.onnx_index import opset_version
 
         scanned, options = self.scanned, self.options
@@ -388,16 +395,38 @@ class _SitePass:
             local = scanned.data.local_samples
             total = local if limit is None else min(limit, local)
             size = square_free_batch_size(size, total, mask_lengths(mask, scanned.data))
+        consts, axes = set(getattr(scanned.data, "consts", ())), getattr(scanned.data, "batch_axes", {})
         for batch in scanned.data.batches(size, limit, options.allow_nonfinite):
-            outs = session.run(None, {i: as_input(batch[a], dtypes.get(i), i) for i, a in order.items()})
+            feeds = {i: as_input(batch[a], dtypes.get(i), i) for i, a in order.items()}
+            outs = session.run(None, feeds)
             keep = batch_mask(mask, batch) if mask is not None else None
             if outputs is not None:
                 outputs.extend(outs[:own])
+            again = None
             for name, out in zip(names, outs[own:], strict=True):
                 dim = site_channel_dim(self.sites[name], options.channel_dim) % max(1, out.ndim)
+                if (
+                    keep is not None
+                    and name not in self.row_orders
+                    and row_order_ambiguous(out.shape, dim, *keep.shape)
+                ):  # rows [B*T, ...]: their order as the scan tells it, by reordering the samples
+                    if again is None:
+                        flipped = {
+                            i: v if a in consts else np.flip(v, axes.get(a, 0)).copy()
+                            for (i, a), v in zip(order.items(), feeds.values(), strict=True)
+                        }
+                        again = session.run(None, flipped)[own:]
+                    rows = np.abs(np.asarray(out, np.float64)).reshape(out.shape[0], -1).sum(1)
+                    rows_again = np.abs(np.asarray(again[names.index(name)], np.float64))
+                    self.row_orders[name] = reordered_order(
+                        True, *keep.shape, (rows,), (rows_again.reshape(out.shape[0], -1).sum(1),)
+                    )
                 moved = np.moveaxis(out, dim, -1)
                 moved = moved if units[name] is None else moved[..., units[name]]
-                chunks[name].append(_kept_positions(moved, out.shape, dim, keep).astype(np.float64))
+                told = self.row_orders.get(name)
+                untold = name in self.row_orders and told is None  # the scan counted every position
+                kept = _kept_positions(moved, out.shape, dim, None if untold else keep, told)
+                chunks[name].append(kept.astype(np.float64))
                 if np.issubdtype(out.dtype, np.floating):
                     eps[name] = max(eps[name], float(np.finfo(out.dtype).eps))
         return {name: np.concatenate(parts) for name, parts in chunks.items()}, eps

@@ -9,7 +9,7 @@ import numpy as np
 
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import LAYOUT_AMBIGUOUS, unseen_notes
+from deadrelu_cli.gate import LAYOUT_AMBIGUOUS, ROW_ORDER_AMBIGUOUS, unseen_notes
 from deadrelu_cli.inputs import (
     batch_mask,
     fixed_batch_error,
@@ -265,7 +265,7 @@ def _discover_shapes(
     from onnx import TensorProto, helper
 
     from deadrelu_cli.probe.onnx_graph import lift_to_main, site_channel_dim, subgraph_map
-    from deadrelu_cli.probe.ops import layout_ambiguous, token_layout
+    from deadrelu_cli.probe.ops import layout_ambiguous, row_order_ambiguous, token_layout
     from deadrelu_cli.wiring.onnx_index import opset_version
 
     if mask is not None:
@@ -311,7 +311,7 @@ def _discover_shapes(
     keep = batch_mask(mask, batch) if mask is not None else None
     # Where (opset 9) applies the mask in the graph; older graphs count every position, which a note says
     maskable = keep is not None and opset_version(model) >= 9
-    ambiguous = []  # sites whose shape reads as [B, T, ...] and [T, B, ...] alike
+    ambiguous = []  # (site, shape): its shape reads as [B, T, ...] and [T, B, ...] alike, or flattened rows
     for site, shape in zip(unknown, session.run(None, feeds), strict=True):
         shape = np.asarray(shape)
         if shape.ndim == 2:  # a Loop's per-iteration shapes: the first iteration's
@@ -326,7 +326,14 @@ def _discover_shapes(
             dim = site_channel_dim(site, channel_dim)
             if layout_ambiguous(shape, dim, *keep.shape):  # a fixed batch of as many samples as tokens
                 site.mask_unapplied = LAYOUT_AMBIGUOUS
-                ambiguous.append(site)
+                ambiguous.append((site, shape))
+                continue
+            if row_order_ambiguous(shape, dim, *keep.shape):
+                # [B*T, …] rows of a [B, T] or of a time-major [T, B] flattened: told by reordering
+                # (main-graph sites; a subgraph's stays unmasked, every position counted, and says so)
+                site.mask_unapplied = ROW_ORDER_AMBIGUOUS
+                if not site.graph_path:
+                    ambiguous.append((site, shape))
                 continue
             site.token_layout = token_layout(shape, dim, *keep.shape)
         if site.graph_path and (site.token_layout or "Loop" not in _owner_types(owners, site.graph_path)):
@@ -335,42 +342,62 @@ def _discover_shapes(
     if ambiguous:
         consts, axes = set(getattr(data, "consts", ())), getattr(data, "batch_axes", {})
         sample_axes = {inp: None if arr in consts else axes.get(arr, 0) for inp, arr in order.items()}
-        _tell_layouts(model, ambiguous, feeds, sample_axes, device, weights_dir)
+        _tell_layouts(model, ambiguous, feeds, keep, sample_axes, device, weights_dir, channel_dim)
 
 
 def _tell_layouts(
-    model, sites: list, feeds: dict, sample_axes: dict, device: str, weights_dir: str | None
+    model,
+    sites: list[tuple],
+    feeds: dict,
+    keep: np.ndarray,
+    sample_axes: dict,
+    device: str,
+    weights_dir: str | None,
+    channel_dim: int | None,
 ) -> None:
-    """Main-graph sites whose [B, T, ...] and [T, B, ...] readings have one shape (a graph that fixes its
-    batch at the mask's token count): run the batch again with its samples in reverse order. Whichever
-    of the first two axes is the batch, the per-index sums over the other axes (ReduceSum) come back in
-    reverse along it and unchanged along the other: that axis is the batch, found by what the graph
-    computes, not by its sizes. A site neither or both ways (identical samples) stays ambiguous."""
+    """Main-graph sites whose tensor holds the mask's positions in a way its shape cannot say ([B, T, ...]
+    and [T, B, ...] in a graph that fixes its batch at the mask's token count; flattened rows [B*T, ...]
+    of a [B, T] or of a time-major [T, B]): run the batch again with its samples in reverse order,
+    exposing the per-index sums of |x| along each of the first two axes. Whatever holds the samples
+    comes back reversed, the tokens unchanged (probe.ops.reordered_layout): found by what the graph
+    computes, not by its sizes. A site neither or both ways (identical samples) stays unmasked."""
     from onnx import helper, numpy_helper
 
-    from deadrelu_cli.probe.ops import TOKEN_ROWS, TOKENS_FIRST
+    from deadrelu_cli.probe.onnx_graph import site_channel_dim
+    from deadrelu_cli.probe.ops import (
+        TOKEN_FLAT,
+        TOKEN_FLAT_TIME_MAJOR,
+        TOKEN_ROWS,
+        TOKENS_FIRST,
+        layout_ambiguous,
+        reordered_layout,
+    )
     from deadrelu_cli.wiring.onnx_index import opset_version
 
-    main = [site for site in sites if not site.graph_path]
+    main = [(site, shape) for site, shape in sites if not site.graph_path]
     if not main:
         return
     probe = type(model)()
     probe.CopyFrom(model)
     del probe.graph.output[:]
     opset = opset_version(probe)
-    for i, site in enumerate(main):
-        for lead in (0, 1):
+    leads = []
+    for i, (site, _) in enumerate(main):
+        for lead in range(min(site.rank, 2)):
             axes = [a for a in range(site.rank) if a != lead]
             name = f"deadrelu_lead{lead}_{i}"
+            # sums of |x|: no cancellation, so a row's sum is told from another's at float precision
+            magnitude = helper.make_node("Abs", [site.input_name], [name + "_abs"])
             if opset >= 13:
                 probe.graph.initializer.append(
                     numpy_helper.from_array(np.array(axes, np.int64), name + "_axes")
                 )
-                node = helper.make_node("ReduceSum", [site.input_name, name + "_axes"], [name], keepdims=0)
+                node = helper.make_node("ReduceSum", [name + "_abs", name + "_axes"], [name], keepdims=0)
             else:
-                node = helper.make_node("ReduceSum", [site.input_name], [name], axes=axes, keepdims=0)
-            probe.graph.node.append(node)
+                node = helper.make_node("ReduceSum", [name + "_abs"], [name], axes=axes, keepdims=0)
+            probe.graph.node.extend([magnitude, node])
             probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+        leads.append(min(site.rank, 2))
     batched = [inp for inp, axis in sample_axes.items() if axis is not None]
     if not batched:
         return
@@ -386,18 +413,19 @@ def _tell_layouts(
         second = session.run(None, reversed_feeds)
     except Exception:  # noqa: BLE001  (a graph this cannot run again: its sites stay ambiguous, and say so)
         return
-
-    def same(a, b) -> bool:
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-4, atol=1e-6 * (np.abs(a).max() + 1)))
-
-    for i, site in enumerate(main):
-        sums, again = first[2 * i : 2 * i + 2], second[2 * i : 2 * i + 2]
-        batch_first = same(again[0], sums[0][order]) and same(again[1], sums[1])
-        time_major = same(again[1], sums[1][order]) and same(again[0], sums[0])
-        if batch_first != time_major:
-            site.token_layout = TOKEN_ROWS if batch_first else TOKENS_FIRST
-            site.mask_unapplied = None
+    start = 0
+    for (site, shape), count in zip(main, leads, strict=True):
+        sums, again = first[start : start + count], second[start : start + count]
+        start += count
+        dim = site_channel_dim(site, channel_dim)
+        time_major = reordered_layout(shape, dim, *keep.shape, tuple(sums), tuple(again))
+        if time_major is None:
+            continue
+        if layout_ambiguous(shape, dim, *keep.shape):
+            site.token_layout = TOKENS_FIRST if time_major else TOKEN_ROWS
+        else:
+            site.token_layout = TOKEN_FLAT_TIME_MAJOR if time_major else TOKEN_FLAT
+        site.mask_unapplied = None
 
 
 def _owner_types(owners: dict, path: tuple[str, ...]) -> set[str]:

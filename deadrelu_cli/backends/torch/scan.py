@@ -284,6 +284,18 @@ def scan_torch(
     done = 0
     context = probe.attached() if hasattr(probe, "attached") else contextlib.nullcontext()
 
+    def prepared(batch: dict) -> tuple:
+        return (
+            batch,
+            model_tensors(model, batch, order, device),
+            None if mask is None else torch.from_numpy(batch_mask(mask, batch)).to(device),
+            decoder_batch_mask(mask, batch)
+            if decoder is not None
+            else target_batch_mask(batch)
+            if targets
+            else None,
+        )
+
     def tensors():
         nonlocal padded, pad_positions, zero_tailed
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
@@ -292,36 +304,46 @@ def scan_torch(
                 zero_tailed += trailing_zero_samples(batch[AUDIO_VALUES], hop)
             if pad_id is not None:
                 pad_positions += int(np.count_nonzero(np.asarray(batch[TOKEN_IDS]) == pad_id))
-            yield (
-                batch,
-                model_tensors(model, batch, order, device),
-                None if mask is None else torch.from_numpy(batch_mask(mask, batch)).to(device),
-                decoder_batch_mask(mask, batch)
-                if decoder is not None
-                else target_batch_mask(batch)
-                if targets
-                else None,
-            )
+            yield prepared(batch)
+
+    def forward(inputs, kept, decoder_kept) -> None:
+        if decoder is not None:
+            scoped = None if decoder_kept is None else torch.from_numpy(decoder_kept).to(device)
+            probe.registry.set_position_mask(kept, {decoder: scoped})
+        elif targets:
+            scoped = None if decoder_kept is None else torch.from_numpy(decoder_kept).to(device)
+            probe.registry.set_position_mask(kept, dict.fromkeys(targets, scoped))
+        elif frames is not None:
+            path, to_frames = frames
+            probe.registry.set_position_mask(kept, {path: to_frames(kept)})
+        elif pooled is not None:
+            probe.registry.set_position_mask(kept, pooled(kept))
+        elif mask is not None:
+            probe.registry.set_position_mask(kept)
+        args, kwargs = model_call(model, order, inputs)
+        probe.run(args, kwargs)
 
     forwards = 0
+    # sites whose layout their shape cannot say (probe.ops.row_order_ambiguous / layout_ambiguous) are
+    # told by reordering a batch's samples: before the batch is counted where collectors (fixes) read
+    # the kept positions; else after it, only where such a site ran (its batch counted every way meanwhile)
+    tell_first = mask is not None and bool(probe.registry.collectors)
+    tried: set[str] = set()
+
+    def tell(batch: dict) -> None:
+        tell_layouts(probe.registry, batch, data, lambda b: forward(*prepared(b)[1:]))
+
     with context, torch.inference_mode():
         for index, (batch, inputs, kept, decoder_kept) in enumerate(prefetched(tensors())):
             try:
-                if decoder is not None:
-                    scoped = None if decoder_kept is None else torch.from_numpy(decoder_kept).to(device)
-                    probe.registry.set_position_mask(kept, {decoder: scoped})
-                elif targets:
-                    scoped = None if decoder_kept is None else torch.from_numpy(decoder_kept).to(device)
-                    probe.registry.set_position_mask(kept, dict.fromkeys(targets, scoped))
-                elif frames is not None:
-                    path, to_frames = frames
-                    probe.registry.set_position_mask(kept, {path: to_frames(kept)})
-                elif pooled is not None:
-                    probe.registry.set_position_mask(kept, pooled(kept))
-                elif mask is not None:
-                    probe.registry.set_position_mask(kept)
-                args, kwargs = model_call(model, order, inputs)
-                probe.run(args, kwargs)
+                if tell_first and kept is not None and kept.shape[0] > 1:
+                    tell_first = False
+                    tell(batch)
+                forward(inputs, kept, decoder_kept)
+                untold = {name for name, site in probe.registry.sites.items() if site.pending} - tried
+                if untold and kept is not None and kept.shape[0] > 1:
+                    tried |= untold
+                    tell(batch)
             except UserError:
                 raise
             except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -388,6 +410,54 @@ def scan_torch(
     if not layers and not any(note.startswith("the model ran no") for note in model.notes):
         model.notes.append(no_sites_note(model, options.ops))
     return layers, probe
+
+
+def tell_layouts(registry, batch: dict, data: CalibrationData, run) -> None:
+    """Sites whose tensor holds the mask's positions in a way its shape cannot say (flattened rows
+    [B*T, ...] of a [B, T] or of a time-major [T, B] tensor; [B, T, ...] and [T, B, ...] at as many
+    samples as tokens): told by running `batch` (`run`) again with its samples in reverse order and
+    seeing which part of the tensor comes back reversed (probe.ops.reordered_layout). Nothing is counted
+    in these runs; a site it cannot tell (one vector everywhere) is counted as the accumulator's pending
+    rule says (every position, and a note). Two forwards more (one where no such site ran)."""
+    from deadrelu_cli.probe.ops import layout_ambiguous, reordered_layout, row_order_ambiguous
+
+    def fingerprints(arrays: dict) -> dict:
+        registry.fingerprints = {}
+        try:
+            run(arrays)
+            return registry.fingerprints
+        finally:
+            registry.fingerprints = None
+
+    first = fingerprints(batch)
+    unclear = {
+        name: calls
+        for name, calls in first.items()
+        if any(
+            layout_ambiguous(shape, dim, b, t) or row_order_ambiguous(shape, dim, b, t)
+            for shape, dim, b, t, _ in calls
+        )
+    }
+    if not unclear:
+        return
+    consts, axes = set(getattr(data, "consts", ())), getattr(data, "batch_axes", {})
+    reversed_batch = {}
+    for name, array in batch.items():
+        array = np.asarray(array)
+        axis = axes.get(name, 0)
+        reversed_batch[name] = array if name in consts or array.ndim <= axis else np.flip(array, axis).copy()
+    second = fingerprints(reversed_batch)
+    for name, calls in unclear.items():
+        again = second.get(name, [])
+        if len(again) != len(calls):
+            continue
+        told = {
+            reordered_layout(shape, dim, b, t, sums, other[4])
+            for (shape, dim, b, t, sums), other in zip(calls, again, strict=True)
+            if layout_ambiguous(shape, dim, b, t) or row_order_ambiguous(shape, dim, b, t)
+        }
+        if len(told) == 1 and None not in told:
+            registry.tell_layout(name, told.pop())
 
 
 def check_sample_axis(
