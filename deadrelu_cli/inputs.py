@@ -300,6 +300,10 @@ DEFAULT_MASK = "attention_mask"
 # default mask after attention_mask (tgt_/memory_ ones mark another sequence: a decoder's, the encoder output's)
 DEFAULT_PADDING_MASKS = ("src_key_padding_mask", "key_padding_mask")
 AUDIO_VALUES = "input_values"  # a speech model's raw audio [samples, audio samples]
+AUDIO_FEATURES = "input_features"  # filterbank frames [samples, frames, features] (Speech2Text)
+# a speech encoder's inputs that an attention_mask of [samples, audio samples or frames] marks: the
+# encoder runs on fewer frames (a conv feature extractor, a subsampler), by the model's own mapping
+AUDIO_INPUTS = (AUDIO_VALUES, AUDIO_FEATURES)
 
 
 @dataclass(frozen=True)
@@ -346,8 +350,13 @@ def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data
                 f"{data.path}: the mask array {name!r} has shape {list(shape)}; a mask is [samples, tokens]"
             )
     # a mask of another length than the sequence it marks would mark nothing (the model may even run)
-    for name in (TOKEN_IDS, AUDIO_VALUES) if array is not None else ():
-        if name in by_name and len(by_name[name].shape) == 2 and by_name[name].shape != by_name[array].shape:
+    for name in (TOKEN_IDS, *AUDIO_INPUTS) if array is not None else ():
+        rank = 3 if name == AUDIO_FEATURES else 2  # [samples, frames, features]: a mask value per frame
+        if (
+            name in by_name
+            and len(by_name[name].shape) == rank
+            and tuple(by_name[name].shape[:2]) != tuple(by_name[array].shape)
+        ):
             raise UserError(
                 f"{data.path}: the mask array {array!r} has shape {list(by_name[array].shape)} but {name!r} has "
                 f"{list(by_name[name].shape)}: give one mask value per position (or --mask none to count every position)"
@@ -493,6 +502,8 @@ class OutputArrays(list):
     output, transformers' ModelOutput; "" otherwise)."""
 
     names: tuple[str, ...] = ()
+    # a speech encoder's: the [batch, audio] mask -> its frames' [batch, frames] mask (None: not one)
+    to_frames = None
 
 
 def output_keep(

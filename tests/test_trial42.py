@@ -123,3 +123,148 @@ def test_watch_counts_a_channels_last_linear_on_its_last_axis(tmp_path):
         assert np.asarray(layer.positive_counts).tolist() == (out > 0).sum(0).tolist()
         assert layer.elements_per_unit == out.shape[0]
         assert np.flatnonzero(layer.positive_counts == 0).tolist() == [1, 5, 9]
+
+
+def _s2t(tmp_path):
+    """A tiny Speech2Text (conv subsampler: 2 stride-2 convs, then a ReLU transformer) saved as a
+    folder, and padded filterbank frames with their attention_mask (zeros on padding)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Speech2TextConfig(
+        vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, activation_function="relu",
+        pad_token_id=1, decoder_start_token_id=2, input_feat_per_channel=8, conv_channels=16,
+        max_source_positions=64, max_target_positions=64, dropout=0.0, activation_dropout=0.0,
+        attention_dropout=0.0,
+    )  # fmt: skip
+    model = transformers.Speech2TextForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "s2t")
+    r = np.random.default_rng(0)
+    lengths = np.array([40, 33, 24, 17, 40, 9])
+    mask = (np.arange(40)[None] < lengths[:, None]).astype(np.int64)
+    features = (r.standard_normal((6, 40, 8)) * mask[..., None]).astype(np.float32)
+    tokens = r.integers(3, 32, (6, 7))
+    decoder_mask = (np.arange(7)[None] < np.array([7, 5, 6, 3, 7, 4])[:, None]).astype(np.int64)
+    feed = dict(input_features=features, attention_mask=mask, decoder_input_ids=tokens,
+                decoder_attention_mask=decoder_mask)  # fmt: skip
+    np.savez(tmp_path / "speech.npz", **feed)
+    frames = lengths
+    for _ in range(2):  # each subsampling conv: kernel 5, stride 2, padding 2
+        frames = (frames - 1) // 2 + 1
+    return model, feed, frames
+
+
+def _relu_outputs(model, feed: dict) -> dict[str, np.ndarray]:
+    seen = {}
+
+    def keep(name):
+        def hook(_module, _args, out):
+            seen.setdefault(name, out.detach().numpy())
+
+        return hook
+
+    hooks = [
+        m.register_forward_hook(keep(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.ReLU)
+    ]
+    with torch.no_grad():
+        model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_speech2text_encoder_counts_the_real_frames_beside_its_decoder(cli, tmp_path):
+    """Speech2Text takes `input_features` [N, frames, 80] with an attention_mask per frame, and its
+    conv subsampler shortens them 4×: the encoder's sites counted every subsampled frame, padding
+    included (a note said "position mask not applied"), so units firing only on padding passed as
+    alive; the speech-frame scoping knew only wav2vec2's `input_values` and no encoder-decoder.
+    Truth: my hooks, frames kept by the subsampler's own arithmetic ((L - 1) // 2 + 1, twice)."""
+    model, feed, frames = _s2t(tmp_path)
+    outs = _relu_outputs(model, feed)
+    encoder = outs["model.encoder.layers.0.activation_fn"]
+    keep = np.arange(encoder.shape[1])[None] < frames[:, None]
+    decoder = outs["model.decoder.layers.0.activation_fn"]
+    truth = {
+        "model.encoder.layers.0.activation_fn": encoder[keep],
+        "model.decoder.layers.0.activation_fn": decoder[feed["decoder_attention_mask"].astype(bool)],
+    }
+    res = cli("scan", tmp_path / "s2t", "--data", tmp_path / "speech.npz", "--json", "-", "--batch-size", "4")
+    assert res.code == 0, res.err
+    layers = {layer["name"]: layer for layer in res.json()["layers"]}
+    for name, values in truth.items():
+        assert layers[name]["positive_counts"] == (values > 0).sum(0).tolist(), name
+        assert layers[name]["elements_per_unit"] == values.shape[0], name
+    assert "position mask not applied" not in res.err
+
+    from deadrelu_cli import watch
+
+    model.train()
+    seen = _relu_outputs(model, feed)  # dropout 0: train mode computes the same values as eval
+    with watch(model, every=1, config=False) as w:
+        w.step(0)
+        model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.sum().backward()
+    layers = {layer.name: layer for layer in w.reports[0].layers}
+    assert (
+        np.asarray(layers["model.encoder.layers.0.activation_fn"].positive_counts).tolist()
+        == (seen["model.encoder.layers.0.activation_fn"][keep] > 0).sum(0).tolist()
+    )
+    assert (
+        layers["model.decoder.layers.0.activation_fn"].elements_per_unit
+        == truth["model.decoder.layers.0.activation_fn"].shape[0]
+    )
+
+
+def test_fix_of_a_speech_encoder_compares_its_outputs_on_the_real_frames(cli, tmp_path):
+    """wav2vec2 with an attention_mask over the audio: units dead on the real frames that fire on
+    padded ones were counted right, but `fix --strategy reinit` compared every frame of the outputs
+    (the mask is over audio samples, the outputs over frames) and refused an exact fix ("outputs
+    changed by 0.0661 relative"). Truth: the written folder's outputs on the real frames (frames by
+    the conv arithmetic) equal the original's, and the planted units fire there (my hooks)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, hidden_act="relu",
+        conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, feat_extract_norm="layer", do_stable_layer_norm=True, vocab_size=8,
+    )  # fmt: skip
+    model = transformers.Wav2Vec2Model(config).eval()
+    r = np.random.default_rng(0)
+    lengths = np.array([400, 300, 210, 400, 150, 333])
+    mask = (np.arange(400)[None] < lengths[:, None]).astype(np.int64)
+    audio = (r.standard_normal((6, 400)) * mask).astype(np.float32)
+    np.savez(tmp_path / "a.npz", input_values=audio, attention_mask=mask)
+    frames = lengths
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride, strict=True):
+        frames = (frames - kernel) // stride + 1
+    dense = model.encoder.layers[0].feed_forward.intermediate_dense
+    feed = {"input_values": torch.from_numpy(audio), "attention_mask": torch.from_numpy(mask)}
+
+    def pre_activations(m):
+        seen = []
+        h = m.encoder.layers[0].feed_forward.intermediate_dense.register_forward_hook(
+            lambda _m, _a, out: seen.append(out.detach())
+        )
+        with torch.no_grad():
+            out = m(**feed).last_hidden_state
+        h.remove()
+        real = torch.arange(seen[0].shape[1])[None] < torch.from_numpy(frames)[:, None]
+        return seen[0], real, out
+
+    pre, real, before = pre_activations(model)
+    gap = pre[~real].amax(0) - pre[real].amax(0)  # units whose padding frames reach higher than real ones
+    planted = torch.argsort(gap, descending=True)[:3]
+    assert (gap[planted] > 0).all()
+    with torch.no_grad():
+        dense.bias[planted] -= pre[real].amax(0)[planted] + 1e-3  # dead on real frames, alive on padding
+    pre, real, before = pre_activations(model)
+    assert (pre[real][:, planted] <= 0).all() and (pre[~real][:, planted] > 0).any()
+    model.save_pretrained(tmp_path / "w2v")
+    res = cli("fix", tmp_path / "w2v", "--data", tmp_path / "a.npz", "--strategy", "reinit", "--output",
+              tmp_path / "fixed")  # fmt: skip
+    assert res.code == 0, res.err
+    fixed = transformers.Wav2Vec2Model.from_pretrained(tmp_path / "fixed").eval()
+    pre_after, _, after = pre_activations(fixed)
+    assert torch.equal(after[real], before[real])
+    assert ((pre_after[real][:, planted] > 0).sum(0) > 0).all()

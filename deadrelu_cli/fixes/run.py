@@ -50,6 +50,10 @@ def _outputs_of(runner, data, scan_options: ScanOptions, mask=None) -> list[list
             kept = []
             for i, a in enumerate(out):
                 k = output_keep(names[i], keep, decoder_keep, fed) if fed else keep
+                to_frames = getattr(out, "to_frames", None)
+                if k is not None and to_frames is not None and a.ndim >= 2 and a.shape[:2] != k.shape:
+                    frames = to_frames(k)  # a speech encoder's output: its frames' positions
+                    k = frames if a.shape[:2] == frames.shape else k
                 if k is not None and a.ndim >= 2 and a.shape[:2] == k.shape:
                     a = a[k]
                 elif k is not None and a.ndim >= 3 and a.shape[:2] == k.T.shape:  # time-major [T, B, ...]
