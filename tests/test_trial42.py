@@ -268,3 +268,47 @@ def test_fix_of_a_speech_encoder_compares_its_outputs_on_the_real_frames(cli, tm
     pre_after, _, after = pre_activations(fixed)
     assert torch.equal(after[real], before[real])
     assert ((pre_after[real][:, planted] > 0).sum(0) > 0).all()
+
+
+def test_onnx_bias_shift_moves_the_beta_of_a_layer_norm_written_out(cli, tmp_path):
+    """openWakeWord's `hey_jarvis` (torch.onnx below opset 17 writes LayerNorm out as ReduceMean, Sub,
+    Pow, Sqrt, Div, Mul(gamma), Add(beta)) had a LayerNorm before each Relu: `fix --strategy
+    bias-shift` said "not produced by a Conv, Gemm, MatMul+bias or BatchNormalization" and wrote
+    nothing, while a LayerNormalization node's B is moved. Truth: onnxruntime's own Relu outputs of
+    the written file (planted units fire), and only the planted units' beta entries moved."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.ReLU(), torch.nn.Linear(16, 2)
+    ).eval()
+    with torch.no_grad():
+        model[1].bias[[2, 11]] = -5.0  # LayerNorm output is within √15 of 0: dead for any input
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "ln.onnx"
+    torch.onnx.export(model, (x,), path, dynamo=False, opset_version=13, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}})  # fmt: skip
+    graph = onnx.load(path).graph
+    assert "LayerNormalization" not in {n.op_type for n in graph.node}  # written out
+    np.savez(tmp_path / "d.npz", x=x.numpy())
+    res = cli(
+        "fix", path, "--data", tmp_path / "d.npz", "--strategy", "bias-shift", "--output", tmp_path / "f.onnx"
+    )
+    assert res.code == 0, res.err
+
+    def relu_and_betas(file):
+        m = onnx.load(file)
+        (relu,) = [n for n in m.graph.node if n.op_type == "Relu"]
+        m.graph.output.append(onnx.helper.make_empty_tensor_value_info(relu.output[0]))
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        betas = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer if i.dims == [16]}
+        return session.run([relu.output[0]], {"x": x.numpy()})[0], betas
+
+    before, betas = relu_and_betas(path)
+    after, moved = relu_and_betas(tmp_path / "f.onnx")
+    assert np.flatnonzero((before > 0).sum(0) == 0).tolist() == [2, 11]
+    assert ((after > 0).sum(0) > 0).all()
+    changed = {name: np.flatnonzero(betas[name] != moved[name]).tolist() for name in betas}
+    assert sorted(v for v in changed.values() if v) == [[2, 11]]
