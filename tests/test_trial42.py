@@ -312,3 +312,62 @@ def test_onnx_bias_shift_moves_the_beta_of_a_layer_norm_written_out(cli, tmp_pat
     assert ((after > 0).sum(0) > 0).all()
     changed = {name: np.flatnonzero(betas[name] != moved[name]).tolist() for name in betas}
     assert sorted(v for v in changed.values() if v) == [[2, 11]]
+
+
+SCALED_FIRST = """
+import torch
+from torch import nn
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.scale = nn.Parameter(torch.full((8,), 0.5))
+        self.fc2 = nn.Linear(8, 6)
+        self.register_buffer("offset", torch.zeros(6))
+
+    def forward(self, x):
+        h = torch.relu(self.scale * self.fc1(x))  # the constant first: ConvNeXt's layer scale
+        return torch.relu(self.offset - self.fc2(h))  # a constant minus the input-dependent value
+
+
+def build():
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    with torch.no_grad():
+        model.fc1.bias[0] = -100.0
+        model.offset[3] = -100.0
+    return model
+"""
+
+
+def test_certify_bounds_a_product_or_difference_whose_constant_comes_first(cli, tmp_path):
+    """`--certify` on a Hugging Face ConvNeXt said "n/c — AttributeError at mul" for every layer after
+    its first block: `layer_scale * x` has the constant as the first operand, and the bound took the
+    first operand as the interval. Truth: a hand bound in numpy (|W| times the box) proves the planted
+    units dead; soundness: no unit the tool certifies fires on data from the box."""
+    source = tmp_path / "scaled.py"
+    source.write_text(SCALED_FIRST)
+    spec = importlib.util.spec_from_file_location("scaled", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.build()
+    w1, b1 = model.fc1.weight.detach().numpy(), model.fc1.bias.detach().numpy()
+    w2, b2 = model.fc2.weight.detach().numpy(), model.fc2.bias.detach().numpy()
+    scale, offset = model.scale.detach().numpy(), model.offset.numpy()
+    hi1 = np.maximum(scale * (np.abs(w1).sum(1) + b1), 0)  # x in [-1, 1]^4, scale > 0
+    assert hi1[0] == 0
+    upper2 = offset - b2 + np.abs(w2) @ hi1  # h in [0, hi1]
+    assert upper2[3] < 0
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    x = torch.rand(256, 4, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    np.savez(tmp_path / "d.npz", x=x.numpy())
+    res = cli("scan", tmp_path / "m.pt", "--arch", f"{source}:build", "--data", tmp_path / "d.npz",
+              "--input-range", "-1", "1", "--json", "-")  # fmt: skip
+    assert res.code == 0, res.err
+    layers = res.json()["layers"]
+    assert [layer.get("certify_note") for layer in layers] == [None, None]
+    assert 0 in layers[0]["certified_dead_indices"] and 3 in layers[1]["certified_dead_indices"]
+    for layer in layers:  # sound: a certified unit never fires on data from the box
+        assert set(layer["certified_dead_indices"]) <= set(layer["dead_indices"])
