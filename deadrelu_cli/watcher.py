@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -469,8 +468,12 @@ class Watch:
             return
         probe, root = self._probe, self.model
         probe.set_position_mask(self._mask)
-        if "torch._dynamo" in sys.modules:  # something may be compiled: this step runs as written (eager)
-            self._stance = torch.compiler.set_stance("force_eager")
+        # the sampled step runs as written (eager): compiled code, and torch.cond, which compiles its
+        # branches on its first call and would trace this probe's mode (importing the compiler costs ~2 s,
+        # once; a training loop has loaded it already with its optimizer)
+        set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+        if set_stance is not None:
+            self._stance = set_stance("force_eager")
             # torch warns that global hooks also fire for a torch.compile(module) wrapper: ours skip it
             warnings.filterwarnings("ignore", message=COMPILED_WRAPPER_WARNING, category=UserWarning)
 

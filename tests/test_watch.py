@@ -519,3 +519,57 @@ def test_a_rerun_into_the_same_out_dir_says_it_replaces_reports(tmp_path):
     assert (
         json.loads((tmp_path / "deadrelu-step00000000.json").read_text()).keys() == json.loads(first).keys()
     )
+
+
+TORCH_COND_WATCH = r"""
+import json, sys
+import numpy as np, torch
+from torch import nn
+from deadrelu_cli import watch
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = torch.cond(h.sum() > -1e9, lambda t: torch.relu(t), lambda t: torch.relu(-t), (h,))
+        return self.b(h)
+
+torch.manual_seed(0)
+model = Branchy()
+with torch.no_grad():
+    model.a.bias[:3] = -50.0  # three units of a dead
+assert "torch._dynamo" not in sys.modules  # no optimizer yet: the compiler is not loaded
+w = watch(model, every=1, window=2, config=False)
+truth = np.zeros(8, np.int64)
+for step in range(2):
+    w.step()
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        truth += (model.a(x) > 0).sum(0).numpy()
+    model.zero_grad()
+    model(x).pow(2).mean().backward()
+    w.end_step()
+w.close()
+layer = w.reports[0].layer("relu()")  # the functional relu after self.a
+print(json.dumps({"pos": [int(v) for v in layer.positive_counts], "truth": truth.tolist(),
+                  "notes": w.reports[0].notes}))
+"""
+
+
+def test_watch_survives_torch_cond_when_the_compiler_is_not_loaded_yet(tmp_path):
+    """torch.cond compiles its branches on its first call; in a sampled step whose compiler was not loaded
+    (no optimizer made yet), it traced the probe's mode and the training step failed ('Could not guard on
+    data-dependent expression'). A fresh interpreter: this one has loaded the compiler already."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "cond_watch.py"
+    script.write_text(TORCH_COND_WATCH)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["pos"] == result["truth"] and result["truth"][:3] == [0, 0, 0]
+    assert any("torch.cond" in note for note in result["notes"]), result["notes"]
