@@ -93,17 +93,27 @@ LABELS = "labels"
 IGNORE_INDEX = -100  # transformers' label padding (the loss ignores it)
 
 
+def derives_decoder_from_labels(runnable, arguments) -> bool:
+    """Whether `runnable` is a transformers encoder-decoder that runs its decoder on `labels` shifted
+    right (the start token first) when it gets no `decoder_input_ids`: one with
+    `prepare_decoder_input_ids_from_labels` (T5, BART, mBART), or whose forward() takes both (M2M100,
+    NLLB, Blenderbot, Speech2Text, Whisper shift them inside forward() without that method).
+    `arguments`: the names forward() takes."""
+    return (
+        getattr(getattr(runnable, "config", None), "is_encoder_decoder", False) is True
+        and LABELS in arguments
+        and (hasattr(runnable, "prepare_decoder_input_ids_from_labels") or DECODER_IDS in arguments)
+    )
+
+
 def decoder_from_labels(model: LoadedModel, names) -> bool:
-    """Whether the model is an encoder-decoder that derives its decoder's input from `labels` (shifted
-    right, the start token first: transformers' `prepare_decoder_input_ids_from_labels`, T5, BART,
-    mBART) and the data gives it `labels` [samples, tokens] and no `decoder_input_ids`: those labels
-    are then the decoder's tokens, and fed."""
+    """Whether the model is an encoder-decoder that derives its decoder's input from `labels`
+    (`derives_decoder_from_labels`) and the data gives it `labels` [samples, tokens] and no
+    `decoder_input_ids`: those labels are then the decoder's tokens, and fed."""
     return (
         LABELS in names
         and DECODER_IDS not in names
-        and LABELS in model.keyword_inputs
-        and getattr(getattr(model.runnable, "config", None), "is_encoder_decoder", False) is True
-        and hasattr(model.runnable, "prepare_decoder_input_ids_from_labels")
+        and derives_decoder_from_labels(model.runnable, model.keyword_inputs)
     )
 
 

@@ -45,7 +45,15 @@ from deadrelu_cli.gate import (
     parse_layer_limits,
     unseen_notes,
 )
-from deadrelu_cli.inputs import AUDIO_INPUTS, DECODER_IDS, DECODER_MASK, IGNORE_INDEX, LABELS, decoder_scope
+from deadrelu_cli.inputs import (
+    AUDIO_INPUTS,
+    DECODER_IDS,
+    DECODER_MASK,
+    IGNORE_INDEX,
+    LABELS,
+    decoder_scope,
+    derives_decoder_from_labels,
+)
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.probe.ops import parse_ops
@@ -189,6 +197,14 @@ def unwrapped(model: nn.Module) -> nn.Module:
     signature tells where a positional `attention_mask` is (a wrapper's is `*inputs, **kwargs`). The
     wrapper calls it, so its own hooks see every forward."""
     return wrappers(model)[-1]
+
+
+def _forward_arguments(model: nn.Module) -> tuple[str, ...]:
+    """The parameter names of `model.forward` (none when its signature cannot be read)."""
+    try:
+        return tuple(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return ()
 
 
 def positional_index(model: nn.Module, argument: str | None) -> int | None:
@@ -343,6 +359,7 @@ class Watch:
         self._audio_index = {name: positional_index(model, name) for name in AUDIO_INPUTS}
         self._pooled = pooled_blocks(model)  # a Funnel-style encoder: each block on its pooled mask
         self._decoder = decoder_scope(model)  # an encoder-decoder's decoder: on its own tokens' positions
+        self._from_labels = derives_decoder_from_labels(model, _forward_arguments(model))
         self._padding_modules = padding_mask_modules(model)  # nn.Transformer*: their key padding masks
         self._mask_warned = False
         # one probe for the run (names, tables); its counters are restarted per window
@@ -614,11 +631,7 @@ class Watch:
         keep = given != 0 if isinstance(given, torch.Tensor) and given.dim() == 2 else None
         if isinstance(ids, torch.Tensor):
             return keep
-        if (
-            isinstance(labels, torch.Tensor)
-            and labels.dim() == 2
-            and hasattr(self.model, "prepare_decoder_input_ids_from_labels")
-        ):
+        if isinstance(labels, torch.Tensor) and labels.dim() == 2 and self._from_labels:
             real = labels != IGNORE_INDEX
             shifted = torch.cat([torch.ones_like(real[:, :1]), real[:, :-1]], dim=1)
             return shifted if keep is None or keep.shape != shifted.shape else keep & shifted

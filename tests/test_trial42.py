@@ -371,3 +371,48 @@ def test_certify_bounds_a_product_or_difference_whose_constant_comes_first(cli, 
     assert 0 in layers[0]["certified_dead_indices"] and 3 in layers[1]["certified_dead_indices"]
     for layer in layers:  # sound: a certified unit never fires on data from the box
         assert set(layer["certified_dead_indices"]) <= set(layer["dead_indices"])
+
+
+def test_encoder_decoders_that_shift_labels_inside_forward_run_their_decoder_on_them(cli, tmp_path):
+    """M2M100 (and NLLB, Blenderbot, Speech2Text, Whisper) derive the decoder's input from `labels`
+    inside forward() but have no `prepare_decoder_input_ids_from_labels`: a scan with `labels` and no
+    `decoder_input_ids` left the labels out and failed ("You cannot specify both decoder_input_ids
+    and decoder_inputs_embeds"), and `watch()` under the Trainer (which feeds labels) counted every
+    decoder position, those after label padding (-100) included. Truth: my hooks, the decoder's
+    positions being the start one and each after a label that is not -100."""
+    import transformers
+
+    from deadrelu_cli import watch
+
+    torch.manual_seed(0)
+    config = transformers.M2M100Config(
+        vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, activation_function="relu",
+        pad_token_id=1, decoder_start_token_id=2, bos_token_id=2, eos_token_id=0, dropout=0.0,
+    )  # fmt: skip
+    model = transformers.M2M100ForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "m2m")
+    r = np.random.default_rng(0)
+    lengths = np.array([9, 4, 6, 3, 9, 7, 5, 8])
+    mask = (np.arange(9)[None] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, r.integers(3, 32, (8, 9)), 1)
+    labels = np.where(mask == 1, ids, -100)
+    feed = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    np.savez(tmp_path / "d.npz", **feed)
+    decoder = "model.decoder.layers.0.activation_fn"
+    keep = np.concatenate([np.ones((8, 1), bool), labels[:, :-1] != -100], axis=1)
+    truth = (_relu_outputs(model, feed)[decoder][keep] > 0).sum(0)
+    assert (truth == 0).sum() > ((_relu_outputs(model, feed)[decoder] > 0).sum((0, 1)) == 0).sum()
+    res = cli("scan", tmp_path / "m2m", "--data", tmp_path / "d.npz", "--json", "-")
+    assert res.code == 0, res.err
+    layer = next(layer for layer in res.json()["layers"] if layer["name"] == decoder)
+    assert layer["positive_counts"] == truth.tolist()
+    assert layer["elements_per_unit"] == int(keep.sum())
+
+    model.train()
+    with watch(model, every=1, config=False) as w:
+        w.step(0)
+        model(**{k: torch.from_numpy(v) for k, v in feed.items()}).loss.backward()
+    layer = next(layer for layer in w.reports[0].layers if layer.name == decoder)
+    assert np.asarray(layer.positive_counts).tolist() == truth.tolist()
+    assert layer.elements_per_unit == int(keep.sum())
