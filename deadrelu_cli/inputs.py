@@ -360,13 +360,10 @@ def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data
                 f"{data.path}: the mask array {name!r} has shape {list(shape)}; a mask is [samples, tokens]"
             )
     # a mask of another length than the sequence it marks would mark nothing (the model may even run)
-    for name in (TOKEN_IDS, *AUDIO_INPUTS) if array is not None else ():
-        rank = 3 if name == AUDIO_FEATURES else 2  # [samples, frames, features]: a mask value per frame
-        if (
-            name in by_name
-            and len(by_name[name].shape) == rank
-            and tuple(by_name[name].shape[:2]) != tuple(by_name[array].shape)
-        ):
+    # (not `input_features`: Speech2Text lays it out [samples, frames, features], Whisper [samples,
+    # features, frames], and Whisper's feature extractor gives a mask over the frames)
+    for name in (TOKEN_IDS, AUDIO_VALUES) if array is not None else ():
+        if name in by_name and len(by_name[name].shape) == 2 and by_name[name].shape != by_name[array].shape:
             raise UserError(
                 f"{data.path}: the mask array {array!r} has shape {list(by_name[array].shape)} but {name!r} has "
                 f"{list(by_name[name].shape)}: give one mask value per position (or --mask none to count every position)"
