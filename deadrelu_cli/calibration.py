@@ -20,6 +20,7 @@ import numpy as np
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.detect import check_readable_file, check_torch_file, refuse_ambiguous_names
 from deadrelu_cli.memory import check_fits_in_memory
+from deadrelu_cli.report.fingerprint import SampleSketch
 
 # PyTorch's nn.Transformer* / nn.MultiheadAttention key padding masks: nonzero (True, or an additive
 # -inf) marks padding, 0 a real token; their -inf is data, not a non-finite value
@@ -275,6 +276,12 @@ class CalibrationData:
     unfed: tuple[str, ...] = ()  # arrays read for counting only (a --mask that is not a model input)
     optional: tuple[str, ...] = ()  # arrays fed only to a model that takes them (--text's tokenizer outputs)
     notes: list[str] = field(default_factory=list)  # what a --data FOLDER read and left out
+    # when set, every batch read adds its samples' digests (the report's data fingerprint: which
+    # samples were counted, for merge's overlap check); passes that read a sample again add nothing
+    sketch: SampleSketch | None = None
+    # --allow-nonfinite for every pass that does not say (the first sample read to size batches or find
+    # dtypes must not refuse what the scan accepts)
+    allow_nonfinite: bool = False
 
     def shard(self, rank: int, world: int, limit: int | None) -> None:
         total = self.samples if limit is None else min(limit, self.samples)
@@ -337,8 +344,10 @@ class CalibrationData:
         return first.shape[self.batch_axes.get(first.name, 0)]
 
     def batches(
-        self, batch_size: int, limit: int | None = None, allow_nonfinite: bool = False
+        self, batch_size: int, limit: int | None = None, allow_nonfinite: bool | None = None
     ) -> Iterator[dict[str, np.ndarray]]:
+        if allow_nonfinite is None:
+            allow_nonfinite = self.allow_nonfinite
         total = self.samples if limit is None else min(limit, self.samples)
         first, last = self.window if self.window else (0, total)
         try:
@@ -379,6 +388,8 @@ class CalibrationData:
                         "clean the data or pass --allow-nonfinite"
                     )
                 batch[source.name] = rows
+            if self.sketch is not None:
+                self.sketch.add({s.name: batch[s.name] for s in self._batched()}, self.batch_axes)
             yield batch
         for source in self._batched():
             if isinstance(source, NpzMemberSource):
@@ -401,6 +412,8 @@ class MultiFileData:
         self.batch_axes = parts[0].batch_axes
         self.unfed: tuple[str, ...] = ()
         self.notes: list[str] = []
+        self.sketch: SampleSketch | None = None
+        self.allow_nonfinite = False
 
     @property
     def names(self) -> list[str]:
@@ -425,11 +438,14 @@ class MultiFileData:
             )
         self.parts = self.parts[rank::world]  # files dealt to ranks in sorted order (a rank may get none)
 
-    def batches(self, batch_size: int, limit: int | None = None, allow_nonfinite: bool = False):
+    def batches(self, batch_size: int, limit: int | None = None, allow_nonfinite: bool | None = None):
+        if allow_nonfinite is None:
+            allow_nonfinite = self.allow_nonfinite
         remaining = limit
         for part in self.parts:
             if remaining is not None and remaining <= 0:
                 return
+            part.sketch = self.sketch
             yield from part.batches(batch_size, remaining, allow_nonfinite)
             if remaining is not None:
                 remaining -= part.samples

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from deadrelu_cli.errors import EXIT_INTERNAL, DeadreluError, UserError
+from deadrelu_cli.gate import MASK_NOT_APPLIED
+from deadrelu_cli.report.fingerprint import SampleSketch, union_sketch
 from deadrelu_cli.stats import LayerStats
 
 
@@ -102,12 +104,20 @@ def reduce_layers(
     import torch.distributed as dist
 
     structures: list = [None] * world.size
-    dist.all_gather_object(structures, (_structure(layers), [layer.name for layer in layers]))
+    # each rank's word on how its position mask applied per layer: a rank that counted every position
+    # (padding included: a square batch it could not read, a Scan body) makes the merged layer say so on
+    # every rank, so that the counts are read as they were made and every rank gates alike
+    marks = {layer.name: layer.extra.get("position_mask") for layer in layers if layer.ran}
+    dist.all_gather_object(structures, (_structure(layers), [layer.name for layer in layers], marks))
     union: dict[str, tuple] = {}
     order: list[str] = []
-    for structure, names in structures:  # layers in the order of the first rank that ran them
+    unapplied: dict[str, str] = {}
+    for structure, names, rank_marks in structures:  # layers in the order of the first rank that ran them
         for entry in structure:
             union.setdefault(entry[0], entry)
+        for name, mark in rank_marks.items():
+            if mark in MASK_NOT_APPLIED:
+                unapplied.setdefault(name, mark)
         for name in names:
             if name not in order:
                 order.append(name)
@@ -137,6 +147,7 @@ def reduce_layers(
     elements = torch.tensor(
         [local[name].elements_per_unit if name in local else 0 for name in order]
         + ([(local[name].samples or 0) if name in local else 0 for name in order] if layer_samples else [])
+        + [local[name].nonfinite if name in local else 0 for name in order]  # --allow-nonfinite
         + [samples],
         dtype=torch.int64,
         device=tensor_device,
@@ -163,6 +174,9 @@ def reduce_layers(
             merged.append(LayerStats(name, "relu", -1, np.zeros(0, np.int64), 0, np.zeros(0), np.zeros(0)))
             continue
         _, op, _, channel_dim, module_type, producer, has_saturation = entry
+        extra = dict(local[name].extra) if name in local else {}  # e.g. how the position mask applied
+        if name in unapplied:
+            extra["position_mask"] = unapplied[name]
         merged.append(
             LayerStats(
                 name=name,
@@ -176,11 +190,24 @@ def reduce_layers(
                 module_type=module_type,
                 producer=producer,
                 bias=biases.get(name),
-                extra=dict(local[name].extra) if name in local else {},  # e.g. how the position mask applied
+                extra=extra,
                 samples=int(elements[len(order) + index]) if layer_samples else None,
+                nonfinite=int(elements[(2 if layer_samples else 1) * len(order) + index]),
             )
         )
     return merged, int(elements[-1])
+
+
+def reduce_sketch(world: World, sketch: SampleSketch) -> SampleSketch:
+    """The data fingerprint of every rank's samples (report.fingerprint): each rank's sketch gathered
+    (at most 512 digests each) and joined, as merge joins reports'."""
+    import torch.distributed as dist
+
+    sketches: list = [None] * world.size
+    dist.all_gather_object(sketches, (sketch.digests.tolist(), sketch.complete))
+    return union_sketch(
+        [SampleSketch(np.array(digests, dtype=np.uint64), complete) for digests, complete in sketches]
+    )
 
 
 # set once this process has torn its process group down: the command-line entry point then leaves

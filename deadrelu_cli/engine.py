@@ -14,7 +14,8 @@ from deadrelu_cli.gate import LAYOUT_AMBIGUOUS
 from deadrelu_cli.inputs import GROUPED_INPUTS, dict_groups
 from deadrelu_cli.loaders import LoadedModel, LoadOptions, load_model
 from deadrelu_cli.options import ScanOptions
-from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings
+from deadrelu_cli.report.fingerprint import SampleSketch
+from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings, nonfinite_notes
 
 
 @dataclass
@@ -68,6 +69,8 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
     if world is not None:
         data.shard(world.rank, world.size, options.limit)
         options = replace(options, limit=None)  # the limit is inside the shard windows now
+    data.allow_nonfinite = options.allow_nonfinite
+    data.sketch = SampleSketch()  # the report's data fingerprint (each rank: its shard's, joined below)
     error: BaseException | None = None
     model = probe = None
     layers: list = []
@@ -80,11 +83,12 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         error = exc
     samples = data.samples if options.limit is None else min(options.limit, data.samples)
     if world is not None:
-        from deadrelu_cli.distributed import check_all_ranks, finish, reduce_layers
+        from deadrelu_cli.distributed import check_all_ranks, finish, reduce_layers, reduce_sketch
 
         try:
             check_all_ranks(world, error)
             layers, samples = reduce_layers(world, layers, data.local_samples, device)
+            data.sketch = reduce_sketch(world, data.sketch)
         finally:
             finish(world)
     if options.certify and (world is None or world.is_main):
@@ -96,7 +100,12 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         findings = structural_checks(model, probe)
     report = Report(
         model=ModelInfo(path=str(options.model), format=model.format, sha256=model.sha256),
-        data=DataInfo(path=str(options.text or options.data), samples=samples, text=text_info),
+        data=DataInfo(
+            path=str(options.text or options.data),
+            samples=samples,
+            text=text_info,
+            fingerprint=None if data.sketch is None else data.sketch.to_dict(),
+        ),
         settings=Settings(
             options.threshold, options.dying, options.tau, options.channel_dim, device, tuple(options.ops)
         ),
@@ -104,6 +113,7 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         notes=list(model.notes)
         + [f"check {f.kind}: {f.message}" for f in findings]
         + mask_notes(layers, mask)
+        + nonfinite_notes(layers)
         + extra_notes,
         mask=None if mask is None else mask.describe(),
         unseen=dict(model.extra.get("unseen", {})),

@@ -90,7 +90,7 @@ def input_boxes(
             )
         lows: dict[str, np.ndarray] = {}
         highs: dict[str, np.ndarray] = {}
-        for batch in data.batches(256):
+        for batch in data.batches(256, allow_nonfinite=False):  # a box of NaN bounds nothing
             for name, array in batch.items():
                 a = array.astype(np.float64)
                 lows[name] = np.minimum(lows[name], a.min(0)) if name in lows else a.min(0)

@@ -65,6 +65,8 @@ class LayerStats:
     # samples that reached the site (None: not counted, i.e. every sample); fewer than the data's when
     # the site sits in a branch that ran on some batches only
     samples: int | None = None
+    # --allow-nonfinite: NaN/±Inf values of this site's input or output, left out of its statistics
+    nonfinite: int = 0
 
     @property
     def units(self) -> int:
@@ -183,4 +185,5 @@ def merge_layer(a: LayerStats, b: LayerStats) -> LayerStats:
             else None
         ),
         samples=None if a.samples is None or b.samples is None else a.samples + b.samples,
+        nonfinite=a.nonfinite + b.nonfinite,
     )

@@ -588,6 +588,8 @@ class Watch:
             keep = value == 0 if isinstance(value, torch.Tensor) and value.dim() == 2 else None
             if keep is not None or target:
                 self._probe.registry.set_scoped_mask(path, keep)
+            else:  # no mask of its own this call: not the one an earlier call of this forward gave
+                self._probe.registry.given_scope(path)
 
         return hook
 

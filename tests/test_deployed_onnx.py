@@ -721,7 +721,8 @@ def test_gate_fails_on_activations_the_scan_could_not_see(cli, tmp_path):
     (tmp_path / "deadrelu.toml").write_text("allow-unseen = true\nmax-dead = 0.5\n")
     assert cli("gate", tmp_path / "r.json", "--config", tmp_path / "deadrelu.toml").code == 0
     # merged reports of one model keep its unseen nodes once; a hostile op name stays on one line
-    np.savez(tmp_path / "d2.npz", x=x[::-1].copy())  # a second part (merge refuses one report twice)
+    # a second part of other samples (merge refuses one report twice, and the same samples reordered)
+    np.savez(tmp_path / "d2.npz", x=x[::-1] + np.float32(0.25))
     cli("scan", model, "--data", tmp_path / "d2.npz", *leaky, "--json", tmp_path / "r2.json", "-q")
     assert cli("merge", tmp_path / "r.json", tmp_path / "r2.json").json()["unseen_activations"] == {
         "com.microsoft.QLinearLeakyRelu": 1

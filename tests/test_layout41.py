@@ -345,8 +345,9 @@ def test_watch_square_token_batches_follow_the_token_ids_axes(time_major):
 
     model = TokenModel(time_major)
     rng = np.random.RandomState(12)
-    ids = rng.randint(0, 20, (5, 5))
+    ids = rng.randint(1, 20, (5, 5))
     keep = np.arange(5)[None, :] < np.array([5, 2, 4, 1, 3])[:, None]
+    ids[~keep] = 0  # padded with the pad id, as a tokenizer pads: what tells the ids' own layout
     with torch.no_grad():
         pre = model.fc(model.embed(torch.from_numpy(ids))).double().numpy()[keep]  # [B, T, F] at the kept
     w = watch(model, every=1, config=False)
@@ -360,3 +361,65 @@ def test_watch_square_token_batches_follow_the_token_ids_axes(time_major):
     assert layer.elements_per_unit == int(keep.sum())
     assert layer.extra["position_mask"] == "applied"
     assert not [c for c in caught if "as many samples as tokens" in str(c.message)]
+
+
+MARGINS = """
+import torch
+from torch import nn
+
+
+class Margins(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x):
+        h = self.fc(x)
+        # one value per position ([B, T]: the units summed away), clamped: a margin, no layer of units
+        margin = (torch.relu(h).sum(-1) - 1.0).clamp(min=0)
+        out = torch.cond(
+            h.sum() > -1e9,
+            lambda t: torch.relu(t) + (2.0 - t.sum(-1)).clamp(min=0)[..., None] + t.pow(2).mean(-1, keepdim=True).clamp(min=0),
+            lambda t: torch.relu(-t),
+            (h,),
+        )
+        return h * margin[..., None] + out
+
+
+def build():
+    torch.manual_seed(2)
+    return Margins().eval()
+"""
+
+
+def test_a_clamp_of_a_sum_over_the_units_is_no_layer_also_inside_torch_cond(cli, tmp_path, monkeypatch):
+    """`(relu(h).sum(-1) - 1).clamp(min=0)` is [B, T]: one value per position, the units summed away; a
+    clamp of it is no ReLU layer, whatever T. Inside a torch.cond branch the same rule (and the [B, T, 1]
+    rule) holds: the branch's one ReLU of a layer is named, not its two clamps of reductions. Before:
+    the margin was a site `relu()#2` of T "units", and the branch was said to hide 3 ReLUs."""
+    import importlib.util
+    import sys
+
+    from conftest import arch_file
+
+    _, spec = arch_file(tmp_path / "margins.py", MARGINS)
+    loader = importlib.util.spec_from_file_location("l41_margins", tmp_path / "margins.py")
+    module = importlib.util.module_from_spec(loader)
+    monkeypatch.setitem(sys.modules, "l41_margins", module)
+    loader.loader.exec_module(module)
+    model = module.build()
+    state = tmp_path / "m.pt"
+    torch.save(model.state_dict(), state)
+    x = np.abs(np.random.RandomState(8).randn(6, TOKENS, 3)).astype(np.float32)
+    data = save_npz(tmp_path / "d.npz", x=x)
+    with torch.no_grad():
+        pre = model.fc(torch.from_numpy(x)).double().numpy().reshape(-1, 5)
+    try:
+        result = cli("scan", state, "--arch", spec, "--data", data, "--json", "-", "-q")
+    finally:
+        torch._dynamo.reset()  # the branches' compiled code: not kept for a later export of another model
+    assert result.code == 0, result.err
+    report = result.json()
+    assert [layer["name"] for layer in report["layers"]] == ["relu()"]
+    assert report["layers"][0]["positive_counts"] == (pre > 0).sum(0).tolist()
+    assert report["unseen_activations"] == {"<model>: torch.cond(activation=Relu)": 1}

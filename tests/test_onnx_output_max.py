@@ -74,10 +74,11 @@ def pre_activations(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarr
 
 
 def truth(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
-    """Counts, max pre-activation (NaN where a unit's input held one: np.max propagates it) and
-    positions per unit."""
+    """Counts, max pre-activation (over the finite values: the scans here pass --allow-nonfinite, which
+    leaves NaN out) and positions per unit."""
     return {
-        site: ((pre > 0).sum(0), pre.max(0), pre.shape[0]) for site, pre in pre_activations(model, x).items()
+        site: ((pre > 0).sum(0), np.where(np.isfinite(pre), pre, -np.inf).max(0), pre.shape[0])
+        for site, pre in pre_activations(model, x).items()
     }
 
 
@@ -119,8 +120,8 @@ def test_switched_sites_keep_exact_counts_and_maxima(tmp_path, monkeypatch, batc
     assert expected["reluA"][0][1] > 0 and expected["reluC"][0][1] > 0  # the late units did fire
     # B (index 1) is read off its output after the first rebuild; A and C (dead units) never are
     assert switches and all(s == {1} for s in switches), switches
-    if nan:
-        assert np.isnan(layers["reluB"].max_preactivation).tolist() == [False] * 4 + [True] * 2
+    if nan:  # B's units 4, 5 met the NaN: left out of their max (data42), counted per layer
+        assert not np.isnan(layers["reluB"].max_preactivation).any() and layers["reluB"].nonfinite > 0
 
 
 def test_one_batch_scan_never_rebuilds(tmp_path, monkeypatch):

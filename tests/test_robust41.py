@@ -186,7 +186,7 @@ def test_merge_refuses_the_same_data_saved_under_two_names(cli, tmp_path):
     assert a.read_bytes() != b.read_bytes()
     result = cli("merge", a, b, "--json", tmp_path / "merged.json")
     assert result.code == 2 and result.err.count("\n") == 1, result.err
-    assert "the same data scanned twice" in result.err and "calib.json" in result.err
+    assert "12 of the same samples" in result.err and "calib.json" in result.err
     assert not (tmp_path / "merged.json").exists()
     np.savez(tmp_path / "half1.npz", x=x[:6])
     np.savez(tmp_path / "half2.npz", x=x[6:])

@@ -162,12 +162,13 @@ def scan(
         if not report.layers:
             err.print(nothing_counted_line(report), markup=False)
     else:
+        text = report_to_json(report) if json_out else None  # what JSON cannot hold: said before the table
         if quiet:
             print_quiet(report, gate, out, err)
         else:
             print_report(report, out, layer)
-        if json_out:
-            write_text_atomic(json_out, report_to_json(report))
+        if text is not None:
+            write_text_atomic(json_out, text)
     try:
         run_gate(report, gate, gating.junit, gating.markdown, err)
     finally:  # the picture is written whether the gate passed or not

@@ -68,6 +68,24 @@ def bytes_sha256_async(raw: bytes) -> Future:
     return _HASHER.submit(lambda: hashlib.sha256(raw).hexdigest())
 
 
+class StreamingSha256:
+    """sha256 of several chunks (a model file, then the external data it reads) hashed in order in the
+    background as they are handed over; at most a few chunks wait, so memory stays near one chunk."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._pending: list[Future] = []
+
+    def update(self, chunk: bytes) -> None:
+        self._pending.append(_HASHER.submit(self._digest.update, chunk))  # one worker: in order
+        while len(self._pending) > 2:
+            self._pending.pop(0).result()
+
+    def hexdigest_async(self) -> Future:
+        self._pending.clear()
+        return _HASHER.submit(self._digest.hexdigest)
+
+
 def reread_verified(path: str | Path, sha256: str) -> bytes | None:
     """The file's bytes read again, or None when they are no longer those whose hash is SHA256 (the file
     was replaced while the scan ran): a caller then falls back to what it holds in memory."""

@@ -11,8 +11,8 @@ from deadrelu_cli.loaders.model import (
     InputSpec,
     LoadedModel,
     LoadOptions,
+    StreamingSha256,
     bytes_sha256_async,
-    file_sha256_async,
 )
 
 
@@ -62,7 +62,8 @@ def _check_external_locations(model, path: Path) -> None:
 def read_onnx(path: str, keep_bytes: dict | None = None):
     """Parse, confine and check an ONNX file. With `keep_bytes` (a dict), the file's bytes are left in
     it under "file" when the graph is self-contained, for a session built without re-serialising the
-    weights (backends.onnx.scan.instrumented_bytes)."""
+    weights (backends.onnx.scan.instrumented_bytes), and under "digest" the future of the model's
+    sha256: of the file's bytes, followed (external data) by the bytes of every external tensor as read."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -80,8 +81,17 @@ def read_onnx(path: str, keep_bytes: dict | None = None):
         raise UserError(f"{path}: not a valid ONNX model (a name is not UTF-8 text); the file is damaged")
     _check_external_locations(model, p)
     external = _has_external_data(model)
+    hasher = None
+    if keep_bytes is not None:
+        if external:
+            hasher = StreamingSha256()
+            hasher.update(raw)
+        else:  # the hash of the bytes the scan runs on, not of a second read of a file written over since
+            keep_bytes["digest"] = bytes_sha256_async(raw)
     if external:
-        _load_external_data(model, p)
+        _load_external_data(model, p, hasher)
+    if hasher is not None:
+        keep_bytes["digest"] = hasher.hexdigest_async()
     inlined = bool(model.functions)
     if inlined:  # activations inside model-local functions become call sites of the main graph
         import onnx.inliner
@@ -193,10 +203,12 @@ def has_undecodable_string(message) -> bool:
     return False
 
 
-def _load_external_data(model, path: Path) -> None:
+def _load_external_data(model, path: Path, hasher: StreamingSha256 | None = None) -> None:
     """Read every external tensor (those `_check_external_locations` confined to the model's folder)
     into the model: onnxruntime then gets a self-contained graph and opens no file itself. (onnx's
-    `load_external_data_for_model` skips sparse tensors and functions, which onnxruntime would read.)"""
+    `load_external_data_for_model` skips sparse tensors and functions, which onnxruntime would read.)
+    HASHER gets each tensor's bytes as read (the report's hash covers the weights, not only the graph
+    file, and nothing is read twice)."""
     from onnx import TensorProto
     from onnx.checker import ValidationError
     from onnx.external_data_helper import load_external_data_for_tensor
@@ -212,6 +224,8 @@ def _load_external_data(model, path: Path) -> None:
             raise UserError(f"{path}: cannot read its external data ({text})") from None
         tensor.data_location = TensorProto.DEFAULT
         del tensor.external_data[:]
+        if hasher is not None:
+            hasher.update(tensor.raw_data)
 
 
 def _check_external_sizes(tensors, path: Path) -> None:
@@ -380,15 +394,13 @@ def load_onnx(options: LoadOptions) -> LoadedModel:
     kept: dict = {}
     model = read_onnx(options.path, kept)
     extra: dict = {}
-    digest = file_sha256_async(options.path) if "file" not in kept else None
+    # self-contained: the file's bytes; external data: those and the external tensors' (read_onnx)
+    digest = kept["digest"]
     if "file" in kept:
         # "rereadable": the file's bytes, read again, are the graph (a session built later reads them anew
         # rather than keeping 1x the weights resident for the whole scan); "weight_spans": where each large
         # initializer's bytes lie in the file, for release_weights
         extra = {"file_bytes": kept["file"], "rereadable": True}
-        # the report's hash is of the bytes the scan runs on (release_weights keeps them), not of a
-        # second read that a file written over in the meantime would make another file's
-        digest = bytes_sha256_async(kept["file"])
         spans = {name: span for name, span in kept["spans"].items() if span[1] >= RELEASE_MIN_BYTES}
         if spans:
             extra["weight_spans"] = spans

@@ -52,6 +52,7 @@ class PositionMask:
         self._index = None if self.all_kept else flat.nonzero().squeeze(1)
         self._index_on: dict = {}
         self._runs: list[tuple[int, int]] | None = None
+        self._symmetric: bool | None = None  # mask == mask.T (see `ambiguous`)
 
     def runs(self) -> list[tuple[int, int]]:
         """The kept rows of the flattened [B*T] axis as (start, stop) runs: padding makes a few long runs."""
@@ -103,10 +104,39 @@ class PositionMask:
         return layout
 
     def ambiguous(self, tensor: torch.Tensor, channel_dim: int) -> bool:
-        """Whether the tensor's shape reads as [B, T, ...] and as [T, B, ...] (probe.ops.layout_ambiguous)."""
-        return layout_ambiguous(
+        """Whether the tensor's shape reads as [B, T, ...] and as [T, B, ...] (probe.ops.layout_ambiguous)
+        and the two readings keep different positions: a symmetric mask (no padding at all, or the same
+        lengths along both axes) keeps the same elements either way, so there is nothing to decide."""
+        if not layout_ambiguous(
             tuple(tensor.shape), channel_dim % max(tensor.dim(), 1), self.batch, self.tokens
-        )
+        ):
+            return False
+        return not self.symmetric
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether the mask equals its transpose (B == T): kept [i, j] exactly where [j, i] is."""
+        if self._symmetric is None:  # once per mask (one host sync), and only where asked
+            square = self.batch == self.tokens
+            self._symmetric = square and (self.all_kept or bool(torch.equal(self.mask, self.mask.T)))
+        return self._symmetric
+
+    def reading(self, value: torch.Tensor) -> bool | None:
+        """How a forward's input of this square mask's shape is laid out, by its values: False when it is
+        [B, T] as the mask (it is the mask, as 0/nonzero, or its padded positions hold one value: a pad
+        id), True when it is [T, B] (the same read on its transpose: time-major token ids), None when
+        neither or both readings fit (ids padded with varied values, a mask that is all kept)."""
+        if self.all_kept or tuple(value.shape) != (self.batch, self.tokens):
+            return None
+
+        keep = self.mask.to(value.device)
+
+        def fits(candidate: torch.Tensor) -> bool:
+            padded = candidate[~keep]
+            return bool(torch.equal(candidate != 0, keep)) or bool((padded == padded[0]).all())
+
+        batch_first, time_major = fits(value), fits(value.T)
+        return None if batch_first == time_major else time_major
 
     def select(
         self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None
@@ -153,6 +183,10 @@ class SiteAccumulator:
     # tells (the matching count joins this one) or the counts are read (every position: LAYOUT_AMBIGUOUS)
     pending: dict | None = None
     _pending_now: bool = False
+    # --allow-nonfinite: NaN/±Inf values counted and left out of every statistic
+    # (finite_pre/finite_post, called once per batch by the registry); where this batch had them
+    nonfinite: torch.Tensor | None = None
+    _nonfinite_at: torch.Tensor | None = None
 
     def restart(self) -> None:
         """Count from zero again, in place (a new window of a training run keeps the counters' memory)."""
@@ -166,6 +200,7 @@ class SiteAccumulator:
             self.min_pre.fill_(torch.inf)
         self.elements_per_unit = 0
         self.extra.clear()
+        self.nonfinite = self._nonfinite_at = None
         self._nan_in_batch = self.masked_now = False
         self.pending, self._pending_now = None, False  # a new window; what was learned of the layout stays
 
@@ -180,8 +215,12 @@ class SiteAccumulator:
         and nothing says which. A batch whose shape tells settles the layout (and the pending counts)."""
         self._pending_now = False
         if not mask.ambiguous(pre, self.channel_dim):
+            dim = self.channel_dim % max(pre.dim(), 1)
             layout = mask.layout(pre, self.channel_dim)
-            if layout in (TOKEN_ROWS, TOKENS_FIRST):
+            # a square shape tells nothing (its mask is symmetric: either reading keeps the same elements)
+            if layout in (TOKEN_ROWS, TOKENS_FIRST) and not layout_ambiguous(
+                tuple(pre.shape), dim, mask.batch, mask.tokens
+            ):
                 self.learn_layout(layout == TOKENS_FIRST)
             return False
         if self.time_major is None and self.layout_hint is None and self.call_hint is not None:
@@ -231,6 +270,10 @@ class SiteAccumulator:
                 other.min_pre.clone() if self.min_pre is None else torch.minimum(self.min_pre, other.min_pre)
             )
         self.elements_per_unit += other.elements_per_unit
+        if other.nonfinite is not None:
+            self.nonfinite = (
+                other.nonfinite.clone() if self.nonfinite is None else self.nonfinite + other.nonfinite
+            )
         mark = other.extra.get("position_mask")
         if mark is not None and self.extra.get("position_mask") != "no token axis":
             self.extra["position_mask"] = mark
@@ -303,6 +346,44 @@ class SiteAccumulator:
             )
         return units
 
+    def finite_pre(self, pre: torch.Tensor, mask: PositionMask | None = None) -> torch.Tensor:
+        """--allow-nonfinite: the pre-activation with its NaN/±Inf values replaced by -inf, which fires
+        nowhere, adds nothing to the max and is 0 after relu (the output's values there are zeroed by
+        `finite_post`); they are counted (`nonfinite`; with MASK, those at kept positions). PRE itself
+        when all are finite (one check per batch; the model's tensors are never changed)."""
+        self._nonfinite_at = None
+        if not pre.is_floating_point():
+            return pre
+        bad = ~torch.isfinite(pre.detach())
+        if not bool(bad.any()):
+            return pre
+        kept = None if mask is None else mask.select(bad, self.channel_dim, self.known_time_major())
+        self._count_nonfinite(bad if kept is None else kept)
+        self._nonfinite_at = bad
+        return pre.detach().masked_fill(bad, -torch.inf)
+
+    def finite_post(self, post: torch.Tensor, mask: PositionMask | None = None) -> torch.Tensor:
+        """The output with 0 where the input was not finite, and where the output is not (counted too;
+        a clamp of a finite input is finite, so relu/relu6 outputs are not checked again)."""
+        bad, self._nonfinite_at = self._nonfinite_at, None
+        if not post.is_floating_point():
+            return post
+        post = post.detach()
+        if bad is not None and bad.shape == post.shape:
+            post = post.masked_fill(bad, 0.0)
+        if self.op in CAPPED_OPS or self.op == "relu":
+            return post
+        more = ~torch.isfinite(post)
+        if bool(more.any()):
+            kept = None if mask is None else mask.select(more, self.channel_dim, self.known_time_major())
+            self._count_nonfinite(more if kept is None else kept)
+            post = post.masked_fill(more, 0.0)
+        return post
+
+    def _count_nonfinite(self, bad: torch.Tensor) -> None:
+        found = bad.sum(dtype=torch.int64)  # per site (the report's note), on the device
+        self.nonfinite = found if self.nonfinite is None else self.nonfinite + found
+
     def observe_pre(
         self,
         pre: torch.Tensor,
@@ -357,7 +438,8 @@ class SiteAccumulator:
         )
         torch.maximum(self.max_pre, batch_max, out=self.max_pre)  # promotes to float64 in place
         if self.track_min:
-            batch_min = _channel_first_reduce(pre, dims, torch.amin) if dims else pre
+            low = pre if self._nonfinite_at is None else pre.masked_fill(pre == -torch.inf, torch.inf)
+            batch_min = _channel_first_reduce(low, dims, torch.amin) if dims else low
             if self.min_pre is None:
                 self.min_pre = allocated_apart(
                     lambda: torch.full((units,), torch.inf, dtype=torch.float64, device=pre.device),
@@ -582,6 +664,7 @@ class SiteAccumulator:
             producer=self.producer,
             extra=dict(self.extra),
             min_preactivation=host(self.min_pre, np.float64),
+            nonfinite=0 if self.nonfinite is None else int(self.nonfinite),
         )
 
 

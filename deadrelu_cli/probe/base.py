@@ -20,6 +20,8 @@ class ProbeSettings:
     channel_dim: int | None = None
     ops: tuple[str, ...] = ("relu", "relu6")
     track_min: bool = False  # also the per-unit minimum of the pre-activation (--explain: constant channels)
+    # --allow-nonfinite: NaN/±Inf values fire nowhere and are left out of max and sum (counted per site)
+    skip_nonfinite: bool = False
     # devices ("cuda", "cpu") where relu/relu6 sites are counted by one torch.compile'd pass
     # (accumulator.fused_stats); off by default, DEADRELU_FUSED_STATS=cuda (or cuda,cpu) turns it on
     fused_devices: tuple[str, ...] = field(default_factory=lambda: fused_devices_from_env())
@@ -40,6 +42,7 @@ class SiteRegistry:
         self.collectors: dict[str, Callable[[torch.Tensor, int], None]] = {}
         self.position_mask: PositionMask | None = None
         self.scoped_masks: dict[str, PositionMask | None] = {}
+        self._given: tuple[PositionMask | None, dict[str, PositionMask | None]] = (None, {})
         self.fused_devices = settings.fused_devices
         self._stale: set[str] = set()  # sites of an earlier window, not run since `restart`
         # site name -> whether its tensors are [T, B, ...] (True) or [B, T, ...], as the model's structure
@@ -78,6 +81,7 @@ class SiteRegistry:
         self.scoped_masks = {
             path: None if m is None else PositionMask(m) for path, m in (scoped or {}).items()
         }
+        self._given = (self.position_mask, dict(self.scoped_masks))  # what `given_scope` puts back
 
     def set_scoped_mask(self, path: str, mask: torch.Tensor | None) -> None:
         """The sites under module `path` ("" = every site) count where `mask` is true (None: every
@@ -87,6 +91,18 @@ class SiteRegistry:
             self.scoped_masks[path] = positions
         else:
             self.position_mask = positions
+
+    def given_scope(self, path: str) -> None:
+        """The sites under module `path` count as `set_position_mask` set them again: a module called
+        without its own key padding mask after a call with one (`set_scoped_mask`) in the same forward
+        must not count its new positions with the earlier call's mask."""
+        position_mask, scoped = self._given
+        if not path:
+            self.position_mask = position_mask
+        elif path in scoped:
+            self.scoped_masks[path] = scoped[path]
+        else:
+            self.scoped_masks.pop(path, None)
 
     def mask_for(self, name: str) -> PositionMask | None:
         """The position mask of the site `name` (a module path, maybe with `#k` or `.relu()`)."""
@@ -134,7 +150,8 @@ class SiteRegistry:
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known)
         site.call_hint, self.call_hint = self.call_hint, None
         mask = self.mask_for(name)
-        site.observe_pre(pre, self.settings.threshold, mask, self.fused_devices)
+        counted = site.finite_pre(pre, mask) if self.settings.skip_nonfinite else pre
+        site.observe_pre(counted, self.settings.threshold, mask, self.fused_devices)
         collector = self.collectors.get(name)
         if collector is not None:
             if mask is not None and site.masked_now:
@@ -160,6 +177,7 @@ class SiteRegistry:
             or name in self.collectors
             or pre.device.type in self.fused_devices
             or op != "relu"
+            or self.settings.skip_nonfinite
         ):
             return None
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known)
@@ -167,7 +185,10 @@ class SiteRegistry:
 
     def record_post(self, name: str, post: torch.Tensor) -> None:
         """Second half: counts and sums from the activation's output."""
-        self.sites[name].observe_post(post, self.settings.threshold, self.mask_for(name))
+        site = self.sites[name]
+        if self.settings.skip_nonfinite:
+            post = site.finite_post(post, self.mask_for(name))
+        site.observe_post(post, self.settings.threshold, self.mask_for(name))
 
     def record(
         self,

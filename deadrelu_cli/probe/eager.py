@@ -10,6 +10,7 @@ Hooks are always removed and the train/eval mode restored, whatever happens.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import weakref
 from collections import Counter
@@ -219,6 +220,23 @@ _AXIS_MOVES = frozenset(
     (torch.Tensor.transpose, torch.transpose, torch.Tensor.swapaxes, torch.swapaxes, torch.Tensor.swapdims)
     + (torch.swapdims, torch.Tensor.permute, torch.permute, torch.Tensor.movedim, torch.movedim)
     + (torch.Tensor.moveaxis, torch.moveaxis, torch.Tensor.t, torch.t, torch.Tensor.mT.__get__)
+    + (torch.Tensor.T.__get__,)
+)
+
+
+# ops whose output keeps its input's first two axes where it keeps their sizes (elementwise ops and the
+# pass-through ones, a Linear / embedding / norm / softmax over the last axis, a row-major reshape that
+# keeps the first two sizes, a matmul whose left operand is the trail); any other op ends the trail at a
+# square batch, since an einsum, a `.T`, a rot90 swaps [B, T] for [T, B] with the same sizes
+_KEEPS_LEAD_AXES = frozenset(
+    (F.linear, F.embedding, F.layer_norm, F.group_norm, F.gelu, F.silu, F.elu, F.leaky_relu, F.softmax)
+    + (F.log_softmax, F.normalize, torch.tanh, torch.sigmoid, torch.Tensor.tanh, torch.Tensor.sigmoid)
+    + (torch.softmax, torch.Tensor.softmax, torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as)
+    + (torch.Tensor.detach, torch.Tensor.masked_fill, torch.where, torch.Tensor.view, torch.Tensor.reshape)
+    + (torch.reshape, torch.Tensor.flatten, torch.flatten, torch.Tensor.unflatten, torch.unflatten)
+)
+_LEFT_OPERAND_LEAD = frozenset(
+    (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
 )
 
 
@@ -507,6 +525,13 @@ _LAYER_FUNCTIONS = frozenset(
 )
 
 
+def per_position_operand(value, out: torch.Tensor, marked: Callable[[torch.Tensor], bool]) -> bool:
+    """Whether `value`, an operand of the elementwise op that made `out`, is one value per position
+    (`marked`) that `out` keeps as it is: an operand broadcast to more values (`h - h.mean(-1,
+    keepdim=True)`: back over h's units) leaves a result with units, a layer's."""
+    return isinstance(value, torch.Tensor) and value.shape == out.shape and marked(value)
+
+
 class _ActivationCounter(TorchFunctionMode):
     """Counts the activation calls of code the probe runs but cannot attribute (a torch.cond branch).
     A clamp counts as the call site probes count it (probe.ops.clamp_is_layer): one of a layer's output
@@ -544,13 +569,12 @@ class _ActivationCounter(TorchFunctionMode):
                 self._layer_outputs[id(out)] = weakref.ref(out)
             elif func in self.pass_through or func in PER_POSITION_ELEMENTWISE:
                 through = func in self.pass_through  # a layer's output stays one through these only
-                for table in (self._layer_outputs, self._per_position) if through else (self._per_position,):
-                    if any(
-                        self._marked(table, a)
-                        for a in (*args, *kwargs.values())
-                        if isinstance(a, torch.Tensor)
-                    ):
-                        table[id(out)] = weakref.ref(out)
+                operands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+                if through and any(self._marked(self._layer_outputs, a) for a in operands):
+                    self._layer_outputs[id(out)] = weakref.ref(out)
+                marked = functools.partial(self._marked, self._per_position)
+                if any(per_position_operand(a, out, marked) for a in operands):
+                    self._per_position[id(out)] = weakref.ref(out)
             elif reduces_unit_axis(func, args, kwargs, None):
                 self._per_position[id(out)] = weakref.ref(out)
         return out
@@ -929,12 +953,13 @@ class EagerProbe:
 
     def note_per_position(self, func, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         """Remember `out` as one value per position (no units) when `func` reduced its input over the unit
-        axis (probe.base.reduces_unit_axis), or is an elementwise op of such a value (`h.sum(-1) - m`)."""
+        axis (probe.base.reduces_unit_axis), or is an elementwise op of such a value (`h.sum(-1) - m`) that
+        it does not widen: `h - h.mean(-1, keepdim=True)` broadcasts back to h's units (a centred layer)."""
         if func in self.pass_through or func in PER_POSITION_ELEMENTWISE:
             if not self._per_position:
                 return
             operands = (*args, *kwargs.values())
-            if any(isinstance(a, torch.Tensor) and self.per_position(a) for a in operands):
+            if any(per_position_operand(a, out, self.per_position) for a in operands):
                 self._per_position[id(out)] = weakref.ref(out)
             return
         if func in REDUCTIONS:
@@ -944,15 +969,20 @@ class EagerProbe:
 
     def note_inputs(self, args: tuple, kwargs: dict) -> None:
         """At the start of a forward whose position mask has as many samples as tokens (where a site's
-        [T, B, ...] and [B, T, ...] have one shape): its [batch, tokens] inputs of the mask's shape (token
-        ids, as the mask marks them) are laid out as the mask; what descends from them is followed
+        [T, B, ...] and [B, T, ...] have one shape): its inputs of the mask's shape whose values say how they
+        are laid out (PositionMask.reading: the mask itself, token ids padded with one id, batch-first or
+        time-major) are marked so; what descends from them is followed
         (`carry_alignment`) to tell a site's layout by what the model did, not by its shape."""
         mask = self.registry.position_mask
-        if mask is None or mask.batch != mask.tokens or mask.batch < 2:
+        if mask is None or mask.batch != mask.tokens or mask.batch < 2 or mask.symmetric:
             return
         for value in torch.utils._pytree.tree_leaves((args, kwargs)):
             if isinstance(value, torch.Tensor) and tuple(value.shape) == (mask.batch, mask.tokens):
-                self._aligned[id(value)] = (weakref.ref(value), False)
+                # its layout by its values (the mask itself, or ids padded with one id), never by its shape:
+                # time-major ids [T, B] (fairseq-style) have the mask's shape too
+                time_major = mask.reading(value)
+                if time_major is not None:
+                    self._aligned[id(value)] = (weakref.ref(value), time_major)
 
     def alignment_of(self, tensor: torch.Tensor) -> bool | None:
         """Whether the tensor is [T, B, ...] (True) or [B, T, ...] (False) by descent (note_inputs), or None."""
@@ -980,6 +1010,16 @@ class EagerProbe:
                 return
         elif tuple(out.shape[:2]) != tuple(source.shape[:2]) or source.dim() < 2:
             return
+        elif func in _LEFT_OPERAND_LEAD:
+            if not (args and args[0] is source and source.dim() >= 3):
+                return
+        elif not (
+            func in _KEEPS_LEAD_AXES
+            or func in self.pass_through
+            or func in PER_POSITION_ELEMENTWISE
+            or func in self.functions  # the activations (a site's own call)
+        ):
+            return  # an op that may move the first two axes with their sizes (einsum, `.T`): no trail
         self._aligned[id(out)] = (weakref.ref(out), mark)
 
     def per_position(self, tensor: torch.Tensor) -> bool:

@@ -540,6 +540,7 @@ def _add_reductions(
     max_from_output: bool = False,
     nan_flags: bool = False,
     keep: str | None = None,
+    finite_only: bool = False,
 ) -> dict[str, str]:
     """Per-channel statistics of one site. Full-size intermediates stay 4 bytes per element
     (int32 / float); only the [C] results are widened to int64 / double. `max_from_output`: the max
@@ -547,7 +548,9 @@ def _add_reductions(
     consumer and onnxruntime keeps Conv+Relu fused. `nan_flags`: also whether each unit's input held a
     NaN (the recount of a NaN batch: a max pool's NaN handling depends on the order it reads in).
     `keep`: a bool tensor broadcasting against the site's (the position mask, see _keep_of): only where it
-    is true do values count; every statistic but the size, which the host scales to the kept positions."""
+    is true do values count; every statistic but the size, which the host scales to the kept positions.
+    `finite_only` (--allow-nonfinite): where the input or the output is NaN or ±Inf, the input reads -inf
+    and the output 0 (no firing, nothing to the max or the sum), and "nonfinite" counts those places."""
     site.positions = None
     rank = site.rank or 0
     axes = [d for d in range(rank) if d != channel_dim] if rank > 1 else []
@@ -591,6 +594,33 @@ def _add_reductions(
 
     def widen(name: str, to: int, stem: str) -> str:
         return builder.node("Cast", [name], stem, to=to)
+
+    wrong = None
+    if finite_only:
+        # not |v| < inf: true for NaN and ±Inf alike (Less and Abs exist from opset 7; IsInf from 10)
+        inf = builder.const(np.array(np.inf, dtype=np_type), "inf")
+
+        def bad(v: str, stem: str) -> str:
+            return builder.node(
+                "Not",
+                [builder.node("Less", [builder.node("Abs", [v], f"{stem}abs"), inf], f"{stem}lt")],
+                stem,
+            )
+
+        wrong = builder.node("Or", [bad(x, "xbad"), bad(y, "ybad")], "bad")
+        x = builder.node(
+            "Where", [wrong, builder.const(np.array(-np.inf, dtype=np_type), "neginf"), x], "xfin"
+        )
+        y = builder.node("Where", [wrong, builder.const(np.array(0, dtype=np_type), "zero"), y], "yfin")
+
+    def nonfinite_count(keep_mask: str | None) -> str:
+        """How many values were not finite (where the position mask keeps them), as one int64."""
+        bad64 = builder.node("Cast", [wrong], "bad64", to=TensorProto.INT64)
+        if keep_mask is not None:
+            bad64 = builder.node(
+                "Where", [keep_mask, bad64, builder.const(np.array(0, np.int64), "nofill")], "kbad"
+            )
+        return builder.node("ReduceSum", [bad64], "nonfinite", keepdims=0)
 
     from_output = counts_from_output(site.op, threshold) or (
         site.op == "clip" and 0.0 <= threshold < (site.clip_max or np.inf)
@@ -643,6 +673,8 @@ def _add_reductions(
             out["sat_nc"] = builder.node("GlobalAveragePool", [at_cap], "sat_nc")
         if nan_flags:
             out["nan_nc"] = builder.node("GlobalMaxPool", [is_nan()], "nan_nc")
+        if wrong is not None:
+            out["nonfinite"] = nonfinite_count(None)
         return out
 
     def kept(value: str, fill: float, dtype, stem: str) -> str:
@@ -667,6 +699,8 @@ def _add_reductions(
     if at_cap is not None:
         at_cap32 = kept(builder.node("Cast", [at_cap], "sat_i32", to=TensorProto.INT32), 0, np.int32, "ksat")
         out["sat"] = widen(builder.reduce("ReduceSum", at_cap32, axes, "sat32"), TensorProto.INT64, "sat")
+    if wrong is not None:
+        out["nonfinite"] = nonfinite_count(keep)
     return out
 
 
@@ -703,12 +737,13 @@ _STAT_TYPES = {
     "sat_nc": TensorProto.FLOAT,
     "nan": TensorProto.DOUBLE,
     "nan_nc": TensorProto.FLOAT,
+    "nonfinite": TensorProto.INT64,
 }
 
 
 def _empty_like_stat(builder: _Builder, key: str) -> str:
     dtype = onnx.helper.tensor_dtype_to_np_dtype(_STAT_TYPES[key])
-    if key == "size":
+    if key in ("size", "nonfinite"):
         return builder.const(np.array(0, dtype=dtype), "zero")
     return builder.const(np.zeros((0,), dtype=dtype), "empty")
 
@@ -812,11 +847,13 @@ def instrument(
     exact_step: bool = True,
     max_from_output: frozenset[int] = frozenset(),
     nan_flags: bool = False,
+    finite_only: bool = False,
 ) -> onnx.ModelProto:
     """A copy of the model whose outputs are the per-site statistics (and the original outputs if asked).
     `exact_step=False` counts with Greater everywhere (the recount for a batch with NaN activations).
     `max_from_output`: indices of sites (all of whose units have fired) whose max reads the output.
-    `nan_flags`: per unit, whether its input held a NaN (IsNaN, opset 9 on)."""
+    `nan_flags`: per unit, whether its input held a NaN (IsNaN, opset 9 on). `finite_only`: NaN/±Inf
+    values left out of every statistic and counted per site (--allow-nonfinite, _add_reductions)."""
     inst = onnx.ModelProto()
     inst.CopyFrom(model)
     opset = opset_version(inst)
@@ -848,8 +885,9 @@ def instrument(
             index.shape(site.output_name),
             exact_step,
             i in max_from_output,
-            nan_flags and opset >= 9,
+            nan_flags and opset >= 9 and not finite_only,
             _keep_of(builder, site) if site.token_layout else None,
+            finite_only,
         )
         # Lift the statistics out through each enclosing If/Loop/Scan up to the main graph.
         names = lift_to_main(

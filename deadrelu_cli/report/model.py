@@ -12,6 +12,12 @@ import numpy as np
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import check_regular_file
+from deadrelu_cli.report.fingerprint import (
+    SampleSketch,
+    shared_samples,
+    sketch_from_dict,
+    union_sketch,
+)
 from deadrelu_cli.report.validate import reject_constant, validate_report
 from deadrelu_cli.stats import FREQUENCY_EDGES, LayerStats, Thresholds, merge_layer
 from deadrelu_cli.version import __version__
@@ -45,6 +51,9 @@ class DataInfo:
     samples: int
     # --text: how the documents became samples ({"packing": "pad"|"pack", "seq_len", "documents", …}), or None
     text: dict | None = None
+    # which samples were counted (report.fingerprint: a sketch of per-sample digests), or None (older
+    # reports, training windows)
+    fingerprint: dict | None = None
 
     def samples_text(self) -> str:
         """The sample count, and for --text how they were made: "12 samples (40 documents packed into …)"."""
@@ -206,6 +215,8 @@ def layer_to_dict(layer: LayerStats, settings: Settings) -> dict[str, Any]:
         out["min_preactivation"] = _finite_or_none(layer.min_preactivation)
     if layer.samples is not None:
         out["samples"] = int(layer.samples)
+    if layer.nonfinite:
+        out["nonfinite"] = int(layer.nonfinite)
     if layer.extra:
         out["extra"] = layer.extra
     return out
@@ -240,7 +251,8 @@ def report_to_json(report: Report) -> str:
         if not np.isfinite(layer.sum_abs).all():
             raise UserError(
                 f"layer {layer.name}: the sum of |activation| is NaN or Inf (NaN/Inf or huge values in the "
-                "data or the weights); a JSON report cannot hold it: clean the data or check the weights"
+                "data or the weights); a JSON report cannot hold it: clean the data or check the weights, "
+                "or pass --allow-nonfinite to leave NaN/Inf values out of the statistics"
             )
         if layer.bias is not None and not np.isfinite(layer.bias).all():
             raise UserError(
@@ -278,6 +290,7 @@ def layer_from_dict(d: dict[str, Any]) -> LayerStats:
         if d.get("min_preactivation") is None
         else np.array([np.inf if v is None else v for v in d["min_preactivation"]], dtype=np.float64),
         samples=d.get("samples"),
+        nonfinite=int(d.get("nonfinite") or 0),
     )
 
 
@@ -440,26 +453,58 @@ def statistics_fingerprint(report: Report) -> str | None:
     return digest.hexdigest()
 
 
+def refuse_overlapping_data(
+    reports: list[Report], names: list[str], sketches: list[SampleSketch | None]
+) -> None:
+    """Exit 2 naming both reports when two of them counted the same samples: by their data
+    fingerprints (report.fingerprint) when both have one, else (older reports,
+    training windows) by identical statistics (statistics_fingerprint)."""
+    counted = [
+        None if sketch is not None else statistics_fingerprint(r)
+        for r, sketch in zip(reports, sketches, strict=True)
+    ]
+    for j, (report, name, sketch) in enumerate(zip(reports, names, sketches, strict=True)):
+        for i in range(j):
+            if sketch is not None and sketches[i] is not None:
+                shared = shared_samples(sketches[i], sketch)
+                if shared:
+                    exact = sketches[i].complete and sketch.complete
+                    raise UserError(
+                        f"{name}: counted {'' if exact else 'at least '}{shared} of the same samples as "
+                        f"{names[i]} (overlapping data: the same file with different --limit or --batch-size, "
+                        "or a copy); merge scans of disjoint data, each once"
+                    )
+                continue
+            mine = counted[j] if sketch is None else statistics_fingerprint(report)
+            theirs = counted[i] if sketches[i] is None else statistics_fingerprint(reports[i])
+            if mine is not None and mine == theirs:
+                raise UserError(
+                    f"{name}: the same counts, maxima and sums in every layer over the same "
+                    f"{report.data.samples} samples as {names[i]}, and no data fingerprint to tell them apart: "
+                    "the same data scanned twice (under another file name?); merge scans of disjoint shards, "
+                    "each once"
+                )
+
+
+def nonfinite_notes(layers: list[LayerStats]) -> list[str]:
+    """--allow-nonfinite: one note per layer that met NaN/Inf values (left out of its statistics)."""
+    return [
+        f"layer {layer.name}: {layer.nonfinite} NaN/Inf value(s) of its input or output were left out "
+        "(--allow-nonfinite): they fire nowhere and add nothing to its max pre-activation and sum of |activation|"
+        for layer in layers
+        if layer.nonfinite
+    ]
+
+
 def merge_reports(reports: list[Report], names: list[str] | None = None) -> Report:
     """Exact merge of reports of the same model over disjoint data. A layer some reports do not list (a
     training window whose forwards never reached it) adds nothing from them: its `samples` say how many it
     saw, and a note names it. The same layer name with other units, or another model, is refused, and so
-    are two reports with the same statistics (statistics_fingerprint: the same samples counted twice).
-    NAMES: the reports' files, for messages."""
+    are two reports that counted the same samples (refuse_overlapping_data). NAMES: the reports' files,
+    for messages."""
     if not reports:
         raise UserError("nothing to merge: give at least one report")
     names = names or [f"report {k + 1}" for k in range(len(reports))]
-    seen: dict[str, str] = {}
-    for report, name in zip(reports, names, strict=True):
-        fingerprint = statistics_fingerprint(report)
-        if fingerprint is not None and fingerprint in seen:
-            raise UserError(
-                f"{name}: the same counts, maxima and sums in every layer over the same "
-                f"{report.data.samples} samples as {seen[fingerprint]}: the same data scanned twice "
-                "(under another file name?); merge scans of disjoint shards, each once"
-            )
-        if fingerprint is not None:
-            seen[fingerprint] = name
     first = reports[0]
     for other in reports[1:]:
         if other.model.sha256 != first.model.sha256:
@@ -476,6 +521,8 @@ def merge_reports(reports: list[Report], names: list[str] | None = None) -> Repo
             raise UserError(
                 "cannot merge reports made with different position masks (--mask / --exclude-token-ids)"
             )
+    sketches = [sketch_from_dict(r.data.fingerprint) for r in reports]
+    refuse_overlapping_data(reports, names, sketches)
     # a layer's samples (None: all of its report's) are added as counts: a part where a site saw fewer
     # (an ONNX branch, a GAN's generator in a training window), or that does not list the site at all (a
     # training window whose forwards never reached it), must not make the merged site "all"
@@ -492,7 +539,9 @@ def merge_reports(reports: list[Report], names: list[str] | None = None) -> Repo
         for name in union_order([[layer.name for layer in r.layers] for r in reports])
     ]
     data_paths = sorted({r.data.path for r in reports})
-    notes = sorted({n for r in reports for n in r.notes})
+    # each part's NaN/Inf notes are said again for the merged counts
+    counted_notes = {n for r in reports for n in nonfinite_notes(r.layers)}
+    notes = sorted({n for r in reports for n in r.notes} - counted_notes) + nonfinite_notes(layers)
     partial = [name for name in (layer.name for layer in layers) if listed[name] < len(reports)]
     if partial:
         shown = ", ".join(f"{name} (in {listed[name]} of {len(reports)})" for name in partial[:5])
@@ -500,7 +549,14 @@ def merge_reports(reports: list[Report], names: list[str] | None = None) -> Repo
             f"{PARTIAL_LAYERS_NOTE} {shown}{', …' if len(partial) > 5 else ''}: their counts and Samples "
             "cover only the samples of the reports that list them"
         )
-    if len(data_paths) < len(reports):
+    unprinted = [name for name, sketch in zip(names, sketches, strict=True) if sketch is None]
+    if unprinted:
+        notes.append(
+            f"{', '.join(unprinted[:4])}{', …' if len(unprinted) > 4 else ''}: no data fingerprint (an older "
+            "deadrelu, a training window): overlap with the other parts was checked "
+            "only by identical statistics"
+        )
+    if len(data_paths) < len(reports) and unprinted:
         # scan has no offset: two scans of one data file (e.g. --limit 40 and --limit 60) both start at its
         # first sample, and their sum counts those samples twice; shards are files of their own
         shared = sorted({p for p in data_paths if sum(r.data.path == p for r in reports) > 1})
@@ -515,6 +571,7 @@ def merge_reports(reports: list[Report], names: list[str] | None = None) -> Repo
             path=",".join(data_paths),
             samples=sum(r.data.samples for r in reports),
             text=_merged_text([r.data.text for r in reports]),
+            fingerprint=None if unprinted else union_sketch(sketches).to_dict(),
         ),
         settings=first.settings,
         layers=layers,

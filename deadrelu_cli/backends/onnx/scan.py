@@ -466,20 +466,32 @@ class _NanRecount:
     where Greater counts it as not firing); how a max pool treats it depends on the order it reads in.
     Such a batch is run again through a second session that counts with Greater everywhere, takes the max
     of the pre-activation and flags each unit whose input held a NaN (its max is NaN then, as in the
-    torch path), built the first time it is needed."""
+    torch path), built the first time it is needed. With --allow-nonfinite, that session leaves NaN/±Inf
+    values out of every statistic instead and counts them per site (onnx_graph `finite_only`), and a batch
+    whose data hold any is recounted too (a -inf input adds nothing NaN to a ReLU's sum)."""
 
     def __init__(self, loaded: LoadedModel, sites: list[OnnxSite], options, device: str) -> None:
         self.loaded, self.sites, self.options, self.device = loaded, sites, options, device
         self.session = None
         self.outputs: list[dict[str, str]] = []
 
-    @staticmethod
-    def needed(per_site: list[dict[str, np.ndarray]]) -> bool:
-        return any(
-            key in values and np.isnan(values[key]).any()
-            for values in per_site
-            for key in ("pos_nc", "sum_nc", "sum")
-        )
+    def needed(self, per_site: list[dict[str, np.ndarray]], feeds: dict) -> bool:
+        if not self.options.allow_nonfinite:
+            return any(
+                key in values and np.isnan(values[key]).any()
+                for values in per_site
+                for key in ("pos_nc", "sum_nc", "sum")
+            )
+        # a sum that is not finite, or a max that is NaN or +inf (-inf: no value counted), or data that
+        # hold NaN/Inf
+        for values in per_site:
+            for key in ("pos_nc", "sum_nc", "sum", "max_nc", "max"):
+                found = values.get(key)
+                if found is not None and (np.isnan(found).any() or np.isposinf(found).any()):
+                    return True
+                if key.startswith("sum") and found is not None and np.isneginf(found).any():
+                    return True
+        return any(v.dtype.kind == "f" and not np.isfinite(v).all() for v in map(np.asarray, feeds.values()))
 
     def run(self, feeds: dict) -> list[dict[str, np.ndarray]]:
         from deadrelu_cli.probe.onnx_graph import instrument
@@ -492,7 +504,8 @@ class _NanRecount:
                 self.options.threshold,
                 self.options.channel_dim,
                 exact_step=False,
-                nan_flags=True,
+                nan_flags=not self.options.allow_nonfinite,
+                finite_only=self.options.allow_nonfinite,
             )
             self.outputs = [dict(site.outputs) for site in self.sites]
             for site, (outputs, positions) in zip(self.sites, kept, strict=True):
@@ -608,11 +621,14 @@ class HostAccumulator:
         self.positive = self.max_pre = self.sum_abs = self.saturated = self.min_pre = None
         self.elements = 0
         self.samples = 0
+        self.nonfinite = 0  # --allow-nonfinite: NaN/±Inf values left out (the recount session counts them)
 
     def add(self, values: dict[str, np.ndarray], samples: int = 0, keep: np.ndarray | None = None) -> None:
         """One batch's reductions; `samples`: the batch's sample count (counted when the site ran);
         `keep`: the batch's position mask, which the graph applied at a site with a token layout (its
         size is then scaled from all positions to the kept ones)."""
+        if "nonfinite" in values:
+            self.nonfinite += int(np.asarray(values["nonfinite"]).sum())
         if "pos_nc" in values:
             values = _from_pooled(values, self.site.positions)
         pos, mx, sm, size = (np.asarray(values[k]) for k in ("pos", "max", "sum", "size"))
@@ -714,6 +730,7 @@ class HostAccumulator:
             output_tensor=site.output_tensor,
             min_preactivation=self.min_pre,
             samples=self.samples,
+            nonfinite=self.nonfinite,
         )
 
 
@@ -857,7 +874,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
             try:
                 results = dict(zip(output_names, session.run(output_names, feeds), strict=True))
                 per_site = [{key: results[name] for key, name in out.items()} for out in outputs]
-                if recount.needed(per_site):
+                if recount.needed(per_site, feeds):
                     per_site = recount.run(feeds)
             except UserError:
                 raise

@@ -9,7 +9,13 @@ from deadrelu_cli.options import ScanOptions
 
 
 def check_options(options: ScanOptions) -> None:
-    """Every scan option applies to torch models."""
+    """Every scan option applies to torch models; --compile counts inside the compiled graph, which
+    cannot leave NaN/Inf values out as --allow-nonfinite does."""
+    if options.compile and options.allow_nonfinite:
+        raise UserError(
+            "--compile counts inside the compiled graph and cannot leave NaN/Inf values out "
+            "(--allow-nonfinite); drop one of them"
+        )
 
 
 def resolve_device(requested: str) -> str:

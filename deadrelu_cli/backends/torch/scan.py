@@ -265,6 +265,7 @@ def scan_torch(
         channel_dim=options.channel_dim,
         ops=options.ops,
         track_min=options.explain,
+        skip_nonfinite=options.allow_nonfinite,
     )
     batch_size = batch_size_for(options.batch_size, model, data, order, device)
     example = None

@@ -1,0 +1,121 @@
+"""What samples a report counted, small enough for the report: a bottom-k sketch of per-sample digests.
+
+Each sample gets a 64-bit digest (sha256 of its row of each batched array, with the array's name,
+dtype and row shape — short rows a vectorised splitmix64 chain, `row_digests`; summed over the arrays), so batch size and order change nothing. A report keeps
+the K smallest distinct digests. Two reports share a sample when their lists share a digest; below K samples the list is every sample's,
+so overlap is found exactly. Above, the lists hold every digest up to their K-th smallest, and any
+shared sample whose digest lies below the smaller of those two bounds is in both lists: an overlap of
+m samples out of N is missed with probability about exp(-m·K/N) (K = 512: m ≥ N/100 is found with
+probability 1 − e⁻⁵ ≈ 99.3%). The union of two sketches' lists, cut to K, is the sketch of the union,
+so merged reports keep one. Backend-free (numpy and hashlib).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SKETCH_SIZE = 512
+METHOD = "sha256-64 per sample (rows up to 64 bytes: splitmix64 words), smallest 512"
+
+
+@dataclass
+class SampleSketch:
+    """The K smallest distinct per-sample digests seen; `complete` while every distinct digest is kept."""
+
+    digests: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    complete: bool = True
+    size: int = SKETCH_SIZE
+
+    def add(self, batch: dict[str, np.ndarray], batch_axes: dict[str, int] | None = None) -> None:
+        """The samples of one batch: BATCH maps array names to arrays with samples on `batch_axes[name]`
+        (default 0); constants fed whole are not in it."""
+        names = sorted(batch)
+        if not names:
+            return
+        axes = batch_axes or {}
+        rows = [np.asarray(batch[n]) for n in names]
+        rows = [np.moveaxis(r, axes[n], 0) if axes.get(n, 0) else r for n, r in zip(names, rows, strict=True)]
+        count = rows[0].shape[0]
+        heads = [
+            hashlib.sha256(f"{n}\0{r.dtype.str}\0{r.shape[1:]}\0".encode())
+            for n, r in zip(names, rows, strict=True)
+        ]
+        rows = [np.ascontiguousarray(r).reshape(count, -1).view(np.uint8) for r in rows]
+        found = np.zeros(count, dtype=np.uint64)
+        for head, r in zip(heads, rows, strict=True):  # (name, dtype, row shape) start each row's digest
+            found += row_digests(r, head)  # several arrays: summed (mod 2**64)
+        self.merge_digests(found)
+
+    def merge_digests(self, found: np.ndarray, complete: bool = True) -> None:
+        if self.digests.size == self.size:  # full: only digests below the largest kept can enter
+            largest = self.digests[-1]
+            self.complete = self.complete and complete and not (found > largest).any()
+            found = found[found < largest]
+            if not found.size:
+                return
+        union = np.union1d(self.digests, found)
+        self.complete = self.complete and complete and union.size <= self.size
+        self.digests = union[: self.size]
+
+    def to_dict(self) -> dict:
+        return {
+            "method": METHOD,
+            "complete": self.complete,
+            "digests": [f"{int(d):016x}" for d in self.digests],
+        }
+
+
+SMALL_ROW = 64  # bytes: rows up to this long get the vectorised digest (a Python call per row costs more)
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, on uint64 arrays (numpy wraps the products mod 2**64)."""
+    h = (h ^ (h >> np.uint64(30))) * _M1
+    h = (h ^ (h >> np.uint64(27))) * _M2
+    return h ^ (h >> np.uint64(31))
+
+
+def row_digests(rows: np.ndarray, head) -> np.ndarray:
+    """A 64-bit digest per row of ROWS (uint8 [count, length]), started from HEAD (a sha256 state):
+    sha256 of head + row, or, for rows of at most SMALL_ROW bytes, a splitmix64 chain over the row's
+    8-byte words seeded by the head's digest, for all rows at once. Which one depends only on the row
+    length, so the same array gives the same digests in any batch size."""
+    count, length = rows.shape
+    if length <= SMALL_ROW:
+        padded = np.zeros((count, -(-length // 8) * 8), np.uint8)
+        padded[:, :length] = rows
+        words = padded.view("<u8")
+        h = np.full(count, int.from_bytes(head.digest()[:8], "little"), dtype=np.uint64)
+        for w in range(words.shape[1]):
+            h = _mix(h ^ words[:, w])
+        return h
+    out = bytearray()
+    for i in range(count):  # a copied state per row: cheaper than a fresh hash of head + row
+        h = head.copy()
+        h.update(rows[i])
+        out += h.digest()[:8]
+    return np.frombuffer(bytes(out), dtype="<u8").astype(np.uint64)
+
+
+def sketch_from_dict(d: dict) -> SampleSketch | None:
+    """A report's `data.fingerprint`, or None when absent or made another way (not comparable)."""
+    if not isinstance(d, dict) or d.get("method") != METHOD:
+        return None
+    digests = np.array(sorted(int(h, 16) for h in d["digests"]), dtype=np.uint64)
+    return SampleSketch(digests=digests, complete=bool(d["complete"]))
+
+
+def shared_samples(a: SampleSketch, b: SampleSketch) -> int:
+    """How many samples the two sketches show in both reports (a lower bound unless both are complete)."""
+    return int(np.intersect1d(a.digests, b.digests).size)
+
+
+def union_sketch(sketches: list[SampleSketch]) -> SampleSketch:
+    out = SampleSketch()
+    for sketch in sketches:
+        out.merge_digests(sketch.digests, sketch.complete)
+    return out
