@@ -69,10 +69,8 @@ def test_fix_is_the_same_through_value_preserving_nodes(cli, tmp_path, build, st
                 "fix", path, "--data", tmp_path / "d.npz", "--strategy", strategy, "--output", outs[passing],
                 *extra,
             )  # fmt: skip
-        if build == "paddle" and strategy == "prune":  # the graph re-shapes the bias: refused on both
-            assert results[True].code == results[False].code == 2, results[True].err
-            assert "re-shapes its bias" in results[True].err and "re-shapes its bias" in results[False].err
-            continue
+        if build == "paddle" and strategy == "prune":  # the graph re-shapes the first bias: skipped on both
+            assert "re-shapes its bias" in results[True].out and "re-shapes its bias" in results[False].out
         assert results[True].code == 0, (strategy, results[True].err, results[True].out)
         assert results[False].code == 0, (strategy, results[False].err)
         before, plain, passing = (
@@ -91,7 +89,10 @@ def test_fix_is_the_same_through_value_preserving_nodes(cli, tmp_path, build, st
                 np.any((passing[first] != before[first]).reshape(len(before[first]), -1), 1)
             )
             assert changed.tolist() == dead["relu1"], strategy
-        if strategy == "prune":
+        if strategy == "prune" and build == "paddle":  # the Conv -> BatchNormalization layer narrowed
+            assert passing["w2"].shape[0] == passing["shift"].shape[0] == 5 - len(dead["relu2"])
+            np.testing.assert_allclose(_run(outs[True], x), _run(paths[True], x), rtol=1e-5, atol=1e-5)
+        elif strategy == "prune":
             assert passing["w"].shape[0] == 8 - len(dead["relu1"])
             np.testing.assert_allclose(_run(outs[True], x), _run(paths[True], x), rtol=1e-5, atol=1e-5)
         if strategy == "bias-shift":

@@ -58,6 +58,9 @@ class LayerOutcome:
     # --threshold on afterwards (0: it could not make that unit fire); checked against the rescan
     promised: list[float] | None = None
     alive_after_resume: int | None = None  # training checkpoints: acted-on units firing after resumed steps
+    # bias-shift: the stored half-precision dtype whose step was wider than the gap above a unit's cut
+    # (those units fire on more values than asked; one step less would leave them dead)
+    coarse_dtype: str | None = None
 
 
 @dataclass

@@ -212,7 +212,13 @@ def _check_promises(options: FixOptions, outcome, elements: int, threshold: floa
     tied = [
         promised for promised in outcome.promised if promised > 2 * options.target_rate + 2 / max(1, elements)
     ]
-    if tied and options.strategy == "bias-shift":
+    if tied and options.strategy == "bias-shift" and outcome.coarse_dtype:
+        result.notes.append(
+            f"{outcome.name}: {len(tied)} shifted units fire on up to {max(tied):.1%} of the data, above "
+            f"--target-rate {options.target_rate:g}: their {outcome.coarse_dtype} bias (the dtype the file "
+            "stores it in) cannot place the cut between their values; one step lower would leave them dead"
+        )
+    elif tied and options.strategy == "bias-shift":
         result.notes.append(
             f"{outcome.name}: {len(tied)} shifted units fire on up to {max(tied):.1%} of the data, above "
             f"--target-rate {options.target_rate:g}: their values tie at the cut (equal on many positions), "

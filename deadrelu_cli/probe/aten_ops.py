@@ -142,3 +142,16 @@ VALUE_COPIES = frozenset(
 )
 # ... and the binary maxima (`max.other`; max(x, dim) is a reduction, told by its second argument)
 MAXIMA = frozenset({"maximum", "max"})
+# ... and the masks of `where(x > 0, x, 0)`, `x.masked_fill(x < 0, 0)`, `x * (x > 0)`: a comparison of x
+# with zeros (-> whether the mask is true where x > 0), through casts (`(x > 0).float()`)
+SIGN_TESTS = {"gt": True, "ge": True, "lt": False, "le": False}
+MASK_CASTS = frozenset({"to", "_to_copy", "type_as", "clone", "alias", "detach"})
+
+# Reductions that may take a tensor's unit axis away (the position of their `dim`), and the elementwise
+# ops besides PASS_THROUGH that keep such a reduction one value per position: the graph probes' forms of
+# probe.base.REDUCTIONS and PER_POSITION_ELEMENTWISE (a clamp of `h.sum(-1) - m` is no ReLU layer)
+UNIT_REDUCTIONS = {
+    **dict.fromkeys(("sum", "mean", "amax", "amin", "var", "std", "logsumexp", "prod"), 1),
+    **dict.fromkeys(("linalg_vector_norm", "norm"), 2),
+}
+PER_POSITION_OPS = frozenset({"rsub", "neg", "pow", "abs", "sqrt", "exp", "log"})

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from deadrelu_cli.probe.accumulator import PositionMask, SiteAccumulator
-from deadrelu_cli.probe.ops import resolve_channel_dim
+from deadrelu_cli.probe.ops import resolve_channel_dim, unit_axis_reduced
 from deadrelu_cli.stats import LayerStats
 
 
@@ -303,12 +303,7 @@ def reduces_unit_axis(func, args: tuple, kwargs: dict, channel_first: bool | Non
     if where is None or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
         return False
     dim = args[where] if len(args) > where else kwargs.get("dim")
-    if isinstance(dim, (tuple, list)) and len(dim) == 1:
-        dim = dim[0]
-    if not isinstance(dim, int) or isinstance(dim, bool):
-        return False
-    rank = args[0].dim()
-    return dim % rank == infer_channel_dim(rank, channel_first) % rank
+    return unit_axis_reduced(args[0].dim(), dim, channel_first)
 
 
 def moved_unit_axis(kind: str, dims: tuple, axis: int, rank: int = 3) -> int | None:

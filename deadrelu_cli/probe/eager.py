@@ -44,11 +44,13 @@ from deadrelu_cli.probe.ops import (
     aten_op_kind,
     clamp_bounds,
     clamp_is_layer,
+    hardtanh_op,
     hidden_label,
     is_activation_module_type,
     is_clamp_op,
     is_scalar_value,
     is_zero_number,
+    stored_zeros_label,
     zeros_fit,
 )
 
@@ -98,7 +100,7 @@ def _function_table() -> dict[Callable, _FunctionSpec]:
         torch.relu_: _FunctionSpec("relu", None, True),
         torch.Tensor.relu_: _FunctionSpec("relu", None, True),
         F.relu6: _FunctionSpec("relu6", 1),
-        F.hardtanh: _FunctionSpec("relu6", 3),  # only when bounds are (0, 6): checked at call time
+        F.hardtanh: _FunctionSpec("relu6", 3),  # relu6 for (0, 6), relu for (0, inf): decided per call
         F.hardtanh_: _FunctionSpec("relu6", None, True),
         F.leaky_relu: _FunctionSpec("leaky_relu", 2),
         F.leaky_relu_: _FunctionSpec("leaky_relu", None, True),
@@ -296,12 +298,42 @@ _VALUE_COPIES = frozenset(
         torch.Tensor.type_as,
         torch.Tensor.contiguous,
         torch.Tensor.float,
+        torch.Tensor.double,
+        torch.Tensor.half,
+        torch.Tensor.bfloat16,
     }
 )
-_GREATER = frozenset({torch.Tensor.gt, torch.Tensor.__gt__, torch.gt, torch.greater, torch.Tensor.greater})
+# a comparison of x with 0 -> whether its mask is true where x > 0 (x > 0, x >= 0; `0 < x` runs as x > 0)
+# or where x <= 0 (x < 0, x <= 0)
+_COMPARES: dict[Callable, bool] = {
+    **dict.fromkeys(
+        (torch.Tensor.gt, torch.Tensor.__gt__, torch.gt, torch.greater, torch.Tensor.greater), True
+    ),
+    **dict.fromkeys(
+        (torch.Tensor.ge, torch.Tensor.__ge__, torch.ge, torch.greater_equal, torch.Tensor.greater_equal),
+        True,
+    ),
+    **dict.fromkeys((torch.Tensor.lt, torch.Tensor.__lt__, torch.lt, torch.less, torch.Tensor.less), False),
+    **dict.fromkeys(
+        (torch.Tensor.le, torch.Tensor.__le__, torch.le, torch.less_equal, torch.Tensor.less_equal), False
+    ),
+}
 _MAXIMA = frozenset({torch.maximum, torch.Tensor.maximum, torch.max, torch.Tensor.max})
 _SELECTS = frozenset({torch.where, torch.Tensor.where})
-_SPELLED = _MAXIMA | _SELECTS
+# x.masked_fill(x < 0, 0) and x * (x > 0) (the mask cast or not): relu(x), but for x * mask at x = -inf (NaN)
+_MASKED_FILLS = frozenset({torch.Tensor.masked_fill, torch.masked_fill, torch.Tensor.masked_fill_})
+_PRODUCTS = frozenset(
+    {
+        torch.mul,
+        torch.Tensor.mul,
+        torch.Tensor.__mul__,
+        torch.Tensor.__rmul__,
+        torch.Tensor.mul_,
+        torch.multiply,
+    }
+)
+_SPELLED_IN_PLACE = frozenset({torch.Tensor.masked_fill_, torch.Tensor.mul_})
+_SPELLED = _MAXIMA | _SELECTS | _MASKED_FILLS | _PRODUCTS
 # functional products whose units are on the last axis, as the graph probes read `linear`, `matmul`, `mm`,
 # `bmm` and `embedding` (aten_ops.LAST_DIM): an origin without a producer (an nn.Linear's own output then
 # gets its module as producer when the module returns)
@@ -318,8 +350,12 @@ _LAST_AXIS_MAKERS = frozenset(
         F.embedding,
     }
 )
-_NOTED = frozenset(_ZERO_MAKERS) | _VALUE_COPIES | _GREATER | _LAST_AXIS_MAKERS
+# concatenations: a site output joined with others along its units (a SqueezeNet fire module) still
+# reaches the layer that reads the joined tensor, in its own columns (EagerProbe.note_join)
+_JOINS = frozenset({torch.cat, torch.concat, torch.concatenate})
+_NOTED = frozenset(_ZERO_MAKERS) | _VALUE_COPIES | frozenset(_COMPARES) | _LAST_AXIS_MAKERS
 _SPELLED_SPEC = _FunctionSpec("relu", None, clamp="spelled")
+_SPELLED_IN_PLACE_SPEC = _FunctionSpec("relu", None, True, clamp="spelled")
 
 
 def _version(tensor: torch.Tensor) -> int | None:
@@ -405,9 +441,11 @@ class _CallSiteMode(TorchFunctionMode):
             pre = F.linear(hx, w_hh, b_hh) + F.linear(x, w_ih, b_ih)
             return self.__torch_function__(torch.relu, types, (pre,), {})
         spelled = self.probe.spelled_relu(func, args, kwargs) if func in _SPELLED else None
-        if spelled is not None:  # maximum(x, zeros), where(x > 0, x, 0): as clamp_min(x, 0), on x
+        if spelled is not None:  # maximum(x, zeros), where(x > 0, x, 0), x * (x > 0): relu(x), on x
+            spec = _SPELLED_IN_PLACE_SPEC if func in _SPELLED_IN_PLACE else _SPELLED_SPEC
             func, args, kwargs = spelled
-        spec = self.probe.functions.get(func) if spelled is None else _SPELLED_SPEC
+        else:
+            spec = self.probe.functions.get(func)
         op = None if spec is None else spec.op
         if spec is not None and spec.clamp is not None and spelled is None:  # a clamp that is no ReLU
             op = _clamp_op(spec.clamp, args, kwargs)
@@ -456,12 +494,21 @@ class _CallSiteMode(TorchFunctionMode):
                 ):
                     self.probe.carry_site_output(args[0], out)
                     return out
+            if (
+                func in _JOINS
+                and self.probe._site_outputs
+                and args
+                and self.probe.note_join(args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0), out)
+            ):
+                return out
             # reading a tensor's metadata (T5's `hidden_states.dtype`) is no use of its values
             if self.probe._site_outputs and getattr(func, "__name__", "") != "__get__":
                 self.probe.note_other_use(func, args)
             return out
-        if func in (F.hardtanh, F.hardtanh_) and _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
-            return func(*args, **kwargs)
+        if func in (F.hardtanh, F.hardtanh_):  # (0, 6): relu6, (0, inf): relu, else no site
+            op = hardtanh_op(*_hardtanh_bounds(args, kwargs))
+            if op is None:
+                return func(*args, **kwargs)
         if op in self.probe.settings.ops and args[0].is_quantized:  # no float pre-activation to count
             self.probe.note_hidden(self.probe.next_site_name(op), "activation on a quantized tensor", op)
         if op not in self.probe.settings.ops or not args[0].is_floating_point():
@@ -511,8 +558,8 @@ def call_op(functions: dict, func, args: tuple, kwargs: dict) -> str | None:
     spec = functions.get(func)
     if spec is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
         return None
-    if func in (F.hardtanh, F.hardtanh_) and _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
-        return None
+    if func in (F.hardtanh, F.hardtanh_):
+        return hardtanh_op(*_hardtanh_bounds(args, kwargs))
     if spec.clamp is not None and is_scalar_value(args[0]):  # a clamped loss or norm: no layer
         return None
     return spec.op if spec.clamp is None else _clamp_op(spec.clamp, args, kwargs)
@@ -608,6 +655,11 @@ class EagerProbe:
         # followed only in a forward whose mask has as many samples as tokens (see note_inputs)
         self._aligned: dict[int, tuple[weakref.ref, bool]] = {}
         self.consumers: dict[str, set[str]] = {}  # site -> Linear/Conv modules that read its output
+        # id(tensor) -> (weakref, [(site, offset, axis, width)]): concatenations holding site outputs;
+        # (site, consumer) -> (offset, width of the joined axis, axis, rank): where a consumer reads a site
+        # through one, for the fixes' columns (wiring.torch.eager_wiring)
+        self._joins: dict[int, tuple[weakref.ref, list[tuple[str, int, int, int]]]] = {}
+        self.joined: dict[tuple[str, str], tuple[int, int, int, int]] = {}
         self.upstream: dict[str, str] = {}  # producer -> the producer feeding it (BN -> its Conv)
         self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement
         self.recording = True  # False: only names sites for `substitutes` (a patched model, exportable)
@@ -621,7 +673,9 @@ class EagerProbe:
         # a ReLU spelled with a maximum or a select: zeros made in this forward and `x > 0` masks (id ->
         # weakrefs, with the tensors' version counters: one changed in place since is no longer that)
         self._zeros: dict[int, tuple[weakref.ref, int]] = {}
-        self._positives: dict[int, tuple[weakref.ref, int, weakref.ref, int]] = {}
+        self._positives: dict[int, tuple[weakref.ref, int, weakref.ref, int, bool]] = {}
+        self._stored_ids: set[int] | None = None  # the ids of the model's parameters and buffers
+        self._stored_seen: Counter = Counter()  # this forward's spellings with stored zeros, by label
 
     # -- hooks -------------------------------------------------------------------------------
     def enter_module(self, module: nn.Module, args) -> None:
@@ -638,6 +692,9 @@ class EagerProbe:
             site = self.site_of(args[0])
             if site is not None:
                 self.consumers.setdefault(site, set()).add(name)
+            for site, offset, axis, width in self.joins_of(args[0]):
+                self.consumers.setdefault(site, set()).add(name)
+                self.joined[(site, name)] = (offset, width, axis, args[0].dim())
 
     def note_other_use(self, func, args: tuple) -> None:
         """An activation output read by anything but a Linear/Conv or a unit-preserving op (residual add, …)."""
@@ -646,8 +703,38 @@ class EagerProbe:
         for arg in args:
             if isinstance(arg, torch.Tensor):
                 site = self.site_of(arg)
-                if site is not None:
+                sites = ([site] if site is not None else []) + [entry[0] for entry in self.joins_of(arg)]
+                for site in sites:
                     self.consumers.setdefault(site, set()).add(f"<{getattr(func, '__name__', 'op')}>")
+            elif isinstance(arg, list | tuple):  # torch.stack([h, …]), a cat along another axis
+                for item in arg:
+                    site = self.site_of(item) if isinstance(item, torch.Tensor) else None
+                    if site is not None:
+                        self.consumers.setdefault(site, set()).add(f"<{getattr(func, '__name__', 'op')}>")
+
+    def note_join(self, parts, dim, out) -> bool:
+        """A concatenation of tensors, some of them site outputs (or unit-preserving views of them),
+        along `dim`: remember where each site's units sit in `out`, so the layer reading `out` is their
+        consumer. False (nothing noted) when no part is a site output, or the parts are not tensors."""
+        if not isinstance(out, torch.Tensor) or not isinstance(parts, list | tuple) or out.dim() < 2:
+            return False
+        if not all(isinstance(p, torch.Tensor) and p.dim() == out.dim() for p in parts):
+            return False
+        axis = int(dim) % out.dim()
+        entries, offset = [], 0
+        for part in parts:
+            site = self.site_of(part)
+            if site is not None:
+                entries.append((site, offset, axis))
+            offset += int(part.shape[axis])
+        if not entries:
+            return False
+        self._joins[id(out)] = (weakref.ref(out), [(*entry, offset) for entry in entries])
+        return True
+
+    def joins_of(self, tensor: torch.Tensor) -> list[tuple[str, int, int, int]]:
+        entry = self._joins.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else []
 
     def site_of(self, tensor: torch.Tensor) -> str | None:
         entry = self._site_outputs.get(id(tensor))
@@ -660,6 +747,13 @@ class EagerProbe:
         site = self.site_of(source)
         if site is not None:
             self.mark_site_output(result, site)
+        joins = self.joins_of(source)
+        if joins and isinstance(result, torch.Tensor):
+            # (a view that moves the joined axis would move the units: only pools and flattens after it)
+            axis = joins[0][2]
+            same = result.dim() >= axis + 1 and result.shape[axis] == source.shape[axis]
+            if same or result.dim() == 2:
+                self._joins[id(result)] = (weakref.ref(result), joins)
 
     def leave_module(self, module: nn.Module, args, output) -> None:
         """A module's forward returned (its forward hook, always called)."""
@@ -856,10 +950,13 @@ class EagerProbe:
         self._produced.clear()
         self._sources.clear()
         self._site_outputs.clear()
+        self._joins.clear()
         self._per_position.clear()
         self._aligned.clear()
         self._zeros.clear()
         self._positives.clear()
+        self._stored_ids = None  # read again when a spelling needs it (a .to() replaces buffers)
+        self._stored_seen.clear()
 
     def mode(self) -> TorchFunctionMode:
         return _CallSiteMode(self)
@@ -1045,9 +1142,37 @@ class EagerProbe:
         elif func in _VALUE_COPIES:
             if args and isinstance(args[0], torch.Tensor) and self.is_zeros(args[0]):
                 self._zeros[id(out)] = (weakref.ref(out), _version(out))
-        elif len(args) == 2 and isinstance(args[0], torch.Tensor) and self.is_zeros(args[1]):  # x > 0
-            x = args[0]
-            self._positives[id(out)] = (weakref.ref(out), _version(out), weakref.ref(x), _version(x))
+            elif args and self._sign_mask(args[0]) is not None:  # (x > 0).float(): the mask, cast
+                entry = self._positives[id(args[0])]
+                self._positives[id(out)] = (weakref.ref(out), _version(out), *entry[2:])
+        elif (
+            func in _COMPARES
+            and len(args) == 2
+            and isinstance(args[0], torch.Tensor)
+            and self.is_zeros(args[1])
+        ):
+            x = args[0]  # x > 0, x >= 0, x < 0, x <= 0 (is x > 0 where the mask is true)
+            self._positives[id(out)] = (
+                weakref.ref(out),
+                _version(out),
+                weakref.ref(x),
+                _version(x),
+                _COMPARES[func],
+            )
+
+    def _sign_mask(self, value) -> tuple[torch.Tensor, bool] | None:
+        """(x, whether the mask is true where x > 0) for a mask this forward made by comparing x with 0
+        (note_made) and neither it nor x written since, else None."""
+        entry = self._positives.get(id(value)) if isinstance(value, torch.Tensor) else None
+        if entry is None or entry[0]() is not value or entry[2]() is None:
+            return None
+        x = entry[2]()
+        if entry[1] is None or entry[3] is None:  # inference tensors: the mask read (see is_zeros)
+            if not torch.equal(value.bool(), (x > 0) if entry[4] else (x <= 0)):
+                return None
+        elif (entry[1], entry[3]) != (_version(value), _version(x)):  # mask or x written in place since
+            return None
+        return x, entry[4]
 
     def is_zeros(self, value) -> bool:
         """A 0, or a tensor of zeros in every forward: made by a zero factory in this one (or copied from
@@ -1063,29 +1188,71 @@ class EagerProbe:
         return _version(value) == entry[1] if entry[1] is not None else not bool(value.any())
 
     def spelled_relu(self, func, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict] | None:
-        """For `maximum(x, Z)` / `max(x, Z)` / `where(x > 0, x, 0)` that compute clamp_min(x, 0) (Z: zeros
-        that do not widen x; probe.ops): the call as a function of x alone, with (x,) and {}; else None."""
-        if set(kwargs) - {"other"}:
+        """For `maximum(x, Z)` / `max(x, Z)` / `where(x > 0, x, Z)` / `where(x <= 0, Z, x)` /
+        `x.masked_fill(x < 0, 0)` / `x * (x > 0)` that compute relu(x) (Z: zeros that do not widen x;
+        probe.ops; `>=`, `<` alike; the mask of a product may be cast to x's type): the call as a function
+        of x alone, with (x,) and {}; else None. The same spelling with a parameter or buffer of zeros
+        after a layer is no site, and is named in `hidden` (probe.ops.stored_zeros_label)."""
+        found = self._spelling(func, args, kwargs, self.is_zeros)
+        if found is None:
+            if (
+                self.recording
+                and func not in _PRODUCTS  # a product takes no zeros
+                and self._spelling(func, args, kwargs, self._stored_zeros) is not None
+            ):
+                label = stored_zeros_label(self._current_module()[0], getattr(func, "__name__", "maximum"))
+                self._stored_seen[label] += 1  # as many as one forward ran, as the graphs count nodes
+                self.hidden[label] = max(self.hidden[label], self._stored_seen[label])
             return None
-        given = (*args, kwargs["other"]) if "other" in kwargs else args
+
+        def spelled(_x: torch.Tensor):
+            return func(*args, **kwargs)
+
+        return spelled, (found,), {}
+
+    def _stored_zeros(self, value) -> bool:
+        """A parameter or buffer of the model that holds zeros now (no ReLU's Z: see spelled_relu)."""
+        if self._stored_ids is None:
+            self._stored_ids = {id(t) for t in (*self.model.parameters(), *self.model.buffers())}
+        if not isinstance(value, torch.Tensor) or id(value) not in self._stored_ids:
+            return False
+        return not value.is_meta and not bool(value.any())
+
+    def _spelling(self, func, args: tuple, kwargs: dict, is_zeros: Callable) -> torch.Tensor | None:
+        """x of a ReLU spelled with a maximum, a select, a masked fill or a product (spelled_relu) whose
+        zeros pass `is_zeros`, after a layer; else None."""
         if func in _MAXIMA:
+            if set(kwargs) - {"other"}:
+                return None
+            given = (*args, kwargs["other"]) if "other" in kwargs else args
             if len(given) != 2 or not all(isinstance(a, torch.Tensor) for a in given):
                 return None  # max(x, dim): a reduction
-            x, zeros = given if self.is_zeros(given[1]) else given[::-1]
-            if not self.is_zeros(zeros):
+            x, zeros = given if is_zeros(given[1]) else given[::-1]
+            if not is_zeros(zeros):
                 return None
-        elif len(given) == 3:
-            cond, x, zeros = given if func is torch.where else (given[1], given[0], given[2])
-            entry = self._positives.get(id(cond))
-            if (
-                entry is None or entry[0]() is not cond or entry[2]() is not x or not self.is_zeros(zeros)
-            ):  # not x's own `x > 0`
+        elif not self._positives or kwargs:
+            return None  # no comparison with 0 in this forward: no mask to spell a ReLU with
+        elif func in _SELECTS and len(args) == 3:
+            cond, a, b = args if func is torch.where else (args[1], args[0], args[2])
+            mask = self._sign_mask(cond)
+            if mask is None:
                 return None
-            if entry[1] is None or entry[3] is None:  # inference tensors: the mask read (see is_zeros)
-                if not torch.equal(cond, x > 0):
-                    return None
-            elif (entry[1], entry[3]) != (_version(cond), _version(x)):  # mask or x written in place since
+            x, zeros = (a, b) if mask[1] else (b, a)
+            if mask[0] is not x or not is_zeros(zeros):  # not x's own `x > 0`
                 return None
+        elif func in _MASKED_FILLS and len(args) == 3:
+            x, zeros = args[0], args[2]
+            mask = self._sign_mask(args[1])
+            if mask is None or mask[0] is not x or mask[1] or not is_zeros(zeros):
+                return None
+        elif func in _PRODUCTS and len(args) == 2 and is_zeros == self.is_zeros:
+            for x, mask in (args, args[::-1]) if func is not torch.Tensor.mul_ else (args,):
+                found = self._sign_mask(mask)  # (in place: x.mul_(x > 0) only, which writes x)
+                if found is not None and found[0] is x and found[1]:
+                    break
+            else:
+                return None
+            zeros = mask  # no zeros: what the result's type and shape must keep is the mask's
         else:
             return None
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or self.origin_of(x) is None:
@@ -1093,11 +1260,7 @@ class EagerProbe:
         shape = zeros.shape if isinstance(zeros, torch.Tensor) else ()
         if not zeros_fit(x.shape, shape) or not keeps_dtype(x, zeros):
             return None  # widened by the zeros, or promoted: not x's values clamped
-
-        def spelled(_x: torch.Tensor):
-            return func(*args, **kwargs)
-
-        return spelled, (x,), {}
+        return x
 
     def clamp_is_layer(self, pre, op: str) -> bool:
         """Whether a clamp with a ReLU's bounds is a layer (probe.ops.clamp_is_layer; not when it clamps a

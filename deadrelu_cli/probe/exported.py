@@ -5,13 +5,23 @@ Names follow the eager rules, using each node's `nn_module_stack`.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from deadrelu_cli.probe.aten_ops import CHANNEL_FIRST, FAKE_QUANT, LAST_DIM, LAYOUT, PASS_THROUGH, VIEWS
+from deadrelu_cli.probe.aten_ops import (
+    CHANNEL_FIRST,
+    FAKE_QUANT,
+    LAST_DIM,
+    LAYOUT,
+    PASS_THROUGH,
+    PER_POSITION_OPS,
+    UNIT_REDUCTIONS,
+    VIEWS,
+)
 from deadrelu_cli.probe.base import (
     SQUEEZES,
     ProbeSettings,
@@ -22,13 +32,15 @@ from deadrelu_cli.probe.base import (
     squeeze_keeps_channels,
     static_site_hooks,
 )
-from deadrelu_cli.probe.hidden import SPELLED_RELU, graph_hidden, prepare_graph
+from deadrelu_cli.probe.hidden import SPELLED_RELU, STORED_ZEROS_RELU, graph_hidden, prepare_graph
 from deadrelu_cli.probe.ops import (
     SiteNamer,
     aten_op_kind,
     clamp_is_layer,
     is_activation_module_type,
     is_clamp_op,
+    stored_zeros_label,
+    unit_axis_reduced,
 )
 
 # Index of the bias argument of each producer op.
@@ -72,8 +84,10 @@ class StaticSite:
     channel_first: bool | None
     producer: str | None
     clamp: bool = False  # a clamp / threshold with a ReLU's bounds (a layer only by probe.ops.clamp_is_layer)
-    spelled: bool = False  # TorchScript: maximum(x, zeros) / where(x > 0, x, 0) (probe.ops, zeros_fit)
+    # TorchScript: the op spelling a ReLU (maximum / max / where / masked_fill / mul; probe.ops), else ""
+    spelled: str = ""
     units: int | None = None  # TorchScript, spelled: the producer module's units (checked at run time)
+    per_position: bool = False  # TorchScript: a clamp of one value per position (no layer; run time drops it)
 
 
 def op_base(target) -> str:
@@ -84,8 +98,8 @@ def op_base(target) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
-    """Walk back from an activation's input to the op that produced it.
+def _trace_producer(node: fx.Node, pre: fx.Node | None = None) -> tuple[bool | None, str | None]:
+    """Walk back from an activation's input (`pre`, else its first argument) to the op that produced it.
 
     The unit axis follows any elementwise op; the bias only ops whose other operands are scalars
     (x + y of two tensors has no single bias). The eager probe applies the same rule.
@@ -94,7 +108,7 @@ def _trace_producer(node: fx.Node) -> tuple[bool | None, str | None]:
     keep_producer = True
     viewed = False  # through a reshape that keeps the last axis: only a last-axis producer fits
     layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
-    current = node.args[0] if node.args else None
+    current = pre if pre is not None else node.args[0] if node.args else None
     while isinstance(current, fx.Node) and seen < 32:
         seen += 1
         base = op_base(current.target) if current.op == "call_function" else ""
@@ -245,8 +259,34 @@ def shift_source(node: fx.Node) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _per_position(value: object) -> bool:
+    """Whether a graph value is one per position, no units: a reduction over the unit axis
+    (probe.base.unit_axis_reduced), or an elementwise op of one (`h.sum(-1) - m`), as the eager probe
+    marks them (EagerProbe.note_per_position)."""
+    stack, seen = [value], 0
+    while stack and seen < 32:
+        node, seen = stack.pop(), seen + 1
+        if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+            continue
+        base = op_base(node.target)
+        where = UNIT_REDUCTIONS.get(base)
+        if where is not None:
+            source = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+            dim = node.args[where] if len(node.args) > where else node.kwargs.get("dim")
+            if isinstance(source, torch.Tensor) and unit_axis_reduced(
+                source.dim(), dim, _trace_producer(node)[0]
+            ):
+                return True
+        elif base in PASS_THROUGH or base in PER_POSITION_OPS:
+            stack.extend(arg for arg in node.args if isinstance(arg, fx.Node))
+    return False
+
+
 def _clamp_is_layer(node: fx.Node, channel_first: bool | None) -> bool:
-    """probe.ops.clamp_is_layer from the traced example value of the clamp's input."""
+    """probe.ops.clamp_is_layer from the traced example value of the clamp's input; a clamp of one value
+    per position (`(h.sum(-1) - m).clamp(min=0)`, _per_position) is none, whatever its shape."""
+    if _per_position(node.args[0]):
+        return False
     value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
     if not isinstance(value, torch.Tensor):
         return True
@@ -276,6 +316,19 @@ def _decomposed_linear(node: fx.Node) -> bool:
             return False
         current = source
     return False
+
+
+def stored_zero_relus(graph: fx.Graph, ops: tuple[str, ...]) -> Counter:
+    """The ReLUs spelled with a parameter or buffer of zeros after a layer (hidden.recompose_spelled_relus
+    marks them): no sites, named in `hidden` (probe.ops.stored_zeros_label)."""
+    found: Counter = Counter()
+    for node in graph.nodes:
+        x = node.meta.get(STORED_ZEROS_RELU)
+        if x is not None and "relu" in ops and _trace_producer(node, x)[0] is not None:
+            stack = node.meta.get("nn_module_stack") or {}
+            path = list(stack.values())[-1][0] if stack else ""
+            found[stored_zeros_label(path, op_base(node.target))] += 1
+    return found
 
 
 def find_sites(graph: fx.Graph, ops: tuple[str, ...]) -> Iterator[tuple[fx.Node, StaticSite]]:
@@ -318,6 +371,7 @@ class ExportedProbe:
         self.graph_module = graph_module
         prepare_graph(graph_module)
         self.hidden = graph_hidden(graph_module, settings.ops)  # before the rewrite: the ops as exported
+        self.hidden.update(stored_zero_relus(graph_module.graph, settings.ops))
         for node, site in list(find_sites(graph_module.graph, settings.ops)):
             self.sites.append(site)
             self.registry.declare(site.name, site.op, site.module_type, site.producer)

@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 from torch import fx
 
-from deadrelu_cli.probe.aten_ops import MAXIMA, VALUE_COPIES, ZERO_FACTORIES
+from deadrelu_cli.probe.aten_ops import MASK_CASTS, MAXIMA, SIGN_TESTS, VALUE_COPIES, ZERO_FACTORIES
 from deadrelu_cli.probe.base import is_stored
 from deadrelu_cli.probe.ops import aten_op_kind, hidden_label, is_zero_number, zeros_fit
 
@@ -165,62 +165,141 @@ def _example(node: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _sign_test(node: object, graph_module: fx.GraphModule) -> tuple[fx.Node, bool] | None:
+    """(x, whether the mask is true where x > 0) for a mask that compares x with zeros (x > 0, x >= 0,
+    x < 0, x <= 0), through casts ((x > 0).float()); None for any other mask."""
+    for _ in range(8):
+        if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+            return None
+        if not isinstance(node.target, torch._ops.OpOverload):
+            return None
+        base = node.target.__name__.split(".")[0]
+        if base in MASK_CASTS:
+            node = node.args[0]
+            continue
+        if base in SIGN_TESTS and len(node.args) == 2 and _is_zeros(node.args[1], graph_module):
+            x = node.args[0]
+            return (x, SIGN_TESTS[base]) if isinstance(x, fx.Node) else None
+        return None
+    return None
+
+
 SPELLED_RELU = "deadrelu_spelled_relu"  # node.meta key of a clamp written from a maximum or a select
 
 
 def recompose_spelled_relus(graph_module: fx.GraphModule) -> None:
-    """Write `maximum(x, zeros)` / `max(x, zeros)` (zeros that do not widen x) as `clamp_min(x, 0)` and
-    `where(x > 0, x, 0)` as `threshold(x, 0, 0)`: the same values, NaN included, and so ReLU sites as
-    the clamps are (probe.ops: a ReLU spelled with a maximum), as the eager probe and TorchScript count them."""
+    """Write `maximum(x, zeros)` / `max(x, zeros)` (zeros that do not widen x), `where(x <= 0, 0, x)`,
+    `masked_fill(x, x < 0, 0)` and `x * (x > 0)` as `clamp_min(x, 0)` and `where(x > 0, x, 0)` as
+    `threshold(x, 0, 0)` (`>=`, `<` alike): the same values, NaN included (a product is NaN at x = -inf,
+    where the clamp is 0), and so ReLU sites as the clamps are (probe.ops: a ReLU spelled with a maximum),
+    as the eager probe and TorchScript count them. One spelled with a parameter or buffer of zeros stays
+    as written, its x in node.meta[STORED_ZEROS_RELU] (named in `hidden` when x comes from a layer)."""
     graph = graph_module.graph
-    aten = torch.ops.aten
     changed = False
     for node in list(graph.nodes):
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
-        base, overload = node.target.__name__.split(".")[0], node.target._overloadname
-        if base in MAXIMA and overload in ("default", "other") and len(node.args) == 2 and not node.kwargs:
-            data = [a for a in node.args if not _is_zeros(a, graph_module)]
-            zeros = [a for a in node.args if a not in data]
-            if len(data) != 1 or len(zeros) != 1:
-                continue
-            x, replacement = data[0], (aten.clamp_min.default, (data[0], 0.0))
-            zero_value = _example(zeros[0])
-            if zero_value is None:
-                continue
-            zero_shape = tuple(zero_value.shape)
-        elif base == "where" and len(node.args) == 3 and not node.kwargs:
-            cond, x, other = node.args
-            if not (
-                isinstance(cond, fx.Node)
-                and cond.op == "call_function"
-                and cond.target in (aten.gt.Scalar, aten.gt.Tensor)
-                and len(cond.args) == 2
-                and cond.args[0] is x
-                and _is_zeros(cond.args[1], graph_module)
-                and _is_zeros(other, graph_module)
-            ):
-                continue
-            replacement = (aten.threshold.default, (x, 0.0, 0.0))
-            zero_shape = tuple(_example(other).shape) if _example(other) is not None else ()
-        else:
+        found = _spelling(node, graph_module, _is_zeros)
+        if found is None:
+            stored = _spelling(node, graph_module, _stored_zeros)
+            if stored is not None:
+                node.meta[STORED_ZEROS_RELU] = stored[0]
             continue
-        x_value, out = _example(x), _example(node)
-        if (
-            x_value is None
-            or out is None
-            or not x_value.is_floating_point()
-            or out.dtype != x_value.dtype
-            or tuple(out.shape) != tuple(x_value.shape)
-            or not zeros_fit(x_value.shape, zero_shape)
-        ):
-            continue  # widened by the zeros or promoted to another type: not x's values clamped
-        node.target, node.args = replacement
+        node.target, node.args = found[1]
         node.meta[SPELLED_RELU] = True  # a site only from a layer (exported.find_sites)
         changed = True
     if changed:
         graph.eliminate_dead_code()
         graph_module.recompile()
+
+
+STORED_ZEROS_RELU = "deadrelu_stored_zeros_relu"  # node.meta key: x of a ReLU spelled with stored zeros
+
+
+def _stored_zeros(node: object, graph_module: fx.GraphModule) -> bool:
+    """A parameter or buffer that holds zeros now (through copies): no ReLU's zeros (see _is_zeros)."""
+    for _ in range(8):
+        if not isinstance(node, fx.Node):
+            return False
+        if node.op == "get_attr":
+            if not is_stored(graph_module, str(node.target)):
+                return False
+            value = graph_module
+            for part in str(node.target).split("."):
+                value = getattr(value, part, None)
+            return isinstance(value, torch.Tensor) and not value.is_meta and not bool(value.any())
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) or not node.args:
+            return False
+        if node.target.__name__.split(".")[0] not in VALUE_COPIES:
+            return False
+        node = node.args[0]
+    return False
+
+
+def _spelling(node: fx.Node, graph_module: fx.GraphModule, is_zeros) -> tuple[fx.Node, tuple] | None:
+    """(x, the clamp's (target, args)) of a node that spells relu(x) with zeros that pass `is_zeros`
+    (recompose_spelled_relus), else None."""
+    aten = torch.ops.aten
+    base, overload = node.target.__name__.split(".")[0], node.target._overloadname
+    if base in MAXIMA and overload in ("default", "other") and len(node.args) == 2 and not node.kwargs:
+        data = [a for a in node.args if not is_zeros(a, graph_module)]
+        zeros = [a for a in node.args if a not in data]
+        if len(data) != 1 or len(zeros) != 1:
+            return None
+        x, replacement = data[0], (aten.clamp_min.default, (data[0], 0.0))
+        zero_value = _example(zeros[0])
+        if zero_value is None:
+            return None
+        zero_shape = tuple(zero_value.shape)
+    elif base == "where" and len(node.args) == 3 and not node.kwargs:
+        tested = _sign_test(node.args[0], graph_module)
+        if tested is None:
+            return None
+        x, keeps_x = tested
+        kept, other = node.args[1:] if keeps_x else node.args[:0:-1]
+        if kept is not x or not is_zeros(other, graph_module):
+            return None
+        # where(x > 0, x, 0) is 0 at a NaN as threshold is; where(x <= 0, 0, x) NaN as clamp_min
+        replacement = (
+            (aten.threshold.default, (x, 0.0, 0.0)) if keeps_x else (aten.clamp_min.default, (x, 0.0))
+        )
+        zero_shape = tuple(_example(other).shape) if _example(other) is not None else ()
+    elif base in ("masked_fill", "masked_fill_") and len(node.args) == 3 and not node.kwargs:
+        x, mask, other = node.args
+        if _sign_test(mask, graph_module) != (x, False) or not is_zeros(other, graph_module):
+            return None
+        clamp = aten.clamp_min_.default if base.endswith("_") else aten.clamp_min.default
+        replacement = (clamp, (x, 0.0))
+        zero_shape = tuple(_example(other).shape) if _example(other) is not None else ()
+    elif (
+        base in ("mul", "mul_")
+        and overload == "Tensor"
+        and len(node.args) == 2
+        and not node.kwargs
+        and is_zeros is _is_zeros
+    ):
+        # x * (x > 0): relu(x), but at x = -inf (NaN there, 0 as written here)
+        x = next(
+            (a for a, m in (node.args, node.args[::-1]) if _sign_test(m, graph_module) == (a, True)), None
+        )
+        if x is None or (base == "mul_" and node.args[0] is not x):
+            return None
+        clamp = aten.clamp_min_.default if base.endswith("_") else aten.clamp_min.default
+        replacement = (clamp, (x, 0.0))
+        zero_shape = tuple(_example(x).shape) if _example(x) is not None else ()
+    else:
+        return None
+    x_value, out = _example(x), _example(node)
+    if (
+        x_value is None
+        or out is None
+        or not x_value.is_floating_point()
+        or out.dtype != x_value.dtype
+        or tuple(out.shape) != tuple(x_value.shape)
+        or not zeros_fit(x_value.shape, zero_shape)
+    ):
+        return None  # widened by the zeros or promoted to another type: not x's values clamped
+    return x, replacement
 
 
 def prepare_graph(graph_module: fx.GraphModule) -> None:

@@ -17,6 +17,7 @@ per-iteration scan outputs that are summed on the host.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,7 +27,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, fused_origin, implicit_relu, nchwc_tensor
-from deadrelu_cli.probe.ops import clamp_is_layer, counts_from_output, threshold_below
+from deadrelu_cli.probe.ops import (
+    clamp_is_layer,
+    counts_from_output,
+    stored_zeros_label,
+    threshold_below,
+    unit_axis_reduced,
+)
 from deadrelu_cli.wiring.onnx import consumer_layout, producer_weight, trace_producer
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, float_type, opset_version
 
@@ -64,7 +71,7 @@ class OnnxSite:
     # on a first batch; None: no mask, or positions that are not the mask's (counted over every element)
     token_layout: str | None = None
     mask_unapplied: str | None = None  # why a position mask could not be applied here, when not for its shape
-    spelled: str | None = None  # "Max" / "Where": a ReLU the graph spells without a Relu node
+    spelled: str | None = None  # "Max" / "Where" / "Mul": a ReLU the graph spells without a Relu node
 
 
 def _clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, float | None]:
@@ -153,6 +160,8 @@ def max_relu_input(
     return None
 
 
+SPELLINGS = ("Max", "Where", "Mul")  # the ops a ReLU is spelled with in a graph (spelled_relu_input)
+
 # Where(test(x, 0), a, b) is relu(x) when the test keeps x where x > 0 (or >= 0) and takes zeros elsewhere:
 # per comparison (x on the left), whether its true branch is x
 _WHERE_TESTS = {"Greater": True, "GreaterOrEqual": True, "Less": False, "LessOrEqual": False}
@@ -172,28 +181,76 @@ def where_relu_input(
     x, on the same terms as max_relu_input (zeros the graph makes, not widening x; x from a layer)."""
     if node.op_type != "Where" or len(node.input) != 3 or not all(node.input):
         return None
-    test = index.producer.get(node.input[0])
-    if test is None or test.op_type not in _WHERE_TESTS or len(test.input) != 2:
+    tested = _sign_test(node.input[0], index, checkpoint)
+    if tested is None:
         return None
-    left, right = test.input
-    if _graph_zeros(right, left, index, checkpoint, test):
-        x, op = left, test.op_type
-    elif _graph_zeros(left, right, index, checkpoint, test):
-        x, op = right, _FLIPPED[test.op_type]
-    else:
-        return None
-    kept, zeros = node.input[1:] if _WHERE_TESTS[op] else node.input[:0:-1]
+    x, keeps_x = tested
+    kept, zeros = node.input[1:] if keeps_x else node.input[:0:-1]
     if kept != x or index.constant(x) is not None or not _graph_zeros(zeros, x, index, checkpoint, node):
         return None
     return x if producer_weight(index, x) is not None else None
 
 
+def _sign_test(name: str, index: GraphIndex, checkpoint: frozenset[str]) -> tuple[str, bool] | None:
+    """(x, whether the test is true where x > 0) for a mask `name` that compares x with zeros the graph
+    makes (x > 0, x >= 0, x < 0, x <= 0, either way round), through Casts (torch's masked_fill exports its
+    mask as Cast(Less(x, 0), to=BOOL)); None for any other mask."""
+    test = index.producer.get(name)
+    while test is not None and test.op_type == "Cast" and len(test.input) == 1:
+        test = index.producer.get(test.input[0])
+    if test is None or test.op_type not in _WHERE_TESTS or len(test.input) != 2:
+        return None
+    left, right = test.input
+    if _graph_zeros(right, left, index, checkpoint, test):
+        return left, _WHERE_TESTS[test.op_type]
+    if _graph_zeros(left, right, index, checkpoint, test):
+        return right, _WHERE_TESTS[_FLIPPED[test.op_type]]
+    return None
+
+
+def mul_relu_input(
+    node: onnx.NodeProto, index: GraphIndex, checkpoint: frozenset[str] = frozenset()
+) -> str | None:
+    """The pre-activation of a ReLU written `x * (x > 0)` (or `x >= 0`, either order; torch exports the
+    mask as Cast(Greater(x, 0)) to x's type): x, on the same terms as max_relu_input (x from a layer, its
+    mask made from x itself and zeros the graph makes). The product is relu(x) except at x = -inf (NaN)."""
+    if node.op_type != "Mul" or len(node.input) != 2 or not all(node.input):
+        return None
+    for data, mask in (node.input, node.input[::-1]):
+        if index.producer.get(mask) is None or index.producer[mask].op_type != "Cast":
+            continue  # ONNX's Mul takes one type: a bool mask reaches it cast
+        tested = _sign_test(mask, index, checkpoint)
+        if tested == (data, True) and index.constant(data) is None:
+            return data if producer_weight(index, data) is not None else None
+    return None
+
+
 def spelled_relu_input(
     node: onnx.NodeProto, index: GraphIndex, checkpoint: frozenset[str] = frozenset()
 ) -> str | None:
-    """x of a ReLU that the graph spells with Max or Where (no Relu node), else None. `checkpoint`: the
-    initializers that hold a checkpoint's tensors (checkpoint_tensors), never zeros the graph makes."""
-    return max_relu_input(node, index, checkpoint) or where_relu_input(node, index, checkpoint)
+    """x of a ReLU that the graph spells with Max, Where or Mul (no Relu node), else None. `checkpoint`:
+    the initializers that hold a checkpoint's tensors (checkpoint_tensors), never zeros the graph makes."""
+    return (
+        max_relu_input(node, index, checkpoint)
+        or where_relu_input(node, index, checkpoint)
+        or mul_relu_input(node, index, checkpoint)
+    )
+
+
+def stored_zero_relus(model: onnx.ModelProto, ops: tuple[str, ...]) -> Counter:
+    """The Max / Where nodes that would spell a ReLU of a layer's output but for their zeros, a checkpoint
+    tensor (checkpoint_tensors): no sites (probe.ops above zeros_fit), named for the scan's `unseen` as
+    the torch formats name them (probe.ops.stored_zeros_label). Main graph only."""
+    found: Counter = Counter()
+    checkpoint = checkpoint_tensors(model)
+    if "relu" not in ops or not checkpoint:
+        return found
+    index = GraphIndex(model.graph)
+    for node in model.graph.node:
+        if node.op_type in ("Max", "Where") and spelled_relu_input(node, index, checkpoint) is None:
+            if spelled_relu_input(node, index) is not None:
+                found[stored_zeros_label(node.name or node.output[0], node.op_type)] += 1
+    return found
 
 
 def _graph_zeros(
@@ -313,7 +370,7 @@ def classify(
 ) -> tuple[str, float | None] | None:
     if node.op_type == "Relu":
         return "relu", None
-    if node.op_type in ("Max", "Where"):
+    if node.op_type in SPELLINGS:
         return ("relu", None) if spelled_relu_input(node, index, checkpoint) is not None else None
     if node.op_type == "Clip":
         lo, hi = _clip_bounds(node, index)
@@ -335,9 +392,54 @@ def classify(
     return None
 
 
+_REDUCTIONS = frozenset(
+    {
+        "ReduceSum",
+        "ReduceMean",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSumExp",
+    }
+)
+# elementwise ops that keep a reduction one value per position (probe.aten_ops.PER_POSITION_OPS)
+_PER_POSITION = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Neg", "Pow", "Abs", "Sqrt", "Exp", "Log", "Cast", "Identity"}
+)
+
+
+def _per_position(index: GraphIndex, name: str) -> bool:
+    """Whether a tensor is one value per position, no units: a reduction over the unit axis
+    (probe.ops.unit_axis_reduced) or an elementwise op of one (`ReduceSum(h, -1) - m`), as the torch
+    probes read it (probe.exported._per_position)."""
+    stack, seen = [name], 0
+    while stack and seen < 32:
+        node, seen = index.producer.get(stack.pop()), seen + 1
+        if node is None:
+            continue
+        if node.op_type in _REDUCTIONS and node.input:
+            axes = attr(node, "axes")
+            if axes is None and len(node.input) > 1 and node.input[1]:  # an input from opset 13 / 18
+                found = index.constant(node.input[1])
+                axes = None if found is None else [int(a) for a in np.ravel(found)]
+            rank = index.rank(node.input[0])
+            if axes is not None and rank is not None:
+                channel_first = trace_producer(index, node.input[0]).channel_first
+                if unit_axis_reduced(rank, list(axes), channel_first):
+                    return True
+        elif node.op_type in _PER_POSITION:
+            stack.extend(i for i in node.input if i)
+    return False
+
+
 def _clip_is_layer(index: GraphIndex, site: OnnxSite, trace) -> bool:
     """probe.ops.clamp_is_layer for a Clip(x, 0) whose input no layer produced, from the shapes that
-    shape inference gave (an unknown shape: a layer)."""
+    shape inference gave (an unknown shape: a layer); a Clip of one value per position (a margin
+    `(h.sum(-1) - m).clamp(min=0)`, _per_position) is none, whatever its shape."""
+    if _per_position(index, site.input_name):
+        return False
     shape = index.shape(site.input_name)
     if shape is None:
         return True
@@ -381,7 +483,7 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
                     rank=index.rank(pre),
                     clip_max=kind[1],
                     in_loop=in_loop,
-                    spelled=node.op_type if node.op_type in ("Max", "Where") else None,
+                    spelled=node.op_type if node.op_type in SPELLINGS else None,
                 )
                 # a fused activation writes the fused node's output, which onnxruntime keeps from the
                 # float graph's activation; an nchwc copy is named after that tensor
@@ -504,10 +606,11 @@ def output_only_max(site: OnnxSite, threshold: float) -> bool:
     positive and equals the max of y = max(x, 0) over the same positions (later batches included: the
     running max is max(max x before, max y after) = max x). relu6/clip cap y, an implicit (quantized or
     fused) site's output is not max(x, 0) of its input, and --explain needs the input's minimum. A Where
-    spelling outputs 0 (not NaN) for a NaN input, which would hide the NaN from the max."""
+    spelling outputs 0 (not NaN) for a NaN input, which would hide the NaN from the max; a Mul spelling
+    outputs NaN for x = -inf."""
     return (
         site.op == "relu"
-        and site.spelled != "Where"
+        and site.spelled not in ("Where", "Mul")
         and threshold >= 0.0
         and site.implicit is None
         and not site.track_min

@@ -49,6 +49,14 @@ def hidden_label(path: str, what: str, op: str) -> str:
     return f"{path or '<model>'}: {what}(activation={LABEL_KINDS[op]})"
 
 
+def stored_zeros_label(path: str, spelling: str) -> str:
+    """How a ReLU spelled with a parameter or buffer of zeros after a layer is named in `hidden`: no site
+    (its zeros are the checkpoint's values, not the code's: probe.ops above zeros_fit), yet a ReLU as
+    the checkpoint stands, so a gate stops on it unless --allow-unseen. Every probe alike."""
+    spelling = spelling.removeprefix("aten::").removeprefix("aten.").split(".")[0].rstrip("_")
+    return hidden_label(path, f"{spelling} with a stored zero tensor ", "relu")
+
+
 def is_activation_module_type(qualified_type: str | None) -> bool:
     """True for torch.nn activation modules (as qualified by export / TorchScript / Python)."""
     if not qualified_type:
@@ -66,11 +74,8 @@ def aten_op_kind(overload_name: str, args: tuple) -> tuple[str, bool] | None:
     if base == "relu6":
         return "relu6", in_place
     if base == "hardtanh":
-        lo = args[1] if len(args) > 1 else -1.0
-        hi = args[2] if len(args) > 2 else 1.0
-        if _is_number(lo) and _is_number(hi) and float(lo) == 0.0 and float(hi) == 6.0:
-            return "relu6", in_place
-        return None
+        op = hardtanh_op(args[1] if len(args) > 1 else -1.0, args[2] if len(args) > 2 else 1.0)
+        return (op, in_place) if op is not None else None
     if base in ("leaky_relu", "elu", "gelu", "silu"):
         return base, in_place
     if base == "rrelu":  # nn.RReLU: a leaky ReLU (its slope fixed in eval, random in training)
@@ -81,6 +86,14 @@ def aten_op_kind(overload_name: str, args: tuple) -> tuple[str, bool] | None:
         bounds = clamp_bounds(base, args[1:])
         return (CLAMP_OPS[bounds], in_place) if bounds in CLAMP_OPS else None
     return None
+
+
+def hardtanh_op(lo: object, hi: object) -> str | None:
+    """The op `hardtanh(x, lo, hi)` is: relu6 for (0, 6), relu for (0, inf) (ONNX's Clip(x, 0, inf) alike),
+    else None (no ReLU's bounds)."""
+    if not (_is_number(lo) and _is_number(hi)) or float(lo) != 0.0:
+        return None
+    return "relu6" if float(hi) == 6.0 else "relu" if float(hi) == float("inf") else None
 
 
 # clamp(x, min=0) is relu, clamp(x, 0, 6) relu6, threshold(x, 0, 0) relu: the same values (their ONNX
@@ -100,7 +113,7 @@ def clamp_bounds(base: str, rest: tuple) -> tuple[float | None, float | None] | 
     hi = rest[1] if len(rest) > 1 and base != "clamp_min" else None
     if not _is_number(lo) or not (hi is None or _is_number(hi)):
         return None
-    return float(lo), None if hi is None else float(hi)
+    return float(lo), None if hi is None or float(hi) == float("inf") else float(hi)  # (0, inf): (0, None)
 
 
 def is_scalar_value(value: object) -> bool:
@@ -151,6 +164,19 @@ def zeros_fit(x_shape, zeros_shape) -> bool:
     if len(zeros_shape) > len(x_shape):
         return False
     return all(z == 1 or z == d for z, d in zip(zeros_shape[::-1], x_shape[::-1], strict=False))
+
+
+def unit_axis_reduced(rank: int, dim, channel_first: bool | None) -> bool:
+    """Whether a reduction over `dim` (an int, or a list of one) of a rank >= 2 tensor is one over its
+    unit axis alone (dim 1 from rank 4 on and for a channel-first rank 3, else the last; as
+    probe.base.infer_channel_dim): what remains is one value per position, and a clamp of it is no ReLU
+    layer (probe.base.reduces_unit_axis for eager; the graph probes ask it of their reduction nodes)."""
+    if isinstance(dim, (tuple, list)) and len(dim) == 1:
+        dim = dim[0]
+    if not isinstance(dim, int) or isinstance(dim, bool) or rank < 2:
+        return False
+    unit = 1 if rank >= 4 or (rank == 3 and channel_first) else rank - 1
+    return dim % rank == unit
 
 
 def is_zero_number(value: object) -> bool:

@@ -10,7 +10,7 @@ the scan stops with a clear error rather than attribute counts to the wrong laye
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,8 +21,12 @@ from deadrelu_cli.probe.aten_ops import (
     FAKE_QUANT,
     LAST_DIM,
     LAYOUT,
+    MASK_CASTS,
     MAXIMA,
     PASS_THROUGH,
+    PER_POSITION_OPS,
+    SIGN_TESTS,
+    UNIT_REDUCTIONS,
     VALUE_COPIES,
     ZERO_FACTORIES,
     aten_base,
@@ -44,11 +48,14 @@ from deadrelu_cli.probe.ops import (
     aten_op_kind,
     clamp_bounds,
     clamp_is_layer,
+    hardtanh_op,
     hidden_label,
     is_activation_module_type,
     is_clamp_op,
     is_scalar_value,
     is_zero_number,
+    stored_zeros_label,
+    unit_axis_reduced,
     zeros_fit,
 )
 
@@ -143,10 +150,10 @@ class _Walker:
                 elif fname in _FUNCTIONS:
                     args = tuple(self._value(env, v) for v in list(node.inputs())[1:])
                     op = _FUNCTIONS[fname]
-                    if fname.startswith("hardtanh") and tuple(
-                        float(a) if a is not None else None for a in args[1:3]
-                    ) != (0.0, 6.0):
-                        continue
+                    if fname.startswith("hardtanh"):  # (0, 6): relu6, (0, inf): relu, else no site
+                        op = hardtanh_op(*(tuple(args[1:3]) + (None, None))[:2])
+                        if op is None:
+                            continue
                     in_place = fname.endswith("_") or (bool(args) and args[-1] is True)
                     self._add(module, node, op, in_place)
             elif kind == "prim::If":
@@ -177,8 +184,12 @@ class _Walker:
                 args = tuple(self._value(env, v) for v in node.inputs())
                 self._note_hidden(module, kind, args)
                 spelled = self._spelled_relu(env, node)
-                if spelled is not None and "relu" in self.ops:  # maximum(x, zeros), where(x > 0, x, 0)
-                    self._add(module, node, "relu", False, clamp=True, pre=spelled)
+                if spelled is not None and "relu" in self.ops:  # maximum(x, zeros), where(x > 0, x, 0), …
+                    self._add(module, node, "relu", kind.endswith("_"), clamp=True, pre=spelled)
+                elif "relu" in self.ops and aten_base(kind).rstrip("_") in _SPELLINGS:
+                    stored = self._spelled_relu(env, node, self._stored_zeros)
+                    if stored is not None and self._producer(stored, module)[0] is not None:
+                        self.hidden[stored_zeros_label(self.paths.get(id(module), ""), kind)] += 1
                 kind_op = aten_op_kind(kind, args)
                 if kind_op is not None and kind_op[0] in self.ops:
                     self._add(module, node, kind_op[0], kind_op[1], clamp=is_clamp_op(kind))
@@ -207,24 +218,65 @@ class _Walker:
             value = inputs[0]
         return False
 
-    def _spelled_relu(self, env: dict, node):
-        """The x of `maximum(x, zeros)` / `max(x, zeros)` / `where(x > 0, x, 0)`, else None; whether the
+    def _stored_zeros(self, env: dict, value) -> bool:
+        """A parameter or buffer (an attribute, through copies) that holds zeros now: no ReLU's zeros."""
+        for _ in range(8):
+            node = value.node()
+            if node.kind() == "prim::GetAttr":
+                found = env.get(node.output().debugName())
+                return isinstance(found, torch.Tensor) and not found.is_meta and not bool(found.any())
+            inputs = list(node.inputs())
+            if aten_base(node.kind()) not in VALUE_COPIES or not inputs:
+                return False
+            value = inputs[0]
+        return False
+
+    def _spelled_relu(self, env: dict, node, zeros=None):
+        """The x of `maximum(x, zeros)` / `max(x, zeros)` / `where(x > 0, x, 0)` / `x.masked_fill(x < 0,
+        0)` / `x * (x > 0)` (zeros that pass `zeros`, by default the code's: _zeros), else None; whether the
         zeros widen x is known at run time only (`TorchScriptProbe.on_spelled`)."""
         base = aten_base(node.kind())
         inputs = list(node.inputs())
+        is_zeros = self._zeros if zeros is None else zeros
         if base in MAXIMA and len(inputs) == 2 and all(str(v.type()) == "Tensor" for v in inputs):
-            data = [v for v in inputs if not self._zeros(env, v)]
+            data = [v for v in inputs if not is_zeros(env, v)]
             return data[0] if len(data) == 1 else None
         if base == "where" and len(inputs) == 3:
-            cond, x, other = inputs
-            compare = cond.node()
-            if (
-                compare.kind() == "aten::gt"
-                and compare.inputsAt(0).unique() == x.unique()
-                and self._zeros(env, compare.inputsAt(1))
-                and self._zeros(env, other)
-            ):
-                return x
+            tested = self._sign_test(env, inputs[0])
+            if tested is None:
+                return None
+            x, keeps_x = tested
+            kept, other = inputs[1:] if keeps_x else inputs[:0:-1]
+            return x if kept.unique() == x.unique() and is_zeros(env, other) else None
+        if base in ("masked_fill", "masked_fill_") and len(inputs) == 3:
+            tested = self._sign_test(env, inputs[1])
+            if tested is not None and tested[0].unique() == inputs[0].unique() and not tested[1]:
+                return inputs[0] if is_zeros(env, inputs[2]) else None
+        if (
+            base in ("mul", "mul_")
+            and zeros is None
+            and len(inputs) == 2
+            and all(str(v.type()) == "Tensor" for v in inputs)
+        ):
+            for x, mask in (inputs, inputs[::-1]):
+                tested = self._sign_test(env, mask)
+                if tested is not None and tested[0].unique() == x.unique() and tested[1]:
+                    return x if base == "mul" or x.unique() == inputs[0].unique() else None
+        return None
+
+    def _sign_test(self, env: dict, value):
+        """(x, whether the mask is true where x > 0) for a mask `value` that compares x with zeros
+        (x > 0, x >= 0, x < 0, x <= 0), through casts ((x > 0).float()), else None."""
+        for _ in range(8):
+            node = value.node()
+            base = aten_base(node.kind())
+            inputs = list(node.inputs())
+            if base in MASK_CASTS and inputs:
+                value = inputs[0]
+                continue
+            if base in SIGN_TESTS and len(inputs) == 2 and self._zeros(env, inputs[1]):
+                return inputs[0], SIGN_TESTS[base]
+            return None
         return None
 
     def _note_hidden(self, module, kind: str, args: tuple) -> None:
@@ -245,6 +297,34 @@ class _Walker:
             if op in self.ops:
                 self.hidden[hidden_label(path, "transformer encoder fast path", op)] += 1
 
+    def _per_position(self, value, module) -> bool:
+        """Whether a value is one per position, no units: a reduction over the unit axis, or an elementwise
+        op of one (`h.sum(-1) - m`), as probe.exported._per_position reads a graph. TorchScript's types
+        carry no rank: a reduction's input is taken as rank <= 3 (`h.sum(-1)` of [B, T, C], `x.sum(1)` of a
+        conv's [N, C, T])."""
+        stack, seen = [value], 0
+        while stack and seen < 32:
+            node, seen = stack.pop().node(), seen + 1
+            base = aten_base(node.kind())
+            inputs = list(node.inputs())
+            where = UNIT_REDUCTIONS.get(base)
+            if where is not None and len(inputs) > where:
+                try:
+                    dim = inputs[where].toIValue()
+                    if dim is None and inputs[where].node().kind() == "prim::ListConstruct":
+                        dim = [v.toIValue() for v in inputs[where].node().inputs()]
+                except RuntimeError:
+                    continue
+                units = self._units
+                channel_first = self._producer(inputs[0], module)[0]
+                self._units = units
+                rank = getattr(inputs[0].type(), "dim", lambda: None)() or 3
+                if unit_axis_reduced(rank, dim, channel_first):
+                    return True
+            elif base in PASS_THROUGH or base in PER_POSITION_OPS:
+                stack.extend(v for v in inputs if str(v.type()).startswith("Tensor"))
+        return False
+
     def _add(self, module, node, op: str, in_place: bool, clamp: bool = False, pre=None) -> None:
         if op not in self.ops:
             return
@@ -263,8 +343,11 @@ class _Walker:
         name = self.namer.name(path, op, is_activation)
         module_type = qualified.rsplit(".", 1)[-1] if is_activation else "functional"
         units = self._units if pre is not None else None
+        spelled = aten_base(node.kind()) if pre is not None else ""
+        functional = not (is_activation and caller is not None)  # a clamp of `value` in this graph
+        per_position = clamp and pre is None and functional and self._per_position(value, module)
         site = StaticSite(
-            name, op, in_place, module_type, channel_first, producer, clamp, pre is not None, units
+            name, op, in_place, module_type, channel_first, producer, clamp, spelled, units, per_position
         )
         self.sites.append(site)
 
@@ -350,6 +433,21 @@ def script_sites(script_module, ops: tuple[str, ...]) -> list[StaticSite] | None
     return walker.sites
 
 
+def spelled_relu_reader(script_module):
+    """A function of a node of the module's forward graph (inlined or not) to the x of the ReLU it spells
+    (maximum(x, zeros), where(x > 0, x, 0), x * (x > 0), …; probe.ops), when x comes from a layer, else to
+    None: the nodes the scan counted as spelled sites, for `fix` to patch (backends.torch.fix)."""
+    walker = _Walker(script_module, ("relu",))
+
+    def read(node):
+        if not node.kind().startswith("aten::"):
+            return None
+        x = walker._spelled_relu({}, node)
+        return x if x is not None and walker._producer(x, script_module)[0] is not None else None
+
+    return read
+
+
 def _module_units(module, type_name: str) -> int | None:
     """The units a Linear / Conv / norm module makes (its weight's rows, or its per-unit vector)."""
     if type_name.startswith("ConvTranspose"):
@@ -397,7 +495,8 @@ def _constant_dims(node, base: str) -> tuple | None:
     return None if None in dims else tuple(int(d) for d in dims)
 
 
-_SPELLED_OPS = MAXIMA | {"where"}
+_SPELLED_OPS = MAXIMA | {"where", "masked_fill", "masked_fill_", "mul", "mul_"}
+_SPELLINGS = MAXIMA | {"where", "masked_fill"}  # those that take zeros (a stored tensor's: no site)
 
 
 class _OrderedDispatch(TorchDispatchMode):
@@ -408,12 +507,13 @@ class _OrderedDispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         kind = aten_op_kind(func.name(), tuple(args))
-        if (
-            kind is None
-            and aten_base(func.name()).split(".")[0] in _SPELLED_OPS
-            and self.probe.spelled_next()
-        ):
+        base = aten_base(func.name()).split(".")[0]
+        if kind is None and base in _SPELLED_OPS and self.probe.spelled_next():
             return self.probe.on_spelled(func, args, kwargs)
+        if kind is None and self.probe.spelled_sites and (base in SIGN_TESTS or base in MASK_CASTS):
+            out = func(*args, **kwargs)
+            self.probe.note_mask(base, args, out)
+            return out
         if kind is None and args and is_clamp_op(func.name()) and is_scalar_value(args[0]):
             kind = aten_op_kind(func.name(), (None, *args[1:]))  # a 0-d clamp: on_activation drops it
         if kind is None or kind[0] not in self.probe.settings.ops:
@@ -439,6 +539,37 @@ class TorchScriptProbe:
         for site in self.sites:
             self.registry.declare(site.name, site.op, site.module_type, site.producer)
         self._position = 0
+        self.spelled_sites = any(site.spelled for site in self.sites)
+        # the comparisons with 0 of this forward (mask, x, whether it is true where x > 0), the latest few:
+        # held, so that the same tensors reach on_spelled as the same Python objects
+        self._masks: deque = deque(maxlen=8)
+        # where the checkpoint's tensors live: never a ReLU's zeros, zeros or not (probe.ops)
+        self._stored = {
+            t.untyped_storage().data_ptr() for t in script_module.state_dict().values() if t.numel()
+        }
+
+    def note_mask(self, base: str, args: tuple, out) -> None:
+        """Remember a mask made by comparing x with 0 (x > 0, x <= 0, …), or a cast of one."""
+        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
+            return
+        if base in SIGN_TESTS:
+            if len(args) == 2 and self._zero(args[1]):
+                self._masks.append((out, args[0], SIGN_TESTS[base]))
+        else:
+            found = self._mask_of(args[0])
+            if found is not None:
+                self._masks.append((out, *found))
+
+    def _mask_of(self, mask) -> tuple[torch.Tensor, bool] | None:
+        return next(((x, keeps) for made, x, keeps in self._masks if made is mask), None)
+
+    def _zero(self, value) -> bool:
+        """A 0, or zeros that are no checkpoint tensor's (read at run time)."""
+        if not isinstance(value, torch.Tensor):
+            return is_zero_number(value)
+        if value.numel() and value.untyped_storage().data_ptr() in self._stored:
+            return False
+        return not value.is_meta and not bool(value.any())
 
     def spelled_next(self) -> bool:
         """Whether the next site of the code is a ReLU spelled with a maximum or a select."""
@@ -454,39 +585,64 @@ class TorchScriptProbe:
         return x.shape[axis] == site.units
 
     def on_spelled(self, func, args: tuple, kwargs: dict):
-        """A maximum or select run where the code's next site is one: that site when it clamps x at 0 here
-        (its zeros are zeros, its mask is x > 0, and the zeros do not widen x), else an ordinary op: a
-        maximum the static walk did not list, or the listed one whose zeros widen or promote x (withdrawn
+        """A maximum, select, masked fill or product run where the code's next site is one spelled with that
+        op: that site when it computes relu(x) here (its zeros are zeros and no checkpoint tensor, its mask
+        is x's own comparison with 0 (note_mask), and the zeros do not widen x), else an ordinary op: one
+        the static walk did not list, or the listed maximum whose zeros widen or promote x (withdrawn
         when x has the units of the site's producer; without a producer the count check at the end of the
         forward says so)."""
+        site = self.sites[self._position]
+        base = aten_base(func.name()).split(".")[0]
+        if base.rstrip("_") != site.spelled.rstrip("_") and not (base in MAXIMA and site.spelled in MAXIMA):
+            return func(*args, **kwargs)  # not the op that spells the next site
         given = list(args)
-        if aten_base(func.name()).startswith("where"):
-            if len(given) != 3 or kwargs:
+        if kwargs:
+            return func(*args, **kwargs)
+        if base in MAXIMA:
+            if len(given) != 2 or not all(isinstance(a, torch.Tensor) for a in given):
                 return func(*args, **kwargs)
-            cond, x, zeros = given
-            if not isinstance(x, torch.Tensor) or not torch.equal(cond, x > 0):
+            if self._zero(given[1]):
+                x, zeros = given
+            elif self._zero(given[0]):
+                zeros, x = given
+            else:  # no zeros of the code's (a stored zero tensor's maximum): an ordinary op
                 return func(*args, **kwargs)
         else:
-            if len(given) != 2 or kwargs or not all(isinstance(a, torch.Tensor) for a in given):
+            if base == "where" and len(given) == 3:
+                found = self._mask_of(given[0])
+                x, zeros = (given[1], given[2]) if found is None or found[1] else (given[2], given[1])
+            elif base.startswith("masked_fill") and len(given) == 3:
+                found, (x, zeros) = self._mask_of(given[1]), (given[0], given[2])
+                found = None if found is None or found[1] else found
+            elif base.startswith("mul") and len(given) == 2:
+                x, zeros = given
+                found = self._mask_of(zeros)
+                if found is None or found[0] is not x:
+                    zeros, x = given
+                    found = None if base == "mul_" else self._mask_of(zeros)
+                found = None if found is None or not found[1] else found
+            else:
+                found = None
+            if found is None or found[0] is not x:  # not x's own comparison with 0: an ordinary op
                 return func(*args, **kwargs)
-            x, zeros = given if not given[1].any() else given[::-1]
+            if base.startswith("mul"):
+                zeros = torch.zeros((), dtype=zeros.dtype)  # a mask, no zeros: its type is what it promotes
         if isinstance(zeros, torch.Tensor):
-            fits = not zeros.any() and zeros_fit(x.shape, zeros.shape)
+            fits = self._zero(zeros) and zeros_fit(x.shape, zeros.shape)
         else:
             fits = is_zero_number(zeros)
-        if not self._fits_next(x):
+        if not isinstance(x, torch.Tensor) or not self._fits_next(x):
             return func(*args, **kwargs)
         if not fits or not x.is_floating_point() or not keeps_dtype(x, zeros):
-            site = self.sites[self._position]
-            if site.units is not None:  # the listed site (x has its producer's units): no ReLU, withdrawn
-                self._position += 1  # as a clamp that is no layer is (on_activation)
+            if site.units is not None and base in MAXIMA:  # the listed site (x has its producer's units):
+                self._position += 1  # no ReLU, withdrawn as a clamp that is no layer is (on_activation)
                 self.registry.withdraw(site.name)
             return func(*args, **kwargs)
 
         def spelled(_x):
             return func(*args, **kwargs)
 
-        return self.on_activation(spelled, (x,), {}, "relu", False)
+        return self.on_activation(spelled, (x,), {}, "relu", site.in_place)
 
     def on_activation(self, func, args, kwargs, op: str, in_place: bool):
         if self._position >= len(self.sites) or self.sites[self._position].op != op:
@@ -498,10 +654,13 @@ class TorchScriptProbe:
             raise self._error
         site = self.sites[self._position]
         self._position += 1
-        if site.clamp and not clamp_is_layer(
-            tuple(args[0].shape),
-            infer_channel_dim(args[0].dim(), site.channel_first) if args[0].dim() else None,
-            site.channel_first is not None,
+        if site.clamp and (
+            site.per_position  # (h.sum(-1) - m).clamp(min=0): one value per position, no units
+            or not clamp_is_layer(
+                tuple(args[0].shape),
+                infer_channel_dim(args[0].dim(), site.channel_first) if args[0].dim() else None,
+                site.channel_first is not None,
+            )
         ):  # a clamped variance / norm / loss (its shape tells, known once it runs): no layer
             self.registry.withdraw(site.name)
             return func(*args, **kwargs)
@@ -514,6 +673,7 @@ class TorchScriptProbe:
     def run(self, inputs: tuple, kwargs: dict | None = None):
         self._position = 0
         self._error: UserError | None = None
+        self._masks.clear()
         try:
             # unoptimized: the optimizer merges identical calls on one tensor (relu(x) twice, one ReLU
             # module applied twice) into one, which the code's sites (and eager) count as two
@@ -523,6 +683,8 @@ class TorchScriptProbe:
             if self._error is not None:
                 raise self._error from None
             raise
+        finally:
+            self._masks.clear()
         if self._position != len(self.sites):
             raise UserError(
                 f"this TorchScript model ran {self._position} activations but its code has {len(self.sites)}; "

@@ -69,6 +69,13 @@ class UnitWiring:
     consumer: str = ""  # the one Linear/Conv/Gemm reading the activation
     consumer_weight: TensorRef | None = None  # its weight; the units' input columns along .axis
     readers: tuple[str, ...] = field(default_factory=tuple)  # everything that reads the activation
+    # a Concat (along the unit axis) between the activation and the consumer: the consumer reads
+    # `column_units` units, this layer's from `column_offset` on (None: only this layer's)
+    column_offset: int = 0
+    column_units: int | None = None
+    # further layers reading the activation directly, each by its own weight's columns (a SqueezeNet
+    # squeeze Relu read by both expand Convs): (display name, weight); every fix acts on all of them
+    also_read_by: tuple[tuple[str, TensorRef], ...] = ()
     why: str = ""
 
     @property
@@ -84,6 +91,17 @@ class UnitWiring:
         if fan_in % units:
             raise ValueError(f"consumer fan-in {fan_in} is not a multiple of {units} units")
         return fan_in // units
+
+    def consumers(self) -> list[tuple[str, TensorRef]]:
+        """Every (display name, weight) reading the units: the consumer, then `also_read_by`."""
+        first = [(self.consumer, self.consumer_weight)] if self.consumer_weight is not None else []
+        return first + list(self.also_read_by)
+
+    def consumer_columns(self, units: list[int], all_units: int, fan_in: int) -> list[int]:
+        """The consumer's input columns (of `fan_in`) that `units` of this layer's `all_units` feed,
+        past the other inputs of a Concat before them."""
+        per_unit = self.per_unit(self.column_units or all_units, fan_in)
+        return input_columns([self.column_offset + u for u in units], per_unit)
 
 
 def unit_vector_axis(shape: tuple[int, ...]) -> int | None:

@@ -398,11 +398,10 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
         upstream = conv_through_squeeze(index, data[0]) if len(data) == 1 else None
         chain = index.reshaped_from(added[0]) if len(added) == 1 else []
         if upstream is not None and upstream.op_type == "MatMul" and len(chain) == 1:
-            if stored_array(index, upstream.input[1]) is not None and is_last_axis_vector(
-                stored_array(index, chain[0]).shape
-            ):
+            stored = _matmul_weight(index, upstream.input[1])
+            if stored is not None and is_last_axis_vector(stored_array(index, chain[0]).shape):
                 wire.owner = display_name(upstream)
-                wire.weight = TensorRef(upstream.input[1], 1)
+                wire.weight = TensorRef(stored[0], 1 - stored[1])  # rows of [in, out]; of W in W^T
                 wire.bias = chain[0]
         elif (
             upstream is not None
@@ -454,6 +453,69 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
         if stored_array(index, node.input[2]) is not None:
             scale, bias, mean, var = (list(node.input[1:5]) + [""] * 4)[:4]
             wire.batchnorm = BatchNormRef(display_name(node), scale or None, bias, mean or None, var or None)
+            _through_batchnorm(index, wire, node)
+
+
+def _through_batchnorm(index: GraphIndex, wire: UnitWiring, bn: onnx.NodeProto) -> None:
+    """The Conv (or 2-D Gemm) whose rows make the channels a BatchNormalization normalises (an unfused
+    export: `do_constant_folding=False`, a training-mode export): `wire`'s weight and bias become its
+    own, the BatchNorm stays `wire.batchnorm` (reinit resets its channel, prune narrows it)."""
+    inner = UnitWiring()
+    _incoming(index, inner, bn.input[0])
+    if inner.weight is None or inner.batchnorm is not None or inner.why:
+        return
+    weight = stored_array(index, inner.weight.name)
+    # BatchNormalization normalises axis 1: a Conv's channels, or a Gemm's features on a [N, F] input
+    if weight.ndim < 3 and index.rank(bn.input[0]) != 2:
+        return
+    wire.owner, wire.weight, wire.bias, wire.bias_reshaped = (
+        inner.owner,
+        inner.weight,
+        inner.bias,
+        inner.bias_reshaped,
+    )
+
+
+def _direct_reader(
+    index: GraphIndex, node: onnx.NodeProto, name: str, axis: int | None, rank: int | None
+) -> tuple[str, TensorRef] | None:
+    """(display name, weight) of a plain Conv (group 1) / Gemm / MatMul that reads `name` as its data
+    input, by a stored weight of its own, taking its features from the units' axis; else None."""
+    weight = node.input[1] if len(node.input) > 1 else ""
+    if node.input[0] != name or weight == name:
+        return None
+    if node.op_type == "Conv" and attr(node, "group", 1) == 1 and axis in (None, 1):
+        ref = TensorRef(weight, 1)
+    elif node.op_type == "Gemm" and not attr(node, "transA", 0) and (rank is None or rank == 2):
+        ref = TensorRef(weight, 1 if attr(node, "transB", 0) else 0)
+    elif node.op_type == "MatMul" and (axis is None or axis == rank - 1):
+        stored = _matmul_weight(index, weight)
+        if stored is None:
+            return None
+        ref = TensorRef(stored[0], 1 if stored[1] else 0)
+        weight = stored[0]
+    else:
+        return None
+    if stored_array(index, weight) is None or uses(index, weight) != 1:
+        return None
+    return display_name(node), ref
+
+
+def _matmul_weight(index: GraphIndex, name: str) -> tuple[str, bool] | None:
+    """The stored tensor behind a MatMul's weight operand, and whether the graph transposes it first
+    (torch's `x @ W.T` exported without constant folding: MatMul(x, Transpose(W)), W stored [out, in]);
+    None when it is neither a stored tensor nor one transposed once."""
+    if stored_array(index, name) is not None:
+        return name, False
+    node = index.producer.get(name)
+    if node is None or node.op_type != "Transpose" or uses(index, name) != 1:
+        return None
+    source = node.input[0]
+    stored = stored_array(index, source)
+    perm = attr(node, "perm")
+    if stored is None or stored.ndim != 2 or (perm is not None and list(perm) != [1, 0]):
+        return None
+    return source, True
 
 
 def _shift_through_constants(index: GraphIndex, input_name: str) -> str | None:
@@ -523,9 +585,16 @@ def _outgoing(
     reads the units on the axis it takes its input features from."""
     name = output_name
     axis, rank = unit_axis if unit_axis is not None else (None, None)
-    consumer = None
+    consumer, flattened = None, False
     for _ in range(8):
         consumers = index.consumers.get(name, [])
+        if len(consumers) > 1 and name not in graph_outputs and not wire.column_units:
+            wire.readers = tuple(display_name(c) for c in consumers)
+            readers = [_direct_reader(index, c, name, axis, rank) for c in consumers]
+            if all(readers):  # each reads the units by its own weight's columns
+                (wire.consumer, wire.consumer_weight), *rest = readers
+                wire.also_read_by = tuple(rest)
+                return ""
         if len(consumers) != 1 or name in graph_outputs:
             wire.readers = tuple(display_name(c) for c in consumers)
             return f"skipped: its output goes to {len(consumers)} nodes, not to exactly one Conv/Gemm/MatMul"
@@ -544,6 +613,24 @@ def _outgoing(
                 if axis != int(attr(consumer, "axis", 1)) % rank:
                     break
                 axis, rank = 1, 2
+            flattened = True
+            name = consumer.output[0]
+            continue
+        if op == "Concat" and axis is not None and not flattened:
+            # a SqueezeNet fire module's Relu branches joined along the channels: the consumer reads
+            # this layer's units after those of the inputs before it
+            widths = [(index.shape(i) or [None] * rank) for i in consumer.input]
+            sizes = [shape[axis] if len(shape) == rank else None for shape in widths]
+            if int(attr(consumer, "axis", 0)) % rank != axis or list(consumer.input).count(name) != 1:
+                break
+            if any(not size for size in sizes):
+                return (
+                    f"skipped: its output reaches Concat {display_name(consumer)}, whose input widths the graph "
+                    "does not say (run onnx shape inference on the model)"
+                )
+            position = list(consumer.input).index(name)
+            wire.column_offset += sum(sizes[:position])
+            wire.column_units = sum(sizes)
             name = consumer.output[0]
             continue
         if op == "Transpose" and axis is not None:
@@ -564,6 +651,14 @@ def _outgoing(
             continue
         wire.readers = (display_name(consumer),)
         weight = consumer.input[1] if len(consumer.input) > 1 else ""
+        transposed = _matmul_weight(index, weight) if op == "MatMul" else None
+        if transposed is not None and transposed[1]:  # MatMul(x, Transpose(W)): W's columns
+            if consumer.input[0] != name or uses(index, transposed[0]) != 1:
+                break
+            if axis is not None and axis != rank - 1:
+                break
+            wire.consumer_weight, wire.consumer = TensorRef(transposed[0], 1), display_name(consumer)
+            return ""
         if stored_array(index, weight) is None or consumer.input[0] != name or uses(index, weight) != 1:
             break
         if axis is not None:  # the consumer must take its input features from the units' axis
@@ -586,6 +681,41 @@ def _outgoing(
     return f"skipped: its output does not go to exactly one Conv/Gemm/MatMul with stored weights{where}"
 
 
+def _private_path(index: GraphIndex, input_name: str, output_name: str, graph_outputs: set[str]) -> str:
+    """Why rewriting the producer's rows would change more than the activation's units, or "": every
+    tensor from the weight's op to the activation's input must be read by that path alone (a Conv output
+    that a residual branch also reads would change with it)."""
+    activation = index.producer.get(output_name)
+    name = input_name
+    for step in range(16):
+        # (a Shape reads no values: rewriting rows does not change what it gives)
+        readers = [r for r in index.consumers.get(name, []) if r.op_type != "Shape"]
+        if not step:  # a spelled ReLU, Where(x > 0, x, 0), reads its input twice: once through Greater
+            readers = [
+                r
+                for r in readers
+                if r is not activation
+                and not all(c is activation for o in r.output for c in index.consumers.get(o, [None]))
+            ]
+            readers = readers + [activation]
+        if len(readers) != 1 or name in graph_outputs:
+            others = ", ".join(display_name(r) for r in readers if r is not activation) + (
+                " and a graph output" if name in graph_outputs else ""
+            )
+            return (
+                f"skipped: the pre-activation {name} is also read elsewhere ({others}); changing its producer's "
+                "rows would change those readers too"
+            )
+        node = index.producer.get(name)
+        if node is None or node.op_type in WEIGHT_INPUT or node.op_type == "MatMul":
+            return ""
+        data = [i for i in node.input if i and index.constant(i) is None]
+        if len(data) != 1:
+            return ""
+        name = data[0]
+    return ""
+
+
 def unit_wiring(
     model: onnx.ModelProto,
     input_name: str,
@@ -601,14 +731,27 @@ def unit_wiring(
     if wire.shift is None and not wire.why:
         wire.scaled_shift = _shift_through_constants(index, input_name)
     consumer_why = _outgoing(index, wire, output_name, {o.name for o in model.graph.output}, unit_axis)
+    bn = wire.batchnorm
+    bn_tensors = [bn.weight, bn.bias, bn.running_mean, bn.running_var] if bn is not None else []
     if wire.weight is not None and (
-        uses(index, wire.weight.name) != 1 or (wire.bias and uses(index, wire.bias) != 1)
+        uses(index, wire.weight.name) != 1
+        or any(name and uses(index, name) != 1 for name in [wire.bias, *bn_tensors])
     ):
         wire.weight, wire.why = None, "skipped: its weights are shared with other nodes"
+    if wire.weight is not None and not wire.why:
+        wire.why = _private_path(index, input_name, output_name, {o.name for o in model.graph.output})
+        if wire.why:
+            wire.weight = None
     if wire.why:
         return wire
     if wire.weight is None and wire.batchnorm is not None:
-        wire.why = "skipped: produced by a BatchNormalization, whose units only bias-shift patches in ONNX"
+        bn_node = next((n for n in index.graph.node if display_name(n) == wire.batchnorm.owner), None)
+        node = index.producer.get(value_source(index, bn_node.input[0])) if bn_node is not None else None
+        made = f" (its input is made by {node.op_type} {display_name(node)})" if node is not None else ""
+        wire.why = (
+            f"skipped: produced by BatchNormalization {wire.batchnorm.owner}, whose input is not a Conv or "
+            f"Gemm with stored weights{made}; only bias-shift (its B) or leaky patch it in ONNX"
+        )
     elif wire.weight is None and wire.norm_bias is not None:
         made = (
             f"LayerNormalization {wire.producer}"

@@ -101,8 +101,29 @@ def _dotted(owner: str, tensor: str) -> str:
 # --- eager nn.Modules -------------------------------------------------------------------------------
 
 
-def _single_consumer(probe: EagerProbe, site: str, model: nn.Module) -> tuple[str | None, str]:
-    consumers = probe.consumers.get(site, set())
+def _consumers(probe: EagerProbe, site: str, model: nn.Module) -> tuple[list[str] | None, str]:
+    """The Linear/Conv modules reading the site (one, or several that each read it whole: a SqueezeNet
+    squeeze ReLU read by both expand Convs), or why not."""
+    consumers = sorted(probe.consumers.get(site, set()))
+    if len(consumers) > 1 and not any(name.startswith("<") for name in consumers):
+        checked = [_single_consumer(probe, site, model, name) for name in consumers]
+        whys = [why for _, why in checked if why]
+        if not whys and not any((site, name) in probe.joined for name in consumers):
+            return consumers, ""
+        return (
+            None,
+            whys[0]
+            if whys
+            else f"skipped: its output goes to {', '.join(consumers)}, one of them through a concatenation",
+        )
+    name, why = _single_consumer(probe, site, model)
+    return ([name] if name is not None else None), why
+
+
+def _single_consumer(
+    probe: EagerProbe, site: str, model: nn.Module, name: str | None = None
+) -> tuple[str | None, str]:
+    consumers = probe.consumers.get(site, set()) if name is None else {name}
     if len(consumers) != 1:
         uses = ", ".join(sorted(consumers)) or "nothing"
         return None, f"skipped: its output goes to {uses}, not to exactly one Linear/Conv"
@@ -117,13 +138,23 @@ def _single_consumer(probe: EagerProbe, site: str, model: nn.Module) -> tuple[st
         return None, f"skipped: consumer {name} is a {type(module).__name__}, not a Linear/Conv"
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
         return None, f"skipped: consumer {name} is a grouped convolution"
-    others = sorted(other for other, readers in probe.consumers.items() if other != site and name in readers)
+    others = sorted(
+        other
+        for other, readers in probe.consumers.items()
+        if other != site and name in readers and not _joined_apart(probe, site, other, name)
+    )
     if others:  # one module reading two sites: its input columns belong to both
         return (
             None,
             f"skipped: consumer {name} also reads {', '.join(others)}; changing its inputs would change that site's path too",
         )
     return name, ""
+
+
+def _joined_apart(probe: EagerProbe, site: str, other: str, consumer: str) -> bool:
+    """Whether `consumer` reads `site` and `other` in separate columns of one concatenation."""
+    mine, theirs = probe.joined.get((site, consumer)), probe.joined.get((other, consumer))
+    return mine is not None and theirs is not None and mine[0] != theirs[0] and mine[1:] == theirs[1:]
 
 
 def _producers(
@@ -150,11 +181,12 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
             "(e.g. a LayerNorm or a residual add sits between them, or the layer is another type, such as "
             "transformers' Conv1D)"
         )
-    consumer_name = ""
+    consumer_name, more = "", []
     if need_consumer:
-        consumer_name, why = _single_consumer(probe, layer.name, model)
-        if consumer_name is None:
+        names, why = _consumers(probe, layer.name, model)
+        if names is None:
             return why
+        consumer_name, *more = names
     incoming, bn, incoming_name = _producers(model, probe, layer.producer)
     norm = model.get_submodule(layer.producer)
     if isinstance(incoming, nn.modules.conv._ConvNd) and incoming.groups != 1:
@@ -178,7 +210,7 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
                 for key in BATCH_NORM_TENSORS
             ),
         )
-    return UnitWiring(
+    wiring = UnitWiring(
         producer=layer.producer,
         owner=incoming_name,
         weight=TensorRef(_dotted(incoming_name, "weight"), 0),
@@ -187,6 +219,25 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
         consumer=consumer_name,
         consumer_weight=TensorRef(_dotted(consumer_name, "weight"), 1) if consumer_name else None,
         readers=tuple(sorted(probe.consumers.get(layer.name, ()))),
+        also_read_by=tuple((name, TensorRef(_dotted(name, "weight"), 1)) for name in more),
+    )
+    joined = probe.joined.get((layer.name, consumer_name)) if consumer_name else None
+    if joined is not None:  # torch.cat([relu(e1(s)), relu(e3(s))], 1) read by one Conv
+        offset, width, axis, rank = joined
+        if axis != (1 if isinstance(incoming, nn.modules.conv._ConvNd) else rank - 1):
+            return f"skipped: its output is concatenated along another axis than its units' before {consumer_name}"
+        wiring.column_offset, wiring.column_units = offset, width
+    return wiring
+
+
+_NORMS = ("layer_norm", "native_layer_norm", "group_norm", "native_group_norm")
+
+
+def _norm_producer(op: str) -> str:
+    """Why a graph's layer made by a layer_norm/group_norm is skipped (the eager reader says the same)."""
+    return (
+        f"skipped: produced by {op}: no linear/conv's rows alone make a unit (the norm mixes them); "
+        "bias-shift (which moves its beta) or leaky can act on this layer"
     )
 
 
@@ -296,6 +347,8 @@ def exported_wiring(
             "skipped: a decomposed Linear (addmm / mm viewed back to a fixed width) cannot be narrowed; "
             "prune the program as exported (before run_decompositions), or use reinit / bias-shift"
         )
+    if isinstance(pre, fx.Node) and _base(pre) in _NORMS:
+        return _norm_producer(_base(pre))
     if parts is None or len(pre.users) != 1:
         return "skipped: not produced by one linear/conv (or batch_norm after one) in the graph"
     weight_name = _attr_target(parts[0])
@@ -313,11 +366,27 @@ def exported_wiring(
     if not need_consumer:
         return wiring
     current = node
+    flattened = False
     for _ in range(16):
+        if len(current.users) > 1 and not wiring.column_units:
+            readers = [_direct_consumer(user, current, to_write) for user in current.users]
+            if all(isinstance(r, str) and not r.startswith("skipped") for r in readers):
+                wiring.consumer = readers[0].rsplit(".", 1)[0]
+                wiring.consumer_weight = TensorRef(readers[0], 1)
+                wiring.also_read_by = tuple((r.rsplit(".", 1)[0], TensorRef(r, 1)) for r in readers[1:])
+                wiring.readers = tuple(r.rsplit(".", 1)[0] for r in readers)
+                return wiring
         if len(current.users) != 1:
             return f"skipped: its output goes to {len(current.users)} nodes, not to exactly one linear/conv"
         (user,) = current.users
         if _base(user) in UNIT_PRESERVING and user.args[0] is current:
+            flattened = flattened or _base(user) in VIEWS or _base(user) == "flatten"
+            current = user
+            continue
+        if _base(user) in ("cat", "concat") and not flattened:
+            why = _through_cat(wiring, user, current, 1 if _base(pre) != "linear" else -1)
+            if why:
+                return why
             current = user
             continue
         value = current.meta.get("val")
@@ -342,6 +411,37 @@ def exported_wiring(
         wiring.readers = (wiring.consumer,)
         return wiring
     return "skipped: its output does not reach a linear/conv"
+
+
+def _direct_consumer(user: fx.Node, current: fx.Node, to_write: bool) -> str | None:
+    """The weight name of a plain linear/conv reading `current` as its rows, "skipped: …" when it is
+    one that cannot be rewritten, None when it is no linear/conv."""
+    parts = _weight_and_bias(user, rows=current)
+    weight = _attr_target(parts[0]) if parts is not None else None
+    if weight is None:
+        return None
+    if _groups(user) != 1:
+        return f"skipped: consumer {weight} is a grouped convolution"
+    return (_tied(parts[:1]) or weight) if to_write else weight
+
+
+def _through_cat(wiring: UnitWiring, cat: fx.Node, part: fx.Node, unit_axis: int) -> str:
+    """Place `part`'s units among the columns of `cat` (a SqueezeNet fire module joins its branches
+    along the channels): `wiring.column_offset` past the parts before it, `column_units` in all; or why
+    not (another axis, a part read twice, widths the graph does not record)."""
+    parts = cat.args[0] if cat.args else ()
+    values = [p.meta.get("val") if isinstance(p, fx.Node) else None for p in parts]
+    rank = values[0].dim() if values and isinstance(values[0], torch.Tensor) else None
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if rank is None or any(not isinstance(v, torch.Tensor) for v in values):
+        return f"skipped: its output goes to {cat.name}, whose input widths the graph does not record"
+    if int(dim) % rank != unit_axis % rank or list(parts).count(part) != 1:
+        return f"skipped: its output goes to {cat.name}, which joins along another axis than its units'"
+    sizes = [int(v.shape[int(dim)]) for v in values]
+    position = list(parts).index(part)
+    wiring.column_offset += sum(sizes[:position])
+    wiring.column_units = sum(sizes)
+    return ""
 
 
 # --- TorchScript graphs -------------------------------------------------------------------------------
@@ -373,6 +473,19 @@ def _activation_readers(node) -> list:
     if node.kind().endswith("_"):
         readers += [user for user in _script_uses(node.inputsAt(0)) if user != node and user.isAfter(node)]
     return readers
+
+
+def _script_constants(value) -> list | None:
+    """The int list a TorchScript value holds when it is a constant (or a list of constants), else None."""
+    constant = value.toIValue() if value.node().kind() == "prim::Constant" else None
+    if constant is not None:
+        return list(constant) if isinstance(constant, list | tuple) else [constant]
+    if value.node().kind() != "prim::ListConstruct":
+        return None
+    items = [
+        item.toIValue() if item.node().kind() == "prim::Constant" else None for item in value.node().inputs()
+    ]
+    return None if any(not isinstance(item, int) for item in items) else items
 
 
 def _script_base(node) -> str:
@@ -423,6 +536,8 @@ def script_wiring(node, reads: dict[str, int], need_consumer: bool = True) -> Un
     bn = None
     if _script_base(pre) == "batch_norm" and _feeds_only(pre.output(), node):
         bn, pre = pre, pre.inputsAt(0).node()
+    if _script_base(pre) in _NORMS:
+        return _norm_producer(_script_base(pre))
     if not _script_plain(pre) or not _feeds_only(pre.output(), bn or node):
         return "skipped: not produced by one plain linear/conv (or batch_norm after one) in the graph"
     weight_name = _script_attr(pre.inputsAt(1))
@@ -443,6 +558,7 @@ def script_wiring(node, reads: dict[str, int], need_consumer: bool = True) -> Un
     if not need_consumer:
         return wiring
     current = node.output()
+    rank = {"conv1d": 3, "conv2d": 4, "conv3d": 5}.get(_script_base(pre))
     for step in range(16):
         uses = _activation_readers(node) if step == 0 else _script_uses(current)
         if len(uses) != 1:
@@ -453,7 +569,23 @@ def script_wiring(node, reads: dict[str, int], need_consumer: bool = True) -> Un
         if _script_base(user) in UNIT_PRESERVING and takes:
             current = user.output()
             continue
+        if _script_base(user) in ("mean", "amax") and takes and rank is not None:
+            # a global pool written `h.mean((2, 3))` (as the .pt2 and eager readers take it); the rank
+            # is the producing conv's (a TorchScript graph records no shapes)
+            dims = _script_constants(user.inputsAt(1))
+            if dims is not None and pools_over_space(rank, dims):
+                keep = user.inputsAt(2).toIValue() if len(list(user.inputs())) > 2 else False
+                rank = rank if keep else rank - len(dims)
+                current = user.output()
+                continue
         consumer_weight = _script_attr(user.inputsAt(1)) if len(list(user.inputs())) > 1 else None
+        joins = _script_uses(user.output()) if user.kind() == "prim::ListConstruct" else []
+        if any(j.kind() == "aten::cat" for j in joins):
+            return (
+                "skipped: its output is joined by aten::cat before the next layer, and a TorchScript graph "
+                "records no widths to place its units among the columns; fix the state_dict with --arch, "
+                "the .pt2 or the ONNX export instead (they map a concatenation)"
+            )
         if _script_base(user) not in _SCRIPT_CONVS or not takes or not consumer_weight:
             return f"skipped: its output goes to {user.kind()} (e.g. a residual add), not to a linear/conv"
         if not _script_plain(user):

@@ -19,7 +19,7 @@ from deadrelu_cli.files import write_bytes
 from deadrelu_cli.fixes.plan import FixOptions, FixResult, LayerOutcome, LayerPlan, firing_cuts, shift_gains
 from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, strip_nchwc_copies
 from deadrelu_cli.probe.onnx_graph import find_sites, site_channel_dim
-from deadrelu_cli.wiring.model import TensorRef, input_columns, unit_vector_axis
+from deadrelu_cli.wiring.model import TensorRef, unit_vector_axis
 from deadrelu_cli.wiring.onnx import unit_wiring
 from deadrelu_cli.wiring.onnx_index import GraphIndex, float_type, uses
 
@@ -52,7 +52,7 @@ def _declare_stored_shapes(model: onnx.ModelProto) -> None:
 
 
 def _zeros_of_width(model: onnx.ModelProto, site) -> bool:
-    """Whether the Max/Where spelling a ReLU reads zeros whose shape a narrowed layer would not follow:
+    """Whether the Max/Where/Mul spelling a ReLU reads zeros whose shape a narrowed layer would not follow:
     anything but a one-element constant or zeros made to Shape(x) (torch.zeros(C) exported is [C];
     torch.zeros_like(h) of another tensor h keeps h's width)."""
     index = GraphIndex(model.graph)
@@ -60,8 +60,14 @@ def _zeros_of_width(model: onnx.ModelProto, site) -> bool:
         n for n in model.graph.node if (n.name or n.output[0]) == (site.node_name or site.output_name)
     )
     operands = list(node.input[1:] if node.op_type == "Where" else node.input)
-    if node.op_type == "Where":
-        operands += list(index.producer[node.input[0]].input)
+    if node.op_type in ("Where", "Mul"):  # the comparison behind the mask (through its Casts) reads zeros
+        mask = (
+            node.input[0] if node.op_type == "Where" else next(n for n in node.input if n != site.input_name)
+        )
+        test = index.producer[mask]
+        while test.op_type == "Cast":
+            test = index.producer[test.input[0]]
+        operands = [n for n in operands if n != mask] + list(test.input)
 
     def follows(name: str) -> bool:
         value = index.constant(name)
@@ -106,6 +112,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
     outcomes = []
     shifts: dict[str, str] = {}  # bias-shift: per layer, the tensor to move (moved after this loop)
     drawn: dict[str, TensorRef] = {}  # reinit: per layer, the weight whose rows were redrawn
+    dropped: dict[tuple[str, int], set[int]] = {}  # prune: per consumer weight (name, axis), its columns out
     rng = np.random.default_rng(options.seed)
     for plan in plans:
         site = sites.get(plan.name)
@@ -138,7 +145,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 continue
             node = nodes[site.node_name or site.output_name]
             node.op_type = "LeakyRelu" if options.strategy == "leaky" else "Elu"
-            if site.spelled:  # Max(x, 0) / Where(x > 0, x, 0): the activation of x alone
+            if site.spelled:  # Max(x, 0) / Where(x > 0, x, 0) / Mul(x, x > 0): the activation of x alone
                 del node.input[:]
                 node.input.append(site.input_name)
             del node.attribute[:]
@@ -179,36 +186,64 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 np.take(w_in, plan.units, axis=wire.weight.axis) + noise.astype(w_in.dtype),
             )
             _set(model, wire.weight.name, w_in)
-            if wire.bias:
-                bias = _get(model, wire.bias)
+            pushed = wire.batchnorm.bias if wire.batchnorm is not None else wire.bias  # B, as torch's beta
+            if pushed:
+                bias = _get(model, pushed)
                 bias.reshape(-1)[plan.units] += np.abs(rng.standard_normal(len(plan.units)) * sigma).astype(
                     bias.dtype
                 )
-                _set(model, wire.bias, bias)
+                _set(model, pushed, bias)
             outcome.applied, outcome.action = True, f"{wire.weight.name} kicked (σ = {sigma:.3g})"
             continue
         if wire.weight is None or wire.consumer_weight is None:
             outcome.action = wire.why
             continue
-        w_in, w_out = _get(model, wire.weight.name), _get(model, wire.consumer_weight.name)
-        per_unit = w_out.shape[wire.consumer_weight.axis] // plan.all_units
-        columns = input_columns(plan.units, per_unit)
+        w_in = _get(model, wire.weight.name)
+        bn = wire.batchnorm
+        bn_tensors = (
+            [name for name in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if name] if bn else []
+        )
+        try:  # (read on the original: an earlier layer's prune may have narrowed a shared Concat consumer)
+            columns = {
+                ref: wire.consumer_columns(
+                    plan.units, plan.all_units, _get(original, ref.name).shape[ref.axis]
+                )
+                for _, ref in wire.consumers()
+            }
+        except ValueError as exc:
+            outcome.action = f"skipped: {exc}"
+            continue
+        readers = ", ".join(ref.name for ref in columns)
         if options.strategy == "reinit":
             fan_in = int(np.prod(w_in.shape)) // w_in.shape[wire.weight.axis]
             bound = 1.0 / np.sqrt(fan_in)
             fresh = rng.uniform(-bound, bound, size=w_in.shape).astype(w_in.dtype)
             taken = np.take(fresh, plan.units, axis=wire.weight.axis)
             _assign(w_in, wire.weight.axis, plan.units, taken)
-            _assign(w_out, wire.consumer_weight.axis, columns, 0.0)
             _set(model, wire.weight.name, w_in)
-            _set(model, wire.consumer_weight.name, w_out)
+            for ref, zeroed in columns.items():
+                w_out = _get(model, ref.name)
+                _assign(w_out, ref.axis, zeroed, 0.0)
+                _set(model, ref.name, w_out)
             if wire.bias:
                 bias = _get(model, wire.bias)
                 bias.reshape(-1)[plan.units] = 0.0
                 _set(model, wire.bias, bias)
+            # a BatchNormalization after the rows: its channels reset to the identity, as the torch fix
+            # does (scale 1, B 0, mean 0, var 1), so the unit's pre-activation is the fresh row's output
+            for name, value in (
+                zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), (1, 0, 0, 1), strict=True)
+                if bn
+                else ()
+            ):
+                if name:
+                    array = _get(model, name)
+                    array.reshape(-1)[plan.units] = value
+                    _set(model, name, array)
+            reset = f", {bn.owner} reset" if bn else ""
             outcome.applied, outcome.action = (
                 True,
-                f"{wire.weight.name} re-initialised; {wire.consumer_weight.name} inputs zeroed",
+                f"{wire.weight.name} re-initialised{reset}; {readers} inputs zeroed",
             )
             drawn[plan.name] = wire.weight
         elif options.strategy == "prune":
@@ -230,19 +265,23 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 continue
             kept = [u for u in range(plan.all_units) if u not in set(plan.units)]
             _set(model, wire.weight.name, np.take(w_in, kept, axis=wire.weight.axis))
-            _set(
-                model,
-                wire.consumer_weight.name,
-                np.take(w_out, input_columns(kept, per_unit), axis=wire.consumer_weight.axis),
-            )
+            # the consumer is narrowed once every layer is planned: the layers a Concat joins share it
+            for ref, removed in columns.items():
+                dropped.setdefault((ref.name, ref.axis), set()).update(removed)
             if wire.bias:
                 _set(model, wire.bias, np.take(_get(model, wire.bias), kept, axis=bias_axis))  # shape kept
+            for name in bn_tensors:
+                _set(model, name, np.take(_get(model, name).reshape(-1), kept))
+            narrowed = f" (and {bn.owner})" if bn else ""
             outcome.applied, outcome.action = (
                 True,
-                f"{wire.weight.name} narrowed to {len(kept)}; {wire.consumer_weight.name} inputs removed",
+                f"{wire.weight.name}{narrowed} narrowed to {len(kept)}; {readers} inputs removed",
             )
             outcome.units_after = len(kept)
             result.new_widths[plan.name] = len(kept)
+    for (name, axis), columns in dropped.items():
+        consumer = _get(model, name)
+        _set(model, name, np.delete(consumer, sorted(columns), axis=axis))
     by_name = {outcome.name: outcome for outcome in outcomes}
     pass_ = _SitePass(scanned, sites, scan_options)
     if shifts:
@@ -364,13 +403,25 @@ class _SitePass:
         return {name: np.concatenate(parts) for name, parts in chunks.items()}, eps
 
 
-def _move(model: onnx.ModelProto, name: str, units: list[int], by: np.ndarray) -> np.ndarray:
+def _move(
+    model: onnx.ModelProto, name: str, units: list[int], by: np.ndarray, gain: np.ndarray | None = None
+) -> np.ndarray:
     """Add `by` to the units' entries of the stored tensor `name` (one value per unit, whatever its
-    shape); the move as stored (rounded to the tensor's dtype), per unit."""
+    shape); the move as stored (rounded to the tensor's dtype), per unit. With `gain` (a bias-shift's
+    move) a float16 entry is rounded towards the side that fires (up for a positive gain), not to the
+    nearest: one float16 step can be wider than the gap above the cut, and the nearest value would
+    leave the unit dead (`backends.torch.strategies.place_shifted`, the torch side)."""
     stored = _get(model, name)
     flat = stored.reshape(-1)  # a view
     kept = flat[units].astype(np.float64)
-    flat[units] = (kept + by).astype(stored.dtype)
+    exact = kept + by
+    moved = exact.astype(stored.dtype)
+    if gain is not None and stored.dtype == np.float16:
+        up = np.broadcast_to(np.asarray(gain, np.float64) > 0, exact.shape)
+        short = np.where(up, moved < exact, moved > exact)
+        toward = np.where(up, np.inf, -np.inf).astype(np.float16)
+        moved = np.where(short, np.nextafter(moved, toward), moved)
+    flat[units] = moved
     _set(model, name, stored)
     return flat[units].astype(np.float64) - kept
 
@@ -466,7 +517,7 @@ def _bias_shift(model, plans, shifts: dict[str, str], outcomes: dict, options: F
     for plan in live:
         cuts, wanted = firing_cuts(values[plan.name], options.target_rate)
         by = (threshold - cuts) / gains[plan.name]
-        _move(model, shifts[plan.name], plan.units, by)
+        _move(model, shifts[plan.name], plan.units, by, gains[plan.name])
         moves[plan.name] = by
         outcome = outcomes[plan.name]
         outcome.applied = True
@@ -484,14 +535,24 @@ def _bias_shift(model, plans, shifts: dict[str, str], outcomes: dict, options: F
             off = fired != wanted
             if not off.any():
                 continue
-            by = (threshold - cuts[off]) / np.asarray(gains[plan.name])[off]
-            _move(model, shifts[plan.name], list(np.asarray(plan.units)[off]), by)
-            moved = True
+            gain = np.asarray(gains[plan.name])[off]
+            by = (threshold - cuts[off]) / gain
+            applied = _move(model, shifts[plan.name], list(np.asarray(plan.units)[off]), by, gain)
+            # a float16 entry one step from the cut cannot move closer: it stays, firing on what it
+            # fires on now (kept on the firing side by _move)
+            stuck = np.zeros(len(plan.units), bool)
+            stuck[np.flatnonzero(off)] = applied == 0
             outcome = outcomes[plan.name]
-            rates = wanted / max(1, len(values[plan.name]))
+            rates = np.where(stuck, fired, wanted) / max(1, len(values[plan.name]))
             outcome.promised = np.where(off, rates, outcome.promised).tolist()
+            if stuck.any() and outcome.coarse_dtype is None:
+                outcome.coarse_dtype = "float16"
+                outcome.action += "; float16 steps wider than the gap at some cuts (see note)"
+            if not (off & ~stuck).any():
+                continue
+            moved = True
             if "re-settled" not in outcome.action:
-                outcome.action += f"; {int(off.sum())} re-settled on a rescan"
+                outcome.action += f"; {int((off & ~stuck).sum())} re-settled on a rescan"
         if not moved:
             break
 

@@ -25,7 +25,7 @@ from deadrelu_cli.inputs import (
 )
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions, reread_verified
 from deadrelu_cli.loaders.onnx_model import release_weights
-from deadrelu_cli.probe.onnx_graph import MASK_INPUT, OnnxSite, find_sites
+from deadrelu_cli.probe.onnx_graph import MASK_INPUT, OnnxSite, find_sites, stored_zero_relus
 from deadrelu_cli.probe.ops import axis_guess_note
 from deadrelu_cli.stats import LayerStats
 
@@ -773,10 +773,15 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     from deadrelu_cli.probe.onnx_deployed import deployed_view
 
     changed, deployed_notes, hidden = deployed_view(loaded.runnable)
+    hidden.update(stored_zero_relus(loaded.runnable, options.ops))  # Max(x, a zero buffer) after a layer
     if changed:  # the graph differs from the file's bytes now
         loaded.extra.pop("file_bytes", None)
         loaded.extra.pop("rereadable", None)
     advice = "scan the float model for those layers"
+    if any("stored zero tensor" in label for label in hidden):
+        advice += (
+            " (a ReLU spelled with a checkpoint's zeros: re-export it as Relu, or with zeros the code makes)"
+        )
     if any(label.split("(")[0] in ("RNN", "GRU", "LSTM") for label in hidden):
         advice += (
             " (an RNN/GRU/LSTM node runs its activation inside itself at every time step: not countable)"

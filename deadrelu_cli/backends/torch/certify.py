@@ -92,6 +92,7 @@ _SHAPE_OPS = {
     "clamp",  # non-decreasing in x and in both bounds
     "clamp_",
     "clamp_min",
+    "clamp_min_",
     "clamp_max",
     "slice",
     "select",
@@ -211,6 +212,12 @@ def _apply(target, args, kwargs, env):
             raise Unsupported("cat with constants")
         dim = values[1] if len(values) > 1 else kw.get("dim", 0)
         return Interval(torch.cat([p.lo for p in parts], dim), torch.cat([p.hi for p in parts], dim))
+    threshold = name in ("threshold", "threshold_") and len(values) == 3
+    if threshold and not isinstance(values[1], Interval) and not isinstance(values[2], Interval):
+        # threshold(x, t, v): non-decreasing in x when v <= t (a ReLU's (0, 0), as spelled ReLUs are written)
+        if values[2] > values[1]:
+            raise Unsupported("threshold above its value")
+        return Interval(target(x.lo, *values[1:]), target(x.hi, *values[1:]))
     if name in _SHAPE_OPS:
         # monotone (non-decreasing) or purely structural: apply to both ends
         def run(end):
@@ -303,4 +310,8 @@ def graph_for(model_runnable, kind: str, example: tuple, program=None) -> fx.Gra
         )
     import copy
 
-    return copy.deepcopy(graph_module).double()  # a copy: the exported module shares the model's parameters
+    from deadrelu_cli.probe.hidden import prepare_graph
+
+    graph_module = copy.deepcopy(graph_module)  # a copy: the exported module shares the model's parameters
+    prepare_graph(graph_module)  # the sites as the scan counts and names them (spelled ReLUs as clamps)
+    return graph_module.double()

@@ -6,6 +6,7 @@ import copy
 import io
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -156,11 +157,24 @@ def shift_and_settle(
     quantiles = eager.collect_quantiles(scanned, plans, options.target_rate, options.seed, quiet, firing)
     targets = eager.shift_targets(model, scanned.report, plans, sources)
     gains = eager.measure_gains(scanned, model, plans, targets, scan_options)
+    # the dtype each target is written back in (fp16/bf16 weights loaded into an fp32 --arch)
+    extra = scanned.model.extra or {}
+    prefix, dtypes = extra.get("key_prefix", ""), extra.get("dtypes", {})
+    stored = {t: dtypes[f"{prefix}{t}"] for t in targets.values() if f"{prefix}{t}" in dtypes}
     outcomes = eager.bias_shift(
-        model, scanned.report, plans, quantiles, targets, gains, touched, scan_options.threshold, firing
+        model,
+        scanned.report,
+        plans,
+        quantiles,
+        targets,
+        gains,
+        touched,
+        scan_options.threshold,
+        firing,
+        stored,
     )
     eager.settle_shifts(
-        scanned, model, plans, targets, gains, outcomes, options.target_rate, options.seed, quiet
+        scanned, model, plans, targets, gains, outcomes, options.target_rate, options.seed, quiet, stored
     )
     return outcomes
 
@@ -519,23 +533,29 @@ def _patch_exported(
 _TS_ACTIVATIONS = ("aten::relu", "aten::relu_", "aten::hardtanh", "aten::hardtanh_", "aten::relu6")
 
 
-def _ts_activation_nodes(block) -> list:
+def _ts_activation_nodes(block, spelled) -> list:
     """Activation nodes of a TorchScript graph in program order (blocks included); a clamp or threshold
-    with a ReLU's bounds is one (the scan counts it as a site; a fix skips it as not a plain relu)."""
+    with a ReLU's bounds is one (the scan counts it as a site; a fix skips it as not a plain relu), and so
+    is a ReLU spelled with a maximum, a select or a mask after a layer (`spelled`: probe.torchscript's
+    spelled_relu_reader)."""
     from deadrelu_cli.probe.aten_ops import aten_base
-    from deadrelu_cli.probe.ops import CLAMP_OPS, clamp_bounds
+    from deadrelu_cli.probe.ops import CLAMP_OPS, aten_op_kind, clamp_bounds
 
     found = []
     for node in block.nodes():
         base = aten_base(node.kind()).rstrip("_") if node.kind().startswith("aten::") else ""
-        if base in ("clamp", "clip", "clamp_min", "threshold"):
+        if spelled(node) is not None:
+            found.append(node)
+        elif base in ("clamp", "clip", "clamp_min", "threshold"):
             constants = [v.toIValue() if v.node().kind() == "prim::Constant" else v for v in node.inputs()]
             if CLAMP_OPS.get(clamp_bounds(base, tuple(constants[1:])) or ()) is not None:
                 found.append(node)
         elif node.kind() in _TS_ACTIVATIONS:
-            found.append(node)
+            constants = [v.toIValue() if v.node().kind() == "prim::Constant" else v for v in node.inputs()]
+            if aten_op_kind(node.kind(), tuple(constants)) is not None:  # hardtanh(x, -1, 1): no site
+                found.append(node)
         for inner in node.blocks():
-            found.extend(_ts_activation_nodes(inner))
+            found.extend(_ts_activation_nodes(inner, spelled))
     return found
 
 
@@ -548,14 +568,17 @@ def _patch_torchscript(
     already checked that order against execution); anything else is refused."""
     module = _fresh_script(scanned, scan_options)
     graph = module.forward.graph
-    nodes, sites = _script_sites(scanned, graph)
+    nodes, sites, spelled = _script_sites(scanned, module, graph)
     wanted = {plan.name: plan for plan in plans}
     outcomes = []
     for node, site in zip(nodes, sites, strict=True):
         plan = wanted.get(site.name)
         if plan is None:
             continue
-        if site.op != "relu" or node.kind() not in ("aten::relu", "aten::relu_"):
+        pre = spelled(node) if site.spelled else None  # x of maximum(x, 0), where(x > 0, x, 0), x * (x > 0)
+        if pre is None and site.op == "relu" and site.clamp:  # clamp(x, min=0), threshold(x, 0, 0): of x
+            pre = node.inputsAt(0)
+        if site.op != "relu" or (pre is None and node.kind() not in ("aten::relu", "aten::relu_")):
             what = site.op if site.op != "relu" else node.kind()  # a ReLU written as a clamp / threshold
             outcomes.append(
                 LayerOutcome(
@@ -565,24 +588,26 @@ def _patch_torchscript(
             continue
         # an in-place relu_ gets the in-place substitute: scripted code may go on reading its input
         # (`h.relu_(); return h`), which an out-of-place op would leave un-activated
-        in_place = "_" if node.kind() == "aten::relu_" else ""
+        in_place = "_" if node.kind().endswith("_") else ""  # relu_, clamp_min_, masked_fill_, mul_
+        pre = node.inputsAt(0) if pre is None else pre
         with graph.insert_point_guard(node):
             if options.strategy == "leaky":
                 replacement = graph.create(
-                    f"aten::leaky_relu{in_place}", [node.inputsAt(0), graph.insertConstant(options.slope)]
+                    f"aten::leaky_relu{in_place}", [pre, graph.insertConstant(options.slope)]
                 )
             else:
                 one = graph.insertConstant(1.0)
-                replacement = graph.create(f"aten::elu{in_place}", [node.inputsAt(0), one, one, one])
+                replacement = graph.create(f"aten::elu{in_place}", [pre, one, one, one])
             graph.insertNode(replacement)
             replacement.output().setType(node.output().type())
+        written = node.kind()
         node.output().replaceAllUsesWith(replacement.output())
         node.destroy()
         outcomes.append(
             LayerOutcome(
                 plan.name,
                 plan.units,
-                f"aten::relu → {replacement.kind().split('::')[1]}",
+                f"{written} → {replacement.kind().split('::')[1]}",
                 True,
                 len(plan.units),
             )
@@ -608,19 +633,34 @@ def _fresh_script(scanned, scan_options) -> torch.jit.ScriptModule:
     )
 
 
-def _script_sites(scanned, graph) -> tuple[list, list]:
+def _script_sites(scanned, module, graph) -> tuple[list, list, Callable]:
     """The activation nodes of a TorchScript forward `graph`, inlined in place, with the scan's sites:
-    the k-th activation node is the k-th call site (the probe checked that order against execution)."""
+    the k-th activation node is the k-th call site (the probe checked that order against execution);
+    and the reader of a spelled site's x (probe.torchscript.spelled_relu_reader)."""
+    from deadrelu_cli.probe.torchscript import spelled_relu_reader
+
     torch._C._jit_pass_inline(graph)
     torch._C._jit_pass_constant_propagation(graph)
-    nodes = _ts_activation_nodes(graph)
+    spelled = spelled_relu_reader(module)
+    nodes = _ts_activation_nodes(graph, spelled)
     sites = scanned.probe.sites
     if len(nodes) != len(sites):
         raise UserError(
             f"{scanned.model.path}: its inlined graph has {len(nodes)} activations but the scan found "
             f"{len(sites)} call sites; patch the state_dict with --arch or the ONNX export instead"
         )
-    return nodes, sites
+    return nodes, sites, spelled
+
+
+def _script_none(module: torch.jit.ScriptModule, name: str) -> bool:
+    """Whether the attribute `name` of a TorchScript module holds None (a layer built with bias=False)."""
+    from deadrelu_cli.probe.base import submodule
+
+    owner, _, leaf = name.rpartition(".")
+    try:
+        return getattr(submodule(module, owner) if owner else module, leaf, False) is None
+    except AttributeError:
+        return False
 
 
 def _script_runners(scanned, module: torch.jit.ScriptModule, temp: Path):
@@ -658,7 +698,7 @@ def _reweight_torchscript(
         outcomes = shift_and_settle(scanned, module, plans, {}, options, scan_options)
     else:
         graph = module.forward.graph.copy()  # inlined to read the wiring; the module keeps its own code
-        nodes, sites = _script_sites(scanned, graph)
+        nodes, sites, _ = _script_sites(scanned, module, graph)
         reads = script_weight_reads(graph)
         wanted = {plan.name for plan in plans}
         need_consumer = options.strategy != "kick"
@@ -668,6 +708,9 @@ def _reweight_torchscript(
             if site.name in wanted
         }
         wirings.update({name: "skipped: not found in the module's graph" for name in wanted - wirings.keys()})
+        for wiring in wirings.values():  # a scripted Conv/Linear with bias=False reads `self.bias` (None)
+            if not isinstance(wiring, str) and wiring.bias and _script_none(module, wiring.bias):
+                wiring.bias = None
         if options.strategy == "prune":
             outcomes, keep_out, keep_in = eager.prune_plan(module, wirings, report, plans)
             narrow(module, keep_out, keep_in)

@@ -18,7 +18,7 @@ from torch import nn
 from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_cuts, shift_gains
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
-from deadrelu_cli.wiring.model import UnitWiring, input_columns
+from deadrelu_cli.wiring.model import UnitWiring
 from deadrelu_cli.wiring.torch import BATCH_NORM, eager_wiring, named_tensor, submodule, write_conflict
 
 
@@ -142,15 +142,18 @@ def reinit_units(
                 continue
             bn = wire.batchnorm
             bn_names = [bn.weight, bn.bias, bn.running_mean, bn.running_var] if bn is not None else []
-            names = [wire.weight.name, wire.bias, *bn_names, wire.consumer_weight.name]
+            names = [wire.weight.name, wire.bias, *bn_names, *(ref.name for _, ref in wire.consumers())]
             conflict = write_conflict(model, names, report, _layer(report, plan.name))
             if conflict:
                 outcome.action = conflict
                 continue
             weight, bias = named_tensor(model, wire.weight.name), named_tensor(model, wire.bias)
-            consumer_weight = named_tensor(model, wire.consumer_weight.name)
+            readers = {ref.name: named_tensor(model, ref.name) for _, ref in wire.consumers()}
             try:
-                per_unit = wire.per_unit(plan.all_units, consumer_weight.shape[1])
+                columns = {
+                    name: wire.consumer_columns(plan.units, plan.all_units, tensor.shape[1])
+                    for name, tensor in readers.items()
+                }
             except ValueError as exc:
                 outcome.action = f"skipped: {exc}"
                 continue
@@ -169,22 +172,21 @@ def reinit_units(
                     tensor = named_tensor(model, name)
                     if tensor is not None:
                         tensor[units] = value
-            columns = torch.tensor(
-                input_columns(plan.units, per_unit), dtype=torch.long, device=consumer_weight.device
-            )
-            consumer_weight[:, columns] = 0.0
+            for name, tensor in readers.items():
+                tensor[:, torch.tensor(columns[name], dtype=torch.long, device=tensor.device)] = 0.0
             _touch(touched, wire.weight.name, 0, plan.units)
             if bias is not None:
                 _touch(touched, wire.bias, 0, plan.units)
             if bn is not None:
                 _touch(touched, bn.weight, 0, plan.units)
                 _touch(touched, bn.bias, 0, plan.units)
-            _touch(touched, wire.consumer_weight.name, 1, columns.tolist())
+            for name in readers:
+                _touch(touched, name, 1, columns[name])
             if drawn is not None:
                 drawn[plan.name] = wire.weight.name
             outcome.applied = True
             what = f"{wire.owner} rows re-initialised" + (f", {bn.owner} reset" if bn is not None else "")
-            outcome.action = f"{what}; {wire.consumer} inputs zeroed"
+            outcome.action = f"{what}; {', '.join(name for name, _ in wire.consumers())} inputs zeroed"
     return outcomes
 
 
@@ -324,6 +326,7 @@ def settle_shifts(
     target_rate: float,
     seed: int,
     options_for_scan,
+    stored: dict[str, torch.dtype] | None = None,
 ) -> int:
     """After `bias_shift`, rescan the shifted model and move again the units that do not fire on
     exactly their target count: the quantiles were taken on the original model, units revived in an
@@ -354,15 +357,29 @@ def settle_shifts(
                 tensor = named_tensor(model, targets[plan.name])
                 units = torch.tensor(np.asarray(plan.units)[off], dtype=torch.long, device=tensor.device)
                 move = threshold - quantiles[plan.name][off]
-                shift = move / np.asarray(gains[plan.name], dtype=np.float64)[off]
-                shift = torch.from_numpy(shift).to(tensor.device)
-                tensor[units] = (tensor[units].double() + shift).to(tensor.dtype)
-                moved = True
+                gain = np.asarray(gains[plan.name], dtype=np.float64)[off]
+                shift = torch.from_numpy(move / gain).to(tensor.device)
+                was = tensor[units].double()
+                now = place_shifted(tensor, units, was + shift, gain, (stored or {}).get(targets[plan.name]))
+                # a half-precision entry one step from the cut cannot move closer: it stays, firing on
+                # what it fires on now (place_shifted kept it on the firing side)
+                stuck = np.zeros(len(plan.units), bool)
+                stuck[np.flatnonzero(off)] = (now == was).cpu().numpy()
                 outcome = by_name[plan.name]
+                rates = np.where(stuck, fired / max(1, n), wanted / max(1, n))
                 if outcome.promised is not None:  # what the unit now fires on, as moved again
-                    outcome.promised = np.where(off, wanted / max(1, n), outcome.promised).tolist()
+                    outcome.promised = np.where(off, rates, outcome.promised).tolist()
+                if stuck.any() and outcome.coarse_dtype is None:
+                    dtype = (stored or {}).get(targets[plan.name]) or tensor.dtype
+                    outcome.coarse_dtype = str(dtype).split(".")[-1]
+                    outcome.action += (
+                        f"; {outcome.coarse_dtype} steps wider than the gap at some cuts (see note)"
+                    )
+                if not (off & ~stuck).any():
+                    continue
+                moved = True
                 if "re-settled" not in outcome.action:
-                    outcome.action += f"; {int(off.sum())} re-settled on a rescan"
+                    outcome.action += f"; {int((off & ~stuck).sum())} re-settled on a rescan"
             if not moved:
                 break
     return rounds
@@ -478,6 +495,28 @@ def _gain(
     )
 
 
+HALF_FLOATS = (torch.float16, torch.bfloat16)
+
+
+def place_shifted(
+    tensor: torch.Tensor, units: torch.Tensor, exact: torch.Tensor, gain, stored: torch.dtype | None
+) -> torch.Tensor:
+    """Write `exact` (float64, the shifted entries) into `tensor` at `units`, as the file will hold
+    them: a float16/bfloat16 entry (in the tensor, or in the checkpoint it is written back to:
+    `stored`) is rounded towards the side that fires (up for a positive gain), not to the nearest —
+    one step of a half-precision bias can be wider than the gap above the cut, and the nearest value
+    would leave the unit dead in the written file. Returns the entries written (float64)."""
+    dtype = stored if stored is not None else tensor.dtype
+    if dtype in HALF_FLOATS:
+        up = torch.from_numpy(np.asarray(gain, dtype=np.float64) > 0).to(exact.device).expand_as(exact)
+        rounded = exact.to(dtype)
+        short = torch.where(up, rounded.double() < exact, rounded.double() > exact)
+        toward = torch.where(up, torch.tensor(float("inf")), torch.tensor(float("-inf"))).to(rounded)
+        exact = torch.where(short, torch.nextafter(rounded, toward), rounded).double()
+    tensor[units] = exact.to(tensor.device, tensor.dtype)
+    return tensor[units].double()
+
+
 def bias_shift(
     model: nn.Module,
     report,
@@ -488,6 +527,7 @@ def bias_shift(
     touched: Touched | None = None,
     threshold: float = 0.0,
     firing: dict | None = None,
+    stored: dict[str, torch.dtype] | None = None,
 ) -> list[LayerOutcome]:
     """Move each dead unit's target tensor entry (`shift_targets`: bias, BN/LN beta, affine-free BN
     mean) so that about `target_rate` of its values exceed `threshold` (`quantiles`: per unit, the cut
@@ -510,7 +550,8 @@ def bias_shift(
             # = pre - q + threshold
             shift = (threshold - q) / torch.from_numpy(np.asarray(gain, dtype=np.float64))
             units = torch.tensor(plan.units, dtype=torch.long, device=tensor.device)
-            tensor[units] = (tensor[units].double() + shift.to(tensor.device)).to(tensor.dtype)
+            exact = tensor[units].double() + shift.to(tensor.device)
+            place_shifted(tensor, units, exact, gain, (stored or {}).get(target))
             _touch(touched, target, 0, plan.units)  # their optimizer moments are reset, as reinit/kick's
             outcome.applied = True
             if firing is not None and plan.name in firing:
@@ -605,20 +646,21 @@ def prune_plan(
                 "skipped: every unit is dead; removing the whole layer changes the architecture too much"
             )
             continue
-        try:
-            per_unit = wiring.per_unit(
-                plan.all_units, named_tensor(model, wiring.consumer_weight.name).shape[1]
-            )
+        fan_ins = {name: named_tensor(model, ref.name).shape[1] for name, ref in wiring.consumers()}
+        try:  # (past the other parts of a concatenation the consumer reads, when there is one)
+            removed = {
+                name: wiring.consumer_columns(plan.units, plan.all_units, fan_in)
+                for name, fan_in in fan_ins.items()
+            }
         except ValueError as exc:
             outcome.action = f"skipped: {exc}"
             continue
         kept = [u for u in range(plan.all_units) if u not in set(plan.units)]
         for name in [incoming_name] + ([bn_name] if wiring.batchnorm is not None else []):
             keep_out[name] = keep_out.get(name, set(range(plan.all_units))) & set(kept)
-        fan_in = plan.all_units * per_unit
-        keep_in[consumer_name] = keep_in.get(consumer_name, set(range(fan_in))) & set(
-            input_columns(kept, per_unit)
-        )
+        for name, fan_in in fan_ins.items():
+            keep_in[name] = keep_in.get(name, set(range(fan_in))) - set(removed[name])
+        consumer_name = ", ".join(fan_ins)
         outcome.applied = True
         outcome.units_after = len(kept)
         outcome.action = f"{incoming_name}{' + ' + bn_name if wiring.batchnorm is not None else ''} narrowed to {len(kept)}; {consumer_name} inputs removed"
