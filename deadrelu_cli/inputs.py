@@ -93,17 +93,27 @@ LABELS = "labels"
 IGNORE_INDEX = -100  # transformers' label padding (the loss ignores it)
 
 
+def derives_decoder_from_labels(runnable, arguments) -> bool:
+    """Whether `runnable` is a transformers encoder-decoder that runs its decoder on `labels` shifted
+    right (the start token first) when it gets no `decoder_input_ids`: one with
+    `prepare_decoder_input_ids_from_labels` (T5, BART, mBART), or whose forward() takes both (M2M100,
+    NLLB, Blenderbot, Speech2Text, Whisper shift them inside forward() without that method).
+    `arguments`: the names forward() takes."""
+    return (
+        getattr(getattr(runnable, "config", None), "is_encoder_decoder", False) is True
+        and LABELS in arguments
+        and (hasattr(runnable, "prepare_decoder_input_ids_from_labels") or DECODER_IDS in arguments)
+    )
+
+
 def decoder_from_labels(model: LoadedModel, names) -> bool:
-    """Whether the model is an encoder-decoder that derives its decoder's input from `labels` (shifted
-    right, the start token first: transformers' `prepare_decoder_input_ids_from_labels`, T5, BART,
-    mBART) and the data gives it `labels` [samples, tokens] and no `decoder_input_ids`: those labels
-    are then the decoder's tokens, and fed."""
+    """Whether the model is an encoder-decoder that derives its decoder's input from `labels`
+    (`derives_decoder_from_labels`) and the data gives it `labels` [samples, tokens] and no
+    `decoder_input_ids`: those labels are then the decoder's tokens, and fed."""
     return (
         LABELS in names
         and DECODER_IDS not in names
-        and LABELS in model.keyword_inputs
-        and getattr(getattr(model.runnable, "config", None), "is_encoder_decoder", False) is True
-        and hasattr(model.runnable, "prepare_decoder_input_ids_from_labels")
+        and derives_decoder_from_labels(model.runnable, model.keyword_inputs)
     )
 
 
@@ -300,6 +310,10 @@ DEFAULT_MASK = "attention_mask"
 # default mask after attention_mask (tgt_/memory_ ones mark another sequence: a decoder's, the encoder output's)
 DEFAULT_PADDING_MASKS = ("src_key_padding_mask", "key_padding_mask")
 AUDIO_VALUES = "input_values"  # a speech model's raw audio [samples, audio samples]
+AUDIO_FEATURES = "input_features"  # filterbank frames [samples, frames, features] (Speech2Text)
+# a speech encoder's inputs that an attention_mask of [samples, audio samples or frames] marks: the
+# encoder runs on fewer frames (a conv feature extractor, a subsampler), by the model's own mapping
+AUDIO_INPUTS = (AUDIO_VALUES, AUDIO_FEATURES)
 
 
 @dataclass(frozen=True)
@@ -346,6 +360,8 @@ def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data
                 f"{data.path}: the mask array {name!r} has shape {list(shape)}; a mask is [samples, tokens]"
             )
     # a mask of another length than the sequence it marks would mark nothing (the model may even run)
+    # (not `input_features`: Speech2Text lays it out [samples, frames, features], Whisper [samples,
+    # features, frames], and Whisper's feature extractor gives a mask over the frames)
     for name in (TOKEN_IDS, AUDIO_VALUES) if array is not None else ():
         if name in by_name and len(by_name[name].shape) == 2 and by_name[name].shape != by_name[array].shape:
             raise UserError(
@@ -493,6 +509,8 @@ class OutputArrays(list):
     output, transformers' ModelOutput; "" otherwise)."""
 
     names: tuple[str, ...] = ()
+    # a speech encoder's: the [batch, audio] mask -> its frames' [batch, frames] mask (None: not one)
+    to_frames = None
 
 
 def output_keep(

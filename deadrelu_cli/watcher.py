@@ -32,7 +32,8 @@ from torch import nn
 # what the first window's report needs (biases read through wiring.torch) is loaded with watch(), not
 # in the middle of a training step
 import deadrelu_cli.wiring.torch  # noqa: F401
-from deadrelu_cli.backends.torch.scan import attach_module_biases, pooled_blocks, speech_frames
+from deadrelu_cli.backends.torch.inputs import speech_frames
+from deadrelu_cli.backends.torch.scan import attach_module_biases, pooled_blocks
 from deadrelu_cli.distributed import World, reduce_layers
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import write_text_atomic
@@ -45,7 +46,15 @@ from deadrelu_cli.gate import (
     parse_layer_limits,
     unseen_notes,
 )
-from deadrelu_cli.inputs import AUDIO_VALUES, DECODER_IDS, DECODER_MASK, IGNORE_INDEX, LABELS, decoder_scope
+from deadrelu_cli.inputs import (
+    AUDIO_INPUTS,
+    DECODER_IDS,
+    DECODER_MASK,
+    IGNORE_INDEX,
+    LABELS,
+    decoder_scope,
+    derives_decoder_from_labels,
+)
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.probe.ops import parse_ops
@@ -189,6 +198,14 @@ def unwrapped(model: nn.Module) -> nn.Module:
     signature tells where a positional `attention_mask` is (a wrapper's is `*inputs, **kwargs`). The
     wrapper calls it, so its own hooks see every forward."""
     return wrappers(model)[-1]
+
+
+def _forward_arguments(model: nn.Module) -> tuple[str, ...]:
+    """The parameter names of `model.forward` (none when its signature cannot be read)."""
+    try:
+        return tuple(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return ()
 
 
 def positional_index(model: nn.Module, argument: str | None) -> int | None:
@@ -340,9 +357,10 @@ class Watch:
         self._mask_index = positional_index(model, mask)
         # a speech encoder's attention_mask is over audio samples: its encoder counts on the frames' mask
         self._frames = speech_frames(model)
-        self._audio_index = positional_index(model, AUDIO_VALUES)
+        self._audio_index = {name: positional_index(model, name) for name in AUDIO_INPUTS}
         self._pooled = pooled_blocks(model)  # a Funnel-style encoder: each block on its pooled mask
         self._decoder = decoder_scope(model)  # an encoder-decoder's decoder: on its own tokens' positions
+        self._from_labels = derives_decoder_from_labels(model, _forward_arguments(model))
         self._padding_modules = padding_mask_modules(model)  # nn.Transformer*: their key padding masks
         self._mask_warned = False
         # one probe for the run (names, tables); its counters are restarted per window
@@ -587,21 +605,23 @@ class Watch:
     def _apply_mask(self, mask: torch.Tensor | None, args: tuple, kwargs: dict) -> None:
         """The probe's position mask for one forward. A mask of the forward's `input_values` shape on a
         speech encoder is over audio samples: the encoder's sites get the frames' mask, as `deadrelu
-        scan` gives them (backends.torch.scan.speech_frames)."""
+        scan` gives them (backends.torch.inputs.speech_frames)."""
         scoped = None
         if mask is not None and self._frames is not None:
-            audio = kwargs.get(AUDIO_VALUES)
-            if audio is None and self._audio_index is not None and len(args) > self._audio_index:
-                audio = args[self._audio_index]
-            if isinstance(audio, torch.Tensor) and tuple(audio.shape[:2]) == tuple(mask.shape):
-                path, to_frames = self._frames
-                scoped = {path: to_frames(mask)}
+            for name, index in self._audio_index.items():
+                audio = kwargs.get(name)
+                if audio is None and index is not None and len(args) > index:
+                    audio = args[index]
+                if isinstance(audio, torch.Tensor) and tuple(audio.shape[:2]) == tuple(mask.shape):
+                    path, to_frames = self._frames
+                    scoped = {path: to_frames(mask)}
+                    break
         if mask is not None and scoped is None and self._pooled is not None and mask.dim() == 2:
             scoped = self._pooled(mask)
-        if scoped is None and self._decoder is not None:
+        if self._decoder is not None:  # beside a speech encoder's frames (Speech2Text) too
             decoder = self._decoder_keep(kwargs)
             if decoder is not False:
-                scoped = {self._decoder: decoder}
+                scoped = {**(scoped or {}), self._decoder: decoder}
         self._probe.set_position_mask(mask, scoped)
 
     def _decoder_keep(self, kwargs: dict) -> torch.Tensor | None | bool:
@@ -614,11 +634,7 @@ class Watch:
         keep = given != 0 if isinstance(given, torch.Tensor) and given.dim() == 2 else None
         if isinstance(ids, torch.Tensor):
             return keep
-        if (
-            isinstance(labels, torch.Tensor)
-            and labels.dim() == 2
-            and hasattr(self.model, "prepare_decoder_input_ids_from_labels")
-        ):
+        if isinstance(labels, torch.Tensor) and labels.dim() == 2 and self._from_labels:
             real = labels != IGNORE_INDEX
             shifted = torch.cat([torch.ones_like(real[:, :1]), real[:, :-1]], dim=1)
             return shifted if keep is None or keep.shape != shifted.shape else keep & shifted

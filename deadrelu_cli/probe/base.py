@@ -298,12 +298,12 @@ class SiteRegistry:
 
 
 def infer_channel_dim(rank: int, producer_is_channel_first: bool | None) -> int:
-    """Unit axis: dim 1 for conv-like [N, C, …] outputs, the last dim for [N, F] and [B, T, F]."""
-    if rank >= 4:
-        return 1
-    if rank == 3:
+    """Unit axis: dim 1 for conv-like [N, C, …] outputs, the last dim for [N, F] and [B, T, F], and for
+    a Linear's output of any rank (ConvNeXt's `Linear` on channels-last [N, H, W, C] images): a producer
+    that says where its units are wins; without one, rank >= 4 is taken as [N, C, …]."""
+    if producer_is_channel_first is not None:
         return 1 if producer_is_channel_first else -1
-    return -1
+    return 1 if rank >= 4 else -1
 
 
 def _reductions() -> dict:

@@ -61,6 +61,8 @@ class UnitWiring:
     bias_reshaped: bool = False  # the graph re-shapes the bias before adding it (paddle2onnx)
     batchnorm: BatchNormRef | None = None
     norm_bias: str | None = None  # a LayerNormalization right before the activation: its B (per unit)
+    # ("LayerNormalization", or "Add": a per-unit B added after no weight, a LayerNorm written out)
+    norm_op: str = ""
     # the shift tensor of a producer reached through elementwise ops with a constant operand (a scale:
     # `Gemm -> Mul(4) -> Relu`); bias-shift measures how much it moves the pre-activation
     scaled_shift: str | None = None

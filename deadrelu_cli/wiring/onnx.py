@@ -418,6 +418,16 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
             wire.bias, wire.bias_reshaped = chain[-1], len(chain) > 1
             if any(uses(index, name) != 1 for name in chain):
                 wire.weight, wire.why = None, "skipped: its weights are shared with other nodes"
+        elif (
+            len(data) == 1
+            and len(chain) == 1
+            and stored_array(index, chain[0]) is not None
+            and is_last_axis_vector(stored_array(index, chain[0]).shape)
+            and stored_array(index, chain[0]).size > 1
+        ):
+            # a per-unit bias added after no weight: a LayerNorm written out (ReduceMean, Sub, Pow, Sqrt,
+            # Div, Mul(gamma), Add(beta): torch.onnx below opset 17); moving it moves each unit by 1
+            wire.norm_bias, wire.norm_op = chain[0], "Add"
     elif node.op_type == "Conv" and attr(node, "group", 1) != 1:
         wire.why = f"skipped: producer {display_name(node)} is a grouped convolution (group={attr(node, 'group', 1)})"
     elif node.op_type == "Conv":
@@ -546,7 +556,7 @@ def _layer_norm(index: GraphIndex, wire: UnitWiring, node: onnx.NodeProto) -> No
             "value per unit); use leaky"
         )
     else:
-        wire.norm_bias = bias
+        wire.norm_bias, wire.norm_op = bias, "LayerNormalization"
 
 
 def _reduced_axes(index: GraphIndex, node: onnx.NodeProto, rank: int) -> list[int] | None:
@@ -743,10 +753,12 @@ def unit_wiring(
             f"Gemm with stored weights{made}; only bias-shift (its B) or leaky patch it in ONNX"
         )
     elif wire.weight is None and wire.norm_bias is not None:
-        wire.why = (
-            f"skipped: produced by LayerNormalization {wire.producer}, whose units only bias-shift (which "
-            "moves its B) or leaky patch in ONNX"
+        made = (
+            f"LayerNormalization {wire.producer}"
+            if wire.norm_op == "LayerNormalization"
+            else f"Add {wire.producer} (a per-unit bias added to what no stored weight makes: a LayerNorm written out)"
         )
+        wire.why = f"skipped: produced by {made}, whose units only bias-shift (which moves its B) or leaky patch in ONNX"
     elif wire.weight is None:
         node = index.producer.get(value_source(index, input_name))
         made = f" (it is made by {node.op_type} {display_name(node)})" if node is not None else ""

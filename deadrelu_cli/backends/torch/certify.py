@@ -119,6 +119,16 @@ def _apply(target, args, kwargs, env):
         raise Unsupported("getitem")
     if not intervals:  # a constant computation (weights, shapes): run it for real
         return target(*values, **kw)
+    if name in ("add", "mul") and len(values) > 1 and not isinstance(values[0], Interval):
+        values = [values[1], values[0], *values[2:]]  # `scale * x` (ConvNeXt's layer scale), `b + x`
+        if name == "add" and kw.get("alpha", 1) != 1:
+            raise Unsupported("add with alpha scaling the input-dependent operand")
+    if name == "sub" and len(values) > 1 and not isinstance(values[0], Interval):
+        constant, alpha = _constant(values[0]), kw.get("alpha", 1)
+        if constant is None or alpha < 0:
+            raise Unsupported(name)
+        other = values[1]  # c - alpha * x: the ends swap
+        return Interval(constant - alpha * other.hi, constant - alpha * other.lo)
     x = values[0]
     if name in ("linear",):
         weight, bias = values[1], values[2] if len(values) > 2 else None

@@ -8,7 +8,7 @@ import numpy as np
 
 from deadrelu_cli.calibration import CalibrationData
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.inputs import OutputArrays, layout_advice, unbatched_advice
+from deadrelu_cli.inputs import AUDIO_INPUTS, OutputArrays, layout_advice, unbatched_advice
 from deadrelu_cli.loaders.model import LoadedModel
 from deadrelu_cli.options import DTYPE_NAMES
 
@@ -233,9 +233,42 @@ def cuda_sample_cost(model: LoadedModel, data: CalibrationData, order: list[str]
     return measure if device.startswith("cuda") else None
 
 
+def speech_frames(runnable) -> tuple[str, object] | None:
+    """Speech encoders (wav2vec2, HuBERT, WavLM, Data2VecAudio, …) take an attention_mask over the raw
+    audio samples but run their transformer on frames, which that mask does not fit: (the encoder's
+    module path, a function from the samples' mask to the frames'), using the library's own mapping
+    (the frames the model itself treats as padding); None for other models. The scan and `watch()`
+    both scope the encoder's sites to the frames' mask with it."""
+    import torch
+
+    to_frames = getattr(runnable, "_get_feature_vector_attention_mask", None)
+    frame_count = getattr(runnable, "_get_feat_extract_output_lengths", None)
+    encoder = getattr(getattr(runnable, "base_model", None), "encoder", None)
+    if not (callable(to_frames) and callable(frame_count) and isinstance(encoder, torch.nn.Module)):
+        return None
+    path = next((name for name, module in runnable.named_modules() if module is encoder and name), None)
+    if path is None:
+        return None
+
+    def frames_of(kept: torch.Tensor) -> torch.Tensor:
+        count = int(frame_count(torch.tensor(kept.shape[1])))
+        return to_frames(count, kept.long()).bool()
+
+    return path, frames_of
+
+
 def torch_runner(loaded: LoadedModel, order: list[str], device: str):
     """batch -> list of output arrays (a fix compares the model before and after)."""
     import torch
+
+    # a speech encoder fed audio (or frames) and a mask over them runs on fewer frames: its outputs'
+    # positions are the frames the model itself treats as real (`OutputArrays.to_frames`)
+    frames = speech_frames(loaded.runnable) if any(name in order for name in AUDIO_INPUTS) else None
+
+    def to_frames(keep: np.ndarray) -> np.ndarray:
+        import torch
+
+        return frames[1](torch.from_numpy(keep)).cpu().numpy()
 
     def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
         inputs = tuple(
@@ -255,6 +288,7 @@ def torch_runner(loaded: LoadedModel, order: list[str], device: str):
                     arrays.append(leaf.detach().float().cpu().numpy())
                     names.append(str(key))
         arrays.names = tuple(names)
+        arrays.to_frames = to_frames if frames is not None else None
         return arrays
 
     return run

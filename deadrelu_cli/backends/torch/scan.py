@@ -16,11 +16,13 @@ from deadrelu_cli.backends.torch.inputs import (
     model_call,
     model_tensors,
     position_hint,
+    speech_frames,
 )
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import unseen_notes
 from deadrelu_cli.inputs import (
+    AUDIO_INPUTS,
     AUDIO_VALUES,
     DECODER_IDS,
     DECODER_MASK,
@@ -246,7 +248,8 @@ def scan_torch(
             f"the data has no {TARGET_MASK}: the sites of the nn.Transformer decoder ({', '.join(targets)}) "
             f"count every target position, padding included; add a {TARGET_MASK} array (True on padding)"
         )
-    frames = audio_frame_scope(model.runnable, mask, order) if decoder is None else None
+    # (an encoder-decoder's speech encoder too, Speech2Text: its decoder keeps the decoder's scope)
+    frames = audio_frame_scope(model.runnable, mask, order)
     pooled = (
         pooled_blocks(model.runnable) if mask is not None and decoder is None and frames is None else None
     )
@@ -309,7 +312,8 @@ def scan_torch(
     def forward(inputs, kept, decoder_kept) -> None:
         if decoder is not None:
             scoped = None if decoder_kept is None else torch.from_numpy(decoder_kept).to(device)
-            probe.registry.set_position_mask(kept, {decoder: scoped})
+            encoder = {frames[0]: frames[1](kept)} if frames is not None else {}
+            probe.registry.set_position_mask(kept, {decoder: scoped, **encoder})
         elif targets:
             scoped = None if decoder_kept is None else torch.from_numpy(decoder_kept).to(device)
             probe.registry.set_position_mask(kept, dict.fromkeys(targets, scoped))
@@ -498,8 +502,9 @@ def transformer_decoders(runnable) -> tuple[str, ...]:
 
 def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
     """The scan's `speech_frames`: where the data's mask (its attention_mask, or a --mask array of the
-    audio's shape, which inputs.resolve_mask checked) is over the audio samples it feeds."""
-    if mask is None or mask.array is None or AUDIO_VALUES not in order:
+    audio's shape, which inputs.resolve_mask checked) is over the audio samples or frames it feeds
+    (`input_values`, or Speech2Text's `input_features`, which its subsampler shortens)."""
+    if mask is None or mask.array is None or not any(name in order for name in AUDIO_INPUTS):
         return None
     return speech_frames(runnable)
 
@@ -548,30 +553,6 @@ def frame_hop(runnable) -> int:
     """Audio samples per frame of a speech encoder's feature extractor (its conv strides' product)."""
     strides = getattr(getattr(runnable, "config", None), "conv_stride", None) or (1,)
     return int(np.prod([int(s) for s in strides]))
-
-
-def speech_frames(runnable) -> tuple[str, object] | None:
-    """Speech encoders (wav2vec2, HuBERT, WavLM, Data2VecAudio, …) take an attention_mask over the raw
-    audio samples but run their transformer on frames, which that mask does not fit: (the encoder's
-    module path, a function from the samples' mask to the frames'), using the library's own mapping
-    (the frames the model itself treats as padding); None for other models. The scan and `watch()`
-    both scope the encoder's sites to the frames' mask with it."""
-    import torch
-
-    to_frames = getattr(runnable, "_get_feature_vector_attention_mask", None)
-    frame_count = getattr(runnable, "_get_feat_extract_output_lengths", None)
-    encoder = getattr(getattr(runnable, "base_model", None), "encoder", None)
-    if not (callable(to_frames) and callable(frame_count) and isinstance(encoder, torch.nn.Module)):
-        return None
-    path = next((name for name, module in runnable.named_modules() if module is encoder and name), None)
-    if path is None:
-        return None
-
-    def frames_of(kept: torch.Tensor) -> torch.Tensor:
-        count = int(frame_count(torch.tensor(kept.shape[1])))
-        return to_frames(count, kept.long()).bool()
-
-    return path, frames_of
 
 
 def unmasked_pad_id(model: LoadedModel, data: CalibrationData, mask, requested: str | None) -> int | None:
