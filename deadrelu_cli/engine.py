@@ -15,7 +15,14 @@ from deadrelu_cli.inputs import GROUPED_INPUTS, dict_groups
 from deadrelu_cli.loaders import LoadedModel, LoadOptions, load_model
 from deadrelu_cli.options import ScanOptions
 from deadrelu_cli.report.fingerprint import SampleSketch
-from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings, nonfinite_notes
+from deadrelu_cli.report.model import (
+    DataInfo,
+    ModelInfo,
+    Report,
+    Settings,
+    nonfinite_bias_notes,
+    nonfinite_notes,
+)
 
 
 @dataclass
@@ -98,6 +105,8 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         from deadrelu_cli.causes import structural_checks
 
         findings = structural_checks(model, probe)
+    if options.allow_nonfinite:
+        extra_notes = extra_notes + nonfinite_bias_notes(layers)
     report = Report(
         model=ModelInfo(path=str(options.model), format=model.format, sha256=model.sha256),
         data=DataInfo(

@@ -320,3 +320,51 @@ def test_allow_nonfinite_with_nan_in_the_first_sample(tmp_path, cli):
         result = cli("scan", *model, "--data", tmp_path / "x.npz", "--allow-nonfinite", "--json", "-")
         assert result.code == 0, (model, result.err)
         assert result.json()["layers"][0]["nonfinite"] > 0
+
+
+def test_allow_nonfinite_with_a_nan_bias_writes_the_report_without_the_bias(tmp_path, cli):
+    """A NaN in a ReLU's bias (broken weights) with --allow-nonfinite: the report is written (was: exit 2,
+    'its bias holds NaN or Inf', also with the flag); the bias is left out with a note and the counts are
+    those over the finite pre-activations, from numpy."""
+    from onnx import numpy_helper
+
+    x = np.random.default_rng(3).standard_normal((12, 4)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    model = gemm_relu()
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    bias = weights["b"].copy()
+    bias[2] = np.nan
+    for t in model.graph.initializer:
+        if t.name == "b":
+            t.CopyFrom(numpy_helper.from_array(bias, "b"))
+    onnx.save(model, tmp_path / "m.onnx")
+    onnx_truth = {**_finite_truth(x @ weights["w"].T + bias), "dead": 2}
+
+    (tmp_path / "arch.py").write_text(
+        "import torch\nfrom torch import nn\n\ndef build():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))\n"
+    )
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    with torch.no_grad():
+        net[0].bias[4] = float("nan")
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    w, b = net[0].weight.detach().numpy(), net[0].bias.detach().numpy()
+    torch_truth = {**_finite_truth(x @ w.T + b), "dead": 4}
+
+    for model_args, truth in (
+        ((tmp_path / "m.onnx",), onnx_truth),
+        ((tmp_path / "m.pt", "--arch", tmp_path / "arch.py:build"), torch_truth),
+    ):
+        out = tmp_path / f"{model_args[0].stem}-{model_args[0].suffix[1:]}.json"
+        refused = cli("scan", *model_args, "--data", tmp_path / "x.npz", "--json", out)
+        assert refused.code == 2 and "--allow-nonfinite" in refused.err and not out.exists()
+        result = cli("scan", *model_args, "--data", tmp_path / "x.npz", "--allow-nonfinite", "--json", out)
+        assert result.code == 0, (model_args, result.err)
+        report = json.loads(out.read_text())
+        layer = report["layers"][0]
+        assert layer["max_preactivation"][truth["dead"]] is None  # JSON's "never seen": the NaN unit
+        layer["max_preactivation"] = [-np.inf if v is None else v for v in layer["max_preactivation"]]
+        _check(layer, truth, report["notes"])
+        assert layer["bias"] is None
+        assert any("its bias holds 1 NaN/Inf value(s)" in note for note in report["notes"]), report["notes"]

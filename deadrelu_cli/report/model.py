@@ -256,7 +256,8 @@ def report_to_json(report: Report) -> str:
             )
         if layer.bias is not None and not np.isfinite(layer.bias).all():
             raise UserError(
-                f"layer {layer.name}: its bias holds NaN or Inf; a JSON report cannot hold it: check the weights"
+                f"layer {layer.name}: its bias holds NaN or Inf; a JSON report cannot hold it: check the weights, "
+                "or pass --allow-nonfinite to leave the bias out of the report"
             )
     return json.dumps(report_to_dict(report), indent=2, allow_nan=False) + "\n"
 
@@ -494,6 +495,21 @@ def nonfinite_notes(layers: list[LayerStats]) -> list[str]:
         for layer in layers
         if layer.nonfinite
     ]
+
+
+def nonfinite_bias_notes(layers: list[LayerStats]) -> list[str]:
+    """--allow-nonfinite: a bias holding NaN/Inf is left out of the report (JSON has no NaN; the bias is
+    shown for reading only, no statistic depends on it), with a note per layer; the layers lose it here."""
+    notes = []
+    for layer in layers:
+        if layer.bias is not None and not np.isfinite(layer.bias).all():
+            bad = int(np.count_nonzero(~np.isfinite(layer.bias)))
+            notes.append(
+                f"layer {layer.name}: its bias holds {bad} NaN/Inf value(s); the bias is left out of the report "
+                "(--allow-nonfinite): check the weights"
+            )
+            layer.bias = None
+    return notes
 
 
 def merge_reports(reports: list[Report], names: list[str] | None = None) -> Report:
