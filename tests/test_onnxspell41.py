@@ -198,6 +198,8 @@ def test_where_spelled_relus_are_sites_and_fix_patches_them(cli, tmp_path):
     leaky = cli("fix", tmp_path / "m.onnx", "--data", data, "--strategy", "leaky",
                 "--output", tmp_path / "leaky.onnx")  # fmt: skip
     assert leaky.code == 0, leaky.err
+    # the outcome names the node it replaced
+    assert "Where → LeakyRelu(0.01)" in leaky.out and "Relu →" not in leaky.out, leaky.out
     fixed = onnx.load(tmp_path / "leaky.onnx")
     onnx.checker.check_model(fixed, full_check=True)
     a2, ha2 = _exposed(fixed, {"x": x}, ["a", "ha"])

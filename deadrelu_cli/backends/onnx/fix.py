@@ -144,6 +144,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 outcome.action = f"skipped: {site.op} is not a plain Relu"
                 continue
             node = nodes[site.node_name or site.output_name]
+            was = node.op_type  # Relu, or the Max / Where / Mul that spells it
             node.op_type = "LeakyRelu" if options.strategy == "leaky" else "Elu"
             if site.spelled:  # Max(x, 0) / Where(x > 0, x, 0) / Mul(x, x > 0): the activation of x alone
                 del node.input[:]
@@ -152,7 +153,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             node.attribute.append(
                 helper.make_attribute("alpha", options.slope if options.strategy == "leaky" else 1.0)
             )
-            outcome.applied, outcome.action = True, f"Relu → {node.op_type}({node.attribute[0].f:g})"
+            outcome.applied, outcome.action = True, f"{was} → {node.op_type}({node.attribute[0].f:g})"
             continue
         dim = site_channel_dim(site, scan_options.channel_dim)
         wire = unit_wiring(
