@@ -84,6 +84,32 @@ def _scan(cli, args, data) -> list[dict]:
     return result.json()["layers"]
 
 
+def _saved_formats(model, spec: str, example, tmp_path, *, decomposed=False, traced=False) -> dict:
+    """MODEL saved as a state_dict (+ --arch SPEC), .pt2 (and decomposed), scripted (and traced) and a
+    dynamo=False ONNX export: {format: the scan's model arguments}, in that order."""
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("b", max=1024)},))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    torch.export.save(program, tmp_path / "m.pt2")
+    formats = {"eager": [tmp_path / "m.pt", "--arch", spec], "pt2": [tmp_path / "m.pt2"]}
+    if decomposed:
+        torch.export.save(program.run_decompositions(), tmp_path / "dec.pt2")
+        formats["pt2 decomposed"] = [tmp_path / "dec.pt2"]
+    with torch.no_grad():
+        torch.jit.script(model).save(tmp_path / "s.pt")
+        formats["scripted"] = [tmp_path / "s.pt"]
+        if traced:
+            torch.jit.trace(model, example).save(tmp_path / "t.pt")
+            formats["traced"] = [tmp_path / "t.pt"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), tmp_path / "m.onnx", dynamo=False, input_names=["x"],
+            dynamic_axes={"x": {0: "b"}},
+        )  # fmt: skip
+    formats["onnx"] = [tmp_path / "m.onnx"]
+    return formats
+
+
 def test_relu_spelled_with_a_mask_is_a_site_in_every_format(cli, tmp_path):
     """Eight ReLUs spelled with masks after Linears: eight sites, each with its Linear as producer and the
     float64 truth's dead units and positives, in eager, .pt2, .pt2 decomposed, scripted and the ONNX
@@ -94,26 +120,7 @@ def test_relu_spelled_with_a_mask_is_a_site_in_every_format(cli, tmp_path):
     data = save_npz(tmp_path / "d.npz", x=DATA)
     truth = _truth(model)
     assert all(dead and len(dead) < units for units, dead, _ in truth)  # planted, and not all dead
-    example = torch.from_numpy(DATA[:2])
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("b", max=1024)},))
-    torch.save(model.state_dict(), tmp_path / "m.pt")
-    torch.export.save(program, tmp_path / "m.pt2")
-    torch.export.save(program.run_decompositions(), tmp_path / "dec.pt2")
-    with torch.no_grad():
-        torch.jit.script(model).save(tmp_path / "s.pt")  # (traced: the next tests)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (example,), tmp_path / "m.onnx", dynamo=False, input_names=["x"],
-            dynamic_axes={"x": {0: "b"}},
-        )  # fmt: skip
-    formats = {
-        "eager": [tmp_path / "m.pt", "--arch", spec],
-        "pt2": [tmp_path / "m.pt2"],
-        "pt2 decomposed": [tmp_path / "dec.pt2"],
-        "scripted": [tmp_path / "s.pt"],
-        "onnx": [tmp_path / "m.onnx"],
-    }
+    formats = _saved_formats(model, spec, torch.from_numpy(DATA[:2]), tmp_path, decomposed=True)
     for fmt, args in formats.items():
         layers = _scan(cli, args, data)
         found = [(la["units"], la["dead_indices"], la["positive_counts"]) for la in layers]
@@ -308,26 +315,7 @@ def test_unbounded_hardtanh_margins_and_stored_zeros_alike_in_every_format(cli, 
         for p in (pre0, pre1)
     ]
     assert truth[0][1] == [2] and len(truth[1][1]) < 6
-    example = torch.from_numpy(rows[:2])
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("b", max=1024)},))
-    torch.save(model.state_dict(), tmp_path / "m.pt")
-    torch.export.save(program, tmp_path / "m.pt2")
-    with torch.no_grad():
-        torch.jit.script(model).save(tmp_path / "s.pt")
-        torch.jit.trace(model, example).save(tmp_path / "t.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (example,), tmp_path / "m.onnx", dynamo=False, input_names=["x"],
-            dynamic_axes={"x": {0: "b"}},
-        )  # fmt: skip
-    formats = {
-        "eager": [tmp_path / "m.pt", "--arch", spec],
-        "pt2": [tmp_path / "m.pt2"],
-        "scripted": [tmp_path / "s.pt"],
-        "traced": [tmp_path / "t.pt"],
-        "onnx": [tmp_path / "m.onnx"],
-    }
+    formats = _saved_formats(model, spec, torch.from_numpy(rows[:2]), tmp_path, traced=True)
     for fmt, args in formats.items():
         result = cli("scan", *args, "--data", data, "--json", "-", "-q", "--max-dead", "1")
         assert result.code == 1, (fmt, result.err)  # the unseen maximum stops the gate
