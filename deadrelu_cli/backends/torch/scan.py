@@ -191,6 +191,21 @@ def scan_torch(
     collectors: dict | None = None,
 ) -> tuple[list, object]:
     """Replay the data through a probe of the model; returns the layer statistics and the probe."""
+    from deadrelu_cli.backends.torch.experts import experts_apart
+
+    if model.kind != "eager" or options.compile:
+        return _scan_torch(model, data, options, device, collectors)
+    with experts_apart(model.runnable):  # a fused mixture of experts: each expert's units apart
+        return _scan_torch(model, data, options, device, collectors)
+
+
+def _scan_torch(
+    model: LoadedModel,
+    data: CalibrationData,
+    options: ScanOptions,
+    device: str,
+    collectors: dict | None = None,
+) -> tuple[list, object]:
     import torch
 
     from deadrelu_cli.probe.base import ProbeSettings

@@ -1,0 +1,90 @@
+"""Hugging Face's fused mixture-of-experts modules (transformers 5's `@use_experts_implementation`:
+every expert's weights in one 3-D tensor `[experts, …]`, one `act_fn` module) run the rows of all
+experts through that one activation call (grouped_mm / batched_mm) or through it once per expert hit
+(eager, in an order that depends on which experts a batch reaches). Either way unit i of expert 0 and
+unit i of expert 1 — different neurons — would be counted as one unit: a unit dead in one expert is
+alive in the table as soon as another expert's unit i fires. For a scan each expert gets its own
+activation module, `<experts>.<e>.act_fn`, and the module runs its own eager forward once per expert
+with the routing restricted to that expert (the others point at the sentinel index `num_experts`,
+which the eager forward skips). The outputs are the eager forward's, addition for addition."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import types
+from collections.abc import Iterator
+
+ACTIVATION = "act_fn"
+
+
+def fused_experts(module) -> int:
+    """The number of experts of a fused experts module whose eager forward can be restricted to one
+    expert, else 0."""
+    import torch
+
+    count = getattr(module, "num_experts", None)
+    eager = getattr(type(module).forward, "__wrapped__", None)  # use_experts_implementation's original
+    act = getattr(module, ACTIVATION, None)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 2 or eager is None:
+        return 0
+    if not isinstance(act, torch.nn.Module) or not hasattr(module, "config"):
+        return 0
+    weights = [p for name, p in module.named_parameters(recurse=False) if name in ("gate_up_proj", "up_proj")]
+    if len(weights) != 1 or weights[0].dim() != 3 or weights[0].shape[0] != count:
+        return 0
+    return count
+
+
+def _expert(act):
+    """One expert's own activation module, held by a child `<e>` of the experts module (no parameters)."""
+    import torch
+
+    holder = torch.nn.Module()
+    holder.add_module(ACTIVATION, copy.deepcopy(act))
+    return holder
+
+
+def _per_expert_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    import torch
+
+    eager = type(self).forward.__wrapped__
+    shared = self._modules[ACTIVATION]
+    out = None
+    try:
+        for expert in range(self.num_experts):
+            chosen = top_k_index == expert
+            if not bool(chosen.any()):
+                continue  # no token reached it: its units saw nothing (the table says it did not run)
+            self._modules[ACTIVATION] = self._modules[str(expert)]._modules[ACTIVATION]
+            only = torch.where(chosen, top_k_index, torch.full_like(top_k_index, self.num_experts))
+            part = eager(self, hidden_states, only, top_k_weights, *args, **kwargs)
+            out = part if out is None else out + part
+    finally:
+        self._modules[ACTIVATION] = shared
+    return torch.zeros_like(hidden_states) if out is None else out
+
+
+@contextlib.contextmanager
+def experts_apart(model) -> Iterator[list[str]]:
+    """Within: every fused experts module of `model` counts each expert's units apart (their sites are
+    `<path>.<e>.act_fn`); the module paths are yielded. The model is as it was afterwards."""
+    import torch
+
+    changed = []
+    if isinstance(model, torch.nn.Module) and not isinstance(model, torch.jit.ScriptModule):
+        for path, module in list(model.named_modules()):
+            count = fused_experts(module)
+            if not count or any(str(e) in module._modules for e in range(count)):
+                continue
+            for expert in range(count):
+                module.add_module(str(expert), _expert(module._modules[ACTIVATION]))
+            module.forward = types.MethodType(_per_expert_forward, module)
+            changed.append((path, module, count))
+    try:
+        yield [path for path, _, _ in changed]
+    finally:
+        for _, module, count in changed:
+            for expert in range(count):
+                del module._modules[str(expert)]
+            del module.forward

@@ -1,0 +1,68 @@
+"""Shapes of real models met by trial43 (a Hugging Face fused mixture of experts built here with random
+weights; a statically quantized ONNX model with an input normalisation; a model whose own forward
+raises). Truth: plain hooks / numpy / onnxruntime here, never the tool's output."""
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the transformers extra is not installed")
+
+
+def _mixtral(tmp_path):
+    """A 1-layer Mixtral (transformers 5: the experts' weights fused in one [experts, 2·I, H] tensor, one
+    act_fn) with relu; expert 0's gate rows 0, 3, 7 are zero, so those units are 0 on every token."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, hidden_act="relu", num_local_experts=3, num_experts_per_tok=2,
+        max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.MixtralModel(config).eval()
+    with torch.no_grad():
+        model.layers[0].mlp.experts.gate_up_proj[0, [0, 3, 7], :] = 0.0
+    model.save_pretrained(tmp_path / "moe")
+    return model
+
+
+def _expert_counts(model, ids: np.ndarray) -> dict[int, tuple[list[int], int]]:
+    """Per expert: how many of its routed rows give each unit a gate pre-activation > 0, and its rows;
+    from the experts module's own inputs (hidden states, routing) and its weights, in numpy."""
+    experts = model.layers[0].mlp.experts
+    seen = []
+    handle = experts.register_forward_hook(
+        lambda _m, args, _o: seen.append([a.detach().numpy() for a in args[:2]])
+    )
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(ids))
+    handle.remove()
+    (hidden, routes), weights = seen[0], experts.gate_up_proj.detach().numpy()
+    units = weights.shape[1] // 2
+    counts = {}
+    for expert in range(weights.shape[0]):
+        rows = hidden[(routes == expert).any(axis=1)]
+        counts[expert] = (((rows @ weights[expert, :units].T) > 0).sum(0).tolist(), rows.shape[0])
+    return counts
+
+
+def test_a_fused_mixture_of_experts_counts_each_experts_units_apart(cli, tmp_path):
+    """transformers 5 fuses a MoE layer's experts into one 3-D weight and one act_fn called on every
+    routed row: unit i of every expert was one "unit", so expert 0's 3 dead units were alive in the table
+    (0/12 dead) and `--max-dead` passed. Each expert's units are now a site of their own."""
+    model = _mixtral(tmp_path)
+    ids = np.random.default_rng(0).integers(0, 32, (6, 9))
+    np.savez(tmp_path / "d.npz", input_ids=ids)
+    truth = _expert_counts(model, ids)
+    assert all(rows for _, rows in truth.values())  # every expert got tokens
+    res = cli("scan", tmp_path / "moe", "--data", tmp_path / "d.npz", "--json", "-", "--max-dead", "0.05")
+    assert res.code == 1, res.err  # 3 of expert 0's 12 units are dead: the gate fails
+    layers = {layer["name"]: layer for layer in res.json()["layers"]}
+    assert sorted(layers) == [f"layers.0.mlp.experts.{e}.act_fn" for e in range(3)]
+    for expert, (positive, rows) in truth.items():
+        layer = layers[f"layers.0.mlp.experts.{expert}.act_fn"]
+        assert layer["positive_counts"] == positive, expert
+        assert layer["elements_per_unit"] == rows, expert
+        assert layer["dead_indices"] == [u for u, c in enumerate(positive) if c == 0], expert
+    assert layers["layers.0.mlp.experts.0.act_fn"]["dead_indices"][:3] == [0, 3, 7]
+    # the model is as it was: no extra modules, and its outputs are the eager experts' outputs
+    assert not any(name.endswith(".0.act_fn") for name, _ in model.named_modules())
