@@ -66,3 +66,63 @@ def test_a_fused_mixture_of_experts_counts_each_experts_units_apart(cli, tmp_pat
     assert layers["layers.0.mlp.experts.0.act_fn"]["dead_indices"][:3] == [0, 3, 7]
     # the model is as it was: no extra modules, and its outputs are the eager experts' outputs
     assert not any(name.endswith(".0.act_fn") for name, _ in model.named_modules())
+
+
+class _Normalised(torch.nn.Module):
+    """A min-max normalisation of the input (as speech front ends write it), then Linear → ReLU → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 12), torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        low, high = x.min(dim=1, keepdim=True).values, x.max(dim=1, keepdim=True).values
+        return self.fc2(torch.relu(self.fc1((x - low) / (high - low))))
+
+
+def test_a_quantized_min_max_normalisation_is_no_folded_relu(cli, tmp_path):
+    """A static (QDQ) quantization stores the normalised input (x - min) / (max - min) with zero point 0,
+    as it stores a ReLU it folded: the scan counted it as a ReLU layer (efficientword-net's ResNet-50:
+    9,536 "units", 43% of the model's, diluting every model-level fraction and `--max-dead`). The
+    subtraction of a tensor's own minimum is never negative: only the real ReLU is a site."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    torch.manual_seed(0)
+    model = _Normalised().eval()
+    with torch.no_grad():
+        model.fc1.bias[[2, 5]] = -50.0  # never fire on inputs in [0, 1]
+    x = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    torch.onnx.export(model, torch.from_numpy(x[:1]), str(tmp_path / "f.onnx"), input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}}, dynamo=False, opset_version=17)  # fmt: skip
+
+    class Reader(CalibrationDataReader):
+        batches = iter([{"x": x}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(tmp_path / "f.onnx", tmp_path / "q.onnx", Reader(), quant_format=QuantFormat.QDQ)
+    np.savez(tmp_path / "d.npz", x=x)
+    # truth: onnxruntime's quantized tensor at the QuantizeLinear that follows fc1's MatMul/Add, above
+    # its zero point (the folded ReLU), per unit
+    graph = onnx.load(tmp_path / "q.onnx")
+    zeros = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
+    quantizes = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    lowest = [n for n in quantizes if zeros[n.input[2]].item() == np.iinfo(zeros[n.input[2]].dtype).min]
+    producer = {o: n for n in graph.graph.node for o in n.output}
+    assert [producer[n.input[0]].op_type for n in lowest] == ["Div", "Gemm"]  # both stored from their minimum
+    relu_q = lowest[1]
+    assert any(name.startswith("fc1.weight") for name in producer[relu_q.input[0]].input)
+    graph.graph.output.append(onnx.helper.make_empty_tensor_value_info(relu_q.output[0]))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    (quantized,) = session.run([relu_q.output[0]], {"x": x})
+    positive = (quantized > zeros[relu_q.input[2]]).sum(0)
+    res = cli("scan", tmp_path / "q.onnx", "--data", tmp_path / "d.npz", "--json", "-")
+    assert res.code == 0, res.err
+    (layer,) = res.json()["layers"]  # the normalised input is no site
+    assert layer["positive_counts"] == positive.tolist()
+    assert layer["dead_indices"] == np.flatnonzero(positive == 0).tolist()
+    assert {2, 5} <= set(layer["dead_indices"])
+    assert res.json()["summary"]["units"] == 12
