@@ -126,3 +126,48 @@ def test_a_quantized_min_max_normalisation_is_no_folded_relu(cli, tmp_path):
     assert layer["dead_indices"] == np.flatnonzero(positive == 0).tolist()
     assert {2, 5} <= set(layer["dead_indices"])
     assert res.json()["summary"]["units"] == 12
+
+
+RAISING = """
+import torch
+from torch import nn
+
+
+class Checked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(8, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        assert ids.shape[1] == 5, "Checked expects 5 tokens"
+        return torch.relu(self.fc(self.emb(ids))).sum(1)
+
+
+def build():
+    torch.manual_seed(0)
+    return Checked()
+"""
+
+
+def test_an_error_raised_by_the_models_own_code_is_the_models(cli, tmp_path):
+    """BeatNet's pickled model reads `self.hidden`, which its pickle lacks: AttributeError in its forward
+    was "deadrelu: internal error … please report it" (exit 3), as was a model's `assert` on its input and
+    an id past an Embedding's table on a later batch. Raised by the model's code, they are the model's:
+    one line naming the file, line and batch, exit 2."""
+    (tmp_path / "checked.py").write_text(RAISING)
+    arch = f"{tmp_path / 'checked.py'}:build"
+    exec(compile(RAISING, "checked.py", "exec"), space := {})
+    torch.save(space["build"]().state_dict(), tmp_path / "m.pt")
+    ids = np.random.default_rng(0).integers(0, 8, (6, 5))
+    np.savez(tmp_path / "short.npz", ids=ids[:, :4])
+    res = cli("scan", tmp_path / "m.pt", "--arch", arch, "--data", tmp_path / "short.npz")
+    assert res.code == 2, res.err
+    assert "AssertionError at checked.py:13 in forward() on batch 1" in res.err
+    assert "Checked expects 5 tokens" in res.err and "internal error" not in res.err
+    ids[4, 2] = 9  # the third batch of two holds an id the table lacks
+    np.savez(tmp_path / "ids.npz", ids=ids)
+    res = cli("scan", tmp_path / "m.pt", "--arch", arch, "--data", tmp_path / "ids.npz", "--batch-size", "2")
+    assert res.code == 2, res.err
+    assert "IndexError at checked.py:14 in forward() on batch 3 (ids[2, 5])" in res.err
+    assert len(res.err.strip().splitlines()) == 1

@@ -23,10 +23,14 @@ def fused_experts(module) -> int:
     expert, else 0."""
     import torch
 
+    if isinstance(module, torch.jit.ScriptModule):
+        return 0
     count = getattr(module, "num_experts", None)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 2:
+        return 0
     eager = getattr(type(module).forward, "__wrapped__", None)  # use_experts_implementation's original
     act = getattr(module, ACTIVATION, None)
-    if not isinstance(count, int) or isinstance(count, bool) or count < 2 or eager is None:
+    if eager is None:
         return 0
     if not isinstance(act, torch.nn.Module) or not hasattr(module, "config"):
         return 0

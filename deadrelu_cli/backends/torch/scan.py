@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 
@@ -381,6 +382,10 @@ def _scan_torch(
                         or integer_hint(batch, order, exc)
                         or f"the model failed on the first batch ({shapes}): {first}; {hint}"
                     ) from exc
+                raise_if_model_code(exc, index, batch, order)
+                raise
+            except Exception as exc:  # noqa: BLE001 - an AttributeError, AssertionError, … of any origin
+                raise_if_model_code(exc, index, batch, order)
                 raise
             done += inputs[0].shape[0] if inputs and inputs[0].dim() else 0
             forwards += 1
@@ -429,6 +434,49 @@ def _scan_torch(
     if not layers and not any(note.startswith("the model ran no") for note in model.notes):
         model.notes.append(no_sites_note(model, options.ops))
     return layers, probe
+
+
+def model_code_frame(exc: BaseException):
+    """Where the model's own code (its class, its library: transformers, timm, …) raised `exc` inside its
+    forward: the innermost frame outside torch and the standard library, or None when that frame is this
+    tool's (a probe hook runs inside the forward: then it is an internal error)."""
+    import sysconfig
+    import traceback
+
+    import torch
+
+    import deadrelu_cli
+
+    library = (os.path.dirname(torch.__file__), sysconfig.get_paths()["stdlib"])
+    ours = os.path.dirname(deadrelu_cli.__file__)
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if frame.filename.startswith(library) or frame.filename.startswith("<"):
+            continue  # torch's own frames (its modules' __getattr__, F.*), generated code
+        if frame.filename.startswith(ours) and (frame.line or "").strip() in _FORWARDED:
+            continue  # the probe's torch-function mode handing the model's own op call on to torch
+        return None if frame.filename.startswith(ours) else frame
+    return None
+
+
+_FORWARDED = ("out = func(*args, **kwargs)", "return func(*args, **kwargs)")
+
+
+def raise_if_model_code(exc: BaseException, index: int, batch: dict, order: list[str]) -> None:
+    """An error raised by the model's own code is the model's (or the data's), not the tool's: one line,
+    exit 2, naming where it was raised (a model whose forward reads an attribute its pickle lacks, an
+    `assert` on the input's shape, a later batch longer than its position table)."""
+    frame = model_code_frame(exc)
+    if frame is None:
+        return
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    shapes = ", ".join(f"{n}{list(np.shape(batch[n]))}" for n in order if n in batch)
+    where = f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}()"
+    raise UserError(
+        f"the model's own code raised {type(exc).__name__} at {where} on batch {index + 1} ({shapes})"
+        f"{': ' + first if first else ''}; the error is in the model (or in what it expects beside "
+        "--data), not in deadrelu: --debug shows the traceback"
+    ) from exc
 
 
 def tell_layouts(registry, batch: dict, data: CalibrationData, run) -> None:
