@@ -32,6 +32,7 @@ from torch import nn
 # what the first window's report needs (biases read through wiring.torch) is loaded with watch(), not
 # in the middle of a training step
 import deadrelu_cli.wiring.torch  # noqa: F401
+from deadrelu_cli.backends.torch.experts import ACTIVATION, fused_experts
 from deadrelu_cli.backends.torch.inputs import speech_frames
 from deadrelu_cli.backends.torch.scan import attach_module_biases, pooled_blocks
 from deadrelu_cli.distributed import World, reduce_layers
@@ -362,6 +363,13 @@ class Watch:
         self._decoder = decoder_scope(model)  # an encoder-decoder's decoder: on its own tokens' positions
         self._from_labels = derives_decoder_from_labels(model, _forward_arguments(model))
         self._padding_modules = padding_mask_modules(model)  # nn.Transformer*: their key padding masks
+        # fused mixtures of experts: one activation for every expert (the scan splits them; a training
+        # step is not changed, so here it is said)
+        self._fused = {
+            f"{path}.{ACTIVATION}": count
+            for path, module in model.named_modules()
+            if (count := fused_experts(module))
+        }
         self._mask_warned = False
         # one probe for the run (names, tables); its counters are restarted per window
         self._probe = EagerProbe(
@@ -763,6 +771,20 @@ class Watch:
             report.notes.append(
                 f"the model ran no {'/'.join(s.ops)} call on the sampled steps: nothing to count"
             )
+        fused = [
+            f"{layer.name} ({self._fused[layer.name]} experts)"
+            for layer in layers
+            if layer.name in self._fused
+        ]
+        if fused:
+            report.notes.append(
+                f"fused mixture of experts: {', '.join(fused)} run every expert through one activation, so the "
+                "watch counts unit i of all experts as one unit (dead only if dead in every expert); "
+                "`deadrelu scan` of a saved checkpoint counts each expert's units apart"
+            )
+            if "<experts>" not in self._warned:  # once per run
+                self._warned.add("<experts>")
+                warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
         diverged = []
         if nan_units:
             diverged.append(

@@ -171,3 +171,17 @@ def test_an_error_raised_by_the_models_own_code_is_the_models(cli, tmp_path):
     assert res.code == 2, res.err
     assert "IndexError at checked.py:14 in forward() on batch 3 (ids[2, 5])" in res.err
     assert len(res.err.strip().splitlines()) == 1
+
+
+def test_watch_says_a_fused_mixture_of_experts_is_counted_as_one(tmp_path):
+    """The watch does not change a training step, so the fused experts' one activation stays one site:
+    the report and a warning say so (the watch's count of expert 0's dead units is not per expert)."""
+    from deadrelu_cli import watch
+
+    model = _mixtral(tmp_path)
+    with pytest.warns(UserWarning, match="fused mixture of experts"), watch(model, every=1, window=1) as w:
+        w.step()
+        model(input_ids=torch.from_numpy(np.random.default_rng(0).integers(0, 32, (4, 9))))
+    (layer,) = w.reports[-1].layers
+    assert layer.name == "layers.0.mlp.experts.act_fn" and len(layer.positive_counts) == 12
+    assert any("layers.0.mlp.experts.act_fn (3 experts)" in note for note in w.reports[-1].notes)
