@@ -32,7 +32,6 @@ from torch import nn
 # what the first window's report needs (biases read through wiring.torch) is loaded with watch(), not
 # in the middle of a training step
 import deadrelu_cli.wiring.torch  # noqa: F401
-from deadrelu_cli.backends.torch.experts import ACTIVATION, fused_experts
 from deadrelu_cli.backends.torch.inputs import speech_frames
 from deadrelu_cli.backends.torch.scan import attach_module_biases, pooled_blocks
 from deadrelu_cli.distributed import World, reduce_layers
@@ -58,6 +57,7 @@ from deadrelu_cli.inputs import (
 )
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
+from deadrelu_cli.probe.experts import ACTIVATION, fused_experts
 from deadrelu_cli.probe.ops import parse_ops
 from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings, TrainingInfo, report_to_json
 

@@ -64,8 +64,12 @@ def test_a_fused_mixture_of_experts_counts_each_experts_units_apart(cli, tmp_pat
         assert layer["elements_per_unit"] == rows, expert
         assert layer["dead_indices"] == [u for u, c in enumerate(positive) if c == 0], expert
     assert layers["layers.0.mlp.experts.0.act_fn"]["dead_indices"][:3] == [0, 3, 7]
-    # the model is as it was: no extra modules, and its outputs are the eager experts' outputs
-    assert not any(name.endswith(".0.act_fn") for name, _ in model.named_modules())
+    assert not any(name.endswith(".0.act_fn") for name, _ in model.named_modules())  # the model as it was
+    # fix cannot patch rows of one fused tensor: it says so (not "no single Linear/Conv makes it")
+    res = cli("fix", tmp_path / "moe", "--data", tmp_path / "d.npz", "--strategy", "reinit",
+              "--output", tmp_path / "fixed")  # fmt: skip
+    assert res.code == 2 and "expert 0 of the fused mixture of experts layers.0.mlp.experts" in res.err
+    assert not (tmp_path / "fixed").exists()
 
 
 class _Normalised(torch.nn.Module):

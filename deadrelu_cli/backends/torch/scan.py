@@ -192,7 +192,7 @@ def scan_torch(
     collectors: dict | None = None,
 ) -> tuple[list, object]:
     """Replay the data through a probe of the model; returns the layer statistics and the probe."""
-    from deadrelu_cli.backends.torch.experts import experts_apart
+    from deadrelu_cli.probe.experts import experts_apart
 
     if model.kind != "eager" or options.compile:
         return _scan_torch(model, data, options, device, collectors)
@@ -445,10 +445,10 @@ def model_code_frame(exc: BaseException):
 
     import torch
 
-    import deadrelu_cli
-
-    library = (os.path.dirname(torch.__file__), sysconfig.get_paths()["stdlib"])
-    ours = os.path.dirname(deadrelu_cli.__file__)
+    library = (os.path.dirname(torch.__file__) + os.sep, sysconfig.get_paths()["stdlib"] + os.sep)
+    ours = (
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
+    )  # the package
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         if frame.filename.startswith(library) or frame.filename.startswith("<"):
             continue  # torch's own frames (its modules' __getattr__, F.*), generated code

@@ -40,6 +40,26 @@ def fused_experts(module) -> int:
     return count
 
 
+def fused_expert_of(model, site: str) -> str | None:
+    """Why a fix cannot patch `site` when it is one expert of a fused experts module (its rows are slices
+    of one 3-D tensor shared by every expert), else None."""
+    path, _, last = site.rpartition(f".{ACTIVATION}")
+    holder, _, expert = path.rpartition(".")
+    if last or not expert.isdigit() or not holder:
+        return None
+    try:
+        module = model.get_submodule(holder)
+    except AttributeError:
+        return None
+    weight = "gate_up_proj" if hasattr(module, "gate_up_proj") else "up_proj"
+    if not fused_experts(module):
+        return None
+    return (
+        f"expert {expert} of the fused mixture of experts {holder} (its rows are slices of {holder}.{weight}, one "
+        "tensor for every expert): fix does not patch fused experts; reinitialise those rows in the training code"
+    )
+
+
 def _expert(act):
     """One expert's own activation module, held by a child `<e>` of the experts module (no parameters)."""
     import torch
