@@ -89,10 +89,21 @@ def _per_expert_forward(self, hidden_states, top_k_index, top_k_weights, *args, 
     return torch.zeros_like(hidden_states) if out is None else out
 
 
+def declare_unreached(registry, fused: dict[str, int]) -> None:
+    """Experts no token reached ran no activation: made known to the probe's registry (a site of the
+    same op as their siblings'), so that the report lists them as not run instead of leaving them out."""
+    for path, count in fused.items():
+        names = [f"{path}.{expert}.{ACTIVATION}" for expert in range(count)]
+        ran = next((registry.sites[name] for name in names if name in registry.sites), None)
+        for name in names:
+            if ran is not None and name not in registry.sites:
+                registry.declare(name, ran.op, ran.module_type, None)
+
+
 @contextlib.contextmanager
-def experts_apart(model) -> Iterator[list[str]]:
+def experts_apart(model) -> Iterator[dict[str, int]]:
     """Within: every fused experts module of `model` counts each expert's units apart (their sites are
-    `<path>.<e>.act_fn`); the module paths are yielded. The model is as it was afterwards."""
+    `<path>.<e>.act_fn`); {module path: experts} is yielded. The model is as it was afterwards."""
     import torch
 
     changed = []
@@ -106,7 +117,7 @@ def experts_apart(model) -> Iterator[list[str]]:
             module.forward = types.MethodType(_per_expert_forward, module)
             changed.append((path, module, count))
     try:
-        yield [path for path, _, _ in changed]
+        yield {path: count for path, _, count in changed}
     finally:
         for _, module, count in changed:
             for expert in range(count):

@@ -196,8 +196,8 @@ def scan_torch(
 
     if model.kind != "eager" or options.compile:
         return _scan_torch(model, data, options, device, collectors)
-    with experts_apart(model.runnable):  # a fused mixture of experts: each expert's units apart
-        return _scan_torch(model, data, options, device, collectors)
+    with experts_apart(model.runnable) as fused:  # a fused mixture of experts: each expert's units apart
+        return _scan_torch(model, data, options, device, collectors, fused)
 
 
 def _scan_torch(
@@ -206,10 +206,12 @@ def _scan_torch(
     options: ScanOptions,
     device: str,
     collectors: dict | None = None,
+    fused: dict[str, int] | None = None,
 ) -> tuple[list, object]:
     import torch
 
     from deadrelu_cli.probe.base import ProbeSettings
+    from deadrelu_cli.probe.experts import declare_unreached
 
     mask = resolve_mask(options.mask, options.exclude_token_ids, data)
     # set per scan: the same data may serve another model later
@@ -391,6 +393,7 @@ def _scan_torch(
             forwards += 1
             if options.progress:
                 options.progress(done, total)
+    declare_unreached(probe.registry, fused or {})
     layers = probe.registry.layer_stats()
     guessed = [layer.name for layer in layers if layer.name in probe.registry.axis_guesses]
     if guessed:  # [N, C, T] and [N, T, C] look alike: say which one was assumed
