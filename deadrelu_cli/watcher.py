@@ -357,7 +357,7 @@ class Watch:
         self.mask_argument = mask  # the forward's argument read as the position mask (None: none)
         self._mask_index = positional_index(model, mask)
         # a speech encoder's attention_mask is over audio samples: its encoder counts on the frames' mask
-        self._frames = speech_frames(model)
+        self._frames = speech_frames(model, for_sites=True)
         self._audio_index = {name: positional_index(model, name) for name in AUDIO_INPUTS}
         self._pooled = pooled_blocks(model)  # a Funnel-style encoder: each block on its pooled mask
         self._decoder = decoder_scope(model)  # an encoder-decoder's decoder: on its own tokens' positions

@@ -196,3 +196,44 @@ def test_watch_says_a_fused_mixture_of_experts_is_counted_as_one(tmp_path):
     (layer,) = w.reports[-1].layers
     assert layer.name == "layers.0.mlp.experts.act_fn" and len(layer.positive_counts) == 12
     assert any("layers.0.mlp.experts.act_fn (3 experts)" in note for note in w.reports[-1].notes)
+
+
+def test_sew_counts_its_squeezed_frames_on_the_models_own_mask(cli, tmp_path):
+    """SEW runs its transformer on frames average-pooled by squeeze_factor, with the frames' mask
+    max-pooled alike. Its encoder sites counted every squeezed position, padding included (114 values per
+    unit where the model treats 78 as real), under a note; now on the model's own squeezed mask."""
+    torch.manual_seed(0)
+    config = transformers.SEWConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, hidden_act="relu",
+        conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, feat_extract_activation="relu", squeeze_factor=2,
+    )  # fmt: skip
+    model = transformers.SEWModel(config).eval()
+    model.save_pretrained(tmp_path / "sew")
+    lengths = np.array([400, 330, 240, 170, 400, 90])
+    mask = (np.arange(400)[None] < lengths[:, None]).astype(np.int64)
+    audio = (np.random.default_rng(0).standard_normal((6, 400)) * mask).astype(np.float32)
+    np.savez(tmp_path / "a.npz", input_values=audio, attention_mask=mask)
+    seen = {}
+    hooks = [
+        module.register_forward_hook(lambda _m, _a, out, name=name: seen.update({name: out.detach().numpy()}))
+        for name, module in model.named_modules()
+        if name.startswith("encoder.") and isinstance(module, torch.nn.ReLU)
+    ]
+    with torch.no_grad():
+        model(input_values=torch.from_numpy(audio), attention_mask=torch.from_numpy(mask))
+    for hook in hooks:
+        hook.remove()
+    frames = model._get_feat_extract_output_lengths(torch.from_numpy(lengths)).numpy()  # the model's own
+    res = cli("scan", tmp_path / "sew", "--data", tmp_path / "a.npz", "--json", "-")
+    assert res.code == 0, res.err
+    layers = {layer["name"]: layer for layer in res.json()["layers"]}
+    for name in ("encoder.layers.0.feed_forward.intermediate_act_fn", "encoder.upsample.activation"):
+        out = seen[name]  # [samples, squeezed positions, units]
+        real = (
+            np.arange(out.shape[1])[None] * 2 < frames[:, None]
+        )  # a squeezed position pools frames 2j, 2j+1
+        assert real.sum() < real.size  # padding is there
+        kept = out[real]
+        assert layers[name]["elements_per_unit"] == kept.shape[0], name
+        assert layers[name]["positive_counts"] == (kept > 0).sum(0).tolist(), name

@@ -572,7 +572,7 @@ def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
     (`input_values`, or Speech2Text's `input_features`, which its subsampler shortens)."""
     if mask is None or mask.array is None or not any(name in order for name in AUDIO_INPUTS):
         return None
-    return speech_frames(runnable)
+    return speech_frames(runnable, for_sites=True)
 
 
 def pooled_blocks(runnable):
