@@ -33,7 +33,7 @@ from torch import nn
 # in the middle of a training step
 import deadrelu_cli.wiring.torch  # noqa: F401
 from deadrelu_cli.backends.torch.inputs import speech_frames
-from deadrelu_cli.backends.torch.scan import attach_module_biases, pooled_blocks
+from deadrelu_cli.backends.torch.scan import attach_module_biases, derived_scopes, pooled_blocks
 from deadrelu_cli.distributed import World, reduce_layers
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import write_text_atomic
@@ -359,7 +359,8 @@ class Watch:
         # a speech encoder's attention_mask is over audio samples: its encoder counts on the frames' mask
         self._frames = speech_frames(model, for_sites=True)
         self._audio_index = {name: positional_index(model, name) for name in AUDIO_INPUTS}
-        self._pooled = pooled_blocks(model)  # a Funnel-style encoder: each block on its pooled mask
+        # a Funnel-style encoder: each block on its pooled mask; Decision Transformer, Canine: derived masks
+        self._pooled = pooled_blocks(model) or derived_scopes(model)
         self._decoder = decoder_scope(model)  # an encoder-decoder's decoder: on its own tokens' positions
         self._from_labels = derives_decoder_from_labels(model, _forward_arguments(model))
         self._padding_modules = padding_mask_modules(model)  # nn.Transformer*: their key padding masks

@@ -237,3 +237,74 @@ def test_sew_counts_its_squeezed_frames_on_the_models_own_mask(cli, tmp_path):
         kept = out[real]
         assert layers[name]["elements_per_unit"] == kept.shape[0], name
         assert layers[name]["positive_counts"] == (kept > 0).sum(0).tolist(), name
+
+
+def _relu_outputs(model, feed: dict, prefix: str) -> dict[str, np.ndarray]:
+    seen = {}
+    hooks = [
+        module.register_forward_hook(lambda _m, _a, out, name=name: seen.update({name: out.detach().numpy()}))
+        for name, module in model.named_modules()
+        if name.startswith(prefix) and isinstance(module, torch.nn.ReLU)
+    ]
+    with torch.no_grad():
+        model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def _check_masked(layers: dict, seen: dict, real: np.ndarray) -> None:
+    assert seen and real.sum() < real.size
+    for name, out in seen.items():  # [samples, positions, units]
+        kept = out[real]
+        assert layers[name]["elements_per_unit"] == kept.shape[0], name
+        assert layers[name]["positive_counts"] == (kept > 0).sum(0).tolist(), name
+
+
+def test_models_that_derive_their_own_mask_count_on_it(cli, tmp_path):
+    """Decision Transformer runs its GPT-2 on three tokens per time step (its attention_mask stacked
+    alike); Canine runs its deep encoder on molecules (the characters' mask max-pooled by
+    downsampling_rate). Those sites counted every position, padded steps / molecules included (a note
+    said so); now on the mask the model derives. Canine's ReLU → LayerNorm is no "relu-before-softmax"."""
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    dt = transformers.DecisionTransformerModel(
+        transformers.DecisionTransformerConfig(
+            state_dim=5, act_dim=3, hidden_size=16, n_layer=1, n_head=2, n_inner=32,
+            activation_function="relu", max_ep_len=16, n_positions=32,
+        )
+    ).eval()  # fmt: skip
+    dt.save_pretrained(tmp_path / "dt")
+    steps = (np.arange(8)[None] < np.array([8, 5, 3, 8, 6, 2])[:, None]).astype(np.int64)
+    feed = {
+        "states": rng.standard_normal((6, 8, 5)).astype(np.float32),
+        "actions": rng.standard_normal((6, 8, 3)).astype(np.float32),
+        "rewards": rng.standard_normal((6, 8, 1)).astype(np.float32),
+        "returns_to_go": rng.standard_normal((6, 8, 1)).astype(np.float32),
+        "timesteps": np.tile(np.arange(8), (6, 1)),
+        "attention_mask": steps,
+    }
+    np.savez(tmp_path / "dt.npz", **feed)
+    res = cli("scan", tmp_path / "dt", "--data", tmp_path / "dt.npz", "--json", "-")
+    assert res.code == 0, res.err
+    layers = {layer["name"]: layer for layer in res.json()["layers"]}
+    _check_masked(layers, _relu_outputs(dt, feed, "encoder."), np.repeat(steps.astype(bool), 3, axis=1))
+
+    canine = transformers.CanineModel(
+        transformers.CanineConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, hidden_act="relu",
+            downsampling_rate=2, num_hash_buckets=16, num_hash_functions=2, local_transformer_stride=4,
+            max_position_embeddings=32,
+        )
+    ).eval()  # fmt: skip
+    canine.save_pretrained(tmp_path / "canine")
+    chars = (np.arange(12)[None] < np.array([12, 7, 3, 10, 5, 9])[:, None]).astype(np.int64)
+    feed = {"input_ids": rng.integers(100, 200, (6, 12)) * chars, "attention_mask": chars}
+    np.savez(tmp_path / "canine.npz", **feed)
+    res = cli("scan", tmp_path / "canine", "--data", tmp_path / "canine.npz", "--json", "-")
+    assert res.code == 0, res.err
+    assert "relu-before-softmax" not in res.err + " ".join(res.json()["notes"])
+    layers = {layer["name"]: layer for layer in res.json()["layers"]}
+    molecules = chars.reshape(6, 6, 2).max(axis=2).astype(bool)
+    _check_masked(layers, _relu_outputs(canine, feed, "encoder."), molecules)
+    _check_masked(layers, _relu_outputs(canine, feed, "chars_to_molecules."), molecules)

@@ -269,7 +269,9 @@ def _scan_torch(
     # (an encoder-decoder's speech encoder too, Speech2Text: its decoder keeps the decoder's scope)
     frames = audio_frame_scope(model.runnable, mask, order)
     pooled = (
-        pooled_blocks(model.runnable) if mask is not None and decoder is None and frames is None else None
+        (pooled_blocks(model.runnable) or derived_scopes(model.runnable))
+        if mask is not None and decoder is None and frames is None
+        else None
     )
     # speech encoder fed audio with no mask at all: zero-padded audio would count its padded frames unsaid
     hop = (
@@ -604,6 +606,38 @@ def pooled_blocks(runnable):
         return scoped
 
     return masks_of
+
+
+def derived_scopes(runnable):
+    """Models that run part of themselves on a sequence the attention_mask does not fit, with a mask they
+    derive from it: Decision Transformer (three tokens per time step, its mask stacked alike: the
+    `encoder`'s sites) and Canine (molecules: the characters' mask max-pooled by `downsampling_rate`, by
+    the model's own `_downsample_attention_mask`: the deep `encoder` and `chars_to_molecules`). A function
+    from the data's mask to {module path: mask}, as `pooled_blocks`; None for other models."""
+    import torch
+
+    base = getattr(runnable, "base_model", runnable)
+    paths = {id(module): name for name, module in runnable.named_modules() if name}
+    encoder = getattr(base, "encoder", None)
+    if encoder is None or id(encoder) not in paths:
+        return None
+    if all(
+        isinstance(getattr(base, name, None), torch.nn.Module)
+        for name in ("embed_return", "embed_state", "embed_action")
+    ):
+        # Decision Transformer: (return, state, action) per time step, interleaved
+        return lambda kept: {paths[id(encoder)]: kept.bool().repeat_interleave(3, dim=1)}
+    downsample = getattr(base, "_downsample_attention_mask", None)
+    rate = getattr(getattr(base, "config", None), "downsampling_rate", None)
+    molecules = getattr(base, "chars_to_molecules", None)
+    if callable(downsample) and isinstance(rate, int) and id(molecules) in paths:
+
+        def molecules_of(kept: torch.Tensor) -> dict:
+            mask = downsample(kept.float(), downsampling_rate=rate) > 0
+            return {paths[id(encoder)]: mask, paths[id(molecules)]: mask}
+
+        return molecules_of
+    return None
 
 
 def trailing_zero_samples(audio: np.ndarray, run: int) -> int:
