@@ -308,3 +308,33 @@ def test_models_that_derive_their_own_mask_count_on_it(cli, tmp_path):
     molecules = chars.reshape(6, 6, 2).max(axis=2).astype(bool)
     _check_masked(layers, _relu_outputs(canine, feed, "encoder."), molecules)
     _check_masked(layers, _relu_outputs(canine, feed, "chars_to_molecules."), molecules)
+
+
+SMOOTH = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 2))
+"""
+
+
+def test_inspect_of_a_model_without_relus_says_what_it_uses(cli, tmp_path):
+    """captcha-recognizer's YOLOv8 (SiLU everywhere): `inspect` printed "0 activation sites" and an empty
+    table, where `scan` names what the model uses instead. Now `inspect` says it too (ONNX and torch)."""
+    (tmp_path / "smooth.py").write_text(SMOOTH)
+    exec(compile(SMOOTH, "smooth.py", "exec"), space := {})
+    model = space["build"]()
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    torch.onnx.export(model, torch.zeros(1, 4), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17)
+    import onnx
+
+    silu = [n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node if n.op_type in ("Sigmoid", "Mul")]
+    assert silu == ["Sigmoid", "Mul"]  # x * Sigmoid(x), as exporters write SiLU
+    res = cli("inspect", tmp_path / "m.onnx")
+    assert res.code == 0 and "0 activation sites" in res.out
+    assert "the graph has no relu/relu6 nodes; its activations: Sigmoid ×1" in " ".join(res.out.split())
+    res = cli("inspect", tmp_path / "m.pt", "--arch", f"{tmp_path / 'smooth.py'}:build")
+    assert res.code == 0 and "its activations: SiLU ×1" in " ".join(res.out.split())
