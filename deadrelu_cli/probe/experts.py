@@ -4,9 +4,10 @@ experts through that one activation call (grouped_mm / batched_mm) or through it
 (eager, in an order that depends on which experts a batch reaches). Either way unit i of expert 0 and
 unit i of expert 1 — different neurons — would be counted as one unit: a unit dead in one expert is
 alive in the table as soon as another expert's unit i fires. For a scan each expert gets its own
-activation module, `<experts>.<e>.act_fn`, and the module runs its own eager forward once per expert
-with the routing restricted to that expert (the others point at the sentinel index `num_experts`,
-which the eager forward skips). The outputs are the eager forward's, addition for addition."""
+activation module, `<experts>.<e>.act_fn`, and the module runs its forward once per expert, on the
+eager implementation, with the routing restricted to that expert (the others point at the sentinel
+index `num_experts`, which the eager forward skips). The outputs are the eager forward's, addition for
+addition."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def fused_experts(module) -> int:
     act = getattr(module, ACTIVATION, None)
     if eager is None:
         return 0
-    if not isinstance(act, torch.nn.Module) or not hasattr(module, "config"):
+    if not isinstance(act, torch.nn.Module) or not hasattr(
+        getattr(module, "config", None), "_experts_implementation_internal"
+    ):
         return 0
     weights = [p for name, p in module.named_parameters(recurse=False) if name in ("gate_up_proj", "up_proj")]
     if len(weights) != 1 or weights[0].dim() != 3 or weights[0].shape[0] != count:
@@ -69,24 +72,29 @@ def _expert(act):
     return holder
 
 
-def _per_expert_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+def _per_expert(module, run):
+    """A forward for `module` that runs `run` (its forward as it was: a wrapper such as accelerate's
+    device hook, or the class's) once per expert, with the routing restricted to it and that expert's
+    own activation module in place of the shared one."""
     import torch
 
-    eager = type(self).forward.__wrapped__
-    shared = self._modules[ACTIVATION]
-    out = None
-    try:
-        for expert in range(self.num_experts):
-            chosen = top_k_index == expert
-            if not bool(chosen.any()):
-                continue  # no token reached it: its units saw nothing (the table says it did not run)
-            self._modules[ACTIVATION] = self._modules[str(expert)]._modules[ACTIVATION]
-            only = torch.where(chosen, top_k_index, torch.full_like(top_k_index, self.num_experts))
-            part = eager(self, hidden_states, only, top_k_weights, *args, **kwargs)
-            out = part if out is None else out + part
-    finally:
-        self._modules[ACTIVATION] = shared
-    return torch.zeros_like(hidden_states) if out is None else out
+    def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        shared = module._modules[ACTIVATION]
+        out = None
+        try:
+            for expert in range(module.num_experts):
+                chosen = top_k_index == expert
+                if not bool(chosen.any()):
+                    continue  # no token reached it: its units saw nothing (the table says it did not run)
+                module._modules[ACTIVATION] = module._modules[str(expert)]._modules[ACTIVATION]
+                only = torch.where(chosen, top_k_index, torch.full_like(top_k_index, module.num_experts))
+                part = run(hidden_states, only, top_k_weights, *args, **kwargs)
+                out = part if out is None else out + part
+        finally:
+            module._modules[ACTIVATION] = shared
+        return torch.zeros_like(hidden_states) if out is None else out
+
+    return forward
 
 
 def declare_unreached(registry, fused: dict[str, int]) -> None:
@@ -114,12 +122,21 @@ def experts_apart(model) -> Iterator[dict[str, int]]:
                 continue
             for expert in range(count):
                 module.add_module(str(expert), _expert(module._modules[ACTIVATION]))
-            module.forward = types.MethodType(_per_expert_forward, module)
-            changed.append((path, module, count))
+            previous = module.__dict__.get("forward")  # accelerate's device hook (--device-map), …
+            implementation = module.config._experts_implementation_internal
+            # the eager forward skips the sentinel index (grouped_mm / batched_mm would index past the end)
+            module.config._experts_implementation_internal = "eager"  # this config only, not its sub-configs
+            run = previous if previous is not None else types.MethodType(type(module).forward, module)
+            module.forward = _per_expert(module, run)
+            changed.append((path, module, count, previous, implementation))
     try:
-        yield {path: count for path, _, count in changed}
+        yield {path: count for path, _, count, _, _ in changed}
     finally:
-        for _, module, count in changed:
+        for _, module, count, previous, implementation in changed:
             for expert in range(count):
                 del module._modules[str(expert)]
-            del module.forward
+            module.config._experts_implementation_internal = implementation
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
