@@ -3,9 +3,11 @@ beside ReLUs; watch() windows in merge; a resumed watch()'s trend. Truth: the te
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
+import pytest
 import torch
 from conftest import arch_file, counts_from_pre, save_npz
 
@@ -105,3 +107,66 @@ def test_margins_and_centred_clamps_of_rank_4_and_5_agree_with_the_truth_in_ever
         layers = result.json()["layers"]
         found = [(la["units"], la["positive_counts"], la["elements_per_unit"]) for la in layers]
         assert found == truth, (fmt, [la["name"] for la in layers])
+
+
+def _net_and_hooks():
+    """Linear(4, 8) + ReLU + Linear(8, 1), and the ReLU's outputs each forward recorded by a plain hook."""
+    torch.manual_seed(43)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    seen: list[torch.Tensor] = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    return model, seen
+
+
+def _train(model, seen, steps, out_dir, seed, checkpoint_at=None) -> dict[int, np.ndarray]:
+    """A plain loop (every=2, window=3: blocks of 6 steps) over `steps`, w.step(global_step) as a resumed
+    trainer gives them, an optimizer step each; `checkpoint_at`: a checkpoint saved after that step
+    (w.checkpoint()). Returns the hooks' positives per unit of each sampled step."""
+    from deadrelu_cli import watch
+
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    fired = {}
+    with watch(model, every=2, window=3, config=False, out_dir=out_dir) as w:
+        for step in steps:
+            sampled = w.step(step)
+            seen.clear()
+            model(torch.randn(3, 4, generator=g)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if sampled:
+                fired[step] = (seen[0] > 0).sum(0).numpy()
+            if step == checkpoint_at:
+                w.checkpoint()
+    return fired
+
+
+def test_a_resumed_run_keeps_the_first_runs_steps_before_its_checkpoint_in_the_trend(cli, tmp_path):
+    """Run 1: steps 0-10, a checkpoint saved after step 7 (w.checkpoint(), as the Lightning / Trainer
+    callbacks call at each save); run 2 resumes there: steps 8-13. `deadrelu trend` of the folder covers
+    steps 0, 2, 4 (run 1), 6 (run 1, before the checkpoint), 8, 10 (run 2: replacing run 1's abandoned
+    steps after the checkpoint) and 12, each once, with the counts the hooks saw. Without w.checkpoint(),
+    run 1's window 6+8 cannot be split: it is replaced, and a warning names step 6 as lost.
+    Before: run 1's step 6 went with its window of steps 6-11, silently (a gap in the trend)."""
+    model, seen = _net_and_hooks()
+    run1 = _train(model, seen, range(0, 11), tmp_path, seed=1, checkpoint_at=7)
+    run2 = _train(model, seen, range(8, 14), tmp_path, seed=2)
+    truth = {4: [run1[s] for s in (0, 2, 4)], 6: [run1[6]], 10: [run2[8], run2[10]], 12: [run2[12]]}
+    result = cli("trend", tmp_path, "--json", "-")
+    assert result.code == 0, result.err
+    points = result.json()["checkpoints"]
+    assert [p["step"] for p in points] == sorted(truth)
+    for step in truth:
+        report = json.loads((tmp_path / f"deadrelu-step{step:08d}.json").read_text())
+        layer = report["layers"][0]
+        assert layer["positive_counts"] == sum(truth[step]).tolist(), step
+        assert layer["elements_per_unit"] == 3 * len(truth[step])
+    # the same runs without the checkpoint call: run 1's window of steps 6 and 8 is dropped whole, said
+    other = tmp_path / "no-checkpoint"
+    model, seen = _net_and_hooks()
+    _train(model, seen, range(0, 11), other, seed=1)
+    with pytest.warns(
+        UserWarning, match=r"steps 6-7 \(before step 8, where this run began\) are in no report"
+    ):
+        _train(model, seen, range(8, 14), other, seed=2)
+    assert sorted(p.name for p in other.iterdir()) == [f"deadrelu-step{n:08d}.json" for n in (4, 10, 12)]
