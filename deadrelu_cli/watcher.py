@@ -730,6 +730,7 @@ class Watch:
             every=self.every,
             window=self._windows,
             epoch=self.epoch,
+            rank=self._own_rank(world),
         )
         kept_before = carried = 0
         for layer in layers:
@@ -903,6 +904,15 @@ class Watch:
                 UserWarning,
                 stacklevel=4,
             )
+
+    @staticmethod
+    def _own_rank(world: World | None) -> int | None:
+        """This process's rank when the window holds its own counts only (distributed=False under several
+        ranks): merge tells such windows of one step apart by it."""
+        dist = torch.distributed
+        if world is not None or not (dist.is_available() and dist.is_initialized()):
+            return None
+        return dist.get_rank() if dist.get_world_size() > 1 else None
 
     def _world(self) -> World | None:
         """The process group to combine counts over (None: one process, or `distributed=False`)."""

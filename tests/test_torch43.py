@@ -170,3 +170,33 @@ def test_a_resumed_run_keeps_the_first_runs_steps_before_its_checkpoint_in_the_t
     ):
         _train(model, seen, range(8, 14), other, seed=2)
     assert sorted(p.name for p in other.iterdir()) == [f"deadrelu-step{n:08d}.json" for n in (4, 10, 12)]
+
+
+def test_merge_of_training_windows_refuses_windows_of_the_same_steps(cli, tmp_path):
+    """Windows of one run (steps 0-4, 6-10) merge into the hooks' summed counts, with a note that merge
+    checked their steps (windows carry no data fingerprint). A window of steps 6-8 kept from an earlier run
+    beside the resumed run's window of steps 8-10 (step 8 twice), or a window's copy, is refused (exit 2)
+    naming both. Before: windows were checked only by identical statistics, so the first pair merged and
+    counted step 8 twice."""
+    model, seen = _net_and_hooks()
+    run = tmp_path / "run"
+    fired = _train(model, seen, range(0, 12), run, seed=1)
+    a, b = run / "deadrelu-step00000004.json", run / "deadrelu-step00000010.json"
+    result = cli("merge", a, b, "--json", "-")
+    assert result.code == 0, result.err
+    merged = result.json()
+    assert merged["layers"][0]["positive_counts"] == sum(fired.values()).tolist()
+    assert merged["layers"][0]["elements_per_unit"] == 3 * len(fired)
+    assert any("merge checked that no two of them counted the same steps" in n for n in merged["notes"])
+    # an earlier run's window of steps 6-8 (checkpoint at step 7: w.checkpoint() was not called), kept
+    earlier = tmp_path / "earlier"
+    model, seen = _net_and_hooks()
+    _train(model, seen, range(0, 9), earlier, seed=3)
+    stale = earlier / "deadrelu-step00000008.json"
+    assert json.loads(stale.read_text())["training"]["first_step"] == 6
+    result = cli("merge", b, stale, "--json", "-")
+    assert result.code == 2
+    assert "steps 6-8, which overlap those of" in result.err and "steps 6-10" in result.err
+    copy = tmp_path / "copy.json"
+    copy.write_text(b.read_text())
+    assert cli("merge", b, copy, "--json", "-").code == 2
