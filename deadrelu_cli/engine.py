@@ -126,6 +126,7 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         + extra_notes,
         mask=None if mask is None else mask.describe(),
         unseen=dict(model.extra.get("unseen", {})),
+        unscanned=dict(model.extra.get("unscanned", {})),
     )
     if options.explain:
         from deadrelu_cli.causes import explain

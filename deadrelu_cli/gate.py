@@ -66,6 +66,8 @@ class GateResult:
     # activations the scan could not see that are none of the scanned --ops (a softmax, a fused
     # HardSwish): listed, not gated
     unseen_other: dict[str, int] = field(default_factory=dict)
+    # layers of activations --ops did not ask for (report.unscanned): listed, not gated
+    unscanned: dict[str, int] = field(default_factory=dict)
     # layer limits that limited no layer: why each one ("matches no layer", or the earlier glob that
     # takes every layer it matches); a mistyped glob would otherwise pass without a word
     unused_limits: list[str] = field(default_factory=list)
@@ -218,6 +220,17 @@ def unseen_notes(
     return notes
 
 
+def unscanned_text(unscanned: dict[str, int], ops: tuple[str, ...], flag: str = "--ops") -> str:
+    """'leaky_relu ×2, elu ×1 layer(s) not scanned (not in --ops relu,relu6); --ops
+    relu,relu6,leaky_relu,elu counts them': activations the scan could count but was not asked to."""
+    ranked = sorted(unscanned.items(), key=lambda item: (-item[1], item[0]))
+    shown = ", ".join(f"{op} ×{count}" for op, count in ranked)
+    wider = ",".join(list(ops) + [op for op, _ in ranked if op not in ops])
+    if flag.endswith("="):  # watch(ops="…")
+        return f'{shown} layer(s) not scanned (not in {flag}"{",".join(ops)}"); {flag}"{wider}" counts them'
+    return f"{shown} layer(s) not scanned (not in {flag} {','.join(ops)}); {flag} {wider} counts them"
+
+
 def evaluate(report: Report, config: GateConfig) -> GateResult:
     differ = settings_difference(config.baseline, report, COUNT_SETTINGS) if config.baseline else None
     if differ:  # a unit dead at threshold 0.1 may fire at 0: the fractions do not compare
@@ -303,6 +316,7 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
         dead_fraction=summary.dead_fraction,
         checked=config.active,
         unseen_other=not_scanned_ops,
+        unscanned=dict(report.unscanned),
         unused_limits=unused_layer_limits([layer.name for layer in report.layers], config),
         width_changes=width_changes,
     )

@@ -45,6 +45,7 @@ from deadrelu_cli.gate import (
     GateResult,
     evaluate,
     parse_layer_limits,
+    unscanned_text,
     unseen_notes,
 )
 from deadrelu_cli.inputs import (
@@ -760,10 +761,13 @@ class Watch:
             training=training,
             # ReLUs the probe cannot count (an nn.RNN's kernel, TorchScript code): named, and gated
             unseen=dict(self._probe.hidden),
+            unscanned=self._probe.unscanned,
         )
         report.notes.extend(
             unseen_notes(report.unseen, tuple(s.ops), "a limit fails on them unless allow_unseen=True")
         )
+        if report.unscanned:  # a LeakyReLU beside the ReLUs: said, not counted
+            report.notes.append(unscanned_text(report.unscanned, tuple(s.ops), "ops="))
         if evaluations:
             report.notes.append(
                 f"{evaluations} forward(s) in eval mode with gradients off (an evaluation) on the sampled "

@@ -200,3 +200,100 @@ def test_merge_of_training_windows_refuses_windows_of_the_same_steps(cli, tmp_pa
     copy = tmp_path / "copy.json"
     copy.write_text(b.read_text())
     assert cli("merge", b, copy, "--json", "-").code == 2
+
+
+MIXED = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3, self.fc4 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.act, self.leaky = nn.ReLU(), nn.LeakyReLU(0.1)
+
+    def forward(self, x):
+        h = self.leaky(self.fc2(self.act(self.fc1(x))))
+        return self.fc4(F.elu(self.fc3(h)) + self.leaky(h))
+
+
+def build():
+    return Net()
+"""
+
+
+def test_leaky_and_elu_layers_beside_relus_are_named_as_not_scanned_in_every_format(cli, tmp_path):
+    """A model with one ReLU, one LeakyReLU module called twice and an F.elu: the default scan (--ops
+    relu,relu6) counts the ReLU and says, in the JSON (`unscanned_activations`: leaky_relu 2 layers, elu 1),
+    in a note under the table and in the gate's output (a saved report's gate and its Markdown too), that those
+    layers were not scanned and which --ops counts them; with that --ops they are counted, each layer
+    against the hooks' truth. Before: nothing said that the leaky layers were there (only a model without
+    any ReLU was told so)."""
+    model, spec = arch_file(tmp_path / "mixed.py", MIXED)
+    x = np.random.RandomState(3).randn(16, 4).astype(np.float32)
+    data = save_npz(tmp_path / "d.npz", x=x)
+    hint = "--ops relu,relu6,leaky_relu,elu counts them"
+    for fmt, args in _formats(model, spec, torch.from_numpy(x[:2]), tmp_path).items():
+        if fmt == "traced":
+            continue
+        result = cli("scan", *args, "--data", data, "--json", tmp_path / "r.json", "--max-dead", "0.9")
+        assert result.code == 0, (fmt, result.err)
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert [la["op"] for la in report["layers"]] == ["relu"], fmt
+        assert report["unscanned_activations"] == {"leaky_relu": 2, "elu": 1}, fmt
+        said = "leaky_relu ×2, elu ×1 layer(s) not scanned (not in --ops relu,relu6)"
+        assert f"note: {said}; {hint}" in result.out, fmt  # under the table
+        assert f"note: not gated: {said}" in result.err and "gate passed" in result.err, fmt
+        assert any(said in note for note in report["notes"]), fmt
+    gated = cli("gate", tmp_path / "r.json", "--max-dead", "0.9", "--markdown", tmp_path / "g.md")
+    assert gated.code == 0 and "not gated: leaky_relu ×2, elu ×1 layer(s) not scanned" in gated.err
+    markdown = (tmp_path / "g.md").read_text()
+    assert "Not gated: leaky\\_relu ×2, elu ×1 layer(s) not scanned (not in --ops relu,relu6)" in markdown
+    # the --ops the note gives counts them: the hooks' truth for each of the four layers
+    captured = {}
+    for name in ("act", "fc3"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: captured.setdefault(name, o))
+    leaky_inputs = []
+    model.leaky.register_forward_hook(lambda m, i, o: leaky_inputs.append(i[0]))
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+    pre = {
+        "act": captured["act"],
+        "leaky": leaky_inputs[0],
+        "leaky#2": leaky_inputs[1],
+        "elu()": captured["fc3"],
+    }
+    result = cli(
+        "scan",
+        tmp_path / "m.pt",
+        "--arch",
+        spec,
+        "--data",
+        data,
+        "--json",
+        "-",
+        "-q",
+        "--ops",
+        "relu,relu6,leaky_relu,elu",
+    )
+    assert result.code == 0, result.err
+    found = result.json()
+    assert "unscanned_activations" not in found
+    # a training window says it too (watch()'s ops=)
+    from deadrelu_cli import watch
+
+    w = watch(model, every=1, config=False)
+    w.step()
+    model(torch.from_numpy(x))
+    w.close()
+    assert w.last.unscanned == {"leaky_relu": 2, "elu": 1}
+    assert any(
+        'layer(s) not scanned (not in ops="relu,relu6"); ops="relu,relu6,leaky_relu,elu" counts them' in note
+        for note in w.last.notes
+    )
+    assert {la["name"]: la["positive_counts"] for la in found["layers"]} == {
+        name: (value > 0).sum(0).tolist() for name, value in pre.items()
+    }

@@ -86,7 +86,9 @@ class DeadReluCallback(TrainerCallback):
         return self._flush(control)
 
     def on_save(self, args, state, control, **kwargs):
-        if self.watch is not None:  # a window ends at each checkpoint: a resumed run keeps the steps before it
+        if (
+            self.watch is not None
+        ):  # a window ends at each checkpoint: a resumed run keeps the steps before it
             self.watch.checkpoint()
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -34,6 +34,7 @@ from deadrelu_cli.probe.base import (
 )
 from deadrelu_cli.probe.hidden import SPELLED_RELU, STORED_ZEROS_RELU, graph_hidden, prepare_graph
 from deadrelu_cli.probe.ops import (
+    NAMED_WHEN_UNSCANNED,
     SiteNamer,
     aten_op_kind,
     clamp_is_layer,
@@ -389,6 +390,9 @@ class ExportedProbe:
         self.graph_module = graph_module
         prepare_graph(graph_module)
         self.hidden = graph_hidden(graph_module, settings.ops)  # before the rewrite: the ops as exported
+        others = tuple(op for op in NAMED_WHEN_UNSCANNED if op not in settings.ops)
+        # a LeakyReLU beside the ReLUs: its layers named, not counted
+        self.unscanned = dict(Counter(site.op for _, site in find_sites(graph_module.graph, others)))
         self.hidden.update(stored_zero_relus(graph_module.graph, settings.ops))
         for node, site in list(find_sites(graph_module.graph, settings.ops)):
             self.sites.append(site)

@@ -18,6 +18,9 @@ from deadrelu_cli.errors import UserError
 DEFAULT_OPS = ("relu", "relu6")
 OPTIONAL_OPS = ("leaky_relu", "elu", "gelu", "silu")
 ALL_OPS = DEFAULT_OPS + OPTIONAL_OPS
+# ops a scan names when it finds their layers but --ops did not ask for them (report.unscanned): the
+# piecewise ones, whose units can die or nearly (smooth GELU/SiLU are never exactly 0: not named)
+NAMED_WHEN_UNSCANNED = ("relu", "relu6", "leaky_relu", "elu")
 
 ACTIVATION_MODULE_PREFIX = "torch.nn.modules.activation."
 

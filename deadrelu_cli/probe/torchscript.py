@@ -44,6 +44,7 @@ from deadrelu_cli.probe.base import (
 from deadrelu_cli.probe.exported import StaticSite
 from deadrelu_cli.probe.ops import (
     CLAMP_OPS,
+    NAMED_WHEN_UNSCANNED,
     SiteNamer,
     aten_op_kind,
     clamp_bounds,
@@ -107,6 +108,7 @@ class _Walker:
         self.namer = SiteNamer()
         self.sites: list[StaticSite] = []
         self.hidden: Counter = Counter()  # activations inside fused kernels (probe.hidden labels)
+        self.unscanned: Counter = Counter()  # activation calls of ops --ops did not ask for, per op
         self._units: int | None = None  # the units of the producer `_producer` found last
         self._calls: list[tuple[object, object]] = []  # (CallMethod node, caller module)
 
@@ -330,6 +332,8 @@ class _Walker:
 
     def _add(self, module, node, op: str, in_place: bool, clamp: bool = False, pre=None) -> None:
         if op not in self.ops:
+            if op in NAMED_WHEN_UNSCANNED and not clamp and pre is None:
+                self.unscanned[op] += 1  # a LeakyReLU beside the ReLUs: named, not counted
             return
         path = self.paths.get(id(module), "")
         qualified = _type_name(module)
@@ -539,6 +543,7 @@ class TorchScriptProbe:
             ) from None
         self.sites = walker.sites
         self.hidden = walker.hidden
+        self.unscanned = dict(walker.unscanned)
         for site in self.sites:
             self.registry.declare(site.name, site.op, site.module_type, site.producer)
         self._position = 0

@@ -128,6 +128,8 @@ class Report:
     # the token positions that counted ({"array": "attention_mask", "exclude_token_ids": [...]}), or None
     mask: dict | None = None
     unseen: dict[str, int] = field(default_factory=dict)  # node type -> count of activations not scanned
+    # op -> layers of an activation --ops could count but did not ask for (a LeakyReLU beside the ReLUs)
+    unscanned: dict[str, int] = field(default_factory=dict)
 
     def layer(self, name: str) -> LayerStats:
         for layer in self.layers:
@@ -244,6 +246,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "notes": list(report.notes),
         **({"mask": dict(report.mask)} if report.mask is not None else {}),
         **({"unseen_activations": dict(report.unseen)} if report.unseen else {}),
+        **({"unscanned_activations": dict(report.unscanned)} if report.unscanned else {}),
         "layers": [layer_to_dict(layer, s) for layer in report.layers],
         **({"training": _training_dict(report.training)} if report.training is not None else {}),
     }
@@ -335,6 +338,7 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
             else TrainingInfo(**_known_fields(TrainingInfo, d["training"])),
             mask=d.get("mask"),
             unseen={str(k): int(v) for k, v in (d.get("unseen_activations") or {}).items()},
+            unscanned={str(k): int(v) for k, v in (d.get("unscanned_activations") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(
@@ -637,4 +641,5 @@ def merge_reports(reports: list[Report], names: list[str] | None = None) -> Repo
         mask=first.mask,
         # the same model in every report: its unseen nodes are the same, not added up
         unseen={k: max(r.unseen.get(k, 0) for r in reports) for r in reports for k in r.unseen},
+        unscanned={k: max(r.unscanned.get(k, 0) for r in reports) for r in reports for k in r.unscanned},
     )

@@ -20,7 +20,7 @@ from deadrelu_cli.backends.torch.inputs import (
 )
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import unseen_notes
+from deadrelu_cli.gate import unscanned_text, unseen_notes
 from deadrelu_cli.inputs import (
     AUDIO_INPUTS,
     AUDIO_VALUES,
@@ -379,6 +379,12 @@ def scan_torch(
             model.notes.append(note)
     attach_biases(model, layers)
     check_sample_axis(layers, data, order, done, forwards, mask is not None)
+    unscanned = dict(getattr(probe, "unscanned", {}))
+    if unscanned:  # a LeakyReLU beside the ReLUs: said, in the report (not gated)
+        model.extra["unscanned"] = unscanned
+        note = unscanned_text(unscanned, options.ops)
+        if note not in model.notes:
+            model.notes.append(note)
     hidden = dict(getattr(probe, "hidden", {}))
     if hidden:  # activations the probe cannot count: said, kept in the report, and a gate stops on them
         model.extra["unseen"] = {**model.extra.get("unseen", {}), **hidden}
