@@ -16,7 +16,19 @@ LAYOUT_AMBIGUOUS = "layout ambiguous"
 # [tokens, batch, …] flattened) nothing told: every position counted
 ROW_ORDER_AMBIGUOUS = "row order ambiguous"
 # extra["position_mask"] of a site the scan's position mask could not reach (it counted padding too)
-MASK_NOT_APPLIED = ("in a subgraph", "opset below 9", LAYOUT_AMBIGUOUS, ROW_ORDER_AMBIGUOUS)
+# an image's pixel mask ([samples, height, width], a DETR-style `pixel_mask`) at a conv feature map whose
+# cells hold real and padded pixels both (the padding does not end on the map's stride), and at a
+# [batch, positions, …] site whose positions may be the pixels flattened (no module mask told which)
+PIXELS_MIXED = "pixel cells mixed"
+PIXELS_FLATTENED = "pixel positions flattened"
+MASK_NOT_APPLIED = (
+    "in a subgraph",
+    "opset below 9",
+    LAYOUT_AMBIGUOUS,
+    ROW_ORDER_AMBIGUOUS,
+    PIXELS_MIXED,
+    PIXELS_FLATTENED,
+)
 
 
 @dataclass
@@ -271,10 +283,14 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             LAYOUT_AMBIGUOUS: "re-export with a dynamic batch dim (or another batch size than the sequence length)",
             ROW_ORDER_AMBIGUOUS: "give data whose samples differ (the order of flattened rows is told by "
             "reordering the samples of a batch), or scan the PyTorch model",
+            PIXELS_MIXED: "pad the images to a multiple of the layers' stride (each cell of their feature maps "
+            "then all image or all padding)",
+            PIXELS_FLATTENED: "scan the PyTorch model, whose modules called with the flattened mask as their "
+            "attention_mask (DETR's encoder) count on it",
         }
         how = "; ".join(remedies[reason] for reason in MASK_NOT_APPLIED if reason in unmasked.values())
         model_failures.append(
-            f"model: the position mask could not be applied to {len(unmasked)} layer(s): they counted every "
+            f"model: the position mask could not be applied to {len(unmasked)} layer(s) ({', '.join(sorted(set(unmasked.values())))}): they counted every "
             f"position, padding included, so a unit that fires on padding only passes as alive: {shown}; to "
             f"count real tokens only: {how}; or pass --allow-unseen to gate on them as counted (--mask none "
             "counts every position everywhere)"

@@ -286,6 +286,10 @@ def scan_torch(
         batch_size = square_free_batch_size(batch_size, total, tokens)
     done = 0
     context = probe.attached() if hasattr(probe, "attached") else contextlib.nullcontext()
+    if mask is not None and mask_rank(mask, data) == 3 and isinstance(model.runnable, torch.nn.Module):
+        # an image's pixel mask: a module given it flattened as its attention_mask (DETR's encoder)
+        # counts its sites on it, the positions the model itself treats as image
+        context = _with(context, module_attention_masks(model.runnable, probe.registry))
 
     def prepared(batch: dict) -> tuple:
         return (
@@ -513,6 +517,67 @@ def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
     if mask is None or mask.array is None or not any(name in order for name in AUDIO_INPUTS):
         return None
     return speech_frames(runnable)
+
+
+def mask_rank(mask, data) -> int:
+    """The rank of the data's mask array (3: an image's [samples, height, width] pixel mask)."""
+    return next((len(s.shape) for s in data.sources if s.name == mask.array), 2)
+
+
+@contextlib.contextmanager
+def _with(outer, handles: list):
+    try:
+        with outer:
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def module_attention_masks(runnable, registry) -> list:
+    """Pre-hooks on the modules whose forward() takes an `attention_mask` (handles to remove): while the
+    scan's mask is an image's pixel mask (probe.accumulator.PixelMask), a module called with a 2-D
+    attention_mask of the batch — DETR's encoder, given the pixel mask interpolated to its feature map and
+    flattened — counts the sites under it where that mask keeps (a 0/-inf additive mask: where it is 0).
+    That is the model's own reading of the pixel mask at those positions, exact whatever the stride."""
+    import inspect
+
+    import torch
+
+    from deadrelu_cli.probe.accumulator import PixelMask
+
+    def hook_for(path: str, index: int | None):
+        def hook(module, args, kwargs):
+            given = registry.position_mask
+            if not isinstance(given, PixelMask):
+                return
+            value = kwargs.get("attention_mask")
+            if value is None and index is not None and len(args) > index:
+                value = args[index]
+            if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] != given.batch:
+                return
+            if value.dtype == torch.bool:
+                keep = value
+            elif value.is_floating_point() and bool((value < 0).any()):
+                keep = value == 0  # additive: 0 where attended, a large negative number on padding
+            else:
+                keep = value != 0
+            registry.set_scoped_mask(path, keep)
+
+        return hook
+
+    handles = []
+    for path, module in runnable.named_modules():
+        if not path:
+            continue
+        try:
+            parameters = list(inspect.signature(module.forward).parameters)
+        except (TypeError, ValueError):
+            continue
+        if "attention_mask" in parameters:
+            index = parameters.index("attention_mask")
+            handles.append(module.register_forward_pre_hook(hook_for(path, index), with_kwargs=True))
+    return handles
 
 
 def pooled_blocks(runnable):
