@@ -34,7 +34,12 @@ from torch import nn
 # in the middle of a training step
 import deadrelu_cli.wiring.torch  # noqa: F401
 from deadrelu_cli.backends.torch.inputs import speech_frames
-from deadrelu_cli.backends.torch.scan import attach_module_biases, pooled_blocks
+from deadrelu_cli.backends.torch.scan import (
+    attach_module_biases,
+    attention_mask_modules,
+    module_attention_masks,
+    pooled_blocks,
+)
 from deadrelu_cli.distributed import World, reduce_layers
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import write_text_atomic
@@ -52,8 +57,10 @@ from deadrelu_cli.inputs import (
     AUDIO_INPUTS,
     DECODER_IDS,
     DECODER_MASK,
+    DEFAULT_MASK,
     IGNORE_INDEX,
     LABELS,
+    PIXEL_MASK,
     decoder_scope,
     derives_decoder_from_labels,
 )
@@ -360,6 +367,13 @@ class Watch:
         self.distributed = distributed
         self.mask_argument = mask  # the forward's argument read as the position mask (None: none)
         self._mask_index = positional_index(model, mask)
+        # an image model's pixel_mask (DETR): read when the forward has no attention_mask
+        self._pixel_index = positional_index(model, PIXEL_MASK)
+        try:
+            takes_pixels = mask is not None and PIXEL_MASK in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            takes_pixels = False
+        self._pixel_modules = attention_mask_modules(model) if takes_pixels else []
         # a speech encoder's attention_mask is over audio samples: its encoder counts on the frames' mask
         self._frames = speech_frames(model)
         self._audio_index = {name: positional_index(model, name) for name in AUDIO_INPUTS}
@@ -587,6 +601,8 @@ class Watch:
         self._handles.append(root.register_forward_pre_hook(start, prepend=True, with_kwargs=True))
         self._handles.extend(probe.attach_global(outer_start, outer_stop))
         self._handles.append(root.register_forward_hook(stop, always_call=True))
+        if self._pixel_modules:  # a module given an image's mask flattened (DETR's encoder)
+            self._handles.extend(module_attention_masks(self._pixel_modules, registry))
         if self.mask_argument is not None:  # after `start` (a root nn.TransformerEncoder: its own mask)
             for path, module, argument, index in self._padding_modules:
                 hook = self._padding_hook(path, argument, index, argument.startswith("tgt"))
@@ -664,8 +680,18 @@ class Watch:
         value = kwargs.get(self.mask_argument)
         if value is None and self._mask_index is not None and len(args) > self._mask_index:
             value = args[self._mask_index]
+        if value is None and self.mask_argument == DEFAULT_MASK:
+            # an image model's padding mask (DETR's pixel_mask): its pixels, as `deadrelu scan` reads them
+            value = kwargs.get(PIXEL_MASK)
+            if value is None and self._pixel_index is not None and len(args) > self._pixel_index:
+                value = args[self._pixel_index]
+            if not isinstance(value, torch.Tensor) or value.dim() != 3:
+                return None
+            return value
         if not isinstance(value, torch.Tensor):
             return None
+        if value.dim() == 3 and self.mask_argument == PIXEL_MASK:
+            return value
         if value.dim() != 2:
             if not self._mask_warned:
                 self._mask_warned = True

@@ -9,10 +9,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import arch_file, counts_from_pre, save_npz
 
 MARGINS = """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -205,6 +207,7 @@ def test_merge_of_training_windows_refuses_windows_of_the_same_steps(cli, tmp_pa
 MIXED = """
 import torch
 import torch.nn.functional as F
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -297,3 +300,182 @@ def test_leaky_and_elu_layers_beside_relus_are_named_as_not_scanned_in_every_for
     assert {la["name"]: la["positive_counts"] for la in found["layers"]} == {
         name: (value > 0).sum(0).tolist() for name, value in pre.items()
     }
+
+
+PIXELS = """
+import torch
+import torch.nn.functional as F
+import torch.nn.functional as F
+from torch import nn
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ffn = nn.Linear(8, 12)
+
+    def forward(self, x, attention_mask=None):
+        return F.relu(self.ffn(x)) * attention_mask[..., None]
+
+
+class Det(nn.Module):
+    \"\"\"A DETR-like detector: two strided convs over the image, then an encoder over the flattened feature
+    map, given the pixel mask interpolated to it and flattened (as DETR does).\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(43)
+        self.stem, self.conv = nn.Conv2d(3, 6, 3, 2, 1), nn.Conv2d(6, 8, 3, 2, 1)
+        self.enc, self.head = Encoder(), nn.Linear(12, 4)
+
+    def forward(self, pixel_values, pixel_mask):
+        h = F.relu(self.conv(F.relu(self.stem(pixel_values))))
+        mask = F.interpolate(pixel_mask[None].float(), size=h.shape[-2:])[0].bool().flatten(1)
+        return self.head(self.enc(h.flatten(2).transpose(1, 2), attention_mask=mask)).sum(1)
+
+
+def build():
+    return Det()
+"""
+
+
+def _cells(mask: np.ndarray, stride: int) -> np.ndarray:
+    """bool [B, h, w]: the stride×stride cells of the images that are all image (the test's truth)."""
+    b, hh, ww = mask.shape
+    return mask.reshape(b, hh // stride, stride, ww // stride, stride).all(axis=(2, 4))
+
+
+def test_a_pixel_mask_leaves_padded_pixels_out_of_conv_maps_and_the_encoder_or_fails_the_gate(cli, tmp_path):
+    """Images 16×12 padded at the bottom / right, `pixel_mask` 1 on the image: the strided convs' feature
+    maps (stride 2 and 4) count their cells of image only, the encoder (given the mask interpolated and
+    flattened as its attention_mask) its image positions only; truth: the test's own pre-activations,
+    counted over the cells computed here in numpy. Padding that ends between cells (column 7) cannot be
+    told per cell: those conv layers count every cell, are marked "pixel cells mixed", and the gate fails
+    unless --allow-unseen; the .pt2 (no module hooks there) marks the encoder "pixel positions flattened".
+    Before: every position counted everywhere, padded pixels included, and the gate passed."""
+    model, spec = arch_file(tmp_path / "det.py", PIXELS)
+    rs = np.random.RandomState(43)
+    x = rs.randn(4, 3, 16, 12).astype(np.float32)
+    mask = np.ones((4, 16, 12), dtype=np.int64)
+    mask[1, :, 8:] = 0
+    mask[2, 12:, :] = 0
+    x[mask[:, None].repeat(3, 1) == 0] = 0.0
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    with torch.no_grad():
+        t = torch.from_numpy(x)
+        stem = model.stem(t)
+        conv = model.conv(F.relu(stem))
+        keep = F.interpolate(torch.from_numpy(mask)[None].float(), size=conv.shape[-2:])[0].bool().flatten(1)
+        ffn = model.enc.ffn(F.relu(conv).flatten(2).transpose(1, 2))
+
+    def counted(pre: torch.Tensor, cells: np.ndarray) -> list[int]:
+        kept = pre.numpy().transpose(0, 2, 3, 1)[cells]  # [kept cells, C]
+        return (kept > 0).sum(0).tolist()
+
+    truth = {
+        "relu()": counted(stem, _cells(mask == 1, 2)),
+        "relu()#2": counted(conv, _cells(mask == 1, 4)),
+        "enc.relu()": (ffn.numpy()[keep.numpy()] > 0).sum(0).tolist(),
+    }
+    everything = {
+        "relu()": (stem > 0).sum((0, 2, 3)).tolist(),
+        "relu()#2": (conv > 0).sum((0, 2, 3)).tolist(),
+    }
+    assert truth["relu()"] != everything["relu()"] and truth["relu()#2"] != everything["relu()#2"]
+    data = save_npz(tmp_path / "d.npz", pixel_values=x, pixel_mask=mask)
+    args = ["scan", tmp_path / "m.pt", "--arch", spec, "--data", data, "--json", "-", "--max-dead", "0.99"]
+    result = cli(*args)
+    assert result.code == 0, result.err
+    layers = {la["name"]: la for la in result.json()["layers"]}
+    assert {name: la["positive_counts"] for name, la in layers.items()} == truth, [
+        (n, la["elements_per_unit"], la["extra"]) for n, la in layers.items()
+    ]
+    assert [layers[n]["extra"]["position_mask"] for n in truth] == ["applied"] * 3
+    assert layers["enc.relu()"]["elements_per_unit"] == int(keep.sum())
+    # watch() reads the forward's pixel_mask alike (a training step of this detector)
+    from deadrelu_cli import watch
+
+    w = watch(model, every=1, config=False)
+    w.step()
+    model(t, pixel_mask=torch.from_numpy(mask))
+    w.close()
+    assert {layer.name: layer.positive_counts.tolist() for layer in w.last.layers} == truth
+    # padding that ends inside a cell of both conv maps: counted whole, marked, the gate fails on it
+    mask[1, :, 7:] = 0
+    data = save_npz(tmp_path / "d.npz", pixel_values=x, pixel_mask=mask)
+    result = cli(*args)
+    assert result.code == 1
+    assert "could not be applied to 2 layer(s) (pixel cells mixed)" in result.err
+    layers = {la["name"]: la for la in result.json()["layers"]}
+    assert {n: layers[n]["positive_counts"] for n in everything} == everything
+    assert layers["relu()"]["extra"]["position_mask"] == "pixel cells mixed"
+    assert cli(*args, "--allow-unseen").code == 0
+    # an ExportedProgram runs no module hooks: its encoder positions cannot be told, and it says so
+    mask[1, :, 7:], mask[1, :, :8] = 0, 1
+    data = save_npz(tmp_path / "d.npz", pixel_values=x, pixel_mask=mask)
+    dims = {
+        "pixel_values": {0: torch.export.Dim("b", max=64)},
+        "pixel_mask": {0: torch.export.Dim("b", max=64)},
+    }
+    program = torch.export.export(model, (t[:2], torch.from_numpy(mask[:2])), dynamic_shapes=dims)
+    torch.export.save(program, tmp_path / "m.pt2")
+    result = cli("scan", tmp_path / "m.pt2", "--data", data, "--json", "-", "--max-dead", "0.99")
+    assert result.code == 1 and "(pixel positions flattened)" in result.err, result.err
+    layers = {la["name"]: la for la in result.json()["layers"]}
+    assert layers["enc.relu()"]["extra"]["position_mask"] == "pixel positions flattened"
+    assert [layers[n]["positive_counts"] for n in ("relu()", "relu()#2")] == [
+        truth["relu()"],
+        truth["relu()#2"],
+    ]
+
+
+def test_a_tiny_detr_counts_its_backbone_and_encoder_on_the_image_pixels_only(cli, tmp_path):
+    """Hugging Face DETR (random weights, a two-stage ResNet backbone, ReLU FFNs) saved as a folder, fed
+    `pixel_values` and a `pixel_mask` padded on a multiple of the backbone's stride: each backbone ReLU
+    counts its feature map's cells of image only, the encoder's FFN the positions of DETR's own mask
+    (the pixel mask interpolated to the feature map), the decoder and the box head every object query.
+    Truth: forward hooks on the activation modules, counted in numpy over cells computed here.
+    Before: every feature position counted, padding included, without a word."""
+    transformers = pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    torch.manual_seed(0)
+    backbone = transformers.ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+        out_features=["stage2"],
+    )  # fmt: skip
+    config = transformers.DetrConfig(
+        backbone_config=backbone, use_pretrained_backbone=False, d_model=16, encoder_layers=1,
+        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=12,
+        decoder_ffn_dim=12, num_queries=5, activation_function="relu", num_labels=3,
+    )  # fmt: skip
+    model = transformers.DetrForObjectDetection(config).eval()
+    model.save_pretrained(tmp_path / "detr")
+    rs = np.random.RandomState(0)
+    x = rs.randn(4, 3, 64, 48).astype(np.float32)
+    mask = np.ones((4, 64, 48), dtype=np.int64)
+    mask[1, :, 32:], mask[2, 40:, :] = 0, 0  # multiples of the stride 8 of the last feature map
+    x[mask[:, None].repeat(3, 1) == 0] = 0.0
+    data = save_npz(tmp_path / "d.npz", pixel_values=x, pixel_mask=mask)
+    pre = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ReLU):
+            # before it runs, copied: the ResNet's ReLUs work in place
+            module.register_forward_pre_hook(lambda m, i, name=name: pre.setdefault(name, i[0].clone()))
+    with torch.no_grad():
+        model(pixel_values=torch.from_numpy(x), pixel_mask=torch.from_numpy(mask))
+    truth = {}
+    for name, value in pre.items():
+        if value.dim() == 4:  # a backbone feature map [B, C, h, w]: its cells of image only
+            cells = _cells(mask == 1, 64 // value.shape[2])
+            truth[name] = (value.numpy().transpose(0, 2, 3, 1)[cells] > 0).sum(0).tolist()
+        elif name.startswith("model.encoder"):  # [B, h*w, F] on DETR's own mask
+            size = pre["model.backbone.model.encoder.stages.1.layers.0.activation"].shape[-2:]
+            keep = F.interpolate(torch.from_numpy(mask)[None].float(), size=size)[0].bool().flatten(1)
+            truth[name] = (value.numpy()[keep.numpy()] > 0).sum(0).tolist()
+        else:  # object queries: every one
+            truth[name] = (value.reshape(-1, value.shape[-1]) > 0).sum(0).tolist()
+    result = cli("scan", tmp_path / "detr", "--data", data, "--json", "-", "-q", "--max-dead", "0.99")
+    assert result.code == 0, result.err
+    layers = {la["name"]: la for la in result.json()["layers"]}
+    assert {name: layers[name]["positive_counts"] for name in truth} == truth
+    assert len(layers) == len(truth) + 2  # and the box head's two functional ReLUs
+    assert layers["model.encoder.layers.0.mlp.activation_fn"]["extra"]["position_mask"] == "applied"

@@ -289,7 +289,8 @@ def scan_torch(
     if mask is not None and mask_rank(mask, data) == 3 and isinstance(model.runnable, torch.nn.Module):
         # an image's pixel mask: a module given it flattened as its attention_mask (DETR's encoder)
         # counts its sites on it, the positions the model itself treats as image
-        context = _with(context, module_attention_masks(model.runnable, probe.registry))
+        modules = attention_mask_modules(model.runnable)
+        context = _with(context, module_attention_masks(modules, probe.registry))
 
     def prepared(batch: dict) -> tuple:
         return (
@@ -534,25 +535,41 @@ def _with(outer, handles: list):
             handle.remove()
 
 
-def module_attention_masks(runnable, registry) -> list:
-    """Pre-hooks on the modules whose forward() takes an `attention_mask` (handles to remove): while the
-    scan's mask is an image's pixel mask (probe.accumulator.PixelMask), a module called with a 2-D
-    attention_mask of the batch — DETR's encoder, given the pixel mask interpolated to its feature map and
-    flattened — counts the sites under it where that mask keeps (a 0/-inf additive mask: where it is 0).
-    That is the model's own reading of the pixel mask at those positions, exact whatever the stride."""
+def attention_mask_modules(runnable) -> list[tuple[str, object, int]]:
+    """The modules below the root whose forward() takes an `attention_mask`: (path, module, its index
+    among the positional arguments), for module_attention_masks."""
     import inspect
 
+    found = []
+    for path, module in runnable.named_modules():
+        if not path:
+            continue
+        try:
+            parameters = list(inspect.signature(module.forward).parameters)
+        except (TypeError, ValueError):
+            continue
+        if "attention_mask" in parameters:
+            found.append((path, module, parameters.index("attention_mask")))
+    return found
+
+
+def module_attention_masks(modules: list[tuple[str, object, int]], registry) -> list:
+    """Pre-hooks on `modules` (attention_mask_modules; handles to remove): while the scan's mask is an
+    image's pixel mask (probe.accumulator.PixelMask), a module called with a 2-D attention_mask of the
+    batch — DETR's encoder, given the pixel mask interpolated to its feature map and flattened — counts
+    the sites under it where that mask keeps (an additive 0/-inf mask: where it is 0). That is the model's
+    own reading of the pixel mask at those positions, exact whatever the stride."""
     import torch
 
     from deadrelu_cli.probe.accumulator import PixelMask
 
-    def hook_for(path: str, index: int | None):
+    def hook_for(path: str, index: int):
         def hook(module, args, kwargs):
             given = registry.position_mask
             if not isinstance(given, PixelMask):
                 return
             value = kwargs.get("attention_mask")
-            if value is None and index is not None and len(args) > index:
+            if value is None and len(args) > index:
                 value = args[index]
             if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] != given.batch:
                 return
@@ -566,18 +583,10 @@ def module_attention_masks(runnable, registry) -> list:
 
         return hook
 
-    handles = []
-    for path, module in runnable.named_modules():
-        if not path:
-            continue
-        try:
-            parameters = list(inspect.signature(module.forward).parameters)
-        except (TypeError, ValueError):
-            continue
-        if "attention_mask" in parameters:
-            index = parameters.index("attention_mask")
-            handles.append(module.register_forward_pre_hook(hook_for(path, index), with_kwargs=True))
-    return handles
+    return [
+        module.register_forward_pre_hook(hook_for(path, index), with_kwargs=True)
+        for path, module, index in modules
+    ]
 
 
 def pooled_blocks(runnable):
