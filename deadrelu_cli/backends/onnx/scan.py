@@ -20,6 +20,7 @@ from deadrelu_cli.inputs import (
     mask_lengths,
     mismatch,
     positional_arrays,
+    refuse_pixel_mask,
     resolve_mask,
     shape_advice,
     unfed_arrays,
@@ -768,6 +769,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
 
     loaded = load_onnx(LoadOptions(options.model, device=device))
     mask = resolve_mask(options.mask, options.exclude_token_ids, data)
+    refuse_pixel_mask(mask, data)
     data.unfed = unfed_arrays(mask, data, loaded)  # a mask the graph does not take is read, not fed
     order = feed_order(loaded, data)
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
