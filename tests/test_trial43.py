@@ -2,6 +2,8 @@
 weights; a statically quantized ONNX model with an input normalisation; a model whose own forward
 raises). Truth: plain hooks / numpy / onnxruntime here, never the tool's output."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,22 @@ def test_a_fused_mixture_of_experts_counts_each_experts_units_apart(cli, tmp_pat
     ran = {layer["name"]: layer["ran"] for layer in res.json()["layers"]}
     assert ran == {f"layers.0.mlp.experts.{e}.act_fn": rows > 0 for e, (_, rows) in routed.items()}
     assert sorted(ran.values()) == [False, True, True]
+    # merging it with a report where that expert ran: exact, as one scan of both parts
+    np.savez(tmp_path / "rest.npz", input_ids=ids[1:, :1])
+    np.savez(tmp_path / "all.npz", input_ids=ids[:, :1])
+    for part in ("one", "rest", "all"):
+        res = cli(
+            "scan", tmp_path / "moe", "--data", tmp_path / f"{part}.npz", "--json", tmp_path / f"{part}.json"
+        )
+        assert res.code == 0, res.err
+    res = cli("merge", tmp_path / "one.json", tmp_path / "rest.json", "--json", "-")
+    assert res.code == 0, res.err  # was: "cannot merge … (relu, 0 units) with … (relu, 12 units)"
+    merged = {layer["name"]: layer for layer in res.json()["layers"]}
+    whole = {layer["name"]: layer for layer in json.loads((tmp_path / "all.json").read_text())["layers"]}
+    assert merged.keys() == whole.keys() and all(layer["ran"] for layer in whole.values())
+    for name, layer in whole.items():
+        assert merged[name]["positive_counts"] == layer["positive_counts"], name
+        assert merged[name]["elements_per_unit"] == layer["elements_per_unit"], name
     # fix cannot patch rows of one fused tensor: it says so (not "no single Linear/Conv makes it")
     res = cli("fix", tmp_path / "moe", "--data", tmp_path / "d.npz", "--strategy", "reinit",
               "--output", tmp_path / "fixed")  # fmt: skip
@@ -338,3 +356,21 @@ def test_inspect_of_a_model_without_relus_says_what_it_uses(cli, tmp_path):
     assert "the graph has no relu/relu6 nodes; its activations: Sigmoid ×1" in " ".join(res.out.split())
     res = cli("inspect", tmp_path / "m.pt", "--arch", f"{tmp_path / 'smooth.py'}:build")
     assert res.code == 0 and "its activations: SiLU ×1" in " ".join(res.out.split())
+
+
+def test_merging_a_site_that_did_not_run_in_one_part_adds_only_the_other_parts_counts():
+    """A site no sample reached in one part (an expert no token was routed to, an ONNX branch not taken)
+    has no units there: merging refused ("the reports come from different models"). It adds nothing."""
+    from deadrelu_cli.stats import LayerStats, merge_layer
+
+    ran = LayerStats(
+        name="s", op="relu", channel_dim=-1, positive_counts=np.array([3, 0, 5]), elements_per_unit=7,
+        max_preactivation=np.array([1.0, -2.0, 0.5]), sum_abs=np.array([2.0, 0.0, 1.0]), samples=4,
+    )  # fmt: skip
+    idle = LayerStats(
+        name="s", op="relu", channel_dim=-1, positive_counts=np.zeros(0, np.int64), elements_per_unit=0,
+        max_preactivation=np.zeros(0), sum_abs=np.zeros(0), samples=0,
+    )  # fmt: skip
+    for merged in (merge_layer(idle, ran), merge_layer(ran, idle)):
+        assert merged.positive_counts.tolist() == [3, 0, 5] and merged.elements_per_unit == 7
+        assert merged.samples == 4 and merged.units == 3
