@@ -67,6 +67,8 @@ def test_a_fused_mixture_of_experts_counts_each_experts_units_apart(cli, tmp_pat
         assert layer["dead_indices"] == [u for u, c in enumerate(positive) if c == 0], expert
     assert layers["layers.0.mlp.experts.0.act_fn"]["dead_indices"][:3] == [0, 3, 7]
     assert not any(name.endswith(".0.act_fn") for name, _ in model.named_modules())  # the model as it was
+    res = cli("scan", tmp_path / "moe", "--data", tmp_path / "d.npz", "--compile")
+    assert res.code == 2 and "layers.0.mlp.experts is a fused mixture of experts" in res.err  # not merged
     # one token reaches 2 of the 3 experts: the third is listed as not run, not left out
     np.savez(tmp_path / "one.npz", input_ids=ids[:1, :1])
     routed = _expert_counts(model, ids[:1, :1])

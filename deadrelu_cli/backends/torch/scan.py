@@ -192,8 +192,15 @@ def scan_torch(
     collectors: dict | None = None,
 ) -> tuple[list, object]:
     """Replay the data through a probe of the model; returns the layer statistics and the probe."""
-    from deadrelu_cli.probe.experts import experts_apart
+    from deadrelu_cli.probe.experts import experts_apart, fused_experts
 
+    if model.kind == "eager" and options.compile:
+        fused = [path for path, module in model.runnable.named_modules() if fused_experts(module)]
+        if fused:  # the compiled graph runs every expert's rows through one activation: one "unit" each
+            raise UserError(
+                f"--compile: {', '.join(fused[:3])}{', …' if len(fused) > 3 else ''} is a fused mixture of experts, "
+                "whose experts a compiled graph cannot count apart; scan without --compile"
+            )
     if model.kind != "eager" or options.compile:
         return _scan_torch(model, data, options, device, collectors)
     with experts_apart(model.runnable) as fused:  # a fused mixture of experts: each expert's units apart
