@@ -279,7 +279,8 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 f"{wire.weight.name}{narrowed} narrowed to {len(kept)}; {readers} inputs removed",
             )
             outcome.units_after = len(kept)
-            result.new_widths[plan.name] = len(kept)
+            for layer in [wire.owner] + ([bn.owner] if bn else []):  # the layers narrowed, not the site
+                result.new_widths[layer] = len(kept)
     for (name, axis), columns in dropped.items():
         consumer = _get(model, name)
         _set(model, name, np.delete(consumer, sorted(columns), axis=axis))

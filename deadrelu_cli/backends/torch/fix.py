@@ -481,7 +481,7 @@ def _reweight_exported(
     if options.strategy == "prune":
         outcomes, keep_out, keep_in = eager.prune_plan(graph_module, wirings, scanned.report, plans)
         narrow(graph_module, keep_out, keep_in)
-        result.new_widths = {o.name: o.units_after for o in outcomes if o.applied}
+        result.new_widths = eager.narrowed_widths(keep_out)
     else:
         if options.strategy == "reinit":
             drawn: dict[str, str] = {}
@@ -714,7 +714,7 @@ def _reweight_torchscript(
         if options.strategy == "prune":
             outcomes, keep_out, keep_in = eager.prune_plan(module, wirings, report, plans)
             narrow(module, keep_out, keep_in)
-            result.new_widths = {o.name: o.units_after for o in outcomes if o.applied}
+            result.new_widths = eager.narrowed_widths(keep_out)
         elif options.strategy == "reinit":
             drawn: dict[str, str] = {}
             outcomes = eager.reinit_units(module, wirings, plans, options, None, report, drawn)

@@ -673,7 +673,6 @@ def prune(
     """Remove dead units: their producer rows (and BN channels) and the matching consumer inputs."""
     wirings = {plan.name: eager_wiring(model, probe, report.layer(plan.name)) for plan in plans}
     outcomes, keep_out, keep_in = prune_plan(model, wirings, report, plans)
-    widths = {}
     for name in sorted(set(keep_out) | set(keep_in)):
         module = model.get_submodule(name)
         out = sorted(keep_out[name]) if name in keep_out else None
@@ -681,14 +680,13 @@ def prune(
         new = _rebuild(module, out, inp if not isinstance(module, BATCH_NORM) else None)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        widths[name] = (
-            len(out)
-            if out is not None
-            else (
-                module.out_features if isinstance(module, nn.Linear) else getattr(module, "out_channels", 0)
-            )
-        )
-    return outcomes, widths
+    return outcomes, narrowed_widths(keep_out)
+
+
+def narrowed_widths(keep_out: dict[str, set[int]]) -> dict[str, int]:
+    """The "new widths" a prune reports: per Linear/Conv/BatchNorm it narrowed, its units kept (the
+    consumers keep their own widths; the sites are named in the table)."""
+    return {name: len(kept) for name, kept in sorted(keep_out.items())}
 
 
 def count_params(model: nn.Module) -> int:
