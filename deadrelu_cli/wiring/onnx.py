@@ -135,6 +135,21 @@ def value_source(index: GraphIndex, name: str) -> str:
     return name
 
 
+def stored_behind(index: GraphIndex, name: str) -> str | None:
+    """The stored tensor whose values `name` holds: `name` itself, or an initializer that exact widening
+    Casts (or Identities) carry to it, each tensor on the way read by that way alone (weights kept in
+    bfloat16 or float16 and computed in float32: a fix edits the stored tensor, in its own dtype); else
+    None."""
+    for _ in range(8):
+        if stored_array(index, name) is not None:
+            return name
+        node = index.producer.get(name)
+        if node is None or not passes_values(index, node) or uses(index, node.input[0]) != 1:
+            return None
+        name = node.input[0]
+    return None
+
+
 def display_name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
@@ -431,19 +446,21 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
     elif node.op_type == "Conv" and attr(node, "group", 1) != 1:
         wire.why = f"skipped: producer {display_name(node)} is a grouped convolution (group={attr(node, 'group', 1)})"
     elif node.op_type == "Conv":
-        if stored_array(index, node.input[1]) is not None:
+        weight = stored_behind(index, node.input[1])
+        if weight is not None:
             wire.owner = display_name(node)
-            wire.weight = TensorRef(node.input[1], 0)
-            wire.bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    elif node.op_type == "Gemm" and not attr(node, "transA", 0):
-        if stored_array(index, node.input[1]) is not None:
-            wire.owner = display_name(node)
-            wire.weight = TensorRef(node.input[1], 0 if attr(node, "transB", 0) else 1)
+            wire.weight = TensorRef(weight, 0)
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            if (
-                bias is not None
-                and stored_array(index, bias) is not None
-                and is_last_axis_vector(stored_array(index, bias).shape)
+            wire.bias = stored_behind(index, bias) or bias if bias else None
+    elif node.op_type == "Gemm" and not attr(node, "transA", 0):
+        weight = stored_behind(index, node.input[1])
+        if weight is not None:
+            wire.owner = display_name(node)
+            wire.weight = TensorRef(weight, 0 if attr(node, "transB", 0) else 1)
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            bias = stored_behind(index, bias) if bias else None
+            if bias is not None and is_last_axis_vector(
+                stored_array(index, bias).shape
             ):  # C as [N] or [1, N]; an [M, N] table is not a per-unit bias
                 wire.bias = bias
     elif node.op_type == "LayerNormalization":
@@ -496,17 +513,18 @@ def _direct_reader(
         weight = stored[0]
     else:
         return None
-    if stored_array(index, weight) is None or uses(index, weight) != 1:
+    stored_name = stored_behind(index, weight)
+    if stored_name is None or uses(index, stored_name) != 1 or uses(index, weight) != 1:
         return None
-    return display_name(node), ref
+    return display_name(node), TensorRef(stored_name, ref.axis)
 
 
 def _matmul_weight(index: GraphIndex, name: str) -> tuple[str, bool] | None:
     """The stored tensor behind a MatMul's weight operand, and whether the graph transposes it first
     (torch's `x @ W.T` exported without constant folding: MatMul(x, Transpose(W)), W stored [out, in]);
     None when it is neither a stored tensor nor one transposed once."""
-    if stored_array(index, name) is not None:
-        return name, False
+    if stored_behind(index, name) is not None:
+        return stored_behind(index, name), False
     node = index.producer.get(name)
     if node is None or node.op_type != "Transpose" or uses(index, name) != 1:
         return None
@@ -659,8 +677,9 @@ def _outgoing(
                 break
             wire.consumer_weight, wire.consumer = TensorRef(transposed[0], 1), display_name(consumer)
             return ""
-        if stored_array(index, weight) is None or consumer.input[0] != name or uses(index, weight) != 1:
+        if stored_behind(index, weight) is None or consumer.input[0] != name or uses(index, weight) != 1:
             break
+        weight = stored_behind(index, weight)  # (the initializer a Cast widens, when it is one)
         if axis is not None:  # the consumer must take its input features from the units' axis
             features = {"Conv": 1, "Gemm": 1 if rank == 2 else None, "MatMul": rank - 1}.get(op)
             if features != axis:
