@@ -102,20 +102,14 @@ def _dotted(owner: str, tensor: str) -> str:
 
 
 def _consumers(probe: EagerProbe, site: str, model: nn.Module) -> tuple[list[str] | None, str]:
-    """The Linear/Conv modules reading the site (one, or several that each read it whole: a SqueezeNet
-    squeeze ReLU read by both expand Convs), or why not."""
+    """The Linear/Conv modules reading the site (one, or several: a SqueezeNet squeeze ReLU read by both
+    expand Convs, a DenseNet-style ReLU read by the next Conv and, through nested concatenations, by
+    the later ones), or why not."""
     consumers = sorted(probe.consumers.get(site, set()))
     if len(consumers) > 1 and not any(name.startswith("<") for name in consumers):
         checked = [_single_consumer(probe, site, model, name) for name in consumers]
         whys = [why for _, why in checked if why]
-        if not whys and not any((site, name) in probe.joined for name in consumers):
-            return consumers, ""
-        return (
-            None,
-            whys[0]
-            if whys
-            else f"skipped: its output goes to {', '.join(consumers)}, one of them through a concatenation",
-        )
+        return (None, whys[0]) if whys else (consumers, "")
     name, why = _single_consumer(probe, site, model)
     return ([name] if name is not None else None), why
 
@@ -154,7 +148,10 @@ def _single_consumer(
 def _joined_apart(probe: EagerProbe, site: str, other: str, consumer: str) -> bool:
     """Whether `consumer` reads `site` and `other` in separate columns of one concatenation."""
     mine, theirs = probe.joined.get((site, consumer)), probe.joined.get((other, consumer))
-    return mine is not None and theirs is not None and mine[0] != theirs[0] and mine[1:] == theirs[1:]
+    if not mine or not theirs:
+        return False
+    same_join = {place[1:] for place in mine} == {place[1:] for place in theirs}
+    return same_join and not {place[0] for place in mine} & {place[0] for place in theirs}
 
 
 def _producers(
@@ -221,12 +218,15 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
         readers=tuple(sorted(probe.consumers.get(layer.name, ()))),
         also_read_by=tuple((name, TensorRef(_dotted(name, "weight"), 1)) for name in more),
     )
-    joined = probe.joined.get((layer.name, consumer_name)) if consumer_name else None
-    if joined is not None:  # torch.cat([relu(e1(s)), relu(e3(s))], 1) read by one Conv
-        offset, width, axis, rank = joined
-        if axis != (1 if isinstance(incoming, nn.modules.conv._ConvNd) else rank - 1):
-            return f"skipped: its output is concatenated along another axis than its units' before {consumer_name}"
-        wiring.column_offset, wiring.column_units = offset, width
+    for name in [consumer_name, *more] if consumer_name else []:
+        # torch.cat([relu(e1(s)), relu(e3(s))], 1) read by one Conv: the columns past the other parts
+        places = probe.joined.get((layer.name, name)) or [(0, None, None, None)]
+        for offset, width, axis, rank in places:
+            if axis is not None and axis != (1 if isinstance(incoming, nn.modules.conv._ConvNd) else rank - 1):
+                return f"skipped: its output is concatenated along another axis than its units' before {name}"
+            wiring.column_at.setdefault(_dotted(name, "weight"), []).append((offset, width))
+    if consumer_name:
+        wiring.column_offset, wiring.column_units = wiring.column_at[_dotted(consumer_name, "weight")][0]
     return wiring
 
 
@@ -365,52 +365,76 @@ def exported_wiring(
     wiring = _producer_wiring(weight_name, bias_name, batchnorm)
     if not need_consumer:
         return wiring
-    current = node
-    flattened = False
-    for _ in range(16):
-        if len(current.users) > 1 and not wiring.column_units:
-            readers = [_direct_consumer(user, current, to_write) for user in current.users]
-            if all(isinstance(r, str) and not r.startswith("skipped") for r in readers):
-                wiring.consumer = readers[0].rsplit(".", 1)[0]
-                wiring.consumer_weight = TensorRef(readers[0], 1)
-                wiring.also_read_by = tuple((r.rsplit(".", 1)[0], TensorRef(r, 1)) for r in readers[1:])
-                wiring.readers = tuple(r.rsplit(".", 1)[0] for r in readers)
-                return wiring
-        if len(current.users) != 1:
-            return f"skipped: its output goes to {len(current.users)} nodes, not to exactly one linear/conv"
-        (user,) = current.users
+    found: list[tuple[str, int, int | None]] = []
+    why = _graph_readers(node, 1 if _base(pre) != "linear" else -1, 0, None, False, to_write, found, 0)
+    if why:
+        return why
+    _set_readers(wiring, found)
+    return wiring
+
+
+def _set_readers(wiring: UnitWiring, found: list[tuple[str, int, int | None]]) -> None:
+    """Fill the consumer side of `wiring` from the (weight name, offset, units in all) of every
+    linear/conv reading the units (`column_at`: where each reads them)."""
+    names = list(dict.fromkeys(weight for weight, _, _ in found))
+    wiring.consumer = names[0].rsplit(".", 1)[0]
+    wiring.consumer_weight = TensorRef(names[0], 1)
+    wiring.also_read_by = tuple((r.rsplit(".", 1)[0], TensorRef(r, 1)) for r in names[1:])
+    wiring.readers = tuple(r.rsplit(".", 1)[0] for r in names)
+    wiring.column_offset, wiring.column_units = found[0][1], found[0][2]
+    for weight, offset, units in found:
+        wiring.column_at.setdefault(weight, []).append((offset, units))
+
+
+def _graph_readers(
+    current: fx.Node,
+    unit_axis: int,
+    offset: int,
+    units: int | None,
+    flattened: bool,
+    to_write: bool,
+    found: list,
+    depth: int,
+) -> str:
+    """Walk every reader of `current` (holding the units at `offset` of `units` along `unit_axis`;
+    None: only them) through unit-preserving ops, spatial pools and concatenations along the units
+    (nested ones too: a DenseNet-style block), adding each linear/conv leaf (weight name, offset,
+    units) to `found`; why a reader cannot be followed, or ""."""
+    users = list(current.users)
+    if not users or depth > 16:
+        return f"skipped: its output goes to {len(users)} nodes, not to exactly one linear/conv"
+    for user in users:
         if _base(user) in UNIT_PRESERVING and user.args[0] is current:
-            flattened = flattened or _base(user) in VIEWS or _base(user) == "flatten"
-            current = user
-            continue
-        if _base(user) in ("cat", "concat") and not flattened:
-            why = _through_cat(wiring, user, current, 1 if _base(pre) != "linear" else -1)
-            if why:
-                return why
-            current = user
-            continue
-        value = current.meta.get("val")
-        if (
+            keep = flattened or _base(user) in VIEWS or _base(user) == "flatten"
+            why = _graph_readers(user, unit_axis, offset, units, keep, to_write, found, depth + 1)
+        elif _base(user) in ("cat", "concat") and not flattened:
+            placed = _cat_places(user, current, unit_axis)
+            if isinstance(placed, str):
+                return placed
+            places, width = placed
+            why = ""
+            for place in places:
+                why = why or _graph_readers(
+                    user, unit_axis, place + offset, width, False, to_write, found, depth + 1
+                )
+        elif (
             _base(user) in ("mean", "amax")
             and user.args[0] is current
-            and isinstance(value, torch.Tensor)
-            and pools_over_space(value.dim(), user.args[1] if len(user.args) > 1 else None)
+            and isinstance(current.meta.get("val"), torch.Tensor)
+            and pools_over_space(current.meta["val"].dim(), user.args[1] if len(user.args) > 1 else None)
         ):
-            current = user
-            continue
-        consumer_parts = _weight_and_bias(user, rows=current)
-        consumer_weight = _attr_target(consumer_parts[0]) if consumer_parts is not None else None
-        if consumer_weight is None:
-            return f"skipped: its output goes to {user.name} (e.g. a residual add), not to a linear/conv"
-        if _groups(user) != 1:
-            return f"skipped: consumer {consumer_weight} is a grouped convolution"
-        if to_write and _tied(consumer_parts[:1]):
-            return _tied(consumer_parts[:1])
-        wiring.consumer = consumer_weight.rsplit(".", 1)[0]
-        wiring.consumer_weight = TensorRef(consumer_weight, 1)
-        wiring.readers = (wiring.consumer,)
-        return wiring
-    return "skipped: its output does not reach a linear/conv"
+            why = _graph_readers(user, unit_axis, offset, units, flattened, to_write, found, depth + 1)
+        else:
+            weight = _direct_consumer(user, current, to_write)
+            if weight is None:
+                return f"skipped: its output goes to {user.name} (e.g. a residual add), not to a linear/conv"
+            if weight.startswith("skipped"):
+                return weight
+            found.append((weight, offset, units))
+            why = ""
+        if why:
+            return why
+    return ""
 
 
 def _direct_consumer(user: fx.Node, current: fx.Node, to_write: bool) -> str | None:
@@ -425,23 +449,20 @@ def _direct_consumer(user: fx.Node, current: fx.Node, to_write: bool) -> str | N
     return (_tied(parts[:1]) or weight) if to_write else weight
 
 
-def _through_cat(wiring: UnitWiring, cat: fx.Node, part: fx.Node, unit_axis: int) -> str:
-    """Place `part`'s units among the columns of `cat` (a SqueezeNet fire module joins its branches
-    along the channels): `wiring.column_offset` past the parts before it, `column_units` in all; or why
-    not (another axis, a part read twice, widths the graph does not record)."""
+def _cat_places(cat: fx.Node, part: fx.Node, unit_axis: int) -> tuple[list[int], int] | str:
+    """Where `part`'s units sit among the columns of `cat` (a SqueezeNet fire module joins its branches
+    along the channels): the offsets past the parts before each place it is joined at, and the width
+    of `cat`; or why not (another axis, widths the graph does not record)."""
     parts = cat.args[0] if cat.args else ()
     values = [p.meta.get("val") if isinstance(p, fx.Node) else None for p in parts]
     rank = values[0].dim() if values and isinstance(values[0], torch.Tensor) else None
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     if rank is None or any(not isinstance(v, torch.Tensor) for v in values):
         return f"skipped: its output goes to {cat.name}, whose input widths the graph does not record"
-    if int(dim) % rank != unit_axis % rank or list(parts).count(part) != 1:
+    if int(dim) % rank != unit_axis % rank:
         return f"skipped: its output goes to {cat.name}, which joins along another axis than its units'"
     sizes = [int(v.shape[int(dim)]) for v in values]
-    position = list(parts).index(part)
-    wiring.column_offset += sum(sizes[:position])
-    wiring.column_units = sum(sizes)
-    return ""
+    return [sum(sizes[:i]) for i, p in enumerate(parts) if p is part], sum(sizes)
 
 
 # --- TorchScript graphs -------------------------------------------------------------------------------

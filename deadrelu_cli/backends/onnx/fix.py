@@ -212,7 +212,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
         try:  # (read on the original: an earlier layer's prune may have narrowed a shared Concat consumer)
             columns = {
                 ref: wire.consumer_columns(
-                    plan.units, plan.all_units, _get(original, ref.name).shape[ref.axis]
+                    plan.units, plan.all_units, _get(original, ref.name).shape[ref.axis], ref
                 )
                 for _, ref in wire.consumers()
             }

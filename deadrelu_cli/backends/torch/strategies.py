@@ -18,7 +18,7 @@ from torch import nn
 from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_cuts, shift_gains
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
-from deadrelu_cli.wiring.model import UnitWiring
+from deadrelu_cli.wiring.model import TensorRef, UnitWiring
 from deadrelu_cli.wiring.torch import BATCH_NORM, eager_wiring, named_tensor, submodule, write_conflict
 
 
@@ -151,7 +151,7 @@ def reinit_units(
             readers = {ref.name: named_tensor(model, ref.name) for _, ref in wire.consumers()}
             try:
                 columns = {
-                    name: wire.consumer_columns(plan.units, plan.all_units, tensor.shape[1])
+                    name: wire.consumer_columns(plan.units, plan.all_units, tensor.shape[1], TensorRef(name, 1))
                     for name, tensor in readers.items()
                 }
             except ValueError as exc:
@@ -646,10 +646,11 @@ def prune_plan(
                 "skipped: every unit is dead; removing the whole layer changes the architecture too much"
             )
             continue
-        fan_ins = {name: named_tensor(model, ref.name).shape[1] for name, ref in wiring.consumers()}
+        refs = dict(wiring.consumers())
+        fan_ins = {name: named_tensor(model, ref.name).shape[1] for name, ref in refs.items()}
         try:  # (past the other parts of a concatenation the consumer reads, when there is one)
             removed = {
-                name: wiring.consumer_columns(plan.units, plan.all_units, fan_in)
+                name: wiring.consumer_columns(plan.units, plan.all_units, fan_in, refs[name])
                 for name, fan_in in fan_ins.items()
             }
         except ValueError as exc:
