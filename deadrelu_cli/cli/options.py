@@ -146,7 +146,8 @@ Quiet = Annotated[
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar (the table still prints).")]
 # fix and trend draw no progress bar; they take scan's flag so that a CI script can copy scan's flags
 NoProgressAccepted = Annotated[
-    bool, typer.Option("--no-progress", help="Accepted as scan takes it (this command draws no progress bar).")
+    bool,
+    typer.Option("--no-progress", help="Accepted as scan takes it (this command draws no progress bar)."),
 ]
 QuietTable = Annotated[
     bool,

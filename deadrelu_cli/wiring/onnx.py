@@ -742,12 +742,8 @@ def _private_path(index: GraphIndex, input_name: str, output_name: str, graph_ou
         # (a Shape reads no values: rewriting rows does not change what it gives)
         readers = [r for r in index.consumers.get(name, []) if r.op_type != "Shape"]
         if not step:  # a spelled ReLU, Where(x > 0, x, 0), reads its input twice: once through Greater
-            readers = [
-                r
-                for r in readers
-                if r is not activation
-                and not all(c is activation for o in r.output for c in index.consumers.get(o, [None]))
-            ]
+            # (and Mul(x, Cast(x > 0)) through Greater and a Cast)
+            readers = [r for r in readers if r is not activation and not _only_into(index, r, activation)]
             readers = readers + [activation]
         if len(readers) != 1 or name in graph_outputs:
             others = ", ".join(display_name(r) for r in readers if r is not activation) + (
@@ -765,6 +761,16 @@ def _private_path(index: GraphIndex, input_name: str, output_name: str, graph_ou
             return ""
         name = data[0]
     return ""
+
+
+def _only_into(index: GraphIndex, node: onnx.NodeProto, activation: onnx.NodeProto, depth: int = 0) -> bool:
+    """Whether every output of `node` is read by `activation` alone, directly or through nodes whose
+    outputs are (the x > 0 mask of a spelled ReLU, and its Cast)."""
+    return depth < 4 and all(
+        c is activation or (c is not None and _only_into(index, c, activation, depth + 1))
+        for o in node.output
+        for c in index.consumers.get(o, [None])
+    )
 
 
 def unit_wiring(

@@ -222,7 +222,9 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
         # torch.cat([relu(e1(s)), relu(e3(s))], 1) read by one Conv: the columns past the other parts
         places = probe.joined.get((layer.name, name)) or [(0, None, None, None)]
         for offset, width, axis, rank in places:
-            if axis is not None and axis != (1 if isinstance(incoming, nn.modules.conv._ConvNd) else rank - 1):
+            if axis is not None and axis != (
+                1 if isinstance(incoming, nn.modules.conv._ConvNd) else rank - 1
+            ):
                 return f"skipped: its output is concatenated along another axis than its units' before {name}"
             wiring.column_at.setdefault(_dotted(name, "weight"), []).append((offset, width))
     if consumer_name:
@@ -550,16 +552,33 @@ def script_weight_reads(graph) -> dict[str, int]:
     return reads
 
 
-def script_wiring(node, reads: dict[str, int], need_consumer: bool = True) -> UnitWiring | str:
+def _only_into(value, node, depth: int = 0) -> bool:
+    """Whether every read of `value` ends in `node`: read by it, or by ops whose outputs only it reads
+    (the x > 0 mask of a ReLU spelled x * (x > 0), its cast; zeros_like(x) of a spelled where)."""
+    users = _script_uses(value)
+    return (
+        bool(users)
+        and depth < 4
+        and all(u == node or all(_only_into(o, node, depth + 1) for o in u.outputs()) for u in users)
+    )
+
+
+def script_wiring(
+    node, reads: dict[str, int], need_consumer: bool = True, x=None, module=None, spelled=None
+) -> UnitWiring | str:
     """The UnitWiring of the activation `node` of an inlined TorchScript graph (its GetAttr chains name
-    the module's tensors), or why it must be skipped; `reads`: `script_weight_reads` of the graph."""
-    pre = node.inputsAt(0).node()
+    the module's tensors), or why it must be skipped; `reads`: `script_weight_reads` of the graph; `x`:
+    the pre-activation of a ReLU the node spells (x * (x > 0), where(x > 0, x, 0)); `module` (the
+    ScriptModule) gives the widths of what a `cat` joins, which the graph does not record; `spelled`:
+    the reader of spelled sites' x (probe.torchscript.spelled_relu_reader), for those widths."""
+    pre = (x if x is not None else node.inputsAt(0)).node()
+    feeds = (lambda value, n: _only_into(value, n)) if x is not None else _feeds_only
     bn = None
-    if _script_base(pre) == "batch_norm" and _feeds_only(pre.output(), node):
+    if _script_base(pre) == "batch_norm" and feeds(pre.output(), node):
         bn, pre = pre, pre.inputsAt(0).node()
     if _script_base(pre) in _NORMS:
         return _norm_producer(_script_base(pre))
-    if not _script_plain(pre) or not _feeds_only(pre.output(), bn or node):
+    if not _script_plain(pre) or not (_feeds_only(pre.output(), bn) if bn else feeds(pre.output(), node)):
         return "skipped: not produced by one plain linear/conv (or batch_norm after one) in the graph"
     weight_name = _script_attr(pre.inputsAt(1))
     bias_name = _script_attr(pre.inputsAt(2))
@@ -578,46 +597,152 @@ def script_wiring(node, reads: dict[str, int], need_consumer: bool = True) -> Un
     wiring = _producer_wiring(weight_name, bias_name, batchnorm)
     if not need_consumer:
         return wiring
-    current = node.output()
     rank = {"conv1d": 3, "conv2d": 4, "conv3d": 5}.get(_script_base(pre))
-    for step in range(16):
-        uses = _activation_readers(node) if step == 0 else _script_uses(current)
-        if len(uses) != 1:
-            return f"skipped: its output goes to {len(uses)} ops, not to exactly one linear/conv"
-        user = uses[0]
-        read = {current.unique()} | ({node.inputsAt(0).unique()} if step == 0 else set())  # (relu_)
-        takes = user.inputsAt(0).unique() in read
-        if _script_base(user) in UNIT_PRESERVING and takes:
-            current = user.output()
-            continue
-        if _script_base(user) in ("mean", "amax") and takes and rank is not None:
-            # a global pool written `h.mean((2, 3))` (as the .pt2 and eager readers take it); the rank
-            # is the producing conv's (a TorchScript graph records no shapes)
-            dims = _script_constants(user.inputsAt(1))
-            if dims is not None and pools_over_space(rank, dims):
+    if _script_base(pre) == "_convolution":
+        rank = rank or _conv_rank(pre)
+    walk = _ScriptWalk(reads, module, spelled, unit_axis=1 if _script_base(pre) != "linear" else -1)
+    # (after an in-place relu_, the later reads of the tensor it activated are reads of its output)
+    read = {node.output().unique(), node.inputsAt(0).unique()} if x is None else {node.output().unique()}
+    why = walk.readers(_activation_readers(node), read, rank, 0, None, False, 0)
+    if why:
+        return why
+    _set_readers(wiring, walk.found)
+    return wiring
+
+
+def _conv_rank(node) -> int | None:
+    """The output rank of a traced `aten::_convolution` (its stride list has one entry per spatial dim)."""
+    stride = _script_constants(node.inputsAt(3))
+    return None if stride is None else len(stride) + 2
+
+
+class _ScriptWalk:
+    """Every linear/conv reading a TorchScript activation's units, through unit-preserving ops, spatial
+    pools and `cat`s along the units (the widths of the other parts from their producers' weights in
+    the module: a TorchScript graph records no shapes)."""
+
+    def __init__(self, reads, module, spelled, unit_axis: int) -> None:
+        self.reads, self.module, self.spelled, self.unit_axis = reads, module, spelled, unit_axis
+        self.found: list[tuple[str, int, int | None]] = []
+
+    def readers(self, users, read: set, rank, offset: int, units, flattened: bool, depth: int) -> str:
+        if not users or depth > 16:
+            return f"skipped: its output goes to {len(users)} ops, not to exactly one linear/conv"
+        for user in users:
+            takes = user.inputsAt(0).unique() in read if len(list(user.inputs())) else False
+            base = _script_base(user)
+            if base in UNIT_PRESERVING and takes:
+                flat = flattened or base in VIEWS or base == "flatten"
+                why = self.readers(
+                    _script_uses(user.output()),
+                    {user.output().unique()},
+                    rank,
+                    offset,
+                    units,
+                    flat,
+                    depth + 1,
+                )
+            elif base in ("mean", "amax") and takes and rank is not None:
+                # a global pool written `h.mean((2, 3))` (as the .pt2 and eager readers take it); the rank
+                # is the producing conv's (a TorchScript graph records no shapes)
+                dims = _script_constants(user.inputsAt(1))
+                if dims is None or not pools_over_space(rank, dims):
+                    return f"skipped: its output goes to {user.kind()} over its units, not to a linear/conv"
                 keep = user.inputsAt(2).toIValue() if len(list(user.inputs())) > 2 else False
-                rank = rank if keep else rank - len(dims)
-                current = user.output()
-                continue
+                why = self.readers(
+                    _script_uses(user.output()),
+                    {user.output().unique()},
+                    rank if keep else rank - len(dims),
+                    offset,
+                    units,
+                    flattened,
+                    depth + 1,
+                )
+            elif user.kind() == "prim::ListConstruct" and not flattened:
+                why = self._joined(user, read, rank, offset, depth)
+            else:
+                why = self._leaf(user, takes, offset, units)
+            if why:
+                return why
+        return ""
+
+    def _leaf(self, user, takes: bool, offset: int, units) -> str:
         consumer_weight = _script_attr(user.inputsAt(1)) if len(list(user.inputs())) > 1 else None
-        joins = _script_uses(user.output()) if user.kind() == "prim::ListConstruct" else []
-        if any(j.kind() == "aten::cat" for j in joins):
-            return (
-                "skipped: its output is joined by aten::cat before the next layer, and a TorchScript graph "
-                "records no widths to place its units among the columns; fix the state_dict with --arch, "
-                "the .pt2 or the ONNX export instead (they map a concatenation)"
-            )
         if _script_base(user) not in _SCRIPT_CONVS or not takes or not consumer_weight:
             return f"skipped: its output goes to {user.kind()} (e.g. a residual add), not to a linear/conv"
         if not _script_plain(user):
             return f"skipped: consumer {consumer_weight} is a grouped or transposed convolution"
-        if reads.get(consumer_weight, 0) > 1:
+        if self.reads.get(consumer_weight, 0) > 1:
             return (
-                f"skipped: consumer {consumer_weight.rsplit('.', 1)[0]} is applied at {reads[consumer_weight]} "
+                f"skipped: consumer {consumer_weight.rsplit('.', 1)[0]} is applied at {self.reads[consumer_weight]} "
                 "places; changing its inputs would change the others too"
             )
-        wiring.consumer = consumer_weight.rsplit(".", 1)[0]
-        wiring.consumer_weight = TensorRef(consumer_weight, 1)
-        wiring.readers = (wiring.consumer,)
-        return wiring
-    return "skipped: its output does not reach a linear/conv"
+        self.found.append((consumer_weight, offset, units))
+        return ""
+
+    def _joined(self, listed, read: set, rank, offset: int, depth: int) -> str:
+        """The units joined by `aten::cat([..., units, ...], dim)` along their own axis: each reader of
+        the cat reads them past the widths of the parts before them."""
+        cats = _script_uses(listed.output())
+        if len(cats) != 1 or cats[0].kind() != "aten::cat":
+            return f"skipped: its output goes to {(cats[0].kind() if cats else 'prim::ListConstruct')} (e.g. torch.stack), not to a linear/conv"
+        cat = cats[0]
+        dim = cat.inputsAt(1).toIValue() if cat.inputsAt(1).node().kind() == "prim::Constant" else None
+        along = dim is not None and (
+            dim == self.unit_axis or (rank is not None and dim % rank == self.unit_axis % rank)
+        )
+        if not along:
+            return f"skipped: its output is joined by aten::cat along dim {dim}, not along its units"
+        parts = list(listed.inputs())
+        sizes = [self._width(part, dim, rank) for part in parts]
+        if self.module is None or any(size is None for size in sizes):
+            unknown = next((p.debugName() for p, w in zip(parts, sizes, strict=True) if w is None), "a part")
+            return (
+                f"skipped: its output is joined by aten::cat with %{unknown}, whose width neither the graph nor "
+                "a linear/conv weight behind it tells; fix the state_dict with --arch, the .pt2 or the ONNX "
+                "export instead"
+            )
+        for position in [i for i, part in enumerate(parts) if part.unique() in read]:
+            why = self.readers(
+                _script_uses(cat.output()),
+                {cat.output().unique()},
+                rank,
+                sum(sizes[:position]) + offset,
+                sum(sizes),
+                False,
+                depth + 1,
+            )
+            if why:
+                return why
+        return ""
+
+    def _width(self, value, dim: int, rank, depth: int = 0) -> int | None:
+        """How many units `value` holds along the joined axis: its producing linear/conv's output units,
+        back through activations, batch_norm, pools and dropout, and nested cats along the same axis."""
+        node = value.node()
+        base = _script_base(node)
+        x = self.spelled(node) if self.spelled is not None else None
+        if depth > 16:
+            return None
+        if x is not None:
+            return self._width(x, dim, rank, depth + 1)
+        if base in _WIDTH_KEEPING or (base in UNIT_PRESERVING and base not in VIEWS and base != "flatten"):
+            return self._width(node.inputsAt(0), dim, rank, depth + 1)
+        if base == "cat" and node.inputsAt(0).node().kind() == "prim::ListConstruct":
+            inner = (
+                node.inputsAt(1).toIValue() if node.inputsAt(1).node().kind() == "prim::Constant" else None
+            )
+            if inner != dim:
+                return None
+            sizes = [self._width(part, dim, rank, depth + 1) for part in node.inputsAt(0).node().inputs()]
+            return None if any(size is None for size in sizes) else sum(sizes)
+        if base in _SCRIPT_CONVS and _script_plain(node) and self.module is not None:
+            weight = named_tensor(self.module, _script_attr(node.inputsAt(1)))
+            return None if weight is None else int(weight.shape[0])
+        return None
+
+
+# ops that keep each unit's values in its own slot (the width of what they make is their input's)
+_WIDTH_KEEPING = frozenset(
+    {"relu", "relu6", "hardtanh", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh", "batch_norm"}
+)

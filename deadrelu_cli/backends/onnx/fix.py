@@ -24,7 +24,6 @@ from deadrelu_cli.wiring.model import TensorRef, unit_vector_axis
 from deadrelu_cli.wiring.onnx import unit_wiring
 from deadrelu_cli.wiring.onnx_index import GraphIndex, float_type, uses
 
-
 # half-precision stored dtypes: a bias-shift rounds their entries towards firing (`_move`)
 HALF_FLOATS = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 

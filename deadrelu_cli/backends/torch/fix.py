@@ -698,12 +698,14 @@ def _reweight_torchscript(
         outcomes = shift_and_settle(scanned, module, plans, {}, options, scan_options)
     else:
         graph = module.forward.graph.copy()  # inlined to read the wiring; the module keeps its own code
-        nodes, sites, _ = _script_sites(scanned, module, graph)
+        nodes, sites, spelled = _script_sites(scanned, module, graph)
         reads = script_weight_reads(graph)
         wanted = {plan.name for plan in plans}
         need_consumer = options.strategy != "kick"
         wirings = {
-            site.name: script_wiring(node, reads, need_consumer)
+            site.name: script_wiring(
+                node, reads, need_consumer, spelled(node) if site.spelled else None, module, spelled
+            )
             for node, site in zip(nodes, sites, strict=True)
             if site.name in wanted
         }

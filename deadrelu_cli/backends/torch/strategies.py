@@ -151,7 +151,9 @@ def reinit_units(
             readers = {ref.name: named_tensor(model, ref.name) for _, ref in wire.consumers()}
             try:
                 columns = {
-                    name: wire.consumer_columns(plan.units, plan.all_units, tensor.shape[1], TensorRef(name, 1))
+                    name: wire.consumer_columns(
+                        plan.units, plan.all_units, tensor.shape[1], TensorRef(name, 1)
+                    )
                     for name, tensor in readers.items()
                 }
             except ValueError as exc:
