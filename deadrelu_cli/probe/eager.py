@@ -746,7 +746,11 @@ class EagerProbe:
                 entries.append((site, offset, axis))
             # a part that is itself a join along the same axis (a DenseNet-style block joins a join
             # again): its sites sit at its offsets, past the parts before it here
-            entries += [(s, offset + at, axis) for s, at, along, _ in self.joins_of(part) if along == axis]
+            for inner, at, along, _ in self.joins_of(part):
+                if along == axis:
+                    entries.append((inner, offset + at, axis))
+                else:  # joined again along another axis: its units' columns are lost (no reader found)
+                    self.consumers.setdefault(inner, set()).add("<cat>")
             offset += int(part.shape[axis])
         if not entries:
             return False

@@ -564,13 +564,21 @@ def _only_into(value, node, depth: int = 0) -> bool:
 
 
 def script_wiring(
-    node, reads: dict[str, int], need_consumer: bool = True, x=None, module=None, spelled=None
+    node,
+    reads: dict[str, int],
+    need_consumer: bool = True,
+    x=None,
+    module=None,
+    spelled=None,
+    units_at: int | None = None,
 ) -> UnitWiring | str:
     """The UnitWiring of the activation `node` of an inlined TorchScript graph (its GetAttr chains name
     the module's tensors), or why it must be skipped; `reads`: `script_weight_reads` of the graph; `x`:
     the pre-activation of a ReLU the node spells (x * (x > 0), where(x > 0, x, 0)); `module` (the
     ScriptModule) gives the widths of what a `cat` joins, which the graph does not record; `spelled`:
-    the reader of spelled sites' x (probe.torchscript.spelled_relu_reader), for those widths."""
+    the reader of spelled sites' x (probe.torchscript.spelled_relu_reader), for those widths;
+    `units_at`: the axis the scan counted the units on (a Linear's output rank is in no graph type: a
+    `cat(…, 1)` of [B, F] outputs joins their units)."""
     pre = (x if x is not None else node.inputsAt(0)).node()
     feeds = (lambda value, n: _only_into(value, n)) if x is not None else _feeds_only
     bn = None
@@ -600,7 +608,7 @@ def script_wiring(
     rank = {"conv1d": 3, "conv2d": 4, "conv3d": 5}.get(_script_base(pre))
     if _script_base(pre) == "_convolution":
         rank = rank or _conv_rank(pre)
-    walk = _ScriptWalk(reads, module, spelled, unit_axis=1 if _script_base(pre) != "linear" else -1)
+    walk = _ScriptWalk(reads, module, spelled, 1 if _script_base(pre) != "linear" else -1, units_at)
     # (after an in-place relu_, the later reads of the tensor it activated are reads of its output)
     read = {node.output().unique(), node.inputsAt(0).unique()} if x is None else {node.output().unique()}
     why = walk.readers(_activation_readers(node), read, rank, 0, None, False, 0)
@@ -621,8 +629,9 @@ class _ScriptWalk:
     pools and `cat`s along the units (the widths of the other parts from their producers' weights in
     the module: a TorchScript graph records no shapes)."""
 
-    def __init__(self, reads, module, spelled, unit_axis: int) -> None:
+    def __init__(self, reads, module, spelled, unit_axis: int, units_at: int | None) -> None:
         self.reads, self.module, self.spelled, self.unit_axis = reads, module, spelled, unit_axis
+        self.units_at = units_at
         self.found: list[tuple[str, int, int | None]] = []
 
     def readers(self, users, read: set, rank, offset: int, units, flattened: bool, depth: int) -> str:
@@ -689,10 +698,12 @@ class _ScriptWalk:
         cat = cats[0]
         dim = cat.inputsAt(1).toIValue() if cat.inputsAt(1).node().kind() == "prim::Constant" else None
         along = dim is not None and (
-            dim == self.unit_axis or (rank is not None and dim % rank == self.unit_axis % rank)
+            dim in (self.unit_axis, self.units_at)
+            or (rank is not None and dim % rank == self.unit_axis % rank)
         )
         if not along:
-            return f"skipped: its output is joined by aten::cat along dim {dim}, not along its units"
+            where = f"dim {self.units_at}" if self.units_at is not None else "the units' axis"
+            return f"skipped: its output is joined by aten::cat along dim {dim}, not along its units ({where})"
         parts = list(listed.inputs())
         sizes = [self._width(part, dim, rank) for part in parts]
         if self.module is None or any(size is None for size in sizes):

@@ -704,7 +704,13 @@ def _reweight_torchscript(
         need_consumer = options.strategy != "kick"
         wirings = {
             site.name: script_wiring(
-                node, reads, need_consumer, spelled(node) if site.spelled else None, module, spelled
+                node,
+                reads,
+                need_consumer,
+                spelled(node) if site.spelled else None,
+                module,
+                spelled,
+                report.layer(site.name).channel_dim,
             )
             for node, site in zip(nodes, sites, strict=True)
             if site.name in wanted
