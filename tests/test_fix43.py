@@ -186,7 +186,7 @@ class Mix(nn.Module):
     def forward(self, x):
         s = F.relu(self.stem(x))
         z = self.r(self.p(s) + self.q(s))
-        z = z * (z > 0)
+        z = z * (z > 0).float()
         return self.fc(z.mean((2, 3)))
 
 
@@ -204,8 +204,9 @@ def _mix(state: dict, x: torch.Tensor):
 
 
 def test_torchscript_fix_reaches_several_readers_and_a_spelled_relu(cli, tmp_path):
-    """stem's ReLU is read by p and q; r's ReLU is spelled z * (z > 0). Both were refused in TorchScript
-    (eager and .pt2 patch them); the ONNX export's Mul(z, Cast(z > 0)) was refused by reinit/prune."""
+    """stem's ReLU is read by p and q; r's ReLU is spelled z * (z > 0).float(). Both were refused in
+    TorchScript (eager patches them); the ONNX export's Mul(z, Cast(z > 0)) and the .pt2's (whose
+    `.float()` leaves a metadata check reading z > 0) were refused by reinit/prune."""
     net, _ = arch_file(tmp_path / "mix.py", MIX_ARCH)
     x = torch.from_numpy(np.random.default_rng(2).standard_normal((12, 3, 6, 6)).astype(np.float32))
     data = save_npz(tmp_path / "x.npz", input=x.numpy())
@@ -214,13 +215,15 @@ def test_torchscript_fix_reaches_several_readers_and_a_spelled_relu(cli, tmp_pat
         net, (x[:2],), str(tmp_path / "m.onnx"), input_names=["input"], dynamo=False, opset_version=17,
         dynamic_axes={"input": {0: "b"}},
     )  # fmt: skip
+    batch = {0: torch.export.Dim("b", min=1)}
+    torch.export.save(torch.export.export(net, (x[:2],), dynamic_shapes=(batch,)), str(tmp_path / "m.pt2"))
     state = {k: v.detach() for k, v in net.state_dict().items()}
     with torch.no_grad():
         pres, expected = _mix(state, x)
     dead = _dead(pres)
     assert dead[0] == [2] and 1 in dead[1]  # the planted units (and r's that the data leaves dead)
     live = [u for u in range(6) if u not in dead[0]]
-    for fmt in ("ts", "onnx"):
+    for fmt in ("ts", "onnx", "pt2"):
         out = tmp_path / f"re.{fmt}"
         r = cli("fix", tmp_path / f"m.{fmt}", "--data", data, "-s", "reinit", "-o", out)
         assert r.code == 0, r.out + r.err

@@ -351,7 +351,7 @@ def exported_wiring(
         )
     if isinstance(pre, fx.Node) and _base(pre) in _NORMS:
         return _norm_producer(_base(pre))
-    if parts is None or len(pre.users) != 1:
+    if parts is None or len(_value_users(pre)) != 1:
         return "skipped: not produced by one linear/conv (or batch_norm after one) in the graph"
     weight_name = _attr_target(parts[0])
     bias_name = _attr_target(parts[1])
@@ -402,7 +402,7 @@ def _graph_readers(
     None: only them) through unit-preserving ops, spatial pools and concatenations along the units
     (nested ones too: a DenseNet-style block), adding each linear/conv leaf (weight name, offset,
     units) to `found`; why a reader cannot be followed, or ""."""
-    users = list(current.users)
+    users = _value_users(current)
     if not users or depth > 16:
         return f"skipped: its output goes to {len(users)} nodes, not to exactly one linear/conv"
     for user in users:
@@ -437,6 +437,26 @@ def _graph_readers(
         if why:
             return why
     return ""
+
+
+# nodes that check a tensor without reading its values into anything (torch.export writes
+# `_assert_tensor_metadata` for a `.float()`; symbolic sizes)
+_CHECKS = frozenset({"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_size", "sym_numel"})
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of `node` whose values reach something: not checks, nor ops only checks read (the
+    x > 0 left of `x * (x > 0).float()` once the ReLU it spelled is recomposed, kept alive by the check
+    of its `.float()`)."""
+    return [user for user in node.users if not _only_checks(user)]
+
+
+def _only_checks(node: fx.Node, depth: int = 0) -> bool:
+    if node.op == "output":
+        return False
+    if _base(node) in _CHECKS:
+        return True
+    return depth < 4 and all(_only_checks(user, depth + 1) for user in node.users)
 
 
 def _direct_consumer(user: fx.Node, current: fx.Node, to_write: bool) -> str | None:
@@ -703,7 +723,9 @@ class _ScriptWalk:
         )
         if not along:
             where = f"dim {self.units_at}" if self.units_at is not None else "the units' axis"
-            return f"skipped: its output is joined by aten::cat along dim {dim}, not along its units ({where})"
+            return (
+                f"skipped: its output is joined by aten::cat along dim {dim}, not along its units ({where})"
+            )
         parts = list(listed.inputs())
         sizes = [self._width(part, dim, rank) for part in parts]
         if self.module is None or any(size is None for size in sizes):
