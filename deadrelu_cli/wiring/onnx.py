@@ -90,6 +90,8 @@ _EXACT_CASTS = {
     (TensorProto.BFLOAT16, TensorProto.DOUBLE),
     (TensorProto.FLOAT, TensorProto.DOUBLE),
 }
+# how many Concats / forks the reader walk follows (a DenseNet-style block of L layers nests L joins)
+MAX_JOINS = 256
 _FLOAT_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE)
 
 
@@ -637,7 +639,9 @@ def _readers(
     each Conv/Gemm/MatMul leaf to `found`; why a reader cannot be followed, or ""."""
     consumers = list({id(c): c for c in index.consumers.get(name, [])}.values())
     forked = depth > 0 or len(consumers) > 1
-    if name in graph_outputs or not consumers or depth > 16:
+    if depth > MAX_JOINS:
+        return f"skipped: its readers are more than {MAX_JOINS} joins or branches away"
+    if name in graph_outputs or not consumers:
         readers.extend(display_name(c) for c in consumers)
         return f"skipped: its output goes to {len(consumers)} nodes, not to exactly one Conv/Gemm/MatMul" + (
             " (and to a graph output)" if name in graph_outputs else ""

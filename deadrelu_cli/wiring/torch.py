@@ -20,6 +20,8 @@ from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.probe.exported import keeps_last_axis, op_base
 from deadrelu_cli.wiring.model import BatchNormRef, TensorRef, UnitWiring
 
+# how deep the reader walks go (a DenseNet-style block of L layers nests L joins)
+MAX_JOINS = 256
 LINEAR_OR_CONV = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCH_NORM = nn.modules.batchnorm._BatchNorm
 BATCH_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
@@ -403,7 +405,9 @@ def _graph_readers(
     (nested ones too: a DenseNet-style block), adding each linear/conv leaf (weight name, offset,
     units) to `found`; why a reader cannot be followed, or ""."""
     users = _value_users(current)
-    if not users or depth > 16:
+    if depth > MAX_JOINS:
+        return f"skipped: its readers are more than {MAX_JOINS} joins or ops away"
+    if not users:
         return f"skipped: its output goes to {len(users)} nodes, not to exactly one linear/conv"
     for user in users:
         if _base(user) in UNIT_PRESERVING and user.args[0] is current:
@@ -655,7 +659,9 @@ class _ScriptWalk:
         self.found: list[tuple[str, int, int | None]] = []
 
     def readers(self, users, read: set, rank, offset: int, units, flattened: bool, depth: int) -> str:
-        if not users or depth > 16:
+        if depth > MAX_JOINS:
+            return f"skipped: its readers are more than {MAX_JOINS} joins or ops away"
+        if not users:
             return f"skipped: its output goes to {len(users)} ops, not to exactly one linear/conv"
         for user in users:
             takes = user.inputsAt(0).unique() in read if len(list(user.inputs())) else False
@@ -755,7 +761,7 @@ class _ScriptWalk:
         node = value.node()
         base = _script_base(node)
         x = self.spelled(node) if self.spelled is not None else None
-        if depth > 16:
+        if depth > MAX_JOINS:
             return None
         if x is not None:
             return self._width(x, dim, rank, depth + 1)
