@@ -1,0 +1,94 @@
+"""review43: findings of the review of the 42 round, each against truth computed here (plain torch
+hooks, numpy), each failing on the code before its fix.
+
+1. A conv's [N, C, H, W] output permuted to channels-last before its ReLU (a Linear reads it there)
+   was counted on the image rows (dim 1 of the permuted tensor) in eager, .pt2 and TorchScript: 5
+   "units", none dead, gate passed on 2 of 8 dead channels (ONNX was right)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from conftest import arch_file, save_npz
+
+PERMUTED = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8, 6)
+        self.out = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):  # x [N, 3, H, W]
+        h = torch.relu(self.conv(x).permute(0, 2, 3, 1))  # channels-last: units on the last axis
+        h = torch.relu(self.fc(h).permute(0, 3, 1, 2))  # a Linear's units back on dim 1
+        return self.out(h)
+
+
+def build():
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.conv.bias[[1, 5]] = -50.0
+        model.fc.bias[[2]] = -50.0
+    return model.eval()
+"""
+
+
+def _permuted_truth(model, x: np.ndarray) -> list[tuple[int, list[int]]]:
+    """(units, positives per unit) of the two ReLUs, by hooks on the conv and the Linear."""
+    seen = {}
+    hooks = [
+        model.conv.register_forward_hook(lambda _m, _a, out: seen.__setitem__("conv", out.detach())),
+        model.fc.register_forward_hook(lambda _m, _a, out: seen.__setitem__("fc", out.detach())),
+    ]
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+    for hook in hooks:
+        hook.remove()
+    conv = seen["conv"].transpose(0, 1).reshape(8, -1).numpy()  # per channel, every position
+    fc = seen["fc"].reshape(-1, 6).numpy()
+    return [(a.shape[0] if a is conv else a.shape[1], (a > 0).sum(axis=1 if a is conv else 0).tolist()) for a in (conv, fc)]
+
+
+def test_a_conv_output_permuted_to_channels_last_has_its_units_on_the_last_axis(cli, tmp_path):
+    model, spec = arch_file(tmp_path / "perm.py", PERMUTED)
+    x = np.random.RandomState(43).randn(6, 3, 5, 7).astype(np.float32)
+    data = save_npz(tmp_path / "d.npz", x=x)
+    truth = _permuted_truth(model, x)
+    assert [t[0] for t in truth] == [8, 6] and truth[0][1][1] == truth[0][1][5] == truth[1][1][2] == 0
+    example = torch.from_numpy(x[:2])
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    torch.export.save(torch.export.export(model, (example,)), tmp_path / "m.pt2")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(model).save(tmp_path / "s.pt")
+        torch.jit.trace(model, example).save(tmp_path / "t.pt")
+    for args in ([tmp_path / "m.pt", "--arch", spec], [tmp_path / "m.pt2"], [tmp_path / "s.pt"], [tmp_path / "t.pt"]):
+        result = cli("scan", *map(str, args), "--data", str(data), "--json", "-", "-q", "--max-dead", "0.1")
+        assert result.code == 1, (args, result.err)  # 3 of 14 dead: the gate fails
+        layers = result.json()["layers"]
+        assert [(len(layer["positive_counts"]), layer["positive_counts"]) for layer in layers] == truth, args
+        assert [layer["elements_per_unit"] for layer in layers] == [6 * 5 * 7] * 2, args
+
+
+def test_watch_counts_a_permuted_conv_output_on_its_channels(tmp_path):
+    """The same under `watch()` (the eager probe in a training loop)."""
+    from deadrelu_cli import watch
+
+    model, _ = arch_file(tmp_path / "perm.py", PERMUTED)
+    x = np.random.RandomState(44).randn(4, 3, 5, 7).astype(np.float32)
+    truth = _permuted_truth(model, x)
+    model.train()
+    with watch(model, every=2, window=1, config=False) as w:
+        for step in range(2):
+            w.step(step)
+            model(torch.from_numpy(x)).square().mean().backward()
+    report = w.reports[0]
+    assert [(len(layer.positive_counts), np.asarray(layer.positive_counts).tolist()) for layer in report.layers] == truth
