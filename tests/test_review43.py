@@ -92,3 +92,56 @@ def test_watch_counts_a_permuted_conv_output_on_its_channels(tmp_path):
             model(torch.from_numpy(x)).square().mean().backward()
     report = w.reports[0]
     assert [(len(layer.positive_counts), np.asarray(layer.positive_counts).tolist()) for layer in report.layers] == truth
+
+
+TOKENS = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 4)
+        self.fc = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(torch.relu(self.fc(self.emb(input_ids))))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net().eval()
+"""
+
+
+def _padded(documents: list[list[int]]) -> dict[str, np.ndarray]:
+    """Token ids and attention_mask, right-padded (with id 0) to the longest document."""
+    width = max(map(len, documents))
+    ids, mask = np.zeros((len(documents), width), np.int64), np.zeros((len(documents), width), np.int64)
+    for row, doc in enumerate(documents):
+        ids[row, : len(doc)], mask[row, : len(doc)] = doc, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_merge_refuses_the_same_documents_padded_to_another_width(cli, tmp_path):
+    """Two token files sharing three documents, padded to their own longest document (as --text pads a
+    file): the merge counted those documents twice (their padded rows differed, so their digests did);
+    disjoint files padded to other widths still merge."""
+    model, spec = arch_file(tmp_path / "tok.py", TOKENS)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    rng = np.random.default_rng(43)
+    docs = [rng.integers(1, 20, int(rng.integers(1, 6))).tolist() for _ in range(10)]
+    docs.append(list(range(1, 10)))  # the longest: only in the second file
+    parts = {"a": docs[0:6], "b": docs[3:11], "d": docs[6:11]}
+    for name, part in parts.items():
+        save_npz(tmp_path / f"{name}.npz", **_padded(part))
+        result = cli("scan", str(tmp_path / "m.pt"), "--arch", spec, "--data", str(tmp_path / f"{name}.npz"),
+                     "--json", str(tmp_path / f"{name}.json"), "-q")  # fmt: skip
+        assert result.code == 0, result.err
+    shared = cli("merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(tmp_path / "ab.json"))
+    assert shared.code == 2 and "counted 3 of the same samples" in shared.err, shared.err
+    disjoint = cli("merge", str(tmp_path / "a.json"), str(tmp_path / "d.json"), "--json", "-", "-q")
+    assert disjoint.code == 0, disjoint.err
+    assert disjoint.json()["data"]["samples"] == 11
