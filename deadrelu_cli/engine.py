@@ -78,7 +78,9 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         options = replace(options, limit=None)  # the limit is inside the shard windows now
     data.allow_nonfinite = options.allow_nonfinite
     # the report's data fingerprint (each rank: its shard's, joined below); padding is no part of a sample
-    data.sketch = SampleSketch(mask=mask.array if mask else None, marks_padding=bool(mask and mask.marks_padding))
+    data.sketch = SampleSketch(
+        mask=mask.array if mask else None, marks_padding=bool(mask and mask.marks_padding)
+    )
     error: BaseException | None = None
     model = probe = None
     layers: list = []

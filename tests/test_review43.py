@@ -54,7 +54,10 @@ def _permuted_truth(model, x: np.ndarray) -> list[tuple[int, list[int]]]:
         hook.remove()
     conv = seen["conv"].transpose(0, 1).reshape(8, -1).numpy()  # per channel, every position
     fc = seen["fc"].reshape(-1, 6).numpy()
-    return [(a.shape[0] if a is conv else a.shape[1], (a > 0).sum(axis=1 if a is conv else 0).tolist()) for a in (conv, fc)]
+    return [
+        (a.shape[0] if a is conv else a.shape[1], (a > 0).sum(axis=1 if a is conv else 0).tolist())
+        for a in (conv, fc)
+    ]
 
 
 def test_a_conv_output_permuted_to_channels_last_has_its_units_on_the_last_axis(cli, tmp_path):
@@ -70,7 +73,12 @@ def test_a_conv_output_permuted_to_channels_last_has_its_units_on_the_last_axis(
         warnings.simplefilter("ignore")
         torch.jit.script(model).save(tmp_path / "s.pt")
         torch.jit.trace(model, example).save(tmp_path / "t.pt")
-    for args in ([tmp_path / "m.pt", "--arch", spec], [tmp_path / "m.pt2"], [tmp_path / "s.pt"], [tmp_path / "t.pt"]):
+    for args in (
+        [tmp_path / "m.pt", "--arch", spec],
+        [tmp_path / "m.pt2"],
+        [tmp_path / "s.pt"],
+        [tmp_path / "t.pt"],
+    ):
         result = cli("scan", *map(str, args), "--data", str(data), "--json", "-", "-q", "--max-dead", "0.1")
         assert result.code == 1, (args, result.err)  # 3 of 14 dead: the gate fails
         layers = result.json()["layers"]
@@ -91,7 +99,9 @@ def test_watch_counts_a_permuted_conv_output_on_its_channels(tmp_path):
             w.step(step)
             model(torch.from_numpy(x)).square().mean().backward()
     report = w.reports[0]
-    assert [(len(layer.positive_counts), np.asarray(layer.positive_counts).tolist()) for layer in report.layers] == truth
+    assert [
+        (len(layer.positive_counts), np.asarray(layer.positive_counts).tolist()) for layer in report.layers
+    ] == truth
 
 
 TOKENS = """
@@ -140,8 +150,81 @@ def test_merge_refuses_the_same_documents_padded_to_another_width(cli, tmp_path)
         result = cli("scan", str(tmp_path / "m.pt"), "--arch", spec, "--data", str(tmp_path / f"{name}.npz"),
                      "--json", str(tmp_path / f"{name}.json"), "-q")  # fmt: skip
         assert result.code == 0, result.err
-    shared = cli("merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(tmp_path / "ab.json"))
+    shared = cli(
+        "merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(tmp_path / "ab.json")
+    )
     assert shared.code == 2 and "counted 3 of the same samples" in shared.err, shared.err
     disjoint = cli("merge", str(tmp_path / "a.json"), str(tmp_path / "d.json"), "--json", "-", "-q")
     assert disjoint.code == 0, disjoint.err
     assert disjoint.json()["data"]["samples"] == 11
+
+
+SPELLED = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = self.fc0(x)
+        h = x * (x > 0)  # Mul(x, Cast(Greater(x, 0)))
+        x = self.fc1(h)
+        h = x.clamp(0, float("inf"))  # Clip(x, 0, inf)
+        x = self.fc2(h)
+        h = x.masked_fill(x < 0, 0.0)  # Where(Cast(Less(x, 0)), 0, x)
+        return self.head(h)
+
+
+def build():
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.fc0.bias[1] = model.fc1.bias[2] = model.fc2.bias[3] = -30.0
+    return model.eval()
+"""
+
+
+def test_onnx_fix_patches_relus_spelled_with_cast_masks_and_clip(cli, tmp_path):
+    """A dynamo=False export writes x * (x > 0) and masked_fill with a Cast between the comparison and
+    the activation, clamp(0, inf) as Clip(x, 0, inf). Before: reinit/prune/kick skipped the first two
+    ("the pre-activation is also read elsewhere (/Greater)": the mask was taken for another reader), and
+    leaky crashed (exit 3: a LeakyRelu with Clip's three inputs). Truth: onnxruntime and numpy here."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model, _ = arch_file(tmp_path / "spelled.py", SPELLED)
+    x = np.random.RandomState(45).randn(32, 4).astype(np.float32)
+    data = save_npz(tmp_path / "d.npz", x=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.from_numpy(x[:2]),), tmp_path / "m.onnx", dynamo=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "b"}})  # fmt: skip
+
+    def run(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    result = cli("fix", str(tmp_path / "m.onnx"), "--data", str(data), "--strategy", "reinit",
+                 "--output", str(tmp_path / "r.onnx"))  # fmt: skip
+    assert result.code == 0, result.err
+    assert np.abs(run(tmp_path / "r.onnx") - run(tmp_path / "m.onnx")).max() < 1e-5
+    tensors = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "r.onnx").graph.initializer}
+    h = x.astype(np.float64)
+    for index, (layer, dead) in enumerate((("fc0", 1), ("fc1", 2), ("fc2", 3))):
+        pre = h @ tensors[f"{layer}.weight"].T.astype(np.float64) + tensors[f"{layer}.bias"]
+        assert (pre[:, dead] > 0).any(), (layer, "still dead in the written file")
+        h = np.maximum(pre, 0)
+    result = cli("fix", str(tmp_path / "m.onnx"), "--data", str(data), "--strategy", "leaky",
+                 "--output", str(tmp_path / "l.onnx"))  # fmt: skip
+    assert result.code == 0, result.err
+    leaky = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "m.onnx").graph.initializer}
+    h = x.astype(np.float64)
+    for layer in ("fc0", "fc1", "fc2"):
+        pre = h @ leaky[f"{layer}.weight"].T + leaky[f"{layer}.bias"]
+        h = np.where(pre > 0, pre, 0.01 * pre)
+    assert np.abs(run(tmp_path / "l.onnx") - (h @ leaky["head.weight"].T + leaky["head.bias"])).max() < 1e-4

@@ -363,6 +363,7 @@ def unit_axis_side(axis: int | None, rank: int) -> bool | None:
     anywhere else (a rank >= 4 tensor whose units a permute left in the middle: not representable)."""
     return True if axis == 1 else False if axis == rank - 1 else None
 
+
 def pools_over_space(rank: int, dims) -> bool:
     """True when a mean/amax over `dims` of a rank>=4 [N, C, ...] tensor keeps every channel in its own
     slot (a global average pool written as `x.mean((2, 3))`): the dims are spatial only."""

@@ -691,12 +691,7 @@ def _private_path(index: GraphIndex, input_name: str, output_name: str, graph_ou
         # (a Shape reads no values: rewriting rows does not change what it gives)
         readers = [r for r in index.consumers.get(name, []) if r.op_type != "Shape"]
         if not step:  # a spelled ReLU, Where(x > 0, x, 0), reads its input twice: once through Greater
-            readers = [
-                r
-                for r in readers
-                if r is not activation
-                and not all(c is activation for o in r.output for c in index.consumers.get(o, [None]))
-            ]
+            readers = [r for r in readers if r is not activation and not _feeds_only(index, r, activation)]
             readers = readers + [activation]
         if len(readers) != 1 or name in graph_outputs:
             others = ", ".join(display_name(r) for r in readers if r is not activation) + (
@@ -714,6 +709,17 @@ def _private_path(index: GraphIndex, input_name: str, output_name: str, graph_ou
             return ""
         name = data[0]
     return ""
+
+
+def _feeds_only(index: GraphIndex, node: onnx.NodeProto, activation, depth: int = 3) -> bool:
+    """Whether every output of NODE reaches only ACTIVATION, directly or through Casts (a spelled ReLU's
+    mask: Mul(x, Cast(Greater(x, 0))), Where(Cast(Less(x, 0)), 0, x))."""
+    readers = [c for o in node.output for c in index.consumers.get(o, [None])]
+    return bool(readers) and all(
+        c is activation
+        or (c is not None and c.op_type == "Cast" and depth and _feeds_only(index, c, activation, depth - 1))
+        for c in readers
+    )
 
 
 def unit_wiring(
