@@ -215,7 +215,7 @@ def test_onnx_fix_patches_relus_spelled_with_cast_masks_and_clip(cli, tmp_path):
     assert np.abs(run(tmp_path / "r.onnx") - run(tmp_path / "m.onnx")).max() < 1e-5
     tensors = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "r.onnx").graph.initializer}
     h = x.astype(np.float64)
-    for index, (layer, dead) in enumerate((("fc0", 1), ("fc1", 2), ("fc2", 3))):
+    for layer, dead in (("fc0", 1), ("fc1", 2), ("fc2", 3)):
         pre = h @ tensors[f"{layer}.weight"].T.astype(np.float64) + tensors[f"{layer}.bias"]
         assert (pre[:, dead] > 0).any(), (layer, "still dead in the written file")
         h = np.maximum(pre, 0)

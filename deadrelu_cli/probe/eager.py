@@ -34,10 +34,10 @@ from deadrelu_cli.probe.base import (
     infer_channel_dim,
     keeps_dtype,
     moved_unit_axis,
-    unit_axis_side,
     pools_over_space,
     reduces_unit_axis,
     squeeze_keeps_channels,
+    unit_axis_side,
 )
 from deadrelu_cli.probe.ops import (
     CLAMP_OPS,
