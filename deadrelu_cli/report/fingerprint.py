@@ -23,6 +23,8 @@ METHOD = "sha256-64 per sample (rows up to 64 bytes: splitmix64 words), smallest
 # with a position mask: the token arrays' kept positions only (the padding a file's longest document sets
 # is no part of a sample: the same document padded to another width is the same sample)
 MASKED_METHOD = "sha256-64 per sample of its kept positions, smallest 512"
+# arrays of a decoder's sequence: as long as the mask's only by chance, so never cut by it
+OTHER_SEQUENCE = ("decoder_", "tgt")
 
 
 @dataclass
@@ -54,7 +56,7 @@ class SampleSketch:
         keep = self._kept(batch, axes, count)
         found = np.zeros(count, dtype=np.uint64)
         for n, r in zip(names, rows, strict=True):  # (name, dtype, row shape) start each row's digest
-            if keep is not None and r.shape[:2] == keep.shape:
+            if keep is not None and r.shape[:2] == keep.shape and not n.startswith(OTHER_SEQUENCE):
                 head = hashlib.sha256(f"{n}\0{r.dtype.str}\0{r.shape[2:]}\0kept\0".encode())
                 found += _kept_digests(r, keep, head)
                 continue
