@@ -228,3 +228,24 @@ def test_onnx_fix_patches_relus_spelled_with_cast_masks_and_clip(cli, tmp_path):
         pre = h @ leaky[f"{layer}.weight"].T + leaky[f"{layer}.bias"]
         h = np.where(pre > 0, pre, 0.01 * pre)
     assert np.abs(run(tmp_path / "l.onnx") - (h @ leaky["head.weight"].T + leaky["head.bias"])).max() < 1e-4
+
+
+def test_certify_input_range_auto_adds_no_uncounted_samples_to_the_fingerprint(cli, tmp_path):
+    """`--certify --input-range auto` reads every sample of the file for its box; under `--limit 3`
+    the report's fingerprint listed all 12 (merge then refused a disjoint part holding samples 3..11 as
+    overlapping). Now it lists the 3 counted, as the same scan without --certify does."""
+    from conftest import relu_onnx
+
+    model = relu_onnx(tmp_path / "m.onnx", 4)
+    x = np.random.RandomState(46).randn(12, 4).astype(np.float32)
+    whole, rest = save_npz(tmp_path / "all.npz", x=x), save_npz(tmp_path / "rest.npz", x=x[3:])
+    certified = cli("scan", str(model), "--data", str(whole), "--limit", "3", "--certify", "--input-range", "auto",
+                    "--json", str(tmp_path / "a.json"), "-q")  # fmt: skip
+    assert certified.code == 0, certified.err
+    plain = cli("scan", str(model), "--data", str(whole), "--limit", "3", "--json", "-", "-q")
+    first = __import__("json").loads((tmp_path / "a.json").read_text())["data"]["fingerprint"]["digests"]
+    assert len(first) == 3 and first == plain.json()["data"]["fingerprint"]["digests"]
+    assert cli("scan", str(model), "--data", str(rest), "--json", str(tmp_path / "b.json"), "-q").code == 0
+    merged = cli("merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", "-", "-q")
+    assert merged.code == 0, merged.err
+    assert merged.json()["data"]["samples"] == 12
