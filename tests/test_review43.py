@@ -249,3 +249,25 @@ def test_certify_input_range_auto_adds_no_uncounted_samples_to_the_fingerprint(c
     merged = cli("merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", "-", "-q")
     assert merged.code == 0, merged.err
     assert merged.json()["data"]["samples"] == 12
+
+
+def test_input_range_auto_on_nan_data_does_not_ask_for_the_flag_already_given(cli, tmp_path):
+    """Under --allow-nonfinite, NaN data and --input-range auto: one line, exit 2, saying why the box
+    needs finite data (it said "clean the data or pass --allow-nonfinite", the flag given)."""
+    from conftest import relu_onnx
+
+    x = np.random.RandomState(47).randn(6, 4).astype(np.float32)
+    x[2, 1] = np.nan
+    data = save_npz(tmp_path / "d.npz", x=x)
+    args = (
+        "scan",
+        str(relu_onnx(tmp_path / "m.onnx", 4)),
+        "--data",
+        str(data),
+        "--certify",
+        "--input-range",
+        "auto",
+    )
+    result = cli(*args, "--allow-nonfinite", "-q")
+    assert result.code == 2 and "sample 2" in result.err and "--input-range LO HI" in result.err, result.err
+    assert "pass --allow-nonfinite" not in result.err and len(result.err.strip().splitlines()) == 1
