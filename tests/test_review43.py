@@ -271,3 +271,70 @@ def test_input_range_auto_on_nan_data_does_not_ask_for_the_flag_already_given(cl
     result = cli(*args, "--allow-nonfinite", "-q")
     assert result.code == 2 and "sample 2" in result.err and "--input-range LO HI" in result.err, result.err
     assert "pass --allow-nonfinite" not in result.err and len(result.err.strip().splitlines()) == 1
+
+
+NESTED = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 1)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+        self.layers = nn.ModuleList([nn.Conv1d(8, 8, 1) for _ in range(2)])
+        self.out = nn.Conv1d(8, 2, 1)
+
+    def forward(self, x):  # x [N, 3, T]
+        h = torch.relu(self.block.conv(x))  # a grandchild called directly
+        for layer in self.layers:  # a ModuleList unrolled into this graph
+            h = layer(h)
+            h = h * (h > 0)
+        return self.out(h)
+
+
+def build():
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.block.conv.bias[[1, 5]] = -30.0
+        model.layers[0].bias[2] = model.layers[1].bias[6] = -30.0
+    return model.eval()
+"""
+
+
+def test_torchscript_finds_producers_behind_attribute_chains(cli, tmp_path):
+    """TorchScript (scripted and traced): a producer reached through a chain of attributes
+    (`self.block.conv(x)`, a ModuleList unrolled in a loop) was not found. The ReLU after the grandchild
+    Conv1d was counted on the time axis (5 "units", 0 dead, a note, gate passed), and the spelled ReLUs
+    after the ModuleList's convs (whose x must come from a layer) were no sites at all. Truth: hooks."""
+    model, _ = arch_file(tmp_path / "nested.py", NESTED)
+    x = np.random.RandomState(48).randn(6, 3, 5).astype(np.float32)
+    data = save_npz(tmp_path / "d.npz", x=x)
+    seen = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _a, out: seen.append(out.detach()))
+        for m in (model.block.conv, *model.layers)
+    ]
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+    for hook in hooks:
+        hook.remove()
+    truth = [(out > 0).sum(dim=(0, 2)).tolist() for out in seen]
+    assert [[i for i, c in enumerate(t) if c == 0] for t in truth][0] == [1, 5]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(model).save(tmp_path / "s.pt")
+        torch.jit.trace(model, torch.from_numpy(x[:2])).save(tmp_path / "t.pt")
+    for path in (tmp_path / "s.pt", tmp_path / "t.pt"):
+        result = cli("scan", str(path), "--data", str(data), "--json", "-", "-q", "--max-dead", "0.1")
+        assert result.code == 1, (path, result.err)
+        layers = result.json()["layers"]
+        assert [layer["positive_counts"] for layer in layers] == truth, path
+        assert [layer["producer"] for layer in layers] == ["block.conv", "layers.0", "layers.1"], path
