@@ -222,7 +222,8 @@ def structural_checks(model_loaded, probe) -> list[Finding]:
         )
     for site, consumers in getattr(probe, "consumers", {}).items():
         for consumer in consumers:
-            if consumer.strip("<>") in ("softmax", "log_softmax", "_softmax", "layer_norm", "normalize"):
+            # a softmax only: a LayerNorm after a ReLU (Canine's projection, post-norm blocks) is ordinary
+            if consumer.strip("<>") in ("softmax", "log_softmax", "_softmax"):
                 findings.append(
                     Finding(
                         "relu-before-softmax",

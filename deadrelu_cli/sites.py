@@ -102,8 +102,25 @@ def list_sites(
     if detect_format(path) == "onnx":
         from deadrelu_cli.probe.onnx_graph import onnx_sites
 
-        return onnx_sites(path, ops), []
+        sites = onnx_sites(path, ops)
+        if sites:
+            return sites, []
+        import onnx
+
+        from deadrelu_cli.backends.onnx.scan import no_sites_note_of
+
+        # as scan says it: what the graph uses instead (0 sites alone reads like a finding)
+        return sites, [("note", no_sites_note_of(onnx.load(path, load_external_data=False), ops))]
     model = load_model(LoadOptions(path, arch, trust_pickle, "cpu", weights_key=weights_key))
+    sites, notes = _sites_of(model, ops, input_shape)
+    if not sites and model.kind in ("eager", "exported"):
+        from deadrelu_cli.backends.torch.scan import no_sites_note
+
+        notes = [*notes, ("note", no_sites_note(model, ops))]
+    return sites, notes
+
+
+def _sites_of(model, ops: tuple[str, ...], input_shape: str | None):
     shape = parse_shape(input_shape) if input_shape else None
     if model.kind == "eager":
         return _eager_sites(model, ops, shape)

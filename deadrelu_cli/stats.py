@@ -7,7 +7,7 @@ counts, so two reports of disjoint data merge into exactly the report of their u
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -151,7 +151,12 @@ class LayerStats:
 
 
 def merge_layer(a: LayerStats, b: LayerStats) -> LayerStats:
-    """Exact union of two disjoint-data statistics of the same site."""
+    """Exact union of two disjoint-data statistics of the same site. A part where the site did not run
+    (no sample reached it: no units known there) adds nothing but its samples (none)."""
+    if a.name == b.name and a.op == b.op and not (a.ran and b.ran):
+        kept, other = (b, a) if not a.ran and b.units else (a, b)
+        samples = None if kept.samples is None or other.samples is None else kept.samples + other.samples
+        return replace(kept, samples=samples)
     if (a.name, a.op, a.units) != (b.name, b.op, b.units):
         raise UserError(
             f"cannot merge layer {a.name!r} ({a.op}, {a.units} units) with {b.name!r} ({b.op}, {b.units} units): "

@@ -37,6 +37,7 @@ from deadrelu_cli.backends.torch.inputs import speech_frames
 from deadrelu_cli.backends.torch.scan import (
     attach_module_biases,
     attention_mask_modules,
+    derived_scopes,
     module_attention_masks,
     pooled_blocks,
 )
@@ -66,6 +67,7 @@ from deadrelu_cli.inputs import (
 )
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
+from deadrelu_cli.probe.experts import ACTIVATION, fused_experts
 from deadrelu_cli.probe.ops import parse_ops
 from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings, TrainingInfo, report_to_json
 
@@ -375,12 +377,20 @@ class Watch:
             takes_pixels = False
         self._pixel_modules = attention_mask_modules(model) if takes_pixels else []
         # a speech encoder's attention_mask is over audio samples: its encoder counts on the frames' mask
-        self._frames = speech_frames(model)
+        self._frames = speech_frames(model, for_sites=True)
         self._audio_index = {name: positional_index(model, name) for name in AUDIO_INPUTS}
-        self._pooled = pooled_blocks(model)  # a Funnel-style encoder: each block on its pooled mask
+        # a Funnel-style encoder: each block on its pooled mask; Decision Transformer, Canine: derived masks
+        self._pooled = pooled_blocks(model) or derived_scopes(model)
         self._decoder = decoder_scope(model)  # an encoder-decoder's decoder: on its own tokens' positions
         self._from_labels = derives_decoder_from_labels(model, _forward_arguments(model))
         self._padding_modules = padding_mask_modules(model)  # nn.Transformer*: their key padding masks
+        # fused mixtures of experts: one activation for every expert (the scan splits them; a training
+        # step is not changed, so here it is said)
+        self._fused = {
+            f"{path}.{ACTIVATION}": count
+            for path, module in model.named_modules()
+            if (count := fused_experts(module))
+        }
         self._mask_warned = False
         # one probe for the run (names, tables); its counters are restarted per window
         self._probe = EagerProbe(
@@ -811,6 +821,20 @@ class Watch:
             report.notes.append(
                 f"the model ran no {'/'.join(s.ops)} call on the sampled steps: nothing to count"
             )
+        fused = [
+            f"{layer.name} ({self._fused[layer.name]} experts)"
+            for layer in layers
+            if layer.name in self._fused
+        ]
+        if fused:
+            report.notes.append(
+                f"fused mixture of experts: {', '.join(fused)} run every expert through one activation, so the "
+                "watch counts unit i of all experts as one unit (dead only if dead in every expert); "
+                "`deadrelu scan` of a saved checkpoint counts each expert's units apart"
+            )
+            if "<experts>" not in self._warned:  # once per run
+                self._warned.add("<experts>")
+                warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
         diverged = []
         if nan_units:
             diverged.append(

@@ -214,6 +214,8 @@ def may_be_negative(index: GraphIndex, name: str, memo: dict | None = None, dept
         answer = not all(
             _zero_point_is_minimum(scope, node, at, optional=False) for at in range(4, len(node.input), 3)
         )
+    elif op == "Sub" and _never_below(scope, node.input[0], node.input[1]):
+        answer = False
     elif op == "Pad" and float(attr(node, "value", 0.0) or 0.0) < 0:  # opset < 11: the fill value
         answer = True
     elif op in _SIGN_KEEPING_OPS and node.domain in ("", "ai.onnx", "com.microsoft"):
@@ -227,6 +229,33 @@ def may_be_negative(index: GraphIndex, name: str, memo: dict | None = None, dept
         answer = True
     memo[name] = answer
     return answer
+
+
+_LAYOUT_ONLY = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand")
+
+
+def _unshaped(index: GraphIndex, name: str) -> tuple[str, onnx.NodeProto | None]:
+    """The tensor `name` re-shapes (through Reshape, Unsqueeze, Expand, …), and the node that wrote it."""
+    for _ in range(_SIGN_DEPTH):
+        _, node = _producer(index, name)
+        if node is None or node.op_type not in _LAYOUT_ONLY or not node.input:
+            return name, node
+        name = node.input[0]
+    return name, None
+
+
+def _never_below(index: GraphIndex, minuend: str, subtrahend: str) -> bool:
+    """`minuend - subtrahend` is never negative by construction: x - ReduceMin(x), ReduceMax(x) - x or
+    ReduceMax(x) - ReduceMin(x), re-shapes aside (the parts of a min-max normalisation, whose result a
+    static quantization stores with zero point 0 although no ReLU was there)."""
+    high, high_node = _unshaped(index, minuend)
+    low, low_node = _unshaped(index, subtrahend)
+
+    def reduced(node: onnx.NodeProto | None, op: str) -> str | None:
+        return _unshaped(index, node.input[0])[0] if node is not None and node.op_type == op else None
+
+    smallest, largest = reduced(low_node, "ReduceMin"), reduced(high_node, "ReduceMax")
+    return (smallest is not None and smallest in (high, largest)) or (largest is not None and largest == low)
 
 
 def implicit_relu(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, str | None, str] | None:

@@ -588,7 +588,8 @@ def merge_reports(reports: list[Report], names: list[str] | None = None) -> Repo
     listed: dict[str, int] = {}
     for report in reports:
         for layer in report.layers:
-            layer = replace(layer, samples=report.data.samples) if layer.samples is None else layer
+            if layer.samples is None:  # a site no sample reached saw none of its report's samples
+                layer = replace(layer, samples=report.data.samples if layer.ran else 0)
             merged[layer.name] = merge_layer(merged[layer.name], layer) if layer.name in merged else layer
             listed[layer.name] = listed.get(layer.name, 0) + 1
     total = sum(r.data.samples for r in reports)

@@ -17,6 +17,7 @@ from torch import fx, nn
 from deadrelu_cli.probe.aten_ops import BATCH_NORM_OPS, LINEAR_OR_CONV_OPS, UNIT_PRESERVING, VIEWS
 from deadrelu_cli.probe.base import is_stored, pools_over_space, submodule
 from deadrelu_cli.probe.eager import EagerProbe
+from deadrelu_cli.probe.experts import fused_expert_of
 from deadrelu_cli.probe.exported import keeps_last_axis, op_base
 from deadrelu_cli.wiring.model import BatchNormRef, TensorRef, UnitWiring
 
@@ -175,6 +176,9 @@ def _producers(
 def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool = True) -> UnitWiring | str:
     """The UnitWiring of a scanned layer of an nn.Module, or why the layer must be skipped."""
     if layer.producer is None:
+        fused = fused_expert_of(model, layer.name)
+        if fused:
+            return f"skipped: {fused}"
         return (
             "skipped: no single Linear/Conv (or BatchNorm after one) makes this activation directly "
             "(e.g. a LayerNorm or a residual add sits between them, or the layer is another type, such as "

@@ -828,7 +828,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         loaded.extra["unscanned"] = dict(unscanned)
         loaded.notes.append(unscanned_text(dict(unscanned), options.ops))
     if not sites:
-        loaded.notes.append(_no_sites_note(loaded.runnable, options.ops))
+        loaded.notes.append(no_sites_note_of(loaded.runnable, options.ops))
         return loaded, []
     # Sites found (they keep the small tensors they need): the sessions read the large weights from the
     # scan's private copy of the file, and the graph held for the rest of the scan is without them
@@ -987,8 +987,9 @@ _ACTIVATION_LIKE = (
 )
 
 
-def _no_sites_note(model, ops: tuple[str, ...]) -> str:
-    """Say what the graph uses instead (x * Sigmoid(x) is SiLU: a smooth activation has no dead units)."""
+def no_sites_note_of(model, ops: tuple[str, ...]) -> str:
+    """Say what the graph uses instead (x * Sigmoid(x) is SiLU: a smooth activation has no dead units);
+    `scan` and `inspect` alike."""
     from collections import Counter
 
     from deadrelu_cli.probe.ops import no_sites_note

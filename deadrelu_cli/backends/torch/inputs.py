@@ -133,7 +133,7 @@ def detect_float_fed(model: LoadedModel, data: CalibrationData, order: list[str]
         try:
             with torch.inference_mode():
                 model.runnable(*args, **kwargs)
-        except (RuntimeError, TypeError, ValueError, IndexError):
+        except Exception:  # noqa: BLE001 - any failure: the scan's first batch says what is wrong
             return False
         return True
 
@@ -233,12 +233,15 @@ def cuda_sample_cost(model: LoadedModel, data: CalibrationData, order: list[str]
     return measure if device.startswith("cuda") else None
 
 
-def speech_frames(runnable) -> tuple[str, object] | None:
+def speech_frames(runnable, for_sites: bool = False) -> tuple[str, object] | None:
     """Speech encoders (wav2vec2, HuBERT, WavLM, Data2VecAudio, …) take an attention_mask over the raw
     audio samples but run their transformer on frames, which that mask does not fit: (the encoder's
     module path, a function from the samples' mask to the frames'), using the library's own mapping
     (the frames the model itself treats as padding); None for other models. The scan and `watch()`
-    both scope the encoder's sites to the frames' mask with it."""
+    both scope the encoder's sites to the frames' mask with it. `for_sites`: the mask of the positions
+    the encoder's sites run on, which SEW / SEW-D squeeze: their transformer runs on the frames
+    average-pooled by `squeeze_factor`, with the frames' mask max-pooled alike (a squeezed position is
+    real when any frame it pools is: the model's own mask)."""
     import torch
 
     to_frames = getattr(runnable, "_get_feature_vector_attention_mask", None)
@@ -249,10 +252,21 @@ def speech_frames(runnable) -> tuple[str, object] | None:
     path = next((name for name, module in runnable.named_modules() if module is encoder and name), None)
     if path is None:
         return None
+    squeeze = getattr(getattr(encoder, "config", None), "squeeze_factor", 1)
+    if not (
+        for_sites
+        and isinstance(getattr(encoder, "pool", None), torch.nn.AvgPool1d)
+        and isinstance(squeeze, int)
+    ):
+        squeeze = 1
 
     def frames_of(kept: torch.Tensor) -> torch.Tensor:
         count = int(frame_count(torch.tensor(kept.shape[1])))
-        return to_frames(count, kept.long()).bool()
+        frames = to_frames(count, kept.long()).bool()
+        if squeeze > 1:
+            pooled = torch.nn.functional.max_pool1d(frames.float().unsqueeze(1), squeeze, squeeze)
+            frames = pooled.squeeze(1) > 0
+        return frames
 
     return path, frames_of
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 
@@ -191,9 +192,33 @@ def scan_torch(
     collectors: dict | None = None,
 ) -> tuple[list, object]:
     """Replay the data through a probe of the model; returns the layer statistics and the probe."""
+    from deadrelu_cli.probe.experts import experts_apart, fused_experts
+
+    if model.kind == "eager" and options.compile:
+        fused = [path for path, module in model.runnable.named_modules() if fused_experts(module)]
+        if fused:  # the compiled graph runs every expert's rows through one activation: one "unit" each
+            raise UserError(
+                f"--compile: {', '.join(fused[:3])}{', …' if len(fused) > 3 else ''} is a fused mixture of experts, "
+                "whose experts a compiled graph cannot count apart; scan without --compile"
+            )
+    if model.kind != "eager" or options.compile:
+        return _scan_torch(model, data, options, device, collectors)
+    with experts_apart(model.runnable) as fused:  # a fused mixture of experts: each expert's units apart
+        return _scan_torch(model, data, options, device, collectors, fused)
+
+
+def _scan_torch(
+    model: LoadedModel,
+    data: CalibrationData,
+    options: ScanOptions,
+    device: str,
+    collectors: dict | None = None,
+    fused: dict[str, int] | None = None,
+) -> tuple[list, object]:
     import torch
 
     from deadrelu_cli.probe.base import ProbeSettings
+    from deadrelu_cli.probe.experts import declare_unreached
 
     mask = resolve_mask(options.mask, options.exclude_token_ids, data)
     # set per scan: the same data may serve another model later
@@ -251,7 +276,9 @@ def scan_torch(
     # (an encoder-decoder's speech encoder too, Speech2Text: its decoder keeps the decoder's scope)
     frames = audio_frame_scope(model.runnable, mask, order)
     pooled = (
-        pooled_blocks(model.runnable) if mask is not None and decoder is None and frames is None else None
+        (pooled_blocks(model.runnable) or derived_scopes(model.runnable))
+        if mask is not None and decoder is None and frames is None
+        else None
     )
     # speech encoder fed audio with no mask at all: zero-padded audio would count its padded frames unsaid
     hop = (
@@ -371,11 +398,16 @@ def scan_torch(
                         or integer_hint(batch, order, exc)
                         or f"the model failed on the first batch ({shapes}): {first}; {hint}"
                     ) from exc
+                raise_if_model_code(exc, index, batch, order)
+                raise
+            except Exception as exc:  # noqa: BLE001 - an AttributeError, AssertionError, … of any origin
+                raise_if_model_code(exc, index, batch, order)
                 raise
             done += inputs[0].shape[0] if inputs and inputs[0].dim() else 0
             forwards += 1
             if options.progress:
                 options.progress(done, total)
+    declare_unreached(probe.registry, fused or {})
     layers = probe.registry.layer_stats()
     guessed = [layer.name for layer in layers if layer.name in probe.registry.axis_guesses]
     if guessed:  # [N, C, T] and [N, T, C] look alike: say which one was assumed
@@ -425,6 +457,49 @@ def scan_torch(
     if not layers and not any(note.startswith("the model ran no") for note in model.notes):
         model.notes.append(no_sites_note(model, options.ops))
     return layers, probe
+
+
+def model_code_frame(exc: BaseException):
+    """Where the model's own code (its class, its library: transformers, timm, …) raised `exc` inside its
+    forward: the innermost frame outside torch and the standard library, or None when that frame is this
+    tool's (a probe hook runs inside the forward: then it is an internal error)."""
+    import sysconfig
+    import traceback
+
+    import torch
+
+    library = (os.path.dirname(torch.__file__) + os.sep, sysconfig.get_paths()["stdlib"] + os.sep)
+    ours = (
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
+    )  # the package
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if frame.filename.startswith(library) or frame.filename.startswith("<"):
+            continue  # torch's own frames (its modules' __getattr__, F.*), generated code
+        if frame.filename.startswith(ours) and (frame.line or "").strip() in _FORWARDED:
+            continue  # the probe's torch-function mode handing the model's own op call on to torch
+        return None if frame.filename.startswith(ours) else frame
+    return None
+
+
+_FORWARDED = ("out = func(*args, **kwargs)", "return func(*args, **kwargs)")
+
+
+def raise_if_model_code(exc: BaseException, index: int, batch: dict, order: list[str]) -> None:
+    """An error raised by the model's own code is the model's (or the data's), not the tool's: one line,
+    exit 2, naming where it was raised (a model whose forward reads an attribute its pickle lacks, an
+    `assert` on the input's shape, a later batch longer than its position table)."""
+    frame = model_code_frame(exc)
+    if frame is None:
+        return
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    shapes = ", ".join(f"{n}{list(np.shape(batch[n]))}" for n in order if n in batch)
+    where = f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}()"
+    raise UserError(
+        f"the model's own code raised {type(exc).__name__} at {where} on batch {index + 1} ({shapes})"
+        f"{': ' + first if first else ''}; the error is in the model (or in what it expects beside "
+        "--data), not in deadrelu: --debug shows the traceback"
+    ) from exc
 
 
 def tell_layouts(registry, batch: dict, data: CalibrationData, run) -> None:
@@ -517,7 +592,7 @@ def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
     (`input_values`, or Speech2Text's `input_features`, which its subsampler shortens)."""
     if mask is None or mask.array is None or not any(name in order for name in AUDIO_INPUTS):
         return None
-    return speech_frames(runnable)
+    return speech_frames(runnable, for_sites=True)
 
 
 def mask_rank(mask, data) -> int:
@@ -618,6 +693,38 @@ def pooled_blocks(runnable):
         return scoped
 
     return masks_of
+
+
+def derived_scopes(runnable):
+    """Models that run part of themselves on a sequence the attention_mask does not fit, with a mask they
+    derive from it: Decision Transformer (three tokens per time step, its mask stacked alike: the
+    `encoder`'s sites) and Canine (molecules: the characters' mask max-pooled by `downsampling_rate`, by
+    the model's own `_downsample_attention_mask`: the deep `encoder` and `chars_to_molecules`). A function
+    from the data's mask to {module path: mask}, as `pooled_blocks`; None for other models."""
+    import torch
+
+    base = getattr(runnable, "base_model", runnable)
+    paths = {id(module): name for name, module in runnable.named_modules() if name}
+    encoder = getattr(base, "encoder", None)
+    if encoder is None or id(encoder) not in paths:
+        return None
+    if all(
+        isinstance(getattr(base, name, None), torch.nn.Module)
+        for name in ("embed_return", "embed_state", "embed_action")
+    ):
+        # Decision Transformer: (return, state, action) per time step, interleaved
+        return lambda kept: {paths[id(encoder)]: kept.bool().repeat_interleave(3, dim=1)}
+    downsample = getattr(base, "_downsample_attention_mask", None)
+    rate = getattr(getattr(base, "config", None), "downsampling_rate", None)
+    molecules = getattr(base, "chars_to_molecules", None)
+    if callable(downsample) and isinstance(rate, int) and id(molecules) in paths:
+
+        def molecules_of(kept: torch.Tensor) -> dict:
+            mask = downsample(kept.float(), downsampling_rate=rate) > 0
+            return {paths[id(encoder)]: mask, paths[id(molecules)]: mask}
+
+        return molecules_of
+    return None
 
 
 def trailing_zero_samples(audio: np.ndarray, run: int) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_cuts, shift_gains
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
+from deadrelu_cli.probe.experts import fused_expert_of
 from deadrelu_cli.wiring.model import TensorRef, UnitWiring
 from deadrelu_cli.wiring.torch import BATCH_NORM, eager_wiring, named_tensor, submodule, write_conflict
 
@@ -405,7 +406,12 @@ def shift_targets(
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
             name = f"{producer}.running_mean"  # affine=False: the mean subtracted is the per-unit offset
         if name is None:
-            targets[plan.name] = "skipped: no bias to shift (no single producer, or it has bias=False)"
+            fused = fused_expert_of(model, plan.name) if isinstance(model, nn.Module) else None
+            targets[plan.name] = (
+                f"skipped: {fused}"
+                if fused
+                else "skipped: no bias to shift (no single producer, or it has bias=False)"
+            )
             continue
         targets[plan.name] = write_conflict(model, [name], report, layer) or name
     return targets
