@@ -10,7 +10,7 @@ import numpy as np
 from deadrelu_cli.backends import backend_for, backend_of
 from deadrelu_cli.calibration import CalibrationData, open_calibration
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import LAYOUT_AMBIGUOUS, ROW_ORDER_AMBIGUOUS
+from deadrelu_cli.gate import FRAMES_NOT_TOLD, LAYOUT_AMBIGUOUS, ROW_ORDER_AMBIGUOUS
 from deadrelu_cli.inputs import GROUPED_INPUTS, dict_groups
 from deadrelu_cli.loaders import LoadedModel, LoadOptions, load_model
 from deadrelu_cli.options import ScanOptions
@@ -186,6 +186,10 @@ def mask_notes(layers: list, mask) -> list[str]:
         "flattened, as `h.view(-1, C)` of a time-major RNN's output; every element counted, padding "
         "included; a gate fails on them unless --allow-unseen; reordering the samples of a batch tells "
         "the order where the samples differ)",
+        FRAMES_NOT_TOLD: "after an ONNX graph's 1-D conv subsampler (a speech encoder's frames), on batches whose "
+        "mask did not keep each sample's positions first and its padding after: a frame's real length rests on "
+        "that (every frame of those batches counted, padding included; a gate fails on them unless "
+        "--allow-unseen; pad at the end)",
     }
     for reason, said in reasons.items():
         unmasked = [layer.name for layer in layers if layer.extra.get("position_mask") == reason]

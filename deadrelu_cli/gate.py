@@ -15,8 +15,12 @@ LAYOUT_AMBIGUOUS = "layout ambiguous"
 # the same for a site of flattened [batch*tokens, …] rows whose order (sample-major, or time-major: a
 # [tokens, batch, …] flattened) nothing told: every position counted
 ROW_ORDER_AMBIGUOUS = "row order ambiguous"
+# extra["position_mask"] of an ONNX site after a 1-D conv subsampler (a speech encoder's frames) where a
+# batch's mask was not its samples' real positions first and padding after: the frames' real lengths rest
+# on that, so every frame of such a batch counted
+FRAMES_NOT_TOLD = "frames not told"
 # extra["position_mask"] of a site the scan's position mask could not reach (it counted padding too)
-MASK_NOT_APPLIED = ("in a subgraph", "opset below 9", LAYOUT_AMBIGUOUS, ROW_ORDER_AMBIGUOUS)
+MASK_NOT_APPLIED = ("in a subgraph", "opset below 9", LAYOUT_AMBIGUOUS, ROW_ORDER_AMBIGUOUS, FRAMES_NOT_TOLD)
 
 
 @dataclass
@@ -258,6 +262,8 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             LAYOUT_AMBIGUOUS: "re-export with a dynamic batch dim (or another batch size than the sequence length)",
             ROW_ORDER_AMBIGUOUS: "give data whose samples differ (the order of flattened rows is told by "
             "reordering the samples of a batch), or scan the PyTorch model",
+            FRAMES_NOT_TOLD: "pad every sample at its end (real positions first), as speech feature "
+            "extractors do, or scan the PyTorch model",
         }
         how = "; ".join(remedies[reason] for reason in MASK_NOT_APPLIED if reason in unmasked.values())
         model_failures.append(

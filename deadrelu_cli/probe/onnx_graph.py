@@ -72,6 +72,100 @@ class OnnxSite:
     token_layout: str | None = None
     mask_unapplied: str | None = None  # why a position mask could not be applied here, when not for its shape
     spelled: str | None = None  # "Max" / "Where" / "Mul": a ReLU the graph spells without a Relu node
+    # the 1-D conv/pool steps between the graph's inputs and this site, where its positions are the mask's
+    # shortened by them (a speech encoder's subsampled frames; frame_chains): it gets the frames' mask
+    frames: tuple[tuple[int, int, int, bool], ...] | None = None
+
+    @property
+    def mask_input(self) -> str:
+        """The graph input holding this site's position mask: the batch's, or its frames' (`frames`)."""
+        return frame_mask_name(self.frames) if self.frames else MASK_INPUT
+
+
+# One 1-D Conv / MaxPool / AveragePool along the positions: (effective kernel, stride, both pads summed,
+# SAME auto-padding), what its output length is of its input's (frame_count)
+FrameStep = tuple[int, int, int, bool]
+_FRAME_OPS = ("Conv", "MaxPool", "AveragePool")
+
+
+def _frame_step(node: onnx.NodeProto, index: GraphIndex) -> FrameStep | None:
+    """The length arithmetic of a 1-D Conv/MaxPool/AveragePool node; None for any other (a 2-D conv,
+    a pool with ceil_mode, a kernel of unknown size)."""
+    kernel = attr(node, "kernel_shape")
+    if kernel is None and node.op_type == "Conv" and len(node.input) > 1:
+        weight = index.shape(node.input[1])
+        kernel = weight[2:] if weight is not None and len(weight) >= 3 else None
+    if kernel is None or len(kernel) != 1 or kernel[0] is None or attr(node, "ceil_mode", 0):
+        return None
+    stride = int((attr(node, "strides") or [1])[0])
+    dilation = int((attr(node, "dilations") or [1])[0])
+    pads = attr(node, "pads") or [0, 0]
+    auto = attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto == "VALID":
+        pads = [0, 0]
+    return (
+        dilation * (int(kernel[0]) - 1) + 1,
+        stride,
+        int(pads[0]) + int(pads[-1]),
+        auto.startswith("SAME"),
+    )
+
+
+def frame_chains(model: onnx.ModelProto) -> dict[str, tuple[FrameStep, ...] | None]:
+    """Per value of the main graph, the 1-D conv/pool steps between the graph's inputs and it (a speech
+    encoder's strided Conv1d subsampler: the frames its positions are); None where two values of
+    different steps meet (nothing to map the mask through) or a 2-D conv/pool sits on the way.
+    Constants carry no steps, so they never conflict. Nodes are in topological order (ONNX's rule)."""
+    index = GraphIndex(model.graph)
+    chains: dict[str, tuple[FrameStep, ...] | None] = {i.name: () for i in model.graph.input}
+    for node in model.graph.node:
+        found = [chains[name] for name in node.input if name in chains]
+        if node.op_type in _FRAME_OPS and node.input and node.input[0] in chains:
+            base = chains[node.input[0]]
+            rank = index.rank(node.input[0])
+            step = _frame_step(node, index) if rank in (None, 3) else None
+            chain = None if base is None or step is None else (*base, step)
+        elif any(c is None for c in found) or len({c for c in found if c}) > 1:
+            chain = None
+        else:
+            chain = max(found, key=len, default=())
+        for out in node.output:
+            chains[out] = chain
+    return chains
+
+
+def frame_count(chain: tuple[FrameStep, ...], lengths):
+    """The frames each step chain makes of `lengths` positions (an int or an int array), as the
+    Conv/pool ops size their output (floor((L + pads - kernel) / stride) + 1; SAME: ceil(L / stride));
+    a real length is mapped so too: the frames Hugging Face's speech encoders count as real
+    (`_get_feat_extract_output_lengths`)."""
+    out = np.asarray(lengths, dtype=np.int64)
+    for kernel, stride, pads, same in chain:
+        if same:
+            out = -(-out // stride)
+        else:
+            out = np.maximum((out + pads - kernel) // stride + 1, 0)
+    return out
+
+
+def frames_keep(chain: tuple[FrameStep, ...], keep: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The frames' mask of a batch's position mask `keep` [batch, tokens] after `chain`: frame f of a
+    sample is real when f < frame_count(its real length), and whether that held (every sample's kept
+    positions first, padding after: the convention those lengths rest on). Else every frame, and False:
+    the layer says so, and a gate fails on it."""
+    keep = np.asarray(keep, dtype=bool)
+    frames = int(frame_count(chain, keep.shape[1]))
+    lengths = keep.sum(axis=1)
+    if not np.array_equal(keep, np.arange(keep.shape[1])[None, :] < lengths[:, None]):
+        return np.ones((keep.shape[0], frames), bool), False
+    return np.arange(frames)[None, :] < frame_count(chain, lengths)[:, None], True
+
+
+def frame_mask_name(chain: tuple[FrameStep, ...]) -> str:
+    """The graph input the scan adds for the frames' mask of `chain` (one per distinct chain)."""
+    steps = "_".join(f"k{k}s{s}p{p}{'same' if same else ''}" for k, s, p, same in chain)
+    return f"{MASK_INPUT}_frames_{steps}"
 
 
 def _clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, float | None]:
@@ -814,15 +908,15 @@ def _keep_of(builder: _Builder, site: OnnxSite) -> str:
     from deadrelu_cli.probe.ops import TOKEN_FLAT, TOKEN_FLAT_TIME_MAJOR, TOKEN_ROWS, TOKENS_FIRST
 
     rank = site.rank or 0
-    mask = MASK_INPUT
+    mask = site.mask_input  # the batch's mask, or its frames' after a conv subsampler
     if site.token_layout in (TOKEN_ROWS, TOKENS_FIRST):
         shape = [0, 0] + [1] * (rank - 2)  # 0: copy that dim of the mask
         if site.token_layout == TOKENS_FIRST:
-            mask = builder.node("Transpose", [MASK_INPUT], "keept", perm=[1, 0])
+            mask = builder.node("Transpose", [mask], "keept", perm=[1, 0])
     elif site.token_layout in (TOKEN_FLAT, TOKEN_FLAT_TIME_MAJOR):
         shape = [-1] + [1] * (rank - 1)
         if site.token_layout == TOKEN_FLAT_TIME_MAJOR:
-            mask = builder.node("Transpose", [MASK_INPUT], "keept", perm=[1, 0])
+            mask = builder.node("Transpose", [mask], "keept", perm=[1, 0])
     else:
         shape = [0, 1, -1]
     return builder.node("Reshape", [mask, builder.const(np.array(shape, np.int64), "keepshape")], "keep")
@@ -970,6 +1064,8 @@ def instrument(
         inst.graph.input.append(
             helper.make_tensor_value_info(MASK_INPUT, TensorProto.BOOL, ["batch", "tokens"])
         )
+    for name in dict.fromkeys(s.mask_input for s in sites if s.token_layout and s.frames):
+        inst.graph.input.append(helper.make_tensor_value_info(name, TensorProto.BOOL, ["batch", "frames"]))
     for i, site in enumerate(sites):
         if site.rank is None and channel_dim_override not in (None, 1, -1):
             raise UserError(

@@ -1,0 +1,174 @@
+"""ONNX position masks where the old scan counted padding, or gated for nothing (onnxmask43).
+
+The truth: onnxruntime runs the plain graph with the Relus' inputs and outputs exposed (truth.onnx_relu_io),
+and the test masks them in numpy; a speech encoder's real frames by the conv arithmetic written out here."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import save_npz
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+from truth import onnx_relu_io
+
+FEATURES, SAMPLES, FRAMES = 4, 6, 17
+LENGTHS = np.array([17, 12, 9, 5, 14, 3])  # real input frames per sample
+
+
+class Subsampler(nn.Module):
+    """A speech encoder's shape: features [B, T, F] -> strided Conv1d (k5 s2 p2) + ReLU -> strided Conv1d
+    (k3 s2 p1) -> [B, T2, C] -> Linear + ReLU (rows) -> flattened [B*T2, C] rows -> Linear + ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(43)
+        self.c1 = nn.Conv1d(FEATURES, 6, 5, stride=2, padding=2)
+        self.c2 = nn.Conv1d(6, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6, 5)
+        self.rows = nn.Linear(5, 4)
+        with torch.no_grad():  # unit 0 of the first ReLU fires on the padding's large values only
+            self.c1.weight[0] = 0.2
+            self.c1.bias[0] = -20.0
+
+    def forward(self, input_features):
+        h = torch.relu(self.c1(input_features.transpose(1, 2)))
+        h = torch.relu(self.fc(self.c2(h).transpose(1, 2)))
+        return torch.relu(self.rows(h.reshape(-1, h.shape[-1])))
+
+
+def _speech(tmp_path):
+    model = Subsampler().eval()
+    rng = np.random.RandomState(5)
+    x = rng.randn(SAMPLES, FRAMES, FEATURES).astype(np.float32) * 0.5
+    path = tmp_path / "speech.onnx"
+    axes = {0: "batch", 1: "frames"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.from_numpy(x[:2]),), str(path), input_names=["input_features"],
+            dynamic_axes={"input_features": axes}, opset_version=17, dynamo=False,
+        )  # fmt: skip
+    return onnx.load(path), path, x
+
+
+def _frames(lengths):
+    """Real frames after each conv, as Speech2Text's `_get_feat_extract_output_lengths` writes them."""
+    first = (lengths + 2 * 2 - 5) // 2 + 1
+    return first, (first + 2 * 1 - 3) // 2 + 1
+
+
+def _relu_nodes(model) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type == "Relu"]
+
+
+@pytest.mark.parametrize("batch_size", [2, 6])
+def test_a_conv_subsampled_encoder_counts_its_real_frames(cli, tmp_path, batch_size):
+    """Each ReLU after the strided convs ([B, C, T1], [B, T2, C] and [B*T2, C] rows) counts the frames
+    the real positions make, exactly (onnxruntime + numpy), `applied`; the gate passes. Before: every
+    frame counted (padding included: unit 0, alive on padding only, passed as alive), 'no token axis',
+    a note only."""
+    model, path, x = _speech(tmp_path)
+    keep = np.arange(FRAMES)[None, :] < LENGTHS[:, None]
+    x[~keep] = 9.0  # padding the units 0 fire on
+    data = save_npz(tmp_path / "d.npz", input_features=x, attention_mask=keep.astype(np.int64))
+    c1, c2, rows = _relu_nodes(model)
+    truth = onnx_relu_io(model, {"input_features": x}, [c1, c2, rows])
+    first, second = _frames(LENGTHS)
+    kept = {
+        c1: np.moveaxis(truth[c1].pre, 1, -1)[np.arange(truth[c1].pre.shape[2])[None] < first[:, None]],
+        c2: truth[c2].pre[np.arange(truth[c2].pre.shape[1])[None] < second[:, None]],
+        rows: truth[rows].pre.reshape(SAMPLES, -1, 4)[np.arange(truth[c2].pre.shape[1])[None] < second[:, None]],
+    }
+    args = ("scan", path, "--data", data, "--json", "-", "-q", "--batch-size", batch_size, "--max-dead", "0.5")
+    result = cli(*args)
+    assert result.code == 0, result.err
+    layers = {layer["name"]: layer for layer in result.json()["layers"]}
+    for name, pre in kept.items():
+        layer = layers[name]
+        assert layer["positive_counts"] == (pre > 0).sum(0).tolist(), name
+        assert layer["elements_per_unit"] == pre.shape[0], name
+        np.testing.assert_allclose(layer["max_preactivation"], pre.max(0), rtol=1e-6, err_msg=name)
+        assert layer["extra"]["position_mask"] == "applied", name
+    assert layers[c1]["positive_counts"][0] == 0 < (truth[c1].pre[:, 0] > 0).sum()  # alive on padding only
+
+
+def test_a_subsampled_encoder_fed_left_padded_features_is_marked_and_gated(cli, tmp_path):
+    """Padding first: the frames' real lengths (the convention they rest on) do not say which frames
+    are real; the layers after the convs count every frame, say 'frames not told', and a gate fails
+    unless --allow-unseen. Before: counted every frame, a note only, the gate passed."""
+    model, path, x = _speech(tmp_path)
+    keep = np.arange(FRAMES)[None, :] >= (FRAMES - LENGTHS)[:, None]
+    data = save_npz(tmp_path / "d.npz", input_features=x, attention_mask=keep.astype(np.int64))
+    args = ("scan", path, "--data", data, "--json", "-", "-q", "--max-dead", "1.0")
+    gated = cli(*args)
+    assert gated.code == 1, gated.err
+    assert "pad every sample at its end" in gated.err, gated.err
+    report = gated.json()
+    c1, c2, rows = _relu_nodes(model)
+    truth = onnx_relu_io(model, {"input_features": x}, [c1, c2, rows])
+    for layer in report["layers"]:
+        pre = truth[layer["name"]].pre
+        pre = np.moveaxis(pre, 1, -1) if layer["name"] == c1 else pre
+        pre = pre.reshape(-1, pre.shape[-1])  # every frame, as the mark says
+        assert layer["extra"]["position_mask"] == "frames not told"
+        assert layer["positive_counts"] == (pre > 0).sum(0).tolist()
+        assert layer["elements_per_unit"] == pre.shape[0]
+    assert any("frames not told" not in n and "conv subsampler" in n for n in report["notes"]), report["notes"]
+    assert cli(*args, "--allow-unseen").code == 0
+
+
+B = T = 4  # a graph whose batch is fixed at the mask's token count
+UNITS = 3
+
+
+def _square_graph():
+    rng = np.random.default_rng(43)
+    w = rng.standard_normal((2, UNITS)).astype(np.float32)
+    b = np.array([0.1, -0.3, 0.2], np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+            helper.make_node("Add", ["m", "b"], ["pre"], name="add"),
+            helper.make_node("Relu", ["pre"], ["y"], name="relu"),
+        ],
+        "square",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, T, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, T, UNITS])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["all-ones", "padded"])
+def test_a_square_fixed_batch_of_identical_samples_with_an_all_ones_mask_is_exact(cli, tmp_path, padded):
+    """Batch fixed at T, the first batch four identical samples of one vector: reordering cannot tell
+    [B, T] from [T, B]. With every mask all ones every position is kept under either reading: exact, `applied`,
+    the gate passes (before: 'layout ambiguous', the gate failed for nothing). With padding on a later
+    batch it stays 'layout ambiguous' and gated."""
+    model = _square_graph()
+    path = tmp_path / "sq.onnx"
+    onnx.save(model, path)
+    rng = np.random.RandomState(1)
+    x = rng.randn(8, T, 2).astype(np.float32)
+    x[:B] = x[0, 0]  # one vector at every position of the first batch: no reordering tells anything
+    keep = np.ones((8, T), bool)
+    if padded:
+        keep[6, 2:] = False
+    data = save_npz(tmp_path / "d.npz", x=x, attention_mask=keep.astype(np.int64))
+    pre = onnx_relu_io(model, {"x": x[:B]}, ["relu"])["relu"].pre, onnx_relu_io(model, {"x": x[B:]}, ["relu"])
+    pre = np.concatenate([pre[0], pre[1]["relu"].pre]).reshape(-1, UNITS)  # every position
+    args = ("scan", path, "--data", data, "--json", "-", "-q", "--max-dead", "1.0")
+    result = cli(*args)
+    (layer,) = result.json()["layers"]
+    assert layer["positive_counts"] == (pre > 0).sum(0).tolist()
+    assert layer["elements_per_unit"] == 8 * T
+    if padded:
+        assert result.code == 1 and layer["extra"]["position_mask"] == "layout ambiguous", result.err
+    else:
+        assert result.code == 0, result.err
+        assert layer["extra"]["position_mask"] == "applied"
