@@ -82,9 +82,23 @@ def test_a_conv_subsampled_encoder_counts_its_real_frames(cli, tmp_path, batch_s
     kept = {
         c1: np.moveaxis(truth[c1].pre, 1, -1)[np.arange(truth[c1].pre.shape[2])[None] < first[:, None]],
         c2: truth[c2].pre[np.arange(truth[c2].pre.shape[1])[None] < second[:, None]],
-        rows: truth[rows].pre.reshape(SAMPLES, -1, 4)[np.arange(truth[c2].pre.shape[1])[None] < second[:, None]],
+        rows: truth[rows].pre.reshape(SAMPLES, -1, 4)[
+            np.arange(truth[c2].pre.shape[1])[None] < second[:, None]
+        ],
     }
-    args = ("scan", path, "--data", data, "--json", "-", "-q", "--batch-size", batch_size, "--max-dead", "0.5")
+    args = (
+        "scan",
+        path,
+        "--data",
+        data,
+        "--json",
+        "-",
+        "-q",
+        "--batch-size",
+        batch_size,
+        "--max-dead",
+        "0.5",
+    )
     result = cli(*args)
     assert result.code == 0, result.err
     layers = {layer["name"]: layer for layer in result.json()["layers"]}
@@ -118,7 +132,9 @@ def test_a_subsampled_encoder_fed_left_padded_features_is_marked_and_gated(cli, 
         assert layer["extra"]["position_mask"] == "frames not told"
         assert layer["positive_counts"] == (pre > 0).sum(0).tolist()
         assert layer["elements_per_unit"] == pre.shape[0]
-    assert any("frames not told" not in n and "conv subsampler" in n for n in report["notes"]), report["notes"]
+    assert any("frames not told" not in n and "conv subsampler" in n for n in report["notes"]), report[
+        "notes"
+    ]
     assert cli(*args, "--allow-unseen").code == 0
 
 
@@ -172,3 +188,98 @@ def test_a_square_fixed_batch_of_identical_samples_with_an_all_ones_mask_is_exac
     else:
         assert result.code == 0, result.err
         assert layer["extra"]["position_mask"] == "applied"
+
+
+def _reverse_scan():
+    """x [B, T, 2] scanned on axis 1 (the tokens) last token first, a running sum as its state: the body's
+    Relu sees one token's [B, 3] per step, h_t = Relu(x_t @ W + b + 0.1 * s_t), s_t the sum of the later
+    tokens' x_t @ W (a backward RNN's shape)."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((2, UNITS)).astype(np.float32)
+    w[:, 0] = 1.0
+    b = np.array([-9.0, -0.4, 0.0], np.float32)  # unit 0: fires on the padding's 5.0 only
+    f32 = TensorProto.FLOAT
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x_t", "w"], ["xw"], name="step_mm"),
+            helper.make_node("Add", ["s_in", "xw"], ["s_out"], name="step_state"),
+            helper.make_node("Mul", ["s_in", "tenth"], ["carry"], name="step_carry"),
+            helper.make_node("Add", ["xw", "carry"], ["xc"], name="step_add"),
+            helper.make_node("Add", ["xc", "b"], ["pre"], name="step_bias"),
+            helper.make_node("Relu", ["pre"], ["y_t"], name="step_relu"),
+        ],
+        "body",
+        [helper.make_tensor_value_info("s_in", f32, [None, UNITS]), helper.make_tensor_value_info("x_t", f32, [None, 2])],
+        [helper.make_tensor_value_info("s_out", f32, [None, UNITS]), helper.make_tensor_value_info("y_t", f32, [None, UNITS])],
+        initializer=[numpy_helper.from_array(np.float32(0.1), "tenth")],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [
+            helper.make_node("Shape", ["x"], ["xshape"], name="shape"),
+            helper.make_node("Slice", ["xshape", "zero", "one"], ["batch"], name="batch"),
+            helper.make_node("Concat", ["batch", "units"], ["sshape"], name="sshape", axis=0),
+            helper.make_node("ConstantOfShape", ["sshape"], ["s0"], name="s0", value=numpy_helper.from_array(np.zeros(1, np.float32))),
+            helper.make_node(
+                "Scan", ["s0", "x"], ["s_last", "ys"], name="scan", body=body, num_scan_inputs=1,
+                scan_input_axes=[1], scan_input_directions=[1], scan_output_axes=[1], scan_output_directions=[1],
+            ),
+        ],
+        "reverse_scan",
+        [helper.make_tensor_value_info("x", f32, ["B", "T", 2])],
+        [helper.make_tensor_value_info("ys", f32, ["B", "T", UNITS])],
+        initializer=[
+            numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
+            numpy_helper.from_array(np.array([0], np.int64), "zero"), numpy_helper.from_array(np.array([1], np.int64), "one"),
+            numpy_helper.from_array(np.array([UNITS], np.int64), "units"),
+        ],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), w, b
+
+
+def test_a_scan_over_the_tokens_in_reverse_counts_the_real_tokens(cli, tmp_path):
+    """A Scan that iterates the tokens (axis 1 of [B, T, F]) last first: its body's Relu counts each
+    step's kept samples only (the mask's column of that step, scanned the same way), exactly as numpy
+    over the kept tokens; `applied`, the gate passes. Before: every position counted, 'in a subgraph',
+    the gate failed."""
+    model, w, b = _reverse_scan()
+    path = tmp_path / "scan.onnx"
+    onnx.save(model, path)
+    rng = np.random.RandomState(2)
+    lengths = np.array([5, 2, 4, 1, 3, 5, 2])
+    x = rng.randn(len(lengths), 5, 2).astype(np.float32)
+    keep = np.arange(5)[None, :] < lengths[:, None]
+    x[~keep] = 5.0
+    data = save_npz(tmp_path / "d.npz", x=x, attention_mask=keep.astype(np.int64))
+    xw = x.astype(np.float64) @ w
+    later = np.cumsum(xw[:, ::-1], axis=1)[:, ::-1] - xw  # the state at step t: the later tokens' sum
+    pre = (xw + 0.1 * later + b)[keep]
+    assert (xw + 0.1 * later + b)[~keep].max(0)[0] > 0 >= pre.max(0)[0]  # unit 0 fires on padding only
+    result = cli("scan", path, "--data", data, "--json", "-", "-q", "--batch-size", "3", "--max-dead", "0.5")
+    assert result.code == 0, result.err
+    (layer,) = result.json()["layers"]
+    assert layer["positive_counts"] == (pre > 0).sum(0).tolist()
+    assert layer["elements_per_unit"] == int(keep.sum())
+    np.testing.assert_allclose(layer["max_preactivation"], pre.max(0), rtol=1e-5)
+    assert layer["extra"]["position_mask"] == "applied"
+    assert 0 in layer["dead_indices"]
+
+
+def test_a_scan_body_under_an_all_ones_mask_is_exact(cli, tmp_path):
+    """No padding anywhere: a Scan over the samples (not masked per step) counted every position,
+    which are all kept: `applied`, the gate passes. Before: 'in a subgraph', the gate failed."""
+    from test_mask37 import SAMPLES, TOKENS, _subgraph_tokens
+
+    model, (*_, ws, bs) = _subgraph_tokens(scan_over_samples=True)
+    path = tmp_path / "sub.onnx"
+    onnx.save(model, path)
+    x = np.random.RandomState(3).randn(SAMPLES, TOKENS, 4).astype(np.float32)
+    data = save_npz(
+        tmp_path / "d.npz", x=x, flag=np.array(True), attention_mask=np.ones((SAMPLES, TOKENS), np.int64)
+    )
+    result = cli("scan", path, "--data", data, "--const", "flag", "--json", "-", "-q", "--max-dead", "1.0")
+    assert result.code == 0, result.err
+    scan = {layer["name"]: layer for layer in result.json()["layers"]}["scan/body/scan_relu"]
+    pre = (x.astype(np.float64) @ ws + bs).reshape(-1, 3)
+    assert scan["positive_counts"] == (pre > 0).sum(0).tolist()
+    assert scan["elements_per_unit"] == SAMPLES * TOKENS
+    assert scan["extra"]["position_mask"] == "applied"

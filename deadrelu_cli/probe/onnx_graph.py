@@ -75,6 +75,7 @@ class OnnxSite:
     # the 1-D conv/pool steps between the graph's inputs and this site, where its positions are the mask's
     # shortened by them (a speech encoder's subsampled frames; frame_chains): it gets the frames' mask
     frames: tuple[tuple[int, int, int, bool], ...] | None = None
+    step_direction: int = 0  # TOKEN_STEPS: the direction its Scan iterates the tokens in (1: last first)
 
     @property
     def mask_input(self) -> str:
@@ -166,6 +167,63 @@ def frame_mask_name(chain: tuple[FrameStep, ...]) -> str:
     """The graph input the scan adds for the frames' mask of `chain` (one per distinct chain)."""
     steps = "_".join(f"k{k}s{s}p{p}{'same' if same else ''}" for k, s, p, same in chain)
     return f"{MASK_INPUT}_frames_{steps}"
+
+
+# token_layout of a site in the body of a main-graph Scan that iterates the mask's tokens: one step's
+# [B, ..., C] slice, masked by the mask's column of that step (a scan input the scan adds, token_steps)
+TOKEN_STEPS = "scan_steps"
+STEP_MASK = MASK_INPUT + "_step"  # the Scan body's input of that column, [batch] bool
+
+
+def token_steps(
+    node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]], batch: int, tokens: int
+) -> int | None:
+    """The direction (0 forward, 1 reverse) in which Scan `node` iterates the position mask's tokens:
+    some scan input is [T, B, ...] scanned on axis 0 or [B, T, ...] on axis 1 (`shapes`: each input's on
+    the first batch; probe.ops.token_layout's reading), every such input one direction, none of them of
+    a shape that reads both ways (as many samples as tokens); else None (it iterates something else, or
+    nothing says what)."""
+    from deadrelu_cli.probe.ops import TOKEN_ROWS, TOKENS_FIRST, layout_ambiguous, token_layout
+
+    count = attr(node, "num_scan_inputs", 0)
+    inputs = list(node.input[len(node.input) - count :]) if count else []
+    axes = list(attr(node, "scan_input_axes") or [0] * count)
+    directions = list(attr(node, "scan_input_directions") or [0] * count)
+    found = set()
+    for name, axis, direction in zip(inputs, axes, directions, strict=False):
+        shape = shapes.get(name)
+        if shape is None or len(shape) < 3:
+            continue
+        if layout_ambiguous(shape, len(shape) - 1, batch, tokens):
+            return None
+        layout = token_layout(shape, len(shape) - 1, batch, tokens)
+        if (layout, axis % len(shape)) in ((TOKENS_FIRST, 0), (TOKEN_ROWS, 1)):
+            found.add(int(direction))
+    return found.pop() if len(found) == 1 and batch != tokens else None
+
+
+def add_step_mask(node: onnx.NodeProto, body: onnx.GraphProto, direction: int) -> None:
+    """Make the position mask a scan input of Scan `node` (axis 1: the tokens, in `direction`), read in
+    its body as STEP_MASK: the kept samples of each step."""
+    count = attr(node, "num_scan_inputs", 0)
+    axes = list(attr(node, "scan_input_axes") or [0] * count)
+    directions = list(attr(node, "scan_input_directions") or [0] * count)
+    values = {
+        "num_scan_inputs": count + 1,
+        "scan_input_axes": [*axes, 1],
+        "scan_input_directions": [*directions, direction],
+    }
+    for name, value in values.items():  # in place: the `body` attribute (the graph being instrumented) stays
+        found = next((a for a in node.attribute if a.name == name), None)
+        if found is None:
+            node.attribute.append(helper.make_attribute(name, value))
+        elif isinstance(value, list):
+            del found.ints[:]
+            found.ints.extend(value)
+        else:
+            found.i = value
+    node.input.append(MASK_INPUT)
+    body.input.append(helper.make_tensor_value_info(STEP_MASK, TensorProto.BOOL, ["batch"]))
 
 
 def _clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, float | None]:
@@ -909,7 +967,9 @@ def _keep_of(builder: _Builder, site: OnnxSite) -> str:
 
     rank = site.rank or 0
     mask = site.mask_input  # the batch's mask, or its frames' after a conv subsampler
-    if site.token_layout in (TOKEN_ROWS, TOKENS_FIRST):
+    if site.token_layout == TOKEN_STEPS:  # one step's [B, ..., C]: that step's column of the mask
+        mask, shape = STEP_MASK, [-1] + [1] * (rank - 1)
+    elif site.token_layout in (TOKEN_ROWS, TOKENS_FIRST):
         shape = [0, 0] + [1] * (rank - 2)  # 0: copy that dim of the mask
         if site.token_layout == TOKENS_FIRST:
             mask = builder.node("Transpose", [mask], "keept", perm=[1, 0])
@@ -1066,6 +1126,9 @@ def instrument(
         )
     for name in dict.fromkeys(s.mask_input for s in sites if s.token_layout and s.frames):
         inst.graph.input.append(helper.make_tensor_value_info(name, TensorProto.BOOL, ["batch", "frames"]))
+    for path in dict.fromkeys(s.graph_path for s in sites if s.token_layout == TOKEN_STEPS):
+        direction = next(s.step_direction for s in sites if s.graph_path == path)
+        add_step_mask(owners[path][1], graphs[path], direction)
     for i, site in enumerate(sites):
         if site.rank is None and channel_dim_override not in (None, 1, -1):
             raise UserError(

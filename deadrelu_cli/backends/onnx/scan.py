@@ -280,7 +280,14 @@ def _discover_shapes(
     first two axes, which `_tell_layouts` reads where the shapes cannot say the layout."""
     from onnx import TensorProto, helper
 
-    from deadrelu_cli.probe.onnx_graph import frame_chains, lift_to_main, site_channel_dim, subgraph_map
+    from deadrelu_cli.probe.onnx_graph import (
+        TOKEN_STEPS,
+        frame_chains,
+        lift_to_main,
+        site_channel_dim,
+        subgraph_map,
+        token_steps,
+    )
     from deadrelu_cli.probe.ops import layout_ambiguous, row_order_ambiguous, token_layout
     from deadrelu_cli.wiring.onnx_index import opset_version
 
@@ -301,7 +308,17 @@ def _discover_shapes(
         and opset_version(model) >= 9
         and _owner_types(owners, s.graph_path) <= {"If", "Loop"}
     ]
-    unknown = [s for s in sites if not s.graph_path and (s.rank is None or mask is not None)] + reachable
+    # a Scan of the main graph: its body's sites are masked per step where it iterates the tokens
+    stepped = [
+        s
+        for s in sites
+        if len(s.graph_path) == 1
+        and mask is not None
+        and opset_version(model) >= 9
+        and owners[s.graph_path][1].op_type == "Scan"
+    ]
+    unknown = [s for s in sites if not s.graph_path and (s.rank is None or mask is not None)]
+    unknown += reachable + stepped
     if not unknown:
         return
     del probe.graph.output[:]
@@ -326,11 +343,26 @@ def _discover_shapes(
     summed = [s for s in unknown if mask is not None and not s.graph_path and (s.rank or 0) >= 2]
     for i, site in enumerate(summed):
         _add_lead_sums(probe, site, i, opset)
+    # the shapes of those Scans' inputs: which of them, on which axis, the Scan iterates
+    scans = {
+        owners[site.graph_path][1].name or owners[site.graph_path][1].output[0]: owners[site.graph_path][1]
+        for site in stepped
+    }
+    scanned_inputs = list(dict.fromkeys(name for node in scans.values() for name in node.input if name))
+    for i, name in enumerate(scanned_inputs):
+        probe.graph.node.append(helper.make_node("Shape", [name], [f"deadrelu_scanned_{i}"]))
+        probe.graph.output.append(
+            helper.make_tensor_value_info(f"deadrelu_scanned_{i}", TensorProto.INT64, None)
+        )
     session = make_session(probe.SerializeToString(), device, [], weights_dir)
     batch = next(data.batches(batch_size))
     feeds = {inp: as_input(batch[arr], dtypes[inp], inp) for inp, arr in order.items()}
     keep = batch_mask(mask, batch) if mask is not None else None
     results = session.run(None, feeds)
+    if scanned_inputs:
+        shapes = results[len(results) - len(scanned_inputs) :]
+        results = results[: len(results) - len(scanned_inputs)]
+        scanned_shapes = {n: tuple(int(d) for d in v) for n, v in zip(scanned_inputs, shapes, strict=True)}
     # Where (opset 9) applies the mask in the graph; older graphs count every position, which a note says
     maskable = keep is not None and opset_version(model) >= 9
     chains = None  # frame_chains of the main graph, found when a site's positions are not the mask's
@@ -346,6 +378,15 @@ def _discover_shapes(
         site.rank = len(shape)
         if keep is not None and not maskable:
             site.mask_unapplied = "opset below 9"
+        elif site in stepped:
+            node = owners[site.graph_path][1]
+            direction = token_steps(node, scanned_shapes, *keep.shape)
+            dim = site_channel_dim(site, channel_dim)
+            # one step's slice of the batch: [B, ..., C], its units not on the batch's axis
+            if direction is not None and site.rank >= 2 and shape[0] == keep.shape[0] and dim != 0:
+                site.token_layout, site.step_direction = TOKEN_STEPS, direction
+                site.mask_unapplied = None
+            continue
         elif maskable and site.rank >= 2:
             dim = site_channel_dim(site, channel_dim)
             batch_n, tokens = keep.shape
@@ -797,7 +838,7 @@ class HostAccumulator:
             mark = "applied" if site.token_layout else site.mask_unapplied or "no token axis"
             if site.token_layout and not self.frames_told:
                 mark = FRAMES_NOT_TOLD
-            if mark in MASK_NOT_APPLIED and self.all_kept:
+            if mark in MASK_NOT_APPLIED and self.all_kept and self.positive is not None:
                 # every batch kept every position: counting all of them is counting the kept ones, under
                 # any reading of the layout (a Scan body, a square batch nothing told)
                 mark = "applied"
