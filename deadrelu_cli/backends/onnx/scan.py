@@ -1073,8 +1073,9 @@ def _mask_feeds(feeds: dict, keep: np.ndarray | None, sites: list[OnnxSite]) -> 
     feeds[MASK_INPUT] = np.ascontiguousarray(keep, dtype=bool)
     keeps = {None: (keep, True)}
     for site in sites:
-        if site.frames and site.token_layout and site.frames not in keeps:
+        if site.frames and site.frames not in keeps:  # also unmasked ones: all_kept reads it
             keeps[site.frames] = frames_keep(site.frames, keep)
+        if site.frames and site.token_layout:
             feeds[site.mask_input] = np.ascontiguousarray(keeps[site.frames][0])
     return keeps
 
