@@ -22,13 +22,15 @@ LENGTHS = np.array([17, 12, 9, 5, 14, 3])  # real input frames per sample
 
 class Subsampler(nn.Module):
     """A speech encoder's shape: features [B, T, F] -> strided Conv1d (k5 s2 p2) + ReLU -> strided Conv1d
-    (k3 s2 p1) -> [B, T2, C] -> Linear + ReLU (rows) -> flattened [B*T2, C] rows -> Linear + ReLU."""
+    (k3 s2 p1), plus wav2vec2's positional conv (k4 p2, its extra last frame sliced off) -> [B, T2, C] ->
+    Linear + ReLU (rows) -> flattened [B*T2, C] rows -> Linear + ReLU."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(43)
         self.c1 = nn.Conv1d(FEATURES, 6, 5, stride=2, padding=2)
         self.c2 = nn.Conv1d(6, 6, 3, stride=2, padding=1)
+        self.pos = nn.Conv1d(6, 6, 4, padding=2)
         self.fc = nn.Linear(6, 5)
         self.rows = nn.Linear(5, 4)
         with torch.no_grad():  # unit 0 of the first ReLU fires on the padding's large values only
@@ -37,7 +39,9 @@ class Subsampler(nn.Module):
 
     def forward(self, input_features):
         h = torch.relu(self.c1(input_features.transpose(1, 2)))
-        h = torch.relu(self.fc(self.c2(h).transpose(1, 2)))
+        h = self.c2(h)
+        h = h + self.pos(h)[..., :-1]
+        h = torch.relu(self.fc(h.transpose(1, 2)))
         return torch.relu(self.rows(h.reshape(-1, h.shape[-1])))
 
 

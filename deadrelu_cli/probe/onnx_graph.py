@@ -127,13 +127,25 @@ def frame_chains(model: onnx.ModelProto) -> dict[str, tuple[FrameStep, ...] | No
             rank = index.rank(node.input[0])
             step = _frame_step(node, index) if rank in (None, 3) else None
             chain = None if base is None or step is None else (*base, step)
-        elif any(c is None for c in found) or len({c for c in found if c}) > 1:
-            chain = None
         else:
-            chain = max(found, key=len, default=())
+            chain = _merged_chain(found)
         for out in node.output:
             chains[out] = chain
     return chains
+
+
+def _merged_chain(found: list) -> tuple[FrameStep, ...] | None:
+    """The steps of a node's output from its inputs': the one chain they carry (constants carry none),
+    None where they differ. Except where they differ only by stride-1 steps (wav2vec2's positional conv,
+    added back to the stream it came from after a slice that undoes its extra frame): an elementwise
+    op's operands have one length, and the stream without those steps is what the positions are."""
+    if any(c is None for c in found):
+        return None
+    chains = {c for c in found if c}
+    if len(chains) <= 1:
+        return next(iter(chains), ())
+    strided = {tuple(step for step in c if step[1] != 1) for c in chains}
+    return min(chains, key=len) if len(strided) == 1 else None
 
 
 def frame_count(chain: tuple[FrameStep, ...], lengths):
