@@ -287,3 +287,50 @@ def test_a_scan_body_under_an_all_ones_mask_is_exact(cli, tmp_path):
     assert scan["positive_counts"] == (pre > 0).sum(0).tolist()
     assert scan["elements_per_unit"] == SAMPLES * TOKENS
     assert scan["extra"]["position_mask"] == "applied"
+
+
+class Conv2dSubsampler(nn.Module):
+    """A Conformer's front end: features [B, T, F] as one channel -> two Conv2d (k3 s2, no padding) +
+    ReLU over (frames, features) -> [B, T2, C*F2] -> Linear + ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.c1 = nn.Conv2d(1, 3, 3, stride=2)
+        self.c2 = nn.Conv2d(3, 3, 3, stride=2)
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, input_features):
+        h = torch.relu(self.c2(torch.relu(self.c1(input_features.unsqueeze(1)))))
+        return torch.relu(self.fc(h.permute(0, 2, 1, 3).flatten(2)))
+
+
+def test_a_conv2d_subsampled_encoder_counts_its_real_frames(cli, tmp_path):
+    """After a Conv2d subsampler over (frames, features) the feed-forward's [B, T2, C] counts the real
+    frames (the frames axis's conv arithmetic), exactly, `applied`. Before: every frame, 'no token axis'.
+    The convs' own [B, C, T', F'] ReLUs have no token axis the mask fits: every element, a note."""
+    model = Conv2dSubsampler().eval()
+    lengths = np.array([23, 15, 9, 20, 7])
+    x = np.random.RandomState(8).randn(len(lengths), 23, 9).astype(np.float32)
+    keep = np.arange(23)[None, :] < lengths[:, None]
+    x[~keep] = 4.0
+    path = tmp_path / "conformer.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.from_numpy(x[:2]),), str(path), input_names=["input_features"],
+            dynamic_axes={"input_features": {0: "batch", 1: "frames"}}, opset_version=17, dynamo=False,
+        )  # fmt: skip
+    data = save_npz(tmp_path / "d.npz", input_features=x, attention_mask=keep.astype(np.int64))
+    graph = onnx.load(path)
+    *convs, ffn = _relu_nodes(graph)
+    pre = onnx_relu_io(graph, {"input_features": x}, [ffn])[ffn].pre
+    real = ((lengths - 3) // 2 + 1 - 3) // 2 + 1
+    kept = pre[np.arange(pre.shape[1])[None, :] < real[:, None]]
+    result = cli("scan", path, "--data", data, "--json", "-", "-q", "--batch-size", "2")
+    assert result.code == 0, result.err
+    layers = {layer["name"]: layer for layer in result.json()["layers"]}
+    assert layers[ffn]["positive_counts"] == (kept > 0).sum(0).tolist()
+    assert layers[ffn]["elements_per_unit"] == kept.shape[0] < pre.shape[0] * pre.shape[1]
+    assert layers[ffn]["extra"]["position_mask"] == "applied"
+    assert all(layers[name]["extra"]["position_mask"] == "no token axis" for name in convs)

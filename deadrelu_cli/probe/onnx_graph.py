@@ -83,50 +83,68 @@ class OnnxSite:
         return frame_mask_name(self.frames) if self.frames else MASK_INPUT
 
 
-# One 1-D Conv / MaxPool / AveragePool along the positions: (effective kernel, stride, both pads summed,
-# SAME auto-padding), what its output length is of its input's (frame_count)
+# One Conv / MaxPool / AveragePool step along one spatial axis: (effective kernel, stride, both pads
+# summed, SAME auto-padding), what its output length is of its input's (frame_count)
 FrameStep = tuple[int, int, int, bool]
+# per spatial axis of the convs on the way, the steps along it: one axis after Conv1d's, two after a
+# Conv2d subsampler over (frames, features) (a Conformer's), () where no conv is on the way
+AxisChains = tuple[tuple[FrameStep, ...], ...]
 _FRAME_OPS = ("Conv", "MaxPool", "AveragePool")
 
 
-def _frame_step(node: onnx.NodeProto, index: GraphIndex) -> FrameStep | None:
-    """The length arithmetic of a 1-D Conv/MaxPool/AveragePool node; None for any other (a 2-D conv,
-    a pool with ceil_mode, a kernel of unknown size)."""
+def _frame_steps(node: onnx.NodeProto, index: GraphIndex) -> list[FrameStep] | None:
+    """The length arithmetic of a Conv/MaxPool/AveragePool node, per spatial axis; None where it cannot
+    be read (a pool with ceil_mode, a kernel of unknown size)."""
     kernel = attr(node, "kernel_shape")
     if kernel is None and node.op_type == "Conv" and len(node.input) > 1:
         weight = index.shape(node.input[1])
         kernel = weight[2:] if weight is not None and len(weight) >= 3 else None
-    if kernel is None or len(kernel) != 1 or kernel[0] is None or attr(node, "ceil_mode", 0):
+    if not kernel or any(k is None for k in kernel) or attr(node, "ceil_mode", 0):
         return None
-    stride = int((attr(node, "strides") or [1])[0])
-    dilation = int((attr(node, "dilations") or [1])[0])
-    pads = attr(node, "pads") or [0, 0]
+    axes = len(kernel)
+    strides = list(attr(node, "strides") or [1] * axes)
+    dilations = list(attr(node, "dilations") or [1] * axes)
+    pads = list(attr(node, "pads") or [0] * (2 * axes))
     auto = attr(node, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else str(auto)
     if auto == "VALID":
-        pads = [0, 0]
-    return (
-        dilation * (int(kernel[0]) - 1) + 1,
-        stride,
-        int(pads[0]) + int(pads[-1]),
-        auto.startswith("SAME"),
-    )
+        pads = [0] * (2 * axes)
+    if len(strides) != axes or len(dilations) != axes or len(pads) != 2 * axes:
+        return None
+    return [
+        (
+            dilations[a] * (int(kernel[a]) - 1) + 1,
+            int(strides[a]),
+            int(pads[a]) + int(pads[a + axes]),
+            auto.startswith("SAME"),
+        )
+        for a in range(axes)
+    ]
 
 
-def frame_chains(model: onnx.ModelProto) -> dict[str, tuple[FrameStep, ...] | None]:
-    """Per value of the main graph, the 1-D conv/pool steps between the graph's inputs and it (a speech
-    encoder's strided Conv1d subsampler: the frames its positions are); None where two values of
-    different steps meet (nothing to map the mask through) or a 2-D conv/pool sits on the way.
+def frame_chains(model: onnx.ModelProto) -> dict[str, AxisChains | None]:
+    """Per value of the main graph, the conv/pool steps between the graph's inputs and it, per spatial
+    axis (a speech encoder's strided subsampler: the frames its positions are); None where values of
+    different steps meet (nothing to map the mask through), or convs of another spatial rank follow.
     Constants carry no steps, so they never conflict. Nodes are in topological order (ONNX's rule)."""
     index = GraphIndex(model.graph)
-    chains: dict[str, tuple[FrameStep, ...] | None] = {i.name: () for i in model.graph.input}
+    chains: dict[str, AxisChains | None] = {i.name: () for i in model.graph.input}
     for node in model.graph.node:
         found = [chains[name] for name in node.input if name in chains]
         if node.op_type in _FRAME_OPS and node.input and node.input[0] in chains:
             base = chains[node.input[0]]
+            steps = _frame_steps(node, index)
             rank = index.rank(node.input[0])
-            step = _frame_step(node, index) if rank in (None, 3) else None
-            chain = None if base is None or step is None else (*base, step)
+            if base is None or steps is None or (rank is not None and rank != 2 + len(steps)):
+                chain = None
+            elif not base:
+                chain = tuple((step,) for step in steps)
+            else:
+                chain = (
+                    tuple((*b, step) for b, step in zip(base, steps, strict=True))
+                    if len(base) == len(steps)
+                    else None
+                )
         else:
             chain = _merged_chain(found)
         for out in node.output:
@@ -134,7 +152,7 @@ def frame_chains(model: onnx.ModelProto) -> dict[str, tuple[FrameStep, ...] | No
     return chains
 
 
-def _merged_chain(found: list) -> tuple[FrameStep, ...] | None:
+def _merged_chain(found: list) -> AxisChains | None:
     """The steps of a node's output from its inputs': the one chain they carry (constants carry none),
     None where they differ. Except where they differ only by stride-1 steps (wav2vec2's positional conv,
     added back to the stream it came from after a slice that undoes its extra frame): an elementwise
@@ -144,8 +162,8 @@ def _merged_chain(found: list) -> tuple[FrameStep, ...] | None:
     chains = {c for c in found if c}
     if len(chains) <= 1:
         return next(iter(chains), ())
-    strided = {tuple(step for step in c if step[1] != 1) for c in chains}
-    return min(chains, key=len) if len(strided) == 1 else None
+    strided = {tuple(tuple(step for step in axis if step[1] != 1) for axis in c) for c in chains}
+    return min(chains, key=lambda c: sum(map(len, c))) if len(strided) == 1 else None
 
 
 def frame_count(chain: tuple[FrameStep, ...], lengths):

@@ -393,10 +393,16 @@ def _discover_shapes(
             if not site.graph_path and token_layout(shape, dim, batch_n, tokens) is None:
                 # a speech encoder's frames: the mask's positions shortened by its conv subsampler
                 chains = frame_chains(model) if chains is None else chains
-                chain = chains.get(site.input_name)
-                frames = int(frame_count(chain, tokens)) if chain else tokens
-                if frames != tokens and token_layout(shape, dim, batch_n, frames) is not None:
-                    site.frames, tokens = chain, frames
+                # the spatial axes whose steps make the site's positions of the mask's (the frames axis of
+                # a Conv2d subsampler over frames and features); one chain of steps, or nothing is told
+                fits = {
+                    (chain, int(frame_count(chain, tokens)))
+                    for chain in chains.get(site.input_name) or ()
+                    if int(frame_count(chain, tokens)) != tokens
+                    and token_layout(shape, dim, batch_n, int(frame_count(chain, tokens))) is not None
+                }
+                if len(fits) == 1:
+                    site.frames, tokens = next(iter(fits))
             if layout_ambiguous(shape, dim, batch_n, tokens):  # a fixed batch of as many samples as tokens
                 site.mask_unapplied = LAYOUT_AMBIGUOUS
                 ambiguous.append((site, shape, tokens))
