@@ -260,3 +260,73 @@ def test_sliced_site_first_seen_in_a_later_batch(monkeypatch):
         assert layer.elements_per_unit == pre.shape[0]
         np.testing.assert_array_equal(layer.max_preactivation, pre.max(0))
         np.testing.assert_allclose(layer.sum_abs, np.maximum(pre, 0).sum(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "in_place"),
+    [
+        ((20, 2, 2**15 - 1), "float32", True),  # rows of 2**15 - 1: the count's int16 sums at their limit
+        ((5, 2, 2**17), "float32", False),  # rows of 2**17: int32 sums
+        ((40_000, 32), "float32", False),  # [rows, units], 16384 rows per slice: int16
+        ((70_000, 16), "float32", True),  # [rows, units], 32768 rows per slice: int32
+        ((24, 3, 120, 120, 3), "float16", True),  # rank 5; sums of halves (they overflowed to inf before)
+        ((24, 3, 120, 120, 3), "bfloat16", False),
+        ((3, 3, 60, 60, 20), "float64", True),
+    ],
+)
+def test_relu_in_parts_counts_at_the_edges_of_its_sums(shape, dtype, in_place):
+    """run_relu_in_parts on rows whose counts reach the limit of the narrow sums it uses, every float
+    width, a NaN and a dead unit, two batches: counts, max and sums against numpy in float64, and the
+    output bit for bit torch.relu's."""
+    torch_dtype, channel_dim = getattr(torch, dtype), 1
+    gen = torch.Generator().manual_seed(5)
+    batches = []
+    for i in range(2):
+        x = (torch.rand(*shape, generator=gen) + 0.01).to(torch_dtype)  # every element fires...
+        x.select(channel_dim, 0).neg_()  # ...but unit 0's, which never does
+        if i == 1:
+            x.view(-1)[7 * shape[-1] + 3] = float("nan")
+        batches.append(x)
+    pre = np.concatenate(
+        [np.moveaxis(x.double().numpy(), channel_dim, -1).reshape(-1, shape[channel_dim]) for x in batches]
+    )  # before the in-place runs overwrite the batches
+    acc = accumulator.SiteAccumulator("site", "relu", channel_dim)
+    for x in batches:
+        want = torch.relu(x)
+        got = acc.run_relu_in_parts(x if in_place else x.clone(), in_place, 0.0)
+        assert got is not None  # the sliced path is the one tested
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(acc.positive.numpy(), (pre > 0).sum(0))
+    assert acc.positive[0] == 0 and acc.positive[1] == pre.shape[0] - (np.isnan(pre[:, 1]).sum())
+    np.testing.assert_array_equal(acc.max_pre.numpy(), np.max(pre, 0))  # NaN where a NaN was seen
+    finite = np.where(np.isnan(pre), 0.0, np.maximum(pre, 0.0))
+    want_sum = np.where(np.isnan(pre).any(0), np.nan, finite.sum(0))
+    np.testing.assert_allclose(acc.sum_abs.numpy(), want_sum, rtol=2e-3 if dtype != "float64" else 1e-12)
+    assert acc.elements_per_unit == pre.shape[0]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    ("shape", "channel_dim", "op"),
+    [
+        ((4, 2, 200, 200), 1, "relu"),  # [N, C, H, W], one batch, not sliced
+        ((64, 3, 150, 150), 1, "relu"),  # sliced (observe_post's parts)
+        ((3, 40_000, 2), 2, "relu"),  # [B, T, F]: the rows path
+        ((4, 2, 200, 200), 1, "elu"),  # Σ|y| of a signed activation
+    ],
+)
+def test_half_precision_sums_do_not_round_or_overflow(dtype, shape, channel_dim, op):
+    """A unit's sum over one batch of float16/bfloat16 activations is taken in float32: in the tensor's own
+    dtype it overflowed float16 at 65504 (inf in the report) and rounded bfloat16 to 8 bits. Checked
+    against numpy in float64 over the same half values."""
+    gen = torch.Generator().manual_seed(9)
+    pre = (torch.rand(*shape, generator=gen) * 2 + 0.5).to(getattr(torch, dtype))
+    post = pre.relu() if op == "relu" else F.elu(pre.float()).to(pre.dtype)
+    acc = accumulator.SiteAccumulator("site", op, channel_dim)
+    acc.observe_pre(pre, 0.0)
+    acc.observe_post(post, 0.0)
+    values = np.abs(np.moveaxis(post.double().numpy(), channel_dim, -1).reshape(-1, shape[channel_dim]))
+    assert values.sum(0).min() > 65504  # beyond float16's range: the old sums were inf
+    np.testing.assert_allclose(acc.sum_abs.numpy(), values.sum(0), rtol=1e-5)
