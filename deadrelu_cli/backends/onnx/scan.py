@@ -340,7 +340,9 @@ def _discover_shapes(
         probe.graph.output.append(helper.make_tensor_value_info(lifted["shape"], TensorProto.INT64, None))
     # the sums that tell a layout by reordering the samples, in this session (no second one to build):
     # main-graph sites whose rank shape inference knows
-    summed = [s for s in unknown if mask is not None and not s.graph_path and (s.rank or 0) >= 2]
+    summed = [
+        s for s in unknown if mask is not None and opset >= 9 and not s.graph_path and (s.rank or 0) >= 2
+    ]
     for i, site in enumerate(summed):
         _add_lead_sums(probe, site, i, opset)
     # the shapes of those Scans' inputs: which of them, on which axis, the Scan iterates
@@ -455,17 +457,19 @@ def _lead_names(summed: list[OnnxSite]) -> list[str]:
 def _add_lead_sums(probe, site: OnnxSite, i: int, opset: int) -> None:
     """Outputs of `probe` (main graph): the site's per-index sums of |x| along each of its first two axes
     over every other axis (no cancellation, so a row's sum is told from another's at float precision)."""
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     for lead, name in enumerate(_site_leads(site, i)):
         axes = [a for a in range(site.rank) if a != lead]
-        magnitude = helper.make_node("Abs", [site.input_name], [name + "_abs"])
+        # in float: every site of a masked scan gets these, and onnxruntime's CPU Abs has no bfloat16
+        as_float = helper.make_node("Cast", [site.input_name], [name + "_f"], to=TensorProto.FLOAT)
+        magnitude = helper.make_node("Abs", [name + "_f"], [name + "_abs"])
         if opset >= 13:
             probe.graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), name + "_axes"))
             node = helper.make_node("ReduceSum", [name + "_abs", name + "_axes"], [name], keepdims=0)
         else:
             node = helper.make_node("ReduceSum", [name + "_abs"], [name], axes=axes, keepdims=0)
-        probe.graph.node.extend([magnitude, node])
+        probe.graph.node.extend([as_float, magnitude, node])
         probe.graph.output.append(helper.make_empty_tensor_value_info(name))
 
 
