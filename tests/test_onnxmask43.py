@@ -334,3 +334,24 @@ def test_a_conv2d_subsampled_encoder_counts_its_real_frames(cli, tmp_path):
     assert layers[ffn]["elements_per_unit"] == kept.shape[0] < pre.shape[0] * pre.shape[1]
     assert layers[ffn]["extra"]["position_mask"] == "applied"
     assert all(layers[name]["extra"]["position_mask"] == "no token axis" for name in convs)
+
+
+def test_fix_bias_shift_of_a_subsampled_encoder_moves_on_the_real_frames(cli, tmp_path):
+    """`fix --strategy bias-shift` on the conv-subsampled encoder: unit 0 of the first ReLU is dead on the
+    real frames (alive on padding only); the shift is computed on the real frames as the scan counts
+    them, so the written model's unit fires on --target-rate of the real frames (onnxruntime + numpy).
+    Before: the scan saw no dead unit there (padding counted), nothing was moved."""
+    model, path, x = _speech(tmp_path)
+    keep = np.arange(FRAMES)[None, :] < LENGTHS[:, None]
+    x[~keep] = 9.0
+    data = save_npz(tmp_path / "d.npz", input_features=x, attention_mask=keep.astype(np.int64))
+    c1 = _relu_nodes(model)[0]
+    out = tmp_path / "fixed.onnx"
+    result = cli(
+        "fix", path, "--data", data, "--strategy", "bias-shift", "--target-rate", "0.25", "--output", out
+    )
+    assert result.code == 0, result.err
+    pre = onnx_relu_io(onnx.load(out), {"input_features": x}, [c1])[c1].pre
+    real = np.arange(pre.shape[2])[None, :] < _frames(LENGTHS)[0][:, None]
+    rate = (pre[:, 0][real] > 0).mean()
+    assert 0.15 <= rate <= 0.35, rate

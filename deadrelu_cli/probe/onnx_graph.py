@@ -166,6 +166,28 @@ def _merged_chain(found: list) -> AxisChains | None:
     return min(chains, key=lambda c: sum(map(len, c))) if len(strided) == 1 else None
 
 
+def site_frames(
+    chains: dict[str, AxisChains | None],
+    value: str,
+    shape: tuple[int, ...],
+    dim: int,
+    batch: int,
+    tokens: int,
+) -> tuple[tuple[FrameStep, ...], int] | None:
+    """(the steps, the frames they make of `tokens`) of the one spatial axis of the convs before `value`
+    (frame_chains) whose frames a tensor of `shape` holds as the mask's positions (probe.ops.token_layout:
+    a Conv2d subsampler's frames axis, not its features'); None where none fits, or more than one
+    differently. The scan's rule and the fix's alike."""
+    from deadrelu_cli.probe.ops import token_layout
+
+    fits = set()
+    for chain in chains.get(value) or ():
+        frames = int(frame_count(chain, tokens))
+        if frames != tokens and token_layout(shape, dim, batch, frames) is not None:
+            fits.add((chain, frames))
+    return next(iter(fits)) if len(fits) == 1 else None
+
+
 def frame_count(chain: tuple[FrameStep, ...], lengths):
     """The frames each step chain makes of `lengths` positions (an int or an int array), as the
     Conv/pool ops size their output (floor((L + pads - kernel) / stride) + 1; SAME: ceil(L / stride));

@@ -35,7 +35,6 @@ from deadrelu_cli.probe.onnx_graph import (
     MASK_INPUT,
     OnnxSite,
     find_sites,
-    frame_count,
     frames_keep,
     stored_zero_relus,
 )
@@ -285,6 +284,7 @@ def _discover_shapes(
         frame_chains,
         lift_to_main,
         site_channel_dim,
+        site_frames,
         subgraph_map,
         token_steps,
     )
@@ -395,16 +395,9 @@ def _discover_shapes(
             if not site.graph_path and token_layout(shape, dim, batch_n, tokens) is None:
                 # a speech encoder's frames: the mask's positions shortened by its conv subsampler
                 chains = frame_chains(model) if chains is None else chains
-                # the spatial axes whose steps make the site's positions of the mask's (the frames axis of
-                # a Conv2d subsampler over frames and features); one chain of steps, or nothing is told
-                fits = {
-                    (chain, int(frame_count(chain, tokens)))
-                    for chain in chains.get(site.input_name) or ()
-                    if int(frame_count(chain, tokens)) != tokens
-                    and token_layout(shape, dim, batch_n, int(frame_count(chain, tokens))) is not None
-                }
-                if len(fits) == 1:
-                    site.frames, tokens = next(iter(fits))
+                fit = site_frames(chains, site.input_name, shape, dim, batch_n, tokens)
+                if fit is not None:
+                    site.frames, tokens = fit
             if layout_ambiguous(shape, dim, batch_n, tokens):  # a fixed batch of as many samples as tokens
                 site.mask_unapplied = LAYOUT_AMBIGUOUS
                 ambiguous.append((site, shape, tokens))
