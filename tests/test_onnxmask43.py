@@ -355,3 +355,53 @@ def test_fix_bias_shift_of_a_subsampled_encoder_moves_on_the_real_frames(cli, tm
     real = np.arange(pre.shape[2])[None, :] < _frames(LENGTHS)[0][:, None]
     rate = (pre[:, 0][real] > 0).mean()
     assert 0.15 <= rate <= 0.35, rate
+
+
+def test_frames_reach_an_if_branch(cli, tmp_path):
+    """The subsampled frames [B, T2, C] feed an If whose branch holds the feed-forward's Relu (an export
+    that keeps a data-dependent branch): the branch sees the main graph's frames' mask and counts the
+    real frames, exactly (numpy). Before: 'no token axis', every frame, a note only."""
+    f32 = TensorProto.FLOAT
+    rng = np.random.default_rng(43)
+    conv = (rng.standard_normal((4, FEATURES, 5)) * 0.4).astype(np.float32)
+    w = (rng.standard_normal((4, UNITS)) * 0.5).astype(np.float32)
+
+    def branch(name, scale):
+        return helper.make_graph(
+            [
+                helper.make_node("MatMul", ["frames", "w"], [f"{name}_m"], name=f"{name}_mm"),
+                helper.make_node("Mul", [f"{name}_m", f"{name}_k"], [f"{name}_pre"], name=f"{name}_mul"),
+                helper.make_node("Relu", [f"{name}_pre"], [f"{name}_out"], name=f"{name}_relu"),
+            ],
+            name, [], [helper.make_tensor_value_info(f"{name}_out", f32, ["B", "T2", UNITS])],
+            initializer=[numpy_helper.from_array(np.float32(scale), f"{name}_k")],
+        )  # fmt: skip
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["x"], ["xc"], perm=[0, 2, 1]),
+            helper.make_node("Conv", ["xc", "conv"], ["c"], name="conv", strides=[2], pads=[2, 2]),
+            helper.make_node("Transpose", ["c"], ["frames"], perm=[0, 2, 1]),
+            helper.make_node("If", ["flag"], ["y"], name="gate", then_branch=branch("then", 1.0), else_branch=branch("else", -1.0)),
+        ],
+        "if_frames",
+        [helper.make_tensor_value_info("x", f32, ["B", "T", FEATURES]), helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", f32, ["B", "T2", UNITS])],
+        initializer=[numpy_helper.from_array(conv, "conv"), numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    path = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = np.random.RandomState(6).randn(SAMPLES, FRAMES, FEATURES).astype(np.float32)
+    keep = np.arange(FRAMES)[None, :] < LENGTHS[:, None]
+    x[~keep] = 5.0
+    data = save_npz(tmp_path / "d.npz", x=x, flag=np.array(True), attention_mask=keep.astype(np.int64))
+    padded = np.pad(x.astype(np.float64), ((0, 0), (2, 2), (0, 0)))
+    t2 = (FRAMES + 4 - 5) // 2 + 1
+    frames = np.stack([np.einsum("bkf,ofk->bo", padded[:, 2 * t : 2 * t + 5], conv) for t in range(t2)], 1)
+    pre = (frames @ w)[np.arange(t2)[None, :] < _frames(LENGTHS)[0][:, None]]
+    result = cli("scan", path, "--data", data, "--const", "flag", "--json", "-", "-q", "--batch-size", "4")
+    assert result.code == 0, result.err
+    layer = {layer["name"]: layer for layer in result.json()["layers"]}["gate/then_branch/then_relu"]
+    assert layer["positive_counts"] == (pre > 0).sum(0).tolist()
+    assert layer["elements_per_unit"] == pre.shape[0]
+    assert layer["extra"]["position_mask"] == "applied"

@@ -98,6 +98,8 @@ def _frame_steps(node: onnx.NodeProto, index: GraphIndex) -> list[FrameStep] | N
     kernel = attr(node, "kernel_shape")
     if kernel is None and node.op_type == "Conv" and len(node.input) > 1:
         weight = index.shape(node.input[1])
+        if weight is None and index.constant(node.input[1]) is not None:  # an initializer: its own shape
+            weight = list(index.constant(node.input[1]).shape)
         kernel = weight[2:] if weight is not None and len(weight) >= 3 else None
     if not kernel or any(k is None for k in kernel) or attr(node, "ceil_mode", 0):
         return None
@@ -123,14 +125,21 @@ def _frame_steps(node: onnx.NodeProto, index: GraphIndex) -> list[FrameStep] | N
 
 
 def frame_chains(model: onnx.ModelProto) -> dict[str, AxisChains | None]:
-    """Per value of the main graph, the conv/pool steps between the graph's inputs and it, per spatial
-    axis (a speech encoder's strided subsampler: the frames its positions are); None where values of
-    different steps meet (nothing to map the mask through), or convs of another spatial rank follow.
-    Constants carry no steps, so they never conflict. Nodes are in topological order (ONNX's rule)."""
-    index = GraphIndex(model.graph)
+    """Per value of the graph (If branches and Loop/Scan bodies included, which see the enclosing
+    graph's values), the conv/pool steps between the graph's inputs and it, per spatial axis (a speech
+    encoder's strided subsampler: the frames its positions are); None where values of different steps
+    meet (nothing to map the mask through), convs of another spatial rank follow, or a Scan's per-step
+    slice or a Loop/Scan's stacked outputs hold them. Constants carry no steps, so they never conflict.
+    Nodes are in topological order (ONNX's rule)."""
     chains: dict[str, AxisChains | None] = {i.name: () for i in model.graph.input}
-    for node in model.graph.node:
+    _walk_chains(model.graph, GraphIndex(model.graph), chains)
+    return chains
+
+
+def _walk_chains(graph: onnx.GraphProto, index: GraphIndex, chains: dict) -> None:
+    for node in graph.node:
         found = [chains[name] for name in node.input if name in chains]
+        outputs = [_merged_chain(found)] * len(node.output)
         if node.op_type in _FRAME_OPS and node.input and node.input[0] in chains:
             base = chains[node.input[0]]
             steps = _frame_steps(node, index)
@@ -145,11 +154,42 @@ def frame_chains(model: onnx.ModelProto) -> dict[str, AxisChains | None]:
                     if len(base) == len(steps)
                     else None
                 )
+            outputs = [chain] * len(node.output)
+        bodies = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+        # the values a Loop/Scan carries from step to step, as the node takes them (a Loop's counter and
+        # condition, a Scan's per-step slices carry nothing known) and as its body returns them
+        if node.op_type == "Loop":
+            carried, skip_in, skip_out = list(node.input[2:]), 2, 1
+        elif node.op_type == "Scan":
+            carried, skip_in, skip_out = (
+                list(node.input[: len(node.input) - attr(node, "num_scan_inputs", 0)]),
+                0,
+                0,
+            )
         else:
-            chain = _merged_chain(found)
-        for out in node.output:
+            carried, skip_in, skip_out = [], 0, 0
+        for body in bodies:
+            for position, value in enumerate(body.input):
+                k = position - skip_in
+                chains[value.name] = chains.get(carried[k], ()) if 0 <= k < len(carried) else None
+                if node.op_type == "Loop" and position < 2:
+                    chains[value.name] = ()
+            _walk_chains(body, GraphIndex(body, index), chains)
+        if node.op_type == "If" and len(bodies) == 2:  # each output: the branches' agree, or None
+            outputs = [
+                _merged_chain([chains.get(b.output[k].name, ()) for b in bodies if k < len(b.output)])
+                for k in range(len(node.output))
+            ]
+        elif node.op_type in ("Loop", "Scan") and bodies:  # carried values out as in; stacked ones: None
+            body_out = bodies[0].output
+            outputs = [
+                _merged_chain([chains.get(carried[k], ()), chains.get(body_out[k + skip_out].name, ())])
+                if k < len(carried) and k + skip_out < len(body_out)
+                else None
+                for k in range(len(node.output))
+            ]
+        for out, chain in zip(node.output, outputs, strict=True):
             chains[out] = chain
-    return chains
 
 
 def _merged_chain(found: list) -> AxisChains | None:

@@ -392,8 +392,9 @@ def _discover_shapes(
         elif maskable and site.rank >= 2:
             dim = site_channel_dim(site, channel_dim)
             batch_n, tokens = keep.shape
-            if not site.graph_path and token_layout(shape, dim, batch_n, tokens) is None:
-                # a speech encoder's frames: the mask's positions shortened by its conv subsampler
+            if token_layout(shape, dim, batch_n, tokens) is None:
+                # a speech encoder's frames: the mask's positions shortened by its conv subsampler (in the
+                # main graph, an If branch or a Loop body alike: the frames' mask is a main-graph input)
                 chains = frame_chains(model) if chains is None else chains
                 fit = site_frames(chains, site.input_name, shape, dim, batch_n, tokens)
                 if fit is not None:
