@@ -306,9 +306,9 @@ class Conv2dSubsampler(nn.Module):
 
 
 def test_a_conv2d_subsampled_encoder_counts_its_real_frames(cli, tmp_path):
-    """After a Conv2d subsampler over (frames, features) the feed-forward's [B, T2, C] counts the real
-    frames (the frames axis's conv arithmetic), exactly, `applied`. Before: every frame, 'no token axis'.
-    The convs' own [B, C, T', F'] ReLUs have no token axis the mask fits: every element, a note."""
+    """After a Conv2d subsampler over (frames, features), the convs' own ReLUs [B, C, T', F'] and the
+    feed-forward's [B, T2, C] count the real frames (the frames axis's conv arithmetic), exactly,
+    `applied`. Before: every frame, 'no token axis', a note only."""
     model = Conv2dSubsampler().eval()
     lengths = np.array([23, 15, 9, 20, 7])
     x = np.random.RandomState(8).randn(len(lengths), 23, 9).astype(np.float32)
@@ -323,17 +323,22 @@ def test_a_conv2d_subsampled_encoder_counts_its_real_frames(cli, tmp_path):
         )  # fmt: skip
     data = save_npz(tmp_path / "d.npz", input_features=x, attention_mask=keep.astype(np.int64))
     graph = onnx.load(path)
-    *convs, ffn = _relu_nodes(graph)
-    pre = onnx_relu_io(graph, {"input_features": x}, [ffn])[ffn].pre
-    real = ((lengths - 3) // 2 + 1 - 3) // 2 + 1
-    kept = pre[np.arange(pre.shape[1])[None, :] < real[:, None]]
+    names = _relu_nodes(graph)
+    truth = onnx_relu_io(graph, {"input_features": x}, names)
+    first = (lengths - 3) // 2 + 1
+    real = {names[0]: first, names[1]: (first - 3) // 2 + 1, names[2]: (first - 3) // 2 + 1}
     result = cli("scan", path, "--data", data, "--json", "-", "-q", "--batch-size", "2")
     assert result.code == 0, result.err
     layers = {layer["name"]: layer for layer in result.json()["layers"]}
-    assert layers[ffn]["positive_counts"] == (kept > 0).sum(0).tolist()
-    assert layers[ffn]["elements_per_unit"] == kept.shape[0] < pre.shape[0] * pre.shape[1]
-    assert layers[ffn]["extra"]["position_mask"] == "applied"
-    assert all(layers[name]["extra"]["position_mask"] == "no token axis" for name in convs)
+    for name, frames in real.items():
+        pre = truth[name].pre
+        if pre.ndim == 4:  # a conv's own [B, C, T', F']: units on axis 1
+            pre = np.moveaxis(pre, 1, -1)
+        pre = pre[np.arange(pre.shape[1])[None, :] < frames[:, None]].reshape(-1, pre.shape[-1])
+        assert layers[name]["positive_counts"] == (pre > 0).sum(0).tolist(), name
+        assert layers[name]["elements_per_unit"] == pre.shape[0], name
+        np.testing.assert_allclose(layers[name]["max_preactivation"], pre.max(0), rtol=1e-6, err_msg=name)
+        assert layers[name]["extra"]["position_mask"] == "applied", name
 
 
 def test_fix_bias_shift_of_a_subsampled_encoder_moves_on_the_real_frames(cli, tmp_path):

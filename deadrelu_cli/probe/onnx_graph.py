@@ -76,6 +76,7 @@ class OnnxSite:
     # shortened by them (a speech encoder's subsampled frames; frame_chains): it gets the frames' mask
     frames: tuple[tuple[int, int, int, bool], ...] | None = None
     step_direction: int = 0  # TOKEN_STEPS: the direction its Scan iterates the tokens in (1: last first)
+    frames_axis: int | None = None  # CONV_FRAMES: the axis of its [B, C, frames, …] that holds the frames
 
     @property
     def mask_input(self) -> str:
@@ -213,19 +214,38 @@ def site_frames(
     dim: int,
     batch: int,
     tokens: int,
-) -> tuple[tuple[FrameStep, ...], int] | None:
-    """(the steps, the frames they make of `tokens`) of the one spatial axis of the convs before `value`
-    (frame_chains) whose frames a tensor of `shape` holds as the mask's positions (probe.ops.token_layout:
-    a Conv2d subsampler's frames axis, not its features'); None where none fits, or more than one
-    differently. The scan's rule and the fix's alike."""
+) -> tuple[tuple[FrameStep, ...], int, int | None] | None:
+    """(the steps, the frames they make of `tokens`, the axis that holds them) of the one spatial axis
+    of the convs before `value` (frame_chains) whose frames a tensor of `shape` holds as the mask's
+    positions: by probe.ops.token_layout (axis None), or as a conv's own output [B, C, frames, …] (the
+    spatial axis's own axis: a Conv2d subsampler's frames axis, not its features'); None where none
+    fits, or more than one differently. The scan's rule and the fix's alike."""
     from deadrelu_cli.probe.ops import token_layout
 
     fits = set()
-    for chain in chains.get(value) or ():
+    axes = chains.get(value) or ()
+    for spatial, chain in enumerate(axes):
         frames = int(frame_count(chain, tokens))
-        if frames != tokens and token_layout(shape, dim, batch, frames) is not None:
-            fits.add((chain, frames))
+        if frames == tokens:
+            continue
+        if token_layout(shape, dim, batch, frames) is not None:
+            fits.add((chain, frames, None))
+        elif (
+            len(shape) == 2 + len(axes) >= 4
+            and dim == 1
+            and shape[0] == batch
+            and shape[2 + spatial] == frames
+        ):
+            fits.add((chain, frames, 2 + spatial))
     return next(iter(fits)) if len(fits) == 1 else None
+
+
+def conv_frames_keep(keep: np.ndarray, rank: int, axis: int) -> np.ndarray:
+    """A frames' mask [B, frames] shaped to broadcast against a conv output of `rank` whose frames are
+    on `axis` ([B, C, frames, features]: [B, 1, frames, 1])."""
+    shape = [keep.shape[0]] + [1] * (rank - 1)
+    shape[axis] = keep.shape[1]
+    return keep.reshape(shape)
 
 
 def frame_count(chain: tuple[FrameStep, ...], lengths):
@@ -264,6 +284,9 @@ def frame_mask_name(chain: tuple[FrameStep, ...]) -> str:
 # token_layout of a site in the body of a main-graph Scan that iterates the mask's tokens: one step's
 # [B, ..., C] slice, masked by the mask's column of that step (a scan input the scan adds, token_steps)
 TOKEN_STEPS = "scan_steps"
+# token_layout of a conv output [B, C, frames, features, …] after a Conv2d subsampler: the frames' mask
+# on the site's `frames_axis`
+CONV_FRAMES = "conv_frames"
 STEP_MASK = MASK_INPUT + "_step"  # the Scan body's input of that column, [batch] bool
 
 
@@ -1061,6 +1084,9 @@ def _keep_of(builder: _Builder, site: OnnxSite) -> str:
     mask = site.mask_input  # the batch's mask, or its frames' after a conv subsampler
     if site.token_layout == TOKEN_STEPS:  # one step's [B, ..., C]: that step's column of the mask
         mask, shape = STEP_MASK, [-1] + [1] * (rank - 1)
+    elif site.token_layout == CONV_FRAMES:  # [B, C, frames, …]: [B, 1, frames, 1, …]
+        shape = [0] + [1] * (rank - 1)
+        shape[site.frames_axis] = -1
     elif site.token_layout in (TOKEN_ROWS, TOKENS_FIRST):
         shape = [0, 0] + [1] * (rank - 2)  # 0: copy that dim of the mask
         if site.token_layout == TOKENS_FIRST:

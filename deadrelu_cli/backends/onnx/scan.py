@@ -280,6 +280,7 @@ def _discover_shapes(
     from onnx import TensorProto, helper
 
     from deadrelu_cli.probe.onnx_graph import (
+        CONV_FRAMES,
         TOKEN_STEPS,
         frame_chains,
         lift_to_main,
@@ -398,7 +399,12 @@ def _discover_shapes(
                 chains = frame_chains(model) if chains is None else chains
                 fit = site_frames(chains, site.input_name, shape, dim, batch_n, tokens)
                 if fit is not None:
-                    site.frames, tokens = fit
+                    site.frames, tokens, site.frames_axis = fit
+                if site.frames_axis is not None:  # a conv's own [B, C, frames, …]: nothing ambiguous
+                    site.token_layout = CONV_FRAMES
+                    if site.graph_path:
+                        site.mask_unapplied = None
+                    continue
             if layout_ambiguous(shape, dim, batch_n, tokens):  # a fixed batch of as many samples as tokens
                 site.mask_unapplied = LAYOUT_AMBIGUOUS
                 ambiguous.append((site, shape, tokens))
