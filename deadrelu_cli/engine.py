@@ -10,7 +10,13 @@ import numpy as np
 from deadrelu_cli.backends import backend_for, backend_of
 from deadrelu_cli.calibration import CalibrationData, open_calibration
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import FRAMES_NOT_TOLD, LAYOUT_AMBIGUOUS, ROW_ORDER_AMBIGUOUS
+from deadrelu_cli.gate import (
+    FRAMES_NOT_TOLD,
+    LAYOUT_AMBIGUOUS,
+    PIXELS_FLATTENED,
+    PIXELS_MIXED,
+    ROW_ORDER_AMBIGUOUS,
+)
 from deadrelu_cli.inputs import GROUPED_INPUTS, dict_groups
 from deadrelu_cli.loaders import LoadedModel, LoadOptions, load_model
 from deadrelu_cli.options import ScanOptions
@@ -126,6 +132,7 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         + extra_notes,
         mask=None if mask is None else mask.describe(),
         unseen=dict(model.extra.get("unseen", {})),
+        unscanned=dict(model.extra.get("unscanned", {})),
     )
     if options.explain:
         from deadrelu_cli.causes import explain
@@ -186,10 +193,16 @@ def mask_notes(layers: list, mask) -> list[str]:
         "flattened, as `h.view(-1, C)` of a time-major RNN's output; every element counted, padding "
         "included; a gate fails on them unless --allow-unseen; reordering the samples of a batch tells "
         "the order where the samples differ)",
-        FRAMES_NOT_TOLD: "after an ONNX graph's 1-D conv subsampler (a speech encoder's frames), on batches whose "
+        FRAMES_NOT_TOLD: "after an ONNX graph's conv subsampler (a speech encoder's frames), on batches whose "
         "mask did not keep each sample's positions first and its padding after: a frame's real length rests on "
         "that (every frame of those batches counted, padding included; a gate fails on them unless "
         "--allow-unseen; pad at the end)",
+        PIXELS_MIXED: "whose feature-map cells hold image and padding pixels both (the images' padding does not "
+        "end on the layer's stride; every element counted, padding included; a gate fails on them unless "
+        "--allow-unseen; pad the images to a multiple of the stride)",
+        PIXELS_FLATTENED: "whose positions may be the image's pixels flattened and that no module given the "
+        "flattened mask as its attention_mask scoped (every element counted, padding included; a gate fails "
+        "on them unless --allow-unseen; scan the PyTorch model, where DETR's encoder gets that mask)",
     }
     for reason, said in reasons.items():
         unmasked = [layer.name for layer in layers if layer.extra.get("position_mask") == reason]

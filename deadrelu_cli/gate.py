@@ -20,7 +20,20 @@ ROW_ORDER_AMBIGUOUS = "row order ambiguous"
 # on that, so every frame of such a batch counted
 FRAMES_NOT_TOLD = "frames not told"
 # extra["position_mask"] of a site the scan's position mask could not reach (it counted padding too)
-MASK_NOT_APPLIED = ("in a subgraph", "opset below 9", LAYOUT_AMBIGUOUS, ROW_ORDER_AMBIGUOUS, FRAMES_NOT_TOLD)
+# an image's pixel mask ([samples, height, width], a DETR-style `pixel_mask`) at a conv feature map whose
+# cells hold real and padded pixels both (the padding does not end on the map's stride), and at a
+# [batch, positions, …] site whose positions may be the pixels flattened (no module mask told which)
+PIXELS_MIXED = "pixel cells mixed"
+PIXELS_FLATTENED = "pixel positions flattened"
+MASK_NOT_APPLIED = (
+    "in a subgraph",
+    "opset below 9",
+    LAYOUT_AMBIGUOUS,
+    ROW_ORDER_AMBIGUOUS,
+    PIXELS_MIXED,
+    PIXELS_FLATTENED,
+    FRAMES_NOT_TOLD,
+)
 
 
 @dataclass
@@ -70,6 +83,8 @@ class GateResult:
     # activations the scan could not see that are none of the scanned --ops (a softmax, a fused
     # HardSwish): listed, not gated
     unseen_other: dict[str, int] = field(default_factory=dict)
+    # layers of activations --ops did not ask for (report.unscanned): listed, not gated
+    unscanned: dict[str, int] = field(default_factory=dict)
     # layer limits that limited no layer: why each one ("matches no layer", or the earlier glob that
     # takes every layer it matches); a mistyped glob would otherwise pass without a word
     unused_limits: list[str] = field(default_factory=list)
@@ -222,6 +237,17 @@ def unseen_notes(
     return notes
 
 
+def unscanned_text(unscanned: dict[str, int], ops: tuple[str, ...], flag: str = "--ops") -> str:
+    """'leaky_relu ×2, elu ×1 layer(s) not scanned (not in --ops relu,relu6); --ops
+    relu,relu6,leaky_relu,elu counts them': activations the scan could count but was not asked to."""
+    ranked = sorted(unscanned.items(), key=lambda item: (-item[1], item[0]))
+    shown = ", ".join(f"{op} ×{count}" for op, count in ranked)
+    wider = ",".join(list(ops) + [op for op, _ in ranked if op not in ops])
+    if flag.endswith("="):  # watch(ops="…")
+        return f'{shown} layer(s) not scanned (not in {flag}"{",".join(ops)}"); {flag}"{wider}" counts them'
+    return f"{shown} layer(s) not scanned (not in {flag} {','.join(ops)}); {flag} {wider} counts them"
+
+
 def evaluate(report: Report, config: GateConfig) -> GateResult:
     differ = settings_difference(config.baseline, report, COUNT_SETTINGS) if config.baseline else None
     if differ:  # a unit dead at threshold 0.1 may fire at 0: the fractions do not compare
@@ -264,10 +290,14 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             "reordering the samples of a batch), or scan the PyTorch model",
             FRAMES_NOT_TOLD: "pad every sample at its end (real positions first), as speech feature "
             "extractors do, or scan the PyTorch model",
+            PIXELS_MIXED: "pad the images to a multiple of the layers' stride (each cell of their feature maps "
+            "then all image or all padding)",
+            PIXELS_FLATTENED: "scan the PyTorch model, whose modules called with the flattened mask as their "
+            "attention_mask (DETR's encoder) count on it",
         }
         how = "; ".join(remedies[reason] for reason in MASK_NOT_APPLIED if reason in unmasked.values())
         model_failures.append(
-            f"model: the position mask could not be applied to {len(unmasked)} layer(s): they counted every "
+            f"model: the position mask could not be applied to {len(unmasked)} layer(s) ({', '.join(sorted(set(unmasked.values())))}): they counted every "
             f"position, padding included, so a unit that fires on padding only passes as alive: {shown}; to "
             f"count real tokens only: {how}; or pass --allow-unseen to gate on them as counted (--mask none "
             "counts every position everywhere)"
@@ -309,6 +339,7 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
         dead_fraction=summary.dead_fraction,
         checked=config.active,
         unseen_other=not_scanned_ops,
+        unscanned=dict(report.unscanned),
         unused_limits=unused_layer_limits([layer.name for layer in report.layers], config),
         width_changes=width_changes,
     )

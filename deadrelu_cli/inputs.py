@@ -309,6 +309,8 @@ DEFAULT_MASK = "attention_mask"
 # arrays named *key_padding_mask mark padding (calibration.PADDING_MASK_SUFFIX); src_/plain ones are the
 # default mask after attention_mask (tgt_/memory_ ones mark another sequence: a decoder's, the encoder output's)
 DEFAULT_PADDING_MASKS = ("src_key_padding_mask", "key_padding_mask")
+# an image model's padding mask [samples, height, width] (DETR and its kin: 1 on image, 0 on padding)
+PIXEL_MASK = "pixel_mask"
 AUDIO_VALUES = "input_values"  # a speech model's raw audio [samples, audio samples]
 AUDIO_FEATURES = "input_features"  # filterbank frames [samples, frames, features] (Speech2Text)
 # a speech encoder's inputs that an attention_mask of [samples, audio samples or frames] marks: the
@@ -337,7 +339,7 @@ def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data
     """--mask NAME | none | auto (default: the data's attention_mask, when it has one), --exclude-token-ids."""
     names = data.names
     if requested in (None, "auto"):
-        array = next((n for n in (DEFAULT_MASK, *DEFAULT_PADDING_MASKS) if n in names), None)
+        array = next((n for n in (DEFAULT_MASK, *DEFAULT_PADDING_MASKS, PIXEL_MASK) if n in names), None)
     elif requested == "none":
         array = None
     elif requested in names:
@@ -355,9 +357,11 @@ def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data
     by_name = {s.name: s for s in data.sources}
     for name in filter(None, (array, TOKEN_IDS if exclude_token_ids else None)):
         shape = by_name[name].shape
-        if len(shape) != 2:
+        pixels = len(shape) == 3 and name == array and not exclude_token_ids  # an image's pixel mask
+        if len(shape) != 2 and not pixels:
             raise UserError(
-                f"{data.path}: the mask array {name!r} has shape {list(shape)}; a mask is [samples, tokens]"
+                f"{data.path}: the mask array {name!r} has shape {list(shape)}; a mask is [samples, tokens] "
+                "(or [samples, height, width] for an image's pixels)"
             )
     # a mask of another length than the sequence it marks would mark nothing (the model may even run)
     # (not `input_features`: Speech2Text lays it out [samples, frames, features], Whisper [samples,
@@ -372,6 +376,24 @@ def resolve_mask(requested: str | None, exclude_token_ids: tuple[int, ...], data
     if marks_padding:
         _check_padding_convention(by_name[array], data.path)
     return MaskSpec(array, tuple(int(t) for t in exclude_token_ids), marks_padding)
+
+
+def is_pixel_mask(spec: MaskSpec | None, data) -> bool:
+    """Whether the mask is an image's [samples, height, width] pixel mask (resolve_mask lets one through)."""
+    if spec is None or spec.array is None:
+        return False
+    return any(s.name == spec.array and len(s.shape) == 3 for s in data.sources)
+
+
+def refuse_pixel_mask(spec: MaskSpec | None, data) -> None:
+    """ONNX graphs take token masks only: a pixel mask there is refused in one line rather than ignored
+    (the padded pixels would be counted as image)."""
+    if is_pixel_mask(spec, data):
+        raise UserError(
+            f"{data.path}: {spec.array!r} is an image's pixel mask [samples, height, width]; an ONNX scan cannot "
+            "leave padded pixels out: scan the PyTorch model (state_dict + --arch, or the model folder), or "
+            "pass --mask none to count every pixel, padding included"
+        )
 
 
 def _check_padding_convention(source, path) -> None:

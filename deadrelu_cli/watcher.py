@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,12 @@ from torch import nn
 # in the middle of a training step
 import deadrelu_cli.wiring.torch  # noqa: F401
 from deadrelu_cli.backends.torch.inputs import speech_frames
-from deadrelu_cli.backends.torch.scan import attach_module_biases, pooled_blocks
+from deadrelu_cli.backends.torch.scan import (
+    attach_module_biases,
+    attention_mask_modules,
+    module_attention_masks,
+    pooled_blocks,
+)
 from deadrelu_cli.distributed import World, reduce_layers
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import write_text_atomic
@@ -44,14 +50,17 @@ from deadrelu_cli.gate import (
     GateResult,
     evaluate,
     parse_layer_limits,
+    unscanned_text,
     unseen_notes,
 )
 from deadrelu_cli.inputs import (
     AUDIO_INPUTS,
     DECODER_IDS,
     DECODER_MASK,
+    DEFAULT_MASK,
     IGNORE_INDEX,
     LABELS,
+    PIXEL_MASK,
     decoder_scope,
     derives_decoder_from_labels,
 )
@@ -346,6 +355,9 @@ class Watch:
         self._mask: torch.Tensor | None = None  # the position mask given for the current step
         self._outer: nn.Module | None = None  # an owned module whose own call began the running forward
         self._written: set[Path] = set()  # reports this watch wrote to out_dir
+        # the first step this watch began: a run resumed from a checkpoint starts there, and an earlier
+        # run's reports of steps before it are kept (_replace_earlier)
+        self._first_step: int | None = None
         self._overwrite_warned = False
         self._recomputing = 0  # root calls under way inside backward (gradient checkpointing)
         self._evaluating = 0  # root calls under way that are an evaluation (not counted)
@@ -355,6 +367,13 @@ class Watch:
         self.distributed = distributed
         self.mask_argument = mask  # the forward's argument read as the position mask (None: none)
         self._mask_index = positional_index(model, mask)
+        # an image model's pixel_mask (DETR): read when the forward has no attention_mask
+        self._pixel_index = positional_index(model, PIXEL_MASK)
+        try:
+            takes_pixels = mask is not None and PIXEL_MASK in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            takes_pixels = False
+        self._pixel_modules = attention_mask_modules(model) if takes_pixels else []
         # a speech encoder's attention_mask is over audio samples: its encoder counts on the frames' mask
         self._frames = speech_frames(model)
         self._audio_index = {name: positional_index(model, name) for name in AUDIO_INPUTS}
@@ -401,6 +420,8 @@ class Watch:
         self.end_step()
         self._current = current
         self._next_step = current + 1
+        if self._first_step is None:
+            self._first_step = current
         if not self.is_sampled(current):
             return False
         last = self._sampled[-1] if self._sampled else None
@@ -441,6 +462,17 @@ class Watch:
 
     def _block_end(self, step: int) -> bool:
         return (step // self.every) % self.window == self.window - 1
+
+    def checkpoint(self) -> Report | None:
+        """A checkpoint is being saved after the steps so far: the open window ends here (its Report, with
+        fewer sampled steps than `window`), so that no report holds steps from both sides of a checkpoint.
+        A run resumed from it keeps the reports of the steps before it and replaces those after it; a
+        report that mixed both could only be dropped whole. The Lightning and `Trainer` callbacks call it
+        when they save."""
+        self._detach()
+        if self._sampled:
+            return self._close_window()
+        return None
 
     def close(self) -> Report | None:
         """End the run: the last window's Report, even when it has fewer sampled steps than `window`."""
@@ -569,6 +601,8 @@ class Watch:
         self._handles.append(root.register_forward_pre_hook(start, prepend=True, with_kwargs=True))
         self._handles.extend(probe.attach_global(outer_start, outer_stop))
         self._handles.append(root.register_forward_hook(stop, always_call=True))
+        if self._pixel_modules:  # a module given an image's mask flattened (DETR's encoder)
+            self._handles.extend(module_attention_masks(self._pixel_modules, registry))
         if self.mask_argument is not None:  # after `start` (a root nn.TransformerEncoder: its own mask)
             for path, module, argument, index in self._padding_modules:
                 hook = self._padding_hook(path, argument, index, argument.startswith("tgt"))
@@ -646,8 +680,18 @@ class Watch:
         value = kwargs.get(self.mask_argument)
         if value is None and self._mask_index is not None and len(args) > self._mask_index:
             value = args[self._mask_index]
+        if value is None and self.mask_argument == DEFAULT_MASK:
+            # an image model's padding mask (DETR's pixel_mask): its pixels, as `deadrelu scan` reads them
+            value = kwargs.get(PIXEL_MASK)
+            if value is None and self._pixel_index is not None and len(args) > self._pixel_index:
+                value = args[self._pixel_index]
+            if not isinstance(value, torch.Tensor) or value.dim() != 3:
+                return None
+            return value
         if not isinstance(value, torch.Tensor):
             return None
+        if value.dim() == 3 and self.mask_argument == PIXEL_MASK:
+            return value
         if value.dim() != 2:
             if not self._mask_warned:
                 self._mask_warned = True
@@ -713,6 +757,7 @@ class Watch:
             every=self.every,
             window=self._windows,
             epoch=self.epoch,
+            rank=self._own_rank(world),
         )
         kept_before = carried = 0
         for layer in layers:
@@ -742,10 +787,13 @@ class Watch:
             training=training,
             # ReLUs the probe cannot count (an nn.RNN's kernel, TorchScript code): named, and gated
             unseen=dict(self._probe.hidden),
+            unscanned=self._probe.unscanned,
         )
         report.notes.extend(
             unseen_notes(report.unseen, tuple(s.ops), "a limit fails on them unless allow_unseen=True")
         )
+        if report.unscanned:  # a LeakyReLU beside the ReLUs: said, not counted
+            report.notes.append(unscanned_text(report.unscanned, tuple(s.ops), "ops="))
         if evaluations:
             report.notes.append(
                 f"{evaluations} forward(s) in eval mode with gradients off (an evaluation) on the sampled "
@@ -814,6 +862,7 @@ class Watch:
             warnings.warn(f"deadrelu: step {training.step}: {'; '.join(diverged)}", UserWarning, stacklevel=3)
         if self.out_dir is not None and main and not unwritable:
             target = self.out_dir / f"deadrelu-step{training.step:08d}.json"
+            earlier = self._earlier_reports(training.step)  # read before the write replaces one of them
             if target.exists() and target not in self._written and not self._overwrite_warned:
                 # an earlier run's report (a re-run, or a resumed run whose steps start at 0 again)
                 self._overwrite_warned = True
@@ -825,32 +874,75 @@ class Watch:
                 )
             write_text_atomic(target, report_to_json(report))
             self._written.add(target)
-            self._replace_earlier(target, training.step)
+            self._replace_earlier(target, training.step, earlier)
         self._check(report, warn=main)
         if self.on_report is not None:
             self.on_report(report)
         return report
 
-    def _replace_earlier(self, target: Path, step: int) -> None:
-        """Remove the reports an earlier run left in out_dir for steps of this window's block (a run
-        resumed from a checkpoint replays the steps after it: the first run's report of them, e.g. its
-        partial last window, would otherwise stand beside this one in `deadrelu trend`)."""
+    def _earlier_reports(self, step: int) -> dict[Path, tuple[int, int] | None]:
+        """The reports an earlier run left in out_dir for steps of the block of `step`, each with its
+        (first, last) sampled step (None where the file does not say)."""
         span = self.every * self.window
         first = self._block(step) * span
-        earlier = []
+        found: dict[Path, tuple[int, int] | None] = {}
         for path in self.out_dir.glob("deadrelu-step*.json"):
             number = path.name[len("deadrelu-step") : -len(".json")]
-            if number.isdigit() and first <= int(number) < first + span and path not in self._written:
-                earlier.append(path)
-        for path in sorted(earlier):
+            if not number.isdigit() or not first <= int(number) < first + span or path in self._written:
+                continue
+            try:
+                training = json.loads(path.read_text(encoding="utf-8")).get("training") or {}
+                found[path] = (int(training["first_step"]), int(training["step"]))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                found[path] = None
+        return found
+
+    def _replace_earlier(self, target: Path, step: int, earlier: dict) -> None:
+        """Replace the reports an earlier run left in out_dir for steps of this window's block (a run
+        resumed from a checkpoint replays the steps after it: the first run's report of them, e.g. its
+        partial last window, would otherwise stand beside this one in `deadrelu trend`). A report of steps
+        before the step this run began at (the checkpoint's) is the trajectory this run continues: kept.
+        One that holds steps from both sides cannot be split: it goes, and a warning names the steps lost
+        (`checkpoint()` at each save keeps them apart)."""
+        span = self.every * self.window
+        first = self._block(step) * span
+        start = self._first_step if self._first_step is not None else first
+        kept = {path for path, steps in earlier.items() if steps is not None and steps[1] < start}
+        replaced = sorted(path for path in earlier if path not in kept)
+        removed = [path for path in replaced if path != target]  # the target: overwritten, warned above
+        for path in removed:
             path.unlink(missing_ok=True)
-        if earlier:
+        if removed:
             warnings.warn(
-                f"deadrelu: {', '.join(p.name for p in sorted(earlier))} in {self.out_dir}: an earlier run's "
+                f"deadrelu: {', '.join(p.name for p in removed)} in {self.out_dir}: an earlier run's "
                 f"report of steps {first}-{first + span - 1}, replaced by {target.name} (this run's steps)",
                 UserWarning,
                 stacklevel=4,
             )
+        lost = sorted(
+            (steps[0], start - 1)
+            for path, steps in earlier.items()
+            if path not in kept and steps is not None and steps[0] < start
+        )
+        if lost:
+            shown = ", ".join(f"{a}-{b}" for a, b in lost)
+            warnings.warn(
+                f"deadrelu: steps {shown} (before step {start}, where this run began) are in no report of "
+                f"{self.out_dir}: the earlier run's report held them together with steps after that point "
+                "(the steps this run replays), and cannot be split; call w.checkpoint() when saving a "
+                "checkpoint (the Lightning and Trainer callbacks do) so that a window ends there",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    @staticmethod
+    def _own_rank(world: World | None) -> int | None:
+        """This process's rank when the window holds its own counts only (distributed=False under several
+        ranks): merge tells such windows of one step apart by it."""
+        dist = torch.distributed
+        if world is not None or not (dist.is_available() and dist.is_initialized()):
+            return None
+        return dist.get_rank() if dist.get_world_size() > 1 else None
 
     def _world(self) -> World | None:
         """The process group to combine counts over (None: one process, or `distributed=False`)."""

@@ -133,7 +133,7 @@ def run_gate(report, config, junit: str | None, markdown: str | None, err: Conso
     """Evaluate the gate, write the CI outputs, print the verdict on stderr; raise GateFailed (exit 1) on failure.
     (The caller has checked JUNIT and MARKDOWN against its inputs with files.guard_outputs.)"""
     from deadrelu_cli.files import append_text, write_text_atomic
-    from deadrelu_cli.gate import evaluate, unseen_text
+    from deadrelu_cli.gate import evaluate, unscanned_text, unseen_text
     from deadrelu_cli.report.junit import render_junit
     from deadrelu_cli.report.markdown import render_markdown
 
@@ -168,6 +168,12 @@ def run_gate(report, config, junit: str | None, markdown: str | None, err: Conso
     if result.unseen_other:
         err.print(
             f"note: not gated: activations the scan could not see that are none of the scanned ops: {unseen_text(result.unseen_other)}",
+            markup=False,
+            style="dim",
+        )
+    if result.unscanned:
+        err.print(
+            f"note: not gated: {unscanned_text(result.unscanned, report.settings.ops)}",
             markup=False,
             style="dim",
         )

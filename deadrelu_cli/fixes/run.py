@@ -127,9 +127,11 @@ def _outputs_of(
 
 def _position_mask(scanned, scan_options: ScanOptions, data):
     """The positions the scan counted."""
-    from deadrelu_cli.inputs import resolve_mask
+    from deadrelu_cli.inputs import is_pixel_mask, resolve_mask
 
-    return resolve_mask(scan_options.mask, scan_options.exclude_token_ids, data)
+    spec = resolve_mask(scan_options.mask, scan_options.exclude_token_ids, data)
+    # an image's pixel mask marks no output's positions (a detector's outputs are its object queries)
+    return None if is_pixel_mask(spec, data) else spec
 
 
 def compare(before: list[list[np.ndarray]], after: list[list[np.ndarray]]) -> tuple[float, float]:

@@ -85,6 +85,12 @@ class DeadReluCallback(TrainerCallback):
         self.watch.end_step()  # the optimizer has stepped: evaluation forwards after it are not counted
         return self._flush(control)
 
+    def on_save(self, args, state, control, **kwargs):
+        if (
+            self.watch is not None
+        ):  # a window ends at each checkpoint: a resumed run keeps the steps before it
+            self.watch.checkpoint()
+
     def on_train_end(self, args, state, control, **kwargs):
         if self.watch is not None:
             self.watch.close()

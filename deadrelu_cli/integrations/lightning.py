@@ -100,6 +100,12 @@ class DeadReluCallback(Callback):
         else:  # a micro-batch of gradient accumulation: the next batch continues this step
             self.watch.pause()  # (validation forwards in between are not counted)
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if (
+            self.watch is not None
+        ):  # a window ends at each checkpoint: a resumed run keeps the steps before it
+            self.watch.checkpoint()
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self.watch is not None:
             self.watch.close()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import LAYOUT_AMBIGUOUS, ROW_ORDER_AMBIGUOUS
+from deadrelu_cli.gate import LAYOUT_AMBIGUOUS, PIXELS_FLATTENED, PIXELS_MIXED, ROW_ORDER_AMBIGUOUS
 from deadrelu_cli.probe.ops import (
     TOKEN_FLAT,
     TOKEN_FLAT_TIME_MAJOR,
@@ -175,6 +175,96 @@ class PositionMask:
         return tensor.index_select(0, self.index(tensor.device))  # TOKEN_FLAT
 
 
+PIXELS = "pixels"  # PixelMask.layout: a conv feature map [B, C, h, w] of the image
+
+
+class PixelMask:
+    """Which pixels of the current batch's images count: a bool [B, H, W] (True = image, False = padding;
+    a DETR-style `pixel_mask`). A conv feature map [B, C, h, w] whose grid divides the image (H = h·sy,
+    W = w·sx) holds these positions as cells of sy×sx pixels: where every cell is all image or all
+    padding, its image cells are counted (`select`: [1, C, kept, 1]), exactly as if the padding were not
+    there; where a cell holds both (the padding does not end on the map's stride), nothing tells which
+    it is, and the site counts every cell and is marked (`not_applied`: PIXELS_MIXED). A [B, T, F] site
+    whose T may be the pixels of such a map flattened is marked too (PIXELS_FLATTENED); a module given the
+    flattened mask as its attention_mask scopes its sites to it instead (backends.torch.scan). Other
+    sites (a pooled head, object queries) have no pixel axis: every element counts."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        if mask.dim() != 3:
+            raise UserError(f"a pixel mask is [batch, height, width]; this one has shape {list(mask.shape)}")
+        self.pixels = mask.bool()
+        self.batch, self.height, self.width = (int(d) for d in mask.shape)
+        self.tokens = 0  # no token axis: no token layout matches (probe.ops.token_layout)
+        self.mask = self.pixels.reshape(self.batch, -1)
+        self.kept = int(self.mask.sum())
+        self.all_kept = self.kept == self.mask.numel()
+        self.symmetric = False
+        self._cells: dict[tuple[int, int], torch.Tensor | None] = {}
+
+    def cells(self, h: int, w: int) -> torch.Tensor | None:
+        """bool [B, h, w]: the cells of an h×w grid over the images that are all image, or None when some
+        cell holds image and padding both, or the grid does not divide the image."""
+        if (h, w) not in self._cells:
+            found = None
+            if 0 < h <= self.height and 0 < w <= self.width and not self.height % h and not self.width % w:
+                blocks = self.pixels.reshape(self.batch, h, self.height // h, w, self.width // w)
+                whole, some = blocks.all(4).all(2), blocks.any(4).any(2)
+                found = whole if torch.equal(whole, some) else None
+            self._cells[(h, w)] = found
+        return self._cells[(h, w)]
+
+    def _spatial(self, tensor: torch.Tensor, channel_dim: int) -> bool:
+        return tensor.dim() == 4 and channel_dim % 4 == 1 and tensor.shape[0] == self.batch
+
+    def _flattened(self, tensor: torch.Tensor, channel_dim: int) -> bool:
+        if tensor.dim() != 3 or channel_dim % 3 != 2 or tensor.shape[0] != self.batch:
+            return False
+        positions = int(tensor.shape[1])
+        return any(
+            not self.height % s and not self.width % s and (self.height // s) * (self.width // s) == positions
+            for s in range(1, min(self.height, self.width) + 1)
+        )
+
+    def layout(self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None) -> str | None:
+        return PIXELS if self._spatial(tensor, channel_dim) else None
+
+    def ambiguous(self, tensor: torch.Tensor, channel_dim: int) -> bool:
+        return False
+
+    def not_applied(self, tensor: torch.Tensor, channel_dim: int) -> str | None:
+        """Why a site that holds the images' positions counted them all (padding included), or None."""
+        if self.all_kept:
+            return None
+        if self._spatial(tensor, channel_dim):
+            return None if self.cells(*tensor.shape[2:]) is not None else PIXELS_MIXED
+        return PIXELS_FLATTENED if self._flattened(tensor, channel_dim) else None
+
+    def select(
+        self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None
+    ) -> torch.Tensor | None:
+        if not self._spatial(tensor, channel_dim):
+            return None
+        if self.all_kept:
+            return tensor
+        keep = self.cells(*tensor.shape[2:])
+        if keep is None:
+            return None
+        index = keep.reshape(-1).nonzero().squeeze(1).to(tensor.device)
+        rows = tensor.transpose(0, 1).reshape(tensor.shape[1], -1)  # [C, B*h*w]
+        return rows.index_select(1, index)[None, :, :, None]  # [1, C, kept, 1]
+
+    def parts(
+        self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None
+    ) -> list[torch.Tensor] | None:
+        found = self.select(tensor, channel_dim, time_major)
+        return None if found is None else [found]
+
+
+def position_mask(mask: torch.Tensor) -> PositionMask | PixelMask:
+    """A [batch, tokens] mask of token positions, or a [batch, height, width] mask of pixels."""
+    return PixelMask(mask) if mask.dim() == 3 else PositionMask(mask)
+
+
 @dataclass
 class SiteAccumulator:
     """Counters for one call site, living on the activation's device."""
@@ -316,9 +406,15 @@ class SiteAccumulator:
         self.masked_now = kept is not None
         if mask is not None:
             before = self.extra.get("position_mask")
-            self.extra["position_mask"] = (
-                "applied" if kept is not None and before != "no token axis" else "no token axis"
-            )
+            missed = mask.not_applied(pre, self.channel_dim) if isinstance(mask, PixelMask) else None
+            if before in (PIXELS_MIXED, PIXELS_FLATTENED):  # a batch counted padding: said for good
+                pass
+            elif kept is None and missed is not None:
+                self.extra["position_mask"] = missed
+            else:
+                self.extra["position_mask"] = (
+                    "applied" if kept is not None and before != "no token axis" else "no token axis"
+                )
         return kept
 
     def _observe_parts(self, observe, parts: list[torch.Tensor], threshold: float) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from deadrelu_cli.probe.accumulator import PositionMask, SiteAccumulator
+from deadrelu_cli.probe.accumulator import PixelMask, PositionMask, SiteAccumulator, position_mask
 from deadrelu_cli.probe.ops import resolve_channel_dim, unit_axis_reduced
 from deadrelu_cli.stats import LayerStats
 
@@ -40,8 +40,8 @@ class SiteRegistry:
         self.sites: dict[str, SiteAccumulator] = {}
         # site name -> callback(pre-activation): for fixes that need the values of a few units
         self.collectors: dict[str, Callable[[torch.Tensor, int], None]] = {}
-        self.position_mask: PositionMask | None = None
-        self.scoped_masks: dict[str, PositionMask | None] = {}
+        self.position_mask: PositionMask | PixelMask | None = None
+        self.scoped_masks: dict[str, PositionMask | PixelMask | None] = {}
         self._given: tuple[PositionMask | None, dict[str, PositionMask | None]] = (None, {})
         self.fused_devices = settings.fused_devices
         self._stale: set[str] = set()  # sites of an earlier window, not run since `restart`
@@ -80,16 +80,16 @@ class SiteRegistry:
         site with the token axis, until the next call; None counts every position again. `scoped`
         gives the sites under a module path their own mask (None: every position): an encoder-decoder's
         decoder runs on the decoder's tokens, whose padding is not the encoder's."""
-        self.position_mask = None if mask is None else PositionMask(mask)
+        self.position_mask = None if mask is None else position_mask(mask)
         self.scoped_masks = {
-            path: None if m is None else PositionMask(m) for path, m in (scoped or {}).items()
+            path: None if m is None else position_mask(m) for path, m in (scoped or {}).items()
         }
         self._given = (self.position_mask, dict(self.scoped_masks))  # what `given_scope` puts back
 
     def set_scoped_mask(self, path: str, mask: torch.Tensor | None) -> None:
         """The sites under module `path` ("" = every site) count where `mask` is true (None: every
         position), for the forward under way (a module's own key padding mask, read as it is called)."""
-        positions = None if mask is None else PositionMask(mask)
+        positions = None if mask is None else position_mask(mask)
         if path:
             self.scoped_masks[path] = positions
         else:

@@ -40,6 +40,7 @@ from deadrelu_cli.probe.base import (
 )
 from deadrelu_cli.probe.ops import (
     CLAMP_OPS,
+    NAMED_WHEN_UNSCANNED,
     SiteNamer,
     aten_op_kind,
     clamp_bounds,
@@ -522,6 +523,8 @@ class _CallSiteMode(TorchFunctionMode):
         if op in self.probe.settings.ops and args[0].is_quantized:  # no float pre-activation to count
             self.probe.note_hidden(self.probe.next_site_name(op), "activation on a quantized tensor", op)
         if op not in self.probe.settings.ops or not args[0].is_floating_point():
+            if op in NAMED_WHEN_UNSCANNED and spec.clamp is None and args[0].is_floating_point():
+                self.probe.note_unscanned(op)  # a LeakyReLU beside the ReLUs: named, not counted
             return func(*args, **kwargs)
         in_place = spec.always_in_place or bool(
             kwargs.get(
@@ -685,6 +688,7 @@ class EagerProbe:
         self._wrapper_roles: dict[type, str] = {}  # module type -> _wrapper_role
         # activations inside kernels or TorchScript code no hook or mode sees: named, not counted
         self.hidden = eager_hidden(model, settings.ops)
+        self._unscanned: dict[str, set[str]] = {}
         # a ReLU spelled with a maximum or a select: zeros made in this forward and `x > 0` masks (id ->
         # weakrefs, with the tensors' version counters: one changed in place since is no longer that)
         self._zeros: dict[int, tuple[weakref.ref, int]] = {}
@@ -1327,6 +1331,15 @@ class EagerProbe:
         if op in self.settings.ops and pre.is_floating_point():  # as a float site would have been
             self.next_site_name(op)
         return False
+
+    def note_unscanned(self, op: str) -> None:
+        """An activation call of an op --ops did not ask for: its call site's name, kept per op (each
+        forward names it alike) so that the report says how many layers were not scanned."""
+        self._unscanned.setdefault(op, set()).add(self.next_site_name(op))
+
+    @property
+    def unscanned(self) -> dict[str, int]:
+        return {op: len(names) for op, names in self._unscanned.items()}
 
     def note_hidden(self, site: str, what: str, op: str) -> None:
         """A site the probe runs but cannot count (an int8 kernel): named in `hidden`, once."""

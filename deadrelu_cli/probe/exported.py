@@ -34,6 +34,7 @@ from deadrelu_cli.probe.base import (
 )
 from deadrelu_cli.probe.hidden import SPELLED_RELU, STORED_ZEROS_RELU, graph_hidden, prepare_graph
 from deadrelu_cli.probe.ops import (
+    NAMED_WHEN_UNSCANNED,
     SiteNamer,
     aten_op_kind,
     clamp_is_layer,
@@ -87,7 +88,9 @@ class StaticSite:
     # TorchScript: the op spelling a ReLU (maximum / max / where / masked_fill / mul; probe.ops), else ""
     spelled: str = ""
     units: int | None = None  # TorchScript, spelled: the producer module's units (checked at run time)
-    per_position: bool = False  # TorchScript: a clamp of one value per position (no layer; run time drops it)
+    # TorchScript: the reductions (dim, keepdim, channel_first) a clamp's input may be one value per position
+    # of (no layer); its rank is known at run time only, where probe.ops.reduced_over_units decides
+    per_position: tuple = ()
 
 
 def op_base(target) -> str:
@@ -262,7 +265,8 @@ def shift_source(node: fx.Node) -> str | None:
 def _per_position(value: object) -> bool:
     """Whether a graph value is one per position, no units: a reduction over the unit axis
     (probe.base.unit_axis_reduced), or an elementwise op of one (`h.sum(-1) - m`), as the eager probe
-    marks them (EagerProbe.note_per_position)."""
+    marks them (EagerProbe.note_per_position). An operand broadcast to more values than the op's output
+    holds (`h - h.mean(-1, keepdim=True)`: back over h's units, a centred layer) is not followed."""
     stack, seen = [value], 0
     while stack and seen < 32:
         node, seen = stack.pop(), seen + 1
@@ -278,8 +282,23 @@ def _per_position(value: object) -> bool:
             ):
                 return True
         elif base in PASS_THROUGH or base in PER_POSITION_OPS:
-            stack.extend(arg for arg in node.args if isinstance(arg, fx.Node))
+            shape = _shape(node)
+            stack.extend(
+                arg
+                for arg in node.args
+                if isinstance(arg, fx.Node) and (shape is None or _shape(arg) in (None, shape))
+            )
     return False
+
+
+def _shape(node: fx.Node) -> tuple | None:
+    value = node.meta.get("val")
+    # a symbolic size by its name: comparing SymInts would guard on them
+    return (
+        tuple(d if isinstance(d, int) else str(d) for d in value.shape)
+        if isinstance(value, torch.Tensor)
+        else None
+    )
 
 
 def _clamp_is_layer(node: fx.Node, channel_first: bool | None) -> bool:
@@ -371,6 +390,9 @@ class ExportedProbe:
         self.graph_module = graph_module
         prepare_graph(graph_module)
         self.hidden = graph_hidden(graph_module, settings.ops)  # before the rewrite: the ops as exported
+        others = tuple(op for op in NAMED_WHEN_UNSCANNED if op not in settings.ops)
+        # a LeakyReLU beside the ReLUs: its layers named, not counted
+        self.unscanned = dict(Counter(site.op for _, site in find_sites(graph_module.graph, others)))
         self.hidden.update(stored_zero_relus(graph_module.graph, settings.ops))
         for node, site in list(find_sites(graph_module.graph, settings.ops)):
             self.sites.append(site)

@@ -680,7 +680,8 @@ _PER_POSITION = frozenset(
 def _per_position(index: GraphIndex, name: str) -> bool:
     """Whether a tensor is one value per position, no units: a reduction over the unit axis
     (probe.ops.unit_axis_reduced) or an elementwise op of one (`ReduceSum(h, -1) - m`), as the torch
-    probes read it (probe.exported._per_position)."""
+    probes read it (probe.exported._per_position); an input broadcast to more values than the node's output
+    (`Sub(h, ReduceMean(h, keepdims=1))`: back over h's units, a centred layer) is not followed."""
     stack, seen = [name], 0
     while stack and seen < 32:
         node, seen = index.producer.get(stack.pop()), seen + 1
@@ -697,7 +698,8 @@ def _per_position(index: GraphIndex, name: str) -> bool:
                 if unit_axis_reduced(rank, list(axes), channel_first):
                     return True
         elif node.op_type in _PER_POSITION:
-            stack.extend(i for i in node.input if i)
+            shape = index.shape(node.output[0])
+            stack.extend(i for i in node.input if i and (shape is None or index.shape(i) in (None, shape)))
     return False
 
 

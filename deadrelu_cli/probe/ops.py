@@ -18,6 +18,9 @@ from deadrelu_cli.errors import UserError
 DEFAULT_OPS = ("relu", "relu6")
 OPTIONAL_OPS = ("leaky_relu", "elu", "gelu", "silu")
 ALL_OPS = DEFAULT_OPS + OPTIONAL_OPS
+# ops a scan names when it finds their layers but --ops did not ask for them (report.unscanned): the
+# piecewise ones, whose units can die or nearly (smooth GELU/SiLU are never exactly 0: not named)
+NAMED_WHEN_UNSCANNED = ("relu", "relu6", "leaky_relu", "elu")
 
 ACTIVATION_MODULE_PREFIX = "torch.nn.modules.activation."
 
@@ -168,15 +171,35 @@ def zeros_fit(x_shape, zeros_shape) -> bool:
 
 def unit_axis_reduced(rank: int, dim, channel_first: bool | None) -> bool:
     """Whether a reduction over `dim` (an int, or a list of one) of a rank >= 2 tensor is one over its
-    unit axis alone (dim 1 from rank 4 on and for a channel-first rank 3, else the last; as
-    probe.base.infer_channel_dim): what remains is one value per position, and a clamp of it is no ReLU
-    layer (probe.base.reduces_unit_axis for eager; the graph probes ask it of their reduction nodes)."""
+    unit axis alone (as probe.base.infer_channel_dim places it: dim 1 for a channel-first producer, the
+    last for a Linear's output of any rank, [N, H, W, C] included; without a producer dim 1 from rank 4
+    on, else the last): what remains is one value per position, and a clamp of it is no ReLU layer
+    (probe.base.reduces_unit_axis for eager; the graph probes ask it of their reduction nodes)."""
     if isinstance(dim, (tuple, list)) and len(dim) == 1:
         dim = dim[0]
     if not isinstance(dim, int) or isinstance(dim, bool) or rank < 2:
         return False
-    unit = 1 if rank >= 4 or (rank == 3 and channel_first) else rank - 1
+    first = channel_first if channel_first is not None else rank >= 4
+    unit = 1 if first and rank >= 3 else rank - 1
     return dim % rank == unit
+
+
+def reduced_over_units(shape, reductions) -> bool:
+    """Whether a clamp's input of `shape` is one value per position, given the reductions a graph walk
+    without shapes (TorchScript) found on its way, each `(dim, keepdim, channel_first)`: a reduction
+    without keepdim had one axis more than the clamped value, one with keepdim as many, and then its unit
+    axis must still be of size 1 here (`h - h.mean(-1, keepdim=True)` broadcasts back over h's units: a
+    centred layer). The rank, which the walk cannot know, is the clamped value's (unit_axis_reduced)."""
+    rank = len(shape)
+    for dim, keepdim, channel_first in reductions:
+        if not keepdim:
+            if unit_axis_reduced(rank + 1, dim, channel_first):
+                return True
+        elif unit_axis_reduced(rank, dim, channel_first):
+            axis = dim[0] if isinstance(dim, (tuple, list)) else dim
+            if shape[axis % rank] == 1:
+                return True
+    return False
 
 
 def is_zero_number(value: object) -> bool:

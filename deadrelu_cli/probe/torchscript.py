@@ -44,6 +44,7 @@ from deadrelu_cli.probe.base import (
 from deadrelu_cli.probe.exported import StaticSite
 from deadrelu_cli.probe.ops import (
     CLAMP_OPS,
+    NAMED_WHEN_UNSCANNED,
     SiteNamer,
     aten_op_kind,
     clamp_bounds,
@@ -54,8 +55,8 @@ from deadrelu_cli.probe.ops import (
     is_clamp_op,
     is_scalar_value,
     is_zero_number,
+    reduced_over_units,
     stored_zeros_label,
-    unit_axis_reduced,
     zeros_fit,
 )
 
@@ -107,6 +108,7 @@ class _Walker:
         self.namer = SiteNamer()
         self.sites: list[StaticSite] = []
         self.hidden: Counter = Counter()  # activations inside fused kernels (probe.hidden labels)
+        self.unscanned: Counter = Counter()  # activation calls of ops --ops did not ask for, per op
         self._units: int | None = None  # the units of the producer `_producer` found last
         self._calls: list[tuple[object, object]] = []  # (CallMethod node, caller module)
 
@@ -297,12 +299,12 @@ class _Walker:
             if op in self.ops:
                 self.hidden[hidden_label(path, "transformer encoder fast path", op)] += 1
 
-    def _per_position(self, value, module) -> bool:
-        """Whether a value is one per position, no units: a reduction over the unit axis, or an elementwise
-        op of one (`h.sum(-1) - m`), as probe.exported._per_position reads a graph. TorchScript's types
-        carry no rank: a reduction's input is taken as rank <= 3 (`h.sum(-1)` of [B, T, C], `x.sum(1)` of a
-        conv's [N, C, T])."""
-        stack, seen = [value], 0
+    def _per_position(self, value, module) -> tuple:
+        """The reductions over a unit axis that a value may be one per position of, each `(dim, keepdim,
+        channel_first)`: a reduction, or one behind elementwise ops (`h.sum(-1) - m`), as
+        probe.exported._per_position reads a graph. TorchScript's types carry no rank: whether the dim is
+        the unit axis is decided at run time from the clamped value's shape (probe.ops.reduced_over_units)."""
+        stack, seen, found = [value], 0, []
         while stack and seen < 32:
             node, seen = stack.pop().node(), seen + 1
             base = aten_base(node.kind())
@@ -313,20 +315,25 @@ class _Walker:
                     dim = inputs[where].toIValue()
                     if dim is None and inputs[where].node().kind() == "prim::ListConstruct":
                         dim = [v.toIValue() for v in inputs[where].node().inputs()]
+                    keepdim = node.namedInput("keepdim").toIValue()
                 except RuntimeError:
+                    continue
+                if isinstance(dim, (tuple, list)) and len(dim) == 1:
+                    dim = dim[0]
+                if not isinstance(dim, int) or not isinstance(keepdim, bool):
                     continue
                 units = self._units
                 channel_first = self._producer(inputs[0], module)[0]
                 self._units = units
-                rank = getattr(inputs[0].type(), "dim", lambda: None)() or 3
-                if unit_axis_reduced(rank, dim, channel_first):
-                    return True
+                found.append((dim, keepdim, channel_first))
             elif base in PASS_THROUGH or base in PER_POSITION_OPS:
                 stack.extend(v for v in inputs if str(v.type()).startswith("Tensor"))
-        return False
+        return tuple(found)
 
     def _add(self, module, node, op: str, in_place: bool, clamp: bool = False, pre=None) -> None:
         if op not in self.ops:
+            if op in NAMED_WHEN_UNSCANNED and not clamp and pre is None:
+                self.unscanned[op] += 1  # a LeakyReLU beside the ReLUs: named, not counted
             return
         path = self.paths.get(id(module), "")
         qualified = _type_name(module)
@@ -345,7 +352,7 @@ class _Walker:
         units = self._units if pre is not None else None
         spelled = aten_base(node.kind()) if pre is not None else ""
         functional = not (is_activation and caller is not None)  # a clamp of `value` in this graph
-        per_position = clamp and pre is None and functional and self._per_position(value, module)
+        per_position = self._per_position(value, module) if clamp and pre is None and functional else ()
         site = StaticSite(
             name, op, in_place, module_type, channel_first, producer, clamp, spelled, units, per_position
         )
@@ -536,6 +543,7 @@ class TorchScriptProbe:
             ) from None
         self.sites = walker.sites
         self.hidden = walker.hidden
+        self.unscanned = dict(walker.unscanned)
         for site in self.sites:
             self.registry.declare(site.name, site.op, site.module_type, site.producer)
         self._position = 0
@@ -655,7 +663,8 @@ class TorchScriptProbe:
         site = self.sites[self._position]
         self._position += 1
         if site.clamp and (
-            site.per_position  # (h.sum(-1) - m).clamp(min=0): one value per position, no units
+            # (h.sum(-1) - m).clamp(min=0): one value per position, no units
+            reduced_over_units(tuple(args[0].shape), site.per_position)
             or not clamp_is_layer(
                 tuple(args[0].shape),
                 infer_channel_dim(args[0].dim(), site.channel_first) if args[0].dim() else None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deadrelu_cli.display import markdown_code, markdown_text
-from deadrelu_cli.gate import GateResult, unseen_text
+from deadrelu_cli.gate import GateResult, unscanned_text, unseen_text
 from deadrelu_cli.report.model import Report
 
 
@@ -58,4 +58,6 @@ def render_markdown(report: Report, result: GateResult) -> str:
             "",
             f"Not gated (activations the scan could not see, none of the scanned ops): {markdown_text(unseen_text(result.unseen_other))}",
         ]
+    if result.unscanned:
+        lines += ["", f"Not gated: {markdown_text(unscanned_text(result.unscanned, report.settings.ops))}"]
     return "\n".join(lines) + "\n"

@@ -107,6 +107,9 @@ class TrainingInfo:
     every: int
     window: int  # index of the window, from 0
     epoch: int | None = None
+    # the process's rank when the window holds that rank's own counts (watch(distributed=False) under
+    # several ranks); None: one process, or every rank's counts
+    rank: int | None = None
     newly_dead: dict[str, list[int]] = field(default_factory=dict)
     revived: dict[str, list[int]] = field(default_factory=dict)
     persistence: dict[str, float | None] = field(default_factory=dict)
@@ -125,6 +128,8 @@ class Report:
     # the token positions that counted ({"array": "attention_mask", "exclude_token_ids": [...]}), or None
     mask: dict | None = None
     unseen: dict[str, int] = field(default_factory=dict)  # node type -> count of activations not scanned
+    # op -> layers of an activation --ops could count but did not ask for (a LeakyReLU beside the ReLUs)
+    unscanned: dict[str, int] = field(default_factory=dict)
 
     def layer(self, name: str) -> LayerStats:
         for layer in self.layers:
@@ -241,8 +246,9 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "notes": list(report.notes),
         **({"mask": dict(report.mask)} if report.mask is not None else {}),
         **({"unseen_activations": dict(report.unseen)} if report.unseen else {}),
+        **({"unscanned_activations": dict(report.unscanned)} if report.unscanned else {}),
         "layers": [layer_to_dict(layer, s) for layer in report.layers],
-        **({"training": vars(report.training).copy()} if report.training is not None else {}),
+        **({"training": _training_dict(report.training)} if report.training is not None else {}),
     }
 
 
@@ -332,6 +338,7 @@ def report_from_dict(d: dict[str, Any], source: str = "report") -> Report:
             else TrainingInfo(**_known_fields(TrainingInfo, d["training"])),
             mask=d.get("mask"),
             unseen={str(k): int(v) for k, v in (d.get("unseen_activations") or {}).items()},
+            unscanned={str(k): int(v) for k, v in (d.get("unscanned_activations") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(
@@ -487,6 +494,37 @@ def refuse_overlapping_data(
                 )
 
 
+def _training_dict(training: TrainingInfo) -> dict:
+    found = vars(training).copy()
+    if found["rank"] is None:  # optional: only a window of one rank's own counts says it
+        del found["rank"]
+    return found
+
+
+def refuse_overlapping_steps(reports: list[Report], names: list[str]) -> None:
+    """Exit 2 naming both when two training windows (report.training) counted the same steps: their
+    sampled steps overlap, in the same epoch numbering (when both say one) and of the same rank (when a
+    window holds one rank's own counts). A window's samples are not fingerprinted; its steps are what
+    tells a window counted twice (a copy, or a resumed run's window beside the one it replaced)."""
+    for j, (report, name) in enumerate(zip(reports, names, strict=True)):
+        mine = report.training
+        if mine is None:
+            continue
+        for i in range(j):
+            theirs = reports[i].training
+            if theirs is None or mine.rank != theirs.rank:
+                continue
+            if mine.epoch is not None and theirs.epoch is not None and mine.epoch != theirs.epoch:
+                continue
+            if mine.first_step <= theirs.step and theirs.first_step <= mine.step:
+                raise UserError(
+                    f"{name}: a training window of steps {mine.first_step}-{mine.step}, which overlap those of "
+                    f"{names[i]} (steps {theirs.first_step}-{theirs.step}): the same steps would be counted twice "
+                    "(a copy, or an earlier run's window of steps a resumed run replayed); merge windows of "
+                    "different steps, each once"
+                )
+
+
 def nonfinite_notes(layers: list[LayerStats]) -> list[str]:
     """--allow-nonfinite: one note per layer that met NaN/Inf values (left out of its statistics)."""
     return [
@@ -538,6 +576,7 @@ def merge_reports(reports: list[Report], names: list[str] | None = None) -> Repo
                 "cannot merge reports made with different position masks (--mask / --exclude-token-ids)"
             )
     sketches = [sketch_from_dict(r.data.fingerprint) for r in reports]
+    refuse_overlapping_steps(reports, names)
     refuse_overlapping_data(reports, names, sketches)
     # a layer's samples (None: all of its report's) are added as counts: a part where a site saw fewer
     # (an ONNX branch, a GAN's generator in a training window), or that does not list the site at all (a
@@ -566,11 +605,18 @@ def merge_reports(reports: list[Report], names: list[str] | None = None) -> Repo
             "cover only the samples of the reports that list them"
         )
     unprinted = [name for name, sketch in zip(names, sketches, strict=True) if sketch is None]
-    if unprinted:
+    windows = [name for name, r in zip(names, reports, strict=True) if r.training is not None]
+    older = [name for name in unprinted if name not in windows]
+    if older:
         notes.append(
-            f"{', '.join(unprinted[:4])}{', …' if len(unprinted) > 4 else ''}: no data fingerprint (an older "
-            "deadrelu, a training window): overlap with the other parts was checked "
-            "only by identical statistics"
+            f"{', '.join(older[:4])}{', …' if len(older) > 4 else ''}: no data fingerprint (an older "
+            "deadrelu): overlap with the other parts was checked only by identical statistics"
+        )
+    if windows:
+        notes.append(
+            f"{', '.join(windows[:4])}{', …' if len(windows) > 4 else ''}: training windows, which carry no "
+            "data fingerprint (an epoch feeds the same samples again, to other weights): merge checked that no "
+            "two of them counted the same steps, not which samples they saw"
         )
     if len(data_paths) < len(reports) and unprinted:
         # scan has no offset: two scans of one data file (e.g. --limit 40 and --limit 60) both start at its
@@ -595,4 +641,5 @@ def merge_reports(reports: list[Report], names: list[str] | None = None) -> Repo
         mask=first.mask,
         # the same model in every report: its unseen nodes are the same, not added up
         unseen={k: max(r.unseen.get(k, 0) for r in reports) for r in reports for k in r.unseen},
+        unscanned={k: max(r.unscanned.get(k, 0) for r in reports) for r in reports for k in r.unscanned},
     )

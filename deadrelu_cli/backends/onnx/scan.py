@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from deadrelu_cli.gate import (
     LAYOUT_AMBIGUOUS,
     MASK_NOT_APPLIED,
     ROW_ORDER_AMBIGUOUS,
+    unscanned_text,
     unseen_notes,
 )
 from deadrelu_cli.inputs import (
@@ -25,6 +27,7 @@ from deadrelu_cli.inputs import (
     mask_lengths,
     mismatch,
     positional_arrays,
+    refuse_pixel_mask,
     resolve_mask,
     shape_advice,
     unfed_arrays,
@@ -38,7 +41,7 @@ from deadrelu_cli.probe.onnx_graph import (
     frames_keep,
     stored_zero_relus,
 )
-from deadrelu_cli.probe.ops import axis_guess_note
+from deadrelu_cli.probe.ops import NAMED_WHEN_UNSCANNED, axis_guess_note
 from deadrelu_cli.stats import LayerStats
 
 _shared_arena: bool | None = None  # whether this process registered its CPU arena with onnxruntime
@@ -903,6 +906,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
 
     loaded = load_onnx(LoadOptions(options.model, device=device))
     mask = resolve_mask(options.mask, options.exclude_token_ids, data)
+    refuse_pixel_mask(mask, data)
     data.unfed = unfed_arrays(mask, data, loaded)  # a mask the graph does not take is read, not fed
     order = feed_order(loaded, data)
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
@@ -955,6 +959,11 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     sites = find_sites(loaded.runnable, options.ops)
     for site in sites:
         site.track_min = options.explain
+    others = tuple(op for op in NAMED_WHEN_UNSCANNED if op not in options.ops)
+    unscanned = Counter(site.op for site in find_sites(loaded.runnable, others)) if others else Counter()
+    if unscanned:  # a LeakyRelu beside the Relus: said, in the report (not gated)
+        loaded.extra["unscanned"] = dict(unscanned)
+        loaded.notes.append(unscanned_text(dict(unscanned), options.ops))
     if not sites:
         loaded.notes.append(_no_sites_note(loaded.runnable, options.ops))
         return loaded, []

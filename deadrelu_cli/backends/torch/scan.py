@@ -20,7 +20,7 @@ from deadrelu_cli.backends.torch.inputs import (
 )
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import unseen_notes
+from deadrelu_cli.gate import unscanned_text, unseen_notes
 from deadrelu_cli.inputs import (
     AUDIO_INPUTS,
     AUDIO_VALUES,
@@ -286,6 +286,11 @@ def scan_torch(
         batch_size = square_free_batch_size(batch_size, total, tokens)
     done = 0
     context = probe.attached() if hasattr(probe, "attached") else contextlib.nullcontext()
+    if mask is not None and mask_rank(mask, data) == 3 and isinstance(model.runnable, torch.nn.Module):
+        # an image's pixel mask: a module given it flattened as its attention_mask (DETR's encoder)
+        # counts its sites on it, the positions the model itself treats as image
+        modules = attention_mask_modules(model.runnable)
+        context = _with(context, module_attention_masks(modules, probe.registry))
 
     def prepared(batch: dict) -> tuple:
         return (
@@ -379,6 +384,12 @@ def scan_torch(
             model.notes.append(note)
     attach_biases(model, layers)
     check_sample_axis(layers, data, order, done, forwards, mask is not None)
+    unscanned = dict(getattr(probe, "unscanned", {}))
+    if unscanned:  # a LeakyReLU beside the ReLUs: said, in the report (not gated)
+        model.extra["unscanned"] = unscanned
+        note = unscanned_text(unscanned, options.ops)
+        if note not in model.notes:
+            model.notes.append(note)
     hidden = dict(getattr(probe, "hidden", {}))
     if hidden:  # activations the probe cannot count: said, kept in the report, and a gate stops on them
         model.extra["unseen"] = {**model.extra.get("unseen", {}), **hidden}
@@ -507,6 +518,75 @@ def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
     if mask is None or mask.array is None or not any(name in order for name in AUDIO_INPUTS):
         return None
     return speech_frames(runnable)
+
+
+def mask_rank(mask, data) -> int:
+    """The rank of the data's mask array (3: an image's [samples, height, width] pixel mask)."""
+    return next((len(s.shape) for s in data.sources if s.name == mask.array), 2)
+
+
+@contextlib.contextmanager
+def _with(outer, handles: list):
+    try:
+        with outer:
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def attention_mask_modules(runnable) -> list[tuple[str, object, int]]:
+    """The modules below the root whose forward() takes an `attention_mask`: (path, module, its index
+    among the positional arguments), for module_attention_masks."""
+    import inspect
+
+    found = []
+    for path, module in runnable.named_modules():
+        if not path:
+            continue
+        try:
+            parameters = list(inspect.signature(module.forward).parameters)
+        except (TypeError, ValueError):
+            continue
+        if "attention_mask" in parameters:
+            found.append((path, module, parameters.index("attention_mask")))
+    return found
+
+
+def module_attention_masks(modules: list[tuple[str, object, int]], registry) -> list:
+    """Pre-hooks on `modules` (attention_mask_modules; handles to remove): while the scan's mask is an
+    image's pixel mask (probe.accumulator.PixelMask), a module called with a 2-D attention_mask of the
+    batch — DETR's encoder, given the pixel mask interpolated to its feature map and flattened — counts
+    the sites under it where that mask keeps (an additive 0/-inf mask: where it is 0). That is the model's
+    own reading of the pixel mask at those positions, exact whatever the stride."""
+    import torch
+
+    from deadrelu_cli.probe.accumulator import PixelMask
+
+    def hook_for(path: str, index: int):
+        def hook(module, args, kwargs):
+            given = registry.position_mask
+            if not isinstance(given, PixelMask):
+                return
+            value = kwargs.get("attention_mask")
+            if value is None and len(args) > index:
+                value = args[index]
+            if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] != given.batch:
+                return
+            if value.dtype == torch.bool:
+                keep = value
+            elif value.is_floating_point() and bool((value < 0).any()):
+                keep = value == 0  # additive: 0 where attended, a large negative number on padding
+            else:
+                keep = value != 0
+            registry.set_scoped_mask(path, keep)
+
+        return hook
+
+    return [
+        module.register_forward_pre_hook(hook_for(path, index), with_kwargs=True)
+        for path, module, index in modules
+    ]
 
 
 def pooled_blocks(runnable):
