@@ -15,7 +15,7 @@ LAYOUT_AMBIGUOUS = "layout ambiguous"
 # the same for a site of flattened [batch*tokens, …] rows whose order (sample-major, or time-major: a
 # [tokens, batch, …] flattened) nothing told: every position counted
 ROW_ORDER_AMBIGUOUS = "row order ambiguous"
-# extra["position_mask"] of an ONNX site after a 1-D conv subsampler (a speech encoder's frames) where a
+# extra["position_mask"] of an ONNX site after a conv subsampler (a speech encoder's frames) where a
 # batch's mask was not its samples' real positions first and padding after: the frames' real lengths rest
 # on that, so every frame of such a batch counted
 FRAMES_NOT_TOLD = "frames not told"

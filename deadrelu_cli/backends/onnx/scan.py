@@ -277,7 +277,8 @@ def _discover_shapes(
     inputs.MaskSpec) every site of the main graph: run one batch exposing Shape(x) only. Sets the rank,
     and where a site's tensor holds the mask's [batch, tokens] positions, its `token_layout` (decided as
     the torch probe decides it, probe.ops.token_layout, from the shapes of that batch), or those of the
-    frames a 1-D conv subsampler makes of them (`frames`: a speech encoder's, probe.onnx_graph.frame_chains).
+    frames a conv subsampler makes of them (`frames`: a speech encoder's, probe.onnx_graph.frame_chains),
+    and for the body sites of a Scan that iterates the tokens, TOKEN_STEPS (probe.onnx_graph.token_steps).
     With a mask the same session also exposes each main-graph site's per-index sums of |x| along its
     first two axes, which `_tell_layouts` reads where the shapes cannot say the layout."""
     from onnx import TensorProto, helper
