@@ -72,8 +72,8 @@ class OnnxSite:
     token_layout: str | None = None
     mask_unapplied: str | None = None  # why a position mask could not be applied here, when not for its shape
     spelled: str | None = None  # "Max" / "Where" / "Mul": a ReLU the graph spells without a Relu node
-    # the conv/pool steps (along the frames axis) between the graph's inputs and this site, where its positions are the mask's
-    # shortened by them (a speech encoder's subsampled frames; frame_chains): it gets the frames' mask
+    # the conv/pool steps (along the frames axis) between the graph's inputs and this site, where its
+    # positions are the mask's shortened by them (a speech encoder's frames; frame_chains): the frames' mask
     frames: tuple[tuple[int, int, int, bool], ...] | None = None
     step_direction: int = 0  # TOKEN_STEPS: the direction its Scan iterates the tokens in (1: last first)
     frames_axis: int | None = None  # CONV_FRAMES: the axis of its [B, C, frames, …] that holds the frames
