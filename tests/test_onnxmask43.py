@@ -5,6 +5,7 @@ and the test masks them in numpy; a speech encoder's real frames by the conv ari
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -410,3 +411,28 @@ def test_frames_reach_an_if_branch(cli, tmp_path):
     assert layer["positive_counts"] == (pre > 0).sum(0).tolist()
     assert layer["elements_per_unit"] == pre.shape[0]
     assert layer["extra"]["position_mask"] == "applied"
+
+
+def test_fix_compares_a_subsampled_encoders_outputs_on_the_real_frames(cli, tmp_path):
+    """`fix --strategy leaky` on the conv-subsampled encoder: its output rows [B*T2, 4] are frames, so
+    the reported max |Δ| is taken over the real frames' rows only (onnxruntime on both models + numpy).
+    Before: over every frame's rows, padding included, with no note."""
+    import onnxruntime as ort
+
+    model, path, x = _speech(tmp_path)
+    keep = np.arange(FRAMES)[None, :] < LENGTHS[:, None]
+    x[~keep] = 9.0
+    data = save_npz(tmp_path / "d.npz", input_features=x, attention_mask=keep.astype(np.int64))
+    out, report = tmp_path / "leaky.onnx", tmp_path / "fix.json"
+    result = cli("fix", path, "--data", data, "--strategy", "leaky", "--output", out, "--json", report)
+    assert result.code == 0, result.err
+
+    def rows(file):
+        session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+        return session.run(None, {"input_features": x})[0].astype(np.float64).reshape(SAMPLES, -1, 4)
+
+    change = np.abs(rows(out) - rows(path))
+    real = np.arange(change.shape[1])[None, :] < _frames(LENGTHS)[1][:, None]
+    assert change[real].max() < change.max()  # the padded frames' rows change more: they would decide it
+    fixed = json.loads(report.read_text())
+    np.testing.assert_allclose(fixed["max_abs_diff"], change[real].max(), rtol=1e-5)

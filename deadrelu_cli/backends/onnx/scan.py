@@ -19,6 +19,7 @@ from deadrelu_cli.gate import (
     unseen_notes,
 )
 from deadrelu_cli.inputs import (
+    OutputArrays,
     batch_mask,
     fixed_batch_error,
     label_arrays,
@@ -1158,8 +1159,33 @@ def runner(loaded: LoadedModel, data: CalibrationData, device: str):
     order = feed_order(loaded, data)
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
 
+    to_frames = _output_frames(loaded.runnable, [o.name for o in session.get_outputs()])
+
     def run(batch):
         feeds = {i: as_input(batch[a], dtypes.get(i), i) for i, a in order.items()}
-        return [np.asarray(o) for o in session.run(None, feeds)]
+        out = OutputArrays(np.asarray(o) for o in session.run(None, feeds))
+        out.to_frames = to_frames
+        return out
 
     return run
+
+
+def _output_frames(model, names: list[str]):
+    """A speech encoder's outputs are frames (probe.onnx_graph.frame_chains): the mask [batch, tokens] ->
+    its frames' mask, as the scan counts them, for `fix` to compare outputs on the real frames (the mask
+    itself where it is not right-padded, which leaves those outputs compared everywhere); None where no
+    output, or outputs of different steps, hold frames."""
+    from deadrelu_cli.probe.onnx_graph import frame_chains
+
+    chains = frame_chains(model)
+    found = {chains.get(name) for name in names}
+    steps = {axes[0] for axes in found if axes and len(axes) == 1}  # one spatial axis: the frames'
+    if len(steps) != 1 or None in found:
+        return None
+    chain = steps.pop()
+
+    def to_frames(keep: np.ndarray) -> np.ndarray:
+        frames, real = frames_keep(chain, keep)
+        return frames if real else keep
+
+    return to_frames
