@@ -84,8 +84,11 @@ def fix(
         "units dead on the rest may fire there.",
         show_default=False,
     ),
+    ops: opt.Ops = None,
+    allow_nonfinite: opt.AllowNonfinite = False,
     json_out: opt.JsonOut = None,
     quiet: opt.QuietTable = False,
+    no_progress: opt.NoProgressAccepted = False,
 ) -> None:
     """Patch the dead units of MODEL and write OUT; exit 0 written and verified, 1 verification failed (nothing written)."""
     from deadrelu_cli.errors import GateFailed
@@ -95,6 +98,7 @@ def fix(
     from deadrelu_cli.loaders.arch import arch_file
     from deadrelu_cli.loaders.companions import model_companions
     from deadrelu_cli.options import check_finite
+    from deadrelu_cli.probe.ops import parse_ops
     from deadrelu_cli.report.fix_table import print_fix
 
     check_finite("--slope", slope)
@@ -127,6 +131,8 @@ def fix(
         texts,
         certify=input_range is not None,
         input_range=opt.parse_input_range(input_range),
+        ops=parse_ops(ops),
+        allow_nonfinite=allow_nonfinite,
     )
     fix_options = FixOptions(
         strategy=strategy,

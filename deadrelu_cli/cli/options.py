@@ -144,6 +144,11 @@ Quiet = Annotated[
     ),
 ]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar (the table still prints).")]
+# fix and trend draw no progress bar; they take scan's flag so that a CI script can copy scan's flags
+NoProgressAccepted = Annotated[
+    bool,
+    typer.Option("--no-progress", help="Accepted as scan takes it (this command draws no progress bar)."),
+]
 QuietTable = Annotated[
     bool,
     typer.Option("--quiet", "-q", help="Do not print the table (files, gate messages and errors still)."),

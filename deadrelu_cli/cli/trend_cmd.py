@@ -31,14 +31,18 @@ def trend(
     ] = None,
     loading: opt.Loading = None,
     running: opt.Running = None,
+    ops: opt.Ops = None,
+    allow_nonfinite: opt.AllowNonfinite = False,
     json_out: opt.JsonOut = None,
     html_out: opt.HtmlOut = None,
     quiet: opt.QuietSummary = False,
+    no_progress: opt.NoProgressAccepted = False,
 ) -> None:
     """Dead fraction per layer at each checkpoint, when each unit died, and which units revived."""
     from deadrelu_cli.files import guard_outputs, write_text_atomic
     from deadrelu_cli.loaders.arch import arch_file
     from deadrelu_cli.loaders.companions import model_companions
+    from deadrelu_cli.probe.ops import parse_ops
     from deadrelu_cli.report.trend_table import print_trend
     from deadrelu_cli.trend import expand_paths, run_trend
 
@@ -50,7 +54,9 @@ def trend(
         + [("--data", data), ("--arch", arch_file(loading.arch))],
     )
 
-    options = opt.scan_options("", data, loading, running)
+    options = opt.scan_options(
+        "", data, loading, running, ops=parse_ops(ops), allow_nonfinite=allow_nonfinite
+    )
     result = run_trend(checkpoints, options)
     if html_out:
         from deadrelu_cli.report.html import render_trend_html

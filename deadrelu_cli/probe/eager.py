@@ -674,10 +674,11 @@ class EagerProbe:
         self._flat: dict[int, tuple[weakref.ref, bool]] = {}
         self.consumers: dict[str, set[str]] = {}  # site -> Linear/Conv modules that read its output
         # id(tensor) -> (weakref, [(site, offset, axis, width)]): concatenations holding site outputs;
-        # (site, consumer) -> (offset, width of the joined axis, axis, rank): where a consumer reads a site
-        # through one, for the fixes' columns (wiring.torch.eager_wiring)
+        # (site, consumer) -> [(offset, width of the joined axis, axis, rank)]: where a consumer reads a
+        # site through one (once per place: cat([h, h]) holds it twice), for the fixes' columns
+        # (wiring.torch.eager_wiring)
         self._joins: dict[int, tuple[weakref.ref, list[tuple[str, int, int, int]]]] = {}
-        self.joined: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+        self.joined: dict[tuple[str, str], list[tuple[int, int, int, int]]] = {}
         self.upstream: dict[str, str] = {}  # producer -> the producer feeding it (BN -> its Conv)
         self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement
         self.recording = True  # False: only names sites for `substitutes` (a patched model, exportable)
@@ -713,7 +714,9 @@ class EagerProbe:
                 self.consumers.setdefault(site, set()).add(name)
             for site, offset, axis, width in self.joins_of(args[0]):
                 self.consumers.setdefault(site, set()).add(name)
-                self.joined[(site, name)] = (offset, width, axis, args[0].dim())
+                places = self.joined.setdefault((site, name), [])
+                if (offset, width, axis, args[0].dim()) not in places:
+                    places.append((offset, width, axis, args[0].dim()))
 
     def note_other_use(self, func, args: tuple) -> None:
         """An activation output read by anything but a Linear/Conv or a unit-preserving op (residual add, …)."""
@@ -745,6 +748,13 @@ class EagerProbe:
             site = self.site_of(part)
             if site is not None:
                 entries.append((site, offset, axis))
+            # a part that is itself a join along the same axis (a DenseNet-style block joins a join
+            # again): its sites sit at its offsets, past the parts before it here
+            for inner, at, along, _ in self.joins_of(part):
+                if along == axis:
+                    entries.append((inner, offset + at, axis))
+                else:  # joined again along another axis: its units' columns are lost (no reader found)
+                    self.consumers.setdefault(inner, set()).add("<cat>")
             offset += int(part.shape[axis])
         if not entries:
             return False

@@ -76,6 +76,10 @@ class UnitWiring:
     # further layers reading the activation directly, each by its own weight's columns (a SqueezeNet
     # squeeze Relu read by both expand Convs): (display name, weight); every fix acts on all of them
     also_read_by: tuple[tuple[str, TensorRef], ...] = ()
+    # per consumer weight (by name), where the units sit in what it reads: (offset, units in all; None:
+    # only this layer's), once per place (nested concatenations give each reader its own offset; a
+    # concatenation holding the units twice, two); a weight not listed reads at `column_offset`
+    column_at: dict[str, list[tuple[int, int | None]]] = field(default_factory=dict)
     why: str = ""
 
     @property
@@ -97,11 +101,17 @@ class UnitWiring:
         first = [(self.consumer, self.consumer_weight)] if self.consumer_weight is not None else []
         return first + list(self.also_read_by)
 
-    def consumer_columns(self, units: list[int], all_units: int, fan_in: int) -> list[int]:
-        """The consumer's input columns (of `fan_in`) that `units` of this layer's `all_units` feed,
-        past the other inputs of a Concat before them."""
-        per_unit = self.per_unit(self.column_units or all_units, fan_in)
-        return input_columns([self.column_offset + u for u in units], per_unit)
+    def consumer_columns(
+        self, units: list[int], all_units: int, fan_in: int, ref: TensorRef | None = None
+    ) -> list[int]:
+        """The input columns (of `fan_in`) of the consumer weight `ref` (default: the consumer) that
+        `units` of this layer's `all_units` feed, past the other inputs of any Concat before them."""
+        places = self.column_at.get(ref.name) if ref is not None else None
+        columns: list[int] = []
+        for offset, width in places or [(self.column_offset, self.column_units)]:
+            per_unit = self.per_unit(width or all_units, fan_in)
+            columns += [c for c in input_columns([offset + u for u in units], per_unit) if c not in columns]
+        return columns
 
 
 def unit_vector_axis(shape: tuple[int, ...]) -> int | None:

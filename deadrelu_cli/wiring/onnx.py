@@ -90,6 +90,8 @@ _EXACT_CASTS = {
     (TensorProto.BFLOAT16, TensorProto.DOUBLE),
     (TensorProto.FLOAT, TensorProto.DOUBLE),
 }
+# how many Concats / forks the reader walk follows (a DenseNet-style block of L layers nests L joins)
+MAX_JOINS = 256
 _FLOAT_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE)
 
 
@@ -133,6 +135,21 @@ def value_source(index: GraphIndex, name: str) -> str:
             return name
         name = node.input[0]
     return name
+
+
+def stored_behind(index: GraphIndex, name: str) -> str | None:
+    """The stored tensor whose values `name` holds: `name` itself, or an initializer that exact widening
+    Casts (or Identities) carry to it, each tensor on the way read by that way alone (weights kept in
+    bfloat16 or float16 and computed in float32: a fix edits the stored tensor, in its own dtype); else
+    None."""
+    for _ in range(8):
+        if stored_array(index, name) is not None:
+            return name
+        node = index.producer.get(name)
+        if node is None or not passes_values(index, node) or uses(index, node.input[0]) != 1:
+            return None
+        name = node.input[0]
+    return None
 
 
 def display_name(node: onnx.NodeProto) -> str:
@@ -431,19 +448,21 @@ def _incoming(index: GraphIndex, wire: UnitWiring, input_name: str) -> None:
     elif node.op_type == "Conv" and attr(node, "group", 1) != 1:
         wire.why = f"skipped: producer {display_name(node)} is a grouped convolution (group={attr(node, 'group', 1)})"
     elif node.op_type == "Conv":
-        if stored_array(index, node.input[1]) is not None:
+        weight = stored_behind(index, node.input[1])
+        if weight is not None:
             wire.owner = display_name(node)
-            wire.weight = TensorRef(node.input[1], 0)
-            wire.bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    elif node.op_type == "Gemm" and not attr(node, "transA", 0):
-        if stored_array(index, node.input[1]) is not None:
-            wire.owner = display_name(node)
-            wire.weight = TensorRef(node.input[1], 0 if attr(node, "transB", 0) else 1)
+            wire.weight = TensorRef(weight, 0)
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            if (
-                bias is not None
-                and stored_array(index, bias) is not None
-                and is_last_axis_vector(stored_array(index, bias).shape)
+            wire.bias = stored_behind(index, bias) or bias if bias else None
+    elif node.op_type == "Gemm" and not attr(node, "transA", 0):
+        weight = stored_behind(index, node.input[1])
+        if weight is not None:
+            wire.owner = display_name(node)
+            wire.weight = TensorRef(weight, 0 if attr(node, "transB", 0) else 1)
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            bias = stored_behind(index, bias) if bias else None
+            if bias is not None and is_last_axis_vector(
+                stored_array(index, bias).shape
             ):  # C as [N] or [1, N]; an [M, N] table is not a per-unit bias
                 wire.bias = bias
     elif node.op_type == "LayerNormalization":
@@ -496,17 +515,18 @@ def _direct_reader(
         weight = stored[0]
     else:
         return None
-    if stored_array(index, weight) is None or uses(index, weight) != 1:
+    stored_name = stored_behind(index, weight)
+    if stored_name is None or uses(index, stored_name) != 1 or uses(index, weight) != 1:
         return None
-    return display_name(node), ref
+    return display_name(node), TensorRef(stored_name, ref.axis)
 
 
 def _matmul_weight(index: GraphIndex, name: str) -> tuple[str, bool] | None:
     """The stored tensor behind a MatMul's weight operand, and whether the graph transposes it first
     (torch's `x @ W.T` exported without constant folding: MatMul(x, Transpose(W)), W stored [out, in]);
     None when it is neither a stored tensor nor one transposed once."""
-    if stored_array(index, name) is not None:
-        return name, False
+    if stored_behind(index, name) is not None:
+        return stored_behind(index, name), False
     node = index.producer.get(name)
     if node is None or node.op_type != "Transpose" or uses(index, name) != 1:
         return None
@@ -578,107 +598,142 @@ def _outgoing(
     graph_outputs: set[str],
     unit_axis: tuple[int, int] | None = None,
 ) -> str:
-    """Fill the consumer side of `wire` (readers always; the consumer's weight when there is exactly
-    one Conv/Gemm/MatMul with a stored weight); return why not, or "". With `unit_axis` (axis, rank of
-    the activation) the walk also follows Transposes and reductions over other axes (a global max pool
-    written as Transpose + ReduceMax, as tf2onnx exports Keras models) and checks that the consumer
-    reads the units on the axis it takes its input features from."""
-    name = output_name
+    """Fill the consumer side of `wire`: every Conv/Gemm/MatMul with a stored weight that reads the
+    units, with the columns they sit in; return why not, or "". The walk follows every reader of the
+    activation (a SqueezeNet squeeze Relu read by both expand Convs), unit-preserving ops (pools,
+    Flatten, Dropout), and Concats along the units' axis, nested ones too (a DenseNet-style block: a
+    Relu joined with the next layer's output, that join joined again before the head); each leaf must
+    be such a reader. With `unit_axis` (axis, rank of the activation) it also follows Transposes and
+    reductions over other axes (a global max pool written as Transpose + ReduceMax, as tf2onnx exports
+    Keras models) and checks that each reader takes its input features from the units' axis."""
     axis, rank = unit_axis if unit_axis is not None else (None, None)
-    consumer, flattened = None, False
-    for _ in range(8):
-        consumers = index.consumers.get(name, [])
-        if len(consumers) > 1 and name not in graph_outputs and not wire.column_units:
-            wire.readers = tuple(display_name(c) for c in consumers)
-            readers = [_direct_reader(index, c, name, axis, rank) for c in consumers]
-            if all(readers):  # each reads the units by its own weight's columns
-                (wire.consumer, wire.consumer_weight), *rest = readers
-                wire.also_read_by = tuple(rest)
-                return ""
-        if len(consumers) != 1 or name in graph_outputs:
-            wire.readers = tuple(display_name(c) for c in consumers)
-            return f"skipped: its output goes to {len(consumers)} nodes, not to exactly one Conv/Gemm/MatMul"
-        consumer = consumers[0]
+    found: list[tuple[str, TensorRef, int, int | None]] = []
+    readers: list[str] = []
+    why = _readers(index, output_name, axis, rank, 0, None, False, graph_outputs, found, readers, 0)
+    wire.readers = tuple(dict.fromkeys(readers))
+    if why:
+        return why
+    (wire.consumer, wire.consumer_weight, wire.column_offset, wire.column_units), *rest = found
+    wire.also_read_by = tuple(
+        dict.fromkeys((name, ref) for name, ref, _, _ in rest if ref != wire.consumer_weight)
+    )
+    for _, ref, offset, units in found:
+        wire.column_at.setdefault(ref.name, []).append((offset, units))
+    return ""
+
+
+def _readers(
+    index: GraphIndex,
+    name: str,
+    axis: int | None,
+    rank: int | None,
+    offset: int,
+    units: int | None,
+    flattened: bool,
+    graph_outputs: set[str],
+    found: list,
+    readers: list[str],
+    depth: int,
+) -> str:
+    """Walk every reader of `name` (holding the units at `offset` of `units`, None: only them), adding
+    each Conv/Gemm/MatMul leaf to `found`; why a reader cannot be followed, or ""."""
+    consumers = list({id(c): c for c in index.consumers.get(name, [])}.values())
+    forked = depth > 0 or len(consumers) > 1
+    if depth > MAX_JOINS:
+        return f"skipped: its readers are more than {MAX_JOINS} joins or branches away"
+    if name in graph_outputs or not consumers:
+        readers.extend(display_name(c) for c in consumers)
+        return f"skipped: its output goes to {len(consumers)} nodes, not to exactly one Conv/Gemm/MatMul" + (
+            " (and to a graph output)" if name in graph_outputs else ""
+        )
+    for consumer in consumers:
         op = consumer.op_type
+        step = dict(axis=axis, rank=rank, offset=offset, units=units, flattened=flattened)
         if passes_values(index, consumer) or op in ("Dropout", "Identity", "Cast"):
-            name = consumer.output[0]
-            continue
-        if op in UNIT_PRESERVING_OPS:  # pools: over the axes after 1, so the units must be on axis 1
+            pass
+        elif op in UNIT_PRESERVING_OPS:  # pools: over the axes after 1, so the units must be on axis 1
             if axis is not None and axis != 1:
-                break
-            name = consumer.output[0]
-            continue
-        if op in FLATTENING_OPS:  # [N, C, …] -> [N, C*…]: each unit's values in consecutive columns
+                return _no_reader(consumer, readers, forked)
+        elif op in FLATTENING_OPS:  # [N, C, …] -> [N, C*…]: each unit's values in consecutive columns
             if axis is not None:
                 if axis != int(attr(consumer, "axis", 1)) % rank:
-                    break
-                axis, rank = 1, 2
-            flattened = True
-            name = consumer.output[0]
-            continue
-        if op == "Concat" and axis is not None and not flattened:
-            # a SqueezeNet fire module's Relu branches joined along the channels: the consumer reads
-            # this layer's units after those of the inputs before it
+                    return _no_reader(consumer, readers, forked)
+                step.update(axis=1, rank=2)
+            step["flattened"] = True
+        elif op == "Concat" and axis is not None and not flattened:
+            if int(attr(consumer, "axis", 0)) % rank != axis:
+                return _no_reader(consumer, readers, forked)
             widths = [(index.shape(i) or [None] * rank) for i in consumer.input]
             sizes = [shape[axis] if len(shape) == rank else None for shape in widths]
-            if int(attr(consumer, "axis", 0)) % rank != axis or list(consumer.input).count(name) != 1:
-                break
             if any(not size for size in sizes):
+                readers.append(display_name(consumer))
                 return (
                     f"skipped: its output reaches Concat {display_name(consumer)}, whose input widths the graph "
                     "does not say (run onnx shape inference on the model)"
                 )
-            position = list(consumer.input).index(name)
-            wire.column_offset += sum(sizes[:position])
-            wire.column_units = sum(sizes)
-            name = consumer.output[0]
+            for position in [p for p, i in enumerate(consumer.input) if i == name]:  # (cat([h, h]): each)
+                why = _readers(
+                    index,
+                    consumer.output[0],
+                    axis,
+                    rank,
+                    sum(sizes[:position]) + offset,
+                    sum(sizes),
+                    False,
+                    graph_outputs,
+                    found,
+                    readers,
+                    depth + 1,
+                )
+                if why:
+                    return why
             continue
-        if op == "Transpose" and axis is not None:
+        elif op == "Transpose" and axis is not None:
             perm = [int(p) for p in (attr(consumer, "perm") or range(rank)[::-1])]
             if sorted(perm) != list(range(rank)):
-                break
-            axis = perm.index(axis)
-            name = consumer.output[0]
-            continue
-        if op in ("ReduceMax", "ReduceMin", "ReduceMean", "ReduceSum") and axis is not None:
+                return _no_reader(consumer, readers, forked)
+            step["axis"] = perm.index(axis)
+        elif op in ("ReduceMax", "ReduceMin", "ReduceMean", "ReduceSum") and axis is not None:
             reduced = _reduced_axes(index, consumer, rank)
             if reduced is None or axis in reduced:  # the units would be mixed
-                break
+                return _no_reader(consumer, readers, forked)
             if attr(consumer, "keepdims", 1) == 0:
-                axis -= sum(1 for a in reduced if a < axis)
-                rank -= len(reduced)
-            name = consumer.output[0]
+                step.update(axis=axis - sum(1 for a in reduced if a < axis), rank=rank - len(reduced))
+        else:
+            readers.append(display_name(consumer))
+            if op == "Conv" and attr(consumer, "group", 1) != 1:
+                return f"skipped: consumer {display_name(consumer)} is a grouped convolution (group={attr(consumer, 'group', 1)})"
+            leaf = _direct_reader(index, consumer, name, axis, rank)
+            if leaf is None:
+                return _no_reader(consumer, readers, forked, listed=True)
+            found.append((*leaf, offset, units))
             continue
-        wire.readers = (display_name(consumer),)
-        weight = consumer.input[1] if len(consumer.input) > 1 else ""
-        transposed = _matmul_weight(index, weight) if op == "MatMul" else None
-        if transposed is not None and transposed[1]:  # MatMul(x, Transpose(W)): W's columns
-            if consumer.input[0] != name or uses(index, transposed[0]) != 1:
-                break
-            if axis is not None and axis != rank - 1:
-                break
-            wire.consumer_weight, wire.consumer = TensorRef(transposed[0], 1), display_name(consumer)
-            return ""
-        if stored_array(index, weight) is None or consumer.input[0] != name or uses(index, weight) != 1:
-            break
-        if axis is not None:  # the consumer must take its input features from the units' axis
-            features = {"Conv": 1, "Gemm": 1 if rank == 2 else None, "MatMul": rank - 1}.get(op)
-            if features != axis:
-                break
-        if consumer.op_type == "Conv" and attr(consumer, "group", 1) != 1:
-            return f"skipped: consumer {display_name(consumer)} is a grouped convolution (group={attr(consumer, 'group', 1)})"
-        if consumer.op_type == "Conv":
-            wire.consumer_weight = TensorRef(weight, 1)
-        elif consumer.op_type == "Gemm" and not attr(consumer, "transA", 0):
-            wire.consumer_weight = TensorRef(weight, 1 if attr(consumer, "transB", 0) else 0)
-        elif consumer.op_type == "MatMul":
-            wire.consumer_weight = TensorRef(weight, 0)
-        if wire.consumer_weight is not None:
-            wire.consumer = display_name(consumer)
-            return ""
-        break
-    where = f" (it reaches {consumer.op_type} {display_name(consumer)})" if consumer is not None else ""
-    return f"skipped: its output does not go to exactly one Conv/Gemm/MatMul with stored weights{where}"
+        why = _readers(
+            index,
+            consumer.output[0],
+            step["axis"],
+            step["rank"],
+            offset,
+            units,
+            step["flattened"],
+            graph_outputs,
+            found,
+            readers,
+            depth + int(len(consumers) > 1),
+        )
+        if why:
+            return why
+    return ""
+
+
+def _no_reader(consumer: onnx.NodeProto, readers: list[str], forked: bool, listed: bool = False) -> str:
+    """Why the walk stops at `consumer` (not a Conv/Gemm/MatMul reading the units by a stored weight)."""
+    if not listed:
+        readers.append(display_name(consumer))
+    where = f"it reaches {consumer.op_type} {display_name(consumer)}"
+    if forked:
+        return f"skipped: its output goes to several nodes, and {where}, not a Conv/Gemm/MatMul with stored weights"
+    return f"skipped: its output does not go to exactly one Conv/Gemm/MatMul with stored weights ({where})"
 
 
 def _private_path(index: GraphIndex, input_name: str, output_name: str, graph_outputs: set[str]) -> str:
@@ -691,12 +746,8 @@ def _private_path(index: GraphIndex, input_name: str, output_name: str, graph_ou
         # (a Shape reads no values: rewriting rows does not change what it gives)
         readers = [r for r in index.consumers.get(name, []) if r.op_type != "Shape"]
         if not step:  # a spelled ReLU, Where(x > 0, x, 0), reads its input twice: once through Greater
-            readers = [
-                r
-                for r in readers
-                if r is not activation
-                and not all(c is activation for o in r.output for c in index.consumers.get(o, [None]))
-            ]
+            # (and Mul(x, Cast(x > 0)) through Greater and a Cast)
+            readers = [r for r in readers if r is not activation and not _only_into(index, r, activation)]
             readers = readers + [activation]
         if len(readers) != 1 or name in graph_outputs:
             others = ", ".join(display_name(r) for r in readers if r is not activation) + (
@@ -714,6 +765,16 @@ def _private_path(index: GraphIndex, input_name: str, output_name: str, graph_ou
             return ""
         name = data[0]
     return ""
+
+
+def _only_into(index: GraphIndex, node: onnx.NodeProto, activation: onnx.NodeProto, depth: int = 0) -> bool:
+    """Whether every output of `node` is read by `activation` alone, directly or through nodes whose
+    outputs are (the x > 0 mask of a spelled ReLU, and its Cast)."""
+    return depth < 4 and all(
+        c is activation or (c is not None and _only_into(index, c, activation, depth + 1))
+        for o in node.output
+        for c in index.consumers.get(o, [None])
+    )
 
 
 def unit_wiring(

@@ -20,6 +20,8 @@ from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.probe.exported import keeps_last_axis, op_base
 from deadrelu_cli.wiring.model import BatchNormRef, TensorRef, UnitWiring
 
+# how deep the reader walks go (a DenseNet-style block of L layers nests L joins)
+MAX_JOINS = 256
 LINEAR_OR_CONV = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCH_NORM = nn.modules.batchnorm._BatchNorm
 BATCH_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
@@ -102,20 +104,14 @@ def _dotted(owner: str, tensor: str) -> str:
 
 
 def _consumers(probe: EagerProbe, site: str, model: nn.Module) -> tuple[list[str] | None, str]:
-    """The Linear/Conv modules reading the site (one, or several that each read it whole: a SqueezeNet
-    squeeze ReLU read by both expand Convs), or why not."""
+    """The Linear/Conv modules reading the site (one, or several: a SqueezeNet squeeze ReLU read by both
+    expand Convs, a DenseNet-style ReLU read by the next Conv and, through nested concatenations, by
+    the later ones), or why not."""
     consumers = sorted(probe.consumers.get(site, set()))
     if len(consumers) > 1 and not any(name.startswith("<") for name in consumers):
         checked = [_single_consumer(probe, site, model, name) for name in consumers]
         whys = [why for _, why in checked if why]
-        if not whys and not any((site, name) in probe.joined for name in consumers):
-            return consumers, ""
-        return (
-            None,
-            whys[0]
-            if whys
-            else f"skipped: its output goes to {', '.join(consumers)}, one of them through a concatenation",
-        )
+        return (None, whys[0]) if whys else (consumers, "")
     name, why = _single_consumer(probe, site, model)
     return ([name] if name is not None else None), why
 
@@ -154,7 +150,10 @@ def _single_consumer(
 def _joined_apart(probe: EagerProbe, site: str, other: str, consumer: str) -> bool:
     """Whether `consumer` reads `site` and `other` in separate columns of one concatenation."""
     mine, theirs = probe.joined.get((site, consumer)), probe.joined.get((other, consumer))
-    return mine is not None and theirs is not None and mine[0] != theirs[0] and mine[1:] == theirs[1:]
+    if not mine or not theirs:
+        return False
+    same_join = {place[1:] for place in mine} == {place[1:] for place in theirs}
+    return same_join and not {place[0] for place in mine} & {place[0] for place in theirs}
 
 
 def _producers(
@@ -221,12 +220,17 @@ def eager_wiring(model: nn.Module, probe: EagerProbe, layer, need_consumer: bool
         readers=tuple(sorted(probe.consumers.get(layer.name, ()))),
         also_read_by=tuple((name, TensorRef(_dotted(name, "weight"), 1)) for name in more),
     )
-    joined = probe.joined.get((layer.name, consumer_name)) if consumer_name else None
-    if joined is not None:  # torch.cat([relu(e1(s)), relu(e3(s))], 1) read by one Conv
-        offset, width, axis, rank = joined
-        if axis != (1 if isinstance(incoming, nn.modules.conv._ConvNd) else rank - 1):
-            return f"skipped: its output is concatenated along another axis than its units' before {consumer_name}"
-        wiring.column_offset, wiring.column_units = offset, width
+    for name in [consumer_name, *more] if consumer_name else []:
+        # torch.cat([relu(e1(s)), relu(e3(s))], 1) read by one Conv: the columns past the other parts
+        places = probe.joined.get((layer.name, name)) or [(0, None, None, None)]
+        for offset, width, axis, rank in places:
+            if axis is not None and axis != (
+                1 if isinstance(incoming, nn.modules.conv._ConvNd) else rank - 1
+            ):
+                return f"skipped: its output is concatenated along another axis than its units' before {name}"
+            wiring.column_at.setdefault(_dotted(name, "weight"), []).append((offset, width))
+    if consumer_name:
+        wiring.column_offset, wiring.column_units = wiring.column_at[_dotted(consumer_name, "weight")][0]
     return wiring
 
 
@@ -349,7 +353,7 @@ def exported_wiring(
         )
     if isinstance(pre, fx.Node) and _base(pre) in _NORMS:
         return _norm_producer(_base(pre))
-    if parts is None or len(pre.users) != 1:
+    if parts is None or len(_value_users(pre)) != 1:
         return "skipped: not produced by one linear/conv (or batch_norm after one) in the graph"
     weight_name = _attr_target(parts[0])
     bias_name = _attr_target(parts[1])
@@ -365,52 +369,98 @@ def exported_wiring(
     wiring = _producer_wiring(weight_name, bias_name, batchnorm)
     if not need_consumer:
         return wiring
-    current = node
-    flattened = False
-    for _ in range(16):
-        if len(current.users) > 1 and not wiring.column_units:
-            readers = [_direct_consumer(user, current, to_write) for user in current.users]
-            if all(isinstance(r, str) and not r.startswith("skipped") for r in readers):
-                wiring.consumer = readers[0].rsplit(".", 1)[0]
-                wiring.consumer_weight = TensorRef(readers[0], 1)
-                wiring.also_read_by = tuple((r.rsplit(".", 1)[0], TensorRef(r, 1)) for r in readers[1:])
-                wiring.readers = tuple(r.rsplit(".", 1)[0] for r in readers)
-                return wiring
-        if len(current.users) != 1:
-            return f"skipped: its output goes to {len(current.users)} nodes, not to exactly one linear/conv"
-        (user,) = current.users
+    found: list[tuple[str, int, int | None]] = []
+    why = _graph_readers(node, 1 if _base(pre) != "linear" else -1, 0, None, False, to_write, found, 0)
+    if why:
+        return why
+    _set_readers(wiring, found)
+    return wiring
+
+
+def _set_readers(wiring: UnitWiring, found: list[tuple[str, int, int | None]]) -> None:
+    """Fill the consumer side of `wiring` from the (weight name, offset, units in all) of every
+    linear/conv reading the units (`column_at`: where each reads them)."""
+    names = list(dict.fromkeys(weight for weight, _, _ in found))
+    wiring.consumer = names[0].rsplit(".", 1)[0]
+    wiring.consumer_weight = TensorRef(names[0], 1)
+    wiring.also_read_by = tuple((r.rsplit(".", 1)[0], TensorRef(r, 1)) for r in names[1:])
+    wiring.readers = tuple(r.rsplit(".", 1)[0] for r in names)
+    wiring.column_offset, wiring.column_units = found[0][1], found[0][2]
+    for weight, offset, units in found:
+        wiring.column_at.setdefault(weight, []).append((offset, units))
+
+
+def _graph_readers(
+    current: fx.Node,
+    unit_axis: int,
+    offset: int,
+    units: int | None,
+    flattened: bool,
+    to_write: bool,
+    found: list,
+    depth: int,
+) -> str:
+    """Walk every reader of `current` (holding the units at `offset` of `units` along `unit_axis`;
+    None: only them) through unit-preserving ops, spatial pools and concatenations along the units
+    (nested ones too: a DenseNet-style block), adding each linear/conv leaf (weight name, offset,
+    units) to `found`; why a reader cannot be followed, or ""."""
+    users = _value_users(current)
+    if depth > MAX_JOINS:
+        return f"skipped: its readers are more than {MAX_JOINS} joins or ops away"
+    if not users:
+        return f"skipped: its output goes to {len(users)} nodes, not to exactly one linear/conv"
+    for user in users:
         if _base(user) in UNIT_PRESERVING and user.args[0] is current:
-            flattened = flattened or _base(user) in VIEWS or _base(user) == "flatten"
-            current = user
-            continue
-        if _base(user) in ("cat", "concat") and not flattened:
-            why = _through_cat(wiring, user, current, 1 if _base(pre) != "linear" else -1)
-            if why:
-                return why
-            current = user
-            continue
-        value = current.meta.get("val")
-        if (
+            keep = flattened or _base(user) in VIEWS or _base(user) == "flatten"
+            why = _graph_readers(user, unit_axis, offset, units, keep, to_write, found, depth + 1)
+        elif _base(user) in ("cat", "concat") and not flattened:
+            placed = _cat_places(user, current, unit_axis)
+            if isinstance(placed, str):
+                return placed
+            places, width = placed
+            why = ""
+            for place in places:
+                why = why or _graph_readers(
+                    user, unit_axis, place + offset, width, False, to_write, found, depth + 1
+                )
+        elif (
             _base(user) in ("mean", "amax")
             and user.args[0] is current
-            and isinstance(value, torch.Tensor)
-            and pools_over_space(value.dim(), user.args[1] if len(user.args) > 1 else None)
+            and isinstance(current.meta.get("val"), torch.Tensor)
+            and pools_over_space(current.meta["val"].dim(), user.args[1] if len(user.args) > 1 else None)
         ):
-            current = user
-            continue
-        consumer_parts = _weight_and_bias(user, rows=current)
-        consumer_weight = _attr_target(consumer_parts[0]) if consumer_parts is not None else None
-        if consumer_weight is None:
-            return f"skipped: its output goes to {user.name} (e.g. a residual add), not to a linear/conv"
-        if _groups(user) != 1:
-            return f"skipped: consumer {consumer_weight} is a grouped convolution"
-        if to_write and _tied(consumer_parts[:1]):
-            return _tied(consumer_parts[:1])
-        wiring.consumer = consumer_weight.rsplit(".", 1)[0]
-        wiring.consumer_weight = TensorRef(consumer_weight, 1)
-        wiring.readers = (wiring.consumer,)
-        return wiring
-    return "skipped: its output does not reach a linear/conv"
+            why = _graph_readers(user, unit_axis, offset, units, flattened, to_write, found, depth + 1)
+        else:
+            weight = _direct_consumer(user, current, to_write)
+            if weight is None:
+                return f"skipped: its output goes to {user.name} (e.g. a residual add), not to a linear/conv"
+            if weight.startswith("skipped"):
+                return weight
+            found.append((weight, offset, units))
+            why = ""
+        if why:
+            return why
+    return ""
+
+
+# nodes that check a tensor without reading its values into anything (torch.export writes
+# `_assert_tensor_metadata` for a `.float()`; symbolic sizes)
+_CHECKS = frozenset({"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_size", "sym_numel"})
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of `node` whose values reach something: not checks, nor ops only checks read (the
+    x > 0 left of `x * (x > 0).float()` once the ReLU it spelled is recomposed, kept alive by the check
+    of its `.float()`)."""
+    return [user for user in node.users if not _only_checks(user)]
+
+
+def _only_checks(node: fx.Node, depth: int = 0) -> bool:
+    if node.op == "output":
+        return False
+    if _base(node) in _CHECKS:
+        return True
+    return depth < 4 and all(_only_checks(user, depth + 1) for user in node.users)
 
 
 def _direct_consumer(user: fx.Node, current: fx.Node, to_write: bool) -> str | None:
@@ -425,23 +475,20 @@ def _direct_consumer(user: fx.Node, current: fx.Node, to_write: bool) -> str | N
     return (_tied(parts[:1]) or weight) if to_write else weight
 
 
-def _through_cat(wiring: UnitWiring, cat: fx.Node, part: fx.Node, unit_axis: int) -> str:
-    """Place `part`'s units among the columns of `cat` (a SqueezeNet fire module joins its branches
-    along the channels): `wiring.column_offset` past the parts before it, `column_units` in all; or why
-    not (another axis, a part read twice, widths the graph does not record)."""
+def _cat_places(cat: fx.Node, part: fx.Node, unit_axis: int) -> tuple[list[int], int] | str:
+    """Where `part`'s units sit among the columns of `cat` (a SqueezeNet fire module joins its branches
+    along the channels): the offsets past the parts before each place it is joined at, and the width
+    of `cat`; or why not (another axis, widths the graph does not record)."""
     parts = cat.args[0] if cat.args else ()
     values = [p.meta.get("val") if isinstance(p, fx.Node) else None for p in parts]
     rank = values[0].dim() if values and isinstance(values[0], torch.Tensor) else None
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     if rank is None or any(not isinstance(v, torch.Tensor) for v in values):
         return f"skipped: its output goes to {cat.name}, whose input widths the graph does not record"
-    if int(dim) % rank != unit_axis % rank or list(parts).count(part) != 1:
+    if int(dim) % rank != unit_axis % rank:
         return f"skipped: its output goes to {cat.name}, which joins along another axis than its units'"
     sizes = [int(v.shape[int(dim)]) for v in values]
-    position = list(parts).index(part)
-    wiring.column_offset += sum(sizes[:position])
-    wiring.column_units = sum(sizes)
-    return ""
+    return [sum(sizes[:i]) for i, p in enumerate(parts) if p is part], sum(sizes)
 
 
 # --- TorchScript graphs -------------------------------------------------------------------------------
@@ -529,16 +576,41 @@ def script_weight_reads(graph) -> dict[str, int]:
     return reads
 
 
-def script_wiring(node, reads: dict[str, int], need_consumer: bool = True) -> UnitWiring | str:
+def _only_into(value, node, depth: int = 0) -> bool:
+    """Whether every read of `value` ends in `node`: read by it, or by ops whose outputs only it reads
+    (the x > 0 mask of a ReLU spelled x * (x > 0), its cast; zeros_like(x) of a spelled where)."""
+    users = _script_uses(value)
+    return (
+        bool(users)
+        and depth < 4
+        and all(u == node or all(_only_into(o, node, depth + 1) for o in u.outputs()) for u in users)
+    )
+
+
+def script_wiring(
+    node,
+    reads: dict[str, int],
+    need_consumer: bool = True,
+    x=None,
+    module=None,
+    spelled=None,
+    units_at: int | None = None,
+) -> UnitWiring | str:
     """The UnitWiring of the activation `node` of an inlined TorchScript graph (its GetAttr chains name
-    the module's tensors), or why it must be skipped; `reads`: `script_weight_reads` of the graph."""
-    pre = node.inputsAt(0).node()
+    the module's tensors), or why it must be skipped; `reads`: `script_weight_reads` of the graph; `x`:
+    the pre-activation of a ReLU the node spells (x * (x > 0), where(x > 0, x, 0)); `module` (the
+    ScriptModule) gives the widths of what a `cat` joins, which the graph does not record; `spelled`:
+    the reader of spelled sites' x (probe.torchscript.spelled_relu_reader), for those widths;
+    `units_at`: the axis the scan counted the units on (a Linear's output rank is in no graph type: a
+    `cat(…, 1)` of [B, F] outputs joins their units)."""
+    pre = (x if x is not None else node.inputsAt(0)).node()
+    feeds = (lambda value, n: _only_into(value, n)) if x is not None else _feeds_only
     bn = None
-    if _script_base(pre) == "batch_norm" and _feeds_only(pre.output(), node):
+    if _script_base(pre) == "batch_norm" and feeds(pre.output(), node):
         bn, pre = pre, pre.inputsAt(0).node()
     if _script_base(pre) in _NORMS:
         return _norm_producer(_script_base(pre))
-    if not _script_plain(pre) or not _feeds_only(pre.output(), bn or node):
+    if not _script_plain(pre) or not (_feeds_only(pre.output(), bn) if bn else feeds(pre.output(), node)):
         return "skipped: not produced by one plain linear/conv (or batch_norm after one) in the graph"
     weight_name = _script_attr(pre.inputsAt(1))
     bias_name = _script_attr(pre.inputsAt(2))
@@ -557,46 +629,159 @@ def script_wiring(node, reads: dict[str, int], need_consumer: bool = True) -> Un
     wiring = _producer_wiring(weight_name, bias_name, batchnorm)
     if not need_consumer:
         return wiring
-    current = node.output()
     rank = {"conv1d": 3, "conv2d": 4, "conv3d": 5}.get(_script_base(pre))
-    for step in range(16):
-        uses = _activation_readers(node) if step == 0 else _script_uses(current)
-        if len(uses) != 1:
-            return f"skipped: its output goes to {len(uses)} ops, not to exactly one linear/conv"
-        user = uses[0]
-        read = {current.unique()} | ({node.inputsAt(0).unique()} if step == 0 else set())  # (relu_)
-        takes = user.inputsAt(0).unique() in read
-        if _script_base(user) in UNIT_PRESERVING and takes:
-            current = user.output()
-            continue
-        if _script_base(user) in ("mean", "amax") and takes and rank is not None:
-            # a global pool written `h.mean((2, 3))` (as the .pt2 and eager readers take it); the rank
-            # is the producing conv's (a TorchScript graph records no shapes)
-            dims = _script_constants(user.inputsAt(1))
-            if dims is not None and pools_over_space(rank, dims):
+    if _script_base(pre) == "_convolution":
+        rank = rank or _conv_rank(pre)
+    walk = _ScriptWalk(reads, module, spelled, 1 if _script_base(pre) != "linear" else -1, units_at)
+    # (after an in-place relu_, the later reads of the tensor it activated are reads of its output)
+    read = {node.output().unique(), node.inputsAt(0).unique()} if x is None else {node.output().unique()}
+    why = walk.readers(_activation_readers(node), read, rank, 0, None, False, 0)
+    if why:
+        return why
+    _set_readers(wiring, walk.found)
+    return wiring
+
+
+def _conv_rank(node) -> int | None:
+    """The output rank of a traced `aten::_convolution` (its stride list has one entry per spatial dim)."""
+    stride = _script_constants(node.inputsAt(3))
+    return None if stride is None else len(stride) + 2
+
+
+class _ScriptWalk:
+    """Every linear/conv reading a TorchScript activation's units, through unit-preserving ops, spatial
+    pools and `cat`s along the units (the widths of the other parts from their producers' weights in
+    the module: a TorchScript graph records no shapes)."""
+
+    def __init__(self, reads, module, spelled, unit_axis: int, units_at: int | None) -> None:
+        self.reads, self.module, self.spelled, self.unit_axis = reads, module, spelled, unit_axis
+        self.units_at = units_at
+        self.found: list[tuple[str, int, int | None]] = []
+
+    def readers(self, users, read: set, rank, offset: int, units, flattened: bool, depth: int) -> str:
+        if depth > MAX_JOINS:
+            return f"skipped: its readers are more than {MAX_JOINS} joins or ops away"
+        if not users:
+            return f"skipped: its output goes to {len(users)} ops, not to exactly one linear/conv"
+        for user in users:
+            takes = user.inputsAt(0).unique() in read if len(list(user.inputs())) else False
+            base = _script_base(user)
+            if base in UNIT_PRESERVING and takes:
+                flat = flattened or base in VIEWS or base == "flatten"
+                why = self.readers(
+                    _script_uses(user.output()),
+                    {user.output().unique()},
+                    rank,
+                    offset,
+                    units,
+                    flat,
+                    depth + 1,
+                )
+            elif base in ("mean", "amax") and takes and rank is not None:
+                # a global pool written `h.mean((2, 3))` (as the .pt2 and eager readers take it); the rank
+                # is the producing conv's (a TorchScript graph records no shapes)
+                dims = _script_constants(user.inputsAt(1))
+                if dims is None or not pools_over_space(rank, dims):
+                    return f"skipped: its output goes to {user.kind()} over its units, not to a linear/conv"
                 keep = user.inputsAt(2).toIValue() if len(list(user.inputs())) > 2 else False
-                rank = rank if keep else rank - len(dims)
-                current = user.output()
-                continue
+                why = self.readers(
+                    _script_uses(user.output()),
+                    {user.output().unique()},
+                    rank if keep else rank - len(dims),
+                    offset,
+                    units,
+                    flattened,
+                    depth + 1,
+                )
+            elif user.kind() == "prim::ListConstruct" and not flattened:
+                why = self._joined(user, read, rank, offset, depth)
+            else:
+                why = self._leaf(user, takes, offset, units)
+            if why:
+                return why
+        return ""
+
+    def _leaf(self, user, takes: bool, offset: int, units) -> str:
         consumer_weight = _script_attr(user.inputsAt(1)) if len(list(user.inputs())) > 1 else None
-        joins = _script_uses(user.output()) if user.kind() == "prim::ListConstruct" else []
-        if any(j.kind() == "aten::cat" for j in joins):
-            return (
-                "skipped: its output is joined by aten::cat before the next layer, and a TorchScript graph "
-                "records no widths to place its units among the columns; fix the state_dict with --arch, "
-                "the .pt2 or the ONNX export instead (they map a concatenation)"
-            )
         if _script_base(user) not in _SCRIPT_CONVS or not takes or not consumer_weight:
             return f"skipped: its output goes to {user.kind()} (e.g. a residual add), not to a linear/conv"
         if not _script_plain(user):
             return f"skipped: consumer {consumer_weight} is a grouped or transposed convolution"
-        if reads.get(consumer_weight, 0) > 1:
+        if self.reads.get(consumer_weight, 0) > 1:
             return (
-                f"skipped: consumer {consumer_weight.rsplit('.', 1)[0]} is applied at {reads[consumer_weight]} "
+                f"skipped: consumer {consumer_weight.rsplit('.', 1)[0]} is applied at {self.reads[consumer_weight]} "
                 "places; changing its inputs would change the others too"
             )
-        wiring.consumer = consumer_weight.rsplit(".", 1)[0]
-        wiring.consumer_weight = TensorRef(consumer_weight, 1)
-        wiring.readers = (wiring.consumer,)
-        return wiring
-    return "skipped: its output does not reach a linear/conv"
+        self.found.append((consumer_weight, offset, units))
+        return ""
+
+    def _joined(self, listed, read: set, rank, offset: int, depth: int) -> str:
+        """The units joined by `aten::cat([..., units, ...], dim)` along their own axis: each reader of
+        the cat reads them past the widths of the parts before them."""
+        cats = _script_uses(listed.output())
+        if len(cats) != 1 or cats[0].kind() != "aten::cat":
+            return f"skipped: its output goes to {(cats[0].kind() if cats else 'prim::ListConstruct')} (e.g. torch.stack), not to a linear/conv"
+        cat = cats[0]
+        dim = cat.inputsAt(1).toIValue() if cat.inputsAt(1).node().kind() == "prim::Constant" else None
+        along = dim is not None and (
+            dim in (self.unit_axis, self.units_at)
+            or (rank is not None and dim % rank == self.unit_axis % rank)
+        )
+        if not along:
+            where = f"dim {self.units_at}" if self.units_at is not None else "the units' axis"
+            return (
+                f"skipped: its output is joined by aten::cat along dim {dim}, not along its units ({where})"
+            )
+        parts = list(listed.inputs())
+        sizes = [self._width(part, dim, rank) for part in parts]
+        if self.module is None or any(size is None for size in sizes):
+            unknown = next((p.debugName() for p, w in zip(parts, sizes, strict=True) if w is None), "a part")
+            return (
+                f"skipped: its output is joined by aten::cat with %{unknown}, whose width neither the graph nor "
+                "a linear/conv weight behind it tells; fix the state_dict with --arch, the .pt2 or the ONNX "
+                "export instead"
+            )
+        for position in [i for i, part in enumerate(parts) if part.unique() in read]:
+            why = self.readers(
+                _script_uses(cat.output()),
+                {cat.output().unique()},
+                rank,
+                sum(sizes[:position]) + offset,
+                sum(sizes),
+                False,
+                depth + 1,
+            )
+            if why:
+                return why
+        return ""
+
+    def _width(self, value, dim: int, rank, depth: int = 0) -> int | None:
+        """How many units `value` holds along the joined axis: its producing linear/conv's output units,
+        back through activations, batch_norm, pools and dropout, and nested cats along the same axis."""
+        node = value.node()
+        base = _script_base(node)
+        x = self.spelled(node) if self.spelled is not None else None
+        if depth > MAX_JOINS:
+            return None
+        if x is not None:
+            return self._width(x, dim, rank, depth + 1)
+        if base in _WIDTH_KEEPING or (base in UNIT_PRESERVING and base not in VIEWS and base != "flatten"):
+            return self._width(node.inputsAt(0), dim, rank, depth + 1)
+        if base == "cat" and node.inputsAt(0).node().kind() == "prim::ListConstruct":
+            inner = (
+                node.inputsAt(1).toIValue() if node.inputsAt(1).node().kind() == "prim::Constant" else None
+            )
+            if inner != dim:
+                return None
+            sizes = [self._width(part, dim, rank, depth + 1) for part in node.inputsAt(0).node().inputs()]
+            return None if any(size is None for size in sizes) else sum(sizes)
+        if base in _SCRIPT_CONVS and _script_plain(node) and self.module is not None:
+            weight = named_tensor(self.module, _script_attr(node.inputsAt(1)))
+            return None if weight is None else int(weight.shape[0])
+        return None
+
+
+# ops that keep each unit's values in its own slot (the width of what they make is their input's)
+_WIDTH_KEEPING = frozenset(
+    {"relu", "relu6", "hardtanh", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh", "batch_norm"}
+)

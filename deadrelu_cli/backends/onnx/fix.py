@@ -9,6 +9,7 @@ by bias-shift only (its B). Anything else is skipped with the reason in the tabl
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -22,6 +23,9 @@ from deadrelu_cli.probe.onnx_graph import find_sites, site_channel_dim
 from deadrelu_cli.wiring.model import TensorRef, unit_vector_axis
 from deadrelu_cli.wiring.onnx import unit_wiring
 from deadrelu_cli.wiring.onnx_index import GraphIndex, float_type, uses
+
+# half-precision stored dtypes: a bias-shift rounds their entries towards firing (`_move`)
+HALF_FLOATS = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 
 def _set(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
@@ -207,7 +211,7 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
         try:  # (read on the original: an earlier layer's prune may have narrowed a shared Concat consumer)
             columns = {
                 ref: wire.consumer_columns(
-                    plan.units, plan.all_units, _get(original, ref.name).shape[ref.axis]
+                    plan.units, plan.all_units, _get(original, ref.name).shape[ref.axis], ref
                 )
                 for _, ref in wire.consumers()
             }
@@ -279,7 +283,8 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
                 f"{wire.weight.name}{narrowed} narrowed to {len(kept)}; {readers} inputs removed",
             )
             outcome.units_after = len(kept)
-            result.new_widths[plan.name] = len(kept)
+            for layer in [wire.owner] + ([bn.owner] if bn else []):  # the layers narrowed, not the site
+                result.new_widths[layer] = len(kept)
     for (name, axis), columns in dropped.items():
         consumer = _get(model, name)
         _set(model, name, np.delete(consumer, sorted(columns), axis=axis))
@@ -446,8 +451,8 @@ class _SitePass:
                 untold = name in self.row_orders and told is None  # the scan counted every position
                 kept = _kept_positions(moved, out.shape, dim, None if untold else keep, told)
                 chunks[name].append(kept.astype(np.float64))
-                if np.issubdtype(out.dtype, np.floating):
-                    eps[name] = max(eps[name], float(np.finfo(out.dtype).eps))
+                if np.issubdtype(out.dtype, np.floating) or out.dtype == ml_dtypes.bfloat16:
+                    eps[name] = max(eps[name], float(ml_dtypes.finfo(out.dtype).eps))
         return {name: np.concatenate(parts) for name, parts in chunks.items()}, eps
 
 
@@ -456,18 +461,19 @@ def _move(
 ) -> np.ndarray:
     """Add `by` to the units' entries of the stored tensor `name` (one value per unit, whatever its
     shape); the move as stored (rounded to the tensor's dtype), per unit. With `gain` (a bias-shift's
-    move) a float16 entry is rounded towards the side that fires (up for a positive gain), not to the
+    move) a float16 or bfloat16 entry is rounded towards the side that fires (up for a positive gain), not to the
     nearest: one float16 step can be wider than the gap above the cut, and the nearest value would
-    leave the unit dead (`backends.torch.strategies.place_shifted`, the torch side)."""
+    leave the unit dead (`backends.torch.strategies.place_shifted`, the torch side). bfloat16 (an
+    ml_dtypes array, as onnx reads it) likewise: its step near -1000 is 4."""
     stored = _get(model, name)
     flat = stored.reshape(-1)  # a view
     kept = flat[units].astype(np.float64)
     exact = kept + by
     moved = exact.astype(stored.dtype)
-    if gain is not None and stored.dtype == np.float16:
+    if gain is not None and stored.dtype in HALF_FLOATS:
         up = np.broadcast_to(np.asarray(gain, np.float64) > 0, exact.shape)
-        short = np.where(up, moved < exact, moved > exact)
-        toward = np.where(up, np.inf, -np.inf).astype(np.float16)
+        short = np.where(up, moved.astype(np.float64) < exact, moved.astype(np.float64) > exact)
+        toward = np.where(up, np.inf, -np.inf).astype(stored.dtype)
         moved = np.where(short, np.nextafter(moved, toward), moved)
     flat[units] = moved
     _set(model, name, stored)
@@ -594,8 +600,8 @@ def _bias_shift(model, plans, shifts: dict[str, str], outcomes: dict, options: F
             rates = np.where(stuck, fired, wanted) / max(1, len(values[plan.name]))
             outcome.promised = np.where(off, rates, outcome.promised).tolist()
             if stuck.any() and outcome.coarse_dtype is None:
-                outcome.coarse_dtype = "float16"
-                outcome.action += "; float16 steps wider than the gap at some cuts (see note)"
+                outcome.coarse_dtype = str(_get(model, shifts[plan.name]).dtype)
+                outcome.action += f"; {outcome.coarse_dtype} steps wider than the gap at some cuts (see note)"
             if not (off & ~stuck).any():
                 continue
             moved = True

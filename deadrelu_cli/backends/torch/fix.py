@@ -481,7 +481,7 @@ def _reweight_exported(
     if options.strategy == "prune":
         outcomes, keep_out, keep_in = eager.prune_plan(graph_module, wirings, scanned.report, plans)
         narrow(graph_module, keep_out, keep_in)
-        result.new_widths = {o.name: o.units_after for o in outcomes if o.applied}
+        result.new_widths = eager.narrowed_widths(keep_out)
     else:
         if options.strategy == "reinit":
             drawn: dict[str, str] = {}
@@ -698,12 +698,20 @@ def _reweight_torchscript(
         outcomes = shift_and_settle(scanned, module, plans, {}, options, scan_options)
     else:
         graph = module.forward.graph.copy()  # inlined to read the wiring; the module keeps its own code
-        nodes, sites, _ = _script_sites(scanned, module, graph)
+        nodes, sites, spelled = _script_sites(scanned, module, graph)
         reads = script_weight_reads(graph)
         wanted = {plan.name for plan in plans}
         need_consumer = options.strategy != "kick"
         wirings = {
-            site.name: script_wiring(node, reads, need_consumer)
+            site.name: script_wiring(
+                node,
+                reads,
+                need_consumer,
+                spelled(node) if site.spelled else None,
+                module,
+                spelled,
+                report.layer(site.name).channel_dim,
+            )
             for node, site in zip(nodes, sites, strict=True)
             if site.name in wanted
         }
@@ -714,7 +722,7 @@ def _reweight_torchscript(
         if options.strategy == "prune":
             outcomes, keep_out, keep_in = eager.prune_plan(module, wirings, report, plans)
             narrow(module, keep_out, keep_in)
-            result.new_widths = {o.name: o.units_after for o in outcomes if o.applied}
+            result.new_widths = eager.narrowed_widths(keep_out)
         elif options.strategy == "reinit":
             drawn: dict[str, str] = {}
             outcomes = eager.reinit_units(module, wirings, plans, options, None, report, drawn)

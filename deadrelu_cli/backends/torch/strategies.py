@@ -18,7 +18,7 @@ from torch import nn
 from deadrelu_cli.fixes.plan import FixOptions, LayerOutcome, LayerPlan, firing_cuts, shift_gains
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
-from deadrelu_cli.wiring.model import UnitWiring
+from deadrelu_cli.wiring.model import TensorRef, UnitWiring
 from deadrelu_cli.wiring.torch import BATCH_NORM, eager_wiring, named_tensor, submodule, write_conflict
 
 
@@ -151,7 +151,9 @@ def reinit_units(
             readers = {ref.name: named_tensor(model, ref.name) for _, ref in wire.consumers()}
             try:
                 columns = {
-                    name: wire.consumer_columns(plan.units, plan.all_units, tensor.shape[1])
+                    name: wire.consumer_columns(
+                        plan.units, plan.all_units, tensor.shape[1], TensorRef(name, 1)
+                    )
                     for name, tensor in readers.items()
                 }
             except ValueError as exc:
@@ -646,10 +648,11 @@ def prune_plan(
                 "skipped: every unit is dead; removing the whole layer changes the architecture too much"
             )
             continue
-        fan_ins = {name: named_tensor(model, ref.name).shape[1] for name, ref in wiring.consumers()}
+        refs = dict(wiring.consumers())
+        fan_ins = {name: named_tensor(model, ref.name).shape[1] for name, ref in refs.items()}
         try:  # (past the other parts of a concatenation the consumer reads, when there is one)
             removed = {
-                name: wiring.consumer_columns(plan.units, plan.all_units, fan_in)
+                name: wiring.consumer_columns(plan.units, plan.all_units, fan_in, refs[name])
                 for name, fan_in in fan_ins.items()
             }
         except ValueError as exc:
@@ -673,7 +676,6 @@ def prune(
     """Remove dead units: their producer rows (and BN channels) and the matching consumer inputs."""
     wirings = {plan.name: eager_wiring(model, probe, report.layer(plan.name)) for plan in plans}
     outcomes, keep_out, keep_in = prune_plan(model, wirings, report, plans)
-    widths = {}
     for name in sorted(set(keep_out) | set(keep_in)):
         module = model.get_submodule(name)
         out = sorted(keep_out[name]) if name in keep_out else None
@@ -681,14 +683,13 @@ def prune(
         new = _rebuild(module, out, inp if not isinstance(module, BATCH_NORM) else None)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        widths[name] = (
-            len(out)
-            if out is not None
-            else (
-                module.out_features if isinstance(module, nn.Linear) else getattr(module, "out_channels", 0)
-            )
-        )
-    return outcomes, widths
+    return outcomes, narrowed_widths(keep_out)
+
+
+def narrowed_widths(keep_out: dict[str, set[int]]) -> dict[str, int]:
+    """The "new widths" a prune reports: per Linear/Conv/BatchNorm it narrowed, its units kept (the
+    consumers keep their own widths; the sites are named in the table)."""
+    return {name: len(kept) for name, kept in sorted(keep_out.items())}
 
 
 def count_params(model: nn.Module) -> int:
