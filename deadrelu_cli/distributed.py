@@ -206,7 +206,10 @@ def reduce_sketch(world: World, sketch: SampleSketch) -> SampleSketch:
     sketches: list = [None] * world.size
     dist.all_gather_object(sketches, (sketch.digests.tolist(), sketch.complete))
     return union_sketch(
-        [SampleSketch(np.array(digests, dtype=np.uint64), complete) for digests, complete in sketches]
+        [
+            SampleSketch(np.array(digests, dtype=np.uint64), complete, method=sketch.method)
+            for digests, complete in sketches
+        ]
     )
 
 

@@ -83,7 +83,10 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
         data.shard(world.rank, world.size, options.limit)
         options = replace(options, limit=None)  # the limit is inside the shard windows now
     data.allow_nonfinite = options.allow_nonfinite
-    data.sketch = SampleSketch()  # the report's data fingerprint (each rank: its shard's, joined below)
+    # the report's data fingerprint (each rank: its shard's, joined below); padding is no part of a sample
+    data.sketch = SampleSketch(
+        mask=mask.array if mask else None, marks_padding=bool(mask and mask.marks_padding)
+    )
     error: BaseException | None = None
     model = probe = None
     layers: list = []
@@ -104,6 +107,8 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
             data.sketch = reduce_sketch(world, data.sketch)
         finally:
             finish(world)
+    # the fingerprint holds the samples counted: certify's `--input-range auto` reads the whole file
+    sketch, data.sketch = data.sketch, None
     if options.certify and (world is None or world.is_main):
         attach_certificates(layers, certify_model(model, options, data, device))
     findings = []
@@ -119,7 +124,7 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
             path=str(options.text or options.data),
             samples=samples,
             text=text_info,
-            fingerprint=None if data.sketch is None else data.sketch.to_dict(),
+            fingerprint=None if sketch is None else sketch.to_dict(),
         ),
         settings=Settings(
             options.threshold, options.dying, options.tau, options.channel_dim, device, tuple(options.ops)

@@ -90,11 +90,20 @@ def input_boxes(
             )
         lows: dict[str, np.ndarray] = {}
         highs: dict[str, np.ndarray] = {}
-        for batch in data.batches(256, allow_nonfinite=False):  # a box of NaN bounds nothing
-            for name, array in batch.items():
-                a = array.astype(np.float64)
-                lows[name] = np.minimum(lows[name], a.min(0)) if name in lows else a.min(0)
-                highs[name] = np.maximum(highs[name], a.max(0)) if name in highs else a.max(0)
+        try:
+            for batch in data.batches(256, allow_nonfinite=False):  # a box of NaN bounds nothing
+                for name, array in batch.items():
+                    a = array.astype(np.float64)
+                    lows[name] = np.minimum(lows[name], a.min(0)) if name in lows else a.min(0)
+                    highs[name] = np.maximum(highs[name], a.max(0)) if name in highs else a.max(0)
+        except UserError as exc:
+            where = str(exc).split("; clean the data")[0]
+            if not getattr(data, "allow_nonfinite", False) or where == str(exc):
+                raise
+            raise UserError(  # the scan took --allow-nonfinite; the box cannot
+                f"{where}: --input-range auto bounds each input element by its min/max over the data, which NaN/Inf "
+                "leave undefined (--allow-nonfinite or not); give --input-range LO HI"
+            ) from None
         for name in data.names:
             boxes.append(Interval(torch.from_numpy(lows[name])[None], torch.from_numpy(highs[name])[None]))
         return boxes

@@ -339,12 +339,14 @@ def reduces_unit_axis(func, args: tuple, kwargs: dict, channel_first: bool | Non
 
 
 def moved_unit_axis(kind: str, dims: tuple, axis: int, rank: int = 3) -> int | None:
-    """Where a rank-3 tensor's unit axis `axis` is after a layout op (`aten_ops.LAYOUT`), or None when
+    """Where a rank-RANK tensor's unit axis `axis` is after a layout op (`aten_ops.LAYOUT`), or None when
     that is not known: `transpose`/`swapaxes` (dims = the two axes), `permute` (dims = the order),
     `slice` (dims = the sliced axis; slicing the unit axis changes the units), any other kind keeps the
     axis (layer_norm over the units). Eager, torch.export and TorchScript probes all move it here."""
     try:
         if kind in ("transpose", "swapaxes", "swapdims"):
+            if any(int(v) >= rank for v in dims[:2]):
+                return None  # an axis this rank has not: the tensor is of another rank than assumed
             a, b = (int(v) % rank for v in dims[:2])
             return b if axis == a else a if axis == b else axis
         if kind == "permute":
@@ -354,6 +356,12 @@ def moved_unit_axis(kind: str, dims: tuple, axis: int, rank: int = 3) -> int | N
     except (TypeError, ValueError, IndexError):
         return None
     return axis
+
+
+def unit_axis_side(axis: int | None, rank: int) -> bool | None:
+    """A unit axis as the probes keep it: True at dim 1 (channel-first), False at the last dim, None
+    anywhere else (a rank >= 4 tensor whose units a permute left in the middle: not representable)."""
+    return True if axis == 1 else False if axis == rank - 1 else None
 
 
 def pools_over_space(rank: int, dims) -> bool:
@@ -397,23 +405,41 @@ def relaid_channel_first(
 ) -> bool | None:
     """A graph probe's walk back from an activation met the layout ops `layouts` (nearest the
     activation first) before reaching a producer whose units are channel-first (or last-axis): whether
-    the units are channel-first ([B, C, T]) at the activation, for a rank-3 tensor; None when unknown."""
+    the units are channel-first at the activation (dim 1), last-axis (False) or elsewhere/unknown (None).
+    `rank`: the rank of the producer's output (None: a permute on the way tells it, else 3, [B, T, F]);
+    a conv's [N, C, H, W] permuted to channels-last feeds a Linear on its last axis (and back)."""
     if channel_first is None or not layouts:
         return channel_first
-    axis: int | None = 1 if channel_first else 2
+    squeeze_rank = rank  # squeezes' negative dims are read only at a known rank
+    told = rank if rank is not None else _rank_told(layouts)
+    current = told if told is not None else 3
+    axis: int | None = 1 if channel_first else current - 1
     for kind, dims in reversed(layouts):
         if kind in SQUEEZES:  # `rank`: the producer's output rank, for negative dims
-            if axis != 1 or not squeeze_keeps_channels(kind, dims, rank):
+            if axis != 1 or not squeeze_keeps_channels(kind, dims, squeeze_rank):
                 return None
-            if rank is not None:
-                rank += -len(dims) if kind == "squeeze" else len(dims)
+            change = -len(dims) if kind == "squeeze" else len(dims)
+            squeeze_rank = None if squeeze_rank is None else squeeze_rank + change
+            current += change
             continue
-        if kind == "permute" and len(dims) != 3:
+        if kind == "permute" and len(dims) != current:
             return None
-        axis = moved_unit_axis(kind, dims, axis)
+        axis = moved_unit_axis(kind, dims, axis, current)
         if axis is None or axis == 0:
             return None
-    return axis == 1
+    return unit_axis_side(axis, current)
+
+
+def _rank_told(layouts: list[tuple[str, tuple]]) -> int | None:
+    """The producer's output rank as the first permute after it says (its number of dims, less the
+    dims squeezes before it added), or None."""
+    change = 0
+    for kind, dims in reversed(layouts):
+        if kind == "permute":
+            return len(dims) - change
+        if kind in SQUEEZES:
+            change += -len(dims) if kind == "squeeze" else len(dims)
+    return None
 
 
 def submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:

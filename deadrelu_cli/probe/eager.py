@@ -37,6 +37,7 @@ from deadrelu_cli.probe.base import (
     pools_over_space,
     reduces_unit_axis,
     squeeze_keeps_channels,
+    unit_axis_side,
 )
 from deadrelu_cli.probe.ops import (
     CLAMP_OPS,
@@ -264,9 +265,11 @@ def _lead_axes_after(func, args: tuple, kwargs: dict) -> tuple[int, int] | None:
 
 
 def _moved_unit_axis(func, args: tuple, kwargs: dict, axis: int, before, after) -> int | None:
-    """Where a rank-3 tensor's unit axis `axis` is after `func` (see `_layout_functions`), or None when
-    that is not known (another rank, or the op changed the number of units)."""
-    if before.dim() != 3 or after.dim() != 3:
+    """Where a tensor's unit axis `axis` is after `func` (see `_layout_functions`), or None when that is
+    not known (rank below 3 or changed, or the op changed the number of units). Rank >= 4 too: a conv's
+    [N, C, H, W] permuted to channels-last has its units last (a Linear reads them there)."""
+    rank = before.dim()
+    if rank < 3 or after.dim() != rank:
         return None
     name = getattr(func, "__name__", "")
     if name in ("transpose", "swapaxes"):
@@ -276,7 +279,7 @@ def _moved_unit_axis(func, args: tuple, kwargs: dict, axis: int, before, after) 
         dims = tuple(dims or kwargs.get("dims", ()))
     else:  # layer_norm, a slice: the axis stays; the shape check below says whether the units did
         name, dims = "", ()
-    moved = moved_unit_axis(name, dims, axis)
+    moved = moved_unit_axis(name, dims, axis % rank, rank)
     return moved if moved is not None and after.shape[moved] == before.shape[axis] else None
 
 
@@ -877,9 +880,10 @@ class EagerProbe:
             if found[2] and squeeze_keeps_channels(name, dims, args[0].dim()):
                 self._produced[id(result)] = (weakref.ref(result), None, None, True)
             return
-        axis = _moved_unit_axis(func, args, kwargs, 1 if found[2] else 2, args[0], result)
-        if axis is not None:
-            self._produced[id(result)] = (weakref.ref(result), None, None, axis == 1)
+        axis = _moved_unit_axis(func, args, kwargs, 1 if found[2] else -1, args[0], result)
+        side = None if axis is None else unit_axis_side(axis, result.dim())
+        if side is not None:
+            self._produced[id(result)] = (weakref.ref(result), None, None, side)
 
     def attach(self) -> list:
         """Register the hooks; returns their handles (see `attached` for the usual, scoped use)."""

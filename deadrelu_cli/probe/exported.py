@@ -111,6 +111,7 @@ def _trace_producer(node: fx.Node, pre: fx.Node | None = None) -> tuple[bool | N
     keep_producer = True
     viewed = False  # through a reshape that keeps the last axis: only a last-axis producer fits
     layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
+    producer_rank: int | None = None  # the rank the layout op nearest the producer reads
     current = pre if pre is not None else node.args[0] if node.args else None
     while isinstance(current, fx.Node) and seen < 32:
         seen += 1
@@ -134,13 +135,16 @@ def _trace_producer(node: fx.Node, pre: fx.Node | None = None) -> tuple[bool | N
             dims = (dims,) if isinstance(dims, int) else tuple(dims)
             rank = rank_in if base == "squeeze" else rank_in + len(dims)
             layouts.append((base, tuple(int(d) % rank for d in dims)))
+            producer_rank = rank_in
             keep_producer = False
             current = current.args[0]
             continue
         if base in LAYOUT and current.args and isinstance(current.args[0], fx.Node):
-            value = current.meta.get("val")
-            if not isinstance(value, torch.Tensor) or value.dim() != 3:
+            value, source = current.meta.get("val"), current.args[0].meta.get("val")
+            if not isinstance(value, torch.Tensor) or value.dim() < 3:
                 break
+            # the rank the layout op reads (a conv's [N, C, H, W] permuted to channels-last: units last)
+            producer_rank = source.dim() if isinstance(source, torch.Tensor) else None
             dims = (
                 current.args[1]
                 if base == "permute"
@@ -185,7 +189,7 @@ def _trace_producer(node: fx.Node, pre: fx.Node | None = None) -> tuple[bool | N
                 and str(weight.target).endswith(".weight")
             ):
                 producer = str(weight.target)[: -len(".weight")]
-            return relaid_channel_first(base in CHANNEL_FIRST, layouts), producer
+            return relaid_channel_first(base in CHANNEL_FIRST, layouts, producer_rank), producer
         if base in PASS_THROUGH and current.args and isinstance(current.args[0], fx.Node):
             if base != "getitem" and any(isinstance(a, fx.Node) for a in current.args[1:]):
                 keep_producer = False

@@ -391,11 +391,7 @@ class _Walker:
                 value = src.inputsAt(0)
                 continue
             if kind == "prim::CallMethod":
-                owner = src.inputsAt(0)
-                target = None
-                getattr_node = owner.node()
-                if getattr_node.kind() == "prim::GetAttr" and hasattr(module, getattr_node.s("name")):
-                    target = getattr(module, getattr_node.s("name"))
+                target = _attribute_of(module, src.inputsAt(0))
                 if target is None:
                     return None, None
                 qualified = _type_name(target)
@@ -485,6 +481,24 @@ _CONV_RANKS = {
     **{f"conv{n}d": n + 2 for n in (1, 2, 3)},
     **{f"conv_transpose{n}d": n + 2 for n in (1, 2, 3)},
 }
+
+
+def _attribute_of(module, value):
+    """The submodule that VALUE holds: a chain of attribute reads from the graph's `self` (MODULE), as a
+    grandchild called directly (`self.block.conv(x)`) or a ModuleList unrolled in a loop (`self.layers.0`)
+    is reached; None when the chain does not start at `self` or a name is missing."""
+    names = []
+    node = value.node()
+    while node.kind() == "prim::GetAttr" and len(names) < 16:
+        names.append(node.s("name"))
+        node = node.inputsAt(0).node()
+    if not names or node.kind() != "prim::Param":
+        return None
+    for name in reversed(names):
+        if not hasattr(module, name):
+            return None
+        module = getattr(module, name)
+    return module
 
 
 def _constant_dims(node, base: str) -> tuple | None:

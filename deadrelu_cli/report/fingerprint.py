@@ -1,7 +1,8 @@
 """What samples a report counted, small enough for the report: a bottom-k sketch of per-sample digests.
 
 Each sample gets a 64-bit digest (sha256 of its row of each batched array, with the array's name,
-dtype and row shape — short rows a vectorised splitmix64 chain, `row_digests`; summed over the arrays), so batch size and order change nothing. A report keeps
+dtype and row shape — short rows a vectorised splitmix64 chain, `row_digests`; summed over the arrays), so batch size and order change nothing;
+with a position mask, token arrays give only their kept positions, so padding widths change nothing either. A report keeps
 the K smallest distinct digests. Two reports share a sample when their lists share a digest; below K samples the list is every sample's,
 so overlap is found exactly. Above, the lists hold every digest up to their K-th smallest, and any
 shared sample whose digest lies below the smaller of those two bounds is in both lists: an overlap of
@@ -19,15 +20,28 @@ import numpy as np
 
 SKETCH_SIZE = 512
 METHOD = "sha256-64 per sample (rows up to 64 bytes: splitmix64 words), smallest 512"
+# with a position mask: the token arrays' kept positions only (the padding a file's longest document sets
+# is no part of a sample: the same document padded to another width is the same sample)
+MASKED_METHOD = "sha256-64 per sample of its kept positions, smallest 512"
+# arrays of a decoder's sequence: as long as the mask's only by chance, so never cut by it
+OTHER_SEQUENCE = ("decoder_", "tgt")
 
 
 @dataclass
 class SampleSketch:
-    """The K smallest distinct per-sample digests seen; `complete` while every distinct digest is kept."""
+    """The K smallest distinct per-sample digests seen; `complete` while every distinct digest is kept.
+    `mask` (an array name; `marks_padding`: nonzero on padding): digest only the kept positions of the
+    arrays laid out [samples, tokens, ...] like it."""
 
     digests: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
     complete: bool = True
     size: int = SKETCH_SIZE
+    mask: str | None = None
+    marks_padding: bool = False
+    method: str = ""
+
+    def __post_init__(self) -> None:
+        self.method = self.method or (MASKED_METHOD if self.mask else METHOD)
 
     def add(self, batch: dict[str, np.ndarray], batch_axes: dict[str, int] | None = None) -> None:
         """The samples of one batch: BATCH maps array names to arrays with samples on `batch_axes[name]`
@@ -39,15 +53,26 @@ class SampleSketch:
         rows = [np.asarray(batch[n]) for n in names]
         rows = [np.moveaxis(r, axes[n], 0) if axes.get(n, 0) else r for n, r in zip(names, rows, strict=True)]
         count = rows[0].shape[0]
-        heads = [
-            hashlib.sha256(f"{n}\0{r.dtype.str}\0{r.shape[1:]}\0".encode())
-            for n, r in zip(names, rows, strict=True)
-        ]
-        rows = [np.ascontiguousarray(r).reshape(count, -1).view(np.uint8) for r in rows]
+        keep = self._kept(batch, axes, count)
         found = np.zeros(count, dtype=np.uint64)
-        for head, r in zip(heads, rows, strict=True):  # (name, dtype, row shape) start each row's digest
-            found += row_digests(r, head)  # several arrays: summed (mod 2**64)
-        self.merge_digests(found)
+        for n, r in zip(names, rows, strict=True):  # (name, dtype, row shape) start each row's digest
+            if keep is not None and r.shape[:2] == keep.shape and not n.startswith(OTHER_SEQUENCE):
+                head = hashlib.sha256(f"{n}\0{r.dtype.str}\0{r.shape[2:]}\0kept\0".encode())
+                found += _kept_digests(r, keep, head)
+                continue
+            head = hashlib.sha256(f"{n}\0{r.dtype.str}\0{r.shape[1:]}\0".encode())
+            found += row_digests(np.ascontiguousarray(r).reshape(count, -1).view(np.uint8), head)
+        self.merge_digests(found)  # several arrays: summed (mod 2**64)
+
+    def _kept(self, batch: dict, axes: dict, count: int) -> np.ndarray | None:
+        """The batch's kept positions [samples, tokens] (bool), or None without a 2-D mask."""
+        if self.mask is None or self.mask not in batch:
+            return None
+        mask = np.asarray(batch[self.mask])
+        mask = np.moveaxis(mask, axes[self.mask], 0) if axes.get(self.mask, 0) else mask
+        if mask.ndim != 2 or mask.shape[0] != count:
+            return None
+        return mask == 0 if self.marks_padding else mask != 0
 
     def merge_digests(self, found: np.ndarray, complete: bool = True) -> None:
         if self.digests.size == self.size:  # full: only digests below the largest kept can enter
@@ -62,7 +87,7 @@ class SampleSketch:
 
     def to_dict(self) -> dict:
         return {
-            "method": METHOD,
+            "method": self.method,
             "complete": self.complete,
             "digests": [f"{int(d):016x}" for d in self.digests],
         }
@@ -101,12 +126,23 @@ def row_digests(rows: np.ndarray, head) -> np.ndarray:
     return np.frombuffer(bytes(out), dtype="<u8").astype(np.uint64)
 
 
+def _kept_digests(rows: np.ndarray, keep: np.ndarray, head) -> np.ndarray:
+    """A 64-bit digest per sample of ROWS [count, tokens, ...]: sha256 of head + its kept positions'
+    bytes (KEEP [count, tokens]), so the padding around them changes nothing."""
+    out = bytearray()
+    for i in range(rows.shape[0]):
+        h = head.copy()
+        h.update(np.ascontiguousarray(rows[i][keep[i]]).tobytes())
+        out += h.digest()[:8]
+    return np.frombuffer(bytes(out), dtype="<u8").astype(np.uint64)
+
+
 def sketch_from_dict(d: dict) -> SampleSketch | None:
     """A report's `data.fingerprint`, or None when absent or made another way (not comparable)."""
-    if not isinstance(d, dict) or d.get("method") != METHOD:
+    if not isinstance(d, dict) or d.get("method") not in (METHOD, MASKED_METHOD):
         return None
     digests = np.array(sorted(int(h, 16) for h in d["digests"]), dtype=np.uint64)
-    return SampleSketch(digests=digests, complete=bool(d["complete"]))
+    return SampleSketch(digests=digests, complete=bool(d["complete"]), method=d["method"])
 
 
 def shared_samples(a: SampleSketch, b: SampleSketch) -> int:
@@ -115,7 +151,8 @@ def shared_samples(a: SampleSketch, b: SampleSketch) -> int:
 
 
 def union_sketch(sketches: list[SampleSketch]) -> SampleSketch:
-    out = SampleSketch()
+    """The sketch of the union (every sketch made the same way: `method`)."""
+    out = SampleSketch(method=sketches[0].method if sketches else "")
     for sketch in sketches:
         out.merge_digests(sketch.digests, sketch.complete)
     return out

@@ -480,7 +480,7 @@ def refuse_overlapping_data(
                     raise UserError(
                         f"{name}: counted {'' if exact else 'at least '}{shared} of the same samples as "
                         f"{names[i]} (overlapping data: the same file with different --limit or --batch-size, "
-                        "or a copy); merge scans of disjoint data, each once"
+                        "a copy, or files holding the same samples); merge scans of disjoint data, each once"
                     )
                 continue
             mine = counted[j] if sketch is None else statistics_fingerprint(report)
@@ -576,6 +576,9 @@ def merge_reports(reports: list[Report], names: list[str] | None = None) -> Repo
                 "cannot merge reports made with different position masks (--mask / --exclude-token-ids)"
             )
     sketches = [sketch_from_dict(r.data.fingerprint) for r in reports]
+    # fingerprints made another way than the first's (a masked scan of an earlier deadrelu) do not compare
+    method = next((s.method for s in sketches if s is not None), None)
+    sketches = [s if s is not None and s.method == method else None for s in sketches]
     refuse_overlapping_steps(reports, names)
     refuse_overlapping_data(reports, names, sketches)
     # a layer's samples (None: all of its report's) are added as counts: a part where a site saw fewer

@@ -150,7 +150,8 @@ def apply_onnx(scanned, plans: list[LayerPlan], options: FixOptions, scan_option
             node = nodes[site.node_name or site.output_name]
             was = node.op_type  # Relu, or the Max / Where / Mul that spells it
             node.op_type = "LeakyRelu" if options.strategy == "leaky" else "Elu"
-            if site.spelled:  # Max(x, 0) / Where(x > 0, x, 0) / Mul(x, x > 0): the activation of x alone
+            # Max(x, 0) / Where(x > 0, x, 0) / Mul(x, x > 0) / Clip(x, 0, inf): the activation of x alone
+            if site.spelled or len(node.input) > 1:
                 del node.input[:]
                 node.input.append(site.input_name)
             del node.attribute[:]
