@@ -10,7 +10,13 @@ import numpy as np
 from deadrelu_cli.backends import backend_for, backend_of
 from deadrelu_cli.calibration import CalibrationData, open_calibration
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import LAYOUT_AMBIGUOUS, PIXELS_FLATTENED, PIXELS_MIXED, ROW_ORDER_AMBIGUOUS
+from deadrelu_cli.gate import (
+    FRAMES_NOT_TOLD,
+    LAYOUT_AMBIGUOUS,
+    PIXELS_FLATTENED,
+    PIXELS_MIXED,
+    ROW_ORDER_AMBIGUOUS,
+)
 from deadrelu_cli.inputs import GROUPED_INPUTS, dict_groups
 from deadrelu_cli.loaders import LoadedModel, LoadOptions, load_model
 from deadrelu_cli.options import ScanOptions
@@ -176,7 +182,7 @@ def mask_notes(layers: list, mask) -> list[str]:
     reasons = {
         "no token axis": "whose positions are not the mask's (a pooled head, a conv over pixels or audio, "
         "a sequence of another length; every element counted)",
-        "in a subgraph": "inside ONNX subgraphs the mask does not reach (a Scan body's per-step slices, a "
+        "in a subgraph": "inside ONNX subgraphs the mask does not reach (a Scan body whose steps are not the tokens, a "
         "Loop body's tensors of other positions, an If branch not run on the first batch; every element "
         "counted, padding included; a gate fails on them unless --allow-unseen; to count real tokens only "
         "there, scan the PyTorch model, or an ONNX export with the loop unrolled: torch.onnx.export of a "
@@ -192,6 +198,10 @@ def mask_notes(layers: list, mask) -> list[str]:
         "flattened, as `h.view(-1, C)` of a time-major RNN's output; every element counted, padding "
         "included; a gate fails on them unless --allow-unseen; reordering the samples of a batch tells "
         "the order where the samples differ)",
+        FRAMES_NOT_TOLD: "after an ONNX graph's conv subsampler (a speech encoder's frames), on batches whose "
+        "mask did not keep each sample's positions first and its padding after: a frame's real length rests on "
+        "that (every frame of those batches counted, padding included; a gate fails on them unless "
+        "--allow-unseen; pad at the end)",
         PIXELS_MIXED: "whose feature-map cells hold image and padding pixels both (the images' padding does not "
         "end on the layer's stride; every element counted, padding included; a gate fails on them unless "
         "--allow-unseen; pad the images to a multiple of the stride)",

@@ -15,6 +15,10 @@ LAYOUT_AMBIGUOUS = "layout ambiguous"
 # the same for a site of flattened [batch*tokens, …] rows whose order (sample-major, or time-major: a
 # [tokens, batch, …] flattened) nothing told: every position counted
 ROW_ORDER_AMBIGUOUS = "row order ambiguous"
+# extra["position_mask"] of an ONNX site after a conv subsampler (a speech encoder's frames) where a
+# batch's mask was not its samples' real positions first and padding after: the frames' real lengths rest
+# on that, so every frame of such a batch counted
+FRAMES_NOT_TOLD = "frames not told"
 # extra["position_mask"] of a site the scan's position mask could not reach (it counted padding too)
 # an image's pixel mask ([samples, height, width], a DETR-style `pixel_mask`) at a conv feature map whose
 # cells hold real and padded pixels both (the padding does not end on the map's stride), and at a
@@ -28,6 +32,7 @@ MASK_NOT_APPLIED = (
     ROW_ORDER_AMBIGUOUS,
     PIXELS_MIXED,
     PIXELS_FLATTENED,
+    FRAMES_NOT_TOLD,
 )
 
 
@@ -283,6 +288,8 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             LAYOUT_AMBIGUOUS: "re-export with a dynamic batch dim (or another batch size than the sequence length)",
             ROW_ORDER_AMBIGUOUS: "give data whose samples differ (the order of flattened rows is told by "
             "reordering the samples of a batch), or scan the PyTorch model",
+            FRAMES_NOT_TOLD: "pad every sample at its end (real positions first), as speech feature "
+            "extractors do, or scan the PyTorch model",
             PIXELS_MIXED: "pad the images to a multiple of the layers' stride (each cell of their feature maps "
             "then all image or all padding)",
             PIXELS_FLATTENED: "scan the PyTorch model, whose modules called with the flattened mask as their "

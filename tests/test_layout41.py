@@ -274,14 +274,15 @@ def test_onnx_fixed_batch_of_as_many_samples_as_tokens_is_told_by_reordering_the
 
 
 def test_a_scan_bodys_unmasked_relu_says_how_to_count_real_tokens_only(cli, tmp_path):
-    """A Scan body sees one step's slice, not the batch's [batch, tokens] positions: its Relu counts
-    every position (checked in test_mask37); the note and the gate's failure now say what counts real
+    """A Scan body over the samples sees one sample's [tokens, ...] per step, not the batch's [batch,
+    tokens] positions (a Scan over the tokens is masked per step: test_mask37): its Relu counts every
+    position; the note and the gate's failure now say what counts real
     tokens only there (the PyTorch model, or an export with the loop unrolled), besides --allow-unseen.
     Before: only --allow-unseen or --mask none were offered."""
     import onnx
     from test_mask37 import LENGTHS, SAMPLES, _subgraph_tokens
 
-    model, _ = _subgraph_tokens()
+    model, _ = _subgraph_tokens(scan_over_samples=True)  # a Scan over the tokens is masked (onnxmask43)
     path = tmp_path / "sub.onnx"
     onnx.save(model, path)
     x = np.random.RandomState(3).randn(SAMPLES, 5, 4).astype(np.float32)

@@ -169,11 +169,12 @@ def test_onnx_export_with_src_key_padding_mask(cli, tmp_path, batch_first):
     _check(result.json(), truths)
 
 
-def _subgraph_tokens():
+def _subgraph_tokens(scan_over_samples: bool = False):
     """x[B, T, 4] through three subgraphs: an If on `flag` (then: Relu(x @ Wa + ba) [B, T, 5], else: the
     same negated), a Loop of 2 trips h <- Relu(h @ Wl + bl) on [B, T, 4], and a Scan over the tokens
-    (x transposed to [T, B, 4]) whose body's Relu sees one token's [B, 3] per step. Unit 0 of the If's and
-    the Loop's Relu fire on the padding's junk only (their inputs summed, less 20)."""
+    (x transposed to [T, B, 4]) whose body's Relu sees one token's [B, 3] per step (`scan_over_samples`:
+    over the samples of x instead, one sample's [T, 3] per step). Unit 0 of the If's and the Loop's Relu
+    fire on the padding's junk only (their inputs summed, less 20)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -230,11 +231,11 @@ def _subgraph_tokens():
         "scan_body",
         [
             helper.make_tensor_value_info("s_in", f32, [1]),
-            helper.make_tensor_value_info("x_t", f32, ["B", 4]),
+            helper.make_tensor_value_info("x_t", f32, [None, 4]),
         ],
         [
             helper.make_tensor_value_info("s_out", f32, [1]),
-            helper.make_tensor_value_info("y_t", f32, ["B", 3]),
+            helper.make_tensor_value_info("y_t", f32, [None, 3]),
         ],
     )
     nodes = [
@@ -247,7 +248,9 @@ def _subgraph_tokens():
             else_branch=branch("else", -1.0),
         ),
         helper.make_node("Loop", ["trips", "", "x"], ["y_loop"], name="loop", body=loop_body),
-        helper.make_node("Transpose", ["x"], ["xt"], name="to_tbf", perm=[1, 0, 2]),
+        helper.make_node(
+            "Transpose", ["x"], ["xt"], name="to_tbf", perm=[0, 1, 2] if scan_over_samples else [1, 0, 2]
+        ),
         helper.make_node(
             "Scan", ["s0", "xt"], ["s_last", "y_scan"], name="scan", body=scan_body, num_scan_inputs=1
         ),
@@ -262,7 +265,7 @@ def _subgraph_tokens():
         [
             helper.make_tensor_value_info("y_if", f32, ["B", "T", 5]),
             helper.make_tensor_value_info("y_loop", f32, ["B", "T", 4]),
-            helper.make_tensor_value_info("y_scan", f32, ["T", "B", 3]),
+            helper.make_tensor_value_info("y_scan", f32, [None, None, 3]),
         ],
         initializer=[
             numpy_helper.from_array(a, n)
@@ -275,18 +278,19 @@ def _subgraph_tokens():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    return model, (wa, ba, wl, bl)
+    return model, (wa, ba, wl, bl, ws, bs)
 
 
-def test_onnx_if_and_loop_bodies_are_masked_scan_bodies_stop_the_gate(cli, tmp_path):
+def test_onnx_if_loop_and_scan_bodies_are_masked(cli, tmp_path):
     """The mask reaches If branches and Loop bodies that see the batch's [B, T, ...] tensors (an outer-scope
-    input of the body): their Relus count the real tokens only, exactly. A Scan body sees one token per
-    step: it counts every position, the note says so, and a gate fails on it (it could pass on a unit that
-    fires on padding only) unless --allow-unseen. Before: every subgraph site counted the padding, and the
-    gate passed."""
+    input of the body): their Relus count the real tokens only, exactly. A Scan over the tokens sees one
+    token's [B, ...] per step: the mask's column of that step reaches it as a scan input the scan adds
+    (onnxmask43; before: every position counted, marked 'in a subgraph', the gate failed). A Scan over
+    the samples is not masked: tests/test_layout41. Before mask37: every subgraph site counted the
+    padding, and the gate passed."""
     import onnx
 
-    model, (wa, ba, wl, bl) = _subgraph_tokens()
+    model, (wa, ba, wl, bl, ws, bs) = _subgraph_tokens()
     path = tmp_path / "sub.onnx"
     onnx.save(model, path)
     rng = np.random.RandomState(3)
@@ -314,18 +318,14 @@ def test_onnx_if_and_loop_bodies_are_masked_scan_bodies_stop_the_gate(cli, tmp_p
         np.testing.assert_allclose(layer["max_preactivation"], pre.max(0), rtol=1e-5)
         assert layer["extra"]["position_mask"] == "applied", name
         assert 0 in layer["dead_indices"], name
-    assert layers["scan/body/scan_relu"]["extra"]["position_mask"] == "in a subgraph"
-    assert layers["scan/body/scan_relu"]["elements_per_unit"] == SAMPLES * TOKENS
-    assert any("scan/body/scan_relu" in note and "padding included" in note for note in report["notes"])
-
-    gated = cli(*args, "--max-dead", "1.0")
-    assert gated.code == 1, gated.err
-    assert (
-        "position mask could not be applied to 1 layer(s)" in gated.err and "scan/body/scan_relu" in gated.err
-    )
-    assert cli(*args, "--max-dead", "1.0", "--allow-unseen").code == 0
-    # every position on purpose: nothing is left unmasked, the gate passes on the counts
-    assert cli(*args, "--max-dead", "1.0", "--mask", "none").code == 0
+    scan = layers["scan/body/scan_relu"]
+    scan_pre = (x64 @ ws + bs)[keep]
+    assert scan["positive_counts"] == (scan_pre > 0).sum(0).tolist()
+    assert scan["elements_per_unit"] == int(keep.sum()) < SAMPLES * TOKENS
+    np.testing.assert_allclose(scan["max_preactivation"], scan_pre.max(0), rtol=1e-5)
+    assert scan["extra"]["position_mask"] == "applied"
+    assert not any("scan/body/scan_relu" in note for note in report["notes"])
+    assert cli(*args, "--max-dead", "1.0").code == 0
 
 
 def test_labels_feed_a_seq2seq_decoder_counted_on_its_own_positions_and_are_left_out_elsewhere(cli, tmp_path):

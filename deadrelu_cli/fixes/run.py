@@ -86,8 +86,8 @@ def _outputs_of(
                     continue
                 to_frames = getattr(out, "to_frames", None)
                 if to_frames is not None and a.ndim >= 2 and a.shape[:2] != k.shape:
-                    frames = to_frames(k)  # a speech encoder's output: its frames' positions
-                    k = frames if a.shape[:2] == frames.shape else k
+                    frames = to_frames(k)  # a speech encoder's output: its frames' positions (or their rows)
+                    k = frames if a.shape[:2] == frames.shape or a.shape[0] == frames.size != k.size else k
                 b, t = k.shape
                 square = b == t > 1 and a.ndim >= 2 and a.shape[:2] == k.shape
                 flat = b > 1 and t > 1 and a.ndim >= 1 and a.shape[0] == b * t

@@ -72,6 +72,273 @@ class OnnxSite:
     token_layout: str | None = None
     mask_unapplied: str | None = None  # why a position mask could not be applied here, when not for its shape
     spelled: str | None = None  # "Max" / "Where" / "Mul": a ReLU the graph spells without a Relu node
+    # the conv/pool steps (along the frames axis) between the graph's inputs and this site, where its
+    # positions are the mask's shortened by them (a speech encoder's frames; frame_chains): the frames' mask
+    frames: tuple[tuple[int, int, int, bool], ...] | None = None
+    step_direction: int = 0  # TOKEN_STEPS: the direction its Scan iterates the tokens in (1: last first)
+    frames_axis: int | None = None  # CONV_FRAMES: the axis of its [B, C, frames, …] that holds the frames
+
+    @property
+    def mask_input(self) -> str:
+        """The graph input holding this site's position mask: the batch's, or its frames' (`frames`)."""
+        return frame_mask_name(self.frames) if self.frames else MASK_INPUT
+
+
+# One Conv / MaxPool / AveragePool step along one spatial axis: (effective kernel, stride, both pads
+# summed, SAME auto-padding), what its output length is of its input's (frame_count)
+FrameStep = tuple[int, int, int, bool]
+# per spatial axis of the convs on the way, the steps along it: one axis after Conv1d's, two after a
+# Conv2d subsampler over (frames, features) (a Conformer's), () where no conv is on the way
+AxisChains = tuple[tuple[FrameStep, ...], ...]
+_FRAME_OPS = ("Conv", "MaxPool", "AveragePool")
+
+
+def _frame_steps(node: onnx.NodeProto, index: GraphIndex) -> list[FrameStep] | None:
+    """The length arithmetic of a Conv/MaxPool/AveragePool node, per spatial axis; None where it cannot
+    be read (a pool with ceil_mode, a kernel of unknown size)."""
+    kernel = attr(node, "kernel_shape")
+    if kernel is None and node.op_type == "Conv" and len(node.input) > 1:
+        weight = index.shape(node.input[1])
+        if weight is None and index.constant(node.input[1]) is not None:  # an initializer: its own shape
+            weight = list(index.constant(node.input[1]).shape)
+        kernel = weight[2:] if weight is not None and len(weight) >= 3 else None
+    if not kernel or any(k is None for k in kernel) or attr(node, "ceil_mode", 0):
+        return None
+    axes = len(kernel)
+    strides = list(attr(node, "strides") or [1] * axes)
+    dilations = list(attr(node, "dilations") or [1] * axes)
+    pads = list(attr(node, "pads") or [0] * (2 * axes))
+    auto = attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto == "VALID":
+        pads = [0] * (2 * axes)
+    if len(strides) != axes or len(dilations) != axes or len(pads) != 2 * axes:
+        return None
+    return [
+        (
+            dilations[a] * (int(kernel[a]) - 1) + 1,
+            int(strides[a]),
+            int(pads[a]) + int(pads[a + axes]),
+            auto.startswith("SAME"),
+        )
+        for a in range(axes)
+    ]
+
+
+def frame_chains(model: onnx.ModelProto) -> dict[str, AxisChains | None]:
+    """Per value of the graph (If branches and Loop/Scan bodies included, which see the enclosing
+    graph's values), the conv/pool steps between the graph's inputs and it, per spatial axis (a speech
+    encoder's strided subsampler: the frames its positions are); None where values of different steps
+    meet (nothing to map the mask through), convs of another spatial rank follow, or a Scan's per-step
+    slice or a Loop/Scan's stacked outputs hold them. Constants carry no steps, so they never conflict.
+    Nodes are in topological order (ONNX's rule)."""
+    chains: dict[str, AxisChains | None] = {i.name: () for i in model.graph.input}
+    _walk_chains(model.graph, GraphIndex(model.graph), chains)
+    return chains
+
+
+def _walk_chains(graph: onnx.GraphProto, index: GraphIndex, chains: dict) -> None:
+    for node in graph.node:
+        found = [chains[name] for name in node.input if name in chains]
+        outputs = [_merged_chain(found)] * len(node.output)
+        if node.op_type in _FRAME_OPS and node.input and node.input[0] in chains:
+            base = chains[node.input[0]]
+            steps = _frame_steps(node, index)
+            rank = index.rank(node.input[0])
+            if base is None or steps is None or (rank is not None and rank != 2 + len(steps)):
+                chain = None
+            elif not base:
+                chain = tuple((step,) for step in steps)
+            else:
+                chain = (
+                    tuple((*b, step) for b, step in zip(base, steps, strict=True))
+                    if len(base) == len(steps)
+                    else None
+                )
+            outputs = [chain] * len(node.output)
+        bodies = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+        # the values a Loop/Scan carries from step to step, as the node takes them (a Loop's counter and
+        # condition, a Scan's per-step slices carry nothing known) and as its body returns them
+        if node.op_type == "Loop":
+            carried, skip_in, skip_out = list(node.input[2:]), 2, 1
+        elif node.op_type == "Scan":
+            carried, skip_in, skip_out = (
+                list(node.input[: len(node.input) - attr(node, "num_scan_inputs", 0)]),
+                0,
+                0,
+            )
+        else:
+            carried, skip_in, skip_out = [], 0, 0
+        for body in bodies:
+            for position, value in enumerate(body.input):
+                k = position - skip_in
+                chains[value.name] = chains.get(carried[k], ()) if 0 <= k < len(carried) else None
+                if node.op_type == "Loop" and position < 2:
+                    chains[value.name] = ()
+            _walk_chains(body, GraphIndex(body, index), chains)
+        if node.op_type == "If" and len(bodies) == 2:  # each output: the branches' agree, or None
+            outputs = [
+                _merged_chain([chains.get(b.output[k].name, ()) for b in bodies if k < len(b.output)])
+                for k in range(len(node.output))
+            ]
+        elif node.op_type in ("Loop", "Scan") and bodies:  # carried values out as in; stacked ones: None
+            body_out = bodies[0].output
+            outputs = [
+                _merged_chain([chains.get(carried[k], ()), chains.get(body_out[k + skip_out].name, ())])
+                if k < len(carried) and k + skip_out < len(body_out)
+                else None
+                for k in range(len(node.output))
+            ]
+        for out, chain in zip(node.output, outputs, strict=True):
+            chains[out] = chain
+
+
+def _merged_chain(found: list) -> AxisChains | None:
+    """The steps of a node's output from its inputs': the one chain they carry (constants carry none),
+    None where they differ. Except where they differ only by stride-1 steps (wav2vec2's positional conv,
+    added back to the stream it came from after a slice that undoes its extra frame): an elementwise
+    op's operands have one length, and the stream without those steps is what the positions are."""
+    if any(c is None for c in found):
+        return None
+    chains = {c for c in found if c}
+    if len(chains) <= 1:
+        return next(iter(chains), ())
+    strided = {tuple(tuple(step for step in axis if step[1] != 1) for axis in c) for c in chains}
+    return min(chains, key=lambda c: sum(map(len, c))) if len(strided) == 1 else None
+
+
+def site_frames(
+    chains: dict[str, AxisChains | None],
+    value: str,
+    shape: tuple[int, ...],
+    dim: int,
+    batch: int,
+    tokens: int,
+) -> tuple[tuple[FrameStep, ...], int, int | None] | None:
+    """(the steps, the frames they make of `tokens`, the axis that holds them) of the one spatial axis
+    of the convs before `value` (frame_chains) whose frames a tensor of `shape` holds as the mask's
+    positions: by probe.ops.token_layout (axis None), or as a conv's own output [B, C, frames, …] (the
+    spatial axis's own axis: a Conv2d subsampler's frames axis, not its features'); None where none
+    fits, or more than one differently. The scan's rule and the fix's alike."""
+    from deadrelu_cli.probe.ops import token_layout
+
+    fits = set()
+    axes = chains.get(value) or ()
+    for spatial, chain in enumerate(axes):
+        frames = int(frame_count(chain, tokens))
+        if frames == tokens:
+            continue
+        if token_layout(shape, dim, batch, frames) is not None:
+            fits.add((chain, frames, None))
+        elif (
+            len(shape) == 2 + len(axes) >= 4
+            and dim == 1
+            and shape[0] == batch
+            and shape[2 + spatial] == frames
+        ):
+            fits.add((chain, frames, 2 + spatial))
+    return next(iter(fits)) if len(fits) == 1 else None
+
+
+def conv_frames_keep(keep: np.ndarray, rank: int, axis: int) -> np.ndarray:
+    """A frames' mask [B, frames] shaped to broadcast against a conv output of `rank` whose frames are
+    on `axis` ([B, C, frames, features]: [B, 1, frames, 1])."""
+    shape = [keep.shape[0]] + [1] * (rank - 1)
+    shape[axis] = keep.shape[1]
+    return keep.reshape(shape)
+
+
+def frame_count(chain: tuple[FrameStep, ...], lengths):
+    """The frames each step chain makes of `lengths` positions (an int or an int array), as the
+    Conv/pool ops size their output (floor((L + pads - kernel) / stride) + 1; SAME: ceil(L / stride));
+    a real length is mapped so too: the frames Hugging Face's speech encoders count as real
+    (`_get_feat_extract_output_lengths`)."""
+    out = np.asarray(lengths, dtype=np.int64)
+    for kernel, stride, pads, same in chain:
+        if same:
+            out = -(-out // stride)
+        else:
+            out = np.maximum((out + pads - kernel) // stride + 1, 0)
+    return out
+
+
+def frames_keep(chain: tuple[FrameStep, ...], keep: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The frames' mask of a batch's position mask `keep` [batch, tokens] after `chain`: frame f of a
+    sample is real when f < frame_count(its real length), and whether that held (every sample's kept
+    positions first, padding after: the convention those lengths rest on). Else every frame, and False:
+    the layer says so, and a gate fails on it."""
+    keep = np.asarray(keep, dtype=bool)
+    frames = int(frame_count(chain, keep.shape[1]))
+    lengths = keep.sum(axis=1)
+    if not np.array_equal(keep, np.arange(keep.shape[1])[None, :] < lengths[:, None]):
+        return np.ones((keep.shape[0], frames), bool), False
+    return np.arange(frames)[None, :] < frame_count(chain, lengths)[:, None], True
+
+
+def frame_mask_name(chain: tuple[FrameStep, ...]) -> str:
+    """The graph input the scan adds for the frames' mask of `chain` (one per distinct chain)."""
+    steps = "_".join(f"k{k}s{s}p{p}{'same' if same else ''}" for k, s, p, same in chain)
+    return f"{MASK_INPUT}_frames_{steps}"
+
+
+# token_layout of a site in the body of a main-graph Scan that iterates the mask's tokens: one step's
+# [B, ..., C] slice, masked by the mask's column of that step (a scan input the scan adds, token_steps)
+TOKEN_STEPS = "scan_steps"
+# token_layout of a conv output [B, C, frames, features, …] after a Conv2d subsampler: the frames' mask
+# on the site's `frames_axis`
+CONV_FRAMES = "conv_frames"
+STEP_MASK = MASK_INPUT + "_step"  # the Scan body's input of that column, [batch] bool
+
+
+def token_steps(
+    node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]], batch: int, tokens: int
+) -> int | None:
+    """The direction (0 forward, 1 reverse) in which Scan `node` iterates the position mask's tokens:
+    some scan input is [T, B, ...] scanned on axis 0 or [B, T, ...] on axis 1 (`shapes`: each input's on
+    the first batch; probe.ops.token_layout's reading), every such input one direction, none of them of
+    a shape that reads both ways (as many samples as tokens); else None (it iterates something else, or
+    nothing says what)."""
+    from deadrelu_cli.probe.ops import TOKEN_ROWS, TOKENS_FIRST, layout_ambiguous, token_layout
+
+    count = attr(node, "num_scan_inputs", 0)
+    inputs = list(node.input[len(node.input) - count :]) if count else []
+    axes = list(attr(node, "scan_input_axes") or [0] * count)
+    directions = list(attr(node, "scan_input_directions") or [0] * count)
+    found = set()
+    for name, axis, direction in zip(inputs, axes, directions, strict=False):
+        shape = shapes.get(name)
+        if shape is None or len(shape) < 3:
+            continue
+        if layout_ambiguous(shape, len(shape) - 1, batch, tokens):
+            return None
+        layout = token_layout(shape, len(shape) - 1, batch, tokens)
+        if (layout, axis % len(shape)) in ((TOKENS_FIRST, 0), (TOKEN_ROWS, 1)):
+            found.add(int(direction))
+    return found.pop() if len(found) == 1 and batch != tokens else None
+
+
+def add_step_mask(node: onnx.NodeProto, body: onnx.GraphProto, direction: int) -> None:
+    """Make the position mask a scan input of Scan `node` (axis 1: the tokens, in `direction`), read in
+    its body as STEP_MASK: the kept samples of each step."""
+    count = attr(node, "num_scan_inputs", 0)
+    axes = list(attr(node, "scan_input_axes") or [0] * count)
+    directions = list(attr(node, "scan_input_directions") or [0] * count)
+    values = {
+        "num_scan_inputs": count + 1,
+        "scan_input_axes": [*axes, 1],
+        "scan_input_directions": [*directions, direction],
+    }
+    for name, value in values.items():  # in place: the `body` attribute (the graph being instrumented) stays
+        found = next((a for a in node.attribute if a.name == name), None)
+        if found is None:
+            node.attribute.append(helper.make_attribute(name, value))
+        elif isinstance(value, list):
+            del found.ints[:]
+            found.ints.extend(value)
+        else:
+            found.i = value
+    node.input.append(MASK_INPUT)
+    body.input.append(helper.make_tensor_value_info(STEP_MASK, TensorProto.BOOL, ["batch"]))
 
 
 def _clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, float | None]:
@@ -816,15 +1083,20 @@ def _keep_of(builder: _Builder, site: OnnxSite) -> str:
     from deadrelu_cli.probe.ops import TOKEN_FLAT, TOKEN_FLAT_TIME_MAJOR, TOKEN_ROWS, TOKENS_FIRST
 
     rank = site.rank or 0
-    mask = MASK_INPUT
-    if site.token_layout in (TOKEN_ROWS, TOKENS_FIRST):
+    mask = site.mask_input  # the batch's mask, or its frames' after a conv subsampler
+    if site.token_layout == TOKEN_STEPS:  # one step's [B, ..., C]: that step's column of the mask
+        mask, shape = STEP_MASK, [-1] + [1] * (rank - 1)
+    elif site.token_layout == CONV_FRAMES:  # [B, C, frames, …]: [B, 1, frames, 1, …]
+        shape = [0] + [1] * (rank - 1)
+        shape[site.frames_axis] = -1
+    elif site.token_layout in (TOKEN_ROWS, TOKENS_FIRST):
         shape = [0, 0] + [1] * (rank - 2)  # 0: copy that dim of the mask
         if site.token_layout == TOKENS_FIRST:
-            mask = builder.node("Transpose", [MASK_INPUT], "keept", perm=[1, 0])
+            mask = builder.node("Transpose", [mask], "keept", perm=[1, 0])
     elif site.token_layout in (TOKEN_FLAT, TOKEN_FLAT_TIME_MAJOR):
         shape = [-1] + [1] * (rank - 1)
         if site.token_layout == TOKEN_FLAT_TIME_MAJOR:
-            mask = builder.node("Transpose", [MASK_INPUT], "keept", perm=[1, 0])
+            mask = builder.node("Transpose", [mask], "keept", perm=[1, 0])
     else:
         shape = [0, 1, -1]
     return builder.node("Reshape", [mask, builder.const(np.array(shape, np.int64), "keepshape")], "keep")
@@ -972,6 +1244,11 @@ def instrument(
         inst.graph.input.append(
             helper.make_tensor_value_info(MASK_INPUT, TensorProto.BOOL, ["batch", "tokens"])
         )
+    for name in dict.fromkeys(s.mask_input for s in sites if s.token_layout and s.frames):
+        inst.graph.input.append(helper.make_tensor_value_info(name, TensorProto.BOOL, ["batch", "frames"]))
+    for path in dict.fromkeys(s.graph_path for s in sites if s.token_layout == TOKEN_STEPS):
+        direction = next(s.step_direction for s in sites if s.graph_path == path)
+        add_step_mask(owners[path][1], graphs[path], direction)
     for i, site in enumerate(sites):
         if site.rank is None and channel_dim_override not in (None, 1, -1):
             raise UserError(

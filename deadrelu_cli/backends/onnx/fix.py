@@ -372,7 +372,8 @@ class _SitePass:
         model's own outputs of every batch."""
         from deadrelu_cli.backends.onnx.scan import as_input, feed_order, make_session
         from deadrelu_cli.inputs import batch_mask, mask_lengths, resolve_mask, square_free_batch_size
-        from deadrelu_cli.probe.ops import reordered_order, row_order_ambiguous
+        from deadrelu_cli.probe.onnx_graph import conv_frames_keep, frame_chains, frames_keep, site_frames
+        from deadrelu_cli.probe.ops import reordered_order, row_order_ambiguous, token_layout
         from deadrelu_cli.wiring.onnx_index import opset_version
 
         scanned, options = self.scanned, self.options
@@ -403,15 +404,32 @@ class _SitePass:
             total = local if limit is None else min(limit, local)
             size = square_free_batch_size(size, total, mask_lengths(mask, scanned.data))
         consts, axes = set(getattr(scanned.data, "consts", ())), getattr(scanned.data, "batch_axes", {})
+        chains = None  # frame_chains of the model, where a site's positions are not the mask's
         for batch in scanned.data.batches(size, limit, options.allow_nonfinite):
             feeds = {i: as_input(batch[a], dtypes.get(i), i) for i, a in order.items()}
             outs = session.run(None, feeds)
-            keep = batch_mask(mask, batch) if mask is not None else None
+            batch_keep = batch_mask(mask, batch) if mask is not None else None
             if outputs is not None:
                 outputs.extend(outs[:own])
             again = None
             for name, out in zip(names, outs[own:], strict=True):
                 dim = site_channel_dim(self.sites[name], options.channel_dim) % max(1, out.ndim)
+                keep, spatial = batch_keep, None
+                if keep is not None and out.ndim >= 2 and token_layout(out.shape, dim, *keep.shape) is None:
+                    # a speech encoder's frames, as the scan masks them (every frame where it could not)
+                    chains = frame_chains(model) if chains is None else chains
+                    fit = site_frames(chains, self.sites[name].input_name, out.shape, dim, *keep.shape)
+                    if fit is not None:
+                        frames, real = frames_keep(fit[0], keep)
+                        keep, spatial = (frames if real else None), fit[2]
+                if keep is not None and spatial is not None:  # a conv's own [B, C, frames, …]: units at 1
+                    moved = np.moveaxis(out, 1, -1)
+                    moved = moved if units[name] is None else moved[..., units[name]]
+                    where = np.broadcast_to(conv_frames_keep(keep, out.ndim, spatial), out.shape)[:, 0]
+                    chunks[name].append(moved[where].astype(np.float64))
+                    if np.issubdtype(out.dtype, np.floating):
+                        eps[name] = max(eps[name], float(np.finfo(out.dtype).eps))
+                    continue
                 if (
                     keep is not None
                     and name not in self.row_orders

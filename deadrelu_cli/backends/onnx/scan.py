@@ -10,8 +10,16 @@ import numpy as np
 
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import LAYOUT_AMBIGUOUS, ROW_ORDER_AMBIGUOUS, unscanned_text, unseen_notes
+from deadrelu_cli.gate import (
+    FRAMES_NOT_TOLD,
+    LAYOUT_AMBIGUOUS,
+    MASK_NOT_APPLIED,
+    ROW_ORDER_AMBIGUOUS,
+    unscanned_text,
+    unseen_notes,
+)
 from deadrelu_cli.inputs import (
+    OutputArrays,
     batch_mask,
     fixed_batch_error,
     label_arrays,
@@ -27,7 +35,13 @@ from deadrelu_cli.inputs import (
 )
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions, reread_verified
 from deadrelu_cli.loaders.onnx_model import release_weights
-from deadrelu_cli.probe.onnx_graph import MASK_INPUT, OnnxSite, find_sites, stored_zero_relus
+from deadrelu_cli.probe.onnx_graph import (
+    MASK_INPUT,
+    OnnxSite,
+    find_sites,
+    frames_keep,
+    stored_zero_relus,
+)
 from deadrelu_cli.probe.ops import NAMED_WHEN_UNSCANNED, axis_guess_note
 from deadrelu_cli.stats import LayerStats
 
@@ -263,10 +277,23 @@ def _discover_shapes(
     """Sites whose rank shape inference could not tell, and with a position mask (`mask`, an
     inputs.MaskSpec) every site of the main graph: run one batch exposing Shape(x) only. Sets the rank,
     and where a site's tensor holds the mask's [batch, tokens] positions, its `token_layout` (decided as
-    the torch probe decides it, probe.ops.token_layout, from the shapes of that batch)."""
+    the torch probe decides it, probe.ops.token_layout, from the shapes of that batch), or those of the
+    frames a conv subsampler makes of them (`frames`: a speech encoder's, probe.onnx_graph.frame_chains),
+    and for the body sites of a Scan that iterates the tokens, TOKEN_STEPS (probe.onnx_graph.token_steps).
+    With a mask the same session also exposes each main-graph site's per-index sums of |x| along its
+    first two axes, which `_tell_layouts` reads where the shapes cannot say the layout."""
     from onnx import TensorProto, helper
 
-    from deadrelu_cli.probe.onnx_graph import lift_to_main, site_channel_dim, subgraph_map
+    from deadrelu_cli.probe.onnx_graph import (
+        CONV_FRAMES,
+        TOKEN_STEPS,
+        frame_chains,
+        lift_to_main,
+        site_channel_dim,
+        site_frames,
+        subgraph_map,
+        token_steps,
+    )
     from deadrelu_cli.probe.ops import layout_ambiguous, row_order_ambiguous, token_layout
     from deadrelu_cli.wiring.onnx_index import opset_version
 
@@ -287,7 +314,17 @@ def _discover_shapes(
         and opset_version(model) >= 9
         and _owner_types(owners, s.graph_path) <= {"If", "Loop"}
     ]
-    unknown = [s for s in sites if not s.graph_path and (s.rank is None or mask is not None)] + reachable
+    # a Scan of the main graph: its body's sites are masked per step where it iterates the tokens
+    stepped = [
+        s
+        for s in sites
+        if len(s.graph_path) == 1
+        and mask is not None
+        and opset_version(model) >= 9
+        and owners[s.graph_path][1].op_type == "Scan"
+    ]
+    unknown = [s for s in sites if not s.graph_path and (s.rank is None or mask is not None)]
+    unknown += reachable + stepped
     if not unknown:
         return
     del probe.graph.output[:]
@@ -307,14 +344,39 @@ def _discover_shapes(
             site.name,
         )
         probe.graph.output.append(helper.make_tensor_value_info(lifted["shape"], TensorProto.INT64, None))
+    # the sums that tell a layout by reordering the samples, in this session (no second one to build):
+    # main-graph sites whose rank shape inference knows
+    summed = [
+        s for s in unknown if mask is not None and opset >= 9 and not s.graph_path and (s.rank or 0) >= 2
+    ]
+    for i, site in enumerate(summed):
+        _add_lead_sums(probe, site, i, opset)
+    # the shapes of those Scans' inputs: which of them, on which axis, the Scan iterates
+    scans = {
+        owners[site.graph_path][1].name or owners[site.graph_path][1].output[0]: owners[site.graph_path][1]
+        for site in stepped
+    }
+    scanned_inputs = list(dict.fromkeys(name for node in scans.values() for name in node.input if name))
+    for i, name in enumerate(scanned_inputs):
+        probe.graph.node.append(helper.make_node("Shape", [name], [f"deadrelu_scanned_{i}"]))
+        probe.graph.output.append(
+            helper.make_tensor_value_info(f"deadrelu_scanned_{i}", TensorProto.INT64, None)
+        )
     session = make_session(probe.SerializeToString(), device, [], weights_dir)
     batch = next(data.batches(batch_size))
     feeds = {inp: as_input(batch[arr], dtypes[inp], inp) for inp, arr in order.items()}
     keep = batch_mask(mask, batch) if mask is not None else None
+    results = session.run(None, feeds)
+    if scanned_inputs:
+        shapes = results[len(results) - len(scanned_inputs) :]
+        results = results[: len(results) - len(scanned_inputs)]
+        scanned_shapes = {n: tuple(int(d) for d in v) for n, v in zip(scanned_inputs, shapes, strict=True)}
     # Where (opset 9) applies the mask in the graph; older graphs count every position, which a note says
     maskable = keep is not None and opset_version(model) >= 9
-    ambiguous = []  # (site, shape): its shape reads as [B, T, ...] and [T, B, ...] alike, or flattened rows
-    for site, shape in zip(unknown, session.run(None, feeds), strict=True):
+    chains = None  # frame_chains of the main graph, found when a site's positions are not the mask's
+    # (site, shape, tokens): its shape reads as [B, T, ...] and [T, B, ...] alike, or flattened rows
+    ambiguous = []
+    for site, shape in zip(unknown, results[: len(unknown)], strict=True):
         shape = np.asarray(shape)
         if shape.ndim == 2:  # a Loop's per-iteration shapes: the first iteration's
             shape = shape[0] if shape.shape[0] else shape.reshape(-1)[:0]
@@ -324,47 +386,122 @@ def _discover_shapes(
         site.rank = len(shape)
         if keep is not None and not maskable:
             site.mask_unapplied = "opset below 9"
+        elif site in stepped:
+            node = owners[site.graph_path][1]
+            direction = token_steps(node, scanned_shapes, *keep.shape)
+            dim = site_channel_dim(site, channel_dim)
+            # one step's slice of the batch: [B, ..., C], its units not on the batch's axis
+            if direction is not None and site.rank >= 2 and shape[0] == keep.shape[0] and dim != 0:
+                site.token_layout, site.step_direction = TOKEN_STEPS, direction
+                site.mask_unapplied = None
+            continue
         elif maskable and site.rank >= 2:
             dim = site_channel_dim(site, channel_dim)
-            if layout_ambiguous(shape, dim, *keep.shape):  # a fixed batch of as many samples as tokens
+            batch_n, tokens = keep.shape
+            if token_layout(shape, dim, batch_n, tokens) is None:
+                # a speech encoder's frames: the mask's positions shortened by its conv subsampler (in the
+                # main graph, an If branch or a Loop body alike: the frames' mask is a main-graph input)
+                chains = frame_chains(model) if chains is None else chains
+                fit = site_frames(chains, site.input_name, shape, dim, batch_n, tokens)
+                if fit is not None:
+                    site.frames, tokens, site.frames_axis = fit
+                if site.frames_axis is not None:  # a conv's own [B, C, frames, …]: nothing ambiguous
+                    site.token_layout = CONV_FRAMES
+                    if site.graph_path:
+                        site.mask_unapplied = None
+                    continue
+            if layout_ambiguous(shape, dim, batch_n, tokens):  # a fixed batch of as many samples as tokens
                 site.mask_unapplied = LAYOUT_AMBIGUOUS
-                ambiguous.append((site, shape))
+                ambiguous.append((site, shape, tokens))
                 continue
-            if row_order_ambiguous(shape, dim, *keep.shape):
+            if row_order_ambiguous(shape, dim, batch_n, tokens):
                 # [B*T, …] rows of a [B, T] or of a time-major [T, B] flattened: told by reordering
                 # (main-graph sites; a subgraph's stays unmasked, every position counted, and says so)
                 site.mask_unapplied = ROW_ORDER_AMBIGUOUS
                 if not site.graph_path:
-                    ambiguous.append((site, shape))
+                    ambiguous.append((site, shape, tokens))
                 continue
-            site.token_layout = token_layout(shape, dim, *keep.shape)
+            site.token_layout = token_layout(shape, dim, batch_n, tokens)
         if site.graph_path and (site.token_layout or "Loop" not in _owner_types(owners, site.graph_path)):
             # a Loop body's tensor of other positions may be a per-step slice of the tokens: stays unmasked
             site.mask_unapplied = None
+    ambiguous = [entry for entry in ambiguous if not entry[0].graph_path]
     if ambiguous:
         consts, axes = set(getattr(data, "consts", ())), getattr(data, "batch_axes", {})
         sample_axes = {inp: None if arr in consts else axes.get(arr, 0) for inp, arr in order.items()}
-        _tell_layouts(model, ambiguous, feeds, keep, sample_axes, device, weights_dir, channel_dim)
+        reversed_feeds = _reversed_samples(feeds, sample_axes)
+        if reversed_feeds is None:
+            return
+        if all(site in summed for site, _, _ in ambiguous):  # the probe session has their sums
+            first = dict(zip(_lead_names(summed), results[len(unknown) :], strict=True))
+            try:
+                second = dict(
+                    zip(_lead_names(summed), session.run(None, reversed_feeds)[len(unknown) :], strict=True)
+                )
+            except Exception:  # noqa: BLE001  (a graph this cannot run again: its sites stay ambiguous)
+                return
+            sums = {s.name: (first, second) for s in summed}
+            _tell_layouts(ambiguous, sums, summed, keep.shape[0], channel_dim)
+        else:  # a site whose rank shape inference did not know: a session exposing the sums of those
+            del session
+            _tell_layouts_again(
+                model, ambiguous, feeds, reversed_feeds, keep.shape[0], device, weights_dir, channel_dim
+            )
+
+
+def _site_leads(site: OnnxSite, i: int) -> list[str]:
+    """The names of the sums `_add_lead_sums` exposes for the i-th summed site."""
+    return [f"deadrelu_lead{lead}_{i}" for lead in range(min(site.rank, 2))]
+
+
+def _lead_names(summed: list[OnnxSite]) -> list[str]:
+    """The names of the sums `_add_lead_sums` exposes, in the order of the outputs it appends."""
+    return [name for i, site in enumerate(summed) for name in _site_leads(site, i)]
+
+
+def _add_lead_sums(probe, site: OnnxSite, i: int, opset: int) -> None:
+    """Outputs of `probe` (main graph): the site's per-index sums of |x| along each of its first two axes
+    over every other axis (no cancellation, so a row's sum is told from another's at float precision)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    for lead, name in enumerate(_site_leads(site, i)):
+        axes = [a for a in range(site.rank) if a != lead]
+        # in float: every site of a masked scan gets these, and onnxruntime's CPU Abs has no bfloat16
+        as_float = helper.make_node("Cast", [site.input_name], [name + "_f"], to=TensorProto.FLOAT)
+        magnitude = helper.make_node("Abs", [name + "_f"], [name + "_abs"])
+        if opset >= 13:
+            probe.graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), name + "_axes"))
+            node = helper.make_node("ReduceSum", [name + "_abs", name + "_axes"], [name], keepdims=0)
+        else:
+            node = helper.make_node("ReduceSum", [name + "_abs"], [name], axes=axes, keepdims=0)
+        probe.graph.node.extend([as_float, magnitude, node])
+        probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+
+
+def _reversed_samples(feeds: dict, sample_axes: dict) -> dict | None:
+    """The batch with its samples in reverse order (every sample elsewhere: a permutation that moves each
+    of them); None when no input holds samples."""
+    batched = [inp for inp, axis in sample_axes.items() if axis is not None]
+    if not batched:
+        return None
+    samples = feeds[batched[0]].shape[sample_axes[batched[0]]]
+    order = np.arange(samples)[::-1]
+    return {
+        inp: value if sample_axes.get(inp) is None else np.take(value, order, axis=sample_axes[inp])
+        for inp, value in feeds.items()
+    }
 
 
 def _tell_layouts(
-    model,
-    sites: list[tuple],
-    feeds: dict,
-    keep: np.ndarray,
-    sample_axes: dict,
-    device: str,
-    weights_dir: str | None,
-    channel_dim: int | None,
+    sites: list[tuple], sums: dict, summed: list[OnnxSite], batch: int, channel_dim: int | None
 ) -> None:
     """Main-graph sites whose tensor holds the mask's positions in a way its shape cannot say ([B, T, ...]
     and [T, B, ...] in a graph that fixes its batch at the mask's token count; flattened rows [B*T, ...]
-    of a [B, T] or of a time-major [T, B]): run the batch again with its samples in reverse order,
-    exposing the per-index sums of |x| along each of the first two axes. Whatever holds the samples
-    comes back reversed, the tokens unchanged (probe.ops.reordered_layout): found by what the graph
-    computes, not by its sizes. A site neither or both ways (identical samples) stays unmasked."""
-    from onnx import helper, numpy_helper
-
+    of a [B, T] or of a time-major [T, B]): `sums` holds, per site name, the per-index sums of |x| along
+    each of the first two axes on the batch and on the batch with its samples in reverse order. Whatever
+    holds the samples comes back reversed, the tokens unchanged (probe.ops.reordered_layout): found by
+    what the graph computes, not by its sizes. A site neither or both ways (identical samples) stays
+    unmasked. `tokens` of each site: the mask's, or its frames' after a conv subsampler."""
     from deadrelu_cli.probe.onnx_graph import site_channel_dim
     from deadrelu_cli.probe.ops import (
         TOKEN_FLAT,
@@ -374,60 +511,45 @@ def _tell_layouts(
         layout_ambiguous,
         reordered_layout,
     )
-    from deadrelu_cli.wiring.onnx_index import opset_version
 
-    main = [(site, shape) for site, shape in sites if not site.graph_path]
-    if not main:
-        return
-    probe = type(model)()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    opset = opset_version(probe)
-    leads = []
-    for i, (site, _) in enumerate(main):
-        for lead in range(min(site.rank, 2)):
-            axes = [a for a in range(site.rank) if a != lead]
-            name = f"deadrelu_lead{lead}_{i}"
-            # sums of |x|: no cancellation, so a row's sum is told from another's at float precision
-            magnitude = helper.make_node("Abs", [site.input_name], [name + "_abs"])
-            if opset >= 13:
-                probe.graph.initializer.append(
-                    numpy_helper.from_array(np.array(axes, np.int64), name + "_axes")
-                )
-                node = helper.make_node("ReduceSum", [name + "_abs", name + "_axes"], [name], keepdims=0)
-            else:
-                node = helper.make_node("ReduceSum", [name + "_abs"], [name], axes=axes, keepdims=0)
-            probe.graph.node.extend([magnitude, node])
-            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-        leads.append(min(site.rank, 2))
-    batched = [inp for inp, axis in sample_axes.items() if axis is not None]
-    if not batched:
-        return
-    samples = feeds[batched[0]].shape[sample_axes[batched[0]]]
-    order = np.arange(samples)[::-1]  # every sample elsewhere: a permutation that moves each of them
-    reversed_feeds = {
-        inp: value if sample_axes.get(inp) is None else np.take(value, order, axis=sample_axes[inp])
-        for inp, value in feeds.items()
-    }
-    try:
-        session = make_session(probe.SerializeToString(), device, [], weights_dir)
-        first = session.run(None, feeds)
-        second = session.run(None, reversed_feeds)
-    except Exception:  # noqa: BLE001  (a graph this cannot run again: its sites stay ambiguous, and say so)
-        return
-    start = 0
-    for (site, shape), count in zip(main, leads, strict=True):
-        sums, again = first[start : start + count], second[start : start + count]
-        start += count
+    names = {site.name: _site_leads(site, i) for i, site in enumerate(summed)}
+    for site, shape, tokens in sites:
+        first, second = sums[site.name]
+        keys = names[site.name]
         dim = site_channel_dim(site, channel_dim)
-        time_major = reordered_layout(shape, dim, *keep.shape, tuple(sums), tuple(again))
+        time_major = reordered_layout(
+            shape, dim, batch, tokens, tuple(first[k] for k in keys), tuple(second[k] for k in keys)
+        )
         if time_major is None:
             continue
-        if layout_ambiguous(shape, dim, *keep.shape):
+        if layout_ambiguous(shape, dim, batch, tokens):
             site.token_layout = TOKENS_FIRST if time_major else TOKEN_ROWS
         else:
             site.token_layout = TOKEN_FLAT_TIME_MAJOR if time_major else TOKEN_FLAT
         site.mask_unapplied = None
+
+
+def _tell_layouts_again(
+    model, sites: list[tuple], feeds: dict, reversed_feeds: dict, batch: int, device, weights_dir, channel_dim
+) -> None:
+    """`_tell_layouts` for sites whose rank the shape probe learned only by running: a session exposing
+    their sums, run on the batch and on it reversed."""
+    from deadrelu_cli.wiring.onnx_index import opset_version
+
+    probe = type(model)()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    summed = [site for site, _, _ in sites]
+    for i, site in enumerate(summed):
+        _add_lead_sums(probe, site, i, opset_version(probe))
+    try:
+        session = make_session(probe.SerializeToString(), device, [], weights_dir)
+        names = _lead_names(summed)
+        first = dict(zip(names, session.run(None, feeds), strict=True))
+        second = dict(zip(names, session.run(None, reversed_feeds), strict=True))
+    except Exception:  # noqa: BLE001  (a graph this cannot run again: its sites stay ambiguous, and say so)
+        return
+    _tell_layouts(sites, {site.name: (first, second) for site in summed}, summed, batch, channel_dim)
 
 
 def _owner_types(owners: dict, path: tuple[str, ...]) -> set[str]:
@@ -652,11 +774,23 @@ class HostAccumulator:
         self.elements = 0
         self.samples = 0
         self.nonfinite = 0  # --allow-nonfinite: NaN/±Inf values left out (the recount session counts them)
+        self.all_kept = True  # every batch's mask kept every position: no padding was ever counted
+        self.frames_told = True  # every batch's frames' mask was that of its real positions
 
-    def add(self, values: dict[str, np.ndarray], samples: int = 0, keep: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        values: dict[str, np.ndarray],
+        samples: int = 0,
+        keep: np.ndarray | None = None,
+        told: bool = True,
+    ) -> None:
         """One batch's reductions; `samples`: the batch's sample count (counted when the site ran);
-        `keep`: the batch's position mask, which the graph applied at a site with a token layout (its
-        size is then scaled from all positions to the kept ones)."""
+        `keep`: the batch's position mask (or its frames', at a site after a conv subsampler), which the
+        graph applied at a site with a token layout (its size is then scaled from all positions to the
+        kept ones); `told`: False where that frames' mask kept every frame (probe.onnx_graph.frames_keep)."""
+        self.frames_told = self.frames_told and told
+        if keep is not None and not (told and keep.all()):  # an untold frames' mask keeps every frame
+            self.all_kept = False
         if "nonfinite" in values:
             self.nonfinite += int(np.asarray(values["nonfinite"]).sum())
         if "pos_nc" in values:
@@ -716,9 +850,14 @@ class HostAccumulator:
         layer = self._layer_stats()
         if self.masked:  # as the torch probe says it (engine.mask_notes names the unmasked ones)
             site = self.site
-            layer.extra["position_mask"] = (
-                "applied" if site.token_layout else site.mask_unapplied or "no token axis"
-            )
+            mark = "applied" if site.token_layout else site.mask_unapplied or "no token axis"
+            if site.token_layout and not self.frames_told:
+                mark = FRAMES_NOT_TOLD
+            if mark in MASK_NOT_APPLIED and self.all_kept and self.positive is not None:
+                # every batch kept every position: counting all of them is counting the kept ones, under
+                # any reading of the layout (a Scan body, a square batch nothing told)
+                mark = "applied"
+            layer.extra["position_mask"] = mark
         return layer
 
     def _layer_stats(self) -> LayerStats:
@@ -883,7 +1022,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         one = next(data.batches(1))
         feeds = {inp: as_input(one[arr], dtypes.get(inp), inp) for inp, arr in order.items()}
         if masked:
-            feeds[MASK_INPUT] = np.ascontiguousarray(batch_mask(mask, one), dtype=bool)
+            _mask_feeds(feeds, batch_mask(mask, one), sites)
         try:
             return one_sample_growth(session, output_names, feeds)
         except Exception:  # noqa: BLE001 - onnxruntime's own types; the first batch reports it
@@ -900,13 +1039,14 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     def feeds_of():
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
             feeds = {inp: as_input(batch[arr], dtypes.get(inp), inp) for inp, arr in order.items()}
-            keep = batch_mask(mask, batch) if masked else None
-            if keep is not None:
-                feeds[MASK_INPUT] = np.ascontiguousarray(keep, dtype=bool)
-            yield batch, feeds, keep
+            # read also where no site is masked: a layer that counted every position says so unless
+            # every batch kept every position (HostAccumulator.all_kept)
+            keep = batch_mask(mask, batch) if mask is not None else None
+            keeps = _mask_feeds(feeds if masked else {}, keep, sites)
+            yield batch, feeds, keeps
 
     try:
-        for index, (batch, feeds, keep) in enumerate(prefetched(feeds_of())):
+        for index, (batch, feeds, keeps) in enumerate(prefetched(feeds_of())):
             rebuilt = switch.ready()
             if rebuilt is not None:  # the old session (and its arena) goes with the last reference to it
                 session, outputs = rebuilt
@@ -935,7 +1075,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
             first_batched = next(n for n in order.values() if n not in data.consts)
             samples = batch[first_batched].shape[data.batch_axes.get(first_batched, 0)]
             for acc, values in zip(accumulators, per_site, strict=True):
-                acc.add(values, samples, keep)
+                acc.add(values, samples, *keeps.get(acc.site.frames, (None, True)))
             done += samples
             switch.consider(accumulators, batch_s, -(-(total - done) // batch_size))
             if options.progress:
@@ -943,6 +1083,22 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     finally:
         switch.close()
     return loaded, [acc.layer_stats() for acc in accumulators]
+
+
+def _mask_feeds(feeds: dict, keep: np.ndarray | None, sites: list[OnnxSite]) -> dict:
+    """Put the batch's position mask into `feeds`, and the frames' mask of each conv subsampler a site's
+    positions come through (probe.onnx_graph.frames_keep). Returns, per site `frames` (None: the
+    batch's), (its mask, whether it is the real positions' mask) for HostAccumulator.add."""
+    if keep is None:
+        return {}
+    feeds[MASK_INPUT] = np.ascontiguousarray(keep, dtype=bool)
+    keeps = {None: (keep, True)}
+    for site in sites:
+        if site.frames and site.frames not in keeps:  # also unmasked ones: all_kept reads it
+            keeps[site.frames] = frames_keep(site.frames, keep)
+        if site.frames and site.token_layout:
+            feeds[site.mask_input] = np.ascontiguousarray(keeps[site.frames][0])
+    return keeps
 
 
 def _batch_size(
@@ -1004,8 +1160,33 @@ def runner(loaded: LoadedModel, data: CalibrationData, device: str):
     order = feed_order(loaded, data)
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
 
+    to_frames = _output_frames(loaded.runnable, [o.name for o in session.get_outputs()])
+
     def run(batch):
         feeds = {i: as_input(batch[a], dtypes.get(i), i) for i, a in order.items()}
-        return [np.asarray(o) for o in session.run(None, feeds)]
+        out = OutputArrays(np.asarray(o) for o in session.run(None, feeds))
+        out.to_frames = to_frames
+        return out
 
     return run
+
+
+def _output_frames(model, names: list[str]):
+    """A speech encoder's outputs are frames (probe.onnx_graph.frame_chains): the mask [batch, tokens] ->
+    its frames' mask, as the scan counts them, for `fix` to compare outputs on the real frames (the mask
+    itself where it is not right-padded, which leaves those outputs compared everywhere); None where no
+    output, or outputs of different steps, hold frames."""
+    from deadrelu_cli.probe.onnx_graph import frame_chains
+
+    chains = frame_chains(model)
+    found = {chains.get(name) for name in names}
+    steps = {axes[0] for axes in found if axes and len(axes) == 1}  # one spatial axis: the frames'
+    if len(steps) != 1 or None in found:
+        return None
+    chain = steps.pop()
+
+    def to_frames(keep: np.ndarray) -> np.ndarray:
+        frames, real = frames_keep(chain, keep)
+        return frames if real else keep
+
+    return to_frames
