@@ -7,6 +7,7 @@ Truth: numpy on the weights and data the test wrote.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -244,3 +245,33 @@ def test_quiet_keeps_the_problems_on_every_command(cli, tmp_path):
     result = cli("trend", tmp_path / "r1.json", tmp_path / "r2.json", "-q")
     assert result.code == 0 and result.out.count("\n") == 1 and "2 checkpoints" in result.out, result.out
     assert result.err == ""
+
+
+def test_merge_allow_overlap_adds_disjoint_shards_that_share_an_identical_sample(cli, tmp_path):
+    """Two shards of different samples that each hold the same blank sample: merge refuses them as
+    overlapping (content digests cannot tell a duplicate from an overlap) and says how to go on;
+    --allow-overlap merges them as given, warns, says so in the report, and the counts are numpy's over
+    both shards (the blank sample counted once per shard)."""
+    model = relu_onnx(tmp_path / "m.onnx", 4)
+    rng = np.random.default_rng(3)
+    blank = np.zeros((1, 4), np.float32)
+    shards = [np.concatenate([rng.standard_normal((5, 4)).astype(np.float32), blank]) for _ in range(2)]
+    for k, shard in enumerate(shards):
+        np.savez(tmp_path / f"s{k}.npz", x=shard)
+        assert (
+            cli("scan", model, "--data", tmp_path / f"s{k}.npz", "--json", tmp_path / f"s{k}.json").code == 0
+        )
+    parts = (tmp_path / "s0.json", tmp_path / "s1.json")
+    refused = cli("merge", *parts, "--json", tmp_path / "merged.json")
+    assert refused.code == 2 and refused.err.count("\n") == 1, refused.err
+    assert "1 of the same samples" in refused.err and "--allow-overlap" in refused.err
+    assert not (tmp_path / "merged.json").exists()
+    merged = cli("merge", *parts, "--allow-overlap", "--json", tmp_path / "merged.json")
+    assert merged.code == 0, merged.err
+    assert "warning:" in merged.err and "1 of the same samples" in merged.err
+    report = json.loads((tmp_path / "merged.json").read_text())
+    assert any("--allow-overlap" in note for note in report["notes"])
+    both = np.concatenate(shards)
+    bias = np.array([-0.5, -0.5, 0, 0], np.float32)
+    np.testing.assert_array_equal(report["layers"][0]["positive_counts"], ((both + bias) > 0).sum(0))
+    assert report["data"]["samples"] == len(both)

@@ -55,6 +55,13 @@ def merge(
     quiet: bool = typer.Option(
         False, "--quiet", "-q", help="Do not print the summary (warnings and errors still)."
     ),
+    allow_overlap: bool = typer.Option(
+        False,
+        "--allow-overlap",
+        help="Merge parts whose data fingerprints share samples (disjoint shards that each hold an "
+        "identical sample: a blank image, a repeated sentence) as given, with a warning; a shared sample "
+        "then counts once per part.",
+    ),
 ) -> None:
     """Merge partial reports (same model, disjoint data) into exactly the report of the union."""
     from deadrelu_cli.display import terminal_text
@@ -70,7 +77,9 @@ def merge(
 
     guard_outputs([("--json", json_out)], [("REPORT", path) for path in reports])
     refuse_repeated_reports(reports)
-    merged = merge_reports([load_report(path) for path in reports], [str(path) for path in reports])
+    merged = merge_reports(
+        [load_report(path) for path in reports], [str(path) for path in reports], allow_overlap
+    )
     text = report_to_json(merged)
     err = make_console(stderr=True, soft_wrap=True)
     for note in merged.notes:

@@ -426,6 +426,7 @@ def _merged_text(texts: list[dict | None]) -> dict | None:
 
 
 # the start of merge's note on layers some parts do not list (the merge command prints it)
+OVERLAP_NOTE = "check the data of the merged parts:"
 PARTIAL_LAYERS_NOTE = "layer(s) not listed by every merged report:"
 
 
@@ -462,11 +463,22 @@ def statistics_fingerprint(report: Report) -> str | None:
 
 
 def refuse_overlapping_data(
-    reports: list[Report], names: list[str], sketches: list[SampleSketch | None]
-) -> None:
+    reports: list[Report], names: list[str], sketches: list[SampleSketch | None], allow: bool = False
+) -> list[str]:
     """Exit 2 naming both reports when two of them counted the same samples: by their data
     fingerprints (report.fingerprint) when both have one, else (older reports,
-    training windows) by identical statistics (statistics_fingerprint)."""
+    training windows) by identical statistics (statistics_fingerprint). With ALLOW (merge
+    --allow-overlap), the findings are returned instead, for the merged report's notes."""
+    found: list[str] = []
+
+    def overlap(what: str) -> None:
+        if not allow:
+            raise UserError(
+                f"{what}; merge disjoint data, or pass --allow-overlap if the parts only share identical "
+                "samples (a blank image)"
+            )
+        found.append(what)
+
     counted = [
         None if sketch is not None else statistics_fingerprint(r)
         for r, sketch in zip(reports, sketches, strict=True)
@@ -477,21 +489,21 @@ def refuse_overlapping_data(
                 shared = shared_samples(sketches[i], sketch)
                 if shared:
                     exact = sketches[i].complete and sketch.complete
-                    raise UserError(
+                    overlap(
                         f"{name}: counted {'' if exact else 'at least '}{shared} of the same samples as "
-                        f"{names[i]} (overlapping data: the same file with different --limit or --batch-size, "
-                        "a copy, or files holding the same samples); merge scans of disjoint data, each once"
+                        f"{names[i]} (the same file under another --limit or --batch-size, a copy, or files "
+                        "sharing samples)"
                     )
                 continue
             mine = counted[j] if sketch is None else statistics_fingerprint(report)
             theirs = counted[i] if sketches[i] is None else statistics_fingerprint(reports[i])
             if mine is not None and mine == theirs:
-                raise UserError(
+                overlap(
                     f"{name}: the same counts, maxima and sums in every layer over the same "
-                    f"{report.data.samples} samples as {names[i]}, and no data fingerprint to tell them apart: "
-                    "the same data scanned twice (under another file name?); merge scans of disjoint shards, "
-                    "each once"
+                    f"{report.data.samples} samples as {names[i]}, and no data fingerprint to tell them apart "
+                    "(the same data scanned twice?)"
                 )
+    return found
 
 
 def _training_dict(training: TrainingInfo) -> dict:
@@ -550,12 +562,15 @@ def nonfinite_bias_notes(layers: list[LayerStats]) -> list[str]:
     return notes
 
 
-def merge_reports(reports: list[Report], names: list[str] | None = None) -> Report:
+def merge_reports(
+    reports: list[Report], names: list[str] | None = None, allow_overlap: bool = False
+) -> Report:
     """Exact merge of reports of the same model over disjoint data. A layer some reports do not list (a
     training window whose forwards never reached it) adds nothing from them: its `samples` say how many it
     saw, and a note names it. The same layer name with other units, or another model, is refused, and so
-    are two reports that counted the same samples (refuse_overlapping_data). NAMES: the reports' files,
-    for messages."""
+    are two reports that counted the same samples (refuse_overlapping_data), unless ALLOW_OVERLAP: then
+    they are added as given and a note says which share samples. NAMES: the reports' files, for
+    messages."""
     if not reports:
         raise UserError("nothing to merge: give at least one report")
     names = names or [f"report {k + 1}" for k in range(len(reports))]
@@ -580,7 +595,7 @@ def merge_reports(reports: list[Report], names: list[str] | None = None) -> Repo
     method = next((s.method for s in sketches if s is not None), None)
     sketches = [s if s is not None and s.method == method else None for s in sketches]
     refuse_overlapping_steps(reports, names)
-    refuse_overlapping_data(reports, names, sketches)
+    overlaps = refuse_overlapping_data(reports, names, sketches, allow_overlap)
     # a layer's samples (None: all of its report's) are added as counts: a part where a site saw fewer
     # (an ONNX branch, a GAN's generator in a training window), or that does not list the site at all (a
     # training window whose forwards never reached it), must not make the merged site "all"
@@ -621,6 +636,10 @@ def merge_reports(reports: list[Report], names: list[str] | None = None) -> Repo
             f"{', '.join(windows[:4])}{', …' if len(windows) > 4 else ''}: training windows, which carry no "
             "data fingerprint (an epoch feeds the same samples again, to other weights): merge checked that no "
             "two of them counted the same steps, not which samples they saw"
+        )
+    for message in overlaps:  # --allow-overlap: merged as given, said in the report and on stderr
+        notes.append(
+            f"{OVERLAP_NOTE} {message}; merged as given (--allow-overlap): a shared sample counts once per part"
         )
     if len(data_paths) < len(reports) and unprinted:
         # scan has no offset: two scans of one data file (e.g. --limit 40 and --limit 60) both start at its
