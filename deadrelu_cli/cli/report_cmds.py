@@ -67,6 +67,7 @@ def merge(
     from deadrelu_cli.display import terminal_text
     from deadrelu_cli.files import guard_outputs, write_text_atomic
     from deadrelu_cli.report.model import (
+        DATA_CHECK_NOTE,
         PARTIAL_LAYERS_NOTE,
         load_report,
         merge_reports,
@@ -83,7 +84,7 @@ def merge(
     text = report_to_json(merged)
     err = make_console(stderr=True, soft_wrap=True)
     for note in merged.notes:
-        if note.startswith("check the data of the merged parts"):
+        if note.startswith(DATA_CHECK_NOTE):
             err.print(f"warning: {terminal_text(note.removeprefix('check '))}", style="yellow", markup=False)
         elif note.startswith(PARTIAL_LAYERS_NOTE) and not quiet:
             err.print(f"note: {terminal_text(note)}", markup=False)

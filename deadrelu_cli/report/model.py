@@ -425,8 +425,9 @@ def _merged_text(texts: list[dict | None]) -> dict | None:
     return {**texts[0], "documents": sum(int(t.get("documents", 0)) for t in texts)}
 
 
+# the start of merge's notes on data the parts may share (the merge command prints them as warnings)
+DATA_CHECK_NOTE = "check the data of the merged parts:"
 # the start of merge's note on layers some parts do not list (the merge command prints it)
-OVERLAP_NOTE = "check the data of the merged parts:"
 PARTIAL_LAYERS_NOTE = "layer(s) not listed by every merged report:"
 
 
@@ -639,14 +640,14 @@ def merge_reports(
         )
     for message in overlaps:  # --allow-overlap: merged as given, said in the report and on stderr
         notes.append(
-            f"{OVERLAP_NOTE} {message}; merged as given (--allow-overlap): a shared sample counts once per part"
+            f"{DATA_CHECK_NOTE} {message}; merged as given (--allow-overlap): a shared sample counts once per part"
         )
     if len(data_paths) < len(reports) and unprinted:
         # scan has no offset: two scans of one data file (e.g. --limit 40 and --limit 60) both start at its
         # first sample, and their sum counts those samples twice; shards are files of their own
         shared = sorted({p for p in data_paths if sum(r.data.path == p for r in reports) > 1})
         notes.append(
-            f"check the data of the merged parts: several were scanned on the same data file ({', '.join(shared)}); "
+            f"{DATA_CHECK_NOTE} several were scanned on the same data file ({', '.join(shared)}); "
             "merge adds their counts, so unless those were different files of one name, the samples they "
             "share are counted twice; merge scans of disjoint shard files"
         )
