@@ -30,6 +30,7 @@ from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, fused_origin, implicit_
 from deadrelu_cli.probe.ops import (
     clamp_is_layer,
     counts_from_output,
+    pixel_cells,
     stored_zeros_label,
     threshold_below,
     unit_axis_reduced,
@@ -77,11 +78,21 @@ class OnnxSite:
     frames: tuple[tuple[int, int, int, bool], ...] | None = None
     step_direction: int = 0  # TOKEN_STEPS: the direction its Scan iterates the tokens in (1: last first)
     frames_axis: int | None = None  # CONV_FRAMES: the axis of its [B, C, frames, …] that holds the frames
+    # PIXEL_CELLS: (stride y, stride x, h, w) of its [B, C, h, w] feature map over an image's pixel mask
+    cells: tuple[int, int, int, int] | None = None
 
     @property
     def mask_input(self) -> str:
-        """The graph input holding this site's position mask: the batch's, or its frames' (`frames`)."""
+        """The graph input holding this site's position mask: the batch's, its frames' (`frames`), or its
+        feature map's cells' (`cells`)."""
+        if self.cells:
+            return cells_mask_name(self.cells)
         return frame_mask_name(self.frames) if self.frames else MASK_INPUT
+
+    @property
+    def mask_key(self) -> tuple | None:
+        """What the mask of this site is made from, beside the batch's own (None): frames or cells."""
+        return self.cells or self.frames or None
 
 
 # One Conv / MaxPool / AveragePool step along one spatial axis: (effective kernel, stride, both pads
@@ -279,6 +290,71 @@ def frame_mask_name(chain: tuple[FrameStep, ...]) -> str:
     """The graph input the scan adds for the frames' mask of `chain` (one per distinct chain)."""
     steps = "_".join(f"k{k}s{s}p{p}{'same' if same else ''}" for k, s, p, same in chain)
     return f"{MASK_INPUT}_frames_{steps}"
+
+
+# token_layout of a conv feature map [B, C, h, w] over images given a pixel mask [B, H, W]: its cells of
+# image only (probe.ops.pixel_cells), fed as a [B, h, w] mask
+PIXEL_CELLS = "pixel_cells"
+
+
+def _aligned(step: FrameStep) -> bool:
+    """Whether a conv/pool step maps blocks of `stride` positions onto one output each (n·s in, n out:
+    padding k - 1 in all, SAME, or a k = s patch), so that its output cell i is the block [i·s, (i+1)·s)."""
+    stride = step[1]
+    return all(int(frame_count((step,), n * stride)) == n for n in (1, 2, 3))
+
+
+def site_cells(
+    chains: dict[str, AxisChains | None],
+    value: str,
+    shape: tuple[int, ...],
+    dim: int,
+    batch: int,
+    height: int,
+    width: int,
+) -> tuple[int, int, int, int] | None:
+    """(stride y, stride x, h, w) where a tensor of `shape` is a feature map [B, C, h, w] over images of
+    H×W pixels: by the conv/pool steps between the graph's inputs and `value` (frame_chains), each of
+    them block-aligned (the strides multiply), else by its grid dividing the image (the torch probe's
+    rule, probe.accumulator.PixelMask); None for any other tensor."""
+    if len(shape) != 4 or dim != 1 or shape[0] != batch:
+        return None
+    h, w = int(shape[2]), int(shape[3])
+    grid = pixel_grid(chains, value, height, width)
+    if grid is not None and grid[2:] == (h, w):
+        return grid
+    if 0 < h <= height and 0 < w <= width and not height % h and not width % w:
+        return (height // h, width // w, h, w)
+    return None
+
+
+def pixel_grid(
+    chains: dict[str, AxisChains | None], value: str, height: int, width: int
+) -> tuple[int, int, int, int] | None:
+    """(stride y, stride x, h, w) of the feature map the block-aligned conv/pool steps before `value`
+    make of an H×W image (frame_chains); None where the steps are not that."""
+    axes = chains.get(value)
+    if axes == ():  # no conv on the way: the image's own grid
+        axes = ((), ())
+    if axes is None or len(axes) != 2 or not all(_aligned(step) for axis in axes for step in axis):
+        return None
+    strides = [int(np.prod([step[1] for step in axis])) for axis in axes]
+    return (*strides, int(frame_count(axes[0], height)), int(frame_count(axes[1], width)))
+
+
+def cells_keep(cells: tuple[int, int, int, int], pixels: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A feature map's cells' mask [B, h, w] of a batch's pixel mask (probe.ops.pixel_cells), and whether
+    it held; else every cell, and False (some cell holds image and padding both: the layer says so)."""
+    sy, sx, h, w = cells
+    found = pixel_cells(pixels, (sy, sx), (h, w))
+    if found is None:
+        return np.ones((np.asarray(pixels).shape[0], h, w), bool), False
+    return found, True
+
+
+def cells_mask_name(cells: tuple[int, int, int, int]) -> str:
+    """The graph input the scan adds for the cells' mask of a feature map (one per grid)."""
+    return f"{MASK_INPUT}_cells_s{cells[0]}x{cells[1]}_{cells[2]}x{cells[3]}"
 
 
 # token_layout of a site in the body of a main-graph Scan that iterates the mask's tokens: one step's
@@ -1086,6 +1162,8 @@ def _keep_of(builder: _Builder, site: OnnxSite) -> str:
     mask = site.mask_input  # the batch's mask, or its frames' after a conv subsampler
     if site.token_layout == TOKEN_STEPS:  # one step's [B, ..., C]: that step's column of the mask
         mask, shape = STEP_MASK, [-1] + [1] * (rank - 1)
+    elif site.token_layout == PIXEL_CELLS:  # [B, C, h, w]: [B, 1, h, w]
+        shape = [0, 1, *site.cells[2:]]
     elif site.token_layout == CONV_FRAMES:  # [B, C, frames, …]: [B, 1, frames, 1, …]
         shape = [0] + [1] * (rank - 1)
         shape[site.frames_axis] = -1
@@ -1240,12 +1318,16 @@ def instrument(
         del inst.graph.output[:]
     graphs, owners = subgraph_map(inst.graph)
     indexes = {path: GraphIndex(g) for path, g in graphs.items()}
-    if any(site.token_layout for site in sites):  # the scan feeds the batch's position mask
+    if any(site.token_layout and not site.cells for site in sites):  # the batch's position mask
         inst.graph.input.append(
             helper.make_tensor_value_info(MASK_INPUT, TensorProto.BOOL, ["batch", "tokens"])
         )
     for name in dict.fromkeys(s.mask_input for s in sites if s.token_layout and s.frames):
         inst.graph.input.append(helper.make_tensor_value_info(name, TensorProto.BOOL, ["batch", "frames"]))
+    for cells in dict.fromkeys(s.cells for s in sites if s.token_layout == PIXEL_CELLS):
+        inst.graph.input.append(
+            helper.make_tensor_value_info(cells_mask_name(cells), TensorProto.BOOL, ["batch", *cells[2:]])
+        )
     for path in dict.fromkeys(s.graph_path for s in sites if s.token_layout == TOKEN_STEPS):
         direction = next(s.step_direction for s in sites if s.graph_path == path)
         add_step_mask(owners[path][1], graphs[path], direction)

@@ -372,7 +372,14 @@ class _SitePass:
         model's own outputs of every batch."""
         from deadrelu_cli.backends.onnx.scan import as_input, feed_order, make_session
         from deadrelu_cli.inputs import batch_mask, mask_lengths, resolve_mask, square_free_batch_size
-        from deadrelu_cli.probe.onnx_graph import conv_frames_keep, frame_chains, frames_keep, site_frames
+        from deadrelu_cli.probe.onnx_graph import (
+            cells_keep,
+            conv_frames_keep,
+            frame_chains,
+            frames_keep,
+            site_cells,
+            site_frames,
+        )
         from deadrelu_cli.probe.ops import reordered_order, row_order_ambiguous, token_layout
         from deadrelu_cli.wiring.onnx_index import opset_version
 
@@ -415,6 +422,19 @@ class _SitePass:
             for name, out in zip(names, outs[own:], strict=True):
                 dim = site_channel_dim(self.sites[name], options.channel_dim) % max(1, out.ndim)
                 keep, spatial = batch_keep, None
+                if keep is not None and keep.ndim == 3:  # an image's pixel mask: as the scan reads it
+                    chains = frame_chains(model) if chains is None else chains
+                    input_name = self.sites[name].input_name
+                    grid = site_cells(chains, input_name, out.shape, dim, *keep.shape)
+                    cells, told = cells_keep(grid, keep) if grid else (None, False)
+                    moved = np.moveaxis(out, dim, -1)
+                    moved = moved if units[name] is None else moved[..., units[name]]
+                    # a feature map's cells of image only; elsewhere (cells mixed, no pixel axis) all
+                    kept = moved[cells] if told else moved.reshape(-1, moved.shape[-1])
+                    chunks[name].append(kept.astype(np.float64))
+                    if np.issubdtype(out.dtype, np.floating):
+                        eps[name] = max(eps[name], float(np.finfo(out.dtype).eps))
+                    continue
                 if keep is not None and out.ndim >= 2 and token_layout(out.shape, dim, *keep.shape) is None:
                     # a speech encoder's frames, as the scan masks them (every frame where it could not)
                     chains = frame_chains(model) if chains is None else chains

@@ -14,6 +14,8 @@ from deadrelu_cli.gate import (
     FRAMES_NOT_TOLD,
     LAYOUT_AMBIGUOUS,
     MASK_NOT_APPLIED,
+    PIXELS_FLATTENED,
+    PIXELS_MIXED,
     ROW_ORDER_AMBIGUOUS,
     unscanned_text,
     unseen_notes,
@@ -22,13 +24,13 @@ from deadrelu_cli.inputs import (
     OutputArrays,
     batch_mask,
     fixed_batch_error,
+    is_pixel_mask,
     label_arrays,
     labels_note,
     layout_probe_size,
     mask_lengths,
     mismatch,
     positional_arrays,
-    refuse_pixel_mask,
     resolve_mask,
     shape_advice,
     unfed_arrays,
@@ -38,6 +40,7 @@ from deadrelu_cli.loaders.onnx_model import release_weights
 from deadrelu_cli.probe.onnx_graph import (
     MASK_INPUT,
     OnnxSite,
+    cells_keep,
     find_sites,
     frames_keep,
     stored_zero_relus,
@@ -346,8 +349,11 @@ def _discover_shapes(
         probe.graph.output.append(helper.make_tensor_value_info(lifted["shape"], TensorProto.INT64, None))
     # the sums that tell a layout by reordering the samples, in this session (no second one to build):
     # main-graph sites whose rank shape inference knows
+    pixels = is_pixel_mask(mask, data)  # an image's [B, H, W]: its sites' layout is read off their shapes
     summed = [
-        s for s in unknown if mask is not None and opset >= 9 and not s.graph_path and (s.rank or 0) >= 2
+        s
+        for s in unknown
+        if mask is not None and not pixels and opset >= 9 and not s.graph_path and (s.rank or 0) >= 2
     ]
     for i, site in enumerate(summed):
         _add_lead_sums(probe, site, i, opset)
@@ -386,6 +392,11 @@ def _discover_shapes(
         site.rank = len(shape)
         if keep is not None and not maskable:
             site.mask_unapplied = "opset below 9"
+        elif pixels:
+            if site not in stepped:  # a Scan body's per-step slice stays unmasked ("in a subgraph")
+                chains = frame_chains(model) if chains is None else chains
+                _pixel_layout(site, shape, site_channel_dim(site, channel_dim), keep.shape, chains, owners)
+            continue
         elif site in stepped:
             node = owners[site.graph_path][1]
             direction = token_steps(node, scanned_shapes, *keep.shape)
@@ -447,6 +458,36 @@ def _discover_shapes(
             _tell_layouts_again(
                 model, ambiguous, feeds, reversed_feeds, keep.shape[0], device, weights_dir, channel_dim
             )
+
+
+def _pixel_layout(site: OnnxSite, shape: tuple[int, ...], dim: int, pixels: tuple, chains, owners) -> None:
+    """With an image's pixel mask [B, H, W] (`pixels`: its shape), as the torch probe reads one
+    (probe.accumulator.PixelMask): a feature map [B, C, h, w] over the image counts its cells of image
+    only (PIXEL_CELLS; probe.onnx_graph.site_cells: through the convs' strides); one whose grid is not
+    the image's is marked as cells mixed, a [B, h·w, F] of its positions flattened as such; any other
+    site has no pixel axis. A Loop body's tensor of other positions (possibly a step's) stays unmasked."""
+    from deadrelu_cli.probe.onnx_graph import PIXEL_CELLS, pixel_grid, site_cells
+    from deadrelu_cli.probe.ops import pixels_flattened
+
+    site.cells = site_cells(chains, site.input_name, shape, dim, *pixels)
+    if site.cells is not None:
+        site.token_layout, site.mask_unapplied = PIXEL_CELLS, None
+        return
+    if site.graph_path and "Loop" in _owner_types(owners, site.graph_path):
+        return
+    if len(shape) == 4 and dim == 1 and shape[0] == pixels[0]:
+        site.mask_unapplied = PIXELS_MIXED
+    elif pixels_flattened(shape, dim, *pixels) or (
+        # the positions of the map the convs before it make, flattened (in an order nothing says)
+        len(shape) == 3
+        and dim == 2
+        and shape[0] == pixels[0]
+        and (grid := pixel_grid(chains, site.input_name, *pixels[1:])) is not None
+        and grid[2] * grid[3] == shape[1]
+    ):
+        site.mask_unapplied = PIXELS_FLATTENED
+    else:
+        site.mask_unapplied = None
 
 
 def _site_leads(site: OnnxSite, i: int) -> list[str]:
@@ -775,7 +816,8 @@ class HostAccumulator:
         self.samples = 0
         self.nonfinite = 0  # --allow-nonfinite: NaN/±Inf values left out (the recount session counts them)
         self.all_kept = True  # every batch's mask kept every position: no padding was ever counted
-        self.frames_told = True  # every batch's frames' mask was that of its real positions
+        # every batch's frames' (or a feature map's cells') mask was that of its real positions
+        self.frames_told = True
 
     def add(
         self,
@@ -851,8 +893,8 @@ class HostAccumulator:
         if self.masked:  # as the torch probe says it (engine.mask_notes names the unmasked ones)
             site = self.site
             mark = "applied" if site.token_layout else site.mask_unapplied or "no token axis"
-            if site.token_layout and not self.frames_told:
-                mark = FRAMES_NOT_TOLD
+            if site.token_layout and not self.frames_told:  # a batch's cells / frames not told
+                mark = PIXELS_MIXED if site.cells else FRAMES_NOT_TOLD
             if mark in MASK_NOT_APPLIED and self.all_kept and self.positive is not None:
                 # every batch kept every position: counting all of them is counting the kept ones, under
                 # any reading of the layout (a Scan body, a square batch nothing told)
@@ -908,7 +950,6 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
 
     loaded = load_onnx(LoadOptions(options.model, device=device))
     mask = resolve_mask(options.mask, options.exclude_token_ids, data)
-    refuse_pixel_mask(mask, data)
     data.unfed = unfed_arrays(mask, data, loaded)  # a mask the graph does not take is read, not fed
     order = feed_order(loaded, data)
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
@@ -1075,7 +1116,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
             first_batched = next(n for n in order.values() if n not in data.consts)
             samples = batch[first_batched].shape[data.batch_axes.get(first_batched, 0)]
             for acc, values in zip(accumulators, per_site, strict=True):
-                acc.add(values, samples, *keeps.get(acc.site.frames, (None, True)))
+                acc.add(values, samples, *keeps.get(acc.site.mask_key, (None, True)))
             done += samples
             switch.consider(accumulators, batch_s, -(-(total - done) // batch_size))
             if options.progress:
@@ -1087,17 +1128,20 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
 
 def _mask_feeds(feeds: dict, keep: np.ndarray | None, sites: list[OnnxSite]) -> dict:
     """Put the batch's position mask into `feeds`, and the frames' mask of each conv subsampler a site's
-    positions come through (probe.onnx_graph.frames_keep). Returns, per site `frames` (None: the
-    batch's), (its mask, whether it is the real positions' mask) for HostAccumulator.add."""
+    positions come through (probe.onnx_graph.frames_keep), or with an image's pixel mask [B, H, W], the
+    cells' mask of each feature map (probe.onnx_graph.cells_keep). Returns, per site `mask_key` (None:
+    the batch's), (its mask, whether it is the real positions' mask) for HostAccumulator.add."""
     if keep is None:
         return {}
-    feeds[MASK_INPUT] = np.ascontiguousarray(keep, dtype=bool)
+    if keep.ndim == 2:  # a pixel mask is never fed as it is: only its cells' masks are
+        feeds[MASK_INPUT] = np.ascontiguousarray(keep, dtype=bool)
     keeps = {None: (keep, True)}
     for site in sites:
-        if site.frames and site.frames not in keeps:  # also unmasked ones: all_kept reads it
-            keeps[site.frames] = frames_keep(site.frames, keep)
-        if site.frames and site.token_layout:
-            feeds[site.mask_input] = np.ascontiguousarray(keeps[site.frames][0])
+        key = site.mask_key
+        if key and key not in keeps:  # also unmasked ones: all_kept reads it
+            keeps[key] = cells_keep(site.cells, keep) if site.cells else frames_keep(site.frames, keep)
+        if key and site.token_layout:
+            feeds[site.mask_input] = np.ascontiguousarray(keeps[key][0])
     return keeps
 
 
