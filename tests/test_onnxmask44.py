@@ -13,6 +13,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 from conftest import save_npz
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from truth import onnx_relu_io
 
@@ -145,3 +146,116 @@ def test_fix_bias_shift_of_an_onnx_detector_moves_its_stem_on_the_image_cells(cl
     real = pre.transpose(0, 2, 3, 1)[cells][:, 0]
     assert (real > 0).sum() > 0
     assert layer["rates_after"][0] == (real > 0).sum() / real.size
+
+
+FEATURES, C, C2 = 4, 5, 3
+
+
+def _stepped(path, loop=False, seed=44):
+    """x [B, T, F] -> Conv1d (k3 s2 p1) + Relu -> [T2, B, C] -> a Scan (or a Loop over T2 with Gather)
+    whose body runs Relu(x_t @ u) per step -> stacked [T2, B, C] -> MatMul + Add + Relu."""
+    rs = np.random.RandomState(seed)
+    w = rs.randn(C, FEATURES, 3).astype(np.float32) * 0.5
+    b = rs.randn(C).astype(np.float32) * 0.1
+    u = rs.randn(C, C).astype(np.float32) * 0.5
+    w2 = rs.randn(C, C2).astype(np.float32) * 0.5
+    b2 = np.array([-3.0, 0.1, 0.0], np.float32)  # unit 0 fires on the padding's large values only
+    step = [
+        helper.make_node("MatMul", ["x_t", "u"], ["m"]),
+        helper.make_node("Relu", ["m"], ["y_t"], name="step_relu"),
+    ]
+    out_t = helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["b", C])
+    if loop:
+        body = helper.make_graph(
+            [helper.make_node("Gather", ["ct", "i"], ["x_t"], axis=0), *step,
+             helper.make_node("Identity", ["c_in"], ["c_out"])],
+            "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                     helper.make_tensor_value_info("c_in", TensorProto.BOOL, [])],
+            [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), out_t],
+            [numpy_helper.from_array(u, "u")],
+        )  # fmt: skip
+        run = [
+            helper.make_node("Shape", ["ct"], ["ct_shape"]),
+            helper.make_node("Gather", ["ct_shape", "zero"], ["trips"], axis=0),
+            helper.make_node("Loop", ["trips", "yes"], ["ys"], body=body),
+        ]
+    else:
+        body = helper.make_graph(
+            step, "body", [helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["b", C])], [out_t],
+            [numpy_helper.from_array(u, "u")],
+        )  # fmt: skip
+        run = [helper.make_node("Scan", ["ct"], ["ys"], body=body, num_scan_inputs=1)]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+        helper.make_node("Conv", ["xt", "w", "b"], ["c"], kernel_shape=[3], strides=[2], pads=[1, 1]),
+        helper.make_node("Relu", ["c"], ["cr"], name="conv_relu"),
+        helper.make_node("Transpose", ["cr"], ["ct"], perm=[2, 0, 1]),  # [T2, B, C]
+        *run,
+        helper.make_node("MatMul", ["ys", "w2"], ["z"]),
+        helper.make_node("Add", ["z", "b2"], ["zb"]),
+        helper.make_node("Relu", ["zb"], ["out"], name="stacked_relu"),
+    ]
+    consts = [
+        (w, "w"),
+        (b, "b"),
+        (w2, "w2"),
+        (b2, "b2"),
+        (np.array(0, np.int64), "zero"),
+        (np.array(True), "yes"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", FEATURES])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", "b", C2])],
+        [numpy_helper.from_array(a, n) for a, n in consts],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return model, u
+
+
+def _speech_data(tmp_path):
+    lengths = np.array([13, 9, 5, 11, 2, 7])
+    x = np.random.RandomState(1).randn(6, 13, FEATURES).astype(np.float32)
+    keep = np.arange(13)[None] < lengths[:, None]
+    x[~keep] = 9.0  # padding the stacked Relu's unit 0 fires on
+    frames = (lengths + 2 - 3) // 2 + 1  # the conv's k3 s2 p1 arithmetic on each real length
+    return x, save_npz(tmp_path / "d.npz", x=x, attention_mask=keep.astype(np.int64)), frames
+
+
+def test_frames_through_a_scans_steps_and_stacked_outputs_count_the_real_frames(cli, tmp_path):
+    """A Scan iterating a conv subsampler's frames [T2, B, C]: the Relu in its body (one step's [B, C])
+    and the Relu on its stacked outputs [T2, B, C] count the real frames only, exactly (onnxruntime
+    exposes the conv's output; the body's step is written out in numpy), "applied". Before: the body's
+    site "in a subgraph" (every frame, gated) and the stacked one every frame, "no token axis", a note
+    only: its unit 0, alive on padding only, passed as alive."""
+    model, u = _stepped(tmp_path / "scan.onnx")
+    x, data, frames = _speech_data(tmp_path)
+    truth = onnx_relu_io(model, {"x": x}, ["conv_relu", "stacked_relu"])
+    steps = truth["conv_relu"].post.transpose(2, 0, 1)  # [T2, B, C], the Scan's input
+    real = np.arange(steps.shape[0])[:, None] < frames[None, :]  # [T2, B]
+    kept = {"ys/body/step_relu": (steps @ u)[real], "stacked_relu": truth["stacked_relu"].pre[real]}
+    assert (kept["stacked_relu"][:, 0] > 0).sum() == 0 < (truth["stacked_relu"].pre[..., 0] > 0).sum()
+    result, layers = _scan(cli, tmp_path / "scan.onnx", data, "--batch-size", "4")
+    assert result.code == 0, result.err
+    for name, pre in kept.items():
+        layer = layers[name]
+        assert layer["positive_counts"] == (pre > 0).sum(0).tolist(), name
+        assert layer["elements_per_unit"] == pre.shape[0], name
+        np.testing.assert_allclose(layer["max_preactivation"], pre.max(0), rtol=1e-5, err_msg=name)
+        assert layer["extra"]["position_mask"] == "applied", name
+
+
+def test_a_loops_stacked_outputs_are_marked_and_gated(cli, tmp_path):
+    """A Loop over the frames (Gather per iteration, trip count from a Shape): nothing ties its
+    iterations to the mask's positions, so the Relu on its stacked outputs counts every frame, is marked
+    "in a subgraph" as its body's is, and a gate fails unless --allow-unseen. Before: "no token axis",
+    a note only, the padding counted without the gate knowing."""
+    model, _ = _stepped(tmp_path / "loop.onnx", loop=True)
+    x, data, _ = _speech_data(tmp_path)
+    pre = onnx_relu_io(model, {"x": x}, ["stacked_relu"])["stacked_relu"].pre.reshape(-1, C2)
+    result, layers = _scan(cli, tmp_path / "loop.onnx", data)
+    assert result.code == 1 and "stacked_relu" in result.err, result.err
+    assert layers["stacked_relu"]["extra"]["position_mask"] == "in a subgraph"
+    assert layers["stacked_relu"]["positive_counts"] == (pre > 0).sum(0).tolist()
+    assert _scan(cli, tmp_path / "loop.onnx", data, "--allow-unseen")[0].code == 0

@@ -141,7 +141,8 @@ def frame_chains(model: onnx.ModelProto) -> dict[str, AxisChains | None]:
     graph's values), the conv/pool steps between the graph's inputs and it, per spatial axis (a speech
     encoder's strided subsampler: the frames its positions are); None where values of different steps
     meet (nothing to map the mask through), convs of another spatial rank follow, or a Scan's per-step
-    slice or a Loop/Scan's stacked outputs hold them. Constants carry no steps, so they never conflict.
+    slice or a Loop's stacked outputs hold them (a Scan's stacked outputs carry its scan inputs' steps:
+    one entry per step). Constants carry no steps, so they never conflict.
     Nodes are in topological order (ONNX's rule)."""
     chains: dict[str, AxisChains | None] = {i.name: () for i in model.graph.input}
     _walk_chains(model.graph, GraphIndex(model.graph), chains)
@@ -192,16 +193,37 @@ def _walk_chains(graph: onnx.GraphProto, index: GraphIndex, chains: dict) -> Non
                 _merged_chain([chains.get(b.output[k].name, ()) for b in bodies if k < len(b.output)])
                 for k in range(len(node.output))
             ]
-        elif node.op_type in ("Loop", "Scan") and bodies:  # carried values out as in; stacked ones: None
+        elif node.op_type in ("Loop", "Scan") and bodies:  # carried values out as in; stacked ones below
             body_out = bodies[0].output
+            # a Scan's stacked outputs hold one entry per step of its scan inputs: their steps (the frames
+            # where it iterates them); a Loop's, one per iteration of a count nothing here ties to them
+            stacked = (
+                _merged_chain([chains.get(name, ()) for name in node.input[len(carried) :] if name])
+                if node.op_type == "Scan"
+                else None
+            )
             outputs = [
                 _merged_chain([chains.get(carried[k], ()), chains.get(body_out[k + skip_out].name, ())])
                 if k < len(carried) and k + skip_out < len(body_out)
-                else None
+                else stacked
                 for k in range(len(node.output))
             ]
         for out, chain in zip(node.output, outputs, strict=True):
             chains[out] = chain
+
+
+def unmapped_steps(model: onnx.ModelProto, chains: dict[str, AxisChains | None]) -> set[str]:
+    """Main-graph values computed from a Loop's stacked outputs, or a Scan's whose steps frame_chains
+    could not follow: one entry per iteration of something nothing here ties to the mask's positions
+    (a site there that the mask's shape does not fit is marked, not taken as having no token axis)."""
+    found: set[str] = set()
+    for node in model.graph.node:
+        if any(name in found for name in node.input):
+            found.update(node.output)
+        elif node.op_type in ("Loop", "Scan"):
+            carried = len(node.input) - (attr(node, "num_scan_inputs", 0) if node.op_type == "Scan" else 2)
+            found.update(out for out in node.output[carried:] if chains.get(out) is None)
+    return found
 
 
 def _merged_chain(found: list) -> AxisChains | None:
@@ -393,9 +415,36 @@ def token_steps(
     return found.pop() if len(found) == 1 and batch != tokens else None
 
 
-def add_step_mask(node: onnx.NodeProto, body: onnx.GraphProto, direction: int) -> None:
-    """Make the position mask a scan input of Scan `node` (axis 1: the tokens, in `direction`), read in
-    its body as STEP_MASK: the kept samples of each step."""
+def frame_steps(
+    node: onnx.NodeProto,
+    chains: dict[str, AxisChains | None],
+    shapes: dict[str, tuple[int, ...]],
+    batch: int,
+    tokens: int,
+) -> tuple[tuple[FrameStep, ...], int] | None:
+    """(the steps, the direction) where Scan `node` iterates the frames a conv subsampler makes of the
+    mask's tokens (token_steps with the frames for the tokens, its scan inputs after those steps:
+    frame_chains); None where it does not, or more than one way."""
+    count = attr(node, "num_scan_inputs", 0)
+    candidates = {
+        chain
+        for name in (node.input[len(node.input) - count :] if count else [])
+        for chain in chains.get(name) or ()
+    }
+    fits = set()
+    for chain in candidates:
+        frames = int(frame_count(chain, tokens))
+        direction = token_steps(node, shapes, batch, frames) if frames != tokens else None
+        if direction is not None:
+            fits.add((chain, direction))
+    return next(iter(fits)) if len(fits) == 1 else None
+
+
+def add_step_mask(
+    node: onnx.NodeProto, body: onnx.GraphProto, direction: int, mask: str = MASK_INPUT
+) -> None:
+    """Make the position mask (`mask`: the batch's, or its frames') a scan input of Scan `node` (axis 1:
+    the tokens, in `direction`), read in its body as STEP_MASK: the kept samples of each step."""
     count = attr(node, "num_scan_inputs", 0)
     axes = list(attr(node, "scan_input_axes") or [0] * count)
     directions = list(attr(node, "scan_input_directions") or [0] * count)
@@ -413,7 +462,7 @@ def add_step_mask(node: onnx.NodeProto, body: onnx.GraphProto, direction: int) -
             found.ints.extend(value)
         else:
             found.i = value
-    node.input.append(MASK_INPUT)
+    node.input.append(mask)
     body.input.append(helper.make_tensor_value_info(STEP_MASK, TensorProto.BOOL, ["batch"]))
 
 
@@ -1329,8 +1378,8 @@ def instrument(
             helper.make_tensor_value_info(cells_mask_name(cells), TensorProto.BOOL, ["batch", *cells[2:]])
         )
     for path in dict.fromkeys(s.graph_path for s in sites if s.token_layout == TOKEN_STEPS):
-        direction = next(s.step_direction for s in sites if s.graph_path == path)
-        add_step_mask(owners[path][1], graphs[path], direction)
+        first = next(s for s in sites if s.graph_path == path and s.token_layout == TOKEN_STEPS)
+        add_step_mask(owners[path][1], graphs[path], first.step_direction, first.mask_input)
     for i, site in enumerate(sites):
         if site.rank is None and channel_dim_override not in (None, 1, -1):
             raise UserError(

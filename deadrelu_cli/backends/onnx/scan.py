@@ -291,11 +291,13 @@ def _discover_shapes(
         CONV_FRAMES,
         TOKEN_STEPS,
         frame_chains,
+        frame_steps,
         lift_to_main,
         site_channel_dim,
         site_frames,
         subgraph_map,
         token_steps,
+        unmapped_steps,
     )
     from deadrelu_cli.probe.ops import layout_ambiguous, row_order_ambiguous, token_layout
     from deadrelu_cli.wiring.onnx_index import opset_version
@@ -380,6 +382,7 @@ def _discover_shapes(
     # Where (opset 9) applies the mask in the graph; older graphs count every position, which a note says
     maskable = keep is not None and opset_version(model) >= 9
     chains = None  # frame_chains of the main graph, found when a site's positions are not the mask's
+    stacked = None  # unmapped_steps of the main graph, likewise
     # (site, shape, tokens): its shape reads as [B, T, ...] and [T, B, ...] alike, or flattened rows
     ambiguous = []
     for site, shape in zip(unknown, results[: len(unknown)], strict=True):
@@ -399,11 +402,15 @@ def _discover_shapes(
             continue
         elif site in stepped:
             node = owners[site.graph_path][1]
-            direction = token_steps(node, scanned_shapes, *keep.shape)
+            direction, frames = token_steps(node, scanned_shapes, *keep.shape), None
+            if direction is None:  # a Scan over a conv subsampler's frames: their mask's columns
+                chains = frame_chains(model) if chains is None else chains
+                found = frame_steps(node, chains, scanned_shapes, *keep.shape)
+                frames, direction = found if found is not None else (None, None)
             dim = site_channel_dim(site, channel_dim)
             # one step's slice of the batch: [B, ..., C], its units not on the batch's axis
             if direction is not None and site.rank >= 2 and shape[0] == keep.shape[0] and dim != 0:
-                site.token_layout, site.step_direction = TOKEN_STEPS, direction
+                site.token_layout, site.step_direction, site.frames = TOKEN_STEPS, direction, frames
                 site.mask_unapplied = None
             continue
         elif maskable and site.rank >= 2:
@@ -433,6 +440,12 @@ def _discover_shapes(
                     ambiguous.append((site, shape, tokens))
                 continue
             site.token_layout = token_layout(shape, dim, batch_n, tokens)
+            if site.token_layout is None and not site.graph_path and site.rank >= 3:
+                # a Loop's (or an unfollowed Scan's) stacked steps: possibly the positions, nothing says
+                chains = frame_chains(model) if chains is None else chains
+                stacked = unmapped_steps(model, chains) if stacked is None else stacked
+                if site.input_name in stacked:
+                    site.mask_unapplied = "in a subgraph"
         if site.graph_path and (site.token_layout or "Loop" not in _owner_types(owners, site.graph_path)):
             # a Loop body's tensor of other positions may be a per-step slice of the tokens: stays unmasked
             site.mask_unapplied = None
