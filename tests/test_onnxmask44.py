@@ -259,3 +259,60 @@ def test_a_loops_stacked_outputs_are_marked_and_gated(cli, tmp_path):
     assert layers["stacked_relu"]["extra"]["position_mask"] == "in a subgraph"
     assert layers["stacked_relu"]["positive_counts"] == (pre > 0).sum(0).tolist()
     assert _scan(cli, tmp_path / "loop.onnx", data, "--allow-unseen")[0].code == 0
+
+
+def test_a_square_fixed_batch_is_told_by_a_later_batch_when_the_first_cannot(cli, tmp_path):
+    """A graph fixing its batch at the token count (4), time-major at its Relu ([T, B, F] after its own
+    Transpose): its shape reads both ways. The first batch is one vector everywhere (reversing its samples
+    moves nothing), the second differs: the scan reads the second, finds the samples on axis 1, and
+    counts the real tokens exactly (numpy over the kept positions), `applied`, the gate passes. Before:
+    decided on the first batch only, every position counted, `layout ambiguous`, the gate failed."""
+    from test_layout41 import TOKENS, UNITS, _batch, _fixed_square_graph
+
+    model, w, b = _fixed_square_graph()
+    path = tmp_path / "square.onnx"
+    onnx.save(model, path)
+    x, keep = _batch(np.random.RandomState(6), 12)
+    x[:TOKENS] = x[0, 0]  # the first batch tells nothing
+    keep[1, 2:], keep[2, 1:] = False, False  # padding in it too
+    data = save_npz(tmp_path / "d.npz", x=x, attention_mask=keep.astype(np.int64))
+    pre = x.astype(np.float64) @ w + b  # [B, T, F]: positions do not mix
+    assert (pre[keep] > 0).sum(0).tolist() != (pre > 0).reshape(-1, UNITS).sum(0).tolist()
+    result, layers = _scan(cli, path, data)
+    assert result.code == 0, result.err
+    (layer,) = layers.values()
+    assert layer["positive_counts"] == (pre[keep] > 0).sum(0).tolist()
+    assert layer["elements_per_unit"] == int(keep.sum())
+    np.testing.assert_allclose(layer["max_preactivation"], pre[keep].max(0), rtol=1e-5)
+    assert layer["extra"]["position_mask"] == "applied"
+
+
+def test_fix_of_a_square_fixed_batch_moves_on_the_real_tokens_of_its_time_major_relu(cli, tmp_path):
+    """The same time-major graph, its unit 0 dead (bias -50): bias-shift moves it until it fires on the
+    real tokens, read as the scan reads them ([T, B, F], told by reordering a batch whose samples
+    differ); the fixed graph, run by onnxruntime, fires on the share of real tokens the fix reports.
+    Before: the fix read the square batch as [B, T, F] (other positions than the real tokens)."""
+    from onnx import numpy_helper as nh
+    from test_layout41 import TOKENS, _batch, _fixed_square_graph
+
+    model, w, b = _fixed_square_graph()
+    b = b.copy()
+    b[0] = -50.0
+    init = next(i for i in model.graph.initializer if i.name == "b")
+    init.CopyFrom(nh.from_array(b, "b"))
+    path = tmp_path / "square.onnx"
+    onnx.save(model, path)
+    x, keep = _batch(np.random.RandomState(7), 12)
+    x[:TOKENS] = x[0, 0]  # the first batch tells nothing
+    x[~keep] = 6.0 * np.sign(w[:, 0])  # padding where unit 0 is far above its real values
+    data = save_npz(tmp_path / "d.npz", x=x, attention_mask=keep.astype(np.int64))
+    out = tmp_path / "fixed.onnx"
+    result = cli("fix", path, "--data", data, "-s", "bias-shift", "-o", out, "--json", "-", "-q")
+    assert result.code == 0, result.err
+    layer = next(la for la in result.json()["layers"] if la["units"] == [0] or 0 in la["units"])
+    fixed_b = next(nh.to_array(i) for i in onnx.load(out).graph.initializer if i.name == "b")
+    pre = x.astype(np.float64) @ w + fixed_b  # [B, T, F]: positions do not mix
+    real = pre[keep][:, 0]
+    assert (real > 0).sum() > 0
+    position = layer["units"].index(0)
+    assert layer["rates_after"][position] == (real > 0).sum() / real.size

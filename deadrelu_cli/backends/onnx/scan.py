@@ -450,27 +450,49 @@ def _discover_shapes(
             # a Loop body's tensor of other positions may be a per-step slice of the tokens: stays unmasked
             site.mask_unapplied = None
     ambiguous = [entry for entry in ambiguous if not entry[0].graph_path]
-    if ambiguous:
-        consts, axes = set(getattr(data, "consts", ())), getattr(data, "batch_axes", {})
-        sample_axes = {inp: None if arr in consts else axes.get(arr, 0) for inp, arr in order.items()}
-        reversed_feeds = _reversed_samples(feeds, sample_axes)
-        if reversed_feeds is None:
+    if not ambiguous:
+        return
+    consts, axes = set(getattr(data, "consts", ())), getattr(data, "batch_axes", {})
+    sample_axes = {inp: None if arr in consts else axes.get(arr, 0) for inp, arr in order.items()}
+    if all(site in summed for site, _, _ in ambiguous):  # the probe session has their sums
+        sums_of, offset = summed, len(unknown)
+    else:  # a site whose rank shape inference did not know: a session exposing the sums of those
+        del session
+        sums_of, offset = [site for site, _, _ in ambiguous], 0
+        session = _sums_session(model, sums_of, device, weights_dir)
+        if session is None:
             return
-        if all(site in summed for site, _, _ in ambiguous):  # the probe session has their sums
-            first = dict(zip(_lead_names(summed), results[len(unknown) :], strict=True))
-            try:
-                second = dict(
-                    zip(_lead_names(summed), session.run(None, reversed_feeds)[len(unknown) :], strict=True)
-                )
-            except Exception:  # noqa: BLE001  (a graph this cannot run again: its sites stay ambiguous)
+        results = None
+    names = _lead_names(sums_of)
+    # the first batch, then later ones while a site is not told (samples that are all one vector, or
+    # reversed into themselves, tell nothing; the next batch may): each batch counts nothing here
+    later = data.batches(batch_size)
+    next(later, None)
+    for attempt in range(LAYOUT_BATCHES):
+        if attempt:
+            batch = next(later, None)
+            if batch is None:
                 return
-            sums = {s.name: (first, second) for s in summed}
-            _tell_layouts(ambiguous, sums, summed, keep.shape[0], channel_dim)
-        else:  # a site whose rank shape inference did not know: a session exposing the sums of those
-            del session
-            _tell_layouts_again(
-                model, ambiguous, feeds, reversed_feeds, keep.shape[0], device, weights_dir, channel_dim
-            )
+            feeds = {inp: as_input(batch[arr], dtypes[inp], inp) for inp, arr in order.items()}
+            results = None
+        reversed_feeds = _reversed_samples(feeds, sample_axes)
+        if reversed_feeds is None or any(
+            feeds[inp].shape[axis] != keep.shape[0] for inp, axis in sample_axes.items() if axis is not None
+        ):  # no samples to reorder, or a last batch of another size (whose shapes read otherwise)
+            return
+        try:
+            first = results if results is not None else session.run(None, feeds)
+            second = session.run(None, reversed_feeds)
+        except Exception:  # noqa: BLE001  (a graph this cannot run again: its sites stay ambiguous)
+            return
+        first = dict(zip(names, first[offset : offset + len(names)], strict=True))
+        second = dict(zip(names, second[offset : offset + len(names)], strict=True))
+        _tell_layouts(
+            ambiguous, {s.name: (first, second) for s in sums_of}, sums_of, keep.shape[0], channel_dim
+        )
+        ambiguous = [entry for entry in ambiguous if entry[0].mask_unapplied is not None]
+        if not ambiguous:
+            return
 
 
 def _pixel_layout(site: OnnxSite, shape: tuple[int, ...], dim: int, pixels: tuple, chains, owners) -> None:
@@ -501,6 +523,11 @@ def _pixel_layout(site: OnnxSite, shape: tuple[int, ...], dim: int, pixels: tupl
         site.mask_unapplied = PIXELS_FLATTENED
     else:
         site.mask_unapplied = None
+
+
+# how many batches the scan reorders, at most, to tell where a site holds the samples (the first batch,
+# then later ones while some site is not told): a data set whose first samples are one vector repeated
+LAYOUT_BATCHES = 8
 
 
 def _site_leads(site: OnnxSite, i: int) -> list[str]:
@@ -583,27 +610,20 @@ def _tell_layouts(
         site.mask_unapplied = None
 
 
-def _tell_layouts_again(
-    model, sites: list[tuple], feeds: dict, reversed_feeds: dict, batch: int, device, weights_dir, channel_dim
-) -> None:
-    """`_tell_layouts` for sites whose rank the shape probe learned only by running: a session exposing
-    their sums, run on the batch and on it reversed."""
+def _sums_session(model, sites: list[OnnxSite], device, weights_dir):
+    """A session exposing the per-index sums (`_add_lead_sums`) of sites whose rank the shape probe
+    learned only by running; None where the graph cannot be built so (the sites stay ambiguous)."""
     from deadrelu_cli.wiring.onnx_index import opset_version
 
     probe = type(model)()
     probe.CopyFrom(model)
     del probe.graph.output[:]
-    summed = [site for site, _, _ in sites]
-    for i, site in enumerate(summed):
+    for i, site in enumerate(sites):
         _add_lead_sums(probe, site, i, opset_version(probe))
     try:
-        session = make_session(probe.SerializeToString(), device, [], weights_dir)
-        names = _lead_names(summed)
-        first = dict(zip(names, session.run(None, feeds), strict=True))
-        second = dict(zip(names, session.run(None, reversed_feeds), strict=True))
-    except Exception:  # noqa: BLE001  (a graph this cannot run again: its sites stay ambiguous, and say so)
-        return
-    _tell_layouts(sites, {site.name: (first, second) for site in summed}, summed, batch, channel_dim)
+        return make_session(probe.SerializeToString(), device, [], weights_dir)
+    except Exception:  # noqa: BLE001  (its sites stay ambiguous, and say so)
+        return None
 
 
 def _owner_types(owners: dict, path: tuple[str, ...]) -> set[str]:
