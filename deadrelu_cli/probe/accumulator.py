@@ -21,6 +21,8 @@ from deadrelu_cli.probe.ops import (
     TOKENS_LAST,
     counts_from_output,
     layout_ambiguous,
+    pixel_cells,
+    pixels_flattened,
     row_order_ambiguous,
     threshold_below,
     token_layout,
@@ -207,9 +209,8 @@ class PixelMask:
         if (h, w) not in self._cells:
             found = None
             if 0 < h <= self.height and 0 < w <= self.width and not self.height % h and not self.width % w:
-                blocks = self.pixels.reshape(self.batch, h, self.height // h, w, self.width // w)
-                whole, some = blocks.all(4).all(2), blocks.any(4).any(2)
-                found = whole if torch.equal(whole, some) else None
+                cells = pixel_cells(self.pixels.cpu().numpy(), (self.height // h, self.width // w), (h, w))
+                found = None if cells is None else torch.from_numpy(cells).to(self.pixels.device)
             self._cells[(h, w)] = found
         return self._cells[(h, w)]
 
@@ -217,13 +218,7 @@ class PixelMask:
         return tensor.dim() == 4 and channel_dim % 4 == 1 and tensor.shape[0] == self.batch
 
     def _flattened(self, tensor: torch.Tensor, channel_dim: int) -> bool:
-        if tensor.dim() != 3 or channel_dim % 3 != 2 or tensor.shape[0] != self.batch:
-            return False
-        positions = int(tensor.shape[1])
-        return any(
-            not self.height % s and not self.width % s and (self.height // s) * (self.width // s) == positions
-            for s in range(1, min(self.height, self.width) + 1)
-        )
+        return pixels_flattened(tuple(tensor.shape), channel_dim, self.batch, self.height, self.width)
 
     def layout(self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None) -> str | None:
         return PIXELS if self._spatial(tensor, channel_dim) else None

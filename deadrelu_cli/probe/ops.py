@@ -396,6 +396,42 @@ def reordered_order(
     return bool(best)
 
 
+def pixel_cells(pixels: np.ndarray, strides: tuple[int, int], grid: tuple[int, int]) -> np.ndarray | None:
+    """bool [B, h, w]: the cells of an h×w feature map over images `pixels` (bool [B, H, W], True = image)
+    that are all image, cell (i, j) being the block of pixels [i·sy, (i+1)·sy) × [j·sx, (j+1)·sx) (`strides`
+    (sy, sx): the map's stride over the image). A block reaching past the image's edge is judged by its
+    pixels inside it (a conv's own zero padding there is no image's padding); one wholly outside is
+    padding. None where some cell holds image and padding pixels both: nothing tells which it is. The
+    rule of the torch probe (probe.accumulator.PixelMask) and the ONNX one alike."""
+    pixels = np.asarray(pixels, dtype=bool)
+    (sy, sx), (h, w) = strides, grid
+    batch, height, width = pixels.shape
+    if min(sy, sx, h, w) < 1:
+        return None
+    inside = np.zeros((batch, h * sy, w * sx), dtype=np.int64)
+    image = np.zeros_like(inside)
+    rows, cols = min(height, h * sy), min(width, w * sx)
+    inside[:, :rows, :cols] = 1
+    image[:, :rows, :cols] = pixels[:, :rows, :cols]
+    inside = inside.reshape(batch, h, sy, w, sx).sum(axis=(2, 4))
+    image = image.reshape(batch, h, sy, w, sx).sum(axis=(2, 4))
+    if np.any((image > 0) & (image < inside)):
+        return None
+    return (image > 0) & (image == inside)
+
+
+def pixels_flattened(shape: tuple[int, ...], channel_dim: int, batch: int, height: int, width: int) -> bool:
+    """Whether a [B, positions, F] activation's positions may be the pixels of an H×W image's feature
+    map flattened (h·w of a grid of a stride s dividing both sides): nothing in its shape says in which
+    order, so no probe reads a pixel mask into it (DETR's encoder, given the mask as its own)."""
+    if len(shape) != 3 or channel_dim % 3 != 2 or shape[0] != batch:
+        return False
+    return any(
+        not height % s and not width % s and (height // s) * (width // s) == int(shape[1])
+        for s in range(1, min(height, width) + 1)
+    )
+
+
 def threshold_below(threshold: float, dtype: object) -> float:
     """The largest value of the float type `dtype` (a torch or numpy dtype, or its name) at most
     `threshold`: for every x of that type, x > result exactly when x > threshold. `x > threshold`
