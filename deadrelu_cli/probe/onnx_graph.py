@@ -54,6 +54,7 @@ class OnnxSite:
     rank: int | None = None
     channel_first: bool | None = None
     unit_axis: int | None = None  # set when a Transpose between producer and site moved the unit axis
+    axis_lost: bool = False  # a producer made the units, a layout op on the way moved them out of reach
     producer: str | None = None
     bias: np.ndarray | None = None
     clip_max: float | None = None
@@ -785,7 +786,7 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
                 site.weight = producer_weight(index, site.input_name)
                 trace = trace_producer(index, site.input_name)
                 site.channel_first, site.producer, site.bias = trace.channel_first, trace.producer, trace.bias
-                site.unit_axis = trace.axis
+                site.unit_axis, site.axis_lost = trace.axis, trace.lost
                 if site.module_type == NCHWC_CONV:  # reordered back to NCHW: units on dim 1
                     site.channel_first = True
                 if site.channel_first is None:

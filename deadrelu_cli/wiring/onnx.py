@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from deadrelu_cli.probe.ops import reshaped_unit_axis
 from deadrelu_cli.wiring.model import (
     BatchNormRef,
     ProducerTrace,
@@ -208,15 +209,21 @@ def channels_last(node: onnx.NodeProto) -> bool:
 
 def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
     """Unit axis, producer and bias from the op that produced an activation's input (through
-    Add/Mul/BN/bias, and Transposes, Squeezes and Unsqueezes, which move the unit axis: `axis`)."""
-    moves: list[tuple[str, list[int], int]] = []  # (op, perm or axes, rank of its input), activation first
+    Add/Mul/BN/bias, and Transposes, Squeezes, Unsqueezes, Reshapes and Flattens, which move the unit
+    axis: `axis`; one whose move is not known marks the units `lost`)."""
+    moves: list[
+        tuple[str, list, int | None]
+    ] = []  # (op, perm / axes / shapes, its input's rank), activation first
     trace = _trace_producer(index, input_name, moves)
     if moves and trace.channel_first is not None:
         rank = moves[-1][2]
-        axis = 1 if trace.channel_first else rank - 1
+        axis = None if rank is None else 1 if trace.channel_first else rank - 1
         for op, values, rank_in in reversed(moves):  # from the producer's side to the activation's
-            if rank_in != rank:
+            if axis is None or rank_in != rank:
                 axis = None
+            elif op == "Reshape":  # values: the shapes before and after
+                axis = reshaped_unit_axis(values[0], values[1], axis)
+                rank = len(values[1])
             elif op == "Transpose":
                 axis = values.index(axis) if axis in values else None
                 rank = len(values)
@@ -228,8 +235,8 @@ def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
                 rank += len(values)
                 added = {a % rank for a in values}
                 axis = [k for k in range(rank) if k not in added][axis]
-            if axis is None:
-                trace.channel_first = None
+            if axis is None or axis == 0:
+                trace.channel_first, trace.producer, trace.bias, trace.lost = None, None, None, True
                 return trace
         trace.axis = axis
         trace.channel_first = True if axis == 1 else False if axis == rank - 1 else None
@@ -266,19 +273,25 @@ def _trace_producer(
         if node.op_type == "Transpose":
             rank = index.rank(node.input[0])
             perm = attr(node, "perm") or (list(range(rank))[::-1] if rank else None)
-            if perm is None:
-                return trace
-            moves.append(("Transpose", [int(p) for p in perm], len(perm)))
+            moves.append(
+                ("Lost", [], None) if perm is None else ("Transpose", [int(p) for p in perm], len(perm))
+            )
             name = node.input[0]
+            continue
+        if node.op_type in ("Reshape", "Flatten"):  # read by the shapes shape inference gives
+            before, after = index.dims(node.input[0]), index.dims(node.output[0])
+            if before is None or after is None:
+                moves.append(("Lost", [], None))
+            else:
+                moves.append(("Reshape", [before, after], len(before)))
+            keep_producer, name = False, node.input[0]
             continue
         if node.op_type in (
             "Squeeze",
             "Unsqueeze",
         ):  # a Conv1d as Conv2d (tf2onnx): [N, C, 1, W] -> [N, C, W]
             axes, rank = _squeeze_axes(index, node), index.rank(node.input[0])
-            if axes is None or rank is None:
-                return trace
-            moves.append((node.op_type, axes, rank))
+            moves.append(("Lost", [], None) if axes is None or rank is None else (node.op_type, axes, rank))
             name = node.input[0]
             continue
         if node.op_type in ("Conv", "ConvTranspose", "Gemm"):

@@ -15,6 +15,7 @@ from deadrelu_cli.gate import (
     LAYOUT_AMBIGUOUS,
     MASK_NOT_APPLIED,
     ROW_ORDER_AMBIGUOUS,
+    UNIT_AXIS_NOT_FOLLOWED,
     unscanned_text,
     unseen_notes,
 )
@@ -42,7 +43,7 @@ from deadrelu_cli.probe.onnx_graph import (
     frames_keep,
     stored_zero_relus,
 )
-from deadrelu_cli.probe.ops import NAMED_WHEN_UNSCANNED, axis_guess_note
+from deadrelu_cli.probe.ops import NAMED_WHEN_UNSCANNED, axis_guess_note, axis_lost_note
 from deadrelu_cli.stats import LayerStats
 
 _shared_arena: bool | None = None  # whether this process registered its CPU arena with onnxruntime
@@ -858,6 +859,8 @@ class HostAccumulator:
                 # any reading of the layout (a Scan body, a square batch nothing told)
                 mark = "applied"
             layer.extra["position_mask"] = mark
+        if self.site.axis_lost:  # counted on a guessed axis: the gate stops on it
+            layer.extra["unit_axis"] = UNIT_AXIS_NOT_FOLLOWED
         return layer
 
     def _layer_stats(self) -> LayerStats:
@@ -999,10 +1002,16 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         if site.rank == 3
         and site.channel_first is None
         and site.unit_axis is None
+        and not site.axis_lost
         and options.channel_dim is None
     ]
     if guessed:  # [N, C, T] and [N, T, C] look alike: say which one was assumed
         loaded.notes.append(axis_guess_note(guessed, "Conv/Gemm/MatMul/BatchNorm"))
+    for site in sites:
+        site.axis_lost = site.axis_lost and options.channel_dim is None and (site.rank or 0) >= 2
+    lost = [site.name for site in sites if site.axis_lost]
+    if lost:  # a layer's units moved where the walk lost them: counted on a guess, said and gated
+        loaded.notes.append(axis_lost_note(lost))
     masked = mask is not None and any(site.token_layout for site in sites)
     switch = _OutputMaxSwitch(loaded, sites, options, device)
     started = time.perf_counter()

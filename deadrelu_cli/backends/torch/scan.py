@@ -21,7 +21,7 @@ from deadrelu_cli.backends.torch.inputs import (
 )
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import unscanned_text, unseen_notes
+from deadrelu_cli.gate import UNIT_AXIS_NOT_FOLLOWED, unscanned_text, unseen_notes
 from deadrelu_cli.inputs import (
     AUDIO_INPUTS,
     AUDIO_VALUES,
@@ -54,7 +54,7 @@ from deadrelu_cli.inputs import (
 )
 from deadrelu_cli.loaders.model import LoadedModel
 from deadrelu_cli.options import ScanOptions
-from deadrelu_cli.probe.ops import axis_guess_note
+from deadrelu_cli.probe.ops import axis_guess_note, axis_lost_note
 from deadrelu_cli.wiring.model import is_last_axis_vector
 
 
@@ -412,6 +412,14 @@ def _scan_torch(
     guessed = [layer.name for layer in layers if layer.name in probe.registry.axis_guesses]
     if guessed:  # [N, C, T] and [N, T, C] look alike: say which one was assumed
         note = axis_guess_note(guessed, "Linear/Conv/BatchNorm/LayerNorm")
+        if note not in model.notes:
+            model.notes.append(note)
+    lost = [layer.name for layer in layers if layer.name in probe.registry.axis_lost]
+    if lost:  # a layer's units moved where the probe lost them: counted on a guess, said and gated
+        for layer in layers:
+            if layer.name in probe.registry.axis_lost:
+                layer.extra["unit_axis"] = UNIT_AXIS_NOT_FOLLOWED
+        note = axis_lost_note(lost)
         if note not in model.notes:
             model.notes.append(note)
     attach_biases(model, layers)
