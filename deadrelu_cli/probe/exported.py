@@ -174,6 +174,8 @@ def _trace_producer(node: fx.Node, pre: fx.Node | None = None) -> Units:
             current = current.args[0]
             continue
         if base in CHANNEL_FIRST or base in LAST_DIM:
+            if base in ("bmm", "matmul") and any(kind in ("reshape", "lost") for kind, _ in layouts):
+                break  # a decomposed einsum's product reshaped back: no layer, as the einsum is none in eager
             if viewed and base in CHANNEL_FIRST:  # not a decomposed Linear: the view moves the units
                 layouts.insert(0, view_layout if view_layout is not None else ("lost", ()))
             producer = None
@@ -223,9 +225,17 @@ def _reshape_layout(node: fx.Node) -> tuple[str, tuple] | None:
     """("reshape", (shape before, shape after)) of a view / reshape / flatten / squeeze node from its traced
     example values (symbolic sizes by name), or None when they are not traced."""
     source = node.args[0] if node.args else None
-    before = _shape(source) if isinstance(source, fx.Node) else None
-    after = _shape(node)
+    before = _sizes(source) if isinstance(source, fx.Node) else None
+    after = _sizes(node)
     return None if before is None or after is None else ("reshape", (before, after))
+
+
+def _sizes(node: fx.Node) -> tuple | None:
+    """The traced shape, a symbolic size as its expression (products of them compare: `3*s0`)."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return None
+    return tuple(d if isinstance(d, int) else getattr(getattr(d, "node", None), "expr", str(d)) for d in value.shape)
 
 
 def keeps_last_axis(node: fx.Node) -> bool:

@@ -295,17 +295,19 @@ def reshaped_unit_axis(before, after, axis: int) -> int | None:
     return None
 
 
-def _size_product(sizes) -> tuple[int, tuple[str, ...]] | None:
-    """The product of `sizes` as (known factor, sorted symbolic names); None when one is unknown."""
-    known, names = 1, []
+def _size_product(sizes) -> tuple[object, tuple[str, ...]] | None:
+    """The product of `sizes` as (product of the ints and symbolic expressions, sorted names of the sizes
+    known by name only); None when one is unknown. A traced graph's symbolic sizes are expressions
+    (sympy: `3*s0` equals 3 times `s0`), ONNX's dim_params names."""
+    total, names = 1, []
     for size in sizes:
         if size is None or isinstance(size, bool):
             return None
-        if isinstance(size, int):
-            known *= size
+        if isinstance(size, str):
+            names.append(size)
         else:
-            names.append(str(size))
-    return known, tuple(sorted(names))
+            total = total * size
+    return total, tuple(sorted(names))
 
 
 def axis_lost_note(names: list[str]) -> str:
