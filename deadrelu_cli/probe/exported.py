@@ -235,7 +235,9 @@ def _sizes(node: fx.Node) -> tuple | None:
     value = node.meta.get("val")
     if not isinstance(value, torch.Tensor):
         return None
-    return tuple(d if isinstance(d, int) else getattr(getattr(d, "node", None), "expr", str(d)) for d in value.shape)
+    return tuple(
+        d if isinstance(d, int) else getattr(getattr(d, "node", None), "expr", str(d)) for d in value.shape
+    )
 
 
 def keeps_last_axis(node: fx.Node) -> bool:

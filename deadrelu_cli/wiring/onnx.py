@@ -243,6 +243,60 @@ def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
     return trace
 
 
+# between a fused experts' product and its activation: the gate half sliced or split off, reshaped
+_TO_EXPERT_PRODUCT = frozenset(
+    {"Slice", "Split", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Flatten", "Identity", "Cast"}
+    | {"Add", "Sub", "Mul", "Div"}
+)
+# between a stored [experts, rows, cols] weight and the gather of the routed tokens' experts
+_TO_STORED_WEIGHT = frozenset({"Transpose", "Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze"})
+
+
+def fused_experts_rows(index: GraphIndex, input_name: str) -> int:
+    """How many experts' rows reach an activation through one product (0: none): a fused mixture of
+    experts exported (transformers 5's batched experts: the routed tokens' expert weights gathered from one
+    stored `[experts, …]` tensor, one MatMul, one activation for all of them), where unit i of every expert
+    is one column of the activation's input. Walks back through slices, splits, reshapes and elementwise
+    ops to the MatMul/Gemm/Einsum, and from its operands to a Gather of a stored 3-D tensor."""
+    pending, seen = [input_name], 0
+    while pending and seen < 24:
+        name, seen = pending.pop(), seen + 1
+        node = index.producer.get(name)
+        if node is None:
+            continue
+        if node.op_type in ("MatMul", "Gemm", "Einsum"):
+            counts = [_gathered_experts(index, operand) for operand in node.input if operand]
+            if any(counts):
+                return max(counts)
+        elif node.op_type in _TO_EXPERT_PRODUCT:
+            pending.extend(i for i in node.input if i and index.stored_tensor(i) is None)
+    return 0
+
+
+def _gathered_experts(index: GraphIndex, name: str) -> int:
+    """The experts of a stored [experts, …] tensor (two or more, rank 3) that `name` gathers rows of."""
+    for _ in range(8):
+        node = index.producer.get(name)
+        if node is None:
+            return 0
+        if node.op_type in ("Gather", "GatherND", "GatherElements"):
+            data = node.input[0]
+            for _ in range(8):  # through a transpose or cast of the stored tensor
+                stored = index.stored_tensor(data)
+                if stored is not None:
+                    dims = list(stored.dims)
+                    return int(dims[0]) if len(dims) == 3 and dims[0] >= 2 else 0
+                source = index.producer.get(data)
+                if source is None or source.op_type not in _TO_STORED_WEIGHT:
+                    return 0
+                data = source.input[0]
+            return 0
+        if node.op_type not in _TO_STORED_WEIGHT:
+            return 0
+        name = node.input[0]
+    return 0
+
+
 def _squeeze_axes(index: GraphIndex, node: onnx.NodeProto) -> list[int] | None:
     """The axes a Squeeze removes or an Unsqueeze adds (an input from opset 13, an attribute before)."""
     stored = index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None

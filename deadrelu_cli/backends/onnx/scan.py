@@ -11,6 +11,7 @@ import numpy as np
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import (
+    EXPERTS_MERGED,
     FRAMES_NOT_TOLD,
     LAYOUT_AMBIGUOUS,
     MASK_NOT_APPLIED,
@@ -36,6 +37,7 @@ from deadrelu_cli.inputs import (
 )
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions, reread_verified
 from deadrelu_cli.loaders.onnx_model import release_weights
+from deadrelu_cli.probe.experts import merged_experts_note
 from deadrelu_cli.probe.onnx_graph import (
     MASK_INPUT,
     OnnxSite,
@@ -861,6 +863,8 @@ class HostAccumulator:
             layer.extra["position_mask"] = mark
         if self.site.axis_lost:  # counted on a guessed axis: the gate stops on it
             layer.extra["unit_axis"] = UNIT_AXIS_NOT_FOLLOWED
+        if self.site.experts_merged:  # unit i of every expert counted as one: the gate stops on it
+            layer.extra[EXPERTS_MERGED] = self.site.experts_merged
         return layer
 
     def _layer_stats(self) -> LayerStats:
@@ -1009,6 +1013,15 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         loaded.notes.append(axis_guess_note(guessed, "Conv/Gemm/MatMul/BatchNorm"))
     for site in sites:
         site.axis_lost = site.axis_lost and options.channel_dim is None and (site.rank or 0) >= 2
+    merged = {site.name: ("", site.experts_merged) for site in sites if site.experts_merged}
+    if merged:  # an exported fused mixture of experts: one activation for every expert's rows
+        loaded.notes.append(
+            merged_experts_note(
+                merged,
+                "scan the model before export (state_dict + --arch, or its Hugging Face folder), which "
+                "counts each expert apart, or pass --allow-unseen to gate on them as counted",
+            )
+        )
     lost = [site.name for site in sites if site.axis_lost]
     if lost:  # a layer's units moved where the walk lost them: counted on a guess, said and gated
         loaded.notes.append(axis_lost_note(lost))
