@@ -247,3 +247,52 @@ def test_an_exported_fused_mixture_of_experts_is_marked_and_gated(cli, tmp_path)
         gated = cli("scan", *args, "--data", data, "--max-dead", "1.0", "-q")
         assert gated.code == 1 and "fused mixture of experts" in gated.err, (path, gated.err)
         assert cli("scan", *args, "--data", data, "--max-dead", "1.0", "--allow-unseen", "-q").code == 0
+
+
+@pytest.mark.parametrize("batch", [5, "N"])
+def test_an_onnx_squeeze_without_axes_keeps_the_conv_channels(cli, tmp_path, batch):
+    """A Conv2d over [N, 3, 1, W] squeezed back to [N, C, W] by a Squeeze without axes (every size-1 dim,
+    opset 11; what an exporter writes for a Conv1d run as a Conv2d) before its Relu. Before: the walk
+    stopped at the Squeeze and the rank-3 site was counted on its last axis, the window positions as units,
+    under an "assumed last" note. Now the Squeeze is read by its shapes: with a static batch the 4 filters
+    are the units (filter 2 never fires), as onnxruntime's own pre-activation says; with a symbolic batch
+    (which may be 1, so shape inference cannot say what the Squeeze leaves) the layer is named as one
+    whose units were not followed, and a gate stops on it."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    r = np.random.RandomState(44)
+    weight = r.randn(4, 3, 1, 3).astype(np.float32)
+    bias = np.array([0.1, 0.0, -100.0, 0.2], np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c4"], name="conv"),
+        helper.make_node("Squeeze", ["c4"], ["pre"], name="squeeze"),
+        helper.make_node("Relu", ["pre"], ["y"], name="act"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4, 6])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 7
+    onnx.save(model, tmp_path / "sq.onnx")
+    x = r.randn(5, 3, 1, 8).astype(np.float32)
+    data = save_npz(tmp_path / "d.npz", x=x)
+    model.graph.output.append(helper.make_tensor_value_info("pre", TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    pre = session.run(["pre"], {"x": x})[0]
+    truth = (pre > 0).sum(axis=(0, 2)).tolist()
+    assert pre.shape == (5, 4, 6) and truth[2] == 0
+    report = _scan(cli, [tmp_path / "sq.onnx"], data)
+    (layer,) = report["layers"]
+    if batch == "N":
+        assert any("unit axis not followed for act" in note for note in report["notes"]), report["notes"]
+        gated = cli("scan", tmp_path / "sq.onnx", "--data", data, "--max-dead", "1.0", "-q")
+        assert gated.code == 1 and "was not followed" in gated.err, gated.err
+        return
+    assert layer["positive_counts"] == truth and layer["dead_indices"] == [2]
+    assert not any("unit axis" in note for note in report["notes"]), report["notes"]

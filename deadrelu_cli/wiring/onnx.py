@@ -297,6 +297,15 @@ def _gathered_experts(index: GraphIndex, name: str) -> int:
     return 0
 
 
+def _reshape_move(index: GraphIndex, node: onnx.NodeProto) -> tuple[str, list, int | None]:
+    """A node that keeps its input's elements in order (Reshape, Flatten, a Squeeze), as a move of the
+    unit axis read by the shapes before and after it (probe.ops.reshaped_unit_axis); lost without them."""
+    before, after = index.dims(node.input[0]), index.dims(node.output[0])
+    if before is None or after is None:
+        return ("Lost", [], None)
+    return ("Reshape", [before, after], len(before))
+
+
 def _squeeze_axes(index: GraphIndex, node: onnx.NodeProto) -> list[int] | None:
     """The axes a Squeeze removes or an Unsqueeze adds (an input from opset 13, an attribute before)."""
     stored = index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
@@ -333,11 +342,7 @@ def _trace_producer(
             name = node.input[0]
             continue
         if node.op_type in ("Reshape", "Flatten"):  # read by the shapes shape inference gives
-            before, after = index.dims(node.input[0]), index.dims(node.output[0])
-            if before is None or after is None:
-                moves.append(("Lost", [], None))
-            else:
-                moves.append(("Reshape", [before, after], len(before)))
+            moves.append(_reshape_move(index, node))
             keep_producer, name = False, node.input[0]
             continue
         if node.op_type in (
@@ -345,7 +350,10 @@ def _trace_producer(
             "Unsqueeze",
         ):  # a Conv1d as Conv2d (tf2onnx): [N, C, 1, W] -> [N, C, W]
             axes, rank = _squeeze_axes(index, node), index.rank(node.input[0])
-            moves.append(("Lost", [], None) if axes is None or rank is None else (node.op_type, axes, rank))
+            # without axes (every size-1 dim) or a rank: read by the shapes, as a Reshape
+            moves.append(
+                _reshape_move(index, node) if axes is None or rank is None else (node.op_type, axes, rank)
+            )
             name = node.input[0]
             continue
         if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
