@@ -35,7 +35,7 @@ from deadrelu_cli.probe.ops import (
     threshold_below,
     unit_axis_reduced,
 )
-from deadrelu_cli.wiring.onnx import consumer_layout, producer_weight, trace_producer
+from deadrelu_cli.wiring.onnx import consumer_layout, fused_experts_rows, producer_weight, trace_producer
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, float_type, opset_version
 
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
@@ -55,6 +55,8 @@ class OnnxSite:
     rank: int | None = None
     channel_first: bool | None = None
     unit_axis: int | None = None  # set when a Transpose between producer and site moved the unit axis
+    axis_lost: bool = False  # a producer made the units, a layout op on the way moved them out of reach
+    experts_merged: int = 0  # a fused mixture of experts' activation: how many experts' rows it runs
     producer: str | None = None
     bias: np.ndarray | None = None
     clip_max: float | None = None
@@ -910,7 +912,8 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
                 site.weight = producer_weight(index, site.input_name)
                 trace = trace_producer(index, site.input_name)
                 site.channel_first, site.producer, site.bias = trace.channel_first, trace.producer, trace.bias
-                site.unit_axis = trace.axis
+                site.unit_axis, site.axis_lost = trace.axis, trace.lost
+                site.experts_merged = fused_experts_rows(index, site.input_name)
                 if site.module_type == NCHWC_CONV:  # reordered back to NCHW: units on dim 1
                     site.channel_first = True
                 if site.channel_first is None:

@@ -275,6 +275,54 @@ def no_sites_note(what: str, found: Counter) -> str:
     )
 
 
+def reshaped_unit_axis(before, after, axis: int) -> int | None:
+    """Where the unit axis `axis` of a tensor of shape `before` is after a row-major reshape to `after`
+    (view, reshape, flatten, unflatten, squeeze, unsqueeze: ops that keep the elements in their order),
+    or None when the units keep no axis of their own there ([N, C, H, W] viewed as [N, C·H·W]: merged
+    with the positions) or a size that matters is unknown. The axis after the reshape that starts where
+    `axis` started (the same number of elements before it) and is as long; sizes are ints or names of
+    symbolic sizes (equal names, equal sizes), None where nothing is known. Every probe reads it."""
+    units = before[axis] if -len(before) <= axis < len(before) else None
+    head = _size_product(before[: axis % len(before)]) if units is not None else None
+    if not isinstance(units, int) or head is None:
+        return None
+    for place in range(len(after)):
+        prefix = _size_product(after[:place])
+        if prefix is None:
+            return None
+        if prefix == head and after[place] == units:
+            return place
+    return None
+
+
+def _size_product(sizes) -> tuple[object, tuple[str, ...]] | None:
+    """The product of `sizes` as (product of the ints and symbolic expressions, sorted names of the sizes
+    known by name only); None when one is unknown. A traced graph's symbolic sizes are expressions
+    (sympy: `3*s0` equals 3 times `s0`), ONNX's dim_params names."""
+    total, names = 1, []
+    for size in sizes:
+        if size is None or isinstance(size, bool):
+            return None
+        if isinstance(size, str):
+            names.append(size)
+        else:
+            total = total * size
+    return total, tuple(sorted(names))
+
+
+def axis_lost_note(names: list[str]) -> str:
+    """The note for sites whose units a layer made but a layout op (a view / reshape / flatten, a permute of
+    a rank the walk could not tell) moved where no probe can follow them: the axis they were counted on is
+    a guess, and the gate stops on them (gate.UNIT_AXIS_NOT_FOLLOWED). Torch and ONNX scans alike."""
+    shown = ", ".join(names[:4]) + (f", … ({len(names)} in all)" if len(names) > 4 else "")
+    return (
+        f"unit axis not followed for {shown}: a reshape or permute between the layer that makes the units and "
+        "the activation moved them where deadrelu cannot follow, so the axis counted is a guess and a gate "
+        "does not pass on it; scan again with --channel-dim N (the units' axis at the activation), or pass "
+        "--allow-unseen to gate on the layers as counted"
+    )
+
+
 def axis_guess_note(names: list[str], producers: str) -> str:
     """The note for rank-3 sites whose units were put on the last axis with no producer (one of
     `producers`) to say where they are: [N, C, T] and [N, T, C] look alike. Torch and ONNX scans alike."""

@@ -11,12 +11,14 @@ import numpy as np
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import (
+    EXPERTS_MERGED,
     FRAMES_NOT_TOLD,
     LAYOUT_AMBIGUOUS,
     MASK_NOT_APPLIED,
     PIXELS_FLATTENED,
     PIXELS_MIXED,
     ROW_ORDER_AMBIGUOUS,
+    UNIT_AXIS_NOT_FOLLOWED,
     unscanned_text,
     unseen_notes,
 )
@@ -37,6 +39,7 @@ from deadrelu_cli.inputs import (
 )
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions, reread_verified
 from deadrelu_cli.loaders.onnx_model import release_weights
+from deadrelu_cli.probe.experts import merged_experts_note
 from deadrelu_cli.probe.onnx_graph import (
     MASK_INPUT,
     OnnxSite,
@@ -45,7 +48,7 @@ from deadrelu_cli.probe.onnx_graph import (
     frames_keep,
     stored_zero_relus,
 )
-from deadrelu_cli.probe.ops import NAMED_WHEN_UNSCANNED, axis_guess_note
+from deadrelu_cli.probe.ops import NAMED_WHEN_UNSCANNED, axis_guess_note, axis_lost_note
 from deadrelu_cli.stats import LayerStats
 
 _shared_arena: bool | None = None  # whether this process registered its CPU arena with onnxruntime
@@ -933,6 +936,10 @@ class HostAccumulator:
                 # any reading of the layout (a Scan body, a square batch nothing told)
                 mark = "applied"
             layer.extra["position_mask"] = mark
+        if self.site.axis_lost:  # counted on a guessed axis: the gate stops on it
+            layer.extra["unit_axis"] = UNIT_AXIS_NOT_FOLLOWED
+        if self.site.experts_merged:  # unit i of every expert counted as one: the gate stops on it
+            layer.extra[EXPERTS_MERGED] = self.site.experts_merged
         return layer
 
     def _layer_stats(self) -> LayerStats:
@@ -1073,10 +1080,25 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         if site.rank == 3
         and site.channel_first is None
         and site.unit_axis is None
+        and not site.axis_lost
         and options.channel_dim is None
     ]
     if guessed:  # [N, C, T] and [N, T, C] look alike: say which one was assumed
         loaded.notes.append(axis_guess_note(guessed, "Conv/Gemm/MatMul/BatchNorm"))
+    for site in sites:
+        site.axis_lost = site.axis_lost and options.channel_dim is None and (site.rank or 0) >= 2
+    merged = {site.name: ("", site.experts_merged) for site in sites if site.experts_merged}
+    if merged:  # an exported fused mixture of experts: one activation for every expert's rows
+        loaded.notes.append(
+            merged_experts_note(
+                merged,
+                "scan the model before export (state_dict + --arch, or its Hugging Face folder), which "
+                "counts each expert apart, or pass --allow-unseen to gate on them as counted",
+            )
+        )
+    lost = [site.name for site in sites if site.axis_lost]
+    if lost:  # a layer's units moved where the walk lost them: counted on a guess, said and gated
+        loaded.notes.append(axis_lost_note(lost))
     masked = mask is not None and any(site.token_layout for site in sites)
     switch = _OutputMaxSwitch(loaded, sites, options, device)
     started = time.perf_counter()
