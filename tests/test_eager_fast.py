@@ -341,7 +341,9 @@ def test_half_precision_sums_do_not_round_or_overflow(dtype, shape, channel_dim,
         ((2000, 3, 14, 14), "float32"),  # 196: int32 words
         ((25_000, 3, 4, 4), "float32"),  # 16: int16 words
         ((8000, 3, 7, 7), "float32"),  # 49: odd, byte sums widened as before
-        ((400_000, 3), "float32"),  # [rows, units]
+        ((400_000, 3), "float32"),  # [rows, units] of 3 bytes: byte sums widened as before
+        ((100_003, 16), "float32"),  # [rows, units]: words added down groups of 127 rows, and a rest
+        ((40_000, 64), "bfloat16"),
         ((50, 3, 120, 120), "bfloat16"),
         ((60, 3, 30, 30, 8), "float64"),
     ],

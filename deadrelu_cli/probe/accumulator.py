@@ -876,9 +876,15 @@ def _count_relu_parts(
     units = views[0].shape[1]
     wide = sum_dtype(first) or first.dtype
     lanes = byte_lanes(per_row) if tail else None
+    # [rows, units]: the mask's words added down each slice's rows in groups of LANE_LIMIT rows
+    row_words = None if tail else word_dtype(units)
     if lanes is not None:
         lane_dtype, groups = lanes
         part_count = torch.empty((rows, units, groups), dtype=lane_dtype)
+    elif row_words is not None:
+        part_count = torch.empty(
+            (sum(-(-x.shape[0] // LANE_LIMIT) for x in views), units // row_words.itemsize), dtype=row_words
+        )
     else:
         count_dtype = torch.int16 if per_row < 2**15 else torch.int32
         part_count = torch.empty((rows, units), dtype=count_dtype)
@@ -886,7 +892,7 @@ def _count_relu_parts(
     part_max = torch.empty((rows, units), dtype=max_dtype)
     part_sum = torch.empty((rows, units), dtype=wide)
     reduce_dim = -1 if tail else 0
-    row = 0
+    row = group = 0
     for x, y in zip(views, out_views, strict=True):
         end = row + x.shape[0] if tail else row + 1
         at = slice(row, end) if tail else row
@@ -900,13 +906,33 @@ def _count_relu_parts(
             words = fired.view(lane_dtype)
             words = words.view(words.shape[0], units, groups, -1)
             torch.sum(words, -1, dtype=lane_dtype, out=part_count[at])
+        elif row_words is not None:
+            words = fired.view(row_words)
+            whole = words.shape[0] // LANE_LIMIT
+            if whole:
+                grouped = words[: whole * LANE_LIMIT].view(whole, LANE_LIMIT, -1)
+                torch.sum(grouped, 1, dtype=row_words, out=part_count[group : group + whole])
+            if words.shape[0] > whole * LANE_LIMIT:
+                rest = words[whole * LANE_LIMIT :]
+                torch.sum(
+                    rest, 0, keepdim=True, dtype=row_words, out=part_count[group + whole : group + whole + 1]
+                )
+                whole += 1
+            group += whole
         else:
             torch.sum(fired, reduce_dim, dtype=count_dtype, out=part_count[at])
         torch.sum(y, reduce_dim, dtype=wide, out=part_sum[at])
         row = end
     if lanes is not None:  # each byte of a word holds the count of its lane: add the bytes up
         part_count = part_count.view(torch.uint8).sum(-1, dtype=torch.int64)
+    elif row_words is not None:  # [groups, units] bytes, each a group's count of its unit
+        part_count = part_count.view(torch.uint8)
     return _batch_totals(part_max, part_count, part_sum, first.dtype)
+
+
+def word_dtype(length: int) -> torch.dtype | None:
+    """The widest integer dtype whose words tile a row of `length` bytes (None for an odd length)."""
+    return next((t for t in (torch.int64, torch.int32, torch.int16) if length % t.itemsize == 0), None)
 
 
 SHORT_ROW = 128  # [N, C, L] with fewer than this many elements per row: _count_relu_columns
@@ -929,7 +955,7 @@ def _count_relu_columns(
     units, columns = first.shape[1], first[0].numel()
     wide = sum_dtype(first) or first.dtype
     max_dtype = _SAME_WIDTH_INT[first.dtype] if positive_max else first.dtype
-    lane_dtype = next((t for t in (torch.int64, torch.int32, torch.int16) if columns % t.itemsize == 0), None)
+    lane_dtype = word_dtype(columns)
     part_max = torch.empty((len(parts), units), dtype=max_dtype)
     part_count = torch.empty((len(parts), units), dtype=torch.int16)  # < LANE_LIMIT * SHORT_ROW each
     part_sum = torch.empty((len(parts), units), dtype=wide)
