@@ -526,8 +526,9 @@ class _CallSiteMode(TorchFunctionMode):
         if op in self.probe.settings.ops and args[0].is_quantized:  # no float pre-activation to count
             self.probe.note_hidden(self.probe.next_site_name(op), "activation on a quantized tensor", op)
         if op not in self.probe.settings.ops or not args[0].is_floating_point():
-            if op in NAMED_WHEN_UNSCANNED and spec.clamp is None and args[0].is_floating_point():
-                self.probe.note_unscanned(op)  # a LeakyReLU beside the ReLUs: named, not counted
+            # a LeakyReLU beside the ReLUs, or a clamp(0, 6) that clamp_is_layer took above: named, not counted
+            if op in NAMED_WHEN_UNSCANNED and args[0].is_floating_point():
+                self.probe.note_unscanned(op)
             return func(*args, **kwargs)
         in_place = spec.always_in_place or bool(
             kwargs.get(
