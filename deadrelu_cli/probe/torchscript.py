@@ -338,7 +338,11 @@ class _Walker:
         if op not in self.ops:
             # a LeakyReLU beside the ReLUs: named, not counted; a clamp too unless it clamps one value per
             # position (an unknown shape is a layer, probe.ops.clamp_is_layer), as eager and .pt2 name it
-            if op in NAMED_WHEN_UNSCANNED and pre is None and not (clamp and self._clamps_per_position(node, module)):
+            if (
+                op in NAMED_WHEN_UNSCANNED
+                and pre is None
+                and not (clamp and self._clamps_per_position(node, module))
+            ):
                 self.unscanned[op] += 1
             return
         path = self.paths.get(id(module), "")

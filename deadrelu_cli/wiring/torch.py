@@ -69,6 +69,10 @@ def write_conflict(model: nn.Module, names, report=None, layer=None) -> str:
                 f"skipped: {layer.producer} also makes {', '.join(others)} (one module called at several "
                 "sites); changing its units would change those sites too"
             )
+    if isinstance(model, fx.GraphModule):
+        why = _program_conflict(model.graph, [name for name in names if name])
+        if why:
+            return why
     aliases: dict[int, list[str]] = {}
     for key, tensor in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(tensor), []).append(key)
@@ -84,6 +88,39 @@ def write_conflict(model: nn.Module, names, report=None, layer=None) -> str:
         tied = [key for key in aliases.get(id(tensor), []) if key != name]
         if tied:
             return f"skipped: {name} is tied to {', '.join(tied)}; rewriting it would change that module too"
+    return ""
+
+
+def _program_conflict(graph: fx.Graph, names: list[str]) -> str:
+    """write_conflict for a program's module, whose graph says what reads each tensor: a tensor tied
+    to another module's is stored once in the program (torch.export keeps one name, read by both
+    modules' ops, and the other name unread), so the tie shows in the graph, not in the module."""
+    attrs = {str(node.target): node for node in graph.nodes if node.op == "get_attr"}
+    for name in names:
+        node = attrs.get(name)
+        if node is None or node.users:
+            why = _tied([node]) if node is not None else ""
+            if why:
+                return why
+            continue
+        owner, _, leaf = name.rpartition(".")
+        # what the module's ops read in its place: the same kind of tensor beside its weight
+        ops = [] if f"{owner}.weight" not in attrs else list(attrs[f"{owner}.weight"].users)
+        read = sorted(
+            {
+                target
+                for op in ops
+                for arg in op.args
+                if (target := _attr_target(arg)) is not None and target.rpartition(".")[2] == leaf
+            }
+        )
+        if read:
+            stored = ", ".join(read)
+            return (
+                f"skipped: {name} is tied to {stored} (the program stores the tensor once, as {stored}); "
+                "rewriting it would change that module too"
+            )
+        return f"skipped: the program never reads {name}; rewriting it would change nothing"
     return ""
 
 
