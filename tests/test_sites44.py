@@ -1,0 +1,347 @@
+"""sites44: one model, every format, the same answer; `fix` never claims what it did not get.
+
+A zoo of spelled, doubled, in-place, shared and clamped ReLUs (and a LeakyReLU / ReLU6 not scanned) gives
+the same layers, units, per-unit counts and not-scanned activations as a state_dict + --arch, .pt2,
+scripted and traced TorchScript and a dynamo=False ONNX export. `fix` on a .pt2 whose select clamps a
+ReLU's output checks the layers it changed (the program written back used to hold one more clamp site,
+so the rescan read another layer's units); a bias tied to another module's is refused as tied in .pt2
+as in the other formats; an fp32 bias far larger than its unit's values is moved past the cut (it was
+left dead with "revived N of M" and exit 0); a unit a bias move cannot reach says so.
+
+Truth: the models' weights in float64 torch (their own `sites()` list of pre-activations), forward hooks
+or onnxruntime with the intermediate value as an extra output, never deadrelu. Each test fails on the
+code before this branch."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from conftest import arch_file, save_npz
+
+SAMPLES = 24
+DATA = np.random.RandomState(4401).randn(SAMPLES, 4).astype(np.float32)
+
+ZOO = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.ModuleList([nn.Linear(4 if i == 0 else 6, 6) for i in range(7)])
+        self.head = nn.Linear(6, 2)
+        self.act = nn.ReLU()
+        self.act6 = nn.ReLU6()
+
+    def forward(self, x):
+        h = F.relu(F.relu(self.fc[0](x)))            # relu of relu: two sites
+        h = self.act(self.act(self.fc[1](h)))        # one module called twice on itself: two
+        a = self.fc[2](h)
+        a = F.relu(a, inplace=True)
+        h = a.relu_()                                # in place, twice: two
+        a = self.act(self.fc[3](h))
+        h = torch.where(a > 0, a, 0.0)               # a select of a ReLU's output: no site
+        h = torch.clamp(self.act(self.fc[4](h)), min=0)  # a clamp of it: a site
+        h = F.relu6(F.relu(self.fc[5](h)))           # relu, then relu6 (not scanned)
+        h = torch.clamp(F.hardtanh(self.fc[6](h), 0.0, 6.0), 0, 6)  # two relu6 (not scanned)
+        return self.head(F.leaky_relu(h))            # leaky_relu (not scanned)
+
+    def sites(self, x):
+        \"\"\"The scanned sites' pre-activations in float64, in the order they run.\"\"\"
+        def lin(i, v):
+            return F.linear(v, self.fc[i].weight.double(), self.fc[i].bias.double())
+
+        x, out = x.double(), []
+        for i in range(5):
+            pre = lin(i, x)
+            out += [pre, pre] if i != 3 else [pre]
+            x = pre.clamp(min=0)
+        pre = lin(5, x)
+        out.append(pre)
+        return out
+
+
+def build():
+    torch.manual_seed(44)
+    net = Net()
+    with torch.no_grad():
+        for i, unit in enumerate([1, 2, 0, 3, 4, 5, 1]):
+            net.fc[i].bias[unit] = -50.0
+    return net
+"""
+
+
+def _formats(model, spec: str, tmp_path) -> dict[str, list]:
+    example = torch.from_numpy(DATA[:2])
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("b", max=1024)},))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    torch.export.save(program, tmp_path / "m.pt2")
+    formats = {"eager": [tmp_path / "m.pt", "--arch", spec], "pt2": [tmp_path / "m.pt2"]}
+    with torch.no_grad():
+        torch.jit.script(model).save(tmp_path / "s.pt")
+        torch.jit.trace(model, example).save(tmp_path / "t.pt")
+    formats["scripted"], formats["traced"] = [tmp_path / "s.pt"], [tmp_path / "t.pt"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            tmp_path / "m.onnx",
+            dynamo=False,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "b"}},
+        )
+    formats["onnx"] = [tmp_path / "m.onnx"]
+    return formats
+
+
+def test_zoo_of_relus_agrees_in_every_format(cli, tmp_path):
+    """Nine ReLU sites (doubled, a module applied to its own output, in place twice, a clamp of a ReLU's
+    output; a select of one is none) with the float64 truth's units and positives in every format, and
+    the same activations named as not scanned: relu6 x3 (a clamp(0, 6) of a hardtanh's output among
+    them) and one leaky_relu. Before: the traced TorchScript named none of them, eager and TorchScript
+    left the clamp(0, 6) out."""
+    model, spec = arch_file(tmp_path / "zoo.py", ZOO)
+    data = save_npz(tmp_path / "d.npz", x=DATA)
+    with torch.no_grad():
+        truth = [(6, (pre > 0).sum(0).tolist()) for pre in model.sites(torch.from_numpy(DATA))]
+    assert len(truth) == 10 and all(0 in counts for _, counts in truth)  # planted dead units
+    for fmt, args in _formats(model, spec, tmp_path).items():
+        result = cli("scan", *args, "--data", data, "--ops", "relu", "--json", "-", "-q")
+        assert result.code in (0, 1), (fmt, result.err)
+        report = result.json()
+        found = [(la["units"], la["positive_counts"]) for la in report["layers"]]
+        assert found == truth, (fmt, [la["name"] for la in report["layers"]])
+        assert report.get("unscanned_activations") == {"relu6": 3, "leaky_relu": 1}, fmt
+
+
+SELECT = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        a = F.relu(self.fc1(x))
+        h = torch.where(a > 0, a, 0.0)  # a select of a ReLU's output: no site of its own
+        return self.head(F.relu(self.fc2(h)))
+
+
+def build():
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.fc1.bias[1] = -50.0
+        net.fc2.bias[[0, 3]] = -50.0
+    return net
+"""
+
+
+def test_fix_of_a_program_checks_the_layers_it_changed(cli, tmp_path):
+    """reinit and prune on a .pt2 whose select clamps a ReLU's output: the fix's rescan reports fc2's
+    units as they are in the written program (float64 truth from its weights): reinit's dead units fire
+    at the rates they do, prune leaves the live units. Before: the program written back held a clamp of the
+    ReLU's output, one more site, and `relu()#2` named fc1's units there (1 dead of 6 after a prune)."""
+    model, _ = arch_file(tmp_path / "select.py", SELECT)
+    data = save_npz(tmp_path / "d.npz", x=DATA)
+    example = torch.from_numpy(DATA[:2])
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("b", max=1024)},))
+    torch.export.save(program, tmp_path / "m.pt2")
+    with torch.no_grad():
+        dead = np.flatnonzero(
+            ~(model.fc2(torch.relu(model.fc1(example.new_tensor(DATA)))) > 0).any(0)
+        ).tolist()
+    assert 0 in dead and 3 in dead and len(dead) < 6
+    for strategy in ("reinit", "prune"):
+        out = tmp_path / f"{strategy}.pt2"
+        result = cli(
+            "fix", tmp_path / "m.pt2", "--data", data, "-s", strategy, "-o", out, "--json", "-", "-q"
+        )
+        assert result.code == 0, result.err
+        layer = next(la for la in result.json()["layers"] if la["name"] == "relu()#2")
+        state = torch.export.load(out).state_dict
+        x = torch.from_numpy(DATA).double()
+        h = torch.relu(
+            torch.nn.functional.linear(x, state["fc1.weight"].double(), state["fc1.bias"].double())
+        )
+        pre = torch.nn.functional.linear(h, state["fc2.weight"].double(), state["fc2.bias"].double())
+        fires = (pre > 0).double().mean(0)
+        assert layer["units_after"] == pre.shape[1], strategy
+        assert layer["dead_after"] == int((fires == 0).sum()), strategy
+        if strategy == "reinit":
+            assert layer["units"] == dead
+            assert np.allclose(layer["rates_after"], fires[dead].tolist()), (layer["rates_after"], fires)
+        else:
+            assert pre.shape[1] == 6 - len(dead) and layer["dead_after"] == 0
+
+
+TIED = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+        with torch.no_grad():
+            self.fc1.bias[1] = -50.0
+        self.fc2.bias = self.fc1.bias  # one Parameter, two modules
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+"""
+
+
+def test_tied_bias_is_its_own_module_and_refused_as_tied(cli, tmp_path):
+    """fc1 and fc2 share one bias Parameter. The .pt2 scan names fc1 as relu()'s producer, as eager,
+    TorchScript and ONNX do (the code: relu(fc1(x))), and bias-shift refuses both layers as tied. Before:
+    .pt2 named fc2 (the one name torch.export keeps for the tensor) and refused with "fc2 also makes
+    relu()#2 (one module called at several sites)"."""
+    model, spec = arch_file(tmp_path / "tied.py", TIED)
+    data = save_npz(tmp_path / "d.npz", x=DATA)
+    for fmt, args in _formats(model, spec, tmp_path).items():
+        result = cli("scan", *args, "--data", data, "--json", "-", "-q")
+        assert result.code in (0, 1), result.err
+        producers = [la["producer"] for la in result.json()["layers"]]
+        assert producers == (["/fc1/Gemm", "/fc2/Gemm"] if fmt == "onnx" else ["fc1", "fc2"]), (
+            fmt,
+            producers,
+        )
+    result = cli("fix", tmp_path / "m.pt2", "--data", data, "-s", "bias-shift", "-o", tmp_path / "o.pt2")
+    assert result.code == 2
+    assert "fc1.bias is tied to fc2.bias" in result.err and "several sites" not in result.err, result.err
+
+
+ABSORB = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+        with torch.no_grad():
+            # unit 0: 1e5 * 1000 from a constant input, a bias near -1e8 (float32 steps of 8) and values
+            # a few steps apart; unit 2: an ordinary dead unit
+            self.fc1.weight[0] = torch.tensor([1e5, 1.0, 0.0])
+            self.fc1.bias[0] = -1e8 - 1000.0
+            self.fc1.bias[2] = -50.0
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc1(x)))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+"""
+
+
+def test_bias_shift_moves_a_large_fp32_bias_past_the_cut(cli, tmp_path):
+    """An fp32 bias near -1e8 whose unit's values lie a few float32 steps apart: bias-shift writes every
+    dead unit firing (truth: a forward hook on the written state_dict's model, onnxruntime with the Gemm
+    output as an extra output). Before: the nearest float32 put unit 0 on the dead side of the cut, the
+    settle move was smaller than one step, and `fix` ended with "revived 2 of the 3", exit 0."""
+    model, spec = arch_file(tmp_path / "absorb.py", ABSORB)
+    rs = np.random.RandomState(5)
+    x = np.stack([np.full(32, 1000.0), rs.randn(32) * 12, rs.randn(32)], 1).astype(np.float32)
+    data = save_npz(tmp_path / "d.npz", x=x)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    with torch.no_grad():
+        dead = np.flatnonzero(~(model.fc1(torch.from_numpy(x)) > 0).any(0).numpy()).tolist()
+    assert 0 in dead and 2 in dead
+    result = cli(
+        "fix", tmp_path / "m.pt", "--arch", spec, "--data", data, "-s", "bias-shift", "-o", tmp_path / "o.pt"
+    )
+    assert result.code == 0, result.out + result.err
+    model.load_state_dict(torch.load(tmp_path / "o.pt"))
+    seen = []
+    model.fc1.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+    assert (seen[0][:, dead] > 0).any(0).all(), seen[0][:, dead].max(0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            arch_file(tmp_path / "absorb.py", ABSORB)[0], (torch.from_numpy(x[:2]),), tmp_path / "m.onnx",
+            dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "b"}},
+        )  # fmt: skip
+    result = cli("fix", tmp_path / "m.onnx", "--data", data, "-s", "bias-shift", "-o", tmp_path / "o.onnx")
+    assert result.code == 0, result.out + result.err
+    written = onnx.load(tmp_path / "o.onnx")
+    gemm = next(n for n in written.graph.node if n.op_type == "Gemm")
+    written.graph.output.append(
+        onnx.helper.make_tensor_value_info(gemm.output[0], onnx.TensorProto.FLOAT, None)
+    )
+    session = ort.InferenceSession(written.SerializeToString(), providers=["CPUExecutionProvider"])
+    pre = session.run([gemm.output[0]], {"x": x})[0]
+    assert (pre[:, dead] > 0).any(0).all(), pre[:, dead].max(0)
+
+
+ZERO_GAIN = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 2)
+        self.register_buffer("scale", torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]))
+        with torch.no_grad():
+            self.fc1.bias[3] = -50.0
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc1(x) * self.scale))  # unit 1: always 0, whatever its bias
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+"""
+
+
+def test_bias_shift_names_a_unit_its_bias_cannot_reach(cli, tmp_path):
+    """A unit multiplied by a stored 0 after its Linear cannot fire for any bias: bias-shift refuses the
+    layer naming that unit and the zero factor. Before: "does not move the pre-activation by one constant
+    per unit (a data-dependent op between them)", naming neither (the op is no data-dependent one)."""
+    model, spec = arch_file(tmp_path / "zero.py", ZERO_GAIN)
+    data = save_npz(tmp_path / "d.npz", x=DATA)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    with torch.no_grad():
+        pre = model.fc1(torch.from_numpy(DATA)) * model.scale
+    assert not (pre[:, 1] > 0).any() and not (pre[:, 3] > 0).any()
+    result = cli(
+        "fix", tmp_path / "m.pt", "--arch", spec, "--data", data, "-s", "bias-shift", "-o", tmp_path / "o.pt"
+    )
+    assert result.code == 2
+    assert "unit(s) 1 " in result.err and "zero factor" in result.err, result.err
+    assert "data-dependent" not in result.err
