@@ -345,3 +345,50 @@ def test_bias_shift_names_a_unit_its_bias_cannot_reach(cli, tmp_path):
     assert result.code == 2
     assert "unit(s) 1 " in result.err and "zero factor" in result.err, result.err
     assert "data-dependent" not in result.err
+
+
+TWO_JOINS = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 3)
+        self.fc2 = nn.Linear(4, 3)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        # one module reads h in both halves here and in the first half only there: the second half of
+        # its input is fc2's output in the other call
+        return self.head(torch.cat([h, h], -1)) + self.head(torch.cat([h, self.fc2(x)], -1))
+
+
+def build():
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.fc1.bias[1] = -50.0
+    return net
+"""
+
+
+def test_a_consumer_reading_a_site_in_different_columns_is_refused_up_front(cli, tmp_path):
+    """`head(cat([h, h])) + head(cat([h, fc2(x)]))`: zeroing head's input columns of h's dead unit in both
+    halves would zero a column of fc2's output in the second call. reinit refuses the layer before
+    patching, in eager (naming head and the columns) as in .pt2/TorchScript, and ONNX names the shared
+    weight. Before: eager patched, and the output check failed with "outputs changed by 0.375 relative"
+    (exit 1); ONNX said /head/Gemm is "not a Conv/Gemm/MatMul with stored weights"."""
+    model, spec = arch_file(tmp_path / "joins.py", TWO_JOINS)
+    data = save_npz(tmp_path / "d.npz", x=DATA)
+    with torch.no_grad():
+        assert not (model.fc1(torch.from_numpy(DATA))[:, 1] > 0).any()  # the planted dead unit
+    formats = _formats(model, spec, tmp_path)
+    for fmt, args in formats.items():
+        out = tmp_path / f"o{args[0].suffix}"
+        result = cli("fix", *args, "--data", data, "-s", "reinit", "-o", out)
+        assert result.code == 2, (fmt, result.out, result.err)
+        assert "head" in result.err and "places" in result.err, (fmt, result.err)

@@ -683,6 +683,10 @@ class EagerProbe:
         # (wiring.torch.eager_wiring)
         self._joins: dict[int, tuple[weakref.ref, list[tuple[str, int, int, int]]]] = {}
         self.joined: dict[tuple[str, str], list[tuple[int, int, int, int]]] = {}
+        # Linear/Conv module -> what its calls read, one entry per distinct call: the sites it read and
+        # where ((site, None) directly, (site, offset, width, axis) through a join), so that a module
+        # called at several places that read a site differently (cat([h, h]) and cat([h, x])) is seen
+        self.consumer_calls: dict[str, set[frozenset]] = {}
         self.upstream: dict[str, str] = {}  # producer -> the producer feeding it (BN -> its Conv)
         self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement
         self.recording = True  # False: only names sites for `substitutes` (a patched model, exportable)
@@ -714,13 +718,17 @@ class EagerProbe:
                 self.upstream[name] = origin[0]
         if isinstance(module, CONSUMER_TYPES):
             site = self.site_of(args[0])
+            read = set()
             if site is not None:
                 self.consumers.setdefault(site, set()).add(name)
+                read.add((site, None))
             for site, offset, axis, width in self.joins_of(args[0]):
                 self.consumers.setdefault(site, set()).add(name)
                 places = self.joined.setdefault((site, name), [])
                 if (offset, width, axis, args[0].dim()) not in places:
                     places.append((offset, width, axis, args[0].dim()))
+                read.add((site, offset, width, axis))
+            self.consumer_calls.setdefault(name, set()).add(frozenset(read))
 
     def note_other_use(self, func, args: tuple) -> None:
         """An activation output read by anything but a Linear/Conv or a unit-preserving op (residual add, …)."""

@@ -134,6 +134,14 @@ def offloaded(module, leaf: str):
     return weights[leaf] if weights is not None and leaf in weights else None
 
 
+def _goes_to(op: str) -> str:
+    """Why a site whose output an op other than a Linear/Conv reads is skipped (the op by its name in
+    the model's code or graph: `add`, `aten.gt.Tensor`, `aten::slice`)."""
+    base = op.replace("::", ".").split(".")[1 if op.startswith("aten") else 0].strip("_")
+    residual = " (a residual add)" if base in ("add", "iadd") else ""
+    return f"skipped: its output goes to {op}{residual}, not to a Linear/Conv"
+
+
 def _dotted(owner: str, tensor: str) -> str:
     return f"{owner}.{tensor}" if owner else tensor
 
@@ -165,13 +173,21 @@ def _single_consumer(
     if name.startswith("<"):
         return (
             None,
-            f"skipped: its output goes to {name.strip('<>')} (e.g. a residual add), not to a Linear/Conv",
+            _goes_to(name.strip("<>")),
         )
     module = model.get_submodule(name)
     if not isinstance(module, LINEAR_OR_CONV):  # ConvTranspose holds its inputs on axis 0
         return None, f"skipped: consumer {name} is a {type(module).__name__}, not a Linear/Conv"
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
         return None, f"skipped: consumer {name} is a grouped convolution"
+    calls = probe.consumer_calls.get(name, set())
+    if len({frozenset(read for read in call if read[0] == site) for call in calls}) > 1:
+        # head(cat([h, h])) + head(cat([h, x])): the columns one call reads h in are x's in the other
+        return (
+            None,
+            f"skipped: consumer {name} is called at several places that do not all read this output in the "
+            "same columns; changing its inputs for one would change the others",
+        )
     others = sorted(
         other
         for other, readers in probe.consumers.items()
@@ -474,7 +490,7 @@ def _graph_readers(
         else:
             weight = _direct_consumer(user, current, to_write)
             if weight is None:
-                return f"skipped: its output goes to {user.name} (e.g. a residual add), not to a linear/conv"
+                return _goes_to(_base(user) if user.op == "call_function" else user.name)
             if weight.startswith("skipped"):
                 return weight
             found.append((weight, offset, units))
@@ -745,7 +761,7 @@ class _ScriptWalk:
     def _leaf(self, user, takes: bool, offset: int, units) -> str:
         consumer_weight = _script_attr(user.inputsAt(1)) if len(list(user.inputs())) > 1 else None
         if _script_base(user) not in _SCRIPT_CONVS or not takes or not consumer_weight:
-            return f"skipped: its output goes to {user.kind()} (e.g. a residual add), not to a linear/conv"
+            return _goes_to(user.kind())
         if not _script_plain(user):
             return f"skipped: consumer {consumer_weight} is a grouped or transposed convolution"
         if self.reads.get(consumer_weight, 0) > 1:
