@@ -19,8 +19,11 @@ import warnings
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from conftest import arch_file, save_npz
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 SAMPLES = 24
 DATA = np.random.RandomState(4401).randn(SAMPLES, 4).astype(np.float32)
@@ -392,3 +395,118 @@ def test_a_consumer_reading_a_site_in_different_columns_is_refused_up_front(cli,
         result = cli("fix", *args, "--data", data, "-s", "reinit", "-o", out)
         assert result.code == 2, (fmt, result.out, result.err)
         assert "head" in result.err and "places" in result.err, (fmt, result.err)
+
+
+# The property's vocabulary: how each op is written after `v`, and what it is (a scanned ReLU site, a
+# spelled ReLU: a site only of a layer's output, or an activation --ops relu names but does not count)
+CODE = {
+    "relu": "F.relu(v)",
+    "relu_": "v.relu_()",
+    "module": "self.act(v)",
+    "clamp": "v.clamp(min=0)",
+    "where": "torch.where(v > 0, v, 0.0)",
+    "mask": "v * (v > 0)",
+    "maximum": "torch.maximum(v, torch.zeros_like(v))",
+    "relu6": "F.relu6(v)",
+    "hardtanh": "F.hardtanh(v, 0.0, 6.0)",
+    "clamp6": "v.clamp(0, 6)",
+    "leaky": "F.leaky_relu(v)",
+}
+RELUS, SPELLED, RELU6S = (
+    ("relu", "relu_", "module", "clamp"),
+    ("where", "mask", "maximum"),
+    ("relu6", "hardtanh", "clamp6"),
+)
+FIRST = RELUS + SPELLED + RELU6S + ("leaky",)
+
+
+@st.composite
+def chains(draw):
+    """Two Linear layers, each followed by one or two of the ops: a spelled ReLU only of the layer's
+    output or of a ReLU's (what it is after another activation is no rule yet)."""
+    stages = []
+    for _ in range(2):
+        first = draw(st.sampled_from(FIRST))
+        seconds = (None,) + RELUS + RELU6S + (SPELLED if first in RELUS else ())
+        stages.append((first, draw(st.sampled_from(seconds))))
+    return stages
+
+
+def _chain_source(stages) -> str:
+    lines = []
+    for i, ops in enumerate(stages):
+        lines.append(f"v = self.fc{i}(v)")
+        lines += [f"v = {CODE[op]}" for op in ops if op]
+    body = "\n        ".join(lines)
+    return f"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc0 = nn.Linear(4, 5)
+        self.fc1 = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 2)
+        self.act = nn.ReLU()
+
+    def forward(self, v):
+        {body}
+        return self.head(v)
+
+
+def build():
+    torch.manual_seed(7)
+    net = Net()
+    with torch.no_grad():
+        net.fc0.bias[1] = net.fc1.bias[3] = -50.0
+    return net
+"""
+
+
+def _chain_truth(model, stages):
+    """(per site: units and positives, {op: layers named but not scanned}) by the rule, in float64."""
+    v, sites, unscanned = torch.from_numpy(DATA).double(), [], {}
+    for i, ops in enumerate(stages):
+        layer = getattr(model, f"fc{i}")
+        v = torch.nn.functional.linear(v, layer.weight.double(), layer.bias.double())
+        for position, op in enumerate(o for o in ops if o):
+            if op in RELUS or (op in SPELLED and position == 0):
+                sites.append((v.shape[1], (v > 0).sum(0).tolist()))
+            if op in RELU6S or op == "leaky":
+                name = "relu6" if op in RELU6S else "leaky_relu"
+                unscanned[name] = unscanned.get(name, 0) + 1
+            v = (
+                torch.nn.functional.leaky_relu(v)
+                if op == "leaky"
+                else v.clamp(0, 6 if op in RELU6S else None)
+            )
+    return sites, unscanned
+
+
+@pytest.fixture(scope="module")
+def chain_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("chains")
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(stages=chains())
+def test_relu_chains_agree_in_every_format(cli, chain_dir, stages):
+    """Any two ReLU-like ops after a layer (doubled ReLUs, a clamp or a spelled ReLU of a ReLU's output, a
+    ReLU6 / hardtanh / clamp(0, 6) or LeakyReLU beside them): the sites, their units and positives and
+    the activations named as not scanned follow one rule in eager, .pt2, scripted and traced TorchScript
+    and ONNX: a relu / clamp(min=0) call is a site wherever it runs, a spelled ReLU only of a layer's
+    output, every ReLU6 and LeakyReLU is named. Truth: that rule on float64 pre-activations."""
+    folder = chain_dir / "_".join(f"{a}_{b}" for a, b in stages)  # (a Python module name: TorchScript's)
+    folder.mkdir(exist_ok=True)
+    model, spec = arch_file(folder / "chain.py", _chain_source(stages))
+    data = save_npz(folder / "d.npz", x=DATA)
+    truth, unscanned = _chain_truth(model, stages)
+    for fmt, args in _formats(model, spec, folder).items():
+        result = cli("scan", *args, "--data", data, "--ops", "relu", "--json", "-", "-q")
+        assert result.code in (0, 1), (fmt, result.err)
+        report = result.json()
+        assert [(la["units"], la["positive_counts"]) for la in report["layers"]] == truth, (fmt, stages)
+        assert (report.get("unscanned_activations") or {}) == unscanned, (fmt, stages)
