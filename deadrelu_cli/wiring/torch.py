@@ -180,14 +180,6 @@ def _single_consumer(
         return None, f"skipped: consumer {name} is a {type(module).__name__}, not a Linear/Conv"
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
         return None, f"skipped: consumer {name} is a grouped convolution"
-    calls = probe.consumer_calls.get(name, set())
-    if len({frozenset(read for read in call if read[0] == site) for call in calls}) > 1:
-        # head(cat([h, h])) + head(cat([h, x])): the columns one call reads h in are x's in the other
-        return (
-            None,
-            f"skipped: consumer {name} is called at several places that do not all read this output in the "
-            "same columns; changing its inputs for one would change the others",
-        )
     others = sorted(
         other
         for other, readers in probe.consumers.items()
@@ -197,6 +189,14 @@ def _single_consumer(
         return (
             None,
             f"skipped: consumer {name} also reads {', '.join(others)}; changing its inputs would change that site's path too",
+        )
+    calls = probe.consumer_calls.get(name, set())
+    if len({frozenset(read for read in call if read[0] == site) for call in calls}) > 1:
+        # head(cat([h, h])) + head(cat([h, x])): the columns one call reads h in are x's in the other
+        return (
+            None,
+            f"skipped: consumer {name} is called at several places that do not all read this output in the "
+            "same columns; changing its inputs for one would change the others",
         )
     return name, ""
 
