@@ -179,14 +179,17 @@ def _trace_producer(node: fx.Node, pre: fx.Node | None = None) -> tuple[bool | N
                 )
             ):  # a decomposed Linear: x @ weight.T
                 weight = weight.args[0]
-            if (  # a bias tied to another module's (one tensor, one name in the program): the weight's module
-                producer is not None
+            if (  # a tensor tied to another module's (one tensor, one name in the program): the module
+                producer is not None  # the op ran in, where it is the weight's or the bias's name
                 and isinstance(weight, fx.Node)
                 and weight.op == "get_attr"
                 and str(weight.target).endswith(".weight")
                 and str(weight.target)[: -len(".weight")] != producer
             ):
-                producer = str(weight.target)[: -len(".weight")]
+                stack = current.meta.get("nn_module_stack") or {}
+                path = list(stack.values())[-1][0] if stack else ""
+                if path == str(weight.target)[: -len(".weight")]:
+                    producer = path
             if (  # bias=False: the Linear/Conv whose weight rows are the units (as the eager probe keeps it)
                 producer is None
                 and keep_producer
