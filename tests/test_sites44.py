@@ -235,6 +235,17 @@ def test_tied_bias_is_its_own_module_and_refused_as_tied(cli, tmp_path):
     result = cli("fix", tmp_path / "m.pt2", "--data", data, "-s", "bias-shift", "-o", tmp_path / "o.pt2")
     assert result.code == 2
     assert "fc1.bias is tied to fc2.bias" in result.err and "several sites" not in result.err, result.err
+    # a tied weight (an LM head's) is the other way round: fc2 reads fc1's weight, its own bias
+    tied_weight = (
+        TIED.replace("self.fc2.bias = self.fc1.bias", "self.fc2.weight = self.fc1.weight")
+        .replace("nn.Linear(4, 6)", "nn.Linear(6, 6)")
+        .replace("F.relu(self.fc1(x))", "F.relu(self.fc1(x.repeat(1, 2)[:, :6]))")
+    )
+    model, _ = arch_file(tmp_path / "tied_weight.py", tied_weight)
+    program = torch.export.export(model, (torch.from_numpy(DATA[:2]),))
+    torch.export.save(program, tmp_path / "w.pt2")
+    result = cli("scan", tmp_path / "w.pt2", "--data", data, "--json", "-", "-q")
+    assert [la["producer"] for la in result.json()["layers"]] == ["fc1", "fc2"], result.err
 
 
 ABSORB = """
