@@ -127,10 +127,10 @@ def _sites_of(model, ops: tuple[str, ...], input_shape: str | None):
     from deadrelu_cli.probe.base import ProbeSettings
 
     if model.kind == "exported":
-        from deadrelu_cli.probe.exported import find_sites
-        from deadrelu_cli.probe.hidden import graph_hidden, prepare_graph
+        from deadrelu_cli.probe.exported import find_sites, prepare_program
+        from deadrelu_cli.probe.hidden import graph_hidden
 
-        prepare_graph(model.runnable)  # as the scan counts them
+        prepare_program(model.runnable)  # as the scan counts them
         sites = [site for _, site in find_sites(model.runnable.graph, ops)]
         return sites, hidden_notes(graph_hidden(model.runnable, ops))
     from deadrelu_cli.probe.torchscript import TorchScriptProbe

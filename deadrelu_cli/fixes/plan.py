@@ -215,9 +215,15 @@ def shift_gains(
     spread = np.abs(moved - gains).max(axis=0)
     scale = float(np.abs(before[:, units]).max()) + delta
     rel = max(1e-5, 4 * eps)  # float32: the old bound; half precision: a few roundings of its own
-    if not bool(
-        ((spread <= max(1e-4, rel) * np.abs(gains) + rel * scale / delta) & (np.abs(gains) > 1e-6)).all()
-    ):
+    constant = spread <= max(1e-4, rel) * np.abs(gains) + rel * scale / delta
+    unmoved = np.abs(gains) <= 1e-6
+    if constant.all() and unmoved.any():  # a zero factor between them (a mask, a scale of 0)
+        shown = ", ".join(str(units[i]) for i in np.flatnonzero(unmoved)[:8])
+        return (
+            f"skipped: a move of {target} does not move the pre-activation of unit(s) {shown} at all (a zero "
+            "factor between them: no bias makes them fire); use leaky"
+        )
+    if not bool((constant & ~unmoved).all()):
         return (
             f"skipped: a move of {target} does not move the pre-activation by one constant per unit "
             "(a data-dependent op between them); use leaky"

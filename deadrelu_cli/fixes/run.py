@@ -253,6 +253,17 @@ def _check_promises(options: FixOptions, outcome, elements: int, threshold: floa
             f"never exceed --threshold {threshold:g} on the data in the written file (units {shown})",
         )
     if options.strategy == "bias-shift":
+        # a move it could not make (its promise what the unit fired on before: nothing) is no revival
+        # either; exit 0 with "revived N of M" would claim a fix it did not get
+        stuck = [unit for unit, promised, rate in pairs if promised <= 0 and rate <= 0]
+        if stuck:
+            shown = ", ".join(str(u) for u in stuck[:8]) + (", …" if len(stuck) > 8 else "")
+            _fail(
+                result,
+                f"{outcome.name}: bias-shift could not move {len(stuck)} of the {len(pairs)} units past their "
+                f"cut (units {shown}): one step of their {outcome.coarse_dtype or 'stored'} entry is wider than "
+                "the gap between their values; use --strategy reinit or kick there, or --layers to leave it out",
+            )
         over = [
             (rate, promised)
             for _, promised, rate in pairs

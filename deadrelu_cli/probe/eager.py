@@ -539,8 +539,9 @@ class _CallSiteMode(TorchFunctionMode):
         if op in self.probe.settings.ops and args[0].is_quantized:  # no float pre-activation to count
             self.probe.note_hidden(self.probe.next_site_name(op), "activation on a quantized tensor", op)
         if op not in self.probe.settings.ops or not args[0].is_floating_point():
-            if op in NAMED_WHEN_UNSCANNED and spec.clamp is None and args[0].is_floating_point():
-                self.probe.note_unscanned(op)  # a LeakyReLU beside the ReLUs: named, not counted
+            # a LeakyReLU beside the ReLUs, or a clamp(0, 6) that clamp_is_layer took above: named, not counted
+            if op in NAMED_WHEN_UNSCANNED and args[0].is_floating_point():
+                self.probe.note_unscanned(op)
             return func(*args, **kwargs)
         in_place = spec.always_in_place or bool(
             kwargs.get(
@@ -698,6 +699,10 @@ class EagerProbe:
         # (wiring.torch.eager_wiring)
         self._joins: dict[int, tuple[weakref.ref, list[tuple[str, int, int, int]]]] = {}
         self.joined: dict[tuple[str, str], list[tuple[int, int, int, int]]] = {}
+        # Linear/Conv module -> what its calls read, one entry per distinct call: the sites it read and
+        # where ((site, None) directly, (site, offset, width, axis) through a join), so that a module
+        # called at several places that read a site differently (cat([h, h]) and cat([h, x])) is seen
+        self.consumer_calls: dict[str, set[frozenset]] = {}
         self.upstream: dict[str, str] = {}  # producer -> the producer feeding it (BN -> its Conv)
         self.substitutes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # site -> replacement
         self.recording = True  # False: only names sites for `substitutes` (a patched model, exportable)
@@ -729,13 +734,17 @@ class EagerProbe:
                 self.upstream[name] = origin[0]
         if isinstance(module, CONSUMER_TYPES):
             site = self.site_of(args[0])
+            read = set()
             if site is not None:
                 self.consumers.setdefault(site, set()).add(name)
+                read.add((site, None))
             for site, offset, axis, width in self.joins_of(args[0]):
                 self.consumers.setdefault(site, set()).add(name)
                 places = self.joined.setdefault((site, name), [])
                 if (offset, width, axis, args[0].dim()) not in places:
                     places.append((offset, width, axis, args[0].dim()))
+                read.add((site, offset, width, axis))
+            self.consumer_calls.setdefault(name, set()).add(frozenset(read))
 
     def note_other_use(self, func, args: tuple) -> None:
         """An activation output read by anything but a Linear/Conv or a unit-preserving op (residual add, …)."""

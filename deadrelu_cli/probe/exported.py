@@ -198,6 +198,17 @@ def _trace_producer(node: fx.Node, pre: fx.Node | None = None) -> Units:
                 )
             ):  # a decomposed Linear: x @ weight.T
                 weight = weight.args[0]
+            if (  # a tensor tied to another module's (one tensor, one name in the program): the module
+                producer is not None  # the op ran in, where it is the weight's or the bias's name
+                and isinstance(weight, fx.Node)
+                and weight.op == "get_attr"
+                and str(weight.target).endswith(".weight")
+                and str(weight.target)[: -len(".weight")] != producer
+            ):
+                stack = current.meta.get("nn_module_stack") or {}
+                path = list(stack.values())[-1][0] if stack else ""
+                if path == str(weight.target)[: -len(".weight")]:
+                    producer = path
             if (  # bias=False: the Linear/Conv whose weight rows are the units (as the eager probe keeps it)
                 producer is None
                 and keep_producer
@@ -359,10 +370,11 @@ def _clamp_is_layer(node: fx.Node, channel_first: bool | None) -> bool:
     return clamp_is_layer(shape, unit_axis, channel_first is not None or _decomposed_linear(node))
 
 
-def _decomposed_linear(node: fx.Node) -> bool:
-    """Whether a clamp's input is a Linear's output in a decomposed graph (run_decompositions writes
-    linear as addmm / mm on rows, viewed back to [B, T, F]: the view keeps the last axis, the units)."""
-    current = node.args[0]
+def _decomposed_linear(node: fx.Node, pre: fx.Node | None = None) -> bool:
+    """Whether a clamp's input (`pre`, else its first argument) is a Linear's output in a decomposed
+    graph (run_decompositions writes linear as addmm / mm on rows, viewed back to [B, T, F]: the view
+    keeps the last axis, the units)."""
+    current = pre if pre is not None else node.args[0]
     for _ in range(8):
         if not isinstance(current, fx.Node) or current.op != "call_function" or not current.args:
             return False
@@ -380,6 +392,20 @@ def _decomposed_linear(node: fx.Node) -> bool:
             return False
         current = source
     return False
+
+
+def spelled_from_layer(node: fx.Node, x: fx.Node) -> bool:
+    """Whether a ReLU spelled by `node` (maximum(x, 0), where(x > 0, x, 0), x * (x > 0)) clamps a
+    layer's output: a site then (find_sites); else an ordinary op."""
+    return _trace_producer(node, x)[0] is not None or _decomposed_linear(node, x)
+
+
+def prepare_program(graph_module: fx.GraphModule) -> None:
+    """hidden.prepare_graph with the spelled ReLUs written as clamps only where they are sites: one of
+    a ReLU's output (`where(a > 0, a, 0)` after F.relu) stays as written, so a program `fix` writes back
+    holds what the user wrote, and its rescan finds the sites of the original (a clamp of a ReLU's
+    output would be one more)."""
+    prepare_graph(graph_module, spelled_from_layer)
 
 
 def stored_zero_relus(graph: fx.Graph, ops: tuple[str, ...]) -> Counter:
@@ -445,7 +471,7 @@ class ExportedProbe:
         self.registry = SiteRegistry(settings)
         self.sites: list[StaticSite] = []
         self.graph_module = graph_module
-        prepare_graph(graph_module)
+        prepare_program(graph_module)
         self.hidden = graph_hidden(graph_module, settings.ops)  # before the rewrite: the ops as exported
         others = tuple(op for op in NAMED_WHEN_UNSCANNED if op not in settings.ops)
         # a LeakyReLU beside the ReLUs: its layers named, not counted

@@ -16,8 +16,8 @@ from torch import fx
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.probe.base import ProbeSettings, SiteRegistry, infer_channel_dim
-from deadrelu_cli.probe.exported import StaticSite, find_sites
-from deadrelu_cli.probe.hidden import graph_hidden, prepare_graph
+from deadrelu_cli.probe.exported import StaticSite, find_sites, prepare_program
+from deadrelu_cli.probe.hidden import graph_hidden
 from deadrelu_cli.probe.ops import counts_from_output, resolve_channel_dim, threshold_below
 from deadrelu_cli.stats import CAPPED_OPS
 
@@ -76,7 +76,7 @@ class InGraphProbe:
         self.registry = SiteRegistry(settings)
         self.sites: list[tuple[StaticSite, int, bool]] = []  # (site, channel dim, has saturation output)
         graph = graph_module.graph
-        prepare_graph(graph_module)
+        prepare_program(graph_module)
         self.hidden = graph_hidden(graph_module, settings.ops)
         output = next(node for node in graph.nodes if node.op == "output")
         stats: list[fx.Node] = []

@@ -187,13 +187,16 @@ def _sign_test(node: object, graph_module: fx.GraphModule) -> tuple[fx.Node, boo
 SPELLED_RELU = "deadrelu_spelled_relu"  # node.meta key of a clamp written from a maximum or a select
 
 
-def recompose_spelled_relus(graph_module: fx.GraphModule) -> None:
+def recompose_spelled_relus(graph_module: fx.GraphModule, keep=None) -> None:
     """Write `maximum(x, zeros)` / `max(x, zeros)` (zeros that do not widen x), `where(x <= 0, 0, x)`,
     `masked_fill(x, x < 0, 0)` and `x * (x > 0)` as `clamp_min(x, 0)` and `where(x > 0, x, 0)` as
     `threshold(x, 0, 0)` (`>=`, `<` alike): the same values, NaN included (a product is NaN at x = -inf,
     where the clamp is 0), and so ReLU sites as the clamps are (probe.ops: a ReLU spelled with a maximum),
     as the eager probe and TorchScript count them. One spelled with a parameter or buffer of zeros stays
-    as written, its x in node.meta[STORED_ZEROS_RELU] (named in `hidden` when x comes from a layer)."""
+    as written, its x in node.meta[STORED_ZEROS_RELU] (named in `hidden` when x comes from a layer).
+    `keep(node, x)` (when given): whether to write this one; one it declines stays as written, no site
+    (exported.prepare_program: only x from a layer, so that a program written back holds no clamp of
+    a ReLU's output where the user wrote a select)."""
     graph = graph_module.graph
     changed = False
     for node in list(graph.nodes):
@@ -204,6 +207,8 @@ def recompose_spelled_relus(graph_module: fx.GraphModule) -> None:
             stored = _spelling(node, graph_module, _stored_zeros)
             if stored is not None:
                 node.meta[STORED_ZEROS_RELU] = stored[0]
+            continue
+        if keep is not None and not keep(node, found[0]):
             continue
         node.target, node.args = found[1]
         node.meta[SPELLED_RELU] = True  # a site only from a layer (exported.find_sites)
@@ -302,11 +307,12 @@ def _spelling(node: fx.Node, graph_module: fx.GraphModule, is_zeros) -> tuple[fx
     return x, replacement
 
 
-def prepare_graph(graph_module: fx.GraphModule) -> None:
-    """The rewrites before a graph's sites are found (the scan, `inspect` and `fix` alike)."""
+def prepare_graph(graph_module: fx.GraphModule, keep_spelled=None) -> None:
+    """The rewrites before a graph's sites are found (the scan, `inspect` and `fix` alike, through
+    exported.prepare_program; `keep_spelled`: recompose_spelled_relus's `keep`)."""
     decompose_rnn_cells(graph_module)
     recompose_thresholds(graph_module)
-    recompose_spelled_relus(graph_module)
+    recompose_spelled_relus(graph_module, keep_spelled)
 
 
 def _graph_sites(graph_module: fx.GraphModule, ops: tuple[str, ...]) -> Counter:

@@ -194,7 +194,7 @@ class _Walker:
                     if stored is not None and self._producer(stored, module)[0] is not None:
                         self.hidden[stored_zeros_label(self.paths.get(id(module), ""), kind)] += 1
                 kind_op = aten_op_kind(kind, args)
-                if kind_op is not None and kind_op[0] in self.ops:
+                if kind_op is not None:  # _add names the ops --ops did not ask for (a traced leaky_relu)
                     self._add(module, node, kind_op[0], kind_op[1], clamp=is_clamp_op(kind))
 
     def _zeros(self, env: dict, value) -> bool:
@@ -331,10 +331,20 @@ class _Walker:
                 stack.extend(v for v in inputs if str(v.type()).startswith("Tensor"))
         return tuple(found)
 
+    def _clamps_per_position(self, node, module) -> bool:
+        value = node.inputsAt(1) if node.kind() == "prim::CallFunction" else node.inputsAt(0)
+        return bool(self._per_position(value, module))
+
     def _add(self, module, node, op: str, in_place: bool, clamp: bool = False, pre=None) -> None:
         if op not in self.ops:
-            if op in NAMED_WHEN_UNSCANNED and not clamp and pre is None:
-                self.unscanned[op] += 1  # a LeakyReLU beside the ReLUs: named, not counted
+            # a LeakyReLU beside the ReLUs: named, not counted; a clamp too unless it clamps one value per
+            # position (an unknown shape is a layer, probe.ops.clamp_is_layer), as eager and .pt2 name it
+            if (
+                op in NAMED_WHEN_UNSCANNED
+                and pre is None
+                and not (clamp and self._clamps_per_position(node, module))
+            ):
+                self.unscanned[op] += 1
             return
         path = self.paths.get(id(module), "")
         qualified = _type_name(module)

@@ -596,6 +596,20 @@ def _direct_reader(
     return display_name(node), TensorRef(stored_name, ref.axis)
 
 
+def _shared_weight(index: GraphIndex, node: onnx.NodeProto) -> tuple[str, int] | None:
+    """(stored weight, how many nodes read it) of a Conv/Gemm/MatMul whose stored weight other nodes
+    read too (a torch module called twice, exported with one initializer), else None."""
+    if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+        return None
+    weight = node.input[1]
+    stored = _matmul_weight(index, weight) if node.op_type == "MatMul" else None
+    name = stored[0] if stored else stored_behind(index, weight)
+    if name is None:
+        return None
+    count = max(uses(index, name), uses(index, weight))
+    return (name, count) if count > 1 else None
+
+
 def _matmul_weight(index: GraphIndex, name: str) -> tuple[str, bool] | None:
     """The stored tensor behind a MatMul's weight operand, and whether the graph transposes it first
     (torch's `x @ W.T` exported without constant folding: MatMul(x, Transpose(W)), W stored [out, in]);
@@ -780,6 +794,12 @@ def _readers(
                 return f"skipped: consumer {display_name(consumer)} is a grouped convolution (group={attr(consumer, 'group', 1)})"
             leaf = _direct_reader(index, consumer, name, axis, rank)
             if leaf is None:
+                shared = _shared_weight(index, consumer)
+                if shared:
+                    return (
+                        f"skipped: consumer {display_name(consumer)} reads {shared[0]}, which {shared[1]} nodes "
+                        "read (one layer applied at several places); changing its inputs would change the others too"
+                    )
                 return _no_reader(consumer, readers, forked, listed=True)
             found.append((*leaf, offset, units))
             continue

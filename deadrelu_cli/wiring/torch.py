@@ -69,6 +69,10 @@ def write_conflict(model: nn.Module, names, report=None, layer=None) -> str:
                 f"skipped: {layer.producer} also makes {', '.join(others)} (one module called at several "
                 "sites); changing its units would change those sites too"
             )
+    if isinstance(model, fx.GraphModule):
+        why = _program_conflict(model.graph, [name for name in names if name])
+        if why:
+            return why
     aliases: dict[int, list[str]] = {}
     for key, tensor in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(tensor), []).append(key)
@@ -87,6 +91,39 @@ def write_conflict(model: nn.Module, names, report=None, layer=None) -> str:
     return ""
 
 
+def _program_conflict(graph: fx.Graph, names: list[str]) -> str:
+    """write_conflict for a program's module, whose graph says what reads each tensor: a tensor tied
+    to another module's is stored once in the program (torch.export keeps one name, read by both
+    modules' ops, and the other name unread), so the tie shows in the graph, not in the module."""
+    attrs = {str(node.target): node for node in graph.nodes if node.op == "get_attr"}
+    for name in names:
+        node = attrs.get(name)
+        if node is None or node.users:
+            why = _tied([node]) if node is not None else ""
+            if why:
+                return why
+            continue
+        owner, _, leaf = name.rpartition(".")
+        # what the module's ops read in its place: the same kind of tensor beside its weight
+        ops = [] if f"{owner}.weight" not in attrs else list(attrs[f"{owner}.weight"].users)
+        read = sorted(
+            {
+                target
+                for op in ops
+                for arg in op.args
+                if (target := _attr_target(arg)) is not None and target.rpartition(".")[2] == leaf
+            }
+        )
+        if read:
+            stored = ", ".join(read)
+            return (
+                f"skipped: {name} is tied to {stored} (the program stores the tensor once, as {stored}); "
+                "rewriting it would change that module too"
+            )
+        return f"skipped: the program never reads {name}; rewriting it would change nothing"
+    return ""
+
+
 def offloaded(module, leaf: str):
     """`module.<leaf>`'s values; where accelerate offloaded it (--device-map with --max-memory: a meta
     tensor on the module), the copy its hook keeps (on the CPU, or memory-mapped from disk); None if neither."""
@@ -95,6 +132,14 @@ def offloaded(module, leaf: str):
         return tensor
     weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
     return weights[leaf] if weights is not None and leaf in weights else None
+
+
+def _goes_to(op: str) -> str:
+    """Why a site whose output an op other than a Linear/Conv reads is skipped (the op by its name in
+    the model's code or graph: `add`, `aten.gt.Tensor`, `aten::slice`)."""
+    base = op.replace("::", ".").split(".")[1 if op.startswith("aten") else 0].strip("_")
+    residual = " (a residual add)" if base in ("add", "iadd") else ""
+    return f"skipped: its output goes to {op}{residual}, not to a Linear/Conv"
 
 
 def _dotted(owner: str, tensor: str) -> str:
@@ -128,7 +173,7 @@ def _single_consumer(
     if name.startswith("<"):
         return (
             None,
-            f"skipped: its output goes to {name.strip('<>')} (e.g. a residual add), not to a Linear/Conv",
+            _goes_to(name.strip("<>")),
         )
     module = model.get_submodule(name)
     if not isinstance(module, LINEAR_OR_CONV):  # ConvTranspose holds its inputs on axis 0
@@ -144,6 +189,14 @@ def _single_consumer(
         return (
             None,
             f"skipped: consumer {name} also reads {', '.join(others)}; changing its inputs would change that site's path too",
+        )
+    calls = probe.consumer_calls.get(name, set())
+    if len({frozenset(read for read in call if read[0] == site) for call in calls}) > 1:
+        # head(cat([h, h])) + head(cat([h, x])): the columns one call reads h in are x's in the other
+        return (
+            None,
+            f"skipped: consumer {name} is called at several places that do not all read this output in the "
+            "same columns; changing its inputs for one would change the others",
         )
     return name, ""
 
@@ -437,7 +490,7 @@ def _graph_readers(
         else:
             weight = _direct_consumer(user, current, to_write)
             if weight is None:
-                return f"skipped: its output goes to {user.name} (e.g. a residual add), not to a linear/conv"
+                return _goes_to(_base(user) if user.op == "call_function" else user.name)
             if weight.startswith("skipped"):
                 return weight
             found.append((weight, offset, units))
@@ -708,7 +761,7 @@ class _ScriptWalk:
     def _leaf(self, user, takes: bool, offset: int, units) -> str:
         consumer_weight = _script_attr(user.inputsAt(1)) if len(list(user.inputs())) > 1 else None
         if _script_base(user) not in _SCRIPT_CONVS or not takes or not consumer_weight:
-            return f"skipped: its output goes to {user.kind()} (e.g. a residual add), not to a linear/conv"
+            return _goes_to(user.kind())
         if not _script_plain(user):
             return f"skipped: consumer {consumer_weight} is a grouped or transposed convolution"
         if self.reads.get(consumer_weight, 0) > 1:

@@ -506,16 +506,17 @@ def _move(
 ) -> np.ndarray:
     """Add `by` to the units' entries of the stored tensor `name` (one value per unit, whatever its
     shape); the move as stored (rounded to the tensor's dtype), per unit. With `gain` (a bias-shift's
-    move) a float16 or bfloat16 entry is rounded towards the side that fires (up for a positive gain), not to the
-    nearest: one float16 step can be wider than the gap above the cut, and the nearest value would
-    leave the unit dead (`backends.torch.strategies.place_shifted`, the torch side). bfloat16 (an
-    ml_dtypes array, as onnx reads it) likewise: its step near -1000 is 4."""
+    move) a float entry is rounded towards the side that fires (up for a positive gain), not to the
+    nearest: one float16 step, or one float32 step of a bias far larger than the unit's values, can be
+    wider than the gap above the cut, and the nearest value would leave the unit dead
+    (`backends.torch.strategies.place_shifted`, the torch side). bfloat16 (an ml_dtypes array, as onnx
+    reads it) likewise: its step near -1000 is 4."""
     stored = _get(model, name)
     flat = stored.reshape(-1)  # a view
     kept = flat[units].astype(np.float64)
     exact = kept + by
     moved = exact.astype(stored.dtype)
-    if gain is not None and stored.dtype in HALF_FLOATS:
+    if gain is not None and (stored.dtype in HALF_FLOATS or np.issubdtype(stored.dtype, np.floating)):
         up = np.broadcast_to(np.asarray(gain, np.float64) > 0, exact.shape)
         short = np.where(up, moved.astype(np.float64) < exact, moved.astype(np.float64) > exact)
         toward = np.where(up, np.inf, -np.inf).astype(stored.dtype)

@@ -403,12 +403,12 @@ def _program_module(scanned, options: FixOptions) -> torch.fx.GraphModule:
         raise UserError(
             f"--output {options.output}: an ExportedProgram is patched into an ExportedProgram; use a .pt2 name"
         )
-    from deadrelu_cli.probe.hidden import prepare_graph
+    from deadrelu_cli.probe.exported import prepare_program
 
     # a copy: program.module() shares the program's tensors with the module the original runner runs,
     # so edits in place would change "before" too and the comparison would check nothing
     module = copy.deepcopy(graph_module_with_stack(scanned.model.extra["program"])).to(scanned.device)
-    prepare_graph(module)  # the RNNCell steps and decomposed thresholds are sites, as scanned
+    prepare_program(module)  # the RNNCell steps and decomposed thresholds are sites, as scanned
     return module
 
 

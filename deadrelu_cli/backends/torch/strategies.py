@@ -503,19 +503,17 @@ def _gain(
     )
 
 
-HALF_FLOATS = (torch.float16, torch.bfloat16)
-
-
 def place_shifted(
     tensor: torch.Tensor, units: torch.Tensor, exact: torch.Tensor, gain, stored: torch.dtype | None
 ) -> torch.Tensor:
     """Write `exact` (float64, the shifted entries) into `tensor` at `units`, as the file will hold
-    them: a float16/bfloat16 entry (in the tensor, or in the checkpoint it is written back to:
-    `stored`) is rounded towards the side that fires (up for a positive gain), not to the nearest —
-    one step of a half-precision bias can be wider than the gap above the cut, and the nearest value
+    them: rounded to the entry's dtype (the tensor's, or the checkpoint's it is written back to:
+    `stored`) towards the side that fires (up for a positive gain), not to the nearest — one step of a
+    float16/bfloat16 bias, or of a float32 one far larger than the unit's values (a bias near 1e8
+    beside values a few steps apart), can be wider than the gap above the cut, and the nearest value
     would leave the unit dead in the written file. Returns the entries written (float64)."""
     dtype = stored if stored is not None else tensor.dtype
-    if dtype in HALF_FLOATS:
+    if dtype.is_floating_point:
         up = torch.from_numpy(np.asarray(gain, dtype=np.float64) > 0).to(exact.device).expand_as(exact)
         rounded = exact.to(dtype)
         short = torch.where(up, rounded.double() < exact, rounded.double() > exact)
