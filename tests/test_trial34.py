@@ -277,3 +277,40 @@ def test_narrow_columns_never_cut_a_number_in_any_table(cli, monkeypatch):
     assert [row[0] for row in rows] == [str(u) for u in range(len(rates))], result.out
     assert [row[2] for row in rows] == [f"{100 * r:.2f}%" for r in rates], result.out
     assert "…" not in "".join(" ".join(row) for row in rows)
+
+
+_CUSTOM_OP_EXPORT = """
+import sys, numpy as np, torch
+@torch.library.custom_op("deadrelu_test44::twice", mutates_args=())
+def twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+@twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+    def forward(self, x):
+        return torch.relu(twice(self.fc(x)))
+torch.export.save(torch.export.export(Net(), (torch.randn(2, 4),)), sys.argv[1])
+np.savez(sys.argv[2], x=np.random.default_rng(0).standard_normal((8, 4)).astype("float32"))
+"""
+
+
+def test_a_program_calling_a_custom_op_this_process_lacks_is_one_line(tmp_path):
+    """A .pt2 whose graph calls a custom operator (transformers' grouped_mm experts, any torch.library op)
+    loads only where the op is registered. With --trust-pickle, torch.export.load logged a whole traceback
+    as warnings on stderr and raised "check the warnings above"; deadrelu then said "the file is truncated
+    or from an incompatible torch". Now one line naming the operator and what to do, exit 2."""
+    program, data = tmp_path / "custom.pt2", tmp_path / "calib.npz"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", _CUSTOM_OP_EXPORT, program, data], check=True, env=env, timeout=300)
+    scan = [sys.executable, "-m", "deadrelu_cli", "scan", program, "--data", data]
+    refused = subprocess.run(scan, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 2 and "not pure tensor math" in refused.stderr  # the code policy first
+    trusted = subprocess.run([*scan, "--trust-pickle"], capture_output=True, text=True, env=env, timeout=300)
+    assert trusted.returncode == 2, trusted.stderr
+    assert trusted.stderr.count("\n") == 1, trusted.stderr  # no traceback, no logged warnings
+    assert "torch.ops.deadrelu_test44.twice.default" in trusted.stderr
+    assert "custom operator" in trusted.stderr and "truncated" not in trusted.stderr

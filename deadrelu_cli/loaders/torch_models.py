@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
+import logging
 import pickle
 import re
 from collections.abc import Mapping
@@ -301,16 +302,44 @@ def graph_module_with_stack(program):
     return graph_module
 
 
+_UNRESOLVED_OP = re.compile(r"failed to resolve (torch\.ops\.[\w.]+) to an operator")
+
+
+def load_exported_program(path: Path):
+    """torch.export.load, its failures as one line: an operator the program calls that this process
+    does not have (a custom op, registered by the code that exported the program) is named. torch logs
+    the real error (a whole traceback) as a warning and raises a vague one: the warning is kept from
+    stderr and read here instead."""
+    logger = logging.getLogger("torch.export")
+    kept: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: kept.append(logging.Formatter().format(record))
+    saved = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [handler], False
+    try:
+        return torch.export.load(str(path))
+    except Exception as exc:
+        found = _UNRESOLVED_OP.search("\n".join([*kept, str(exc)]))
+        if found:
+            raise UserError(
+                f"{path}: the program calls {found.group(1)}, a custom operator this process does not have "
+                "(it is registered by the package that exported it); scan the model before export, or export "
+                "it without the custom op (transformers' mixture-of-experts: experts_implementation='batched_mm')"
+            ) from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(
+            f"{path}: cannot load the ExportedProgram ({type(exc).__name__}: {first}); the file is truncated "
+            "or from an incompatible torch"
+        ) from None
+    finally:
+        logger.handlers, logger.propagate = saved
+
+
 def _exported(path: Path, sha, device: str, trust_code: bool) -> LoadedModel:
     if not trust_code:  # read the graph before torch runs or unpickles anything from the archive
         check_exported(path)
     require_temp_folder("loading a .pt2 (torch.export)")
-    try:
-        program = torch.export.load(str(path))
-    except Exception as exc:
-        raise UserError(
-            f"{path}: cannot load the ExportedProgram ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated or from an incompatible torch"
-        ) from None
+    program = load_exported_program(path)
     graph_module = graph_module_with_stack(program).to(device)
     inputs, fixed_batch = [], None
     user_inputs = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
