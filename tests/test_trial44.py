@@ -1,0 +1,197 @@
+"""A new user's trial (trial44): what real wheels and Hugging Face folders turned up.
+
+Certification's input box (`--certify --input-range auto|LO HI`) with data: swift-f0's ONNX pitch model
+takes `audio` plus two scalars fed with `--const fmin --const fmax`, and the scan crashed (exit 3); the
+auto box was also matched to the model's inputs by where each array sits in the file, so a file that
+stores the arrays in another order certified units over the wrong inputs' ranges.
+
+Truth: interval bounds computed here in numpy from the weights and the data's min/max (or the fixed box),
+never from deadrelu's output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from conftest import arch_file, save_npz
+from onnx import TensorProto, helper, numpy_helper
+
+# relu(a @ WA + b @ WB + C): unit 0 reads a0 + a1, unit 1 reads b0
+WA = np.array([[1.0, 0.0], [1.0, 0.0]], np.float32)
+WB = np.array([[0.0, 1.0], [0.0, 0.0]], np.float32)
+C = np.array([-1.5, -0.5], np.float32)
+A = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)  # a0 + a1 - 1.5 < 0 on both samples, not on the box
+B = np.array([[0.0, 0.1], [0.0, 0.2]], np.float32)
+
+
+def _upper(weight: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """max over the box [lo, hi] of x @ weight, per output (numpy, float64)."""
+    w = weight.astype(np.float64)
+    return np.maximum(w * lo[:, None], w * hi[:, None]).sum(0)
+
+
+def _two_input_onnx(path):
+    nodes = [
+        helper.make_node("MatMul", ["a", "WA"], ["ma"]),
+        helper.make_node("MatMul", ["b", "WB"], ["mb"]),
+        helper.make_node("Add", ["ma", "mb"], ["s"]),
+        helper.make_node("Add", ["s", "C"], ["pre"]),
+        helper.make_node("Relu", ["pre"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 2]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(v, n) for n, v in (("WA", WA), ("WB", WB), ("C", C))],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+TWO_ARCH = """
+import torch
+from torch import nn
+
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.la = nn.Linear(2, 2, bias=False)
+        self.lb = nn.Linear(2, 2)
+
+    def forward(self, a, b):
+        return torch.relu(self.la(a) + self.lb(b))
+
+
+def build():
+    return Two()
+"""
+
+
+def _auto_truth() -> tuple[list[float], list[int]]:
+    upper = _upper(WA, A.min(0), A.max(0)) + _upper(WB, B.min(0), B.max(0)) + C
+    return upper.tolist(), np.flatnonzero(upper < 0).tolist()
+
+
+def _certified(result) -> tuple[list[float], list[int]]:
+    (layer,) = result.json()["layers"]
+    return layer["upper_bound"], layer["certified_dead_indices"]
+
+
+def test_auto_box_follows_the_inputs_not_the_file_order(cli, tmp_path):
+    """The same data saved as (b, a): each input keeps its own box, in ONNX and in PyTorch alike."""
+    upper, dead = _auto_truth()
+    assert dead == [1]  # unit 0 reaches 0.5 at a = (1, 1), inside the data's box
+    model = _two_input_onnx(tmp_path / "two.onnx")
+    module, spec = arch_file(tmp_path / "two_arch.py", TWO_ARCH)
+    with torch.no_grad():
+        module.la.weight.copy_(torch.from_numpy(WA.T))
+        module.lb.weight.copy_(torch.from_numpy(WB.T))
+        module.lb.bias.copy_(torch.from_numpy(C))
+    torch.save(module.state_dict(), tmp_path / "two.pt")
+    for order in ({"a": A, "b": B}, {"b": B, "a": A}):
+        data = save_npz(tmp_path / f"{''.join(order)}.npz", **order)
+        for target in ([model], [tmp_path / "two.pt", "--arch", spec]):
+            result = cli("scan", *target, "--data", data, "--input-range", "auto", "--json", "-")
+            assert result.code == 0, result.err
+            got_upper, got_dead = _certified(result)
+            assert got_dead == dead, (target, list(order))
+            np.testing.assert_allclose(got_upper, upper, atol=1e-6)
+
+
+def _const_onnx(path):
+    """relu(((x * scale) + state[0] + state[1]) @ W + bias): scale a scalar fed whole (--const), state
+    [2, N, 3] with its samples on axis 1 (--batch-axis state=1)."""
+    nodes = [
+        helper.make_node("Mul", ["x", "scale"], ["xs"]),
+        helper.make_node("ReduceSum", ["state", "axes"], ["st"], keepdims=0),
+        helper.make_node("Add", ["xs", "st"], ["h"]),
+        helper.make_node("MatMul", ["h", "W"], ["m"]),
+        helper.make_node("Add", ["m", "bias"], ["pre"]),
+        helper.make_node("Relu", ["pre"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, []),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [
+            numpy_helper.from_array(CONST_W, "W"),
+            numpy_helper.from_array(CONST_BIAS, "bias"),
+            numpy_helper.from_array(np.array([0], np.int64), "axes"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+CONST_W = np.array([[1.0, -1.0, 0.5, 0.0], [0.0, 1.0, -0.5, 0.2], [-1.0, 0.0, 1.0, -0.3]], np.float32)
+CONST_BIAS = np.array([-2.0, 0.1, -9.0, -0.2], np.float32)
+SCALE = np.float32(3.0)
+
+
+def _const_data(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (16, 3)).astype(np.float32)
+    state = rng.uniform(-0.5, 0.5, (2, 16, 3)).astype(np.float32)
+    return x, state, save_npz(tmp_path / "const.npz", x=x, scale=np.array(SCALE), state=state)
+
+
+def test_const_and_batch_axis_inputs_are_boxed_as_fed(cli, tmp_path):
+    """The scalar is bounded by its value, the state by its min/max over the samples on axis 1: the
+    crash (exit 3) and the fixed box given to the scalar are gone."""
+    model = _const_onnx(tmp_path / "const.onnx")
+    x, state, data = _const_data(tmp_path)
+    feed = ["--data", data, "--const", "scale", "--batch-axis", "state=1", "--json", "-"]
+    s = SCALE.astype(np.float64)
+    boxes = {
+        "auto": (
+            s * x.min(0) + state.min(1).sum(0),  # scale > 0; the state's two rows bounded apart, then added
+            s * x.max(0) + state.max(1).sum(0),
+        ),
+        "fixed": (np.full(3, -s - 2.0), np.full(3, s + 2.0)),  # x and both state rows in [-1, 1]
+    }
+    for kind, args in (("auto", ["auto"]), ("fixed", ["-1", "1"])):
+        lo, hi = boxes[kind]
+        upper = _upper(CONST_W, lo, hi) + CONST_BIAS
+        result = cli("scan", model, *feed, "--input-range", *args)
+        assert result.code == 0, result.err
+        got_upper, got_dead = _certified(result)
+        np.testing.assert_allclose(got_upper, upper, rtol=1e-6, atol=1e-6)
+        assert got_dead == np.flatnonzero(upper < 0).tolist()
+
+
+CONST_ARCH = """
+import torch
+from torch import nn
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x, scale):
+        return torch.relu(self.fc(x * scale))
+
+
+def build():
+    return Scaled()
+"""
+
+
+def test_torch_certify_with_a_const_input_is_refused_in_one_line(cli, tmp_path):
+    module, spec = arch_file(tmp_path / "scaled.py", CONST_ARCH)
+    torch.save(module.state_dict(), tmp_path / "scaled.pt")
+    data = save_npz(tmp_path / "s.npz", x=np.ones((4, 3), np.float32), scale=np.array(2.0, np.float32))
+    args = [tmp_path / "scaled.pt", "--arch", spec, "--data", data, "--const", "scale"]
+    assert cli("scan", *args).code == 0
+    result = cli("scan", *args, "--input-range", "auto")
+    assert result.code == 2, result.err
+    assert result.err.count("\n") == 1 and "--const" in result.err and "Traceback" not in result.err
