@@ -195,3 +195,30 @@ def test_torch_certify_with_a_const_input_is_refused_in_one_line(cli, tmp_path):
     result = cli("scan", *args, "--input-range", "auto")
     assert result.code == 2, result.err
     assert result.err.count("\n") == 1 and "--const" in result.err and "Traceback" not in result.err
+
+
+def test_a_custom_domain_op_is_refused_saying_what_to_do(cli, tmp_path):
+    """qonnx's quantized ESPCN holds `onnx.brevitas:Quant` nodes, which onnxruntime cannot run: the error
+    said only onnxruntime's words; it now names the ops and the way on (QCDQ, or the float model)."""
+    nodes = [
+        helper.make_node("Quant", ["x", "s", "z", "b"], ["q"], domain="onnx.brevitas", signed=1, narrow=0),
+        helper.make_node("Relu", ["q"], ["y"]),
+    ]
+    scalars = [
+        numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("s", 0.1), ("z", 0.0), ("b", 8.0))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        scalars,
+    )
+    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("onnx.brevitas", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(tmp_path / "q.onnx"))
+    data = save_npz(tmp_path / "x.npz", x=np.ones((2, 4), np.float32))
+    result = cli("scan", tmp_path / "q.onnx", "--data", data)
+    assert result.code == 2 and result.err.count("\n") == 1, result.err
+    assert (
+        "Quant ops (domain 'onnx.brevitas')" in result.err and "convert them to standard ONNX" in result.err
+    )

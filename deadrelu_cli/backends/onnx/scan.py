@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 
@@ -117,7 +118,23 @@ def make_session(model_bytes: bytes, device: str, notes: list[str], weights_dir:
         return session
     except Exception as exc:  # onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"onnxruntime cannot load this model: {first}") from None
+        # the advice before onnxruntime's words: a long message is cut at the end (errors.one_line)
+        raise UserError(
+            f"onnxruntime cannot load this model: {load_advice(first)} (onnxruntime: {first})"
+        ) from None
+
+
+def load_advice(message: str) -> str:
+    """What to do when onnxruntime refuses a graph: an op of a domain it does not implement (QONNX's
+    `onnx.brevitas:Quant`, FINN's custom ops) has to become standard ONNX first."""
+    unknown = re.search(r"([\w.]+):(\w+)\(-?\d+\) is not a registered function/op", message)
+    if unknown:
+        domain, op = unknown.groups()
+        return (
+            f"its {op} ops (domain {domain!r}) are no ONNX or onnxruntime ops; convert them to standard "
+            "ONNX (QONNX: its QCDQ conversion) or scan the float model they were made from"
+        )
+    return "scan a graph that onnxruntime runs (try onnxruntime.InferenceSession on it)"
 
 
 def instrumented_bytes(
