@@ -222,3 +222,39 @@ def test_a_custom_domain_op_is_refused_saying_what_to_do(cli, tmp_path):
     assert (
         "Quant ops (domain 'onnx.brevitas')" in result.err and "convert them to standard ONNX" in result.err
     )
+
+
+FEATURES_ARCH = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Detector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.size_op = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        features = F.relu(self.conv(x))
+        return {"size": F.relu(self.size_op(features)), "features": features}
+
+
+def build():
+    return Detector()
+"""
+
+
+def test_returned_features_that_feed_a_head_are_no_relu_on_output(cli, tmp_path):
+    """batdetect2's Net2DFast returns its last ReLU's output as `features` beside the heads it feeds: the
+    warning said to move that activation before the last layer; only the ReLU on the size head itself
+    (read by nothing inside the model) is on the output."""
+    module, spec = arch_file(tmp_path / "det.py", FEATURES_ARCH)
+    torch.save(module.state_dict(), tmp_path / "det.pt")
+    x = np.random.default_rng(0).standard_normal((3, 1, 6, 6)).astype(np.float32)
+    data = save_npz(tmp_path / "x.npz", x=x)
+    result = cli("scan", tmp_path / "det.pt", "--arch", spec, "--data", data, "-q")
+    assert result.code == 0, result.err
+    warned = [line.split(":")[2].split()[0] for line in result.err.splitlines() if "relu-on-output" in line]
+    assert warned == ["relu()#2"], result.err
