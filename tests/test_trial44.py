@@ -258,3 +258,99 @@ def test_returned_features_that_feed_a_head_are_no_relu_on_output(cli, tmp_path)
     assert result.code == 0, result.err
     warned = [line.split(":")[2].split()[0] for line in result.err.splitlines() if "relu-on-output" in line]
     assert warned == ["relu()#2"], result.err
+
+
+def _clip(tmp_path):
+    """A tiny CLIP with ReLU towers: 4 patches + CLS = 5 image positions, as many as the 5 tokens."""
+    import transformers
+    from hf_models import save_tokenizer, token_data
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2)
+    text = dict(common, vocab_size=32, max_position_embeddings=16, hidden_act="relu", pad_token_id=1,
+                bos_token_id=2, eos_token_id=2)  # fmt: skip
+    vision = dict(common, image_size=28, patch_size=14, num_channels=3, hidden_act="relu")
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    model = transformers.CLIPModel(config).eval()
+    model.save_pretrained(tmp_path / "clip")
+    save_tokenizer(tmp_path / "clip")
+    ids, mask = token_data(samples=6, tokens=5)
+    assert not mask.all()
+    pixels = np.random.default_rng(0).standard_normal((6, 3, 28, 28)).astype(np.float32)
+    feed = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    captured = {}
+    hooks = [
+        module.register_forward_hook(lambda _m, _a, out, name=name: captured.__setitem__(name, out.numpy()))
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ReLU)
+    ]
+    with torch.no_grad():
+        model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    for hook in hooks:
+        hook.remove()
+    truth = {}  # tower -> (positives per unit, counted positions): the text tower on real tokens only
+    for name, act in captured.items():
+        keep = mask.astype(bool) if name.startswith("text_model") else np.ones(act.shape[:2], bool)
+        truth[name.split("_model")[0]] = ((act[keep] > 0).sum(0).tolist(), int(keep.sum()))
+    assert truth["vision"][1] == 30 and truth["text"][1] == int(mask.sum()) < 30
+    return model, feed, truth
+
+
+class _ClipLogits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, attention_mask, pixel_values):
+        out = self.m(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+        return out.logits_per_image
+
+
+def _by_tower(report_layers) -> dict:
+    return {
+        ("vision" if "vision" in layer["name"] else "text"): (
+            layer["positive_counts"],
+            layer["elements_per_unit"],
+        )
+        for layer in report_layers
+    }
+
+
+def test_an_image_tower_is_not_counted_with_the_token_mask(cli, tmp_path):
+    """CLIP's vision tower runs on 5 positions (4 patches + CLS); with 5 tokens per text, the text's
+    attention_mask was applied to the image positions too (25 values per unit counted instead of 30, no
+    note) in every format and in watch(). Truth: hooks, the text tower on the real tokens only."""
+    import warnings
+
+    from deadrelu_cli import watch
+
+    model, feed, truth = _clip(tmp_path)
+    data = save_npz(tmp_path / "clip.npz", **feed)
+    wrapper = _ClipLogits(model).eval()
+    args = tuple(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask", "pixel_values"))
+    batch = torch.export.Dim("batch")
+    torch.export.save(
+        torch.export.export(wrapper, args, dynamic_shapes=({0: batch}, {0: batch}, {0: batch})),
+        tmp_path / "clip.pt2",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(wrapper, args, check_trace=False).save(tmp_path / "clip.ts")
+        torch.onnx.export(
+            wrapper, args, tmp_path / "clip.onnx", input_names=["input_ids", "attention_mask", "pixel_values"],
+            dynamic_axes={name: {0: "batch"} for name in ("input_ids", "attention_mask", "pixel_values")},
+            opset_version=17, dynamo=False,
+        )  # fmt: skip
+    for target in ("clip", "clip.pt2", "clip.ts", "clip.onnx"):
+        result = cli("scan", tmp_path / target, "--data", data, "--json", "-")
+        assert result.code == 0, result.err
+        assert _by_tower(result.json()["layers"]) == truth, target
+
+    with watch(model, every=1, window=1, count_evaluation=True) as w:
+        w.step(0)
+        with torch.no_grad():
+            model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+        w.end_step()
+    layers = [{"name": layer.name, "positive_counts": list(map(int, layer.positive_counts)),
+               "elements_per_unit": layer.elements_per_unit} for layer in w.last.layers]  # fmt: skip
+    assert _by_tower(layers) == truth

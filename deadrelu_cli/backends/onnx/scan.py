@@ -306,6 +306,7 @@ def _discover_shapes(
         TOKEN_STEPS,
         frame_chains,
         lift_to_main,
+        reached_from,
         site_channel_dim,
         site_frames,
         subgraph_map,
@@ -391,6 +392,14 @@ def _discover_shapes(
     # Where (opset 9) applies the mask in the graph; older graphs count every position, which a note says
     maskable = keep is not None and opset_version(model) >= 9
     chains = None  # frame_chains of the main graph, found when a site's positions are not the mask's
+    # what the token inputs (every input fed [batch, tokens, …] as the mask is) reach: a main-graph site
+    # they do not reach runs on other positions (CLIP's image tower), even where its sequence has the
+    # tokens' length
+    tokens_reach = (
+        reached_from(model.graph, {i for i, a in feeds.items() if np.shape(a)[:2] == keep.shape})
+        if maskable
+        else set()
+    )
     # (site, shape, tokens): its shape reads as [B, T, ...] and [T, B, ...] alike, or flattened rows
     ambiguous = []
     for site, shape in zip(unknown, results[: len(unknown)], strict=True):
@@ -412,6 +421,8 @@ def _discover_shapes(
                 site.token_layout, site.step_direction = TOKEN_STEPS, direction
                 site.mask_unapplied = None
             continue
+        elif maskable and site.rank >= 2 and not site.graph_path and site.input_name not in tokens_reach:
+            pass  # counted over every element ("no token axis")
         elif maskable and site.rank >= 2:
             dim = site_channel_dim(site, channel_dim)
             batch_n, tokens = keep.shape

@@ -280,6 +280,12 @@ def _scan_torch(
         if mask is not None and decoder is None and frames is None
         else None
     )
+    # a token mask is not an image or audio tower's (CLIP's vision_model with as many patches as tokens)
+    towers = (
+        other_modality_towers(model.runnable)
+        if mask is not None and TOKEN_IDS in order and mask_rank(mask, data) == 2 and frames is None
+        else None
+    )
     # speech encoder fed audio with no mask at all: zero-padded audio would count its padded frames unsaid
     hop = (
         frame_hop(model.runnable)
@@ -302,6 +308,11 @@ def _scan_torch(
         example = example_inputs(model, data, order, device)
     names = list(order) if options.compile and by_keyword(model, order) else None
     probe = make_probe(model, settings, options.compile, example, names)
+    if towers is not None and hasattr(probe, "sites_reached_by"):
+        # a graph (.pt2) says it by data flow: the sites no token input reaches are on other positions
+        tokens = token_arrays(mask, data)
+        reached = probe.sites_reached_by({i for i, name in enumerate(order) if name in tokens})
+        towers = {**towers, **{site.name: None for site in probe.sites if site.name not in reached}}
     probe.registry.collectors.update(collectors or {})
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     if model.fixed_batch is not None:  # also when auto chose it: a last, partial batch would not run
@@ -353,9 +364,9 @@ def _scan_torch(
             path, to_frames = frames
             probe.registry.set_position_mask(kept, {path: to_frames(kept)})
         elif pooled is not None:
-            probe.registry.set_position_mask(kept, pooled(kept))
+            probe.registry.set_position_mask(kept, {**(towers or {}), **pooled(kept)})
         elif mask is not None:
-            probe.registry.set_position_mask(kept)
+            probe.registry.set_position_mask(kept, towers)
         args, kwargs = model_call(model, order, inputs)
         probe.run(args, kwargs)
 
@@ -593,6 +604,49 @@ def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
     if mask is None or mask.array is None or not any(name in order for name in AUDIO_INPUTS):
         return None
     return speech_frames(runnable, for_sites=True)
+
+
+def forward_arguments(module) -> set[str] | None:
+    """The names of module.forward()'s arguments: its signature, or a TorchScript method's schema
+    (a traced submodule keeps the names); None when neither tells."""
+    import inspect
+
+    try:
+        return set(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError, AttributeError):
+        pass
+    try:
+        return {argument.name for argument in module.forward.schema.arguments[1:]}
+    except (AttributeError, RuntimeError):  # a TorchScript submodule that no forward calls
+        return None
+
+
+def other_modality_towers(runnable) -> dict[str, None]:
+    """A multimodal model's image or audio towers (CLIP's `vision_model`, CLAP's `audio_model`, a LLaVA's
+    vision tower): the outermost modules below the root whose forward() takes pixel_values, input_values
+    or input_features and no token ids. They run on patches or frames, never on the tokens, so the token
+    mask is not theirs, also where their sequence has the tokens' length: {path: None} (every position)."""
+    from torch import nn
+
+    if not isinstance(runnable, nn.Module):
+        return {}
+    found: list[str] = []
+    for path, module in runnable.named_modules():
+        if not path or any(path.startswith(q + ".") for q in found):
+            continue
+        parameters = forward_arguments(module)
+        if parameters is None:
+            continue
+        if parameters & {"pixel_values", *AUDIO_INPUTS} and not parameters & {TOKEN_IDS, "inputs_embeds"}:
+            found.append(path)
+    return dict.fromkeys(found)
+
+
+def token_arrays(mask, data) -> set[str]:
+    """The data's arrays laid out as the token mask is ([samples, tokens, …]: the ids, the mask itself)."""
+    shapes = {s.name: tuple(s.shape) for s in data.sources}
+    lead = shapes.get(mask.array or TOKEN_IDS, ())[:2]
+    return {name for name, shape in shapes.items() if len(lead) == 2 and shape[:2] == lead}
 
 
 def mask_rank(mask, data) -> int:
