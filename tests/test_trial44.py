@@ -354,3 +354,44 @@ def test_an_image_tower_is_not_counted_with_the_token_mask(cli, tmp_path):
     layers = [{"name": layer.name, "positive_counts": list(map(int, layer.positive_counts)),
                "elements_per_unit": layer.elements_per_unit} for layer in w.last.layers]  # fmt: skip
     assert _by_tower(layers) == truth
+
+
+def test_hyper_parameters_of_unknown_classes_do_not_keep_the_weights_out(cli, tmp_path):
+    """pesto-pitch's `mir-1k_g7.ckpt` (a Lightning checkpoint) holds omegaconf configs beside its
+    state_dict: the scan refused it ("refused to unpickle … --trust-pickle"), though the weights need none
+    of that code. Now the weights are read with those objects as inert placeholders (their module is never
+    imported) and a note says so; `fix`, which would write them back, refuses in one line."""
+    import subprocess
+    import sys
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "hparams_conf44.py").write_text(
+        "class Conf:\n    def __init__(self, **kw):\n        self.__dict__.update(kw)\n"
+    )
+    module, spec = arch_file(tmp_path / "mlp.py", "import torch\nfrom torch import nn\n\n\n"
+                             "def build():\n    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))\n")  # fmt: skip
+    with torch.no_grad():
+        module[0].bias[:3] = -50.0
+    saver = (  # saved by another process, where the hyper-parameters' module is importable
+        "import argparse, sys, torch; sys.path.insert(0, sys.argv[1]); import hparams_conf44; "
+        "torch.save({'epoch': 3, 'state_dict': torch.load(sys.argv[2]), 'hyper_parameters': "
+        "{'cfg': hparams_conf44.Conf(width=8), 'args': argparse.Namespace(lr=0.1)}}, sys.argv[3])"
+    )
+    torch.save(module.state_dict(), tmp_path / "sd.pt")
+    subprocess.run([sys.executable, "-c", saver, conf, tmp_path / "sd.pt", tmp_path / "run.ckpt"], check=True)
+    x = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+    data = save_npz(tmp_path / "x.npz", x=x)
+    with torch.no_grad():
+        truth = (module[1](module[0](torch.from_numpy(x))) > 0).sum(0).tolist()
+    result = cli("scan", tmp_path / "run.ckpt", "--arch", spec, "--data", data, "--json", "-")
+    assert result.code == 0, result.err
+    (layer,) = result.json()["layers"]
+    assert layer["positive_counts"] == truth and truth[:3] == [0, 0, 0]
+    (note,) = [n for n in result.json()["notes"] if "does not unpickle" in n]
+    assert "hparams_conf44.Conf" in note and "argparse.Namespace" in note
+    assert "hparams_conf44" not in sys.modules
+    fixed = cli("fix", tmp_path / "run.ckpt", "--arch", spec, "--data", data, "--strategy", "reinit",
+                "--output", tmp_path / "fixed.ckpt")  # fmt: skip
+    assert fixed.code == 2 and fixed.err.count("\n") == 1 and "--trust-pickle" in fixed.err, fixed.err
+    assert not (tmp_path / "fixed.ckpt").exists()
