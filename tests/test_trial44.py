@@ -395,3 +395,60 @@ def test_hyper_parameters_of_unknown_classes_do_not_keep_the_weights_out(cli, tm
                 "--output", tmp_path / "fixed.ckpt")  # fmt: skip
     assert fixed.code == 2 and fixed.err.count("\n") == 1 and "--trust-pickle" in fixed.err, fixed.err
     assert not (tmp_path / "fixed.ckpt").exists()
+
+
+def test_perceiver_latents_as_many_as_tokens_count_every_position(cli, tmp_path):
+    """Perceiver's encoder runs on its learned latents; with as many latents as tokens, the token mask was
+    applied to them (28 values per unit counted instead of 36, no note), in scan and watch(). Truth: hooks
+    on the encoder's ReLUs, every latent position."""
+    import transformers
+    from hf_models import save_tokenizer, token_data
+
+    from deadrelu_cli import watch
+
+    torch.manual_seed(0)
+    config = transformers.PerceiverConfig(
+        num_latents=6, d_latents=16, d_model=16, num_blocks=1, num_self_attends_per_block=1,
+        num_self_attention_heads=2, num_cross_attention_heads=2, vocab_size=32, max_position_embeddings=16,
+        hidden_act="relu",
+    )  # fmt: skip
+    model = transformers.PerceiverForMaskedLM(config).eval()
+    model.save_pretrained(tmp_path / "perceiver")
+    save_tokenizer(tmp_path / "perceiver")
+    ids, mask = token_data(samples=6, tokens=6)
+    assert not mask.all()
+    captured = {}
+    hooks = [
+        module.register_forward_hook(lambda _m, _a, out, name=name: captured.__setitem__(name, out.numpy()))
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ReLU) and ".encoder." in name
+    ]
+    feed = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    with torch.no_grad():
+        model(**feed)
+    for hook in hooks:
+        hook.remove()
+    truth = {
+        name: ((act > 0).sum((0, 1)).tolist(), act.shape[0] * act.shape[1]) for name, act in captured.items()
+    }
+    assert len(truth) == 2 and all(n == 36 for _, n in truth.values())
+
+    result = cli("scan", tmp_path / "perceiver", "--data", save_npz(tmp_path / "t.npz", input_ids=ids,
+                 attention_mask=mask), "--json", "-")  # fmt: skip
+    assert result.code == 0, result.err
+    got = {
+        layer["name"]: (layer["positive_counts"], layer["elements_per_unit"])
+        for layer in result.json()["layers"]
+    }
+    assert {name: got[name] for name in truth} == truth
+
+    with watch(model, every=1, window=1, count_evaluation=True) as w:
+        w.step(0)
+        with torch.no_grad():
+            model(**feed)
+        w.end_step()
+    watched = {
+        layer.name: (list(map(int, layer.positive_counts)), layer.elements_per_unit)
+        for layer in w.last.layers
+    }
+    assert {name: watched[name] for name in truth} == truth

@@ -751,7 +751,7 @@ def pooled_blocks(runnable):
 
 def derived_scopes(runnable):
     """Models that run part of themselves on a sequence the attention_mask does not fit, with a mask they
-    derive from it: Decision Transformer (three tokens per time step, its mask stacked alike: the
+    derive from it (or none: Perceiver's latents, every position): Decision Transformer (three tokens per time step, its mask stacked alike: the
     `encoder`'s sites) and Canine (molecules: the characters' mask max-pooled by `downsampling_rate`, by
     the model's own `_downsample_attention_mask`: the deep `encoder` and `chars_to_molecules`). A function
     from the data's mask to {module path: mask}, as `pooled_blocks`; None for other models."""
@@ -762,6 +762,10 @@ def derived_scopes(runnable):
     encoder = getattr(base, "encoder", None)
     if encoder is None or id(encoder) not in paths:
         return None
+    if isinstance(getattr(getattr(base, "embeddings", None), "latents", None), torch.nn.Parameter):
+        # Perceiver: its encoder runs on its learned latents, which no token mask marks, also where there
+        # are as many latents as tokens (every position counts)
+        return lambda kept: {paths[id(encoder)]: None}
     if all(
         isinstance(getattr(base, name, None), torch.nn.Module)
         for name in ("embed_return", "embed_state", "embed_action")
