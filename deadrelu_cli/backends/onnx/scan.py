@@ -395,11 +395,13 @@ def _discover_shapes(
     # what the token inputs (every input fed [batch, tokens, …] as the mask is) reach: a main-graph site
     # they do not reach runs on other positions (CLIP's image tower), even where its sequence has the
     # tokens' length
-    tokens_reach = (
-        reached_from(model.graph, {i for i, a in feeds.items() if np.shape(a)[:2] == keep.shape})
-        if maskable
+    # (inputs laid out time-major too; none found: no rule, as before)
+    token_inputs = (
+        {i for i, a in feeds.items() if np.shape(a)[:2] in (keep.shape, keep.shape[::-1])}
+        if maskable and keep.ndim == 2
         else set()
     )
+    tokens_reach = reached_from(model.graph, token_inputs) if token_inputs else None
     # (site, shape, tokens): its shape reads as [B, T, ...] and [T, B, ...] alike, or flattened rows
     ambiguous = []
     for site, shape in zip(unknown, results[: len(unknown)], strict=True):
@@ -421,7 +423,12 @@ def _discover_shapes(
                 site.token_layout, site.step_direction = TOKEN_STEPS, direction
                 site.mask_unapplied = None
             continue
-        elif maskable and site.rank >= 2 and not site.graph_path and site.input_name not in tokens_reach:
+        elif (
+            tokens_reach is not None
+            and site.rank >= 2
+            and not site.graph_path
+            and site.input_name not in tokens_reach
+        ):
             pass  # counted over every element ("no token axis")
         elif maskable and site.rank >= 2:
             dim = site_channel_dim(site, channel_dim)

@@ -311,8 +311,10 @@ def _scan_torch(
     if towers is not None and hasattr(probe, "sites_reached_by"):
         # a graph (.pt2) says it by data flow: the sites no token input reaches are on other positions
         tokens = token_arrays(mask, data)
-        reached = probe.sites_reached_by({i for i, name in enumerate(order) if name in tokens})
-        towers = {**towers, **{site.name: None for site in probe.sites if site.name not in reached}}
+        positions = {i for i, name in enumerate(order) if name in tokens}
+        if positions:  # (none: no rule, as before)
+            reached = probe.sites_reached_by(positions)
+            towers = {**towers, **{site.name: None for site in probe.sites if site.name not in reached}}
     probe.registry.collectors.update(collectors or {})
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     if model.fixed_batch is not None:  # also when auto chose it: a last, partial batch would not run
@@ -646,7 +648,7 @@ def token_arrays(mask, data) -> set[str]:
     """The data's arrays laid out as the token mask is ([samples, tokens, …]: the ids, the mask itself)."""
     shapes = {s.name: tuple(s.shape) for s in data.sources}
     lead = shapes.get(mask.array or TOKEN_IDS, ())[:2]
-    return {name for name, shape in shapes.items() if len(lead) == 2 and shape[:2] == lead}
+    return {name for name, shape in shapes.items() if len(lead) == 2 and shape[:2] in (lead, lead[::-1])}
 
 
 def mask_rank(mask, data) -> int:
