@@ -452,3 +452,36 @@ def test_perceiver_latents_as_many_as_tokens_count_every_position(cli, tmp_path)
         for layer in w.last.layers
     }
     assert {name: watched[name] for name in truth} == truth
+
+
+class _AttentionByHand(torch.nn.Module):
+    """batdetect2's SelfAttention: `torch.matmul(x, self.key_fun.weight.T)`, and `.mT` / `.mH` alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.key, self.out = torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.matmul(x, self.key.weight.T) + self.key.bias
+        h = torch.relu(h @ self.key.weight.mT.mH @ self.key.weight.T)
+        return self.out(h)
+
+
+def test_a_transpose_written_dot_T_loads_without_trust_pickle(cli, tmp_path):
+    """`.T` is aten::numpy_T in TorchScript and .pt2: batdetect2's exports were refused ("would run
+    aten::numpy_T … not pure tensor math", pass --trust-pickle). Truth: the ReLU's input in plain torch."""
+    torch.manual_seed(0)
+    model = _AttentionByHand().eval()
+    x = torch.randn(12, 4)
+    with torch.no_grad():
+        h = torch.matmul(x, model.key.weight.T) + model.key.bias
+        truth = ((h @ model.key.weight @ model.key.weight.T) > 0).sum(0).tolist()
+    torch.jit.trace(model, (x[:2],)).save(tmp_path / "m.ts")
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "m.pt2")
+    data = save_npz(tmp_path / "x.npz", x=x.numpy())
+    for target in ("m.ts", "m.pt2"):
+        result = cli("scan", tmp_path / target, "--data", data, "--json", "-")
+        assert result.code == 0, (target, result.err)
+        (layer,) = result.json()["layers"]
+        assert layer["positive_counts"] == truth, target
