@@ -485,3 +485,68 @@ def test_a_transpose_written_dot_T_loads_without_trust_pickle(cli, tmp_path):
         assert result.code == 0, (target, result.err)
         (layer,) = result.json()["layers"]
         assert layer["positive_counts"] == truth, target
+
+
+def _spectral_onnx(path, rng):
+    """x [N, 8] -> reflect Pad -> constant Pad -> Slice -> |x| as Sqrt(x * x), Log(x*x + 1), Exp(x),
+    Pow(x, 2) -> Concat -> constant @ x (a DFT-like basis on the left) -> + bias -> Relu: swift-f0's
+    front end in small, each op one its certification stopped at."""
+    basis = rng.standard_normal((5, 48)).astype(np.float32) * 0.3
+    bias = np.array([-1000.0, 0.5, -0.5, 0.0, -2.0], np.float32)
+    const = {
+        "reflect_pads": np.array([0, 2, 0, 2], np.int64), "fill_pads": np.array([0, 1, 0, 1], np.int64),
+        "fill": np.array(0.5, np.float32), "starts": np.array([1], np.int64), "ends": np.array([13], np.int64),
+        "axes": np.array([1], np.int64), "one": np.array(1.0, np.float32), "two": np.array(2.0, np.float32),
+        "unsq": np.array([2], np.int64), "basis": basis, "bias": bias,
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("Pad", ["x", "reflect_pads"], ["a"], mode="reflect"),
+        helper.make_node("Pad", ["a", "fill_pads", "fill"], ["b"], mode="constant"),
+        helper.make_node("Slice", ["b", "starts", "ends", "axes"], ["c"]),
+        helper.make_node("Mul", ["c", "c"], ["sq"]),
+        helper.make_node("Sqrt", ["sq"], ["e"]),
+        helper.make_node("Add", ["sq", "one"], ["sq1"]),
+        helper.make_node("Log", ["sq1"], ["g"]),
+        helper.make_node("Exp", ["c"], ["h"]),
+        helper.make_node("Pow", ["c", "two"], ["k"]),
+        helper.make_node("Concat", ["e", "g", "h", "k"], ["cat"], axis=1),
+        helper.make_node("Unsqueeze", ["cat", "unsq"], ["u"]),
+        helper.make_node("MatMul", ["basis", "u"], ["m"]),
+        helper.make_node("Squeeze", ["m", "unsq"], ["flat"]),
+        helper.make_node("Add", ["flat", "bias"], ["pre"]),
+        helper.make_node("Relu", ["pre"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [numpy_helper.from_array(v, n) for n, v in const.items()],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_certify_bounds_pads_slices_squares_and_a_basis_on_the_left(cli, tmp_path):
+    """swift-f0's ONNX model certified no layer ("unsupported op Pad", then Slice, a constant MatMul'd on
+    the left, Sqrt of a square): every layer "n/c". Truth: onnxruntime on many points of the box (corners
+    included): a certified unit never fires there, and each upper bound is at least the largest
+    pre-activation seen; the unit planted with bias -1000 is certified."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    model = _spectral_onnx(tmp_path / "s.onnx", rng)
+    data = save_npz(tmp_path / "x.npz", x=rng.uniform(-1, 1, (8, 8)).astype(np.float32))
+    result = cli("scan", model, "--data", data, "--input-range", "-1", "1", "--json", "-")
+    assert result.code == 0, result.err
+    (layer,) = result.json()["layers"]
+    assert layer["certified_dead_indices"] is not None, layer.get("certify_note")
+    points = rng.uniform(-1, 1, (4000, 8)).astype(np.float32)
+    points[:1000] = np.where(rng.random((1000, 8)) < 0.5, -1.0, 1.0)
+    exposed = onnx.load(str(model))
+    exposed.graph.output.append(helper.make_tensor_value_info("pre", TensorProto.FLOAT, None))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    (pre,) = session.run(["pre"], {"x": points})
+    assert 0 in layer["certified_dead_indices"]
+    assert not (pre[:, layer["certified_dead_indices"]] > 0).any()
+    assert (np.asarray(layer["upper_bound"]) >= pre.max(0) - 1e-4).all()
