@@ -395,6 +395,15 @@ def test_hyper_parameters_of_unknown_classes_do_not_keep_the_weights_out(cli, tm
                 "--output", tmp_path / "fixed.ckpt")  # fmt: skip
     assert fixed.code == 2 and fixed.err.count("\n") == 1 and "--trust-pickle" in fixed.err, fixed.err
     assert not (tmp_path / "fixed.ckpt").exists()
+    # a whole model pickled from the user's classes holds its weights inside such objects: still refused
+    (conf / "net_conf44.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Net(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.w = nn.Parameter(torch.ones(4, 4))\n"
+    )
+    pickler = "import sys, torch; sys.path.insert(0, sys.argv[1]); import net_conf44; torch.save(net_conf44.Net(), sys.argv[2])"
+    subprocess.run([sys.executable, "-c", pickler, conf, tmp_path / "net.pt"], check=True)
+    whole = cli("scan", tmp_path / "net.pt", "--arch", spec, "--data", data)
+    assert whole.code == 2 and "refused to unpickle" in whole.err and "--trust-pickle" in whole.err, whole.err
 
 
 def test_perceiver_latents_as_many_as_tokens_count_every_position(cli, tmp_path):

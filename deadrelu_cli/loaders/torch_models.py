@@ -80,13 +80,32 @@ def torch_load(path: Path, device: str, trust_pickle: bool, checked: bool = Fals
 
 class UnreadEntry:
     """A placeholder for an object of a class deadrelu does not unpickle (a Lightning checkpoint's
-    omegaconf hyper-parameters, an argparse Namespace): made and filled by nothing of that class's code."""
+    omegaconf hyper-parameters, an argparse Namespace): made and filled by nothing of that class's code.
+    It keeps what the pickle gave it (plain data), only so that tensors inside can be found."""
 
     def __init__(self, *args, **kwargs) -> None:
-        pass
+        self.held = [args, kwargs]
 
     def __setstate__(self, state) -> None:
-        pass
+        self.held = [*getattr(self, "held", []), state]
+
+
+def _tensor_inside_placeholder(obj, inside: bool = False, seen: set | None = None) -> bool:
+    """Whether a tensor lies in an UnreadEntry's data: the weights themselves (a whole pickled module of
+    the user's classes), not hyper-parameters beside them."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return inside
+    if isinstance(obj, UnreadEntry):
+        return _tensor_inside_placeholder(getattr(obj, "held", []), True, seen)
+    if isinstance(obj, Mapping):
+        return any(_tensor_inside_placeholder(v, inside, seen) for v in obj.values())
+    if isinstance(obj, list | tuple | set | frozenset):
+        return any(_tensor_inside_placeholder(v, inside, seen) for v in obj)
+    return False
 
 
 # builtins that pickles of configuration objects name as values; any other builtin (open, eval, exec,
@@ -147,9 +166,12 @@ def load_checkpoint_weights(path: Path, device: str, trust_pickle: bool) -> tupl
         stubs = [(type(name.rsplit(".", 1)[1], (UnreadEntry,), {}), name) for name in unread]
         try:
             with torch.serialization.safe_globals(stubs):
-                return torch.load(path, map_location=device, weights_only=True), unread
+                loaded = torch.load(path, map_location=device, weights_only=True)
         except Exception:  # noqa: BLE001 - torch's reader still refuses: the first refusal says why
             raise refusal from None
+        if _tensor_inside_placeholder(loaded):  # the weights are in those objects: a pickled model
+            raise refusal from None
+        return loaded, unread
 
 
 def _unreadable(path: Path, exc: Exception) -> UserError:
