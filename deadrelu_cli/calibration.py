@@ -396,6 +396,15 @@ class CalibrationData:
                 source.verify_rest()
 
 
+def sample_axis(data, name: str) -> int | None:
+    """Where array NAME of the data holds its samples: None for an array fed whole (--const)."""
+    if name in getattr(data, "consts", ()):
+        return None
+    axis = getattr(data, "batch_axes", {}).get(name, 0)
+    rank = len({s.name: s for s in data.sources}[name].shape)
+    return axis % rank if rank else 0
+
+
 class MultiFileData:
     """Several data files with the same arrays (`--data 'calib-*.npy'`), scanned one after another."""
 

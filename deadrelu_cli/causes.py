@@ -211,7 +211,10 @@ def structural_checks(model_loaded, probe) -> list[Finding]:
     if model_loaded is None or model_loaded.kind != "eager":
         return findings
     model = model_loaded.runnable
+    read = getattr(probe, "consumers", {})
     for site in getattr(probe, "final_output_sites", set()):
+        if read.get(site):  # also read by a layer inside: features returned beside the heads they feed
+            continue
         findings.append(
             Finding(
                 "relu-on-output",

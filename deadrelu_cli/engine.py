@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from deadrelu_cli.backends import backend_for, backend_of
-from deadrelu_cli.calibration import CalibrationData, open_calibration
+from deadrelu_cli.calibration import CalibrationData, open_calibration, sample_axis
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import (
     FRAMES_NOT_TOLD,
@@ -222,12 +222,16 @@ def certify_model(model: LoadedModel, options: ScanOptions, data: CalibrationDat
     """Interval bounds of every activation site over the input box (the backend's certify module)."""
     from deadrelu_cli.sites import guess_input_shape
 
+    order = None
     if data is not None:
         order = backend_of(model).input_order(model, data)
         if dict_groups(model, order):
             raise UserError(GROUPED_INPUTS.format(option="--certify"))
         by_name = {s.name: s for s in data.sources}
-        shapes = [tuple(by_name[name].shape[1:]) for name in order]
+        shapes = []
+        for name in order:  # one sample's shape: the sample axis left out (a --const array: all of it)
+            shape, axis = tuple(by_name[name].shape), sample_axis(data, name)
+            shapes.append(shape if axis is None else shape[:axis] + shape[axis + 1 :])
     elif options.input_shape:
         from deadrelu_cli.sites import parse_shape
 
@@ -240,7 +244,7 @@ def certify_model(model: LoadedModel, options: ScanOptions, data: CalibrationDat
         raise UserError("--certify without --data needs --input-shape (one sample, e.g. 3x32x32)")
     if any(d is None for shape in shapes for d in shape):
         raise UserError("--certify: the input shape has dynamic dimensions; pass --input-shape")
-    return backend_of(model).certify(model, options, shapes, data, device)
+    return backend_of(model).certify(model, options, shapes, data, device, order)
 
 
 def attach_certificates(layers: list, bounds) -> None:

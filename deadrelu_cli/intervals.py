@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from deadrelu_cli.calibration import sample_axis
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.memory import available_memory
 
@@ -78,40 +79,34 @@ def normalized_interval(
     return out
 
 
-def input_boxes(
-    spec: str | tuple[float, float] | None, shapes: list[tuple[int, ...]], data=None
-) -> list[Interval]:
-    """Boxes of one sample per input: (LO, HI) for every element, or 'auto' = per-element min/max of the data."""
-    boxes = []
-    if spec == "auto":
-        if data is None:
-            raise UserError(
-                "--input-range auto needs --data (the box is the min/max of each input feature over the data)"
-            )
-        lows: dict[str, np.ndarray] = {}
-        highs: dict[str, np.ndarray] = {}
-        try:
-            for batch in data.batches(256, allow_nonfinite=False):  # a box of NaN bounds nothing
-                for name, array in batch.items():
-                    a = array.astype(np.float64)
-                    lows[name] = np.minimum(lows[name], a.min(0)) if name in lows else a.min(0)
-                    highs[name] = np.maximum(highs[name], a.max(0)) if name in highs else a.max(0)
-        except UserError as exc:
-            where = str(exc).split("; clean the data")[0]
-            if not getattr(data, "allow_nonfinite", False) or where == str(exc):
-                raise
-            raise UserError(  # the scan took --allow-nonfinite; the box cannot
-                f"{where}: --input-range auto bounds each input element by its min/max over the data, which NaN/Inf "
-                "leave undefined (--allow-nonfinite or not); give --input-range LO HI"
-            ) from None
-        for name in data.names:
-            boxes.append(Interval(torch.from_numpy(lows[name])[None], torch.from_numpy(highs[name])[None]))
-        return boxes
+def fixed_range(spec) -> tuple[float, float]:
     if spec is None:
         raise UserError("--certify needs --input-range LO HI (or auto with --data)")
     lo, hi = spec
     if lo > hi:
         raise UserError(f"--input-range {lo} {hi}: LO must not exceed HI")
+    return float(lo), float(hi)
+
+
+def input_boxes(
+    spec: str | tuple[float, float] | None,
+    shapes: list[tuple[int, ...]],
+    data=None,
+    names: list[str] | None = None,
+) -> list[Interval]:
+    """Boxes of one sample per input, in the order of SHAPES (one sample's shape, its sample axis left out):
+    (LO, HI) for every element, or 'auto' = per-element min/max of the data. NAMES, with DATA: the arrays
+    that feed the model's inputs, in that order. A box is matched to its input by that name, never by where
+    the array sits in the file; an array fed whole (--const: a sample rate) is bounded by its own values,
+    and one whose samples lie on another axis (--batch-axis) keeps that axis, of length 1."""
+    if data is not None and names is not None:
+        return _data_boxes(spec, shapes, data, names)
+    if spec == "auto":
+        raise UserError(
+            "--input-range auto needs --data (the box is the min/max of each input feature over the data)"
+        )
+    lo, hi = fixed_range(spec)
+    boxes = []
     for shape in shapes:
         # a shape an ONNX graph's inputs declare (dims of 10^12 cost nothing to write there) is checked
         # before the two float64 bounds are allocated: one line, not an allocator's crash or the OOM killer
@@ -128,3 +123,41 @@ def input_boxes(
             )
         )
     return boxes
+
+
+def _data_boxes(spec, shapes: list[tuple[int, ...]], data, names: list[str]) -> list[Interval]:
+    axes = {name: sample_axis(data, name) for name in names}
+    lows: dict[str, np.ndarray] = {}
+    highs: dict[str, np.ndarray] = {}
+    if spec != "auto":
+        lo, hi = fixed_range(spec)
+        for name, shape in zip(names, shapes, strict=True):
+            if axes[name] is not None:
+                one = (*shape[: axes[name]], 1, *shape[axes[name] :])
+                lows[name], highs[name] = np.full(one, lo), np.full(one, hi)
+    wanted = [n for n in names if n not in lows]  # auto: every input; LO HI: the --const arrays
+    try:
+        for batch in (
+            data.batches(256, allow_nonfinite=False) if wanted else ()
+        ):  # a box of NaN bounds nothing
+            for name in wanted:
+                a = batch[name].astype(np.float64)
+                if axes[name] is None:  # the same whole array in every batch: its values are the box
+                    lows[name] = highs[name] = a
+                    continue
+                low, high = a.min(axes[name], keepdims=True), a.max(axes[name], keepdims=True)
+                lows[name] = np.minimum(lows[name], low) if name in lows else low
+                highs[name] = np.maximum(highs[name], high) if name in highs else high
+            if spec != "auto":  # only --const arrays were wanted, and every batch holds them whole
+                break
+    except UserError as exc:
+        where = str(exc).split("; clean the data")[0]
+        if not getattr(data, "allow_nonfinite", False) or where == str(exc):
+            raise
+        raise UserError(  # the scan took --allow-nonfinite; the box cannot
+            f"{where}: --input-range auto bounds each input element by its min/max over the data, which NaN/Inf "
+            "leave undefined (--allow-nonfinite or not); give --input-range LO HI"
+        ) from None
+    return [
+        Interval(torch.from_numpy(np.asarray(lows[n])), torch.from_numpy(np.asarray(highs[n]))) for n in names
+    ]

@@ -227,9 +227,9 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
     from deadrelu_cli.loaders import LoadOptions, load_model
     from deadrelu_cli.loaders.detect import TORCH_LEGACY, TORCH_ZIP, detect_format
     from deadrelu_cli.loaders.torch_models import (
+        load_checkpoint_weights,
         load_safetensors,
         load_state_into,
-        torch_load,
         unwrap_checkpoint,
     )
 
@@ -257,10 +257,8 @@ def _scan_all(checkpoints: list[Checkpoint], options) -> tuple[list[list[LayerSt
             if detect_format(checkpoint.path) == "safetensors":
                 state = load_safetensors(checkpoint.path, device)
             else:
-                state = unwrap_checkpoint(
-                    torch_load(checkpoint.path, device, options.trust_pickle, checked=True),
-                    options.weights_key,
-                )  # detect_format checked each one above
+                whole, _ = load_checkpoint_weights(checkpoint.path, device, options.trust_pickle)
+                state = unwrap_checkpoint(whole, options.weights_key)  # detect_format checked each one above
             load_state_into(model.runnable, state, str(checkpoint.path))
             layers, _ = scan_torch(model, data, options, device)
             results.append(layers)

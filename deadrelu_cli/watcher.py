@@ -39,6 +39,7 @@ from deadrelu_cli.backends.torch.scan import (
     attention_mask_modules,
     derived_scopes,
     module_attention_masks,
+    other_modality_towers,
     pooled_blocks,
 )
 from deadrelu_cli.distributed import World, reduce_layers
@@ -63,6 +64,7 @@ from deadrelu_cli.inputs import (
     IGNORE_INDEX,
     LABELS,
     PIXEL_MASK,
+    TOKEN_IDS,
     decoder_scope,
     derives_decoder_from_labels,
 )
@@ -382,6 +384,9 @@ class Watch:
         self._audio_index = {name: positional_index(model, name) for name in AUDIO_INPUTS}
         # a Funnel-style encoder: each block on its pooled mask; Decision Transformer, Canine: derived masks
         self._pooled = pooled_blocks(model) or derived_scopes(model)
+        # a multimodal model's image or audio towers: a forward's token mask is not theirs (CLIP)
+        self._towers = other_modality_towers(model)
+        self._ids_index = positional_index(model, TOKEN_IDS)
         self._decoder = decoder_scope(model)  # an encoder-decoder's decoder: on its own tokens' positions
         self._from_labels = derives_decoder_from_labels(model, _forward_arguments(model))
         self._padding_modules = padding_mask_modules(model)  # nn.Transformer*: their key padding masks
@@ -548,7 +553,7 @@ class Watch:
             self._forward = (rows, registry.elements_seen())
             if self._mask is None and self.mask_argument is not None:  # given masks win
                 self._apply_mask(self._forward_mask(args, kwargs), args, kwargs)
-            elif self._mask is not None and (self._frames is not None or self._pooled is not None):
+            elif self._mask is not None and (self._frames, self._pooled, self._towers) != (None, None, {}):
                 self._apply_mask(self._mask, args, kwargs)
             probe.note_inputs(args, kwargs)  # a square batch: the token ids' axes, followed
             mode = probe.mode()
@@ -663,11 +668,20 @@ class Watch:
                     break
         if mask is not None and scoped is None and self._pooled is not None and mask.dim() == 2:
             scoped = self._pooled(mask)
+        if mask is not None and mask.dim() == 2 and self._towers and self._takes_tokens(args, kwargs):
+            scoped = {**self._towers, **(scoped or {})}
         if self._decoder is not None:  # beside a speech encoder's frames (Speech2Text) too
             decoder = self._decoder_keep(kwargs)
             if decoder is not False:
                 scoped = {**(scoped or {}), self._decoder: decoder}
         self._probe.set_position_mask(mask, scoped)
+
+    def _takes_tokens(self, args: tuple, kwargs: dict) -> bool:
+        """Whether the forward was given token ids (its mask then is the tokens', not the audio's)."""
+        if isinstance(kwargs.get(TOKEN_IDS), torch.Tensor):
+            return True
+        index = self._ids_index
+        return index is not None and len(args) > index and isinstance(args[index], torch.Tensor)
 
     def _decoder_keep(self, kwargs: dict) -> torch.Tensor | None | bool:
         """The decoder's positions of an encoder-decoder's forward, as `deadrelu scan` counts them: its

@@ -83,6 +83,7 @@ ALLOWED_ATEN: frozenset[str] = frozenset(
     upsample_bilinear2d upsample_linear1d upsample_nearest1d upsample_nearest2d upsample_nearest3d
     upsample_trilinear3d var var_mean vdot view view_as view_as_complex view_as_real view_copy vsplit
     vstack where xlogy zero zeros zeros_like
+    numpy_T matrix_H mT mH adjoint
     _adaptive_avg_pool2d _adaptive_avg_pool3d _assert_async _assert_scalar _assert_tensor_metadata
     _cast_Float _cast_Long _convolution _log_softmax _native_batch_norm_legit
     _native_batch_norm_legit_functional _native_batch_norm_legit_no_training _reshape_alias _softmax

@@ -79,6 +79,102 @@ def torch_load(path: Path, device: str, trust_pickle: bool, checked: bool = Fals
         raise _unreadable(path, exc) from None
 
 
+class UnreadEntry:
+    """A placeholder for an object of a class deadrelu does not unpickle (a Lightning checkpoint's
+    omegaconf hyper-parameters, an argparse Namespace): made and filled by nothing of that class's code.
+    It keeps what the pickle gave it (plain data), only so that tensors inside can be found."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.held = [args, kwargs]
+
+    def __setstate__(self, state) -> None:
+        self.held = [*getattr(self, "held", []), state]
+
+
+def _tensor_inside_placeholder(obj, inside: bool = False, seen: set | None = None) -> bool:
+    """Whether a tensor lies in an UnreadEntry's data: the weights themselves (a whole pickled module of
+    the user's classes), not hyper-parameters beside them."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return inside
+    if isinstance(obj, UnreadEntry):
+        return _tensor_inside_placeholder(getattr(obj, "held", []), True, seen)
+    if isinstance(obj, Mapping):
+        return any(_tensor_inside_placeholder(v, inside, seen) for v in obj.values())
+    if isinstance(obj, list | tuple | set | frozenset):
+        return any(_tensor_inside_placeholder(v, inside, seen) for v in obj)
+    return False
+
+
+# builtins that pickles of configuration objects name as values; any other builtin (open, eval, exec,
+# getattr) is a call, which no hyper-parameter needs
+BUILTIN_TYPES = frozenset(
+    {
+        "int",
+        "float",
+        "str",
+        "bool",
+        "bytes",
+        "complex",
+        "dict",
+        "list",
+        "tuple",
+        "set",
+        "frozenset",
+        "object",
+        "type",
+    }
+)
+CODE_MODULES = frozenset(
+    {"os", "posix", "nt", "subprocess", "sys", "shutil", "importlib", "runpy", "pickle", "marshal", "socket",
+     "ctypes", "code", "codeop", "io", "pty", "multiprocessing", "webbrowser", "pdb", "operator", "functools",
+     "torch", "numpy", "types", "inspect", "signal", "threading", "_io", "posixpath", "ntpath", "pathlib"}
+)  # fmt: skip
+
+
+def _plain_data_name(name: str) -> bool:
+    module, _, attribute = name.rpartition(".")
+    if module == "builtins":
+        return attribute in BUILTIN_TYPES
+    return module.split(".")[0] not in CODE_MODULES
+
+
+def load_checkpoint_weights(path: Path, device: str, trust_pickle: bool) -> tuple[object, list[str]]:
+    """torch_load of a model checkpoint (checked by detect_format), and the names left unread: where
+    torch's weights-only reader refuses names that are not torch's (the hyper-parameters beside the
+    weights: omegaconf configs, an argparse Namespace), each becomes an inert UnreadEntry class, so the
+    weights are read without running any code those names name; a name of torch's (a pickled module:
+    the weights inside it) keeps the refusal and its advice."""
+    try:
+        return torch_load(path, device, trust_pickle, checked=True), []
+    except UserError as refusal:
+        if trust_pickle or "refused to unpickle" not in str(refusal):
+            raise
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # noqa: BLE001 - not readable so: the refusal stands
+            raise refusal from None
+        # every name the reader refused (a builtin type used as a value: omegaconf's `ref_type=int`), as
+        # inert classes: nothing the names name is called. A name of torch's (the weights may be inside
+        # it) or one that runs code (builtins.open, os.system: a hostile file, not hyper-parameters)
+        # keeps the refusal.
+        unread = [n for n in names if "." in n]
+        if not unread or not all(_plain_data_name(n) for n in unread):
+            raise
+        stubs = [(type(name.rsplit(".", 1)[1], (UnreadEntry,), {}), name) for name in unread]
+        try:
+            with torch.serialization.safe_globals(stubs):
+                loaded = torch.load(path, map_location=device, weights_only=True)
+        except Exception:  # noqa: BLE001 - torch's reader still refuses: the first refusal says why
+            raise refusal from None
+        if _tensor_inside_placeholder(loaded):  # the weights are in those objects: a pickled model
+            raise refusal from None
+        return loaded, unread
+
+
 def _unreadable(path: Path, exc: Exception) -> UserError:
     return UserError(
         f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is truncated, corrupted or not a torch checkpoint"
@@ -452,18 +548,30 @@ def load_torch(options: LoadOptions, fmt: str) -> LoadedModel:
         loaded.extra.update(layout)
         return loaded
     if fmt in (TORCH_ZIP, TORCH_LEGACY):
-        whole = torch_load(path, device, options.trust_pickle, checked=True)  # by detect_format
+        whole, unread = load_checkpoint_weights(path, device, options.trust_pickle)
         key = options.weights_key
         obj = unwrap_checkpoint(whole, key)
         if isinstance(obj, nn.Module):
             return _with_notes(_eager(path, "module", obj, sha, device), other_weights_note(whole, path, key))
+        if unread:
+            shown = ", ".join(unread[:3]) + (", …" if len(unread) > 3 else "")
+            unread_note = [
+                f"{path}: entries beside the weights hold objects of classes deadrelu does not unpickle ({shown}): "
+                "left unread; the weights were read as saved"
+            ]
+        else:
+            unread_note = []
         if not options.arch:
             raise UserError(
                 f"{path}: holds a state_dict (weights only); pass --arch MODULE:FACTORY that builds the model, e.g. --arch models.py:build"
             )
         model = build_from_arch(options.arch)
         layout = {}
-        notes = load_state_into(model, obj, str(path), layout) + other_weights_note(whole, path, key)
+        notes = (
+            load_state_into(model, obj, str(path), layout)
+            + other_weights_note(whole, path, key)
+            + unread_note
+        )
         loaded = _with_notes(_eager(path, "state_dict", model, sha, device), notes)
         loaded.extra.update(layout)
         return loaded

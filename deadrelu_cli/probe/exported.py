@@ -477,8 +477,10 @@ class ExportedProbe:
         # a LeakyReLU beside the ReLUs: its layers named, not counted
         self.unscanned = dict(Counter(site.op for _, site in find_sites(graph_module.graph, others)))
         self.hidden.update(stored_zero_relus(graph_module.graph, settings.ops))
+        self._site_nodes: list[tuple[fx.Node, StaticSite]] = []
         for node, site in list(find_sites(graph_module.graph, settings.ops)):
             self.sites.append(site)
+            self._site_nodes.append((node, site))
             self.registry.declare(site.name, site.op, site.module_type, site.producer)
             node.target = self._recorder(site, node.target)
         graph_module.recompile()
@@ -493,3 +495,16 @@ class ExportedProbe:
 
     def run(self, inputs: tuple, kwargs: dict | None = None):
         return self.graph_module(*inputs, **(kwargs or {}))
+
+    def sites_reached_by(self, positions: set[int]) -> set[str]:
+        """The sites whose inputs depend on the graph's inputs at `positions` (in call order): those the
+        token inputs reach run on the tokens' positions; others (CLIP's image tower) do not."""
+        placeholders = [node for node in self.graph_module.graph.nodes if node.op == "placeholder"]
+        reached = {placeholders[i] for i in positions if i < len(placeholders)}
+        for node in self.graph_module.graph.nodes:  # in topological order
+            # a size read off a token input (a batch size shared by every input) carries no positions
+            if isinstance(node.meta.get("val"), torch.SymInt | int) or node.op == "placeholder":
+                continue
+            if any(arg in reached for arg in node.all_input_nodes):
+                reached.add(node)
+        return {site.name for node, site in self._site_nodes if node in reached}

@@ -138,6 +138,29 @@ def _frame_steps(node: onnx.NodeProto, index: GraphIndex) -> list[FrameStep] | N
     ]
 
 
+def reached_from(graph: onnx.GraphProto, sources: set[str]) -> set[str]:
+    """The tensors of `graph` whose values depend on any of `sources` (graph inputs), not counting their
+    sizes. A node holding subgraphs is taken to depend on them (its bodies may read any tensor around them)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    reached, frontier = set(sources), list(sources)
+    for node in graph.node:
+        if _subgraphs(node):
+            frontier.extend(out for out in node.output if out and out not in reached)
+            reached.update(out for out in node.output if out)
+    while frontier:
+        for node in consumers.get(frontier.pop(), ()):
+            if node.op_type in ("Shape", "Size"):  # a batch size read off a token input carries no positions
+                continue
+            for out in node.output:
+                if out and out not in reached:
+                    reached.add(out)
+                    frontier.append(out)
+    return reached
+
+
 def frame_chains(model: onnx.ModelProto) -> dict[str, AxisChains | None]:
     """Per value of the graph (If branches and Loop/Scan bodies included, which see the enclosing
     graph's values), the conv/pool steps between the graph's inputs and it, per spatial axis (a speech

@@ -62,12 +62,12 @@ def batch_size(requested, model: LoadedModel, data: CalibrationData, device: str
     return onnx_batch_size(requested, model, data, feed_order(model, data))
 
 
-def certify(model: LoadedModel, options: ScanOptions, shapes: list, data, device: str):
+def certify(model: LoadedModel, options: ScanOptions, shapes: list, data, device: str, names=None):
     from deadrelu_cli.backends.onnx.certify import certify_onnx
     from deadrelu_cli.intervals import input_boxes
     from deadrelu_cli.loaders.onnx_model import restore_weights
 
-    boxes = input_boxes(options.input_range, shapes, data)
+    boxes = input_boxes(options.input_range, shapes, data, names)
     restore_weights(model)  # the scan held the graph without its large weights
     return certify_onnx(model.runnable, boxes, options.ops, options.threshold, options.channel_dim)
 

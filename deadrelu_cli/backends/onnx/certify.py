@@ -80,6 +80,66 @@ def _pool(node, x: Interval) -> Interval:
     return x.map(lambda t: pool(t, kernel, strides, list(pads[:spatial]), count_include_pad=include))
 
 
+def _square(x: Interval) -> Interval:
+    low = torch.where((x.lo <= 0) & (x.hi >= 0), torch.zeros_like(x.lo), torch.minimum(x.lo**2, x.hi**2))
+    return Interval(low, torch.maximum(x.lo**2, x.hi**2))
+
+
+def _slice(node, t: torch.Tensor, values: list) -> torch.Tensor:
+    """Slice: starts, ends, axes, steps are attributes up to opset 9, then constant inputs."""
+    if any(isinstance(v, Interval) for v in values[1:]):
+        raise Unsupported("Slice with input-dependent bounds")
+    if len(values) > 1:
+        starts, ends = (np.asarray(v).reshape(-1).tolist() for v in values[1:3])
+        axes = values[3] if len(values) > 3 and values[3] is not None else range(len(starts))
+        steps = values[4] if len(values) > 4 and values[4] is not None else [1] * len(starts)
+    else:
+        starts, ends = attr(node, "starts"), attr(node, "ends")
+        axes, steps = attr(node, "axes") or range(len(starts)), [1] * len(starts)
+    index = [slice(None)] * t.dim()
+    for start, end, axis, step in zip(
+        starts, ends, np.asarray(list(axes)).reshape(-1), np.asarray(list(steps)).reshape(-1), strict=True
+    ):
+        if int(step) < 0:
+            raise Unsupported("Slice with a negative step")
+        size = t.shape[int(axis)]
+        index[int(axis)] = slice(*(int(max(-size - 1, min(size, v))) for v in (start, end)), int(step))
+    return t[tuple(index)]
+
+
+def _pad(node, x: Interval, values: list) -> Interval:
+    """Pad: a constant fills the new positions (its value in both bounds); reflect / edge / wrap copy
+    positions of x, so both bounds are padded alike. pads are an attribute up to opset 10, then an input
+    (with the constant and, from opset 18, the axes)."""
+    mode = attr(node, "mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    pads = attr(node, "pads") if len(values) < 2 else values[1]
+    if pads is None or isinstance(pads, Interval):
+        raise Unsupported("Pad with input-dependent pads")
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    fill = values[2] if len(values) > 2 and values[2] is not None else attr(node, "value", 0.0)
+    if isinstance(fill, Interval):
+        raise Unsupported("Pad with an input-dependent value")
+    rank = x.lo.dim()
+    axes = values[3] if len(values) > 3 and values[3] is not None else range(rank)
+    axes = [int(a) % rank for a in np.asarray(list(axes)).reshape(-1)]
+    begins, ends = [0] * rank, [0] * rank
+    for axis, begin, end in zip(axes, pads[: len(axes)], pads[len(axes) :], strict=True):
+        begins[axis], ends[axis] = begin, end
+    flat: list[int] = []
+    for axis in reversed(range(rank)):  # torch: the last axis first
+        flat += [begins[axis], ends[axis]]
+    if mode == "constant":
+        value = float(np.asarray(fill).reshape(-1)[0]) if np.size(fill) else 0.0
+        return x.map(lambda t: F.pad(t, flat, value=value))
+    torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}.get(mode)
+    if torch_mode is None:
+        raise Unsupported(f"Pad mode {mode}")
+    while len(flat) > 2 and flat[-2:] == [0, 0]:  # torch pads only the trailing axes in these modes
+        flat = flat[:-2]
+    return x.map(lambda t: F.pad(t, flat, mode=torch_mode))
+
+
 def _node_interval(node, values: list, index: GraphIndex):
     op = node.op_type
     x = values[0]
@@ -98,8 +158,10 @@ def _node_interval(node, values: list, index: GraphIndex):
             out = out.map(lambda t: t + c)
         return out
     if op == "MatMul":
-        if isinstance(values[1], Interval):
+        if isinstance(values[0], Interval) and isinstance(values[1], Interval):
             raise Unsupported("MatMul of two input-dependent tensors")
+        if not isinstance(values[0], Interval):  # a constant on the left (a DFT basis times the frames)
+            return linear_interval(values[1], _t(values[0]), None, lambda t, w, b: torch.matmul(w, t))
         return linear_interval(x, _t(values[1]), None, lambda t, w, b: torch.matmul(t, w))
     if op in ("Add", "Sub", "Mul", "Div"):
         a, b = values
@@ -108,6 +170,8 @@ def _node_interval(node, values: list, index: GraphIndex):
                 return Interval(a.lo + b.lo, a.hi + b.hi)
             if op == "Sub":
                 return Interval(a.lo - b.hi, a.hi - b.lo)
+            if op == "Mul" and node.input[0] == node.input[1]:  # x * x: a square, never negative
+                return _square(a)
             if op == "Mul":
                 return product(a, b)
             raise Unsupported("Div by an input-dependent tensor")
@@ -182,6 +246,18 @@ def _node_interval(node, values: list, index: GraphIndex):
         return _pool(node, x)
     if op in ("Identity", "Dropout", "Cast"):
         return x
+    if op == "Pad":
+        return _pad(node, x, values)
+    if op == "Slice":  # positions of x, as they are
+        return x.map(lambda t: _slice(node, t, values))
+    if op == "Pow" and not isinstance(values[1], Interval) and np.asarray(values[1]).size == 1:
+        if float(np.asarray(values[1])) == 2.0:
+            return _square(x)
+        raise Unsupported("Pow with an exponent other than 2")
+    if op in ("Exp", "Log", "Sqrt"):  # monotone; Log and Sqrt of a negative number are NaN, not bounded
+        if op != "Exp" and bool((x.lo < 0).any()):
+            raise Unsupported(f"{op} of a possibly negative input")
+        return x.map({"Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt}[op])
     if op in ("ReduceMax", "ReduceMin", "ReduceMean", "ReduceSum"):  # monotone in every input element
         axes = attr(node, "axes")  # an attribute up to opset 17 (ReduceSum: 12), then an input
         if axes is None and constants and constants[0] is not None:
@@ -256,6 +332,10 @@ def certify_onnx(
         box = next(box_iter, None)
         if box is None:
             unknown[value.name] = "an input without a range"
+        elif torch.equal(box.lo, box.hi):  # one value (a --const sample rate): a constant, folded exactly
+            env[value.name] = box.lo.numpy().astype(
+                helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            )
         else:
             env[value.name] = box
     for node in graph.node:

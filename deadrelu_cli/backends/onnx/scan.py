@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 
@@ -123,7 +124,23 @@ def make_session(model_bytes: bytes, device: str, notes: list[str], weights_dir:
         return session
     except Exception as exc:  # onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"onnxruntime cannot load this model: {first}") from None
+        # the advice before onnxruntime's words: a long message is cut at the end (errors.one_line)
+        raise UserError(
+            f"onnxruntime cannot load this model: {load_advice(first)} (onnxruntime: {first})"
+        ) from None
+
+
+def load_advice(message: str) -> str:
+    """What to do when onnxruntime refuses a graph: an op of a domain it does not implement (QONNX's
+    `onnx.brevitas:Quant`, FINN's custom ops) has to become standard ONNX first."""
+    unknown = re.search(r"([\w.]+):(\w+)\(-?\d+\) is not a registered function/op", message)
+    if unknown:
+        domain, op = unknown.groups()
+        return (
+            f"its {op} ops (domain {domain!r}) are no ONNX or onnxruntime ops; convert them to standard "
+            "ONNX (QONNX: its QCDQ conversion) or scan the float model they were made from"
+        )
+    return "scan a graph that onnxruntime runs (try onnxruntime.InferenceSession on it)"
 
 
 def instrumented_bytes(
@@ -296,6 +313,7 @@ def _discover_shapes(
         frame_chains,
         frame_steps,
         lift_to_main,
+        reached_from,
         site_channel_dim,
         site_frames,
         subgraph_map,
@@ -386,6 +404,16 @@ def _discover_shapes(
     maskable = keep is not None and opset_version(model) >= 9
     chains = None  # frame_chains of the main graph, found when a site's positions are not the mask's
     stacked = None  # unmapped_steps of the main graph, likewise
+    # what the token inputs (every input fed [batch, tokens, …] as the mask is) reach: a main-graph site
+    # they do not reach runs on other positions (CLIP's image tower), even where its sequence has the
+    # tokens' length
+    # (inputs laid out time-major too; none found: no rule, as before)
+    token_inputs = (
+        {i for i, a in feeds.items() if np.shape(a)[:2] in (keep.shape, keep.shape[::-1])}
+        if maskable and keep.ndim == 2
+        else set()
+    )
+    tokens_reach = reached_from(model.graph, token_inputs) if token_inputs else None
     # (site, shape, tokens): its shape reads as [B, T, ...] and [T, B, ...] alike, or flattened rows
     ambiguous = []
     for site, shape in zip(unknown, results[: len(unknown)], strict=True):
@@ -416,6 +444,13 @@ def _discover_shapes(
                 site.token_layout, site.step_direction, site.frames = TOKEN_STEPS, direction, frames
                 site.mask_unapplied = None
             continue
+        elif (
+            tokens_reach is not None
+            and site.rank >= 2
+            and not site.graph_path
+            and site.input_name not in tokens_reach
+        ):
+            pass  # counted over every element ("no token axis")
         elif maskable and site.rank >= 2:
             dim = site_channel_dim(site, channel_dim)
             batch_n, tokens = keep.shape

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deadrelu_cli.calibration import CalibrationData
+from deadrelu_cli.calibration import CalibrationData, sample_axis
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
 from deadrelu_cli.options import ScanOptions
@@ -73,17 +73,24 @@ def batch_size(requested, model: LoadedModel, data: CalibrationData, device: str
     return batch_size_for(requested, model, data, input_order(model, data), device)
 
 
-def certify(model: LoadedModel, options: ScanOptions, shapes: list, data, device: str):
+def certify(model: LoadedModel, options: ScanOptions, shapes: list, data, device: str, names=None):
     import torch
 
     from deadrelu_cli.backends.torch.certify import certify_graph, graph_for
     from deadrelu_cli.intervals import input_boxes
 
+    # the program is exported with the batch on every input's first axis (export_for_stats)
+    other = [name for name in names or () if sample_axis(data, name) != 0]
+    if other:
+        raise UserError(
+            f"--certify on a PyTorch model bounds inputs with samples on the first axis; {', '.join(other)} "
+            "is fed whole (--const) or has its samples on another axis (--batch-axis): certify its ONNX export"
+        )
     example = tuple(
         torch.zeros((2, *shape), dtype=getattr(torch, model.float_dtype), device=device) for shape in shapes
     )
     graph = graph_for(model.runnable, model.kind, example, model.extra.get("program")).cpu()
-    boxes = input_boxes(options.input_range, shapes, data)
+    boxes = input_boxes(options.input_range, shapes, data, names)
     return certify_graph(graph, boxes, options.ops, options.threshold, options.channel_dim)
 
 

@@ -25,7 +25,13 @@ from deadrelu_cli.backends.torch.optimizer_state import (
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import check_companion_free, copyable_reason, temp_path_for
 from deadrelu_cli.loaders.companions import HF_OPTIMIZER_FILE, OPTIMIZER_FILES
-from deadrelu_cli.loaders.torch_models import strip_wrapper_prefixes, torch_load, weight_dicts, weights_key
+from deadrelu_cli.loaders.torch_models import (
+    load_checkpoint_weights,
+    strip_wrapper_prefixes,
+    torch_load,
+    weight_dicts,
+    weights_key,
+)
 
 RESETTING_STRATEGIES = ("reinit", "kick", "bias-shift")  # every strategy that rewrites entries in place
 
@@ -60,7 +66,14 @@ def read_training_checkpoint(
     names (`chosen`, --weights-key): fixing one and writing the others back unfixed is never guessed."""
     checkpoint = None
     if fmt == "state_dict":
-        checkpoint = torch_load(path, "cpu", trust_pickle, checked=True)  # the model, checked when loaded
+        checkpoint, unread = load_checkpoint_weights(path, "cpu", trust_pickle)  # checked when loaded
+        if unread:  # placeholders written back would replace the user's hyper-parameters
+            shown = ", ".join(unread[:3]) + (", …" if len(unread) > 3 else "")
+            raise UserError(
+                f"{path}: fix writes the checkpoint back with its other entries as they were, and these hold "
+                f"objects of classes deadrelu does not unpickle ({shown}); pass --trust-pickle to keep them "
+                "(it can run code), or fix the state_dict saved alone"
+            )
         several = weight_dicts(checkpoint)
         if len(several) > 1 and chosen is None:
             raise UserError(

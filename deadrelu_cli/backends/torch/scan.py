@@ -303,6 +303,12 @@ def _scan_torch(
         if mask is not None and decoder is None and frames is None
         else None
     )
+    # a token mask is not an image or audio tower's (CLIP's vision_model with as many patches as tokens)
+    towers = (
+        other_modality_towers(model.runnable)
+        if mask is not None and TOKEN_IDS in order and mask_rank(mask, data) == 2 and frames is None
+        else None
+    )
     # speech encoder fed audio with no mask at all: zero-padded audio would count its padded frames unsaid
     hop = (
         frame_hop(model.runnable)
@@ -325,6 +331,13 @@ def _scan_torch(
         example = example_inputs(model, data, order, device)
     names = list(order) if options.compile and by_keyword(model, order) else None
     probe = make_probe(model, settings, options.compile, example, names)
+    if towers is not None and hasattr(probe, "sites_reached_by"):
+        # a graph (.pt2) says it by data flow: the sites no token input reaches are on other positions
+        tokens = token_arrays(mask, data)
+        positions = {i for i, name in enumerate(order) if name in tokens}
+        if positions:  # (none: no rule, as before)
+            reached = probe.sites_reached_by(positions)
+            towers = {**towers, **{site.name: None for site in probe.sites if site.name not in reached}}
     probe.registry.collectors.update(collectors or {})
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     if model.fixed_batch is not None:  # also when auto chose it: a last, partial batch would not run
@@ -376,9 +389,9 @@ def _scan_torch(
             path, to_frames = frames
             probe.registry.set_position_mask(kept, {path: to_frames(kept)})
         elif pooled is not None:
-            probe.registry.set_position_mask(kept, pooled(kept))
+            probe.registry.set_position_mask(kept, {**(towers or {}), **pooled(kept)})
         elif mask is not None:
-            probe.registry.set_position_mask(kept)
+            probe.registry.set_position_mask(kept, towers)
         args, kwargs = model_call(model, order, inputs)
         probe.run(args, kwargs)
 
@@ -628,6 +641,49 @@ def audio_frame_scope(runnable, mask, order) -> tuple[str, object] | None:
     return speech_frames(runnable, for_sites=True)
 
 
+def forward_arguments(module) -> set[str] | None:
+    """The names of module.forward()'s arguments: its signature, or a TorchScript method's schema
+    (a traced submodule keeps the names); None when neither tells."""
+    import inspect
+
+    try:
+        return set(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError, AttributeError):
+        pass
+    try:
+        return {argument.name for argument in module.forward.schema.arguments[1:]}
+    except (AttributeError, RuntimeError):  # a TorchScript submodule that no forward calls
+        return None
+
+
+def other_modality_towers(runnable) -> dict[str, None]:
+    """A multimodal model's image or audio towers (CLIP's `vision_model`, CLAP's `audio_model`, a LLaVA's
+    vision tower): the outermost modules below the root whose forward() takes pixel_values, input_values
+    or input_features and no token ids. They run on patches or frames, never on the tokens, so the token
+    mask is not theirs, also where their sequence has the tokens' length: {path: None} (every position)."""
+    from torch import nn
+
+    if not isinstance(runnable, nn.Module):
+        return {}
+    found: list[str] = []
+    for path, module in runnable.named_modules():
+        if not path or any(path.startswith(q + ".") for q in found):
+            continue
+        parameters = forward_arguments(module)
+        if parameters is None:
+            continue
+        if parameters & {"pixel_values", *AUDIO_INPUTS} and not parameters & {TOKEN_IDS, "inputs_embeds"}:
+            found.append(path)
+    return dict.fromkeys(found)
+
+
+def token_arrays(mask, data) -> set[str]:
+    """The data's arrays laid out as the token mask is ([samples, tokens, …]: the ids, the mask itself)."""
+    shapes = {s.name: tuple(s.shape) for s in data.sources}
+    lead = shapes.get(mask.array or TOKEN_IDS, ())[:2]
+    return {name for name, shape in shapes.items() if len(lead) == 2 and shape[:2] in (lead, lead[::-1])}
+
+
 def mask_rank(mask, data) -> int:
     """The rank of the data's mask array (3: an image's [samples, height, width] pixel mask)."""
     return next((len(s.shape) for s in data.sources if s.name == mask.array), 2)
@@ -730,7 +786,7 @@ def pooled_blocks(runnable):
 
 def derived_scopes(runnable):
     """Models that run part of themselves on a sequence the attention_mask does not fit, with a mask they
-    derive from it: Decision Transformer (three tokens per time step, its mask stacked alike: the
+    derive from it (or none: Perceiver's latents, every position): Decision Transformer (three tokens per time step, its mask stacked alike: the
     `encoder`'s sites) and Canine (molecules: the characters' mask max-pooled by `downsampling_rate`, by
     the model's own `_downsample_attention_mask`: the deep `encoder` and `chars_to_molecules`). A function
     from the data's mask to {module path: mask}, as `pooled_blocks`; None for other models."""
@@ -741,6 +797,10 @@ def derived_scopes(runnable):
     encoder = getattr(base, "encoder", None)
     if encoder is None or id(encoder) not in paths:
         return None
+    if isinstance(getattr(getattr(base, "embeddings", None), "latents", None), torch.nn.Parameter):
+        # Perceiver: its encoder runs on its learned latents, which no token mask marks, also where there
+        # are as many latents as tokens (every position counts)
+        return lambda kept: {paths[id(encoder)]: None}
     if all(
         isinstance(getattr(base, name, None), torch.nn.Module)
         for name in ("embed_return", "embed_state", "embed_action")
