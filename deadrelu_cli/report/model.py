@@ -13,6 +13,7 @@ import numpy as np
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import check_regular_file
 from deadrelu_cli.report.fingerprint import (
+    DOCUMENT_METHOD,
     SampleSketch,
     shared_samples,
     sketch_from_dict,
@@ -490,8 +491,9 @@ def refuse_overlapping_data(
                 shared = shared_samples(sketches[i], sketch)
                 if shared:
                     exact = sketches[i].complete and sketch.complete
+                    what = "documents" if sketch.method == DOCUMENT_METHOD else "samples"
                     overlap(
-                        f"{name}: counted {'' if exact else 'at least '}{shared} of the same samples as "
+                        f"{name}: counted {'' if exact else 'at least '}{shared} of the same {what} as "
                         f"{names[i]} (the same file under another --limit or --batch-size, a copy, or files "
                         "sharing samples)"
                     )
