@@ -3,8 +3,11 @@ truth the test builds itself (the data's construction, numpy)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
+from conftest import arch_file, save_npz
 from hf_models import opt_model, save_folder, save_tokenizer
 
 torch = pytest.importorskip("torch")
@@ -55,3 +58,62 @@ def test_merge_of_packed_text_takes_disjoint_documents(packed_opt, cli, tmp_path
     assert merged.code == 0, merged.err
     again = cli("merge", tmp_path / "ab.json", tmp_path / "c.json", "--json", tmp_path / "abc.json")
     assert again.code == 2 and "1 of the same documents" in again.err, again.err
+
+
+MOVED = """
+import torch
+from torch import nn
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8, 6)
+        self.out = nn.Conv2d(6, 2, 1)
+    def forward(self, x):  # x [N, 3, H, W]
+        h = torch.relu(self.conv(x).movedim(1, -1))  # channels-last: units on the last axis
+        h = torch.relu(torch.moveaxis(self.fc(h), (3, 1), (1, 3)))  # [N, W, H, 6] -> [N, 6, H, W]
+        return self.out(h.transpose(2, 3))
+def build():
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.conv.bias[[1, 5]] = -50.0
+        model.fc.bias[[2]] = -50.0
+    return model.eval()
+"""
+
+
+def test_a_unit_axis_moved_by_movedim_is_followed_in_every_torch_format(cli, tmp_path):
+    """movedim / moveaxis (channels-last written the other common way) were not followed as permute is:
+    the conv's ReLU was counted on the image rows (5 "units", none dead) in eager, .pt2 and TorchScript,
+    and the gate passed on 2 of 8 dead channels. Truth: hooks on the conv and the Linear."""
+    model, spec = arch_file(tmp_path / "moved.py", MOVED)
+    x = np.random.RandomState(44).randn(6, 3, 5, 7).astype(np.float32)
+    data = save_npz(tmp_path / "d.npz", x=x)
+    seen = {}
+    hooks = [
+        getattr(model, name).register_forward_hook(lambda _m, _a, out, n=name: seen.__setitem__(n, out.detach()))
+        for name in ("conv", "fc")
+    ]
+    example = torch.from_numpy(x)
+    with torch.no_grad():
+        model(example)
+    for hook in hooks:
+        hook.remove()
+    truth = [
+        (seen["conv"] > 0).sum((0, 2, 3)).tolist(),  # [N, 8, H, W]: per channel
+        (seen["fc"] > 0).sum((0, 1, 2)).tolist(),  # [N, H, W, 6]: per feature
+    ]
+    assert truth[0][1] == truth[0][5] == truth[1][2] == 0
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    torch.export.save(torch.export.export(model, (example[:2],)), tmp_path / "m.pt2")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(model).save(tmp_path / "s.pt")
+        torch.jit.trace(model, example[:2]).save(tmp_path / "t.pt")
+    for args in ([tmp_path / "m.pt", "--arch", spec], [tmp_path / "m.pt2"], [tmp_path / "s.pt"], [tmp_path / "t.pt"]):
+        result = cli("scan", *args, "--data", data, "--json", "-", "-q", "--max-dead", "0.1")
+        assert result.code == 1, (args, result.err)  # 3 of 14 dead: the gate fails
+        layers = result.json()["layers"]
+        assert [layer["positive_counts"] for layer in layers] == truth, args
+        assert [layer["elements_per_unit"] for layer in layers] == [6 * 5 * 7] * 2, args

@@ -341,9 +341,12 @@ def reduces_unit_axis(func, args: tuple, kwargs: dict, channel_first: bool | Non
 def moved_unit_axis(kind: str, dims: tuple, axis: int, rank: int = 3) -> int | None:
     """Where a rank-RANK tensor's unit axis `axis` is after a layout op (`aten_ops.LAYOUT`), or None when
     that is not known: `transpose`/`swapaxes` (dims = the two axes), `permute` (dims = the order),
-    `slice` (dims = the sliced axis; slicing the unit axis changes the units), any other kind keeps the
-    axis (layer_norm over the units). Eager, torch.export and TorchScript probes all move it here."""
+    `movedim`/`moveaxis` (dims = (source, destination), each an axis or a sequence of them), `slice`
+    (dims = the sliced axis; slicing the unit axis changes the units), any other kind keeps the axis
+    (layer_norm over the units). Eager, torch.export and TorchScript probes all move it here."""
     try:
+        if kind in ("movedim", "moveaxis"):
+            return _movedim_order(dims, rank).index(axis)
         if kind in ("transpose", "swapaxes", "swapdims"):
             if any(int(v) >= rank for v in dims[:2]):
                 return None  # an axis this rank has not: the tensor is of another rank than assumed
@@ -356,6 +359,19 @@ def moved_unit_axis(kind: str, dims: tuple, axis: int, rank: int = 3) -> int | N
     except (TypeError, ValueError, IndexError):
         return None
     return axis
+
+
+def _movedim_order(dims: tuple, rank: int) -> list[int]:
+    """The axes of a rank-RANK tensor in their order after movedim(source, destination) (= dims): the
+    moved ones at their destinations, the others in their order in the places left (torch's rule)."""
+    source, destination = ([v] if isinstance(v, int) else list(v) for v in dims[:2])
+    if len(source) != len(destination) or any(not -rank <= int(v) < rank for v in source + destination):
+        raise ValueError("not a movedim of this rank")
+    order: list[int | None] = [None] * rank
+    for a, b in zip(source, destination, strict=True):
+        order[int(b) % rank] = int(a) % rank
+    rest = iter(a for a in range(rank) if a not in order)
+    return [next(rest) if a is None else a for a in order]
 
 
 def unit_axis_side(axis: int | None, rank: int) -> bool | None:

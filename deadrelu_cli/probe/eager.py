@@ -216,6 +216,7 @@ def _layout_functions() -> set:
     conv -> transpose -> LayerNorm -> transpose -> ReLU."""
     T = torch.Tensor
     return {T.transpose, torch.transpose, T.swapaxes, torch.swapaxes, T.permute, torch.permute,
+            T.movedim, torch.movedim, T.moveaxis, torch.moveaxis,
             F.layer_norm, T.__getitem__, T.squeeze, torch.squeeze, T.unsqueeze, torch.unsqueeze}  # fmt: skip
 
 
@@ -277,6 +278,8 @@ def _moved_unit_axis(func, args: tuple, kwargs: dict, axis: int, before, after) 
     elif name == "permute":
         dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
         dims = tuple(dims or kwargs.get("dims", ()))
+    elif name in ("movedim", "moveaxis"):  # x.movedim(1, -1): a conv's channels moved last
+        dims = (*args[1:3], *(kwargs[k] for k in ("source", "destination") if k in kwargs))
     else:  # layer_norm, a slice: the axis stays; the shape check below says whether the units did
         name, dims = "", ()
     moved = moved_unit_axis(name, dims, axis % rank, rank)

@@ -502,7 +502,8 @@ def _attribute_of(module, value):
 
 
 def _constant_dims(node, base: str) -> tuple | None:
-    """The constant axes of a TorchScript transpose / permute / slice node, or None when not constant."""
+    """The constant axes of a TorchScript transpose / permute / movedim / slice node, or None when not
+    constant."""
     try:
         if base == "permute":
             dims = node.inputsAt(1).toIValue()
@@ -513,7 +514,10 @@ def _constant_dims(node, base: str) -> tuple | None:
         dims = [node.inputsAt(1 + i).toIValue() for i in range(count)]
     except RuntimeError:
         return None
-    return None if None in dims else tuple(int(d) for d in dims)
+    if None in dims:
+        return None
+    # movedim's source and destination may be lists of axes (aten::movedim.intlist)
+    return tuple(int(d) if isinstance(d, int) else tuple(int(v) for v in d) for d in dims)
 
 
 _SPELLED_OPS = MAXIMA | {"where", "masked_fill", "masked_fill_", "mul", "mul_"}
