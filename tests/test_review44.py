@@ -117,3 +117,27 @@ def test_a_unit_axis_moved_by_movedim_is_followed_in_every_torch_format(cli, tmp
         layers = result.json()["layers"]
         assert [layer["positive_counts"] for layer in layers] == truth, args
         assert [layer["elements_per_unit"] for layer in layers] == [6 * 5 * 7] * 2, args
+
+
+def test_a_scan_leaves_a_mixture_of_experts_on_its_own_implementation():
+    """Counting experts apart sets the experts' config to the eager implementation for the scan. Every
+    layer's experts module holds the model's one config, so the second layer found "eager" already and
+    put that back last: after the scan (fix's later runs of the same model) the model ran the slow
+    eager experts, not the implementation it had."""
+    transformers = pytest.importorskip("transformers")
+    from deadrelu_cli.probe.experts import experts_apart
+
+    config = transformers.MixtralConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, hidden_act="relu", num_local_experts=3, num_experts_per_tok=2,
+        max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.MixtralModel(config).eval()
+    experts = [layer.mlp.experts for layer in model.layers]
+    assert experts[0].config is experts[1].config
+    before = experts[0].config._experts_implementation_internal
+    assert before != "eager"
+    with experts_apart(model) as fused:
+        assert len(fused) == 2 and experts[0].config._experts_implementation_internal == "eager"
+    assert experts[0].config._experts_implementation_internal == before
+    assert all("forward" not in module.__dict__ and "0" not in module._modules for module in experts)

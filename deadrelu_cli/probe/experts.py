@@ -132,7 +132,9 @@ def experts_apart(model) -> Iterator[dict[str, int]]:
     try:
         yield {path: count for path, _, count, _, _ in changed}
     finally:
-        for _, module, count, previous, implementation in changed:
+        # in reverse: every layer's experts module holds the model's one config, so each after the first
+        # saw "eager" as the implementation it found; undone last to first, the first one's is what stays
+        for _, module, count, previous, implementation in reversed(changed):
             for expert in range(count):
                 del module._modules[str(expert)]
             module.config._experts_implementation_internal = implementation
