@@ -141,3 +141,63 @@ def test_a_scan_leaves_a_mixture_of_experts_on_its_own_implementation():
         assert len(fused) == 2 and experts[0].config._experts_implementation_internal == "eager"
     assert experts[0].config._experts_implementation_internal == before
     assert all("forward" not in module.__dict__ and "0" not in module._modules for module in experts)
+
+
+WRAPPED = """
+import torch
+from torch import nn
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv1d(c, c, 1)
+        self.drop = nn.Dropout(0.1)
+    def forward(self, x):
+        return self.drop(self.conv(x))
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(6) for _ in range(2)])
+        self.inner = nn.Sequential(nn.Conv1d(6, 6, 1), nn.BatchNorm1d(6), nn.Dropout(0.1))
+    def forward(self, x):  # x [N, 6, T]
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return torch.relu(self.inner(x))
+def build():
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.blocks[0].conv.bias[0] = -80.0
+        model.blocks[1].conv.bias[4] = -80.0
+        model.inner[1].bias[3] = -80.0
+    return model.eval()
+"""
+
+
+def test_torchscript_finds_the_conv_inside_a_block_or_a_sequential(cli, tmp_path):
+    """A ReLU of a block's output (a module of the model's own returning its conv's output, through a
+    Dropout; an nn.Sequential of conv, BatchNorm, Dropout) in scripted and traced TorchScript: the walk
+    stopped at the block's call, so the [N, C, T] ReLUs were counted on the time axis (9 "units", none
+    dead) under a note, and the gate passed on the planted dead channels. Truth: hooks on the blocks."""
+    model, _ = arch_file(tmp_path / "wrapped.py", WRAPPED)
+    x = np.random.RandomState(44).randn(4, 6, 9).astype(np.float32)
+    data = save_npz(tmp_path / "d.npz", x=x)
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _a, out: seen.append(out.detach())) for m in (*model.blocks, model.inner)]
+    example = torch.from_numpy(x)
+    with torch.no_grad():
+        model(example)
+    for hook in hooks:
+        hook.remove()
+    truth = [(out > 0).sum((0, 2)).tolist() for out in seen]  # [N, 6, T]: per channel
+    assert truth[0][0] == truth[1][4] == truth[2][3] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(model).save(tmp_path / "s.pt")
+        torch.jit.trace(model, example).save(tmp_path / "t.pt")
+    for path in (tmp_path / "s.pt", tmp_path / "t.pt"):
+        result = cli("scan", path, "--data", data, "--json", "-", "-q")
+        assert result.code == 0, result.err
+        report = result.json()
+        assert [layer["positive_counts"] for layer in report["layers"]] == truth, path
+        assert [layer["producer"] for layer in report["layers"]] == ["blocks.0.conv", "blocks.1.conv", "inner.1"]
+        assert not any("unit axis assumed" in note for note in report["notes"]), report["notes"]

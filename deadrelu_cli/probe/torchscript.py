@@ -364,10 +364,17 @@ class _Walker:
         self._units = None
         keep_producer = True
         layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
+        calls: list = []  # (call node, caller module) of the modules' graphs walked into
         for _ in range(32):
             src = value.node()
             kind = src.kind()
             base = aten_base(kind)
+            if kind == "prim::Param" and calls:  # an argument of a module walked into: the caller's value
+                call, module = calls.pop()
+                if not 0 < value.offset() < len(list(call.inputs())):
+                    return None, None
+                value = call.inputsAt(value.offset())
+                continue
             if base in SQUEEZES:
                 try:
                     dims = src.inputsAt(1).toIValue() if len(list(src.inputs())) > 1 else None
@@ -402,6 +409,18 @@ class _Walker:
                 base_layer = _lora_base(target, qualified)
                 if base_layer is not None:  # a PEFT LoRA layer: its base layer makes the units
                     target, type_name = base_layer, _type_name(base_layer).rsplit(".", 1)[-1]
+                if type_name in _IDENTITY_MODULES and len(list(src.inputs())) > 1:
+                    value = src.inputsAt(1)  # scripted, its F.dropout is a call of its own: its input
+                    continue
+                if type_name not in _CHANNEL_FIRST_MODULES and type_name not in ("Linear", "LayerNorm", "Embedding"):
+                    # a block of the model's own (an nn.Sequential, a wrapper returning self.conv(x), a
+                    # Dropout): the value it returns, walked in its own graph, as eager sees the conv's output
+                    returned = _returned_value(target, src.s("name"))
+                    if returned is None:
+                        return None, None
+                    calls.append((src, module))
+                    value, module = returned, target
+                    continue
                 makes_units = type_name in _PRODUCER_MODULES or (
                     type_name in _NORM_PRODUCER_MODULES and getattr(target, "bias", None) is not None
                 )
@@ -481,6 +500,22 @@ _CONV_RANKS = {
     **{f"conv{n}d": n + 2 for n in (1, 2, 3)},
     **{f"conv_transpose{n}d": n + 2 for n in (1, 2, 3)},
 }
+
+
+# modules whose output is their input at inference (the units and their axis stay)
+_IDENTITY_MODULES = frozenset({"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "Identity"})
+
+
+def _returned_value(module, method: str):
+    """The value a ScriptModule's METHOD returns (a graph value), or None (a tuple, no such graph)."""
+    try:
+        graph = getattr(module, method).graph
+    except (AttributeError, RuntimeError):
+        return None
+    returned = list(graph.return_node().inputs())
+    if len(returned) != 1 or not str(returned[0].type()).startswith("Tensor"):
+        return None
+    return returned[0]
 
 
 def _attribute_of(module, value):
