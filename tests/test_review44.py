@@ -70,7 +70,7 @@ class Net(nn.Module):
         self.fc = nn.Linear(8, 6)
         self.out = nn.Conv2d(6, 2, 1)
     def forward(self, x):  # x [N, 3, H, W]
-        h = torch.relu(self.conv(x).movedim(1, -1))  # channels-last: units on the last axis
+        h = torch.relu(MOVE_LAST)  # channels-last: units on the last axis
         h = torch.relu(torch.moveaxis(self.fc(h), (3, 1), (1, 3)))  # [N, W, H, 6] -> [N, 6, H, W]
         return self.out(h.transpose(2, 3))
 def build():
@@ -83,16 +83,24 @@ def build():
 """
 
 
-def test_a_unit_axis_moved_by_movedim_is_followed_in_every_torch_format(cli, tmp_path):
-    """movedim / moveaxis (channels-last written the other common way) were not followed as permute is:
-    the conv's ReLU was counted on the image rows (5 "units", none dead) in eager, .pt2 and TorchScript,
-    and the gate passed on 2 of 8 dead channels. Truth: hooks on the conv and the Linear."""
-    model, spec = arch_file(tmp_path / "moved.py", MOVED)
+@pytest.mark.parametrize(
+    "move_last",
+    ["self.conv(x).movedim(1, -1)", 'torch.einsum("nchw->nhwc", self.conv(x))'],
+    ids=["movedim", "einsum"],
+)
+def test_a_unit_axis_moved_by_movedim_is_followed_in_every_torch_format(cli, tmp_path, move_last):
+    """movedim / moveaxis and an einsum that only reorders axes (channels-last written other common
+    ways) were not followed as permute is: the conv's ReLU was counted on the image rows (5 "units", none
+    dead) in eager, .pt2 and TorchScript, and the gate passed on 2 of 8 dead channels. Truth: hooks on
+    the conv and the Linear."""
+    model, spec = arch_file(tmp_path / "moved.py", MOVED.replace("MOVE_LAST", move_last))
     x = np.random.RandomState(44).randn(6, 3, 5, 7).astype(np.float32)
     data = save_npz(tmp_path / "d.npz", x=x)
     seen = {}
     hooks = [
-        getattr(model, name).register_forward_hook(lambda _m, _a, out, n=name: seen.__setitem__(n, out.detach()))
+        getattr(model, name).register_forward_hook(
+            lambda _m, _a, out, n=name: seen.__setitem__(n, out.detach())
+        )
         for name in ("conv", "fc")
     ]
     example = torch.from_numpy(x)
@@ -111,7 +119,12 @@ def test_a_unit_axis_moved_by_movedim_is_followed_in_every_torch_format(cli, tmp
         warnings.simplefilter("ignore")
         torch.jit.script(model).save(tmp_path / "s.pt")
         torch.jit.trace(model, example[:2]).save(tmp_path / "t.pt")
-    for args in ([tmp_path / "m.pt", "--arch", spec], [tmp_path / "m.pt2"], [tmp_path / "s.pt"], [tmp_path / "t.pt"]):
+    for args in (
+        [tmp_path / "m.pt", "--arch", spec],
+        [tmp_path / "m.pt2"],
+        [tmp_path / "s.pt"],
+        [tmp_path / "t.pt"],
+    ):
         result = cli("scan", *args, "--data", data, "--json", "-", "-q", "--max-dead", "0.1")
         assert result.code == 1, (args, result.err)  # 3 of 14 dead: the gate fails
         layers = result.json()["layers"]
@@ -182,7 +195,10 @@ def test_torchscript_finds_the_conv_inside_a_block_or_a_sequential(cli, tmp_path
     x = np.random.RandomState(44).randn(4, 6, 9).astype(np.float32)
     data = save_npz(tmp_path / "d.npz", x=x)
     seen = []
-    hooks = [m.register_forward_hook(lambda _m, _a, out: seen.append(out.detach())) for m in (*model.blocks, model.inner)]
+    hooks = [
+        m.register_forward_hook(lambda _m, _a, out: seen.append(out.detach()))
+        for m in (*model.blocks, model.inner)
+    ]
     example = torch.from_numpy(x)
     with torch.no_grad():
         model(example)
@@ -199,5 +215,9 @@ def test_torchscript_finds_the_conv_inside_a_block_or_a_sequential(cli, tmp_path
         assert result.code == 0, result.err
         report = result.json()
         assert [layer["positive_counts"] for layer in report["layers"]] == truth, path
-        assert [layer["producer"] for layer in report["layers"]] == ["blocks.0.conv", "blocks.1.conv", "inner.1"]
+        assert [layer["producer"] for layer in report["layers"]] == [
+            "blocks.0.conv",
+            "blocks.1.conv",
+            "inner.1",
+        ]
         assert not any("unit axis assumed" in note for note in report["notes"]), report["notes"]

@@ -361,6 +361,20 @@ def moved_unit_axis(kind: str, dims: tuple, axis: int, rank: int = 3) -> int | N
     return axis
 
 
+def einsum_permutation(equation) -> tuple[int, ...] | None:
+    """The permute an einsum of one operand that only reorders its axes is (`"nchw->nhwc"`: (0, 2, 3, 1)),
+    else None (a reduction, a diagonal, an ellipsis, several operands)."""
+    if not isinstance(equation, str):
+        return None
+    parts = equation.replace(" ", "").split("->")
+    if len(parts) != 2:
+        return None
+    source, result = parts
+    if not source.isalpha() or len(set(source)) != len(source) or sorted(source) != sorted(result):
+        return None
+    return tuple(source.index(axis) for axis in result)
+
+
 def _movedim_order(dims: tuple, rank: int) -> list[int]:
     """The axes of a rank-RANK tensor in their order after movedim(source, destination) (= dims): the
     moved ones at their destinations, the others in their order in the places left (torch's rule)."""

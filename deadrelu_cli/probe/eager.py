@@ -31,6 +31,7 @@ from deadrelu_cli.probe.base import (
     ProbeSettings,
     SiteRegistry,
     call_and_record,
+    einsum_permutation,
     infer_channel_dim,
     keeps_dtype,
     moved_unit_axis,
@@ -503,6 +504,8 @@ class _CallSiteMode(TorchFunctionMode):
                     self.probe.carry_shift_source(args, kwargs, out)
                 elif func in self.probe.layout:
                     self.probe.relayout(func, args, kwargs, out)
+            elif func is torch.einsum and isinstance(out, torch.Tensor):
+                self.probe.relayout_einsum(args, out)
                 if func in self.probe.unit_preserving:  # dropout, clone, contiguous are both kinds
                     self.probe.carry_site_output(args[0], out)
                     return out
@@ -887,6 +890,16 @@ class EagerProbe:
         side = None if axis is None else unit_axis_side(axis, result.dim())
         if side is not None:
             self._produced[id(result)] = (weakref.ref(result), None, None, side)
+
+    def relayout_einsum(self, args: tuple, result: torch.Tensor) -> None:
+        """An einsum of one operand that only reorders its axes (`"nchw->nhwc"`) moves the unit axis as
+        the permute it is."""
+        operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+        dims = einsum_permutation(args[0]) if args else None
+        if dims is None or len(operands) != 1 or not isinstance(operands[0], torch.Tensor):
+            return
+        if len(dims) == operands[0].dim():
+            self.relayout(torch.permute, (operands[0], dims), {}, result)
 
     def attach(self) -> list:
         """Register the hooks; returns their handles (see `attached` for the usual, scoped use)."""

@@ -36,6 +36,7 @@ from deadrelu_cli.probe.base import (
     ProbeSettings,
     SiteRegistry,
     call_and_record,
+    einsum_permutation,
     infer_channel_dim,
     keeps_dtype,
     relaid_channel_first,
@@ -386,6 +387,22 @@ class _Walker:
                 keep_producer = False
                 value = src.inputsAt(0)
                 continue
+            if base == "einsum":  # "nchw->nhwc" of one tensor: a permute
+                try:
+                    dims = einsum_permutation(src.inputsAt(0).toIValue())
+                except RuntimeError:
+                    dims = None
+                operands = src.inputsAt(1).node()
+                if (
+                    dims is None
+                    or operands.kind() != "prim::ListConstruct"
+                    or len(list(operands.inputs())) != 1
+                ):
+                    return None, None
+                layouts.append(("permute", dims))
+                keep_producer = False
+                value = operands.inputsAt(0)
+                continue
             if base in LAYOUT:
                 dims = _constant_dims(src, base)
                 if dims is None:
@@ -412,7 +429,11 @@ class _Walker:
                 if type_name in _IDENTITY_MODULES and len(list(src.inputs())) > 1:
                     value = src.inputsAt(1)  # scripted, its F.dropout is a call of its own: its input
                     continue
-                if type_name not in _CHANNEL_FIRST_MODULES and type_name not in ("Linear", "LayerNorm", "Embedding"):
+                if type_name not in _CHANNEL_FIRST_MODULES and type_name not in (
+                    "Linear",
+                    "LayerNorm",
+                    "Embedding",
+                ):
                     # a block of the model's own (an nn.Sequential, a wrapper returning self.conv(x), a
                     # Dropout): the value it returns, walked in its own graph, as eager sees the conv's output
                     returned = _returned_value(target, src.s("name"))
