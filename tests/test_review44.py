@@ -221,3 +221,20 @@ def test_torchscript_finds_the_conv_inside_a_block_or_a_sequential(cli, tmp_path
             "inner.1",
         ]
         assert not any("unit axis assumed" in note for note in report["notes"]), report["notes"]
+
+
+def test_merge_says_which_fingerprint_was_made_another_way(packed_opt, cli, tmp_path):
+    """A packed text part (fingerprint of documents) merged with a padded one of other documents
+    (fingerprint of kept positions): the two do not compare, and merge's note must say so, naming the
+    part, not that it has "no data fingerprint (an older deadrelu)" (what the note said of every
+    fingerprint made another way), which its report plainly holds."""
+    docs = _documents(6, seed=5)
+    _packed_scan(cli, packed_opt, tmp_path / "a.txt", docs[:3], tmp_path / "a.json")
+    (tmp_path / "b.txt").write_text("".join(d + "\n" for d in docs[3:]))
+    padded = cli("scan", packed_opt, "--text", tmp_path / "b.txt", "--seq-len", "5", "--json", tmp_path / "b.json")
+    assert padded.code == 0, padded.err
+    merged = cli("merge", tmp_path / "a.json", tmp_path / "b.json", "--json", "-", "-q")
+    assert merged.code == 0, merged.err
+    notes = merged.json()["notes"]
+    assert not any("an older deadrelu" in note for note in notes), notes
+    assert any(note.startswith(f"{tmp_path / 'b.json'}: a data fingerprint made another way") for note in notes), notes
