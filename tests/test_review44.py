@@ -231,10 +231,65 @@ def test_merge_says_which_fingerprint_was_made_another_way(packed_opt, cli, tmp_
     docs = _documents(6, seed=5)
     _packed_scan(cli, packed_opt, tmp_path / "a.txt", docs[:3], tmp_path / "a.json")
     (tmp_path / "b.txt").write_text("".join(d + "\n" for d in docs[3:]))
-    padded = cli("scan", packed_opt, "--text", tmp_path / "b.txt", "--seq-len", "5", "--json", tmp_path / "b.json")
+    padded = cli(
+        "scan", packed_opt, "--text", tmp_path / "b.txt", "--seq-len", "5", "--json", tmp_path / "b.json"
+    )
     assert padded.code == 0, padded.err
     merged = cli("merge", tmp_path / "a.json", tmp_path / "b.json", "--json", "-", "-q")
     assert merged.code == 0, merged.err
     notes = merged.json()["notes"]
     assert not any("an older deadrelu" in note for note in notes), notes
-    assert any(note.startswith(f"{tmp_path / 'b.json'}: a data fingerprint made another way") for note in notes), notes
+    assert any(
+        note.startswith(f"{tmp_path / 'b.json'}: a data fingerprint made another way") for note in notes
+    ), notes
+
+
+def test_fused_experts_count_the_rows_of_real_tokens_only(cli, tmp_path):
+    """A fused mixture of experts scanned with an attention_mask: each expert's rows are the tokens
+    routed to it, padding included, which no [batch, tokens] mask reads, so every expert counted its
+    padding rows ('no token axis', the gate not told): a unit firing on padding only passed as alive.
+    Truth: the experts module's own inputs (hidden states, routing) and weights, over real tokens only."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, hidden_act="relu", num_local_experts=3, num_experts_per_tok=2,
+        max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.MixtralModel(config).eval()
+    model.save_pretrained(tmp_path / "moe")
+    rng = np.random.default_rng(44)
+    ids = rng.integers(0, 32, (6, 9))
+    mask = np.ones((6, 9), np.int64)
+    mask[1, 5:] = mask[3, 2:] = mask[4, 7:] = 0
+    np.savez(tmp_path / "d.npz", input_ids=ids, attention_mask=mask)
+    experts = model.layers[0].mlp.experts
+    seen = []
+    handle = experts.register_forward_hook(
+        lambda _m, args, _o: seen.append([a.detach().numpy() for a in args[:2]])
+    )
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    handle.remove()
+    (hidden, routes), weights = seen[0], experts.gate_up_proj.detach().numpy()
+    real = mask.reshape(-1).astype(bool)
+    units = weights.shape[1] // 2
+    truth = {}
+    for expert in range(weights.shape[0]):
+        rows = hidden[(routes == expert).any(axis=1) & real]
+        truth[f"layers.0.mlp.experts.{expert}.act_fn"] = (
+            ((rows @ weights[expert, :units].T) > 0).sum(0).tolist(),
+            len(rows),
+        )
+    assert all(
+        rows < ((routes == int(name.split(".")[4])).any(axis=1)).sum() for name, (_, rows) in truth.items()
+    )
+    result = cli(
+        "scan", tmp_path / "moe", "--data", tmp_path / "d.npz", "--batch-size", "2", "--json", "-", "-q"
+    )
+    assert result.code == 0, result.err
+    layers = {layer["name"]: layer for layer in result.json()["layers"]}
+    assert set(layers) == set(truth)
+    for name, (counts, rows) in truth.items():
+        assert layers[name]["positive_counts"] == counts and layers[name]["elements_per_unit"] == rows, name
+        assert layers[name]["extra"]["position_mask"] == "applied", name

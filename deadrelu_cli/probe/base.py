@@ -86,10 +86,11 @@ class SiteRegistry:
         }
         self._given = (self.position_mask, dict(self.scoped_masks))  # what `given_scope` puts back
 
-    def set_scoped_mask(self, path: str, mask: torch.Tensor | None) -> None:
+    def set_scoped_mask(self, path: str, mask: torch.Tensor | PositionMask | None) -> None:
         """The sites under module `path` ("" = every site) count where `mask` is true (None: every
-        position), for the forward under way (a module's own key padding mask, read as it is called)."""
-        positions = None if mask is None else position_mask(mask)
+        position), for the forward under way (a module's own key padding mask, read as it is called;
+        a mask object as it is: an expert's routed rows)."""
+        positions = mask if mask is None or isinstance(mask, PositionMask) else position_mask(mask)
         if path:
             self.scoped_masks[path] = positions
         else:

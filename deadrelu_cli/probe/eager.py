@@ -891,6 +891,11 @@ class EagerProbe:
         if side is not None:
             self._produced[id(result)] = (weakref.ref(result), None, None, side)
 
+    def name_again(self, name: str) -> None:
+        """The next call at the site `name` counts into it, not into `name#2`: a module the scan runs in
+        parts within one forward (a fused expert's rows of real tokens, then of padding)."""
+        self._namer.again(name)
+
     def relayout_einsum(self, args: tuple, result: torch.Tensor) -> None:
         """An einsum of one operand that only reorders its axes (`"nchw->nhwc"`) moves the unit axis as
         the permute it is."""
