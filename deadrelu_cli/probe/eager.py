@@ -504,8 +504,6 @@ class _CallSiteMode(TorchFunctionMode):
                     self.probe.carry_shift_source(args, kwargs, out)
                 elif func in self.probe.layout:
                     self.probe.relayout(func, args, kwargs, out)
-            elif func is torch.einsum and isinstance(out, torch.Tensor):
-                self.probe.relayout_einsum(args, out)
                 if func in self.probe.unit_preserving:  # dropout, clone, contiguous are both kinds
                     self.probe.carry_site_output(args[0], out)
                     return out
@@ -514,6 +512,8 @@ class _CallSiteMode(TorchFunctionMode):
                 ):
                     self.probe.carry_site_output(args[0], out)
                     return out
+            if func is torch.einsum and isinstance(out, torch.Tensor):  # its tensors follow its equation
+                self.probe.relayout_einsum(args, out)
             if (
                 func in _JOINS
                 and self.probe._site_outputs
