@@ -185,7 +185,8 @@ def mask_notes(layers: list, mask) -> list[str]:
         "no token axis": "whose positions are not the mask's (a pooled head, a conv over pixels or audio, "
         "a sequence of another length; every element counted)",
         "in a subgraph": "inside ONNX subgraphs the mask does not reach (a Scan body whose steps are not the tokens, a "
-        "Loop body's tensors of other positions, an If branch not run on the first batch; every element "
+        "Loop body's tensors of other positions, an If branch not run on the first batch, or a Loop's stacked "
+        "outputs, whose steps nothing ties to the mask's positions; every element "
         "counted, padding included; a gate fails on them unless --allow-unseen; to count real tokens only "
         "there, scan the PyTorch model, or an ONNX export with the loop unrolled: torch.onnx.export of a "
         "Python loop writes no Scan/Loop)",

@@ -25,6 +25,12 @@ FRAMES_NOT_TOLD = "frames not told"
 # [batch, positions, …] site whose positions may be the pixels flattened (no module mask told which)
 PIXELS_MIXED = "pixel cells mixed"
 PIXELS_FLATTENED = "pixel positions flattened"
+# extra["unit_axis"] of a layer whose units a layer made but a layout op moved where the probe could not
+# follow them (probe.ops.axis_lost_note): counted on a guessed axis, so a gate does not pass on it
+UNIT_AXIS_NOT_FOLLOWED = "not followed"
+# extra key of a layer of an exported fused mixture of experts (one activation for every expert's rows: unit
+# i of each expert counted as one unit), valued with the number of experts merged
+EXPERTS_MERGED = "experts_merged"
 MASK_NOT_APPLIED = (
     "in a subgraph",
     "opset below 9",
@@ -98,6 +104,10 @@ class GateResult:
     @property
     def passed(self) -> bool:
         return not self.failures
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
 
 
 def parse_layer_limits(values: list[str] | None) -> list[tuple[str, float]]:
@@ -301,6 +311,25 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             f"position, padding included, so a unit that fires on padding only passes as alive: {shown}; to "
             f"count real tokens only: {how}; or pass --allow-unseen to gate on them as counted (--mask none "
             "counts every position everywhere)"
+        )
+    guessed = [
+        layer.name
+        for layer in report.layers
+        if layer.ran and layer.extra.get("unit_axis") == UNIT_AXIS_NOT_FOLLOWED
+    ]
+    if config.active and not config.allow_unseen and guessed:
+        model_failures.append(
+            f"model: the unit axis of {len(guessed)} layer(s) was not followed from the layer that makes their "
+            f"units (a reshape or permute on the way), so their units were counted on a guessed axis: "
+            f"{_shown(guessed)}; scan again with --channel-dim N, or pass --allow-unseen to gate on them as counted"
+        )
+    merged = [layer.name for layer in report.layers if layer.ran and layer.extra.get(EXPERTS_MERGED)]
+    if config.active and not config.allow_unseen and merged:
+        model_failures.append(
+            f"model: {len(merged)} layer(s) count the units of several experts of a fused mixture of experts as "
+            f"one (a unit dead in one expert passes as alive when another expert's fires): {_shown(merged)}; scan "
+            "the PyTorch model (state_dict + --arch, or the Hugging Face folder), which counts each expert apart, "
+            "or pass --allow-unseen to gate on them as counted"
         )
     # a quantized/optimized graph's layers meet the float baseline's by their producer's weight
     old_layers = match_layers(config.baseline, report) if config.baseline else {}

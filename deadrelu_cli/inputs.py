@@ -385,17 +385,6 @@ def is_pixel_mask(spec: MaskSpec | None, data) -> bool:
     return any(s.name == spec.array and len(s.shape) == 3 for s in data.sources)
 
 
-def refuse_pixel_mask(spec: MaskSpec | None, data) -> None:
-    """ONNX graphs take token masks only: a pixel mask there is refused in one line rather than ignored
-    (the padded pixels would be counted as image)."""
-    if is_pixel_mask(spec, data):
-        raise UserError(
-            f"{data.path}: {spec.array!r} is an image's pixel mask [samples, height, width]; an ONNX scan cannot "
-            "leave padded pixels out: scan the PyTorch model (state_dict + --arch, or the model folder), or "
-            "pass --mask none to count every pixel, padding included"
-        )
-
-
 def _check_padding_convention(source, path) -> None:
     """A `*key_padding_mask` that marks every position of a sample as padding is one written the other
     way round (1 on real tokens: an unpadded sample is then all 1), which would count the padding only;

@@ -47,6 +47,7 @@ from deadrelu_cli.files import write_text_atomic
 from deadrelu_cli.gate import (
     LAYOUT_AMBIGUOUS,
     ROW_ORDER_AMBIGUOUS,
+    UNIT_AXIS_NOT_FOLLOWED,
     GateConfig,
     GateResult,
     evaluate,
@@ -68,7 +69,7 @@ from deadrelu_cli.inputs import (
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.probe.experts import ACTIVATION, fused_experts
-from deadrelu_cli.probe.ops import parse_ops
+from deadrelu_cli.probe.ops import axis_lost_note, parse_ops
 from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings, TrainingInfo, report_to_json
 
 
@@ -821,6 +822,12 @@ class Watch:
             report.notes.append(
                 f"the model ran no {'/'.join(s.ops)} call on the sampled steps: nothing to count"
             )
+        lost = [layer.name for layer in layers if layer.name in self._probe.registry.axis_lost]
+        if lost:  # a layer's units moved where the probe lost them: counted on a guess, a limit fails on it
+            for layer in layers:
+                if layer.name in lost:
+                    layer.extra["unit_axis"] = UNIT_AXIS_NOT_FOLLOWED
+            report.notes.append(axis_lost_note(lost))
         fused = [
             f"{layer.name} ({self._fused[layer.name]} experts)"
             for layer in layers

@@ -330,3 +330,61 @@ def test_half_precision_sums_do_not_round_or_overflow(dtype, shape, channel_dim,
     values = np.abs(np.moveaxis(post.double().numpy(), channel_dim, -1).reshape(-1, shape[channel_dim]))
     assert values.sum(0).min() > 65504  # beyond float16's range: the old sums were inf
     np.testing.assert_allclose(acc.sum_abs.numpy(), values.sum(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((400, 3, 1016), "float32"),  # 127 int64 words a row: each byte lane sums to its limit
+        ((200, 3, 2032), "float32"),  # 254 words: two groups a row
+        ((100, 4, 56, 56), "float32"),  # 3136 = 4 groups of 98 words
+        ((2000, 3, 14, 14), "float32"),  # 196: int32 words
+        ((25_000, 3, 4, 4), "float32"),  # 16: int16 words
+        ((8000, 3, 7, 7), "float32"),  # 49: odd, byte sums widened as before
+        ((400_000, 3), "float32"),  # [rows, units] of 3 bytes: byte sums widened as before
+        ((100_003, 16), "float32"),  # [rows, units]: words added down groups of 127 rows, and a rest
+        ((40_000, 64), "bfloat16"),
+        ((50, 3, 120, 120), "bfloat16"),
+        ((60, 3, 30, 30, 8), "float64"),
+    ],
+)
+def test_relu_in_parts_once_every_unit_has_fired(shape, dtype):
+    """After every unit of a site has fired, run_relu_in_parts takes the max on the integer view of the
+    input and finds NaNs by the sums; its counts sum the byte mask in words, lane by lane. Four batches:
+    unit 1 never fires in the first (no switch yet), every unit fires in the second, unit 1 is all
+    negative again in the third (its running max must stay) while unit 2 holds a negative NaN and unit 0
+    a positive NaN, -0.0 and +inf; against numpy in float64, and the output bit for bit torch.relu's."""
+    torch_dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(11)
+    batches = []
+    for i in range(4):
+        x = torch.rand(*shape, generator=gen, dtype=torch.float64) + 0.01  # every element fires...
+        if i in (0, 2):
+            x.select(1, 1).neg_()  # ...but unit 1's, in the first and third batch
+        if i == 2:
+            rest = (0,) * (len(shape) - 2)
+            x[(5, 2, *rest)] = -float("nan")
+            for sample, value in zip((3, 4, 5, 6), ("nan", "-0.0", "inf", "-inf"), strict=True):
+                x[(sample, 0, *rest)] = float(value)
+        if i == 3:
+            x = x - 0.5  # some of every unit fire, some not
+        batches.append(x.to(torch_dtype))
+    pre = np.concatenate([np.moveaxis(x.double().numpy(), 1, -1).reshape(-1, shape[1]) for x in batches])
+    acc = accumulator.SiteAccumulator("site", "relu", 1)
+    for i, x in enumerate(batches):
+        want = torch.relu(x)
+        got = acc.run_relu_in_parts(x.clone(), False, 0.0)
+        assert got is not None  # the sliced path is the one tested
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+        if i == 0:  # unit 1's max is still its (negative) pre-activation's
+            np.testing.assert_array_equal(acc.max_pre.numpy(), np.max(pre[: len(pre) // 4], 0))
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(acc.positive.numpy(), (pre > 0).sum(0))
+    got_max = acc.max_pre.numpy()
+    np.testing.assert_array_equal(got_max, np.max(pre, 0))  # NaN for units 0 and 2
+    assert np.isnan(got_max[[0, 2]]).all() and got_max[1] == pre[:, 1].max() > 0
+    finite = np.where(np.isnan(pre), 0.0, np.maximum(pre, 0.0))
+    want_sum = np.where(np.isnan(pre).any(0), np.nan, finite.sum(0))
+    np.testing.assert_allclose(acc.sum_abs.numpy(), want_sum, rtol=2e-3 if dtype == "bfloat16" else 1e-5)
+    assert acc.elements_per_unit == pre.shape[0]

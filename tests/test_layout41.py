@@ -234,8 +234,8 @@ def test_onnx_fixed_batch_of_as_many_samples_as_tokens_is_told_by_reordering_the
     """A graph that fixes its batch at 4 samples, with masks of 4 tokens: its [4, 4, 12] Relu reads as
     [B, T, F] and [T, B, F] alike. The scan runs the first batch again with its samples reversed: the
     axis along which the Relu's input comes back reversed is the batch (here axis 1: time-major), so
-    the real tokens are counted exactly (numpy over the kept positions). Where that cannot tell (the
-    first batch one vector at every position of every sample), the layer counts every position, is marked `layout ambiguous`, a
+    the real tokens are counted exactly (numpy over the kept positions). Where that cannot tell (every
+    batch one vector at every position of every sample; onnxmask44: a later batch that tells is read), the layer counts every position, is marked `layout ambiguous`, a
     note says to re-export with a dynamic batch dim, and a gate stops on it unless --allow-unseen.
     Before: read as [B, T, F] (other positions than the real tokens counted), marked applied."""
     import onnx
@@ -255,7 +255,7 @@ def test_onnx_fixed_batch_of_as_many_samples_as_tokens_is_told_by_reordering_the
     assert layer["extra"]["position_mask"] == "applied"
 
     alike = x.copy()
-    alike[:4] = x[0, 0]  # the first batch: one vector everywhere (reversed, nothing moves)
+    alike[:] = x[0, 0]  # every batch: one vector everywhere (reversed, nothing moves)
     data = save_npz(tmp_path / "alike.npz", x=alike, attention_mask=keep.astype(np.int64))
     pre = alike.astype(np.float64) @ w + b
     args = ("scan", path, "--data", data, "--json", "-", "-q")

@@ -21,6 +21,8 @@ from deadrelu_cli.probe.ops import (
     TOKENS_LAST,
     counts_from_output,
     layout_ambiguous,
+    pixel_cells,
+    pixels_flattened,
     row_order_ambiguous,
     threshold_below,
     token_layout,
@@ -223,9 +225,8 @@ class PixelMask:
         if (h, w) not in self._cells:
             found = None
             if 0 < h <= self.height and 0 < w <= self.width and not self.height % h and not self.width % w:
-                blocks = self.pixels.reshape(self.batch, h, self.height // h, w, self.width // w)
-                whole, some = blocks.all(4).all(2), blocks.any(4).any(2)
-                found = whole if torch.equal(whole, some) else None
+                cells = pixel_cells(self.pixels.cpu().numpy(), (self.height // h, self.width // w), (h, w))
+                found = None if cells is None else torch.from_numpy(cells).to(self.pixels.device)
             self._cells[(h, w)] = found
         return self._cells[(h, w)]
 
@@ -233,13 +234,7 @@ class PixelMask:
         return tensor.dim() == 4 and channel_dim % 4 == 1 and tensor.shape[0] == self.batch
 
     def _flattened(self, tensor: torch.Tensor, channel_dim: int) -> bool:
-        if tensor.dim() != 3 or channel_dim % 3 != 2 or tensor.shape[0] != self.batch:
-            return False
-        positions = int(tensor.shape[1])
-        return any(
-            not self.height % s and not self.width % s and (self.height // s) * (self.width // s) == positions
-            for s in range(1, min(self.height, self.width) + 1)
-        )
+        return pixels_flattened(tuple(tensor.shape), channel_dim, self.batch, self.height, self.width)
 
     def layout(self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None) -> str | None:
         return PIXELS if self._spatial(tensor, channel_dim) else None
@@ -300,6 +295,8 @@ class SiteAccumulator:
     extra: dict = field(default_factory=dict)
     _nan_in_batch: bool = False
     _fused_batch: bool = False  # this batch was counted by fused_stats in observe_pre
+    # max_pre itself once every unit's maximum is positive (run_relu_in_parts' cheaper max), else None
+    _positive_max: torch.Tensor | None = None
     masked_now: bool = False  # whether the current batch's position mask applies at this site
     # [T, B, ...] (True) or [B, T, ...] (False) where a batch of as many samples as tokens leaves the
     # shape ambiguous: `time_major` as an earlier batch's shape showed it, else `layout_hint` (the
@@ -331,6 +328,7 @@ class SiteAccumulator:
         self.extra.clear()
         self.nonfinite = self._nonfinite_at = None
         self._nan_in_batch = self.masked_now = False
+        self._positive_max = None  # max_pre was reset in place
         self.pending, self._pending_now = None, False  # a new window; what was learned of the layout stays
 
     def known_time_major(self) -> bool | None:
@@ -661,9 +659,14 @@ class SiteAccumulator:
             return None
         if dims != [0] and dims != [0, *range(2, view.dim())]:  # units neither last nor at dim 1
             return None
-        parts = _cache_sized_parts(view, dims)
-        if len(parts) < 2:
-            return None
+        short = len(dims) > 1 and view[0, 0].numel() < SHORT_ROW
+        if short:  # reduced over the samples first, in slices of at most LANE_LIMIT samples
+            row_bytes = view[0].numel() * view.element_size()
+            parts = list(view.split(max(1, min(LANE_LIMIT, CACHE_PART_BYTES // row_bytes))))
+        else:
+            parts = _cache_sized_parts(view, dims)
+            if len(parts) < 2:
+                return None
         units = self._check_units(pre)
         if units == 0 or view.numel() // units >= 2**31:
             return None
@@ -671,15 +674,21 @@ class SiteAccumulator:
         if not in_place:
             if out.stride() != pre.stride():
                 return None
-            out_parts = _cache_sized_parts(self._as_reducible(out)[0], dims)
+            out_parts = list(self._as_reducible(out)[0].split([x.shape[0] for x in parts]))
         else:
             out_parts = parts
-        batch_max, counts, sums = _count_relu_parts(parts, out_parts, dims, in_place)
+        positive_max = self._positive_max is self.max_pre
+        count = _count_relu_columns if short else _count_relu_parts
+        batch_max, counts, sums = count(parts, out_parts, dims, in_place, positive_max)
         self.positive += counts
         self.sum_abs += sums
-        torch.maximum(self.max_pre, batch_max, out=self.max_pre)  # amax and maximum propagate NaN
-        if bool(torch.isnan(batch_max).any()):  # y.bool() counted each NaN (relu(NaN) = NaN) as fired
+        nan_units = torch.isnan(sums)  # relu keeps a NaN: its unit's sum is NaN
+        if bool(nan_units.any()):  # y.bool() counted each NaN as fired
             self.positive -= _count(torch.isnan(self._as_reducible(out)[0]), dims)
+            batch_max = batch_max.masked_fill(nan_units, torch.nan)  # as a float max would have it
+        torch.maximum(self.max_pre, batch_max, out=self.max_pre)  # maximum propagates NaN
+        if not positive_max and bool((self.max_pre > 0).all()):
+            self._positive_max = self.max_pre  # from now on, while these counters live
         self.elements_per_unit += pre.numel() // units
         self._fused_batch = False
         self.masked_now = False
@@ -832,6 +841,7 @@ def _counter_thread() -> ThreadPoolExecutor:
 
 
 CACHE_PART_BYTES = 2 << 20  # what the count's two passes over one part can share in cache
+SMALL_PART_BYTES = 256 << 10  # a smaller activation is counted the general way: a few kernels either way
 
 
 def _cache_sized_parts(tensor: torch.Tensor, dims: list[int]) -> list[torch.Tensor]:
@@ -851,15 +861,25 @@ def _cache_sized_parts(tensor: torch.Tensor, dims: list[int]) -> list[torch.Tens
 
 
 def _count_relu_parts(
-    parts: list[torch.Tensor], out_parts: list[torch.Tensor], dims: list[int], in_place: bool
+    parts: list[torch.Tensor],
+    out_parts: list[torch.Tensor],
+    dims: list[int],
+    in_place: bool,
+    positive_max: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """relu run slice by slice (`clamp_min(x, 0)`, bit for bit ATen's relu) and one batch's statistics:
     the max of x, the count of y > 0 (y.bool(): exact for y >= 0; a NaN counts, which the caller takes
     back) and the sum of y, per unit. Each slice's partial results go into a row of small per-batch
     buffers, reduced once at the end: per slice 5 short kernels instead of ~12 (the second-stage reductions,
     the in-place adds and their dtype conversions), which is what a slice costs on 2+ threads, where
-    every kernel is a parallel region. The count's byte sums go into int16 where a row cannot reach
-    2**15 (about twice as fast as int32 on the CPU kernels)."""
+    every kernel is a parallel region.
+
+    The count sums the byte mask without widening it (`byte_lanes`): a dtype argument to a CPU sum
+    first copies the whole slice into that dtype. `positive_max`: every unit's maximum so far is
+    positive, so only a positive x can raise it, and the max is taken on the integer view of x (for
+    non-negative floats the bits' order is the values' order; about twice as fast as a float max,
+    which checks every element for NaN). A negative x then reads as some negative value the running
+    maximum ignores, and a NaN is not seen by that max: the caller finds NaNs by the sums instead."""
     first = parts[0]
     tail = len(dims) > 1  # [N, C, ...] reduced as [N, C, L] over L per slice; else [rows, units] over rows
     if tail:
@@ -871,24 +891,141 @@ def _count_relu_parts(
         rows, per_row = len(parts), max(x.shape[0] for x in parts)
     units = views[0].shape[1]
     wide = sum_dtype(first) or first.dtype
-    count_dtype = torch.int16 if per_row < 2**15 else torch.int32
-    part_max = torch.empty((rows, units), dtype=first.dtype)
-    part_count = torch.empty((rows, units), dtype=count_dtype)
+    lanes = byte_lanes(per_row) if tail else None
+    # [rows, units]: the mask's words added down each slice's rows in groups of LANE_LIMIT rows
+    row_words = None if tail else word_dtype(units)
+    if lanes is not None:
+        lane_dtype, groups = lanes
+        part_count = torch.empty((rows, units, groups), dtype=lane_dtype)
+    elif row_words is not None:
+        part_count = torch.empty(
+            (sum(-(-x.shape[0] // LANE_LIMIT) for x in views), units // row_words.itemsize), dtype=row_words
+        )
+    else:
+        count_dtype = torch.int16 if per_row < 2**15 else torch.int32
+        part_count = torch.empty((rows, units), dtype=count_dtype)
+    max_dtype = _SAME_WIDTH_INT[first.dtype] if positive_max else first.dtype
+    part_max = torch.empty((rows, units), dtype=max_dtype)
     part_sum = torch.empty((rows, units), dtype=wide)
     reduce_dim = -1 if tail else 0
-    row = 0
+    row = group = 0
     for x, y in zip(views, out_views, strict=True):
         end = row + x.shape[0] if tail else row + 1
         at = slice(row, end) if tail else row
-        torch.amax(x, reduce_dim, out=part_max[at])
+        torch.amax(x.view(max_dtype), reduce_dim, out=part_max[at])
         if in_place:
             x.clamp_min_(0)
         else:
             torch.clamp_min(x, 0, out=y)
-        torch.sum(y.bool().view(torch.uint8), reduce_dim, dtype=count_dtype, out=part_count[at])
+        fired = y.bool().view(torch.uint8)
+        if lanes is not None:
+            words = fired.view(lane_dtype)
+            words = words.view(words.shape[0], units, groups, -1)
+            torch.sum(words, -1, dtype=lane_dtype, out=part_count[at])
+        elif row_words is not None:
+            words = fired.view(row_words)
+            whole = words.shape[0] // LANE_LIMIT
+            if whole:
+                grouped = words[: whole * LANE_LIMIT].view(whole, LANE_LIMIT, -1)
+                torch.sum(grouped, 1, dtype=row_words, out=part_count[group : group + whole])
+            if words.shape[0] > whole * LANE_LIMIT:
+                rest = words[whole * LANE_LIMIT :]
+                torch.sum(
+                    rest, 0, keepdim=True, dtype=row_words, out=part_count[group + whole : group + whole + 1]
+                )
+                whole += 1
+            group += whole
+        else:
+            torch.sum(fired, reduce_dim, dtype=count_dtype, out=part_count[at])
         torch.sum(y, reduce_dim, dtype=wide, out=part_sum[at])
         row = end
-    return part_max.amax(0), part_count.sum(0, dtype=torch.int64), part_sum.sum(0, dtype=torch.float64)
+    if lanes is not None:  # each byte of a word holds the count of its lane: add the bytes up
+        part_count = part_count.view(torch.uint8).sum(-1, dtype=torch.int64)
+    elif row_words is not None:  # [groups, units] bytes, each a group's count of its unit
+        part_count = part_count.view(torch.uint8)
+    return _batch_totals(part_max, part_count, part_sum, first.dtype)
+
+
+def word_dtype(length: int) -> torch.dtype | None:
+    """The widest integer dtype whose words tile a row of `length` bytes (None for an odd length)."""
+    return next((t for t in (torch.int64, torch.int32, torch.int16) if length % t.itemsize == 0), None)
+
+
+SHORT_ROW = 128  # [N, C, L] with fewer than this many elements per row: _count_relu_columns
+
+
+def _count_relu_columns(
+    parts: list[torch.Tensor],
+    out_parts: list[torch.Tensor],
+    dims: list[int],
+    in_place: bool,
+    positive_max: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_count_relu_parts for [N, C, ...] slices of short rows (fewer than SHORT_ROW elements per sample
+    and unit, a late conv stage's 7x7 maps) and at most LANE_LIMIT samples each. Each statistic is reduced
+    over the slice's samples first, as [n, C*L] down its columns (which the CPU kernels vectorise across
+    the columns), then over L on the small [C, L] result: reducing the short rows first costs 2-3 times
+    as much, the kernels' per-row overhead over so few elements. The count adds the byte mask down the
+    columns as words, lane by lane: a slice of at most LANE_LIMIT samples cannot carry."""
+    first = parts[0]
+    units, columns = first.shape[1], first[0].numel()
+    wide = sum_dtype(first) or first.dtype
+    max_dtype = _SAME_WIDTH_INT[first.dtype] if positive_max else first.dtype
+    lane_dtype = word_dtype(columns)
+    part_max = torch.empty((len(parts), units), dtype=max_dtype)
+    part_count = torch.empty((len(parts), units), dtype=torch.int16)  # < LANE_LIMIT * SHORT_ROW each
+    part_sum = torch.empty((len(parts), units), dtype=wide)
+    for k, (x, y) in enumerate(zip(parts, out_parts, strict=True)):
+        n = x.shape[0]
+        torch.amax(torch.amax(x.view(max_dtype).view(n, columns), 0).view(units, -1), -1, out=part_max[k])
+        if in_place:
+            x.clamp_min_(0)
+        else:
+            torch.clamp_min(x, 0, out=y)
+        fired = y.view(n, columns).bool().view(torch.uint8)
+        if lane_dtype is not None:
+            per_column = fired.view(lane_dtype).sum(0, dtype=lane_dtype).view(torch.uint8)
+        else:
+            per_column = fired.sum(0, dtype=torch.int16)
+        torch.sum(per_column.view(units, -1), -1, dtype=torch.int16, out=part_count[k])
+        torch.sum(torch.sum(y.view(n, columns), 0, dtype=wide).view(units, -1), -1, out=part_sum[k])
+    return _batch_totals(part_max, part_count, part_sum, first.dtype)
+
+
+def _batch_totals(
+    part_max: torch.Tensor, part_count: torch.Tensor, part_sum: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch's max, count and sum per unit from the per-slice rows (a max taken on the integer view
+    is viewed back as `dtype`)."""
+    batch_max = part_max.amax(0)
+    if not batch_max.is_floating_point():
+        batch_max = batch_max.view(dtype)
+    return batch_max, part_count.sum(0, dtype=torch.int64), part_sum.sum(0, dtype=torch.float64)
+
+
+_SAME_WIDTH_INT = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+LANE_LIMIT = 127  # bytes added into one lane: below 2**7, so no lane carries into the next or the sign
+
+
+def byte_lanes(length: int) -> tuple[torch.dtype, int] | None:
+    """How to count a 0/1 byte mask's rows of `length` bytes without widening it: viewed as `dtype`
+    words of several bytes each, in `groups` groups of 8 to LANE_LIMIT words per row, the words of a
+    group sum lane by lane (each byte of the sum counts its lane); None when the length does not split
+    so (odd, or too few words per group to be worth it)."""
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        width = dtype.itemsize
+        if length % width:
+            continue
+        words = length // width
+        for groups in range(-(-words // LANE_LIMIT), words // 8 + 1):
+            if words % groups == 0:
+                return dtype, groups
+    return None
 
 
 FUSED_OPS = ("relu", "relu6")

@@ -50,6 +50,9 @@ FAKE_QUANT = frozenset(
 # Reshapes that a decomposed Linear ends with (addmm / mm on rows, viewed back to [B, T, F]): followed
 # back to that producer when they keep the last axis, the units.
 VIEWS = frozenset({"view", "_unsafe_view", "reshape"})
+# Ops that keep the elements in order but change the shape: the walks follow the unit axis through them
+# by the shapes before and after (probe.ops.reshaped_unit_axis) where the graph traced them
+RESHAPES = VIEWS | {"flatten", "unflatten", "_reshape_alias"}
 # Producers whose units lie on axis 1 ([N, C, ...]) ...
 CHANNEL_FIRST = frozenset(
     {

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from deadrelu_cli.probe.accumulator import PixelMask, PositionMask, SiteAccumulator, position_mask
-from deadrelu_cli.probe.ops import resolve_channel_dim, unit_axis_reduced
+from deadrelu_cli.probe.ops import reshaped_unit_axis, resolve_channel_dim, unit_axis_reduced
 from deadrelu_cli.stats import LayerStats
 
 
@@ -53,6 +53,10 @@ class SiteRegistry:
         # rank-3 sites whose units were put on the last axis with no producer to say so ([B, T, C] and
         # [B, C, T] look alike): the scan says so, as the ONNX scan does
         self.axis_guesses: dict[str, None] = {}
+        # sites whose units a layer made but a layout op moved where the probe could not follow them (a view
+        # merging them with other axes, a permute of a rank not known): counted on a guessed axis, said in a
+        # note and stopped at by the gate (probe.ops.axis_lost_note)
+        self.axis_lost: dict[str, None] = {}
         # while not None (tell_layouts' runs): each call's per-index sums of |x| along axes 0 and 1 of a site's
         # pre-activation, with its mask's (batch, tokens) and unit axis; nothing is counted meanwhile
         self.fingerprints: dict[str, list[tuple]] | None = None
@@ -115,14 +119,18 @@ class SiteRegistry:
                 return mask
         return self.position_mask
 
-    def note_axis_guess(self, name: str, rank: int, origin_known: bool) -> None:
+    def note_axis_guess(self, name: str, rank: int, origin_known: bool, axis_lost: bool = False) -> None:
         """Keep `name` in `axis_guesses` when its rank-3 input's unit axis was a guess (no producer, no
-        --channel-dim)."""
-        if rank == 3 and not origin_known and self.settings.channel_dim is None:
+        --channel-dim), in `axis_lost` when a layer's units were moved where the probe lost them."""
+        if self.settings.channel_dim is not None or rank < 2:
+            return
+        if axis_lost:
+            self.axis_lost[name] = None
+        elif rank == 3 and not origin_known:
             self.axis_guesses[name] = None
 
     def _site(
-        self, name, op, pre, inferred_channel_dim, module_type, producer, origin_known=True
+        self, name, op, pre, inferred_channel_dim, module_type, producer, origin_known=True, axis_lost=False
     ) -> SiteAccumulator:
         site = self.sites.get(name)
         if site is None:
@@ -136,7 +144,7 @@ class SiteRegistry:
         site.track_min = self.settings.track_min
         if site.positive is None:
             site.channel_dim = resolve_channel_dim(pre.dim(), inferred_channel_dim, self.settings.channel_dim)
-            self.note_axis_guess(name, pre.dim(), origin_known)
+            self.note_axis_guess(name, pre.dim(), origin_known, axis_lost)
         return site
 
     def _fingerprint(self, name: str, pre: torch.Tensor, inferred_channel_dim: int) -> None:
@@ -170,14 +178,16 @@ class SiteRegistry:
         module_type: str | None = None,
         producer: str | None = None,
         origin_known: bool = True,
+        axis_lost: bool = False,
     ) -> None:
         """First half of a batch at a site, while the pre-activation is intact (`origin_known`: a layer
-        says where its units are; else a rank-3 input's last axis is a guess, `axis_guesses`)."""
+        says where its units are; else a rank-3 input's last axis is a guess, `axis_guesses`; `axis_lost`:
+        a layer made the units but the probe lost their axis on the way, `axis_lost`)."""
         if self.fingerprints is not None:
             self.call_hint = None
             self._fingerprint(name, pre, inferred_channel_dim)
             return
-        site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known)
+        site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known, axis_lost)
         site.call_hint, self.call_hint = self.call_hint, None
         mask = self.mask_for(name)
         counted = site.finite_pre(pre, mask) if self.settings.skip_nonfinite else pre
@@ -198,6 +208,7 @@ class SiteRegistry:
         module_type: str | None = None,
         producer: str | None = None,
         origin_known: bool = True,
+        axis_lost: bool = False,
     ) -> torch.Tensor | None:
         """Run a relu site and count it in one pass from memory (SiteAccumulator.run_relu_in_parts);
         None where that does not apply (a position mask, a collector, a fused device, small tensors …):
@@ -211,7 +222,7 @@ class SiteRegistry:
             or self.settings.skip_nonfinite
         ):
             return None
-        site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known)
+        site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known, axis_lost)
         return site.run_relu_in_parts(pre, in_place, self.settings.threshold)
 
     def record_post(self, name: str, post: torch.Tensor) -> None:
@@ -298,10 +309,13 @@ class SiteRegistry:
         return out
 
 
-def infer_channel_dim(rank: int, producer_is_channel_first: bool | None) -> int:
+def infer_channel_dim(rank: int, producer_is_channel_first: bool | None, unit_axis: int | None = None) -> int:
     """Unit axis: dim 1 for conv-like [N, C, …] outputs, the last dim for [N, F] and [B, T, F], and for
     a Linear's output of any rank (ConvNeXt's `Linear` on channels-last [N, H, W, C] images): a producer
-    that says where its units are wins; without one, rank >= 4 is taken as [N, C, …]."""
+    that says where its units are wins (`unit_axis`: a middle axis a permute moved them to); without one,
+    rank >= 4 is taken as [N, C, …]."""
+    if unit_axis is not None and 0 <= unit_axis < rank:
+        return unit_axis
     if producer_is_channel_first is not None:
         return 1 if producer_is_channel_first else -1
     return 1 if rank >= 4 else -1
@@ -434,31 +448,84 @@ def squeeze_keeps_channels(kind: str, dims, rank_in: int | None) -> bool:
 def relaid_channel_first(
     channel_first: bool | None, layouts: list[tuple[str, tuple]], rank: int | None = None
 ) -> bool | None:
+    """`relaid_units`' side alone: True (dim 1), False (last axis), None (elsewhere or not followed)."""
+    return relaid_units(channel_first, layouts, rank)[0]
+
+
+def relaid_units(
+    channel_first: bool | None, layouts: list[tuple[str, tuple]], rank: int | None = None
+) -> tuple[bool | None, int | None]:
     """A graph probe's walk back from an activation met the layout ops `layouts` (nearest the
-    activation first) before reaching a producer whose units are channel-first (or last-axis): whether
-    the units are channel-first at the activation (dim 1), last-axis (False) or elsewhere/unknown (None).
-    `rank`: the rank of the producer's output (None: a permute on the way tells it, else 3, [B, T, F]);
-    a conv's [N, C, H, W] permuted to channels-last feeds a Linear on its last axis (and back)."""
+    activation first) before reaching a producer whose units are channel-first (or last-axis): where the
+    units are at the activation, as (True, None) at dim 1, (False, None) on the last axis, (None, k) on a
+    middle axis k of a rank >= 4 tensor (a conv's [N, C, H, W] permuted to [N, H, C, W]), or (None, None)
+    where the walk cannot follow them (then the producer's units were lost on the way: the caller says so).
+    `rank`: the rank of the producer's output (None: a permute on the way tells it, else a [B, T, F] is
+    assumed for transposes, as ever, while squeezes are read at every rank a producer's output may have and
+    must agree: TorchScript holds no shapes). Layout kinds: `moved_unit_axis`'s, `squeeze` / `unsqueeze`
+    (dims), `reshape` (dims = the shapes before and after: probe.ops.reshaped_unit_axis)."""
     if channel_first is None or not layouts:
-        return channel_first
-    squeeze_rank = rank  # squeezes' negative dims are read only at a known rank
+        return channel_first, None
     told = rank if rank is not None else _rank_told(layouts)
-    current = told if told is not None else 3
+    if told is not None or not any(kind in SQUEEZES for kind, _ in layouts):
+        return _relaid_at(channel_first, layouts, told if told is not None else 3, told is not None)
+    found = {
+        _relaid_at(channel_first, layouts, guess, False)
+        for guess in (2, 3, 4, 5)
+        if guess >= 3 or not channel_first
+    }
+    return found.pop() if len(found) == 1 else (None, None)
+
+
+def _relaid_at(
+    channel_first: bool, layouts: list[tuple[str, tuple]], rank: int, rank_known: bool
+) -> tuple[bool | None, int | None]:
+    """`relaid_units` for a producer output of `rank` dims (negative squeeze dims only when `rank_known`)."""
+    current = rank
     axis: int | None = 1 if channel_first else current - 1
     for kind, dims in reversed(layouts):
-        if kind in SQUEEZES:  # `rank`: the producer's output rank, for negative dims
-            if axis != 1 or not squeeze_keeps_channels(kind, dims, squeeze_rank):
-                return None
-            change = -len(dims) if kind == "squeeze" else len(dims)
-            squeeze_rank = None if squeeze_rank is None else squeeze_rank + change
-            current += change
-            continue
-        if kind == "permute" and len(dims) != current:
-            return None
-        axis = moved_unit_axis(kind, dims, axis, current)
+        if kind in SQUEEZES:
+            axis, current = squeezed_unit_axis(kind, dims, axis, current, rank_known)
+        elif kind == "reshape":
+            before, after = dims
+            axis = reshaped_unit_axis(before, after, axis) if len(before) == current else None
+            current = len(after)
+        elif kind == "lost" or (kind == "permute" and len(dims) != current):
+            return None, None
+        else:
+            axis = moved_unit_axis(kind, dims, axis, current)
         if axis is None or axis == 0:
-            return None
-    return unit_axis_side(axis, current)
+            return None, None
+    side = unit_axis_side(axis, current)
+    return side, axis if side is None else None
+
+
+def squeezed_unit_axis(
+    kind: str, dims, axis: int, rank: int, rank_known: bool = True
+) -> tuple[int | None, int]:
+    """(where the unit axis `axis` of a rank-`rank` tensor is after squeeze / unsqueeze of `dims`, the new
+    rank); None when the units are squeezed away or a dim cannot be read (none given, negative at a rank
+    not known). A squeeze's dims are taken to be of size 1 (a graph probe without shapes cannot know)."""
+    if isinstance(dims, int):
+        dims = (dims,)
+    try:
+        dims = tuple(int(d) for d in dims or ())
+    except (TypeError, ValueError):
+        return None, rank
+    if not dims or (not rank_known and any(d < 0 for d in dims)):
+        return None, rank
+    if kind == "unsqueeze":
+        new_rank = rank + len(dims)
+        added = {d % new_rank for d in dims}
+        if any(d >= new_rank for d in dims):
+            return None, new_rank
+        return [k for k in range(new_rank) if k not in added][axis], new_rank
+    if any(d >= rank for d in dims):
+        return None, rank
+    gone = {d % rank for d in dims}
+    if axis in gone:
+        return None, rank - len(gone)
+    return axis - sum(g < axis for g in gone), rank - len(gone)
 
 
 def _rank_told(layouts: list[tuple[str, tuple]]) -> int | None:
@@ -555,10 +622,11 @@ def static_site_hooks(registry: SiteRegistry, site) -> tuple[Callable, Callable]
             site.name,
             site.op,
             pre,
-            infer_channel_dim(pre.dim(), site.channel_first),
+            infer_channel_dim(pre.dim(), site.channel_first, site.unit_axis),
             site.module_type,
             site.producer,
-            site.channel_first is not None,
+            site.channel_first is not None or site.unit_axis is not None,
+            site.axis_lost,
         )
 
     def after(out: torch.Tensor) -> None:

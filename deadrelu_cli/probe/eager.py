@@ -23,11 +23,10 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from deadrelu_cli.probe.accumulator import CACHE_PART_BYTES
+from deadrelu_cli.probe.accumulator import SMALL_PART_BYTES
 from deadrelu_cli.probe.base import (
     PER_POSITION_ELEMENTWISE,
     REDUCTIONS,
-    SQUEEZES,
     ProbeSettings,
     SiteRegistry,
     call_and_record,
@@ -37,7 +36,6 @@ from deadrelu_cli.probe.base import (
     moved_unit_axis,
     pools_over_space,
     reduces_unit_axis,
-    squeeze_keeps_channels,
     unit_axis_side,
 )
 from deadrelu_cli.probe.ops import (
@@ -53,6 +51,7 @@ from deadrelu_cli.probe.ops import (
     is_clamp_op,
     is_scalar_value,
     is_zero_number,
+    reshaped_unit_axis,
     stored_zeros_label,
     zeros_fit,
 )
@@ -218,8 +217,19 @@ def _layout_functions() -> set:
     T = torch.Tensor
     return {T.transpose, torch.transpose, T.swapaxes, torch.swapaxes, T.permute, torch.permute,
             T.movedim, torch.movedim, T.moveaxis, torch.moveaxis,
-            F.layer_norm, T.__getitem__, T.squeeze, torch.squeeze, T.unsqueeze, torch.unsqueeze}  # fmt: skip
+            F.layer_norm, T.__getitem__, T.squeeze, torch.squeeze, T.unsqueeze, torch.unsqueeze}  | _RESHAPES  # fmt: skip
 
+
+# ops that keep the elements in their order and change the shape only: the unit axis is followed through
+# them by the shapes (probe.ops.reshaped_unit_axis), as the graph probes follow their view / reshape nodes
+_RESHAPES = frozenset(
+    (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.flatten, torch.flatten)
+    + (torch.Tensor.unflatten, torch.unflatten, torch.Tensor.squeeze, torch.squeeze, torch.Tensor.unsqueeze)
+    + (torch.unsqueeze, torch.Tensor.view_as, torch.Tensor.reshape_as)
+)
+
+
+_GETITEM = torch.Tensor.__getitem__
 
 # ops that may move a tensor's first two axes (followed by EagerProbe.carry_alignment)
 _AXIS_MOVES = frozenset(
@@ -269,7 +279,10 @@ def _lead_axes_after(func, args: tuple, kwargs: dict) -> tuple[int, int] | None:
 def _moved_unit_axis(func, args: tuple, kwargs: dict, axis: int, before, after) -> int | None:
     """Where a tensor's unit axis `axis` is after `func` (see `_layout_functions`), or None when that is
     not known (rank below 3 or changed, or the op changed the number of units). Rank >= 4 too: a conv's
-    [N, C, H, W] permuted to channels-last has its units last (a Linear reads them there)."""
+    [N, C, H, W] permuted to channels-last has its units last (a Linear reads them there). A reshape
+    (view, flatten, unsqueeze, …) is read by the shapes before and after it, at any rank."""
+    if func in _RESHAPES:
+        return reshaped_unit_axis(tuple(before.shape), tuple(after.shape), axis % max(before.dim(), 1))
     rank = before.dim()
     if rank < 3 or after.dim() != rank:
         return None
@@ -663,6 +676,9 @@ class EagerProbe:
         self._stack: list[tuple[str, nn.Module]] = []
         # id(tensor) -> (weakref, producer name or None, producer module or None, channel-first?)
         self._produced: dict[int, tuple[weakref.ref, str | None, nn.Module | None, bool]] = {}
+        # id(tensor) -> (weakref, axis): a layer's units that a layout op put on a middle axis of a rank >= 4
+        # tensor (a conv's [N, C, H, W] permuted to [N, H, C, W]), or lost (None: merged by a view)
+        self._axes: dict[int, tuple[weakref.ref, int | None]] = {}
         # id(tensor) -> (weakref, module): the producer whose bias a pre-activation still holds after
         # elementwise ops with tensor operands too (`scale * fc(x)`, `fc(x) + x`): bias-shift's candidate
         self._sources: dict[int, tuple[weakref.ref, str]] = {}
@@ -852,6 +868,7 @@ class EagerProbe:
 
     def forget(self, tensor: torch.Tensor) -> None:
         self._produced.pop(id(tensor), None)
+        self._axes.pop(id(tensor), None)
         self._sources.pop(id(tensor), None)
 
     def propagate(self, source: torch.Tensor, result: torch.Tensor, keep_producer: bool) -> None:
@@ -860,6 +877,9 @@ class EagerProbe:
         if found is not None:
             name, module, channel_first = found if keep_producer else (None, None, found[2])
             self._produced[id(result)] = (weakref.ref(result), name, module, channel_first)
+        moved = self.moved_axis_of(source)
+        if moved is not None and result.dim() == source.dim():
+            self._axes[id(result)] = (weakref.ref(result), moved[1])
 
     def carry_shift_source(self, args: tuple, kwargs: dict, result: torch.Tensor) -> None:
         """Carry the bias-shift candidate through an elementwise op from the one operand that has one
@@ -875,21 +895,37 @@ class EagerProbe:
             self._sources[id(result)] = (weakref.ref(result), found.pop())
 
     def relayout(self, func, args: tuple, kwargs: dict, result: torch.Tensor) -> None:
-        """Carry a rank-3 tensor's unit axis through a transpose, permute, layer_norm or slice; the
-        producer is not carried (its bias no longer sits before the activation, or on another axis)."""
+        """Carry a tensor's unit axis through a transpose, permute, reshape (view, flatten, squeeze, …),
+        layer_norm or slice, to dim 1, the last axis or a middle one (`_axes`); the producer is not carried
+        (its bias no longer sits before the activation, or on another axis). Where a transpose, permute or
+        reshape leaves the units nowhere this can tell (a view merging them with other axes), the result
+        is marked lost: its site says so (probe.ops.axis_lost_note) rather than count another axis."""
         found = self.origin_of(args[0])
+        moved = self.moved_axis_of(args[0])
         if found is None:
+            if moved is not None and moved[1] is None and func is not _GETITEM:
+                self._axes[id(result)] = (weakref.ref(result), None)  # lost stays lost
             return
-        name = getattr(func, "__name__", "")
-        if name in SQUEEZES:  # a Conv1d as a Conv2d: conv2d(x.unsqueeze(2)).squeeze(2) keeps dim 1
-            dims = args[1] if len(args) > 1 else kwargs.get("dim")
-            if found[2] and squeeze_keeps_channels(name, dims, args[0].dim()):
-                self._produced[id(result)] = (weakref.ref(result), None, None, True)
-            return
-        axis = _moved_unit_axis(func, args, kwargs, 1 if found[2] else -1, args[0], result)
+        before = (
+            infer_channel_dim(args[0].dim(), found[2], moved[1] if moved else None) if args[0].dim() else 0
+        )
+        axis = _moved_unit_axis(func, args, kwargs, before, args[0], result)
         side = None if axis is None else unit_axis_side(axis, result.dim())
         if side is not None:
             self._produced[id(result)] = (weakref.ref(result), None, None, side)
+        elif axis is not None and axis > 0:
+            self._produced[id(result)] = (weakref.ref(result), None, None, None)
+            self._axes[id(result)] = (weakref.ref(result), axis)
+        elif func is not _GETITEM and func is not F.layer_norm:  # (a slice changing the rank: not followed)
+            self._axes[id(result)] = (weakref.ref(result), None)
+
+    def moved_axis_of(self, tensor: torch.Tensor) -> tuple[bool, int | None] | None:
+        """(True, k) for a tensor whose units sit on a middle axis k, (True, None) for one whose layer's
+        units a layout op lost (`relayout`), else None."""
+        entry = self._axes.get(id(tensor))
+        if entry is None or entry[0]() is not tensor:
+            return None
+        return True, entry[1]
 
     def name_again(self, name: str) -> None:
         """The next call at the site `name` counts into it, not into `name#2`: a module the scan runs in
@@ -1053,13 +1089,14 @@ class EagerProbe:
         path, _, is_activation = self._current_module()
         return self._namer.name(path, op, is_activation)
 
-    def _site_facts(self, pre: torch.Tensor) -> tuple[int, str, str | None, bool]:
+    def _site_facts(self, pre: torch.Tensor) -> tuple[int, str, str | None, bool, bool]:
         """(inferred unit axis, module type, producer (a per-unit bias, or a bias-free Linear/Conv) or None,
-        whether a layer told the unit axis) of a site's input."""
+        whether a layer told the unit axis, whether a layout op lost a layer's units) of a site's input."""
         _, module, is_activation = self._current_module()
         origin = self.origin_of(pre)
         producer_name, producer, channel_first = origin or (None, None, None)
-        inferred = infer_channel_dim(pre.dim(), channel_first)
+        moved = self.moved_axis_of(pre)
+        inferred = infer_channel_dim(pre.dim(), channel_first, moved[1] if moved else None)
         units = pre.shape[inferred] if pre.dim() > 1 else pre.shape[0]
         bias = getattr(producer, "bias", None) if producer is not None else None
         weight = getattr(producer, "weight", None) if bias is None else None
@@ -1079,7 +1116,8 @@ class EagerProbe:
         ):
             producer_name = None
         module_type = type(module).__name__ if is_activation else "functional"
-        return inferred, module_type, producer_name, origin is not None
+        lost = moved is not None and moved[1] is None
+        return inferred, module_type, producer_name, origin is not None, lost
 
     def _note_source(self, name: str, pre: torch.Tensor) -> None:
         source = self._sources.get(id(pre))
@@ -1410,7 +1448,7 @@ class EagerProbe:
 
     def run_in_parts(self, name: str, op: str, pre: torch.Tensor, in_place: bool) -> torch.Tensor | None:
         """The relu run and counted slice by slice (SiteRegistry.run_relu_in_parts), or None."""
-        if pre.device.type != "cpu" or pre.numel() * pre.element_size() <= 2 * CACHE_PART_BYTES:
+        if pre.device.type != "cpu" or pre.numel() * pre.element_size() < SMALL_PART_BYTES:
             return None
         self._note_source(name, pre)
         return self.registry.run_relu_in_parts(name, op, pre, in_place, *self._site_facts(pre))

@@ -43,6 +43,48 @@ def fused_experts(module) -> int:
     return count
 
 
+# the names transformers 5 gives a fused experts module's first weight (`fused_experts` reads the same)
+FUSED_WEIGHTS = ("gate_up_proj", "up_proj")
+
+
+def fused_holders(tensors) -> dict[str, int]:
+    """{module path: experts} of the fused experts modules that a model's tensors show, from (name, shape)
+    pairs: a 3-D `<path>.gate_up_proj` / `<path>.up_proj` of two or more experts. What an export keeps of
+    such a module (a .pt2 program's, a TorchScript module's parameters): its forward is gone, its weights
+    are not."""
+    found = {}
+    for name, shape in tensors:
+        holder, _, leaf = name.rpartition(".")
+        if leaf in FUSED_WEIGHTS and len(shape) == 3 and int(shape[0]) >= 2:
+            found[holder] = int(shape[0])
+    return found
+
+
+def merged_expert_sites(names, holders: dict[str, int]) -> dict[str, tuple[str, int]]:
+    """{site: (module path, experts)} of the sites in `names` that run inside a fused experts module of
+    `holders` and are not one expert's own (`<path>.<e>.act_fn`, which the eager scan makes): one
+    activation for every expert's rows, unit i of each expert counted as one unit (exported formats and
+    `watch()`, which cannot split the module's forward)."""
+    found = {}
+    for name in names:
+        for holder, count in holders.items():
+            head = f"{holder}." if holder else ""
+            if name.startswith(head) and not name[len(head) :].split(".")[0].isdigit():
+                found[name] = (holder, count)
+    return found
+
+
+def merged_experts_note(merged: dict[str, tuple[str, int]], remedy: str) -> str:
+    """The note for sites that count several experts' units as one (`merged_expert_sites`)."""
+    shown = ", ".join(f"{name} ({count} experts)" for name, (_, count) in list(merged.items())[:4])
+    more = f", … ({len(merged)} in all)" if len(merged) > 4 else ""
+    return (
+        f"fused mixture of experts: {shown}{more} run every expert's rows through one activation, so unit i of "
+        f"all experts is counted as one unit (dead only when dead in every expert) and a gate does not pass "
+        f"on it; {remedy}"
+    )
+
+
 def fused_expert_of(model, site: str) -> str | None:
     """Why a fix cannot patch `site` when it is one expert of a fused experts module (its rows are slices
     of one 3-D tensor shared by every expert), else None."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import fx
@@ -19,6 +20,7 @@ from deadrelu_cli.probe.aten_ops import (
     LAYOUT,
     PASS_THROUGH,
     PER_POSITION_OPS,
+    RESHAPES,
     UNIT_REDUCTIONS,
     VIEWS,
 )
@@ -29,8 +31,7 @@ from deadrelu_cli.probe.base import (
     call_and_record,
     einsum_permutation,
     infer_channel_dim,
-    relaid_channel_first,
-    squeeze_keeps_channels,
+    relaid_units,
     static_site_hooks,
 )
 from deadrelu_cli.probe.hidden import SPELLED_RELU, STORED_ZEROS_RELU, graph_hidden, prepare_graph
@@ -92,6 +93,19 @@ class StaticSite:
     # TorchScript: the reductions (dim, keepdim, channel_first) a clamp's input may be one value per position
     # of (no layer); its rank is known at run time only, where probe.ops.reduced_over_units decides
     per_position: tuple = ()
+    # units a layout op moved to a middle axis of a rank >= 4 tensor (probe.base.relaid_units) ...
+    unit_axis: int | None = None
+    # ... or where the walk lost them (a layer made them): counted on a guessed axis, said and gated
+    axis_lost: bool = False
+
+
+class Units(NamedTuple):
+    """What the walk back from an activation tells of its units (probe.base.relaid_units)."""
+
+    channel_first: bool | None
+    producer: str | None
+    unit_axis: int | None = None  # a middle axis
+    lost: bool = False  # a layer made them, a layout op on the way moved them where the walk lost them
 
 
 def op_base(target) -> str:
@@ -102,7 +116,7 @@ def op_base(target) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def _trace_producer(node: fx.Node, pre: fx.Node | None = None) -> tuple[bool | None, str | None]:
+def _trace_producer(node: fx.Node, pre: fx.Node | None = None) -> Units:
     """Walk back from an activation's input (`pre`, else its first argument) to the op that produced it.
 
     The unit axis follows any elementwise op; the bias only ops whose other operands are scalars
@@ -112,6 +126,7 @@ def _trace_producer(node: fx.Node, pre: fx.Node | None = None) -> tuple[bool | N
     keep_producer = True
     viewed = False  # through a reshape that keeps the last axis: only a last-axis producer fits
     layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
+    view_layout: tuple[str, tuple] | None = None
     producer_rank: int | None = None  # the rank the layout op nearest the producer reads
     current = pre if pre is not None else node.args[0] if node.args else None
     while isinstance(current, fx.Node) and seen < 32:
@@ -120,23 +135,25 @@ def _trace_producer(node: fx.Node, pre: fx.Node | None = None) -> tuple[bool | N
         if base in FAKE_QUANT and current.args and isinstance(current.args[0], fx.Node):
             current = current.args[0]  # QAT's fake quant: the units and the producer stay
             continue
-        if base in VIEWS and not layouts and keeps_last_axis(current):
+        if base in VIEWS and not layouts and not viewed and keeps_last_axis(current):
             viewed = True  # a decomposed Linear: addmm / mm on rows, viewed back to [B, T, F]
+            view_layout = _reshape_layout(current)  # (a conv's [N, C, 1, W] viewed as [N, C, W])
+            current = current.args[0]
+            continue
+        if base in RESHAPES and current.args and isinstance(current.args[0], fx.Node):
+            layout = _reshape_layout(current)  # None: shapes not traced, where the units went is not known
+            layouts.append(layout if layout is not None else ("lost", ()))
+            keep_producer = False
+            producer_rank = len(layout[1][0]) if layout is not None else None
             current = current.args[0]
             continue
         if base == "add" and keep_producer and _lora_update(current):
             current = current.args[0]  # base_layer(x) + lora_B(lora_A(x)) * scaling: the base's units
             continue
         if base in SQUEEZES and current.args and isinstance(current.args[0], fx.Node):
-            source = current.args[0].meta.get("val")
-            rank_in = source.dim() if isinstance(source, torch.Tensor) else None
-            dims = current.args[1] if len(current.args) > 1 else current.kwargs.get("dim")
-            if not squeeze_keeps_channels(base, dims, rank_in):
-                break
-            dims = (dims,) if isinstance(dims, int) else tuple(dims)
-            rank = rank_in if base == "squeeze" else rank_in + len(dims)
-            layouts.append((base, tuple(int(d) % rank for d in dims)))
-            producer_rank = rank_in
+            layout = _reshape_layout(current)  # read by shapes: a squeeze of a dim not of size 1 is none
+            layouts.append(layout if layout is not None else ("lost", ()))
+            producer_rank = len(layout[1][0]) if layout is not None else None
             keep_producer = False
             current = current.args[0]
             continue
@@ -169,8 +186,10 @@ def _trace_producer(node: fx.Node, pre: fx.Node | None = None) -> tuple[bool | N
             current = current.args[0]
             continue
         if base in CHANNEL_FIRST or base in LAST_DIM:
-            if viewed and base in CHANNEL_FIRST:
-                break
+            if base in ("bmm", "matmul") and any(kind in ("reshape", "lost") for kind, _ in layouts):
+                break  # a decomposed einsum's product reshaped back: no layer, as the einsum is none in eager
+            if viewed and base in CHANNEL_FIRST:  # not a decomposed Linear: the view moves the units
+                layouts.insert(0, view_layout if view_layout is not None else ("lost", ()))
             producer = None
             index = _BIAS_ARG.get(base)
             if keep_producer and index is not None and len(current.args) > index:
@@ -201,14 +220,36 @@ def _trace_producer(node: fx.Node, pre: fx.Node | None = None) -> tuple[bool | N
                 and str(weight.target).endswith(".weight")
             ):
                 producer = str(weight.target)[: -len(".weight")]
-            return relaid_channel_first(base in CHANNEL_FIRST, layouts, producer_rank), producer
+            side, axis = relaid_units(base in CHANNEL_FIRST, layouts, producer_rank)
+            if side is None and axis is None:
+                return Units(None, None, None, True)
+            return Units(side, producer, axis)
         if base in PASS_THROUGH and current.args and isinstance(current.args[0], fx.Node):
             if base != "getitem" and any(isinstance(a, fx.Node) for a in current.args[1:]):
                 keep_producer = False
             current = current.args[0]
             continue
         break
-    return None, None
+    return Units(None, None)
+
+
+def _reshape_layout(node: fx.Node) -> tuple[str, tuple] | None:
+    """("reshape", (shape before, shape after)) of a view / reshape / flatten / squeeze node from its traced
+    example values (symbolic sizes by name), or None when they are not traced."""
+    source = node.args[0] if node.args else None
+    before = _sizes(source) if isinstance(source, fx.Node) else None
+    after = _sizes(node)
+    return None if before is None or after is None else ("reshape", (before, after))
+
+
+def _sizes(node: fx.Node) -> tuple | None:
+    """The traced shape, a symbolic size as its expression (products of them compare: `3*s0`)."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return None
+    return tuple(
+        d if isinstance(d, int) else getattr(getattr(d, "node", None), "expr", str(d)) for d in value.shape
+    )
 
 
 def keeps_last_axis(node: fx.Node) -> bool:
@@ -386,14 +427,26 @@ def find_sites(graph: fx.Graph, ops: tuple[str, ...]) -> Iterator[tuple[fx.Node,
                 else f"{module_cls.__module__}.{module_cls.__qualname__}"
             )
         is_activation = is_activation_module_type(qualified_type)
-        channel_first, producer = _trace_producer(node)
+        channel_first, producer, unit_axis, axis_lost = _trace_producer(node)
         if node.meta.get(SPELLED_RELU) and channel_first is None and not _decomposed_linear(node):
             continue  # maximum(x, 0) of no layer's output (a reduction): an ordinary op, unnumbered
         name = namer.name(path, op, is_activation)
         if clamp and not _clamp_is_layer(node, channel_first):
             continue  # a clamped variance / norm / loss: no layer (its number is taken, as in eager)
         module_type = qualified_type.rsplit(".", 1)[-1] if is_activation else "functional"
-        yield node, StaticSite(name, op, in_place, module_type, channel_first, producer)
+        yield (
+            node,
+            StaticSite(
+                name,
+                op,
+                in_place,
+                module_type,
+                channel_first,
+                producer,
+                unit_axis=unit_axis,
+                axis_lost=axis_lost,
+            ),
+        )
 
 
 class ExportedProbe:

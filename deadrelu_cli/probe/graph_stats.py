@@ -97,9 +97,13 @@ class InGraphProbe:
                 f"--compile: the shape of layer {site.name}'s input is unknown; scan without --compile"
             )
         rank = value.dim()
-        self.registry.note_axis_guess(site.name, rank, site.channel_first is not None)
+        self.registry.note_axis_guess(
+            site.name, rank, site.channel_first is not None or site.unit_axis is not None, site.axis_lost
+        )
         dim = (
-            resolve_channel_dim(rank, infer_channel_dim(rank, site.channel_first), self.settings.channel_dim)
+            resolve_channel_dim(
+                rank, infer_channel_dim(rank, site.channel_first, site.unit_axis), self.settings.channel_dim
+            )
             if rank > 1
             else 0
         )

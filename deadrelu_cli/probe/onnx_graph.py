@@ -30,11 +30,12 @@ from deadrelu_cli.probe.onnx_deployed import NCHWC_CONV, fused_origin, implicit_
 from deadrelu_cli.probe.ops import (
     clamp_is_layer,
     counts_from_output,
+    pixel_cells,
     stored_zeros_label,
     threshold_below,
     unit_axis_reduced,
 )
-from deadrelu_cli.wiring.onnx import consumer_layout, producer_weight, trace_producer
+from deadrelu_cli.wiring.onnx import consumer_layout, fused_experts_rows, producer_weight, trace_producer
 from deadrelu_cli.wiring.onnx_index import GraphIndex, attr, float_type, opset_version
 
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
@@ -54,6 +55,8 @@ class OnnxSite:
     rank: int | None = None
     channel_first: bool | None = None
     unit_axis: int | None = None  # set when a Transpose between producer and site moved the unit axis
+    axis_lost: bool = False  # a producer made the units, a layout op on the way moved them out of reach
+    experts_merged: int = 0  # a fused mixture of experts' activation: how many experts' rows it runs
     producer: str | None = None
     bias: np.ndarray | None = None
     clip_max: float | None = None
@@ -77,11 +80,21 @@ class OnnxSite:
     frames: tuple[tuple[int, int, int, bool], ...] | None = None
     step_direction: int = 0  # TOKEN_STEPS: the direction its Scan iterates the tokens in (1: last first)
     frames_axis: int | None = None  # CONV_FRAMES: the axis of its [B, C, frames, …] that holds the frames
+    # PIXEL_CELLS: (stride y, stride x, h, w) of its [B, C, h, w] feature map over an image's pixel mask
+    cells: tuple[int, int, int, int] | None = None
 
     @property
     def mask_input(self) -> str:
-        """The graph input holding this site's position mask: the batch's, or its frames' (`frames`)."""
+        """The graph input holding this site's position mask: the batch's, its frames' (`frames`), or its
+        feature map's cells' (`cells`)."""
+        if self.cells:
+            return cells_mask_name(self.cells)
         return frame_mask_name(self.frames) if self.frames else MASK_INPUT
+
+    @property
+    def mask_key(self) -> tuple | None:
+        """What the mask of this site is made from, beside the batch's own (None): frames or cells."""
+        return self.cells or self.frames or None
 
 
 # One Conv / MaxPool / AveragePool step along one spatial axis: (effective kernel, stride, both pads
@@ -130,7 +143,8 @@ def frame_chains(model: onnx.ModelProto) -> dict[str, AxisChains | None]:
     graph's values), the conv/pool steps between the graph's inputs and it, per spatial axis (a speech
     encoder's strided subsampler: the frames its positions are); None where values of different steps
     meet (nothing to map the mask through), convs of another spatial rank follow, or a Scan's per-step
-    slice or a Loop/Scan's stacked outputs hold them. Constants carry no steps, so they never conflict.
+    slice or a Loop's stacked outputs hold them (a Scan's stacked outputs carry its scan inputs' steps:
+    one entry per step). Constants carry no steps, so they never conflict.
     Nodes are in topological order (ONNX's rule)."""
     chains: dict[str, AxisChains | None] = {i.name: () for i in model.graph.input}
     _walk_chains(model.graph, GraphIndex(model.graph), chains)
@@ -181,16 +195,37 @@ def _walk_chains(graph: onnx.GraphProto, index: GraphIndex, chains: dict) -> Non
                 _merged_chain([chains.get(b.output[k].name, ()) for b in bodies if k < len(b.output)])
                 for k in range(len(node.output))
             ]
-        elif node.op_type in ("Loop", "Scan") and bodies:  # carried values out as in; stacked ones: None
+        elif node.op_type in ("Loop", "Scan") and bodies:  # carried values out as in; stacked ones below
             body_out = bodies[0].output
+            # a Scan's stacked outputs hold one entry per step of its scan inputs: their steps (the frames
+            # where it iterates them); a Loop's, one per iteration of a count nothing here ties to them
+            stacked = (
+                _merged_chain([chains.get(name, ()) for name in node.input[len(carried) :] if name])
+                if node.op_type == "Scan"
+                else None
+            )
             outputs = [
                 _merged_chain([chains.get(carried[k], ()), chains.get(body_out[k + skip_out].name, ())])
                 if k < len(carried) and k + skip_out < len(body_out)
-                else None
+                else stacked
                 for k in range(len(node.output))
             ]
         for out, chain in zip(node.output, outputs, strict=True):
             chains[out] = chain
+
+
+def unmapped_steps(model: onnx.ModelProto, chains: dict[str, AxisChains | None]) -> set[str]:
+    """Main-graph values computed from a Loop's stacked outputs, or a Scan's whose steps frame_chains
+    could not follow: one entry per iteration of something nothing here ties to the mask's positions
+    (a site there that the mask's shape does not fit is marked, not taken as having no token axis)."""
+    found: set[str] = set()
+    for node in model.graph.node:
+        if any(name in found for name in node.input):
+            found.update(node.output)
+        elif node.op_type in ("Loop", "Scan"):
+            carried = len(node.input) - (attr(node, "num_scan_inputs", 0) if node.op_type == "Scan" else 2)
+            found.update(out for out in node.output[carried:] if chains.get(out) is None)
+    return found
 
 
 def _merged_chain(found: list) -> AxisChains | None:
@@ -281,6 +316,71 @@ def frame_mask_name(chain: tuple[FrameStep, ...]) -> str:
     return f"{MASK_INPUT}_frames_{steps}"
 
 
+# token_layout of a conv feature map [B, C, h, w] over images given a pixel mask [B, H, W]: its cells of
+# image only (probe.ops.pixel_cells), fed as a [B, h, w] mask
+PIXEL_CELLS = "pixel_cells"
+
+
+def _aligned(step: FrameStep) -> bool:
+    """Whether a conv/pool step maps blocks of `stride` positions onto one output each (n·s in, n out:
+    padding k - 1 in all, SAME, or a k = s patch), so that its output cell i is the block [i·s, (i+1)·s)."""
+    stride = step[1]
+    return all(int(frame_count((step,), n * stride)) == n for n in (1, 2, 3))
+
+
+def site_cells(
+    chains: dict[str, AxisChains | None],
+    value: str,
+    shape: tuple[int, ...],
+    dim: int,
+    batch: int,
+    height: int,
+    width: int,
+) -> tuple[int, int, int, int] | None:
+    """(stride y, stride x, h, w) where a tensor of `shape` is a feature map [B, C, h, w] over images of
+    H×W pixels: by the conv/pool steps between the graph's inputs and `value` (frame_chains), each of
+    them block-aligned (the strides multiply), else by its grid dividing the image (the torch probe's
+    rule, probe.accumulator.PixelMask); None for any other tensor."""
+    if len(shape) != 4 or dim != 1 or shape[0] != batch:
+        return None
+    h, w = int(shape[2]), int(shape[3])
+    grid = pixel_grid(chains, value, height, width)
+    if grid is not None and grid[2:] == (h, w):
+        return grid
+    if 0 < h <= height and 0 < w <= width and not height % h and not width % w:
+        return (height // h, width // w, h, w)
+    return None
+
+
+def pixel_grid(
+    chains: dict[str, AxisChains | None], value: str, height: int, width: int
+) -> tuple[int, int, int, int] | None:
+    """(stride y, stride x, h, w) of the feature map the block-aligned conv/pool steps before `value`
+    make of an H×W image (frame_chains); None where the steps are not that."""
+    axes = chains.get(value)
+    if axes == ():  # no conv on the way: the image's own grid
+        axes = ((), ())
+    if axes is None or len(axes) != 2 or not all(_aligned(step) for axis in axes for step in axis):
+        return None
+    strides = [int(np.prod([step[1] for step in axis])) for axis in axes]
+    return (*strides, int(frame_count(axes[0], height)), int(frame_count(axes[1], width)))
+
+
+def cells_keep(cells: tuple[int, int, int, int], pixels: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A feature map's cells' mask [B, h, w] of a batch's pixel mask (probe.ops.pixel_cells), and whether
+    it held; else every cell, and False (some cell holds image and padding both: the layer says so)."""
+    sy, sx, h, w = cells
+    found = pixel_cells(pixels, (sy, sx), (h, w))
+    if found is None:
+        return np.ones((np.asarray(pixels).shape[0], h, w), bool), False
+    return found, True
+
+
+def cells_mask_name(cells: tuple[int, int, int, int]) -> str:
+    """The graph input the scan adds for the cells' mask of a feature map (one per grid)."""
+    return f"{MASK_INPUT}_cells_s{cells[0]}x{cells[1]}_{cells[2]}x{cells[3]}"
+
+
 # token_layout of a site in the body of a main-graph Scan that iterates the mask's tokens: one step's
 # [B, ..., C] slice, masked by the mask's column of that step (a scan input the scan adds, token_steps)
 TOKEN_STEPS = "scan_steps"
@@ -317,9 +417,36 @@ def token_steps(
     return found.pop() if len(found) == 1 and batch != tokens else None
 
 
-def add_step_mask(node: onnx.NodeProto, body: onnx.GraphProto, direction: int) -> None:
-    """Make the position mask a scan input of Scan `node` (axis 1: the tokens, in `direction`), read in
-    its body as STEP_MASK: the kept samples of each step."""
+def frame_steps(
+    node: onnx.NodeProto,
+    chains: dict[str, AxisChains | None],
+    shapes: dict[str, tuple[int, ...]],
+    batch: int,
+    tokens: int,
+) -> tuple[tuple[FrameStep, ...], int] | None:
+    """(the steps, the direction) where Scan `node` iterates the frames a conv subsampler makes of the
+    mask's tokens (token_steps with the frames for the tokens, its scan inputs after those steps:
+    frame_chains); None where it does not, or more than one way."""
+    count = attr(node, "num_scan_inputs", 0)
+    candidates = {
+        chain
+        for name in (node.input[len(node.input) - count :] if count else [])
+        for chain in chains.get(name) or ()
+    }
+    fits = set()
+    for chain in candidates:
+        frames = int(frame_count(chain, tokens))
+        direction = token_steps(node, shapes, batch, frames) if frames != tokens else None
+        if direction is not None:
+            fits.add((chain, direction))
+    return next(iter(fits)) if len(fits) == 1 else None
+
+
+def add_step_mask(
+    node: onnx.NodeProto, body: onnx.GraphProto, direction: int, mask: str = MASK_INPUT
+) -> None:
+    """Make the position mask (`mask`: the batch's, or its frames') a scan input of Scan `node` (axis 1:
+    the tokens, in `direction`), read in its body as STEP_MASK: the kept samples of each step."""
     count = attr(node, "num_scan_inputs", 0)
     axes = list(attr(node, "scan_input_axes") or [0] * count)
     directions = list(attr(node, "scan_input_directions") or [0] * count)
@@ -337,7 +464,7 @@ def add_step_mask(node: onnx.NodeProto, body: onnx.GraphProto, direction: int) -
             found.ints.extend(value)
         else:
             found.i = value
-    node.input.append(MASK_INPUT)
+    node.input.append(mask)
     body.input.append(helper.make_tensor_value_info(STEP_MASK, TensorProto.BOOL, ["batch"]))
 
 
@@ -785,7 +912,8 @@ def find_sites(model: onnx.ModelProto, ops: tuple[str, ...], include_all: bool =
                 site.weight = producer_weight(index, site.input_name)
                 trace = trace_producer(index, site.input_name)
                 site.channel_first, site.producer, site.bias = trace.channel_first, trace.producer, trace.bias
-                site.unit_axis = trace.axis
+                site.unit_axis, site.axis_lost = trace.axis, trace.lost
+                site.experts_merged = fused_experts_rows(index, site.input_name)
                 if site.module_type == NCHWC_CONV:  # reordered back to NCHW: units on dim 1
                     site.channel_first = True
                 if site.channel_first is None:
@@ -1086,6 +1214,8 @@ def _keep_of(builder: _Builder, site: OnnxSite) -> str:
     mask = site.mask_input  # the batch's mask, or its frames' after a conv subsampler
     if site.token_layout == TOKEN_STEPS:  # one step's [B, ..., C]: that step's column of the mask
         mask, shape = STEP_MASK, [-1] + [1] * (rank - 1)
+    elif site.token_layout == PIXEL_CELLS:  # [B, C, h, w]: [B, 1, h, w]
+        shape = [0, 1, *site.cells[2:]]
     elif site.token_layout == CONV_FRAMES:  # [B, C, frames, …]: [B, 1, frames, 1, …]
         shape = [0] + [1] * (rank - 1)
         shape[site.frames_axis] = -1
@@ -1240,15 +1370,19 @@ def instrument(
         del inst.graph.output[:]
     graphs, owners = subgraph_map(inst.graph)
     indexes = {path: GraphIndex(g) for path, g in graphs.items()}
-    if any(site.token_layout for site in sites):  # the scan feeds the batch's position mask
+    if any(site.token_layout and not site.cells for site in sites):  # the batch's position mask
         inst.graph.input.append(
             helper.make_tensor_value_info(MASK_INPUT, TensorProto.BOOL, ["batch", "tokens"])
         )
     for name in dict.fromkeys(s.mask_input for s in sites if s.token_layout and s.frames):
         inst.graph.input.append(helper.make_tensor_value_info(name, TensorProto.BOOL, ["batch", "frames"]))
+    for cells in dict.fromkeys(s.cells for s in sites if s.token_layout == PIXEL_CELLS):
+        inst.graph.input.append(
+            helper.make_tensor_value_info(cells_mask_name(cells), TensorProto.BOOL, ["batch", *cells[2:]])
+        )
     for path in dict.fromkeys(s.graph_path for s in sites if s.token_layout == TOKEN_STEPS):
-        direction = next(s.step_direction for s in sites if s.graph_path == path)
-        add_step_mask(owners[path][1], graphs[path], direction)
+        first = next(s for s in sites if s.graph_path == path and s.token_layout == TOKEN_STEPS)
+        add_step_mask(owners[path][1], graphs[path], first.step_direction, first.mask_input)
     for i, site in enumerate(sites):
         if site.rank is None and channel_dim_override not in (None, 1, -1):
             raise UserError(

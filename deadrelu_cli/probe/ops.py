@@ -281,6 +281,54 @@ def no_sites_note(what: str, found: Counter) -> str:
     )
 
 
+def reshaped_unit_axis(before, after, axis: int) -> int | None:
+    """Where the unit axis `axis` of a tensor of shape `before` is after a row-major reshape to `after`
+    (view, reshape, flatten, unflatten, squeeze, unsqueeze: ops that keep the elements in their order),
+    or None when the units keep no axis of their own there ([N, C, H, W] viewed as [N, C·H·W]: merged
+    with the positions) or a size that matters is unknown. The axis after the reshape that starts where
+    `axis` started (the same number of elements before it) and is as long; sizes are ints or names of
+    symbolic sizes (equal names, equal sizes), None where nothing is known. Every probe reads it."""
+    units = before[axis] if -len(before) <= axis < len(before) else None
+    head = _size_product(before[: axis % len(before)]) if units is not None else None
+    if not isinstance(units, int) or head is None:
+        return None
+    for place in range(len(after)):
+        prefix = _size_product(after[:place])
+        if prefix is None:
+            return None
+        if prefix == head and after[place] == units:
+            return place
+    return None
+
+
+def _size_product(sizes) -> tuple[object, tuple[str, ...]] | None:
+    """The product of `sizes` as (product of the ints and symbolic expressions, sorted names of the sizes
+    known by name only); None when one is unknown. A traced graph's symbolic sizes are expressions
+    (sympy: `3*s0` equals 3 times `s0`), ONNX's dim_params names."""
+    total, names = 1, []
+    for size in sizes:
+        if size is None or isinstance(size, bool):
+            return None
+        if isinstance(size, str):
+            names.append(size)
+        else:
+            total = total * size
+    return total, tuple(sorted(names))
+
+
+def axis_lost_note(names: list[str]) -> str:
+    """The note for sites whose units a layer made but a layout op (a view / reshape / flatten, a permute of
+    a rank the walk could not tell) moved where no probe can follow them: the axis they were counted on is
+    a guess, and the gate stops on them (gate.UNIT_AXIS_NOT_FOLLOWED). Torch and ONNX scans alike."""
+    shown = ", ".join(names[:4]) + (f", … ({len(names)} in all)" if len(names) > 4 else "")
+    return (
+        f"unit axis not followed for {shown}: a reshape or permute between the layer that makes the units and "
+        "the activation moved them where deadrelu cannot follow, so the axis counted is a guess and a gate "
+        "does not pass on it; scan again with --channel-dim N (the units' axis at the activation), or pass "
+        "--allow-unseen to gate on the layers as counted"
+    )
+
+
 def axis_guess_note(names: list[str], producers: str) -> str:
     """The note for rank-3 sites whose units were put on the last axis with no producer (one of
     `producers`) to say where they are: [N, C, T] and [N, T, C] look alike. Torch and ONNX scans alike."""
@@ -400,6 +448,42 @@ def reordered_order(
     if spread <= 1e-6 * size or errors[best] > 1e-3 * spread or errors[best] * 20 > errors[1 - best]:
         return None
     return bool(best)
+
+
+def pixel_cells(pixels: np.ndarray, strides: tuple[int, int], grid: tuple[int, int]) -> np.ndarray | None:
+    """bool [B, h, w]: the cells of an h×w feature map over images `pixels` (bool [B, H, W], True = image)
+    that are all image, cell (i, j) being the block of pixels [i·sy, (i+1)·sy) × [j·sx, (j+1)·sx) (`strides`
+    (sy, sx): the map's stride over the image). A block reaching past the image's edge is judged by its
+    pixels inside it (a conv's own zero padding there is no image's padding); one wholly outside is
+    padding. None where some cell holds image and padding pixels both: nothing tells which it is. The
+    rule of the torch probe (probe.accumulator.PixelMask) and the ONNX one alike."""
+    pixels = np.asarray(pixels, dtype=bool)
+    (sy, sx), (h, w) = strides, grid
+    batch, height, width = pixels.shape
+    if min(sy, sx, h, w) < 1:
+        return None
+    inside = np.zeros((batch, h * sy, w * sx), dtype=np.int64)
+    image = np.zeros_like(inside)
+    rows, cols = min(height, h * sy), min(width, w * sx)
+    inside[:, :rows, :cols] = 1
+    image[:, :rows, :cols] = pixels[:, :rows, :cols]
+    inside = inside.reshape(batch, h, sy, w, sx).sum(axis=(2, 4))
+    image = image.reshape(batch, h, sy, w, sx).sum(axis=(2, 4))
+    if np.any((image > 0) & (image < inside)):
+        return None
+    return (image > 0) & (image == inside)
+
+
+def pixels_flattened(shape: tuple[int, ...], channel_dim: int, batch: int, height: int, width: int) -> bool:
+    """Whether a [B, positions, F] activation's positions may be the pixels of an H×W image's feature
+    map flattened (h·w of a grid of a stride s dividing both sides): nothing in its shape says in which
+    order, so no probe reads a pixel mask into it (DETR's encoder, given the mask as its own)."""
+    if len(shape) != 3 or channel_dim % 3 != 2 or shape[0] != batch:
+        return False
+    return any(
+        not height % s and not width % s and (height // s) * (width // s) == int(shape[1])
+        for s in range(1, min(height, width) + 1)
+    )
 
 
 def threshold_below(threshold: float, dtype: object) -> float:

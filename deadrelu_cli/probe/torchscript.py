@@ -25,6 +25,7 @@ from deadrelu_cli.probe.aten_ops import (
     MAXIMA,
     PASS_THROUGH,
     PER_POSITION_OPS,
+    RESHAPES,
     SIGN_TESTS,
     UNIT_REDUCTIONS,
     VALUE_COPIES,
@@ -39,10 +40,10 @@ from deadrelu_cli.probe.base import (
     einsum_permutation,
     infer_channel_dim,
     keeps_dtype,
-    relaid_channel_first,
+    relaid_units,
     static_site_hooks,
 )
-from deadrelu_cli.probe.exported import StaticSite
+from deadrelu_cli.probe.exported import StaticSite, Units
 from deadrelu_cli.probe.ops import (
     CLAMP_OPS,
     NAMED_WHEN_UNSCANNED,
@@ -342,11 +343,13 @@ class _Walker:
         caller = self._calls[-1] if self._calls else None
         if is_activation and caller is not None:
             # The pre-activation is the module's argument: trace it in the caller's graph.
-            channel_first, producer = self._producer(caller[0].inputsAt(1), caller[1])
+            channel_first, producer, unit_axis, axis_lost = self._producer(caller[0].inputsAt(1), caller[1])
         else:
             value = node.inputsAt(1) if node.kind() == "prim::CallFunction" else node.inputsAt(0)
-            channel_first, producer = self._producer(value if pre is None else pre, module)
-        if pre is not None and channel_first is None:
+            channel_first, producer, unit_axis, axis_lost = self._producer(
+                value if pre is None else pre, module
+            )
+        if pre is not None and channel_first is None and unit_axis is None and not axis_lost:
             return  # maximum(x, 0) of no layer's output (a reduction): an ordinary op, unnumbered
         name = self.namer.name(path, op, is_activation)
         module_type = qualified.rsplit(".", 1)[-1] if is_activation else "functional"
@@ -355,13 +358,16 @@ class _Walker:
         functional = not (is_activation and caller is not None)  # a clamp of `value` in this graph
         per_position = self._per_position(value, module) if clamp and pre is None and functional else ()
         site = StaticSite(
-            name, op, in_place, module_type, channel_first, producer, clamp, spelled, units, per_position
-        )
+            name, op, in_place, module_type, channel_first, producer, clamp, spelled, units, per_position,
+            unit_axis, axis_lost,
+        )  # fmt: skip
         self.sites.append(site)
 
-    def _producer(self, value, module) -> tuple[bool | None, str | None]:
+    def _producer(self, value, module) -> Units:
         """Same rule as the FX probe: the unit axis follows elementwise ops, the bias only scalar ones.
-        `self._units`: the producer module's units, when one was found."""
+        `self._units`: the producer module's units, when one was found. A view / reshape / flatten (whose
+        shapes the code does not hold) or a layout op with dims computed at run time loses the units:
+        the walk goes on, and a layer found behind it makes the site one whose axis was lost."""
         self._units = None
         keep_producer = True
         layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
@@ -381,9 +387,12 @@ class _Walker:
                     dims = src.inputsAt(1).toIValue() if len(list(src.inputs())) > 1 else None
                 except RuntimeError:
                     dims = None
-                if dims is None:  # squeeze every size-1 dim: which ones is not in the graph
-                    return None, None
-                layouts.append((base, (dims,) if isinstance(dims, int) else tuple(dims)))
+                # squeeze every size-1 dim: which ones is not in the graph
+                layouts.append(
+                    ("lost", ())
+                    if dims is None
+                    else (base, (dims,) if isinstance(dims, int) else tuple(dims))
+                )
                 keep_producer = False
                 value = src.inputsAt(0)
                 continue
@@ -405,10 +414,13 @@ class _Walker:
                 continue
             if base in LAYOUT:
                 dims = _constant_dims(src, base)
-                if dims is None:
-                    return None, None
-                layouts.append((base, dims))
+                layouts.append(("lost", ()) if dims is None else (base, dims))
                 keep_producer = False  # the producer's bias no longer sits before the activation alone
+                value = src.inputsAt(0)
+                continue
+            if base in RESHAPES:  # no shapes in the code: where the units go is not known
+                layouts.append(("lost", ()))
+                keep_producer = False
                 value = src.inputsAt(0)
                 continue
             if base in FAKE_QUANT:  # QAT's fake quant (traced): the units and the producer stay
@@ -417,7 +429,7 @@ class _Walker:
             if kind == "prim::CallMethod":
                 target = _attribute_of(module, src.inputsAt(0))
                 if target is None:
-                    return None, None
+                    return Units(None, None)
                 qualified = _type_name(target)
                 type_name = qualified.rsplit(".", 1)[-1]
                 if qualified.startswith("torch.ao.quantization") and "FakeQuantize" in type_name:
@@ -452,17 +464,24 @@ class _Walker:
                 elif type_name in ("Linear", "LayerNorm", "Embedding"):
                     channel_first = False
                 else:
-                    return None, None
-                return relaid_channel_first(channel_first, layouts, _CONV_RANKS.get(type_name)), producer
+                    return Units(None, None)
+                return _units(channel_first, layouts, _CONV_RANKS.get(type_name), producer)
             if base in CHANNEL_FIRST or base in LAST_DIM:
-                return relaid_channel_first(base in CHANNEL_FIRST, layouts, _CONV_RANKS.get(base)), None
+                return _units(base in CHANNEL_FIRST, layouts, _CONV_RANKS.get(base), None)
             if base in PASS_THROUGH:
                 if any(str(v.type()).startswith("Tensor") for v in list(src.inputs())[1:]):
                     keep_producer = False
                 value = src.inputsAt(0)
                 continue
-            return None, None
-        return None, None
+            return Units(None, None)
+        return Units(None, None)
+
+
+def _units(channel_first: bool, layouts: list[tuple[str, tuple]], rank: int | None, producer) -> Units:
+    side, axis = relaid_units(channel_first, layouts, rank)
+    if side is None and axis is None:
+        return Units(None, None, None, True)
+    return Units(side, producer if side is not None else None, axis)
 
 
 def script_sites(script_module, ops: tuple[str, ...]) -> list[StaticSite] | None:
@@ -663,7 +682,7 @@ class TorchScriptProbe:
         site = self.sites[self._position]
         if site.units is None or x.dim() < 2:
             return True
-        axis = infer_channel_dim(x.dim(), site.channel_first)
+        axis = infer_channel_dim(x.dim(), site.channel_first, site.unit_axis)
         return x.shape[axis] == site.units
 
     def on_spelled(self, func, args: tuple, kwargs: dict):
@@ -741,8 +760,10 @@ class TorchScriptProbe:
             reduced_over_units(tuple(args[0].shape), site.per_position)
             or not clamp_is_layer(
                 tuple(args[0].shape),
-                infer_channel_dim(args[0].dim(), site.channel_first) if args[0].dim() else None,
-                site.channel_first is not None,
+                infer_channel_dim(args[0].dim(), site.channel_first, site.unit_axis)
+                if args[0].dim()
+                else None,
+                site.channel_first is not None or site.unit_axis is not None or site.axis_lost,
             )
         ):  # a clamped variance / norm / loss (its shape tells, known once it runs): no layer
             self.registry.withdraw(site.name)

@@ -48,6 +48,8 @@ class ProducerTrace:
     producer: str | None = None
     bias: np.ndarray | None = None  # the producer's bias values, when the reader can read them
     axis: int | None = None  # the unit axis, when a transpose on the way put it elsewhere than 1 or last
+    # a producer made the units, but a layout op on the way moved them where the walk cannot follow
+    lost: bool = False
 
 
 @dataclass

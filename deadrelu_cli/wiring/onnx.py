@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from deadrelu_cli.probe.ops import reshaped_unit_axis
 from deadrelu_cli.wiring.model import (
     BatchNormRef,
     ProducerTrace,
@@ -208,15 +209,21 @@ def channels_last(node: onnx.NodeProto) -> bool:
 
 def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
     """Unit axis, producer and bias from the op that produced an activation's input (through
-    Add/Mul/BN/bias, and Transposes, Squeezes and Unsqueezes, which move the unit axis: `axis`)."""
-    moves: list[tuple[str, list[int], int]] = []  # (op, perm or axes, rank of its input), activation first
+    Add/Mul/BN/bias, and Transposes, Squeezes, Unsqueezes, Reshapes and Flattens, which move the unit
+    axis: `axis`; one whose move is not known marks the units `lost`)."""
+    moves: list[
+        tuple[str, list, int | None]
+    ] = []  # (op, perm / axes / shapes, its input's rank), activation first
     trace = _trace_producer(index, input_name, moves)
     if moves and trace.channel_first is not None:
         rank = moves[-1][2]
-        axis = 1 if trace.channel_first else rank - 1
+        axis = None if rank is None else 1 if trace.channel_first else rank - 1
         for op, values, rank_in in reversed(moves):  # from the producer's side to the activation's
-            if rank_in != rank:
+            if axis is None or rank_in != rank:
                 axis = None
+            elif op == "Reshape":  # values: the shapes before and after
+                axis = reshaped_unit_axis(values[0], values[1], axis)
+                rank = len(values[1])
             elif op == "Transpose":
                 axis = values.index(axis) if axis in values else None
                 rank = len(values)
@@ -228,12 +235,75 @@ def trace_producer(index: GraphIndex, input_name: str) -> ProducerTrace:
                 rank += len(values)
                 added = {a % rank for a in values}
                 axis = [k for k in range(rank) if k not in added][axis]
-            if axis is None:
-                trace.channel_first = None
+            if axis is None or axis == 0:
+                trace.channel_first, trace.producer, trace.bias, trace.lost = None, None, None, True
                 return trace
         trace.axis = axis
         trace.channel_first = True if axis == 1 else False if axis == rank - 1 else None
     return trace
+
+
+# between a fused experts' product and its activation: the gate half sliced or split off, reshaped
+_TO_EXPERT_PRODUCT = frozenset(
+    {"Slice", "Split", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Flatten", "Identity", "Cast"}
+    | {"Add", "Sub", "Mul", "Div"}
+)
+# between a stored [experts, rows, cols] weight and the gather of the routed tokens' experts
+_TO_STORED_WEIGHT = frozenset({"Transpose", "Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze"})
+
+
+def fused_experts_rows(index: GraphIndex, input_name: str) -> int:
+    """How many experts' rows reach an activation through one product (0: none): a fused mixture of
+    experts exported (transformers 5's batched experts: the routed tokens' expert weights gathered from one
+    stored `[experts, …]` tensor, one MatMul, one activation for all of them), where unit i of every expert
+    is one column of the activation's input. Walks back through slices, splits, reshapes and elementwise
+    ops to the MatMul/Gemm/Einsum, and from its operands to a Gather of a stored 3-D tensor."""
+    pending, seen = [input_name], 0
+    while pending and seen < 24:
+        name, seen = pending.pop(), seen + 1
+        node = index.producer.get(name)
+        if node is None:
+            continue
+        if node.op_type in ("MatMul", "Gemm", "Einsum"):
+            counts = [_gathered_experts(index, operand) for operand in node.input if operand]
+            if any(counts):
+                return max(counts)
+        elif node.op_type in _TO_EXPERT_PRODUCT:
+            pending.extend(i for i in node.input if i and index.stored_tensor(i) is None)
+    return 0
+
+
+def _gathered_experts(index: GraphIndex, name: str) -> int:
+    """The experts of a stored [experts, …] tensor (two or more, rank 3) that `name` gathers rows of."""
+    for _ in range(8):
+        node = index.producer.get(name)
+        if node is None:
+            return 0
+        if node.op_type in ("Gather", "GatherND", "GatherElements"):
+            data = node.input[0]
+            for _ in range(8):  # through a transpose or cast of the stored tensor
+                stored = index.stored_tensor(data)
+                if stored is not None:
+                    dims = list(stored.dims)
+                    return int(dims[0]) if len(dims) == 3 and dims[0] >= 2 else 0
+                source = index.producer.get(data)
+                if source is None or source.op_type not in _TO_STORED_WEIGHT:
+                    return 0
+                data = source.input[0]
+            return 0
+        if node.op_type not in _TO_STORED_WEIGHT:
+            return 0
+        name = node.input[0]
+    return 0
+
+
+def _reshape_move(index: GraphIndex, node: onnx.NodeProto) -> tuple[str, list, int | None]:
+    """A node that keeps its input's elements in order (Reshape, Flatten, a Squeeze), as a move of the
+    unit axis read by the shapes before and after it (probe.ops.reshaped_unit_axis); lost without them."""
+    before, after = index.dims(node.input[0]), index.dims(node.output[0])
+    if before is None or after is None:
+        return ("Lost", [], None)
+    return ("Reshape", [before, after], len(before))
 
 
 def _squeeze_axes(index: GraphIndex, node: onnx.NodeProto) -> list[int] | None:
@@ -266,19 +336,24 @@ def _trace_producer(
         if node.op_type == "Transpose":
             rank = index.rank(node.input[0])
             perm = attr(node, "perm") or (list(range(rank))[::-1] if rank else None)
-            if perm is None:
-                return trace
-            moves.append(("Transpose", [int(p) for p in perm], len(perm)))
+            moves.append(
+                ("Lost", [], None) if perm is None else ("Transpose", [int(p) for p in perm], len(perm))
+            )
             name = node.input[0]
+            continue
+        if node.op_type in ("Reshape", "Flatten"):  # read by the shapes shape inference gives
+            moves.append(_reshape_move(index, node))
+            keep_producer, name = False, node.input[0]
             continue
         if node.op_type in (
             "Squeeze",
             "Unsqueeze",
         ):  # a Conv1d as Conv2d (tf2onnx): [N, C, 1, W] -> [N, C, W]
             axes, rank = _squeeze_axes(index, node), index.rank(node.input[0])
-            if axes is None or rank is None:
-                return trace
-            moves.append((node.op_type, axes, rank))
+            # without axes (every size-1 dim) or a rank: read by the shapes, as a Reshape
+            moves.append(
+                _reshape_move(index, node) if axes is None or rank is None else (node.op_type, axes, rank)
+            )
             name = node.input[0]
             continue
         if node.op_type in ("Conv", "ConvTranspose", "Gemm"):

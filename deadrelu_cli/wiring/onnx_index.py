@@ -138,6 +138,17 @@ class GraphIndex:
             return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
         return self.outer.shape(name) if self.outer is not None else None
 
+    def dims(self, name: str) -> list[int | str | None] | None:
+        """`shape` with a symbolic dim by its name (equal names, equal sizes; probe.ops.reshaped_unit_axis),
+        None for a dim without value or name; None when the rank is unknown."""
+        vi = self.value_info.get(name)
+        if vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            return [
+                d.dim_value if d.HasField("dim_value") else d.dim_param if d.HasField("dim_param") else None
+                for d in vi.type.tensor_type.shape.dim
+            ]
+        return self.outer.dims(name) if self.outer is not None else None
+
     def rank(self, name: str) -> int | None:
         shape = self.shape(name)
         return None if shape is None else len(shape)

@@ -329,16 +329,28 @@ def _assign(array: np.ndarray, axis: int, indices: list[int], values) -> None:
     array[tuple(index)] = values
 
 
+def _lead_sums(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-index sums of |x| along a tensor's axis 0 and axis 1 over every other axis (what
+    probe.ops.reordered_layout reads; the scan's `_add_lead_sums` in the graph)."""
+    magnitude = np.abs(np.asarray(values, np.float64))
+    return magnitude.reshape(magnitude.shape[0], -1).sum(1), np.moveaxis(magnitude, 1, 0).reshape(
+        magnitude.shape[1], -1
+    ).sum(1)
+
+
 def _kept_positions(
     moved: np.ndarray, shape: tuple, dim: int, keep: np.ndarray | None, time_major: bool | None = None
 ) -> np.ndarray:
     """[values, units]: a site's values (units moved last) at the positions `keep` [batch, tokens] keeps,
     where the site's tensor holds those positions (probe.ops.token_layout, as the scan decides it).
-    `time_major`: rows [B*T, ...] are a [T, B, ...] flattened (as reordering the samples told)."""
-    from deadrelu_cli.probe.ops import TOKEN_FLAT, TOKENS_FIRST, token_layout
+    `time_major`: rows [B*T, ...] are a [T, B, ...] flattened, or a square batch's [B, T, ...] shape is
+    [T, B, ...] (as reordering the samples told)."""
+    from deadrelu_cli.probe.ops import TOKEN_FLAT, TOKENS_FIRST, layout_ambiguous, token_layout
 
     units = moved.shape[-1]
     layout = token_layout(tuple(shape), dim, *keep.shape) if keep is not None and len(shape) >= 2 else None
+    if layout is not None and time_major and layout_ambiguous(tuple(shape), dim, *keep.shape):
+        layout = TOKENS_FIRST
     if layout == TOKEN_FLAT and time_major:  # [T*B, ..., U] -> [T, B, ..., U]
         moved, layout = moved.reshape(keep.shape[1], keep.shape[0], *moved.shape[1:]), TOKENS_FIRST
     elif layout == TOKEN_FLAT:  # [B*T, ..., U] -> [B, T, ..., U]
@@ -357,7 +369,10 @@ class _SitePass:
 
     def __init__(self, scanned, sites, scan_options) -> None:
         self.scanned, self.sites, self.options = scanned, sites, scan_options
-        self.row_orders: dict[str, bool | None] = {}  # site -> rows [B*T, ...] time-major? (None: untold)
+        # site -> time-major? (rows [B*T, ...], or a square batch's [T, B, ...]; None: untold), and how
+        # many batches were reordered to tell it
+        self.row_orders: dict[str, bool | None] = {}
+        self.tries: dict[str, int] = {}
         self.threshold = float(scan_options.threshold)
 
     def values(
@@ -370,10 +385,22 @@ class _SitePass:
         """Per site name, its values [values, units] (`units`: the units to keep; None: every unit), as
         float64, and the machine epsilon of the site's own dtype. `outputs`: a list that receives the
         model's own outputs of every batch."""
-        from deadrelu_cli.backends.onnx.scan import as_input, feed_order, make_session
+        from deadrelu_cli.backends.onnx.scan import LAYOUT_BATCHES, as_input, feed_order, make_session
         from deadrelu_cli.inputs import batch_mask, mask_lengths, resolve_mask, square_free_batch_size
-        from deadrelu_cli.probe.onnx_graph import conv_frames_keep, frame_chains, frames_keep, site_frames
-        from deadrelu_cli.probe.ops import reordered_order, row_order_ambiguous, token_layout
+        from deadrelu_cli.probe.onnx_graph import (
+            cells_keep,
+            conv_frames_keep,
+            frame_chains,
+            frames_keep,
+            site_cells,
+            site_frames,
+        )
+        from deadrelu_cli.probe.ops import (
+            layout_ambiguous,
+            reordered_layout,
+            row_order_ambiguous,
+            token_layout,
+        )
         from deadrelu_cli.wiring.onnx_index import opset_version
 
         scanned, options = self.scanned, self.options
@@ -415,6 +442,19 @@ class _SitePass:
             for name, out in zip(names, outs[own:], strict=True):
                 dim = site_channel_dim(self.sites[name], options.channel_dim) % max(1, out.ndim)
                 keep, spatial = batch_keep, None
+                if keep is not None and keep.ndim == 3:  # an image's pixel mask: as the scan reads it
+                    chains = frame_chains(model) if chains is None else chains
+                    input_name = self.sites[name].input_name
+                    grid = site_cells(chains, input_name, out.shape, dim, *keep.shape)
+                    cells, told = cells_keep(grid, keep) if grid else (None, False)
+                    moved = np.moveaxis(out, dim, -1)
+                    moved = moved if units[name] is None else moved[..., units[name]]
+                    # a feature map's cells of image only; elsewhere (cells mixed, no pixel axis) all
+                    kept = moved[cells] if told else moved.reshape(-1, moved.shape[-1])
+                    chunks[name].append(kept.astype(np.float64))
+                    if np.issubdtype(out.dtype, np.floating):
+                        eps[name] = max(eps[name], float(np.finfo(out.dtype).eps))
+                    continue
                 if keep is not None and out.ndim >= 2 and token_layout(out.shape, dim, *keep.shape) is None:
                     # a speech encoder's frames, as the scan masks them (every frame where it could not)
                     chains = frame_chains(model) if chains is None else chains
@@ -432,19 +472,23 @@ class _SitePass:
                     continue
                 if (
                     keep is not None
-                    and name not in self.row_orders
-                    and row_order_ambiguous(out.shape, dim, *keep.shape)
-                ):  # rows [B*T, ...]: their order as the scan tells it, by reordering the samples
+                    and self.row_orders.get(name) is None
+                    and self.tries.get(name, 0) < LAYOUT_BATCHES
+                    and (
+                        row_order_ambiguous(out.shape, dim, *keep.shape)
+                        or layout_ambiguous(out.shape, dim, *keep.shape)
+                    )
+                ):  # rows [B*T, ...], or a square [B, T, ...] / [T, B, ...]: as the scan tells it, by
+                    # reordering the samples (a batch that tells nothing: the next one, as the scan does)
                     if again is None:
                         flipped = {
                             i: v if a in consts else np.flip(v, axes.get(a, 0)).copy()
                             for (i, a), v in zip(order.items(), feeds.values(), strict=True)
                         }
                         again = session.run(None, flipped)[own:]
-                    rows = np.abs(np.asarray(out, np.float64)).reshape(out.shape[0], -1).sum(1)
-                    rows_again = np.abs(np.asarray(again[names.index(name)], np.float64))
-                    self.row_orders[name] = reordered_order(
-                        True, *keep.shape, (rows,), (rows_again.reshape(out.shape[0], -1).sum(1),)
+                    self.tries[name] = self.tries.get(name, 0) + 1
+                    self.row_orders[name] = reordered_layout(
+                        out.shape, dim, *keep.shape, _lead_sums(out), _lead_sums(again[names.index(name)])
                     )
                 moved = np.moveaxis(out, dim, -1)
                 moved = moved if units[name] is None else moved[..., units[name]]

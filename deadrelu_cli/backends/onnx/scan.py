@@ -11,10 +11,14 @@ import numpy as np
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import (
+    EXPERTS_MERGED,
     FRAMES_NOT_TOLD,
     LAYOUT_AMBIGUOUS,
     MASK_NOT_APPLIED,
+    PIXELS_FLATTENED,
+    PIXELS_MIXED,
     ROW_ORDER_AMBIGUOUS,
+    UNIT_AXIS_NOT_FOLLOWED,
     unscanned_text,
     unseen_notes,
 )
@@ -22,27 +26,29 @@ from deadrelu_cli.inputs import (
     OutputArrays,
     batch_mask,
     fixed_batch_error,
+    is_pixel_mask,
     label_arrays,
     labels_note,
     layout_probe_size,
     mask_lengths,
     mismatch,
     positional_arrays,
-    refuse_pixel_mask,
     resolve_mask,
     shape_advice,
     unfed_arrays,
 )
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions, reread_verified
 from deadrelu_cli.loaders.onnx_model import release_weights
+from deadrelu_cli.probe.experts import merged_experts_note
 from deadrelu_cli.probe.onnx_graph import (
     MASK_INPUT,
     OnnxSite,
+    cells_keep,
     find_sites,
     frames_keep,
     stored_zero_relus,
 )
-from deadrelu_cli.probe.ops import NAMED_WHEN_UNSCANNED, axis_guess_note
+from deadrelu_cli.probe.ops import NAMED_WHEN_UNSCANNED, axis_guess_note, axis_lost_note
 from deadrelu_cli.stats import LayerStats
 
 _shared_arena: bool | None = None  # whether this process registered its CPU arena with onnxruntime
@@ -288,11 +294,13 @@ def _discover_shapes(
         CONV_FRAMES,
         TOKEN_STEPS,
         frame_chains,
+        frame_steps,
         lift_to_main,
         site_channel_dim,
         site_frames,
         subgraph_map,
         token_steps,
+        unmapped_steps,
     )
     from deadrelu_cli.probe.ops import layout_ambiguous, row_order_ambiguous, token_layout
     from deadrelu_cli.wiring.onnx_index import opset_version
@@ -346,8 +354,11 @@ def _discover_shapes(
         probe.graph.output.append(helper.make_tensor_value_info(lifted["shape"], TensorProto.INT64, None))
     # the sums that tell a layout by reordering the samples, in this session (no second one to build):
     # main-graph sites whose rank shape inference knows
+    pixels = is_pixel_mask(mask, data)  # an image's [B, H, W]: its sites' layout is read off their shapes
     summed = [
-        s for s in unknown if mask is not None and opset >= 9 and not s.graph_path and (s.rank or 0) >= 2
+        s
+        for s in unknown
+        if mask is not None and not pixels and opset >= 9 and not s.graph_path and (s.rank or 0) >= 2
     ]
     for i, site in enumerate(summed):
         _add_lead_sums(probe, site, i, opset)
@@ -374,6 +385,7 @@ def _discover_shapes(
     # Where (opset 9) applies the mask in the graph; older graphs count every position, which a note says
     maskable = keep is not None and opset_version(model) >= 9
     chains = None  # frame_chains of the main graph, found when a site's positions are not the mask's
+    stacked = None  # unmapped_steps of the main graph, likewise
     # (site, shape, tokens): its shape reads as [B, T, ...] and [T, B, ...] alike, or flattened rows
     ambiguous = []
     for site, shape in zip(unknown, results[: len(unknown)], strict=True):
@@ -386,13 +398,22 @@ def _discover_shapes(
         site.rank = len(shape)
         if keep is not None and not maskable:
             site.mask_unapplied = "opset below 9"
+        elif pixels:
+            if site not in stepped:  # a Scan body's per-step slice stays unmasked ("in a subgraph")
+                chains = frame_chains(model) if chains is None else chains
+                _pixel_layout(site, shape, site_channel_dim(site, channel_dim), keep.shape, chains, owners)
+            continue
         elif site in stepped:
             node = owners[site.graph_path][1]
-            direction = token_steps(node, scanned_shapes, *keep.shape)
+            direction, frames = token_steps(node, scanned_shapes, *keep.shape), None
+            if direction is None:  # a Scan over a conv subsampler's frames: their mask's columns
+                chains = frame_chains(model) if chains is None else chains
+                found = frame_steps(node, chains, scanned_shapes, *keep.shape)
+                frames, direction = found if found is not None else (None, None)
             dim = site_channel_dim(site, channel_dim)
             # one step's slice of the batch: [B, ..., C], its units not on the batch's axis
             if direction is not None and site.rank >= 2 and shape[0] == keep.shape[0] and dim != 0:
-                site.token_layout, site.step_direction = TOKEN_STEPS, direction
+                site.token_layout, site.step_direction, site.frames = TOKEN_STEPS, direction, frames
                 site.mask_unapplied = None
             continue
         elif maskable and site.rank >= 2:
@@ -422,31 +443,94 @@ def _discover_shapes(
                     ambiguous.append((site, shape, tokens))
                 continue
             site.token_layout = token_layout(shape, dim, batch_n, tokens)
+            if site.token_layout is None and not site.graph_path and site.rank >= 3:
+                # a Loop's (or an unfollowed Scan's) stacked steps: possibly the positions, nothing says
+                chains = frame_chains(model) if chains is None else chains
+                stacked = unmapped_steps(model, chains) if stacked is None else stacked
+                if site.input_name in stacked:
+                    site.mask_unapplied = "in a subgraph"
         if site.graph_path and (site.token_layout or "Loop" not in _owner_types(owners, site.graph_path)):
             # a Loop body's tensor of other positions may be a per-step slice of the tokens: stays unmasked
             site.mask_unapplied = None
     ambiguous = [entry for entry in ambiguous if not entry[0].graph_path]
-    if ambiguous:
-        consts, axes = set(getattr(data, "consts", ())), getattr(data, "batch_axes", {})
-        sample_axes = {inp: None if arr in consts else axes.get(arr, 0) for inp, arr in order.items()}
-        reversed_feeds = _reversed_samples(feeds, sample_axes)
-        if reversed_feeds is None:
+    if not ambiguous:
+        return
+    consts, axes = set(getattr(data, "consts", ())), getattr(data, "batch_axes", {})
+    sample_axes = {inp: None if arr in consts else axes.get(arr, 0) for inp, arr in order.items()}
+    if all(site in summed for site, _, _ in ambiguous):  # the probe session has their sums
+        sums_of, offset = summed, len(unknown)
+    else:  # a site whose rank shape inference did not know: a session exposing the sums of those
+        del session
+        sums_of, offset = [site for site, _, _ in ambiguous], 0
+        session = _sums_session(model, sums_of, device, weights_dir)
+        if session is None:
             return
-        if all(site in summed for site, _, _ in ambiguous):  # the probe session has their sums
-            first = dict(zip(_lead_names(summed), results[len(unknown) :], strict=True))
-            try:
-                second = dict(
-                    zip(_lead_names(summed), session.run(None, reversed_feeds)[len(unknown) :], strict=True)
-                )
-            except Exception:  # noqa: BLE001  (a graph this cannot run again: its sites stay ambiguous)
+        results = None
+    names = _lead_names(sums_of)
+    # the first batch, then later ones while a site is not told (samples that are all one vector, or
+    # reversed into themselves, tell nothing; the next batch may): each batch counts nothing here
+    later = data.batches(batch_size)
+    next(later, None)
+    for attempt in range(LAYOUT_BATCHES):
+        if attempt:
+            batch = next(later, None)
+            if batch is None:
                 return
-            sums = {s.name: (first, second) for s in summed}
-            _tell_layouts(ambiguous, sums, summed, keep.shape[0], channel_dim)
-        else:  # a site whose rank shape inference did not know: a session exposing the sums of those
-            del session
-            _tell_layouts_again(
-                model, ambiguous, feeds, reversed_feeds, keep.shape[0], device, weights_dir, channel_dim
-            )
+            feeds = {inp: as_input(batch[arr], dtypes[inp], inp) for inp, arr in order.items()}
+            results = None
+        reversed_feeds = _reversed_samples(feeds, sample_axes)
+        if reversed_feeds is None or any(
+            feeds[inp].shape[axis] != keep.shape[0] for inp, axis in sample_axes.items() if axis is not None
+        ):  # no samples to reorder, or a last batch of another size (whose shapes read otherwise)
+            return
+        try:
+            first = results if results is not None else session.run(None, feeds)
+            second = session.run(None, reversed_feeds)
+        except Exception:  # noqa: BLE001  (a graph this cannot run again: its sites stay ambiguous)
+            return
+        first = dict(zip(names, first[offset : offset + len(names)], strict=True))
+        second = dict(zip(names, second[offset : offset + len(names)], strict=True))
+        _tell_layouts(
+            ambiguous, {s.name: (first, second) for s in sums_of}, sums_of, keep.shape[0], channel_dim
+        )
+        ambiguous = [entry for entry in ambiguous if entry[0].mask_unapplied is not None]
+        if not ambiguous:
+            return
+
+
+def _pixel_layout(site: OnnxSite, shape: tuple[int, ...], dim: int, pixels: tuple, chains, owners) -> None:
+    """With an image's pixel mask [B, H, W] (`pixels`: its shape), as the torch probe reads one
+    (probe.accumulator.PixelMask): a feature map [B, C, h, w] over the image counts its cells of image
+    only (PIXEL_CELLS; probe.onnx_graph.site_cells: through the convs' strides); one whose grid is not
+    the image's is marked as cells mixed, a [B, h·w, F] of its positions flattened as such; any other
+    site has no pixel axis. A Loop body's tensor of other positions (possibly a step's) stays unmasked."""
+    from deadrelu_cli.probe.onnx_graph import PIXEL_CELLS, pixel_grid, site_cells
+    from deadrelu_cli.probe.ops import pixels_flattened
+
+    site.cells = site_cells(chains, site.input_name, shape, dim, *pixels)
+    if site.cells is not None:
+        site.token_layout, site.mask_unapplied = PIXEL_CELLS, None
+        return
+    if site.graph_path and "Loop" in _owner_types(owners, site.graph_path):
+        return
+    if len(shape) == 4 and dim == 1 and shape[0] == pixels[0]:
+        site.mask_unapplied = PIXELS_MIXED
+    elif pixels_flattened(shape, dim, *pixels) or (
+        # the positions of the map the convs before it make, flattened (in an order nothing says)
+        len(shape) == 3
+        and dim == 2
+        and shape[0] == pixels[0]
+        and (grid := pixel_grid(chains, site.input_name, *pixels[1:])) is not None
+        and grid[2] * grid[3] == shape[1]
+    ):
+        site.mask_unapplied = PIXELS_FLATTENED
+    else:
+        site.mask_unapplied = None
+
+
+# how many batches the scan reorders, at most, to tell where a site holds the samples (the first batch,
+# then later ones while some site is not told): a data set whose first samples are one vector repeated
+LAYOUT_BATCHES = 8
 
 
 def _site_leads(site: OnnxSite, i: int) -> list[str]:
@@ -529,27 +613,20 @@ def _tell_layouts(
         site.mask_unapplied = None
 
 
-def _tell_layouts_again(
-    model, sites: list[tuple], feeds: dict, reversed_feeds: dict, batch: int, device, weights_dir, channel_dim
-) -> None:
-    """`_tell_layouts` for sites whose rank the shape probe learned only by running: a session exposing
-    their sums, run on the batch and on it reversed."""
+def _sums_session(model, sites: list[OnnxSite], device, weights_dir):
+    """A session exposing the per-index sums (`_add_lead_sums`) of sites whose rank the shape probe
+    learned only by running; None where the graph cannot be built so (the sites stay ambiguous)."""
     from deadrelu_cli.wiring.onnx_index import opset_version
 
     probe = type(model)()
     probe.CopyFrom(model)
     del probe.graph.output[:]
-    summed = [site for site, _, _ in sites]
-    for i, site in enumerate(summed):
+    for i, site in enumerate(sites):
         _add_lead_sums(probe, site, i, opset_version(probe))
     try:
-        session = make_session(probe.SerializeToString(), device, [], weights_dir)
-        names = _lead_names(summed)
-        first = dict(zip(names, session.run(None, feeds), strict=True))
-        second = dict(zip(names, session.run(None, reversed_feeds), strict=True))
-    except Exception:  # noqa: BLE001  (a graph this cannot run again: its sites stay ambiguous, and say so)
-        return
-    _tell_layouts(sites, {site.name: (first, second) for site in summed}, summed, batch, channel_dim)
+        return make_session(probe.SerializeToString(), device, [], weights_dir)
+    except Exception:  # noqa: BLE001  (its sites stay ambiguous, and say so)
+        return None
 
 
 def _owner_types(owners: dict, path: tuple[str, ...]) -> set[str]:
@@ -775,7 +852,8 @@ class HostAccumulator:
         self.samples = 0
         self.nonfinite = 0  # --allow-nonfinite: NaN/±Inf values left out (the recount session counts them)
         self.all_kept = True  # every batch's mask kept every position: no padding was ever counted
-        self.frames_told = True  # every batch's frames' mask was that of its real positions
+        # every batch's frames' (or a feature map's cells') mask was that of its real positions
+        self.frames_told = True
 
     def add(
         self,
@@ -851,13 +929,17 @@ class HostAccumulator:
         if self.masked:  # as the torch probe says it (engine.mask_notes names the unmasked ones)
             site = self.site
             mark = "applied" if site.token_layout else site.mask_unapplied or "no token axis"
-            if site.token_layout and not self.frames_told:
-                mark = FRAMES_NOT_TOLD
+            if site.token_layout and not self.frames_told:  # a batch's cells / frames not told
+                mark = PIXELS_MIXED if site.cells else FRAMES_NOT_TOLD
             if mark in MASK_NOT_APPLIED and self.all_kept and self.positive is not None:
                 # every batch kept every position: counting all of them is counting the kept ones, under
                 # any reading of the layout (a Scan body, a square batch nothing told)
                 mark = "applied"
             layer.extra["position_mask"] = mark
+        if self.site.axis_lost:  # counted on a guessed axis: the gate stops on it
+            layer.extra["unit_axis"] = UNIT_AXIS_NOT_FOLLOWED
+        if self.site.experts_merged:  # unit i of every expert counted as one: the gate stops on it
+            layer.extra[EXPERTS_MERGED] = self.site.experts_merged
         return layer
 
     def _layer_stats(self) -> LayerStats:
@@ -908,7 +990,6 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
 
     loaded = load_onnx(LoadOptions(options.model, device=device))
     mask = resolve_mask(options.mask, options.exclude_token_ids, data)
-    refuse_pixel_mask(mask, data)
     data.unfed = unfed_arrays(mask, data, loaded)  # a mask the graph does not take is read, not fed
     order = feed_order(loaded, data)
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
@@ -999,10 +1080,25 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         if site.rank == 3
         and site.channel_first is None
         and site.unit_axis is None
+        and not site.axis_lost
         and options.channel_dim is None
     ]
     if guessed:  # [N, C, T] and [N, T, C] look alike: say which one was assumed
         loaded.notes.append(axis_guess_note(guessed, "Conv/Gemm/MatMul/BatchNorm"))
+    for site in sites:
+        site.axis_lost = site.axis_lost and options.channel_dim is None and (site.rank or 0) >= 2
+    merged = {site.name: ("", site.experts_merged) for site in sites if site.experts_merged}
+    if merged:  # an exported fused mixture of experts: one activation for every expert's rows
+        loaded.notes.append(
+            merged_experts_note(
+                merged,
+                "scan the model before export (state_dict + --arch, or its Hugging Face folder), which "
+                "counts each expert apart, or pass --allow-unseen to gate on them as counted",
+            )
+        )
+    lost = [site.name for site in sites if site.axis_lost]
+    if lost:  # a layer's units moved where the walk lost them: counted on a guess, said and gated
+        loaded.notes.append(axis_lost_note(lost))
     masked = mask is not None and any(site.token_layout for site in sites)
     switch = _OutputMaxSwitch(loaded, sites, options, device)
     started = time.perf_counter()
@@ -1075,7 +1171,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
             first_batched = next(n for n in order.values() if n not in data.consts)
             samples = batch[first_batched].shape[data.batch_axes.get(first_batched, 0)]
             for acc, values in zip(accumulators, per_site, strict=True):
-                acc.add(values, samples, *keeps.get(acc.site.frames, (None, True)))
+                acc.add(values, samples, *keeps.get(acc.site.mask_key, (None, True)))
             done += samples
             switch.consider(accumulators, batch_s, -(-(total - done) // batch_size))
             if options.progress:
@@ -1087,17 +1183,20 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
 
 def _mask_feeds(feeds: dict, keep: np.ndarray | None, sites: list[OnnxSite]) -> dict:
     """Put the batch's position mask into `feeds`, and the frames' mask of each conv subsampler a site's
-    positions come through (probe.onnx_graph.frames_keep). Returns, per site `frames` (None: the
-    batch's), (its mask, whether it is the real positions' mask) for HostAccumulator.add."""
+    positions come through (probe.onnx_graph.frames_keep), or with an image's pixel mask [B, H, W], the
+    cells' mask of each feature map (probe.onnx_graph.cells_keep). Returns, per site `mask_key` (None:
+    the batch's), (its mask, whether it is the real positions' mask) for HostAccumulator.add."""
     if keep is None:
         return {}
-    feeds[MASK_INPUT] = np.ascontiguousarray(keep, dtype=bool)
+    if keep.ndim == 2:  # a pixel mask is never fed as it is: only its cells' masks are
+        feeds[MASK_INPUT] = np.ascontiguousarray(keep, dtype=bool)
     keeps = {None: (keep, True)}
     for site in sites:
-        if site.frames and site.frames not in keeps:  # also unmasked ones: all_kept reads it
-            keeps[site.frames] = frames_keep(site.frames, keep)
-        if site.frames and site.token_layout:
-            feeds[site.mask_input] = np.ascontiguousarray(keeps[site.frames][0])
+        key = site.mask_key
+        if key and key not in keeps:  # also unmasked ones: all_kept reads it
+            keeps[key] = cells_keep(site.cells, keep) if site.cells else frames_keep(site.frames, keep)
+        if key and site.token_layout:
+            feeds[site.mask_input] = np.ascontiguousarray(keeps[key][0])
     return keeps
 
 

@@ -270,7 +270,9 @@ def certify_graph(
             else:
                 rank = pre.hi.dim()
                 dim = (
-                    resolve_channel_dim(rank, infer_channel_dim(rank, site.channel_first), channel_dim)
+                    resolve_channel_dim(
+                        rank, infer_channel_dim(rank, site.channel_first, site.unit_axis), channel_dim
+                    )
                     if rank > 1
                     else 0
                 )

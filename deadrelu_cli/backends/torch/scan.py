@@ -21,7 +21,7 @@ from deadrelu_cli.backends.torch.inputs import (
 )
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import unscanned_text, unseen_notes
+from deadrelu_cli.gate import EXPERTS_MERGED, UNIT_AXIS_NOT_FOLLOWED, unscanned_text, unseen_notes
 from deadrelu_cli.inputs import (
     AUDIO_INPUTS,
     AUDIO_VALUES,
@@ -54,7 +54,7 @@ from deadrelu_cli.inputs import (
 )
 from deadrelu_cli.loaders.model import LoadedModel
 from deadrelu_cli.options import ScanOptions
-from deadrelu_cli.probe.ops import axis_guess_note
+from deadrelu_cli.probe.ops import axis_guess_note, axis_lost_note
 from deadrelu_cli.wiring.model import is_last_axis_vector
 
 
@@ -206,6 +206,29 @@ def scan_torch(
     made: dict = {}  # the probe, once _scan_torch has made it: its token mask reaches the experts' rows
     with experts_apart(model.runnable, lambda: made.get("probe")) as fused:  # each expert's units apart
         return _scan_torch(model, data, options, device, collectors, fused, made)
+
+
+def mark_merged_experts(model: LoadedModel, layers: list) -> None:
+    """Mark the layers of a .pt2 / TorchScript export of a fused mixture of experts (its weights still
+    `[experts, …]`, its per-expert forward gone): `extra[EXPERTS_MERGED]` and a note; the gate stops on them."""
+    from deadrelu_cli.probe.experts import fused_holders, merged_expert_sites, merged_experts_note
+
+    runnable = model.runnable
+    tensors = [
+        (name, tuple(t.shape)) for name, t in (*runnable.named_parameters(), *runnable.named_buffers())
+    ]
+    merged = merged_expert_sites([layer.name for layer in layers], fused_holders(tensors))
+    for layer in layers:
+        if layer.name in merged:
+            layer.extra[EXPERTS_MERGED] = merged[layer.name][1]
+    if merged:
+        note = merged_experts_note(
+            merged,
+            "scan the model before export (state_dict + --arch, or its Hugging Face folder), which counts "
+            "each expert apart, or pass --allow-unseen to gate on them as counted",
+        )
+        if note not in model.notes:
+            model.notes.append(note)
 
 
 def _scan_torch(
@@ -418,6 +441,16 @@ def _scan_torch(
         note = axis_guess_note(guessed, "Linear/Conv/BatchNorm/LayerNorm")
         if note not in model.notes:
             model.notes.append(note)
+    lost = [layer.name for layer in layers if layer.name in probe.registry.axis_lost]
+    if lost:  # a layer's units moved where the probe lost them: counted on a guess, said and gated
+        for layer in layers:
+            if layer.name in probe.registry.axis_lost:
+                layer.extra["unit_axis"] = UNIT_AXIS_NOT_FOLLOWED
+        note = axis_lost_note(lost)
+        if note not in model.notes:
+            model.notes.append(note)
+    if model.kind != "eager":  # an export of a fused mixture of experts: one activation for every expert
+        mark_merged_experts(model, layers)
     attach_biases(model, layers)
     check_sample_axis(layers, data, order, done, forwards, mask is not None)
     unscanned = dict(getattr(probe, "unscanned", {}))
