@@ -379,7 +379,7 @@ class _Walker:
             if kind == "prim::Param" and calls:  # an argument of a module walked into: the caller's value
                 call, module = calls.pop()
                 if not 0 < value.offset() < len(list(call.inputs())):
-                    return None, None
+                    return Units(None, None)
                 value = call.inputsAt(value.offset())
                 continue
             if base in SQUEEZES:
@@ -407,7 +407,7 @@ class _Walker:
                     or operands.kind() != "prim::ListConstruct"
                     or len(list(operands.inputs())) != 1
                 ):
-                    return None, None
+                    return Units(None, None)
                 layouts.append(("permute", dims))
                 keep_producer = False
                 value = operands.inputsAt(0)
@@ -450,7 +450,7 @@ class _Walker:
                     # Dropout): the value it returns, walked in its own graph, as eager sees the conv's output
                     returned = _returned_value(target, src.s("name"))
                     if returned is None:
-                        return None, None
+                        return Units(None, None)
                     calls.append((src, module))
                     value, module = returned, target
                     continue
