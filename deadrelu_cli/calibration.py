@@ -279,6 +279,9 @@ class CalibrationData:
     # when set, every batch read adds its samples' digests (the report's data fingerprint: which
     # samples were counted, for merge's overlap check); passes that read a sample again add nothing
     sketch: SampleSketch | None = None
+    # per sample, the digests that stand for it in that fingerprint instead of its arrays' (a block of
+    # packed text: the documents it holds), or None
+    sample_digests: list[np.ndarray] | None = None
     # --allow-nonfinite for every pass that does not say (the first sample read to size batches or find
     # dtypes must not refuse what the scan accepts)
     allow_nonfinite: bool = False
@@ -388,7 +391,9 @@ class CalibrationData:
                         "clean the data or pass --allow-nonfinite"
                     )
                 batch[source.name] = rows
-            if self.sketch is not None:
+            if self.sketch is not None and self.sample_digests is not None:
+                self.sketch.merge_digests(np.concatenate(self.sample_digests[start:stop]))
+            elif self.sketch is not None:
                 self.sketch.add({s.name: batch[s.name] for s in self._batched()}, self.batch_axes)
             yield batch
         for source in self._batched():
@@ -422,6 +427,7 @@ class MultiFileData:
         self.unfed: tuple[str, ...] = ()
         self.notes: list[str] = []
         self.sketch: SampleSketch | None = None
+        self.sample_digests: list[np.ndarray] | None = None
         self.allow_nonfinite = False
 
     @property

@@ -20,7 +20,7 @@ from deadrelu_cli.gate import (
 from deadrelu_cli.inputs import GROUPED_INPUTS, dict_groups
 from deadrelu_cli.loaders import LoadedModel, LoadOptions, load_model
 from deadrelu_cli.options import ScanOptions
-from deadrelu_cli.report.fingerprint import SampleSketch
+from deadrelu_cli.report.fingerprint import DOCUMENT_METHOD, SampleSketch
 from deadrelu_cli.report.model import (
     DataInfo,
     ModelInfo,
@@ -85,7 +85,9 @@ def run_scan_detailed(options: ScanOptions) -> ScanResult:
     data.allow_nonfinite = options.allow_nonfinite
     # the report's data fingerprint (each rank: its shard's, joined below); padding is no part of a sample
     data.sketch = SampleSketch(
-        mask=mask.array if mask else None, marks_padding=bool(mask and mask.marks_padding)
+        mask=mask.array if mask else None,
+        marks_padding=bool(mask and mask.marks_padding),
+        method=DOCUMENT_METHOD if data.sample_digests is not None else "",
     )
     error: BaseException | None = None
     model = probe = None

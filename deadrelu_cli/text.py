@@ -30,6 +30,7 @@ from deadrelu_cli.calibration import CalibrationData, InMemorySource
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import parse_json
 from deadrelu_cli.loaders.detect import check_readable_file
+from deadrelu_cli.report.fingerprint import document_digests
 
 
 def read_documents(path: str, field: str) -> list[str]:
@@ -92,12 +93,34 @@ PACKINGS = ("pad", "pack")
 def packed_blocks(documents: list[list[int]], separator: int, seq_len: int) -> list[list[int]]:
     """Token id lists joined into one stream (SEPARATOR between two documents unless one of them already
     has it at the boundary), cut into blocks of SEQ_LEN; the last one may be shorter."""
+    stream, _ = _packed_stream(documents, separator)
+    return [stream[start : start + seq_len] for start in range(0, len(stream), seq_len)]
+
+
+def _packed_stream(documents: list[list[int]], separator: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """The joined stream, and where each document lies in it ([start, end) of its own tokens)."""
     stream: list[int] = []
+    spans = []
     for ids in documents:
         if stream and ids and stream[-1] != separator and ids[0] != separator:
             stream.append(separator)
+        spans.append((len(stream), len(stream) + len(ids)))
         stream.extend(ids)
-    return [stream[start : start + seq_len] for start in range(0, len(stream), seq_len)]
+    return stream, spans
+
+
+def block_documents(documents: list[list[int]], separator: int, seq_len: int) -> list[np.ndarray]:
+    """Per block of packed_blocks, the digests of the documents with a token in it: what stands for
+    the block in the report's data fingerprint. A block is a cut of the stream at multiples of SEQ_LEN,
+    so the same document lands in other blocks when a file holds one more document before it; its
+    digest does not (merge's overlap check would miss a document scanned twice in two files, or refuse
+    two files of other documents whose blocks happen to match)."""
+    stream, spans = _packed_stream(documents, separator)
+    found: list[list[int]] = [[] for _ in range(-(-len(stream) // seq_len))]
+    for digest, (start, end) in zip(document_digests(documents), spans, strict=True):
+        for block in range(start // seq_len, -(-end // seq_len)):  # none for an empty document
+            found[block].append(int(digest))
+    return [np.array(d, dtype=np.uint64) for d in found]
 
 
 def separator_id(tokenizer, folder: str) -> int:
@@ -149,7 +172,9 @@ def tokenized_data(
         )
         wanted = ["input_ids", "attention_mask"]  # the mask marks the last block's padding
         info["separator_token_id"] = separator
+        stand_ins = block_documents(whole, separator, seq_len)
     else:
+        stand_ins = None  # each sample is one document: its own digest
         # the attention_mask whatever `model_input_names` declares (["input_ids"], ["input_ids",
         # "token_type_ids"]): it is the position mask, and only it tells padding from a real token when
         # the EOS pads; the scan feeds it to forward() only where forward() takes it
@@ -171,6 +196,6 @@ def tokenized_data(
             + ["attention_mask"]
         )
     sources = [InMemorySource(name, np.ascontiguousarray(encoded[name]).astype(np.int64)) for name in wanted]
-    data = CalibrationData(path=str(Path(path)), sources=sources).configure()
+    data = CalibrationData(path=str(Path(path)), sources=sources, sample_digests=stand_ins).configure()
     data.optional = tuple(name for name in wanted if name != "input_ids")  # fed where forward() takes them
     return data, info

@@ -177,6 +177,22 @@ class PositionMask:
         return tensor.index_select(0, self.index(tensor.device))  # TOKEN_FLAT
 
 
+class RoutedRows(PositionMask):
+    """The rows one expert of a mixture ran in one call (probe.experts): every one a real token (KEPT)
+    or every one padding, in the implementation's order, which then does not matter. Read as the
+    flattened rows [rows, …] of one sample, one row too (a [1, 1] PositionMask reads no token axis)."""
+
+    def __init__(self, rows: int, kept: bool) -> None:
+        super().__init__(torch.full((1, rows), kept, dtype=torch.bool))
+
+    def layout(self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None) -> str | None:
+        dim = channel_dim % max(tensor.dim(), 1)
+        return TOKEN_FLAT if tensor.dim() >= 2 and tensor.shape[0] == self.tokens and dim >= 1 else None
+
+    def ambiguous(self, tensor: torch.Tensor, channel_dim: int) -> bool:
+        return False
+
+
 PIXELS = "pixels"  # PixelMask.layout: a conv feature map [B, C, h, w] of the image
 
 

@@ -80,7 +80,7 @@ LAST_DIM = frozenset(
 # Ops that keep a rank-3 tensor's units but may move their axis (or slice another axis); the graph
 # probes walk back through them and move the unit axis with `probe.base.moved_unit_axis`, as the eager
 # probe does for the same Python calls.
-LAYOUT = frozenset({"transpose", "swapaxes", "swapdims", "permute", "slice"})
+LAYOUT = frozenset({"transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "slice"})
 
 # The producers and consumers the wiring reader follows.
 LINEAR_OR_CONV_OPS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})

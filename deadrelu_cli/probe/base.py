@@ -90,10 +90,11 @@ class SiteRegistry:
         }
         self._given = (self.position_mask, dict(self.scoped_masks))  # what `given_scope` puts back
 
-    def set_scoped_mask(self, path: str, mask: torch.Tensor | None) -> None:
+    def set_scoped_mask(self, path: str, mask: torch.Tensor | PositionMask | None) -> None:
         """The sites under module `path` ("" = every site) count where `mask` is true (None: every
-        position), for the forward under way (a module's own key padding mask, read as it is called)."""
-        positions = None if mask is None else position_mask(mask)
+        position), for the forward under way (a module's own key padding mask, read as it is called;
+        a mask object as it is: an expert's routed rows)."""
+        positions = mask if mask is None or isinstance(mask, PositionMask) else position_mask(mask)
         if path:
             self.scoped_masks[path] = positions
         else:
@@ -355,9 +356,12 @@ def reduces_unit_axis(func, args: tuple, kwargs: dict, channel_first: bool | Non
 def moved_unit_axis(kind: str, dims: tuple, axis: int, rank: int = 3) -> int | None:
     """Where a rank-RANK tensor's unit axis `axis` is after a layout op (`aten_ops.LAYOUT`), or None when
     that is not known: `transpose`/`swapaxes` (dims = the two axes), `permute` (dims = the order),
-    `slice` (dims = the sliced axis; slicing the unit axis changes the units), any other kind keeps the
-    axis (layer_norm over the units). Eager, torch.export and TorchScript probes all move it here."""
+    `movedim`/`moveaxis` (dims = (source, destination), each an axis or a sequence of them), `slice`
+    (dims = the sliced axis; slicing the unit axis changes the units), any other kind keeps the axis
+    (layer_norm over the units). Eager, torch.export and TorchScript probes all move it here."""
     try:
+        if kind in ("movedim", "moveaxis"):
+            return _movedim_order(dims, rank).index(axis)
         if kind in ("transpose", "swapaxes", "swapdims"):
             if any(int(v) >= rank for v in dims[:2]):
                 return None  # an axis this rank has not: the tensor is of another rank than assumed
@@ -370,6 +374,33 @@ def moved_unit_axis(kind: str, dims: tuple, axis: int, rank: int = 3) -> int | N
     except (TypeError, ValueError, IndexError):
         return None
     return axis
+
+
+def einsum_permutation(equation) -> tuple[int, ...] | None:
+    """The permute an einsum of one operand that only reorders its axes is (`"nchw->nhwc"`: (0, 2, 3, 1)),
+    else None (a reduction, a diagonal, an ellipsis, several operands)."""
+    if not isinstance(equation, str):
+        return None
+    parts = equation.replace(" ", "").split("->")
+    if len(parts) != 2:
+        return None
+    source, result = parts
+    if not source.isalpha() or len(set(source)) != len(source) or sorted(source) != sorted(result):
+        return None
+    return tuple(source.index(axis) for axis in result)
+
+
+def _movedim_order(dims: tuple, rank: int) -> list[int]:
+    """The axes of a rank-RANK tensor in their order after movedim(source, destination) (= dims): the
+    moved ones at their destinations, the others in their order in the places left (torch's rule)."""
+    source, destination = ([v] if isinstance(v, int) else list(v) for v in dims[:2])
+    if len(source) != len(destination) or any(not -rank <= int(v) < rank for v in source + destination):
+        raise ValueError("not a movedim of this rank")
+    order: list[int | None] = [None] * rank
+    for a, b in zip(source, destination, strict=True):
+        order[int(b) % rank] = int(a) % rank
+    rest = iter(a for a in range(rank) if a not in order)
+    return [next(rest) if a is None else a for a in order]
 
 
 def unit_axis_side(axis: int | None, rank: int) -> bool | None:

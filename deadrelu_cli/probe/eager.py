@@ -30,6 +30,7 @@ from deadrelu_cli.probe.base import (
     ProbeSettings,
     SiteRegistry,
     call_and_record,
+    einsum_permutation,
     infer_channel_dim,
     keeps_dtype,
     moved_unit_axis,
@@ -215,6 +216,7 @@ def _layout_functions() -> set:
     conv -> transpose -> LayerNorm -> transpose -> ReLU."""
     T = torch.Tensor
     return {T.transpose, torch.transpose, T.swapaxes, torch.swapaxes, T.permute, torch.permute,
+            T.movedim, torch.movedim, T.moveaxis, torch.moveaxis,
             F.layer_norm, T.__getitem__, T.squeeze, torch.squeeze, T.unsqueeze, torch.unsqueeze}  | _RESHAPES  # fmt: skip
 
 
@@ -290,6 +292,8 @@ def _moved_unit_axis(func, args: tuple, kwargs: dict, axis: int, before, after) 
     elif name == "permute":
         dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
         dims = tuple(dims or kwargs.get("dims", ()))
+    elif name in ("movedim", "moveaxis"):  # x.movedim(1, -1): a conv's channels moved last
+        dims = (*args[1:3], *(kwargs[k] for k in ("source", "destination") if k in kwargs))
     else:  # layer_norm, a slice: the axis stays; the shape check below says whether the units did
         name, dims = "", ()
     moved = moved_unit_axis(name, dims, axis % rank, rank)
@@ -521,6 +525,8 @@ class _CallSiteMode(TorchFunctionMode):
                 ):
                     self.probe.carry_site_output(args[0], out)
                     return out
+            if func is torch.einsum and isinstance(out, torch.Tensor):  # its tensors follow its equation
+                self.probe.relayout_einsum(args, out)
             if (
                 func in _JOINS
                 and self.probe._site_outputs
@@ -929,6 +935,21 @@ class EagerProbe:
         if entry is None or entry[0]() is not tensor:
             return None
         return True, entry[1]
+
+    def name_again(self, name: str) -> None:
+        """The next call at the site `name` counts into it, not into `name#2`: a module the scan runs in
+        parts within one forward (a fused expert's rows of real tokens, then of padding)."""
+        self._namer.again(name)
+
+    def relayout_einsum(self, args: tuple, result: torch.Tensor) -> None:
+        """An einsum of one operand that only reorders its axes (`"nchw->nhwc"`) moves the unit axis as
+        the permute it is."""
+        operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+        dims = einsum_permutation(args[0]) if args else None
+        if dims is None or len(operands) != 1 or not isinstance(operands[0], torch.Tensor):
+            return
+        if len(dims) == operands[0].dim():
+            self.relayout(torch.permute, (operands[0], dims), {}, result)
 
     def attach(self) -> list:
         """Register the hooks; returns their handles (see `attached` for the usual, scoped use)."""

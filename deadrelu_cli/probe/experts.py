@@ -114,14 +114,35 @@ def _expert(act):
     return holder
 
 
-def _per_expert(module, run):
+def _kept_tokens(registry, site: str, hidden_states):
+    """bool [tokens]: which rows of the experts' input ([batch·tokens, hidden], sample-major, as the MoE
+    blocks flatten it) are kept positions of the scan's token mask; None without one, or when the rows
+    are not the mask's positions."""
+    from deadrelu_cli.probe.accumulator import PositionMask, RoutedRows
+
+    mask = None if registry is None else registry.mask_for(site)
+    if not isinstance(mask, PositionMask) or isinstance(mask, RoutedRows) or hidden_states.dim() != 2:
+        return None
+    if hidden_states.shape[0] != mask.batch * mask.tokens:
+        return None
+    return mask.mask.reshape(-1).to(hidden_states.device)
+
+
+def _per_expert(module, run, path: str, probe_of):
     """A forward for `module` that runs `run` (its forward as it was: a wrapper such as accelerate's
     device hook, or the class's) once per expert, with the routing restricted to it and that expert's
-    own activation module in place of the shared one."""
+    own activation module in place of the shared one. With a token mask (the registry's), the rows of
+    kept tokens and those of padding run apart (one site still), the latter under a mask that keeps none: an
+    expert's rows are the tokens routed to it, padding included, in an order of the implementation's,
+    which no [batch, tokens] mask reads; the sum of the two runs is the expert's output."""
     import torch
+
+    from deadrelu_cli.probe.accumulator import RoutedRows
 
     def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         shared = module._modules[ACTIVATION]
+        probe = probe_of() if probe_of is not None else None
+        registry = getattr(probe, "registry", None) if hasattr(probe, "name_again") else None
         out = None
         try:
             for expert in range(module.num_experts):
@@ -129,9 +150,28 @@ def _per_expert(module, run):
                 if not bool(chosen.any()):
                     continue  # no token reached it: its units saw nothing (the table says it did not run)
                 module._modules[ACTIVATION] = module._modules[str(expert)]._modules[ACTIVATION]
-                only = torch.where(chosen, top_k_index, torch.full_like(top_k_index, module.num_experts))
-                part = run(hidden_states, only, top_k_weights, *args, **kwargs)
-                out = part if out is None else out + part
+                site = f"{path}.{expert}.{ACTIVATION}"
+                keep = _kept_tokens(registry, site, hidden_states)
+                groups = (
+                    [(chosen, None)]
+                    if keep is None
+                    else [(chosen & keep[:, None], True), (chosen & ~keep[:, None], False)]
+                )
+                for routed, kept in groups:
+                    if kept is not None:
+                        rows = int(routed.any(1).sum())
+                        if not rows:
+                            continue
+                        # every row of this run kept (real tokens) or none (padding): the order is no matter
+                        registry.set_scoped_mask(site, RoutedRows(rows, kept))
+                    only = torch.where(routed, top_k_index, torch.full_like(top_k_index, module.num_experts))
+                    try:
+                        part = run(hidden_states, only, top_k_weights, *args, **kwargs)
+                    finally:
+                        if kept is not None:
+                            registry.given_scope(site)
+                            probe.name_again(site)  # both runs are the one site
+                    out = part if out is None else out + part  # disjoint rows: adding zeros elsewhere
         finally:
             module._modules[ACTIVATION] = shared
         return torch.zeros_like(hidden_states) if out is None else out
@@ -151,9 +191,11 @@ def declare_unreached(registry, fused: dict[str, int]) -> None:
 
 
 @contextlib.contextmanager
-def experts_apart(model) -> Iterator[dict[str, int]]:
+def experts_apart(model, probe_of=None) -> Iterator[dict[str, int]]:
     """Within: every fused experts module of `model` counts each expert's units apart (their sites are
-    `<path>.<e>.act_fn`); {module path: experts} is yielded. The model is as it was afterwards."""
+    `<path>.<e>.act_fn`); {module path: experts} is yielded. PROBE_OF: a function giving the eager probe
+    once there is one (its registry's token mask: padding rows are not counted). The model is as it
+    was afterwards."""
     import torch
 
     changed = []
@@ -169,12 +211,14 @@ def experts_apart(model) -> Iterator[dict[str, int]]:
             # the eager forward skips the sentinel index (grouped_mm / batched_mm would index past the end)
             module.config._experts_implementation_internal = "eager"  # this config only, not its sub-configs
             run = previous if previous is not None else types.MethodType(type(module).forward, module)
-            module.forward = _per_expert(module, run)
+            module.forward = _per_expert(module, run, path, probe_of)
             changed.append((path, module, count, previous, implementation))
     try:
         yield {path: count for path, _, count, _, _ in changed}
     finally:
-        for _, module, count, previous, implementation in changed:
+        # in reverse: every layer's experts module holds the model's one config, so each after the first
+        # saw "eager" as the implementation it found; undone last to first, the first one's is what stays
+        for _, module, count, previous, implementation in reversed(changed):
             for expert in range(count):
                 del module._modules[str(expert)]
             module.config._experts_implementation_internal = implementation

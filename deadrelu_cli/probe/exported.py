@@ -29,6 +29,7 @@ from deadrelu_cli.probe.base import (
     ProbeSettings,
     SiteRegistry,
     call_and_record,
+    einsum_permutation,
     infer_channel_dim,
     relaid_units,
     static_site_hooks,
@@ -155,6 +156,17 @@ def _trace_producer(node: fx.Node, pre: fx.Node | None = None) -> Units:
             producer_rank = len(layout[1][0]) if layout is not None else None
             keep_producer = False
             current = current.args[0]
+            continue
+        if base == "einsum" and len(current.args) == 2 and len(current.args[1]) == 1:
+            dims = einsum_permutation(current.args[0])  # "nchw->nhwc": a permute
+            source = current.args[1][0]
+            value = source.meta.get("val") if isinstance(source, fx.Node) else None
+            if dims is None or not isinstance(value, torch.Tensor) or value.dim() != len(dims):
+                break
+            producer_rank = value.dim()
+            layouts.append(("permute", dims))
+            keep_producer = False
+            current = source
             continue
         if base in LAYOUT and current.args and isinstance(current.args[0], fx.Node):
             value, source = current.meta.get("val"), current.args[0].meta.get("val")

@@ -37,6 +37,7 @@ from deadrelu_cli.probe.base import (
     ProbeSettings,
     SiteRegistry,
     call_and_record,
+    einsum_permutation,
     infer_channel_dim,
     keeps_dtype,
     relaid_units,
@@ -380,10 +381,17 @@ class _Walker:
         self._units = None
         keep_producer = True
         layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
+        calls: list = []  # (call node, caller module) of the modules' graphs walked into
         for _ in range(32):
             src = value.node()
             kind = src.kind()
             base = aten_base(kind)
+            if kind == "prim::Param" and calls:  # an argument of a module walked into: the caller's value
+                call, module = calls.pop()
+                if not 0 < value.offset() < len(list(call.inputs())):
+                    return Units(None, None)
+                value = call.inputsAt(value.offset())
+                continue
             if base in SQUEEZES:
                 try:
                     dims = src.inputsAt(1).toIValue() if len(list(src.inputs())) > 1 else None
@@ -397,6 +405,22 @@ class _Walker:
                 )
                 keep_producer = False
                 value = src.inputsAt(0)
+                continue
+            if base == "einsum":  # "nchw->nhwc" of one tensor: a permute
+                try:
+                    dims = einsum_permutation(src.inputsAt(0).toIValue())
+                except RuntimeError:
+                    dims = None
+                operands = src.inputsAt(1).node()
+                if (
+                    dims is None
+                    or operands.kind() != "prim::ListConstruct"
+                    or len(list(operands.inputs())) != 1
+                ):
+                    return Units(None, None)
+                layouts.append(("permute", dims))
+                keep_producer = False
+                value = operands.inputsAt(0)
                 continue
             if base in LAYOUT:
                 dims = _constant_dims(src, base)
@@ -424,6 +448,22 @@ class _Walker:
                 base_layer = _lora_base(target, qualified)
                 if base_layer is not None:  # a PEFT LoRA layer: its base layer makes the units
                     target, type_name = base_layer, _type_name(base_layer).rsplit(".", 1)[-1]
+                if type_name in _IDENTITY_MODULES and len(list(src.inputs())) > 1:
+                    value = src.inputsAt(1)  # scripted, its F.dropout is a call of its own: its input
+                    continue
+                if type_name not in _CHANNEL_FIRST_MODULES and type_name not in (
+                    "Linear",
+                    "LayerNorm",
+                    "Embedding",
+                ):
+                    # a block of the model's own (an nn.Sequential, a wrapper returning self.conv(x), a
+                    # Dropout): the value it returns, walked in its own graph, as eager sees the conv's output
+                    returned = _returned_value(target, src.s("name"))
+                    if returned is None:
+                        return Units(None, None)
+                    calls.append((src, module))
+                    value, module = returned, target
+                    continue
                 makes_units = type_name in _PRODUCER_MODULES or (
                     type_name in _NORM_PRODUCER_MODULES and getattr(target, "bias", None) is not None
                 )
@@ -512,6 +552,22 @@ _CONV_RANKS = {
 }
 
 
+# modules whose output is their input at inference (the units and their axis stay)
+_IDENTITY_MODULES = frozenset({"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "Identity"})
+
+
+def _returned_value(module, method: str):
+    """The value a ScriptModule's METHOD returns (a graph value), or None (a tuple, no such graph)."""
+    try:
+        graph = getattr(module, method).graph
+    except (AttributeError, RuntimeError):
+        return None
+    returned = list(graph.return_node().inputs())
+    if len(returned) != 1 or not str(returned[0].type()).startswith("Tensor"):
+        return None
+    return returned[0]
+
+
 def _attribute_of(module, value):
     """The submodule that VALUE holds: a chain of attribute reads from the graph's `self` (MODULE), as a
     grandchild called directly (`self.block.conv(x)`) or a ModuleList unrolled in a loop (`self.layers.0`)
@@ -531,7 +587,8 @@ def _attribute_of(module, value):
 
 
 def _constant_dims(node, base: str) -> tuple | None:
-    """The constant axes of a TorchScript transpose / permute / slice node, or None when not constant."""
+    """The constant axes of a TorchScript transpose / permute / movedim / slice node, or None when not
+    constant."""
     try:
         if base == "permute":
             dims = node.inputsAt(1).toIValue()
@@ -542,7 +599,10 @@ def _constant_dims(node, base: str) -> tuple | None:
         dims = [node.inputsAt(1 + i).toIValue() for i in range(count)]
     except RuntimeError:
         return None
-    return None if None in dims else tuple(int(d) for d in dims)
+    if None in dims:
+        return None
+    # movedim's source and destination may be lists of axes (aten::movedim.intlist)
+    return tuple(int(d) if isinstance(d, int) else tuple(int(v) for v in d) for d in dims)
 
 
 _SPELLED_OPS = MAXIMA | {"where", "masked_fill", "masked_fill_", "mul", "mul_"}

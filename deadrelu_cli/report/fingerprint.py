@@ -2,7 +2,8 @@
 
 Each sample gets a 64-bit digest (sha256 of its row of each batched array, with the array's name,
 dtype and row shape — short rows a vectorised splitmix64 chain, `row_digests`; summed over the arrays), so batch size and order change nothing;
-with a position mask, token arrays give only their kept positions, so padding widths change nothing either. A report keeps
+with a position mask, token arrays give only their kept positions, so padding widths change nothing either;
+a block of packed text (`--text-packing pack`) is known by the documents it holds, so where the stream was cut changes nothing. A report keeps
 the K smallest distinct digests. Two reports share a sample when their lists share a digest; below K samples the list is every sample's,
 so overlap is found exactly. Above, the lists hold every digest up to their K-th smallest, and any
 shared sample whose digest lies below the smaller of those two bounds is in both lists: an overlap of
@@ -23,6 +24,9 @@ METHOD = "sha256-64 per sample (rows up to 64 bytes: splitmix64 words), smallest
 # with a position mask: the token arrays' kept positions only (the padding a file's longest document sets
 # is no part of a sample: the same document padded to another width is the same sample)
 MASKED_METHOD = "sha256-64 per sample of its kept positions, smallest 512"
+# --text-packing pack: a block is a cut of one stream of documents, and where the cuts fall depends on
+# every document before; the report fingerprints the documents each block holds (a sample's stand-ins)
+DOCUMENT_METHOD = "sha256-64 per packed document of its token ids, smallest 512"
 # arrays of a decoder's sequence: as long as the mask's only by chance, so never cut by it
 OTHER_SEQUENCE = ("decoder_", "tgt")
 
@@ -137,9 +141,20 @@ def _kept_digests(rows: np.ndarray, keep: np.ndarray, head) -> np.ndarray:
     return np.frombuffer(bytes(out), dtype="<u8").astype(np.uint64)
 
 
+def document_digests(documents: list[list[int]]) -> np.ndarray:
+    """A 64-bit digest per document (DOCUMENT_METHOD): sha256 of its token ids as little-endian int64."""
+    head = hashlib.sha256(b"document\0<i8\0")
+    out = bytearray()
+    for ids in documents:
+        h = head.copy()
+        h.update(np.asarray(ids, dtype="<i8").tobytes())
+        out += h.digest()[:8]
+    return np.frombuffer(bytes(out), dtype="<u8").astype(np.uint64)
+
+
 def sketch_from_dict(d: dict) -> SampleSketch | None:
     """A report's `data.fingerprint`, or None when absent or made another way (not comparable)."""
-    if not isinstance(d, dict) or d.get("method") not in (METHOD, MASKED_METHOD):
+    if not isinstance(d, dict) or d.get("method") not in (METHOD, MASKED_METHOD, DOCUMENT_METHOD):
         return None
     digests = np.array(sorted(int(h, 16) for h in d["digests"]), dtype=np.uint64)
     return SampleSketch(digests=digests, complete=bool(d["complete"]), method=d["method"])

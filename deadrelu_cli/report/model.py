@@ -13,6 +13,7 @@ import numpy as np
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import check_regular_file
 from deadrelu_cli.report.fingerprint import (
+    DOCUMENT_METHOD,
     SampleSketch,
     shared_samples,
     sketch_from_dict,
@@ -490,8 +491,9 @@ def refuse_overlapping_data(
                 shared = shared_samples(sketches[i], sketch)
                 if shared:
                     exact = sketches[i].complete and sketch.complete
+                    what = "documents" if sketch.method == DOCUMENT_METHOD else "samples"
                     overlap(
-                        f"{name}: counted {'' if exact else 'at least '}{shared} of the same samples as "
+                        f"{name}: counted {'' if exact else 'at least '}{shared} of the same {what} as "
                         f"{names[i]} (the same file under another --limit or --batch-size, a copy, or files "
                         "sharing samples)"
                     )
@@ -592,8 +594,10 @@ def merge_reports(
                 "cannot merge reports made with different position masks (--mask / --exclude-token-ids)"
             )
     sketches = [sketch_from_dict(r.data.fingerprint) for r in reports]
-    # fingerprints made another way than the first's (a masked scan of an earlier deadrelu) do not compare
+    # fingerprints made another way than the first's (a masked scan of an earlier deadrelu, blocks of
+    # packed text beside documents) do not compare
     method = next((s.method for s in sketches if s is not None), None)
+    other_way = [n for n, s in zip(names, sketches, strict=True) if s is not None and s.method != method]
     sketches = [s if s is not None and s.method == method else None for s in sketches]
     refuse_overlapping_steps(reports, names)
     overlaps = refuse_overlapping_data(reports, names, sketches, allow_overlap)
@@ -626,11 +630,18 @@ def merge_reports(
         )
     unprinted = [name for name, sketch in zip(names, sketches, strict=True) if sketch is None]
     windows = [name for name, r in zip(names, reports, strict=True) if r.training is not None]
-    older = [name for name in unprinted if name not in windows]
+    older = [name for name in unprinted if name not in windows and name not in other_way]
     if older:
         notes.append(
             f"{', '.join(older[:4])}{', …' if len(older) > 4 else ''}: no data fingerprint (an older "
             "deadrelu): overlap with the other parts was checked only by identical statistics"
+        )
+    if other_way:
+        notes.append(
+            f"{', '.join(other_way[:4])}{', …' if len(other_way) > 4 else ''}: a data fingerprint made another "
+            f"way than {next(n for n, s in zip(names, sketches, strict=True) if s is not None)}'s ({method}; "
+            "another deadrelu version, or another --text-packing): overlap with it was checked only by "
+            "identical statistics"
         )
     if windows:
         notes.append(
