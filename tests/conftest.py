@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,17 @@ def relu_onnx(path: Path, width: int) -> Path:
         [numpy_helper.from_array(bias, "b")],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """The legacy (TorchScript-based) ONNX export of a one-input model: input "x", batch axis dynamic;
+    its deprecation warnings kept out of the test's output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), path, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "b"}}
+        )
     return path
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import arch_file, save_npz
+from conftest import arch_file, export_onnx, save_npz
 
 DATA = np.random.RandomState(4404).randn(8, 3, 6, 6).astype(np.float32)
 FLAT = np.random.RandomState(4405).randn(8, 4).astype(np.float32)
@@ -100,15 +100,7 @@ def _formats(model, spec: str, example: torch.Tensor, tmp_path, onnx: bool = Tru
     formats = {"eager": [tmp_path / "m.pt", "--arch", spec], "pt2": [tmp_path / "m.pt2"]}
     formats["torchscript"] = [tmp_path / "m.ts"]
     if onnx:
-        torch.onnx.export(
-            model,
-            (example,),
-            tmp_path / "m.onnx",
-            dynamo=False,
-            input_names=["x"],
-            dynamic_axes={"x": {0: "b"}},
-        )
-        formats["onnx"] = [tmp_path / "m.onnx"]
+        formats["onnx"] = [export_onnx(model, example, tmp_path / "m.onnx")]
     return formats
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import save_npz
+from conftest import export_onnx, save_npz
 from torch import nn
 
 TOKENS, FEATURES, UNITS = 4, 3, 10
@@ -68,9 +68,7 @@ def _save(model: FlatHead, fmt: str, path, example: np.ndarray, static: bool = F
         dynamic = None if static else ({0: torch.export.Dim("b", min=2, max=64)},)
         torch.export.save(torch.export.export(model, (example_t,), dynamic_shapes=dynamic), path)
     else:
-        torch.onnx.export(
-            model, (example_t,), path, input_names=["x"], dynamic_axes={"x": {0: "b"}}, dynamo=False
-        )
+        export_onnx(model, example_t, path)
     return path
 
 

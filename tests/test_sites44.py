@@ -14,14 +14,12 @@ code before this branch."""
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import arch_file, save_npz
+from conftest import arch_file, export_onnx, save_npz
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -90,17 +88,7 @@ def _formats(model, spec: str, tmp_path) -> dict[str, list]:
         torch.jit.script(model).save(tmp_path / "s.pt")
         torch.jit.trace(model, example).save(tmp_path / "t.pt")
     formats["scripted"], formats["traced"] = [tmp_path / "s.pt"], [tmp_path / "t.pt"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            tmp_path / "m.onnx",
-            dynamo=False,
-            input_names=["x"],
-            dynamic_axes={"x": {0: "b"}},
-        )
-    formats["onnx"] = [tmp_path / "m.onnx"]
+    formats["onnx"] = [export_onnx(model, example, tmp_path / "m.onnx")]
     return formats
 
 
@@ -300,12 +288,7 @@ def test_bias_shift_moves_a_large_fp32_bias_past_the_cut(cli, tmp_path):
         model(torch.from_numpy(x))
     assert (seen[0][:, dead] > 0).any(0).all(), seen[0][:, dead].max(0)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            arch_file(tmp_path / "absorb.py", ABSORB)[0], (torch.from_numpy(x[:2]),), tmp_path / "m.onnx",
-            dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "b"}},
-        )  # fmt: skip
+    export_onnx(arch_file(tmp_path / "absorb.py", ABSORB)[0], torch.from_numpy(x[:2]), tmp_path / "m.onnx")
     result = cli("fix", tmp_path / "m.onnx", "--data", data, "-s", "bias-shift", "-o", tmp_path / "o.onnx")
     assert result.code == 0, result.out + result.err
     written = onnx.load(tmp_path / "o.onnx")

@@ -10,12 +10,10 @@ test fails on the code before this branch."""
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnx
 import torch
-from conftest import arch_file, save_npz
+from conftest import arch_file, export_onnx, save_npz
 from onnx import TensorProto, helper, numpy_helper
 
 SAMPLES, FEATURES = 12, 4
@@ -100,13 +98,7 @@ def _saved_formats(model, spec: str, example, tmp_path, *, decomposed=False, tra
         if traced:
             torch.jit.trace(model, example).save(tmp_path / "t.pt")
             formats["traced"] = [tmp_path / "t.pt"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (example,), tmp_path / "m.onnx", dynamo=False, input_names=["x"],
-            dynamic_axes={"x": {0: "b"}},
-        )  # fmt: skip
-    formats["onnx"] = [tmp_path / "m.onnx"]
+    formats["onnx"] = [export_onnx(model, example, tmp_path / "m.onnx")]
     return formats
 
 

@@ -4,13 +4,12 @@ beside ReLUs; watch() windows in merge; a resumed watch()'s trend. Truth: the te
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import arch_file, counts_from_pre, save_npz
+from conftest import arch_file, counts_from_pre, export_onnx, save_npz
 
 MARGINS = """
 import torch
@@ -55,16 +54,7 @@ def _formats(model, spec: str, example, tmp_path) -> dict:
     with torch.no_grad():
         torch.jit.script(model).save(tmp_path / "s.pt")
         torch.jit.trace(model, example).save(tmp_path / "t.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            tmp_path / "m.onnx",
-            dynamo=False,
-            input_names=["x"],
-            dynamic_axes={"x": {0: "b"}},
-        )
+    export_onnx(model, example, tmp_path / "m.onnx")
     return {
         "eager": [tmp_path / "m.pt", "--arch", spec],
         "pt2": [tmp_path / "m.pt2"],
