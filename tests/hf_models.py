@@ -81,6 +81,16 @@ def opt_model(seed: int = 0):
     return model
 
 
+def mixtral_config(layers: int = 1, kv_heads: int = 1):
+    """A tiny transformers-5 Mixtral's config with relu: 3 experts (fused in one [experts, 2·I, H] weight and
+    one act_fn), 2 per token, hidden 16, intermediate 12."""
+    return transformers.MixtralConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=12, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=kv_heads, hidden_act="relu", num_local_experts=3, num_experts_per_tok=2,
+        max_position_embeddings=32,
+    )  # fmt: skip
+
+
 def relu_sites(model) -> dict[str, object]:
     return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.ReLU)}
 

@@ -203,11 +203,9 @@ def test_an_exported_fused_mixture_of_experts_is_marked_and_gated(cli, tmp_path)
     marked (extra experts_merged = 3), a note says so and the gate stops on it."""
     transformers = pytest.importorskip("transformers", reason="the transformers extra is not installed")
     torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, hidden_act="relu", num_local_experts=3, num_experts_per_tok=2,
-        max_position_embeddings=32,
-    )  # fmt: skip
+    from hf_models import mixtral_config
+
+    config = mixtral_config(kv_heads=2)
     config._attn_implementation = "eager"
     model = transformers.MixtralModel(config).eval()
     model.config._experts_implementation = "batched_mm"

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 from conftest import arch_file, save_npz
-from hf_models import opt_model, save_folder, save_tokenizer
+from hf_models import mixtral_config, opt_model, save_folder, save_tokenizer
 
 torch = pytest.importorskip("torch")
 
@@ -140,11 +140,7 @@ def test_a_scan_leaves_a_mixture_of_experts_on_its_own_implementation():
     transformers = pytest.importorskip("transformers")
     from deadrelu_cli.probe.experts import experts_apart
 
-    config = transformers.MixtralConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, hidden_act="relu", num_local_experts=3, num_experts_per_tok=2,
-        max_position_embeddings=32,
-    )  # fmt: skip
+    config = mixtral_config(layers=2)
     model = transformers.MixtralModel(config).eval()
     experts = [layer.mlp.experts for layer in model.layers]
     assert experts[0].config is experts[1].config
@@ -251,11 +247,7 @@ def test_fused_experts_count_the_rows_of_real_tokens_only(cli, tmp_path):
     Truth: the experts module's own inputs (hidden states, routing) and weights, over real tokens only."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, hidden_act="relu", num_local_experts=3, num_experts_per_tok=2,
-        max_position_embeddings=32,
-    )  # fmt: skip
+    config = mixtral_config()
     model = transformers.MixtralModel(config).eval()
     model.save_pretrained(tmp_path / "moe")
     rng = np.random.default_rng(44)

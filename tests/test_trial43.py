@@ -9,17 +9,14 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="the transformers extra is not installed")
+from hf_models import mixtral_config  # noqa: E402
 
 
 def _mixtral(tmp_path):
     """A 1-layer Mixtral (transformers 5: the experts' weights fused in one [experts, 2·I, H] tensor, one
     act_fn) with relu; expert 0's gate rows 0, 3, 7 are zero, so those units are 0 on every token."""
     torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, hidden_act="relu", num_local_experts=3, num_experts_per_tok=2,
-        max_position_embeddings=32,
-    )  # fmt: skip
+    config = mixtral_config()
     model = transformers.MixtralModel(config).eval()
     with torch.no_grad():
         model.layers[0].mlp.experts.gate_up_proj[0, [0, 3, 7], :] = 0.0
