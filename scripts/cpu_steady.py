@@ -19,7 +19,8 @@ scan-fused (the torch.compile'd one-pass reduction, which compiles first), scan-
 call-site mode, nothing counted: the probe's Python cost), scan@MIB (the probe as shipped, its relu
 counted in slices of MIB: `--arms plain,scan@2,scan@4 --threads 2` compares 2 MiB slices, the
 default, with 4 MiB in one process), scan-stats1t (the probe as shipped with its relu counting on one
-torch thread, the model's other ops on all).
+torch thread, the model's other ops on all), scan-bare (the probe as shipped with each relu it counts
+while running replaced by the bare relu: the probe's cost without that counting).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def make_arms(names: list[str], model: str, batches: list[torch.Tensor]) -> dict
             arms[name] = (lambda p: lambda x: p.run((x,)))(probe)
             if name == "scan-stats1t":
                 arms[name] = _stats_on_one_thread(arms[name])
+            if name == "scan-bare":
+                arms[name] = _bare_relu(arms[name])
             if "@" in name:  # scan@MIB: the probe as shipped with slices of MIB
                 arms[name] = _with_part_size(arms[name], float(name.split("@")[1]))
         else:
@@ -95,6 +98,26 @@ def _stats_on_one_thread(run):
 
     def patched(x):
         accumulator.SiteAccumulator.run_relu_in_parts = one_thread
+        try:
+            return run(x)
+        finally:
+            accumulator.SiteAccumulator.run_relu_in_parts = real
+
+    return patched
+
+
+def _bare_relu(run):
+    """The probe as shipped with each relu it counts while running (SiteAccumulator.run_relu_in_parts)
+    replaced by the bare relu: what is left over plain is the probe's Python and its other sites."""
+    from deadrelu_cli.probe import accumulator
+
+    real = accumulator.SiteAccumulator.run_relu_in_parts
+
+    def bare(self, pre, in_place, threshold):
+        return pre.clamp_min_(0) if in_place else pre.clamp_min(0)
+
+    def patched(x):
+        accumulator.SiteAccumulator.run_relu_in_parts = bare
         try:
             return run(x)
         finally:
