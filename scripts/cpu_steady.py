@@ -81,49 +81,50 @@ def make_arms(names: list[str], model: str, batches: list[torch.Tensor]) -> dict
     return arms, stacks
 
 
-def _stats_on_one_thread(run):
-    """The probe's relu counted while it runs (SiteAccumulator.run_relu_in_parts) on one torch thread, the
-    model's other ops on all: whether the slices' many short parallel regions are what 2 threads cost."""
+def _with_counting(run, replace):
+    """The arm `run` with SiteAccumulator.run_relu_in_parts (the relu counted while it runs) replaced, for
+    its calls only, by replace(real) — a function of (self, pre, in_place, threshold)."""
     from deadrelu_cli.probe import accumulator
 
     real = accumulator.SiteAccumulator.run_relu_in_parts
-
-    def one_thread(self, *args):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return real(self, *args)
-        finally:
-            torch.set_num_threads(threads)
+    replacement = replace(real)
 
     def patched(x):
-        accumulator.SiteAccumulator.run_relu_in_parts = one_thread
+        accumulator.SiteAccumulator.run_relu_in_parts = replacement
         try:
             return run(x)
         finally:
             accumulator.SiteAccumulator.run_relu_in_parts = real
 
     return patched
+
+
+def _stats_on_one_thread(run):
+    """The probe's relu counted while it runs on one torch thread, the model's other ops on all: whether
+    the slices' many short parallel regions are what 2 threads cost."""
+
+    def one_thread(real):
+        def counted(self, *args):
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return real(self, *args)
+            finally:
+                torch.set_num_threads(threads)
+
+        return counted
+
+    return _with_counting(run, one_thread)
 
 
 def _bare_relu(run):
-    """The probe as shipped with each relu it counts while running (SiteAccumulator.run_relu_in_parts)
-    replaced by the bare relu: what is left over plain is the probe's Python and its other sites."""
-    from deadrelu_cli.probe import accumulator
+    """The probe as shipped with each relu it counts while running replaced by the bare relu: what is left
+    over plain is the probe's Python and its other sites."""
 
-    real = accumulator.SiteAccumulator.run_relu_in_parts
+    def bare(_real):
+        return lambda self, pre, in_place, threshold: pre.clamp_min_(0) if in_place else pre.clamp_min(0)
 
-    def bare(self, pre, in_place, threshold):
-        return pre.clamp_min_(0) if in_place else pre.clamp_min(0)
-
-    def patched(x):
-        accumulator.SiteAccumulator.run_relu_in_parts = bare
-        try:
-            return run(x)
-        finally:
-            accumulator.SiteAccumulator.run_relu_in_parts = real
-
-    return patched
+    return _with_counting(run, bare)
 
 
 def _with_part_size(run, mib: float):
