@@ -723,8 +723,13 @@ class EagerProbe:
         # a ReLU spelled with a maximum or a select: zeros made in this forward and `x > 0` masks (id ->
         # weakrefs, with the tensors' version counters: one changed in place since is no longer that)
         self._zeros: dict[int, tuple[weakref.ref, int]] = {}
-        self._positives: dict[int, tuple[weakref.ref, int, weakref.ref, int, bool]] = {}
+        # (the mask's last item: what computed x, note_computed, kept for `_sign_mask` once x is freed)
+        self._positives: dict[int, tuple[weakref.ref, int, weakref.ref, int, bool, tuple | None]] = {}
         self._stored_ids: set[int] | None = None  # the ids of the model's parameters and buffers
+        # id(tensor) -> (weakref, what computed it, weakrefs to its tensor arguments, its other arguments):
+        # a layer's output, so that a layer run twice on one tensor reads as one value (probe.ops, above
+        # same_computation: `torch.where(fc(h) > 0, fc(h), 0)`)
+        self._computed: dict[int, tuple[weakref.ref, int, tuple, tuple]] = {}
         self._stored_seen: Counter = Counter()  # this forward's spellings with stored zeros, by label
 
     # -- hooks -------------------------------------------------------------------------------
@@ -841,6 +846,7 @@ class EagerProbe:
                 module if is_producer else None,
                 isinstance(module, CHANNEL_FIRST_TYPES),
             )
+            self.note_computed(module, args, {}, output)
 
     def _look_through(self, module: nn.Module, args, output: torch.Tensor) -> None:
         """Wrappers whose output still holds a layer's units: a PEFT LoRA layer (base_layer(x) plus the
@@ -1055,6 +1061,7 @@ class EagerProbe:
         self._flat.clear()
         self._zeros.clear()
         self._positives.clear()
+        self._computed.clear()
         self._stored_ids = None  # read again when a spelling needs it (a .to() replaces buffers)
         self._stored_seen.clear()
 
@@ -1268,6 +1275,7 @@ class EagerProbe:
             return
         if func in _LAST_AXIS_MAKERS:
             self._produced[id(out)] = (weakref.ref(out), None, None, False)
+            self.note_computed(func, args, kwargs, out)
         elif func in _ZERO_MAKERS:
             index = _ZERO_MAKERS[func]
             fill = kwargs.get("fill_value", args[index] if index is not None and len(args) > index else None)
@@ -1280,7 +1288,7 @@ class EagerProbe:
         elif func in _VALUE_COPIES:
             if args and isinstance(args[0], torch.Tensor) and self.is_zeros(args[0]):
                 self._zeros[id(out)] = (weakref.ref(out), _version(out))
-            elif args and self._sign_mask(args[0]) is not None:  # (x > 0).float(): the mask, cast
+            elif args and self._sign_mask(args[0], None) is not None:  # (x > 0).float(): the mask, cast
                 entry = self._positives[id(args[0])]
                 self._positives[id(out)] = (weakref.ref(out), _version(out), *entry[2:])
         elif (
@@ -1296,21 +1304,56 @@ class EagerProbe:
                 weakref.ref(x),
                 _version(x),
                 _COMPARES[func],
+                self._call_of(x),
             )
 
-    def _sign_mask(self, value) -> tuple[torch.Tensor, bool] | None:
-        """(x, whether the mask is true where x > 0) for a mask this forward made by comparing x with 0
-        (note_made) and neither it nor x written since, else None."""
+    def note_computed(self, what, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        """Remember that a layer (a module, or a function such as F.linear) computed `out` from `args`."""
+        tensors, others = [], []
+        for value in (*args, *kwargs.items()):
+            if isinstance(value, torch.Tensor):
+                tensors.append(weakref.ref(value))
+            elif value is None or isinstance(value, int | float | str | tuple):
+                others.append(value)
+            else:  # (a list of tensors, an object): not compared
+                return
+        self._computed[id(out)] = (weakref.ref(out), id(what), tuple(tensors), tuple(others))
+
+    def _call_of(self, tensor: torch.Tensor) -> tuple | None:
+        """(what, its tensor arguments, its other arguments) of the layer call that computed `tensor`."""
+        entry = self._computed.get(id(tensor))
+        return entry[1:] if entry is not None and entry[0]() is tensor else None
+
+    def _same_call(self, call: tuple | None, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` was computed by a call like `call` (_call_of): the same layer on the same
+        tensors, with the same other arguments."""
+        other = self._call_of(tensor)
+        if call is None or other is None or call[0] != other[0] or call[2] != other[2]:
+            return False
+        return len(call[1]) == len(other[1]) and all(
+            a() is not None and a() is b() for a, b in zip(call[1], other[1], strict=True)
+        )
+
+    def _sign_mask(self, value, x) -> bool | None:
+        """Whether the mask `value` is true where x > 0 (True: `x > 0`, `x >= 0`) or where x <= 0 (False:
+        `x < 0`, `x <= 0`), for a mask this forward made by comparing x with 0 (note_made) — or the output
+        of another call of the layer that made x on the same tensors, with the values to match
+        (`torch.where(fc(h) > 0, fc(h), 0)`: probe.ops, above same_computation) — neither written since;
+        None for any other mask. `x` None: whether `value` is such a mask of anything."""
         entry = self._positives.get(id(value)) if isinstance(value, torch.Tensor) else None
-        if entry is None or entry[0]() is not value or entry[2]() is None:
+        if entry is None or entry[0]() is not value:
             return None
-        x = entry[2]()
-        if entry[1] is None or entry[3] is None:  # inference tensors: the mask read (see is_zeros)
-            if not torch.equal(value.bool(), (x > 0) if entry[4] else (x <= 0)):
-                return None
-        elif (entry[1], entry[3]) != (_version(value), _version(x)):  # mask or x written in place since
+        if x is None:
+            return entry[4] if entry[1] is None or entry[1] == _version(value) else None
+        tested = entry[2]()
+        if not isinstance(x, torch.Tensor) or (tested is not x and not self._same_call(entry[5], x)):
             return None
-        return x, entry[4]
+        if tested is x and None not in (entry[1], entry[3]):
+            return entry[4] if (entry[1], entry[3]) == (_version(value), _version(x)) else None
+        # inference tensors (no versions: see is_zeros), or another call's output: the mask read
+        if value.shape != x.shape or not torch.equal(value.bool(), (x > 0) if entry[4] else (x <= 0)):
+            return None
+        return entry[4]
 
     def is_zeros(self, value) -> bool:
         """A 0, or a tensor of zeros in every forward: made by a zero factory in this one (or copied from
@@ -1372,21 +1415,20 @@ class EagerProbe:
             return None  # no comparison with 0 in this forward: no mask to spell a ReLU with
         elif func in _SELECTS and len(args) == 3:
             cond, a, b = args if func is torch.where else (args[1], args[0], args[2])
-            mask = self._sign_mask(cond)
-            if mask is None:
+            keeps = self._sign_mask(cond, None)
+            if keeps is None:
                 return None
-            x, zeros = (a, b) if mask[1] else (b, a)
-            if mask[0] is not x or not is_zeros(zeros):  # not x's own `x > 0`
+            x, zeros = (a, b) if keeps else (b, a)
+            if self._sign_mask(cond, x) is None or not is_zeros(zeros):  # not x's own `x > 0`
                 return None
         elif func in _MASKED_FILLS and len(args) == 3:
             x, zeros = args[0], args[2]
-            mask = self._sign_mask(args[1])
-            if mask is None or mask[0] is not x or mask[1] or not is_zeros(zeros):
+            if self._sign_mask(args[1], x) is not False or not is_zeros(zeros):
                 return None
         elif func in _PRODUCTS and len(args) == 2 and is_zeros == self.is_zeros:
             for x, mask in (args, args[::-1]) if func is not torch.Tensor.mul_ else (args,):
-                found = self._sign_mask(mask)  # (in place: x.mul_(x > 0) only, which writes x)
-                if found is not None and found[0] is x and found[1]:
+                # (in place: x.mul_(x > 0) only, which writes x)
+                if self._sign_mask(mask, x) is True:
                     break
             else:
                 return None

@@ -9,6 +9,7 @@ counted instead (`decompose_rnn_cells`)."""
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
 import torch
@@ -16,7 +17,7 @@ from torch import fx
 
 from deadrelu_cli.probe.aten_ops import MASK_CASTS, MAXIMA, SIGN_TESTS, VALUE_COPIES, ZERO_FACTORIES
 from deadrelu_cli.probe.base import is_stored
-from deadrelu_cli.probe.ops import aten_op_kind, hidden_label, is_zero_number, zeros_fit
+from deadrelu_cli.probe.ops import aten_op_kind, hidden_label, is_zero_number, same_computation, zeros_fit
 
 
 def _stack_path(node: fx.Node) -> str:
@@ -184,6 +185,27 @@ def _sign_test(node: object, graph_module: fx.GraphModule) -> tuple[fx.Node, boo
     return None
 
 
+def _describe(node: object) -> tuple[tuple, list] | None:
+    """A node's op, constant arguments and operand nodes, for probe.ops.same_computation; None for what
+    is no pure op (a placeholder, a parameter read: the same node or none; a random or in-place op)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        if target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
+            return None
+    elif target is not operator.getitem:
+        return None
+    operands: list[fx.Node] = []
+    shape = fx.node.map_arg((node.args, node.kwargs), lambda n: operands.append(n) or "<operand>")
+    return (target, repr(shape)), operands
+
+
+def _same(a: object, b: object) -> bool:
+    """Whether graph values a and b are one value computed twice (a layer run twice on one tensor)."""
+    return same_computation(a, b, _describe)
+
+
 SPELLED_RELU = "deadrelu_spelled_relu"  # node.meta key of a clamp written from a maximum or a select
 
 
@@ -262,16 +284,18 @@ def _spelling(node: fx.Node, graph_module: fx.GraphModule, is_zeros) -> tuple[fx
             return None
         x, keeps_x = tested
         kept, other = node.args[1:] if keeps_x else node.args[:0:-1]
-        if kept is not x or not is_zeros(other, graph_module):
+        if not _same(kept, x) or not is_zeros(other, graph_module):
             return None
         # where(x > 0, x, 0) is 0 at a NaN as threshold is; where(x <= 0, 0, x) NaN as clamp_min
+        x = kept  # (x > 0 of another call of the layer that made the kept x: probe.ops.same_computation)
         replacement = (
             (aten.threshold.default, (x, 0.0, 0.0)) if keeps_x else (aten.clamp_min.default, (x, 0.0))
         )
         zero_shape = tuple(_example(other).shape) if _example(other) is not None else ()
     elif base in ("masked_fill", "masked_fill_") and len(node.args) == 3 and not node.kwargs:
         x, mask, other = node.args
-        if _sign_test(mask, graph_module) != (x, False) or not is_zeros(other, graph_module):
+        tested = _sign_test(mask, graph_module)
+        if tested is None or tested[1] or not _same(tested[0], x) or not is_zeros(other, graph_module):
             return None
         clamp = aten.clamp_min_.default if base.endswith("_") else aten.clamp_min.default
         replacement = (clamp, (x, 0.0))
@@ -285,7 +309,12 @@ def _spelling(node: fx.Node, graph_module: fx.GraphModule, is_zeros) -> tuple[fx
     ):
         # x * (x > 0): relu(x), but at x = -inf (NaN there, 0 as written here)
         x = next(
-            (a for a, m in (node.args, node.args[::-1]) if _sign_test(m, graph_module) == (a, True)), None
+            (
+                a
+                for a, m in (node.args, node.args[::-1])
+                if (tested := _sign_test(m, graph_module)) is not None and tested[1] and _same(tested[0], a)
+            ),
+            None,
         )
         if x is None or (base == "mul_" and node.args[0] is not x):
             return None

@@ -150,6 +150,27 @@ def clamp_is_layer(shape, unit_axis: int | None, from_layer: bool) -> bool:
     return not isinstance(size, int) or size > 1  # a symbolic size: not known to be one
 
 
+# A ReLU spelled with the select or mask of a layer run twice — `torch.where(fc(h) > 0, fc(h), 0)`,
+# `fc(h) * (fc(h) > 0)` — compares one call's output and keeps another's: one value computed twice (the
+# same layer, or the same pure ops, on the same inputs), which ONNX's exporters merge into one node before
+# the file is written. Every torch probe takes the two as one, relu of the kept one, a site as
+# `where(x > 0, x, 0)` is: eager by the call (module or function and its input tensors, not written since),
+# .pt2 and TorchScript by `same_computation` over the graph (TorchScript checks the values as it runs).
+def same_computation(a, b, describe, depth: int = 16) -> bool:
+    """Whether graph values `a` and `b` are one value computed twice: the same value, or the outputs of two
+    nodes alike (`describe(v)`: (a key for its op, constant arguments and which output it is; its operand
+    values), None for a value that is no pure op's output: an input, a random or in-place op) whose operands
+    are pairwise one value again, within `depth` steps."""
+    if a is b or a == b:
+        return True
+    if depth <= 0:
+        return False
+    first, second = describe(a), describe(b)
+    if first is None or second is None or first[0] != second[0] or len(first[1]) != len(second[1]):
+        return False
+    return all(same_computation(x, y, describe, depth - 1) for x, y in zip(first[1], second[1], strict=True))
+
+
 # A ReLU spelled `maximum(x, Z)` / `max(x, Z)` (Z: zeros that do not widen x, made by the code: zeros /
 # zeros_like / new_zeros / full(…, 0) / tensor(0.), or that constant lifted by an export or a trace; a
 # parameter or buffer is no Z, zeros or not: its values are the checkpoint's) or `where(x > 0, x, 0)`

@@ -58,6 +58,7 @@ from deadrelu_cli.probe.ops import (
     is_scalar_value,
     is_zero_number,
     reduced_over_units,
+    same_computation,
     stored_zeros_label,
     zeros_fit,
 )
@@ -113,6 +114,11 @@ class _Walker:
         self.unscanned: Counter = Counter()  # activation calls of ops --ops did not ask for, per op
         self._units: int | None = None  # the units of the producer `_producer` found last
         self._calls: list[tuple[object, object]] = []  # (CallMethod node, caller module)
+        # (parameter, argument): the inputs of the model's own functions walked into (their graphs, kept
+        # alive here) and the caller's values they stand for (`_outer`)
+        self._arguments: list[tuple[object, object]] = []
+        self._function_graphs: list = []
+        self._types: dict | None = None  # a module's type name -> the module (_method_code)
 
     def walk_method(self, module, method: str, call=None) -> None:
         graph = getattr(module, method).graph
@@ -123,7 +129,37 @@ class _Walker:
         finally:
             self._calls.pop()
 
+    def _outer(self, value):
+        """The caller's value that a parameter of a function walked into stands for (else `value`)."""
+        for _ in range(16):
+            found = next((arg for param, arg in self._arguments if param == value), None)
+            if found is None:
+                return value
+            value = found
+        return value
+
+    def _walk_function(self, call, module, env: dict) -> None:
+        """A function of the model's own that the code calls (`def act(x): return x.clamp(min=0)` called
+        in forward): its body, inlined into a graph of its own, walked as part of the caller's (its
+        activations named after the module that runs it, as eager names them), its parameters read as the
+        caller's arguments. Before, its activations were not in the site list while the run met them:
+        their counts went to the sites after them."""
+        graph = _function_graph(call)
+        if graph is None:
+            raise _Dynamic("a call of a function whose code cannot be read")
+        self._function_graphs.append(graph)
+        inner = {}
+        for param, arg in zip(graph.inputs(), list(call.inputs())[1:], strict=True):
+            self._arguments.append((param, arg))
+            found = self._value(env, arg)
+            if found is not None:
+                inner[param.debugName()] = found
+        self._walk_block(graph, module, inner)
+
     def _value(self, env: dict, value):
+        if value.debugName() in env:
+            return env[value.debugName()]
+        value = self._outer(value)
         node = value.node()
         if node.kind() == "prim::Constant":
             try:
@@ -160,6 +196,8 @@ class _Walker:
                             continue
                     in_place = fname.endswith("_") or (bool(args) and args[-1] is True)
                     self._add(module, node, op, in_place)
+                else:
+                    self._walk_function(node, module, env)
             elif kind == "prim::If":
                 cond = self._value(env, node.inputsAt(0))
                 blocks = list(node.blocks())
@@ -203,6 +241,7 @@ class _Walker:
         zero factory makes, through copies (probe.ops: a ReLU spelled with a maximum). An attribute (a
         parameter or buffer) is none: its values are the checkpoint's, as in eager."""
         for _ in range(8):
+            value = self._outer(value)
             node = value.node()
             kind = node.kind()
             if kind == "prim::Constant":
@@ -225,6 +264,7 @@ class _Walker:
     def _stored_zeros(self, env: dict, value) -> bool:
         """A parameter or buffer (an attribute, through copies) that holds zeros now: no ReLU's zeros."""
         for _ in range(8):
+            value = self._outer(value)
             node = value.node()
             if node.kind() == "prim::GetAttr":
                 found = env.get(node.output().debugName())
@@ -251,10 +291,10 @@ class _Walker:
                 return None
             x, keeps_x = tested
             kept, other = inputs[1:] if keeps_x else inputs[:0:-1]
-            return x if kept.unique() == x.unique() and is_zeros(env, other) else None
+            return kept if self._same(kept, x) and is_zeros(env, other) else None
         if base in ("masked_fill", "masked_fill_") and len(inputs) == 3:
             tested = self._sign_test(env, inputs[1])
-            if tested is not None and tested[0].unique() == inputs[0].unique() and not tested[1]:
+            if tested is not None and self._same(tested[0], inputs[0]) and not tested[1]:
                 return inputs[0] if is_zeros(env, inputs[2]) else None
         if (
             base in ("mul", "mul_")
@@ -264,14 +304,56 @@ class _Walker:
         ):
             for x, mask in (inputs, inputs[::-1]):
                 tested = self._sign_test(env, mask)
-                if tested is not None and tested[0].unique() == x.unique() and tested[1]:
+                if tested is not None and self._same(tested[0], x) and tested[1]:
                     return x if base == "mul" or x.unique() == inputs[0].unique() else None
         return None
+
+    def _same(self, a, b) -> bool:
+        """Whether graph values a and b are one value computed twice (probe.ops.same_computation: a layer
+        run twice on one tensor); the run checks their values (TorchScriptProbe.on_spelled)."""
+        return same_computation(self._outer(a), self._outer(b), self._describe)
+
+    def _describe(self, value) -> tuple[tuple, list] | None:
+        """A value's op, attributes, constant and output offset, and its operands (same_computation);
+        None for a parameter, a block's result or an in-place op."""
+        value = self._outer(value)
+        node = value.node()
+        kind = node.kind()
+        if kind in ("prim::Param", "prim::If", "prim::Loop") or kind.endswith("_"):
+            return None
+        try:
+            if kind == "prim::Constant":
+                return (kind, str(value.type()), repr(value.toIValue())), []
+            if kind == "prim::CallMethod":  # a trace writes each call as a method of its own (forward1, …)
+                code = self._method_code(str(node.inputsAt(0).type()), node.s("name"))
+                if code is None:
+                    return None
+                return (kind, str(node.inputsAt(0).type()), code, value.offset()), [
+                    self._outer(v) for v in node.inputs()
+                ]
+            attributes = tuple(
+                (name, repr(getattr(node, node.kindOf(name))(name))) for name in node.attributeNames()
+            )
+        except (RuntimeError, AttributeError):
+            return None
+        return (kind, attributes, value.offset()), [self._outer(v) for v in node.inputs()]
+
+    def _method_code(self, type_name: str, method: str) -> str | None:
+        """The code of METHOD of the submodule of type TYPE_NAME, less its name, or None."""
+        if self._types is None:
+            self._types = {str(m._c._type()): m for m in self.root.modules() if hasattr(m, "_c")}
+        module = self._types.get(type_name)
+        try:
+            code = getattr(module, method).code if module is not None else None
+        except (AttributeError, RuntimeError):
+            return None
+        return code.split("(", 1)[-1] if isinstance(code, str) else None
 
     def _sign_test(self, env: dict, value):
         """(x, whether the mask is true where x > 0) for a mask `value` that compares x with zeros
         (x > 0, x >= 0, x < 0, x <= 0), through casts ((x > 0).float()), else None."""
         for _ in range(8):
+            value = self._outer(value)
             node = value.node()
             base = aten_base(node.kind())
             inputs = list(node.inputs())
@@ -308,7 +390,7 @@ class _Walker:
         the unit axis is decided at run time from the clamped value's shape (probe.ops.reduced_over_units)."""
         stack, seen, found = [value], 0, []
         while stack and seen < 32:
-            node, seen = stack.pop().node(), seen + 1
+            node, seen = self._outer(stack.pop()).node(), seen + 1
             base = aten_base(node.kind())
             inputs = list(node.inputs())
             where = UNIT_REDUCTIONS.get(base)
@@ -383,6 +465,7 @@ class _Walker:
         layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
         calls: list = []  # (call node, caller module) of the modules' graphs walked into
         for _ in range(32):
+            value = self._outer(value)
             src = value.node()
             kind = src.kind()
             base = aten_base(kind)
@@ -520,6 +603,35 @@ def spelled_relu_reader(script_module):
     return read
 
 
+def _function_graph(call):
+    """The body of the function a `prim::CallFunction` node calls, inlined into a graph of its own whose
+    inputs are the call's arguments (the function constant aside), or None when it cannot be read."""
+    try:
+        graph = torch._C.Graph()
+        arguments = list(call.inputs())[1:]
+        params = []
+        for argument in arguments:
+            param = graph.addInput()
+            param.setType(argument.type())
+            params.append(param)
+        function = graph.insertNode(graph.createClone(call.inputsAt(0).node(), lambda v: v))
+        uniques = [a.unique() for a in arguments]
+        cloned = graph.insertNode(
+            graph.createClone(
+                call,
+                lambda v: function.output()
+                if v.unique() == call.inputsAt(0).unique()
+                else params[uniques.index(v.unique())],
+            )
+        )
+        for output in cloned.outputs():
+            graph.registerOutput(output)
+        torch._C._jit_pass_inline(graph)
+    except (RuntimeError, ValueError):
+        return None
+    return graph
+
+
 def _module_units(module, type_name: str) -> int | None:
     """The units a Linear / Conv / norm module makes (its weight's rows, or its per-unit vector)."""
     if type_name.startswith("ConvTranspose"):
@@ -607,6 +719,20 @@ def _constant_dims(node, base: str) -> tuple | None:
 
 _SPELLED_OPS = MAXIMA | {"where", "masked_fill", "masked_fill_", "mul", "mul_"}
 _SPELLINGS = MAXIMA | {"where", "masked_fill"}  # those that take zeros (a stored tensor's: no site)
+
+
+def _same_values(tested, x) -> bool:
+    """Whether the tensor a mask compared with 0 is x, or holds x's values: the output of another call of
+    the layer that made x, which the walk found computed alike (_Walker._same)."""
+    if tested is x:
+        return True
+    return (
+        isinstance(tested, torch.Tensor)
+        and isinstance(x, torch.Tensor)
+        and tested.shape == x.shape
+        and tested.dtype == x.dtype
+        and torch.equal(tested, x)
+    )
 
 
 class _OrderedDispatch(TorchDispatchMode):
@@ -728,13 +854,13 @@ class TorchScriptProbe:
             elif base.startswith("mul") and len(given) == 2:
                 x, zeros = given
                 found = self._mask_of(zeros)
-                if found is None or found[0] is not x:
+                if found is None or not _same_values(found[0], x):
                     zeros, x = given
                     found = None if base == "mul_" else self._mask_of(zeros)
                 found = None if found is None or not found[1] else found
             else:
                 found = None
-            if found is None or found[0] is not x:  # not x's own comparison with 0: an ordinary op
+            if found is None or not _same_values(found[0], x):  # not x's own comparison with 0: an ordinary op
                 return func(*args, **kwargs)
             if base.startswith("mul"):
                 zeros = torch.zeros((), dtype=zeros.dtype)  # a mask, no zeros: its type is what it promotes
