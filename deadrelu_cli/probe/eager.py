@@ -345,7 +345,9 @@ _COMPARES: dict[Callable, bool] = {
         (torch.Tensor.le, torch.Tensor.__le__, torch.le, torch.less_equal, torch.Tensor.less_equal), False
     ),
 }
-_MAXIMA = frozenset({torch.maximum, torch.Tensor.maximum, torch.max, torch.Tensor.max})
+_MAXIMA = frozenset(
+    {torch.maximum, torch.Tensor.maximum, torch.max, torch.Tensor.max, torch.fmax, torch.Tensor.fmax}
+)
 _SELECTS = frozenset({torch.where, torch.Tensor.where})
 # x.masked_fill(x < 0, 0) and x * (x > 0) (the mask cast or not): relu(x), but for x * mask at x = -inf (NaN)
 _MASKED_FILLS = frozenset({torch.Tensor.masked_fill, torch.masked_fill, torch.Tensor.masked_fill_})

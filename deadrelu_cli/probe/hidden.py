@@ -273,7 +273,9 @@ def _spelling(node: fx.Node, graph_module: fx.GraphModule, is_zeros) -> tuple[fx
         zeros = [a for a in node.args if a not in data]
         if len(data) != 1 or len(zeros) != 1:
             return None
-        x, replacement = data[0], (aten.clamp_min.default, (data[0], 0.0))
+        # fmax(x, 0) is 0 where x is NaN, as threshold is; maximum(x, 0) NaN there, as clamp_min is
+        clamp = (aten.threshold.default, (data[0], 0.0, 0.0)) if base == "fmax" else None
+        x, replacement = data[0], clamp or (aten.clamp_min.default, (data[0], 0.0))
         zero_value = _example(zeros[0])
         if zero_value is None:
             return None

@@ -56,6 +56,7 @@ class OnnxSite:
     channel_first: bool | None = None
     unit_axis: int | None = None  # set when a Transpose between producer and site moved the unit axis
     axis_lost: bool = False  # a producer made the units, a layout op on the way moved them out of reach
+    axis_assumed: bool = False  # rank >= 3 with no producer to place the units: counted on a guess (scan)
     experts_merged: int = 0  # a fused mixture of experts' activation: how many experts' rows it runs
     producer: str | None = None
     bias: np.ndarray | None = None

@@ -350,14 +350,34 @@ def axis_lost_note(names: list[str]) -> str:
     )
 
 
-def axis_guess_note(names: list[str], producers: str) -> str:
-    """The note for rank-3 sites whose units were put on the last axis with no producer (one of
-    `producers`) to say where they are: [N, C, T] and [N, T, C] look alike. Torch and ONNX scans alike."""
-    shown = ", ".join(names[:4]) + (f", … ({len(names)} in all)" if len(names) > 4 else "")
-    return (
-        f"unit axis assumed last ([N, T, C]) for {shown}: no {producers} found before the activation says "
-        "where its units are; if they are [N, C, T], scan again with --channel-dim 1"
+def axis_guess_notes(ranks: dict[str, int], producers: str) -> list[str]:
+    """The notes for sites (name -> rank) whose units were put on an axis with no producer (one of
+    `producers`) to say where they are: rank 3 on the last axis ([N, C, T] and [N, T, C] look alike), rank
+    >= 4 on dim 1 ([N, C, H, W]; a ReLU on a computed tensor may be [N, H, W, C]). The axis counted is a
+    guess: a gate does not pass on it (gate.UNIT_AXIS_ASSUMED) until --channel-dim says where the units
+    are or --allow-unseen takes the layers as counted. Torch and ONNX scans alike."""
+    gated = (
+        "a gate does not pass on a guessed axis: --channel-dim N says where the units are, or --allow-unseen "
+        "gates on the layers as counted"
     )
+    notes = []
+    for names, text in (
+        (
+            [name for name, rank in ranks.items() if rank == 3],
+            "unit axis assumed last ([N, T, C]) for {}: no {} found before the activation says where its units "
+            "are; if they are [N, C, T], scan again with --channel-dim 1 (-1 confirms the last axis); ",
+        ),
+        (
+            [name for name, rank in ranks.items() if rank >= 4],
+            "unit axis assumed 1 ([N, C, H, W]) for {}: no {} found before the activation says where its units "
+            "are; if they are elsewhere ([N, H, W, C]: --channel-dim -1), scan again with --channel-dim N "
+            "(1 confirms dim 1); ",
+        ),
+    ):
+        if names:
+            shown = ", ".join(names[:4]) + (f", … ({len(names)} in all)" if len(names) > 4 else "")
+            notes.append(text.format(shown, producers) + gated)
+    return notes
 
 
 def resolve_channel_dim(rank: int, inferred: int, override: int | None) -> int:

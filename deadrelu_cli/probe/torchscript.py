@@ -464,13 +464,17 @@ class _Walker:
         keep_producer = True
         layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
         calls: list = []  # (call node, caller module) of the modules' graphs walked into
+        # the methods this walk is in (walk_method): an argument of one (a block's forward, a helper
+        # method `self.act(x)`) is its caller's value, as eager follows the tensor into the call
+        outer = list(self._calls)
         for _ in range(32):
             value = self._outer(value)
             src = value.node()
             kind = src.kind()
             base = aten_base(kind)
-            if kind == "prim::Param" and calls:  # an argument of a module walked into: the caller's value
-                call, module = calls.pop()
+            if kind == "prim::Param" and (calls or (outer and outer[-1] is not None)):
+                # an argument of a module walked into: the caller's value
+                call, module = calls.pop() if calls else outer.pop()
                 if not 0 < value.offset() < len(list(call.inputs())):
                     return Units(None, None)
                 value = call.inputsAt(value.offset())
