@@ -328,7 +328,9 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             f"{_shown(guessed)}; scan again with --channel-dim N, or pass --allow-unseen to gate on them as counted"
         )
     assumed = [
-        layer.name for layer in report.layers if layer.ran and layer.extra.get("unit_axis") == UNIT_AXIS_ASSUMED
+        layer.name
+        for layer in report.layers
+        if layer.ran and layer.extra.get("unit_axis") == UNIT_AXIS_ASSUMED
     ]
     if config.active and not config.allow_unseen and assumed:
         model_failures.append(

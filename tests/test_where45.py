@@ -8,7 +8,9 @@
   walked: before, its clamp was missing from the site list while the run met it, so its counts went to
   the next site and every later site took its follower's counts (wrong producer, wrong dead units).
 - `self.act(fc(h))` (a helper method spelling the ReLU): scripted found no producer and no site.
-- `torch.fmax(x, zeros)`: a ReLU (0 at NaN, as threshold); before, nothing in any format.
+- `torch.fmax(x, zeros)`: a ReLU (0 at NaN, as threshold); before, nothing in any format. A negated mask
+  (`x.masked_fill(~(x > 0), 0)`, `torch.where(torch.logical_not(x > 0), 0, x)`): before, nothing in any
+  format, ONNX included.
 - A rank >= 4 activation no layer placed is counted on dim 1 with a note that says so and how to set
   --channel-dim, and a gate stops on it (a rank-3 guess too) unless --channel-dim or --allow-unseen,
   in every format; before, no note at rank 4 and no gate at all.
@@ -124,7 +126,7 @@ def test_relus_spelled_on_a_layer_run_twice_and_in_helpers_are_sites_in_every_to
         assert all(la["elements_per_unit"] == SAMPLES for la in layers), fmt
 
 
-TWICE_ONNX = """
+TWICE_AND_NEGATED = """
 import torch
 from torch import nn
 
@@ -132,13 +134,17 @@ from torch import nn
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc0 = nn.Linear(4, 6)
-        self.fc1 = nn.Linear(6, 6)
+        for i in range(4):
+            setattr(self, f"fc{i}", nn.Linear(4 if i == 0 else 6, 6))
         self.head = nn.Linear(6, 2)
 
     def forward(self, h):
         h = torch.where(self.fc0(h) > 0, self.fc0(h), 0.0)
         h = self.fc1(h) * (self.fc1(h) > 0)
+        x = self.fc2(h)
+        h = x.masked_fill(~(x > 0), 0.0)
+        x = self.fc3(h)
+        h = torch.where(torch.logical_not(x > 0), 0.0, x)
         return self.head(h)
 
 
@@ -146,30 +152,42 @@ def build():
     torch.manual_seed(7)
     model = Net()
     with torch.no_grad():
-        model.fc0.bias[1] = -40.0
-        model.fc1.bias[4] = -40.0
+        for i in range(4):
+            getattr(model, f"fc{i}").bias[i + 1] = -40.0
     return model.eval()
 """
 
 
-def test_a_layer_run_twice_counts_alike_in_torch_and_its_onnx_export(cli, tmp_path):
-    """`torch.where(fc0(h) > 0, fc0(h), 0)` and `fc1(h) * (fc1(h) > 0)`: the ONNX export (whose exporter
-    merges the two calls) and the .pt2 / eager scans list the same two layers with the same per-unit
-    counts, numpy's. Before: ONNX two layers, the torch formats none."""
-    model, spec = arch_file(tmp_path / "twice.py", TWICE_ONNX)
+def test_a_layer_run_twice_and_a_negated_mask_count_alike_in_every_format(cli, tmp_path):
+    """`torch.where(fc0(h) > 0, fc0(h), 0)`, `fc1(h) * (fc1(h) > 0)`, `x.masked_fill(~(x > 0), 0)` and
+    `torch.where(torch.logical_not(x > 0), 0, x)` after Linears: four sites with numpy's per-unit counts in
+    eager, .pt2, scripted and traced TorchScript and the ONNX export (whose exporter merges the two calls;
+    `Not(Greater(x, 0))` is x's mask turned round). Before: ONNX counted the first two, the torch formats
+    none of the four, ONNX not the negated ones."""
+    model, spec = arch_file(tmp_path / "twice.py", TWICE_AND_NEGATED)
     data = save_npz(tmp_path / "d.npz", x=DATA)
-    x = DATA.astype(np.float64)
-    pre0 = x @ model.fc0.weight.detach().double().numpy().T + model.fc0.bias.detach().double().numpy()
-    h = np.maximum(pre0, 0)
-    pre1 = h @ model.fc1.weight.detach().double().numpy().T + model.fc1.bias.detach().double().numpy()
-    truth = [(pre > 0).sum(axis=0).tolist() for pre in (pre0, pre1)]
-    assert [1] in [[i for i, c in enumerate(t) if c == 0] for t in truth]
+    h, truth = DATA.astype(np.float64), []
+    for i in range(4):
+        layer = getattr(model, f"fc{i}")
+        pre = h @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
+        truth.append((pre > 0).sum(axis=0).tolist())
+        h = np.maximum(pre, 0)
+    assert all(t[i + 1] == 0 and max(t) > 0 for i, t in enumerate(truth))
     example = torch.from_numpy(DATA[:2])
     torch.save(model.state_dict(), tmp_path / "m.pt")
     program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("b", max=1024)},))
     torch.export.save(program, tmp_path / "m.pt2")
+    with torch.no_grad():
+        torch.jit.script(model).save(tmp_path / "s.pt")
+        torch.jit.trace(model, example).save(tmp_path / "t.pt")
     onnx_path = export_onnx(model, example, tmp_path / "m.onnx")
-    for args in ([tmp_path / "m.pt", "--arch", spec], [tmp_path / "m.pt2"], [onnx_path]):
+    for args in (
+        [tmp_path / "m.pt", "--arch", spec],
+        [tmp_path / "m.pt2"],
+        [tmp_path / "s.pt"],
+        [tmp_path / "t.pt"],
+        [onnx_path],
+    ):
         layers = _scan(cli, args, data)["layers"]
         assert [la["positive_counts"] for la in layers] == truth, args
 

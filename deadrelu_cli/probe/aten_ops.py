@@ -150,6 +150,8 @@ MAXIMA = frozenset({"maximum", "max", "fmax"})
 # with zeros (-> whether the mask is true where x > 0), through casts (`(x > 0).float()`)
 SIGN_TESTS = {"gt": True, "ge": True, "lt": False, "le": False}
 MASK_CASTS = frozenset({"to", "_to_copy", "type_as", "clone", "alias", "detach"})
+# ... and its negations (`~(x > 0)`, `logical_not(x > 0)`: true where x <= 0, and at NaN)
+MASK_NEGATIONS = frozenset({"bitwise_not", "logical_not"})
 
 # Reductions that may take a tensor's unit axis away (the position of their `dim`), and the elementwise
 # ops besides PASS_THROUGH that keep such a reduction one value per position: the graph probes' forms of

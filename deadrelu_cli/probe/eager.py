@@ -345,6 +345,16 @@ _COMPARES: dict[Callable, bool] = {
         (torch.Tensor.le, torch.Tensor.__le__, torch.le, torch.less_equal, torch.Tensor.less_equal), False
     ),
 }
+# a mask's negation (`~(x > 0)`: true where x <= 0, and at NaN)
+_NEGATIONS = frozenset(
+    {
+        torch.Tensor.__invert__,
+        torch.bitwise_not,
+        torch.Tensor.bitwise_not,
+        torch.logical_not,
+        torch.Tensor.logical_not,
+    }
+)
 _MAXIMA = frozenset(
     {torch.maximum, torch.Tensor.maximum, torch.max, torch.Tensor.max, torch.fmax, torch.Tensor.fmax}
 )
@@ -382,7 +392,7 @@ _LAST_AXIS_MAKERS = frozenset(
 # concatenations: a site output joined with others along its units (a SqueezeNet fire module) still
 # reaches the layer that reads the joined tensor, in its own columns (EagerProbe.note_join)
 _JOINS = frozenset({torch.cat, torch.concat, torch.concatenate})
-_NOTED = frozenset(_ZERO_MAKERS) | _VALUE_COPIES | frozenset(_COMPARES) | _LAST_AXIS_MAKERS
+_NOTED = frozenset(_ZERO_MAKERS) | _VALUE_COPIES | frozenset(_COMPARES) | _NEGATIONS | _LAST_AXIS_MAKERS
 _SPELLED_SPEC = _FunctionSpec("relu", None, clamp="spelled")
 _SPELLED_IN_PLACE_SPEC = _FunctionSpec("relu", None, True, clamp="spelled")
 
@@ -725,8 +735,10 @@ class EagerProbe:
         # a ReLU spelled with a maximum or a select: zeros made in this forward and `x > 0` masks (id ->
         # weakrefs, with the tensors' version counters: one changed in place since is no longer that)
         self._zeros: dict[int, tuple[weakref.ref, int]] = {}
-        # (the mask's last item: what computed x, note_computed, kept for `_sign_mask` once x is freed)
-        self._positives: dict[int, tuple[weakref.ref, int, weakref.ref, int, bool, tuple | None]] = {}
+        # masks: id -> (weakref, version, weakref to x, x's version, whether true where x > 0, what computed
+        # x (note_computed, kept for `_sign_mask` once x is freed), how the mask is made again from a
+        # tensor: the comparison, negated as the code negated it)
+        self._positives: dict[int, tuple] = {}
         self._stored_ids: set[int] | None = None  # the ids of the model's parameters and buffers
         # id(tensor) -> (weakref, what computed it, weakrefs to its tensor arguments, its other arguments):
         # a layer's output, so that a layer run twice on one tensor reads as one value (probe.ops, above
@@ -1293,6 +1305,18 @@ class EagerProbe:
             elif args and self._sign_mask(args[0], None) is not None:  # (x > 0).float(): the mask, cast
                 entry = self._positives[id(args[0])]
                 self._positives[id(out)] = (weakref.ref(out), _version(out), *entry[2:])
+        elif func in _NEGATIONS:  # ~(x > 0): true where x <= 0 (and at NaN)
+            if args and self._sign_mask(args[0], None) is not None and out.dtype == torch.bool:
+                entry = self._positives[id(args[0])]
+                remake = entry[6]
+                self._positives[id(out)] = (
+                    weakref.ref(out),
+                    _version(out),
+                    *entry[2:4],
+                    not entry[4],
+                    entry[5],
+                    lambda t: ~remake(t).bool(),
+                )
         elif (
             func in _COMPARES
             and len(args) == 2
@@ -1307,6 +1331,7 @@ class EagerProbe:
                 _version(x),
                 _COMPARES[func],
                 self._call_of(x),
+                lambda t, compare=func, zero=args[1]: compare(t, zero),
             )
 
     def note_computed(self, what, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
@@ -1353,7 +1378,7 @@ class EagerProbe:
         if tested is x and None not in (entry[1], entry[3]):
             return entry[4] if (entry[1], entry[3]) == (_version(value), _version(x)) else None
         # inference tensors (no versions: see is_zeros), or another call's output: the mask read
-        if value.shape != x.shape or not torch.equal(value.bool(), (x > 0) if entry[4] else (x <= 0)):
+        if value.shape != x.shape or not torch.equal(value.bool(), entry[6](x).bool()):
             return None
         return entry[4]
 

@@ -15,7 +15,14 @@ from collections import Counter
 import torch
 from torch import fx
 
-from deadrelu_cli.probe.aten_ops import MASK_CASTS, MAXIMA, SIGN_TESTS, VALUE_COPIES, ZERO_FACTORIES
+from deadrelu_cli.probe.aten_ops import (
+    MASK_CASTS,
+    MASK_NEGATIONS,
+    MAXIMA,
+    SIGN_TESTS,
+    VALUE_COPIES,
+    ZERO_FACTORIES,
+)
 from deadrelu_cli.probe.base import is_stored
 from deadrelu_cli.probe.ops import aten_op_kind, hidden_label, is_zero_number, same_computation, zeros_fit
 
@@ -166,21 +173,24 @@ def _example(node: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _sign_test(node: object, graph_module: fx.GraphModule) -> tuple[fx.Node, bool] | None:
-    """(x, whether the mask is true where x > 0) for a mask that compares x with zeros (x > 0, x >= 0,
-    x < 0, x <= 0), through casts ((x > 0).float()); None for any other mask."""
+def _sign_test(node: object, graph_module: fx.GraphModule) -> tuple[fx.Node, bool, bool] | None:
+    """(x, whether the mask is true where x > 0, whether it is true where x is NaN) for a mask that
+    compares x with zeros (x > 0, x >= 0, x < 0, x <= 0), through casts ((x > 0).float()) and negations
+    (~(x > 0): true where x <= 0 and at NaN); None for any other mask."""
+    negated = False
     for _ in range(8):
         if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
             return None
         if not isinstance(node.target, torch._ops.OpOverload):
             return None
         base = node.target.__name__.split(".")[0]
-        if base in MASK_CASTS:
+        if base in MASK_CASTS or base in MASK_NEGATIONS:
+            negated ^= base in MASK_NEGATIONS
             node = node.args[0]
             continue
         if base in SIGN_TESTS and len(node.args) == 2 and _is_zeros(node.args[1], graph_module):
             x = node.args[0]
-            return (x, SIGN_TESTS[base]) if isinstance(x, fx.Node) else None
+            return (x, SIGN_TESTS[base] != negated, negated) if isinstance(x, fx.Node) else None
         return None
     return None
 
@@ -284,14 +294,17 @@ def _spelling(node: fx.Node, graph_module: fx.GraphModule, is_zeros) -> tuple[fx
         tested = _sign_test(node.args[0], graph_module)
         if tested is None:
             return None
-        x, keeps_x = tested
+        x, keeps_x, true_at_nan = tested
         kept, other = node.args[1:] if keeps_x else node.args[:0:-1]
         if not _same(kept, x) or not is_zeros(other, graph_module):
             return None
-        # where(x > 0, x, 0) is 0 at a NaN as threshold is; where(x <= 0, 0, x) NaN as clamp_min
+        # where(x > 0, x, 0) is 0 at a NaN as threshold is; where(x <= 0, 0, x) NaN as clamp_min (a
+        # negated mask the other way round)
         x = kept  # (x > 0 of another call of the layer that made the kept x: probe.ops.same_computation)
         replacement = (
-            (aten.threshold.default, (x, 0.0, 0.0)) if keeps_x else (aten.clamp_min.default, (x, 0.0))
+            (aten.threshold.default, (x, 0.0, 0.0))
+            if keeps_x != true_at_nan
+            else (aten.clamp_min.default, (x, 0.0))
         )
         zero_shape = tuple(_example(other).shape) if _example(other) is not None else ()
     elif base in ("masked_fill", "masked_fill_") and len(node.args) == 3 and not node.kwargs:
@@ -299,8 +312,13 @@ def _spelling(node: fx.Node, graph_module: fx.GraphModule, is_zeros) -> tuple[fx
         tested = _sign_test(mask, graph_module)
         if tested is None or tested[1] or not _same(tested[0], x) or not is_zeros(other, graph_module):
             return None
-        clamp = aten.clamp_min_.default if base.endswith("_") else aten.clamp_min.default
-        replacement = (clamp, (x, 0.0))
+        in_place = base.endswith("_")
+        if tested[2]:  # masked_fill(x, ~(x > 0), 0) is 0 at a NaN, as threshold is
+            clamp = aten.threshold_.default if in_place else aten.threshold.default
+            replacement = (clamp, (x, 0.0, 0.0))
+        else:
+            clamp = aten.clamp_min_.default if in_place else aten.clamp_min.default
+            replacement = (clamp, (x, 0.0))
         zero_shape = tuple(_example(other).shape) if _example(other) is not None else ()
     elif (
         base in ("mul", "mul_")

@@ -612,17 +612,18 @@ def where_relu_input(
 def _sign_test(name: str, index: GraphIndex, checkpoint: frozenset[str]) -> tuple[str, bool] | None:
     """(x, whether the test is true where x > 0) for a mask `name` that compares x with zeros the graph
     makes (x > 0, x >= 0, x < 0, x <= 0, either way round), through Casts (torch's masked_fill exports its
-    mask as Cast(Less(x, 0), to=BOOL)); None for any other mask."""
-    test = index.producer.get(name)
-    while test is not None and test.op_type == "Cast" and len(test.input) == 1:
+    mask as Cast(Less(x, 0), to=BOOL)) and Nots (`~(x > 0)`: true where x <= 0); None for any other mask."""
+    test, negated = index.producer.get(name), False
+    while test is not None and test.op_type in ("Cast", "Not") and len(test.input) == 1:
+        negated ^= test.op_type == "Not"
         test = index.producer.get(test.input[0])
     if test is None or test.op_type not in _WHERE_TESTS or len(test.input) != 2:
         return None
     left, right = test.input
     if _graph_zeros(right, left, index, checkpoint, test):
-        return left, _WHERE_TESTS[test.op_type]
+        return left, _WHERE_TESTS[test.op_type] != negated
     if _graph_zeros(left, right, index, checkpoint, test):
-        return right, _WHERE_TESTS[_FLIPPED[test.op_type]]
+        return right, _WHERE_TESTS[_FLIPPED[test.op_type]] != negated
     return None
 
 

@@ -22,6 +22,7 @@ from deadrelu_cli.probe.aten_ops import (
     LAST_DIM,
     LAYOUT,
     MASK_CASTS,
+    MASK_NEGATIONS,
     MAXIMA,
     PASS_THROUGH,
     PER_POSITION_OPS,
@@ -351,17 +352,20 @@ class _Walker:
 
     def _sign_test(self, env: dict, value):
         """(x, whether the mask is true where x > 0) for a mask `value` that compares x with zeros
-        (x > 0, x >= 0, x < 0, x <= 0), through casts ((x > 0).float()), else None."""
+        (x > 0, x >= 0, x < 0, x <= 0), through casts ((x > 0).float()) and negations (~(x > 0)), else
+        None."""
+        negated = False
         for _ in range(8):
             value = self._outer(value)
             node = value.node()
             base = aten_base(node.kind())
             inputs = list(node.inputs())
-            if base in MASK_CASTS and inputs:
+            if (base in MASK_CASTS or base in MASK_NEGATIONS) and inputs:
+                negated ^= base in MASK_NEGATIONS
                 value = inputs[0]
                 continue
             if base in SIGN_TESTS and len(inputs) == 2 and self._zeros(env, inputs[1]):
-                return inputs[0], SIGN_TESTS[base]
+                return inputs[0], SIGN_TESTS[base] != negated
             return None
         return None
 
@@ -623,9 +627,11 @@ def _function_graph(call):
         cloned = graph.insertNode(
             graph.createClone(
                 call,
-                lambda v: function.output()
-                if v.unique() == call.inputsAt(0).unique()
-                else params[uniques.index(v.unique())],
+                lambda v: (
+                    function.output()
+                    if v.unique() == call.inputsAt(0).unique()
+                    else params[uniques.index(v.unique())]
+                ),
             )
         )
         for output in cloned.outputs():
@@ -721,6 +727,7 @@ def _constant_dims(node, base: str) -> tuple | None:
     return tuple(int(d) if isinstance(d, int) else tuple(int(v) for v in d) for d in dims)
 
 
+_MASK_OPS = MASK_CASTS | MASK_NEGATIONS
 _SPELLED_OPS = MAXIMA | {"where", "masked_fill", "masked_fill_", "mul", "mul_"}
 _SPELLINGS = MAXIMA | {"where", "masked_fill"}  # those that take zeros (a stored tensor's: no site)
 
@@ -750,7 +757,7 @@ class _OrderedDispatch(TorchDispatchMode):
         base = aten_base(func.name()).split(".")[0]
         if kind is None and base in _SPELLED_OPS and self.probe.spelled_next():
             return self.probe.on_spelled(func, args, kwargs)
-        if kind is None and self.probe.spelled_sites and (base in SIGN_TESTS or base in MASK_CASTS):
+        if kind is None and self.probe.spelled_sites and (base in SIGN_TESTS or base in _MASK_OPS):
             out = func(*args, **kwargs)
             self.probe.note_mask(base, args, out)
             return out
@@ -796,10 +803,10 @@ class TorchScriptProbe:
         if base in SIGN_TESTS:
             if len(args) == 2 and self._zero(args[1]):
                 self._masks.append((out, args[0], SIGN_TESTS[base]))
-        else:
+        else:  # a cast keeps what the mask says, a negation turns it round
             found = self._mask_of(args[0])
             if found is not None:
-                self._masks.append((out, *found))
+                self._masks.append((out, found[0], found[1] != (base in MASK_NEGATIONS)))
 
     def _mask_of(self, mask) -> tuple[torch.Tensor, bool] | None:
         return next(((x, keeps) for made, x, keeps in self._masks if made is mask), None)
@@ -864,7 +871,8 @@ class TorchScriptProbe:
                 found = None if found is None or not found[1] else found
             else:
                 found = None
-            if found is None or not _same_values(found[0], x):  # not x's own comparison with 0: an ordinary op
+            # not x's own comparison with 0 (nor one of x's values computed again): an ordinary op
+            if found is None or not _same_values(found[0], x):
                 return func(*args, **kwargs)
             if base.startswith("mul"):
                 zeros = torch.zeros((), dtype=zeros.dtype)  # a mask, no zeros: its type is what it promotes
