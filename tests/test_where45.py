@@ -10,7 +10,8 @@
 - `self.act(fc(h))` (a helper method spelling the ReLU): scripted found no producer and no site.
 - `torch.fmax(x, zeros)`: a ReLU (0 at NaN, as threshold); before, nothing in any format. A negated mask
   (`x.masked_fill(~(x > 0), 0)`, `torch.where(torch.logical_not(x > 0), 0, x)`): before, nothing in any
-  format, ONNX included.
+  format, ONNX included. A clamp with a tensor of zeros as its bound (`torch.clamp(x, min=torch.zeros(()))`,
+  `x.clamp_min(torch.zeros_like(x))`): before, nothing in the torch formats.
 - A rank >= 4 activation no layer placed is counted on dim 1 with a note that says so and how to set
   --channel-dim, and a gate stops on it (a rank-3 guess too) unless --channel-dim or --allow-unseen,
   in every format; before, no note at rank 4 and no gate at all.
@@ -134,7 +135,7 @@ from torch import nn
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        for i in range(4):
+        for i in range(6):
             setattr(self, f"fc{i}", nn.Linear(4 if i == 0 else 6, 6))
         self.head = nn.Linear(6, 2)
 
@@ -145,6 +146,9 @@ class Net(nn.Module):
         h = x.masked_fill(~(x > 0), 0.0)
         x = self.fc3(h)
         h = torch.where(torch.logical_not(x > 0), 0.0, x)
+        x = self.fc4(h)
+        h = x.clamp_min(torch.zeros_like(x))
+        h = torch.clamp(self.fc5(h), min=torch.zeros(()))
         return self.head(h)
 
 
@@ -152,27 +156,28 @@ def build():
     torch.manual_seed(7)
     model = Net()
     with torch.no_grad():
-        for i in range(4):
-            getattr(model, f"fc{i}").bias[i + 1] = -40.0
+        for i in range(6):
+            getattr(model, f"fc{i}").bias[(i + 1) % 6] = -40.0
     return model.eval()
 """
 
 
-def test_a_layer_run_twice_and_a_negated_mask_count_alike_in_every_format(cli, tmp_path):
-    """`torch.where(fc0(h) > 0, fc0(h), 0)`, `fc1(h) * (fc1(h) > 0)`, `x.masked_fill(~(x > 0), 0)` and
-    `torch.where(torch.logical_not(x > 0), 0, x)` after Linears: four sites with numpy's per-unit counts in
-    eager, .pt2, scripted and traced TorchScript and the ONNX export (whose exporter merges the two calls;
-    `Not(Greater(x, 0))` is x's mask turned round). Before: ONNX counted the first two, the torch formats
-    none of the four, ONNX not the negated ones."""
+def test_a_layer_run_twice_a_negated_mask_and_a_tensor_bound_count_alike_in_every_format(cli, tmp_path):
+    """`torch.where(fc0(h) > 0, fc0(h), 0)`, `fc1(h) * (fc1(h) > 0)`, `x.masked_fill(~(x > 0), 0)`,
+    `torch.where(torch.logical_not(x > 0), 0, x)`, `x.clamp_min(torch.zeros_like(x))` and
+    `torch.clamp(x, min=torch.zeros(()))` after Linears: six sites with numpy's per-unit counts in eager,
+    .pt2, scripted and traced TorchScript and the ONNX export (whose exporter merges the two calls;
+    `Not(Greater(x, 0))` is x's mask turned round; `Max(x, Cast(ConstantOfShape(Shape(x))))`). Before:
+    ONNX counted three of them (the two merged calls and the Clip), the torch formats none."""
     model, spec = arch_file(tmp_path / "twice.py", TWICE_AND_NEGATED)
     data = save_npz(tmp_path / "d.npz", x=DATA)
     h, truth = DATA.astype(np.float64), []
-    for i in range(4):
+    for i in range(6):
         layer = getattr(model, f"fc{i}")
         pre = h @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
         truth.append((pre > 0).sum(axis=0).tolist())
         h = np.maximum(pre, 0)
-    assert all(t[i + 1] == 0 and max(t) > 0 for i, t in enumerate(truth))
+    assert all(t[(i + 1) % 6] == 0 and max(t) > 0 for i, t in enumerate(truth))
     example = torch.from_numpy(DATA[:2])
     torch.save(model.state_dict(), tmp_path / "m.pt")
     program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("b", max=1024)},))

@@ -371,8 +371,30 @@ _PRODUCTS = frozenset(
         torch.multiply,
     }
 )
-_SPELLED_IN_PLACE = frozenset({torch.Tensor.masked_fill_, torch.Tensor.mul_})
-_SPELLED = _MAXIMA | _SELECTS | _MASKED_FILLS | _PRODUCTS
+# clamp(x, min=Z) with a tensor Z: maximum(x, Z) (a number bound is the clamp sites' own, _clamp_op)
+_TENSOR_CLAMPS = frozenset(
+    {
+        torch.clamp,
+        torch.Tensor.clamp,
+        torch.clip,
+        torch.Tensor.clip,
+        torch.clamp_min,
+        torch.Tensor.clamp_min,
+        torch.Tensor.clamp_,
+        torch.Tensor.clip_,
+        torch.Tensor.clamp_min_,
+    }
+)
+_SPELLED_IN_PLACE = frozenset(
+    {
+        torch.Tensor.masked_fill_,
+        torch.Tensor.mul_,
+        torch.Tensor.clamp_,
+        torch.Tensor.clip_,
+        torch.Tensor.clamp_min_,
+    }
+)
+_SPELLED = _MAXIMA | _SELECTS | _MASKED_FILLS | _PRODUCTS | _TENSOR_CLAMPS
 # functional products whose units are on the last axis, as the graph probes read `linear`, `matmul`, `mm`,
 # `bmm` and `embedding` (aten_ops.LAST_DIM): an origin without a producer (an nn.Linear's own output then
 # gets its module as producer when the module returns)
@@ -1438,6 +1460,18 @@ class EagerProbe:
             x, zeros = given if is_zeros(given[1]) else given[::-1]
             if not is_zeros(zeros):
                 return None
+        elif func in _TENSOR_CLAMPS:
+            names = (
+                ("min",)
+                if func in (torch.clamp_min, torch.Tensor.clamp_min, torch.Tensor.clamp_min_)
+                else ("min", "max")
+            )
+            bounds = dict(zip(names, args[1:], strict=False)) | kwargs
+            x, zeros = (args[0] if args else None), bounds.get("min")
+            if set(bounds) - set(names) or bounds.get("max") is not None:
+                return None
+            if not isinstance(zeros, torch.Tensor) or not is_zeros(zeros):
+                return None  # a number bound (clamp(x, min=0)): the clamp site's own path
         elif not self._positives or kwargs:
             return None  # no comparison with 0 in this forward: no mask to spell a ReLU with
         elif func in _SELECTS and len(args) == 3:

@@ -20,6 +20,7 @@ from deadrelu_cli.probe.aten_ops import (
     MASK_NEGATIONS,
     MAXIMA,
     SIGN_TESTS,
+    TENSOR_CLAMPS,
     VALUE_COPIES,
     ZERO_FACTORIES,
 )
@@ -290,6 +291,15 @@ def _spelling(node: fx.Node, graph_module: fx.GraphModule, is_zeros) -> tuple[fx
         if zero_value is None:
             return None
         zero_shape = tuple(zero_value.shape)
+    elif base in TENSOR_CLAMPS and overload == "Tensor" and not node.kwargs:
+        # clamp(x, min=Z) with a tensor Z (and no max): maximum(x, Z)
+        if len(node.args) < 2 or (len(node.args) > 2 and node.args[2] is not None):
+            return None
+        x, zeros = node.args[:2]
+        if not is_zeros(zeros, graph_module) or _example(zeros) is None:
+            return None
+        clamp = aten.clamp_min_.default if base.endswith("_") else aten.clamp_min.default
+        replacement, zero_shape = (clamp, (x, 0.0)), tuple(_example(zeros).shape)
     elif base == "where" and len(node.args) == 3 and not node.kwargs:
         tested = _sign_test(node.args[0], graph_module)
         if tested is None:

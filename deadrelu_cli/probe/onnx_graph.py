@@ -679,8 +679,11 @@ def _graph_zeros(
     formats, probe.ops above zeros_fit): a Constant node or a constant initializer of zeros (one, or a
     tensor broadcasting into `data`: torch.zeros(C)), or ConstantOfShape / Expand of zeros to Shape(data)
     (torch.zeros_like). Not a checkpoint tensor (checkpoint_tensors), even when all zero. ONNX ops take
-    one element type for both operands, so no dtype can be promoted."""
+    one element type for both operands, so no dtype can be promoted. Through Casts (zeros of any type are
+    zeros: torch's `clamp_min(x, zeros_like(x))` exports a Cast of them)."""
     node = index.producer.get(name)
+    if node is not None and node.op_type == "Cast" and len(node.input) == 1:
+        return _graph_zeros(node.input[0], data, index, checkpoint, user)
     if node is not None and node.op_type in ("ConstantOfShape", "Expand"):
         if len(node.input) != (1 if node.op_type == "ConstantOfShape" else 2):
             return False

@@ -28,6 +28,7 @@ from deadrelu_cli.probe.aten_ops import (
     PER_POSITION_OPS,
     RESHAPES,
     SIGN_TESTS,
+    TENSOR_CLAMPS,
     UNIT_REDUCTIONS,
     VALUE_COPIES,
     ZERO_FACTORIES,
@@ -286,6 +287,11 @@ class _Walker:
         if base in MAXIMA and len(inputs) == 2 and all(str(v.type()) == "Tensor" for v in inputs):
             data = [v for v in inputs if not is_zeros(env, v)]
             return data[0] if len(data) == 1 else None
+        if base in TENSOR_CLAMPS and len(inputs) >= 2 and str(inputs[1].type()) == "Tensor":
+            unbounded = len(inputs) == 2 or (  # clamp(x, min=Z) with a tensor Z, no max: maximum(x, Z)
+                inputs[2].node().kind() == "prim::Constant" and inputs[2].toIValue() is None
+            )
+            return inputs[0] if unbounded and is_zeros(env, inputs[1]) else None
         if base == "where" and len(inputs) == 3:
             tested = self._sign_test(env, inputs[0])
             if tested is None:
@@ -728,8 +734,9 @@ def _constant_dims(node, base: str) -> tuple | None:
 
 
 _MASK_OPS = MASK_CASTS | MASK_NEGATIONS
-_SPELLED_OPS = MAXIMA | {"where", "masked_fill", "masked_fill_", "mul", "mul_"}
-_SPELLINGS = MAXIMA | {"where", "masked_fill"}  # those that take zeros (a stored tensor's: no site)
+_SPELLED_OPS = MAXIMA | TENSOR_CLAMPS | {"where", "masked_fill", "masked_fill_", "mul", "mul_"}
+# those that take zeros (a stored tensor's: no site)
+_SPELLINGS = MAXIMA | TENSOR_CLAMPS | {"where", "masked_fill"}
 
 
 def _same_values(tested, x) -> bool:
@@ -846,7 +853,11 @@ class TorchScriptProbe:
         given = list(args)
         if kwargs:
             return func(*args, **kwargs)
-        if base in MAXIMA:
+        if base in TENSOR_CLAMPS:  # clamp(x, min=Z): maximum(x, Z), with no max
+            if len(given) < 2 or any(a is not None for a in given[2:]) or not self._zero(given[1]):
+                return func(*args, **kwargs)
+            x, zeros = given[:2]
+        elif base in MAXIMA:
             if len(given) != 2 or not all(isinstance(a, torch.Tensor) for a in given):
                 return func(*args, **kwargs)
             if self._zero(given[1]):
