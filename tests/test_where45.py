@@ -252,3 +252,72 @@ def test_an_activation_no_layer_placed_is_said_and_gated_at_every_rank(cli, tmp_
         said = _scan(cli, args, data, "--channel-dim", "1", "--max-dead", "1.0")
         assert not any("unit axis assumed" in n for n in said["notes"]), fmt
         assert said["layers"][0]["positive_counts"] == truth4, fmt
+
+
+LIFTED_ZERO = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc0 = nn.Linear(4, 6)
+        self.fc1 = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, h):
+        h = torch.maximum(self.fc0(h), torch.tensor(0.0))
+        h = torch.where(self.fc1(h) > 0, self.fc1(h), 0.0)
+        return self.head(h)
+
+
+def build():
+    torch.manual_seed(3)
+    model = Net()
+    with torch.no_grad():
+        model.fc0.bias[2] = -40.0
+        model.fc1.bias[0] = -40.0
+    return model.eval()
+"""
+
+
+def test_fix_and_certify_on_a_pt2_keep_a_relu_spelled_with_a_code_constant(cli, tmp_path):
+    """`torch.maximum(fc0(h), torch.tensor(0.))` (the export lifts the constant) and a select of fc1 run
+    twice, in a .pt2: `fix --strategy leaky` writes a program whose graph holds two leaky_relu nodes and no
+    maximum / where, computing leaky_relu(fc(·)) as float64 torch does with the slope it wrote; `--certify`
+    proves on both sites the units numpy's interval arithmetic proves. Before: fix copied the program's
+    module, which made the lifted constant a buffer (a checkpoint tensor: no site), so the maximum was left
+    as it was, and the written program's scan named it as a stored zero; certify read no site there."""
+    model, _ = arch_file(tmp_path / "lifted.py", LIFTED_ZERO)
+    data = save_npz(tmp_path / "d.npz", x=DATA)
+    example = torch.from_numpy(DATA[:2])
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("b", max=1024)},))
+    torch.export.save(program, tmp_path / "m.pt2")
+    out = tmp_path / "fixed.pt2"
+    fixed = cli("fix", tmp_path / "m.pt2", "--data", data, "--strategy", "leaky", "--output", out, "-q")
+    assert fixed.code == 0, fixed.err
+    written = torch.export.load(str(out))
+    targets = [str(n.target) for n in written.graph.nodes if n.op == "call_function"]
+    leaky = [n for n in written.graph.nodes if "leaky_relu" in str(n.target)]
+    assert len(leaky) == 2 and not any(("maximum" in t or "where" in t) for t in targets), targets
+    slopes = [float(n.args[1]) if len(n.args) > 1 else 0.01 for n in leaky]  # (aten's default slope)
+    h = torch.from_numpy(DATA).double()
+    for layer, slope in zip((model.fc0, model.fc1), slopes, strict=True):
+        h = torch.nn.functional.leaky_relu(
+            torch.nn.functional.linear(h, layer.weight.double(), layer.bias.double()), slope
+        )
+    expected = torch.nn.functional.linear(h, model.head.weight.double(), model.head.bias.double())
+    got = written.module()(torch.from_numpy(DATA)).double()
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    # --certify: interval arithmetic in numpy through the two layers
+    lo, hi, proven = np.full(FEATURES, -3.0), np.full(FEATURES, 3.0), []
+    for layer in (model.fc0, model.fc1):
+        w, b = layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy()
+        pre_lo = np.clip(w, 0, None) @ lo + np.clip(w, None, 0) @ hi + b
+        pre_hi = np.clip(w, 0, None) @ hi + np.clip(w, None, 0) @ lo + b
+        proven.append(np.flatnonzero(pre_hi + 1e-5 * (1 + np.abs(pre_hi)) <= 0).tolist())
+        lo, hi = np.clip(pre_lo, 0, None), np.clip(pre_hi, 0, None)
+    assert all(proven)
+    report = _scan(cli, [tmp_path / "m.pt2"], data, "--certify", "--input-range", "-3", "3")
+    assert [la["certified_dead_indices"] for la in report["layers"]] == proven

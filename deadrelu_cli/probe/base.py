@@ -568,6 +568,24 @@ def is_stored(module: torch.nn.Module, name: str) -> bool:
     )
 
 
+def copy_program_module(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of a program's module (an ExportedProgram's `module()`) whose constants of the code
+    (`torch.tensor(0.)` lifted by the export) stay plain attributes: GraphModule's deepcopy registers them
+    as buffers, and a buffer's zeros are the checkpoint's (no ReLU's Z: probe.ops), so the `maximum(x,
+    torch.tensor(0.))` the scan counted would be no site in the copy (`fix`, `--certify`)."""
+    import copy
+
+    stored = {name for name, _ in module.named_buffers()}
+    copied = copy.deepcopy(module)
+    for name, tensor in list(copied.named_buffers()):
+        if name not in stored:
+            owner, _, leaf = name.rpartition(".")
+            holder = copied.get_submodule(owner)
+            del holder._buffers[leaf]
+            setattr(holder, leaf, tensor)
+    return copied
+
+
 def keeps_dtype(x: torch.Tensor, zeros) -> bool:
     """Whether maximum(x, zeros) of a float x has x's dtype (a ReLU spelled with a maximum, probe.ops):
     a number or a 0-d tensor (not complex) does not promote a float tensor; zeros with dims promote as
