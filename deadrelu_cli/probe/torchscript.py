@@ -116,9 +116,9 @@ class _Walker:
         self.unscanned: Counter = Counter()  # activation calls of ops --ops did not ask for, per op
         self._units: int | None = None  # the units of the producer `_producer` found last
         self._calls: list[tuple[object, object]] = []  # (CallMethod node, caller module)
-        # (parameter, argument): the inputs of the model's own functions walked into (their graphs, kept
-        # alive here) and the caller's values they stand for (`_outer`)
-        self._arguments: list[tuple[object, object]] = []
+        # the inputs of the model's own functions walked into (their graphs kept alive here), by their
+        # debug names (made unique): (input, the caller's value it stands for) (`_outer`)
+        self._arguments: dict[str, tuple[object, object]] = {}
         self._function_graphs: list = []
         self._types: dict | None = None  # a module's type name -> the module (_method_code)
 
@@ -134,10 +134,12 @@ class _Walker:
     def _outer(self, value):
         """The caller's value that a parameter of a function walked into stands for (else `value`)."""
         for _ in range(16):
-            found = next((arg for param, arg in self._arguments if param == value), None)
-            if found is None:
+            if not self._arguments or value.node().kind() != "prim::Param":
                 return value
-            value = found
+            found = self._arguments.get(value.debugName())
+            if found is None or found[0] != value:
+                return value
+            value = found[1]
         return value
 
     def _walk_function(self, call, module, env: dict) -> None:
@@ -152,7 +154,8 @@ class _Walker:
         self._function_graphs.append(graph)
         inner = {}
         for param, arg in zip(graph.inputs(), list(call.inputs())[1:], strict=True):
-            self._arguments.append((param, arg))
+            param.setDebugName(f"deadrelu_argument{len(self._arguments)}")
+            self._arguments[param.debugName()] = (param, arg)
             found = self._value(env, arg)
             if found is not None:
                 inner[param.debugName()] = found
