@@ -419,6 +419,13 @@ _SPELLED_SPEC = _FunctionSpec("relu", None, clamp="spelled")
 _SPELLED_IN_PLACE_SPEC = _FunctionSpec("relu", None, True, clamp="spelled")
 
 
+def _plain(value) -> bool:
+    """None, a number, a string or a tuple of those: an argument compared by its value (note_computed)."""
+    if isinstance(value, tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, int | float | str)
+
+
 def _version(tensor: torch.Tensor) -> int | None:
     """The tensor's version counter (bumped by every in-place write to it or to a view of it), or None for
     an inference tensor, which keeps none."""
@@ -1359,11 +1366,12 @@ class EagerProbe:
     def note_computed(self, what, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         """Remember that a layer (a module, or a function such as F.linear) computed `out` from `args`."""
         tensors, others = [], []
-        for value in (*args, *kwargs.items()):
+        for key, value in (*((None, a) for a in args), *kwargs.items()):
             if isinstance(value, torch.Tensor):
                 tensors.append(weakref.ref(value))
-            elif value is None or isinstance(value, int | float | str | tuple):
-                others.append(value)
+                others.append(key)
+            elif _plain(value):
+                others.append((key, value))
             else:  # (a list of tensors, an object): not compared
                 return
         self._computed[id(out)] = (weakref.ref(out), id(what), tuple(tensors), tuple(others))
