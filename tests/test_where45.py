@@ -21,6 +21,7 @@ Truth: the model's weights in float64 torch ops, or numpy; never deadrelu. Each 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from conftest import arch_file, export_onnx, save_npz
 
@@ -321,3 +322,26 @@ def test_fix_and_certify_on_a_pt2_keep_a_relu_spelled_with_a_code_constant(cli, 
     assert all(proven)
     report = _scan(cli, [tmp_path / "m.pt2"], data, "--certify", "--input-range", "-3", "3")
     assert [la["certified_dead_indices"] for la in report["layers"]] == proven
+
+
+def test_watch_says_and_gates_an_assumed_axis():
+    """watch() on the same model in training: both layers marked as counted on an assumed axis, both notes,
+    and the window's gate fails on them (max_dead_layer=1.0 passes any count); the counts are numpy's on
+    dim 1 and on the last axis. Before: no note at rank 4 and a passing gate."""
+    from deadrelu_cli import watch
+
+    exec(COMPUTED, space := {})
+    model = space["build"]().train()
+    images = np.abs(np.random.RandomState(45).randn(6, 3, 4, 5)).astype(np.float32)
+    pre4 = images.astype(np.float64) * model.scale.detach().double().numpy() - 0.25
+    truth4 = (np.moveaxis(pre4, 1, -1).reshape(-1, 3) > 0).sum(axis=0).tolist()
+    w = watch(model, every=1, window=1, config=False, max_dead_layer=1.0)
+    with pytest.warns(UserWarning, match="counted on an assumed axis"):
+        for _ in range(2):
+            w.step()
+            model(torch.from_numpy(images)).sum().backward()
+    report, result = w.reports[0], w.gate_results[0]
+    assert [layer.extra.get("unit_axis") for layer in report.layers] == ["assumed", "assumed"]
+    assert report.layers[0].positive_counts.tolist() == truth4
+    assert sum(note.startswith("unit axis assumed") for note in report.notes) == 2, report.notes
+    assert not result.passed and any("assumed axis" in f for f in result.model_failures)
