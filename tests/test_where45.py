@@ -345,3 +345,69 @@ def test_watch_says_and_gates_an_assumed_axis():
     assert report.layers[0].positive_counts.tolist() == truth4
     assert sum(note.startswith("unit axis assumed") for note in report.notes) == 2, report.notes
     assert not result.passed and any("assumed axis" in f for f in result.model_failures)
+
+
+RECOMPUTED_CHAIN = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 6)
+        self.other = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = torch.where(self.bn(self.conv(x)) > 0, self.bn(self.conv(x)), 0.0)
+        h = y.mean(dim=(2, 3))
+        h = torch.where(self.fc(h) * 2 > 0, self.fc(h) * 2, 0.0)
+        other = self.other(h) * (self.other(h) - 1.0 > 0)  # another value's mask: no ReLU
+        return self.head(h + other)
+
+
+def build():
+    torch.manual_seed(42)
+    model = Net()
+    with torch.no_grad():
+        model.bn.bias[1] = -40.0
+        model.bn.running_var.fill_(2.0)
+        model.fc.bias[2] = -40.0
+    return model.eval()
+"""
+
+
+def test_a_chain_of_layers_run_twice_is_one_value_in_every_format(cli, tmp_path):
+    """`torch.where(bn(conv(x)) > 0, bn(conv(x)), 0)` (two layers run twice: the first conv output is freed
+    before the second is made) and `torch.where(fc(h) * 2 > 0, fc(h) * 2, 0)` (an elementwise op after
+    the layer): two sites with float64 torch's per-unit counts in eager, .pt2, scripted and ONNX, and
+    `other(h) * (other(h) - 1 > 0)` none. Before: the torch formats listed neither."""
+    model, spec = arch_file(tmp_path / "chain.py", RECOMPUTED_CHAIN)
+    images = np.random.RandomState(5).randn(6, 3, 5, 5).astype(np.float32)
+    data = save_npz(tmp_path / "d.npz", x=images)
+    with torch.no_grad():
+        double = {k: v.double() for k, v in model.state_dict().items()}
+        x = torch.from_numpy(images).double()
+        pre = torch.nn.functional.conv2d(x, double["conv.weight"], double["conv.bias"], padding=1)
+        pre = torch.nn.functional.batch_norm(
+            pre, double["bn.running_mean"], double["bn.running_var"], double["bn.weight"], double["bn.bias"]
+        )
+        first = (pre > 0).sum(dim=(0, 2, 3)).tolist()
+        h = pre.clamp(min=0).mean(dim=(2, 3))
+        second = (
+            ((torch.nn.functional.linear(h, double["fc.weight"], double["fc.bias"]) * 2) > 0).sum(0).tolist()
+        )
+    assert first[1] == 0 and second[2] == 0 and max(first) > 0 and max(second) > 0
+    example = torch.from_numpy(images[:2])
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("b", max=1024)},))
+    torch.export.save(program, tmp_path / "m.pt2")
+    with torch.no_grad():
+        torch.jit.script(model).save(tmp_path / "s.pt")
+    onnx_path = export_onnx(model, example, tmp_path / "m.onnx")
+    for args in ([tmp_path / "m.pt", "--arch", spec], [tmp_path / "m.pt2"], [tmp_path / "s.pt"], [onnx_path]):
+        layers = _scan(cli, args, data)["layers"]
+        assert [la["positive_counts"] for la in layers] == [first, second], args

@@ -419,6 +419,23 @@ _SPELLED_SPEC = _FunctionSpec("relu", None, clamp="spelled")
 _SPELLED_IN_PLACE_SPEC = _FunctionSpec("relu", None, True, clamp="spelled")
 
 
+def _same_key(first, second, depth: int) -> bool:
+    """Whether two calls (EagerProbe._call_of) are one computation: the same op and other arguments on
+    operands that are the same live tensors or, within `depth` steps, computed alike again."""
+    if isinstance(first, weakref.ref) or isinstance(second, weakref.ref):
+        return (
+            isinstance(first, weakref.ref)
+            and isinstance(second, weakref.ref)
+            and first() is not None
+            and first() is second()
+        )
+    if first is None or second is None or depth <= 0:
+        return False
+    if first[0] != second[0] or first[2] != second[2] or len(first[1]) != len(second[1]):
+        return False
+    return all(_same_key(a, b, depth - 1) for a, b in zip(first[1], second[1], strict=True))
+
+
 def _plain(value) -> bool:
     """None, a number, a string or a tuple of those: an argument compared by its value (note_computed)."""
     if isinstance(value, tuple):
@@ -555,6 +572,8 @@ class _CallSiteMode(TorchFunctionMode):
                     self.probe.propagate(
                         args[0], out, keep_producer=not any(isinstance(a, torch.Tensor) for a in others)
                     )
+                    if self.probe.computed(args[0]):  # fc(h) * 2: one value if computed again alike
+                        self.probe.note_computed(func, args, kwargs, out)
                     self.probe.carry_shift_source(args, kwargs, out)
                 elif func in self.probe.layout:
                     self.probe.relayout(func, args, kwargs, out)
@@ -1364,32 +1383,33 @@ class EagerProbe:
             )
 
     def note_computed(self, what, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
-        """Remember that a layer (a module, or a function such as F.linear) computed `out` from `args`."""
-        tensors, others = [], []
+        """Remember that a layer (a module, or a function such as F.linear), or an elementwise op on a
+        layer's output, computed `out` from `args`: its call (`_call_of`)."""
+        operands, others = [], []
         for key, value in (*((None, a) for a in args), *kwargs.items()):
             if isinstance(value, torch.Tensor):
-                tensors.append(weakref.ref(value))
+                # a tensor computed so: its own call (it may be freed before the one compared with it
+                # is made: conv(x) before bn(conv(x))); else the tensor itself
+                operands.append(self._call_of(value) or weakref.ref(value))
                 others.append(key)
             elif _plain(value):
                 others.append((key, value))
             else:  # (a list of tensors, an object): not compared
                 return
-        self._computed[id(out)] = (weakref.ref(out), id(what), tuple(tensors), tuple(others))
+        self._computed[id(out)] = (weakref.ref(out), (id(what), tuple(operands), tuple(others)))
+
+    def computed(self, tensor: torch.Tensor) -> bool:
+        return bool(self._computed) and self._call_of(tensor) is not None
 
     def _call_of(self, tensor: torch.Tensor) -> tuple | None:
-        """(what, its tensor arguments, its other arguments) of the layer call that computed `tensor`."""
+        """(what, its operands, its other arguments) of the call that computed `tensor` (note_computed)."""
         entry = self._computed.get(id(tensor))
-        return entry[1:] if entry is not None and entry[0]() is tensor else None
+        return entry[1] if entry is not None and entry[0]() is tensor else None
 
     def _same_call(self, call: tuple | None, tensor: torch.Tensor) -> bool:
-        """Whether `tensor` was computed by a call like `call` (_call_of): the same layer on the same
-        tensors, with the same other arguments."""
-        other = self._call_of(tensor)
-        if call is None or other is None or call[0] != other[0] or call[2] != other[2]:
-            return False
-        return len(call[1]) == len(other[1]) and all(
-            a() is not None and a() is b() for a, b in zip(call[1], other[1], strict=True)
-        )
+        """Whether `tensor` was computed by a call like `call` (_call_of): the same layer or op on the
+        same tensors (or on tensors computed alike again), with the same other arguments."""
+        return call is not None and _same_key(call, self._call_of(tensor), 64)
 
     def _sign_mask(self, value, x) -> bool | None:
         """Whether the mask `value` is true where x > 0 (True: `x > 0`, `x >= 0`) or where x <= 0 (False:
