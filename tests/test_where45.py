@@ -358,6 +358,7 @@ class Net(nn.Module):
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
         self.fc = nn.Linear(4, 6)
+        self.res = nn.Linear(6, 6)
         self.other = nn.Linear(6, 6)
         self.head = nn.Linear(6, 2)
 
@@ -365,6 +366,7 @@ class Net(nn.Module):
         y = torch.where(self.bn(self.conv(x)) > 0, self.bn(self.conv(x)), 0.0)
         h = y.mean(dim=(2, 3))
         h = torch.where(self.fc(h) * 2 > 0, self.fc(h) * 2, 0.0)
+        h = torch.where(self.res(h) + h > 0, self.res(h) + h, 0.0)
         other = self.other(h) * (self.other(h) - 1.0 > 0)  # another value's mask: no ReLU
         return self.head(h + other)
 
@@ -376,14 +378,15 @@ def build():
         model.bn.bias[1] = -40.0
         model.bn.running_var.fill_(2.0)
         model.fc.bias[2] = -40.0
+        model.res.bias[3] = -40.0
     return model.eval()
 """
 
 
 def test_a_chain_of_layers_run_twice_is_one_value_in_every_format(cli, tmp_path):
     """`torch.where(bn(conv(x)) > 0, bn(conv(x)), 0)` (two layers run twice: the first conv output is freed
-    before the second is made) and `torch.where(fc(h) * 2 > 0, fc(h) * 2, 0)` (an elementwise op after
-    the layer): two sites with float64 torch's per-unit counts in eager, .pt2, scripted and ONNX, and
+    before the second is made), `torch.where(fc(h) * 2 > 0, fc(h) * 2, 0)` and `torch.where(res(h) + h > 0,
+    res(h) + h, 0)` (elementwise ops after the layer, with a number or a tensor): three sites with float64 torch's per-unit counts in eager, .pt2, scripted and ONNX, and
     `other(h) * (other(h) - 1 > 0)` none. Before: the torch formats listed neither."""
     model, spec = arch_file(tmp_path / "chain.py", RECOMPUTED_CHAIN)
     images = np.random.RandomState(5).randn(6, 3, 5, 5).astype(np.float32)
@@ -397,10 +400,12 @@ def test_a_chain_of_layers_run_twice_is_one_value_in_every_format(cli, tmp_path)
         )
         first = (pre > 0).sum(dim=(0, 2, 3)).tolist()
         h = pre.clamp(min=0).mean(dim=(2, 3))
-        second = (
-            ((torch.nn.functional.linear(h, double["fc.weight"], double["fc.bias"]) * 2) > 0).sum(0).tolist()
-        )
-    assert first[1] == 0 and second[2] == 0 and max(first) > 0 and max(second) > 0
+        pre = torch.nn.functional.linear(h, double["fc.weight"], double["fc.bias"]) * 2
+        second = (pre > 0).sum(0).tolist()
+        h = pre.clamp(min=0)
+        pre = torch.nn.functional.linear(h, double["res.weight"], double["res.bias"]) + h
+        third = (pre > 0).sum(0).tolist()
+    assert first[1] == 0 and second[2] == 0 and third[3] == 0 and min(map(max, (first, second, third))) > 0
     example = torch.from_numpy(images[:2])
     torch.save(model.state_dict(), tmp_path / "m.pt")
     program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("b", max=1024)},))
@@ -410,4 +415,4 @@ def test_a_chain_of_layers_run_twice_is_one_value_in_every_format(cli, tmp_path)
     onnx_path = export_onnx(model, example, tmp_path / "m.onnx")
     for args in ([tmp_path / "m.pt", "--arch", spec], [tmp_path / "m.pt2"], [tmp_path / "s.pt"], [onnx_path]):
         layers = _scan(cli, args, data)["layers"]
-        assert [la["positive_counts"] for la in layers] == [first, second], args
+        assert [la["positive_counts"] for la in layers] == [first, second, third], args

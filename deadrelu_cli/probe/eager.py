@@ -574,6 +574,8 @@ class _CallSiteMode(TorchFunctionMode):
                     )
                     if len(args) == 2 and not kwargs and isinstance(args[1], int | float):
                         self.probe.note_scaled(func, args[0], args[1], out)  # fc(h) * 2
+                    elif self.probe.computed(args[0]):  # fc(h) + x
+                        self.probe.note_computed(func, args, kwargs, out)
                     self.probe.carry_shift_source(args, kwargs, out)
                 elif func in self.probe.layout:
                     self.probe.relayout(func, args, kwargs, out)
@@ -1398,10 +1400,13 @@ class EagerProbe:
                 return
         self._computed[id(out)] = (weakref.ref(out), (id(what), tuple(operands), tuple(others)))
 
+    def computed(self, tensor: torch.Tensor) -> bool:
+        """Whether a call computed `tensor` (note_computed): an op on it is kept as a call too."""
+        return bool(self._computed) and self._call_of(tensor) is not None
+
     def note_scaled(self, func, tensor: torch.Tensor, number, out: torch.Tensor) -> None:
-        """`out = func(tensor, number)` (`fc(h) * 2`, `fc(h) + 1`): a call of its own when `tensor` is one
-        (note_computed), so that `torch.where(fc(h) * 2 > 0, fc(h) * 2, 0)` is one value; an op with a
-        tensor operand (a residual add) is not kept, which keeps this per-op cost off most ops."""
+        """`out = func(tensor, number)` (`fc(h) * 2`, `fc(h) + 1`): a call of its own when `tensor` is one,
+        as note_computed keeps it, in the form of the most frequent case, at a third of its cost."""
         call = self._call_of(tensor) if self._computed else None
         if call is not None:
             self._computed[id(out)] = (weakref.ref(out), (id(func), (call,), (None, (None, number))))
