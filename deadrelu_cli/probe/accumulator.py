@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import LAYOUT_AMBIGUOUS, PIXELS_FLATTENED, PIXELS_MIXED, ROW_ORDER_AMBIGUOUS
+from deadrelu_cli.native import ReluStats, relu_stats
 from deadrelu_cli.probe.ops import (
     TOKEN_FLAT,
     TOKEN_FLAT_TIME_MAJOR,
@@ -659,6 +661,9 @@ class SiteAccumulator:
             return None
         if dims != [0] and dims != [0, *range(2, view.dim())]:  # units neither last nor at dim 1
             return None
+        kernel = relu_stats() if pre.dtype == torch.float32 else None
+        if kernel is not None:
+            return self._run_relu_compiled(kernel, pre, view, dims, in_place)
         short = len(dims) > 1 and view[0, 0].numel() < SHORT_ROW
         if short:  # reduced over the samples first, in slices of at most LANE_LIMIT samples
             row_bytes = view[0].numel() * view.element_size()
@@ -689,6 +694,49 @@ class SiteAccumulator:
         torch.maximum(self.max_pre, batch_max, out=self.max_pre)  # maximum propagates NaN
         if not positive_max and bool((self.max_pre > 0).all()):
             self._positive_max = self.max_pre  # from now on, while these counters live
+        self.elements_per_unit += pre.numel() // units
+        self._fused_batch = False
+        self.masked_now = False
+        return out
+
+    def _run_relu_compiled(
+        self, kernel: ReluStats, pre: torch.Tensor, view: torch.Tensor, dims: list[int], in_place: bool
+    ) -> torch.Tensor | None:
+        """run_relu_in_parts with the compiled kernel (native.relu_stats): the relu and all three
+        statistics in one pass, at any size; the batch's max, count and sum go straight into the
+        counters (float64 / int64, which the kernel writes in place)."""
+        units = self._check_units(pre)
+        if units == 0 or view.numel() == 0 or view.numel() // units >= 2**31:
+            return None
+        counters = (self.max_pre, self.positive, self.sum_abs)
+        if any(t.device.type != "cpu" or not t.is_contiguous() for t in counters) or (
+            self.max_pre.dtype,
+            self.positive.dtype,
+            self.sum_abs.dtype,
+        ) != (torch.float64, torch.int64, torch.float64):
+            return None
+        out = pre if in_place else torch.empty_like(pre)
+        if out.stride() != pre.stride():
+            return None
+        if dims == [0]:  # [rows, units]
+            outer, length, columns = view.shape[0], 1, True
+        else:  # [N, C, L]: short rows are read down their columns too
+            outer, length = view.shape[0], view[0, 0].numel()
+            columns = length < SHORT_ROW
+        kernel.run(
+            pre.data_ptr(),
+            out.data_ptr(),
+            outer,
+            units,
+            length,
+            columns,
+            torch.get_num_threads(),
+            self.max_pre.data_ptr(),
+            self.positive.data_ptr(),
+            self.sum_abs.data_ptr(),
+        )
+        if in_place:  # written through its address: say so, as relu_ would (eager reads version counters)
+            increment_version(pre)
         self.elements_per_unit += pre.numel() // units
         self._fused_batch = False
         self.masked_now = False
@@ -842,6 +890,17 @@ def _counter_thread() -> ThreadPoolExecutor:
 
 CACHE_PART_BYTES = 2 << 20  # what the count's two passes over one part can share in cache
 SMALL_PART_BYTES = 256 << 10  # a smaller activation is counted the general way: a few kernels either way
+
+
+def counted_while_running(pre: torch.Tensor) -> bool:
+    """Whether a relu's input is worth SiteAccumulator.run_relu_in_parts: a CPU tensor, of any size where
+    the compiled kernel counts it (one call), else of SMALL_PART_BYTES or more (several ATen kernels a
+    slice pay off only on large activations)."""
+    if pre.device.type != "cpu":
+        return False
+    if pre.numel() * pre.element_size() >= SMALL_PART_BYTES:
+        return True
+    return pre.dtype == torch.float32 and relu_stats() is not None
 
 
 def _cache_sized_parts(tensor: torch.Tensor, dims: list[int]) -> list[torch.Tensor]:

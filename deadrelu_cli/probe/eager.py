@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from deadrelu_cli.probe.accumulator import SMALL_PART_BYTES
+from deadrelu_cli.probe.accumulator import counted_while_running
 from deadrelu_cli.probe.base import (
     PER_POSITION_ELEMENTWISE,
     REDUCTIONS,
@@ -1457,7 +1457,7 @@ class EagerProbe:
 
     def run_in_parts(self, name: str, op: str, pre: torch.Tensor, in_place: bool) -> torch.Tensor | None:
         """The relu run and counted slice by slice (SiteRegistry.run_relu_in_parts), or None."""
-        if pre.device.type != "cpu" or pre.numel() * pre.element_size() < SMALL_PART_BYTES:
+        if not counted_while_running(pre):
             return None
         self._note_source(name, pre)
         return self.registry.run_relu_in_parts(name, op, pre, in_place, *self._site_facts(pre))

@@ -1,0 +1,170 @@
+"""The one compiled kernel (csrc/relu_stats.c): a float32 relu run and counted in one pass over memory.
+
+Built once per machine with the system's C compiler (a fraction of a second), kept in the user's cache
+directory and loaded with ctypes. Why compiled: with ATen's kernels the eager probe needs five passes per
+slice of a relu's output for its max, count and sum, ~4–6% of a CPU forward pass; this kernel is the relu
+itself plus a few vector instructions (docs/performance.md). Why built here rather than shipped: the package
+stays one pure-Python wheel for every platform. Where there is no C compiler with OpenMP, or
+`DEADRELU_NATIVE=0`, the ATen kernels count instead, with the same numbers.
+
+Framework-free: it takes raw addresses, so any caller that owns the memory can use it."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("csrc") / "relu_stats.c"
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
+SWITCH = "DEADRELU_NATIVE"  # "0": never build or load the kernel
+BUILD_SECONDS = 120
+
+
+class ReluStats:
+    """The loaded kernel. `run` counts one batch into float64/int64 accumulators in place."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self._run = library.deadrelu_relu_stats
+        self._run.restype = None
+        self._run.argtypes = [
+            ctypes.c_void_p,  # x
+            ctypes.c_void_p,  # y (may be x)
+            ctypes.c_int64,  # outer
+            ctypes.c_int64,  # units
+            ctypes.c_int64,  # length of a unit's row (1: units last)
+            ctypes.c_int,  # columns
+            ctypes.c_int,  # threads
+            ctypes.c_void_p,  # scratch
+            ctypes.c_void_p,  # max (float64)
+            ctypes.c_void_p,  # count (int64)
+            ctypes.c_void_p,  # sum (float64)
+        ]
+        self._scratch_bytes = library.deadrelu_scratch_bytes
+        self._scratch_bytes.restype = ctypes.c_int64
+        self._scratch_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+        self._local = threading.local()  # one scratch buffer per thread, kept and grown
+
+    def run(
+        self,
+        x: int,
+        y: int,
+        outer: int,
+        units: int,
+        length: int,
+        columns: bool,
+        threads: int,
+        maximum: int,
+        count: int,
+        total: int,
+    ) -> None:
+        """y = relu(x) for contiguous float32 x of [outer, units, length] (y may be x), and per unit the
+        max of x, the count of x > 0 and the sum of y added into `maximum`, `count` and `total` (float64,
+        int64, float64 arrays of `units`). `columns`: read x as [outer, units*length] (units last, or
+        short rows), else as outer*units rows of `length` each."""
+        need = max(8, self._scratch_bytes(units, length, int(columns), threads))
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or ctypes.sizeof(buffer) < need:
+            buffer = self._local.buffer = (ctypes.c_double * (need // 8 + 1))()  # 8-byte aligned
+        self._run(x, y, outer, units, length, int(columns), threads, buffer, maximum, count, total)
+
+
+_lock = threading.Lock()
+_loaded: tuple[ReluStats | None, str] | None = None
+
+
+def relu_stats() -> ReluStats | None:
+    """The kernel, built and loaded on first use; None where it cannot be (`status()` says why)."""
+    global _loaded
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                _loaded = _load()
+    return _loaded[0]
+
+
+def status() -> str:
+    """What the kernel is: where it was loaded from, or why it is not used."""
+    relu_stats()
+    assert _loaded is not None
+    return _loaded[1]
+
+
+def cache_dir() -> Path:
+    """Where the built library is kept: $XDG_CACHE_HOME/deadrelu/native (~/.cache/deadrelu/native). The
+    user's own directory, never a shared one such as /tmp, where another user could put a library there."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "deadrelu" / "native"
+
+
+def compiler() -> list[str] | None:
+    """The C compiler to build with: $CC (with its arguments), else cc, gcc or clang on PATH."""
+    named = shlex.split(os.environ.get("CC", ""))
+    if named and shutil.which(named[0]):
+        return [shutil.which(named[0]), *named[1:]]
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return [found]
+    return None
+
+
+def _load() -> tuple[ReluStats | None, str]:
+    if os.environ.get(SWITCH, "1").strip() == "0":
+        return None, f"off ({SWITCH}=0)"
+    command = compiler()
+    if command is None:
+        return None, "no C compiler ($CC, cc, gcc or clang): the ATen kernels count"
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join([*command, *FLAGS]).encode(), platform.machine().encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / f"relu_stats-{key}.so"
+    if not target.is_file():
+        error = _build(command, target)
+        if error is not None:
+            return None, error
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError as exc:
+        return None, f"could not load {target}: {exc}"
+    return ReluStats(library, target), f"loaded {target}"
+
+
+def _build(command: list[str], target: Path) -> str | None:
+    """Compile SOURCE into `target`, atomically (a temporary file renamed: two processes building at once
+    both end with a whole library). The reason it failed, or None."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
+        os.close(handle)
+    except OSError as exc:
+        return f"cannot write the kernel's cache {target.parent}: {exc.strerror or exc}"
+    try:
+        done = subprocess.run(
+            [*command, *FLAGS, "-o", temporary, str(SOURCE)],
+            capture_output=True,
+            text=True,
+            timeout=BUILD_SECONDS,
+            check=False,
+        )
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            return (
+                f"{command[0]} could not build the kernel: {lines[0] if lines else f'exit {done.returncode}'}"
+            )
+        os.replace(temporary, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{command[0]} could not build the kernel: {exc}"
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)

@@ -1,0 +1,181 @@
+"""The compiled counting kernel (deadrelu_cli/native.py, csrc/relu_stats.c), issue 22.
+
+* its relu is bit for bit ATen's (-0.0 and NaN kept) and its max / count / sum per unit are numpy's in
+  float64, for every way it reads a batch (long rows, short rows down their columns, units last), row
+  counts and widths that leave vector and block remainders, one to five threads, in place and not;
+* where it cannot be built (no compiler, a compiler that fails, an unwritable cache, DEADRELU_NATIVE=0)
+  it says why and the probe counts with ATen's kernels instead (tests/test_eager_fast.py runs its tests
+  both ways);
+* a failed build leaves nothing behind, and a build is atomic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import compiled_kernel
+
+from deadrelu_cli import native
+from deadrelu_cli.probe import accumulator
+
+
+def _batch(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Mostly mixed signs; unit 0 never fires, unit 1 always does; units 2 and the last get NaN, -0.0,
+    +inf, -inf and a subnormal."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen) - 0.3
+    x.select(1, 0).copy_(-x.select(1, 0).abs() - 1e-3)
+    x.select(1, 1).copy_(x.select(1, 1).abs() + 1e-3)
+    specials = torch.tensor([float("nan"), -0.0, float("inf"), float("-inf"), 1e-45, -0.0, 2.0, -0.0])
+    for index in {2, x.shape[1] - 1}:  # the last unit: the kernels' remainder lanes and columns
+        unit = x.select(1, index)
+        values = unit.reshape(-1).clone()
+        take = min(values.numel(), len(specials))
+        values[:take] = specials[:take] if index == 2 else specials.flip(0)[:take]
+        unit.copy_(values.view(unit.shape))
+    return x
+
+
+def _truth(batches: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    pre = np.concatenate([np.moveaxis(x.double().numpy(), 1, -1).reshape(-1, x.shape[1]) for x in batches])
+    with np.errstate(invalid="ignore"):
+        count = (pre > 0).sum(0)
+    total = np.maximum(np.nan_to_num(pre, nan=0.0, posinf=np.inf), 0.0).sum(0)
+    total = np.where(np.isnan(pre).any(0), np.nan, total)
+    return np.max(pre, 0), count, total, pre.shape[0]
+
+
+SHAPES = [  # [N, C, ...] as made; units_last: counted as x.movedim(1, -1) (units on the last axis)
+    ((3, 5, 200), False),  # long rows of 200: 12 vectors and 8 left
+    ((2, 3, 128), False),  # the shortest long row
+    ((4, 37, 127), False),  # the longest short row: read down its columns
+    ((67, 7, 7, 7), False),  # short rows, 67 samples: 16 blocks of 4 rows and 3 left
+    ((1, 3, 2, 3), False),  # one sample
+    ((131, 37), True),  # units last, 37 units (2 vectors and 5 left), 131 rows (2 blocks of 64 and 3)
+    ((5, 2048, 40), True),  # [B, T, F]
+]
+
+
+@pytest.mark.parametrize(
+    ("shape", "units_last"),
+    SHAPES,
+    ids=["x".join(map(str, s)) + ("-last" if last else "") for s, last in SHAPES],
+)
+@pytest.mark.parametrize("threads", [1, 2, 5])
+@pytest.mark.parametrize("in_place", [False, True], ids=["out", "in_place"])
+def test_kernel_matches_numpy_and_atens_relu(shape, units_last, threads, in_place):
+    kernel = compiled_kernel()
+    units = shape[1]
+    batches = [_batch(shape, seed) for seed in range(3)]
+    want_max, want_count, want_sum, elements = _truth(batches)
+    maximum = torch.full((units,), -torch.inf, dtype=torch.float64)
+    count = torch.zeros(units, dtype=torch.int64)
+    total = torch.zeros(units, dtype=torch.float64)
+    for x in batches:
+        x = x.movedim(1, -1).contiguous() if units_last else x.contiguous()
+        want = torch.relu(x)
+        out = x if in_place else torch.empty_like(x)
+        if units_last:
+            outer, length, columns = x.numel() // units, 1, True
+        else:
+            outer, length = x.shape[0], x[0, 0].numel()
+            columns = length < accumulator.SHORT_ROW
+        kernel.run(
+            x.data_ptr(),
+            out.data_ptr(),
+            outer,
+            units,
+            length,
+            columns,
+            threads,
+            maximum.data_ptr(),
+            count.data_ptr(),
+            total.data_ptr(),
+        )
+        assert torch.equal(out.view(torch.int32), want.view(torch.int32))  # bit for bit, NaNs included
+    np.testing.assert_array_equal(count.numpy(), want_count)
+    assert count[0] == 0 and count[1] == elements
+    np.testing.assert_array_equal(maximum.numpy(), want_max)  # NaN where a NaN was
+    np.testing.assert_allclose(total.numpy(), want_sum, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last"),
+    [((6, 5, 33, 33), False), ((6, 5, 33, 33), True), ((9, 512, 7, 7), False), ((9, 512, 7, 7), True)]
+    + [((3, 70, 96), False)],
+    ids=["long", "long-channels_last", "short", "short-channels_last", "rank3"],
+)
+def test_probe_counts_through_the_kernel(shape, channels_last, monkeypatch):
+    """SiteAccumulator.run_relu_in_parts hands a batch of any size to the kernel (channels_last read as
+    units last); two batches against numpy, and nothing else counted (the ATen slices never ran)."""
+    compiled_kernel()
+    monkeypatch.setattr(accumulator, "_count_relu_parts", None)  # the ATen path would fail if it ran
+    monkeypatch.setattr(accumulator, "_count_relu_columns", None)
+    batches = [_batch(shape, seed) for seed in (7, 8)]
+    if channels_last:
+        batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
+    want_max, want_count, want_sum, elements = _truth(batches)
+    site = accumulator.SiteAccumulator("site", "relu", 1)
+    for x in batches:
+        want = torch.relu(x)
+        version = x._version
+        got = site.run_relu_in_parts(x, True, 0.0)
+        assert got is x and x._version > version  # in place, and its version counter says so
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    np.testing.assert_array_equal(site.positive.numpy(), want_count)
+    np.testing.assert_array_equal(site.max_pre.numpy(), want_max)
+    np.testing.assert_allclose(site.sum_abs.numpy(), want_sum, rtol=1e-6)
+    assert site.elements_per_unit == elements
+
+
+def _fresh_load(monkeypatch, tmp_path, **env: str) -> tuple[native.ReluStats | None, str]:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(native, "_loaded", None)
+    return native.relu_stats(), native.status()
+
+
+def test_switched_off_by_the_environment(monkeypatch, tmp_path):
+    kernel, why = _fresh_load(monkeypatch, tmp_path, DEADRELU_NATIVE="0")
+    assert kernel is None and why == "off (DEADRELU_NATIVE=0)"
+    assert not (tmp_path / "cache").exists()  # nothing built
+
+
+def test_no_compiler(monkeypatch, tmp_path):
+    monkeypatch.delenv("CC", raising=False)
+    kernel, why = _fresh_load(monkeypatch, tmp_path, PATH=str(tmp_path / "empty"))
+    assert kernel is None and why.startswith("no C compiler")
+
+
+def test_a_failed_build_says_why_and_leaves_nothing(monkeypatch, tmp_path):
+    broken = tmp_path / "bin" / "cc"
+    broken.parent.mkdir()
+    broken.write_text("#!/bin/sh\necho 'cc: error: no such target' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    kernel, why = _fresh_load(monkeypatch, tmp_path, CC=str(broken))
+    assert kernel is None and why == f"{broken} could not build the kernel: cc: error: no such target"
+    assert list((tmp_path / "cache" / "deadrelu" / "native").iterdir()) == []  # no partial library
+
+
+def test_an_unwritable_cache_says_so(monkeypatch, tmp_path):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache directory would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setattr(native, "_loaded", None)
+    assert native.relu_stats() is None
+    assert native.status().startswith(f"cannot write the kernel's cache {blocked / 'deadrelu' / 'native'}")
+
+
+def test_built_once_into_the_cache_then_loaded(monkeypatch, tmp_path):
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    kernel, why = _fresh_load(monkeypatch, tmp_path)
+    assert kernel is not None, why
+    built = list((tmp_path / "cache" / "deadrelu" / "native").iterdir())
+    assert built == [kernel.path] and why == f"loaded {kernel.path}"
+    stamp = kernel.path.stat().st_mtime_ns
+    monkeypatch.setattr(native, "_loaded", None)
+    again = native.relu_stats()
+    assert again is not None and again.path == kernel.path and kernel.path.stat().st_mtime_ns == stamp
