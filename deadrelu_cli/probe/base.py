@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from deadrelu_cli.probe.accumulator import PixelMask, PositionMask, SiteAccumulator, position_mask
+from deadrelu_cli.probe.accumulator import (
+    PixelMask,
+    PositionMask,
+    SiteAccumulator,
+    counted_while_running,
+    position_mask,
+)
 from deadrelu_cli.probe.ops import reshaped_unit_axis, resolve_channel_dim, unit_axis_reduced
 from deadrelu_cli.stats import LayerStats
 
@@ -223,6 +229,7 @@ class SiteRegistry:
         ):
             return None
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known, axis_lost)
+        site.call_hint, self.call_hint = self.call_hint, None  # as record_pre hands it on
         return site.run_relu_in_parts(pre, in_place, self.settings.threshold)
 
     def record_post(self, name: str, post: torch.Tensor) -> None:
@@ -612,6 +619,39 @@ def call_and_record(
         before(pre)
     after(out)
     return out
+
+
+# the relu kernels a graph calls (ExportedProgram nodes, TorchScript's dispatched ops): run as the probe's
+# own relu (clamp_min(x, 0), bit for bit these); other spellings of a relu run as written
+ATEN_RELUS = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
+
+
+def run_static_site(registry: SiteRegistry, site, func, args: tuple, kwargs: dict, in_place: bool) -> object:
+    """call_and_record for a site known from a graph (ExportedProgram, TorchScript); a plain relu on the
+    CPU is run and counted in one pass instead (SiteRegistry.run_relu_in_parts), as in eager."""
+    pre = args[0] if args else None
+    if (
+        site.op == "relu"
+        and func in ATEN_RELUS
+        and len(args) == 1
+        and not kwargs
+        and isinstance(pre, torch.Tensor)
+        and counted_while_running(pre)
+    ):
+        out = registry.run_relu_in_parts(
+            site.name,
+            site.op,
+            pre,
+            in_place,
+            infer_channel_dim(pre.dim(), site.channel_first, site.unit_axis),
+            site.module_type,
+            site.producer,
+            site.channel_first is not None or site.unit_axis is not None,
+            site.axis_lost,
+        )
+        if out is not None:
+            return out
+    return call_and_record(func, args, kwargs, site.op, in_place, *static_site_hooks(registry, site))
 
 
 def static_site_hooks(registry: SiteRegistry, site) -> tuple[Callable, Callable]:
