@@ -79,6 +79,8 @@ class ReluStats:
 
 _lock = threading.Lock()
 _loaded: tuple[ReluStats | None, str] | None = None
+_started = threading.Lock()
+_builder: threading.Thread | None = None
 
 
 def relu_stats() -> ReluStats | None:
@@ -89,6 +91,17 @@ def relu_stats() -> ReluStats | None:
             if _loaded is None:
                 _loaded = _load()
     return _loaded[0]
+
+
+def prepare() -> None:
+    """Load the kernel on a background thread (building it the first time, ~1 s), so that a first build
+    overlaps the model's loading; relu_stats() then waits for it, so every batch of a scan is counted
+    the same way whatever the timing."""
+    global _builder
+    with _started:
+        if _loaded is None and _builder is None:
+            _builder = threading.Thread(target=relu_stats, name="deadrelu-native", daemon=True)
+            _builder.start()
 
 
 def status() -> str:

@@ -11,11 +11,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from conftest import compiled_kernel
+from torch import nn
+from truth import capture
 
+import deadrelu_cli
 from deadrelu_cli import native
 from deadrelu_cli.probe import accumulator
 
@@ -103,8 +108,8 @@ def test_kernel_matches_numpy_and_atens_relu(shape, units_last, threads, in_plac
 @pytest.mark.parametrize(
     ("shape", "channels_last"),
     [((6, 5, 33, 33), False), ((6, 5, 33, 33), True), ((9, 512, 7, 7), False), ((9, 512, 7, 7), True)]
-    + [((3, 70, 96), False)],
-    ids=["long", "long-channels_last", "short", "short-channels_last", "rank3"],
+    + [((3, 70, 96), False), ((2, 3000, 50), False)],
+    ids=["long", "long-channels_last", "short", "short-channels_last", "rank3", "short-many-columns"],
 )
 def test_probe_counts_through_the_kernel(shape, channels_last, monkeypatch):
     """SiteAccumulator.run_relu_in_parts hands a batch of any size to the kernel (channels_last read as
@@ -179,3 +184,87 @@ def test_built_once_into_the_cache_then_loaded(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_loaded", None)
     again = native.relu_stats()
     assert again is not None and again.path == kernel.path and kernel.path.stat().st_mtime_ns == stamp
+
+
+class _Graphable(nn.Module):
+    """relu in place on a conv map, out of place on a short-row map, and on a linear layer's units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=3)
+        self.act2 = nn.ReLU()
+        self.fc = nn.Linear(16 * 6 * 6, 24)
+        self.act3 = nn.ReLU()
+
+    def forward(self, x):
+        h = self.act2(self.conv2(self.act1(self.conv1(x))))  # [N, 8, 18, 18], then [N, 16, 6, 6]
+        return self.act3(self.fc(h.flatten(1)))
+
+
+@pytest.mark.parametrize("kind", ["scripted", "traced", "exported_program"])
+def test_graph_formats_count_through_the_kernel(kind, tmp_path, monkeypatch):
+    """TorchScript and torch.export files run their CPU relus through the kernel too (they counted with
+    ATen's general path before): against plain forward hooks on the eager model."""
+    compiled_kernel()
+    torch.manual_seed(3)
+    model = _Graphable().eval()
+    with torch.no_grad():
+        model.conv2.bias.sub_(0.3)
+        model.fc.bias[:5] = -50.0  # five units that never fire
+    x = np.random.default_rng(4).standard_normal((21, 3, 18, 18)).astype(np.float32)
+    example = torch.from_numpy(x[:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "scripted":
+            torch.jit.script(model).save(str(tmp_path / "m.pt"))
+        elif kind == "exported_program":
+            program = torch.export.export(
+                model, (example,), dynamic_shapes=({0: torch.export.Dim("b", min=1)},)
+            )
+            torch.export.save(program, str(tmp_path / "m.pt2"))
+        else:
+            torch.jit.trace(model, example).save(str(tmp_path / "m.pt"))
+    path = tmp_path / ("m.pt2" if kind == "exported_program" else "m.pt")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x)
+    calls = []
+    real = native.ReluStats.run
+    monkeypatch.setattr(native.ReluStats, "run", lambda self, *a: calls.append(a[3]) or real(self, *a))
+    report = deadrelu_cli.scan(
+        str(path),
+        str(data),
+        device="cpu",
+        batch_size=8,
+    )
+    truths = capture(model, [torch.from_numpy(x[i : i + 8]) for i in range(0, len(x), 8)])
+    assert sorted(calls) == sorted([8, 16, 24] * 3)  # units of each site, for each of the 3 batches
+    layers = {layer.name: layer for layer in report.layers}
+    assert set(layers) == set(truths) == {"act1", "act2", "act3"}
+    for name, truth in truths.items():
+        pre = np.moveaxis(truth.pre, 1, -1).reshape(-1, truth.pre.shape[1])
+        layer = layers[name]
+        np.testing.assert_array_equal(layer.positive_counts, (pre > 0).sum(0), err_msg=name)
+        np.testing.assert_array_equal(layer.max_preactivation, pre.max(0), err_msg=name)
+        np.testing.assert_allclose(layer.sum_abs, np.maximum(pre, 0).sum(0), rtol=1e-6, err_msg=name)
+    assert (layers["act3"].positive_counts[:5] == 0).all()
+
+
+def test_prepared_in_the_background_then_waited_for(monkeypatch, tmp_path):
+    """prepare() builds on a thread (a first build overlaps the model's loading); relu_stats() waits for
+    that build rather than starting its own or counting without it."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "_builder", None)
+    builds = []
+    real_build = native._build
+    monkeypatch.setattr(native, "_build", lambda *a: builds.append(a) or real_build(*a))
+    native.prepare()
+    native.prepare()  # once
+    assert native._builder is not None and native._builder.name == "deadrelu-native"
+    kernel = native.relu_stats()
+    assert kernel is not None and kernel.path.parent == tmp_path / "cache" / "deadrelu" / "native"
+    assert len(builds) == 1

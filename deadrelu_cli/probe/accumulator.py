@@ -720,9 +720,10 @@ class SiteAccumulator:
             return None
         if dims == [0]:  # [rows, units]
             outer, length, columns = view.shape[0], 1, True
-        else:  # [N, C, L]: short rows are read down their columns too
+        else:  # [N, C, L]: short rows are read down their columns too, unless a sample has so many
+            # columns that the kernel's per-column results (28 bytes each, per thread) would be large
             outer, length = view.shape[0], view[0, 0].numel()
-            columns = length < SHORT_ROW
+            columns = length < SHORT_ROW and units * length <= COLUMN_LIMIT
         kernel.run(
             pre.data_ptr(),
             out.data_ptr(),
@@ -1011,6 +1012,7 @@ def word_dtype(length: int) -> torch.dtype | None:
 
 
 SHORT_ROW = 128  # [N, C, L] with fewer than this many elements per row: _count_relu_columns
+COLUMN_LIMIT = 1 << 17  # the compiled kernel reads short rows down at most this many columns
 
 
 def _count_relu_columns(
