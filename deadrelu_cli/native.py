@@ -96,7 +96,8 @@ def relu_stats() -> ReluStats | None:
 def prepare() -> None:
     """Load the kernel on a background thread (building it the first time, ~1 s), so that a first build
     overlaps the model's loading; relu_stats() then waits for it, so every batch of a scan is counted
-    the same way whatever the timing."""
+    the same way whatever the timing. Call it after importing torch: the library then links to the
+    OpenMP runtime torch has loaded rather than loading the system's first."""
     global _builder
     with _started:
         if _loaded is None and _builder is None:

@@ -11,7 +11,12 @@
 
 from __future__ import annotations
 
+import ast
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,3 +273,30 @@ def test_prepared_in_the_background_then_waited_for(monkeypatch, tmp_path):
     kernel = native.relu_stats()
     assert kernel is not None and kernel.path.parent == tmp_path / "cache" / "deadrelu" / "native"
     assert len(builds) == 1
+
+
+def test_the_kernel_shares_torchs_openmp_runtime(tmp_path):
+    """A CPU scan loads torch before the kernel, so the kernel's libgomp.so.1 is the one torch loaded:
+    one OpenMP thread pool in the process, not two."""
+    compiled_kernel()
+    torch.save(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).state_dict(), tmp_path / "m.pt")
+    (tmp_path / "arch.py").write_text(
+        "from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Linear(4, 8), nn.ReLU())\n"
+    )
+    np.savez(tmp_path / "d.npz", x=np.ones((3, 4), np.float32))
+    script = (
+        "import deadrelu_cli\n"
+        f"deadrelu_cli.scan({str(tmp_path / 'm.pt')!r}, {str(tmp_path / 'd.npz')!r}, "
+        f"arch={str(tmp_path / 'arch.py') + ':build'!r}, device='cpu')\n"
+        "from deadrelu_cli import native\n"
+        "assert native.relu_stats() is not None, native.status()\n"
+        "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l}))\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # a first build, in the background
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    mapped = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    torch_lib = Path(torch.__file__).parent / "lib"
+    assert len(mapped) == 1 and Path(mapped[0]).parent == torch_lib, mapped

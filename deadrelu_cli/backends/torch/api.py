@@ -43,6 +43,8 @@ def load_and_scan(options: ScanOptions, data: CalibrationData, device: str):
     from deadrelu_cli.loaders import load_model
 
     if device == "cpu":
+        import torch  # noqa: F401  (first: the kernel then shares the OpenMP runtime torch loads)
+
         native.prepare()  # a first build of the counting kernel overlaps the model's loading
     model = load_model(
         LoadOptions(
