@@ -1,4 +1,4 @@
-"""The one compiled kernel (csrc/relu_stats.c): a float32 relu run and counted in one pass over memory.
+"""The one compiled kernel (csrc/relu_stats.c): a float32 relu or relu6 run and counted in one pass over memory.
 
 Built once per machine with the system's C compiler (a fraction of a second), kept in the user's cache
 directory and loaded with ctypes. Why compiled: with ATen's kernels the eager probe needs five passes per
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shlex
@@ -44,9 +45,11 @@ class ReluStats:
             ctypes.c_int,  # columns
             ctypes.c_int,  # threads
             ctypes.c_void_p,  # scratch
+            ctypes.c_float,  # cap (relu6: 6; relu: +inf)
             ctypes.c_void_p,  # max (float64)
             ctypes.c_void_p,  # count (int64)
             ctypes.c_void_p,  # sum (float64)
+            ctypes.c_void_p,  # count at the cap (int64; None for relu)
         ]
         self._scratch_bytes = library.deadrelu_scratch_bytes
         self._scratch_bytes.restype = ctypes.c_int64
@@ -65,16 +68,24 @@ class ReluStats:
         maximum: int,
         count: int,
         total: int,
+        cap: float | None = None,
+        at_cap: int | None = None,
     ) -> None:
         """y = relu(x) for contiguous float32 x of [outer, units, length] (y may be x), and per unit the
         max of x, the count of x > 0 and the sum of y added into `maximum`, `count` and `total` (float64,
         int64, float64 arrays of `units`). `columns`: read x as [outer, units*length] (units last, or
-        short rows), else as outer*units rows of `length` each."""
+        short rows), else as outer*units rows of `length` each. With `cap` (relu6: 6.0), y = min(relu(x),
+        cap) and the count of x >= cap is added into `at_cap` (int64)."""
         need = max(8, self._scratch_bytes(units, length, int(columns), threads))
         buffer = getattr(self._local, "buffer", None)
         if buffer is None or ctypes.sizeof(buffer) < need:
             buffer = self._local.buffer = (ctypes.c_double * (need // 8 + 1))()  # 8-byte aligned
-        self._run(x, y, outer, units, length, int(columns), threads, buffer, maximum, count, total)
+        if (cap is None) != (at_cap is None):
+            raise ValueError("cap and at_cap go together")
+        limit = math.inf if cap is None else cap
+        self._run(
+            x, y, outer, units, length, int(columns), threads, buffer, limit, maximum, count, total, at_cap
+        )
 
 
 _lock = threading.Lock()

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import compiled_kernel
 from torch import nn
 from truth import capture
@@ -28,16 +29,20 @@ from truth import capture
 import deadrelu_cli
 from deadrelu_cli import native
 from deadrelu_cli.probe import accumulator
+from deadrelu_cli.probe.base import ProbeSettings
+from deadrelu_cli.probe.eager import EagerProbe
 
 
 def _batch(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Mostly mixed signs; unit 0 never fires, unit 1 always does; units 2 and the last get NaN, -0.0,
-    +inf, -inf and a subnormal."""
+    """Mixed signs, a quarter above 6; unit 0 never fires, unit 1 always does; units 2 and the last get
+    NaN (of either sign), -0.0, +inf, -inf, a subnormal and values at, above and just below 6."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=gen) - 0.3
+    x = (torch.randn(*shape, generator=gen) - 0.3) * 6
     x.select(1, 0).copy_(-x.select(1, 0).abs() - 1e-3)
     x.select(1, 1).copy_(x.select(1, 1).abs() + 1e-3)
-    specials = torch.tensor([float("nan"), -0.0, float("inf"), float("-inf"), 1e-45, -0.0, 2.0, -0.0])
+    specials = torch.tensor(
+        [float("nan"), -0.0, float("inf"), float("-inf"), 1e-45, 6.0, -float("nan"), 7.0, 5.9999995, -0.0]
+    )
     for index in {2, x.shape[1] - 1}:  # the last unit: the kernels' remainder lanes and columns
         unit = x.select(1, index)
         values = unit.reshape(-1).clone()
@@ -47,14 +52,20 @@ def _batch(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return x
 
 
-def _truth(batches: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _truth(batches: list[torch.Tensor], op: str) -> dict:
+    """Per unit, in float64 over every sample and position: max of x, count of x > 0, sum of the op's
+    output (NaN where a NaN was), count at the cap (relu6), and the elements per unit."""
     pre = np.concatenate([np.moveaxis(x.double().numpy(), 1, -1).reshape(-1, x.shape[1]) for x in batches])
     with np.errstate(invalid="ignore"):
-        count = (pre > 0).sum(0)
-    total = np.maximum(np.nan_to_num(pre, nan=0.0, posinf=np.inf), 0.0).sum(0)
-    total = np.where(np.isnan(pre).any(0), np.nan, total)
-    return np.max(pre, 0), count, total, pre.shape[0]
+        post = np.maximum(pre, 0.0) if op == "relu" else np.minimum(np.maximum(pre, 0.0), 6.0)
+        truth = {"max": np.max(pre, 0), "count": (pre > 0).sum(0), "at_cap": (pre >= 6.0).sum(0)}
+    with np.errstate(over="ignore"):  # +inf in the sums of relu's units 2 and last
+        truth["sum"] = np.where(np.isnan(pre).any(0), np.nan, np.nan_to_num(post, nan=0.0).sum(0))
+    truth["elements"] = pre.shape[0]
+    return truth
 
+
+ATEN = {"relu": torch.relu, "relu6": torch.nn.functional.relu6}
 
 SHAPES = [  # [N, C, ...] as made; units_last: counted as x.movedim(1, -1) (units on the last axis)
     ((3, 5, 200), False),  # long rows of 200: 12 vectors and 8 left
@@ -74,17 +85,18 @@ SHAPES = [  # [N, C, ...] as made; units_last: counted as x.movedim(1, -1) (unit
 )
 @pytest.mark.parametrize("threads", [1, 2, 5])
 @pytest.mark.parametrize("in_place", [False, True], ids=["out", "in_place"])
-def test_kernel_matches_numpy_and_atens_relu(shape, units_last, threads, in_place):
+@pytest.mark.parametrize("op", ["relu", "relu6"])
+def test_kernel_matches_numpy_and_atens_relu(shape, units_last, threads, in_place, op):
     kernel = compiled_kernel()
     units = shape[1]
     batches = [_batch(shape, seed) for seed in range(3)]
-    want_max, want_count, want_sum, elements = _truth(batches)
+    truth = _truth(batches, op)
     maximum = torch.full((units,), -torch.inf, dtype=torch.float64)
-    count = torch.zeros(units, dtype=torch.int64)
+    count, at_cap = torch.zeros(units, dtype=torch.int64), torch.zeros(units, dtype=torch.int64)
     total = torch.zeros(units, dtype=torch.float64)
     for x in batches:
         x = x.movedim(1, -1).contiguous() if units_last else x.contiguous()
-        want = torch.relu(x)
+        want = ATEN[op](x)
         out = x if in_place else torch.empty_like(x)
         if units_last:
             outer, length, columns = x.numel() // units, 1, True
@@ -102,12 +114,15 @@ def test_kernel_matches_numpy_and_atens_relu(shape, units_last, threads, in_plac
             maximum.data_ptr(),
             count.data_ptr(),
             total.data_ptr(),
+            6.0 if op == "relu6" else None,
+            at_cap.data_ptr() if op == "relu6" else None,
         )
         assert torch.equal(out.view(torch.int32), want.view(torch.int32))  # bit for bit, NaNs included
-    np.testing.assert_array_equal(count.numpy(), want_count)
-    assert count[0] == 0 and count[1] == elements
-    np.testing.assert_array_equal(maximum.numpy(), want_max)  # NaN where a NaN was
-    np.testing.assert_allclose(total.numpy(), want_sum, rtol=1e-6)
+    np.testing.assert_array_equal(count.numpy(), truth["count"])
+    assert count[0] == 0 and count[1] == truth["elements"]
+    np.testing.assert_array_equal(maximum.numpy(), truth["max"])  # NaN where a NaN was
+    np.testing.assert_allclose(total.numpy(), truth["sum"], rtol=1e-6)
+    np.testing.assert_array_equal(at_cap.numpy(), truth["at_cap"] if op == "relu6" else 0)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +131,8 @@ def test_kernel_matches_numpy_and_atens_relu(shape, units_last, threads, in_plac
     + [((3, 70, 96), False), ((2, 3000, 50), False)],
     ids=["long", "long-channels_last", "short", "short-channels_last", "rank3", "short-many-columns"],
 )
-def test_probe_counts_through_the_kernel(shape, channels_last, monkeypatch):
+@pytest.mark.parametrize("op", ["relu", "relu6"])
+def test_probe_counts_through_the_kernel(shape, channels_last, op, monkeypatch):
     """SiteAccumulator.run_relu_in_parts hands a batch of any size to the kernel (channels_last read as
     units last); two batches against numpy, and nothing else counted (the ATen slices never ran)."""
     compiled_kernel()
@@ -125,18 +141,29 @@ def test_probe_counts_through_the_kernel(shape, channels_last, monkeypatch):
     batches = [_batch(shape, seed) for seed in (7, 8)]
     if channels_last:
         batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
-    want_max, want_count, want_sum, elements = _truth(batches)
-    site = accumulator.SiteAccumulator("site", "relu", 1)
+    truth = _truth(batches, op)
+    site = accumulator.SiteAccumulator("site", op, 1)
     for x in batches:
-        want = torch.relu(x)
+        want = ATEN[op](x)
         version = x._version
         got = site.run_relu_in_parts(x, True, 0.0)
         assert got is x and x._version > version  # in place, and its version counter says so
         assert torch.equal(got.view(torch.int32), want.view(torch.int32))
-    np.testing.assert_array_equal(site.positive.numpy(), want_count)
-    np.testing.assert_array_equal(site.max_pre.numpy(), want_max)
-    np.testing.assert_allclose(site.sum_abs.numpy(), want_sum, rtol=1e-6)
-    assert site.elements_per_unit == elements
+    np.testing.assert_array_equal(site.positive.numpy(), truth["count"])
+    np.testing.assert_array_equal(site.max_pre.numpy(), truth["max"])
+    np.testing.assert_allclose(site.sum_abs.numpy(), truth["sum"], rtol=1e-6)
+    assert site.elements_per_unit == truth["elements"]
+    if op == "relu6":
+        np.testing.assert_array_equal(site.saturated.numpy(), truth["at_cap"])
+    else:
+        assert site.saturated is None
+
+
+def test_relu6_without_the_kernel_runs_as_written(monkeypatch):
+    """ATen's sliced counting runs a relu only: without the kernel a relu6 site is not taken over."""
+    monkeypatch.setattr(accumulator, "relu_stats", lambda: None)
+    site = accumulator.SiteAccumulator("site", "relu6", 1)
+    assert site.run_relu_in_parts(_batch((64, 8, 40, 40), 1), False, 0.0) is None
 
 
 def _fresh_load(monkeypatch, tmp_path, **env: str) -> tuple[native.ReluStats | None, str]:
@@ -192,14 +219,14 @@ def test_built_once_into_the_cache_then_loaded(monkeypatch, tmp_path):
 
 
 class _Graphable(nn.Module):
-    """relu in place on a conv map, out of place on a short-row map, and on a linear layer's units."""
+    """relu in place on a conv map, relu6 on a short-row map, relu on a linear layer's units."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.act1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(8, 16, 3, stride=3)
-        self.act2 = nn.ReLU()
+        self.act2 = nn.ReLU6()
         self.fc = nn.Linear(16 * 6 * 6, 24)
         self.act3 = nn.ReLU()
 
@@ -217,6 +244,7 @@ def test_graph_formats_count_through_the_kernel(kind, tmp_path, monkeypatch):
     model = _Graphable().eval()
     with torch.no_grad():
         model.conv2.bias.sub_(0.3)
+        model.conv2.weight.mul_(8.0)  # some of relu6's inputs above 6
         model.fc.bias[:5] = -50.0  # five units that never fire
     x = np.random.default_rng(4).standard_normal((21, 3, 18, 18)).astype(np.float32)
     example = torch.from_numpy(x[:2])
@@ -249,10 +277,14 @@ def test_graph_formats_count_through_the_kernel(kind, tmp_path, monkeypatch):
     assert set(layers) == set(truths) == {"act1", "act2", "act3"}
     for name, truth in truths.items():
         pre = np.moveaxis(truth.pre, 1, -1).reshape(-1, truth.pre.shape[1])
+        post = np.moveaxis(truth.post, 1, -1).reshape(-1, truth.post.shape[1])
         layer = layers[name]
         np.testing.assert_array_equal(layer.positive_counts, (pre > 0).sum(0), err_msg=name)
         np.testing.assert_array_equal(layer.max_preactivation, pre.max(0), err_msg=name)
-        np.testing.assert_allclose(layer.sum_abs, np.maximum(pre, 0).sum(0), rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(layer.sum_abs, post.sum(0), rtol=1e-6, err_msg=name)
+    at_cap = (np.moveaxis(truths["act2"].pre, 1, -1).reshape(-1, 16) >= 6).sum(0)
+    assert layers["act2"].op == "relu6" and at_cap.sum() > 0
+    np.testing.assert_array_equal(layers["act2"].saturated_counts, at_cap)
     assert (layers["act3"].positive_counts[:5] == 0).all()
 
 
@@ -300,3 +332,56 @@ def test_the_kernel_shares_torchs_openmp_runtime(tmp_path):
     mapped = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     torch_lib = Path(torch.__file__).parent / "lib"
     assert len(mapped) == 1 and Path(mapped[0]).parent == torch_lib, mapped
+
+
+class _Sixes(nn.Module):
+    """relu6 spelled four ways; the last with a lower bound of -0.0, which gives -0.0 below zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.act = nn.ReLU6(inplace=True)
+        self.lin = nn.Linear(20, 20)
+        self.lin2 = nn.Linear(20, 20)
+        self.lin3 = nn.Linear(20, 20)
+
+    def forward(self, x):
+        h = self.act(self.conv(x) * 4).mean((2, 3)).repeat(1, 4)[:, :20] * 3  # [N, 20]
+        h = F.relu6(self.lin(h))
+        h = F.hardtanh(self.lin2(h), 0.0, 6.0)
+        return F.hardtanh(self.lin3(h), -0.0, 6.0)
+
+
+def test_eager_relu6_through_the_kernel(monkeypatch):
+    compiled_kernel()
+    torch.manual_seed(2)
+    model = _Sixes().eval()
+    batches = [torch.randn(9, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        plain = [model(x.clone()) for x in batches]
+    truths = capture(
+        model,
+        [x.clone() for x in batches],
+        {"relu6()": ("lin", "relu6"), "relu6()#2": ("lin2", "relu6"), "relu6()#3": ("lin3", "relu6")},
+    )
+    calls = []
+    real = native.ReluStats.run
+    monkeypatch.setattr(native.ReluStats, "run", lambda self, *a: calls.append(a[3]) or real(self, *a))
+    probe = EagerProbe(model, ProbeSettings())
+    with probe.attached(), torch.inference_mode():
+        outs = [probe.run((x.clone(),)) for x in batches]
+    for got, want in zip(outs, plain, strict=True):  # -0.0 of the last hardtanh kept: bit for bit
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert (plain[0] == 0).any() and torch.signbit(plain[0][plain[0] == 0]).all()  # the -0.0 are there
+    assert sorted(calls) == sorted([6, 20, 20] * 2)  # not the hardtanh with a -0.0 floor
+    layers = {layer.name: layer for layer in probe.registry.layer_stats()}
+    assert set(layers) == set(truths) == {"act", "relu6()", "relu6()#2", "relu6()#3"}
+    for name, truth in truths.items():
+        pre = np.moveaxis(truth.pre, 1, -1).reshape(-1, truth.pre.shape[1])
+        layer = layers[name]
+        assert layer.op == "relu6", name
+        np.testing.assert_array_equal(layer.positive_counts, (pre > 0).sum(0), err_msg=name)
+        np.testing.assert_array_equal(layer.max_preactivation, pre.max(0), err_msg=name)
+        np.testing.assert_allclose(layer.sum_abs, np.clip(pre, 0, 6).sum(0), rtol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(layer.saturated_counts, (pre >= 6).sum(0), err_msg=name)
+    assert sum(layer.saturated_counts.sum() for layer in layers.values()) > 0

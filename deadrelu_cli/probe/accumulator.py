@@ -635,7 +635,8 @@ class SiteAccumulator:
             self.saturated += _count(post >= CAPPED_OPS[self.op], dims)
 
     def run_relu_in_parts(self, pre: torch.Tensor, in_place: bool, threshold: float) -> torch.Tensor | None:
-        """Run the site's relu itself, slice by cache-sized slice along the batch, counting each slice
+        """Run the site's relu itself (a relu6 too, with the compiled kernel: `_run_relu_compiled`),
+        slice by cache-sized slice along the batch, counting each slice
         while it is in cache: the max of the input slice, then relu on it (`clamp_min(x, 0)`, which is
         what ATen's relu and relu_ compute, so the output is bit for bit the op's), then the byte-mask
         count and the sum of the output slice. The activation is read from memory once — by the relu
@@ -645,7 +646,7 @@ class SiteAccumulator:
         large CPU float tensor laid out along the batch, a threshold other than 0, autograd, --explain's
         minimum): the caller then runs the op and `observe_pre`/`observe_post` as usual."""
         if (
-            self.op != "relu"
+            self.op not in ("relu", "relu6")
             or threshold != 0.0
             or self.track_min
             or type(pre) is not torch.Tensor
@@ -664,6 +665,8 @@ class SiteAccumulator:
         kernel = relu_stats() if pre.dtype == torch.float32 else None
         if kernel is not None:
             return self._run_relu_compiled(kernel, pre, view, dims, in_place)
+        if self.op != "relu":  # ATen's slices below run a relu only
+            return None
         short = len(dims) > 1 and view[0, 0].numel() < SHORT_ROW
         if short:  # reduced over the samples first, in slices of at most LANE_LIMIT samples
             row_bytes = view[0].numel() * view.element_size()
@@ -708,12 +711,18 @@ class SiteAccumulator:
         units = self._check_units(pre)
         if units == 0 or view.numel() == 0 or view.numel() // units >= 2**31:
             return None
-        counters = (self.max_pre, self.positive, self.sum_abs)
-        if any(t.device.type != "cpu" or not t.is_contiguous() for t in counters) or (
-            self.max_pre.dtype,
-            self.positive.dtype,
-            self.sum_abs.dtype,
-        ) != (torch.float64, torch.int64, torch.float64):
+        cap = CAPPED_OPS.get(self.op)
+        counters = (
+            self.max_pre,
+            self.positive,
+            self.sum_abs,
+            *((self.saturated,) if cap is not None else ()),
+        )
+        if (
+            any(t is None or t.device.type != "cpu" or not t.is_contiguous() for t in counters)
+            or [t.dtype for t in counters]
+            != [torch.float64, torch.int64, torch.float64, torch.int64][: len(counters)]
+        ):
             return None
         out = pre if in_place else torch.empty_like(pre)
         if out.stride() != pre.stride():
@@ -735,6 +744,8 @@ class SiteAccumulator:
             self.max_pre.data_ptr(),
             self.positive.data_ptr(),
             self.sum_abs.data_ptr(),
+            cap,
+            None if cap is None else self.saturated.data_ptr(),
         )
         if in_place:  # written through its address: say so, as relu_ would (eager reads version counters)
             increment_version(pre)

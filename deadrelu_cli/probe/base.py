@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -224,7 +225,7 @@ class SiteRegistry:
             or self.fingerprints is not None
             or name in self.collectors
             or pre.device.type in self.fused_devices
-            or op != "relu"
+            or op not in ("relu", "relu6")
             or self.settings.skip_nonfinite
         ):
             return None
@@ -621,23 +622,40 @@ def call_and_record(
     return out
 
 
-# the relu kernels a graph calls (ExportedProgram nodes, TorchScript's dispatched ops): run as the probe's
-# own relu (clamp_min(x, 0), bit for bit these); other spellings of a relu run as written
+# the relu / relu6 kernels a graph calls (ExportedProgram nodes, TorchScript's dispatched ops), run as the
+# probe's own (bit for bit these: clamp_min(x, 0), hardtanh(x, 0, 6)); other spellings run as written
 ATEN_RELUS = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
+ATEN_RELU6S = (
+    torch.ops.aten.relu6.default,
+    torch.ops.aten.hardtanh.default,
+    torch.ops.aten.hardtanh_.default,
+)
+
+
+def plain_relu_call(op: str, func, args: tuple, kwargs: dict) -> bool:
+    """Whether a graph's call is a plain relu (relu6): one tensor, the op's own bounds (+0.0 and 6)."""
+    if kwargs or not args or not isinstance(args[0], torch.Tensor):
+        return False
+    if op == "relu":
+        return func in ATEN_RELUS and len(args) == 1
+    if op != "relu6" or func not in ATEN_RELU6S:
+        return False
+    bounds = tuple(args[1:])
+    if func is torch.ops.aten.relu6.default:
+        return not bounds
+    return (
+        len(bounds) == 2
+        and all(isinstance(b, int | float) for b in bounds)
+        and (float(bounds[0]), float(bounds[1])) == (0.0, 6.0)
+        and math.copysign(1.0, bounds[0]) > 0
+    )
 
 
 def run_static_site(registry: SiteRegistry, site, func, args: tuple, kwargs: dict, in_place: bool) -> object:
-    """call_and_record for a site known from a graph (ExportedProgram, TorchScript); a plain relu on the
-    CPU is run and counted in one pass instead (SiteRegistry.run_relu_in_parts), as in eager."""
+    """call_and_record for a site known from a graph (ExportedProgram, TorchScript); a plain relu (relu6)
+    on the CPU is run and counted in one pass instead (SiteRegistry.run_relu_in_parts), as in eager."""
     pre = args[0] if args else None
-    if (
-        site.op == "relu"
-        and func in ATEN_RELUS
-        and len(args) == 1
-        and not kwargs
-        and isinstance(pre, torch.Tensor)
-        and counted_while_running(pre)
-    ):
+    if plain_relu_call(site.op, func, args, kwargs) and counted_while_running(pre):
         out = registry.run_relu_in_parts(
             site.name,
             site.op,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 import weakref
 from collections import Counter
@@ -147,6 +148,14 @@ def _hardtanh_bounds(args: tuple, kwargs: dict) -> tuple[float, float]:
     lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
     hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
     return float(lo), float(hi)
+
+
+def _zero_floor(func, args: tuple, kwargs: dict) -> bool:
+    """Whether the activation gives +0.0 below zero, as run_in_parts' relu/relu6 do: all but a hardtanh
+    whose lower bound is -0.0 (equal to 0, so still a ReLU's bounds, but it gives -0.0)."""
+    if func not in (F.hardtanh, F.hardtanh_):
+        return True
+    return math.copysign(1.0, _hardtanh_bounds(args, kwargs)[0]) > 0
 
 
 def _pass_through_functions() -> set:
@@ -567,7 +576,7 @@ class _CallSiteMode(TorchFunctionMode):
             return func(*args, **kwargs)
         out = None
         # run_in_parts computes a relu: a threshold's NaN gives 0, not NaN, so clamps run as written
-        exact_relu = op == "relu" and spec.clamp is None
+        exact_relu = op in ("relu", "relu6") and spec.clamp is None and _zero_floor(func, args, kwargs)
         if self.probe.fast_paths and exact_relu and self.probe.registry.mask_for(name) is None:
             out = self.probe.run_in_parts(name, op, args[0], in_place)
         if out is None:
