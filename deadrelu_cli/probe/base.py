@@ -656,36 +656,30 @@ def run_static_site(registry: SiteRegistry, site, func, args: tuple, kwargs: dic
     on the CPU is run and counted in one pass instead (SiteRegistry.run_relu_in_parts), as in eager."""
     pre = args[0] if args else None
     if plain_relu_call(site.op, func, args, kwargs) and counted_while_running(pre):
-        out = registry.run_relu_in_parts(
-            site.name,
-            site.op,
-            pre,
-            in_place,
-            infer_channel_dim(pre.dim(), site.channel_first, site.unit_axis),
-            site.module_type,
-            site.producer,
-            site.channel_first is not None or site.unit_axis is not None,
-            site.axis_lost,
-        )
+        out = registry.run_relu_in_parts(site.name, site.op, pre, in_place, *static_site_facts(site, pre))
         if out is not None:
             return out
     return call_and_record(func, args, kwargs, site.op, in_place, *static_site_hooks(registry, site))
+
+
+def static_site_facts(site, pre: torch.Tensor) -> tuple:
+    """What a graph's site tells the registry of a call (record_pre's and run_relu_in_parts' arguments
+    after the tensor): the inferred unit axis, module type, producer, whether a layer places the units,
+    whether their axis was lost."""
+    return (
+        infer_channel_dim(pre.dim(), site.channel_first, site.unit_axis),
+        site.module_type,
+        site.producer,
+        site.channel_first is not None or site.unit_axis is not None,
+        site.axis_lost,
+    )
 
 
 def static_site_hooks(registry: SiteRegistry, site) -> tuple[Callable, Callable]:
     """`before`/`after` for a site known from a graph (ExportedProgram, TorchScript)."""
 
     def before(pre: torch.Tensor) -> None:
-        registry.record_pre(
-            site.name,
-            site.op,
-            pre,
-            infer_channel_dim(pre.dim(), site.channel_first, site.unit_axis),
-            site.module_type,
-            site.producer,
-            site.channel_first is not None or site.unit_axis is not None,
-            site.axis_lost,
-        )
+        registry.record_pre(site.name, site.op, pre, *static_site_facts(site, pre))
 
     def after(out: torch.Tensor) -> None:
         registry.record_post(site.name, out)
