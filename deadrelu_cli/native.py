@@ -4,8 +4,10 @@ Built once per machine with the system's C compiler (a fraction of a second), ke
 directory and loaded with ctypes. Why compiled: with ATen's kernels the eager probe needs five passes per
 slice of a relu's output for its max, count and sum, ~4–6% of a CPU forward pass; this kernel is the relu
 itself plus a few vector instructions (docs/performance.md). Why built here rather than shipped: the package
-stays one pure-Python wheel for every platform. Where there is no C compiler with OpenMP, or
-`DEADRELU_NATIVE=0`, the ATen kernels count instead, with the same numbers.
+stays one pure-Python wheel for every platform. Where there is no C compiler, or `DEADRELU_NATIVE=0`,
+ATen's kernels count instead, with the same numbers; where the compiler has no OpenMP (Apple's clang),
+the same source builds a one-thread kernel, used for relu6 (whose ATen path costs ~2× a forward pass) and
+where torch itself runs one thread.
 
 Framework-free: it takes raw addresses, so any caller that owns the memory can use it."""
 
@@ -24,7 +26,8 @@ import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("csrc") / "relu_stats.c"
-FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
+FLAGS = ("-O3", "-shared", "-fPIC")
+PARALLEL_FLAGS = ("-fopenmp",)  # without them (no OpenMP) the same source builds a one-thread kernel
 SWITCH = "DEADRELU_NATIVE"  # "0": never build or load the kernel
 BUILD_SECONDS = 120
 
@@ -32,8 +35,9 @@ BUILD_SECONDS = 120
 class ReluStats:
     """The loaded kernel. `run` counts one batch into float64/int64 accumulators in place."""
 
-    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+    def __init__(self, library: ctypes.CDLL, path: Path, parallel: bool = True) -> None:
         self.path = path
+        self.parallel = parallel  # built with OpenMP: its `threads` run at once, else one after another
         self._run = library.deadrelu_relu_stats
         self._run.restype = None
         self._run.argtypes = [
@@ -149,22 +153,31 @@ def _load() -> tuple[ReluStats | None, str]:
     if command is None:
         return None, "no C compiler ($CC, cc, gcc or clang): the ATen kernels count"
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, " ".join([*command, *FLAGS]).encode(), platform.machine().encode()])
-    ).hexdigest()[:16]
-    target = cache_dir() / f"relu_stats-{key}.so"
-    if not target.is_file():
-        error = _build(command, target)
-        if error is not None:
-            return None, error
+
+    def target(flags: tuple[str, ...]) -> Path:
+        key = hashlib.sha256(
+            b"\0".join([source, " ".join([*command, *flags]).encode(), platform.machine().encode()])
+        ).hexdigest()[:16]
+        return cache_dir() / f"relu_stats-{key}.so"
+
+    parallel, serial = target((*FLAGS, *PARALLEL_FLAGS)), target(FLAGS)
+    why = ""
+    if not parallel.is_file() and not serial.is_file():  # (a serial build is made only after a failed one)
+        error = _build(command, (*FLAGS, *PARALLEL_FLAGS), parallel)
+        if error is not None:  # no OpenMP (Apple's clang; clang without libomp): one thread, still one pass
+            why = f" without OpenMP ({error})"
+            error = _build(command, FLAGS, serial)
+            if error is not None:
+                return None, error
+    path = parallel if parallel.is_file() else serial
     try:
-        library = ctypes.CDLL(str(target))
+        library = ctypes.CDLL(str(path))
     except OSError as exc:
-        return None, f"could not load {target}: {exc}"
-    return ReluStats(library, target), f"loaded {target}"
+        return None, f"could not load {path}: {exc}"
+    return ReluStats(library, path, path == parallel), f"loaded {path}{why}"
 
 
-def _build(command: list[str], target: Path) -> str | None:
+def _build(command: list[str], flags: tuple[str, ...], target: Path) -> str | None:
     """Compile SOURCE into `target`, atomically (a temporary file renamed: two processes building at once
     both end with a whole library). The reason it failed, or None."""
     try:
@@ -175,7 +188,7 @@ def _build(command: list[str], target: Path) -> str | None:
         return f"cannot write the kernel's cache {target.parent}: {exc.strerror or exc}"
     try:
         done = subprocess.run(
-            [*command, *FLAGS, "-o", temporary, str(SOURCE)],
+            [*command, *flags, "-o", temporary, str(SOURCE)],
             capture_output=True,
             text=True,
             timeout=BUILD_SECONDS,

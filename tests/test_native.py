@@ -385,3 +385,42 @@ def test_eager_relu6_through_the_kernel(monkeypatch):
         np.testing.assert_allclose(layer.sum_abs, np.clip(pre, 0, 6).sum(0), rtol=1e-6, err_msg=name)
         np.testing.assert_array_equal(layer.saturated_counts, (pre >= 6).sum(0), err_msg=name)
     assert sum(layer.saturated_counts.sum() for layer in layers.values()) > 0
+
+
+def test_without_openmp_a_one_thread_kernel(monkeypatch, tmp_path):
+    """A compiler without OpenMP (Apple's clang) builds the same source for one thread: it counts relu6
+    (whose ATen path is the slow general one) at any thread count, and relu only where torch runs one
+    thread; the numbers are numpy's either way."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setattr(native, "PARALLEL_FLAGS", ("-fno-such-openmp-flag",))  # the OpenMP build fails
+    kernel, why = _fresh_load(monkeypatch, tmp_path)
+    assert kernel is not None and not kernel.parallel, why
+    assert why.startswith(f"loaded {kernel.path} without OpenMP (") and "could not build" in why
+    monkeypatch.setattr(accumulator, "relu_stats", lambda: kernel)
+    calls = []
+    real = native.ReluStats.run
+    monkeypatch.setattr(
+        native.ReluStats, "run", lambda self, *a: calls.append((a[3], a[6])) or real(self, *a)
+    )
+    threads = torch.get_num_threads()
+    try:
+        for torch_threads, op, expect_kernel in ((2, "relu6", True), (2, "relu", False), (1, "relu", True)):
+            torch.set_num_threads(torch_threads)
+            calls.clear()
+            batches = [_batch((6, 5, 40, 40), seed) for seed in (3, 4)]
+            truth = _truth(batches, op)
+            site = accumulator.SiteAccumulator("site", op, 1)
+            for x in batches:
+                want = ATEN[op](x)
+                got = site.run_relu_in_parts(x.clone(), False, 0.0)
+                if got is None:  # too small for ATen's slices: the caller would run the op as written
+                    site.update(x, None, 0.0)
+                else:
+                    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+            assert calls == ([(5, 1)] * 2 if expect_kernel else []), (op, torch_threads)  # one thread
+            np.testing.assert_array_equal(site.positive.numpy(), truth["count"])
+            np.testing.assert_array_equal(site.max_pre.numpy(), truth["max"])
+            np.testing.assert_allclose(site.sum_abs.numpy(), truth["sum"], rtol=1e-6)
+    finally:
+        torch.set_num_threads(threads)

@@ -663,6 +663,10 @@ class SiteAccumulator:
         if dims != [0] and dims != [0, *range(2, view.dim())]:  # units neither last nor at dim 1
             return None
         kernel = relu_stats() if pre.dtype == torch.float32 else None
+        if kernel is not None and not kernel.parallel and self.op == "relu" and torch.get_num_threads() > 1:
+            kernel = (
+                None  # one thread of the kernel against all of ATen's (a relu6's ATen path is far slower)
+            )
         if kernel is not None:
             return self._run_relu_compiled(kernel, pre, view, dims, in_place)
         if self.op != "relu":  # ATen's slices below run a relu only
@@ -740,7 +744,7 @@ class SiteAccumulator:
             units,
             length,
             columns,
-            torch.get_num_threads(),
+            torch.get_num_threads() if kernel.parallel else 1,
             self.max_pre.data_ptr(),
             self.positive.data_ptr(),
             self.sum_abs.data_ptr(),
