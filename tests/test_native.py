@@ -424,3 +424,82 @@ def test_without_openmp_a_one_thread_kernel(monkeypatch, tmp_path):
             np.testing.assert_allclose(site.sum_abs.numpy(), truth["sum"], rtol=1e-6)
     finally:
         torch.set_num_threads(threads)
+
+
+class _Tokens(nn.Module):
+    """A feed-forward block on [B, T, F] tokens, and OPT's flattened [B*T, F] one, relu and relu6."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.up = nn.Linear(16, 40)
+        self.act = nn.ReLU() if op == "relu" else nn.ReLU6()
+        self.up2 = nn.Linear(40, 24)
+        self.act2 = nn.ReLU(inplace=True) if op == "relu" else nn.ReLU6(inplace=True)
+
+    def forward(self, x):
+        h = self.act(self.up(x) * 4)  # [B, T, 40]
+        return self.act2(self.up2(h.flatten(0, 1)) * 4).view(x.shape[0], x.shape[1], -1)  # [B*T, 24]
+
+
+@pytest.mark.parametrize("op", ["relu", "relu6"])
+def test_masked_tokens_through_the_kernel(op, monkeypatch):
+    """Under a token mask the kernel counts each run of kept rows and the op alone runs on padding:
+    outputs bit for bit the model's, counts against numpy over kept rows only (right and left padding,
+    nothing kept, nothing padded; NaN and huge values at padding positions change nothing)."""
+    compiled_kernel()
+    torch.manual_seed(6)
+    model = _Tokens(op).eval()
+    B, T = 4, 9
+    lengths = [[9, 3, 0, 5], [9, 9, 9, 9], [0, 0, 0, 0], [1, 8, 2, 6]]
+    gen = torch.Generator().manual_seed(8)
+    batches = []
+    for i, lens in enumerate(lengths):
+        x = torch.randn(B, T, 16, generator=gen)
+        mask = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
+        if i == 3:
+            mask = mask.flip(1)  # left padding
+        x[~mask] = 1e6  # padding: huge pre-activations everywhere, which must count nowhere
+        if i == 0:
+            x[1, 5, :] = float("nan")  # a padding row: ignored
+        batches.append((x, mask))
+    want = {"act": [], "act2": []}
+    hooks = [
+        getattr(model, name).register_forward_pre_hook(
+            lambda m, a, name=name: want[name].append(a[0].detach().double().clone())
+        )
+        for name in want
+    ]
+    with torch.no_grad():
+        plain = [model(x.clone()) for x, _ in batches]
+    for hook in hooks:
+        hook.remove()
+    calls = []
+    real = native.ReluStats.run
+    monkeypatch.setattr(native.ReluStats, "run", lambda self, *a: calls.append(a[2]) or real(self, *a))
+    probe = EagerProbe(model, ProbeSettings())
+    with probe.attached(), torch.inference_mode():
+        outs = []
+        for x, mask in batches:
+            probe.registry.position_mask = accumulator.PositionMask(mask)
+            outs.append(probe.run((x.clone(),)))
+    for got, expected in zip(outs, plain, strict=True):
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    assert sum(calls) == 2 * sum(sum(lens) for lens in lengths)  # the kept rows, through the kernel
+    layers = {layer.name: layer for layer in probe.registry.layer_stats()}
+    for name, units in (("act", 40), ("act2", 24)):
+        kept = np.concatenate(
+            [
+                pre.reshape(B, T, units)[mask].numpy()
+                for pre, (_, mask) in zip(want[name], batches, strict=True)
+            ]
+        )
+        layer = layers[name]
+        assert layer.extra["position_mask"] == "applied"
+        assert layer.elements_per_unit == kept.shape[0]
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_array_equal(layer.positive_counts, (kept > 0).sum(0), err_msg=name)
+        np.testing.assert_array_equal(layer.max_preactivation, kept.max(0), err_msg=name)
+        post = np.maximum(kept, 0) if op == "relu" else np.clip(kept, 0, 6)
+        np.testing.assert_allclose(layer.sum_abs, post.sum(0), rtol=1e-6, err_msg=name)
+        if op == "relu6":
+            np.testing.assert_array_equal(layer.saturated_counts, (kept >= 6).sum(0), err_msg=name)

@@ -421,17 +421,21 @@ class SiteAccumulator:
         kept = mask.parts(pre, self.channel_dim, self.known_time_major()) if mask is not None else None
         self.masked_now = kept is not None
         if mask is not None:
-            before = self.extra.get("position_mask")
             missed = mask.not_applied(pre, self.channel_dim) if isinstance(mask, PixelMask) else None
-            if before in (PIXELS_MIXED, PIXELS_FLATTENED):  # a batch counted padding: said for good
-                pass
-            elif kept is None and missed is not None:
-                self.extra["position_mask"] = missed
-            else:
-                self.extra["position_mask"] = (
-                    "applied" if kept is not None and before != "no token axis" else "no token axis"
-                )
+            self._say_mask(kept is not None, missed)
         return kept
+
+    def _say_mask(self, kept: bool, missed: str | None = None) -> None:
+        """`extra["position_mask"]` after a masked batch: "applied", or "no token axis" for good once a
+        batch had none; a pixel mask's reason it was not applied (`missed`); a batch that counted padding
+        (PIXELS_MIXED, PIXELS_FLATTENED) is said for good."""
+        before = self.extra.get("position_mask")
+        if before in (PIXELS_MIXED, PIXELS_FLATTENED):
+            return
+        if not kept and missed is not None:
+            self.extra["position_mask"] = missed
+        else:
+            self.extra["position_mask"] = "applied" if kept and before != "no token axis" else "no token axis"
 
     def _observe_parts(self, observe, parts: list[torch.Tensor], threshold: float) -> None:
         """Each part of one batch through the unmasked path; the batch's NaN flag is any part's."""
@@ -645,28 +649,14 @@ class SiteAccumulator:
         Returns the output (`pre` itself when in place), or None where this does not apply (not a
         large CPU float tensor laid out along the batch, a threshold other than 0, autograd, --explain's
         minimum): the caller then runs the op and `observe_pre`/`observe_post` as usual."""
-        if (
-            self.op not in ("relu", "relu6")
-            or threshold != 0.0
-            or self.track_min
-            or type(pre) is not torch.Tensor
-            or pre.device.type != "cpu"
-            or pre.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-            or pre.layout is not torch.strided
-            or (pre.requires_grad and torch.is_grad_enabled())
-            or pre.dim() < 2
-        ):
+        if not self._runs_its_relu(pre, threshold):
             return None
         view, dims = self._as_reducible(pre)
         if view.data_ptr() != pre.data_ptr() or not view.is_contiguous():
             return None
         if dims != [0] and dims != [0, *range(2, view.dim())]:  # units neither last nor at dim 1
             return None
-        kernel = relu_stats() if pre.dtype == torch.float32 else None
-        if kernel is not None and not kernel.parallel and self.op == "relu" and torch.get_num_threads() > 1:
-            kernel = (
-                None  # one thread of the kernel against all of ATen's (a relu6's ATen path is far slower)
-            )
+        kernel = self._kernel(pre)
         if kernel is not None:
             return self._run_relu_compiled(kernel, pre, view, dims, in_place)
         if self.op != "relu":  # ATen's slices below run a relu only
@@ -706,40 +696,100 @@ class SiteAccumulator:
         self.masked_now = False
         return out
 
-    def _run_relu_compiled(
-        self, kernel: ReluStats, pre: torch.Tensor, view: torch.Tensor, dims: list[int], in_place: bool
+    def run_relu_masked(
+        self, pre: torch.Tensor, in_place: bool, threshold: float, mask: PositionMask
     ) -> torch.Tensor | None:
-        """run_relu_in_parts with the compiled kernel (native.relu_stats): the relu and all three
-        statistics in one pass, at any size; the batch's max, count and sum go straight into the
-        counters (float64 / int64, which the kernel writes in place)."""
-        units = self._check_units(pre)
-        if units == 0 or view.numel() == 0 or view.numel() // units >= 2**31:
+        """run_relu_in_parts for a site under a token mask, units last ([B, T, F], or OPT's [B*T, F]):
+        the compiled kernel counts each run of kept rows — the rows observe_pre/observe_post count, as
+        views — and the relu alone (no counting) runs on the padding rows between them, so the output is
+        the op's bit for bit. None where this does not apply (no kernel, another layout, a shape that
+        reads both ways while nothing has told which): the caller then runs the op and
+        observe_pre/observe_post."""
+        if type(mask) is not PositionMask or not self._runs_its_relu(pre, threshold):
             return None
-        cap = CAPPED_OPS.get(self.op)
-        counters = (
-            self.max_pre,
-            self.positive,
-            self.sum_abs,
-            *((self.saturated,) if cap is not None else ()),
-        )
-        if (
-            any(t is None or t.device.type != "cpu" or not t.is_contiguous() for t in counters)
-            or [t.dtype for t in counters]
-            != [torch.float64, torch.int64, torch.float64, torch.int64][: len(counters)]
-        ):
+        kernel = self._kernel(pre)
+        # padding leaves at most a run per sequence; a scattered --mask goes the general way (one gather)
+        if kernel is None or not pre.is_contiguous() or len(mask.runs()) > mask.batch:
+            return None
+        if self._layout_pending(pre, mask):
+            return None
+        rank = pre.dim()
+        layout = mask.layout(pre, self.channel_dim, self.known_time_major())
+        if self.channel_dim % rank != rank - 1 or (layout, rank) not in ((TOKEN_ROWS, 3), (TOKEN_FLAT, 2)):
+            return None
+        units = self._check_units(pre)
+        if units == 0 or pre.numel() // units >= 2**31 or not self._counters_ready():
             return None
         out = pre if in_place else torch.empty_like(pre)
         if out.stride() != pre.stride():
             return None
-        if dims == [0]:  # [rows, units]
-            outer, length, columns = view.shape[0], 1, True
-        else:  # [N, C, L]: short rows are read down their columns too, unless a sample has so many
-            # columns that the kernel's per-column results (28 bytes each, per thread) would be large
-            outer, length = view.shape[0], view[0, 0].numel()
-            columns = length < SHORT_ROW and units * length <= COLUMN_LIMIT
+        rows, out_rows = pre.view(-1, units), out.view(-1, units)
+        done = 0
+        for start, stop in [*mask.runs(), (rows.shape[0], rows.shape[0])]:
+            if start > done:  # padding rows: the op, uncounted
+                self._apply(rows[done:start], out_rows[done:start], in_place)
+            if stop > start:
+                self._count_compiled(
+                    kernel, rows[start:stop], out_rows[start:stop], stop - start, units, 1, True
+                )
+            done = stop
+        if in_place:  # written through its address: say so, as relu_ would (eager reads version counters)
+            increment_version(pre)
+        self._say_mask(kept=True)
+        self.elements_per_unit += mask.kept
+        self._fused_batch = False
+        self.masked_now = True
+        return out
+
+    def _runs_its_relu(self, pre: torch.Tensor, threshold: float) -> bool:
+        """Whether the probe may run this site's op itself: a relu/relu6 at threshold 0 on a plain CPU
+        float tensor of rank 2 or more, no autograd, no --explain minimum."""
+        return not (
+            self.op not in ("relu", "relu6")
+            or threshold != 0.0
+            or self.track_min
+            or type(pre) is not torch.Tensor
+            or pre.device.type != "cpu"
+            or pre.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+            or pre.layout is not torch.strided
+            or (pre.requires_grad and torch.is_grad_enabled())
+            or pre.dim() < 2
+        )
+
+    def _kernel(self, pre: torch.Tensor) -> ReluStats | None:
+        """The compiled kernel for this batch, or None (not float32, none built, or a one-thread build
+        of the kernel for a relu that ATen's slices run on several threads)."""
+        kernel = relu_stats() if pre.dtype == torch.float32 else None
+        if kernel is not None and not kernel.parallel and self.op == "relu" and torch.get_num_threads() > 1:
+            return None  # (relu6's ATen path is the general one, far slower than one thread of the kernel)
+        return kernel
+
+    def _counters_ready(self) -> bool:
+        """Whether the counters are what the kernel writes in place: contiguous CPU float64 max and sum,
+        int64 counts (and relu6's int64 count at the cap)."""
+        counters = [self.max_pre, self.positive, self.sum_abs]
+        if self.op in CAPPED_OPS:
+            counters.append(self.saturated)
+        return (
+            not any(t is None or t.device.type != "cpu" or not t.is_contiguous() for t in counters)
+            and [t.dtype for t in counters]
+            == [torch.float64, torch.int64, torch.float64, torch.int64][: len(counters)]
+        )
+
+    def _count_compiled(
+        self,
+        kernel: ReluStats,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        outer: int,
+        units: int,
+        length: int,
+        columns: bool,
+    ) -> None:
+        cap = CAPPED_OPS.get(self.op)
         kernel.run(
-            pre.data_ptr(),
-            out.data_ptr(),
+            x.data_ptr(),
+            y.data_ptr(),
             outer,
             units,
             length,
@@ -751,6 +801,38 @@ class SiteAccumulator:
             cap,
             None if cap is None else self.saturated.data_ptr(),
         )
+
+    def _apply(self, x: torch.Tensor, y: torch.Tensor, in_place: bool) -> None:
+        """The site's op alone (bit for bit ATen's relu / hardtanh(0, 6), as the kernel's)."""
+        cap = CAPPED_OPS.get(self.op)
+        if in_place and cap is not None:
+            x.clamp_(0, cap)
+        elif in_place:
+            x.clamp_min_(0)
+        elif cap is not None:
+            torch.clamp(x, 0, cap, out=y)
+        else:
+            torch.clamp_min(x, 0, out=y)
+
+    def _run_relu_compiled(
+        self, kernel: ReluStats, pre: torch.Tensor, view: torch.Tensor, dims: list[int], in_place: bool
+    ) -> torch.Tensor | None:
+        """run_relu_in_parts with the compiled kernel (native.relu_stats): the relu and all three
+        statistics in one pass, at any size; the batch's max, count and sum go straight into the
+        counters (float64 / int64, which the kernel writes in place)."""
+        units = self._check_units(pre)
+        if units == 0 or view.numel() == 0 or view.numel() // units >= 2**31 or not self._counters_ready():
+            return None
+        out = pre if in_place else torch.empty_like(pre)
+        if out.stride() != pre.stride():
+            return None
+        if dims == [0]:  # [rows, units]
+            outer, length, columns = view.shape[0], 1, True
+        else:  # [N, C, L]: short rows are read down their columns too, unless a sample has so many
+            # columns that the kernel's per-column results (28 bytes each, per thread) would be large
+            outer, length = view.shape[0], view[0, 0].numel()
+            columns = length < SHORT_ROW and units * length <= COLUMN_LIMIT
+        self._count_compiled(kernel, pre, out, outer, units, length, columns)
         if in_place:  # written through its address: say so, as relu_ would (eager reads version counters)
             increment_version(pre)
         self.elements_per_unit += pre.numel() // units

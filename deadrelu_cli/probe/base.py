@@ -217,12 +217,12 @@ class SiteRegistry:
         origin_known: bool = True,
         axis_lost: bool = False,
     ) -> torch.Tensor | None:
-        """Run a relu site and count it in one pass from memory (SiteAccumulator.run_relu_in_parts);
-        None where that does not apply (a position mask, a collector, a fused device, small tensors …):
-        then the caller runs the op and record_pre/record_post."""
+        """Run a relu site and count it in one pass from memory (SiteAccumulator.run_relu_in_parts, or
+        run_relu_masked under a token mask); None where that does not apply (a collector, a fused device,
+        small tensors, a mask the kernel cannot follow …): then the caller runs the op and
+        record_pre/record_post."""
         if (
-            self.mask_for(name) is not None
-            or self.fingerprints is not None
+            self.fingerprints is not None
             or name in self.collectors
             or pre.device.type in self.fused_devices
             or op not in ("relu", "relu6")
@@ -231,6 +231,9 @@ class SiteRegistry:
             return None
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known, axis_lost)
         site.call_hint, self.call_hint = self.call_hint, None  # as record_pre hands it on
+        mask = self.mask_for(name)
+        if mask is not None:
+            return site.run_relu_masked(pre, in_place, self.settings.threshold, mask)
         return site.run_relu_in_parts(pre, in_place, self.settings.threshold)
 
     def record_post(self, name: str, post: torch.Tensor) -> None:

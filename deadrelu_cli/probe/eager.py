@@ -577,7 +577,7 @@ class _CallSiteMode(TorchFunctionMode):
         out = None
         # run_in_parts computes a relu: a threshold's NaN gives 0, not NaN, so clamps run as written
         exact_relu = op in ("relu", "relu6") and spec.clamp is None and _zero_floor(func, args, kwargs)
-        if self.probe.fast_paths and exact_relu and self.probe.registry.mask_for(name) is None:
+        if self.probe.fast_paths and exact_relu:
             out = self.probe.run_in_parts(name, op, args[0], in_place)
         if out is None:
             out = call_and_record(
@@ -1143,13 +1143,18 @@ class EagerProbe:
             self.shift_sources[name] = source[1]
 
     def observe(self, name: str, op: str, pre: torch.Tensor) -> None:
+        self._hint(name, pre)
+        self.registry.record_pre(name, op, pre, *self._site_facts(pre))
+
+    def _hint(self, name: str, pre: torch.Tensor) -> None:
+        """What the registry is told before a site's batch: where the tensor came from, and what the
+        model did to the token ids' axes or its module says of the layout (a token mask reads them)."""
         self._note_source(name, pre)
         self.registry.call_hint = self.alignment_of(pre) if self._aligned else None
         if self.registry.call_hint is None and self._flat:
             self.registry.call_hint = self.flat_order(pre)
         if name not in self.registry.layout_hints:  # once per site: its module's own word on the layout
             self.registry.layout_hints[name] = self._time_major_hint()
-        self.registry.record_pre(name, op, pre, *self._site_facts(pre))
 
     def _time_major_hint(self) -> bool | None:
         """Whether the running site's tensors are [T, B, ...]: inside torch's nn.TransformerEncoderLayer /
@@ -1468,5 +1473,5 @@ class EagerProbe:
         """The relu run and counted slice by slice (SiteRegistry.run_relu_in_parts), or None."""
         if not counted_while_running(pre):
             return None
-        self._note_source(name, pre)
+        self._hint(name, pre)
         return self.registry.run_relu_in_parts(name, op, pre, in_place, *self._site_facts(pre))
