@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import types
 from collections.abc import Iterator
 
@@ -114,35 +115,16 @@ def _expert(act):
     return holder
 
 
-def _kept_tokens(registry, site: str, hidden_states):
-    """bool [tokens]: which rows of the experts' input ([batch·tokens, hidden], sample-major, as the MoE
-    blocks flatten it) are kept positions of the scan's token mask; None without one, or when the rows
-    are not the mask's positions."""
-    from deadrelu_cli.probe.accumulator import PositionMask, RoutedRows
-
-    mask = None if registry is None else registry.mask_for(site)
-    if not isinstance(mask, PositionMask) or isinstance(mask, RoutedRows) or hidden_states.dim() != 2:
-        return None
-    if hidden_states.shape[0] != mask.batch * mask.tokens:
-        return None
-    return mask.mask.reshape(-1).to(hidden_states.device)
-
-
-def _per_expert(module, run, path: str, probe_of):
+def _per_expert(module, run):
     """A forward for `module` that runs `run` (its forward as it was: a wrapper such as accelerate's
     device hook, or the class's) once per expert, with the routing restricted to it and that expert's
-    own activation module in place of the shared one. With a token mask (the registry's), the rows of
-    kept tokens and those of padding run apart (one site still), the latter under a mask that keeps none: an
-    expert's rows are the tokens routed to it, padding included, in an order of the implementation's,
-    which no [batch, tokens] mask reads; the sum of the two runs is the expert's output."""
+    own activation module in place of the shared one. With a token mask, the eager probe follows each
+    row of an expert to its token from the module's input (`carried_rows`: the module is a block of
+    `expert_blocks`) and counts the rows of real tokens only."""
     import torch
-
-    from deadrelu_cli.probe.accumulator import RoutedRows
 
     def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         shared = module._modules[ACTIVATION]
-        probe = probe_of() if probe_of is not None else None
-        registry = getattr(probe, "registry", None) if hasattr(probe, "name_again") else None
         out = None
         try:
             for expert in range(module.num_experts):
@@ -150,28 +132,9 @@ def _per_expert(module, run, path: str, probe_of):
                 if not bool(chosen.any()):
                     continue  # no token reached it: its units saw nothing (the table says it did not run)
                 module._modules[ACTIVATION] = module._modules[str(expert)]._modules[ACTIVATION]
-                site = f"{path}.{expert}.{ACTIVATION}"
-                keep = _kept_tokens(registry, site, hidden_states)
-                groups = (
-                    [(chosen, None)]
-                    if keep is None
-                    else [(chosen & keep[:, None], True), (chosen & ~keep[:, None], False)]
-                )
-                for routed, kept in groups:
-                    if kept is not None:
-                        rows = int(routed.any(1).sum())
-                        if not rows:
-                            continue
-                        # every row of this run kept (real tokens) or none (padding): the order is no matter
-                        registry.set_scoped_mask(site, RoutedRows(rows, kept))
-                    only = torch.where(routed, top_k_index, torch.full_like(top_k_index, module.num_experts))
-                    try:
-                        part = run(hidden_states, only, top_k_weights, *args, **kwargs)
-                    finally:
-                        if kept is not None:
-                            registry.given_scope(site)
-                            probe.name_again(site)  # both runs are the one site
-                    out = part if out is None else out + part  # disjoint rows: adding zeros elsewhere
+                only = torch.where(chosen, top_k_index, torch.full_like(top_k_index, module.num_experts))
+                part = run(hidden_states, only, top_k_weights, *args, **kwargs)
+                out = part if out is None else out + part  # disjoint rows: adding zeros elsewhere
         finally:
             module._modules[ACTIVATION] = shared
         return torch.zeros_like(hidden_states) if out is None else out
@@ -191,11 +154,11 @@ def declare_unreached(registry, fused: dict[str, int]) -> None:
 
 
 @contextlib.contextmanager
-def experts_apart(model, probe_of=None) -> Iterator[dict[str, int]]:
+def experts_apart(model) -> Iterator[dict[str, int]]:
     """Within: every fused experts module of `model` counts each expert's units apart (their sites are
-    `<path>.<e>.act_fn`); {module path: experts} is yielded. PROBE_OF: a function giving the eager probe
-    once there is one (its registry's token mask: padding rows are not counted). The model is as it
-    was afterwards."""
+    `<path>.<e>.act_fn`); {module path: experts} is yielded. An eager probe made within follows their
+    rows to their tokens (`expert_blocks`): padding rows are not counted. The model is as it was
+    afterwards."""
     import torch
 
     changed = []
@@ -211,7 +174,7 @@ def experts_apart(model, probe_of=None) -> Iterator[dict[str, int]]:
             # the eager forward skips the sentinel index (grouped_mm / batched_mm would index past the end)
             module.config._experts_implementation_internal = "eager"  # this config only, not its sub-configs
             run = previous if previous is not None else types.MethodType(type(module).forward, module)
-            module.forward = _per_expert(module, run, path, probe_of)
+            module.forward = _per_expert(module, run)
             changed.append((path, module, count, previous, implementation))
     try:
         yield {path: count for path, _, count, _, _ in changed}
@@ -226,3 +189,188 @@ def experts_apart(model, probe_of=None) -> Iterator[dict[str, int]]:
                 del module.forward
             else:
                 module.forward = previous
+
+
+# -- rows of experts built from separate modules ------------------------------------------------------
+# (SwitchTransformers' / NLLB-MoE's experts ModuleDict, an nn.ModuleList of expert MLPs written by hand):
+# each expert runs on the rows of the tokens routed to it, gathered by index from the block's
+# [batch, tokens, hidden] (or [batch·tokens, hidden]) input. No [batch, tokens] mask reads those rows; the
+# eager probe follows each row's token from the block's input through the index ops to the expert's
+# activation (`carried_rows`), and counts the rows of kept tokens only (accumulator.RoutedRows).
+
+
+def separate_experts(model) -> dict[str, tuple[str, ...]]:
+    """{block path: its experts' module paths} of the mixtures of experts of `model` that are built from
+    separate modules: an nn.ModuleList / nn.ModuleDict holding two or more modules of one type with the
+    same parameters (the experts; beside them only modules without parameters), beside a router in the module that holds it (a parameter outside the
+    experts with a dimension of the experts' number, at most two modules down: `router.classifier`,
+    `gate`, a bare `[hidden, experts]` weight). Fused experts modules (`fused_experts`) are not listed."""
+    import torch
+
+    found: dict[str, tuple[str, ...]] = {}
+    if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        return found
+    for block_path, block in model.named_modules():
+        for name, container in block.named_children():
+            if not isinstance(container, torch.nn.ModuleList | torch.nn.ModuleDict) or len(container) < 2:
+                continue
+            kinds: dict[tuple, list[str]] = {}  # the children by type and parameters
+            for key, module in container.named_children():
+                shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+                kinds.setdefault((type(module), shapes), []).append(key)
+            # one kind with parameters, two or more of it; beside them only modules without (NLLB's dropout)
+            weighted = [keys for (_, shapes), keys in kinds.items() if shapes]
+            if len(weighted) != 1 or len(weighted[0]) < 2:
+                continue
+            experts = weighted[0]
+            count = len(experts)
+            if not any(
+                count in tuple(p.shape)
+                for pname, p in block.named_parameters()
+                if not pname.startswith(f"{name}.") and pname.count(".") <= 2
+            ):
+                continue
+            head = f"{block_path}.{name}" if block_path else name
+            found[block_path] = tuple(f"{head}.{key}" for key in experts)
+    return found
+
+
+def expert_blocks(model) -> dict[str, tuple[str, ...]]:
+    """{block path: expert paths} of every mixture of experts whose experts' rows the eager probe follows:
+    those of separate modules (`separate_experts`) and the fused ones `experts_apart` split (their block
+    is the experts module, each expert `<path>.<e>`)."""
+    import torch
+
+    found = separate_experts(model)
+    if isinstance(model, torch.nn.Module) and not isinstance(model, torch.jit.ScriptModule):
+        for path, module in model.named_modules():
+            count = fused_experts(module)
+            if count and all(str(e) in module._modules for e in range(count)):
+                found[path] = tuple(f"{path}.{e}" if path else str(e) for e in range(count))
+    return found
+
+
+def _row_reshapes():
+    import torch
+
+    T = torch.Tensor
+    return frozenset(
+        (T.view, T.reshape, torch.reshape, T.flatten, torch.flatten, T.unflatten, torch.unflatten, T.squeeze)
+        + (torch.squeeze, T.unsqueeze, torch.unsqueeze, T.view_as, T.reshape_as, T.contiguous)
+    )
+
+
+def _row_wise():
+    """Ops whose output row r is made of the input's row r alone (they act on the last axis, or on each
+    element): the token of each row is kept."""
+    import torch
+    import torch.nn.functional as F
+
+    T = torch.Tensor
+    ops = (F.linear, F.relu, F.relu6, F.gelu, F.silu, F.elu, F.leaky_relu, F.hardtanh, F.mish, F.dropout)
+    ops += (torch.relu, T.relu, torch.tanh, T.tanh, torch.sigmoid, T.sigmoid, F.sigmoid, F.tanh, F.layer_norm)
+    ops += (T.to, T.float, T.half, T.bfloat16, T.double, T.type_as, T.detach, T.clone, torch.clone)
+    ops += (T.__add__, T.__radd__, T.__sub__, T.__rsub__, T.__mul__, T.__rmul__, T.__truediv__, T.__neg__)
+    ops += (T.add, T.sub, T.mul, T.div, torch.add, torch.sub, torch.mul, torch.div, torch.neg, T.neg)
+    ops += (torch.clamp, T.clamp, torch.clamp_min, T.clamp_min, torch.square, T.square, torch.pow, T.pow)
+    ops += (torch.matmul, T.matmul, T.__matmul__)  # with a 2-D right operand: checked below
+    return frozenset(ops)
+
+
+def _last_axis_splits():
+    import torch
+
+    T = torch.Tensor
+    return frozenset((T.chunk, torch.chunk, T.split, torch.split, T.tensor_split, torch.tensor_split))
+
+
+@functools.cache
+def _row_ops():
+    """(reshapes, row-wise ops, last-axis splits): made once, on first use (torch is imported lazily)."""
+    return _row_reshapes(), _row_wise(), _last_axis_splits()
+
+
+def carried_rows(func, args: tuple, kwargs: dict, out, rows_of) -> list[tuple[object, object]]:
+    """[(tensor, rows)] for the outputs of `func` whose rows' tokens are known: `rows` is a LongTensor of
+    the output's shape less its last axis, each entry the flat index (b·tokens + t) of the token the row
+    holds. `rows_of(tensor)` gives an operand's (None: not followed). Followed: indexing, index_select
+    and reshapes of the axes before the last, cat along them, splits of the last axis, and the row-wise
+    ops (`_row_wise`); anything else (a sort, a reduction over rows, an op not listed) ends the trail:
+    the activation it reaches is then not attributed (said, and gated, by the probe), never guessed."""
+    import torch
+
+    reshapes, row_wise, splits = _row_ops()
+    T = torch.Tensor
+    source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    rows = rows_of(source) if source is not None else None
+    if func in (torch.cat, torch.concat) and isinstance(out, torch.Tensor) and args:
+        parts = args[0]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if (
+            not isinstance(parts, list | tuple)
+            or not parts
+            or out.dim() < 2
+            or int(dim) % out.dim() == out.dim() - 1
+        ):
+            return []
+        origins = [rows_of(p) if isinstance(p, torch.Tensor) else None for p in parts]
+        if any(o is None for o in origins):
+            return []
+        return [(out, torch.cat(origins, int(dim) % out.dim()))]
+    if rows is None:
+        # a row-wise op whose tracked operand is not the first (`w * x`)
+        if (
+            func in row_wise
+            and isinstance(out, torch.Tensor)
+            and func not in (torch.matmul, T.matmul, T.__matmul__)
+        ):
+            tracked = [
+                rows_of(a)
+                for a in (*args[1:], *kwargs.values())
+                if isinstance(a, torch.Tensor) and a.dim() >= 1
+            ]
+            tracked = [r for r in tracked if r is not None]
+            if len(tracked) == 1 and tuple(tracked[0].shape) == tuple(out.shape[:-1]):
+                return [(out, tracked[0])]
+        return []
+    lead = tuple(source.shape[:-1])
+    if func in splits and isinstance(out, list | tuple):
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+        if int(dim) % source.dim() != source.dim() - 1:
+            return []
+        return [
+            (piece, rows)
+            for piece in out
+            if isinstance(piece, torch.Tensor) and tuple(piece.shape[:-1]) == lead
+        ]
+    if not isinstance(out, torch.Tensor) or out.dim() < 1:
+        return []
+    if func is T.__getitem__:
+        key = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if any(k is Ellipsis for k in key) or sum(k is not None for k in key) >= source.dim():
+            return []
+        key = tuple(k.to(rows.device) if isinstance(k, torch.Tensor) else k for k in key)
+        try:
+            picked = rows[key]
+        except (IndexError, TypeError, RuntimeError):
+            return []
+        same = tuple(picked.shape) == tuple(out.shape[:-1]) and out.shape[-1] == source.shape[-1]
+        return [(out, picked)] if same else []
+    if func in (torch.index_select, T.index_select):
+        dim = int(args[1] if len(args) > 1 else kwargs["dim"]) % source.dim()
+        index = args[2] if len(args) > 2 else kwargs["index"]
+        return [] if dim == source.dim() - 1 else [(out, rows.index_select(dim, index.to(rows.device)))]
+    if func in reshapes:
+        if out.shape[-1] != source.shape[-1] or out.numel() != source.numel():
+            return []
+        return [(out, rows.reshape(tuple(out.shape[:-1])))]
+    if func in row_wise:
+        if func in (torch.matmul, T.matmul, T.__matmul__):
+            other = args[1] if len(args) > 1 else None
+            if not isinstance(other, torch.Tensor) or other.dim() != 2 or rows_of(other) is not None:
+                return []
+        others = [rows_of(a) for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if any(o is not None and not torch.equal(o, rows) for o in others):
+            return []  # rows of other tokens joined elementwise: no one token per row
+        return [(out, rows)] if tuple(out.shape[:-1]) == lead else []
+    return []

@@ -203,9 +203,8 @@ def scan_torch(
             )
     if model.kind != "eager" or options.compile:
         return _scan_torch(model, data, options, device, collectors)
-    made: dict = {}  # the probe, once _scan_torch has made it: its token mask reaches the experts' rows
-    with experts_apart(model.runnable, lambda: made.get("probe")) as fused:  # each expert's units apart
-        return _scan_torch(model, data, options, device, collectors, fused, made)
+    with experts_apart(model.runnable) as fused:  # each expert's units apart
+        return _scan_torch(model, data, options, device, collectors, fused)
 
 
 def mark_merged_experts(model: LoadedModel, layers: list) -> None:
@@ -238,7 +237,6 @@ def _scan_torch(
     device: str,
     collectors: dict | None = None,
     fused: dict[str, int] | None = None,
-    made: dict | None = None,
 ) -> tuple[list, object]:
     import torch
 
@@ -340,8 +338,6 @@ def _scan_torch(
         if positions:  # (none: no rule, as before)
             reached = probe.sites_reached_by(positions)
             towers = {**towers, **{site.name: None for site in probe.sites if site.name not in reached}}
-    if made is not None:
-        made["probe"] = probe
     probe.registry.collectors.update(collectors or {})
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     if model.fixed_batch is not None:  # also when auto chose it: a last, partial batch would not run
