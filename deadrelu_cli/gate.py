@@ -309,8 +309,8 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             "then all image or all padding)",
             PIXELS_FLATTENED: "scan the PyTorch model, whose modules called with the flattened mask as their "
             "attention_mask (DETR's encoder) count on it",
-            ROWS_NOT_ATTRIBUTED: "scan the PyTorch model (state_dict + --arch, or its folder) with experts that "
-            "gather their tokens' rows by indexing (x[index], index_select), or data without padding",
+            ROWS_NOT_ATTRIBUTED: "scan the PyTorch model (state_dict + --arch, or its folder), whose experts' "
+            "rows are followed to their tokens where they are gathered by indexing (x[index], index_select)",
         }
         how = "; ".join(remedies[reason] for reason in MASK_NOT_APPLIED if reason in unmasked.values())
         model_failures.append(

@@ -190,8 +190,7 @@ class MoE(nn.Module):
         out = torch.zeros_like(flat)
         for i, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == i)
-            if token.numel():
-                out.index_add_(0, token, expert(ROWS) * weights[token, slot, None])
+            out.index_add_(0, token, expert(ROWS) * weights[token, slot, None])
         return out.view(batch, tokens, width)
 
 
@@ -293,3 +292,74 @@ def arch_file_model():
     namespace: dict = {}
     exec(textwrap.dedent(MOE_SOURCE.replace("ROWS", "flat[token]")), namespace)  # noqa: S102
     return namespace["build"](), namespace
+
+
+def test_watch_counts_the_experts_rows_of_real_tokens_only():
+    """watch() on a training loop of the hand-written mixture of experts (the attention_mask read off
+    the forward's arguments): each expert's units over the rows of real tokens, as the scan counts them.
+    Truth: the routing re-run in plain torch."""
+    from deadrelu_cli import watch
+
+    model, _ = arch_file_model()
+    ids, mask = _ids(pad=0)
+    feeds = [(ids[:2], mask[:2]), (ids[2:], mask[2:])]
+    watcher = watch(model, every=1, window=2, config=False)
+    for step_ids, step_mask in feeds:
+        watcher.step()
+        model(torch.from_numpy(step_ids), attention_mask=torch.from_numpy(step_mask))
+    watcher.close()
+    counts = {f"moe.experts.{i}.1": [np.zeros(10, np.int64), 0] for i in range(3)}
+    padded = 0
+    with torch.no_grad():
+        for step_ids, step_mask in feeds:
+            flat = model.embed(torch.from_numpy(step_ids)).reshape(-1, 8)
+            chosen = model.moe.gate(flat).softmax(-1).topk(2, dim=-1).indices
+            kept = torch.from_numpy(step_mask.reshape(-1).astype(bool))
+            for i, expert in enumerate(model.moe.experts):
+                token = torch.where(chosen == i)[0]
+                padded += int((~kept[token]).sum())
+                counts[f"moe.experts.{i}.1"][0] += (expert[0](flat[token[kept[token]]]) > 0).sum(0).numpy()
+                counts[f"moe.experts.{i}.1"][1] += int(kept[token].sum())
+    assert padded > 0
+    for name, (positive, rows) in counts.items():
+        layer = watcher.last.layer(name)
+        assert layer.elements_per_unit == rows, name
+        assert layer.positive_counts.tolist() == positive.tolist(), name
+
+
+@pytest.mark.parametrize("form", ["torchscript", "pt2", "onnx"])
+def test_exported_experts_rows_are_said_and_gated(cli, tmp_path, form):
+    """An export (.pt2, TorchScript, ONNX) of the hand-written mixture of experts: each expert's rows are
+    gathered by the graph's index ops, which its probe does not follow to their tokens; the experts' layers
+    counted every row (padding's too: more rows than the real tokens routed there, the test's own count)
+    and passed a gate under a note that did not stop it. Now they are marked, noted, and gate."""
+    model, _, ids, mask = _hand_written(tmp_path, "flat[token]")
+    feed = (torch.from_numpy(ids), torch.from_numpy(mask))
+    path = tmp_path / f"moe.{form}"
+    if form == "torchscript":
+        torch.jit.trace(model, feed, check_trace=False).save(str(path))
+    elif form == "pt2":
+        torch.export.save(torch.export.export(model, feed, strict=False), str(path))
+    else:
+        torch.onnx.export(
+            model, feed, str(path), input_names=["input_ids", "attention_mask"], dynamo=False,
+            dynamic_axes={"input_ids": {0: "b"}, "attention_mask": {0: "b"}},
+        )  # fmt: skip
+    args = ["scan", path, "--data", tmp_path / "d.npz", "--trust-pickle"]
+    result = cli(*args, "--json", "-", "-q")
+    layers = _layers(result)
+    marked = {
+        name: layer
+        for name, layer in layers.items()
+        if layer["extra"].get("position_mask") == "routed rows not attributed"
+    }
+    assert len(marked) == 3 == len(layers)
+    with torch.no_grad():
+        flat = model.embed(feed[0]).reshape(-1, 8)
+        chosen = model.moe.gate(flat).softmax(-1).topk(2, dim=-1).indices
+    real = int((torch.from_numpy(mask.reshape(-1).astype(bool))[:, None] & (chosen >= 0)).sum())
+    assert sum(layer["elements_per_unit"] for layer in marked.values()) > real  # padding's rows counted
+    assert any("could not follow back to their tokens" in note for note in result.json()["notes"])
+    gated = cli(*args, "--max-dead", "1.0", "-q")
+    assert gated.code == 1 and "routed rows not attributed" in gated.err
+    assert cli(*args, "--max-dead", "1.0", "--allow-unseen", "-q").code == 0

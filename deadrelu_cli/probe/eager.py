@@ -848,7 +848,9 @@ class EagerProbe:
     def leave_module(self, module: nn.Module, args, output) -> None:
         """A module's forward returned (its forward hook, always called)."""
         if self._stack and self._stack[-1][1] is module:
-            self._stack.pop()
+            name, _ = self._stack.pop()
+            if self._rows and name in self.expert_blocks:  # rows' tokens matter inside a block only
+                self._rows.clear()
         if (
             isinstance(module, UNIT_PRESERVING_MODULES)
             and args
@@ -1248,6 +1250,8 @@ class EagerProbe:
         are laid out (PositionMask.reading: the mask itself, token ids padded with one id, batch-first or
         time-major) are marked so; what descends from them is followed
         (`carry_alignment`) to tell a site's layout by what the model did, not by its shape."""
+        if "" in self.expert_blocks:  # the model is a mixture of experts' block: its inputs by keyword too
+            self.seed_rows("", tuple(torch.utils._pytree.tree_leaves((args, kwargs))))
         mask = self.registry.position_mask
         if mask is None or mask.batch != mask.tokens or mask.batch < 2 or mask.symmetric:
             return

@@ -199,40 +199,78 @@ def experts_apart(model) -> Iterator[dict[str, int]]:
 # activation (`carried_rows`), and counts the rows of kept tokens only (accumulator.RoutedRows).
 
 
+def expert_groups(tensors) -> dict[str, tuple[str, ...]]:
+    """{experts' holder path: their module paths} of the mixtures of experts built from separate modules
+    that a model's tensors show, from (name, shape) pairs: two or more children of one holder with the
+    same parameters (names and shapes; the holder's other children hold none: NLLB's dropout), beside a
+    router in the holder's parent (a 2-D tensor outside the experts, at most two modules down, with a
+    dimension of the experts' number: `router.classifier`, `gate`, a bare `[hidden, experts]` weight). What
+    an export keeps of such a model (a .pt2 program's, a TorchScript module's parameters, an ONNX graph's
+    initializers): its index ops are graph nodes, its weights keep their names."""
+    tensors = [(name, tuple(int(d) for d in shape)) for name, shape in tensors]
+    children: dict[str, dict[str, set]] = {}  # holder -> child -> {(name below it, shape)}
+    for name, shape in tensors:
+        parts = name.split(".")
+        for i in range(len(parts) - 1):
+            holder = ".".join(parts[:i])
+            children.setdefault(holder, {}).setdefault(parts[i], set()).add((".".join(parts[i + 1 :]), shape))
+    found = {}
+    for holder, kids in children.items():
+        if not holder:  # the model itself holds them: no block around them to hold a router
+            continue
+        kinds: dict[frozenset, list[str]] = {}
+        for key, signature in kids.items():
+            kinds.setdefault(frozenset(signature), []).append(key)
+        if len(kinds) != 1 or len(kids) < 2:
+            continue
+        count = len(kids)
+        block, _, _ = holder.rpartition(".")
+        head = f"{block}." if block else ""
+        if any(
+            len(shape) == 2
+            and count in shape
+            and name.startswith(head)
+            and not name.startswith(f"{holder}.")
+            and name[len(head) :].count(".") <= 2
+            for name, shape in tensors
+        ):
+            found[holder] = tuple(f"{holder}.{key}" for key in kids)
+    return found
+
+
 def separate_experts(model) -> dict[str, tuple[str, ...]]:
-    """{block path: its experts' module paths} of the mixtures of experts of `model` that are built from
-    separate modules: an nn.ModuleList / nn.ModuleDict holding two or more modules of one type with the
-    same parameters (the experts; beside them only modules without parameters), beside a router in the module that holds it (a parameter outside the
-    experts with a dimension of the experts' number, at most two modules down: `router.classifier`,
-    `gate`, a bare `[hidden, experts]` weight). Fused experts modules (`fused_experts`) are not listed."""
+    """{block path: its experts' module paths} of the mixtures of experts of `model` built from separate
+    modules (`expert_groups`) held by an nn.ModuleList / nn.ModuleDict (its parent is the block, whose
+    input holds the tokens). Fused experts modules (`fused_experts`) are not listed."""
     import torch
 
-    found: dict[str, tuple[str, ...]] = {}
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
-        return found
-    for block_path, block in model.named_modules():
-        for name, container in block.named_children():
-            if not isinstance(container, torch.nn.ModuleList | torch.nn.ModuleDict) or len(container) < 2:
-                continue
-            kinds: dict[tuple, list[str]] = {}  # the children by type and parameters
-            for key, module in container.named_children():
-                shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
-                kinds.setdefault((type(module), shapes), []).append(key)
-            # one kind with parameters, two or more of it; beside them only modules without (NLLB's dropout)
-            weighted = [keys for (_, shapes), keys in kinds.items() if shapes]
-            if len(weighted) != 1 or len(weighted[0]) < 2:
-                continue
-            experts = weighted[0]
-            count = len(experts)
-            if not any(
-                count in tuple(p.shape)
-                for pname, p in block.named_parameters()
-                if not pname.startswith(f"{name}.") and pname.count(".") <= 2
-            ):
-                continue
-            head = f"{block_path}.{name}" if block_path else name
-            found[block_path] = tuple(f"{head}.{key}" for key in experts)
+        return {}
+    groups = expert_groups((name, p.shape) for name, p in model.named_parameters())
+    found = {}
+    for holder, experts in groups.items():
+        container = model.get_submodule(holder) if holder else model
+        if isinstance(container, torch.nn.ModuleList | torch.nn.ModuleDict):
+            found[holder.rpartition(".")[0]] = experts
     return found
+
+
+def mark_unattributed_rows(layers, groups: dict[str, tuple[str, ...]]) -> list[str]:
+    """An export's (.pt2, TorchScript, ONNX) layers inside one expert of `groups` (`expert_groups`) whose
+    rows were not the token mask's positions ("no token axis": the tokens routed to the expert, gathered
+    by a graph's index ops, which the export's probe does not follow): marked ROWS_NOT_ATTRIBUTED (they
+    counted every row, padding's included; noted, and a gate fails on them). A layer is inside an expert
+    by its name (a module path) or its producer's weight. Returns the names marked."""
+    from deadrelu_cli.gate import ROWS_NOT_ATTRIBUTED
+
+    paths = tuple(f"{path}." for experts in groups.values() for path in experts)
+    marked = []
+    for layer in layers:
+        inside = layer.name.startswith(paths) or (layer.weight or "").startswith(paths)
+        if paths and inside and layer.extra.get("position_mask") == "no token axis":
+            layer.extra["position_mask"] = ROWS_NOT_ATTRIBUTED
+            marked.append(layer.name)
+    return marked
 
 
 def expert_blocks(model) -> dict[str, tuple[str, ...]]:

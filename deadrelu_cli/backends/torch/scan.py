@@ -207,16 +207,19 @@ def scan_torch(
         return _scan_torch(model, data, options, device, collectors, fused)
 
 
+def exported_tensors(model: LoadedModel) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of a .pt2 / TorchScript model's parameters and buffers: what an export keeps of
+    its modules (probe.experts reads mixtures of experts off them)."""
+    runnable = model.runnable
+    return [(name, tuple(t.shape)) for name, t in (*runnable.named_parameters(), *runnable.named_buffers())]
+
+
 def mark_merged_experts(model: LoadedModel, layers: list) -> None:
     """Mark the layers of a .pt2 / TorchScript export of a fused mixture of experts (its weights still
     `[experts, …]`, its per-expert forward gone): `extra[EXPERTS_MERGED]` and a note; the gate stops on them."""
     from deadrelu_cli.probe.experts import fused_holders, merged_expert_sites, merged_experts_note
 
-    runnable = model.runnable
-    tensors = [
-        (name, tuple(t.shape)) for name, t in (*runnable.named_parameters(), *runnable.named_buffers())
-    ]
-    merged = merged_expert_sites([layer.name for layer in layers], fused_holders(tensors))
+    merged = merged_expert_sites([layer.name for layer in layers], fused_holders(exported_tensors(model)))
     for layer in layers:
         if layer.name in merged:
             layer.extra[EXPERTS_MERGED] = merged[layer.name][1]
@@ -241,7 +244,7 @@ def _scan_torch(
     import torch
 
     from deadrelu_cli.probe.base import ProbeSettings
-    from deadrelu_cli.probe.experts import declare_unreached
+    from deadrelu_cli.probe.experts import declare_unreached, expert_groups, mark_unattributed_rows
 
     mask = resolve_mask(options.mask, options.exclude_token_ids, data)
     # set per scan: the same data may serve another model later
@@ -460,6 +463,8 @@ def _scan_torch(
             model.notes.append(note)
     if model.kind != "eager":  # an export of a fused mixture of experts: one activation for every expert
         mark_merged_experts(model, layers)
+        if mask is not None:  # an expert's rows, gathered by the export's index ops: not the mask's positions
+            mark_unattributed_rows(layers, expert_groups(exported_tensors(model)))
     attach_biases(model, layers)
     check_sample_axis(layers, data, order, done, forwards, mask is not None)
     unscanned = dict(getattr(probe, "unscanned", {}))
