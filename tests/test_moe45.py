@@ -211,7 +211,15 @@ def build():
 
 
 def _hand_written(tmp_path, rows: str):
+    """The hand-written mixture of experts, unit 0 of every expert planted to fire on padding only (the pad
+    id's embedding is 10 on feature 0, every real token's below 1; unit 0 reads feature 0, bias -5)."""
     model, spec = arch_file(tmp_path / "moe.py", MOE_SOURCE.replace("ROWS", rows))
+    with torch.no_grad():
+        model.embed.weight[:, 0].clamp_(-1, 1)
+        model.embed.weight[0, 0] = 10.0
+        for expert in model.moe.experts:
+            expert[0].weight[0] = torch.nn.functional.one_hot(torch.tensor(0), 8).float()
+            expert[0].bias[0] = -5.0
     save_state_dict(model, tmp_path / "moe.pt")
     ids, mask = _ids(pad=0)
     save_npz(tmp_path / "d.npz", input_ids=ids, attention_mask=mask)
@@ -232,6 +240,8 @@ def test_hand_written_module_list_experts_count_real_tokens_only(cli, tmp_path):
             padded += int((~kept[token]).sum())
             pre = expert[0](flat[token[kept[token]]])
             truth[f"moe.experts.{i}.1"] = ((pre > 0).sum(0).tolist(), int(kept[token].sum()))
+            if (~kept[token]).any():  # padding reached it: the planted unit fires there, and only there
+                assert truth[f"moe.experts.{i}.1"][0][0] == 0 and (expert[0](flat[token])[:, 0] > 0).any()
     assert padded > 0
     for batch in ("1", "2", "4"):
         layers = _layers(
@@ -250,6 +260,7 @@ def test_hand_written_module_list_experts_count_real_tokens_only(cli, tmp_path):
             )
         )
         _agrees(layers, truth)
+        assert all(0 in layers[name]["dead_indices"] for name in truth)  # fires on padding only: dead
 
 
 def test_experts_rows_not_followed_are_said_and_gated(cli, tmp_path):
