@@ -226,10 +226,15 @@ def _hand_written(tmp_path, rows: str):
     return model, spec, ids, mask
 
 
-def test_hand_written_module_list_experts_count_real_tokens_only(cli, tmp_path):
-    """An nn.ModuleList of expert MLPs with a top-2 router, as users write one (--arch): each expert's
-    ReLU over the rows of real tokens routed to it. Truth: the routing re-run in plain torch."""
-    model, spec, ids, mask = _hand_written(tmp_path, "flat[token]")
+@pytest.mark.parametrize(
+    "rows",
+    ["flat[token]", "torch.cat(flat.index_select(0, token).view(-1, 1, width).split(3, 0)).squeeze(1)"],
+)
+def test_hand_written_module_list_experts_count_real_tokens_only(cli, tmp_path, rows):
+    """An nn.ModuleList of expert MLPs with a top-2 router, as users write one (--arch), its rows gathered
+    by indexing, or by index_select, a view, a split of the rows and their cat: each expert's ReLU over
+    the rows of real tokens routed to it. Truth: the routing re-run in plain torch."""
+    model, spec, ids, mask = _hand_written(tmp_path, rows)
     with torch.no_grad():
         flat = model.embed(torch.from_numpy(ids)).reshape(-1, 8)
         chosen = model.moe.gate(flat).softmax(-1).topk(2, dim=-1).indices

@@ -332,7 +332,7 @@ def carried_rows(func, args: tuple, kwargs: dict, out, rows_of) -> list[tuple[ob
     """[(tensor, rows)] for the outputs of `func` whose rows' tokens are known: `rows` is a LongTensor of
     the output's shape less its last axis, each entry the flat index (b·tokens + t) of the token the row
     holds. `rows_of(tensor)` gives an operand's (None: not followed). Followed: indexing, index_select
-    and reshapes of the axes before the last, cat along them, splits of the last axis, and the row-wise
+    and reshapes of the axes before the last, cat and splits along them, splits of the last axis, the row-wise
     ops (`_row_wise`); anything else (a sort, a reduction over rows, an op not listed) ends the trail:
     the activation it reaches is then not attributed (said, and gated, by the probe), never guessed."""
     import torch
@@ -373,13 +373,16 @@ def carried_rows(func, args: tuple, kwargs: dict, out, rows_of) -> list[tuple[ob
         return []
     lead = tuple(source.shape[:-1])
     if func in splits and isinstance(out, list | tuple):
-        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
-        if int(dim) % source.dim() != source.dim() - 1:
-            return []
+        dim = int(kwargs.get("dim", args[2] if len(args) > 2 else 0)) % source.dim()
+        if dim == source.dim() - 1:  # the features split (a gate and an up half): every piece the rows
+            pieces = [rows] * len(out)
+        else:  # the rows split (DeepSeek's rows of each expert, sorted): the tokens split alike
+            sizes = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if k != "dim")
+            pieces = func(rows, sizes, dim=dim)
         return [
-            (piece, rows)
-            for piece in out
-            if isinstance(piece, torch.Tensor) and tuple(piece.shape[:-1]) == lead
+            (piece, part)
+            for piece, part in zip(out, pieces, strict=False)
+            if isinstance(piece, torch.Tensor) and tuple(piece.shape[:-1]) == tuple(part.shape)
         ]
     if not isinstance(out, torch.Tensor) or out.dim() < 1:
         return []
