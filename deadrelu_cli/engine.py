@@ -213,7 +213,7 @@ def mask_notes(layers: list, mask) -> list[str]:
         "gathered by index) the scan could not follow back to their tokens: an export's (.pt2, TorchScript, "
         "ONNX) index ops, or an op between the block's input and the expert's activation that the eager scan "
         "does not read (every row counted, padding's included; a gate fails on them unless --allow-unseen; "
-        "scan the PyTorch model, or data without padding with --mask none)",
+        "scan the PyTorch model, or data without padding)",
         PIXELS_FLATTENED: "whose positions may be the image's pixels flattened and that no module given the "
         "flattened mask as its attention_mask scoped (every element counted, padding included; a gate fails "
         "on them unless --allow-unseen; scan the PyTorch model, where DETR's encoder gets that mask)",

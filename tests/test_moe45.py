@@ -348,7 +348,8 @@ def test_exported_experts_rows_are_said_and_gated(cli, tmp_path, form):
     """An export (.pt2, TorchScript, ONNX) of the hand-written mixture of experts: each expert's rows are
     gathered by the graph's index ops, which its probe does not follow to their tokens; the experts' layers
     counted every row (padding's too: more rows than the real tokens routed there, the test's own count)
-    and passed a gate under a note that did not stop it. Now they are marked, noted, and gate."""
+    and passed a gate under a note that did not stop it. Now they are marked, noted, and gate; data
+    without padding counts every row exactly and is not marked."""
     model, _, ids, mask = _hand_written(tmp_path, "flat[token]")
     feed = (torch.from_numpy(ids), torch.from_numpy(mask))
     path = tmp_path / f"moe.{form}"
@@ -379,3 +380,10 @@ def test_exported_experts_rows_are_said_and_gated(cli, tmp_path, form):
     gated = cli(*args, "--max-dead", "1.0", "-q")
     assert gated.code == 1 and "routed rows not attributed" in gated.err
     assert cli(*args, "--max-dead", "1.0", "--allow-unseen", "-q").code == 0
+    save_npz(tmp_path / "full.npz", input_ids=np.where(mask == 1, ids, 5), attention_mask=np.ones_like(mask))
+    unpadded = _layers(
+        cli("scan", path, "--data", tmp_path / "full.npz", "--trust-pickle", "--json", "-", "-q")
+    )
+    assert all(
+        layer["extra"]["position_mask"] == "no token axis" for layer in unpadded.values()
+    )  # every row real

@@ -1169,12 +1169,15 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     if total <= batch_size:  # one batch: nothing to switch to
         switch.eligible = []
 
+    padding_seen = [False]  # a batch's token mask left a position out (the experts' rows then say so)
+
     def feeds_of():
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
             feeds = {inp: as_input(batch[arr], dtypes.get(inp), inp) for inp, arr in order.items()}
             # read also where no site is masked: a layer that counted every position says so unless
             # every batch kept every position (HostAccumulator.all_kept)
             keep = batch_mask(mask, batch) if mask is not None else None
+            padding_seen[0] = padding_seen[0] or (keep is not None and not bool(np.all(keep)))
             keeps = _mask_feeds(feeds if masked else {}, keep, sites)
             yield batch, feeds, keeps
 
@@ -1216,7 +1219,7 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     finally:
         switch.close()
     layers = [acc.layer_stats() for acc in accumulators]
-    if mask is not None:  # an expert's rows, gathered by the graph's index ops: not the mask's positions
+    if padding_seen[0]:  # an expert's rows, gathered by the graph's index ops: not the mask's positions
         mark_unattributed_rows(layers, experts)
     return loaded, layers
 

@@ -255,6 +255,7 @@ def _scan_torch(
     # the position mask is an attention_mask that forward() does not take: the model sees the padding
     unseen_padding = mask is not None and mask.array == DEFAULT_MASK and DEFAULT_MASK in data.unfed
     padded = False
+    padding_seen = False  # a batch's token mask left a position out (an export's experts then say so)
     # token ids without any mask: every position counts; padding there would count as tokens unsaid
     pad_id = unmasked_pad_id(model, data, mask, options.mask)
     pad_positions = 0
@@ -381,6 +382,9 @@ def _scan_torch(
             yield prepared(batch)
 
     def forward(inputs, kept, decoder_kept) -> None:
+        nonlocal padding_seen
+        if not padding_seen and model.kind != "eager":
+            padding_seen = any(k is not None and not bool(k.all()) for k in (kept, decoder_kept))
         if decoder is not None:
             scoped = None if decoder_kept is None else torch.from_numpy(decoder_kept).to(device)
             encoder = {frames[0]: frames[1](kept)} if frames is not None else {}
@@ -463,7 +467,7 @@ def _scan_torch(
             model.notes.append(note)
     if model.kind != "eager":  # an export of a fused mixture of experts: one activation for every expert
         mark_merged_experts(model, layers)
-        if mask is not None:  # an expert's rows, gathered by the export's index ops: not the mask's positions
+        if padding_seen:  # an expert's rows, gathered by the export's index ops: not the mask's positions
             mark_unattributed_rows(layers, expert_groups(exported_tensors(model)))
     attach_biases(model, layers)
     check_sample_axis(layers, data, order, done, forwards, mask is not None)
