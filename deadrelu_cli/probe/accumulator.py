@@ -13,7 +13,13 @@ import torch
 from torch.autograd.graph import increment_version
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import LAYOUT_AMBIGUOUS, PIXELS_FLATTENED, PIXELS_MIXED, ROW_ORDER_AMBIGUOUS
+from deadrelu_cli.gate import (
+    LAYOUT_AMBIGUOUS,
+    PIXELS_FLATTENED,
+    PIXELS_MIXED,
+    ROW_ORDER_AMBIGUOUS,
+    ROWS_NOT_ATTRIBUTED,
+)
 from deadrelu_cli.native import ReluStats, relu_stats
 from deadrelu_cli.probe.ops import (
     TOKEN_FLAT,
@@ -162,6 +168,11 @@ class PositionMask:
         batch_first, time_major = fits(value), fits(value.T)
         return None if batch_first == time_major else time_major
 
+    def not_applied(self, tensor: torch.Tensor, channel_dim: int) -> str | None:
+        """Why this mask could not be applied to a tensor where that must be said and gated (None: the
+        tensor has no token axis, or it was applied)."""
+        return None
+
     def select(
         self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None
     ) -> torch.Tensor | None:
@@ -180,19 +191,43 @@ class PositionMask:
 
 
 class RoutedRows(PositionMask):
-    """The rows one expert of a mixture ran in one call (probe.experts): every one a real token (KEPT)
-    or every one padding, in the implementation's order, which then does not matter. Read as the
-    flattened rows [rows, …] of one sample, one row too (a [1, 1] PositionMask reads no token axis)."""
+    """The rows one expert of a mixture ran in one call (probe.experts): KEPT holds, per row, whether it
+    is a real token's (True) or padding's, in the implementation's order. A 1-D KEPT reads a tensor of
+    those rows [rows, …]; a 2-D one [a, b] reads a tensor [a, b, …] (an expert's rows kept in a
+    `[1, rows, …]` from `x[None, index]`). Built as a [1, rows] / [a, b] mask (a [1, 1] PositionMask
+    would read no token axis: one row counts too)."""
 
-    def __init__(self, rows: int, kept: bool) -> None:
-        super().__init__(torch.full((1, rows), kept, dtype=torch.bool))
+    def __init__(self, kept: torch.Tensor) -> None:
+        self.lead = tuple(int(d) for d in kept.shape)
+        super().__init__(kept.reshape(1, -1) if kept.dim() == 1 else kept)
 
     def layout(self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None) -> str | None:
         dim = channel_dim % max(tensor.dim(), 1)
-        return TOKEN_FLAT if tensor.dim() >= 2 and tensor.shape[0] == self.tokens and dim >= 1 else None
+        rank = len(self.lead)
+        if tensor.dim() <= rank or tuple(tensor.shape[:rank]) != self.lead or dim < rank:
+            return None
+        return TOKEN_FLAT if rank == 1 else TOKEN_ROWS
 
     def ambiguous(self, tensor: torch.Tensor, channel_dim: int) -> bool:
         return False
+
+
+class RowsNotAttributed(PositionMask):
+    """An expert's rows (probe.experts) whose tokens the probe could not follow to its activation (an
+    index op it does not read): every row counted, padding's included, and said: `not_applied` gives
+    the reason the report and the gate read (gate.ROWS_NOT_ATTRIBUTED)."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.ones((1, 1), dtype=torch.bool))
+
+    def layout(self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None) -> str | None:
+        return None
+
+    def ambiguous(self, tensor: torch.Tensor, channel_dim: int) -> bool:
+        return False
+
+    def not_applied(self, tensor: torch.Tensor, channel_dim: int) -> str | None:
+        return ROWS_NOT_ATTRIBUTED
 
 
 PIXELS = "pixels"  # PixelMask.layout: a conv feature map [B, C, h, w] of the image
@@ -421,16 +456,15 @@ class SiteAccumulator:
         kept = mask.parts(pre, self.channel_dim, self.known_time_major()) if mask is not None else None
         self.masked_now = kept is not None
         if mask is not None:
-            missed = mask.not_applied(pre, self.channel_dim) if isinstance(mask, PixelMask) else None
-            self._say_mask(kept is not None, missed)
+            self._say_mask(kept is not None, mask.not_applied(pre, self.channel_dim))
         return kept
 
     def _say_mask(self, kept: bool, missed: str | None = None) -> None:
         """`extra["position_mask"]` after a masked batch: "applied", or "no token axis" for good once a
-        batch had none; a pixel mask's reason it was not applied (`missed`); a batch that counted padding
-        (PIXELS_MIXED, PIXELS_FLATTENED) is said for good."""
+        batch had none; the mask's reason it was not applied (`missed`); a batch that counted padding
+        (PIXELS_MIXED, PIXELS_FLATTENED, ROWS_NOT_ATTRIBUTED) is said for good."""
         before = self.extra.get("position_mask")
-        if before in (PIXELS_MIXED, PIXELS_FLATTENED):
+        if before in (PIXELS_MIXED, PIXELS_FLATTENED, ROWS_NOT_ATTRIBUTED):
             return
         if not kept and missed is not None:
             self.extra["position_mask"] = missed

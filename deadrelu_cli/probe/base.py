@@ -120,7 +120,10 @@ class SiteRegistry:
             self.scoped_masks.pop(path, None)
 
     def mask_for(self, name: str) -> PositionMask | None:
-        """The position mask of the site `name` (a module path, maybe with `#k` or `.relu()`)."""
+        """The position mask of the site `name` (a module path, maybe with `#k` or `.relu()`): its own
+        (`set_scoped_mask(name, …)`: an expert's routed rows) before its modules'."""
+        if name in self.scoped_masks:
+            return self.scoped_masks[name]
         for path, mask in self.scoped_masks.items():
             if name == path or name.startswith((path + ".", path + "#")):
                 return mask

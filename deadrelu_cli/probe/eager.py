@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from deadrelu_cli.probe.accumulator import counted_while_running
+from deadrelu_cli.probe.accumulator import PositionMask, RoutedRows, RowsNotAttributed, counted_while_running
 from deadrelu_cli.probe.base import (
     PER_POSITION_ELEMENTWISE,
     REDUCTIONS,
@@ -39,9 +39,14 @@ from deadrelu_cli.probe.base import (
     reduces_unit_axis,
     unit_axis_side,
 )
+from deadrelu_cli.probe.experts import carried_rows, expert_blocks
 from deadrelu_cli.probe.ops import (
     CLAMP_OPS,
     NAMED_WHEN_UNSCANNED,
+    TOKEN_FLAT,
+    TOKEN_FLAT_TIME_MAJOR,
+    TOKEN_ROWS,
+    TOKENS_FIRST,
     SiteNamer,
     aten_op_kind,
     clamp_bounds,
@@ -508,6 +513,8 @@ class _CallSiteMode(TorchFunctionMode):
             spec = None  # a clamped variance / norm / loss: an ordinary op, not a ReLU layer
         if spec is None or not args or not isinstance(args[0], torch.Tensor):
             out = func(*args, **kwargs)
+            if self.probe._rows:
+                self.probe.carry_rows(func, args, kwargs, out)
             if func in _FLATTENS:
                 self.probe.note_flatten(args, out)
             elif self.probe._flat:
@@ -575,20 +582,30 @@ class _CallSiteMode(TorchFunctionMode):
         if not self.probe.recording:  # substitutes only: other sites run as written, uncounted
             return func(*args, **kwargs)
         out = None
-        # run_in_parts computes a relu: a threshold's NaN gives 0, not NaN, so clamps run as written
-        exact_relu = op in ("relu", "relu6") and spec.clamp is None and _zero_floor(func, args, kwargs)
-        if self.probe.fast_paths and exact_relu:
-            out = self.probe.run_in_parts(name, op, args[0], in_place)
-        if out is None:
-            out = call_and_record(
-                func,
-                args,
-                kwargs,
-                op,
-                in_place,
-                lambda pre: self.probe.observe(name, op, pre),
-                lambda post: self.probe.registry.record_post(name, post),
-            )
+        # an expert's rows (probe.experts): counted on the tokens they hold, for this call only
+        routed = self.probe.routed_rows(name, args[0]) if self.probe.expert_paths else None
+        if routed is not None:
+            self.probe.registry.set_scoped_mask(name, routed)
+        try:
+            # run_in_parts computes a relu: a threshold's NaN gives 0, not NaN, so clamps run as written
+            exact_relu = op in ("relu", "relu6") and spec.clamp is None and _zero_floor(func, args, kwargs)
+            if self.probe.fast_paths and exact_relu:
+                out = self.probe.run_in_parts(name, op, args[0], in_place)
+            if out is None:
+                out = call_and_record(
+                    func,
+                    args,
+                    kwargs,
+                    op,
+                    in_place,
+                    lambda pre: self.probe.observe(name, op, pre),
+                    lambda post: self.probe.registry.record_post(name, post),
+                )
+        finally:
+            if routed is not None:
+                self.probe.registry.given_scope(name)
+        if self.probe._rows and not in_place:
+            self.probe.carry_rows(func, args, kwargs, out)
         if self.probe._aligned and not in_place:
             self.probe.carry_alignment(func, args, kwargs, out)
         if self.probe._flat and not in_place:
@@ -735,12 +752,22 @@ class EagerProbe:
         self._positives: dict[int, tuple[weakref.ref, int, weakref.ref, int, bool]] = {}
         self._stored_ids: set[int] | None = None  # the ids of the model's parameters and buffers
         self._stored_seen: Counter = Counter()  # this forward's spellings with stored zeros, by label
+        # mixtures of experts (probe.experts.expert_blocks: separate expert modules, fused ones split by
+        # experts_apart): their blocks' paths and their experts' (prefixes of the experts' sites);
+        # id(tensor) -> (weakref, rows): a tensor inside a block whose rows' tokens are known
+        # (probe.experts.carried_rows), seeded at the block's input
+        blocks = expert_blocks(model)
+        self.expert_blocks = frozenset(blocks)
+        self.expert_paths = tuple(f"{path}." for experts in blocks.values() for path in experts)
+        self._rows: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
     # -- hooks -------------------------------------------------------------------------------
     def enter_module(self, module: nn.Module, args) -> None:
         """A module's forward begins (its forward pre-hook)."""
         name = self._module_names.get(id(module), "")
         self._stack.append((name, module))
+        if name in self.expert_blocks and args:
+            self.seed_rows(name, args)
         if not args or not isinstance(args[0], torch.Tensor):
             return
         if isinstance(module, PRODUCER_TYPES):
@@ -830,7 +857,9 @@ class EagerProbe:
     def leave_module(self, module: nn.Module, args, output) -> None:
         """A module's forward returned (its forward hook, always called)."""
         if self._stack and self._stack[-1][1] is module:
-            self._stack.pop()
+            name, _ = self._stack.pop()
+            if self._rows and name in self.expert_blocks:  # rows' tokens matter inside a block only
+                self._rows.clear()
         if (
             isinstance(module, UNIT_PRESERVING_MODULES)
             and args
@@ -945,10 +974,56 @@ class EagerProbe:
             return None
         return True, entry[1]
 
-    def name_again(self, name: str) -> None:
-        """The next call at the site `name` counts into it, not into `name#2`: a module the scan runs in
-        parts within one forward (a fused expert's rows of real tokens, then of padding)."""
-        self._namer.again(name)
+    def rows_of(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The tokens (flat indices b·tokens + t) of a tensor's rows inside a mixture of experts, or None."""
+        entry = self._rows.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def seed_rows(self, block: str, args: tuple) -> None:
+        """A mixture of experts' block begins: its inputs that hold the token mask's positions ([B, T, …]
+        or rows [B·T, …], in an order the probe knows) get their rows' tokens, followed from here."""
+        mask = self.registry.mask_for(block)
+        if type(mask) is not PositionMask:  # no token mask (nothing to leave out), or a pixel mask
+            return
+        for value in args:
+            if not isinstance(value, torch.Tensor) or value.dim() < 2 or self.rows_of(value) is not None:
+                continue
+            hint = self.alignment_of(value) if self._aligned else None
+            if hint is None and self._flat:
+                hint = self.flat_order(value)
+            layout = mask.layout(value, -1, hint)
+            if layout is None or (hint is None and mask.ambiguous(value, -1)):
+                continue
+            tokens = torch.arange(mask.batch * mask.tokens, device=value.device).view(mask.batch, mask.tokens)
+            rows = {
+                TOKEN_ROWS: tokens,
+                TOKENS_FIRST: tokens.t(),
+                TOKEN_FLAT: tokens.reshape(-1),
+                TOKEN_FLAT_TIME_MAJOR: tokens.t().reshape(-1),
+            }.get(layout)
+            if rows is not None:
+                self._rows[id(value)] = (weakref.ref(value), rows)
+
+    def carry_rows(self, func, args: tuple, kwargs: dict, out) -> None:
+        """Follow the rows' tokens through `func` (probe.experts.carried_rows)."""
+        for tensor, rows in carried_rows(func, args, kwargs, out, self.rows_of):
+            self._rows[id(tensor)] = (weakref.ref(tensor), rows)
+
+    def routed_rows(self, name: str, pre: torch.Tensor) -> PositionMask | None:
+        """The mask of the call at site `name` when it runs inside one expert of a mixture of experts under
+        a token mask: the rows of kept tokens (RoutedRows), or RowsNotAttributed where the rows' tokens
+        were lost on the way (counted, said, gated); None elsewhere (the site's mask as it is)."""
+        if not name.startswith(self.expert_paths):
+            return None
+        mask = self.registry.mask_for(name)
+        if type(mask) is not PositionMask:
+            return None
+        rows = self.rows_of(pre)
+        if rows is not None and rows.dim() in (1, 2):
+            return RoutedRows(mask.mask.reshape(-1).to(rows.device)[rows])
+        if mask.all_kept or mask.layout(pre, -1) not in (None, TOKEN_FLAT, TOKEN_FLAT_TIME_MAJOR):
+            return None  # every row a real token's, or an expert run on every token ([B, T, …]): as it is
+        return RowsNotAttributed()
 
     def relayout_einsum(self, args: tuple, result: torch.Tensor) -> None:
         """An einsum of one operand that only reorders its axes (`"nchw->nhwc"`) moves the unit axis as
@@ -1054,6 +1129,7 @@ class EagerProbe:
 
     def begin_forward(self) -> None:
         self._namer.reset()
+        self._rows.clear()
         self._stack.clear()
         self._produced.clear()
         self._sources.clear()
@@ -1188,6 +1264,8 @@ class EagerProbe:
         are laid out (PositionMask.reading: the mask itself, token ids padded with one id, batch-first or
         time-major) are marked so; what descends from them is followed
         (`carry_alignment`) to tell a site's layout by what the model did, not by its shape."""
+        if "" in self.expert_blocks:  # the model is a mixture of experts' block: its inputs by keyword too
+            self.seed_rows("", tuple(torch.utils._pytree.tree_leaves((args, kwargs))))
         mask = self.registry.position_mask
         if mask is None or mask.batch != mask.tokens or mask.batch < 2 or mask.symmetric:
             return
