@@ -26,6 +26,10 @@ SOURCE = Path(__file__).with_name("csrc") / "relu_stats.c"
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
 SWITCH = "DEADRELU_NATIVE"  # "0": never build or load the kernel
 BUILD_SECONDS = 120
+# Appended to a built library with the sha256 of what precedes it; FORMAT names the layout in the cache key
+# (a library from before the trailer is rebuilt under a new name, not taken for a damaged one).
+MARK = b"deadrelu-relu-stats-sha256:"
+FORMAT = b"trailer-1"
 
 
 class ReluStats:
@@ -138,18 +142,43 @@ def _load() -> tuple[ReluStats | None, str]:
         return None, "no C compiler ($CC, cc, gcc or clang): the ATen kernels count"
     source = SOURCE.read_bytes()
     key = hashlib.sha256(
-        b"\0".join([source, " ".join([*command, *FLAGS]).encode(), platform.machine().encode()])
+        b"\0".join([FORMAT, source, " ".join([*command, *FLAGS]).encode(), platform.machine().encode()])
     ).hexdigest()[:16]
     target = cache_dir() / f"relu_stats-{key}.so"
-    if not target.is_file():
+    try:
+        state = _intact(target)
+    except OSError as exc:  # e.g. HOME=/root for another user: the cache cannot even be looked at
+        return None, f"cannot read the kernel's cache {target.parent}: {exc.strerror or exc}"
+    damaged = state is False
+    if state is not True:
         error = _build(command, target)
         if error is not None:
             return None, error
+        try:
+            state = _intact(target)
+        except OSError as exc:
+            return None, f"cannot read the kernel's cache {target.parent}: {exc.strerror or exc}"
+        if state is not True:
+            return None, f"the kernel built into {target} does not read back whole"
     try:
-        library = ctypes.CDLL(str(target))
-    except OSError as exc:
+        kernel = ReluStats(ctypes.CDLL(str(target)), target)
+    except (OSError, AttributeError) as exc:  # AttributeError: a library without the kernel's symbols
         return None, f"could not load {target}: {exc}"
-    return ReluStats(library, target), f"loaded {target}"
+    return kernel, f"loaded {target}" + (" (rebuilt: the cached copy was damaged)" if damaged else "")
+
+
+def _intact(path: Path) -> bool | None:
+    """Whether `path` is a library _build wrote, whole (its MARK trailer and digest match): None when
+    there is none. Checked before it is loaded because a damaged library is not refused by the loader:
+    a truncated one kills the process with SIGBUS inside dlopen (copied caches, a full disk, a crash
+    before the data reached it). OSError where the cache cannot be read."""
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    size = len(MARK) + hashlib.sha256().digest_size
+    body, trailer = data[:-size], data[-size:]
+    return len(data) > size and trailer == MARK + hashlib.sha256(body).digest()
 
 
 def _build(command: list[str], target: Path) -> str | None:
@@ -171,9 +200,12 @@ def _build(command: list[str], target: Path) -> str | None:
         )
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
-            return (
-                f"{command[0]} could not build the kernel: {lines[0] if lines else f'exit {done.returncode}'}"
-            )
+            # the first error, not "In file included from ..." (gcc -m32 without 32-bit headers)
+            said = next((line for line in lines if "error" in line), lines[0] if lines else None)
+            return f"{command[0]} could not build the kernel: {said or f'exit {done.returncode}'}"
+        with open(temporary, "rb+") as library:  # the trailer _intact checks (a loader ignores it)
+            body = library.read()
+            library.write(MARK + hashlib.sha256(body).digest())
         os.replace(temporary, target)
         return None
     except (OSError, subprocess.SubprocessError) as exc:

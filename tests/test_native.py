@@ -11,7 +11,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,3 +273,64 @@ def test_prepared_in_the_background_then_waited_for(monkeypatch, tmp_path):
     kernel = native.relu_stats()
     assert kernel is not None and kernel.path.parent == tmp_path / "cache" / "deadrelu" / "native"
     assert len(builds) == 1
+
+
+_LOAD_AND_COUNT = """
+import json, numpy as np
+from deadrelu_cli import native
+kernel = native.relu_stats()
+x = np.random.default_rng(5).standard_normal((6, 3, 40)).astype(np.float32)
+y = np.empty_like(x)
+stats = np.full(3, -np.inf), np.zeros(3, np.int64), np.zeros(3)
+if kernel is not None:
+    kernel.run(x.ctypes.data, y.ctypes.data, 6, 3, 40, True, 2, *(a.ctypes.data for a in stats))
+print(json.dumps({"why": native.status(), "stats": [a.tolist() for a in stats], "y": y.tolist(), "x": x.tolist()}))
+"""
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign"])
+def test_a_damaged_cached_library_is_rebuilt(damage, monkeypatch, tmp_path):
+    """A library in the cache that is not whole (a copied or half-written cache) was loaded as it was: a
+    truncated one killed the scan with SIGBUS inside dlopen, one without the kernel's symbol raised
+    AttributeError (exit 3). It is checked against its digest first and rebuilt; a fresh process then
+    counts as numpy does."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    kernel, why = _fresh_load(monkeypatch, tmp_path)
+    assert kernel is not None, why
+    whole = kernel.path.read_bytes()
+    if damage == "truncated":
+        kernel.path.write_bytes(whole[:3000])
+    elif damage == "empty":
+        kernel.path.write_bytes(b"")
+    else:  # a whole library, but another one
+        other = tmp_path / "other.c"
+        other.write_text("int other(void) { return 1; }\n")
+        built = subprocess.run(
+            [*native.compiler(), "-shared", "-fPIC", "-o", str(kernel.path), str(other)], check=False
+        )
+        assert built.returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(deadrelu_cli.__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_COUNT], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout)
+    assert got["why"] == f"loaded {kernel.path} (rebuilt: the cached copy was damaged)"
+    assert kernel.path.read_bytes() == whole  # the same build again
+    x = np.asarray(got["x"], dtype=np.float64)
+    np.testing.assert_array_equal(got["y"], np.maximum(x, 0))
+    np.testing.assert_array_equal(got["stats"][0], x.max((0, 2)))
+    np.testing.assert_array_equal(got["stats"][1], (x > 0).sum((0, 2)))
+    np.testing.assert_allclose(got["stats"][2], np.maximum(x, 0).sum((0, 2)), rtol=1e-6)
+
+
+def test_a_cache_that_cannot_be_looked_at_says_so(monkeypatch, tmp_path):
+    """Looking for the cached library raised what stat raises (EACCES for HOME=/root as another user,
+    a docker image run with --user; here a name too long for the file system): every CPU scan ended in
+    exit 3. The kernel is not used, and status says why; the probe counts with ATen's kernels."""
+    long = tmp_path / ("c" * 300)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(long))
+    monkeypatch.setattr(native, "_loaded", None)
+    assert native.relu_stats() is None
+    assert native.status().startswith(f"cannot read the kernel's cache {long / 'deadrelu' / 'native'}")
