@@ -334,3 +334,30 @@ def test_a_cache_that_cannot_be_looked_at_says_so(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_loaded", None)
     assert native.relu_stats() is None
     assert native.status().startswith(f"cannot read the kernel's cache {long / 'deadrelu' / 'native'}")
+
+
+def test_an_in_place_write_aten_refuses_still_raises():
+    """x.relu_() on an inference tensor outside inference mode raises in ATen (after writing it: its
+    version counter refuses); the kernel wrote it through its address and returned, so a watched forward
+    went on where the model alone stops."""
+    compiled_kernel()
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x.relu_())
+
+    model = Model().train()
+    with torch.inference_mode():
+        x = torch.randn(8, 4) - 0.5
+    with pytest.raises(RuntimeError, match="inference tensor") as plain, torch.no_grad():
+        model(x)
+    watcher = deadrelu_cli.watch(model, every=1)
+    watcher.step()
+    with pytest.raises(RuntimeError) as watched, torch.no_grad():
+        model(x)
+    watcher.close()
+    assert str(watched.value) == str(plain.value)

@@ -642,8 +642,8 @@ class SiteAccumulator:
         the model runs anyway — instead of three times (the max, the relu, the counting).
 
         Returns the output (`pre` itself when in place), or None where this does not apply (not a
-        large CPU float tensor laid out along the batch, a threshold other than 0, autograd, --explain's
-        minimum): the caller then runs the op and `observe_pre`/`observe_post` as usual."""
+        large CPU float tensor laid out along the batch, a threshold other than 0, autograd, an in-place
+        write ATen refuses, --explain's minimum): the caller then runs the op and `observe_pre`/`observe_post` as usual."""
         if (
             self.op != "relu"
             or threshold != 0.0
@@ -653,6 +653,8 @@ class SiteAccumulator:
             or pre.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
             or pre.layout is not torch.strided
             or (pre.requires_grad and torch.is_grad_enabled())
+            # ATen refuses to write an inference tensor outside inference mode: the op raises as it would
+            or (in_place and pre.is_inference() and not torch.is_inference_mode_enabled())
             or pre.dim() < 2
         ):
             return None
