@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from conftest import compiled_kernel
 from torch import nn
 from truth import capture
@@ -361,3 +362,37 @@ def test_an_in_place_write_aten_refuses_still_raises():
         model(x)
     watcher.close()
     assert str(watched.value) == str(plain.value)
+
+
+@pytest.mark.parametrize("counted_by", ["kernel", "aten"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["out", "in_place"])
+def test_forward_mode_autograd_through_a_watched_model(counted_by, in_place, monkeypatch):
+    """A jvp (torch.autograd.forward_ad) through a watched model: the kernel's output carried no tangent
+    (the model's jvp came back None), ATen's sliced counting raised NotImplementedError (out= kernels
+    refuse a dual tensor). Such a relu runs as the op itself: the tangent is plain torch's, the counts
+    those of a forward hook."""
+    if counted_by == "kernel":
+        compiled_kernel()
+    else:
+        monkeypatch.setattr(accumulator, "relu_stats", lambda: None)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4096), nn.ReLU(inplace=in_place), nn.Linear(4096, 1)).train()
+    x = torch.randn(300, 4)  # 4.9 MB per activation: ATen counts it in slices
+    tangent = torch.randn(300, 4)
+
+    def jvp() -> torch.Tensor | None:
+        with fwAD.dual_level(), torch.no_grad():
+            return fwAD.unpack_dual(model(fwAD.make_dual(x, tangent))).tangent
+
+    want = jvp()
+    with torch.no_grad():
+        pre = model[0](x).double().numpy()
+    watcher = deadrelu_cli.watch(model, every=1)
+    watcher.step()
+    got = jvp()
+    watcher.close()
+    assert got is not None
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    (layer,) = watcher.reports[-1].layers
+    np.testing.assert_array_equal(layer.positive_counts, (pre > 0).sum(0))
+    np.testing.assert_array_equal(layer.max_preactivation, pre.max(0))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.autograd.forward_ad import unpack_dual
 from torch.autograd.graph import increment_version
 
 from deadrelu_cli.errors import UserError
@@ -642,8 +643,8 @@ class SiteAccumulator:
         the model runs anyway — instead of three times (the max, the relu, the counting).
 
         Returns the output (`pre` itself when in place), or None where this does not apply (not a
-        large CPU float tensor laid out along the batch, a threshold other than 0, autograd, an in-place
-        write ATen refuses, --explain's minimum): the caller then runs the op and `observe_pre`/`observe_post` as usual."""
+        large CPU float tensor laid out along the batch, a threshold other than 0, autograd (forward-mode
+        too), an in-place write ATen refuses, --explain's minimum): the caller then runs the op and `observe_pre`/`observe_post` as usual."""
         if (
             self.op != "relu"
             or threshold != 0.0
@@ -656,6 +657,9 @@ class SiteAccumulator:
             # ATen refuses to write an inference tensor outside inference mode: the op raises as it would
             or (in_place and pre.is_inference() and not torch.is_inference_mode_enabled())
             or pre.dim() < 2
+            # forward-mode AD: the op carries the tangent (the kernel's output had none, ATen's out=
+            # kernels refuse a dual tensor)
+            or unpack_dual(pre).tangent is not None
         ):
             return None
         view, dims = self._as_reducible(pre)
