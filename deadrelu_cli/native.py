@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("csrc") / "relu_stats.c"
@@ -104,7 +105,10 @@ def prepare() -> None:
     global _builder
     with _started:
         if _loaded is None and _builder is None:
-            _builder = threading.Thread(target=relu_stats, name="deadrelu-native", daemon=True)
+            # not a daemon: a scan that stops early (a bad --arch, exit 2) waits for the build at exit (once,
+            # ~1 s), which is then cached; a daemon thread was stopped mid-build, the compiler's temporary
+            # file left in the cache and the kernel never built while scans kept failing fast
+            _builder = threading.Thread(target=relu_stats, name="deadrelu-native")
             _builder.start()
 
 
@@ -186,6 +190,7 @@ def _build(command: list[str], target: Path) -> str | None:
     both end with a whole library). The reason it failed, or None."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(target.parent)
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
         os.close(handle)
     except OSError as exc:
@@ -213,3 +218,14 @@ def _build(command: list[str], target: Path) -> str | None:
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def _sweep(directory: Path) -> None:
+    """Remove temporary files of builds that cannot still be running (older than BUILD_SECONDS, after
+    which a compiler is stopped): what a process killed mid-build left behind."""
+    for stale in directory.glob(".build-*.so"):
+        try:
+            if time.time() - stale.stat().st_mtime > BUILD_SECONDS:
+                stale.unlink()
+        except OSError:  # removed by another process meanwhile, or not ours to remove: harmless
+            pass

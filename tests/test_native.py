@@ -396,3 +396,37 @@ def test_forward_mode_autograd_through_a_watched_model(counted_by, in_place, mon
     (layer,) = watcher.reports[-1].layers
     np.testing.assert_array_equal(layer.positive_counts, (pre > 0).sum(0))
     np.testing.assert_array_equal(layer.max_preactivation, pre.max(0))
+
+
+def test_a_scan_that_stops_early_leaves_no_temporary_in_the_cache(tmp_path):
+    """A CPU scan starts the first build on a thread; one that then stopped (exit 2, a bad --arch) before
+    the build ended left the compiler's `.build-*.so` in the cache, one more per run, and nothing built.
+    Exit now waits for the build: the cache holds the library and nothing else. A temporary older than
+    any build can run (a process killed mid-build) is removed by the next build."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    cache = tmp_path / "cache" / "deadrelu" / "native"
+    cache.mkdir(parents=True)
+    stale = cache / ".build-killed.so"
+    stale.write_bytes(b"half a library")
+    os.utime(stale, (0, 0))
+    torch.save(nn.Linear(3, 4).state_dict(), tmp_path / "m.pt")
+    (tmp_path / "arch.py").write_text("from torch import nn\n\ndef build():\n    return nn.Linear(3, 4)\n")
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 3), np.float32))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(deadrelu_cli.__file__).parents[1]),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+    }
+    env.pop("DEADRELU_NATIVE", None)
+    args = [tmp_path / "m.pt", "--data", tmp_path / "d.npz", "--arch", f"{tmp_path / 'arch.py'}:absent"]
+    done = subprocess.run(
+        [sys.executable, "-m", "deadrelu_cli", "scan", *map(str, args), "--device", "cpu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "absent" in done.stderr
+    left = sorted(path.name for path in cache.iterdir())
+    assert len(left) == 1 and left[0].startswith("relu_stats-") and left[0].endswith(".so"), left
