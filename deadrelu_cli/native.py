@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("csrc") / "relu_stats.c"
-FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
+# after $CC and its arguments: IEEE semantics (NaN, -0.0) whatever they say (CC="gcc -ffast-math" built a
+# kernel whose relu lost -0.0 and whose max missed NaN; -fno-fast-math alone keeps an explicit
+# -ffinite-math-only)
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-fno-fast-math", "-fno-finite-math-only", "-fsigned-zeros")
 SWITCH = "DEADRELU_NATIVE"  # "0": never build or load the kernel
 BUILD_SECONDS = 120
 # Appended to a built library with the sha256 of what precedes it; FORMAT names the layout in the cache key

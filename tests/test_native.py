@@ -430,3 +430,27 @@ def test_a_scan_that_stops_early_leaves_no_temporary_in_the_cache(tmp_path):
     assert done.returncode == 2 and "absent" in done.stderr
     left = sorted(path.name for path in cache.iterdir())
     assert len(left) == 1 and left[0].startswith("relu_stats-") and left[0].endswith(".so"), left
+
+
+@pytest.mark.parametrize("flags", ["-ffast-math", "-Ofast", "-ffinite-math-only -fno-signed-zeros"])
+def test_compiler_arguments_in_cc_keep_ieee_semantics(flags, monkeypatch, tmp_path):
+    """CC="gcc -ffast-math" (its arguments go first): the kernel built, and its relu lost -0.0 and its max
+    missed NaN. The kernel's own flags come after and restore them: bit for bit ATen's relu, numpy's max."""
+    found = native.compiler()
+    if found is None:
+        pytest.skip("no C compiler on this machine")
+    kernel, why = _fresh_load(monkeypatch, tmp_path, CC=f"{found[0]} {flags}")
+    assert kernel is not None, why
+    x = _batch((3, 5, 200), 11)
+    want = torch.relu(x)
+    want_max, want_count, want_sum, _ = _truth([x])
+    maximum = torch.full((5,), -torch.inf, dtype=torch.float64)
+    count = torch.zeros(5, dtype=torch.int64)
+    total = torch.zeros(5, dtype=torch.float64)
+    kernel.run(
+        x.data_ptr(), x.data_ptr(), 3, 5, 200, False, 2, *(t.data_ptr() for t in (maximum, count, total))
+    )
+    assert torch.equal(x.view(torch.int32), want.view(torch.int32))  # -0.0 and NaN kept, bit for bit
+    np.testing.assert_array_equal(maximum.numpy(), want_max)  # NaN where a NaN was
+    np.testing.assert_array_equal(count.numpy(), want_count)
+    np.testing.assert_allclose(total.numpy(), want_sum, rtol=1e-6)
