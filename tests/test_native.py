@@ -6,7 +6,10 @@
 * where it cannot be built (no compiler, a compiler that fails, an unwritable cache, DEADRELU_NATIVE=0)
   it says why and the probe counts with ATen's kernels instead (tests/test_eager_fast.py runs its tests
   both ways);
-* a failed build leaves nothing behind, and a build is atomic.
+* a failed build leaves nothing behind, and a build is atomic; a damaged cached library is rebuilt, a
+  cache that cannot be read falls back, a scan that stops early leaves no temporary, and $CC's own
+  arguments cannot turn IEEE semantics off;
+* what the kernel must not take (a forward-mode tangent, an in-place write ATen refuses) runs as the op.
 """
 
 from __future__ import annotations
