@@ -11,6 +11,7 @@ Framework-free: it takes raw addresses, so any caller that owns the memory can u
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -219,16 +220,16 @@ def _build(command: list[str], target: Path) -> str | None:
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{command[0]} could not build the kernel: {exc}"
     finally:
-        if os.path.exists(temporary):
+        with contextlib.suppress(FileNotFoundError):  # renamed, or swept by another process
             os.unlink(temporary)
 
 
 def _sweep(directory: Path) -> None:
-    """Remove temporary files of builds that cannot still be running (older than BUILD_SECONDS, after
-    which a compiler is stopped): what a process killed mid-build left behind."""
+    """Remove temporary files of builds that cannot still be running (twice BUILD_SECONDS old: a compiler
+    is stopped after BUILD_SECONDS): what a process killed mid-build left behind."""
     for stale in directory.glob(".build-*.so"):
         try:
-            if time.time() - stale.stat().st_mtime > BUILD_SECONDS:
+            if time.time() - stale.stat().st_mtime > 2 * BUILD_SECONDS:
                 stale.unlink()
         except OSError:  # removed by another process meanwhile, or not ours to remove: harmless
             pass

@@ -303,25 +303,34 @@ def test_a_damaged_cached_library_is_rebuilt(damage, monkeypatch, tmp_path):
     kernel, why = _fresh_load(monkeypatch, tmp_path)
     assert kernel is not None, why
     whole = kernel.path.read_bytes()
+    # the damaged copy goes into another cache: this process has the library it built mapped, and a
+    # mapped file truncated in place is SIGBUS for this process too
+    copied = tmp_path / "copied"
+    damaged = copied / kernel.path.relative_to(tmp_path / "cache")
+    damaged.parent.mkdir(parents=True)
     if damage == "truncated":
-        kernel.path.write_bytes(whole[:3000])
+        damaged.write_bytes(whole[:3000])
     elif damage == "empty":
-        kernel.path.write_bytes(b"")
+        damaged.write_bytes(b"")
     else:  # a whole library, but another one
         other = tmp_path / "other.c"
         other.write_text("int other(void) { return 1; }\n")
         built = subprocess.run(
-            [*native.compiler(), "-shared", "-fPIC", "-o", str(kernel.path), str(other)], check=False
+            [*native.compiler(), "-shared", "-fPIC", "-o", str(damaged), str(other)], check=False
         )
         assert built.returncode == 0
-    env = {**os.environ, "PYTHONPATH": str(Path(deadrelu_cli.__file__).parents[1])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(deadrelu_cli.__file__).parents[1]),
+        "XDG_CACHE_HOME": str(copied),
+    }
     done = subprocess.run(
         [sys.executable, "-c", _LOAD_AND_COUNT], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout)
-    assert got["why"] == f"loaded {kernel.path} (rebuilt: the cached copy was damaged)"
-    assert kernel.path.read_bytes() == whole  # the same build again
+    assert got["why"] == f"loaded {damaged} (rebuilt: the cached copy was damaged)"
+    assert damaged.read_bytes() == whole  # the same build again
     x = np.asarray(got["x"], dtype=np.float64)
     np.testing.assert_array_equal(got["y"], np.maximum(x, 0))
     np.testing.assert_array_equal(got["stats"][0], x.max((0, 2)))
