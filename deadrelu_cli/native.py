@@ -116,6 +116,17 @@ def prepare() -> None:
             _builder.start()
 
 
+def _forget_the_builder() -> None:
+    """In a forked child: the parent's builder thread does not exist there, and a lock it held when the
+    process forked would stay held, relu_stats() waiting for it forever. The child builds or loads the
+    kernel itself (a build is atomic, so two processes building at once is fine)."""
+    global _lock, _started, _builder
+    _lock, _started, _builder = threading.Lock(), threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_forget_the_builder)
+
+
 def status() -> str:
     """What the kernel is: where it was loaded from, or why it is not used."""
     relu_stats()

@@ -466,3 +466,42 @@ def test_compiler_arguments_in_cc_keep_ieee_semantics(flags, monkeypatch, tmp_pa
     np.testing.assert_array_equal(maximum.numpy(), want_max)  # NaN where a NaN was
     np.testing.assert_array_equal(count.numpy(), want_count)
     np.testing.assert_allclose(total.numpy(), want_sum, rtol=1e-6)
+
+
+_FORK_DURING_THE_BUILD = """
+import os, signal, sys, time
+from deadrelu_cli import native
+native.prepare()
+time.sleep(0.5)  # the builder thread holds its lock: the compiler takes 2 s
+pid = os.fork()
+if pid == 0:
+    signal.alarm(30)  # where the child would wait forever
+    kernel = native.relu_stats()
+    os._exit(0 if kernel is not None else 1)
+_, code = os.waitpid(pid, 0)
+print(code, native.relu_stats() is not None)
+"""
+
+
+def test_a_process_forked_during_the_first_build_builds_for_itself(tmp_path):
+    """prepare() builds on a thread holding a lock; a process forked meanwhile (a fork-based pool started
+    while a first scan runs) inherited that lock held, with no thread to release it: its relu_stats()
+    waited forever. The child now forgets the parent's builder and loads the kernel itself."""
+    found = native.compiler()
+    if found is None:
+        pytest.skip("no C compiler on this machine")
+    slow = tmp_path / "slow-cc"
+    slow.write_text(f'#!/bin/sh\nsleep 2\nexec {found[0]} "$@"\n')
+    slow.chmod(0o755)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(deadrelu_cli.__file__).parents[1]),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "CC": str(slow),
+    }
+    env.pop("DEADRELU_NATIVE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_DURING_THE_BUILD], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "True"]  # the child exited 0 with a kernel, and so did the parent
