@@ -13,6 +13,7 @@ Framework-free: it takes raw addresses, so any caller that owns the memory can u
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import math
@@ -23,13 +24,22 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("csrc") / "relu_stats.c"
 FLAGS = ("-O3", "-shared", "-fPIC")
 PARALLEL_FLAGS = ("-fopenmp",)  # without them (no OpenMP) the same source builds a one-thread kernel
+# last, after $CC and its arguments: IEEE semantics (NaN, -0.0) whatever they say (CC="gcc -ffast-math" built a
+# kernel whose relu lost -0.0 and whose max missed NaN; -fno-fast-math alone keeps an explicit
+# -ffinite-math-only)
+IEEE_FLAGS = ("-fno-fast-math", "-fno-finite-math-only", "-fsigned-zeros")
 SWITCH = "DEADRELU_NATIVE"  # "0": never build or load the kernel
 BUILD_SECONDS = 120
+# Appended to a built library with the sha256 of what precedes it; FORMAT names the layout in the cache key
+# (a library from before the trailer is rebuilt under a new name, not taken for a damaged one).
+MARK = b"deadrelu-relu-stats-sha256:"
+FORMAT = b"trailer-1"
 
 
 class ReluStats:
@@ -116,8 +126,22 @@ def prepare() -> None:
     global _builder
     with _started:
         if _loaded is None and _builder is None:
-            _builder = threading.Thread(target=relu_stats, name="deadrelu-native", daemon=True)
+            # not a daemon: a scan that stops early (a bad --arch, exit 2) waits for the build at exit (once,
+            # ~1 s), which is then cached; a daemon thread was stopped mid-build, the compiler's temporary
+            # file left in the cache and the kernel never built while scans kept failing fast
+            _builder = threading.Thread(target=relu_stats, name="deadrelu-native")
             _builder.start()
+
+
+def _forget_the_builder() -> None:
+    """In a forked child: the parent's builder thread does not exist there, and a lock it held when the
+    process forked would stay held, relu_stats() waiting for it forever. The child builds or loads the
+    kernel itself (a build is atomic, so two processes building at once is fine)."""
+    global _lock, _started, _builder
+    _lock, _started, _builder = threading.Lock(), threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_forget_the_builder)
 
 
 def status() -> str:
@@ -156,25 +180,50 @@ def _load() -> tuple[ReluStats | None, str]:
 
     def target(flags: tuple[str, ...]) -> Path:
         key = hashlib.sha256(
-            b"\0".join([source, " ".join([*command, *flags]).encode(), platform.machine().encode()])
+            b"\0".join([FORMAT, source, " ".join([*command, *flags]).encode(), platform.machine().encode()])
         ).hexdigest()[:16]
         return cache_dir() / f"relu_stats-{key}.so"
 
-    parallel, serial = target((*FLAGS, *PARALLEL_FLAGS)), target(FLAGS)
-    why = ""
-    if not parallel.is_file() and not serial.is_file():  # (a serial build is made only after a failed one)
-        error = _build(command, (*FLAGS, *PARALLEL_FLAGS), parallel)
+    parallel_flags, serial_flags = (*FLAGS, *PARALLEL_FLAGS, *IEEE_FLAGS), (*FLAGS, *IEEE_FLAGS)
+    parallel, serial = target(parallel_flags), target(serial_flags)
+    try:
+        states = {path: _intact(path) for path in (parallel, serial)}
+    except OSError as exc:  # e.g. HOME=/root for another user: the cache cannot even be looked at
+        return None, f"cannot read the kernel's cache {parallel.parent}: {exc.strerror or exc}"
+    damaged = False in states.values()
+    # a whole library, the OpenMP one first (a one-thread one is built only after the OpenMP build failed)
+    path, why = next((p for p in (parallel, serial) if states[p] is True), None), ""
+    if path is None:
+        path, error = parallel, _build(command, parallel_flags, parallel)
         if error is not None:  # no OpenMP (Apple's clang; clang without libomp): one thread, still one pass
-            why = f" without OpenMP ({error})"
-            error = _build(command, FLAGS, serial)
+            path, why, error = serial, f" without OpenMP ({error})", _build(command, serial_flags, serial)
             if error is not None:
                 return None, error
-    path = parallel if parallel.is_file() else serial
+        try:
+            state = _intact(path)
+        except OSError as exc:
+            return None, f"cannot read the kernel's cache {path.parent}: {exc.strerror or exc}"
+        if state is not True:
+            return None, f"the kernel built into {path} does not read back whole"
     try:
-        library = ctypes.CDLL(str(path))
-    except OSError as exc:
+        kernel = ReluStats(ctypes.CDLL(str(path)), path, path == parallel)
+    except (OSError, AttributeError) as exc:  # AttributeError: a library without the kernel's symbols
         return None, f"could not load {path}: {exc}"
-    return ReluStats(library, path, path == parallel), f"loaded {path}{why}"
+    return kernel, f"loaded {path}{why}" + (" (rebuilt: the cached copy was damaged)" if damaged else "")
+
+
+def _intact(path: Path) -> bool | None:
+    """Whether `path` is a library _build wrote, whole (its MARK trailer and digest match): None when
+    there is none. Checked before it is loaded because a damaged library is not refused by the loader:
+    a truncated one kills the process with SIGBUS inside dlopen (copied caches, a full disk, a crash
+    before the data reached it). OSError where the cache cannot be read."""
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    size = len(MARK) + hashlib.sha256().digest_size
+    body, trailer = data[:-size], data[-size:]
+    return len(data) > size and trailer == MARK + hashlib.sha256(body).digest()
 
 
 def _build(command: list[str], flags: tuple[str, ...], target: Path) -> str | None:
@@ -182,6 +231,7 @@ def _build(command: list[str], flags: tuple[str, ...], target: Path) -> str | No
     both end with a whole library). The reason it failed, or None."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(target.parent)
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
         os.close(handle)
     except OSError as exc:
@@ -196,13 +246,27 @@ def _build(command: list[str], flags: tuple[str, ...], target: Path) -> str | No
         )
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
-            return (
-                f"{command[0]} could not build the kernel: {lines[0] if lines else f'exit {done.returncode}'}"
-            )
+            # the first error, not "In file included from ..." (gcc -m32 without 32-bit headers)
+            said = next((line for line in lines if "error" in line), lines[0] if lines else None)
+            return f"{command[0]} could not build the kernel: {said or f'exit {done.returncode}'}"
+        with open(temporary, "rb+") as library:  # the trailer _intact checks (a loader ignores it)
+            body = library.read()
+            library.write(MARK + hashlib.sha256(body).digest())
         os.replace(temporary, target)
         return None
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{command[0]} could not build the kernel: {exc}"
     finally:
-        if os.path.exists(temporary):
+        with contextlib.suppress(FileNotFoundError):  # renamed, or swept by another process
             os.unlink(temporary)
+
+
+def _sweep(directory: Path) -> None:
+    """Remove temporary files of builds that cannot still be running (twice BUILD_SECONDS old: a compiler
+    is stopped after BUILD_SECONDS): what a process killed mid-build left behind."""
+    for stale in directory.glob(".build-*.so"):
+        try:
+            if time.time() - stale.stat().st_mtime > 2 * BUILD_SECONDS:
+                stale.unlink()
+        except OSError:  # removed by another process meanwhile, or not ours to remove: harmless
+            pass

@@ -6,12 +6,16 @@
 * where it cannot be built (no compiler, a compiler that fails, an unwritable cache, DEADRELU_NATIVE=0)
   it says why and the probe counts with ATen's kernels instead (tests/test_eager_fast.py runs its tests
   both ways);
-* a failed build leaves nothing behind, and a build is atomic.
+* a failed build leaves nothing behind, and a build is atomic; a damaged cached library is rebuilt, a
+  cache that cannot be read falls back, a scan that stops early leaves no temporary, and $CC's own
+  arguments cannot turn IEEE semantics off;
+* what the kernel must not take (a forward-mode tangent, an in-place write ATen refuses) runs as the op.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from conftest import compiled_kernel
 from torch import nn
@@ -503,3 +508,231 @@ def test_masked_tokens_through_the_kernel(op, monkeypatch):
         np.testing.assert_allclose(layer.sum_abs, post.sum(0), rtol=1e-6, err_msg=name)
         if op == "relu6":
             np.testing.assert_array_equal(layer.saturated_counts, (kept >= 6).sum(0), err_msg=name)
+
+
+_LOAD_AND_COUNT = """
+import json, numpy as np
+from deadrelu_cli import native
+kernel = native.relu_stats()
+x = np.random.default_rng(5).standard_normal((6, 3, 40)).astype(np.float32)
+y = np.empty_like(x)
+stats = np.full(3, -np.inf), np.zeros(3, np.int64), np.zeros(3)
+if kernel is not None:
+    kernel.run(x.ctypes.data, y.ctypes.data, 6, 3, 40, True, 2, *(a.ctypes.data for a in stats))
+print(json.dumps({"why": native.status(), "stats": [a.tolist() for a in stats], "y": y.tolist(), "x": x.tolist()}))
+"""
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign"])
+def test_a_damaged_cached_library_is_rebuilt(damage, monkeypatch, tmp_path):
+    """A library in the cache that is not whole (a copied or half-written cache) was loaded as it was: a
+    truncated one killed the scan with SIGBUS inside dlopen, one without the kernel's symbol raised
+    AttributeError (exit 3). It is checked against its digest first and rebuilt; a fresh process then
+    counts as numpy does."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    kernel, why = _fresh_load(monkeypatch, tmp_path)
+    assert kernel is not None, why
+    whole = kernel.path.read_bytes()
+    # the damaged copy goes into another cache: this process has the library it built mapped, and a
+    # mapped file truncated in place is SIGBUS for this process too
+    copied = tmp_path / "copied"
+    damaged = copied / kernel.path.relative_to(tmp_path / "cache")
+    damaged.parent.mkdir(parents=True)
+    if damage == "truncated":
+        damaged.write_bytes(whole[:3000])
+    elif damage == "empty":
+        damaged.write_bytes(b"")
+    else:  # a whole library, but another one
+        other = tmp_path / "other.c"
+        other.write_text("int other(void) { return 1; }\n")
+        built = subprocess.run(
+            [*native.compiler(), "-shared", "-fPIC", "-o", str(damaged), str(other)], check=False
+        )
+        assert built.returncode == 0
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(deadrelu_cli.__file__).parents[1]),
+        "XDG_CACHE_HOME": str(copied),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_COUNT], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout)
+    assert got["why"] == f"loaded {damaged} (rebuilt: the cached copy was damaged)"
+    assert damaged.read_bytes() == whole  # the same build again
+    x = np.asarray(got["x"], dtype=np.float64)
+    np.testing.assert_array_equal(got["y"], np.maximum(x, 0))
+    np.testing.assert_array_equal(got["stats"][0], x.max((0, 2)))
+    np.testing.assert_array_equal(got["stats"][1], (x > 0).sum((0, 2)))
+    np.testing.assert_allclose(got["stats"][2], np.maximum(x, 0).sum((0, 2)), rtol=1e-6)
+
+
+def test_a_cache_that_cannot_be_looked_at_says_so(monkeypatch, tmp_path):
+    """Looking for the cached library raised what stat raises (EACCES for HOME=/root as another user,
+    a docker image run with --user; here a name too long for the file system): every CPU scan ended in
+    exit 3. The kernel is not used, and status says why; the probe counts with ATen's kernels."""
+    long = tmp_path / ("c" * 300)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(long))
+    monkeypatch.setattr(native, "_loaded", None)
+    assert native.relu_stats() is None
+    assert native.status().startswith(f"cannot read the kernel's cache {long / 'deadrelu' / 'native'}")
+
+
+def test_an_in_place_write_aten_refuses_still_raises():
+    """x.relu_() on an inference tensor outside inference mode raises in ATen (after writing it: its
+    version counter refuses); the kernel wrote it through its address and returned, so a watched forward
+    went on where the model alone stops."""
+    compiled_kernel()
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x.relu_())
+
+    model = Model().train()
+    with torch.inference_mode():
+        x = torch.randn(8, 4) - 0.5
+    with pytest.raises(RuntimeError, match="inference tensor") as plain, torch.no_grad():
+        model(x)
+    watcher = deadrelu_cli.watch(model, every=1)
+    watcher.step()
+    with pytest.raises(RuntimeError) as watched, torch.no_grad():
+        model(x)
+    watcher.close()
+    assert str(watched.value) == str(plain.value)
+
+
+@pytest.mark.parametrize("counted_by", ["kernel", "aten"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["out", "in_place"])
+def test_forward_mode_autograd_through_a_watched_model(counted_by, in_place, monkeypatch):
+    """A jvp (torch.autograd.forward_ad) through a watched model: the kernel's output carried no tangent
+    (the model's jvp came back None), ATen's sliced counting raised NotImplementedError (out= kernels
+    refuse a dual tensor). Such a relu runs as the op itself: the tangent is plain torch's, the counts
+    those of a forward hook."""
+    if counted_by == "kernel":
+        compiled_kernel()
+    else:
+        monkeypatch.setattr(accumulator, "relu_stats", lambda: None)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4096), nn.ReLU(inplace=in_place), nn.Linear(4096, 1)).train()
+    x = torch.randn(300, 4)  # 4.9 MB per activation: ATen counts it in slices
+    tangent = torch.randn(300, 4)
+
+    def jvp() -> torch.Tensor | None:
+        with fwAD.dual_level(), torch.no_grad():
+            return fwAD.unpack_dual(model(fwAD.make_dual(x, tangent))).tangent
+
+    want = jvp()
+    with torch.no_grad():
+        pre = model[0](x).double().numpy()
+    watcher = deadrelu_cli.watch(model, every=1)
+    watcher.step()
+    got = jvp()
+    watcher.close()
+    assert got is not None
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    (layer,) = watcher.reports[-1].layers
+    np.testing.assert_array_equal(layer.positive_counts, (pre > 0).sum(0))
+    np.testing.assert_array_equal(layer.max_preactivation, pre.max(0))
+
+
+def test_a_scan_that_stops_early_leaves_no_temporary_in_the_cache(tmp_path):
+    """A CPU scan starts the first build on a thread; one that then stopped (exit 2, a bad --arch) before
+    the build ended left the compiler's `.build-*.so` in the cache, one more per run, and nothing built.
+    Exit now waits for the build: the cache holds the library and nothing else. A temporary older than
+    any build can run (a process killed mid-build) is removed by the next build."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    cache = tmp_path / "cache" / "deadrelu" / "native"
+    cache.mkdir(parents=True)
+    stale = cache / ".build-killed.so"
+    stale.write_bytes(b"half a library")
+    os.utime(stale, (0, 0))
+    torch.save(nn.Linear(3, 4).state_dict(), tmp_path / "m.pt")
+    (tmp_path / "arch.py").write_text("from torch import nn\n\ndef build():\n    return nn.Linear(3, 4)\n")
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 3), np.float32))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(deadrelu_cli.__file__).parents[1]),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+    }
+    env.pop("DEADRELU_NATIVE", None)
+    args = [tmp_path / "m.pt", "--data", tmp_path / "d.npz", "--arch", f"{tmp_path / 'arch.py'}:absent"]
+    done = subprocess.run(
+        [sys.executable, "-m", "deadrelu_cli", "scan", *map(str, args), "--device", "cpu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "absent" in done.stderr
+    left = sorted(path.name for path in cache.iterdir())
+    assert len(left) == 1 and left[0].startswith("relu_stats-") and left[0].endswith(".so"), left
+
+
+@pytest.mark.parametrize("flags", ["-ffast-math", "-ffinite-math-only -fno-signed-zeros"])
+def test_compiler_arguments_in_cc_keep_ieee_semantics(flags, monkeypatch, tmp_path):
+    """CC="gcc -ffast-math" (its arguments go first): the kernel built, and its relu lost -0.0 and its max
+    missed NaN. The kernel's own flags come after and restore them: bit for bit ATen's relu, numpy's max."""
+    found = native.compiler()
+    if found is None:
+        pytest.skip("no C compiler on this machine")
+    kernel, why = _fresh_load(monkeypatch, tmp_path, CC=f"{found[0]} {flags}")
+    assert kernel is not None, why
+    x = _batch((3, 5, 200), 11)
+    want = torch.relu(x)
+    truth = _truth([x], "relu")
+    maximum = torch.full((5,), -torch.inf, dtype=torch.float64)
+    count = torch.zeros(5, dtype=torch.int64)
+    total = torch.zeros(5, dtype=torch.float64)
+    kernel.run(
+        x.data_ptr(), x.data_ptr(), 3, 5, 200, False, 2, *(t.data_ptr() for t in (maximum, count, total))
+    )
+    assert torch.equal(x.view(torch.int32), want.view(torch.int32))  # -0.0 and NaN kept, bit for bit
+    np.testing.assert_array_equal(maximum.numpy(), truth["max"])  # NaN where a NaN was
+    np.testing.assert_array_equal(count.numpy(), truth["count"])
+    np.testing.assert_allclose(total.numpy(), truth["sum"], rtol=1e-6)
+
+
+_FORK_DURING_THE_BUILD = """
+import os, signal, sys, time
+from deadrelu_cli import native
+native.prepare()
+time.sleep(0.5)  # the builder thread holds its lock: the compiler takes 2 s
+pid = os.fork()
+if pid == 0:
+    signal.alarm(30)  # where the child would wait forever
+    kernel = native.relu_stats()
+    os._exit(0 if kernel is not None else 1)
+_, code = os.waitpid(pid, 0)
+print(code, native.relu_stats() is not None)
+"""
+
+
+def test_a_process_forked_during_the_first_build_builds_for_itself(tmp_path):
+    """prepare() builds on a thread holding a lock; a process forked meanwhile (a fork-based pool started
+    while a first scan runs) inherited that lock held, with no thread to release it: its relu_stats()
+    waited forever. The child now forgets the parent's builder and loads the kernel itself."""
+    found = native.compiler()
+    if found is None:
+        pytest.skip("no C compiler on this machine")
+    slow = tmp_path / "slow-cc"
+    slow.write_text(f'#!/bin/sh\nsleep 2\nexec {found[0]} "$@"\n')
+    slow.chmod(0o755)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(deadrelu_cli.__file__).parents[1]),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "CC": str(slow),
+    }
+    env.pop("DEADRELU_NATIVE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_DURING_THE_BUILD], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "True"]  # the child exited 0 with a kernel, and so did the parent

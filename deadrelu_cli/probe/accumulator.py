@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.autograd.forward_ad import unpack_dual
 from torch.autograd.graph import increment_version
 
 from deadrelu_cli.errors import UserError
@@ -681,9 +682,10 @@ class SiteAccumulator:
         the model runs anyway — instead of three times (the max, the relu, the counting).
 
         Returns the output (`pre` itself when in place), or None where this does not apply (not a
-        large CPU float tensor laid out along the batch, a threshold other than 0, autograd, --explain's
-        minimum): the caller then runs the op and `observe_pre`/`observe_post` as usual."""
-        if not self._runs_its_relu(pre, threshold):
+        large CPU float tensor laid out along the batch, a threshold other than 0, autograd (forward-mode
+        too), an in-place write ATen refuses, --explain's minimum): the caller then runs the op and
+        `observe_pre`/`observe_post` as usual."""
+        if not self._runs_its_relu(pre, threshold, in_place):
             return None
         view, dims = self._as_reducible(pre)
         if view.data_ptr() != pre.data_ptr() or not view.is_contiguous():
@@ -739,7 +741,7 @@ class SiteAccumulator:
         the op's bit for bit. None where this does not apply (no kernel, another layout, a shape that
         reads both ways while nothing has told which): the caller then runs the op and
         observe_pre/observe_post."""
-        if type(mask) is not PositionMask or not self._runs_its_relu(pre, threshold):
+        if type(mask) is not PositionMask or not self._runs_its_relu(pre, threshold, in_place):
             return None
         kernel = self._kernel(pre)
         # padding leaves at most a run per sequence; a scattered --mask goes the general way (one gather)
@@ -775,9 +777,10 @@ class SiteAccumulator:
         self.masked_now = True
         return out
 
-    def _runs_its_relu(self, pre: torch.Tensor, threshold: float) -> bool:
+    def _runs_its_relu(self, pre: torch.Tensor, threshold: float, in_place: bool) -> bool:
         """Whether the probe may run this site's op itself: a relu/relu6 at threshold 0 on a plain CPU
-        float tensor of rank 2 or more, no autograd, no --explain minimum."""
+        float tensor of rank 2 or more, no autograd (forward-mode either), no --explain minimum, and not
+        an in-place write ATen would refuse."""
         return not (
             self.op not in ("relu", "relu6")
             or threshold != 0.0
@@ -787,7 +790,12 @@ class SiteAccumulator:
             or pre.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
             or pre.layout is not torch.strided
             or (pre.requires_grad and torch.is_grad_enabled())
+            # ATen refuses to write an inference tensor outside inference mode: the op raises as it would
+            or (in_place and pre.is_inference() and not torch.is_inference_mode_enabled())
             or pre.dim() < 2
+            # forward-mode AD: the op carries the tangent (the kernel's output had none, ATen's out=
+            # kernels refuse a dual tensor)
+            or unpack_dual(pre).tangent is not None
         )
 
     def _kernel(self, pre: torch.Tensor) -> ReluStats | None:
