@@ -16,6 +16,7 @@ from deadrelu_cli.gate import (
     PIXELS_FLATTENED,
     PIXELS_MIXED,
     ROW_ORDER_AMBIGUOUS,
+    ROWS_NOT_ATTRIBUTED,
 )
 from deadrelu_cli.inputs import GROUPED_INPUTS, dict_groups
 from deadrelu_cli.loaders import LoadedModel, LoadOptions, load_model
@@ -208,6 +209,11 @@ def mask_notes(layers: list, mask) -> list[str]:
         PIXELS_MIXED: "whose feature-map cells hold image and padding pixels both (the images' padding does not "
         "end on the layer's stride; every element counted, padding included; a gate fails on them unless "
         "--allow-unseen; pad the images to a multiple of the stride)",
+        ROWS_NOT_ATTRIBUTED: "inside one expert of a mixture of experts, whose rows (the tokens routed to it, "
+        "gathered by index) the scan could not follow back to their tokens: an export's (.pt2, TorchScript, "
+        "ONNX) index ops, or an op between the block's input and the expert's activation that the eager scan "
+        "does not read (every row counted, padding's included; a gate fails on them unless --allow-unseen; "
+        "scan the PyTorch model, or data without padding)",
         PIXELS_FLATTENED: "whose positions may be the image's pixels flattened and that no module given the "
         "flattened mask as its attention_mask scoped (every element counted, padding included; a gate fails "
         "on them unless --allow-unseen; scan the PyTorch model, where DETR's encoder gets that mask)",

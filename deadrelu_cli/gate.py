@@ -25,6 +25,10 @@ FRAMES_NOT_TOLD = "frames not told"
 # [batch, positions, …] site whose positions may be the pixels flattened (no module mask told which)
 PIXELS_MIXED = "pixel cells mixed"
 PIXELS_FLATTENED = "pixel positions flattened"
+# extra["position_mask"] of an activation inside one expert of a mixture of experts (probe.experts) whose rows
+# (the tokens routed to it, gathered by index) the probe could not follow back to their tokens: every row
+# counted, padding's included
+ROWS_NOT_ATTRIBUTED = "routed rows not attributed"
 # extra["unit_axis"] of a layer whose units a layer made but a layout op moved where the probe could not
 # follow them (probe.ops.axis_lost_note): counted on a guessed axis, so a gate does not pass on it
 UNIT_AXIS_NOT_FOLLOWED = "not followed"
@@ -43,6 +47,7 @@ MASK_NOT_APPLIED = (
     PIXELS_MIXED,
     PIXELS_FLATTENED,
     FRAMES_NOT_TOLD,
+    ROWS_NOT_ATTRIBUTED,
 )
 
 
@@ -308,6 +313,8 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             "then all image or all padding)",
             PIXELS_FLATTENED: "scan the PyTorch model, whose modules called with the flattened mask as their "
             "attention_mask (DETR's encoder) count on it",
+            ROWS_NOT_ATTRIBUTED: "scan the PyTorch model (state_dict + --arch, or its folder), whose experts' "
+            "rows are followed to their tokens where they are gathered by indexing (x[index], index_select)",
         }
         how = "; ".join(remedies[reason] for reason in MASK_NOT_APPLIED if reason in unmasked.values())
         model_failures.append(

@@ -48,6 +48,7 @@ from deadrelu_cli.files import write_text_atomic
 from deadrelu_cli.gate import (
     LAYOUT_AMBIGUOUS,
     ROW_ORDER_AMBIGUOUS,
+    ROWS_NOT_ATTRIBUTED,
     UNIT_AXIS_ASSUMED,
     UNIT_AXIS_NOT_FOLLOWED,
     GateConfig,
@@ -903,6 +904,18 @@ class Watch:
             )
             if "<row order>" not in self._warned:  # once per run
                 self._warned.add("<row order>")
+                warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
+        unrouted = [layer.name for layer in layers if layer.extra.get("position_mask") == ROWS_NOT_ATTRIBUTED]
+        if unrouted:
+            shown = ", ".join(unrouted[:5]) + (", …" if len(unrouted) > 5 else "")
+            report.notes.append(
+                f"position mask not applied to {len(unrouted)} layer(s) inside one expert of a mixture of "
+                "experts: their rows (the tokens routed to the expert) came through an op the probe does not "
+                "follow back to their tokens (it reads indexing, index_select, reshapes and row-wise ops); "
+                f"they counted every row, padding's included: {shown}"
+            )
+            if "<routed rows>" not in self._warned:  # once per run
+                self._warned.add("<routed rows>")
                 warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
         self._windows += 1
         self.reports.append(report)

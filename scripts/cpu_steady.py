@@ -14,8 +14,8 @@ their ratio to plain, the median of per-round ratios (paired) and `uptime` befor
         [--clock cpu|wall] [--part-mib 2]
 
 Arms: plain, hooks (the recipe), scan (the probe as shipped), scan-before (the probe with this branch's
-fast paths off: the counting of before), scan-light-off (no lighter mode after the first forward),
-scan-fused (the torch.compile'd one-pass reduction, which compiles first), scan-nosites (hooks and
+fast paths off: the counting of before), scan-aten (the probe as shipped without the compiled
+kernel, deadrelu_cli/native.py: the relu counted while it runs by ATen's kernels), scan-fused (the torch.compile'd one-pass reduction, which compiles first), scan-nosites (hooks and
 call-site mode, nothing counted: the probe's Python cost), scan@MIB (the probe as shipped, its relu
 counted in slices of MIB: `--arms plain,scan@2,scan@4 --threads 2` compares 2 MiB slices, the
 default, with 4 MiB in one process), scan-stats1t (the probe as shipped with its relu counting on one
@@ -66,7 +66,6 @@ def make_arms(names: list[str], model: str, batches: list[torch.Tensor]) -> dict
                 net, ProbeSettings(ops=("elu",) if name == "scan-nosites" else ("relu", "relu6"))
             )
             probe.fast_paths = name != "scan-before"
-            probe.light = name not in ("scan-before", "scan-light-off")
             probe.registry.fused_devices = ("cpu",) if name == "scan-fused" else ()
             stacks.append(probe.attached())
             arms[name] = (lambda p: lambda x: p.run((x,)))(probe)
@@ -74,6 +73,8 @@ def make_arms(names: list[str], model: str, batches: list[torch.Tensor]) -> dict
                 arms[name] = _stats_on_one_thread(arms[name])
             if name == "scan-bare":
                 arms[name] = _bare_relu(arms[name])
+            if name == "scan-aten":
+                arms[name] = _without_kernel(arms[name])
             if "@" in name:  # scan@MIB: the probe as shipped with slices of MIB
                 arms[name] = _with_part_size(arms[name], float(name.split("@")[1]))
         else:
@@ -125,6 +126,21 @@ def _bare_relu(run):
         return lambda self, pre, in_place, threshold: pre.clamp_min_(0) if in_place else pre.clamp_min(0)
 
     return _with_counting(run, bare)
+
+
+def _without_kernel(run):
+    """The probe as shipped, its relu counted by ATen's kernels instead of the compiled one."""
+    from deadrelu_cli.probe import accumulator
+
+    def aten(x):
+        real = accumulator.relu_stats
+        accumulator.relu_stats = lambda: None
+        try:
+            return run(x)
+        finally:
+            accumulator.relu_stats = real
+
+    return aten
 
 
 def _with_part_size(run, mib: float):

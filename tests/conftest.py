@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -14,6 +15,8 @@ PLANTED = ROOT / "tests" / "planted.py"
 sys.path.insert(0, str(ROOT / "tests"))
 
 import planted  # noqa: E402
+
+from deadrelu_cli import native  # noqa: E402
 
 
 class CliResult:
@@ -107,3 +110,15 @@ def counts_from_pre(
 @pytest.fixture
 def planted_module():
     return planted
+
+
+def compiled_kernel():
+    """The compiled counting kernel (deadrelu_cli/native.py); skipped with its reason where it cannot be
+    built, a failure in CI (which has a compiler)."""
+    kernel = native.relu_stats()
+    if kernel is None:
+        reason = f"the compiled kernel is not available here: {native.status()}"
+        if os.environ.get("CI"):  # CI has a compiler: a kernel that does not build there is a failure
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return kernel

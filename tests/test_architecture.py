@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "deadrelu_cli"
 # Bottom to top; a module imports only from its own layer or the layers below it. Entries are module
 # names relative to the package; a name ending in "." covers every module under that package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("errors", "version", "files", "display", "memory", "stats", "config")),
+    ("foundation", ("errors", "version", "files", "display", "memory", "stats", "config", "native")),
     ("report", ("report.", "gate")),
     (
         "readers",

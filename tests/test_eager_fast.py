@@ -14,12 +14,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compiled_kernel
 from torch import nn
 from truth import capture, truth_of
 
 from deadrelu_cli.probe import accumulator
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
+
+
+@pytest.fixture(params=["compiled", "aten"])
+def counting(request, monkeypatch):
+    """The relu counted while it runs, both ways: by the compiled kernel (native.py; float32) and by ATen's
+    kernels (where there is no compiler, and for the other float types)."""
+    if request.param == "compiled":
+        compiled_kernel()
+    else:
+        monkeypatch.setattr(accumulator, "relu_stats", lambda: None)
+    return request.param
 
 
 def _check(layers: dict, truths: dict, exact_sum: bool = False) -> None:
@@ -66,7 +78,7 @@ def _wide_batches(channels_last: bool) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_relu_counted_in_parts_matches_plain_hooks(channels_last, monkeypatch):
+def test_relu_counted_in_parts_matches_plain_hooks(channels_last, counting, monkeypatch):
     torch.manual_seed(0)
     model = _Wide().eval()
     with torch.no_grad():
@@ -221,7 +233,7 @@ class _BranchyConv(nn.Module):
         return h.mean((2, 3))
 
 
-def test_sliced_site_first_seen_in_a_later_batch(monkeypatch):
+def test_sliced_site_first_seen_in_a_later_batch(counting, monkeypatch):
     torch.manual_seed(5)
     model = _BranchyConv().eval()
     gen = torch.Generator().manual_seed(6)
@@ -274,7 +286,7 @@ def test_sliced_site_first_seen_in_a_later_batch(monkeypatch):
         ((3, 3, 60, 60, 20), "float64", True),
     ],
 )
-def test_relu_in_parts_counts_at_the_edges_of_its_sums(shape, dtype, in_place):
+def test_relu_in_parts_counts_at_the_edges_of_its_sums(shape, dtype, in_place, counting):
     """run_relu_in_parts on rows whose counts reach the limit of the narrow sums it uses, every float
     width, a NaN and a dead unit, two batches: counts, max and sums against numpy in float64, and the
     output bit for bit torch.relu's."""
@@ -348,7 +360,7 @@ def test_half_precision_sums_do_not_round_or_overflow(dtype, shape, channel_dim,
         ((60, 3, 30, 30, 8), "float64"),
     ],
 )
-def test_relu_in_parts_once_every_unit_has_fired(shape, dtype):
+def test_relu_in_parts_once_every_unit_has_fired(shape, dtype, counting):
     """After every unit of a site has fired, run_relu_in_parts takes the max on the integer view of the
     input and finds NaNs by the sums; its counts sum the byte mask in words, lane by lane. Four batches:
     unit 1 never fires in the first (no switch yet), every unit fires in the second, unit 1 is all

@@ -10,9 +10,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.autograd.forward_ad import unpack_dual
+from torch.autograd.graph import increment_version
 
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import LAYOUT_AMBIGUOUS, PIXELS_FLATTENED, PIXELS_MIXED, ROW_ORDER_AMBIGUOUS
+from deadrelu_cli.gate import (
+    LAYOUT_AMBIGUOUS,
+    PIXELS_FLATTENED,
+    PIXELS_MIXED,
+    ROW_ORDER_AMBIGUOUS,
+    ROWS_NOT_ATTRIBUTED,
+)
+from deadrelu_cli.native import ReluStats, relu_stats
 from deadrelu_cli.probe.ops import (
     TOKEN_FLAT,
     TOKEN_FLAT_TIME_MAJOR,
@@ -160,6 +169,11 @@ class PositionMask:
         batch_first, time_major = fits(value), fits(value.T)
         return None if batch_first == time_major else time_major
 
+    def not_applied(self, tensor: torch.Tensor, channel_dim: int) -> str | None:
+        """Why this mask could not be applied to a tensor where that must be said and gated (None: the
+        tensor has no token axis, or it was applied)."""
+        return None
+
     def select(
         self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None
     ) -> torch.Tensor | None:
@@ -178,19 +192,43 @@ class PositionMask:
 
 
 class RoutedRows(PositionMask):
-    """The rows one expert of a mixture ran in one call (probe.experts): every one a real token (KEPT)
-    or every one padding, in the implementation's order, which then does not matter. Read as the
-    flattened rows [rows, …] of one sample, one row too (a [1, 1] PositionMask reads no token axis)."""
+    """The rows one expert of a mixture ran in one call (probe.experts): KEPT holds, per row, whether it
+    is a real token's (True) or padding's, in the implementation's order. A 1-D KEPT reads a tensor of
+    those rows [rows, …]; a 2-D one [a, b] reads a tensor [a, b, …] (an expert's rows kept in a
+    `[1, rows, …]` from `x[None, index]`). Built as a [1, rows] / [a, b] mask (a [1, 1] PositionMask
+    would read no token axis: one row counts too)."""
 
-    def __init__(self, rows: int, kept: bool) -> None:
-        super().__init__(torch.full((1, rows), kept, dtype=torch.bool))
+    def __init__(self, kept: torch.Tensor) -> None:
+        self.lead = tuple(int(d) for d in kept.shape)
+        super().__init__(kept.reshape(1, -1) if kept.dim() == 1 else kept)
 
     def layout(self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None) -> str | None:
         dim = channel_dim % max(tensor.dim(), 1)
-        return TOKEN_FLAT if tensor.dim() >= 2 and tensor.shape[0] == self.tokens and dim >= 1 else None
+        rank = len(self.lead)
+        if tensor.dim() <= rank or tuple(tensor.shape[:rank]) != self.lead or dim < rank:
+            return None
+        return TOKEN_FLAT if rank == 1 else TOKEN_ROWS
 
     def ambiguous(self, tensor: torch.Tensor, channel_dim: int) -> bool:
         return False
+
+
+class RowsNotAttributed(PositionMask):
+    """An expert's rows (probe.experts) whose tokens the probe could not follow to its activation (an
+    index op it does not read): every row counted, padding's included, and said: `not_applied` gives
+    the reason the report and the gate read (gate.ROWS_NOT_ATTRIBUTED)."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.ones((1, 1), dtype=torch.bool))
+
+    def layout(self, tensor: torch.Tensor, channel_dim: int, time_major: bool | None = None) -> str | None:
+        return None
+
+    def ambiguous(self, tensor: torch.Tensor, channel_dim: int) -> bool:
+        return False
+
+    def not_applied(self, tensor: torch.Tensor, channel_dim: int) -> str | None:
+        return ROWS_NOT_ATTRIBUTED
 
 
 PIXELS = "pixels"  # PixelMask.layout: a conv feature map [B, C, h, w] of the image
@@ -419,17 +457,20 @@ class SiteAccumulator:
         kept = mask.parts(pre, self.channel_dim, self.known_time_major()) if mask is not None else None
         self.masked_now = kept is not None
         if mask is not None:
-            before = self.extra.get("position_mask")
-            missed = mask.not_applied(pre, self.channel_dim) if isinstance(mask, PixelMask) else None
-            if before in (PIXELS_MIXED, PIXELS_FLATTENED):  # a batch counted padding: said for good
-                pass
-            elif kept is None and missed is not None:
-                self.extra["position_mask"] = missed
-            else:
-                self.extra["position_mask"] = (
-                    "applied" if kept is not None and before != "no token axis" else "no token axis"
-                )
+            self._say_mask(kept is not None, mask.not_applied(pre, self.channel_dim))
         return kept
+
+    def _say_mask(self, kept: bool, missed: str | None = None) -> None:
+        """`extra["position_mask"]` after a masked batch: "applied", or "no token axis" for good once a
+        batch had none; the mask's reason it was not applied (`missed`); a batch that counted padding
+        (PIXELS_MIXED, PIXELS_FLATTENED, ROWS_NOT_ATTRIBUTED) is said for good."""
+        before = self.extra.get("position_mask")
+        if before in (PIXELS_MIXED, PIXELS_FLATTENED, ROWS_NOT_ATTRIBUTED):
+            return
+        if not kept and missed is not None:
+            self.extra["position_mask"] = missed
+        else:
+            self.extra["position_mask"] = "applied" if kept and before != "no token axis" else "no token axis"
 
     def _observe_parts(self, observe, parts: list[torch.Tensor], threshold: float) -> None:
         """Each part of one batch through the unmasked path; the batch's NaN flag is any part's."""
@@ -633,31 +674,28 @@ class SiteAccumulator:
             self.saturated += _count(post >= CAPPED_OPS[self.op], dims)
 
     def run_relu_in_parts(self, pre: torch.Tensor, in_place: bool, threshold: float) -> torch.Tensor | None:
-        """Run the site's relu itself, slice by cache-sized slice along the batch, counting each slice
+        """Run the site's relu itself (a relu6 too, with the compiled kernel: `_run_relu_compiled`),
+        slice by cache-sized slice along the batch, counting each slice
         while it is in cache: the max of the input slice, then relu on it (`clamp_min(x, 0)`, which is
         what ATen's relu and relu_ compute, so the output is bit for bit the op's), then the byte-mask
         count and the sum of the output slice. The activation is read from memory once — by the relu
         the model runs anyway — instead of three times (the max, the relu, the counting).
 
         Returns the output (`pre` itself when in place), or None where this does not apply (not a
-        large CPU float tensor laid out along the batch, a threshold other than 0, autograd, --explain's
-        minimum): the caller then runs the op and `observe_pre`/`observe_post` as usual."""
-        if (
-            self.op != "relu"
-            or threshold != 0.0
-            or self.track_min
-            or type(pre) is not torch.Tensor
-            or pre.device.type != "cpu"
-            or pre.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-            or pre.layout is not torch.strided
-            or (pre.requires_grad and torch.is_grad_enabled())
-            or pre.dim() < 2
-        ):
+        large CPU float tensor laid out along the batch, a threshold other than 0, autograd (forward-mode
+        too), an in-place write ATen refuses, --explain's minimum): the caller then runs the op and
+        `observe_pre`/`observe_post` as usual."""
+        if not self._runs_its_relu(pre, threshold, in_place):
             return None
         view, dims = self._as_reducible(pre)
         if view.data_ptr() != pre.data_ptr() or not view.is_contiguous():
             return None
         if dims != [0] and dims != [0, *range(2, view.dim())]:  # units neither last nor at dim 1
+            return None
+        kernel = self._kernel(pre)
+        if kernel is not None:
+            return self._run_relu_compiled(kernel, pre, view, dims, in_place)
+        if self.op != "relu":  # ATen's slices below run a relu only
             return None
         short = len(dims) > 1 and view[0, 0].numel() < SHORT_ROW
         if short:  # reduced over the samples first, in slices of at most LANE_LIMIT samples
@@ -689,6 +727,156 @@ class SiteAccumulator:
         torch.maximum(self.max_pre, batch_max, out=self.max_pre)  # maximum propagates NaN
         if not positive_max and bool((self.max_pre > 0).all()):
             self._positive_max = self.max_pre  # from now on, while these counters live
+        self.elements_per_unit += pre.numel() // units
+        self._fused_batch = False
+        self.masked_now = False
+        return out
+
+    def run_relu_masked(
+        self, pre: torch.Tensor, in_place: bool, threshold: float, mask: PositionMask
+    ) -> torch.Tensor | None:
+        """run_relu_in_parts for a site under a token mask, units last ([B, T, F], or OPT's [B*T, F]):
+        the compiled kernel counts each run of kept rows — the rows observe_pre/observe_post count, as
+        views — and the relu alone (no counting) runs on the padding rows between them, so the output is
+        the op's bit for bit. None where this does not apply (no kernel, another layout, a shape that
+        reads both ways while nothing has told which): the caller then runs the op and
+        observe_pre/observe_post."""
+        if type(mask) is not PositionMask or not self._runs_its_relu(pre, threshold, in_place):
+            return None
+        kernel = self._kernel(pre)
+        # padding leaves at most a run per sequence; a scattered --mask goes the general way (one gather)
+        if kernel is None or not pre.is_contiguous() or len(mask.runs()) > mask.batch:
+            return None
+        if self._layout_pending(pre, mask):
+            return None
+        rank = pre.dim()
+        layout = mask.layout(pre, self.channel_dim, self.known_time_major())
+        if self.channel_dim % rank != rank - 1 or (layout, rank) not in ((TOKEN_ROWS, 3), (TOKEN_FLAT, 2)):
+            return None
+        units = self._check_units(pre)
+        if units == 0 or pre.numel() // units >= 2**31 or not self._counters_ready():
+            return None
+        out = pre if in_place else torch.empty_like(pre)
+        if out.stride() != pre.stride():
+            return None
+        rows, out_rows = pre.view(-1, units), out.view(-1, units)
+        done = 0
+        for start, stop in [*mask.runs(), (rows.shape[0], rows.shape[0])]:
+            if start > done:  # padding rows: the op, uncounted
+                self._apply(rows[done:start], out_rows[done:start], in_place)
+            if stop > start:
+                self._count_compiled(
+                    kernel, rows[start:stop], out_rows[start:stop], stop - start, units, 1, True
+                )
+            done = stop
+        if in_place:  # written through its address: say so, as relu_ would (eager reads version counters)
+            increment_version(pre)
+        self._say_mask(kept=True)
+        self.elements_per_unit += mask.kept
+        self._fused_batch = False
+        self.masked_now = True
+        return out
+
+    def _runs_its_relu(self, pre: torch.Tensor, threshold: float, in_place: bool) -> bool:
+        """Whether the probe may run this site's op itself: a relu/relu6 at threshold 0 on a plain CPU
+        float tensor of rank 2 or more, no autograd (forward-mode either), no --explain minimum, and not
+        an in-place write ATen would refuse."""
+        return not (
+            self.op not in ("relu", "relu6")
+            or threshold != 0.0
+            or self.track_min
+            or type(pre) is not torch.Tensor
+            or pre.device.type != "cpu"
+            or pre.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+            or pre.layout is not torch.strided
+            or (pre.requires_grad and torch.is_grad_enabled())
+            # ATen refuses to write an inference tensor outside inference mode: the op raises as it would
+            or (in_place and pre.is_inference() and not torch.is_inference_mode_enabled())
+            or pre.dim() < 2
+            # forward-mode AD: the op carries the tangent (the kernel's output had none, ATen's out=
+            # kernels refuse a dual tensor)
+            or unpack_dual(pre).tangent is not None
+        )
+
+    def _kernel(self, pre: torch.Tensor) -> ReluStats | None:
+        """The compiled kernel for this batch, or None (not float32, none built, or a one-thread build
+        of the kernel for a relu that ATen's slices run on several threads)."""
+        kernel = relu_stats() if pre.dtype == torch.float32 else None
+        if kernel is not None and not kernel.parallel and self.op == "relu" and torch.get_num_threads() > 1:
+            return None  # (relu6's ATen path is the general one, far slower than one thread of the kernel)
+        return kernel
+
+    def _counters_ready(self) -> bool:
+        """Whether the counters are what the kernel writes in place: contiguous CPU float64 max and sum,
+        int64 counts (and relu6's int64 count at the cap)."""
+        counters = [self.max_pre, self.positive, self.sum_abs]
+        if self.op in CAPPED_OPS:
+            counters.append(self.saturated)
+        return (
+            not any(t is None or t.device.type != "cpu" or not t.is_contiguous() for t in counters)
+            and [t.dtype for t in counters]
+            == [torch.float64, torch.int64, torch.float64, torch.int64][: len(counters)]
+        )
+
+    def _count_compiled(
+        self,
+        kernel: ReluStats,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        outer: int,
+        units: int,
+        length: int,
+        columns: bool,
+    ) -> None:
+        cap = CAPPED_OPS.get(self.op)
+        kernel.run(
+            x.data_ptr(),
+            y.data_ptr(),
+            outer,
+            units,
+            length,
+            columns,
+            torch.get_num_threads() if kernel.parallel else 1,
+            self.max_pre.data_ptr(),
+            self.positive.data_ptr(),
+            self.sum_abs.data_ptr(),
+            cap,
+            None if cap is None else self.saturated.data_ptr(),
+        )
+
+    def _apply(self, x: torch.Tensor, y: torch.Tensor, in_place: bool) -> None:
+        """The site's op alone (bit for bit ATen's relu / hardtanh(0, 6), as the kernel's)."""
+        cap = CAPPED_OPS.get(self.op)
+        if in_place and cap is not None:
+            x.clamp_(0, cap)
+        elif in_place:
+            x.clamp_min_(0)
+        elif cap is not None:
+            torch.clamp(x, 0, cap, out=y)
+        else:
+            torch.clamp_min(x, 0, out=y)
+
+    def _run_relu_compiled(
+        self, kernel: ReluStats, pre: torch.Tensor, view: torch.Tensor, dims: list[int], in_place: bool
+    ) -> torch.Tensor | None:
+        """run_relu_in_parts with the compiled kernel (native.relu_stats): the relu and all three
+        statistics in one pass, at any size; the batch's max, count and sum go straight into the
+        counters (float64 / int64, which the kernel writes in place)."""
+        units = self._check_units(pre)
+        if units == 0 or view.numel() == 0 or view.numel() // units >= 2**31 or not self._counters_ready():
+            return None
+        out = pre if in_place else torch.empty_like(pre)
+        if out.stride() != pre.stride():
+            return None
+        if dims == [0]:  # [rows, units]
+            outer, length, columns = view.shape[0], 1, True
+        else:  # [N, C, L]: short rows are read down their columns too, unless a sample has so many
+            # columns that the kernel's per-column results (28 bytes each, per thread) would be large
+            outer, length = view.shape[0], view[0, 0].numel()
+            columns = length < SHORT_ROW and units * length <= COLUMN_LIMIT
+        self._count_compiled(kernel, pre, out, outer, units, length, columns)
+        if in_place:  # written through its address: say so, as relu_ would (eager reads version counters)
+            increment_version(pre)
         self.elements_per_unit += pre.numel() // units
         self._fused_batch = False
         self.masked_now = False
@@ -844,6 +1032,17 @@ CACHE_PART_BYTES = 2 << 20  # what the count's two passes over one part can shar
 SMALL_PART_BYTES = 256 << 10  # a smaller activation is counted the general way: a few kernels either way
 
 
+def counted_while_running(pre: torch.Tensor) -> bool:
+    """Whether a relu's input is worth SiteAccumulator.run_relu_in_parts: a CPU tensor, of any size where
+    the compiled kernel counts it (one call), else of SMALL_PART_BYTES or more (several ATen kernels a
+    slice pay off only on large activations)."""
+    if pre.device.type != "cpu":
+        return False
+    if pre.numel() * pre.element_size() >= SMALL_PART_BYTES:
+        return True
+    return pre.dtype == torch.float32 and relu_stats() is not None
+
+
 def _cache_sized_parts(tensor: torch.Tensor, dims: list[int]) -> list[torch.Tensor]:
     """Slices along dim 0 of about CACHE_PART_BYTES each, when dim 0 is reduced, the tensor is large and
     on the CPU: the passes of the count then read each activation once from memory, not twice."""
@@ -952,6 +1151,7 @@ def word_dtype(length: int) -> torch.dtype | None:
 
 
 SHORT_ROW = 128  # [N, C, L] with fewer than this many elements per row: _count_relu_columns
+COLUMN_LIMIT = 1 << 17  # the compiled kernel reads short rows down at most this many columns
 
 
 def _count_relu_columns(

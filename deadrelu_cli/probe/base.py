@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -9,7 +10,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from deadrelu_cli.probe.accumulator import PixelMask, PositionMask, SiteAccumulator, position_mask
+from deadrelu_cli.probe.accumulator import (
+    PixelMask,
+    PositionMask,
+    SiteAccumulator,
+    counted_while_running,
+    position_mask,
+)
 from deadrelu_cli.probe.ops import reshaped_unit_axis, resolve_channel_dim, unit_axis_reduced
 from deadrelu_cli.stats import LayerStats
 
@@ -114,7 +121,10 @@ class SiteRegistry:
             self.scoped_masks.pop(path, None)
 
     def mask_for(self, name: str) -> PositionMask | None:
-        """The position mask of the site `name` (a module path, maybe with `#k` or `.relu()`)."""
+        """The position mask of the site `name` (a module path, maybe with `#k` or `.relu()`): its own
+        (`set_scoped_mask(name, …)`: an expert's routed rows) before its modules'."""
+        if name in self.scoped_masks:
+            return self.scoped_masks[name]
         for path, mask in self.scoped_masks.items():
             if name == path or name.startswith((path + ".", path + "#")):
                 return mask
@@ -211,19 +221,23 @@ class SiteRegistry:
         origin_known: bool = True,
         axis_lost: bool = False,
     ) -> torch.Tensor | None:
-        """Run a relu site and count it in one pass from memory (SiteAccumulator.run_relu_in_parts);
-        None where that does not apply (a position mask, a collector, a fused device, small tensors …):
-        then the caller runs the op and record_pre/record_post."""
+        """Run a relu site and count it in one pass from memory (SiteAccumulator.run_relu_in_parts, or
+        run_relu_masked under a token mask); None where that does not apply (a collector, a fused device,
+        small tensors, a mask the kernel cannot follow …): then the caller runs the op and
+        record_pre/record_post."""
         if (
-            self.mask_for(name) is not None
-            or self.fingerprints is not None
+            self.fingerprints is not None
             or name in self.collectors
             or pre.device.type in self.fused_devices
-            or op != "relu"
+            or op not in ("relu", "relu6")
             or self.settings.skip_nonfinite
         ):
             return None
         site = self._site(name, op, pre, inferred_channel_dim, module_type, producer, origin_known, axis_lost)
+        site.call_hint, self.call_hint = self.call_hint, None  # as record_pre hands it on
+        mask = self.mask_for(name)
+        if mask is not None:
+            return site.run_relu_masked(pre, in_place, self.settings.threshold, mask)
         return site.run_relu_in_parts(pre, in_place, self.settings.threshold)
 
     def record_post(self, name: str, post: torch.Tensor) -> None:
@@ -633,20 +647,64 @@ def call_and_record(
     return out
 
 
+# the relu / relu6 kernels a graph calls (ExportedProgram nodes, TorchScript's dispatched ops), run as the
+# probe's own (bit for bit these: clamp_min(x, 0), hardtanh(x, 0, 6)); other spellings run as written
+ATEN_RELUS = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
+ATEN_RELU6S = (
+    torch.ops.aten.relu6.default,
+    torch.ops.aten.hardtanh.default,
+    torch.ops.aten.hardtanh_.default,
+)
+
+
+def plain_relu_call(op: str, func, args: tuple, kwargs: dict) -> bool:
+    """Whether a graph's call is a plain relu (relu6): one tensor, the op's own bounds (+0.0 and 6)."""
+    if kwargs or not args or not isinstance(args[0], torch.Tensor):
+        return False
+    if op == "relu":
+        return func in ATEN_RELUS and len(args) == 1
+    if op != "relu6" or func not in ATEN_RELU6S:
+        return False
+    bounds = tuple(args[1:])
+    if func is torch.ops.aten.relu6.default:
+        return not bounds
+    return (
+        len(bounds) == 2
+        and all(isinstance(b, int | float) for b in bounds)
+        and (float(bounds[0]), float(bounds[1])) == (0.0, 6.0)
+        and math.copysign(1.0, bounds[0]) > 0
+    )
+
+
+def run_static_site(registry: SiteRegistry, site, func, args: tuple, kwargs: dict, in_place: bool) -> object:
+    """call_and_record for a site known from a graph (ExportedProgram, TorchScript); a plain relu (relu6)
+    on the CPU is run and counted in one pass instead (SiteRegistry.run_relu_in_parts), as in eager."""
+    pre = args[0] if args else None
+    if plain_relu_call(site.op, func, args, kwargs) and counted_while_running(pre):
+        out = registry.run_relu_in_parts(site.name, site.op, pre, in_place, *static_site_facts(site, pre))
+        if out is not None:
+            return out
+    return call_and_record(func, args, kwargs, site.op, in_place, *static_site_hooks(registry, site))
+
+
+def static_site_facts(site, pre: torch.Tensor) -> tuple:
+    """What a graph's site tells the registry of a call (record_pre's and run_relu_in_parts' arguments
+    after the tensor): the inferred unit axis, module type, producer, whether a layer places the units,
+    whether their axis was lost."""
+    return (
+        infer_channel_dim(pre.dim(), site.channel_first, site.unit_axis),
+        site.module_type,
+        site.producer,
+        site.channel_first is not None or site.unit_axis is not None,
+        site.axis_lost,
+    )
+
+
 def static_site_hooks(registry: SiteRegistry, site) -> tuple[Callable, Callable]:
     """`before`/`after` for a site known from a graph (ExportedProgram, TorchScript)."""
 
     def before(pre: torch.Tensor) -> None:
-        registry.record_pre(
-            site.name,
-            site.op,
-            pre,
-            infer_channel_dim(pre.dim(), site.channel_first, site.unit_axis),
-            site.module_type,
-            site.producer,
-            site.channel_first is not None or site.unit_axis is not None,
-            site.axis_lost,
-        )
+        registry.record_pre(site.name, site.op, pre, *static_site_facts(site, pre))
 
     def after(out: torch.Tensor) -> None:
         registry.record_post(site.name, out)

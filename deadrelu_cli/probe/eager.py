@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 import weakref
 from collections import Counter
@@ -23,7 +24,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from deadrelu_cli.probe.accumulator import SMALL_PART_BYTES
+from deadrelu_cli.probe.accumulator import PositionMask, RoutedRows, RowsNotAttributed, counted_while_running
 from deadrelu_cli.probe.base import (
     PER_POSITION_ELEMENTWISE,
     REDUCTIONS,
@@ -38,9 +39,14 @@ from deadrelu_cli.probe.base import (
     reduces_unit_axis,
     unit_axis_side,
 )
+from deadrelu_cli.probe.experts import carried_rows, expert_blocks
 from deadrelu_cli.probe.ops import (
     CLAMP_OPS,
     NAMED_WHEN_UNSCANNED,
+    TOKEN_FLAT,
+    TOKEN_FLAT_TIME_MAJOR,
+    TOKEN_ROWS,
+    TOKENS_FIRST,
     SiteNamer,
     aten_op_kind,
     clamp_bounds,
@@ -147,6 +153,14 @@ def _hardtanh_bounds(args: tuple, kwargs: dict) -> tuple[float, float]:
     lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
     hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
     return float(lo), float(hi)
+
+
+def _zero_floor(func, args: tuple, kwargs: dict) -> bool:
+    """Whether the activation gives +0.0 below zero, as run_in_parts' relu/relu6 do: all but a hardtanh
+    whose lower bound is -0.0 (equal to 0, so still a ReLU's bounds, but it gives -0.0)."""
+    if func not in (F.hardtanh, F.hardtanh_):
+        return True
+    return math.copysign(1.0, _hardtanh_bounds(args, kwargs)[0]) > 0
 
 
 def _pass_through_functions() -> set:
@@ -557,6 +571,8 @@ class _CallSiteMode(TorchFunctionMode):
             spec = None  # a clamped variance / norm / loss: an ordinary op, not a ReLU layer
         if spec is None or not args or not isinstance(args[0], torch.Tensor):
             out = func(*args, **kwargs)
+            if self.probe._rows:
+                self.probe.carry_rows(func, args, kwargs, out)
             if func in _FLATTENS:
                 self.probe.note_flatten(args, out)
             elif self.probe._flat:
@@ -628,20 +644,30 @@ class _CallSiteMode(TorchFunctionMode):
         if not self.probe.recording:  # substitutes only: other sites run as written, uncounted
             return func(*args, **kwargs)
         out = None
-        # run_in_parts computes a relu: a threshold's NaN gives 0, not NaN, so clamps run as written
-        exact_relu = op == "relu" and spec.clamp is None
-        if self.probe.fast_paths and exact_relu and self.probe.registry.mask_for(name) is None:
-            out = self.probe.run_in_parts(name, op, args[0], in_place)
-        if out is None:
-            out = call_and_record(
-                func,
-                args,
-                kwargs,
-                op,
-                in_place,
-                lambda pre: self.probe.observe(name, op, pre),
-                lambda post: self.probe.registry.record_post(name, post),
-            )
+        # an expert's rows (probe.experts): counted on the tokens they hold, for this call only
+        routed = self.probe.routed_rows(name, args[0]) if self.probe.expert_paths else None
+        if routed is not None:
+            self.probe.registry.set_scoped_mask(name, routed)
+        try:
+            # run_in_parts computes a relu: a threshold's NaN gives 0, not NaN, so clamps run as written
+            exact_relu = op in ("relu", "relu6") and spec.clamp is None and _zero_floor(func, args, kwargs)
+            if self.probe.fast_paths and exact_relu:
+                out = self.probe.run_in_parts(name, op, args[0], in_place)
+            if out is None:
+                out = call_and_record(
+                    func,
+                    args,
+                    kwargs,
+                    op,
+                    in_place,
+                    lambda pre: self.probe.observe(name, op, pre),
+                    lambda post: self.probe.registry.record_post(name, post),
+                )
+        finally:
+            if routed is not None:
+                self.probe.registry.given_scope(name)
+        if self.probe._rows and not in_place:
+            self.probe.carry_rows(func, args, kwargs, out)
         if self.probe._aligned and not in_place:
             self.probe.carry_alignment(func, args, kwargs, out)
         if self.probe._flat and not in_place:
@@ -795,12 +821,22 @@ class EagerProbe:
         # same_computation: `torch.where(fc(h) > 0, fc(h), 0)`)
         self._computed: dict[int, tuple[weakref.ref, int, tuple, tuple]] = {}
         self._stored_seen: Counter = Counter()  # this forward's spellings with stored zeros, by label
+        # mixtures of experts (probe.experts.expert_blocks: separate expert modules, fused ones split by
+        # experts_apart): their blocks' paths and their experts' (prefixes of the experts' sites);
+        # id(tensor) -> (weakref, rows): a tensor inside a block whose rows' tokens are known
+        # (probe.experts.carried_rows), seeded at the block's input
+        blocks = expert_blocks(model)
+        self.expert_blocks = frozenset(blocks)
+        self.expert_paths = tuple(f"{path}." for experts in blocks.values() for path in experts)
+        self._rows: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
     # -- hooks -------------------------------------------------------------------------------
     def enter_module(self, module: nn.Module, args) -> None:
         """A module's forward begins (its forward pre-hook)."""
         name = self._module_names.get(id(module), "")
         self._stack.append((name, module))
+        if name in self.expert_blocks and args:
+            self.seed_rows(name, args)
         if not args or not isinstance(args[0], torch.Tensor):
             return
         if isinstance(module, PRODUCER_TYPES):
@@ -890,7 +926,9 @@ class EagerProbe:
     def leave_module(self, module: nn.Module, args, output) -> None:
         """A module's forward returned (its forward hook, always called)."""
         if self._stack and self._stack[-1][1] is module:
-            self._stack.pop()
+            name, _ = self._stack.pop()
+            if self._rows and name in self.expert_blocks:  # rows' tokens matter inside a block only
+                self._rows.clear()
         if (
             isinstance(module, UNIT_PRESERVING_MODULES)
             and args
@@ -1006,10 +1044,56 @@ class EagerProbe:
             return None
         return True, entry[1]
 
-    def name_again(self, name: str) -> None:
-        """The next call at the site `name` counts into it, not into `name#2`: a module the scan runs in
-        parts within one forward (a fused expert's rows of real tokens, then of padding)."""
-        self._namer.again(name)
+    def rows_of(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The tokens (flat indices b·tokens + t) of a tensor's rows inside a mixture of experts, or None."""
+        entry = self._rows.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def seed_rows(self, block: str, args: tuple) -> None:
+        """A mixture of experts' block begins: its inputs that hold the token mask's positions ([B, T, …]
+        or rows [B·T, …], in an order the probe knows) get their rows' tokens, followed from here."""
+        mask = self.registry.mask_for(block)
+        if type(mask) is not PositionMask:  # no token mask (nothing to leave out), or a pixel mask
+            return
+        for value in args:
+            if not isinstance(value, torch.Tensor) or value.dim() < 2 or self.rows_of(value) is not None:
+                continue
+            hint = self.alignment_of(value) if self._aligned else None
+            if hint is None and self._flat:
+                hint = self.flat_order(value)
+            layout = mask.layout(value, -1, hint)
+            if layout is None or (hint is None and mask.ambiguous(value, -1)):
+                continue
+            tokens = torch.arange(mask.batch * mask.tokens, device=value.device).view(mask.batch, mask.tokens)
+            rows = {
+                TOKEN_ROWS: tokens,
+                TOKENS_FIRST: tokens.t(),
+                TOKEN_FLAT: tokens.reshape(-1),
+                TOKEN_FLAT_TIME_MAJOR: tokens.t().reshape(-1),
+            }.get(layout)
+            if rows is not None:
+                self._rows[id(value)] = (weakref.ref(value), rows)
+
+    def carry_rows(self, func, args: tuple, kwargs: dict, out) -> None:
+        """Follow the rows' tokens through `func` (probe.experts.carried_rows)."""
+        for tensor, rows in carried_rows(func, args, kwargs, out, self.rows_of):
+            self._rows[id(tensor)] = (weakref.ref(tensor), rows)
+
+    def routed_rows(self, name: str, pre: torch.Tensor) -> PositionMask | None:
+        """The mask of the call at site `name` when it runs inside one expert of a mixture of experts under
+        a token mask: the rows of kept tokens (RoutedRows), or RowsNotAttributed where the rows' tokens
+        were lost on the way (counted, said, gated); None elsewhere (the site's mask as it is)."""
+        if not name.startswith(self.expert_paths):
+            return None
+        mask = self.registry.mask_for(name)
+        if type(mask) is not PositionMask:
+            return None
+        rows = self.rows_of(pre)
+        if rows is not None and rows.dim() in (1, 2):
+            return RoutedRows(mask.mask.reshape(-1).to(rows.device)[rows])
+        if mask.all_kept or mask.layout(pre, -1) not in (None, TOKEN_FLAT, TOKEN_FLAT_TIME_MAJOR):
+            return None  # every row a real token's, or an expert run on every token ([B, T, …]): as it is
+        return RowsNotAttributed()
 
     def relayout_einsum(self, args: tuple, result: torch.Tensor) -> None:
         """An einsum of one operand that only reorders its axes (`"nchw->nhwc"`) moves the unit axis as
@@ -1115,6 +1199,7 @@ class EagerProbe:
 
     def begin_forward(self) -> None:
         self._namer.reset()
+        self._rows.clear()
         self._stack.clear()
         self._produced.clear()
         self._sources.clear()
@@ -1205,13 +1290,18 @@ class EagerProbe:
             self.shift_sources[name] = source[1]
 
     def observe(self, name: str, op: str, pre: torch.Tensor) -> None:
+        self._hint(name, pre)
+        self.registry.record_pre(name, op, pre, *self._site_facts(pre))
+
+    def _hint(self, name: str, pre: torch.Tensor) -> None:
+        """What the registry is told before a site's batch: where the tensor came from, and what the
+        model did to the token ids' axes or its module says of the layout (a token mask reads them)."""
         self._note_source(name, pre)
         self.registry.call_hint = self.alignment_of(pre) if self._aligned else None
         if self.registry.call_hint is None and self._flat:
             self.registry.call_hint = self.flat_order(pre)
         if name not in self.registry.layout_hints:  # once per site: its module's own word on the layout
             self.registry.layout_hints[name] = self._time_major_hint()
-        self.registry.record_pre(name, op, pre, *self._site_facts(pre))
 
     def _time_major_hint(self) -> bool | None:
         """Whether the running site's tensors are [T, B, ...]: inside torch's nn.TransformerEncoderLayer /
@@ -1245,6 +1335,8 @@ class EagerProbe:
         are laid out (PositionMask.reading: the mask itself, token ids padded with one id, batch-first or
         time-major) are marked so; what descends from them is followed
         (`carry_alignment`) to tell a site's layout by what the model did, not by its shape."""
+        if "" in self.expert_blocks:  # the model is a mixture of experts' block: its inputs by keyword too
+            self.seed_rows("", tuple(torch.utils._pytree.tree_leaves((args, kwargs))))
         mask = self.registry.position_mask
         if mask is None or mask.batch != mask.tokens or mask.batch < 2 or mask.symmetric:
             return
@@ -1598,7 +1690,7 @@ class EagerProbe:
 
     def run_in_parts(self, name: str, op: str, pre: torch.Tensor, in_place: bool) -> torch.Tensor | None:
         """The relu run and counted slice by slice (SiteRegistry.run_relu_in_parts), or None."""
-        if pre.device.type != "cpu" or pre.numel() * pre.element_size() < SMALL_PART_BYTES:
+        if not counted_while_running(pre):
             return None
-        self._note_source(name, pre)
+        self._hint(name, pre)
         return self.registry.run_relu_in_parts(name, op, pre, in_place, *self._site_facts(pre))

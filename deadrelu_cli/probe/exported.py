@@ -28,11 +28,10 @@ from deadrelu_cli.probe.base import (
     SQUEEZES,
     ProbeSettings,
     SiteRegistry,
-    call_and_record,
     einsum_permutation,
     infer_channel_dim,
     relaid_units,
-    static_site_hooks,
+    run_static_site,
 )
 from deadrelu_cli.probe.hidden import SPELLED_RELU, STORED_ZEROS_RELU, graph_hidden, prepare_graph
 from deadrelu_cli.probe.ops import (
@@ -498,10 +497,8 @@ class ExportedProbe:
         graph_module.recompile()
 
     def _recorder(self, site: StaticSite, original):
-        before, after = static_site_hooks(self.registry, site)
-
         def deadrelu_site(*args, **kwargs):
-            return call_and_record(original, args, kwargs, site.op, site.in_place, before, after)
+            return run_static_site(self.registry, site, original, args, kwargs, site.in_place)
 
         return deadrelu_site
 

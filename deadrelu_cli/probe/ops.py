@@ -255,12 +255,6 @@ class SiteNamer:
         count = self._seen[base]
         return base if count == 1 else f"{base}#{count}"
 
-    def again(self, name: str) -> None:
-        """The next call named like `name` gets `name` again (a module run in parts within one forward)."""
-        base = name.split("#", 1)[0]
-        if self._seen[base]:
-            self._seen[base] -= 1
-
 
 # activations that are never exactly 0 over a region (no dead units in the ReLU sense), by lower-case name
 SMOOTH_ACTIVATIONS = (

@@ -38,12 +38,11 @@ from deadrelu_cli.probe.base import (
     SQUEEZES,
     ProbeSettings,
     SiteRegistry,
-    call_and_record,
     einsum_permutation,
     infer_channel_dim,
     keeps_dtype,
     relaid_units,
-    static_site_hooks,
+    run_static_site,
 )
 from deadrelu_cli.probe.exported import StaticSite, Units
 from deadrelu_cli.probe.ops import (
@@ -934,7 +933,7 @@ class TorchScriptProbe:
             self.hidden[hidden_label(site.name, "activation on a quantized tensor", op)] = 1
             return func(*args, **kwargs)
 
-        return call_and_record(func, args, kwargs, op, in_place, *static_site_hooks(self.registry, site))
+        return run_static_site(self.registry, site, func, args, kwargs, in_place)
 
     def run(self, inputs: tuple, kwargs: dict | None = None):
         self._position = 0

@@ -41,7 +41,7 @@ from deadrelu_cli.inputs import (
 )
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions, reread_verified
 from deadrelu_cli.loaders.onnx_model import release_weights
-from deadrelu_cli.probe.experts import merged_experts_note
+from deadrelu_cli.probe.experts import expert_groups, mark_unattributed_rows, merged_experts_note
 from deadrelu_cli.probe.onnx_graph import (
     MASK_INPUT,
     OnnxSite,
@@ -1078,6 +1078,8 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     loaded.notes.extend(deployed_notes + unseen_notes(dict(hidden), options.ops, advice))
     loaded.extra["unseen"] = dict(hidden)  # the report keeps them: a gate fails on those of the --ops
     sites = find_sites(loaded.runnable, options.ops)
+    # mixtures of experts of separate modules, by their weights (read before the weights are released)
+    experts = expert_groups((init.name, tuple(init.dims)) for init in loaded.runnable.graph.initializer)
     for site in sites:
         site.track_min = options.explain
     others = tuple(op for op in NAMED_WHEN_UNSCANNED if op not in options.ops)
@@ -1169,12 +1171,15 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     if total <= batch_size:  # one batch: nothing to switch to
         switch.eligible = []
 
+    padding_seen = [False]  # a batch's token mask left a position out (the experts' rows then say so)
+
     def feeds_of():
         for batch in data.batches(batch_size, options.limit, options.allow_nonfinite):
             feeds = {inp: as_input(batch[arr], dtypes.get(inp), inp) for inp, arr in order.items()}
             # read also where no site is masked: a layer that counted every position says so unless
             # every batch kept every position (HostAccumulator.all_kept)
             keep = batch_mask(mask, batch) if mask is not None else None
+            padding_seen[0] = padding_seen[0] or (keep is not None and not bool(np.all(keep)))
             keeps = _mask_feeds(feeds if masked else {}, keep, sites)
             yield batch, feeds, keeps
 
@@ -1215,7 +1220,10 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
                 options.progress(done, total)
     finally:
         switch.close()
-    return loaded, [acc.layer_stats() for acc in accumulators]
+    layers = [acc.layer_stats() for acc in accumulators]
+    if padding_seen[0]:  # an expert's rows, gathered by the graph's index ops: not the mask's positions
+        mark_unattributed_rows(layers, experts)
+    return loaded, layers
 
 
 def _mask_feeds(feeds: dict, keep: np.ndarray | None, sites: list[OnnxSite]) -> dict:

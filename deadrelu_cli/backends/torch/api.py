@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from deadrelu_cli import native
 from deadrelu_cli.calibration import CalibrationData, sample_axis
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
@@ -41,6 +42,10 @@ def load_and_scan(options: ScanOptions, data: CalibrationData, device: str):
     from deadrelu_cli.backends.torch.scan import scan_torch
     from deadrelu_cli.loaders import load_model
 
+    if device == "cpu":
+        import torch  # noqa: F401  (first: the kernel then shares the OpenMP runtime torch loads)
+
+        native.prepare()  # a first build of the counting kernel overlaps the model's loading
     model = load_model(
         LoadOptions(
             options.model,

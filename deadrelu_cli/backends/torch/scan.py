@@ -209,9 +209,15 @@ def scan_torch(
             )
     if model.kind != "eager" or options.compile:
         return _scan_torch(model, data, options, device, collectors)
-    made: dict = {}  # the probe, once _scan_torch has made it: its token mask reaches the experts' rows
-    with experts_apart(model.runnable, lambda: made.get("probe")) as fused:  # each expert's units apart
-        return _scan_torch(model, data, options, device, collectors, fused, made)
+    with experts_apart(model.runnable) as fused:  # each expert's units apart
+        return _scan_torch(model, data, options, device, collectors, fused)
+
+
+def exported_tensors(model: LoadedModel) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of a .pt2 / TorchScript model's parameters and buffers: what an export keeps of
+    its modules (probe.experts reads mixtures of experts off them)."""
+    runnable = model.runnable
+    return [(name, tuple(t.shape)) for name, t in (*runnable.named_parameters(), *runnable.named_buffers())]
 
 
 def mark_merged_experts(model: LoadedModel, layers: list) -> None:
@@ -219,11 +225,7 @@ def mark_merged_experts(model: LoadedModel, layers: list) -> None:
     `[experts, …]`, its per-expert forward gone): `extra[EXPERTS_MERGED]` and a note; the gate stops on them."""
     from deadrelu_cli.probe.experts import fused_holders, merged_expert_sites, merged_experts_note
 
-    runnable = model.runnable
-    tensors = [
-        (name, tuple(t.shape)) for name, t in (*runnable.named_parameters(), *runnable.named_buffers())
-    ]
-    merged = merged_expert_sites([layer.name for layer in layers], fused_holders(tensors))
+    merged = merged_expert_sites([layer.name for layer in layers], fused_holders(exported_tensors(model)))
     for layer in layers:
         if layer.name in merged:
             layer.extra[EXPERTS_MERGED] = merged[layer.name][1]
@@ -244,12 +246,11 @@ def _scan_torch(
     device: str,
     collectors: dict | None = None,
     fused: dict[str, int] | None = None,
-    made: dict | None = None,
 ) -> tuple[list, object]:
     import torch
 
     from deadrelu_cli.probe.base import ProbeSettings
-    from deadrelu_cli.probe.experts import declare_unreached
+    from deadrelu_cli.probe.experts import declare_unreached, expert_groups, mark_unattributed_rows
 
     mask = resolve_mask(options.mask, options.exclude_token_ids, data)
     # set per scan: the same data may serve another model later
@@ -260,6 +261,7 @@ def _scan_torch(
     # the position mask is an attention_mask that forward() does not take: the model sees the padding
     unseen_padding = mask is not None and mask.array == DEFAULT_MASK and DEFAULT_MASK in data.unfed
     padded = False
+    padding_seen = False  # a batch's token mask left a position out (an export's experts then say so)
     # token ids without any mask: every position counts; padding there would count as tokens unsaid
     pad_id = unmasked_pad_id(model, data, mask, options.mask)
     pad_positions = 0
@@ -346,8 +348,6 @@ def _scan_torch(
         if positions:  # (none: no rule, as before)
             reached = probe.sites_reached_by(positions)
             towers = {**towers, **{site.name: None for site in probe.sites if site.name not in reached}}
-    if made is not None:
-        made["probe"] = probe
     probe.registry.collectors.update(collectors or {})
     total = data.local_samples if options.limit is None else min(options.limit, data.local_samples)
     if model.fixed_batch is not None:  # also when auto chose it: a last, partial batch would not run
@@ -388,6 +388,9 @@ def _scan_torch(
             yield prepared(batch)
 
     def forward(inputs, kept, decoder_kept) -> None:
+        nonlocal padding_seen
+        if not padding_seen and model.kind != "eager":
+            padding_seen = any(k is not None and not bool(k.all()) for k in (kept, decoder_kept))
         if decoder is not None:
             scoped = None if decoder_kept is None else torch.from_numpy(decoder_kept).to(device)
             encoder = {frames[0]: frames[1](kept)} if frames is not None else {}
@@ -473,6 +476,8 @@ def _scan_torch(
             model.notes.append(note)
     if model.kind != "eager":  # an export of a fused mixture of experts: one activation for every expert
         mark_merged_experts(model, layers)
+        if padding_seen:  # an expert's rows, gathered by the export's index ops: not the mask's positions
+            mark_unattributed_rows(layers, expert_groups(exported_tensors(model)))
     attach_biases(model, layers)
     check_sample_axis(layers, data, order, done, forwards, mask is not None)
     unscanned = dict(getattr(probe, "unscanned", {}))
