@@ -32,6 +32,10 @@ ROWS_NOT_ATTRIBUTED = "routed rows not attributed"
 # extra["unit_axis"] of a layer whose units a layer made but a layout op moved where the probe could not
 # follow them (probe.ops.axis_lost_note): counted on a guessed axis, so a gate does not pass on it
 UNIT_AXIS_NOT_FOLLOWED = "not followed"
+# extra["unit_axis"] of a layer of rank >= 3 whose units no layer placed (a ReLU on a computed tensor): counted
+# on an assumed axis (the last for rank 3, dim 1 from rank 4; probe.ops.axis_guess_notes), so a gate does
+# not pass on it either
+UNIT_AXIS_ASSUMED = "assumed"
 # extra key of a layer of an exported fused mixture of experts (one activation for every expert's rows: unit
 # i of each expert counted as one unit), valued with the number of experts merged
 EXPERTS_MERGED = "experts_merged"
@@ -329,6 +333,17 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
             f"model: the unit axis of {len(guessed)} layer(s) was not followed from the layer that makes their "
             f"units (a reshape or permute on the way), so their units were counted on a guessed axis: "
             f"{_shown(guessed)}; scan again with --channel-dim N, or pass --allow-unseen to gate on them as counted"
+        )
+    assumed = [
+        layer.name
+        for layer in report.layers
+        if layer.ran and layer.extra.get("unit_axis") == UNIT_AXIS_ASSUMED
+    ]
+    if config.active and not config.allow_unseen and assumed:
+        model_failures.append(
+            f"model: no layer says where the units of {len(assumed)} layer(s) are (an activation of a computed "
+            f"tensor of rank >= 3), so they were counted on an assumed axis: {_shown(assumed)}; scan again with "
+            "--channel-dim N (the units' axis), or pass --allow-unseen to gate on them as counted"
         )
     merged = [layer.name for layer in report.layers if layer.ran and layer.extra.get(EXPERTS_MERGED)]
     if config.active and not config.allow_unseen and merged:

@@ -49,6 +49,7 @@ from deadrelu_cli.gate import (
     LAYOUT_AMBIGUOUS,
     ROW_ORDER_AMBIGUOUS,
     ROWS_NOT_ATTRIBUTED,
+    UNIT_AXIS_ASSUMED,
     UNIT_AXIS_NOT_FOLLOWED,
     GateConfig,
     GateResult,
@@ -72,7 +73,7 @@ from deadrelu_cli.inputs import (
 from deadrelu_cli.probe.base import ProbeSettings
 from deadrelu_cli.probe.eager import EagerProbe
 from deadrelu_cli.probe.experts import ACTIVATION, fused_experts
-from deadrelu_cli.probe.ops import axis_lost_note, parse_ops
+from deadrelu_cli.probe.ops import axis_guess_notes, axis_lost_note, parse_ops
 from deadrelu_cli.report.model import DataInfo, ModelInfo, Report, Settings, TrainingInfo, report_to_json
 
 
@@ -843,6 +844,12 @@ class Watch:
                 if layer.name in lost:
                     layer.extra["unit_axis"] = UNIT_AXIS_NOT_FOLLOWED
             report.notes.append(axis_lost_note(lost))
+        guesses = self._probe.registry.axis_guesses
+        guessed = {layer.name: guesses[layer.name] for layer in layers if layer.name in guesses}
+        for layer in layers:  # no layer placed their units: counted on an assumed axis, a limit fails on it
+            if layer.name in guessed:
+                layer.extra["unit_axis"] = UNIT_AXIS_ASSUMED
+        report.notes.extend(axis_guess_notes(guessed, "Linear/Conv/BatchNorm/LayerNorm"))
         fused = [
             f"{layer.name} ({self._fused[layer.name]} experts)"
             for layer in layers

@@ -143,12 +143,17 @@ VALUE_COPIES = frozenset(
         "type_as",
     }
 )
-# ... and the binary maxima (`max.other`; max(x, dim) is a reduction, told by its second argument)
-MAXIMA = frozenset({"maximum", "max"})
+# ... and the binary maxima (`max.other`; max(x, dim) is a reduction, told by its second argument;
+# `fmax` is 0 where x is NaN, as `where(x > 0, x, 0)` and threshold are)
+MAXIMA = frozenset({"maximum", "max", "fmax"})
+# ... and the clamps from below that take a tensor bound (`clamp(x, min=Z)`: maximum(x, Z))
+TENSOR_CLAMPS = frozenset({"clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_"})
 # ... and the masks of `where(x > 0, x, 0)`, `x.masked_fill(x < 0, 0)`, `x * (x > 0)`: a comparison of x
 # with zeros (-> whether the mask is true where x > 0), through casts (`(x > 0).float()`)
 SIGN_TESTS = {"gt": True, "ge": True, "lt": False, "le": False}
 MASK_CASTS = frozenset({"to", "_to_copy", "type_as", "clone", "alias", "detach"})
+# ... and its negations (`~(x > 0)`, `logical_not(x > 0)`: true where x <= 0, and at NaN)
+MASK_NEGATIONS = frozenset({"bitwise_not", "logical_not"})
 
 # Reductions that may take a tensor's unit axis away (the position of their `dim`), and the elementwise
 # ops besides PASS_THROUGH that keep such a reduction one value per position: the graph probes' forms of

@@ -57,9 +57,10 @@ class SiteRegistry:
         self.layout_hints: dict[str, bool | None] = {}
         # the same for the site recorded next, from how its tensor descends from the forward's inputs
         self.call_hint: bool | None = None
-        # rank-3 sites whose units were put on the last axis with no producer to say so ([B, T, C] and
-        # [B, C, T] look alike): the scan says so, as the ONNX scan does
-        self.axis_guesses: dict[str, None] = {}
+        # sites of rank >= 3 whose units were put on an axis with no producer to say so, with their rank
+        # ([B, T, C] and [B, C, T] look alike; rank >= 4 is taken as [N, C, ...]): the scan says so and a
+        # gate stops on them, as the ONNX scan does (probe.ops.axis_guess_notes)
+        self.axis_guesses: dict[str, int] = {}
         # sites whose units a layer made but a layout op moved where the probe could not follow them (a view
         # merging them with other axes, a permute of a rank not known): counted on a guessed axis, said in a
         # note and stopped at by the gate (probe.ops.axis_lost_note)
@@ -130,14 +131,14 @@ class SiteRegistry:
         return self.position_mask
 
     def note_axis_guess(self, name: str, rank: int, origin_known: bool, axis_lost: bool = False) -> None:
-        """Keep `name` in `axis_guesses` when its rank-3 input's unit axis was a guess (no producer, no
+        """Keep `name` in `axis_guesses` when its rank >= 3 input's unit axis was a guess (no producer, no
         --channel-dim), in `axis_lost` when a layer's units were moved where the probe lost them."""
         if self.settings.channel_dim is not None or rank < 2:
             return
         if axis_lost:
             self.axis_lost[name] = None
-        elif rank == 3 and not origin_known:
-            self.axis_guesses[name] = None
+        elif rank >= 3 and not origin_known:
+            self.axis_guesses[name] = rank
 
     def _site(
         self, name, op, pre, inferred_channel_dim, module_type, producer, origin_known=True, axis_lost=False
@@ -191,7 +192,7 @@ class SiteRegistry:
         axis_lost: bool = False,
     ) -> None:
         """First half of a batch at a site, while the pre-activation is intact (`origin_known`: a layer
-        says where its units are; else a rank-3 input's last axis is a guess, `axis_guesses`; `axis_lost`:
+        says where its units are; else a rank >= 3 input's unit axis is a guess, `axis_guesses`; `axis_lost`:
         a layer made the units but the probe lost their axis on the way, `axis_lost`)."""
         if self.fingerprints is not None:
             self.call_hint = None
@@ -579,6 +580,24 @@ def is_stored(module: torch.nn.Module, name: str) -> bool:
     return any(leaf == key for key, _ in sub.named_parameters(recurse=False)) or any(
         leaf == key for key, _ in sub.named_buffers(recurse=False)
     )
+
+
+def copy_program_module(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of a program's module (an ExportedProgram's `module()`) whose constants of the code
+    (`torch.tensor(0.)` lifted by the export) stay plain attributes: GraphModule's deepcopy registers them
+    as buffers, and a buffer's zeros are the checkpoint's (no ReLU's Z: probe.ops), so the `maximum(x,
+    torch.tensor(0.))` the scan counted would be no site in the copy (`fix`, `--certify`)."""
+    import copy
+
+    stored = {name for name, _ in module.named_buffers()}
+    copied = copy.deepcopy(module)
+    for name, tensor in list(copied.named_buffers()):
+        if name not in stored:
+            owner, _, leaf = name.rpartition(".")
+            holder = copied.get_submodule(owner)
+            del holder._buffers[leaf]
+            setattr(holder, leaf, tensor)
+    return copied
 
 
 def keeps_dtype(x: torch.Tensor, zeros) -> bool:

@@ -359,7 +359,19 @@ _COMPARES: dict[Callable, bool] = {
         (torch.Tensor.le, torch.Tensor.__le__, torch.le, torch.less_equal, torch.Tensor.less_equal), False
     ),
 }
-_MAXIMA = frozenset({torch.maximum, torch.Tensor.maximum, torch.max, torch.Tensor.max})
+# a mask's negation (`~(x > 0)`: true where x <= 0, and at NaN)
+_NEGATIONS = frozenset(
+    {
+        torch.Tensor.__invert__,
+        torch.bitwise_not,
+        torch.Tensor.bitwise_not,
+        torch.logical_not,
+        torch.Tensor.logical_not,
+    }
+)
+_MAXIMA = frozenset(
+    {torch.maximum, torch.Tensor.maximum, torch.max, torch.Tensor.max, torch.fmax, torch.Tensor.fmax}
+)
 _SELECTS = frozenset({torch.where, torch.Tensor.where})
 # x.masked_fill(x < 0, 0) and x * (x > 0) (the mask cast or not): relu(x), but for x * mask at x = -inf (NaN)
 _MASKED_FILLS = frozenset({torch.Tensor.masked_fill, torch.masked_fill, torch.Tensor.masked_fill_})
@@ -373,8 +385,30 @@ _PRODUCTS = frozenset(
         torch.multiply,
     }
 )
-_SPELLED_IN_PLACE = frozenset({torch.Tensor.masked_fill_, torch.Tensor.mul_})
-_SPELLED = _MAXIMA | _SELECTS | _MASKED_FILLS | _PRODUCTS
+# clamp(x, min=Z) with a tensor Z: maximum(x, Z) (a number bound is the clamp sites' own, _clamp_op)
+_TENSOR_CLAMPS = frozenset(
+    {
+        torch.clamp,
+        torch.Tensor.clamp,
+        torch.clip,
+        torch.Tensor.clip,
+        torch.clamp_min,
+        torch.Tensor.clamp_min,
+        torch.Tensor.clamp_,
+        torch.Tensor.clip_,
+        torch.Tensor.clamp_min_,
+    }
+)
+_SPELLED_IN_PLACE = frozenset(
+    {
+        torch.Tensor.masked_fill_,
+        torch.Tensor.mul_,
+        torch.Tensor.clamp_,
+        torch.Tensor.clip_,
+        torch.Tensor.clamp_min_,
+    }
+)
+_SPELLED = _MAXIMA | _SELECTS | _MASKED_FILLS | _PRODUCTS | _TENSOR_CLAMPS
 # functional products whose units are on the last axis, as the graph probes read `linear`, `matmul`, `mm`,
 # `bmm` and `embedding` (aten_ops.LAST_DIM): an origin without a producer (an nn.Linear's own output then
 # gets its module as producer when the module returns)
@@ -394,9 +428,33 @@ _LAST_AXIS_MAKERS = frozenset(
 # concatenations: a site output joined with others along its units (a SqueezeNet fire module) still
 # reaches the layer that reads the joined tensor, in its own columns (EagerProbe.note_join)
 _JOINS = frozenset({torch.cat, torch.concat, torch.concatenate})
-_NOTED = frozenset(_ZERO_MAKERS) | _VALUE_COPIES | frozenset(_COMPARES) | _LAST_AXIS_MAKERS
+_NOTED = frozenset(_ZERO_MAKERS) | _VALUE_COPIES | frozenset(_COMPARES) | _NEGATIONS | _LAST_AXIS_MAKERS
 _SPELLED_SPEC = _FunctionSpec("relu", None, clamp="spelled")
 _SPELLED_IN_PLACE_SPEC = _FunctionSpec("relu", None, True, clamp="spelled")
+
+
+def _same_key(first, second, depth: int) -> bool:
+    """Whether two calls (EagerProbe._call_of) are one computation: the same op and other arguments on
+    operands that are the same live tensors or, within `depth` steps, computed alike again."""
+    if isinstance(first, weakref.ref) or isinstance(second, weakref.ref):
+        return (
+            isinstance(first, weakref.ref)
+            and isinstance(second, weakref.ref)
+            and first() is not None
+            and first() is second()
+        )
+    if first is None or second is None or depth <= 0:
+        return False
+    if first[0] != second[0] or first[2] != second[2] or len(first[1]) != len(second[1]):
+        return False
+    return all(_same_key(a, b, depth - 1) for a, b in zip(first[1], second[1], strict=True))
+
+
+def _plain(value) -> bool:
+    """None, a number, a string or a tuple of those: an argument compared by its value (note_computed)."""
+    if isinstance(value, tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, int | float | str)
 
 
 def _version(tensor: torch.Tensor) -> int | None:
@@ -530,6 +588,10 @@ class _CallSiteMode(TorchFunctionMode):
                     self.probe.propagate(
                         args[0], out, keep_producer=not any(isinstance(a, torch.Tensor) for a in others)
                     )
+                    if len(args) == 2 and not kwargs and isinstance(args[1], int | float):
+                        self.probe.note_scaled(func, args[0], args[1], out)  # fc(h) * 2
+                    elif self.probe.computed(args[0]):  # fc(h) + x
+                        self.probe.note_computed(func, args, kwargs, out)
                     self.probe.carry_shift_source(args, kwargs, out)
                 elif func in self.probe.layout:
                     self.probe.relayout(func, args, kwargs, out)
@@ -749,8 +811,15 @@ class EagerProbe:
         # a ReLU spelled with a maximum or a select: zeros made in this forward and `x > 0` masks (id ->
         # weakrefs, with the tensors' version counters: one changed in place since is no longer that)
         self._zeros: dict[int, tuple[weakref.ref, int]] = {}
-        self._positives: dict[int, tuple[weakref.ref, int, weakref.ref, int, bool]] = {}
+        # masks: id -> (weakref, version, weakref to x, x's version, whether true where x > 0, what computed
+        # x (note_computed, kept for `_sign_mask` once x is freed), how the mask is made again from a
+        # tensor: the comparison, negated as the code negated it)
+        self._positives: dict[int, tuple] = {}
         self._stored_ids: set[int] | None = None  # the ids of the model's parameters and buffers
+        # id(tensor) -> (weakref, what computed it, weakrefs to its tensor arguments, its other arguments):
+        # a layer's output, so that a layer run twice on one tensor reads as one value (probe.ops, above
+        # same_computation: `torch.where(fc(h) > 0, fc(h), 0)`)
+        self._computed: dict[int, tuple[weakref.ref, int, tuple, tuple]] = {}
         self._stored_seen: Counter = Counter()  # this forward's spellings with stored zeros, by label
         # mixtures of experts (probe.experts.expert_blocks: separate expert modules, fused ones split by
         # experts_apart): their blocks' paths and their experts' (prefixes of the experts' sites);
@@ -879,6 +948,7 @@ class EagerProbe:
                 module if is_producer else None,
                 isinstance(module, CHANNEL_FIRST_TYPES),
             )
+            self.note_computed(module, args, {}, output)
 
     def _look_through(self, module: nn.Module, args, output: torch.Tensor) -> None:
         """Wrappers whose output still holds a layer's units: a PEFT LoRA layer (base_layer(x) plus the
@@ -1140,6 +1210,7 @@ class EagerProbe:
         self._flat.clear()
         self._zeros.clear()
         self._positives.clear()
+        self._computed.clear()
         self._stored_ids = None  # read again when a spelling needs it (a .to() replaces buffers)
         self._stored_seen.clear()
 
@@ -1360,6 +1431,7 @@ class EagerProbe:
             return
         if func in _LAST_AXIS_MAKERS:
             self._produced[id(out)] = (weakref.ref(out), None, None, False)
+            self.note_computed(func, args, kwargs, out)
         elif func in _ZERO_MAKERS:
             index = _ZERO_MAKERS[func]
             fill = kwargs.get("fill_value", args[index] if index is not None and len(args) > index else None)
@@ -1372,9 +1444,21 @@ class EagerProbe:
         elif func in _VALUE_COPIES:
             if args and isinstance(args[0], torch.Tensor) and self.is_zeros(args[0]):
                 self._zeros[id(out)] = (weakref.ref(out), _version(out))
-            elif args and self._sign_mask(args[0]) is not None:  # (x > 0).float(): the mask, cast
+            elif args and self._sign_mask(args[0], None) is not None:  # (x > 0).float(): the mask, cast
                 entry = self._positives[id(args[0])]
                 self._positives[id(out)] = (weakref.ref(out), _version(out), *entry[2:])
+        elif func in _NEGATIONS:  # ~(x > 0): true where x <= 0 (and at NaN)
+            if args and self._sign_mask(args[0], None) is not None and out.dtype == torch.bool:
+                entry = self._positives[id(args[0])]
+                remake = entry[6]
+                self._positives[id(out)] = (
+                    weakref.ref(out),
+                    _version(out),
+                    *entry[2:4],
+                    not entry[4],
+                    entry[5],
+                    lambda t: ~remake(t).bool(),
+                )
         elif (
             func in _COMPARES
             and len(args) == 2
@@ -1388,21 +1472,67 @@ class EagerProbe:
                 weakref.ref(x),
                 _version(x),
                 _COMPARES[func],
+                self._call_of(x),
+                lambda t, compare=func, zero=args[1]: compare(t, zero),
             )
 
-    def _sign_mask(self, value) -> tuple[torch.Tensor, bool] | None:
-        """(x, whether the mask is true where x > 0) for a mask this forward made by comparing x with 0
-        (note_made) and neither it nor x written since, else None."""
+    def note_computed(self, what, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        """Remember that a layer (a module, or a function such as F.linear), or an elementwise op on a
+        layer's output, computed `out` from `args`: its call (`_call_of`)."""
+        operands, others = [], []
+        for key, value in (*((None, a) for a in args), *kwargs.items()):
+            if isinstance(value, torch.Tensor):
+                # a tensor computed so: its own call (it may be freed before the one compared with it
+                # is made: conv(x) before bn(conv(x))); else the tensor itself
+                operands.append(self._call_of(value) or weakref.ref(value))
+                others.append(key)
+            elif _plain(value):
+                others.append((key, value))
+            else:  # (a list of tensors, an object): not compared
+                return
+        self._computed[id(out)] = (weakref.ref(out), (id(what), tuple(operands), tuple(others)))
+
+    def computed(self, tensor: torch.Tensor) -> bool:
+        """Whether a call computed `tensor` (note_computed): an op on it is kept as a call too."""
+        return bool(self._computed) and self._call_of(tensor) is not None
+
+    def note_scaled(self, func, tensor: torch.Tensor, number, out: torch.Tensor) -> None:
+        """`out = func(tensor, number)` (`fc(h) * 2`, `fc(h) + 1`): a call of its own when `tensor` is one,
+        as note_computed keeps it, in the form of the most frequent case, at a third of its cost."""
+        call = self._call_of(tensor) if self._computed else None
+        if call is not None:
+            self._computed[id(out)] = (weakref.ref(out), (id(func), (call,), (None, (None, number))))
+
+    def _call_of(self, tensor: torch.Tensor) -> tuple | None:
+        """(what, its operands, its other arguments) of the call that computed `tensor` (note_computed)."""
+        entry = self._computed.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def _same_call(self, call: tuple | None, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` was computed by a call like `call` (_call_of): the same layer or op on the
+        same tensors (or on tensors computed alike again), with the same other arguments."""
+        return call is not None and _same_key(call, self._call_of(tensor), 64)
+
+    def _sign_mask(self, value, x) -> bool | None:
+        """Whether the mask `value` is true where x > 0 (True: `x > 0`, `x >= 0`) or where x <= 0 (False:
+        `x < 0`, `x <= 0`), for a mask this forward made by comparing x with 0 (note_made) — or the output
+        of another call of the layer that made x on the same tensors, with the values to match
+        (`torch.where(fc(h) > 0, fc(h), 0)`: probe.ops, above same_computation) — neither written since;
+        None for any other mask. `x` None: whether `value` is such a mask of anything."""
         entry = self._positives.get(id(value)) if isinstance(value, torch.Tensor) else None
-        if entry is None or entry[0]() is not value or entry[2]() is None:
+        if entry is None or entry[0]() is not value:
             return None
-        x = entry[2]()
-        if entry[1] is None or entry[3] is None:  # inference tensors: the mask read (see is_zeros)
-            if not torch.equal(value.bool(), (x > 0) if entry[4] else (x <= 0)):
-                return None
-        elif (entry[1], entry[3]) != (_version(value), _version(x)):  # mask or x written in place since
+        if x is None:
+            return entry[4] if entry[1] is None or entry[1] == _version(value) else None
+        tested = entry[2]()
+        if not isinstance(x, torch.Tensor) or (tested is not x and not self._same_call(entry[5], x)):
             return None
-        return x, entry[4]
+        if tested is x and None not in (entry[1], entry[3]):
+            return entry[4] if (entry[1], entry[3]) == (_version(value), _version(x)) else None
+        # inference tensors (no versions: see is_zeros), or another call's output: the mask read
+        if value.shape != x.shape or not torch.equal(value.bool(), entry[6](x).bool()):
+            return None
+        return entry[4]
 
     def is_zeros(self, value) -> bool:
         """A 0, or a tensor of zeros in every forward: made by a zero factory in this one (or copied from
@@ -1460,25 +1590,36 @@ class EagerProbe:
             x, zeros = given if is_zeros(given[1]) else given[::-1]
             if not is_zeros(zeros):
                 return None
+        elif func in _TENSOR_CLAMPS:
+            names = (
+                ("min",)
+                if func in (torch.clamp_min, torch.Tensor.clamp_min, torch.Tensor.clamp_min_)
+                else ("min", "max")
+            )
+            bounds = dict(zip(names, args[1:], strict=False)) | kwargs
+            x, zeros = (args[0] if args else None), bounds.get("min")
+            if set(bounds) - set(names) or bounds.get("max") is not None:
+                return None
+            if not isinstance(zeros, torch.Tensor) or not is_zeros(zeros):
+                return None  # a number bound (clamp(x, min=0)): the clamp site's own path
         elif not self._positives or kwargs:
             return None  # no comparison with 0 in this forward: no mask to spell a ReLU with
         elif func in _SELECTS and len(args) == 3:
             cond, a, b = args if func is torch.where else (args[1], args[0], args[2])
-            mask = self._sign_mask(cond)
-            if mask is None:
+            keeps = self._sign_mask(cond, None)
+            if keeps is None:
                 return None
-            x, zeros = (a, b) if mask[1] else (b, a)
-            if mask[0] is not x or not is_zeros(zeros):  # not x's own `x > 0`
+            x, zeros = (a, b) if keeps else (b, a)
+            if self._sign_mask(cond, x) is None or not is_zeros(zeros):  # not x's own `x > 0`
                 return None
         elif func in _MASKED_FILLS and len(args) == 3:
             x, zeros = args[0], args[2]
-            mask = self._sign_mask(args[1])
-            if mask is None or mask[0] is not x or mask[1] or not is_zeros(zeros):
+            if self._sign_mask(args[1], x) is not False or not is_zeros(zeros):
                 return None
         elif func in _PRODUCTS and len(args) == 2 and is_zeros == self.is_zeros:
             for x, mask in (args, args[::-1]) if func is not torch.Tensor.mul_ else (args,):
-                found = self._sign_mask(mask)  # (in place: x.mul_(x > 0) only, which writes x)
-                if found is not None and found[0] is x and found[1]:
+                # (in place: x.mul_(x > 0) only, which writes x)
+                if self._sign_mask(mask, x) is True:
                     break
             else:
                 return None

@@ -9,14 +9,23 @@ counted instead (`decompose_rnn_cells`)."""
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
 import torch
 from torch import fx
 
-from deadrelu_cli.probe.aten_ops import MASK_CASTS, MAXIMA, SIGN_TESTS, VALUE_COPIES, ZERO_FACTORIES
+from deadrelu_cli.probe.aten_ops import (
+    MASK_CASTS,
+    MASK_NEGATIONS,
+    MAXIMA,
+    SIGN_TESTS,
+    TENSOR_CLAMPS,
+    VALUE_COPIES,
+    ZERO_FACTORIES,
+)
 from deadrelu_cli.probe.base import is_stored
-from deadrelu_cli.probe.ops import aten_op_kind, hidden_label, is_zero_number, zeros_fit
+from deadrelu_cli.probe.ops import aten_op_kind, hidden_label, is_zero_number, same_computation, zeros_fit
 
 
 def _stack_path(node: fx.Node) -> str:
@@ -165,23 +174,47 @@ def _example(node: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _sign_test(node: object, graph_module: fx.GraphModule) -> tuple[fx.Node, bool] | None:
-    """(x, whether the mask is true where x > 0) for a mask that compares x with zeros (x > 0, x >= 0,
-    x < 0, x <= 0), through casts ((x > 0).float()); None for any other mask."""
+def _sign_test(node: object, graph_module: fx.GraphModule) -> tuple[fx.Node, bool, bool] | None:
+    """(x, whether the mask is true where x > 0, whether it is true where x is NaN) for a mask that
+    compares x with zeros (x > 0, x >= 0, x < 0, x <= 0), through casts ((x > 0).float()) and negations
+    (~(x > 0): true where x <= 0 and at NaN); None for any other mask."""
+    negated = False
     for _ in range(8):
         if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
             return None
         if not isinstance(node.target, torch._ops.OpOverload):
             return None
         base = node.target.__name__.split(".")[0]
-        if base in MASK_CASTS:
+        if base in MASK_CASTS or base in MASK_NEGATIONS:
+            negated ^= base in MASK_NEGATIONS
             node = node.args[0]
             continue
         if base in SIGN_TESTS and len(node.args) == 2 and _is_zeros(node.args[1], graph_module):
             x = node.args[0]
-            return (x, SIGN_TESTS[base]) if isinstance(x, fx.Node) else None
+            return (x, SIGN_TESTS[base] != negated, negated) if isinstance(x, fx.Node) else None
         return None
     return None
+
+
+def _describe(node: object) -> tuple[tuple, list] | None:
+    """A node's op, constant arguments and operand nodes, for probe.ops.same_computation; None for what
+    is no pure op (a placeholder, a parameter read: the same node or none; a random or in-place op)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        if target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
+            return None
+    elif target is not operator.getitem:
+        return None
+    operands: list[fx.Node] = []
+    shape = fx.node.map_arg((node.args, node.kwargs), lambda n: operands.append(n) or "<operand>")
+    return (target, repr(shape)), operands
+
+
+def _same(a: object, b: object) -> bool:
+    """Whether graph values a and b are one value computed twice (a layer run twice on one tensor)."""
+    return same_computation(a, b, _describe)
 
 
 SPELLED_RELU = "deadrelu_spelled_relu"  # node.meta key of a clamp written from a maximum or a select
@@ -251,30 +284,51 @@ def _spelling(node: fx.Node, graph_module: fx.GraphModule, is_zeros) -> tuple[fx
         zeros = [a for a in node.args if a not in data]
         if len(data) != 1 or len(zeros) != 1:
             return None
-        x, replacement = data[0], (aten.clamp_min.default, (data[0], 0.0))
+        # fmax(x, 0) is 0 where x is NaN, as threshold is; maximum(x, 0) NaN there, as clamp_min is
+        clamp = (aten.threshold.default, (data[0], 0.0, 0.0)) if base == "fmax" else None
+        x, replacement = data[0], clamp or (aten.clamp_min.default, (data[0], 0.0))
         zero_value = _example(zeros[0])
         if zero_value is None:
             return None
         zero_shape = tuple(zero_value.shape)
+    elif base in TENSOR_CLAMPS and overload == "Tensor" and not node.kwargs:
+        # clamp(x, min=Z) with a tensor Z (and no max): maximum(x, Z)
+        if len(node.args) < 2 or (len(node.args) > 2 and node.args[2] is not None):
+            return None
+        x, zeros = node.args[:2]
+        if not is_zeros(zeros, graph_module) or _example(zeros) is None:
+            return None
+        clamp = aten.clamp_min_.default if base.endswith("_") else aten.clamp_min.default
+        replacement, zero_shape = (clamp, (x, 0.0)), tuple(_example(zeros).shape)
     elif base == "where" and len(node.args) == 3 and not node.kwargs:
         tested = _sign_test(node.args[0], graph_module)
         if tested is None:
             return None
-        x, keeps_x = tested
+        x, keeps_x, true_at_nan = tested
         kept, other = node.args[1:] if keeps_x else node.args[:0:-1]
-        if kept is not x or not is_zeros(other, graph_module):
+        if not _same(kept, x) or not is_zeros(other, graph_module):
             return None
-        # where(x > 0, x, 0) is 0 at a NaN as threshold is; where(x <= 0, 0, x) NaN as clamp_min
+        # where(x > 0, x, 0) is 0 at a NaN as threshold is; where(x <= 0, 0, x) NaN as clamp_min (a
+        # negated mask the other way round)
+        x = kept  # (x > 0 of another call of the layer that made the kept x: probe.ops.same_computation)
         replacement = (
-            (aten.threshold.default, (x, 0.0, 0.0)) if keeps_x else (aten.clamp_min.default, (x, 0.0))
+            (aten.threshold.default, (x, 0.0, 0.0))
+            if keeps_x != true_at_nan
+            else (aten.clamp_min.default, (x, 0.0))
         )
         zero_shape = tuple(_example(other).shape) if _example(other) is not None else ()
     elif base in ("masked_fill", "masked_fill_") and len(node.args) == 3 and not node.kwargs:
         x, mask, other = node.args
-        if _sign_test(mask, graph_module) != (x, False) or not is_zeros(other, graph_module):
+        tested = _sign_test(mask, graph_module)
+        if tested is None or tested[1] or not _same(tested[0], x) or not is_zeros(other, graph_module):
             return None
-        clamp = aten.clamp_min_.default if base.endswith("_") else aten.clamp_min.default
-        replacement = (clamp, (x, 0.0))
+        in_place = base.endswith("_")
+        if tested[2]:  # masked_fill(x, ~(x > 0), 0) is 0 at a NaN, as threshold is
+            clamp = aten.threshold_.default if in_place else aten.threshold.default
+            replacement = (clamp, (x, 0.0, 0.0))
+        else:
+            clamp = aten.clamp_min_.default if in_place else aten.clamp_min.default
+            replacement = (clamp, (x, 0.0))
         zero_shape = tuple(_example(other).shape) if _example(other) is not None else ()
     elif (
         base in ("mul", "mul_")
@@ -285,7 +339,12 @@ def _spelling(node: fx.Node, graph_module: fx.GraphModule, is_zeros) -> tuple[fx
     ):
         # x * (x > 0): relu(x), but at x = -inf (NaN there, 0 as written here)
         x = next(
-            (a for a, m in (node.args, node.args[::-1]) if _sign_test(m, graph_module) == (a, True)), None
+            (
+                a
+                for a, m in (node.args, node.args[::-1])
+                if (tested := _sign_test(m, graph_module)) is not None and tested[1] and _same(tested[0], a)
+            ),
+            None,
         )
         if x is None or (base == "mul_" and node.args[0] is not x):
             return None

@@ -56,6 +56,7 @@ class OnnxSite:
     channel_first: bool | None = None
     unit_axis: int | None = None  # set when a Transpose between producer and site moved the unit axis
     axis_lost: bool = False  # a producer made the units, a layout op on the way moved them out of reach
+    axis_assumed: bool = False  # rank >= 3 with no producer to place the units: counted on a guess (scan)
     experts_merged: int = 0  # a fused mixture of experts' activation: how many experts' rows it runs
     producer: str | None = None
     bias: np.ndarray | None = None
@@ -611,17 +612,18 @@ def where_relu_input(
 def _sign_test(name: str, index: GraphIndex, checkpoint: frozenset[str]) -> tuple[str, bool] | None:
     """(x, whether the test is true where x > 0) for a mask `name` that compares x with zeros the graph
     makes (x > 0, x >= 0, x < 0, x <= 0, either way round), through Casts (torch's masked_fill exports its
-    mask as Cast(Less(x, 0), to=BOOL)); None for any other mask."""
-    test = index.producer.get(name)
-    while test is not None and test.op_type == "Cast" and len(test.input) == 1:
+    mask as Cast(Less(x, 0), to=BOOL)) and Nots (`~(x > 0)`: true where x <= 0); None for any other mask."""
+    test, negated = index.producer.get(name), False
+    while test is not None and test.op_type in ("Cast", "Not") and len(test.input) == 1:
+        negated ^= test.op_type == "Not"
         test = index.producer.get(test.input[0])
     if test is None or test.op_type not in _WHERE_TESTS or len(test.input) != 2:
         return None
     left, right = test.input
     if _graph_zeros(right, left, index, checkpoint, test):
-        return left, _WHERE_TESTS[test.op_type]
+        return left, _WHERE_TESTS[test.op_type] != negated
     if _graph_zeros(left, right, index, checkpoint, test):
-        return right, _WHERE_TESTS[_FLIPPED[test.op_type]]
+        return right, _WHERE_TESTS[_FLIPPED[test.op_type]] != negated
     return None
 
 
@@ -677,8 +679,11 @@ def _graph_zeros(
     formats, probe.ops above zeros_fit): a Constant node or a constant initializer of zeros (one, or a
     tensor broadcasting into `data`: torch.zeros(C)), or ConstantOfShape / Expand of zeros to Shape(data)
     (torch.zeros_like). Not a checkpoint tensor (checkpoint_tensors), even when all zero. ONNX ops take
-    one element type for both operands, so no dtype can be promoted."""
+    one element type for both operands, so no dtype can be promoted. Through Casts (zeros of any type are
+    zeros: torch's `clamp_min(x, zeros_like(x))` exports a Cast of them)."""
     node = index.producer.get(name)
+    if node is not None and node.op_type == "Cast" and len(node.input) == 1:
+        return _graph_zeros(node.input[0], data, index, checkpoint, user)
     if node is not None and node.op_type in ("ConstantOfShape", "Expand"):
         if len(node.input) != (1 if node.op_type == "ConstantOfShape" else 2):
             return False

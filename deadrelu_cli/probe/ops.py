@@ -150,6 +150,27 @@ def clamp_is_layer(shape, unit_axis: int | None, from_layer: bool) -> bool:
     return not isinstance(size, int) or size > 1  # a symbolic size: not known to be one
 
 
+# A ReLU spelled with the select or mask of a layer run twice — `torch.where(fc(h) > 0, fc(h), 0)`,
+# `fc(h) * (fc(h) > 0)` — compares one call's output and keeps another's: one value computed twice (the
+# same layer, or the same pure ops, on the same inputs), which ONNX's exporters merge into one node before
+# the file is written. Every torch probe takes the two as one, relu of the kept one, a site as
+# `where(x > 0, x, 0)` is: eager by the call (module or function and its input tensors, not written since),
+# .pt2 and TorchScript by `same_computation` over the graph (TorchScript checks the values as it runs).
+def same_computation(a, b, describe, depth: int = 16) -> bool:
+    """Whether graph values `a` and `b` are one value computed twice: the same value, or the outputs of two
+    nodes alike (`describe(v)`: (a key for its op, constant arguments and which output it is; its operand
+    values), None for a value that is no pure op's output: an input, a random or in-place op) whose operands
+    are pairwise one value again, within `depth` steps."""
+    if a is b or a == b:
+        return True
+    if depth <= 0:
+        return False
+    first, second = describe(a), describe(b)
+    if first is None or second is None or first[0] != second[0] or len(first[1]) != len(second[1]):
+        return False
+    return all(same_computation(x, y, describe, depth - 1) for x, y in zip(first[1], second[1], strict=True))
+
+
 # A ReLU spelled `maximum(x, Z)` / `max(x, Z)` (Z: zeros that do not widen x, made by the code: zeros /
 # zeros_like / new_zeros / full(…, 0) / tensor(0.), or that constant lifted by an export or a trace; a
 # parameter or buffer is no Z, zeros or not: its values are the checkpoint's) or `where(x > 0, x, 0)`
@@ -323,14 +344,34 @@ def axis_lost_note(names: list[str]) -> str:
     )
 
 
-def axis_guess_note(names: list[str], producers: str) -> str:
-    """The note for rank-3 sites whose units were put on the last axis with no producer (one of
-    `producers`) to say where they are: [N, C, T] and [N, T, C] look alike. Torch and ONNX scans alike."""
-    shown = ", ".join(names[:4]) + (f", … ({len(names)} in all)" if len(names) > 4 else "")
-    return (
-        f"unit axis assumed last ([N, T, C]) for {shown}: no {producers} found before the activation says "
-        "where its units are; if they are [N, C, T], scan again with --channel-dim 1"
+def axis_guess_notes(ranks: dict[str, int], producers: str) -> list[str]:
+    """The notes for sites (name -> rank) whose units were put on an axis with no producer (one of
+    `producers`) to say where they are: rank 3 on the last axis ([N, C, T] and [N, T, C] look alike), rank
+    >= 4 on dim 1 ([N, C, H, W]; a ReLU on a computed tensor may be [N, H, W, C]). The axis counted is a
+    guess: a gate does not pass on it (gate.UNIT_AXIS_ASSUMED) until --channel-dim says where the units
+    are or --allow-unseen takes the layers as counted. Torch and ONNX scans alike."""
+    gated = (
+        "a gate does not pass on a guessed axis: --channel-dim N says where the units are, or --allow-unseen "
+        "gates on the layers as counted"
     )
+    notes = []
+    for names, text in (
+        (
+            [name for name, rank in ranks.items() if rank == 3],
+            "unit axis assumed last ([N, T, C]) for {}: no {} found before the activation says where its units "
+            "are; if they are [N, C, T], scan again with --channel-dim 1 (-1 confirms the last axis); ",
+        ),
+        (
+            [name for name, rank in ranks.items() if rank >= 4],
+            "unit axis assumed 1 ([N, C, H, W]) for {}: no {} found before the activation says where its units "
+            "are; if they are elsewhere ([N, H, W, C]: --channel-dim -1), scan again with --channel-dim N "
+            "(1 confirms dim 1); ",
+        ),
+    ):
+        if names:
+            shown = ", ".join(names[:4]) + (f", … ({len(names)} in all)" if len(names) > 4 else "")
+            notes.append(text.format(shown, producers) + gated)
+    return notes
 
 
 def resolve_channel_dim(rank: int, inferred: int, override: int | None) -> int:

@@ -22,11 +22,13 @@ from deadrelu_cli.probe.aten_ops import (
     LAST_DIM,
     LAYOUT,
     MASK_CASTS,
+    MASK_NEGATIONS,
     MAXIMA,
     PASS_THROUGH,
     PER_POSITION_OPS,
     RESHAPES,
     SIGN_TESTS,
+    TENSOR_CLAMPS,
     UNIT_REDUCTIONS,
     VALUE_COPIES,
     ZERO_FACTORIES,
@@ -57,6 +59,7 @@ from deadrelu_cli.probe.ops import (
     is_scalar_value,
     is_zero_number,
     reduced_over_units,
+    same_computation,
     stored_zeros_label,
     zeros_fit,
 )
@@ -112,6 +115,11 @@ class _Walker:
         self.unscanned: Counter = Counter()  # activation calls of ops --ops did not ask for, per op
         self._units: int | None = None  # the units of the producer `_producer` found last
         self._calls: list[tuple[object, object]] = []  # (CallMethod node, caller module)
+        # the inputs of the model's own functions walked into (their graphs kept alive here), by their
+        # debug names (made unique): (input, the caller's value it stands for) (`_outer`)
+        self._arguments: dict[str, tuple[object, object]] = {}
+        self._function_graphs: list = []
+        self._types: dict | None = None  # a module's type name -> the module (_method_code)
 
     def walk_method(self, module, method: str, call=None) -> None:
         graph = getattr(module, method).graph
@@ -122,7 +130,40 @@ class _Walker:
         finally:
             self._calls.pop()
 
+    def _outer(self, value):
+        """The caller's value that a parameter of a function walked into stands for (else `value`)."""
+        for _ in range(16):
+            if not self._arguments or value.node().kind() != "prim::Param":
+                return value
+            found = self._arguments.get(value.debugName())
+            if found is None or found[0] != value:
+                return value
+            value = found[1]
+        return value
+
+    def _walk_function(self, call, module, env: dict) -> None:
+        """A function of the model's own that the code calls (`def act(x): return x.clamp(min=0)` called
+        in forward): its body, inlined into a graph of its own, walked as part of the caller's (its
+        activations named after the module that runs it, as eager names them), its parameters read as the
+        caller's arguments. Before, its activations were not in the site list while the run met them:
+        their counts went to the sites after them."""
+        graph = _function_graph(call)
+        if graph is None:
+            raise _Dynamic("a call of a function whose code cannot be read")
+        self._function_graphs.append(graph)
+        inner = {}
+        for param, arg in zip(graph.inputs(), list(call.inputs())[1:], strict=True):
+            param.setDebugName(f"deadrelu_argument{len(self._arguments)}")
+            self._arguments[param.debugName()] = (param, arg)
+            found = self._value(env, arg)
+            if found is not None:
+                inner[param.debugName()] = found
+        self._walk_block(graph, module, inner)
+
     def _value(self, env: dict, value):
+        if value.debugName() in env:
+            return env[value.debugName()]
+        value = self._outer(value)
         node = value.node()
         if node.kind() == "prim::Constant":
             try:
@@ -159,6 +200,8 @@ class _Walker:
                             continue
                     in_place = fname.endswith("_") or (bool(args) and args[-1] is True)
                     self._add(module, node, op, in_place)
+                else:
+                    self._walk_function(node, module, env)
             elif kind == "prim::If":
                 cond = self._value(env, node.inputsAt(0))
                 blocks = list(node.blocks())
@@ -202,6 +245,7 @@ class _Walker:
         zero factory makes, through copies (probe.ops: a ReLU spelled with a maximum). An attribute (a
         parameter or buffer) is none: its values are the checkpoint's, as in eager."""
         for _ in range(8):
+            value = self._outer(value)
             node = value.node()
             kind = node.kind()
             if kind == "prim::Constant":
@@ -224,6 +268,7 @@ class _Walker:
     def _stored_zeros(self, env: dict, value) -> bool:
         """A parameter or buffer (an attribute, through copies) that holds zeros now: no ReLU's zeros."""
         for _ in range(8):
+            value = self._outer(value)
             node = value.node()
             if node.kind() == "prim::GetAttr":
                 found = env.get(node.output().debugName())
@@ -244,16 +289,21 @@ class _Walker:
         if base in MAXIMA and len(inputs) == 2 and all(str(v.type()) == "Tensor" for v in inputs):
             data = [v for v in inputs if not is_zeros(env, v)]
             return data[0] if len(data) == 1 else None
+        if base in TENSOR_CLAMPS and len(inputs) >= 2 and str(inputs[1].type()) == "Tensor":
+            unbounded = len(inputs) == 2 or (  # clamp(x, min=Z) with a tensor Z, no max: maximum(x, Z)
+                inputs[2].node().kind() == "prim::Constant" and inputs[2].toIValue() is None
+            )
+            return inputs[0] if unbounded and is_zeros(env, inputs[1]) else None
         if base == "where" and len(inputs) == 3:
             tested = self._sign_test(env, inputs[0])
             if tested is None:
                 return None
             x, keeps_x = tested
             kept, other = inputs[1:] if keeps_x else inputs[:0:-1]
-            return x if kept.unique() == x.unique() and is_zeros(env, other) else None
+            return kept if self._same(kept, x) and is_zeros(env, other) else None
         if base in ("masked_fill", "masked_fill_") and len(inputs) == 3:
             tested = self._sign_test(env, inputs[1])
-            if tested is not None and tested[0].unique() == inputs[0].unique() and not tested[1]:
+            if tested is not None and self._same(tested[0], inputs[0]) and not tested[1]:
                 return inputs[0] if is_zeros(env, inputs[2]) else None
         if (
             base in ("mul", "mul_")
@@ -263,22 +313,67 @@ class _Walker:
         ):
             for x, mask in (inputs, inputs[::-1]):
                 tested = self._sign_test(env, mask)
-                if tested is not None and tested[0].unique() == x.unique() and tested[1]:
+                if tested is not None and self._same(tested[0], x) and tested[1]:
                     return x if base == "mul" or x.unique() == inputs[0].unique() else None
         return None
 
+    def _same(self, a, b) -> bool:
+        """Whether graph values a and b are one value computed twice (probe.ops.same_computation: a layer
+        run twice on one tensor); the run checks their values (TorchScriptProbe.on_spelled)."""
+        return same_computation(self._outer(a), self._outer(b), self._describe)
+
+    def _describe(self, value) -> tuple[tuple, list] | None:
+        """A value's op, attributes, constant and output offset, and its operands (same_computation);
+        None for a parameter, a block's result or an in-place op."""
+        value = self._outer(value)
+        node = value.node()
+        kind = node.kind()
+        if kind in ("prim::Param", "prim::If", "prim::Loop") or kind.endswith("_"):
+            return None
+        try:
+            if kind == "prim::Constant":
+                return (kind, str(value.type()), repr(value.toIValue())), []
+            if kind == "prim::CallMethod":  # a trace writes each call as a method of its own (forward1, …)
+                code = self._method_code(str(node.inputsAt(0).type()), node.s("name"))
+                if code is None:
+                    return None
+                return (kind, str(node.inputsAt(0).type()), code, value.offset()), [
+                    self._outer(v) for v in node.inputs()
+                ]
+            attributes = tuple(
+                (name, repr(getattr(node, node.kindOf(name))(name))) for name in node.attributeNames()
+            )
+        except (RuntimeError, AttributeError):
+            return None
+        return (kind, attributes, value.offset()), [self._outer(v) for v in node.inputs()]
+
+    def _method_code(self, type_name: str, method: str) -> str | None:
+        """The code of METHOD of the submodule of type TYPE_NAME, less its name, or None."""
+        if self._types is None:
+            self._types = {str(m._c._type()): m for m in self.root.modules() if hasattr(m, "_c")}
+        module = self._types.get(type_name)
+        try:
+            code = getattr(module, method).code if module is not None else None
+        except (AttributeError, RuntimeError):
+            return None
+        return code.split("(", 1)[-1] if isinstance(code, str) else None
+
     def _sign_test(self, env: dict, value):
         """(x, whether the mask is true where x > 0) for a mask `value` that compares x with zeros
-        (x > 0, x >= 0, x < 0, x <= 0), through casts ((x > 0).float()), else None."""
+        (x > 0, x >= 0, x < 0, x <= 0), through casts ((x > 0).float()) and negations (~(x > 0)), else
+        None."""
+        negated = False
         for _ in range(8):
+            value = self._outer(value)
             node = value.node()
             base = aten_base(node.kind())
             inputs = list(node.inputs())
-            if base in MASK_CASTS and inputs:
+            if (base in MASK_CASTS or base in MASK_NEGATIONS) and inputs:
+                negated ^= base in MASK_NEGATIONS
                 value = inputs[0]
                 continue
             if base in SIGN_TESTS and len(inputs) == 2 and self._zeros(env, inputs[1]):
-                return inputs[0], SIGN_TESTS[base]
+                return inputs[0], SIGN_TESTS[base] != negated
             return None
         return None
 
@@ -307,7 +402,7 @@ class _Walker:
         the unit axis is decided at run time from the clamped value's shape (probe.ops.reduced_over_units)."""
         stack, seen, found = [value], 0, []
         while stack and seen < 32:
-            node, seen = stack.pop().node(), seen + 1
+            node, seen = self._outer(stack.pop()).node(), seen + 1
             base = aten_base(node.kind())
             inputs = list(node.inputs())
             where = UNIT_REDUCTIONS.get(base)
@@ -381,12 +476,17 @@ class _Walker:
         keep_producer = True
         layouts: list[tuple[str, tuple]] = []  # transposes, permutes, slices on the way (nearest first)
         calls: list = []  # (call node, caller module) of the modules' graphs walked into
+        # the methods this walk is in (walk_method): an argument of one (a block's forward, a helper
+        # method `self.act(x)`) is its caller's value, as eager follows the tensor into the call
+        outer = list(self._calls)
         for _ in range(32):
+            value = self._outer(value)
             src = value.node()
             kind = src.kind()
             base = aten_base(kind)
-            if kind == "prim::Param" and calls:  # an argument of a module walked into: the caller's value
-                call, module = calls.pop()
+            if kind == "prim::Param" and (calls or (outer and outer[-1] is not None)):
+                # an argument of a module walked into: the caller's value
+                call, module = calls.pop() if calls else outer.pop()
                 if not 0 < value.offset() < len(list(call.inputs())):
                     return Units(None, None)
                 value = call.inputsAt(value.offset())
@@ -519,6 +619,37 @@ def spelled_relu_reader(script_module):
     return read
 
 
+def _function_graph(call):
+    """The body of the function a `prim::CallFunction` node calls, inlined into a graph of its own whose
+    inputs are the call's arguments (the function constant aside), or None when it cannot be read."""
+    try:
+        graph = torch._C.Graph()
+        arguments = list(call.inputs())[1:]
+        params = []
+        for argument in arguments:
+            param = graph.addInput()
+            param.setType(argument.type())
+            params.append(param)
+        function = graph.insertNode(graph.createClone(call.inputsAt(0).node(), lambda v: v))
+        uniques = [a.unique() for a in arguments]
+        cloned = graph.insertNode(
+            graph.createClone(
+                call,
+                lambda v: (
+                    function.output()
+                    if v.unique() == call.inputsAt(0).unique()
+                    else params[uniques.index(v.unique())]
+                ),
+            )
+        )
+        for output in cloned.outputs():
+            graph.registerOutput(output)
+        torch._C._jit_pass_inline(graph)
+    except (RuntimeError, ValueError):
+        return None
+    return graph
+
+
 def _module_units(module, type_name: str) -> int | None:
     """The units a Linear / Conv / norm module makes (its weight's rows, or its per-unit vector)."""
     if type_name.startswith("ConvTranspose"):
@@ -604,8 +735,24 @@ def _constant_dims(node, base: str) -> tuple | None:
     return tuple(int(d) if isinstance(d, int) else tuple(int(v) for v in d) for d in dims)
 
 
-_SPELLED_OPS = MAXIMA | {"where", "masked_fill", "masked_fill_", "mul", "mul_"}
-_SPELLINGS = MAXIMA | {"where", "masked_fill"}  # those that take zeros (a stored tensor's: no site)
+_MASK_OPS = MASK_CASTS | MASK_NEGATIONS
+_SPELLED_OPS = MAXIMA | TENSOR_CLAMPS | {"where", "masked_fill", "masked_fill_", "mul", "mul_"}
+# those that take zeros (a stored tensor's: no site)
+_SPELLINGS = MAXIMA | TENSOR_CLAMPS | {"where", "masked_fill"}
+
+
+def _same_values(tested, x) -> bool:
+    """Whether the tensor a mask compared with 0 is x, or holds x's values: the output of another call of
+    the layer that made x, which the walk found computed alike (_Walker._same)."""
+    if tested is x:
+        return True
+    return (
+        isinstance(tested, torch.Tensor)
+        and isinstance(x, torch.Tensor)
+        and tested.shape == x.shape
+        and tested.dtype == x.dtype
+        and torch.equal(tested, x)
+    )
 
 
 class _OrderedDispatch(TorchDispatchMode):
@@ -619,7 +766,7 @@ class _OrderedDispatch(TorchDispatchMode):
         base = aten_base(func.name()).split(".")[0]
         if kind is None and base in _SPELLED_OPS and self.probe.spelled_next():
             return self.probe.on_spelled(func, args, kwargs)
-        if kind is None and self.probe.spelled_sites and (base in SIGN_TESTS or base in MASK_CASTS):
+        if kind is None and self.probe.spelled_sites and (base in SIGN_TESTS or base in _MASK_OPS):
             out = func(*args, **kwargs)
             self.probe.note_mask(base, args, out)
             return out
@@ -665,10 +812,10 @@ class TorchScriptProbe:
         if base in SIGN_TESTS:
             if len(args) == 2 and self._zero(args[1]):
                 self._masks.append((out, args[0], SIGN_TESTS[base]))
-        else:
+        else:  # a cast keeps what the mask says, a negation turns it round
             found = self._mask_of(args[0])
             if found is not None:
-                self._masks.append((out, *found))
+                self._masks.append((out, found[0], found[1] != (base in MASK_NEGATIONS)))
 
     def _mask_of(self, mask) -> tuple[torch.Tensor, bool] | None:
         return next(((x, keeps) for made, x, keeps in self._masks if made is mask), None)
@@ -708,7 +855,11 @@ class TorchScriptProbe:
         given = list(args)
         if kwargs:
             return func(*args, **kwargs)
-        if base in MAXIMA:
+        if base in TENSOR_CLAMPS:  # clamp(x, min=Z): maximum(x, Z), with no max
+            if len(given) < 2 or any(a is not None for a in given[2:]) or not self._zero(given[1]):
+                return func(*args, **kwargs)
+            x, zeros = given[:2]
+        elif base in MAXIMA:
             if len(given) != 2 or not all(isinstance(a, torch.Tensor) for a in given):
                 return func(*args, **kwargs)
             if self._zero(given[1]):
@@ -727,13 +878,14 @@ class TorchScriptProbe:
             elif base.startswith("mul") and len(given) == 2:
                 x, zeros = given
                 found = self._mask_of(zeros)
-                if found is None or found[0] is not x:
+                if found is None or not _same_values(found[0], x):
                     zeros, x = given
                     found = None if base == "mul_" else self._mask_of(zeros)
                 found = None if found is None or not found[1] else found
             else:
                 found = None
-            if found is None or found[0] is not x:  # not x's own comparison with 0: an ordinary op
+            # not x's own comparison with 0 (nor one of x's values computed again): an ordinary op
+            if found is None or not _same_values(found[0], x):
                 return func(*args, **kwargs)
             if base.startswith("mul"):
                 zeros = torch.zeros((), dtype=zeros.dtype)  # a mask, no zeros: its type is what it promotes

@@ -19,6 +19,7 @@ from deadrelu_cli.gate import (
     PIXELS_FLATTENED,
     PIXELS_MIXED,
     ROW_ORDER_AMBIGUOUS,
+    UNIT_AXIS_ASSUMED,
     UNIT_AXIS_NOT_FOLLOWED,
     unscanned_text,
     unseen_notes,
@@ -49,7 +50,7 @@ from deadrelu_cli.probe.onnx_graph import (
     frames_keep,
     stored_zero_relus,
 )
-from deadrelu_cli.probe.ops import NAMED_WHEN_UNSCANNED, axis_guess_note, axis_lost_note
+from deadrelu_cli.probe.ops import NAMED_WHEN_UNSCANNED, axis_guess_notes, axis_lost_note
 from deadrelu_cli.stats import LayerStats
 
 _shared_arena: bool | None = None  # whether this process registered its CPU arena with onnxruntime
@@ -973,6 +974,8 @@ class HostAccumulator:
             layer.extra["position_mask"] = mark
         if self.site.axis_lost:  # counted on a guessed axis: the gate stops on it
             layer.extra["unit_axis"] = UNIT_AXIS_NOT_FOLLOWED
+        elif self.site.axis_assumed:  # no layer placed its units: counted on an assumed axis, gated too
+            layer.extra["unit_axis"] = UNIT_AXIS_ASSUMED
         if self.site.experts_merged:  # unit i of every expert counted as one: the gate stops on it
             layer.extra[EXPERTS_MERGED] = self.site.experts_merged
         return layer
@@ -1111,17 +1114,16 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
         options.channel_dim,
         weights_dir,
     )
-    guessed = [
-        site.name
-        for site in sites
-        if site.rank == 3
-        and site.channel_first is None
-        and site.unit_axis is None
-        and not site.axis_lost
-        and options.channel_dim is None
-    ]
-    if guessed:  # [N, C, T] and [N, T, C] look alike: say which one was assumed
-        loaded.notes.append(axis_guess_note(guessed, "Conv/Gemm/MatMul/BatchNorm"))
+    for site in sites:  # [N, C, T] and [N, T, C] look alike: say which one was assumed, and gate
+        site.axis_assumed = (
+            (site.rank or 0) >= 3
+            and site.channel_first is None
+            and site.unit_axis is None
+            and not site.axis_lost
+            and options.channel_dim is None
+        )
+    guessed = {site.name: site.rank for site in sites if site.axis_assumed}
+    loaded.notes.extend(axis_guess_notes(guessed, "Conv/Gemm/MatMul/BatchNorm"))
     for site in sites:
         site.axis_lost = site.axis_lost and options.channel_dim is None and (site.rank or 0) >= 2
     merged = {site.name: ("", site.experts_merged) for site in sites if site.experts_merged}

@@ -310,10 +310,10 @@ def graph_for(model_runnable, kind: str, example: tuple, program=None) -> fx.Gra
             "--certify works on state_dict/safetensors (with --arch) and .pt2 models; TorchScript and ONNX "
             "graphs are not supported yet (scan their state_dict or ExportedProgram)"
         )
-    import copy
-
+    from deadrelu_cli.probe.base import copy_program_module
     from deadrelu_cli.probe.hidden import prepare_graph
 
-    graph_module = copy.deepcopy(graph_module)  # a copy: the exported module shares the model's parameters
+    # a copy: the exported module shares the model's parameters
+    graph_module = copy_program_module(graph_module)
     prepare_graph(graph_module)  # the sites as the scan counts and names them (spelled ReLUs as clamps)
     return graph_module.double()

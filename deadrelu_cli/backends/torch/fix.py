@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import sys
 import warnings
@@ -403,11 +402,13 @@ def _program_module(scanned, options: FixOptions) -> torch.fx.GraphModule:
         raise UserError(
             f"--output {options.output}: an ExportedProgram is patched into an ExportedProgram; use a .pt2 name"
         )
+    from deadrelu_cli.probe.base import copy_program_module
     from deadrelu_cli.probe.exported import prepare_program
 
     # a copy: program.module() shares the program's tensors with the module the original runner runs,
     # so edits in place would change "before" too and the comparison would check nothing
-    module = copy.deepcopy(graph_module_with_stack(scanned.model.extra["program"])).to(scanned.device)
+    program = graph_module_with_stack(scanned.model.extra["program"])
+    module = copy_program_module(program).to(scanned.device)
     prepare_program(module)  # the RNNCell steps and decomposed thresholds are sites, as scanned
     return module
 

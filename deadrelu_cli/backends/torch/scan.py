@@ -21,7 +21,13 @@ from deadrelu_cli.backends.torch.inputs import (
 )
 from deadrelu_cli.calibration import CalibrationData, prefetched
 from deadrelu_cli.errors import UserError
-from deadrelu_cli.gate import EXPERTS_MERGED, UNIT_AXIS_NOT_FOLLOWED, unscanned_text, unseen_notes
+from deadrelu_cli.gate import (
+    EXPERTS_MERGED,
+    UNIT_AXIS_ASSUMED,
+    UNIT_AXIS_NOT_FOLLOWED,
+    unscanned_text,
+    unseen_notes,
+)
 from deadrelu_cli.inputs import (
     AUDIO_INPUTS,
     AUDIO_VALUES,
@@ -54,7 +60,7 @@ from deadrelu_cli.inputs import (
 )
 from deadrelu_cli.loaders.model import LoadedModel
 from deadrelu_cli.options import ScanOptions
-from deadrelu_cli.probe.ops import axis_guess_note, axis_lost_note
+from deadrelu_cli.probe.ops import axis_guess_notes, axis_lost_note
 from deadrelu_cli.wiring.model import is_last_axis_vector
 
 
@@ -452,9 +458,12 @@ def _scan_torch(
                 options.progress(done, total)
     declare_unreached(probe.registry, fused or {})
     layers = probe.registry.layer_stats()
-    guessed = [layer.name for layer in layers if layer.name in probe.registry.axis_guesses]
-    if guessed:  # [N, C, T] and [N, T, C] look alike: say which one was assumed
-        note = axis_guess_note(guessed, "Linear/Conv/BatchNorm/LayerNorm")
+    guesses = probe.registry.axis_guesses
+    guessed = {layer.name: guesses[layer.name] for layer in layers if layer.name in guesses}
+    for layer in layers:  # [N, C, T] and [N, T, C] look alike: say which one was assumed, and gate
+        if layer.name in guessed:
+            layer.extra["unit_axis"] = UNIT_AXIS_ASSUMED
+    for note in axis_guess_notes(guessed, "Linear/Conv/BatchNorm/LayerNorm"):
         if note not in model.notes:
             model.notes.append(note)
     lost = [layer.name for layer in layers if layer.name in probe.registry.axis_lost]
