@@ -743,6 +743,14 @@ class Watch:
             self._stance = None
 
     # -- the window's report ------------------------------------------------------------------------
+    def _note_once(self, report: Report, key: str, note: str) -> None:
+        """A note on this window's report, and a warning the first time in the run (`key`): the counts of
+        every window miss what it says."""
+        report.notes.append(note)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"deadrelu: {note}", UserWarning, stacklevel=4)
+
     def _close_window(self) -> Report:
         sampled, self._sampled = self._sampled, []
         samples, self._samples = self._samples, 0
@@ -827,13 +835,12 @@ class Watch:
                 "steps were not counted; watch(count_evaluation=True) counts them"
             )
         if replicas:
-            report.notes.append(
+            self._note_once(
+                report,
+                "<replicas>",
                 f"{replicas} forward(s) of copies of the model that share its hooks (nn.DataParallel's replicas "
-                "over several devices: use DistributedDataParallel) were not counted"
+                "over several devices: use DistributedDataParallel) were not counted",
             )
-            if "<replicas>" not in self._warned:  # once per run: the counts miss those forwards
-                self._warned.add("<replicas>")
-                warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
         if not layers:
             report.notes.append(
                 f"the model ran no {'/'.join(s.ops)} call on the sampled steps: nothing to count"
@@ -856,14 +863,13 @@ class Watch:
             if layer.name in self._fused
         ]
         if fused:
-            report.notes.append(
+            self._note_once(
+                report,
+                "<experts>",
                 f"fused mixture of experts: {', '.join(fused)} run every expert through one activation, so the "
                 "watch counts unit i of all experts as one unit (dead only if dead in every expert); "
-                "`deadrelu scan` of a saved checkpoint counts each expert's units apart"
+                "`deadrelu scan` of a saved checkpoint counts each expert's units apart",
             )
-            if "<experts>" not in self._warned:  # once per run
-                self._warned.add("<experts>")
-                warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
         diverged = []
         if nan_units:
             diverged.append(
@@ -882,41 +888,38 @@ class Watch:
         ambiguous = [layer.name for layer in layers if layer.extra.get("position_mask") == LAYOUT_AMBIGUOUS]
         if ambiguous:
             shown = ", ".join(ambiguous[:5]) + (", …" if len(ambiguous) > 5 else "")
-            report.notes.append(
+            self._note_once(
+                report,
+                "<layout>",
                 f"position mask not applied to {len(ambiguous)} layer(s): every sampled batch had as many "
                 "samples as tokens, so their [batch, tokens, …] and [tokens, batch, …] activations had one "
                 f"shape; they counted every position, padding included: {shown}; a sampled step with another "
-                "batch size or sequence length tells them apart"
+                "batch size or sequence length tells them apart",
             )
-            if "<layout>" not in self._warned:  # once per run
-                self._warned.add("<layout>")
-                warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
         unordered = [
             layer.name for layer in layers if layer.extra.get("position_mask") == ROW_ORDER_AMBIGUOUS
         ]
         if unordered:
             shown = ", ".join(unordered[:5]) + (", …" if len(unordered) > 5 else "")
-            report.notes.append(
+            self._note_once(
+                report,
+                "<row order>",
                 f"position mask not applied to {len(unordered)} layer(s): their activations are flattened "
                 "[batch·tokens, …] rows made where the probe did not see the [batch, tokens, …] or "
                 "[tokens, batch, …] tensor they were flattened from (a view/reshape/flatten of it in the "
-                f"forward tells the order); they counted every position, padding included: {shown}"
+                f"forward tells the order); they counted every position, padding included: {shown}",
             )
-            if "<row order>" not in self._warned:  # once per run
-                self._warned.add("<row order>")
-                warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
         unrouted = [layer.name for layer in layers if layer.extra.get("position_mask") == ROWS_NOT_ATTRIBUTED]
         if unrouted:
             shown = ", ".join(unrouted[:5]) + (", …" if len(unrouted) > 5 else "")
-            report.notes.append(
+            self._note_once(
+                report,
+                "<routed rows>",
                 f"position mask not applied to {len(unrouted)} layer(s) inside one expert of a mixture of "
                 "experts: their rows (the tokens routed to the expert) came through an op the probe does not "
                 "follow back to their tokens (it reads indexing, index_select, reshapes and row-wise ops); "
-                f"they counted every row, padding's included: {shown}"
+                f"they counted every row, padding's included: {shown}",
             )
-            if "<routed rows>" not in self._warned:  # once per run
-                self._warned.add("<routed rows>")
-                warnings.warn(f"deadrelu: {report.notes[-1]}", UserWarning, stacklevel=3)
         self._windows += 1
         self.reports.append(report)
         if self.keep_reports is not None and len(self.reports) > self.keep_reports:
