@@ -190,9 +190,9 @@ def _load() -> tuple[ReluStats | None, str]:
         states = {path: _intact(path) for path in (parallel, serial)}
     except OSError as exc:  # e.g. HOME=/root for another user: the cache cannot even be looked at
         return None, f"cannot read the kernel's cache {parallel.parent}: {exc.strerror or exc}"
-    damaged = False in states.values()
     # a whole library, the OpenMP one first (a one-thread one is built only after the OpenMP build failed)
     path, why = next((p for p in (parallel, serial) if states[p] is True), None), ""
+    damaged = path is None and False in states.values()  # so this build replaces a damaged copy
     if path is None:
         path, error = parallel, _build(command, parallel_flags, parallel)
         if error is not None:  # no OpenMP (Apple's clang; clang without libomp): one thread, still one pass
