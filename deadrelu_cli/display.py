@@ -86,3 +86,9 @@ def github_message(text: object) -> str:
 def github_property(text: object) -> str:
     """A property value of a workflow command (`title=…`): as a message, plus `:` and `,` encoded."""
     return github_message(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def shown_names(names) -> str:
+    """The first five names of a list, comma-separated, "…" where more follow (a note's list of layers)."""
+    names = list(names)
+    return ", ".join(names[:5]) + (", …" if len(names) > 5 else "")

@@ -9,6 +9,7 @@ import numpy as np
 
 from deadrelu_cli.backends import backend_for, backend_of
 from deadrelu_cli.calibration import CalibrationData, open_calibration, sample_axis
+from deadrelu_cli.display import shown_names
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.gate import (
     FRAMES_NOT_TOLD,
@@ -221,7 +222,7 @@ def mask_notes(layers: list, mask) -> list[str]:
     for reason, said in reasons.items():
         unmasked = [layer.name for layer in layers if layer.extra.get("position_mask") == reason]
         if unmasked:
-            shown = ", ".join(unmasked[:5]) + (", …" if len(unmasked) > 5 else "")
+            shown = shown_names(unmasked)
             notes.append(f"position mask not applied to {len(unmasked)} layer(s) {said}: {shown}")
     return notes
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+from deadrelu_cli.display import shown_names
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.report.diff import match_layers
 from deadrelu_cli.report.model import COUNT_SETTINGS, Report, settings_difference
@@ -113,10 +114,6 @@ class GateResult:
     @property
     def passed(self) -> bool:
         return not self.failures
-
-
-def _shown(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
 
 
 def parse_layer_limits(values: list[str] | None) -> list[tuple[str, float]]:
@@ -300,7 +297,7 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
         if layer.ran and layer.extra.get("position_mask") in MASK_NOT_APPLIED
     }
     if config.active and not config.allow_unseen and report.mask and unmasked:
-        shown = ", ".join(list(unmasked)[:5]) + (", …" if len(unmasked) > 5 else "")
+        shown = shown_names(unmasked)
         remedies = {  # what counts real tokens only there, per reason
             "in a subgraph": "scan the PyTorch model, or an ONNX export with the loop unrolled (no Scan/Loop)",
             "opset below 9": "re-export with opset 9 or newer",
@@ -332,7 +329,7 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
         model_failures.append(
             f"model: the unit axis of {len(guessed)} layer(s) was not followed from the layer that makes their "
             f"units (a reshape or permute on the way), so their units were counted on a guessed axis: "
-            f"{_shown(guessed)}; scan again with --channel-dim N, or pass --allow-unseen to gate on them as counted"
+            f"{shown_names(guessed)}; scan again with --channel-dim N, or pass --allow-unseen to gate on them as counted"
         )
     assumed = [
         layer.name
@@ -342,14 +339,14 @@ def evaluate(report: Report, config: GateConfig) -> GateResult:
     if config.active and not config.allow_unseen and assumed:
         model_failures.append(
             f"model: no layer says where the units of {len(assumed)} layer(s) are (an activation of a computed "
-            f"tensor of rank >= 3), so they were counted on an assumed axis: {_shown(assumed)}; scan again with "
+            f"tensor of rank >= 3), so they were counted on an assumed axis: {shown_names(assumed)}; scan again with "
             "--channel-dim N (the units' axis), or pass --allow-unseen to gate on them as counted"
         )
     merged = [layer.name for layer in report.layers if layer.ran and layer.extra.get(EXPERTS_MERGED)]
     if config.active and not config.allow_unseen and merged:
         model_failures.append(
             f"model: {len(merged)} layer(s) count the units of several experts of a fused mixture of experts as "
-            f"one (a unit dead in one expert passes as alive when another expert's fires): {_shown(merged)}; scan "
+            f"one (a unit dead in one expert passes as alive when another expert's fires): {shown_names(merged)}; scan "
             "the PyTorch model (state_dict + --arch, or the Hugging Face folder), which counts each expert apart, "
             "or pass --allow-unseen to gate on them as counted"
         )

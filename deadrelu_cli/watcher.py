@@ -42,6 +42,7 @@ from deadrelu_cli.backends.torch.scan import (
     other_modality_towers,
     pooled_blocks,
 )
+from deadrelu_cli.display import shown_names
 from deadrelu_cli.distributed import World, reduce_layers
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import write_text_atomic
@@ -887,7 +888,7 @@ class Watch:
         report.notes.extend(diverged)
         ambiguous = [layer.name for layer in layers if layer.extra.get("position_mask") == LAYOUT_AMBIGUOUS]
         if ambiguous:
-            shown = ", ".join(ambiguous[:5]) + (", …" if len(ambiguous) > 5 else "")
+            shown = shown_names(ambiguous)
             self._note_once(
                 report,
                 "<layout>",
@@ -900,7 +901,7 @@ class Watch:
             layer.name for layer in layers if layer.extra.get("position_mask") == ROW_ORDER_AMBIGUOUS
         ]
         if unordered:
-            shown = ", ".join(unordered[:5]) + (", …" if len(unordered) > 5 else "")
+            shown = shown_names(unordered)
             self._note_once(
                 report,
                 "<row order>",
@@ -911,7 +912,7 @@ class Watch:
             )
         unrouted = [layer.name for layer in layers if layer.extra.get("position_mask") == ROWS_NOT_ATTRIBUTED]
         if unrouted:
-            shown = ", ".join(unrouted[:5]) + (", …" if len(unrouted) > 5 else "")
+            shown = shown_names(unrouted)
             self._note_once(
                 report,
                 "<routed rows>",

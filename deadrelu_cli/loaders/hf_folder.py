@@ -15,6 +15,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from deadrelu_cli.display import shown_names
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.files import check_folder_files, parse_json
 from deadrelu_cli.loaders.model import LoadedModel, LoadOptions
@@ -259,7 +260,7 @@ def load_hf_folder(options: LoadOptions) -> LoadedModel:
     notes = []
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # filled in at random by transformers (a warning in its log only, which is silenced)
-        shown = ", ".join(missing[:5]) + (", …" if len(missing) > 5 else "")
+        shown = shown_names(missing)
         notes.append(
             f"check the weights: {len(missing)} tensor(s) of {cls.__name__} are in none of the folder's "
             f"weight files and transformers initialised them at random ({shown}); layers they feed are not "
