@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import hashlib
 import math
+import mmap
 import os
 import platform
 import shlex
@@ -93,7 +94,10 @@ class ReluStats:
         need = max(8, self._scratch_bytes(units, length, int(columns), threads))
         buffer = getattr(self._local, "buffer", None)
         if buffer is None or ctypes.sizeof(buffer) < need:
-            buffer = self._local.buffer = (ctypes.c_double * (need // 8 + 1))()  # 8-byte aligned
+            # its own pages (anonymous mmap, page-aligned), not malloc's heap: made during a first forward
+            # pass between activations, a heap block that stays kept glibc from reusing the freed ones
+            pages = self._local.pages = mmap.mmap(-1, need)
+            buffer = self._local.buffer = (ctypes.c_char * need).from_buffer(pages)
         if (cap is None) != (at_cap is None):
             raise ValueError("cap and at_cap go together")
         limit = math.inf if cap is None else cap

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from deadrelu_cli import native
 from deadrelu_cli.probe.accumulator import (
     PixelMask,
     PositionMask,
@@ -43,6 +44,9 @@ class SiteRegistry:
     """Accumulators keyed by site name, in the order the sites first ran."""
 
     def __init__(self, settings: ProbeSettings) -> None:
+        # the counting kernel loaded (built the first time) on its own thread before the first forward
+        # pass: loaded inside it, its allocations would sit between activations the heap then cannot reuse
+        native.prepare()
         self.settings = settings
         self.sites: dict[str, SiteAccumulator] = {}
         # site name -> callback(pre-activation): for fixes that need the values of a few units
