@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("csrc") / "relu_stats.c"
+ONNX_SOURCE = SOURCE.with_name("ort_relu_stats.c")  # the same kernel as an onnxruntime custom op
 FLAGS = ("-O3", "-shared", "-fPIC")
 PARALLEL_FLAGS = ("-fopenmp",)  # without them (no OpenMP) the same source builds a one-thread kernel
 # last, after $CC and its arguments: IEEE semantics (NaN, -0.0) whatever they say (CC="gcc -ffast-math" built a
@@ -110,6 +111,9 @@ _lock = threading.Lock()
 _loaded: tuple[ReluStats | None, str] | None = None
 _started = threading.Lock()
 _builder: threading.Thread | None = None
+_onnx_lock = threading.Lock()
+_onnx_built: tuple[Path | None, str] | None = None
+_onnx_builder: threading.Thread | None = None
 
 
 def relu_stats() -> ReluStats | None:
@@ -141,8 +145,9 @@ def _forget_the_builder() -> None:
     """In a forked child: the parent's builder thread does not exist there, and a lock it held when the
     process forked would stay held, relu_stats() waiting for it forever. The child builds or loads the
     kernel itself (a build is atomic, so two processes building at once is fine)."""
-    global _lock, _started, _builder
+    global _lock, _started, _builder, _onnx_lock, _onnx_builder
     _lock, _started, _builder = threading.Lock(), threading.Lock(), None
+    _onnx_lock, _onnx_builder = threading.Lock(), None
 
 
 os.register_at_fork(after_in_child=_forget_the_builder)
@@ -177,43 +182,99 @@ def compiler() -> list[str] | None:
 def _load() -> tuple[ReluStats | None, str]:
     if os.environ.get(SWITCH, "1").strip() == "0":
         return None, f"off ({SWITCH}=0)"
+    parallel_flags, serial_flags = (*FLAGS, *PARALLEL_FLAGS, *IEEE_FLAGS), (*FLAGS, *IEEE_FLAGS)
+    # the OpenMP build first; without OpenMP (Apple's clang; clang without libomp): one thread, still one pass
+    path, which, why = _compiled("relu_stats", SOURCE, (parallel_flags, serial_flags))
+    if path is None:
+        return None, why
+    try:
+        kernel = ReluStats(ctypes.CDLL(str(path)), path, which == 0)
+    except (OSError, AttributeError) as exc:  # AttributeError: a library without the kernel's symbols
+        return None, f"could not load {path}: {exc}"
+    return kernel, f"loaded {path}{why}"
+
+
+def onnx_library() -> Path | None:
+    """The onnxruntime custom-op library (csrc/ort_relu_stats.c: the kernel as deadrelu.ReluStats, run on
+    onnxruntime's own threads), built on first use; None where it cannot be (`onnx_status()` says why).
+    Never loaded here: onnxruntime loads it into the sessions it is registered with."""
+    global _onnx_built
+    if _onnx_built is None:
+        with _onnx_lock:
+            if _onnx_built is None:
+                _onnx_built = _load_onnx()
+    return _onnx_built[0]
+
+
+def onnx_status() -> str:
+    """What the custom-op library is: where it was built, or why there is none."""
+    onnx_library()
+    assert _onnx_built is not None
+    return _onnx_built[1]
+
+
+def prepare_onnx() -> None:
+    """Build the custom-op library on a background thread (as `prepare` does for the kernel)."""
+    global _onnx_builder
+    with _started:
+        if _onnx_built is None and _onnx_builder is None:
+            _onnx_builder = threading.Thread(target=onnx_library, name="deadrelu-native-onnx")
+            _onnx_builder.start()
+
+
+def _load_onnx() -> tuple[Path | None, str]:
+    if os.environ.get(SWITCH, "1").strip() == "0":
+        return None, f"off ({SWITCH}=0)"
+    # one thread per job: onnxruntime's intra-op threads run the jobs; pthread for the scratch's lock
+    path, _, why = _compiled("ort_relu_stats", ONNX_SOURCE, ((*FLAGS, "-pthread", *IEEE_FLAGS),))
+    return (path, f"built {path}{why}") if path is not None else (None, why)
+
+
+def _compiled(
+    stem: str, source_path: Path, flag_sets: tuple[tuple[str, ...], ...]
+) -> tuple[Path | None, int, str]:
+    """A whole library built from `source_path` (and the kernel's source, which it may include) with
+    the first of `flag_sets` that builds, from the cache or built now: (path, which flag set, a note for
+    the status line), or (None, -1, why not)."""
     command = compiler()
     if command is None:
-        return None, "no C compiler ($CC, cc, gcc or clang): the ATen kernels count"
-    source = SOURCE.read_bytes()
+        return None, -1, "no C compiler ($CC, cc, gcc or clang): the ATen kernels count"
+    # the source and the kernel it includes (the custom op's #include "relu_stats.c")
+    sources = b"\0".join(path.read_bytes() for path in sorted({source_path, SOURCE}))
 
     def target(flags: tuple[str, ...]) -> Path:
         key = hashlib.sha256(
-            b"\0".join([FORMAT, source, " ".join([*command, *flags]).encode(), platform.machine().encode()])
+            b"\0".join([FORMAT, sources, " ".join([*command, *flags]).encode(), platform.machine().encode()])
         ).hexdigest()[:16]
-        return cache_dir() / f"relu_stats-{key}.so"
+        return cache_dir() / f"{stem}-{key}.so"
 
-    parallel_flags, serial_flags = (*FLAGS, *PARALLEL_FLAGS, *IEEE_FLAGS), (*FLAGS, *IEEE_FLAGS)
-    parallel, serial = target(parallel_flags), target(serial_flags)
+    targets = [target(flags) for flags in flag_sets]
     try:
-        states = {path: _intact(path) for path in (parallel, serial)}
+        states = {path: _intact(path) for path in targets}
     except OSError as exc:  # e.g. HOME=/root for another user: the cache cannot even be looked at
-        return None, f"cannot read the kernel's cache {parallel.parent}: {exc.strerror or exc}"
-    # a whole library, the OpenMP one first (a one-thread one is built only after the OpenMP build failed)
-    path, why = next((p for p in (parallel, serial) if states[p] is True), None), ""
-    damaged = path is None and False in states.values()  # so this build replaces a damaged copy
-    if path is None:
-        path, error = parallel, _build(command, parallel_flags, parallel)
-        if error is not None:  # no OpenMP (Apple's clang; clang without libomp): one thread, still one pass
-            path, why, error = serial, f" without OpenMP ({error})", _build(command, serial_flags, serial)
-            if error is not None:
-                return None, error
-        try:
-            state = _intact(path)
-        except OSError as exc:
-            return None, f"cannot read the kernel's cache {path.parent}: {exc.strerror or exc}"
-        if state is not True:
-            return None, f"the kernel built into {path} does not read back whole"
+        return None, -1, f"cannot read the kernel's cache {targets[0].parent}: {exc.strerror or exc}"
+    # a whole library, the first flag set's first (a later one is built only after the earlier ones failed)
+    which = next((i for i, p in enumerate(targets) if states[p] is True), None)
+    if which is not None:
+        return targets[which], which, ""
+    damaged = False in states.values()  # so this build replaces a damaged copy
+    why, built = "", None
+    for index, (flags, candidate) in enumerate(zip(flag_sets, targets, strict=True)):
+        error = _build(command, flags, candidate, source_path)
+        if error is None:
+            built = index
+            break
+        why = f" without OpenMP ({error})"
+    if built is None:
+        return None, -1, error
+    which, path = built, targets[built]
     try:
-        kernel = ReluStats(ctypes.CDLL(str(path)), path, path == parallel)
-    except (OSError, AttributeError) as exc:  # AttributeError: a library without the kernel's symbols
-        return None, f"could not load {path}: {exc}"
-    return kernel, f"loaded {path}{why}" + (" (rebuilt: the cached copy was damaged)" if damaged else "")
+        state = _intact(path)
+    except OSError as exc:
+        return None, -1, f"cannot read the kernel's cache {path.parent}: {exc.strerror or exc}"
+    if state is not True:
+        return None, -1, f"the kernel built into {path} does not read back whole"
+    return path, which, why + (" (rebuilt: the cached copy was damaged)" if damaged else "")
 
 
 def _intact(path: Path) -> bool | None:
@@ -230,8 +291,8 @@ def _intact(path: Path) -> bool | None:
     return len(data) > size and trailer == MARK + hashlib.sha256(body).digest()
 
 
-def _build(command: list[str], flags: tuple[str, ...], target: Path) -> str | None:
-    """Compile SOURCE into `target`, atomically (a temporary file renamed: two processes building at once
+def _build(command: list[str], flags: tuple[str, ...], target: Path, source: Path = SOURCE) -> str | None:
+    """Compile `source` into `target`, atomically (a temporary file renamed: two processes building at once
     both end with a whole library). The reason it failed, or None."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -242,7 +303,7 @@ def _build(command: list[str], flags: tuple[str, ...], target: Path) -> str | No
         return f"cannot write the kernel's cache {target.parent}: {exc.strerror or exc}"
     try:
         done = subprocess.run(
-            [*command, *flags, "-o", temporary, str(SOURCE)],
+            [*command, *flags, "-o", temporary, str(source)],
             capture_output=True,
             text=True,
             timeout=BUILD_SECONDS,

@@ -54,14 +54,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--profile", action="store_true", help="kernel time per op type instead")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=0.03,
+        help="seconds idle before each timed run: a spinning session's threads (onnxruntime's default) "
+        "keep a core busy for a while after its run, which would slow whichever arm runs next",
+    )
     parser.add_argument("--cli", type=int, metavar="K", help="the CLI path on K batches instead (see above)")
     args = parser.parse_args()
     import torch
     from bench import build_resnet18, fetch_all_model
 
-    from deadrelu_cli.backends.onnx.scan import instrumented_bytes
+    from deadrelu_cli.backends.onnx.scan import KERNEL_JOBS, instrumented_bytes, kernel_library
     from deadrelu_cli.loaders.model import LoadOptions
     from deadrelu_cli.loaders.onnx_model import load_onnx
+    from deadrelu_cli.native import onnx_status
     from deadrelu_cli.probe.onnx_graph import find_sites
 
     x = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
@@ -97,14 +105,24 @@ def main() -> None:
 
         runs = {"plain": lambda: plain.run(None, {"input": x}), "fetch-all recipe": recipe}
         sessions = {"plain": plain}
-        for label, switched in (("scan, first session", False), ("scan, switched", True)):
+        library = kernel_library("cpu")
+        arms = [("first session", False, False), ("switched", True, False)]
+        if library is not None:  # the compiled kernel (custom op) counts the relu sites
+            arms += [("kernel, first session", False, True), ("kernel, switched", True, True)]
+        else:
+            print(f"no kernel arms: {onnx_status()}")
+        for label, switched, kernel in arms:
+            label = f"scan, {label}"
             loaded = load_onnx(LoadOptions(path, device="cpu"))
             sites = find_sites(loaded.runnable, ("relu",))
             chosen = frozenset(range(len(sites))) if switched else frozenset()
-            model_bytes = instrumented_bytes(loaded, sites, 0.0, None, max_from_output=chosen)
-            session = ort.InferenceSession(
-                model_bytes, _options(args.threads, True, profile(label)), providers=["CPUExecutionProvider"]
+            model_bytes = instrumented_bytes(
+                loaded, sites, 0.0, None, max_from_output=chosen, kernel_jobs=KERNEL_JOBS if kernel else 0
             )
+            options = _options(args.threads, True, profile(label))
+            if kernel:
+                options.register_custom_ops_library(library)
+            session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
             names = [name for site in sites for name in site.outputs.values()]
             runs[label] = lambda s=session, n=names: s.run(n, {"input": x})
             sessions[label] = session
@@ -119,6 +137,7 @@ def main() -> None:
     load = os.getloadavg()
     for _ in range(args.rounds):
         for key, run in runs.items():
+            time.sleep(args.gap)
             start = clock()
             run()
             times[key].append(clock() - start)

@@ -122,3 +122,53 @@ def compiled_kernel():
             pytest.fail(reason)
         pytest.skip(reason)
     return kernel
+
+
+def onnx_kernel_library() -> str:
+    """The custom-op library of the compiled kernel (native.onnx_library), as an ONNX scan on the CPU uses
+    it; skipped with its reason where it cannot be built or onnxruntime is too old, a failure in CI."""
+    from deadrelu_cli.backends.onnx import scan as onnx_scan
+
+    library = onnx_scan.kernel_library("cpu")
+    if library is None:
+        import onnxruntime
+
+        reason = (
+            f"the compiled kernel's onnxruntime op is not available here: {native.onnx_status()} "
+            f"(onnxruntime {onnxruntime.__version__}, the op needs {'.'.join(map(str, onnx_scan.KERNEL_API))})"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return library
+
+
+@pytest.fixture(params=["kernel", "graph"])
+def onnx_counting(request, monkeypatch):
+    """ONNX relu sites counted both ways: by the compiled kernel's custom op and by the graph's own ops
+    (where the op cannot be built, on CUDA, and for what it does not count). Returns the sessions' model
+    bytes, recorded as each session is made."""
+    from deadrelu_cli.backends.onnx import scan as onnx_scan
+
+    if request.param == "kernel":
+        onnx_kernel_library()
+    else:
+        monkeypatch.setattr(onnx_scan, "kernel_library", lambda device: None)
+    made: list[tuple[bytes, str | None]] = []
+    real = onnx_scan.make_session
+
+    def recording(model_bytes, device, notes, weights_dir=None, library=None):
+        made.append((model_bytes, library))
+        return real(model_bytes, device, notes, weights_dir, library)
+
+    monkeypatch.setattr(onnx_scan, "make_session", recording)
+    return request.param, made
+
+
+def kernel_nodes(model_bytes: bytes) -> int:
+    """How many deadrelu.ReluStats nodes a session's model holds."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.ParseFromString(model_bytes)
+    return sum(node.domain == "deadrelu" and node.op_type == "ReluStats" for node in model.graph.node)

@@ -94,7 +94,9 @@ def _data(nan: bool) -> np.ndarray:
     ("batch", "reverse", "nan"),
     [(4, False, False), (1, False, False), (4, True, False), (4, False, True), (1, True, True)],
 )
-def test_switched_sites_keep_exact_counts_and_maxima(tmp_path, monkeypatch, batch, reverse, nan):
+def test_switched_sites_keep_exact_counts_and_maxima(
+    tmp_path, monkeypatch, batch, reverse, nan, onnx_counting
+):
     model = planted_model()
     x = _data(nan)
     if reverse:

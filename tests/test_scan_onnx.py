@@ -345,10 +345,11 @@ def test_relu_inside_a_model_local_function_is_a_site(tmp_path):
 
 
 @pytest.mark.parametrize("spatial", [[5, 6], ["H", "W"]])
-def test_exact_step_count_on_extreme_values_and_nan_recount(tmp_path, spatial):
+def test_exact_step_count_on_extreme_values_and_nan_recount(tmp_path, spatial, onnx_counting):
     """NCHW counts come from a scaled-and-clipped step (no NCHW copy in onnxruntime): every positive
     float32 counts, subnormals and inf included; a batch with NaN is recounted with Greater (NaN never
-    fires). Static H*W needs no Size output, symbolic H*W does; both are checked against numpy."""
+    fires). Static H*W needs no Size output, symbolic H*W does; both are checked against numpy, and the
+    same with the compiled kernel's op counting instead (onnx_counting)."""
     graph = helper.make_graph(
         [
             helper.make_node("Relu", ["x"], ["y"], name="act"),

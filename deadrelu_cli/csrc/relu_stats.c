@@ -59,7 +59,7 @@ AI void tail_rows(const float *x, float *y, int64_t k0, int64_t k1, int64_t C, i
   const vf capv = (vf){} + cap;
   for (int64_t k = k0; k < k1; k++) {
     const float *xr = x + k * L;
-    float *yr = y + k * L;
+    float *yr = y ? y + k * L : NULL;
     vf m = (vf){} - INFINITY, s = (vf){};
     vi c = (vi){}, cs = (vi){};
     vd slo = (vd){}, shi = (vd){};
@@ -71,7 +71,7 @@ AI void tail_rows(const float *x, float *y, int64_t k0, int64_t k1, int64_t C, i
       c -= (vi)(v > 0.0f);
       if (capped) cs -= (vi)(v >= capv);
       vf r = act(v, capped, capv);
-      store(yr + i, r);
+      if (yr) store(yr + i, r);
       s += r;
       if (++n == FLUSH) { widen_add(&slo, &shi, s); s = (vf){}; n = 0; }
     }
@@ -85,7 +85,7 @@ AI void tail_rows(const float *x, float *y, int64_t k0, int64_t k1, int64_t C, i
       cc += v > 0.0f;
       cc6 += capped && v >= cap;
       float r = act1(v, capped, cap);
-      yr[i] = r;
+      if (yr) yr[i] = r;
       ss += r;
     }
     for (int j = 0; j < W; j++) { mm = m[j] > mm ? m[j] : mm; cc += c[j]; cc6 += cs[j]; }
@@ -113,7 +113,7 @@ AI void unit_columns(const float *x, float *y, int64_t r0, int64_t r1, int64_t U
     for (int64_t r = b; r < e; r += 4) {
       const int rows = e - r < 4 ? (int)(e - r) : 4;
       const float *x0 = x + r * U;
-      float *y0 = y + r * U;
+      float *y0 = y ? y + r * U : NULL;
       int64_t u = 0;
       for (; u + W <= U; u += W) {
         vf m = load(mx + u), sv = load(s + u);
@@ -124,7 +124,7 @@ AI void unit_columns(const float *x, float *y, int64_t r0, int64_t r1, int64_t U
           cv -= (vi)(v > 0.0f);
           if (capped) sat_v -= (vi)(v >= capv);
           vf o = act(v, capped, capv);
-          store(y0 + q * U + u, o);
+          if (y0) store(y0 + q * U + u, o);
           sv += o;
         }
         store(mx + u, m);
@@ -139,7 +139,7 @@ AI void unit_columns(const float *x, float *y, int64_t r0, int64_t r1, int64_t U
           c[u] += v > 0.0f;
           cs[u] += capped && v >= cap;
           float o = act1(v, capped, cap);
-          y0[q * U + u] = o;
+          if (y0) y0[q * U + u] = o;
           s[u] += o;
         }
     }
@@ -201,19 +201,21 @@ int64_t deadrelu_scratch_bytes(int64_t C, int64_t L, int columns, int threads) {
   return (int64_t)clamp_threads(threads) * (columns ? C * L : C) * (int64_t)PER_COLUMN;
 }
 
-/* One batch of a relu (cap = +inf, sat_acc NULL) or relu6 (cap = 6) site, x as [outer, C, L] (units last:
-   L = 1); y may be x (in place). columns: the batch is read as [outer, C*L] (units last, or short rows),
-   else as outer*C rows of L. The batch's max, count and sum per unit (and at-cap count) are added into
-   max_acc (NaN where the batch had a NaN, as a float max would have it), cnt_acc, sum_acc (and sat_acc).
-   scratch: deadrelu_scratch_bytes(C, L, columns, threads) bytes, 8-byte aligned. */
-void deadrelu_relu_stats(const float *x, float *y, int64_t outer, int64_t C, int64_t L, int columns,
-                         int threads, void *scratch, float cap, double *max_acc, int64_t *cnt_acc,
-                         double *sum_acc, int64_t *sat_acc) {
+/* A call's work: `threads` jobs over the batch's rows (or columns' rows), each with its own partial results
+   in `scratch`; run them in any order and on any threads, then merge_jobs adds them up in a fixed order. */
+typedef struct {
+  int threads, columns;
+  int64_t C, L;
+  job_t jobs[MAX_THREADS];
+} plan_t;
+
+static void plan_jobs(plan_t *p, const float *x, float *y, int64_t outer, int64_t C, int64_t L, int columns,
+                      int threads, void *scratch, float cap, int capped) {
   int64_t total = columns ? outer : outer * C;
   int64_t width = columns ? C * L : C; /* per-thread partial results */
   threads = clamp_threads(threads);
   if (threads > total) threads = total > 0 ? (int)total : 1;
-  job_t jobs[MAX_THREADS];
+  p->threads = threads; p->columns = columns; p->C = C; p->L = L;
   char *at = scratch;
   size_t all = (size_t)threads * (size_t)width;
 #define TAKE(type) ((type *)(at += all * sizeof(type)) - all)
@@ -223,27 +225,31 @@ void deadrelu_relu_stats(const float *x, float *y, int64_t outer, int64_t C, int
   int32_t *counts = TAKE(int32_t), *capped_counts = TAKE(int32_t);
 #undef TAKE
   for (int t = 0; t < threads; t++) {
-    job_t *j = &jobs[t];
+    job_t *j = &p->jobs[t];
     size_t off = (size_t)t * width;
-    j->columns = columns; j->capped = sat_acc != NULL; j->cap = cap;
+    j->columns = columns; j->capped = capped; j->cap = cap;
     j->x = x; j->y = y; j->C = C; j->L = L; j->width = width;
     j->k0 = total * t / threads; j->k1 = total * (t + 1) / threads;
     j->sum = sums + off; j->cnt = cnts + off; j->sat = sats + off; j->mx = maxs + off;
     j->s = partial + off; j->c = counts + off; j->cs = capped_counts + off;
     for (int64_t u = 0; u < width; u++) { j->mx[u] = -INFINITY; j->cnt[u] = 0; j->sat[u] = 0; j->sum[u] = 0.0; }
   }
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-  for (int t = 0; t < threads; t++) run_job(&jobs[t]);
-  int64_t span = columns ? L : 1;
-  for (int64_t u = 0; u < C; u++) {
+}
+
+/* The jobs' results per unit, threads in order, into max_acc (NaN where the batch had a NaN, as a float max
+   would have it), cnt_acc, sum_acc (and sat_acc when not NULL). */
+static void merge_jobs(const plan_t *p, double *max_acc, int64_t *cnt_acc, double *sum_acc, int64_t *sat_acc) {
+  int64_t span = p->columns ? p->L : 1;
+  for (int64_t u = 0; u < p->C; u++) {
     double m = -INFINITY, s = 0.0;
     int64_t n = 0, n6 = 0;
-    for (int t = 0; t < threads; t++)
+    for (int t = 0; t < p->threads; t++)
       for (int64_t k = u * span; k < (u + 1) * span; k++) {
-        m = jobs[t].mx[k] > m ? jobs[t].mx[k] : m;
-        n += jobs[t].cnt[k];
-        n6 += jobs[t].sat[k];
-        s += jobs[t].sum[k];
+        const job_t *j = &p->jobs[t];
+        m = j->mx[k] > m ? j->mx[k] : m;
+        n += j->cnt[k];
+        n6 += j->sat[k];
+        s += j->sum[k];
       }
     if (isnan(s)) m = NAN; /* relu keeps a NaN, so its unit's sum is NaN; a float max would be NaN */
     if (isnan(m) || m > max_acc[u]) max_acc[u] = m;
@@ -251,4 +257,20 @@ void deadrelu_relu_stats(const float *x, float *y, int64_t outer, int64_t C, int
     sum_acc[u] += s;
     if (sat_acc) sat_acc[u] += n6;
   }
+}
+
+/* One batch of a relu (cap = +inf, sat_acc NULL) or relu6 (cap = 6) site, x as [outer, C, L] (units last:
+   L = 1); y may be x (in place), or NULL (statistics only). columns: the batch is read as [outer, C*L]
+   (units last, or short rows), else as outer*C rows of L. The batch's max, count and sum per unit (and
+   at-cap count) are added into max_acc, cnt_acc, sum_acc (and sat_acc) as merge_jobs says.
+   scratch: deadrelu_scratch_bytes(C, L, columns, threads) bytes, 8-byte aligned. */
+void deadrelu_relu_stats(const float *x, float *y, int64_t outer, int64_t C, int64_t L, int columns,
+                         int threads, void *scratch, float cap, double *max_acc, int64_t *cnt_acc,
+                         double *sum_acc, int64_t *sat_acc) {
+  plan_t p;
+  plan_jobs(&p, x, y, outer, C, L, columns, threads, scratch, cap, sat_acc != NULL);
+  threads = p.threads;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int t = 0; t < threads; t++) run_job(&p.jobs[t]);
+  merge_jobs(&p, max_acc, cnt_acc, sum_acc, sat_acc);
 }

@@ -1044,6 +1044,43 @@ def output_only_max(site: OnnxSite, threshold: float) -> bool:
     )
 
 
+KERNEL_DOMAIN = "deadrelu"  # the custom op of native.onnx_library(): ReluStats
+KERNEL_STATS = ("max", "pos", "sum", "size")  # its outputs, in order
+
+
+def kernel_countable(site: OnnxSite, channel_dim: int, threshold: float, elem_type: int) -> bool:
+    """Whether the compiled kernel (deadrelu.ReluStats, one read of the tensor) can count this site: a
+    float32 relu of the main graph, counted at threshold 0 (x > 0), with its units on axis 1 or last.
+    Spelled, quantized or fused relus, --explain's minimum and other thresholds keep the graph's own ops."""
+    rank = site.rank or 0
+    return (
+        site.op == "relu"
+        and site.spelled is None
+        and site.implicit is None
+        and not site.track_min
+        and not site.graph_path
+        and rank >= 2
+        and channel_dim in (1, rank - 1)
+        and threshold == 0.0
+        and elem_type == TensorProto.FLOAT
+    )
+
+
+def _kernel_stats(
+    builder: _Builder, site: OnnxSite, channel_dim: int, source: str, jobs: int
+) -> dict[str, str]:
+    """The site's max, count, sum and size from one ReluStats node reading `source` (the pre-activation, or
+    the output where output_only_max allows: relu(relu(x)) = relu(x), so the count and sum are the same)."""
+    outs = [builder.fresh(key) for key in KERNEL_STATS]
+    units_last = int(channel_dim == (site.rank or 0) - 1)
+    builder.graph.node.append(
+        helper.make_node(
+            "ReluStats", [source], outs, name=outs[0], domain=KERNEL_DOMAIN, units_last=units_last, jobs=jobs
+        )
+    )
+    return dict(zip(KERNEL_STATS, outs, strict=True))
+
+
 def _exact_step(builder: _Builder, y: str) -> str:
     """1.0 where y > 0, else 0.0, for y >= 0, built from an op onnxruntime runs in its blocked NCHWc layout
     (HardSigmoid, elementwise), so the activation is not copied back to NCHW for a Greater.
@@ -1069,6 +1106,7 @@ def _add_reductions(
     nan_flags: bool = False,
     keep: str | None = None,
     finite_only: bool = False,
+    kernel_jobs: int = 0,
 ) -> dict[str, str]:
     """Per-channel statistics of one site. Full-size intermediates stay 4 bytes per element
     (int32 / float); only the [C] results are widened to int64 / double. `max_from_output`: the max
@@ -1078,8 +1116,14 @@ def _add_reductions(
     `keep`: a bool tensor broadcasting against the site's (the position mask, see _keep_of): only where it
     is true do values count; every statistic but the size, which the host scales to the kept positions.
     `finite_only` (--allow-nonfinite): where the input or the output is NaN or ±Inf, the input reads -inf
-    and the output 0 (no firing, nothing to the max or the sum), and "nonfinite" counts those places."""
+    and the output 0 (no firing, nothing to the max or the sum), and "nonfinite" counts those places.
+    `kernel_jobs` > 0: where kernel_countable, one deadrelu.ReluStats node counts the site instead, its
+    rows shared out in that many jobs (the session must have native.onnx_library() registered)."""
     site.positions = None
+    countable = kernel_countable(site, channel_dim, threshold, elem_type) and exact_step
+    if kernel_jobs > 0 and countable and keep is None and not (nan_flags or finite_only):
+        peak = site.output_name if max_from_output and output_only_max(site, threshold) else site.input_name
+        return _kernel_stats(builder, site, channel_dim, peak, kernel_jobs)
     rank = site.rank or 0
     axes = [d for d in range(rank) if d != channel_dim] if rank > 1 else []
     np_type = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
@@ -1385,12 +1429,14 @@ def instrument(
     max_from_output: frozenset[int] = frozenset(),
     nan_flags: bool = False,
     finite_only: bool = False,
+    kernel_jobs: int = 0,
 ) -> onnx.ModelProto:
     """A copy of the model whose outputs are the per-site statistics (and the original outputs if asked).
     `exact_step=False` counts with Greater everywhere (the recount for a batch with NaN activations).
     `max_from_output`: indices of sites (all of whose units have fired) whose max reads the output.
     `nan_flags`: per unit, whether its input held a NaN (IsNaN, opset 9 on). `finite_only`: NaN/±Inf
-    values left out of every statistic and counted per site (--allow-nonfinite, _add_reductions)."""
+    values left out of every statistic and counted per site (--allow-nonfinite, _add_reductions).
+    `kernel_jobs` > 0: sites the compiled kernel can count are counted by it (_add_reductions)."""
     inst = onnx.ModelProto()
     inst.CopyFrom(model)
     opset = opset_version(inst)
@@ -1434,6 +1480,7 @@ def instrument(
             nan_flags and opset >= 9 and not finite_only,
             _keep_of(builder, site) if site.token_layout else None,
             finite_only,
+            kernel_jobs,
         )
         # Lift the statistics out through each enclosing If/Loop/Scan up to the main graph.
         names = lift_to_main(
@@ -1450,4 +1497,8 @@ def instrument(
         site.outputs = names
         for key, value in names.items():
             inst.graph.output.append(helper.make_tensor_value_info(value, _STAT_TYPES[key], None))
+    if any(node.domain == KERNEL_DOMAIN for node in inst.graph.node) and not any(
+        entry.domain == KERNEL_DOMAIN for entry in inst.opset_import
+    ):
+        inst.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
     return inst

@@ -54,6 +54,27 @@ from deadrelu_cli.probe.ops import NAMED_WHEN_UNSCANNED, axis_guess_notes, axis_
 from deadrelu_cli.stats import LayerStats
 
 _shared_arena: bool | None = None  # whether this process registered its CPU arena with onnxruntime
+# ReluStats's jobs per site: onnxruntime's intra-op threads share them out (more jobs than threads cost
+# only their partial results)
+KERNEL_JOBS = max(1, min(os.cpu_count() or 1, 16))
+KERNEL_API = (1, 20)  # the onnxruntime release whose C API the custom op asks for (csrc/ort_relu_stats.c)
+
+
+def kernel_library(device: str) -> str | None:
+    """The custom-op library that counts relu sites in one read (native.onnx_library), for a scan on
+    `device`: None on CUDA (the op runs on the CPU), on an onnxruntime older than KERNEL_API, and where
+    it cannot be built (no C compiler, DEADRELU_NATIVE=0); the graph's own ops count there instead."""
+    if device.startswith("cuda"):
+        return None
+    import onnxruntime as ort
+
+    release = tuple(int(part) for part in re.findall(r"\d+", ort.__version__)[:2])
+    if release < KERNEL_API:
+        return None
+    from deadrelu_cli import native
+
+    path = native.onnx_library()
+    return str(path) if path is not None else None
 
 
 def shared_cpu_arena(ort) -> bool:
@@ -78,10 +99,16 @@ def shared_cpu_arena(ort) -> bool:
     return _shared_arena
 
 
-def make_session(model_bytes: bytes, device: str, notes: list[str], weights_dir: str | None = None):
+def make_session(
+    model_bytes: bytes,
+    device: str,
+    notes: list[str],
+    weights_dir: str | None = None,
+    library: str | None = None,
+):
     """An onnxruntime session of MODEL_BYTES; WEIGHTS_DIR: the scan's private folder holding the copy of
     the model file whose bytes the graph's released initializers reference
-    (loaders.onnx_model.release_weights)."""
+    (loaders.onnx_model.release_weights); LIBRARY: the custom-op library its ReluStats nodes need."""
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
@@ -112,6 +139,8 @@ def make_session(model_bytes: bytes, device: str, notes: list[str], weights_dir:
     if weights_dir is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", weights_dir)
     try:
+        if library is not None:  # inside: a library onnxruntime refuses is a load error like the others
+            options.register_custom_ops_library(library)
         if providers != ["CPUExecutionProvider"]:
             return ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
         session = ort.InferenceSession(
@@ -152,8 +181,9 @@ def instrumented_bytes(
     device: str = "cpu",
     max_from_output: frozenset[int] = frozenset(),
     file_bytes: bytes | None = None,
+    kernel_jobs: int = 0,
 ) -> bytes:
-    """The instrumented model, serialised for onnxruntime.
+    """The instrumented model, serialised for onnxruntime (`kernel_jobs`: probe.onnx_graph.instrument's).
 
     When every site is in the main graph, instrumenting only appends nodes and outputs, and protobuf
     parses concatenated messages as one merged message: the file's own bytes followed by a small
@@ -178,7 +208,13 @@ def instrumented_bytes(
     )
     if raw is None or has_subgraphs:
         return instrument(
-            model, sites, threshold, channel_dim, exact_step=exact_step, max_from_output=max_from_output
+            model,
+            sites,
+            threshold,
+            channel_dim,
+            exact_step=exact_step,
+            max_from_output=max_from_output,
+            kernel_jobs=kernel_jobs,
         ).SerializeToString()
     # Instrument a weight-free shell of the graph (nodes, inputs, outputs, shapes): copying the whole
     # model only to cut the appended part off again cost ~50 ms per 45 MB of weights.
@@ -195,8 +231,11 @@ def instrumented_bytes(
         keep_outputs=True,
         exact_step=exact_step,
         max_from_output=max_from_output,
+        kernel_jobs=kernel_jobs,
     )
     appended = onnx.ModelProto()
+    # a custom op's domain (merged lists append: the file's imports, then this one)
+    appended.opset_import.extend(instrumented.opset_import[len(model.opset_import) :])
     appended.graph.node.extend(instrumented.graph.node[len(model.graph.node) :])
     appended.graph.initializer.extend(instrumented.graph.initializer)
     appended.graph.output.extend(instrumented.graph.output[len(model.graph.output) :])
@@ -723,6 +762,8 @@ def _from_pooled(values: dict[str, np.ndarray], static_positions: int | None) ->
             .astype(np.int64)
             .sum(axis=0)
         )
+    if "nonfinite" in values:
+        out["nonfinite"] = values["nonfinite"]
     return out
 
 
@@ -739,6 +780,7 @@ class _NanRecount:
         self.loaded, self.sites, self.options, self.device = loaded, sites, options, device
         self.session = None
         self.outputs: list[dict[str, str]] = []
+        self.positions: list[int | None] = []
 
     def needed(self, per_site: list[dict[str, np.ndarray]], feeds: dict) -> bool:
         if not self.options.allow_nonfinite:
@@ -773,6 +815,9 @@ class _NanRecount:
                 finite_only=self.options.allow_nonfinite,
             )
             self.outputs = [dict(site.outputs) for site in self.sites]
+            # this session's static H*W per pooled site (the main one's may differ: the kernel counts
+            # there, without pools)
+            self.positions = [site.positions for site in self.sites]
             for site, (outputs, positions) in zip(self.sites, kept, strict=True):
                 site.outputs, site.positions = outputs, positions  # the main session's names
             self.session = make_session(
@@ -780,7 +825,11 @@ class _NanRecount:
             )
         names = [name for per_site in self.outputs for name in per_site.values()]
         results = dict(zip(names, self.session.run(names, feeds), strict=True))
-        return [{key: results[name] for key, name in out.items()} for out in self.outputs]
+        per_site = [{key: results[name] for key, name in out.items()} for out in self.outputs]
+        return [
+            _from_pooled(values, positions) if "pos_nc" in values else values
+            for values, positions in zip(per_site, self.positions, strict=True)
+        ]
 
 
 class _OutputMaxSwitch:
@@ -797,10 +846,13 @@ class _OutputMaxSwitch:
     MAX_REBUILDS = 2
     GAIN = 0.03  # measured share of a ResNet-18 pass saved with every site switched (docs/performance.md)
 
-    def __init__(self, loaded: LoadedModel, sites: list[OnnxSite], options, device: str) -> None:
+    def __init__(
+        self, loaded: LoadedModel, sites: list[OnnxSite], options, device: str, library: str | None = None
+    ) -> None:
         from deadrelu_cli.probe.onnx_graph import output_only_max
 
         self.loaded, self.sites, self.options, self.device = loaded, sites, options, device
+        self.library = library  # kernel_library's, where the first session counts with it
         self.eligible = [i for i, site in enumerate(sites) if output_only_max(site, options.threshold)]
         self.switched: frozenset[int] = frozenset()
         self.rebuilds = 0
@@ -854,9 +906,10 @@ class _OutputMaxSwitch:
                 self.device,
                 max_from_output=wanted,
                 file_bytes=raw,
+                kernel_jobs=KERNEL_JOBS if self.library else 0,
             )
             del raw
-            session = make_session(model_bytes, self.device, [], weights_dir)
+            session = make_session(model_bytes, self.device, [], weights_dir, self.library)
             self._result = (wanted, session, [dict(site.outputs) for site in sites])
         except Exception:  # noqa: BLE001 - the current session stays, and it is exact
             self._result = None
@@ -1026,6 +1079,10 @@ class HostAccumulator:
 def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel, list[LayerStats]]:
     from deadrelu_cli.loaders.onnx_model import load_onnx
 
+    if not device.startswith("cuda"):  # the first build of the custom-op library overlaps the loading
+        from deadrelu_cli import native
+
+        native.prepare_onnx()
     loaded = load_onnx(LoadOptions(options.model, device=device))
     mask = resolve_mask(options.mask, options.exclude_token_ids, data)
     data.unfed = unfed_arrays(mask, data, loaded)  # a mask the graph does not take is read, not fed
@@ -1139,10 +1196,27 @@ def scan_onnx(options, data: CalibrationData, device: str) -> tuple[LoadedModel,
     if lost:  # a layer's units moved where the walk lost them: counted on a guess, said and gated
         loaded.notes.append(axis_lost_note(lost))
     masked = mask is not None and any(site.token_layout for site in sites)
-    switch = _OutputMaxSwitch(loaded, sites, options, device)
+    library = kernel_library(device)
     started = time.perf_counter()
-    model_bytes = instrumented_bytes(loaded, sites, options.threshold, options.channel_dim, device)
-    session = make_session(model_bytes, device, loaded.notes, weights_dir)
+    try:
+        model_bytes = instrumented_bytes(
+            loaded,
+            sites,
+            options.threshold,
+            options.channel_dim,
+            device,
+            kernel_jobs=KERNEL_JOBS if library else 0,
+        )
+        session = make_session(model_bytes, device, loaded.notes, weights_dir, library)
+    except UserError:
+        if library is None:
+            raise
+        # onnxruntime refused the custom op (a runtime that reports a newer version than its C API has):
+        # the graph's own ops count, with the same numbers; a model it cannot run fails here again
+        library = None
+        model_bytes = instrumented_bytes(loaded, sites, options.threshold, options.channel_dim, device)
+        session = make_session(model_bytes, device, loaded.notes, weights_dir)
+    switch = _OutputMaxSwitch(loaded, sites, options, device, library)
     switch.build_s = time.perf_counter() - started
     del model_bytes
     outputs = [dict(site.outputs) for site in sites]
