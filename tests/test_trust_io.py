@@ -318,6 +318,20 @@ def test_sigterm_removes_the_temp_file_as_sigint_does(cli, work, monkeypatch):
     assert not [p for p in work.iterdir() if ".tmp." in p.name] and not (work / "f.pt2").exists()
 
 
+def test_ctrl_c_during_a_scan_says_interrupted(cli, work, monkeypatch):
+    """A real SIGINT while the scan runs: exit 130 and one line saying so (Typer turns the
+    KeyboardInterrupt into a silent Exit(130) inside the command)."""
+    import deadrelu_cli.engine as engine
+
+    def interrupted(options):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to this process: KeyboardInterrupt here
+        raise AssertionError("the interrupt did not arrive")
+
+    monkeypatch.setattr(engine, "run_scan_detailed", interrupted)
+    result = cli("scan", work / "model.pt2", "--data", work / "calib.npz")
+    assert result.code == 130 and result.err.strip() == "deadrelu: interrupted", result
+
+
 @pytest.mark.parametrize(
     "tensor",
     [

@@ -149,6 +149,8 @@ def run_command(argv: list[str] | None = None) -> None:
     try:
         # not standalone: usage errors come here, to be told in one line like every other error
         code = app(args=args, prog_name="deadrelu", standalone_mode=False)
+        if code == 130:  # Typer turns Ctrl-C inside a command into Exit(130) before it reaches us
+            err.print("deadrelu: interrupted", markup=False)
         sys.exit(code if isinstance(code, int) else 0)
     except CLICK_ERROR as exc:
         if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
