@@ -36,7 +36,7 @@ PARALLEL_FLAGS = ("-fopenmp",)  # without them (no OpenMP) the same source build
 # kernel whose relu lost -0.0 and whose max missed NaN; -fno-fast-math alone keeps an explicit
 # -ffinite-math-only)
 IEEE_FLAGS = ("-fno-fast-math", "-fno-finite-math-only", "-fsigned-zeros")
-SWITCH = "DEADRELU_NATIVE"  # "0": never build or load the kernel
+SWITCH = "DEADRELU_NATIVE"  # 0 / false / off / no: never build or load the kernel
 BUILD_SECONDS = 120
 # Appended to a built library with the sha256 of what precedes it; FORMAT names the layout in the cache key
 # (a library from before the trailer is rebuilt under a new name, not taken for a damaged one).
@@ -179,9 +179,16 @@ def compiler() -> list[str] | None:
     return None
 
 
+def switched_off() -> str | None:
+    """The reason the kernel is off by the environment ($DEADRELU_NATIVE 0, false, off or no, as other
+    tools' switches read), else None."""
+    value = os.environ.get(SWITCH, "").strip()
+    return f"off ({SWITCH}={value})" if value.lower() in ("0", "false", "off", "no") else None
+
+
 def _load() -> tuple[ReluStats | None, str]:
-    if os.environ.get(SWITCH, "1").strip() == "0":
-        return None, f"off ({SWITCH}=0)"
+    if switched_off():
+        return None, switched_off()
     parallel_flags, serial_flags = (*FLAGS, *PARALLEL_FLAGS, *IEEE_FLAGS), (*FLAGS, *IEEE_FLAGS)
     # the OpenMP build first; without OpenMP (Apple's clang; clang without libomp): one thread, still one pass
     path, which, why = _compiled("relu_stats", SOURCE, (parallel_flags, serial_flags))
@@ -223,8 +230,8 @@ def prepare_onnx() -> None:
 
 
 def _load_onnx() -> tuple[Path | None, str]:
-    if os.environ.get(SWITCH, "1").strip() == "0":
-        return None, f"off ({SWITCH}=0)"
+    if switched_off():
+        return None, switched_off()
     # one thread per job: onnxruntime's intra-op threads run the jobs; pthread for the scratch's lock
     path, _, why = _compiled("ort_relu_stats", ONNX_SOURCE, ((*FLAGS, "-pthread", *IEEE_FLAGS),))
     return (path, f"built {path}{why}") if path is not None else (None, why)

@@ -179,10 +179,19 @@ def _fresh_load(monkeypatch, tmp_path, **env: str) -> tuple[native.ReluStats | N
     return native.relu_stats(), native.status()
 
 
-def test_switched_off_by_the_environment(monkeypatch, tmp_path):
-    kernel, why = _fresh_load(monkeypatch, tmp_path, DEADRELU_NATIVE="0")
-    assert kernel is None and why == "off (DEADRELU_NATIVE=0)"
+@pytest.mark.parametrize("value", ["0", "false", "OFF", " no "])
+def test_switched_off_by_the_environment(monkeypatch, tmp_path, value):
+    kernel, why = _fresh_load(monkeypatch, tmp_path, DEADRELU_NATIVE=value)
+    assert kernel is None and why == f"off (DEADRELU_NATIVE={value.strip()})"
     assert not (tmp_path / "cache").exists()  # nothing built
+    monkeypatch.setattr(native, "_onnx_built", None)
+    assert native.onnx_library() is None and native.onnx_status() == why
+
+
+@pytest.mark.parametrize("value", ["1", "yes", ""])
+def test_other_values_leave_it_on(monkeypatch, value):
+    monkeypatch.setenv("DEADRELU_NATIVE", value)
+    assert native.switched_off() is None
 
 
 def test_no_compiler(monkeypatch, tmp_path):
