@@ -160,6 +160,17 @@ def status() -> str:
     return _loaded[1]
 
 
+def statuses() -> list[str]:
+    """What this process's scans counted with so far, one line per library it asked for (loads nothing):
+    `--debug` prints them."""
+    lines = []
+    if _loaded is not None:
+        lines.append(f"counting kernel: {_loaded[1]}")
+    if _onnx_built is not None:
+        lines.append(f"onnxruntime op: {_onnx_built[1]}")
+    return lines
+
+
 def cache_dir() -> Path:
     """Where the built library is kept: $XDG_CACHE_HOME/deadrelu/native (~/.cache/deadrelu/native). The
     user's own directory, never a shared one such as /tmp, where another user could put a library there."""
@@ -234,7 +245,7 @@ def _load_onnx() -> tuple[Path | None, str]:
         return None, switched_off()
     # one thread per job: onnxruntime's intra-op threads run the jobs; pthread for the scratch's lock
     path, _, why = _compiled("ort_relu_stats", ONNX_SOURCE, ((*FLAGS, "-pthread", *IEEE_FLAGS),))
-    return (path, f"built {path}{why}") if path is not None else (None, why)
+    return (path, f"{path}{why}") if path is not None else (None, why)
 
 
 def _compiled(

@@ -254,3 +254,25 @@ def test_switched_off_or_without_a_compiler_the_graph_counts(tmp_path, monkeypat
 def test_a_cuda_scan_never_asks_for_the_library():
     assert onnx_scan.kernel_library("cuda") is None
     assert onnx_scan.kernel_library("cuda:1") is None
+
+
+def test_debug_says_how_the_scan_counted(tmp_path):
+    """`--debug` names the library an ONNX scan counted with, or why there was none."""
+    import os
+    import subprocess
+    import sys
+
+    onnx_kernel_library()
+    onnx.save(planted_model(), str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "x.npy", _data(False)[:8])
+    command = [sys.executable, "-m", "deadrelu_cli", "scan", str(tmp_path / "m.onnx"), "--data"]
+    command += [str(tmp_path / "x.npy"), "-q", "--debug"]
+    said = {}
+    for value in ("1", "off"):
+        done = subprocess.run(
+            command, capture_output=True, text=True, env={**os.environ, "DEADRELU_NATIVE": value}, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        said[value] = [line for line in done.stderr.splitlines() if line.startswith("deadrelu: debug: ")]
+    assert said["1"] == [f"deadrelu: debug: onnxruntime op: {onnx_kernel_library()}"]
+    assert said["off"] == ["deadrelu: debug: onnxruntime op: off (DEADRELU_NATIVE=off)"]

@@ -149,6 +149,11 @@ def scan(
             result = run_scan_detailed(options)
     else:
         result = run_scan_detailed(options)
+    if os.environ.get("DEADRELU_DEBUG") == "1":  # which way the activations were counted, and why
+        from deadrelu_cli import native
+
+        for line in native.statuses():
+            make_console(stderr=True).print(f"deadrelu: debug: {line}", markup=False, soft_wrap=True)
     if not result.is_main:  # other ranks of a distributed scan: rank 0 reports
         return
     report = result.report
