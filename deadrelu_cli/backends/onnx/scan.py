@@ -1333,16 +1333,62 @@ def _batch_size(
         if array is not None and array not in data.consts and spec.shape and len(spec.shape) > axis:
             fixed = spec.shape[axis] if fixed is None else fixed
     loaded.fixed_batch = fixed
+    quantizers = dynamic_quantizers(loaded.runnable)
+    if quantizers and fixed is None and not options.batch_size_explicit:
+        loaded.notes.append(
+            f"the model quantizes its activations per run ({quantizers}: one scale for the whole batch), "
+            "so a sample's activations depend on the samples batched with it: each sample was run alone "
+            "(batch 1), as a server answering one request at a time runs it; pass --batch-size N to count "
+            "batches of N run together"
+        )
+        return 1
     if fixed is None or options.batch_size_explicit:
-        if options.batch_size == "auto":
-            return None
-        return resolve_batch_size(options.batch_size, data, list(order.values()))
+        size = None
+        if options.batch_size != "auto":
+            size = resolve_batch_size(options.batch_size, data, list(order.values()))
+        if quantizers and size != 1:
+            shown = "auto" if size is None else str(size)
+            loaded.notes.append(
+                f"the model quantizes its activations per run ({quantizers}: one scale for the whole "
+                f"batch), so these counts are for the batches this scan ran (--batch-size {shown}) and "
+                "change with the batch size and the samples' order; --batch-size 1 counts each sample alone"
+            )
+        return size
     if total % fixed:
         raise fixed_batch_error(loaded.path, fixed, total)
     loaded.notes.append(
         f"the model's inputs fix the batch size at {fixed}: scanned with --batch-size {fixed}"
+        + (
+            f"; it quantizes its activations per run ({quantizers}), so the counts depend on which "
+            "samples share a batch"
+            if quantizers and fixed != 1
+            else ""
+        )
     )
     return fixed
+
+
+DYNAMIC_QUANTIZERS = ("DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM")
+
+
+def dynamic_quantizers(model) -> str:
+    """The ops (with counts) that quantize activations with a scale computed from the whole tensor they
+    get, "" when there are none: one scale per batch, so every sample's activations depend on the others
+    in its batch (onnxruntime.quantization.quantize_dynamic makes them)."""
+    import onnx
+
+    found: Counter = Counter()
+
+    def walk(graph) -> None:
+        for node in graph.node:
+            if node.op_type in DYNAMIC_QUANTIZERS:
+                found[node.op_type] += 1
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    walk(attribute.g)
+
+    walk(model.graph)
+    return ", ".join(f"{count} {op}" for op, count in found.most_common())
 
 
 _ACTIVATION_LIKE = (

@@ -1,0 +1,85 @@
+"""A dynamically quantized ONNX model (onnxruntime.quantization.quantize_dynamic: DynamicQuantizeLinear
+takes one scale for the whole batch) makes every sample's activations depend on the samples batched with
+it. The scan runs each sample alone by default and says so; with --batch-size N it says its counts are for
+those batches. Ground truth: the quantized model run by onnxruntime one sample at a time, its ReLU's input
+added as an output, counted in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from deadrelu_cli import scan
+
+
+def _quantized(tmp_path) -> tuple[str, str]:
+    """Float MatMul (16 -> 24) + Relu, dynamically quantized by onnxruntime's own quantizer; the name of
+    the ReLU's input in the quantized graph."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((16, 24)).astype(np.float32)
+    b = (rng.standard_normal(24) - 0.5).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["xw"], name="fc"),
+            helper.make_node("Add", ["xw", "b"], ["a"], name="bias"),
+            helper.make_node("Relu", ["a"], ["y"], name="act"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 24])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    float_path, quant_path = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(float_path))
+    quantize_dynamic(str(float_path), str(quant_path), weight_type=QuantType.QInt8)
+    quantized = onnx.load(str(quant_path))
+    assert any(node.op_type == "DynamicQuantizeLinear" for node in quantized.graph.node)
+    relu = next(node for node in quantized.graph.node if node.op_type == "Relu")
+    return str(quant_path), relu.input[0]
+
+
+def _counts(path: str, pre: str, x: np.ndarray, batch: int) -> np.ndarray:
+    """Per unit, how often the ReLU's input is > 0 when the model runs batches of `batch` samples."""
+    model = onnx.load(path)
+    model.graph.output.append(helper.make_tensor_value_info(pre, TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    runs = [session.run([pre], {"x": x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    return (np.concatenate(runs) > 0).sum(axis=0)
+
+
+def test_each_sample_alone_by_default_and_said(tmp_path):
+    path, pre = _quantized(tmp_path)
+    x = np.random.default_rng(7).standard_normal((24, 16)).astype(np.float32)
+    x[5] *= 30.0  # one sample with a wide range: its batch's scale coarsens every other sample's values
+    np.save(tmp_path / "x.npy", x)
+    alone, batched = _counts(path, pre, x, 1), _counts(path, pre, x, 8)
+    assert not np.array_equal(alone, batched)  # the model itself depends on the batching here
+    report = scan(path, str(tmp_path / "x.npy"), device="cpu")
+    np.testing.assert_array_equal(report.layers[0].positive_counts, alone)
+    assert any("each sample was run alone (batch 1)" in note for note in report.notes), report.notes
+    assert any("1 DynamicQuantizeLinear" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("batch", [8, "auto"])
+def test_batches_the_user_asks_for_are_said_to_depend_on_the_batching(tmp_path, batch):
+    path, pre = _quantized(tmp_path)
+    x = np.random.default_rng(7).standard_normal((24, 16)).astype(np.float32)
+    x[5] *= 30.0
+    np.save(tmp_path / "x.npy", x)
+    report = scan(path, str(tmp_path / "x.npy"), batch_size=batch, device="cpu")
+    said = [note for note in report.notes if "quantizes its activations per run" in note]
+    assert len(said) == 1 and f"--batch-size {batch}" in said[0], report.notes
+    if batch == 8:
+        np.testing.assert_array_equal(report.layers[0].positive_counts, _counts(path, pre, x, 8))
+
+
+def test_batch_one_asked_for_says_nothing_more(tmp_path):
+    path, _ = _quantized(tmp_path)
+    np.save(tmp_path / "x.npy", np.random.default_rng(7).standard_normal((6, 16)).astype(np.float32))
+    report = scan(path, str(tmp_path / "x.npy"), batch_size=1, device="cpu")
+    assert not [note for note in report.notes if "quantizes its activations" in note], report.notes
