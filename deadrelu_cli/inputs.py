@@ -271,6 +271,33 @@ AUTO_BATCH_BYTES = 256 << 20
 AUTO_MAX_BATCH = 1024
 
 
+def per_batch_quantization(
+    quantizers: str, requested, explicit: bool, fixed: int | None, notes: list[str]
+) -> int | None:
+    """The batch size for a model that quantizes its activations with one scale per run (`quantizers`
+    names those ops, "" for none), whose every sample's activations then depend on the samples batched
+    with it: 1 where the user left the batch size to the scan (each sample alone, as a server answering
+    one request at a time runs it), else None (the batch as asked). Says which in `notes`."""
+    if not quantizers:
+        return None
+    said = f"the model quantizes its activations per run ({quantizers}: one scale for the whole batch), so"
+    if fixed is None and not explicit:
+        notes.append(
+            f"{said} a sample's activations depend on the samples batched with it: each sample was run "
+            "alone (batch 1), as a server answering one request at a time runs it; pass --batch-size N to "
+            "count batches of N run together"
+        )
+        return 1
+    shown = fixed if fixed is not None and not explicit else requested
+    if str(shown) != "1":
+        notes.append(
+            f"{said} these counts are for the batches this scan ran (--batch-size {shown}) and change with "
+            "the batch size and the samples' order; --batch-size 1 counts each sample alone"
+            + (" (the model's inputs fix the batch)" if fixed is not None and fixed != 1 else "")
+        )
+    return None
+
+
 def resolve_batch_size(
     requested: int | str,
     data: CalibrationData,

@@ -34,6 +34,7 @@ from deadrelu_cli.inputs import (
     layout_probe_size,
     mask_lengths,
     mismatch,
+    per_batch_quantization,
     positional_arrays,
     resolve_mask,
     shape_advice,
@@ -1333,37 +1334,23 @@ def _batch_size(
         if array is not None and array not in data.consts and spec.shape and len(spec.shape) > axis:
             fixed = spec.shape[axis] if fixed is None else fixed
     loaded.fixed_batch = fixed
-    quantizers = dynamic_quantizers(loaded.runnable)
-    if quantizers and fixed is None and not options.batch_size_explicit:
-        loaded.notes.append(
-            f"the model quantizes its activations per run ({quantizers}: one scale for the whole batch), "
-            "so a sample's activations depend on the samples batched with it: each sample was run alone "
-            "(batch 1), as a server answering one request at a time runs it; pass --batch-size N to count "
-            "batches of N run together"
-        )
-        return 1
+    alone = per_batch_quantization(
+        dynamic_quantizers(loaded.runnable),
+        options.batch_size,
+        options.batch_size_explicit,
+        fixed,
+        loaded.notes,
+    )
+    if alone is not None:
+        return alone
     if fixed is None or options.batch_size_explicit:
-        size = None
-        if options.batch_size != "auto":
-            size = resolve_batch_size(options.batch_size, data, list(order.values()))
-        if quantizers and size != 1:
-            shown = "auto" if size is None else str(size)
-            loaded.notes.append(
-                f"the model quantizes its activations per run ({quantizers}: one scale for the whole "
-                f"batch), so these counts are for the batches this scan ran (--batch-size {shown}) and "
-                "change with the batch size and the samples' order; --batch-size 1 counts each sample alone"
-            )
-        return size
+        if options.batch_size == "auto":
+            return None
+        return resolve_batch_size(options.batch_size, data, list(order.values()))
     if total % fixed:
         raise fixed_batch_error(loaded.path, fixed, total)
     loaded.notes.append(
         f"the model's inputs fix the batch size at {fixed}: scanned with --batch-size {fixed}"
-        + (
-            f"; it quantizes its activations per run ({quantizers}), so the counts depend on which "
-            "samples share a batch"
-            if quantizers and fixed != 1
-            else ""
-        )
     )
     return fixed
 

@@ -51,6 +51,7 @@ from deadrelu_cli.inputs import (
     labels_note,
     mask_lengths,
     match_inputs,
+    per_batch_quantization,
     resolve_batch_size,
     resolve_mask,
     square_free_batch_size,
@@ -76,6 +77,48 @@ def batch_size_for(
         cuda_sample_cost(model, data, order, device),
         cpu_activation_bytes(model, data, order, device),
     )
+
+
+def dynamic_quantizers(runnable) -> str:
+    """torch.ao's dynamically quantized layers (their input quantized with one scale per call, so a sample's
+    activations depend on the samples batched with it), with counts; "" for none. A module of
+    torch.ao.nn.quantized.dynamic, or in TorchScript the quantized ops that run one; float16 dynamic
+    layers quantize only their weights and are left out."""
+    from collections import Counter
+
+    import torch
+
+    found: Counter = Counter()
+    if isinstance(runnable, torch.jit.ScriptModule):
+        try:
+            graph = runnable.inlined_graph
+        except Exception:  # noqa: BLE001 - a module without forward: nothing to inspect
+            return ""
+
+        def walk(block) -> None:
+            for node in block.nodes():
+                kind = node.kind()
+                if (
+                    kind.startswith("quantized::") and "dynamic" in kind and "fp16" not in kind
+                ) or kind == "aten::quantize_per_tensor_dynamic":
+                    found[kind] += 1
+                for inner in node.blocks():
+                    walk(inner)
+
+        walk(graph)
+    elif isinstance(runnable, torch.nn.Module):
+        for module in runnable.modules():
+            kind = type(module)
+            if ".quantized.dynamic" not in kind.__module__ or kind.__name__ == "Module":
+                continue
+            packed = getattr(module, "_packed_params", None)
+            if (
+                getattr(packed, "dtype", None) == torch.float16
+                or getattr(module, "dtype", None) == torch.float16
+            ):
+                continue
+            found[f"dynamic {kind.__name__}"] += 1
+    return ", ".join(f"{count} {op}" for op, count in found.most_common())
 
 
 def make_probe(
@@ -334,6 +377,14 @@ def _scan_torch(
         skip_nonfinite=options.allow_nonfinite,
     )
     batch_size = batch_size_for(options.batch_size, model, data, order, device)
+    alone = per_batch_quantization(
+        dynamic_quantizers(model.runnable),
+        options.batch_size,
+        options.batch_size_explicit,
+        model.fixed_batch,
+        model.notes,
+    )
+    batch_size = alone or batch_size
     example = None
     if options.compile:
         if dict_groups(model, order):

@@ -1,10 +1,13 @@
-"""A dynamically quantized ONNX model (onnxruntime.quantization.quantize_dynamic: DynamicQuantizeLinear
-takes one scale for the whole batch) makes every sample's activations depend on the samples batched with
-it. The scan runs each sample alone by default and says so; with --batch-size N it says its counts are for
-those batches. Ground truth: the quantized model run by onnxruntime one sample at a time, its ReLU's input
-added as an output, counted in numpy."""
+"""A dynamically quantized model (ONNX: onnxruntime.quantization.quantize_dynamic, whose
+DynamicQuantizeLinear takes one scale for the whole batch; torch: torch.ao's quantize_dynamic, its
+quantized::linear_dynamic the same) makes every sample's activations depend on the samples batched with it.
+The scan runs each sample alone by default and says so; with --batch-size N it says its counts are for
+those batches. Ground truth: the model run one sample (or one batch) at a time, by onnxruntime with its
+ReLU's input added as an output or by the eager module with a forward hook, counted in numpy."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import onnx
@@ -83,3 +86,68 @@ def test_batch_one_asked_for_says_nothing_more(tmp_path):
     np.save(tmp_path / "x.npy", np.random.default_rng(7).standard_normal((6, 16)).astype(np.float32))
     report = scan(path, str(tmp_path / "x.npy"), batch_size=1, device="cpu")
     assert not [note for note in report.notes if "quantizes its activations" in note], report.notes
+
+
+def _torch_quantized():
+    """A float MLP and its torch.ao dynamic int8 version (the ReLU stays a float nn.ReLU)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4)).eval()
+    with warnings.catch_warnings():  # torch.ao.quantization's own deprecation notice
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def _torch_counts(model, x: np.ndarray, batch: int) -> np.ndarray:
+    """Per unit of the ReLU, how often its input is > 0 when the model runs batches of `batch` samples
+    (a forward hook on the eager module, numpy)."""
+    import torch
+
+    seen = []
+    hook = model[1].register_forward_hook(lambda module, args, out: seen.append(args[0].numpy().copy()))
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            model(torch.from_numpy(x[i : i + batch]))
+    hook.remove()
+    return (np.concatenate(seen) > 0).sum(axis=0)
+
+
+def test_torchscript_dynamic_int8_each_sample_alone_by_default(tmp_path):
+    import torch
+
+    from deadrelu_cli.backends.torch.scan import dynamic_quantizers
+
+    model = _torch_quantized()
+    x = np.random.default_rng(7).standard_normal((24, 16)).astype(np.float32)
+    x[5] *= 30.0
+    traced = torch.jit.trace(model, torch.from_numpy(x[:2]))
+    traced.save(str(tmp_path / "q.pt"))
+    np.save(tmp_path / "x.npy", x)
+    alone, batched = _torch_counts(model, x, 1), _torch_counts(model, x, 8)
+    assert not np.array_equal(alone, batched)
+    # quantized::linear_dynamic is not pure tensor math to the safe loader: the user trusts the file
+    report = scan(str(tmp_path / "q.pt"), str(tmp_path / "x.npy"), device="cpu", trust_pickle=True)
+    np.testing.assert_array_equal(report.layers[0].positive_counts, alone)
+    assert any("each sample was run alone (batch 1)" in note for note in report.notes), report.notes
+    report = scan(
+        str(tmp_path / "q.pt"), str(tmp_path / "x.npy"), batch_size=8, device="cpu", trust_pickle=True
+    )
+    np.testing.assert_array_equal(report.layers[0].positive_counts, batched)
+    assert any("(--batch-size 8)" in note for note in report.notes), report.notes
+    assert dynamic_quantizers(model) == "2 dynamic Linear"  # the eager module, as --arch builds it
+    assert dynamic_quantizers(torch.jit.load(str(tmp_path / "q.pt"))) == "2 quantized::linear_dynamic"
+
+
+def test_float16_dynamic_layers_quantize_no_activations():
+    import torch
+    from torch import nn
+
+    from deadrelu_cli.backends.torch.scan import dynamic_quantizers
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.float16)
+    assert dynamic_quantizers(half) == "" and dynamic_quantizers(model) == ""
