@@ -282,6 +282,8 @@ def _compiled(
         if error is None:
             built = index
             break
+        if isinstance(error, Transient):  # a later flag set's library would be cached for good instead
+            return None, -1, error
         why = f" without OpenMP ({error})"
     if built is None:
         return None, -1, error
@@ -307,6 +309,10 @@ def _intact(path: Path) -> bool | None:
     size = len(MARK) + hashlib.sha256().digest_size
     body, trailer = data[:-size], data[-size:]
     return len(data) > size and trailer == MARK + hashlib.sha256(body).digest()
+
+
+class Transient(str):
+    """Why a build failed, where the failure says nothing of the compiler (a timeout, a failed start)."""
 
 
 def _build(command: list[str], flags: tuple[str, ...], target: Path, source: Path = SOURCE) -> str | None:
@@ -338,7 +344,9 @@ def _build(command: list[str], flags: tuple[str, ...], target: Path, source: Pat
         os.replace(temporary, target)
         return None
     except (OSError, subprocess.SubprocessError) as exc:
-        return f"{command[0]} could not build the kernel: {exc}"
+        # the compiler ran out of time or could not be started (a loaded machine, no memory to fork):
+        # a reason that need not recur, so no fallback is built and cached in its place
+        return Transient(f"{command[0]} could not build the kernel: {exc} (tried again by the next scan)")
     finally:
         with contextlib.suppress(FileNotFoundError):  # renamed, or swept by another process
             os.unlink(temporary)

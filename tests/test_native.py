@@ -210,6 +210,27 @@ def test_a_failed_build_says_why_and_leaves_nothing(monkeypatch, tmp_path):
     assert list((tmp_path / "cache" / "deadrelu" / "native").iterdir()) == []  # no partial library
 
 
+def test_a_build_that_times_out_caches_no_one_thread_kernel(monkeypatch, tmp_path):
+    """The OpenMP build timing out (a loaded machine) says so, counts with ATen's kernels for this process
+    and caches nothing: a one-thread kernel built in its place would be loaded by every later scan."""
+    slow = tmp_path / "bin" / "cc"
+    slow.parent.mkdir()
+    slow.write_text("#!/bin/sh\nsleep 5\n")
+    slow.chmod(0o755)
+    monkeypatch.setattr(native, "BUILD_SECONDS", 0.5)
+    answering = native.compiler()  # this machine's own compiler, if any
+    kernel, why = _fresh_load(monkeypatch, tmp_path, CC=str(slow))
+    assert kernel is None and "timed out" in why and why.endswith("(tried again by the next scan)"), why
+    assert list((tmp_path / "cache" / "deadrelu" / "native").iterdir()) == []
+    if answering is not None:  # the next scan, with a compiler that answers in time, builds the kernel
+        monkeypatch.setenv("CC", " ".join(answering))
+        monkeypatch.setattr(native, "BUILD_SECONDS", 120)
+        monkeypatch.setattr(native, "_loaded", None)
+        assert native.relu_stats() is not None, native.status()
+        built = [p.name for p in (tmp_path / "cache" / "deadrelu" / "native").iterdir()]
+        assert len(built) == 1 and built[0].startswith("relu_stats-"), built
+
+
 def test_an_unwritable_cache_says_so(monkeypatch, tmp_path):
     blocked = tmp_path / "cache"
     blocked.write_text("a file where the cache directory would be")
