@@ -166,9 +166,11 @@ def onnx_counting(request, monkeypatch):
 
 
 def kernel_nodes(model_bytes: bytes) -> int:
-    """How many deadrelu.ReluStats nodes a session's model holds."""
+    """How many deadrelu.ReluStats / ClipStats nodes a session's model holds."""
     import onnx
 
     model = onnx.ModelProto()
     model.ParseFromString(model_bytes)
-    return sum(node.domain == "deadrelu" and node.op_type == "ReluStats" for node in model.graph.node)
+    return sum(
+        node.domain == "deadrelu" and node.op_type in ("ReluStats", "ClipStats") for node in model.graph.node
+    )

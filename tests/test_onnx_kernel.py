@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import kernel_nodes, onnx_kernel_library
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from test_onnx_output_max import PRE, _data, planted_model, pre_activations
 
 from deadrelu_cli import scan
@@ -24,11 +24,15 @@ from deadrelu_cli.backends.onnx import scan as onnx_scan
 from deadrelu_cli.probe.onnx_graph import find_sites, instrument
 
 
-def op_session(units_last: int, jobs: int, library: str) -> ort.InferenceSession:
+def op_session(units_last: int, jobs: int, library: str, cap: float | None = None) -> ort.InferenceSession:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
     names = ["max", "count", "sum", "size"]
     types = [TensorProto.DOUBLE, TensorProto.INT64, TensorProto.DOUBLE, TensorProto.INT64]
-    node = helper.make_node("ReluStats", ["x"], names, domain="deadrelu", units_last=units_last, jobs=jobs)
+    attrs = {"units_last": units_last, "jobs": jobs}
+    if cap is not None:  # ClipStats: clip(x, 0, cap), and the count at the cap
+        names, types, attrs["cap"] = [*names, "at_cap"], [*types, TensorProto.INT64], cap
+    op = "ReluStats" if cap is None else "ClipStats"
+    node = helper.make_node(op, ["x"], names, domain="deadrelu", **attrs)
     graph = helper.make_graph(
         [node],
         "op",
@@ -90,6 +94,43 @@ def test_op_matches_numpy(shape, units_last, jobs):
     np.testing.assert_array_equal(got_max, want_max)  # a max is exact (NaN where NaN)
     np.testing.assert_allclose(got_sum, want_sum, rtol=1e-6)
     assert int(size) == x.size and got_count.dtype == np.int64 and got_max.dtype == np.float64
+
+
+@pytest.mark.parametrize(("shape", "units_last"), SHAPES)
+@pytest.mark.parametrize(("cap", "jobs"), [(6.0, 1), (6.0, 3), (1.5, 2)])
+def test_clip_op_matches_numpy(shape, units_last, cap, jobs):
+    """ClipStats: the sum is that of clip(x, 0, cap) and at_cap counts x >= cap (values exactly at the
+    cap and above it, +inf included; NaN never)."""
+    library = onnx_kernel_library()
+    x = special(shape, sum(shape) + 7 * jobs)
+    flat = x.reshape(-1)
+    flat[:: max(1, flat.size // 9)] = cap  # some values exactly at the cap
+    got_max, got_count, got_sum, size, at_cap = op_session(units_last, jobs, library, cap).run(None, {"x": x})
+    axis = x.ndim - 1 if units_last else 1
+    want_max, want_count, _ = numpy_stats(x, axis)
+    rows = np.moveaxis(x.astype(np.float64), axis, -1).reshape(-1, x.shape[axis])
+    clipped = np.where(np.isnan(rows), np.nan, np.clip(rows, 0.0, cap))
+    np.testing.assert_array_equal(got_count, want_count)
+    np.testing.assert_array_equal(got_max, want_max)
+    np.testing.assert_allclose(got_sum, clipped.sum(0), rtol=1e-6)
+    np.testing.assert_array_equal(at_cap, (rows >= cap).sum(0))
+    assert int(size) == x.size and at_cap.dtype == np.int64
+
+
+def test_clip_op_without_a_cap_is_refused():
+    library = onnx_kernel_library()
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
+    types = [TensorProto.DOUBLE, TensorProto.INT64, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.INT64]
+    outs = [helper.make_tensor_value_info(n, t, None) for n, t in zip("abcde", types, strict=True)]
+    node = helper.make_node("ClipStats", ["x"], list("abcde"), domain="deadrelu")
+    model = helper.make_model(
+        helper.make_graph([node], "g", [x], outs),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("deadrelu", 1)],
+    )
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(library)
+    with pytest.raises(Exception, match="needs a float attribute cap above 0"):
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.parametrize("units_last", [0, 1])
@@ -276,3 +317,67 @@ def test_debug_says_how_the_scan_counted(tmp_path):
         said[value] = [line for line in done.stderr.splitlines() if line.startswith("deadrelu: debug: ")]
     assert said["1"] == [f"deadrelu: debug: onnxruntime op: {onnx_kernel_library()}"]
     assert said["off"] == ["deadrelu: debug: onnxruntime op: off (DEADRELU_NATIVE=off)"]
+
+
+def _capped_model() -> tuple[onnx.ModelProto, dict[str, tuple[str, float]]]:
+    """relu6 after a conv (NCHW), Clip(x, 0, 2.5) after a 1x1 conv, relu6 after a MatMul ([N, 3], units
+    last); per site, its pre-activation and cap."""
+    rng = np.random.default_rng(12)
+    w1 = (rng.standard_normal((4, 3, 3, 3)) * 1.5).astype(np.float32)
+    w1[2] = 0.0
+    b1 = np.array([0.0, 2.0, -3.0, 1.0], np.float32)  # unit 2 dead
+    w2 = rng.standard_normal((5, 4, 1, 1)).astype(np.float32)
+    w3 = (rng.standard_normal((5, 3)) * 4).astype(np.float32)
+    zero, six, cap = (
+        numpy_helper.from_array(np.array(v, np.float32), n)
+        for v, n in ((0, "zero"), (6, "six"), (2.5, "cap"))
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Clip", ["a", "zero", "six"], ["ra"], name="relu6_a"),
+        helper.make_node("Conv", ["ra", "w2"], ["b"], name="conv2"),
+        helper.make_node("Clip", ["b", "zero", "cap"], ["rb"], name="clip_b"),
+        helper.make_node("GlobalAveragePool", ["rb"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("MatMul", ["f", "w3"], ["c"], name="fc"),
+        helper.make_node("Clip", ["c", "zero", "six"], ["y"], name="relu6_c"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "capped",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(v, k) for k, v in {"w1": w1, "b1": b1, "w2": w2, "w3": w3}.items()]
+        + [zero, six, cap],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model, {"relu6_a": ("a", 6.0), "clip_b": ("b", 2.5), "relu6_c": ("c", 6.0)}
+
+
+def test_relu6_and_clip_sites_with_the_kernel_and_without(tmp_path, onnx_counting):
+    way, made = onnx_counting
+    model, sites = _capped_model()
+    x = (np.random.default_rng(2).standard_normal((20, 3, 6, 6)) * 3).astype(np.float32)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "x.npy", x)
+    report = scan(
+        str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"), batch_size=6, device="cpu", ops="relu,relu6,clip"
+    )
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    for pre, _ in sites.values():
+        exposed.graph.output.append(helper.make_tensor_value_info(pre, TensorProto.FLOAT, None))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = session.run([pre for pre, _ in sites.values()], {"x": x})
+    layers = {layer.name: layer for layer in report.layers}
+    assert sorted(layers) == sorted(sites)
+    for (site, (_, cap)), pre in zip(sites.items(), outputs, strict=True):
+        rows = np.moveaxis(pre, 1, -1).reshape(-1, pre.shape[1]).astype(np.float64)
+        layer = layers[site]
+        np.testing.assert_array_equal(layer.positive_counts, (rows > 0).sum(0), err_msg=site)
+        np.testing.assert_array_equal(layer.max_preactivation, rows.max(0), err_msg=site)
+        np.testing.assert_allclose(layer.sum_abs, np.clip(rows, 0, cap).sum(0), rtol=1e-5, err_msg=site)
+        np.testing.assert_array_equal(layer.saturated_counts, (rows >= cap).sum(0), err_msg=site)
+        assert layer.elements_per_unit == rows.shape[0]
+    assert (layers["relu6_a"].saturated_counts > 0).any() and layers["relu6_a"].positive_counts[2] == 0
+    assert kernel_nodes(made[0][0]) == (3 if way == "kernel" else 0)

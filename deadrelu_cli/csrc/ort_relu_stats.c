@@ -3,6 +3,8 @@
 
    ReluStats(x) -> (max, count, sum, size): per unit, the max of x, the count of x > 0 and the sum of
    relu(x), as float64 / int64 / float64 vectors of the units, and the element count of x (int64 scalar).
+   ClipStats(x; cap) -> (max, count, sum, size, at_cap): the same for clip(x, 0, cap) (relu6: cap = 6), its
+   sum that of the clipped values, and per unit the count of x >= cap (int64).
    x is float32, [N, C, ...] with its units on axis 1 (units_last = 0) or [..., C] with them last
    (units_last = 1). It reads x once and writes nothing of x's size: onnxruntime's own ops need five passes
    for the same statistics (docs/performance.md). Its rows are shared out over onnxruntime's intra-op
@@ -39,6 +41,7 @@ enum {
   GET_DIMENSIONS_COUNT = 61,
   GET_DIMENSIONS = 62,
   GET_TENSOR_TYPE_AND_SHAPE = 65,
+  KERNEL_INFO_GET_ATTRIBUTE_FLOAT = 85,
   KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86,
   KERNEL_CONTEXT_GET_INPUT = 90,
   KERNEL_CONTEXT_GET_OUTPUT = 91,
@@ -58,6 +61,7 @@ typedef OrtStatus *(*dims_count_f)(const void *info, size_t *out);
 typedef OrtStatus *(*dims_f)(const void *info, int64_t *values, size_t count);
 typedef OrtStatus *(*type_and_shape_f)(const void *value, void **out);
 typedef OrtStatus *(*attribute_int64_f)(const void *info, const char *name, int64_t *out);
+typedef OrtStatus *(*attribute_float_f)(const void *info, const char *name, float *out);
 typedef OrtStatus *(*get_input_f)(const void *context, size_t index, const void **out);
 typedef OrtStatus *(*get_output_f)(void *context, size_t index, const int64_t *dims, size_t count, void **out);
 typedef void (*release_f)(void *object);
@@ -92,6 +96,8 @@ typedef struct {
 typedef struct {
   const void *const *api;
   int64_t units_last, jobs;
+  int capped; /* ClipStats: y = clip(x, 0, cap), and the count at the cap */
+  float cap;
   pthread_mutex_t lock; /* the scratch below: one Compute at a time uses it, another allocates its own */
   void *scratch;
   int64_t scratch_bytes;
@@ -138,10 +144,16 @@ static OrtStatus *compute(void *opaque, void *context) {
   }
   /* units last: [outer, C] down its columns; [N, C, L]: short rows down their columns too (relu_stats.c) */
   int columns = k->units_last || (L < 128 && C * L <= (1 << 17));
-  void *out[4];
+  void *out[5];
   int64_t none = 0;
   for (int i = 0; i < 3; i++) CHECK(CALL(api, KERNEL_CONTEXT_GET_OUTPUT, get_output_f, context, i, &C, 1, &out[i]));
   CHECK(CALL(api, KERNEL_CONTEXT_GET_OUTPUT, get_output_f, context, 3, &none, 0, &out[3]));
+  int64_t *at_cap = NULL;
+  if (k->capped) {
+    CHECK(CALL(api, KERNEL_CONTEXT_GET_OUTPUT, get_output_f, context, 4, &C, 1, &out[4]));
+    CHECK(CALL(api, GET_TENSOR_MUTABLE_DATA, mutable_data_f, out[4], (void **)&at_cap));
+    for (int64_t u = 0; u < C; u++) at_cap[u] = 0;
+  }
   double *mx, *sum;
   int64_t *cnt, *size;
   CHECK(CALL(api, GET_TENSOR_MUTABLE_DATA, mutable_data_f, out[0], (void **)&mx));
@@ -173,17 +185,18 @@ static OrtStatus *compute(void *opaque, void *context) {
     return fail(api, ORT_FAIL, "deadrelu.ReluStats: out of memory");
   }
   plan_t plan;
-  plan_jobs(&plan, data, NULL, outer, C, L, columns, threads, scratch, INFINITY, 0);
+  plan_jobs(&plan, data, NULL, outer, C, L, columns, threads, scratch, k->capped ? k->cap : INFINITY, k->capped);
   status = CALL(api, KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_f, context, run_one, (size_t)plan.threads,
                 (size_t)plan.threads, &plan);
-  if (!status) merge_jobs(&plan, mx, cnt, sum, NULL);
+  if (!status) merge_jobs(&plan, mx, cnt, sum, at_cap);
   if (locked) pthread_mutex_unlock(&k->lock);
   free(own);
   return status;
 }
 
+static const custom_op_t CLIP_STATS;
+
 static OrtStatus *create(const void *op, const void *const *api, const void *info, void **out) {
-  (void)op;
   kernel_t *k = calloc(1, sizeof *k);
   if (!k) return fail(api, ORT_FAIL, "deadrelu.ReluStats: out of memory");
   k->api = api;
@@ -193,6 +206,15 @@ static OrtStatus *create(const void *op, const void *const *api, const void *inf
   status = CALL(api, KERNEL_INFO_GET_ATTRIBUTE_INT64, attribute_int64_f, info, "jobs", &k->jobs);
   if (status) { CALL(api, RELEASE_STATUS, release_f, status); k->jobs = 2; }
   k->jobs = clamp_threads((int)(k->jobs > MAX_THREADS ? MAX_THREADS : k->jobs));
+  if (op == &CLIP_STATS) {
+    k->capped = 1;
+    status = CALL(api, KERNEL_INFO_GET_ATTRIBUTE_FLOAT, attribute_float_f, info, "cap", &k->cap);
+    if (status || !(k->cap > 0.0f)) { /* a cap is what makes it ClipStats; not above 0: no clip of a relu */
+      if (status) CALL(api, RELEASE_STATUS, release_f, status);
+      free(k);
+      return fail(api, ORT_INVALID_ARGUMENT, "deadrelu.ClipStats: needs a float attribute cap above 0");
+    }
+  }
   pthread_mutex_init(&k->lock, NULL);
   *out = k;
   return NULL;
@@ -219,20 +241,26 @@ static void compute_v1(void *kernel, void *context) {
 }
 
 static const char *name(const void *op) { (void)op; return "ReluStats"; }
+static const char *clip_name(const void *op) { (void)op; return "ClipStats"; }
 static const char *provider(const void *op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const void *op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
 static size_t one(const void *op) { (void)op; return 1; }
 static int output_type(const void *op, size_t i) {
   (void)op;
-  return i == 1 || i == 3 ? TYPE_INT64 : TYPE_DOUBLE;
+  return i == 1 || i >= 3 ? TYPE_INT64 : TYPE_DOUBLE;
 }
 static size_t four(const void *op) { (void)op; return 4; }
+static size_t five(const void *op) { (void)op; return 5; }
 static int required(const void *op, size_t i) { (void)op; (void)i; return 0; }
 static int default_memory(const void *op, size_t i) { (void)op; (void)i; return 0; }
 static int arity(const void *op) { (void)op; return 1; }
 
 static const custom_op_t RELU_STATS = {
     OP_VERSION, create_v1, name, provider, input_type, one, output_type, four, compute_v1, destroy,
+    required, required, default_memory, arity, arity, arity, arity, create, compute,
+};
+static const custom_op_t CLIP_STATS = {
+    OP_VERSION, create_v1, clip_name, provider, input_type, one, output_type, five, compute_v1, destroy,
     required, required, default_memory, arity, arity, arity, arity, create, compute,
 };
 
@@ -244,5 +272,6 @@ OrtStatus *RegisterCustomOps(void *options, const api_base_t *base) {
   /* kept for the process's life: a domain must outlive every session that uses it */
   CHECK(CALL(api, CREATE_CUSTOM_OP_DOMAIN, create_domain_f, "deadrelu", &domain));
   CHECK(CALL(api, CUSTOM_OP_DOMAIN_ADD, domain_add_f, domain, &RELU_STATS));
+  CHECK(CALL(api, CUSTOM_OP_DOMAIN_ADD, domain_add_f, domain, &CLIP_STATS));
   return CALL(api, ADD_CUSTOM_OP_DOMAIN, add_domain_f, options, domain);
 }

@@ -1044,17 +1044,19 @@ def output_only_max(site: OnnxSite, threshold: float) -> bool:
     )
 
 
-KERNEL_DOMAIN = "deadrelu"  # the custom op of native.onnx_library(): ReluStats
-KERNEL_STATS = ("max", "pos", "sum", "size")  # its outputs, in order
+KERNEL_DOMAIN = "deadrelu"  # the custom ops of native.onnx_library(): ReluStats, ClipStats
+KERNEL_STATS = ("max", "pos", "sum", "size")  # their outputs, in order (ClipStats: and "sat")
 
 
 def kernel_countable(site: OnnxSite, channel_dim: int, threshold: float, elem_type: int) -> bool:
-    """Whether the compiled kernel (deadrelu.ReluStats, one read of the tensor) can count this site: a
-    float32 relu of the main graph, counted at threshold 0 (x > 0), with its units on axis 1 or last.
-    Spelled, quantized or fused relus, --explain's minimum and other thresholds keep the graph's own ops."""
+    """Whether the compiled kernel (deadrelu.ReluStats / ClipStats, one read of the tensor) can count this
+    site: a float32 relu, relu6 or Clip(x, 0, cap) of the main graph, counted at threshold 0 (x > 0), with
+    its units on axis 1 or last. Spelled, quantized or fused ones, --explain's minimum and other thresholds
+    keep the graph's own ops."""
     rank = site.rank or 0
+    capped = site.op in ("relu6", "clip") and site.clip_max is not None and 0.0 < site.clip_max < np.inf
     return (
-        site.op == "relu"
+        (site.op == "relu" or capped)
         and site.spelled is None
         and site.implicit is None
         and not site.track_min
@@ -1071,14 +1073,16 @@ def _kernel_stats(
 ) -> dict[str, str]:
     """The site's max, count, sum and size from one ReluStats node reading `source` (the pre-activation, or
     the output where output_only_max allows: relu(relu(x)) = relu(x), so the count and sum are the same)."""
-    outs = [builder.fresh(key) for key in KERNEL_STATS]
-    units_last = int(channel_dim == (site.rank or 0) - 1)
+    keys = (*KERNEL_STATS, "sat") if site.op != "relu" else KERNEL_STATS
+    outs = [builder.fresh(key) for key in keys]
+    attrs = {"units_last": int(channel_dim == (site.rank or 0) - 1), "jobs": jobs}
+    if site.op != "relu":  # clip(x, 0, cap): its sum is that of the clipped values, "sat" the count at cap
+        attrs["cap"] = float(site.clip_max)
+    op = "ClipStats" if site.op != "relu" else "ReluStats"
     builder.graph.node.append(
-        helper.make_node(
-            "ReluStats", [source], outs, name=outs[0], domain=KERNEL_DOMAIN, units_last=units_last, jobs=jobs
-        )
+        helper.make_node(op, [source], outs, name=outs[0], domain=KERNEL_DOMAIN, **attrs)
     )
-    return dict(zip(KERNEL_STATS, outs, strict=True))
+    return dict(zip(keys, outs, strict=True))
 
 
 def _exact_step(builder: _Builder, y: str) -> str:
