@@ -204,7 +204,7 @@ def _load() -> tuple[ReluStats | None, str]:
     # the OpenMP build first; without OpenMP (Apple's clang; clang without libomp): one thread, still one pass
     path, which, why = _compiled("relu_stats", SOURCE, (parallel_flags, serial_flags))
     if path is None:
-        return None, why
+        return None, f"{why}: the ATen kernels count" if why.startswith("no C compiler") else why
     try:
         kernel = ReluStats(ctypes.CDLL(str(path)), path, which == 0)
     except (OSError, AttributeError) as exc:  # AttributeError: a library without the kernel's symbols
@@ -245,6 +245,8 @@ def _load_onnx() -> tuple[Path | None, str]:
         return None, switched_off()
     # one thread per job: onnxruntime's intra-op threads run the jobs; pthread for the scratch's lock
     path, _, why = _compiled("ort_relu_stats", ONNX_SOURCE, ((*FLAGS, "-pthread", *IEEE_FLAGS),))
+    if path is None and why.startswith("no C compiler"):
+        return None, f"{why}: onnxruntime's own ops count"
     return (path, f"{path}{why}") if path is not None else (None, why)
 
 
@@ -256,7 +258,7 @@ def _compiled(
     the status line), or (None, -1, why not)."""
     command = compiler()
     if command is None:
-        return None, -1, "no C compiler ($CC, cc, gcc or clang): the ATen kernels count"
+        return None, -1, "no C compiler ($CC, cc, gcc or clang)"
     # the source and the kernel it includes (the custom op's #include "relu_stats.c")
     sources = b"\0".join(path.read_bytes() for path in sorted({source_path, SOURCE}))
 
