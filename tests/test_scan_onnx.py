@@ -574,3 +574,97 @@ def test_onnx_scan_does_not_import_torch(tmp_path):
     positives, maximum, _ = relu_inputs_ground_truth(model, {"x": x}, {"relu": 1})["relu"]
     assert relu["positive_counts"] == positives.tolist()
     assert np.allclose(relu["max_preactivation"], maximum)
+
+
+def _relu_and_hardswish_model(batch_dim) -> onnx.ModelProto:
+    """x [batch, 4] -> MatMul -> Relu (a layer), and a HardSwish written x * Clip(x + 3, 0, 6) / 6."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4, 5)).astype(np.float32)
+    w[:, 2] = -1.0  # unit 2 dead on non-negative inputs
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["a"], name="fc"),
+            helper.make_node("Relu", ["a"], ["r"], name="act"),
+            helper.make_node("Add", ["r", "three"], ["r3"], name="plus3"),
+            helper.make_node("Clip", ["r3", "zero", "six"], ["c"], name="hs_clip"),
+            helper.make_node("Mul", ["r", "c"], ["m"], name="hs_mul"),
+            helper.make_node("Div", ["m", "six"], ["y"], name="hs_div"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch_dim, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch_dim, 5])],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+            numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("batch_dim", [-1, "N"])
+def test_a_batch_axis_declared_minus_one_is_free_not_fixed(tmp_path, batch_dim):
+    """PaddlePaddle exports write the batch axis as -1: a free axis. It used to be taken as a batch fixed
+    at -1: every layer "not run", exit 0."""
+    x = np.abs(np.random.default_rng(1).standard_normal((10, 4))).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    report = scan(
+        _save(_relu_and_hardswish_model(batch_dim), tmp_path), str(tmp_path / "x.npy"), device="cpu"
+    )
+    w = numpy_helper.to_array(_relu_and_hardswish_model(batch_dim).graph.initializer[0])
+    pre = x.astype(np.float64) @ w.astype(np.float64)
+    layer = report.layers[0]
+    np.testing.assert_array_equal(layer.positive_counts, (pre > 0).sum(0))
+    assert layer.elements_per_unit == 10 and layer.positive_counts[2] == 0
+    assert not [note for note in report.notes if "fix the batch size" in note], report.notes
+
+
+def test_inspect_suggests_only_ops_that_scan_takes(tmp_path, cli):
+    """A HardSwish's inner clamp is listed by inspect (op hardswish_part), but --ops does not take it: the
+    suggested --ops line must work as pasted."""
+    path = _save(_relu_and_hardswish_model("N"), tmp_path)
+    listed = cli("inspect", path)
+    assert listed.code == 0 and "hardswish_part" in listed.out, listed
+    suggestion = [line for line in listed.out.splitlines() if "add --ops" in line]
+    assert not suggestion or "hardswish_part" not in suggestion[0], suggestion
+    np.save(tmp_path / "x.npy", np.ones((2, 4), np.float32))
+    for line in suggestion:
+        ops = line.split("add --ops ")[1].split()[0]
+        assert cli("scan", path, "--data", tmp_path / "x.npy", "--ops", ops, "-q").code == 0
+
+
+def test_spatial_axes_declared_minus_one_count_every_position(tmp_path, onnx_counting):
+    """A conv model whose input says [-1, 3, -1, -1] (shape inference carries the -1s on): no H*W of -1
+    taken as static, both ways of counting."""
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1, 1, 1], name="conv"),
+            helper.make_node("Relu", ["a"], ["y"], name="act"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1, 3, -1, -1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [-1, 4, -1, -1])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+    x = rng.standard_normal((6, 3, 5, 7)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    report = scan(_save(model, tmp_path), str(tmp_path / "x.npy"), batch_size=4, device="cpu")
+    import onnxruntime as ort
+
+    graph.output.append(helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, None))
+    plain = ort.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+        providers=["CPUExecutionProvider"],
+    )
+    pre = plain.run(["a"], {"x": x})[0]
+    rows = np.moveaxis(pre, 1, -1).reshape(-1, 4).astype(np.float64)
+    layer = report.layers[0]
+    np.testing.assert_array_equal(layer.positive_counts, (rows > 0).sum(0))
+    np.testing.assert_allclose(layer.sum_abs, np.maximum(rows, 0).sum(0), rtol=1e-5)
+    assert layer.elements_per_unit == 6 * 5 * 7

@@ -333,6 +333,33 @@ def test_ctrl_c_during_a_scan_says_interrupted(cli, work, monkeypatch):
 
 
 @pytest.mark.parametrize(
+    ("sent", "said", "code"), [("SIGINT", "interrupted", 130), ("SIGTERM", "terminated", 143)]
+)
+def test_a_signal_that_native_code_turns_into_its_own_error_still_says_so(
+    cli, work, monkeypatch, sent, said, code
+):
+    """Ctrl-C or SIGTERM while the TorchScript interpreter runs a Python hook: the interpreter re-raises the
+    interrupt as its own RuntimeError. That is the signal, not an internal error (exit 3 with a crash
+    log, as it was)."""
+    import deadrelu_cli.engine as engine
+
+    def interrupted_inside_torchscript(options):
+        try:
+            os.kill(os.getpid(), getattr(signal, sent))  # a real signal: its handler raises here
+        except BaseException as exc:  # noqa: BLE001 - what the interpreter does with it
+            raise RuntimeError("The following operation failed in the TorchScript interpreter.") from exc
+        raise AssertionError("the signal did not arrive")
+
+    monkeypatch.setattr(engine, "run_scan_detailed", interrupted_inside_torchscript)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        result = cli("scan", work / "model.pt2", "--data", work / "calib.npz")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.code == code and result.err.strip() == f"deadrelu: {said}", result
+
+
+@pytest.mark.parametrize(
     "tensor",
     [
         lambda: torch.eye(12).to_sparse(),

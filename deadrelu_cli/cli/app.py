@@ -99,15 +99,25 @@ class Terminated(BaseException):
     (not a KeyboardInterrupt: Typer turns those into exit 130)."""
 
 
+SIGNALLED: list[int] = []  # the signals this run received (SIGINT, SIGTERM), as their handlers saw them
+
+
 def _terminate_like_interrupt() -> None:
     import signal
     import threading
 
     def handler(signum, frame):
+        SIGNALLED.append(signum)
         raise Terminated()
+
+    def interrupt(signum, frame):
+        SIGNALLED.append(signum)
+        signal.default_int_handler(signum, frame)
 
     if threading.current_thread() is threading.main_thread():  # signals can only be set there
         signal.signal(signal.SIGTERM, handler)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+            signal.signal(signal.SIGINT, interrupt)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,6 +155,7 @@ def run_command(argv: list[str] | None = None) -> None:
     # onnxruntime >= 1.29 sends telemetry on import, and says in a coloured warning when it cannot keep a
     # device id in a read-only $HOME; a scan never uses the network (set ORT_DISABLE_TELEMETRY=0 to allow)
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    SIGNALLED.clear()
     _terminate_like_interrupt()
     try:
         # not standalone: usage errors come here, to be told in one line like every other error
@@ -181,6 +192,14 @@ def run_command(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if debug:
             traceback.print_exc()
+        if (
+            SIGNALLED
+        ):  # Ctrl-C / SIGTERM inside native code (the TorchScript interpreter) surfaces as its error
+            import signal
+
+            interrupted = SIGNALLED[-1] == signal.SIGINT
+            err.print(f"deadrelu: {'interrupted' if interrupted else 'terminated'}", markup=False)
+            sys.exit(130 if interrupted else 143)
         try:
             with tempfile.NamedTemporaryFile(
                 "w", prefix="deadrelu-crash-", suffix=".log", delete=False

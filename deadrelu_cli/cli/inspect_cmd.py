@@ -25,7 +25,7 @@ def inspect(
 ) -> None:
     """List the activation call sites of MODEL (name, op, module type) without running data."""
     from deadrelu_cli.display import rich_text, terminal_text
-    from deadrelu_cli.probe.ops import parse_ops
+    from deadrelu_cli.probe.ops import ALL_OPS, parse_ops
     from deadrelu_cli.report.table import plain_table
     from deadrelu_cli.sites import list_sites
 
@@ -55,7 +55,8 @@ def inspect(
             rich_text(site.producer or "–"),
         )
     console.print(table)
-    others = sorted({site.op for site in sites} - set(wanted))
+    # the ops --ops takes (a HardSwish's inner clamp is listed, never counted as a layer)
+    others = sorted(({site.op for site in sites} - set(wanted)) & set(ALL_OPS))
     if others:  # inspect lists every activation it sees; scan counts the --ops ones only
         counted = sum(site.op in wanted for site in sites)
         console.print(

@@ -380,7 +380,12 @@ def input_specs(model) -> list[InputSpec]:
         if value.name in initializers:
             continue
         tensor_type = value.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        # -1 where an exporter meant "any size" (PaddlePaddle's batch axis): onnxruntime runs any size
+        # there, so it is a free axis, not a fixed one
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+            for d in tensor_type.shape.dim
+        )
         dtype = (
             str(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
             if tensor_type.elem_type

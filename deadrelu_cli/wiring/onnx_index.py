@@ -135,7 +135,11 @@ class GraphIndex:
         """The inferred shape (None for symbolic dims), or None when not even the rank is known."""
         vi = self.value_info.get(name)
         if vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            # -1: an exporter's "any size" (onnx_model.input_specs), never a size to multiply by
+            return [
+                d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                for d in vi.type.tensor_type.shape.dim
+            ]
         return self.outer.shape(name) if self.outer is not None else None
 
     def dims(self, name: str) -> list[int | str | None] | None:
@@ -144,7 +148,11 @@ class GraphIndex:
         vi = self.value_info.get(name)
         if vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
             return [
-                d.dim_value if d.HasField("dim_value") else d.dim_param if d.HasField("dim_param") else None
+                d.dim_value
+                if d.HasField("dim_value") and d.dim_value >= 0
+                else d.dim_param
+                if d.HasField("dim_param")
+                else None
                 for d in vi.type.tensor_type.shape.dim
             ]
         return self.outer.dims(name) if self.outer is not None else None
