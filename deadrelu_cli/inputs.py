@@ -288,12 +288,16 @@ def per_batch_quantization(
             "count batches of N run together"
         )
         return 1
-    shown = fixed if fixed is not None and not explicit else requested
-    if str(shown) != "1":
+    if fixed is not None:
+        if fixed != 1:  # no batch of 1 to offer: the graph takes batches of `fixed` only
+            notes.append(
+                f"{said} these counts are for batches of {fixed}, the size the model's inputs fix, and "
+                "change with the samples' order"
+            )
+    elif str(requested) != "1":
         notes.append(
-            f"{said} these counts are for the batches this scan ran (--batch-size {shown}) and change with "
-            "the batch size and the samples' order; --batch-size 1 counts each sample alone"
-            + (" (the model's inputs fix the batch)" if fixed is not None and fixed != 1 else "")
+            f"{said} these counts are for the batches this scan ran (--batch-size {requested}) and change "
+            "with the batch size and the samples' order; --batch-size 1 counts each sample alone"
         )
     return None
 

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from deadrelu_cli import scan
 
 
-def _quantized(tmp_path) -> tuple[str, str]:
+def _quantized(tmp_path, batch="batch") -> tuple[str, str]:
     """Float MatMul (16 -> 24) + Relu, dynamically quantized by onnxruntime's own quantizer; the name of
     the ReLU's input in the quantized graph."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -33,8 +33,8 @@ def _quantized(tmp_path) -> tuple[str, str]:
             helper.make_node("Relu", ["a"], ["y"], name="act"),
         ],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 24])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 24])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
     )
     float_path, quant_path = tmp_path / "f.onnx", tmp_path / "q.onnx"
@@ -79,6 +79,22 @@ def test_batches_the_user_asks_for_are_said_to_depend_on_the_batching(tmp_path, 
     assert len(said) == 1 and f"--batch-size {batch}" in said[0], report.notes
     if batch == 8:
         np.testing.assert_array_equal(report.layers[0].positive_counts, _counts(path, pre, x, 8))
+
+
+@pytest.mark.parametrize("asked", [None, 4])
+def test_a_batch_the_graph_fixes_is_said_without_offering_batch_one(tmp_path, asked):
+    """The graph takes batches of 4 only: the note says the counts are for those, and offers no
+    --batch-size 1 (which the graph would refuse)."""
+    path, pre = _quantized(tmp_path, batch=4)
+    x = np.random.default_rng(7).standard_normal((24, 16)).astype(np.float32)
+    x[5] *= 30.0
+    np.save(tmp_path / "x.npy", x)
+    options = {} if asked is None else {"batch_size": asked}
+    report = scan(path, str(tmp_path / "x.npy"), device="cpu", **options)
+    said = [note for note in report.notes if "quantizes its activations per run" in note]
+    assert len(said) == 1 and "batches of 4, the size the model's inputs fix" in said[0], report.notes
+    assert "--batch-size 1" not in said[0]
+    np.testing.assert_array_equal(report.layers[0].positive_counts, _counts(path, pre, x, 4))
 
 
 def test_batch_one_asked_for_says_nothing_more(tmp_path):

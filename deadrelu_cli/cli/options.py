@@ -70,7 +70,7 @@ BatchSize = Annotated[
     typer.Option(
         "--batch-size",
         "-b",
-        help="Samples per batch, or auto (never changes the result). Default: auto, sized by the model's activations, or the batch size an ONNX graph's inputs fix.",
+        help="Samples per batch, or auto (never changes the result; a dynamically quantized model, whose activations depend on their batch, runs one sample at a time unless given). Default: auto, sized by the model's activations, or the batch size an ONNX graph's inputs fix.",
     ),
 ]
 DEFAULT_BATCH_SIZE = "auto"
