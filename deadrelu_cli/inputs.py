@@ -11,6 +11,7 @@ import numpy as np
 from deadrelu_cli.calibration import PADDING_MASK_SUFFIX, CalibrationData
 from deadrelu_cli.errors import UserError
 from deadrelu_cli.loaders.model import LoadedModel
+from deadrelu_cli.report.model import PER_BATCH_NOTE
 
 
 def describe_model_inputs(model: LoadedModel) -> str:
@@ -280,7 +281,7 @@ def per_batch_quantization(
     one request at a time runs it), else None (the batch as asked). Says which in `notes`."""
     if not quantizers:
         return None
-    said = f"the model quantizes its activations per run ({quantizers}: one scale for the whole batch), so"
+    said = f"{PER_BATCH_NOTE} ({quantizers}: one scale for the whole batch), so"
     if fixed is None and not explicit:
         notes.append(
             f"{said} a sample's activations depend on the samples batched with it: each sample was run "

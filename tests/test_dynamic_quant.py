@@ -167,3 +167,24 @@ def test_float16_dynamic_layers_quantize_no_activations():
         warnings.simplefilter("ignore")
         half = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.float16)
     assert dynamic_quantizers(half) == "" and dynamic_quantizers(model) == ""
+
+
+def test_parts_scanned_with_different_batches_do_not_merge(tmp_path):
+    """Counts of a per-batch-quantized model depend on the batches: parts scanned one sample at a time
+    merge exactly (their sum is the whole's), a part scanned in batches of 8 beside them is refused."""
+    from deadrelu_cli.errors import UserError
+    from deadrelu_cli.report.model import merge_reports
+
+    path, pre = _quantized(tmp_path)
+    x = np.random.default_rng(7).standard_normal((24, 16)).astype(np.float32)
+    x[5] *= 30.0
+    np.save(tmp_path / "a.npy", x[:12])
+    np.save(tmp_path / "b.npy", x[12:])
+    alone = [scan(path, str(tmp_path / f"{h}.npy"), device="cpu") for h in "ab"]
+    merged = merge_reports(alone)
+    np.testing.assert_array_equal(merged.layers[0].positive_counts, _counts(path, pre, x, 1))
+    batched = scan(path, str(tmp_path / "b.npy"), batch_size=8, device="cpu")
+    with pytest.raises(
+        UserError, match="quantizes its activations per batch, scanned with different batches"
+    ):
+        merge_reports([alone[0], batched])

@@ -430,6 +430,9 @@ def _merged_text(texts: list[dict | None]) -> dict | None:
 DATA_CHECK_NOTE = "check the data of the merged parts:"
 # the start of merge's note on layers some parts do not list (the merge command prints it)
 PARTIAL_LAYERS_NOTE = "layer(s) not listed by every merged report:"
+# how a scan's note on a model that quantizes per batch begins (inputs.per_batch_quantization writes it):
+# its counts depend on the batches, so parts scanned with different ones do not add up
+PER_BATCH_NOTE = "the model quantizes its activations per run"
 
 
 def union_order(orders: list[list[str]]) -> list[str]:
@@ -592,6 +595,12 @@ def merge_reports(
         if other.mask != first.mask:
             raise UserError(
                 "cannot merge reports made with different position masks (--mask / --exclude-token-ids)"
+            )
+        batches = [sorted(n for n in r.notes if n.startswith(PER_BATCH_NOTE)) for r in (first, other)]
+        if batches[0] != batches[1]:
+            raise UserError(
+                "cannot merge reports of a model that quantizes its activations per batch, scanned with "
+                "different batches (their notes say which); re-scan the parts with the same --batch-size"
             )
     sketches = [sketch_from_dict(r.data.fingerprint) for r in reports]
     # fingerprints made another way than the first's (a masked scan of an earlier deadrelu, blocks of
