@@ -376,7 +376,7 @@ def _scan_torch(
         track_min=options.explain,
         skip_nonfinite=options.allow_nonfinite,
     )
-    batch_size = batch_size_for(options.batch_size, model, data, order, device)
+    # first: a model run one sample at a time needs no batch sizing (auto runs a sample to size it)
     alone = per_batch_quantization(
         dynamic_quantizers(model.runnable),
         options.batch_size,
@@ -384,7 +384,7 @@ def _scan_torch(
         model.fixed_batch,
         model.notes,
     )
-    batch_size = alone or batch_size
+    batch_size = alone or batch_size_for(options.batch_size, model, data, order, device)
     example = None
     if options.compile:
         if dict_groups(model, order):
