@@ -198,8 +198,9 @@ def switched_off() -> str | None:
 
 
 def _load() -> tuple[ReluStats | None, str]:
-    if switched_off():
-        return None, switched_off()
+    off = switched_off()
+    if off:
+        return None, off
     parallel_flags, serial_flags = (*FLAGS, *PARALLEL_FLAGS, *IEEE_FLAGS), (*FLAGS, *IEEE_FLAGS)
     # the OpenMP build first; without OpenMP (Apple's clang; clang without libomp): one thread, still one pass
     path, which, why = _compiled("relu_stats", SOURCE, (parallel_flags, serial_flags))
@@ -241,8 +242,9 @@ def prepare_onnx() -> None:
 
 
 def _load_onnx() -> tuple[Path | None, str]:
-    if switched_off():
-        return None, switched_off()
+    off = switched_off()
+    if off:
+        return None, off
     # one thread per job: onnxruntime's intra-op threads run the jobs; pthread for the scratch's lock
     path, _, why = _compiled("ort_relu_stats", ONNX_SOURCE, ((*FLAGS, "-pthread", *IEEE_FLAGS),))
     if path is None and why.startswith("no C compiler"):
